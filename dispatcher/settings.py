@@ -8,11 +8,10 @@ handed a `Settings`.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 __all__ = ["LeaseMode", "Settings", "SettingsError", "load_settings"]
 
@@ -77,7 +76,7 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = _env("DISPATCHER_POLL_INTERVAL_SECONDS", 1.0, gt=0,
         description="Beat period of the poller task.")
     heartbeat_tick_seconds: float = _env("DISPATCHER_HEARTBEAT_TICK_SECONDS", 1.0, gt=0,
-        description="Beat period of the heartbeat task (leases are beaten when due, not each tick).")
+        description="Beat period of the heartbeat task (each lease is beaten when due).")
     bridge_interval_seconds: float = _env("DISPATCHER_BRIDGE_INTERVAL_SECONDS", 1.0, gt=0,
         description="Beat period of the stop bridge that scans `list` for stop requests.")
     http_timeout_seconds: float = _env("DISPATCHER_HTTP_TIMEOUT_SECONDS", 10.0, gt=0,

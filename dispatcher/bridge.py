@@ -1,0 +1,99 @@
+"""The revocation bridge: server stops become sandbox stops, operator revokes become server stops.
+
+Server to fleet. A heartbeat reply shows a stop within one heartbeat interval (up to 30 s);
+scanning `list` for `stop_requested_at` every second shows it within about a second. Either way
+the stop becomes the lease's stop flag (the record; Celery's revoke is in memory and lost when
+no worker is up) plus a revoke of the session task when it still waits in a queue, so it never
+starts.
+
+Fleet to server. A session task revoked by an operator (Flower, `celery control revoke`) fires
+`task_revoked` in the worker; if that task is the lease's current attempt, the lease gets an
+`operator` stop flag, and its release stops the work item on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from dispatcher.events import event
+from dispatcher.leases import Lease, Phase, StopKind
+from dispatcher.lifecycle import release
+from dispatcher.runtime import Runtime
+from dispatcher.workapi import Work, WorkAPIError, WorkState
+
+__all__ = ["on_task_revoked", "scan_server_stops"]
+
+LIST_PAGE_SIZE = 100
+
+
+def scan_server_stops(runtime: Runtime) -> int:
+    """Apply every stop the server has for a lease we hold; returns how many were new."""
+    held = {lease.work_id: lease for lease in runtime.registry.all()}
+    if not held:
+        return 0
+    oldest = min(_parse(lease.created_at) for lease in held.values())
+    applied = 0
+    try:
+        for work in runtime.client().iter_list(limit=LIST_PAGE_SIZE):
+            # Newest first: once past the oldest item we hold, nothing further can be ours.
+            if _parse(work.created_at) < oldest:
+                break
+            lease = held.get(work.id)
+            if lease is not None and _apply_server_state(runtime, lease, work):
+                applied += 1
+    except WorkAPIError as exc:
+        event("stop scan failed", level=logging.WARNING, status=exc.status, error=str(exc))
+    return applied
+
+
+def _apply_server_state(runtime: Runtime, lease: Lease, work: Work) -> bool:
+    if work.state == WorkState.STOPPED:
+        return request_stop(runtime, lease, StopKind.FORCE, cause="server stopped", lost=True)
+    if work.state == WorkState.STOPPING or work.stop_requested_at:
+        return request_stop(runtime, lease, StopKind.GRACEFUL, cause="server")
+    return False
+
+
+def request_stop(
+    runtime: Runtime, lease: Lease, kind: StopKind, *, cause: str, lost: bool = False
+) -> bool:
+    """Raise the lease's stop flag and, if its task has not started, revoke it."""
+    if lost:
+        runtime.registry.mark_lost(lease.work_id, cause)
+    if not runtime.registry.request_stop(lease.work_id, kind, cause) and not lost:
+        return False
+    event("stop requested", work_id=lease.work_id, session_id=lease.session_id,
+          attempt=lease.attempt, kind=kind.value, cause=cause, seen_by="bridge")
+    if lease.phase in (Phase.CLAIMED, Phase.DISPATCHED) and lease.task_id:
+        runtime.app.control.revoke(lease.task_id)
+    return True
+
+
+def on_task_revoked(runtime: Runtime, *, task_id: str, work_id: str, terminated: bool,
+                    signum: int | None) -> None:
+    """An operator revoked a session task: stop its work item on the server too."""
+    lease = runtime.registry.get(work_id)
+    if lease is None or lease.task_id != task_id:
+        return  # a stale attempt, or a lease already released: nothing of the server's to stop
+    if lease.phase == Phase.RUNNING and terminated:
+        # The supervisor (or, after SIGKILL, recovery) honours the flag and releases the lease.
+        kind = StopKind.FORCE if signum == 9 else StopKind.GRACEFUL
+        runtime.registry.request_stop(work_id, kind, "operator")
+        event("stop requested", work_id=work_id, session_id=lease.session_id,
+              attempt=lease.attempt, kind=kind.value, cause="operator", seen_by="revoke")
+        return
+    if lease.phase != Phase.RUNNING:
+        # Discarded before it started: nobody else will release it.
+        if not lease.stop:
+            runtime.registry.request_stop(work_id, StopKind.FORCE, "operator")
+        release(runtime, lease, reason=f"revoked before start ({lease.stop_cause or 'operator'})")
+
+
+def _parse(timestamp: str) -> datetime:
+    """An RFC 3339 time; an unreadable one sorts first, so the scan never stops early on it."""
+    try:
+        parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -1,0 +1,86 @@
+"""The Celery app: `celery -A dispatcher worker` finds it here.
+
+Two planes on two queues. The control queue carries short periodic tasks (poll, heartbeat,
+stop bridge, recovery); the session queue carries one long task per session attempt. Session
+tasks are acked early and never prefetched, so Redis' visibility timeout can never deliver a
+session twice: a lost worker is recovered through the lease registry, not broker redelivery.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from celery import Celery
+from kombu import Queue
+
+from dispatcher.settings import SettingsError, load_settings
+
+__all__ = ["CONTROL_QUEUE", "app"]
+
+CONTROL_QUEUE = "dispatcher.control"
+# Threads suit sessions, which wait on a subprocess: a few MB per session instead of a whole
+# interpreter. `-P prefork` works too; both pools pass the same stop and recovery tests.
+DEFAULT_POOL = "threads"
+DEFAULT_CONCURRENCY = 10
+# beat's lock (celery-redbeat) lapses this long after its holder died; a standby then takes over.
+BEAT_LOCK_TIMEOUT_SECONDS = 10
+BEAT_MAX_LOOP_SECONDS = 1
+
+try:
+    settings = load_settings()
+except SettingsError as exc:
+    sys.exit(f"dispatcher: {exc}")
+
+app = Celery("dispatcher", include=["tasks.poll", "tasks.heartbeat", "tasks.bridge",
+                                    "tasks.session"])
+
+
+def _schedule() -> dict[str, dict[str, object]]:
+    """Every control task runs about each second; `expires` drops ticks nobody took in time,
+    so a control worker coming back after an outage runs one tick, not a backlog."""
+
+    def every(task: str, seconds: float) -> dict[str, object]:
+        return {"task": task, "schedule": seconds, "options": {"expires": max(seconds, 1.0),
+                                                               "queue": CONTROL_QUEUE}}
+
+    return {
+        "poll": every("tasks.poll.claim_work", settings.poll_interval_seconds),
+        "heartbeat": every("tasks.heartbeat.beat_leases", settings.heartbeat_tick_seconds),
+        "stop-bridge": every("tasks.bridge.scan_stops", settings.bridge_interval_seconds),
+        "recovery": every("tasks.bridge.recover", settings.bridge_interval_seconds),
+    }
+
+
+app.conf.update(
+    broker_url=settings.redis_url,
+    result_backend=settings.redis_url,
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_expires=24 * 3600,
+    task_queues=[Queue(CONTROL_QUEUE), *[Queue(name) for name in settings.session_queues]],
+    task_default_queue=CONTROL_QUEUE,
+    task_routes={"tasks.session.*": {"queue": settings.default_session_queue}},
+    # Early ack and no prefetch: a session message is never redelivered by the broker.
+    task_acks_late=False,
+    worker_prefetch_multiplier=1,
+    worker_disable_prefetch=True,
+    task_track_started=True,
+    worker_pool=DEFAULT_POOL,
+    worker_concurrency=DEFAULT_CONCURRENCY,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    # beat: celery-redbeat, whose Redis lock makes `-B` safe on every node of a fleet.
+    beat_scheduler="redbeat.RedBeatScheduler",
+    redbeat_redis_url=settings.redis_url,
+    redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
+    redbeat_lock_key=f"{settings.key_prefix}:redbeat:lock",
+    redbeat_lock_timeout=BEAT_LOCK_TIMEOUT_SECONDS,
+    beat_max_loop_interval=BEAT_MAX_LOOP_SECONDS,
+    beat_schedule=_schedule(),
+)
+
+import dispatcher.worker  # noqa: E402  (signal handlers and bootsteps need `app`)
+
+dispatcher.worker.install(app)

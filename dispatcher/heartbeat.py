@@ -1,0 +1,188 @@
+"""Keep every held lease alive, from ack to release, whether its session waits or runs.
+
+Each tick takes the leases that are due from a sorted set (a Lua pop, so two heartbeat tasks
+never beat the same lease with the same token: the loser would get a 412 and we would kill a
+healthy session), heartbeats them concurrently, and schedules each one's next beat from the
+`ttl_seconds` the server answered. One slow lease costs only its own request timeout.
+
+What a reply means, as the official workers read it:
+
+===========================================  ==============================================
+reply                                        action
+===========================================  ==============================================
+200 ``active``/``starting``                  keep the exact ``last_heartbeat`` token
+200 ``stopping``                             graceful stop of the sandbox, keep beating
+200 ``stopped`` or ``lease_extended: false``  lease gone: kill now, release nothing
+412, 404                                     lease gone (another holder, or no item)
+other fatal 4xx                              kill now, then force-stop the item
+transient, for less than the TTL             retry in a second
+transient, for longer than the TTL           lease assumed lost: kill now
+===========================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from dispatcher.events import event
+from dispatcher.leases import Lease, Phase, StopKind
+from dispatcher.lifecycle import release
+from dispatcher.runtime import Runtime
+from dispatcher.workapi import (
+    NO_HEARTBEAT,
+    AsyncWorkClient,
+    ConflictError,
+    Heartbeat,
+    LeasePreconditionFailed,
+    NotFoundError,
+    WorkAPIError,
+    WorkState,
+)
+
+__all__ = ["apply_first_heartbeat", "beat_due_leases", "heartbeat_interval"]
+
+# The official workers beat every ttl/2, at most every 30 s; we beat every ttl/3 so one failed
+# beat still leaves a retry inside the TTL.
+INTERVAL_SHARE_OF_TTL = 1 / 3
+MAX_INTERVAL_SECONDS = 30.0
+MIN_INTERVAL_SECONDS = 1.0
+# A lease's TTL before the server first answered (the SDKs assume 30-90 s; we assume less).
+ASSUMED_TTL_SECONDS = 30
+RETRY_SECONDS = 1.0
+# One request may take this long; it is also how long a claimed due lease stays in flight.
+REQUEST_TIMEOUT_SECONDS = 5.0
+MAX_CONCURRENT_REQUESTS = 64
+# Leases one tick takes; the rest stay due for the next tick (beat runs every second).
+BATCH_SIZE = 2000
+
+
+def heartbeat_interval(ttl_seconds: int) -> float:
+    return max(MIN_INTERVAL_SECONDS, min(ttl_seconds * INTERVAL_SHARE_OF_TTL, MAX_INTERVAL_SECONDS))
+
+
+@dataclass
+class Tally:
+    sent: int = 0
+    failed: int = 0
+    lost: int = 0
+    released: int = 0
+
+
+def beat_due_leases(runtime: Runtime) -> Tally:
+    """One tick: beat (or retry the release of) every lease that is due."""
+    now = time.time()
+    ids = runtime.registry.claim_due_heartbeats(
+        now=now, limit=BATCH_SIZE, inflight_seconds=REQUEST_TIMEOUT_SECONDS * 2
+    )
+    if not ids:
+        return Tally()
+    leases = runtime.registry.get_many(ids)
+    for gone in set(ids) - {lease.work_id for lease in leases}:
+        runtime.registry.unschedule_heartbeat(gone)
+    releasing = [lease for lease in leases if lease.phase == Phase.RELEASING]
+    beating = [lease for lease in leases if lease.phase != Phase.RELEASING]
+    tally = Tally()
+    for lease, outcome in asyncio.run(_send_all(runtime, beating)):
+        _apply(runtime, lease, outcome, tally)
+    for lease in releasing:
+        if release(runtime, lease, reason="release retried"):
+            tally.released += 1
+    return tally
+
+
+async def _send_all(
+    runtime: Runtime, leases: list[Lease]
+) -> list[tuple[Lease, Heartbeat | WorkAPIError]]:
+    if not leases:
+        return []
+    limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+    async with AsyncWorkClient.from_settings(runtime.settings, max_retries=0) as client:
+
+        async def one(lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError]:
+            async with limit:
+                try:
+                    reply = await client.heartbeat(
+                        lease.work_id,
+                        expected_last_heartbeat=lease.token or NO_HEARTBEAT,
+                        desired_ttl_seconds=runtime.settings.desired_ttl_seconds,
+                        timeout=REQUEST_TIMEOUT_SECONDS,
+                    )
+                except WorkAPIError as exc:
+                    return lease, exc
+                return lease, reply
+
+        return list(await asyncio.gather(*(one(lease) for lease in leases)))
+
+
+def _apply(runtime: Runtime, lease: Lease, outcome: Heartbeat | WorkAPIError, tally: Tally) -> None:
+    if isinstance(outcome, Heartbeat):
+        tally.sent += 1
+        _apply_reply(runtime, lease, outcome)
+    else:
+        tally.failed += 1
+        if _apply_error(runtime, lease, outcome):
+            tally.lost += 1
+
+
+def apply_first_heartbeat(runtime: Runtime, lease: Lease, reply: Heartbeat) -> None:
+    _apply_reply(runtime, lease, reply)
+
+
+def _apply_reply(runtime: Runtime, lease: Lease, reply: Heartbeat) -> None:
+    now = time.time()
+    ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else ASSUMED_TTL_SECONDS
+    if not runtime.registry.update(
+        lease.work_id, token=reply.last_heartbeat, ttl_seconds=ttl, heartbeat_ok_at=now
+    ):
+        return  # released while the request was in flight
+    if reply.state == WorkState.STOPPED or (
+        not reply.lease_extended and reply.state != WorkState.STOPPING
+    ):
+        stopped = reply.state == WorkState.STOPPED
+        _lose(runtime, lease, cause="server stopped" if stopped else "lease not extended")
+        return
+    if reply.state == WorkState.STOPPING and runtime.registry.request_stop(
+        lease.work_id, StopKind.GRACEFUL, "server"
+    ):
+        event("stop requested", work_id=lease.work_id, session_id=lease.session_id,
+              attempt=lease.attempt, kind="graceful", seen_by="heartbeat")
+    runtime.registry.schedule_heartbeat(lease.work_id, now + heartbeat_interval(ttl))
+
+
+def _apply_error(runtime: Runtime, lease: Lease, exc: WorkAPIError) -> bool:
+    """Judge a failed beat; True if the lease is now considered lost."""
+    if isinstance(exc, LeasePreconditionFailed | NotFoundError):
+        state = getattr(exc, "current_state", None)
+        _lose(runtime, lease, cause=f"heartbeat {exc.status}", server_state=state)
+        return True
+    if not exc.retryable and not isinstance(exc, ConflictError):
+        event("heartbeat rejected", level=logging.ERROR, work_id=lease.work_id,
+              session_id=lease.session_id, status=exc.status, error=str(exc))
+        runtime.registry.request_stop(lease.work_id, StopKind.FORCE, "heartbeat rejected")
+        runtime.registry.unschedule_heartbeat(lease.work_id)
+        return True
+    ttl = lease.ttl_seconds or ASSUMED_TTL_SECONDS
+    since_ok = time.time() - (lease.heartbeat_ok_at or lease.claimed_at)
+    if since_ok > ttl:
+        _lose(runtime, lease, cause="assumed lost: no heartbeat succeeded within the TTL")
+        return True
+    event("heartbeat failed", level=logging.WARNING, work_id=lease.work_id,
+          session_id=lease.session_id, status=exc.status, error=str(exc),
+          seconds_since_success=round(since_ok, 1))
+    runtime.registry.schedule_heartbeat(lease.work_id, time.time() + RETRY_SECONDS)
+    return False
+
+
+def _lose(runtime: Runtime, lease: Lease, *, cause: str, server_state: object = None) -> None:
+    event("heartbeat lost", level=logging.WARNING, work_id=lease.work_id,
+          session_id=lease.session_id, attempt=lease.attempt, cause=cause,
+          server_state=server_state)
+    runtime.registry.mark_lost(lease.work_id, cause)
+    if lease.phase != Phase.RUNNING:
+        # No supervisor will ever act on the flag: forget the lease now.
+        lost = runtime.registry.get(lease.work_id)
+        if lost is not None:
+            release(runtime, lost, reason=cause)

@@ -1,0 +1,57 @@
+"""Every Redis key the dispatcher writes, in one place, under one prefix.
+
+The broker's own keys (Celery queues, redbeat) are separate; these are the registry: what the
+fleet holds and in what state. Sharing a Redis with the emulator or another fleet is safe as long
+as prefixes differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def lease(self, work_id: str) -> str:
+        """Hash: one held lease (see `leases.Lease` for its fields)."""
+        return f"{self.prefix}:lease:{work_id}"
+
+    def work(self, work_id: str) -> str:
+        """String: the polled work item JSON, secret included; deleted on release."""
+        return f"{self.prefix}:work:{work_id}"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set: work ids of held leases, scored by claim time; its size is used slots."""
+        return f"{self.prefix}:leases"
+
+    @property
+    def heartbeat_due(self) -> str:
+        """Sorted set: work id -> epoch second its next heartbeat is due."""
+        return f"{self.prefix}:heartbeat-due"
+
+    @property
+    def epoch(self) -> str:
+        """String: a random id written once; a different or missing one means Redis was reset."""
+        return f"{self.prefix}:epoch"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker hostname -> epoch second it last advertised its slots."""
+        return f"{self.prefix}:workers"
+
+    def worker(self, hostname: str) -> str:
+        """Hash: a worker's advertised slots, pool, queues and draining flag."""
+        return f"{self.prefix}:worker:{hostname}"
+
+    def poll_lock(self, environment_id: str) -> str:
+        """String lock: at most one poller in flight per environment, fleet-wide."""
+        return f"{self.prefix}:lock:poll:{environment_id}"
+
+    def task_lock(self, name: str) -> str:
+        """String lock: at most one run of a periodic upkeep task at a time."""
+        return f"{self.prefix}:lock:{name}"

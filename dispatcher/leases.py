@@ -1,0 +1,313 @@
+"""The lease registry: what the fleet holds, and in what state, in Redis.
+
+One hash per held lease is the record every other part reads: the poller writes it at ack, the
+heartbeat task keeps its token, the session task marks its attempt running and pulses it, the
+bridge and operators set its stop flag, and release deletes it. Every change that must not race
+(a new attempt, a pulse from a stale attempt, claiming a due heartbeat) is one Lua script, so two
+tasks can never both believe they own the same attempt.
+
+Phases of a lease::
+
+    claimed ──dispatch──> dispatched ──task starts──> running ──sandbox exits──> (deleted)
+                              ^                          │
+                              └──── new attempt ─────────┘   (worker lost or drained)
+    any phase ──release fails transiently──> releasing ──stop succeeds──> (deleted)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+
+from dispatcher.keys import Keys
+
+__all__ = ["Lease", "LeaseRegistry", "Phase", "Pulse", "StopKind"]
+
+
+class Phase(StrEnum):
+    CLAIMED = "claimed"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    RELEASING = "releasing"
+
+
+class StopKind(StrEnum):
+    NONE = ""
+    # SIGTERM to the sandbox's process group, the grace period, then SIGKILL.
+    GRACEFUL = "graceful"
+    # SIGKILL now: a forced stop, or a lease that is no longer ours.
+    FORCE = "force"
+
+
+@dataclass
+class Lease:
+    work_id: str
+    session_id: str
+    environment_id: str
+    mode: str
+    queue: str
+    phase: str = Phase.CLAIMED
+    attempt: int = 1
+    task_id: str = ""
+    worker: str = ""
+    pid: int = 0
+    claimed_at: float = 0.0
+    dispatched_at: float = 0.0
+    pulse_at: float = 0.0
+    created_at: str = ""
+    # The server's lease token: echoed exactly as `expected_last_heartbeat`.
+    token: str = ""
+    ttl_seconds: int = 0
+    heartbeat_ok_at: float = 0.0
+    stop: str = StopKind.NONE
+    stop_cause: str = ""
+    stop_seen_at: float = 0.0
+    # "1" once the server no longer gives us this lease: release must not post a stop.
+    lost: str = ""
+    # Who heartbeats: "dispatcher", or "sandbox" (runner mode, or handoff once started).
+    heartbeats_by: str = "dispatcher"
+    # Epoch second until which a heartbeat request for this lease may still be in flight.
+    inflight_until: float = 0.0
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> Lease:
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in raw:
+                kwargs[f.name] = _coerce(f.type, raw[f.name])
+        return cls(**kwargs)
+
+    def to_hash(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+    @property
+    def is_lost(self) -> bool:
+        return self.lost == "1"
+
+
+def _coerce(type_name: Any, value: str) -> Any:
+    if type_name in ("int", int):
+        return int(float(value or 0))
+    if type_name in ("float", float):
+        return float(value or 0)
+    return value
+
+
+@dataclass(frozen=True)
+class Pulse:
+    """What a running attempt learns each time it pulses."""
+
+    exists: bool
+    current: bool  # still the lease's current attempt (fencing)
+    stop: str
+    stop_cause: str
+
+
+# KEYS[1]=lease hash; ARGV: attempt, now, [field, value]*. Sets the fields only while the lease
+# exists and `attempt` is still its current attempt, so a stale attempt can change nothing.
+_SET_IF_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# KEYS[1]=lease hash; ARGV: attempt, now. Returns {exists, current, stop, stop_cause}.
+_PULSE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', ''} end
+local current = redis.call('HGET', KEYS[1], 'attempt') == ARGV[1]
+if current then redis.call('HSET', KEYS[1], 'pulse_at', ARGV[2]) end
+return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
+        redis.call('HGET', KEYS[1], 'stop_cause') or ''}
+"""
+
+# KEYS[1]=lease hash; ARGV: expected attempt, task id, now. Starts the next attempt.
+_NEW_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+local next = tonumber(ARGV[1]) + 1
+redis.call('HSET', KEYS[1], 'attempt', next, 'task_id', ARGV[2], 'phase', 'dispatched',
+           'dispatched_at', ARGV[3], 'pulse_at', 0, 'worker', '', 'pid', 0)
+return next
+"""
+
+# KEYS[1]=lease hash; ARGV: kind, cause, now. FORCE wins over GRACEFUL; the first cause stays.
+_REQUEST_STOP = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local kind = redis.call('HGET', KEYS[1], 'stop') or ''
+if kind == 'force' or kind == ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'stop', ARGV[1])
+if kind == '' then redis.call('HSET', KEYS[1], 'stop_cause', ARGV[2], 'stop_seen_at', ARGV[3]) end
+return 1
+"""
+
+# KEYS[1]=due zset; ARGV: now, limit, in-flight deadline, lease key prefix. Pops due ids by
+# pushing their score to the in-flight deadline, so concurrent heartbeat tasks take disjoint sets
+# and a crashed one's leases come due again once the deadline passes. The deadline is also noted
+# on the lease, so a hand-off can wait for a beat in flight before it reads the token.
+_CLAIM_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
+  if redis.call('EXISTS', ARGV[4] .. id) == 1 then
+    redis.call('HSET', ARGV[4] .. id, 'inflight_until', ARGV[3])
+  end
+end
+return ids
+"""
+
+# KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id. Schedules the next beat only while
+# the dispatcher still owns the heartbeat (not after a hand-off, not after release).
+_SCHEDULE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'heartbeats_by') == 'sandbox' then return 0 end
+redis.call('HSET', KEYS[1], 'inflight_until', 0)
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+class LeaseRegistry:
+    def __init__(self, redis: Redis, *, prefix: str) -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self._set_if_attempt = redis.register_script(_SET_IF_ATTEMPT)
+        self._pulse = redis.register_script(_PULSE)
+        self._new_attempt = redis.register_script(_NEW_ATTEMPT)
+        self._request_stop = redis.register_script(_REQUEST_STOP)
+        self._claim_due = redis.register_script(_CLAIM_DUE)
+        self._schedule = redis.register_script(_SCHEDULE)
+
+    # --- epoch: tells a Redis that restarted empty from one that did not -------------------
+    def epoch(self) -> str:
+        """The registry's epoch id, created on first use."""
+        fresh = uuid.uuid4().hex
+        self.redis.set(self.keys.epoch, fresh, nx=True)
+        return str(self.redis.get(self.keys.epoch) or fresh)
+
+    # --- create, read, delete -----------------------------------------------------------------
+    def create(self, lease: Lease, *, work_json: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.lease(lease.work_id), mapping=lease.to_hash())
+        pipe.set(self.keys.work(lease.work_id), work_json)
+        pipe.zadd(self.keys.leases, {lease.work_id: lease.claimed_at})
+        pipe.execute()
+
+    def get(self, work_id: str) -> Lease | None:
+        raw = self.redis.hgetall(self.keys.lease(work_id))
+        return Lease.from_hash(raw) if raw else None  # type: ignore[arg-type]
+
+    def get_many(self, work_ids: Iterable[str]) -> list[Lease]:
+        pipe = self.redis.pipeline(transaction=False)
+        for work_id in work_ids:
+            pipe.hgetall(self.keys.lease(work_id))
+        return [Lease.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def work_json(self, work_id: str) -> str | None:
+        value = self.redis.get(self.keys.work(work_id))
+        return None if value is None else str(value)
+
+    def held_ids(self) -> list[str]:
+        return [str(w) for w in self.redis.zrange(self.keys.leases, 0, -1)]
+
+    def held_count(self) -> int:
+        return int(self.redis.zcard(self.keys.leases))
+
+    def all(self) -> list[Lease]:
+        return self.get_many(self.held_ids())
+
+    def delete(self, work_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.lease(work_id), self.keys.work(work_id))
+        pipe.zrem(self.keys.leases, work_id)
+        pipe.zrem(self.keys.heartbeat_due, work_id)
+        pipe.execute()
+
+    # --- changes ------------------------------------------------------------------------------
+    def update(self, work_id: str, **values: object) -> bool:
+        """Set fields of an existing lease, whatever its attempt. False if it is gone."""
+        key = self.keys.lease(work_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.exists(key)
+        pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
+        exists, _ = pipe.execute()
+        if not exists:
+            self.redis.delete(key)  # the HSET just created a stub; a released lease stays gone
+        return bool(exists)
+
+    def update_if_attempt(self, work_id: str, attempt: int, **values: object) -> int:
+        """Set fields only while `attempt` is current: 1 done, 0 superseded, -1 lease gone."""
+        argv: list[object] = [attempt, time.time()]
+        for name, value in values.items():
+            argv += [name, str(value)]
+        return int(self._set_if_attempt(keys=[self.keys.lease(work_id)], args=argv))
+
+    def pulse(self, work_id: str, attempt: int) -> Pulse:
+        exists, current, stop, cause = self._pulse(
+            keys=[self.keys.lease(work_id)], args=[attempt, time.time()]
+        )
+        return Pulse(bool(exists), bool(current), str(stop), str(cause))
+
+    def new_attempt(self, work_id: str, *, expected_attempt: int, task_id: str) -> int:
+        """Start attempt `expected_attempt + 1`: its number, 0 if superseded, -1 if gone."""
+        return int(
+            self._new_attempt(
+                keys=[self.keys.lease(work_id)], args=[expected_attempt, task_id, time.time()]
+            )
+        )
+
+    def request_stop(self, work_id: str, kind: StopKind, cause: str) -> bool:
+        """Raise the stop flag; True if it changed (a new or a harder stop)."""
+        changed = self._request_stop(
+            keys=[self.keys.lease(work_id)], args=[kind.value, cause, time.time()]
+        )
+        return bool(changed)
+
+    def mark_lost(self, work_id: str, cause: str) -> None:
+        """The server no longer gives us this lease: kill now, never heartbeat or stop it again."""
+        self.update(work_id, lost="1")
+        self.request_stop(work_id, StopKind.FORCE, cause)
+        self.redis.zrem(self.keys.heartbeat_due, work_id)
+
+    # --- heartbeat schedule -------------------------------------------------------------------
+    def schedule_heartbeat(self, work_id: str, due: float) -> bool:
+        """Schedule the next beat; False if the lease is gone or the sandbox beats it."""
+        keys = [self.keys.lease(work_id), self.keys.heartbeat_due]
+        return bool(self._schedule(keys=keys, args=[due, work_id]))
+
+    def hand_heartbeat_to_sandbox(self, work_id: str, *, wait_seconds: float) -> str | None:
+        """Stop beating the lease and return its token for the sandbox to continue with.
+
+        Waits for a beat still in flight, whose reply would otherwise change the token after we
+        read it: the sandbox would then present a stale token and lose the lease (412).
+        """
+        self.update(work_id, heartbeats_by="sandbox")
+        self.unschedule_heartbeat(work_id)
+        deadline = time.time() + wait_seconds
+        while True:
+            lease = self.get(work_id)
+            if lease is None:
+                return None
+            if lease.inflight_until <= time.time() or time.time() >= deadline:
+                return lease.token or None
+            time.sleep(0.05)
+
+    def unschedule_heartbeat(self, work_id: str) -> None:
+        self.redis.zrem(self.keys.heartbeat_due, work_id)
+
+    def claim_due_heartbeats(self, *, now: float, limit: int, inflight_seconds: float) -> list[str]:
+        ids = self._claim_due(
+            keys=[self.keys.heartbeat_due],
+            args=[now, limit, now + inflight_seconds, self.keys.lease("")],
+        )
+        return [str(i) for i in ids]
+
+    def next_due(self, work_id: str) -> float | None:
+        score = self.redis.zscore(self.keys.heartbeat_due, work_id)
+        return None if score is None else float(score)

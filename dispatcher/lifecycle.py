@@ -1,0 +1,97 @@
+"""The steps every part shares: dispatch an attempt, start the next one, release a lease.
+
+Release is the only way a lease ends, and it never leaves a work item without an owner: if the
+server cannot be told (a transient error), the lease stays in the registry as `releasing` and
+the heartbeat task retries the stop until it lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from dispatcher.events import event
+from dispatcher.leases import Lease, Phase, StopKind
+from dispatcher.runtime import Runtime
+from dispatcher.workapi import ConflictError, NotFoundError, WorkAPIError
+
+__all__ = ["SESSION_TASK", "dispatch", "release", "restart_attempt"]
+
+SESSION_TASK = "tasks.session.run"
+# Retry a failed release this soon; the heartbeat task picks releasing leases up when due.
+RELEASE_RETRY_SECONDS = 2.0
+
+
+def dispatch(runtime: Runtime, lease: Lease) -> None:
+    """Publish the session task of the lease's current attempt on its queue.
+
+    Only ids travel in the message (Flower shows task arguments): the work item and its secret
+    stay in the registry.
+    """
+    # Phase first: a worker may start the task before send_task even returns.
+    runtime.registry.update(lease.work_id, phase=Phase.DISPATCHED, dispatched_at=time.time())
+    kwargs = {"work_id": lease.work_id, "session_id": lease.session_id, "attempt": lease.attempt}
+    runtime.app.send_task(
+        SESSION_TASK,
+        kwargs=kwargs,
+        task_id=lease.task_id,
+        queue=lease.queue,
+        kwargsrepr=f"work_id={lease.work_id} session_id={lease.session_id} "
+        f"attempt={lease.attempt}",
+    )
+    event("dispatched", work_id=lease.work_id, session_id=lease.session_id,
+          attempt=lease.attempt, task_id=lease.task_id, queue=lease.queue)
+
+
+def restart_attempt(runtime: Runtime, lease: Lease, *, reason: str) -> None:
+    """Hand the session to a new attempt on any worker, or release it if it may not run again."""
+    if lease.stop or lease.is_lost:
+        release(runtime, lease, reason=f"{reason}; stop requested")
+        return
+    if lease.attempt >= runtime.settings.max_attempts:
+        event("attempts exhausted", level=logging.WARNING, work_id=lease.work_id,
+              session_id=lease.session_id, attempt=lease.attempt, reason=reason)
+        release(runtime, lease, reason="attempts exhausted")
+        return
+    task_id = uuid.uuid4().hex
+    attempt = runtime.registry.new_attempt(
+        lease.work_id, expected_attempt=lease.attempt, task_id=task_id
+    )
+    if attempt <= 0:
+        return  # someone else already moved the lease on, or released it
+    event("attempt restarted", level=logging.WARNING, work_id=lease.work_id,
+          session_id=lease.session_id, attempt=attempt, reason=reason)
+    next_lease = runtime.registry.get(lease.work_id)
+    if next_lease is not None:
+        dispatch(runtime, next_lease)
+
+
+def release(runtime: Runtime, lease: Lease, *, reason: str) -> bool:
+    """Stop the work item on the server (force; 409 means already stopped) and forget it.
+
+    A lost lease is not ours to stop. Returns False if the stop must be retried later.
+    """
+    if not lease.is_lost:
+        try:
+            runtime.client().stop(lease.work_id, force=True)
+        except (ConflictError, NotFoundError):
+            pass  # already stopped, or gone: either way nothing is left to release
+        except WorkAPIError as exc:
+            if exc.retryable:
+                _retry_release_later(runtime, lease, exc)
+                return False
+            event("release refused", level=logging.ERROR, work_id=lease.work_id,
+                  session_id=lease.session_id, status=exc.status, error=str(exc))
+    runtime.registry.delete(lease.work_id)
+    event("released", work_id=lease.work_id, session_id=lease.session_id,
+          attempt=lease.attempt, reason=reason, lost=lease.is_lost or None)
+    return True
+
+
+def _retry_release_later(runtime: Runtime, lease: Lease, exc: WorkAPIError) -> None:
+    runtime.registry.update(lease.work_id, phase=Phase.RELEASING)
+    runtime.registry.request_stop(lease.work_id, StopKind.FORCE, "releasing")
+    runtime.registry.schedule_heartbeat(lease.work_id, time.time() + RELEASE_RETRY_SECONDS)
+    event("release deferred", level=logging.WARNING, work_id=lease.work_id,
+          session_id=lease.session_id, status=exc.status, error=str(exc))

@@ -1,0 +1,217 @@
+"""Claim work from the server for the fleet's free session slots.
+
+One poller runs at a time per environment (a Redis lock), long-polls for a few seconds, and for
+each item: ack, record the lease, send the first heartbeat at once, then dispatch the session
+task. From the ack on, the item always has an owner: if any later step fails, the item is
+stopped with the reason logged, never left in `starting` (anthropic-sdk-python#1746).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis.exceptions import RedisError
+
+from dispatcher import healthcheck
+from dispatcher.events import event
+from dispatcher.heartbeat import apply_first_heartbeat
+from dispatcher.leases import Lease
+from dispatcher.lifecycle import dispatch, release
+from dispatcher.routing import choose_queue
+from dispatcher.runtime import Runtime
+from dispatcher.settings import LeaseMode
+from dispatcher.workapi import (
+    NO_HEARTBEAT,
+    Backoff,
+    Heartbeat,
+    LeasePreconditionFailed,
+    Work,
+    WorkAPIError,
+    WorkDataType,
+    delay_for,
+)
+
+__all__ = ["POLL_BLOCK_MS", "run_poller"]
+
+POLL_BLOCK_MS = 999  # the API caps block_ms at 999
+# One poller task long-polls this long, then returns so beat starts a fresh one: a crashed or
+# wedged poller delays claiming by at most this much.
+POLL_RUN_SECONDS = 5.0
+# The lock outlives a run by a margin; a killed poller's lock lapses on its own.
+POLL_LOCK_SECONDS = 30.0
+
+
+def run_poller(runtime: Runtime, *, run_seconds: float = POLL_RUN_SECONDS) -> int:
+    """Claim work until the budget runs out or the fleet is full; returns how many claimed."""
+    with _poll_lock(runtime) as held:
+        if not held:
+            return 0
+        return _poll_loop(runtime, deadline=time.monotonic() + run_seconds)
+
+
+@contextmanager
+def _poll_lock(runtime: Runtime) -> Iterator[bool]:
+    key = runtime.registry.keys.poll_lock(runtime.environment_id)
+    token = uuid.uuid4().hex
+    held = bool(runtime.redis.set(key, token, nx=True, px=int(POLL_LOCK_SECONDS * 1000)))
+    try:
+        yield held
+    finally:
+        if held and runtime.redis.get(key) == token:
+            runtime.redis.delete(key)
+
+
+def _poll_loop(runtime: Runtime, *, deadline: float) -> int:
+    claimed = 0
+    backoff = Backoff()
+    client = runtime.client(max_retries=0)
+    while time.monotonic() < deadline:
+        if runtime.capacity.free_slots() <= 0:
+            break  # work waits on the server, where `depth` shows it and other fleets see it
+        try:
+            item = client.poll(block_ms=POLL_BLOCK_MS)
+        except WorkAPIError as exc:
+            if not _pause_after_error(exc, backoff, deadline, "poll failed"):
+                break
+            continue
+        backoff.reset()
+        if item is not None and claim(runtime, item):
+            claimed += 1
+    return claimed
+
+
+def _pause_after_error(exc: WorkAPIError, backoff: Backoff, deadline: float, what: str) -> bool:
+    """Log, and sleep before the next try; False when the error is fatal or time is up."""
+    delay = delay_for(exc, backoff)
+    event(what, level=logging.WARNING, status=exc.status, retryable=exc.retryable,
+          delay_seconds=round(delay, 2), error=str(exc))
+    if not exc.retryable or time.monotonic() + delay >= deadline:
+        return False
+    time.sleep(delay)
+    return True
+
+
+def claim(runtime: Runtime, item: Work) -> bool:
+    """Take one polled item into the fleet. True if a lease is now held for it."""
+    if item.data.type not in (WorkDataType.SESSION, WorkDataType.HEALTHCHECK):
+        _refuse_unknown_type(runtime, item)
+        return False
+    acked, probe = _ack(runtime, item)
+    if not acked:
+        return False
+    lease = _new_lease(runtime, item)
+    try:
+        runtime.registry.create(lease, work_json=item.to_json())
+    except RedisError as exc:
+        _abandon(runtime, item, reason=f"registry unavailable: {exc}")
+        return False
+    event("claimed", work_id=item.id, session_id=item.session_id, attempt=1,
+          type=item.data.type, queue=lease.queue)
+    if probe is not None:
+        apply_first_heartbeat(runtime, lease, probe)
+    elif runtime.settings.lease_mode != LeaseMode.RUNNER and not _first_heartbeat(runtime, lease):
+        return False
+    if item.data.type == WorkDataType.HEALTHCHECK:
+        healthcheck.answer(runtime, lease)
+        return False
+    try:
+        dispatch(runtime, lease)
+    except (RedisError, OSError) as exc:
+        # The broker refused the message: stop the item rather than leave it owned by nobody.
+        release(runtime, lease, reason=f"dispatch failed: {exc}")
+        return False
+    return True
+
+
+def _refuse_unknown_type(runtime: Runtime, item: Work) -> None:
+    event("unknown work type", level=logging.WARNING, work_id=item.id, type=item.data.type,
+          action_taken="stopped, not run")
+    try:
+        runtime.client().stop(item.id, force=True)
+    except WorkAPIError as exc:
+        event("stop failed", level=logging.ERROR, work_id=item.id, error=str(exc))
+
+
+def _ack(runtime: Runtime, item: Work) -> tuple[bool, Heartbeat | None]:
+    """Ack the item: (acked, the first heartbeat's reply if probing already claimed it)."""
+    try:
+        runtime.client().ack(item.id)
+        return True, None
+    except WorkAPIError as exc:
+        probe = _ack_landed_anyway(runtime, item) if exc.retryable else None
+        if probe is not None:
+            return True, probe
+        event("ack failed", level=logging.WARNING, work_id=item.id, status=exc.status,
+              error=str(exc), outcome="left for the server to re-deliver")
+        return False, None
+
+
+def _ack_landed_anyway(runtime: Runtime, item: Work) -> Heartbeat | None:
+    """After an ack whose answer was lost, find out whether it landed.
+
+    An acked item nobody heartbeats is stranded for good (anthropic-sdk-python#1746), so ask
+    the one question that tells: a NO_HEARTBEAT claim succeeds only on an acked, unclaimed item.
+    In runner mode that claim belongs to the sandbox, so there we cannot ask.
+    """
+    if runtime.settings.lease_mode == LeaseMode.RUNNER:
+        return None
+    try:
+        return runtime.client().heartbeat(
+            item.id,
+            expected_last_heartbeat=NO_HEARTBEAT,
+            desired_ttl_seconds=runtime.settings.desired_ttl_seconds,
+        )
+    except WorkAPIError:
+        return None
+
+
+def _new_lease(runtime: Runtime, item: Work) -> Lease:
+    queue = choose_queue(item.metadata, runtime.settings.session_queues, work_id=item.id)
+    now = time.time()
+    return Lease(
+        work_id=item.id,
+        session_id=item.session_id,
+        environment_id=item.environment_id,
+        mode=runtime.settings.lease_mode.value,
+        queue=queue,
+        task_id=uuid.uuid4().hex,
+        claimed_at=now,
+        dispatched_at=now,
+        created_at=item.created_at,
+    )
+
+
+def _first_heartbeat(runtime: Runtime, lease: Lease) -> bool:
+    """Claim the lease at once, before the session waits in a queue: split-brain otherwise."""
+    try:
+        reply = runtime.client(max_retries=0).heartbeat(
+            lease.work_id,
+            expected_last_heartbeat=NO_HEARTBEAT,
+            desired_ttl_seconds=runtime.settings.desired_ttl_seconds,
+        )
+    except LeasePreconditionFailed:
+        # Someone else claimed it first: it is theirs, we release nothing.
+        event("lease taken by another worker", level=logging.WARNING, work_id=lease.work_id)
+        runtime.registry.delete(lease.work_id)
+        return False
+    except WorkAPIError as exc:
+        # Keep the lease: the heartbeat task retries within a second and judges the TTL.
+        event("first heartbeat failed", level=logging.WARNING, work_id=lease.work_id,
+              status=exc.status, error=str(exc))
+        runtime.registry.schedule_heartbeat(lease.work_id, time.time())
+        return True
+    apply_first_heartbeat(runtime, lease, reply)
+    return True
+
+
+def _abandon(runtime: Runtime, item: Work, *, reason: str) -> None:
+    event("abandoned", level=logging.ERROR, work_id=item.id, session_id=item.session_id,
+          reason=reason, outcome="stopped on the server")
+    try:
+        runtime.client().stop(item.id, force=True)
+    except WorkAPIError as exc:
+        event("stop failed", level=logging.ERROR, work_id=item.id, error=str(exc))

@@ -1,0 +1,241 @@
+"""Run one attempt of one session: start its sandbox, supervise it, and end its lease.
+
+The supervisor loop wakes a few times a second and does four things, in order: reap the
+sandbox if it exited, pulse the lease (which also tells it whether it is still the current
+attempt and whether a stop was asked for), apply the signal ladder, and notice a drain. Signal
+handlers only set flags the loop reads; nothing is killed from inside a handler (a handler that
+waits on the process deadlocks on Popen's lock, see the Celery brief).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+
+from dispatcher.events import event
+from dispatcher.leases import Lease, Phase, StopKind
+from dispatcher.lifecycle import release, restart_attempt
+from dispatcher.runtime import Runtime
+from dispatcher.sandbox import (
+    CommandError,
+    Sandbox,
+    SandboxSpec,
+    build_environment,
+    resolve_command,
+)
+from dispatcher.settings import LeaseMode
+from dispatcher.workapi import Work
+
+__all__ = ["Outcome", "SessionAttempt", "run_attempt"]
+
+# How often the supervisor pulses and reads its stop flag: the stop latency floor.
+SUPERVISE_INTERVAL_SECONDS = 0.2
+# A hand-off waits at most this long for a heartbeat in flight before it reads the token.
+HANDOFF_WAIT_SECONDS = 12.0
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"  # exit code 0
+    FAILED = "failed"  # non-zero exit, or the command could not start
+    STOPPED = "stopped"  # a stop request ended it
+    HANDED_OVER = "handed_over"  # the worker drained: a new attempt runs elsewhere
+    SUPERSEDED = "superseded"  # a newer attempt owns the lease (fencing)
+    LOST = "lost"  # the server no longer gives us the lease
+    GONE = "gone"  # nothing to run: released, or never ours
+
+
+@dataclass(frozen=True)
+class SessionAttempt:
+    work_id: str
+    session_id: str
+    attempt: int
+    task_id: str
+    worker: str
+    # Says whether the operator revoked this task (the threads pool sees Celery's revoked set).
+    revoked: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class _Flags:
+    """Set by signal handlers, read by the loop."""
+
+    terminate: bool = False
+
+
+def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
+    lease = runtime.registry.get(attempt.work_id)
+    refusal = _refuse(lease, attempt)
+    if refusal is not None or lease is None:
+        return refusal or Outcome.GONE
+    if lease.stop:
+        release(runtime, lease, reason=f"stopped before start ({lease.stop_cause})")
+        return Outcome.STOPPED
+    if not _mark_running(runtime, attempt):
+        return Outcome.SUPERSEDED
+    try:
+        spec = _spec(runtime, lease)
+    except (CommandError, ValueError) as exc:
+        event("sandbox not started", level=logging.ERROR, work_id=attempt.work_id,
+              session_id=attempt.session_id, attempt=attempt.attempt, error=str(exc))
+        release(runtime, lease, reason="sandbox could not start")
+        return Outcome.FAILED
+    return _supervise(runtime, attempt, spec)
+
+
+def _refuse(lease: Lease | None, attempt: SessionAttempt) -> Outcome | None:
+    if lease is None:
+        event("attempt skipped", work_id=attempt.work_id, attempt=attempt.attempt,
+              reason="lease released")
+        return Outcome.GONE
+    if lease.attempt != attempt.attempt or lease.task_id != attempt.task_id:
+        event("attempt skipped", work_id=attempt.work_id, attempt=attempt.attempt,
+              reason=f"superseded by attempt {lease.attempt}")
+        return Outcome.SUPERSEDED
+    return None
+
+
+def _mark_running(runtime: Runtime, attempt: SessionAttempt) -> bool:
+    done = runtime.registry.update_if_attempt(
+        attempt.work_id, attempt.attempt, phase=Phase.RUNNING, worker=attempt.worker,
+        pid=os.getpid(), pulse_at=time.time(), task_id=attempt.task_id,
+    )
+    return done == 1
+
+
+def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
+    settings = runtime.settings
+    argv = resolve_command(settings.on_work)
+    work_json = runtime.registry.work_json(lease.work_id)
+    if work_json is None:
+        raise ValueError("the work item is missing from the registry")
+    work = Work.model_validate_json(work_json)
+    environment_id, environment_key = settings.require_worker()
+    contract: dict[str, str | None] = {
+        "ANTHROPIC_SESSION_ID": work.session_id,
+        "ANTHROPIC_WORK_ID": work.id,
+        "ANTHROPIC_ENVIRONMENT_ID": environment_id,
+        "ANTHROPIC_ENVIRONMENT_KEY": environment_key.get_secret_value(),
+        "ANTHROPIC_BASE_URL": settings.base_url if "base_url" in settings.model_fields_set
+        else None,
+        "DISPATCHER_ATTEMPT": str(lease.attempt),
+    }
+    if lease.mode == LeaseMode.HANDOFF:
+        contract["ANTHROPIC_WORK_LAST_HEARTBEAT"] = runtime.registry.hand_heartbeat_to_sandbox(
+            lease.work_id, wait_seconds=HANDOFF_WAIT_SECONDS
+        )
+    env = build_environment(
+        worker_env=os.environ, allow=settings.sandbox_env_allow, contract=contract
+    )
+    return SandboxSpec(argv=argv, env=env, stdin=work_json.encode())
+
+
+def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec) -> Outcome:
+    flags = _Flags()
+    with _terminate_sets_flag(flags):
+        sandbox = Sandbox.start(spec)
+        event("started", work_id=attempt.work_id, session_id=attempt.session_id,
+              attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker,
+              pid=sandbox.pid)
+        try:
+            return _loop(runtime, attempt, sandbox, flags)
+        finally:
+            sandbox.kill_group()  # whatever happened, nothing of the sandbox outlives the task
+
+
+def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _Flags) -> Outcome:
+    ladder = _SignalLadder(sandbox, grace=runtime.settings.stop_grace_seconds, attempt=attempt)
+    draining = False
+    while True:
+        code = sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
+        if code is not None:
+            return _finish(runtime, attempt, code, draining=draining)
+        pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt)
+        if not pulse.exists or not pulse.current:
+            event("fenced", level=logging.WARNING, work_id=attempt.work_id,
+                  attempt=attempt.attempt, reason="a newer attempt owns the lease"
+                  if pulse.exists else "lease released")
+            sandbox.kill_group()
+            return Outcome.SUPERSEDED
+        if (flags.terminate or attempt.revoked()) and not pulse.stop:
+            runtime.registry.request_stop(attempt.work_id, StopKind.GRACEFUL, "operator")
+            continue
+        if not draining and runtime.capacity.is_draining(attempt.worker):
+            draining = True
+        kind = StopKind(pulse.stop) if pulse.stop else (StopKind.GRACEFUL if draining else None)
+        if kind is not None:
+            ladder.step(kind, cause=pulse.stop_cause or "worker draining")
+
+
+class _SignalLadder:
+    """Graceful: SIGTERM to the group, the grace period, then SIGKILL. Force: SIGKILL now."""
+
+    def __init__(self, sandbox: Sandbox, *, grace: float, attempt: SessionAttempt) -> None:
+        self.sandbox = sandbox
+        self.grace = grace
+        self.attempt = attempt
+        self.term_sent_at: float | None = None
+        self.killed = False
+
+    def step(self, kind: StopKind, *, cause: str) -> None:
+        if self.killed:
+            return
+        now = time.monotonic()
+        if kind == StopKind.FORCE or (
+            self.term_sent_at is not None and now - self.term_sent_at >= self.grace
+        ):
+            self._signal(signal.SIGKILL, cause)
+            self.killed = True
+        elif self.term_sent_at is None:
+            self._signal(signal.SIGTERM, cause)
+            self.term_sent_at = now
+
+    def _signal(self, signum: signal.Signals, cause: str) -> None:
+        event("killed" if signum == signal.SIGKILL else "terminated", work_id=self.attempt.work_id,
+              session_id=self.attempt.session_id, attempt=self.attempt.attempt,
+              signal=signum.name, cause=cause)
+        self.sandbox.signal_group(signum)
+
+
+def _finish(runtime: Runtime, attempt: SessionAttempt, code: int, *, draining: bool) -> Outcome:
+    lease = runtime.registry.get(attempt.work_id)
+    if lease is None or lease.attempt != attempt.attempt:
+        return Outcome.SUPERSEDED
+    event("exited", work_id=attempt.work_id, session_id=attempt.session_id,
+          attempt=attempt.attempt, exit_code=code)
+    if lease.is_lost:
+        release(runtime, lease, reason=lease.stop_cause or "lease lost")
+        return Outcome.LOST
+    if lease.stop:
+        release(runtime, lease, reason=f"stopped ({lease.stop_cause})")
+        return Outcome.STOPPED
+    if draining:
+        restart_attempt(runtime, lease, reason="worker drained")
+        return Outcome.HANDED_OVER
+    release(runtime, lease, reason="exited" if code == 0 else f"exited with {code}")
+    return Outcome.COMPLETED if code == 0 else Outcome.FAILED
+
+
+@contextmanager
+def _terminate_sets_flag(flags: _Flags) -> Iterator[None]:
+    """On prefork, `revoke --terminate` signals the pool child running us: turn that signal
+    into a flag (billiard's own handler would raise SystemExit mid-step). Only the main thread
+    can install handlers; on the threads pool Celery cannot terminate tasks at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        flags.terminate = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,131 @@
+"""What a Celery worker of the fleet does besides running tasks.
+
+- At start: refuse to run without what a worker needs (one clear line, then exit).
+- While up: advertise its session slots every few seconds (`capacity`).
+- On SIGTERM (warm shutdown): mark itself draining, so the poller stops counting its slots and
+  its running sessions hand over to new attempts elsewhere within the stop grace period.
+- On an operator's revoke of a session task: stop the work item on the server (`bridge`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps
+from celery.signals import task_revoked, worker_init, worker_shutting_down
+from redis.exceptions import RedisError
+
+from dispatcher.bridge import on_task_revoked
+from dispatcher.capacity import ADVERTISE_INTERVAL_SECONDS
+from dispatcher.events import event
+from dispatcher.lifecycle import SESSION_TASK
+from dispatcher.runtime import get_runtime
+from dispatcher.sandbox import CommandError, resolve_command
+from dispatcher.settings import SettingsError
+
+__all__ = ["CONTROL_RESERVE", "SlotAdvertiser", "session_slots"]
+
+# Pool slots kept free for control tasks on a worker that consumes both queues: one for the
+# poller's long-poll, one for heartbeat, bridge and recovery ticks.
+CONTROL_RESERVE = 2
+
+
+def session_slots(*, concurrency: int, queues: list[str], configured: int | None,
+                  control_queue: str, session_queues: list[str]) -> int:
+    """Sessions this worker may run at once."""
+    if not any(q in session_queues for q in queues):
+        return 0
+    if configured is not None:
+        return configured
+    reserve = CONTROL_RESERVE if control_queue in queues else 0
+    return max(1, concurrency - reserve)
+
+
+@worker_init.connect
+def _check_worker_settings(sender: Any = None, **_: Any) -> None:
+    runtime = get_runtime()
+    try:
+        runtime.settings.require_worker()
+        resolve_command(runtime.settings.on_work)
+        runtime.redis.ping()
+    except (SettingsError, CommandError) as exc:
+        raise SystemExit(f"dispatcher: {exc}") from None
+    except RedisError as exc:
+        raise SystemExit(
+            f"dispatcher: Redis at DISPATCHER_REDIS_URL does not answer: {exc}"
+        ) from None
+
+
+class SlotAdvertiser(bootsteps.StartStopStep):
+    """Advertises this worker's session slots from its main process."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.worker = worker
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        from dispatcher.celery import CONTROL_QUEUE
+
+        runtime = get_runtime(worker.app)
+        queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+        self.slots = session_slots(
+            concurrency=worker.concurrency, queues=queues,
+            configured=runtime.settings.session_slots, control_queue=CONTROL_QUEUE,
+            session_queues=runtime.settings.session_queues,
+        )
+        self.queues = queues
+        self.pool = type(worker.pool).__module__.rsplit(".", 1)[-1]
+        event("worker ready", worker=worker.hostname, slots=self.slots, pool=self.pool,
+              queues=",".join(queues))
+        self._thread = threading.Thread(target=self._run, name="dispatcher-slots", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        runtime = get_runtime()
+        while not self._stop.is_set():
+            try:
+                if self.slots and not runtime.capacity.is_draining(self.worker.hostname):
+                    runtime.capacity.advertise(hostname=self.worker.hostname, slots=self.slots,
+                                               pool=self.pool, queues=self.queues)
+            except RedisError as exc:
+                event("slot advertisement failed", level=logging.WARNING, error=str(exc))
+            self._stop.wait(ADVERTISE_INTERVAL_SECONDS)
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+
+
+@worker_shutting_down.connect
+def _drain(sender: Any = None, sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:
+    runtime = get_runtime()
+    try:
+        runtime.capacity.set_draining(str(sender))
+    except RedisError as exc:
+        event("drain flag not set", level=logging.ERROR, worker=sender, error=str(exc))
+        return
+    event("worker draining", worker=sender, signal=sig, how=how,
+          grace_seconds=runtime.settings.stop_grace_seconds)
+
+
+@task_revoked.connect
+def _revoked(request: Any = None, terminated: bool = False, signum: int | None = None,
+             expired: bool = False, **_: Any) -> None:
+    if request is None or getattr(request, "task", None) != SESSION_TASK or expired:
+        return
+    work_id = (getattr(request, "kwargs", None) or {}).get("work_id")
+    if not work_id:
+        return
+    try:
+        on_task_revoked(get_runtime(), task_id=request.id, work_id=work_id,
+                        terminated=terminated, signum=signum)
+    except RedisError as exc:
+        event("revoke not bridged", level=logging.ERROR, work_id=work_id, error=str(exc))
+
+
+def install(app: Any) -> None:
+    app.steps["worker"].add(SlotAdvertiser)

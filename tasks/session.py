@@ -1,0 +1,32 @@
+"""One session attempt (session queue). Its arguments are ids only: Flower shows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.worker import state as worker_state
+
+from dispatcher.celery import app
+from dispatcher.runtime import get_runtime
+from dispatcher.session import SessionAttempt, run_attempt
+
+
+@app.task(name="tasks.session.run", bind=True)
+def run(self: Any, work_id: str, session_id: str, attempt: int) -> dict[str, object]:
+    """Run the on-work command for one attempt of a session and supervise it to the end."""
+    task_id = self.request.id
+    outcome = run_attempt(
+        get_runtime(app),
+        SessionAttempt(
+            work_id=work_id,
+            session_id=session_id,
+            attempt=attempt,
+            task_id=task_id,
+            worker=self.request.hostname or "",
+            # The threads pool shares the worker's revoked set; prefork children see an empty one
+            # and learn of revokes through --terminate (a flag) or the registry instead.
+            revoked=lambda: task_id in worker_state.revoked,
+        ),
+    )
+    return {"work_id": work_id, "session_id": session_id, "attempt": attempt,
+            "outcome": outcome.value}
