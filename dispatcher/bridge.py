@@ -65,8 +65,13 @@ def request_stop(
         return False
     event("stop requested", work_id=lease.work_id, session_id=lease.session_id,
           attempt=lease.attempt, kind=kind.value, cause=cause, seen_by="bridge")
-    if lease.phase in (Phase.CLAIMED, Phase.DISPATCHED) and lease.task_id:
+    if lease.phase == Phase.DISPATCHED:
+        # Not started yet: revoke the queued task so it never starts, and release now rather
+        # than when some worker meets the message (the task finds no lease and exits).
         runtime.app.control.revoke(lease.task_id)
+        stopped = runtime.registry.get(lease.work_id)
+        if stopped is not None and stopped.phase == Phase.DISPATCHED:
+            release(runtime, stopped, reason=f"stopped while queued ({cause})")
     return True
 
 

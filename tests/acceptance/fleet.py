@@ -1,0 +1,198 @@
+"""A real fleet for acceptance tests: `celery worker`/`beat` subprocesses, real Redis, the
+emulator over HTTP, and the emulator's fake session program as the on-work command."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from dispatcher.workapi import WorkClient
+
+CELERY = str(Path(sys.executable).with_name("celery"))
+# Acceptance fleets use their own Redis database: Celery's queue keys carry no prefix.
+FLEET_REDIS_DB = 9
+FAKE_SESSION = f"{sys.executable} -m dispatcher.emulator.fake_session"
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Fleet:
+    def __init__(self, emulator: Any, tmp_path: Path, redis_base: str) -> None:
+        self.emulator = emulator
+        self.environment_id = emulator.create_environment()
+        self.tmp = tmp_path
+        self.records_dir = tmp_path / "records"
+        self.records_dir.mkdir()
+        self.redis_url = f"{redis_base}/{FLEET_REDIS_DB}"
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.overrides: dict[str, str] = {}
+        self.admin = WorkClient(base_url=emulator.base_url, environment_id=self.environment_id,
+                                environment_key=emulator.environment_key,
+                                api_key=emulator.api_key)
+
+    # --- processes ---------------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        own = ("ANTHROPIC_", "DISPATCHER_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
+        env.update({
+            "ANTHROPIC_BASE_URL": self.emulator.base_url,
+            "ANTHROPIC_ENVIRONMENT_ID": self.environment_id,
+            "ANTHROPIC_ENVIRONMENT_KEY": self.emulator.environment_key,
+            "DISPATCHER_REDIS_URL": self.redis_url,
+            "DISPATCHER_KEY_PREFIX": self.prefix,
+            "DISPATCHER_ON_WORK": FAKE_SESSION,
+            "DISPATCHER_FAKE_RECORD_DIR": str(self.records_dir),
+            "DISPATCHER_SANDBOX_ENV_ALLOW": "PATH,HOME,DISPATCHER_FAKE_RECORD_DIR",
+            "DISPATCHER_STOP_GRACE_SECONDS": "2",
+            "DISPATCHER_DESIRED_TTL_SECONDS": "30",
+        })
+        env.update(self.overrides)
+        return env
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen([CELERY, "-A", "dispatcher", *args], env=self.env(),
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
+        self.processes[name] = process
+        return process
+
+    def worker(self, name: str, *, pool: str = "threads", concurrency: int = 6,
+               queues: str | None = None, beat: bool = False) -> subprocess.Popen[bytes]:
+        args = ["worker", "-n", f"{name}@%h", "-P", pool, "-c", str(concurrency), "-l", "INFO",
+                "--without-mingle", "--without-gossip"]
+        if queues:
+            args += ["-Q", queues]
+        if beat:
+            args.append("-B")
+        return self.start(name, args)
+
+    def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
+        return self.start(name, ["beat", "-l", "INFO"])
+
+    def hostname(self, name: str) -> str:
+        return f"{name}@{os.uname().nodename}"
+
+    def wait_slots(self, slots: int, timeout: float = 30) -> None:
+        r = redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+        def live() -> int:
+            total = 0
+            for host in r.zrange(f"{self.prefix}:workers", 0, -1):
+                raw = r.hgetall(f"{self.prefix}:worker:{host}")
+                if raw and raw.get("draining") != "1" and time.time() - float(raw["seen_at"]) < 6:
+                    total += int(raw["slots"])
+            return total >= slots
+
+        wait_for(live, timeout=timeout, what=f"{slots} advertised slots")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.processes[name].send_signal(sig)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGQUIT)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    # --- sessions ----------------------------------------------------------------------------
+    def create(self, **metadata: Any) -> str:
+        """Create a session; returns its work id."""
+        meta = {k.replace("_", ".", 1) if k.startswith("fake_") else k: str(v)
+                for k, v in metadata.items()}
+        _, work_id = self.emulator.create_session(self.environment_id, metadata=meta)
+        return str(work_id)
+
+    def state(self, work_id: str) -> str:
+        return self.admin.get(work_id).state
+
+    def wait_stopped(self, work_ids: list[str], timeout: float = 60) -> None:
+        def all_stopped() -> bool:
+            return all(self.state(w) == "stopped" for w in work_ids)
+
+        wait_for(all_stopped, timeout=timeout, interval=0.5, what="every work item stopped")
+
+    def records(self, work_id: str) -> list[dict[str, Any]]:
+        path = self.records_dir / f"{work_id}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def events(self, work_id: str, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records(work_id) if r["event"] == name]
+
+    def wait_event(self, work_id: str, name: str, timeout: float = 30, count: int = 1) -> None:
+        wait_for(lambda: len(self.events(work_id, name)) >= count, timeout=timeout,
+                 what=f"{name} x{count} of {work_id}")
+
+    def sandbox_pids_alive(self) -> list[int]:
+        """Pids recorded by any sandbox (and its children) that still exist."""
+        alive = []
+        for path in self.records_dir.glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                pid = record.get("pid")
+                if pid and _alive(pid):
+                    alive.append(pid)
+        return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def assert_no_overlap(fleet: Fleet, work_id: str, *, death_times: dict[int, float]) -> None:
+    """No two attempts of one session ran at the same time, from the sandboxes' records.
+
+    A sandbox killed with SIGKILL records no exit; the test observed when it died and passes
+    that time in `death_times` (pid -> epoch second).
+    """
+    starts: dict[int, float] = {}
+    ends: dict[int, float] = dict(death_times)
+    for record in fleet.records(work_id):
+        if record["event"] == "started":
+            starts[record["pid"]] = record["time"]
+        elif record["event"] == "exited":
+            ends[record["pid"]] = record["time"]
+    spans = sorted((start, ends.get(pid)) for pid, start in starts.items())
+    for (_, end), (next_start, _) in itertools.pairwise(spans):
+        assert end is not None, f"an attempt of {work_id} has no known end before the next"
+        assert next_start >= end, f"attempts of {work_id} overlapped"

@@ -1,0 +1,104 @@
+"""The lease registry and capacity on real Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from dispatcher.capacity import Capacity
+from dispatcher.leases import Lease, LeaseRegistry, Phase, StopKind
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def registry() -> Iterator[LeaseRegistry]:
+    r = redis.Redis.from_url("redis://127.0.0.1:6379/10", decode_responses=True)
+    prefix = f"reg{uuid.uuid4().hex[:6]}"
+    yield LeaseRegistry(r, prefix=prefix)
+    for key in r.scan_iter(f"{prefix}:*"):
+        r.delete(key)
+
+
+def _lease(work_id: str = "work_1", **kw: object) -> Lease:
+    return Lease(work_id=work_id, session_id="session_1", environment_id="env_1",
+                 mode="dispatcher", queue="dispatcher.sessions", task_id="t1",
+                 claimed_at=time.time(), **kw)  # type: ignore[arg-type]
+
+
+def test_a_lease_round_trips_and_is_forgotten_on_delete(registry: LeaseRegistry) -> None:
+    registry.create(_lease(token="2026-01-01T00:00:00.123456Z", ttl_seconds=120),
+                    work_json='{"secret": "s"}')
+    lease = registry.get("work_1")
+    assert lease is not None
+    assert lease.token == "2026-01-01T00:00:00.123456Z"
+    assert (lease.ttl_seconds, lease.attempt) == (120, 1)
+    assert registry.work_json("work_1") == '{"secret": "s"}'
+    assert registry.held_count() == 1
+    registry.delete("work_1")
+    assert registry.get("work_1") is None and registry.work_json("work_1") is None
+    assert registry.held_count() == 0
+
+
+def test_update_never_resurrects_a_released_lease(registry: LeaseRegistry) -> None:
+    assert registry.update("work_gone", token="x") is False
+    assert registry.get("work_gone") is None
+
+
+def test_only_the_current_attempt_may_pulse_or_change_the_lease(registry: LeaseRegistry) -> None:
+    registry.create(_lease(), work_json="{}")
+    assert registry.new_attempt("work_1", expected_attempt=1, task_id="t2") == 2
+    assert registry.new_attempt("work_1", expected_attempt=1, task_id="t3") == 0, "fenced"
+    stale = registry.pulse("work_1", 1)
+    assert stale.exists and not stale.current
+    assert registry.update_if_attempt("work_1", 1, phase=Phase.RUNNING) == 0
+    assert registry.update_if_attempt("work_1", 2, phase=Phase.RUNNING) == 1
+    assert registry.pulse("work_1", 2).current
+    assert registry.update_if_attempt("nope", 1, phase="x") == -1
+
+
+def test_a_forced_stop_wins_over_a_graceful_one_and_keeps_the_first_cause(
+    registry: LeaseRegistry,
+) -> None:
+    registry.create(_lease(), work_json="{}")
+    assert registry.request_stop("work_1", StopKind.GRACEFUL, "server")
+    assert not registry.request_stop("work_1", StopKind.GRACEFUL, "again")
+    assert registry.request_stop("work_1", StopKind.FORCE, "operator")
+    assert not registry.request_stop("work_1", StopKind.GRACEFUL, "late")
+    pulse = registry.pulse("work_1", 1)
+    assert (pulse.stop, pulse.stop_cause) == ("force", "server")
+
+
+def test_due_heartbeats_are_claimed_by_one_taker_only(registry: LeaseRegistry) -> None:
+    for i in range(5):
+        registry.create(_lease(f"work_{i}"), work_json="{}")
+        registry.schedule_heartbeat(f"work_{i}", time.time() - 1)
+    now = time.time()
+    first = registry.claim_due_heartbeats(now=now, limit=100, inflight_seconds=10)
+    second = registry.claim_due_heartbeats(now=now, limit=100, inflight_seconds=10)
+    assert sorted(first) == [f"work_{i}" for i in range(5)] and second == []
+    # A claim that is never answered comes due again after its in-flight deadline.
+    assert len(registry.claim_due_heartbeats(now=now + 11, limit=100, inflight_seconds=10)) == 5
+
+
+def test_no_heartbeat_is_scheduled_after_a_hand_off(registry: LeaseRegistry) -> None:
+    registry.create(_lease(token="tok-1"), work_json="{}")
+    assert registry.schedule_heartbeat("work_1", time.time())
+    assert registry.hand_heartbeat_to_sandbox("work_1", wait_seconds=1) == "tok-1"
+    assert registry.next_due("work_1") is None
+    assert not registry.schedule_heartbeat("work_1", time.time())
+
+
+def test_free_slots_count_live_workers_minus_held_leases(registry: LeaseRegistry) -> None:
+    capacity = Capacity(registry.redis, prefix=registry.keys.prefix)
+    capacity.advertise(hostname="a@h", slots=4, pool="threads", queues=["dispatcher.sessions"])
+    capacity.advertise(hostname="b@h", slots=2, pool="threads", queues=["dispatcher.sessions"])
+    registry.create(_lease(), work_json="{}")
+    assert capacity.free_slots() == 5
+    capacity.set_draining("b@h")
+    assert capacity.free_slots() == 3
+    assert capacity.is_draining("b@h")
