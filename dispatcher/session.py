@@ -62,11 +62,24 @@ class SessionAttempt:
     revoked: Callable[[], bool] = lambda: False
 
 
+# A SIGTERM that reaches the pool child is an operator's terminate only if the worker is not
+# draining; when a whole process group is signalled, the drain flag lands a moment later.
+TERMINATE_SETTLE_SECONDS = 0.5
+
+
 @dataclass
 class _Flags:
     """Set by signal handlers, read by the loop."""
 
     terminate: bool = False
+    terminate_seen_at: float | None = None
+
+    def operator_terminated(self, *, draining: bool) -> bool:
+        if not self.terminate or draining:
+            return False
+        if self.terminate_seen_at is None:
+            self.terminate_seen_at = time.monotonic()
+        return time.monotonic() - self.terminate_seen_at >= TERMINATE_SETTLE_SECONDS
 
 
 def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
@@ -163,11 +176,12 @@ def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _F
                   if pulse.exists else "lease released")
             sandbox.kill_group()
             return Outcome.SUPERSEDED
-        if (flags.terminate or attempt.revoked()) and not pulse.stop:
-            runtime.registry.request_stop(attempt.work_id, StopKind.GRACEFUL, "operator")
-            continue
         if not draining and runtime.capacity.is_draining(attempt.worker):
             draining = True
+        operator = flags.operator_terminated(draining=draining) or attempt.revoked()
+        if operator and not pulse.stop:
+            runtime.registry.request_stop(attempt.work_id, StopKind.GRACEFUL, "operator")
+            continue
         kind = StopKind(pulse.stop) if pulse.stop else (StopKind.GRACEFUL if draining else None)
         if kind is not None:
             ladder.step(kind, cause=pulse.stop_cause or "worker draining")
