@@ -1,0 +1,273 @@
+"""The sans-IO core of the Work API clients: one request builder and one response parser.
+
+`WorkAPI` turns each endpoint's arguments into a `Call`: the `httpx.Request` to send and the
+parser of its `httpx.Response`. Paths, headers, credentials, body checks and the retry decision
+live here once; `WorkClient` and `AsyncWorkClient` only send, and sleep between tries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from dispatcher import __version__
+from dispatcher.workapi.errors import (
+    MalformedResponseError,
+    MissingCredentialError,
+    WorkAPIError,
+    describe_body,
+    error_from_response,
+)
+from dispatcher.workapi.models import Heartbeat, Work, WorkPage, WorkQueueStats, dump_metadata
+from dispatcher.workapi.retry import Backoff, delay_for
+
+__all__ = ["ANTHROPIC_VERSION", "BETA", "POLL_BLOCK_MS_MAX", "Call", "WorkAPI"]
+
+ANTHROPIC_VERSION = "2023-06-01"
+BETA = "managed-agents-2026-04-01"
+USER_AGENT = f"dispatcher/{__version__}"
+# The server takes block_ms in 1..999 and rejects 0; None (parameter omitted) is non-blocking.
+POLL_BLOCK_MS_MAX = 999
+
+logger = logging.getLogger("dispatcher.workapi")
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+Parser = Callable[[str, httpx.Response], T]
+
+
+class Auth(Enum):
+    """Which key an endpoint takes (the 2.10.0 SDK docstrings, protocol-facts section 10)."""
+
+    ENVIRONMENT = "environment"  # Bearer; never with an x-api-key beside it
+    ORGANISATION = "organisation"  # x-api-key
+    EITHER = "either"  # the environment key when there is one
+
+
+# --- responses -------------------------------------------------------------------------------
+def _decode_json(endpoint: str, response: httpx.Response, expected: str) -> Any:
+    status = response.status_code
+    if not response.content:
+        raise MalformedResponseError(
+            f"{endpoint}: the {status} response has no body; expected {expected}",
+            status=status, endpoint=endpoint)
+    try:
+        return json.loads(response.content)
+    except ValueError as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        where = f" at char {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+        # `from None`: a JSONDecodeError keeps the whole body, secret and all, in `.doc`.
+        raise MalformedResponseError(
+            f"{endpoint}: the {status} response is not JSON ({describe_body(response)}): "
+            f"{reason}{where}; expected {expected}", status=status, endpoint=endpoint) from None
+
+
+def _validate(endpoint: str, status: int, model: type[M], expected: str, data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # Locations and messages only: pydantic's own text quotes the input, secret included.
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors()[:3]
+        ]
+        more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+        raise MalformedResponseError(
+            f"{endpoint}: the {status} response is not {expected}: {'; '.join(problems)}{more}",
+            status=status, endpoint=endpoint) from None
+
+
+def _model(model: type[M], expected: str) -> Parser[M]:
+    def parse(endpoint: str, response: httpx.Response) -> M:
+        data = _decode_json(endpoint, response, expected)
+        return _validate(endpoint, response.status_code, model, expected, data)
+
+    return parse
+
+
+def _optional_work(endpoint: str, response: httpx.Response) -> Work | None:
+    """Poll and stop: a work item, or nothing (204, an empty body, or JSON ``null``)."""
+    if response.status_code == 204 or not response.content:
+        return None
+    data = _decode_json(endpoint, response, "a work item or null")
+    if data is None:
+        return None
+    return _validate(endpoint, response.status_code, Work, "a work item or null", data)
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One endpoint's request and the parser of its answer: everything except sending it."""
+
+    endpoint: str
+    request: httpx.Request
+    parse: Parser[T]
+
+    def result(self, response: httpx.Response) -> T:
+        if not response.is_success:
+            raise error_from_response(self.endpoint, response)
+        return self.parse(self.endpoint, response)
+
+
+# --- requests --------------------------------------------------------------------------------
+def _id(value: str, what: str) -> str:
+    if not value:
+        raise ValueError(f"{what} is empty")
+    return quote(value, safe="")
+
+
+class WorkAPI:
+    """The sans-IO core: a `Call` per endpoint, and the retry decision."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        environment_id: str,
+        environment_key: str | None,
+        api_key: str | None,
+        worker_id: str | None,
+        timeout: float,
+        max_retries: int,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, not {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.environment_id = environment_id
+        self.worker_id = worker_id
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._root = f"{self.base_url}/v1/environments/{_id(environment_id, 'environment_id')}/work"
+        self._environment_key = environment_key
+        self._api_key = api_key
+
+    def describe(self) -> str:
+        """The settings worth showing; never the keys."""
+        return (f"base_url={self.base_url!r}, environment_id={self.environment_id!r}, "
+                f"worker_id={self.worker_id!r}")
+
+    def _credential(self, endpoint: str, auth: Auth) -> dict[str, str]:
+        if auth is Auth.ENVIRONMENT or (auth is Auth.EITHER and self._environment_key):
+            if not self._environment_key:
+                raise MissingCredentialError(
+                    f"ANTHROPIC_ENVIRONMENT_KEY is not set: {endpoint} needs the environment key")
+            return {"authorization": f"Bearer {self._environment_key}"}
+        if self._api_key:
+            return {"x-api-key": self._api_key}
+        if auth is Auth.ORGANISATION:
+            raise MissingCredentialError(
+                f"ANTHROPIC_API_KEY is not set: {endpoint} needs the organisation key")
+        raise MissingCredentialError(
+            f"neither ANTHROPIC_ENVIRONMENT_KEY nor ANTHROPIC_API_KEY is set: {endpoint} needs one")
+
+    def _call(
+        self,
+        endpoint: str,
+        method: str,
+        suffix: str,
+        auth: Auth,
+        parse: Parser[T],
+        *,
+        params: Mapping[str, str | int | None] | None = None,
+        body: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Call[T]:
+        # beta=true first, as the SDKs append it to the path before any other parameter.
+        query = {"beta": "true", **{k: v for k, v in (params or {}).items() if v is not None}}
+        request = httpx.Request(
+            method,
+            self._root + suffix,
+            params=query,
+            headers={
+                **self._credential(endpoint, auth),
+                "anthropic-version": ANTHROPIC_VERSION,
+                "anthropic-beta": BETA,
+                "user-agent": USER_AGENT,
+                "accept": "application/json",
+                **(headers or {}),
+            },
+            json=body,
+            extensions={"timeout": httpx.Timeout(timeout or self.timeout).as_dict()},
+        )
+        return Call(endpoint, request, parse)
+
+    def poll(
+        self, *, block_ms: int | None, reclaim_older_than_ms: int | None
+    ) -> Call[Work | None]:
+        if block_ms is not None and not 1 <= block_ms <= POLL_BLOCK_MS_MAX:
+            raise ValueError(f"block_ms must be 1..{POLL_BLOCK_MS_MAX}, or None for a "
+                             f"non-blocking poll; got {block_ms}")
+        if reclaim_older_than_ms is not None and reclaim_older_than_ms < 1:
+            raise ValueError(
+                f"reclaim_older_than_ms must be at least 1; got {reclaim_older_than_ms}")
+        return self._call(
+            "poll", "GET", "/poll", Auth.ENVIRONMENT, _optional_work,
+            params={"block_ms": block_ms, "reclaim_older_than_ms": reclaim_older_than_ms},
+            headers={"anthropic-worker-id": self.worker_id} if self.worker_id else None,
+            # The server holds the request open for block_ms before it answers.
+            timeout=self.timeout + (block_ms or 0) / 1000,
+        )
+
+    def ack(self, work_id: str) -> Call[Work]:
+        return self._call("ack", "POST", f"/{_id(work_id, 'work_id')}/ack", Auth.ENVIRONMENT,
+                          _model(Work, "a work item"))
+
+    def heartbeat(
+        self,
+        work_id: str,
+        *,
+        expected_last_heartbeat: str | None,
+        desired_ttl_seconds: int | None,
+        timeout: float | None,
+    ) -> Call[Heartbeat]:
+        return self._call(
+            "heartbeat", "POST", f"/{_id(work_id, 'work_id')}/heartbeat", Auth.ENVIRONMENT,
+            _model(Heartbeat, "a heartbeat"),
+            params={"expected_last_heartbeat": expected_last_heartbeat,
+                    "desired_ttl_seconds": desired_ttl_seconds},
+            timeout=timeout,
+        )
+
+    def stop(self, work_id: str, *, force: bool) -> Call[Work | None]:
+        return self._call("stop", "POST", f"/{_id(work_id, 'work_id')}/stop", Auth.EITHER,
+                          _optional_work, body={"force": force})
+
+    def get(self, work_id: str) -> Call[Work]:
+        return self._call("get", "GET", f"/{_id(work_id, 'work_id')}", Auth.ORGANISATION,
+                          _model(Work, "a work item"))
+
+    def update(self, work_id: str, metadata: Mapping[str, str | None]) -> Call[Work]:
+        return self._call("update", "POST", f"/{_id(work_id, 'work_id')}", Auth.ORGANISATION,
+                          _model(Work, "a work item"),
+                          body={"metadata": dump_metadata(dict(metadata))})
+
+    def list(self, *, limit: int | None, page: str | None) -> Call[WorkPage]:
+        return self._call("list", "GET", "", Auth.ENVIRONMENT,
+                          _model(WorkPage, "a page of work items"),
+                          params={"limit": limit, "page": page})
+
+    def stats(self) -> Call[WorkQueueStats]:
+        return self._call("stats", "GET", "/stats", Auth.EITHER,
+                          _model(WorkQueueStats, "queue stats"))
+
+    def retry_delay(self, exc: WorkAPIError, failures: int, backoff: Backoff) -> float | None:
+        """Seconds to wait before the next try after ``failures`` failed ones; None: give up."""
+        if not exc.retryable or failures > self.max_retries:
+            return None
+        delay = delay_for(exc, backoff)
+        fields = {"endpoint": exc.endpoint, "status": exc.status, "attempt": failures,
+                  "max_retries": self.max_retries, "delay_seconds": round(delay, 3)}
+        logger.warning(
+            "retry %s", " ".join(f"{k}={v}" for k, v in fields.items()),
+            extra={"action": "retry", "error_type": exc.error_type, **fields},
+        )
+        return delay
