@@ -1,0 +1,133 @@
+"""The settings model: defaults, the variables it reads, one-line errors naming the variable."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dispatcher.settings import (
+    DEFAULT_BASE_URL,
+    DEFAULT_REDIS_URL,
+    DEFAULT_SESSION_QUEUE,
+    LeaseMode,
+    Settings,
+    SettingsError,
+    load_settings,
+)
+
+KEY = "sk-ant-oat01-SETTINGS-SECRET"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's own ANTHROPIC_* and DISPATCHER_* variables must not leak into a test."""
+    for name in list(os.environ):
+        if name.startswith(("ANTHROPIC_", "DISPATCHER_")):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert settings.base_url == DEFAULT_BASE_URL
+    assert settings.redis_url == DEFAULT_REDIS_URL
+    assert (settings.environment_id, settings.environment_key, settings.api_key) == (
+        None, None, None)
+    assert settings.lease_mode is LeaseMode.DISPATCHER
+    assert settings.session_queues == [DEFAULT_SESSION_QUEUE]
+    assert settings.default_session_queue == DEFAULT_SESSION_QUEUE
+    assert settings.worker_id is None
+    assert settings.key_prefix == "dispatcher"
+    assert settings.session_slots is None
+    assert settings.desired_ttl_seconds is None
+    assert settings.stop_grace_seconds == 30.0
+    assert settings.max_attempts == 3
+    assert settings.http_timeout_seconds == 10.0
+    assert settings.metrics_port is None
+    assert "PATH" in settings.sandbox_env_allow
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "expected"),
+    [
+        ("ANTHROPIC_BASE_URL", "http://127.0.0.1:8700", "base_url", "http://127.0.0.1:8700"),
+        ("ANTHROPIC_ENVIRONMENT_ID", "env_1", "environment_id", "env_1"),
+        ("DISPATCHER_REDIS_URL", "redis://r:6379/2", "redis_url", "redis://r:6379/2"),
+        ("DISPATCHER_ON_WORK", "./spawn.sh --fg", "on_work", "./spawn.sh --fg"),
+        ("DISPATCHER_LEASE_MODE", "handoff", "lease_mode", LeaseMode.HANDOFF),
+        ("DISPATCHER_WORKER_ID", "w-1", "worker_id", "w-1"),
+        ("DISPATCHER_KEY_PREFIX", "fleet2", "key_prefix", "fleet2"),
+        ("DISPATCHER_SESSION_SLOTS", "4", "session_slots", 4),
+        ("DISPATCHER_SESSION_QUEUES", " a, b,,c ", "session_queues", ["a", "b", "c"]),
+        ("DISPATCHER_DESIRED_TTL_SECONDS", "60", "desired_ttl_seconds", 60),
+        ("DISPATCHER_STOP_GRACE_SECONDS", "5.5", "stop_grace_seconds", 5.5),
+        ("DISPATCHER_MAX_ATTEMPTS", "1", "max_attempts", 1),
+        ("DISPATCHER_HTTP_TIMEOUT_SECONDS", "2", "http_timeout_seconds", 2.0),
+        ("DISPATCHER_SANDBOX_ENV_ALLOW", "PATH,HOME", "sandbox_env_allow", ["PATH", "HOME"]),
+        ("DISPATCHER_METRICS_PORT", "9100", "metrics_port", 9100),
+    ],
+)
+def test_each_setting_is_read_from_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str, expected: object
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert getattr(load_settings(), field) == expected
+
+
+def test_keys_are_secret_and_stay_out_of_the_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_ENVIRONMENT_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY + "-org")
+    settings = load_settings()
+    assert settings.environment_key is not None and settings.api_key is not None
+    assert settings.environment_key.get_secret_value() == KEY
+    assert settings.api_key.get_secret_value() == KEY + "-org"
+    assert KEY not in repr(settings) and KEY not in str(settings)
+
+
+def test_field_names_are_not_read_as_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASE_URL", "http://wrong")
+    monkeypatch.setenv("ENVIRONMENT_ID", "env_wrong")
+    settings = load_settings()
+    assert (settings.base_url, settings.environment_id) == (DEFAULT_BASE_URL, None)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DISPATCHER_SESSION_SLOTS", "zero"),
+        ("DISPATCHER_SESSION_SLOTS", "0"),
+        ("DISPATCHER_LEASE_MODE", "sometimes"),
+        ("DISPATCHER_METRICS_PORT", "70000"),
+        ("DISPATCHER_HTTP_TIMEOUT_SECONDS", "-1"),
+        ("DISPATCHER_MAX_ATTEMPTS", "3.5"),
+    ],
+)
+def test_a_malformed_value_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(f"{variable} is invalid: ")
+    assert "\n" not in message
+
+
+def test_a_worker_requires_the_environment_id_then_its_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(SettingsError, match=r"^ANTHROPIC_ENVIRONMENT_ID is not set") as caught:
+        load_settings().require_worker()
+    assert "\n" not in str(caught.value)
+    monkeypatch.setenv("ANTHROPIC_ENVIRONMENT_ID", "env_1")
+    with pytest.raises(SettingsError, match=r"^ANTHROPIC_ENVIRONMENT_KEY is not set"):
+        load_settings().require_worker()
+    monkeypatch.setenv("ANTHROPIC_ENVIRONMENT_KEY", KEY)
+    environment_id, key = load_settings().require_worker()
+    assert (environment_id, key.get_secret_value()) == ("env_1", KEY)
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.base_url = "http://elsewhere"  # type: ignore[misc]
