@@ -63,7 +63,7 @@ def _decode_json(endpoint: str, response: httpx.Response, expected: str) -> Any:
         return json.loads(response.content)
     except ValueError as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        where = f" at char {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+        where = f" (char {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
         # `from None`: a JSONDecodeError keeps the whole body, secret and all, in `.doc`.
         raise MalformedResponseError(
             f"{endpoint}: the {status} response is not JSON ({describe_body(response)}): "

@@ -36,11 +36,14 @@ T = TypeVar("T")
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 
-def default_worker_id() -> str:
+def _default_worker_id() -> str:
+    # What DISPATCHER_WORKER_ID documents; one poller per host holds the fleet's poll lock.
     return f"{socket.gethostname()}-dispatcher"
 
 
 class _ClientBase(Generic[TransportT]):
+    """Construction and configuration, the same for both clients."""
+
     def __init__(
         self,
         *,
@@ -63,6 +66,7 @@ class _ClientBase(Generic[TransportT]):
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> Self:
         """A client for the configured environment; keyword arguments override settings."""
+        # Imported here: pydantic-settings costs ~40 ms, and the emulator imports this package.
         from dispatcher.settings import SettingsError
 
         if not settings.environment_id:
@@ -73,7 +77,7 @@ class _ClientBase(Generic[TransportT]):
             "environment_key": (settings.environment_key.get_secret_value()
                                 if settings.environment_key else None),
             "api_key": settings.api_key.get_secret_value() if settings.api_key else None,
-            "worker_id": settings.worker_id or default_worker_id(),
+            "worker_id": settings.worker_id or _default_worker_id(),
             "timeout": settings.http_timeout_seconds,
         }
         return cls(**{**options, **overrides})
