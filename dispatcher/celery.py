@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from dispatcher.settings import SettingsError, load_settings
 

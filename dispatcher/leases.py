@@ -83,7 +83,7 @@ class Lease:
                 kwargs[f.name] = _coerce(f.type, raw[f.name])
         return cls(**kwargs)
 
-    def to_hash(self) -> dict[str, str]:
+    def to_hash(self) -> dict[str | bytes | bytearray | memoryview | int | float, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
 
     @property
@@ -243,7 +243,7 @@ class LeaseRegistry:
 
     def update_if_attempt(self, work_id: str, attempt: int, **values: object) -> int:
         """Set fields only while `attempt` is current: 1 done, 0 superseded, -1 lease gone."""
-        argv: list[object] = [attempt, time.time()]
+        argv: list[str | int | float] = [attempt, time.time()]
         for name, value in values.items():
             argv += [name, str(value)]
         return int(self._set_if_attempt(keys=[self.keys.lease(work_id)], args=argv))
