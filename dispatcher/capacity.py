@@ -60,6 +60,10 @@ class Capacity:
         pipe.zadd(self.keys.workers, {hostname: now})
         pipe.execute()
 
+    def register(self, hostname: str) -> None:
+        """A worker (re)starts: a draining flag left by its previous run no longer holds."""
+        self.redis.hdel(self.keys.worker(hostname), "draining")
+
     def set_draining(self, hostname: str) -> None:
         """The worker is shutting down: its slots no longer count and its sessions hand over."""
         key = self.keys.worker(hostname)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from celery import Celery
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from dispatcher.settings import SettingsError, load_settings
 
@@ -51,6 +51,11 @@ def _schedule() -> dict[str, dict[str, object]]:
     }
 
 
+def _queue(name: str) -> Queue:
+    """A direct queue bound by its own name, so `queue=` in send_task reaches exactly it."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 app.conf.update(
     broker_url=settings.redis_url,
     result_backend=settings.redis_url,
@@ -59,7 +64,7 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
     result_expires=24 * 3600,
-    task_queues=[Queue(CONTROL_QUEUE), *[Queue(name) for name in settings.session_queues]],
+    task_queues=[_queue(CONTROL_QUEUE), *[_queue(name) for name in settings.session_queues]],
     task_default_queue=CONTROL_QUEUE,
     task_routes={"tasks.session.*": {"queue": settings.default_session_queue}},
     # Early ack and no prefetch: a session message is never redelivered by the broker.

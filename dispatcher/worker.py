@@ -80,6 +80,7 @@ class SlotAdvertiser(bootsteps.StartStopStep):
         )
         self.queues = queues
         self.pool = type(worker.pool).__module__.rsplit(".", 1)[-1]
+        runtime.capacity.register(worker.hostname)
         event("worker ready", worker=worker.hostname, slots=self.slots, pool=self.pool,
               queues=",".join(queues))
         self._thread = threading.Thread(target=self._run, name="dispatcher-slots", daemon=True)
@@ -129,3 +130,32 @@ def _revoked(request: Any = None, terminated: bool = False, signum: int | None =
 
 def install(app: Any) -> None:
     app.steps["worker"].add(SlotAdvertiser)
+    quiet_control_ticks()
+
+
+CONTROL_TASK_PREFIXES = ("tasks.poll.", "tasks.heartbeat.", "tasks.bridge.")
+
+
+class _QuietControlTicks(logging.Filter):
+    """Drop Celery's per-task INFO lines for the control ticks (four a second, every second);
+    their own lifecycle lines say what happened. Warnings and errors always pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        text = " ".join(str(a) for a in _args(record)) + " " + str(record.msg)
+        return not any(prefix in text for prefix in CONTROL_TASK_PREFIXES)
+
+
+def _args(record: logging.LogRecord) -> list[object]:
+    args = record.args
+    if isinstance(args, dict):
+        return [*args.values()]
+    return list(args or ())
+
+
+def quiet_control_ticks() -> None:
+    quiet = _QuietControlTicks()
+    for name in ("celery.app.trace", "celery.worker.strategy", "celery.worker.request",
+                 "celery.beat"):
+        logging.getLogger(name).addFilter(quiet)

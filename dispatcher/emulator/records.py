@@ -1,0 +1,68 @@
+"""The stored work item: its public fields (the `BetaSelfHostedWork` shape) and private ones.
+
+Stored as one JSON string per item, so a state transition is one WATCH/MULTI on one key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["WorkRecord", "new_id", "new_secret"]
+
+_PUBLIC = ("id", "type", "environment_id", "state", "data", "metadata", "created_at",
+           "acknowledged_at", "started_at", "latest_heartbeat_at", "stop_requested_at",
+           "stopped_at")
+
+
+def new_id(kind: str) -> str:
+    """`work_...`, `env_...`, `session_...`: the service's prefixes, random base62-ish tails."""
+    return f"{kind}_{secrets.token_hex(12)}"
+
+
+def new_secret() -> str:
+    """A work secret as the service sends it: base64url JSON holding a sessions token."""
+    payload = json.dumps({"sessions_token": f"sk-ant-req-{secrets.token_urlsafe(24)}"})
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+@dataclass
+class WorkRecord:
+    id: str
+    environment_id: str
+    data: dict[str, Any]
+    created_at: str
+    seq: int  # position in the environment's list order, newest highest
+    secret: str
+    state: str = "queued"
+    type: str = "work"
+    metadata: dict[str, str] = field(default_factory=dict)
+    acknowledged_at: str | None = None
+    started_at: str | None = None
+    latest_heartbeat_at: str | None = None
+    stop_requested_at: str | None = None
+    stopped_at: str | None = None
+    # --- private -------------------------------------------------------------------------------
+    # The stream entry that carries the item while it is queued. None for a moment after it is
+    # (re)queued, until the entry is added; never set once the item has left the queue.
+    entry_id: str | None = None
+    ttl_seconds: int | None = None
+    # Epoch seconds after which the lease has lapsed; None when no lease is held.
+    lease_expires_at: float | None = None
+    lease_updated_at: str | None = None
+
+    @classmethod
+    def loads(cls, raw: str) -> WorkRecord:
+        return cls(**json.loads(raw))
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    def public(self, *, with_secret: bool = False) -> dict[str, Any]:
+        """The item as the API shows it; `secret` only on a polled copy."""
+        body = {name: getattr(self, name) for name in _PUBLIC}
+        body["secret"] = self.secret if with_secret else None
+        return body

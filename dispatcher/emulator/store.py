@@ -1,0 +1,374 @@
+"""The emulator's Redis model: a stream and consumer group per environment, one JSON string per
+work item, sorted sets for list order, held leases and polling workers.
+
+- poll: reclaim (XAUTOCLAIM) a pending entry idle longer than `reclaim_older_than_ms`, else read
+  a new one (XREADGROUP, BLOCK up to `block_ms`) as consumer `<worker id>`. A polled item stays
+  `queued` and its entry pending until ack. An entry whose item is no longer queued (stopped
+  while queued, or stale) is XACKed, XDELed and skipped: it is never delivered.
+- ack: XACK + XDEL of the item's entry, state `starting`, in one MULTI with the item.
+- every other change: one WATCH/MULTI on the item's key (`_change`), with lease expiry applied
+  first, so concurrent claimants (two `NO_HEARTBEAT` heartbeats) serialise and one wins.
+- expiry is lazy: on each request that touches an item, and a sweep of the lapsed leases (a
+  sorted set scored by lapse time) on poll, list and stats. No background task.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError, WatchError
+
+from . import clock, lifecycle, metadata
+from .config import MAX_BLOCK_MS, WORKERS_POLLING_WINDOW_S, EmulatorConfig
+from .errors import ApiError, InvalidRequest, NotFound
+from .keys import CONSUMER_GROUP, EmulatorKeys
+from .lifecycle import Transition
+from .records import WorkRecord, new_id, new_secret
+
+__all__ = ["Store"]
+
+# The consumer name of a poll that sent no Anthropic-Worker-ID.
+ANONYMOUS_CONSUMER = "anonymous"
+
+Operation = Callable[[WorkRecord], Transition]
+
+
+def _noop(record: WorkRecord) -> Transition:
+    return Transition(body=record.public())
+
+
+class Store:
+    def __init__(self, redis: Redis, config: EmulatorConfig) -> None:
+        self.redis = redis
+        self.config = config
+        self.keys = EmulatorKeys(config.key_prefix)
+
+    # --- environments and sessions ---------------------------------------------------------
+    async def create_environment(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        moment = clock.rfc3339()
+        environment = {"id": new_id("env"), "type": "environment", "name": name,
+                       "config": config, "metadata": {}, "created_at": moment,
+                       "updated_at": moment, "archived_at": None}
+        stream = self.keys.stream(environment["id"])
+        await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+        await self.redis.set(self.keys.environment(environment["id"]), json.dumps(environment))
+        return environment
+
+    async def environment(self, environment_id: str) -> dict[str, Any]:
+        raw = await self.redis.get(self.keys.environment(environment_id))
+        if raw is None:
+            raise NotFound(f"environment {environment_id} not found")
+        found: dict[str, Any] = json.loads(raw)
+        return found
+
+    async def create_session(self, environment_id: str, *, agent: Any,
+                             session_metadata: Any) -> dict[str, Any]:
+        meta = metadata.merge({}, session_metadata or {})
+        await self.environment(environment_id)
+        session_id = new_id("session")
+        record = await self.enqueue(environment_id, {"id": session_id, "type": "session"}, meta)
+        session = {"id": session_id, "type": "session", "environment_id": environment_id,
+                   "agent": agent, "metadata": meta, "status": "idle",
+                   "created_at": record.created_at, "updated_at": record.created_at,
+                   # Emulator extension: the work item queued for this session.
+                   "work_id": record.id}
+        await self.redis.set(self.keys.session(session_id), json.dumps(session))
+        return session
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        raw = await self.redis.get(self.keys.session(session_id))
+        if raw is None:
+            raise NotFound(f"session {session_id} not found")
+        found: dict[str, Any] = json.loads(raw)
+        return found
+
+    async def enqueue(self, environment_id: str, data: dict[str, Any],
+                      meta: dict[str, str]) -> WorkRecord:
+        """Create a queued work item and put it on the environment's stream."""
+        await self.environment(environment_id)
+        seq = int(await self.redis.incr(self.keys.seq))
+        record = WorkRecord(id=new_id("work"), environment_id=environment_id, data=data,
+                            created_at=clock.rfc3339(), seq=seq, secret=new_secret(),
+                            metadata=meta)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.work(record.id), record.dumps())
+            pipe.zadd(self.keys.index(environment_id), {record.id: seq})
+            await pipe.execute()
+        await self._push(record)
+        return record
+
+    # --- the Work API ------------------------------------------------------------------------
+    async def get(self, environment_id: str, work_id: str) -> dict[str, Any]:
+        return await self._body(environment_id, work_id, _noop)
+
+    async def update(self, environment_id: str, work_id: str, patch: Any) -> dict[str, Any]:
+        def merge(record: WorkRecord) -> Transition:
+            record.metadata = metadata.merge(record.metadata, patch)
+            return Transition(body=record.public())
+
+        return await self._body(environment_id, work_id, merge)
+
+    async def ack(self, environment_id: str, work_id: str) -> dict[str, Any]:
+        return await self._body(environment_id, work_id,
+                                lambda r: lifecycle.ack(r, self.config))
+
+    async def heartbeat(self, environment_id: str, work_id: str, *, expected: str | None,
+                        desired_ttl: int | None) -> dict[str, Any]:
+        return await self._body(environment_id, work_id, lambda r: lifecycle.heartbeat(
+            r, expected=expected, desired_ttl=desired_ttl, config=self.config))
+
+    async def refuse_heartbeat(self, environment_id: str, work_id: str,
+                               expected: str | None) -> None:
+        """An injected 412: the item's real current state, and no change to it."""
+        await self.get(environment_id, work_id)  # expiry applied first, 404 if unknown
+        record = WorkRecord.loads(await self._raw(work_id))
+        raise lifecycle.precondition_failed(record, expected or "NO_HEARTBEAT", self.config)
+
+    async def stop(self, environment_id: str, work_id: str, *, force: bool) -> dict[str, Any]:
+        def stop(record: WorkRecord) -> Transition:
+            transition = lifecycle.stop(record, force=force)
+            transition.body = record.public()
+            return transition
+
+        return await self._body(environment_id, work_id, stop)
+
+    async def poll(self, environment_id: str, *, worker_id: str | None, block_ms: int | None,
+                   reclaim_ms: int) -> dict[str, Any] | None:
+        await self.environment(environment_id)
+        await self._seen(environment_id, worker_id)
+        await self.sweep(environment_id)
+        consumer = worker_id or ANONYMOUS_CONSUMER
+        record = await self._reclaim(environment_id, consumer, reclaim_ms)
+        if record is None:
+            record = await self._read_new(environment_id, consumer, block_ms)
+        return record.public(with_secret=True) if record else None
+
+    async def list(self, environment_id: str, *, limit: int,
+                   page: str | None) -> dict[str, Any]:
+        await self.environment(environment_id)
+        await self.sweep(environment_id)
+        newest = "+inf" if page is None else f"({_decode_cursor(page)}"
+        # One more than asked, to know whether a next page exists.
+        rows = await self.redis.zrevrangebyscore(self.keys.index(environment_id), newest,
+                                                 "-inf", start=0, num=limit + 1,
+                                                 withscores=True)
+        shown = rows[:limit]
+        raws = await self.redis.mget([self.keys.work(w) for w, _ in shown]) if shown else []
+        data = [WorkRecord.loads(raw).public() for raw in raws if raw is not None]
+        more = len(rows) > limit
+        return {"data": data, "next_page": _encode_cursor(int(shown[-1][1])) if more else None}
+
+    async def stats(self, environment_id: str) -> dict[str, Any]:
+        await self.environment(environment_id)
+        await self.sweep(environment_id)
+        stream = self.keys.stream(environment_id)
+        group = await self._group(stream)
+        oldest = await self.redis.xrange(stream, "-", "+", count=1)
+        workers = self.keys.workers(environment_id)
+        await self.redis.zremrangebyscore(workers, "-inf",
+                                          time.time() - WORKERS_POLLING_WINDOW_S)
+        return {
+            "type": "work_queue_stats",
+            "depth": await self._depth(stream, group),
+            "pending": int(group.get("pending") or 0),
+            "oldest_queued_at": _entry_time(oldest[0][0]) if oldest else None,
+            "workers_polling": int(await self.redis.zcard(workers)),
+        }
+
+    async def sweep(self, environment_id: str) -> None:
+        """Apply expiry to every lease that has lapsed (cheap: lapsed ones only)."""
+        lapsed = await self.redis.zrangebyscore(self.keys.leases(environment_id), "-inf",
+                                                time.time())
+        for work_id in lapsed:
+            try:
+                await self._change(environment_id, work_id, _noop)
+            except NotFound:
+                await self.redis.zrem(self.keys.leases(environment_id), work_id)
+
+    # --- one item, atomically ----------------------------------------------------------------
+    async def _body(self, environment_id: str, work_id: str,
+                    operation: Operation) -> dict[str, Any]:
+        transition = await self._change(environment_id, work_id, operation)
+        return transition.body or {}
+
+    async def _change(self, environment_id: str, work_id: str,
+                      operation: Operation) -> Transition:
+        """Apply lease expiry then `operation` to one item under WATCH; retry on a race.
+
+        The expiry is saved even when `operation` refuses (a heartbeat on an item that just
+        lapsed and was re-queued still re-queues it), then the refusal is raised.
+        """
+        key = self.keys.work(work_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    record = self._own(await pipe.get(key), environment_id, work_id)
+                    lapse = lifecycle.lapse(record, self.config.lease_expiry, time.time())
+                    expired = lifecycle.apply_lapse(record, lapse)
+                    refusal: ApiError | None = None
+                    try:
+                        transition = operation(record)
+                    except ApiError as error:
+                        refusal, transition = error, Transition()
+                    if refusal is not None and lapse is lifecycle.Lapse.NONE:
+                        raise refusal
+                    pipe.multi()
+                    self._save(pipe, record, expired, transition)
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        if (expired.enqueue or transition.enqueue) and record.state == "queued":
+            await self._push(record)
+        if refusal is not None:
+            raise refusal
+        return transition
+
+    def _own(self, raw: str | None, environment_id: str, work_id: str) -> WorkRecord:
+        record = WorkRecord.loads(raw) if raw is not None else None
+        if record is None or record.environment_id != environment_id:
+            raise NotFound(f"work {work_id} not found in environment {environment_id}")
+        return record
+
+    def _save(self, pipe: Any, record: WorkRecord, *transitions: Transition) -> None:
+        pipe.set(self.keys.work(record.id), record.dumps())
+        leases = self.keys.leases(record.environment_id)
+        if record.lease_expires_at is None:
+            pipe.zrem(leases, record.id)
+        else:
+            pipe.zadd(leases, {record.id: record.lease_expires_at})
+        stream = self.keys.stream(record.environment_id)
+        for transition in transitions:
+            if transition.drop_entry:
+                pipe.xack(stream, CONSUMER_GROUP, transition.drop_entry)
+                pipe.xdel(stream, transition.drop_entry)
+
+    async def _raw(self, work_id: str) -> str:
+        raw = await self.redis.get(self.keys.work(work_id))
+        if raw is None:
+            raise NotFound(f"work {work_id} not found")
+        return str(raw)
+
+    # --- the stream --------------------------------------------------------------------------
+    async def _push(self, record: WorkRecord) -> None:
+        """Add the stream entry of a (re)queued item, then note it on the item.
+
+        The entry is added after the item is saved as queued, never before: a poller that meets
+        an entry whose item is not (yet) queued drops it for good.
+        """
+        stream = self.keys.stream(record.environment_id)
+        entry = str(await self.redis.xadd(stream, {"work_id": record.id}))
+
+        def attach(current: WorkRecord) -> Transition:
+            if current.state == "queued" and current.entry_id is None:
+                current.entry_id = entry
+                return Transition()
+            return Transition(drop_entry=entry)  # stopped meanwhile: never deliver it
+
+        try:
+            await self._change(record.environment_id, record.id, attach)
+        except NotFound:
+            await self.redis.xdel(stream, entry)
+
+    async def _reclaim(self, environment_id: str, consumer: str,
+                       reclaim_ms: int) -> WorkRecord | None:
+        stream = self.keys.stream(environment_id)
+        start = "0-0"
+        while True:
+            # COUNT 1: every entry claimed has its idle time reset, so claim only what we hand out.
+            reply = await self.redis.xautoclaim(stream, CONSUMER_GROUP, consumer,
+                                                min_idle_time=reclaim_ms, start_id=start,
+                                                count=1)
+            start, claimed = str(reply[0]), reply[1]
+            for entry_id, fields in claimed:
+                record = await self._deliverable(environment_id, entry_id, fields)
+                if record is not None:
+                    return record
+            if start == "0-0":
+                return None
+
+    async def _read_new(self, environment_id: str, consumer: str,
+                        block_ms: int | None) -> WorkRecord | None:
+        stream = self.keys.stream(environment_id)
+        deadline = time.monotonic() + block_ms / 1000 if block_ms else None
+        while True:
+            block = None
+            if deadline is not None:
+                remaining = int((deadline - time.monotonic()) * 1000)
+                # BLOCK 0 would wait for ever; out of time means one last non-blocking read.
+                block = min(remaining, MAX_BLOCK_MS) if remaining > 0 else None
+            reply = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"},
+                                                count=1, block=block)
+            if not reply:
+                return None
+            entry_id, fields = reply[0][1][0]
+            record = await self._deliverable(environment_id, entry_id, fields)
+            if record is not None:
+                return record
+
+    async def _deliverable(self, environment_id: str, entry_id: str,
+                           fields: dict[str, str] | None) -> WorkRecord | None:
+        """The entry's item if it may be delivered; otherwise the entry is dropped for good."""
+        work_id = (fields or {}).get("work_id")
+        raw = await self.redis.get(self.keys.work(work_id)) if work_id else None
+        record = WorkRecord.loads(raw) if raw is not None else None
+        if record is not None and record.state == "queued" and record.entry_id in (None,
+                                                                                    entry_id):
+            return record
+        stream = self.keys.stream(environment_id)
+        await self.redis.xack(stream, CONSUMER_GROUP, entry_id)
+        await self.redis.xdel(stream, entry_id)
+        return None
+
+    async def _group(self, stream: str) -> dict[str, Any]:
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return {}
+        for group in groups:
+            if group.get("name") == CONSUMER_GROUP:
+                found: dict[str, Any] = group
+                return found
+        return {}
+
+    async def _depth(self, stream: str, group: dict[str, Any]) -> int:
+        """The group's lag; counted by hand when Redis cannot tell it (after XDELs)."""
+        lag = group.get("lag")
+        if lag is not None:
+            return int(lag)
+        last = group.get("last-delivered-id") or "0-0"
+        return len(await self.redis.xrange(stream, f"({last}", "+"))
+
+    async def _seen(self, environment_id: str, worker_id: str | None) -> None:
+        if worker_id:
+            await self.redis.zadd(self.keys.workers(environment_id), {worker_id: time.time()})
+
+
+def _entry_time(entry_id: str) -> str:
+    """A stream entry id is `<epoch ms>-<seq>`: the moment the item was (re)queued."""
+    return clock.from_epoch(int(entry_id.split("-")[0]) / 1000)
+
+
+def _encode_cursor(seq: int) -> str:
+    """Opaque to clients; the list position of the last item shown. Items added later have
+    higher positions, so a page never shifts under concurrent inserts."""
+    raw = json.dumps({"before": seq}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(page: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(page + "=" * (-len(page) % 4))
+        before = json.loads(raw)["before"]
+    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
+        raise InvalidRequest("page: not a cursor this server returned") from exc
+    if not isinstance(before, int):
+        raise InvalidRequest("page: not a cursor this server returned")
+    return before
