@@ -63,6 +63,7 @@ def request_stop(
         runtime.registry.mark_lost(lease.work_id, cause)
     if not runtime.registry.request_stop(lease.work_id, kind, cause) and not lost:
         return False
+    runtime.metrics.inc("work_stop_requests", cause=cause)
     event("stop requested", work_id=lease.work_id, session_id=lease.session_id,
           attempt=lease.attempt, kind=kind.value, cause=cause, seen_by="bridge")
     if lease.phase == Phase.DISPATCHED:
@@ -71,7 +72,8 @@ def request_stop(
         runtime.app.control.revoke(lease.task_id)
         stopped = runtime.registry.get(lease.work_id)
         if stopped is not None and stopped.phase == Phase.DISPATCHED:
-            release(runtime, stopped, reason=f"stopped while queued ({cause})")
+            release(runtime, stopped, reason=f"stopped while queued ({cause})",
+                    outcome="stopped")
     return True
 
 
@@ -85,6 +87,7 @@ def on_task_revoked(runtime: Runtime, *, task_id: str, work_id: str, terminated:
         # The supervisor (or, after SIGKILL, recovery) honours the flag and releases the lease.
         kind = StopKind.FORCE if signum == 9 else StopKind.GRACEFUL
         runtime.registry.request_stop(work_id, kind, "operator")
+        runtime.metrics.inc("work_stop_requests", cause="operator")
         event("stop requested", work_id=work_id, session_id=lease.session_id,
               attempt=lease.attempt, kind=kind.value, cause="operator", seen_by="revoke")
         return
@@ -92,7 +95,8 @@ def on_task_revoked(runtime: Runtime, *, task_id: str, work_id: str, terminated:
         # Discarded before it started: nobody else will release it.
         if not lease.stop:
             runtime.registry.request_stop(work_id, StopKind.FORCE, "operator")
-        release(runtime, lease, reason=f"revoked before start ({lease.stop_cause or 'operator'})")
+        release(runtime, lease, outcome="stopped",
+                reason=f"revoked before start ({lease.stop_cause or 'operator'})")
 
 
 def _parse(timestamp: str) -> datetime:

@@ -44,4 +44,5 @@ def answer(runtime: Runtime, lease: Lease) -> None:
     healthy = all(value == "ok" for value in results.values())
     event("healthcheck answered", level=logging.INFO if healthy else logging.WARNING,
           work_id=lease.work_id, healthy=healthy, **results)
-    release(runtime, lease, reason="healthcheck answered")
+    runtime.metrics.inc("healthchecks", healthy=str(healthy).lower())
+    release(runtime, lease, reason="healthcheck answered", outcome="healthcheck")

@@ -87,8 +87,12 @@ def beat_due_leases(runtime: Runtime) -> Tally:
     tally = Tally()
     for lease, outcome in asyncio.run(_send_all(runtime, beating)):
         _apply(runtime, lease, outcome, tally)
+    if tally.sent:
+        runtime.metrics.inc("heartbeats", tally.sent, result="ok")
+    if tally.failed:
+        runtime.metrics.inc("heartbeats", tally.failed, result="failed")
     for lease in releasing:
-        if release(runtime, lease, reason="release retried"):
+        if release(runtime, lease, reason="release retried", outcome="stopped"):
             tally.released += 1
     return tally
 
@@ -147,6 +151,7 @@ def _apply_reply(runtime: Runtime, lease: Lease, reply: Heartbeat) -> None:
     if reply.state == WorkState.STOPPING and runtime.registry.request_stop(
         lease.work_id, StopKind.GRACEFUL, "server"
     ):
+        runtime.metrics.inc("work_stop_requests", cause="server")
         event("stop requested", work_id=lease.work_id, session_id=lease.session_id,
               attempt=lease.attempt, kind="graceful", seen_by="heartbeat")
     runtime.registry.schedule_heartbeat(lease.work_id, now + heartbeat_interval(ttl))
@@ -181,8 +186,9 @@ def _lose(runtime: Runtime, lease: Lease, *, cause: str, server_state: object = 
           session_id=lease.session_id, attempt=lease.attempt, cause=cause,
           server_state=server_state)
     runtime.registry.mark_lost(lease.work_id, cause)
+    runtime.metrics.inc("leases_lost", cause=cause.split(":")[0])
     if lease.phase != Phase.RUNNING:
         # No supervisor will ever act on the flag: forget the lease now.
         lost = runtime.registry.get(lease.work_id)
         if lost is not None:
-            release(runtime, lost, reason=cause)
+            release(runtime, lost, reason=cause, outcome="lost")

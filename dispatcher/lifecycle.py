@@ -47,12 +47,12 @@ def dispatch(runtime: Runtime, lease: Lease) -> None:
 def restart_attempt(runtime: Runtime, lease: Lease, *, reason: str) -> None:
     """Hand the session to a new attempt on any worker, or release it if it may not run again."""
     if lease.stop or lease.is_lost:
-        release(runtime, lease, reason=f"{reason}; stop requested")
+        release(runtime, lease, reason=f"{reason}; stop requested", outcome="stopped")
         return
     if lease.attempt >= runtime.settings.max_attempts:
         event("attempts exhausted", level=logging.WARNING, work_id=lease.work_id,
               session_id=lease.session_id, attempt=lease.attempt, reason=reason)
-        release(runtime, lease, reason="attempts exhausted")
+        release(runtime, lease, reason="attempts exhausted", outcome="attempts_exhausted")
         return
     task_id = uuid.uuid4().hex
     attempt = runtime.registry.new_attempt(
@@ -62,15 +62,17 @@ def restart_attempt(runtime: Runtime, lease: Lease, *, reason: str) -> None:
         return  # someone else already moved the lease on, or released it
     event("attempt restarted", level=logging.WARNING, work_id=lease.work_id,
           session_id=lease.session_id, attempt=attempt, reason=reason)
+    runtime.metrics.inc("attempts_restarted", reason=reason.split(" (")[0])
     next_lease = runtime.registry.get(lease.work_id)
     if next_lease is not None:
         dispatch(runtime, next_lease)
 
 
-def release(runtime: Runtime, lease: Lease, *, reason: str) -> bool:
+def release(runtime: Runtime, lease: Lease, *, reason: str, outcome: str) -> bool:
     """Stop the work item on the server (force; 409 means already stopped) and forget it.
 
-    A lost lease is not ours to stop. Returns False if the stop must be retried later.
+    A lost lease is not ours to stop. `outcome` is the metric label (completed, failed,
+    stopped, lost, ...). Returns False if the stop must be retried later.
     """
     if not lease.is_lost:
         try:
@@ -84,6 +86,7 @@ def release(runtime: Runtime, lease: Lease, *, reason: str) -> bool:
             event("release refused", level=logging.ERROR, work_id=lease.work_id,
                   session_id=lease.session_id, status=exc.status, error=str(exc))
     runtime.registry.delete(lease.work_id)
+    runtime.metrics.inc("work_released", outcome=outcome)
     event("released", work_id=lease.work_id, session_id=lease.session_id,
           attempt=lease.attempt, reason=reason, lost=lease.is_lost or None)
     return True

@@ -109,6 +109,7 @@ def claim(runtime: Runtime, item: Work) -> bool:
     except RedisError as exc:
         _abandon(runtime, item, reason=f"registry unavailable: {exc}")
         return False
+    runtime.metrics.inc("work_claimed", type=item.data.type)
     event("claimed", work_id=item.id, session_id=item.session_id, attempt=1,
           type=item.data.type, queue=lease.queue)
     if probe is not None:
@@ -122,12 +123,13 @@ def claim(runtime: Runtime, item: Work) -> bool:
         dispatch(runtime, lease)
     except (RedisError, OSError) as exc:
         # The broker refused the message: stop the item rather than leave it owned by nobody.
-        release(runtime, lease, reason=f"dispatch failed: {exc}")
+        release(runtime, lease, reason=f"dispatch failed: {exc}", outcome="dispatch_failed")
         return False
     return True
 
 
 def _refuse_unknown_type(runtime: Runtime, item: Work) -> None:
+    runtime.metrics.inc("work_refused", reason="unknown_type")
     event("unknown work type", level=logging.WARNING, work_id=item.id, type=item.data.type,
           action_taken="stopped, not run")
     try:
@@ -145,6 +147,7 @@ def _ack(runtime: Runtime, item: Work) -> tuple[bool, Heartbeat | None]:
         probe = _ack_landed_anyway(runtime, item) if exc.retryable else None
         if probe is not None:
             return True, probe
+        runtime.metrics.inc("work_refused", reason="ack_failed")
         event("ack failed", level=logging.WARNING, work_id=item.id, status=exc.status,
               error=str(exc), outcome="left for the server to re-deliver")
         return False, None
@@ -209,6 +212,7 @@ def _first_heartbeat(runtime: Runtime, lease: Lease) -> bool:
 
 
 def _abandon(runtime: Runtime, item: Work, *, reason: str) -> None:
+    runtime.metrics.inc("work_refused", reason="abandoned")
     event("abandoned", level=logging.ERROR, work_id=item.id, session_id=item.session_id,
           reason=reason, outcome="stopped on the server")
     try:

@@ -57,7 +57,8 @@ def _is_stranded_claim(lease: Lease, now: float) -> bool:
 
 def _finish_claim(runtime: Runtime, lease: Lease) -> None:
     if lease.stop or lease.is_lost:
-        release(runtime, lease, reason="claimed, then stopped before dispatch")
+        release(runtime, lease, reason="claimed, then stopped before dispatch",
+                outcome="stopped")
         return
     runtime.registry.update(lease.work_id, phase=Phase.DISPATCHED, dispatched_at=time.time())
     dispatch(runtime, lease)

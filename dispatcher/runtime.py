@@ -16,6 +16,7 @@ from redis import Redis
 
 from dispatcher.capacity import Capacity
 from dispatcher.leases import LeaseRegistry
+from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings, load_settings
 from dispatcher.workapi import WorkClient
 
@@ -52,6 +53,10 @@ class Runtime:
     @cached_property
     def capacity(self) -> Capacity:
         return Capacity(self.redis, prefix=self.settings.key_prefix)
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        return Metrics(self.redis, prefix=self.settings.key_prefix)
 
     @property
     def environment_id(self) -> str:

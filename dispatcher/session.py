@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from dispatcher.events import event
@@ -88,7 +89,8 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
     if refusal is not None or lease is None:
         return refusal or Outcome.GONE
     if lease.stop:
-        release(runtime, lease, reason=f"stopped before start ({lease.stop_cause})")
+        release(runtime, lease, reason=f"stopped before start ({lease.stop_cause})",
+                outcome="stopped")
         return Outcome.STOPPED
     if not _mark_running(runtime, attempt):
         return Outcome.SUPERSEDED
@@ -97,7 +99,7 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
     except (CommandError, ValueError) as exc:
         event("sandbox not started", level=logging.ERROR, work_id=attempt.work_id,
               session_id=attempt.session_id, attempt=attempt.attempt, error=str(exc))
-        release(runtime, lease, reason="sandbox could not start")
+        release(runtime, lease, reason="sandbox could not start", outcome="failed")
         return Outcome.FAILED
     return _supervise(runtime, attempt, spec)
 
@@ -153,6 +155,8 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec) -> 
     flags = _Flags()
     with _terminate_sets_flag(flags):
         sandbox = Sandbox.start(spec)
+        if attempt.attempt == 1:
+            _observe_dispatch_latency(runtime, spec.stdin)
         event("started", work_id=attempt.work_id, session_id=attempt.session_id,
               attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker,
               pid=sandbox.pid)
@@ -163,7 +167,7 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec) -> 
 
 
 def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _Flags) -> Outcome:
-    ladder = _SignalLadder(sandbox, grace=runtime.settings.stop_grace_seconds, attempt=attempt)
+    ladder = _SignalLadder(runtime, sandbox, attempt=attempt)
     draining = False
     while True:
         code = sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
@@ -184,22 +188,35 @@ def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _F
             continue
         kind = StopKind(pulse.stop) if pulse.stop else (StopKind.GRACEFUL if draining else None)
         if kind is not None:
-            ladder.step(kind, cause=pulse.stop_cause or "worker draining")
+            ladder.step(kind, cause=pulse.stop_cause or "worker draining",
+                        seen_at=pulse.stop_seen_at)
+
+
+def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
+    created = Work.model_validate_json(work_json).created_at
+    try:
+        created_at = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return
+    runtime.metrics.observe("dispatch_latency_seconds", max(0.0, time.time() - created_at))
 
 
 class _SignalLadder:
     """Graceful: SIGTERM to the group, the grace period, then SIGKILL. Force: SIGKILL now."""
 
-    def __init__(self, sandbox: Sandbox, *, grace: float, attempt: SessionAttempt) -> None:
+    def __init__(self, runtime: Runtime, sandbox: Sandbox, *, attempt: SessionAttempt) -> None:
+        self.runtime = runtime
+        self.grace = runtime.settings.stop_grace_seconds
         self.sandbox = sandbox
-        self.grace = grace
         self.attempt = attempt
         self.term_sent_at: float | None = None
         self.killed = False
 
-    def step(self, kind: StopKind, *, cause: str) -> None:
+    def step(self, kind: StopKind, *, cause: str, seen_at: float) -> None:
         if self.killed:
             return
+        if self.term_sent_at is None and seen_at:
+            self.runtime.metrics.observe("stop_latency_seconds", max(0.0, time.time() - seen_at))
         now = time.monotonic()
         if kind == StopKind.FORCE or (
             self.term_sent_at is not None and now - self.term_sent_at >= self.grace
@@ -224,16 +241,18 @@ def _finish(runtime: Runtime, attempt: SessionAttempt, code: int, *, draining: b
     event("exited", work_id=attempt.work_id, session_id=attempt.session_id,
           attempt=attempt.attempt, exit_code=code)
     if lease.is_lost:
-        release(runtime, lease, reason=lease.stop_cause or "lease lost")
+        release(runtime, lease, reason=lease.stop_cause or "lease lost", outcome="lost")
         return Outcome.LOST
     if lease.stop:
-        release(runtime, lease, reason=f"stopped ({lease.stop_cause})")
+        release(runtime, lease, reason=f"stopped ({lease.stop_cause})", outcome="stopped")
         return Outcome.STOPPED
     if draining:
         restart_attempt(runtime, lease, reason="worker drained")
         return Outcome.HANDED_OVER
-    release(runtime, lease, reason="exited" if code == 0 else f"exited with {code}")
-    return Outcome.COMPLETED if code == 0 else Outcome.FAILED
+    outcome = Outcome.COMPLETED if code == 0 else Outcome.FAILED
+    release(runtime, lease, reason="exited" if code == 0 else f"exited with {code}",
+            outcome=outcome.value)
+    return outcome
 
 
 @contextmanager

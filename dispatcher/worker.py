@@ -128,8 +128,33 @@ def _revoked(request: Any = None, terminated: bool = False, signum: int | None =
         event("revoke not bridged", level=logging.ERROR, work_id=work_id, error=str(exc))
 
 
+class MetricsEndpoint(bootsteps.StartStopStep):
+    """Serves fleet metrics from the worker's main process when DISPATCHER_METRICS_PORT is set.
+    Counters live in Redis, so the pool kind does not matter."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.server: Any = None
+
+    def start(self, worker: Any) -> None:
+        from dispatcher.metrics import serve
+
+        runtime = get_runtime(worker.app)
+        port = runtime.settings.metrics_port
+        if port is None:
+            return
+        self.server = serve(host="0.0.0.0", port=port, metrics=runtime.metrics,
+                            registry=runtime.registry, capacity=runtime.capacity,
+                            client=runtime.client())
+        event("metrics endpoint", worker=worker.hostname, port=self.server.server_port)
+
+    def stop(self, worker: Any) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
 def install(app: Any) -> None:
     app.steps["worker"].add(SlotAdvertiser)
+    app.steps["worker"].add(MetricsEndpoint)
     quiet_control_ticks()
 
 

@@ -1,0 +1,121 @@
+"""The request log: every Work API request, for invariant checks in tests and rehearsals.
+
+A raw ASGI middleware (outermost, so it also sees injected faults) gives each request an id
+(`request-id` header, and `request_id` in error bodies) and, for Work API requests, writes one
+entry to a capped Redis list *before* the last byte of the response leaves: a client that got its
+answer finds its request in the log. Routes add what only they know (the work id a poll returned,
+the `last_heartbeat` a heartbeat returned, `force`) with `note`.
+
+Entry: time (epoch s), method, endpoint, environment_id, work_id, status (0: dropped),
+worker_id, expected_last_heartbeat, desired_ttl_seconds, block_ms, last_heartbeat, state, force,
+fault, request_id.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from redis.asyncio import Redis
+from starlette.requests import Request
+
+from .endpoints import classify
+from .errors import new_request_id
+
+__all__ = ["RequestLog", "RequestLogMiddleware", "note", "note_scope", "request_id_of"]
+
+_NOTES = "emulator.notes"
+_REQUEST_ID = "emulator.request_id"
+# Query parameters worth keeping, by name in the log.
+_QUERY_FIELDS = ("expected_last_heartbeat", "desired_ttl_seconds", "block_ms")
+
+
+def note_scope(scope: dict[str, Any], **fields: Any) -> None:
+    notes = scope.setdefault("state", {}).setdefault(_NOTES, {})
+    notes.update(fields)
+
+
+def note(request: Request, **fields: Any) -> None:
+    note_scope(request.scope, **fields)
+
+
+def request_id_of(scope: dict[str, Any]) -> str | None:
+    value = scope.get("state", {}).get(_REQUEST_ID)
+    return str(value) if value else None
+
+
+class RequestLog:
+    def __init__(self, redis: Redis, key: str, cap: int) -> None:
+        self.redis = redis
+        self.key = key
+        self.cap = cap
+
+    async def append(self, entry: dict[str, Any]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(self.key, json.dumps(entry))
+            pipe.ltrim(self.key, 0, self.cap - 1)
+            await pipe.execute()
+
+    async def read(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Oldest first."""
+        raws = await self.redis.lrange(self.key, 0, (limit or self.cap) - 1)
+        return [json.loads(raw) for raw in reversed(raws)]
+
+    async def clear(self) -> None:
+        await self.redis.delete(self.key)
+
+
+class RequestLogMiddleware:
+    def __init__(self, app: Any, log: RequestLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = new_request_id()
+        state = scope.setdefault("state", {})
+        state[_REQUEST_ID] = request_id
+        match = classify(scope["method"], scope["path"])
+        entry: dict[str, Any] | None = None
+        if match is not None:
+            entry = {"time": time.time(), "method": scope["method"],
+                     "endpoint": match.endpoint.value, "environment_id": match.environment_id,
+                     "work_id": match.work_id, "status": 0, "request_id": request_id,
+                     **_request_fields(scope)}
+
+        async def logging_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"request-id", request_id.encode())]}
+                if entry is not None:
+                    entry["status"] = message["status"]
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if last and entry is not None:
+                await self._write(entry, scope)
+                entry_written.append(True)
+            await send(message)
+
+        entry_written: list[bool] = []
+        try:
+            return await self.app(scope, receive, logging_send)
+        finally:
+            if entry is not None and not entry_written:
+                await self._write(entry, scope)  # dropped, or failed before a response
+
+    async def _write(self, entry: dict[str, Any], scope: dict[str, Any]) -> None:
+        entry.update(scope.get("state", {}).get(_NOTES, {}))
+        await self.log.append(entry)
+
+
+def _request_fields(scope: dict[str, Any]) -> dict[str, Any]:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+               for k, v in scope.get("headers", [])}
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    fields: dict[str, Any] = {"worker_id": headers.get("anthropic-worker-id")}
+    for name in _QUERY_FIELDS:
+        values = query.get(name)
+        fields[name] = values[0] if values else None
+    return fields
