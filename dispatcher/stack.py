@@ -1,0 +1,185 @@
+"""The whole system on 127.0.0.1, as processes: Redis, the emulator, Celery workers, Flower.
+
+Used by `dispatcher demo` and the benchmarks, so what a newcomer sees and what we measure run
+exactly as a user would run them: `dispatcher emulator`, `celery -A dispatcher worker`,
+`celery -A dispatcher flower`, each a real process with its own log file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import redis
+
+__all__ = ["LocalStack", "free_port"]
+
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT_SECONDS = 30.0
+FAKE_SESSION = f"{sys.executable} -m dispatcher.emulator.fake_session"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(predicate: Any, what: str, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+@dataclass
+class LocalStack:
+    workdir: Path
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    environment_key: str = field(default_factory=lambda: "sk-ant-oat01-" + secrets.token_hex(16))
+    api_key: str = field(default_factory=lambda: "sk-ant-api03-" + secrets.token_hex(16))
+    key_prefix: str = field(default_factory=lambda: "demo" + secrets.token_hex(3))
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    base_url: str = ""
+    environment_id: str = ""
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    # --- Redis -------------------------------------------------------------------------------
+    def ensure_redis(self) -> str:
+        """Use the Redis at `redis_url` if it answers, else start a private one."""
+        if self._redis_answers(self.redis_url):
+            return self.redis_url
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError(f"no Redis answers at {self.redis_url} and redis-server is missing")
+        port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self._spawn("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"])
+        _wait(lambda: self._redis_answers(self.redis_url), "redis-server")
+        return self.redis_url
+
+    @staticmethod
+    def _redis_answers(url: str) -> bool:
+        try:
+            return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    # --- the emulator -----------------------------------------------------------------------
+    def start_emulator(self, *extra: str) -> str:
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._spawn("emulator", [str(BIN / "dispatcher"), "emulator", "--port", str(port),
+                                 "--redis-url", self.redis_url,
+                                 "--key-prefix", f"{self.key_prefix}-emulator",
+                                 "--environment-key", self.environment_key,
+                                 "--api-key", self.api_key, *extra])
+        _wait(self._emulator_answers, "the emulator")
+        self.environment_id = self.create_environment()
+        return self.base_url
+
+    def _emulator_answers(self) -> bool:
+        self._check_alive("emulator")
+        try:
+            return httpx.get(f"{self.base_url}/openapi.json", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _admin(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = httpx.request(method, f"{self.base_url}{path}", timeout=10,
+                                 headers={"x-api-key": self.api_key}, **kwargs)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def create_environment(self, name: str = "demo") -> str:
+        body = {"name": name, "config": {"type": "self_hosted"}}
+        return str(self._admin("POST", "/v1/environments", json=body)["id"])
+
+    def create_session(self, metadata: dict[str, str] | None = None) -> tuple[str, str]:
+        """Create a session on the emulator; returns (session id, work id)."""
+        body = {"environment_id": self.environment_id, "agent": "demo",
+                "metadata": metadata or {}}
+        session = self._admin("POST", "/v1/sessions", json=body)
+        return str(session["id"]), str(session["work_id"])
+
+    # --- the fleet ----------------------------------------------------------------------------
+    def fleet_env(self, **overrides: str) -> dict[str, str]:
+        own = ("ANTHROPIC_", "DISPATCHER_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
+        env.update({
+            "ANTHROPIC_BASE_URL": self.base_url,
+            "ANTHROPIC_ENVIRONMENT_ID": self.environment_id,
+            "ANTHROPIC_ENVIRONMENT_KEY": self.environment_key,
+            "DISPATCHER_REDIS_URL": self.redis_url,
+            "DISPATCHER_KEY_PREFIX": self.key_prefix,
+            "DISPATCHER_ON_WORK": FAKE_SESSION,
+        })
+        env.update(overrides)
+        return env
+
+    def celery(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return self._spawn(name, [str(BIN / "celery"), "-A", "dispatcher", *args], env=env)
+
+    def worker(self, name: str, env: dict[str, str], *, pool: str = "threads",
+               concurrency: int = 10, queues: str | None = None,
+               beat: bool = False) -> subprocess.Popen[bytes]:
+        args = ["worker", "-n", f"{name}@%h", "-P", pool, "-c", str(concurrency), "-l", "INFO",
+                "--without-mingle", "--without-gossip"]
+        args += ["-Q", queues] if queues else []
+        args += ["-B"] if beat else []
+        return self.celery(name, args, env)
+
+    def hostname(self, name: str) -> str:
+        return f"{name}@{socket.gethostname()}"
+
+    # --- processes ----------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop_all)
+        self._logs.append(log)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   cwd=self.workdir, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def _check_alive(self, name: str) -> None:
+        code = self.processes[name].poll()
+        if code is not None:
+            tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited with {code}:\n{tail}")
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.processes[name].send_signal(sig)
+
+    def stop(self, name: str, *, timeout: float = 20.0) -> None:
+        process = self.processes[name]
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop_all(self) -> None:
+        """Stop everything this stack started, workers first, Redis last."""
+        order = sorted(self.processes, key=lambda n: {"emulator": 1, "redis": 2}.get(n, 0))
+        for name in order:
+            self.stop(name)
+        for log in self._logs:
+            log.close()
