@@ -6,12 +6,11 @@ are thin: check the credential, validate parameters, call the store, shape the a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,10 +29,10 @@ from .config import (
     EmulatorConfig,
     StopResponse,
 )
+from .context import Ctx, Emulator, requires
 from .endpoints import Endpoint
 from .errors import ApiError, InvalidRequest, error_body, new_request_id
 from .faults import FaultMiddleware, Faults, FaultSettings
-from .context import Ctx, Emulator, requires
 from .requestlog import RequestLog, RequestLogMiddleware, note, request_id_of
 from .store import Store
 
@@ -133,7 +132,8 @@ def add_work_routes(app: FastAPI) -> None:  # noqa: C901 (one small closure per 
         note(request, last_heartbeat=beat["last_heartbeat"], state=beat["state"])
         return JSONResponse(beat)
 
-    @app.post(WORK + "/{work_id}/stop", response_model=Work, status_code=204, tags=["work"],
+    @app.post(WORK + "/{work_id}/stop", status_code=204, tags=["work"],
+              responses={200: {"model": Work, "description": "With `stop_response: json`"}},
               dependencies=[_work_auth(Endpoint.STOP)])
     async def stop(ctx: Ctx, request: Request, environment_id: str, work_id: str,
                    body: StopBody | None = None) -> Response:
@@ -174,7 +174,7 @@ def add_resource_routes(app: FastAPI) -> None:
 def add_error_handlers(app: FastAPI) -> None:
     def answer(request: Request, status: int, message: str, *,
                details: dict[str, Any] | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
+               headers: Mapping[str, str] | None = None) -> JSONResponse:
         request_id = request_id_of(request.scope) or new_request_id()
         body = error_body(status, message, request_id=request_id, details=details)
         return JSONResponse(body, status_code=status, headers=headers)

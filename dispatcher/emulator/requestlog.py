@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -32,7 +33,7 @@ _REQUEST_ID = "emulator.request_id"
 _QUERY_FIELDS = ("expected_last_heartbeat", "desired_ttl_seconds", "block_ms")
 
 
-def note_scope(scope: dict[str, Any], **fields: Any) -> None:
+def note_scope(scope: MutableMapping[str, Any], **fields: Any) -> None:
     notes = scope.setdefault("state", {}).setdefault(_NOTES, {})
     notes.update(fields)
 
@@ -41,7 +42,7 @@ def note(request: Request, **fields: Any) -> None:
     note_scope(request.scope, **fields)
 
 
-def request_id_of(scope: dict[str, Any]) -> str | None:
+def request_id_of(scope: Mapping[str, Any]) -> str | None:
     value = scope.get("state", {}).get(_REQUEST_ID)
     return str(value) if value else None
 

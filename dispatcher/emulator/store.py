@@ -52,7 +52,7 @@ class Store:
     # --- environments and sessions ---------------------------------------------------------
     async def create_environment(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
         moment = clock.rfc3339()
-        environment = {"id": new_id("env"), "type": "environment", "name": name,
+        environment: dict[str, Any] = {"id": new_id("env"), "type": "environment", "name": name,
                        "config": config, "metadata": {}, "created_at": moment,
                        "updated_at": moment, "archived_at": None}
         stream = self.keys.stream(environment["id"])
@@ -155,12 +155,12 @@ class Store:
         await self.sweep(environment_id)
         newest = "+inf" if page is None else f"({_decode_cursor(page)}"
         # One more than asked, to know whether a next page exists.
-        rows = await self.redis.zrevrangebyscore(self.keys.index(environment_id), newest,
-                                                 "-inf", start=0, num=limit + 1,
-                                                 withscores=True)
+        rows: list[Any] = await self.redis.zrevrangebyscore(
+            self.keys.index(environment_id), newest, "-inf", start=0, num=limit + 1,
+            withscores=True)
         shown = rows[:limit]
-        raws = await self.redis.mget([self.keys.work(w) for w, _ in shown]) if shown else []
-        data = [WorkRecord.loads(raw).public() for raw in raws if raw is not None]
+        raws = await self.redis.mget([self.keys.work(str(w)) for w, _ in shown]) if shown else []
+        data = [WorkRecord.loads(str(raw)).public() for raw in raws if raw is not None]
         more = len(rows) > limit
         return {"data": data, "next_page": _encode_cursor(int(shown[-1][1])) if more else None}
 
@@ -177,7 +177,7 @@ class Store:
             "type": "work_queue_stats",
             "depth": await self._depth(stream, group),
             "pending": int(group.get("pending") or 0),
-            "oldest_queued_at": _entry_time(oldest[0][0]) if oldest else None,
+            "oldest_queued_at": _entry_time(str(oldest[0][0])) if oldest else None,
             "workers_polling": int(await self.redis.zcard(workers)),
         }
 
@@ -185,7 +185,7 @@ class Store:
         """Apply expiry to every lease that has lapsed (cheap: lapsed ones only)."""
         lapsed = await self.redis.zrangebyscore(self.keys.leases(environment_id), "-inf",
                                                 time.time())
-        for work_id in lapsed:
+        for work_id in map(str, lapsed):
             try:
                 await self._change(environment_id, work_id, _noop)
             except NotFound:
@@ -209,7 +209,7 @@ class Store:
             while True:
                 try:
                     await pipe.watch(key)
-                    record = self._own(await pipe.get(key), environment_id, work_id)
+                    record = self._own(_text(await pipe.get(key)), environment_id, work_id)
                     lapse = lifecycle.lapse(record, self.config.lease_expiry, time.time())
                     expired = lifecycle.apply_lapse(record, lapse)
                     refusal: ApiError | None = None
@@ -219,7 +219,7 @@ class Store:
                         refusal, transition = error, Transition()
                     if refusal is not None and lapse is lifecycle.Lapse.NONE:
                         raise refusal
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     self._save(pipe, record, expired, transition)
                     await pipe.execute()
                     break
@@ -304,8 +304,8 @@ class Store:
                 remaining = int((deadline - time.monotonic()) * 1000)
                 # BLOCK 0 would wait for ever; out of time means one last non-blocking read.
                 block = min(remaining, MAX_BLOCK_MS) if remaining > 0 else None
-            reply = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"},
-                                                count=1, block=block)
+            reply: Any = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"},
+                                                     count=1, block=block)
             if not reply:
                 return None
             entry_id, fields = reply[0][1][0]
@@ -317,7 +317,7 @@ class Store:
                            fields: dict[str, str] | None) -> WorkRecord | None:
         """The entry's item if it may be delivered; otherwise the entry is dropped for good."""
         work_id = (fields or {}).get("work_id")
-        raw = await self.redis.get(self.keys.work(work_id)) if work_id else None
+        raw = _text(await self.redis.get(self.keys.work(work_id))) if work_id else None
         record = WorkRecord.loads(raw) if raw is not None else None
         if record is not None and record.state == "queued" and record.entry_id in (None,
                                                                                     entry_id):
@@ -339,16 +339,24 @@ class Store:
         return {}
 
     async def _depth(self, stream: str, group: dict[str, Any]) -> int:
-        """The group's lag; counted by hand when Redis cannot tell it (after XDELs)."""
+        """The group's lag, bounded by what the stream holds.
+
+        Every entry on the stream is either undelivered or pending (acked and dropped entries
+        are deleted), so `XLEN - pending` is the exact count. Redis 7.0 reports no lag, or a
+        stale one (after the stream was emptied by XDEL), once entries were deleted.
+        """
+        undelivered = max(0, int(await self.redis.xlen(stream)) - int(group.get("pending") or 0))
         lag = group.get("lag")
-        if lag is not None:
-            return int(lag)
-        last = group.get("last-delivered-id") or "0-0"
-        return len(await self.redis.xrange(stream, f"({last}", "+"))
+        return undelivered if lag is None else min(int(lag), undelivered)
 
     async def _seen(self, environment_id: str, worker_id: str | None) -> None:
         if worker_id:
             await self.redis.zadd(self.keys.workers(environment_id), {worker_id: time.time()})
+
+
+def _text(value: bytes | str | None) -> str | None:
+    """A reply of the client (made with decode_responses=True, so always str or None)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _entry_time(entry_id: str) -> str:

@@ -1,0 +1,123 @@
+"""`dispatcher emulator`: its options, read at the edge, and the command that starts it.
+
+Imports only the standard library at module level: registering the subcommand must not load
+FastAPI, uvicorn or Redis for every other `dispatcher` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from typing import Any
+
+__all__ = ["register", "run"]
+
+ENV_ENVIRONMENT_KEY = "DISPATCHER_EMULATOR_ENVIRONMENT_KEY"
+ENV_API_KEY = "DISPATCHER_EMULATOR_API_KEY"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def register(subcommands: Any) -> None:
+    parser = subcommands.add_parser(
+        "emulator", help="run the local Work API emulator",
+        description="A faithful local Work API server on Redis (see docs/emulator.md). "
+                    "Prints where it listens; runs until SIGTERM or Ctrl-C.")
+    _server_options(parser)
+    _lease_options(parser)
+    _fault_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--redis-url",
+                        default=os.environ.get("DISPATCHER_REDIS_URL", DEFAULT_REDIS_URL),
+                        help="default: $DISPATCHER_REDIS_URL or %(default)s")
+    parser.add_argument("--key-prefix", default="emulator",
+                        help="every Redis key of the emulator starts with this (default: "
+                             "%(default)s)")
+    parser.add_argument("--environment-key", default=os.environ.get(ENV_ENVIRONMENT_KEY),
+                        help=f"the environment key (or ${ENV_ENVIRONMENT_KEY}); generated and "
+                             "printed if not given")
+    parser.add_argument("--api-key", default=os.environ.get(ENV_API_KEY),
+                        help=f"the organisation API key (or ${ENV_API_KEY}); generated and "
+                             "printed if not given")
+    parser.add_argument("--create-environment", action="append", default=[], metavar="NAME",
+                        help="create an environment at start and print its id (repeatable)")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _lease_options(parser: argparse.ArgumentParser) -> None:
+    from .config import (
+        DEFAULT_TTL_SECONDS,
+        MAX_TTL_SECONDS,
+        MIN_TTL_SECONDS,
+        LeaseExpiry,
+        StopResponse,
+    )
+
+    parser.add_argument("--lease-expiry", choices=[m.value for m in LeaseExpiry],
+                        default=LeaseExpiry.REALISTIC.value,
+                        help="a lapsed lease: realistic (heartbeated: re-queued; acked but never "
+                             "heartbeated: stranded in starting), requeue, or stop")
+    parser.add_argument("--default-ttl", type=int, default=DEFAULT_TTL_SECONDS,
+                        help="lease TTL when a heartbeat asks for none (s, default %(default)s)")
+    parser.add_argument("--min-ttl", type=int, default=MIN_TTL_SECONDS,
+                        help="desired_ttl_seconds is clamped to [min, max] (default %(default)s)")
+    parser.add_argument("--max-ttl", type=int, default=MAX_TTL_SECONDS,
+                        help="(default %(default)s)")
+    parser.add_argument("--stop-response", choices=[s.value for s in StopResponse],
+                        default=StopResponse.NO_CONTENT.value,
+                        help="stop answers 204 with no body (as observed) or the work object")
+
+
+def _fault_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("faults", "also settable at run time: POST /_emulator/faults")
+    group.add_argument("--latency-ms", type=int, default=0)
+    group.add_argument("--fault-endpoints", default="",
+                       help="comma-separated endpoints faults apply to (default: all), of "
+                            "get,update,list,ack,heartbeat,poll,stop,stats")
+    group.add_argument("--error-rate", type=float, default=0.0, help="share of 5xx answers")
+    group.add_argument("--error-status", type=int, default=500)
+    group.add_argument("--rate-limit-rate", type=float, default=0.0,
+                       help="share of 429 answers with retry-after")
+    group.add_argument("--retry-after", type=float, default=1.0, help="seconds, on each 429")
+    group.add_argument("--drop-rate", type=float, default=0.0,
+                       help="share of connections closed without an answer")
+    group.add_argument("--heartbeat-412-rate", type=float, default=0.0)
+    group.add_argument("--malformed-rate", type=float, default=0.0,
+                       help="share of 2xx answers whose JSON body is cut short")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import EmulatorConfig, LeaseExpiry
+    from .faults import FaultSettings
+    from .server import serve
+
+    if not 1 <= args.min_ttl <= args.default_ttl <= args.max_ttl:
+        raise SystemExit("dispatcher emulator: need 1 <= --min-ttl <= --default-ttl <= --max-ttl")
+    config = EmulatorConfig(
+        environment_key=args.environment_key or _generated("environment key", "sk-ant-oat01"),
+        api_key=args.api_key or _generated("api key", "sk-ant-api03"),
+        redis_url=args.redis_url, key_prefix=args.key_prefix, host=args.host, port=args.port,
+        lease_expiry=LeaseExpiry(args.lease_expiry), default_ttl_seconds=args.default_ttl,
+        min_ttl_seconds=args.min_ttl, max_ttl_seconds=args.max_ttl,
+        create_environments=tuple(args.create_environment))
+    faults = FaultSettings(
+        latency_ms=args.latency_ms,
+        endpoints=[e.strip() for e in args.fault_endpoints.split(",") if e.strip()] or None,
+        error_rate=args.error_rate, error_status=args.error_status,
+        rate_limit_rate=args.rate_limit_rate, retry_after_seconds=args.retry_after,
+        drop_rate=args.drop_rate, heartbeat_412_rate=args.heartbeat_412_rate,
+        malformed_rate=args.malformed_rate, stop_response=args.stop_response)
+    return serve(config, faults, log_level=args.log_level)
+
+
+def _generated(what: str, kind: str) -> str:
+    """A key for a local emulator nobody configured: printed, since the user needs it."""
+    key = f"{kind}-emulator-{secrets.token_urlsafe(24)}"
+    print(f"{what}: {key}", flush=True)
+    return key

@@ -1,0 +1,53 @@
+"""What every route needs (`Emulator`, on `app.state.emulator`) and the credential dependency."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPBearer
+
+from .auth import Credential, authorize
+from .config import EmulatorConfig
+from .faults import Faults
+from .requestlog import RequestLog
+from .store import Store
+
+__all__ = ["Ctx", "Emulator", "emulator_of", "requires"]
+
+# Shown in the OpenAPI document as the two ways to send a key; `auth` does the checking.
+_bearer = HTTPBearer(auto_error=False, description="The environment or organisation key.")
+_api_key = APIKeyHeader(name="x-api-key", auto_error=False,
+                        description="The organisation or environment key.")
+
+
+@dataclass
+class Emulator:
+    config: EmulatorConfig
+    store: Store
+    faults: Faults
+    log: RequestLog
+    # Run once Redis answers, before the server listens (e.g. `--create-environment`).
+    on_startup: Callable[[Emulator], Awaitable[None]] | None = None
+
+
+def emulator_of(request: Request) -> Emulator:
+    found: Emulator = request.app.state.emulator
+    return found
+
+
+Ctx = Annotated[Emulator, Depends(emulator_of)]
+
+
+def requires(allowed: frozenset[Credential], what: str) -> Callable[..., Credential]:
+    """A dependency that admits only the `allowed` kinds of key (see `auth`)."""
+
+    def check(request: Request, _b: Annotated[Any, Depends(_bearer)] = None,
+              _k: Annotated[Any, Depends(_api_key)] = None) -> Credential:
+        config = emulator_of(request).config
+        return authorize(request.headers, allowed, environment_key=config.environment_key,
+                         api_key=config.api_key, what=what)
+
+    return check

@@ -1,0 +1,68 @@
+"""Serve the emulator with uvicorn on 127.0.0.1 until SIGTERM or Ctrl-C.
+
+uvicorn installs the SIGTERM/SIGINT handlers and drains open requests (long polls end within a
+second) before it exits. The h11 protocol is pinned: a dropped-connection fault relies on how it
+answers an ASGI call that returns a value (it closes the socket and writes nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from typing import Any
+
+import uvicorn
+
+from .app import create_app
+from .config import EmulatorConfig
+from .context import Emulator
+from .faults import FaultSettings
+
+__all__ = ["serve"]
+
+# Long polls last under a second; give them that, and a margin, before closing at shutdown.
+GRACEFUL_SHUTDOWN_S = 3
+
+
+class _DroppedConnectionFilter(logging.Filter):
+    """uvicorn logs an error for each deliberately dropped connection: that is the fault, not
+    a failure of the server, so keep it out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ASGI callable should return None")
+
+
+class _Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit:
+            host, port = self._bound()
+            print(f"dispatcher emulator listening on http://{host}:{port}", flush=True)
+
+    def _bound(self) -> tuple[str, int]:
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                return str(host), int(port)
+        return self.config.host, self.config.port
+
+
+async def _announce(emulator: Emulator) -> None:
+    """`--create-environment NAME`: the environments a demo needs, with their ids printed."""
+    for name in emulator.config.create_environments:
+        environment = await emulator.store.create_environment(name, {"type": "self_hosted"})
+        print(f"environment {name}: {environment['id']}", flush=True)
+
+
+def serve(config: EmulatorConfig, faults: FaultSettings, *, log_level: str = "warning") -> int:
+    app: Any = create_app(config, faults=faults, on_startup=_announce)
+    logging.getLogger("uvicorn.error").addFilter(_DroppedConnectionFilter())
+    server = _Server(uvicorn.Config(
+        app, host=config.host, port=config.port, http="h11", lifespan="on",
+        log_level=log_level, access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    server.run()
+    if not server.started:
+        print("dispatcher emulator: did not start (see the errors above)", file=sys.stderr)
+        return 1
+    return 0
