@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -34,6 +35,12 @@ class _DroppedConnectionFilter(logging.Filter):
 
 
 class _Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal once it has shut down; for the emulator a stop on request
+        # is a clean finish, so it exits 0 (supervisors and `docker compose` show no failure).
+        self._captured_signals.clear()
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if not self.should_exit:

@@ -35,6 +35,9 @@ __all__ = ["Store"]
 
 # The consumer name of a poll that sent no Anthropic-Worker-ID.
 ANONYMOUS_CONSUMER = "anonymous"
+# Reclaim tries per poll: each try either hands out an entry, drops a dead one, or finds that
+# another poller took it; the bound only keeps a pathological race from holding a poll open.
+MAX_RECLAIM_ATTEMPTS = 100
 
 Operation = Callable[[WorkRecord], Transition]
 
@@ -279,20 +282,27 @@ class Store:
 
     async def _reclaim(self, environment_id: str, consumer: str,
                        reclaim_ms: int) -> WorkRecord | None:
+        """Claim the first pending entry idle longer than `reclaim_ms`, if any.
+
+        XPENDING IDLE finds it in one round trip (most polls have nothing to reclaim, however
+        long the pending list); XAUTOCLAIM from there takes it atomically, so two pollers never
+        both reclaim one entry. COUNT 1: every entry claimed has its idle time reset, so claim
+        only what is handed out.
+        """
         stream = self.keys.stream(environment_id)
-        start = "0-0"
-        while True:
-            # COUNT 1: every entry claimed has its idle time reset, so claim only what we hand out.
-            reply = await self.redis.xautoclaim(stream, CONSUMER_GROUP, consumer,
-                                                min_idle_time=reclaim_ms, start_id=start,
-                                                count=1)
-            start, claimed = str(reply[0]), reply[1]
-            for entry_id, fields in claimed:
+        for _ in range(MAX_RECLAIM_ATTEMPTS):
+            idle: Any = await self.redis.xpending_range(stream, CONSUMER_GROUP, min="-", max="+",
+                                                        count=1, idle=reclaim_ms)
+            if not idle:
+                return None
+            reply: Any = await self.redis.xautoclaim(
+                stream, CONSUMER_GROUP, consumer, min_idle_time=reclaim_ms,
+                start_id=idle[0]["message_id"], count=1)
+            for entry_id, fields in reply[1]:
                 record = await self._deliverable(environment_id, entry_id, fields)
                 if record is not None:
                     return record
-            if start == "0-0":
-                return None
+        return None
 
     async def _read_new(self, environment_id: str, consumer: str,
                         block_ms: int | None) -> WorkRecord | None:

@@ -1,0 +1,123 @@
+"""Each fault switch, set at run time (`POST /_emulator/faults`) and at start (CLI flags)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import EmulatorProcess
+
+pytestmark = pytest.mark.integration
+
+
+def _stats(emu: EmulatorProcess, env: str) -> httpx.Response:
+    return emu.http.get(emu.work_url(env, "/stats"), headers=emu.org_headers)
+
+
+def test_faults_are_readable_and_reset(emulator: EmulatorProcess) -> None:
+    defaults = emulator.http.get("/_emulator/faults", headers=emulator.org_headers).json()
+    assert defaults["error_rate"] == 0 and defaults["stop_response"] == "204"
+    changed = emulator.set_faults(latency_ms=5, endpoints=["poll"])
+    assert changed["latency_ms"] == 5 and changed["endpoints"] == ["poll"]
+    assert changed["error_rate"] == 0, "fields not given keep their values"
+    bad = emulator.http.post("/_emulator/faults", headers=emulator.org_headers,
+                             json={"error_rate": 2})
+    assert bad.status_code == 400
+    assert emulator.reset_faults() == defaults
+
+
+def test_latency_only_for_the_chosen_endpoints(emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    emulator.set_faults(latency_ms=300, endpoints=["stats"])
+    started = time.monotonic()
+    assert _stats(emulator, env).status_code == 200
+    assert time.monotonic() - started >= 0.3
+    started = time.monotonic()
+    emulator.poll(env)
+    assert time.monotonic() - started < 0.25, "poll is not slowed"
+
+
+def test_server_errors(emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    emulator.set_faults(error_rate=1.0, error_status=503)
+    response = _stats(emulator, env)
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "api_error"
+    emulator.create_environment()  # never faulted: making work
+    assert emulator.requests_log()[-1]["fault"] == "error"
+
+
+def test_rate_limits_carry_retry_after(emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    emulator.set_faults(rate_limit_rate=1.0, retry_after_seconds=2)
+    response = _stats(emulator, env)
+    assert response.status_code == 429 and response.headers["retry-after"] == "2"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_dropped_connections_get_no_response_at_all(emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    emulator.set_faults(drop_rate=1.0, endpoints=["poll"])
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending"):
+        emulator.http.get(emulator.work_url(env, "/poll"), headers=emulator.env_headers)
+    assert _stats(emulator, env).status_code == 200, "other endpoints answer"
+    dropped = [e for e in emulator.requests_log() if e["endpoint"] == "poll"
+               and e["environment_id"] == env]
+    assert dropped[-1]["status"] == 0 and dropped[-1]["fault"] == "drop"
+
+
+def test_heartbeat_412_shows_the_real_current_state(emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    _, work_id = emulator.create_session(env)
+    emulator.poll(env)
+    emulator.http.post(emulator.work_url(env, f"/{work_id}/ack"), headers=emulator.env_headers)
+    emulator.set_faults(heartbeat_412_rate=1.0)
+    url = emulator.work_url(env, f"/{work_id}/heartbeat")
+    refused = emulator.http.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"},
+                                 headers=emulator.env_headers)
+    assert refused.status_code == 412
+    details = refused.json()["error"]["details"]
+    assert details["error_code"] == "heartbeat_precondition_failed"
+    assert details["current_state"]["state"] == "starting"
+    emulator.reset_faults()
+    accepted = emulator.http.post(url, params={"expected_last_heartbeat": "NO_HEARTBEAT"},
+                                  headers=emulator.env_headers)
+    assert accepted.status_code == 200, "the injected 412 changed nothing"
+
+
+def test_stop_can_answer_the_work_object(emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    _, work_id = emulator.create_session(env)
+    emulator.set_faults(stop_response="json")
+    response = emulator.http.post(emulator.work_url(env, f"/{work_id}/stop"),
+                                  headers=emulator.org_headers, json={})
+    assert response.status_code == 200
+    assert response.json()["id"] == work_id and response.json()["state"] == "stopped"
+
+
+def test_malformed_bodies(emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    emulator.set_faults(malformed_rate=1.0)
+    response = _stats(emulator, env)
+    assert response.status_code == 200
+    with pytest.raises(ValueError):
+        response.json()
+    _, work_id = emulator.create_session(env)  # never faulted: making work
+    assert work_id.startswith("work_")
+
+
+def test_fault_flags_at_start(emulator_factory: Callable[..., EmulatorProcess]) -> None:
+    emu = emulator_factory("--error-rate", "1", "--fault-endpoints", "stats",
+                           "--stop-response", "json")
+    env = emu.create_environment()
+    assert _stats(emu, env).status_code == 500
+    _, work_id = emu.create_session(env)
+    stop = emu.http.post(emu.work_url(env, f"/{work_id}/stop"), headers=emu.org_headers, json={})
+    assert stop.status_code == 200 and stop.json()["state"] == "stopped"
+    assert emu.http.get("/_emulator/faults", headers=emu.org_headers).json()["endpoints"] == [
+        "stats"]
