@@ -21,7 +21,17 @@ from .config import EmulatorConfig, LeaseExpiry
 from .errors import Conflict, InvalidRequest, PreconditionFailed
 from .records import WorkRecord
 
-__all__ = ["Lapse", "Transition", "ack", "apply_lapse", "heartbeat", "lapse", "stop"]
+__all__ = [
+    "Lapse",
+    "Transition",
+    "ack",
+    "apply_lapse",
+    "current_state",
+    "heartbeat",
+    "lapse",
+    "precondition_failed",
+    "stop",
+]
 
 _LEASED = frozenset({WorkState.STARTING, WorkState.ACTIVE, WorkState.STOPPING})
 
