@@ -54,6 +54,8 @@ class Lease:
     queue: str
     phase: str = Phase.CLAIMED
     attempt: int = 1
+    # Attempts that ended because their worker was lost; drains and lost messages do not count.
+    failures: int = 0
     task_id: str = ""
     worker: str = ""
     pid: int = 0

@@ -44,12 +44,17 @@ def dispatch(runtime: Runtime, lease: Lease) -> None:
           attempt=lease.attempt, task_id=lease.task_id, queue=lease.queue)
 
 
-def restart_attempt(runtime: Runtime, lease: Lease, *, reason: str) -> None:
-    """Hand the session to a new attempt on any worker, or release it if it may not run again."""
+def restart_attempt(runtime: Runtime, lease: Lease, *, reason: str, failure: bool) -> None:
+    """Hand the session to a new attempt on any worker, or release it if it may not run again.
+
+    `failure` counts the ending attempt against DISPATCHER_MAX_ATTEMPTS: a worker that died
+    mid-session does; a drain (a deploy) or a message that never reached a worker does not,
+    so rolling restarts never use a session's attempts up.
+    """
     if lease.stop or lease.is_lost:
         release(runtime, lease, reason=f"{reason}; stop requested", outcome="stopped")
         return
-    if lease.attempt >= runtime.settings.max_attempts:
+    if failure and lease.failures + 1 >= runtime.settings.max_attempts:
         event("attempts exhausted", level=logging.WARNING, work_id=lease.work_id,
               session_id=lease.session_id, attempt=lease.attempt, reason=reason)
         release(runtime, lease, reason="attempts exhausted", outcome="attempts_exhausted")
@@ -60,6 +65,8 @@ def restart_attempt(runtime: Runtime, lease: Lease, *, reason: str) -> None:
     )
     if attempt <= 0:
         return  # someone else already moved the lease on, or released it
+    if failure:
+        runtime.registry.update(lease.work_id, failures=lease.failures + 1)
     event("attempt restarted", level=logging.WARNING, work_id=lease.work_id,
           session_id=lease.session_id, attempt=attempt, reason=reason)
     runtime.metrics.inc("attempts_restarted", reason=reason.split(" (")[0])

@@ -36,13 +36,13 @@ def recover(runtime: Runtime) -> int:
     acted = 0
     for lease in runtime.registry.all():
         if _is_dead_attempt(lease, now):
-            restart_attempt(runtime, lease, reason="worker lost (no pulse)")
+            restart_attempt(runtime, lease, reason="worker lost (no pulse)", failure=True)
             acted += 1
         elif _is_stranded_claim(lease, now):
             _finish_claim(runtime, lease)
             acted += 1
         elif _is_lost_message(runtime, lease, now):
-            restart_attempt(runtime, lease, reason="session task never started")
+            restart_attempt(runtime, lease, reason="session task never started", failure=False)
             acted += 1
     return acted
 

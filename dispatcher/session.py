@@ -22,7 +22,7 @@ from enum import StrEnum
 
 from dispatcher.events import event
 from dispatcher.leases import Lease, Phase, StopKind
-from dispatcher.lifecycle import release, restart_attempt
+from dispatcher.lifecycle import dispatch, release, restart_attempt
 from dispatcher.runtime import Runtime
 from dispatcher.sandbox import (
     CommandError,
@@ -92,6 +92,12 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
         release(runtime, lease, reason=f"stopped before start ({lease.stop_cause})",
                 outcome="stopped")
         return Outcome.STOPPED
+    if runtime.capacity.is_draining(attempt.worker):
+        # Celery delivered this just before the drain stopped its consumer: pass it on as is.
+        event("attempt passed on", work_id=attempt.work_id, attempt=attempt.attempt,
+              reason="worker draining")
+        dispatch(runtime, lease)
+        return Outcome.HANDED_OVER
     if not _mark_running(runtime, attempt):
         return Outcome.SUPERSEDED
     try:
@@ -247,7 +253,7 @@ def _finish(runtime: Runtime, attempt: SessionAttempt, code: int, *, draining: b
         release(runtime, lease, reason=f"stopped ({lease.stop_cause})", outcome="stopped")
         return Outcome.STOPPED
     if draining:
-        restart_attempt(runtime, lease, reason="worker drained")
+        restart_attempt(runtime, lease, reason="worker drained", failure=False)
         return Outcome.HANDED_OVER
     outcome = Outcome.COMPLETED if code == 0 else Outcome.FAILED
     release(runtime, lease, reason="exited" if code == 0 else f"exited with {code}",

@@ -180,6 +180,8 @@ def _args(record: logging.LogRecord) -> list[object]:
 
 
 def quiet_control_ticks() -> None:
+    # httpx logs every request at INFO: a few per second per worker, none of them news.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     quiet = _QuietControlTicks()
     for name in ("celery.app.trace", "celery.worker.strategy", "celery.worker.request",
                  "celery.beat"):

@@ -15,7 +15,8 @@ from fleet import FLEET_REDIS_DB, Fleet
 @pytest.fixture
 def fleet(emulator: Any, tmp_path: Path) -> Iterator[Fleet]:
     base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
-    redis.Redis.from_url(f"{base}/{FLEET_REDIS_DB}").flushdb()
+    with redis.Redis.from_url(f"{base}/{FLEET_REDIS_DB}") as r:
+        r.flushdb()
     f = Fleet(emulator, tmp_path, base)
     try:
         yield f

@@ -17,12 +17,13 @@ from typing import Any
 
 import redis
 
+from dispatcher.capacity import Capacity
+from dispatcher.stack import LocalStack
 from dispatcher.workapi import WorkClient
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 # Acceptance fleets use their own Redis database: Celery's queue keys carry no prefix.
 FLEET_REDIS_DB = 9
-FAKE_SESSION = f"{sys.executable} -m dispatcher.emulator.fake_session"
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1,
@@ -38,6 +39,8 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 
 
 
 class Fleet:
+    """A fleet under test: processes through `LocalStack`, the emulator from the fixture."""
+
     def __init__(self, emulator: Any, tmp_path: Path, redis_base: str) -> None:
         self.emulator = emulator
         self.environment_id = emulator.create_environment()
@@ -45,84 +48,56 @@ class Fleet:
         self.records_dir = tmp_path / "records"
         self.records_dir.mkdir()
         self.redis_url = f"{redis_base}/{FLEET_REDIS_DB}"
-        self.prefix = f"t{uuid.uuid4().hex[:8]}"
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.stack = LocalStack(workdir=tmp_path, redis_url=self.redis_url,
+                                environment_key=emulator.environment_key,
+                                api_key=emulator.api_key, key_prefix=f"t{uuid.uuid4().hex[:8]}",
+                                base_url=emulator.base_url, environment_id=self.environment_id)
+        self.prefix = self.stack.key_prefix
         self.overrides: dict[str, str] = {}
         self.admin = WorkClient(base_url=emulator.base_url, environment_id=self.environment_id,
                                 environment_key=emulator.environment_key,
                                 api_key=emulator.api_key)
+        self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
 
     # --- processes ---------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        own = ("ANTHROPIC_", "DISPATCHER_")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
-        env.update({
-            "ANTHROPIC_BASE_URL": self.emulator.base_url,
-            "ANTHROPIC_ENVIRONMENT_ID": self.environment_id,
-            "ANTHROPIC_ENVIRONMENT_KEY": self.emulator.environment_key,
-            "DISPATCHER_REDIS_URL": self.redis_url,
-            "DISPATCHER_KEY_PREFIX": self.prefix,
-            "DISPATCHER_ON_WORK": FAKE_SESSION,
+        return self.stack.fleet_env(**{
             "DISPATCHER_FAKE_RECORD_DIR": str(self.records_dir),
             "DISPATCHER_SANDBOX_ENV_ALLOW": "PATH,HOME,DISPATCHER_FAKE_RECORD_DIR",
             "DISPATCHER_STOP_GRACE_SECONDS": "2",
             "DISPATCHER_DESIRED_TTL_SECONDS": "30",
+            **self.overrides,
         })
-        env.update(self.overrides)
-        return env
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
-        process = subprocess.Popen([CELERY, "-A", "dispatcher", *args], env=self.env(),
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
-        self.processes[name] = process
-        return process
 
     def worker(self, name: str, *, pool: str = "threads", concurrency: int = 6,
                queues: str | None = None, beat: bool = False) -> subprocess.Popen[bytes]:
-        args = ["worker", "-n", f"{name}@%h", "-P", pool, "-c", str(concurrency), "-l", "INFO",
-                "--without-mingle", "--without-gossip"]
-        if queues:
-            args += ["-Q", queues]
-        if beat:
-            args.append("-B")
-        return self.start(name, args)
+        return self.stack.worker(name, self.env(), pool=pool, concurrency=concurrency,
+                                 queues=queues, beat=beat)
 
     def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
-        return self.start(name, ["beat", "-l", "INFO"])
+        return self.stack.celery(name, ["beat", "-l", "INFO"], self.env())
 
     def hostname(self, name: str) -> str:
-        return f"{name}@{os.uname().nodename}"
+        return self.stack.hostname(name)
 
     def wait_slots(self, slots: int, timeout: float = 30) -> None:
-        r = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        capacity = Capacity(self.redis, prefix=self.prefix)
+        wait_for(lambda: capacity.total_slots() >= slots, timeout=timeout,
+                 what=f"{slots} advertised slots")
 
-        def live() -> int:
-            total = 0
-            for host in r.zrange(f"{self.prefix}:workers", 0, -1):
-                raw = r.hgetall(f"{self.prefix}:worker:{host}")
-                if raw and raw.get("draining") != "1" and time.time() - float(raw["seen_at"]) < 6:
-                    total += int(raw["slots"])
-            return total >= slots
-
-        wait_for(live, timeout=timeout, what=f"{slots} advertised slots")
+    def lease(self, work_id: str) -> dict[str, str]:
+        return self.redis.hgetall(f"{self.prefix}:lease:{work_id}")  # type: ignore[return-value]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        self.processes[name].send_signal(sig)
+        self.stack.kill(name, sig)
 
     def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGQUIT)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        self.stack.stop_all()
+        self.admin.close()
+        self.redis.close()
 
     def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
+        return self.stack.log(name)
 
     # --- sessions ----------------------------------------------------------------------------
     def create(self, **metadata: Any) -> str:

@@ -109,20 +109,14 @@ def test_an_operator_revoke_stops_the_work_item(fleet: Fleet, pool: str) -> None
     fleet.worker("w1", pool=pool, concurrency=6, beat=True)
     work_id = fleet.create(fake_duration=60)
     fleet.wait_event(work_id, "started")
-    task_id = _lease(fleet, work_id)["task_id"]
-    subprocess.run([CELERY, "-A", "dispatcher", "control", "revoke", task_id, "--terminate"],
-                   env=fleet.env(), check=False, capture_output=True, timeout=30)
+    task_id = fleet.lease(work_id)["task_id"]
+    # The command line's spelling of revoke(terminate=True), what Flower's Terminate sends.
+    subprocess.run([CELERY, "-A", "dispatcher", "control", "terminate", "SIGTERM", task_id],
+                   env=fleet.env(), check=True, capture_output=True, timeout=30)
     fleet.wait_stopped([work_id], timeout=20)
     assert fleet.events(work_id, "sigterm"), "the sandbox was asked to stop"
 
 
-def _lease(fleet: Fleet, work_id: str) -> dict[str, str]:
-    import redis
-
-    r = redis.Redis.from_url(fleet.redis_url, decode_responses=True)
-    return r.hgetall(f"{fleet.prefix}:lease:{work_id}")  # type: ignore[return-value]
-
-
 def _worker_of(fleet: Fleet, work_id: str) -> str:
-    return wait_for(lambda: _lease(fleet, work_id).get("worker"), timeout=10, what="worker")
+    return str(wait_for(lambda: fleet.lease(work_id).get("worker"), timeout=10, what="worker"))
 
