@@ -1,0 +1,156 @@
+"""Generated documentation: the settings table of docs/configuration.md, from the model.
+
+`python -m dispatcher.docsgen > docs/configuration.md` writes the whole page: the prose below
+with the table of `dispatcher.settings.Settings` between the marker comments. The prose lives
+here, not in the Markdown file, because the shell truncates the file before this runs; edit it
+here and regenerate. `tests/unit/test_docs.py` fails when the page and the model disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Any
+
+from pydantic import AliasChoices
+from pydantic.fields import FieldInfo
+
+from dispatcher.settings import Settings
+
+__all__ = ["BEGIN_MARKER", "END_MARKER", "main", "render_configuration", "render_page"]
+
+BEGIN_MARKER = "<!-- BEGIN GENERATED: settings table (python -m dispatcher.docsgen) -->"
+END_MARKER = "<!-- END GENERATED: settings table -->"
+UNSET = "unset"
+
+
+def env_name(name: str, field: FieldInfo) -> str:
+    """The environment variable a field is read from: its (first) validation alias."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        if isinstance(first, str):
+            return first
+    elif isinstance(alias, str):
+        return alias
+    return name.upper()
+
+
+def _default(value: Any) -> str:
+    if value is None:
+        return UNSET
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, list | tuple):
+        text = ",".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return f"`{text}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def render_configuration() -> str:
+    """The settings table, one row per field of `Settings`, in declaration order."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        rows.append(
+            f"| `{env_name(name, field)}` | {_cell(_default(field.default))} "
+            f"| {_cell(field.description or '')} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+PAGE = """\
+# Configuration
+
+Every process of the fleet (`celery -A dispatcher worker`, `beat`, `flower`, and the operator
+commands) reads one settings model, `dispatcher.settings.Settings`, from its environment when it
+starts. Names the official CLI (`ant beta:worker poll`) already uses keep their `ANTHROPIC_*`
+spelling; the dispatcher's own knobs are `DISPATCHER_*`. A missing or malformed value stops the
+process with one line naming the variable, e.g.
+`dispatcher: DISPATCHER_STOP_GRACE_SECONDS is invalid: Input should be greater than or equal to 0`
+(see [troubleshooting](troubleshooting.md)). List values are comma-separated.
+
+## Settings
+
+The table is generated from the model; do not edit it by hand. To change a default or a
+meaning, edit `dispatcher/settings.py`; to change the prose, edit `dispatcher/docsgen.py`; then
+run `python -m dispatcher.docsgen > docs/configuration.md`.
+
+@TABLE@
+## Who needs what
+
+| process | needs | notes |
+|---|---|---|
+| session worker (`worker -Q dispatcher.sessions`) | `ANTHROPIC_ENVIRONMENT_ID`, `ANTHROPIC_ENVIRONMENT_KEY`, `DISPATCHER_REDIS_URL`, `DISPATCHER_ON_WORK` | refuses to start without them, if the on-work program is not on `PATH`, or if Redis does not answer. Also reads `DISPATCHER_LEASE_MODE` (hand-off), `DISPATCHER_STOP_GRACE_SECONDS`, `DISPATCHER_SESSION_SLOTS`, `DISPATCHER_SANDBOX_ENV_ALLOW` |
+| control worker (`worker -Q dispatcher.control`) | the same four | runs the poller, heartbeats, stop bridge and recovery. It checks `DISPATCHER_ON_WORK` at start too and uses it to answer `healthcheck` items, so the program must exist on control hosts as well |
+| beat (`celery -A dispatcher beat`) | `DISPATCHER_REDIS_URL` | the schedule comes from `DISPATCHER_POLL_INTERVAL_SECONDS`, `DISPATCHER_HEARTBEAT_TICK_SECONDS`, `DISPATCHER_BRIDGE_INTERVAL_SECONDS`; the redbeat lock lives under `DISPATCHER_KEY_PREFIX` |
+| Flower (`celery -A dispatcher flower`) | `DISPATCHER_REDIS_URL` | plus `FLOWER_*` (below) |
+| operator commands | `ANTHROPIC_API_KEY` (organisation key), `ANTHROPIC_ENVIRONMENT_ID` | only reading or updating a single work item needs the organisation key; workers never use it and sandboxes never receive it, so keep it off worker hosts |
+| `dispatcher emulator` | its flags (`dispatcher emulator --help`) | `--redis-url` defaults to `DISPATCHER_REDIS_URL`; `DISPATCHER_EMULATOR_ENVIRONMENT_KEY` and `DISPATCHER_EMULATOR_API_KEY` set its keys (see [emulator](emulator.md)) |
+
+Keep these equal on every process of one fleet: `ANTHROPIC_ENVIRONMENT_ID`,
+`ANTHROPIC_BASE_URL`, `DISPATCHER_REDIS_URL`, `DISPATCHER_KEY_PREFIX`,
+`DISPATCHER_SESSION_QUEUES` (the first is the default route; a queue no worker consumes holds
+its sessions), `DISPATCHER_LEASE_MODE` (recorded per lease by the poller on a control worker)
+and `DISPATCHER_MAX_ATTEMPTS`. Give each fleet (each environment) its own Redis database:
+`DISPATCHER_KEY_PREFIX` separates the lease registry, but not Celery's queues.
+
+`DISPATCHER_SESSION_SLOTS` unset: a worker that consumes a session queue advertises its
+concurrency, minus 2 when it also consumes `dispatcher.control` (kept for control tasks); a
+worker that consumes no session queue advertises 0.
+
+## Celery's own flags
+
+The app sets `-P threads -c 10` as defaults; the command line overrides them.
+
+| flag | what it changes here |
+|---|---|
+| `-Q dispatcher.sessions` / `-Q dispatcher.control` | the role of a worker; without `-Q` it consumes both (and reserves 2 slots for control tasks) |
+| `-c N` | pool size, hence session slots (see above). Slots are read once at start: prefer a fixed `-c` to `--autoscale` |
+| `-P threads` / `-P prefork` | threads by default (a session only waits on a subprocess); prefork is supported. An operator stops a running session with a revoke on threads, with `revoke --terminate` (Flower's Terminate) on prefork |
+| `-n NAME@%h` | node name; unique per worker process on a host. Slots and the drain flag are kept per node name |
+| `-B` | embedded beat, for a one-host fleet; lock-protected (celery-redbeat), so `-B` on several hosts never doubles ticks |
+| `-l INFO` | lifecycle lines (see [troubleshooting](troubleshooting.md)) are logged at INFO and above |
+
+Do not pass `-S` or `--max-interval` to beat: the app configures celery-redbeat with a 1 s loop
+and a 10 s lock, which is how fast a standby takes over.
+
+## Flower
+
+Flower reads its options from `FLOWER_*` variables as well as flags.
+
+| variable | meaning |
+|---|---|
+| `FLOWER_BASIC_AUTH` | `user:password` (comma-separated for several users). Without it (or another auth option) the REST API answers 401 and the UI is open |
+| `FLOWER_PORT` | listening port, default 5555 (`FLOWER_ADDRESS` for the interface) |
+| `FLOWER_URL_PREFIX` | path prefix when served behind a reverse proxy, e.g. `flower` for `/flower/` |
+| `FLOWER_PERSISTENT` | `true` keeps task history across restarts in the file named by `FLOWER_DB` (default `flower`) |
+
+Flower's `/metrics` (Prometheus) and `/healthcheck` answer without authentication whatever the
+auth settings: restrict the port by network (a private network, a firewall rule, a Kubernetes
+NetworkPolicy), not by password. Session task arguments are ids only; no key or work secret
+ever appears in Flower.
+"""  # noqa: E501  (Markdown table rows are one line each)
+
+
+def render_page() -> str:
+    """The whole of docs/configuration.md."""
+    table = f"{BEGIN_MARKER}\n{render_configuration()}{END_MARKER}\n"
+    return PAGE.replace("@TABLE@\n", table + "\n")
+
+
+def main() -> int:
+    sys.stdout.write(render_page())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

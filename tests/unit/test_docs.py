@@ -1,0 +1,84 @@
+"""The operator docs stay true to the code: the settings table is the model's, and every
+lifecycle log line the code can write is explained in docs/troubleshooting.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from dispatcher.docsgen import BEGIN_MARKER, END_MARKER, render_configuration, render_page
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+SOURCES = sorted((ROOT / "dispatcher").glob("*.py"))
+REGENERATE = "regenerate it: python -m dispatcher.docsgen > docs/configuration.md"
+
+# `event("action", ...)`, and both branches of `event("a" if ... else "b", ...)`.
+EVENT_LITERAL = re.compile(r'event\(\s*"([^"]+)"')
+EVENT_CONDITIONAL = re.compile(r'event\(\s*"[^"]+"\s+if\s[^,]*?\selse\s+"([^"]+)"')
+EVENT_ANY = re.compile(r"\bevent\(\s*([^\s,)]+)")
+# Actions passed through a variable: where the name is set, and the actions it can hold.
+DYNAMIC_ACTIONS = {("poller.py", "what"): ["poll failed"]}
+
+
+def _generated_table(text: str) -> str:
+    start = text.index(BEGIN_MARKER) + len(BEGIN_MARKER) + 1
+    return text[start:text.index(END_MARKER)]
+
+
+def test_configuration_table_matches_the_settings_model() -> None:
+    text = CONFIGURATION.read_text()
+    assert BEGIN_MARKER in text and END_MARKER in text, f"markers missing; {REGENERATE}"
+    assert _generated_table(text) == render_configuration(), (
+        f"docs/configuration.md's settings table differs from dispatcher.settings; {REGENERATE}"
+    )
+
+
+def test_configuration_page_is_the_generated_one() -> None:
+    assert CONFIGURATION.read_text() == render_page(), (
+        "docs/configuration.md was edited by hand or is stale: edit the prose in "
+        f"dispatcher/docsgen.py, then {REGENERATE}"
+    )
+
+
+def test_table_has_one_row_per_setting() -> None:
+    from dispatcher.settings import Settings
+
+    rows = [line for line in render_configuration().splitlines() if line.startswith("| `")]
+    assert len(rows) == len(Settings.model_fields)
+    assert "| `DISPATCHER_STOP_GRACE_SECONDS` | `30` |" in render_configuration()
+
+
+def logged_actions() -> set[str]:
+    actions: set[str] = set()
+    for path in SOURCES:
+        source = path.read_text()
+        actions.update(EVENT_LITERAL.findall(source))
+        actions.update(EVENT_CONDITIONAL.findall(source))
+        for argument in EVENT_ANY.findall(source):
+            if argument.startswith('"') or path.name == "events.py":
+                continue
+            known = DYNAMIC_ACTIONS.get((path.name, argument))
+            assert known is not None, (
+                f"{path.name}: event({argument}, ...) logs an action this test cannot read; "
+                "add its possible values to DYNAMIC_ACTIONS and to docs/troubleshooting.md"
+            )
+            actions.update(known)
+    return actions
+
+
+def test_every_logged_action_is_explained() -> None:
+    doc = TROUBLESHOOTING.read_text()
+    actions = logged_actions()
+    assert {"claimed", "released", "killed", "terminated", "poll failed"} <= actions
+    missing = sorted(a for a in actions if f"`{a}`" not in doc)
+    assert not missing, f"docs/troubleshooting.md does not explain: {missing}"
+
+
+def test_start_up_errors_are_explained() -> None:
+    doc = TROUBLESHOOTING.read_text()
+    for line in ("ANTHROPIC_ENVIRONMENT_ID is not set", "ANTHROPIC_ENVIRONMENT_KEY is not set",
+                 "DISPATCHER_ON_WORK is not set", "on-work command not found",
+                 "does not answer"):
+        assert line in doc
