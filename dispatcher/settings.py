@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     key_prefix: str = _env("DISPATCHER_KEY_PREFIX", "dispatcher", description=(
         "Prefix of every Redis key the registry writes, so a Redis can be shared."))
     session_slots: int | None = _env("DISPATCHER_SESSION_SLOTS", ge=1, description=(
-        "Sessions one worker runs at once; default: the worker's concurrency."))
+        "Sessions one worker runs at once; default: its concurrency, less 2 kept for "
+        "control tasks when it also consumes the control queue."))
     session_queues: Annotated[list[str], NoDecode] = _env(
         "DISPATCHER_SESSION_QUEUES", [DEFAULT_SESSION_QUEUE], description=(
             "Comma-separated session queues a work item's `queue` metadata may name; "

@@ -46,6 +46,10 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                              "printed if not given")
     parser.add_argument("--create-environment", action="append", default=[], metavar="NAME",
                         help="create an environment at start and print its id (repeatable)")
+    parser.add_argument("--environment-id", action="append", default=[], metavar="ID",
+                        help="create an environment with this fixed id at start unless it "
+                             "exists (repeatable; for a fleet whose ANTHROPIC_ENVIRONMENT_ID "
+                             "is set in advance)")
     parser.add_argument("--log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug"])
 
@@ -105,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         redis_url=args.redis_url, key_prefix=args.key_prefix, host=args.host, port=args.port,
         lease_expiry=LeaseExpiry(args.lease_expiry), default_ttl_seconds=args.default_ttl,
         min_ttl_seconds=args.min_ttl, max_ttl_seconds=args.max_ttl,
-        create_environments=tuple(args.create_environment))
+        create_environments=tuple(args.create_environment),
+        environment_ids=tuple(args.environment_id))
     faults = FaultSettings(
         latency_ms=args.latency_ms,
         endpoints=[e.strip() for e in args.fault_endpoints.split(",") if e.strip()] or None,

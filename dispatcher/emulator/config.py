@@ -86,6 +86,8 @@ class EmulatorConfig:
     max_ttl_seconds: int = MAX_TTL_SECONDS
     # Names of environments to create at start-up, printed with their ids (demos).
     create_environments: tuple[str, ...] = field(default_factory=tuple)
+    # Environment ids to create at start-up (fixed ids, e.g. for docker compose).
+    environment_ids: tuple[str, ...] = field(default_factory=tuple)
 
     def clamp_ttl(self, desired: int | None) -> int:
         if desired is None:

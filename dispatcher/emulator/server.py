@@ -60,6 +60,10 @@ async def _announce(emulator: Emulator) -> None:
     for name in emulator.config.create_environments:
         environment = await emulator.store.create_environment(name, {"type": "self_hosted"})
         print(f"environment {name}: {environment['id']}", flush=True)
+    for environment_id in emulator.config.environment_ids:
+        await emulator.store.create_environment(environment_id, {"type": "self_hosted"},
+                                                environment_id=environment_id)
+        print(f"environment {environment_id}: {environment_id}", flush=True)
 
 
 def serve(config: EmulatorConfig, faults: FaultSettings, *, log_level: str = "warning") -> int:

@@ -53,9 +53,17 @@ class Store:
         self.keys = EmulatorKeys(config.key_prefix)
 
     # --- environments and sessions ---------------------------------------------------------
-    async def create_environment(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+    async def create_environment(self, name: str, config: dict[str, Any], *,
+                                 environment_id: str | None = None) -> dict[str, Any]:
+        """A new environment; with `environment_id`, that id (kept if it already exists)."""
+        if environment_id is not None:
+            existing = await self.redis.get(self.keys.environment(environment_id))
+            if existing is not None:
+                found: dict[str, Any] = json.loads(existing)
+                return found
         moment = clock.rfc3339()
-        environment: dict[str, Any] = {"id": new_id("env"), "type": "environment", "name": name,
+        environment: dict[str, Any] = {"id": environment_id or new_id("env"),
+                       "type": "environment", "name": name,
                        "config": config, "metadata": {}, "created_at": moment,
                        "updated_at": moment, "archived_at": None}
         stream = self.keys.stream(environment["id"])
