@@ -180,6 +180,8 @@ def _new_lease(runtime: Runtime, item: Work) -> Lease:
         session_id=item.session_id,
         environment_id=item.environment_id,
         mode=runtime.settings.lease_mode.value,
+        heartbeats_by="sandbox" if runtime.settings.lease_mode == LeaseMode.RUNNER
+        else "dispatcher",
         queue=queue,
         task_id=uuid.uuid4().hex,
         claimed_at=now,

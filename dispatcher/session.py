@@ -252,9 +252,15 @@ def _finish(runtime: Runtime, attempt: SessionAttempt, code: int, *, draining: b
     if lease.stop:
         release(runtime, lease, reason=f"stopped ({lease.stop_cause})", outcome="stopped")
         return Outcome.STOPPED
-    if draining:
+    if draining and lease.heartbeats_by == "dispatcher":
         restart_attempt(runtime, lease, reason="worker drained", failure=False)
         return Outcome.HANDED_OVER
+    if draining:
+        # The sandbox held the lease (runner, handoff): its last token died with it, so a new
+        # attempt could only be refused (412). End the session instead of stranding it.
+        release(runtime, lease, reason="worker drained; the sandbox held the lease",
+                outcome="stopped")
+        return Outcome.STOPPED
     outcome = Outcome.COMPLETED if code == 0 else Outcome.FAILED
     release(runtime, lease, reason="exited" if code == 0 else f"exited with {code}",
             outcome=outcome.value)
