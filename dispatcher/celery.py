@@ -13,6 +13,7 @@ import sys
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
+from dispatcher.keys import Keys
 from dispatcher.settings import SettingsError, load_settings
 
 __all__ = ["CONTROL_QUEUE", "app"]
@@ -56,8 +57,12 @@ def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
+_celery_keys = {"global_keyprefix": Keys(settings.key_prefix).celery}
+
 app.conf.update(
     broker_url=settings.redis_url,
+    broker_transport_options=_celery_keys,
+    result_backend_transport_options=_celery_keys,
     result_backend=settings.redis_url,
     broker_connection_retry_on_startup=True,
     task_serializer="json",

@@ -52,6 +52,16 @@ class Keys:
         """String lock: at most one poller in flight per environment, fleet-wide."""
         return f"{self.prefix}:lock:poll:{environment_id}"
 
+    @property
+    def celery(self) -> str:
+        """Prefix of every key Celery and kombu write (queues, results, pidbox channels), so
+        fleets with different prefixes share one Redis without sharing queues."""
+        return f"{self.prefix}:celery:"
+
+    def celery_queue(self, queue: str) -> str:
+        """The Redis list holding a Celery queue's waiting messages (what KEDA can watch)."""
+        return f"{self.celery}{queue}"
+
     def task_lock(self, name: str) -> str:
         """String lock: at most one run of a periodic upkeep task at a time."""
         return f"{self.prefix}:lock:{name}"

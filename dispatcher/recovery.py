@@ -73,5 +73,5 @@ def _is_lost_message(runtime: Runtime, lease: Lease, now: float) -> bool:
 def _message_queued(runtime: Runtime, lease: Lease) -> bool:
     """Whether the task's message still waits in its Redis queue (kombu keeps a list per queue,
     each message a JSON document holding the task id)."""
-    messages = runtime.redis.lrange(lease.queue, 0, -1)
+    messages = runtime.redis.lrange(runtime.registry.keys.celery_queue(lease.queue), 0, -1)
     return any(lease.task_id in str(message) for message in messages)

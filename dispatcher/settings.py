@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     worker_id: str | None = _env("DISPATCHER_WORKER_ID", description=(
         "Anthropic-Worker-ID sent on poll; default `<hostname>-dispatcher`."))
     key_prefix: str = _env("DISPATCHER_KEY_PREFIX", "dispatcher", description=(
-        "Prefix of every Redis key the registry writes, so a Redis can be shared."))
+        "Prefix of every Redis key the fleet writes (registry, Celery queues and results, "
+        "beat), so fleets and the emulator can share one Redis."))
     session_slots: int | None = _env("DISPATCHER_SESSION_SLOTS", ge=1, description=(
         "Sessions one worker runs at once; default: its concurrency, less 2 kept for "
         "control tasks when it also consumes the control queue."))
