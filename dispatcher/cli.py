@@ -16,6 +16,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 SUBCOMMANDS: list[str] = [
     "dispatcher.emulator.cli",
+    "dispatcher.demo",
 ]
 
 
