@@ -81,8 +81,9 @@ app.conf.update(
     worker_concurrency=DEFAULT_CONCURRENCY,
     worker_send_task_events=True,
     task_send_sent_event=True,
-    # beat: celery-redbeat, whose Redis lock makes `-B` safe on every node of a fleet.
-    beat_scheduler="redbeat.RedBeatScheduler",
+    # beat: celery-redbeat, whose Redis lock makes `-B` safe on every node of a fleet, with a
+    # tick that survives a Redis restart (dispatcher.beat).
+    beat_scheduler="dispatcher.beat:Scheduler",
     redbeat_redis_url=settings.redis_url,
     redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
     redbeat_lock_key=f"{settings.key_prefix}:redbeat:lock",

@@ -110,6 +110,7 @@ class Pulse:
     stop: str
     stop_cause: str
     stop_seen_at: float = 0.0
+    token: str = ""
 
 
 # KEYS[1]=lease hash; ARGV: attempt, now, [field, value]*. Sets the fields only while the lease
@@ -121,14 +122,16 @@ for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
-# KEYS[1]=lease hash; ARGV: attempt, now. Returns {exists, current, stop, cause, seen at}.
+# KEYS[1]=lease hash; ARGV: attempt, now. Returns {exists, current, stop, cause, seen at,
+# token}: all a running attempt needs to act, and to rebuild its lease if Redis lost it.
 _PULSE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', '', '0'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', '', '0', ''} end
 local current = redis.call('HGET', KEYS[1], 'attempt') == ARGV[1]
 if current then redis.call('HSET', KEYS[1], 'pulse_at', ARGV[2]) end
 return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
         redis.call('HGET', KEYS[1], 'stop_cause') or '',
-        redis.call('HGET', KEYS[1], 'stop_seen_at') or '0'}
+        redis.call('HGET', KEYS[1], 'stop_seen_at') or '0',
+        redis.call('HGET', KEYS[1], 'token') or ''}
 """
 
 # KEYS[1]=lease hash; ARGV: expected attempt, task id, now. Starts the next attempt.
@@ -253,10 +256,11 @@ class LeaseRegistry:
         return int(self._set_if_attempt(keys=[self.keys.lease(work_id)], args=argv))
 
     def pulse(self, work_id: str, attempt: int) -> Pulse:
-        exists, current, stop, cause, seen_at = self._pulse(
+        exists, current, stop, cause, seen_at, token = self._pulse(
             keys=[self.keys.lease(work_id)], args=[attempt, time.time()]
         )
-        return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0))
+        return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
+                     str(token))
 
     def new_attempt(self, work_id: str, *, expected_attempt: int, task_id: str) -> int:
         """Start attempt `expected_attempt + 1`: its number, 0 if superseded, -1 if gone."""

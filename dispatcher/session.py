@@ -107,7 +107,7 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
               session_id=attempt.session_id, attempt=attempt.attempt, error=str(exc))
         release(runtime, lease, reason="sandbox could not start", outcome="failed")
         return Outcome.FAILED
-    return _supervise(runtime, attempt, spec)
+    return _supervise(runtime, attempt, spec, _Memory(lease, runtime.registry.epoch()))
 
 
 def _refuse(lease: Lease | None, attempt: SessionAttempt) -> Outcome | None:
@@ -157,7 +157,16 @@ def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
     return SandboxSpec(argv=argv, env=env, stdin=work_json.encode())
 
 
-def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec) -> Outcome:
+@dataclass
+class _Memory:
+    """What a running attempt remembers of its lease, to rebuild it if Redis loses it."""
+
+    lease: Lease
+    epoch: str
+
+
+def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
+               memory: _Memory) -> Outcome:
     flags = _Flags()
     with _terminate_sets_flag(flags):
         sandbox = Sandbox.start(spec)
@@ -167,12 +176,13 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec) -> 
               attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker,
               pid=sandbox.pid)
         try:
-            return _loop(runtime, attempt, sandbox, flags)
+            return _loop(runtime, attempt, sandbox, flags, memory, spec.stdin)
         finally:
             sandbox.kill_group()  # whatever happened, nothing of the sandbox outlives the task
 
 
-def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _Flags) -> Outcome:
+def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _Flags,
+          memory: _Memory, work_json: bytes) -> Outcome:
     ladder = _SignalLadder(runtime, sandbox, attempt=attempt)
     draining = False
     while True:
@@ -180,6 +190,10 @@ def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _F
         if code is not None:
             return _finish(runtime, attempt, code, draining=draining)
         pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt)
+        if not pulse.exists and _reregistered(runtime, attempt, memory, work_json):
+            continue
+        if pulse.token:
+            memory.lease.token = pulse.token
         if not pulse.exists or not pulse.current:
             event("fenced", level=logging.WARNING, work_id=attempt.work_id,
                   attempt=attempt.attempt, reason="a newer attempt owns the lease"
@@ -205,6 +219,26 @@ def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
     except ValueError:
         return
     runtime.metrics.observe("dispatch_latency_seconds", max(0.0, time.time() - created_at))
+
+
+def _reregistered(runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
+                  work_json: bytes) -> bool:
+    """Our lease is gone. If Redis lost everything (a new registry epoch), the lease is still
+    ours on the server and this sandbox is its only runner: write it back, with the last token
+    we saw, and let the heartbeat task carry on. Otherwise it was released: we are fenced."""
+    epoch = runtime.registry.epoch()
+    if epoch == memory.epoch:
+        return False
+    memory.epoch = epoch
+    lease = memory.lease
+    lease.phase, lease.worker, lease.pid = Phase.RUNNING, attempt.worker, os.getpid()
+    lease.pulse_at = lease.heartbeat_ok_at = time.time()
+    runtime.registry.create(lease, work_json=work_json.decode())
+    if lease.heartbeats_by == "dispatcher":
+        runtime.registry.schedule_heartbeat(lease.work_id, time.time())
+    event("lease re-registered", level=logging.WARNING, work_id=lease.work_id,
+          session_id=lease.session_id, attempt=lease.attempt, reason="registry was reset")
+    return True
 
 
 class _SignalLadder:
