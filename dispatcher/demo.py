@@ -188,15 +188,15 @@ class _Watch:
                 continue
             if session.expect == "graceful":
                 self.client.stop(session.work_id)
-                self.out.event(f"stop requested (graceful) for {session.label}")
+                self.out.announce(f"stop requested (graceful) for {session.label}")
             elif session.expect == "forced":
                 self.client.stop(session.work_id, force=True)
-                self.out.event(f"stop requested (force) for {session.label}")
+                self.out.announce(f"stop requested (force) for {session.label}")
             elif session.expect == "recovered" and session.workers and self._others_done(session):
                 # Only now, so the kill shows one session moving on, not a crowd.
                 victim = session.workers[-1].split("@")[0]
                 self.stack.kill(victim)
-                self.out.event(f"killed worker {victim} (SIGKILL) while it ran {session.label}")
+                self.out.announce(f"killed worker {victim} (SIGKILL) while it ran {session.label}")
             else:
                 continue
             self.done.add(session.label)
@@ -235,7 +235,7 @@ class _Screen:
         if not self.quiet:
             print(text, flush=True)
 
-    def event(self, text: str) -> None:
+    def announce(self, text: str) -> None:
         self.say(("\n" if self.live else "") + f"  -> {text}")
 
     def progress(self, sessions: list[DemoSession], *, final: bool = False) -> None:
