@@ -26,7 +26,8 @@ __all__ = ["LocalStack", "free_port"]
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_SECONDS = 30.0
-FAKE_SESSION = f"{sys.executable} -m dispatcher.emulator.fake_session"
+# Standard library only, so it runs by path with -S: a sandbox that starts in ~15 ms, not ~60.
+FAKE_SESSION = f"{sys.executable} -S {Path(__file__).parent / 'emulator' / 'fake_session.py'}"
 
 
 def free_port() -> int:

@@ -35,11 +35,9 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 # The values (not just names) worth checking in the `started` event; none of them is a secret.
 RECORDED_ENV = ("ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONMENT_ID",
@@ -186,9 +184,8 @@ class Runner:
         ttl, last_success = 30.0, time.monotonic()
         while not self.finished.is_set():
             interval = max(MIN_BEAT_INTERVAL_S, ttl / 2)
-            status, body = self._call(
-                "/heartbeat?" + urllib.parse.urlencode({"expected_last_heartbeat": self.token}),
-                None, timeout=interval)
+            query = "expected_last_heartbeat=" + quote(self.token, safe="")
+            status, body = self._call("/heartbeat?" + query, None, timeout=interval)
             self.recorder.write("heartbeat", status=status, state=body.get("state"),
                                 lease_extended=body.get("lease_extended"))
             if status == 200:
@@ -204,6 +201,10 @@ class Runner:
 
     def _call(self, path: str, body: dict[str, Any] | None,
               timeout: float) -> tuple[int, dict[str, Any]]:
+        # Imported here: urllib.request costs ~30 ms of start-up, and only runner mode needs it.
+        import urllib.error
+        import urllib.request
+
         request = urllib.request.Request(
             self.url + path, method="POST", data=json.dumps(body or {}).encode(),
             headers={**API_HEADERS, "authorization": f"Bearer {self.key}"})
