@@ -90,7 +90,7 @@ run `python -m dispatcher.docsgen > docs/configuration.md`.
 | process | needs | notes |
 |---|---|---|
 | session worker (`worker -Q dispatcher.sessions`) | `ANTHROPIC_ENVIRONMENT_ID`, `ANTHROPIC_ENVIRONMENT_KEY`, `DISPATCHER_REDIS_URL`, `DISPATCHER_ON_WORK` | refuses to start without them, if the on-work program is not on `PATH`, or if Redis does not answer. Also reads `DISPATCHER_LEASE_MODE` (hand-off), `DISPATCHER_STOP_GRACE_SECONDS`, `DISPATCHER_SESSION_SLOTS`, `DISPATCHER_SANDBOX_ENV_ALLOW` |
-| control worker (`worker -Q dispatcher.control`) | the same four | runs the poller, heartbeats, stop bridge and recovery. It checks `DISPATCHER_ON_WORK` at start too and uses it to answer `healthcheck` items, so the program must exist on control hosts as well |
+| control worker (`worker -Q dispatcher.control`) | the same, less `DISPATCHER_ON_WORK` | runs the poller, heartbeats, stop bridge and recovery. A control-only worker runs no sandbox, so it does not need the on-work program; if `DISPATCHER_ON_WORK` is set there, `healthcheck` items also check that it exists |
 | beat (`celery -A dispatcher beat`) | `DISPATCHER_REDIS_URL` | the schedule comes from `DISPATCHER_POLL_INTERVAL_SECONDS`, `DISPATCHER_HEARTBEAT_TICK_SECONDS`, `DISPATCHER_BRIDGE_INTERVAL_SECONDS`; the redbeat lock lives under `DISPATCHER_KEY_PREFIX` |
 | Flower (`celery -A dispatcher flower`) | `DISPATCHER_REDIS_URL` | plus `FLOWER_*` (below) |
 | operator commands | `ANTHROPIC_API_KEY` (organisation key), `ANTHROPIC_ENVIRONMENT_ID` | only reading or updating a single work item needs the organisation key; workers never use it and sandboxes never receive it, so keep it off worker hosts |

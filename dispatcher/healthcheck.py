@@ -31,11 +31,12 @@ def check(runtime: Runtime) -> dict[str, str]:
         results["slots"] = "ok" if runtime.capacity.total_slots() > 0 else "no live session slots"
     except RedisError as exc:
         results["redis"] = f"unreachable: {exc}"
-    try:
-        resolve_command(runtime.settings.on_work)
-        results["on_work"] = "ok"
-    except CommandError as exc:
-        results["on_work"] = str(exc)
+    if runtime.settings.on_work is not None:  # a control-only host need not have the sandbox
+        try:
+            resolve_command(runtime.settings.on_work)
+            results["on_work"] = "ok"
+        except CommandError as exc:
+            results["on_work"] = str(exc)
     return results
 
 

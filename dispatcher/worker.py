@@ -48,7 +48,8 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
     runtime = get_runtime()
     try:
         runtime.settings.require_worker()
-        resolve_command(runtime.settings.on_work)
+        if _consumes_sessions(sender, runtime.settings.session_queues):
+            resolve_command(runtime.settings.on_work)  # control-only hosts run no sandbox
         runtime.redis.ping()
     except (SettingsError, CommandError) as exc:
         raise SystemExit(f"dispatcher: {exc}") from None
@@ -56,6 +57,12 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         raise SystemExit(
             f"dispatcher: Redis at DISPATCHER_REDIS_URL does not answer: {exc}"
         ) from None
+
+
+def _consumes_sessions(worker: Any, session_queues: list[str]) -> bool:
+    queues = worker.app.amqp.queues if worker is not None else {}
+    consumed = getattr(queues, "consume_from", None) or queues
+    return any(q in session_queues for q in consumed)
 
 
 class SlotAdvertiser(bootsteps.StartStopStep):
