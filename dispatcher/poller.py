@@ -43,6 +43,8 @@ POLL_BLOCK_MS = 999  # the API caps block_ms at 999
 POLL_RUN_SECONDS = 5.0
 # The lock outlives a run by a margin; a killed poller's lock lapses on its own.
 POLL_LOCK_SECONDS = 30.0
+# A failure streak is forgotten after this long without news (the backoff cap is 8 s).
+POLL_FAILURES_TTL_SECONDS = 60
 
 
 def run_poller(runtime: Runtime, *, run_seconds: float = POLL_RUN_SECONDS) -> int:
@@ -67,31 +69,53 @@ def _poll_lock(runtime: Runtime) -> Iterator[bool]:
 
 def _poll_loop(runtime: Runtime, *, deadline: float) -> int:
     claimed = 0
-    backoff = Backoff()
+    # The failure count outlives one poller run (each lasts seconds), so a long outage backs
+    # off to the cap instead of starting over at half a second every run.
+    failures_key = runtime.registry.keys.task_lock("poll-failures")
+    backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(max_retries=0)
     while time.monotonic() < deadline:
+        if not _wait_out_pause(runtime, deadline):
+            break
         if runtime.capacity.free_slots() <= 0:
             break  # work waits on the server, where `depth` shows it and other fleets see it
         try:
             item = client.poll(block_ms=POLL_BLOCK_MS)
         except WorkAPIError as exc:
-            if not _pause_after_error(exc, backoff, deadline, "poll failed"):
+            delay = delay_for(exc, backoff)
+            event("poll failed", level=logging.WARNING, status=exc.status,
+                  retryable=exc.retryable, delay_seconds=round(delay, 2), error=str(exc))
+            _pause(runtime, failures=backoff.attempt, seconds=delay)
+            if not exc.retryable:
                 break
             continue
-        backoff.reset()
+        if backoff.attempt:
+            backoff.reset()
+            runtime.redis.delete(failures_key)
         if item is not None and claim(runtime, item):
             claimed += 1
     return claimed
 
 
-def _pause_after_error(exc: WorkAPIError, backoff: Backoff, deadline: float, what: str) -> bool:
-    """Log, and sleep before the next try; False when the error is fatal or time is up."""
-    delay = delay_for(exc, backoff)
-    event(what, level=logging.WARNING, status=exc.status, retryable=exc.retryable,
-          delay_seconds=round(delay, 2), error=str(exc))
-    if not exc.retryable or time.monotonic() + delay >= deadline:
+def _pause(runtime: Runtime, *, failures: int, seconds: float) -> None:
+    """Record the failure streak and when polling may resume, for this run and the next."""
+    keys = runtime.registry.keys
+    pipe = runtime.redis.pipeline(transaction=False)
+    pipe.set(keys.task_lock("poll-failures"), failures, ex=POLL_FAILURES_TTL_SECONDS)
+    pipe.set(keys.task_lock("poll-paused-until"), time.time() + seconds,
+             px=max(1, int(seconds * 1000)))
+    pipe.execute()
+
+
+def _wait_out_pause(runtime: Runtime, deadline: float) -> bool:
+    """Sleep through a backoff pause; False if it outlasts this run (the next run waits)."""
+    until = float(runtime.redis.get(runtime.registry.keys.task_lock("poll-paused-until")) or 0)
+    wait = until - time.time()
+    if wait <= 0:
+        return True
+    if time.monotonic() + wait >= deadline:
         return False
-    time.sleep(delay)
+    time.sleep(wait)
     return True
 
 
