@@ -17,6 +17,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 SUBCOMMANDS: list[str] = [
     "dispatcher.emulator.cli",
     "dispatcher.demo",
+    "dispatcher.operator_cli",
 ]
 
 
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dispatcher",
         description="A Celery fleet that acts as one environment worker for self-hosted "
-                    "sandboxes of Claude Managed Agents.")
+                    "sandboxes of Claude Managed Agents.",
+        epilog=importlib.import_module("dispatcher.operator_cli").EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(name).register(subcommands)

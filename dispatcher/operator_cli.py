@@ -1,0 +1,501 @@
+"""Operator commands: `dispatcher status|stats|list|show|stop|update|metrics`.
+
+    status    the fleet as the lease registry sees it (Redis only; no API key needed)
+    stats     the server's queue stats                 ANTHROPIC_ENVIRONMENT_KEY or _API_KEY
+    list      work items, page by page                 ANTHROPIC_ENVIRONMENT_KEY
+    show      one work item                            ANTHROPIC_API_KEY
+    stop      stop one work item (graceful or --force) ANTHROPIC_ENVIRONMENT_KEY or _API_KEY
+    update    upsert (`key=value`, `key=` for "") or delete (`--delete key`) metadata
+                                                       ANTHROPIC_API_KEY
+    metrics   serve the fleet's Prometheus exporter until SIGTERM or Ctrl-C
+
+Every command but `metrics` takes `--json` for scripts. The API commands also need
+ANTHROPIC_ENVIRONMENT_ID (and ANTHROPIC_BASE_URL away from api.anthropic.com). Credentials are
+the newest SDK's (protocol-facts section 10). No key and no work `secret` is ever printed.
+
+Exit codes (the same for every command; also in `dispatcher --help`):
+
+    0  ok (stopping an item that is already stopped is ok too)
+    1  the API answered with an error (a bad key's 401/403, a refused request, 5xx)
+    2  usage or configuration error; a missing key names its variable
+    3  unreachable: no answer from the server (or from Redis, for status and metrics)
+    4  the work item does not exist (404)
+
+Imports only the standard library at module level, as `dispatcher.cli` asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from dispatcher.capacity import WorkerSlots
+    from dispatcher.leases import Lease
+    from dispatcher.settings import Settings
+    from dispatcher.workapi import Work, WorkClient
+
+__all__ = ["EXIT_CODES", "register"]
+
+EXIT_OK = 0
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_NOT_FOUND = 4
+EXIT_CODES = """\
+exit codes of the operator commands (status, stats, list, show, stop, update, metrics):
+  0  ok (stopping an item that is already stopped is ok too)
+  1  the API answered with an error (a bad key's 401/403, a refused request, 5xx)
+  2  usage or configuration error; a missing key names its variable
+  3  unreachable: no answer from the server (or from Redis, for status and metrics)
+  4  the work item does not exist (404)"""
+
+# An operator waits for one retry, not for the fleet's patient policy.
+CLI_RETRIES = 1
+# The exporter's scrape must not hang on a server that is down: no retry, a short timeout.
+EXPORTER_HTTP_TIMEOUT_SECONDS = 5.0
+REDIS_TIMEOUT_SECONDS = 5.0
+DEFAULT_METRICS_PORT = 9808
+
+Action = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """The command line cannot be acted on; the message says why."""
+
+
+# --- registration -----------------------------------------------------------------------------
+def register(subcommands: Any) -> None:
+    _status_parser(subcommands)
+    _stats_parser(subcommands)
+    _list_parser(subcommands)
+    _show_parser(subcommands)
+    _stop_parser(subcommands)
+    _update_parser(subcommands)
+    _metrics_parser(subcommands)
+
+
+def _command(subcommands: Any, name: str, action: Action, help: str, description: str,
+             *, json_flag: bool = True) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subcommands.add_parser(
+        name, help=help, description=description, epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.set_defaults(handler=partial(_guarded, name, action))
+    return parser
+
+
+def _redis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="default: $DISPATCHER_REDIS_URL")
+    parser.add_argument("--key-prefix", help="default: $DISPATCHER_KEY_PREFIX")
+
+
+def _status_parser(subcommands: Any) -> None:
+    parser = _command(subcommands, "status", _status, "the fleet as its lease registry sees it",
+                      "Leases held (phase, attempt, worker, heartbeat, time to lease expiry, "
+                      "stop flag) and workers (slots, used, free, draining), read from Redis "
+                      "($DISPATCHER_REDIS_URL, keys under $DISPATCHER_KEY_PREFIX). Needs no "
+                      "API key.")
+    _redis_options(parser)
+
+
+def _stats_parser(subcommands: Any) -> None:
+    _command(subcommands, "stats", _stats, "the server's work queue stats",
+             "Queue depth, pending items, the oldest queued item and polling workers of "
+             "$ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
+
+
+def _list_parser(subcommands: Any) -> None:
+    parser = _command(subcommands, "list", _list, "list work items",
+                      "Work items of $ANTHROPIC_ENVIRONMENT_ID, newest first. Takes "
+                      "ANTHROPIC_ENVIRONMENT_KEY (the server refuses an organisation key).")
+    parser.add_argument("--limit", type=int, help="page size (the server's default if unset)")
+    parser.add_argument("--page", help="the page token a previous list printed")
+    parser.add_argument("--all", action="store_true", help="follow next_page to the end")
+    parser.add_argument("--state", action="append", default=[], metavar="STATE",
+                        help="keep only items in this state (repeatable; filtered here, "
+                             "after the server answers)")
+
+
+def _show_parser(subcommands: Any) -> None:
+    parser = _command(subcommands, "show", _show, "show one work item",
+                      "One work item of $ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_API_KEY "
+                      "(the server refuses the environment key).")
+    parser.add_argument("work_id", metavar="WORK_ID")
+
+
+def _stop_parser(subcommands: Any) -> None:
+    parser = _command(subcommands, "stop", _stop, "stop one work item",
+                      "Ask the server to stop a work item: graceful (the fleet sends SIGTERM, "
+                      "waits the grace period, then SIGKILL) or --force (SIGKILL now). Takes "
+                      "ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
+    parser.add_argument("work_id", metavar="WORK_ID")
+    parser.add_argument("--force", action="store_true", help="stop at once, no grace period")
+
+
+def _update_parser(subcommands: Any) -> None:
+    parser = _command(subcommands, "update", _update, "change a work item's metadata",
+                      "Upsert metadata: `key=value` sets a value, `key=` sets the empty string, "
+                      "`--delete key` removes the key. Takes ANTHROPIC_API_KEY.")
+    parser.add_argument("work_id", metavar="WORK_ID")
+    parser.add_argument("changes", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--delete", action="append", default=[], metavar="KEY",
+                        help="delete this key (repeatable)")
+
+
+def _metrics_parser(subcommands: Any) -> None:
+    parser = _command(subcommands, "metrics", _metrics, "serve the fleet's Prometheus metrics",
+                      "Serve /metrics (the same exporter as a worker started with "
+                      "DISPATCHER_METRICS_PORT) until SIGTERM or Ctrl-C. Server gauges need "
+                      "ANTHROPIC_ENVIRONMENT_ID and a key; without them they are left out.",
+                      json_flag=False)
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"default: $DISPATCHER_METRICS_PORT or {DEFAULT_METRICS_PORT}; "
+                             "0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    _redis_options(parser)
+
+
+# --- errors -> exit codes ---------------------------------------------------------------------
+def _guarded(name: str, action: Action, args: argparse.Namespace) -> int:
+    """Run a command; turn what went wrong into one line on stderr and an exit code."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from dispatcher.settings import SettingsError
+    from dispatcher.workapi import MissingCredentialError, NotFoundError, WorkAPIError
+
+    try:
+        return action(args)
+    except (UsageError, SettingsError, MissingCredentialError) as exc:
+        return _fail(name, args, EXIT_USAGE, "usage", str(exc))
+    except NotFoundError as exc:
+        return _fail(name, args, EXIT_NOT_FOUND, "not_found", exc.message, exc.status)
+    except WorkAPIError as exc:
+        if exc.status is None:
+            return _fail(name, args, EXIT_UNREACHABLE, "unreachable", exc.message)
+        return _fail(name, args, EXIT_API_ERROR, exc.error_type or "api_error", exc.message,
+                     exc.status)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        return _fail(name, args, EXIT_UNREACHABLE, "unreachable", f"Redis: {exc}")
+
+
+def _fail(name: str, args: argparse.Namespace, code: int, kind: str, message: str,
+          status: int | None = None) -> int:
+    print(f"dispatcher {name}: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        _print_json({"error": {"type": kind, "message": message, "status": status,
+                               "exit_code": code}})
+    return code
+
+
+# --- the edges: settings, Redis, the client ---------------------------------------------------
+def _settings() -> Settings:
+    from dispatcher.settings import load_settings
+
+    return load_settings()
+
+
+def _client(settings: Settings, **overrides: Any) -> WorkClient:
+    from dispatcher.settings import SettingsError
+    from dispatcher.workapi import WorkClient
+
+    try:
+        return WorkClient.from_settings(settings, **{"max_retries": CLI_RETRIES, **overrides})
+    except ValueError as exc:  # a base URL that is not http(s)
+        raise SettingsError(f"ANTHROPIC_BASE_URL is invalid: {exc}") from None
+
+
+def _redis(settings: Settings, args: argparse.Namespace) -> tuple[Redis, str]:
+    """A Redis connection that is known to answer, and the key prefix."""
+    from redis import Redis
+
+    url = args.redis_url or settings.redis_url
+    try:
+        redis = Redis.from_url(url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_SECONDS,
+                               socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+    except ValueError as exc:
+        raise UsageError(f"DISPATCHER_REDIS_URL is invalid: {exc}") from None
+    redis.ping()
+    return redis, args.key_prefix or settings.key_prefix
+
+
+# --- output -----------------------------------------------------------------------------------
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def _cell(value: object) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
+    if seconds < 60:
+        return f"{sign}{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{sign}{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{sign}{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _work_dict(work: Work) -> dict[str, Any]:
+    """A work item for printing: never its `secret` (null on these paths anyway)."""
+    return work.model_dump(mode="json", exclude={"secret"})
+
+
+# --- status -----------------------------------------------------------------------------------
+def _status(args: argparse.Namespace) -> int:
+    from dispatcher.capacity import Capacity
+    from dispatcher.leases import LeaseRegistry
+
+    redis, prefix = _redis(_settings(), args)
+    now = time.time()
+    leases = LeaseRegistry(redis, prefix=prefix).all()
+    workers = Capacity(redis, prefix=prefix).workers()
+    report = {"leases": [_lease_row(lease, now) for lease in leases],
+              "workers": [_worker_row(worker, leases, now) for worker in workers],
+              "summary": _summary(leases, workers), "key_prefix": prefix}
+    if args.json:
+        _print_json(report)
+    else:
+        print(_status_text(report))
+    return EXIT_OK
+
+
+def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
+    beat_age = now - lease.heartbeat_ok_at if lease.heartbeat_ok_at else None
+    expires_in = (lease.ttl_seconds - beat_age
+                  if beat_age is not None and lease.ttl_seconds else None)
+    return {
+        "work_id": lease.work_id, "session_id": lease.session_id, "phase": lease.phase,
+        "attempt": lease.attempt, "worker": lease.worker or None, "queue": lease.queue,
+        "mode": lease.mode, "task_id": lease.task_id or None,
+        "age_seconds": now - lease.claimed_at if lease.claimed_at else None,
+        "heartbeat_age_seconds": beat_age, "ttl_seconds": lease.ttl_seconds or None,
+        "expires_in_seconds": expires_in, "heartbeats_by": lease.heartbeats_by,
+        "stop": lease.stop or None, "stop_cause": lease.stop_cause or None,
+        "lost": lease.is_lost,
+    }
+
+
+def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float) -> dict[str, Any]:
+    used = sum(1 for lease in leases
+               if lease.worker == worker.hostname and lease.phase == "running")
+    return {
+        "hostname": worker.hostname, "slots": worker.slots, "used": used,
+        "free": max(0, worker.slots - used), "pool": worker.pool, "queues": worker.queues,
+        "draining": worker.draining, "live": worker.live,
+        "last_seen_seconds": now - worker.seen_at if worker.seen_at else None,
+    }
+
+
+def _summary(leases: list[Lease], workers: list[WorkerSlots]) -> dict[str, int]:
+    total = sum(w.slots for w in workers if w.live)
+    return {"leases_held": len(leases), "live_workers": sum(1 for w in workers if w.live),
+            "slots_total": total, "slots_free": max(0, total - len(leases))}
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    summary = report["summary"]
+    lines = [f"{summary['leases_held']} leases held; {summary['live_workers']} live workers, "
+             f"{summary['slots_free']} of {summary['slots_total']} slots free "
+             f"(prefix {report['key_prefix']})", ""]
+    lines.append(_table(
+        ["WORK ID", "SESSION ID", "PHASE", "ATTEMPT", "WORKER", "AGE", "HEARTBEAT", "EXPIRES IN",
+         "STOP"],
+        [[r["work_id"], r["session_id"], r["phase"], r["attempt"], r["worker"],
+          _duration(r["age_seconds"]), _duration(r["heartbeat_age_seconds"]),
+          _duration(r["expires_in_seconds"]), _stop_text(r)] for r in report["leases"]]))
+    lines.append("")
+    lines.append(_table(
+        ["WORKER", "SLOTS", "USED", "FREE", "POOL", "DRAINING", "LAST SEEN"],
+        [[r["hostname"], r["slots"], r["used"], r["free"], r["pool"], r["draining"],
+          _duration(r["last_seen_seconds"])] for r in report["workers"]]))
+    return "\n".join(lines)
+
+
+def _stop_text(row: dict[str, Any]) -> str | None:
+    if not row["stop"]:
+        return None
+    text = f"{row['stop']} ({row['stop_cause']})" if row["stop_cause"] else str(row["stop"])
+    return text + (", lost" if row["lost"] else "")
+
+
+# --- the operator endpoints -------------------------------------------------------------------
+def _stats(args: argparse.Namespace) -> int:
+    with _client(_settings()) as client:
+        stats = client.stats()
+    body = stats.model_dump(mode="json")
+    if args.json:
+        _print_json(body)
+    else:
+        print(_table(["FIELD", "VALUE"], [[k, body.get(k)] for k in
+                                          ("depth", "pending", "oldest_queued_at",
+                                           "workers_polling")]))
+    return EXIT_OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    with _client(_settings()) as client:
+        items, next_page = _list_items(client, limit=args.limit, page=args.page, every=args.all)
+    if args.state:
+        items = [work for work in items if work.state in set(args.state)]
+    if args.json:
+        _print_json({"data": [_work_dict(w) for w in items], "next_page": next_page})
+        return EXIT_OK
+    print(_table(["WORK ID", "STATE", "TYPE", "SESSION ID", "CREATED", "STOP REQUESTED"],
+                 [[w.id, w.state, w.data.type, w.data.id, w.created_at, w.stop_requested_at]
+                  for w in items]))
+    if next_page:
+        print(f"more: --page {next_page}")
+    return EXIT_OK
+
+
+def _list_items(client: WorkClient, *, limit: int | None, page: str | None,
+                every: bool) -> tuple[list[Work], str | None]:
+    items: list[Work] = []
+    while True:
+        result = client.list(limit=limit, page=page)
+        items.extend(result.data)
+        page = result.next_page
+        if not page or not every:
+            return items, page
+
+
+def _show(args: argparse.Namespace) -> int:
+    with _client(_settings()) as client:
+        work = client.get(args.work_id)
+    _print_work(work, as_json=args.json)
+    return EXIT_OK
+
+
+def _print_work(work: Work, *, as_json: bool) -> None:
+    body = _work_dict(work)
+    if as_json:
+        _print_json(body)
+        return
+    fields = ["id", "state", "environment_id", "created_at", "acknowledged_at", "started_at",
+              "latest_heartbeat_at", "stop_requested_at", "stopped_at"]
+    rows: list[list[object]] = [[f, body.get(f)] for f in fields]
+    rows.insert(2, ["data", f"{work.data.type} {work.data.id}"])
+    rows += [[f"metadata.{k}", repr(v)] for k, v in sorted(work.metadata.items())]
+    print(_table(["FIELD", "VALUE"], rows))
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from dispatcher.workapi import ConflictError
+
+    already = False
+    work: Work | None = None
+    with _client(_settings()) as client:
+        try:
+            work = client.stop(args.work_id, force=args.force)
+        except ConflictError:
+            already = True  # 409: the item is stopped already, which is what was asked
+    if args.json:
+        _print_json({"work_id": args.work_id, "force": args.force, "already_stopped": already,
+                     "work": _work_dict(work) if work is not None else None})
+    elif already:
+        print(f"{args.work_id} was already stopped")
+    else:
+        print(f"stop requested: {args.work_id} ({'force' if args.force else 'graceful'})")
+    return EXIT_OK
+
+
+def _update(args: argparse.Namespace) -> int:
+    changes = _metadata_changes(args.changes, args.delete)
+    with _client(_settings()) as client:
+        work = client.update(args.work_id, changes)
+    _print_work(work, as_json=args.json)
+    return EXIT_OK
+
+
+def _metadata_changes(pairs: list[str], deletions: list[str]) -> dict[str, str | None]:
+    """`key=value` upserts, `key=` sets "", `--delete key` deletes (sent as null)."""
+    if not pairs and not deletions:
+        raise UsageError("nothing to change: give KEY=VALUE or --delete KEY")
+    changes: dict[str, str | None] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"not KEY=VALUE: {pair!r} (use --delete KEY to delete a key)")
+        changes[key] = value
+    for key in deletions:
+        if not key or key in changes:
+            raise UsageError(f"--delete {key!r}: empty, or also set in the same command")
+        changes[key] = None
+    return changes
+
+
+# --- metrics ----------------------------------------------------------------------------------
+def _metrics(args: argparse.Namespace) -> int:
+    from dispatcher.capacity import Capacity
+    from dispatcher.leases import LeaseRegistry
+    from dispatcher.metrics import Metrics, serve
+
+    settings = _settings()
+    redis, prefix = _redis(settings, args)
+    port = args.port if args.port is not None else (settings.metrics_port or DEFAULT_METRICS_PORT)
+    try:
+        server = serve(host=args.host, port=port, metrics=Metrics(redis, prefix=prefix),
+                       registry=LeaseRegistry(redis, prefix=prefix),
+                       capacity=Capacity(redis, prefix=prefix), client=_exporter_client(settings))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{port}: {exc.strerror or exc}") from None
+    print(f"serving metrics on http://{args.host}:{server.server_port}/metrics "
+          f"(prefix {prefix}); SIGTERM or Ctrl-C stops", flush=True)
+    try:
+        _wait_for_stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return EXIT_OK
+
+
+def _exporter_client(settings: Settings) -> WorkClient | None:
+    """A client for the server gauges, or None (with a note) when it cannot be made."""
+    if not settings.environment_id or not (settings.environment_key or settings.api_key):
+        print("dispatcher metrics: no server gauges: ANTHROPIC_ENVIRONMENT_ID and "
+              "ANTHROPIC_ENVIRONMENT_KEY (or ANTHROPIC_API_KEY) are needed for them",
+              file=sys.stderr)
+        return None
+    return _client(settings, max_retries=0,
+                   timeout=min(settings.http_timeout_seconds, EXPORTER_HTTP_TIMEOUT_SECONDS))
+
+
+def _wait_for_stop() -> None:
+    """Block until SIGTERM or Ctrl-C."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

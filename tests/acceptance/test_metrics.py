@@ -1,0 +1,70 @@
+"""The Prometheus exporter a worker serves with DISPATCHER_METRICS_PORT, scraped during a run."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fleet import Fleet, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from dispatcher.stack import free_port
+
+pytestmark = pytest.mark.acceptance
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def scrape(port: int) -> Samples:
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [(s.name, dict(s.labels), s.value)
+            for family in text_string_to_metric_families(body) for s in family.samples]
+
+
+def try_scrape(port: int) -> Samples | None:
+    try:
+        return scrape(port)
+    except httpx.TransportError:
+        return None
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The sum of the samples named `name` whose labels include `labels`; None if none is."""
+    found = [v for n, lbls, v in samples if n == name and labels.items() <= lbls.items()]
+    return sum(found) if found else None
+
+
+def test_counters_move_as_sessions_complete_and_gauges_are_there(fleet: Fleet) -> None:
+    port = free_port()
+    fleet.overrides["DISPATCHER_METRICS_PORT"] = str(port)
+    # The emulator's smallest TTL: a heartbeat about every 3.3 s, so a 5 s session gets one.
+    fleet.overrides["DISPATCHER_DESIRED_TTL_SECONDS"] = "10"
+    fleet.worker("w1", beat=True)
+    before = wait_for(lambda: try_scrape(port), timeout=30, what="the metrics endpoint")
+    assert value(before, "dispatcher_work_claimed_total") in (None, 0.0)
+    fleet.wait_slots(4)
+
+    work_ids = [fleet.create(fake_duration=0.5) for _ in range(3)]
+    work_ids.append(fleet.create(fake_duration=5))
+    during = wait_for(lambda: (s := scrape(port)) and (value(s, "dispatcher_leases_held") or 0)
+                      and s, timeout=20, what="a lease held, seen in a scrape")
+    assert (value(during, "dispatcher_session_slots", state="free") or 0) < (
+        value(during, "dispatcher_session_slots", state="total") or 0)
+    fleet.wait_stopped(work_ids, timeout=30)
+
+    def settled() -> Samples | None:
+        s = scrape(port)
+        done = (value(s, "dispatcher_work_claimed_total", type="session") == 4
+                and value(s, "dispatcher_work_released_total", outcome="completed") == 4
+                and value(s, "dispatcher_leases_held") == 0)
+        return s if done else None
+
+    after = wait_for(settled, timeout=10, what="every session counted as claimed and released")
+    assert (value(after, "dispatcher_heartbeats_total", result="ok") or 0) >= 1
+    assert value(after, "dispatcher_dispatch_latency_seconds_count") == 4
+    assert (value(after, "dispatcher_dispatch_latency_seconds_sum") or 0) > 0
+    assert value(after, "dispatcher_session_slots", state="free") == value(
+        after, "dispatcher_session_slots", state="total")
+    assert value(after, "dispatcher_server_queue_depth") == 0
+    for gauge in ("dispatcher_leases_held", "dispatcher_workers",
+                  "dispatcher_server_queue_pending"):
+        assert value(after, gauge) is not None, gauge
