@@ -83,7 +83,9 @@ def release(runtime: Runtime, lease: Lease, *, reason: str, outcome: str) -> boo
     """
     if not lease.is_lost:
         try:
-            runtime.client().stop(lease.work_id, force=True)
+            # No client retries: a 409 (already stopped) is final here, and a transient failure
+            # is retried by the heartbeat task, so one release never holds a worker for seconds.
+            runtime.client(max_retries=0).stop(lease.work_id, force=True)
         except (ConflictError, NotFoundError):
             pass  # already stopped, or gone: either way nothing is left to release
         except WorkAPIError as exc:
