@@ -111,6 +111,7 @@ class Pulse:
     stop_cause: str
     stop_seen_at: float = 0.0
     token: str = ""
+    draining: bool = False  # the worker running the attempt is shutting down
 
 
 # KEYS[1]=lease hash; ARGV: attempt, now, [field, value]*. Sets the fields only while the lease
@@ -122,16 +123,18 @@ for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
-# KEYS[1]=lease hash; ARGV: attempt, now. Returns {exists, current, stop, cause, seen at,
-# token}: all a running attempt needs to act, and to rebuild its lease if Redis lost it.
+# KEYS[1]=lease hash, KEYS[2]=the worker's hash; ARGV: attempt, now. Returns {exists, current,
+# stop, cause, seen at, token, draining}: all a running attempt needs to act each tick, and to
+# rebuild its lease if Redis lost it, in one round trip.
 _PULSE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', '', '0', ''} end
+local draining = redis.call('HGET', KEYS[2], 'draining') == '1' and 1 or 0
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', '', '0', '', draining} end
 local current = redis.call('HGET', KEYS[1], 'attempt') == ARGV[1]
 if current then redis.call('HSET', KEYS[1], 'pulse_at', ARGV[2]) end
 return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
         redis.call('HGET', KEYS[1], 'stop_cause') or '',
         redis.call('HGET', KEYS[1], 'stop_seen_at') or '0',
-        redis.call('HGET', KEYS[1], 'token') or ''}
+        redis.call('HGET', KEYS[1], 'token') or '', draining}
 """
 
 # KEYS[1]=lease hash; ARGV: expected attempt, task id, now. Starts the next attempt.
@@ -255,12 +258,12 @@ class LeaseRegistry:
             argv += [name, str(value)]
         return int(self._set_if_attempt(keys=[self.keys.lease(work_id)], args=argv))
 
-    def pulse(self, work_id: str, attempt: int) -> Pulse:
-        exists, current, stop, cause, seen_at, token = self._pulse(
-            keys=[self.keys.lease(work_id)], args=[attempt, time.time()]
+    def pulse(self, work_id: str, attempt: int, *, worker: str = "") -> Pulse:
+        exists, current, stop, cause, seen_at, token, draining = self._pulse(
+            keys=[self.keys.lease(work_id), self.keys.worker(worker)], args=[attempt, time.time()]
         )
         return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
-                     str(token))
+                     str(token), bool(draining))
 
     def new_attempt(self, work_id: str, *, expected_attempt: int, task_id: str) -> int:
         """Start attempt `expected_attempt + 1`: its number, 0 if superseded, -1 if gone."""

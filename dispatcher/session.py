@@ -189,7 +189,7 @@ def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _F
         code = sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
         if code is not None:
             return _finish(runtime, attempt, code, draining=draining)
-        pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt)
+        pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt, worker=attempt.worker)
         if not pulse.exists and _reregistered(runtime, attempt, memory, work_json):
             continue
         if pulse.token:
@@ -200,8 +200,7 @@ def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _F
                   if pulse.exists else "lease released")
             sandbox.kill_group()
             return Outcome.SUPERSEDED
-        if not draining and runtime.capacity.is_draining(attempt.worker):
-            draining = True
+        draining = draining or pulse.draining
         operator = flags.operator_terminated(draining=draining) or attempt.revoked()
         if operator and not pulse.stop:
             runtime.registry.request_stop(attempt.work_id, StopKind.GRACEFUL, "operator")
