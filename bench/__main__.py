@@ -1,0 +1,205 @@
+"""The dispatcher against the official SDK's worker, on one emulator, in one run.
+
+    python -m bench [--quick] [--out BENCHMARKS.md] [--json results.json] [--keep DIR]
+    python -m bench --from-json results.json      # the report again, from saved figures
+
+Starts Redis (or uses the one at $DISPATCHER_REDIS_URL) and one emulator, then measures each
+system under the same load: dispatch latency (idle and steady arrivals), drain throughput,
+stop latency, recovery time, poll load (1, 10, 50 slots), memory per session, and the
+dispatcher's heartbeat capacity. Writes BENCHMARKS.md with both figures and their ratio.
+`--quick` is a smoke run with tiny sizes (well under 2 minutes); its figures mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.emu import Emulator
+from bench.fleets import Fleet, Ours, Peer
+from bench.report import write_report
+from dispatcher.stack import LocalStack
+
+
+@dataclass
+class Sizes:
+    # The lease TTL the emulator gives when a heartbeat asks for none: the peer's sandbox beats
+    # every ttl/2 and so learns of stops that late, and a lapsed lease is re-queued after it. The
+    # service's default is unknown (its 412 fixture shows 120 s); 20 s keeps the run short.
+    default_ttl: int = 20
+    slots: int = 10
+    idle: int = 30
+    steady_rate: float = 4.0
+    steady_seconds: float = 15.0
+    backlog: int = 300
+    stops: int = 10
+    recoveries: int = 3
+    poll_window: float = 15.0
+    poll_fleets: list[int] = field(default_factory=lambda: [1, 10, 50])
+    memory_sessions: int = 10
+    hb_steps: list[int] = field(default_factory=lambda: [500, 1000, 2000, 3000, 5000])
+    hb_ttl: int = 30
+    hb_window: float = 25.0
+
+
+QUICK = Sizes(default_ttl=6, slots=4, idle=4, steady_rate=2.0, steady_seconds=3.0, backlog=16,
+              stops=2, recoveries=1, poll_window=3.0, poll_fleets=[4], memory_sessions=2,
+              hb_steps=[50], hb_ttl=6, hb_window=5.0)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_common(fleet: Fleet, sizes: Sizes, out: dict[str, Any]) -> dict[str, Any]:
+    """The measurements both systems get, on a started fleet of `sizes.slots` slots."""
+    log(f"{fleet.name}: poll load at {sizes.slots} slots")
+    out[f"poll_{sizes.slots}"] = scenarios.poll_load(fleet, sizes.slots, sizes.poll_window)
+    log(f"{fleet.name}: dispatch latency, idle fleet ({sizes.idle} sessions)")
+    out["dispatch_idle"] = scenarios.dispatch_idle(fleet, sizes.idle)
+    log(f"{fleet.name}: dispatch latency, {sizes.steady_rate}/s for {sizes.steady_seconds} s")
+    out["dispatch_steady"] = scenarios.dispatch_steady(fleet, sizes.steady_rate,
+                                                       sizes.steady_seconds)
+    log(f"{fleet.name}: drain a backlog of {sizes.backlog}")
+    out["drain"] = scenarios.drain(fleet, sizes.backlog)
+    log(f"{fleet.name}: stop latency ({sizes.stops} sessions)")
+    out["stop"] = scenarios.stop_latency(fleet, sizes.stops)
+    return out
+
+
+def run_ours(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
+             out: dict[str, Any]) -> dict[str, Any]:
+    fleet = Ours(stack, emu, records)
+    half = sizes.slots // 2
+    log(f"dispatcher: control worker + 2 session workers ({half}+{sizes.slots - half} threads)")
+    fleet.start([half, sizes.slots - half])
+    try:
+        run_common(fleet, sizes, out)
+        log("dispatcher: recovery (SIGKILL a session worker)")
+        out["recovery"] = scenarios.recovery(fleet, sizes.recoveries)
+        for slots in [s for s in sizes.poll_fleets if s != sizes.slots]:
+            fleet.stop_members(fleet.session_workers())
+            fleet.sessions(slots)
+            log(f"dispatcher: poll load at {slots} slots")
+            time.sleep(3.0)  # its first slot advertisement
+            out[f"poll_{slots}"] = scenarios.poll_load(fleet, slots, sizes.poll_window)
+        for pool in ("threads", "prefork"):
+            fleet.stop_members(fleet.session_workers())
+            log(f"dispatcher: memory, one {pool} session worker of {sizes.slots}")
+            fleet.sessions(sizes.slots, pool)
+            fleet.warm_up()
+            out[f"memory_{pool}"] = scenarios.memory(fleet, sizes.memory_sessions, sizes.slots)
+    finally:
+        fleet.stop_members()
+    return out
+
+
+def run_peer(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
+             out: dict[str, Any]) -> dict[str, Any]:
+    fleet = Peer(stack, emu, records)
+    log(f"peer: {sizes.slots} processes of bench.peer")
+    fleet.start(sizes.slots)
+    try:
+        run_common(fleet, sizes, out)
+        log("peer: memory")
+        out["memory"] = scenarios.memory(fleet, min(sizes.memory_sessions, sizes.slots),
+                                         sizes.slots)
+        log("peer: recovery (SIGKILL a peer and its sandbox)")
+        out["recovery"] = scenarios.recovery(fleet, sizes.recoveries)
+        for slots in [s for s in sizes.poll_fleets if s != sizes.slots]:
+            if slots < len(fleet.members):
+                fleet.stop_members(fleet.members[slots:])
+            else:
+                fleet.add(slots - len(fleet.members))
+            log(f"peer: poll load at {slots} slots")
+            out[f"poll_{slots}"] = scenarios.poll_load(fleet, slots, sizes.poll_window)
+    finally:
+        fleet.stop_members()
+    return out
+
+
+def run_capacity(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
+                 out: dict[str, Any]) -> dict[str, Any]:
+    fleet = Ours(stack, emu, records, DISPATCHER_DESIRED_TTL_SECONDS=str(sizes.hb_ttl))
+    log(f"dispatcher: heartbeat capacity of one control worker, TTL {sizes.hb_ttl} s, "
+        f"steps {sizes.hb_steps}")
+    try:
+        out.update(scenarios.heartbeat_capacity(fleet, sizes.hb_steps, sizes.hb_ttl,
+                                                sizes.hb_window, log=log))
+        return out
+    finally:
+        fleet.stop_members()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
+    parser.add_argument("--out", default=None,
+                        help="the report to write (default: BENCHMARKS.md; with --quick: none)")
+    parser.add_argument("--json", default=None, help="also write the raw figures here")
+    parser.add_argument("--keep", default=None, help="keep logs and records in this directory")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="write the report from figures saved by --json; run nothing")
+    parser.add_argument("--only", choices=["ours", "peer", "capacity"], action="append",
+                        help="run only these parts (repeatable)")
+    args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        command = "python -m bench" + (" --quick" if saved["quick"] else "")
+        Path(args.out or "BENCHMARKS.md").write_text(write_report(saved, command=command))
+        return
+    sizes = QUICK if args.quick else Sizes()
+    out = args.out or (None if args.quick else "BENCHMARKS.md")
+    parts = args.only or ["ours", "peer", "capacity"]
+    workdir = Path(args.keep or tempfile.mkdtemp(prefix="dispatcher-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    records = workdir / "records"
+    records.mkdir(exist_ok=True)
+    started = time.time()
+    stack = LocalStack(workdir=workdir)
+    results: dict[str, Any] = {"sizes": asdict(sizes), "quick": args.quick,
+                               "emulator_default_ttl": sizes.default_ttl,
+                               "load_before": os.getloadavg()}
+    try:
+        stack.ensure_redis()
+        stack.start_emulator("--min-ttl", "1", "--default-ttl", str(sizes.default_ttl))
+        emu = Emulator(stack)
+        runners = {"ours": run_ours, "peer": run_peer, "capacity": run_capacity}
+        for part in parts:
+            try:
+                runners[part](stack, emu, records, sizes, results.setdefault(part, {}))
+            except Exception as exc:  # keep the other parts' figures; say what failed
+                log(f"{part} failed: {exc!r}")
+                results.setdefault("errors", {})[part] = repr(exc)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    finally:
+        stack.stop_all()
+        if args.keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["seconds"] = time.time() - started
+    results["finished_at"] = time.time()
+    results["load_after"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    command = "python -m bench" + (" --quick" if args.quick else "")
+    report = write_report(results, command=command)
+    if out:
+        Path(out).write_text(report)
+        log(f"wrote {out}")
+    else:
+        print(report)
+    log(f"done in {results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""BENCHMARKS.md from the figures of one run."""
+
+from __future__ import annotations
+
+import math
+import time
+from importlib import metadata
+from typing import Any
+
+from bench import proc
+
+__all__ = ["write_report"]
+
+NA = "n/a"
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return NA
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _s(seconds: float | None) -> str:
+    return NA if seconds is None else f"{seconds:.1f} s"
+
+
+def _ratio(ours: float | None, peer: float | None, *, higher_is_better: bool) -> str:
+    """How many times better ours is (>1: ours wins), as 'N.Nx better/worse'."""
+    if ours is None or peer is None or ours <= 0 or peer <= 0:
+        return NA
+    better = ours / peer if higher_is_better else peer / ours
+    return f"{better:.1f}x better" if better >= 1 else f"{1 / better:.1f}x worse"
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _mb(kb: float | None) -> str:
+    return NA if kb is None else f"{kb / 1024:.1f} MB"
+
+
+def _target(ok: bool | None) -> str:
+    return "" if ok is None else ("met" if ok else "**missed**")
+
+
+def write_report(results: dict[str, Any], *, command: str) -> str:
+    ours = results.get("ours", {})
+    peer = results.get("peer", {})
+    cap = results.get("capacity", {})
+    sizes = results["sizes"]
+    slots = sizes["slots"]
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def latency_rows(key: str, what: str, p50_target: float | None, p99_target: float | None,
+                     peer_note: str = "") -> None:
+        for q, target in (("p50", p50_target), ("p99", p99_target)):
+            o, p = _get(ours, key, q), _get(peer, key, q)
+            ok = None if target is None or o is None else o < target
+            goal = "" if target is None else f"< {_ms(target)}: {_target(ok)}"
+            rows.append((f"{what} {q}", _ms(o), _ms(p) + peer_note,
+                         _ratio(o, p, higher_is_better=False), goal))
+
+    latency_rows("dispatch_idle", "dispatch latency, idle fleet", 0.100, 1.0)
+    rate = sizes["steady_rate"]
+    latency_rows("dispatch_steady", f"dispatch latency, {rate:g} sessions/s arriving",
+                 0.100, 1.0)
+    o, p = _get(ours, "drain", "per_second"), _get(peer, "drain", "per_second")
+    rows.append((f"drain throughput, backlog of {sizes['backlog']}, {slots} slots",
+                 "" if o is None else f"{o:.1f} sessions/s",
+                 "" if p is None else f"{p:.1f} sessions/s",
+                 _ratio(o, p, higher_is_better=True), ""))
+    latency_rows("stop", "stop latency (stop requested -> sandbox told)", None, 2.0,
+                 peer_note=" (†)")
+    o, p = _get(ours, "recovery", "p50"), _get(peer, "recovery", "p50")
+    rows.append(("recovery (worker SIGKILLed -> session running again), p50",
+                 _s(o), _s(p), _ratio(o, p, higher_is_better=False),
+                 "" if o is None else f"< 10 s: {_target(o < 10)}"))
+    for n in sizes["poll_fleets"]:
+        o, p = _get(ours, f"poll_{n}", "polls_per_min"), _get(peer, f"poll_{n}", "polls_per_min")
+        rows.append((f"poll load, idle fleet of {n} slot{'s' if n > 1 else ''} (polls/min)",
+                     NA if o is None else f"{o:.0f}", NA if p is None else f"{p:.0f}",
+                     _ratio(o, p, higher_is_better=False),
+                     "independent of fleet size" if n == sizes["poll_fleets"][-1] else ""))
+    for n in sizes["poll_fleets"]:
+        o = _get(ours, f"poll_{n}", "requests_per_min")
+        p = _get(peer, f"poll_{n}", "requests_per_min")
+        rows.append((f"all Work API requests, idle fleet of {n} (per min)",
+                     NA if o is None else f"{o:.0f}", NA if p is None else f"{p:.0f}",
+                     _ratio(o, p, higher_is_better=False), ""))
+    largest = cap.get("largest_without_lapse")
+    rows.append((f"heartbeat capacity: leases one control worker keeps (TTL {cap.get('ttl')} s)",
+                 NA if largest is None else f"{largest} without lapse",
+                 "n/a: under `--on-work` the poller never heartbeats; each sandbox beats its own",
+                 "", "" if largest is None else f"5,000: {_target(largest >= 5000)}"))
+    for pool in ("threads", "prefork"):
+        m = _get(ours, f"memory_{pool}")
+        pm = _get(peer, "memory")
+        if m is None:
+            continue
+        rows.append((f"memory per concurrent session, {pool} pool (worker, marginal)",
+                     _mb(m["per_session_kb"]), _mb(pm and pm["per_session_kb"]), "",
+                     "< 10 MB: " + _target(m["per_session_kb"] < 10240)
+                     if pool == "threads" else ""))
+        rows.append((f"  + our launcher process per session, {pool} (RSS / PSS)",
+                     f"{_mb(m['launcher_per_session_kb'])} / "
+                     f"{_mb(m['launcher_pss_per_session_kb'])}", "none", "", ""))
+        rows.append((f"memory per slot, {pool} (worker RSS / PSS at {m['k']} sessions / slots)",
+                     f"{_mb(m['per_slot_kb'])} / {_mb(m['per_slot_pss_kb'])}",
+                     NA if pm is None else
+                     f"{_mb(pm['per_slot_kb'])} / {_mb(pm['per_slot_pss_kb'])}",
+                     _ratio(m["per_slot_kb"] + m["launcher_per_session_kb"],
+                            pm and pm["per_slot_kb"], higher_is_better=False), ""))
+
+    table = ["| figure | dispatcher | peer | dispatcher vs peer | our target |",
+             "|---|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+    machine = proc.machine()
+    cap_rows = ["| leases | window | beats/s | max gap between beats | refused (4xx) "
+                "| failed (5xx, dropped) | overdue at end | `list` calls/s | control worker CPU "
+                "| emulator CPU | lapse |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in cap.get("steps", []):
+        cap_rows.append(
+            f"| {s['n']} | {s['window']:.0f} s | {s['beats_per_s']:.0f} | {s['max_gap_s']:.1f} s "
+            f"| {s['refused']} | {s.get('failed', 0)} "
+            f"| {s['overdue_now']} (oldest {s['max_overdue_s']:.1f} s) "
+            f"| {s['list_per_s']:.1f} | {s['control_cpu_pct']:.0f}% | "
+            f"{s['emulator_cpu_pct']:.0f}% | {'**yes**' if s['lapsed'] else 'no'} |")
+    context = _context(results)
+    errors = [f"* **{part} did not finish**: `{err}`" for part, err in
+              results.get("errors", {}).items()]
+    return "\n".join([
+        "# Benchmarks: the dispatcher against the official worker",
+        "",
+        f"Generated by `{command}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(results.get('finished_at')))} "
+        f"in {results['seconds'] / 60:.1f} minutes"
+        + (" (**quick smoke run: tiny sizes, figures mean little**)" if results["quick"] else "")
+        + ".",
+        "",
+        "**Figures depend on load.** Everything (Redis, the emulator, both fleets, their "
+        "sandboxes and the benchmark itself) shares this machine's cores with other users; "
+        f"load average {results['load_before'][0]:.2f} before the run, "
+        f"{results['load_after'][0]:.2f} after. Re-run to compare, and compare ratios rather "
+        "than absolute figures.",
+        "",
+        "## Machine and versions",
+        "",
+        f"* {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory']} memory, "
+        f"Linux {machine['kernel']}, Python {machine['python']}",
+        f"* dispatcher {_version('dispatcher')}, celery {_version('celery')}, "
+        f"anthropic {_version('anthropic')} (the peer, unpatched), redis-py {_version('redis')}",
+        "* reproduce: `.venv/bin/python -m bench` (this file), `.venv/bin/python -m bench "
+        "--quick` (smoke run, under 2 minutes), `--json FILE` for the raw figures",
+        "",
+        "## Results",
+        "",
+        *errors,
+        *([""] if errors else []),
+        f"Both systems run **{slots} concurrent sessions** against **one emulator** in the same "
+        "run, and both start the same fake session program "
+        "(`dispatcher/emulator/fake_session.py`, work JSON on stdin, `ANTHROPIC_*` variables), "
+        "whose own records give every sandbox-side time.",
+        "",
+        *table,
+        "",
+        "(†) The peer's sandbox is never signalled on a server stop: under `--on-work` the CLI "
+        "does not heartbeat, so the spawned program (here the fake session in runner mode, as "
+        "`ant beta:worker run` would be) learns of the stop from its own next heartbeat, every "
+        f"ttl/2 = {results['emulator_default_ttl'] / 2:.0f} s on this emulator. The figure is "
+        "stop requested -> that heartbeat's `stopping` answer; ours is stop requested -> "
+        "SIGTERM received.",
+        "",
+        "Ratios read \"the dispatcher is N times better or worse than the peer\" on that figure.",
+        "",
+        *context,
+        "",
+        "## Heartbeat capacity, step by step",
+        "",
+        "One control-only worker (`-Q dispatcher.control -B`, threads pool) and no session "
+        "worker. The benchmark claims N items itself (ack, then a `NO_HEARTBEAT` beat asking "
+        f"for a {cap.get('ttl')} s TTL; `DISPATCHER_DESIRED_TTL_SECONDS` asks the same), records "
+        "them in the dispatcher's registry as running sessions (`dispatcher.leases."
+        "LeaseRegistry`), pulses them once a second as their supervisors would, and schedules "
+        "their heartbeats due. Steps grow the same set of leases. A lapse is a lease whose gap "
+        "between two successful beats (or since its last beat, at the end of the window) "
+        "exceeds its TTL, or any refused beat, all from the emulator's request log. CPU is "
+        "user+system time from /proc over the window, of the worker's process tree (100% = one "
+        "core).",
+        "",
+        *cap_rows,
+        "",
+        *_method(results),
+    ]) + "\n"
+
+
+def _context(results: dict[str, Any]) -> list[str]:
+    from bench.analysis import findings
+
+    return findings(results)
+
+
+def _method(results: dict[str, Any]) -> list[str]:
+    from bench.analysis import method
+
+    return method(results)

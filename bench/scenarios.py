@@ -1,0 +1,342 @@
+"""The measurements, each run the same way on either fleet.
+
+Times come from two clocks on the same machine: the sandbox's own records (`started`,
+`sigterm`, `heartbeat`, `exited`, epoch seconds) and the benchmark's clock when it asked the
+emulator for something (create a session, stop it) or killed a process. Poll load and heartbeat
+lapses come from the emulator's request log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from bench import proc
+from bench.emu import Created
+from bench.fleets import Fleet, Ours, Peer, fleet_memory
+from bench.records import events, summary
+
+__all__ = ["dispatch_idle", "dispatch_steady", "drain", "heartbeat_capacity", "memory",
+           "poll_load", "recovery", "stop_latency"]
+
+
+def wait_all(records: Path, work_ids: list[str], event: str, *, timeout: float,
+             after: dict[str, float] | None = None,
+             match: Any = None) -> dict[str, dict[str, Any]]:
+    """The first `event` record of each item (later than `after[work_id]` if given)."""
+    found: dict[str, dict[str, Any]] = {}
+    pending = set(work_ids)
+    deadline = time.monotonic() + timeout
+    while pending:
+        for work_id in list(pending):
+            since = (after or {}).get(work_id, 0.0)
+            hits = [r for r in events(records, work_id, event)
+                    if r["time"] >= since and (match is None or match(r))]
+            if hits:
+                found[work_id] = hits[0]
+                pending.discard(work_id)
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} of {len(work_ids)} items had no {event!r} "
+                               f"record within {timeout:.0f} s")
+        time.sleep(0.05)
+    return found
+
+
+def _latencies(created: list[Created], started: dict[str, dict[str, Any]]) -> list[float]:
+    return [started[c.work_id]["time"] - c.time for c in created]
+
+
+def dispatch_idle(fleet: Fleet, n: int) -> dict[str, float]:
+    """One session at a time on an idle fleet: created -> sandbox started."""
+    latencies = []
+    for _ in range(n):
+        created = fleet.create(0.1)
+        started = wait_all(fleet.records, [created.work_id], "started", timeout=60)
+        latencies.append(started[created.work_id]["time"] - created.time)
+        wait_all(fleet.records, [created.work_id], "exited", timeout=30)
+        time.sleep(0.5)  # the fleet idles again (and the peer posts its stop)
+    return summary(latencies)
+
+
+def dispatch_steady(fleet: Fleet, rate: float, seconds: float,
+                    duration: float = 1.0) -> dict[str, float]:
+    """Sessions arriving every 1/rate s, each running `duration` s."""
+    created = []
+    start = time.monotonic()
+    for i in range(int(rate * seconds)):
+        wait = start + i / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        created.append(fleet.create(duration))
+    ids = [c.work_id for c in created]
+    started = wait_all(fleet.records, ids, "started", timeout=120)
+    wait_all(fleet.records, ids, "exited", timeout=120)
+    return {**summary(_latencies(created, started)), "rate": rate, "duration": duration}
+
+
+def drain(fleet: Fleet, n: int, duration: float = 0.1) -> dict[str, float]:
+    """A backlog of n sessions made at once: how fast do they all start?"""
+    created = fleet.create_many(n, duration)
+    ids = [c.work_id for c in created]
+    first = min(c.time for c in created)
+    made = max(c.time for c in created) - first
+    started = wait_all(fleet.records, ids, "started", timeout=600)
+    last = max(r["time"] for r in started.values())
+    wait_all(fleet.records, ids, "exited", timeout=120)
+    return {"n": n, "seconds": last - first, "per_second": n / (last - first),
+            "create_seconds": made, **{f"latency_{k}": v for k, v in
+                                       summary(_latencies(created, started)).items()
+                                       if k != "n"}}
+
+
+def _stop_seen(fleet: Fleet) -> tuple[str, Any]:
+    """The record that shows the sandbox learned of a graceful stop."""
+    if isinstance(fleet, Peer):
+        # `--on-work` never signals the command; it learns from its own heartbeat.
+        return "heartbeat", lambda r: r.get("state") in ("stopping", "stopped")
+    return "sigterm", None
+
+
+def stop_latency(fleet: Fleet, k: int) -> dict[str, Any]:
+    created = [fleet.create(300) for _ in range(k)]
+    ids = [c.work_id for c in created]
+    wait_all(fleet.records, ids, "started", timeout=120)
+    if isinstance(fleet, Peer):
+        # The fake session's first heartbeat interval is 15 s (half its assumed 30 s TTL, fixed
+        # before the server answered); the SDK's is ttl/2 from the first answer. Stop only once
+        # each sandbox beats at its steady ttl/2, or the peer would pay for the fake's quirk.
+        _wait_second_beat(fleet, ids)
+    time.sleep(1.0)
+    requested = {}
+    for work_id in ids:
+        requested[work_id] = fleet.emu.stop(fleet.environment_id, work_id)
+        time.sleep(0.3)
+    event, match = _stop_seen(fleet)
+    seen = wait_all(fleet.records, ids, event, timeout=120, after=requested, match=match)
+    wait_all(fleet.records, ids, "exited", timeout=60)
+    return {**summary([seen[w]["time"] - requested[w] for w in ids]), "event": event}
+
+
+def _wait_second_beat(fleet: Fleet, ids: list[str]) -> None:
+    deadline = time.monotonic() + 60
+    while any(len(events(fleet.records, w, "heartbeat")) < 2 for w in ids):
+        if time.monotonic() > deadline:
+            raise TimeoutError("peer sandboxes did not heartbeat twice within 60 s")
+        time.sleep(0.2)
+
+
+def end_sessions(fleet: Fleet, ids: list[str], *, after: float = 0.0) -> None:
+    """Clean-up, not a measurement: stop the items on the server and, for the peer, SIGTERM
+    the sandboxes too (they would only learn of the stop at their next heartbeat); wait until
+    every sandbox has exited so the next measurement finds an idle fleet."""
+    for work_id in ids:
+        fleet.emu.stop(fleet.environment_id, work_id)
+    if isinstance(fleet, Peer):
+        for work_id in ids:
+            started = events(fleet.records, work_id, "started")
+            if started and started[-1]["time"] >= after:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(started[-1]["pid"]), signal.SIGTERM)
+    wait_all(fleet.records, ids, "exited", timeout=60, after=dict.fromkeys(ids, after))
+
+
+def recovery(fleet: Fleet, k: int) -> dict[str, Any]:
+    """Kill the worker running a session (SIGKILL; for the peer its sandbox too, as a lost host
+    would): how long until the session runs again (a new `started` record)?"""
+    created = [fleet.create(300) for _ in range(k)]
+    ids = [c.work_id for c in created]
+    wait_all(fleet.records, ids, "started", timeout=120)
+    time.sleep(1.0)
+    runners = {w: fleet.runner_of(w) for w in ids}
+    victim = runners[ids[0]]
+    if victim is None:
+        raise RuntimeError(f"cannot tell which process runs {ids[0]}")
+    lost = [w for w in ids if runners[w] == victim]
+    killed = fleet.kill(victim)
+    again = wait_all(fleet.records, lost, "started", timeout=180,
+                     after=dict.fromkeys(lost, killed))
+    end_sessions(fleet, ids, after=killed)
+    return {**summary([again[w]["time"] - killed for w in lost]), "killed": victim}
+
+
+def poll_load(fleet: Fleet, slots: int, window: float) -> dict[str, float]:
+    """Requests an idle fleet sends, per minute, from the emulator's request log."""
+    time.sleep(1.0)  # let start-up polls pass
+    t0 = time.time()
+    time.sleep(window)
+    t1 = time.time()
+    log = [e for e in fleet.emu.requests(fleet.environment_id) if t0 <= e["time"] < t1]
+    by_endpoint = Counter(e["endpoint"] for e in log)
+    scale = 60.0 / (t1 - t0)
+    return {"slots": slots, "window": t1 - t0, "polls_per_min": by_endpoint["poll"] * scale,
+            "requests_per_min": len(log) * scale,
+            "workers_polling": len({e.get("worker_id") for e in log if e["endpoint"] == "poll"})}
+
+
+def memory(fleet: Fleet, k: int, slots: int) -> dict[str, Any]:
+    """Worker memory with k long sessions minus idle, per session, sandboxes excluded."""
+    time.sleep(1.0)
+    idle = fleet_memory(fleet)
+    created = [fleet.create(300) for _ in range(k)]
+    ids = [c.work_id for c in created]
+    wait_all(fleet.records, ids, "started", timeout=120)
+    time.sleep(2.0)
+    busy = fleet_memory(fleet)
+    end_sessions(fleet, ids)
+    return {
+        "k": k, "slots": slots, "idle": idle, "busy": busy,
+        "per_session_kb": (busy["own_rss"] - idle["own_rss"]) / k,
+        "per_session_pss_kb": (busy["own_pss"] - idle["own_pss"]) / k,
+        "launcher_per_session_kb": busy["launcher_rss"] / k,
+        "launcher_pss_per_session_kb": busy["launcher_pss"] / k,
+        "per_slot_kb": busy["own_rss"] / slots,
+        "per_slot_pss_kb": busy["own_pss"] / slots,
+    }
+
+
+# --- heartbeat capacity ----------------------------------------------------------------------
+
+CLAIM_CHUNK = 50
+
+
+def _tree_cpu(pid: int) -> float:
+    return sum(proc.cpu_seconds(p.pid, with_children=False) for p in proc.tree(pid))
+
+
+def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
+                       log: Any = print) -> dict[str, Any]:
+    """Leases one control worker keeps alive. The benchmark claims N items itself (ack and a
+    NO_HEARTBEAT beat with `ttl`), records them in the dispatcher's registry as running,
+    pulses them as a session worker would, and schedules their heartbeats due; a control-only
+    worker then beats them. A lapse: a lease whose gap between two successful beats (or since
+    its last beat, at the end) exceeds its TTL, or any refused beat."""
+    from dispatcher.leases import Lease, LeaseRegistry, Phase
+
+    stack, emu = fleet.stack, fleet.emu
+    control = fleet.control()
+    _wait_ready(fleet, control)
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    registry = LeaseRegistry(client, prefix=fleet.key_prefix)
+    held: list[str] = []
+    last_beat: dict[str, float] = {}
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def pulse() -> None:  # what each running session's supervisor does, 5 times a second
+        while not stop.wait(1.0):
+            pipe = client.pipeline(transaction=False)
+            now = time.time()
+            for work_id in list(held):
+                pipe.hset(registry.keys.lease(work_id), "pulse_at", now)
+            pipe.execute()
+
+    pulser = threading.Thread(target=pulse, daemon=True)
+    pulser.start()
+    results = []
+    try:
+        for n in steps:
+            add = n - len(held)
+            made = emu.create_sessions(fleet.environment_id, add, {"fake.duration": "0"})
+            for chunk in range(0, len(made), CLAIM_CHUNK):
+                # Claim a chunk, then hand it to the dispatcher at once: a lease claimed long
+                # before it is scheduled would count its wait as a gap.
+                batch = made[chunk:chunk + CLAIM_CHUNK]
+                claims = emu.claim_leases(fleet.environment_id, [c.work_id for c in batch],
+                                          ttl=ttl)
+                now = time.time()
+                for c in batch:
+                    token, beat_at, created_at = claims[c.work_id]
+                    lease = Lease(work_id=c.work_id, session_id=c.session_id,
+                                  environment_id=fleet.environment_id, mode="dispatcher",
+                                  queue="dispatcher.sessions", phase=Phase.RUNNING,
+                                  task_id=f"bench-{c.work_id}", worker="bench-sessions@bench",
+                                  claimed_at=now, dispatched_at=now, pulse_at=now,
+                                  created_at=created_at, token=token, ttl_seconds=ttl,
+                                  heartbeat_ok_at=beat_at)
+                    registry.create(lease, work_json="{}")
+                    registry.schedule_heartbeat(c.work_id, now)  # due now
+                    last_beat[c.work_id] = beat_at
+                    held.append(c.work_id)
+            time.sleep(ttl / 3)  # one beat interval to settle
+            _absorb(emu, fleet.environment_id, seen, last_beat, since=None)
+            w0, cpu0, emu0 = time.time(), _tree_cpu(stack.processes[control].pid), \
+                _tree_cpu(stack.processes["emulator"].pid)
+            time.sleep(window)
+            w1, cpu1, emu1 = time.time(), _tree_cpu(stack.processes[control].pid), \
+                _tree_cpu(stack.processes["emulator"].pid)
+            judged = _absorb(emu, fleet.environment_id, seen, last_beat, since=w0, until=w1)
+            overdue = cast("list[tuple[str, float]]", client.zrangebyscore(
+                registry.keys.heartbeat_due, "-inf", w1 - 1, withscores=True))
+            step = {"n": n, "window": w1 - w0, "ttl": ttl,
+                    "control_cpu_pct": 100 * (cpu1 - cpu0) / (w1 - w0),
+                    "emulator_cpu_pct": 100 * (emu1 - emu0) / (w1 - w0),
+                    "overdue_now": len(overdue),
+                    "max_overdue_s": max((w1 - s for _, s in overdue), default=0.0),
+                    **judged}
+            step["lapsed"] = bool(step["max_gap_s"] > ttl or step["refused"])
+            log(f"  heartbeat capacity n={n}: {step}")
+            results.append(step)
+            if step["lapsed"]:
+                break
+    finally:
+        stop.set()
+        pulser.join()
+        fleet.stop_members([control])
+    ok = [s["n"] for s in results if not s["lapsed"]]
+    return {"steps": results, "largest_without_lapse": max(ok, default=0), "ttl": ttl}
+
+
+def _absorb(emu: Any, environment_id: str, seen: set[str], last_beat: dict[str, float], *,
+            since: float | None, until: float | None = None) -> dict[str, Any]:
+    """Fold new heartbeat entries of the request log into each lease's last beat; judge the
+    gaps that end inside [since, until]."""
+    entries = [e for e in emu.requests(environment_id)
+               if e["endpoint"] == "heartbeat" and e.get("request_id") not in seen]
+    max_gap, beats, refused, failed = 0.0, 0, 0, 0
+    for e in sorted(entries, key=lambda e: e["time"]):
+        seen.add(e.get("request_id"))
+        work_id = e.get("work_id")
+        if work_id not in last_beat:
+            continue
+        if e["status"] != 200:
+            if since is not None and e["time"] >= since:
+                # 4xx: the lease is gone (412 after a lapse); 5xx or 0 (dropped): transient,
+                # retried by the dispatcher within a second, a lapse only if the gap says so.
+                if 400 <= e["status"] < 500:
+                    refused += 1
+                else:
+                    failed += 1
+            continue
+        if since is not None and e["time"] >= since and (until is None or e["time"] < until):
+            max_gap = max(max_gap, e["time"] - last_beat[work_id])
+            beats += 1
+        last_beat[work_id] = max(last_beat[work_id], e["time"])
+    if since is None:
+        return {}
+    end = until or time.time()
+    max_gap = max([max_gap, *(end - t for t in last_beat.values())])
+    lists = sum(1 for e in emu.requests(environment_id)
+                if e["endpoint"] == "list" and since <= e["time"] < end)
+    return {"beats_per_s": beats / (end - since), "max_gap_s": max_gap, "refused": refused,
+            "failed": failed,
+            "list_per_s": lists / (end - since)}
+
+
+def _wait_ready(fleet: Ours, name: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while " ready." not in fleet.stack.log(name):
+        fleet.stack._check_alive(name)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} not ready within {timeout} s")
+        time.sleep(0.2)
+    time.sleep(2.0)  # beat's first ticks
