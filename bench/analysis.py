@@ -81,7 +81,13 @@ def findings(results: dict[str, Any]) -> list[str]:
         "released: the supervisor sees the exit within `SUPERVISE_INTERVAL_SECONDS` = 0.2 s, "
         "then posts `stop(force)` and deletes the lease (dispatcher/lifecycle.py, `release`). "
         "A fix for (2), not made here: wait for a free slot inside the run (poll "
-        "`free_slots()` for the rest of `POLL_RUN_SECONDS`) instead of returning.",
+        "`free_slots()` for the rest of `POLL_RUN_SECONDS`) instead of returning. "
+        "The peer's processes claim in parallel but lose about 1.5 s between sessions: the "
+        "sandbox force-stops its item on exit (as `ant beta:worker run` and the SDK's "
+        "`handle_item` do), then the poller's `auto_stop` posts its graceful stop, gets 409, "
+        "and the SDK client retries the 409 twice with backoff (`max_retries` = 2, "
+        "0.5 s initial delay; `_base_client.py` treats 409 as retryable) before the poller "
+        "ignores it. That is the published behaviour, so it is measured as is.",
         "",
     ]
 
@@ -128,32 +134,44 @@ def findings(results: dict[str, Any]) -> list[str]:
         "`POLL_RUN_SECONDS` runs started each second), whatever the fleet's size: about one "
         "poll a second, fewer when the run boundary or a poll lock hand-over leaves a gap. "
         "Each peer process polls about every 3 s (a 1 s long poll, then a 1 to 3 s sleep), so "
-        "the peer's load grows linearly with its slots. An idle dispatcher fleet sends nothing "
-        "else: the stop bridge returns before listing when no lease is held.",
+        "the peer's load grows linearly with its slots. So with a single slot we send about "
+        "three times the peer's polls (we lose there); from about three slots on, fewer. An "
+        "idle dispatcher fleet sends nothing else: the stop bridge returns before listing "
+        "when no lease is held.",
         "",
     ]
 
     largest = cap.get("largest_without_lapse")
     steps = cap.get("steps", [])
     top = steps[-1] if steps else {}
+    per_beat = (10 * top["control_cpu_pct"] / top["beats_per_s"]
+                if top.get("beats_per_s") else None)
     out += [
         "**Heartbeat capacity.** "
         f"The largest set tried without a lapse was {largest} leases at a {cap.get('ttl')} s "
         "TTL" + (" (target 5,000 met)." if (largest or 0) >= 5000 else
-                 " (**target 5,000 not shown on this machine**).")
-        + " Read the step table with the CPU columns: one control worker beats up to "
-        "`BATCH_SIZE` = 2,000 due leases a tick with 64 requests in flight "
-        "(dispatcher/heartbeat.py), and on this machine the emulator (one uvicorn process, "
-        "one core, a WATCH/MULTI transaction per beat) and the worker share two cores. "
-        f"At the last step ({top.get('n')} leases) the control worker used "
-        f"{_f(top.get('control_cpu_pct'), '.0f')}% of a core and the emulator "
-        f"{_f(top.get('emulator_cpu_pct'), '.0f')}%. Two costs of the dispatcher grow with "
-        "held leases besides the beats themselves: the stop bridge lists the environment "
-        "every second and pages back to the oldest held item (`LIST_PAGE_SIZE` = 100, so "
-        "N/100 `list` calls a second: the `list` column), and both the bridge and `recover` "
-        "read every lease hash each second (`LeaseRegistry.all`). At 5,000 leases that is "
-        "50 list calls and 10,000 HGETALLs a second per fleet, independent of whether "
-        "anything changed. The peer does not appear here: under `--on-work` the poller never "
+                 " (**target 5,000 missed, by far, on this machine**).")
+        + f" At the last step ({top.get('n')} leases) the control worker used "
+        f"{_f(top.get('control_cpu_pct'), '.0f')}% of a core for "
+        f"{_f(top.get('beats_per_s'), '.0f')} beats/s, about {_f(per_beat)} ms of CPU per "
+        f"beat all costs included, while the emulator used "
+        f"{_f(top.get('emulator_cpu_pct'), '.0f')}%: the worker, not the server, is the "
+        "limit here, and with Celery's threads pool all its tasks share one GIL, so a "
+        "worker near 60-70% of a core on a loaded 2-core machine is near its ceiling. What "
+        "the control worker does per second, read from the code: `beat_due_leases` "
+        "(dispatcher/heartbeat.py) builds a new `AsyncWorkClient` and event loop every tick "
+        "(`asyncio.run`, so no connection outlives a tick), then applies each reply with two "
+        "sequential Redis round trips (`registry.update`, `schedule_heartbeat`); the stop "
+        "bridge (dispatcher/bridge.py, `scan_server_stops`) pages `list` back to the oldest "
+        "held item every second (`LIST_PAGE_SIZE` = 100, so N/100 calls a second: the `list` "
+        "column) and parses each page; and both the bridge and `recover` "
+        "(dispatcher/recovery.py) read and parse every lease hash every second "
+        "(`LeaseRegistry.all`). All of it grows with held leases whether or not anything "
+        "changed; at 5,000 leases it would be 50 `list` calls, 10,000 HGETALLs and 500 beats "
+        "a second. Which of these dominates was not profiled here; a profile of the control "
+        "worker at 1,000 leases is the next step. The refused beats in the table are 412s: "
+        "leases that lapsed and were re-queued by the server, which the dispatcher then "
+        "counts as lost. The peer does not appear here: under `--on-work` the poller never "
         "heartbeats; every sandbox beats its own lease.",
         "",
     ]
@@ -199,9 +217,10 @@ def findings(results: dict[str, Any]) -> list[str]:
         "alias of the same pool) does give prefork, and is what this benchmark uses.",
         "2. **Drain throughput is capped by the poller's run boundary** (dispatcher/poller.py, "
         "`_poll_loop`: `if runtime.capacity.free_slots() <= 0: break`): see Drain throughput.",
-        "3. **The stop bridge's cost grows with held leases** (dispatcher/bridge.py, "
-        "`scan_server_stops`: pages of 100 back to the oldest held item, every second): see "
-        "Heartbeat capacity.",
+        "3. **One control worker keeps far fewer than 5,000 leases**, and the per-second "
+        "work of the stop bridge and recovery grows with held leases "
+        "(dispatcher/heartbeat.py `beat_due_leases`, dispatcher/bridge.py "
+        "`scan_server_stops`, dispatcher/recovery.py `recover`): see Heartbeat capacity.",
         "4. **The launcher doubles the per-session process count** and is most of a session's "
         "memory on the threads pool: see Memory.",
         "5. Not the dispatcher, but the emulator (dispatcher/emulator/app.py, "

@@ -98,8 +98,13 @@ class Emulator:
                         beat = await _retry(lambda: client.post(
                             f"{base}/{work_id}/heartbeat", headers=self.env,
                             params={"expected_last_heartbeat": "NO_HEARTBEAT",
-                                    "desired_ttl_seconds": ttl}))
-                        return work_id, (beat.json()["last_heartbeat"], time.time(),
+                                    "desired_ttl_seconds": ttl}), ok=(412,))
+                        body = beat.json()
+                        if beat.status_code == 412:
+                            # A retry after a dropped answer: the first beat landed, and the
+                            # 412 carries the token it set.
+                            body = body["error"]["details"]["current_state"]
+                        return work_id, (body["last_heartbeat"], time.time(),
                                          acked.json().get("created_at", ""))
 
                 return dict(await asyncio.gather(*(one(w) for w in work_ids)))

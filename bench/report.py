@@ -203,6 +203,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
         "",
         *cap_rows,
         "",
+        *([f"_{results['capacity_note']}_", ""] if results.get("capacity_note") else []),
         *_method(results),
     ]) + "\n"
 
