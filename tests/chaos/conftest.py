@@ -1,0 +1,99 @@
+"""Fixtures of the chaos scenarios.
+
+The fleet is the acceptance one (tests/acceptance/fleet.py, imported by path, nothing copied)
+but on a PRIVATE redis-server started for the chaos session: the acceptance fixture flushes db 9
+of the shared Redis before each of its tests, which must not land in the middle of a chaos run
+on another engineer's machine time. Each scenario gets its own emulator (`--min-ttl 1`, so
+short TTLs are honoured) and its own key prefix.
+
+Every scenario's figures go to a JSON file: $DISPATCHER_CHAOS_FIGURES, else
+`<pytest basetemp>/chaos-figures.json`; `python tests/chaos/report.py FILE` renders the table of
+docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "acceptance"))
+
+from chaos_fleet import ChaosFleet, Figures, RedisServer, env_path, figures_dict
+from fleet import Fleet
+
+from dispatcher.stack import free_port
+
+FIGURES_ENV = "DISPATCHER_CHAOS_FIGURES"
+_figures_path: list[Path] = []
+
+
+@pytest.fixture(scope="session")
+def chaos_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("chaos-redis"), free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def figures_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = Path(env_path(FIGURES_ENV) or tmp_path_factory.getbasetemp() / "chaos-figures.json")
+    if not _figures_path:
+        _figures_path.append(path)
+    return path
+
+
+def record_figures(path: Path, figures: Figures) -> None:
+    """Merge one scenario's figures into the JSON file (scenario name -> figures)."""
+    data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    data[figures.scenario] = figures_dict(figures)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+MakeChaos = Callable[..., ChaosFleet]
+
+
+@pytest.fixture
+def chaos(emulator_factory: Callable[..., Any], tmp_path: Path, chaos_redis: RedisServer,
+          figures_file: Path) -> Iterator[MakeChaos]:
+    """`chaos(scenario, ttl=..., grace=..., redis=..., emulator_flags=())` -> a ChaosFleet;
+    stopped at the end of the test."""
+    made: list[ChaosFleet] = []
+
+    def make(scenario: str, *, ttl: float = 6, grace: float = 2,
+             redis: RedisServer | None = None, emulator_flags: tuple[str, ...] = ()) -> ChaosFleet:
+        emulator = emulator_factory("--min-ttl", "1", *emulator_flags)
+        fleet = Fleet(emulator, tmp_path, (redis or chaos_redis).url)
+        cf = ChaosFleet(fleet, scenario=scenario, ttl=ttl, grace=grace)
+        made.append(cf)
+        return cf
+
+    try:
+        yield make
+    finally:
+        for cf in made:
+            cf.watcher._stop.set()
+            cf.fleet.stop_all()
+
+
+@pytest.fixture
+def report(figures_file: Path) -> Callable[[Figures], None]:
+    """Record a scenario's figures, then fail on any violation it found."""
+
+    def check(figures: Figures) -> None:
+        record_figures(figures_file, figures)
+        assert not figures.violations, "\n".join(figures.violations)
+
+    return check
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _figures_path and _figures_path[0].exists():
+        terminalreporter.write_line(f"chaos figures: {_figures_path[0]} "
+                                    f"(render: python tests/chaos/report.py {_figures_path[0]})")

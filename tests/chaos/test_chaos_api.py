@@ -1,0 +1,128 @@
+"""The Work API misbehaves while a batch runs: slow, failing, rate limiting, dropping
+connections, answering 412 to heartbeats. Faults are the emulator's switches."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from chaos_fleet import ChaosFleet, Figures
+
+pytestmark = pytest.mark.chaos
+
+
+@dataclass(frozen=True)
+class ApiFault:
+    scenario: str
+    switches: dict[str, Any]
+    # Seconds on, seconds off, repeated for `window` seconds: bursts rather than a steady rate.
+    on: float
+    off: float
+    window: float
+    ttl: int = 6
+    sessions: int = 12
+    duration: float = 2.0
+    # Switch the fault on only once every session runs (its lease is established).
+    after_start: bool = False
+    # Switch it off this long after the first injected fault is in the request log.
+    off_after_first: float | None = None
+
+
+# `stop` is left out of the committed scenarios: a release whose stop keeps failing is not
+# heartbeated, so its lease lapses and the session runs twice (a dispatcher bug, reproduced by
+# test_pending_api_faults_on_stop.py, kept out of the suite until it is fixed).
+NOT_STOP = ["poll", "ack", "heartbeat", "list", "get", "stats", "update"]
+
+FAULTS = {
+    # Latency above the heartbeat interval (TTL 9 s: a beat every 3 s; each takes 3.5 s, under
+    # the 5 s request timeout), on running sessions' leases.
+    "slow": ApiFault("API slow (3.5 s > 3 s beat interval)",
+                     {"latency_ms": 3500, "endpoints": ["heartbeat"]},
+                     on=12, off=0, window=12, duration=12.0, sessions=10, ttl=9,
+                     after_start=True),
+    "5xx": ApiFault("API 5xx bursts (50%, 2 s on / 2 s off)",
+                    {"error_rate": 0.5, "error_status": 503, "endpoints": NOT_STOP},
+                    on=2, off=2, window=14, ttl=9),
+    "429": ApiFault("API 429 with retry-after 1 s (30%)",
+                    {"rate_limit_rate": 0.3, "retry_after_seconds": 1, "endpoints": NOT_STOP},
+                    on=14, off=0, window=14, ttl=9),
+    "drop": ApiFault("API drops connections (20%)", {"drop_rate": 0.2, "endpoints": NOT_STOP},
+                     on=14, off=0, window=14, ttl=9),
+    # On established leases only, and switched off before a lapsed lease can be claimed
+    # again: a 412 on a FIRST heartbeat strands the item (a dispatcher bug, reproduced by
+    # test_pending_first_heartbeat_412.py, kept out of the suite until it is fixed).
+    # The switch goes off 2 s after the first 412 (a lapsed lease is claimed again no sooner
+    # than about TTL - interval - a tick = 5 s later).
+    "412": ApiFault("heartbeat answered 412 (40%, running sessions)",
+                    {"heartbeat_412_rate": 0.4}, on=15, off=0, window=15, duration=10.0,
+                    after_start=True, ttl=9, off_after_first=2.0),
+}
+
+
+def _injected(cf: ChaosFleet) -> bool:
+    return any(e.get("fault") for e in cf.fleet.emulator.requests_log()
+               if e.get("environment_id") == cf.fleet.environment_id)
+
+
+def _bursts(cf: ChaosFleet, fault: ApiFault, done: threading.Event) -> None:
+    emulator = cf.fleet.emulator
+    end = time.monotonic() + fault.window
+    if fault.off_after_first is not None:
+        emulator.set_faults(**fault.switches)
+        while time.monotonic() < end and not done.is_set() and not _injected(cf):
+            done.wait(0.2)
+        done.wait(fault.off_after_first)
+        emulator.reset_faults()
+        return
+    while time.monotonic() < end and not done.is_set():
+        emulator.set_faults(**fault.switches)
+        done.wait(min(fault.on, max(0.0, end - time.monotonic())))
+        emulator.reset_faults()
+        if fault.off:
+            done.wait(fault.off)
+    emulator.reset_faults()
+
+
+@pytest.mark.parametrize("kind", list(FAULTS))
+def test_api_faults(kind: str, chaos: Callable[..., ChaosFleet],
+                    report: Callable[[Figures], None]) -> None:
+    run_api_fault(kind, FAULTS[kind], chaos, report)
+
+
+def run_api_fault(kind: str, fault: ApiFault, chaos: Callable[..., ChaosFleet],
+                  report: Callable[[Figures], None]) -> None:
+    cf = chaos(fault.scenario, ttl=fault.ttl)
+    cf.control()
+    cf.sessions_worker("s1")
+    cf.sessions_worker("s2")
+    cf.fleet.wait_slots(8)
+    done = threading.Event()
+    bursts = threading.Thread(target=_bursts, args=(cf, fault, done), daemon=True)
+    if not fault.after_start:
+        bursts.start()
+    work_ids = cf.create(fault.sessions, fake_duration=fault.duration)
+    if fault.after_start:
+        cf.wait_started(work_ids)
+        bursts.start()
+    try:
+        figures = cf.finish(timeout=150)
+    finally:
+        done.set()
+        bursts.join(timeout=10)
+    log = [e for e in cf.fleet.emulator.requests_log()
+           if e.get("environment_id") == cf.fleet.environment_id]
+    injected = [e for e in log if e.get("fault")]
+    if kind == "slow":
+        slow = [e for e in log if e.get("endpoint") == "heartbeat"]
+        figures.faults, figures.fault_kinds = len(slow), f"slow heartbeats x{len(slow)}"
+    else:
+        figures.faults = len(injected)
+        kinds = sorted({str(e["fault"]) for e in injected})
+        figures.fault_kinds = ", ".join(
+            f"{k} x{sum(1 for e in injected if e['fault'] == k)}" for k in kinds)
+        assert injected, "the fault was injected"
+    report(figures)

@@ -1,0 +1,167 @@
+"""Property-based test of the lease registry (dispatcher.leases.LeaseRegistry) on real Redis:
+random sequences of create / new_attempt / pulse / request_stop / schedule / claim_due / delete
+against a plain-Python model of what each Lua script promises."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from dispatcher.leases import Lease, LeaseRegistry, StopKind
+
+REDIS_URL = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379") + "/10"
+WORK_IDS = st.sampled_from(["work_a", "work_b", "work_c"])
+KINDS = st.sampled_from([StopKind.GRACEFUL, StopKind.FORCE])
+CAUSES = st.sampled_from(["server", "operator", "drain"])
+INFLIGHT = 10.0
+
+
+@dataclass
+class Model:
+    attempt: int = 1
+    stop: str = ""
+    cause: str = ""
+    due: float | None = None
+
+
+def _redis_or_skip() -> redis.Redis:
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        r.ping()
+    except redis.RedisError:  # pragma: no cover - the suite needs Redis anyway
+        pytest.skip("no Redis at DISPATCHER_TEST_REDIS")
+    return r
+
+
+class RegistryMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.redis = _redis_or_skip()
+        self.prefix = f"proptest{uuid.uuid4().hex[:10]}"
+        self.registry = LeaseRegistry(self.redis, prefix=self.prefix)
+        self.model: dict[str, Model] = {}
+        self.now = 1_000.0
+
+    def teardown(self) -> None:
+        for key in self.redis.scan_iter(f"{self.prefix}:*", count=1000):
+            self.redis.delete(key)
+        self.redis.close()
+
+    @rule(work_id=WORK_IDS)
+    def create(self, work_id: str) -> None:
+        if work_id in self.model:
+            return  # the poller never records a lease it already holds
+        lease = Lease(work_id=work_id, session_id=f"s_{work_id}", environment_id="env",
+                      mode="dispatcher", queue="q", claimed_at=self.now)
+        self.registry.create(lease, work_json="{}")
+        self.model[work_id] = Model()
+
+    @rule(work_id=WORK_IDS, offset=st.integers(-1, 1))
+    def new_attempt(self, work_id: str, offset: int) -> None:
+        model = self.model.get(work_id)
+        expected = (model.attempt if model else 1) + offset
+        got = self.registry.new_attempt(work_id, expected_attempt=expected, task_id="t")
+        if model is None:
+            assert got == -1
+        elif expected != model.attempt:
+            assert got == 0, "a stale attempt never moves the lease on"
+        else:
+            model.attempt += 1
+            assert got == model.attempt
+
+    @rule(work_id=WORK_IDS, offset=st.integers(-1, 1))
+    def pulse(self, work_id: str, offset: int) -> None:
+        model = self.model.get(work_id)
+        attempt = (model.attempt if model else 1) + offset
+        pulse = self.registry.pulse(work_id, attempt)
+        assert pulse.exists == (model is not None)
+        if model is not None:
+            assert pulse.current == (attempt == model.attempt), "fencing"
+            assert (pulse.stop, pulse.stop_cause) == (model.stop, model.cause)
+
+    @rule(work_id=WORK_IDS, offset=st.integers(-1, 1))
+    def set_if_attempt(self, work_id: str, offset: int) -> None:
+        model = self.model.get(work_id)
+        attempt = (model.attempt if model else 1) + offset
+        got = self.registry.update_if_attempt(work_id, attempt, worker="w")
+        assert got == (-1 if model is None else 1 if attempt == model.attempt else 0)
+
+    @rule(work_id=WORK_IDS, kind=KINDS, cause=CAUSES)
+    def request_stop(self, work_id: str, kind: StopKind, cause: str) -> None:
+        model = self.model.get(work_id)
+        changed = self.registry.request_stop(work_id, kind, cause)
+        if model is None:
+            assert not changed
+            return
+        expect = model.stop not in (StopKind.FORCE.value, kind.value)
+        assert changed == expect, "force wins over graceful; a repeat changes nothing"
+        if expect:
+            if not model.stop:
+                model.cause = cause  # the first cause stays
+            model.stop = kind.value
+
+    @rule(work_id=WORK_IDS, delay=st.floats(-5, 5))
+    def schedule(self, work_id: str, delay: float) -> None:
+        model = self.model.get(work_id)
+        done = self.registry.schedule_heartbeat(work_id, self.now + delay)
+        assert done == (model is not None)
+        if model is not None:
+            model.due = self.now + delay
+
+    @rule(advance=st.floats(0, 6))
+    def claim_due(self, advance: float) -> None:
+        self.now += advance
+        ids = self.registry.claim_due_heartbeats(now=self.now, limit=100,
+                                                 inflight_seconds=INFLIGHT)
+        expect = {w for w, m in self.model.items() if m.due is not None and m.due <= self.now}
+        assert set(ids) == expect, "exactly the due leases, each once"
+        for work_id in ids:
+            self.model[work_id].due = self.now + INFLIGHT  # in flight: not due again yet
+            assert self.registry.get(work_id).inflight_until == self.now + INFLIGHT  # type: ignore[union-attr]
+
+    @rule(work_id=WORK_IDS)
+    def mark_lost(self, work_id: str) -> None:
+        model = self.model.get(work_id)
+        self.registry.mark_lost(work_id, "heartbeat 412")
+        if model is not None:
+            if model.stop != StopKind.FORCE.value:
+                model.cause = model.cause or "heartbeat 412"
+                model.stop = StopKind.FORCE.value
+            model.due = None
+            assert self.registry.get(work_id).is_lost  # type: ignore[union-attr]
+
+    @rule(work_id=WORK_IDS)
+    def delete(self, work_id: str) -> None:
+        self.registry.delete(work_id)
+        self.model.pop(work_id, None)
+        assert self.registry.get(work_id) is None
+        assert self.registry.work_json(work_id) is None
+
+    @rule(work_id=WORK_IDS)
+    def update_after_release(self, work_id: str) -> None:
+        done = self.registry.update(work_id, phase="running")
+        assert done == (work_id in self.model), "an update never resurrects a released lease"
+
+    @invariant()
+    def held_is_the_model(self) -> None:
+        assert set(self.registry.held_ids()) == set(self.model)
+        for work_id, model in self.model.items():
+            lease = self.registry.get(work_id)
+            assert lease is not None
+            assert (lease.attempt, lease.stop, lease.stop_cause) == (
+                model.attempt, model.stop, model.cause)
+            due = self.registry.next_due(work_id)
+            assert due == model.due
+
+
+RegistryMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestLeaseRegistry = RegistryMachine.TestCase
