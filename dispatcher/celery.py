@@ -8,6 +8,7 @@ session twice: a lost worker is recovered through the lease registry, not broker
 
 from __future__ import annotations
 
+import os
 import sys
 
 from celery import Celery
@@ -22,6 +23,14 @@ CONTROL_QUEUE = "dispatcher.control"
 # Threads suit sessions, which wait on a subprocess: a few MB per session instead of a whole
 # interpreter. `-P prefork` works too; both pools pass the same stop and recovery tests.
 DEFAULT_POOL = "threads"
+# The default pool is set as the default of the `-P` option, not as the `worker_pool` setting:
+# Celery's CLI cannot tell an explicit `-P prefork` from its own default and replaces both by a
+# configured `worker_pool` (celery/bin/worker.py, WorkersPool.convert: `if value == 'prefork'
+# and worker_pool: value = get_implementation(worker_pool)`), so `-P prefork` would silently
+# run threads. `celery` reads option defaults from CELERY_<COMMAND>_<OPTION> (its click group
+# runs with auto_envvar_prefix="CELERY", celery/bin/celery.py), and `-A` imports this module
+# before the worker's options are parsed. Any `-P`, or a CELERY_WORKER_POOL of the user's, wins.
+POOL_ENVVAR = "CELERY_WORKER_POOL"
 DEFAULT_CONCURRENCY = 10
 # beat's lock (celery-redbeat) lapses this long after its holder died; a standby then takes over.
 BEAT_LOCK_TIMEOUT_SECONDS = 10
@@ -31,6 +40,8 @@ try:
     settings = load_settings()
 except SettingsError as exc:
     sys.exit(f"dispatcher: {exc}")
+
+os.environ.setdefault(POOL_ENVVAR, DEFAULT_POOL)  # see POOL_ENVVAR
 
 app = Celery("dispatcher", include=["tasks.poll", "tasks.heartbeat", "tasks.bridge",
                                     "tasks.session"])
@@ -77,7 +88,6 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_disable_prefetch=True,
     task_track_started=True,
-    worker_pool=DEFAULT_POOL,
     worker_concurrency=DEFAULT_CONCURRENCY,
     worker_send_task_events=True,
     task_send_sent_event=True,

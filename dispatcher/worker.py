@@ -25,7 +25,7 @@ from dispatcher.runtime import get_runtime
 from dispatcher.sandbox import CommandError, resolve_command
 from dispatcher.settings import SettingsError
 
-__all__ = ["CONTROL_RESERVE", "SlotAdvertiser", "session_slots"]
+__all__ = ["CONTROL_RESERVE", "SlotAdvertiser", "pool_name", "session_slots"]
 
 # Pool slots kept free for control tasks on a worker that consumes both queues: one for the
 # poller's long-poll, one for heartbeat, bridge and recovery ticks.
@@ -65,6 +65,16 @@ def _consumes_sessions(worker: Any, session_queues: list[str]) -> bool:
     return any(q in session_queues for q in consumed)
 
 
+def pool_name(pool_cls: type) -> str:
+    """The `-P` name of the pool a worker really runs ("threads", "prefork", ...), read from the
+    pool object, never from settings or the command line (which Celery may have overridden)."""
+    from celery.concurrency import ALIASES
+
+    path = f"{pool_cls.__module__}:{pool_cls.__qualname__}"
+    names = [name for name, target in ALIASES.items() if target == path]
+    return names[0] if names else pool_cls.__module__.rsplit(".", 1)[-1]
+
+
 class SlotAdvertiser(bootsteps.StartStopStep):
     """Advertises this worker's session slots from its main process."""
 
@@ -86,7 +96,7 @@ class SlotAdvertiser(bootsteps.StartStopStep):
             session_queues=runtime.settings.session_queues,
         )
         self.queues = queues
-        self.pool = type(worker.pool).__module__.rsplit(".", 1)[-1]
+        self.pool = pool_name(type(worker.pool))
         runtime.capacity.register(worker.hostname)
         event("worker ready", worker=worker.hostname, slots=self.slots, pool=self.pool,
               queues=",".join(queues))
