@@ -115,7 +115,7 @@ The app sets `-P threads -c 10` as defaults; the command line overrides them.
 |---|---|
 | `-Q dispatcher.sessions` / `-Q dispatcher.control` | the role of a worker; without `-Q` it consumes both (and reserves 2 slots for control tasks) |
 | `-c N` | pool size, hence session slots (see above). Slots are read once at start: prefer a fixed `-c` to `--autoscale` |
-| `-P threads` / `-P prefork` | threads by default (a session only waits on a subprocess); prefork is supported. An operator stops a running session with a revoke on threads, with `revoke --terminate` (Flower's Terminate) on prefork |
+| `-P threads` / `-P prefork` | threads by default (a session only waits on a subprocess); prefork is supported. The default comes from `CELERY_WORKER_POOL`, which Celery's CLI reads as the default of `-P` and which the app sets to `threads` when it is unset (not the `worker_pool` setting, which would silently replace an explicit `-P prefork`); `-P` wins over it, and the `worker ready` line names the pool that runs. An operator stops a running session with a revoke on threads, with `revoke --terminate` (Flower's Terminate) on prefork |
 | `-n NAME@%h` | node name; unique per worker process on a host. Slots and the drain flag are kept per node name |
 | `-B` | embedded beat, for a one-host fleet; lock-protected (celery-redbeat), so `-B` on several hosts never doubles ticks |
 | `-l INFO` | lifecycle lines (see [troubleshooting](troubleshooting.md)) are logged at INFO and above |
