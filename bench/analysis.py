@@ -205,16 +205,18 @@ def findings(results: dict[str, Any]) -> list[str]:
     out += [
         "## Problems found in the dispatcher (reported, not fixed here)",
         "",
-        "1. **`-P prefork` silently runs the thread pool.** dispatcher/celery.py sets "
-        "`worker_pool=\"threads\"`; Celery's CLI cannot tell an explicit `-P prefork` from its "
-        "own default and then substitutes the configured pool (celery/bin/worker.py, "
+        "1. **`-P prefork` silently ran the thread pool (fixed since).** dispatcher/celery.py "
+        "set `worker_pool=\"threads\"`, and Celery's CLI cannot tell an explicit `-P prefork` "
+        "from its own default, so it substituted the configured pool (celery/bin/worker.py, "
         "`WorkersPool.convert`: `if value == 'prefork' and worker_pool: value = "
-        "get_implementation(worker_pool)`). Measured: a worker started with `-P prefork -c 4` "
-        "prints `concurrency: 4 (thread)`, and our log line says `pool=thread`. So "
-        "`LocalStack.worker(pool=\"prefork\")`, which the acceptance tests parametrise over, "
-        "runs threads, and the prefork claims in docs/architecture.md and "
-        "docs/configuration.md are untested from the command line. `-P processes` (Celery's "
-        "alias of the same pool) does give prefork, and is what this benchmark uses.",
+        "get_implementation(worker_pool)`): a worker started with `-P prefork -c 4` printed "
+        "`concurrency: 4 (thread)`, and the prefork-parametrised acceptance tests ran threads. "
+        "The fix: the app no longer sets `worker_pool`; it makes threads the default of the "
+        "`-P` option itself (`CELERY_WORKER_POOL`, which Celery's CLI reads as that default, "
+        "set only when unset), so any `-P` given wins, and the `worker ready` line names the "
+        "pool the worker really runs. tests/acceptance/test_pools.py checks it on real "
+        "workers. Runs before the fix measured prefork with `-P processes`, Celery's alias of "
+        "the same pool, so their prefork figures stand.",
         "2. **Drain throughput is capped by the poller's run boundary** (dispatcher/poller.py, "
         "`_poll_loop`: `if runtime.capacity.free_slots() <= 0: break`): see Drain throughput.",
         "3. **One control worker keeps far fewer than 5,000 leases**, and the per-second "
@@ -273,8 +275,8 @@ def method(results: dict[str, Any]) -> list[str]:
         f"* **Poll load**: an idle fleet, {sizes['poll_window']:g} s window, `poll` entries of "
         "its environment in the emulator's request log, scaled to a minute. Ours: control "
         "worker plus one session worker of 1, 10 or 50 threads; peer: 1, 10 or 50 processes.",
-        f"* **Memory**: one session worker of {sizes['slots']} slots (threads, then prefork via "
-        f"`-P processes`), idle vs {sizes['memory_sessions']} sessions running; RSS (and PSS, "
+        f"* **Memory**: one session worker of {sizes['slots']} slots (`-P threads`, then "
+        f"`-P prefork`), idle vs {sizes['memory_sessions']} sessions running; RSS (and PSS, "
         "which shares pages between forked children fairly) of the worker's process tree from "
         "/proc, with sandboxes (and, in their own line, our launchers) excluded, divided by "
         "the number of sessions. The peer: its processes, sandboxes excluded.",

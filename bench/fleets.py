@@ -106,11 +106,7 @@ class Ours(Fleet):
     def sessions(self, concurrency: int, pool: str = "threads") -> str:
         self.counter += 1
         name = self._spawn_name(f"s{self.counter}")
-        # `-P prefork` is silently replaced by the app's configured pool (threads): Celery's CLI
-        # cannot tell an explicit prefork from its default (celery/bin/worker.py,
-        # WorkersPool.convert). `processes` is Celery's alias of the same prefork pool.
-        cli_pool = "processes" if pool == "prefork" else pool
-        self.stack.worker(name, self.env, pool=cli_pool, concurrency=concurrency,
+        self.stack.worker(name, self.env, pool=pool, concurrency=concurrency,
                           queues="dispatcher.sessions")
         self.members.append(name)
         return name
