@@ -13,6 +13,7 @@ reply                                        action
 200 ``active``/``starting``                  keep the exact ``last_heartbeat`` token
 200 ``stopping``                             graceful stop of the sandbox, keep beating
 200 ``stopped`` or ``lease_extended: false``  lease gone: kill now, release nothing
+412 to a first claim, nobody holding it       claim again in a second; stop it after a TTL
 412, 404                                     lease gone (another holder, or no item)
 other fatal 4xx                              kill now, then force-stop the item
 transient, for less than the TTL             retry in a second
@@ -42,7 +43,8 @@ from dispatcher.workapi import (
     WorkState,
 )
 
-__all__ = ["apply_first_heartbeat", "beat_due_leases", "heartbeat_interval"]
+__all__ = ["apply_first_heartbeat", "beat_due_leases", "heartbeat_interval", "retry_claim",
+           "unclaimed_refusal"]
 
 # The official workers beat every ttl/2, at most every 30 s; we beat every ttl/3 so one failed
 # beat still leaves a retry inside the TTL.
@@ -82,31 +84,40 @@ def beat_due_leases(runtime: Runtime) -> Tally:
     leases = runtime.registry.get_many(ids)
     for gone in set(ids) - {lease.work_id for lease in leases}:
         runtime.registry.unschedule_heartbeat(gone)
-    releasing = [lease for lease in leases if lease.phase == Phase.RELEASING]
-    beating = [lease for lease in leases if lease.phase != Phase.RELEASING]
+    # A lease whose release keeps failing is still beaten while we hold its token: were it to
+    # lapse, the server would hand the finished session out again.
+    beating = [lease for lease in leases if lease.heartbeats_by == "dispatcher"]
     tally = Tally()
-    for lease, outcome in asyncio.run(_send_all(runtime, beating)):
-        _apply(runtime, lease, outcome, tally)
+    for lease, outcome, sent_at in asyncio.run(_send_all(runtime, beating)):
+        _apply(runtime, lease, outcome, tally, sent_at=sent_at)
     if tally.sent:
         runtime.metrics.inc("heartbeats", tally.sent, result="ok")
     if tally.failed:
         runtime.metrics.inc("heartbeats", tally.failed, result="failed")
-    for lease in releasing:
-        if release(runtime, lease, reason="release retried", outcome="stopped"):
+    for lease in leases:
+        if lease.phase == Phase.RELEASING and _retry_release(runtime, lease.work_id):
             tally.released += 1
     return tally
 
 
+def _retry_release(runtime: Runtime, work_id: str) -> bool:
+    lease = runtime.registry.get(work_id)  # as the beat just left it (it may be lost now)
+    if lease is None or lease.phase != Phase.RELEASING:
+        return False
+    return release(runtime, lease, reason="release retried", outcome="stopped")
+
+
 async def _send_all(
     runtime: Runtime, leases: list[Lease]
-) -> list[tuple[Lease, Heartbeat | WorkAPIError]]:
+) -> list[tuple[Lease, Heartbeat | WorkAPIError, float]]:
     if not leases:
         return []
     limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
     async with AsyncWorkClient.from_settings(runtime.settings, max_retries=0) as client:
 
-        async def one(lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError]:
+        async def one(lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
             async with limit:
+                sent_at = time.time()
                 try:
                     reply = await client.heartbeat(
                         lease.work_id,
@@ -115,16 +126,17 @@ async def _send_all(
                         timeout=REQUEST_TIMEOUT_SECONDS,
                     )
                 except WorkAPIError as exc:
-                    return lease, exc
-                return lease, reply
+                    return lease, exc, sent_at
+                return lease, reply, sent_at
 
         return list(await asyncio.gather(*(one(lease) for lease in leases)))
 
 
-def _apply(runtime: Runtime, lease: Lease, outcome: Heartbeat | WorkAPIError, tally: Tally) -> None:
+def _apply(runtime: Runtime, lease: Lease, outcome: Heartbeat | WorkAPIError, tally: Tally, *,
+           sent_at: float) -> None:
     if isinstance(outcome, Heartbeat):
         tally.sent += 1
-        _apply_reply(runtime, lease, outcome)
+        _apply_reply(runtime, lease, outcome, sent_at=sent_at)
     else:
         tally.failed += 1
         if _apply_error(runtime, lease, outcome):
@@ -132,10 +144,10 @@ def _apply(runtime: Runtime, lease: Lease, outcome: Heartbeat | WorkAPIError, ta
 
 
 def apply_first_heartbeat(runtime: Runtime, lease: Lease, reply: Heartbeat) -> None:
-    _apply_reply(runtime, lease, reply)
+    _apply_reply(runtime, lease, reply, sent_at=time.time())
 
 
-def _apply_reply(runtime: Runtime, lease: Lease, reply: Heartbeat) -> None:
+def _apply_reply(runtime: Runtime, lease: Lease, reply: Heartbeat, *, sent_at: float) -> None:
     now = time.time()
     ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else ASSUMED_TTL_SECONDS
     if not runtime.registry.update(
@@ -154,11 +166,15 @@ def _apply_reply(runtime: Runtime, lease: Lease, reply: Heartbeat) -> None:
         runtime.metrics.inc("work_stop_requests", cause="server")
         event("stop requested", work_id=lease.work_id, session_id=lease.session_id,
               attempt=lease.attempt, kind="graceful", seen_by="heartbeat")
-    runtime.registry.schedule_heartbeat(lease.work_id, now + heartbeat_interval(ttl))
+    # From when this beat was sent, not answered: a slow API must not stretch the gaps between
+    # beats past the TTL (the server's clock started between the two).
+    runtime.registry.schedule_heartbeat(lease.work_id, sent_at + heartbeat_interval(ttl))
 
 
 def _apply_error(runtime: Runtime, lease: Lease, exc: WorkAPIError) -> bool:
     """Judge a failed beat; True if the lease is now considered lost."""
+    if not lease.token and unclaimed_refusal(exc):
+        return retry_claim(runtime, lease, exc)
     if isinstance(exc, LeasePreconditionFailed | NotFoundError):
         state = getattr(exc, "current_state", None)
         _lose(runtime, lease, cause=f"heartbeat {exc.status}", server_state=state)
@@ -177,6 +193,37 @@ def _apply_error(runtime: Runtime, lease: Lease, exc: WorkAPIError) -> bool:
     event("heartbeat failed", level=logging.WARNING, work_id=lease.work_id,
           session_id=lease.session_id, status=exc.status, error=str(exc),
           seconds_since_success=round(since_ok, 1))
+    runtime.registry.schedule_heartbeat(lease.work_id, time.time() + RETRY_SECONDS)
+    return False
+
+
+def unclaimed_refusal(exc: WorkAPIError) -> bool:
+    """A 412 to a NO_HEARTBEAT claim while the server's own state says nobody has heartbeated
+    the item: nobody else holds it, so the refusal is the server's hiccup, not a rival. Giving
+    up here would strand the acked item in `starting` for good (anthropic-sdk-python#1746)."""
+    if not isinstance(exc, LeasePreconditionFailed) or exc.current_state is None:
+        return False
+    state = exc.current_state
+    return state.last_heartbeat is None and state.state in (None, WorkState.STARTING)
+
+
+def retry_claim(runtime: Runtime, lease: Lease, exc: WorkAPIError) -> bool:
+    """Claim the unclaimed item again soon; past the TTL, stop it (it is ours to stop)."""
+    ttl = lease.ttl_seconds or ASSUMED_TTL_SECONDS
+    since = time.time() - lease.claimed_at
+    if since > ttl:
+        event("claim refused", level=logging.WARNING, work_id=lease.work_id,
+              session_id=lease.session_id, status=exc.status, seconds_since_ack=round(since, 1),
+              action_taken="stopped on the server")
+        runtime.registry.request_stop(lease.work_id, StopKind.FORCE, "claim refused")
+        runtime.registry.unschedule_heartbeat(lease.work_id)
+        current = runtime.registry.get(lease.work_id)
+        if current is not None and current.phase != Phase.RUNNING:
+            release(runtime, current, reason="claim refused", outcome="stopped")
+        return True
+    event("claim refused", level=logging.WARNING, work_id=lease.work_id,
+          session_id=lease.session_id, status=exc.status, seconds_since_ack=round(since, 1),
+          action_taken=f"retry in {RETRY_SECONDS:.0f}s")
     runtime.registry.schedule_heartbeat(lease.work_id, time.time() + RETRY_SECONDS)
     return False
 

@@ -172,11 +172,20 @@ end
 return ids
 """
 
-# KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id. Schedules the next beat only while
-# the dispatcher still owns the heartbeat (not after a hand-off, not after release).
+# KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now.
+# Schedules the next beat only while the dispatcher still owns the heartbeat (not after a
+# hand-off, not after release); a release to retry is scheduled whoever beat the lease. "Sooner
+# only" never postpones a due beat, and leaves a beat in flight alone (its reply reschedules).
 _SCHEDULE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[1], 'heartbeats_by') == 'sandbox' then return 0 end
+if redis.call('HGET', KEYS[1], 'heartbeats_by') == 'sandbox'
+   and redis.call('HGET', KEYS[1], 'phase') ~= 'releasing' then return 0 end
+if ARGV[3] == '1' then
+  local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight_until') or '0') or 0
+  if inflight > tonumber(ARGV[4]) then return 1 end
+  local current = redis.call('ZSCORE', KEYS[2], ARGV[2])
+  if current and tonumber(current) <= tonumber(ARGV[1]) then return 1 end
+end
 redis.call('HSET', KEYS[1], 'inflight_until', 0)
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
@@ -287,10 +296,12 @@ class LeaseRegistry:
         self.redis.zrem(self.keys.heartbeat_due, work_id)
 
     # --- heartbeat schedule -------------------------------------------------------------------
-    def schedule_heartbeat(self, work_id: str, due: float) -> bool:
-        """Schedule the next beat; False if the lease is gone or the sandbox beats it."""
+    def schedule_heartbeat(self, work_id: str, due: float, *, sooner_only: bool = False) -> bool:
+        """Schedule the next beat (or release retry); False if the lease is gone or the sandbox
+        beats it. `sooner_only` never moves a beat that is already due sooner, or in flight."""
         keys = [self.keys.lease(work_id), self.keys.heartbeat_due]
-        return bool(self._schedule(keys=keys, args=[due, work_id]))
+        args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time()]
+        return bool(self._schedule(keys=keys, args=args))
 
     def hand_heartbeat_to_sandbox(self, work_id: str, *, wait_seconds: float) -> str | None:
         """Stop beating the lease and return its token for the sandbox to continue with.

@@ -104,6 +104,8 @@ def release(runtime: Runtime, lease: Lease, *, reason: str, outcome: str) -> boo
 def _retry_release_later(runtime: Runtime, lease: Lease, exc: WorkAPIError) -> None:
     runtime.registry.update(lease.work_id, phase=Phase.RELEASING)
     runtime.registry.request_stop(lease.work_id, StopKind.FORCE, "releasing")
-    runtime.registry.schedule_heartbeat(lease.work_id, time.time() + RELEASE_RETRY_SECONDS)
+    # Sooner only: postponing a due beat of a lease we still hold would let it lapse.
+    runtime.registry.schedule_heartbeat(lease.work_id, time.time() + RELEASE_RETRY_SECONDS,
+                                        sooner_only=True)
     event("release deferred", level=logging.WARNING, work_id=lease.work_id,
           session_id=lease.session_id, status=exc.status, error=str(exc))

@@ -18,8 +18,8 @@ from redis.exceptions import RedisError
 
 from dispatcher import healthcheck
 from dispatcher.events import event
-from dispatcher.heartbeat import apply_first_heartbeat
-from dispatcher.leases import Lease
+from dispatcher.heartbeat import apply_first_heartbeat, retry_claim, unclaimed_refusal
+from dispatcher.leases import Lease, Phase
 from dispatcher.lifecycle import dispatch, release
 from dispatcher.routing import choose_queue
 from dispatcher.runtime import Runtime
@@ -124,6 +124,8 @@ def claim(runtime: Runtime, item: Work) -> bool:
     if item.data.type not in (WorkDataType.SESSION, WorkDataType.HEALTHCHECK):
         _refuse_unknown_type(runtime, item)
         return False
+    if _already_held(runtime, item):
+        return False
     acked, probe = _ack(runtime, item)
     if not acked:
         return False
@@ -150,6 +152,49 @@ def claim(runtime: Runtime, item: Work) -> bool:
         release(runtime, lease, reason=f"dispatch failed: {exc}", outcome="dispatch_failed")
         return False
     return True
+
+
+def _already_held(runtime: Runtime, item: Work) -> bool:
+    """The server offers an item we still hold: our lease on it lapsed, so it is no longer ours.
+
+    A session that already ended (its release still failing) is taken back and stopped: it
+    must not run again. A running one is fenced now (killed at once, never heartbeated or
+    stopped again) and the item left unacked: the server delivers it again once that lease is
+    forgotten, and only then is it claimed afresh. Acking it now would start a second attempt
+    beside the first.
+    """
+    lease = runtime.registry.get(item.id)
+    if lease is None:
+        return False
+    if lease.phase == Phase.RELEASING:
+        _finish_release(runtime, item, lease)
+        return True
+    event("polled a held lease", level=logging.WARNING, work_id=item.id,
+          session_id=item.session_id, attempt=lease.attempt, phase=lease.phase,
+          action_taken="attempt fenced; claimed again on re-delivery")
+    runtime.registry.mark_lost(item.id, "re-delivered by the server")
+    runtime.metrics.inc("leases_lost", cause="re-delivered by the server")
+    if lease.phase != Phase.RUNNING:
+        lost = runtime.registry.get(item.id)
+        if lost is not None:
+            release(runtime, lost, reason="re-delivered by the server", outcome="lost")
+    return True
+
+
+def _finish_release(runtime: Runtime, item: Work, lease: Lease) -> None:
+    """Ack the ended session's item again and stop it. Its old token died with the lapse: the
+    heartbeat task claims the new lease afresh (NO_HEARTBEAT) while the stop is retried."""
+    event("polled a held lease", level=logging.WARNING, work_id=item.id,
+          session_id=item.session_id, attempt=lease.attempt, phase=lease.phase,
+          action_taken="session already ended: acked and stopped")
+    acked, _ = _ack(runtime, item)
+    if not acked:
+        return  # delivered again later; meanwhile the old lease runs its course
+    runtime.registry.update(item.id, token="", lost="", heartbeat_ok_at=time.time(),
+                            claimed_at=time.time())
+    current = runtime.registry.get(item.id)
+    if current is not None:
+        release(runtime, current, reason="re-delivered after it ended", outcome="stopped")
 
 
 def _refuse_unknown_type(runtime: Runtime, item: Work) -> None:
@@ -222,7 +267,10 @@ def _first_heartbeat(runtime: Runtime, lease: Lease) -> bool:
             expected_last_heartbeat=NO_HEARTBEAT,
             desired_ttl_seconds=runtime.settings.desired_ttl_seconds,
         )
-    except LeasePreconditionFailed:
+    except LeasePreconditionFailed as exc:
+        if unclaimed_refusal(exc):
+            retry_claim(runtime, lease, exc)
+            return True
         # Someone else claimed it first: it is theirs, we release nothing.
         event("lease taken by another worker", level=logging.WARNING, work_id=lease.work_id)
         runtime.registry.delete(lease.work_id)

@@ -32,11 +32,6 @@ class ApiFault:
     off_after_first: float | None = None
 
 
-# `stop` is left out of the committed scenarios: a release whose stop keeps failing is not
-# heartbeated, so its lease lapses and the session runs twice (a dispatcher bug, reproduced by
-# test_pending_api_faults_on_stop.py, kept out of the suite until it is fixed).
-NOT_STOP = ["poll", "ack", "heartbeat", "list", "get", "stats", "update"]
-
 FAULTS = {
     # Latency above the heartbeat interval (TTL 9 s: a beat every 3 s; each takes 3.5 s, under
     # the 5 s request timeout), on running sessions' leases.
@@ -44,22 +39,26 @@ FAULTS = {
                      {"latency_ms": 3500, "endpoints": ["heartbeat"]},
                      on=12, off=0, window=12, duration=12.0, sessions=10, ttl=9,
                      after_start=True),
-    "5xx": ApiFault("API 5xx bursts (50%, 2 s on / 2 s off)",
-                    {"error_rate": 0.5, "error_status": 503, "endpoints": NOT_STOP},
-                    on=2, off=2, window=14, ttl=9),
-    "429": ApiFault("API 429 with retry-after 1 s (30%)",
-                    {"rate_limit_rate": 0.3, "retry_after_seconds": 1, "endpoints": NOT_STOP},
+    # Every endpoint, `stop` included: a release that fails is retried while its lease is
+    # still heartbeated, so a finished session never lapses and runs again.
+    "5xx": ApiFault("API 5xx bursts (50%, 2 s on / 2 s off, every endpoint)",
+                    {"error_rate": 0.5, "error_status": 503}, on=2, off=2, window=14, ttl=9),
+    "429": ApiFault("API 429 with retry-after 1 s (30%, every endpoint)",
+                    {"rate_limit_rate": 0.3, "retry_after_seconds": 1},
                     on=14, off=0, window=14, ttl=9),
-    "drop": ApiFault("API drops connections (20%)", {"drop_rate": 0.2, "endpoints": NOT_STOP},
+    "drop": ApiFault("API drops connections (20%, every endpoint)", {"drop_rate": 0.2},
                      on=14, off=0, window=14, ttl=9),
-    # On established leases only, and switched off before a lapsed lease can be claimed
-    # again: a 412 on a FIRST heartbeat strands the item (a dispatcher bug, reproduced by
-    # test_pending_first_heartbeat_412.py, kept out of the suite until it is fixed).
-    # The switch goes off 2 s after the first 412 (a lapsed lease is claimed again no sooner
-    # than about TTL - interval - a tick = 5 s later).
+    # On established leases: the refused token is never presented again, the session is
+    # killed, and the item (its lease lapsed) is claimed and run again. The switch goes off 2 s
+    # after the first 412, before the lapsed lease is claimed again (about TTL - interval - a
+    # tick = 5 s later), so the second attempt runs clean.
     "412": ApiFault("heartbeat answered 412 (40%, running sessions)",
                     {"heartbeat_412_rate": 0.4}, on=15, off=0, window=15, duration=10.0,
                     after_start=True, ttl=9, off_after_first=2.0),
+    # On first heartbeats too: a refused claim of an item nobody holds is claimed again, never
+    # left stranded in `starting` (anthropic-sdk-python#1746).
+    "412-first": ApiFault("first heartbeat answered 412 (20%)", {"heartbeat_412_rate": 0.2},
+                          on=12, off=0, window=12, duration=4.0),
 }
 
 

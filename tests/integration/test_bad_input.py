@@ -9,68 +9,25 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+from inprocess import REDIS_BASE, poll_until
 
 from dispatcher.heartbeat import beat_due_leases
 from dispatcher.leases import Phase
 from dispatcher.poller import claim
 from dispatcher.runtime import Runtime
 from dispatcher.session import Outcome, SessionAttempt, run_attempt
-from dispatcher.settings import load_settings
 from dispatcher.stack import FAKE_SESSION, free_port
 from dispatcher.workapi import MalformedResponseError, WorkClient
 
 pytestmark = pytest.mark.integration
 
-REDIS_BASE = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
 CELERY = str(Path(sys.executable).with_name("celery"))
-
-
-class SentTasks:
-    """Celery's app as the poller sees it: records what would be published."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send_task(self, name: str, **kwargs: Any) -> None:
-        self.sent.append({"name": name, **kwargs})
-
-
-@pytest.fixture
-def runtime(emulator: Any, tmp_path: Path) -> Iterator[Runtime]:
-    environment_id = emulator.create_environment()
-    prefix = f"badinput{uuid.uuid4().hex[:8]}"
-    settings = load_settings(
-        ANTHROPIC_BASE_URL=emulator.base_url, ANTHROPIC_ENVIRONMENT_ID=environment_id,
-        ANTHROPIC_ENVIRONMENT_KEY=emulator.environment_key,
-        DISPATCHER_REDIS_URL=f"{REDIS_BASE}/10", DISPATCHER_KEY_PREFIX=prefix,
-        DISPATCHER_ON_WORK=FAKE_SESSION, DISPATCHER_DESIRED_TTL_SECONDS=30,
-        DISPATCHER_SANDBOX_ENV_ALLOW="PATH,DISPATCHER_FAKE_RECORD_DIR",
-        DISPATCHER_STOP_GRACE_SECONDS=1)
-    rt = Runtime(settings=settings, app=SentTasks())
-    try:
-        yield rt
-    finally:
-        for key in rt.redis.scan_iter(f"{prefix}:*", count=1000):
-            rt.redis.delete(key)
-        for client in rt.__dict__.get("_clients", {}).values():
-            client.close()
-        rt.redis.close()
-
-
-def _poll_until(runtime: Runtime, work_id: str, timeout_polls: int = 15) -> Any:
-    client = runtime.client(max_retries=0)
-    for _ in range(timeout_polls):
-        item = client.poll(block_ms=999)
-        if item is not None and item.id == work_id:
-            return item
-    raise AssertionError(f"{work_id} was never delivered")
 
 
 # --- malformed or truncated JSON from the server ---------------------------------------------
@@ -85,13 +42,13 @@ def test_a_truncated_poll_reply_is_one_clear_error_and_the_item_comes_back(
     assert emulator.environment_key not in message
     emulator.reset_faults()
     # The poll was handled but its answer lost: the item is re-delivered (reclaim after 5 s).
-    assert _poll_until(runtime, work_id).id == work_id
+    assert poll_until(runtime, work_id).id == work_id
 
 
 def test_a_truncated_ack_reply_still_ends_with_the_lease_held(
         emulator: Any, runtime: Runtime) -> None:
     _, work_id = emulator.create_session(runtime.environment_id, metadata={})
-    item = _poll_until(runtime, work_id)
+    item = poll_until(runtime, work_id)
     emulator.set_faults(malformed_rate=1.0, endpoints=["ack"])
     assert claim(runtime, item), "the ack landed: the NO_HEARTBEAT probe finds it ours"
     emulator.reset_faults()
@@ -103,7 +60,7 @@ def test_a_truncated_ack_reply_still_ends_with_the_lease_held(
 
 def test_a_truncated_heartbeat_reply_is_transient(emulator: Any, runtime: Runtime) -> None:
     _, work_id = emulator.create_session(runtime.environment_id, metadata={})
-    assert claim(runtime, _poll_until(runtime, work_id))
+    assert claim(runtime, poll_until(runtime, work_id))
     runtime.registry.schedule_heartbeat(work_id, 0)
     emulator.set_faults(malformed_rate=1.0, endpoints=["heartbeat"])
     tally = beat_due_leases(runtime)
@@ -153,7 +110,7 @@ def test_a_heartbeat_with_an_unknown_state_and_no_extension_loses_the_lease(
     from dispatcher.workapi import Heartbeat
 
     _, work_id = emulator.create_session(runtime.environment_id, metadata={})
-    assert claim(runtime, _poll_until(runtime, work_id))
+    assert claim(runtime, poll_until(runtime, work_id))
     lease = runtime.registry.get(work_id)
     assert lease is not None
     runtime.registry.update(work_id, phase=Phase.RUNNING)
@@ -168,7 +125,7 @@ def test_a_heartbeat_with_an_unknown_state_and_no_extension_loses_the_lease(
 # --- unknown work types --------------------------------------------------------------------
 def test_an_unknown_work_type_is_stopped_never_run(emulator: Any, runtime: Runtime) -> None:
     item = emulator.enqueue(runtime.environment_id, "mystery")
-    polled = _poll_until(runtime, item["id"])
+    polled = poll_until(runtime, item["id"])
     assert not claim(runtime, polled)
     assert runtime.registry.get(item["id"]) is None
     assert runtime.app.sent == [], "nothing was dispatched"
@@ -200,7 +157,7 @@ def test_hostile_metadata_and_ids_reach_the_sandbox_only_as_data(
         json={"data": {"type": "session", "id": session_id}, "metadata": metadata})
     response.raise_for_status()
     work_id = response.json()["id"]
-    assert claim(runtime, _poll_until(runtime, work_id))
+    assert claim(runtime, poll_until(runtime, work_id))
     task = runtime.app.sent[0]
     assert task["kwargs"] == {"work_id": work_id, "session_id": session_id, "attempt": 1}
     outcome = run_attempt(runtime, SessionAttempt(

@@ -1,0 +1,156 @@
+"""Lease edge cases the chaos suite first found, pinned one by one: a refused first claim, a
+release that keeps failing, an item the server hands out again while we still hold it, a slow
+API, and a sandbox whose registry goes away. Real Redis and the emulator over HTTP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from inprocess import in_process_runtime, poll_until
+
+from dispatcher.heartbeat import beat_due_leases
+from dispatcher.leases import Phase
+from dispatcher.lifecycle import release
+from dispatcher.poller import claim
+from dispatcher.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+
+def _claimed(emulator: Any, runtime: Runtime) -> str:
+    _, work_id = emulator.create_session(runtime.environment_id, metadata={})
+    assert claim(runtime, poll_until(runtime, work_id))
+    return work_id
+
+
+def _beats(emulator: Any, work_id: str) -> list[dict[str, Any]]:
+    return [e for e in emulator.requests_log()
+            if e.get("work_id") == work_id and e.get("endpoint") == "heartbeat"]
+
+
+def _due_now(runtime: Runtime, work_id: str) -> None:
+    runtime.registry.schedule_heartbeat(work_id, time.time() - 1)
+
+
+# --- a 412 to the first claim while nobody holds the item ----------------------------------
+def test_a_refused_first_claim_of_an_unheld_item_is_claimed_again(
+        emulator: Any, runtime: Runtime) -> None:
+    emulator.set_faults(heartbeat_412_rate=1.0)
+    work_id = _claimed(emulator, runtime)
+    lease = runtime.registry.get(work_id)
+    assert lease is not None and not lease.token and not lease.is_lost, "the lease is kept"
+    assert runtime.app.sent, "and its session dispatched"
+    emulator.reset_faults()
+    _due_now(runtime, work_id)
+    beat_due_leases(runtime)
+    lease = runtime.registry.get(work_id)
+    assert lease is not None and lease.token, "the second claim took the lease"
+    assert emulator.get(runtime.environment_id, work_id)["state"] == "active"
+
+
+def test_a_claim_refused_for_a_whole_ttl_is_stopped_not_stranded(
+        emulator: Any, runtime: Runtime) -> None:
+    emulator.set_faults(heartbeat_412_rate=1.0)
+    work_id = _claimed(emulator, runtime)
+    runtime.registry.update(work_id, claimed_at=time.time() - 120)  # acked a while ago
+    _due_now(runtime, work_id)
+    beat_due_leases(runtime)
+    emulator.reset_faults()
+    assert runtime.registry.get(work_id) is None
+    assert emulator.get(runtime.environment_id, work_id)["state"] == "stopped"
+
+
+# --- a release that keeps failing ----------------------------------------------------------
+def test_a_lease_whose_release_fails_is_still_heartbeated_until_the_stop_lands(
+        emulator: Any, runtime: Runtime) -> None:
+    work_id = _claimed(emulator, runtime)
+    lease = runtime.registry.get(work_id)
+    assert lease is not None
+    emulator.set_faults(error_rate=1.0, error_status=503, endpoints=["stop"])
+    assert not release(runtime, lease, reason="exited", outcome="completed")
+    releasing = runtime.registry.get(work_id)
+    assert releasing is not None and releasing.phase == Phase.RELEASING
+    before = len(_beats(emulator, work_id))
+    _due_now(runtime, work_id)
+    beat_due_leases(runtime)
+    beats = _beats(emulator, work_id)
+    assert len(beats) == before + 1 and beats[-1]["status"] == 200, "beaten while releasing"
+    emulator.reset_faults()
+    _due_now(runtime, work_id)
+    tally = beat_due_leases(runtime)
+    assert tally.released == 1 and runtime.registry.get(work_id) is None
+    assert emulator.get(runtime.environment_id, work_id)["state"] == "stopped"
+
+
+def test_a_failed_release_never_postpones_a_due_beat(emulator: Any, runtime: Runtime) -> None:
+    work_id = _claimed(emulator, runtime)
+    lease = runtime.registry.get(work_id)
+    assert lease is not None
+    soon = time.time() + 0.5
+    runtime.registry.schedule_heartbeat(work_id, soon)
+    emulator.set_faults(error_rate=1.0, error_status=503, endpoints=["stop"])
+    try:
+        assert not release(runtime, lease, reason="exited", outcome="completed")
+    finally:
+        emulator.reset_faults()
+    assert runtime.registry.next_due(work_id) == pytest.approx(soon)
+
+
+# --- the server hands out an item we still hold --------------------------------------------
+LAPSING = ("--lease-expiry", "requeue", "--min-ttl", "1", "--default-ttl", "1")
+
+
+def test_an_ended_session_handed_out_again_is_stopped_not_run_again(
+        emulator_factory: Callable[..., Any]) -> None:
+    emu = emulator_factory(*LAPSING)
+    with in_process_runtime(emu, DISPATCHER_DESIRED_TTL_SECONDS=1) as runtime:
+        work_id = _claimed(emu, runtime)
+        lease = runtime.registry.get(work_id)
+        assert lease is not None
+        emu.set_faults(error_rate=1.0, error_status=503, endpoints=["stop"])
+        assert not release(runtime, lease, reason="exited", outcome="completed")
+        emu.reset_faults()
+        runtime.registry.unschedule_heartbeat(work_id)  # no beat: let the lease lapse
+        redelivered = poll_until(runtime, work_id)
+        sent = len(runtime.app.sent)
+        assert not claim(runtime, redelivered)
+        assert len(runtime.app.sent) == sent, "not dispatched again"
+        assert runtime.registry.get(work_id) is None
+        assert emu.get(runtime.environment_id, work_id)["state"] == "stopped"
+
+
+def test_a_running_session_handed_out_again_is_fenced_and_left_unacked(
+        emulator_factory: Callable[..., Any]) -> None:
+    emu = emulator_factory(*LAPSING)
+    with in_process_runtime(emu, DISPATCHER_DESIRED_TTL_SECONDS=1) as runtime:
+        work_id = _claimed(emu, runtime)
+        runtime.registry.update(work_id, phase=Phase.RUNNING)
+        runtime.registry.unschedule_heartbeat(work_id)
+        redelivered = poll_until(runtime, work_id)
+        assert not claim(runtime, redelivered)
+        lease = runtime.registry.get(work_id)
+        assert lease is not None and lease.is_lost and lease.stop == "force", "fenced"
+        acks = [e for e in emu.requests_log()
+                if e.get("work_id") == work_id and e.get("endpoint") == "ack"]
+        assert len(acks) == 1, "not acked a second time"
+
+
+# --- a slow API ------------------------------------------------------------------------------
+def test_the_next_beat_is_scheduled_from_when_the_last_was_sent(
+        emulator: Any, runtime: Runtime) -> None:
+    work_id = _claimed(emulator, runtime)
+    emulator.set_faults(latency_ms=1500, endpoints=["heartbeat"])
+    try:
+        _due_now(runtime, work_id)
+        sent_at = time.time()
+        beat_due_leases(runtime)
+    finally:
+        emulator.reset_faults()
+    lease = runtime.registry.get(work_id)
+    due = runtime.registry.next_due(work_id)
+    assert lease is not None and due is not None
+    interval = lease.ttl_seconds / 3
+    assert sent_at + interval - 0.5 <= due <= sent_at + interval + 0.5
