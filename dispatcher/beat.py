@@ -4,7 +4,8 @@ celery-redbeat keeps the schedule and its lock in Redis. When Redis loses its da
 `tick` cannot extend the lock (`LockNotOwnedError`) and beat exits (sibson/redbeat#230); an
 embedded beat (`worker -B`) exits silently and the fleet stops polling and heartbeating. Here
 the tick instead re-acquires the lock if it is free (and writes the lost schedule back), or
-stays a standby if another beat took it, trying again each interval.
+stays a standby if another beat took it, trying again each interval. A Redis that does not
+answer at all (restarting, or a network cut) makes the tick wait and try again, logging once.
 """
 
 from __future__ import annotations
@@ -13,19 +14,35 @@ import logging
 from typing import Any
 
 from redbeat import RedBeatScheduler
-from redis.exceptions import LockNotOwnedError
+from redis.exceptions import LockNotOwnedError, RedisError
 
 __all__ = ["Scheduler"]
 
 log = logging.getLogger("dispatcher.beat")
 
+# While Redis does not answer, try again this often: beat's work (polling, heartbeats) resumes
+# within a second of Redis coming back.
+UNREACHABLE_RETRY_SECONDS = 1.0
+
 
 class Scheduler(RedBeatScheduler):  # type: ignore[misc]
+    _unreachable = False
+
     def tick(self, min: Any = min, **kwargs: Any) -> float:
         try:
-            return float(super().tick(min=min, **kwargs))
+            delay = float(super().tick(min=min, **kwargs))
         except LockNotOwnedError:
             return self._recover_lock()
+        except RedisError as exc:
+            if not self._unreachable:
+                log.warning("beat cannot reach Redis (%s); retrying every %.0f s", exc,
+                            UNREACHABLE_RETRY_SECONDS)
+            self._unreachable = True
+            return UNREACHABLE_RETRY_SECONDS
+        if self._unreachable:
+            log.warning("beat reaches Redis again")
+            self._unreachable = False
+        return delay
 
     def _recover_lock(self) -> float:
         if self.lock.acquire(blocking=False):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from redis.exceptions import RedisError
+
 from dispatcher.events import event
 from dispatcher.leases import Lease, Phase, StopKind
 from dispatcher.lifecycle import dispatch, release, restart_attempt
@@ -40,6 +42,15 @@ __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
 SUPERVISE_INTERVAL_SECONDS = 0.2
 # A hand-off waits at most this long for a heartbeat in flight before it reads the token.
 HANDOFF_WAIT_SECONDS = 12.0
+# While the registry is unreachable nobody heartbeats (beat and the heartbeat task need it too),
+# so the server's lease may lapse one TTL after its last beat, which was up to a third of a TTL
+# (the beat interval) before the outage began. Past this share of the TTL the sandbox is killed:
+# the server may give the session to someone else, and two runners must never overlap.
+REGISTRY_OUTAGE_SHARE_OF_TTL = 2 / 3
+# A lease's TTL before the server first answered (as the heartbeat task assumes).
+ASSUMED_TTL_SECONDS = 30
+# After the sandbox exited, keep trying this long to reach the registry and release the lease.
+RELEASE_WAIT_SECONDS = 60.0
 
 
 class Outcome(StrEnum):
@@ -183,32 +194,94 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
 
 def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _Flags,
           memory: _Memory, work_json: bytes) -> Outcome:
-    ladder = _SignalLadder(runtime, sandbox, attempt=attempt)
-    draining = False
+    sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json)
+    outage = _Outage(attempt, ttl=memory.lease.ttl_seconds or ASSUMED_TTL_SECONDS)
     while True:
         code = sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
-        if code is not None:
-            return _finish(runtime, attempt, code, draining=draining)
-        pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt, worker=attempt.worker)
-        if not pulse.exists and _reregistered(runtime, attempt, memory, work_json):
+        try:
+            if code is not None:
+                return _finish_when_reachable(sup, code)
+            outcome = sup.step()
+        except RedisError as exc:
+            if outage.too_long(exc):
+                sandbox.kill_group()
+                return Outcome.LOST
             continue
+        outage.over()
+        if outcome is not None:
+            return outcome
+
+
+@dataclass
+class _Supervisor:
+    """One tick of supervision: pulse the lease, then act on what it says."""
+
+    runtime: Runtime
+    attempt: SessionAttempt
+    sandbox: Sandbox
+    flags: _Flags
+    memory: _Memory
+    work_json: bytes
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt)
+
+    def step(self) -> Outcome | None:
+        runtime, attempt = self.runtime, self.attempt
+        pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt, worker=attempt.worker)
+        if not pulse.exists and _reregistered(runtime, attempt, self.memory, self.work_json):
+            return None
         if pulse.token:
-            memory.lease.token = pulse.token
+            self.memory.lease.token = pulse.token
         if not pulse.exists or not pulse.current:
             event("fenced", level=logging.WARNING, work_id=attempt.work_id,
                   attempt=attempt.attempt, reason="a newer attempt owns the lease"
                   if pulse.exists else "lease released")
-            sandbox.kill_group()
+            self.sandbox.kill_group()
             return Outcome.SUPERSEDED
-        draining = draining or pulse.draining
-        operator = flags.operator_terminated(draining=draining) or attempt.revoked()
+        self.draining = self.draining or pulse.draining
+        operator = self.flags.operator_terminated(draining=self.draining) or attempt.revoked()
         if operator and not pulse.stop:
             runtime.registry.request_stop(attempt.work_id, StopKind.GRACEFUL, "operator")
-            continue
-        kind = StopKind(pulse.stop) if pulse.stop else (StopKind.GRACEFUL if draining else None)
+            return None
+        kind = StopKind(pulse.stop) if pulse.stop else (
+            StopKind.GRACEFUL if self.draining else None)
         if kind is not None:
-            ladder.step(kind, cause=pulse.stop_cause or "worker draining",
-                        seen_at=pulse.stop_seen_at)
+            self.ladder.step(kind, cause=pulse.stop_cause or "worker draining",
+                             seen_at=pulse.stop_seen_at)
+        return None
+
+
+class _Outage:
+    """The registry cannot be reached: keep the sandbox running (Redis restarts take seconds),
+    unless the outage lasts long enough for the server's lease to lapse."""
+
+    def __init__(self, attempt: SessionAttempt, *, ttl: int) -> None:
+        self.attempt = attempt
+        self.bound = ttl * REGISTRY_OUTAGE_SHARE_OF_TTL
+        self.since: float | None = None
+
+    def too_long(self, exc: RedisError) -> bool:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
+                  attempt=self.attempt.attempt, error=str(exc),
+                  action_taken=f"sandbox kept, fenced after {self.bound:.0f}s")
+        if now - self.since < self.bound:
+            return False
+        event("fenced", level=logging.WARNING, work_id=self.attempt.work_id,
+              attempt=self.attempt.attempt,
+              reason=f"registry unreachable for {now - self.since:.0f}s: the lease may lapse")
+        return True
+
+    def over(self) -> None:
+        if self.since is not None:
+            event("registry reachable again", work_id=self.attempt.work_id,
+                  attempt=self.attempt.attempt,
+                  after_seconds=round(time.monotonic() - self.since, 1))
+            self.since = None
 
 
 def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
@@ -271,6 +344,26 @@ class _SignalLadder:
               session_id=self.attempt.session_id, attempt=self.attempt.attempt,
               signal=signum.name, cause=cause)
         self.sandbox.signal_group(signum)
+
+
+def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
+    """Release the ended attempt's lease, riding out a registry outage for a while: giving up
+    would leave the server's lease to lapse (and, in some lease modes, the item stranded).
+    A registry that came back empty gets the lease written back first, so it is released."""
+    runtime, attempt = sup.runtime, sup.attempt
+    deadline = time.monotonic() + RELEASE_WAIT_SECONDS
+    while True:
+        try:
+            if runtime.registry.get(attempt.work_id) is None:
+                _reregistered(runtime, attempt, sup.memory, sup.work_json)
+            return _finish(runtime, attempt, code, draining=sup.draining)
+        except RedisError as exc:
+            if time.monotonic() >= deadline:
+                event("release abandoned", level=logging.ERROR, work_id=attempt.work_id,
+                      attempt=attempt.attempt, error=str(exc),
+                      outcome="left to the server's lease expiry")
+                return Outcome.LOST
+            time.sleep(1.0)
 
 
 def _finish(runtime: Runtime, attempt: SessionAttempt, code: int, *, draining: bool) -> Outcome:
