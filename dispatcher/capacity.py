@@ -58,6 +58,8 @@ class Capacity:
         )
         pipe.expire(key, WORKER_RECORD_TTL_SECONDS)
         pipe.zadd(self.keys.workers, {hostname: now})
+        # Forget workers whose record expired; reads stay free of side effects.
+        pipe.zremrangebyscore(self.keys.workers, "-inf", now - WORKER_RECORD_TTL_SECONDS)
         pipe.execute()
 
     def register(self, hostname: str) -> None:
@@ -87,8 +89,7 @@ class Capacity:
         result = []
         for name, raw in zip(names, pipe.execute(), strict=True):
             if not raw:
-                self.redis.zrem(self.keys.workers, name)  # expired record: forget the worker
-                continue
+                continue  # its record expired; the next advertisement prunes the name
             result.append(
                 WorkerSlots(
                     hostname=name,

@@ -43,12 +43,14 @@ POLL_BLOCK_MS = 999  # the API caps block_ms at 999
 POLL_RUN_SECONDS = 5.0
 # The lock outlives a run by a margin; a killed poller's lock lapses on its own.
 POLL_LOCK_SECONDS = 30.0
+# While the fleet is full, look for a freed slot this often (one Redis round trip each).
+FULL_FLEET_RECHECK_SECONDS = 0.05
 # A failure streak is forgotten after this long without news (the backoff cap is 8 s).
 POLL_FAILURES_TTL_SECONDS = 60
 
 
 def run_poller(runtime: Runtime, *, run_seconds: float = POLL_RUN_SECONDS) -> int:
-    """Claim work until the budget runs out or the fleet is full; returns how many claimed."""
+    """Claim work until the budget runs out; returns how many claimed."""
     with _poll_lock(runtime) as held:
         if not held:
             return 0
@@ -78,7 +80,10 @@ def _poll_loop(runtime: Runtime, *, deadline: float) -> int:
         if not _wait_out_pause(runtime, deadline):
             break
         if runtime.capacity.free_slots() <= 0:
-            break  # work waits on the server, where `depth` shows it and other fleets see it
+            # Work waits on the server, where `depth` shows it and other fleets see it; this
+            # run waits for a slot to free up, so a backlog drains as fast as sessions end.
+            time.sleep(FULL_FLEET_RECHECK_SECONDS)
+            continue
         try:
             item = client.poll(block_ms=POLL_BLOCK_MS)
         except WorkAPIError as exc:
