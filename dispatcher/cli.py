@@ -24,8 +24,10 @@ SUBCOMMANDS: list[str] = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dispatcher",
-        description="A Celery fleet that acts as one environment worker for self-hosted "
-                    "sandboxes of Claude Managed Agents.",
+        description="A Celery fleet that acts as one environment worker for self-hosted\n"
+                    "sandboxes of Claude Managed Agents. The fleet itself runs as\n"
+                    "`celery -A dispatcher worker -B` (see docs/operations.md); this command\n"
+                    "runs the emulator and the demo, and the operators' commands.",
         epilog=importlib.import_module("dispatcher.operator_cli").EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
