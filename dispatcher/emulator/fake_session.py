@@ -197,7 +197,8 @@ class Runner:
             elif status == 412 or time.monotonic() - last_success > ttl:
                 self.lease_lost = True
                 self.outcome.end("lease_lost")
-            self.finished.wait(interval)
+            # The interval of the TTL just granted, not the one assumed before the first reply.
+            self.finished.wait(max(MIN_BEAT_INTERVAL_S, ttl / 2) if status == 200 else interval)
 
     def _call(self, path: str, body: dict[str, Any] | None,
               timeout: float) -> tuple[int, dict[str, Any]]:
