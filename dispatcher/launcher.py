@@ -14,10 +14,10 @@ the launcher stays to report its exit status. Standard library only, and run wit
 adds a few milliseconds to a session's start, not a full interpreter start-up.
 """
 
-import os
-import select
 # The C module, not `signal`: that one imports enum, a quarter of the launcher's start-up.
 import _signal as signal
+import os
+import select
 import sys
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
