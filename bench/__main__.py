@@ -2,6 +2,8 @@
 
     python -m bench [--quick] [--out BENCHMARKS.md] [--json results.json] [--keep DIR]
     python -m bench --from-json results.json      # the report again, from saved figures
+    python -m bench --only capacity --hb-steps 1000,5000 --hb-ttl 120 --out /tmp/cap.md
+                                                  # heartbeat capacity alone, chosen steps
 
 Starts Redis (or uses the one at $DISPATCHER_REDIS_URL) and one emulator, then measures each
 system under the same load: dispatch latency (idle and steady arrivals), drain throughput,
@@ -19,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +153,25 @@ def main() -> None:
                         help="write the report from figures saved by --json; run nothing")
     parser.add_argument("--only", choices=["ours", "peer", "capacity"], action="append",
                         help="run only these parts (repeatable)")
+    parser.add_argument("--hb-steps", default=None, metavar="N,N,...",
+                        help="heartbeat capacity: the lease counts to try (default 500,...,5000)")
+    parser.add_argument("--hb-ttl", type=int, default=None, metavar="SECONDS",
+                        help="heartbeat capacity: the lease TTL asked for (default 30)")
+    parser.add_argument("--hb-window", type=float, default=None, metavar="SECONDS",
+                        help="heartbeat capacity: how long each step is judged (default 25)")
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         command = "python -m bench" + (" --quick" if saved["quick"] else "")
         Path(args.out or "BENCHMARKS.md").write_text(write_report(saved, command=command))
         return
-    sizes = QUICK if args.quick else Sizes()
+    sizes = replace(QUICK if args.quick else Sizes())
+    if args.hb_steps:
+        sizes.hb_steps = [int(n) for n in args.hb_steps.split(",")]
+    if args.hb_ttl:
+        sizes.hb_ttl = args.hb_ttl
+    if args.hb_window:
+        sizes.hb_window = args.hb_window
     out = args.out or (None if args.quick else "BENCHMARKS.md")
     parts = args.only or ["ours", "peer", "capacity"]
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="dispatcher-bench-"))
