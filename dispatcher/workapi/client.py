@@ -90,6 +90,11 @@ class _ClientBase(Generic[TransportT]):
     def worker_id(self) -> str | None:
         return self._api.worker_id
 
+    @property
+    def transport(self) -> TransportT | None:
+        """The transport given at construction (None: httpx's own)."""
+        return self._transport
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._api.describe()})"
 

@@ -1,0 +1,216 @@
+"""The lean HTTP/1.1 transport against a real TCP server on 127.0.0.1 that answers with scripted
+bytes: framing (Content-Length, chunked, close-delimited, 1xx, 204), keep-alive reuse, stale
+connections, timeouts and failures mapped to httpx's (and so to the client's) errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from dispatcher.workapi import AsyncWorkClient, RequestTimeout, TransientError
+from dispatcher.workapi.http11 import AsyncHTTP11Transport
+
+HEARTBEAT = (b'{"type":"work_heartbeat","last_heartbeat":"2026-01-01T00:00:01Z",'
+             b'"lease_extended":true,"state":"active","ttl_seconds":30}')
+
+
+def ok(body: bytes = b"{}", *extra: bytes) -> bytes:
+    head = [b"HTTP/1.1 200 OK", b"content-type: application/json",
+            b"content-length: %d" % len(body), *extra]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+@dataclass
+class Server:
+    """Answers the n-th request with `script[n]` (the last repeats): bytes to write, or a
+    callable that writes (and may close, or wait)."""
+
+    script: list[bytes | Callable[[asyncio.StreamWriter], Awaitable[None]]]
+    requests: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                self.requests.append(head + await reader.readexactly(length))
+                step = self.script[min(len(self.requests), len(self.script)) - 1]
+                if callable(step):
+                    await step(writer)
+                    if writer.is_closing():
+                        return
+                else:
+                    writer.write(step)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the test is over
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> Server:
+        self._server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def run(script: list[Any], body: Callable[[Server, httpx.AsyncClient], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        async with Server(script) as server:
+            transport = AsyncHTTP11Transport()
+            async with httpx.AsyncClient(transport=transport, timeout=2) as client:
+                return server, await body(server, client)
+
+    return asyncio.run(main())
+
+
+def test_a_request_is_sent_as_built_and_its_connection_reused() -> None:
+    async def body(server: Server, client: httpx.AsyncClient) -> list[httpx.Response]:
+        first = await client.post(f"{server.url}/v1/x?beta=true&a=b%20c", json={"force": True},
+                                  headers={"authorization": "Bearer k"})
+        second = await client.get(f"{server.url}/v1/y")
+        return [first, second]
+
+    server, (first, second) = run([ok(b'{"n":1}'), ok(b'{"n":2}')], body)
+    assert first.json() == {"n": 1} and second.json() == {"n": 2}
+    assert server.connections == 1
+    sent = server.requests[0]
+    assert sent.startswith(b"POST /v1/x?beta=true&a=b%20c HTTP/1.1\r\n")
+    assert b"\r\nauthorization: Bearer k\r\n" in sent
+    assert sent.endswith(b'\r\n\r\n{"force":true}')
+    assert server.requests[1].startswith(b"GET /v1/y HTTP/1.1\r\n")
+
+
+def test_chunked_close_delimited_informational_and_empty_answers() -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"4;ext=1\r\n{\"a\"\r\n4\r\n:12}\r\n0\r\ntrailer: x\r\n\r\n")
+    informational = b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"[1]")
+    no_content = b"HTTP/1.1 204 No Content\r\n\r\n"
+    close_delimited = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{\"end\":true}"
+
+    async def close_after(writer: asyncio.StreamWriter) -> None:
+        writer.write(close_delimited)
+        await writer.drain()
+        writer.close()
+
+    async def body(server: Server, client: httpx.AsyncClient) -> list[Any]:
+        return [(await client.get(f"{server.url}/{i}")) for i in range(5)]
+
+    server, answers = run([chunked, informational, no_content, close_after, ok(b"[2]")], body)
+    assert answers[0].json() == {"a": 12}
+    assert answers[1].status_code == 200 and answers[1].json() == [1]
+    assert answers[2].status_code == 204 and answers[2].content == b""
+    assert answers[3].json() == {"end": True}
+    assert answers[4].json() == [2]
+    assert server.connections == 2  # the close-delimited answer ended its connection
+
+
+def test_a_connection_the_server_closed_or_wrote_to_while_idle_is_not_reused() -> None:
+    async def then_close(writer: asyncio.StreamWriter) -> None:
+        writer.write(ok(b"1"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # as a server's keep-alive timeout would
+
+    async def then_408(writer: asyncio.StreamWriter) -> None:
+        writer.write(ok(b"2") + b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def body(server: Server, client: httpx.AsyncClient) -> list[bytes]:
+        answers = []
+        for i in range(3):
+            answers.append((await client.get(f"{server.url}/{i}")).content)
+            await asyncio.sleep(0.2)
+        return answers
+
+    server, answers = run([then_close, then_408, ok(b"3")], body)
+    assert answers == [b"1", b"2", b"3"]
+    assert server.connections == 3
+
+
+def test_failures_are_httpx_errors_the_client_maps_to_transient_ones() -> None:
+    async def silent(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async def hang_up(writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def body(server: Server, client: httpx.AsyncClient) -> list[type[Exception]]:
+        raised = []
+        for timeout in (0.2, 2.0):
+            try:
+                await client.get(f"{server.url}/", timeout=timeout)
+            except httpx.HTTPError as exc:
+                raised.append(type(exc))
+        return raised
+
+    _, raised = run([silent, hang_up], body)
+    assert raised == [httpx.ReadTimeout, httpx.RemoteProtocolError]
+
+    async def refused() -> type[Exception]:
+        transport = AsyncHTTP11Transport()
+        async with httpx.AsyncClient(transport=transport) as client:
+            try:
+                await client.get("http://127.0.0.1:9/")  # discard: nothing listens
+            except httpx.HTTPError as exc:
+                return type(exc)
+        raise AssertionError("no error")
+
+    assert asyncio.run(refused()) is httpx.ConnectError
+
+
+def test_the_work_client_over_it_parses_replies_and_maps_errors() -> None:
+    async def silent(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async def hang_up(writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def main() -> list[Any]:
+        async with Server([ok(HEARTBEAT), silent, hang_up]) as server:
+            client = AsyncWorkClient(base_url=server.url, environment_id="env_1",
+                                     environment_key="sk-ant-oat01-k", max_retries=0,
+                                     transport=AsyncHTTP11Transport())
+            async with client:
+                out: list[Any] = [await client.heartbeat("work_1", expected_last_heartbeat="t")]
+                for _ in range(2):
+                    try:
+                        await client.heartbeat("work_1", expected_last_heartbeat="t", timeout=0.3)
+                    except TransientError as exc:
+                        out.append(type(exc))
+                return out
+
+    beat, timeout, dropped = asyncio.run(main())
+    assert beat.last_heartbeat == "2026-01-01T00:00:01Z" and beat.ttl_seconds == 30
+    assert timeout is RequestTimeout
+    assert dropped is TransientError
+
+
+def test_a_proxy_from_the_environment_keeps_httpx_own_transport(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY",
+                 "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com") is not None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com") is None
+    assert AsyncHTTP11Transport.for_url("http://127.0.0.1:8765") is not None
+    monkeypatch.setenv("NO_PROXY", "api.anthropic.com")
+    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com") is not None
