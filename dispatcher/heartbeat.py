@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from dispatcher.events import event
 from dispatcher.leases import Lease, Phase, StopKind
 from dispatcher.lifecycle import release
 from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
 from dispatcher.workapi import (
     NO_HEARTBEAT,
     AsyncWorkClient,
@@ -42,9 +47,12 @@ from dispatcher.workapi import (
     WorkAPIError,
     WorkState,
 )
+from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
-__all__ = ["apply_first_heartbeat", "beat_due_leases", "heartbeat_interval", "retry_claim",
-           "unclaimed_refusal"]
+__all__ = ["apply_first_heartbeat", "beat_due_leases", "close_sender", "heartbeat_interval",
+           "retry_claim", "unclaimed_refusal"]
+
+T = TypeVar("T")
 
 # The official workers beat every ttl/2, at most every 30 s; we beat every ttl/3 so one failed
 # beat still leaves a retry inside the TTL.
@@ -88,8 +96,23 @@ def beat_due_leases(runtime: Runtime) -> Tally:
     # lapse, the server would hand the finished session out again.
     beating = [lease for lease in leases if lease.heartbeats_by == "dispatcher"]
     tally = Tally()
-    for lease, outcome, sent_at in asyncio.run(_send_all(runtime, beating)):
-        _apply(runtime, lease, outcome, tally, sent_at=sent_at)
+    sender = _sender()
+    # However slow the API, each request ends within its timeout, waiting its turn included.
+    bound = REQUEST_TIMEOUT_SECONDS * (2 * len(beating) / MAX_CONCURRENT_REQUESTS + 2)
+    outcomes = (sender.run(_send_all(sender, runtime.settings, beating), timeout=bound)
+                if beating else [])
+    plain: list[tuple[str, str, int, float]] = []
+    for lease, outcome, sent_at in outcomes:
+        if isinstance(outcome, Heartbeat) and _is_plain(outcome):
+            # The common case, a lease extended and nothing to act on: recorded for the whole
+            # tick at once below.
+            tally.sent += 1
+            plain.append((lease.work_id, outcome.last_heartbeat, _ttl(outcome),
+                          sent_at + heartbeat_interval(_ttl(outcome))))
+        else:
+            _apply(runtime, lease, outcome, tally, sent_at=sent_at)
+    if plain:
+        runtime.registry.record_beats(plain, ok_at=time.time())
     if tally.sent:
         runtime.metrics.inc("heartbeats", tally.sent, result="ok")
     if tally.failed:
@@ -100,6 +123,15 @@ def beat_due_leases(runtime: Runtime) -> Tally:
     return tally
 
 
+def _is_plain(reply: Heartbeat) -> bool:
+    """A reply that only extends the lease: no stop, nothing lost."""
+    return reply.lease_extended and reply.state not in (WorkState.STOPPING, WorkState.STOPPED)
+
+
+def _ttl(reply: Heartbeat) -> int:
+    return reply.ttl_seconds if reply.ttl_seconds > 0 else ASSUMED_TTL_SECONDS
+
+
 def _retry_release(runtime: Runtime, work_id: str) -> bool:
     lease = runtime.registry.get(work_id)  # as the beat just left it (it may be lost now)
     if lease is None or lease.phase != Phase.RELEASING:
@@ -107,29 +139,107 @@ def _retry_release(runtime: Runtime, work_id: str) -> bool:
     return release(runtime, lease, reason="release retried", outcome="stopped")
 
 
+class _Sender:
+    """One event loop per process, in its own thread, with one HTTP client per configuration:
+    connections outlive ticks (no TCP or TLS set-up per tick, no client built per tick), and
+    ticks running at once in a threads pool share one limit of requests in flight."""
+
+    # Configurations kept at once; more only happens in tests (a runtime per test).
+    MAX_CLIENTS = 4
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.clients: dict[tuple[Any, ...], AsyncWorkClient] = {}
+        self._limit: asyncio.Semaphore | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever,
+                                        name="dispatcher-heartbeat", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], *, timeout: float) -> T:
+        """Run on the sender's loop and wait (from any thread but the loop's own). Every
+        request has its own timeout; `timeout` only bounds a tick that met a sender being
+        closed at worker shutdown."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def limit(self) -> asyncio.Semaphore:  # made in the loop's thread, on first use
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        return self._limit
+
+    async def client(self, settings: Settings) -> AsyncWorkClient:
+        key = (settings.base_url, settings.environment_id, settings.environment_key,
+               settings.api_key, settings.worker_id, settings.http_timeout_seconds)
+        client = self.clients.get(key)
+        if client is None:
+            while len(self.clients) >= self.MAX_CLIENTS:
+                await self.clients.pop(next(iter(self.clients))).close()
+            client = self.clients[key] = AsyncWorkClient.from_settings(
+                settings, max_retries=0, transport=AsyncHTTP11Transport.for_url(settings.base_url))
+        return client
+
+    def close(self) -> None:
+        async def close_all() -> None:
+            while self.clients:
+                await self.clients.popitem()[1].close()
+
+        try:
+            self.run(close_all(), timeout=REQUEST_TIMEOUT_SECONDS)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self.loop.close()
+
+
+_senders: dict[int, _Sender] = {}
+_senders_lock = threading.Lock()
+
+
+def _sender() -> _Sender:
+    """This process's sender; a forked child makes its own (threads do not survive a fork)."""
+    pid = os.getpid()
+    with _senders_lock:
+        sender = _senders.get(pid)
+        if sender is None:
+            _senders.clear()  # a parent's sender: its thread is not in this process
+            sender = _senders[pid] = _Sender()
+        return sender
+
+
+def close_sender() -> None:
+    """Close this process's HTTP connections and stop its loop (worker shutdown)."""
+    with _senders_lock:
+        sender = _senders.pop(os.getpid(), None)
+    if sender is not None:
+        sender.close()
+
+
 async def _send_all(
-    runtime: Runtime, leases: list[Lease]
+    sender: _Sender, settings: Settings, leases: list[Lease]
 ) -> list[tuple[Lease, Heartbeat | WorkAPIError, float]]:
-    if not leases:
-        return []
-    limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
-    async with AsyncWorkClient.from_settings(runtime.settings, max_retries=0) as client:
+    client = await sender.client(settings)
+    limit = sender.limit()
 
-        async def one(lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
-            async with limit:
-                sent_at = time.time()
-                try:
-                    reply = await client.heartbeat(
-                        lease.work_id,
-                        expected_last_heartbeat=lease.token or NO_HEARTBEAT,
-                        desired_ttl_seconds=runtime.settings.desired_ttl_seconds,
-                        timeout=REQUEST_TIMEOUT_SECONDS,
-                    )
-                except WorkAPIError as exc:
-                    return lease, exc, sent_at
-                return lease, reply, sent_at
+    async def one(lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
+        async with limit:
+            sent_at = time.time()
+            try:
+                reply = await client.heartbeat(
+                    lease.work_id,
+                    expected_last_heartbeat=lease.token or NO_HEARTBEAT,
+                    desired_ttl_seconds=settings.desired_ttl_seconds,
+                    timeout=REQUEST_TIMEOUT_SECONDS,
+                )
+            except WorkAPIError as exc:
+                return lease, exc, sent_at
+            return lease, reply, sent_at
 
-        return list(await asyncio.gather(*(one(lease) for lease in leases)))
+    return list(await asyncio.gather(*(one(lease) for lease in leases)))
 
 
 def _apply(runtime: Runtime, lease: Lease, outcome: Heartbeat | WorkAPIError, tally: Tally, *,
@@ -149,7 +259,7 @@ def apply_first_heartbeat(runtime: Runtime, lease: Lease, reply: Heartbeat) -> N
 
 def _apply_reply(runtime: Runtime, lease: Lease, reply: Heartbeat, *, sent_at: float) -> None:
     now = time.time()
-    ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else ASSUMED_TTL_SECONDS
+    ttl = _ttl(reply)
     if not runtime.registry.update(
         lease.work_id, token=reply.last_heartbeat, ttl_seconds=ttl, heartbeat_ok_at=now
     ):

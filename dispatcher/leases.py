@@ -80,9 +80,9 @@ class Lease:
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> Lease:
         kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in raw:
-                kwargs[f.name] = _coerce(f.type, raw[f.name])
+        for name, coerce in _COERCE.items():
+            if name in raw:
+                kwargs[name] = coerce(raw[name])
         return cls(**kwargs)
 
     def to_hash(self) -> dict[str | bytes | bytearray | memoryview | int | float, str]:
@@ -93,12 +93,28 @@ class Lease:
         return self.lost == "1"
 
 
-def _coerce(type_name: Any, value: str) -> Any:
-    if type_name in ("int", int):
-        return int(float(value or 0))
-    if type_name in ("float", float):
-        return float(value or 0)
+def _int(value: str) -> int:
+    return int(float(value or 0))
+
+
+def _float(value: str) -> float:
+    return float(value or 0)
+
+
+def _str(value: str) -> str:
     return value
+
+
+def _coercer(type_name: Any) -> Any:
+    if type_name in ("int", int):
+        return _int
+    if type_name in ("float", float):
+        return _float
+    return _str
+
+
+# Each field's parser, worked out once: the heartbeat tick reads hundreds of leases a second.
+_COERCE = {f.name: _coercer(f.type) for f in fields(Lease)}
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,33 @@ redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
+# KEYS[1]=due zset; ARGV: lease key prefix, ok at, then per beat: work id, token, ttl, next due.
+# A tick's plain successful beats in one round trip: for each lease still held, what `update`
+# then `schedule_heartbeat` do (token, TTL and time of the beat; the next beat, unless the
+# sandbox beats the lease now). Returns the ids whose lease was released meanwhile.
+_RECORD_BEATS = """
+local gone = {}
+for i = 3, #ARGV, 4 do
+  local id = ARGV[i]
+  local key = ARGV[1] .. id
+  if redis.call('EXISTS', key) == 0 then
+    gone[#gone + 1] = id
+  else
+    redis.call('HSET', key, 'token', ARGV[i + 1], 'ttl_seconds', ARGV[i + 2],
+               'heartbeat_ok_at', ARGV[2])
+    if redis.call('HGET', key, 'heartbeats_by') ~= 'sandbox'
+       or redis.call('HGET', key, 'phase') == 'releasing' then
+      redis.call('HSET', key, 'inflight_until', 0)
+      redis.call('ZADD', KEYS[1], ARGV[i + 3], id)
+    end
+  end
+end
+return gone
+"""
+# Beats recorded per script call: a few ms of Redis time at most, so other clients never wait
+# long behind a big tick.
+RECORD_BEATS_CHUNK = 500
+
 
 class LeaseRegistry:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
@@ -202,6 +245,7 @@ class LeaseRegistry:
         self._request_stop = redis.register_script(_REQUEST_STOP)
         self._claim_due = redis.register_script(_CLAIM_DUE)
         self._schedule = redis.register_script(_SCHEDULE)
+        self._record_beats = redis.register_script(_RECORD_BEATS)
 
     # --- epoch: tells a Redis that restarted empty from one that did not -------------------
     def epoch(self) -> str:
@@ -302,6 +346,18 @@ class LeaseRegistry:
         keys = [self.keys.lease(work_id), self.keys.heartbeat_due]
         args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time()]
         return bool(self._schedule(keys=keys, args=args))
+
+    def record_beats(self, beats: list[tuple[str, str, int, float]], *, ok_at: float) -> list[str]:
+        """Record successful beats, each (work id, token, TTL, next due), and schedule the next
+        ones, in one round trip per chunk. Returns the ids whose lease is gone."""
+        gone: list[str] = []
+        for start in range(0, len(beats), RECORD_BEATS_CHUNK):
+            args: list[str | int | float] = [self.keys.lease(""), ok_at]
+            for work_id, token, ttl, due in beats[start:start + RECORD_BEATS_CHUNK]:
+                args += [work_id, token, ttl, due]
+            gone += [str(w) for w in self._record_beats(keys=[self.keys.heartbeat_due],
+                                                        args=args)]
+        return gone
 
     def hand_heartbeat_to_sandbox(self, work_id: str, *, wait_seconds: float) -> str | None:
         """Stop beating the lease and return its token for the sandbox to continue with.

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from celery.signals import worker_process_shutdown, worker_shutdown
+
 from dispatcher.celery import app
-from dispatcher.heartbeat import beat_due_leases
+from dispatcher.heartbeat import beat_due_leases, close_sender
 from dispatcher.runtime import get_runtime
 
 
@@ -12,3 +16,11 @@ def beat_leases() -> dict[str, int]:
     """Heartbeat every lease that is due (and retry releases that failed)."""
     tally = beat_due_leases(get_runtime(app))
     return {"sent": tally.sent, "failed": tally.failed, "lost": tally.lost}
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _close_sender(**_: Any) -> None:
+    """The heartbeat sender's connections and loop thread end with the worker (or, on
+    prefork, with each pool process), not when the interpreter tears them down."""
+    close_sender()

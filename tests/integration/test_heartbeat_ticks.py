@@ -1,0 +1,104 @@
+"""The heartbeat tick at scale: one long-lived sender per process (its connections outlive
+ticks), a tick's plain replies recorded in one round trip, the exceptional ones one by one.
+Real Redis and the emulator over HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from inprocess import poll_until
+
+from dispatcher import heartbeat
+from dispatcher.heartbeat import beat_due_leases, close_sender
+from dispatcher.leases import Lease, Phase
+from dispatcher.poller import claim
+from dispatcher.runtime import Runtime
+from dispatcher.workapi.http11 import AsyncHTTP11Transport
+
+pytestmark = pytest.mark.integration
+
+
+def _claimed(emulator: Any, runtime: Runtime, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        _, work_id = emulator.create_session(runtime.environment_id, metadata={})
+        assert claim(runtime, poll_until(runtime, work_id))
+        ids.append(work_id)
+    return ids
+
+
+def _all_due(runtime: Runtime, ids: list[str]) -> None:
+    for work_id in ids:
+        runtime.registry.schedule_heartbeat(work_id, time.time() - 1)
+
+
+def _beats(emulator: Any, ids: list[str]) -> list[dict[str, Any]]:
+    return [e for e in emulator.requests_log()
+            if e.get("work_id") in ids and e.get("endpoint") == "heartbeat"]
+
+
+def test_ticks_from_any_thread_share_one_sender_and_its_connections(
+        emulator: Any, runtime: Runtime) -> None:
+    ids = _claimed(emulator, runtime, 3)
+    tallies = []
+    _all_due(runtime, ids)
+    tallies.append(beat_due_leases(runtime))
+    sender = heartbeat._sender()
+    (client,) = [c for c in sender.clients.values()
+                 if c.environment_id == runtime.environment_id]
+    assert isinstance(client.transport, AsyncHTTP11Transport)
+    opened = client.transport.connections_opened
+    assert opened >= 1
+    _all_due(runtime, ids)
+    worker = threading.Thread(target=lambda: tallies.append(beat_due_leases(runtime)))
+    worker.start()
+    worker.join()
+    assert [t.sent for t in tallies] == [3, 3]
+    assert heartbeat._sender() is sender, "one sender per process"
+    assert client.transport.connections_opened == opened, "no connection made for tick two"
+    for work_id in ids:
+        lease = runtime.registry.get(work_id)
+        assert lease is not None and lease.inflight_until == 0
+        beats = [e for e in _beats(emulator, [work_id]) if e["status"] == 200]
+        assert lease.token == beats[-1]["last_heartbeat"], "the newest token is kept"
+        due = runtime.registry.next_due(work_id)
+        assert due is not None and due > time.time() + lease.ttl_seconds / 3 - 2
+    close_sender()
+    _all_due(runtime, ids)
+    assert beat_due_leases(runtime).sent == 3, "a closed sender is made again on the next tick"
+    assert heartbeat._sender() is not sender
+
+
+def test_a_lease_released_or_handed_to_its_sandbox_during_the_beat_is_left_alone(
+        emulator: Any, runtime: Runtime) -> None:
+    released, handed, releasing = _claimed(emulator, runtime, 3)
+    registry = runtime.registry
+    registry.update(releasing, heartbeats_by="sandbox", phase=Phase.RELEASING)
+    registry.hand_heartbeat_to_sandbox(handed, wait_seconds=0)
+    plain = [(w, f"token-{w}", 30, time.time() + 10) for w in (released, handed, releasing)]
+    registry.delete(released)
+    assert registry.record_beats(plain, ok_at=time.time()) == [released]
+    assert registry.get(released) is None, "never written back"
+    handed_lease, releasing_lease = registry.get(handed), registry.get(releasing)
+    assert handed_lease is not None and handed_lease.token == f"token-{handed}"
+    assert registry.next_due(handed) is None, "the sandbox beats it now"
+    assert releasing_lease is not None and registry.next_due(releasing) is not None, (
+        "a release to retry stays scheduled whoever beat the lease")
+
+
+def test_a_stopping_reply_in_a_big_tick_still_raises_the_stop_flag(
+        emulator: Any, runtime: Runtime) -> None:
+    ids = _claimed(emulator, runtime, 4)
+    emulator.http.post(emulator.work_url(runtime.environment_id, f"/{ids[0]}/stop"),
+                       headers=emulator.org_headers, json={"force": False}).raise_for_status()
+    _all_due(runtime, ids)
+    tally = beat_due_leases(runtime)
+    assert tally.sent == 4
+    stopped: Lease | None = runtime.registry.get(ids[0])
+    assert stopped is not None and stopped.stop == "graceful"
+    for work_id in ids[1:]:
+        lease = runtime.registry.get(work_id)
+        assert lease is not None and not lease.stop
