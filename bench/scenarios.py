@@ -232,12 +232,18 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
     seen: set[str] = set()
     stop = threading.Event()
 
-    def pulse() -> None:  # what each running session's supervisor does, 5 times a second
+    def pulse() -> None:
+        # What each running session's supervisor writes (5 times a second, here once): the
+        # pulse time, on its lease and in the registry's index of last signs of progress
+        # (`LeaseRegistry.pulse` does both in its Lua script, with more that only a session
+        # needs), so recovery sees them alive.
         while not stop.wait(1.0):
             pipe = client.pipeline(transaction=False)
             now = time.time()
             for work_id in list(held):
                 pipe.hset(registry.keys.lease(work_id), "pulse_at", now)
+            if held:
+                pipe.zadd(registry.keys.last_seen, dict.fromkeys(list(held), now))
             pipe.execute()
 
     pulser = threading.Thread(target=pulse, daemon=True)

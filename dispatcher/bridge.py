@@ -14,41 +14,67 @@ Fleet to server. A session task revoked by an operator (Flower, `celery control 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 
 from dispatcher.events import event
-from dispatcher.leases import Lease, Phase, StopKind
+from dispatcher.leases import Lease, Phase, StopKind, epoch_of
 from dispatcher.lifecycle import release
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import Work, WorkAPIError, WorkState
 
 __all__ = ["on_task_revoked", "scan_server_stops"]
 
-LIST_PAGE_SIZE = 100
+LIST_PAGE_SIZE = 100  # the most `list` returns at once
+# Pages one tick reads at most: 1,000 items a second, whatever the fleet holds. While the items
+# newer than the oldest held one fit (1,000 leases or so), each tick reads them all and a stop is
+# seen within a second, as ever; beyond, a sweep of them spans several ticks (continuing from
+# a cursor kept in Redis) and a stop is seen within ceil(items / 1,000) seconds (5 s at 5,000
+# leases), or sooner by the lease's next heartbeat reply. Reading all of them every second would
+# cost the API, and the control worker, N / 100 `list` calls a second.
+LIST_PAGES_PER_TICK = 10
+# A sweep's cursor outlives a tick by this much at most: a sweep left this long starts over.
+CURSOR_TTL_SECONDS = 60
 
 
 def scan_server_stops(runtime: Runtime) -> int:
-    """Apply every stop the server has for a lease we hold; returns how many were new."""
-    held = {lease.work_id: lease for lease in runtime.registry.all()}
-    if not held:
+    """Apply the stops the server has for leases we hold, reading `list` newest first, at most
+    LIST_PAGES_PER_TICK pages a tick; returns how many were new."""
+    registry = runtime.registry
+    oldest, cursor = registry.stop_scan_start()
+    if oldest is None:  # nothing held: no call at all
         return 0
-    oldest = min(_parse(lease.created_at) for lease in held.values())
     applied = 0
     try:
-        for work in runtime.client().iter_list(limit=LIST_PAGE_SIZE):
+        for _ in range(LIST_PAGES_PER_TICK):
+            page = runtime.client().list(limit=LIST_PAGE_SIZE, page=cursor)
+            applied += _apply_page(runtime, page.data)
             # Newest first: once past the oldest item we hold, nothing further can be ours.
-            if _parse(work.created_at) < oldest:
+            if not page.next_page or any(epoch_of(w.created_at) < oldest for w in page.data):
+                cursor = None
                 break
-            lease = held.get(work.id)
-            if lease is not None and _apply_server_state(runtime, lease, work):
-                applied += 1
+            cursor = page.next_page
     except WorkAPIError as exc:
         event("stop scan failed", level=logging.WARNING, status=exc.status, error=str(exc))
+        if exc.status == 400:
+            cursor = None  # a cursor the server no longer takes: start again from the newest
+    registry.set_stop_scan_cursor(cursor, ttl_seconds=CURSOR_TTL_SECONDS)
+    return applied
+
+
+def _apply_page(runtime: Runtime, works: list[Work]) -> int:
+    stopping = {w.id: w for w in works if w.state in (WorkState.STOPPED, WorkState.STOPPING)
+                or w.stop_requested_at}
+    applied = 0
+    for work_id in runtime.registry.held_among(list(stopping)):
+        lease = runtime.registry.get(work_id)
+        if lease is not None and _apply_server_state(runtime, lease, stopping[work_id]):
+            applied += 1
     return applied
 
 
 def _apply_server_state(runtime: Runtime, lease: Lease, work: Work) -> bool:
     if work.state == WorkState.STOPPED:
+        if lease.is_lost:
+            return False  # already known: its supervisor is killing it
         return request_stop(runtime, lease, StopKind.FORCE, cause="server stopped", lost=True)
     if work.state == WorkState.STOPPING or work.stop_requested_at:
         return request_stop(runtime, lease, StopKind.GRACEFUL, cause="server")
@@ -97,12 +123,3 @@ def on_task_revoked(runtime: Runtime, *, task_id: str, work_id: str, terminated:
             runtime.registry.request_stop(work_id, StopKind.FORCE, "operator")
         release(runtime, lease, outcome="stopped",
                 reason=f"revoked before start ({lease.stop_cause or 'operator'})")
-
-
-def _parse(timestamp: str) -> datetime:
-    """An RFC 3339 time; an unreadable one sorts first, so the scan never stops early on it."""
-    try:
-        parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return datetime.min.replace(tzinfo=UTC)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

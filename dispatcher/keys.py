@@ -35,6 +35,23 @@ class Keys:
         return f"{self.prefix}:heartbeat-due"
 
     @property
+    def last_seen(self) -> str:
+        """Sorted set: work id -> epoch second of the lease's last sign of life (its claim, its
+        dispatch, or its attempt's last pulse): recovery reads only the silent ones."""
+        return f"{self.prefix}:last-seen"
+
+    @property
+    def created(self) -> str:
+        """Sorted set: work id -> the server's `created_at` of the held item, as an epoch
+        second: how far back the stop bridge pages `list`."""
+        return f"{self.prefix}:created"
+
+    @property
+    def stop_scan_cursor(self) -> str:
+        """String: the `list` page the stop bridge's sweep continues from next tick."""
+        return f"{self.prefix}:stop-scan-cursor"
+
+    @property
     def epoch(self) -> str:
         """String: a random id written once; a different or missing one means Redis was reset."""
         return f"{self.prefix}:epoch"

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -27,7 +28,7 @@ from redis import Redis
 
 from dispatcher.keys import Keys
 
-__all__ = ["Lease", "LeaseRegistry", "Phase", "Pulse", "StopKind"]
+__all__ = ["Lease", "LeaseRegistry", "Phase", "Pulse", "StopKind", "epoch_of"]
 
 
 class Phase(StrEnum):
@@ -130,36 +131,47 @@ class Pulse:
     draining: bool = False  # the worker running the attempt is shutting down
 
 
-# KEYS[1]=lease hash; ARGV: attempt, now, [field, value]*. Sets the fields only while the lease
-# exists and `attempt` is still its current attempt, so a stale attempt can change nothing.
+# KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: attempt, now, work id, [field, value]*.
+# Sets the fields only while the lease exists and `attempt` is still its current attempt, so a
+# stale attempt can change nothing. A pulse or dispatch time set is also its last sign of life.
 _SET_IF_ATTEMPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i] == 'pulse_at' or ARGV[i] == 'dispatched_at' then
+    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[3])
+  end
+end
 return 1
 """
 
-# KEYS[1]=lease hash, KEYS[2]=the worker's hash; ARGV: attempt, now. Returns {exists, current,
-# stop, cause, seen at, token, draining}: all a running attempt needs to act each tick, and to
-# rebuild its lease if Redis lost it, in one round trip.
+# KEYS[1]=lease hash, KEYS[2]=the worker's hash, KEYS[3]=last-seen zset; ARGV: attempt, now,
+# work id. Returns {exists, current, stop, cause, seen at, token, draining}: all a running
+# attempt needs to act each tick, and to rebuild its lease if Redis lost it, in one round trip.
 _PULSE = """
 local draining = redis.call('HGET', KEYS[2], 'draining') == '1' and 1 or 0
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', '', '0', '', draining} end
 local current = redis.call('HGET', KEYS[1], 'attempt') == ARGV[1]
-if current then redis.call('HSET', KEYS[1], 'pulse_at', ARGV[2]) end
+if current then
+  redis.call('HSET', KEYS[1], 'pulse_at', ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+end
 return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
         redis.call('HGET', KEYS[1], 'stop_cause') or '',
         redis.call('HGET', KEYS[1], 'stop_seen_at') or '0',
         redis.call('HGET', KEYS[1], 'token') or '', draining}
 """
 
-# KEYS[1]=lease hash; ARGV: expected attempt, task id, now. Starts the next attempt.
+# KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, task id, now, work id.
+# Starts the next attempt.
 _NEW_ATTEMPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 local next = tonumber(ARGV[1]) + 1
 redis.call('HSET', KEYS[1], 'attempt', next, 'task_id', ARGV[2], 'phase', 'dispatched',
            'dispatched_at', ARGV[3], 'pulse_at', 0, 'worker', '', 'pid', 0)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return next
 """
 
@@ -230,9 +242,63 @@ for i = 3, #ARGV, 4 do
 end
 return gone
 """
+# KEYS[1]=an index zset; ARGV: lease key prefix, then per lease: work id, score. Indexes each
+# lease still held, so an index repaired from a read of the lease never keeps one released
+# meanwhile. (A pulse landing in between may be indexed a little old: that only makes its
+# lease a candidate sooner, which the read of its hash then clears.)
+_INDEX_IF_HELD = """
+for i = 2, #ARGV, 2 do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+  end
+end
+return 1
+"""
+
+# KEYS[1]=created zset, KEYS[2]=held leases zset, KEYS[3]=the stop scan's cursor. What a stop
+# scan needs to start, in one round trip: {the oldest `created_at` among held leases ('' if
+# none; entries of leases no longer held are dropped on the way), held leases the index lacks,
+# the cursor to continue from ('' if none)}. With nothing held, the cursor goes too.
+_STOP_SCAN_START = """
+if redis.call('ZCARD', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[1], KEYS[3])
+  return {'', {}, ''}
+end
+local missing = redis.call('ZDIFF', 2, KEYS[2], KEYS[1])
+while true do
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #first == 0 then return {'', missing, redis.call('GET', KEYS[3]) or ''} end
+  if redis.call('ZSCORE', KEYS[2], first[1]) then
+    return {first[2], missing, redis.call('GET', KEYS[3]) or ''}
+  end
+  redis.call('ZREM', KEYS[1], first[1])
+end
+"""
+
 # Beats recorded per script call: a few ms of Redis time at most, so other clients never wait
 # long behind a big tick.
 RECORD_BEATS_CHUNK = 500
+
+
+def _last_seen(lease: Lease) -> float:
+    """A lease's last sign of progress, as recovery judges it in its phase: its attempt's last
+    pulse while running, its dispatch while queued, its claim before that."""
+    if lease.phase == Phase.RUNNING:
+        return lease.pulse_at
+    if lease.phase == Phase.DISPATCHED:
+        return lease.dispatched_at
+    if lease.phase == Phase.CLAIMED:
+        return lease.claimed_at
+    return max(lease.claimed_at, lease.dispatched_at, lease.pulse_at)
+
+
+def epoch_of(timestamp: str) -> float:
+    """An RFC 3339 time as an epoch second; an unreadable one as 0, the oldest of all."""
+    try:
+        parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 class LeaseRegistry:
@@ -246,6 +312,8 @@ class LeaseRegistry:
         self._claim_due = redis.register_script(_CLAIM_DUE)
         self._schedule = redis.register_script(_SCHEDULE)
         self._record_beats = redis.register_script(_RECORD_BEATS)
+        self._index_if_held = redis.register_script(_INDEX_IF_HELD)
+        self._stop_scan_start = redis.register_script(_STOP_SCAN_START)
 
     # --- epoch: tells a Redis that restarted empty from one that did not -------------------
     def epoch(self) -> str:
@@ -260,6 +328,8 @@ class LeaseRegistry:
         pipe.hset(self.keys.lease(lease.work_id), mapping=lease.to_hash())
         pipe.set(self.keys.work(lease.work_id), work_json)
         pipe.zadd(self.keys.leases, {lease.work_id: lease.claimed_at})
+        pipe.zadd(self.keys.last_seen, {lease.work_id: _last_seen(lease)})
+        pipe.zadd(self.keys.created, {lease.work_id: epoch_of(lease.created_at)})
         pipe.execute()
 
     def get(self, work_id: str) -> Lease | None:
@@ -285,46 +355,109 @@ class LeaseRegistry:
     def all(self) -> list[Lease]:
         return self.get_many(self.held_ids())
 
+    def held_among(self, work_ids: list[str]) -> set[str]:
+        """Which of these items we hold (one round trip, however many we hold)."""
+        if not work_ids:
+            return set()
+        scores = self.redis.zmscore(self.keys.leases, work_ids)
+        return {w for w, score in zip(work_ids, scores, strict=True) if score is not None}
+
+    # --- indexes: what the per-second upkeep reads instead of every lease ----------------------
+    def silent_since(self, cutoff: float) -> list[Lease]:
+        """Leases with no sign of life (claim, dispatch, pulse) since `cutoff`, as their hashes
+        say: the index only picks candidates, so a lease pulsed by a worker that does not write
+        the index (an older version, mid-deploy) is read, found alive, and its entry moved on.
+        A held lease missing from the index (written before it existed) is read and added."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(self.keys.last_seen, "-inf", cutoff)
+        pipe.zdiff([self.keys.leases, self.keys.last_seen])
+        stale, missing = pipe.execute()
+        if not stale and not missing:
+            return []
+        leases = self.get_many([*stale, *missing])
+        found = {lease.work_id for lease in leases}
+        gone = [w for w in stale if w not in found]
+        if gone:
+            self.redis.zrem(self.keys.last_seen, *gone)
+        # Each lease read is indexed from its hash: found alive, it moves on; missing, it is added.
+        self._index(self.keys.last_seen, [(lease.work_id, _last_seen(lease)) for lease in leases])
+        return [lease for lease in leases if _last_seen(lease) <= cutoff]
+
+    def stop_scan_start(self) -> tuple[float | None, str | None]:
+        """Where the stop bridge's scan starts: the server's `created_at` (epoch second) of the
+        oldest item we hold (None: we hold none), and the page its sweep left off at (None: the
+        newest). A held lease the index lacks (written before it existed) is added first."""
+        keys = [self.keys.created, self.keys.leases, self.keys.stop_scan_cursor]
+        oldest, missing, cursor = self._stop_scan_start(keys=keys)
+        if missing:
+            self._index(self.keys.created, [(lease.work_id, epoch_of(lease.created_at))
+                                            for lease in self.get_many(missing)])
+            oldest, _, cursor = self._stop_scan_start(keys=keys)
+        return (float(oldest) if oldest else None), (str(cursor) if cursor else None)
+
+    def _index(self, key: str, entries: list[tuple[str, float]]) -> None:
+        if not entries:
+            return
+        args: list[str | float] = [self.keys.lease("")]
+        for work_id, score in entries:
+            args += [work_id, score]
+        self._index_if_held(keys=[key], args=args)
+
+    def set_stop_scan_cursor(self, cursor: str | None, *, ttl_seconds: int) -> None:
+        """Where the stop bridge's next tick continues its sweep (None: from the newest)."""
+        if cursor is None:
+            self.redis.delete(self.keys.stop_scan_cursor)
+        else:
+            self.redis.set(self.keys.stop_scan_cursor, cursor, ex=ttl_seconds)
+
     def delete(self, work_id: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(self.keys.lease(work_id), self.keys.work(work_id))
         pipe.zrem(self.keys.leases, work_id)
         pipe.zrem(self.keys.heartbeat_due, work_id)
+        pipe.zrem(self.keys.last_seen, work_id)
+        pipe.zrem(self.keys.created, work_id)
         pipe.execute()
 
     # --- changes ------------------------------------------------------------------------------
     def update(self, work_id: str, **values: object) -> bool:
         """Set fields of an existing lease, whatever its attempt. False if it is gone."""
         key = self.keys.lease(work_id)
+        seen = [float(v) for k, v in values.items()  # type: ignore[arg-type]
+                if k in ("pulse_at", "dispatched_at")]
         pipe = self.redis.pipeline(transaction=True)
         pipe.exists(key)
         pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
-        exists, _ = pipe.execute()
+        if seen:
+            pipe.zadd(self.keys.last_seen, {work_id: max(seen)})
+        exists = pipe.execute()[0]
         if not exists:
-            self.redis.delete(key)  # the HSET just created a stub; a released lease stays gone
+            # The HSET just created a stub (and the ZADD an entry): a released lease stays gone.
+            cleanup = self.redis.pipeline(transaction=True)
+            cleanup.delete(key)
+            cleanup.zrem(self.keys.last_seen, work_id)
+            cleanup.execute()
         return bool(exists)
 
     def update_if_attempt(self, work_id: str, attempt: int, **values: object) -> int:
         """Set fields only while `attempt` is current: 1 done, 0 superseded, -1 lease gone."""
-        argv: list[str | int | float] = [attempt, time.time()]
+        argv: list[str | int | float] = [attempt, time.time(), work_id]
         for name, value in values.items():
             argv += [name, str(value)]
-        return int(self._set_if_attempt(keys=[self.keys.lease(work_id)], args=argv))
+        keys = [self.keys.lease(work_id), self.keys.last_seen]
+        return int(self._set_if_attempt(keys=keys, args=argv))
 
     def pulse(self, work_id: str, attempt: int, *, worker: str = "") -> Pulse:
         exists, current, stop, cause, seen_at, token, draining = self._pulse(
-            keys=[self.keys.lease(work_id), self.keys.worker(worker)], args=[attempt, time.time()]
-        )
+            keys=[self.keys.lease(work_id), self.keys.worker(worker), self.keys.last_seen],
+            args=[attempt, time.time(), work_id])
         return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
                      str(token), bool(draining))
 
     def new_attempt(self, work_id: str, *, expected_attempt: int, task_id: str) -> int:
         """Start attempt `expected_attempt + 1`: its number, 0 if superseded, -1 if gone."""
-        return int(
-            self._new_attempt(
-                keys=[self.keys.lease(work_id)], args=[expected_attempt, task_id, time.time()]
-            )
-        )
+        return int(self._new_attempt(keys=[self.keys.lease(work_id), self.keys.last_seen],
+                                     args=[expected_attempt, task_id, time.time(), work_id]))
 
     def request_stop(self, work_id: str, kind: StopKind, cause: str) -> bool:
         """Raise the stop flag; True if it changed (a new or a harder stop)."""

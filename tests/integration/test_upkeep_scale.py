@@ -1,0 +1,158 @@
+"""The per-second upkeep at scale: recovery reads only the leases gone silent (an index of each
+lease's last sign of progress), and the stop bridge reads at most LIST_PAGES_PER_TICK pages of
+`list` a tick, sweeping a longer list over several ticks. Real Redis and the emulator over
+HTTP; page sizes are shrunk so a dozen items make several pages."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from dispatcher import bridge
+from dispatcher.bridge import scan_server_stops
+from dispatcher.leases import Lease, Phase
+from dispatcher.recovery import PULSE_STALE_SECONDS, recover
+from dispatcher.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+
+def _held(emulator: Any, runtime: Runtime, n: int, *, phase: str = Phase.RUNNING,
+          **fields: Any) -> list[str]:
+    """N items created on the server and recorded as held (newest last), as the poller and a
+    session worker would leave them."""
+    ids = []
+    for _ in range(n):
+        session_id, work_id = emulator.create_session(runtime.environment_id, metadata={})
+        item = emulator.get(runtime.environment_id, work_id)
+        now = time.time()
+        lease = Lease(work_id=work_id, session_id=session_id,
+                      environment_id=runtime.environment_id, mode="dispatcher",
+                      queue="dispatcher.sessions", phase=phase, task_id=f"t-{work_id}",
+                      worker="w@h", claimed_at=now, dispatched_at=now, pulse_at=now,
+                      created_at=item["created_at"])
+        for name, value in fields.items():
+            setattr(lease, name, value)
+        runtime.registry.create(lease, work_json="{}")
+        ids.append(work_id)
+    return ids
+
+
+def _stop(emulator: Any, runtime: Runtime, work_id: str) -> None:
+    emulator.http.post(emulator.work_url(runtime.environment_id, f"/{work_id}/stop"),
+                       headers=emulator.org_headers, json={"force": False}).raise_for_status()
+
+
+def _lists(emulator: Any, runtime: Runtime) -> int:
+    return sum(1 for e in emulator.requests_log()
+               if e.get("endpoint") == "list" and e.get("environment_id") == runtime.environment_id)
+
+
+# --- recovery --------------------------------------------------------------------------------
+def test_recovery_reads_only_silent_leases_and_restarts_the_dead_one(
+        emulator: Any, runtime: Runtime) -> None:
+    alive, dead = _held(emulator, runtime, 2)
+    registry = runtime.registry
+    assert registry.silent_since(time.time() - PULSE_STALE_SECONDS) == []
+    past = time.time() - PULSE_STALE_SECONDS - 1
+    registry.update(dead, pulse_at=past)  # as if its worker died 6 s ago
+    assert [lease.work_id for lease in registry.silent_since(time.time() - 5)] == [dead]
+    assert registry.pulse(alive, 1, worker="w@h").current
+    assert recover(runtime) == 1
+    restarted, kept = registry.get(dead), registry.get(alive)
+    assert restarted is not None and (restarted.attempt, restarted.phase) == (2, Phase.DISPATCHED)
+    assert kept is not None and kept.attempt == 1
+    assert [s["kwargs"]["work_id"] for s in runtime.app.sent] == [dead]
+    assert registry.silent_since(time.time() - 5) == [], "a new attempt is a sign of progress"
+
+
+def test_a_lease_pulsed_without_the_index_is_judged_by_its_record_not_the_index(
+        emulator: Any, runtime: Runtime) -> None:
+    # A session worker of an older version (mid-deploy) writes the pulse time only.
+    (work_id,) = _held(emulator, runtime, 1)
+    registry = runtime.registry
+    past = time.time() - PULSE_STALE_SECONDS - 1
+    registry.redis.zadd(registry.keys.last_seen, {work_id: past})
+    registry.redis.hset(registry.keys.lease(work_id), "pulse_at", time.time())
+    assert registry.silent_since(time.time() - 5) == []
+    assert recover(runtime) == 0, "alive on its record: never restarted"
+    score = registry.redis.zscore(registry.keys.last_seen, work_id)
+    assert score is not None and score > time.time() - 5, "its entry moved on"
+
+
+def test_a_held_lease_missing_from_the_index_is_indexed_and_still_recovered(
+        emulator: Any, runtime: Runtime) -> None:
+    # Written before the index existed; its worker died since.
+    (work_id,) = _held(emulator, runtime, 1)
+    registry = runtime.registry
+    registry.redis.zrem(registry.keys.last_seen, work_id)
+    registry.redis.hset(registry.keys.lease(work_id), "pulse_at", time.time() - 60)
+    assert recover(runtime) == 1
+    lease = registry.get(work_id)
+    assert lease is not None and lease.attempt == 2
+    assert registry.redis.zscore(registry.keys.last_seen, work_id) is not None
+
+
+def test_released_leases_leave_no_index_entries(emulator: Any, runtime: Runtime) -> None:
+    ids = _held(emulator, runtime, 2)
+    registry = runtime.registry
+    registry.delete(ids[0])
+    assert registry.update(ids[0], pulse_at=time.time()) is False
+    keys = registry.keys
+    assert registry.redis.zscore(keys.last_seen, ids[0]) is None
+    assert registry.redis.zscore(keys.created, ids[0]) is None
+    assert registry.redis.zscore(keys.last_seen, ids[1]) is not None
+
+
+# --- the stop bridge -------------------------------------------------------------------------
+@pytest.fixture
+def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bridge, "LIST_PAGE_SIZE", 5)
+    monkeypatch.setattr(bridge, "LIST_PAGES_PER_TICK", 2)
+
+
+def test_a_stop_on_a_held_item_is_seen_within_one_tick_while_pages_fit(
+        emulator: Any, runtime: Runtime, small_pages: None) -> None:
+    ids = _held(emulator, runtime, 8)  # 2 pages
+    _stop(emulator, runtime, ids[0])  # the oldest: on the last page
+    before = _lists(emulator, runtime)
+    assert scan_server_stops(runtime) == 1
+    assert _lists(emulator, runtime) - before == 2
+    lease = runtime.registry.get(ids[0])
+    # Never acked on the server, so its stop ends it at once: `stopped`, the lease lost.
+    assert lease is not None and (lease.stop, lease.stop_cause) == ("force", "server stopped")
+    assert runtime.registry.stop_scan_start()[1] is None, "a whole sweep: next tick from the top"
+    assert scan_server_stops(runtime) == 0, "an applied stop is not new again"
+
+
+def test_a_longer_list_is_swept_over_several_ticks_within_the_page_budget(
+        emulator: Any, runtime: Runtime, small_pages: None) -> None:
+    ids = _held(emulator, runtime, 17)  # 4 pages: 2 ticks of 2 pages
+    _stop(emulator, runtime, ids[0])
+    before = _lists(emulator, runtime)
+    assert scan_server_stops(runtime) == 0, "tick one reads the newest 10 items only"
+    assert _lists(emulator, runtime) - before == 2
+    assert runtime.registry.stop_scan_start()[1] is not None, "the sweep continues from there"
+    assert scan_server_stops(runtime) == 1, "tick two reads on, to the oldest held item"
+    assert _lists(emulator, runtime) - before == 4
+    assert runtime.registry.stop_scan_start()[1] is None
+
+
+def test_nothing_held_means_no_list_call(emulator: Any, runtime: Runtime) -> None:
+    before = _lists(emulator, runtime)
+    assert scan_server_stops(runtime) == 0
+    assert _lists(emulator, runtime) == before
+    assert runtime.registry.stop_scan_start() == (None, None)
+
+
+def test_a_held_lease_missing_from_the_created_index_still_bounds_the_scan(
+        emulator: Any, runtime: Runtime, small_pages: None) -> None:
+    # Written before the index existed: the scan must still reach back to it.
+    ids = _held(emulator, runtime, 8)
+    registry = runtime.registry
+    registry.redis.zrem(registry.keys.created, ids[0])
+    _stop(emulator, runtime, ids[0])
+    assert scan_server_stops(runtime) == 1
+    assert registry.redis.zscore(registry.keys.created, ids[0]) is not None
