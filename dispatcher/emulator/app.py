@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.exceptions import HTTPException
 
 from ..workapi.models import Heartbeat, Work, WorkPage, WorkQueueStats
@@ -39,6 +39,13 @@ from .store import Store
 __all__ = ["Emulator", "create_app"]
 
 WORK = "/v1/environments/{environment_id}/work"
+# Redis connections the emulator opens at most. Each request holds one while it talks to Redis,
+# a long poll for up to a second. redis-py's asyncio pool allows 100 and then fails the request
+# (MaxConnectionsError: the client saw a dropped connection); this pool makes a request beyond
+# the limit wait for a free connection instead, for up to REDIS_POOL_WAIT_SECONDS. 400 keeps
+# the pool and as many client sockets under a default limit of 1,024 open files.
+REDIS_MAX_CONNECTIONS = 400
+REDIS_POOL_WAIT_SECONDS = 30.0
 
 
 def _work_auth(endpoint: Endpoint) -> Any:
@@ -200,7 +207,9 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
                redis: Redis | None = None,
                on_startup: Callable[[Emulator], Awaitable[None]] | None = None) -> Any:
     """The emulator as an ASGI app (request log and faults around the FastAPI routes)."""
-    redis = redis or Redis.from_url(config.redis_url, decode_responses=True)
+    redis = redis or Redis.from_pool(BlockingConnectionPool.from_url(
+        config.redis_url, decode_responses=True, max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=REDIS_POOL_WAIT_SECONDS))
     emulator = Emulator(config=config, store=Store(redis, config),
                         faults=Faults(faults or FaultSettings()),
                         log=RequestLog(redis, f"{config.key_prefix}:requests", REQUEST_LOG_CAP),

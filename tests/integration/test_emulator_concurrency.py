@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -56,3 +57,23 @@ def test_concurrent_pollers_get_each_item_once(emulator: EmulatorProcess) -> Non
     stats = emulator.http.get(emulator.work_url(env, "/stats"), headers=emulator.org_headers)
     assert stats.json()["workers_polling"] == POLLERS
     assert stats.json()["depth"] == 0
+
+
+def test_more_requests_at_once_than_redis_py_pools_by_default_all_get_answers(
+        emulator: EmulatorProcess) -> None:
+    """150 long polls held open at once, and stats calls beside them: each holds a Redis
+    connection, past redis-py's default pool of 100; a request waits for one, never dropped."""
+    env = emulator.create_environment()
+
+    async def main() -> list[int]:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=emulator.base_url, timeout=30,
+                                     limits=limits) as client:
+            polls = [client.get(emulator.work_url(env, "/poll"), params={"block_ms": 999},
+                                headers={**emulator.env_headers, "anthropic-worker-id": f"w{i}"})
+                     for i in range(150)]
+            stats = [client.get(emulator.work_url(env, "/stats"), headers=emulator.org_headers)
+                     for _ in range(50)]
+            return [r.status_code for r in await asyncio.gather(*polls, *stats)]
+
+    assert asyncio.run(main()) == [200] * 200
