@@ -38,14 +38,22 @@ def emulator_of(request: Request) -> Emulator:
     return found
 
 
-Ctx = Annotated[Emulator, Depends(emulator_of)]
+async def _emulator(request: Request) -> Emulator:
+    # `async`: FastAPI runs a plain `def` dependency in a thread pool, a hand-off to another
+    # thread and back on every request (a tenth of the emulator's time per heartbeat).
+    return emulator_of(request)
 
 
-def requires(allowed: frozenset[Credential], what: str) -> Callable[..., Credential]:
-    """A dependency that admits only the `allowed` kinds of key (see `auth`)."""
+Ctx = Annotated[Emulator, Depends(_emulator)]
 
-    def check(request: Request, _b: Annotated[Any, Depends(_bearer)] = None,
-              _k: Annotated[Any, Depends(_api_key)] = None) -> Credential:
+
+def requires(allowed: frozenset[Credential],
+             what: str) -> Callable[..., Awaitable[Credential]]:
+    """A dependency that admits only the `allowed` kinds of key (see `auth`); async, so it
+    runs on the event loop, not in FastAPI's thread pool."""
+
+    async def check(request: Request, _b: Annotated[Any, Depends(_bearer)] = None,
+                    _k: Annotated[Any, Depends(_api_key)] = None) -> Credential:
         config = emulator_of(request).config
         return authorize(request.headers, allowed, environment_key=config.environment_key,
                          api_key=config.api_key, what=what)
