@@ -51,6 +51,8 @@ class Sizes:
     hb_steps: list[int] = field(default_factory=lambda: [500, 1000, 2000, 3000, 5000])
     hb_ttl: int = 30
     hb_window: float = 25.0
+    # Added to every heartbeat answer during capacity steps: 0 is the emulator on 127.0.0.1.
+    hb_latency_ms: int = 0
 
 
 QUICK = Sizes(default_ttl=6, slots=4, idle=4, steady_rate=2.0, steady_seconds=3.0, backlog=16,
@@ -136,7 +138,8 @@ def run_capacity(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
         f"steps {sizes.hb_steps}")
     try:
         out.update(scenarios.heartbeat_capacity(fleet, sizes.hb_steps, sizes.hb_ttl,
-                                                sizes.hb_window, log=log))
+                                                sizes.hb_window, log=log,
+                                                latency_ms=sizes.hb_latency_ms))
         return out
     finally:
         fleet.stop_members()
@@ -159,6 +162,8 @@ def main() -> None:
                         help="heartbeat capacity: the lease TTL asked for (default 30)")
     parser.add_argument("--hb-window", type=float, default=None, metavar="SECONDS",
                         help="heartbeat capacity: how long each step is judged (default 25)")
+    parser.add_argument("--hb-latency-ms", type=int, default=None, metavar="MS",
+                        help="heartbeat capacity: delay every heartbeat answer this much")
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
@@ -172,6 +177,8 @@ def main() -> None:
         sizes.hb_ttl = args.hb_ttl
     if args.hb_window:
         sizes.hb_window = args.hb_window
+    if args.hb_latency_ms:
+        sizes.hb_latency_ms = args.hb_latency_ms
     out = args.out or (None if args.quick else "BENCHMARKS.md")
     parts = args.only or ["ours", "peer", "capacity"]
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="dispatcher-bench-"))

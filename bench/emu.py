@@ -78,6 +78,12 @@ class Emulator:
             return entries
         return [e for e in entries if e.get("environment_id") == environment_id]
 
+    def set_faults(self, **changes: Any) -> None:
+        self.http.post("/_emulator/faults", headers=self.org, json=changes).raise_for_status()
+
+    def reset_faults(self) -> None:
+        self.http.delete("/_emulator/faults", headers=self.org).raise_for_status()
+
     def clear_requests(self) -> None:
         self.http.delete("/_emulator/requests", headers=self.org).raise_for_status()
 

@@ -214,12 +214,14 @@ def _tree_cpu(pid: int) -> float:
 
 
 def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
-                       log: Any = print) -> dict[str, Any]:
+                       log: Any = print, latency_ms: int = 0) -> dict[str, Any]:
     """Leases one control worker keeps alive. The benchmark claims N items itself (ack and a
     NO_HEARTBEAT beat with `ttl`), records them in the dispatcher's registry as running,
     pulses them as a session worker would, and schedules their heartbeats due; a control-only
     worker then beats them. A lapse: a lease whose gap between two successful beats (or since
-    its last beat, at the end) exceeds its TTL, or any refused beat."""
+    its last beat, at the end) exceeds its TTL, or any refused beat. `latency_ms` delays every
+    heartbeat answer that much once a step's leases are claimed (an API further away than the
+    emulator on 127.0.0.1)."""
     from dispatcher.leases import Lease, LeaseRegistry, Phase
 
     stack, emu = fleet.stack, fleet.emu
@@ -273,6 +275,8 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
                     registry.schedule_heartbeat(c.work_id, now)  # due now
                     last_beat[c.work_id] = beat_at
                     held.append(c.work_id)
+            if latency_ms:
+                emu.set_faults(latency_ms=latency_ms, endpoints=["heartbeat"])
             time.sleep(ttl / 3)  # one beat interval to settle
             _absorb(emu, fleet.environment_id, seen, last_beat, since=None)
             w0, cpu0, emu0 = time.time(), _tree_cpu(stack.processes[control].pid), \
@@ -283,7 +287,9 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
             judged = _absorb(emu, fleet.environment_id, seen, last_beat, since=w0, until=w1)
             overdue = cast("list[tuple[str, float]]", client.zrangebyscore(
                 registry.keys.heartbeat_due, "-inf", w1 - 1, withscores=True))
-            step = {"n": n, "window": w1 - w0, "ttl": ttl,
+            if latency_ms:
+                emu.reset_faults()
+            step = {"n": n, "window": w1 - w0, "ttl": ttl, "latency_ms": latency_ms,
                     "control_cpu_pct": 100 * (cpu1 - cpu0) / (w1 - w0),
                     "emulator_cpu_pct": 100 * (emu1 - emu0) / (w1 - w0),
                     "overdue_now": len(overdue),
@@ -297,6 +303,8 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
     finally:
         stop.set()
         pulser.join()
+        if latency_ms:
+            emu.reset_faults()
         fleet.stop_members([control])
     ok = [s["n"] for s in results if not s["lapsed"]]
     return {"steps": results, "largest_without_lapse": max(ok, default=0), "ttl": ttl}
