@@ -100,11 +100,16 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
         rows.append((f"all Work API requests, idle fleet of {n} (per min)",
                      NA if o is None else f"{o:.0f}", NA if p is None else f"{p:.0f}",
                      _ratio(o, p, higher_is_better=False), ""))
-    largest = cap.get("largest_without_lapse")
-    rows.append((f"heartbeat capacity: leases one control worker keeps (TTL {cap.get('ttl')} s)",
-                 NA if largest is None else f"{largest} without lapse",
-                 "n/a: under `--on-work` the poller never heartbeats; each sandbox beats its own",
-                 "", "" if largest is None else f"5,000: {_target(largest >= 5000)}"))
+    for series in cap.get("series", []):
+        largest, ttl = series.get("largest_without_lapse"), series["ttl"]
+        kept = next((st for st in series["steps"] if st["n"] == largest), None)
+        rows.append((f"heartbeat capacity: leases one control worker keeps, TTL {ttl} s "
+                     f"(a beat every {interval(ttl):g} s)",
+                     NA if not largest or kept is None else
+                     f"{largest:,} kept ({kept['beats_per_s']:.0f} beats/s)",
+                     "n/a: under `--on-work` the poller never heartbeats; each sandbox beats "
+                     "its own", "", "" if largest is None else
+                     f"5,000: {_target(largest >= 5000)}"))
     for pool in ("threads", "prefork"):
         m = _get(ours, f"memory_{pool}")
         pm = _get(peer, "memory")
@@ -128,17 +133,20 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
              "|---|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
     machine = proc.machine()
-    cap_rows = ["| leases | window | beats/s | max gap between beats | refused (4xx) "
+    cap_rows = ["| TTL | leases | window | beats/s | max gap between beats | refused (4xx) "
                 "| failed (5xx, dropped) | overdue at end | `list` calls/s | control worker CPU "
-                "| emulator CPU | lapse |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in cap.get("steps", []):
-        cap_rows.append(
-            f"| {s['n']} | {s['window']:.0f} s | {s['beats_per_s']:.0f} | {s['max_gap_s']:.1f} s "
-            f"| {s['refused']} | {s.get('failed', 0)} "
-            f"| {s['overdue_now']} (oldest {s['max_overdue_s']:.1f} s) "
-            f"| {s['list_per_s']:.1f} | {s['control_cpu_pct']:.0f}% | "
-            f"{s['emulator_cpu_pct']:.0f}% | {'**yes**' if s['lapsed'] else 'no'} |")
+                "(per beat) | emulator CPU (per beat) | lapse | behind |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for series in cap.get("series", []):
+        for st in series["steps"]:
+            cap_rows.append(
+                f"| {st['ttl']} s | {st['n']:,} | {st['window']:.0f} s | {st['beats_per_s']:.0f} "
+                f"| {st['max_gap_s']:.1f} s | {st['refused']} | {st.get('failed', 0)} "
+                f"| {st['overdue_now']} (oldest {st['max_overdue_s']:.1f} s) "
+                f"| {st['list_per_s']:.1f} | {_per_beat(st, 'control_cpu_pct')} "
+                f"| {_per_beat(st, 'emulator_cpu_pct')} "
+                f"| {'**yes**' if st['lapsed'] else 'no'} "
+                f"| {'**yes**' if st.get('behind') else 'no'} |")
     context = _context(results)
     errors = [f"* **{part} did not finish**: `{err}`" for part, err in
               results.get("errors", {}).items()]
@@ -191,21 +199,41 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
         "## Heartbeat capacity, step by step",
         "",
         "One control-only worker (`-Q dispatcher.control -B`, threads pool) and no session "
-        "worker. The benchmark claims N items itself (ack, then a `NO_HEARTBEAT` beat asking "
-        f"for a {cap.get('ttl')} s TTL; `DISPATCHER_DESIRED_TTL_SECONDS` asks the same), records "
-        "them in the dispatcher's registry as running sessions (`dispatcher.leases."
-        "LeaseRegistry`), pulses them once a second as their supervisors would, and schedules "
-        "their heartbeats due. Steps grow the same set of leases. A lapse is a lease whose gap "
-        "between two successful beats (or since its last beat, at the end of the window) "
-        "exceeds its TTL, or any refused beat, all from the emulator's request log. CPU is "
-        "user+system time from /proc over the window, of the worker's process tree (100% = one "
-        "core).",
+        "worker, per TTL. The benchmark claims N items itself (ack, then a `NO_HEARTBEAT` beat "
+        "asking for the TTL; `DISPATCHER_DESIRED_TTL_SECONDS` asks the same), records them in "
+        "the dispatcher's registry as running sessions (`dispatcher.leases.LeaseRegistry`), "
+        "pulses them once a second as their supervisors would, and schedules their heartbeats "
+        "due. Steps grow the same set of leases; each TTL has its own worker, environment and "
+        "leases. A lapse is a lease whose gap between two successful beats (or since its last "
+        "beat, at the end of the window) exceeds its TTL, or any refused beat, all from the "
+        "emulator's request log; *behind*, a gap longer than the beat interval by more than a "
+        "quarter of it or 2 s (a tick and a request), which means beats queue and gaps grow "
+        "until leases lapse. A step is *kept* with neither; the series stops at the first that is "
+        "not. CPU is user+system time from /proc over the window, of the "
+        "process tree (100% = one core); per beat, it is that CPU over the beats in the window, "
+        "all the process's work included (for the worker: the stop bridge, recovery, the "
+        "poller and beat too)."
+        + (f" Every heartbeat answer was delayed {cap['latency_ms']} ms (the emulator's "
+           "latency fault)." if cap.get("latency_ms") else ""),
         "",
         *cap_rows,
         "",
         *([f"_{results['capacity_note']}_", ""] if results.get("capacity_note") else []),
         *_method(results),
     ]) + "\n"
+
+
+def interval(ttl: int) -> float:
+    """The dispatcher's beat interval for a TTL (dispatcher/heartbeat.py)."""
+    from dispatcher.heartbeat import heartbeat_interval
+
+    return heartbeat_interval(ttl)
+
+
+def _per_beat(step: dict[str, Any], key: str) -> str:
+    """'N% (M ms)': CPU share of a core, and CPU ms per beat."""
+    pct, beats = step[key], step["beats_per_s"]
+    return f"{pct:.0f}%" + (f" ({10 * pct / beats:.2f} ms)" if beats else "")
 
 
 def _context(results: dict[str, Any]) -> list[str]:

@@ -207,6 +207,10 @@ def memory(fleet: Fleet, k: int, slots: int) -> dict[str, Any]:
 # --- heartbeat capacity ----------------------------------------------------------------------
 
 CLAIM_CHUNK = 50
+# A heartbeat capacity step keeps up while no gap between beats exceeds the interval by more
+# than a quarter of it, or 2 s (a 1 s tick and a request) if that is more.
+BEHIND_SHARE = 0.25
+BEHIND_SLACK_SECONDS = 2.0
 
 
 def _tree_cpu(pid: int) -> float:
@@ -222,6 +226,7 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
     its last beat, at the end) exceeds its TTL, or any refused beat. `latency_ms` delays every
     heartbeat answer that much once a step's leases are claimed (an API further away than the
     emulator on 127.0.0.1)."""
+    from dispatcher.heartbeat import heartbeat_interval
     from dispatcher.leases import Lease, LeaseRegistry, Phase
 
     stack, emu = fleet.stack, fleet.emu
@@ -277,11 +282,11 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
                     held.append(c.work_id)
             if latency_ms:
                 emu.set_faults(latency_ms=latency_ms, endpoints=["heartbeat"])
-            time.sleep(ttl / 3)  # one beat interval to settle
+            time.sleep(heartbeat_interval(ttl))  # one beat interval to settle
             _absorb(emu, fleet.environment_id, seen, last_beat, since=None)
             w0, cpu0, emu0 = time.time(), _tree_cpu(stack.processes[control].pid), \
                 _tree_cpu(stack.processes["emulator"].pid)
-            time.sleep(window)
+            time.sleep(max(window, 1.5 * heartbeat_interval(ttl)))  # every lease beats in it
             w1, cpu1, emu1 = time.time(), _tree_cpu(stack.processes[control].pid), \
                 _tree_cpu(stack.processes["emulator"].pid)
             judged = _absorb(emu, fleet.environment_id, seen, last_beat, since=w0, until=w1)
@@ -296,9 +301,14 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
                     "max_overdue_s": max((w1 - s for _, s in overdue), default=0.0),
                     **judged}
             step["lapsed"] = bool(step["max_gap_s"] > ttl or step["refused"])
+            # Beaten later than the schedule allows (an interval, plus a tick and a request):
+            # beats queue, and the gaps grow until leases lapse, however long that takes.
+            interval = heartbeat_interval(ttl)
+            step["behind"] = step["max_gap_s"] > interval + max(BEHIND_SLACK_SECONDS,
+                                                                BEHIND_SHARE * interval)
             log(f"  heartbeat capacity n={n}: {step}")
             results.append(step)
-            if step["lapsed"]:
+            if step["lapsed"] or step["behind"]:
                 break
     finally:
         stop.set()
@@ -306,7 +316,7 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
         if latency_ms:
             emu.reset_faults()
         fleet.stop_members([control])
-    ok = [s["n"] for s in results if not s["lapsed"]]
+    ok = [s["n"] for s in results if not s["lapsed"] and not s["behind"]]
     return {"steps": results, "largest_without_lapse": max(ok, default=0), "ttl": ttl}
 
 
