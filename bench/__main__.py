@@ -26,9 +26,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from bench import scenarios
 from bench.emu import Emulator
-from bench.fleets import Fleet, Ours, Peer
+from bench.fleets import KEY_PREFIXES, Fleet, Ours, Peer
 from bench.report import write_report
 from dispatcher.stack import LocalStack
 
@@ -152,6 +154,28 @@ def run_capacity(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
     return out
 
 
+def _forget_keys(stack: LocalStack) -> None:
+    """Delete the run's keys from a Redis that outlives it (the capacity part alone leaves
+    tens of thousands: leases, work items, the emulator's records)."""
+    if "redis" in stack.processes:
+        return  # a private Redis, gone with the stack
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        for prefix in [f"{stack.key_prefix}-emulator", *KEY_PREFIXES]:
+            batch = []
+            for key in client.scan_iter(f"{prefix}:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    client.delete(*batch)
+                    batch.clear()
+            if batch:
+                client.delete(*batch)
+    except redis.RedisError as exc:
+        log(f"could not remove the run's Redis keys: {exc}")
+    finally:
+        client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
@@ -212,6 +236,7 @@ def main() -> None:
                 Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     finally:
         stack.stop_all()
+        _forget_keys(stack)
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = time.time() - started

@@ -25,12 +25,14 @@ from bench.emu import Created, Emulator
 from bench.records import events, wait_for_event
 from dispatcher.stack import BIN, FAKE_SESSION, LocalStack
 
-__all__ = ["Fleet", "Ours", "Peer"]
+__all__ = ["KEY_PREFIXES", "Fleet", "Ours", "Peer"]
 
 SANDBOX_MARK = "fake_session.py"
 LAUNCHER_MARK = "launcher.py"
 PEER_MARK = "bench.peer"
 REPO = Path(__file__).resolve().parent.parent
+# The Redis key prefixes of every dispatcher fleet made in this process: removed after a run.
+KEY_PREFIXES: list[str] = []
 
 
 class Fleet:
@@ -87,6 +89,7 @@ class Ours(Fleet):
     def __init__(self, stack: LocalStack, emu: Emulator, records: Path, **env: str) -> None:
         super().__init__(stack, emu, records)
         self.key_prefix = f"bench{secrets.token_hex(3)}"
+        KEY_PREFIXES.append(self.key_prefix)
         self.env = stack.fleet_env(
             ANTHROPIC_ENVIRONMENT_ID=self.environment_id,
             DISPATCHER_KEY_PREFIX=self.key_prefix,
