@@ -71,17 +71,15 @@ def findings(results: dict[str, Any]) -> list[str]:
         "**Drain throughput.** "
         f"Ours {_f(dr)} sessions/s against the peer's {_f(pr)} with {slots} slots each"
         + (" (we lose)" if dr is not None and pr is not None and dr < pr else "")
-        + ". Three things bound ours: (1) one claimer per environment (a Redis lock, "
+        + ". Two things bound ours: (1) one claimer per environment (a Redis lock, "
         "`_poll_lock`), which does poll, ack, first heartbeat, registry write and publish for "
-        "each item in series; the peer has N claimers in parallel; (2) `_poll_loop` *ends the "
-        "run* as soon as `capacity.free_slots() <= 0` and the next run only starts at the next "
-        "beat tick, so a backlog larger than the fleet is claimed in bursts of at most "
-        "`slots` per second; with short sessions a slot frees a few hundred ms after it was "
-        "taken but stays unused until the next tick; (3) a slot is only free once its lease is "
-        "released: the supervisor sees the exit within `SUPERVISE_INTERVAL_SECONDS` = 0.2 s, "
-        "then posts `stop(force)` and deletes the lease (dispatcher/lifecycle.py, `release`). "
-        "A fix for (2), not made here: wait for a free slot inside the run (poll "
-        "`free_slots()` for the rest of `POLL_RUN_SECONDS`) instead of returning. "
+        "each item in series; the peer has N claimers in parallel; (2) a slot is only free once "
+        "its lease is released: the supervisor sees the exit within "
+        "`SUPERVISE_INTERVAL_SECONDS` = 0.2 s, then posts `stop(force)` and deletes the lease "
+        "(dispatcher/lifecycle.py, `release`); a full fleet's poller sees the slot within "
+        "`FULL_FLEET_RECHECK_SECONDS` = 50 ms (dispatcher/poller.py, `_poll_loop`). (Until "
+        "the run before this one the poller ended its run when the fleet was full and claimed "
+        "a backlog in bursts of at most `slots` a beat tick: 9.8 sessions/s with 10 slots.) "
         "The peer's processes claim in parallel but lose about 1.5 s between sessions: the "
         "sandbox force-stops its item on exit (as `ant beta:worker run` and the SDK's "
         "`handle_item` do), then the poller's `auto_stop` posts its graceful stop, gets 409, "
@@ -185,8 +183,9 @@ def findings(results: dict[str, Any]) -> list[str]:
         "pool the worker really runs. tests/acceptance/test_pools.py checks it on real "
         "workers. Runs before the fix measured prefork with `-P processes`, Celery's alias of "
         "the same pool, so their prefork figures stand.",
-        "2. **Drain throughput is capped by the poller's run boundary** (dispatcher/poller.py, "
-        "`_poll_loop`: `if runtime.capacity.free_slots() <= 0: break`): see Drain throughput.",
+        "2. **Drain throughput was capped by the poller's run boundary (fixed since):** a "
+        "full fleet's poller ended its run, so a backlog was claimed in bursts of at most "
+        "`slots` a beat tick; it now waits for a slot (dispatcher/poller.py, `_poll_loop`).",
         "3. **One control worker kept only 500 leases (fixed since).** The heartbeat tick "
         "built an HTTP client and event loop each second on httpx's async transport, and the "
         "stop bridge and recovery read every lease every second: see Heartbeat capacity.",
@@ -198,12 +197,12 @@ def findings(results: dict[str, Any]) -> list[str]:
         "(`MaxConnectionsError`). It now uses a blocking pool of 400 "
         "(dispatcher/emulator/app.py, `REDIS_MAX_CONNECTIONS`): a request beyond waits for a "
         "connection.",
-        "6. Not the dispatcher, but the emulator's fake session in runner mode "
-        "(dispatcher/emulator/fake_session.py, `Runner._beat_loop`) computes its interval "
-        "before the first answer, so its second beat comes 15 s after the first whatever the "
-        "TTL; the SDK's `_heartbeat_loop` uses ttl/2 from the first answer. The stop "
-        "benchmark waits for each peer sandbox's second beat so the peer is not charged for "
-        "it.",
+        "6. Not the dispatcher, but the emulator's fake session in runner mode (fixed since): "
+        "it computed its interval before the first answer, so its second beat came 15 s "
+        "after the first whatever the TTL; it now beats at ttl/2 of the granted TTL, as the "
+        "SDK's `_heartbeat_loop` does (dispatcher/emulator/fake_session.py, "
+        "`Runner._beat_loop`). The stop benchmark still waits for each peer sandbox's second "
+        "beat.",
         "",
     ]
     return out
@@ -220,8 +219,10 @@ def _capacity(cap: dict[str, Any]) -> str:
             return ""
         largest = one["largest_without_lapse"]
         step = next((st for st in one["steps"] if st["n"] == largest), None)
+        tried = largest == one["steps"][-1]["n"]
         return (f"{largest:,} leases kept at a {ttl} s TTL (a beat every "
-                f"{interval(ttl):g} s" + (f", {step['beats_per_s']:.0f} beats/s)" if step else ")"))
+                f"{interval(ttl):g} s" + (f", {step['beats_per_s']:.0f} beats/s" if step else "")
+                + ("; the largest step tried)" if tried else ")"))
 
     def cpu(step: dict[str, Any], key: str) -> str:
         return (f"{step[key]:.0f}% of a core, {10 * step[key] / step['beats_per_s']:.2f} ms "
@@ -237,9 +238,16 @@ def _capacity(cap: dict[str, Any]) -> str:
             "unset, the service grants its own default (120 s in its 412 fixture). "
             f"At {at5k['n']:,} leases and a {at5k['ttl']} s TTL the control worker used "
             f"{cpu(at5k, 'control_cpu_pct')}, all its work included, and the emulator "
-            f"{cpu(at5k, 'emulator_cpu_pct')}. ")
+            f"{cpu(at5k, 'emulator_cpu_pct')}. Per beat, the worker costs more at few beats "
+            "a second: its fixed work (the stop bridge's `list` calls, recovery, the poller, "
+            "beat) is shared by fewer beats. ")
+    worker, server = last["control_cpu_pct"], last["emulator_cpu_pct"]
+    if not last["lapsed"] and not last.get("behind"):
+        text += (f"At {last['n']:,} leases and {last['ttl']} s, no limit found yet, the worker "
+                 f"used {worker:.0f}% of a core and the emulator {server:.0f}%"
+                 + (", so on this machine the emulator (one process, one core) would be the "
+                    "next limit" if server > worker else "") + ". ")
     if last["lapsed"] or last.get("behind"):
-        worker, server = last["control_cpu_pct"], last["emulator_cpu_pct"]
         limit = ("the emulator, one process on one core, not the worker, is now the limit"
                  if server > max(worker, 80) else
                  "the worker is the limit" if worker > max(server, 80) else
@@ -252,29 +260,32 @@ def _capacity(cap: dict[str, Any]) -> str:
                  + f", the worker at {worker:.0f}% of a core and the emulator at {server:.0f}%: "
                  f"on this machine {limit}. ")
     return text + (
-        "Before the changes below, one control worker kept 1,000 leases at a 30 s TTL and lapsed "
-        "at 2,000, at 4.5 ms of CPU per beat on an idle machine (the full run before, on a "
-        "loaded one: 500, 8.1 ms); a profile of it at 2,000 leases (py-spy) showed httpx's async "
-        "transport and the per-second reads of every lease taking nearly all of it. (1) The "
-        "heartbeat tick sends from one event loop and client per worker process "
+        "Before the changes below, one control worker kept 1,000 leases at a 30 s TTL and "
+        "lapsed at 2,000, at 4.5 ms of CPU per beat on an idle machine (the full run before, "
+        "on a loaded one: 500, 8.1 ms); a profile of it at 2,000 leases (py-spy) showed "
+        "httpx's async transport and the per-second reads of every lease taking nearly all of "
+        "it. (1) The heartbeat tick sends from one event loop and client per worker process "
         "(dispatcher/heartbeat.py, `_Sender`), whose connections outlive ticks, over a lean "
         "HTTP/1.1 transport (dispatcher/workapi/http11.py): httpx's own costs 0.7 ms of CPU "
         "per request on one connection and over 1.5 ms with 64 in flight (its pool polls every "
-        "connection whenever a request is queued or a response closes); this one about "
-        "0.3 ms. (2) A tick's plain replies are recorded in one Lua call per 500 "
-        "(`LeaseRegistry.record_beats`), not two round trips each. (3) Recovery reads only the "
-        "leases silent for over 5 s, from an index of each lease's last sign of progress "
-        "(`LeaseRegistry.silent_since`), not every lease each second. (4) The stop bridge "
-        "reads at most 10 pages of `list` a tick (1,000 items, dispatcher/bridge.py "
+        "connection whenever a request is queued or a response closes); this one, through "
+        "httpx's client, about 0.3 ms. (2) A tick's plain replies are recorded in one Lua call "
+        "per 500 (`LeaseRegistry.record_beats`), not two round trips each. (3) Recovery reads "
+        "only the leases silent for over 5 s, from an index of each lease's last sign of "
+        "progress (`LeaseRegistry.silent_since`), not every lease each second. (4) The stop "
+        "bridge reads at most 10 pages of `list` a tick (1,000 items, dispatcher/bridge.py "
         "`LIST_PAGES_PER_TICK`; the `list` column stays near 10/s whatever the count): up to "
         "about 1,000 leases every stop is still seen within a second; beyond, the sweep spans "
         "ceil(items / 1,000) ticks, so a stop is seen within 5 s at 5,000 leases, or sooner by "
         "the lease's next heartbeat reply. Against the service, latency counts: beats/s = "
-        "requests in flight / latency, and 256 in flight (`MAX_CONCURRENT_REQUESTS`) keep "
-        "500 beats/s up to 0.5 s of latency (`--hb-latency-ms 150` measures it; 64, the old "
-        "limit, fell behind at 150 ms). The refused beats in the table, if any, are 412s: "
-        "leases that lapsed and were re-queued by the server. The peer does not appear here: "
-        "under `--on-work` the poller never heartbeats; every sandbox beats its own lease.")
+        "requests in flight / latency, and 256 in flight (`MAX_CONCURRENT_REQUESTS`) keep 500 "
+        "beats/s up to 0.5 s of latency. `--hb-latency-ms 150` measures it: in runs of 5,000 "
+        "leases at 30 s with every heartbeat answered 150 ms late, 64 in flight (the old "
+        "limit) managed 352 of the 500 beats/s due (gaps growing: 15.5 s at the end of the "
+        "window), 256 managed 467 (max gap 11.7 s, as without latency). The refused beats in "
+        "the table, if any, are 412s: leases that lapsed and were re-queued by the server. The "
+        "peer does not appear here: under `--on-work` the poller never heartbeats; every "
+        "sandbox beats its own lease.")
 
 
 def method(results: dict[str, Any]) -> list[str]:
