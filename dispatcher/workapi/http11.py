@@ -1,10 +1,11 @@
 """A lean HTTP/1.1 transport for `httpx.AsyncClient`, on asyncio protocols.
 
-Why: the heartbeat task sends hundreds of small requests a second from one process. httpx's own
-async transport (httpcore over anyio) costs about 0.7 ms of CPU per request on one connection,
-and more than 1.5 ms with 64 requests in flight, because its pool re-checks every connection
-(one poll(2) each) whenever a request is queued or a response closes. This transport costs about
-a tenth of that: keep-alive connections reused newest first, each response read whole (Work API
+Why: the heartbeat task sends hundreds of small requests a second from one process. Through
+httpx's own async transport (httpcore over anyio) a request costs about 0.7 ms of CPU on one
+connection, and more than 1.5 ms with 64 in flight, because its pool re-checks every connection
+(one poll(2) each) whenever a request is queued or a response closes. Through this one, about
+0.3 ms at any concurrency (measured against a local server, request building and parsing
+included): keep-alive connections reused newest first, each response read whole (Work API
 answers are small), and httpx's own exceptions raised, so the client's error mapping
 (`errors.transport_errors`) and everything above it are unchanged.
 
