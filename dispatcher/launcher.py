@@ -15,7 +15,7 @@ adds a few milliseconds to a session's start, not a full interpreter start-up.
 """
 
 # The C module, not `signal`: that one imports enum, a quarter of the launcher's start-up.
-import _signal as signal
+import _signal as signal  # type: ignore[import-not-found]  # no stub; same API as `signal`
 import os
 import select
 import sys
