@@ -53,7 +53,7 @@ def runtime() -> Iterator[Runtime]:
     try:
         rt.redis.ping()
     except redis.RedisError:  # pragma: no cover
-        pytest.skip("no Redis at DISPATCHER_TEST_REDIS")
+        pytest.fail("no Redis at DISPATCHER_TEST_REDIS (./dev test starts one)")
     yield rt
     for key in rt.redis.scan_iter(f"{prefix}:*", count=1000):
         rt.redis.delete(key)

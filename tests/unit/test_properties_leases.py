@@ -31,19 +31,19 @@ class Model:
     due: float | None = None
 
 
-def _redis_or_skip() -> redis.Redis:
+def _redis_or_fail() -> redis.Redis:
     r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
         r.ping()
     except redis.RedisError:  # pragma: no cover - the suite needs Redis anyway
-        pytest.skip("no Redis at DISPATCHER_TEST_REDIS")
+        pytest.fail("no Redis at DISPATCHER_TEST_REDIS (./dev test starts one)")
     return r
 
 
 class RegistryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.redis = _redis_or_skip()
+        self.redis = _redis_or_fail()
         self.prefix = f"proptest{uuid.uuid4().hex[:10]}"
         self.registry = LeaseRegistry(self.redis, prefix=self.prefix)
         self.model: dict[str, Model] = {}
