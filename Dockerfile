@@ -4,7 +4,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY dispatcher ./dispatcher
 COPY tasks ./tasks
-COPY bench ./bench
 RUN pip install --no-cache-dir . && useradd --create-home dispatcher
 USER dispatcher
 # The sandbox command; replace it (see docs/operations.md) with your own spawn script.

@@ -32,7 +32,7 @@ from bench import scenarios
 from bench.emu import Emulator
 from bench.fleets import KEY_PREFIXES, Fleet, Ours, Peer
 from bench.report import write_report
-from dispatcher.stack import LocalStack
+from dispatcher.ops.stack import LocalStack
 
 
 @dataclass

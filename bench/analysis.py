@@ -45,11 +45,12 @@ def findings(results: dict[str, Any]) -> list[str]:
            "We meet the 100 ms p50 target, narrowly. ")
         + "Between the session's creation and its sandbox's first line, the dispatcher does "
         "strictly more than the peer: the long poll returns the item, then `poller.claim` "
-        "(dispatcher/poller.py) acks it, records the lease in Redis, and sends the first "
+        "(dispatcher/control/poller.py) acks it, records the lease in Redis, and sends the first "
         "heartbeat *synchronously* (`_first_heartbeat`, so a lease is never held unbeaten while "
         "its session waits in a queue), publishes the Celery task, a session worker takes it "
-        "from Redis, loads the lease, marks the attempt running (dispatcher/session.py) and "
-        "starts the sandbox under a Python launcher (dispatcher/launcher.py, `python -S`, "
+        "from Redis, loads the lease, marks the attempt running "
+        "(dispatcher/session/attempt.py) and "
+        "starts the sandbox under a Python launcher (dispatcher/session/launcher.py, `python -S`, "
         "about 15 ms) that then starts the command. The peer acks and spawns the command "
         "directly: two HTTP round trips, no broker hop, no launcher. On an idle 2-core machine "
         "each step costs a few ms to a few tens of ms; together they sit just around 100 ms, "
@@ -57,7 +58,8 @@ def findings(results: dict[str, Any]) -> list[str]:
         "supervisors' 0.2 s pulses) pushes the p50 over.",
         "",
         "The p99 under steady arrivals has a second cause: a poller run lasts "
-        "`POLL_RUN_SECONDS` = 5 s (dispatcher/poller.py, `run_poller`), then returns, and the "
+        "`POLL_RUN_SECONDS` = 5 s "
+        "(dispatcher/control/poller.py, `run_poller`), then returns, and the "
         "next run starts at the next beat tick (`DISPATCHER_POLL_INTERVAL_SECONDS` = 1 s, "
         "with `expires`). A session created in that gap waits for the next run, up to about a "
         "second. The peer has the opposite gap: each process sleeps 1 to 3 s after an empty "
@@ -76,8 +78,8 @@ def findings(results: dict[str, Any]) -> list[str]:
         "each item in series; the peer has N claimers in parallel; (2) a slot is only free once "
         "its lease is released: the supervisor sees the exit within "
         "`SUPERVISE_INTERVAL_SECONDS` = 0.2 s, then posts `stop(force)` and deletes the lease "
-        "(dispatcher/lifecycle.py, `release`); a full fleet's poller sees the slot within "
-        "`FULL_FLEET_RECHECK_SECONDS` = 50 ms (dispatcher/poller.py, `_poll_loop`). (Until "
+        "(dispatcher/lease/executor.py, `release`); a full fleet's poller sees the slot within "
+        "`FULL_FLEET_RECHECK_SECONDS` = 50 ms (dispatcher/control/poller.py, `_poll_loop`). (Until "
         "the run before this one the poller ended its run when the fleet was full and claimed "
         "a backlog in bursts of at most `slots` a beat tick: 9.8 sessions/s with 10 slots.) "
         "The peer's processes claim in parallel but lose about 1.5 s between sessions: the "
@@ -94,7 +96,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         "**Stop latency.** "
         f"Ours p99 {_ms(st99)}"
         + (" (target 2 s met)" if st99 is not None and st99 < 2 else " (**target 2 s missed**)")
-        + f"; the peer's p99 {_f(pst99)} s. The stop bridge (dispatcher/bridge.py, "
+        + f"; the peer's p99 {_f(pst99)} s. The stop bridge (dispatcher/control/bridge.py, "
         "`scan_server_stops`) lists the environment's items every second (up to 1,000 a "
         "second: see Heartbeat capacity) and raises the lease's stop flag; the session's "
         "supervisor reads it within 0.2 s and signals the "
@@ -113,7 +115,8 @@ def findings(results: dict[str, Any]) -> list[str]:
         + f"; the peer {_f(prc)} s. When a session worker dies, its sandboxes die with it (the "
         "launcher's parent-death signal), its supervisors stop pulsing, and after "
         "`PULSE_STALE_SECONDS` = 5 s the control plane's `recover` tick (every second) starts "
-        "the next attempt on any worker, while the lease never lapsed (dispatcher/recovery.py). "
+        "the next attempt on any worker, while the lease never lapsed "
+        "(dispatcher/control/recovery.py). "
         "The peer has no one to notice: the session runs again only when its lease lapses on "
         f"the server (the TTL, {ttl} s here, 120 s with the fixture's default), the server "
         "re-queues it, and an idle peer polls it. The peer killed here is killed with its "
@@ -151,7 +154,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"state), but each session also has our launcher process: "
             f"{mt['launcher_per_session_kb'] / 1024:.1f} MB RSS, "
             f"{mt['launcher_pss_per_session_kb'] / 1024:.1f} MB PSS (a `python -S` interpreter "
-            "waiting on the command, dispatcher/launcher.py). Counting it, a session costs "
+            "waiting on the command, dispatcher/session/launcher.py). Counting it, a session costs "
             f"{(mt['per_session_kb'] + mt['launcher_per_session_kb']) / 1024:.1f} MB RSS"
             + (", **over the 10 MB target**" if mt['per_session_kb'] +
                mt['launcher_per_session_kb'] >= 10240 else ", under the 10 MB target")
@@ -171,7 +174,7 @@ def findings(results: dict[str, Any]) -> list[str]:
     out += [
         "## Problems found in the dispatcher (reported, not fixed here)",
         "",
-        "1. **`-P prefork` silently ran the thread pool (fixed since).** dispatcher/celery.py "
+        "1. **`-P prefork` silently ran the thread pool (fixed since).** dispatcher/celery/app.py "
         "set `worker_pool=\"threads\"`, and Celery's CLI cannot tell an explicit `-P prefork` "
         "from its own default, so it substituted the configured pool (celery/bin/worker.py, "
         "`WorkersPool.convert`: `if value == 'prefork' and worker_pool: value = "
@@ -185,7 +188,8 @@ def findings(results: dict[str, Any]) -> list[str]:
         "the same pool, so their prefork figures stand.",
         "2. **Drain throughput was capped by the poller's run boundary (fixed since):** a "
         "full fleet's poller ended its run, so a backlog was claimed in bursts of at most "
-        "`slots` a beat tick; it now waits for a slot (dispatcher/poller.py, `_poll_loop`).",
+        "`slots` a beat tick; it now waits for a slot "
+        "(dispatcher/control/poller.py, `_poll_loop`).",
         "3. **One control worker kept only 500 leases (fixed since).** The heartbeat tick "
         "built an HTTP client and event loop each second on httpx's async transport, and the "
         "stop bridge and recovery read every lease every second: see Heartbeat capacity.",
@@ -265,7 +269,8 @@ def _capacity(cap: dict[str, Any]) -> str:
         "on a loaded one: 500, 8.1 ms); a profile of it at 2,000 leases (py-spy) showed "
         "httpx's async transport and the per-second reads of every lease taking nearly all of "
         "it. (1) The heartbeat tick sends from one event loop and client per worker process "
-        "(dispatcher/heartbeat.py, `_Sender`), whose connections outlive ticks, over a lean "
+        "(dispatcher/control/heartbeat.py, `_Sender`), whose connections outlive ticks, over a "
+        "lean "
         "HTTP/1.1 transport (dispatcher/workapi/http11.py): httpx's own costs 0.7 ms of CPU "
         "per request on one connection and over 1.5 ms with 64 in flight (its pool polls every "
         "connection whenever a request is queued or a response closes); this one, through "
@@ -273,7 +278,7 @@ def _capacity(cap: dict[str, Any]) -> str:
         "per 500 (`LeaseRegistry.record_beats`), not two round trips each. (3) Recovery reads "
         "only the leases silent for over 5 s, from an index of each lease's last sign of "
         "progress (`LeaseRegistry.silent_since`), not every lease each second. (4) The stop "
-        "bridge reads at most 10 pages of `list` a tick (1,000 items, dispatcher/bridge.py "
+        "bridge reads at most 10 pages of `list` a tick (1,000 items, dispatcher/control/bridge.py "
         "`LIST_PAGES_PER_TICK`; the `list` column stays near 10/s whatever the count): up to "
         "about 1,000 leases every stop is still seen within a second; beyond, the sweep spans "
         "ceil(items / 1,000) ticks, so a stop is seen within 5 s at 5,000 leases, or sooner by "
@@ -297,7 +302,7 @@ def method(results: dict[str, Any]) -> list[str]:
         f"{results.get('emulator_default_ttl')}`), one environment per fleet. Ours: a control "
         "worker (`celery -A dispatcher worker -Q dispatcher.control -B`) and two session "
         f"workers (`-Q dispatcher.sessions -P threads`, {sizes['slots'] // 2} + "
-        f"{sizes['slots'] - sizes['slots'] // 2} slots), started by `dispatcher.stack."
+        f"{sizes['slots'] - sizes['slots'] // 2} slots), started by `dispatcher.ops.stack."
         f"LocalStack` as a user would. Peer: {sizes['slots']} processes of `python -m "
         "bench.peer` (bench/peer.py: `AsyncAnthropic(...).beta.environments.work.poller(...)` "
         "of anthropic 2.10.0, as published; for each item it spawns the command with the "

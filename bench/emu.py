@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from dispatcher.stack import LocalStack
+from dispatcher.ops.stack import LocalStack
 
 __all__ = ["Created", "Emulator"]
 

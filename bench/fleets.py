@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from bench import proc
 from bench.emu import Created, Emulator
 from bench.records import events, wait_for_event
-from dispatcher.stack import BIN, FAKE_SESSION, LocalStack
+from dispatcher.ops.stack import BIN, FAKE_SESSION, LocalStack
 
 __all__ = ["KEY_PREFIXES", "Fleet", "Ours", "Peer"]
 

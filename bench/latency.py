@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.records import summary, wait_for_event
-from dispatcher.stack import LocalStack
+from dispatcher.ops.stack import LocalStack
 
 TARGETS = {"dispatch": (0.100, 1.0), "stop": (None, 2.0)}
 

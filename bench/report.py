@@ -201,7 +201,8 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
         "One control-only worker (`-Q dispatcher.control -B`, threads pool) and no session "
         "worker, per TTL. The benchmark claims N items itself (ack, then a `NO_HEARTBEAT` beat "
         "asking for the TTL; `DISPATCHER_DESIRED_TTL_SECONDS` asks the same), records them in "
-        "the dispatcher's registry as running sessions (`dispatcher.leases.LeaseRegistry`), "
+        "the dispatcher's registry as running sessions "
+        "(`dispatcher.lease.registry.LeaseRegistry`), "
         "pulses them once a second as their supervisors would, and schedules their heartbeats "
         "due. Steps grow the same set of leases; each TTL has its own worker, environment and "
         "leases. A lapse is a lease whose gap between two successful beats (or since its last "
@@ -224,8 +225,8 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
 
 
 def interval(ttl: int) -> float:
-    """The dispatcher's beat interval for a TTL (dispatcher/heartbeat.py)."""
-    from dispatcher.heartbeat import heartbeat_interval
+    """The dispatcher's beat interval for a TTL (dispatcher/control/heartbeat.py)."""
+    from dispatcher.control.heartbeat import heartbeat_interval
 
     return heartbeat_interval(ttl)
 

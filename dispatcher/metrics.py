@@ -29,8 +29,8 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
-from dispatcher.capacity import Capacity
-from dispatcher.leases import LeaseRegistry
+from dispatcher.control.capacity import Capacity
+from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.workapi import WorkAPIError, WorkClient
 
 __all__ = ["COUNTERS", "HISTOGRAMS", "Metrics", "render", "serve"]

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 
-from dispatcher.capacity import Capacity
-from dispatcher.leases import LeaseRegistry
+from dispatcher.control.capacity import Capacity
+from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings, load_settings
 from dispatcher.workapi import WorkClient

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dispatcher.bridge import scan_server_stops
-from dispatcher.celery import app
-from dispatcher.recovery import recover as recover_leases
+from dispatcher.celery.app import app
+from dispatcher.control.bridge import scan_server_stops
+from dispatcher.control.recovery import recover as recover_leases
 from dispatcher.runtime import get_runtime
 
 

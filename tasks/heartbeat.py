@@ -6,8 +6,8 @@ from typing import Any
 
 from celery.signals import worker_process_shutdown, worker_shutdown
 
-from dispatcher.celery import app
-from dispatcher.heartbeat import beat_due_leases, close_sender
+from dispatcher.celery.app import app
+from dispatcher.control.heartbeat import beat_due_leases, close_sender
 from dispatcher.runtime import get_runtime
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dispatcher.celery import app
-from dispatcher.poller import run_poller
+from dispatcher.celery.app import app
+from dispatcher.control.poller import run_poller
 from dispatcher.runtime import get_runtime
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from dispatcher.celery import app
+from dispatcher.celery.app import app
 from dispatcher.runtime import get_runtime
-from dispatcher.session import SessionAttempt, run_attempt
+from dispatcher.session.attempt import SessionAttempt, run_attempt
 
 
 @app.task(name="tasks.session.run", bind=True)

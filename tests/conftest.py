@@ -51,7 +51,7 @@ class EmulatorProcess:
         self.api_key = f"sk-ant-api03-test-{uuid.uuid4().hex}"
         self.log_path = log_dir / f"emulator-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_EMULATOR_")}
-        command = [sys.executable, "-m", "dispatcher.cli", "emulator", "--port", str(self.port),
+        command = [sys.executable, "-m", "dispatcher.ops.cli", "emulator", "--port", str(self.port),
                    "--redis-url", self.redis_url, "--key-prefix", self.prefix,
                    "--environment-key", self.environment_key, "--api-key", self.api_key, *args]
         with open(self.log_path, "wb") as log:

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
-from dispatcher.capacity import Capacity
-from dispatcher.stack import LocalStack
+from dispatcher.control.capacity import Capacity
+from dispatcher.ops.stack import LocalStack
 from dispatcher.workapi import WorkClient
 
 CELERY = str(Path(sys.executable).with_name("celery"))

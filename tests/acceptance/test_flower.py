@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fleet import Fleet, wait_for
 
-from dispatcher.stack import free_port
+from dispatcher.ops.stack import free_port
 
 pytestmark = pytest.mark.acceptance
 

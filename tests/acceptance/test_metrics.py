@@ -7,7 +7,7 @@ import pytest
 from fleet import Fleet, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.stack import free_port
+from dispatcher.ops.stack import free_port
 
 pytestmark = pytest.mark.acceptance
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fleet import Fleet, wait_for
 
-from dispatcher.capacity import Capacity
+from dispatcher.control.capacity import Capacity
 
 pytestmark = pytest.mark.acceptance
 

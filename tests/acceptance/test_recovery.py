@@ -14,7 +14,7 @@ import pytest
 import redis
 from fleet import Fleet, assert_no_overlap, wait_for
 
-from dispatcher.stack import free_port
+from dispatcher.ops.stack import free_port
 
 pytestmark = pytest.mark.acceptance
 

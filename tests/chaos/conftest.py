@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "acceptance"))
 from chaos_fleet import ChaosFleet, Figures, RedisServer, env_path, figures_dict
 from fleet import Fleet
 
-from dispatcher.stack import free_port
+from dispatcher.ops.stack import free_port
 
 FIGURES_ENV = "DISPATCHER_CHAOS_FIGURES"
 _figures_path: list[Path] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from chaos_fleet import ChaosFleet, Figures, RedisServer
 
-from dispatcher.stack import free_port
+from dispatcher.ops.stack import free_port
 
 pytestmark = pytest.mark.chaos
 

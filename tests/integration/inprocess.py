@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
-from dispatcher.stack import FAKE_SESSION
 
 __all__ = ["REDIS_BASE", "SentTasks", "in_process_runtime", "poll_until"]
 

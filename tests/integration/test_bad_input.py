@@ -17,12 +17,12 @@ import pytest
 import redis
 from inprocess import REDIS_BASE, poll_until
 
-from dispatcher.heartbeat import beat_due_leases
-from dispatcher.leases import Phase
-from dispatcher.poller import claim
+from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.poller import claim
+from dispatcher.lease.registry import Phase
+from dispatcher.ops.stack import FAKE_SESSION, free_port
 from dispatcher.runtime import Runtime
-from dispatcher.session import Outcome, SessionAttempt, run_attempt
-from dispatcher.stack import FAKE_SESSION, free_port
+from dispatcher.session.attempt import Outcome, SessionAttempt, run_attempt
 from dispatcher.workapi import MalformedResponseError, WorkClient
 
 pytestmark = pytest.mark.integration
@@ -106,7 +106,7 @@ def test_unknown_states_are_kept_as_data() -> None:
 
 def test_a_heartbeat_with_an_unknown_state_and_no_extension_loses_the_lease(
         emulator: Any, runtime: Runtime) -> None:
-    from dispatcher.heartbeat import apply_first_heartbeat
+    from dispatcher.control.heartbeat import apply_first_heartbeat
     from dispatcher.workapi import Heartbeat
 
     _, work_id = emulator.create_session(runtime.environment_id, metadata={})

@@ -21,7 +21,7 @@ DISPATCHER = Path(sys.executable).with_name("dispatcher")
 
 
 def test_help_works_from_the_console_script_and_the_module() -> None:
-    for command in ([str(DISPATCHER)], [sys.executable, "-m", "dispatcher.cli"]):
+    for command in ([str(DISPATCHER)], [sys.executable, "-m", "dispatcher.ops.cli"]):
         result = subprocess.run([*command, "emulator", "--help"], capture_output=True,
                                 text=True, timeout=30, check=True)
         for flag in ("--redis-url", "--lease-expiry", "--environment-key", "--api-key",

@@ -12,9 +12,9 @@ import pytest
 from inprocess import poll_until
 
 from dispatcher import heartbeat
-from dispatcher.heartbeat import beat_due_leases, close_sender
-from dispatcher.leases import Lease, Phase
-from dispatcher.poller import claim
+from dispatcher.control.heartbeat import beat_due_leases, close_sender
+from dispatcher.control.poller import claim
+from dispatcher.lease.registry import Lease, Phase
 from dispatcher.runtime import Runtime
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 

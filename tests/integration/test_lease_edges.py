@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from inprocess import in_process_runtime, poll_until
 
-from dispatcher.heartbeat import beat_due_leases
-from dispatcher.leases import Phase
-from dispatcher.lifecycle import release
-from dispatcher.poller import claim
+from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.poller import claim
+from dispatcher.lease.executor import release
+from dispatcher.lease.registry import Phase
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration

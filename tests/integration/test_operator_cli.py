@@ -25,9 +25,9 @@ import httpx
 import pytest
 import redis
 
-from dispatcher.capacity import Capacity
-from dispatcher.cli import main
-from dispatcher.leases import Lease, LeaseRegistry, Phase, StopKind
+from dispatcher.control.capacity import Capacity
+from dispatcher.lease.registry import Lease, LeaseRegistry, Phase, StopKind
+from dispatcher.ops.cli import main
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.poller import run_poller
+from dispatcher.control.poller import run_poller
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from dispatcher.capacity import Capacity
-from dispatcher.leases import Lease, LeaseRegistry, Phase, StopKind
+from dispatcher.control.capacity import Capacity
+from dispatcher.lease.registry import Lease, LeaseRegistry, Phase, StopKind
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from dispatcher import bridge
-from dispatcher.bridge import scan_server_stops
-from dispatcher.leases import Lease, Phase
-from dispatcher.recovery import PULSE_STALE_SECONDS, recover
+from dispatcher.control.bridge import scan_server_stops
+from dispatcher.control.recovery import PULSE_STALE_SECONDS, recover
+from dispatcher.lease.registry import Lease, Phase
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration

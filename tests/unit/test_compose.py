@@ -184,7 +184,7 @@ def test_health_checks(services: dict[str, dict[str, Any]], name: str) -> None:
 
 
 def emulator_flags_from_help() -> set[str]:
-    done = subprocess.run([sys.executable, "-m", "dispatcher.cli", "emulator", "--help"],
+    done = subprocess.run([sys.executable, "-m", "dispatcher.ops.cli", "emulator", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", done.stdout))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dispatcher.docsgen import BEGIN_MARKER, END_MARKER, render_configuration, render_page
+from dispatcher.ops.docsgen import BEGIN_MARKER, END_MARKER, render_configuration, render_page
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGURATION = ROOT / "docs" / "configuration.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
-SOURCES = sorted((ROOT / "dispatcher").glob("*.py"))
-REGENERATE = "regenerate it: python -m dispatcher.docsgen > docs/configuration.md"
+SOURCES = sorted(p for p in (ROOT / "dispatcher").rglob("*.py") if "emulator" not in p.parts)
+REGENERATE = "regenerate it: python -m dispatcher.ops.docsgen > docs/configuration.md"
 
 # `event("action", ...)`, and both branches of `event("a" if ... else "b", ...)`.
 EVENT_LITERAL = re.compile(r'event\(\s*"([^"]+)"')
@@ -38,7 +38,7 @@ def test_configuration_table_matches_the_settings_model() -> None:
 def test_configuration_page_is_the_generated_one() -> None:
     assert CONFIGURATION.read_text() == render_page(), (
         "docs/configuration.md was edited by hand or is stale: edit the prose in "
-        f"dispatcher/docsgen.py, then {REGENERATE}"
+        f"dispatcher/ops/docsgen.py, then {REGENERATE}"
     )
 
 

@@ -1,4 +1,5 @@
-"""Property-based test of the heartbeat's reply judgement (dispatcher.heartbeat): any reply or
+"""Property-based test of the heartbeat's reply judgement
+(dispatcher.control.heartbeat): any reply or
 error, on a lease in any phase and stop state, leads to the outcome the module's table
 promises. Real Redis (db 10, a unique prefix); no request is ever sent (the base URL is
 unroutable, and no judgement may need one)."""
@@ -15,9 +16,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.heartbeat import ASSUMED_TTL_SECONDS, _apply, heartbeat_interval
-from dispatcher.heartbeat import Tally as _Tally
-from dispatcher.leases import Lease, Phase, StopKind
+from dispatcher.control.heartbeat import ASSUMED_TTL_SECONDS, _apply, heartbeat_interval
+from dispatcher.control.heartbeat import Tally as _Tally
+from dispatcher.lease.registry import Lease, Phase, StopKind
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
 from dispatcher.workapi import (

@@ -1,4 +1,5 @@
-"""Property-based test of the lease registry (dispatcher.leases.LeaseRegistry) on real Redis:
+"""Property-based test of the lease registry
+(dispatcher.lease.registry.LeaseRegistry) on real Redis:
 random sequences of create / new_attempt / pulse / request_stop / schedule / claim_due / delete
 against a plain-Python model of what each Lua script promises."""
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from dispatcher.leases import Lease, LeaseRegistry, StopKind
+from dispatcher.lease.registry import Lease, LeaseRegistry, StopKind
 
 REDIS_URL = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379") + "/10"
 WORK_IDS = st.sampled_from(["work_a", "work_b", "work_c"])

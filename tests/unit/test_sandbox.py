@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.sandbox import (
+from dispatcher.session.sandbox import (
     CommandError,
     Sandbox,
     SandboxSpec,
@@ -107,7 +107,7 @@ def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
     """, tmp_path).argv
     worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, time
-        from dispatcher.sandbox import Sandbox, SandboxSpec
+        from dispatcher.session.sandbox import Sandbox, SandboxSpec
         s = Sandbox.start(SandboxSpec(argv={script!r}, env={{"PATH": os.environ["PATH"]}},
                                       stdin=b""))
         open({str(pgid_file)!r}, "w").write(str(s.pgid))

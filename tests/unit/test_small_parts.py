@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
+from dispatcher.celery.worker import session_slots
+from dispatcher.control.routing import choose_queue
 from dispatcher.events import event
-from dispatcher.routing import choose_queue
-from dispatcher.worker import session_slots
 
 QUEUES = ["dispatcher.sessions", "dispatcher.gpu"]
 

@@ -12,7 +12,7 @@ import time
 import uuid
 
 from dispatcher.events import event
-from dispatcher.leases import Lease, Phase, StopKind
+from dispatcher.lease.registry import Lease, Phase, StopKind
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import ConflictError, NotFoundError, WorkAPIError
 

@@ -21,7 +21,7 @@ Exit codes (the same for every command; also in `dispatcher --help`):
     3  unreachable: no answer from the server (or from Redis, for status and metrics)
     4  the work item does not exist (404)
 
-Imports only the standard library at module level, as `dispatcher.cli` asks.
+Imports only the standard library at module level, as `dispatcher.ops.cli` asks.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from redis import Redis
 
-    from dispatcher.capacity import WorkerSlots
-    from dispatcher.leases import Lease
+    from dispatcher.control.capacity import WorkerSlots
+    from dispatcher.lease.registry import Lease
     from dispatcher.settings import Settings
     from dispatcher.workapi import Work, WorkClient
 
@@ -268,8 +268,8 @@ def _work_dict(work: Work) -> dict[str, Any]:
 
 # --- status -----------------------------------------------------------------------------------
 def _status(args: argparse.Namespace) -> int:
-    from dispatcher.capacity import Capacity
-    from dispatcher.leases import LeaseRegistry
+    from dispatcher.control.capacity import Capacity
+    from dispatcher.lease.registry import LeaseRegistry
 
     redis, prefix = _redis(_settings(), args)
     now = time.time()
@@ -454,8 +454,8 @@ def _metadata_changes(pairs: list[str], deletions: list[str]) -> dict[str, str |
 
 # --- metrics ----------------------------------------------------------------------------------
 def _metrics(args: argparse.Namespace) -> int:
-    from dispatcher.capacity import Capacity
-    from dispatcher.leases import LeaseRegistry
+    from dispatcher.control.capacity import Capacity
+    from dispatcher.lease.registry import LeaseRegistry
     from dispatcher.metrics import Metrics, serve
 
     settings = _settings()

@@ -1,6 +1,6 @@
 """Generated documentation: the settings table of docs/configuration.md, from the model.
 
-`python -m dispatcher.docsgen > docs/configuration.md` writes the whole page: the prose below
+`python -m dispatcher.ops.docsgen > docs/configuration.md` writes the whole page: the prose below
 with the table of `dispatcher.settings.Settings` between the marker comments. The prose lives
 here, not in the Markdown file, because the shell truncates the file before this runs; edit it
 here and regenerate. `tests/unit/test_docs.py` fails when the page and the model disagree.
@@ -19,7 +19,7 @@ from dispatcher.settings import Settings
 
 __all__ = ["BEGIN_MARKER", "END_MARKER", "main", "render_configuration", "render_page"]
 
-BEGIN_MARKER = "<!-- BEGIN GENERATED: settings table (python -m dispatcher.docsgen) -->"
+BEGIN_MARKER = "<!-- BEGIN GENERATED: settings table (python -m dispatcher.ops.docsgen) -->"
 END_MARKER = "<!-- END GENERATED: settings table -->"
 UNSET = "unset"
 
@@ -81,8 +81,8 @@ process with one line naming the variable, e.g.
 ## Settings
 
 The table is generated from the model; do not edit it by hand. To change a default or a
-meaning, edit `dispatcher/settings.py`; to change the prose, edit `dispatcher/docsgen.py`; then
-run `python -m dispatcher.docsgen > docs/configuration.md`.
+meaning, edit `dispatcher/settings.py`; to change the prose, edit `dispatcher/ops/docsgen.py`; then
+run `python -m dispatcher.ops.docsgen > docs/configuration.md`.
 
 @TABLE@
 ## Who needs what

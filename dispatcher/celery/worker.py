@@ -17,12 +17,12 @@ from celery import bootsteps
 from celery.signals import task_revoked, worker_init, worker_shutting_down
 from redis.exceptions import RedisError
 
-from dispatcher.bridge import on_task_revoked
-from dispatcher.capacity import ADVERTISE_INTERVAL_SECONDS
+from dispatcher.control.bridge import on_task_revoked
+from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
 from dispatcher.events import event
-from dispatcher.lifecycle import SESSION_TASK
+from dispatcher.lease.executor import SESSION_TASK
 from dispatcher.runtime import get_runtime
-from dispatcher.sandbox import CommandError, resolve_command
+from dispatcher.session.sandbox import CommandError, resolve_command
 from dispatcher.settings import SettingsError
 
 __all__ = ["CONTROL_RESERVE", "SlotAdvertiser", "pool_name", "session_slots"]
@@ -86,7 +86,7 @@ class SlotAdvertiser(bootsteps.StartStopStep):
         self._thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        from dispatcher.celery import CONTROL_QUEUE
+        from dispatcher.celery.app import CONTROL_QUEUE
 
         runtime = get_runtime(worker.app)
         queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 
 from dispatcher.events import event
-from dispatcher.leases import Lease, Phase, StopKind, epoch_of
-from dispatcher.lifecycle import release
+from dispatcher.lease.executor import release
+from dispatcher.lease.registry import Lease, Phase, StopKind, epoch_of
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import Work, WorkAPIError, WorkState
 

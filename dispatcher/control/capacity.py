@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from dispatcher.keys import Keys
+from dispatcher.lease.keys import Keys
 
 __all__ = ["WORKER_STALE_SECONDS", "Capacity", "WorkerSlots"]
 

@@ -18,14 +18,14 @@ from redis.exceptions import LockNotOwnedError, RedisError
 
 __all__ = ["Scheduler"]
 
-log = logging.getLogger("dispatcher.beat")
+log = logging.getLogger("dispatcher.celery.beat")
 
 # While Redis does not answer, try again this often: beat's work (polling, heartbeats) resumes
 # within a second of Redis coming back.
 UNREACHABLE_RETRY_SECONDS = 1.0
 
 
-class Scheduler(RedBeatScheduler):  # type: ignore[misc]
+class Scheduler(RedBeatScheduler):
     _unreachable = False
 
     def tick(self, min: Any = min, **kwargs: Any) -> float:

@@ -14,7 +14,7 @@ import sys
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
-from dispatcher.keys import Keys
+from dispatcher.lease.keys import Keys
 from dispatcher.settings import SettingsError, load_settings
 
 __all__ = ["CONTROL_QUEUE", "app"]
@@ -92,8 +92,8 @@ app.conf.update(
     worker_send_task_events=True,
     task_send_sent_event=True,
     # beat: celery-redbeat, whose Redis lock makes `-B` safe on every node of a fleet, with a
-    # tick that survives a Redis restart (dispatcher.beat).
-    beat_scheduler="dispatcher.beat:Scheduler",
+    # tick that survives a Redis restart (dispatcher.celery.beat).
+    beat_scheduler="dispatcher.celery.beat:Scheduler",
     redbeat_redis_url=settings.redis_url,
     redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
     redbeat_lock_key=f"{settings.key_prefix}:redbeat:lock",
@@ -102,6 +102,6 @@ app.conf.update(
     beat_schedule=_schedule(),
 )
 
-import dispatcher.worker  # noqa: E402  (signal handlers and bootsteps need `app`)
+from dispatcher.celery.worker import install  # noqa: E402  (its signals and bootsteps need `app`)
 
-dispatcher.worker.install(app)
+install(app)

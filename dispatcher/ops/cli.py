@@ -16,8 +16,8 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 SUBCOMMANDS: list[str] = [
     "dispatcher.emulator.cli",
-    "dispatcher.demo",
-    "dispatcher.operator_cli",
+    "dispatcher.ops.demo",
+    "dispatcher.ops.operator_cli",
 ]
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "sandboxes of Claude Managed Agents. The fleet itself runs as\n"
                     "`celery -A dispatcher worker -B` (see docs/operations.md); this command\n"
                     "runs the emulator and the demo, and the operators' commands.",
-        epilog=importlib.import_module("dispatcher.operator_cli").EXIT_CODES,
+        epilog=importlib.import_module("dispatcher.ops.operator_cli").EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:

@@ -13,10 +13,10 @@ import logging
 from redis.exceptions import RedisError
 
 from dispatcher.events import event
-from dispatcher.leases import Lease
-from dispatcher.lifecycle import release
+from dispatcher.lease.executor import release
+from dispatcher.lease.registry import Lease
 from dispatcher.runtime import Runtime
-from dispatcher.sandbox import CommandError, resolve_command
+from dispatcher.session.sandbox import CommandError, resolve_command
 
 __all__ = ["answer", "check"]
 

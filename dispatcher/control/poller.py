@@ -16,12 +16,12 @@ from contextlib import contextmanager
 
 from redis.exceptions import RedisError
 
-from dispatcher import healthcheck
+from dispatcher.control import healthcheck
+from dispatcher.control.heartbeat import apply_first_heartbeat, retry_claim, unclaimed_refusal
+from dispatcher.control.routing import choose_queue
 from dispatcher.events import event
-from dispatcher.heartbeat import apply_first_heartbeat, retry_claim, unclaimed_refusal
-from dispatcher.leases import Lease, Phase
-from dispatcher.lifecycle import dispatch, release
-from dispatcher.routing import choose_queue
+from dispatcher.lease.executor import dispatch, release
+from dispatcher.lease.registry import Lease, Phase
 from dispatcher.runtime import Runtime
 from dispatcher.settings import LeaseMode
 from dispatcher.workapi import (

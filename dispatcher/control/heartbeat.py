@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dispatcher.events import event
-from dispatcher.leases import Lease, Phase, StopKind
-from dispatcher.lifecycle import release
+from dispatcher.lease.executor import release
+from dispatcher.lease.registry import Lease, Phase, StopKind
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from dispatcher.workapi import (

@@ -26,7 +26,7 @@ from typing import Any
 
 from redis import Redis
 
-from dispatcher.keys import Keys
+from dispatcher.lease.keys import Keys
 
 __all__ = ["Lease", "LeaseRegistry", "Phase", "Pulse", "StopKind", "epoch_of"]
 

@@ -23,10 +23,10 @@ from enum import StrEnum
 from redis.exceptions import RedisError
 
 from dispatcher.events import event
-from dispatcher.leases import Lease, Phase, StopKind
-from dispatcher.lifecycle import dispatch, release, restart_attempt
+from dispatcher.lease.executor import dispatch, release, restart_attempt
+from dispatcher.lease.registry import Lease, Phase, StopKind
 from dispatcher.runtime import Runtime
-from dispatcher.sandbox import (
+from dispatcher.session.sandbox import (
     CommandError,
     Sandbox,
     SandboxSpec,

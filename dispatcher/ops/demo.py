@@ -73,7 +73,7 @@ def _plan() -> list[DemoSession]:
 
 
 def _run(workdir: Path, *, as_json: bool) -> int:
-    from dispatcher.stack import LocalStack
+    from dispatcher.ops.stack import LocalStack
 
     out = _Screen(live=not as_json and sys.stdout.isatty(), quiet=as_json)
     stack = LocalStack(workdir=workdir,
@@ -97,7 +97,7 @@ def _run(workdir: Path, *, as_json: bool) -> int:
 
 
 def _start(stack: Any, workdir: Path, out: _Screen) -> None:
-    from dispatcher.stack import free_port
+    from dispatcher.ops.stack import free_port
 
     (workdir / "records").mkdir(exist_ok=True)
     out.say(f"redis     {stack.ensure_redis()}")
@@ -118,7 +118,7 @@ def _start(stack: Any, workdir: Path, out: _Screen) -> None:
 def _wait_for_slots(stack: Any, slots: int) -> None:
     import redis
 
-    from dispatcher.capacity import Capacity
+    from dispatcher.control.capacity import Capacity
 
     with redis.Redis.from_url(stack.redis_url, decode_responses=True) as r:
         capacity = Capacity(r, prefix=stack.key_prefix)

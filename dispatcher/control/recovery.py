@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import time
 
-from dispatcher.leases import Lease, Phase
-from dispatcher.lifecycle import dispatch, release, restart_attempt
+from dispatcher.lease.executor import dispatch, release, restart_attempt
+from dispatcher.lease.registry import Lease, Phase
 from dispatcher.runtime import Runtime
 
 __all__ = ["DISPATCH_STALE_SECONDS", "PULSE_STALE_SECONDS", "recover"]

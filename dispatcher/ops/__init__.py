@@ -1,0 +1,1 @@
+"""Operator tools: the `dispatcher` command, the demo stack, and the generated docs."""
