@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from inprocess import poll_until
 
-from dispatcher import heartbeat
+from dispatcher.control import heartbeat
 from dispatcher.control.heartbeat import beat_due_leases, close_sender
 from dispatcher.control.poller import claim
 from dispatcher.lease.registry import Lease, Phase

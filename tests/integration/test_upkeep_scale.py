@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import bridge
+from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.recovery import PULSE_STALE_SECONDS, recover
 from dispatcher.lease.registry import Lease, Phase
