@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 
 from dispatcher.control.capacity import Capacity
+from dispatcher.lease.executor import Executor
+from dispatcher.lease.machine import Policy
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings, load_settings
@@ -57,6 +59,11 @@ class Runtime:
     @cached_property
     def metrics(self) -> Metrics:
         return Metrics(self.redis, prefix=self.settings.key_prefix)
+
+    @cached_property
+    def executor(self) -> Executor:
+        """Performs the lease machine's decisions: the only writer of lease records."""
+        return Executor(self, Policy(max_attempts=self.settings.max_attempts))
 
     @property
     def environment_id(self) -> str:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from dispatcher.celery.app import app
+from dispatcher.celery import names
+from dispatcher.celery.application import app
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.recovery import recover as recover_leases
 from dispatcher.runtime import get_runtime
 
 
-@app.task(name="tasks.bridge.scan_stops", ignore_result=True)
+@app.task(name=names.SCAN_STOPS, ignore_result=True)
 def scan_stops() -> int:
     """Turn stop requests seen in the server's list into stop flags and revokes."""
     return scan_server_stops(get_runtime(app))
 
 
-@app.task(name="tasks.bridge.recover", ignore_result=True)
+@app.task(name=names.RECOVER, ignore_result=True)
 def recover() -> int:
     """Start new attempts for sessions whose worker died; re-dispatch lost messages."""
     return recover_leases(get_runtime(app))

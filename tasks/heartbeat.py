@@ -6,12 +6,13 @@ from typing import Any
 
 from celery.signals import worker_process_shutdown, worker_shutdown
 
-from dispatcher.celery.app import app
+from dispatcher.celery import names
+from dispatcher.celery.application import app
 from dispatcher.control.heartbeat import beat_due_leases, close_sender
 from dispatcher.runtime import get_runtime
 
 
-@app.task(name="tasks.heartbeat.beat_leases", ignore_result=True)
+@app.task(name=names.HEARTBEAT, ignore_result=True)
 def beat_leases() -> dict[str, int]:
     """Heartbeat every lease that is due (and retry releases that failed)."""
     tally = beat_due_leases(get_runtime(app))

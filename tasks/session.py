@@ -6,12 +6,13 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from dispatcher.celery.app import app
+from dispatcher.celery import names
+from dispatcher.celery.application import app
 from dispatcher.runtime import get_runtime
 from dispatcher.session.attempt import SessionAttempt, run_attempt
 
 
-@app.task(name="tasks.session.run", bind=True)
+@app.task(name=names.SESSION_RUN, bind=True)
 def run(self: Any, work_id: str, session_id: str, attempt: int) -> dict[str, object]:
     """Run the on-work command for one attempt of a session and supervise it to the end."""
     task_id = self.request.id

@@ -17,10 +17,10 @@ from celery import bootsteps
 from celery.signals import task_revoked, worker_init, worker_shutting_down
 from redis.exceptions import RedisError
 
+from dispatcher.celery.names import CONTROL_QUEUE, CONTROL_TASKS, SESSION_RUN
 from dispatcher.control.bridge import on_task_revoked
 from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
 from dispatcher.events import event
-from dispatcher.lease.executor import SESSION_TASK
 from dispatcher.runtime import get_runtime
 from dispatcher.session.sandbox import CommandError, resolve_command
 from dispatcher.settings import SettingsError
@@ -86,8 +86,6 @@ class SlotAdvertiser(bootsteps.StartStopStep):
         self._thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        from dispatcher.celery.app import CONTROL_QUEUE
-
         runtime = get_runtime(worker.app)
         queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
         self.slots = session_slots(
@@ -133,7 +131,7 @@ def _drain(sender: Any = None, sig: str = "", how: str = "", exitcode: int = 0, 
 @task_revoked.connect
 def _revoked(request: Any = None, terminated: bool = False, signum: int | None = None,
              expired: bool = False, **_: Any) -> None:
-    if request is None or getattr(request, "task", None) != SESSION_TASK or expired:
+    if request is None or getattr(request, "task", None) != SESSION_RUN or expired:
         return
     work_id = (getattr(request, "kwargs", None) or {}).get("work_id")
     if not work_id:
@@ -175,9 +173,6 @@ def install(app: Any) -> None:
     quiet_control_ticks()
 
 
-CONTROL_TASK_PREFIXES = ("tasks.poll.", "tasks.heartbeat.", "tasks.bridge.")
-
-
 class _QuietControlTicks(logging.Filter):
     """Drop Celery's per-task INFO lines for the control ticks (four a second, every second);
     their own lifecycle lines say what happened. Warnings and errors always pass."""
@@ -186,7 +181,7 @@ class _QuietControlTicks(logging.Filter):
         if record.levelno > logging.INFO:
             return True
         text = " ".join(str(a) for a in _args(record)) + " " + str(record.msg)
-        return not any(prefix in text for prefix in CONTROL_TASK_PREFIXES)
+        return not any(name in text for name in CONTROL_TASKS)
 
 
 def _args(record: logging.LogRecord) -> list[object]:

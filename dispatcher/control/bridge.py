@@ -14,12 +14,14 @@ Fleet to server. A session task revoked by an operator (Flower, `celery control 
 from __future__ import annotations
 
 import logging
+import signal
 
 from dispatcher.events import event
-from dispatcher.lease.executor import release
-from dispatcher.lease.registry import Lease, Phase, StopKind, epoch_of
+from dispatcher.lease import events as ev
+from dispatcher.lease.executor import listed_event
+from dispatcher.lease.model import epoch_of
 from dispatcher.runtime import Runtime
-from dispatcher.workapi import Work, WorkAPIError, WorkState
+from dispatcher.workapi import Work, WorkAPIError
 
 __all__ = ["on_task_revoked", "scan_server_stops"]
 
@@ -61,65 +63,22 @@ def scan_server_stops(runtime: Runtime) -> int:
 
 
 def _apply_page(runtime: Runtime, works: list[Work]) -> int:
-    stopping = {w.id: w for w in works if w.state in (WorkState.STOPPED, WorkState.STOPPING)
-                or w.stop_requested_at}
+    """Hand each held item the server stops (or stopped) to the lease machine."""
+    stopping = {w.id: w for w in works if listed_event(w) is not None}
     applied = 0
     for work_id in runtime.registry.held_among(list(stopping)):
         lease = runtime.registry.get(work_id)
-        if lease is not None and _apply_server_state(runtime, lease, stopping[work_id]):
-            applied += 1
+        listed = listed_event(stopping[work_id])
+        if lease is None or listed is None:
+            continue
+        after = runtime.executor.run(lease, listed)
+        applied += after != lease
     return applied
-
-
-def _apply_server_state(runtime: Runtime, lease: Lease, work: Work) -> bool:
-    if work.state == WorkState.STOPPED:
-        if lease.is_lost:
-            return False  # already known: its supervisor is killing it
-        return request_stop(runtime, lease, StopKind.FORCE, cause="server stopped", lost=True)
-    if work.state == WorkState.STOPPING or work.stop_requested_at:
-        return request_stop(runtime, lease, StopKind.GRACEFUL, cause="server")
-    return False
-
-
-def request_stop(
-    runtime: Runtime, lease: Lease, kind: StopKind, *, cause: str, lost: bool = False
-) -> bool:
-    """Raise the lease's stop flag and, if its task has not started, revoke it."""
-    if lost:
-        runtime.registry.mark_lost(lease.work_id, cause)
-    if not runtime.registry.request_stop(lease.work_id, kind, cause) and not lost:
-        return False
-    runtime.metrics.inc("work_stop_requests", cause=cause)
-    event("stop requested", work_id=lease.work_id, session_id=lease.session_id,
-          attempt=lease.attempt, kind=kind.value, cause=cause, seen_by="bridge")
-    if lease.phase == Phase.DISPATCHED:
-        # Not started yet: revoke the queued task so it never starts, and release now rather
-        # than when some worker meets the message (the task finds no lease and exits).
-        runtime.app.control.revoke(lease.task_id)
-        stopped = runtime.registry.get(lease.work_id)
-        if stopped is not None and stopped.phase == Phase.DISPATCHED:
-            release(runtime, stopped, reason=f"stopped while queued ({cause})",
-                    outcome="stopped")
-    return True
 
 
 def on_task_revoked(runtime: Runtime, *, task_id: str, work_id: str, terminated: bool,
                     signum: int | None) -> None:
-    """An operator revoked a session task: stop its work item on the server too."""
+    """An operator revoked a session task: the machine stops its work item on the server too."""
     lease = runtime.registry.get(work_id)
-    if lease is None or lease.task_id != task_id:
-        return  # a stale attempt, or a lease already released: nothing of the server's to stop
-    if lease.phase == Phase.RUNNING and terminated:
-        # The supervisor (or, after SIGKILL, recovery) honours the flag and releases the lease.
-        kind = StopKind.FORCE if signum == 9 else StopKind.GRACEFUL
-        runtime.registry.request_stop(work_id, kind, "operator")
-        runtime.metrics.inc("work_stop_requests", cause="operator")
-        event("stop requested", work_id=work_id, session_id=lease.session_id,
-              attempt=lease.attempt, kind=kind.value, cause="operator", seen_by="revoke")
-        return
-    if lease.phase != Phase.RUNNING:
-        # Discarded before it started: nobody else will release it.
-        if not lease.stop:
-            runtime.registry.request_stop(work_id, StopKind.FORCE, "operator")
-        release(runtime, lease, outcome="stopped",
-                reason=f"revoked before start ({lease.stop_cause or 'operator'})")
+    runtime.executor.run(lease, ev.OperatorRevoked(task_id, terminated,
+                                                   force=signum == signal.SIGKILL))

@@ -3,22 +3,22 @@
 The service sends them to probe "the health of containers where work occurs"; no official
 worker defines what to probe, so we check what this fleet needs to run a session: the broker and
 registry answer, a session slot is free, and the on-work command exists. The result is logged
-(and counted) and the item is stopped either way: a healthcheck is never run as a session.
+(and counted) and the item is stopped either way (the lease machine's `AnswerHealthcheck`): a
+healthcheck is never run as a session.
 """
 
 from __future__ import annotations
 
-import logging
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from dispatcher.events import event
-from dispatcher.lease.executor import release
-from dispatcher.lease.registry import Lease
-from dispatcher.runtime import Runtime
 from dispatcher.session.sandbox import CommandError, resolve_command
 
-__all__ = ["answer", "check"]
+if TYPE_CHECKING:
+    from dispatcher.runtime import Runtime
+
+__all__ = ["check"]
 
 
 def check(runtime: Runtime) -> dict[str, str]:
@@ -38,12 +38,3 @@ def check(runtime: Runtime) -> dict[str, str]:
         except CommandError as exc:
             results["on_work"] = str(exc)
     return results
-
-
-def answer(runtime: Runtime, lease: Lease) -> None:
-    results = check(runtime)
-    healthy = all(value == "ok" for value in results.values())
-    event("healthcheck answered", level=logging.INFO if healthy else logging.WARNING,
-          work_id=lease.work_id, healthy=healthy, **results)
-    runtime.metrics.inc("healthchecks", healthy=str(healthy).lower())
-    release(runtime, lease, reason="healthcheck answered", outcome="healthcheck")

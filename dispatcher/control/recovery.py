@@ -15,19 +15,14 @@ re-dispatched when its message is in no session queue for `DISPATCH_STALE_SECOND
 from __future__ import annotations
 
 import time
+import uuid
 
-from dispatcher.lease.executor import dispatch, release, restart_attempt
-from dispatcher.lease.registry import Lease, Phase
+from dispatcher.lease import events as ev
+from dispatcher.lease.machine import QUIET_SECONDS, Stuck, stuck
+from dispatcher.lease.model import Lease
 from dispatcher.runtime import Runtime
 
-__all__ = ["DISPATCH_STALE_SECONDS", "PULSE_STALE_SECONDS", "recover"]
-
-# Supervisors pulse every 0.2 s; 5 s of silence is a dead worker, not a slow Redis call.
-PULSE_STALE_SECONDS = 5.0
-# A published session task waits in its queue only while the fleet is full or draining.
-DISPATCH_STALE_SECONDS = 30.0
-# A lease the poller recorded but never dispatched (the poller died in between).
-CLAIM_STALE_SECONDS = 30.0
+__all__ = ["recover"]
 
 
 def recover(runtime: Runtime) -> int:
@@ -36,42 +31,23 @@ def recover(runtime: Runtime) -> int:
     acted = 0
     # Only the leases silent for longer than the shortest of the bounds can be stuck: the
     # registry indexes each lease's last sign of progress, so a tick reads those alone, not
-    # every lease (thousands, each second). Each is then judged on its own record, as before.
-    quiet = min(PULSE_STALE_SECONDS, CLAIM_STALE_SECONDS, DISPATCH_STALE_SECONDS)
-    for lease in runtime.registry.silent_since(now - quiet):
-        if _is_dead_attempt(lease, now):
-            restart_attempt(runtime, lease, reason="worker lost (no pulse)", failure=True)
-            acted += 1
-        elif _is_stranded_claim(lease, now):
-            _finish_claim(runtime, lease)
-            acted += 1
-        elif _is_lost_message(runtime, lease, now):
-            restart_attempt(runtime, lease, reason="session task never started", failure=False)
+    # every lease (thousands, each second).
+    for lease in runtime.registry.silent_since(now - QUIET_SECONDS):
+        event = _event(runtime, lease, stuck(lease, now))
+        if event is not None:
+            runtime.executor.run(lease, event)
             acted += 1
     return acted
 
 
-def _is_dead_attempt(lease: Lease, now: float) -> bool:
-    return lease.phase == Phase.RUNNING and now - lease.pulse_at > PULSE_STALE_SECONDS
-
-
-def _is_stranded_claim(lease: Lease, now: float) -> bool:
-    return lease.phase == Phase.CLAIMED and now - lease.claimed_at > CLAIM_STALE_SECONDS
-
-
-def _finish_claim(runtime: Runtime, lease: Lease) -> None:
-    if lease.stop or lease.is_lost:
-        release(runtime, lease, reason="claimed, then stopped before dispatch",
-                outcome="stopped")
-        return
-    runtime.registry.update(lease.work_id, phase=Phase.DISPATCHED, dispatched_at=time.time())
-    dispatch(runtime, lease)
-
-
-def _is_lost_message(runtime: Runtime, lease: Lease, now: float) -> bool:
-    if lease.phase != Phase.DISPATCHED or now - lease.dispatched_at <= DISPATCH_STALE_SECONDS:
-        return False
-    return not _message_queued(runtime, lease)
+def _event(runtime: Runtime, lease: Lease, how: Stuck | None) -> ev.Event | None:
+    if how == Stuck.SILENT_ATTEMPT:
+        return ev.AttemptSilent(next_task_id=uuid.uuid4().hex)
+    if how == Stuck.STRANDED_CLAIM:
+        return ev.ClaimStranded()
+    if how == Stuck.QUEUED_TOO_LONG and not _message_queued(runtime, lease):
+        return ev.MessageLost(next_task_id=uuid.uuid4().hex)
+    return None
 
 
 def _message_queued(runtime: Runtime, lease: Lease) -> bool:

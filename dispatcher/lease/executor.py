@@ -1,111 +1,320 @@
-"""The steps every part shares: dispatch an attempt, start the next one, release a lease.
+"""Performs what the lease machine decides: registry writes, Work API calls, Celery calls.
 
-Release is the only way a lease ends, and it never leaves a work item without an owner: if the
-server cannot be told (a transient error), the lease stays in the registry as `releasing` and
-the heartbeat task retries the stop until it lands.
+`Executor.run(lease, event)` is every task's middle step: the task reads, the machine decides,
+this applies. An effect that asks something (an ack, a claim, a stop, a guarded change) turns
+its answer into the next event and the machine decides again, until nothing is left to ask.
+Nothing here judges a lease: a reply becomes an event by its kind alone (`beat_event`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from dispatcher.events import event
-from dispatcher.lease.registry import Lease, Phase, StopKind
-from dispatcher.runtime import Runtime
-from dispatcher.workapi import ConflictError, NotFoundError, WorkAPIError
+from redis.exceptions import RedisError
 
-__all__ = ["SESSION_TASK", "dispatch", "release", "restart_attempt"]
+from dispatcher.celery.names import SESSION_RUN
+from dispatcher.events import event as log_event
+from dispatcher.lease import effects as fx
+from dispatcher.lease import events as ev
+from dispatcher.lease.machine import Decision, Policy, decide
+from dispatcher.lease.model import Lease, StopKind
+from dispatcher.workapi import (
+    NO_HEARTBEAT,
+    ConflictError,
+    Heartbeat,
+    LeasePreconditionFailed,
+    NotFoundError,
+    Work,
+    WorkAPIError,
+    WorkState,
+)
 
-SESSION_TASK = "tasks.session.run"
-# Retry a failed release this soon; the heartbeat task picks releasing leases up when due.
-RELEASE_RETRY_SECONDS = 2.0
+if TYPE_CHECKING:
+    from dispatcher.runtime import Runtime
 
+__all__ = ["Executor", "beat_event", "claim_event", "listed_event", "reply_of", "stop_event"]
 
-def dispatch(runtime: Runtime, lease: Lease) -> None:
-    """Publish the session task of the lease's current attempt on its queue.
+# Answers fed back to the machine per run at most: a chain of ask-and-decide is a few steps
+# long (offer, ack, claim, publish); anything longer is a bug, not a lease.
+MAX_STEPS = 16
 
-    Only ids travel in the message (Flower shows task arguments): the work item and its secret
-    stay in the registry.
-    """
-    # Phase first: a worker may start the task before send_task even returns.
-    runtime.registry.update(lease.work_id, phase=Phase.DISPATCHED, dispatched_at=time.time())
-    kwargs = {"work_id": lease.work_id, "session_id": lease.session_id, "attempt": lease.attempt}
-    runtime.app.send_task(
-        SESSION_TASK,
-        kwargs=kwargs,
-        task_id=lease.task_id,
-        queue=lease.queue,
-        kwargsrepr=f"work_id={lease.work_id} session_id={lease.session_id} "
-        f"attempt={lease.attempt}",
-    )
-    event("dispatched", work_id=lease.work_id, session_id=lease.session_id,
-          attempt=lease.attempt, task_id=lease.task_id, queue=lease.queue)
-
-
-def restart_attempt(runtime: Runtime, lease: Lease, *, reason: str, failure: bool) -> None:
-    """Hand the session to a new attempt on any worker, or release it if it may not run again.
-
-    `failure` counts the ending attempt against DISPATCHER_MAX_ATTEMPTS: a worker that died
-    mid-session does; a drain (a deploy) or a message that never reached a worker does not,
-    so rolling restarts never use a session's attempts up.
-    """
-    if lease.stop or lease.is_lost:
-        release(runtime, lease, reason=f"{reason}; stop requested", outcome="stopped")
-        return
-    if failure and lease.failures + 1 >= runtime.settings.max_attempts:
-        event("attempts exhausted", level=logging.WARNING, work_id=lease.work_id,
-              session_id=lease.session_id, attempt=lease.attempt, reason=reason)
-        release(runtime, lease, reason="attempts exhausted", outcome="attempts_exhausted")
-        return
-    task_id = uuid.uuid4().hex
-    attempt = runtime.registry.new_attempt(
-        lease.work_id, expected_attempt=lease.attempt, task_id=task_id
-    )
-    if attempt <= 0:
-        return  # someone else already moved the lease on, or released it
-    if failure:
-        runtime.registry.update(lease.work_id, failures=lease.failures + 1)
-    event("attempt restarted", level=logging.WARNING, work_id=lease.work_id,
-          session_id=lease.session_id, attempt=attempt, reason=reason)
-    runtime.metrics.inc("attempts_restarted", reason=reason.split(" (")[0])
-    next_lease = runtime.registry.get(lease.work_id)
-    if next_lease is not None:
-        dispatch(runtime, next_lease)
+Beat = tuple[str, str, int, float, float]
 
 
-def release(runtime: Runtime, lease: Lease, *, reason: str, outcome: str) -> bool:
-    """Stop the work item on the server (force; 409 means already stopped) and forget it.
+@dataclass
+class _Run:
+    """What one run carries between its steps."""
 
-    A lost lease is not ours to stop. `outcome` is the metric label (completed, failed,
-    stopped, lost, ...). Returns False if the stop must be retried later.
-    """
-    if not lease.is_lost:
+    work_json: str | None
+    signal: Callable[[StopKind], None] | None
+    beats: list[Beat] | None
+    ack_uncertain: bool = False
+    steps: int = 0
+
+
+@dataclass
+class Executor:
+    runtime: Runtime
+    policy: Policy = field(default_factory=Policy)
+
+    def run(self, lease: Lease | None, event: ev.Event, *, work_json: str | None = None,
+            signal: Callable[[StopKind], None] | None = None,
+            beats: list[Beat] | None = None) -> Lease | None:
+        """Decide and perform `event` and every answer it leads to; returns the lease as the
+        machine last left it (None: no record). `work_json` is needed to create a record,
+        `signal` lets the machine signal the caller's sandbox, and `beats` collects answered
+        beats for the heartbeat tick to record in one round trip."""
+        state = _Run(work_json=work_json, signal=signal, beats=beats)
+        subject = lease or (event.proposal if isinstance(event, ev.Offered) else None)
+        work_id = subject.work_id if subject is not None else ""
+        pending: list[ev.Event] = [event]
+        current = lease
+        while pending and state.steps < MAX_STEPS:
+            state.steps += 1
+            decision = decide(current, pending.pop(0), now=time.time(), policy=self.policy)
+            current = decision.lease
+            answer = self._perform(work_id, decision, state)
+            if isinstance(answer, _End):
+                return self.runtime.registry.get(work_id) if answer.reread else None
+            if answer is not None:
+                pending.append(answer)
+        return current
+
+    def _perform(self, work_id: str, decision: Decision, state: _Run) -> ev.Event | _End | None:
+        """Perform a decision's effects in order; returns the answer to feed back, if any, or
+        `_End` when an effect found the run cannot go on."""
+        answer: ev.Event | None = None
+        for effect in decision.effects:
+            result = _PERFORMERS[type(effect)](self, work_id, effect, decision.lease, state)
+            if isinstance(result, _End):
+                return result
+            if result is not None:
+                answer = result
+        return answer
+
+    # --- the Work API ----------------------------------------------------------------------
+    def _ack(self, work_id: str, effect: fx.Ack, lease: Lease | None,
+             state: _Run) -> ev.Event:
         try:
-            # No client retries: a 409 (already stopped) is final here, and a transient failure
-            # is retried by the heartbeat task, so one release never holds a worker for seconds.
-            runtime.client(max_retries=0).stop(lease.work_id, force=True)
-        except (ConflictError, NotFoundError):
-            pass  # already stopped, or gone: either way nothing is left to release
+            self.runtime.client().ack(work_id)
         except WorkAPIError as exc:
-            if exc.retryable:
-                _retry_release_later(runtime, lease, exc)
-                return False
-            event("release refused", level=logging.ERROR, work_id=lease.work_id,
-                  session_id=lease.session_id, status=exc.status, error=str(exc))
-    runtime.registry.delete(lease.work_id)
-    runtime.metrics.inc("work_released", outcome=outcome)
-    event("released", work_id=lease.work_id, session_id=lease.session_id,
-          attempt=lease.attempt, reason=reason, lost=lease.is_lost or None)
-    return True
+            if exc.retryable or isinstance(exc, ConflictError):
+                state.ack_uncertain = True
+                return ev.AckUncertain(exc.status)
+            return ev.AckRefused(exc.status)
+        return ev.AckAnswered()
+
+    def _claim(self, work_id: str, effect: fx.Claim, lease: Lease | None,
+               state: _Run) -> ev.Event:
+        sent_at = time.time()
+        try:
+            reply = self.runtime.client(max_retries=0).heartbeat(
+                work_id, expected_last_heartbeat=NO_HEARTBEAT,
+                desired_ttl_seconds=self.runtime.settings.desired_ttl_seconds)
+        except WorkAPIError as exc:
+            return claim_event(exc, ack_uncertain=state.ack_uncertain)
+        return ev.ClaimAnswered(reply_of(reply), sent_at)
+
+    def _stop(self, work_id: str, effect: fx.StopOnServer, lease: Lease | None,
+              state: _Run) -> ev.Event:
+        try:
+            # No client retries: a transient failure is retried by the heartbeat task, so one
+            # release never holds a worker for seconds.
+            self.runtime.client(max_retries=0).stop(work_id, force=effect.force)
+        except WorkAPIError as exc:
+            return stop_event(exc)
+        return ev.ReleaseAnswered(200)
+
+    # --- the registry ----------------------------------------------------------------------
+    def _create(self, work_id: str, effect: fx.CreateRecord, lease: Lease | None,
+                state: _Run) -> _End | None:
+        if state.work_json is None:
+            raise ValueError(f"no work item to record for {work_id}")
+        try:
+            self.runtime.registry.create(effect.lease, work_json=state.work_json)
+        except RedisError as exc:
+            # Acked but not recorded: nobody could beat or run it. Stop it rather than leave
+            # it owned by nobody.
+            self.runtime.metrics.inc("work_refused", reason="abandoned")
+            log_event("abandoned", level=logging.ERROR, work_id=work_id,
+                      session_id=effect.lease.session_id,
+                      reason=f"registry unavailable: {exc}", outcome="stopped on the server")
+            if isinstance(self._stop(work_id, fx.StopOnServer(), None, state),
+                          ev.ReleaseFailed | ev.ReleaseRejected):
+                log_event("stop failed", level=logging.ERROR, work_id=work_id)
+            return _End(reread=False)
+        return None
+
+    def _update(self, work_id: str, effect: fx.Update, lease: Lease | None,
+                state: _Run) -> None:
+        self.runtime.registry.update(work_id, **effect.fields)
+
+    def _mark_running(self, work_id: str, effect: fx.MarkRunning, lease: Lease | None,
+                      state: _Run) -> _End | None:
+        done = self.runtime.registry.update_if_attempt(work_id, effect.attempt, **effect.fields)
+        return None if done == 1 else _End(reread=True)
+
+    def _new_attempt(self, work_id: str, effect: fx.NewAttempt, lease: Lease | None,
+                     state: _Run) -> _End | None:
+        attempt = self.runtime.registry.new_attempt(
+            work_id, expected_attempt=effect.expected, task_id=effect.task_id)
+        # Someone else already moved the lease on, or released it: nothing of ours to publish.
+        return None if attempt > 0 else _End(reread=True)
+
+    def _flag_stop(self, work_id: str, effect: fx.FlagStop, lease: Lease | None,
+                   state: _Run) -> None:
+        self.runtime.registry.request_stop(work_id, effect.kind, effect.cause)
+
+    def _delete(self, work_id: str, effect: fx.DeleteRecord, lease: Lease | None,
+                state: _Run) -> None:
+        self.runtime.registry.delete(work_id)
+
+    def _schedule(self, work_id: str, effect: fx.Schedule, lease: Lease | None,
+                  state: _Run) -> None:
+        self.runtime.registry.schedule_heartbeat(work_id, effect.due,
+                                                 sooner_only=effect.sooner_only)
+
+    def _unschedule(self, work_id: str, effect: fx.Unschedule, lease: Lease | None,
+                    state: _Run) -> None:
+        self.runtime.registry.unschedule_heartbeat(work_id)
+
+    def _record_beat(self, work_id: str, effect: fx.RecordBeat, lease: Lease | None,
+                     state: _Run) -> None:
+        beat = (work_id, effect.token, effect.ttl_seconds, effect.sent_at, effect.due)
+        if state.beats is not None:
+            state.beats.append(beat)
+        else:
+            self.runtime.registry.record_beats([beat])
+
+    def _history(self, work_id: str, effect: fx.RecordHistory, lease: Lease | None,
+                 state: _Run) -> None:
+        self.runtime.registry.record_history(work_id, failures=effect.failures,
+                                             ended=effect.ended)
+
+    # --- Celery, the sandbox, the healthcheck --------------------------------------------------
+    def _publish(self, work_id: str, effect: fx.Publish, lease: Lease | None,
+                 state: _Run) -> None:
+        """Only ids travel in the message (Flower shows task arguments): the work item and its
+        secret stay in the registry."""
+        session_id = lease.session_id if lease is not None else ""
+        try:
+            self.runtime.app.send_task(
+                SESSION_RUN,
+                kwargs={"work_id": work_id, "session_id": session_id, "attempt": effect.attempt},
+                task_id=effect.task_id, queue=effect.queue,
+                kwargsrepr=f"work_id={work_id} session_id={session_id} attempt={effect.attempt}")
+        except (RedisError, OSError) as exc:
+            # The lease stays held and beaten; recovery publishes again once no queue holds
+            # the message.
+            log_event("dispatch failed", level=logging.ERROR, work_id=work_id,
+                      attempt=effect.attempt, error=str(exc),
+                      action_taken="recovery publishes it again")
+
+    def _revoke(self, work_id: str, effect: fx.Revoke, lease: Lease | None,
+                state: _Run) -> None:
+        if effect.task_id:
+            self.runtime.app.control.revoke(effect.task_id)
+
+    def _signal(self, work_id: str, effect: fx.Signal, lease: Lease | None,
+                state: _Run) -> None:
+        if state.signal is not None:
+            state.signal(effect.kind)
+
+    def _healthcheck(self, work_id: str, effect: fx.AnswerHealthcheck, lease: Lease | None,
+                     state: _Run) -> ev.Event:
+        from dispatcher.control.healthcheck import check
+
+        results = check(self.runtime)
+        healthy = all(value == "ok" for value in results.values())
+        return ev.HealthcheckAnswered(healthy, tuple(results.items()))
+
+    def _log(self, work_id: str, effect: fx.Log, lease: Lease | None, state: _Run) -> None:
+        fields = effect.fields if "work_id" in effect.fields else {"work_id": work_id,
+                                                                   **effect.fields}
+        log_event(effect.action, level=effect.level, **fields)
+
+    def _count(self, work_id: str, effect: fx.Count, lease: Lease | None,
+               state: _Run) -> None:
+        self.runtime.metrics.inc(effect.metric, 1, **effect.labels)
 
 
-def _retry_release_later(runtime: Runtime, lease: Lease, exc: WorkAPIError) -> None:
-    runtime.registry.update(lease.work_id, phase=Phase.RELEASING)
-    runtime.registry.request_stop(lease.work_id, StopKind.FORCE, "releasing")
-    # Sooner only: postponing a due beat of a lease we still hold would let it lapse.
-    runtime.registry.schedule_heartbeat(lease.work_id, time.time() + RELEASE_RETRY_SECONDS,
-                                        sooner_only=True)
-    event("release deferred", level=logging.WARNING, work_id=lease.work_id,
-          session_id=lease.session_id, status=exc.status, error=str(exc))
+@dataclass(frozen=True)
+class _End:
+    """The run cannot go on: a guarded change found the lease moved on (`reread`: the record
+    is read back as it now is), or the record could not be made (None)."""
+
+    reread: bool
+
+
+_PERFORMERS: dict[type, Callable[..., ev.Event | _End | None]] = {
+    fx.Ack: Executor._ack, fx.Claim: Executor._claim, fx.StopOnServer: Executor._stop,
+    fx.CreateRecord: Executor._create, fx.Update: Executor._update,
+    fx.MarkRunning: Executor._mark_running, fx.NewAttempt: Executor._new_attempt,
+    fx.FlagStop: Executor._flag_stop, fx.DeleteRecord: Executor._delete,
+    fx.Schedule: Executor._schedule, fx.Unschedule: Executor._unschedule,
+    fx.RecordBeat: Executor._record_beat, fx.RecordHistory: Executor._history,
+    fx.Publish: Executor._publish, fx.Revoke: Executor._revoke, fx.Signal: Executor._signal,
+    fx.AnswerHealthcheck: Executor._healthcheck, fx.Log: Executor._log,
+    fx.Count: Executor._count,
+}
+
+
+# --- replies as events -----------------------------------------------------------------------
+
+def reply_of(reply: Heartbeat) -> ev.Reply:
+    return ev.Reply(token=reply.last_heartbeat, extended=reply.lease_extended,
+                    state=reply.state, ttl_seconds=reply.ttl_seconds)
+
+
+def _server_lease(exc: LeasePreconditionFailed) -> ev.ServerLease | None:
+    state = exc.current_state
+    if state is None:
+        return None
+    return ev.ServerLease(state=state.state, last_heartbeat=state.last_heartbeat)
+
+
+def beat_event(outcome: Heartbeat | WorkAPIError, sent_at: float) -> ev.Event:
+    """A heartbeat's answer (or failure) as the event the machine judges."""
+    if isinstance(outcome, Heartbeat):
+        return ev.BeatAnswered(reply_of(outcome), sent_at)
+    if isinstance(outcome, LeasePreconditionFailed):
+        return ev.BeatRefused(_server_lease(outcome))
+    if isinstance(outcome, NotFoundError):
+        return ev.BeatNotFound()
+    if outcome.retryable or isinstance(outcome, ConflictError):
+        return ev.BeatFailed(outcome.status, str(outcome))
+    return ev.BeatRejected(outcome.status, str(outcome))
+
+
+def claim_event(exc: WorkAPIError, *, ack_uncertain: bool) -> ev.Event:
+    """A failed first claim as the event the machine judges."""
+    if isinstance(exc, LeasePreconditionFailed):
+        current = _server_lease(exc)
+        return ev.ClaimRefused(current or ev.ServerLease(None, "unknown"))
+    if isinstance(exc, NotFoundError | ConflictError):
+        return ev.ClaimNotAcked(exc.status, ack_uncertain)
+    if exc.retryable:
+        return ev.ClaimFailed(exc.status)
+    return ev.BeatRejected(exc.status, str(exc))
+
+
+def listed_event(work: Work) -> ev.Event | None:
+    """What the server's list says of an item we hold, if it asks for a stop."""
+    if work.state == WorkState.STOPPED:
+        return ev.ServerStopped(seen_by="bridge")
+    if work.state == WorkState.STOPPING or work.stop_requested_at:
+        return ev.StopRequested(StopKind.GRACEFUL, "server", "bridge")
+    return None
+
+
+def stop_event(exc: WorkAPIError) -> ev.Event:
+    """A failed stop as the event the machine judges: 409 and 404 mean nothing is left to stop."""
+    if isinstance(exc, ConflictError | NotFoundError):
+        return ev.ReleaseAnswered(exc.status or 409)
+    if exc.retryable:
+        return ev.ReleaseFailed(exc.status, str(exc))
+    return ev.ReleaseRejected(exc.status, str(exc))

@@ -17,12 +17,18 @@ class Keys:
     prefix: str
 
     def lease(self, work_id: str) -> str:
-        """Hash: one held lease (see `leases.Lease` for its fields)."""
+        """Hash: one held lease (see `model.Lease` for its fields)."""
         return f"{self.prefix}:lease:{work_id}"
 
     def work(self, work_id: str) -> str:
-        """String: the polled work item JSON, secret included; deleted on release."""
+        """String: the polled work item JSON, secret included; deleted on release, and expiring
+        unless heartbeats or pulses keep it."""
         return f"{self.prefix}:work:{work_id}"
+
+    def history(self, work_id: str) -> str:
+        """Hash: what outlives a released lease (failed attempts, how the session ended), so a
+        re-delivered item that already ended is stopped, not run again; expires after a day."""
+        return f"{self.prefix}:history:{work_id}"
 
     @property
     def leases(self) -> str:

@@ -1,17 +1,14 @@
-"""The lease registry: what the fleet holds, and in what state, in Redis.
+"""The lease registry: where the fleet keeps what it holds, in Redis.
 
-One hash per held lease is the record every other part reads: the poller writes it at ack, the
-heartbeat task keeps its token, the session task marks its attempt running and pulses it, the
-bridge and operators set its stop flag, and release deletes it. Every change that must not race
-(a new attempt, a pulse from a stale attempt, claiming a due heartbeat) is one Lua script, so two
-tasks can never both believe they own the same attempt.
+One hash per held lease is the record (`model.Lease`); the work item's JSON, with its secret,
+sits beside it. The executor is the only writer of records; everyone else reads. Every change
+that must not race (a new attempt, a pulse from a stale attempt, claiming a due heartbeat, a
+stop flag) is one Lua script, declared beside the method that runs it, so two tasks can never
+both believe they own the same attempt.
 
-Phases of a lease::
-
-    claimed ──dispatch──> dispatched ──task starts──> running ──sandbox exits──> (deleted)
-                              ^                          │
-                              └──── new attempt ─────────┘   (worker lost or drained)
-    any phase ──release fails transiently──> releasing ──stop succeeds──> (deleted)
+The registry also remembers, past a record's release, what the machine must know when the
+server delivers the same item again (`History`): how many attempts failed, and whether the
+session ended.
 """
 
 from __future__ import annotations
@@ -19,103 +16,28 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.commands.core import Script
 
 from dispatcher.lease.keys import Keys
+from dispatcher.lease.model import Ending, Lease, Phase, StopKind, encode, epoch_of
 
-__all__ = ["Lease", "LeaseRegistry", "Phase", "Pulse", "StopKind", "epoch_of"]
+__all__ = ["History", "LeaseRegistry", "Pulse"]
 
-
-class Phase(StrEnum):
-    CLAIMED = "claimed"
-    DISPATCHED = "dispatched"
-    RUNNING = "running"
-    RELEASING = "releasing"
-
-
-class StopKind(StrEnum):
-    NONE = ""
-    # SIGTERM to the sandbox's process group, the grace period, then SIGKILL.
-    GRACEFUL = "graceful"
-    # SIGKILL now: a forced stop, or a lease that is no longer ours.
-    FORCE = "force"
-
-
-@dataclass
-class Lease:
-    work_id: str
-    session_id: str
-    environment_id: str
-    mode: str
-    queue: str
-    phase: str = Phase.CLAIMED
-    attempt: int = 1
-    # Attempts that ended because their worker was lost; drains and lost messages do not count.
-    failures: int = 0
-    task_id: str = ""
-    worker: str = ""
-    pid: int = 0
-    claimed_at: float = 0.0
-    dispatched_at: float = 0.0
-    pulse_at: float = 0.0
-    created_at: str = ""
-    # The server's lease token: echoed exactly as `expected_last_heartbeat`.
-    token: str = ""
-    ttl_seconds: int = 0
-    heartbeat_ok_at: float = 0.0
-    stop: str = StopKind.NONE
-    stop_cause: str = ""
-    stop_seen_at: float = 0.0
-    # "1" once the server no longer gives us this lease: release must not post a stop.
-    lost: str = ""
-    # Who heartbeats: "dispatcher", or "sandbox" (runner mode, or handoff once started).
-    heartbeats_by: str = "dispatcher"
-    # Epoch second until which a heartbeat request for this lease may still be in flight.
-    inflight_until: float = 0.0
-
-    @classmethod
-    def from_hash(cls, raw: dict[str, str]) -> Lease:
-        kwargs: dict[str, Any] = {}
-        for name, coerce in _COERCE.items():
-            if name in raw:
-                kwargs[name] = coerce(raw[name])
-        return cls(**kwargs)
-
-    def to_hash(self) -> dict[str | bytes | bytearray | memoryview | int | float, str]:
-        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
-
-    @property
-    def is_lost(self) -> bool:
-        return self.lost == "1"
-
-
-def _int(value: str) -> int:
-    return int(float(value or 0))
-
-
-def _float(value: str) -> float:
-    return float(value or 0)
-
-
-def _str(value: str) -> str:
-    return value
-
-
-def _coercer(type_name: Any) -> Any:
-    if type_name in ("int", int):
-        return _int
-    if type_name in ("float", float):
-        return _float
-    return _str
-
-
-# Each field's parser, worked out once: the heartbeat tick reads hundreds of leases a second.
-_COERCE = {f.name: _coercer(f.type) for f in fields(Lease)}
+# Beats recorded per script call: a few ms of Redis time at most, so other clients never wait
+# long behind a big tick.
+RECORD_BEATS_CHUNK = 500
+# The work item's JSON holds its secret: it expires unless a heartbeat or a pulse keeps it (each
+# pushes the expiry on), so a record lost half-way never leaves a secret in Redis for good. An
+# hour outlasts any gap between beats (30 s at most) or pulses (0.2 s).
+WORK_TTL_SECONDS = 3600
+# What the registry remembers of an item after its release: long enough to refuse a
+# re-delivery of a session that already ended (the server re-queues a lapsed lease after its
+# TTL, at most minutes later).
+HISTORY_TTL_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -131,153 +53,29 @@ class Pulse:
     draining: bool = False  # the worker running the attempt is shutting down
 
 
-# KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: attempt, now, work id, [field, value]*.
-# Sets the fields only while the lease exists and `attempt` is still its current attempt, so a
-# stale attempt can change nothing. A pulse or dispatch time set is also its last sign of life.
-_SET_IF_ATTEMPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-for i = 4, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  if ARGV[i] == 'pulse_at' or ARGV[i] == 'dispatched_at' then
-    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[3])
-  end
-end
-return 1
-"""
+@dataclass(frozen=True)
+class History:
+    """What outlives a record: attempts that failed, and how the session ended (if it did)."""
 
-# KEYS[1]=lease hash, KEYS[2]=the worker's hash, KEYS[3]=last-seen zset; ARGV: attempt, now,
-# work id. Returns {exists, current, stop, cause, seen at, token, draining}: all a running
-# attempt needs to act each tick, and to rebuild its lease if Redis lost it, in one round trip.
-_PULSE = """
-local draining = redis.call('HGET', KEYS[2], 'draining') == '1' and 1 or 0
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', '', '0', '', draining} end
-local current = redis.call('HGET', KEYS[1], 'attempt') == ARGV[1]
-if current then
-  redis.call('HSET', KEYS[1], 'pulse_at', ARGV[2])
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-end
-return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
-        redis.call('HGET', KEYS[1], 'stop_cause') or '',
-        redis.call('HGET', KEYS[1], 'stop_seen_at') or '0',
-        redis.call('HGET', KEYS[1], 'token') or '', draining}
-"""
+    failures: int = 0
+    ended: Ending = Ending.NONE
 
-# KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, task id, now, work id.
-# Starts the next attempt.
-_NEW_ATTEMPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-local next = tonumber(ARGV[1]) + 1
-redis.call('HSET', KEYS[1], 'attempt', next, 'task_id', ARGV[2], 'phase', 'dispatched',
-           'dispatched_at', ARGV[3], 'pulse_at', 0, 'worker', '', 'pid', 0)
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return next
-"""
 
-# KEYS[1]=lease hash; ARGV: kind, cause, now. FORCE wins over GRACEFUL; the first cause stays.
-_REQUEST_STOP = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local kind = redis.call('HGET', KEYS[1], 'stop') or ''
-if kind == 'force' or kind == ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'stop', ARGV[1])
-if kind == '' then redis.call('HSET', KEYS[1], 'stop_cause', ARGV[2], 'stop_seen_at', ARGV[3]) end
-return 1
-"""
+class _Script:
+    """A Lua script declared beside the method that runs it, registered once per registry."""
 
-# KEYS[1]=due zset; ARGV: now, limit, in-flight deadline, lease key prefix. Pops due ids by
-# pushing their score to the in-flight deadline, so concurrent heartbeat tasks take disjoint sets
-# and a crashed one's leases come due again once the deadline passes. The deadline is also noted
-# on the lease, so a hand-off can wait for a beat in flight before it reads the token.
-_CLAIM_DUE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
-  if redis.call('EXISTS', ARGV[4] .. id) == 1 then
-    redis.call('HSET', ARGV[4] .. id, 'inflight_until', ARGV[3])
-  end
-end
-return ids
-"""
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.name = ""
 
-# KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now.
-# Schedules the next beat only while the dispatcher still owns the heartbeat (not after a
-# hand-off, not after release); a release to retry is scheduled whoever beat the lease. "Sooner
-# only" never postpones a due beat, and leaves a beat in flight alone (its reply reschedules).
-_SCHEDULE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[1], 'heartbeats_by') == 'sandbox'
-   and redis.call('HGET', KEYS[1], 'phase') ~= 'releasing' then return 0 end
-if ARGV[3] == '1' then
-  local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight_until') or '0') or 0
-  if inflight > tonumber(ARGV[4]) then return 1 end
-  local current = redis.call('ZSCORE', KEYS[2], ARGV[2])
-  if current and tonumber(current) <= tonumber(ARGV[1]) then return 1 end
-end
-redis.call('HSET', KEYS[1], 'inflight_until', 0)
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
 
-# KEYS[1]=due zset; ARGV: lease key prefix, ok at, then per beat: work id, token, ttl, next due.
-# A tick's plain successful beats in one round trip: for each lease still held, what `update`
-# then `schedule_heartbeat` do (token, TTL and time of the beat; the next beat, unless the
-# sandbox beats the lease now). Returns the ids whose lease was released meanwhile.
-_RECORD_BEATS = """
-local gone = {}
-for i = 3, #ARGV, 4 do
-  local id = ARGV[i]
-  local key = ARGV[1] .. id
-  if redis.call('EXISTS', key) == 0 then
-    gone[#gone + 1] = id
-  else
-    redis.call('HSET', key, 'token', ARGV[i + 1], 'ttl_seconds', ARGV[i + 2],
-               'heartbeat_ok_at', ARGV[2])
-    if redis.call('HGET', key, 'heartbeats_by') ~= 'sandbox'
-       or redis.call('HGET', key, 'phase') == 'releasing' then
-      redis.call('HSET', key, 'inflight_until', 0)
-      redis.call('ZADD', KEYS[1], ARGV[i + 3], id)
-    end
-  end
-end
-return gone
-"""
-# KEYS[1]=an index zset; ARGV: lease key prefix, then per lease: work id, score. Indexes each
-# lease still held, so an index repaired from a read of the lease never keeps one released
-# meanwhile. (A pulse landing in between may be indexed a little old: that only makes its
-# lease a candidate sooner, which the read of its hash then clears.)
-_INDEX_IF_HELD = """
-for i = 2, #ARGV, 2 do
-  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 then
-    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
-  end
-end
-return 1
-"""
-
-# KEYS[1]=created zset, KEYS[2]=held leases zset, KEYS[3]=the stop scan's cursor. What a stop
-# scan needs to start, in one round trip: {the oldest `created_at` among held leases ('' if
-# none; entries of leases no longer held are dropped on the way), held leases the index lacks,
-# the cursor to continue from ('' if none)}. With nothing held, the cursor goes too.
-_STOP_SCAN_START = """
-if redis.call('ZCARD', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[1], KEYS[3])
-  return {'', {}, ''}
-end
-local missing = redis.call('ZDIFF', 2, KEYS[2], KEYS[1])
-while true do
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if #first == 0 then return {'', missing, redis.call('GET', KEYS[3]) or ''} end
-  if redis.call('ZSCORE', KEYS[2], first[1]) then
-    return {first[2], missing, redis.call('GET', KEYS[3]) or ''}
-  end
-  redis.call('ZREM', KEYS[1], first[1])
-end
-"""
-
-# Beats recorded per script call: a few ms of Redis time at most, so other clients never wait
-# long behind a big tick.
-RECORD_BEATS_CHUNK = 500
+    def __get__(self, registry: Any, owner: type) -> Script:
+        scripts: dict[str, Script] = registry.__dict__.setdefault("_scripts", {})
+        if self.name not in scripts:
+            scripts[self.name] = registry.redis.register_script(self.source)
+        return scripts[self.name]
 
 
 def _last_seen(lease: Lease) -> float:
@@ -292,28 +90,10 @@ def _last_seen(lease: Lease) -> float:
     return max(lease.claimed_at, lease.dispatched_at, lease.pulse_at)
 
 
-def epoch_of(timestamp: str) -> float:
-    """An RFC 3339 time as an epoch second; an unreadable one as 0, the oldest of all."""
-    try:
-        parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return 0.0
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-
-
 class LeaseRegistry:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
-        self._set_if_attempt = redis.register_script(_SET_IF_ATTEMPT)
-        self._pulse = redis.register_script(_PULSE)
-        self._new_attempt = redis.register_script(_NEW_ATTEMPT)
-        self._request_stop = redis.register_script(_REQUEST_STOP)
-        self._claim_due = redis.register_script(_CLAIM_DUE)
-        self._schedule = redis.register_script(_SCHEDULE)
-        self._record_beats = redis.register_script(_RECORD_BEATS)
-        self._index_if_held = redis.register_script(_INDEX_IF_HELD)
-        self._stop_scan_start = redis.register_script(_STOP_SCAN_START)
 
     # --- epoch: tells a Redis that restarted empty from one that did not -------------------
     def epoch(self) -> str:
@@ -326,7 +106,7 @@ class LeaseRegistry:
     def create(self, lease: Lease, *, work_json: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.lease(lease.work_id), mapping=lease.to_hash())
-        pipe.set(self.keys.work(lease.work_id), work_json)
+        pipe.set(self.keys.work(lease.work_id), work_json, ex=WORK_TTL_SECONDS)
         pipe.zadd(self.keys.leases, {lease.work_id: lease.claimed_at})
         pipe.zadd(self.keys.last_seen, {lease.work_id: _last_seen(lease)})
         pipe.zadd(self.keys.created, {lease.work_id: epoch_of(lease.created_at)})
@@ -362,6 +142,33 @@ class LeaseRegistry:
         scores = self.redis.zmscore(self.keys.leases, work_ids)
         return {w for w, score in zip(work_ids, scores, strict=True) if score is not None}
 
+    def delete(self, work_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.lease(work_id), self.keys.work(work_id))
+        pipe.zrem(self.keys.leases, work_id)
+        pipe.zrem(self.keys.heartbeat_due, work_id)
+        pipe.zrem(self.keys.last_seen, work_id)
+        pipe.zrem(self.keys.created, work_id)
+        pipe.execute()
+
+    # --- history: what outlives a record ------------------------------------------------------
+    def history(self, work_id: str) -> History:
+        raw: dict[str, str] = self.redis.hgetall(self.keys.history(work_id))  # type: ignore[assignment]
+        if not raw:
+            return History()
+        try:
+            ended = Ending(raw.get("ended", ""))
+        except ValueError:
+            ended = Ending.STOPPED  # a value a newer version wrote: it ended somehow
+        return History(failures=int(raw.get("failures", 0) or 0), ended=ended)
+
+    def record_history(self, work_id: str, *, failures: int, ended: Ending) -> None:
+        key = self.keys.history(work_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={"failures": failures, **({"ended": ended.value} if ended else {})})
+        pipe.expire(key, HISTORY_TTL_SECONDS)
+        pipe.execute()
+
     # --- indexes: what the per-second upkeep reads instead of every lease ----------------------
     def silent_since(self, cutoff: float) -> list[Lease]:
         """Leases with no sign of life (claim, dispatch, pulse) since `cutoff`, as their hashes
@@ -383,17 +190,50 @@ class LeaseRegistry:
         self._index(self.keys.last_seen, [(lease.work_id, _last_seen(lease)) for lease in leases])
         return [lease for lease in leases if _last_seen(lease) <= cutoff]
 
+    # KEYS[1]=created zset, KEYS[2]=held leases zset, KEYS[3]=the stop scan's cursor. What a stop
+    # scan needs to start, in one round trip: {the oldest `created_at` among held leases ('' if
+    # none; entries of leases no longer held are dropped on the way), held leases the index lacks,
+    # the cursor to continue from ('' if none)}. With nothing held, the cursor goes too.
+    _STOP_SCAN_START = _Script("""
+if redis.call('ZCARD', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[1], KEYS[3])
+  return {'', {}, ''}
+end
+local missing = redis.call('ZDIFF', 2, KEYS[2], KEYS[1])
+while true do
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #first == 0 then return {'', missing, redis.call('GET', KEYS[3]) or ''} end
+  if redis.call('ZSCORE', KEYS[2], first[1]) then
+    return {first[2], missing, redis.call('GET', KEYS[3]) or ''}
+  end
+  redis.call('ZREM', KEYS[1], first[1])
+end
+""")
+
     def stop_scan_start(self) -> tuple[float | None, str | None]:
         """Where the stop bridge's scan starts: the server's `created_at` (epoch second) of the
         oldest item we hold (None: we hold none), and the page its sweep left off at (None: the
         newest). A held lease the index lacks (written before it existed) is added first."""
         keys = [self.keys.created, self.keys.leases, self.keys.stop_scan_cursor]
-        oldest, missing, cursor = self._stop_scan_start(keys=keys)
+        oldest, missing, cursor = self._STOP_SCAN_START(keys=keys)
         if missing:
             self._index(self.keys.created, [(lease.work_id, epoch_of(lease.created_at))
                                             for lease in self.get_many(missing)])
-            oldest, _, cursor = self._stop_scan_start(keys=keys)
+            oldest, _, cursor = self._STOP_SCAN_START(keys=keys)
         return (float(oldest) if oldest else None), (str(cursor) if cursor else None)
+
+    # KEYS[1]=an index zset; ARGV: lease key prefix, then per lease: work id, score. Indexes each
+    # lease still held, so an index repaired from a read of the lease never keeps one released
+    # meanwhile. (A pulse landing in between may be indexed a little old: that only makes its
+    # lease a candidate sooner, which the read of its hash then clears.)
+    _INDEX_IF_HELD = _Script("""
+for i = 2, #ARGV, 2 do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+  end
+end
+return 1
+""")
 
     def _index(self, key: str, entries: list[tuple[str, float]]) -> None:
         if not entries:
@@ -401,7 +241,7 @@ class LeaseRegistry:
         args: list[str | float] = [self.keys.lease("")]
         for work_id, score in entries:
             args += [work_id, score]
-        self._index_if_held(keys=[key], args=args)
+        self._INDEX_IF_HELD(keys=[key], args=args)
 
     def set_stop_scan_cursor(self, cursor: str | None, *, ttl_seconds: int) -> None:
         """Where the stop bridge's next tick continues its sweep (None: from the newest)."""
@@ -409,15 +249,6 @@ class LeaseRegistry:
             self.redis.delete(self.keys.stop_scan_cursor)
         else:
             self.redis.set(self.keys.stop_scan_cursor, cursor, ex=ttl_seconds)
-
-    def delete(self, work_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self.keys.lease(work_id), self.keys.work(work_id))
-        pipe.zrem(self.keys.leases, work_id)
-        pipe.zrem(self.keys.heartbeat_due, work_id)
-        pipe.zrem(self.keys.last_seen, work_id)
-        pipe.zrem(self.keys.created, work_id)
-        pipe.execute()
 
     # --- changes ------------------------------------------------------------------------------
     def update(self, work_id: str, **values: object) -> bool:
@@ -427,7 +258,7 @@ class LeaseRegistry:
                 if k in ("pulse_at", "dispatched_at")]
         pipe = self.redis.pipeline(transaction=True)
         pipe.exists(key)
-        pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
+        pipe.hset(key, mapping={k: encode(v) for k, v in values.items()})
         if seen:
             pipe.zadd(self.keys.last_seen, {work_id: max(seen)})
         exists = pipe.execute()[0]
@@ -439,67 +270,160 @@ class LeaseRegistry:
             cleanup.execute()
         return bool(exists)
 
+    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: attempt, now, work id, [field, value]*.
+    # Sets the fields only while the lease exists and `attempt` is still its current attempt, so a
+    # stale attempt can change nothing. A pulse or dispatch time set is also its last sign of life.
+    _SET_IF_ATTEMPT = _Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i] == 'pulse_at' or ARGV[i] == 'dispatched_at' then
+    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[3])
+  end
+end
+return 1
+""")
+
     def update_if_attempt(self, work_id: str, attempt: int, **values: object) -> int:
         """Set fields only while `attempt` is current: 1 done, 0 superseded, -1 lease gone."""
         argv: list[str | int | float] = [attempt, time.time(), work_id]
         for name, value in values.items():
-            argv += [name, str(value)]
+            argv += [name, encode(value)]
         keys = [self.keys.lease(work_id), self.keys.last_seen]
-        return int(self._set_if_attempt(keys=keys, args=argv))
+        return int(self._SET_IF_ATTEMPT(keys=keys, args=argv))
+
+    # KEYS[1]=lease hash, KEYS[2]=the worker's hash, KEYS[3]=last-seen zset, KEYS[4]=work item;
+    # ARGV: attempt, now, work id, work TTL. The current attempt's pulse also pushes the work item's
+    # expiry on. Returns {exists, current, stop, cause, seen at, token, draining}: all a running
+    # attempt needs to act each tick, and to rebuild its lease if Redis lost it, in one round trip.
+    _PULSE = _Script("""
+local draining = redis.call('HGET', KEYS[2], 'draining') == '1' and 1 or 0
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, '', '', '0', '', draining} end
+local current = redis.call('HGET', KEYS[1], 'attempt') == ARGV[1]
+if current then
+  redis.call('HSET', KEYS[1], 'pulse_at', ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+end
+return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
+        redis.call('HGET', KEYS[1], 'stop_cause') or '',
+        redis.call('HGET', KEYS[1], 'stop_seen_at') or '0',
+        redis.call('HGET', KEYS[1], 'token') or '', draining}
+""")
 
     def pulse(self, work_id: str, attempt: int, *, worker: str = "") -> Pulse:
-        exists, current, stop, cause, seen_at, token, draining = self._pulse(
-            keys=[self.keys.lease(work_id), self.keys.worker(worker), self.keys.last_seen],
-            args=[attempt, time.time(), work_id])
+        exists, current, stop, cause, seen_at, token, draining = self._PULSE(
+            keys=[self.keys.lease(work_id), self.keys.worker(worker), self.keys.last_seen,
+                  self.keys.work(work_id)],
+            args=[attempt, time.time(), work_id, WORK_TTL_SECONDS])
         return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
                      str(token), bool(draining))
 
+    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, task id, now, work id.
+    # Starts the next attempt.
+    _NEW_ATTEMPT = _Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+local next = tonumber(ARGV[1]) + 1
+redis.call('HSET', KEYS[1], 'attempt', next, 'task_id', ARGV[2], 'phase', 'dispatched',
+           'dispatched_at', ARGV[3], 'pulse_at', 0, 'worker', '', 'pid', 0)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return next
+""")
+
     def new_attempt(self, work_id: str, *, expected_attempt: int, task_id: str) -> int:
         """Start attempt `expected_attempt + 1`: its number, 0 if superseded, -1 if gone."""
-        return int(self._new_attempt(keys=[self.keys.lease(work_id), self.keys.last_seen],
+        return int(self._NEW_ATTEMPT(keys=[self.keys.lease(work_id), self.keys.last_seen],
                                      args=[expected_attempt, task_id, time.time(), work_id]))
+
+    # KEYS[1]=lease hash; ARGV: kind, cause, now. FORCE wins over GRACEFUL; the first cause stays.
+    _REQUEST_STOP = _Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local kind = redis.call('HGET', KEYS[1], 'stop') or ''
+if kind == 'force' or kind == ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'stop', ARGV[1])
+if kind == '' then redis.call('HSET', KEYS[1], 'stop_cause', ARGV[2], 'stop_seen_at', ARGV[3]) end
+return 1
+""")
 
     def request_stop(self, work_id: str, kind: StopKind, cause: str) -> bool:
         """Raise the stop flag; True if it changed (a new or a harder stop)."""
-        changed = self._request_stop(
+        changed = self._REQUEST_STOP(
             keys=[self.keys.lease(work_id)], args=[kind.value, cause, time.time()]
         )
         return bool(changed)
 
-    def mark_lost(self, work_id: str, cause: str) -> None:
-        """The server no longer gives us this lease: kill now, never heartbeat or stop it again."""
-        self.update(work_id, lost="1")
-        self.request_stop(work_id, StopKind.FORCE, cause)
-        self.redis.zrem(self.keys.heartbeat_due, work_id)
-
     # --- heartbeat schedule -------------------------------------------------------------------
+    # KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now.
+    # Schedules the next beat only while the dispatcher still owns the heartbeat (not after a
+    # hand-off, not after release); a release to retry is scheduled whoever beat the lease. "Sooner
+    # only" never postpones a due beat, and leaves a beat in flight alone (its reply reschedules).
+    _SCHEDULE = _Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'heartbeats_by') == 'sandbox'
+   and redis.call('HGET', KEYS[1], 'phase') ~= 'releasing' then return 0 end
+if ARGV[3] == '1' then
+  local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight_until') or '0') or 0
+  if inflight > tonumber(ARGV[4]) then return 1 end
+  local current = redis.call('ZSCORE', KEYS[2], ARGV[2])
+  if current and tonumber(current) <= tonumber(ARGV[1]) then return 1 end
+end
+redis.call('HSET', KEYS[1], 'inflight_until', 0)
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1
+""")
+
     def schedule_heartbeat(self, work_id: str, due: float, *, sooner_only: bool = False) -> bool:
         """Schedule the next beat (or release retry); False if the lease is gone or the sandbox
         beats it. `sooner_only` never moves a beat that is already due sooner, or in flight."""
         keys = [self.keys.lease(work_id), self.keys.heartbeat_due]
         args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time()]
-        return bool(self._schedule(keys=keys, args=args))
+        return bool(self._SCHEDULE(keys=keys, args=args))
 
-    def record_beats(self, beats: list[tuple[str, str, int, float]], *, ok_at: float) -> list[str]:
-        """Record successful beats, each (work id, token, TTL, next due), and schedule the next
-        ones, in one round trip per chunk. Returns the ids whose lease is gone."""
+    # KEYS[1]=due zset; ARGV: lease key prefix, work key prefix, work TTL, then per beat: work id,
+    # token, ttl, sent at, next due. A tick's answered beats in one round trip: for each lease
+    # still held, its token, TTL and when the answered beat was sent; the next beat, unless the
+    # sandbox beats the lease now; and the work item's expiry pushed on. Returns the ids whose
+    # lease was released meanwhile.
+    _RECORD_BEATS = _Script("""
+local gone = {}
+for i = 4, #ARGV, 5 do
+  local id = ARGV[i]
+  local key = ARGV[1] .. id
+  if redis.call('EXISTS', key) == 0 then
+    gone[#gone + 1] = id
+  else
+    redis.call('HSET', key, 'token', ARGV[i + 1], 'ttl_seconds', ARGV[i + 2],
+               'heartbeat_ok_at', ARGV[i + 3], 'uncertain', '')
+    redis.call('EXPIRE', ARGV[2] .. id, ARGV[3])
+    if redis.call('HGET', key, 'heartbeats_by') ~= 'sandbox'
+       or redis.call('HGET', key, 'phase') == 'releasing' then
+      redis.call('HSET', key, 'inflight_until', 0)
+      redis.call('ZADD', KEYS[1], ARGV[i + 4], id)
+    end
+  end
+end
+return gone
+""")
+
+    def record_beats(self, beats: list[tuple[str, str, int, float, float]]) -> list[str]:
+        """Record answered beats, each (work id, token, TTL, sent at, next due), and schedule
+        the next ones, in one round trip per chunk. Returns the ids whose lease is gone."""
         gone: list[str] = []
         for start in range(0, len(beats), RECORD_BEATS_CHUNK):
-            args: list[str | int | float] = [self.keys.lease(""), ok_at]
-            for work_id, token, ttl, due in beats[start:start + RECORD_BEATS_CHUNK]:
-                args += [work_id, token, ttl, due]
-            gone += [str(w) for w in self._record_beats(keys=[self.keys.heartbeat_due],
+            args: list[str | int | float] = [self.keys.lease(""), self.keys.work(""),
+                                             WORK_TTL_SECONDS]
+            for work_id, token, ttl, sent_at, due in beats[start:start + RECORD_BEATS_CHUNK]:
+                args += [work_id, token, ttl, sent_at, due]
+            gone += [str(w) for w in self._RECORD_BEATS(keys=[self.keys.heartbeat_due],
                                                         args=args)]
         return gone
 
-    def hand_heartbeat_to_sandbox(self, work_id: str, *, wait_seconds: float) -> str | None:
-        """Stop beating the lease and return its token for the sandbox to continue with.
-
-        Waits for a beat still in flight, whose reply would otherwise change the token after we
-        read it: the sandbox would then present a stale token and lose the lease (412).
-        """
-        self.update(work_id, heartbeats_by="sandbox")
-        self.unschedule_heartbeat(work_id)
+    def settled_token(self, work_id: str, *, wait_seconds: float) -> str | None:
+        """The lease's token once no beat of ours is in flight (at most `wait_seconds`), for a
+        sandbox to continue the lease with: a reply landing after the read would change the
+        token, and the sandbox would present a stale one (412)."""
         deadline = time.time() + wait_seconds
         while True:
             lease = self.get(work_id)
@@ -512,8 +436,24 @@ class LeaseRegistry:
     def unschedule_heartbeat(self, work_id: str) -> None:
         self.redis.zrem(self.keys.heartbeat_due, work_id)
 
+    # KEYS[1]=due zset; ARGV: now, limit, in-flight deadline, lease key prefix. Pops due ids by
+    # pushing their score to the in-flight deadline, so concurrent heartbeat tasks take disjoint
+    # sets
+    # and a crashed one's leases come due again once the deadline passes. The deadline is also noted
+    # on the lease, so a hand-off can wait for a beat in flight before it reads the token.
+    _CLAIM_DUE = _Script("""
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
+  if redis.call('EXISTS', ARGV[4] .. id) == 1 then
+    redis.call('HSET', ARGV[4] .. id, 'inflight_until', ARGV[3])
+  end
+end
+return ids
+""")
+
     def claim_due_heartbeats(self, *, now: float, limit: int, inflight_seconds: float) -> list[str]:
-        ids = self._claim_due(
+        ids = self._CLAIM_DUE(
             keys=[self.keys.heartbeat_due],
             args=[now, limit, now + inflight_seconds, self.keys.lease("")],
         )

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from dispatcher.control.capacity import WorkerSlots
-    from dispatcher.lease.registry import Lease
+    from dispatcher.lease.model import Lease
     from dispatcher.settings import Settings
     from dispatcher.workapi import Work, WorkClient
 
@@ -297,7 +297,7 @@ def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
         "heartbeat_age_seconds": beat_age, "ttl_seconds": lease.ttl_seconds or None,
         "expires_in_seconds": expires_in, "heartbeats_by": lease.heartbeats_by,
         "stop": lease.stop or None, "stop_cause": lease.stop_cause or None,
-        "lost": lease.is_lost,
+        "lost": lease.lost,
     }
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from enum import StrEnum
 from redis.exceptions import RedisError
 
 from dispatcher.events import event
-from dispatcher.lease.executor import dispatch, release, restart_attempt
-from dispatcher.lease.registry import Lease, Phase, StopKind
+from dispatcher.lease import events as ev
+from dispatcher.lease.machine import outage_is_too_long
+from dispatcher.lease.model import Ending, Lease, Phase, StopKind
 from dispatcher.runtime import Runtime
 from dispatcher.session.sandbox import (
     CommandError,
@@ -42,13 +44,6 @@ __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
 SUPERVISE_INTERVAL_SECONDS = 0.2
 # A hand-off waits at most this long for a heartbeat in flight before it reads the token.
 HANDOFF_WAIT_SECONDS = 12.0
-# While the registry is unreachable nobody heartbeats (beat and the heartbeat task need it too),
-# so the server's lease may lapse one TTL after its last beat, which was up to a third of a TTL
-# (the beat interval) before the outage began. Past this share of the TTL the sandbox is killed:
-# the server may give the session to someone else, and two runners must never overlap.
-REGISTRY_OUTAGE_SHARE_OF_TTL = 2 / 3
-# A lease's TTL before the server first answered (as the heartbeat task assumes).
-ASSUMED_TTL_SECONDS = 30
 # After the sandbox exited, keep trying this long to reach the registry and release the lease.
 RELEASE_WAIT_SECONDS = 60.0
 
@@ -95,50 +90,39 @@ class _Flags:
 
 
 def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
-    lease = runtime.registry.get(attempt.work_id)
-    refusal = _refuse(lease, attempt)
-    if refusal is not None or lease is None:
-        return refusal or Outcome.GONE
-    if lease.stop:
-        release(runtime, lease, reason=f"stopped before start ({lease.stop_cause})",
-                outcome="stopped")
-        return Outcome.STOPPED
-    if runtime.capacity.is_draining(attempt.worker):
-        # Celery delivered this just before the drain stopped its consumer: pass it on as is.
-        event("attempt passed on", work_id=attempt.work_id, attempt=attempt.attempt,
-              reason="worker draining")
-        dispatch(runtime, lease)
-        return Outcome.HANDED_OVER
-    if not _mark_running(runtime, attempt):
-        return Outcome.SUPERSEDED
+    before = runtime.registry.get(attempt.work_id)
+    starting = ev.AttemptStarting(attempt.attempt, attempt.task_id, attempt.worker, os.getpid(),
+                                  draining=runtime.capacity.is_draining(attempt.worker))
+    lease = runtime.executor.run(before, starting)
+    if lease is None or not _ours_and_running(lease, attempt):
+        return _not_started(before, lease, attempt, draining=starting.draining)
     try:
         spec = _spec(runtime, lease)
     except (CommandError, ValueError) as exc:
-        event("sandbox not started", level=logging.ERROR, work_id=attempt.work_id,
-              session_id=attempt.session_id, attempt=attempt.attempt, error=str(exc))
-        release(runtime, lease, reason="sandbox could not start", outcome="failed")
+        runtime.executor.run(lease, ev.SandboxStartFailed(str(exc)))
         return Outcome.FAILED
     return _supervise(runtime, attempt, spec, _Memory(lease, runtime.registry.epoch()))
 
 
-def _refuse(lease: Lease | None, attempt: SessionAttempt) -> Outcome | None:
-    if lease is None:
-        event("attempt skipped", work_id=attempt.work_id, attempt=attempt.attempt,
-              reason="lease released")
+def _ours_and_running(lease: Lease, attempt: SessionAttempt) -> bool:
+    return (lease.phase == Phase.RUNNING and lease.attempt == attempt.attempt
+            and lease.task_id == attempt.task_id)
+
+
+def _not_started(before: Lease | None, after: Lease | None, attempt: SessionAttempt, *,
+                 draining: bool) -> Outcome:
+    """Why the machine did not let the attempt start, for the task's result."""
+    if before is None or before.ended:
         return Outcome.GONE
-    if lease.attempt != attempt.attempt or lease.task_id != attempt.task_id:
-        event("attempt skipped", work_id=attempt.work_id, attempt=attempt.attempt,
-              reason=f"superseded by attempt {lease.attempt}")
+    if before.attempt != attempt.attempt or before.task_id != attempt.task_id:
         return Outcome.SUPERSEDED
-    return None
-
-
-def _mark_running(runtime: Runtime, attempt: SessionAttempt) -> bool:
-    done = runtime.registry.update_if_attempt(
-        attempt.work_id, attempt.attempt, phase=Phase.RUNNING, worker=attempt.worker,
-        pid=os.getpid(), pulse_at=time.time(), task_id=attempt.task_id,
-    )
-    return done == 1
+    if before.lost:
+        return Outcome.LOST
+    if before.stop:
+        return Outcome.STOPPED
+    if draining:
+        return Outcome.HANDED_OVER
+    return Outcome.SUPERSEDED  # a newer attempt took the lease meanwhile
 
 
 def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
@@ -159,9 +143,9 @@ def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
         "DISPATCHER_ATTEMPT": str(lease.attempt),
     }
     if lease.mode == LeaseMode.HANDOFF:
-        contract["ANTHROPIC_WORK_LAST_HEARTBEAT"] = runtime.registry.hand_heartbeat_to_sandbox(
-            lease.work_id, wait_seconds=HANDOFF_WAIT_SECONDS
-        )
+        runtime.executor.run(lease, ev.HandingOff())
+        contract["ANTHROPIC_WORK_LAST_HEARTBEAT"] = runtime.registry.settled_token(
+            lease.work_id, wait_seconds=HANDOFF_WAIT_SECONDS)
     env = build_environment(
         worker_env=os.environ, allow=settings.sandbox_env_allow, contract=contract
     )
@@ -195,7 +179,7 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
 def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _Flags,
           memory: _Memory, work_json: bytes) -> Outcome:
     sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json)
-    outage = _Outage(attempt, ttl=memory.lease.ttl_seconds or ASSUMED_TTL_SECONDS)
+    outage = _Outage(runtime, attempt, memory.lease, sandbox)
     while True:
         code = sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
         try:
@@ -204,7 +188,6 @@ def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _F
             outcome = sup.step()
         except RedisError as exc:
             if outage.too_long(exc):
-                sandbox.kill_group()
                 return Outcome.LOST
             continue
         outage.over()
@@ -234,32 +217,34 @@ class _Supervisor:
             return None
         if pulse.token:
             self.memory.lease.token = pulse.token
-        if not pulse.exists or not pulse.current:
-            event("fenced", level=logging.WARNING, work_id=attempt.work_id,
-                  attempt=attempt.attempt, reason="a newer attempt owns the lease"
-                  if pulse.exists else "lease released")
-            self.sandbox.kill_group()
-            return Outcome.SUPERSEDED
         self.draining = self.draining or pulse.draining
         operator = self.flags.operator_terminated(draining=self.draining) or attempt.revoked()
-        if operator and not pulse.stop:
-            runtime.registry.request_stop(attempt.work_id, StopKind.GRACEFUL, "operator")
-            return None
-        kind = StopKind(pulse.stop) if pulse.stop else (
-            StopKind.GRACEFUL if self.draining else None)
-        if kind is not None:
+        pulsed = ev.Pulsed(exists=pulse.exists, current=pulse.current,
+                           stop=StopKind(pulse.stop or StopKind.NONE), draining=self.draining,
+                           operator=operator)
+
+        def signal_sandbox(kind: StopKind) -> None:
+            if not pulse.exists or not pulse.current:
+                self.sandbox.kill_group()
+                return
             self.ladder.step(kind, cause=pulse.stop_cause or "worker draining",
                              seen_at=pulse.stop_seen_at)
-        return None
+
+        runtime.executor.run(self.memory.lease, pulsed, signal=signal_sandbox)
+        return None if pulse.exists and pulse.current else Outcome.SUPERSEDED
 
 
 class _Outage:
     """The registry cannot be reached: keep the sandbox running (Redis restarts take seconds),
-    unless the outage lasts long enough for the server's lease to lapse."""
+    unless the outage lasts long enough for the server's lease to lapse (the machine says when:
+    nobody can heartbeat meanwhile)."""
 
-    def __init__(self, attempt: SessionAttempt, *, ttl: int) -> None:
+    def __init__(self, runtime: Runtime, attempt: SessionAttempt, lease: Lease,
+                 sandbox: Sandbox) -> None:
+        self.runtime = runtime
         self.attempt = attempt
-        self.bound = ttl * REGISTRY_OUTAGE_SHARE_OF_TTL
+        self.lease = lease
+        self.sandbox = sandbox
         self.since: float | None = None
 
     def too_long(self, exc: RedisError) -> bool:
@@ -267,13 +252,12 @@ class _Outage:
         if self.since is None:
             self.since = now
             event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, error=str(exc),
-                  action_taken=f"sandbox kept, fenced after {self.bound:.0f}s")
-        if now - self.since < self.bound:
+                  attempt=self.attempt.attempt, error=str(exc), action_taken="sandbox kept")
+        seconds = now - self.since
+        if not outage_is_too_long(self.lease, seconds):
             return False
-        event("fenced", level=logging.WARNING, work_id=self.attempt.work_id,
-              attempt=self.attempt.attempt,
-              reason=f"registry unreachable for {now - self.since:.0f}s: the lease may lapse")
+        self.runtime.executor.run(self.lease, ev.RegistryUnreachable(seconds),
+                                  signal=lambda kind: self.sandbox.kill_group())
         return True
 
     def over(self) -> None:
@@ -295,21 +279,14 @@ def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
 
 def _reregistered(runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
                   work_json: bytes) -> bool:
-    """Our lease is gone. If Redis lost everything (a new registry epoch), the lease is still
-    ours on the server and this sandbox is its only runner: write it back, with the last token
-    we saw, and let the heartbeat task carry on. Otherwise it was released: we are fenced."""
+    """Our lease is gone. If Redis lost everything (a new registry epoch), the machine writes it
+    back from what this attempt remembers; otherwise it was released and we are fenced."""
     epoch = runtime.registry.epoch()
     if epoch == memory.epoch:
         return False
     memory.epoch = epoch
-    lease = memory.lease
-    lease.phase, lease.worker, lease.pid = Phase.RUNNING, attempt.worker, os.getpid()
-    lease.pulse_at = lease.heartbeat_ok_at = time.time()
-    runtime.registry.create(lease, work_json=work_json.decode())
-    if lease.heartbeats_by == "dispatcher":
-        runtime.registry.schedule_heartbeat(lease.work_id, time.time())
-    event("lease re-registered", level=logging.WARNING, work_id=lease.work_id,
-          session_id=lease.session_id, attempt=lease.attempt, reason="registry was reset")
+    remembered = memory.lease.but(worker=attempt.worker, pid=os.getpid())
+    runtime.executor.run(None, ev.RegistryReset(remembered), work_json=work_json.decode())
     return True
 
 
@@ -370,27 +347,22 @@ def _finish(runtime: Runtime, attempt: SessionAttempt, code: int, *, draining: b
     lease = runtime.registry.get(attempt.work_id)
     if lease is None or lease.attempt != attempt.attempt:
         return Outcome.SUPERSEDED
-    event("exited", work_id=attempt.work_id, session_id=attempt.session_id,
-          attempt=attempt.attempt, exit_code=code)
-    if lease.is_lost:
-        release(runtime, lease, reason=lease.stop_cause or "lease lost", outcome="lost")
+    exited = ev.SandboxExited(attempt.attempt, code, draining, next_task_id=uuid.uuid4().hex)
+    after = runtime.executor.run(lease, exited)
+    return _ending_outcome(lease, after, code)
+
+
+def _ending_outcome(before: Lease, after: Lease | None, code: int) -> Outcome:
+    """How the attempt ended, for the task's result (Flower shows it)."""
+    if before.lost:
         return Outcome.LOST
-    if lease.stop:
-        release(runtime, lease, reason=f"stopped ({lease.stop_cause})", outcome="stopped")
+    if before.stop:
         return Outcome.STOPPED
-    if draining and lease.heartbeats_by == "dispatcher":
-        restart_attempt(runtime, lease, reason="worker drained", failure=False)
+    if after is not None and after.attempt != before.attempt:
         return Outcome.HANDED_OVER
-    if draining:
-        # The sandbox held the lease (runner, handoff): its last token died with it, so a new
-        # attempt could only be refused (412). End the session instead of stranding it.
-        release(runtime, lease, reason="worker drained; the sandbox held the lease",
-                outcome="stopped")
+    if after is not None and after.ended == Ending.STOPPED:
         return Outcome.STOPPED
-    outcome = Outcome.COMPLETED if code == 0 else Outcome.FAILED
-    release(runtime, lease, reason="exited" if code == 0 else f"exited with {code}",
-            outcome=outcome.value)
-    return outcome
+    return Outcome.COMPLETED if code == 0 else Outcome.FAILED
 
 
 @contextmanager

@@ -14,12 +14,13 @@ import sys
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
+from dispatcher.celery import names
+from dispatcher.celery.names import CONTROL_QUEUE
 from dispatcher.lease.keys import Keys
 from dispatcher.settings import SettingsError, load_settings
 
 __all__ = ["CONTROL_QUEUE", "app"]
 
-CONTROL_QUEUE = "dispatcher.control"
 # Threads suit sessions, which wait on a subprocess: a few MB per session instead of a whole
 # interpreter. `-P prefork` works too; both pools pass the same stop and recovery tests.
 DEFAULT_POOL = "threads"
@@ -43,8 +44,8 @@ except SettingsError as exc:
 
 os.environ.setdefault(POOL_ENVVAR, DEFAULT_POOL)  # see POOL_ENVVAR
 
-app = Celery("dispatcher", include=["tasks.poll", "tasks.heartbeat", "tasks.bridge",
-                                    "tasks.session"])
+app = Celery("dispatcher", include=sorted({name.rsplit(".", 1)[0] for name in
+                                           (*names.CONTROL_TASKS, names.SESSION_RUN)}))
 
 
 def _schedule() -> dict[str, dict[str, object]]:
@@ -56,10 +57,10 @@ def _schedule() -> dict[str, dict[str, object]]:
                                                                "queue": CONTROL_QUEUE}}
 
     return {
-        "poll": every("tasks.poll.claim_work", settings.poll_interval_seconds),
-        "heartbeat": every("tasks.heartbeat.beat_leases", settings.heartbeat_tick_seconds),
-        "stop-bridge": every("tasks.bridge.scan_stops", settings.bridge_interval_seconds),
-        "recovery": every("tasks.bridge.recover", settings.bridge_interval_seconds),
+        "poll": every(names.POLL, settings.poll_interval_seconds),
+        "heartbeat": every(names.HEARTBEAT, settings.heartbeat_tick_seconds),
+        "stop-bridge": every(names.SCAN_STOPS, settings.bridge_interval_seconds),
+        "recovery": every(names.RECOVER, settings.bridge_interval_seconds),
     }
 
 
@@ -82,7 +83,7 @@ app.conf.update(
     result_expires=24 * 3600,
     task_queues=[_queue(CONTROL_QUEUE), *[_queue(name) for name in settings.session_queues]],
     task_default_queue=CONTROL_QUEUE,
-    task_routes={"tasks.session.*": {"queue": settings.default_session_queue}},
+    task_routes={names.SESSION_RUN: {"queue": settings.default_session_queue}},
     # Early ack and no prefetch: a session message is never redelivered by the broker.
     task_acks_late=False,
     worker_prefetch_multiplier=1,

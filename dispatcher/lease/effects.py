@@ -1,0 +1,163 @@
+"""What the machine asks for: the outputs of `machine.decide`, performed by `executor`.
+
+Effects that ask the server or Redis something (an ack, a claim, a stop, a guarded change)
+answer with an event, which the executor feeds back to the machine. A guarded effect that finds
+the lease moved on (`guard`) ends the list: nothing after it is performed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from dispatcher.lease.model import Ending, Lease, StopKind
+
+__all__ = [
+    "Ack", "AnswerHealthcheck", "Claim", "Count", "CreateRecord", "DeleteRecord", "Effect",
+    "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish", "RecordBeat", "RecordHistory",
+    "Revoke", "Schedule", "Signal", "StopOnServer", "Unschedule", "Update",
+]
+
+
+# --- the Work API --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ack:
+    pass
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The first heartbeat (`NO_HEARTBEAT`), sent at once."""
+
+
+@dataclass(frozen=True)
+class StopOnServer:
+    force: bool = True
+
+
+# --- the registry --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CreateRecord:
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Update:
+    """Set fields of the record, if it still exists."""
+
+    fields: dict[str, object]
+
+
+@dataclass(frozen=True)
+class MarkRunning:
+    """The attempt takes the lease: only while it is still the current attempt."""
+
+    attempt: int
+    fields: dict[str, object]
+    guard = True
+
+
+@dataclass(frozen=True)
+class NewAttempt:
+    """Attempt `expected + 1` takes the lease: only while `expected` is still current."""
+
+    expected: int
+    task_id: str
+    guard = True
+
+
+@dataclass(frozen=True)
+class FlagStop:
+    """Raise the stop flag (force wins over graceful; the first cause stays)."""
+
+    kind: StopKind
+    cause: str
+
+
+@dataclass(frozen=True)
+class DeleteRecord:
+    pass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The next heartbeat (or release retry) at `due`; `sooner_only` never postpones one."""
+
+    due: float
+    sooner_only: bool = False
+
+
+@dataclass(frozen=True)
+class Unschedule:
+    pass
+
+
+@dataclass(frozen=True)
+class RecordBeat:
+    """An answered beat that changes nothing else: its token, and the next beat. The heartbeat
+    task records a tick's worth in one round trip."""
+
+    token: str
+    ttl_seconds: int
+    sent_at: float
+    due: float
+
+
+@dataclass(frozen=True)
+class RecordHistory:
+    """What outlives the record: failures so far, and whether the session ended."""
+
+    failures: int
+    ended: Ending
+
+
+# --- Celery, the sandbox, the healthcheck ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish the current attempt's session task on the lease's queue."""
+
+    attempt: int
+    task_id: str
+    queue: str
+
+
+@dataclass(frozen=True)
+class Revoke:
+    task_id: str
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Signal the sandbox of the attempt that asked (graceful: TERM then KILL; force: KILL)."""
+
+    kind: StopKind
+
+
+@dataclass(frozen=True)
+class AnswerHealthcheck:
+    pass
+
+
+# --- what an operator sees -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Log:
+    action: str
+    level: int = logging.INFO
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Count:
+    metric: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+Effect = (
+    Ack | Claim | StopOnServer | CreateRecord | Update | MarkRunning | NewAttempt | FlagStop
+    | DeleteRecord | Schedule | Unschedule | RecordBeat | RecordHistory | Publish | Revoke
+    | Signal | AnswerHealthcheck | Log | Count
+)

@@ -1,0 +1,304 @@
+"""What can happen to a lease: the inputs of `machine.decide`.
+
+Each is plain data: the effects layer turns a server reply, a Celery signal or a process exit
+into one of these, and the machine alone says what it means. Grouped by where they come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dispatcher.lease.model import Ending, Lease, StopKind
+
+__all__ = [
+    "AckAnswered",
+    "AckRefused",
+    "AckUncertain",
+    "AttemptSilent",
+    "AttemptStarting",
+    "BeatAnswered",
+    "BeatFailed",
+    "BeatNotFound",
+    "BeatRefused",
+    "BeatRejected",
+    "ClaimAnswered",
+    "ClaimFailed",
+    "ClaimNotAcked",
+    "ClaimRefused",
+    "ClaimStranded",
+    "Event",
+    "HandingOff",
+    "HealthcheckAnswered",
+    "MessageLost",
+    "Offered",
+    "OperatorRevoked",
+    "Pulsed",
+    "RegistryReset",
+    "RegistryUnreachable",
+    "ReleaseAnswered",
+    "ReleaseDue",
+    "ReleaseFailed",
+    "ReleaseRejected",
+    "Reply",
+    "SandboxExited",
+    "SandboxStartFailed",
+    "ServerLease",
+    "ServerStopped",
+    "StopRequested",
+]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A heartbeat's 200 answer."""
+
+    token: str
+    extended: bool
+    state: str
+    ttl_seconds: int
+
+
+@dataclass(frozen=True)
+class ServerLease:
+    """The server's view of a lease in a 412's `details.current_state`."""
+
+    state: str | None
+    last_heartbeat: str | None
+
+
+# --- the poller: an item offered by a poll, its ack, the first claim of its lease -----------
+
+@dataclass(frozen=True)
+class Offered:
+    """A poll returned this item. `proposal` is the lease we would hold; `failures` and
+    `ended` are what the fleet remembers of the item from earlier deliveries."""
+
+    proposal: Lease
+    known_type: bool
+    failures: int = 0
+    ended: Ending = Ending.NONE
+
+
+@dataclass(frozen=True)
+class AckAnswered:
+    pass
+
+
+@dataclass(frozen=True)
+class AckUncertain:
+    """The ack's reply never came, or came as 409 "not queued": it may well have landed."""
+
+    status: int | None
+
+
+@dataclass(frozen=True)
+class AckRefused:
+    status: int | None
+
+
+@dataclass(frozen=True)
+class ClaimAnswered:
+    reply: Reply
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class ClaimRefused:
+    """A 412 to the first claim (`NO_HEARTBEAT`)."""
+
+    current: ServerLease
+
+
+@dataclass(frozen=True)
+class ClaimNotAcked:
+    """404 or 409 to the first claim: the item is not ours to claim (an ack that never
+    landed, or an item that is gone)."""
+
+    status: int | None
+    ack_uncertain: bool
+
+
+@dataclass(frozen=True)
+class ClaimFailed:
+    """No usable answer to the first claim; it may have landed."""
+
+    status: int | None
+
+
+# --- the heartbeat task ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BeatAnswered:
+    reply: Reply
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class BeatRefused:
+    """412: the token we presented is not the server's."""
+
+    current: ServerLease | None
+
+
+@dataclass(frozen=True)
+class BeatNotFound:
+    pass
+
+
+@dataclass(frozen=True)
+class BeatRejected:
+    """Another 4xx the server will not change its mind on (auth, a malformed request)."""
+
+    status: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class BeatFailed:
+    """A transient failure: 5xx, 429, a dropped connection, a timeout, a malformed body. The
+    server may have applied the beat all the same."""
+
+    status: int | None
+    error: str
+
+
+# --- stops, both ways --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StopRequested:
+    kind: StopKind
+    cause: str  # server, operator, ...
+    seen_by: str  # heartbeat, bridge, revoke
+
+
+@dataclass(frozen=True)
+class ServerStopped:
+    """The server lists the item as stopped."""
+
+    seen_by: str
+
+
+@dataclass(frozen=True)
+class OperatorRevoked:
+    task_id: str
+    terminated: bool
+    force: bool  # terminated with SIGKILL
+
+
+# --- the session plane -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttemptStarting:
+    attempt: int
+    task_id: str
+    worker: str
+    pid: int
+    draining: bool
+
+
+@dataclass(frozen=True)
+class HandingOff:
+    """Handoff mode: the sandbox is about to start and will heartbeat the lease itself."""
+
+
+@dataclass(frozen=True)
+class Pulsed:
+    """What a running attempt's pulse found (`exists`: the record; `current`: still its
+    attempt), and whether an operator terminated its task meanwhile."""
+
+    exists: bool
+    current: bool
+    stop: StopKind
+    draining: bool
+    operator: bool
+
+
+@dataclass(frozen=True)
+class SandboxStartFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class SandboxExited:
+    attempt: int
+    code: int
+    # The worker is shutting down: the attempt was stopped to hand the session over.
+    draining: bool
+    next_task_id: str
+
+
+@dataclass(frozen=True)
+class RegistryUnreachable:
+    """A running attempt has not reached the registry for `seconds`."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RegistryReset:
+    """Redis came back empty while this attempt ran: `lease` is what the attempt remembers."""
+
+    lease: Lease
+
+
+# --- recovery ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttemptSilent:
+    """The running attempt stopped pulsing: its worker is gone."""
+
+    next_task_id: str
+
+
+@dataclass(frozen=True)
+class MessageLost:
+    """The published task is in no queue and never started."""
+
+    next_task_id: str
+
+
+@dataclass(frozen=True)
+class ClaimStranded:
+    """Recorded, never published (the poller died in between)."""
+
+
+# --- release and healthchecks ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReleaseAnswered:
+    """The server confirmed the stop: 2xx, 409 (already stopped) or 404 (gone)."""
+
+    status: int
+
+
+@dataclass(frozen=True)
+class ReleaseDue:
+    """A release that failed earlier is due to be tried again."""
+
+
+@dataclass(frozen=True)
+class ReleaseFailed:
+    status: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class ReleaseRejected:
+    status: int | None
+    error: str
+
+
+@dataclass(frozen=True)
+class HealthcheckAnswered:
+    healthy: bool
+    results: tuple[tuple[str, str], ...]
+
+
+Event = (
+    Offered | AckAnswered | AckUncertain | AckRefused | ClaimAnswered | ClaimRefused
+    | ClaimNotAcked | ClaimFailed | BeatAnswered | BeatRefused | BeatNotFound | BeatRejected
+    | BeatFailed | StopRequested | ServerStopped | OperatorRevoked | AttemptStarting | HandingOff
+    | Pulsed | SandboxStartFailed | SandboxExited | RegistryUnreachable | RegistryReset
+    | AttemptSilent | MessageLost | ClaimStranded | ReleaseAnswered | ReleaseDue | ReleaseFailed
+    | ReleaseRejected | HealthcheckAnswered
+)
