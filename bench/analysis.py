@@ -174,8 +174,9 @@ def findings(results: dict[str, Any]) -> list[str]:
     out += [
         "## Problems found in the dispatcher (reported, not fixed here)",
         "",
-        "1. **`-P prefork` silently ran the thread pool (fixed since).** dispatcher/celery/application.py "
-        "set `worker_pool=\"threads\"`, and Celery's CLI cannot tell an explicit `-P prefork` "
+        "1. **`-P prefork` silently ran the thread pool (fixed since).** "
+        "dispatcher/celery/application.py set `worker_pool=\"threads\"`, and Celery's CLI "
+        "cannot tell an explicit `-P prefork` "
         "from its own default, so it substituted the configured pool (celery/bin/worker.py, "
         "`WorkersPool.convert`: `if value == 'prefork' and worker_pool: value = "
         "get_implementation(worker_pool)`): a worker started with `-P prefork -c 4` printed "

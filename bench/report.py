@@ -226,7 +226,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
 
 def interval(ttl: int) -> float:
     """The dispatcher's beat interval for a TTL (dispatcher/control/heartbeat.py)."""
-    from dispatcher.control.heartbeat import heartbeat_interval
+    from dispatcher.lease.machine import heartbeat_interval
 
     return heartbeat_interval(ttl)
 

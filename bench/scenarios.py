@@ -226,8 +226,9 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
     its last beat, at the end) exceeds its TTL, or any refused beat. `latency_ms` delays every
     heartbeat answer that much once a step's leases are claimed (an API further away than the
     emulator on 127.0.0.1)."""
-    from dispatcher.control.heartbeat import heartbeat_interval
-    from dispatcher.lease.registry import Lease, LeaseRegistry, Phase
+    from dispatcher.lease.machine import heartbeat_interval
+    from dispatcher.lease.model import Lease, Phase
+    from dispatcher.lease.registry import LeaseRegistry
 
     stack, emu = fleet.stack, fleet.emu
     control = fleet.control()

@@ -84,8 +84,8 @@ class Lease:
     # The server's lease token: echoed exactly as `expected_last_heartbeat`.
     token: str = ""
     ttl_seconds: int = 0
-    # When the last beat the server answered was sent (the ack, before any): the server's
-    # lease cannot lapse before this plus the TTL.
+    # When the last beat the server answered was sent (or the ack it answered; 0: neither yet):
+    # the server's lease cannot lapse before this plus the TTL.
     heartbeat_ok_at: float = 0.0
     # A beat whose reply never came may have been applied: the token may be stale.
     uncertain: bool = False

@@ -19,13 +19,19 @@ REDIS_BASE = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
 class SentTasks:
-    """Celery's app as the poller sees it: records what would be published."""
+    """Celery's app as the lease executor sees it: records what would be published and
+    revoked."""
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
+        self.revoked: list[str] = []
+        self.control = self
 
     def send_task(self, name: str, **kwargs: Any) -> None:
         self.sent.append({"name": name, **kwargs})
+
+    def revoke(self, task_id: str, **kwargs: Any) -> None:
+        self.revoked.append(task_id)
 
 
 def poll_until(runtime: Runtime, work_id: str, timeout_polls: int = 15) -> Any:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from inprocess import REDIS_BASE, poll_until
 
 from dispatcher.control.heartbeat import beat_due_leases
 from dispatcher.control.poller import claim
-from dispatcher.lease.registry import Phase
+from dispatcher.lease.model import Phase
 from dispatcher.ops.stack import FAKE_SESSION, free_port
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import Outcome, SessionAttempt, run_attempt
@@ -67,7 +68,7 @@ def test_a_truncated_heartbeat_reply_is_transient(emulator: Any, runtime: Runtim
     emulator.reset_faults()
     assert tally.failed == 1 and tally.lost == 0
     lease = runtime.registry.get(work_id)
-    assert lease is not None and not lease.is_lost and not lease.stop
+    assert lease is not None and not lease.lost and not lease.stop
     assert runtime.registry.next_due(work_id) is not None, "retried within a second"
 
 
@@ -106,8 +107,7 @@ def test_unknown_states_are_kept_as_data() -> None:
 
 def test_a_heartbeat_with_an_unknown_state_and_no_extension_loses_the_lease(
         emulator: Any, runtime: Runtime) -> None:
-    from dispatcher.control.heartbeat import apply_first_heartbeat
-    from dispatcher.workapi import Heartbeat
+    from dispatcher.lease import events as ev
 
     _, work_id = emulator.create_session(runtime.environment_id, metadata={})
     assert claim(runtime, poll_until(runtime, work_id))
@@ -116,10 +116,10 @@ def test_a_heartbeat_with_an_unknown_state_and_no_extension_loses_the_lease(
     runtime.registry.update(work_id, phase=Phase.RUNNING)
     lease = runtime.registry.get(work_id)
     assert lease is not None
-    apply_first_heartbeat(runtime, lease, Heartbeat(
-        last_heartbeat="t", lease_extended=False, state="hibernating", ttl_seconds=30))
+    runtime.executor.run(lease, ev.BeatAnswered(
+        ev.Reply(token="t", extended=False, state="hibernating", ttl_seconds=30), time.time()))
     after = runtime.registry.get(work_id)
-    assert after is not None and after.is_lost and after.stop == "force"
+    assert after is not None and after.lost and after.stop == "force"
 
 
 # --- unknown work types --------------------------------------------------------------------

@@ -14,7 +14,8 @@ from inprocess import poll_until
 from dispatcher.control import heartbeat
 from dispatcher.control.heartbeat import beat_due_leases, close_sender
 from dispatcher.control.poller import claim
-from dispatcher.lease.registry import Lease, Phase
+from dispatcher.lease import events as ev
+from dispatcher.lease.model import Phase
 from dispatcher.runtime import Runtime
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
@@ -77,10 +78,13 @@ def test_a_lease_released_or_handed_to_its_sandbox_during_the_beat_is_left_alone
     released, handed, releasing = _claimed(emulator, runtime, 3)
     registry = runtime.registry
     registry.update(releasing, heartbeats_by="sandbox", phase=Phase.RELEASING)
-    registry.hand_heartbeat_to_sandbox(handed, wait_seconds=0)
-    plain = [(w, f"token-{w}", 30, time.time() + 10) for w in (released, handed, releasing)]
+    handed_lease = registry.get(handed)
+    assert handed_lease is not None
+    runtime.executor.run(handed_lease, ev.HandingOff())
+    plain = [(w, f"token-{w}", 30, time.time(), time.time() + 10)
+             for w in (released, handed, releasing)]
     registry.delete(released)
-    assert registry.record_beats(plain, ok_at=time.time()) == [released]
+    assert registry.record_beats(plain) == [released]
     assert registry.get(released) is None, "never written back"
     handed_lease, releasing_lease = registry.get(handed), registry.get(releasing)
     assert handed_lease is not None and handed_lease.token == f"token-{handed}"
@@ -95,10 +99,14 @@ def test_a_stopping_reply_in_a_big_tick_still_raises_the_stop_flag(
     emulator.http.post(emulator.work_url(runtime.environment_id, f"/{ids[0]}/stop"),
                        headers=emulator.org_headers, json={"force": False}).raise_for_status()
     _all_due(runtime, ids)
+    queued = runtime.registry.get(ids[0])
+    assert queued is not None
     tally = beat_due_leases(runtime)
     assert tally.sent == 4
-    stopped: Lease | None = runtime.registry.get(ids[0])
-    assert stopped is not None and stopped.stop == "graceful"
+    # Its task still waits in a queue: revoked, and the item stopped at once.
+    assert runtime.registry.get(ids[0]) is None
+    assert queued.task_id in runtime.app.revoked
+    assert emulator.get(runtime.environment_id, ids[0])["state"] == "stopped"
     for work_id in ids[1:]:
         lease = runtime.registry.get(work_id)
         assert lease is not None and not lease.stop

@@ -13,8 +13,8 @@ from inprocess import in_process_runtime, poll_until
 
 from dispatcher.control.heartbeat import beat_due_leases
 from dispatcher.control.poller import claim
-from dispatcher.lease.executor import release
-from dispatcher.lease.registry import Phase
+from dispatcher.lease import events as ev
+from dispatcher.lease.model import Lease, Phase
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -31,6 +31,12 @@ def _beats(emulator: Any, work_id: str) -> list[dict[str, Any]]:
             if e.get("work_id") == work_id and e.get("endpoint") == "heartbeat"]
 
 
+def _finish(runtime: Runtime, lease: Lease) -> Lease | None:
+    """The session's sandbox exited 0: what the lease is after the machine released it."""
+    exited = ev.SandboxExited(lease.attempt, 0, draining=False, next_task_id="unused")
+    return runtime.executor.run(lease, exited)
+
+
 def _due_now(runtime: Runtime, work_id: str) -> None:
     runtime.registry.schedule_heartbeat(work_id, time.time() - 1)
 
@@ -41,7 +47,7 @@ def test_a_refused_first_claim_of_an_unheld_item_is_claimed_again(
     emulator.set_faults(heartbeat_412_rate=1.0)
     work_id = _claimed(emulator, runtime)
     lease = runtime.registry.get(work_id)
-    assert lease is not None and not lease.token and not lease.is_lost, "the lease is kept"
+    assert lease is not None and not lease.token and not lease.lost, "the lease is kept"
     assert runtime.app.sent, "and its session dispatched"
     emulator.reset_faults()
     _due_now(runtime, work_id)
@@ -70,7 +76,7 @@ def test_a_lease_whose_release_fails_is_still_heartbeated_until_the_stop_lands(
     lease = runtime.registry.get(work_id)
     assert lease is not None
     emulator.set_faults(error_rate=1.0, error_status=503, endpoints=["stop"])
-    assert not release(runtime, lease, reason="exited", outcome="completed")
+    assert _finish(runtime, lease) is not None, "the failed release keeps the lease"
     releasing = runtime.registry.get(work_id)
     assert releasing is not None and releasing.phase == Phase.RELEASING
     before = len(_beats(emulator, work_id))
@@ -93,7 +99,7 @@ def test_a_failed_release_never_postpones_a_due_beat(emulator: Any, runtime: Run
     runtime.registry.schedule_heartbeat(work_id, soon)
     emulator.set_faults(error_rate=1.0, error_status=503, endpoints=["stop"])
     try:
-        assert not release(runtime, lease, reason="exited", outcome="completed")
+        assert _finish(runtime, lease) is not None, "the failed release keeps the lease"
     finally:
         emulator.reset_faults()
     assert runtime.registry.next_due(work_id) == pytest.approx(soon)
@@ -111,7 +117,7 @@ def test_an_ended_session_handed_out_again_is_stopped_not_run_again(
         lease = runtime.registry.get(work_id)
         assert lease is not None
         emu.set_faults(error_rate=1.0, error_status=503, endpoints=["stop"])
-        assert not release(runtime, lease, reason="exited", outcome="completed")
+        assert _finish(runtime, lease) is not None, "the failed release keeps the lease"
         emu.reset_faults()
         runtime.registry.unschedule_heartbeat(work_id)  # no beat: let the lease lapse
         redelivered = poll_until(runtime, work_id)
@@ -132,7 +138,7 @@ def test_a_running_session_handed_out_again_is_fenced_and_left_unacked(
         redelivered = poll_until(runtime, work_id)
         assert not claim(runtime, redelivered)
         lease = runtime.registry.get(work_id)
-        assert lease is not None and lease.is_lost and lease.stop == "force", "fenced"
+        assert lease is not None and lease.lost and lease.stop == "force", "fenced"
         acks = [e for e in emu.requests_log()
                 if e.get("work_id") == work_id and e.get("endpoint") == "ack"]
         assert len(acks) == 1, "not acked a second time"

@@ -26,7 +26,8 @@ import pytest
 import redis
 
 from dispatcher.control.capacity import Capacity
-from dispatcher.lease.registry import Lease, LeaseRegistry, Phase, StopKind
+from dispatcher.lease.model import Lease, Phase, StopKind
+from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.ops.cli import main
 
 pytestmark = pytest.mark.integration

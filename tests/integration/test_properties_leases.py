@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from dispatcher.lease.registry import Lease, LeaseRegistry, StopKind
+from dispatcher.lease.model import Lease, StopKind
+from dispatcher.lease.registry import LeaseRegistry
 
 REDIS_URL = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379") + "/10"
 WORK_IDS = st.sampled_from(["work_a", "work_b", "work_c"])
@@ -130,13 +131,16 @@ class RegistryMachine(RuleBasedStateMachine):
     @rule(work_id=WORK_IDS)
     def mark_lost(self, work_id: str) -> None:
         model = self.model.get(work_id)
-        self.registry.mark_lost(work_id, "heartbeat 412")
+        # What the machine's `lose` asks of the registry.
+        self.registry.update(work_id, lost=True)
+        self.registry.request_stop(work_id, StopKind.FORCE, "heartbeat 412")
+        self.registry.unschedule_heartbeat(work_id)
         if model is not None:
             if model.stop != StopKind.FORCE.value:
                 model.cause = model.cause or "heartbeat 412"
                 model.stop = StopKind.FORCE.value
             model.due = None
-            assert self.registry.get(work_id).is_lost  # type: ignore[union-attr]
+            assert self.registry.get(work_id).lost  # type: ignore[union-attr]
 
     @rule(work_id=WORK_IDS)
     def delete(self, work_id: str) -> None:

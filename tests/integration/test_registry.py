@@ -10,7 +10,8 @@ import pytest
 import redis
 
 from dispatcher.control.capacity import Capacity
-from dispatcher.lease.registry import Lease, LeaseRegistry, Phase, StopKind
+from dispatcher.lease.model import Lease, Phase, StopKind
+from dispatcher.lease.registry import LeaseRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +89,10 @@ def test_due_heartbeats_are_claimed_by_one_taker_only(registry: LeaseRegistry) -
 def test_no_heartbeat_is_scheduled_after_a_hand_off(registry: LeaseRegistry) -> None:
     registry.create(_lease(token="tok-1"), work_json="{}")
     assert registry.schedule_heartbeat("work_1", time.time())
-    assert registry.hand_heartbeat_to_sandbox("work_1", wait_seconds=1) == "tok-1"
+    # What the machine's hand-off does: the sandbox beats it now, and nothing is scheduled.
+    registry.update("work_1", heartbeats_by="sandbox")
+    registry.unschedule_heartbeat("work_1")
+    assert registry.settled_token("work_1", wait_seconds=1) == "tok-1"
     assert registry.next_due("work_1") is None
     assert not registry.schedule_heartbeat("work_1", time.time())
 

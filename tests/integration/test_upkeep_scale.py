@@ -12,8 +12,9 @@ import pytest
 
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
-from dispatcher.control.recovery import PULSE_STALE_SECONDS, recover
-from dispatcher.lease.registry import Lease, Phase
+from dispatcher.control.recovery import recover
+from dispatcher.lease.machine.running import PULSE_STALE_SECONDS
+from dispatcher.lease.model import Lease, Phase
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,11 @@ TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 SOURCES = sorted(p for p in (ROOT / "dispatcher").rglob("*.py") if "emulator" not in p.parts)
 REGENERATE = "regenerate it: python -m dispatcher.ops.docsgen > docs/configuration.md"
 
-# `event("action", ...)`, and both branches of `event("a" if ... else "b", ...)`.
-EVENT_LITERAL = re.compile(r'event\(\s*"([^"]+)"')
-EVENT_CONDITIONAL = re.compile(r'event\(\s*"[^"]+"\s+if\s[^,]*?\selse\s+"([^"]+)"')
+# `event("action", ...)` (the lease machine's `log("action", ...)` and `fx.Log("action", ...)`
+# become such lines), and both branches of `event("a" if ... else "b", ...)`.
+EVENT_LITERAL = re.compile(r'\b(?:event|log_event|log|Log)\(\s*"([^"]+)"')
+EVENT_CONDITIONAL = re.compile(
+    r'\b(?:event|log_event|log|Log)\(\s*"[^"]+"\s+if\s[^,]*?\selse\s+"([^"]+)"')
 EVENT_ANY = re.compile(r"\bevent\(\s*([^\s,)]+)")
 # Actions passed through a variable: where the name is set, and the actions it can hold.
 DYNAMIC_ACTIONS = {("poller.py", "what"): ["poll failed"]}

@@ -1,0 +1,275 @@
+"""Rules for events of the claim path: an item offered by a poll, its ack, the first claim,
+and every heartbeat after it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from dispatcher.lease import effects as fx
+from dispatcher.lease import events as ev
+from dispatcher.lease.machine.steps import (
+    RETRY_SECONDS,
+    Ctx,
+    Decision,
+    advance_claimed,
+    count,
+    end,
+    flag_stop,
+    heartbeat_interval,
+    is_over,
+    log,
+    lose,
+    since_ok,
+    stop_requested,
+)
+from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
+
+# --- the poller --------------------------------------------------------------------------------
+
+def _offered(lease: Lease | None, e: ev.Offered, c: Ctx) -> Decision:
+    item = e.proposal
+    if not e.known_type:
+        return Decision(None, (
+            count("work_refused", reason="unknown_type"),
+            log("unknown work type", item, logging.WARNING, action_taken="stopped, not run"),
+            fx.StopOnServer(force=True)))
+    if lease is not None:
+        return _offered_held(lease)
+    if e.ended != Ending.NONE:
+        return Decision(None, (
+            count("work_refused", reason="already_ended"),
+            log("re-delivered after it ended", item, logging.WARNING, ended=e.ended.value,
+                 action_taken="stopped, not run"),
+            fx.StopOnServer(force=True)))
+    if e.failures >= c.policy.max_attempts:
+        return Decision(None, (
+            count("work_refused", reason="attempts_exhausted"),
+            log("attempts exhausted", item, logging.WARNING, failures=e.failures,
+                 action_taken="stopped, not run"),
+            fx.StopOnServer(force=True)))
+    return Decision(item.but(failures=e.failures), (fx.Ack(),))
+
+
+def _offered_held(lease: Lease) -> Decision:
+    """The server offers an item we still hold: our lease on it lapsed. Never ack it twice."""
+    if is_over(lease):
+        # The session is over: stop the item (its release may have failed so far).
+        return Decision(lease, (
+            log("polled a held lease", lease, logging.WARNING, phase=lease.phase.value,
+                 action_taken="session already ended: stopped, not run"),
+            fx.StopOnServer(force=True)))
+    # A running attempt is fenced now and the item left unacked: the server delivers it again
+    # once the record is gone, and only then is it claimed afresh (acking it now would start a
+    # second attempt beside the first).
+    failures = lease.failures + (1 if lease.phase == Phase.RUNNING else 0)
+    fenced = Decision(lease.but(failures=failures),
+                      (fx.RecordHistory(failures, Ending.NONE),))
+    assert fenced.lease is not None
+    return fenced.then(lose(fenced.lease, cause="re-delivered by the server",
+                             action="polled a held lease", phase=lease.phase.value,
+                             action_taken="attempt fenced; claimed again on re-delivery"))
+
+
+def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decision:
+    if lease is None:
+        return Decision(None)
+    if isinstance(e, ev.AckAnswered):
+        # The server answered: the item is ours, and its lease cannot lapse before a TTL.
+        lease = lease.but(heartbeat_ok_at=c.now)
+    effects: list[fx.Effect] = [
+        fx.CreateRecord(lease), count("work_claimed", type=lease.kind),
+        log("claimed", lease, type=lease.kind, queue=lease.queue),
+    ]
+    if isinstance(e, ev.AckUncertain):
+        effects.append(log("ack uncertain", lease, logging.WARNING, status=e.status,
+                            action_taken="claimed; the first heartbeat tells"))
+    decision = Decision(lease, tuple(effects))
+    if lease.heartbeats_by == Beater.DISPATCHER:
+        return decision.then(Decision(lease, (fx.Claim(),)))
+    return decision.then(advance_claimed(lease, c))
+
+
+def _ack_refused(lease: Lease | None, e: ev.AckRefused, c: Ctx) -> Decision:
+    return Decision(None, (
+        count("work_refused", reason="ack_failed"),
+        log("ack failed", lease, logging.WARNING, status=e.status,
+             outcome="left for the server to re-deliver")))
+
+
+def _claim_answered(lease: Lease | None, e: ev.ClaimAnswered, c: Ctx) -> Decision:
+    if lease is None:
+        return Decision(None)
+    beat = _beat_answered(lease, ev.BeatAnswered(e.reply, e.sent_at), c)
+    if beat.lease is None:
+        return beat
+    return beat.then(advance_claimed(beat.lease, c))
+
+
+def _claim_refused(lease: Lease | None, e: ev.ClaimRefused, c: Ctx) -> Decision:
+    if lease is None:
+        return Decision(None)
+    if _unclaimed(e.current):
+        refused = _refused_unclaimed(lease, c)
+        return refused if refused.lease is None else refused.then(
+            advance_claimed(refused.lease, c))
+    return Decision(None, (
+        fx.DeleteRecord(),
+        log("lease taken by another worker", lease, logging.WARNING,
+             server_state=e.current.state)))
+
+
+def _claim_not_acked(lease: Lease | None, e: ev.ClaimNotAcked, c: Ctx) -> Decision:
+    if lease is None:
+        return Decision(None)
+    if e.ack_uncertain:
+        # The ack never landed: the item is still queued on the server, which delivers it again.
+        return Decision(None, (
+            fx.DeleteRecord(), count("work_refused", reason="ack_failed"),
+            log("ack failed", lease, logging.WARNING, status=e.status,
+                 outcome="left for the server to re-deliver")))
+    if e.status == 404:
+        return lose(lease, cause="claim 404", server_stopped=True)
+    return _claim_failed(lease, ev.ClaimFailed(e.status), c)
+
+
+def _claim_failed(lease: Lease | None, e: ev.ClaimFailed, c: Ctx) -> Decision:
+    """Keep the lease: the heartbeat task claims again at once and judges the TTL. The claim
+    may have landed, so its token may be the server's by now (`uncertain`)."""
+    if lease is None:
+        return Decision(None)
+    failed = lease.but(uncertain=True)
+    decision = Decision(failed, (
+        fx.Update({"uncertain": True}), fx.Schedule(c.now),
+        log("first heartbeat failed", lease, logging.WARNING, status=e.status)))
+    return decision.then(advance_claimed(failed, c))
+
+
+def _unclaimed(current: ev.ServerLease | None) -> bool:
+    """A 412 to a NO_HEARTBEAT claim while the server's own state says nobody heartbeated
+    the item: nobody else holds it, so the refusal is the server's hiccup, not a rival."""
+    return (current is not None and current.last_heartbeat is None
+            and current.state in (None, "starting"))
+
+
+def _refused_unclaimed(lease: Lease, c: Ctx) -> Decision:
+    """Claim the unclaimed item again soon; past the TTL, stop it (it is ours to stop).
+    Giving up at once would strand the acked item in `starting` for good."""
+    since = round(c.now - lease.claimed_at, 1)
+    if c.now - lease.claimed_at > lease.ttl:
+        flagged = flag_stop(lease, StopKind.FORCE, "claim refused") or Decision(lease)
+        assert flagged.lease is not None
+        return flagged.then(Decision(flagged.lease, (
+            fx.Unschedule(),
+            log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
+                 action_taken="stopped on the server")))).then(
+            Decision(flagged.lease) if lease.phase == Phase.RUNNING
+            else end(flagged.lease, Ending.STOPPED, reason="claim refused"))
+    return Decision(lease, (
+        fx.Schedule(c.now + RETRY_SECONDS),
+        log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
+             action_taken=f"retry in {RETRY_SECONDS:.0f}s")))
+
+
+# --- the heartbeat task ------------------------------------------------------------------------
+
+def _beat_answered(lease: Lease | None, e: ev.BeatAnswered, c: Ctx) -> Decision:
+    if lease is None:
+        return Decision(None)
+    reply = e.reply
+    ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else lease.ttl
+    beaten = lease.but(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=e.sent_at,
+                       uncertain=False)
+    recorded = Decision(beaten, (fx.RecordBeat(reply.token, ttl, e.sent_at,
+                                               e.sent_at + heartbeat_interval(ttl)),))
+    if reply.state == "stopped":
+        return recorded.then(lose(beaten, cause="server stopped", server_stopped=True))
+    if not reply.extended and reply.state != "stopping":
+        return recorded.then(lose(beaten, cause="lease not extended"))
+    if reply.state == "stopping":
+        return recorded.then(stop_requested(beaten, ev.StopRequested(
+            StopKind.GRACEFUL, "server", "heartbeat"), c))
+    return recorded
+
+
+def _beat_refused(lease: Lease | None, e: ev.BeatRefused, c: Ctx) -> Decision:
+    if lease is None:
+        return Decision(None)
+    current = e.current
+    if not lease.token and _unclaimed(current):
+        return _refused_unclaimed(lease, c)
+    if current is not None and current.state == "stopped":
+        return lose(lease, cause="server stopped", server_stopped=True)
+    if _lost_beat_was_ours(lease, current, c.now):
+        assert current is not None and current.last_heartbeat is not None
+        return Decision(lease.but(token=current.last_heartbeat, uncertain=False), (
+            fx.Update({"token": current.last_heartbeat, "uncertain": False}),
+            fx.Schedule(c.now),
+            log("heartbeat token adopted", lease, logging.WARNING,
+                 reason="a beat of ours was applied but its reply was lost")))
+    return lose(lease, cause="heartbeat 412", server_state=current.state if current else None)
+
+
+def _lost_beat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float) -> bool:
+    """After a beat whose reply was lost, a 412 whose server token we never saw is that beat's:
+    the server hands an acked item to another holder only after its lease lapsed, and it cannot
+    lapse before one TTL after the last beat it answered us was *sent* (or the ack it answered).
+    Inside that window the only writer of the token is us, so adopting it cannot take another
+    holder's lease. Without an answered ack or beat there is no window: an ack whose reply was
+    lost may never have landed, and the server may have given the item to someone else."""
+    return (lease.uncertain and lease.heartbeat_ok_at > 0 and current is not None
+            and bool(current.last_heartbeat)
+            and current.last_heartbeat != lease.token
+            and current.state in ("starting", "active", "stopping")
+            and since_ok(lease, now) < lease.ttl)
+
+
+def _beat_not_found(lease: Lease | None, e: ev.BeatNotFound, c: Ctx) -> Decision:
+    if lease is None:
+        return Decision(None)
+    return lose(lease, cause="heartbeat 404", server_stopped=True)
+
+
+def _beat_rejected(lease: Lease | None, e: ev.BeatRejected, c: Ctx) -> Decision:
+    """The server will not take our beats (auth, a bad request): kill and stop the item."""
+    if lease is None:
+        return Decision(None)
+    flagged = flag_stop(lease, StopKind.FORCE, "heartbeat rejected") or Decision(lease)
+    assert flagged.lease is not None
+    decision = flagged.then(Decision(flagged.lease, (
+        fx.Unschedule(),
+        log("heartbeat rejected", lease, logging.ERROR, status=e.status, error=e.error))))
+    if lease.phase == Phase.RUNNING:
+        return decision  # its supervisor kills the sandbox, then releases
+    return decision.then(end(flagged.lease, lease.ended or Ending.STOPPED,
+                              reason="heartbeat rejected"))
+
+
+def _beat_failed(lease: Lease | None, e: ev.BeatFailed, c: Ctx) -> Decision:
+    if lease is None:
+        return Decision(None)
+    since = since_ok(lease, c.now)
+    if since > lease.ttl:
+        return lose(lease, cause="assumed lost: no heartbeat succeeded within the TTL")
+    return Decision(lease.but(uncertain=True), (
+        fx.Update({"uncertain": True}), fx.Schedule(c.now + RETRY_SECONDS),
+        log("heartbeat failed", lease, logging.WARNING, status=e.status, error=e.error,
+             seconds_since_success=round(since, 1))))
+
+
+HANDLERS: dict[type, Callable[[Any, Any, Ctx], Decision]] = {
+    ev.Offered: _offered,
+    ev.AckAnswered: _acked,
+    ev.AckUncertain: _acked,
+    ev.AckRefused: _ack_refused,
+    ev.ClaimAnswered: _claim_answered,
+    ev.ClaimRefused: _claim_refused,
+    ev.ClaimNotAcked: _claim_not_acked,
+    ev.ClaimFailed: _claim_failed,
+    ev.BeatAnswered: _beat_answered,
+    ev.BeatRefused: _beat_refused,
+    ev.BeatNotFound: _beat_not_found,
+    ev.BeatRejected: _beat_rejected,
+    ev.BeatFailed: _beat_failed,
+}

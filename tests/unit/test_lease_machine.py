@@ -1,0 +1,277 @@
+"""The lease machine by tables: every (event, phase) pair of the rule table docs/architecture.md
+shows, held to what it must do. No Redis, no network: `decide` is a pure function.
+
+Each expectation names the phase after and the effects that must (and must not) be there; the
+table itself is generated from the code (`dispatcher.lease.table`), so a rule that changes shows
+up here as a failing row and in the doc as a changed one."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher.lease import effects as fx
+from dispatcher.lease import events as ev
+from dispatcher.lease.machine import Policy, decide, heartbeat_interval
+from dispatcher.lease.model import Ending, Lease, Phase, StopKind
+from dispatcher.lease.table import NOW, PHASES, SCENARIOS, describe, lease_in, rows
+
+ANY = ("claimed", "dispatched", "running", "releasing")
+HELD = ("claimed", "dispatched", "running")
+QUEUED = ("claimed", "dispatched")
+
+# (event, phases, phase after ("none": no record), effects that must be there, must not be).
+EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
+    ("offered", ("none",), "claimed", {"Ack"}, {"StopOnServer"}),
+    ("offered", QUEUED, "none", {"DeleteRecord", "log `polled a held lease`"},
+     {"Ack", "StopOnServer", "Publish"}),
+    ("offered", ("running",), "running", {"FlagStop(force)", "RecordHistory"},
+     {"Ack", "Publish"}),
+    ("offered", ("releasing",), "releasing", {"StopOnServer"}, {"Ack", "Publish"}),
+    ("offered, unknown type", ("none",), "none", {"StopOnServer"}, {"Ack"}),
+    ("offered, ended before", ("none",), "none", {"StopOnServer"}, {"Ack"}),
+    ("offered, attempts used up", ("none",), "none", {"StopOnServer"}, {"Ack"}),
+    ("ack answered", ("claimed",), "claimed", {"CreateRecord", "Claim"}, {"Publish"}),
+    ("ack reply lost, or 409", ("claimed",), "claimed", {"CreateRecord", "Claim"}, set()),
+    ("ack refused (4xx)", ("claimed",), "none", set(), {"CreateRecord", "StopOnServer"}),
+    ("claim answered", ("claimed",), "dispatched", {"RecordBeat", "Publish"}, set()),
+    ("claim 412, nobody beat it", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
+    ("claim 412, another holder", ("claimed",), "none", {"DeleteRecord"},
+     {"StopOnServer", "Publish"}),
+    ("claim 404/409 after an uncertain ack", ("claimed",), "none", {"DeleteRecord"},
+     {"StopOnServer", "Publish"}),
+    ("claim failed (transient)", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
+    ("beat answered", ANY, "=", {"RecordBeat"}, {"StopOnServer"}),
+    ("beat answered, not extended", QUEUED, "none", {"DeleteRecord"}, {"StopOnServer"}),
+    ("beat answered, not extended", ("running",), "running", {"FlagStop(force)"},
+     {"StopOnServer", "DeleteRecord"}),
+    # The session ended: its item is stopped whatever happens to the lease.
+    ("beat answered, not extended", ("releasing",), "releasing", {"StopOnServer"},
+     {"DeleteRecord"}),
+    ("beat answered, stopping", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
+     {"Publish"}),
+    ("beat answered, stopping", ("running",), "running", {"FlagStop(graceful)"},
+     {"StopOnServer"}),
+    ("beat answered, stopping", ("releasing",), "releasing", {"RecordBeat"},
+     {"FlagStop(graceful)"}),
+    ("beat answered, stopped", ("claimed", "dispatched", "releasing"), "none",
+     {"DeleteRecord"}, {"StopOnServer"}),
+    ("beat answered, stopped", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
+    ("beat 412 after a lost reply, inside the TTL", ANY, "=",
+     {"Schedule", "log `heartbeat token adopted`"}, {"FlagStop(force)", "DeleteRecord"}),
+    ("beat 412", QUEUED, "none", {"DeleteRecord", "Unschedule"}, {"StopOnServer"}),
+    ("beat 412", ("running",), "running", {"FlagStop(force)", "Unschedule"}, {"StopOnServer"}),
+    ("beat 412", ("releasing",), "releasing", {"StopOnServer"}, {"DeleteRecord"}),
+    ("beat 404", ("claimed", "dispatched", "releasing"), "none", {"DeleteRecord"},
+     {"StopOnServer"}),
+    ("beat 404", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
+    ("beat rejected (other 4xx)", ("claimed", "dispatched", "releasing"), "releasing",
+     {"StopOnServer"}, {"Publish"}),
+    ("beat rejected (other 4xx)", ("running",), "running", {"FlagStop(force)"},
+     {"StopOnServer"}),
+    ("beat failed (transient)", ANY, "=", {"Schedule"}, {"FlagStop(force)"}),
+    ("stop requested (server)", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
+     {"Publish"}),
+    ("stop requested (server)", ("running",), "running", {"FlagStop(graceful)"},
+     {"StopOnServer"}),
+    ("stop requested (force)", QUEUED, "releasing", {"FlagStop(force)", "StopOnServer"}, set()),
+    ("stop requested (force)", ("running",), "running", {"FlagStop(force)"}, set()),
+    ("server lists it stopped", ("claimed", "dispatched", "releasing"), "none",
+     {"DeleteRecord"}, {"StopOnServer"}),
+    ("server lists it stopped", ("running",), "running", {"FlagStop(force)"}, set()),
+    ("operator terminated the task", QUEUED, "releasing", {"StopOnServer"}, set()),
+    ("operator terminated the task", ("running",), "running", {"FlagStop(graceful)"},
+     {"StopOnServer"}),
+    ("operator revoked the task", QUEUED, "releasing", {"StopOnServer"}, set()),
+    ("attempt starting", ("none",), "none", {"log `attempt skipped`"}, {"MarkRunning"}),
+    ("attempt starting", HELD, "running", {"MarkRunning"}, set()),
+    ("attempt starting", ("releasing",), "releasing", {"log `attempt skipped`"},
+     {"MarkRunning"}),
+    ("attempt starting, worker draining", ("none",), "none", set(), {"Publish"}),
+    ("attempt starting, worker draining", HELD, "=", {"Publish"}, {"MarkRunning"}),
+    ("attempt starting, worker draining", ("releasing",), "releasing", set(), {"Publish"}),
+    ("handing off to the sandbox", ANY, "=", {"Unschedule"}, set()),
+    ("pulsed, superseded", ANY, "=", {"Signal(force)"}, set()),
+    ("pulsed, stop flagged", ANY, "=", {"Signal(graceful)"}, set()),
+    ("pulsed, worker draining", ANY, "=", {"Signal(graceful)"}, set()),
+    ("sandbox could not start", ANY, "releasing", {"StopOnServer", "RecordHistory"},
+     {"Publish"}),
+    ("sandbox exited 0", HELD, "releasing", {"StopOnServer", "RecordHistory"}, {"Publish"}),
+    ("sandbox exited 1", HELD, "releasing", {"StopOnServer", "RecordHistory"}, {"Publish"}),
+    ("sandbox exited 0", ("releasing",), "releasing", {"StopOnServer"}, {"Publish"}),
+    ("sandbox exited 1", ("releasing",), "releasing", {"StopOnServer"}, {"Publish"}),
+    ("sandbox exited, worker draining", HELD, "dispatched", {"NewAttempt", "Publish"},
+     {"StopOnServer"}),
+    ("sandbox exited, worker draining", ("releasing",), "releasing", {"StopOnServer"},
+     {"NewAttempt", "Publish"}),
+    ("registry unreachable past 2/3 TTL", ANY, "=", {"Signal(force)"}, set()),
+    ("attempt went silent", ("running",), "dispatched", {"NewAttempt", "Publish"}, set()),
+    ("message lost", ("dispatched",), "dispatched", {"NewAttempt", "Publish"}, set()),
+    ("claim stranded", ("claimed",), "dispatched", {"Publish"}, set()),
+    ("release answered (2xx, 404, 409)", ANY, "none", {"DeleteRecord"}, {"StopOnServer"}),
+    ("release due again", ("releasing",), "releasing", {"StopOnServer"}, set()),
+    ("release failed (transient)", ("none",), "none", {"log `stop failed`"}, set()),
+    ("release failed (transient)", ANY, "releasing", {"Schedule"}, {"DeleteRecord"}),
+    ("release refused (4xx)", ("none",), "none", {"log `stop failed`"}, set()),
+    ("release refused (4xx)", ANY, "none", {"DeleteRecord", "log `release refused`"}, set()),
+    ("healthcheck answered", ANY, "releasing", {"StopOnServer"}, {"Publish"}),
+    ("registry reset", ("none",), "running", {"CreateRecord", "Schedule"}, set()),
+]
+
+
+def _expected() -> dict[tuple[str, str], tuple[str, set[str], set[str]]]:
+    table = {}
+    for event, phases, after, must, must_not in EXPECTED:
+        for phase in phases:
+            assert (event, phase) not in table, f"{event} in {phase} expected twice"
+            table[(event, phase)] = (phase if after == "=" else after, must, must_not)
+    return table
+
+
+def _generated() -> dict[tuple[str, str], tuple[str, tuple[str, ...]]]:
+    return {(row.event, phase): (row.outcome, row.effects) for row in rows()
+            for phase in row.phases}
+
+
+@pytest.mark.parametrize("event,phase", sorted(_generated()))
+def test_every_rule_in_the_table_is_expected(event: str, phase: str) -> None:
+    expected = _expected().get((event, phase))
+    assert expected is not None, f"the table has a rule for {event!r} in {phase} no test expects"
+    after, must, must_not = expected
+    outcome, effects = _generated()[(event, phase)]
+    assert outcome == after
+    assert must <= set(effects), f"missing {must - set(effects)}"
+    assert not must_not & set(effects), f"unexpected {must_not & set(effects)}"
+
+
+def test_every_expected_rule_is_in_the_table() -> None:
+    missing = set(_expected()) - set(_generated())
+    assert not missing, f"expected but the machine does nothing: {sorted(missing)}"
+
+
+def test_every_event_the_machine_knows_is_in_the_table() -> None:
+    known = {type(e) for e in SCENARIOS.values()}
+    assert known == set(ev.Event.__args__), "a new event needs a scenario in the table"
+
+
+def _effects(lease: Lease | None, event: ev.Event, **kwargs: object) -> list[str]:
+    decision = decide(lease, event, now=NOW, **kwargs)  # type: ignore[arg-type]
+    return [d for d in map(describe, decision.effects) if d]
+
+
+# --- rules the table's canonical leases do not show ----------------------------------------
+
+def test_a_finished_session_whose_release_failed_is_stopped_after_a_412() -> None:
+    """The failure of a fresh CI run, step by step: exit 0, stop fails (500), the next beat's
+    reply is lost although applied, the stop fails again, then the stale token gets a 412."""
+    lease = lease_in("running")
+    assert lease is not None
+    steps: list[ev.Event] = [
+        ev.SandboxExited(1, 0, draining=False, next_task_id="t2"),
+        ev.ReleaseFailed(500, "internal error"),
+        ev.BeatFailed(200, "malformed reply"),
+        ev.ReleaseFailed(None, "connection dropped"),
+        # The server moved on past the token we hold, and the TTL has passed since the last
+        # beat it answered us: this 412 cannot be adopted.
+        ev.BeatRefused(ev.ServerLease("active", "tok-applied")),
+    ]
+    now = NOW
+    current: Lease | None = lease
+    stops = 0
+    for step in steps:
+        now += 20
+        decision = decide(current, step, now=now)
+        current = decision.lease
+        stops += sum(isinstance(e, fx.StopOnServer) for e in decision.effects)
+        assert not any(isinstance(e, fx.Publish | fx.MarkRunning) for e in decision.effects)
+    assert current is not None and current.phase == Phase.RELEASING
+    assert stops == 3, "stopped after the exit, on the retry, and after the 412"
+    decision = decide(current, ev.ReleaseAnswered(200), now=now)
+    assert decision.lease is None, "released once the server confirmed the stop"
+
+
+def test_a_lost_beat_is_adopted_only_inside_the_ttl() -> None:
+    lease = lease_in("running", uncertain=True)
+    assert lease is not None
+    refused = ev.BeatRefused(ev.ServerLease("active", "tok-2"))
+    inside = decide(lease, refused, now=lease.heartbeat_ok_at + lease.ttl - 1)
+    assert inside.lease is not None and inside.lease.token == "tok-2" and not inside.lease.lost
+    outside = decide(lease, refused, now=lease.heartbeat_ok_at + lease.ttl + 1)
+    assert outside.lease is not None and outside.lease.lost
+    certain = decide(lease.but(uncertain=False), refused, now=lease.heartbeat_ok_at + 1)
+    assert certain.lease is not None and certain.lease.lost, "no lost reply: not ours"
+
+
+def test_a_refused_token_is_never_kept() -> None:
+    lease = lease_in("dispatched", uncertain=True)
+    assert lease is not None
+    same = ev.BeatRefused(ev.ServerLease("active", lease.token))
+    decision = decide(lease, same, now=NOW)
+    assert decision.lease is None or decision.lease.lost
+
+
+def test_a_refused_first_claim_is_stopped_after_a_ttl() -> None:
+    lease = lease_in("claimed")
+    assert lease is not None
+    lease = lease.but(token="", claimed_at=NOW - 31)
+    effects = _effects(lease, ev.ClaimRefused(ev.ServerLease("starting", None)))
+    assert "StopOnServer" in effects and "Publish" not in effects
+
+
+def test_attempts_are_counted_across_re_deliveries() -> None:
+    proposal = Lease("w", "s", "e", "dispatcher", "q")
+    offered = ev.Offered(proposal, known_type=True, failures=2)
+    assert _effects(None, offered, policy=Policy(max_attempts=3)) == ["Ack"]
+    exhausted = ev.Offered(proposal, known_type=True, failures=3)
+    assert "StopOnServer" in _effects(None, exhausted, policy=Policy(max_attempts=3))
+    running = lease_in("running")
+    assert running is not None
+    silent = decide(running.but(failures=2), ev.AttemptSilent("t2"), now=NOW,
+                    policy=Policy(max_attempts=3))
+    assert silent.lease is not None and silent.lease.ended == Ending.STOPPED
+    assert any(isinstance(e, fx.StopOnServer) for e in silent.effects)
+
+
+def test_a_drain_hands_a_sandbox_held_lease_back_by_ending_it() -> None:
+    lease = lease_in("running")
+    assert lease is not None
+    held = lease.but(heartbeats_by="sandbox")
+    decision = decide(held, ev.SandboxExited(1, 143, draining=True, next_task_id="t2"), now=NOW)
+    assert decision.lease is not None and decision.lease.ended == Ending.STOPPED
+
+
+def test_force_wins_over_graceful_and_the_first_cause_stays() -> None:
+    lease = lease_in("running")
+    assert lease is not None
+    graceful = decide(lease, ev.StopRequested(StopKind.GRACEFUL, "server", "bridge"), now=NOW)
+    assert graceful.lease is not None
+    forced = decide(graceful.lease, ev.StopRequested(StopKind.FORCE, "operator", "revoke"),
+                    now=NOW)
+    assert forced.lease is not None and forced.lease.stop == StopKind.FORCE
+    assert forced.lease.stop_cause == "server"
+    again = decide(forced.lease, ev.StopRequested(StopKind.GRACEFUL, "server", "bridge"),
+                   now=NOW)
+    assert again.effects == () and again.lease == forced.lease
+
+
+@pytest.mark.parametrize("ttl,interval", [(0, 1.0), (3, 1.0), (30, 10.0), (600, 30.0)])
+def test_the_heartbeat_interval_is_a_third_of_the_ttl_within_bounds(ttl: int,
+                                                                    interval: float) -> None:
+    assert heartbeat_interval(ttl) == interval
+
+
+def test_the_table_covers_every_phase() -> None:
+    covered = {phase for row in rows() for phase in row.phases}
+    assert covered == set(PHASES)
+
+
+def test_a_claim_after_an_ack_whose_reply_was_lost_never_adopts_a_rivals_token() -> None:
+    """Found by the stateful test: our ack and first claim both went unanswered (the ack never
+    landed), the server gave the item to another worker, and its token came back in a 412."""
+    proposal = Lease("w", "s", "e", "dispatcher", "q", task_id="task-1", claimed_at=NOW)
+    acked = decide(proposal, ev.AckUncertain(503), now=NOW)
+    assert acked.lease is not None
+    claimed = decide(acked.lease, ev.ClaimFailed(503), now=NOW)
+    assert claimed.lease is not None and claimed.lease.uncertain
+    refused = decide(claimed.lease, ev.BeatRefused(ev.ServerLease("active", "rival-1")),
+                     now=NOW + 1)
+    assert refused.lease is None or refused.lease.token != "rival-1"
