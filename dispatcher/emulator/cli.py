@@ -94,6 +94,8 @@ def _fault_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heartbeat-412-rate", type=float, default=0.0)
     group.add_argument("--malformed-rate", type=float, default=0.0,
                        help="share of 2xx answers whose JSON body is cut short")
+    group.add_argument("--lost-reply-rate", type=float, default=0.0,
+                       help="share of requests applied, then closed without the answer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         error_rate=args.error_rate, error_status=args.error_status,
         rate_limit_rate=args.rate_limit_rate, retry_after_seconds=args.retry_after,
         drop_rate=args.drop_rate, heartbeat_412_rate=args.heartbeat_412_rate,
-        malformed_rate=args.malformed_rate, stop_response=args.stop_response)
+        malformed_rate=args.malformed_rate, lost_reply_rate=args.lost_reply_rate,
+        stop_response=args.stop_response)
     return serve(config, faults, log_level=args.log_level)
 
 

@@ -4,11 +4,13 @@ middleware that applies them to Work API requests.
 Faults never apply to `/_emulator/*`, `/v1/sessions` or `/v1/environments` (making work and
 inspecting the emulator must stay reliable while the Work API misbehaves). Each share is a
 probability in [0, 1], drawn per request; `endpoints` limits every fault to those endpoints.
-Order of the draws: latency, dropped connection, 429, 5xx, malformed body.
+Order of the draws: latency, dropped connection, 429, 5xx, malformed body, lost reply.
 
 A dropped connection sends nothing: the middleware returns a non-None value from the ASGI call,
 which uvicorn answers by closing the socket without writing a byte (see `server`, which pins the
-h11 protocol whose behaviour this relies on).
+h11 protocol whose behaviour this relies on). A dropped request was never applied; a lost reply
+was: the request is handled, its answer thrown away, and the connection closed the same way, as
+when a network drops the reply or a client times out just after the server acted.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class FaultSettings(BaseModel):
         description="Heartbeats refused with 412 and the item's real current_state.")
     malformed_rate: float = Field(default=0.0, ge=0.0, le=1.0,
                                   description="2xx bodies replaced by truncated JSON.")
+    lost_reply_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Requests applied, then the connection closed before the reply.")
     stop_response: StopResponse = Field(
         default=StopResponse.NO_CONTENT,
         description="Stop answers 204 with no body, or 200 with the work object.")
@@ -112,7 +117,15 @@ class FaultMiddleware:
         if self.faults.draw(settings.malformed_rate):
             note_scope(scope, fault="malformed")
             return await self.app(scope, receive, _malformed(send))
+        if self.faults.draw(settings.lost_reply_rate):
+            note_scope(scope, fault="lost_reply")
+            await self.app(scope, receive, _discard)
+            return DROPPED
         return await self.app(scope, receive, send)
+
+
+async def _discard(message: dict[str, Any]) -> None:
+    """A `send` for a reply that never reaches the client."""
 
 
 async def _error(scope: dict[str, Any], send: Any, status: int, message: str,

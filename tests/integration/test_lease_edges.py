@@ -160,3 +160,38 @@ def test_the_next_beat_is_scheduled_from_when_the_last_was_sent(
     assert lease is not None and due is not None
     interval = lease.ttl_seconds / 3
     assert sent_at + interval - 0.5 <= due <= sent_at + interval + 0.5
+
+
+# --- a finished session whose release keeps failing, then a lost reply and a 412 -------------
+@pytest.mark.parametrize("inside_ttl", [True, False], ids=["adopted", "lost"])
+def test_a_finished_session_is_stopped_whatever_happens_to_its_lease(
+        emulator: Any, runtime: Runtime, inside_ttl: bool) -> None:
+    """The elements of a double run seen in CI: a beat applied on the server whose reply was
+    lost; the sandbox exited 0 and the stop kept failing; the next beat presented the stale
+    token and got 412. Inside the TTL the lost beat's token is adopted; past it the lease is
+    lost. Either way the finished session's item is stopped, and never dispatched again."""
+    work_id = _claimed(emulator, runtime)
+    runtime.registry.update(work_id, phase=Phase.RUNNING)
+    emulator.set_faults(lost_reply_rate=1.0, endpoints=["heartbeat"])
+    _due_now(runtime, work_id)
+    beat_due_leases(runtime)  # applied on the server, the reply lost
+    emulator.reset_faults()
+    emulator.set_faults(error_rate=1.0, error_status=500, endpoints=["stop"])
+    lease = runtime.registry.get(work_id)
+    assert lease is not None and lease.uncertain
+    assert _finish(runtime, lease) is not None, "the failed release keeps the lease"
+    if not inside_ttl:
+        runtime.registry.update(work_id, heartbeat_ok_at=time.time() - 120)
+    _due_now(runtime, work_id)
+    beat_due_leases(runtime)  # the stale token: 412; the stop fails again
+    assert _beats(emulator, work_id)[-1]["status"] == 412, "the stale token was refused"
+    emulator.reset_faults()
+    for _ in range(5):
+        if runtime.registry.get(work_id) is None:
+            break
+        _due_now(runtime, work_id)
+        beat_due_leases(runtime)
+    assert runtime.registry.get(work_id) is None, "released once the stop landed"
+    assert emulator.get(runtime.environment_id, work_id)["state"] == "stopped"
+    sent = [t for t in runtime.app.sent if t["kwargs"]["work_id"] == work_id]
+    assert len(sent) == 1, "never dispatched again"
