@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from dispatcher.celery.names import CONTROL_QUEUE, CONTROL_TASKS, SESSION_RUN
 from dispatcher.control.bridge import on_task_revoked
 from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
-from dispatcher.events import event
+from dispatcher.logs import event
 from dispatcher.runtime import get_runtime
 from dispatcher.session.sandbox import CommandError, resolve_command
 from dispatcher.settings import SettingsError

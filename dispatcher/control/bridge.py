@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import signal
 
-from dispatcher.events import event
 from dispatcher.lease import events as ev
 from dispatcher.lease.executor import listed_event
 from dispatcher.lease.model import epoch_of
+from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import Work, WorkAPIError
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from dispatcher.control.routing import choose_queue
-from dispatcher.events import event
 from dispatcher.lease import events as ev
 from dispatcher.lease.model import Beater, Lease, Phase
+from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.settings import LeaseMode
 from dispatcher.workapi import Backoff, Work, WorkAPIError, WorkDataType, delay_for

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from dispatcher.events import event
+from dispatcher.logs import event
 
 __all__ = ["QUEUE_METADATA_KEY", "choose_queue"]
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from dispatcher.celery.names import SESSION_RUN
-from dispatcher.events import event as log_event
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
 from dispatcher.lease.machine import Decision, Policy, decide
 from dispatcher.lease.model import Lease, StopKind
+from dispatcher.logs import event as log_event
 from dispatcher.workapi import (
     NO_HEARTBEAT,
     ConflictError,

@@ -1,15 +1,19 @@
-"""Generated documentation: the settings table of docs/configuration.md, from the model.
+"""Generated documentation: the settings table of docs/configuration.md, from the model, and
+the lease rule table of docs/architecture.md, from the lease machine.
 
 `python -m dispatcher.ops.docsgen > docs/configuration.md` writes the whole page: the prose below
 with the table of `dispatcher.settings.Settings` between the marker comments. The prose lives
 here, not in the Markdown file, because the shell truncates the file before this runs; edit it
-here and regenerate. `tests/unit/test_docs.py` fails when the page and the model disagree.
+here and regenerate. `python -m dispatcher.ops.docsgen --rules` rewrites the rule table between
+its markers in docs/architecture.md, in place. `tests/unit/test_docs.py` fails when a page and
+the code disagree.
 """
 
 from __future__ import annotations
 
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices
@@ -17,10 +21,14 @@ from pydantic.fields import FieldInfo
 
 from dispatcher.settings import Settings
 
-__all__ = ["BEGIN_MARKER", "END_MARKER", "main", "render_configuration", "render_page"]
+__all__ = ["BEGIN_MARKER", "END_MARKER", "RULES_BEGIN", "RULES_END", "main",
+           "render_configuration", "render_page", "with_rules"]
 
 BEGIN_MARKER = "<!-- BEGIN GENERATED: settings table (python -m dispatcher.ops.docsgen) -->"
 END_MARKER = "<!-- END GENERATED: settings table -->"
+RULES_BEGIN = "<!-- BEGIN GENERATED: lease rules (python -m dispatcher.ops.docsgen --rules) -->"
+RULES_END = "<!-- END GENERATED: lease rules -->"
+ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 UNSET = "unset"
 
 
@@ -147,7 +155,18 @@ def render_page() -> str:
     return PAGE.replace("@TABLE@\n", table + "\n")
 
 
-def main() -> int:
+def with_rules(page: str) -> str:
+    """`page` with the lease rule table between its markers made anew from the machine."""
+    from dispatcher.lease.table import render
+
+    start = page.index(RULES_BEGIN) + len(RULES_BEGIN)
+    return f"{page[:start]}\n{render()}{page[page.index(RULES_END):]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    if (argv if argv is not None else sys.argv[1:]) == ["--rules"]:
+        ARCHITECTURE.write_text(with_rules(ARCHITECTURE.read_text()))
+        return 0
     sys.stdout.write(render_page())
     return 0
 

@@ -23,10 +23,10 @@ from enum import StrEnum
 
 from redis.exceptions import RedisError
 
-from dispatcher.events import event
 from dispatcher.lease import events as ev
 from dispatcher.lease.machine import outage_is_too_long
 from dispatcher.lease.model import Ending, Lease, Phase, StopKind
+from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.session.sandbox import (
     CommandError,

@@ -6,11 +6,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dispatcher.ops.docsgen import BEGIN_MARKER, END_MARKER, render_configuration, render_page
+from dispatcher.ops.docsgen import (
+    BEGIN_MARKER,
+    END_MARKER,
+    render_configuration,
+    render_page,
+    with_rules,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGURATION = ROOT / "docs" / "configuration.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 SOURCES = sorted(p for p in (ROOT / "dispatcher").rglob("*.py") if "emulator" not in p.parts)
 REGENERATE = "regenerate it: python -m dispatcher.ops.docsgen > docs/configuration.md"
 
@@ -59,7 +66,7 @@ def logged_actions() -> set[str]:
         actions.update(EVENT_LITERAL.findall(source))
         actions.update(EVENT_CONDITIONAL.findall(source))
         for argument in EVENT_ANY.findall(source):
-            if argument.startswith('"') or path.name == "events.py":
+            if argument.startswith('"') or path.name == "logs.py":
                 continue
             known = DYNAMIC_ACTIONS.get((path.name, argument))
             assert known is not None, (
@@ -84,3 +91,19 @@ def test_start_up_errors_are_explained() -> None:
                  "DISPATCHER_ON_WORK is not set", "on-work command not found",
                  "does not answer"):
         assert line in doc
+
+
+def test_the_lease_rule_table_is_the_machines() -> None:
+    page = ARCHITECTURE.read_text()
+    assert with_rules(page) == page, (
+        "docs/architecture.md's lease rules differ from dispatcher/lease/machine; regenerate "
+        "them: python -m dispatcher.ops.docsgen --rules")
+
+
+def test_the_module_map_names_every_module() -> None:
+    page = ARCHITECTURE.read_text()
+    modules = sorted(str(p.relative_to(ROOT)) for p in
+                     [*(ROOT / "dispatcher").rglob("*.py"), *(ROOT / "tasks").rglob("*.py")]
+                     if p.name != "__init__.py" and "emulator" not in p.parts)
+    missing = [m for m in modules if f"`{m}`" not in page]
+    assert not missing, f"docs/architecture.md's module map does not name {missing}"

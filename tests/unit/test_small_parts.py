@@ -8,7 +8,7 @@ import pytest
 
 from dispatcher.celery.worker import session_slots
 from dispatcher.control.routing import choose_queue
-from dispatcher.events import event
+from dispatcher.logs import event
 
 QUEUES = ["dispatcher.sessions", "dispatcher.gpu"]
 
