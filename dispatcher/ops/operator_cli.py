@@ -62,10 +62,11 @@ exit codes of the operator commands (status, stats, list, show, stop, update, me
 
 # An operator waits for one retry, not for the fleet's patient policy.
 CLI_RETRIES = 1
-# The exporter's scrape must not hang on a server that is down: no retry, a short timeout.
-EXPORTER_HTTP_TIMEOUT_SECONDS = 5.0
 REDIS_TIMEOUT_SECONDS = 5.0
-DEFAULT_METRICS_PORT = 9808
+# Not celery-exporter's 9808 (a Celery host often runs it), nor redis_exporter's 9121,
+# node_exporter's 9100 or statsd_exporter's 9102, which may share the host. Prometheus' list of
+# exporter ports (9100-9999) is full, so no port there is free of every exporter.
+DEFAULT_METRICS_PORT = 9818
 
 Action = Callable[[argparse.Namespace], int]
 
@@ -156,7 +157,9 @@ def _metrics_parser(subcommands: Any) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help=f"default: $DISPATCHER_METRICS_PORT or {DEFAULT_METRICS_PORT}; "
                              "0 picks a free port")
-    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    parser.add_argument("--host", default=None,
+                        help="default: $DISPATCHER_METRICS_HOST or 127.0.0.1; 0.0.0.0 for a "
+                             "scraper on another host")
     _redis_options(parser)
 
 
@@ -372,18 +375,21 @@ def _metadata_changes(pairs: list[str], deletions: list[str]) -> dict[str, str |
 def _metrics(args: argparse.Namespace) -> int:
     from dispatcher.control.capacity import Capacity
     from dispatcher.lease.registry import LeaseRegistry
-    from dispatcher.metrics import Metrics, serve
+    from dispatcher.metrics import FleetCollector, Metrics, ServerStats, serve
 
     settings = _settings()
     redis, prefix = _redis(settings, args)
     port = args.port if args.port is not None else (settings.metrics_port or DEFAULT_METRICS_PORT)
+    host = args.host or settings.metrics_host
+    client = _exporter_client(settings)
+    collector = FleetCollector(Metrics(redis, prefix=prefix), LeaseRegistry(redis, prefix=prefix),
+                               Capacity(redis, prefix=prefix),
+                               ServerStats(client) if client is not None else None)
     try:
-        server = serve(host=args.host, port=port, metrics=Metrics(redis, prefix=prefix),
-                       registry=LeaseRegistry(redis, prefix=prefix),
-                       capacity=Capacity(redis, prefix=prefix), client=_exporter_client(settings))
+        server = serve(host=host, port=port, collector=collector)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{port}: {exc.strerror or exc}") from None
-    print(f"serving metrics on http://{args.host}:{server.server_port}/metrics "
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    print(f"serving metrics on http://{host}:{server.server_port}/metrics "
           f"(prefix {prefix}); SIGTERM or Ctrl-C stops", flush=True)
     try:
         _wait_for_stop()
@@ -395,6 +401,8 @@ def _metrics(args: argparse.Namespace) -> int:
 
 def _exporter_client(settings: Settings) -> WorkClient | None:
     """A client for the server gauges, or None (with a note) when it cannot be made."""
+    from dispatcher.metrics import EXPORTER_HTTP_TIMEOUT_SECONDS
+
     if not settings.environment_id or not (settings.environment_key or settings.api_key):
         print("dispatcher metrics: no server gauges: ANTHROPIC_ENVIRONMENT_ID and "
               "ANTHROPIC_ENVIRONMENT_KEY (or ANTHROPIC_API_KEY) are needed for them",
