@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.signals import task_revoked, worker_init, worker_shutting_down
@@ -21,9 +21,12 @@ from dispatcher.control.bridge import on_task_revoked
 from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
 from dispatcher.events import event
 from dispatcher.lease.executor import SESSION_TASK
-from dispatcher.runtime import get_runtime
+from dispatcher.runtime import Runtime, get_runtime
 from dispatcher.session.sandbox import CommandError, resolve_command
 from dispatcher.settings import SettingsError
+
+if TYPE_CHECKING:
+    from dispatcher.metrics import FleetCollector
 
 __all__ = ["CONTROL_RESERVE", "SlotAdvertiser", "pool_name", "session_slots"]
 
@@ -170,7 +173,7 @@ class MetricsEndpoint(bootsteps.StartStopStep):
             self.server.server_close()
 
 
-def fleet_collector(runtime: Any) -> Any:
+def fleet_collector(runtime: Runtime) -> FleetCollector:
     """The exporter's collector over this worker's registry, with server figures from a client
     of its own: no retries and a short timeout, so a scrape never waits on the API's backoff."""
     from dispatcher.metrics import EXPORTER_HTTP_TIMEOUT_SECONDS, FleetCollector, ServerStats

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from dispatcher.ops.operator_cli import (
     EXIT_OK,
     EXIT_UNHEALTHY,
+    UsageError,
     _command,
     _duration,
     _print_json,
@@ -115,6 +116,8 @@ def _overdue(lease: Lease, now: float) -> bool:
 
 # --- the effects ------------------------------------------------------------------------------
 def _status(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval must be above 0 seconds")
     settings = _settings()
     if args.check:
         redis, prefix = _redis(settings, args, timeout=CHECK_REDIS_TIMEOUT_SECONDS)

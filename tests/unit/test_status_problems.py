@@ -56,3 +56,10 @@ def test_problems(changes: dict[str, object], expected: list[str]) -> None:
     assert len(found) == len(expected), found
     for line, start in zip(found, expected, strict=True):
         assert line.startswith(start), line
+
+
+def test_watch_refuses_a_non_positive_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    from dispatcher.ops.cli import main
+
+    assert main(["status", "--watch", "--interval", "0"]) == 2
+    assert "--interval must be above 0" in capsys.readouterr().err
