@@ -24,7 +24,9 @@ def check(fleet: Fleet) -> tuple[int, str, float]:
 
 
 def test_check_follows_a_real_fleet(fleet: Fleet) -> None:
-    fleet.worker("w1", beat=True)
+    # Beat on its own: SIGKILL of a `worker -B` would leave its embedded beat running.
+    fleet.worker("w1")
+    fleet.beat()
     fleet.wait_slots(4)
     wait_for(lambda: check(fleet)[0] == 0, timeout=30, what="a healthy fleet (beat's lock)")
     work_id = fleet.create(fake_duration=3)
@@ -38,3 +40,4 @@ def test_check_follows_a_real_fleet(fleet: Fleet) -> None:
     code, output = wait_for(lambda: (r := check(fleet))[0] != 0 and r[:2], timeout=30,
                             what="the check to fail without a worker")
     assert code == 5 and "no live session slots" in output, output
+    assert "beat's lock" not in output, "the beat still runs: only the slots are missing"
