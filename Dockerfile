@@ -1,11 +1,12 @@
 # One image for every role of the fleet: worker, beat, flower and the emulator.
-FROM python:3.11-slim
+# Pinned to an exact release: a floating tag changes the image under a deployed fleet.
+FROM python:3.11.14-slim-bookworm
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY dispatcher ./dispatcher
 COPY tasks ./tasks
 RUN pip install --no-cache-dir . && useradd --create-home dispatcher
 USER dispatcher
-# The sandbox command; replace it (see docs/operations.md) with your own spawn script.
-ENV DISPATCHER_ON_WORK="python -m dispatcher.emulator.fake_session"
+# No DISPATCHER_ON_WORK here: a default would let a fleet pointed at the real service "run"
+# real sessions with whatever it names. A worker without one refuses to start, naming it.
 CMD ["celery", "-A", "dispatcher", "worker", "-l", "INFO"]

@@ -3,8 +3,13 @@
 Counters and histograms live in Redis (one hash), so every process of every worker adds to the
 same numbers whatever its pool: a prefork child, a thread, a control task on another host. One
 exporter (`dispatcher metrics`, or any worker started with `DISPATCHER_METRICS_PORT`) renders
-them, with gauges read at scrape time from the registry and the server's `stats`. Scrape one
-exporter per fleet: every exporter shows the same fleet-wide numbers.
+them through a prometheus_client collector, with gauges read at scrape time from the registry
+and the server's `stats`. Scrape one exporter per fleet: every exporter shows the same
+fleet-wide numbers.
+
+A scrape is cheap and bounded: a few Redis reads, and at most one `stats` call (no retries) per
+`SERVER_STATS_CACHE_SECONDS` however many scrapers ask; a connection that sends nothing is
+dropped after `REQUEST_TIMEOUT_SECONDS`.
 
 Recording never fails a caller: a metric lost to a Redis hiccup is better than a lease lost.
 """
@@ -12,40 +17,88 @@ Recording never fails a caller: a metric lost to a Redis hiccup is better than a
 from __future__ import annotations
 
 import logging
+import platform
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
 from dispatcher.control.capacity import Capacity
 from dispatcher.lease.registry import LeaseRegistry
-from dispatcher.workapi import WorkAPIError, WorkClient
+from dispatcher.workapi import WorkAPIError, WorkClient, WorkQueueStats
 
-__all__ = ["COUNTERS", "HISTOGRAMS", "Metrics", "render", "serve"]
+__all__ = ["COUNTERS", "EXPORTER_HTTP_TIMEOUT_SECONDS", "HISTOGRAMS", "OTHER", "FleetCollector",
+           "Metrics", "ServerStats", "bounded", "serve"]
 
 log = logging.getLogger("dispatcher.metrics")
 
-COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "work_claimed": ("Work items claimed (polled and acked)", ("type",)),
-    "work_released": ("Leases released, by how the session ended", ("outcome",)),
-    "work_stop_requests": ("Stop requests applied to held leases, by cause", ("cause",)),
-    "work_refused": ("Polled items not run (unknown type, ack refused, abandoned)", ("reason",)),
-    "heartbeats": ("Heartbeats sent, by result", ("result",)),
-    "leases_lost": ("Leases the server no longer gives us, by cause", ("cause",)),
-    "attempts_restarted": ("Session attempts started again on another worker", ("reason",)),
-    "healthchecks": ("Healthcheck work items answered", ("healthy",)),
+NAMESPACE = "dispatcher"
+# What a label value outside its counter's fixed set is counted as: free text (an error message,
+# a status code) would make a new time series per distinct value.
+OTHER = "other"
+# The server's figures move slowly (a queue depth) and cost a Work API call with the fleet's
+# key: one call per this many seconds, whatever the scrape rate or the number of scrapers.
+SERVER_STATS_CACHE_SECONDS = 10.0
+# The `stats` call a scrape may make: a server that is down must not hold the scrape.
+EXPORTER_HTTP_TIMEOUT_SECONDS = 5.0
+# A scraper that connects and sends nothing holds a thread until this; Prometheus' own scrape
+# timeout defaults to 10 s, and a scrape here answers in milliseconds.
+REQUEST_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Counter:
+    doc: str
+    label: str
+    values: tuple[str, ...]  # the label's values; anything else is counted as OTHER
+
+
+COUNTERS: dict[str, Counter] = {
+    "work_claimed": Counter("Work items claimed (polled and acknowledged), by type", "type",
+                            ("session", "healthcheck")),
+    "work_released": Counter("Leases released, by how the session ended", "outcome",
+                             ("completed", "failed", "stopped", "lost", "attempts_exhausted",
+                              "healthcheck", "dispatch_failed")),
+    "work_stop_requests": Counter("Stop requests applied to held leases, by cause", "cause",
+                                  ("server", "server_stopped", "operator")),
+    "work_refused": Counter("Polled items not run, by reason", "reason",
+                            ("unknown_type", "ack_failed", "abandoned", "already_ended",
+                             "attempts_exhausted")),
+    "heartbeats": Counter("Heartbeats sent, by result", "result", ("ok", "failed")),
+    "leases_lost": Counter("Leases the server no longer gives us, by cause", "cause",
+                           ("re_delivered", "server_stopped", "lease_not_extended",
+                            "heartbeat_rejected", "assumed_lost")),
+    "attempts_restarted": Counter("Session attempts started again on another worker, by reason",
+                                  "reason", ("worker_lost", "task_never_started",
+                                             "worker_drained")),
+    "healthchecks": Counter("Healthcheck work items answered, by result", "healthy",
+                            ("true", "false")),
+}
+# Free text callers pass, in snake case, mapped by prefix to a value of the label's set.
+ALIASES: dict[str, str] = {
+    "re_delivered": "re_delivered",
+    "heartbeat_": "heartbeat_rejected",  # "heartbeat 404", "heartbeat 412", ...
+    "assumed_lost": "assumed_lost",
+    "claim_404": "server_stopped",  # the item is gone
+    "worker_lost": "worker_lost",
+    "session_task_never_started": "task_never_started",
 }
 # Buckets in seconds: dispatch targets are 0.1 s (p50) and 1 s (p99); stop target is 2 s (p99).
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -58,7 +111,19 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
         (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
     ),
 }
-NAMESPACE = "dispatcher"
+_NOT_SNAKE = re.compile(r"[^a-z0-9]+")
+
+
+def bounded(name: str, value: object) -> str:
+    """The value counter `name`'s label takes for `value`: one of its fixed set, or OTHER."""
+    allowed = COUNTERS[name].values
+    snake = _NOT_SNAKE.sub("_", str(value).lower()).strip("_")
+    if snake in allowed:
+        return snake
+    for prefix, mapped in ALIASES.items():
+        if snake.startswith(prefix) and mapped in allowed:
+            return mapped
+    return OTHER
 
 
 def _field(name: str, labels: dict[str, str]) -> str:
@@ -76,18 +141,19 @@ class Metrics:
         self.redis = redis
         self.key = f"{prefix}:metrics"
 
-    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        assert name in COUNTERS, name
-        self._write({_field(name, labels): amount})
+    def inc(self, name: str, amount: float = 1, **labels: object) -> None:
+        counter = COUNTERS[name]
+        assert set(labels) <= {counter.label}, (name, labels)
+        self._write({_field(name, {k: bounded(name, v) for k, v in labels.items()}): amount})
 
-    def observe(self, name: str, seconds: float, **labels: str) -> None:
+    def observe(self, name: str, seconds: float) -> None:
         _, buckets = HISTOGRAMS[name]
         increments: dict[str, float] = {
-            _field(f"{name}_bucket", {**labels, "le": str(b)}): 1 for b in buckets if seconds <= b
+            _field(f"{name}_bucket", {"le": str(b)}): 1 for b in buckets if seconds <= b
         }
-        increments[_field(f"{name}_bucket", {**labels, "le": "+Inf"})] = 1
-        increments[_field(f"{name}_count", labels)] = 1
-        increments[_field(f"{name}_sum", labels)] = seconds
+        increments[_field(f"{name}_bucket", {"le": "+Inf"})] = 1
+        increments[_field(f"{name}_count", {})] = 1
+        increments[_field(f"{name}_sum", {})] = seconds
         self._write(increments)
 
     def _write(self, increments: dict[str, float]) -> None:
@@ -103,30 +169,77 @@ class Metrics:
         return {str(k): float(v) for k, v in self.redis.hgetall(self.key).items()}
 
 
-class _FleetCollector(Collector):
+class ServerStats:
+    """The server's `stats`, fetched at most once per `ttl_seconds`; None while unavailable.
+
+    A failed call is cached too: a server that is down is asked once per window, not once per
+    scrape. Concurrent scrapes wait for the one call in flight instead of making their own.
+    """
+
+    def __init__(self, client: WorkClient, *, ttl_seconds: float = SERVER_STATS_CACHE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.ttl_seconds = ttl_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._fetched_at: float | None = None
+        self._stats: WorkQueueStats | None = None
+
+    def get(self) -> WorkQueueStats | None:
+        with self._lock:
+            now = self.clock()
+            if self._fetched_at is not None and now - self._fetched_at < self.ttl_seconds:
+                return self._stats
+            self._fetched_at = now
+            try:
+                self._stats = self.client.stats()
+            except WorkAPIError as exc:
+                log.warning("server stats unavailable: %s", exc)
+                self._stats = None
+            return self._stats
+
+
+class FleetCollector(Collector):
     def __init__(self, metrics: Metrics, registry: LeaseRegistry, capacity: Capacity,
-                 client: WorkClient | None) -> None:
+                 server: ServerStats | None) -> None:
         self.metrics = metrics
         self.registry = registry
         self.capacity = capacity
-        self.client = client
+        self.server = server
 
     def collect(self) -> Iterator[Metric]:
         values = self.metrics.values()
+        yield _build_info()
         yield from _counters(values)
         yield from _histograms(values)
         yield from _fleet_gauges(self.registry, self.capacity)
-        if self.client is not None:
-            yield from _server_gauges(self.client)
+        if self.server is not None:
+            yield from _server_gauges(self.server.get())
+
+
+def _build_info() -> Metric:
+    info = GaugeMetricFamily(f"{NAMESPACE}_build_info", "The running dispatcher, always 1",
+                             labels=["version", "python_version"])
+    try:
+        version = metadata.version("dispatcher")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    info.add_metric([version, platform.python_version()], 1)
+    return info
 
 
 def _counters(values: dict[str, float]) -> Iterator[Metric]:
-    for name, (doc, label_names) in COUNTERS.items():
-        family = CounterMetricFamily(f"{NAMESPACE}_{name}", doc, labels=label_names)
+    for name, counter in COUNTERS.items():
+        # Every known value from zero, so rate() and absent() work before the first event.
+        by_value = dict.fromkeys((*counter.values, OTHER), 0.0)
         for field, value in values.items():
             fname, labels = _parse_field(field)
             if fname == name:
-                family.add_metric([labels.get(n, "") for n in label_names], value)
+                key = bounded(name, labels.get(counter.label, ""))
+                by_value[key] += value
+        family = CounterMetricFamily(f"{NAMESPACE}_{name}", counter.doc, labels=[counter.label])
+        for label_value, value in by_value.items():
+            family.add_metric([label_value], value)
         yield family
 
 
@@ -145,73 +258,74 @@ def _histograms(values: dict[str, float]) -> Iterator[Metric]:
 def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity) -> Iterator[Metric]:
     held = registry.held_count()
     total = capacity.total_slots()
+    used = min(held, total)  # leases beyond the slots wait for one (workers died or drained)
     yield GaugeMetricFamily(f"{NAMESPACE}_leases_held", "Leases the fleet holds now", value=held)
-    slots = GaugeMetricFamily(f"{NAMESPACE}_session_slots", "Session slots of live workers",
+    slots = GaugeMetricFamily(f"{NAMESPACE}_session_slots",
+                              "Session slots of live workers, used or free (sum: all slots)",
                               labels=["state"])
-    slots.add_metric(["total"], total)
-    slots.add_metric(["free"], max(0, total - held))
+    slots.add_metric(["used"], used)
+    slots.add_metric(["free"], total - used)
     yield slots
     yield GaugeMetricFamily(f"{NAMESPACE}_workers", "Live workers advertising session slots",
                             value=len(capacity.live_workers()))
 
 
-def _server_gauges(client: WorkClient) -> Iterator[Metric]:
-    try:
-        stats = client.stats()
-    except WorkAPIError as exc:
-        log.warning("server stats unavailable: %s", exc)
+def _server_gauges(stats: WorkQueueStats | None) -> Iterator[Metric]:
+    yield GaugeMetricFamily(f"{NAMESPACE}_server_up",
+                            "1 if the server's stats answered within the cache window",
+                            value=0 if stats is None else 1)
+    if stats is None:
         return
     yield GaugeMetricFamily(f"{NAMESPACE}_server_queue_depth",
                             "Work items queued on the server (consumer group lag)",
                             value=stats.depth)
     yield GaugeMetricFamily(f"{NAMESPACE}_server_queue_pending",
                             "Work items polled but not acknowledged", value=stats.pending)
-    age = 0.0
-    if stats.oldest_queued_at:
-        try:
-            oldest = datetime.fromisoformat(stats.oldest_queued_at.replace("Z", "+00:00"))
-            age = max(0.0, time.time() - oldest.timestamp())
-        except ValueError:
-            pass
     yield GaugeMetricFamily(f"{NAMESPACE}_server_queue_oldest_age_seconds",
-                            "Age of the oldest queued or pending work item", value=age)
+                            "Age of the oldest queued or pending work item",
+                            value=_age_seconds(stats.oldest_queued_at))
     if stats.workers_polling is not None:
         yield GaugeMetricFamily(f"{NAMESPACE}_server_workers_polling",
                                 "Distinct worker ids that polled in the last 30 s",
                                 value=stats.workers_polling)
 
 
-def render(metrics: Metrics, registry: LeaseRegistry, capacity: Capacity,
-           client: WorkClient | None) -> bytes:
-    collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(_FleetCollector(metrics, registry, capacity, client))
-    return generate_latest(collectors)
+def _age_seconds(timestamp: str | None) -> float:
+    if not timestamp:
+        return 0.0
+    try:
+        oldest = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return max(0.0, time.time() - oldest.timestamp())
 
 
-def serve(*, host: str, port: int, metrics: Metrics, registry: LeaseRegistry,
-          capacity: Capacity, client: WorkClient | None) -> ThreadingHTTPServer:
+class _Handler(WSGIRequestHandler):
+    # socketserver sets this on each connection: a client that stalls is dropped, not waited on.
+    timeout = REQUEST_TIMEOUT_SECONDS
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds is not news
+
+
+def _wsgi_app(collectors: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    metrics_app = make_wsgi_app(collectors)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return list(metrics_app(environ, start_response))
+        except RedisError as exc:
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [f"registry unavailable: {exc}\n".encode()]
+
+    return app
+
+
+def serve(*, host: str, port: int, collector: FleetCollector) -> WSGIServer:
     """Serve /metrics on a daemon thread; returns the server (its port when 0 was asked)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404)
-                return
-            try:
-                body = render(metrics, registry, capacity, client)
-            except RedisError as exc:
-                self.send_error(503, f"registry unavailable: {exc}")
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # a scrape every few seconds is not news
-
-    server = ThreadingHTTPServer((host, port), Handler)
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(collector)
+    server = make_server(host, port, _wsgi_app(collectors), ThreadingWSGIServer,
+                         handler_class=_Handler)
     threading.Thread(target=server.serve_forever, name="dispatcher-metrics", daemon=True).start()
     return server
-

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
         description="Comma-separated variables of the worker passed on to sandboxes.")
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
+    metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(
+        "Address the Prometheus endpoint listens on; `0.0.0.0` for a scraper on another host."))
 
     @field_validator("session_queues", "sandbox_env_allow", mode="before")
     @classmethod

@@ -97,7 +97,7 @@ app.conf.update(
     beat_scheduler="dispatcher.celery.beat:Scheduler",
     redbeat_redis_url=settings.redis_url,
     redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
-    redbeat_lock_key=f"{settings.key_prefix}:redbeat:lock",
+    redbeat_lock_key=Keys(settings.key_prefix).beat_lock,
     redbeat_lock_timeout=BEAT_LOCK_TIMEOUT_SECONDS,
     beat_max_loop_interval=BEAT_MAX_LOOP_SECONDS,
     beat_schedule=_schedule(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.signals import task_revoked, worker_init, worker_shutting_down
@@ -21,9 +21,12 @@ from dispatcher.celery.names import CONTROL_QUEUE, CONTROL_TASKS, SESSION_RUN
 from dispatcher.control.bridge import on_task_revoked
 from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
 from dispatcher.logs import event
-from dispatcher.runtime import get_runtime
+from dispatcher.runtime import Runtime, get_runtime
 from dispatcher.session.sandbox import CommandError, resolve_command
 from dispatcher.settings import SettingsError
+
+if TYPE_CHECKING:
+    from dispatcher.metrics import FleetCollector
 
 __all__ = ["CONTROL_RESERVE", "SlotAdvertiser", "pool_name", "session_slots"]
 
@@ -154,17 +157,30 @@ class MetricsEndpoint(bootsteps.StartStopStep):
         from dispatcher.metrics import serve
 
         runtime = get_runtime(worker.app)
-        port = runtime.settings.metrics_port
-        if port is None:
+        settings = runtime.settings
+        if settings.metrics_port is None:
             return
-        self.server = serve(host="0.0.0.0", port=port, metrics=runtime.metrics,
-                            registry=runtime.registry, capacity=runtime.capacity,
-                            client=runtime.client())
-        event("metrics endpoint", worker=worker.hostname, port=self.server.server_port)
+        self.server = serve(host=settings.metrics_host, port=settings.metrics_port,
+                            collector=fleet_collector(runtime))
+        event("metrics endpoint", worker=worker.hostname, host=settings.metrics_host,
+              port=self.server.server_port)
 
     def stop(self, worker: Any) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
+
+
+def fleet_collector(runtime: Runtime) -> FleetCollector:
+    """The exporter's collector over this worker's registry, with server figures from a client
+    of its own: no retries and a short timeout, so a scrape never waits on the API's backoff."""
+    from dispatcher.metrics import EXPORTER_HTTP_TIMEOUT_SECONDS, FleetCollector, ServerStats
+    from dispatcher.workapi import WorkClient
+
+    timeout = min(runtime.settings.http_timeout_seconds, EXPORTER_HTTP_TIMEOUT_SECONDS)
+    client = WorkClient.from_settings(runtime.settings, max_retries=0, timeout=timeout)
+    return FleetCollector(runtime.metrics, runtime.registry, runtime.capacity,
+                          ServerStats(client))
 
 
 def install(app: Any) -> None:

@@ -76,6 +76,11 @@ class Keys:
         return f"{self.prefix}:lock:poll:{environment_id}"
 
     @property
+    def beat_lock(self) -> str:
+        """String lock (celery-redbeat's): held, with a TTL, by the one beat that ticks."""
+        return f"{self.prefix}:redbeat:lock"
+
+    @property
     def celery(self) -> str:
         """Prefix of every key Celery and kombu write (queues, results, pidbox channels), so
         fleets with different prefixes share one Redis without sharing queues."""

@@ -1,6 +1,7 @@
 """Operator commands: `dispatcher status|stats|list|show|stop|update|metrics`.
 
-    status    the fleet as the lease registry sees it (Redis only; no API key needed)
+    status    the fleet as the lease registry sees it (Redis only; no API key needed);
+              --check for health checks, --watch to follow it (dispatcher.ops.status)
     stats     the server's queue stats                 ANTHROPIC_ENVIRONMENT_KEY or _API_KEY
     list      work items, page by page                 ANTHROPIC_ENVIRONMENT_KEY
     show      one work item                            ANTHROPIC_API_KEY
@@ -20,6 +21,7 @@ Exit codes (the same for every command; also in `dispatcher --help`):
     2  usage or configuration error; a missing key names its variable
     3  unreachable: no answer from the server (or from Redis, for status and metrics)
     4  the work item does not exist (404)
+    5  status --check: the fleet cannot work (each problem on its own line)
 
 Imports only the standard library at module level, as `dispatcher.ops.cli` asks.
 """
@@ -31,7 +33,6 @@ import json
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -39,8 +40,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from redis import Redis
 
-    from dispatcher.control.capacity import WorkerSlots
-    from dispatcher.lease.model import Lease
     from dispatcher.settings import Settings
     from dispatcher.workapi import Work, WorkClient
 
@@ -51,20 +50,23 @@ EXIT_API_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_NOT_FOUND = 4
+EXIT_UNHEALTHY = 5
 EXIT_CODES = """\
 exit codes of the operator commands (status, stats, list, show, stop, update, metrics):
   0  ok (stopping an item that is already stopped is ok too)
   1  the API answered with an error (a bad key's 401/403, a refused request, 5xx)
   2  usage or configuration error; a missing key names its variable
   3  unreachable: no answer from the server (or from Redis, for status and metrics)
-  4  the work item does not exist (404)"""
+  4  the work item does not exist (404)
+  5  status --check: the fleet cannot work (each problem on its own line)"""
 
 # An operator waits for one retry, not for the fleet's patient policy.
 CLI_RETRIES = 1
-# The exporter's scrape must not hang on a server that is down: no retry, a short timeout.
-EXPORTER_HTTP_TIMEOUT_SECONDS = 5.0
 REDIS_TIMEOUT_SECONDS = 5.0
-DEFAULT_METRICS_PORT = 9808
+# Not celery-exporter's 9808 (a Celery host often runs it), nor redis_exporter's 9121,
+# node_exporter's 9100 or statsd_exporter's 9102, which may share the host. Prometheus' list of
+# exporter ports (9100-9999) is full, so no port there is free of every exporter.
+DEFAULT_METRICS_PORT = 9818
 
 Action = Callable[[argparse.Namespace], int]
 
@@ -75,7 +77,9 @@ class UsageError(Exception):
 
 # --- registration -----------------------------------------------------------------------------
 def register(subcommands: Any) -> None:
-    _status_parser(subcommands)
+    from dispatcher.ops import status  # it imports this module's helpers
+
+    status.register(subcommands)
     _stats_parser(subcommands)
     _list_parser(subcommands)
     _show_parser(subcommands)
@@ -98,15 +102,6 @@ def _command(subcommands: Any, name: str, action: Action, help: str, description
 def _redis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="default: $DISPATCHER_REDIS_URL")
     parser.add_argument("--key-prefix", help="default: $DISPATCHER_KEY_PREFIX")
-
-
-def _status_parser(subcommands: Any) -> None:
-    parser = _command(subcommands, "status", _status, "the fleet as its lease registry sees it",
-                      "Leases held (phase, attempt, worker, heartbeat, time to lease expiry, "
-                      "stop flag) and workers (slots, used, free, draining), read from Redis "
-                      "($DISPATCHER_REDIS_URL, keys under $DISPATCHER_KEY_PREFIX). Needs no "
-                      "API key.")
-    _redis_options(parser)
 
 
 def _stats_parser(subcommands: Any) -> None:
@@ -162,15 +157,16 @@ def _metrics_parser(subcommands: Any) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help=f"default: $DISPATCHER_METRICS_PORT or {DEFAULT_METRICS_PORT}; "
                              "0 picks a free port")
-    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    parser.add_argument("--host", default=None,
+                        help="default: $DISPATCHER_METRICS_HOST or 127.0.0.1; 0.0.0.0 for a "
+                             "scraper on another host")
     _redis_options(parser)
 
 
 # --- errors -> exit codes ---------------------------------------------------------------------
 def _guarded(name: str, action: Action, args: argparse.Namespace) -> int:
     """Run a command; turn what went wrong into one line on stderr and an exit code."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.exceptions import RedisError
 
     from dispatcher.settings import SettingsError
     from dispatcher.workapi import MissingCredentialError, NotFoundError, WorkAPIError
@@ -186,7 +182,7 @@ def _guarded(name: str, action: Action, args: argparse.Namespace) -> int:
             return _fail(name, args, EXIT_UNREACHABLE, "unreachable", exc.message)
         return _fail(name, args, EXIT_API_ERROR, exc.error_type or "api_error", exc.message,
                      exc.status)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except RedisError as exc:  # refused, timed out, or not Redis at all: nothing to read
         return _fail(name, args, EXIT_UNREACHABLE, "unreachable", f"Redis: {exc}")
 
 
@@ -216,14 +212,15 @@ def _client(settings: Settings, **overrides: Any) -> WorkClient:
         raise SettingsError(f"ANTHROPIC_BASE_URL is invalid: {exc}") from None
 
 
-def _redis(settings: Settings, args: argparse.Namespace) -> tuple[Redis, str]:
+def _redis(settings: Settings, args: argparse.Namespace,
+           timeout: float = REDIS_TIMEOUT_SECONDS) -> tuple[Redis, str]:
     """A Redis connection that is known to answer, and the key prefix."""
     from redis import Redis
 
     url = args.redis_url or settings.redis_url
     try:
-        redis = Redis.from_url(url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_SECONDS,
-                               socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+        redis = Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
+                               socket_connect_timeout=timeout)
     except ValueError as exc:
         raise UsageError(f"DISPATCHER_REDIS_URL is invalid: {exc}") from None
     redis.ping()
@@ -264,84 +261,6 @@ def _duration(seconds: float | None) -> str | None:
 def _work_dict(work: Work) -> dict[str, Any]:
     """A work item for printing: never its `secret` (null on these paths anyway)."""
     return work.model_dump(mode="json", exclude={"secret"})
-
-
-# --- status -----------------------------------------------------------------------------------
-def _status(args: argparse.Namespace) -> int:
-    from dispatcher.control.capacity import Capacity
-    from dispatcher.lease.registry import LeaseRegistry
-
-    redis, prefix = _redis(_settings(), args)
-    now = time.time()
-    leases = LeaseRegistry(redis, prefix=prefix).all()
-    workers = Capacity(redis, prefix=prefix).workers()
-    report = {"leases": [_lease_row(lease, now) for lease in leases],
-              "workers": [_worker_row(worker, leases, now) for worker in workers],
-              "summary": _summary(leases, workers), "key_prefix": prefix}
-    if args.json:
-        _print_json(report)
-    else:
-        print(_status_text(report))
-    return EXIT_OK
-
-
-def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
-    beat_age = now - lease.heartbeat_ok_at if lease.heartbeat_ok_at else None
-    expires_in = (lease.ttl_seconds - beat_age
-                  if beat_age is not None and lease.ttl_seconds else None)
-    return {
-        "work_id": lease.work_id, "session_id": lease.session_id, "phase": lease.phase,
-        "attempt": lease.attempt, "worker": lease.worker or None, "queue": lease.queue,
-        "mode": lease.mode, "task_id": lease.task_id or None,
-        "age_seconds": now - lease.claimed_at if lease.claimed_at else None,
-        "heartbeat_age_seconds": beat_age, "ttl_seconds": lease.ttl_seconds or None,
-        "expires_in_seconds": expires_in, "heartbeats_by": lease.heartbeats_by,
-        "stop": lease.stop or None, "stop_cause": lease.stop_cause or None,
-        "lost": lease.lost,
-    }
-
-
-def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float) -> dict[str, Any]:
-    used = sum(1 for lease in leases
-               if lease.worker == worker.hostname and lease.phase == "running")
-    return {
-        "hostname": worker.hostname, "slots": worker.slots, "used": used,
-        "free": max(0, worker.slots - used), "pool": worker.pool, "queues": worker.queues,
-        "draining": worker.draining, "live": worker.live,
-        "last_seen_seconds": now - worker.seen_at if worker.seen_at else None,
-    }
-
-
-def _summary(leases: list[Lease], workers: list[WorkerSlots]) -> dict[str, int]:
-    total = sum(w.slots for w in workers if w.live)
-    return {"leases_held": len(leases), "live_workers": sum(1 for w in workers if w.live),
-            "slots_total": total, "slots_free": max(0, total - len(leases))}
-
-
-def _status_text(report: dict[str, Any]) -> str:
-    summary = report["summary"]
-    lines = [f"{summary['leases_held']} leases held; {summary['live_workers']} live workers, "
-             f"{summary['slots_free']} of {summary['slots_total']} slots free "
-             f"(prefix {report['key_prefix']})", ""]
-    lines.append(_table(
-        ["WORK ID", "SESSION ID", "PHASE", "ATTEMPT", "WORKER", "AGE", "HEARTBEAT", "EXPIRES IN",
-         "STOP"],
-        [[r["work_id"], r["session_id"], r["phase"], r["attempt"], r["worker"],
-          _duration(r["age_seconds"]), _duration(r["heartbeat_age_seconds"]),
-          _duration(r["expires_in_seconds"]), _stop_text(r)] for r in report["leases"]]))
-    lines.append("")
-    lines.append(_table(
-        ["WORKER", "SLOTS", "USED", "FREE", "POOL", "DRAINING", "LAST SEEN"],
-        [[r["hostname"], r["slots"], r["used"], r["free"], r["pool"], r["draining"],
-          _duration(r["last_seen_seconds"])] for r in report["workers"]]))
-    return "\n".join(lines)
-
-
-def _stop_text(row: dict[str, Any]) -> str | None:
-    if not row["stop"]:
-        return None
-    text = f"{row['stop']} ({row['stop_cause']})" if row["stop_cause"] else str(row["stop"])
-    return text + (", lost" if row["lost"] else "")
 
 
 # --- the operator endpoints -------------------------------------------------------------------
@@ -456,18 +375,21 @@ def _metadata_changes(pairs: list[str], deletions: list[str]) -> dict[str, str |
 def _metrics(args: argparse.Namespace) -> int:
     from dispatcher.control.capacity import Capacity
     from dispatcher.lease.registry import LeaseRegistry
-    from dispatcher.metrics import Metrics, serve
+    from dispatcher.metrics import FleetCollector, Metrics, ServerStats, serve
 
     settings = _settings()
     redis, prefix = _redis(settings, args)
     port = args.port if args.port is not None else (settings.metrics_port or DEFAULT_METRICS_PORT)
+    host = args.host or settings.metrics_host
+    client = _exporter_client(settings)
+    collector = FleetCollector(Metrics(redis, prefix=prefix), LeaseRegistry(redis, prefix=prefix),
+                               Capacity(redis, prefix=prefix),
+                               ServerStats(client) if client is not None else None)
     try:
-        server = serve(host=args.host, port=port, metrics=Metrics(redis, prefix=prefix),
-                       registry=LeaseRegistry(redis, prefix=prefix),
-                       capacity=Capacity(redis, prefix=prefix), client=_exporter_client(settings))
+        server = serve(host=host, port=port, collector=collector)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{port}: {exc.strerror or exc}") from None
-    print(f"serving metrics on http://{args.host}:{server.server_port}/metrics "
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    print(f"serving metrics on http://{host}:{server.server_port}/metrics "
           f"(prefix {prefix}); SIGTERM or Ctrl-C stops", flush=True)
     try:
         _wait_for_stop()
@@ -479,6 +401,8 @@ def _metrics(args: argparse.Namespace) -> int:
 
 def _exporter_client(settings: Settings) -> WorkClient | None:
     """A client for the server gauges, or None (with a note) when it cannot be made."""
+    from dispatcher.metrics import EXPORTER_HTTP_TIMEOUT_SECONDS
+
     if not settings.environment_id or not (settings.environment_key or settings.api_key):
         print("dispatcher metrics: no server gauges: ANTHROPIC_ENVIRONMENT_ID and "
               "ANTHROPIC_ENVIRONMENT_KEY (or ANTHROPIC_API_KEY) are needed for them",

@@ -47,8 +47,8 @@ def test_counters_move_as_sessions_complete_and_gauges_are_there(fleet: Fleet) -
     work_ids.append(fleet.create(fake_duration=5))
     during = wait_for(lambda: (s := scrape(port)) and (value(s, "dispatcher_leases_held") or 0)
                       and s, timeout=20, what="a lease held, seen in a scrape")
-    assert (value(during, "dispatcher_session_slots", state="free") or 0) < (
-        value(during, "dispatcher_session_slots", state="total") or 0)
+    assert (value(during, "dispatcher_session_slots", state="used") or 0) >= 1
+    assert value(during, "dispatcher_session_slots") == 4, "used and free sum to every slot"
     fleet.wait_stopped(work_ids, timeout=30)
 
     def settled() -> Samples | None:
@@ -62,9 +62,12 @@ def test_counters_move_as_sessions_complete_and_gauges_are_there(fleet: Fleet) -
     assert (value(after, "dispatcher_heartbeats_total", result="ok") or 0) >= 1
     assert value(after, "dispatcher_dispatch_latency_seconds_count") == 4
     assert (value(after, "dispatcher_dispatch_latency_seconds_sum") or 0) > 0
-    assert value(after, "dispatcher_session_slots", state="free") == value(
-        after, "dispatcher_session_slots", state="total")
+    assert value(after, "dispatcher_session_slots", state="free") == 4
+    assert value(after, "dispatcher_session_slots", state="used") == 0
     assert value(after, "dispatcher_server_queue_depth") == 0
     for gauge in ("dispatcher_leases_held", "dispatcher_workers",
                   "dispatcher_server_queue_pending"):
         assert value(after, gauge) is not None, gauge
+    assert value(after, "dispatcher_build_info") == 1
+    assert value(after, "dispatcher_server_up") == 1
+    assert f"host=127.0.0.1 port={port}" in fleet.log("w1"), "loopback unless configured"

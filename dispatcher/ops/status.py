@@ -1,0 +1,230 @@
+"""`dispatcher status`: the fleet as its lease registry sees it, from Redis alone.
+
+    status            leases and workers, once
+    status --watch    the same, redrawn in place every --interval seconds until Ctrl-C
+    status --check    exit 0 if the fleet can work, 5 (one line per problem) if it cannot
+
+`--check` is a container health check: it reads a few Redis keys (no broadcast to the fleet,
+no Work API call) and answers in well under a second. The fleet cannot work when no live
+worker offers a session slot, when no beat holds celery-redbeat's lock (nothing schedules the
+poller and the heartbeats), or when a lease the fleet heartbeats has gone unbeaten for most of
+its TTL (the server is about to hand it out again). Redis not answering exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.ops.operator_cli import (
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    UsageError,
+    _command,
+    _duration,
+    _print_json,
+    _redis,
+    _redis_options,
+    _settings,
+    _table,
+)
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from dispatcher.control.capacity import WorkerSlots
+    from dispatcher.lease.model import Lease
+
+__all__ = ["FleetView", "problems", "register"]
+
+# A health check answers in well under a second or says Redis is unreachable: a Redis that is
+# there answers in milliseconds, and Docker's own check timeout must not be what fires.
+CHECK_REDIS_TIMEOUT_SECONDS = 0.5
+# The fleet beats a lease every third of its TTL, so one failed beat still leaves a retry. A
+# lease unbeaten for two thirds has missed both: the next miss lets the server hand it out.
+OVERDUE_SHARE_OF_TTL = 2 / 3
+# The TTL of a lease whose first heartbeat has not been answered yet: the SDKs assume 30-90 s.
+ASSUMED_TTL_SECONDS = 30
+DEFAULT_WATCH_SECONDS = 2.0
+# ANSI: cursor home, clear to the end of the screen. Redraws in place without flicker.
+REDRAW = "\033[H\033[J"
+
+
+def register(subcommands: Any) -> None:
+    parser = _command(subcommands, "status", _status, "the fleet as its lease registry sees it",
+                      "Leases held (phase, attempt, worker, heartbeat, time to lease expiry, "
+                      "stop flag) and workers (slots, used, free, draining), read from Redis "
+                      "($DISPATCHER_REDIS_URL, keys under $DISPATCHER_KEY_PREFIX). Needs no "
+                      "API key. --check exits 5 when the fleet cannot work: no live session "
+                      "slot, beat's lock not held, or a lease overdue for its heartbeat; 3 "
+                      "when Redis does not answer within "
+                      f"{CHECK_REDIS_TIMEOUT_SECONDS} s.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="a health check: exit 0 if the fleet can work, else 5 (or 3)")
+    mode.add_argument("--watch", action="store_true",
+                      help="redraw the status in place until Ctrl-C")
+    parser.add_argument("--interval", type=float, default=DEFAULT_WATCH_SECONDS,
+                        help="seconds between redraws with --watch (default: %(default)s)")
+    _redis_options(parser)
+
+
+# --- the decision: pure, tested by a table ----------------------------------------------------
+@dataclass(frozen=True)
+class FleetView:
+    """What `--check` reads from Redis, at one instant."""
+
+    leases: list[Lease]
+    workers: list[WorkerSlots]
+    beat_lock_held: bool
+    now: float
+
+
+def problems(view: FleetView) -> list[str]:
+    """Why the fleet cannot work, one line each; empty when it can."""
+    from dispatcher.control.capacity import WORKER_STALE_SECONDS
+
+    found: list[str] = []
+    if not any(_live(w, view.now, WORKER_STALE_SECONDS) and w.slots > 0 for w in view.workers):
+        found.append("no live session slots: no session worker has advertised in "
+                     f"{WORKER_STALE_SECONDS:.0f} s, or every one is draining")
+    if not view.beat_lock_held:
+        found.append("beat's lock is not held: no beat schedules the poller and the heartbeats")
+    overdue = [lease for lease in view.leases if _overdue(lease, view.now)]
+    if overdue:
+        sample = ", ".join(lease.work_id for lease in overdue[:3])
+        found.append(f"{len(overdue)} lease(s) overdue for a heartbeat: {sample}")
+    return found
+
+
+def _live(worker: WorkerSlots, now: float, stale_seconds: float) -> bool:
+    return not worker.draining and now - worker.seen_at < stale_seconds
+
+
+def _overdue(lease: Lease, now: float) -> bool:
+    if lease.heartbeats_by != "dispatcher" or lease.lost:
+        return False  # the sandbox beats it, or it is being let go: none of the fleet's beats
+    since = lease.heartbeat_ok_at or lease.claimed_at
+    if not since:
+        return False
+    ttl = lease.ttl_seconds or ASSUMED_TTL_SECONDS
+    return now - since > ttl * OVERDUE_SHARE_OF_TTL
+
+
+# --- the effects ------------------------------------------------------------------------------
+def _status(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval must be above 0 seconds")
+    settings = _settings()
+    if args.check:
+        redis, prefix = _redis(settings, args, timeout=CHECK_REDIS_TIMEOUT_SECONDS)
+        return _check(redis, prefix, as_json=args.json)
+    redis, prefix = _redis(settings, args)
+    if not args.watch:
+        _show(redis, prefix, as_json=args.json)
+        return EXIT_OK
+    try:
+        while True:
+            if sys.stdout.isatty():
+                print(REDRAW, end="")
+            _show(redis, prefix, as_json=args.json)
+            print(f"\n(every {args.interval:g} s; Ctrl-C stops)", flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _read(redis: Redis, prefix: str) -> FleetView:
+    from dispatcher.control.capacity import Capacity
+    from dispatcher.lease.keys import Keys
+    from dispatcher.lease.registry import LeaseRegistry
+
+    return FleetView(leases=LeaseRegistry(redis, prefix=prefix).all(),
+                     workers=Capacity(redis, prefix=prefix).workers(),
+                     beat_lock_held=bool(redis.exists(Keys(prefix).beat_lock)), now=time.time())
+
+
+def _check(redis: Redis, prefix: str, *, as_json: bool) -> int:
+    found = problems(_read(redis, prefix))
+    if as_json:
+        _print_json({"ok": not found, "problems": found, "key_prefix": prefix})
+    else:
+        for line in found:
+            print(f"dispatcher status: {line}", file=sys.stderr)
+        if not found:
+            print("ok: the fleet can work")
+    return EXIT_UNHEALTHY if found else EXIT_OK
+
+
+def _show(redis: Redis, prefix: str, *, as_json: bool) -> None:
+    view = _read(redis, prefix)
+    report = {"leases": [_lease_row(lease, view.now) for lease in view.leases],
+              "workers": [_worker_row(worker, view.leases, view.now) for worker in view.workers],
+              "summary": _summary(view.leases, view.workers), "key_prefix": prefix}
+    if as_json:
+        _print_json(report)
+    else:
+        print(_status_text(report))
+
+
+# --- output -----------------------------------------------------------------------------------
+def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
+    beat_age = now - lease.heartbeat_ok_at if lease.heartbeat_ok_at else None
+    expires_in = (lease.ttl_seconds - beat_age
+                  if beat_age is not None and lease.ttl_seconds else None)
+    return {
+        "work_id": lease.work_id, "session_id": lease.session_id, "phase": lease.phase,
+        "attempt": lease.attempt, "worker": lease.worker or None, "queue": lease.queue,
+        "mode": lease.mode, "task_id": lease.task_id or None,
+        "age_seconds": now - lease.claimed_at if lease.claimed_at else None,
+        "heartbeat_age_seconds": beat_age, "ttl_seconds": lease.ttl_seconds or None,
+        "expires_in_seconds": expires_in, "heartbeats_by": lease.heartbeats_by,
+        "stop": lease.stop or None, "stop_cause": lease.stop_cause or None,
+        "lost": lease.lost,
+    }
+
+
+def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float) -> dict[str, Any]:
+    used = sum(1 for lease in leases
+               if lease.worker == worker.hostname and lease.phase == "running")
+    return {
+        "hostname": worker.hostname, "slots": worker.slots, "used": used,
+        "free": max(0, worker.slots - used), "pool": worker.pool, "queues": worker.queues,
+        "draining": worker.draining, "live": worker.live,
+        "last_seen_seconds": now - worker.seen_at if worker.seen_at else None,
+    }
+
+
+def _summary(leases: list[Lease], workers: list[WorkerSlots]) -> dict[str, int]:
+    total = sum(w.slots for w in workers if w.live)
+    return {"leases_held": len(leases), "live_workers": sum(1 for w in workers if w.live),
+            "slots_total": total, "slots_free": max(0, total - len(leases))}
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    summary = report["summary"]
+    lines = [f"{summary['leases_held']} leases held; {summary['live_workers']} live workers, "
+             f"{summary['slots_free']} of {summary['slots_total']} slots free "
+             f"(prefix {report['key_prefix']})", ""]
+    lines.append(_table(
+        ["WORK ID", "SESSION ID", "PHASE", "ATTEMPT", "WORKER", "AGE", "HEARTBEAT", "EXPIRES IN",
+         "STOP"],
+        [[r["work_id"], r["session_id"], r["phase"], r["attempt"], r["worker"],
+          _duration(r["age_seconds"]), _duration(r["heartbeat_age_seconds"]),
+          _duration(r["expires_in_seconds"]), _stop_text(r)] for r in report["leases"]]))
+    lines.append("")
+    lines.append(_table(
+        ["WORKER", "SLOTS", "USED", "FREE", "POOL", "DRAINING", "LAST SEEN"],
+        [[r["hostname"], r["slots"], r["used"], r["free"], r["pool"], r["draining"],
+          _duration(r["last_seen_seconds"])] for r in report["workers"]]))
+    return "\n".join(lines)
+
+
+def _stop_text(row: dict[str, Any]) -> str | None:
+    if not row["stop"]:
+        return None
+    text = f"{row['stop']} ({row['stop_cause']})" if row["stop_cause"] else str(row["stop"])
+    return text + (", lost" if row["lost"] else "")

@@ -1,0 +1,138 @@
+"""`dispatcher status --check` as a container health check runs it: a subprocess reading a real
+Redis, whose registry state is written through the real LeaseRegistry and Capacity classes.
+Each answer comes in under a second, whatever it is."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from dispatcher.control.capacity import Capacity
+from dispatcher.lease.keys import Keys
+from dispatcher.lease.registry import Lease, LeaseRegistry, Phase
+
+pytestmark = pytest.mark.integration
+
+DISPATCHER = Path(sys.executable).with_name("dispatcher")
+CHECK_DB = 12
+BOUND_SECONDS = 1.0
+
+
+class Fleet:
+    def __init__(self, r: redis.Redis, url: str, prefix: str) -> None:
+        self.redis, self.url, self.prefix = r, url, prefix
+        self.registry = LeaseRegistry(r, prefix=prefix)
+        self.capacity = Capacity(r, prefix=prefix)
+
+    def healthy(self) -> None:
+        """A session worker with free slots, a beat holding its lock, a lease beaten 3 s ago."""
+        self.capacity.advertise(hostname="sessions@h", slots=4, pool="threads",
+                                queues=["dispatcher.sessions"])
+        self.capacity.advertise(hostname="control@h", slots=0, pool="threads",
+                                queues=["dispatcher.control"])
+        self.redis.set(Keys(self.prefix).beat_lock, "token", px=10_000)
+        self.add_lease("work_ok", beaten_ago=3)
+
+    def add_lease(self, work_id: str, *, beaten_ago: float, ttl: int = 30) -> None:
+        now = time.time()
+        self.registry.create(Lease(work_id=work_id, session_id=f"sesn_{work_id}",
+                                   environment_id="env_1", mode="dispatcher",
+                                   queue="dispatcher.sessions", phase=Phase.RUNNING,
+                                   worker="sessions@h", claimed_at=now - 60, ttl_seconds=ttl,
+                                   heartbeat_ok_at=now - beaten_ago), work_json="{}")
+
+    def check(self, url: str | None = None) -> tuple[int, str, float]:
+        own = ("ANTHROPIC_", "DISPATCHER_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
+        env.update(DISPATCHER_REDIS_URL=url or self.url, DISPATCHER_KEY_PREFIX=self.prefix)
+        started = time.monotonic()
+        done = subprocess.run([str(DISPATCHER), "status", "--check"], env=env,
+                              capture_output=True, text=True, timeout=30)
+        return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
+    url = f"{base}/{CHECK_DB}"
+    prefix = f"check{uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        yield Fleet(r, url, prefix)
+    finally:
+        for key in r.scan_iter(f"{prefix}:*"):
+            r.delete(key)
+        r.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_healthy_fleet_exits_0(fleet: Fleet) -> None:
+    fleet.healthy()
+    code, output, took = fleet.check()
+    assert (code, output.strip()) == (0, "ok: the fleet can work")
+    assert took < BOUND_SECONDS
+
+
+def test_no_live_session_slots(fleet: Fleet) -> None:
+    fleet.healthy()
+    fleet.capacity.set_draining("sessions@h")
+    code, output, took = fleet.check()
+    assert code == 5 and "no live session slots" in output, output
+    assert took < BOUND_SECONDS
+
+
+def test_beat_lock_not_held(fleet: Fleet) -> None:
+    fleet.healthy()
+    fleet.redis.delete(Keys(fleet.prefix).beat_lock)
+    code, output, took = fleet.check()
+    assert code == 5 and "beat's lock is not held" in output, output
+    assert took < BOUND_SECONDS
+
+
+def test_a_lease_overdue_for_its_heartbeat(fleet: Fleet) -> None:
+    fleet.healthy()
+    fleet.add_lease("work_late", beaten_ago=25, ttl=30)
+    code, output, took = fleet.check()
+    assert code == 5 and "1 lease(s) overdue for a heartbeat: work_late" in output, output
+    assert took < BOUND_SECONDS
+
+
+def test_redis_unreachable(fleet: Fleet) -> None:
+    code, output, took = fleet.check(url=f"redis://127.0.0.1:{closed_port()}/0")
+    assert code == 3 and output.startswith("dispatcher status: Redis: "), output
+    assert took < BOUND_SECONDS
+
+
+def test_watch_redraws_until_ctrl_c(fleet: Fleet) -> None:
+    fleet.healthy()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "DISPATCHER_"))}
+    env.update(DISPATCHER_REDIS_URL=fleet.url, DISPATCHER_KEY_PREFIX=fleet.prefix)
+    with subprocess.Popen([str(DISPATCHER), "status", "--watch", "--interval", "0.2"],
+                          env=env, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            summaries = 0
+            while summaries < 2:
+                line = process.stdout.readline()
+                assert line, "status --watch ended on its own"
+                summaries += line.startswith("1 leases held; 2 live workers")
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=10) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
