@@ -84,7 +84,8 @@ COUNTERS: dict[str, Counter] = {
     "heartbeats": Counter("Heartbeats sent, by result", "result", ("ok", "failed")),
     "leases_lost": Counter("Leases the server no longer gives us, by cause", "cause",
                            ("re_delivered", "server_stopped", "lease_not_extended",
-                            "heartbeat_rejected", "assumed_lost")),
+                            "heartbeat_rejected", "assumed_lost", "taken_by_another_worker",
+                            "ack_not_landed")),
     "attempts_restarted": Counter("Session attempts started again on another worker, by reason",
                                   "reason", ("worker_lost", "task_never_started",
                                              "worker_drained")),
@@ -97,6 +98,8 @@ ALIASES: dict[str, str] = {
     "heartbeat_": "heartbeat_rejected",  # "heartbeat 404", "heartbeat 412", ...
     "assumed_lost": "assumed_lost",
     "claim_404": "server_stopped",  # the item is gone
+    "claimed_by_another_worker": "taken_by_another_worker",
+    "ack_never_landed": "ack_not_landed",
     "worker_lost": "worker_lost",
     "session_task_never_started": "task_never_started",
 }

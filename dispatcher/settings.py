@@ -75,8 +75,9 @@ class Settings(BaseSettings):
         "Between SIGTERM and SIGKILL on a graceful stop (the CLI waits 30 s too)."))
     max_attempts: int = _env("DISPATCHER_MAX_ATTEMPTS", 3, ge=1, description=(
         "Attempts of one session (a lost worker starts a new one) before it is stopped."))
-    poll_interval_seconds: float = _env("DISPATCHER_POLL_INTERVAL_SECONDS", 1.0, gt=0,
-        description="Beat period of the poller task.")
+    poll_interval_seconds: float = _env("DISPATCHER_POLL_INTERVAL_SECONDS", 5.0, gt=0,
+        description=("Beat period of the poller's watchdog: each run hands over to the next "
+                     "itself; this tick starts one when none runs (after a crash)."))
     heartbeat_tick_seconds: float = _env("DISPATCHER_HEARTBEAT_TICK_SECONDS", 1.0, gt=0,
         description="Beat period of the heartbeat task (each lease is beaten when due).")
     bridge_interval_seconds: float = _env("DISPATCHER_BRIDGE_INTERVAL_SECONDS", 1.0, gt=0,

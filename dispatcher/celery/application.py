@@ -91,7 +91,9 @@ app.conf.update(
     task_track_started=True,
     worker_concurrency=DEFAULT_CONCURRENCY,
     worker_send_task_events=True,
-    task_send_sent_event=True,
+    # No task-sent events: beat publishes the control ticks, several a second, and a session's
+    # publishing is logged (`dispatched`); Flower shows sessions from their `received` event.
+    task_send_sent_event=False,
     # beat: celery-redbeat, whose Redis lock makes `-B` safe on every node of a fleet, with a
     # tick that survives a Redis restart (dispatcher.celery.beat).
     beat_scheduler="dispatcher.celery.beat:Scheduler",

@@ -1,18 +1,24 @@
 """Claim work from the server for the fleet's free session slots.
 
-One poller runs at a time per environment (a Redis lock) and long-polls for a few seconds; each
-item it gets is offered to the lease machine, which acks it, records the lease, claims it
-(the first heartbeat) and publishes its session task, or refuses it (an ended session, an
-attempt limit reached, an unknown type, an item we still hold).
+One poller runs at a time per environment (a Redis lock). While the fleet has a free slot a long
+poll is always outstanding: a run polls for a minute, then hands its lock to its successor (a new
+poll task it publishes) without releasing it, so no gap opens between runs and no second poller
+can slip in. Beat only watches: its tick finds the lock held and returns; a crashed run's lock
+lapses and the next tick starts a fresh poller. Each item is offered to the lease machine, which
+acks it, records the lease, claims it (the first heartbeat) and publishes its session task, or
+refuses it (an ended session, an attempt limit reached, an unknown type, an item we still hold).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from dispatcher.control.routing import choose_queue
 from dispatcher.lease import events as ev
@@ -25,10 +31,12 @@ from dispatcher.workapi import Backoff, Work, WorkAPIError, WorkDataType, delay_
 __all__ = ["POLL_BLOCK_MS", "claim", "run_poller"]
 
 POLL_BLOCK_MS = 999  # the API caps block_ms at 999
-# One poller task long-polls this long, then returns so beat starts a fresh one: a crashed or
-# wedged poller delays claiming by at most this much.
-POLL_RUN_SECONDS = 5.0
-# The lock outlives a run by a margin; a killed poller's lock lapses on its own.
+# One poller task long-polls this long, then hands over to its successor: Flower shows one poll
+# task a minute, and a worker's memory or a changed setting is picked up by the next run.
+POLL_RUN_SECONDS = 60.0
+# Each poll renews the lock for this long; a killed poller's lock lapses on its own, and the
+# next beat tick starts another. Longer than the slowest claim (ack, claim and publish, each
+# bounded by the client's timeout), so a live poller never loses it mid-claim.
 POLL_LOCK_SECONDS = 30.0
 # While the fleet is full, look for a freed slot this often (one Redis round trip each).
 FULL_FLEET_RECHECK_SECONDS = 0.05
@@ -36,34 +44,64 @@ FULL_FLEET_RECHECK_SECONDS = 0.05
 POLL_FAILURES_TTL_SECONDS = 60
 
 
-def run_poller(runtime: Runtime, *, run_seconds: float = POLL_RUN_SECONDS) -> int:
-    """Claim work until the budget runs out; returns how many claimed."""
-    with _poll_lock(runtime) as held:
-        if not held:
-            return 0
-        return _poll_loop(runtime, deadline=time.monotonic() + run_seconds)
-
-
-@contextmanager
-def _poll_lock(runtime: Runtime) -> Iterator[bool]:
-    key = runtime.registry.keys.poll_lock(runtime.environment_id)
-    token = uuid.uuid4().hex
-    held = bool(runtime.redis.set(key, token, nx=True, px=int(POLL_LOCK_SECONDS * 1000)))
+def run_poller(runtime: Runtime, *, run_seconds: float = POLL_RUN_SECONDS,
+               handover: str | None = None, hand_over: Callable[[str], None] | None = None,
+               stopping: Callable[[], bool] = lambda: False) -> int:
+    """Claim work for the run's budget; returns how many claimed. `handover` is the lock token
+    a predecessor handed over; at the end, `hand_over` publishes the successor with ours.
+    `stopping` ends the run early (its worker drains): the successor then runs elsewhere."""
+    lock = _take_lock(runtime, handover)
+    if lock is None:
+        return 0
+    handed = False
     try:
-        yield held
+        claimed = _poll_loop(runtime, lock=lock, stopping=stopping,
+                             deadline=time.monotonic() + run_seconds)
+        if hand_over is not None and lock.owned():
+            hand_over(_token(lock))
+            handed = True
+        return claimed
     finally:
-        if held and runtime.redis.get(key) == token:
-            runtime.redis.delete(key)
+        if not handed:
+            _release(lock)
 
 
-def _poll_loop(runtime: Runtime, *, deadline: float) -> int:
+def _take_lock(runtime: Runtime, handover: str | None) -> Lock | None:
+    """The environment's poll lock: taken over from a predecessor that handed us its token, or
+    taken fresh if nobody holds it. None: another poller holds it."""
+    lock = Lock(runtime.redis, runtime.registry.keys.poll_lock(runtime.environment_id),
+                timeout=POLL_LOCK_SECONDS, thread_local=False)
+    if handover is not None:
+        lock.local.token = handover.encode()
+        try:
+            lock.reacquire()
+            return lock
+        except LockError:
+            pass  # the hand-over came too late: the lock lapsed, take it like anyone else
+    return lock if lock.acquire(blocking=False, token=uuid.uuid4().hex) else None
+
+
+def _token(lock: Lock) -> str:
+    token = lock.local.token
+    return token.decode() if isinstance(token, bytes) else str(token)
+
+
+def _release(lock: Lock) -> None:
+    with contextlib.suppress(LockError):  # lapsed meanwhile: nothing of ours to release
+        lock.release()
+
+
+def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
+               deadline: float) -> int:
     claimed = 0
     # The failure count outlives one poller run (each lasts seconds), so a long outage backs
     # off to the cap instead of starting over at half a second every run.
     failures_key = runtime.registry.keys.task_lock("poll-failures")
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(max_retries=0)
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopping():
+        if not _still_ours(lock):
+            break
         if not _wait_out_pause(runtime, deadline):
             break
         if runtime.capacity.free_slots() <= 0:
@@ -87,6 +125,16 @@ def _poll_loop(runtime: Runtime, *, deadline: float) -> int:
         if item is not None and claim(runtime, item):
             claimed += 1
     return claimed
+
+
+def _still_ours(lock: Lock) -> bool:
+    """Renew the lock; False if it lapsed and may be another poller's now."""
+    try:
+        lock.reacquire()
+        return True
+    except LockError:
+        event("poll lock lost", level=logging.WARNING, action_taken="this poller stops")
+        return False
 
 
 def _pause(runtime: Runtime, *, failures: int, seconds: float) -> None:

@@ -98,10 +98,12 @@ SCENARIOS: dict[str, ev.Event] = {
     "registry reset": ev.RegistryReset(_running),
 }
 
-# Where an event can happen at all: acks and first claims meet the lease just proposed (claimed,
-# not yet recorded); an item offered afresh, and a registry rebuilt, meet no record.
+# Where an event can happen at all: acks meet the lease just proposed (claimed, not yet
+# recorded); first claims meet it published (a session) or not (a healthcheck); an item offered
+# afresh, and a registry rebuilt, meet no record.
 _ONLY_IN: dict[str, tuple[str, ...]] = {
-    **{name: ("claimed",) for name in SCENARIOS if name.startswith(("ack ", "claim "))},
+    **{name: ("claimed",) for name in SCENARIOS if name.startswith("ack ")},
+    **{name: ("claimed", "dispatched") for name in SCENARIOS if name.startswith("claim ")},
     **{name: ("none",) for name in ("offered, unknown type", "offered, ended before",
                                      "offered, attempts used up", "registry reset")},
 }

@@ -13,11 +13,12 @@ import httpx
 import pytest
 from fleet import Fleet, wait_for
 
+from dispatcher.celery.names import CONTROL_TASKS, SESSION_RUN
 from dispatcher.ops.stack import free_port
 
 pytestmark = pytest.mark.acceptance
 
-SESSION_TASK = "tasks.session.run"
+SESSION_TASK = SESSION_RUN
 KEY_SHAPE = re.compile(r"sk-ant-[A-Za-z0-9_\-]+")
 
 
@@ -85,7 +86,8 @@ def test_flower_shows_ids_only_and_its_revoke_stops_the_work_item(
     sessions = wait_for(succeeded_in_flower, timeout=15, what="Flower to see the sessions end")
     forbidden = [fleet.emulator.environment_key, fleet.emulator.api_key, secret]
     every_task = flower.tasks()
-    assert any(t.get("name", "").startswith("tasks.poll.") for t in every_task.values())
+    ticks = [t for t in every_task.values() if t.get("name") in CONTROL_TASKS]
+    assert not ticks, "the control plane's ticks stay out of Flower's task list"
     for task_id, task in every_task.items():
         _assert_clean(json.dumps(task), forbidden, task_id)
     for task_id in sessions:

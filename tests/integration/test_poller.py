@@ -39,3 +39,34 @@ def test_a_full_fleet_claims_the_moment_a_slot_frees_up(emulator: Any, runtime: 
     assert claimed == [2], "both claimed within one run"
     assert set(runtime.registry.held_ids()) | set(held) == {first, second}
     assert waited < 2.5, f"the freed slot was filled {waited:.2f}s later"
+
+
+def test_a_run_hands_its_lock_to_its_successor_and_nobody_slips_in(
+        emulator: Any, runtime: Runtime) -> None:
+    handed: list[str] = []
+    run_poller(runtime, run_seconds=0.2, hand_over=handed.append)
+    assert len(handed) == 1, "the run published its successor"
+    key = runtime.registry.keys.poll_lock(runtime.environment_id)
+    assert runtime.redis.get(key) == handed[0], "and kept the lock for it"
+    assert run_poller(runtime, run_seconds=0.2) == 0, "a beat tick meanwhile finds it held"
+    assert runtime.redis.get(key) == handed[0]
+    successor: list[str] = []
+    run_poller(runtime, run_seconds=0.2, handover=handed[0], hand_over=successor.append)
+    assert successor == handed, "the successor took the lock over and handed it on"
+
+
+def test_a_hand_over_that_came_too_late_takes_the_lock_afresh(
+        emulator: Any, runtime: Runtime) -> None:
+    key = runtime.registry.keys.poll_lock(runtime.environment_id)
+    runtime.redis.delete(key)  # the predecessor's lock lapsed
+    handed: list[str] = []
+    run_poller(runtime, run_seconds=0.2, handover="stale-token", hand_over=handed.append)
+    assert len(handed) == 1 and handed[0] != "stale-token"
+
+
+def test_a_draining_worker_stops_polling_and_hands_over(emulator: Any, runtime: Runtime) -> None:
+    handed: list[str] = []
+    started = time.monotonic()
+    run_poller(runtime, run_seconds=30.0, hand_over=handed.append, stopping=lambda: True)
+    assert time.monotonic() - started < 5, "no long run on a draining worker"
+    assert len(handed) == 1, "its successor runs on another worker"

@@ -30,8 +30,11 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("offered, unknown type", ("none",), "none", {"StopOnServer"}, {"Ack"}),
     ("offered, ended before", ("none",), "none", {"StopOnServer"}, {"Ack"}),
     ("offered, attempts used up", ("none",), "none", {"StopOnServer"}, {"Ack"}),
-    ("ack answered", ("claimed",), "claimed", {"CreateRecord", "Claim"}, {"Publish"}),
-    ("ack reply lost, or 409", ("claimed",), "claimed", {"CreateRecord", "Claim"}, set()),
+    # A session is published first and claimed right after: the claim's round trip never
+    # delays it.
+    ("ack answered", ("claimed",), "dispatched", {"CreateRecord", "Publish", "Claim"}, set()),
+    ("ack reply lost, or 409", ("claimed",), "dispatched", {"CreateRecord", "Publish", "Claim"},
+     set()),
     ("ack refused (4xx)", ("claimed",), "none", set(), {"CreateRecord", "StopOnServer"}),
     ("claim answered", ("claimed",), "dispatched", {"RecordBeat", "Publish"}, set()),
     ("claim 412, nobody beat it", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
@@ -40,6 +43,13 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("claim 404/409 after an uncertain ack", ("claimed",), "none", {"DeleteRecord"},
      {"StopOnServer", "Publish"}),
     ("claim failed (transient)", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
+    ("claim answered", ("dispatched",), "dispatched", {"RecordBeat"}, {"Publish"}),
+    ("claim 412, nobody beat it", ("dispatched",), "dispatched", {"Schedule"}, {"Publish"}),
+    ("claim 412, another holder", ("dispatched",), "none", {"Revoke", "DeleteRecord"},
+     {"StopOnServer"}),
+    ("claim 404/409 after an uncertain ack", ("dispatched",), "none", {"Revoke", "DeleteRecord"},
+     {"StopOnServer"}),
+    ("claim failed (transient)", ("dispatched",), "dispatched", {"Schedule"}, {"Publish"}),
     ("beat answered", ANY, "=", {"RecordBeat"}, {"StopOnServer"}),
     ("beat answered, not extended", QUEUED, "none", {"DeleteRecord"}, {"StopOnServer"}),
     ("beat answered, not extended", ("running",), "running", {"FlagStop(force)"},
@@ -275,3 +285,18 @@ def test_a_claim_after_an_ack_whose_reply_was_lost_never_adopts_a_rivals_token()
     refused = decide(claimed.lease, ev.BeatRefused(ev.ServerLease("active", "rival-1")),
                      now=NOW + 1)
     assert refused.lease is None or refused.lease.token != "rival-1"
+
+
+def test_a_session_that_finished_after_its_lease_was_lost_is_stopped_not_run_again() -> None:
+    """Found by the stateful test: the lease lapsed while the sandbox ran, and the sandbox
+    exited 0 before the kill landed. The session is done: its item is stopped, its ending kept."""
+    running = lease_in("running")
+    assert running is not None
+    lost = decide(running, ev.BeatRefused(ev.ServerLease("queued", None)), now=NOW).lease
+    assert lost is not None and lost.lost
+    decision = decide(lost, ev.SandboxExited(1, 0, draining=False, next_task_id="t2"), now=NOW)
+    assert decision.lease is not None and decision.lease.ended == Ending.COMPLETED
+    assert fx.RecordHistory(0, Ending.COMPLETED) in decision.effects
+    assert any(isinstance(e, fx.StopOnServer) for e in decision.effects)
+    killed = decide(lost, ev.SandboxExited(1, 137, draining=False, next_task_id="t2"), now=NOW)
+    assert killed.lease is None, "killed: an attempt that did not finish, the server's to give"

@@ -21,6 +21,7 @@ from dispatcher.lease.machine.steps import (
     is_over,
     log,
     lose,
+    publish,
     since_ok,
     stop_requested,
 )
@@ -86,9 +87,16 @@ def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> 
         effects.append(log("ack uncertain", lease, logging.WARNING, status=e.status,
                             action_taken="claimed; the first heartbeat tells"))
     decision = Decision(lease, tuple(effects))
-    if lease.heartbeats_by == Beater.DISPATCHER:
+    if lease.heartbeats_by != Beater.DISPATCHER:
+        return decision.then(advance_claimed(lease, c))
+    if lease.kind == "healthcheck":
         return decision.then(Decision(lease, (fx.Claim(),)))
-    return decision.then(advance_claimed(lease, c))
+    # Published first, claimed right after: the first heartbeat's round trip no longer delays
+    # the session, and the lease is never left unbeaten (a claim that fails is retried by the
+    # heartbeat task at once). A session that starts before a rival's 412 comes back is killed
+    # by that answer, as any lost lease is.
+    published = decision.then(publish(lease, c.now))
+    return published.then(Decision(published.lease, (fx.Claim(),)))
 
 
 def _ack_refused(lease: Lease | None, e: ev.AckRefused, c: Ctx) -> Decision:
@@ -114,10 +122,8 @@ def _claim_refused(lease: Lease | None, e: ev.ClaimRefused, c: Ctx) -> Decision:
         refused = _refused_unclaimed(lease, c)
         return refused if refused.lease is None else refused.then(
             advance_claimed(refused.lease, c))
-    return Decision(None, (
-        fx.DeleteRecord(),
-        log("lease taken by another worker", lease, logging.WARNING,
-             server_state=e.current.state)))
+    return lose(lease, cause="claimed by another worker", action="lease taken by another worker",
+                server_state=e.current.state)
 
 
 def _claim_not_acked(lease: Lease | None, e: ev.ClaimNotAcked, c: Ctx) -> Decision:
@@ -125,10 +131,9 @@ def _claim_not_acked(lease: Lease | None, e: ev.ClaimNotAcked, c: Ctx) -> Decisi
         return Decision(None)
     if e.ack_uncertain:
         # The ack never landed: the item is still queued on the server, which delivers it again.
-        return Decision(None, (
-            fx.DeleteRecord(), count("work_refused", reason="ack_failed"),
-            log("ack failed", lease, logging.WARNING, status=e.status,
-                 outcome="left for the server to re-deliver")))
+        return Decision(lease, (count("work_refused", reason="ack_failed"),)).then(
+            lose(lease, cause="ack never landed", action="ack failed", status=e.status,
+                 outcome="left for the server to re-deliver"))
     if e.status == 404:
         return lose(lease, cause="claim 404", server_stopped=True)
     return _claim_failed(lease, ev.ClaimFailed(e.status), c)

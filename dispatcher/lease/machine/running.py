@@ -120,6 +120,10 @@ def _sandbox_exited(lease: Lease | None, e: ev.SandboxExited, c: Ctx) -> Decisio
     if is_over(lease):
         return exited.then(release(lease, reason=lease.stop_cause or "ended",
                                     outcome=lease.ended.value))
+    if lease.lost and e.code == 0 and not e.draining:
+        # It finished before the kill landed: the session is done, and its item is stopped
+        # whoever holds the lease now, or it would run again.
+        return exited.then(end(lease, Ending.COMPLETED, reason="exited after its lease was lost"))
     if lease.lost:
         # Killed because the lease is someone else's now: an attempt that did not finish.
         failures = lease.failures + 1
