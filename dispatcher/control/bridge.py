@@ -18,47 +18,52 @@ import signal
 
 from dispatcher.lease import events as ev
 from dispatcher.lease.executor import listed_event
-from dispatcher.lease.model import epoch_of
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import Work, WorkAPIError
 
 __all__ = ["on_task_revoked", "scan_server_stops"]
 
-LIST_PAGE_SIZE = 100  # the most `list` returns at once
-# Pages one tick reads at most: 1,000 items a second, whatever the fleet holds. While the items
-# newer than the oldest held one fit (1,000 leases or so), each tick reads them all and a stop is
-# seen within a second, as ever; beyond, a sweep of them spans several ticks (continuing from
-# a cursor kept in Redis) and a stop is seen within ceil(items / 1,000) seconds (5 s at 5,000
-# leases), or sooner by the lease's next heartbeat reply. Reading all of them every second would
-# cost the API, and the control worker, N / 100 `list` calls a second.
+# Items a `list` page is asked for. The server may answer with fewer (the spec sets no size), and
+# in any order (the spec sets none): nothing below depends on either.
+LIST_PAGE_SIZE = 100
+# Pages one tick reads at most: 1,000 items a second at full pages, whatever the fleet holds. A
+# sweep pages through `list` until every held item has been listed, or the list ends; a sweep
+# longer than a tick's budget continues next tick from a cursor kept in Redis, so a stop is seen
+# within ceil(items before the last held one / 1,000) seconds, or sooner by the lease's next
+# heartbeat reply. Reading the whole list every second would cost the API, and the control
+# worker, N / 100 `list` calls a second.
 LIST_PAGES_PER_TICK = 10
 # A sweep's cursor outlives a tick by this much at most: a sweep left this long starts over.
 CURSOR_TTL_SECONDS = 60
 
 
 def scan_server_stops(runtime: Runtime) -> int:
-    """Apply the stops the server has for leases we hold, reading `list` newest first, at most
-    LIST_PAGES_PER_TICK pages a tick; returns how many were new."""
+    """Hand the stops the server's list shows for leases we hold to the lease machine, at most
+    LIST_PAGES_PER_TICK pages a tick; returns how many leases that changed."""
     registry = runtime.registry
-    oldest, cursor = registry.stop_scan_start()
-    if oldest is None:  # nothing held: no call at all
+    if registry.held_count() == 0:  # nothing held: no call at all
+        registry.end_stop_scan()
         return 0
+    cursor = registry.stop_scan_cursor()
     applied = 0
     try:
         for _ in range(LIST_PAGES_PER_TICK):
             page = runtime.client().list(limit=LIST_PAGE_SIZE, page=cursor)
             applied += _apply_page(runtime, page.data)
-            # Newest first: once past the oldest item we hold, nothing further can be ours.
-            if not page.next_page or any(epoch_of(w.created_at) < oldest for w in page.data):
-                cursor = None
-                break
+            unseen = registry.note_scanned([w.id for w in page.data],
+                                           ttl_seconds=CURSOR_TTL_SECONDS)
+            if not page.next_page or unseen == 0:
+                registry.end_stop_scan()
+                return applied
             cursor = page.next_page
     except WorkAPIError as exc:
         event("stop scan failed", level=logging.WARNING, status=exc.status, error=str(exc))
         if exc.status == 400:
-            cursor = None  # a cursor the server no longer takes: start again from the newest
-    registry.set_stop_scan_cursor(cursor, ttl_seconds=CURSOR_TTL_SECONDS)
+            registry.end_stop_scan()  # a cursor the server no longer takes: start over
+            return applied
+    if cursor is not None:
+        registry.set_stop_scan_cursor(cursor, ttl_seconds=CURSOR_TTL_SECONDS)
     return applied
 
 

@@ -47,10 +47,9 @@ class Keys:
         return f"{self.prefix}:last-seen"
 
     @property
-    def created(self) -> str:
-        """Sorted set: work id -> the server's `created_at` of the held item, as an epoch
-        second: how far back the stop bridge pages `list`."""
-        return f"{self.prefix}:created"
+    def stop_scan_seen(self) -> str:
+        """Set: the items the stop bridge's current sweep has listed so far."""
+        return f"{self.prefix}:stop-scan-seen"
 
     @property
     def stop_scan_cursor(self) -> str:

@@ -23,7 +23,7 @@ from redis import Redis
 from redis.commands.core import Script
 
 from dispatcher.lease.keys import Keys
-from dispatcher.lease.model import Ending, Lease, Phase, StopKind, encode, epoch_of
+from dispatcher.lease.model import Ending, Lease, Phase, StopKind, encode
 
 __all__ = ["History", "LeaseRegistry", "Pulse"]
 
@@ -109,7 +109,6 @@ class LeaseRegistry:
         pipe.set(self.keys.work(lease.work_id), work_json, ex=WORK_TTL_SECONDS)
         pipe.zadd(self.keys.leases, {lease.work_id: lease.claimed_at})
         pipe.zadd(self.keys.last_seen, {lease.work_id: _last_seen(lease)})
-        pipe.zadd(self.keys.created, {lease.work_id: epoch_of(lease.created_at)})
         pipe.execute()
 
     def get(self, work_id: str) -> Lease | None:
@@ -148,7 +147,6 @@ class LeaseRegistry:
         pipe.zrem(self.keys.leases, work_id)
         pipe.zrem(self.keys.heartbeat_due, work_id)
         pipe.zrem(self.keys.last_seen, work_id)
-        pipe.zrem(self.keys.created, work_id)
         pipe.execute()
 
     # --- history: what outlives a record ------------------------------------------------------
@@ -190,37 +188,27 @@ class LeaseRegistry:
         self._index(self.keys.last_seen, [(lease.work_id, _last_seen(lease)) for lease in leases])
         return [lease for lease in leases if _last_seen(lease) <= cutoff]
 
-    # KEYS[1]=created zset, KEYS[2]=held leases zset, KEYS[3]=the stop scan's cursor. What a stop
-    # scan needs to start, in one round trip: {the oldest `created_at` among held leases ('' if
-    # none; entries of leases no longer held are dropped on the way), held leases the index lacks,
-    # the cursor to continue from ('' if none)}. With nothing held, the cursor goes too.
-    _STOP_SCAN_START = _Script("""
-if redis.call('ZCARD', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[1], KEYS[3])
-  return {'', {}, ''}
-end
-local missing = redis.call('ZDIFF', 2, KEYS[2], KEYS[1])
-while true do
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if #first == 0 then return {'', missing, redis.call('GET', KEYS[3]) or ''} end
-  if redis.call('ZSCORE', KEYS[2], first[1]) then
-    return {first[2], missing, redis.call('GET', KEYS[3]) or ''}
-  end
-  redis.call('ZREM', KEYS[1], first[1])
-end
-""")
+    def stop_scan_cursor(self) -> str | None:
+        """The `list` page the stop bridge's sweep continues from (None: the first page)."""
+        value = self.redis.get(self.keys.stop_scan_cursor)
+        return None if value is None else str(value)
 
-    def stop_scan_start(self) -> tuple[float | None, str | None]:
-        """Where the stop bridge's scan starts: the server's `created_at` (epoch second) of the
-        oldest item we hold (None: we hold none), and the page its sweep left off at (None: the
-        newest). A held lease the index lacks (written before it existed) is added first."""
-        keys = [self.keys.created, self.keys.leases, self.keys.stop_scan_cursor]
-        oldest, missing, cursor = self._STOP_SCAN_START(keys=keys)
-        if missing:
-            self._index(self.keys.created, [(lease.work_id, epoch_of(lease.created_at))
-                                            for lease in self.get_many(missing)])
-            oldest, _, cursor = self._STOP_SCAN_START(keys=keys)
-        return (float(oldest) if oldest else None), (str(cursor) if cursor else None)
+    def note_scanned(self, work_ids: list[str], *, ttl_seconds: int) -> int:
+        """Note the items a sweep's page listed; returns how many held leases this sweep has
+        not seen yet (0: every held item was listed, the sweep may end early)."""
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        if work_ids:
+            pipe.sadd(keys.stop_scan_seen, *work_ids)
+        pipe.expire(keys.stop_scan_seen, ttl_seconds)
+        pipe.zcard(keys.leases)
+        pipe.zintercard(2, [keys.leases, keys.stop_scan_seen])
+        *_, held, seen = pipe.execute()
+        return int(held) - int(seen)
+
+    def end_stop_scan(self) -> None:
+        """The sweep is over: the next one starts from the first page, having seen nothing."""
+        self.redis.delete(self.keys.stop_scan_cursor, self.keys.stop_scan_seen)
 
     # KEYS[1]=an index zset; ARGV: lease key prefix, then per lease: work id, score. Indexes each
     # lease still held, so an index repaired from a read of the lease never keeps one released
@@ -243,12 +231,9 @@ return 1
             args += [work_id, score]
         self._INDEX_IF_HELD(keys=[key], args=args)
 
-    def set_stop_scan_cursor(self, cursor: str | None, *, ttl_seconds: int) -> None:
-        """Where the stop bridge's next tick continues its sweep (None: from the newest)."""
-        if cursor is None:
-            self.redis.delete(self.keys.stop_scan_cursor)
-        else:
-            self.redis.set(self.keys.stop_scan_cursor, cursor, ex=ttl_seconds)
+    def set_stop_scan_cursor(self, cursor: str, *, ttl_seconds: int) -> None:
+        """Where the stop bridge's next tick continues its sweep."""
+        self.redis.set(self.keys.stop_scan_cursor, cursor, ex=ttl_seconds)
 
     # --- changes ------------------------------------------------------------------------------
     def update(self, work_id: str, **values: object) -> bool:
