@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis import Redis
 
@@ -21,9 +21,6 @@ from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings, load_settings
 from dispatcher.workapi import WorkClient
-
-if TYPE_CHECKING:
-    from celery import Celery
 
 __all__ = ["Runtime", "get_runtime", "reset_runtime"]
 
@@ -36,8 +33,11 @@ CLIENT_RETRIES = 2
 
 @dataclass
 class Runtime:
+    """What a process's tasks share, each part built once and handed on explicitly. `app` is
+    what publishes and revokes tasks: the fleet's Celery app, or a stand-in a test gives."""
+
     settings: Settings
-    app: Any = field(default=None)
+    app: Any
 
     @cached_property
     def redis(self) -> Redis:
@@ -82,15 +82,16 @@ _lock = threading.Lock()
 _runtimes: dict[int, Runtime] = {}
 
 
-def get_runtime(app: Celery | None = None) -> Runtime:
+def get_runtime() -> Runtime:
+    """This process's runtime, for the fleet's Celery app."""
+    from dispatcher.celery import app
+
     pid = os.getpid()
     with _lock:
         runtime = _runtimes.get(pid)
         if runtime is None:
             _runtimes.clear()  # entries of a parent process are useless after fork
             runtime = _runtimes[pid] = Runtime(settings=load_settings(), app=app)
-        elif app is not None and runtime.app is None:
-            runtime.app = app
         return runtime
 
 

@@ -12,10 +12,10 @@ from dispatcher.runtime import get_runtime
 @app.task(name=names.SCAN_STOPS, ignore_result=True, send_events=False)
 def scan_stops() -> int:
     """Turn stop requests seen in the server's list into stop flags and revokes."""
-    return scan_server_stops(get_runtime(app))
+    return scan_server_stops(get_runtime())
 
 
 @app.task(name=names.RECOVER, ignore_result=True, send_events=False)
 def recover() -> int:
     """Start new attempts for sessions whose worker died; re-dispatch lost messages."""
-    return recover_leases(get_runtime(app))
+    return recover_leases(get_runtime())

@@ -15,7 +15,7 @@ from dispatcher.runtime import get_runtime
 @app.task(name=names.HEARTBEAT, ignore_result=True, send_events=False)
 def beat_leases() -> dict[str, int]:
     """Heartbeat every lease that is due (and retry releases that failed)."""
-    tally = beat_due_leases(get_runtime(app))
+    tally = beat_due_leases(get_runtime())
     return {"sent": tally.sent, "failed": tally.failed, "lost": tally.lost}
 
 

@@ -14,7 +14,7 @@ from dispatcher.runtime import get_runtime
 def claim_work(self: Any, handover: str | None = None) -> int:
     """Claim work for the fleet's free session slots; at most one runs per environment. The
     lock token in `handover` is no secret: it only lets the successor keep the lock."""
-    runtime = get_runtime(app)
+    runtime = get_runtime()
     hostname = self.request.hostname or ""
 
     def hand_over(token: str) -> None:

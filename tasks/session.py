@@ -17,7 +17,7 @@ def run(self: Any, work_id: str, session_id: str, attempt: int) -> dict[str, obj
     """Run the on-work command for one attempt of a session and supervise it to the end."""
     task_id = self.request.id
     outcome = run_attempt(
-        get_runtime(app),
+        get_runtime(),
         SessionAttempt(
             work_id=work_id,
             session_id=session_id,

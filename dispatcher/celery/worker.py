@@ -89,7 +89,7 @@ class SlotAdvertiser(bootsteps.StartStopStep):
         self._thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        runtime = get_runtime(worker.app)
+        runtime = get_runtime()
         queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
         self.slots = session_slots(
             concurrency=worker.concurrency, queues=queues,
@@ -156,7 +156,7 @@ class MetricsEndpoint(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         from dispatcher.metrics import serve
 
-        runtime = get_runtime(worker.app)
+        runtime = get_runtime()
         settings = runtime.settings
         if settings.metrics_port is None:
             return
