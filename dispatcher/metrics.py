@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from importlib import metadata
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -40,9 +39,9 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
-from dispatcher.control.capacity import Capacity
+from dispatcher.control.capacity import Capacity, free_slots
 from dispatcher.lease.registry import LeaseRegistry
-from dispatcher.workapi import WorkAPIError, WorkClient, WorkQueueStats
+from dispatcher.workapi import WorkAPIError, WorkClient, WorkQueueStats, epoch_seconds
 
 __all__ = ["COUNTERS", "EXPORTER_HTTP_TIMEOUT_SECONDS", "HISTOGRAMS", "OTHER", "FleetCollector",
            "Metrics", "ServerStats", "bounded", "serve"]
@@ -261,13 +260,14 @@ def _histograms(values: dict[str, float]) -> Iterator[Metric]:
 def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity) -> Iterator[Metric]:
     held = registry.held_count()
     total = capacity.total_slots()
-    used = min(held, total)  # leases beyond the slots wait for one (workers died or drained)
+    free = free_slots(total=total, held=held)
+    used = total - free  # leases beyond the slots wait for one (workers died or drained)
     yield GaugeMetricFamily(f"{NAMESPACE}_leases_held", "Leases the fleet holds now", value=held)
     slots = GaugeMetricFamily(f"{NAMESPACE}_session_slots",
                               "Session slots of live workers, used or free (sum: all slots)",
                               labels=["state"])
     slots.add_metric(["used"], used)
-    slots.add_metric(["free"], total - used)
+    slots.add_metric(["free"], free)
     yield slots
     yield GaugeMetricFamily(f"{NAMESPACE}_workers", "Live workers advertising session slots",
                             value=len(capacity.live_workers()))
@@ -294,13 +294,8 @@ def _server_gauges(stats: WorkQueueStats | None) -> Iterator[Metric]:
 
 
 def _age_seconds(timestamp: str | None) -> float:
-    if not timestamp:
-        return 0.0
-    try:
-        oldest = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return 0.0
-    return max(0.0, time.time() - oldest.timestamp())
+    oldest = epoch_seconds(timestamp)
+    return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
 
 class _Handler(WSGIRequestHandler):

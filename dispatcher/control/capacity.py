@@ -43,6 +43,12 @@ class WorkerSlots:
         return not self.draining and time.time() - self.seen_at < WORKER_STALE_SECONDS
 
 
+def free_slots(*, total: int, held: int) -> int:
+    """Slots the poller may claim for: every lease holds a slot, queued or running (one
+    computation, for the poller, the metrics and `dispatcher status`)."""
+    return max(0, total - held)
+
+
 class Capacity:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
         self.redis = redis
@@ -109,4 +115,4 @@ class Capacity:
         return {w.hostname for w in self.workers() if w.live}
 
     def free_slots(self) -> int:
-        return max(0, self.total_slots() - int(self.redis.zcard(self.keys.leases)))
+        return free_slots(total=self.total_slots(), held=int(self.redis.zcard(self.keys.leases)))

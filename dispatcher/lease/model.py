@@ -14,12 +14,10 @@ when and how any field changes.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["ASSUMED_TTL_SECONDS", "Beater", "Ending", "Lease", "Phase", "StopKind",
-           "epoch_of"]
+__all__ = ["ASSUMED_TTL_SECONDS", "Beater", "Ending", "Lease", "Phase", "StopKind"]
 
 # A lease's TTL before the server first answered. The SDKs assume 30-90 s; we assume the
 # shortest, so an unanswered lease is judged lost no later than the server could let it lapse.
@@ -167,12 +165,3 @@ def _coercer(type_name: Any) -> Any:
 
 # Each field's parser, worked out once: the heartbeat tick reads hundreds of leases a second.
 _COERCE = {f.name: _coercer(f.type) for f in fields(Lease)}
-
-
-def epoch_of(timestamp: str) -> float:
-    """An RFC 3339 time as an epoch second; an unreadable one as 0, the oldest of all."""
-    try:
-        parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return 0.0
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()

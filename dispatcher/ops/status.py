@@ -46,8 +46,6 @@ CHECK_REDIS_TIMEOUT_SECONDS = 0.5
 # The fleet beats a lease every third of its TTL, so one failed beat still leaves a retry. A
 # lease unbeaten for two thirds has missed both: the next miss lets the server hand it out.
 OVERDUE_SHARE_OF_TTL = 2 / 3
-# The TTL of a lease whose first heartbeat has not been answered yet: the SDKs assume 30-90 s.
-ASSUMED_TTL_SECONDS = 30
 DEFAULT_WATCH_SECONDS = 2.0
 # ANSI: cursor home, clear to the end of the screen. Redraws in place without flicker.
 REDRAW = "\033[H\033[J"
@@ -110,8 +108,7 @@ def _overdue(lease: Lease, now: float) -> bool:
     since = lease.heartbeat_ok_at or lease.claimed_at
     if not since:
         return False
-    ttl = lease.ttl_seconds or ASSUMED_TTL_SECONDS
-    return now - since > ttl * OVERDUE_SHARE_OF_TTL
+    return now - since > lease.ttl * OVERDUE_SHARE_OF_TTL
 
 
 # --- the effects ------------------------------------------------------------------------------
@@ -199,9 +196,11 @@ def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float) -> dict[st
 
 
 def _summary(leases: list[Lease], workers: list[WorkerSlots]) -> dict[str, int]:
+    from dispatcher.control.capacity import free_slots
+
     total = sum(w.slots for w in workers if w.live)
     return {"leases_held": len(leases), "live_workers": sum(1 for w in workers if w.live),
-            "slots_total": total, "slots_free": max(0, total - len(leases))}
+            "slots_total": total, "slots_free": free_slots(total=total, held=len(leases))}
 
 
 def _status_text(report: dict[str, Any]) -> str:

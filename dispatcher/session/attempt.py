@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from enum import StrEnum
 
 from redis.exceptions import RedisError
@@ -36,7 +35,7 @@ from dispatcher.session.sandbox import (
     resolve_command,
 )
 from dispatcher.settings import LeaseMode
-from dispatcher.workapi import Work
+from dispatcher.workapi import Work, epoch_seconds
 
 __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
 
@@ -269,10 +268,8 @@ class _Outage:
 
 
 def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
-    created = Work.model_validate_json(work_json).created_at
-    try:
-        created_at = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    created_at = epoch_seconds(Work.model_validate_json(work_json).created_at)
+    if created_at is None:
         return
     runtime.metrics.observe("dispatch_latency_seconds", max(0.0, time.time() - created_at))
 

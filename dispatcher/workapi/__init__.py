@@ -36,6 +36,7 @@ from dispatcher.workapi.models import (
     WorkPage,
     WorkQueueStats,
     WorkState,
+    epoch_seconds,
 )
 from dispatcher.workapi.retry import Backoff, classify, delay_for, retry_after_seconds
 
@@ -69,5 +70,6 @@ __all__ = [
     "WorkState",
     "classify",
     "delay_for",
+    "epoch_seconds",
     "retry_after_seconds",
 ]

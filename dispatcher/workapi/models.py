@@ -8,6 +8,7 @@ because the heartbeat lease token is compared by exact string on the server.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "WorkPage",
     "WorkQueueStats",
     "WorkState",
+    "epoch_seconds",
 ]
 
 # The `expected_last_heartbeat` value that claims a lease nobody has heartbeated yet.
@@ -118,3 +120,15 @@ class WorkQueueStats(_Open):
 def dump_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """Metadata for an update body: strings upsert, ``None`` deletes."""
     return {key: (None if value is None else str(value)) for key, value in metadata.items()}
+
+
+def epoch_seconds(timestamp: str | None) -> float | None:
+    """A server timestamp (RFC 3339) as an epoch second; None if absent or unreadable. The one
+    parser of the server's times: a zone-less one is read as UTC."""
+    if not timestamp:
+        return None
+    try:
+        parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
