@@ -72,6 +72,7 @@ def test_stdin_and_exit_code_pass_through_the_launcher(tmp_path: Path) -> None:
         sys.exit(7 if sys.stdin.read() == '{"id": "work_1"}' else 1)
     """, tmp_path))
     assert sandbox.wait(10) == 7
+    sandbox.kill_group()
 
 
 def test_sigterm_to_the_group_reaches_the_command_and_kill_group_leaves_nothing(
