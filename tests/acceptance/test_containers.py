@@ -1,0 +1,185 @@
+"""The docker sandbox runtime on a real engine, with real workers: one container per attempt,
+fed on stdin, stopped and removed through the engine, and reaped when its worker is killed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from fleet import Fleet, wait_for
+
+pytestmark = pytest.mark.acceptance
+
+CONTRACT = ("ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONMENT_ID",
+            "ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_BASE_URL", "DISPATCHER_ATTEMPT")
+# The supervisor acts on a stop within 0.2 s; the rest is the engine's kill and our polling.
+STOP_BOUND_SECONDS = 2.0
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _secret(fleet: Fleet, work_id: str) -> str:
+    raw = fleet.redis.get(f"{fleet.prefix}:work:{work_id}")
+    assert raw, "the work item is in the registry while its session runs"
+    secret = json.loads(str(raw))["secret"]
+    assert secret
+    return str(secret)
+
+
+def _inspect(container_id: str) -> str:
+    """What `docker inspect` shows, as an operator would see it (the CLI)."""
+    return subprocess.run(["docker", "inspect", container_id], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _running_of(fleet: Fleet, engine: Any, work_id: str) -> list[dict[str, Any]]:
+    return [c for c in fleet.containers(engine, running=True)
+            if c["Labels"].get("dispatcher.work_id") == work_id]
+
+
+def test_sessions_run_once_in_containers_with_the_contract_and_no_secret_in_sight(
+        container_fleet: Fleet, engine: Any) -> None:
+    fleet = container_fleet
+    fleet.worker("w1", beat=True)
+    work_ids = [fleet.create(fake_duration=3) for _ in range(3)]
+    for work_id in work_ids:
+        fleet.wait_event(work_id, "started", timeout=60)
+        secret = _secret(fleet, work_id)
+        (container,) = _running_of(fleet, engine, work_id)
+        shown = _inspect(container["Id"])
+        assert secret not in shown, "the secret is in no env, label, command or inspect field"
+        labels = container["Labels"]
+        assert labels["dispatcher.fleet"] == fleet.prefix
+        assert labels["dispatcher.environment"] == fleet.environment_id
+        assert labels["dispatcher.attempt"] == "1"
+        assert labels["dispatcher.session_id"] == fleet.events(work_id, "started")[0][
+            "session_id"]
+        started = fleet.events(work_id, "started")[0]
+        assert started["stdin_work_id"] == work_id, "the work JSON came on stdin"
+        assert started["stdin_secret_sha256"] == _sha(secret), "its secret with it"
+        assert started["file_secret_sha256"] == "", "no secret file in dispatcher mode"
+        names = started["env_names"].split()
+        assert set(CONTRACT) <= set(names)
+        assert "DISPATCHER_REDIS_URL" not in names and "ANTHROPIC_API_KEY" not in names
+    fleet.wait_stopped(work_ids, timeout=60)
+    for work_id in work_ids:
+        assert len(fleet.events(work_id, "started")) == 1, "exactly once"
+        assert fleet.events(work_id, "exited")[0]["reason"] == "completed"
+    wait_for(lambda: not fleet.containers(engine), timeout=10, what="containers removed")
+
+
+def _stop_and_time(fleet: Fleet, engine: Any, *, force: bool,
+                   ignore_sigterm: bool = False) -> tuple[str, float]:
+    fleet.worker("w1", beat=True)
+    metadata: dict[str, Any] = {"fake_duration": 60}
+    if ignore_sigterm:
+        metadata["fake_ignore_sigterm"] = 1
+    work_id = fleet.create(**metadata)
+    fleet.wait_event(work_id, "started", timeout=60)
+    wait_for(lambda: _running_of(fleet, engine, work_id), timeout=10, what="container running")
+    fleet.admin.stop(work_id, force=force)
+    return work_id, time.monotonic()
+
+
+def test_a_graceful_stop_reaches_the_container_as_sigterm_and_removes_it(
+        container_fleet: Fleet, engine: Any) -> None:
+    fleet = container_fleet
+    work_id, asked = _stop_and_time(fleet, engine, force=False)
+    wait_for(lambda: fleet.events(work_id, "sigterm"), timeout=10, interval=0.02,
+             what="SIGTERM in the container")
+    assert time.monotonic() - asked < STOP_BOUND_SECONDS
+    assert fleet.events(work_id, "exited")[0]["reason"] == "sigterm"
+    wait_for(lambda: not fleet.containers(engine), timeout=10, what="container removed")
+    fleet.wait_stopped([work_id], timeout=30)
+
+
+def test_a_forced_stop_kills_the_container_at_once(container_fleet: Fleet, engine: Any) -> None:
+    fleet = container_fleet
+    work_id, asked = _stop_and_time(fleet, engine, force=True)
+    wait_for(lambda: not _running_of(fleet, engine, work_id), timeout=10, interval=0.02,
+             what="container killed")
+    assert time.monotonic() - asked < STOP_BOUND_SECONDS
+    assert not fleet.events(work_id, "sigterm"), "a forced stop gives no grace"
+    wait_for(lambda: not fleet.containers(engine), timeout=10, what="container removed")
+
+
+def test_a_container_that_ignores_sigterm_is_killed_after_the_grace(
+        container_fleet: Fleet, engine: Any) -> None:
+    fleet = container_fleet  # DISPATCHER_STOP_GRACE_SECONDS=2 in test fleets
+    work_id, asked = _stop_and_time(fleet, engine, force=False, ignore_sigterm=True)
+    fleet.wait_event(work_id, "sigterm", timeout=10)
+    wait_for(lambda: not _running_of(fleet, engine, work_id), timeout=10, interval=0.05,
+             what="container killed")
+    waited = time.monotonic() - asked
+    assert 2.0 <= waited < 2.0 + STOP_BOUND_SECONDS, waited
+    assert not fleet.events(work_id, "exited"), "it never ended by itself"
+    wait_for(lambda: not fleet.containers(engine), timeout=10, what="container removed")
+    fleet.wait_stopped([work_id], timeout=30)
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_killed_session_worker_leaves_no_container_and_its_sessions_run_again(
+        container_fleet: Fleet, engine: Any, pool: str) -> None:
+    fleet = container_fleet
+    fleet.worker("control", queues="dispatcher.control", beat=True)
+    fleet.worker("w1", pool=pool, concurrency=2, queues="dispatcher.sessions")
+    fleet.wait_slots(2)
+    work_ids = [fleet.create(fake_duration=6) for _ in range(2)]
+    for work_id in work_ids:
+        fleet.wait_event(work_id, "started", timeout=60)
+    assert len(fleet.containers(engine, running=True)) == 2
+    fleet.worker("w2", pool=pool, concurrency=2, queues="dispatcher.sessions")
+    fleet.kill("w1", signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def first_attempts_running() -> list[dict[str, Any]]:
+        return [c for c in fleet.containers(engine, running=True)
+                if c["Labels"]["dispatcher.attempt"] == "1"]
+
+    wait_for(lambda: not first_attempts_running(), timeout=10, interval=0.2,
+             what="the killed worker's containers reaped")
+    assert time.monotonic() - killed_at <= 10
+    fleet.wait_stopped(work_ids, timeout=90)
+    for work_id in work_ids:
+        attempts = [e["attempt"] for e in fleet.events(work_id, "started")]
+        assert attempts == ["1", "2"], attempts
+        assert fleet.events(work_id, "exited")[-1]["reason"] == "completed"
+    assert "container reaped" in fleet.log("w2")
+
+
+def test_runner_mode_gives_the_container_a_0600_secret_file_never_in_inspect(
+        container_fleet: Fleet, engine: Any) -> None:
+    fleet = container_fleet
+    fleet.overrides["DISPATCHER_LEASE_MODE"] = "runner"
+    fleet.worker("w1", beat=True)
+    work_id = fleet.create(fake_duration=3)
+    fleet.wait_event(work_id, "started", timeout=60)
+    secret = _secret(fleet, work_id)
+    (container,) = _running_of(fleet, engine, work_id)
+    assert secret not in _inspect(container["Id"])
+    started = fleet.events(work_id, "started")[0]
+    assert started["file_secret_sha256"] == _sha(secret)
+    assert started["file_mode"] == "600"
+    assert "ANTHROPIC_WORK_SECRET_FILE" in started["env_names"].split()
+    # The test sandbox never heartbeats: the item is stopped when the container exits.
+    fleet.wait_stopped([work_id], timeout=30)
+
+
+def test_a_container_that_cannot_start_is_a_failed_attempt_and_its_item_is_stopped(
+        container_fleet: Fleet, engine: Any) -> None:
+    fleet = container_fleet
+    fleet.overrides["DISPATCHER_SANDBOX_NETWORK"] = "no-such-network"
+    fleet.worker("w1", beat=True)
+    work_id = fleet.create(fake_duration=1)
+    fleet.wait_stopped([work_id], timeout=30)
+    wait_for(lambda: "sandbox not started" in fleet.log("w1"), timeout=10, what="log line")
+    line = next(x for x in fleet.log("w1").splitlines() if "sandbox not started" in x)
+    assert "no-such-network" in line, "the engine's message is in the log line"
+    assert not fleet.containers(engine), "the container that failed to start was removed"
