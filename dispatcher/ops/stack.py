@@ -27,7 +27,7 @@ __all__ = ["LocalStack", "free_port"]
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_SECONDS = 30.0
 # Standard library only, so it runs by path with -S: a sandbox that starts in ~15 ms, not ~60.
-FAKE_SESSION = f"{sys.executable} -S {Path(__file__).parent / 'emulator' / 'fake_session.py'}"
+FAKE_SESSION = f"{sys.executable} -S {Path(__file__).parents[1] / 'emulator' / 'fake_session.py'}"
 
 
 def free_port() -> int:
