@@ -18,7 +18,9 @@ DISPATCHER_LEASE_MODE explicitly is trusted either way.
 
 from __future__ import annotations
 
+import io
 import re
+import tokenize
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -61,8 +63,25 @@ def lease_mode_problem(settings: Settings, texts: Iterable[tuple[str, str]]) -> 
             "fleet heartbeats the lease and the runner's first heartbeat is refused with 412)")
 
 
+def python_code(source: str) -> str:
+    """A Python program's names and operators, without its strings and comments: a docstring
+    that mentions the runner is no call of it."""
+    kept = []
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type in (tokenize.NAME, tokenize.OP):
+                kept.append(token.string)
+    except (tokenize.TokenError, SyntaxError):
+        pass  # judge what was read
+    return " ".join(kept)
+
+
+def _is_python(path: Path, text: str) -> bool:
+    return path.suffix == ".py" or (text.startswith("#!") and "python" in text.split("\n", 1)[0])
+
+
 def program_texts(argv: list[str]) -> list[tuple[str, str]]:
-    """The command line itself, and the text of every argument that is a readable script."""
+    """The command line itself, and the code of every argument that is a readable script."""
     texts = [("DISPATCHER_ON_WORK", " ".join(argv))]
     for arg in argv:
         path = Path(arg)
@@ -72,6 +91,8 @@ def program_texts(argv: list[str]) -> list[tuple[str, str]]:
             data = path.read_bytes()
         except OSError:
             continue
-        if b"\0" not in data:  # a binary is no script
-            texts.append((str(path), data.decode(errors="replace")))
+        if b"\0" in data:
+            continue  # a binary is no script
+        text = data.decode(errors="replace")
+        texts.append((str(path), python_code(text) if _is_python(path, text) else text))
     return texts
