@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher.session.launcher import PARENT_DEATH_GRACE_SECONDS
 from dispatcher.session.sandbox import (
     CommandError,
     Sandbox,
@@ -128,3 +129,76 @@ def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
     while _pids_in_group(pgid) and time.time() < deadline:
         time.sleep(0.05)
     assert _pids_in_group(pgid) == []
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_the_launcher_is_reaped_only_after_its_group_was_signalled(tmp_path: Path) -> None:
+    """Reaping the leader frees its pid, the group id: a later killpg could hit another
+    session's new launcher. So `wait` leaves it a zombie and `kill_group` reaps it."""
+    sandbox = Sandbox.start(_spec("import sys; sys.exit(3)", tmp_path))
+    assert sandbox.wait(10) == 3
+    assert _state(sandbox.pid) == "Z", "exited but not reaped: the pid stays reserved"
+    assert sandbox.wait(0) == 3, "asking again gives the same answer"
+    sandbox.kill_group()
+    assert _state(sandbox.pid) is None, "reaped by kill_group, after the group's SIGKILL"
+    sandbox.signal_group(signal.SIGTERM)  # a no-op now: the group id is no longer ours
+
+
+def test_the_secret_file_is_private_and_gone_with_the_sandbox(tmp_path: Path) -> None:
+    out = tmp_path / "seen"
+    spec = _spec(f"""
+        import os, stat
+        path = os.environ["ANTHROPIC_WORK_SECRET_FILE"]
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        dir_mode = stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)
+        open({str(out)!r}, "w").write(f"{{path}} {{mode:o}} {{dir_mode:o}} " + open(path).read())
+    """, tmp_path)
+    sandbox = Sandbox.start(SandboxSpec(argv=spec.argv, env=spec.env, stdin=b"",
+                                        secret_file="s3cr3t"))
+    assert sandbox.wait(10) == 0
+    path, mode, dir_mode, content = out.read_text().split()
+    assert (mode, dir_mode, content) == ("600", "700", "s3cr3t")
+    assert "s3cr3t" not in spec.env.values()
+    sandbox.kill_group()
+    assert not Path(path).exists() and not Path(path).parent.exists()
+
+
+def test_a_dying_worker_gives_the_sandbox_sigterm_and_a_short_grace(tmp_path: Path) -> None:
+    """The launcher's parent-death path: SIGTERM first, so a spawn script's trap can clean up
+    (stop its container), then SIGKILL after a bounded grace."""
+    trapped = tmp_path / "trapped"
+    pgid_file = tmp_path / "pgid"
+    script = tmp_path / "spawn.sh"
+    script.write_text(f"#!/bin/sh\ntrap 'echo cleaned > {trapped}; exit 0' TERM\n"
+                      "sleep 60 &\nwait $!\n")
+    script.chmod(0o755)
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, time
+        from dispatcher.session.sandbox import Sandbox, SandboxSpec
+        s = Sandbox.start(SandboxSpec(argv=[{str(script)!r}], env={{"PATH": os.environ["PATH"]}},
+                                      stdin=b""))
+        open({str(pgid_file)!r}, "w").write(str(s.pgid))
+        time.sleep(60)
+    """)])
+    deadline = time.time() + 10
+    while not pgid_file.exists() or not pgid_file.read_text():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    pgid = int(pgid_file.read_text())
+    while len(_pids_in_group(pgid)) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    worker.kill()
+    worker.wait()
+    killed_at = time.monotonic()
+    while _pids_in_group(pgid) and time.monotonic() - killed_at < 10:
+        time.sleep(0.05)
+    assert _pids_in_group(pgid) == []
+    assert time.monotonic() - killed_at < PARENT_DEATH_GRACE_SECONDS + 2
+    assert trapped.read_text() == "cleaned\n", "the script's TERM trap ran"
