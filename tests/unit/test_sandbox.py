@@ -98,19 +98,14 @@ def test_sigterm_to_the_group_reaches_the_command_and_kill_group_leaves_nothing(
     assert _pids_in_group(sandbox.pgid) == []
 
 
-def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
-    """The parent (a stand-in for a worker) is SIGKILLed: nothing of its sandbox survives."""
+def _sigkill_a_worker_running(argv: list[str], tmp_path: Path, *, members: int) -> int:
+    """Start a sandbox from a stand-in worker, wait until its group has `members` processes,
+    SIGKILL the worker; returns the group id."""
     pgid_file = tmp_path / "pgid"
-    script = _spec("""
-        import os, time
-        if os.fork() == 0:
-            time.sleep(60); os._exit(0)
-        time.sleep(60)
-    """, tmp_path).argv
     worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, time
         from dispatcher.session.sandbox import Sandbox, SandboxSpec
-        s = Sandbox.start(SandboxSpec(argv={script!r}, env={{"PATH": os.environ["PATH"]}},
+        s = Sandbox.start(SandboxSpec(argv={argv!r}, env={{"PATH": os.environ["PATH"]}},
                                       stdin=b""))
         open({str(pgid_file)!r}, "w").write(str(s.pgid))
         time.sleep(60)
@@ -120,11 +115,23 @@ def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
         assert time.time() < deadline
         time.sleep(0.05)
     pgid = int(pgid_file.read_text())
-    while len(_pids_in_group(pgid)) < 3 and time.time() < deadline:
+    while len(_pids_in_group(pgid)) < members and time.time() < deadline:
         time.sleep(0.05)
-    assert len(_pids_in_group(pgid)) == 3
+    assert len(_pids_in_group(pgid)) == members
     worker.kill()
     worker.wait()
+    return pgid
+
+
+def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
+    """The parent (a stand-in for a worker) is SIGKILLed: nothing of its sandbox survives."""
+    script = _spec("""
+        import os, time
+        if os.fork() == 0:
+            time.sleep(60); os._exit(0)
+        time.sleep(60)
+    """, tmp_path).argv
+    pgid = _sigkill_a_worker_running(script, tmp_path, members=3)
     deadline = time.time() + 5
     while _pids_in_group(pgid) and time.time() < deadline:
         time.sleep(0.05)
@@ -174,28 +181,11 @@ def test_a_dying_worker_gives_the_sandbox_sigterm_and_a_short_grace(tmp_path: Pa
     """The launcher's parent-death path: SIGTERM first, so a spawn script's trap can clean up
     (stop its container), then SIGKILL after a bounded grace."""
     trapped = tmp_path / "trapped"
-    pgid_file = tmp_path / "pgid"
     script = tmp_path / "spawn.sh"
     script.write_text(f"#!/bin/sh\ntrap 'echo cleaned > {trapped}; exit 0' TERM\n"
                       "sleep 60 &\nwait $!\n")
     script.chmod(0o755)
-    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import os, time
-        from dispatcher.session.sandbox import Sandbox, SandboxSpec
-        s = Sandbox.start(SandboxSpec(argv=[{str(script)!r}], env={{"PATH": os.environ["PATH"]}},
-                                      stdin=b""))
-        open({str(pgid_file)!r}, "w").write(str(s.pgid))
-        time.sleep(60)
-    """)])
-    deadline = time.time() + 10
-    while not pgid_file.exists() or not pgid_file.read_text():
-        assert time.time() < deadline
-        time.sleep(0.05)
-    pgid = int(pgid_file.read_text())
-    while len(_pids_in_group(pgid)) < 3 and time.time() < deadline:
-        time.sleep(0.05)
-    worker.kill()
-    worker.wait()
+    pgid = _sigkill_a_worker_running([str(script)], tmp_path, members=3)
     killed_at = time.monotonic()
     while _pids_in_group(pgid) and time.monotonic() - killed_at < 10:
         time.sleep(0.05)
