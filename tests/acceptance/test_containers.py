@@ -183,3 +183,32 @@ def test_a_container_that_cannot_start_is_a_failed_attempt_and_its_item_is_stopp
     line = next(x for x in fleet.log("w1").splitlines() if "sandbox not started" in x)
     assert "no-such-network" in line, "the engine's message is in the log line"
     assert not fleet.containers(engine), "the container that failed to start was removed"
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"DOCKER_HOST": "unix:///nonexistent/docker.sock"}, "does not answer (DOCKER_HOST)"),
+    ({"DISPATCHER_SANDBOX_IMAGE": "dispatcher-no-such-image:1"},
+     "is not on the engine and DISPATCHER_SANDBOX_PULL=never"),
+    ({"DISPATCHER_SANDBOX_IMAGE": "dispatcher-no-such-image:1",
+      "DISPATCHER_SANDBOX_PULL": "missing"},
+     "could not be pulled (DISPATCHER_SANDBOX_PULL=missing)"),
+    ({"DISPATCHER_SANDBOX_IMAGE": ""}, "DISPATCHER_SANDBOX_IMAGE is not set"),
+])
+def test_a_session_worker_that_cannot_run_containers_refuses_to_start_with_one_line(
+        container_fleet: Fleet, env: dict[str, str], expected: str) -> None:
+    fleet = container_fleet
+    fleet.overrides.update(env)
+    worker = fleet.worker("w1", queues="dispatcher.sessions")
+    assert worker.wait(timeout=90) != 0
+    lines = [x for x in fleet.log("w1").splitlines() if x.startswith("dispatcher: ")]
+    assert len(lines) == 1 and expected in lines[0], fleet.log("w1")[-2000:]
+    assert "Traceback" not in fleet.log("w1")
+
+
+def test_the_official_runner_as_the_containers_command_is_refused_in_the_default_mode(
+        container_fleet: Fleet) -> None:
+    fleet = container_fleet
+    fleet.overrides["DISPATCHER_SANDBOX_COMMAND"] = "ant beta:worker run"
+    worker = fleet.worker("w1", queues="dispatcher.sessions")
+    assert worker.wait(timeout=90) != 0
+    assert "set DISPATCHER_LEASE_MODE=runner" in fleet.log("w1")

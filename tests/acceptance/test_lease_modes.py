@@ -90,15 +90,21 @@ def test_the_official_runner_is_refused_in_the_default_mode_naming_the_setting(
     assert "set DISPATCHER_LEASE_MODE=runner" in lines[0]
 
 
+@pytest.mark.parametrize(("delivery", "variable"), [("file", "ANTHROPIC_WORK_SECRET_FILE"),
+                                                    ("env", "ANTHROPIC_WORK_SECRET")])
 def test_the_official_runner_works_in_runner_mode_and_no_session_meets_a_412(
-        fleet: Fleet, tmp_path: Path) -> None:
+        fleet: Fleet, tmp_path: Path, delivery: str, variable: str) -> None:
     _official_recipe(fleet, tmp_path)
     fleet.overrides["DISPATCHER_LEASE_MODE"] = "runner"
+    fleet.overrides["DISPATCHER_WORK_SECRET_DELIVERY"] = delivery
     fleet.worker("w1", beat=True)
     work_ids = [fleet.create(fake_duration=2, fake_heartbeat=1) for _ in range(3)]
     fleet.wait_stopped(work_ids, timeout=60)
     for work_id in work_ids:
         assert fleet.events(work_id, "exited")[0]["reason"] == "completed"
+        names = fleet.events(work_id, "started")[0]["env_names"]
+        (other,) = {"ANTHROPIC_WORK_SECRET_FILE", "ANTHROPIC_WORK_SECRET"} - {variable}
+        assert variable in names and other not in names, "the secret the chosen way only"
         beats = _heartbeats(fleet, work_id)
         assert beats[0]["expected_last_heartbeat"] == "NO_HEARTBEAT"
         assert all(b["status"] == 200 for b in beats), "no heartbeat was refused"
