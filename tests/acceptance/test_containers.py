@@ -154,6 +154,23 @@ def test_a_killed_session_worker_leaves_no_container_and_its_sessions_run_again(
     assert "container reaped" in fleet.log("w2")
 
 
+def test_a_drained_worker_stops_its_containers_gracefully_and_hands_the_sessions_over(
+        container_fleet: Fleet, engine: Any) -> None:
+    fleet = container_fleet
+    fleet.worker("control", queues="dispatcher.control", beat=True)
+    fleet.worker("w1", concurrency=1, queues="dispatcher.sessions")
+    fleet.wait_slots(1)
+    work_id = fleet.create(fake_duration=4)
+    fleet.wait_event(work_id, "started", timeout=60)
+    fleet.worker("w2", concurrency=1, queues="dispatcher.sessions")
+    fleet.kill("w1", signal.SIGTERM)
+    fleet.wait_event(work_id, "sigterm", timeout=10)
+    fleet.wait_stopped([work_id], timeout=60)
+    assert [e["attempt"] for e in fleet.events(work_id, "started")] == ["1", "2"]
+    assert [e["reason"] for e in fleet.events(work_id, "exited")] == ["sigterm", "completed"]
+    assert "attempt restarted" in fleet.log("w1")
+
+
 def test_runner_mode_gives_the_container_a_0600_secret_file_never_in_inspect(
         container_fleet: Fleet, engine: Any) -> None:
     fleet = container_fleet
