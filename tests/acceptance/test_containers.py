@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -229,3 +231,43 @@ def test_the_official_runner_as_the_containers_command_is_refused_in_the_default
     worker = fleet.worker("w1", queues="dispatcher.sessions")
     assert worker.wait(timeout=90) != 0
     assert "set DISPATCHER_LEASE_MODE=runner" in fleet.log("w1")
+
+
+def _recipe() -> dict[str, str]:
+    """The settings of the container recipe in docs/operations.md, as an operator copies them."""
+    text = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    section = text[text.index("## The container runtime"):]
+    block = section[section.index("```sh\n") + 6:]
+    block = block[:block.index("```")]
+    settings: dict[str, str] = {}
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            settings.update(word.split("=", 1) for word in words[1:])
+    assert settings["DISPATCHER_SANDBOX_RUNTIME"] == "docker", block
+    return settings
+
+
+def test_the_operations_recipe_runs_sessions(container_fleet: Fleet, engine: Any) -> None:
+    """The documented settings, with this machine's image and network (no registry, no
+    bridge): the session runs as the unprivileged user, with its limits, and reads the secret
+    file given to that user."""
+    fleet = container_fleet
+    recipe = _recipe()
+    local = {"DISPATCHER_SANDBOX_IMAGE": fleet.overrides["DISPATCHER_SANDBOX_IMAGE"],
+             "DISPATCHER_SANDBOX_NETWORK": "none"}
+    fleet.overrides.update({**recipe, **local})
+    fleet.worker("w1", beat=True)
+    work_id = fleet.create(fake_duration=3)
+    fleet.wait_event(work_id, "started", timeout=60)
+    secret = _secret(fleet, work_id)
+    (container,) = _running_of(fleet, engine, work_id)
+    config = engine.inspect_container(container["Id"])
+    assert config["Config"]["User"] == recipe["DISPATCHER_SANDBOX_USER"]
+    assert config["HostConfig"]["NanoCpus"] == 2_000_000_000
+    assert config["HostConfig"]["Memory"] == 4 * 1024**3
+    assert config["Config"]["Labels"]["team"] == "agents"
+    started = fleet.events(work_id, "started")[0]
+    assert started["file_secret_sha256"] == _sha(secret), "the unprivileged user read it"
+    fleet.wait_stopped([work_id], timeout=30)
+    assert fleet.events(work_id, "exited")[0]["reason"] == "completed"
