@@ -23,7 +23,7 @@ from dispatcher.events import event
 from dispatcher.lease.executor import SESSION_TASK
 from dispatcher.runtime import get_runtime
 from dispatcher.session.runtimes import check_sandbox
-from dispatcher.session.sandbox import CommandError
+from dispatcher.session.sandbox import CommandError, EngineError
 from dispatcher.settings import SandboxRuntimeKind, SettingsError
 
 __all__ = ["CONTROL_RESERVE", "SlotAdvertiser", "pool_name", "session_slots"]
@@ -52,14 +52,8 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         if _consumes_sessions(sender, runtime.settings.session_queues):
             check_sandbox(runtime.settings)  # control-only hosts run no sandbox
         runtime.redis.ping()
-    except (SettingsError, CommandError) as exc:
+    except (SettingsError, CommandError, EngineError) as exc:
         raise SystemExit(f"dispatcher: {exc}") from None
-    except Exception as exc:
-        from dispatcher.session.container import EngineError  # docker only where used
-
-        if isinstance(exc, EngineError):
-            raise SystemExit(f"dispatcher: {exc}") from None
-        raise
     except RedisError as exc:
         raise SystemExit(
             f"dispatcher: Redis at DISPATCHER_REDIS_URL does not answer: {exc}"

@@ -34,7 +34,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from requests.exceptions import RequestException
 
 from dispatcher.events import event
-from dispatcher.session.sandbox import SandboxSpec, SandboxStartError
+from dispatcher.session.sandbox import EngineError, SandboxSpec, SandboxStartError
 from dispatcher.settings import PullPolicy, Settings
 
 __all__ = [
@@ -75,10 +75,6 @@ EXIT_VANISHED = 255
 
 _clients: dict[int, docker.APIClient] = {}
 _clients_lock = threading.Lock()
-
-
-class EngineError(Exception):
-    """The Docker engine cannot be used: unreachable, refused, or without the image."""
 
 
 def engine(settings: Settings) -> docker.APIClient:

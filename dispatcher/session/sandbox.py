@@ -31,6 +31,7 @@ from pathlib import Path
 
 __all__ = [
     "CommandError",
+    "EngineError",
     "Sandbox",
     "SandboxSpec",
     "SandboxStartError",
@@ -47,6 +48,10 @@ PEEK_INTERVAL_SECONDS = 0.02
 
 class CommandError(Exception):
     """The on-work command is missing, empty or not executable."""
+
+
+class EngineError(Exception):
+    """The container engine cannot be used: unreachable, refused, or without the image."""
 
 
 class SandboxStartError(Exception):
