@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -14,6 +15,9 @@ from typing import Any
 
 import pytest
 from fleet import Fleet, wait_for
+
+from dispatcher.session.container import engine as engine_client
+from dispatcher.settings import Settings
 
 pytestmark = pytest.mark.acceptance
 
@@ -271,3 +275,22 @@ def test_the_operations_recipe_runs_sessions(container_fleet: Fleet, engine: Any
     assert started["file_secret_sha256"] == _sha(secret), "the unprivileged user read it"
     fleet.wait_stopped([work_id], timeout=30)
     assert fleet.events(work_id, "exited")[0]["reason"] == "completed"
+
+
+def test_each_process_talks_to_the_engine_through_its_own_client(engine: Any) -> None:
+    """A forked pool child never uses its parent's client (it would share its sockets)."""
+    settings = Settings()
+    parent = engine_client(settings)
+    assert engine_client(settings) is parent, "one client per process, reused"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, never return into pytest
+        try:
+            child = engine_client(settings)
+            os.write(write, b"1" if child is not parent and child.ping() else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
