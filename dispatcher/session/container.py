@@ -113,7 +113,7 @@ def check_engine(settings: Settings) -> None:
         if settings.sandbox_pull == PullPolicy.ALWAYS or (
             not present and settings.sandbox_pull == PullPolicy.MISSING
         ):
-            api.pull(image)
+            _pull(api, image)
         elif not present:
             raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) is not on the engine "
                               "and DISPATCHER_SANDBOX_PULL=never: load or build it first")
@@ -121,6 +121,15 @@ def check_engine(settings: Settings) -> None:
         raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) could not be pulled "
                           f"(DISPATCHER_SANDBOX_PULL={settings.sandbox_pull.value}): "
                           f"{_engine_message(exc)}") from None
+
+
+def _pull(api: docker.APIClient, image: str) -> None:
+    """Pull the image; the engine reports some failures inside a successful answer's stream,
+    so the image must be there afterwards."""
+    errors = [str(line["error"]) for line in api.pull(image, stream=True, decode=True)
+              if isinstance(line, dict) and line.get("error")]
+    if errors or not _has_image(api, image):
+        raise APIError(errors[-1] if errors else "the pull ended without the image")
 
 
 def sandbox_texts(settings: Settings) -> list[tuple[str, str]]:
@@ -287,6 +296,8 @@ class ContainerSandbox:
                 self._exit_code = EXIT_VANISHED
                 break
             except (APIError, RequestException):
+                if self._removed:
+                    break  # we removed it ourselves: nobody waits for its code any more
                 time.sleep(WAIT_RETRY_SECONDS)  # the engine restarting: ask again
         self._exited.set()
 
