@@ -160,6 +160,27 @@ def test_a_killed_session_worker_leaves_no_container_and_its_sessions_run_again(
     assert "container reaped" in fleet.log("w2")
 
 
+def test_a_worker_starting_on_the_host_reaps_what_a_killed_one_left(
+        container_fleet: Fleet, engine: Any) -> None:
+    """The host's only session worker is SIGKILLed: its containers run on, unsupervised, until
+    a session worker starts there again; its reaper removes them at start."""
+    fleet = container_fleet
+    fleet.worker("control", queues="dispatcher.control", beat=True)
+    fleet.worker("w1", concurrency=1, queues="dispatcher.sessions")
+    fleet.wait_slots(1)
+    work_id = fleet.create(fake_duration=8)
+    fleet.wait_event(work_id, "started", timeout=60)
+    fleet.kill("w1", signal.SIGKILL)
+    wait_for(lambda: fleet.lease(work_id).get("attempt") == "2", timeout=30,
+             what="recovery moved the session to attempt 2")
+    assert _running_of(fleet, engine, work_id), "nobody has removed attempt 1 yet"
+    fleet.worker("w2", concurrency=1, queues="dispatcher.sessions")
+    wait_for(lambda: "container reaped" in fleet.log("w2"), timeout=30, what="reaped at start")
+    fleet.wait_stopped([work_id], timeout=60)
+    assert [e["attempt"] for e in fleet.events(work_id, "started")] == ["1", "2"]
+    assert fleet.events(work_id, "exited")[-1]["reason"] == "completed"
+
+
 def test_a_drained_worker_stops_its_containers_gracefully_and_hands_the_sessions_over(
         container_fleet: Fleet, engine: Any) -> None:
     fleet = container_fleet
