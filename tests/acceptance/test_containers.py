@@ -130,16 +130,23 @@ def test_a_container_that_ignores_sigterm_is_killed_after_the_grace(
     fleet.wait_stopped([work_id], timeout=30)
 
 
+def _running_on_w1(fleet: Fleet, *, sessions: int, duration: int,
+                   pool: str = "threads") -> list[str]:
+    """A control worker and one session worker "w1" with a slot per session, all running."""
+    fleet.worker("control", queues="dispatcher.control", beat=True)
+    fleet.worker("w1", pool=pool, concurrency=sessions, queues="dispatcher.sessions")
+    fleet.wait_slots(sessions)
+    work_ids = [fleet.create(fake_duration=duration) for _ in range(sessions)]
+    for work_id in work_ids:
+        fleet.wait_event(work_id, "started", timeout=60)
+    return work_ids
+
+
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_a_killed_session_worker_leaves_no_container_and_its_sessions_run_again(
         container_fleet: Fleet, engine: Any, pool: str) -> None:
     fleet = container_fleet
-    fleet.worker("control", queues="dispatcher.control", beat=True)
-    fleet.worker("w1", pool=pool, concurrency=2, queues="dispatcher.sessions")
-    fleet.wait_slots(2)
-    work_ids = [fleet.create(fake_duration=6) for _ in range(2)]
-    for work_id in work_ids:
-        fleet.wait_event(work_id, "started", timeout=60)
+    work_ids = _running_on_w1(fleet, sessions=2, duration=6, pool=pool)
     assert len(fleet.containers(engine, running=True)) == 2
     fleet.worker("w2", pool=pool, concurrency=2, queues="dispatcher.sessions")
     fleet.kill("w1", signal.SIGKILL)
@@ -165,11 +172,7 @@ def test_a_worker_starting_on_the_host_reaps_what_a_killed_one_left(
     """The host's only session worker is SIGKILLed: its containers run on, unsupervised, until
     a session worker starts there again; its reaper removes them at start."""
     fleet = container_fleet
-    fleet.worker("control", queues="dispatcher.control", beat=True)
-    fleet.worker("w1", concurrency=1, queues="dispatcher.sessions")
-    fleet.wait_slots(1)
-    work_id = fleet.create(fake_duration=8)
-    fleet.wait_event(work_id, "started", timeout=60)
+    (work_id,) = _running_on_w1(fleet, sessions=1, duration=8)
     fleet.kill("w1", signal.SIGKILL)
     wait_for(lambda: fleet.lease(work_id).get("attempt") == "2", timeout=30,
              what="recovery moved the session to attempt 2")
@@ -184,11 +187,7 @@ def test_a_worker_starting_on_the_host_reaps_what_a_killed_one_left(
 def test_a_drained_worker_stops_its_containers_gracefully_and_hands_the_sessions_over(
         container_fleet: Fleet, engine: Any) -> None:
     fleet = container_fleet
-    fleet.worker("control", queues="dispatcher.control", beat=True)
-    fleet.worker("w1", concurrency=1, queues="dispatcher.sessions")
-    fleet.wait_slots(1)
-    work_id = fleet.create(fake_duration=4)
-    fleet.wait_event(work_id, "started", timeout=60)
+    (work_id,) = _running_on_w1(fleet, sessions=1, duration=4)
     fleet.worker("w2", concurrency=1, queues="dispatcher.sessions")
     fleet.kill("w1", signal.SIGTERM)
     fleet.wait_event(work_id, "sigterm", timeout=10)
