@@ -135,7 +135,8 @@ class Settings(BaseSettings):
     sandbox_user: str | None = _env("DISPATCHER_SANDBOX_USER", pattern=r"^\d+(:\d+)?$",
         description=(
             "docker runtime: numeric `uid[:gid]` the container runs as (numeric, so the "
-            "secret file can be given to it); unset: the image's user."))
+            "secret file can be given to it); unset: the image's user, and the secret file is "
+            "root's: set it when the image's user is not root."))
     sandbox_cpus: float | None = _env("DISPATCHER_SANDBOX_CPUS", gt=0, description=(
         "docker runtime: CPU limit of one container, in CPUs (`1.5`)."))
     sandbox_memory: str | None = _env("DISPATCHER_SANDBOX_MEMORY", pattern=r"^\d+[bkmg]?$",
