@@ -17,6 +17,7 @@ from dispatcher.lease.executor import release
 from dispatcher.lease.registry import Lease
 from dispatcher.runtime import Runtime
 from dispatcher.session.sandbox import CommandError, resolve_command
+from dispatcher.settings import SandboxRuntimeKind
 
 __all__ = ["answer", "check"]
 
@@ -31,7 +32,9 @@ def check(runtime: Runtime) -> dict[str, str]:
         results["slots"] = "ok" if runtime.capacity.total_slots() > 0 else "no live session slots"
     except RedisError as exc:
         results["redis"] = f"unreachable: {exc}"
-    if runtime.settings.on_work is not None:  # a control-only host need not have the sandbox
+    # A control-only host need not have the sandbox; containers run no on-work command.
+    if (runtime.settings.on_work is not None
+            and runtime.settings.sandbox_runtime == SandboxRuntimeKind.PROCESS):
         try:
             resolve_command(runtime.settings.on_work)
             results["on_work"] = "ok"
