@@ -8,7 +8,9 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -314,3 +316,26 @@ def test_each_process_talks_to_the_engine_through_its_own_client(engine: Any) ->
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
     os.close(read)
+
+
+def test_a_socket_the_worker_may_not_use_is_named_as_a_permission_problem(
+        tmp_path: Path) -> None:
+    """The check a session worker makes at start, run without root's power to ignore file
+    modes (as a worker outside the engine's group would), against a socket it may not use."""
+    path = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        path.chmod(0)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "DOCKER"))}
+        env.update({"DISPATCHER_SANDBOX_RUNTIME": "docker", "DISPATCHER_SANDBOX_IMAGE": "any",
+                    "DOCKER_HOST": f"unix://{path}"})
+        result = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
+             "from dispatcher.session.runtimes import check_sandbox\n"
+             "from dispatcher.settings import load_settings\n"
+             "check_sandbox(load_settings())"],
+            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "EngineError: permission denied on the Docker engine at unix://" in result.stderr, (
+        result.stderr[-2000:])
