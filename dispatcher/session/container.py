@@ -110,17 +110,20 @@ def check_engine(settings: Settings) -> None:
     try:
         api.ping()
         present = _has_image(api, image)
-        if settings.sandbox_pull == PullPolicy.ALWAYS or (
-            not present and settings.sandbox_pull == PullPolicy.MISSING
-        ):
-            _pull(api, image)
-        elif not present:
-            raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) is not on the engine "
-                              "and DISPATCHER_SANDBOX_PULL=never: load or build it first")
     except (APIError, RequestException) as exc:
-        raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) could not be pulled "
-                          f"(DISPATCHER_SANDBOX_PULL={settings.sandbox_pull.value}): "
-                          f"{_engine_message(exc)}") from None
+        raise EngineError(f"the Docker engine at {settings.docker_host or DEFAULT_ENGINE} "
+                          f"failed: {_engine_message(exc)}") from None
+    policy = settings.sandbox_pull
+    if not present and policy == PullPolicy.NEVER:
+        raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) is not on the engine "
+                          "and DISPATCHER_SANDBOX_PULL=never: load or build it first")
+    if policy == PullPolicy.ALWAYS or not present:
+        try:
+            _pull(api, image)
+        except (APIError, RequestException) as exc:
+            raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) could not be pulled "
+                              f"(DISPATCHER_SANDBOX_PULL={policy.value}): "
+                              f"{_engine_message(exc)}") from None
 
 
 def _pull(api: docker.APIClient, image: str) -> None:
