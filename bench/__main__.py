@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from bench import scenarios
+from bench.containers import carry_over
 from bench.emu import Emulator
 from bench.fleets import KEY_PREFIXES, Fleet, Ours, Peer
 from bench.report import write_report
@@ -199,7 +200,8 @@ def main() -> None:
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         command = "python -m bench" + (" --quick" if saved["quick"] else "")
-        Path(args.out or "BENCHMARKS.md").write_text(write_report(saved, command=command))
+        target = Path(args.out or "BENCHMARKS.md")
+        target.write_text(carry_over(target, write_report(saved, command=command)))
         return
     sizes = replace(QUICK if args.quick else Sizes())
     if args.hb_steps or args.hb_ttl:
@@ -247,7 +249,7 @@ def main() -> None:
     command = "python -m bench" + (" --quick" if args.quick else "")
     report = write_report(results, command=command)
     if out:
-        Path(out).write_text(report)
+        Path(out).write_text(carry_over(Path(out), report))
         log(f"wrote {out}")
     else:
         print(report)

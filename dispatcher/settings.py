@@ -13,7 +13,15 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["LeaseMode", "Settings", "SettingsError", "load_settings"]
+__all__ = [
+    "LeaseMode",
+    "PullPolicy",
+    "SandboxRuntimeKind",
+    "SecretDelivery",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -27,6 +35,27 @@ class LeaseMode(StrEnum):
     RUNNER = "runner"
     # The dispatcher holds the lease until the sandbox starts, then hands over the token.
     HANDOFF = "handoff"
+
+
+class SandboxRuntimeKind(StrEnum):
+    # The on-work command in its own process group (the official CLI's contract).
+    PROCESS = "process"
+    # One container per attempt, through the Docker Engine API.
+    DOCKER = "docker"
+
+
+class PullPolicy(StrEnum):
+    MISSING = "missing"  # pull at worker start when the engine lacks the image
+    ALWAYS = "always"  # pull at every worker start
+    NEVER = "never"  # never pull: a missing image refuses the start
+
+
+class SecretDelivery(StrEnum):
+    """How a sandbox that holds its own lease (runner, handoff) gets the work secret."""
+
+    FILE = "file"  # a 0600 file named by ANTHROPIC_WORK_SECRET_FILE
+    ENV = "env"  # ANTHROPIC_WORK_SECRET, as SDK 2.10.0's handle_item reads it (processes only)
+    NONE = "none"  # only on stdin, inside the work JSON
 
 
 class SettingsError(Exception):
@@ -87,12 +116,56 @@ class Settings(BaseSettings):
     sandbox_env_allow: Annotated[list[str], NoDecode] = _env(
         "DISPATCHER_SANDBOX_ENV_ALLOW", ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"],
         description="Comma-separated variables of the worker passed on to sandboxes.")
+    sandbox_runtime: SandboxRuntimeKind = _env(
+        "DISPATCHER_SANDBOX_RUNTIME", SandboxRuntimeKind.PROCESS, description=(
+            "Where a session runs: `process` (DISPATCHER_ON_WORK in its own process group) or "
+            "`docker` (one container per attempt, through the Docker Engine API)."))
+    work_secret_delivery: SecretDelivery = _env(
+        "DISPATCHER_WORK_SECRET_DELIVERY", SecretDelivery.FILE, description=(
+            "runner and handoff modes: how the sandbox gets the work secret besides stdin: "
+            "`file` (0600, path in ANTHROPIC_WORK_SECRET_FILE), `env` (ANTHROPIC_WORK_SECRET, "
+            "process runtime only) or `none`."))
+    docker_host: str | None = _env("DOCKER_HOST", description=(
+        "docker runtime: the engine's address (`unix://`, `tcp://`, `ssh://`); "
+        "default the local socket."))
+    sandbox_image: str | None = _env("DISPATCHER_SANDBOX_IMAGE", description=(
+        "docker runtime: the image of every session container. Required with `docker`."))
+    sandbox_command: str | None = _env("DISPATCHER_SANDBOX_COMMAND", description=(
+        "docker runtime: the container's command, split like a shell would; "
+        "unset: the image's own."))
+    sandbox_user: str | None = _env("DISPATCHER_SANDBOX_USER", pattern=r"^\d+(:\d+)?$",
+        description=(
+            "docker runtime: numeric `uid[:gid]` the container runs as (numeric, so the "
+            "secret file can be given to it); unset: the image's user, and the secret file is "
+            "root's: set it when the image's user is not root."))
+    sandbox_cpus: float | None = _env("DISPATCHER_SANDBOX_CPUS", gt=0, description=(
+        "docker runtime: CPU limit of one container, in CPUs (`1.5`)."))
+    sandbox_memory: str | None = _env("DISPATCHER_SANDBOX_MEMORY", pattern=r"^\d+[bkmg]?$",
+        description="docker runtime: memory limit of one container (`512m`, `2g`).")
+    sandbox_network: str = _env("DISPATCHER_SANDBOX_NETWORK", "bridge", description=(
+        "docker runtime: the container's network (`bridge`, `none`, `host`, a network name)."))
+    sandbox_volumes: Annotated[list[str], NoDecode] = _env(
+        "DISPATCHER_SANDBOX_VOLUMES", [], description=(
+            "docker runtime: comma-separated `source:target[:ro]` mounts of every container."))
+    sandbox_tmpfs: Annotated[list[str], NoDecode] = _env(
+        "DISPATCHER_SANDBOX_TMPFS", [], description=(
+            "docker runtime: comma-separated `target[:options]` tmpfs mounts "
+            "(`/tmp:size=64m`)."))
+    sandbox_labels: Annotated[list[str], NoDecode] = _env(
+        "DISPATCHER_SANDBOX_LABELS", [], description=(
+            "docker runtime: comma-separated `key=value` labels added to every container."))
+    sandbox_pull: PullPolicy = _env("DISPATCHER_SANDBOX_PULL", PullPolicy.MISSING, description=(
+        "docker runtime: when a worker pulls the image at start: `missing`, `always`, `never`."))
+    sandbox_init: bool = _env("DISPATCHER_SANDBOX_INIT", True, description=(
+        "docker runtime: run the engine's init as PID 1, so the command gets SIGTERM's default "
+        "action and its zombies are reaped."))
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
     metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(
         "Address the Prometheus endpoint listens on; `0.0.0.0` for a scraper on another host."))
 
-    @field_validator("session_queues", "sandbox_env_allow", mode="before")
+    @field_validator("session_queues", "sandbox_env_allow", "sandbox_volumes", "sandbox_tmpfs",
+                     "sandbox_labels", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -106,6 +179,21 @@ class Settings(BaseSettings):
         if self.environment_key is None:
             raise SettingsError("ANTHROPIC_ENVIRONMENT_KEY is not set: the environment key")
         return self.environment_id, self.environment_key
+
+    def require_sandbox(self) -> None:
+        """What the chosen sandbox runtime cannot start without; raises naming the variable."""
+        if self.sandbox_runtime != SandboxRuntimeKind.DOCKER:
+            return
+        if not self.sandbox_image:
+            raise SettingsError("DISPATCHER_SANDBOX_IMAGE is not set: the docker runtime's image")
+        if self.work_secret_delivery == SecretDelivery.ENV:
+            # The engine shows a container's environment to anyone who can inspect it.
+            raise SettingsError("DISPATCHER_WORK_SECRET_DELIVERY=env is refused with the docker "
+                                "runtime (`docker inspect` shows it): use file")
+        for label in self.sandbox_labels:
+            if "=" not in label or label.startswith("dispatcher."):
+                raise SettingsError(f"DISPATCHER_SANDBOX_LABELS: {label!r} is not key=value "
+                                    "outside the dispatcher.* namespace")
 
     @property
     def default_session_queue(self) -> str:

@@ -22,8 +22,9 @@ from dispatcher.control.bridge import on_task_revoked
 from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime, get_runtime
-from dispatcher.session.sandbox import CommandError, resolve_command
-from dispatcher.settings import SettingsError
+from dispatcher.session.runtimes import check_sandbox
+from dispatcher.session.sandbox import CommandError, EngineError
+from dispatcher.settings import SandboxRuntimeKind, SettingsError
 
 if TYPE_CHECKING:
     from dispatcher.metrics import FleetCollector
@@ -52,9 +53,9 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
     try:
         runtime.settings.require_worker()
         if _consumes_sessions(sender, runtime.settings.session_queues):
-            resolve_command(runtime.settings.on_work)  # control-only hosts run no sandbox
+            check_sandbox(runtime.settings)  # control-only hosts run no sandbox
         runtime.redis.ping()
-    except (SettingsError, CommandError) as exc:
+    except (SettingsError, CommandError, EngineError) as exc:
         raise SystemExit(f"dispatcher: {exc}") from None
     except RedisError as exc:
         raise SystemExit(
@@ -183,9 +184,44 @@ def fleet_collector(runtime: Runtime) -> FleetCollector:
                           ServerStats(client))
 
 
+class ContainerReaper(bootsteps.StartStopStep):
+    """On a session worker of the docker runtime: remove, at start and then every second, the
+    fleet's containers whose attempt no longer runs (see dispatcher/session/reaper.py)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self._stop = threading.Event()
+
+    def start(self, worker: Any) -> None:
+        runtime = get_runtime()
+        if (runtime.settings.sandbox_runtime != SandboxRuntimeKind.DOCKER
+                or not _consumes_sessions(worker, runtime.settings.session_queues)):
+            return
+        from dispatcher.session.reaper import Reaper
+
+        reaper = Reaper(runtime.settings, runtime.registry)
+        threading.Thread(target=self._run, args=(reaper,), name="dispatcher-reaper",
+                         daemon=True).start()
+
+    def _run(self, reaper: Any) -> None:
+        from dispatcher.session.reaper import REAP_INTERVAL_SECONDS
+
+        while not self._stop.is_set():
+            try:
+                reaper.run_once()
+            except Exception as exc:  # the engine or Redis away: try again next pass
+                event("reaper pass failed", level=logging.WARNING, error=str(exc))
+            self._stop.wait(REAP_INTERVAL_SECONDS)
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+
+
 def install(app: Any) -> None:
     app.steps["worker"].add(SlotAdvertiser)
     app.steps["worker"].add(MetricsEndpoint)
+    app.steps["worker"].add(ContainerReaper)
     quiet_control_ticks()
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from dispatcher.session.sandbox import CommandError, resolve_command
+from dispatcher.settings import SandboxRuntimeKind
 
 if TYPE_CHECKING:
     from dispatcher.runtime import Runtime
@@ -31,7 +32,9 @@ def check(runtime: Runtime) -> dict[str, str]:
         results["slots"] = "ok" if runtime.capacity.total_slots() > 0 else "no live session slots"
     except RedisError as exc:
         results["redis"] = f"unreachable: {exc}"
-    if runtime.settings.on_work is not None:  # a control-only host need not have the sandbox
+    # A control-only host need not have the sandbox; containers run no on-work command.
+    if (runtime.settings.on_work is not None
+            and runtime.settings.sandbox_runtime == SandboxRuntimeKind.PROCESS):
         try:
             resolve_command(runtime.settings.on_work)
             results["on_work"] = "ok"

@@ -27,14 +27,15 @@ from dispatcher.lease.machine import outage_is_too_long
 from dispatcher.lease.model import Ending, Lease, Phase, StopKind
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
+from dispatcher.session.runtimes import RunningSandbox, start_sandbox
 from dispatcher.session.sandbox import (
     CommandError,
-    Sandbox,
     SandboxSpec,
+    SandboxStartError,
     build_environment,
     resolve_command,
 )
-from dispatcher.settings import LeaseMode
+from dispatcher.settings import LeaseMode, SandboxRuntimeKind, SecretDelivery, Settings
 from dispatcher.workapi import Work, epoch_seconds
 
 __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
@@ -126,7 +127,9 @@ def _not_started(before: Lease | None, after: Lease | None, attempt: SessionAtte
 
 def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
     settings = runtime.settings
-    argv = resolve_command(settings.on_work)
+    # A container's command is the image's (or DISPATCHER_SANDBOX_COMMAND), not the on-work one.
+    argv = (resolve_command(settings.on_work)
+            if settings.sandbox_runtime == SandboxRuntimeKind.PROCESS else [])
     work_json = runtime.registry.work_json(lease.work_id)
     if work_json is None:
         raise ValueError("the work item is missing from the registry")
@@ -145,10 +148,24 @@ def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
         runtime.executor.run(lease, ev.HandingOff())
         contract["ANTHROPIC_WORK_LAST_HEARTBEAT"] = runtime.registry.settled_token(
             lease.work_id, wait_seconds=HANDOFF_WAIT_SECONDS)
+    secret_file = _deliver_secret(settings, lease, work.secret, contract)
     env = build_environment(
         worker_env=os.environ, allow=settings.sandbox_env_allow, contract=contract
     )
-    return SandboxSpec(argv=argv, env=env, stdin=work_json.encode())
+    return SandboxSpec(argv=argv, env=env, stdin=work_json.encode(), work_id=work.id,
+                       session_id=work.session_id, attempt=lease.attempt, secret_file=secret_file)
+
+
+def _deliver_secret(settings: Settings, lease: Lease, secret: str | None,
+                    contract: dict[str, str | None]) -> str | None:
+    """A sandbox that holds its own lease may want the work secret outside stdin: SDK 2.10.0's
+    `handle_item` reads ANTHROPIC_WORK_SECRET. Returns the secret to write as a file, if any."""
+    if lease.mode == LeaseMode.DISPATCHER or secret is None:
+        return None
+    if settings.work_secret_delivery == SecretDelivery.ENV:
+        contract["ANTHROPIC_WORK_SECRET"] = secret
+        return None
+    return secret if settings.work_secret_delivery == SecretDelivery.FILE else None
 
 
 @dataclass
@@ -163,19 +180,23 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
                memory: _Memory) -> Outcome:
     flags = _Flags()
     with _terminate_sets_flag(flags):
-        sandbox = Sandbox.start(spec)
+        try:
+            sandbox = start_sandbox(runtime.settings, spec)
+        except SandboxStartError as exc:
+            runtime.executor.run(memory.lease, ev.SandboxStartFailed(str(exc)))
+            return Outcome.FAILED
         if attempt.attempt == 1:
             _observe_dispatch_latency(runtime, spec.stdin)
-        event("started", work_id=attempt.work_id, session_id=attempt.session_id,
-              attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker,
-              pid=sandbox.pid)
+        where: dict[str, object] = dict(sandbox.describe())
+        event("started", logging.INFO, work_id=attempt.work_id, session_id=attempt.session_id,
+              attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker, **where)
         try:
             return _loop(runtime, attempt, sandbox, flags, memory, spec.stdin)
         finally:
             sandbox.kill_group()  # whatever happened, nothing of the sandbox outlives the task
 
 
-def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: Sandbox, flags: _Flags,
+def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: RunningSandbox, flags: _Flags,
           memory: _Memory, work_json: bytes) -> Outcome:
     sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json)
     outage = _Outage(runtime, attempt, memory.lease, sandbox)
@@ -200,7 +221,7 @@ class _Supervisor:
 
     runtime: Runtime
     attempt: SessionAttempt
-    sandbox: Sandbox
+    sandbox: RunningSandbox
     flags: _Flags
     memory: _Memory
     work_json: bytes
@@ -239,7 +260,7 @@ class _Outage:
     nobody can heartbeat meanwhile)."""
 
     def __init__(self, runtime: Runtime, attempt: SessionAttempt, lease: Lease,
-                 sandbox: Sandbox) -> None:
+                 sandbox: RunningSandbox) -> None:
         self.runtime = runtime
         self.attempt = attempt
         self.lease = lease
@@ -290,7 +311,8 @@ def _reregistered(runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
 class _SignalLadder:
     """Graceful: SIGTERM to the group, the grace period, then SIGKILL. Force: SIGKILL now."""
 
-    def __init__(self, runtime: Runtime, sandbox: Sandbox, *, attempt: SessionAttempt) -> None:
+    def __init__(self, runtime: Runtime, sandbox: RunningSandbox, *,
+                 attempt: SessionAttempt) -> None:
         self.runtime = runtime
         self.grace = runtime.settings.stop_grace_seconds
         self.sandbox = sandbox

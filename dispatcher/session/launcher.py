@@ -5,8 +5,10 @@ that same group and waits for it. It exists for one case Celery cannot cover: a 
 with SIGKILL. Celery's pool children die with their parent, but a subprocess of a task is
 orphaned and runs on (celery#1106). The launcher watches its parent through a pidfd (Linux
 5.3+; on older kernels it asks for a signal instead, PR_SET_PDEATHSIG) and when the parent dies
-kills the whole group, grandchildren included. The pidfd costs nothing to set up, where ctypes,
-needed for prctl, takes about 10 ms to import: most of the launcher's start-up.
+ends the whole group, grandchildren included: SIGTERM first, so a spawn script's trap can
+clean up (stop its container, say), then SIGKILL after a short grace. The pidfd costs nothing
+to set up, where ctypes, needed for prctl, takes about 10 ms to import: most of the launcher's
+start-up.
 
 It ignores SIGTERM and SIGINT through handlers (not SIG_IGN, which the command would inherit
 across exec), because the supervisor signals the whole group: the command decides how to stop;
@@ -19,16 +21,38 @@ import _signal as signal  # type: ignore[import-not-found]  # no stub; same API 
 import os
 import select
 import sys
+import time
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # Without pidfds: the signal the kernel sends us when the worker thread that started us dies.
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
 EXIT_COMMAND_NOT_FOUND = 127
 EXIT_COMMAND_NOT_EXECUTABLE = 126
+# Between SIGTERM and SIGKILL when the worker died. Recovery starts the session's next attempt
+# after 5 s without pulses; the old sandbox must be gone well before that, so two runners of one
+# session never overlap. A trap that needs longer is cut short.
+PARENT_DEATH_GRACE_SECONDS = 2.0
+GRACE_POLL_SECONDS = 0.05
 
 
 def _kill_group(signum: int, frame: object) -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _end_group(signum: int, frame: object) -> None:
+    """The worker died: SIGTERM the group, give the command a short grace, then SIGKILL."""
+    group = os.getpgrp()
+    os.killpg(group, signal.SIGTERM)  # our own handler ignores it
+    deadline = time.monotonic() + PARENT_DEATH_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break  # the command (our only child) exited and was reaped
+        if pid:
+            break
+        time.sleep(GRACE_POLL_SECONDS)
+    os.killpg(group, signal.SIGKILL)
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -43,14 +67,14 @@ def _parent_pidfd(parent_pid: int) -> int | None:
         _watch_parent_by_signal()
         fd = None
     if os.getppid() != parent_pid:  # the parent died before we were watching
-        _kill_group(PARENT_DEATH_SIGNAL, None)
+        _kill_group(PARENT_DEATH_SIGNAL, None)  # nothing was started yet: no grace needed
     return fd
 
 
 def _watch_parent_by_signal() -> None:
     import ctypes  # only here: its import is most of a launcher's start-up time
 
-    signal.signal(PARENT_DEATH_SIGNAL, _kill_group)
+    signal.signal(PARENT_DEATH_SIGNAL, _end_group)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
 
@@ -64,7 +88,7 @@ def _wait(pid: int, parent_fd: int | None) -> int:
         while True:
             ready = {fd for fd, _ in watch.poll()}
             if parent_fd in ready:
-                _kill_group(PARENT_DEATH_SIGNAL, None)
+                _end_group(PARENT_DEATH_SIGNAL, None)
             if ready - {parent_fd}:
                 break
     _, status = os.waitpid(pid, 0)

@@ -6,17 +6,23 @@ through one) gets `ANTHROPIC_SESSION_ID`, `ANTHROPIC_WORK_ID`, `ANTHROPIC_ENVIRO
 the work item JSON, secret included, on stdin. Unlike the CLI, which passes its whole
 environment on, a sandbox gets only an explicit allow-list of the worker's variables: the
 worker holds broker URLs and may hold the organisation key, which a sandbox must never see.
+
+The allow-list is not a boundary between a sandbox and its worker when both run as the same
+user: the sandbox can read `/proc/<worker pid>/environ`. Run sandboxes as another user (from the
+on-work script) or in containers (`DISPATCHER_SANDBOX_RUNTIME=docker`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -25,8 +31,10 @@ from pathlib import Path
 
 __all__ = [
     "CommandError",
+    "EngineError",
     "Sandbox",
     "SandboxSpec",
+    "SandboxStartError",
     "build_environment",
     "resolve_command",
 ]
@@ -34,10 +42,21 @@ __all__ = [
 LAUNCHER = Path(__file__).with_name("launcher.py")
 # Never handed to a sandbox, even when an operator allow-lists it by mistake.
 NEVER_PASSED = frozenset({"ANTHROPIC_API_KEY"})
+# Without pidfds, how often `wait` looks whether the launcher exited.
+PEEK_INTERVAL_SECONDS = 0.02
 
 
 class CommandError(Exception):
     """The on-work command is missing, empty or not executable."""
+
+
+class EngineError(Exception):
+    """The container engine cannot be used: unreachable, refused, or without the image."""
+
+
+class SandboxStartError(Exception):
+    """The sandbox could not be started (the engine refused the container, say): a failed
+    attempt, with the reason in the message."""
 
 
 def resolve_command(on_work: str | None) -> list[str]:
@@ -75,25 +94,47 @@ class SandboxSpec:
     argv: list[str]
     env: dict[str, str]
     stdin: bytes
+    work_id: str = ""
+    session_id: str = ""
+    attempt: int = 1
+    # The work secret to hand over as a 0600 file (runner and handoff modes); None: no file.
+    secret_file: str | None = None
 
 
 class Sandbox:
-    """A running sandbox: the launcher leads its process group, the command runs inside it."""
+    """A running sandbox: the launcher leads its process group, the command runs inside it.
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    The launcher is never reaped before its group was signalled: a reaped leader's pid (the
+    group id) may be taken by another session's launcher, which a late `killpg` would hit.
+    `wait` therefore only peeks at the exit (`waitid` with WNOWAIT): the zombie keeps the pid
+    reserved until `kill_group` has signalled the group, and only then is it reaped.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], secret_dir: str | None = None) -> None:
         self._process = process
         self.pgid = process.pid  # start_new_session makes the launcher the group leader
         self.started_at = time.time()
+        self._secret_dir = secret_dir
+        self._exit_code: int | None = None
+        self._reaped = False
+        self._pidfd = _pidfd(process.pid)
 
     @classmethod
     def start(cls, spec: SandboxSpec) -> Sandbox:
+        env, secret_dir = dict(spec.env), None
+        if spec.secret_file is not None:
+            secret_dir, env["ANTHROPIC_WORK_SECRET_FILE"] = _write_secret(spec.secret_file)
         # The parent-death signal is tied to the thread that forks: tell the launcher our pid so
         # it can detect a parent that died before its prctl took effect.
         argv = [sys.executable, "-S", str(LAUNCHER), str(os.getpid()), *spec.argv]
-        process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, env=spec.env, start_new_session=True, close_fds=True
-        )
-        sandbox = cls(process)
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, env=env, start_new_session=True, close_fds=True
+            )
+        except BaseException:
+            _remove_secret(secret_dir)
+            raise
+        sandbox = cls(process, secret_dir)
         # Feed stdin from a thread: a command that never reads it must not block the supervisor.
         threading.Thread(target=sandbox._feed, args=(spec.stdin,), daemon=True).start()
         return sandbox
@@ -113,25 +154,53 @@ class Sandbox:
     def pid(self) -> int:
         return self._process.pid
 
+    def describe(self) -> dict[str, str | int]:
+        return {"pid": self.pid}
+
     def wait(self, timeout: float) -> int | None:
-        """The launcher's exit code, or None if it still runs after `timeout` seconds."""
-        try:
-            return self._process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        """The launcher's exit code, or None if it still runs after `timeout` seconds. The
+        launcher is left unreaped (see the class)."""
+        if self._exit_code is not None or self._reaped:
+            return self._exit_code
+        if self._pidfd is not None:
+            ready, _, _ = select.select([self._pidfd], [], [], timeout)
+            if ready:
+                self._exit_code = self._peek()
+            return self._exit_code
+        deadline = time.monotonic() + timeout
+        while (code := self._peek()) is None and time.monotonic() < deadline:
+            time.sleep(PEEK_INTERVAL_SECONDS)
+        self._exit_code = code
+        return code
+
+    def _peek(self) -> int | None:
+        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is None or info.si_pid == 0:
             return None
+        if info.si_code == os.CLD_EXITED:
+            return info.si_status
+        return -info.si_status  # killed by a signal, as Popen reports it
 
     def signal_group(self, signum: int) -> None:
+        if self._reaped:
+            return  # the group id may belong to someone else now
         # ProcessLookupError: the whole group is already gone.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, signum)
 
     def kill_group(self) -> None:
-        """SIGKILL everything left in the group (also forked children that outlived the command)
-        and reap the launcher."""
+        """SIGKILL everything left in the group (also forked children that outlived the command),
+        then reap the launcher and delete the secret file."""
         self.signal_group(signal.SIGKILL)
-        if self._process.returncode is None:
+        if not self._reaped:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=5)
+                self._reaped = True
+        if self._reaped and self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        _remove_secret(self._secret_dir)
+        self._secret_dir = None
 
     def group_alive(self) -> bool:
         try:
@@ -141,3 +210,26 @@ class Sandbox:
         except PermissionError:
             return True
         return True
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when `pid` exits (Linux 5.3+); None elsewhere."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _write_secret(secret: str) -> tuple[str, str]:
+    """A 0600 file holding the secret, in a 0700 directory of its own; (directory, path)."""
+    directory = tempfile.mkdtemp(prefix="dispatcher-secret-")
+    path = os.path.join(directory, "work-secret")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return directory, path
+
+
+def _remove_secret(directory: str | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)

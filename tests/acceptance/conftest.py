@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 import redis
+from engine import ensure_engine, ensure_image
 from fleet import FLEET_REDIS_DB, Fleet
 
 
@@ -22,3 +24,30 @@ def fleet(emulator: Any, tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.stop_all()
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The test image on a real engine (started here when none answers)."""
+    return ensure_image(ensure_engine(), tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture
+def engine() -> Iterator[docker.APIClient]:
+    client = ensure_engine()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def container_fleet(fleet: Fleet, sandbox_image: str, engine: docker.APIClient) -> Iterator[Fleet]:
+    """A fleet of the docker runtime; at the end no container of it may be left."""
+    fleet.use_containers(sandbox_image)
+    yield fleet
+    fleet.stop_all()
+    leftover = fleet.containers(engine)
+    for container in leftover:
+        engine.remove_container(container["Id"], force=True)
+    assert not leftover, "containers of the fleet outlived it"

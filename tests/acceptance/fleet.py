@@ -77,6 +77,23 @@ class Fleet:
     def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
         return self.stack.celery(name, ["beat", "-l", "INFO"], self.env())
 
+    def use_containers(self, image: str) -> None:
+        """Run sessions as containers of the test image (tests/acceptance/sandbox_image)."""
+        self.records_dir.chmod(0o777)
+        self.overrides.update({
+            "DISPATCHER_SANDBOX_RUNTIME": "docker",
+            "DISPATCHER_SANDBOX_IMAGE": image,
+            "DISPATCHER_SANDBOX_NETWORK": "none",  # test machines have no bridge
+            "DISPATCHER_SANDBOX_PULL": "never",
+            "DISPATCHER_SANDBOX_VOLUMES": f"{self.records_dir}:/records",
+        })
+
+    def containers(self, engine: Any, *, running: bool = False) -> list[dict[str, Any]]:
+        """The engine's containers of this fleet."""
+        found: list[dict[str, Any]] = engine.containers(
+            all=not running, filters={"label": f"dispatcher.fleet={self.prefix}"})
+        return found
+
     def hostname(self, name: str) -> str:
         return self.stack.hostname(name)
 

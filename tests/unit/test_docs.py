@@ -89,7 +89,10 @@ def test_start_up_errors_are_explained() -> None:
     doc = TROUBLESHOOTING.read_text()
     for line in ("ANTHROPIC_ENVIRONMENT_ID is not set", "ANTHROPIC_ENVIRONMENT_KEY is not set",
                  "DISPATCHER_ON_WORK is not set", "on-work command not found",
-                 "does not answer"):
+                 "does not answer", "DISPATCHER_SANDBOX_IMAGE is not set",
+                 "permission denied on the Docker engine", "is not on the engine",
+                 "could not be pulled", "the sandbox runs the official runner",
+                 "DISPATCHER_WORK_SECRET_DELIVERY=env is refused"):
         assert line in doc
 
 

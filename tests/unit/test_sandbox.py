@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher.session.launcher import PARENT_DEATH_GRACE_SECONDS
 from dispatcher.session.sandbox import (
     CommandError,
     Sandbox,
@@ -72,6 +73,7 @@ def test_stdin_and_exit_code_pass_through_the_launcher(tmp_path: Path) -> None:
         sys.exit(7 if sys.stdin.read() == '{"id": "work_1"}' else 1)
     """, tmp_path))
     assert sandbox.wait(10) == 7
+    sandbox.kill_group()
 
 
 def test_sigterm_to_the_group_reaches_the_command_and_kill_group_leaves_nothing(
@@ -96,19 +98,14 @@ def test_sigterm_to_the_group_reaches_the_command_and_kill_group_leaves_nothing(
     assert _pids_in_group(sandbox.pgid) == []
 
 
-def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
-    """The parent (a stand-in for a worker) is SIGKILLed: nothing of its sandbox survives."""
+def _sigkill_a_worker_running(argv: list[str], tmp_path: Path, *, members: int) -> int:
+    """Start a sandbox from a stand-in worker, wait until its group has `members` processes,
+    SIGKILL the worker; returns the group id."""
     pgid_file = tmp_path / "pgid"
-    script = _spec("""
-        import os, time
-        if os.fork() == 0:
-            time.sleep(60); os._exit(0)
-        time.sleep(60)
-    """, tmp_path).argv
     worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, time
         from dispatcher.session.sandbox import Sandbox, SandboxSpec
-        s = Sandbox.start(SandboxSpec(argv={script!r}, env={{"PATH": os.environ["PATH"]}},
+        s = Sandbox.start(SandboxSpec(argv={argv!r}, env={{"PATH": os.environ["PATH"]}},
                                       stdin=b""))
         open({str(pgid_file)!r}, "w").write(str(s.pgid))
         time.sleep(60)
@@ -118,12 +115,80 @@ def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
         assert time.time() < deadline
         time.sleep(0.05)
     pgid = int(pgid_file.read_text())
-    while len(_pids_in_group(pgid)) < 3 and time.time() < deadline:
+    while len(_pids_in_group(pgid)) < members and time.time() < deadline:
         time.sleep(0.05)
-    assert len(_pids_in_group(pgid)) == 3
+    assert len(_pids_in_group(pgid)) == members
     worker.kill()
     worker.wait()
+    return pgid
+
+
+def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
+    """The parent (a stand-in for a worker) is SIGKILLed: nothing of its sandbox survives."""
+    script = _spec("""
+        import os, time
+        if os.fork() == 0:
+            time.sleep(60); os._exit(0)
+        time.sleep(60)
+    """, tmp_path).argv
+    pgid = _sigkill_a_worker_running(script, tmp_path, members=3)
     deadline = time.time() + 5
     while _pids_in_group(pgid) and time.time() < deadline:
         time.sleep(0.05)
     assert _pids_in_group(pgid) == []
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_the_launcher_is_reaped_only_after_its_group_was_signalled(tmp_path: Path) -> None:
+    """Reaping the leader frees its pid, the group id: a later killpg could hit another
+    session's new launcher. So `wait` leaves it a zombie and `kill_group` reaps it."""
+    sandbox = Sandbox.start(_spec("import sys; sys.exit(3)", tmp_path))
+    assert sandbox.wait(10) == 3
+    assert _state(sandbox.pid) == "Z", "exited but not reaped: the pid stays reserved"
+    assert sandbox.wait(0) == 3, "asking again gives the same answer"
+    sandbox.kill_group()
+    assert _state(sandbox.pid) is None, "reaped by kill_group, after the group's SIGKILL"
+    sandbox.signal_group(signal.SIGTERM)  # a no-op now: the group id is no longer ours
+
+
+def test_the_secret_file_is_private_and_gone_with_the_sandbox(tmp_path: Path) -> None:
+    out = tmp_path / "seen"
+    spec = _spec(f"""
+        import os, stat
+        path = os.environ["ANTHROPIC_WORK_SECRET_FILE"]
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        dir_mode = stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)
+        open({str(out)!r}, "w").write(f"{{path}} {{mode:o}} {{dir_mode:o}} " + open(path).read())
+    """, tmp_path)
+    sandbox = Sandbox.start(SandboxSpec(argv=spec.argv, env=spec.env, stdin=b"",
+                                        secret_file="s3cr3t"))
+    assert sandbox.wait(10) == 0
+    path, mode, dir_mode, content = out.read_text().split()
+    assert (mode, dir_mode, content) == ("600", "700", "s3cr3t")
+    assert "s3cr3t" not in spec.env.values()
+    sandbox.kill_group()
+    assert not Path(path).exists() and not Path(path).parent.exists()
+
+
+def test_a_dying_worker_gives_the_sandbox_sigterm_and_a_short_grace(tmp_path: Path) -> None:
+    """The launcher's parent-death path: SIGTERM first, so a spawn script's trap can clean up
+    (stop its container), then SIGKILL after a bounded grace."""
+    trapped = tmp_path / "trapped"
+    script = tmp_path / "spawn.sh"
+    script.write_text(f"#!/bin/sh\ntrap 'echo cleaned > {trapped}; exit 0' TERM\n"
+                      "sleep 60 &\nwait $!\n")
+    script.chmod(0o755)
+    pgid = _sigkill_a_worker_running([str(script)], tmp_path, members=3)
+    killed_at = time.monotonic()
+    while _pids_in_group(pgid) and time.monotonic() - killed_at < 10:
+        time.sleep(0.05)
+    assert _pids_in_group(pgid) == []
+    assert time.monotonic() - killed_at < PARENT_DEATH_GRACE_SECONDS + 2
+    assert trapped.read_text() == "cleaned\n", "the script's TERM trap ran"

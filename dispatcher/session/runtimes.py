@@ -1,0 +1,60 @@
+"""Which sandbox runtime runs an attempt, and the one interface the supervisor drives.
+
+The supervisor (`attempt.py`) starts, signals, waits on and finally kills a sandbox without
+knowing whether it is a process group (`sandbox.py`) or a container (`container.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from dispatcher.session.runner_detect import lease_mode_problem, program_texts
+from dispatcher.session.sandbox import Sandbox, SandboxSpec, resolve_command
+from dispatcher.settings import SandboxRuntimeKind, Settings, SettingsError
+
+__all__ = ["RunningSandbox", "check_sandbox", "start_sandbox"]
+
+
+class RunningSandbox(Protocol):
+    started_at: float
+
+    def describe(self) -> dict[str, str | int]:
+        """Fields naming the sandbox in log lines (`pid` or `container`)."""
+        ...
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code, or None while it still runs after `timeout` seconds."""
+        ...
+
+    def signal_group(self, signum: int) -> None:
+        """Send a signal to everything of the sandbox (SIGTERM, SIGKILL)."""
+        ...
+
+    def kill_group(self) -> None:
+        """Kill whatever is left at once and free the sandbox; safe to call again."""
+        ...
+
+
+def start_sandbox(settings: Settings, spec: SandboxSpec) -> RunningSandbox:
+    """Start the attempt's sandbox; SandboxStartError when it cannot start."""
+    if settings.sandbox_runtime == SandboxRuntimeKind.DOCKER:
+        from dispatcher.session.container import ContainerSandbox  # docker only where used
+
+        return ContainerSandbox.start(settings, spec)
+    return Sandbox.start(spec)
+
+
+def check_sandbox(settings: Settings) -> None:
+    """At a session worker's start: the sandbox can be started, and the lease mode suits what it
+    runs. Raises CommandError, SettingsError or EngineError with one line for the operator."""
+    settings.require_sandbox()
+    if settings.sandbox_runtime == SandboxRuntimeKind.DOCKER:
+        from dispatcher.session.container import check_engine, sandbox_texts
+
+        check_engine(settings)
+        texts = sandbox_texts(settings)
+    else:
+        texts = program_texts(resolve_command(settings.on_work))
+    problem = lease_mode_problem(settings, texts)
+    if problem is not None:
+        raise SettingsError(problem)

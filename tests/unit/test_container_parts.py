@@ -1,0 +1,200 @@
+"""The docker runtime's pure parts: what a container is made of, the reaper's verdict, and the
+detection of the official runner. Tables, no engine (the engine is in the acceptance tests)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dispatcher.lease.model import Lease, Phase
+from dispatcher.session.container import (
+    CONTAINER_SECRET_PATH,
+    container_labels,
+    container_name,
+    create_arguments,
+    host_config_arguments,
+    secret_archive,
+)
+from dispatcher.session.reaper import Found, judge
+from dispatcher.session.runner_detect import find_runner, lease_mode_problem, program_texts
+from dispatcher.session.sandbox import SandboxSpec, SandboxStartError
+from dispatcher.settings import Settings, SettingsError, load_settings
+
+SECRET = "c2Vzc2lvbnNfdG9rZW4-SECRET"
+
+
+_ENV: list[pytest.MonkeyPatch] = []
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The host's variables stay out of a test, and a test's stay in it."""
+    for name in list(os.environ):
+        if name.startswith(("ANTHROPIC_", "DISPATCHER_", "DOCKER_")):
+            monkeypatch.delenv(name)
+    _ENV.append(monkeypatch)
+    yield
+    _ENV.pop()
+
+
+def _settings(**env: str) -> Settings:
+    base = {"DISPATCHER_SANDBOX_RUNTIME": "docker", "DISPATCHER_SANDBOX_IMAGE": "sandbox:1",
+            "ANTHROPIC_ENVIRONMENT_ID": "env_1", "DISPATCHER_KEY_PREFIX": "fleet"}
+    for name, value in {**base, **env}.items():
+        _ENV[-1].setenv(name, value)
+    return load_settings()
+
+
+def _spec(secret_file: str | None = None) -> SandboxSpec:
+    env = {"PATH": "/host/bin", "HOME": "/root", "LANG": "C.UTF-8",
+           "ANTHROPIC_WORK_ID": "work_1", "ANTHROPIC_ENVIRONMENT_KEY": "sk-ant-oat01-k"}
+    return SandboxSpec(argv=[], env=env, stdin=f'{{"secret": "{SECRET}"}}'.encode(),
+                       work_id="work_1", session_id="sesn_1", attempt=2, secret_file=secret_file)
+
+
+@pytest.mark.parametrize("secret_file", [None, SECRET])
+def test_the_secret_is_never_in_the_environment_labels_or_command(secret_file: str | None,
+                                                                  ) -> None:
+    arguments = create_arguments(_settings(DISPATCHER_SANDBOX_COMMAND="run --x"),
+                                 _spec(secret_file))
+    assert SECRET not in repr(arguments)
+    assert arguments["command"] == ["run", "--x"]
+    assert arguments["stdin_open"] is True and arguments["detach"] is False
+    env = arguments["environment"]
+    assert "PATH" not in env and "HOME" not in env, "the image's own PATH and HOME stay"
+    assert env["LANG"] == "C.UTF-8" and env["ANTHROPIC_WORK_ID"] == "work_1"
+    assert ("ANTHROPIC_WORK_SECRET_FILE" in env) == (secret_file is not None)
+
+
+def test_labels_name_the_fleet_environment_work_session_and_attempt() -> None:
+    settings = _settings(DISPATCHER_SANDBOX_LABELS="team=a, cost=b")
+    assert container_labels(settings, _spec()) == {
+        "team": "a", "cost": "b", "dispatcher.fleet": "fleet", "dispatcher.environment": "env_1",
+        "dispatcher.work_id": "work_1", "dispatcher.session_id": "sesn_1",
+        "dispatcher.attempt": "2"}
+
+
+@pytest.mark.parametrize(("prefix", "expected"), [
+    ("fleet", "fleet-work_1-2"),
+    ("a/b c", "a-b-c-work_1-2"),
+    ("_x", "x-work_1-2"),
+])
+def test_one_container_name_per_attempt(prefix: str, expected: str) -> None:
+    assert container_name(_settings(DISPATCHER_KEY_PREFIX=prefix), _spec()) == expected
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, {"network_mode": "bridge", "init": True, "binds": {}, "tmpfs": {}}),
+    ({"DISPATCHER_SANDBOX_NETWORK": "none", "DISPATCHER_SANDBOX_INIT": "false"},
+     {"network_mode": "none", "init": False, "binds": {}, "tmpfs": {}}),
+    ({"DISPATCHER_SANDBOX_VOLUMES": "/a:/b,/c:/d:ro", "DISPATCHER_SANDBOX_TMPFS":
+      "/tmp:size=64m,/run", "DISPATCHER_SANDBOX_CPUS": "1.5", "DISPATCHER_SANDBOX_MEMORY": "512m"},
+     {"network_mode": "bridge", "init": True,
+      "binds": {"/a": {"bind": "/b", "mode": "rw"}, "/c": {"bind": "/d", "mode": "ro"}},
+      "tmpfs": {"/tmp": "size=64m", "/run": ""}, "nano_cpus": 1_500_000_000,
+      "mem_limit": "512m"}),
+])
+def test_host_config(env: dict[str, str], expected: dict[str, Any]) -> None:
+    assert host_config_arguments(_settings(**env)) == expected
+
+
+def test_a_malformed_volume_fails_the_attempt_with_its_name() -> None:
+    with pytest.raises(SandboxStartError, match="DISPATCHER_SANDBOX_VOLUMES"):
+        host_config_arguments(_settings(DISPATCHER_SANDBOX_VOLUMES="/only-one"))
+
+
+@pytest.mark.parametrize(("user", "uid", "gid"), [(None, 0, 0), ("1000", 1000, 1000),
+                                                  ("1000:50", 1000, 50)])
+def test_the_secret_file_is_0600_and_the_container_users(user: str | None, uid: int,
+                                                         gid: int) -> None:
+    with tarfile.open(fileobj=io.BytesIO(secret_archive(SECRET, user))) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        entry = members[CONTAINER_SECRET_PATH.lstrip("/")]
+        assert (entry.mode, entry.uid, entry.gid) == (0o600, uid, gid)
+        assert members["run/dispatcher"].mode == 0o700
+        extracted = tar.extractfile(entry)
+        assert extracted is not None and extracted.read() == SECRET.encode()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"DISPATCHER_SANDBOX_IMAGE": ""}, "DISPATCHER_SANDBOX_IMAGE is not set"),
+    ({"DISPATCHER_WORK_SECRET_DELIVERY": "env"}, "DISPATCHER_WORK_SECRET_DELIVERY=env"),
+    ({"DISPATCHER_SANDBOX_LABELS": "novalue"}, "DISPATCHER_SANDBOX_LABELS"),
+    ({"DISPATCHER_SANDBOX_LABELS": "dispatcher.fleet=x"}, "DISPATCHER_SANDBOX_LABELS"),
+])
+def test_sandbox_settings_the_docker_runtime_refuses(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        _settings(**env).require_sandbox()
+
+
+@pytest.mark.parametrize(("name", "value"), [("DISPATCHER_SANDBOX_USER", "nobody"),
+                                             ("DISPATCHER_SANDBOX_MEMORY", "lots"),
+                                             ("DISPATCHER_SANDBOX_RUNTIME", "podman")])
+def test_malformed_runtime_settings_are_named(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        _settings(**{name: value})
+
+
+def test_the_process_runtime_needs_none_of_it() -> None:
+    _settings(DISPATCHER_SANDBOX_RUNTIME="process", DISPATCHER_SANDBOX_IMAGE="",
+              DISPATCHER_WORK_SECRET_DELIVERY="env").require_sandbox()
+
+
+# --- the reaper's verdict ----------------------------------------------------------------------
+def _lease(attempt: int, phase: str = Phase.RUNNING) -> Lease:
+    return Lease(work_id="w", session_id="s", environment_id="e", mode="dispatcher",
+                 queue="q", phase=phase, attempt=attempt)
+
+
+@pytest.mark.parametrize(("lease", "suspected", "reaped", "suspect"), [
+    (_lease(1), False, False, False),  # its own attempt runs: kept
+    (_lease(2), False, True, False),  # superseded: at once
+    (_lease(2, Phase.DISPATCHED), False, True, False),
+    (None, False, False, True),  # lease gone: maybe a registry reset, look again
+    (None, True, True, False),  # still gone on the next pass
+    (_lease(1, Phase.RELEASING), False, False, True),
+    (_lease(1, Phase.RELEASING), True, True, False),
+    (_lease(1), True, False, False),  # rewritten since: kept, forgiven
+])
+def test_the_reaper_removes_containers_no_running_attempt_owns(
+        lease: Lease | None, suspected: bool, reaped: bool, suspect: bool) -> None:
+    found = Found("c1", "w", 1)
+    verdict = judge([found], {"w": lease} if lease else {}, {"c1"} if suspected else set())
+    assert (found in verdict.reap, "c1" in verdict.suspect) == (reaped, suspect)
+
+
+# --- the official runner -----------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "found"), [
+    ("docker run -i img ant beta:worker run", "beta:worker run"),
+    ("ant beta:worker  run --x", "beta:worker run"),
+    ("# ant beta:worker run\nexec my-program", None),
+    ("exec my-program  # not ant beta:worker run", None),
+    ("ant beta:worker poll --on-work x", None),
+    ("python -c 'w.handle_item()'", "handle_item"),
+])
+def test_the_runner_is_found_in_code_not_in_comments(text: str, found: str | None) -> None:
+    result = find_runner([("spawn.sh", text)])
+    assert (result[1] if result else None) == found
+
+
+def test_a_python_program_is_judged_by_its_code_not_its_strings(tmp_path: Any) -> None:
+    mentions = tmp_path / "mentions.py"
+    mentions.write_text('"""Behaves like `ant beta:worker run` and handle_item."""\nprint(1)\n')
+    calls = tmp_path / "calls.py"
+    calls.write_text("import asyncio\nasyncio.run(worker.handle_item())\n")
+    assert find_runner(program_texts(["python", str(mentions)])) is None
+    assert find_runner(program_texts(["python", str(calls)])) == (str(calls), "handle_item")
+
+
+def test_only_the_default_mode_is_refused() -> None:
+    texts = [("spawn.sh", "exec ant beta:worker run")]
+    problem = lease_mode_problem(_settings(), texts)
+    assert problem and "set DISPATCHER_LEASE_MODE=runner" in problem and "spawn.sh" in problem
+    assert lease_mode_problem(_settings(DISPATCHER_LEASE_MODE="dispatcher"), texts) is None
+    assert lease_mode_problem(_settings(DISPATCHER_LEASE_MODE="runner"), texts) is None
+    assert lease_mode_problem(_settings(), [("spawn.sh", "exec my-program")]) is None
