@@ -56,8 +56,7 @@ def beat_due_leases(runtime: Runtime) -> Tally:
     if not ids:
         return Tally()
     leases = runtime.registry.get_many(ids)
-    for gone in set(ids) - {lease.work_id for lease in leases}:
-        runtime.registry.unschedule_heartbeat(gone)
+    runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in leases})
     tally = _beat(runtime, [lease for lease in leases if _beaten_by_us(lease)])
     for lease in leases:
         if lease.phase == Phase.RELEASING:
@@ -85,8 +84,7 @@ def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
         tally.failed += not isinstance(outcome, Heartbeat)
         after = runtime.executor.run(lease, beat_event(outcome, sent_at), beats=beats)
         tally.lost += after is None or after.lost
-    if beats:
-        runtime.registry.record_beats(beats)
+    runtime.executor.record_beats(beats)
     if tally.sent:
         runtime.metrics.inc("heartbeats", tally.sent, result="ok")
     if tally.failed:

@@ -84,6 +84,16 @@ class Executor:
                 pending.append(answer)
         return current
 
+    def record_beats(self, beats: list[Beat]) -> None:
+        """Record the answered beats a heartbeat tick collected, in one round trip."""
+        if beats:
+            self.runtime.registry.record_beats(beats)
+
+    def unschedule_gone(self, work_ids: set[str]) -> None:
+        """Drop due heartbeats whose record is gone (released between the pop and the read)."""
+        for work_id in work_ids:
+            self.runtime.registry.unschedule_heartbeat(work_id)
+
     def _perform(self, work_id: str, decision: Decision, state: _Run) -> ev.Event | _End | None:
         """Perform a decision's effects in order; returns the answer to feed back, if any, or
         `_End` when an effect found the run cannot go on."""
