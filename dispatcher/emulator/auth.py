@@ -32,7 +32,7 @@ _EITHER = frozenset(Credential)
 _ENVIRONMENT = frozenset({Credential.ENVIRONMENT})
 _ORGANISATION = frozenset({Credential.ORGANISATION})
 
-# From the docstrings of the official Python SDK 2.10.0 (protocol-facts section 10).
+# From the docstrings of the official Python SDK 2.10.0.
 ENDPOINT_CREDENTIALS: Mapping[Endpoint, frozenset[Credential]] = {
     Endpoint.GET: _ORGANISATION,
     Endpoint.UPDATE: _ORGANISATION,

@@ -12,7 +12,7 @@
 
 Every command but `metrics` takes `--json` for scripts. The API commands also need
 ANTHROPIC_ENVIRONMENT_ID (and ANTHROPIC_BASE_URL away from api.anthropic.com). Credentials are
-the newest SDK's (protocol-facts section 10). No key and no work `secret` is ever printed.
+those the official SDK 2.10.0 documents per endpoint. No key and no work `secret` is ever printed.
 
 Exit codes (the same for every command; also in `dispatcher --help`):
 

@@ -4,7 +4,7 @@ The supervisor loop wakes a few times a second and does four things, in order: r
 sandbox if it exited, pulse the lease (which also tells it whether it is still the current
 attempt and whether a stop was asked for), apply the signal ladder, and notice a drain. Signal
 handlers only set flags the loop reads; nothing is killed from inside a handler (a handler that
-waits on the process deadlocks on Popen's lock, see the Celery brief).
+waits on the process deadlocks on Popen's lock, which the interrupted wait may hold).
 """
 
 from __future__ import annotations

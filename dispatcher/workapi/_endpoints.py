@@ -45,7 +45,7 @@ Parser = Callable[[str, httpx.Response], T]
 
 
 class Auth(Enum):
-    """Which key an endpoint takes (the 2.10.0 SDK docstrings, protocol-facts section 10)."""
+    """Which key an endpoint takes (as the official SDK 2.10.0's docstrings say)."""
 
     ENVIRONMENT = "environment"  # Bearer; never with an x-api-key beside it
     ORGANISATION = "organisation"  # x-api-key

@@ -91,8 +91,8 @@ def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> 
         return decision.then(advance_claimed(lease, c))
     if lease.kind == "healthcheck":
         return decision.then(Decision(lease, (fx.Claim(),)))
-    # Published first, claimed right after: the first heartbeat's round trip no longer delays
-    # the session, and the lease is never left unbeaten (a claim that fails is retried by the
+    # Published first, claimed right after: the first heartbeat's round trip never delays the
+    # session, and the lease is never left unbeaten (a claim that fails is retried by the
     # heartbeat task at once). A session that starts before a rival's 412 comes back is killed
     # by that answer, as any lost lease is.
     published = decision.then(publish(lease, c.now))
