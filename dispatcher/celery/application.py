@@ -105,6 +105,7 @@ app.conf.update(
     beat_schedule=_schedule(),
 )
 
-from dispatcher.celery.worker import install  # noqa: E402  (its signals and bootsteps need `app`)
+from dispatcher.celery import bootsteps, signals  # noqa: E402  (they need `app`)
 
-install(app)
+bootsteps.install(app)
+signals.quiet_control_ticks()

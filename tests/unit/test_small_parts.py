@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from dispatcher.celery.worker import session_slots
+from dispatcher.celery.bootsteps import session_slots
 from dispatcher.control.routing import choose_queue
 from dispatcher.logs import event
 

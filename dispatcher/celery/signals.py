@@ -1,0 +1,96 @@
+"""The worker's signal handlers: what a Celery worker of the fleet does at its turning points.
+
+- At start (`worker_init`): refuse to run without what a worker needs (one clear line, exit).
+- On SIGTERM (`worker_shutting_down`): mark itself draining, so the poller stops counting its
+  slots and its running sessions hand over to new attempts elsewhere within the grace period.
+- On an operator's revoke of a session task (`task_revoked`): the lease machine stops the work
+  item on the server too (`bridge`).
+- Always: Celery's per-task log lines for the control ticks are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import task_revoked, worker_init, worker_shutting_down
+from redis.exceptions import RedisError
+
+from dispatcher.celery.bootsteps import consumes_sessions
+from dispatcher.celery.names import CONTROL_TASKS, SESSION_RUN
+from dispatcher.control.bridge import on_task_revoked
+from dispatcher.logs import event
+from dispatcher.runtime import get_runtime
+from dispatcher.session.runtimes import check_sandbox
+from dispatcher.session.sandbox import CommandError, EngineError
+from dispatcher.settings import SettingsError
+
+__all__ = ["quiet_control_ticks"]
+
+
+@worker_init.connect
+def _check_worker_settings(sender: Any = None, **_: Any) -> None:
+    runtime = get_runtime()
+    try:
+        runtime.settings.require_worker()
+        if consumes_sessions(sender, runtime.settings.session_queues):
+            check_sandbox(runtime.settings)  # control-only hosts run no sandbox
+        runtime.redis.ping()
+    except (SettingsError, CommandError, EngineError) as exc:
+        raise SystemExit(f"dispatcher: {exc}") from None
+    except RedisError as exc:
+        raise SystemExit(
+            f"dispatcher: Redis at DISPATCHER_REDIS_URL does not answer: {exc}"
+        ) from None
+
+@worker_shutting_down.connect
+def _drain(sender: Any = None, sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:
+    runtime = get_runtime()
+    try:
+        runtime.capacity.set_draining(str(sender))
+    except RedisError as exc:
+        event("drain flag not set", level=logging.ERROR, worker=sender, error=str(exc))
+        return
+    event("worker draining", worker=sender, signal=sig, how=how,
+          grace_seconds=runtime.settings.stop_grace_seconds)
+
+
+@task_revoked.connect
+def _revoked(request: Any = None, terminated: bool = False, signum: int | None = None,
+             expired: bool = False, **_: Any) -> None:
+    if request is None or getattr(request, "task", None) != SESSION_RUN or expired:
+        return
+    work_id = (getattr(request, "kwargs", None) or {}).get("work_id")
+    if not work_id:
+        return
+    try:
+        on_task_revoked(get_runtime(), task_id=request.id, work_id=work_id,
+                        terminated=terminated, signum=signum)
+    except RedisError as exc:
+        event("revoke not bridged", level=logging.ERROR, work_id=work_id, error=str(exc))
+
+class _QuietControlTicks(logging.Filter):
+    """Drop Celery's per-task INFO lines for the control ticks (four a second, every second);
+    their own lifecycle lines say what happened. Warnings and errors always pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        text = " ".join(str(a) for a in _args(record)) + " " + str(record.msg)
+        return not any(name in text for name in CONTROL_TASKS)
+
+
+def _args(record: logging.LogRecord) -> list[object]:
+    args = record.args
+    if isinstance(args, dict):
+        return [*args.values()]
+    return list(args or ())
+
+
+def quiet_control_ticks() -> None:
+    # httpx logs every request at INFO: a few per second per worker, none of them news.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    quiet = _QuietControlTicks()
+    for name in ("celery.app.trace", "celery.worker.strategy", "celery.worker.request",
+                 "celery.beat"):
+        logging.getLogger(name).addFilter(quiet)
