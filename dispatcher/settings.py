@@ -7,6 +7,7 @@ handed a `Settings`.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -18,6 +19,8 @@ __all__ = ["LeaseMode", "Settings", "SettingsError", "load_settings"]
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_SESSION_QUEUE = "dispatcher.sessions"
+# Whitespace, C0/C1 controls and DEL: never part of a key, and illegal in a header value.
+_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 
 class LeaseMode(StrEnum):
@@ -57,8 +60,11 @@ class Settings(BaseSettings):
         "The per-session command, split like a shell would (never run through one)."))
     lease_mode: LeaseMode = _env("DISPATCHER_LEASE_MODE", LeaseMode.DISPATCHER, description=(
         "Who heartbeats a session's lease: dispatcher, runner or handoff."))
-    worker_id: str | None = _env("DISPATCHER_WORKER_ID", description=(
-        "Anthropic-Worker-ID sent on poll; default `<hostname>-dispatcher`."))
+    worker_id: str | None = Field(
+        None, validation_alias=AliasChoices("ANTHROPIC_WORKER_ID", "DISPATCHER_WORKER_ID"),
+        description=("Anthropic-Worker-ID sent on poll (as the CLI, which reads the same "
+                     "variable; `DISPATCHER_WORKER_ID` is read too); default "
+                     "`<hostname>-<random>`, unique per process as the SDK's."))
     key_prefix: str = _env("DISPATCHER_KEY_PREFIX", "dispatcher", description=(
         "Prefix of every Redis key the fleet writes (registry, Celery queues and results, "
         "beat), so fleets and the emulator can share one Redis."))
@@ -88,6 +94,16 @@ class Settings(BaseSettings):
         description="Comma-separated variables of the worker passed on to sandboxes.")
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
+
+    @field_validator("environment_key", "api_key")
+    @classmethod
+    def _plain_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A key read from a mounted file often ends in a newline; sent as is, every request
+        # fails and is retried as a transient error, so refuse it at start-up instead.
+        if value is not None and _UNPRINTABLE.search(value.get_secret_value()):
+            raise ValueError("contains whitespace or a control character (a trailing newline "
+                             "from a mounted secret file?); the value is not shown")
+        return value
 
     @field_validator("session_queues", "sandbox_env_allow", mode="before")
     @classmethod

@@ -131,3 +131,29 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.base_url = "http://elsewhere"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("variable", ["ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_API_KEY"])
+@pytest.mark.parametrize("value", [KEY + "\n", KEY + "\r\n", " " + KEY, KEY + "\t",
+                                   "sk-ant-oat01-a b", KEY + "\x01", KEY + "\x7f", KEY + "\x85"])
+def test_a_key_with_whitespace_or_a_control_character_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """A file-mounted secret's trailing newline would make every request a retried transient
+    error; refused when settings load, naming the variable and never showing the key."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(f"{variable} is invalid: ")
+    assert "whitespace or a control character" in message
+    assert "SETTINGS-SECRET" not in message and "\n" not in message
+
+
+def test_the_worker_id_is_read_as_the_cli_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_WORKER_ID", "cli-name")
+    assert load_settings().worker_id == "cli-name"
+    monkeypatch.setenv("DISPATCHER_WORKER_ID", "own-name")
+    assert load_settings().worker_id == "cli-name"  # the CLI's name wins
+    monkeypatch.delenv("ANTHROPIC_WORKER_ID")
+    assert load_settings().worker_id == "own-name"
