@@ -28,6 +28,7 @@ from dispatcher.workapi import (
     NO_HEARTBEAT,
     Backoff,
     Heartbeat,
+    InvalidWorkItem,
     LeasePreconditionFailed,
     Work,
     WorkAPIError,
@@ -86,6 +87,9 @@ def _poll_loop(runtime: Runtime, *, deadline: float) -> int:
             continue
         try:
             item = client.poll(block_ms=POLL_BLOCK_MS)
+        except InvalidWorkItem as exc:
+            _refuse_invalid(runtime, exc)
+            continue
         except WorkAPIError as exc:
             delay = delay_for(exc, backoff)
             event("poll failed", level=logging.WARNING, status=exc.status,
@@ -210,6 +214,22 @@ def _refuse_unknown_type(runtime: Runtime, item: Work) -> None:
         runtime.client().stop(item.id, force=True)
     except WorkAPIError as exc:
         event("stop failed", level=logging.ERROR, work_id=item.id, error=str(exc))
+
+
+def _refuse_invalid(runtime: Runtime, exc: InvalidWorkItem) -> None:
+    """An item we cannot read would be re-delivered for ever: name it and stop it, when its id
+    is legible (an id that is not cannot be put in a URL; the server's lease expiry ends it)."""
+    runtime.metrics.inc("work_refused", reason="invalid")
+    event("invalid work item", level=logging.ERROR, work_id=exc.work_id or "unreadable",
+          error=str(exc), action_taken="stopped, not run" if exc.work_id else "none possible")
+    if exc.work_id is None:
+        return
+    try:
+        runtime.client().stop(exc.work_id, force=True)
+    except InvalidWorkItem:
+        pass  # the stop landed; its answer carries the same unreadable item
+    except WorkAPIError as error:
+        event("stop failed", level=logging.ERROR, work_id=exc.work_id, error=str(error))
 
 
 def _ack(runtime: Runtime, item: Work) -> tuple[bool, Heartbeat | None]:
