@@ -71,6 +71,17 @@ Count = Annotated[int, _clamp(0, MAX_COUNT)]
 Id = Annotated[str, AfterValidator(check_id)]
 
 
+def _env_safe(value: str) -> str:
+    if not value or "\x00" in value:
+        raise ValueError("must be non-empty and hold no NUL (it becomes an environment variable)")
+    return value
+
+
+# A session id never enters a URL, only the sandbox's environment and stdin, where any text is
+# data; but no environment variable can hold a NUL, and it would fail after the ack.
+SessionId = Annotated[str, AfterValidator(_env_safe)]
+
+
 def find_lone_surrogate(value: Any, where: str = "body") -> str | None:
     """Where a string with a lone surrogate (JSON ``"\\ud800"``) sits in decoded JSON, or None.
     Such a string passes str validation but can never be encoded as UTF-8 again (to Redis, to
@@ -116,7 +127,7 @@ class _Open(BaseModel):
 
 
 class WorkData(_Open):
-    id: Id
+    id: SessionId
     type: str
 
 

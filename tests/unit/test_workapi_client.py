@@ -594,10 +594,10 @@ def test_a_malformed_answer_is_a_clear_retryable_error(
         (work_json(id=".."), None, "id: Value error, id must be"),
         (work_json(id="work_7", metadata={"note": "\ud800"}), "work_7",
          "Value error, work.metadata.note is not valid Unicode (a lone surrogate)"),
-        (work_json(id="work_8", data={"id": "s\n1", "type": "session"}), "work_8",
-         "data.id: Value error, id must be"),
+        (work_json(id="work_8", data={"id": "s\x001", "type": "session"}), "work_8",
+         "data.id: Value error, must be non-empty and hold no NUL"),
     ],
-    ids=["missing-fields", "dot-dot-id", "lone-surrogate", "control-char-session-id"],
+    ids=["missing-fields", "dot-dot-id", "lone-surrogate", "nul-in-session-id"],
 )
 def test_an_invalid_work_item_names_its_id_and_is_not_retried(
     api: MakeApi, answer: dict[str, Any], work_id: str | None, problem: str
