@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dispatcher.ids import check_id
+
 __all__ = ["LeaseMode", "Settings", "SettingsError", "load_settings"]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -94,6 +96,12 @@ class Settings(BaseSettings):
         description="Comma-separated variables of the worker passed on to sandboxes.")
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
+
+    @field_validator("environment_id")
+    @classmethod
+    def _plain_id(cls, value: str | None) -> str | None:
+        # It goes into every request's URL path: `..` or `/` would walk it.
+        return check_id(value, "the environment id") if value is not None else None
 
     @field_validator("environment_key", "api_key")
     @classmethod

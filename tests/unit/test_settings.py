@@ -157,3 +157,12 @@ def test_the_worker_id_is_read_as_the_cli_reads_it(monkeypatch: pytest.MonkeyPat
     assert load_settings().worker_id == "cli-name"  # the CLI's name wins
     monkeypatch.delenv("ANTHROPIC_WORKER_ID")
     assert load_settings().worker_id == "own-name"
+
+
+@pytest.mark.parametrize("value", ["..", "env/../x", "env%2F", "env 1"])
+def test_an_environment_id_that_would_walk_the_url_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_ENVIRONMENT_ID", value)
+    with pytest.raises(SettingsError, match=r"^ANTHROPIC_ENVIRONMENT_ID is invalid: .*must be"):
+        load_settings()
