@@ -226,8 +226,6 @@ def _refuse_invalid(runtime: Runtime, exc: InvalidWorkItem) -> None:
         return
     try:
         runtime.client().stop(exc.work_id, force=True)
-    except InvalidWorkItem:
-        pass  # the stop landed; its answer carries the same unreadable item
     except WorkAPIError as error:
         event("stop failed", level=logging.ERROR, work_id=exc.work_id, error=str(error))
 

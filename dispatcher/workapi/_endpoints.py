@@ -125,6 +125,15 @@ def _optional_work(endpoint: str, response: httpx.Response) -> Work | None:
     return _validate(endpoint, response.status_code, Work, "a work item or null", data)
 
 
+def _stopped_work(endpoint: str, response: httpx.Response) -> Work | None:
+    """Stop: as `_optional_work`, but a 2xx means the stop was applied, so an echoed item that
+    fails validation is no reason to report a failure (or to stop again): it is None."""
+    try:
+        return _optional_work(endpoint, response)
+    except InvalidWorkItem:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
     """One endpoint's request and the parser of its answer: everything except sending it."""
@@ -262,7 +271,7 @@ class WorkAPI:
 
     def stop(self, work_id: str, *, force: bool) -> Call[Work | None]:
         return self._call("stop", "POST", f"/{_id(work_id, 'work_id')}/stop", Auth.EITHER,
-                          _optional_work, body={"force": force})
+                          _stopped_work, body={"force": force})
 
     def get(self, work_id: str) -> Call[Work]:
         return self._call("get", "GET", f"/{_id(work_id, 'work_id')}", Auth.ORGANISATION,

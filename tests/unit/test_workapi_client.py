@@ -615,6 +615,14 @@ def test_an_invalid_work_item_names_its_id_and_is_not_retried(
     assert_no_secret(str(caught.value), repr(caught.value))
 
 
+def test_a_stop_that_echoes_an_invalid_item_still_succeeded(api: MakeApi) -> None:
+    """A 2xx stop was applied: an unreadable echo must not make the caller stop again."""
+    server = api(reply(200, raw=json.dumps(work_json(id="work_7", metadata={"k": "\ud800"}))
+                       .encode()))
+    assert server.call("stop", "work_7", force=True) is None
+    assert len(server.requests) == 1
+
+
 def test_a_malformed_answer_is_retried_like_any_transient_failure(api: MakeApi) -> None:
     server = api(reply(200, raw=b"{"), reply(200, work_json()))
     assert isinstance(server.call("ack", "work_1"), Work)
