@@ -125,6 +125,25 @@ def _optional_work(endpoint: str, response: httpx.Response) -> Work | None:
     return _validate(endpoint, response.status_code, Work, "a work item or null", data)
 
 
+def _page(endpoint: str, response: httpx.Response) -> WorkPage:
+    """A list page; an item in it that fails validation is left out and logged by its id, so
+    one unreadable item does not hide every other one (the stop bridge reads these pages)."""
+    expected = "a page of work items"
+    data = _decode_json(endpoint, response, expected)
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return _validate(endpoint, response.status_code, WorkPage, expected, data)
+    kept = []
+    for item in items:
+        try:
+            kept.append(_validate(endpoint, response.status_code, Work, "a work item", item))
+        except InvalidWorkItem as exc:
+            logger.warning("invalid work item work_id=%s skipped in a list page: %s",
+                           exc.work_id or "unreadable", exc,
+                           extra={"action": "invalid work item", "work_id": exc.work_id})
+    return _validate(endpoint, response.status_code, WorkPage, expected, {**data, "data": kept})
+
+
 def _stopped_work(endpoint: str, response: httpx.Response) -> Work | None:
     """Stop: as `_optional_work`, but a 2xx means the stop was applied, so an echoed item that
     fails validation is no reason to report a failure (or to stop again): it is None."""
@@ -284,7 +303,7 @@ class WorkAPI:
 
     def list(self, *, limit: int | None, page: str | None) -> Call[WorkPage]:
         return self._call("list", "GET", "", Auth.ENVIRONMENT,
-                          _model(WorkPage, "a page of work items"),
+                          _page,
                           params={"limit": limit, "page": page})
 
     def stats(self) -> Call[WorkQueueStats]:

@@ -615,6 +615,20 @@ def test_an_invalid_work_item_names_its_id_and_is_not_retried(
     assert_no_secret(str(caught.value), repr(caught.value))
 
 
+def test_an_invalid_item_in_a_list_page_is_left_out_and_named(
+    api: MakeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    page = {"data": [work_json(id="w1"), work_json(id="w2", metadata={"k": "\ud800"}),
+                     work_json(id=".."), work_json(id="w4")], "next_page": None}
+    with caplog.at_level(logging.WARNING, logger="dispatcher.workapi"):
+        result = api(reply(200, raw=json.dumps(page).encode())).call("list")
+    assert [work.id for work in result.data] == ["w1", "w4"]
+    skipped = [r.getMessage() for r in caplog.records if r.__dict__.get("action")
+               == "invalid work item"]
+    assert len(skipped) == 2
+    assert "work_id=w2" in skipped[0] and "work_id=unreadable" in skipped[1]
+
+
 def test_a_stop_that_echoes_an_invalid_item_still_succeeded(api: MakeApi) -> None:
     """A 2xx stop was applied: an unreadable echo must not make the caller stop again."""
     server = api(reply(200, raw=json.dumps(work_json(id="work_7", metadata={"k": "\ud800"}))
