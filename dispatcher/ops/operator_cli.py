@@ -166,30 +166,19 @@ def _metrics_parser(subcommands: Any) -> None:
     _redis_options(parser)
 
 
-def _check_work_id(args: argparse.Namespace) -> None:
-    """A WORK_ID argument that could walk the request's URL path (`..`) is a usage error."""
-    from dispatcher.ids import check_id
-
-    if getattr(args, "work_id", None) is not None:
-        try:
-            check_id(args.work_id, "WORK_ID")
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-
-
 # --- errors -> exit codes ---------------------------------------------------------------------
 def _guarded(name: str, action: Action, args: argparse.Namespace) -> int:
     """Run a command; turn what went wrong into one line on stderr and an exit code."""
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    from dispatcher.ids import InvalidId  # a WORK_ID like `..`, refused before any request
     from dispatcher.settings import SettingsError
     from dispatcher.workapi import MissingCredentialError, NotFoundError, WorkAPIError
 
     try:
-        _check_work_id(args)
         return action(args)
-    except (UsageError, SettingsError, MissingCredentialError) as exc:
+    except (UsageError, SettingsError, MissingCredentialError, InvalidId) as exc:
         return _fail(name, args, EXIT_USAGE, "usage", str(exc))
     except NotFoundError as exc:
         return _fail(name, args, EXIT_NOT_FOUND, "not_found", exc.message, exc.status)
