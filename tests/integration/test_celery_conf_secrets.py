@@ -24,6 +24,8 @@ from dispatcher.celery.app import beat_redis
 
 PASSWORD = "Pw-0f-the-fleet-S3CRET"
 START_TIMEOUT_S = 10.0
+WORKER_START_TIMEOUT_S = 60.0
+CELERY = str(Path(sys.executable).with_name("celery"))
 
 PROBE = """
 import json
@@ -84,6 +86,43 @@ def test_no_exposed_setting_carries_the_redis_password(locked_redis: int) -> Non
     assert PASSWORD not in done.stdout
     assert PASSWORD not in done.stderr  # nor in a warning at import
     assert "redbeat_redis_url" in found["humanize"]  # the setting is there, without it
+
+
+def test_celery_inspect_conf_of_a_running_worker_shows_no_password(
+        locked_redis: int, tmp_path: Path) -> None:
+    """What `celery inspect conf` and Flower's Config tab show, from a real worker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "ANTHROPIC_"))}
+    env.update({"DISPATCHER_REDIS_URL": f"redis://fleet:{PASSWORD}@127.0.0.1:{locked_redis}/0",
+                "ANTHROPIC_ENVIRONMENT_ID": "env_conf", "ANTHROPIC_ENVIRONMENT_KEY": "sk-ant-k",
+                # Nothing is polled (no beat), but never the real API from a test.
+                "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+    name = f"conf-{os.getpid()}@test"
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [CELERY, "-A", "dispatcher", "worker", "-Q", "dispatcher.control", "-c", "1",
+             "-n", name, "--without-gossip", "--without-mingle", "-l", "INFO"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while b"ready." not in log.read_bytes():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        shown = subprocess.run([CELERY, "-A", "dispatcher", "inspect", "conf", "-j",
+                                "-d", name, "--timeout", "10"], capture_output=True, text=True,
+                               env=env, timeout=60, check=False)
+        shown_all = subprocess.run([CELERY, "-A", "dispatcher", "inspect", "conf", "-j",
+                                    "-d", name, "--timeout", "10", "true"],
+                                   capture_output=True, text=True, env=env, timeout=60,
+                                   check=False)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    for result in (shown, shown_all):
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "redbeat_redis_url" in result.stdout, result.stdout[:2000]
+        assert PASSWORD not in result.stdout + result.stderr
+    assert PASSWORD not in log.read_text()
 
 
 @pytest.mark.parametrize(
