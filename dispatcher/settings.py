@@ -23,6 +23,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_SESSION_QUEUE = "dispatcher.sessions"
 # Whitespace, C0/C1 controls and DEL: never part of a key, and illegal in a header value.
 _UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class LeaseMode(StrEnum):
@@ -102,6 +103,14 @@ class Settings(BaseSettings):
     def _plain_id(cls, value: str | None) -> str | None:
         # It goes into every request's URL path: `..` or `/` would walk it.
         return check_id(value, "the environment id") if value is not None else None
+
+    @field_validator("worker_id")
+    @classmethod
+    def _header_safe(cls, value: str | None) -> str | None:
+        # Sent as the Anthropic-Worker-ID header: a control character could not be sent.
+        if value is not None and _CONTROL.search(value):
+            raise ValueError("contains a control character (a trailing newline?)")
+        return value
 
     @field_validator("environment_key", "api_key")
     @classmethod

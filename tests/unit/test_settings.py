@@ -157,6 +157,9 @@ def test_the_worker_id_is_read_as_the_cli_reads_it(monkeypatch: pytest.MonkeyPat
     assert load_settings().worker_id == "cli-name"  # the CLI's name wins
     monkeypatch.delenv("ANTHROPIC_WORKER_ID")
     assert load_settings().worker_id == "own-name"
+    monkeypatch.setenv("ANTHROPIC_WORKER_ID", "name\n")
+    with pytest.raises(SettingsError, match=r"^ANTHROPIC_WORKER_ID is invalid: .*control"):
+        load_settings()
 
 
 @pytest.mark.parametrize("value", ["..", "env/../x", "env%2F", "env 1"])
