@@ -116,6 +116,20 @@ def _pause(runtime: Runtime, *, failures: int, seconds: float) -> None:
     pipe.execute()
 
 
+def _refuse_invalid(runtime: Runtime, exc: InvalidWorkItem) -> None:
+    """An item we cannot read would be re-delivered for ever: name it and stop it, when its id
+    is legible (an id that is not cannot be put in a URL; the server's lease expiry ends it)."""
+    runtime.metrics.inc("work_refused", reason="invalid")
+    event("invalid work item", level=logging.ERROR, work_id=exc.work_id or "unreadable",
+          error=str(exc), action_taken="stopped, not run" if exc.work_id else "none possible")
+    if exc.work_id is None:
+        return
+    try:
+        runtime.client().stop(exc.work_id, force=True)
+    except WorkAPIError as error:
+        event("stop failed", level=logging.ERROR, work_id=exc.work_id, error=str(error))
+
+
 def _wait_out_pause(runtime: Runtime, deadline: float) -> bool:
     """Sleep through a backoff pause; False if it outlasts this run (the next run waits)."""
     until = float(runtime.redis.get(runtime.registry.keys.task_lock("poll-paused-until")) or 0)
@@ -214,20 +228,6 @@ def _refuse_unknown_type(runtime: Runtime, item: Work) -> None:
         runtime.client().stop(item.id, force=True)
     except WorkAPIError as exc:
         event("stop failed", level=logging.ERROR, work_id=item.id, error=str(exc))
-
-
-def _refuse_invalid(runtime: Runtime, exc: InvalidWorkItem) -> None:
-    """An item we cannot read would be re-delivered for ever: name it and stop it, when its id
-    is legible (an id that is not cannot be put in a URL; the server's lease expiry ends it)."""
-    runtime.metrics.inc("work_refused", reason="invalid")
-    event("invalid work item", level=logging.ERROR, work_id=exc.work_id or "unreadable",
-          error=str(exc), action_taken="stopped, not run" if exc.work_id else "none possible")
-    if exc.work_id is None:
-        return
-    try:
-        runtime.client().stop(exc.work_id, force=True)
-    except WorkAPIError as error:
-        event("stop failed", level=logging.ERROR, work_id=exc.work_id, error=str(error))
 
 
 def _ack(runtime: Runtime, item: Work) -> tuple[bool, Heartbeat | None]:
