@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dispatcher.ids import check_id
 
-__all__ = ["LeaseMode", "Settings", "SettingsError", "load_settings"]
+__all__ = ["LeaseMode", "Settings", "SettingsError", "load_settings", "split_redis_credentials"]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -140,6 +141,32 @@ class Settings(BaseSettings):
     @property
     def default_session_queue(self) -> str:
         return self.session_queues[0]
+
+
+def split_redis_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """A Redis URL without its credentials, and the credentials as client options (beat's).
+
+    `celery inspect conf` and Flower's Config tab show every setting; Celery masks the values of
+    names that look secret (PASS, KEY, ...) and the broker and backend URLs, but not
+    `redbeat_redis_url`. So that URL carries no password: it travels in
+    `redbeat_redis_options`, whose `password` Celery masks and redbeat hands to the client.
+    """
+    parts = urlsplit(url)
+    options: dict[str, str] = {}
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    query = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in ("username", "password"):  # redis-py reads these from the query too
+            options[name] = value
+        else:
+            query.append((name, value))
+    host = parts.netloc.rpartition("@")[2]
+    # Not urlunsplit: it drops the `//` of `unix:///path` when the host is empty.
+    bare = f"{parts.scheme}://{host}{parts.path}" + (f"?{urlencode(query)}" if query else "")
+    return bare, options
 
 
 def _field_env_name(field: str) -> str:

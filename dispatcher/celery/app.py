@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from dispatcher.lease.keys import Keys
-from dispatcher.settings import SettingsError, load_settings
+from dispatcher.settings import SettingsError, load_settings, split_redis_credentials
 
 __all__ = ["CONTROL_QUEUE", "app"]
 
@@ -69,34 +68,8 @@ def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-def beat_redis(url: str) -> tuple[str, dict[str, str]]:
-    """Beat's Redis URL without its credentials, and the credentials as client options.
-
-    `celery inspect conf` and Flower's Config tab show every setting; Celery masks the values of
-    names that look secret (PASS, KEY, ...) and the broker and backend URLs, but not
-    `redbeat_redis_url`. So that URL carries no password: it travels in
-    `redbeat_redis_options`, whose `password` Celery masks and redbeat hands to the client.
-    """
-    parts = urlsplit(url)
-    options: dict[str, str] = {}
-    if parts.username:
-        options["username"] = unquote(parts.username)
-    if parts.password:
-        options["password"] = unquote(parts.password)
-    query = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in ("username", "password"):  # redis-py reads these from the query too
-            options[name] = value
-        else:
-            query.append((name, value))
-    host = parts.netloc.rpartition("@")[2]
-    # Not urlunsplit: it drops the `//` of `unix:///path` when the host is empty.
-    bare = f"{parts.scheme}://{host}{parts.path}" + (f"?{urlencode(query)}" if query else "")
-    return bare, options
-
-
 _celery_keys = {"global_keyprefix": Keys(settings.key_prefix).celery}
-_beat_url, _beat_options = beat_redis(settings.redis_url)
+_beat_url, _beat_options = split_redis_credentials(settings.redis_url)
 
 app.conf.update(
     broker_url=settings.redis_url,
@@ -122,6 +95,8 @@ app.conf.update(
     # beat: celery-redbeat, whose Redis lock makes `-B` safe on every node of a fleet, with a
     # tick that survives a Redis restart (dispatcher.celery.beat).
     beat_scheduler="dispatcher.celery.beat:Scheduler",
+    # No password in the URL: `celery inspect conf` and Flower show this setting unmasked. It
+    # travels in the options, whose `password` Celery masks (dispatcher.settings).
     redbeat_redis_url=_beat_url,
     # Set even when empty: unset, redbeat falls back to the broker's transport options.
     redbeat_redis_options=_beat_options,

@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from dispatcher.celery.app import beat_redis
-
 PASSWORD = "Pw-0f-the-fleet-S3CRET"
 START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 60.0
@@ -30,7 +28,7 @@ CELERY = str(Path(sys.executable).with_name("celery"))
 PROBE = """
 import json
 from redbeat.schedulers import get_redis
-from dispatcher.celery.app import app
+from dispatcher.celery import app
 
 print(json.dumps({
     "ping": get_redis(app).ping(),
@@ -123,21 +121,3 @@ def test_celery_inspect_conf_of_a_running_worker_shows_no_password(
         assert "redbeat_redis_url" in result.stdout, result.stdout[:2000]
         assert PASSWORD not in result.stdout + result.stderr
     assert PASSWORD not in log.read_text()
-
-
-@pytest.mark.parametrize(
-    ("url", "bare", "options"),
-    [
-        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", {}),
-        ("redis://:p%40ss@r:6379/2", "redis://r:6379/2", {"password": "p@ss"}),
-        ("rediss://u:pw@r.example:6380/1?ssl_cert_reqs=required",
-         "rediss://r.example:6380/1?ssl_cert_reqs=required", {"username": "u", "password": "pw"}),
-        ("redis://[::1]:6379/0?password=pw&db=3", "redis://[::1]:6379/0?db=3",
-         {"password": "pw"}),
-        ("unix://:pw@/run/redis.sock?db=1", "unix:///run/redis.sock?db=1", {"password": "pw"}),
-    ],
-)
-def test_beat_gets_the_url_without_credentials_and_the_credentials_apart(
-    url: str, bare: str, options: dict[str, str]
-) -> None:
-    assert beat_redis(url) == (bare, options)

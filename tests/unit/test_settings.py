@@ -14,6 +14,7 @@ from dispatcher.settings import (
     Settings,
     SettingsError,
     load_settings,
+    split_redis_credentials,
 )
 
 KEY = "sk-ant-oat01-SETTINGS-SECRET"
@@ -169,3 +170,21 @@ def test_an_environment_id_that_would_walk_the_url_is_refused_at_load(
     monkeypatch.setenv("ANTHROPIC_ENVIRONMENT_ID", value)
     with pytest.raises(SettingsError, match=r"^ANTHROPIC_ENVIRONMENT_ID is invalid: .*must be"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("url", "bare", "options"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", {}),
+        ("redis://:p%40ss@r:6379/2", "redis://r:6379/2", {"password": "p@ss"}),
+        ("rediss://u:pw@r.example:6380/1?ssl_cert_reqs=required",
+         "rediss://r.example:6380/1?ssl_cert_reqs=required", {"username": "u", "password": "pw"}),
+        ("redis://[::1]:6379/0?password=pw&db=3", "redis://[::1]:6379/0?db=3",
+         {"password": "pw"}),
+        ("unix://:pw@/run/redis.sock?db=1", "unix:///run/redis.sock?db=1", {"password": "pw"}),
+    ],
+)
+def test_beat_gets_the_redis_url_without_credentials_and_the_credentials_apart(
+    url: str, bare: str, options: dict[str, str]
+) -> None:
+    assert split_redis_credentials(url) == (bare, options)
