@@ -15,8 +15,6 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from dispatcher.ids import check_id
-
 __all__ = ["LeaseMode", "Settings", "SettingsError", "load_settings", "split_redis_credentials"]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -102,7 +100,10 @@ class Settings(BaseSettings):
     @field_validator("environment_id")
     @classmethod
     def _plain_id(cls, value: str | None) -> str | None:
-        # It goes into every request's URL path: `..` or `/` would walk it.
+        # It goes into every request's URL path: `..` or `/` would walk it. Imported here: the
+        # client package costs its import only to processes that work for an environment.
+        from dispatcher.workapi.models import check_id
+
         return check_id(value, "the environment id") if value is not None else None
 
     @field_validator("worker_id")

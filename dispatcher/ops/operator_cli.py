@@ -172,9 +172,9 @@ def _guarded(name: str, action: Action, args: argparse.Namespace) -> int:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    from dispatcher.ids import InvalidId  # a WORK_ID like `..`, refused before any request
     from dispatcher.settings import SettingsError
     from dispatcher.workapi import MissingCredentialError, NotFoundError, WorkAPIError
+    from dispatcher.workapi.models import InvalidId  # a WORK_ID like `..`, before any request
 
     try:
         return action(args)

@@ -9,16 +9,16 @@ because the heartbeat lease token is compared by exact string on the server.
 from __future__ import annotations
 
 import math
+import re
 from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from dispatcher.ids import check_id
-
 __all__ = [
     "NO_HEARTBEAT",
     "Heartbeat",
+    "InvalidId",
     "LeaseState",
     "Work",
     "WorkData",
@@ -32,6 +32,24 @@ __all__ = [
 
 # The `expected_last_heartbeat` value that claims a lease nobody has heartbeated yet.
 NO_HEARTBEAT = "NO_HEARTBEAT"
+
+# What an id may be before it goes into a URL path: letters, digits, `_`, `-`, and dots after
+# the first character (so never `.` or `..`, which walk the path). Real ids are `work_...`.
+_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,255}")
+
+
+class InvalidId(ValueError):
+    """An id that cannot be one URL path segment; raised before any request is sent."""
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """``value`` if it is safe as one URL path segment; ValueError naming ``what`` if not."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        shown = repr(value[:40] if isinstance(value, str) else value)
+        raise InvalidId(f"{what} must be 1-256 letters, digits, '_', '-' or '.' (not first); "
+                         f"got {shown}")
+    return value
+
 
 # A lease TTL larger than this is taken as this: no server grants an hour-long lease, and a
 # fleet that believed one would wait that long before judging an unreachable lease lost.
