@@ -9,11 +9,10 @@ from typing import Any
 
 import httpx
 
-from dispatcher.ops.stack import LocalStack
+from dispatcher.ops.stack import API_HEADERS, LocalStack
 
 __all__ = ["Created", "Emulator"]
 
-API_HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "managed-agents-2026-04-01"}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.records import summary, wait_for_event
-from dispatcher.ops.stack import LocalStack
+from dispatcher.ops.stack import API_HEADERS, LocalStack
 
 TARGETS = {"dispatch": (0.100, 1.0), "stop": (None, 2.0)}
 
@@ -66,7 +66,8 @@ def _stop(stack: LocalStack, records: Path, sessions: int) -> dict[str, float]:
     for work_id in work_ids:
         requested = time.time()
         httpx.post(f"{stack.base_url}/v1/environments/{stack.environment_id}/work/{work_id}/stop",
-                   headers={"x-api-key": stack.api_key}, json={"force": False}, timeout=10)
+                   headers={**API_HEADERS, "x-api-key": stack.api_key}, json={"force": False},
+                   timeout=10)
         term = wait_for_event(records, work_id, "sigterm", timeout=30)
         latencies.append(term["time"] - requested)
         time.sleep(0.2)

@@ -7,8 +7,10 @@ handed a `Settings`.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,11 +23,15 @@ __all__ = [
     "Settings",
     "SettingsError",
     "load_settings",
+    "split_redis_credentials",
 ]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_SESSION_QUEUE = "dispatcher.sessions"
+# Whitespace, C0/C1 controls and DEL: never part of a key, and illegal in a header value.
+_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class LeaseMode(StrEnum):
@@ -86,8 +92,11 @@ class Settings(BaseSettings):
         "The per-session command, split like a shell would (never run through one)."))
     lease_mode: LeaseMode = _env("DISPATCHER_LEASE_MODE", LeaseMode.DISPATCHER, description=(
         "Who heartbeats a session's lease: dispatcher, runner or handoff."))
-    worker_id: str | None = _env("DISPATCHER_WORKER_ID", description=(
-        "Anthropic-Worker-ID sent on poll; default `<hostname>-dispatcher`."))
+    worker_id: str | None = Field(
+        None, validation_alias=AliasChoices("ANTHROPIC_WORKER_ID", "DISPATCHER_WORKER_ID"),
+        description=("Anthropic-Worker-ID sent on poll (as the CLI, which reads the same "
+                     "variable; `DISPATCHER_WORKER_ID` is read too); default "
+                     "`<hostname>-<random>`, unique per process as the SDK's."))
     key_prefix: str = _env("DISPATCHER_KEY_PREFIX", "dispatcher", description=(
         "Prefix of every Redis key the fleet writes (registry, Celery queues and results, "
         "beat), so fleets and the emulator can share one Redis."))
@@ -164,6 +173,33 @@ class Settings(BaseSettings):
     metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(
         "Address the Prometheus endpoint listens on; `0.0.0.0` for a scraper on another host."))
 
+    @field_validator("environment_id")
+    @classmethod
+    def _plain_id(cls, value: str | None) -> str | None:
+        # It goes into every request's URL path: `..` or `/` would walk it. Imported here: the
+        # client package costs its import only to processes that work for an environment.
+        from dispatcher.workapi.models import check_id
+
+        return check_id(value, "the environment id") if value is not None else None
+
+    @field_validator("worker_id")
+    @classmethod
+    def _header_safe(cls, value: str | None) -> str | None:
+        # Sent as the Anthropic-Worker-ID header: a control character could not be sent.
+        if value is not None and _CONTROL.search(value):
+            raise ValueError("contains a control character (a trailing newline?)")
+        return value
+
+    @field_validator("environment_key", "api_key")
+    @classmethod
+    def _plain_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A key read from a mounted file often ends in a newline; sent as is, every request
+        # fails and is retried as a transient error, so refuse it at start-up instead.
+        if value is not None and _UNPRINTABLE.search(value.get_secret_value()):
+            raise ValueError("contains whitespace or a control character (a trailing newline "
+                             "from a mounted secret file?); the value is not shown")
+        return value
+
     @field_validator("session_queues", "sandbox_env_allow", "sandbox_volumes", "sandbox_tmpfs",
                      "sandbox_labels", mode="before")
     @classmethod
@@ -198,6 +234,32 @@ class Settings(BaseSettings):
     @property
     def default_session_queue(self) -> str:
         return self.session_queues[0]
+
+
+def split_redis_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """A Redis URL without its credentials, and the credentials as client options (beat's).
+
+    `celery inspect conf` and Flower's Config tab show every setting; Celery masks the values of
+    names that look secret (PASS, KEY, ...) and the broker and backend URLs, but not
+    `redbeat_redis_url`. So that URL carries no password: it travels in
+    `redbeat_redis_options`, whose `password` Celery masks and redbeat hands to the client.
+    """
+    parts = urlsplit(url)
+    options: dict[str, str] = {}
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    query = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in ("username", "password"):  # redis-py reads these from the query too
+            options[name] = value
+        else:
+            query.append((name, value))
+    host = parts.netloc.rpartition("@")[2]
+    # Not urlunsplit: it drops the `//` of `unix:///path` when the host is empty.
+    bare = f"{parts.scheme}://{host}{parts.path}" + (f"?{urlencode(query)}" if query else "")
+    return bare, options
 
 
 def _field_env_name(field: str) -> str:

@@ -29,7 +29,9 @@ import redis
 EMULATOR_REDIS_DB = 11  # acceptance fleets flush db 9; the emulator keeps out of its way
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
-API_HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "managed-agents-2026-04-01"}
+# What the service requires on every API request (the emulator answers 400 without them); the
+# version the official SDK 2.10.0 sends.
+API_HEADERS = {"anthropic-version": "2026-10-21", "anthropic-beta": "managed-agents-2026-04-01"}
 
 
 def _free_port() -> int:
@@ -95,13 +97,14 @@ class EmulatorProcess:
         r.close()
 
     # --- credentials -------------------------------------------------------------------------
+    # With the API headers, so a test's own client is a complete caller too.
     @property
     def org_headers(self) -> dict[str, str]:
-        return {"x-api-key": self.api_key}
+        return {**API_HEADERS, "x-api-key": self.api_key}
 
     @property
     def env_headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.environment_key}"}
+        return {**API_HEADERS, "authorization": f"Bearer {self.environment_key}"}
 
     def work_url(self, environment_id: str, suffix: str = "") -> str:
         return f"/v1/environments/{environment_id}/work{suffix}"

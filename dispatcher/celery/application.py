@@ -17,7 +17,7 @@ from kombu.entity import Exchange, Queue
 from dispatcher.celery import names
 from dispatcher.celery.names import CONTROL_QUEUE
 from dispatcher.lease.keys import Keys
-from dispatcher.settings import SettingsError, load_settings
+from dispatcher.settings import SettingsError, load_settings, split_redis_credentials
 
 __all__ = ["CONTROL_QUEUE", "app"]
 
@@ -70,6 +70,7 @@ def _queue(name: str) -> Queue:
 
 
 _celery_keys = {"global_keyprefix": Keys(settings.key_prefix).celery}
+_beat_url, _beat_options = split_redis_credentials(settings.redis_url)
 
 app.conf.update(
     broker_url=settings.redis_url,
@@ -97,7 +98,11 @@ app.conf.update(
     # beat: celery-redbeat, whose Redis lock makes `-B` safe on every node of a fleet, with a
     # tick that survives a Redis restart (dispatcher.celery.beat).
     beat_scheduler="dispatcher.celery.beat:Scheduler",
-    redbeat_redis_url=settings.redis_url,
+    # No password in the URL: `celery inspect conf` and Flower show this setting unmasked. It
+    # travels in the options, whose `password` Celery masks (dispatcher.settings).
+    redbeat_redis_url=_beat_url,
+    # Set even when empty: unset, redbeat falls back to the broker's transport options.
+    redbeat_redis_options=_beat_options,
     redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
     redbeat_lock_key=Keys(settings.key_prefix).beat_lock,
     redbeat_lock_timeout=BEAT_LOCK_TIMEOUT_SECONDS,

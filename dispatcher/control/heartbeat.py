@@ -139,7 +139,8 @@ class _Sender:
             while len(self.clients) >= self.MAX_CLIENTS:
                 await self.clients.pop(next(iter(self.clients))).close()
             client = self.clients[key] = AsyncWorkClient.from_settings(
-                settings, max_retries=0, transport=AsyncHTTP11Transport.for_url(settings.base_url))
+                settings, max_retries=0, transport=AsyncHTTP11Transport.for_url(
+                    settings.base_url, max_connections=MAX_CONCURRENT_REQUESTS))
         return client
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from dispatcher.lease.model import Beater, Lease, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.settings import LeaseMode
-from dispatcher.workapi import Backoff, Work, WorkAPIError, WorkDataType, delay_for
+from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, WorkDataType, delay_for
 
 __all__ = ["POLL_BLOCK_MS", "claim", "run_poller"]
 
@@ -111,6 +111,9 @@ def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
             continue
         try:
             item = client.poll(block_ms=POLL_BLOCK_MS)
+        except InvalidWorkItem as exc:
+            _refuse_invalid(runtime, exc)
+            continue
         except WorkAPIError as exc:
             delay = delay_for(exc, backoff)
             event("poll failed", level=logging.WARNING, status=exc.status,
@@ -145,6 +148,20 @@ def _pause(runtime: Runtime, *, failures: int, seconds: float) -> None:
     pipe.set(keys.task_lock("poll-paused-until"), time.time() + seconds,
              px=max(1, int(seconds * 1000)))
     pipe.execute()
+
+
+def _refuse_invalid(runtime: Runtime, exc: InvalidWorkItem) -> None:
+    """An item we cannot read would be re-delivered for ever: name it and stop it, when its id
+    is legible (an id that is not cannot be put in a URL; the server's lease expiry ends it)."""
+    runtime.metrics.inc("work_refused", reason="invalid")
+    event("invalid work item", level=logging.ERROR, work_id=exc.work_id or "unreadable",
+          error=str(exc), action_taken="stopped, not run" if exc.work_id else "none possible")
+    if exc.work_id is None:
+        return
+    try:
+        runtime.client().stop(exc.work_id, force=True)
+    except WorkAPIError as error:
+        event("stop failed", level=logging.ERROR, work_id=exc.work_id, error=str(error))
 
 
 def _wait_out_pause(runtime: Runtime, deadline: float) -> bool:

@@ -1,6 +1,7 @@
 """The emulator's ASGI app: the Work API routes, making work (environments, sessions), errors.
 
-`create_app` wires the layers, outermost first: request log -> faults -> FastAPI routes. Routes
+`create_app` wires the layers, outermost first: guard (credential, API headers, body size) ->
+request log -> faults -> FastAPI routes. Routes
 are thin: check the credential, validate parameters, call the store, shape the answer.
 """
 
@@ -33,6 +34,7 @@ from .context import Ctx, Emulator, requires
 from .endpoints import Endpoint
 from .errors import ApiError, InvalidRequest, error_body, new_request_id
 from .faults import FaultMiddleware, Faults, FaultSettings
+from .guard import GuardMiddleware
 from .requestlog import RequestLog, RequestLogMiddleware, note, request_id_of
 from .store import Store
 
@@ -65,6 +67,8 @@ class EnvironmentBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     config: dict[str, Any] = Field(default_factory=lambda: {"type": "self_hosted"})
+    # Emulator extension: the environment key that opens this environment, and no other.
+    environment_key: str | None = Field(default=None, min_length=16, repr=False)
 
 
 class SessionBody(BaseModel):
@@ -160,7 +164,8 @@ def add_resource_routes(app: FastAPI) -> None:
 
     @app.post("/v1/environments", tags=["resources"], dependencies=admin)
     async def create_environment(ctx: Ctx, body: EnvironmentBody) -> Response:
-        return JSONResponse(await ctx.store.create_environment(body.name, body.config))
+        return JSONResponse(await ctx.store.create_environment(
+            body.name, body.config, environment_key=body.environment_key))
 
     @app.get("/v1/environments/{environment_id}", tags=["resources"], dependencies=admin)
     async def get_environment(ctx: Ctx, environment_id: str) -> Response:
@@ -231,4 +236,5 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
     add_resource_routes(api)
     add_error_handlers(api)
     add_admin_routes(api)
-    return RequestLogMiddleware(FaultMiddleware(api, emulator.faults), emulator.log)
+    return GuardMiddleware(RequestLogMiddleware(FaultMiddleware(api, emulator.faults),
+                                                emulator.log), emulator.store)

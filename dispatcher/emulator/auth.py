@@ -1,84 +1,162 @@
-"""Which credential each endpoint takes, told apart by the key's value.
+"""Who may make a request: the decisions, apart from the lookups (`guard` does those).
 
-The current official SDK sends an organisation key as `Authorization: Bearer` too, and the docs'
-curl examples send it as `x-api-key`; so either header may carry either key, and the emulator
-knows which kind it is only by comparing it with the two keys it was started with.
+Three kinds of credential, told apart by value (the SDK sends every key as `Authorization:
+Bearer`; the docs' curl examples use `x-api-key`; either header may carry any of them):
 
-A missing or unknown key is 401 `authentication_error`. A valid key of the wrong kind for the
-endpoint (say the environment key on `get`) is 403 `permission_error`: the caller is known, it
-is just not allowed there. The real service's choice between 401 and 403 here is unknown.
+* the organisation key (`--api-key`): making work, `get`, `update`, `stop`, `stats`, admin;
+* an environment key: the worker calls of *its own* environment only. An environment created
+  with an `environment_key` of its own is opened by that key alone; every other environment by
+  the emulator's `--environment-key`;
+* a work item's `sessions_token` (inside its `secret`): `heartbeat` and `stop` of that item
+  only, as SDK 2.10.0's `handle_item` uses it.
 
-One environment key serves every environment of an emulator (the real one is per environment).
+A missing or unknown credential is 401 `authentication_error`; a known one of the wrong kind, or
+the environment key of another environment, is 403 `permission_error`. The real service's
+choice between 401 and 403 here is unknown. Keys are compared as bytes, in constant time: a
+non-ASCII key is just an unknown key (401), never a server error.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import hmac
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 
-from .endpoints import Endpoint
-from .errors import Forbidden, Unauthenticated
+from .endpoints import Endpoint, classify
+from .errors import Forbidden, InvalidRequest, Unauthenticated
 
-__all__ = ["ADMIN", "ENDPOINT_CREDENTIALS", "Credential", "authorize", "identify"]
+__all__ = ["ADMIN", "BETA", "ENDPOINT_CREDENTIALS", "Credential", "Presented", "Requirement",
+           "check_api_headers", "decide", "key_digest", "presented", "requirement_for",
+           "sessions_token"]
+
+BETA = b"managed-agents-2026-04-01"
 
 
 class Credential(StrEnum):
     ENVIRONMENT = "environment"
     ORGANISATION = "organisation"
+    SESSION = "sessions_token"
 
 
-_EITHER = frozenset(Credential)
+_EITHER = frozenset({Credential.ENVIRONMENT, Credential.ORGANISATION})
 _ENVIRONMENT = frozenset({Credential.ENVIRONMENT})
 _ORGANISATION = frozenset({Credential.ORGANISATION})
 
-# From the docstrings of the official Python SDK 2.10.0.
+# From the docstrings of the official Python SDK 2.10.0, and its `handle_item`, which
+# heartbeats and stops an item with the item's sessions token.
 ENDPOINT_CREDENTIALS: Mapping[Endpoint, frozenset[Credential]] = {
     Endpoint.GET: _ORGANISATION,
     Endpoint.UPDATE: _ORGANISATION,
     Endpoint.LIST: _ENVIRONMENT,
     Endpoint.POLL: _ENVIRONMENT,
     Endpoint.ACK: _ENVIRONMENT,
-    Endpoint.HEARTBEAT: _ENVIRONMENT,
-    Endpoint.STOP: _EITHER,
+    Endpoint.HEARTBEAT: _ENVIRONMENT | {Credential.SESSION},
+    Endpoint.STOP: _EITHER | {Credential.SESSION},
     Endpoint.STATS: _EITHER,
 }
 # Creating environments and sessions, and the /_emulator/* admin routes.
 ADMIN = _ORGANISATION
 
 
-def _presented(headers: Mapping[str, str]) -> list[str]:
+@dataclass(frozen=True)
+class Requirement:
+    """What a request needs: the kinds of credential, and for the Work API its environment
+    (whose key opens it) and work item (whose sessions token opens its heartbeat and stop)."""
+
+    allowed: frozenset[Credential]
+    what: str
+    environment_id: str | None = None
+    work_id: str | None = None
+
+
+def requirement_for(method: str, path: str) -> Requirement:
+    match = classify(method, path)
+    if match is None:
+        return Requirement(ADMIN, "this endpoint")
+    return Requirement(ENDPOINT_CREDENTIALS[match.endpoint], f"work {match.endpoint.value}",
+                       match.environment_id, match.work_id)
+
+
+Presented = Sequence[bytes]
+
+
+def presented(headers: Mapping[bytes, bytes]) -> list[bytes]:
+    """The credentials a request carries (Bearer first), as raw bytes."""
     keys = []
-    authorization = headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    if scheme.lower() == b"bearer" and token.strip():
         keys.append(token.strip())
-    api_key = headers.get("x-api-key", "").strip()
+    api_key = headers.get(b"x-api-key", b"").strip()
     if api_key:
         keys.append(api_key)
     return keys
 
 
-def identify(headers: Mapping[str, str], *, environment_key: str,
-             api_key: str) -> Credential | None:
-    """The kind of the first known key presented, or None if none is known."""
-    for key in _presented(headers):
-        # Constant-time compares: the emulator may listen where others can reach it.
-        if hmac.compare_digest(key, environment_key):
-            return Credential.ENVIRONMENT
-        if hmac.compare_digest(key, api_key):
-            return Credential.ORGANISATION
-    return None
+def key_digest(key: bytes) -> str:
+    """How an environment's own key is stored and looked up: never the key itself."""
+    return hashlib.sha256(key).hexdigest()
 
 
-def authorize(headers: Mapping[str, str], allowed: frozenset[Credential], *,
-              environment_key: str, api_key: str, what: str) -> Credential:
-    credential = identify(headers, environment_key=environment_key, api_key=api_key)
-    if credential is None:
-        if _presented(headers):
-            raise Unauthenticated("invalid x-api-key or bearer token")
-        raise Unauthenticated("missing credentials: send Authorization: Bearer or x-api-key")
-    if credential not in allowed:
-        wanted = " or ".join(sorted(c.value for c in allowed))
-        raise Forbidden(f"{what} takes the {wanted} key, not the {credential.value} key")
-    return credential
+def sessions_token(secret: str | None) -> bytes | None:
+    """The `sessions_token` inside a work secret (base64url JSON, padding may be missing)."""
+    if not secret:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    token = payload.get("sessions_token") if isinstance(payload, dict) else None
+    return token.encode() if isinstance(token, str) and token else None
+
+
+def _same(a: bytes, b: bytes | None) -> bool:
+    return b is not None and hmac.compare_digest(a, b)
+
+
+def decide(keys: Presented, need: Requirement, *, api_key: bytes,
+           environment_of: Mapping[bytes, str | None], opens: str | None,
+           item_token: bytes | None) -> Credential:
+    """The credential a request is made with, or the 401/403 it gets.
+
+    ``environment_of`` maps each presented key that is an environment key to the environment
+    it opens (None: the environments without a key of their own); ``opens`` is that binding
+    for the request's environment; ``item_token`` the sessions token of its work item.
+    """
+    foreign = False
+    for key in keys:
+        if _same(key, api_key):
+            kind = Credential.ORGANISATION
+        elif key in environment_of:
+            if need.environment_id is not None and environment_of[key] != opens:
+                foreign = True
+                continue
+            kind = Credential.ENVIRONMENT
+        elif _same(key, item_token):
+            kind = Credential.SESSION
+        else:
+            continue
+        if kind not in need.allowed:
+            wanted = " or ".join(sorted(c.value for c in need.allowed))
+            raise Forbidden(f"{need.what} takes the {wanted} key, not the {kind.value} key")
+        return kind
+    if foreign:
+        raise Forbidden(f"this environment key does not open environment {need.environment_id}")
+    if keys:
+        raise Unauthenticated("invalid x-api-key or bearer token")
+    raise Unauthenticated("missing credentials: send Authorization: Bearer or x-api-key")
+
+
+def check_api_headers(headers: Mapping[bytes, bytes]) -> None:
+    """The service refuses an API request without a version, or without the beta that the
+    Managed Agents endpoints are in."""
+    if not headers.get(b"anthropic-version", b"").strip():
+        raise InvalidRequest("anthropic-version: header is required")
+    betas = {part.strip() for part in headers.get(b"anthropic-beta", b"").split(b",")}
+    if BETA not in betas:
+        raise InvalidRequest(f"anthropic-beta: this endpoint requires the beta "
+                             f"{BETA.decode()}")

@@ -39,8 +39,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                         help="every Redis key of the emulator starts with this (default: "
                              "%(default)s)")
     parser.add_argument("--environment-key", default=os.environ.get(ENV_ENVIRONMENT_KEY),
-                        help=f"the environment key (or ${ENV_ENVIRONMENT_KEY}); generated and "
-                             "printed if not given")
+                        help=f"the environment key (or ${ENV_ENVIRONMENT_KEY}) of every "
+                             "environment created without an environment_key of its own; "
+                             "generated and printed if not given")
     parser.add_argument("--api-key", default=os.environ.get(ENV_API_KEY),
                         help=f"the organisation API key (or ${ENV_API_KEY}); generated and "
                              "printed if not given")

@@ -9,9 +9,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from .auth import Credential, authorize
+from .auth import Credential
 from .config import EmulatorConfig
+from .errors import Forbidden, Unauthenticated
 from .faults import Faults
+from .guard import credential_of
 from .requestlog import RequestLog
 from .store import Store
 
@@ -49,13 +51,16 @@ Ctx = Annotated[Emulator, Depends(_emulator)]
 
 def requires(allowed: frozenset[Credential],
              what: str) -> Callable[..., Awaitable[Credential]]:
-    """A dependency that admits only the `allowed` kinds of key (see `auth`); async, so it
-    runs on the event loop, not in FastAPI's thread pool."""
+    """The credential `guard` admitted the request with, checked again against `allowed` (and
+    shown in the OpenAPI document); async, so it runs on the event loop, not in a thread."""
 
     async def check(request: Request, _b: Annotated[Any, Depends(_bearer)] = None,
                     _k: Annotated[Any, Depends(_api_key)] = None) -> Credential:
-        config = emulator_of(request).config
-        return authorize(request.headers, allowed, environment_key=config.environment_key,
-                         api_key=config.api_key, what=what)
+        credential = credential_of(request.scope)
+        if credential is None:
+            raise Unauthenticated("missing credentials: send Authorization: Bearer or x-api-key")
+        if credential not in allowed:
+            raise Forbidden(f"{what} does not take the {credential.value} key")
+        return credential
 
     return check

@@ -46,7 +46,7 @@ RECORDED_ENV = ("ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONM
 TICK_S = 0.02
 # Heartbeat interval floor: a 1 s test TTL still leaves time between beats.
 MIN_BEAT_INTERVAL_S = 0.25
-API_HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "managed-agents-2026-04-01",
+API_HEADERS = {"anthropic-version": "2026-10-21", "anthropic-beta": "managed-agents-2026-04-01",
                "content-type": "application/json"}
 
 

@@ -28,6 +28,11 @@ class EmulatorKeys:
         """List: the request log, newest first, capped."""
         return f"{self.prefix}:requests"
 
+    @property
+    def environment_keys(self) -> str:
+        """Hash: sha256 of an environment's own key -> the environment it opens."""
+        return f"{self.prefix}:environment-keys"
+
     def environment(self, environment_id: str) -> str:
         """String: the environment's JSON."""
         return f"{self.prefix}:env:{environment_id}"

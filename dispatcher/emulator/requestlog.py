@@ -1,4 +1,5 @@
-"""The request log: every Work API request, for invariant checks in tests and rehearsals.
+"""The request log: every authenticated Work API request, for invariant checks in tests and
+rehearsals (the guard outside it refuses the others before they get here).
 
 A raw ASGI middleware (outermost, so it also sees injected faults) gives each request an id
 (`request-id` header, and `request_id` in error bodies) and, for Work API requests, writes one
@@ -31,6 +32,13 @@ _NOTES = "emulator.notes"
 _REQUEST_ID = "emulator.request_id"
 # Query parameters worth keeping, by name in the log.
 _QUERY_FIELDS = ("expected_last_heartbeat", "desired_ttl_seconds", "block_ms")
+# Each value a client chose (ids in the path, the worker id, query values) is cut to this: one
+# caller must not fill the capped log, or a reader's memory, with a few huge requests.
+MAX_FIELD_CHARS = 200
+
+
+def _cut(value: str | None) -> str | None:
+    return value if value is None or len(value) <= MAX_FIELD_CHARS else value[:MAX_FIELD_CHARS]
 
 
 def note_scope(scope: MutableMapping[str, Any], **fields: Any) -> None:
@@ -83,8 +91,9 @@ class RequestLogMiddleware:
         entry: dict[str, Any] | None = None
         if match is not None:
             entry = {"time": time.time(), "method": scope["method"],
-                     "endpoint": match.endpoint.value, "environment_id": match.environment_id,
-                     "work_id": match.work_id, "status": 0, "request_id": request_id,
+                     "endpoint": match.endpoint.value,
+                     "environment_id": _cut(match.environment_id),
+                     "work_id": _cut(match.work_id), "status": 0, "request_id": request_id,
                      **_request_fields(scope)}
 
         async def logging_send(message: dict[str, Any]) -> None:
@@ -115,8 +124,8 @@ def _request_fields(scope: dict[str, Any]) -> dict[str, Any]:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                for k, v in scope.get("headers", [])}
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    fields: dict[str, Any] = {"worker_id": headers.get("anthropic-worker-id")}
+    fields: dict[str, Any] = {"worker_id": _cut(headers.get("anthropic-worker-id"))}
     for name in _QUERY_FIELDS:
         values = query.get(name)
-        fields[name] = values[0] if values else None
+        fields[name] = _cut(values[0]) if values else None
     return fields

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
 from . import clock, lifecycle, metadata
+from .auth import key_digest
 from .config import MAX_BLOCK_MS, WORKERS_POLLING_WINDOW_S, EmulatorConfig
 from .errors import ApiError, InvalidRequest, NotFound
 from .keys import CONSUMER_GROUP, EmulatorKeys
@@ -51,15 +52,23 @@ class Store:
         self.redis = redis
         self.config = config
         self.keys = EmulatorKeys(config.key_prefix)
+        # Which environment a key digest opens, and whether an environment has a key of its
+        # own: written once at creation, so cached for the life of the process (a request
+        # costs no lookup after the first). `None`: opened by `--environment-key`.
+        self._key_owner: dict[str, str] = {}
+        self._own_key: dict[str, str | None] = {}
 
     # --- environments and sessions ---------------------------------------------------------
     async def create_environment(self, name: str, config: dict[str, Any], *,
-                                 environment_id: str | None = None) -> dict[str, Any]:
-        """A new environment; with `environment_id`, that id (kept if it already exists)."""
+                                 environment_id: str | None = None,
+                                 environment_key: str | None = None) -> dict[str, Any]:
+        """A new environment; with `environment_id`, that id (kept if it already exists); with
+        `environment_key`, opened by that key only (else by `--environment-key`)."""
         if environment_id is not None:
             existing = await self.redis.get(self.keys.environment(environment_id))
             if existing is not None:
                 found: dict[str, Any] = json.loads(existing)
+                found.pop("emulator_own_key", None)
                 return found
         moment = clock.rfc3339()
         environment: dict[str, Any] = {"id": environment_id or new_id("env"),
@@ -68,14 +77,50 @@ class Store:
                        "updated_at": moment, "archived_at": None}
         stream = self.keys.stream(environment["id"])
         await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+        if environment_key is not None:
+            digest = key_digest(environment_key.encode())
+            if not await self.redis.hsetnx(self.keys.environment_keys, digest, environment["id"]):
+                raise InvalidRequest("environment_key already opens another environment")
+            environment["emulator_own_key"] = True
+            self._key_owner[digest] = environment["id"]
+            self._own_key[environment["id"]] = environment["id"]
         await self.redis.set(self.keys.environment(environment["id"]), json.dumps(environment))
-        return environment
+        public = {k: v for k, v in environment.items() if k != "emulator_own_key"}
+        return public
+
+    async def environment_of_key(self, digest: str) -> str | None:
+        """The environment opened by the key with this digest, if it is an environment's own."""
+        if digest in self._key_owner:
+            return self._key_owner[digest]
+        owner = await self.redis.hget(self.keys.environment_keys, digest)
+        if owner is None:
+            return None  # not cached: unknown keys are anyone's to send, without end
+        self._key_owner[digest] = str(owner)
+        return str(owner)
+
+    async def own_key_environment(self, environment_id: str) -> str | None:
+        """`environment_id` if it has a key of its own, else None (`--environment-key`)."""
+        if environment_id not in self._own_key:
+            raw = await self.redis.get(self.keys.environment(environment_id))
+            own = raw is not None and bool(json.loads(raw).get("emulator_own_key"))
+            if raw is None:
+                return None  # not (yet) created: not cached, a creation may follow
+            self._own_key[environment_id] = environment_id if own else None
+        return self._own_key[environment_id]
+
+    async def secret_of(self, environment_id: str, work_id: str) -> str | None:
+        raw = await self.redis.get(self.keys.work(work_id))
+        if raw is None:
+            return None
+        record = WorkRecord.loads(str(raw))
+        return record.secret if record.environment_id == environment_id else None
 
     async def environment(self, environment_id: str) -> dict[str, Any]:
         raw = await self.redis.get(self.keys.environment(environment_id))
         if raw is None:
             raise NotFound(f"environment {environment_id} not found")
         found: dict[str, Any] = json.loads(raw)
+        found.pop("emulator_own_key", None)
         return found
 
     async def create_session(self, environment_id: str, *, agent: Any,

@@ -170,10 +170,11 @@ def _guarded(name: str, action: Action, args: argparse.Namespace) -> int:
 
     from dispatcher.settings import SettingsError
     from dispatcher.workapi import MissingCredentialError, NotFoundError, WorkAPIError
+    from dispatcher.workapi.models import InvalidId  # a WORK_ID like `..`, before any request
 
     try:
         return action(args)
-    except (UsageError, SettingsError, MissingCredentialError) as exc:
+    except (UsageError, SettingsError, MissingCredentialError, InvalidId) as exc:
         return _fail(name, args, EXIT_USAGE, "usage", str(exc))
     except NotFoundError as exc:
         return _fail(name, args, EXIT_NOT_FOUND, "not_found", exc.message, exc.status)

@@ -22,7 +22,12 @@ from typing import IO, Any
 import httpx
 import redis
 
-__all__ = ["LocalStack", "free_port"]
+from dispatcher.workapi import ANTHROPIC_VERSION, BETA
+
+__all__ = ["API_HEADERS", "LocalStack", "free_port"]
+
+# What every request to the API needs; the emulator, as the service, refuses one without them.
+API_HEADERS = {"anthropic-version": ANTHROPIC_VERSION, "anthropic-beta": BETA}
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_SECONDS = 30.0
@@ -100,7 +105,7 @@ class LocalStack:
 
     def _admin(self, method: str, path: str, **kwargs: Any) -> Any:
         response = httpx.request(method, f"{self.base_url}{path}", timeout=10,
-                                 headers={"x-api-key": self.api_key}, **kwargs)
+                                 headers={**API_HEADERS, "x-api-key": self.api_key}, **kwargs)
         response.raise_for_status()
         return response.json() if response.content else None
 

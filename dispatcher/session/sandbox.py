@@ -40,8 +40,9 @@ __all__ = [
 ]
 
 LAUNCHER = Path(__file__).with_name("launcher.py")
-# Never handed to a sandbox, even when an operator allow-lists it by mistake.
-NEVER_PASSED = frozenset({"ANTHROPIC_API_KEY"})
+# Never handed to a sandbox, even when an operator allow-lists it by mistake: the organisation
+# key, and the Redis URL, whose holder reads every work item's secret from the registry.
+NEVER_PASSED = frozenset({"ANTHROPIC_API_KEY", "DISPATCHER_REDIS_URL"})
 # Without pidfds, how often `wait` looks whether the launcher exited.
 PEEK_INTERVAL_SECONDS = 0.02
 

@@ -20,18 +20,28 @@ from pydantic import BaseModel, ValidationError
 
 from dispatcher import __version__
 from dispatcher.workapi.errors import (
+    InvalidWorkItem,
     MalformedResponseError,
     MissingCredentialError,
     WorkAPIError,
     describe_body,
     error_from_response,
 )
-from dispatcher.workapi.models import Heartbeat, Work, WorkPage, WorkQueueStats, dump_metadata
+from dispatcher.workapi.models import (
+    Heartbeat,
+    Work,
+    WorkPage,
+    WorkQueueStats,
+    check_id,
+    dump_metadata,
+)
 from dispatcher.workapi.retry import Backoff, delay_for
 
 __all__ = ["ANTHROPIC_VERSION", "BETA", "POLL_BLOCK_MS_MAX", "Call", "WorkAPI"]
 
-ANTHROPIC_VERSION = "2023-06-01"
+# What the official Python SDK 2.10.0 sends on every endpoint (its `_constants.py`); the
+# service accepts older versions, but a client that speaks like the SDK meets no surprise.
+ANTHROPIC_VERSION = "2026-10-21"
 BETA = "managed-agents-2026-04-01"
 USER_AGENT = f"dispatcher/{__version__}"
 # The server takes block_ms in 1..999 and rejects 0; None (parameter omitted) is non-blocking.
@@ -47,8 +57,9 @@ Parser = Callable[[str, httpx.Response], T]
 class Auth(Enum):
     """Which key an endpoint takes (as the official SDK 2.10.0's docstrings say)."""
 
-    ENVIRONMENT = "environment"  # Bearer; never with an x-api-key beside it
-    ORGANISATION = "organisation"  # x-api-key
+    # Both kinds travel as `Authorization: Bearer`, as the SDK sends them; one key a request.
+    ENVIRONMENT = "environment"
+    ORGANISATION = "organisation"
     EITHER = "either"  # the environment key when there is one
 
 
@@ -80,9 +91,20 @@ def _validate(endpoint: str, status: int, model: type[M], expected: str, data: A
             for error in exc.errors()[:3]
         ]
         more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
-        raise MalformedResponseError(
-            f"{endpoint}: the {status} response is not {expected}: {'; '.join(problems)}{more}",
-            status=status, endpoint=endpoint) from None
+        message = (f"{endpoint}: the {status} response is not {expected}: "
+                   f"{'; '.join(problems)}{more}")
+        if model is Work and isinstance(data, dict):
+            raise InvalidWorkItem(message, work_id=_legible_id(data.get("id")), status=status,
+                                  endpoint=endpoint) from None
+        raise MalformedResponseError(message, status=status, endpoint=endpoint) from None
+
+
+def _legible_id(value: Any) -> str | None:
+    """The id of an item that failed validation, if the id itself is a valid one."""
+    try:
+        return check_id(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _model(model: type[M], expected: str) -> Parser[M]:
@@ -103,6 +125,34 @@ def _optional_work(endpoint: str, response: httpx.Response) -> Work | None:
     return _validate(endpoint, response.status_code, Work, "a work item or null", data)
 
 
+def _page(endpoint: str, response: httpx.Response) -> WorkPage:
+    """A list page; an item in it that fails validation is left out and logged by its id, so
+    one unreadable item does not hide every other one (the stop bridge reads these pages)."""
+    expected = "a page of work items"
+    data = _decode_json(endpoint, response, expected)
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return _validate(endpoint, response.status_code, WorkPage, expected, data)
+    kept = []
+    for item in items:
+        try:
+            kept.append(_validate(endpoint, response.status_code, Work, "a work item", item))
+        except InvalidWorkItem as exc:
+            logger.warning("invalid work item work_id=%s skipped in a list page: %s",
+                           exc.work_id or "unreadable", exc,
+                           extra={"action": "invalid work item", "work_id": exc.work_id})
+    return _validate(endpoint, response.status_code, WorkPage, expected, {**data, "data": kept})
+
+
+def _stopped_work(endpoint: str, response: httpx.Response) -> Work | None:
+    """Stop: as `_optional_work`, but a 2xx means the stop was applied, so an echoed item that
+    fails validation is no reason to report a failure (or to stop again): it is None."""
+    try:
+        return _optional_work(endpoint, response)
+    except InvalidWorkItem:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
     """One endpoint's request and the parser of its answer: everything except sending it."""
@@ -119,9 +169,8 @@ class Call(Generic[T]):
 
 # --- requests --------------------------------------------------------------------------------
 def _id(value: str, what: str) -> str:
-    if not value:
-        raise ValueError(f"{what} is empty")
-    return quote(value, safe="")
+    # Checked, not only quoted: `..` quotes to itself and walks the path up a level.
+    return quote(check_id(value, what), safe="")
 
 
 class WorkAPI:
@@ -161,7 +210,7 @@ class WorkAPI:
                     f"ANTHROPIC_ENVIRONMENT_KEY is not set: {endpoint} needs the environment key")
             return {"authorization": f"Bearer {self._environment_key}"}
         if self._api_key:
-            return {"x-api-key": self._api_key}
+            return {"authorization": f"Bearer {self._api_key}"}
         if auth is Auth.ORGANISATION:
             raise MissingCredentialError(
                 f"ANTHROPIC_API_KEY is not set: {endpoint} needs the organisation key")
@@ -181,8 +230,8 @@ class WorkAPI:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Call[T]:
-        # beta=true first, as the SDKs append it to the path before any other parameter.
-        query = {"beta": "true", **{k: v for k, v in (params or {}).items() if v is not None}}
+        # No `?beta=true`: SDK 2.10.0 keeps it as a request qualifier and never sends it.
+        query = {k: v for k, v in (params or {}).items() if v is not None}
         request = httpx.Request(
             method,
             self._root + suffix,
@@ -193,6 +242,8 @@ class WorkAPI:
                 "anthropic-beta": BETA,
                 "user-agent": USER_AGENT,
                 "accept": "application/json",
+                # The SDK declares JSON on every POST, an empty ack or heartbeat included.
+                **({"content-type": "application/json"} if method == "POST" else {}),
                 **(headers or {}),
             },
             json=body,
@@ -239,7 +290,7 @@ class WorkAPI:
 
     def stop(self, work_id: str, *, force: bool) -> Call[Work | None]:
         return self._call("stop", "POST", f"/{_id(work_id, 'work_id')}/stop", Auth.EITHER,
-                          _optional_work, body={"force": force})
+                          _stopped_work, body={"force": force})
 
     def get(self, work_id: str) -> Call[Work]:
         return self._call("get", "GET", f"/{_id(work_id, 'work_id')}", Auth.ORGANISATION,
@@ -252,7 +303,7 @@ class WorkAPI:
 
     def list(self, *, limit: int | None, page: str | None) -> Call[WorkPage]:
         return self._call("list", "GET", "", Auth.ENVIRONMENT,
-                          _model(WorkPage, "a page of work items"),
+                          _page,
                           params={"limit": limit, "page": page})
 
     def stats(self) -> Call[WorkQueueStats]:

@@ -8,9 +8,11 @@ retry decisions exist once. The two clients differ only in how they send and how
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
@@ -30,15 +32,25 @@ from dispatcher.workapi.retry import Backoff
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
-__all__ = ["ANTHROPIC_VERSION", "BETA", "POLL_BLOCK_MS_MAX", "AsyncWorkClient", "WorkClient"]
+__all__ = ["ANTHROPIC_VERSION", "BETA", "POLL_BLOCK_MS_MAX", "AsyncWorkClient", "WorkClient",
+           "default_worker_id"]
 
 T = TypeVar("T")
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 
-def _default_worker_id() -> str:
-    # What DISPATCHER_WORKER_ID documents; one poller per host holds the fleet's poll lock.
-    return f"{socket.gethostname()}-dispatcher"
+_worker_ids: dict[int, str] = {}
+
+
+def default_worker_id() -> str:
+    """``<host>-<random>``, as the SDK names a poller: the API documents the id as unique, and
+    several processes on one host poll. One per process, and a forked child (a prefork pool)
+    gets its own rather than inheriting its parent's."""
+    pid = os.getpid()
+    found = _worker_ids.get(pid)
+    if found is None:
+        found = _worker_ids[pid] = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+    return found
 
 
 class _ClientBase(Generic[TransportT]):
@@ -77,7 +89,7 @@ class _ClientBase(Generic[TransportT]):
             "environment_key": (settings.environment_key.get_secret_value()
                                 if settings.environment_key else None),
             "api_key": settings.api_key.get_secret_value() if settings.api_key else None,
-            "worker_id": settings.worker_id or _default_worker_id(),
+            "worker_id": settings.worker_id or default_worker_id(),
             "timeout": settings.http_timeout_seconds,
         }
         return cls(**{**options, **overrides})

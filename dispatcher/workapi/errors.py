@@ -19,6 +19,7 @@ to try again.
     │   ├── AuthenticationError         401, 403
     │   ├── InvalidRequestError         400, 422 and every other 4xx
     │   └── MalformedResponseError      a 2xx whose body is not what the endpoint returns
+    │       └── InvalidWorkItem         ... a work item that fails validation; work_id if legible
     └── ValueError
         └── MissingCredentialError      the key an endpoint needs is not configured
 
@@ -44,6 +45,7 @@ __all__ = [
     "AuthenticationError",
     "ConflictError",
     "InvalidRequestError",
+    "InvalidWorkItem",
     "LeasePreconditionFailed",
     "MalformedResponseError",
     "MissingCredentialError",
@@ -172,6 +174,21 @@ class MalformedResponseError(WorkAPIError):
     """
 
     default_retryable = True
+
+
+class InvalidWorkItem(MalformedResponseError):
+    """A 2xx carrying a work item that fails validation (a hostile id, a lone surrogate).
+
+    ``work_id`` is the item's id read from the raw reply when it is itself valid, so the caller
+    can name the item and stop it; asking again would only bring the same item back, so it is
+    not retryable.
+    """
+
+    default_retryable = False
+
+    def __init__(self, message: str, *, work_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.work_id = work_id
 
 
 class MissingCredentialError(ValueError):

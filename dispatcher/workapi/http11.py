@@ -7,7 +7,13 @@ connection, and more than 1.5 ms with 64 in flight, because its pool re-checks e
 0.3 ms at any concurrency (measured against a local server, request building and parsing
 included): keep-alive connections reused newest first, each response read whole (Work API
 answers are small), and httpx's own exceptions raised, so the client's error mapping
-(`errors.transport_errors`) and everything above it are unchanged.
+(`errors.transport_errors`) and everything above it are unchanged. `bench/http11_cpu.py`
+measures both.
+
+The bytes are framed and parsed by h11 (the parser under httpx's own transport), not by hand:
+it refuses a negative or malformed chunk size, conflicting Content-Length headers and CR or LF
+in a header value we would send; we add the refusal of folded header lines. Bytes that arrive
+on an idle connection close it at once instead of being kept.
 
 It speaks only what the Work API needs: HTTP/1.1 over TCP or TLS; bodies framed by
 Content-Length, chunked encoding, or the end of the connection. No proxies (`for_url` returns
@@ -25,6 +31,7 @@ import urllib.request
 from collections import deque
 from typing import Any
 
+import h11
 import httpx
 
 __all__ = ["AsyncHTTP11Transport"]
@@ -33,21 +40,24 @@ __all__ = ["AsyncHTTP11Transport"]
 # Servers close idle connections too (uvicorn after 5 s); reusing one they are about to close
 # would fail a request for nothing.
 KEEPALIVE_EXPIRY_SECONDS = 5.0
-# Connections to one origin at most; requests beyond wait (up to the pool timeout).
-MAX_CONNECTIONS = 100
 # A response head larger than this is not a Work API answer.
 MAX_HEAD_BYTES = 64 * 1024
 # Nor is a body larger than this (a list page of 100 items is about 60 KB).
 MAX_BODY_BYTES = 32 * 1024 * 1024
-_NO_BODY_STATUSES = frozenset({204, 304})
+# Bytes received but not yet parsed, at most: one whole answer.
+MAX_BUFFERED_BYTES = MAX_HEAD_BYTES + MAX_BODY_BYTES
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: bytes in a buffer, a future to wait for more."""
+    """One keep-alive connection: bytes in a buffer, a future to wait for more, and the h11
+    state machine that frames and checks what goes out and comes in."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.buffer = bytearray()
+        self.head = bytearray()  # raw bytes of the answer's head, until h11 has parsed it
+        self.busy = False  # a request is out and its answer is being read
         self.closed = False
         self.error: BaseException | None = None
         self.idle_since = 0.0
@@ -59,6 +69,14 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy or len(self.buffer) + len(data) > MAX_BUFFERED_BYTES:
+            # Bytes nobody asked for (a server's 408 before it closes an idle connection) make
+            # the connection unusable; and no answer is larger than the bound. Either way,
+            # close rather than keep what a misbehaving server sends.
+            self.close()
+            self.buffer.clear()
+            self._wake()
+            return
         self.buffer += data
         self._wake()
 
@@ -78,10 +96,9 @@ class _Connection(asyncio.Protocol):
 
     # --- use ---------------------------------------------------------------------------------
     def reusable(self, now: float) -> bool:
-        """Idle, open, recent, and nothing unasked for arrived (a server's 408 before it
-        closes an idle connection would otherwise be read as the next request's answer)."""
+        """Idle, open, recent, and ready for a new request (h11 agrees)."""
         return (not self.closed and not self.buffer and self.transport is not None
-                and not self.transport.is_closing()
+                and not self.transport.is_closing() and self.h11.our_state is h11.IDLE
                 and now - self.idle_since < KEEPALIVE_EXPIRY_SECONDS)
 
     def close(self) -> None:
@@ -89,131 +106,73 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def _more(self) -> None:
-        """Wait until more bytes arrive or the connection ends."""
-        if self.closed:
-            raise httpx.RemoteProtocolError(
-                "Server disconnected without sending a complete response.")
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    async def read_until(self, marker: bytes, limit: int) -> bytes:
-        start = 0
+    async def next_event(self) -> Any:
+        """The next h11 event of the answer, feeding it bytes as they arrive."""
         while True:
-            found = self.buffer.find(marker, start)
-            if found >= 0:
-                data = bytes(self.buffer[:found])
-                del self.buffer[:found + len(marker)]
-                return data
-            if len(self.buffer) > limit:
-                raise httpx.RemoteProtocolError("response line or head too long")
-            start = max(0, len(self.buffer) - len(marker) + 1)
-            await self._more()
-
-    async def read_exactly(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            await self._more()
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
-
-    async def read_to_end(self) -> bytes:
-        while not self.closed:
-            if len(self.buffer) > MAX_BODY_BYTES:
-                raise httpx.RemoteProtocolError("response body too large")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        return data
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.buffer:
+                data = bytes(self.buffer)
+                self.buffer.clear()
+                if self.h11.their_state is h11.SEND_RESPONSE and len(self.head) < MAX_HEAD_BYTES:
+                    self.head += data
+                self.h11.receive_data(data)
+            elif self.closed:
+                self.h11.receive_data(b"")  # end of stream: h11 says if the answer is whole
+            else:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
 
 
 class _Response:
-    __slots__ = ("body", "headers", "keep_alive", "reason", "status")
+    __slots__ = ("body", "headers", "reason", "status")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                 body: bytes, keep_alive: bool) -> None:
-        self.status, self.reason, self.headers = status, reason, headers
-        self.body, self.keep_alive = body, keep_alive
+                 body: bytes) -> None:
+        self.status, self.reason, self.headers, self.body = status, reason, headers, body
 
 
-async def _read_response(conn: _Connection, method: bytes) -> _Response:
-    while True:
-        head = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if not version.startswith(b"HTTP/1.") or not code.isdigit():
-            raise httpx.RemoteProtocolError(f"not an HTTP/1.1 response: {lines[0][:80]!r}")
-        status = int(code)
-        if not 100 <= status < 200 or status == 101:
-            break  # else an informational answer: the real one follows
-    headers, length, chunked, keep_alive = _parse_headers(lines[1:], version)
-    if method == b"HEAD" or status in _NO_BODY_STATUSES or status == 101:
-        body = b""
-    elif chunked:
-        body = await _read_chunked(conn)
-    elif length is not None:
-        if length > MAX_BODY_BYTES:
-            raise httpx.RemoteProtocolError("response body too large")
-        body = await conn.read_exactly(length)
-    else:
-        body, keep_alive = await conn.read_to_end(), False
-    return _Response(status, reason, headers, body, keep_alive)
+def _check_head(conn: _Connection) -> None:
+    """Consume one parsed head from `conn.head`. h11 unfolds an obsolete folded header line
+    (RFC 9112 lets a client); we refuse it: no Work API answer has one, and a proxy on the
+    way may have read it as two headers."""
+    end = conn.head.find(b"\r\n\r\n")
+    head = conn.head[:end] if end >= 0 else conn.head
+    if b"\r\n " in head or b"\r\n\t" in head:
+        raise httpx.RemoteProtocolError("folded header line in the response")
+    del conn.head[:end + 4 if end >= 0 else len(conn.head)]
 
 
-def _parse_headers(lines: list[bytes], version: bytes
-                   ) -> tuple[list[tuple[bytes, bytes]], int | None, bool, bool]:
-    """Headers, Content-Length, whether chunked, whether the connection stays open."""
-    headers: list[tuple[bytes, bytes]] = []
-    length: int | None = None
-    chunked = False
-    keep_alive = version == b"HTTP/1.1"
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise httpx.RemoteProtocolError("malformed response header")
-        value = value.strip()
-        headers.append((name, value))
-        lowered = name.strip().lower()
-        if lowered == b"content-length":
-            if not value.isdigit():
-                raise httpx.RemoteProtocolError("malformed Content-Length")
-            length = int(value)
-        elif lowered == b"transfer-encoding":
-            chunked = value.lower().endswith(b"chunked")
-        elif lowered == b"connection":
-            tokens = {t.strip() for t in value.lower().split(b",")}
-            keep_alive = b"keep-alive" in tokens if version == b"HTTP/1.0" else (
-                b"close" not in tokens)
-    return headers, length, chunked, keep_alive
-
-
-async def _read_chunked(conn: _Connection) -> bytes:
+async def _read_response(conn: _Connection) -> _Response:
+    response: h11.Response | None = None
     parts: list[bytes] = []
-    total = 0
+    size = 0
     while True:
-        size_line = await conn.read_until(b"\r\n", 1024)
-        try:
-            size = int(size_line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise httpx.RemoteProtocolError("malformed chunk size") from None
-        if size == 0:
-            while await conn.read_until(b"\r\n", MAX_HEAD_BYTES):
-                pass  # trailers, up to the empty line
-            return b"".join(parts)
-        total += size
-        if total > MAX_BODY_BYTES:
-            raise httpx.RemoteProtocolError("response body too large")
-        parts.append(await conn.read_exactly(size))
-        if await conn.read_exactly(2) != b"\r\n":
-            raise httpx.RemoteProtocolError("malformed chunk")
+        event = await conn.next_event()
+        if isinstance(event, h11.InformationalResponse):
+            _check_head(conn)
+            continue  # the real answer follows
+        if isinstance(event, h11.Response):
+            _check_head(conn)
+            conn.head.clear()
+            response = event
+        elif isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > MAX_BODY_BYTES:
+                raise httpx.RemoteProtocolError("response body too large")
+            parts.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None
+            return _Response(response.status_code, bytes(response.reason),
+                             [(bytes(k), bytes(v)) for k, v in response.headers.raw_items()],
+                             b"".join(parts))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise httpx.RemoteProtocolError(
+                "Server disconnected without sending a complete response.")
 
 
 def _timeouts(request: httpx.Request) -> dict[str, float | None]:
@@ -224,14 +183,20 @@ def _timeouts(request: httpx.Request) -> dict[str, float | None]:
 class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 connections per origin, reused newest first; one event loop only."""
 
-    def __init__(self, *, max_connections: int = MAX_CONNECTIONS,
+    def __init__(self, *, max_connections: int,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        # `max_connections` is the caller's limit of requests in flight: fewer connections
+        # would queue requests the caller believes are on the wire.
         self._max_connections = max_connections
         self._ssl_context = ssl_context
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._slots: dict[tuple[str, str, int], asyncio.Semaphore] = {}
         self._closed = False
         self.connections_opened = 0  # in all, for diagnostics and tests
+
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
 
     @classmethod
     def for_url(cls, url: str, **options: Any) -> AsyncHTTP11Transport | None:
@@ -273,19 +238,32 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
 
     async def _send(self, request: httpx.Request, origin: tuple[str, str, int],
                     timeout: dict[str, float | None]) -> httpx.Response:
-        method = request.method.encode()
-        head = [method + b" " + request.url.raw_path + b" HTTP/1.1"]
-        head += [name + b": " + value for name, value in request.headers.raw]
-        message = b"\r\n".join(head) + b"\r\n\r\n" + await request.aread()
+        body = await request.aread()
         conn = self._idle_connection(origin) or await self._connect(request, origin, timeout)
         assert conn.transport is not None
         try:
+            # h11 frames the request and refuses what would corrupt it (CR or LF in a header
+            # value, a body that does not match its Content-Length) before a byte is sent.
+            message = conn.h11.send(h11.Request(method=request.method,
+                                                target=request.url.raw_path,
+                                                headers=request.headers.raw))
+            if body:
+                message += conn.h11.send(h11.Data(data=body))
+            message += conn.h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            conn.close()
+            raise httpx.LocalProtocolError(str(exc), request=request) from None
+        conn.busy = True
+        try:
             conn.transport.write(message)
             async with asyncio.timeout(timeout.get("read")):
-                response = await _read_response(conn, method)
+                response = await _read_response(conn)
         except TimeoutError:
             conn.close()
             raise httpx.ReadTimeout("timed out reading the response", request=request) from None
+        except h11.RemoteProtocolError as exc:
+            conn.close()
+            raise httpx.RemoteProtocolError(str(exc), request=request) from None
         except httpx.HTTPError as exc:
             conn.close()
             exc.request = request
@@ -296,14 +274,23 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         except BaseException:  # cancelled mid-response: the connection is in an unknown state
             conn.close()
             raise
-        if response.keep_alive and not self._closed and not conn.closed:
+        self._finish(conn, origin)
+        return httpx.Response(
+            response.status, headers=response.headers, stream=httpx.ByteStream(response.body),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason})
+
+    def _finish(self, conn: _Connection, origin: tuple[str, str, int]) -> None:
+        """Back to the pool if both sides may go on (h11 knows `Connection: close`, HTTP/1.0
+        and close-delimited bodies) and nothing arrived beyond the answer; else closed."""
+        machine = conn.h11
+        if (machine.our_state is h11.DONE and machine.their_state is h11.DONE
+                and not machine.trailing_data[0] and not self._closed and not conn.closed):
+            machine.start_next_cycle()
+            conn.busy = False
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, deque()).append(conn)
         else:
             conn.close()
-        return httpx.Response(
-            response.status, headers=response.headers, stream=httpx.ByteStream(response.body),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason})
 
     def _idle_connection(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)

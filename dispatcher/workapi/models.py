@@ -8,15 +8,18 @@ because the heartbeat lease token is compared by exact string on the server.
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 __all__ = [
     "NO_HEARTBEAT",
     "Heartbeat",
+    "InvalidId",
     "LeaseState",
     "Work",
     "WorkData",
@@ -24,11 +27,92 @@ __all__ = [
     "WorkPage",
     "WorkQueueStats",
     "WorkState",
+    "check_id",
     "epoch_seconds",
+    "find_lone_surrogate",
 ]
 
 # The `expected_last_heartbeat` value that claims a lease nobody has heartbeated yet.
 NO_HEARTBEAT = "NO_HEARTBEAT"
+
+# What an id may be before it goes into a URL path: letters, digits, `_`, `-`, and dots after
+# the first character (so never `.` or `..`, which walk the path). Real ids are `work_...`.
+_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,255}")
+
+
+class InvalidId(ValueError):
+    """An id that cannot be one URL path segment; raised before any request is sent."""
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """``value`` if it is safe as one URL path segment; ValueError naming ``what`` if not."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        shown = repr(value[:40] if isinstance(value, str) else value)
+        raise InvalidId(f"{what} must be 1-256 letters, digits, '_', '-' or '.' (not first); "
+                         f"got {shown}")
+    return value
+
+
+# A lease TTL larger than this is taken as this: no server grants an hour-long lease, and a
+# fleet that believed one would wait that long before judging an unreachable lease lost.
+MAX_TTL_SECONDS = 3600
+# Queue figures are clamped here: beyond 2**53 a count is no longer exact as a float (metrics).
+MAX_COUNT = 2**53
+
+
+def _clamp(low: int, high: int) -> Any:
+    """A validator that brings any finite or infinite number into [low, high], whole seconds or
+    counts; NaN is taken as ``low``. One absurd figure from the server (1e309, -5, 10**400)
+    then costs one item a sane default instead of an OverflowError later."""
+
+    def clamp(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return value  # left to pydantic's own checks
+        if isinstance(value, float) and math.isnan(value):
+            return low
+        return int(max(low, min(value, high)))
+
+    return BeforeValidator(clamp)
+
+
+TtlSeconds = Annotated[int, _clamp(0, MAX_TTL_SECONDS)]
+Count = Annotated[int, _clamp(0, MAX_COUNT)]
+Id = Annotated[str, AfterValidator(check_id)]
+
+
+def _env_safe(value: str) -> str:
+    if not value or "\x00" in value:
+        raise ValueError("must be non-empty and hold no NUL (it becomes an environment variable)")
+    return value
+
+
+# A session id never enters a URL, only the sandbox's environment and stdin, where any text is
+# data; but no environment variable can hold a NUL, and it would fail after the ack.
+SessionId = Annotated[str, AfterValidator(_env_safe)]
+
+
+def find_lone_surrogate(value: Any, where: str = "body") -> str | None:
+    """Where a string with a lone surrogate (JSON ``"\\ud800"``) sits in decoded JSON, or None.
+    Such a string passes str validation but can never be encoded as UTF-8 again (to Redis, to
+    the sandbox's stdin), so an item carrying one would fail after it was acked."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = (find_lone_surrogate(key, f"{where}.<key>") if isinstance(key, str) else None
+                 ) or find_lone_surrogate(item, f"{where}.{key}")
+        if found:
+            return found
+    return None
 
 
 class WorkState(StrEnum):
@@ -52,14 +136,14 @@ class _Open(BaseModel):
 
 
 class WorkData(_Open):
-    id: str
+    id: SessionId
     type: str
 
 
 class Work(_Open):
-    id: str
+    id: Id
     type: str = "work"
-    environment_id: str
+    environment_id: Id
     state: str
     data: WorkData
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -71,6 +155,14 @@ class Work(_Open):
     stopped_at: str | None = None
     # Set on polled copies only. repr=False keeps it out of every log line and traceback.
     secret: str | None = Field(default=None, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        where = find_lone_surrogate(data, "work")
+        if where:
+            raise ValueError(f"{where} is not valid Unicode (a lone surrogate)")
+        return data
 
     @property
     def session_id(self) -> str:
@@ -91,7 +183,7 @@ class Heartbeat(_Open):
     last_heartbeat: str
     lease_extended: bool
     state: str
-    ttl_seconds: int
+    ttl_seconds: TtlSeconds
 
 
 class LeaseState(_Open):
@@ -101,7 +193,7 @@ class LeaseState(_Open):
     last_heartbeat: str | None = None
     lease_updated_at: str | None = None
     lease_extended: bool = False
-    ttl_seconds: int | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class WorkPage(_Open):
@@ -111,10 +203,10 @@ class WorkPage(_Open):
 
 class WorkQueueStats(_Open):
     type: str = "work_queue_stats"
-    depth: int
-    pending: int
+    depth: Count
+    pending: Count
     oldest_queued_at: str | None = None
-    workers_polling: int | None = None
+    workers_polling: Count | None = None
 
 
 def dump_metadata(metadata: dict[str, Any]) -> dict[str, Any]:

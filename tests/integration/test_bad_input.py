@@ -5,6 +5,7 @@ functions called in-process, with a stand-in for Celery's `send_task`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import redis
 from inprocess import REDIS_BASE, poll_until
 
 from dispatcher.control.heartbeat import beat_due_leases
-from dispatcher.control.poller import claim
+from dispatcher.control.poller import claim, run_poller
 from dispatcher.lease.model import Phase
 from dispatcher.ops.stack import FAKE_SESSION, free_port
 from dispatcher.runtime import Runtime
@@ -120,6 +121,32 @@ def test_a_heartbeat_with_an_unknown_state_and_no_extension_loses_the_lease(
         ev.Reply(token="t", extended=False, state="hibernating", ttl_seconds=30), time.time()))
     after = runtime.registry.get(work_id)
     assert after is not None and after.lost and after.stop == "force"
+
+
+# --- items that fail validation ------------------------------------------------------------
+def test_an_item_that_fails_validation_is_named_and_stopped_never_acked(
+        emulator: Any, runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    """A session id with a NUL could never reach the sandbox's environment: re-delivered for
+    ever before, now logged by its id and force-stopped by the poller on first sight."""
+    runtime.capacity.advertise(hostname="w1@test", slots=1, pool="threads",
+                               queues=["dispatcher.sessions"])
+    response = emulator.http.post(
+        f"/_emulator/environments/{runtime.environment_id}/work", headers=emulator.org_headers,
+        json={"data": {"type": "session", "id": "session_\u0000x"}})
+    response.raise_for_status()
+    invalid_id = response.json()["id"]
+    with caplog.at_level(logging.INFO, logger="dispatcher"):
+        claimed = run_poller(runtime, run_seconds=2.0)
+    assert claimed == 0 and runtime.registry.get(invalid_id) is None
+    assert runtime.app.sent == [], "nothing was dispatched"
+    assert emulator.get(runtime.environment_id, invalid_id)["state"] == "stopped"
+    refused = [r for r in caplog.records if getattr(r, "action", None) == "invalid work item"]
+    assert len(refused) == 1, "stopped at first sight, never delivered again"
+    line = refused[0].getMessage()
+    assert f"work_id={invalid_id}" in line and "data.id" in line
+    assert "action_taken='stopped, not run'" in line
+    log = [e for e in emulator.requests_log() if e["work_id"] == invalid_id]
+    assert "ack" not in {e["endpoint"] for e in log}
 
 
 # --- unknown work types --------------------------------------------------------------------

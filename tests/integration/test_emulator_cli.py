@@ -18,6 +18,7 @@ import redis
 pytestmark = pytest.mark.integration
 
 DISPATCHER = Path(sys.executable).with_name("dispatcher")
+API_HEADERS = {"anthropic-version": "2026-10-21", "anthropic-beta": "managed-agents-2026-04-01"}
 
 
 def test_help_works_from_the_console_script_and_the_module() -> None:
@@ -54,7 +55,7 @@ def test_it_prints_generated_keys_environments_and_where_it_listens(tmp_path: Pa
         env_id = lines["environment demo"]
         assert f"http://127.0.0.1:{port}" in log.read_text()
         stats = httpx.get(f"http://127.0.0.1:{port}/v1/environments/{env_id}/work/stats",
-                          headers={"x-api-key": lines["api key"]})
+                          headers={**API_HEADERS, "x-api-key": lines["api key"]})
         assert stats.status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0

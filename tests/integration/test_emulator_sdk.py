@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -108,3 +110,30 @@ def test_the_sdk_poller_drains_a_queue_of_sessions(emulator: EmulatorProcess) ->
     log = [e for e in emulator.requests_log() if e["environment_id"] == env]
     assert {e["endpoint"] for e in log} == {"poll", "ack", "stop", "get"}  # get: this test's
     assert {e["worker_id"] for e in log if e["endpoint"] == "poll"} == {"sdk-poller"}
+
+
+def test_the_sdk_worker_calls_run_on_the_items_sessions_token(emulator: EmulatorProcess) -> None:
+    """As `handle_item` does: a Bearer-only client on the token from the item's secret beats
+    and force-stops that item, and is refused elsewhere."""
+    env = emulator.create_environment()
+    _, work_id = emulator.create_session(env)
+    _, other_id = emulator.create_session(env)
+    _, worker = _clients(emulator)
+    polled = worker.beta.environments.work.poll(env, block_ms=500)
+    assert polled is not None and polled.id == work_id and polled.secret
+    worker.beta.environments.work.ack(work_id, environment_id=env)
+    secret = polled.secret
+    token = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))[
+        "sessions_token"]
+    item = anthropic.Anthropic(auth_token=token, base_url=emulator.base_url, max_retries=0)
+    work = item.beta.environments.work
+    beat = work.heartbeat(work_id, environment_id=env, expected_last_heartbeat="NO_HEARTBEAT")
+    assert beat.lease_extended
+    with pytest.raises(anthropic.AuthenticationError):
+        work.heartbeat(other_id, environment_id=env, expected_last_heartbeat="NO_HEARTBEAT")
+    with pytest.raises(anthropic.AuthenticationError):
+        work.poll(env)
+    assert work.stop(work_id, environment_id=env, force=True) == ""
+    assert emulator.get(env, work_id)["state"] == "stopped"
+    item.close()
+    worker.close()

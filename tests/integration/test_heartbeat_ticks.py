@@ -51,6 +51,8 @@ def test_ticks_from_any_thread_share_one_sender_and_its_connections(
     (client,) = [c for c in sender.clients.values()
                  if c.environment_id == runtime.environment_id]
     assert isinstance(client.transport, AsyncHTTP11Transport)
+    # As many connections as requests the heartbeat keeps in flight: fewer would queue some.
+    assert client.transport.max_connections == heartbeat.MAX_CONCURRENT_REQUESTS
     opened = client.transport.connections_opened
     assert opened >= 1
     _all_due(runtime, ids)

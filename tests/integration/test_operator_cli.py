@@ -179,7 +179,8 @@ def test_update_sets_empties_and_deletes_keys(cli: Cli) -> None:
 @pytest.mark.parametrize("argv", [["update", "work_x"], ["update", "work_x", "novalue"],
                                   ["update", "work_x", "=v"],
                                   ["update", "work_x", "a=1", "--delete", "a"],
-                                  ["list", "--limit", "0"]])
+                                  ["list", "--limit", "0"], ["show", ".."], ["stop", "a/../b"],
+                                  ["update", "%2e%2e", "a=b"]])
 def test_usage_errors_exit_2(cli: Cli, argv: list[str]) -> None:
     result = cli(*argv)
     assert result.code == 2

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from dispatcher.control.heartbeat import MAX_CONCURRENT_REQUESTS
 from dispatcher.workapi import AsyncWorkClient, RequestTimeout, TransientError
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
@@ -74,7 +75,7 @@ class Server:
 def run(script: list[Any], body: Callable[[Server, httpx.AsyncClient], Awaitable[Any]]) -> Any:
     async def main() -> Any:
         async with Server(script) as server:
-            transport = AsyncHTTP11Transport()
+            transport = AsyncHTTP11Transport(max_connections=MAX_CONCURRENT_REQUESTS)
             async with httpx.AsyncClient(transport=transport, timeout=2) as client:
                 return server, await body(server, client)
 
@@ -145,6 +146,88 @@ def test_a_connection_the_server_closed_or_wrote_to_while_idle_is_not_reused() -
     assert server.connections == 3
 
 
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-5\r\nabcde\r\n0\r\n\r\n",
+         "chunk"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 12\r\n\r\n{}xxxxxxxxxx",
+         "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: -2\r\n\r\n{}", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n x-smuggled: 2\r\n\r\n{}",
+         "folded"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\tmore\r\n\r\n{}", "folded"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nno colon here\r\n\r\n{}", ""),
+        (b"HTTP/2 200\r\ncontent-length: 2\r\n\r\n{}", ""),
+    ],
+    ids=["negative-chunk", "conflicting-length", "negative-length", "folded-space",
+         "folded-tab", "no-colon", "not-http11"],
+)
+def test_a_malformed_answer_is_a_protocol_error_and_its_connection_is_dropped(
+        answer: bytes, problem: str) -> None:
+    async def body(server: Server, client: httpx.AsyncClient) -> list[Any]:
+        out: list[Any] = []
+        try:
+            await client.get(f"{server.url}/bad")
+        except httpx.RemoteProtocolError as exc:
+            out.append(str(exc))
+        out.append((await client.get(f"{server.url}/next")).json())
+        return out
+
+    server, (error, after) = run([answer, ok(b'{"fine":1}')], body)
+    assert problem in error
+    assert after == {"fine": 1} and server.connections == 2
+
+
+def test_cr_or_lf_in_a_header_value_is_refused_before_a_byte_is_sent() -> None:
+    async def body(server: Server, client: httpx.AsyncClient) -> list[str]:
+        refused = []
+        for value in ("a\r\nx-injected: 1", "a\nb", "a\rb"):
+            try:
+                await client.get(f"{server.url}/", headers={"anthropic-worker-id": value})
+            except httpx.LocalProtocolError as exc:
+                refused.append(str(exc))
+        return refused
+
+    server, refused = run([ok()], body)
+    assert len(refused) == 3 and all("header value" in text for text in refused)
+    assert server.requests == []
+
+
+def test_bytes_arriving_on_an_idle_connection_close_it_and_are_not_kept() -> None:
+    """A server (or something on the path) that streams into an idle connection must not
+    fill the worker's memory: the connection is closed on the first unasked-for byte."""
+    flood = b"x" * (4 * 1024 * 1024)
+
+    async def then_flood(writer: asyncio.StreamWriter) -> None:
+        writer.write(ok(b"1"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        try:
+            for _ in range(8):  # up to 32 MB, unless the client hangs up first
+                writer.write(flood)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    async def main() -> tuple[Server, list[Any]]:
+        async with Server([then_flood, ok(b"2")]) as server:
+            transport = AsyncHTTP11Transport(max_connections=4)
+            async with httpx.AsyncClient(transport=transport, timeout=2) as client:
+                first = (await client.get(f"{server.url}/1")).content
+                await asyncio.sleep(0.3)
+                idle = [conn for pool in transport._idle.values() for conn in pool]
+                held = [len(conn.buffer) for conn in idle]
+                closed = [conn.closed for conn in idle]
+                second = (await client.get(f"{server.url}/2")).content
+                return server, [first, held, closed, second]
+
+    server, (first, held, closed, second) = asyncio.run(main())
+    assert first == b"1" and second == b"2"
+    assert held == [0] and closed == [True]
+    assert server.connections == 2
+
+
 def test_failures_are_httpx_errors_the_client_maps_to_transient_ones() -> None:
     async def silent(writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(5)
@@ -165,7 +248,7 @@ def test_failures_are_httpx_errors_the_client_maps_to_transient_ones() -> None:
     assert raised == [httpx.ReadTimeout, httpx.RemoteProtocolError]
 
     async def refused() -> type[Exception]:
-        transport = AsyncHTTP11Transport()
+        transport = AsyncHTTP11Transport(max_connections=MAX_CONCURRENT_REQUESTS)
         async with httpx.AsyncClient(transport=transport) as client:
             try:
                 await client.get("http://127.0.0.1:9/")  # discard: nothing listens
@@ -187,7 +270,8 @@ def test_the_work_client_over_it_parses_replies_and_maps_errors() -> None:
         async with Server([ok(HEARTBEAT), silent, hang_up]) as server:
             client = AsyncWorkClient(base_url=server.url, environment_id="env_1",
                                      environment_key="sk-ant-oat01-k", max_retries=0,
-                                     transport=AsyncHTTP11Transport())
+                                     transport=AsyncHTTP11Transport(
+                                         max_connections=MAX_CONCURRENT_REQUESTS))
             async with client:
                 out: list[Any] = [await client.heartbeat("work_1", expected_last_heartbeat="t")]
                 for _ in range(2):
@@ -208,9 +292,9 @@ def test_a_proxy_from_the_environment_keeps_httpx_own_transport(
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY",
                  "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com") is not None
+    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com", max_connections=1) is not None
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com") is None
-    assert AsyncHTTP11Transport.for_url("http://127.0.0.1:8765") is not None
+    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com", max_connections=1) is None
+    assert AsyncHTTP11Transport.for_url("http://127.0.0.1:8765", max_connections=1) is not None
     monkeypatch.setenv("NO_PROXY", "api.anthropic.com")
-    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com") is not None
+    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com", max_connections=1) is not None

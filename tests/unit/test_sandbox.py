@@ -54,6 +54,15 @@ def test_only_allow_listed_variables_reach_the_sandbox_and_never_the_org_key() -
     assert env == {"PATH": "/bin", "ANTHROPIC_WORK_ID": "work_1"}
 
 
+def test_the_redis_url_never_reaches_the_sandbox_even_when_allow_listed() -> None:
+    """Redis holds every work item's secret: its URL (and password) is the fleet's, not a
+    session's."""
+    env = build_environment(
+        worker_env={"PATH": "/bin", "DISPATCHER_REDIS_URL": "redis://:pw@redis:6379/0"},
+        allow=["PATH", "DISPATCHER_REDIS_URL"], contract={"ANTHROPIC_WORK_ID": "work_1"})
+    assert env == {"PATH": "/bin", "ANTHROPIC_WORK_ID": "work_1"}
+
+
 def _spec(script: str, tmp_path: Path) -> SandboxSpec:
     path = tmp_path / "sandbox.py"
     path.write_text(textwrap.dedent(script))

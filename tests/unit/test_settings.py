@@ -14,6 +14,7 @@ from dispatcher.settings import (
     Settings,
     SettingsError,
     load_settings,
+    split_redis_credentials,
 )
 
 KEY = "sk-ant-oat01-SETTINGS-SECRET"
@@ -131,3 +132,59 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.base_url = "http://elsewhere"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("variable", ["ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_API_KEY"])
+@pytest.mark.parametrize("value", [KEY + "\n", KEY + "\r\n", " " + KEY, KEY + "\t",
+                                   "sk-ant-oat01-a b", KEY + "\x01", KEY + "\x7f", KEY + "\x85"])
+def test_a_key_with_whitespace_or_a_control_character_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """A file-mounted secret's trailing newline would make every request a retried transient
+    error; refused when settings load, naming the variable and never showing the key."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(f"{variable} is invalid: ")
+    assert "whitespace or a control character" in message
+    assert "SETTINGS-SECRET" not in message and "\n" not in message
+
+
+def test_the_worker_id_is_read_as_the_cli_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_WORKER_ID", "cli-name")
+    assert load_settings().worker_id == "cli-name"
+    monkeypatch.setenv("DISPATCHER_WORKER_ID", "own-name")
+    assert load_settings().worker_id == "cli-name"  # the CLI's name wins
+    monkeypatch.delenv("ANTHROPIC_WORKER_ID")
+    assert load_settings().worker_id == "own-name"
+    monkeypatch.setenv("ANTHROPIC_WORKER_ID", "name\n")
+    with pytest.raises(SettingsError, match=r"^ANTHROPIC_WORKER_ID is invalid: .*control"):
+        load_settings()
+
+
+@pytest.mark.parametrize("value", ["..", "env/../x", "env%2F", "env 1"])
+def test_an_environment_id_that_would_walk_the_url_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_ENVIRONMENT_ID", value)
+    with pytest.raises(SettingsError, match=r"^ANTHROPIC_ENVIRONMENT_ID is invalid: .*must be"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("url", "bare", "options"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", {}),
+        ("redis://:p%40ss@r:6379/2", "redis://r:6379/2", {"password": "p@ss"}),
+        ("rediss://u:pw@r.example:6380/1?ssl_cert_reqs=required",
+         "rediss://r.example:6380/1?ssl_cert_reqs=required", {"username": "u", "password": "pw"}),
+        ("redis://[::1]:6379/0?password=pw&db=3", "redis://[::1]:6379/0?db=3",
+         {"password": "pw"}),
+        ("unix://:pw@/run/redis.sock?db=1", "unix:///run/redis.sock?db=1", {"password": "pw"}),
+    ],
+)
+def test_beat_gets_the_redis_url_without_credentials_and_the_credentials_apart(
+    url: str, bare: str, options: dict[str, str]
+) -> None:
+    assert split_redis_credentials(url) == (bare, options)

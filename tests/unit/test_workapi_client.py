@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from dispatcher.workapi import (
     ConflictError,
     Heartbeat,
     InvalidRequestError,
+    InvalidWorkItem,
     LeasePreconditionFailed,
     MalformedResponseError,
     MissingCredentialError,
@@ -41,6 +43,7 @@ from dispatcher.workapi import (
     WorkPage,
     WorkQueueStats,
 )
+from dispatcher.workapi.client import default_worker_id
 
 BASE_URL = "http://workapi.test"
 ENV_ID = "env_011"
@@ -171,7 +174,7 @@ def test_the_package_exports_exactly_its_public_names() -> None:
     assert sorted(dispatcher.workapi.__all__) == sorted([
         "ANTHROPIC_VERSION", "BETA", "NO_HEARTBEAT", "POLL_BLOCK_MS_MAX", "AsyncWorkClient",
         "AuthenticationError", "Backoff", "ConflictError", "Heartbeat", "InvalidRequestError",
-        "LeasePreconditionFailed", "LeaseState", "MalformedResponseError",
+        "InvalidWorkItem", "LeasePreconditionFailed", "LeaseState", "MalformedResponseError",
         "MissingCredentialError", "NotFoundError", "RateLimitedError", "RequestTimeout",
         "ServerError", "TransientError", "Work", "WorkAPIError", "WorkClient", "WorkData",
         "WorkDataType", "WorkPage", "WorkQueueStats", "WorkState", "classify", "delay_for",
@@ -232,16 +235,15 @@ def test_each_endpoint_sends_its_request_and_parses_its_answer(
 
     request = server.last
     assert (request.method, request.url.path) == (http_method, ROOT + suffix)
-    assert list(request.url.params.items()) == [("beta", "true"), *query.items()]
-    assert request.headers["anthropic-version"] == "2023-06-01"
+    # As SDK 2.10.0 sends them: no `?beta=true`, its version, both keys as Bearer.
+    assert list(request.url.params.items()) == list(query.items())
+    assert request.headers["anthropic-version"] == "2026-10-21"
     assert request.headers["anthropic-beta"] == "managed-agents-2026-04-01"
     assert request.headers["user-agent"] == f"dispatcher/{dispatcher.__version__}"
-    if auth == "environment":
-        assert request.headers["authorization"] == f"Bearer {ENV_KEY}"
-        assert "x-api-key" not in request.headers
-    else:
-        assert request.headers["x-api-key"] == ORG_KEY
-        assert "authorization" not in request.headers
+    key = ENV_KEY if auth == "environment" else ORG_KEY
+    assert request.headers["authorization"] == f"Bearer {key}"
+    assert "x-api-key" not in request.headers
+    assert (request.headers.get("content-type") == "application/json") == (http_method == "POST")
     assert (json.loads(request.content) if request.content else None) == body
     assert ("anthropic-worker-id" in request.headers) == (method == "poll")
     assert isinstance(result, parsed)
@@ -266,11 +268,34 @@ def test_parsed_answers_carry_the_servers_values(api: MakeApi) -> None:
     assert (work.id, work.session_id, work.secret) == ("work_1", "session_1", WORK_SECRET)
 
 
-def test_ids_are_quoted_into_the_path(api: MakeApi) -> None:
-    server = api(reply(200, work_json()), environment_id="env/../x")
-    server.call("ack", "work_1/../../stop?force=true")
-    assert server.last.url.raw_path.decode() == (
-        "/v1/environments/env%2F..%2Fx/work/work_1%2F..%2F..%2Fstop%3Fforce%3Dtrue/ack?beta=true")
+@pytest.mark.parametrize("work_id", ["..", ".", "work_1/../../stop?force=true", "a%2Fb",
+                                     "work 1", "work_1\r\nx-api-key: k", "w\x00", "", "é",
+                                     "w" * 257])
+def test_a_hostile_work_id_never_reaches_a_url(api: MakeApi, work_id: str) -> None:
+    """`..` quotes to itself and `/v1/environments/{env}/work/..` is the environment itself."""
+    server = api(reply(200, work_json()))
+    for method, args in [("ack", (work_id,)), ("stop", (work_id,)), ("get", (work_id,)),
+                         ("heartbeat", (work_id,)), ("update", (work_id, {"a": "b"}))]:
+        kwargs = {"expected_last_heartbeat": "t"} if method == "heartbeat" else {}
+        with pytest.raises(ValueError, match="work_id must be"):
+            server.call(method, *args, **kwargs)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("environment_id", ["..", "env/../x", "env%2F", "env\n"])
+def test_a_hostile_environment_id_is_refused_when_the_client_is_made(
+    api: MakeApi, environment_id: str
+) -> None:
+    server = api(reply(200, STATS), environment_id=environment_id)
+    with pytest.raises(ValueError, match="environment_id must be"):
+        server.call("stats")
+    assert server.requests == []
+
+
+def test_a_plain_id_goes_into_the_path_as_it_is(api: MakeApi) -> None:
+    server = api(reply(200, work_json()), environment_id="env_01.A-b")
+    server.call("ack", "work_01.x-Y")
+    assert server.last.url.raw_path.decode() == "/v1/environments/env_01.A-b/work/work_01.x-Y/ack"
 
 
 def test_every_request_is_bounded_by_a_timeout_and_a_poll_adds_its_block(api: MakeApi) -> None:
@@ -300,8 +325,8 @@ def test_a_block_ms_the_server_rejects_is_refused_before_any_request(
 def test_stop_and_stats_fall_back_to_the_organisation_key(api: MakeApi, method: str) -> None:
     server = api(reply(200, STATS) if method == "stats" else reply(204), environment_key=None)
     server.call(method, *(["work_1"] if method == "stop" else []))
-    assert server.last.headers["x-api-key"] == ORG_KEY
-    assert "authorization" not in server.last.headers
+    assert server.last.headers["authorization"] == f"Bearer {ORG_KEY}"
+    assert "x-api-key" not in server.last.headers
 
 
 @pytest.mark.parametrize(
@@ -532,9 +557,6 @@ def test_a_rate_limit_error_carries_retry_after(api: MakeApi) -> None:
                            headers={"content-type": "application/json"}),
          "poll: the 200 response is not JSON (application/json, 76 bytes): "
          "Unterminated string starting at (char 27); expected a work item or null"),
-        ("poll", (), reply(200, {"id": "work_1", "secret": WORK_SECRET}),
-         "poll: the 200 response is not a work item or null: "
-         "environment_id: Field required; state: Field required; data: Field required (+1 more)"),
         ("ack", ("work_1",), reply(200, ["work_1"]),
          "ack: the 200 response is not a work item: "
          "body: Input should be a valid dictionary or instance of Work"),
@@ -549,7 +571,7 @@ def test_a_rate_limit_error_carries_retry_after(api: MakeApi) -> None:
          "list: the 200 response is not JSON (no content-type, 8 bytes): not UTF-8; "
          "expected a page of work items"),
     ],
-    ids=["truncated", "wrong-shape", "list-not-object", "html", "wrong-type", "not-utf8"],
+    ids=["truncated", "list-not-object", "html", "wrong-type", "not-utf8"],
 )
 def test_a_malformed_answer_is_a_clear_retryable_error(
     api: MakeApi, method: str, args: tuple[Any, ...], answer: Reply, message: str
@@ -562,6 +584,57 @@ def test_a_malformed_answer_is_a_clear_retryable_error(
     assert exc.retryable
     assert exc.__cause__ is None and exc.__suppress_context__
     assert_no_secret(str(exc), repr(exc))
+
+
+@pytest.mark.parametrize(
+    ("answer", "work_id", "problem"),
+    [
+        ({"id": "work_1", "secret": WORK_SECRET}, "work_1",
+         "environment_id: Field required; state: Field required; data: Field required (+1 more)"),
+        (work_json(id=".."), None, "id: Value error, id must be"),
+        (work_json(id="work_7", metadata={"note": "\ud800"}), "work_7",
+         "Value error, work.metadata.note is not valid Unicode (a lone surrogate)"),
+        (work_json(id="work_8", data={"id": "s\x001", "type": "session"}), "work_8",
+         "data.id: Value error, must be non-empty and hold no NUL"),
+    ],
+    ids=["missing-fields", "dot-dot-id", "lone-surrogate", "nul-in-session-id"],
+)
+def test_an_invalid_work_item_names_its_id_and_is_not_retried(
+    api: MakeApi, answer: dict[str, Any], work_id: str | None, problem: str
+) -> None:
+    """Asking again brings the same item back: the caller stops it by the id read from the
+    raw reply, when that id is itself valid."""
+    raw = json.dumps(answer).encode()  # ensure_ascii: the surrogate travels as \ud800
+    server = api(reply(200, raw=raw), max_retries=2)
+    with pytest.raises(InvalidWorkItem) as caught:
+        server.call("poll")
+    assert isinstance(caught.value, MalformedResponseError)
+    assert caught.value.work_id == work_id
+    assert problem in str(caught.value)
+    assert not caught.value.retryable and len(server.requests) == 1
+    assert_no_secret(str(caught.value), repr(caught.value))
+
+
+def test_an_invalid_item_in_a_list_page_is_left_out_and_named(
+    api: MakeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    page = {"data": [work_json(id="w1"), work_json(id="w2", metadata={"k": "\ud800"}),
+                     work_json(id=".."), work_json(id="w4")], "next_page": None}
+    with caplog.at_level(logging.WARNING, logger="dispatcher.workapi"):
+        result = api(reply(200, raw=json.dumps(page).encode())).call("list")
+    assert [work.id for work in result.data] == ["w1", "w4"]
+    skipped = [r.getMessage() for r in caplog.records if r.__dict__.get("action")
+               == "invalid work item"]
+    assert len(skipped) == 2
+    assert "work_id=w2" in skipped[0] and "work_id=unreadable" in skipped[1]
+
+
+def test_a_stop_that_echoes_an_invalid_item_still_succeeded(api: MakeApi) -> None:
+    """A 2xx stop was applied: an unreadable echo must not make the caller stop again."""
+    server = api(reply(200, raw=json.dumps(work_json(id="work_7", metadata={"k": "\ud800"}))
+                       .encode()))
+    assert server.call("stop", "work_7", force=True) is None
+    assert len(server.requests) == 1
 
 
 def test_a_malformed_answer_is_retried_like_any_transient_failure(api: MakeApi) -> None:
@@ -643,7 +716,9 @@ def test_from_settings_uses_the_secret_values_and_allows_overrides(
                         ANTHROPIC_ENVIRONMENT_KEY=ENV_KEY, ANTHROPIC_API_KEY=ORG_KEY,
                         DISPATCHER_HTTP_TIMEOUT_SECONDS=3.0)
     client = client_class.from_settings(settings, max_retries=0)
-    assert client.worker_id is not None and client.worker_id.endswith("-dispatcher")
+    assert client.worker_id == default_worker_id()
+    host, _, suffix = client.worker_id.rpartition("-")
+    assert host == socket.gethostname() and len(suffix) == 12
     call = client._api.heartbeat("w", expected_last_heartbeat=None, desired_ttl_seconds=None,
                                  timeout=None)
     assert call.request.headers["authorization"] == f"Bearer {ENV_KEY}"
