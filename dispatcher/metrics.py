@@ -79,7 +79,7 @@ COUNTERS: dict[str, Counter] = {
                                   ("server", "server_stopped", "operator")),
     "work_refused": Counter("Polled items not run, by reason", "reason",
                             ("unknown_type", "ack_failed", "abandoned", "already_ended",
-                             "attempts_exhausted")),
+                             "attempts_exhausted", "invalid")),
     "heartbeats": Counter("Heartbeats sent, by result", "result", ("ok", "failed")),
     "leases_lost": Counter("Leases the server no longer gives us, by cause", "cause",
                            ("re_delivered", "server_stopped", "lease_not_extended",

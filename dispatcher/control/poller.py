@@ -112,7 +112,7 @@ def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
         try:
             item = client.poll(block_ms=POLL_BLOCK_MS)
         except InvalidWorkItem as exc:
-            _refuse_invalid(runtime, exc)
+            runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc)))
             continue
         except WorkAPIError as exc:
             delay = delay_for(exc, backoff)
@@ -148,20 +148,6 @@ def _pause(runtime: Runtime, *, failures: int, seconds: float) -> None:
     pipe.set(keys.task_lock("poll-paused-until"), time.time() + seconds,
              px=max(1, int(seconds * 1000)))
     pipe.execute()
-
-
-def _refuse_invalid(runtime: Runtime, exc: InvalidWorkItem) -> None:
-    """An item we cannot read would be re-delivered for ever: name it and stop it, when its id
-    is legible (an id that is not cannot be put in a URL; the server's lease expiry ends it)."""
-    runtime.metrics.inc("work_refused", reason="invalid")
-    event("invalid work item", level=logging.ERROR, work_id=exc.work_id or "unreadable",
-          error=str(exc), action_taken="stopped, not run" if exc.work_id else "none possible")
-    if exc.work_id is None:
-        return
-    try:
-        runtime.client().stop(exc.work_id, force=True)
-    except WorkAPIError as error:
-        event("stop failed", level=logging.ERROR, work_id=exc.work_id, error=str(error))
 
 
 def _wait_out_pause(runtime: Runtime, deadline: float) -> bool:

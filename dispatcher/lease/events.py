@@ -45,6 +45,7 @@ __all__ = [
     "ServerLease",
     "ServerStopped",
     "StopRequested",
+    "Unreadable",
 ]
 
 
@@ -77,6 +78,15 @@ class Offered:
     known_type: bool
     failures: int = 0
     ended: Ending = Ending.NONE
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A poll returned an item that fails validation; `work_id` is its id as read from the raw
+    reply (None: not even that is legible)."""
+
+    work_id: str | None
+    error: str
 
 
 @dataclass(frozen=True)
@@ -295,7 +305,7 @@ class HealthcheckAnswered:
 
 
 Event = (
-    Offered | AckAnswered | AckUncertain | AckRefused | ClaimAnswered | ClaimRefused
+    Offered | Unreadable | AckAnswered | AckUncertain | AckRefused | ClaimAnswered | ClaimRefused
     | ClaimNotAcked | ClaimFailed | BeatAnswered | BeatRefused | BeatNotFound | BeatRejected
     | BeatFailed | StopRequested | ServerStopped | OperatorRevoked | AttemptStarting | HandingOff
     | Pulsed | SandboxStartFailed | SandboxExited | RegistryUnreachable | RegistryReset

@@ -70,7 +70,8 @@ class Executor:
         beats for the heartbeat tick to record in one round trip."""
         state = _Run(work_json=work_json, signal=signal, beats=beats)
         subject = lease or (event.proposal if isinstance(event, ev.Offered) else None)
-        work_id = subject.work_id if subject is not None else ""
+        work_id = (subject.work_id if subject is not None
+                   else event.work_id or "" if isinstance(event, ev.Unreadable) else "")
         pending: list[ev.Event] = [event]
         current = lease
         while pending and state.steps < MAX_STEPS:

@@ -41,6 +41,7 @@ SCENARIOS: dict[str, ev.Event] = {
     "offered, unknown type": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"), known_type=False),
     "offered, ended before": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"),
                                         known_type=True, ended=Ending.COMPLETED),
+    "unreadable item": ev.Unreadable("w", "data: field required"),
     "offered, attempts used up": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"),
                                             known_type=True, failures=3),
     "ack answered": ev.AckAnswered(),
@@ -105,6 +106,7 @@ _ONLY_IN: dict[str, tuple[str, ...]] = {
     **{name: ("claimed",) for name in SCENARIOS if name.startswith("ack ")},
     **{name: ("claimed", "dispatched") for name in SCENARIOS if name.startswith("claim ")},
     **{name: ("none",) for name in ("offered, unknown type", "offered, ended before",
+                                     "unreadable item",
                                      "offered, attempts used up", "registry reset")},
 }
 

@@ -30,6 +30,7 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("offered, unknown type", ("none",), "none", {"StopOnServer"}, {"Ack"}),
     ("offered, ended before", ("none",), "none", {"StopOnServer"}, {"Ack"}),
     ("offered, attempts used up", ("none",), "none", {"StopOnServer"}, {"Ack"}),
+    ("unreadable item", ("none",), "none", {"StopOnServer", "log `invalid work item`"}, {"Ack"}),
     # A session is published first and claimed right after: the claim's round trip never
     # delays it.
     ("ack answered", ("claimed",), "dispatched", {"CreateRecord", "Publish", "Claim"}, set()),

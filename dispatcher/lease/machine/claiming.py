@@ -73,6 +73,20 @@ def _offered_held(lease: Lease) -> Decision:
                              action_taken="attempt fenced; claimed again on re-delivery"))
 
 
+def _unreadable(lease: Lease | None, e: ev.Unreadable, c: Ctx) -> Decision:
+    """An item we cannot read would be delivered again for ever: name it and stop it, when its
+    id is legible (one that is not cannot go in a URL; the server's lease expiry ends it)."""
+    effects: list[fx.Effect] = [
+        count("work_refused", reason="invalid"),
+        fx.Log("invalid work item", logging.ERROR, {
+            "work_id": e.work_id or "unreadable", "error": e.error,
+            "action_taken": "stopped, not run" if e.work_id else "none possible"}),
+    ]
+    if e.work_id is not None:
+        effects.append(fx.StopOnServer(force=True))
+    return Decision(None, tuple(effects))
+
+
 def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decision:
     if lease is None:
         return Decision(None)
@@ -265,6 +279,7 @@ def _beat_failed(lease: Lease | None, e: ev.BeatFailed, c: Ctx) -> Decision:
 
 HANDLERS: dict[type, Callable[[Any, Any, Ctx], Decision]] = {
     ev.Offered: _offered,
+    ev.Unreadable: _unreadable,
     ev.AckAnswered: _acked,
     ev.AckUncertain: _acked,
     ev.AckRefused: _ack_refused,
