@@ -301,3 +301,16 @@ def test_a_session_that_finished_after_its_lease_was_lost_is_stopped_not_run_aga
     assert any(isinstance(e, fx.StopOnServer) for e in decision.effects)
     killed = decide(lost, ev.SandboxExited(1, 137, draining=False, next_task_id="t2"), now=NOW)
     assert killed.lease is None, "killed: an attempt that did not finish, the server's to give"
+
+
+def test_a_hand_off_lease_is_claimed_before_it_is_published() -> None:
+    """The sandbox of a hand-off starts with the lease's token: the claim's answer must come
+    first, or a fast session worker would start it with none."""
+    proposal = Lease("w", "s", "e", "handoff", "q", task_id="task-1", claimed_at=NOW)
+    acked = decide(proposal, ev.AckAnswered(), now=NOW)
+    assert not any(isinstance(e, fx.Publish) for e in acked.effects)
+    assert any(isinstance(e, fx.Claim) for e in acked.effects)
+    assert acked.lease is not None
+    claimed = decide(acked.lease, ev.ClaimAnswered(ev.Reply("tok", True, "active", 30), NOW),
+                     now=NOW)
+    assert any(isinstance(e, fx.Publish) for e in claimed.effects)

@@ -73,6 +73,10 @@ def _offered_held(lease: Lease) -> Decision:
                              action_taken="attempt fenced; claimed again on re-delivery"))
 
 
+# The lease mode whose sandbox continues the dispatcher's lease with its token.
+HANDOFF = "handoff"
+
+
 def _unreadable(lease: Lease | None, e: ev.Unreadable, c: Ctx) -> Decision:
     """An item we cannot read would be delivered again for ever: name it and stop it, when its
     id is legible (one that is not cannot go in a URL; the server's lease expiry ends it)."""
@@ -103,7 +107,9 @@ def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> 
     decision = Decision(lease, tuple(effects))
     if lease.heartbeats_by != Beater.DISPATCHER:
         return decision.then(advance_claimed(lease, c))
-    if lease.kind == "healthcheck":
+    if lease.kind == "healthcheck" or lease.mode == HANDOFF:
+        # Claimed first: a healthcheck is answered, not published; a hand-off gives the sandbox
+        # the token at its start, which must be the claim's, not none yet.
         return decision.then(Decision(lease, (fx.Claim(),)))
     # Published first, claimed right after: the first heartbeat's round trip never delays the
     # session, and the lease is never left unbeaten (a claim that fails is retried by the
