@@ -56,8 +56,15 @@ def _schedule() -> dict[str, dict[str, object]]:
         return {"task": task, "schedule": seconds, "options": {"expires": max(seconds, 1.0),
                                                                "queue": CONTROL_QUEUE}}
 
+    if settings.webhooks:
+        # Deliveries wake the poller; the idle fleet polls once a sweep, which claims what a
+        # lost delivery left, and the tick only reads Redis until a drain is left standing.
+        polling = {"sweep": every(names.CLAIM_NOW, settings.webhook_sweep_seconds),
+                   "poll": every(names.CLAIM_WOKEN, settings.poll_interval_seconds)}
+    else:
+        polling = {"poll": every(names.POLL, settings.poll_interval_seconds)}
     return {
-        "poll": every(names.POLL, settings.poll_interval_seconds),
+        **polling,
         "heartbeat": every(names.HEARTBEAT, settings.heartbeat_tick_seconds),
         "stop-bridge": every(names.SCAN_STOPS, settings.bridge_interval_seconds),
         "recovery": every(names.RECOVER, settings.bridge_interval_seconds),
