@@ -14,6 +14,7 @@ from .config import EmulatorConfig
 from .faults import Faults
 from .requestlog import RequestLog
 from .store import Store
+from .webhooks import WebhookSender
 
 __all__ = ["Ctx", "Emulator", "emulator_of", "requires"]
 
@@ -31,6 +32,8 @@ class Emulator:
     log: RequestLog
     # Run once Redis answers, before the server listens (e.g. `--create-environment`).
     on_startup: Callable[[Emulator], Awaitable[None]] | None = None
+    # Signed `session.status_run_started` deliveries, when a webhook URL is configured.
+    webhooks: WebhookSender | None = None
 
 
 def emulator_of(request: Request) -> Emulator:
