@@ -142,6 +142,24 @@ class LocalStack:
         args += ["-B"] if beat else []
         return self.celery(name, args, env)
 
+    def webhooks(self, name: str, env: dict[str, str], *, port: int,
+                 signing_key: str) -> subprocess.Popen[bytes]:
+        """`dispatcher webhooks` on 127.0.0.1:`port`, with the signing key in its environment
+        (never its argv) and Redis, but no environment key: it only wakes the fleet."""
+        own = {k: v for k, v in env.items()
+               if k not in ("ANTHROPIC_ENVIRONMENT_KEY", "DISPATCHER_ON_WORK")}
+        process = self._spawn(name, [str(BIN / "dispatcher"), "webhooks", "--port", str(port)],
+                              env={**own, "ANTHROPIC_WEBHOOK_SIGNING_KEY": signing_key})
+        _wait(lambda: self._answers(name, f"http://127.0.0.1:{port}/health"), name)
+        return process
+
+    def _answers(self, name: str, url: str) -> bool:
+        self._check_alive(name)
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def hostname(self, name: str) -> str:
         return f"{name}@{socket.gethostname()}"
 
