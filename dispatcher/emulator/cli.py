@@ -16,6 +16,7 @@ __all__ = ["register", "run"]
 
 ENV_ENVIRONMENT_KEY = "DISPATCHER_EMULATOR_ENVIRONMENT_KEY"
 ENV_API_KEY = "DISPATCHER_EMULATOR_API_KEY"
+ENV_WEBHOOK_URL = "DISPATCHER_EMULATOR_WEBHOOK_URL"
 ENV_WEBHOOK_SIGNING_KEY = "DISPATCHER_EMULATOR_WEBHOOK_SIGNING_KEY"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -84,8 +85,9 @@ def _lease_options(parser: argparse.ArgumentParser) -> None:
 def _webhook_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "webhooks", "on each session created, deliver a signed session.status_run_started")
-    group.add_argument("--webhook-url", default=None,
-                       help="where to deliver (e.g. http://127.0.0.1:8790/webhooks)")
+    group.add_argument("--webhook-url", default=os.environ.get(ENV_WEBHOOK_URL) or None,
+                       help=f"where to deliver, e.g. http://127.0.0.1:8790/webhooks (or "
+                            f"${ENV_WEBHOOK_URL}); none: no deliveries")
     group.add_argument("--webhook-signing-key", default=os.environ.get(ENV_WEBHOOK_SIGNING_KEY),
                        help=f"the whsec_... key to sign with (or ${ENV_WEBHOOK_SIGNING_KEY}, "
                             "which keeps it out of the process list); generated and printed "

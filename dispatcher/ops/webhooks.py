@@ -171,14 +171,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _webhook(settings: Settings) -> Webhook:
     from standardwebhooks import Webhook
+    from standardwebhooks.webhooks import EmptyWebhookSecretError
 
     from dispatcher.settings import SettingsError
 
-    if settings.webhook_signing_key is None:
+    key = settings.webhook_signing_key
+    if key is None or not key.get_secret_value():
         raise SettingsError("ANTHROPIC_WEBHOOK_SIGNING_KEY is not set: the webhook signing key")
     try:
-        return Webhook(settings.webhook_signing_key.get_secret_value())
-    except (ValueError, RuntimeError) as exc:
+        return Webhook(key.get_secret_value())
+    except (ValueError, RuntimeError, EmptyWebhookSecretError) as exc:
         # The library's messages never echo the key.
         raise SettingsError(f"ANTHROPIC_WEBHOOK_SIGNING_KEY is invalid: {exc}") from None
 
