@@ -31,11 +31,12 @@ from .requestlog import RequestLog
 __all__ = ["RUN_STARTED", "WebhookSender", "run_started_event"]
 
 RUN_STARTED = "session.status_run_started"
-# Attempts of one delivery, and the backoff between them: 0.5 s doubling to 8 s, about half a
-# minute in all, long enough for a receiver that restarts or drains for a deploy.
-MAX_ATTEMPTS = 7
+# Attempts of one delivery, and the backoff between them: 0.5 s doubling to 16 s, under a
+# minute in all (the service's own schedule is unknown), long enough for a receiver that
+# restarts or a fleet that drains for a deploy, short enough for tests that watch it.
+MAX_ATTEMPTS = 8
 FIRST_BACKOFF_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 8.0
+MAX_BACKOFF_SECONDS = 16.0
 # A receiver that has not answered in this long counts as no answer.
 DELIVERY_TIMEOUT_SECONDS = 5.0
 # The emulator has one organisation and one workspace; the ids are what the event carries.

@@ -79,14 +79,16 @@ class LocalStack:
             return False
 
     # --- the emulator -----------------------------------------------------------------------
-    def start_emulator(self, *extra: str) -> str:
+    def start_emulator(self, *extra: str, env: dict[str, str] | None = None) -> str:
+        """`env`: variables added to this process's for the emulator (keys stay out of argv)."""
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         self._spawn("emulator", [str(BIN / "dispatcher"), "emulator", "--port", str(port),
                                  "--redis-url", self.redis_url,
                                  "--key-prefix", f"{self.key_prefix}-emulator",
                                  "--environment-key", self.environment_key,
-                                 "--api-key", self.api_key, *extra])
+                                 "--api-key", self.api_key, *extra],
+                    env={**os.environ, **env} if env else None)
         _wait(self._emulator_answers, "the emulator")
         self.environment_id = self.create_environment()
         return self.base_url

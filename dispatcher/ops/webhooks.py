@@ -71,6 +71,7 @@ class Receiver:
         self.stopping = False  # set at SIGTERM: answer 503 so the sender delivers again later
 
     def answer(self, body: bytes, headers: Mapping[str, str]) -> Decision:
+        from kombu.exceptions import OperationalError
         from redis import RedisError
 
         from dispatcher.control.webhooks import Decision, check, decide
@@ -86,7 +87,8 @@ class Receiver:
                                   first_delivery=self._record(checked.webhook_id))
             if decision.wake:
                 self._wake(checked.webhook_id)
-        except RedisError as exc:
+        except (RedisError, OperationalError) as exc:
+            # The sender retries a 503; the id was forgotten, so the retry is not a replay.
             decision = Decision(503, f"redis unreachable: {exc}")
         self._log(decision, checked.webhook_id, checked.session_id)
         return decision
