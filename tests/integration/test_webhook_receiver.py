@@ -20,7 +20,7 @@ from standardwebhooks import Webhook
 
 from dispatcher.control.capacity import Capacity
 from dispatcher.emulator.webhooks import run_started_event
-from dispatcher.ops.webhooks import Receiver
+from dispatcher.ops.webhook_server import Receiver
 
 pytestmark = pytest.mark.integration
 
