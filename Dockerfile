@@ -1,4 +1,5 @@
-# One image for every role of the fleet: worker, beat, flower and the emulator.
+# One image for every role of the fleet: worker, beat, flower, the emulator and the webhook
+# receiver.
 # Pinned to an exact release: a floating tag changes the image under a deployed fleet.
 FROM python:3.11.14-slim-bookworm
 WORKDIR /app

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
         "The environment key (Bearer) for worker calls. Required by workers; given to sandboxes."))
     api_key: SecretStr | None = _env("ANTHROPIC_API_KEY", description=(
         "Organisation key for operator commands (`show`, `update`). Never given to a sandbox."))
+    webhook_signing_key: SecretStr | None = _env("ANTHROPIC_WEBHOOK_SIGNING_KEY", description=(
+        "The webhook signing key (`whsec_...`), read as the SDK reads it. Needed by "
+        "`dispatcher webhooks` alone; never given to workers or sandboxes."))
 
     # --- the dispatcher's own knobs ---------------------------------------------------------
     redis_url: str = _env("DISPATCHER_REDIS_URL", DEFAULT_REDIS_URL, description=(
@@ -120,6 +123,15 @@ class Settings(BaseSettings):
         description="Beat period of the heartbeat task (each lease is beaten when due).")
     bridge_interval_seconds: float = _env("DISPATCHER_BRIDGE_INTERVAL_SECONDS", 1.0, gt=0,
         description="Beat period of the stop bridge that scans `list` for stop requests.")
+    webhooks: bool = _env("DISPATCHER_WEBHOOKS", False, description=(
+        "The fleet is woken by `dispatcher webhooks`: beat's poll tick becomes the slow sweep "
+        "below. Set it where beat runs."))
+    webhook_sweep_seconds: float = _env("DISPATCHER_WEBHOOK_SWEEP_SECONDS", 60.0, ge=1,
+        description="With webhooks: period of the sweep that claims what a lost delivery left.")
+    webhooks_host: str = _env("DISPATCHER_WEBHOOKS_HOST", "127.0.0.1", min_length=1, description=(
+        "Address `dispatcher webhooks` listens on; `0.0.0.0` behind a proxy on another host."))
+    webhooks_port: int = _env("DISPATCHER_WEBHOOKS_PORT", 8790, ge=0, le=65535, description=(
+        "Port `dispatcher webhooks` listens on (0: any free port, printed at start)."))
     http_timeout_seconds: float = _env("DISPATCHER_HTTP_TIMEOUT_SECONDS", 10.0, gt=0,
         description="Upper bound of any one Work API request (a long-poll adds its block).")
     sandbox_env_allow: Annotated[list[str], NoDecode] = _env(

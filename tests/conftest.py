@@ -3,7 +3,8 @@
     emulator            one server for the whole test session (fast); faults reset after each
                         test. Make a new environment per test: `emulator.create_environment()`.
     emulator_factory    start servers with their own flags (lease expiry modes, short TTLs):
-                        `emulator_factory("--lease-expiry", "requeue", "--min-ttl", "1")`;
+                        `emulator_factory("--lease-expiry", "requeue", "--min-ttl", "1")`,
+                        and variables (`env={...}`: keys stay out of the process list);
                         each is stopped and its Redis keys deleted at the end of the test.
 
 Each server gets a unique `--key-prefix`, so its keys never meet anyone else's; they are
@@ -43,7 +44,7 @@ def _free_port() -> int:
 class EmulatorProcess:
     """A running `dispatcher emulator` and helpers to drive it over HTTP."""
 
-    def __init__(self, *args: str, log_dir: Path) -> None:
+    def __init__(self, *args: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
         base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
         self.redis_url = f"{base}/{EMULATOR_REDIS_DB}"
         self.prefix = f"emutest{uuid.uuid4().hex[:10]}"
@@ -52,7 +53,8 @@ class EmulatorProcess:
         self.environment_key = f"sk-ant-oat01-test-{uuid.uuid4().hex}"
         self.api_key = f"sk-ant-api03-test-{uuid.uuid4().hex}"
         self.log_path = log_dir / f"emulator-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_EMULATOR_")}
+        own = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_EMULATOR_")}
+        env = {**own, **(env or {})}
         command = [sys.executable, "-m", "dispatcher.ops.cli", "emulator", "--port", str(self.port),
                    "--redis-url", self.redis_url, "--key-prefix", self.prefix,
                    "--environment-key", self.environment_key, "--api-key", self.api_key, *args]
@@ -200,8 +202,8 @@ def emulator(_emulator_server: EmulatorProcess) -> Iterator[EmulatorProcess]:
 def emulator_factory(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]:
     started: list[EmulatorProcess] = []
 
-    def start(*args: str) -> EmulatorProcess:
-        server = EmulatorProcess(*args, log_dir=tmp_path)
+    def start(*args: str, env: dict[str, str] | None = None) -> EmulatorProcess:
+        server = EmulatorProcess(*args, log_dir=tmp_path, env=env)
         started.append(server)
         return server
 

@@ -48,16 +48,28 @@ app = Celery("dispatcher", include=sorted({name.rsplit(".", 1)[0] for name in
                                            (*names.CONTROL_TASKS, names.SESSION_RUN)}))
 
 
+# With webhooks: how soon a drain the full fleet cut short carries on once a slot frees (a
+# Redis read when nothing is standing).
+WAKE_TICK_SECONDS = 1.0
+
+
 def _schedule() -> dict[str, dict[str, object]]:
-    """Every control task runs about each second; `expires` drops ticks nobody took in time,
-    so a control worker coming back after an outage runs one tick, not a backlog."""
+    """The control ticks; `expires` drops ticks nobody took in time, so a control worker coming
+    back after an outage runs one tick, not a backlog."""
 
     def every(task: str, seconds: float) -> dict[str, object]:
         return {"task": task, "schedule": seconds, "options": {"expires": max(seconds, 1.0),
                                                                "queue": CONTROL_QUEUE}}
 
+    if settings.webhooks:
+        # Deliveries wake the poller; the idle fleet polls once a sweep, which claims what a
+        # lost delivery left, and the tick only reads Redis until a drain is left standing.
+        polling = {"sweep": every(names.CLAIM_NOW, settings.webhook_sweep_seconds),
+                   "poll": every(names.CLAIM_WOKEN, WAKE_TICK_SECONDS)}
+    else:
+        polling = {"poll": every(names.POLL, settings.poll_interval_seconds)}
     return {
-        "poll": every(names.POLL, settings.poll_interval_seconds),
+        **polling,
         "heartbeat": every(names.HEARTBEAT, settings.heartbeat_tick_seconds),
         "stop-bridge": every(names.SCAN_STOPS, settings.bridge_interval_seconds),
         "recovery": every(names.RECOVER, settings.bridge_interval_seconds),

@@ -28,7 +28,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.settings import LeaseMode
 from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, WorkDataType, delay_for
 
-__all__ = ["POLL_BLOCK_MS", "claim", "run_poller"]
+__all__ = ["POLL_BLOCK_MS", "claim", "drain", "run_poller"]
 
 POLL_BLOCK_MS = 999  # the API caps block_ms at 999
 # One poller task long-polls this long, then hands over to its successor: Flower shows one poll
@@ -40,6 +40,9 @@ POLL_RUN_SECONDS = 60.0
 POLL_LOCK_SECONDS = 30.0
 # While the fleet is full, look for a freed slot this often (one Redis round trip each).
 FULL_FLEET_RECHECK_SECONDS = 0.05
+# A wake-up left for the poller that held the lock; outlives any run (POLL_RUN_SECONDS) so the
+# holder sees it, and lapses if that holder died (the sweep then claims what it would have).
+WAKE_FLAG_SECONDS = 60
 # A failure streak is forgotten after this long without news (the backoff cap is 8 s).
 POLL_FAILURES_TTL_SECONDS = 60
 
@@ -64,6 +67,44 @@ def run_poller(runtime: Runtime, *, run_seconds: float = POLL_RUN_SECONDS,
     finally:
         if not handed:
             _release(lock)
+
+
+def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
+          run_seconds: float = POLL_RUN_SECONDS) -> int:
+    """Claim until the first empty poll, if a wake-up stands (`wake` makes one); returns how
+    many were claimed. The webhook mode's poller: beat's sweep and each delivery call it.
+
+    The wake-up is a flag in Redis. A drainer that finds another holding the lock does not wait
+    for it (that would hold a control slot, and a burst of deliveries would hold them all): the
+    holder finds the flag when it lets go of the lock and drains again, so an item created after
+    its last poll never waits for the sweep. A run that ends with the fleet full or out of time
+    leaves the flag standing, and the next tick with a free slot drains on.
+    """
+    wanted = runtime.registry.keys.task_lock("poll-wanted")
+    if wake:
+        runtime.redis.set(wanted, 1, ex=WAKE_FLAG_SECONDS)
+    claimed = 0
+    while runtime.redis.exists(wanted) and runtime.capacity.free_slots() > 0:
+        lock = _take_lock(runtime, None)
+        if lock is None:
+            break
+        try:
+            runtime.redis.delete(wanted)  # every poll from here on sees what the flag announced
+            deadline = time.monotonic() + run_seconds
+            claimed += _poll_loop(runtime, lock=lock, stopping=lambda: False, deadline=deadline,
+                                  drain=True, reclaim_older_than_ms=reclaim_older_than_ms)
+            if _drain_cut_short(runtime, deadline):
+                runtime.redis.set(wanted, 1, ex=WAKE_FLAG_SECONDS)
+                break
+        finally:
+            _release(lock)
+    return claimed
+
+
+def _drain_cut_short(runtime: Runtime, deadline: float) -> bool:
+    """Did the run end before an empty poll: out of time, of slots, or paused by a failure?"""
+    return (time.monotonic() >= deadline or runtime.capacity.free_slots() <= 0
+            or bool(runtime.redis.exists(runtime.registry.keys.task_lock("poll-paused-until"))))
 
 
 def _take_lock(runtime: Runtime, handover: str | None) -> Lock | None:
@@ -92,7 +133,8 @@ def _release(lock: Lock) -> None:
 
 
 def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
-               deadline: float) -> int:
+               deadline: float, drain: bool = False,
+               reclaim_older_than_ms: int | None = None) -> int:
     claimed = 0
     # The failure count outlives one poller run (each lasts seconds), so a long outage backs
     # off to the cap instead of starting over at half a second every run.
@@ -105,12 +147,16 @@ def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
         if not _wait_out_pause(runtime, deadline):
             break
         if runtime.capacity.free_slots() <= 0:
+            if drain:
+                break  # the wake-up stands (see `drain`); no control slot is held waiting
             # Work waits on the server, where `depth` shows it and other fleets see it; this
             # run waits for a slot to free up, so a backlog drains as fast as sessions end.
             time.sleep(FULL_FLEET_RECHECK_SECONDS)
             continue
         try:
-            item = client.poll(block_ms=POLL_BLOCK_MS)
+            # Draining asks once, without blocking: the queue is empty or it is not.
+            item = client.poll(block_ms=None if drain else POLL_BLOCK_MS,
+                               reclaim_older_than_ms=reclaim_older_than_ms)
         except InvalidWorkItem as exc:
             runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc)))
             continue
@@ -125,6 +171,8 @@ def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
         if backoff.attempt:
             backoff.reset()
             runtime.redis.delete(failures_key)
+        if item is None and drain:
+            break
         if item is not None and claim(runtime, item):
             claimed += 1
     return claimed

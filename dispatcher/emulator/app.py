@@ -37,6 +37,7 @@ from .faults import FaultMiddleware, Faults, FaultSettings
 from .guard import GuardMiddleware
 from .requestlog import RequestLog, RequestLogMiddleware, note, request_id_of
 from .store import Store
+from .webhooks import WebhookSender
 
 __all__ = ["Emulator", "create_app"]
 
@@ -173,9 +174,13 @@ def add_resource_routes(app: FastAPI) -> None:
 
     @app.post("/v1/sessions", tags=["resources"], dependencies=admin)
     async def create_session(ctx: Ctx, body: SessionBody) -> Response:
-        """Creates the session and queues its work item; `work_id` is an emulator extension."""
-        return JSONResponse(await ctx.store.create_session(
-            body.environment_id, agent=body.agent, session_metadata=body.metadata))
+        """Creates the session and queues its work item; `work_id` is an emulator extension.
+        With a webhook URL, `session.status_run_started` is delivered in the background."""
+        session = await ctx.store.create_session(
+            body.environment_id, agent=body.agent, session_metadata=body.metadata)
+        if ctx.webhooks is not None:
+            ctx.webhooks.session_created(session)
+        return JSONResponse(session)
 
     @app.get("/v1/sessions/{session_id}", tags=["resources"], dependencies=admin)
     async def get_session(ctx: Ctx, session_id: str) -> Response:
@@ -215,10 +220,13 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
     redis = redis or Redis.from_pool(BlockingConnectionPool.from_url(
         config.redis_url, decode_responses=True, max_connections=REDIS_MAX_CONNECTIONS,
         timeout=REDIS_POOL_WAIT_SECONDS))
+    log = RequestLog(redis, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
     emulator = Emulator(config=config, store=Store(redis, config),
-                        faults=Faults(faults or FaultSettings()),
-                        log=RequestLog(redis, f"{config.key_prefix}:requests", REQUEST_LOG_CAP),
-                        on_startup=on_startup)
+                        faults=Faults(faults or FaultSettings()), log=log, on_startup=on_startup)
+    if config.webhook_url and config.webhook_signing_key:
+        emulator.webhooks = WebhookSender(url=config.webhook_url,
+                                          signing_key=config.webhook_signing_key, log=log,
+                                          faults=emulator.faults)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -226,6 +234,8 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
         if emulator.on_startup is not None:
             await emulator.on_startup(emulator)
         yield
+        if emulator.webhooks is not None:
+            await emulator.webhooks.aclose()
         await redis.aclose()
 
     api = FastAPI(title="dispatcher emulator: the Work API (managed-agents-2026-04-01)",

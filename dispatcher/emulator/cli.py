@@ -7,6 +7,7 @@ FastAPI, uvicorn or Redis for every other `dispatcher` command.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import secrets
 from typing import Any
@@ -15,6 +16,8 @@ __all__ = ["register", "run"]
 
 ENV_ENVIRONMENT_KEY = "DISPATCHER_EMULATOR_ENVIRONMENT_KEY"
 ENV_API_KEY = "DISPATCHER_EMULATOR_API_KEY"
+ENV_WEBHOOK_URL = "DISPATCHER_EMULATOR_WEBHOOK_URL"
+ENV_WEBHOOK_SIGNING_KEY = "DISPATCHER_EMULATOR_WEBHOOK_SIGNING_KEY"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -25,6 +28,7 @@ def register(subcommands: Any) -> None:
                     "Prints where it listens; runs until SIGTERM or Ctrl-C.")
     _server_options(parser)
     _lease_options(parser)
+    _webhook_options(parser)
     _fault_options(parser)
     parser.set_defaults(handler=run)
 
@@ -79,6 +83,18 @@ def _lease_options(parser: argparse.ArgumentParser) -> None:
                         help="stop answers 204 with no body (as observed) or the work object")
 
 
+def _webhook_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "webhooks", "on each session created, deliver a signed session.status_run_started")
+    group.add_argument("--webhook-url", default=os.environ.get(ENV_WEBHOOK_URL) or None,
+                       help=f"where to deliver, e.g. http://127.0.0.1:8790/webhooks (or "
+                            f"${ENV_WEBHOOK_URL}); none: no deliveries")
+    group.add_argument("--webhook-signing-key", default=os.environ.get(ENV_WEBHOOK_SIGNING_KEY),
+                       help=f"the whsec_... key to sign with (or ${ENV_WEBHOOK_SIGNING_KEY}, "
+                            "which keeps it out of the process list); generated and printed "
+                            "if --webhook-url is given without one")
+
+
 def _fault_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("faults", "also settable at run time: POST /_emulator/faults")
     group.add_argument("--latency-ms", type=int, default=0)
@@ -97,6 +113,8 @@ def _fault_options(parser: argparse.ArgumentParser) -> None:
                        help="share of 2xx answers whose JSON body is cut short")
     group.add_argument("--lost-reply-rate", type=float, default=0.0,
                        help="share of requests applied, then closed without the answer")
+    group.add_argument("--webhook-drop-rate", type=float, default=0.0,
+                       help="share of session webhooks never sent (lost deliveries)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         lease_expiry=LeaseExpiry(args.lease_expiry), default_ttl_seconds=args.default_ttl,
         min_ttl_seconds=args.min_ttl, max_ttl_seconds=args.max_ttl,
         create_environments=tuple(args.create_environment),
-        environment_ids=tuple(args.environment_id))
+        environment_ids=tuple(args.environment_id), webhook_url=args.webhook_url,
+        webhook_signing_key=_signing_key(args))
     faults = FaultSettings(
         latency_ms=args.latency_ms,
         endpoints=[e.strip() for e in args.fault_endpoints.split(",") if e.strip()] or None,
@@ -121,8 +140,19 @@ def run(args: argparse.Namespace) -> int:
         rate_limit_rate=args.rate_limit_rate, retry_after_seconds=args.retry_after,
         drop_rate=args.drop_rate, heartbeat_412_rate=args.heartbeat_412_rate,
         malformed_rate=args.malformed_rate, lost_reply_rate=args.lost_reply_rate,
-        stop_response=args.stop_response)
+        webhook_drop_rate=args.webhook_drop_rate, stop_response=args.stop_response)
     return serve(config, faults, log_level=args.log_level)
+
+
+def _signing_key(args: argparse.Namespace) -> str | None:
+    if not args.webhook_url:
+        return None
+    if args.webhook_signing_key:
+        return str(args.webhook_signing_key)
+    # A Standard Webhooks key is `whsec_` and the base64 of random bytes.
+    key = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    print(f"webhook signing key: {key}", flush=True)
+    return key
 
 
 def _generated(what: str, kind: str) -> str:

@@ -88,6 +88,10 @@ class EmulatorConfig:
     create_environments: tuple[str, ...] = field(default_factory=tuple)
     # Environment ids to create at start-up (fixed ids, e.g. for docker compose).
     environment_ids: tuple[str, ...] = field(default_factory=tuple)
+    # Where `session.status_run_started` is delivered, signed with the `whsec_...` key; no
+    # deliveries without both.
+    webhook_url: str | None = None
+    webhook_signing_key: str | None = field(default=None, repr=False)
 
     def clamp_ttl(self, desired: int | None) -> int:
         if desired is None:

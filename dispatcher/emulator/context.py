@@ -16,6 +16,7 @@ from .faults import Faults
 from .guard import credential_of
 from .requestlog import RequestLog
 from .store import Store
+from .webhooks import WebhookSender
 
 __all__ = ["Ctx", "Emulator", "emulator_of", "requires"]
 
@@ -33,6 +34,8 @@ class Emulator:
     log: RequestLog
     # Run once Redis answers, before the server listens (e.g. `--create-environment`).
     on_startup: Callable[[Emulator], Awaitable[None]] | None = None
+    # Signed `session.status_run_started` deliveries, when a webhook URL is configured.
+    webhooks: WebhookSender | None = None
 
 
 def emulator_of(request: Request) -> Emulator:

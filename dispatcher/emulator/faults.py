@@ -59,6 +59,9 @@ class FaultSettings(BaseModel):
     lost_reply_rate: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="Requests applied, then the connection closed before the reply.")
+    webhook_drop_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Session webhooks never sent (a lost delivery), with `--webhook-url`.")
     stop_response: StopResponse = Field(
         default=StopResponse.NO_CONTENT,
         description="Stop answers 204 with no body, or 200 with the work object.")

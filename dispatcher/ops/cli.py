@@ -18,6 +18,7 @@ SUBCOMMANDS: list[str] = [
     "dispatcher.emulator.cli",
     "dispatcher.ops.demo",
     "dispatcher.ops.operator_cli",
+    "dispatcher.ops.webhooks",
 ]
 
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A Celery fleet that acts as one environment worker for self-hosted\n"
                     "sandboxes of Claude Managed Agents. The fleet itself runs as\n"
                     "`celery -A dispatcher worker -B` (see docs/operations.md); this command\n"
-                    "runs the emulator and the demo, and the operators' commands.",
+                    "runs the emulator and the demo, the webhook receiver, and the\n"
+                    "operators' commands.",
         epilog=importlib.import_module("dispatcher.ops.operator_cli").EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -84,14 +84,16 @@ class LocalStack:
             return False
 
     # --- the emulator -----------------------------------------------------------------------
-    def start_emulator(self, *extra: str) -> str:
+    def start_emulator(self, *extra: str, env: dict[str, str] | None = None) -> str:
+        """`env`: variables added to this process's for the emulator (keys stay out of argv)."""
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         self._spawn("emulator", [str(BIN / "dispatcher"), "emulator", "--port", str(port),
                                  "--redis-url", self.redis_url,
                                  "--key-prefix", f"{self.key_prefix}-emulator",
                                  "--environment-key", self.environment_key,
-                                 "--api-key", self.api_key, *extra])
+                                 "--api-key", self.api_key, *extra],
+                    env={**os.environ, **env} if env else None)
         _wait(self._emulator_answers, "the emulator")
         self.environment_id = self.create_environment()
         return self.base_url
@@ -146,6 +148,24 @@ class LocalStack:
         args += ["-Q", queues] if queues else []
         args += ["-B"] if beat else []
         return self.celery(name, args, env)
+
+    def webhooks(self, name: str, env: dict[str, str], *, port: int,
+                 signing_key: str) -> subprocess.Popen[bytes]:
+        """`dispatcher webhooks` on 127.0.0.1:`port`, with the signing key in its environment
+        (never its argv) and Redis, but no environment key: it only wakes the fleet."""
+        own = {k: v for k, v in env.items()
+               if k not in ("ANTHROPIC_ENVIRONMENT_KEY", "DISPATCHER_ON_WORK")}
+        process = self._spawn(name, [str(BIN / "dispatcher"), "webhooks", "--port", str(port)],
+                              env={**own, "ANTHROPIC_WEBHOOK_SIGNING_KEY": signing_key})
+        _wait(lambda: self._answers(name, f"http://127.0.0.1:{port}/health"), name)
+        return process
+
+    def _answers(self, name: str, url: str) -> bool:
+        self._check_alive(name)
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def hostname(self, name: str) -> str:
         return f"{name}@{socket.gethostname()}"

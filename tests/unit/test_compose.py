@@ -23,7 +23,12 @@ from typing import Any
 
 import pytest
 
-from dispatcher.emulator.cli import ENV_API_KEY, ENV_ENVIRONMENT_KEY
+from dispatcher.emulator.cli import (
+    ENV_API_KEY,
+    ENV_ENVIRONMENT_KEY,
+    ENV_WEBHOOK_SIGNING_KEY,
+    ENV_WEBHOOK_URL,
+)
 from dispatcher.settings import Settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed: add it to the dev extra")
@@ -38,12 +43,16 @@ FLEET = ("worker", "control", "beat", "flower")
 WORKERS = ("worker", "control")
 WORKER_ENV = ("ANTHROPIC_BASE_URL", "ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY",
               "DISPATCHER_REDIS_URL", "DISPATCHER_ON_WORK")
-EMULATOR_VARIABLES = {ENV_ENVIRONMENT_KEY, ENV_API_KEY}
-# What beat and Flower may be given: Redis, and Flower its own options. Never a key.
-REDIS_ONLY_ENV = {"DISPATCHER_REDIS_URL", "DISPATCHER_KEY_PREFIX"}
+EMULATOR_VARIABLES = {ENV_ENVIRONMENT_KEY, ENV_API_KEY, ENV_WEBHOOK_URL, ENV_WEBHOOK_SIGNING_KEY}
+# What beat and Flower may be given: Redis, beat how it schedules the poller, and Flower its own
+# options. Never a key.
+REDIS_ONLY_ENV = {"DISPATCHER_REDIS_URL", "DISPATCHER_KEY_PREFIX", "DISPATCHER_WEBHOOKS",
+                  "DISPATCHER_WEBHOOK_SWEEP_SECONDS"}
+# Services that run only under their own profile (`--profile NAME`): optional parts.
+PROFILED = {"emulator": ["emulator"], "webhooks": ["webhooks"]}
 # Variables that must have no default anywhere: the operator sets them, or nothing starts.
 NO_DEFAULT = ("ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_API_KEY",
-              "DISPATCHER_ON_WORK", "FLOWER_BASIC_AUTH")
+              "DISPATCHER_ON_WORK", "FLOWER_BASIC_AUTH", "ANTHROPIC_WEBHOOK_SIGNING_KEY")
 SECRET_NAME = re.compile(r"KEY|PASSWORD|SECRET|TOKEN|AUTH", re.IGNORECASE)
 TEST_FLOWER_AUTH = "tester:a-password-of-the-test"
 GRACE_MARGIN_SECONDS = 15
@@ -154,7 +163,7 @@ def check_words(service: dict[str, Any]) -> list[str]:
 
 # --- the compose file agrees with the code ----------------------------------------------------
 def test_every_service_exists(services: dict[str, dict[str, Any]]) -> None:
-    assert {"redis", "emulator", *FLEET} <= set(services)
+    assert {"redis", "emulator", "webhooks", *FLEET} <= set(services)
 
 
 @pytest.mark.parametrize(("name", "subcommand", "queue"), [
@@ -181,9 +190,28 @@ def test_worker_node_names_are_unique_per_host(services: dict[str, dict[str, Any
     assert len(set(names)) == len(names)
 
 
-def test_redis_and_emulator_commands(services: dict[str, dict[str, Any]]) -> None:
+def test_redis_emulator_and_webhooks_commands(services: dict[str, dict[str, Any]]) -> None:
     assert argv(services["redis"])[0] == "redis-server"
     assert argv(services["emulator"])[:2] == ["dispatcher", "emulator"]
+    assert argv(services["webhooks"])[:2] == ["dispatcher", "webhooks"]
+
+
+def test_webhooks_wake_the_fleet_they_share_redis_with(
+        services: dict[str, dict[str, Any]]) -> None:
+    """The receiver publishes to the fleet's broker; beat's sweep replaces the poll tick only
+    when asked; the emulator signs with the key the receiver verifies with."""
+    on = {**QUICK_START_ENV, "DISPATCHER_WEBHOOKS": "true",
+          "ANTHROPIC_WEBHOOK_SIGNING_KEY": "whsec_dGVzdA=="}
+    receiver = environment(services["webhooks"], on)
+    assert receiver["DISPATCHER_REDIS_URL"] == environment(services["beat"])["DISPATCHER_REDIS_URL"]
+    assert Settings(**{k: v for k, v in environment(services["beat"], on).items()
+                       if k in setting_names()}).webhooks
+    assert not Settings(**{k: v for k, v in environment(services["beat"]).items()
+                           if k in setting_names()}).webhooks
+    emulator = environment(services["emulator"], on)
+    assert emulator[ENV_WEBHOOK_SIGNING_KEY] == receiver["ANTHROPIC_WEBHOOK_SIGNING_KEY"]
+    port = option(argv(services["webhooks"]), "--port", "--port")
+    assert port and services["webhooks"]["ports"] == [f"127.0.0.1:{port}:{port}"]
 
 
 @pytest.mark.parametrize("name", FLEET)
@@ -221,7 +249,8 @@ def test_beat_has_no_health_check(services: dict[str, dict[str, Any]]) -> None:
     assert "healthcheck" not in services["beat"]
 
 
-@pytest.mark.parametrize("name", ["redis", "emulator", *(n for n in FLEET if n != "beat")])
+@pytest.mark.parametrize("name", ["redis", "emulator", "webhooks",
+                                  *(n for n in FLEET if n != "beat")])
 def test_health_checks(services: dict[str, dict[str, Any]], name: str) -> None:
     check = services[name]["healthcheck"]
     for key in ("interval", "timeout"):
@@ -337,12 +366,14 @@ def test_ports_are_published_on_loopback_only(services: dict[str, dict[str, Any]
             assert host == "127.0.0.1", f"{name} publishes a port on {host or 'every interface'}"
 
 
-def test_the_emulator_runs_only_under_its_profile(services: dict[str, dict[str, Any]]) -> None:
-    assert services["emulator"].get("profiles") == ["emulator"]
+def test_optional_services_run_only_under_their_profile(
+        services: dict[str, dict[str, Any]]) -> None:
+    for name, profiles in PROFILED.items():
+        assert services[name].get("profiles") == profiles
     for name, service in services.items():
         depends = service.get("depends_on") or {}
-        assert "emulator" not in depends, f"{name} would pull the emulator in"
-        if name != "emulator":
+        assert not set(PROFILED) & set(depends), f"{name} would pull an optional service in"
+        if name not in PROFILED:
             assert "profiles" not in service, f"{name} must run without a profile"
 
 
@@ -395,6 +426,8 @@ def test_keys_reach_only_the_services_that_use_them(services: dict[str, dict[str
             assert "ANTHROPIC_API_KEY" not in given, f"{name}: the organisation key"
         if "ANTHROPIC_ENVIRONMENT_KEY" in given:
             assert name in WORKERS, f"{name} is given the environment key"
+        if "ANTHROPIC_WEBHOOK_SIGNING_KEY" in given:
+            assert name == "webhooks", f"{name} is given the webhook signing key"
         assert "env_file" not in service, f"{name}: an env_file gives it every variable"
 
 
