@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -39,38 +40,57 @@ def replaced(headers: dict[str, str], **changes: str) -> dict[str, str]:
     return {**headers, **{k.replace("_", "-"): v for k, v in changes.items()}}
 
 
-BODY, HEADERS = signed()
-CHECK_TABLE = [
-    # (case, body, headers, refused status, reason contains)
-    ("authentic", BODY, HEADERS, 0, ""),
-    ("headers in any case", BODY, {k.title(): v for k, v in HEADERS.items()}, 0, ""),
-    ("other key", *signed(key=OTHER_KEY), 401, "No matching signature"),
-    ("body changed", BODY.replace(b"abc", b"abd"), HEADERS, 401, "No matching signature"),
-    ("id changed", BODY, replaced(HEADERS, webhook_id="wevt_2"), 401, "No matching"),
-    ("six minutes old", *signed(age=timedelta(minutes=6)), 401, "too old"),
-    ("six minutes ahead", *signed(age=timedelta(minutes=-6)), 401, "too new"),
-    ("four minutes old", *signed(age=timedelta(minutes=4)), 0, ""),
-    ("no id", BODY, without(HEADERS, "webhook-id"), 400, "missing webhook-id"),
-    ("no timestamp", BODY, without(HEADERS, "webhook-timestamp"), 400, "webhook-timestamp"),
-    ("no signature", BODY, without(HEADERS, "webhook-signature"), 400, "webhook-signature"),
-    ("timestamp not a number", BODY, replaced(HEADERS, webhook_timestamp="soon"), 400,
-     "Unix time"),
-    ("signature not v1,b64", BODY, replaced(HEADERS, webhook_signature="garbage"), 401,
-     "malformed"),
-    ("signature bad base64", BODY, replaced(HEADERS, webhook_signature="v1,@@@"), 401, ""),
-    ("only other versions", BODY, replaced(HEADERS, webhook_signature="v2,AAAA"), 401,
-     "No matching"),
-    ("body not UTF-8", b"\xff\xfe", HEADERS, 400, "UTF-8"),
-    ("signed, not JSON", *signed(body="not json"), 400, "not JSON"),
-    ("signed, no data", *signed({"id": "wevt_1", "type": "event"}), 400, "no event data"),
-    ("signed, a list", *signed([1, 2]), 400, "no event data"),
+Delivery = tuple[bytes, dict[str, str]]
+
+
+def _with_headers(change: Callable[[dict[str, str]], dict[str, str]]) -> Callable[[], Delivery]:
+    def make() -> Delivery:
+        body, headers = signed()
+        return body, change(headers)
+    return make
+
+
+def _with_body(body: bytes) -> Callable[[], Delivery]:
+    return lambda: (body, signed()[1])
+
+
+# Each delivery is signed when its case runs, not when the module is collected: a suite that
+# reaches these tests minutes later must not find its "fresh" deliveries stale.
+CHECK_TABLE: list[tuple[str, Callable[[], Delivery], int, str]] = [
+    # (case, make the delivery, refused status, reason contains)
+    ("authentic", signed, 0, ""),
+    ("headers in any case", _with_headers(lambda h: {k.title(): v for k, v in h.items()}), 0, ""),
+    ("other key", lambda: signed(key=OTHER_KEY), 401, "No matching signature"),
+    ("body changed", lambda: (signed()[0].replace(b"abc", b"abd"), signed()[1]), 401,
+     "No matching signature"),
+    ("id changed", _with_headers(lambda h: replaced(h, webhook_id="wevt_2")), 401, "No matching"),
+    ("six minutes old", lambda: signed(age=timedelta(minutes=6)), 401, "too old"),
+    ("six minutes ahead", lambda: signed(age=timedelta(minutes=-6)), 401, "too new"),
+    ("four minutes old", lambda: signed(age=timedelta(minutes=4)), 0, ""),
+    ("no id", _with_headers(lambda h: without(h, "webhook-id")), 400, "missing webhook-id"),
+    ("no timestamp", _with_headers(lambda h: without(h, "webhook-timestamp")), 400,
+     "webhook-timestamp"),
+    ("no signature", _with_headers(lambda h: without(h, "webhook-signature")), 400,
+     "webhook-signature"),
+    ("timestamp not a number", _with_headers(lambda h: replaced(h, webhook_timestamp="soon")),
+     400, "Unix time"),
+    ("signature not v1,b64", _with_headers(lambda h: replaced(h, webhook_signature="garbage")),
+     401, "malformed"),
+    ("signature bad base64", _with_headers(lambda h: replaced(h, webhook_signature="v1,@@@")),
+     401, ""),
+    ("only other versions", _with_headers(lambda h: replaced(h, webhook_signature="v2,AAAA")),
+     401, "No matching"),
+    ("body not UTF-8", _with_body(b"\xff\xfe"), 400, "UTF-8"),
+    ("signed, not JSON", lambda: signed(body="not json"), 400, "not JSON"),
+    ("signed, no data", lambda: signed({"id": "wevt_1", "type": "event"}), 400, "no event data"),
+    ("signed, a list", lambda: signed([1, 2]), 400, "no event data"),
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "headers", "refused", "reason"), CHECK_TABLE,
+@pytest.mark.parametrize(("case", "make", "refused", "reason"), CHECK_TABLE,
                          ids=[row[0] for row in CHECK_TABLE])
-def test_check(case: str, body: bytes, headers: dict[str, str], refused: int,
-               reason: str) -> None:
+def test_check(case: str, make: Callable[[], Delivery], refused: int, reason: str) -> None:
+    body, headers = make()
     checked = check(body, headers, Webhook(KEY))
     assert checked.refused == refused, checked.reason
     assert reason in checked.reason
@@ -80,10 +100,11 @@ def test_check(case: str, body: bytes, headers: dict[str, str], refused: int,
 
 
 def test_check_accepts_what_the_sdk_unwraps_and_reads_the_same_event() -> None:
+    body, headers = signed()
     event = Anthropic(api_key="unused", webhook_key=KEY).beta.webhooks.unwrap(
-        BODY.decode(), headers=HEADERS)
+        body.decode(), headers=headers)
     assert event.data.type == RUN_STARTED and event.data.id == "session_abc"
-    assert check(BODY, HEADERS, Webhook(KEY)).session_id == event.data.id
+    assert check(body, headers, Webhook(KEY)).session_id == event.data.id
 
 
 AUTHENTIC = Checked(webhook_id="wevt_1", event_type=RUN_STARTED, session_id="session_abc")
