@@ -11,6 +11,8 @@ from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
 from dispatcher.lease.model import Ending, Lease, Phase, StopKind
 
+# The official workers beat every ttl/2, at most every 30 s; we beat every ttl/3 so one failed
+# beat still leaves a retry inside the TTL.
 INTERVAL_SHARE_OF_TTL = 1 / 3
 MAX_INTERVAL_SECONDS = 30.0
 MIN_INTERVAL_SECONDS = 1.0
