@@ -27,7 +27,9 @@ from dispatcher.workapi import (
     ConflictError,
     Heartbeat,
     LeasePreconditionFailed,
+    MalformedResponseError,
     NotFoundError,
+    TransientError,
     Work,
     WorkAPIError,
     WorkState,
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Executor", "beat_event", "claim_event", "listed_event", "reply_of", "stop_event"]
 
+# An ack's retries, here and not in the client (see `Executor._ack`): a second or two in all,
+# well inside any lease's TTL.
+ACK_RETRY_PAUSES_SECONDS = (0.2, 0.8)
 # Answers fed back to the machine per run at most: a chain of ask-and-decide is a few steps
 # long (offer, ack, claim, publish); anything longer is a bug, not a lease.
 MAX_STEPS = 16
@@ -110,14 +115,23 @@ class Executor:
     # --- the Work API ----------------------------------------------------------------------
     def _ack(self, work_id: str, effect: fx.Ack, lease: Lease | None,
              state: _Run) -> ev.Event:
-        try:
-            self.runtime.client().ack(work_id)
-        except WorkAPIError as exc:
-            if exc.retryable or isinstance(exc, ConflictError):
-                state.ack_uncertain = True
-                return ev.AckUncertain(exc.status)
-            return ev.AckRefused(exc.status)
-        return ev.AckAnswered()
+        """Ack, retrying here rather than in the client: a 409 to a retry says the item is
+        acked, and whether that ack was ours depends on what the earlier attempt met."""
+        client = self.runtime.client(max_retries=0)
+        reply_lost = False
+        for pause in (*ACK_RETRY_PAUSES_SECONDS, None):
+            try:
+                client.ack(work_id)
+                return ev.AckAnswered()
+            except WorkAPIError as exc:
+                answer = ack_event(exc, reply_lost=reply_lost)
+                reply_lost = reply_lost or _no_answer(exc)
+            if answer is not None or pause is None:
+                break
+            time.sleep(pause)
+        answer = answer or ev.AckUncertain(None)
+        state.ack_uncertain = isinstance(answer, ev.AckUncertain)
+        return answer
 
     def _claim(self, work_id: str, effect: fx.Claim, lease: Lease | None,
                state: _Run) -> ev.Event:
@@ -299,6 +313,30 @@ def beat_event(outcome: Heartbeat | WorkAPIError, sent_at: float) -> ev.Event:
     if outcome.retryable or isinstance(outcome, ConflictError):
         return ev.BeatFailed(outcome.status, str(outcome))
     return ev.BeatRejected(outcome.status, str(outcome))
+
+
+def _no_answer(exc: WorkAPIError) -> bool:
+    """The request may have reached the server and been applied: no status came back (a dropped
+    connection, a timeout), or a 2xx came back unreadable."""
+    return isinstance(exc, MalformedResponseError) or (
+        isinstance(exc, TransientError) and exc.status is None)
+
+
+def ack_event(exc: WorkAPIError, *, reply_lost: bool) -> ev.Event | None:
+    """A failed ack attempt as the event the machine judges; None: try again.
+
+    A 2xx that came back unreadable was applied: the item is ours. A 409 ("cannot ack work in
+    state starting") to a retry after an attempt whose reply never came is our own ack, which
+    landed: only a poll can hand the item to another worker, and the server offers an unacked
+    item again only after it idled far longer than our retries take. A 409 otherwise, or
+    attempts that all failed, leave it uncertain: the first claim tells."""
+    if isinstance(exc, MalformedResponseError):
+        return ev.AckAnswered()
+    if isinstance(exc, ConflictError):
+        return ev.AckAnswered() if reply_lost else ev.AckUncertain(409)
+    if exc.retryable:
+        return None
+    return ev.AckRefused(exc.status)
 
 
 def claim_event(exc: WorkAPIError, *, ack_uncertain: bool) -> ev.Event:

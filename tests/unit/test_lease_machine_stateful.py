@@ -148,13 +148,15 @@ class LeaseLife(RuleBasedStateMachine):
         return {lease.token} if lease is not None and lease.token else set()
 
     def ack(self) -> ev.Event:
+        """As the executor acks: a lost reply is retried, and the retry's 409 says our ack
+        landed; attempts the server refused (503) leave it uncertain."""
         fate = self.fate
         if fate == "refused":
-            return ev.AckUncertain(503)
+            return ev.AckUncertain(None)
         applied = self.server.ack()
         if not applied:
             return ev.AckUncertain(409)
-        return ev.AckAnswered() if fate == "answered" else ev.AckUncertain(None)
+        return ev.AckAnswered()
 
     def beat(self, token: str | None, *, first: bool = False) -> ev.Event:
         fate = self.fate
