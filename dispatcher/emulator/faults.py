@@ -122,13 +122,21 @@ class FaultMiddleware:
             return await self.app(scope, receive, _malformed(send))
         if self.faults.draw(settings.lost_reply_rate):
             note_scope(scope, fault="lost_reply")
-            await self.app(scope, receive, _discard)
+            await self.app(scope, receive, _discard(scope))
             return DROPPED
         return await self.app(scope, receive, send)
 
 
-async def _discard(message: dict[str, Any]) -> None:
-    """A `send` for a reply that never reaches the client."""
+def _discard(scope: dict[str, Any]) -> Any:
+    """A `send` for a reply that never reaches the client. The status it would have had is
+    noted as `applied_status`: the request log's `status` stays 0 (the client saw none), but
+    checks of what the server did (an ack that landed, a token it issued) need the outcome."""
+
+    async def discarding_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            note_scope(scope, applied_status=message["status"])
+
+    return discarding_send
 
 
 async def _error(scope: dict[str, Any], send: Any, status: int, message: str,

@@ -9,7 +9,7 @@ the `last_heartbeat` a heartbeat returned, `force`) with `note`.
 
 Entry: time (epoch s), method, endpoint, environment_id, work_id, status (0: dropped),
 worker_id, expected_last_heartbeat, desired_ttl_seconds, block_ms, last_heartbeat, state, force,
-fault, request_id.
+fault, applied_status (a lost reply: the status its discarded answer had), request_id.
 """
 
 from __future__ import annotations

@@ -78,16 +78,23 @@ def chaos(emulator_factory: Callable[..., Any], tmp_path: Path, chaos_redis: Red
         yield make
     finally:
         for cf in made:
-            cf.watcher._stop.set()
-            cf.fleet.stop_all()
+            cf.close()
+
+
+Report = Callable[..., None]
 
 
 @pytest.fixture
-def report(figures_file: Path) -> Callable[[Figures], None]:
-    """Record a scenario's figures, then fail on any violation it found."""
+def report(figures_file: Path) -> Report:
+    """`report(figures, known=None, why="")`: record a scenario's figures, then fail on any
+    violation it found; if `known` says every violation is a known dispatcher bug (reported,
+    not yet fixed), the test is an expected failure (`why`) instead: no other one is excused."""
 
-    def check(figures: Figures) -> None:
+    def check(figures: Figures, *, known: Callable[[str], bool] | None = None,
+              why: str = "") -> None:
         record_figures(figures_file, figures)
+        if figures.violations and known is not None and all(map(known, figures.violations)):
+            pytest.xfail(f"{why}: " + "; ".join(figures.violations))
         assert not figures.violations, "\n".join(figures.violations)
 
     return check

@@ -52,9 +52,17 @@ def _by_work(log: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, An
     return per
 
 
+def _applied_status(entry: Mapping[str, Any]) -> int:
+    """The status of what the server did: for a lost reply (applied, its answer thrown away,
+    logged with status 0) the status the answer had; 0 for a request never applied."""
+    if entry.get("fault") == "lost_reply":
+        return int(entry.get("applied_status") or 0)
+    return int(entry.get("status") or 0)
+
+
 def _ends_holding(entry: Mapping[str, Any]) -> bool:
     """A request after which the fleet rightly holds the lease no more."""
-    endpoint, status = entry.get("endpoint"), int(entry.get("status") or 0)
+    endpoint, status = entry.get("endpoint"), _applied_status(entry)
     if (endpoint == "stop" and 200 <= status < 300) or (endpoint == "stop" and status == 409):
         return True
     if endpoint == "heartbeat":
@@ -72,13 +80,14 @@ def leases_kept_alive(log: Iterable[Mapping[str, Any]], *, ttl: float, margin: f
     ack, and each heartbeat the previous one, within `ttl` (+ margin); the lease never lapses
     (a poll delivering the item again while held); and no item is left acked but never
     heartbeated (stranded in `starting`). A lease still held at `end_time` must have been
-    beaten within the TTL before it."""
+    beaten within the TTL before it. Leases are the server's: a lost reply counts as what the
+    server did with it."""
     problems = []
     for work_id, entries in _by_work(log).items():
         held_since: float | None = None  # time of the last successful ack or heartbeat
         acked_unbeaten: float | None = None  # acked, and no heartbeat has succeeded since
         for entry in entries:
-            t, status = float(entry["time"]), int(entry.get("status") or 0)
+            t, status = float(entry["time"]), _applied_status(entry)
             endpoint = entry.get("endpoint")
             ok = 200 <= status < 300
             if endpoint == "ack" and ok:
@@ -115,7 +124,10 @@ def leases_kept_alive(log: Iterable[Mapping[str, Any]], *, ttl: float, margin: f
 # --- no stale `expected_last_heartbeat` after a 412 -----------------------------------------
 def no_stale_token_after_412(log: Iterable[Mapping[str, Any]]) -> list[str]:
     """After a 412, no later heartbeat of that item presents the refused token again; and every
-    token presented is one the server handed out for that item (never a made-up one)."""
+    token presented is one the server handed out for that item (never a made-up one). A token
+    issued by a heartbeat whose reply was lost was handed out too (the fleet may adopt it from a
+    later 412's `current_state`); a 412 whose reply was lost was never seen, so it refuses
+    nothing the fleet knew of."""
     problems = []
     for work_id, entries in _by_work(log).items():
         issued: set[str] = set()
@@ -134,7 +146,7 @@ def no_stale_token_after_412(log: Iterable[Mapping[str, Any]]) -> list[str]:
                                     "the server never issued")
             if status == 412 and expected:
                 refused.setdefault(str(expected), t)
-            if 200 <= status < 300 and entry.get("last_heartbeat"):
+            if 200 <= _applied_status(entry) < 300 and entry.get("last_heartbeat"):
                 issued.add(str(entry["last_heartbeat"]))
     return problems
 

@@ -71,6 +71,23 @@ def test_dropped_connections_get_no_response_at_all(emulator: EmulatorProcess) -
     assert dropped[-1]["status"] == 0 and dropped[-1]["fault"] == "drop"
 
 
+def test_lost_replies_are_applied_and_logged_with_the_status_they_had(
+        emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    _, work_id = emulator.create_session(env)
+    emulator.poll(env)
+    emulator.set_faults(lost_reply_rate=1.0, endpoints=["ack"])
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending"):
+        emulator.http.post(emulator.work_url(env, f"/{work_id}/ack"),
+                           headers=emulator.env_headers)
+    emulator.reset_faults()
+    assert emulator.get(env, work_id)["state"] == "starting", "the ack was applied"
+    lost = [e for e in emulator.requests_log() if e["endpoint"] == "ack"
+            and e["work_id"] == work_id]
+    assert lost[-1]["status"] == 0 and lost[-1]["fault"] == "lost_reply"
+    assert lost[-1]["applied_status"] == 200
+
+
 def test_heartbeat_412_shows_the_real_current_state(emulator: EmulatorProcess) -> None:
     env = emulator.create_environment()
     _, work_id = emulator.create_session(env)
