@@ -196,6 +196,14 @@ class ChaosFleet:
         self.fault(fault or signal.Signals(sig).name)
         return at
 
+    def restart_redis(self, server: RedisServer) -> None:
+        """SIGKILL the fleet's redis-server and start it again, empty, on the same port."""
+        server.kill()
+        time.sleep(0.5)
+        server.start()
+        self.fault("Redis restarted empty")
+        self.fleet.redis.connection_pool.reset()
+
     def fault(self, kind: str, count: int = 1) -> None:
         self.fault_kinds[kind] = self.fault_kinds.get(kind, 0) + count
 

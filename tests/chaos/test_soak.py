@@ -106,11 +106,7 @@ class Chaos:
         emulator.reset_faults()
 
     def _restart_redis(self) -> None:
-        self.server.kill()
-        time.sleep(0.5)
-        self.server.start()
-        self.cf.fleet.redis.connection_pool.reset()
-        self.cf.fault("Redis restarted empty")
+        self.cf.restart_redis(self.server)
         self.redis_restarts += 1
 
     def _kill_a_session_worker(self) -> None:
