@@ -75,9 +75,7 @@ class Executor:
         `signal` lets the machine signal the caller's sandbox, and `beats` collects answered
         beats for the heartbeat tick to record in one round trip."""
         state = _Run(work_json=work_json, signal=signal, beats=beats)
-        subject = lease or (event.proposal if isinstance(event, ev.Offered) else None)
-        work_id = (subject.work_id if subject is not None
-                   else event.work_id or "" if isinstance(event, ev.Unreadable) else "")
+        work_id = _work_id_of(lease, event)
         pending: list[ev.Event] = [event]
         current = lease
         while pending and state.steps < MAX_STEPS:
@@ -314,6 +312,19 @@ def beat_event(outcome: Heartbeat | WorkAPIError, sent_at: float) -> ev.Event:
     if outcome.retryable or isinstance(outcome, ConflictError):
         return ev.BeatFailed(outcome.status, str(outcome))
     return ev.BeatRejected(outcome.status, str(outcome))
+
+
+def _work_id_of(lease: Lease | None, event: ev.Event) -> str:
+    """The item a run is about: its record's, or, with none, the one the event names."""
+    if lease is not None:
+        return lease.work_id
+    if isinstance(event, ev.Offered):
+        return event.proposal.work_id
+    if isinstance(event, ev.RegistryReset):
+        return event.lease.work_id
+    if isinstance(event, ev.Unreadable):
+        return event.work_id or ""
+    return ""
 
 
 def _no_answer(exc: WorkAPIError) -> bool:

@@ -37,9 +37,6 @@ def test_redis_restarted_empty(chaos: Callable[..., ChaosFleet],
         server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "re-registered leases are never scheduled for a heartbeat: Executor.run takes the work id "
-    "from the lease or an offer only, so a RegistryReset's Schedule targets work id ''"))
 def test_redis_restarted_empty_under_sessions_longer_than_the_ttl(
         chaos: Callable[..., ChaosFleet], report: Callable[[Figures], None],
         tmp_path: Path) -> None:

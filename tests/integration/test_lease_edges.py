@@ -195,3 +195,25 @@ def test_a_finished_session_is_stopped_whatever_happens_to_its_lease(
     assert emulator.get(runtime.environment_id, work_id)["state"] == "stopped"
     sent = [t for t in runtime.app.sent if t["kwargs"]["work_id"] == work_id]
     assert len(sent) == 1, "never dispatched again"
+
+
+# --- Redis restarted empty under a running session ------------------------------------------
+def test_a_lease_written_back_after_a_registry_reset_is_heartbeated_again(
+        emulator: Any, runtime: Runtime) -> None:
+    """Found by the chaos suite: the record a supervisor writes back after Redis lost its data
+    was never scheduled for a heartbeat, so a session outliving the restart by a TTL lost its
+    lease under the sandbox."""
+    work_id = _claimed(emulator, runtime)
+    runtime.registry.update(work_id, phase=Phase.RUNNING)
+    remembered = runtime.registry.get(work_id)
+    work_json = runtime.registry.work_json(work_id)
+    assert remembered is not None and work_json is not None
+    runtime.registry.delete(work_id)  # what a Redis restarted empty leaves
+    runtime.executor.run(None, ev.RegistryReset(remembered), work_json=work_json)
+    assert runtime.registry.get(work_id) is not None, "written back"
+    due = runtime.registry.next_due(work_id)
+    assert due is not None and due <= time.time(), "and its heartbeat due at once"
+    before = len(_beats(emulator, work_id))
+    beat_due_leases(runtime)
+    beats = _beats(emulator, work_id)
+    assert len(beats) == before + 1 and beats[-1]["status"] == 200, "beaten with its token"
