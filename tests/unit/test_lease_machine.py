@@ -314,3 +314,14 @@ def test_a_hand_off_lease_is_claimed_before_it_is_published() -> None:
     claimed = decide(acked.lease, ev.ClaimAnswered(ev.Reply("tok", True, "active", 30), NOW),
                      now=NOW)
     assert any(isinstance(e, fx.Publish) for e in claimed.effects)
+
+
+def test_a_lost_finished_lease_whose_stop_failed_is_tried_again() -> None:
+    """Found by the soak run: a releasing lease taken as lost in a heartbeat tick, whose stop
+    then failed, was never due again (its retry deferred to a beat that no longer comes)."""
+    releasing = lease_in("releasing")
+    assert releasing is not None
+    lost = decide(releasing, ev.BeatFailed(503, "unavailable"), now=NOW + 60)
+    assert lost.lease is not None and lost.lease.lost
+    retry = decide(lost.lease, ev.ReleaseFailed(503, "unavailable"), now=NOW + 60)
+    assert fx.Schedule(NOW + 62, sooner_only=False) in retry.effects

@@ -247,8 +247,9 @@ def _release_failed(lease: Lease | None, e: ev.ReleaseFailed, c: Ctx) -> Decisio
     flagged = flag_stop(retrying, StopKind.FORCE, "releasing") or Decision(retrying)
     return Decision(retrying, (fx.Update(changes),)).then(flagged).then(Decision(
         flagged.lease, (
-            # Sooner only: postponing a due beat of a lease we still hold would let it lapse.
-            fx.Schedule(c.now + RELEASE_RETRY_SECONDS, sooner_only=True),
+            # Sooner only while we beat it: postponing a due beat of a lease we hold would let it
+            # lapse. A lost lease gets no beat, so nothing else would ever bring it due again.
+            fx.Schedule(c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost),
             log("release deferred", lease, logging.WARNING, status=e.status, error=e.error,
                  release_attempts=retrying.release_attempts))))
 
