@@ -42,7 +42,7 @@ __all__ = ["Executor", "beat_event", "claim_event", "listed_event", "reply_of", 
 
 # An ack's retries, here and not in the client (see `Executor._ack`): three seconds in all, well
 # inside any lease's TTL. Until one attempt is answered, nothing proves the item is ours: at 30 %
-# of replies lost, six attempts all go unanswered for one item in 1,400.
+# of replies lost and 20 % refused (503), six attempts all go unanswered for one item in 140.
 ACK_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.4, 0.8, 1.6)
 # Answers fed back to the machine per run at most: a chain of ask-and-decide is a few steps
 # long (offer, ack, claim, publish); anything longer is a bug, not a lease.
