@@ -81,7 +81,7 @@ class Watcher:
                     pid = int(r["pid"])
                     if pid in self.first_seen_dead:
                         continue
-                    if invariants._alive(pid):
+                    if invariants._alive(pid, wrote_at=float(r["time"])):
                         self.last_seen_alive[pid] = now
                     else:
                         self.first_seen_dead[pid] = now

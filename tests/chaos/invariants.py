@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -201,12 +202,29 @@ def no_overlapping_attempts(spans: Iterable[SandboxSpan]) -> list[str]:
 
 
 # --- no sandbox process survives its session --------------------------------------------------
-def _alive(pid: int) -> bool:
+# A process counts as the one that wrote a record only if it started before the record was
+# written; this slack covers reading the clock and /proc/uptime (10 ms ticks) apart.
+SAME_PROCESS_SLACK_SECONDS = 0.5
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _alive(pid: int, *, wrote_at: float | None = None) -> bool:
+    """The pid runs (a zombie is dead). With `wrote_at` (when it wrote a record), only if it is
+    still that process: pids wrap quickly on a busy machine (32,768 of them), and a new process
+    with an old sandbox's pid would otherwise keep that sandbox "alive"."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+            fields = f.read().rsplit(")", 1)[-1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
     except (FileNotFoundError, ProcessLookupError):
         return False
+    if fields[0] == "Z":
+        return False
+    if wrote_at is None:
+        return True
+    started = time.time() - uptime + int(fields[19]) / _CLOCK_TICKS
+    return started <= wrote_at + SAME_PROCESS_SLACK_SECONDS
 
 
 def _group_members(pgids: set[int]) -> dict[int, list[int]]:
@@ -233,7 +251,7 @@ def no_sandbox_survives(records: Mapping[str, list[Mapping[str, Any]]]) -> list[
     for work_id, lines in records.items():
         for r in lines:
             pgids[int(r["pgid"])] = work_id
-            if _alive(int(r["pid"])):
+            if _alive(int(r["pid"]), wrote_at=float(r["time"])):
                 problems.append(f"{work_id}: {r['event']} pid {r['pid']} still runs")
     for pgid, pids in _group_members(set(pgids)).items():
         problems.append(f"{pgids[pgid]}: process group {pgid} still has {sorted(pids)}")

@@ -3,6 +3,8 @@ server did. Pure tables: no fleet, no marker, part of every run."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from typing import Any
 
 import invariants
@@ -61,3 +63,14 @@ def test_a_token_nobody_issued_is_caught() -> None:
            _e(2, "heartbeat", 0, fault="drop", expected_last_heartbeat="a", last_heartbeat="b"),
            _e(3, "heartbeat", 200, expected_last_heartbeat="b", last_heartbeat="c")]
     assert len(invariants.no_stale_token_after_412(log)) == 1
+
+
+def test_a_reused_pid_is_not_the_sandbox_that_wrote_the_record() -> None:
+    with subprocess.Popen(["sleep", "30"]) as process:
+        try:
+            assert invariants._alive(process.pid, wrote_at=time.time())
+            # A record written before this process started was another process's: pid reuse.
+            assert not invariants._alive(process.pid, wrote_at=time.time() - 60)
+        finally:
+            process.kill()
+    assert not invariants._alive(process.pid, wrote_at=time.time())
