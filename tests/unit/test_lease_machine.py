@@ -325,3 +325,15 @@ def test_a_lost_finished_lease_whose_stop_failed_is_tried_again() -> None:
     assert lost.lease is not None and lost.lease.lost
     retry = decide(lost.lease, ev.ReleaseFailed(503, "unavailable"), now=NOW + 60)
     assert fx.Schedule(NOW + 62, sooner_only=False) in retry.effects
+
+
+def test_a_lease_written_back_after_a_reset_adopts_a_token_it_did_not_see() -> None:
+    """Found by the acceptance test of a Redis restart: a beat answered between the attempt's
+    last pulse and the restart changed the token; the written-back lease's first beat got 412."""
+    remembered = lease_in("running")
+    assert remembered is not None
+    back = decide(None, ev.RegistryReset(remembered), now=NOW).lease
+    assert back is not None and back.uncertain
+    refused = decide(back, ev.BeatRefused(ev.ServerLease("active", "tok-newer")), now=NOW + 1)
+    assert refused.lease is not None and refused.lease.token == "tok-newer"
+    assert not refused.lease.lost
