@@ -103,6 +103,8 @@ def test_a_graceful_stop_reaches_the_container_as_sigterm_and_removes_it(
     wait_for(lambda: fleet.events(work_id, "sigterm"), timeout=10, interval=0.02,
              what="SIGTERM in the container")
     assert time.monotonic() - asked < STOP_BOUND_SECONDS
+    # The session writes its exit a moment after the SIGTERM it handles: wait for it.
+    fleet.wait_event(work_id, "exited", timeout=10)
     assert fleet.events(work_id, "exited")[0]["reason"] == "sigterm"
     wait_for(lambda: not fleet.containers(engine), timeout=10, what="container removed")
     fleet.wait_stopped([work_id], timeout=30)
