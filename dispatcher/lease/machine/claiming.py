@@ -236,6 +236,16 @@ def _beat_refused(lease: Lease | None, e: ev.BeatRefused, c: Ctx) -> Decision:
     return lose(lease, cause="heartbeat 412", server_state=current.state if current else None)
 
 
+# The window to adopt in while the server's TTL is still unknown (no reply seen yet): the assumed
+# 30 s may be far longer than what the server granted, and a window past the real TTL could take
+# a lease the server already gave another worker. A lost claim's retry comes within a second.
+UNKNOWN_TTL_WINDOW_SECONDS = 5
+
+
+def _known_ttl(lease: Lease) -> float:
+    return lease.ttl_seconds if lease.ttl_seconds > 0 else UNKNOWN_TTL_WINDOW_SECONDS
+
+
 def _lost_beat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float) -> bool:
     """After a beat whose reply was lost, a 412 whose server token we never saw is that beat's:
     the server hands an acked item to another holder only after its lease lapsed, and it cannot
@@ -247,7 +257,7 @@ def _lost_beat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float
             and bool(current.last_heartbeat)
             and current.last_heartbeat != lease.token
             and current.state in ("starting", "active", "stopping")
-            and since_ok(lease, now) < lease.ttl)
+            and since_ok(lease, now) < _known_ttl(lease))
 
 
 def _beat_not_found(lease: Lease | None, e: ev.BeatNotFound, c: Ctx) -> Decision:
