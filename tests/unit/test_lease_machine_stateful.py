@@ -309,5 +309,8 @@ class LeaseLife(RuleBasedStateMachine):
 
 
 TestLeaseLife = LeaseLife.TestCase
+# Derandomized: CI replays the same 1,000 orders each run, so a landing never depends on luck;
+# widen the search locally (more examples, no derandomize) when changing the rules.
 TestLeaseLife.settings = settings(max_examples=1000, stateful_step_count=50, deadline=None,
+                                  derandomize=True,
                                   suppress_health_check=[HealthCheck.too_slow])
