@@ -33,6 +33,7 @@ __all__ = [
     "Offered",
     "OperatorRevoked",
     "Pulsed",
+    "RecordFailed",
     "RegistryReset",
     "RegistryUnreachable",
     "ReleaseAnswered",
@@ -104,6 +105,16 @@ class AckUncertain:
 @dataclass(frozen=True)
 class AckRefused:
     status: int | None
+
+
+@dataclass(frozen=True)
+class RecordFailed:
+    """The registry could not record the lease (Redis down past the executor's retries): a
+    fresh claim's, or the one a running attempt writes back after Redis restarted empty.
+    `lease` is the record that was to be written."""
+
+    lease: Lease
+    error: str
 
 
 @dataclass(frozen=True)
@@ -305,10 +316,10 @@ class HealthcheckAnswered:
 
 
 Event = (
-    Offered | Unreadable | AckAnswered | AckUncertain | AckRefused | ClaimAnswered | ClaimRefused
-    | ClaimNotAcked | ClaimFailed | BeatAnswered | BeatRefused | BeatNotFound | BeatRejected
-    | BeatFailed | StopRequested | ServerStopped | OperatorRevoked | AttemptStarting | HandingOff
-    | Pulsed | SandboxStartFailed | SandboxExited | RegistryUnreachable | RegistryReset
+    Offered | Unreadable | AckAnswered | AckUncertain | AckRefused | RecordFailed | ClaimAnswered
+    | ClaimRefused | ClaimNotAcked | ClaimFailed | BeatAnswered | BeatRefused | BeatNotFound
+    | BeatRejected | BeatFailed | StopRequested | ServerStopped | OperatorRevoked | AttemptStarting
+    | HandingOff | Pulsed | SandboxStartFailed | SandboxExited | RegistryUnreachable | RegistryReset
     | AttemptSilent | MessageLost | ClaimStranded | ReleaseAnswered | ReleaseDue | ReleaseFailed
     | ReleaseRejected | HealthcheckAnswered
 )

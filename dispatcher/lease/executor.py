@@ -44,6 +44,9 @@ __all__ = ["Executor", "beat_event", "claim_event", "listed_event", "reply_of", 
 # inside any lease's TTL. Until one attempt is answered, nothing proves the item is ours: at 30 %
 # of replies lost and 20 % refused (503), six attempts all go unanswered for one item in 140.
 ACK_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.4, 0.8, 1.6)
+# A record's write retries: a Redis restart refuses connections for a second or two. 1.5 s in
+# all, so an acked item still gets its first heartbeat well inside the shortest TTL.
+RECORD_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.4, 0.8)
 # Answers fed back to the machine per run at most: a chain of ask-and-decide is a few steps
 # long (offer, ack, claim, publish); anything longer is a bug, not a lease.
 MAX_STEPS = 16
@@ -84,7 +87,7 @@ class Executor:
             current = decision.lease
             answer = self._perform(work_id, decision, state)
             if isinstance(answer, _End):
-                return self.runtime.registry.get(work_id) if answer.reread else None
+                return self.runtime.registry.get(work_id)
             if answer is not None:
                 pending.append(answer)
         return current
@@ -107,6 +110,8 @@ class Executor:
             result = _PERFORMERS[type(effect)](self, work_id, effect, decision.lease, state)
             if isinstance(result, _End):
                 return result
+            if isinstance(result, _Abort):
+                return result.event
             if result is not None:
                 answer = result
         return answer
@@ -155,23 +160,21 @@ class Executor:
 
     # --- the registry ----------------------------------------------------------------------
     def _create(self, work_id: str, effect: fx.CreateRecord, lease: Lease | None,
-                state: _Run) -> _End | None:
+                state: _Run) -> _Abort | None:
+        """Write the record, riding out a Redis restart (a second or two); past that, the
+        machine decides what an unrecorded lease becomes, and the decision's other effects
+        (publishing it, claiming it) are not performed."""
         if state.work_json is None:
             raise ValueError(f"no work item to record for {work_id}")
-        try:
-            self.runtime.registry.create(effect.lease, work_json=state.work_json)
-        except RedisError as exc:
-            # Acked but not recorded: nobody could beat or run it. Stop it rather than leave
-            # it owned by nobody.
-            self.runtime.metrics.inc("work_refused", reason="abandoned")
-            log_event("abandoned", level=logging.ERROR, work_id=work_id,
-                      session_id=effect.lease.session_id,
-                      reason=f"registry unavailable: {exc}", outcome="stopped on the server")
-            if isinstance(self._stop(work_id, fx.StopOnServer(), None, state),
-                          ev.ReleaseFailed | ev.ReleaseRejected):
-                log_event("stop failed", level=logging.ERROR, work_id=work_id)
-            return _End(reread=False)
-        return None
+        for pause in (*RECORD_RETRY_PAUSES_SECONDS, None):
+            try:
+                self.runtime.registry.create(effect.lease, work_json=state.work_json)
+                return None
+            except RedisError as exc:
+                if pause is None:
+                    return _Abort(ev.RecordFailed(effect.lease, str(exc)))
+            time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def _update(self, work_id: str, effect: fx.Update, lease: Lease | None,
                 state: _Run) -> None:
@@ -180,14 +183,14 @@ class Executor:
     def _mark_running(self, work_id: str, effect: fx.MarkRunning, lease: Lease | None,
                       state: _Run) -> _End | None:
         done = self.runtime.registry.update_if_attempt(work_id, effect.attempt, **effect.fields)
-        return None if done == 1 else _End(reread=True)
+        return None if done == 1 else _End()
 
     def _new_attempt(self, work_id: str, effect: fx.NewAttempt, lease: Lease | None,
                      state: _Run) -> _End | None:
         attempt = self.runtime.registry.new_attempt(
             work_id, expected_attempt=effect.expected, task_id=effect.task_id)
         # Someone else already moved the lease on, or released it: nothing of ours to publish.
-        return None if attempt > 0 else _End(reread=True)
+        return None if attempt > 0 else _End()
 
     def _flag_stop(self, work_id: str, effect: fx.FlagStop, lease: Lease | None,
                    state: _Run) -> None:
@@ -267,14 +270,20 @@ class Executor:
 
 
 @dataclass(frozen=True)
+class _Abort:
+    """The effect failed: the decision's remaining effects are dropped and `event` is what the
+    machine decides next."""
+
+    event: ev.Event
+
+
+@dataclass(frozen=True)
 class _End:
-    """The run cannot go on: a guarded change found the lease moved on (`reread`: the record
-    is read back as it now is), or the record could not be made (None)."""
-
-    reread: bool
+    """The run cannot go on: a guarded change found the lease moved on; the record is read
+    back as it now is."""
 
 
-_PERFORMERS: dict[type, Callable[..., ev.Event | _End | None]] = {
+_PERFORMERS: dict[type, Callable[..., ev.Event | _End | _Abort | None]] = {
     fx.Ack: Executor._ack, fx.Claim: Executor._claim, fx.StopOnServer: Executor._stop,
     fx.CreateRecord: Executor._create, fx.Update: Executor._update,
     fx.MarkRunning: Executor._mark_running, fx.NewAttempt: Executor._new_attempt,

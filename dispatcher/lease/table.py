@@ -31,8 +31,8 @@ def lease_in(phase: str, *, uncertain: bool = False) -> Lease | None:
                  heartbeats_by=Beater.DISPATCHER)
 
 
-_running = lease_in("running")
-assert _running is not None
+_claimed, _running, _releasing = (lease_in(p) for p in ("claimed", "running", "releasing"))
+assert _claimed is not None and _running is not None and _releasing is not None
 _REPLY = ev.Reply(token="tok-2", extended=True, state="active", ttl_seconds=30)
 
 # Each event the machine knows, in the variants that lead to different rules.
@@ -47,6 +47,8 @@ SCENARIOS: dict[str, ev.Event] = {
     "ack answered": ev.AckAnswered(),
     "ack reply lost, or 409": ev.AckUncertain(409),
     "ack refused (4xx)": ev.AckRefused(400),
+    "record refused, fresh claim": ev.RecordFailed(_claimed, "connection refused"),
+    "record refused, write-back": ev.RecordFailed(_running, "connection refused"),
     "claim answered": ev.ClaimAnswered(_REPLY, NOW),
     "claim 412, nobody beat it": ev.ClaimRefused(ev.ServerLease("starting", None)),
     "claim 412, another holder": ev.ClaimRefused(ev.ServerLease("active", "tok-x")),
@@ -97,6 +99,7 @@ SCENARIOS: dict[str, ev.Event] = {
     "release refused (4xx)": ev.ReleaseRejected(403, "forbidden"),
     "healthcheck answered": ev.HealthcheckAnswered(True, (("redis", "ok"),)),
     "registry reset": ev.RegistryReset(_running),
+    "registry reset, session ended": ev.RegistryReset(_releasing),
 }
 
 # Where an event can happen at all: acks meet the lease just proposed (claimed, not yet
@@ -105,9 +108,12 @@ SCENARIOS: dict[str, ev.Event] = {
 _ONLY_IN: dict[str, tuple[str, ...]] = {
     **{name: ("claimed",) for name in SCENARIOS if name.startswith("ack ")},
     **{name: ("claimed", "dispatched") for name in SCENARIOS if name.startswith("claim ")},
+    # A record refused meets the lease the failed write was part of deciding.
+    "record refused, fresh claim": ("dispatched",),
+    "record refused, write-back": ("running",),
     **{name: ("none",) for name in ("offered, unknown type", "offered, ended before",
-                                     "unreadable item",
-                                     "offered, attempts used up", "registry reset")},
+                                     "unreadable item", "offered, attempts used up",
+                                     "registry reset", "registry reset, session ended")},
 }
 
 

@@ -46,6 +46,8 @@ SUPERVISE_INTERVAL_SECONDS = 0.2
 HANDOFF_WAIT_SECONDS = 12.0
 # After the sandbox exited, keep trying this long to reach the registry and release the lease.
 RELEASE_WAIT_SECONDS = 60.0
+# How often an ended attempt whose release is pending looks whether it went through.
+RELEASE_POLL_SECONDS = 0.5
 
 
 class Outcome(StrEnum):
@@ -298,13 +300,15 @@ def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
 def _reregistered(runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
                   work_json: bytes) -> bool:
     """Our lease is gone. If Redis lost everything (a new registry epoch), the machine writes it
-    back from what this attempt remembers; otherwise it was released and we are fenced."""
+    back from what this attempt remembers; otherwise it was released and we are fenced. A
+    write-back Redis refused is tried again at the next call (the epoch is not taken as seen)."""
     epoch = runtime.registry.epoch()
     if epoch == memory.epoch:
         return False
-    memory.epoch = epoch
     remembered = memory.lease.but(worker=attempt.worker, pid=os.getpid())
-    runtime.executor.run(None, ev.RegistryReset(remembered), work_json=work_json.decode())
+    if runtime.executor.run(None, ev.RegistryReset(remembered),
+                            work_json=work_json.decode()) is not None:
+        memory.epoch = epoch
     return True
 
 
@@ -348,26 +352,51 @@ def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
     A registry that came back empty gets the lease written back first, so it is released."""
     runtime, attempt = sup.runtime, sup.attempt
     deadline = time.monotonic() + RELEASE_WAIT_SECONDS
+    outcome: Outcome | None = None
     while True:
         try:
             if runtime.registry.get(attempt.work_id) is None:
                 _reregistered(runtime, attempt, sup.memory, sup.work_json)
-            return _finish(runtime, attempt, code, draining=sup.draining)
+            if outcome is None:
+                outcome = _finish(runtime, sup, code)
+            if _released(runtime, sup):
+                return outcome
         except RedisError as exc:
             if time.monotonic() >= deadline:
                 event("release abandoned", level=logging.ERROR, work_id=attempt.work_id,
                       attempt=attempt.attempt, error=str(exc),
                       outcome="left to the server's lease expiry")
                 return Outcome.LOST
-            time.sleep(1.0)
+        if time.monotonic() >= deadline:
+            event("release still pending", level=logging.WARNING, work_id=attempt.work_id,
+                  attempt=attempt.attempt, outcome="left to the heartbeat task")
+            return outcome or Outcome.LOST
+        time.sleep(RELEASE_POLL_SECONDS)
 
 
-def _finish(runtime: Runtime, attempt: SessionAttempt, code: int, *, draining: bool) -> Outcome:
+def _released(runtime: Runtime, sup: _Supervisor) -> bool:
+    """Whether the ended attempt can leave: its lease is released, or no longer this attempt's.
+    While its release is still failing the supervisor stays, remembering the record, because it
+    is the only one that could write it back if Redis restarted empty: the release's retries
+    and the item's ending would be lost with it, and the finished session run again."""
+    lease = runtime.registry.get(sup.attempt.work_id)
+    if lease is None:
+        return runtime.registry.epoch() == sup.memory.epoch
+    if lease.attempt != sup.attempt.attempt:
+        return True
+    sup.memory.lease = lease
+    return False
+
+
+def _finish(runtime: Runtime, sup: _Supervisor, code: int) -> Outcome:
+    attempt = sup.attempt
     lease = runtime.registry.get(attempt.work_id)
     if lease is None or lease.attempt != attempt.attempt:
         return Outcome.SUPERSEDED
-    exited = ev.SandboxExited(attempt.attempt, code, draining, next_task_id=uuid.uuid4().hex)
+    exited = ev.SandboxExited(attempt.attempt, code, sup.draining, next_task_id=uuid.uuid4().hex)
     after = runtime.executor.run(lease, exited)
+    if after is not None:
+        sup.memory.lease = after
     return _ending_outcome(lease, after, code)
 
 

@@ -37,6 +37,13 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("ack reply lost, or 409", ("claimed",), "dispatched", {"CreateRecord", "Publish", "Claim"},
      set()),
     ("ack refused (4xx)", ("claimed",), "none", set(), {"CreateRecord", "StopOnServer"}),
+    # Acked, but Redis refused the record past the executor's retries: nobody could beat or run
+    # it, so it is stopped rather than left in `starting`.
+    ("record refused, fresh claim", ("dispatched",), "none",
+     {"StopOnServer", "log `abandoned`"}, {"Publish", "Claim"}),
+    # A running attempt's write-back: the attempt tries again at its next pulse.
+    ("record refused, write-back", ("running",), "none", {"log `write-back failed`"},
+     {"StopOnServer", "FlagStop(force)"}),
     ("claim answered", ("claimed",), "dispatched", {"RecordBeat", "Publish"}, set()),
     ("claim 412, nobody beat it", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
     ("claim 412, another holder", ("claimed",), "none", {"DeleteRecord"},
@@ -126,6 +133,10 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("release refused (4xx)", ANY, "none", {"DeleteRecord", "log `release refused`"}, set()),
     ("healthcheck answered", ANY, "releasing", {"StopOnServer"}, {"Publish"}),
     ("registry reset", ("none",), "running", {"CreateRecord", "Schedule"}, set()),
+    # An ended session is written back ending, with its history: its release is tried again
+    # and a re-delivery of its item is stopped, not run.
+    ("registry reset, session ended", ("none",), "releasing",
+     {"CreateRecord", "RecordHistory", "Schedule"}, {"Publish", "NewAttempt"}),
 ]
 
 

@@ -126,6 +126,21 @@ def _ack_refused(lease: Lease | None, e: ev.AckRefused, c: Ctx) -> Decision:
              outcome="left for the server to re-deliver")))
 
 
+def _record_failed(lease: Lease | None, e: ev.RecordFailed, c: Ctx) -> Decision:
+    """Redis refused the record. A fresh claim is acked but owned by nobody (nobody could beat
+    or run it): stop it rather than strand it in `starting`. A lease a running attempt was
+    writing back is left to that attempt, which tries again at its next pulse."""
+    lease = e.lease
+    if lease.phase != Phase.CLAIMED:
+        return Decision(None, (log("write-back failed", lease, logging.WARNING, error=e.error,
+                                   action_taken="tried again at the next pulse"),))
+    return Decision(None, (
+        count("work_refused", reason="abandoned"),
+        log("abandoned", lease, logging.ERROR, reason=f"registry unavailable: {e.error}",
+             outcome="stopped on the server"),
+        fx.StopOnServer(force=True)))
+
+
 def _claim_answered(lease: Lease | None, e: ev.ClaimAnswered, c: Ctx) -> Decision:
     if lease is None:
         return Decision(None)
@@ -299,6 +314,7 @@ HANDLERS: dict[type, Callable[[Any, Any, Ctx], Decision]] = {
     ev.AckAnswered: _acked,
     ev.AckUncertain: _acked,
     ev.AckRefused: _ack_refused,
+    ev.RecordFailed: _record_failed,
     ev.ClaimAnswered: _claim_answered,
     ev.ClaimRefused: _claim_refused,
     ev.ClaimNotAcked: _claim_not_acked,

@@ -154,17 +154,24 @@ def _registry_unreachable(lease: Lease | None, e: ev.RegistryUnreachable, c: Ctx
 
 
 def _registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decision:
-    """Redis lost everything while this attempt ran: the lease is still ours on the server and
-    this sandbox is its only runner. Write it back, with the last token we saw, marked
-    uncertain: a beat answered after the attempt's last pulse (0.2 s before) changed the token
-    unseen, and its 412 is then adopted like a lost reply's. The supervisor kills its sandbox if
-    the outage outlasts two thirds of the TTL, so a lease it writes back is still ours."""
+    """Redis lost everything while this attempt ran or released: the lease is still ours on the
+    server and this supervisor its only keeper. Write it back, with the last token we saw,
+    marked uncertain: a beat answered after the attempt's last pulse (0.2 s before) changed the
+    token unseen, and its 412 is then adopted like a lost reply's. The supervisor kills its
+    sandbox if the outage outlasts two thirds of the TTL, so a lease it writes back is still
+    ours. A session that already ended is written back ending, its history with it, so that its
+    release is tried again and a re-delivery of its item is stopped, not run."""
     if lease is not None:
         return Decision(lease)
-    back = e.lease.but(phase=Phase.RUNNING, pulse_at=c.now, heartbeat_ok_at=c.now,
-                       uncertain=True)
-    effects: list[fx.Effect] = [fx.CreateRecord(back)]
-    if back.heartbeats_by == Beater.DISPATCHER:
+    if is_over(e.lease):
+        back = e.lease.but(phase=Phase.RELEASING, heartbeat_ok_at=c.now, uncertain=True)
+        effects: list[fx.Effect] = [fx.CreateRecord(back),
+                                    fx.RecordHistory(back.failures, back.ended)]
+    else:
+        back = e.lease.but(phase=Phase.RUNNING, pulse_at=c.now, heartbeat_ok_at=c.now,
+                           uncertain=True)
+        effects = [fx.CreateRecord(back)]
+    if back.heartbeats_by == Beater.DISPATCHER or is_over(back):
         effects.append(fx.Schedule(c.now))
     effects.append(log("lease re-registered", back, logging.WARNING,
                         reason="registry was reset"))
