@@ -166,25 +166,37 @@ def _metrics_parser(subcommands: Any) -> None:
 # --- errors -> exit codes ---------------------------------------------------------------------
 def _guarded(name: str, action: Action, args: argparse.Namespace) -> int:
     """Run a command; turn what went wrong into one line on stderr and an exit code."""
+    try:
+        return action(args)
+    except Exception as exc:  # sorted below; anything else is re-raised
+        code = _failure(name, args, exc)
+        if code is None:
+            raise
+        return code
+
+
+def _failure(name: str, args: argparse.Namespace, exc: Exception) -> int | None:
+    """The exit code of a known failure, None for a bug. The error types are imported only
+    when something failed: the Work API client's imports (httpx) cost a quarter of a second,
+    which `status --check`, a health probe that reads Redis alone, must not pay."""
     from redis.exceptions import RedisError
 
     from dispatcher.settings import SettingsError
     from dispatcher.workapi import MissingCredentialError, NotFoundError, WorkAPIError
     from dispatcher.workapi.models import InvalidId  # a WORK_ID like `..`, before any request
 
-    try:
-        return action(args)
-    except (UsageError, SettingsError, MissingCredentialError, InvalidId) as exc:
+    if isinstance(exc, UsageError | SettingsError | MissingCredentialError | InvalidId):
         return _fail(name, args, EXIT_USAGE, "usage", str(exc))
-    except NotFoundError as exc:
+    if isinstance(exc, NotFoundError):
         return _fail(name, args, EXIT_NOT_FOUND, "not_found", exc.message, exc.status)
-    except WorkAPIError as exc:
+    if isinstance(exc, WorkAPIError):
         if exc.status is None:
             return _fail(name, args, EXIT_UNREACHABLE, "unreachable", exc.message)
         return _fail(name, args, EXIT_API_ERROR, exc.error_type or "api_error", exc.message,
                      exc.status)
-    except RedisError as exc:  # refused, timed out, or not Redis at all: nothing to read
+    if isinstance(exc, RedisError):  # refused, timed out, or not Redis at all: nothing to read
         return _fail(name, args, EXIT_UNREACHABLE, "unreachable", f"Redis: {exc}")
+    return None
 
 
 def _fail(name: str, args: argparse.Namespace, code: int, kind: str, message: str,

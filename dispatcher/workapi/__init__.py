@@ -1,32 +1,16 @@
 """The typed Work API client: `WorkClient`, `AsyncWorkClient`, their models and errors.
 
-Everything public is re-exported here; import from `dispatcher.workapi`, not its modules.
+Everything public is re-exported here; import from `dispatcher.workapi`, not its modules. The
+models are imported at once; the client, errors and retry policy (which import httpx, a quarter
+of a second) on first use, so that a command reading only Redis, or settings validating an id,
+never pays for an HTTP stack.
 """
 
 from __future__ import annotations
 
-from dispatcher.workapi.client import (
-    ANTHROPIC_VERSION,
-    BETA,
-    POLL_BLOCK_MS_MAX,
-    AsyncWorkClient,
-    WorkClient,
-)
-from dispatcher.workapi.errors import (
-    AuthenticationError,
-    ConflictError,
-    InvalidRequestError,
-    InvalidWorkItem,
-    LeasePreconditionFailed,
-    MalformedResponseError,
-    MissingCredentialError,
-    NotFoundError,
-    RateLimitedError,
-    RequestTimeout,
-    ServerError,
-    TransientError,
-    WorkAPIError,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from dispatcher.workapi.models import (
     NO_HEARTBEAT,
     Heartbeat,
@@ -39,7 +23,52 @@ from dispatcher.workapi.models import (
     WorkState,
     epoch_seconds,
 )
-from dispatcher.workapi.retry import Backoff, classify, delay_for, retry_after_seconds
+
+if TYPE_CHECKING:
+    from dispatcher.workapi.client import (
+        ANTHROPIC_VERSION,
+        BETA,
+        POLL_BLOCK_MS_MAX,
+        AsyncWorkClient,
+        WorkClient,
+    )
+    from dispatcher.workapi.errors import (
+        AuthenticationError,
+        ConflictError,
+        InvalidRequestError,
+        InvalidWorkItem,
+        LeasePreconditionFailed,
+        MalformedResponseError,
+        MissingCredentialError,
+        NotFoundError,
+        RateLimitedError,
+        RequestTimeout,
+        ServerError,
+        TransientError,
+        WorkAPIError,
+    )
+    from dispatcher.workapi.retry import Backoff, classify, delay_for, retry_after_seconds
+
+_LAZY = {
+    "client": ("ANTHROPIC_VERSION", "BETA", "POLL_BLOCK_MS_MAX", "AsyncWorkClient",
+               "WorkClient"),
+    "errors": ("AuthenticationError", "ConflictError", "InvalidRequestError", "InvalidWorkItem",
+               "LeasePreconditionFailed", "MalformedResponseError", "MissingCredentialError",
+               "NotFoundError", "RateLimitedError", "RequestTimeout", "ServerError",
+               "TransientError", "WorkAPIError"),
+    "retry": ("Backoff", "classify", "delay_for", "retry_after_seconds"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ANTHROPIC_VERSION",
