@@ -28,7 +28,10 @@ class Ack:
 
 @dataclass(frozen=True)
 class Claim:
-    """The first heartbeat (`NO_HEARTBEAT`), sent at once."""
+    """The first heartbeat (`NO_HEARTBEAT`), sent at once. `ack_uncertain`: the ack was never
+    answered as ours, so a 404 or 409 to this claim may mean it never landed."""
+
+    ack_uncertain: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dispatcher.lease.model import Ending, Lease, StopKind
 
 __all__ = [
     "AckAnswered",
+    "AckConflict",
     "AckRefused",
     "AckUncertain",
     "AttemptSilent",
@@ -97,9 +98,18 @@ class AckAnswered:
 
 @dataclass(frozen=True)
 class AckUncertain:
-    """The ack's reply never came, or came as 409 "not queued": it may well have landed."""
+    """No attempt of the ack was answered (each lost or refused), or a 409 said another may
+    have acked it: it may well have landed, as ours or not."""
 
     status: int | None
+
+
+@dataclass(frozen=True)
+class AckConflict:
+    """409 "cannot ack work in state starting": the item is acked, by us or by another.
+    `after_lost_reply`: an earlier attempt of this ack went unanswered (it may have landed)."""
+
+    after_lost_reply: bool
 
 
 @dataclass(frozen=True)
@@ -316,10 +326,10 @@ class HealthcheckAnswered:
 
 
 Event = (
-    Offered | Unreadable | AckAnswered | AckUncertain | AckRefused | RecordFailed | ClaimAnswered
-    | ClaimRefused | ClaimNotAcked | ClaimFailed | BeatAnswered | BeatRefused | BeatNotFound
-    | BeatRejected | BeatFailed | StopRequested | ServerStopped | OperatorRevoked | AttemptStarting
-    | HandingOff | Pulsed | SandboxStartFailed | SandboxExited | RegistryUnreachable | RegistryReset
-    | AttemptSilent | MessageLost | ClaimStranded | ReleaseAnswered | ReleaseDue | ReleaseFailed
-    | ReleaseRejected | HealthcheckAnswered
+    Offered | Unreadable | AckAnswered | AckUncertain | AckConflict | AckRefused | RecordFailed
+    | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | BeatAnswered | BeatRefused
+    | BeatNotFound | BeatRejected | BeatFailed | StopRequested | ServerStopped | OperatorRevoked
+    | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited
+    | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded
+    | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | HealthcheckAnswered
 )

@@ -61,7 +61,6 @@ class _Run:
     work_json: str | None
     signal: Callable[[StopKind], None] | None
     beats: list[Beat] | None
-    ack_uncertain: bool = False
     steps: int = 0
 
 
@@ -133,9 +132,7 @@ class Executor:
             if answer is not None or pause is None:
                 break
             time.sleep(pause)
-        answer = answer or ev.AckUncertain(None)
-        state.ack_uncertain = isinstance(answer, ev.AckUncertain)
-        return answer
+        return answer or ev.AckUncertain(None)
 
     def _claim(self, work_id: str, effect: fx.Claim, lease: Lease | None,
                state: _Run) -> ev.Event:
@@ -145,7 +142,7 @@ class Executor:
                 work_id, expected_last_heartbeat=NO_HEARTBEAT,
                 desired_ttl_seconds=self.runtime.settings.desired_ttl_seconds)
         except WorkAPIError as exc:
-            return claim_event(exc, ack_uncertain=state.ack_uncertain)
+            return claim_event(exc, ack_uncertain=effect.ack_uncertain)
         return ev.ClaimAnswered(reply_of(reply), sent_at)
 
     def _stop(self, work_id: str, effect: fx.StopOnServer, lease: Lease | None,
@@ -344,17 +341,13 @@ def _no_answer(exc: WorkAPIError) -> bool:
 
 
 def ack_event(exc: WorkAPIError, *, reply_lost: bool) -> ev.Event | None:
-    """A failed ack attempt as the event the machine judges; None: try again.
-
-    A 2xx that came back unreadable was applied: the item is ours. A 409 ("cannot ack work in
-    state starting") to a retry after an attempt whose reply never came is our own ack, which
-    landed: only a poll can hand the item to another worker, and the server offers an unacked
-    item again only after it idled far longer than our retries take. A 409 otherwise, or
-    attempts that all failed, leave it uncertain: the first claim tells."""
+    """A failed ack attempt as the event the machine judges; None: try again. A 2xx that came
+    back unreadable was applied: the item is ours. What a 409 means depends on whether an
+    earlier attempt went unanswered (`reply_lost`): the machine says."""
     if isinstance(exc, MalformedResponseError):
         return ev.AckAnswered()
     if isinstance(exc, ConflictError):
-        return ev.AckAnswered() if reply_lost else ev.AckUncertain(409)
+        return ev.AckConflict(after_lost_reply=reply_lost)
     if exc.retryable:
         return None
     return ev.AckRefused(exc.status)

@@ -34,8 +34,13 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     # A session is published first and claimed right after: the claim's round trip never
     # delays it.
     ("ack answered", ("claimed",), "dispatched", {"CreateRecord", "Publish", "Claim"}, set()),
-    ("ack reply lost, or 409", ("claimed",), "dispatched", {"CreateRecord", "Publish", "Claim"},
-     set()),
+    ("ack never answered", ("claimed",), "dispatched",
+     {"CreateRecord", "Publish", "Claim", "log `ack uncertain`"}, set()),
+    # A 409 to a retry after an unanswered attempt is our own ack, which landed.
+    ("ack 409 after an unanswered attempt", ("claimed",), "dispatched",
+     {"CreateRecord", "Publish", "Claim"}, {"log `ack uncertain`"}),
+    ("ack 409 at once", ("claimed",), "dispatched",
+     {"CreateRecord", "Publish", "Claim", "log `ack uncertain`"}, set()),
     ("ack refused (4xx)", ("claimed",), "none", set(), {"CreateRecord", "StopOnServer"}),
     # Acked, but Redis refused the record past the executor's retries: nobody could beat or run
     # it, so it is stopped rather than left in `starting`.

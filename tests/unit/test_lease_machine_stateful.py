@@ -155,7 +155,9 @@ class LeaseLife(RuleBasedStateMachine):
             return ev.AckUncertain(None)
         applied = self.server.ack()
         if not applied:
-            return ev.AckUncertain(409)
+            return ev.AckConflict(after_lost_reply=False)
+        if fate == "lost":
+            return ev.AckConflict(after_lost_reply=True)  # the retry's 409
         return ev.AckAnswered()
 
     def beat(self, token: str | None, *, first: bool = False) -> ev.Event:

@@ -36,8 +36,8 @@ STALE = LeasePreconditionFailed("stale", status=412,
 
 @pytest.mark.parametrize(("error", "reply_lost", "expected"), [
     (UNREADABLE, False, ev.AckAnswered()),  # a 2xx came back: applied
-    (CONFLICT, True, ev.AckAnswered()),  # our earlier, unanswered ack landed
-    (CONFLICT, False, ev.AckUncertain(409)),  # acked, maybe by someone else
+    (CONFLICT, True, ev.AckConflict(after_lost_reply=True)),  # the machine judges (table)
+    (CONFLICT, False, ev.AckConflict(after_lost_reply=False)),
     (DROPPED, False, None),  # try again
     (UNAVAILABLE, False, None),
     (LIMITED, True, None),

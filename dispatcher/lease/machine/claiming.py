@@ -101,6 +101,7 @@ def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> 
         fx.CreateRecord(lease), count("work_claimed", type=lease.kind),
         log("claimed", lease, type=lease.kind, queue=lease.queue),
     ]
+    uncertain = isinstance(e, ev.AckUncertain)
     if isinstance(e, ev.AckUncertain):
         effects.append(log("ack uncertain", lease, logging.WARNING, status=e.status,
                             action_taken="claimed; the first heartbeat tells"))
@@ -110,13 +111,21 @@ def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> 
     if lease.kind == "healthcheck" or lease.mode == HANDOFF:
         # Claimed first: a healthcheck is answered, not published; a hand-off gives the sandbox
         # the token at its start, which must be the claim's, not none yet.
-        return decision.then(Decision(lease, (fx.Claim(),)))
+        return decision.then(Decision(lease, (fx.Claim(ack_uncertain=uncertain),)))
     # Published first, claimed right after: the first heartbeat's round trip never delays the
     # session, and the lease is never left unbeaten (a claim that fails is retried by the
     # heartbeat task at once). A session that starts before a rival's 412 comes back is killed
     # by that answer, as any lost lease is.
     published = decision.then(publish(lease, c.now))
-    return published.then(Decision(published.lease, (fx.Claim(),)))
+    return published.then(Decision(published.lease, (fx.Claim(ack_uncertain=uncertain),)))
+
+
+def _ack_conflict(lease: Lease | None, e: ev.AckConflict, c: Ctx) -> Decision:
+    """A 409 to a retry after an attempt whose reply never came is our own ack, which landed:
+    only a poll can hand the item to another worker, and the server offers an unacked item
+    again only after it idled far longer than the executor's retries take. A 409 otherwise
+    leaves it uncertain: the first claim tells."""
+    return _acked(lease, ev.AckAnswered() if e.after_lost_reply else ev.AckUncertain(409), c)
 
 
 def _ack_refused(lease: Lease | None, e: ev.AckRefused, c: Ctx) -> Decision:
@@ -313,6 +322,7 @@ HANDLERS: dict[type, Callable[[Any, Any, Ctx], Decision]] = {
     ev.Unreadable: _unreadable,
     ev.AckAnswered: _acked,
     ev.AckUncertain: _acked,
+    ev.AckConflict: _ack_conflict,
     ev.AckRefused: _ack_refused,
     ev.RecordFailed: _record_failed,
     ev.ClaimAnswered: _claim_answered,
