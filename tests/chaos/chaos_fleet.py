@@ -286,7 +286,8 @@ class ChaosFleet:
                if e.get("environment_id") in (None, self.fleet.environment_id)]
         records = self._records()
         spans = invariants.sandbox_spans(records, last_seen_alive=self.watcher.last_seen_alive,
-                                         killed_at=self.killed_at)
+                                         killed_at=self.killed_at,
+                                         first_seen_dead=self.watcher.first_seen_dead)
         ended = {w: self._sandbox_end(w, after=t) for w, t in self.stop_requested.items()}
         violations = [
             *invariants.every_session_stopped(states),

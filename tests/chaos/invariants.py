@@ -167,16 +167,18 @@ class SandboxSpan:
 
 
 def sandbox_spans(records: Mapping[str, list[Mapping[str, Any]]], *,
-                  last_seen_alive: Mapping[int, float],
-                  killed_at: Mapping[int, float]) -> list[SandboxSpan]:
-    """Spans of every recorded sandbox. `killed_at` maps a sandbox pid to when its worker was
-    SIGKILLed (it records no exit); `last_seen_alive` comes from watching the process table."""
+                  last_seen_alive: Mapping[int, float], killed_at: Mapping[int, float],
+                  first_seen_dead: Mapping[int, float]) -> list[SandboxSpan]:
+    """Spans of every recorded sandbox. A sandbox killed with SIGKILL records no exit: its end
+    is when the process table first showed it gone (`first_seen_dead`, a bound that can only
+    lengthen a span, never hide an overlap); failing that, the latest moment it was known alive
+    (`last_seen_alive` from the process table, `killed_at` when its worker was SIGKILLed)."""
     spans = []
     for work_id, lines in records.items():
         starts = {int(r["pid"]): float(r["time"]) for r in lines if r["event"] == "started"}
         exits = {int(r["pid"]): float(r["time"]) for r in lines if r["event"] == "exited"}
         for pid, start in starts.items():
-            end = exits.get(pid)
+            end = exits.get(pid) or first_seen_dead.get(pid)
             if end is None:
                 bounds = [b for b in (last_seen_alive.get(pid), killed_at.get(pid)) if b]
                 end = max(bounds) if bounds else None
