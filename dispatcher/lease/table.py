@@ -19,16 +19,18 @@ NOW = 1_000_000.0
 # "none": no record (an item just polled, or a lease already released).
 PHASES = ("none", *(p.value for p in Phase))
 
-def lease_in(phase: str, *, uncertain: bool = False) -> Lease | None:
+def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False) -> Lease | None:
     """A canonical lease in `phase` (None for "none"): attempt 1 of task-1, beaten by the
-    dispatcher, token tok-1, last answered beat 5 s ago; a releasing one's session completed."""
+    dispatcher, token tok-1, last answered beat 5 s ago; a releasing one's session completed.
+    `unproven`: no ack or beat of it was ever answered (no token, no answered beat), as the
+    lease an ack meets: the proposal of a poll."""
     if phase == "none":
         return None
     ended = Ending.COMPLETED if phase == Phase.RELEASING else Ending.NONE
     return Lease("w", "s", "e", "dispatcher", "q", phase=Phase(phase), attempt=1, ended=ended,
-                 task_id="task-1", token="tok-1", ttl_seconds=30, claimed_at=NOW - 10,
-                 heartbeat_ok_at=NOW - 5, pulse_at=NOW - 1, uncertain=uncertain,
-                 heartbeats_by=Beater.DISPATCHER)
+                 task_id="task-1", token="" if unproven else "tok-1", ttl_seconds=30,
+                 claimed_at=NOW - 10, heartbeat_ok_at=0 if unproven else NOW - 5,
+                 pulse_at=NOW - 1, uncertain=uncertain, heartbeats_by=Beater.DISPATCHER)
 
 
 _claimed, _running, _releasing = (lease_in(p) for p in ("claimed", "running", "releasing"))
@@ -56,6 +58,10 @@ SCENARIOS: dict[str, ev.Event] = {
     "claim 412, another holder": ev.ClaimRefused(ev.ServerLease("active", "tok-x")),
     "claim 404/409 after an uncertain ack": ev.ClaimNotAcked(409, ack_uncertain=True),
     "claim failed (transient)": ev.ClaimFailed(503),
+    "claim failed (transient), ack unanswered": ev.ClaimFailed(503),
+    "claim 412, nobody beat it, ack unanswered": ev.ClaimRefused(ev.ServerLease("starting", None)),
+    "beat answered, ack unanswered": ev.BeatAnswered(_REPLY, NOW),
+    "claim stranded, ack unanswered": ev.ClaimStranded(),
     "beat answered": ev.BeatAnswered(_REPLY, NOW),
     "beat answered, not extended": ev.BeatAnswered(
         ev.Reply("tok-2", extended=False, state="active", ttl_seconds=30), NOW),
@@ -110,6 +116,8 @@ SCENARIOS: dict[str, ev.Event] = {
 _ONLY_IN: dict[str, tuple[str, ...]] = {
     **{name: ("claimed",) for name in SCENARIOS if name.startswith("ack ")},
     **{name: ("claimed", "dispatched") for name in SCENARIOS if name.startswith("claim ")},
+    "beat answered, ack unanswered": ("claimed",),
+    "claim stranded, ack unanswered": ("claimed",),
     # A record refused meets the lease the failed write was part of deciding.
     "record refused, fresh claim": ("dispatched",),
     "record refused, write-back": ("running",),
@@ -121,7 +129,8 @@ _ONLY_IN: dict[str, tuple[str, ...]] = {
 
 def _decide(name: str, phase: str) -> Decision:
     event = SCENARIOS[name]
-    lease = lease_in(phase, uncertain=name.startswith("beat 412 after a lost reply"))
+    lease = lease_in(phase, uncertain=name.startswith("beat 412 after a lost reply"),
+                     unproven=name.startswith("ack ") or name.endswith("ack unanswered"))
     return decide(lease, event, now=NOW, policy=Policy(max_attempts=3))
 
 

@@ -21,6 +21,7 @@ from dispatcher.lease.machine.steps import (
     is_over,
     log,
     lose,
+    proven_ours,
     publish,
     since_ok,
     stop_requested,
@@ -108,9 +109,10 @@ def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> 
     decision = Decision(lease, tuple(effects))
     if lease.heartbeats_by != Beater.DISPATCHER:
         return decision.then(advance_claimed(lease, c))
-    if lease.kind == "healthcheck" or lease.mode == HANDOFF:
+    if lease.kind == "healthcheck" or lease.mode == HANDOFF or not proven_ours(lease):
         # Claimed first: a healthcheck is answered, not published; a hand-off gives the sandbox
-        # the token at its start, which must be the claim's, not none yet.
+        # the token at its start, which must be the claim's, not none yet; an ack nobody
+        # answered may not be ours, and a session of another holder's item must never start.
         return decision.then(Decision(lease, (fx.Claim(ack_uncertain=uncertain),)))
     # Published first, claimed right after: the first heartbeat's round trip never delays the
     # session, and the lease is never left unbeaten (a claim that fails is retried by the
@@ -164,8 +166,9 @@ def _claim_refused(lease: Lease | None, e: ev.ClaimRefused, c: Ctx) -> Decision:
         return Decision(None)
     if _unclaimed(e.current):
         refused = _refused_unclaimed(lease, c)
-        return refused if refused.lease is None else refused.then(
-            advance_claimed(refused.lease, c))
+        if refused.lease is None or not proven_ours(refused.lease):
+            return refused
+        return refused.then(advance_claimed(refused.lease, c))
     return lose(lease, cause="claimed by another worker", action="lease taken by another worker",
                 server_state=e.current.state)
 
@@ -192,7 +195,7 @@ def _claim_failed(lease: Lease | None, e: ev.ClaimFailed, c: Ctx) -> Decision:
     decision = Decision(failed, (
         fx.Update({"uncertain": True}), fx.Schedule(c.now),
         log("first heartbeat failed", lease, logging.WARNING, status=e.status)))
-    return decision.then(advance_claimed(failed, c))
+    return decision.then(advance_claimed(failed, c)) if proven_ours(failed) else decision
 
 
 def _unclaimed(current: ev.ServerLease | None) -> bool:
@@ -239,7 +242,8 @@ def _beat_answered(lease: Lease | None, e: ev.BeatAnswered, c: Ctx) -> Decision:
     if reply.state == "stopping":
         return recorded.then(stop_requested(beaten, ev.StopRequested(
             StopKind.GRACEFUL, "server", "heartbeat"), c))
-    return recorded
+    # A lease claimed but held back (its ack unanswered, its first claim failed) is ours now.
+    return recorded.then(advance_claimed(beaten, c))
 
 
 def _beat_refused(lease: Lease | None, e: ev.BeatRefused, c: Ctx) -> Decision:

@@ -23,6 +23,7 @@ from dispatcher.lease.machine.steps import (
     log,
     lose,
     outage_is_too_long,
+    proven_ours,
     release,
     restart,
     stop_requested,
@@ -227,6 +228,9 @@ def _claim_stranded(lease: Lease | None, e: ev.ClaimStranded, c: Ctx) -> Decisio
         return Decision(lease)
     if lease.lost:
         return forget(lease, reason="claimed, then lost before dispatch", outcome="lost")
+    if lease.heartbeats_by == Beater.DISPATCHER and not proven_ours(lease):
+        # Never answered as ours: not published, but claimed again by the heartbeat task.
+        return Decision(lease, (fx.Schedule(c.now),))
     return advance_claimed(lease, c)
 
 

@@ -79,6 +79,13 @@ def is_over(lease: Lease) -> bool:
     return lease.ended != Ending.NONE or lease.phase == Phase.RELEASING
 
 
+def proven_ours(lease: Lease) -> bool:
+    """The server answered our ack or a beat of ours: the item is ours. Until it has (every
+    ack attempt lost or refused), a rival may hold the item, and its session is not published:
+    the first claim, or a later beat, must answer first."""
+    return lease.heartbeat_ok_at > 0
+
+
 def since_ok(lease: Lease, now: float) -> float:
     """Seconds since the last beat the server answered was sent (or since the ack)."""
     return now - (lease.heartbeat_ok_at or lease.claimed_at)
