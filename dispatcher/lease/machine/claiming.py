@@ -142,7 +142,7 @@ def _record_failed(lease: Lease | None, e: ev.RecordFailed, c: Ctx) -> Decision:
     or run it): stop it rather than strand it in `starting`. A lease a running attempt was
     writing back is left to that attempt, which tries again at its next pulse."""
     lease = e.lease
-    if lease.phase != Phase.CLAIMED:
+    if lease.phase in (Phase.RUNNING, Phase.RELEASING):  # only a write-back is either
         return Decision(None, (log("write-back failed", lease, logging.WARNING, error=e.error,
                                    action_taken="tried again at the next pulse"),))
     return Decision(None, (
