@@ -22,6 +22,7 @@ from dispatcher.lease import events as ev
 from dispatcher.lease.machine import Decision, Policy, decide
 from dispatcher.lease.model import Lease, StopKind
 from dispatcher.logs import event as log_event
+from dispatcher.startpath import StartPath
 from dispatcher.workapi import (
     NO_HEARTBEAT,
     ConflictError,
@@ -58,8 +59,13 @@ class _Run:
     work_json: str | None
     signal: Callable[[StopKind], None] | None
     beats: list[Beat] | None
+    path: StartPath | None = None
     ack_uncertain: bool = False
     steps: int = 0
+
+    def mark(self, step: str) -> None:
+        if self.path is not None:
+            self.path.mark(step)
 
 
 @dataclass
@@ -69,12 +75,13 @@ class Executor:
 
     def run(self, lease: Lease | None, event: ev.Event, *, work_json: str | None = None,
             signal: Callable[[StopKind], None] | None = None,
-            beats: list[Beat] | None = None) -> Lease | None:
+            beats: list[Beat] | None = None, path: StartPath | None = None) -> Lease | None:
         """Decide and perform `event` and every answer it leads to; returns the lease as the
         machine last left it (None: no record). `work_json` is needed to create a record,
-        `signal` lets the machine signal the caller's sandbox, and `beats` collects answered
-        beats for the heartbeat tick to record in one round trip."""
-        state = _Run(work_json=work_json, signal=signal, beats=beats)
+        `signal` lets the machine signal the caller's sandbox, `beats` collects answered
+        beats for the heartbeat tick to record in one round trip, and `path` notes when a
+        session's start passed each effect."""
+        state = _Run(work_json=work_json, signal=signal, beats=beats, path=path)
         work_id = _work_id_of(lease, event)
         pending: list[ev.Event] = [event]
         current = lease
@@ -118,9 +125,11 @@ class Executor:
         acked, and whether that ack was ours depends on what the earlier attempt met."""
         client = self.runtime.client(max_retries=0)
         reply_lost = False
+        state.mark("ack_sent")
         for pause in (*ACK_RETRY_PAUSES_SECONDS, None):
             try:
                 client.ack(work_id)
+                state.mark("acked")
                 return ev.AckAnswered()
             except WorkAPIError as exc:
                 answer = ack_event(exc, reply_lost=reply_lost)
@@ -141,6 +150,7 @@ class Executor:
                 desired_ttl_seconds=self.runtime.settings.desired_ttl_seconds)
         except WorkAPIError as exc:
             return claim_event(exc, ack_uncertain=state.ack_uncertain)
+        state.mark("claimed")
         return ev.ClaimAnswered(reply_of(reply), sent_at)
 
     def _stop(self, work_id: str, effect: fx.StopOnServer, lease: Lease | None,
@@ -171,6 +181,7 @@ class Executor:
                           ev.ReleaseFailed | ev.ReleaseRejected):
                 log_event("stop failed", level=logging.ERROR, work_id=work_id)
             return _End(reread=False)
+        state.mark("recorded")
         return None
 
     def _update(self, work_id: str, effect: fx.Update, lease: Lease | None,
@@ -237,6 +248,8 @@ class Executor:
             log_event("dispatch failed", level=logging.ERROR, work_id=work_id,
                       attempt=effect.attempt, error=str(exc),
                       action_taken="recovery publishes it again")
+            return
+        state.mark("published")
 
     def _revoke(self, work_id: str, effect: fx.Revoke, lease: Lease | None,
                 state: _Run) -> None:

@@ -78,6 +78,16 @@ class _Script:
         return scripts[self.name]
 
 
+def _history(raw: dict[str, str]) -> History:
+    if not raw:
+        return History()
+    try:
+        ended = Ending(raw.get("ended", ""))
+    except ValueError:
+        ended = Ending.STOPPED  # a value a newer version wrote: it ended somehow
+    return History(failures=int(raw.get("failures", 0) or 0), ended=ended)
+
+
 def _last_seen(lease: Lease) -> float:
     """A lease's last sign of progress, as recovery judges it in its phase: its attempt's last
     pulse while running, its dispatch while queued, its claim before that."""
@@ -150,15 +160,18 @@ class LeaseRegistry:
         pipe.execute()
 
     # --- history: what outlives a record ------------------------------------------------------
+    def get_with_history(self, work_id: str) -> tuple[Lease | None, History]:
+        """The record and the history of one item, in one round trip: a polled item's claim
+        reads both before it can ack."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.lease(work_id))
+        pipe.hgetall(self.keys.history(work_id))
+        raw, history = pipe.execute()
+        return (Lease.from_hash(raw) if raw else None), _history(history)
+
     def history(self, work_id: str) -> History:
         raw: dict[str, str] = self.redis.hgetall(self.keys.history(work_id))  # type: ignore[assignment]
-        if not raw:
-            return History()
-        try:
-            ended = Ending(raw.get("ended", ""))
-        except ValueError:
-            ended = Ending.STOPPED  # a value a newer version wrote: it ended somehow
-        return History(failures=int(raw.get("failures", 0) or 0), ended=ended)
+        return _history(raw)
 
     def record_history(self, work_id: str, *, failures: int, ended: Ending) -> None:
         key = self.keys.history(work_id)
