@@ -13,7 +13,10 @@ from dispatcher.session.attempt import SessionAttempt, run_attempt
 from dispatcher.startpath import StartPath, take_received
 
 
-@app.task(name=names.SESSION_RUN, bind=True)
+# No STARTED state in the result backend (`task_track_started` is on for the app): Flower learns
+# that a session started from its `task-started` event, and storing the state would put a Redis
+# round trip between the message and the sandbox's start.
+@app.task(name=names.SESSION_RUN, bind=True, track_started=False)
 def run(self: Any, work_id: str, session_id: str, attempt: int) -> dict[str, object]:
     """Run the on-work command for one attempt of a session and supervise it to the end."""
     task_id = self.request.id

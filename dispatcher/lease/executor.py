@@ -62,6 +62,8 @@ class _Run:
     path: StartPath | None = None
     ack_uncertain: bool = False
     steps: int = 0
+    # Counted at the end of the run in one round trip, not one each on a session's start path.
+    counts: list[tuple[str, float, dict[str, object]]] = field(default_factory=list)
 
     def mark(self, step: str) -> None:
         if self.path is not None:
@@ -85,16 +87,19 @@ class Executor:
         work_id = _work_id_of(lease, event)
         pending: list[ev.Event] = [event]
         current = lease
-        while pending and state.steps < MAX_STEPS:
-            state.steps += 1
-            decision = decide(current, pending.pop(0), now=time.time(), policy=self.policy)
-            current = decision.lease
-            answer = self._perform(work_id, decision, state)
-            if isinstance(answer, _End):
-                return self.runtime.registry.get(work_id) if answer.reread else None
-            if answer is not None:
-                pending.append(answer)
-        return current
+        try:
+            while pending and state.steps < MAX_STEPS:
+                state.steps += 1
+                decision = decide(current, pending.pop(0), now=time.time(), policy=self.policy)
+                current = decision.lease
+                answer = self._perform(work_id, decision, state)
+                if isinstance(answer, _End):
+                    return self.runtime.registry.get(work_id) if answer.reread else None
+                if answer is not None:
+                    pending.append(answer)
+            return current
+        finally:
+            self.runtime.metrics.inc_all(state.counts)
 
     def record_beats(self, beats: list[Beat]) -> None:
         """Record the answered beats a heartbeat tick collected, in one round trip."""
@@ -276,7 +281,7 @@ class Executor:
 
     def _count(self, work_id: str, effect: fx.Count, lease: Lease | None,
                state: _Run) -> None:
-        self.runtime.metrics.inc(effect.metric, 1, **effect.labels)
+        state.counts.append((effect.metric, 1, dict(effect.labels)))
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,23 @@ class LeaseRegistry:
     def epoch(self) -> str:
         """The registry's epoch id, created on first use."""
         fresh = uuid.uuid4().hex
-        self.redis.set(self.keys.epoch, fresh, nx=True)
-        return str(self.redis.get(self.keys.epoch) or fresh)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.epoch, fresh, nx=True)
+        pipe.get(self.keys.epoch)
+        return str(pipe.execute()[1] or fresh)
+
+    def start_reads(self, work_id: str) -> tuple[Lease | None, str | None, str]:
+        """What a session's start reads, in one round trip (the sandbox waits on it): the
+        lease, its work item JSON and the registry's epoch (created on first use)."""
+        fresh = uuid.uuid4().hex
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.lease(work_id))
+        pipe.get(self.keys.work(work_id))
+        pipe.set(self.keys.epoch, fresh, nx=True)
+        pipe.get(self.keys.epoch)
+        raw, work_json, _, epoch = pipe.execute()
+        return ((Lease.from_hash(raw) if raw else None),
+                None if work_json is None else str(work_json), str(epoch or fresh))
 
     # --- create, read, delete -----------------------------------------------------------------
     def create(self, lease: Lease, *, work_json: str) -> None:

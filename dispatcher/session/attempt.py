@@ -97,7 +97,7 @@ class _Flags:
 
 
 def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
-    before = runtime.registry.get(attempt.work_id)
+    before, work_json, epoch = runtime.registry.start_reads(attempt.work_id)
     starting = ev.AttemptStarting(attempt.attempt, attempt.task_id, attempt.worker, os.getpid(),
                                   draining=runtime.capacity.is_draining(attempt.worker))
     attempt.mark("lease_read")
@@ -106,12 +106,12 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
     if lease is None or not _ours_and_running(lease, attempt):
         return _not_started(before, lease, attempt, draining=starting.draining)
     try:
-        spec = _spec(runtime, lease)
+        spec = _spec(runtime, lease, work_json)
     except (CommandError, ValueError) as exc:
         runtime.executor.run(lease, ev.SandboxStartFailed(str(exc)))
         return Outcome.FAILED
     attempt.mark("spec_built")
-    return _supervise(runtime, attempt, spec, _Memory(lease, runtime.registry.epoch()))
+    return _supervise(runtime, attempt, spec, _Memory(lease, epoch))
 
 
 def _ours_and_running(lease: Lease, attempt: SessionAttempt) -> bool:
@@ -135,12 +135,11 @@ def _not_started(before: Lease | None, after: Lease | None, attempt: SessionAtte
     return Outcome.SUPERSEDED  # a newer attempt took the lease meanwhile
 
 
-def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
+def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
     settings = runtime.settings
     # A container's command is the image's (or DISPATCHER_SANDBOX_COMMAND), not the on-work one.
     argv = (resolve_command(settings.on_work)
             if settings.sandbox_runtime == SandboxRuntimeKind.PROCESS else [])
-    work_json = runtime.registry.work_json(lease.work_id)
     if work_json is None:
         raise ValueError("the work item is missing from the registry")
     work = Work.model_validate_json(work_json)
