@@ -124,7 +124,8 @@ def table(lines: list[dict[str, float]], steps: list[Step]) -> list[dict[str, An
         if gaps:
             rows.append({"step": name, "what": what, "n": len(gaps),
                          "p50": percentile(gaps, 50), "p99": percentile(gaps, 99),
-                         "since_created_p50": percentile(since, 50)})
+                         "since_created_p50": percentile(since, 50),
+                         "since_created_p99": percentile(since, 99)})
     for name in AFTER_STEPS:
         since = [line[name] for line in lines if name in line]
         if since:
