@@ -61,6 +61,8 @@ def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[s
                 f"answered the poll within {_msf(polled)} of creation for ours, "
                 f"{_msf(peer_polled)} for the peer (p99)")
 
+    paths = [path(b) for b in ("idle", "steady")
+             if _g(ours, "breakdown", b) and _g(peer, "breakdown", b)]
     return [
         "**Dispatch latency.** "
         + "; ".join(f"{name}: ours {_ms(o)}, the peer's {_ms(p)}" for name, o, p in figures)
@@ -82,14 +84,12 @@ def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[s
         "to 3 s after an empty poll (`_poller.py`, `_jitter(1.0, 3.0)`), so now and then no "
         "poll is outstanding when a session arrives.",
         "",
-        "The breakdown (next section) shows where the milliseconds go. "
-        + "; ".join(path(b) for b in ("idle", "steady")
-                    if _g(ours, "breakdown", b) and _g(peer, "breakdown", b))
-        + ". The sandbox's own start is a Python program's (`python -S fake_session.py`), the "
-        "same for both and most of the total; on a loaded machine it varies most. What ours "
-        "adds to the peer's path is the registry writes, the broker hop and the pool's "
-        "pick-up, a few milliseconds in all, against the peer's 1 to 3 s gaps between polls.",
-        "",
+        *([("The breakdown (next section) shows where the milliseconds go. "
+            + "; ".join(paths)
+            + ". The sandbox's own start is a Python program's (`python -S fake_session.py`), "
+            "the same for both and most of the total; on a loaded machine it varies most. What "
+            "ours adds to the peer's path is the registry writes, the broker hop and the pool's "
+            "pick-up, against the peer's 1 to 3 s gaps between polls."), ""] if paths else []),
     ]
 
 
