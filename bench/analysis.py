@@ -47,17 +47,20 @@ def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[s
                if measured else "")
 
     def path(batch: str) -> str:
-        published = _step(ours, batch, "published", "since_created_p50")
+        acked = _step(ours, batch, "acked", "since_created_p50")
         spawned = _step(ours, batch, "spawned", "since_created_p50")
-        acked = _step(peer, batch, "ack_answered", "since_created_p50")
+        peer_acked = _step(peer, batch, "ack_answered", "since_created_p50")
         own = _step(ours, batch, "sandbox_started", "p50")
         peer_own = _step(peer, batch, "sandbox_started", "p50")
         polled = _step(ours, batch, "poll_answered", "since_created_p99")
         peer_polled = _step(peer, batch, "poll_answered", "since_created_p99")
-        return (f"{batch}: the item was published after {_msf(published)} and its launcher had "
-                f"the command after {_msf(spawned)} (p50 since creation); the peer had its ack "
-                f"answered after {_msf(acked)}. From there the sandbox's own start took "
-                f"{_msf(own)} for ours and {_msf(peer_own)} for the peer (p50). The emulator "
+        extra = None if acked is None or spawned is None else spawned - acked
+        return (f"{batch} (p50 since creation): ours had its ack answered after {_msf(acked)}, "
+                f"the peer after {_msf(peer_acked)}; ours then took {_msf(extra)} more until "
+                f"its launcher had the command (the record, the publish, the broker hop, the "
+                f"pool's pick-up, the lease reads and the running mark), where the peer forks "
+                f"at once. The sandbox's own start then took {_msf(own)} for ours (from the "
+                f"launcher) and {_msf(peer_own)} for the peer (its fork included). The emulator "
                 f"answered the poll within {_msf(polled)} of creation for ours, "
                 f"{_msf(peer_polled)} for the peer (p99)")
 
