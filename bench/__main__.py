@@ -28,9 +28,9 @@ from typing import Any
 
 import redis
 
-from bench import scenarios
+from bench import breakdown, scenarios
 from bench.containers import carry_over
-from bench.emu import Emulator
+from bench.emu import Created, Emulator
 from bench.fleets import KEY_PREFIXES, Fleet, Ours, Peer
 from bench.report import write_report
 from dispatcher.ops.stack import LocalStack
@@ -77,11 +77,17 @@ def run_common(fleet: Fleet, sizes: Sizes, out: dict[str, Any]) -> dict[str, Any
     """The measurements both systems get, on a started fleet of `sizes.slots` slots."""
     log(f"{fleet.name}: poll load at {sizes.slots} slots")
     out[f"poll_{sizes.slots}"] = scenarios.poll_load(fleet, sizes.slots, sizes.poll_window)
+    batches: dict[str, list[Created]] = {"idle": [], "steady": []}
     log(f"{fleet.name}: dispatch latency, idle fleet ({sizes.idle} sessions)")
-    out["dispatch_idle"] = scenarios.dispatch_idle(fleet, sizes.idle)
+    out["dispatch_idle"] = scenarios.dispatch_idle(fleet, sizes.idle, kept=batches["idle"])
     log(f"{fleet.name}: dispatch latency, {sizes.steady_rate}/s for {sizes.steady_seconds} s")
     out["dispatch_steady"] = scenarios.dispatch_steady(fleet, sizes.steady_rate,
-                                                       sizes.steady_seconds)
+                                                       sizes.steady_seconds,
+                                                       kept=batches["steady"])
+    log(f"{fleet.name}: where the dispatch time went")
+    out["breakdown"] = breakdown.analyse(
+        fleet.emu, fleet.environment_id, fleet.records,
+        [fleet.stack.log(name) for name in fleet.members], batches, peer=isinstance(fleet, Peer))
     log(f"{fleet.name}: drain a backlog of {sizes.backlog}")
     out["drain"] = scenarios.drain(fleet, sizes.backlog)
     log(f"{fleet.name}: stop latency ({sizes.stops} sessions)")

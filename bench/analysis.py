@@ -25,6 +25,77 @@ def _f(value: float | None, fmt: str = ".1f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _step(side: dict[str, Any], batch: str, step: str, key: str) -> float | None:
+    """One figure of the breakdown (milliseconds), if it was measured."""
+    rows = _g(side, "breakdown", batch) or []
+    row = next((r for r in rows if r["step"] == step), None)
+    return None if row is None else row.get(key)
+
+
+def _msf(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} ms"
+
+
+def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[str]:
+    figures = [(f"{what} {q}", _g(ours, key, q), _g(peer, key, q))
+               for what, key in (("idle", "dispatch_idle"), (f"at {rate:g}/s", "dispatch_steady"))
+               for q in ("p50", "p99")]
+    slower = [name for name, o, p in figures if o is not None and p is not None and o > p]
+    measured = [f for f in figures if f[1] is not None and f[2] is not None]
+    verdict = (f"We are slower than the peer on {', '.join(slower)}: see below why."
+               if slower else "We are at most the peer's on every one of them."
+               if measured else "")
+
+    def path(batch: str) -> str:
+        acked = _step(ours, batch, "acked", "since_created_p50")
+        spawned = _step(ours, batch, "spawned", "since_created_p50")
+        peer_acked = _step(peer, batch, "ack_answered", "since_created_p50")
+        own = _step(ours, batch, "sandbox_started", "p50")
+        peer_own = _step(peer, batch, "sandbox_started", "p50")
+        polled = _step(ours, batch, "poll_answered", "since_created_p99")
+        peer_polled = _step(peer, batch, "poll_answered", "since_created_p99")
+        extra = None if acked is None or spawned is None else spawned - acked
+        return (f"{batch} (p50 since creation): ours had its ack answered after {_msf(acked)}, "
+                f"the peer after {_msf(peer_acked)}; ours then took {_msf(extra)} more until "
+                f"its launcher had the command (the record, the publish, the broker hop, the "
+                f"pool's pick-up, the lease reads and the running mark), where the peer forks "
+                f"at once. The sandbox's own start then took {_msf(own)} for ours (from the "
+                f"launcher) and {_msf(peer_own)} for the peer (its fork included). The emulator "
+                f"answered the poll within {_msf(polled)} of creation for ours, "
+                f"{_msf(peer_polled)} for the peer (p99)")
+
+    paths = [path(b) for b in ("idle", "steady")
+             if _g(ours, "breakdown", b) and _g(peer, "breakdown", b)]
+    return [
+        "**Dispatch latency.** "
+        + "; ".join(f"{name}: ours {_ms(o)}, the peer's {_ms(p)}" for name, o, p in figures)
+        + f". {verdict}",
+        "",
+        "How a session starts: one poller per environment always has a long poll outstanding "
+        "while a slot is free (a run lasts `POLL_RUN_SECONDS` = 60 s and hands its lock to its "
+        "successor without a gap, dispatcher/control/poller.py), so the emulator answers it "
+        "the moment the session is created. `poller.claim` reads the lease and its history "
+        "(one Redis round trip), acks, creates the lease record already dispatched and "
+        "publishes the session task; the first heartbeat goes out right after the publish, "
+        "off the path (dispatcher/lease/machine/claiming.py, `_acked`), and metrics are "
+        "counted at the end in one write. A session worker with a free thread takes the "
+        "message at once (no prefetch, early ack), reads the lease, work item and registry "
+        "epoch in one pipeline, marks the attempt running (one Lua call) and hands the command "
+        "to a launcher started ahead, which waits for it on stdin "
+        "(dispatcher/session/sandbox.py, `Spares`): no interpreter start is on the path. The "
+        "peer acks and forks the command: fewer steps, but each of its 10 processes sleeps 1 "
+        "to 3 s after an empty poll (`_poller.py`, `_jitter(1.0, 3.0)`), so now and then no "
+        "poll is outstanding when a session arrives.",
+        "",
+        *([("The breakdown (next section) shows where the milliseconds go. "
+            + "; ".join(paths)
+            + ". The sandbox's own start is a Python program's (`python -S fake_session.py`), "
+            "the same for both and most of the total; on a loaded machine it varies most. What "
+            "ours adds to the peer's path is the registry writes, the broker hop and the pool's "
+            "pick-up, against the peer's 1 to 3 s gaps between polls."), ""] if paths else []),
+    ]
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     ours, peer = results.get("ours", {}), results.get("peer", {})
     cap = results.get("capacity", {})
@@ -32,41 +103,7 @@ def findings(results: dict[str, Any]) -> list[str]:
     slots = results["sizes"]["slots"]
     out = ["## What the figures say, and why", ""]
 
-    d50, d99 = _g(ours, "dispatch_idle", "p50"), _g(ours, "dispatch_idle", "p99")
-    s50, s99 = _g(ours, "dispatch_steady", "p50"), _g(ours, "dispatch_steady", "p99")
-    p50, ps50 = _g(peer, "dispatch_idle", "p50"), _g(peer, "dispatch_steady", "p50")
-    missed = [what for what, v in (("idle", d50), ("under steady arrivals", s50))
-              if v is not None and v >= 0.1]
-    out += [
-        "**Dispatch latency.** "
-        f"Ours: p50 {_ms(d50)}, p99 {_ms(d99)} idle; p50 {_ms(s50)}, p99 {_ms(s99)} under "
-        f"steady arrivals. The peer's p50: {_ms(p50)} idle, {_ms(ps50)} under arrivals. "
-        + (f"We miss the 100 ms p50 target {' and '.join(missed)}. " if missed else
-           "We meet the 100 ms p50 target, narrowly. ")
-        + "Between the session's creation and its sandbox's first line, the dispatcher does "
-        "strictly more than the peer: the long poll returns the item, then `poller.claim` "
-        "(dispatcher/control/poller.py) acks it, records the lease in Redis, and sends the first "
-        "heartbeat *synchronously* (`_first_heartbeat`, so a lease is never held unbeaten while "
-        "its session waits in a queue), publishes the Celery task, a session worker takes it "
-        "from Redis, loads the lease, marks the attempt running "
-        "(dispatcher/session/attempt.py) and "
-        "starts the sandbox under a Python launcher (dispatcher/session/launcher.py, `python -S`, "
-        "about 15 ms) that then starts the command. The peer acks and spawns the command "
-        "directly: two HTTP round trips, no broker hop, no launcher. On an idle 2-core machine "
-        "each step costs a few ms to a few tens of ms; together they sit just around 100 ms, "
-        "and any other load on the two cores (here: sessions starting and ending, the "
-        "supervisors' 0.2 s pulses) pushes the p50 over.",
-        "",
-        "The p99 under steady arrivals has a second cause: a poller run lasts "
-        "`POLL_RUN_SECONDS` = 5 s "
-        "(dispatcher/control/poller.py, `run_poller`), then returns, and the "
-        "next run starts at the next beat tick (`DISPATCHER_POLL_INTERVAL_SECONDS` = 1 s, "
-        "with `expires`). A session created in that gap waits for the next run, up to about a "
-        "second. The peer has the opposite gap: each process sleeps 1 to 3 s after an empty "
-        "poll (`_poller.py`, `_jitter(1.0, 3.0)`), so with N processes the chance that none "
-        "is in a long poll falls with N; with 1 process it is two thirds.",
-        "",
-    ]
+    out += _dispatch(ours, peer, results["sizes"]["steady_rate"])
 
     dr, pr = _g(ours, "drain", "per_second"), _g(peer, "drain", "per_second")
     out += [
@@ -74,8 +111,9 @@ def findings(results: dict[str, Any]) -> list[str]:
         f"Ours {_f(dr)} sessions/s against the peer's {_f(pr)} with {slots} slots each"
         + (" (we lose)" if dr is not None and pr is not None and dr < pr else "")
         + ". Two things bound ours: (1) one claimer per environment (a Redis lock, "
-        "`_poll_lock`), which does poll, ack, first heartbeat, registry write and publish for "
-        "each item in series; the peer has N claimers in parallel; (2) a slot is only free once "
+        "`_take_lock`), which does poll, ack, registry write, publish and the first heartbeat "
+        "for each item in series; the peer has N claimers in parallel; (2) a slot is only free "
+        "once "
         "its lease is released: the supervisor sees the exit within "
         "`SUPERVISE_INTERVAL_SECONDS` = 0.2 s, then posts `stop(force)` and deletes the lease "
         "(dispatcher/lease/executor.py, `release`); a full fleet's poller sees the slot within "
@@ -132,9 +170,9 @@ def findings(results: dict[str, Any]) -> list[str]:
         "**Poll load.** "
         + "; ".join(f"{n} slot{'s' if n > 1 else ''}: ours {_f(o, '.0f')}, peer {_f(p, '.0f')} "
                     "polls/min" for n, o, p in polls)
-        + ". One poller per environment long-polls back to back (`block_ms` = 999, "
-        "`POLL_RUN_SECONDS` runs started each second), whatever the fleet's size: about one "
-        "poll a second, fewer when the run boundary or a poll lock hand-over leaves a gap. "
+        + ". One poller per environment long-polls back to back (`block_ms` = 999; each run "
+        "lasts `POLL_RUN_SECONDS` = 60 s and hands its lock to the next), whatever the fleet's "
+        "size: about one poll a second. "
         "Each peer process polls about every 3 s (a 1 s long poll, then a 1 to 3 s sleep), so "
         "the peer's load grows linearly with its slots. So with a single slot we send about "
         "three times the peer's polls (we lose there); from about three slots on, fewer. An "

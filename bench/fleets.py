@@ -205,6 +205,9 @@ class Peer(Fleet):
 def fleet_memory(fleet: Fleet) -> dict[str, Any]:
     """RSS and PSS (kB) of the fleet's own processes, sandboxes (and our launchers) apart."""
     everything = proc.processes()
+    # A launcher with no command is a spare waiting for the next session (one per worker
+    # process, dispatcher/session/sandbox.py): the worker's own cost, not a session's.
+    parents = {p.ppid for p in everything}
     own: list[proc.ProcInfo] = []
     launchers: list[proc.ProcInfo] = []
     sandboxes: list[proc.ProcInfo] = []
@@ -214,7 +217,7 @@ def fleet_memory(fleet: Fleet) -> dict[str, Any]:
         for p in proc.tree(fleet.stack.processes[name].pid, everything):
             if PEER_MARK in p.cmdline or "celery" in p.cmdline:
                 own.append(p)  # the peer's own argv names the fake session too
-            elif LAUNCHER_MARK in p.cmdline:
+            elif LAUNCHER_MARK in p.cmdline and p.pid in parents:
                 launchers.append(p)
             elif SANDBOX_MARK in p.cmdline:
                 sandboxes.append(p)

@@ -196,6 +196,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
         "",
         *context,
         "",
+        *_breakdown(results),
         "## Heartbeat capacity, step by step",
         "",
         "One control-only worker (`-Q dispatcher.control -B`, threads pool) and no session "
@@ -235,6 +236,29 @@ def _per_beat(step: dict[str, Any], key: str) -> str:
     """'N% (M ms)': CPU share of a core, and CPU ms per beat."""
     pct, beats = step[key], step["beats_per_s"]
     return f"{pct:.0f}%" + (f" ({10 * pct / beats:.2f} ms)" if beats else "")
+
+
+def _breakdown(results: dict[str, Any]) -> list[str]:
+    from bench.breakdown import render
+
+    out = []
+    for part, title in (("ours", "dispatcher"), ("peer", "peer (as far as it shows from outside)")):
+        figures = _get(results, part, "breakdown")
+        if figures:
+            out += [f"**{title}**", "", render(figures), ""]
+    if not out:
+        return []
+    return [
+        "## Where a session's start goes",
+        "",
+        "Each step of the dispatch measurements above (`python -m bench.breakdown` runs the "
+        "same analysis on its own), from the `start path` lines both workers log "
+        "(dispatcher/startpath.py), the emulator's request log and the sandbox's first record; "
+        "milliseconds since the step before (p50 / p99) and since the session's creation "
+        "(p50). Percentiles of each column are taken apart, so they do not add up exactly.",
+        "",
+        *out,
+    ]
 
 
 def _context(results: dict[str, Any]) -> list[str]:

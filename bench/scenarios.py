@@ -56,11 +56,14 @@ def _latencies(created: list[Created], started: dict[str, dict[str, Any]]) -> li
     return [started[c.work_id]["time"] - c.time for c in created]
 
 
-def dispatch_idle(fleet: Fleet, n: int) -> dict[str, float]:
-    """One session at a time on an idle fleet: created -> sandbox started."""
+def dispatch_idle(fleet: Fleet, n: int, *, kept: list[Created] | None = None) -> dict[str, float]:
+    """One session at a time on an idle fleet: created -> sandbox started. `kept` collects
+    the sessions made (for the breakdown)."""
     latencies = []
     for _ in range(n):
         created = fleet.create(0.1)
+        if kept is not None:
+            kept.append(created)
         started = wait_all(fleet.records, [created.work_id], "started", timeout=60)
         latencies.append(started[created.work_id]["time"] - created.time)
         wait_all(fleet.records, [created.work_id], "exited", timeout=30)
@@ -68,8 +71,8 @@ def dispatch_idle(fleet: Fleet, n: int) -> dict[str, float]:
     return summary(latencies)
 
 
-def dispatch_steady(fleet: Fleet, rate: float, seconds: float,
-                    duration: float = 1.0) -> dict[str, float]:
+def dispatch_steady(fleet: Fleet, rate: float, seconds: float, duration: float = 1.0, *,
+                    kept: list[Created] | None = None) -> dict[str, float]:
     """Sessions arriving every 1/rate s, each running `duration` s."""
     created = []
     start = time.monotonic()
@@ -78,6 +81,8 @@ def dispatch_steady(fleet: Fleet, rate: float, seconds: float,
         if wait > 0:
             time.sleep(wait)
         created.append(fleet.create(duration))
+    if kept is not None:
+        kept.extend(created)
     ids = [c.work_id for c in created]
     started = wait_all(fleet.records, ids, "started", timeout=120)
     wait_all(fleet.records, ids, "exited", timeout=120)

@@ -144,9 +144,18 @@ class Metrics:
         self.key = f"{prefix}:metrics"
 
     def inc(self, name: str, amount: float = 1, **labels: object) -> None:
-        counter = COUNTERS[name]
-        assert set(labels) <= {counter.label}, (name, labels)
-        self._write({_field(name, {k: bounded(name, v) for k, v in labels.items()}): amount})
+        self.inc_all([(name, amount, labels)])
+
+    def inc_all(self, counts: list[tuple[str, float, dict[str, object]]]) -> None:
+        """Several counters in one round trip."""
+        increments: dict[str, float] = {}
+        for name, amount, labels in counts:
+            counter = COUNTERS[name]
+            assert set(labels) <= {counter.label}, (name, labels)
+            field = _field(name, {k: bounded(name, v) for k, v in labels.items()})
+            increments[field] = increments.get(field, 0) + amount
+        if increments:
+            self._write(increments)
 
     def observe(self, name: str, seconds: float) -> None:
         _, buckets = HISTOGRAMS[name]

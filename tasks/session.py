@@ -10,12 +10,17 @@ from dispatcher.celery import names
 from dispatcher.celery.application import app
 from dispatcher.runtime import get_runtime
 from dispatcher.session.attempt import SessionAttempt, run_attempt
+from dispatcher.startpath import StartPath, take_received
 
 
-@app.task(name=names.SESSION_RUN, bind=True)
+# No STARTED state in the result backend (`task_track_started` is on for the app): Flower learns
+# that a session started from its `task-started` event, and storing the state would put a Redis
+# round trip between the message and the sandbox's start.
+@app.task(name=names.SESSION_RUN, bind=True, track_started=False)
 def run(self: Any, work_id: str, session_id: str, attempt: int) -> dict[str, object]:
     """Run the on-work command for one attempt of a session and supervise it to the end."""
     task_id = self.request.id
+    path = _start_path(task_id)
     outcome = run_attempt(
         get_runtime(),
         SessionAttempt(
@@ -27,7 +32,19 @@ def run(self: Any, work_id: str, session_id: str, attempt: int) -> dict[str, obj
             # The threads pool shares the worker's revoked set; prefork children see an empty one
             # and learn of revokes through --terminate (a flag) or the registry instead.
             revoked=lambda: task_id in worker_state.revoked,
+            path=path,
         ),
     )
     return {"work_id": work_id, "session_id": session_id, "attempt": attempt,
             "outcome": outcome.value}
+
+
+def _start_path(task_id: str) -> StartPath:
+    """Steps from the message's arrival, when this process received it (the threads pool;
+    a prefork child starts at its own first step)."""
+    arrived = take_received(task_id)
+    if arrived is None:
+        return StartPath("session", first="task_started")
+    path = StartPath("session", first="received", mono=arrived)
+    path.mark("task_started")
+    return path

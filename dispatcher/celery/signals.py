@@ -5,6 +5,7 @@
   slots and its running sessions hand over to new attempts elsewhere within the grace period.
 - On an operator's revoke of a session task (`task_revoked`): the lease machine stops the work
   item on the server too (`bridge`).
+- When a session task's message arrives (`task_received`): the time, for its `start path` line.
 - Always: Celery's per-task log lines for the control ticks are dropped.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import task_revoked, worker_init, worker_shutting_down
+from celery.signals import task_received, task_revoked, worker_init, worker_shutting_down
 from redis.exceptions import RedisError
 
 from dispatcher.celery.bootsteps import consumes_sessions
@@ -24,6 +25,7 @@ from dispatcher.runtime import get_runtime
 from dispatcher.session.runtimes import check_sandbox
 from dispatcher.session.sandbox import CommandError, EngineError
 from dispatcher.settings import SettingsError
+from dispatcher.startpath import received
 
 __all__ = ["quiet_control_ticks"]
 
@@ -42,6 +44,13 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         raise SystemExit(
             f"dispatcher: Redis at DISPATCHER_REDIS_URL does not answer: {exc}"
         ) from None
+
+
+@task_received.connect
+def _received(request: Any = None, **_: Any) -> None:
+    if request is not None and request.name == SESSION_RUN:
+        received(request.id)
+
 
 @worker_shutting_down.connect
 def _drain(sender: Any = None, sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:

@@ -26,6 +26,7 @@ from dispatcher.lease.model import Beater, Lease, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.settings import LeaseMode
+from dispatcher.startpath import StartPath
 from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, WorkDataType, delay_for
 
 __all__ = ["POLL_BLOCK_MS", "claim", "drain", "run_poller"]
@@ -157,6 +158,7 @@ def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
             # Draining asks once, without blocking: the queue is empty or it is not.
             item = client.poll(block_ms=None if drain else POLL_BLOCK_MS,
                                reclaim_older_than_ms=reclaim_older_than_ms)
+            path = StartPath("claim", first="polled")
         except InvalidWorkItem as exc:
             runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc)))
             continue
@@ -173,7 +175,7 @@ def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
             runtime.redis.delete(failures_key)
         if item is None and drain:
             break
-        if item is not None and claim(runtime, item):
+        if item is not None and claim(runtime, item, path=path):
             claimed += 1
     return claimed
 
@@ -210,17 +212,22 @@ def _wait_out_pause(runtime: Runtime, deadline: float) -> bool:
     return True
 
 
-def claim(runtime: Runtime, item: Work) -> bool:
-    """Take one polled item into the fleet. True if a session of it is now on its way."""
+def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> bool:
+    """Take one polled item into the fleet. True if a session of it is now on its way.
+    `path` notes the steps of a session's start (its `start path` line)."""
     proposal = _new_lease(runtime, item)
-    held = runtime.registry.get(item.id)
-    history = runtime.registry.history(item.id)
+    held, history = runtime.registry.get_with_history(item.id)
+    if path is not None:
+        path.mark("read")
     offered = ev.Offered(
         proposal, known_type=item.data.type in (WorkDataType.SESSION, WorkDataType.HEALTHCHECK),
         failures=history.failures, ended=history.ended)
-    lease = runtime.executor.run(held, offered, work_json=item.to_json())
-    return (held is None and lease is not None and lease.kind == WorkDataType.SESSION
-            and lease.phase == Phase.DISPATCHED)
+    lease = runtime.executor.run(held, offered, work_json=item.to_json(), path=path)
+    started = (held is None and lease is not None and lease.kind == WorkDataType.SESSION
+               and lease.phase == Phase.DISPATCHED)
+    if started and path is not None:
+        path.log(item.id)
+    return started
 
 
 def _new_lease(runtime: Runtime, item: Work) -> Lease:

@@ -7,7 +7,8 @@ entry to a capped Redis list *before* the last byte of the response leaves: a cl
 answer finds its request in the log. Routes add what only they know (the work id a poll returned,
 the `last_heartbeat` a heartbeat returned, `force`) with `note`.
 
-Entry: time (epoch s), method, endpoint, environment_id, work_id, status (0: dropped),
+Entry: time (epoch s, when the request arrived), answered (epoch s, when its answer started; a
+long poll's reply), method, endpoint, environment_id, work_id, status (0: dropped),
 worker_id, expected_last_heartbeat, desired_ttl_seconds, block_ms, last_heartbeat, state, force,
 fault, applied_status (a lost reply: the status its discarded answer had), request_id.
 """
@@ -102,6 +103,7 @@ class RequestLogMiddleware:
                                                   (b"request-id", request_id.encode())]}
                 if entry is not None:
                     entry["status"] = message["status"]
+                    entry["answered"] = time.time()
             last = message["type"] == "http.response.body" and not message.get("more_body")
             if last and entry is not None:
                 await self._write(entry, scope)

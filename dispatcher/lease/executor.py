@@ -22,6 +22,7 @@ from dispatcher.lease import events as ev
 from dispatcher.lease.machine import Decision, Policy, decide
 from dispatcher.lease.model import Lease, StopKind
 from dispatcher.logs import event as log_event
+from dispatcher.startpath import StartPath
 from dispatcher.workapi import (
     NO_HEARTBEAT,
     ConflictError,
@@ -61,7 +62,14 @@ class _Run:
     work_json: str | None
     signal: Callable[[StopKind], None] | None
     beats: list[Beat] | None
+    path: StartPath | None = None
     steps: int = 0
+    # Counted at the end of the run in one round trip, not one each on a session's start path.
+    counts: list[tuple[str, float, dict[str, object]]] = field(default_factory=list)
+
+    def mark(self, step: str) -> None:
+        if self.path is not None:
+            self.path.mark(step)
 
 
 @dataclass
@@ -71,25 +79,29 @@ class Executor:
 
     def run(self, lease: Lease | None, event: ev.Event, *, work_json: str | None = None,
             signal: Callable[[StopKind], None] | None = None,
-            beats: list[Beat] | None = None) -> Lease | None:
+            beats: list[Beat] | None = None, path: StartPath | None = None) -> Lease | None:
         """Decide and perform `event` and every answer it leads to; returns the lease as the
         machine last left it (None: no record). `work_json` is needed to create a record,
-        `signal` lets the machine signal the caller's sandbox, and `beats` collects answered
-        beats for the heartbeat tick to record in one round trip."""
-        state = _Run(work_json=work_json, signal=signal, beats=beats)
+        `signal` lets the machine signal the caller's sandbox, `beats` collects answered
+        beats for the heartbeat tick to record in one round trip, and `path` notes when a
+        session's start passed each effect."""
+        state = _Run(work_json=work_json, signal=signal, beats=beats, path=path)
         work_id = _work_id_of(lease, event)
         pending: list[ev.Event] = [event]
         current = lease
-        while pending and state.steps < MAX_STEPS:
-            state.steps += 1
-            decision = decide(current, pending.pop(0), now=time.time(), policy=self.policy)
-            current = decision.lease
-            answer = self._perform(work_id, decision, state)
-            if isinstance(answer, _End):
-                return self.runtime.registry.get(work_id)
-            if answer is not None:
-                pending.append(answer)
-        return current
+        try:
+            while pending and state.steps < MAX_STEPS:
+                state.steps += 1
+                decision = decide(current, pending.pop(0), now=time.time(), policy=self.policy)
+                current = decision.lease
+                answer = self._perform(work_id, decision, state)
+                if isinstance(answer, _End):
+                    return self.runtime.registry.get(work_id)
+                if answer is not None:
+                    pending.append(answer)
+            return current
+        finally:
+            self.runtime.metrics.inc_all(state.counts)
 
     def record_beats(self, beats: list[Beat]) -> None:
         """Record the answered beats a heartbeat tick collected, in one round trip."""
@@ -122,9 +134,11 @@ class Executor:
         acked, and whether that ack was ours depends on what the earlier attempt met."""
         client = self.runtime.client(max_retries=0)
         reply_lost = False
+        state.mark("ack_sent")
         for pause in (*ACK_RETRY_PAUSES_SECONDS, None):
             try:
                 client.ack(work_id)
+                state.mark("acked")
                 return ev.AckAnswered()
             except WorkAPIError as exc:
                 answer = ack_event(exc, reply_lost=reply_lost)
@@ -143,6 +157,7 @@ class Executor:
                 desired_ttl_seconds=self.runtime.settings.desired_ttl_seconds)
         except WorkAPIError as exc:
             return claim_event(exc, ack_uncertain=effect.ack_uncertain)
+        state.mark("claimed")
         return ev.ClaimAnswered(reply_of(reply), sent_at)
 
     def _stop(self, work_id: str, effect: fx.StopOnServer, lease: Lease | None,
@@ -166,6 +181,7 @@ class Executor:
         for pause in (*RECORD_RETRY_PAUSES_SECONDS, None):
             try:
                 self.runtime.registry.create(effect.lease, work_json=state.work_json)
+                state.mark("recorded")
                 return None
             except RedisError as exc:
                 if pause is None:
@@ -237,6 +253,8 @@ class Executor:
             log_event("dispatch failed", level=logging.ERROR, work_id=work_id,
                       attempt=effect.attempt, error=str(exc),
                       action_taken="recovery publishes it again")
+            return
+        state.mark("published")
 
     def _revoke(self, work_id: str, effect: fx.Revoke, lease: Lease | None,
                 state: _Run) -> None:
@@ -263,7 +281,7 @@ class Executor:
 
     def _count(self, work_id: str, effect: fx.Count, lease: Lease | None,
                state: _Run) -> None:
-        self.runtime.metrics.inc(effect.metric, 1, **effect.labels)
+        state.counts.append((effect.metric, 1, dict(effect.labels)))
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,16 @@ class _Script:
         return scripts[self.name]
 
 
+def _history(raw: dict[str, str]) -> History:
+    if not raw:
+        return History()
+    try:
+        ended = Ending(raw.get("ended", ""))
+    except ValueError:
+        ended = Ending.STOPPED  # a value a newer version wrote: it ended somehow
+    return History(failures=int(raw.get("failures", 0) or 0), ended=ended)
+
+
 def _last_seen(lease: Lease) -> float:
     """A lease's last sign of progress, as recovery judges it in its phase: its attempt's last
     pulse while running, its dispatch while queued, its claim before that."""
@@ -99,8 +109,23 @@ class LeaseRegistry:
     def epoch(self) -> str:
         """The registry's epoch id, created on first use."""
         fresh = uuid.uuid4().hex
-        self.redis.set(self.keys.epoch, fresh, nx=True)
-        return str(self.redis.get(self.keys.epoch) or fresh)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.epoch, fresh, nx=True)
+        pipe.get(self.keys.epoch)
+        return str(pipe.execute()[1] or fresh)
+
+    def start_reads(self, work_id: str) -> tuple[Lease | None, str | None, str]:
+        """What a session's start reads, in one round trip (the sandbox waits on it): the
+        lease, its work item JSON and the registry's epoch (created on first use)."""
+        fresh = uuid.uuid4().hex
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.lease(work_id))
+        pipe.get(self.keys.work(work_id))
+        pipe.set(self.keys.epoch, fresh, nx=True)
+        pipe.get(self.keys.epoch)
+        raw, work_json, _, epoch = pipe.execute()
+        return ((Lease.from_hash(raw) if raw else None),
+                None if work_json is None else str(work_json), str(epoch or fresh))
 
     # --- create, read, delete -----------------------------------------------------------------
     def create(self, lease: Lease, *, work_json: str) -> None:
@@ -150,15 +175,18 @@ class LeaseRegistry:
         pipe.execute()
 
     # --- history: what outlives a record ------------------------------------------------------
+    def get_with_history(self, work_id: str) -> tuple[Lease | None, History]:
+        """The record and the history of one item, in one round trip: a polled item's claim
+        reads both before it can ack."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.lease(work_id))
+        pipe.hgetall(self.keys.history(work_id))
+        raw, history = pipe.execute()
+        return (Lease.from_hash(raw) if raw else None), _history(history)
+
     def history(self, work_id: str) -> History:
         raw: dict[str, str] = self.redis.hgetall(self.keys.history(work_id))  # type: ignore[assignment]
-        if not raw:
-            return History()
-        try:
-            ended = Ending(raw.get("ended", ""))
-        except ValueError:
-            ended = Ending.STOPPED  # a value a newer version wrote: it ended somehow
-        return History(failures=int(raw.get("failures", 0) or 0), ended=ended)
+        return _history(raw)
 
     def record_history(self, work_id: str, *, failures: int, ended: Ending) -> None:
         key = self.keys.history(work_id)

@@ -36,6 +36,7 @@ from dispatcher.session.sandbox import (
     resolve_command,
 )
 from dispatcher.settings import LeaseMode, SandboxRuntimeKind, SecretDelivery, Settings
+from dispatcher.startpath import StartPath
 from dispatcher.workapi import Work, epoch_seconds
 
 __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
@@ -69,6 +70,12 @@ class SessionAttempt:
     worker: str
     # Says whether the operator revoked this task (the threads pool sees Celery's revoked set).
     revoked: Callable[[], bool] = lambda: False
+    # Notes the steps of the sandbox's start (the `start path` line).
+    path: StartPath | None = None
+
+    def mark(self, step: str) -> None:
+        if self.path is not None:
+            self.path.mark(step)
 
 
 # A SIGTERM that reaches the pool child is an operator's terminate only if the worker is not
@@ -92,18 +99,21 @@ class _Flags:
 
 
 def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
-    before = runtime.registry.get(attempt.work_id)
+    before, work_json, epoch = runtime.registry.start_reads(attempt.work_id)
     starting = ev.AttemptStarting(attempt.attempt, attempt.task_id, attempt.worker, os.getpid(),
                                   draining=runtime.capacity.is_draining(attempt.worker))
+    attempt.mark("lease_read")
     lease = runtime.executor.run(before, starting)
+    attempt.mark("running")
     if lease is None or not _ours_and_running(lease, attempt):
         return _not_started(before, lease, attempt, draining=starting.draining)
     try:
-        spec = _spec(runtime, lease)
+        spec = _spec(runtime, lease, work_json)
     except (CommandError, ValueError) as exc:
         runtime.executor.run(lease, ev.SandboxStartFailed(str(exc)))
         return Outcome.FAILED
-    return _supervise(runtime, attempt, spec, _Memory(lease, runtime.registry.epoch()))
+    attempt.mark("spec_built")
+    return _supervise(runtime, attempt, spec, _Memory(lease, epoch))
 
 
 def _ours_and_running(lease: Lease, attempt: SessionAttempt) -> bool:
@@ -127,12 +137,11 @@ def _not_started(before: Lease | None, after: Lease | None, attempt: SessionAtte
     return Outcome.SUPERSEDED  # a newer attempt took the lease meanwhile
 
 
-def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
+def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
     settings = runtime.settings
     # A container's command is the image's (or DISPATCHER_SANDBOX_COMMAND), not the on-work one.
     argv = (resolve_command(settings.on_work)
             if settings.sandbox_runtime == SandboxRuntimeKind.PROCESS else [])
-    work_json = runtime.registry.work_json(lease.work_id)
     if work_json is None:
         raise ValueError("the work item is missing from the registry")
     work = Work.model_validate_json(work_json)
@@ -187,11 +196,14 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
         except SandboxStartError as exc:
             runtime.executor.run(memory.lease, ev.SandboxStartFailed(str(exc)))
             return Outcome.FAILED
+        attempt.mark("spawned")
         if attempt.attempt == 1:
             _observe_dispatch_latency(runtime, spec.stdin)
         where: dict[str, object] = dict(sandbox.describe())
         event("started", logging.INFO, work_id=attempt.work_id, session_id=attempt.session_id,
               attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker, **where)
+        if attempt.path is not None:
+            attempt.path.log(attempt.work_id)
         try:
             return _loop(runtime, attempt, sandbox, flags, memory, spec.stdin)
         finally:

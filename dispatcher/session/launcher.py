@@ -1,6 +1,6 @@
-"""The sandbox's watchdog: `python -S launcher.py PARENT_PID COMMAND [ARGS...]`.
+"""The sandbox's watchdog: `python -S launcher.py PARENT_PID [COMMAND [ARGS...]]`.
 
-Started by a session task as the leader of a new process group, it runs the on-work command in
+Started by a session worker as the leader of a new process group, it runs the on-work command in
 that same group and waits for it. It exists for one case Celery cannot cover: a worker killed
 with SIGKILL. Celery's pool children die with their parent, but a subprocess of a task is
 orphaned and runs on (celery#1106). The launcher watches its parent through a pidfd (Linux
@@ -10,10 +10,18 @@ clean up (stop its container, say), then SIGKILL after a short grace. The pidfd 
 to set up, where ctypes, needed for prctl, takes about 10 ms to import: most of the launcher's
 start-up.
 
+Without a command on its argv it reads one from stdin first (`request`): a worker starts the
+launcher ahead of the session that will use it (`sandbox.Spares`), so a session's start does
+not wait for an interpreter's. The request is a header line `ARGC ENVC NBYTES`, then NBYTES of
+NUL-separated fields: the command's argv, then its environment as `NAME=VALUE`. The rest of
+stdin (the work item) is the command's. Through a pipe, the environment's key is in no argv; a
+launcher that reads end-of-file instead (its worker exited before it was used) exits quietly.
+
 It ignores SIGTERM and SIGINT through handlers (not SIG_IGN, which the command would inherit
 across exec), because the supervisor signals the whole group: the command decides how to stop;
-the launcher stays to report its exit status. Standard library only, and run with -S, so it
-adds a few milliseconds to a session's start, not a full interpreter start-up.
+the launcher stays to report its exit status. Standard library only, and run with -S, so even
+a launcher started for the session itself adds a few milliseconds, not a full interpreter
+start-up.
 """
 
 # The C module, not `signal`: that one imports enum, a quarter of the launcher's start-up.
@@ -95,9 +103,9 @@ def _wait(pid: int, parent_fd: int | None) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _spawn(argv: list[str]) -> int:
+def _spawn(argv: list[str], env: dict[str, str]) -> int:
     try:
-        return os.posix_spawnp(argv[0], argv, os.environ)
+        return os.posix_spawnp(argv[0], argv, env)
     except FileNotFoundError:
         sys.stderr.write(f"dispatcher launcher: on-work command not found: {argv[0]!r}\n")
         sys.exit(EXIT_COMMAND_NOT_FOUND)
@@ -106,12 +114,55 @@ def _spawn(argv: list[str]) -> int:
         sys.exit(EXIT_COMMAND_NOT_EXECUTABLE)
 
 
+def _read_exactly(count: int) -> bytes | None:
+    """`count` bytes of stdin and not one more (the rest is the command's); None at its end."""
+    data = b""
+    while len(data) < count:
+        chunk = os.read(0, count - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def request() -> tuple[list[str], dict[str, str]] | None:
+    """The command and its environment, read from stdin; None if the worker never sent one."""
+    header = b""
+    while not header.endswith(b"\n"):
+        byte = os.read(0, 1)  # byte by byte: the header must not swallow the command's stdin
+        if not byte:
+            return None
+        header += byte
+    argc, envc, size = (int(part) for part in header.split())
+    payload = _read_exactly(size) if size else b""
+    if payload is None:
+        return None
+    fields = [f.decode("utf-8", "surrogateescape") for f in payload.split(b"\0")] if size else []
+    if len(fields) != argc + envc:
+        sys.exit(f"dispatcher launcher: a request of {len(fields)} fields, not {argc + envc}")
+    env = dict(item.partition("=")[::2] for item in fields[argc:])
+    return fields[:argc], env
+
+
+def encode_request(argv: list[str], env: dict[str, str]) -> bytes:
+    """What a worker writes to a waiting launcher's stdin before the command's own stdin."""
+    fields = [*argv, *(f"{name}={value}" for name, value in env.items())]
+    payload = b"\0".join(f.encode("utf-8", "surrogateescape") for f in fields)
+    return b"%d %d %d\n" % (len(argv), len(env), len(payload)) + payload
+
+
 def main() -> None:
     parent_pid, argv = int(sys.argv[1]), sys.argv[2:]
     parent_fd = _parent_pidfd(parent_pid)
     signal.signal(signal.SIGTERM, _ignore)
     signal.signal(signal.SIGINT, _ignore)
-    pid = _spawn(argv)
+    env: dict[str, str] = dict(os.environ)
+    if not argv:
+        asked = request()
+        if asked is None:
+            sys.exit(0)  # never used: its worker exited or gave it up
+        argv, env = asked
+    pid = _spawn(argv, env)
     if parent_fd is not None:
         os.set_inheritable(parent_fd, False)
     code = _wait(pid, parent_fd)

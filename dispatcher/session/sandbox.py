@@ -14,6 +14,7 @@ on-work script) or in containers (`DISPATCHER_SANDBOX_RUNTIME=docker`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import select
@@ -29,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dispatcher.session.launcher import encode_request
+
 __all__ = [
     "CommandError",
     "EngineError",
@@ -43,6 +46,13 @@ LAUNCHER = Path(__file__).with_name("launcher.py")
 # Never handed to a sandbox, even when an operator allow-lists it by mistake: the organisation
 # key, and the Redis URL, whose holder reads every work item's secret from the registry.
 NEVER_PASSED = frozenset({"ANTHROPIC_API_KEY", "DISPATCHER_REDIS_URL"})
+# How long after a command got its stdin the next spare launcher is started. A sandbox's own
+# start (an interpreter's, typically) takes tens of ms; on two busy cores a launcher started at
+# once beside it cost it about 8 ms at p50 (the start path's breakdown). A session that arrives
+# in the same worker process meanwhile starts its own launcher, as without a spare.
+SPARE_REFILL_DELAY_SECONDS = 0.1
+# An unused launcher exits at once on end-of-file; reaping it never holds an exit longer.
+SPARE_EXIT_SECONDS = 2.0
 # Without pidfds, how often `wait` looks whether the launcher exited.
 PEEK_INTERVAL_SECONDS = 0.02
 
@@ -125,31 +135,33 @@ class Sandbox:
         env, secret_dir = dict(spec.env), None
         if spec.secret_file is not None:
             secret_dir, env["ANTHROPIC_WORK_SECRET_FILE"] = _write_secret(spec.secret_file)
-        # The parent-death signal is tied to the thread that forks: tell the launcher our pid so
-        # it can detect a parent that died before its prctl took effect.
-        argv = [sys.executable, "-S", str(LAUNCHER), str(os.getpid()), *spec.argv]
         try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, env=env, start_new_session=True, close_fds=True
-            )
+            process = SPARES.take()
         except BaseException:
             _remove_secret(secret_dir)
             raise
         sandbox = cls(process, secret_dir)
         # Feed stdin from a thread: a command that never reads it must not block the supervisor.
-        threading.Thread(target=sandbox._feed, args=(spec.stdin,), daemon=True).start()
+        threading.Thread(target=sandbox._feed, args=(encode_request(spec.argv, env), spec.stdin),
+                         daemon=True).start()
         return sandbox
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, request: bytes, data: bytes) -> None:
         stdin = self._process.stdin
         assert stdin is not None
         try:
+            stdin.write(request)
+            stdin.flush()  # the launcher starts the command as soon as it has the request
             stdin.write(data)
         except (BrokenPipeError, OSError):
             pass  # the command exited or closed stdin without reading: its choice
         finally:
             with contextlib.suppress(OSError):
                 stdin.close()
+        # Off the session's path, and a moment later: the next launcher's start is an
+        # interpreter's, whose CPU this sandbox's own start would otherwise share.
+        time.sleep(SPARE_REFILL_DELAY_SECONDS)
+        SPARES.refill()
 
     @property
     def pid(self) -> int:
@@ -213,6 +225,85 @@ class Sandbox:
         return True
 
 
+class Spares:
+    """A launcher started ahead, waiting for the next session of this process (one at most).
+
+    A launcher is an interpreter, and an interpreter's start (about 10 ms on an idle host,
+    several times that on a loaded one) was the largest step between a session's message and
+    its command's exec. Starting the next launcher right after one is used takes it off the
+    path; a session that finds none (two starting at once, the first of a process) starts one
+    itself, as every session did before.
+
+    Only with pidfds (Linux 5.3+): without them the launcher watches its parent through a
+    parent-death signal, which the kernel ties to the thread that forked it, and the thread that
+    refills (a sandbox's stdin feeder) ends long before the session. A spare belongs to the
+    process that started it: a forked child (a prefork pool's) starts its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spare: subprocess.Popen[bytes] | None = None
+        self._owner = 0
+        self.enabled = _pidfds_work()
+
+    def take(self) -> subprocess.Popen[bytes]:
+        """A waiting launcher: the spare if it is ours and alive, else a new one."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            ours = self._owner == os.getpid()
+        if spare is not None and ours:
+            if spare.poll() is None:
+                return spare
+            _discard(spare)  # killed from outside while it waited
+        return _start_launcher()
+
+    def refill(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._spare is not None and self._owner == os.getpid():
+                return
+        spare = _start_launcher()
+        with self._lock:
+            if self._spare is None or self._owner != os.getpid():
+                self._spare, self._owner = spare, os.getpid()
+                return
+        _discard(spare)  # another thread refilled first
+
+    def close(self) -> None:
+        """End this process's spare (it reads end-of-file and exits), at the process's exit."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            ours = self._owner == os.getpid()
+        if spare is not None and ours:
+            _discard(spare)
+
+
+def _discard(launcher: subprocess.Popen[bytes]) -> None:
+    """An unused launcher: end-of-file on its stdin makes it exit; reap it."""
+    with contextlib.suppress(OSError):
+        launcher.stdin.close()  # type: ignore[union-attr]  # always a pipe
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        launcher.wait(timeout=SPARE_EXIT_SECONDS)
+
+
+def _start_launcher() -> subprocess.Popen[bytes]:
+    """A launcher leading a new process group, waiting for its command on stdin. Its own
+    environment is empty: the command's comes with the request. The launcher is told our pid
+    so it can tell a parent that died before it was watching."""
+    argv = [sys.executable, "-S", str(LAUNCHER), str(os.getpid())]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, env={}, start_new_session=True,
+                            close_fds=True)
+
+
+def _pidfds_work() -> bool:
+    fd = _pidfd(os.getpid())
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def _pidfd(pid: int) -> int | None:
     """A descriptor that becomes readable when `pid` exits (Linux 5.3+); None elsewhere."""
     try:
@@ -234,3 +325,7 @@ def _write_secret(secret: str) -> tuple[str, str]:
 def _remove_secret(directory: str | None) -> None:
     if directory is not None:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+SPARES = Spares()
+atexit.register(SPARES.close)

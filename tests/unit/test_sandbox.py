@@ -201,3 +201,60 @@ def test_a_dying_worker_gives_the_sandbox_sigterm_and_a_short_grace(tmp_path: Pa
     assert _pids_in_group(pgid) == []
     assert time.monotonic() - killed_at < PARENT_DEATH_GRACE_SECONDS + 2
     assert trapped.read_text() == "cleaned\n", "the script's TERM trap ran"
+
+
+def test_a_launcher_started_ahead_runs_the_next_command_with_its_own_environment(
+        tmp_path: Path) -> None:
+    """The spare launcher: started before the session, it reads the command and its
+    environment from stdin, leaves the work item to the command, and keeps the key out of
+    every argv."""
+    from dispatcher.session.sandbox import SPARES
+
+    assert SPARES.enabled, "this kernel has pidfds"
+    out = tmp_path / "seen"
+    spec = _spec(f"""
+        import os, sys
+        open({str(out)!r}, "w").write(os.environ["ANTHROPIC_ENVIRONMENT_KEY"] + "|" +
+                                      sys.stdin.read())
+    """, tmp_path)
+    spec = SandboxSpec(argv=spec.argv, env={**spec.env, "ANTHROPIC_ENVIRONMENT_KEY": "k=1 2"},
+                       stdin=spec.stdin)
+    first = Sandbox.start(spec)
+    assert first.wait(10) == 0
+    first.kill_group()
+    deadline = time.monotonic() + 10
+    while SPARES._spare is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # refilled once the first command had its stdin
+    spare = SPARES._spare
+    assert spare is not None
+    with open(f"/proc/{spare.pid}/cmdline", "rb") as f:
+        assert b"k=1" not in f.read()
+    second = Sandbox.start(spec)
+    assert second.pid == spare.pid, "the second session used the launcher started ahead"
+    assert second.wait(10) == 0
+    second.kill_group()
+    assert out.read_text() == 'k=1 2|{"id": "work_1"}'
+
+
+def test_an_unused_launcher_exits_when_its_worker_lets_go(tmp_path: Path) -> None:
+    """End of file instead of a request: the worker exited (or gave it up); nothing runs."""
+    from dispatcher.session.sandbox import _start_launcher
+
+    launcher = _start_launcher()
+    assert launcher.stdin is not None
+    launcher.stdin.close()
+    assert launcher.wait(10) == 0
+
+
+def test_the_launcher_request_leaves_the_rest_of_stdin_to_the_command() -> None:
+    from dispatcher.session.launcher import encode_request
+    from dispatcher.session.sandbox import LAUNCHER
+
+    request = encode_request(["/bin/cat", "-"], {"A": "1=2", "B": ""})
+    header, _, payload = request.partition(b"\n")
+    assert header == b"2 2 %d" % len(payload)
+    assert payload.split(b"\0") == [b"/bin/cat", b"-", b"A=1=2", b"B="]
+    done = subprocess.run(
+        [sys.executable, "-S", str(LAUNCHER), str(os.getpid())],
+        input=request + b"rest of stdin", capture_output=True, timeout=10)
+    assert (done.returncode, done.stdout) == (0, b"rest of stdin")

@@ -98,28 +98,34 @@ def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> 
     if isinstance(e, ev.AckAnswered):
         # The server answered: the item is ours, and its lease cannot lapse before a TTL.
         lease = lease.but(heartbeat_ok_at=c.now)
+    # Claimed first: a healthcheck is answered, not published; a hand-off gives the sandbox the
+    # token at its start, which must be the claim's, not none yet; an ack nobody answered may
+    # not be ours, and a session of another holder's item must never start here.
+    claim_first = lease.heartbeats_by == Beater.DISPATCHER and (
+        lease.kind == "healthcheck" or lease.mode == HANDOFF or not proven_ours(lease))
+    # Otherwise published first, claimed right after: the first heartbeat's round trip never
+    # delays the session, and the lease is never left unbeaten (a claim that fails is retried
+    # by the heartbeat task at once). A session that starts before a rival's 412 comes back is
+    # killed by that answer, as any lost lease is. Its record is created already dispatched:
+    # one write before the publish, not a create and an update.
+    published = (publish(lease, c.now, recorded=False)
+                 if lease.heartbeats_by == Beater.DISPATCHER and not claim_first else None)
+    record = lease if published is None or published.lease is None else published.lease
     effects: list[fx.Effect] = [
-        fx.CreateRecord(lease), count("work_claimed", type=lease.kind),
+        fx.CreateRecord(record), count("work_claimed", type=lease.kind),
         log("claimed", lease, type=lease.kind, queue=lease.queue),
     ]
     uncertain = isinstance(e, ev.AckUncertain)
     if isinstance(e, ev.AckUncertain):
         effects.append(log("ack uncertain", lease, logging.WARNING, status=e.status,
-                            action_taken="claimed; the first heartbeat tells"))
-    decision = Decision(lease, tuple(effects))
+                            action_taken="claimed; published once a claim is answered"))
+    decision = Decision(record, tuple(effects))
     if lease.heartbeats_by != Beater.DISPATCHER:
         return decision.then(advance_claimed(lease, c))
-    if lease.kind == "healthcheck" or lease.mode == HANDOFF or not proven_ours(lease):
-        # Claimed first: a healthcheck is answered, not published; a hand-off gives the sandbox
-        # the token at its start, which must be the claim's, not none yet; an ack nobody
-        # answered may not be ours, and a session of another holder's item must never start.
-        return decision.then(Decision(lease, (fx.Claim(ack_uncertain=uncertain),)))
-    # Published first, claimed right after: the first heartbeat's round trip never delays the
-    # session, and the lease is never left unbeaten (a claim that fails is retried by the
-    # heartbeat task at once). A session that starts before a rival's 412 comes back is killed
-    # by that answer, as any lost lease is.
-    published = decision.then(publish(lease, c.now))
-    return published.then(Decision(published.lease, (fx.Claim(ack_uncertain=uncertain),)))
+    claim = fx.Claim(ack_uncertain=uncertain)
+    if published is None:
+        return decision.then(Decision(lease, (claim,)))
+    return decision.then(published).then(Decision(published.lease, (claim,)))
 
 
 def _ack_conflict(lease: Lease | None, e: ev.AckConflict, c: Ctx) -> Decision:

@@ -154,10 +154,13 @@ def flag_stop(lease: Lease, kind: StopKind, cause: str) -> Decision | None:
     return Decision(lease.but(**changes), (fx.FlagStop(kind, cause),))
 
 
-def publish(lease: Lease, now: float) -> Decision:
+def publish(lease: Lease, now: float, *, recorded: bool = True) -> Decision:
+    """Mark the lease dispatched and publish its session task. `recorded=False`: the record is
+    yet to be created, from the returned lease, so no update goes before the publish."""
     changes: dict[str, object] = {"phase": Phase.DISPATCHED, "dispatched_at": now}
+    update: tuple[fx.Effect, ...] = (fx.Update(changes),) if recorded else ()
     return Decision(lease.but(**changes), (
-        fx.Update(changes), fx.Publish(lease.attempt, lease.task_id, lease.queue),
+        *update, fx.Publish(lease.attempt, lease.task_id, lease.queue),
         log("dispatched", lease, task_id=lease.task_id, queue=lease.queue),
     ))
 
