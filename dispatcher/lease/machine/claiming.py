@@ -227,7 +227,7 @@ def _refused_unclaimed(lease: Lease, c: Ctx) -> Decision:
     return Decision(lease, (
         fx.Schedule(c.now + RETRY_SECONDS),
         log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
-             action_taken=f"retry in {RETRY_SECONDS:.0f}s")))
+             action_taken="claimed again at the next heartbeat tick")))
 
 
 # --- the heartbeat task ------------------------------------------------------------------------

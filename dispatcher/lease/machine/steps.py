@@ -16,8 +16,10 @@ from dispatcher.lease.model import Ending, Lease, Phase, StopKind
 INTERVAL_SHARE_OF_TTL = 1 / 3
 MAX_INTERVAL_SECONDS = 30.0
 MIN_INTERVAL_SECONDS = 1.0
-# After a failed beat or a refused first claim, try again this soon.
-RETRY_SECONDS = 1.0
+# After a failed beat or a refused first claim, try again at the next heartbeat tick (every
+# second): due half a tick later, it is due when that tick comes. Due a whole tick later, it
+# waited two: a 6 s lease got three tries, not six, and four 503s in a row let it lapse.
+RETRY_SECONDS = 0.5
 # After a failed stop, try again this soon (never later than the next beat).
 RELEASE_RETRY_SECONDS = 2.0
 # While the registry is unreachable nobody heartbeats, so the server may let the lease lapse one
