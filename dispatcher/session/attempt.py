@@ -35,7 +35,13 @@ from dispatcher.session.sandbox import (
     build_environment,
     resolve_command,
 )
-from dispatcher.settings import LeaseMode, SandboxRuntimeKind, SecretDelivery, Settings
+from dispatcher.settings import (
+    LeaseMode,
+    SandboxRuntimeKind,
+    SecretDelivery,
+    Settings,
+    SettingsError,
+)
 from dispatcher.workapi import Work, epoch_seconds
 
 __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
@@ -98,7 +104,7 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
         return _not_started(before, lease, attempt, draining=starting.draining)
     try:
         spec = _spec(runtime, lease)
-    except (CommandError, ValueError) as exc:
+    except (CommandError, ValueError, SettingsError) as exc:
         runtime.executor.run(lease, ev.SandboxStartFailed(str(exc)))
         return Outcome.FAILED
     return _supervise(runtime, attempt, spec, _Memory(lease, runtime.registry.epoch()))
@@ -134,12 +140,14 @@ def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
     if work_json is None:
         raise ValueError("the work item is missing from the registry")
     work = Work.model_validate_json(work_json)
-    environment_id, environment_key = settings.require_worker()
+    # The lease's own environment, never another's: its id and key. One this worker does not
+    # serve (a configuration that differs from the control worker's) fails the attempt.
+    environment = settings.environment(lease.environment_id)
     contract: dict[str, str | None] = {
         "ANTHROPIC_SESSION_ID": work.session_id,
         "ANTHROPIC_WORK_ID": work.id,
-        "ANTHROPIC_ENVIRONMENT_ID": environment_id,
-        "ANTHROPIC_ENVIRONMENT_KEY": environment_key.get_secret_value(),
+        "ANTHROPIC_ENVIRONMENT_ID": environment.id,
+        "ANTHROPIC_ENVIRONMENT_KEY": environment.key.get_secret_value(),
         "ANTHROPIC_BASE_URL": settings.base_url if "base_url" in settings.model_fields_set
         else None,
         "DISPATCHER_ATTEMPT": str(lease.attempt),
@@ -153,7 +161,8 @@ def _spec(runtime: Runtime, lease: Lease) -> SandboxSpec:
         worker_env=os.environ, allow=settings.sandbox_env_allow, contract=contract
     )
     return SandboxSpec(argv=argv, env=env, stdin=work_json.encode(), work_id=work.id,
-                       session_id=work.session_id, attempt=lease.attempt, secret_file=secret_file)
+                       session_id=work.session_id, attempt=lease.attempt, secret_file=secret_file,
+                       environment_id=environment.id)
 
 
 def _deliver_secret(settings: Settings, lease: Lease, secret: str | None,
@@ -189,7 +198,8 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
             _observe_dispatch_latency(runtime, spec.stdin)
         where: dict[str, object] = dict(sandbox.describe())
         event("started", logging.INFO, work_id=attempt.work_id, session_id=attempt.session_id,
-              attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker, **where)
+              attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker,
+              environment_id=spec.environment_id, **where)
         try:
             return _loop(runtime, attempt, sandbox, flags, memory, spec.stdin)
         finally:
