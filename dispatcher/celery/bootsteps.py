@@ -130,9 +130,11 @@ def fleet_collector(runtime: Runtime) -> FleetCollector:
     from dispatcher.workapi import WorkClient
 
     timeout = min(runtime.settings.http_timeout_seconds, EXPORTER_HTTP_TIMEOUT_SECONDS)
-    client = WorkClient.from_settings(runtime.settings, max_retries=0, timeout=timeout)
-    return FleetCollector(runtime.metrics, runtime.registry, runtime.capacity,
-                          ServerStats(client))
+    servers = {e.id: ServerStats(WorkClient.from_settings(
+        runtime.settings, environment_id=e.id, environment_key=e.key.get_secret_value(),
+        max_retries=0, timeout=timeout)) for e in runtime.environments}
+    return FleetCollector(runtime.metrics, runtime.registry, runtime.capacity, servers,
+                          environments=list(servers))
 
 class ContainerReaper(bootsteps.StartStopStep):
     """On a session worker of the docker runtime: remove, at start and then every second, the

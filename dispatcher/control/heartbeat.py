@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -95,16 +96,17 @@ def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
     keys = {e.id: e for e in runtime.environments}
     outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases), timeout=bound)
     beats: list[Beat] = []
+    results: Counter[tuple[str, str]] = Counter()
     for lease, outcome, sent_at in outcomes:
-        tally.sent += isinstance(outcome, Heartbeat)
-        tally.failed += not isinstance(outcome, Heartbeat)
+        answered = isinstance(outcome, Heartbeat)
+        tally.sent += answered
+        tally.failed += not answered
+        results[lease.environment_id, "ok" if answered else "failed"] += 1
         after = runtime.executor.run(lease, beat_event(outcome, sent_at), beats=beats)
         tally.lost += after is None or after.lost
     runtime.executor.record_beats(beats)
-    if tally.sent:
-        runtime.metrics.inc("heartbeats", tally.sent, result="ok")
-    if tally.failed:
-        runtime.metrics.inc("heartbeats", tally.failed, result="failed")
+    for (environment, result), count in results.items():
+        runtime.metrics.inc("heartbeats", count, result=result, environment=environment)
     return tally
 
 

@@ -173,7 +173,8 @@ class Executor:
         except RedisError as exc:
             # Acked but not recorded: nobody could beat or run it. Stop it rather than leave
             # it owned by nobody.
-            self.runtime.metrics.inc("work_refused", reason="abandoned")
+            self.runtime.metrics.inc("work_refused", reason="abandoned",
+                                     environment=effect.lease.environment_id)
             log_event("abandoned", level=logging.ERROR, work_id=work_id,
                       session_id=effect.lease.session_id,
                       reason=f"registry unavailable: {exc}", outcome="stopped on the server")
@@ -275,7 +276,8 @@ class Executor:
 
     def _count(self, work_id: str, effect: fx.Count, lease: Lease | None,
                state: _Run) -> None:
-        self.runtime.metrics.inc(effect.metric, 1, **effect.labels)
+        self.runtime.metrics.inc(effect.metric, 1, environment=state.environment_id or "",
+                                 **effect.labels)
 
 
 @dataclass(frozen=True)

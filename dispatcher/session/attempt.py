@@ -238,7 +238,8 @@ class _Supervisor:
     draining: bool = False
 
     def __post_init__(self) -> None:
-        self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt)
+        self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt,
+                                    environment_id=self.memory.lease.environment_id)
 
     def step(self) -> Outcome | None:
         runtime, attempt = self.runtime, self.attempt
@@ -299,10 +300,12 @@ class _Outage:
 
 
 def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
-    created_at = epoch_seconds(Work.model_validate_json(work_json).created_at)
+    work = Work.model_validate_json(work_json)
+    created_at = epoch_seconds(work.created_at)
     if created_at is None:
         return
-    runtime.metrics.observe("dispatch_latency_seconds", max(0.0, time.time() - created_at))
+    runtime.metrics.observe("dispatch_latency_seconds", max(0.0, time.time() - created_at),
+                            environment=work.environment_id)
 
 
 def _reregistered(runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
@@ -322,8 +325,9 @@ class _SignalLadder:
     """Graceful: SIGTERM to the group, the grace period, then SIGKILL. Force: SIGKILL now."""
 
     def __init__(self, runtime: Runtime, sandbox: RunningSandbox, *,
-                 attempt: SessionAttempt) -> None:
+                 attempt: SessionAttempt, environment_id: str = "") -> None:
         self.runtime = runtime
+        self.environment_id = environment_id
         self.grace = runtime.settings.stop_grace_seconds
         self.sandbox = sandbox
         self.attempt = attempt
@@ -334,7 +338,8 @@ class _SignalLadder:
         if self.killed:
             return
         if self.term_sent_at is None and seen_at:
-            self.runtime.metrics.observe("stop_latency_seconds", max(0.0, time.time() - seen_at))
+            self.runtime.metrics.observe("stop_latency_seconds", max(0.0, time.time() - seen_at),
+                                         environment=self.environment_id)
         now = time.monotonic()
         if kind == StopKind.FORCE or (
             self.term_sent_at is not None and now - self.term_sent_at >= self.grace

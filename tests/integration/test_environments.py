@@ -17,6 +17,7 @@ from inprocess import REDIS_BASE, SentTasks
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.heartbeat import beat_due_leases
 from dispatcher.control.poller import run_poller
+from dispatcher.metrics import FleetCollector
 from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import _spec
@@ -88,6 +89,15 @@ def test_each_environment_is_worked_with_its_own_key(emulator: Any, two: Runtime
         runtime.registry.schedule_heartbeat(work_id, 0)
     tally = beat_due_leases(runtime)
     assert (tally.sent, tally.failed, tally.lost) == (2, 0, 0)
+    collector = FleetCollector(runtime.metrics, runtime.registry, runtime.capacity, None,
+                               environments=[a, b])
+    families = {f.name: f for f in collector.collect()}
+    beats = {(s.labels["environment"], s.labels["result"]): s.value
+             for s in families["dispatcher_heartbeats"].samples if s.name.endswith("_total")}
+    assert (beats[a, "ok"], beats[b, "ok"], beats[a, "failed"], beats[b, "failed"]) == (
+        1, 1, 0, 0), "counted per environment"
+    held = {s.labels["environment"]: s.value for s in families["dispatcher_leases_held"].samples}
+    assert held == {a: 1, b: 1}
 
     # Stops: each environment's list, with its key.
     emulator.http.post(emulator.work_url(b, f"/{work_b}/stop"), headers=emulator.org_headers,
