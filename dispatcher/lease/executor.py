@@ -176,11 +176,13 @@ class Executor:
             self.runtime.metrics.inc("work_refused", reason="abandoned",
                                      environment=effect.lease.environment_id)
             log_event("abandoned", level=logging.ERROR, work_id=work_id,
+                      environment_id=effect.lease.environment_id,
                       session_id=effect.lease.session_id,
                       reason=f"registry unavailable: {exc}", outcome="stopped on the server")
             if isinstance(self._stop(work_id, fx.StopOnServer(), None, state),
                           ev.ReleaseFailed | ev.ReleaseRejected):
-                log_event("stop failed", level=logging.ERROR, work_id=work_id)
+                log_event("stop failed", level=logging.ERROR, work_id=work_id,
+                          environment_id=effect.lease.environment_id)
             return _End(reread=False)
         return None
 
@@ -246,7 +248,8 @@ class Executor:
             # The lease stays held and beaten; recovery publishes again once no queue holds
             # the message.
             log_event("dispatch failed", level=logging.ERROR, work_id=work_id,
-                      attempt=effect.attempt, error=str(exc),
+                      attempt=effect.attempt, environment_id=state.environment_id,
+                      error=str(exc),
                       action_taken="recovery publishes it again")
 
     def _revoke(self, work_id: str, effect: fx.Revoke, lease: Lease | None,

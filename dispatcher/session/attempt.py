@@ -283,7 +283,8 @@ class _Outage:
         if self.since is None:
             self.since = now
             event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, error=str(exc), action_taken="sandbox kept")
+                  attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
+                  error=str(exc), action_taken="sandbox kept")
         seconds = now - self.since
         if not outage_is_too_long(self.lease, seconds):
             return False
@@ -294,7 +295,7 @@ class _Outage:
     def over(self) -> None:
         if self.since is not None:
             event("registry reachable again", work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt,
+                  attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
                   after_seconds=round(time.monotonic() - self.since, 1))
             self.since = None
 
@@ -353,7 +354,7 @@ class _SignalLadder:
     def _signal(self, signum: signal.Signals, cause: str) -> None:
         event("killed" if signum == signal.SIGKILL else "terminated", work_id=self.attempt.work_id,
               session_id=self.attempt.session_id, attempt=self.attempt.attempt,
-              signal=signum.name, cause=cause)
+              environment_id=self.environment_id, signal=signum.name, cause=cause)
         self.sandbox.signal_group(signum)
 
 
@@ -371,7 +372,8 @@ def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
         except RedisError as exc:
             if time.monotonic() >= deadline:
                 event("release abandoned", level=logging.ERROR, work_id=attempt.work_id,
-                      attempt=attempt.attempt, error=str(exc),
+                      attempt=attempt.attempt, environment_id=sup.memory.lease.environment_id,
+                      error=str(exc),
                       outcome="left to the server's lease expiry")
                 return Outcome.LOST
             time.sleep(1.0)
