@@ -58,8 +58,9 @@ def beat_due_leases(runtime: Runtime) -> Tally:
     )
     if not ids:
         return Tally()
-    leases = _served(runtime, runtime.registry.get_many(ids))
-    runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in leases})
+    found = runtime.registry.get_many(ids)
+    runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in found})
+    leases = _served(runtime, found)
     tally = _beat(runtime, [lease for lease in leases if _beaten_by_us(lease)])
     for lease in leases:
         if lease.phase == Phase.RELEASING:
@@ -69,8 +70,9 @@ def beat_due_leases(runtime: Runtime) -> Tally:
 
 def _served(runtime: Runtime, leases: list[Lease]) -> list[Lease]:
     """The leases of environments this fleet serves. One of an environment no longer
-    configured has no key to beat it with: it is left alone (logged), not beaten with another
-    environment's key, and the server hands it out again after its TTL."""
+    configured has no key to beat it with: it is not beaten with another environment's key
+    (logged, and due again once its in-flight mark lapses: a worker that serves it may take
+    it), and the server hands it out again after its TTL."""
     served = {e.id for e in runtime.environments}
     for lease in leases:
         if lease.environment_id not in served:
