@@ -47,6 +47,10 @@ def scan_server_stops(runtime: Runtime) -> int:
             runtime.registry.end_stop_scan(environment.id)
         return 0
     held = runtime.registry.held_by_environment(e.id for e in runtime.environments)
+    if len(held) == 1:
+        # The only environment holds every lease, also those recorded before the index of
+        # leases per environment existed (a fleet upgraded while holding them).
+        held = dict.fromkeys(held, runtime.registry.held_count())
     return sum(_scan(runtime, environment, held=held[environment])
                for environment in held)
 
