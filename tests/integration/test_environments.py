@@ -16,7 +16,7 @@ from inprocess import REDIS_BASE, SentTasks
 
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.heartbeat import beat_due_leases
-from dispatcher.control.poller import run_poller
+from dispatcher.control.poller import drain, run_poller
 from dispatcher.metrics import FleetCollector
 from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
@@ -147,3 +147,18 @@ def test_two_busy_environments_share_the_slots(emulator: Any, two: Runtime) -> N
     assert run_poller(runtime, environment_id=b, run_seconds=1.0) == 0
     assert time.monotonic() - started >= 1.0
     assert run_poller(runtime, environment_id=a, run_seconds=1.5) == 1
+
+
+def test_a_wake_up_drains_each_environment_with_its_own_key(emulator: Any,
+                                                             two: Runtime) -> None:
+    """Webhook mode: a delivery names no environment, so each environment's queue is drained,
+    each by its own drain (its own wake-up flag and lock)."""
+    runtime = two
+    a, b = (e.id for e in runtime.environments)
+    _slots(runtime, 4)
+    work_b = {emulator.create_session(b)[1] for _ in range(2)}
+    assert drain(runtime, environment_id=a, reclaim_older_than_ms=2000, wake=True) == 0
+    assert drain(runtime, environment_id=b, reclaim_older_than_ms=2000, wake=True) == 2
+    assert set(runtime.registry.held_ids()) == work_b
+    keys = runtime.registry.keys
+    assert not any(runtime.redis.exists(keys.poll_state("poll-wanted", e)) for e in (a, b))
