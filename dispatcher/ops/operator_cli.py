@@ -152,7 +152,8 @@ def _metrics_parser(subcommands: Any) -> None:
     parser = _command(subcommands, "metrics", _metrics, "serve the fleet's Prometheus metrics",
                       "Serve /metrics (the same exporter as a worker started with "
                       "DISPATCHER_METRICS_PORT) until SIGTERM or Ctrl-C. Server gauges need "
-                      "ANTHROPIC_ENVIRONMENT_ID and a key; without them they are left out.",
+                      "ANTHROPIC_ENVIRONMENT_ID and a key, or DISPATCHER_ENVIRONMENTS_FILE (one "
+                      "set per environment); without them they are left out.",
                       json_flag=False)
     parser.add_argument("--port", type=int, default=None,
                         help=f"default: $DISPATCHER_METRICS_PORT or {DEFAULT_METRICS_PORT}; "
