@@ -12,6 +12,11 @@ A scrape is cheap and bounded: a few Redis reads, and at most one `stats` call (
 dropped after `REQUEST_TIMEOUT_SECONDS`.
 
 Recording never fails a caller: a metric lost to a Redis hiccup is better than a lease lost.
+
+Every counter, histogram and lease gauge is labelled with the `environment` it counts (the
+fleet's configured ids: bounded; empty for what no environment was named for), and the server's
+figures are read per environment, with its key. Session slots and workers are the fleet's,
+shared by its environments, and carry no such label.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import platform
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -114,6 +119,7 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     ),
 }
 _NOT_SNAKE = re.compile(r"[^a-z0-9]+")
+ENVIRONMENT_LABEL = "environment"
 
 
 def bounded(name: str, value: object) -> str:
@@ -132,6 +138,11 @@ def _field(name: str, labels: dict[str, str]) -> str:
     return name + "|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+def _environment(environment: str) -> dict[str, str]:
+    # A field's separators (`|`, `,`, `=`) cannot be in an id (`workapi.models.check_id`).
+    return {ENVIRONMENT_LABEL: environment} if environment else {}
+
+
 def _parse_field(field: str) -> tuple[str, dict[str, str]]:
     name, _, raw = field.partition("|")
     labels = dict(pair.split("=", 1) for pair in raw.split(",") if pair)
@@ -143,28 +154,32 @@ class Metrics:
         self.redis = redis
         self.key = f"{prefix}:metrics"
 
-    def inc(self, name: str, amount: float = 1, **labels: object) -> None:
-        self.inc_all([(name, amount, labels)])
+    def inc(self, name: str, amount: float = 1, *, environment: str = "",
+            **labels: object) -> None:
+        self.inc_all([(name, amount, labels)], environment=environment)
 
-    def inc_all(self, counts: list[tuple[str, float, dict[str, object]]]) -> None:
-        """Several counters in one round trip."""
+    def inc_all(self, counts: list[tuple[str, float, dict[str, object]]], *,
+                environment: str = "") -> None:
+        """Several counters of one environment in one round trip."""
         increments: dict[str, float] = {}
         for name, amount, labels in counts:
             counter = COUNTERS[name]
             assert set(labels) <= {counter.label}, (name, labels)
-            field = _field(name, {k: bounded(name, v) for k, v in labels.items()})
+            values = {k: bounded(name, v) for k, v in labels.items()}
+            field = _field(name, {**values, **_environment(environment)})
             increments[field] = increments.get(field, 0) + amount
         if increments:
             self._write(increments)
 
-    def observe(self, name: str, seconds: float) -> None:
+    def observe(self, name: str, seconds: float, *, environment: str = "") -> None:
         _, buckets = HISTOGRAMS[name]
+        where = _environment(environment)
         increments: dict[str, float] = {
-            _field(f"{name}_bucket", {"le": str(b)}): 1 for b in buckets if seconds <= b
+            _field(f"{name}_bucket", {"le": str(b), **where}): 1 for b in buckets if seconds <= b
         }
-        increments[_field(f"{name}_bucket", {"le": "+Inf"})] = 1
-        increments[_field(f"{name}_count", {})] = 1
-        increments[_field(f"{name}_sum", {})] = seconds
+        increments[_field(f"{name}_bucket", {"le": "+Inf", **where})] = 1
+        increments[_field(f"{name}_count", where)] = 1
+        increments[_field(f"{name}_sum", where)] = seconds
         self._write(increments)
 
     def _write(self, increments: dict[str, float]) -> None:
@@ -211,21 +226,28 @@ class ServerStats:
 
 
 class FleetCollector(Collector):
+    """`server`: the server's figures of one environment, or of each (by id); `environments`:
+    the ids every counter starts from zero for (those of `server` when not given)."""
+
     def __init__(self, metrics: Metrics, registry: LeaseRegistry, capacity: Capacity,
-                 server: ServerStats | None) -> None:
+                 server: ServerStats | Mapping[str, ServerStats] | None,
+                 environments: Sequence[str] = ()) -> None:
         self.metrics = metrics
         self.registry = registry
         self.capacity = capacity
-        self.server = server
+        if isinstance(server, ServerStats):
+            server = {server.client.environment_id: server}
+        self.servers: Mapping[str, ServerStats] = server or {}
+        self.environments = tuple(environments) or tuple(self.servers)
 
     def collect(self) -> Iterator[Metric]:
         values = self.metrics.values()
         yield _build_info()
-        yield from _counters(values)
-        yield from _histograms(values)
-        yield from _fleet_gauges(self.registry, self.capacity)
-        if self.server is not None:
-            yield from _server_gauges(self.server.get())
+        yield from _counters(values, self.environments)
+        yield from _histograms(values, self.environments)
+        yield from _fleet_gauges(self.registry, self.capacity, self.environments)
+        if self.servers:
+            yield from _server_gauges({e: s.get() for e, s in self.servers.items()})
 
 
 def _build_info() -> Metric:
@@ -239,39 +261,64 @@ def _build_info() -> Metric:
     return info
 
 
-def _counters(values: dict[str, float]) -> Iterator[Metric]:
+def _recorded_environments(values: dict[str, float], known: Sequence[str]) -> list[str]:
+    """The configured environments, then any other a field was recorded for (a configuration
+    that changed: still bounded, by what was ever configured)."""
+    seen = dict.fromkeys(known)
+    for field in values:
+        seen.setdefault(_parse_field(field)[1].get(ENVIRONMENT_LABEL, ""))
+    return list(seen) or [""]
+
+
+def _counters(values: dict[str, float], environments: Sequence[str]) -> Iterator[Metric]:
+    everywhere = _recorded_environments(values, environments)
     for name, counter in COUNTERS.items():
         # Every known value from zero, so rate() and absent() work before the first event.
-        by_value = dict.fromkeys((*counter.values, OTHER), 0.0)
+        by_value = {(e, v): 0.0 for e in everywhere for v in (*counter.values, OTHER)}
         for field, value in values.items():
             fname, labels = _parse_field(field)
             if fname == name:
                 key = bounded(name, labels.get(counter.label, ""))
-                by_value[key] += value
-        family = CounterMetricFamily(f"{NAMESPACE}_{name}", counter.doc, labels=[counter.label])
-        for label_value, value in by_value.items():
-            family.add_metric([label_value], value)
+                by_value[labels.get(ENVIRONMENT_LABEL, ""), key] += value
+        family = CounterMetricFamily(f"{NAMESPACE}_{name}", counter.doc,
+                                     labels=[ENVIRONMENT_LABEL, counter.label])
+        for (environment, label_value), value in by_value.items():
+            family.add_metric([environment, label_value], value)
         yield family
 
 
-def _histograms(values: dict[str, float]) -> Iterator[Metric]:
+def _histograms(values: dict[str, float], environments: Sequence[str]) -> Iterator[Metric]:
+    everywhere = _recorded_environments(values, environments)
     for name, (doc, buckets) in HISTOGRAMS.items():
-        family = HistogramMetricFamily(f"{NAMESPACE}_{name}", doc)
-        counts = {b: values.get(_field(f"{name}_bucket", {"le": str(b)}), 0.0) for b in buckets}
-        total = values.get(_field(f"{name}_count", {}), 0.0)
-        family.add_metric(
-            [], [(str(b), counts[b]) for b in buckets] + [("+Inf", total)],
-            sum_value=values.get(_field(f"{name}_sum", {}), 0.0),
-        )
+        family = HistogramMetricFamily(f"{NAMESPACE}_{name}", doc, labels=[ENVIRONMENT_LABEL])
+        for environment in everywhere:
+            where = _environment(environment)
+            counts = {b: values.get(_field(f"{name}_bucket", {"le": str(b), **where}), 0.0)
+                      for b in buckets}
+            total = values.get(_field(f"{name}_count", where), 0.0)
+            family.add_metric(
+                [environment], [(str(b), counts[b]) for b in buckets] + [("+Inf", total)],
+                sum_value=values.get(_field(f"{name}_sum", where), 0.0),
+            )
         yield family
 
 
-def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity) -> Iterator[Metric]:
+def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity,
+                  environments: Sequence[str]) -> Iterator[Metric]:
     held = registry.held_count()
     total = capacity.total_slots()
     free = free_slots(total=total, held=held)
     used = total - free  # leases beyond the slots wait for one (workers died or drained)
-    yield GaugeMetricFamily(f"{NAMESPACE}_leases_held", "Leases the fleet holds now", value=held)
+    by_environment = registry.held_by_environment(environments)
+    leases = GaugeMetricFamily(f"{NAMESPACE}_leases_held", "Leases the fleet holds now",
+                               labels=[ENVIRONMENT_LABEL])
+    for environment, count in by_environment.items():
+        leases.add_metric([environment], count)
+    # Leases of no configured environment (or recorded before the per-environment index).
+    unlisted = held - sum(by_environment.values())
+    if unlisted or not by_environment:
+        leases.add_metric([""], max(0, unlisted))
+    yield leases
     slots = GaugeMetricFamily(f"{NAMESPACE}_session_slots",
                               "Session slots of live workers, used or free (sum: all slots)",
                               labels=["state"])
@@ -282,24 +329,26 @@ def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity) -> Iterator[Metri
                             value=len(capacity.live_workers()))
 
 
-def _server_gauges(stats: WorkQueueStats | None) -> Iterator[Metric]:
-    yield GaugeMetricFamily(f"{NAMESPACE}_server_up",
-                            "1 if the server's stats answered within the cache window",
-                            value=0 if stats is None else 1)
-    if stats is None:
-        return
-    yield GaugeMetricFamily(f"{NAMESPACE}_server_queue_depth",
-                            "Work items queued on the server (consumer group lag)",
-                            value=stats.depth)
-    yield GaugeMetricFamily(f"{NAMESPACE}_server_queue_pending",
-                            "Work items polled but not acknowledged", value=stats.pending)
-    yield GaugeMetricFamily(f"{NAMESPACE}_server_queue_oldest_age_seconds",
-                            "Age of the oldest queued or pending work item",
-                            value=_age_seconds(stats.oldest_queued_at))
-    if stats.workers_polling is not None:
-        yield GaugeMetricFamily(f"{NAMESPACE}_server_workers_polling",
-                                "Distinct worker ids that polled in the last 30 s",
-                                value=stats.workers_polling)
+def _server_gauges(by_environment: Mapping[str, WorkQueueStats | None]) -> Iterator[Metric]:
+    def gauge(name: str, doc: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=[ENVIRONMENT_LABEL])
+
+    up = gauge("server_up", "1 if the server's stats answered within the cache window")
+    depth = gauge("server_queue_depth", "Work items queued on the server (consumer group lag)")
+    pending = gauge("server_queue_pending", "Work items polled but not acknowledged")
+    age = gauge("server_queue_oldest_age_seconds", "Age of the oldest queued or pending work item")
+    polling = gauge("server_workers_polling", "Distinct worker ids that polled in the last 30 s")
+    for environment, stats in by_environment.items():
+        up.add_metric([environment], 0 if stats is None else 1)
+        if stats is None:
+            continue
+        depth.add_metric([environment], stats.depth)
+        pending.add_metric([environment], stats.pending)
+        age.add_metric([environment], _age_seconds(stats.oldest_queued_at))
+        if stats.workers_polling is not None:
+            polling.add_metric([environment], stats.workers_polling)
+    # A family with no sample is left out, as before when the server did not answer.
+    yield from (family for family in (up, depth, pending, age, polling) if family.samples)
 
 
 def _age_seconds(timestamp: str | None) -> float:

@@ -19,7 +19,7 @@ from dispatcher.lease.executor import Executor
 from dispatcher.lease.machine import Policy
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.metrics import Metrics
-from dispatcher.settings import Settings, load_settings
+from dispatcher.settings import Environment, Settings, SettingsError, load_settings
 from dispatcher.workapi import WorkClient
 
 __all__ = ["Runtime", "get_runtime", "reset_runtime"]
@@ -65,17 +65,41 @@ class Runtime:
         """Performs the lease machine's decisions: the only writer of lease records."""
         return Executor(self, Policy(max_attempts=self.settings.max_attempts))
 
+    @cached_property
+    def environments(self) -> tuple[Environment, ...]:
+        """The environments the fleet serves (at least one: a worker refuses to start without)."""
+        return self.settings.require_environments()
+
+    @property
+    def maxima(self) -> dict[str, int | None]:
+        """Each environment's `max_sessions`, in configuration order: the fair share's input."""
+        return {e.id: e.max_sessions for e in self.environments}
+
+    def environment(self, environment_id: str | None = None) -> Environment:
+        """The environment of that id; None: the only one (refused when there are several, so
+        no caller can pick one by accident and act with another environment's key)."""
+        if environment_id is not None:
+            return self.settings.environment(environment_id)
+        if len(self.environments) > 1:
+            raise SettingsError("several environments are served: the caller must name one")
+        return self.environments[0]
+
     @property
     def environment_id(self) -> str:
-        environment_id, _ = self.settings.require_worker()
-        return environment_id
+        """The only environment's id (see `environment`)."""
+        return self.environment().id
 
-    def client(self, *, max_retries: int = CLIENT_RETRIES) -> WorkClient:
-        """A client for this process; one per retry policy, kept for connection reuse."""
-        cache: dict[int, WorkClient] = self.__dict__.setdefault("_clients", {})
-        if max_retries not in cache:
-            cache[max_retries] = WorkClient.from_settings(self.settings, max_retries=max_retries)
-        return cache[max_retries]
+    def client(self, *, environment_id: str | None = None,
+               max_retries: int = CLIENT_RETRIES) -> WorkClient:
+        """A client for an environment (None: the only one), with its key; one per environment
+        and retry policy, kept for connection reuse."""
+        environment = self.environment(environment_id)
+        cache: dict[tuple[str, int], WorkClient] = self.__dict__.setdefault("_clients", {})
+        if (environment.id, max_retries) not in cache:
+            cache[environment.id, max_retries] = WorkClient.from_settings(
+                self.settings, environment_id=environment.id,
+                environment_key=environment.key.get_secret_value(), max_retries=max_retries)
+        return cache[environment.id, max_retries]
 
 
 _lock = threading.Lock()

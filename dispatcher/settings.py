@@ -9,13 +9,30 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dispatcher.environments import (
+    FILE_VARIABLE,
+    Environment,
+    EnvironmentsError,
+    check_key,
+    load_environments_file,
+)
+
 __all__ = [
+    "Environment",
     "LeaseMode",
     "PullPolicy",
     "SandboxRuntimeKind",
@@ -29,8 +46,6 @@ __all__ = [
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_SESSION_QUEUE = "dispatcher.sessions"
-# Whitespace, C0/C1 controls and DEL: never part of a key, and illegal in a header value.
-_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -79,9 +94,10 @@ class Settings(BaseSettings):
     base_url: str = _env("ANTHROPIC_BASE_URL", DEFAULT_BASE_URL, description=(
         "Work API base URL; point it at `dispatcher emulator` to rehearse locally."))
     environment_id: str | None = _env("ANTHROPIC_ENVIRONMENT_ID", description=(
-        "The self-hosted environment (`env_...`) this fleet works for. Required by workers."))
+        "The self-hosted environment (`env_...`) this fleet works for. Workers need it, or "
+        "`DISPATCHER_ENVIRONMENTS_FILE`."))
     environment_key: SecretStr | None = _env("ANTHROPIC_ENVIRONMENT_KEY", description=(
-        "The environment key (Bearer) for worker calls. Required by workers; given to sandboxes."))
+        "The environment key (Bearer) for worker calls; given to that environment's sandboxes."))
     api_key: SecretStr | None = _env("ANTHROPIC_API_KEY", description=(
         "Organisation key for operator commands (`show`, `update`). Never given to a sandbox."))
     webhook_signing_key: SecretStr | None = _env("ANTHROPIC_WEBHOOK_SIGNING_KEY", description=(
@@ -89,6 +105,10 @@ class Settings(BaseSettings):
         "`dispatcher webhooks` alone; never given to workers or sandboxes."))
 
     # --- the dispatcher's own knobs ---------------------------------------------------------
+    environments_file: Path | None = _env(FILE_VARIABLE, description=(
+        "A TOML file of the environments one fleet serves, instead of the two variables above: "
+        "`[[environment]]` tables of `id`, `key` or `key_file`, optional `max_sessions` and "
+        "`queue` (see docs/configuration.md). Read by workers only."))
     redis_url: str = _env("DISPATCHER_REDIS_URL", DEFAULT_REDIS_URL, description=(
         "Redis for the Celery broker, the result backend and the lease registry."))
     on_work: str | None = _env("DISPATCHER_ON_WORK", description=(
@@ -207,10 +227,7 @@ class Settings(BaseSettings):
     def _plain_key(cls, value: SecretStr | None) -> SecretStr | None:
         # A key read from a mounted file often ends in a newline; sent as is, every request
         # fails and is retried as a transient error, so refuse it at start-up instead.
-        if value is not None and _UNPRINTABLE.search(value.get_secret_value()):
-            raise ValueError("contains whitespace or a control character (a trailing newline "
-                             "from a mounted secret file?); the value is not shown")
-        return value
+        return check_key(value) if value is not None else None
 
     @field_validator("session_queues", "sandbox_env_allow", "sandbox_volumes", "sandbox_tmpfs",
                      "sandbox_labels", mode="before")
@@ -220,13 +237,56 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    def require_worker(self) -> tuple[str, SecretStr]:
+    # The environments, read on first use: only workers need them (beat, Flower and the
+    # webhook receiver never get a key, nor the file).
+    _environments: tuple[Environment, ...] | None = PrivateAttr(None)
+
+    def environments(self) -> tuple[Environment, ...]:
+        """The environments this fleet serves, in the order given; empty if none is set.
+        Raises SettingsError naming the variable when they cannot be read."""
+        if self._environments is None:
+            self._environments = self._read_environments()
+        return self._environments
+
+    def _read_environments(self) -> tuple[Environment, ...]:
+        if self.environments_file is None:
+            if self.environment_id and self.environment_key is not None:
+                return (Environment(id=self.environment_id, key=self.environment_key),)
+            return ()
+        if self.environment_id or self.environment_key is not None:
+            # Two sources of truth: which key goes with which id would be a guess.
+            raise SettingsError(f"{FILE_VARIABLE} and ANTHROPIC_ENVIRONMENT_ID/_KEY are both "
+                                "set: give the environments one way")
+        try:
+            return load_environments_file(self.environments_file,
+                                          session_queues=self.session_queues)
+        except EnvironmentsError as exc:
+            raise SettingsError(f"{FILE_VARIABLE} is invalid: {exc}") from None
+
+    def require_environments(self) -> tuple[Environment, ...]:
         """What a worker cannot start without; raises naming the first missing variable."""
+        environments = self.environments()
+        if environments:
+            return environments
         if not self.environment_id:
-            raise SettingsError("ANTHROPIC_ENVIRONMENT_ID is not set: the environment to work for")
-        if self.environment_key is None:
-            raise SettingsError("ANTHROPIC_ENVIRONMENT_KEY is not set: the environment key")
-        return self.environment_id, self.environment_key
+            raise SettingsError("ANTHROPIC_ENVIRONMENT_ID is not set: the environment to work "
+                                f"for (or {FILE_VARIABLE} for several)")
+        raise SettingsError("ANTHROPIC_ENVIRONMENT_KEY is not set: the environment key")
+
+    def require_worker(self) -> tuple[str, SecretStr]:
+        """The only environment's id and key (raises naming the first missing variable, and
+        when several environments are served: a caller must then name the one it acts for)."""
+        environments = self.require_environments()
+        if len(environments) > 1:
+            raise SettingsError(f"{FILE_VARIABLE} lists several environments: name one")
+        return environments[0].id, environments[0].key
+
+    def environment(self, environment_id: str) -> Environment:
+        """The environment of that id; SettingsError if this fleet does not serve it."""
+        for environment in self.require_environments():
+            if environment.id == environment_id:
+                return environment
+        raise SettingsError(f"environment {environment_id} is not one this fleet serves")
 
     def require_sandbox(self) -> None:
         """What the chosen sandbox runtime cannot start without; raises naming the variable."""

@@ -28,18 +28,19 @@ __all__ = ["CONTROL_RESERVE", "ContainerReaper", "MetricsEndpoint", "SlotAdverti
            "consumes_sessions", "install", "pool_name", "session_slots"]
 
 # Pool slots kept free for control tasks on a worker that consumes both queues: one for the
-# poller's long-poll, one for heartbeat, bridge and recovery ticks.
+# poller's long-poll, one for heartbeat, bridge and recovery ticks; and one more for each
+# further environment, whose poller holds a slot of its own.
 CONTROL_RESERVE = 2
 
 
 def session_slots(*, concurrency: int, queues: list[str], configured: int | None,
-                  control_queue: str, session_queues: list[str]) -> int:
+                  control_queue: str, session_queues: list[str], environments: int = 1) -> int:
     """Sessions this worker may run at once."""
     if not any(q in session_queues for q in queues):
         return 0
     if configured is not None:
         return configured
-    reserve = CONTROL_RESERVE if control_queue in queues else 0
+    reserve = CONTROL_RESERVE + max(0, environments - 1) if control_queue in queues else 0
     return max(1, concurrency - reserve)
 
 def consumes_sessions(worker: Any, session_queues: list[str]) -> bool:
@@ -73,6 +74,7 @@ class SlotAdvertiser(bootsteps.StartStopStep):
             concurrency=worker.concurrency, queues=queues,
             configured=runtime.settings.session_slots, control_queue=CONTROL_QUEUE,
             session_queues=runtime.settings.session_queues,
+            environments=len(runtime.environments),
         )
         self.queues = queues
         self.pool = pool_name(type(worker.pool))
@@ -128,9 +130,11 @@ def fleet_collector(runtime: Runtime) -> FleetCollector:
     from dispatcher.workapi import WorkClient
 
     timeout = min(runtime.settings.http_timeout_seconds, EXPORTER_HTTP_TIMEOUT_SECONDS)
-    client = WorkClient.from_settings(runtime.settings, max_retries=0, timeout=timeout)
-    return FleetCollector(runtime.metrics, runtime.registry, runtime.capacity,
-                          ServerStats(client))
+    servers = {e.id: ServerStats(WorkClient.from_settings(
+        runtime.settings, environment_id=e.id, environment_key=e.key.get_secret_value(),
+        max_retries=0, timeout=timeout)) for e in runtime.environments}
+    return FleetCollector(runtime.metrics, runtime.registry, runtime.capacity, servers,
+                          environments=list(servers))
 
 class ContainerReaper(bootsteps.StartStopStep):
     """On a session worker of the docker runtime: remove, at start and then every second, the

@@ -34,7 +34,7 @@ __all__ = ["quiet_control_ticks"]
 def _check_worker_settings(sender: Any = None, **_: Any) -> None:
     runtime = get_runtime()
     try:
-        runtime.settings.require_worker()
+        runtime.settings.require_environments()
         if consumes_sessions(sender, runtime.settings.session_queues):
             check_sandbox(runtime.settings)  # control-only hosts run no sandbox
         runtime.redis.ping()

@@ -40,30 +40,48 @@ CURSOR_TTL_SECONDS = 60
 
 def scan_server_stops(runtime: Runtime) -> int:
     """Hand the stops the server's list shows for leases we hold to the lease machine, at most
-    LIST_PAGES_PER_TICK pages a tick; returns how many leases that changed."""
-    registry = runtime.registry
-    if registry.held_count() == 0:  # nothing held: no call at all
-        registry.end_stop_scan()
+    LIST_PAGES_PER_TICK pages a tick per environment (each listed with its own key); returns
+    how many leases that changed."""
+    if runtime.registry.held_count() == 0:  # nothing held: no call at all
+        for environment in runtime.environments:
+            runtime.registry.end_stop_scan(environment.id)
         return 0
-    cursor = registry.stop_scan_cursor()
+    held = runtime.registry.held_by_environment(e.id for e in runtime.environments)
+    if len(held) == 1:
+        # The only environment holds every lease, also those recorded before the index of
+        # leases per environment existed (a fleet upgraded while holding them).
+        held = dict.fromkeys(held, runtime.registry.held_count())
+    return sum(_scan(runtime, environment, held=held[environment])
+               for environment in held)
+
+
+def _scan(runtime: Runtime, environment: str, *, held: int) -> int:
+    """One tick of one environment's sweep."""
+    registry = runtime.registry
+    if held == 0:
+        registry.end_stop_scan(environment)
+        return 0
+    cursor = registry.stop_scan_cursor(environment)
     applied = 0
     try:
         for _ in range(LIST_PAGES_PER_TICK):
-            page = runtime.client().list(limit=LIST_PAGE_SIZE, page=cursor)
+            page = runtime.client(environment_id=environment).list(limit=LIST_PAGE_SIZE,
+                                                                   page=cursor)
             applied += _apply_page(runtime, page.data)
-            unseen = registry.note_scanned([w.id for w in page.data],
+            unseen = registry.note_scanned(environment, [w.id for w in page.data],
                                            ttl_seconds=CURSOR_TTL_SECONDS)
             if not page.next_page or unseen == 0:
-                registry.end_stop_scan()
+                registry.end_stop_scan(environment)
                 return applied
             cursor = page.next_page
     except WorkAPIError as exc:
-        event("stop scan failed", level=logging.WARNING, status=exc.status, error=str(exc))
+        event("stop scan failed", level=logging.WARNING, environment_id=environment,
+              status=exc.status, error=str(exc))
         if exc.status == 400:
-            registry.end_stop_scan()  # a cursor the server no longer takes: start over
+            registry.end_stop_scan(environment)  # a cursor the server no longer takes
             return applied
     if cursor is not None:
-        registry.set_stop_scan_cursor(cursor, ttl_seconds=CURSOR_TTL_SECONDS)
+        registry.set_stop_scan_cursor(environment, cursor, ttl_seconds=CURSOR_TTL_SECONDS)
     return applied
 
 

@@ -9,18 +9,27 @@ session waits in a queue or runs, so
 
 and the poller never claims more than that: work waits on the server (where another fleet can
 take it, and where `depth` shows it for autoscaling), not in our queues.
+
+A fleet that serves several environments shares its slots between their pollers
+(`claim_allowance`): each environment is entitled to a fair share of the slots (max-min: equal
+parts, none above its `max_sessions`, what one cannot use shared among the others), and a
+poller may claim beyond its share only what leaves every other environment its unused share, so
+a backlog in one never starves another. An environment whose last poll found nothing reserves no
+slot, so the busy ones may use the whole fleet while it is idle.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
 from redis import Redis
 
 from dispatcher.lease.keys import Keys
 
-__all__ = ["WORKER_STALE_SECONDS", "Capacity", "WorkerSlots"]
+__all__ = ["WORKER_STALE_SECONDS", "Capacity", "WorkerSlots", "claim_allowance", "fair_shares",
+           "free_slots"]
 
 # A worker advertises every ADVERTISE_INTERVAL_SECONDS; three missed advertisements mean gone.
 ADVERTISE_INTERVAL_SECONDS = 2.0
@@ -47,6 +56,49 @@ def free_slots(*, total: int, held: int) -> int:
     """Slots the poller may claim for: every lease holds a slot, queued or running (one
     computation, for the poller, the metrics and `dispatcher status`)."""
     return max(0, total - held)
+
+
+def fair_shares(total: int, maxima: Mapping[str, int | None]) -> dict[str, int]:
+    """Each environment's share of `total` slots: equal parts, none above its maximum (None: no
+    maximum), what a capped one leaves shared among the rest (max-min fairness). A remainder
+    that cannot be split goes one slot each to the first environments in `maxima`'s order."""
+    shares = dict.fromkeys(maxima, 0)
+    open_ = [e for e in maxima if maxima[e] is None or (maxima[e] or 0) > 0]
+    left = max(0, total)
+    while left > 0 and open_:
+        part = max(1, left // len(open_))
+        for environment in list(open_):
+            cap = maxima[environment]
+            room = part if cap is None else min(part, cap - shares[environment])
+            room = min(room, left)
+            shares[environment] += room
+            left -= room
+            if cap is not None and shares[environment] >= cap:
+                open_.remove(environment)
+            if left == 0:
+                break
+    return shares
+
+
+def claim_allowance(environment: str, *, total: int, held: Mapping[str, int],
+                    maxima: Mapping[str, int | None], idle: Set[str] = frozenset(),
+                    held_elsewhere: int = 0) -> int:
+    """How many items `environment`'s poller may claim now.
+
+    `total` is the fleet's live slots, `held` the leases held per environment, `maxima` every
+    environment the fleet serves with its `max_sessions` (None: none), `idle` those whose last
+    poll found nothing, `held_elsewhere` leases of no environment in `maxima` (served before a
+    configuration change): they take slots all the same. A poller may claim up to its own unused
+    share, and beyond it only what leaves each other busy environment its unused share."""
+    shares = fair_shares(total, maxima)
+    free = free_slots(total=total, held=sum(held.get(e, 0) for e in maxima) + held_elsewhere)
+    mine = held.get(environment, 0)
+    cap = maxima.get(environment)
+    room = free if cap is None else max(0, cap - mine)
+    reserved = sum(max(0, shares[other] - held.get(other, 0)) for other in maxima
+                   if other != environment and other not in idle)
+    own = max(0, shares.get(environment, 0) - mine)
+    return max(0, min(free, room, max(own, free - reserved)))
 
 
 class Capacity:
@@ -116,3 +168,20 @@ class Capacity:
 
     def free_slots(self) -> int:
         return free_slots(total=self.total_slots(), held=int(self.redis.zcard(self.keys.leases)))
+
+    def allowance(self, environment: str, maxima: Mapping[str, int | None]) -> int:
+        """What `environment`'s poller may claim now (`claim_allowance` over Redis' figures).
+        With one environment and no maximum this is `free_slots`, without further reads."""
+        if len(maxima) == 1 and maxima.get(environment, 0) is None:
+            return self.free_slots()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.keys.leases)
+        for other in maxima:
+            pipe.zcard(self.keys.environment_leases(other))
+            pipe.exists(self.keys.poll_state("poll-idle", other))
+        everything, *figures = pipe.execute()
+        held = {e: int(figures[2 * i]) for i, e in enumerate(maxima)}
+        idle = {e for i, e in enumerate(maxima) if figures[2 * i + 1]}
+        elsewhere = max(0, int(everything) - sum(held.values()))
+        return claim_allowance(environment, total=self.total_slots(), held=held, maxima=maxima,
+                               idle=idle, held_elsewhere=elsewhere)

@@ -10,9 +10,11 @@ request timeout. Leases whose release failed are retried here too, when due.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,8 +22,9 @@ from typing import Any, TypeVar
 from dispatcher.lease import events as ev
 from dispatcher.lease.executor import Beat, beat_event
 from dispatcher.lease.model import Beater, Lease, Phase
+from dispatcher.logs import event
 from dispatcher.runtime import Runtime
-from dispatcher.settings import Settings
+from dispatcher.settings import Environment, Settings
 from dispatcher.workapi import NO_HEARTBEAT, AsyncWorkClient, Heartbeat, WorkAPIError
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
@@ -55,13 +58,28 @@ def beat_due_leases(runtime: Runtime) -> Tally:
     )
     if not ids:
         return Tally()
-    leases = runtime.registry.get_many(ids)
-    runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in leases})
+    found = runtime.registry.get_many(ids)
+    runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in found})
+    leases = _served(runtime, found)
     tally = _beat(runtime, [lease for lease in leases if _beaten_by_us(lease)])
     for lease in leases:
         if lease.phase == Phase.RELEASING:
             tally.released += _retry_release(runtime, lease.work_id)
     return tally
+
+
+def _served(runtime: Runtime, leases: list[Lease]) -> list[Lease]:
+    """The leases of environments this fleet serves. One of an environment no longer
+    configured has no key to beat it with: it is not beaten with another environment's key
+    (logged, and due again once its in-flight mark lapses: a worker that serves it may take
+    it), and the server hands it out again after its TTL."""
+    served = {e.id for e in runtime.environments}
+    for lease in leases:
+        if lease.environment_id not in served:
+            event("lease of an unknown environment", level=logging.WARNING,
+                  work_id=lease.work_id, environment_id=lease.environment_id[:100],
+                  action_taken="not beaten")
+    return [lease for lease in leases if lease.environment_id in served]
 
 
 def _beaten_by_us(lease: Lease) -> bool:
@@ -77,18 +95,20 @@ def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
     sender = _sender()
     # However slow the API, each request ends within its timeout, waiting its turn included.
     bound = REQUEST_TIMEOUT_SECONDS * (2 * len(leases) / MAX_CONCURRENT_REQUESTS + 2)
-    outcomes = sender.run(_send_all(sender, runtime.settings, leases), timeout=bound)
+    keys = {e.id: e for e in runtime.environments}
+    outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases), timeout=bound)
     beats: list[Beat] = []
+    results: Counter[tuple[str, str]] = Counter()
     for lease, outcome, sent_at in outcomes:
-        tally.sent += isinstance(outcome, Heartbeat)
-        tally.failed += not isinstance(outcome, Heartbeat)
+        answered = isinstance(outcome, Heartbeat)
+        tally.sent += answered
+        tally.failed += not answered
+        results[lease.environment_id, "ok" if answered else "failed"] += 1
         after = runtime.executor.run(lease, beat_event(outcome, sent_at), beats=beats)
         tally.lost += after is None or after.lost
     runtime.executor.record_beats(beats)
-    if tally.sent:
-        runtime.metrics.inc("heartbeats", tally.sent, result="ok")
-    if tally.failed:
-        runtime.metrics.inc("heartbeats", tally.failed, result="failed")
+    for (environment, result), count in results.items():
+        runtime.metrics.inc("heartbeats", count, result=result, environment=environment)
     return tally
 
 
@@ -104,8 +124,9 @@ class _Sender:
     connections outlive ticks (no TCP or TLS set-up per tick, no client built per tick), and
     ticks running at once in a threads pool share one limit of requests in flight."""
 
-    # Configurations kept at once; more only happens in tests (a runtime per test).
-    MAX_CLIENTS = 4
+    # Configurations kept at once: one per environment the fleet serves, and a runtime per test
+    # in the tests. An idle client holds only its idle connections.
+    MAX_CLIENTS = 64
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -131,15 +152,18 @@ class _Sender:
             self._limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         return self._limit
 
-    async def client(self, settings: Settings) -> AsyncWorkClient:
-        key = (settings.base_url, settings.environment_id, settings.environment_key,
-               settings.api_key, settings.worker_id, settings.http_timeout_seconds)
+    async def client(self, settings: Settings, environment: Environment) -> AsyncWorkClient:
+        """The client of one environment, with its key."""
+        key = (settings.base_url, environment.id, environment.key, settings.api_key,
+               settings.worker_id, settings.http_timeout_seconds)
         client = self.clients.get(key)
         if client is None:
             while len(self.clients) >= self.MAX_CLIENTS:
                 await self.clients.pop(next(iter(self.clients))).close()
             client = self.clients[key] = AsyncWorkClient.from_settings(
-                settings, max_retries=0, transport=AsyncHTTP11Transport.for_url(
+                settings, environment_id=environment.id,
+                environment_key=environment.key.get_secret_value(),
+                max_retries=0, transport=AsyncHTTP11Transport.for_url(
                     settings.base_url, max_connections=MAX_CONCURRENT_REQUESTS))
         return client
 
@@ -181,12 +205,16 @@ def close_sender() -> None:
 
 
 async def _send_all(
-    sender: _Sender, settings: Settings, leases: list[Lease]
+    sender: _Sender, settings: Settings, environments: dict[str, Environment],
+    leases: list[Lease]
 ) -> list[tuple[Lease, Heartbeat | WorkAPIError, float]]:
-    client = await sender.client(settings)
+    """Beat every lease with its own environment's client; all share one limit in flight."""
+    clients = {e: await sender.client(settings, environments[e])
+               for e in {lease.environment_id for lease in leases}}
     limit = sender.limit()
 
     async def one(lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
+        client = clients[lease.environment_id]
         async with limit:
             sent_at = time.time()
             try:

@@ -1,6 +1,8 @@
 """Claim work from the server for the fleet's free session slots.
 
-One poller runs at a time per environment (a Redis lock). While the fleet has a free slot a long
+One poller runs at a time per environment (a Redis lock), with that environment's key; a fleet
+that serves several runs one for each, and each claims only its fair share of the fleet's slots
+while others want theirs (`capacity.claim_allowance`). While the fleet has a free slot a long
 poll is always outstanding: a run polls for a minute, then hands its lock to its successor (a new
 poll task it publishes) without releasing it, so no gap opens between runs and no second poller
 can slip in. Beat only watches: its tick finds the lock held and returns; a crashed run's lock
@@ -46,20 +48,28 @@ FULL_FLEET_RECHECK_SECONDS = 0.05
 WAKE_FLAG_SECONDS = 60
 # A failure streak is forgotten after this long without news (the backoff cap is 8 s).
 POLL_FAILURES_TTL_SECONDS = 60
+# An environment whose poll found nothing reserves no slots of the fleet's for this long: the
+# others may use them meanwhile. Long enough to span the few polls an idle poller makes (one a
+# second), short enough that an environment whose work arrives while the fleet is full (its
+# poller then waits, polling nothing) gets its share back within seconds.
+POLL_IDLE_SECONDS = 5
 
 
-def run_poller(runtime: Runtime, *, run_seconds: float = POLL_RUN_SECONDS,
+def run_poller(runtime: Runtime, *, environment_id: str | None = None,
+               run_seconds: float = POLL_RUN_SECONDS,
                handover: str | None = None, hand_over: Callable[[str], None] | None = None,
                stopping: Callable[[], bool] = lambda: False) -> int:
-    """Claim work for the run's budget; returns how many claimed. `handover` is the lock token
-    a predecessor handed over; at the end, `hand_over` publishes the successor with ours.
-    `stopping` ends the run early (its worker drains): the successor then runs elsewhere."""
-    lock = _take_lock(runtime, handover)
+    """Claim work of one environment (None: the only one) for the run's budget; returns how
+    many claimed. `handover` is the lock token a predecessor handed over; at the end,
+    `hand_over` publishes the successor with ours. `stopping` ends the run early (its worker
+    drains): the successor then runs elsewhere."""
+    environment = runtime.environment(environment_id).id
+    lock = _take_lock(runtime, environment, handover)
     if lock is None:
         return 0
     handed = False
     try:
-        claimed = _poll_loop(runtime, lock=lock, stopping=stopping,
+        claimed = _poll_loop(runtime, environment, lock=lock, stopping=stopping,
                              deadline=time.monotonic() + run_seconds)
         if hand_over is not None and lock.owned():
             hand_over(_token(lock))
@@ -71,7 +81,7 @@ def run_poller(runtime: Runtime, *, run_seconds: float = POLL_RUN_SECONDS,
 
 
 def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
-          run_seconds: float = POLL_RUN_SECONDS) -> int:
+          environment_id: str | None = None, run_seconds: float = POLL_RUN_SECONDS) -> int:
     """Claim until the first empty poll, if a wake-up stands (`wake` makes one); returns how
     many were claimed. The webhook mode's poller: beat's sweep and each delivery call it.
 
@@ -81,20 +91,22 @@ def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
     its last poll never waits for the sweep. A run that ends with the fleet full or out of time
     leaves the flag standing, and the next tick with a free slot drains on.
     """
-    wanted = runtime.registry.keys.task_lock("poll-wanted")
+    environment = runtime.environment(environment_id).id
+    wanted = runtime.registry.keys.poll_state("poll-wanted", environment)
     if wake:
         runtime.redis.set(wanted, 1, ex=WAKE_FLAG_SECONDS)
     claimed = 0
-    while runtime.redis.exists(wanted) and runtime.capacity.free_slots() > 0:
-        lock = _take_lock(runtime, None)
+    while runtime.redis.exists(wanted) and _allowance(runtime, environment) > 0:
+        lock = _take_lock(runtime, environment, None)
         if lock is None:
             break
         try:
             runtime.redis.delete(wanted)  # every poll from here on sees what the flag announced
             deadline = time.monotonic() + run_seconds
-            claimed += _poll_loop(runtime, lock=lock, stopping=lambda: False, deadline=deadline,
-                                  drain=True, reclaim_older_than_ms=reclaim_older_than_ms)
-            if _drain_cut_short(runtime, deadline):
+            claimed += _poll_loop(runtime, environment, lock=lock, stopping=lambda: False,
+                                  deadline=deadline, drain=True,
+                                  reclaim_older_than_ms=reclaim_older_than_ms)
+            if _drain_cut_short(runtime, environment, deadline):
                 runtime.redis.set(wanted, 1, ex=WAKE_FLAG_SECONDS)
                 break
         finally:
@@ -102,16 +114,22 @@ def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
     return claimed
 
 
-def _drain_cut_short(runtime: Runtime, deadline: float) -> bool:
+def _drain_cut_short(runtime: Runtime, environment: str, deadline: float) -> bool:
     """Did the run end before an empty poll: out of time, of slots, or paused by a failure?"""
-    return (time.monotonic() >= deadline or runtime.capacity.free_slots() <= 0
-            or bool(runtime.redis.exists(runtime.registry.keys.task_lock("poll-paused-until"))))
+    paused = runtime.registry.keys.poll_state("poll-paused-until", environment)
+    return (time.monotonic() >= deadline or _allowance(runtime, environment) <= 0
+            or bool(runtime.redis.exists(paused)))
 
 
-def _take_lock(runtime: Runtime, handover: str | None) -> Lock | None:
+def _allowance(runtime: Runtime, environment: str) -> int:
+    """Items this environment's poller may claim now: the fleet's free slots, shared fairly."""
+    return runtime.capacity.allowance(environment, runtime.maxima)
+
+
+def _take_lock(runtime: Runtime, environment: str, handover: str | None) -> Lock | None:
     """The environment's poll lock: taken over from a predecessor that handed us its token, or
     taken fresh if nobody holds it. None: another poller holds it."""
-    lock = Lock(runtime.redis, runtime.registry.keys.poll_lock(runtime.environment_id),
+    lock = Lock(runtime.redis, runtime.registry.keys.poll_lock(environment),
                 timeout=POLL_LOCK_SECONDS, thread_local=False)
     if handover is not None:
         lock.local.token = handover.encode()
@@ -133,21 +151,21 @@ def _release(lock: Lock) -> None:
         lock.release()
 
 
-def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
+def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Callable[[], bool],
                deadline: float, drain: bool = False,
                reclaim_older_than_ms: int | None = None) -> int:
     claimed = 0
     # The failure count outlives one poller run (each lasts seconds), so a long outage backs
     # off to the cap instead of starting over at half a second every run.
-    failures_key = runtime.registry.keys.task_lock("poll-failures")
+    failures_key = runtime.registry.keys.poll_state("poll-failures", environment)
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
-    client = runtime.client(max_retries=0)
+    client = runtime.client(environment_id=environment, max_retries=0)
     while time.monotonic() < deadline and not stopping():
-        if not _still_ours(lock):
+        if not _still_ours(lock, environment):
             break
-        if not _wait_out_pause(runtime, deadline):
+        if not _wait_out_pause(runtime, environment, deadline):
             break
-        if runtime.capacity.free_slots() <= 0:
+        if _allowance(runtime, environment) <= 0:
             if drain:
                 break  # the wake-up stands (see `drain`); no control slot is held waiting
             # Work waits on the server, where `depth` shows it and other fleets see it; this
@@ -160,19 +178,22 @@ def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
                                reclaim_older_than_ms=reclaim_older_than_ms)
             path = StartPath("claim", first="polled")
         except InvalidWorkItem as exc:
-            runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc)))
+            runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc)),
+                                 environment_id=environment)
             continue
         except WorkAPIError as exc:
             delay = delay_for(exc, backoff)
-            event("poll failed", level=logging.WARNING, status=exc.status,
-                  retryable=exc.retryable, delay_seconds=round(delay, 2), error=str(exc))
-            _pause(runtime, failures=backoff.attempt, seconds=delay)
+            event("poll failed", level=logging.WARNING, environment_id=environment,
+                  status=exc.status, retryable=exc.retryable, delay_seconds=round(delay, 2),
+                  error=str(exc))
+            _pause(runtime, environment, failures=backoff.attempt, seconds=delay)
             if not exc.retryable:
                 break
             continue
         if backoff.attempt:
             backoff.reset()
             runtime.redis.delete(failures_key)
+        _note_idle(runtime, environment, idle=item is None)
         if item is None and drain:
             break
         if item is not None and claim(runtime, item, path=path):
@@ -180,29 +201,44 @@ def _poll_loop(runtime: Runtime, *, lock: Lock, stopping: Callable[[], bool],
     return claimed
 
 
-def _still_ours(lock: Lock) -> bool:
+def _still_ours(lock: Lock, environment: str) -> bool:
     """Renew the lock; False if it lapsed and may be another poller's now."""
     try:
         lock.reacquire()
         return True
     except LockError:
-        event("poll lock lost", level=logging.WARNING, action_taken="this poller stops")
+        event("poll lock lost", level=logging.WARNING, environment_id=environment,
+              action_taken="this poller stops")
         return False
 
 
-def _pause(runtime: Runtime, *, failures: int, seconds: float) -> None:
+def _note_idle(runtime: Runtime, environment: str, *, idle: bool) -> None:
+    """An empty poll frees the environment's unused share for the others (POLL_IDLE_SECONDS);
+    an item takes it back. Only a fleet of several environments reads it."""
+    if len(runtime.environments) < 2:
+        return
+    key = runtime.registry.keys.poll_state("poll-idle", environment)
+    if idle:
+        runtime.redis.set(key, 1, ex=POLL_IDLE_SECONDS)
+    else:
+        runtime.redis.delete(key)
+
+
+def _pause(runtime: Runtime, environment: str, *, failures: int, seconds: float) -> None:
     """Record the failure streak and when polling may resume, for this run and the next."""
     keys = runtime.registry.keys
     pipe = runtime.redis.pipeline(transaction=False)
-    pipe.set(keys.task_lock("poll-failures"), failures, ex=POLL_FAILURES_TTL_SECONDS)
-    pipe.set(keys.task_lock("poll-paused-until"), time.time() + seconds,
+    pipe.set(keys.poll_state("poll-failures", environment), failures,
+             ex=POLL_FAILURES_TTL_SECONDS)
+    pipe.set(keys.poll_state("poll-paused-until", environment), time.time() + seconds,
              px=max(1, int(seconds * 1000)))
     pipe.execute()
 
 
-def _wait_out_pause(runtime: Runtime, deadline: float) -> bool:
+def _wait_out_pause(runtime: Runtime, environment: str, deadline: float) -> bool:
     """Sleep through a backoff pause; False if it outlasts this run (the next run waits)."""
-    until = float(runtime.redis.get(runtime.registry.keys.task_lock("poll-paused-until")) or 0)
+    paused = runtime.registry.keys.poll_state("poll-paused-until", environment)
+    until = float(runtime.redis.get(paused) or 0)
     wait = until - time.time()
     if wait <= 0:
         return True
@@ -231,7 +267,10 @@ def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> boo
 
 
 def _new_lease(runtime: Runtime, item: Work) -> Lease:
-    queue = choose_queue(item.metadata, runtime.settings.session_queues, work_id=item.id)
+    # The item's environment is the one polled: its id is in the URL, and its key answered.
+    home = runtime.environment(item.environment_id).queue
+    queue = choose_queue(item.metadata, runtime.settings.session_queues, work_id=item.id,
+                         default=home)
     now = time.time()
     runner = runtime.settings.lease_mode == LeaseMode.RUNNER
     return Lease(

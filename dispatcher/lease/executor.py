@@ -33,6 +33,7 @@ from dispatcher.workapi import (
     TransientError,
     Work,
     WorkAPIError,
+    WorkClient,
     WorkState,
 )
 
@@ -63,6 +64,8 @@ class _Run:
     signal: Callable[[StopKind], None] | None
     beats: list[Beat] | None
     path: StartPath | None = None
+    # Whose key every Work API call of the run is made with: the lease's environment.
+    environment_id: str | None = None
     steps: int = 0
     # Counted at the end of the run in one round trip, not one each on a session's start path.
     counts: list[tuple[str, float, dict[str, object]]] = field(default_factory=list)
@@ -79,13 +82,16 @@ class Executor:
 
     def run(self, lease: Lease | None, event: ev.Event, *, work_json: str | None = None,
             signal: Callable[[StopKind], None] | None = None,
-            beats: list[Beat] | None = None, path: StartPath | None = None) -> Lease | None:
+            beats: list[Beat] | None = None, path: StartPath | None = None,
+            environment_id: str | None = None) -> Lease | None:
         """Decide and perform `event` and every answer it leads to; returns the lease as the
         machine last left it (None: no record). `work_json` is needed to create a record,
         `signal` lets the machine signal the caller's sandbox, `beats` collects answered
         beats for the heartbeat tick to record in one round trip, and `path` notes when a
-        session's start passed each effect."""
-        state = _Run(work_json=work_json, signal=signal, beats=beats, path=path)
+        session's start passed each effect. `environment_id` names the environment when
+        neither the lease nor the event does (an unreadable item)."""
+        state = _Run(work_json=work_json, signal=signal, beats=beats, path=path,
+                     environment_id=_environment_of(lease, event) or environment_id)
         work_id = _work_id_of(lease, event)
         pending: list[ev.Event] = [event]
         current = lease
@@ -101,7 +107,7 @@ class Executor:
                     pending.append(answer)
             return current
         finally:
-            self.runtime.metrics.inc_all(state.counts)
+            self.runtime.metrics.inc_all(state.counts, environment=state.environment_id or "")
 
     def record_beats(self, beats: list[Beat]) -> None:
         """Record the answered beats a heartbeat tick collected, in one round trip."""
@@ -128,11 +134,16 @@ class Executor:
         return answer
 
     # --- the Work API ----------------------------------------------------------------------
+    def _client(self, state: _Run) -> WorkClient:
+        """The lease's environment's client, with its key and never another's. No client
+        retries: an ack retries here, a claim or a stop is retried by the heartbeat tick."""
+        return self.runtime.client(environment_id=state.environment_id, max_retries=0)
+
     def _ack(self, work_id: str, effect: fx.Ack, lease: Lease | None,
              state: _Run) -> ev.Event:
         """Ack, retrying here rather than in the client: a 409 to a retry says the item is
         acked, and whether that ack was ours depends on what the earlier attempt met."""
-        client = self.runtime.client(max_retries=0)
+        client = self._client(state)
         reply_lost = False
         state.mark("ack_sent")
         for pause in (*ACK_RETRY_PAUSES_SECONDS, None):
@@ -152,7 +163,7 @@ class Executor:
                state: _Run) -> ev.Event:
         sent_at = time.time()
         try:
-            reply = self.runtime.client(max_retries=0).heartbeat(
+            reply = self._client(state).heartbeat(
                 work_id, expected_last_heartbeat=NO_HEARTBEAT,
                 desired_ttl_seconds=self.runtime.settings.desired_ttl_seconds)
         except WorkAPIError as exc:
@@ -165,7 +176,7 @@ class Executor:
         try:
             # No client retries: a transient failure is retried by the heartbeat task, so one
             # release never holds a worker for seconds.
-            self.runtime.client(max_retries=0).stop(work_id, force=effect.force)
+            self._client(state).stop(work_id, force=effect.force)
         except WorkAPIError as exc:
             return stop_event(exc)
         return ev.ReleaseAnswered(200)
@@ -251,7 +262,8 @@ class Executor:
             # The lease stays held and beaten; recovery publishes again once no queue holds
             # the message.
             log_event("dispatch failed", level=logging.ERROR, work_id=work_id,
-                      attempt=effect.attempt, error=str(exc),
+                      attempt=effect.attempt, environment_id=state.environment_id,
+                      error=str(exc),
                       action_taken="recovery publishes it again")
             return
         state.mark("published")
@@ -277,6 +289,8 @@ class Executor:
     def _log(self, work_id: str, effect: fx.Log, lease: Lease | None, state: _Run) -> None:
         fields = effect.fields if "work_id" in effect.fields else {"work_id": work_id,
                                                                    **effect.fields}
+        if state.environment_id and "environment_id" not in fields:
+            fields = {**fields, "environment_id": state.environment_id}
         log_event(effect.action, level=effect.level, **fields)
 
     def _count(self, work_id: str, effect: fx.Count, lease: Lease | None,
@@ -349,6 +363,17 @@ def _work_id_of(lease: Lease | None, event: ev.Event) -> str:
     if isinstance(event, ev.Unreadable):
         return event.work_id or ""
     return ""
+
+
+def _environment_of(lease: Lease | None, event: ev.Event) -> str | None:
+    """The environment a run acts for: its record's, or the one the event's lease names."""
+    if lease is not None and lease.environment_id:
+        return lease.environment_id
+    if isinstance(event, ev.Offered):
+        return event.proposal.environment_id or None
+    if isinstance(event, ev.RegistryReset):
+        return event.lease.environment_id or None
+    return None
 
 
 def _no_answer(exc: WorkAPIError) -> bool:

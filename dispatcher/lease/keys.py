@@ -35,6 +35,11 @@ class Keys:
         """Sorted set: work ids of held leases, scored by claim time; its size is used slots."""
         return f"{self.prefix}:leases"
 
+    def environment_leases(self, environment_id: str) -> str:
+        """Sorted set: work ids of the leases held for one environment (its used slots, for the
+        fair share of a fleet that serves several), scored by claim time."""
+        return f"{self.prefix}:leases-of:{environment_id}"
+
     @property
     def heartbeat_due(self) -> str:
         """Sorted set: work id -> epoch second its next heartbeat is due."""
@@ -46,15 +51,13 @@ class Keys:
         dispatch, or its attempt's last pulse): recovery reads only the silent ones."""
         return f"{self.prefix}:last-seen"
 
-    @property
-    def stop_scan_seen(self) -> str:
-        """Set: the items the stop bridge's current sweep has listed so far."""
-        return f"{self.prefix}:stop-scan-seen"
+    def stop_scan_seen(self, environment_id: str) -> str:
+        """Set: the items the stop bridge's current sweep of an environment has listed so far."""
+        return f"{self.prefix}:stop-scan-seen:{environment_id}"
 
-    @property
-    def stop_scan_cursor(self) -> str:
-        """String: the `list` page the stop bridge's sweep continues from next tick."""
-        return f"{self.prefix}:stop-scan-cursor"
+    def stop_scan_cursor(self, environment_id: str) -> str:
+        """String: the `list` page the stop bridge's sweep of an environment continues from."""
+        return f"{self.prefix}:stop-scan-cursor:{environment_id}"
 
     @property
     def epoch(self) -> str:
@@ -92,3 +95,10 @@ class Keys:
     def task_lock(self, name: str) -> str:
         """String lock: at most one run of a periodic upkeep task at a time."""
         return f"{self.prefix}:lock:{name}"
+
+    def poll_state(self, name: str, environment_id: str) -> str:
+        """String: one environment's poller state that outlives a run: `poll-wanted` (a
+        wake-up), `poll-failures` (the failure streak), `poll-paused-until` (its backoff),
+        `poll-idle` (its last poll found nothing). Per environment: one environment's refused
+        key or empty queue must not pause or starve another's poller."""
+        return f"{self.prefix}:lock:{name}:{environment_id}"

@@ -133,6 +133,8 @@ class LeaseRegistry:
         pipe.hset(self.keys.lease(lease.work_id), mapping=lease.to_hash())
         pipe.set(self.keys.work(lease.work_id), work_json, ex=WORK_TTL_SECONDS)
         pipe.zadd(self.keys.leases, {lease.work_id: lease.claimed_at})
+        pipe.zadd(self.keys.environment_leases(lease.environment_id),
+                  {lease.work_id: lease.claimed_at})
         pipe.zadd(self.keys.last_seen, {lease.work_id: _last_seen(lease)})
         pipe.execute()
 
@@ -156,6 +158,14 @@ class LeaseRegistry:
     def held_count(self) -> int:
         return int(self.redis.zcard(self.keys.leases))
 
+    def held_by_environment(self, environment_ids: Iterable[str]) -> dict[str, int]:
+        """Leases held for each of these environments (one round trip)."""
+        ids = list(environment_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for environment_id in ids:
+            pipe.zcard(self.keys.environment_leases(environment_id))
+        return {e: int(n) for e, n in zip(ids, pipe.execute(), strict=True)}
+
     def all(self) -> list[Lease]:
         return self.get_many(self.held_ids())
 
@@ -166,13 +176,21 @@ class LeaseRegistry:
         scores = self.redis.zmscore(self.keys.leases, work_ids)
         return {w for w, score in zip(work_ids, scores, strict=True) if score is not None}
 
+    # KEYS: lease hash, work item, leases, heartbeat-due, last-seen; ARGV: work id, the prefix
+    # of an environment's leases. The environment's index is named by the record, read in the
+    # same step that deletes it, so no release can leave a slot counted against it.
+    _DELETE = _Script("""
+local environment = redis.call('HGET', KEYS[1], 'environment_id')
+if environment then redis.call('ZREM', ARGV[2] .. environment, ARGV[1]) end
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 3, 5 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
+""")
+
     def delete(self, work_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self.keys.lease(work_id), self.keys.work(work_id))
-        pipe.zrem(self.keys.leases, work_id)
-        pipe.zrem(self.keys.heartbeat_due, work_id)
-        pipe.zrem(self.keys.last_seen, work_id)
-        pipe.execute()
+        keys = [self.keys.lease(work_id), self.keys.work(work_id), self.keys.leases,
+                self.keys.heartbeat_due, self.keys.last_seen]
+        self._DELETE(keys=keys, args=[work_id, self.keys.environment_leases("")])
 
     # --- history: what outlives a record ------------------------------------------------------
     def get_with_history(self, work_id: str) -> tuple[Lease | None, History]:
@@ -216,27 +234,30 @@ class LeaseRegistry:
         self._index(self.keys.last_seen, [(lease.work_id, _last_seen(lease)) for lease in leases])
         return [lease for lease in leases if _last_seen(lease) <= cutoff]
 
-    def stop_scan_cursor(self) -> str | None:
-        """The `list` page the stop bridge's sweep continues from (None: the first page)."""
-        value = self.redis.get(self.keys.stop_scan_cursor)
+    def stop_scan_cursor(self, environment_id: str) -> str | None:
+        """The `list` page the stop bridge's sweep of an environment continues from (None: the
+        first page)."""
+        value = self.redis.get(self.keys.stop_scan_cursor(environment_id))
         return None if value is None else str(value)
 
-    def note_scanned(self, work_ids: list[str], *, ttl_seconds: int) -> int:
-        """Note the items a sweep's page listed; returns how many held leases this sweep has
-        not seen yet (0: every held item was listed, the sweep may end early)."""
-        keys = self.keys
+    def note_scanned(self, environment_id: str, work_ids: list[str], *, ttl_seconds: int) -> int:
+        """Note the items a sweep's page listed; returns how many leases held for the
+        environment this sweep has not seen yet (0: every one was listed, it may end early)."""
+        held, seen_key = self.keys.environment_leases(environment_id), \
+            self.keys.stop_scan_seen(environment_id)
         pipe = self.redis.pipeline(transaction=True)
         if work_ids:
-            pipe.sadd(keys.stop_scan_seen, *work_ids)
-        pipe.expire(keys.stop_scan_seen, ttl_seconds)
-        pipe.zcard(keys.leases)
-        pipe.zintercard(2, [keys.leases, keys.stop_scan_seen])
-        *_, held, seen = pipe.execute()
-        return int(held) - int(seen)
+            pipe.sadd(seen_key, *work_ids)
+        pipe.expire(seen_key, ttl_seconds)
+        pipe.zcard(held)
+        pipe.zintercard(2, [held, seen_key])
+        *_, count, seen = pipe.execute()
+        return int(count) - int(seen)
 
-    def end_stop_scan(self) -> None:
+    def end_stop_scan(self, environment_id: str) -> None:
         """The sweep is over: the next one starts from the first page, having seen nothing."""
-        self.redis.delete(self.keys.stop_scan_cursor, self.keys.stop_scan_seen)
+        self.redis.delete(self.keys.stop_scan_cursor(environment_id),
+                          self.keys.stop_scan_seen(environment_id))
 
     # KEYS[1]=an index zset; ARGV: lease key prefix, then per lease: work id, score. Indexes each
     # lease still held, so an index repaired from a read of the lease never keeps one released
@@ -259,9 +280,9 @@ return 1
             args += [work_id, score]
         self._INDEX_IF_HELD(keys=[key], args=args)
 
-    def set_stop_scan_cursor(self, cursor: str, *, ttl_seconds: int) -> None:
-        """Where the stop bridge's next tick continues its sweep."""
-        self.redis.set(self.keys.stop_scan_cursor, cursor, ex=ttl_seconds)
+    def set_stop_scan_cursor(self, environment_id: str, cursor: str, *, ttl_seconds: int) -> None:
+        """Where the stop bridge's next tick continues its sweep of the environment."""
+        self.redis.set(self.keys.stop_scan_cursor(environment_id), cursor, ex=ttl_seconds)
 
     # --- changes ------------------------------------------------------------------------------
     def update(self, work_id: str, **values: object) -> bool:

@@ -97,24 +97,60 @@ run `python -m dispatcher.ops.docsgen > docs/configuration.md`.
 
 | process | needs | notes |
 |---|---|---|
-| session worker (`worker -Q dispatcher.sessions`) | `ANTHROPIC_ENVIRONMENT_ID`, `ANTHROPIC_ENVIRONMENT_KEY`, `DISPATCHER_REDIS_URL`, `DISPATCHER_ON_WORK` (or, with `DISPATCHER_SANDBOX_RUNTIME=docker`, `DISPATCHER_SANDBOX_IMAGE` and a Docker engine) | refuses to start without them, if the on-work program is not on `PATH`, if the engine does not answer or lacks the image, if the sandbox runs the official runner while `DISPATCHER_LEASE_MODE` is unset, or if Redis does not answer. Also reads `DISPATCHER_LEASE_MODE` (hand-off), `DISPATCHER_STOP_GRACE_SECONDS`, `DISPATCHER_SESSION_SLOTS`, `DISPATCHER_SANDBOX_ENV_ALLOW`, `DISPATCHER_WORK_SECRET_DELIVERY` and the `DISPATCHER_SANDBOX_*` options of the docker runtime |
+| session worker (`worker -Q dispatcher.sessions`) | `ANTHROPIC_ENVIRONMENT_ID`, `ANTHROPIC_ENVIRONMENT_KEY` (or `DISPATCHER_ENVIRONMENTS_FILE`), `DISPATCHER_REDIS_URL`, `DISPATCHER_ON_WORK` (or, with `DISPATCHER_SANDBOX_RUNTIME=docker`, `DISPATCHER_SANDBOX_IMAGE` and a Docker engine) | refuses to start without them, if the on-work program is not on `PATH`, if the engine does not answer or lacks the image, if the sandbox runs the official runner while `DISPATCHER_LEASE_MODE` is unset, or if Redis does not answer. Also reads `DISPATCHER_LEASE_MODE` (hand-off), `DISPATCHER_STOP_GRACE_SECONDS`, `DISPATCHER_SESSION_SLOTS`, `DISPATCHER_SANDBOX_ENV_ALLOW`, `DISPATCHER_WORK_SECRET_DELIVERY` and the `DISPATCHER_SANDBOX_*` options of the docker runtime |
 | control worker (`worker -Q dispatcher.control`) | the same, less `DISPATCHER_ON_WORK` | runs the poller, heartbeats, stop bridge and recovery. A control-only worker runs no sandbox, so it does not need the on-work program; if `DISPATCHER_ON_WORK` is set there, `healthcheck` items also check that it exists |
-| beat (`celery -A dispatcher beat`) | `DISPATCHER_REDIS_URL` | the schedule comes from `DISPATCHER_POLL_INTERVAL_SECONDS`, `DISPATCHER_HEARTBEAT_TICK_SECONDS`, `DISPATCHER_BRIDGE_INTERVAL_SECONDS`, and with `DISPATCHER_WEBHOOKS=true` `DISPATCHER_WEBHOOK_SWEEP_SECONDS`; the redbeat lock lives under `DISPATCHER_KEY_PREFIX` |
+| beat (`celery -A dispatcher beat`) | `DISPATCHER_REDIS_URL` | never an environment key nor the environments file: its ticks name no environment. The schedule comes from `DISPATCHER_POLL_INTERVAL_SECONDS`, `DISPATCHER_HEARTBEAT_TICK_SECONDS`, `DISPATCHER_BRIDGE_INTERVAL_SECONDS`, and with `DISPATCHER_WEBHOOKS=true` `DISPATCHER_WEBHOOK_SWEEP_SECONDS`; the redbeat lock lives under `DISPATCHER_KEY_PREFIX` |
 | `dispatcher webhooks` | `ANTHROPIC_WEBHOOK_SIGNING_KEY`, `DISPATCHER_REDIS_URL` | refuses to start without the key; listens on `DISPATCHER_WEBHOOKS_HOST`:`DISPATCHER_WEBHOOKS_PORT` (127.0.0.1:8790). Never give it the environment key, nor the signing key to anything else |
 | Flower (`celery -A dispatcher flower`) | `DISPATCHER_REDIS_URL` | plus `FLOWER_*` (below) |
 | operator commands | `ANTHROPIC_API_KEY` (organisation key), `ANTHROPIC_ENVIRONMENT_ID` | only reading or updating a single work item needs the organisation key; workers never use it and sandboxes never receive it, so keep it off worker hosts |
 | `dispatcher emulator` | its flags (`dispatcher emulator --help`) | `--redis-url` defaults to `DISPATCHER_REDIS_URL`; `DISPATCHER_EMULATOR_ENVIRONMENT_KEY` and `DISPATCHER_EMULATOR_API_KEY` set its keys (see [emulator](emulator.md)) |
 
-Keep these equal on every process of one fleet: `ANTHROPIC_ENVIRONMENT_ID`,
-`ANTHROPIC_BASE_URL`, `DISPATCHER_REDIS_URL`, `DISPATCHER_KEY_PREFIX`,
+Keep these equal on every process of one fleet: `ANTHROPIC_ENVIRONMENT_ID` (or the
+environments file's contents), `ANTHROPIC_BASE_URL`, `DISPATCHER_REDIS_URL`, `DISPATCHER_KEY_PREFIX`,
 `DISPATCHER_SESSION_QUEUES` (the first is the default route; a queue no worker consumes holds
 its sessions), `DISPATCHER_LEASE_MODE` (recorded per lease by the poller on a control worker)
-and `DISPATCHER_MAX_ATTEMPTS`. Give each fleet (each environment) its own Redis database:
+and `DISPATCHER_MAX_ATTEMPTS`. Give each fleet its own Redis database:
 `DISPATCHER_KEY_PREFIX` separates the lease registry, but not Celery's queues.
 
 `DISPATCHER_SESSION_SLOTS` unset: a worker that consumes a session queue advertises its
-concurrency, minus 2 when it also consumes `dispatcher.control` (kept for control tasks); a
-worker that consumes no session queue advertises 0.
+concurrency, minus 2 when it also consumes `dispatcher.control` (kept for control tasks; one
+more for each environment past the first, whose poller holds a slot of its own); a worker that
+consumes no session queue advertises 0.
+
+## Several environments, one fleet
+
+One fleet can serve several self-hosted environments and share its session slots between them.
+Instead of `ANTHROPIC_ENVIRONMENT_ID` and `ANTHROPIC_ENVIRONMENT_KEY` (which stay the way to
+say one environment, and may not be set beside the file), give workers a TOML file in
+`DISPATCHER_ENVIRONMENTS_FILE`:
+
+```toml
+[[environment]]
+id = "env_01AAA"
+key_file = "/run/secrets/env_a_key"    # the key alone; one trailing newline is dropped
+
+[[environment]]
+id = "env_01BBB"
+key = "sk-ant-oat01-..."               # or inline, when the file itself is a secret
+max_sessions = 8                       # optional: never more leases held at once
+queue = "dispatcher.sessions.gpu"      # optional: its sessions' queue (one of DISPATCHER_SESSION_QUEUES)
+```
+
+| field | meaning |
+|---|---|
+| `id` | the environment (`env_...`), required |
+| `key` or `key_file` | its environment key, exactly one of the two; a relative `key_file` is read from the file's folder. Refused at start-up, never shown, if it holds whitespace or a control character |
+| `max_sessions` | optional, at least 1: leases of this environment held at once, at most |
+| `queue` | optional: the session queue its items go to unless their `queue` metadata names another declared one; it must be one of `DISPATCHER_SESSION_QUEUES`, and some worker must consume it |
+
+Each environment gets its own poller (its own lock, backoff and wake-up), its own heartbeats,
+stop scans and releases with its own key, and its sessions get its id and key, never another's.
+Slots are shared fairly: each environment is entitled to an equal part of the fleet's live
+slots (none above its `max_sessions`; what one cannot use is shared by the others), may claim
+beyond that only what leaves every other busy environment its unused part, and an environment
+whose last poll found nothing (within 5 s) reserves nothing, so a lone busy environment may use
+the whole fleet. Beat, Flower and `dispatcher webhooks` need neither the file nor any key: a
+webhook delivery wakes every environment's poller.
 
 ## Celery's own flags
 

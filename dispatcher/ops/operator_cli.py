@@ -152,7 +152,8 @@ def _metrics_parser(subcommands: Any) -> None:
     parser = _command(subcommands, "metrics", _metrics, "serve the fleet's Prometheus metrics",
                       "Serve /metrics (the same exporter as a worker started with "
                       "DISPATCHER_METRICS_PORT) until SIGTERM or Ctrl-C. Server gauges need "
-                      "ANTHROPIC_ENVIRONMENT_ID and a key; without them they are left out.",
+                      "ANTHROPIC_ENVIRONMENT_ID and a key, or DISPATCHER_ENVIRONMENTS_FILE (one "
+                      "set per environment); without them they are left out.",
                       json_flag=False)
     parser.add_argument("--port", type=int, default=None,
                         help=f"default: $DISPATCHER_METRICS_PORT or {DEFAULT_METRICS_PORT}; "
@@ -394,10 +395,10 @@ def _metrics(args: argparse.Namespace) -> int:
     redis, prefix = _redis(settings, args)
     port = args.port if args.port is not None else (settings.metrics_port or DEFAULT_METRICS_PORT)
     host = args.host or settings.metrics_host
-    client = _exporter_client(settings)
+    servers = {c.environment_id: ServerStats(c) for c in _exporter_clients(settings)}
     collector = FleetCollector(Metrics(redis, prefix=prefix), LeaseRegistry(redis, prefix=prefix),
-                               Capacity(redis, prefix=prefix),
-                               ServerStats(client) if client is not None else None)
+                               Capacity(redis, prefix=prefix), servers or None,
+                               environments=list(servers))
     try:
         server = serve(host=host, port=port, collector=collector)
     except OSError as exc:
@@ -412,17 +413,22 @@ def _metrics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _exporter_client(settings: Settings) -> WorkClient | None:
-    """A client for the server gauges, or None (with a note) when it cannot be made."""
+def _exporter_clients(settings: Settings) -> list[WorkClient]:
+    """Clients for the server gauges, one per environment (each with its key, from the
+    environments file when one is set), or none (with a note) when they cannot be made."""
     from dispatcher.metrics import EXPORTER_HTTP_TIMEOUT_SECONDS
 
+    timeout = min(settings.http_timeout_seconds, EXPORTER_HTTP_TIMEOUT_SECONDS)
+    if settings.environments_file is not None:
+        return [_client(settings, max_retries=0, timeout=timeout, environment_id=e.id,
+                        environment_key=e.key.get_secret_value())
+                for e in settings.require_environments()]
     if not settings.environment_id or not (settings.environment_key or settings.api_key):
         print("dispatcher metrics: no server gauges: ANTHROPIC_ENVIRONMENT_ID and "
               "ANTHROPIC_ENVIRONMENT_KEY (or ANTHROPIC_API_KEY) are needed for them",
               file=sys.stderr)
-        return None
-    return _client(settings, max_retries=0,
-                   timeout=min(settings.http_timeout_seconds, EXPORTER_HTTP_TIMEOUT_SECONDS))
+        return []
+    return [_client(settings, max_retries=0, timeout=timeout)]
 
 
 def _wait_for_stop() -> None:

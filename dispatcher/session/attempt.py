@@ -35,7 +35,13 @@ from dispatcher.session.sandbox import (
     build_environment,
     resolve_command,
 )
-from dispatcher.settings import LeaseMode, SandboxRuntimeKind, SecretDelivery, Settings
+from dispatcher.settings import (
+    LeaseMode,
+    SandboxRuntimeKind,
+    SecretDelivery,
+    Settings,
+    SettingsError,
+)
 from dispatcher.startpath import StartPath
 from dispatcher.workapi import Work, epoch_seconds
 
@@ -109,7 +115,7 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
         return _not_started(before, lease, attempt, draining=starting.draining)
     try:
         spec = _spec(runtime, lease, work_json)
-    except (CommandError, ValueError) as exc:
+    except (CommandError, ValueError, SettingsError) as exc:
         runtime.executor.run(lease, ev.SandboxStartFailed(str(exc)))
         return Outcome.FAILED
     attempt.mark("spec_built")
@@ -145,12 +151,14 @@ def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
     if work_json is None:
         raise ValueError("the work item is missing from the registry")
     work = Work.model_validate_json(work_json)
-    environment_id, environment_key = settings.require_worker()
+    # The lease's own environment, never another's: its id and key. One this worker does not
+    # serve (a configuration that differs from the control worker's) fails the attempt.
+    environment = settings.environment(lease.environment_id)
     contract: dict[str, str | None] = {
         "ANTHROPIC_SESSION_ID": work.session_id,
         "ANTHROPIC_WORK_ID": work.id,
-        "ANTHROPIC_ENVIRONMENT_ID": environment_id,
-        "ANTHROPIC_ENVIRONMENT_KEY": environment_key.get_secret_value(),
+        "ANTHROPIC_ENVIRONMENT_ID": environment.id,
+        "ANTHROPIC_ENVIRONMENT_KEY": environment.key.get_secret_value(),
         "ANTHROPIC_BASE_URL": settings.base_url if "base_url" in settings.model_fields_set
         else None,
         "DISPATCHER_ATTEMPT": str(lease.attempt),
@@ -164,7 +172,8 @@ def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
         worker_env=os.environ, allow=settings.sandbox_env_allow, contract=contract
     )
     return SandboxSpec(argv=argv, env=env, stdin=work_json.encode(), work_id=work.id,
-                       session_id=work.session_id, attempt=lease.attempt, secret_file=secret_file)
+                       session_id=work.session_id, attempt=lease.attempt, secret_file=secret_file,
+                       environment_id=environment.id)
 
 
 def _deliver_secret(settings: Settings, lease: Lease, secret: str | None,
@@ -201,7 +210,8 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
             _observe_dispatch_latency(runtime, spec.stdin)
         where: dict[str, object] = dict(sandbox.describe())
         event("started", logging.INFO, work_id=attempt.work_id, session_id=attempt.session_id,
-              attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker, **where)
+              attempt=attempt.attempt, task_id=attempt.task_id, worker=attempt.worker,
+              environment_id=spec.environment_id, **where)
         if attempt.path is not None:
             attempt.path.log(attempt.work_id)
         try:
@@ -242,7 +252,8 @@ class _Supervisor:
     draining: bool = False
 
     def __post_init__(self) -> None:
-        self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt)
+        self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt,
+                                    environment_id=self.memory.lease.environment_id)
 
     def step(self) -> Outcome | None:
         runtime, attempt = self.runtime, self.attempt
@@ -286,7 +297,8 @@ class _Outage:
         if self.since is None:
             self.since = now
             event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, error=str(exc), action_taken="sandbox kept")
+                  attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
+                  error=str(exc), action_taken="sandbox kept")
         seconds = now - self.since
         if not outage_is_too_long(self.lease, seconds):
             return False
@@ -297,16 +309,18 @@ class _Outage:
     def over(self) -> None:
         if self.since is not None:
             event("registry reachable again", work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt,
+                  attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
                   after_seconds=round(time.monotonic() - self.since, 1))
             self.since = None
 
 
 def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
-    created_at = epoch_seconds(Work.model_validate_json(work_json).created_at)
+    work = Work.model_validate_json(work_json)
+    created_at = epoch_seconds(work.created_at)
     if created_at is None:
         return
-    runtime.metrics.observe("dispatch_latency_seconds", max(0.0, time.time() - created_at))
+    runtime.metrics.observe("dispatch_latency_seconds", max(0.0, time.time() - created_at),
+                            environment=work.environment_id)
 
 
 def _reregistered(runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
@@ -328,8 +342,9 @@ class _SignalLadder:
     """Graceful: SIGTERM to the group, the grace period, then SIGKILL. Force: SIGKILL now."""
 
     def __init__(self, runtime: Runtime, sandbox: RunningSandbox, *,
-                 attempt: SessionAttempt) -> None:
+                 attempt: SessionAttempt, environment_id: str = "") -> None:
         self.runtime = runtime
+        self.environment_id = environment_id
         self.grace = runtime.settings.stop_grace_seconds
         self.sandbox = sandbox
         self.attempt = attempt
@@ -340,7 +355,8 @@ class _SignalLadder:
         if self.killed:
             return
         if self.term_sent_at is None and seen_at:
-            self.runtime.metrics.observe("stop_latency_seconds", max(0.0, time.time() - seen_at))
+            self.runtime.metrics.observe("stop_latency_seconds", max(0.0, time.time() - seen_at),
+                                         environment=self.environment_id)
         now = time.monotonic()
         if kind == StopKind.FORCE or (
             self.term_sent_at is not None and now - self.term_sent_at >= self.grace
@@ -354,7 +370,7 @@ class _SignalLadder:
     def _signal(self, signum: signal.Signals, cause: str) -> None:
         event("killed" if signum == signal.SIGKILL else "terminated", work_id=self.attempt.work_id,
               session_id=self.attempt.session_id, attempt=self.attempt.attempt,
-              signal=signum.name, cause=cause)
+              environment_id=self.environment_id, signal=signum.name, cause=cause)
         self.sandbox.signal_group(signum)
 
 
@@ -376,7 +392,8 @@ def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
         except RedisError as exc:
             if time.monotonic() >= deadline:
                 event("release abandoned", level=logging.ERROR, work_id=attempt.work_id,
-                      attempt=attempt.attempt, error=str(exc),
+                      attempt=attempt.attempt, environment_id=sup.memory.lease.environment_id,
+                      error=str(exc),
                       outcome="left to the server's lease expiry")
                 return Outcome.LOST
         if time.monotonic() >= deadline:

@@ -168,7 +168,7 @@ def container_labels(settings: Settings, spec: SandboxSpec) -> dict[str, str]:
     labels = dict(label.split("=", 1) for label in settings.sandbox_labels)
     labels.update({
         LABEL_FLEET: settings.key_prefix,
-        LABEL_ENVIRONMENT: settings.environment_id or "",
+        LABEL_ENVIRONMENT: spec.environment_id or settings.environment_id or "",
         LABEL_WORK_ID: spec.work_id,
         LABEL_SESSION_ID: spec.session_id,
         LABEL_ATTEMPT: str(spec.attempt),

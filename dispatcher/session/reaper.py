@@ -3,8 +3,8 @@
 A worker killed with SIGKILL leaves its containers running (no supervisor removes them, and
 unlike a process group nothing dies with the worker); so does a host that comes back after a
 crash. Every session worker of the docker runtime runs the reaper at start and then every
-second: each container with this fleet's and environment's labels whose attempt is not its
-lease's current, running attempt is killed and removed.
+second: each container with this fleet's label and one of its environments' whose attempt is
+not its lease's current, running attempt is killed and removed.
 
 The decision is a pure function of the containers' labels and the leases (read only). A lease
 with a newer attempt is final (attempts only grow): reaped at once. A lease that is missing or
@@ -73,9 +73,11 @@ def judge(found: Iterable[Found], leases: Mapping[str, Lease],
     return Verdict(reap=reap, suspect=suspect)
 
 
-def _parse(container: Mapping[str, object]) -> Found | None:
+def _parse(container: Mapping[str, object], environments: set[str]) -> Found | None:
     labels = container.get("Labels") or {}
     assert isinstance(labels, dict)
+    if labels.get(LABEL_ENVIRONMENT) not in environments:
+        return None  # another fleet's, sharing our prefix on the engine: not ours to judge
     try:
         return Found(str(container["Id"]), str(labels[LABEL_WORK_ID]),
                      int(labels[LABEL_ATTEMPT]))
@@ -94,9 +96,11 @@ class Reaper:
     def run_once(self) -> int:
         """One pass; returns how many containers it removed."""
         api = engine(self.settings)
-        filters = {"label": [f"{LABEL_FLEET}={self.settings.key_prefix}",
-                             f"{LABEL_ENVIRONMENT}={self.settings.environment_id or ''}"]}
-        found = [f for c in api.containers(all=True, filters=filters) if (f := _parse(c))]
+        # The engine ANDs label filters, so the environments (several) are matched here.
+        filters = {"label": [f"{LABEL_FLEET}={self.settings.key_prefix}", LABEL_ENVIRONMENT]}
+        served = {e.id for e in self.settings.environments()}
+        found = [f for c in api.containers(all=True, filters=filters)
+                 if (f := _parse(c, served))]
         work_ids = sorted({f.work_id for f in found})
         leases = {lease.work_id: lease for lease in self.registry.get_many(work_ids)}
         verdict = judge(found, leases, self.suspects)

@@ -110,6 +110,8 @@ class SandboxSpec:
     attempt: int = 1
     # The work secret to hand over as a 0600 file (runner and handoff modes); None: no file.
     secret_file: str | None = None
+    # The environment the session belongs to (container labels; its key is in `env`).
+    environment_id: str = ""
 
 
 class Sandbox:

@@ -81,7 +81,7 @@ class _ClientBase(Generic[TransportT]):
         # Imported here: pydantic-settings costs ~40 ms, and the emulator imports this package.
         from dispatcher.settings import SettingsError
 
-        if not settings.environment_id:
+        if not (overrides.get("environment_id") or settings.environment_id):
             raise SettingsError("ANTHROPIC_ENVIRONMENT_ID is not set: the environment to work for")
         options: dict[str, Any] = {
             "base_url": settings.base_url,

@@ -54,6 +54,7 @@ class Fleet:
                                 base_url=emulator.base_url, environment_id=self.environment_id)
         self.prefix = self.stack.key_prefix
         self.overrides: dict[str, str] = {}
+        self.unset: set[str] = set()  # variables the fleet's processes must not get
         self.admin = WorkClient(base_url=emulator.base_url, environment_id=self.environment_id,
                                 environment_key=emulator.environment_key,
                                 api_key=emulator.api_key)
@@ -61,13 +62,14 @@ class Fleet:
 
     # --- processes ---------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        return self.stack.fleet_env(**{
+        env = self.stack.fleet_env(**{
             "DISPATCHER_FAKE_RECORD_DIR": str(self.records_dir),
             "DISPATCHER_SANDBOX_ENV_ALLOW": "PATH,HOME,DISPATCHER_FAKE_RECORD_DIR",
             "DISPATCHER_STOP_GRACE_SECONDS": "2",
             "DISPATCHER_DESIRED_TTL_SECONDS": "30",
             **self.overrides,
         })
+        return {k: v for k, v in env.items() if k not in self.unset}
 
     def worker(self, name: str, *, pool: str = "threads", concurrency: int = 6,
                queues: str | None = None, beat: bool = False) -> subprocess.Popen[bytes]:

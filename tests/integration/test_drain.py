@@ -27,7 +27,8 @@ def polls(emulator: Any, runtime: Runtime) -> list[dict[str, Any]]:
 
 
 def wanted(runtime: Runtime) -> bool:
-    return bool(runtime.redis.exists(runtime.registry.keys.task_lock("poll-wanted")))
+    key = runtime.registry.keys.poll_state("poll-wanted", runtime.environment_id)
+    return bool(runtime.redis.exists(key))
 
 
 def test_a_wake_up_claims_every_waiting_item_then_stops_at_the_first_empty_poll(

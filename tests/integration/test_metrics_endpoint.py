@@ -124,8 +124,9 @@ def test_label_values_are_bounded(endpoint: Endpoint) -> None:
         name = sample.name.removeprefix("dispatcher_").removesuffix("_total")
         if name in COUNTERS and sample.name.endswith("_total"):
             counter = COUNTERS[name]
-            assert set(sample.labels) == {counter.label}
+            assert set(sample.labels) == {"environment", counter.label}
             assert sample.labels[counter.label] in (*counter.values, OTHER), sample
+            assert sample.labels["environment"] in ("", endpoint.runtime.environment_id)
     lost = {s.labels["cause"]: s.value for s in samples if s.name == "dispatcher_leases_lost_total"}
     assert (lost["heartbeat_rejected"], lost[OTHER]) == (1, 1)
     stops = {s.labels["cause"]: s.value for s in samples

@@ -360,9 +360,11 @@ def test_metrics_serves_the_exporter_until_sigterm(cli: Cli, registry: LeaseRegi
         match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", line)
         assert match, line
         body = httpx.get(f"http://127.0.0.1:{match.group(1)}/metrics", timeout=10).text
-        assert re.search(r"^dispatcher_leases_held 3\.0$", body, re.MULTILINE), body
+        # Lease and server gauges are per environment (these leases' is not configured here).
+        labelled = r'\{environment="[^"]*"\}'
+        assert re.search(rf"^dispatcher_leases_held{labelled} 3\.0$", body, re.MULTILINE), body
         assert re.search(r'^dispatcher_session_slots\{state="free"\} 1\.0$', body, re.MULTILINE)
-        assert re.search(r"^dispatcher_server_queue_depth 1\.0$", body, re.MULTILINE)
+        assert re.search(rf"^dispatcher_server_queue_depth{labelled} 1\.0$", body, re.MULTILINE)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:

@@ -41,6 +41,10 @@ def _held(emulator: Any, runtime: Runtime, n: int, *, phase: str = Phase.RUNNING
     return ids
 
 
+def _cursor(runtime: Runtime) -> str | None:
+    return runtime.registry.stop_scan_cursor(runtime.environment_id)
+
+
 def _stop(emulator: Any, runtime: Runtime, work_id: str) -> None:
     emulator.http.post(emulator.work_url(runtime.environment_id, f"/{work_id}/stop"),
                        headers=emulator.org_headers, json={"force": False}).raise_for_status()
@@ -123,7 +127,7 @@ def test_a_stop_on_a_held_item_is_seen_within_one_tick_while_pages_fit(
     lease = runtime.registry.get(ids[0])
     # Never acked on the server, so its stop ends it at once: `stopped`, the lease lost.
     assert lease is not None and (lease.stop, lease.stop_cause) == ("force", "server stopped")
-    assert runtime.registry.stop_scan_cursor() is None, "a whole sweep: next tick from the top"
+    assert _cursor(runtime) is None, "a whole sweep: next tick from the top"
     assert scan_server_stops(runtime) == 0, "an applied stop is not new again"
 
 
@@ -134,17 +138,17 @@ def test_a_longer_list_is_swept_over_several_ticks_within_the_page_budget(
     before = _lists(emulator, runtime)
     assert scan_server_stops(runtime) == 0, "tick one reads the newest 10 items only"
     assert _lists(emulator, runtime) - before == 2
-    assert runtime.registry.stop_scan_cursor() is not None, "the sweep continues from there"
+    assert _cursor(runtime) is not None, "the sweep continues from there"
     assert scan_server_stops(runtime) == 1, "tick two reads on, to the last held item"
     assert _lists(emulator, runtime) - before == 4
-    assert runtime.registry.stop_scan_cursor() is None
+    assert _cursor(runtime) is None
 
 
 def test_nothing_held_means_no_list_call(emulator: Any, runtime: Runtime) -> None:
     before = _lists(emulator, runtime)
     assert scan_server_stops(runtime) == 0
     assert _lists(emulator, runtime) == before
-    assert runtime.registry.stop_scan_cursor() is None
+    assert _cursor(runtime) is None
 
 
 def test_a_sweep_reads_on_until_every_held_item_was_listed(
@@ -159,4 +163,4 @@ def test_a_sweep_reads_on_until_every_held_item_was_listed(
     applied = scan_server_stops(runtime) + scan_server_stops(runtime)
     assert applied == 1, "found in the sweep's second tick"
     assert _lists(emulator, runtime) - before == 3, "15 items, 5 a page, and not a page more"
-    assert runtime.registry.stop_scan_cursor() is None
+    assert _cursor(runtime) is None

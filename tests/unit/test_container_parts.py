@@ -3,6 +3,7 @@ detection of the official runner. Tables, no engine (the engine is in the accept
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import tarfile
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from dispatcher.lease.model import Lease, Phase
+from dispatcher.session import reaper as reaper_module
 from dispatcher.session.container import (
     CONTAINER_SECRET_PATH,
     container_labels,
@@ -198,3 +200,18 @@ def test_only_the_default_mode_is_refused() -> None:
     assert lease_mode_problem(_settings(DISPATCHER_LEASE_MODE="dispatcher"), texts) is None
     assert lease_mode_problem(_settings(DISPATCHER_LEASE_MODE="runner"), texts) is None
     assert lease_mode_problem(_settings(), [("spawn.sh", "exec my-program")]) is None
+
+
+def test_a_container_is_labelled_with_its_sessions_environment_not_the_fleets_first() -> None:
+    settings = _settings()
+    spec = dataclasses.replace(_spec(), environment_id="env_2")
+    assert container_labels(settings, spec)["dispatcher.environment"] == "env_2"
+
+
+def test_the_reaper_judges_only_containers_of_environments_it_serves() -> None:
+    def listed(environment: str) -> dict[str, Any]:
+        return {"Id": "c1", "Labels": {"dispatcher.environment": environment,
+                                       "dispatcher.work_id": "w", "dispatcher.attempt": "1"}}
+
+    assert reaper_module._parse(listed("env_2"), {"env_1", "env_2"}) == Found("c1", "w", 1)
+    assert reaper_module._parse(listed("env_3"), {"env_1", "env_2"}) is None, "another fleet's"

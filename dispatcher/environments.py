@@ -1,0 +1,128 @@
+"""The environments one fleet serves: each one's id, key, optional session limit and queue.
+
+Two ways to say them, never both:
+
+* one environment, the official CLI's variables: `ANTHROPIC_ENVIRONMENT_ID` and
+  `ANTHROPIC_ENVIRONMENT_KEY` (unchanged);
+* any number, a TOML file named by `DISPATCHER_ENVIRONMENTS_FILE`::
+
+      [[environment]]
+      id = "env_01..."
+      key_file = "/run/secrets/env_a_key"   # or `key = "sk-ant-oat01-..."`
+      max_sessions = 20                     # optional: at most this many held at once
+      queue = "dispatcher.sessions.gpu"     # optional: its sessions' default queue
+
+A key is refused (at start-up, never shown) when it holds whitespace or a control character: sent
+as is, every request would fail and be retried as a transient error. A key file's one trailing
+line ending is not part of the key (editors and `echo` add it); anything else is.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+__all__ = ["Environment", "EnvironmentsError", "check_key", "load_environments_file"]
+
+# Whitespace, C0/C1 controls and DEL: never part of a key, and illegal in a header value.
+_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+FILE_VARIABLE = "DISPATCHER_ENVIRONMENTS_FILE"
+
+
+class EnvironmentsError(ValueError):
+    """The environments file cannot be used; the message names the entry, never a key."""
+
+
+def check_key(value: SecretStr) -> SecretStr:
+    if _UNPRINTABLE.search(value.get_secret_value()):
+        raise ValueError("contains whitespace or a control character (a trailing newline "
+                         "from a mounted secret file?); the value is not shown")
+    return value
+
+
+@dataclass(frozen=True)
+class Environment:
+    """One environment the fleet works for. `repr` never shows the key."""
+
+    id: str
+    key: SecretStr
+    max_sessions: int | None = None
+    queue: str | None = None
+
+
+class _Entry(BaseModel):
+    """One `[[environment]]` table as written: exactly one of `key` and `key_file`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    key: SecretStr | None = None
+    key_file: Path | None = None
+    max_sessions: int | None = Field(None, ge=1)
+    queue: str | None = Field(None, min_length=1)
+
+    @field_validator("id")
+    @classmethod
+    def _plain_id(cls, value: str) -> str:
+        from dispatcher.workapi.models import check_id  # the client package, only when used
+
+        return check_id(value, "the environment id")
+
+
+def _read_key(entry: _Entry, base: Path) -> SecretStr:
+    if (entry.key is None) == (entry.key_file is None):
+        raise EnvironmentsError(f"environment {entry.id}: give exactly one of key and key_file")
+    if entry.key is not None:
+        raw = entry.key
+    else:
+        assert entry.key_file is not None
+        path = entry.key_file if entry.key_file.is_absolute() else base / entry.key_file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EnvironmentsError(
+                f"environment {entry.id}: key_file {str(path)!r} cannot be read "
+                f"({type(exc).__name__})") from None
+        raw = SecretStr(text.removesuffix("\n").removesuffix("\r"))
+    try:
+        return check_key(raw)
+    except ValueError as exc:
+        raise EnvironmentsError(f"environment {entry.id}: the key {exc}") from None
+
+
+def load_environments_file(path: Path, *, session_queues: list[str]) -> tuple[Environment, ...]:
+    """The environments a file lists, checked; EnvironmentsError names what is wrong.
+
+    A queue must be one the fleet declares (`DISPATCHER_SESSION_QUEUES`): a queue no worker
+    consumes would hold its sessions, and their leases, forever."""
+    try:
+        document: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise EnvironmentsError(f"{str(path)!r} cannot be read as TOML: {exc}") from None
+    unknown = set(document) - {"environment"}
+    if unknown:
+        raise EnvironmentsError(f"unknown table(s) {sorted(unknown)}: only [[environment]]")
+    tables = document.get("environment", [])
+    if not isinstance(tables, list) or not tables:
+        raise EnvironmentsError("no [[environment]] entry")
+    found: list[Environment] = []
+    for number, table in enumerate(tables, start=1):
+        try:
+            entry = _Entry.model_validate(table)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise EnvironmentsError(f"entry {number}: {where}: {first['msg']}") from None
+        if entry.queue is not None and entry.queue not in session_queues:
+            raise EnvironmentsError(f"environment {entry.id}: queue {entry.queue!r} is not one "
+                                    "of DISPATCHER_SESSION_QUEUES")
+        if any(e.id == entry.id for e in found):
+            raise EnvironmentsError(f"environment {entry.id} is listed twice")
+        found.append(Environment(id=entry.id, key=_read_key(entry, path.parent),
+                                 max_sessions=entry.max_sessions, queue=entry.queue))
+    return tuple(found)
