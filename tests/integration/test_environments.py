@@ -114,7 +114,7 @@ def test_each_environment_is_worked_with_its_own_key(emulator: Any, two: Runtime
     assert {a, b} <= listed
 
     # A session gets its own environment's id and key, never the other's.
-    spec = _spec(runtime, lease_a)
+    spec = _spec(runtime, lease_a, runtime.registry.work_json(lease_a.work_id))
     assert spec.env["ANTHROPIC_ENVIRONMENT_ID"] == a
     assert spec.env["ANTHROPIC_ENVIRONMENT_KEY"] == runtime.keys[a]  # type: ignore[attr-defined]
     assert spec.environment_id == a
