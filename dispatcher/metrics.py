@@ -45,6 +45,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from dispatcher.control.capacity import Capacity, free_slots
+from dispatcher.lease.keys import Keys
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.workapi import WorkAPIError, WorkClient, WorkQueueStats, epoch_seconds
 
@@ -152,7 +153,7 @@ def _parse_field(field: str) -> tuple[str, dict[str, str]]:
 class Metrics:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
         self.redis = redis
-        self.key = f"{prefix}:metrics"
+        self.key = Keys(prefix).metrics
 
     def inc(self, name: str, amount: float = 1, *, environment: str = "",
             **labels: object) -> None:

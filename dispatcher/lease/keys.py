@@ -16,6 +16,15 @@ __all__ = ["Keys"]
 class Keys:
     prefix: str
 
+    @property
+    def metrics(self) -> str:
+        """Hash: the fleet's counters and histograms (`metrics.Metrics`), read by the exporter."""
+        return f"{self.prefix}:metrics"
+
+    def webhook_seen(self, webhook_id: str) -> str:
+        """String: a webhook delivery's id, kept for the replay window so a replay is refused."""
+        return f"{self.prefix}:webhook-seen:{webhook_id}"
+
     def lease(self, work_id: str) -> str:
         """Hash: one held lease (see `model.Lease` for its fields)."""
         return f"{self.prefix}:lease:{work_id}"

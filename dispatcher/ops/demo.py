@@ -167,9 +167,11 @@ class _Watch:
             session.ok = _as_expected(session)
 
     def _refresh(self) -> None:
+        from dispatcher.lease.keys import Keys
+
         for session in self.sessions:
             session.state = self.client.get(session.work_id).state
-            worker = self.redis.hget(f"{self.stack.key_prefix}:lease:{session.work_id}",
+            worker = self.redis.hget(Keys(self.stack.key_prefix).lease(session.work_id),
                                      "worker")
             if worker and (not session.workers or session.workers[-1] != worker):
                 session.workers.append(worker)
