@@ -161,7 +161,7 @@ def run_capacity(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
     return out
 
 
-def _forget_keys(stack: LocalStack) -> None:
+def forget_keys(stack: LocalStack) -> None:
     """Delete the run's keys from a Redis that outlives it (the capacity part alone leaves
     tens of thousands: leases, work items, the emulator's records)."""
     if "redis" in stack.processes:
@@ -225,7 +225,8 @@ def main() -> None:
     records = workdir / "records"
     records.mkdir(exist_ok=True)
     started = time.time()
-    stack = LocalStack(workdir=workdir)
+    stack = LocalStack(workdir=workdir,
+                       redis_url=os.environ.get("DISPATCHER_REDIS_URL", LocalStack.redis_url))
     results: dict[str, Any] = {"sizes": asdict(sizes), "quick": args.quick,
                                "emulator_default_ttl": sizes.default_ttl,
                                "load_before": os.getloadavg()}
@@ -244,7 +245,7 @@ def main() -> None:
                 Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     finally:
         stack.stop_all()
-        _forget_keys(stack)
+        forget_keys(stack)
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = time.time() - started

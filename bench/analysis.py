@@ -66,6 +66,17 @@ def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[s
 
     paths = [path(b) for b in ("idle", "steady")
              if _g(ours, "breakdown", b) and _g(peer, "breakdown", b)]
+    busier = [b for b in ("idle", "steady")
+              if (_step(ours, b, "sandbox_started", "p50") or 0)
+              > 1.2 * (_step(peer, b, "sandbox_started", "p50") or float("inf"))]
+    if busier:
+        paths.append(
+            f"{' and '.join(busier).capitalize()}, the same sandbox took longer to start under "
+            "ours: while it starts, our fleet does more beside it on the same two cores (this "
+            "session's first heartbeat, answered by the emulator and recorded by the control "
+            "worker; the running sessions' supervisors pulsing every 0.2 s; the stop bridge "
+            "listing the environment every second while leases are held), where the peer's "
+            "processes only wait on their sandboxes")
     return [
         "**Dispatch latency.** "
         + "; ".join(f"{name}: ours {_ms(o)}, the peer's {_ms(p)}" for name, o, p in figures)

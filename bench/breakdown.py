@@ -2,6 +2,9 @@
 
     python -m bench.breakdown [--idle 30] [--rate 4] [--seconds 15] [--peer] [--json FILE]
 
+Uses the Redis at $DISPATCHER_REDIS_URL (default redis://127.0.0.1:6379/0) if it answers, else
+starts its own; the run's keys are deleted at the end.
+
 Runs the dispatcher as `python -m bench` does (a control worker and two session workers of 5
 threads each, on the emulator), creates sessions one at a time on an idle fleet, then at a
 steady rate, and lines up for each session:
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import tempfile
 from collections.abc import Iterable
@@ -173,6 +177,7 @@ def render(breakdown: dict[str, list[dict[str, Any]]]) -> str:
 
 def main() -> None:
     from bench import scenarios
+    from bench.__main__ import forget_keys
     from bench.fleets import Ours, Peer
     from dispatcher.ops.stack import LocalStack
 
@@ -188,7 +193,8 @@ def main() -> None:
         workdir = Path(tmp)
         records = workdir / "records"
         records.mkdir()
-        stack = LocalStack(workdir=workdir)
+        stack = LocalStack(workdir=workdir, redis_url=os.environ.get("DISPATCHER_REDIS_URL",
+                                                                     LocalStack.redis_url))
         try:
             stack.ensure_redis()
             stack.start_emulator("--min-ttl", "1", "--default-ttl", "20")
@@ -208,6 +214,7 @@ def main() -> None:
                 fleet.stop_members()
         finally:
             stack.stop_all()
+            forget_keys(stack)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     for name, breakdown in results.items():

@@ -143,23 +143,46 @@ class Sandbox:
             _remove_secret(secret_dir)
             raise
         sandbox = cls(process, secret_dir)
-        # Feed stdin from a thread: a command that never reads it must not block the supervisor.
-        threading.Thread(target=sandbox._feed, args=(encode_request(spec.argv, env), spec.stdin),
-                         daemon=True).start()
+        rest = sandbox._write_now(encode_request(spec.argv, env) + spec.stdin)
+        # What the pipe did not take goes from a thread: a command that never reads its stdin
+        # must not block the supervisor. Usually all of it fits and stdin is closed here: no
+        # thread, waiting for the GIL behind this one, stands between the command and the end
+        # of its input.
+        if not rest:
+            sandbox._close_stdin()
+        threading.Thread(target=sandbox._feed, args=(rest,), daemon=True).start()
         return sandbox
 
-    def _feed(self, request: bytes, data: bytes) -> None:
+    def _write_now(self, data: bytes) -> bytes:
+        """Write what the pipe takes without blocking; returns the rest."""
         stdin = self._process.stdin
         assert stdin is not None
+        fd = stdin.fileno()
+        os.set_blocking(fd, False)
         try:
-            stdin.write(request)
-            stdin.flush()  # the launcher starts the command as soon as it has the request
-            stdin.write(data)
-        except (BrokenPipeError, OSError):
-            pass  # the command exited or closed stdin without reading: its choice
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the launcher is gone: its exit status tells the supervisor
+            written = len(data)
         finally:
-            with contextlib.suppress(OSError):
-                stdin.close()
+            os.set_blocking(fd, True)
+        return data[written:]
+
+    def _close_stdin(self) -> None:
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()  # type: ignore[union-attr]  # always a pipe
+
+    def _feed(self, data: bytes) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        if data:
+            try:
+                stdin.write(data)
+            except (BrokenPipeError, OSError):
+                pass  # the command exited or closed stdin without reading: its choice
+            finally:
+                self._close_stdin()
         # Off the session's path, and a moment later: the next launcher's start is an
         # interpreter's, whose CPU this sandbox's own start would otherwise share.
         time.sleep(SPARE_REFILL_DELAY_SECONDS)

@@ -258,3 +258,17 @@ def test_the_launcher_request_leaves_the_rest_of_stdin_to_the_command() -> None:
         [sys.executable, "-S", str(LAUNCHER), str(os.getpid())],
         input=request + b"rest of stdin", capture_output=True, timeout=10)
     assert (done.returncode, done.stdout) == (0, b"rest of stdin")
+
+
+def test_stdin_larger_than_the_pipe_reaches_the_command_whole(tmp_path: Path) -> None:
+    """What the pipe does not take at once is fed from a thread, then stdin is closed."""
+    out = tmp_path / "length"
+    spec = _spec(f"""
+        import sys
+        open({str(out)!r}, "w").write(str(len(sys.stdin.buffer.read())))
+    """, tmp_path)
+    big = b"x" * 300_000
+    sandbox = Sandbox.start(SandboxSpec(argv=spec.argv, env=spec.env, stdin=big))
+    assert sandbox.wait(20) == 0
+    sandbox.kill_group()
+    assert out.read_text() == str(len(big))
