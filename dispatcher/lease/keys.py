@@ -30,6 +30,11 @@ class Keys:
         re-delivered item that already ended is stopped, not run again; expires after a day."""
         return f"{self.prefix}:history:{work_id}"
 
+    def delivery(self, task_id: str) -> str:
+        """Hash: where a session task's message went (published, received by which worker and
+        when), so recovery tells a queued message from a lost one on any broker."""
+        return f"{self.prefix}:delivery:{task_id}"
+
     @property
     def leases(self) -> str:
         """Sorted set: work ids of held leases, scored by claim time; its size is used slots."""
