@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 import redis
-from fleet import Fleet, assert_no_overlap, wait_for
+from fleet import AMQP, REDIS, Fleet, assert_no_overlap, on_brokers, wait_for
 
 from dispatcher.ops.stack import free_port
 
 pytestmark = pytest.mark.acceptance
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@on_brokers((REDIS, "threads"), (REDIS, "prefork"), (AMQP, "threads"), names="fleet,pool")
 def test_a_drained_worker_hands_its_session_to_another(fleet: Fleet, pool: str) -> None:
     fleet.worker("control", concurrency=4, queues="dispatcher.control", beat=True)
     fleet.worker("s1", pool=pool, concurrency=2, queues="dispatcher.sessions")
