@@ -223,11 +223,14 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _known_broker(cls, value: str | None) -> str | None:
-        # The message names the scheme only: the URL carries the broker's password.
-        if value is not None and urlsplit(value).scheme not in BROKER_SCHEMES:
+        # Empty is unset (compose passes `${DISPATCHER_BROKER_URL:-}` through). The message
+        # names the scheme only: the URL carries the broker's password.
+        if not value:
+            return None
+        if urlsplit(value).scheme not in BROKER_SCHEMES:
             raise ValueError(f"scheme {urlsplit(value).scheme!r} is not one of "
                              f"{', '.join(BROKER_SCHEMES)}")
-        return value or None
+        return value
 
     @field_validator("worker_id")
     @classmethod
