@@ -93,10 +93,6 @@ class Keys:
         fleets with different prefixes share one Redis without sharing queues."""
         return f"{self.prefix}:celery:"
 
-    def celery_queue(self, queue: str) -> str:
-        """The Redis list holding a Celery queue's waiting messages (what KEDA can watch)."""
-        return f"{self.celery}{queue}"
-
     def task_lock(self, name: str) -> str:
         """String lock: at most one run of a periodic upkeep task at a time."""
         return f"{self.prefix}:lock:{name}"
