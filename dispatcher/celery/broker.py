@@ -41,13 +41,13 @@ AMQP_PREFETCH_COUNT = 1
 
 
 def is_redis(url: str) -> bool:
-    return urlsplit(url).scheme in ("redis", "rediss", "unix")
+    return urlsplit(url).scheme in ("redis", "rediss", "redis+socket")
 
 
 def broker_conf(settings: Settings) -> dict[str, Any]:
     """Celery settings of the broker `settings` names (`DISPATCHER_BROKER_URL`, else Redis)."""
     url = settings.broker_url or settings.redis_url
-    if is_redis(url):
+    if settings.broker_url is None or is_redis(url):
         return {
             "broker_url": url,
             "broker_transport_options": {"global_keyprefix": Keys(settings.key_prefix).celery},
