@@ -83,7 +83,8 @@ class SessionGate(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         if c.connection.transport.driver_type == "redis" or c.task_consumer is None:
             return
-        from dispatcher.runtime import get_runtime  # the app module imports this one
+        # Imported here: the app module imports this one before the runtime can be built.
+        from dispatcher.runtime import get_runtime
 
         sessions = set(get_runtime().settings.session_queues)
         self._queues = {q.name: q for q in c.task_consumer.queues if q.name in sessions}
