@@ -15,6 +15,7 @@ from typing import Any
 from redis import Redis
 
 from dispatcher.control.capacity import Capacity
+from dispatcher.lease.deliveries import Deliveries
 from dispatcher.lease.executor import Executor
 from dispatcher.lease.machine import Policy
 from dispatcher.lease.registry import LeaseRegistry
@@ -51,6 +52,10 @@ class Runtime:
     @cached_property
     def registry(self) -> LeaseRegistry:
         return LeaseRegistry(self.redis, prefix=self.settings.key_prefix)
+
+    @cached_property
+    def deliveries(self) -> Deliveries:
+        return Deliveries(self.redis, prefix=self.settings.key_prefix)
 
     @cached_property
     def capacity(self) -> Capacity:

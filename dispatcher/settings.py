@@ -46,6 +46,8 @@ __all__ = [
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_SESSION_QUEUE = "dispatcher.sessions"
+# The brokers the fleet is tested on: RabbitMQ (kombu's `amqp` is py-amqp) and Redis.
+BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -110,7 +112,11 @@ class Settings(BaseSettings):
         "`[[environment]]` tables of `id`, `key` or `key_file`, optional `max_sessions` and "
         "`queue` (see docs/configuration.md). Read by workers only."))
     redis_url: str = _env("DISPATCHER_REDIS_URL", DEFAULT_REDIS_URL, description=(
-        "Redis for the Celery broker, the result backend and the lease registry."))
+        "Redis for the lease registry, beat's lock and task results; the Celery broker too "
+        "unless `DISPATCHER_BROKER_URL` names another."))
+    broker_url: str | None = _env("DISPATCHER_BROKER_URL", description=(
+        "Celery's broker when it is not Redis: RabbitMQ (`amqp://user:pass@host:5672/vhost`), "
+        "a vhost per fleet. Unset: `DISPATCHER_REDIS_URL` is the broker too."))
     on_work: str | None = _env("DISPATCHER_ON_WORK", description=(
         "The per-session command, split like a shell would (never run through one)."))
     lease_mode: LeaseMode = _env("DISPATCHER_LEASE_MODE", LeaseMode.DISPATCHER, description=(
@@ -213,6 +219,18 @@ class Settings(BaseSettings):
         from dispatcher.workapi.models import check_id
 
         return check_id(value, "the environment id") if value is not None else None
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, value: str | None) -> str | None:
+        # Empty is unset (compose passes `${DISPATCHER_BROKER_URL:-}` through). The message
+        # names the scheme only: the URL carries the broker's password.
+        if not value:
+            return None
+        if urlsplit(value).scheme not in BROKER_SCHEMES:
+            raise ValueError(f"scheme {urlsplit(value).scheme!r} is not one of "
+                             f"{', '.join(BROKER_SCHEMES)}")
+        return value
 
     @field_validator("worker_id")
     @classmethod

@@ -9,6 +9,9 @@
 
 Each server gets a unique `--key-prefix`, so its keys never meet anyone else's; they are
 deleted when it stops. Redis: $DISPATCHER_TEST_REDIS (default redis://127.0.0.1:6379), db 11.
+
+    rabbitmq_vhost      make RabbitMQ vhosts of the test's own, deleted after (RabbitMQ at
+                        $DISPATCHER_TEST_RABBITMQ, default 127.0.0.1:5672, guest/guest).
 """
 
 from __future__ import annotations
@@ -212,3 +215,40 @@ def emulator_factory(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]
     finally:
         for server in started:
             server.stop()
+
+
+# --- RabbitMQ ----------------------------------------------------------------------------------
+# The machine's RabbitMQ (`./dev test` starts it), as CI finds it: guest/guest on 127.0.0.1.
+RABBITMQ_HOST_PORT = os.environ.get("DISPATCHER_TEST_RABBITMQ", "127.0.0.1:5672")
+
+
+def rabbitmqctl(*args: str) -> None:
+    """One `rabbitmqctl` call (about half a second: it starts an Erlang node)."""
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, f"rabbitmqctl {args[0]}: {done.stderr or done.stdout}"
+
+
+@pytest.fixture
+def rabbitmq_vhost() -> Iterator[Callable[..., str]]:
+    """Make a vhost of the test's own, as a fleet gets in production (its queues, exchanges and
+    pidbox broadcasts are nobody else's): `rabbitmq_vhost()` returns its AMQP URL;
+    `rabbitmq_vhost(user, password)` adds that user for it. Deleted, with all they hold, after."""
+    made: list[tuple[str, str]] = []
+
+    def make(user: str = "guest", password: str = "guest") -> str:
+        vhost = f"test-{uuid.uuid4().hex[:10]}"
+        rabbitmqctl("add_vhost", vhost)
+        made.append((vhost, user))
+        if user != "guest":
+            rabbitmqctl("add_user", user, password)
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        return f"amqp://{user}:{password}@{RABBITMQ_HOST_PORT}/{vhost}"
+
+    try:
+        yield make
+    finally:
+        for vhost, user in made:
+            rabbitmqctl("delete_vhost", vhost)
+            if user != "guest":
+                rabbitmqctl("delete_user", user)

@@ -2,8 +2,9 @@
 
 Two planes on two queues. The control queue carries short periodic tasks (poll, heartbeat,
 stop bridge, recovery); the session queue carries one long task per session attempt. Session
-tasks are acked early and never prefetched, so Redis' visibility timeout can never deliver a
-session twice: a lost worker is recovered through the lease registry, not broker redelivery.
+tasks are acked early and never held by a worker without a free slot (`celery/broker.py`, on
+Redis or RabbitMQ), so no broker redelivers a session (Redis' visibility timeout, RabbitMQ's
+consumer timeout): a lost worker is recovered through the lease registry instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
-from dispatcher.celery import names
+from dispatcher.celery import broker, names
 from dispatcher.celery.names import CONTROL_QUEUE
 from dispatcher.lease.keys import Keys
 from dispatcher.settings import SettingsError, load_settings, split_redis_credentials
@@ -85,8 +86,8 @@ _celery_keys = {"global_keyprefix": Keys(settings.key_prefix).celery}
 _beat_url, _beat_options = split_redis_credentials(settings.redis_url)
 
 app.conf.update(
-    broker_url=settings.redis_url,
-    broker_transport_options=_celery_keys,
+    # Redis, or RabbitMQ when DISPATCHER_BROKER_URL names it; results stay in Redis.
+    **broker.broker_conf(settings),
     result_backend_transport_options=_celery_keys,
     result_backend=settings.redis_url,
     broker_connection_retry_on_startup=True,
@@ -97,10 +98,9 @@ app.conf.update(
     task_queues=[_queue(CONTROL_QUEUE), *[_queue(name) for name in settings.session_queues]],
     task_default_queue=CONTROL_QUEUE,
     task_routes={names.SESSION_RUN: {"queue": settings.default_session_queue}},
-    # Early ack and no prefetch: a session message is never redelivered by the broker.
+    # Early ack, and no prefetch (broker_conf): a session message is never redelivered.
     task_acks_late=False,
     worker_prefetch_multiplier=1,
-    worker_disable_prefetch=True,
     task_track_started=True,
     worker_concurrency=DEFAULT_CONCURRENCY,
     worker_send_task_events=True,

@@ -4,6 +4,8 @@
 - `MetricsEndpoint`: serve the fleet's metrics, when a port is set.
 - `ContainerReaper`: on a session worker of the docker runtime, remove the fleet's containers
   whose attempt no longer runs.
+- `SessionGate` (a consumer step, `celery/broker.py`): on RabbitMQ, take no session message
+  without a free pool slot.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 from redis.exceptions import RedisError
 
+from dispatcher.celery.broker import SessionGate
 from dispatcher.celery.names import CONTROL_QUEUE
 from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
 from dispatcher.logs import event
@@ -173,3 +176,4 @@ def install(app: Any) -> None:
     app.steps["worker"].add(SlotAdvertiser)
     app.steps["worker"].add(MetricsEndpoint)
     app.steps["worker"].add(ContainerReaper)
+    app.steps["consumer"].add(SessionGate)

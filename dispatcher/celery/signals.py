@@ -3,9 +3,11 @@
 - At start (`worker_init`): refuse to run without what a worker needs (one clear line, exit).
 - On SIGTERM (`worker_shutting_down`): mark itself draining, so the poller stops counting its
   slots and its running sessions hand over to new attempts elsewhere within the grace period.
+- When a session task's message arrives (`task_received`): the time, for its `start path` line;
+  and, in Redis, which worker took it, so recovery tells a message waiting in its queue from a
+  lost one on either broker (`lease/deliveries.py`).
 - On an operator's revoke of a session task (`task_revoked`): the lease machine stops the work
   item on the server too (`bridge`).
-- When a session task's message arrives (`task_received`): the time, for its `start path` line.
 - Always: Celery's per-task log lines for the control ticks are dropped.
 """
 
@@ -46,12 +48,6 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         ) from None
 
 
-@task_received.connect
-def _received(request: Any = None, **_: Any) -> None:
-    if request is not None and request.name == SESSION_RUN:
-        received(request.id)
-
-
 @worker_shutting_down.connect
 def _drain(sender: Any = None, sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:
     runtime = get_runtime()
@@ -62,6 +58,19 @@ def _drain(sender: Any = None, sig: str = "", how: str = "", exitcode: int = 0, 
         return
     event("worker draining", worker=sender, signal=sig, how=how,
           grace_seconds=runtime.settings.stop_grace_seconds)
+
+
+@task_received.connect
+def _received(request: Any = None, **_: Any) -> None:
+    # The consumer's thread, before the message is acknowledged: one small Redis write.
+    if request is None or getattr(request, "name", None) != SESSION_RUN:
+        return
+    received(request.id)
+    try:
+        get_runtime().deliveries.received(request.id, worker=request.hostname or "")
+    except RedisError as exc:
+        # Recovery then takes the message for queued until it starts: nothing runs twice.
+        event("receipt not recorded", level=logging.ERROR, task_id=request.id, error=str(exc))
 
 
 @task_revoked.connect

@@ -7,9 +7,10 @@ worker was only frozen and wakes up, its next pulse finds a newer attempt and ki
 sandbox (fencing). A dead worker's sandbox is already gone: the launcher kills its group when
 its parent dies.
 
-A lease whose task was published but never started (the worker that took the message died
-before it could mark the attempt running, or the message was lost with a Redis restart) is
-re-dispatched when its message is in no session queue for `DISPATCH_STALE_SECONDS`.
+A lease whose task was published but never started is re-dispatched when the machine's
+`message_lost` says its message is lost: never taken by the broker, or taken by a worker that
+did not start it within `DISPATCH_STALE_SECONDS` (it died, or holds it behind a full pool). The
+facts come from the delivery records in Redis (`lease/deliveries.py`), the same on both brokers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import uuid
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.machine import QUIET_SECONDS, Stuck, stuck
+from dispatcher.lease.machine import QUIET_SECONDS, Stuck, message_lost, stuck
 from dispatcher.lease.model import Lease
 from dispatcher.runtime import Runtime
 
@@ -45,13 +46,8 @@ def _event(runtime: Runtime, lease: Lease, how: Stuck | None) -> ev.Event | None
         return ev.AttemptSilent(next_task_id=uuid.uuid4().hex)
     if how == Stuck.STRANDED_CLAIM:
         return ev.ClaimStranded()
-    if how == Stuck.QUEUED_TOO_LONG and not _message_queued(runtime, lease):
+    if how == Stuck.QUEUED_TOO_LONG and message_lost(runtime.deliveries.of(lease.task_id),
+                                                     time.time()):
         return ev.MessageLost(next_task_id=uuid.uuid4().hex)
     return None
 
-
-def _message_queued(runtime: Runtime, lease: Lease) -> bool:
-    """Whether the task's message still waits in its Redis queue (kombu keeps a list per queue,
-    each message a JSON document holding the task id)."""
-    messages = runtime.redis.lrange(runtime.registry.keys.celery_queue(lease.queue), 0, -1)
-    return any(lease.task_id in str(message) for message in messages)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from dispatcher.celery.names import SESSION_RUN
@@ -258,9 +259,11 @@ class Executor:
                 kwargs={"work_id": work_id, "session_id": session_id, "attempt": effect.attempt},
                 task_id=effect.task_id, queue=effect.queue,
                 kwargsrepr=f"work_id={work_id} session_id={session_id} attempt={effect.attempt}")
-        except (RedisError, OSError) as exc:
-            # The lease stays held and beaten; recovery publishes again once no queue holds
-            # the message.
+            # After the send: a mark without its message would read as queued for good.
+            self.runtime.deliveries.published(effect.task_id)
+        except (RedisError, KombuError, OSError) as exc:
+            # The lease stays held and beaten; recovery publishes it again, since the message
+            # is not marked published (`machine.message_lost`).
             log_event("dispatch failed", level=logging.ERROR, work_id=work_id,
                       attempt=effect.attempt, environment_id=state.environment_id,
                       error=str(exc),

@@ -39,6 +39,11 @@ class Keys:
         re-delivered item that already ended is stopped, not run again; expires after a day."""
         return f"{self.prefix}:history:{work_id}"
 
+    def delivery(self, task_id: str) -> str:
+        """Hash: where a session task's message went (published, received by which worker and
+        when), so recovery tells a queued message from a lost one on any broker."""
+        return f"{self.prefix}:delivery:{task_id}"
+
     @property
     def leases(self) -> str:
         """Sorted set: work ids of held leases, scored by claim time; its size is used slots."""
@@ -96,10 +101,6 @@ class Keys:
         """Prefix of every key Celery and kombu write (queues, results, pidbox channels), so
         fleets with different prefixes share one Redis without sharing queues."""
         return f"{self.prefix}:celery:"
-
-    def celery_queue(self, queue: str) -> str:
-        """The Redis list holding a Celery queue's waiting messages (what KEDA can watch)."""
-        return f"{self.celery}{queue}"
 
     def task_lock(self, name: str) -> str:
         """String lock: at most one run of a periodic upkeep task at a time."""

@@ -112,6 +112,11 @@ its sessions), `DISPATCHER_LEASE_MODE` (recorded per lease by the poller on a co
 and `DISPATCHER_MAX_ATTEMPTS`. Give each fleet its own Redis database:
 `DISPATCHER_KEY_PREFIX` separates the lease registry, but not Celery's queues.
 
+With RabbitMQ as the broker, `DISPATCHER_BROKER_URL` joins that list: every process above that
+reads `DISPATCHER_REDIS_URL` publishes or consumes Celery messages (`dispatcher webhooks` and
+`dispatcher stop` too) and needs both. Give each fleet its own vhost (see
+[operations](operations.md#choosing-the-broker)).
+
 `DISPATCHER_SESSION_SLOTS` unset: a worker that consumes a session queue advertises its
 concurrency, minus 2 when it also consumes `dispatcher.control` (kept for control tasks; one
 more for each environment past the first, whose poller holds a slot of its own); a worker that

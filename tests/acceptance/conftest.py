@@ -11,15 +11,19 @@ import docker
 import pytest
 import redis
 from engine import ensure_engine, ensure_image
-from fleet import FLEET_REDIS_DB, Fleet
+from fleet import AMQP, FLEET_REDIS_DB, REDIS, Fleet
 
 
 @pytest.fixture
-def fleet(emulator: Any, tmp_path: Path) -> Iterator[Fleet]:
+def fleet(request: pytest.FixtureRequest, emulator: Any, tmp_path: Path) -> Iterator[Fleet]:
+    """A fleet on Redis; on RabbitMQ (a vhost of its own, Redis still the registry) for a test
+    parametrized with `on_brokers` (fleet.py)."""
     base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
     with redis.Redis.from_url(f"{base}/{FLEET_REDIS_DB}") as r:
         r.flushdb()
     f = Fleet(emulator, tmp_path, base)
+    if getattr(request, "param", REDIS) == AMQP:
+        f.overrides["DISPATCHER_BROKER_URL"] = request.getfixturevalue("rabbitmq_vhost")()
     try:
         yield f
     finally:

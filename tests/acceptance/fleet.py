@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from dispatcher.control.capacity import Capacity
@@ -22,6 +23,16 @@ from dispatcher.ops.stack import LocalStack
 from dispatcher.workapi import WorkClient
 
 CELERY = str(Path(sys.executable).with_name("celery"))
+# The brokers a fleet runs on (`DISPATCHER_BROKER_URL`): Redis (the default) or RabbitMQ.
+REDIS, AMQP = "redis", "amqp"
+
+
+def on_brokers(*cases: str | tuple[str, ...], names: str = "fleet") -> Any:
+    """Run a test on the fleets named (`redis`, `amqp`); with more `names`, each case is a tuple
+    whose first item is the broker: `on_brokers(("redis", "threads"), ..., names="fleet,pool")`.
+    Only the tests that show the brokers behave alike run on both: RabbitMQ doubles nothing else.
+    """
+    return pytest.mark.parametrize(names, list(cases), indirect=["fleet"])
 # Acceptance fleets use their own Redis database: Celery's queue keys carry no prefix.
 FLEET_REDIS_DB = 9
 

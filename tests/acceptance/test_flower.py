@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fleet import Fleet, wait_for
+from fleet import AMQP, REDIS, Fleet, on_brokers, wait_for
 
 from dispatcher.celery.names import CONTROL_TASKS, SESSION_RUN
 from dispatcher.ops.stack import free_port
@@ -67,6 +67,7 @@ def flower(fleet: Fleet) -> Iterator[Flower]:
         server.http.close()  # the process itself stops with the fleet
 
 
+@on_brokers(REDIS, AMQP)
 def test_flower_shows_ids_only_and_its_revoke_stops_the_work_item(
         fleet: Fleet, flower: Flower) -> None:
     assert flower.http.get("/api/tasks", auth=None).status_code == 401, "the API needs auth"

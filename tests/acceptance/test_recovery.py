@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 import redis
-from fleet import Fleet, assert_no_overlap, wait_for
+from fleet import AMQP, REDIS, Fleet, assert_no_overlap, on_brokers, wait_for
 
 from dispatcher.ops.stack import free_port
 
 pytestmark = pytest.mark.acceptance
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@on_brokers((REDIS, "threads"), (REDIS, "prefork"), (AMQP, "threads"), names="fleet,pool")
 def test_a_drained_worker_hands_its_session_to_another(fleet: Fleet, pool: str) -> None:
     fleet.worker("control", concurrency=4, queues="dispatcher.control", beat=True)
     fleet.worker("s1", pool=pool, concurrency=2, queues="dispatcher.sessions")
@@ -89,3 +89,25 @@ def test_a_redis_restarted_empty_loses_no_session(emulator: Any, tmp_path: Path,
         assert "re-acquired" in fleet.log("w1"), "beat took its lock back"
     finally:
         fleet.stop_all()
+
+
+@on_brokers(AMQP)
+def test_a_dropped_broker_connection_neither_loses_nor_repeats_a_session(fleet: Fleet) -> None:
+    """RabbitMQ closes every connection of the fleet's vhost mid-session: the running session,
+    acked as it started, is never redelivered (no second run), the workers reconnect, and the
+    session gate comes back with them (the next sessions start at once)."""
+    fleet.worker("control", concurrency=4, queues="dispatcher.control", beat=True)
+    fleet.worker("s1", concurrency=2, queues="dispatcher.sessions")
+    fleet.wait_slots(2)
+    running = fleet.create(fake_duration=8)
+    fleet.wait_event(running, "started")
+    vhost = fleet.overrides["DISPATCHER_BROKER_URL"].rsplit("/", 1)[1]
+    subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "--vhost", vhost,
+                    "test: a dropped connection"], check=True, capture_output=True, timeout=60)
+    wait_for(lambda: "Connection to broker lost" in fleet.log("s1"), timeout=10,
+             what="the session worker saw its connection drop")
+    later = fleet.create(fake_duration=1)
+    fleet.wait_stopped([running, later], timeout=60)
+    assert len(fleet.events(running, "started")) == 1, "never redelivered, never restarted"
+    assert fleet.events(running, "exited")[0]["reason"] == "completed"
+    assert len(fleet.events(later, "started")) == 1

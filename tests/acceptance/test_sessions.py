@@ -1,4 +1,5 @@
-"""The dispatcher end to end: real celery processes, real Redis, the emulator over HTTP."""
+"""The dispatcher end to end: real celery processes, real Redis, the emulator over HTTP; the
+tests marked `on_brokers` run with RabbitMQ as the broker too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from fleet import CELERY, Fleet, _alive, assert_no_overlap, wait_for
+from fleet import AMQP, CELERY, REDIS, Fleet, _alive, assert_no_overlap, on_brokers, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -15,6 +16,7 @@ CONTRACT = {"ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONMENT_
             "ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_BASE_URL"}
 
 
+@on_brokers(REDIS, AMQP)
 def test_fifty_sessions_run_exactly_once_with_the_cli_contract(fleet: Fleet) -> None:
     fleet.worker("w1", concurrency=12, beat=True)
     work_ids = [fleet.create(fake_duration=0.3) for _ in range(50)]
@@ -40,7 +42,7 @@ def test_fifty_sessions_run_exactly_once_with_the_cli_contract(fleet: Fleet) -> 
     assert fleet.sandbox_pids_alive() == []
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@on_brokers((REDIS, "threads"), (REDIS, "prefork"), (AMQP, "threads"), names="fleet,pool")
 def test_stops_reach_the_sandbox(fleet: Fleet, pool: str) -> None:
     fleet.worker("w1", pool=pool, concurrency=6, beat=True)
     graceful = fleet.create(fake_duration=60)
@@ -64,6 +66,7 @@ def test_stops_reach_the_sandbox(fleet: Fleet, pool: str) -> None:
     wait_for(lambda: fleet.sandbox_pids_alive() == [], timeout=10, what="no sandbox left")
 
 
+@on_brokers(REDIS, AMQP)
 def test_a_session_stopped_while_queued_never_starts(fleet: Fleet) -> None:
     fleet.overrides["DISPATCHER_SESSION_QUEUES"] = "dispatcher.sessions,dispatcher.gpu"
     fleet.worker("w1", concurrency=6, beat=True, queues="dispatcher.control,dispatcher.sessions")
@@ -77,7 +80,7 @@ def test_a_session_stopped_while_queued_never_starts(fleet: Fleet) -> None:
     assert fleet.records(queued) == [], "the stopped session never started"
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@on_brokers((REDIS, "threads"), (REDIS, "prefork"), (AMQP, "prefork"), names="fleet,pool")
 def test_a_killed_session_worker_hands_the_session_to_another(fleet: Fleet, pool: str) -> None:
     fleet.worker("control", concurrency=4, queues="dispatcher.control", beat=True)
     fleet.worker("s1", pool=pool, concurrency=2, queues="dispatcher.sessions")
@@ -104,7 +107,7 @@ def test_a_killed_session_worker_hands_the_session_to_another(fleet: Fleet, pool
     assert_no_overlap(fleet, work_id, death_times={first["pid"]: killed_at})
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@on_brokers((REDIS, "threads"), (REDIS, "prefork"), (AMQP, "threads"), names="fleet,pool")
 def test_an_operator_revoke_stops_the_work_item(fleet: Fleet, pool: str) -> None:
     fleet.worker("w1", pool=pool, concurrency=6, beat=True)
     work_id = fleet.create(fake_duration=60)
@@ -115,6 +118,27 @@ def test_an_operator_revoke_stops_the_work_item(fleet: Fleet, pool: str) -> None
                    env=fleet.env(), check=True, capture_output=True, timeout=30)
     fleet.wait_stopped([work_id], timeout=20)
     assert fleet.events(work_id, "sigterm"), "the sandbox was asked to stop"
+
+
+@on_brokers(REDIS, AMQP)
+def test_a_full_worker_holds_no_session_message(fleet: Fleet) -> None:
+    """Sessions created while one worker's pool is full start on the worker with room at once,
+    never wait behind the busy one (Redis: Celery's disable_prefetch; RabbitMQ: the session
+    gate) for recovery to move them on after 30 s."""
+    fleet.worker("control", concurrency=4, queues="dispatcher.control", beat=True)
+    fleet.worker("s1", concurrency=1, queues="dispatcher.sessions")
+    fleet.wait_slots(1)
+    busy = fleet.create(fake_duration=60)
+    fleet.wait_event(busy, "started")
+    fleet.worker("s2", concurrency=2, queues="dispatcher.sessions")
+    fleet.wait_slots(3)
+    created = time.time()
+    later = [fleet.create(fake_duration=1) for _ in range(2)]
+    fleet.wait_stopped(later, timeout=20)
+    for work_id in later:
+        (started,) = fleet.events(work_id, "started")
+        assert started["time"] - created < 10, "started at once, not moved on by recovery"
+    assert "attempt restarted" not in fleet.log("control")
 
 
 def _worker_of(fleet: Fleet, work_id: str) -> str:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 import redis
 
 PASSWORD = "Pw-0f-the-fleet-S3CRET"
+AMQP_PASSWORD = "Pw-0f-the-broker-S3CRET"
 START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 60.0
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -86,10 +88,15 @@ def test_no_exposed_setting_carries_the_redis_password(locked_redis: int) -> Non
     assert "redbeat_redis_url" in found["humanize"]  # the setting is there, without it
 
 
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
 def test_celery_inspect_conf_of_a_running_worker_shows_no_password(
-        locked_redis: int, tmp_path: Path) -> None:
-    """What `celery inspect conf` and Flower's Config tab show, from a real worker."""
+        locked_redis: int, tmp_path: Path, broker: str, request: pytest.FixtureRequest) -> None:
+    """What `celery inspect conf` and Flower's Config tab show, from a real worker; with
+    RabbitMQ as the broker, neither its password nor Redis' shows."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "ANTHROPIC_"))}
+    if broker == "amqp":
+        make_vhost = request.getfixturevalue("rabbitmq_vhost")
+        env["DISPATCHER_BROKER_URL"] = make_vhost(f"fleet-{uuid.uuid4().hex[:8]}", AMQP_PASSWORD)
     env.update({"DISPATCHER_REDIS_URL": f"redis://fleet:{PASSWORD}@127.0.0.1:{locked_redis}/0",
                 "ANTHROPIC_ENVIRONMENT_ID": "env_conf", "ANTHROPIC_ENVIRONMENT_KEY": "sk-ant-k",
                 # Nothing is polled (no beat), but never the real API from a test.
@@ -120,4 +127,7 @@ def test_celery_inspect_conf_of_a_running_worker_shows_no_password(
         assert result.returncode == 0, result.stdout + result.stderr
         assert "redbeat_redis_url" in result.stdout, result.stdout[:2000]
         assert PASSWORD not in result.stdout + result.stderr
+        assert AMQP_PASSWORD not in result.stdout + result.stderr
+        assert f"{broker}://" in json.loads(result.stdout)[name]["broker_url"], "the broker used"
     assert PASSWORD not in log.read_text()
+    assert AMQP_PASSWORD not in log.read_text()

@@ -13,7 +13,7 @@ import pytest
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.recovery import recover
-from dispatcher.lease.machine.running import PULSE_STALE_SECONDS
+from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS, PULSE_STALE_SECONDS
 from dispatcher.lease.model import Lease, Phase
 from dispatcher.runtime import Runtime
 
@@ -98,6 +98,28 @@ def test_a_held_lease_missing_from_the_index_is_indexed_and_still_recovered(
     lease = registry.get(work_id)
     assert lease is not None and lease.attempt == 2
     assert registry.redis.zscore(registry.keys.last_seen, work_id) is not None
+
+
+def test_recovery_moves_a_lost_message_on_and_leaves_a_queued_one(
+        emulator: Any, runtime: Runtime) -> None:
+    """Dispatched 31 s ago and never started: queued (published, never received) waits; never
+    published, or received and not started since, is lost: a new attempt, on either broker."""
+    past = time.time() - DISPATCH_STALE_SECONDS - 1
+    queued, unsent, taken, just_taken = _held(emulator, runtime, 4, phase=Phase.DISPATCHED,
+                                              dispatched_at=past)
+    deliveries = runtime.deliveries
+    for work_id in (queued, taken, just_taken):
+        deliveries.published(f"t-{work_id}")
+    deliveries.received(f"t-{taken}", worker="dead@h")
+    runtime.redis.hset(runtime.registry.keys.delivery(f"t-{taken}"), "received_at", past)
+    deliveries.received(f"t-{just_taken}", worker="busy@h")
+    assert recover(runtime) == 2
+    attempts = {w: lease.attempt for w in (queued, unsent, taken, just_taken)
+                if (lease := runtime.registry.get(w)) is not None}
+    assert attempts == {queued: 1, unsent: 2, taken: 2, just_taken: 1}
+    assert sorted(s["kwargs"]["work_id"] for s in runtime.app.sent) == sorted([unsent, taken])
+    for sent in runtime.app.sent:
+        assert deliveries.of(sent["task_id"]).published, "the new message is marked published"
 
 
 def test_released_leases_leave_no_index_entries(emulator: Any, runtime: Runtime) -> None:

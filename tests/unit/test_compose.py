@@ -46,13 +46,14 @@ WORKER_ENV = ("ANTHROPIC_BASE_URL", "ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIR
 EMULATOR_VARIABLES = {ENV_ENVIRONMENT_KEY, ENV_API_KEY, ENV_WEBHOOK_URL, ENV_WEBHOOK_SIGNING_KEY}
 # What beat and Flower may be given: Redis, beat how it schedules the poller, and Flower its own
 # options. Never a key.
-REDIS_ONLY_ENV = {"DISPATCHER_REDIS_URL", "DISPATCHER_KEY_PREFIX", "DISPATCHER_WEBHOOKS",
-                  "DISPATCHER_WEBHOOK_SWEEP_SECONDS"}
+REDIS_ONLY_ENV = {"DISPATCHER_REDIS_URL", "DISPATCHER_BROKER_URL", "DISPATCHER_KEY_PREFIX",
+                  "DISPATCHER_WEBHOOKS", "DISPATCHER_WEBHOOK_SWEEP_SECONDS"}
 # Services that run only under their own profile (`--profile NAME`): optional parts.
-PROFILED = {"emulator": ["emulator"], "webhooks": ["webhooks"]}
+PROFILED = {"emulator": ["emulator"], "webhooks": ["webhooks"], "rabbitmq": ["rabbitmq"]}
 # Variables that must have no default anywhere: the operator sets them, or nothing starts.
 NO_DEFAULT = ("ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_API_KEY",
-              "DISPATCHER_ON_WORK", "FLOWER_BASIC_AUTH", "ANTHROPIC_WEBHOOK_SIGNING_KEY")
+              "DISPATCHER_ON_WORK", "FLOWER_BASIC_AUTH", "ANTHROPIC_WEBHOOK_SIGNING_KEY",
+              "RABBITMQ_PASSWORD", "DISPATCHER_BROKER_URL")
 SECRET_NAME = re.compile(r"KEY|PASSWORD|SECRET|TOKEN|AUTH", re.IGNORECASE)
 TEST_FLOWER_AUTH = "tester:a-password-of-the-test"
 GRACE_MARGIN_SECONDS = 15
@@ -406,6 +407,21 @@ def test_workers_refuse_to_start_without(services: dict[str, dict[str, Any]],
     for name in WORKERS:
         with pytest.raises(Unset, match=variable):
             environment(services[name], env)
+
+
+def test_rabbitmq_is_optional_and_refuses_to_start_without_its_password(
+        services: dict[str, dict[str, Any]]) -> None:
+    """The broker's user has no default password: the container's command checks for one
+    before RabbitMQ starts; the fleet reaches it only through the operator's broker URL."""
+    rabbitmq = services["rabbitmq"]
+    assert environment(rabbitmq)["RABBITMQ_DEFAULT_PASS"] == ""
+    script = argv(rabbitmq)[2]
+    assert script.startswith('test -n "$RABBITMQ_DEFAULT_PASS" || {') and "exit 1" in script
+    for name in FLEET:
+        assert environment(services[name])["DISPATCHER_BROKER_URL"] == ""
+        url = "amqp://dispatcher:pw@rabbitmq:5672/dispatcher"
+        given = environment(services[name], {**QUICK_START_ENV, "DISPATCHER_BROKER_URL": url})
+        assert given["DISPATCHER_BROKER_URL"] == url
 
 
 def test_flower_refuses_to_start_without_credentials(

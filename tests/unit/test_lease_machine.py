@@ -11,7 +11,16 @@ import pytest
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
-from dispatcher.lease.machine import Policy, decide, heartbeat_interval
+from dispatcher.lease.machine import (
+    Delivery,
+    Policy,
+    Stuck,
+    decide,
+    heartbeat_interval,
+    message_lost,
+    stuck,
+)
+from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS
 from dispatcher.lease.model import Ending, Lease, Phase, StopKind
 from dispatcher.lease.table import NOW, PHASES, SCENARIOS, describe, lease_in, rows
 
@@ -368,3 +377,29 @@ def test_a_lease_written_back_after_a_reset_adopts_a_token_it_did_not_see() -> N
     refused = decide(back, ev.BeatRefused(ev.ServerLease("active", "tok-newer")), now=NOW + 1)
     assert refused.lease is not None and refused.lease.token == "tok-newer"
     assert not refused.lease.lost
+
+
+# Where a session message went, as recorded in Redis on either broker -> lost? (received and
+# published times are seconds before NOW.)
+DELIVERIES: list[tuple[str, Delivery, bool]] = [
+    ("never published (the send failed)", Delivery(published=False), True),
+    ("published, never received: waits in its queue", Delivery(published=True), False),
+    ("received a moment ago: starting", Delivery(True, NOW - 1), False),
+    ("received, not started for 31 s: its worker died or holds it",
+     Delivery(True, NOW - DISPATCH_STALE_SECONDS - 1), True),
+    ("received, publish mark lost: judged by the receipt", Delivery(False, NOW - 1), False),
+]
+
+
+@pytest.mark.parametrize(("case", "delivery", "lost"), DELIVERIES,
+                         ids=[case for case, _, _ in DELIVERIES])
+def test_a_dispatched_message_is_lost_on_the_same_facts_on_both_brokers(
+        case: str, delivery: Delivery, lost: bool) -> None:
+    assert message_lost(delivery, NOW) is lost
+
+
+def test_only_a_dispatched_lease_silent_past_the_bound_asks_where_its_message_is() -> None:
+    dispatched = lease_in("dispatched")
+    assert stuck(dispatched.but(dispatched_at=NOW - 1), NOW) is None
+    assert stuck(dispatched.but(dispatched_at=NOW - DISPATCH_STALE_SECONDS - 1),
+                 NOW) is Stuck.QUEUED_TOO_LONG

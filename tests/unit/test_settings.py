@@ -188,3 +188,11 @@ def test_beat_gets_the_redis_url_without_credentials_and_the_credentials_apart(
     url: str, bare: str, options: dict[str, str]
 ) -> None:
     assert split_redis_credentials(url) == (bare, options)
+
+
+def test_an_unknown_broker_is_refused_without_showing_its_url(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPATCHER_BROKER_URL", "sqs://AKIA:Pw-SECRET@queue")
+    with pytest.raises(SettingsError, match=r"^DISPATCHER_BROKER_URL is invalid: .*'sqs'") as c:
+        load_settings()
+    assert "Pw-SECRET" not in str(c.value)

@@ -1,4 +1,4 @@
-"""Routing, slots, event lines."""
+"""Routing, slots, event lines, the broker's settings."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import logging
 import pytest
 
 from dispatcher.celery.bootsteps import session_slots
+from dispatcher.celery.broker import broker_conf, pool_full
 from dispatcher.control.routing import choose_queue
 from dispatcher.logs import event
+from dispatcher.settings import Settings
 
 QUEUES = ["dispatcher.sessions", "dispatcher.gpu"]
 
@@ -51,3 +53,26 @@ def test_event_lines_are_greppable_and_quote_hostile_values(
     record = caplog.records[-1]
     assert record.getMessage() == "claimed work_id=work_1 session_id='s\\nattempt=9' attempt=1"
     assert record.action == "claimed"  # type: ignore[attr-defined]
+
+
+# --- the broker's settings ---------------------------------------------------------------------
+def test_redis_is_the_broker_unless_rabbitmq_is_named() -> None:
+    redis_only = broker_conf(Settings(DISPATCHER_REDIS_URL="redis://r:6379/2",
+                                      DISPATCHER_KEY_PREFIX="f1"))
+    assert redis_only["broker_url"] == "redis://r:6379/2"
+    assert redis_only["broker_transport_options"] == {"global_keyprefix": "f1:celery:"}
+    assert redis_only["worker_disable_prefetch"] is True
+    amqp = broker_conf(Settings(DISPATCHER_REDIS_URL="redis://r:6379/2",
+                                DISPATCHER_BROKER_URL="amqp://u:p@mq:5672/f1"))
+    assert amqp["broker_url"] == "amqp://u:p@mq:5672/f1"
+    # Celery would warn that it ignores it; the session gate does its work on RabbitMQ.
+    assert "worker_disable_prefetch" not in amqp
+    assert amqp["broker_transport_options"] == {"confirm_publish": True}
+    assert amqp["worker_enable_prefetch_count_reduction"] is False
+
+
+@pytest.mark.parametrize(("reserved", "pool_size", "full"), [
+    (0, 1, False), (1, 1, True), (7, 8, False), (8, 8, True), (9, 8, True)])
+def test_a_pool_is_full_when_every_slot_holds_a_received_task(
+        reserved: int, pool_size: int, full: bool) -> None:
+    assert pool_full(reserved=reserved, pool_size=pool_size) is full

@@ -27,7 +27,13 @@ from typing import Any
 
 from dispatcher.lease import events as ev
 from dispatcher.lease.machine import claiming, running
-from dispatcher.lease.machine.running import QUIET_SECONDS, Stuck, stuck
+from dispatcher.lease.machine.running import (
+    QUIET_SECONDS,
+    Delivery,
+    Stuck,
+    message_lost,
+    stuck,
+)
 from dispatcher.lease.machine.steps import (
     Ctx,
     Decision,
@@ -37,8 +43,8 @@ from dispatcher.lease.machine.steps import (
 )
 from dispatcher.lease.model import Lease
 
-__all__ = ["QUIET_SECONDS", "Decision", "Policy", "Stuck", "decide", "heartbeat_interval",
-           "outage_is_too_long", "stuck"]
+__all__ = ["QUIET_SECONDS", "Decision", "Delivery", "Policy", "Stuck", "decide",
+           "heartbeat_interval", "message_lost", "outage_is_too_long", "stuck"]
 
 
 _DEFAULT_POLICY = Policy()

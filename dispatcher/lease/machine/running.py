@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -194,8 +195,33 @@ QUIET_SECONDS = min(PULSE_STALE_SECONDS, DISPATCH_STALE_SECONDS, CLAIM_STALE_SEC
 class Stuck(StrEnum):
     SILENT_ATTEMPT = "silent_attempt"  # running, but its supervisor stopped pulsing
     STRANDED_CLAIM = "stranded_claim"  # recorded, never published
-    # Published long ago and never started: lost, if no queue still holds its message.
+    # Published long ago and never started: lost, if `message_lost` says so.
     QUEUED_TOO_LONG = "queued_too_long"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where a session task's message went, as recorded in Redis on either broker
+    (`lease/deliveries.py`): published once the broker took it, received by a worker."""
+
+    published: bool
+    received_at: float | None = None
+    received_by: str = ""
+
+
+def message_lost(delivery: Delivery, now: float) -> bool:
+    """Whether a session message dispatched long ago (`Stuck.QUEUED_TOO_LONG`) is lost.
+
+    Never received: it waits in its queue while the fleet is full; lost only if the broker
+    never took it (the publish failed). Received but still not started `DISPATCH_STALE_SECONDS`
+    later: its worker died after taking it (an early-acked message is gone with it), or holds
+    it behind a full pool (RabbitMQ delivers ahead, `celery/amqp.py`); either way a new attempt
+    goes to whichever worker is free, and the old message, if it ever starts, finds its attempt
+    superseded and never starts the sandbox.
+    """
+    if delivery.received_at is not None:
+        return now - delivery.received_at > DISPATCH_STALE_SECONDS
+    return not delivery.published
 
 
 def stuck(lease: Lease, now: float) -> Stuck | None:
