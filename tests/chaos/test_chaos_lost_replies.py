@@ -69,7 +69,7 @@ def test_lost_replies_on_ack_heartbeat_and_stop(lapse: str, chaos: Callable[...,
     # lost or refused), so the lease machine gives it up after the 412 rather than risk taking
     # another holder's lease (claiming.py, `_lost_beat_was_ours`), and never publishes it
     # (`proven_ours`): with `stop` the lapsed item never runs. At 30 % lost replies and 20 %
-    # 503s about one item in 12,000 meets it (one in 500 with six ack attempts, as in three of
+    # 503s about one item in 12,000 meets it (one in 500 with six ack attempts, as in four of
     # ten runs); only this exact sequence is excused, any other violation fails.
     report(figures, known=lambda v: v.split(":")[0] in given_up and (
         v.endswith("never ran to completion (lost)") or "ran to completion" in v),
