@@ -114,7 +114,10 @@ def test_a_4xx_ends_the_delivery(emulator_factory: Callable[..., Any],
     wait_for(lambda: deliveries(emulator), timeout=10, what="the attempt")
     emulator.create_session(emulator.create_environment())  # a later event, to wait on
     wait_for(lambda: len(endpoint.received) >= 2, timeout=10, what="the second session's")
+    # The emulator logs a delivery once its answer is read, a moment after the endpoint got it.
+    wait_for(lambda: len(deliveries(emulator)) >= 2, timeout=10, what="the second's log entry")
     assert [d["status"] for d in deliveries(emulator)] == [401, 401]
+    assert len(endpoint.received) == 2, "the first delivery was not retried"
 
 
 def test_no_deliveries_without_a_webhook_url(emulator: Any) -> None:

@@ -118,12 +118,19 @@ def test_redis_unreachable(fleet: Fleet) -> None:
     assert took < BOUND_SECONDS
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_watch_redraws_until_ctrl_c(fleet: Fleet) -> None:
     fleet.healthy()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "DISPATCHER_"))}
     env.update(DISPATCHER_REDIS_URL=fleet.url, DISPATCHER_KEY_PREFIX=fleet.prefix)
+    # SIGINT as a terminal sends it, even when this test runs where SIGINT is ignored (a
+    # background job of a non-interactive shell): an ignored SIGINT stays ignored across exec.
     with subprocess.Popen([str(DISPATCHER), "status", "--watch", "--interval", "0.2"],
-                          env=env, stdout=subprocess.PIPE, text=True) as process:
+                          env=env, stdout=subprocess.PIPE, text=True,
+                          preexec_fn=_sigint_as_in_a_terminal) as process:
         try:
             assert process.stdout is not None
             summaries = 0
