@@ -13,7 +13,7 @@ from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
 
-__all__ = ["REDIS_BASE", "SentTasks", "in_process_runtime", "poll_until"]
+__all__ = ["REDIS_BASE", "SentTasks", "close_runtime", "in_process_runtime", "poll_until"]
 
 REDIS_BASE = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
 
@@ -59,8 +59,13 @@ def in_process_runtime(emulator: Any, **overrides: Any) -> Iterator[Runtime]:
     try:
         yield rt
     finally:
-        for key in rt.redis.scan_iter(f"{prefix}:*", count=1000):
-            rt.redis.delete(key)
-        for client in rt.__dict__.get("_clients", {}).values():
-            client.close()
-        rt.redis.close()
+        close_runtime(rt)
+
+
+def close_runtime(rt: Runtime) -> None:
+    """Remove every key the runtime wrote (its prefix's) and close its connections."""
+    for key in rt.redis.scan_iter(f"{rt.settings.key_prefix}:*", count=1000):
+        rt.redis.delete(key)
+    for client in rt.__dict__.get("_clients", {}).values():
+        client.close()
+    rt.redis.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from inprocess import REDIS_BASE, SentTasks
+from inprocess import REDIS_BASE, SentTasks, close_runtime
 
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.heartbeat import beat_due_leases
@@ -57,11 +57,7 @@ def two(emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     try:
         yield rt
     finally:
-        for key in rt.redis.scan_iter(f"{prefix}:*", count=1000):
-            rt.redis.delete(key)
-        for client in rt.__dict__.get("_clients", {}).values():
-            client.close()
-        rt.redis.close()
+        close_runtime(rt)
 
 
 def _slots(runtime: Runtime, slots: int) -> None:
