@@ -208,8 +208,9 @@ class Settings(BaseSettings):
         "action and its zombies are reaped."))
     process_user: str | None = _env("DISPATCHER_PROCESS_USER", description=(
         "process runtime: the user every sandbox runs as (`name`, `uid` or `uid:gid`, no passwd "
-        "entry needed), switched to before exec; the worker must be root or hold CAP_SETUID "
-        "and CAP_SETGID. Unset: the worker's own user, whose environment a sandbox can read."))
+        "entry needed), switched to before exec; the worker must be root or hold CAP_SETUID, "
+        "CAP_SETGID and CAP_CHOWN. Unset: the worker's own user, whose environment a sandbox "
+        "can read."))
     process_rlimits: str = _env("DISPATCHER_PROCESS_RLIMITS", "core=0", description=(
         "process runtime: resource limits of every sandbox, comma-separated `name=soft[:hard]` "
         "with util-linux prlimit's names (`core=0,nofile=1024,as=4294967296`), set by "

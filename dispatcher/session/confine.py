@@ -10,8 +10,8 @@ from the worker after the spawn would leave the command a moment without them, a
 
 A sandbox under another user cannot read the worker's `/proc/<pid>/environ` (the Redis URL and
 its password, environment keys) nor signal or trace the worker: the kernel allows that only to
-the same user or to root. Switching needs a worker that may: root, or CAP_SETUID and
-CAP_SETGID; a worker that cannot is refused at start, naming the setting.
+the same user or to root. Switching needs a worker that may: root, or CAP_SETUID, CAP_SETGID
+and CAP_CHOWN; a worker that cannot is refused at start, naming the setting.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ RLIMIT_NAMES = frozenset({
     "nproc", "rss", "rtprio", "rttime", "sigpending", "stack"})
 _LIMIT = r"(\d+|unlimited)"
 _RLIMIT_VALUE = re.compile(rf"^{_LIMIT}(:{_LIMIT})?$")
-# Bits of /proc/self/status CapEff (linux/capability.h): CAP_SETGID 6, CAP_SETUID 7.
-CAP_SETGID, CAP_SETUID = 6, 7
+# Bits of /proc/self/status CapEff (linux/capability.h). CAP_CHOWN gives the work secret file
+# to the sandbox's user; CAP_SETGID and CAP_SETUID switch to it.
+CAP_CHOWN, CAP_SETGID, CAP_SETUID = 0, 6, 7
 
 
 class ConfinementError(ValueError):
@@ -116,11 +117,12 @@ def popen_options(confinement: Confinement) -> dict[str, object]:
 
 
 def can_switch_to(uid: int, gid: int, *, status: Mapping[str, str] | None = None) -> bool:
-    """Whether this process may become `uid:gid` (root, both capabilities, or already them)."""
+    """Whether this process may run a sandbox as `uid:gid`: it is them already, or it holds
+    what the switch and the secret file's hand-over need (root holds them all)."""
     if (uid, gid) == (os.geteuid(), os.getegid()):
         return True
     caps = int((status or _proc_status()).get("CapEff", "0"), 16)
-    return bool(caps >> CAP_SETUID & 1) and bool(caps >> CAP_SETGID & 1)
+    return all(caps >> bit & 1 for bit in (CAP_CHOWN, CAP_SETGID, CAP_SETUID))
 
 
 def _proc_status() -> dict[str, str]:

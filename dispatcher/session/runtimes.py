@@ -76,6 +76,7 @@ def _check_confinement(settings: Settings) -> Confinement:
     uid, gid = confinement.uid, confinement.gid
     if uid is not None and gid is not None and not can_switch_to(uid, gid):
         raise SettingsError(f"DISPATCHER_PROCESS_USER={settings.process_user}: this worker "
-                            "cannot switch users (it is neither root nor holds CAP_SETUID and "
-                            "CAP_SETGID); unset it to run sandboxes as the worker's own user")
+                            "cannot switch users (it is neither root nor holds CAP_SETUID, "
+                            "CAP_SETGID and CAP_CHOWN); unset it to run sandboxes as the "
+                            "worker's own user")
     return confinement

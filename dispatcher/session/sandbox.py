@@ -133,6 +133,7 @@ class Sandbox:
         self._exit_code: int | None = None
         self._reaped = False
         self._pidfd = _pidfd(process.pid)
+        self._watched = True  # by this process's guardian, from `start` until reaped
 
     @classmethod
     def start(cls, spec: SandboxSpec, confinement: Confinement = UNCONFINED) -> Sandbox:
@@ -145,7 +146,12 @@ class Sandbox:
         except BaseException:
             _remove_secret(secret_dir)
             raise
-        GUARDIAN.watch(process.pid)
+        try:
+            GUARDIAN.watch(process.pid)
+        except OSError as exc:  # unguarded, it could outlive a dying worker: never run it
+            _abandon(process)
+            _remove_secret(secret_dir)
+            raise SandboxStartError(f"no guardian for the sandbox: {exc}") from None
         sandbox = cls(process, secret_dir)
         rest = sandbox._write_now(spec.stdin)
         # What the pipe did not take goes from a thread: a command that never reads its stdin
@@ -233,7 +239,9 @@ class Sandbox:
                 self._process.wait(timeout=REAP_SECONDS)
                 self._reaped = True
         if self._reaped:
-            GUARDIAN.forget(self.pgid)
+            if self._watched:  # once: the group id may be another sandbox's by a second call
+                GUARDIAN.forget(self.pgid)
+                self._watched = False
             if self._pidfd is not None:
                 os.close(self._pidfd)
                 self._pidfd = None
@@ -265,9 +273,14 @@ class Guardian:
         self._groups: set[int] = set()
 
     def watch(self, pgid: int) -> None:
+        """OSError when no guardian can be started (fork failing for lack of resources)."""
         with self._lock:
             self._groups.add(pgid)
-            self._send(b"+%d\n" % pgid)
+            try:
+                self._send(b"+%d\n" % pgid)
+            except OSError:
+                self._groups.discard(pgid)
+                raise
 
     def forget(self, pgid: int) -> None:
         """Before the leader is reaped: afterwards its pid (the group id) may be reused."""
@@ -302,13 +315,15 @@ class Guardian:
         os.write(self._pipe(), b"".join(b"+%d\n" % pgid for pgid in self._groups))
 
     def _forget_after_fork(self) -> None:
-        """In a forked child: the parent's guardian and groups are the parent's."""
+        """In a forked child: the parent's guardian and groups are the parent's. The write end
+        is closed through its file object, so no later collection closes its number again
+        (by then another file's)."""
         process, self._process = self._process, None
         self._groups = set()
         self._lock = threading.Lock()
         if process is not None and process.stdin is not None:
             with contextlib.suppress(OSError):
-                os.close(process.stdin.fileno())
+                process.stdin.close()
 
     def close(self) -> None:
         """At this process's exit: end-of-file tells the guardian to end what is left, if any."""
@@ -316,6 +331,15 @@ class Guardian:
             if self._process is not None:
                 _close_quietly(self._process)
                 self._process = None
+
+
+def _abandon(process: subprocess.Popen[bytes]) -> None:
+    """A sandbox that must not run: its group killed, its leader reaped."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    if process.stdin is not None:
+        process.stdin.close()
 
 
 def _close_quietly(process: subprocess.Popen[bytes]) -> None:
@@ -336,14 +360,6 @@ def _spawn(argv: list[str], env: dict[str, str],
         raise SandboxStartError(f"on-work command not found: {argv[0]!r}") from None
     except PermissionError:
         raise SandboxStartError(f"on-work command not executable: {argv[0]!r}") from None
-
-
-def _pidfds_work() -> bool:
-    fd = _pidfd(os.getpid())
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
 
 
 def _pidfd(pid: int) -> int | None:

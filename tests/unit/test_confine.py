@@ -74,10 +74,11 @@ def test_a_switch_drops_the_workers_supplementary_groups() -> None:
 @pytest.mark.parametrize(("cap_eff", "allowed"), [
     ("0000000000000000", False),   # an ordinary user
     ("0000000000000040", False),   # CAP_SETGID alone
-    ("00000000000000c0", True),    # CAP_SETGID and CAP_SETUID
+    ("00000000000000c0", False),   # CAP_SETGID and CAP_SETUID, but the secret file stays ours
+    ("00000000000000c1", True),    # and CAP_CHOWN
     ("000001ffffffffff", True),    # root's full set
 ])
-def test_switching_needs_both_capabilities(cap_eff: str, allowed: bool) -> None:
+def test_switching_needs_the_three_capabilities(cap_eff: str, allowed: bool) -> None:
     assert can_switch_to(SANDBOX_UID, SANDBOX_UID, status={"CapEff": cap_eff}) is allowed
     assert can_switch_to(os.geteuid(), os.getegid(), status={"CapEff": "0"}), "already them"
 

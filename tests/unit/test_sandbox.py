@@ -315,3 +315,19 @@ def test_a_worker_that_exits_normally_leaves_no_guardian(tmp_path: Path) -> None
 def test_a_missing_command_is_a_failed_start_naming_it(tmp_path: Path) -> None:
     with pytest.raises(SandboxStartError, match="not found: '/nonexistent/run-me'"):
         Sandbox.start(SandboxSpec(argv=["/nonexistent/run-me"], env={}, stdin=b""))
+
+
+def test_a_sandbox_that_cannot_be_guarded_never_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No guardian can start (here: no interpreter to start it with; in life, fork failing):
+    the sandbox, already spawned, is killed and reaped, and the attempt fails to start."""
+    from dispatcher.session import sandbox as module
+
+    marker = tmp_path / "ran"
+    script = _spec(f"import time; time.sleep(0.5); open({str(marker)!r}, 'w')", tmp_path)
+    monkeypatch.setattr(module, "GUARDIAN", module.Guardian())
+    monkeypatch.setattr(module.sys, "executable", "/nonexistent/python")
+    with pytest.raises(SandboxStartError, match="no guardian for the sandbox"):
+        Sandbox.start(script)
+    time.sleep(1.0)
+    assert not marker.exists(), "killed before it could do anything"
