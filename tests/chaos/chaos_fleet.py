@@ -104,7 +104,7 @@ class Watcher:
             record = json.loads(line)
             self.records.setdefault(path.stem, []).append(record)
             if record["event"] == "started":
-                self.worker_of[int(record["pid"])] = _parent_of(int(record["ppid"]))
+                self.worker_of[int(record["pid"])] = _worker_of(int(record["ppid"]))
 
     def close(self) -> None:
         self._stop.set()
@@ -116,6 +116,13 @@ class Watcher:
             if r["event"] == "exited" and int(r["pid"]) == pid:
                 return float(r["time"])
         return self.first_seen_dead.get(pid)
+
+
+def _worker_of(runner: int) -> int:
+    """The fleet worker whose process spawned a sandbox: the worker itself (threads pool), or
+    the worker whose pool child it is (prefork). Workers are this test process's children."""
+    parent = _parent_of(runner)
+    return runner if parent == os.getpid() else parent
 
 
 def _parent_of(pid: int) -> int:
