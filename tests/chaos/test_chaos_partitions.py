@@ -49,12 +49,23 @@ def _via(url: str, link: Link) -> str:
                                      else link.address))
 
 
+def _env_on(cf: ChaosFleet, redis: Link, api: Link) -> dict[str, str]:
+    return {**cf.fleet.env(), "DISPATCHER_REDIS_URL": _via(cf.fleet.redis_url, redis),
+            "ANTHROPIC_BASE_URL": _via(cf.fleet.emulator.base_url, api)}
+
+
 def _sessions_worker_on(cf: ChaosFleet, host: Host, name: str, *, redis: Link,
                         api: Link, concurrency: int = 4) -> None:
-    env = {**cf.fleet.env(), "DISPATCHER_REDIS_URL": _via(cf.fleet.redis_url, redis),
-           "ANTHROPIC_BASE_URL": _via(cf.fleet.emulator.base_url, api)}
-    cf.fleet.stack.worker(name, env, pool="threads", concurrency=concurrency,
-                          queues="dispatcher.sessions", wrapper=host.argv())
+    cf.fleet.stack.worker(name, _env_on(cf, redis, api), pool="threads",
+                          concurrency=concurrency, queues="dispatcher.sessions",
+                          wrapper=host.argv())
+    cf.specs[name] = {"kind": "worker", "host": host.name}
+
+
+def _control_on(cf: ChaosFleet, host: Host, name: str, *, redis: Link, api: Link) -> None:
+    """A control worker with beat embedded, on `host`."""
+    cf.fleet.stack.worker(name, _env_on(cf, redis, api), pool="threads", concurrency=4,
+                          queues="dispatcher.control", beat=True, wrapper=host.argv())
     cf.specs[name] = {"kind": "worker", "host": host.name}
 
 
@@ -89,3 +100,120 @@ def test_session_worker_cut_from_redis(chaos: Callable[..., ChaosFleet],
     time.sleep(max(0.0, cut_at + CUT_SECONDS - time.time()))
     host.heal()
     report(cf.finish(timeout=120))
+
+
+def _fleet_with_sessions_on_host(cf: ChaosFleet, network: Network, *,
+                                 count: int = 3) -> tuple[Host, Link, Link, list[str]]:
+    """A control worker here, session worker s1 on a host of its own running `count` sessions,
+    and s2 here with free slots, where sessions may go on."""
+    redis, api = _links(cf, network)
+    host = network.host("s1")
+    cf.control()
+    _sessions_worker_on(cf, host, "s1", redis=redis, api=api)
+    cf.fleet.wait_slots(4)
+    work_ids = cf.create(count, fake_duration=SESSION_SECONDS)
+    cf.wait_started(work_ids)
+    cf.sessions_worker("s2")
+    cf.fleet.wait_slots(8)
+    return host, redis, api, work_ids
+
+
+def test_session_worker_cut_from_the_work_api(chaos: Callable[..., ChaosFleet],
+                                              report: Callable[[Figures], None],
+                                              network: Network) -> None:
+    """The sessions go on (the control plane heartbeats them); their releases, which the cut
+    host cannot send, are not lost."""
+    cf = chaos("Session worker cut from the Work API", ttl=TTL_SECONDS)
+    host, _, api, _ = _fleet_with_sessions_on_host(cf, network)
+    host.cut(api)
+    cf.fault("session worker cut from the Work API")
+    time.sleep(SESSION_SECONDS + 5)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_session_host_isolated(chaos: Callable[..., ChaosFleet],
+                               report: Callable[[Figures], None], network: Network) -> None:
+    cf = chaos("Session host isolated, then healed", ttl=TTL_SECONDS)
+    host, _, _, work_ids = _fleet_with_sessions_on_host(cf, network)
+    host.isolate()
+    cf.fault("session host isolated")
+    wait_for(lambda: all(len(cf.fleet.events(w, "started")) >= 2 for w in work_ids),
+             timeout=60, interval=0.2, what="every session started again elsewhere")
+    time.sleep(5)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_session_worker_hears_redis_but_is_not_heard(chaos: Callable[..., ChaosFleet],
+                                                     report: Callable[[Figures], None],
+                                                     network: Network) -> None:
+    """An asymmetric cut: the host's packets reach Redis, Redis's replies never come back."""
+    cf = chaos("Session worker: replies from Redis dropped", ttl=TTL_SECONDS)
+    host, redis, _, work_ids = _fleet_with_sessions_on_host(cf, network)
+    host.cut(redis, direction="in")
+    cf.fault("replies from Redis dropped")
+    wait_for(lambda: all(len(cf.fleet.events(w, "started")) >= 2 for w in work_ids),
+             timeout=60, interval=0.2, what="every session started again elsewhere")
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_control_worker_cut_from_redis(chaos: Callable[..., ChaosFleet],
+                                       report: Callable[[Figures], None],
+                                       network: Network) -> None:
+    """The control worker with beat is cut off; a standby control worker with beat elsewhere
+    takes over: no lease lapses, a stop still reaches its sandbox."""
+    cf = chaos("Control worker with beat cut from Redis", ttl=10)
+    redis, api = _links(cf, network)
+    host = network.host("c1")
+    _control_on(cf, host, "c1", redis=redis, api=api)
+    cf.sessions_worker("s1")
+    cf.fleet.wait_slots(4)
+    work_ids = cf.create(3, fake_duration=SESSION_SECONDS)
+    cf.wait_started(work_ids)
+    cf.control("c2")
+    host.cut(redis)
+    cf.fault("control worker cut from Redis")
+    time.sleep(3)
+    cf.stop(work_ids[0])
+    time.sleep(SESSION_SECONDS)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_control_worker_cut_from_the_work_api(chaos: Callable[..., ChaosFleet],
+                                              report: Callable[[Figures], None],
+                                              network: Network) -> None:
+    """Heartbeats the cut worker takes fail; another control worker's ticks keep every lease."""
+    cf = chaos("Control worker with beat cut from the Work API", ttl=10)
+    redis, api = _links(cf, network)
+    host = network.host("c1")
+    _control_on(cf, host, "c1", redis=redis, api=api)
+    cf.control("c2", beat=False)
+    cf.sessions_worker("s1")
+    cf.fleet.wait_slots(4)
+    work_ids = cf.create(3, fake_duration=SESSION_SECONDS)
+    cf.wait_started(work_ids)
+    host.cut(api)
+    cf.fault("control worker cut from the Work API")
+    time.sleep(SESSION_SECONDS)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_slow_lossy_work_api_link(chaos: Callable[..., ChaosFleet],
+                                  report: Callable[[Figures], None], network: Network) -> None:
+    """Every fleet member on hosts whose Work API link has 2 s of latency and 5 % loss."""
+    cf = chaos("Work API link: 2 s latency, 5 % loss", ttl=TTL_SECONDS)
+    redis, api = _links(cf, network)
+    control, sessions = network.host("c1"), network.host("s1")
+    _control_on(cf, control, "c1", redis=redis, api=api)
+    _sessions_worker_on(cf, sessions, "s1", redis=redis, api=api)
+    api.delay = 2.0
+    for host in (control, sessions):
+        host.loss(api, 5)
+    cf.fault("2 s latency and 5 % loss on the Work API link", 2)
+    cf.fleet.wait_slots(4, timeout=60)
+    cf.create(4, fake_duration=5)
+    report(cf.finish(timeout=180))
