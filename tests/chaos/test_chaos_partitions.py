@@ -19,6 +19,8 @@ from fleet import wait_for
 from hosts import Host, Link, Network, unavailable
 
 pytestmark = pytest.mark.chaos
+MakeChaos = Callable[..., ChaosFleet]
+Report = Callable[[Figures], None]
 
 # Sessions long enough that the cut lands while each one's first attempt runs.
 SESSION_SECONDS = 20
@@ -31,6 +33,8 @@ CUT_SECONDS = 25
 
 @pytest.fixture
 def network() -> Iterator[Network]:
+    """The hosts' network; a test names it first, so it is torn down after the fleet: a
+    namespace deleted under a running worker would fault its shutdown, not the scenario."""
     why = unavailable()
     if why is not None:
         pytest.skip(f"partition scenarios need network namespaces: {why}")
@@ -76,9 +80,7 @@ def _links(cf: ChaosFleet, network: Network) -> tuple[Link, Link]:
     return network.link("redis", redis_port), network.link("workapi", api_port)
 
 
-def test_session_worker_cut_from_redis(chaos: Callable[..., ChaosFleet],
-                                       report: Callable[[Figures], None],
-                                       network: Network) -> None:
+def test_session_worker_cut_from_redis(network: Network, chaos: MakeChaos, report: Report) -> None:
     cf = chaos("Session worker cut from Redis, then healed", ttl=TTL_SECONDS)
     redis, api = _links(cf, network)
     host = network.host("s1")
@@ -118,9 +120,7 @@ def _fleet_with_sessions_on_host(cf: ChaosFleet, network: Network, *,
     return host, redis, api, work_ids
 
 
-def test_session_worker_cut_from_the_work_api(chaos: Callable[..., ChaosFleet],
-                                              report: Callable[[Figures], None],
-                                              network: Network) -> None:
+def test_session_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos, report: Report) -> None:
     """The sessions go on (the control plane heartbeats them); their releases, which the cut
     host cannot send, are not lost."""
     cf = chaos("Session worker cut from the Work API", ttl=TTL_SECONDS)
@@ -132,8 +132,7 @@ def test_session_worker_cut_from_the_work_api(chaos: Callable[..., ChaosFleet],
     report(cf.finish(timeout=120))
 
 
-def test_session_host_isolated(chaos: Callable[..., ChaosFleet],
-                               report: Callable[[Figures], None], network: Network) -> None:
+def test_session_host_isolated(network: Network, chaos: MakeChaos, report: Report) -> None:
     cf = chaos("Session host isolated, then healed", ttl=TTL_SECONDS)
     host, _, _, work_ids = _fleet_with_sessions_on_host(cf, network)
     host.isolate()
@@ -145,9 +144,7 @@ def test_session_host_isolated(chaos: Callable[..., ChaosFleet],
     report(cf.finish(timeout=120))
 
 
-def test_session_worker_hears_redis_but_is_not_heard(chaos: Callable[..., ChaosFleet],
-                                                     report: Callable[[Figures], None],
-                                                     network: Network) -> None:
+def test_session_worker_hears_redis_but_is_not_heard(network: Network, chaos: MakeChaos, report: Report) -> None:
     """An asymmetric cut: the host's packets reach Redis, Redis's replies never come back."""
     cf = chaos("Session worker: replies from Redis dropped", ttl=TTL_SECONDS)
     host, redis, _, work_ids = _fleet_with_sessions_on_host(cf, network)
@@ -159,9 +156,7 @@ def test_session_worker_hears_redis_but_is_not_heard(chaos: Callable[..., ChaosF
     report(cf.finish(timeout=120))
 
 
-def test_control_worker_cut_from_redis(chaos: Callable[..., ChaosFleet],
-                                       report: Callable[[Figures], None],
-                                       network: Network) -> None:
+def test_control_worker_cut_from_redis(network: Network, chaos: MakeChaos, report: Report) -> None:
     """The control worker with beat is cut off; a standby control worker with beat elsewhere
     takes over: no lease lapses, a stop still reaches its sandbox."""
     cf = chaos("Control worker with beat cut from Redis", ttl=10)
@@ -182,11 +177,9 @@ def test_control_worker_cut_from_redis(chaos: Callable[..., ChaosFleet],
     report(cf.finish(timeout=120))
 
 
-def test_control_worker_cut_from_the_work_api(chaos: Callable[..., ChaosFleet],
-                                              report: Callable[[Figures], None],
-                                              network: Network) -> None:
+def test_control_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos, report: Report) -> None:
     """Heartbeats the cut worker takes fail; another control worker's ticks keep every lease."""
-    cf = chaos("Control worker with beat cut from the Work API", ttl=10)
+    cf = chaos("Control worker with beat cut from the Work API", ttl=TTL_SECONDS)
     redis, api = _links(cf, network)
     host = network.host("c1")
     _control_on(cf, host, "c1", redis=redis, api=api)
@@ -202,8 +195,7 @@ def test_control_worker_cut_from_the_work_api(chaos: Callable[..., ChaosFleet],
     report(cf.finish(timeout=120))
 
 
-def test_slow_lossy_work_api_link(chaos: Callable[..., ChaosFleet],
-                                  report: Callable[[Figures], None], network: Network) -> None:
+def test_slow_lossy_work_api_link(network: Network, chaos: MakeChaos, report: Report) -> None:
     """Every fleet member on hosts whose Work API link has 2 s of latency and 5 % loss."""
     cf = chaos("Work API link: 2 s latency, 5 % loss", ttl=TTL_SECONDS)
     redis, api = _links(cf, network)
