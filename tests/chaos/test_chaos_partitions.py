@@ -80,7 +80,8 @@ def _links(cf: ChaosFleet, network: Network) -> tuple[Link, Link]:
     return network.link("redis", redis_port), network.link("workapi", api_port)
 
 
-def test_session_worker_cut_from_redis(network: Network, chaos: MakeChaos, report: Report) -> None:
+def test_session_worker_cut_from_redis(network: Network, chaos: MakeChaos,
+                                       report: Report) -> None:
     cf = chaos("Session worker cut from Redis, then healed", ttl=TTL_SECONDS)
     redis, api = _links(cf, network)
     host = network.host("s1")
@@ -120,7 +121,8 @@ def _fleet_with_sessions_on_host(cf: ChaosFleet, network: Network, *,
     return host, redis, api, work_ids
 
 
-def test_session_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos, report: Report) -> None:
+def test_session_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos,
+                                              report: Report) -> None:
     """The sessions go on (the control plane heartbeats them); their releases, which the cut
     host cannot send, are not lost."""
     cf = chaos("Session worker cut from the Work API", ttl=TTL_SECONDS)
@@ -132,7 +134,8 @@ def test_session_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos
     report(cf.finish(timeout=120))
 
 
-def test_session_host_isolated(network: Network, chaos: MakeChaos, report: Report) -> None:
+def test_session_host_isolated(network: Network, chaos: MakeChaos,
+                               report: Report) -> None:
     cf = chaos("Session host isolated, then healed", ttl=TTL_SECONDS)
     host, _, _, work_ids = _fleet_with_sessions_on_host(cf, network)
     host.isolate()
@@ -144,7 +147,8 @@ def test_session_host_isolated(network: Network, chaos: MakeChaos, report: Repor
     report(cf.finish(timeout=120))
 
 
-def test_session_worker_hears_redis_but_is_not_heard(network: Network, chaos: MakeChaos, report: Report) -> None:
+def test_session_worker_hears_redis_but_is_not_heard(network: Network, chaos: MakeChaos,
+                                                     report: Report) -> None:
     """An asymmetric cut: the host's packets reach Redis, Redis's replies never come back."""
     cf = chaos("Session worker: replies from Redis dropped", ttl=TTL_SECONDS)
     host, redis, _, work_ids = _fleet_with_sessions_on_host(cf, network)
@@ -156,7 +160,8 @@ def test_session_worker_hears_redis_but_is_not_heard(network: Network, chaos: Ma
     report(cf.finish(timeout=120))
 
 
-def test_control_worker_cut_from_redis(network: Network, chaos: MakeChaos, report: Report) -> None:
+def test_control_worker_cut_from_redis(network: Network, chaos: MakeChaos,
+                                       report: Report) -> None:
     """The control worker with beat is cut off; a standby control worker with beat elsewhere
     takes over: no lease lapses, a stop still reaches its sandbox."""
     cf = chaos("Control worker with beat cut from Redis", ttl=10)
@@ -177,7 +182,8 @@ def test_control_worker_cut_from_redis(network: Network, chaos: MakeChaos, repor
     report(cf.finish(timeout=120))
 
 
-def test_control_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos, report: Report) -> None:
+def test_control_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos,
+                                              report: Report) -> None:
     """Heartbeats the cut worker takes fail; another control worker's ticks keep every lease."""
     cf = chaos("Control worker with beat cut from the Work API", ttl=TTL_SECONDS)
     redis, api = _links(cf, network)
@@ -195,7 +201,8 @@ def test_control_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos
     report(cf.finish(timeout=120))
 
 
-def test_slow_lossy_work_api_link(network: Network, chaos: MakeChaos, report: Report) -> None:
+def test_slow_lossy_work_api_link(network: Network, chaos: MakeChaos,
+                                  report: Report) -> None:
     """Every fleet member on hosts whose Work API link has 2 s of latency and 5 % loss."""
     cf = chaos("Work API link: 2 s latency, 5 % loss", ttl=TTL_SECONDS)
     redis, api = _links(cf, network)
