@@ -142,6 +142,9 @@ class ChaosFleet:
         self.rng = random.Random()
         self.specs: dict[str, dict[str, Any]] = {}
         self._emulator_redis: Any = None
+        # A stop must end its sandbox within this; a scenario whose fault delays stops by a
+        # documented bound (a standby beat taking over) adds that bound.
+        self.stop_bound_seconds = grace + STOP_MARGIN_SECONDS
         fleet.overrides.update({
             "DISPATCHER_DESIRED_TTL_SECONDS": str(int(ttl)),
             "DISPATCHER_STOP_GRACE_SECONDS": str(grace),
@@ -297,7 +300,7 @@ class ChaosFleet:
             *invariants.no_stale_token_after_412(log),
             *invariants.no_sandbox_survives(records),
             *invariants.stops_honoured(self.stop_requested, ended,
-                                       bound=self.grace + STOP_MARGIN_SECONDS),
+                                       bound=self.stop_bound_seconds),
         ]
         completed = {w: sum(1 for r in records.get(w, [])
                             if r["event"] == "exited" and r.get("reason") == "completed")

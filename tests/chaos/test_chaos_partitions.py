@@ -18,6 +18,8 @@ from chaos_fleet import ChaosFleet, Figures
 from fleet import wait_for
 from hosts import Host, Link, Network, unavailable
 
+from dispatcher.celery.application import BEAT_LOCK_TIMEOUT_SECONDS
+
 pytestmark = pytest.mark.chaos
 MakeChaos = Callable[..., ChaosFleet]
 Report = Callable[[Figures], None]
@@ -163,8 +165,10 @@ def test_session_worker_hears_redis_but_is_not_heard(network: Network, chaos: Ma
 def test_control_worker_cut_from_redis(network: Network, chaos: MakeChaos,
                                        report: Report) -> None:
     """The control worker with beat is cut off; a standby control worker with beat elsewhere
-    takes over: no lease lapses, a stop still reaches its sandbox."""
-    cf = chaos("Control worker with beat cut from Redis", ttl=10)
+    takes over once the cut beat's lock lapses: no lease lapses, and a stop still reaches its
+    sandbox, later by at most that lapse (no tick is scheduled meanwhile)."""
+    cf = chaos("Control worker with beat cut from Redis", ttl=TTL_SECONDS)
+    cf.stop_bound_seconds += BEAT_LOCK_TIMEOUT_SECONDS
     redis, api = _links(cf, network)
     host = network.host("c1")
     _control_on(cf, host, "c1", redis=redis, api=api)
