@@ -15,7 +15,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from chaos_fleet import ChaosFleet, Figures
-from fleet import wait_for
 from hosts import Host, Link, Network, unavailable
 
 from dispatcher.celery.application import BEAT_LOCK_TIMEOUT_SECONDS
@@ -97,11 +96,10 @@ def test_session_worker_cut_from_redis(network: Network, chaos: MakeChaos,
     on_s1 = cf.running_on("s1")
     assert sorted(on_s1) == sorted(work_ids), "every first attempt runs on the host cut off"
 
+    cut_at = time.time()
     host.cut(redis)
     cf.fault("session worker cut from Redis")
-    cut_at = time.time()
-    wait_for(lambda: all(len(cf.fleet.events(w, "started")) >= 2 for w in work_ids),
-             timeout=60, interval=0.2, what="every session started again elsewhere")
+    cf.watch_cut(work_ids, cut_at=cut_at)
     time.sleep(max(0.0, cut_at + CUT_SECONDS - time.time()))
     host.heal()
     report(cf.finish(timeout=120))
@@ -140,10 +138,10 @@ def test_session_host_isolated(network: Network, chaos: MakeChaos,
                                report: Report) -> None:
     cf = chaos("Session host isolated, then healed", ttl=TTL_SECONDS)
     host, _, _, work_ids = _fleet_with_sessions_on_host(cf, network)
+    cut_at = time.time()
     host.isolate()
     cf.fault("session host isolated")
-    wait_for(lambda: all(len(cf.fleet.events(w, "started")) >= 2 for w in work_ids),
-             timeout=60, interval=0.2, what="every session started again elsewhere")
+    cf.watch_cut(work_ids, cut_at=cut_at)
     time.sleep(5)
     host.heal()
     report(cf.finish(timeout=120))
@@ -154,10 +152,10 @@ def test_session_worker_hears_redis_but_is_not_heard(network: Network, chaos: Ma
     """An asymmetric cut: the host's packets reach Redis, Redis's replies never come back."""
     cf = chaos("Session worker: replies from Redis dropped", ttl=TTL_SECONDS)
     host, redis, _, work_ids = _fleet_with_sessions_on_host(cf, network)
+    cut_at = time.time()
     host.cut(redis, direction="in")
     cf.fault("replies from Redis dropped")
-    wait_for(lambda: all(len(cf.fleet.events(w, "started")) >= 2 for w in work_ids),
-             timeout=60, interval=0.2, what="every session started again elsewhere")
+    cf.watch_cut(work_ids, cut_at=cut_at)
     host.heal()
     report(cf.finish(timeout=120))
 
