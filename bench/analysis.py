@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dispatcher.lease.machine.running import PULSE_STALE_SECONDS
+
 __all__ = ["findings", "method"]
 
 
@@ -162,8 +164,8 @@ def findings(results: dict[str, Any]) -> list[str]:
         + (" (target 10 s met)" if rc is not None and rc < 10 else " (**target 10 s missed**)")
         + f"; the peer {_f(prc)} s. When a session worker dies, its sandboxes die with it (its "
         "guardian reads end-of-file and ends their groups), its supervisors stop pulsing, and "
-        "after `PULSE_STALE_SECONDS` = 5 s the control plane's `recover` tick (every second) "
-        "starts the next attempt on any worker, while the lease never lapsed "
+        f"after `PULSE_STALE_SECONDS` = {PULSE_STALE_SECONDS:g} s the control plane's `recover` "
+        "tick (every second) starts the next attempt on any worker, while the lease never lapsed "
         "(dispatcher/control/recovery.py). "
         "The peer has no one to notice: the session runs again only when its lease lapses on "
         f"the server (the TTL, {ttl} s here, 120 s with the fixture's default), the server "

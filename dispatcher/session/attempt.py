@@ -23,7 +23,6 @@ from enum import StrEnum
 from redis.exceptions import RedisError
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.machine import outage_is_too_long
 from dispatcher.lease.model import Ending, Lease, Phase, StopKind
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
@@ -49,6 +48,9 @@ __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
 
 # How often the supervisor pulses and reads its stop flag: the stop latency floor.
 SUPERVISE_INTERVAL_SECONDS = 0.2
+# How often the fence looks at the age of the last pulse: a share of the margin between the
+# self-fencing bound and recovery's (`lease/machine`), so a fenced sandbox is dead well inside it.
+FENCE_CHECK_SECONDS = 0.2
 # A hand-off waits at most this long for a heartbeat in flight before it reads the token.
 HANDOFF_WAIT_SECONDS = 12.0
 # After the sandbox exited, keep trying this long to reach the registry and release the lease.
@@ -223,18 +225,27 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
 def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: RunningSandbox, flags: _Flags,
           memory: _Memory, work_json: bytes) -> Outcome:
     sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json)
-    outage = _Outage(runtime, attempt, memory.lease, sandbox)
+    fence = _Fence(runtime, attempt, memory, sandbox)
+    try:
+        return _supervise_until_over(sup, fence)
+    finally:
+        fence.close()
+
+
+def _supervise_until_over(sup: _Supervisor, fence: _Fence) -> Outcome:
     while True:
-        code = sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
+        code = sup.sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
+        if fence.fired.is_set():
+            return Outcome.LOST  # killed by the fence: its exit is not the session's
         try:
             if code is not None:
+                fence.close()  # nothing left to kill; the release may ride out an outage
                 return _finish_when_reachable(sup, code)
             outcome = sup.step()
         except RedisError as exc:
-            if outage.too_long(exc):
-                return Outcome.LOST
+            fence.failed(exc)
             continue
-        outage.over()
+        fence.pulsed()
         if outcome is not None:
             return outcome
 
@@ -279,39 +290,62 @@ class _Supervisor:
         return None if pulse.exists and pulse.current else Outcome.SUPERSEDED
 
 
-class _Outage:
-    """The registry cannot be reached: keep the sandbox running (Redis restarts take seconds),
-    unless the outage lasts long enough for the server's lease to lapse (the machine says when:
-    nobody can heartbeat meanwhile)."""
+class _Fence:
+    """Self-fencing: kills the sandbox once this attempt has gone too long without a pulse
+    answered (the machine says how long: `RegistryUnreachable`). Recovery may start the session
+    on another worker when the pulse is old enough, and two sandboxes of one session must never
+    run together. A thread of its own, so that a call hanging on a cut network (up to Redis's
+    socket timeout, or an HTTP call's) cannot delay the kill."""
 
-    def __init__(self, runtime: Runtime, attempt: SessionAttempt, lease: Lease,
+    def __init__(self, runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
                  sandbox: RunningSandbox) -> None:
         self.runtime = runtime
         self.attempt = attempt
-        self.lease = lease
+        self.memory = memory
         self.sandbox = sandbox
-        self.since: float | None = None
+        self.pulsed_at = time.monotonic()
+        self.unreachable = False
+        self.fired = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name=f"fence-{attempt.work_id[:40]}")
+        self._thread.start()
 
-    def too_long(self, exc: RedisError) -> bool:
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now
-            event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
-                  error=str(exc), action_taken="sandbox kept")
-        seconds = now - self.since
-        if not outage_is_too_long(self.lease, seconds):
-            return False
-        self.runtime.executor.run(self.lease, ev.RegistryUnreachable(seconds),
-                                  signal=lambda kind: self.sandbox.kill_group())
-        return True
-
-    def over(self) -> None:
-        if self.since is not None:
+    def pulsed(self) -> None:
+        if self.unreachable:
             event("registry reachable again", work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
-                  after_seconds=round(time.monotonic() - self.since, 1))
-            self.since = None
+                  attempt=self.attempt.attempt, environment_id=self._environment(),
+                  after_seconds=round(time.monotonic() - self.pulsed_at, 1))
+            self.unreachable = False
+        self.pulsed_at = time.monotonic()
+
+    def failed(self, exc: RedisError) -> None:
+        if not self.unreachable:
+            self.unreachable = True
+            event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
+                  attempt=self.attempt.attempt, environment_id=self._environment(),
+                  error=str(exc), action_taken="sandbox kept while the fence allows")
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=FENCE_CHECK_SECONDS * 5)
+
+    def _watch(self) -> None:
+        while not self._closed.wait(FENCE_CHECK_SECONDS):
+            silent = time.monotonic() - self.pulsed_at
+            if silent < 2 * SUPERVISE_INTERVAL_SECONDS:
+                continue  # pulsing as usual: nothing to ask
+            self.runtime.executor.run(self.memory.lease, ev.RegistryUnreachable(silent),
+                                      signal=self._kill)
+            if self.fired.is_set():
+                return
+
+    def _kill(self, kind: StopKind) -> None:
+        self.sandbox.kill_group()
+        self.fired.set()
+
+    def _environment(self) -> str:
+        return self.memory.lease.environment_id
 
 
 def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:
