@@ -144,7 +144,7 @@ queue = "dispatcher.sessions.gpu"      # optional: its sessions' queue (one of D
 | field | meaning |
 |---|---|
 | `id` | the environment (`env_...`), required |
-| `key` or `key_file` | its environment key, exactly one of the two; a relative `key_file` is read from the file's folder. Refused at start-up, never shown, if it holds whitespace or a control character |
+| `key` or `key_file` | its environment key, exactly one of the two; a relative `key_file` is read from the file's folder. Refused at start-up, never shown, unless it is printable ASCII without spaces; a `key_file` open to its group or others (any of mode `077`) is refused too: make it `0600` or `0400` |
 | `max_sessions` | optional, at least 1: leases of this environment held at once, at most |
 | `queue` | optional: the session queue its items go to unless their `queue` metadata names another declared one; it must be one of `DISPATCHER_SESSION_QUEUES`, and some worker must consume it |
 

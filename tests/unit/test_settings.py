@@ -136,7 +136,8 @@ def test_settings_are_frozen() -> None:
 
 @pytest.mark.parametrize("variable", ["ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_API_KEY"])
 @pytest.mark.parametrize("value", [KEY + "\n", KEY + "\r\n", " " + KEY, KEY + "\t",
-                                   "sk-ant-oat01-a b", KEY + "\x01", KEY + "\x7f", KEY + "\x85"])
+                                   "sk-ant-oat01-a b", KEY + "\x01", KEY + "\x7f", KEY + "\x85",
+                                   KEY + "\u00e9", KEY + "\u2028", "sk-ant-oat01-\uff41"])
 def test_a_key_with_whitespace_or_a_control_character_is_refused_at_load(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str
 ) -> None:
@@ -147,7 +148,7 @@ def test_a_key_with_whitespace_or_a_control_character_is_refused_at_load(
         load_settings()
     message = str(caught.value)
     assert message.startswith(f"{variable} is invalid: ")
-    assert "whitespace or a control character" in message
+    assert "whitespace, a control character or a non-ASCII character" in message
     assert "SETTINGS-SECRET" not in message and "\n" not in message
 
 
