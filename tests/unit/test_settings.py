@@ -197,3 +197,31 @@ def test_an_unknown_broker_is_refused_without_showing_its_url(
     with pytest.raises(SettingsError, match=r"^DISPATCHER_BROKER_URL is invalid: .*'sqs'") as c:
         load_settings()
     assert "Pw-SECRET" not in str(c.value)
+
+
+@pytest.mark.parametrize(("given", "read"), [
+    ("redis://h:6379/0?password=p%40w&socket_timeout=3",
+     "redis://:p%40w@h:6379/0?socket_timeout=3"),
+    ("redis://h/0?username=fleet&password=pw", "redis://fleet:pw@h/0"),
+    ("redis://fleet@h/0?password=pw", "redis://fleet:pw@h/0"),
+    ("rediss://h:6380/0?password=pw&ssl_cert_reqs=required",
+     "rediss://:pw@h:6380/0?ssl_cert_reqs=required"),
+    ("unix:///run/redis.sock?password=pw&db=2", "unix://:pw@/run/redis.sock?db=2"),
+    ("redis://:pw@h/0", "redis://:pw@h/0"),
+    ("redis://h/0", "redis://h/0"),
+])
+def test_credentials_in_a_redis_url_query_move_into_its_user_part(given: str, read: str) -> None:
+    """Celery masks a URL's user part wherever it shows one, never its query."""
+    assert load_settings(DISPATCHER_REDIS_URL=given).redis_url == read
+    broker = given.replace("redis://", "amqp://", 1) if given.startswith("redis://") else None
+    if broker is not None:
+        expected = read.replace("redis://", "amqp://", 1)
+        assert load_settings(DISPATCHER_BROKER_URL=broker).broker_url == expected
+
+
+def test_a_credential_given_twice_in_a_url_is_refused_unshown() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(DISPATCHER_REDIS_URL="redis://:one-SECRET@h/0?password=two-SECRET")
+    message = str(caught.value)
+    assert message.startswith("DISPATCHER_REDIS_URL is invalid: ")
+    assert "SECRET" not in message
