@@ -25,7 +25,8 @@ from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import Backoff, InvalidRequestError, Work, WorkAPIError, WorkPage
 
-__all__ = ["on_task_revoked", "pages_per_tick", "scan_server_stops", "smaller_page"]
+__all__ = ["on_running_task_revoked", "on_task_revoked", "pages_per_tick", "scan_server_stops",
+           "smaller_page"]
 
 # Items a `list` page is asked for at first. The server may answer with fewer (the spec sets no
 # size), and in any order (the spec sets none): nothing below depends on either. A server that
@@ -194,3 +195,11 @@ def on_task_revoked(runtime: Runtime, *, task_id: str, work_id: str, terminated:
     lease = runtime.registry.get(work_id)
     runtime.executor.run(lease, ev.OperatorRevoked(task_id, terminated,
                                                    force=signum == signal.SIGKILL))
+
+
+def on_running_task_revoked(runtime: Runtime, *, task_id: str, work_id: str) -> None:
+    """An operator's plain revoke (no terminate) of a session task already running in a prefork
+    child, seen by the worker's main process: the graceful stop the threads pool's supervisor
+    makes of it (it reads the revoked set the child cannot see), the item stopped with it."""
+    lease = runtime.registry.get(work_id)
+    runtime.executor.run(lease, ev.OperatorRevoked(task_id, terminated=True, force=False))
