@@ -16,7 +16,7 @@ from inprocess import held_items, stop_item
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.pacing import Pacing
-from dispatcher.control.poller import run_poller
+from dispatcher.control.poller import drain, run_poller
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -62,6 +62,25 @@ def test_a_long_retry_after_silences_polls_and_scans_of_the_environment(
     emulator.reset_faults()
     scan_server_stops(runtime)
     assert _calls(emulator, runtime, "list") == lists + 1
+
+
+def test_a_wake_up_under_a_throttle_polls_nothing_and_leaves_its_wake_up_standing(
+        emulator: Any, runtime: Runtime) -> None:
+    """The webhook drain holds a control slot: it never sleeps through a throttle; the wake-up
+    flag stands, and a tick after the throttle drains."""
+    runtime.capacity.advertise(hostname="w1@test", slots=2, pool="threads",
+                               queues=["dispatcher.sessions"])
+    emulator.create_session(runtime.environment_id, metadata={})
+    runtime.pacing.note(runtime.environment_id, status=429, retry_after=120.0, source="poll")
+    polls = _calls(emulator, runtime, "poll")
+    started = time.monotonic()
+    assert drain(runtime, reclaim_older_than_ms=2000, wake=True) == 0
+    assert time.monotonic() - started < 2, "no wait in a control slot"
+    assert _calls(emulator, runtime, "poll") == polls
+    wanted = runtime.registry.keys.poll_state("poll-wanted", runtime.environment_id)
+    assert runtime.redis.exists(wanted), "the wake-up stands"
+    runtime.redis.delete(runtime.pacing._key(runtime.environment_id))
+    assert drain(runtime, reclaim_older_than_ms=2000, wake=False) == 1
 
 
 def test_a_throttle_is_never_shortened_and_is_logged_once(
