@@ -96,7 +96,7 @@ COUNTERS: dict[str, Counter] = {
                                              "worker_drained")),
     "server_throttles": Counter("Times the server began throttling an environment (429, 503 "
                                 "or retry-after), by the call that met it", "source",
-                                ("poll", "list")),
+                                ("poll", "list", "heartbeat", "ack", "stop")),
     "healthchecks": Counter("Healthcheck work items answered, by result", "healthy",
                             ("true", "false")),
 }
