@@ -114,6 +114,9 @@ COUNTERS: dict[str, Counter] = {
     "attempts_restarted": Counter("Session attempts started again on another worker, by reason",
                                   "reason", ("worker_lost", "task_never_started",
                                              "worker_drained")),
+    "server_throttles": Counter("Times the server began throttling an environment (429, 503 "
+                                "or retry-after), by the call that met it", "source",
+                                ("poll", "list", "heartbeat", "ack", "stop")),
     "healthchecks": Counter("Healthcheck work items answered, by result", "healthy",
                             ("true", "false")),
 }

@@ -15,6 +15,7 @@ from typing import Any
 from redis import Redis
 
 from dispatcher.control.capacity import Capacity
+from dispatcher.control.pacing import Pacing
 from dispatcher.lease.deliveries import Deliveries
 from dispatcher.lease.executor import Executor
 from dispatcher.lease.machine import Policy
@@ -64,6 +65,11 @@ class Runtime:
     @cached_property
     def metrics(self) -> Metrics:
         return Metrics(self.redis, prefix=self.settings.key_prefix)
+
+    @cached_property
+    def pacing(self) -> Pacing:
+        """The server's pacing, shared by the fleet: each environment's "throttled until"."""
+        return Pacing(self.redis, prefix=self.settings.key_prefix, metrics=self.metrics)
 
     @cached_property
     def executor(self) -> Executor:

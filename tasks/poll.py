@@ -14,6 +14,7 @@ from typing import Any
 from dispatcher.celery import names
 from dispatcher.celery.application import app
 from dispatcher.control.poller import POLL_LOCK_SECONDS, drain, run_poller
+from dispatcher.control.webhooks import WAKE_PENDING
 from dispatcher.runtime import Runtime, get_runtime
 
 # As the SDK's webhook recipe polls: an item polled but never acked (a poller that died between
@@ -59,10 +60,14 @@ def claim_work(self: Any, handover: str | None = None, environment_id: str | Non
 
 
 @app.task(name=names.CLAIM_NOW, ignore_result=True, send_events=False)
-def claim_now(environment_id: str | None = None) -> int:
-    """A webhook delivery, or the sweep: claim until the queue is empty (or the fleet full).
-    A delivery names no environment: every environment's queue is drained."""
+def claim_now(environment_id: str | None = None, wakeup: bool = False) -> int:
+    """A webhook delivery (`wakeup`), or the sweep: claim until the queue is empty (or the
+    fleet full). A delivery names no environment: every environment's queue is drained."""
     runtime = get_runtime()
+    if wakeup:
+        # Cleared before any poll: a delivery from now on publishes the next wake-up, and one
+        # that came before is seen by the polls below.
+        runtime.redis.delete(runtime.registry.keys.task_lock(WAKE_PENDING))
     return _for_each(runtime, claim_now, environment_id, lambda e: drain(
         runtime, environment_id=e, reclaim_older_than_ms=RECLAIM_OLDER_THAN_MS, wake=True),
         needs=lambda e: True)

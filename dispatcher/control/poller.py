@@ -115,10 +115,10 @@ def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
 
 
 def _drain_cut_short(runtime: Runtime, environment: str, deadline: float) -> bool:
-    """Did the run end before an empty poll: out of time, of slots, or paused by a failure?"""
-    paused = runtime.registry.keys.poll_state("poll-paused-until", environment)
+    """Did the run end before an empty poll: out of time, of slots, or paused by a failure or
+    the server's pacing?"""
     return (time.monotonic() >= deadline or _allowance(runtime, environment) <= 0
-            or bool(runtime.redis.exists(paused)))
+            or _paused_for(runtime, environment) > 0)
 
 
 def _allowance(runtime: Runtime, environment: str) -> int:
@@ -163,7 +163,7 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
     while time.monotonic() < deadline and not stopping():
         if not _still_ours(lock, environment):
             break
-        if not _wait_out_pause(runtime, environment, deadline):
+        if not _wait_out_pause(runtime, environment, deadline, drain=drain):
             break
         if _allowance(runtime, environment) <= 0:
             if drain:
@@ -183,6 +183,10 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
             continue
         except WorkAPIError as exc:
             delay = delay_for(exc, backoff)
+            # A throttle pauses every member's polls (and list scans) of this environment, not
+            # only this run's: `_wait_out_pause` reads it.
+            runtime.pacing.note(environment, status=exc.status, retry_after=exc.retry_after,
+                                source="poll")
             event("poll failed", level=logging.WARNING, environment_id=environment,
                   status=exc.status, retryable=exc.retryable, delay_seconds=round(delay, 2),
                   error=str(exc))
@@ -225,27 +229,38 @@ def _note_idle(runtime: Runtime, environment: str, *, idle: bool) -> None:
 
 
 def _pause(runtime: Runtime, environment: str, *, failures: int, seconds: float) -> None:
-    """Record the failure streak and when polling may resume, for this run and the next."""
+    """Record the failure streak and the pause before the next poll, for this run and the
+    next. The pause is the key's life, counted by Redis: no host's clock is read."""
     keys = runtime.registry.keys
     pipe = runtime.redis.pipeline(transaction=False)
     pipe.set(keys.poll_state("poll-failures", environment), failures,
              ex=POLL_FAILURES_TTL_SECONDS)
-    pipe.set(keys.poll_state("poll-paused-until", environment), time.time() + seconds,
+    pipe.set(keys.poll_state("poll-paused-until", environment), 1,
              px=max(1, int(seconds * 1000)))
     pipe.execute()
 
 
-def _wait_out_pause(runtime: Runtime, environment: str, deadline: float) -> bool:
-    """Sleep through a backoff pause; False if it outlasts this run (the next run waits)."""
+def _paused_for(runtime: Runtime, environment: str) -> float:
+    """Seconds before this environment may be polled: its backoff, or the server's pacing."""
     paused = runtime.registry.keys.poll_state("poll-paused-until", environment)
-    until = float(runtime.redis.get(paused) or 0)
-    wait = until - time.time()
+    backoff_ms = max(0, int(runtime.redis.pttl(paused)))
+    return max(backoff_ms / 1000, runtime.pacing.remaining(environment))
+
+
+def _wait_out_pause(runtime: Runtime, environment: str, deadline: float, *,
+                    drain: bool) -> bool:
+    """Sleep through a pause, at most to the run's end; False if the run must end first.
+
+    A drain never waits (it holds a control slot; its wake-up stands and a later tick drains
+    on). A poller run sleeps, up to its deadline: were it to end at once, its successor would
+    find the same pause and hand over again, a task a moment for the length of the pause."""
+    wait = _paused_for(runtime, environment)
     if wait <= 0:
         return True
-    if time.monotonic() + wait >= deadline:
+    if drain:
         return False
-    time.sleep(wait)
-    return True
+    time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+    return time.monotonic() < deadline
 
 
 def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> bool:

@@ -144,7 +144,7 @@ queue = "dispatcher.sessions.gpu"      # optional: its sessions' queue (one of D
 | field | meaning |
 |---|---|
 | `id` | the environment (`env_...`), required |
-| `key` or `key_file` | its environment key, exactly one of the two; a relative `key_file` is read from the file's folder. Refused at start-up, never shown, if it holds whitespace or a control character |
+| `key` or `key_file` | its environment key, exactly one of the two; a relative `key_file` is read from the file's folder. Refused at start-up, never shown, unless it is printable ASCII without spaces; a `key_file` open to its group or others (any of mode `077`) is refused too: make it `0600` or `0400` |
 | `max_sessions` | optional, at least 1: leases of this environment held at once, at most |
 | `queue` | optional: the session queue its items go to unless their `queue` metadata names another declared one; it must be one of `DISPATCHER_SESSION_QUEUES`, and some worker must consume it |
 
@@ -165,7 +165,7 @@ The app sets `-P threads -c 10` as defaults; the command line overrides them.
 |---|---|
 | `-Q dispatcher.sessions` / `-Q dispatcher.control` | the role of a worker; without `-Q` it consumes both (and reserves 2 slots for control tasks) |
 | `-c N` | pool size, hence session slots (see above). Slots are read once at start: prefer a fixed `-c` to `--autoscale` |
-| `-P threads` / `-P prefork` | threads by default (a session only waits on a subprocess); prefork is supported. The default comes from `CELERY_WORKER_POOL`, which Celery's CLI reads as the default of `-P` and which the app sets to `threads` when it is unset (not the `worker_pool` setting, which would silently replace an explicit `-P prefork`); `-P` wins over it, and the `worker ready` line names the pool that runs. An operator stops a running session with a revoke on threads, with `revoke --terminate` (Flower's Terminate) on prefork |
+| `-P threads` / `-P prefork` | threads by default (a session only waits on a subprocess); prefork is supported. The default comes from `CELERY_WORKER_POOL`, which Celery's CLI reads as the default of `-P` and which the app sets to `threads` when it is unset (not the `worker_pool` setting, which would silently replace an explicit `-P prefork`); `-P` wins over it, and the `worker ready` line names the pool that runs. An operator stops a running session with a revoke, with or without `--terminate` (Flower's Revoke or Terminate), on either pool |
 | `-n NAME@%h` | node name; unique per worker process on a host. Slots and the drain flag are kept per node name |
 | `-B` | embedded beat, for a one-host fleet; lock-protected (celery-redbeat), so `-B` on several hosts never doubles ticks |
 | `-l INFO` | lifecycle lines (see [troubleshooting](troubleshooting.md)) are logged at INFO and above |

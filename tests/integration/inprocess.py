@@ -4,16 +4,19 @@ emulator over HTTP; only Celery's `send_task` is a stand-in that records what wo
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dispatcher.lease.model import Lease, Phase
 from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
 
-__all__ = ["REDIS_BASE", "SentTasks", "close_runtime", "in_process_runtime", "poll_until"]
+__all__ = ["REDIS_BASE", "SentTasks", "close_runtime", "held_items", "in_process_runtime",
+           "poll_until", "stop_item"]
 
 REDIS_BASE = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
 
@@ -69,3 +72,30 @@ def close_runtime(rt: Runtime) -> None:
     for client in rt.__dict__.get("_clients", {}).values():
         client.close()
     rt.redis.close()
+
+
+def held_items(emulator: Any, runtime: Runtime, n: int, *, phase: str = Phase.RUNNING,
+               **fields: Any) -> list[str]:
+    """N items created on the server and recorded as held (newest last), as the poller and a
+    session worker would leave them."""
+    ids = []
+    for _ in range(n):
+        session_id, work_id = emulator.create_session(runtime.environment_id, metadata={})
+        item = emulator.get(runtime.environment_id, work_id)
+        now = time.time()
+        lease = Lease(work_id=work_id, session_id=session_id,
+                      environment_id=runtime.environment_id, mode="dispatcher",
+                      queue="dispatcher.sessions", phase=phase, task_id=f"t-{work_id}",
+                      worker="w@h", claimed_at=now, dispatched_at=now, pulse_at=now,
+                      created_at=item["created_at"])
+        for name, value in fields.items():
+            setattr(lease, name, value)
+        runtime.registry.create(lease, work_json="{}")
+        ids.append(work_id)
+    return ids
+
+
+def stop_item(emulator: Any, runtime: Runtime, work_id: str) -> None:
+    """The server asked to stop the item (an operator's graceful stop)."""
+    emulator.http.post(emulator.work_url(runtime.environment_id, f"/{work_id}/stop"),
+                       headers=emulator.org_headers, json={"force": False}).raise_for_status()

@@ -43,6 +43,7 @@ def two(emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     keys = [f"sk-ant-oat01-{uuid.uuid4().hex}" for _ in range(2)]
     a, b = (_environment(emulator, key) for key in keys)
     (tmp_path / "b.key").write_text(keys[1] + "\n")
+    (tmp_path / "b.key").chmod(0o600)
     path = tmp_path / "environments.toml"
     path.write_text(f'[[environment]]\nid = "{a}"\nkey = "{keys[0]}"\n\n'
                     f'[[environment]]\nid = "{b}"\nkey_file = "b.key"\nqueue = "{GPU}"\n')
