@@ -54,13 +54,22 @@ app = Celery("dispatcher", include=sorted({name.rsplit(".", 1)[0] for name in
 WAKE_TICK_SECONDS = 1.0
 
 
+# Control ticks nobody took within this are dropped, so a control queue left without workers
+# does not grow for ever. Celery stamps `expires` as an absolute time with beat's clock and each
+# worker compares it with its own: it must be far longer than any skew between hosts (a tick
+# that expired after 1 s was dropped by every control worker 1 s ahead of beat: no heartbeat,
+# no poll). A worker back from an outage runs the two minutes of ticks it finds; each is one
+# Redis read when nothing is due, and every tick does the same idempotent work.
+CONTROL_TICK_EXPIRES_SECONDS = 120.0
+
+
 def _schedule() -> dict[str, dict[str, object]]:
-    """The control ticks; `expires` drops ticks nobody took in time, so a control worker coming
-    back after an outage runs one tick, not a backlog."""
+    """The control ticks, each on the control queue."""
 
     def every(task: str, seconds: float) -> dict[str, object]:
-        return {"task": task, "schedule": seconds, "options": {"expires": max(seconds, 1.0),
-                                                               "queue": CONTROL_QUEUE}}
+        return {"task": task, "schedule": seconds,
+                "options": {"expires": max(seconds, CONTROL_TICK_EXPIRES_SECONDS),
+                            "queue": CONTROL_QUEUE}}
 
     if settings.webhooks:
         # Deliveries wake the poller; the idle fleet polls once a sweep, which claims what a
