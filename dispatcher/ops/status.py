@@ -135,13 +135,14 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _read(redis: Redis, prefix: str) -> FleetView:
+    from dispatcher.celery.keys import CeleryKeys
     from dispatcher.control.capacity import Capacity
-    from dispatcher.lease.keys import Keys
     from dispatcher.lease.registry import LeaseRegistry
 
     return FleetView(leases=LeaseRegistry(redis, prefix=prefix).all(),
                      workers=Capacity(redis, prefix=prefix).workers(),
-                     beat_lock_held=bool(redis.exists(Keys(prefix).beat_lock)), now=time.time())
+                     beat_lock_held=bool(redis.exists(CeleryKeys(prefix).beat_lock)),
+                     now=time.time())
 
 
 def _check(redis: Redis, prefix: str, *, as_json: bool) -> int:

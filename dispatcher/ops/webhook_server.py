@@ -31,7 +31,6 @@ from starlette.routing import Route
 
 from dispatcher.control.capacity import Capacity
 from dispatcher.control.webhooks import Decision, check, decide
-from dispatcher.lease.keys import Keys
 from dispatcher.logs import event, logger
 from dispatcher.settings import Settings, SettingsError
 
@@ -88,7 +87,8 @@ class Receiver:
             event("webhook wake-up failed", level=logging.WARNING, error=str(exc))
 
     def _seen_key(self, webhook_id: str) -> str:
-        return Keys(self.prefix).webhook_seen(webhook_id)
+        """String: a delivery's id, kept for the replay window so a replay is refused."""
+        return f"{self.prefix}:webhook-seen:{webhook_id}"
 
     def _record(self, webhook_id: str) -> bool:
         """True if this id is new; it is remembered for the replay window."""

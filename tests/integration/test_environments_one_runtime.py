@@ -16,6 +16,7 @@ from inprocess import REDIS_BASE, SentTasks, close_runtime
 
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.poller import drain, run_poller
 from dispatcher.metrics import FleetCollector
 from dispatcher.ops.stack import FAKE_SESSION
@@ -156,5 +157,5 @@ def test_a_wake_up_drains_each_environment_with_its_own_key(emulator: Any,
     assert drain(runtime, environment_id=a, reclaim_older_than_ms=2000, wake=True) == 0
     assert drain(runtime, environment_id=b, reclaim_older_than_ms=2000, wake=True) == 2
     assert set(runtime.registry.held_ids()) == work_b
-    keys = runtime.registry.keys
-    assert not any(runtime.redis.exists(keys.poll_state("poll-wanted", e)) for e in (a, b))
+    keys = PollKeys(runtime.settings.key_prefix)
+    assert not any(runtime.redis.exists(keys.wanted(e)) for e in (a, b))
