@@ -15,7 +15,7 @@ import pytest
 from inprocess import REDIS_BASE, SentTasks, close_runtime
 
 from dispatcher.control.bridge import scan_server_stops
-from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.heartbeat import heartbeat_due_leases
 from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.poller import drain, run_poller
 from dispatcher.metrics import FleetCollector
@@ -84,7 +84,7 @@ def test_each_environment_is_worked_with_its_own_key(emulator: Any, two: Runtime
     # Heartbeats: the emulator answers 403 to a key on another environment.
     for work_id in (work_a, work_b):
         runtime.registry.schedule_heartbeat(work_id, 0)
-    tally = beat_due_leases(runtime)
+    tally = heartbeat_due_leases(runtime)
     assert (tally.sent, tally.failed, tally.lost) == (2, 0, 0)
     collector = FleetCollector(runtime.metrics, runtime.registry, runtime.capacity, None,
                                environments=[a, b])
