@@ -18,6 +18,7 @@ from kombu.entity import Exchange, Queue
 from dispatcher.celery import broker, names
 from dispatcher.celery.keys import CeleryKeys
 from dispatcher.celery.names import CONTROL_QUEUE
+from dispatcher.runtime import use_app
 from dispatcher.settings import SettingsError, load_settings, split_redis_credentials
 
 __all__ = ["CONTROL_QUEUE", "app"]
@@ -47,6 +48,7 @@ os.environ.setdefault(POOL_ENVVAR, DEFAULT_POOL)  # see POOL_ENVVAR
 
 app = Celery("dispatcher", include=sorted({name.rsplit(".", 1)[0] for name in
                                            (*names.CONTROL_TASKS, names.SESSION_RUN)}))
+use_app(app)
 
 
 # With webhooks: how soon a drain the full fleet cut short carries on once a slot frees (a
