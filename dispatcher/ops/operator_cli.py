@@ -76,14 +76,14 @@ def register(subcommands: Any) -> None:
 
 def _stats_parser(subcommands: Any) -> None:
     command(subcommands, "stats", _stats, "the server's work queue stats",
-             "Queue depth, pending items, the oldest queued item and polling workers of "
-             "$ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
+            "Queue depth, pending items, the oldest queued item and polling workers of "
+            "$ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
 
 
 def _list_parser(subcommands: Any) -> None:
     parser = command(subcommands, "list", _list, "list work items",
-                      "Work items of $ANTHROPIC_ENVIRONMENT_ID, newest first. Takes "
-                      "ANTHROPIC_ENVIRONMENT_KEY (the server refuses an organisation key).")
+                     "Work items of $ANTHROPIC_ENVIRONMENT_ID, newest first. Takes "
+                     "ANTHROPIC_ENVIRONMENT_KEY (the server refuses an organisation key).")
     parser.add_argument("--limit", type=int, help="page size (the server's default if unset)")
     parser.add_argument("--page", help="the page token a previous list printed")
     parser.add_argument("--all", action="store_true", help="follow next_page to the end")
@@ -94,24 +94,24 @@ def _list_parser(subcommands: Any) -> None:
 
 def _show_parser(subcommands: Any) -> None:
     parser = command(subcommands, "show", _show, "show one work item",
-                      "One work item of $ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_API_KEY "
-                      "(the server refuses the environment key).")
+                     "One work item of $ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_API_KEY "
+                     "(the server refuses the environment key).")
     parser.add_argument("work_id", metavar="WORK_ID")
 
 
 def _stop_parser(subcommands: Any) -> None:
     parser = command(subcommands, "stop", _stop, "stop one work item",
-                      "Ask the server to stop a work item: graceful (the fleet sends SIGTERM, "
-                      "waits the grace period, then SIGKILL) or --force (SIGKILL now). Takes "
-                      "ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
+                     "Ask the server to stop a work item: graceful (the fleet sends SIGTERM, "
+                     "waits the grace period, then SIGKILL) or --force (SIGKILL now). Takes "
+                     "ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
     parser.add_argument("work_id", metavar="WORK_ID")
     parser.add_argument("--force", action="store_true", help="stop at once, no grace period")
 
 
 def _update_parser(subcommands: Any) -> None:
     parser = command(subcommands, "update", _update, "change a work item's metadata",
-                      "Upsert metadata: `key=value` sets a value, `key=` sets the empty string, "
-                      "`--delete key` removes the key. Takes ANTHROPIC_API_KEY.")
+                     "Upsert metadata: `key=value` sets a value, `key=` sets the empty string, "
+                     "`--delete key` removes the key. Takes ANTHROPIC_API_KEY.")
     parser.add_argument("work_id", metavar="WORK_ID")
     parser.add_argument("changes", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--delete", action="append", default=[], metavar="KEY",
@@ -120,11 +120,11 @@ def _update_parser(subcommands: Any) -> None:
 
 def _metrics_parser(subcommands: Any) -> None:
     parser = command(subcommands, "metrics", _metrics, "serve the fleet's Prometheus metrics",
-                      "Serve /metrics (the same exporter as a worker started with "
-                      "DISPATCHER_METRICS_PORT) until SIGTERM or Ctrl-C. Server gauges need "
-                      "ANTHROPIC_ENVIRONMENT_ID and a key, or DISPATCHER_ENVIRONMENTS_FILE (one "
-                      "set per environment); without them they are left out.",
-                      json_flag=False)
+                     "Serve /metrics (the same exporter as a worker started with "
+                     "DISPATCHER_METRICS_PORT) until SIGTERM or Ctrl-C. Server gauges need "
+                     "ANTHROPIC_ENVIRONMENT_ID and a key, or DISPATCHER_ENVIRONMENTS_FILE (one "
+                     "set per environment); without them they are left out.",
+                     json_flag=False)
     parser.add_argument("--port", type=int, default=None,
                         help=f"default: $DISPATCHER_METRICS_PORT or {DEFAULT_METRICS_PORT}; "
                              "0 picks a free port")
@@ -175,7 +175,7 @@ def _list(args: argparse.Namespace) -> int:
         print_json({"data": [_work_dict(w) for w in items], "next_page": next_page})
         return EXIT_OK
     print(table(["WORK ID", "STATE", "TYPE", "SESSION ID", "CREATED", "STOP REQUESTED"],
-                 [[w.id, w.state, w.data.type, w.data.id, w.created_at, w.stop_requested_at]
+                [[w.id, w.state, w.data.type, w.data.id, w.created_at, w.stop_requested_at]
                   for w in items]))
     if next_page:
         print(f"more: --page {next_page}")

@@ -50,7 +50,7 @@ class UsageError(Exception):
 
 
 def command(subcommands: Any, name: str, action: Action, help: str, description: str,
-             *, json_flag: bool = True) -> argparse.ArgumentParser:
+            *, json_flag: bool = True) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subcommands.add_parser(
         name, help=help, description=description, epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -53,13 +53,13 @@ REDRAW = "\033[H\033[J"
 
 def register(subcommands: Any) -> None:
     parser = command(subcommands, "status", _status, "the fleet as its lease registry sees it",
-                      "Leases held (phase, attempt, worker, heartbeat, time to lease expiry, "
-                      "stop flag) and workers (slots, used, free, draining), read from Redis "
-                      "($DISPATCHER_REDIS_URL, keys under $DISPATCHER_KEY_PREFIX). Needs no "
-                      "API key. --check exits 5 when the fleet cannot work: no live session "
-                      "slot, beat's lock not held, or a lease overdue for its heartbeat; 3 "
-                      "when Redis does not answer within "
-                      f"{CHECK_REDIS_TIMEOUT_SECONDS} s.")
+                     "Leases held (phase, attempt, worker, heartbeat, time to lease expiry, "
+                     "stop flag) and workers (slots, used, free, draining), read from Redis "
+                     "($DISPATCHER_REDIS_URL, keys under $DISPATCHER_KEY_PREFIX). Needs no "
+                     "API key. --check exits 5 when the fleet cannot work: no live session "
+                     "slot, beat's lock not held, or a lease overdue for its heartbeat; 3 "
+                     "when Redis does not answer within "
+                     f"{CHECK_REDIS_TIMEOUT_SECONDS} s.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
                       help="a health check: exit 0 if the fleet can work, else 5 (or 3)")
