@@ -52,7 +52,6 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from dispatcher.control.capacity import Capacity, desired_slots, free_slots
-from dispatcher.lease.keys import Keys
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.workapi import WorkAPIError, WorkClient, WorkQueueStats, epoch_seconds
 
@@ -176,7 +175,8 @@ def _parse_field(field: str) -> tuple[str, dict[str, str]]:
 class Metrics:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
         self.redis = redis
-        self.key = Keys(prefix).metrics
+        # Hash: the fleet's counters and histograms, one field per series, read by the exporter.
+        self.key = f"{prefix}:metrics"
 
     def inc(self, name: str, amount: float = 1, *, environment: str = "",
             **labels: object) -> None:

@@ -147,7 +147,8 @@ class Settings(BaseSettings):
         description=("Beat period of the poller's watchdog: each run hands over to the next "
                      "itself; this tick starts one when none runs (after a crash)."))
     heartbeat_tick_seconds: float = _env("DISPATCHER_HEARTBEAT_TICK_SECONDS", 1.0, gt=0,
-        description="Beat period of the heartbeat task (each lease is beaten when due).")
+        description=("How often Celery beat starts the heartbeat task (each lease gets its "
+                     "heartbeat when due)."))
     bridge_interval_seconds: float = _env("DISPATCHER_BRIDGE_INTERVAL_SECONDS", 1.0, gt=0,
         description="Beat period of the stop bridge that scans `list` for stop requests.")
     webhooks: bool = _env("DISPATCHER_WEBHOOKS", False, description=(

@@ -16,8 +16,9 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from dispatcher.celery import broker, names
+from dispatcher.celery.keys import CeleryKeys
 from dispatcher.celery.names import CONTROL_QUEUE
-from dispatcher.lease.keys import Keys
+from dispatcher.runtime import use_app
 from dispatcher.settings import SettingsError, load_settings, split_redis_credentials
 
 __all__ = ["CONTROL_QUEUE", "app"]
@@ -47,6 +48,7 @@ os.environ.setdefault(POOL_ENVVAR, DEFAULT_POOL)  # see POOL_ENVVAR
 
 app = Celery("dispatcher", include=sorted({name.rsplit(".", 1)[0] for name in
                                            (*names.CONTROL_TASKS, names.SESSION_RUN)}))
+use_app(app)
 
 
 # With webhooks: how soon a drain the full fleet cut short carries on once a slot frees (a
@@ -91,7 +93,7 @@ def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-_celery_keys = {"global_keyprefix": Keys(settings.key_prefix).celery}
+_celery_keys = {"global_keyprefix": CeleryKeys(settings.key_prefix).broker}
 _beat_url, _beat_options = split_redis_credentials(settings.redis_url)
 
 app.conf.update(
@@ -125,7 +127,7 @@ app.conf.update(
     # Set even when empty: unset, redbeat falls back to the broker's transport options.
     redbeat_redis_options=_beat_options,
     redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
-    redbeat_lock_key=Keys(settings.key_prefix).beat_lock,
+    redbeat_lock_key=CeleryKeys(settings.key_prefix).beat_lock,
     redbeat_lock_timeout=BEAT_LOCK_TIMEOUT_SECONDS,
     beat_max_loop_interval=BEAT_MAX_LOOP_SECONDS,
     beat_schedule=_schedule(),

@@ -147,7 +147,8 @@ def _page_size(runtime: Runtime, environment: str) -> int:
 
 
 def _state(runtime: Runtime, name: str, environment: str) -> str:
-    return runtime.registry.keys.poll_state(name, environment)
+    """The bridge's own state of one environment's scan, under `lock:` beside the poller's."""
+    return f"{runtime.settings.key_prefix}:lock:{name}:{environment}"
 
 
 def _paused(runtime: Runtime, environment: str) -> bool:

@@ -21,7 +21,6 @@ from collections.abc import Iterable
 
 from redis import Redis
 
-from dispatcher.lease.keys import Keys
 from dispatcher.logs import event
 from dispatcher.metrics import Metrics
 
@@ -55,7 +54,7 @@ class Pacing:
 
     def __init__(self, redis: Redis, *, prefix: str, metrics: Metrics | None = None) -> None:
         self.redis = redis
-        self.keys = Keys(prefix)
+        self.prefix = prefix
         self.metrics = metrics
         self._extend = redis.register_script(_EXTEND)
 
@@ -94,7 +93,8 @@ class Pacing:
                 for environment, ms in zip(names, pipe.execute(), strict=True)}
 
     def _key(self, environment: str) -> str:
-        return self.keys.poll_state(_NAME, environment)
+        """Per environment, under `lock:` beside the poller's state."""
+        return f"{self.prefix}:lock:{_NAME}:{environment}"
 
 
 # KEYS[1] the environment's throttle (string: the source that set it; PX: the time left).

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.routing import choose_queue
 from dispatcher.lease import events as ev
 from dispatcher.lease.model import Beater, Lease, Phase
@@ -92,7 +93,7 @@ def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
     leaves the flag standing, and the next tick with a free slot drains on.
     """
     environment = runtime.environment(environment_id).id
-    wanted = runtime.registry.keys.poll_state("poll-wanted", environment)
+    wanted = PollKeys(runtime.settings.key_prefix).wanted(environment)
     if wake:
         runtime.redis.set(wanted, 1, ex=WAKE_FLAG_SECONDS)
     claimed = 0
@@ -129,7 +130,7 @@ def _allowance(runtime: Runtime, environment: str) -> int:
 def _take_lock(runtime: Runtime, environment: str, handover: str | None) -> Lock | None:
     """The environment's poll lock: taken over from a predecessor that handed us its token, or
     taken fresh if nobody holds it. None: another poller holds it."""
-    lock = Lock(runtime.redis, runtime.registry.keys.poll_lock(environment),
+    lock = Lock(runtime.redis, PollKeys(runtime.settings.key_prefix).lock(environment),
                 timeout=POLL_LOCK_SECONDS, thread_local=False)
     if handover is not None:
         lock.local.token = handover.encode()
@@ -157,7 +158,7 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
     claimed = 0
     # The failure count outlives one poller run (each lasts seconds), so a long outage backs
     # off to the cap instead of starting over at half a second every run.
-    failures_key = runtime.registry.keys.poll_state("poll-failures", environment)
+    failures_key = PollKeys(runtime.settings.key_prefix).failures(environment)
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(environment_id=environment, max_retries=0)
     while time.monotonic() < deadline and not stopping():
@@ -221,7 +222,7 @@ def _note_idle(runtime: Runtime, environment: str, *, idle: bool) -> None:
     an item takes it back. Only a fleet of several environments reads it."""
     if len(runtime.environments) < 2:
         return
-    key = runtime.registry.keys.poll_state("poll-idle", environment)
+    key = PollKeys(runtime.settings.key_prefix).idle(environment)
     if idle:
         runtime.redis.set(key, 1, ex=POLL_IDLE_SECONDS)
     else:
@@ -231,18 +232,18 @@ def _note_idle(runtime: Runtime, environment: str, *, idle: bool) -> None:
 def _pause(runtime: Runtime, environment: str, *, failures: int, seconds: float) -> None:
     """Record the failure streak and the pause before the next poll, for this run and the
     next. The pause is the key's life, counted by Redis: no host's clock is read."""
-    keys = runtime.registry.keys
+    keys = PollKeys(runtime.settings.key_prefix)
     pipe = runtime.redis.pipeline(transaction=False)
-    pipe.set(keys.poll_state("poll-failures", environment), failures,
+    pipe.set(keys.failures(environment), failures,
              ex=POLL_FAILURES_TTL_SECONDS)
-    pipe.set(keys.poll_state("poll-paused-until", environment), 1,
+    pipe.set(keys.paused_until(environment), 1,
              px=max(1, int(seconds * 1000)))
     pipe.execute()
 
 
 def _paused_for(runtime: Runtime, environment: str) -> float:
     """Seconds before this environment may be polled: its backoff, or the server's pacing."""
-    paused = runtime.registry.keys.poll_state("poll-paused-until", environment)
+    paused = PollKeys(runtime.settings.key_prefix).paused_until(environment)
     backoff_ms = max(0, int(runtime.redis.pttl(paused)))
     return max(backoff_ms / 1000, runtime.pacing.remaining(environment))
 

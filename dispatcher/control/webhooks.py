@@ -25,16 +25,12 @@ from dataclasses import dataclass
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
-__all__ = ["REFUSAL_LOG_SECONDS", "RUN_STARTED", "WAKE_PENDING", "Checked", "Decision",
+__all__ = ["REFUSAL_LOG_SECONDS", "RUN_STARTED", "Checked", "Decision",
            "RefusalSampler", "check", "decide"]
 
 # The one event that asks for a runner (SDK 2.10.0 `BetaWebhookSessionStatusRunStartedEventData`).
 RUN_STARTED = "session.status_run_started"
 _REQUIRED_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
-# The flag (`Keys.task_lock(WAKE_PENDING)`) that stands while a wake-up waits in the control
-# queue: a delivery publishes one only when it sets the flag, and the wake-up clears it as it
-# starts. However many deliveries arrive, at most one wake-up of the fleet is pending.
-WAKE_PENDING = "wake-pending"
 # Refused deliveries are logged one line per this many seconds per kind, counting the ones left
 # out: a flood of forged requests (a thousand a second fit) must not become a flood of lines.
 REFUSAL_LOG_SECONDS = 10.0

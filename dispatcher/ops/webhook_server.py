@@ -7,9 +7,9 @@ publishes on the control queue. The answer goes back as soon as the task is publ
 after the claim, so a slow Work API cannot make the sender time out and deliver again.
 
 Wake-ups are coalesced: a delivery publishes one only if none is pending (a Redis flag that
-the wake-up clears as it starts, `WAKE_PENDING`), so a burst of ten thousand deliveries puts one
-task on the control queue, not ten thousand ahead of the heartbeat ticks. Refusals are logged
-one line per kind per REFUSAL_LOG_SECONDS, with the count left out.
+the wake-up clears as it starts, `PollKeys.wake_pending`), so a burst of ten thousand
+deliveries puts one task on the control queue, not ten thousand ahead of the heartbeat ticks.
+Refusals are logged one line per kind per REFUSAL_LOG_SECONDS, with the count left out.
 
 The process holds the signing key and the broker's URL, never the environment key: it cannot
 call the Work API, only ask the fleet to.
@@ -37,14 +37,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dispatcher.control.capacity import Capacity
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.webhooks import (
-    WAKE_PENDING,
     Decision,
     RefusalSampler,
     check,
     decide,
 )
-from dispatcher.lease.keys import Keys
 from dispatcher.logs import event, logger
 from dispatcher.settings import Settings, SettingsError
 
@@ -72,7 +71,7 @@ class Receiver:
         self.capacity = Capacity(redis, prefix=prefix)
         self.publish = publish
         self.stopping = False  # set at SIGTERM: answer 503 so the sender delivers again later
-        self._pending_key = Keys(prefix).task_lock(WAKE_PENDING)
+        self._pending_key = PollKeys(prefix).wake_pending
         self._refusals = RefusalSampler()
         self._refusals_lock = threading.Lock()  # answers run on the thread pool
 
@@ -104,7 +103,8 @@ class Receiver:
             event("webhook wake-up failed", level=logging.WARNING, error=str(exc))
 
     def _seen_key(self, webhook_id: str) -> str:
-        return Keys(self.prefix).webhook_seen(webhook_id)
+        """String: a delivery's id, kept for the replay window so a replay is refused."""
+        return f"{self.prefix}:webhook-seen:{webhook_id}"
 
     def _record(self, webhook_id: str) -> bool:
         """True if this id is new; it is remembered for the replay window."""

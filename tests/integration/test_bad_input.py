@@ -19,7 +19,7 @@ import pytest
 import redis
 from inprocess import REDIS_BASE, poll_until
 
-from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.heartbeat import heartbeat_due_leases
 from dispatcher.control.poller import claim, run_poller
 from dispatcher.lease.model import Phase
 from dispatcher.ops.stack import FAKE_SESSION, free_port
@@ -65,7 +65,7 @@ def test_a_truncated_heartbeat_reply_is_transient(emulator: Any, runtime: Runtim
     assert claim(runtime, poll_until(runtime, work_id))
     runtime.registry.schedule_heartbeat(work_id, 0)
     emulator.set_faults(malformed_rate=1.0, endpoints=["heartbeat"])
-    tally = beat_due_leases(runtime)
+    tally = heartbeat_due_leases(runtime)
     emulator.reset_faults()
     assert tally.failed == 1 and tally.lost == 0
     lease = runtime.registry.get(work_id)

@@ -15,7 +15,8 @@ import pytest
 from inprocess import REDIS_BASE, SentTasks, close_runtime
 
 from dispatcher.control.bridge import scan_server_stops
-from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.heartbeat import heartbeat_due_leases
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.poller import drain, run_poller
 from dispatcher.metrics import FleetCollector
 from dispatcher.ops.stack import FAKE_SESSION
@@ -84,7 +85,7 @@ def test_each_environment_is_worked_with_its_own_key(emulator: Any, two: Runtime
     # Heartbeats: the emulator answers 403 to a key on another environment.
     for work_id in (work_a, work_b):
         runtime.registry.schedule_heartbeat(work_id, 0)
-    tally = beat_due_leases(runtime)
+    tally = heartbeat_due_leases(runtime)
     assert (tally.sent, tally.failed, tally.lost) == (2, 0, 0)
     collector = FleetCollector(runtime.metrics, runtime.registry, runtime.capacity, None,
                                environments=[a, b])
@@ -157,5 +158,5 @@ def test_a_wake_up_drains_each_environment_with_its_own_key(emulator: Any,
     assert drain(runtime, environment_id=a, reclaim_older_than_ms=2000, wake=True) == 0
     assert drain(runtime, environment_id=b, reclaim_older_than_ms=2000, wake=True) == 2
     assert set(runtime.registry.held_ids()) == work_b
-    keys = runtime.registry.keys
-    assert not any(runtime.redis.exists(keys.poll_state("poll-wanted", e)) for e in (a, b))
+    keys = PollKeys(runtime.settings.key_prefix)
+    assert not any(runtime.redis.exists(keys.wanted(e)) for e in (a, b))

@@ -17,7 +17,7 @@ import pytest
 import redis
 from inprocess import in_process_runtime, poll_until
 
-from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.heartbeat import heartbeat_due_leases
 from dispatcher.control.poller import claim
 from dispatcher.lease.model import Ending, Phase
 from dispatcher.runtime import Runtime
@@ -163,7 +163,7 @@ def test_a_finished_session_whose_release_fails_across_a_redis_restart_is_not_ru
     deadline = time.monotonic() + 30
     while runtime.registry.get(work_id) is not None and time.monotonic() < deadline:
         runtime.registry.schedule_heartbeat(work_id, time.time() - 1)
-        beat_due_leases(runtime)
+        heartbeat_due_leases(runtime)
         time.sleep(0.2)
     supervisor.join(timeout=30)
     assert outcome == [Outcome.COMPLETED]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from dispatcher.celery.keys import CeleryKeys
 from dispatcher.control.capacity import Capacity
-from dispatcher.lease.keys import Keys
 from dispatcher.lease.registry import Lease, LeaseRegistry, Phase
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ class Fleet:
                                 queues=["dispatcher.sessions"])
         self.capacity.advertise(hostname="control@h", slots=0, pool="threads",
                                 queues=["dispatcher.control"])
-        self.redis.set(Keys(self.prefix).beat_lock, "token", px=10_000)
+        self.redis.set(CeleryKeys(self.prefix).beat_lock, "token", px=10_000)
         self.add_lease("work_ok", beaten_ago=3)
 
     def add_lease(self, work_id: str, *, beaten_ago: float, ttl: int = 30) -> None:
@@ -98,7 +98,7 @@ def test_no_live_session_slots(fleet: Fleet) -> None:
 
 def test_beat_lock_not_held(fleet: Fleet) -> None:
     fleet.healthy()
-    fleet.redis.delete(Keys(fleet.prefix).beat_lock)
+    fleet.redis.delete(CeleryKeys(fleet.prefix).beat_lock)
     code, output, took = fleet.check()
     assert code == 5 and "beat's lock is not held" in output, output
     assert took < BOUND_SECONDS

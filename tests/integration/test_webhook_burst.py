@@ -22,10 +22,10 @@ import pytest
 import redis
 from standardwebhooks import Webhook
 
+from dispatcher.celery.keys import CeleryKeys
 from dispatcher.control.capacity import Capacity
-from dispatcher.control.webhooks import WAKE_PENDING
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.emulator.webhooks import run_started_event
-from dispatcher.lease.keys import Keys
 from dispatcher.ops.stack import free_port
 
 pytestmark = pytest.mark.integration
@@ -101,7 +101,7 @@ def _signed(session_id: str) -> tuple[bytes, dict[str, str]]:
 
 def _pending_wakeups(client: redis.Redis, prefix: str) -> int:
     """Wake-up messages waiting in the control queue (every priority list kombu keeps)."""
-    queues = client.keys(f"{Keys(prefix).celery}dispatcher.control*")
+    queues = client.keys(f"{CeleryKeys(prefix).broker}dispatcher.control*")
     return sum(int(client.llen(q)) for q in queues)
 
 
@@ -128,8 +128,8 @@ def test_a_burst_of_deliveries_leaves_at_most_one_wake_up_pending(receiver: Rece
     assert _pending_wakeups(client, receiver.prefix) == 1, "ten thousand deliveries, one wake-up"
 
     # The wake-up runs (its first step clears the flag): the next delivery publishes the next.
-    client.delete(Keys(receiver.prefix).task_lock(WAKE_PENDING))
-    for queue in client.keys(f"{Keys(receiver.prefix).celery}dispatcher.control*"):
+    client.delete(PollKeys(receiver.prefix).wake_pending)
+    for queue in client.keys(f"{CeleryKeys(receiver.prefix).broker}dispatcher.control*"):
         client.delete(queue)
     assert _burst(receiver.url, [_signed("session_after") for _ in range(20)]) == [202] * 20
     assert _pending_wakeups(client, receiver.prefix) == 1
