@@ -41,20 +41,26 @@ STREAM_BLOCK_MS = 1000
 # SDK 2.17's fake Sessions API).
 STREAM_INACTIVITY_S = 600.0
 
-# The agent a session has unless its creation names one: no skills, no subagents, the toolset.
+# The agent a session shows (`BetaManagedAgentsSessionAgent`), whatever its creation named: no
+# skills and no subagents (nothing for the runner to download), the agent toolset 20260401 with
+# every call allowed (so the runner runs each without asking for a confirmation).
 DEFAULT_AGENT: dict[str, Any] = {
     "type": "agent", "id": "agent_emulator_scripted", "name": "scripted", "version": 1,
-    "model": {"id": "emulator-scripted"}, "system": None, "description": None,
-    "execution_identity": {"type": "none"}, "mcp_servers": [], "skills": [],
-    "tools": [{"type": "agent_toolset_20260401"}], "multiagent": None}
+    "model": {"id": "emulator-scripted-agent"}, "system": None, "description": None,
+    "execution_identity": {"type": "service_account"}, "mcp_servers": [], "skills": [],
+    "tools": [{"type": "agent_toolset_20260401", "configs": [], "default_config": {
+        "enabled": True, "permission_policy": {"type": "always_allow"}}}],
+    "multiagent": None}
 
 
 def resolved_agent(named: Any) -> dict[str, Any]:
-    """The agent as a retrieved session shows it: an object, whatever the creation named (an
-    agent id, an object, or nothing)."""
+    """The agent as a retrieved session shows it: the scripted agent, under the id the creation
+    named (an agent id, or an object with one)."""
     if isinstance(named, str):
         return {**DEFAULT_AGENT, "id": named}
-    return {**DEFAULT_AGENT, **named} if isinstance(named, dict) else dict(DEFAULT_AGENT)
+    if isinstance(named, dict) and isinstance(named.get("id"), str):
+        return {**DEFAULT_AGENT, "id": named["id"]}
+    return dict(DEFAULT_AGENT)
 
 
 def _event_ids() -> Iterator[str]:
