@@ -117,12 +117,15 @@ def add_session_routes(app: FastAPI) -> None:
                        "attached (resources: []), so a runner needs no memory endpoint")
 
 
-async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def _sse(events: AsyncIterator[dict[str, Any] | None]) -> AsyncIterator[bytes]:
     """Server-sent events as the SDK reads them: each named by its type (unnamed ones are
-    skipped), the event's JSON as data."""
+    skipped), the event's JSON as data; a comment line (ignored by readers) to keep it alive."""
     yield b": connected\n\n"
     async for event in events:
-        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+        if event is None:
+            yield b": keep-alive\n\n"
+        else:
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
 def _result_entry(session: dict[str, Any], row: dict[str, Any],

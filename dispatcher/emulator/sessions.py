@@ -40,6 +40,9 @@ STREAM_BLOCK_MS = 1000
 # A stream with no event for this long ends; the runner reconnects (the inactivity limit of
 # SDK 2.17's fake Sessions API).
 STREAM_INACTIVITY_S = 600.0
+# A comment line on a quiet stream this often: the server only learns that a client went away
+# when a write to it fails, so without one a closed stream would hold its task for 600 s.
+STREAM_KEEPALIVE_S = 15.0
 
 # The agent a session shows (`BetaManagedAgentsSessionAgent`), whatever its creation named: no
 # skills and no subagents (nothing for the runner to download), the agent toolset 20260401 with
@@ -156,24 +159,29 @@ class SessionStore:
         await self._change(session_id, end)
         return await self.get(session_id)
 
-    async def stream(self, session_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, session_id: str) -> AsyncIterator[dict[str, Any] | None]:
         """The events written from now on, until the session terminates or nothing happens for
-        `STREAM_INACTIVITY_S`. Ends at once for a terminated session."""
+        `STREAM_INACTIVITY_S`; `None` after each `STREAM_KEEPALIVE_S` of quiet (a write that
+        finds a client gone ends the stream). Ends at once for a terminated session."""
         record = await self._record(session_id)
         if record["agent_state"]["status"] == agent.Status.TERMINATED:
             return
         key = self.keys.events(session_id)
         newest: Any = await self.redis.xrevrange(key, count=1)
         last: str = newest[0][0] if newest else "0-0"
-        quiet_since = time.monotonic()
+        quiet_since = said_since = time.monotonic()
         while time.monotonic() - quiet_since < STREAM_INACTIVITY_S:
             reply: Any = await self.redis.xread({key: last}, count=100, block=STREAM_BLOCK_MS)
             for entry_id, fields in (reply[0][1] if reply else []):
                 last, quiet_since = entry_id, time.monotonic()
+                said_since = quiet_since
                 event = json.loads(fields["event"])
                 yield event
                 if event["type"] == "session.status_terminated":
                     return
+            if time.monotonic() - said_since >= STREAM_KEEPALIVE_S:
+                said_since = time.monotonic()
+                yield None
 
     async def _take(self, session_id: str,
                     sent: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
