@@ -199,8 +199,9 @@ def _claim_unacked(record: WorkRecord, expected: str | None,
     """A first heartbeat on a delivered, unacked item claims it as an ack would (the SDK's fake
     Work API); anything else on a queued item is refused."""
     first = expected in (None, NO_HEARTBEAT) and record.latest_heartbeat_at is None
-    delivered = record.deliveries > 0 and not _left_the_queue(record, config)
-    if not (config.claim_unacked and delivered and first):
+    # An item that left the queue after its deliveries may still be claimed (the fake's model):
+    # a holder whose acks all went unanswered takes it this way.
+    if not (config.claim_unacked and record.deliveries > 0 and first):
         _refuse_queued(record, expected, config)
     record.state = WorkState.STARTING
     record.acknowledged_at = clock.rfc3339()
@@ -209,7 +210,7 @@ def _claim_unacked(record: WorkRecord, expected: str | None,
 
 
 def _left_the_queue(record: WorkRecord, config: EmulatorConfig) -> bool:
-    """Delivered `max_deliveries` times and its entry dropped: never delivered or taken again
+    """Delivered `max_deliveries` times and its entry dropped: never delivered or acked again
     (while it still has an entry, its last delivery may still be acked)."""
     limit = config.max_deliveries
     return bool(limit) and record.deliveries >= limit and record.entry_id is None

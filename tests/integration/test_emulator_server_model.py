@@ -203,6 +203,8 @@ def test_an_unacked_item_is_delivered_at_most_three_times(emulator: EmulatorProc
     assert (stats["depth"], stats["pending"]) == (0, 0)
     ack = emulator.http.post(_url(emulator, env, work_id, "/ack"), headers=emulator.env_headers)
     assert ack.status_code == 409
+    claim = _beat(emulator, env, work_id)
+    assert claim.status_code == 200 and claim.json()["state"] == "active", "a claim still takes it"
 
     old = emulator_factory("--max-deliveries", "0")
     env = old.create_environment()
