@@ -6,8 +6,10 @@ environment. docs/emulator.md explains each default.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 __all__ = [
     "DEFAULT_KEY_PREFIX",
@@ -22,12 +24,14 @@ __all__ = [
     "MAX_METADATA_VALUE_CHARS",
     "MAX_TTL_SECONDS",
     "MIN_TTL_SECONDS",
+    "MODELS",
     "REQUEST_LOG_CAP",
     "SESSIONS_TOKEN_LIFE_SECONDS",
     "UNCLAIMED_LIMIT_SECONDS",
     "WORKERS_POLLING_WINDOW_S",
     "EmulatorConfig",
     "LeaseExpiry",
+    "ServerModel",
     "SessionsToken",
     "StopResponse",
     "StoppingHeartbeat",
@@ -95,6 +99,27 @@ class SessionsToken(StrEnum):
     PER_DELIVERY = "per-delivery"
     # One token per item, minted with it, delivered again unchanged.
     PER_ITEM = "per-item"
+
+
+class ServerModel(StrEnum):
+    """Every switch of the server model at once (`--server-model`); a flag of its own wins."""
+
+    # SDK 2.17's model of the service (its fake Work API): the defaults of `EmulatorConfig`.
+    SDK_217 = "sdk-2.17"
+    # The emulator's model before SDK 2.17's evidence.
+    EARLIER = "earlier"
+
+
+# The `EmulatorConfig` fields each model sets.
+MODELS: Mapping[ServerModel, Mapping[str, Any]] = {
+    ServerModel.SDK_217: {},
+    ServerModel.EARLIER: {
+        "stopping_heartbeat": StoppingHeartbeat.EXTEND, "should_retry_header": False,
+        "default_ttl_seconds": 120, "unclaimed_limit_seconds": 0,
+        "lease_expiry": LeaseExpiry.REQUEUE, "max_deliveries": 0,
+        "sessions_token": SessionsToken.PER_ITEM, "sessions_token_life_seconds": 0,
+        "claim_unacked": False, "stop_stopped_noop": False},
+}
 
 
 class StopResponse(StrEnum):

@@ -278,3 +278,26 @@ def test_a_stop_of_a_stopped_item_is_a_no_op(emulator: EmulatorProcess,
     _stop(old, env, work_id, force=True)
     again = _stop(old, env, work_id, force=True)
     assert again.status_code == 409 and again.headers["x-should-retry"] == "false"
+
+
+# All at once ------------------------------------------------------------------------------------
+def test_the_earlier_server_model_sets_every_switch_and_a_flag_of_its_own_wins(
+        emulator_factory: Factory) -> None:
+    old = emulator_factory("--server-model", "earlier", "--lease-expiry", "stop", "--min-ttl", "1")
+    env = old.create_environment()
+    _, work_id = old.create_session(env)
+    first, second = _deliveries(old, env, 2)
+    assert first["secret"] == second["secret"], "one token per item"
+    assert _beat(old, env, work_id).status_code == 409, "no claim of an unacked item"
+    old.http.post(_url(old, env, work_id, "/ack"), headers=old.env_headers).raise_for_status()
+    beat = _beat(old, env, work_id).json()
+    assert beat["ttl_seconds"] == 120
+    _stop(old, env, work_id, force=False)
+    assert _beat(old, env, work_id, beat["last_heartbeat"]).json()["lease_extended"] is True
+    _stop(old, env, work_id, force=True)
+    again = _stop(old, env, work_id, force=True)
+    assert again.status_code == 409 and "x-should-retry" not in again.headers
+    lapsing = _acked(old, env)
+    _beat(old, env, lapsing, desired_ttl_seconds=1)
+    time.sleep(1.3)
+    assert old.get(env, lapsing)["state"] == "stopped", "its own --lease-expiry won"
