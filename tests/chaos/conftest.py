@@ -58,11 +58,14 @@ def record_figures(path: Path, figures: Figures) -> None:
 
 MakeChaos = Callable[..., ChaosFleet]
 # The scenarios promise that every session runs to completion, and some of their faults end a
-# lease without ending its session (a 412 the fault injects, a task message lost with Redis):
-# that promise needs a lapsed lease to come back to the queue. The emulator's default follows
-# SDK 2.17's model, where it ends `stopped`, so the scenarios start it with the earlier model
-# (a scenario's own flags come later and win: the lost-replies one runs under both).
-LAPSE_COMES_BACK = ("--lease-expiry", "requeue", "--unclaimed-limit", "0")
+# lease without ending its session (a 412 the fault injects, a task message lost with Redis) or
+# leave an item unacked through several deliveries (503s on ack): that promise needs a lapsed
+# lease to come back to the queue, and an item to be delivered until acked. Under the
+# emulator's default, SDK 2.17's model, a lapse ends the item and a third unacked delivery is
+# its last, so the scenarios start it with the earlier model's expiry and deliveries (a
+# scenario's own flags come later and win: the lost-replies one runs both lapse modes).
+LAPSE_COMES_BACK = ("--lease-expiry", "requeue", "--unclaimed-limit", "0",
+                    "--max-deliveries", "0")
 
 
 @pytest.fixture
