@@ -4,6 +4,7 @@ agent's tool calls in a temporary directory against the emulator over real HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,3 +95,40 @@ def test_handle_item_runs_every_scripted_tool_call_in_the_sandbox(
     beats = [e for e in emulator.requests_log()
              if e["endpoint"] == "heartbeat" and e["work_id"] == work_id]
     assert beats and beats[0]["expected_last_heartbeat"] == "NO_HEARTBEAT"
+
+
+async def _run_worker_until(emu: EmulatorProcess, env: str, workdir: Path,
+                            work_ids: list[str]) -> None:
+    """SDK 2.17's whole worker (`EnvironmentWorker.run`: its poller, then `handle_item`'s flow
+    per item) until every item is stopped."""
+    client = anthropic.AsyncAnthropic(api_key="unused", base_url=emu.base_url, max_retries=0)
+    worker = EnvironmentWorker(client, environment_id=env, environment_key=emu.environment_key,
+                               workdir=str(workdir), max_idle=MAX_IDLE_S)
+    running = asyncio.create_task(worker.run())
+    try:
+        while not all(await asyncio.gather(*(asyncio.to_thread(
+                lambda w=w: emu.get(env, w)["state"] == "stopped") for w in work_ids))):
+            assert not running.done(), running
+            await asyncio.sleep(0.2)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await client.close()
+
+
+def test_the_sdks_own_worker_polls_and_runs_scripted_sessions(
+        emulator: EmulatorProcess, tmp_path: Path) -> None:
+    env = emulator.create_environment()
+    scripts = [[{"name": "write", "input": {"file_path": f"s{n}.txt", "content": f"{n}\n"}},
+                {"name": "bash", "input": {"command": f"cat s{n}.txt"}}] for n in range(2)]
+    sessions = [_scripted_session(emulator, env, script) for script in scripts]
+    asyncio.run(asyncio.wait_for(
+        _run_worker_until(emulator, env, tmp_path, [w for _, w in sessions]), 60))
+    for n, (session_id, work_id) in enumerate(sessions):
+        results = _results(emulator, session_id)
+        assert [r["tool"] for r in results] == ["write", "bash"], "each call once"
+        assert results[1]["content"] == [f"{n}"] and not results[1]["is_error"]
+        stops = [e for e in emulator.requests_log()
+                 if e["endpoint"] == "stop" and e["work_id"] == work_id]
+        assert [(s["force"], s["credential"]) for s in stops] == [(True, "sessions_token")]
