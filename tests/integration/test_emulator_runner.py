@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,3 +135,37 @@ def test_the_sdks_own_worker_polls_and_runs_scripted_sessions(
         stops = [e for e in emulator.requests_log()
                  if e["endpoint"] == "stop" and e["work_id"] == work_id]
         assert [(s["force"], s["credential"]) for s in stops] == [(True, "sessions_token")]
+
+
+# `handle_item` with no arguments, as an on-work program runs it: everything from the variables
+# the poller sets, the secret from ANTHROPIC_WORK_SECRET, the working directory as the sandbox.
+ON_WORK_PROGRAM = """
+import asyncio
+import anthropic
+from anthropic.lib.environments import EnvironmentWorker
+
+asyncio.run(EnvironmentWorker(anthropic.AsyncAnthropic(max_retries=0), max_idle=0.5)
+            .handle_item())
+"""
+
+
+def test_handle_item_as_an_on_work_program_reads_the_work_secret_variable(
+        emulator: EmulatorProcess, tmp_path: Path) -> None:
+    env = emulator.create_environment()
+    script = [SCRIPT[0], SCRIPT[1], SCRIPT[-1]]
+    session_id, work_id = _scripted_session(emulator, env, script)
+    secret = _delivered(emulator, env, work_id)
+    variables = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": emulator.base_url,
+                 "ANTHROPIC_API_KEY": "unused", "ANTHROPIC_WORK_ID": work_id,
+                 "ANTHROPIC_ENVIRONMENT_ID": env, "ANTHROPIC_SESSION_ID": session_id,
+                 "ANTHROPIC_WORK_SECRET": secret}
+    done = subprocess.run([sys.executable, "-c", ON_WORK_PROGRAM], cwd=tmp_path, env=variables,
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    results = _results(emulator, session_id)
+    assert [(r["tool"], r["is_error"]) for r in results] == [
+        ("bash", False), ("read", False), ("bash", True)]
+    assert (tmp_path / "notes.txt").read_text() == "hello from bash\n"
+    calls = [e for e in emulator.requests_log() if e["work_id"] == work_id
+             and e["endpoint"] in ("heartbeat", "stop")]
+    assert {e["credential"] for e in calls} == {"sessions_token"}, "no environment key at all"
