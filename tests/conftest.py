@@ -9,6 +9,9 @@
 
 Each server gets a unique `--key-prefix`, so its keys never meet anyone else's; they are
 deleted when it stops. Redis: $DISPATCHER_TEST_REDIS (default redis://127.0.0.1:6379), db 11.
+$DISPATCHER_TEST_EMULATOR_MODEL (`sdk-2.17`, the default, or `earlier`) starts every server with
+that `--server-model`, to run a set of tests under the other setting of every switch; a test's
+own flags still win.
 
     rabbitmq_vhost      make RabbitMQ vhosts of the test's own, deleted after (RabbitMQ at
                         $DISPATCHER_TEST_RABBITMQ, default 127.0.0.1:5672, guest/guest).
@@ -34,7 +37,7 @@ EMULATOR_REDIS_DB = 11  # acceptance fleets flush db 9; the emulator keeps out o
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 # What the service requires on every API request (the emulator answers 400 without them); the
-# version the official SDK 2.10.0 sends.
+# version the official SDK (2.10.0 to 2.17.0) sends.
 API_HEADERS = {"anthropic-version": "2026-10-21", "anthropic-beta": "managed-agents-2026-04-01"}
 
 
@@ -58,9 +61,11 @@ class EmulatorProcess:
         self.log_path = log_dir / f"emulator-{self.port}.log"
         own = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_EMULATOR_")}
         env = {**own, **(env or {})}
+        model = os.environ.get("DISPATCHER_TEST_EMULATOR_MODEL", "sdk-2.17")
         command = [sys.executable, "-m", "dispatcher.ops.cli", "emulator", "--port", str(self.port),
                    "--redis-url", self.redis_url, "--key-prefix", self.prefix,
-                   "--environment-key", self.environment_key, "--api-key", self.api_key, *args]
+                   "--environment-key", self.environment_key, "--api-key", self.api_key,
+                   "--server-model", model, *args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.http = httpx.Client(base_url=self.base_url, timeout=10.0, headers=API_HEADERS)

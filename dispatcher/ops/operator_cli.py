@@ -216,11 +216,12 @@ def _print_work(work: Work, *, as_json: bool) -> None:
 def _stop(args: argparse.Namespace) -> int:
     from dispatcher.workapi import ConflictError
 
-    already = False
     work: Work | None = None
     with _client(read_settings()) as client:
+        already = _stopped_already(client, args.work_id)
         try:
-            work = client.stop(args.work_id, force=args.force)
+            if not already:
+                work = client.stop(args.work_id, force=args.force)
         except ConflictError:
             already = True  # 409: the item is stopped already, which is what was asked
     if args.json:
@@ -231,6 +232,17 @@ def _stop(args: argparse.Namespace) -> int:
     else:
         print(f"stop requested: {args.work_id} ({'force' if args.force else 'graceful'})")
     return EXIT_OK
+
+
+def _stopped_already(client: WorkClient, work_id: str) -> bool:
+    """Whether the item is stopped, read first when the organisation key allows it: a server may
+    answer a stop of a stopped item as any other (SDK 2.17's model), or with a 409."""
+    from dispatcher.workapi import MissingCredentialError
+
+    try:
+        return client.get(work_id).state == "stopped"
+    except MissingCredentialError:
+        return False  # only the environment key: the stop's 409, if any, tells
 
 
 def _update(args: argparse.Namespace) -> int:
