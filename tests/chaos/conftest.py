@@ -1,32 +1,27 @@
 """Fixtures of the chaos scenarios.
 
-The fleet is the acceptance one (tests/acceptance/fleet.py, imported by path, nothing copied)
-but on a PRIVATE redis-server started for the chaos session: the acceptance fixture flushes db 9
-of the shared Redis before each of its tests, which must not land in the middle of a chaos run
-on another engineer's machine time. Each scenario gets its own emulator (`--min-ttl 1`, so
-short TTLs are honoured) and its own key prefix.
+The fleet is the acceptance one (tests/support/fleet.py) but on a PRIVATE redis-server started
+for each test worker's chaos scenarios: a chaos run restarts and kills its Redis, which must not
+touch what other tests hold. Each scenario gets its own emulator (`--min-ttl 1`, so short TTLs
+are honoured) and its own key prefix.
 
 Every scenario's figures go to a JSON file: $DISPATCHER_CHAOS_FIGURES, else
-`<pytest basetemp>/chaos-figures.json`; `python tests/chaos/report.py FILE` renders the table of
+`<pytest basetemp>/chaos-figures.json`; `python tests/support/report.py FILE` renders the table of
 docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "acceptance"))
-
-from chaos_fleet import ChaosFleet, Figures, RedisServer, env_path, figures_dict
-from fleet import Fleet
-
-from dispatcher.ops.stack import free_port
+from tests.support.chaos import ChaosFleet, Figures, RedisServer, env_path, figures_dict
+from tests.support.fleet import Fleet
+from tests.support.isolation import free_port
 
 FIGURES_ENV = "DISPATCHER_CHAOS_FIGURES"
 _figures_path: list[Path] = []
@@ -103,4 +98,4 @@ def report(figures_file: Path) -> Report:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _figures_path and _figures_path[0].exists():
         terminalreporter.write_line(f"chaos figures: {_figures_path[0]} "
-                                    f"(render: python tests/chaos/report.py {_figures_path[0]})")
+                                    f"(render: python tests/support/report.py {_figures_path[0]})")

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import redis
-from inprocess import in_process_runtime, poll_until
 
 from dispatcher.control.heartbeat import beat_due_leases
 from dispatcher.control.poller import claim
 from dispatcher.lease.model import Ending, Phase
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import Outcome, SessionAttempt, run_attempt
+from tests.support.inprocess import in_process_runtime, poll_until
 
 pytestmark = pytest.mark.integration
 
