@@ -13,12 +13,15 @@ let alone flush, each other's keys:
     db 2 + 2 * N     worker N's in-process runtimes and integration tests: each under a prefix
                      of its own; the db is the worker's so a test may check "none of our keys
                      left" without seeing another worker's tests at work
+    db 0             the demo's (`test_demo.py`), which keeps its keys under a prefix of its own,
+                     as `./dev demo` does in db 0 of the machine's Redis
 
-db 0 stays for `./dev demo`. That allows 7 workers (N = 0..6); `./dev test` runs fewer.
+That allows 7 workers (N = 0..6); `./dev test` runs fewer.
 
 Ports: each worker binds from a range of its own below the kernel's ephemeral range (which
 starts at 32768), so a port one worker found free is never handed to another worker's server,
-nor to an outgoing connection, between the check and the server's bind.
+nor to an outgoing connection, between the check and the server's bind. (The demo, a product
+command, picks its own ports from the kernel; it runs in one test.)
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import itertools
 import os
 import socket
 
-__all__ = ["EMULATOR_DB", "REDIS_BASE", "fleet_db", "free_port", "integration_db",
+__all__ = ["DEMO_DB", "EMULATOR_DB", "REDIS_BASE", "fleet_db", "free_port", "integration_db",
            "redis_url", "worker_index"]
 
 REDIS_BASE = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
 EMULATOR_DB = 15
+DEMO_DB = 0
 MAX_WORKERS = 7  # databases 1..14 in pairs; 0 is the demo's and 15 the emulators'
 # Port ranges: worker N binds from PORTS_START + N * PORTS_PER_WORKER upwards. 7 x 1,500 ports
 # end at 30,500, below the ephemeral range (32768-60999 on Linux) the kernel picks from.
