@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.isolation import EMULATOR_DB, redis_url
+from tests.support.isolation import EMULATOR_DB, free_port, redis_url
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +32,7 @@ def test_help_works_from_the_console_script_and_the_module() -> None:
 
 
 def test_it_prints_generated_keys_environments_and_where_it_listens(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     prefix = f"emucli{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_EMULATOR_")}
     log = tmp_path / "out.log"

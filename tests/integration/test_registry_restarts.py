@@ -5,7 +5,6 @@ again empty; the emulator over HTTP; the real supervisor with a real sandbox."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ from dispatcher.lease.model import Ending, Phase
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import Outcome, SessionAttempt, run_attempt
 from tests.support.inprocess import in_process_runtime, poll_until
+from tests.support.isolation import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +34,7 @@ class PrivateRedis:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self.processes: list[subprocess.Popen[bytes]] = []
 

@@ -5,6 +5,7 @@
                 (`fleet_db`, `integration_db`, `EMULATOR_DB`, `redis_url`), `REDIS_BASE`
                 ($DISPATCHER_TEST_REDIS) and `free_port` from a port range of its own
     waiting     `wait_for(predicate, timeout=..., what=...)`: wait on an event, never a sleep
+    bounds      time bounds the tests hold the fleet to (`STATUS_CHECK_SECONDS`), with reasons
     emulator    `EmulatorProcess`, `API_HEADERS` and the fixtures `emulator`, `emulator_factory`
     rabbitmq    `rabbitmqctl` and the fixture `rabbitmq_vhost` (a vhost of the test's own)
     inprocess   `in_process_runtime`, `close_runtime`, `SentTasks`, `poll_until`: a runtime in
