@@ -22,6 +22,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import Outcome, SessionAttempt, run_attempt
 from tests.support.inprocess import in_process_runtime, poll_until
 from tests.support.isolation import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +133,8 @@ def test_an_item_acked_while_redis_stays_down_is_stopped_not_stranded(
 
 
 def test_a_finished_session_whose_release_fails_across_a_redis_restart_is_not_run_again(
-        emulator: Any, runtime: Runtime, private_redis: PrivateRedis) -> None:
+        emulator: Any, runtime: Runtime, private_redis: PrivateRedis,
+        caplog: pytest.LogCaptureFixture) -> None:
     """The session exits 0 while the API refuses stops; Redis restarts empty meanwhile. The
     supervisor, still waiting for its release, writes the ending lease back with its history:
     the stop is retried until it lands, and the item is never dispatched again."""
@@ -146,12 +148,12 @@ def test_a_finished_session_whose_release_fails_across_a_redis_restart_is_not_ru
         runtime, SessionAttempt(work_id=work_id, session_id=task["kwargs"]["session_id"],
                                 attempt=1, task_id=task["task_id"], worker="restarts@test"))))
     supervisor.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        lease = runtime.registry.get(work_id)
-        if lease is not None and lease.phase == Phase.RELEASING:
-            break
-        time.sleep(0.05)
+    # The failed release's last effect is its log line: from then on the supervisor remembers
+    # the ending lease. Killing Redis while it still performs the release's writes would leave
+    # it only the running lease it remembered before.
+    wait_for(lambda: any("release deferred" in r.getMessage() and work_id in r.getMessage()
+                         for r in caplog.records), timeout=30, what="the release to fail")
+    lease = runtime.registry.get(work_id)
     assert lease is not None and lease.phase == Phase.RELEASING, "the release is failing"
     assert supervisor.is_alive(), "the supervisor stays while its release is pending"
     private_redis.kill()
