@@ -8,7 +8,9 @@ import subprocess
 import time
 
 import pytest
-from fleet import AMQP, CELERY, REDIS, Fleet, _alive, assert_no_overlap, on_brokers, wait_for
+
+from tests.support.fleet import AMQP, CELERY, REDIS, Fleet, _alive, assert_no_overlap, on_brokers
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

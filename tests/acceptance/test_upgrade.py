@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet import Fleet, assert_no_overlap, wait_for
+
+from tests.support.fleet import Fleet, assert_no_overlap
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

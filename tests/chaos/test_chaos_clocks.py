@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from chaos_fleet import ChaosFleet, Figures
 
 from dispatcher.lease.machine.running import PULSE_STALE_SECONDS
+from tests.support.chaos import ChaosFleet, Figures
 
 pytestmark = pytest.mark.chaos
 MakeChaos = Callable[..., ChaosFleet]

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from chaos_fleet import ChaosFleet
-from invariants import NO_HEARTBEAT
+
+from tests.support.chaos import ChaosFleet
+from tests.support.invariants import NO_HEARTBEAT
 
 pytestmark = pytest.mark.chaos
 

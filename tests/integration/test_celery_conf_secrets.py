@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from tests.support.isolation import free_port
 
 PASSWORD = "Pw-0f-the-fleet-S3CRET"
 AMQP_PASSWORD = "Pw-0f-the-broker-S3CRET"
@@ -41,16 +42,11 @@ print(json.dumps({
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 @pytest.fixture
 def locked_redis(tmp_path: Path) -> Iterator[int]:
     """A Redis of its own that requires a user and password (ACL), on a free port."""
-    port = _free_port()
+    port = free_port()
     acl = tmp_path / "users.acl"
     acl.write_text(f"user default off\nuser fleet on >{PASSWORD} ~* &* +@all\n")
     process = subprocess.Popen(

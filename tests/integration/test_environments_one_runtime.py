@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from inprocess import REDIS_BASE, SentTasks, close_runtime
 
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.heartbeat import heartbeat_due_leases
@@ -23,6 +22,8 @@ from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import _spec
 from dispatcher.settings import load_settings
+from tests.support.inprocess import SentTasks, close_runtime
+from tests.support.isolation import integration_db, redis_url
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ def two(emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     prefix = f"multienv{uuid.uuid4().hex[:8]}"
     settings = load_settings(**{
         "ANTHROPIC_BASE_URL": emulator.base_url, "DISPATCHER_ENVIRONMENTS_FILE": str(path),
-        "DISPATCHER_REDIS_URL": f"{REDIS_BASE}/10", "DISPATCHER_KEY_PREFIX": prefix,
+        "DISPATCHER_REDIS_URL": redis_url(integration_db()), "DISPATCHER_KEY_PREFIX": prefix,
         "DISPATCHER_ON_WORK": FAKE_SESSION, "DISPATCHER_DESIRED_TTL_SECONDS": 30,
         "DISPATCHER_SESSION_QUEUES": f"dispatcher.sessions,{GPU}"})
     rt = Runtime(settings=settings, app=SentTasks())

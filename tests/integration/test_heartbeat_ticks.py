@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import pytest
-from inprocess import poll_until
 
 from dispatcher.control import heartbeat
 from dispatcher.control.heartbeat import close_sender, heartbeat_due_leases
@@ -18,6 +17,7 @@ from dispatcher.lease import events as ev
 from dispatcher.lease.model import Phase
 from dispatcher.runtime import Runtime
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
+from tests.support.inprocess import poll_until
 
 pytestmark = pytest.mark.integration
 

@@ -9,13 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from inprocess import in_process_runtime, poll_until
 
 from dispatcher.control.heartbeat import heartbeat_due_leases
 from dispatcher.control.poller import claim
 from dispatcher.lease import events as ev
 from dispatcher.lease.model import Lease, Phase
 from dispatcher.runtime import Runtime
+from tests.support.inprocess import in_process_runtime, poll_until
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,13 @@ import time
 from typing import Any
 
 import pytest
-from inprocess import held_items, stop_item
 
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.pacing import Pacing
 from dispatcher.control.poller import drain, run_poller
 from dispatcher.runtime import Runtime
+from tests.support.inprocess import held_items, stop_item
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import pytest
-from inprocess import held_items, stop_item
 
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
@@ -18,6 +17,7 @@ from dispatcher.control.recovery import recover
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS, PULSE_STALE_SECONDS
 from dispatcher.lease.model import Phase
 from dispatcher.runtime import Runtime
+from tests.support.inprocess import held_items, stop_item
 
 pytestmark = pytest.mark.integration
 

@@ -26,12 +26,11 @@ from dispatcher.celery.keys import CeleryKeys
 from dispatcher.control.capacity import Capacity
 from dispatcher.control.poll_keys import PollKeys
 from dispatcher.emulator.webhooks import run_started_event
-from dispatcher.ops.stack import free_port
+from tests.support import isolation
 
 pytestmark = pytest.mark.integration
 
 KEY = "whsec_" + base64.b64encode(b"the burst test's signing key!!!!").decode()
-REDIS_DB = 10
 BURST = 10_000
 SENDERS = 16  # concurrent connections, as a sender's retry pool would open
 START_TIMEOUT_S = 30.0
@@ -46,10 +45,9 @@ class Receiver:
 
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
-    redis_url = f"{base}/{REDIS_DB}"
+    url = isolation.redis_url(isolation.integration_db())
     prefix = f"burst{uuid.uuid4().hex[:8]}"
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis.Redis.from_url(url, decode_responses=True)
     live = threading.Event()
 
     def advertise() -> None:  # a live worker with free slots, for the whole test
@@ -62,9 +60,9 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
                                               queues=["dispatcher.sessions"])
     advertiser = threading.Thread(target=advertise, daemon=True)
     advertiser.start()
-    port = free_port()
+    port = isolation.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "ANTHROPIC_"))}
-    env.update(DISPATCHER_REDIS_URL=redis_url, DISPATCHER_KEY_PREFIX=prefix,
+    env.update(DISPATCHER_REDIS_URL=url, DISPATCHER_KEY_PREFIX=prefix,
                ANTHROPIC_WEBHOOK_SIGNING_KEY=KEY)
     log = tmp_path / "webhooks.log"
     with log.open("wb") as out:
@@ -80,7 +78,7 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
                 pass
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        yield Receiver(f"http://127.0.0.1:{port}/webhooks", redis_url, prefix, log)
+        yield Receiver(f"http://127.0.0.1:{port}/webhooks", url, prefix, log)
     finally:
         process.terminate()
         process.wait(timeout=10)

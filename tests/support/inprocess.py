@@ -1,9 +1,9 @@
-"""Dispatcher functions run in-process against real Redis (db 10, a unique key prefix) and the
-emulator over HTTP; only Celery's `send_task` is a stand-in that records what would be sent."""
+"""Dispatcher functions run in-process against real Redis (the worker's integration database,
+a unique key prefix) and the emulator over HTTP; only Celery's `send_task` is a stand-in that
+records what would be sent."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,11 +14,14 @@ from dispatcher.lease.model import Lease, Phase
 from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
 from dispatcher.settings import load_settings
+from tests.support.isolation import integration_db, redis_url
 
-__all__ = ["REDIS_BASE", "SentTasks", "close_runtime", "held_items", "in_process_runtime",
+__all__ = ["IN_PROCESS_PREFIX", "SentTasks", "close_runtime", "held_items", "in_process_runtime",
            "poll_until", "stop_item"]
 
-REDIS_BASE = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
+# Every in-process runtime's keys start with it (then a unique suffix): a test can check that
+# none is left.
+IN_PROCESS_PREFIX = "badinput"
 
 
 class SentTasks:
@@ -50,11 +53,11 @@ def poll_until(runtime: Runtime, work_id: str, timeout_polls: int = 15) -> Any:
 def in_process_runtime(emulator: Any, **overrides: Any) -> Iterator[Runtime]:
     """A runtime for a fresh environment of `emulator`; every key it wrote is removed after."""
     environment_id = emulator.create_environment()
-    prefix = f"badinput{uuid.uuid4().hex[:8]}"
+    prefix = f"{IN_PROCESS_PREFIX}{uuid.uuid4().hex[:8]}"
     settings = load_settings(**{
         "ANTHROPIC_BASE_URL": emulator.base_url, "ANTHROPIC_ENVIRONMENT_ID": environment_id,
         "ANTHROPIC_ENVIRONMENT_KEY": emulator.environment_key,
-        "DISPATCHER_REDIS_URL": f"{REDIS_BASE}/10", "DISPATCHER_KEY_PREFIX": prefix,
+        "DISPATCHER_REDIS_URL": redis_url(integration_db()), "DISPATCHER_KEY_PREFIX": prefix,
         "DISPATCHER_ON_WORK": FAKE_SESSION, "DISPATCHER_DESIRED_TTL_SECONDS": 30,
         "DISPATCHER_SANDBOX_ENV_ALLOW": "PATH,DISPATCHER_FAKE_RECORD_DIR",
         "DISPATCHER_STOP_GRACE_SECONDS": 1, **overrides})
