@@ -15,6 +15,7 @@ import pytest
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.pacing import Pacing
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.poller import drain, run_poller
 from dispatcher.runtime import Runtime
 from tests.support.inprocess import held_items, stop_item
@@ -77,7 +78,7 @@ def test_a_wake_up_under_a_throttle_polls_nothing_and_leaves_its_wake_up_standin
     assert drain(runtime, reclaim_older_than_ms=2000, wake=True) == 0
     assert time.monotonic() - started < 2, "no wait in a control slot"
     assert _calls(emulator, runtime, "poll") == polls
-    wanted = runtime.registry.keys.poll_state("poll-wanted", runtime.environment_id)
+    wanted = PollKeys(runtime.settings.key_prefix).wanted(runtime.environment_id)
     assert runtime.redis.exists(wanted), "the wake-up stands"
     runtime.redis.delete(runtime.pacing._key(runtime.environment_id))
     assert drain(runtime, reclaim_older_than_ms=2000, wake=False) == 1
