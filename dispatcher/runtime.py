@@ -21,6 +21,7 @@ from dispatcher.lease.executor import Executor
 from dispatcher.lease.machine import Policy
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.metrics import Metrics
+from dispatcher.redis_connect import connect
 from dispatcher.settings import Environment, Settings, SettingsError, load_settings
 from dispatcher.workapi import WorkClient
 
@@ -43,12 +44,7 @@ class Runtime:
 
     @cached_property
     def redis(self) -> Redis:
-        return Redis.from_url(
-            self.settings.redis_url,
-            decode_responses=True,
-            socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
-            socket_connect_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
-        )
+        return connect(self.settings, timeout=REDIS_SOCKET_TIMEOUT_SECONDS)
 
     @cached_property
     def registry(self) -> LeaseRegistry:

@@ -19,6 +19,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -41,6 +42,7 @@ __all__ = [
     "SettingsError",
     "credentials_in_userinfo",
     "load_settings",
+    "sentinel_address",
     "split_redis_credentials",
 ]
 
@@ -115,6 +117,19 @@ class Settings(BaseSettings):
     redis_url: str = _env("DISPATCHER_REDIS_URL", DEFAULT_REDIS_URL, description=(
         "Redis for the lease registry, beat's lock and task results; the Celery broker too "
         "unless `DISPATCHER_BROKER_URL` names another."))
+    redis_sentinels: Annotated[list[str], NoDecode] = _env(
+        "DISPATCHER_REDIS_SENTINELS", [], description=(
+            "Comma-separated `host:port` of Redis Sentinels: every Redis client of the fleet "
+            "then asks them for the master of `DISPATCHER_REDIS_SENTINEL_MASTER` and follows "
+            "a failover. `DISPATCHER_REDIS_URL` still gives the master's password, user and "
+            "database number; its host and port are not used. Unset: no Sentinel."))
+    redis_sentinel_master: str | None = _env(
+        "DISPATCHER_REDIS_SENTINEL_MASTER", validate_default=True, description=(
+            "With Sentinels: the name of the master they monitor (`sentinel monitor NAME ...`)."))
+    redis_sentinel_password: SecretStr | None = _env(
+        "DISPATCHER_REDIS_SENTINEL_PASSWORD", description=(
+            "With Sentinels: the Sentinels' own password (`requirepass` in sentinel.conf), "
+            "when they have one; the master's is the one in `DISPATCHER_REDIS_URL`."))
     broker_url: str | None = _env("DISPATCHER_BROKER_URL", description=(
         "Celery's broker when it is not Redis: RabbitMQ (`amqp://user:pass@host:5672/vhost`), "
         "a vhost per fleet. Unset: `DISPATCHER_REDIS_URL` is the broker too."))
@@ -249,6 +264,27 @@ class Settings(BaseSettings):
     def _redis_credentials(cls, value: str) -> str:
         return credentials_in_userinfo(value)
 
+    @field_validator("redis_sentinels", mode="after")
+    @classmethod
+    def _sentinel_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            sentinel_address(address)
+        return value
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _sentinel_master(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Fields are validated in the order they are declared: the URL and Sentinels first.
+        sentinels = info.data.get("redis_sentinels")
+        if sentinels and not value:
+            raise ValueError("not set: the master name is needed with DISPATCHER_REDIS_SENTINELS")
+        if value and not sentinels:
+            raise ValueError("set without DISPATCHER_REDIS_SENTINELS")
+        if sentinels and urlsplit(info.data.get("redis_url", "")).scheme != "redis":
+            # TLS through Sentinel needs other connection classes in every client: untested.
+            raise ValueError("Sentinel needs a `redis://` DISPATCHER_REDIS_URL (no TLS, no socket)")
+        return value
+
     @field_validator("worker_id")
     @classmethod
     def _header_safe(cls, value: str | None) -> str | None:
@@ -264,8 +300,8 @@ class Settings(BaseSettings):
         # fails and is retried as a transient error, so refuse it at start-up instead.
         return check_key(value) if value is not None else None
 
-    @field_validator("session_queues", "sandbox_env_allow", "sandbox_volumes", "sandbox_tmpfs",
-                     "sandbox_labels", mode="before")
+    @field_validator("redis_sentinels", "session_queues", "sandbox_env_allow", "sandbox_volumes",
+                     "sandbox_tmpfs", "sandbox_labels", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -399,6 +435,15 @@ def split_redis_credentials(url: str) -> tuple[str, dict[str, str]]:
     # Not urlunsplit: it drops the `//` of `unix:///path` when the host is empty.
     bare = f"{parts.scheme}://{host}{parts.path}" + (f"?{urlencode(query)}" if query else "")
     return bare, options
+
+
+def sentinel_address(address: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port` too) as a pair; ValueError naming the address otherwise."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port")
+    return host, int(port)
 
 
 def _field_env_name(field: str) -> str:

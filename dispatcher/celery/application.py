@@ -18,8 +18,9 @@ from kombu.entity import Exchange, Queue
 from dispatcher.celery import broker, names
 from dispatcher.celery.keys import CeleryKeys
 from dispatcher.celery.names import CONTROL_QUEUE
+from dispatcher.redis_connect import beat_conf, result_backend_conf
 from dispatcher.runtime import use_app
-from dispatcher.settings import SettingsError, load_settings, split_redis_credentials
+from dispatcher.settings import SettingsError, load_settings
 
 __all__ = ["CONTROL_QUEUE", "app"]
 
@@ -93,14 +94,12 @@ def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-_celery_keys = {"global_keyprefix": CeleryKeys(settings.key_prefix).broker}
-_beat_url, _beat_options = split_redis_credentials(settings.redis_url)
 
 app.conf.update(
-    # Redis, or RabbitMQ when DISPATCHER_BROKER_URL names it; results stay in Redis.
+    # Redis, or RabbitMQ when DISPATCHER_BROKER_URL names it; results stay in Redis. Both
+    # through the Sentinels when they are set (dispatcher.redis_connect).
     **broker.broker_conf(settings),
-    result_backend_transport_options=_celery_keys,
-    result_backend=settings.redis_url,
+    **result_backend_conf(settings, key_prefix=CeleryKeys(settings.key_prefix).broker),
     broker_connection_retry_on_startup=True,
     task_serializer="json",
     result_serializer="json",
@@ -122,10 +121,9 @@ app.conf.update(
     # tick that survives a Redis restart (dispatcher.celery.beat).
     beat_scheduler="dispatcher.celery.beat:Scheduler",
     # No password in the URL: `celery inspect conf` and Flower show this setting unmasked. It
-    # travels in the options, whose `password` Celery masks (dispatcher.settings).
-    redbeat_redis_url=_beat_url,
-    # Set even when empty: unset, redbeat falls back to the broker's transport options.
-    redbeat_redis_options=_beat_options,
+    # travels in the options, whose `password` Celery masks (dispatcher.settings). The options
+    # are set even when empty: unset, redbeat falls back to the broker's transport options.
+    **beat_conf(settings),
     redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
     redbeat_lock_key=CeleryKeys(settings.key_prefix).beat_lock,
     redbeat_lock_timeout=BEAT_LOCK_TIMEOUT_SECONDS,

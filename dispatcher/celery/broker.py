@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from celery import bootsteps
 from celery.worker import state
 
+from dispatcher import redis_connect
 from dispatcher.celery.keys import CeleryKeys
 from dispatcher.settings import Settings
 
@@ -46,21 +47,28 @@ def is_redis(url: str) -> bool:
 
 def broker_conf(settings: Settings) -> dict[str, Any]:
     """Celery settings of the broker `settings` names (`DISPATCHER_BROKER_URL`, else Redis)."""
-    url = settings.broker_url or settings.redis_url
-    if settings.broker_url is None or is_redis(url):
-        return {
-            "broker_url": url,
-            "broker_transport_options": {
-                "global_keyprefix": CeleryKeys(settings.key_prefix).broker},
-            "worker_disable_prefetch": True,
-        }
+    if settings.broker_url is None:
+        # The fleet's own Redis, through its Sentinels when they are set.
+        return _redis_conf(redis_connect.broker_redis_url(settings), settings,
+                           redis_connect.broker_transport_options(settings))
+    if is_redis(settings.broker_url):
+        return _redis_conf(settings.broker_url, settings, {})
     return {
-        "broker_url": url,
+        "broker_url": settings.broker_url,
         # A send returns once RabbitMQ has the message: only then is it marked published.
         "broker_transport_options": {"confirm_publish": True},
         # Celery would restore a prefetch count it lowered after a reconnect to
         # concurrency x multiplier, undoing the gate's count of 1.
         "worker_enable_prefetch_count_reduction": False,
+    }
+
+
+def _redis_conf(url: str, settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "broker_url": url,
+        "broker_transport_options": {"global_keyprefix": CeleryKeys(settings.key_prefix).broker,
+                                     **options},
+        "worker_disable_prefetch": True,
     }
 
 

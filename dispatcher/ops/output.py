@@ -120,12 +120,11 @@ def read_settings() -> Settings:
 def connect_redis(settings: Settings, args: argparse.Namespace,
                   timeout: float = REDIS_TIMEOUT_SECONDS) -> tuple[Redis, str]:
     """A Redis connection that is known to answer, and the key prefix."""
-    from redis import Redis
+    from dispatcher.redis_connect import connect
 
-    url = args.redis_url or settings.redis_url
     try:
-        redis = Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
-                               socket_connect_timeout=timeout)
+        # An explicit --redis-url is that server, Sentinels or not.
+        redis = connect(settings, timeout=timeout, url=args.redis_url or None)
     except ValueError as exc:
         raise UsageError(f"DISPATCHER_REDIS_URL is invalid: {exc}") from None
     redis.ping()

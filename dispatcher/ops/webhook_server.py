@@ -180,15 +180,14 @@ def _receiver(settings: Settings, webhook: Webhook) -> Receiver:
     # The Celery app reads the same settings: the broker and key prefix are the fleet's.
     from dispatcher.celery import names
     from dispatcher.celery.application import app
+    from dispatcher.redis_connect import connect
     from dispatcher.runtime import REDIS_SOCKET_TIMEOUT_SECONDS
 
     def publish() -> object:
         return app.send_task(names.CLAIM_NOW, kwargs={"wakeup": True},
                              queue=names.CONTROL_QUEUE, expires=CLAIM_EXPIRES_SECONDS)
 
-    redis = Redis.from_url(settings.redis_url, decode_responses=True,
-                           socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
-                           socket_connect_timeout=REDIS_SOCKET_TIMEOUT_SECONDS)
+    redis = connect(settings, timeout=REDIS_SOCKET_TIMEOUT_SECONDS)
     return Receiver(webhook=webhook, redis=redis, prefix=settings.key_prefix, publish=publish)
 
 

@@ -6,7 +6,6 @@ Failures): every session still ends `stopped`, none lost, no two attempts overla
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,14 +22,7 @@ def test_redis_restarted_empty(chaos: Callable[..., ChaosFleet],
     server = RedisServer(tmp_path, free_port())
     try:
         cf = chaos("Redis restarted empty", ttl=6, redis=server)
-        cf.control()
-        cf.sessions_worker("s1")
-        cf.sessions_worker("s2")
-        cf.fleet.wait_slots(8)
-        first = cf.create(8, fake_duration=6)
-        cf.wait_started(first[:4])
-        cf.create(6, fake_duration=2)
-        time.sleep(cf.rng.uniform(0.5, 1.5))
+        cf.busy_with_sessions()
         cf.restart_redis(server)
         report(cf.finish(timeout=150))
     finally:

@@ -3,7 +3,8 @@
 `celery inspect conf` and Flower's Config tab show what a worker's remote control returns:
 `app.conf.table(with_defaults=...)` with Celery's own masking. This runs the real app module in
 a fresh interpreter (it reads its settings at import) against a real Redis that requires the
-password, and checks both that beat still connects with it and that no exposed value shows it.
+password, and checks both that beat still connects with it and that no exposed value shows it;
+then the same through a Sentinel that has a password of its own.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import pytest
 import redis
 
 from tests.support.isolation import free_port
+from tests.support.sentinel import MASTER_NAME, SentinelServer
 
 PASSWORD = "Pw-0f-the-fleet-S3CRET"
 AMQP_PASSWORD = "Pw-0f-the-broker-S3CRET"
+SENTINEL_PASSWORD = "Pw-0f-the-sentinel-S3CRET"
+SECRETS = (PASSWORD, AMQP_PASSWORD, SENTINEL_PASSWORD)
 START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 60.0
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -32,14 +36,19 @@ PROBE = """
 import json
 from redbeat.schedulers import get_redis
 from dispatcher.celery import app
+from dispatcher.redis_connect import connect
+from dispatcher.settings import load_settings
 
 print(json.dumps({
     "ping": get_redis(app).ping(),
+    "backend_ping": app.backend.client.ping(),
+    "registry_ping": connect(load_settings(), timeout=5).ping(),
     "humanize": app.conf.humanize(with_defaults=False, censored=True),
     "table": app.conf.table(with_defaults=True),
     "table_changes": app.conf.table(with_defaults=False),
 }, default=repr))
 """
+
 
 
 
@@ -64,49 +73,79 @@ def locked_redis(tmp_path: Path) -> Iterator[int]:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise
                 time.sleep(0.05)
-        client.close()  # the probe's own connection, not left to the garbage collector
         yield port
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
-def _redis_url(port: int, form: str) -> str:
-    """The fleet's Redis URL with its credentials in the user part, or in the query (which
-    redis-py reads too, and the settings move into the user part, where Celery masks them)."""
-    if form == "query":
-        return f"redis://127.0.0.1:{port}/0?username=fleet&password={PASSWORD}"
-    return f"redis://fleet:{PASSWORD}@127.0.0.1:{port}/0"
+@pytest.fixture
+def locked_sentinel(locked_redis: int, tmp_path: Path) -> Iterator[SentinelServer]:
+    """A Sentinel with a password of its own, watching the locked Redis."""
+    sentinel = SentinelServer(tmp_path / "sentinel", locked_redis,
+                              "sentinel auth-user {name} fleet",
+                              f"sentinel auth-pass {{name}} {PASSWORD}",
+                              f"requirepass {SENTINEL_PASSWORD}", password=SENTINEL_PASSWORD)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while sentinel.master_port() != locked_redis:
+            assert time.monotonic() < deadline and sentinel.process.poll() is None
+            time.sleep(0.05)
+        yield sentinel
+    finally:
+        sentinel.stop()
 
 
-@pytest.mark.parametrize("form", ["userinfo", "query"])
-def test_no_exposed_setting_carries_the_redis_password(locked_redis: int, form: str) -> None:
-    url = _redis_url(locked_redis, form)
+def _fleet_env(redis_port: int, sentinel: SentinelServer | None, *,
+               form: str = "userinfo") -> dict[str, str]:
+    """The fleet's variables for the locked Redis, directly or through the Sentinel; with the
+    Sentinel, the URL's host is a closed port: only the Sentinel can lead to the master. The
+    direct URL carries its credentials in the user part, or in the query (`form`), which
+    redis-py reads too and the settings move into the user part, where Celery masks them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "ANTHROPIC_"))}
-    env["DISPATCHER_REDIS_URL"] = url
+    if sentinel is None:
+        env["DISPATCHER_REDIS_URL"] = (
+            f"redis://127.0.0.1:{redis_port}/0?username=fleet&password={PASSWORD}"
+            if form == "query" else f"redis://fleet:{PASSWORD}@127.0.0.1:{redis_port}/0")
+        return env
+    env.update({"DISPATCHER_REDIS_URL": f"redis://fleet:{PASSWORD}@127.0.0.1:{free_port()}/0",
+                "DISPATCHER_REDIS_SENTINELS": sentinel.address,
+                "DISPATCHER_REDIS_SENTINEL_MASTER": MASTER_NAME,
+                "DISPATCHER_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD})
+    return env
+
+
+@pytest.mark.parametrize("via", ["url", "query", "sentinel"])
+def test_no_exposed_setting_carries_the_redis_password(
+        locked_redis: int, via: str, request: pytest.FixtureRequest) -> None:
+    sentinel = request.getfixturevalue("locked_sentinel") if via == "sentinel" else None
+    env = _fleet_env(locked_redis, sentinel, form="query" if via == "query" else "userinfo")
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                           env=env, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
-    assert found["ping"] is True  # beat reaches the locked Redis with the password
-    assert PASSWORD not in done.stdout
-    assert PASSWORD not in done.stderr  # nor in a warning at import
+    # beat, the result backend and the registry reach the locked Redis with the password
+    assert (found["ping"], found["backend_ping"], found["registry_ping"]) == (True, True, True)
+    for secret in SECRETS:
+        assert secret not in done.stdout
+        assert secret not in done.stderr  # nor in a warning at import
     assert "redbeat_redis_url" in found["humanize"]  # the setting is there, without it
 
 
-@pytest.mark.parametrize(("broker", "form"),
-                         [("redis", "userinfo"), ("amqp", "userinfo"), ("redis", "query")])
+@pytest.mark.parametrize(("broker", "form"), [("redis", "userinfo"), ("amqp", "userinfo"),
+                                              ("redis", "query"), ("sentinel", "userinfo")])
 def test_celery_inspect_conf_of_a_running_worker_shows_no_password(
         locked_redis: int, tmp_path: Path, broker: str, form: str,
         request: pytest.FixtureRequest) -> None:
     """What `celery inspect conf` and Flower's Config tab show, from a real worker; with
-    RabbitMQ as the broker, neither its password nor Redis' shows."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "ANTHROPIC_"))}
+    RabbitMQ as the broker, neither its password nor Redis' shows; through a Sentinel (the
+    broker kombu's `sentinel://`), neither Redis' nor the Sentinel's."""
+    sentinel = request.getfixturevalue("locked_sentinel") if broker == "sentinel" else None
+    env = _fleet_env(locked_redis, sentinel, form=form)
     if broker == "amqp":
         make_vhost = request.getfixturevalue("rabbitmq_vhost")
         env["DISPATCHER_BROKER_URL"] = make_vhost(f"fleet-{uuid.uuid4().hex[:8]}", AMQP_PASSWORD)
-    env.update({"DISPATCHER_REDIS_URL": _redis_url(locked_redis, form),
-                "ANTHROPIC_ENVIRONMENT_ID": "env_conf", "ANTHROPIC_ENVIRONMENT_KEY": "sk-ant-k",
+    env.update({"ANTHROPIC_ENVIRONMENT_ID": "env_conf", "ANTHROPIC_ENVIRONMENT_KEY": "sk-ant-k",
                 # Nothing is polled (no beat), but never the real API from a test.
                 "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
     name = f"conf-{os.getpid()}@test"
@@ -134,8 +173,8 @@ def test_celery_inspect_conf_of_a_running_worker_shows_no_password(
     for result in (shown, shown_all):
         assert result.returncode == 0, result.stdout + result.stderr
         assert "redbeat_redis_url" in result.stdout, result.stdout[:2000]
-        assert PASSWORD not in result.stdout + result.stderr
-        assert AMQP_PASSWORD not in result.stdout + result.stderr
+        for secret in SECRETS:
+            assert secret not in result.stdout + result.stderr
         assert f"{broker}://" in json.loads(result.stdout)[name]["broker_url"], "the broker used"
-    assert PASSWORD not in log.read_text()
-    assert AMQP_PASSWORD not in log.read_text()
+    for secret in SECRETS:
+        assert secret not in log.read_text()

@@ -212,6 +212,18 @@ class ChaosFleet:
         self.fault(fault or signal.Signals(sig).name)
         return at
 
+    def busy_with_sessions(self) -> None:
+        """The Redis scenarios' moment to strike: a control worker and two session workers,
+        8 sessions of 6 s running (4 at least started) and 6 of 2 s waiting, then 0.5-1.5 s."""
+        self.control()
+        self.sessions_worker("s1")
+        self.sessions_worker("s2")
+        self.fleet.wait_slots(8)
+        first = self.create(8, fake_duration=6)
+        self.wait_started(first[:4])
+        self.create(6, fake_duration=2)
+        time.sleep(self.rng.uniform(0.5, 1.5))
+
     def restart_redis(self, server: RedisServer) -> None:
         """SIGKILL the fleet's redis-server and start it again, empty, on the same port."""
         server.kill()
@@ -380,11 +392,13 @@ class ChaosFleet:
 
 
 class RedisServer:
-    """A private `redis-server` (no persistence) that a test may kill and start again empty."""
+    """A private `redis-server` (no persistence) that a test may kill and start again empty;
+    `args` are more of its options (`--replicaof HOST PORT` for a replica)."""
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, *args: str) -> None:
         self.workdir = workdir
         self.port = port
+        self.args = args
         self.url = f"redis://127.0.0.1:{port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -393,7 +407,7 @@ class RedisServer:
         log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         import redis
