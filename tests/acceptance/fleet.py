@@ -35,6 +35,7 @@ def on_brokers(*cases: str | tuple[str, ...], names: str = "fleet") -> Any:
     return pytest.mark.parametrize(names, list(cases), indirect=["fleet"])
 # Acceptance fleets use their own Redis database: Celery's queue keys carry no prefix.
 FLEET_REDIS_DB = 9
+TWIN_REDIS_DB = 10
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1,
@@ -52,16 +53,21 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 
 class Fleet:
     """A fleet under test: processes through `LocalStack`, the emulator from the fixture."""
 
-    def __init__(self, emulator: Any, tmp_path: Path, redis_base: str) -> None:
+    def __init__(self, emulator: Any, tmp_path: Path, redis_base: str, *,
+                 twin_of: Fleet | None = None) -> None:
+        """`twin_of`: a second fleet with the first's environment and key prefix, on another
+        Redis database (two compose projects, blue/green)."""
         self.emulator = emulator
-        self.environment_id = emulator.create_environment()
+        self.environment_id = (twin_of.environment_id if twin_of
+                               else emulator.create_environment())
         self.tmp = tmp_path
         self.records_dir = tmp_path / "records"
         self.records_dir.mkdir()
-        self.redis_url = f"{redis_base}/{FLEET_REDIS_DB}"
+        self.redis_url = f"{redis_base}/{TWIN_REDIS_DB if twin_of else FLEET_REDIS_DB}"
+        prefix = twin_of.prefix if twin_of else f"t{uuid.uuid4().hex[:8]}"
         self.stack = LocalStack(workdir=tmp_path, redis_url=self.redis_url,
                                 environment_key=emulator.environment_key,
-                                api_key=emulator.api_key, key_prefix=f"t{uuid.uuid4().hex[:8]}",
+                                api_key=emulator.api_key, key_prefix=prefix,
                                 base_url=emulator.base_url, environment_id=self.environment_id)
         self.prefix = self.stack.key_prefix
         self.overrides: dict[str, str] = {}
@@ -96,6 +102,7 @@ class Fleet:
         self.overrides.update({
             "DISPATCHER_SANDBOX_RUNTIME": "docker",
             "DISPATCHER_SANDBOX_IMAGE": image,
+            "DISPATCHER_FLEET_ID": f"{self.prefix}-{uuid.uuid4().hex[:6]}",
             "DISPATCHER_SANDBOX_NETWORK": "none",  # test machines have no bridge
             "DISPATCHER_SANDBOX_PULL": "never",
             "DISPATCHER_SANDBOX_VOLUMES": f"{self.records_dir}:/records",
@@ -103,8 +110,11 @@ class Fleet:
 
     def containers(self, engine: Any, *, running: bool = False) -> list[dict[str, Any]]:
         """The engine's containers of this fleet."""
+        labels = [f"dispatcher.fleet={self.prefix}"]
+        if "DISPATCHER_FLEET_ID" in self.overrides:
+            labels.append(f"dispatcher.fleet_id={self.overrides['DISPATCHER_FLEET_ID']}")
         found: list[dict[str, Any]] = engine.containers(
-            all=not running, filters={"label": f"dispatcher.fleet={self.prefix}"})
+            all=not running, filters={"label": labels})
         return found
 
     def hostname(self, name: str) -> str:
