@@ -239,6 +239,15 @@ class Settings(BaseSettings):
     sandbox_init: bool = _env("DISPATCHER_SANDBOX_INIT", True, description=(
         "docker runtime: run the engine's init as PID 1, so the command gets SIGTERM's default "
         "action and its zombies are reaped."))
+    sandbox_output_dir: Path | None = _env("DISPATCHER_SANDBOX_OUTPUT_DIR", description=(
+        "docker runtime: where each attempt's output (stdout and stderr) is copied before its "
+        "container is removed, as `<work id>/<attempt>.log` (`dispatcher output WORK_ID` "
+        "prints them); unset: `~/.local/state/dispatcher/output` of the worker's user."))
+    sandbox_output_max_bytes: int = _env("DISPATCHER_SANDBOX_OUTPUT_MAX_BYTES", 1024 * 1024,
+        ge=1024, description=(
+            "docker runtime: the most of one attempt's output kept, its end (1 MiB)."))
+    sandbox_output_keep: int = _env("DISPATCHER_SANDBOX_OUTPUT_KEEP", 1000, ge=1, description=(
+        "docker runtime: attempt files kept; a new one removes the oldest beyond this."))
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
     metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(
@@ -370,8 +379,41 @@ class Settings(BaseSettings):
             if "=" not in label or label.startswith("dispatcher."):
                 return (f"DISPATCHER_SANDBOX_LABELS: {label!r} is not key=value outside the "
                         "dispatcher.* namespace")
-        return image_problem(self.sandbox_image, "DISPATCHER_SANDBOX_IMAGE",
-                             allow_mutable=self.allow_mutable_tag)
+        for where, settings in self._sandboxes():
+            if settings.sandbox_network == "host":
+                return f"{where}: network host is refused: it shares the worker's network"
+            problem = image_problem(settings.sandbox_image or "",
+                                    f"{where} image" if settings is not self else where,
+                                    allow_mutable=self.allow_mutable_tag)
+            if problem is not None:
+                return problem
+        return None
+
+    def _sandboxes(self) -> list[tuple[str, Settings]]:
+        """Each environment's sandbox settings, named as the operator wrote them."""
+        found = [("DISPATCHER_SANDBOX_IMAGE", self)]
+        for environment in self.environments():
+            if environment.sandbox:
+                found.append((f"{FILE_VARIABLE} environment {environment.id}",
+                              self.sandbox_for(environment.id)))
+        return found
+
+    def sandbox_for(self, environment_id: str | None) -> Settings:
+        """These settings with the environment's own sandbox image, limits and network."""
+        for environment in self.environments():
+            if environment.id == environment_id and environment.sandbox:
+                return self.model_copy(update=dict(environment.sandbox))
+        return self
+
+    def sandbox_images(self) -> list[str]:
+        """Every image this fleet's containers run, the fleet's first."""
+        images = [s.sandbox_image for _, s in self._sandboxes() if s.sandbox_image]
+        return list(dict.fromkeys(images))
+
+    @property
+    def output_directory(self) -> Path:
+        """Where attempts' output is kept (the setting, or under the user's home)."""
+        return self.sandbox_output_dir or Path.home() / ".local/state/dispatcher/output"
 
     @property
     def default_session_queue(self) -> str:

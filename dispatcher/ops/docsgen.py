@@ -147,6 +147,7 @@ queue = "dispatcher.sessions.gpu"      # optional: its sessions' queue (one of D
 | `key` or `key_file` | its environment key, exactly one of the two; a relative `key_file` is read from the file's folder. Refused at start-up, never shown, if it holds whitespace or a control character |
 | `max_sessions` | optional, at least 1: leases of this environment held at once, at most |
 | `queue` | optional: the session queue its items go to unless their `queue` metadata names another declared one; it must be one of `DISPATCHER_SESSION_QUEUES`, and some worker must consume it |
+| `image`, `cpus`, `memory`, `pids_limit`, `network` | optional, docker runtime: this environment's containers get these instead of `DISPATCHER_SANDBOX_IMAGE`, `_CPUS`, `_MEMORY`, `_PIDS_LIMIT` and `_NETWORK`, checked as those are (an image by digest unless tags are allowed; `network = "host"` refused); every other confinement setting stays the fleet's |
 
 Each environment gets its own poller (its own lock, backoff and wake-up), its own heartbeats,
 stop scans and releases with its own key, and its sessions get its id and key, never another's.

@@ -34,6 +34,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from requests.exceptions import RequestException
 
 from dispatcher.logs import event
+from dispatcher.session.output import write_output
 from dispatcher.session.sandbox import EngineError, SandboxSpec, SandboxStartError
 from dispatcher.settings import PullPolicy, Settings
 
@@ -110,17 +111,24 @@ def _connect(settings: Settings) -> docker.APIClient:
 
 
 def check_engine(settings: Settings) -> None:
-    """At worker start: the engine answers and has the image, pulled as the policy says."""
+    """At worker start: the engine answers and has each image, pulled as the policy says."""
     api = engine(settings)
-    image = settings.sandbox_image
-    assert image is not None  # require_sandbox() ran first
     try:
         api.ping()
-        present = _has_image(api, image)
     except (APIError, RequestException) as exc:
         raise EngineError(f"the Docker engine at {settings.docker_host or DEFAULT_ENGINE} "
                           f"failed: {_engine_message(exc)}") from None
-    policy = settings.sandbox_pull
+    for image in settings.sandbox_images():
+        _check_image(api, image, settings.sandbox_pull)
+        _pin(api, image)
+
+
+def _check_image(api: docker.APIClient, image: str, policy: PullPolicy) -> None:
+    try:
+        present = _has_image(api, image)
+    except (APIError, RequestException) as exc:
+        raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) cannot be inspected: "
+                          f"{_engine_message(exc)}") from None
     if not present and policy == PullPolicy.NEVER:
         raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) is not on the engine "
                           "and DISPATCHER_SANDBOX_PULL=never: load or build it first")
@@ -131,7 +139,6 @@ def check_engine(settings: Settings) -> None:
             raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) could not be pulled "
                               f"(DISPATCHER_SANDBOX_PULL={policy.value}): "
                               f"{_engine_message(exc)}") from None
-    _pin(api, image)
 
 
 def _pin(api: docker.APIClient, image: str) -> None:
@@ -167,14 +174,15 @@ def _pull(api: docker.APIClient, image: str) -> None:
 
 
 def sandbox_texts(settings: Settings) -> list[tuple[str, str]]:
-    """What a container runs, as text: the configured command and the image's own."""
+    """What a container runs, as text: the configured command and each image's own."""
     texts = [("DISPATCHER_SANDBOX_COMMAND", settings.sandbox_command or "")]
-    try:
-        config = engine(settings).inspect_image(settings.sandbox_image).get("Config") or {}
-    except (APIError, RequestException):
-        return texts
-    own = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
-    texts.append((f"image {settings.sandbox_image}", " ".join(str(part) for part in own)))
+    for image in settings.sandbox_images():
+        try:
+            config = engine(settings).inspect_image(image).get("Config") or {}
+        except (APIError, RequestException):
+            continue
+        own = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+        texts.append((f"image {image}", " ".join(str(part) for part in own)))
     return texts
 
 
@@ -301,9 +309,12 @@ def secret_archive(secret: str, user: str | None) -> bytes:
 class ContainerSandbox:
     """A session's container: signalled and waited on through the engine, removed at the end."""
 
-    def __init__(self, api: docker.APIClient, container_id: str) -> None:
+    def __init__(self, api: docker.APIClient, container_id: str, *,
+                 settings: Settings | None = None, spec: SandboxSpec | None = None) -> None:
         self._api = api
         self.id = container_id
+        self._settings = settings
+        self._spec = spec
         self.started_at = time.time()
         self._exit_code: int | None = None
         self._exited = threading.Event()
@@ -313,6 +324,7 @@ class ContainerSandbox:
     def start(cls, settings: Settings, spec: SandboxSpec) -> ContainerSandbox:
         """Create, feed and start the container; a failure is a SandboxStartError with the
         engine's message, and leaves no container behind."""
+        settings = settings.sandbox_for(spec.environment_id or settings.environment_id)
         try:
             api = engine(settings)
         except EngineError as exc:
@@ -324,7 +336,7 @@ class ContainerSandbox:
                                    image=pinned_image(settings.sandbox_image or "")))
         except (APIError, RequestException) as exc:
             raise SandboxStartError(f"container not created: {_engine_message(exc)}") from None
-        sandbox = cls(api, created["Id"])
+        sandbox = cls(api, created["Id"], settings=settings, spec=spec)
         try:
             if spec.secret_file is not None:
                 api.put_archive(sandbox.id, SECRET_DIRECTORY,
@@ -377,6 +389,7 @@ class ContainerSandbox:
         """Kill the container at once if it still runs, and remove it."""
         if self._removed:
             return
+        self._keep_output()
         try:
             self._api.remove_container(self.id, force=True, v=True)
             self._removed = True
@@ -385,6 +398,25 @@ class ContainerSandbox:
         except (APIError, RequestException) as exc:
             event("container not removed", level=logging.WARNING, container=self.id[:12],
                   error=_engine_message(exc), action_taken="left to the reaper")
+
+
+    def _keep_output(self) -> None:
+        """Copy the container's output to its attempt's file before the engine forgets it;
+        killed first, so the file holds everything it wrote."""
+        if self._settings is None or self._spec is None:
+            return
+        settings, spec = self._settings, self._spec
+        try:
+            with contextlib.suppress(NotFound, APIError):
+                self._api.kill(self.id)  # 409 when it exited already: nothing to stop
+            chunks = self._api.logs(self.id, stdout=True, stderr=True, stream=True,
+                                    follow=False)
+            write_output(settings.output_directory, spec.work_id, spec.attempt, chunks,
+                         max_bytes=settings.sandbox_output_max_bytes,
+                         keep=settings.sandbox_output_keep)
+        except (APIError, RequestException, OSError) as exc:
+            event("output not kept", level=logging.WARNING, work_id=spec.work_id,
+                  attempt=spec.attempt, container=self.id[:12], error=str(exc))
 
 
 def _feed(stream: Any, data: bytes) -> None:

@@ -417,3 +417,36 @@ def test_two_fleets_with_one_prefix_and_environment_leave_each_others_containers
         green.stop_all()
         for container in green.containers(engine):
             engine.remove_container(container["Id"], force=True, v=True)
+
+
+def test_an_environments_own_limits_apply_and_each_attempts_output_is_kept(
+        container_fleet: Fleet, engine: Any, tmp_path: Path) -> None:
+    """An environment of the environments file with its own limits; the container's stdout
+    and stderr copied before its removal, and printed by `dispatcher output`."""
+    fleet = container_fleet
+    environments = tmp_path / "environments.toml"
+    environments.write_text(f'[[environment]]\nid = "{fleet.environment_id}"\n'
+                            f'key = "{fleet.emulator.environment_key}"\n'
+                            'memory = "256m"\ncpus = 0.5\npids_limit = 100\n')
+    fleet.unset |= {"ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY"}
+    output = tmp_path / "output"
+    fleet.overrides.update({"DISPATCHER_ENVIRONMENTS_FILE": str(environments),
+                            "DISPATCHER_SANDBOX_OUTPUT_DIR": str(output)})
+    fleet.worker("w1", beat=True)
+    work_id = fleet.create(fake_duration=2)
+    fleet.wait_event(work_id, "started", timeout=60)
+    (container,) = _running_of(fleet, engine, work_id)
+    host = engine.inspect_container(container["Id"])["HostConfig"]
+    assert (host["Memory"], host["NanoCpus"], host["PidsLimit"]) == (256 * 1024**2, 5 * 10**8,
+                                                                      100)
+    fleet.wait_stopped([work_id], timeout=30)
+    wait_for(lambda: not fleet.containers(engine), timeout=10, what="container removed")
+    env = {**os.environ, "DISPATCHER_SANDBOX_OUTPUT_DIR": str(output)}
+    shown = subprocess.run([sys.executable, "-m", "dispatcher.ops.cli", "output", work_id],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    header, *lines = shown.stdout.splitlines()
+    assert header == f"== attempt 1 ({output}/{work_id}/1.log) =="
+    # Two streams, two pipes: the engine may receive them in either order.
+    assert sorted(lines) == [f"attempt 1 of {work_id} on stderr",
+                             f"attempt 1 of {work_id} on stdout"]

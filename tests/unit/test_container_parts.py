@@ -272,3 +272,48 @@ def test_the_reaper_reads_work_and_attempt_from_labels() -> None:
     assert reaper_module._parse(listed(**both)) == Found("c1", "w", 1)
     assert reaper_module._parse(listed(**{"dispatcher.work_id": "w"})) is None
     assert reaper_module._parse(listed(**{**both, "dispatcher.attempt": "x"})) is None
+
+
+# --- per environment ----------------------------------------------------------------------------
+OTHER = "registry.example.com/gpu@sha256:" + "cd" * 32
+
+
+def _with_environments(tmp_path: Any, table: str, **env: str) -> Settings:
+    path = tmp_path / "environments.toml"
+    path.write_text('[[environment]]\nid = "env_1"\nkey = "k1"\n\n'
+                    f'[[environment]]\nid = "env_2"\nkey = "k2"\n{table}\n')
+    _ENV[-1].setenv("DISPATCHER_ENVIRONMENTS_FILE", str(path))
+    _settings(**env)
+    _ENV[-1].delenv("ANTHROPIC_ENVIRONMENT_ID")
+    return load_settings()
+
+
+def test_an_environment_gets_its_own_image_limits_and_network(tmp_path: Any) -> None:
+    settings = _with_environments(tmp_path, f'image = "{OTHER}"\ncpus = 4\nmemory = "8g"\n'
+                                  'pids_limit = 64\nnetwork = "none"')
+    settings.require_sandbox()
+    own = settings.sandbox_for("env_2")
+    assert (own.sandbox_image, own.sandbox_cpus, own.sandbox_memory, own.sandbox_pids_limit,
+            own.sandbox_network) == (OTHER, 4.0, "8g", 64, "none")
+    host = host_config_arguments(own)
+    assert (host["nano_cpus"], host["mem_limit"], host["pids_limit"]) == (4 * 10**9, "8g", 64)
+    assert host["network_mode"] == "none" and host["cap_drop"] == ["ALL"]
+    assert settings.sandbox_for("env_1") is settings, "the fleet's settings for the other"
+    assert settings.sandbox_images() == [IMAGE, OTHER]
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('image = "gpu:latest"', "environment env_2 image='gpu:latest' is a mutable tag"),
+    ('network = "host"', "environment env_2: network host is refused"),
+])
+def test_an_environments_sandbox_is_checked_as_the_fleets(tmp_path: Any, table: str,
+                                                         message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        _with_environments(tmp_path, table).require_sandbox()
+
+
+@pytest.mark.parametrize("table", ['memory = "lots"', "cpus = 0", "pids_limit = 0",
+                                   'image = ""', "gpus = 1"])
+def test_a_malformed_sandbox_field_names_its_entry(tmp_path: Any, table: str) -> None:
+    with pytest.raises(SettingsError, match="entry 2"):
+        _with_environments(tmp_path, table).environments()
