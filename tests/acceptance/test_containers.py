@@ -363,8 +363,8 @@ def test_a_socket_the_worker_may_not_use_is_named_as_a_permission_problem(
         server.listen()
         path.chmod(0)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "DOCKER"))}
-        env.update({"DISPATCHER_SANDBOX_RUNTIME": "docker", "DISPATCHER_SANDBOX_IMAGE": "any",
-                    "DOCKER_HOST": f"unix://{path}"})
+        env.update({"DISPATCHER_SANDBOX_RUNTIME": "docker", "DISPATCHER_SANDBOX_IMAGE":
+                    MISSING_IMAGE, "DISPATCHER_FLEET_ID": "any", "DOCKER_HOST": f"unix://{path}"})
         result = subprocess.run(
             ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
              "from dispatcher.session.runtimes import check_sandbox\n"
