@@ -169,7 +169,10 @@ def main() -> None:
                                    DISPATCHER_SANDBOX_IMAGE=IMAGE,
                                    DISPATCHER_SANDBOX_NETWORK="none",
                                    DISPATCHER_SANDBOX_COMMAND=f"sh -c '{PROGRAM}'",
-                                   DISPATCHER_SANDBOX_VOLUMES=f"{records}:/records")
+                                   DISPATCHER_SANDBOX_VOLUMES=f"{records}:/records",
+                                   DISPATCHER_FLEET_ID="bench",
+                                   # Teardown copies the output first: kept out of $HOME.
+                                   DISPATCHER_SANDBOX_OUTPUT_DIR=f"{records}/output")
         container = _measure(docker_settings, [], records, args.sessions)
     engine = str(api.version().get("Version"))
     section = render(process, container, sessions=args.sessions, engine=engine)

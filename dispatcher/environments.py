@@ -1,4 +1,5 @@
-"""The environments one fleet serves: each one's id, key, optional session limit and queue.
+"""The environments one fleet serves: each one's id, key, optional session limit, queue, and
+sandbox image, limits and network.
 
 Two ways to say them, never both:
 
@@ -11,6 +12,13 @@ Two ways to say them, never both:
       key_file = "/run/secrets/env_a_key"   # or `key = "sk-ant-oat01-..."`
       max_sessions = 20                     # optional: at most this many held at once
       queue = "dispatcher.sessions.gpu"     # optional: its sessions' default queue
+      # optional, docker runtime: its containers' own image, limits and network, instead of
+      # the DISPATCHER_SANDBOX_* settings of the same meaning
+      image = "registry.example.com/gpu-sandbox@sha256:..."
+      cpus = 4
+      memory = "8g"
+      pids_limit = 1024
+      network = "egress-only"
 
 A key is refused (at start-up, never shown) unless it is printable ASCII without spaces: sent as
 is, whitespace or a control character would fail every request (retried as a transient error),
@@ -61,6 +69,9 @@ class Environment:
     key: SecretStr
     max_sessions: int | None = None
     queue: str | None = None
+    # The docker runtime's settings this environment's containers get instead of the fleet's:
+    # Settings field name -> value (sandbox_image, sandbox_cpus, ...).
+    sandbox: tuple[tuple[str, Any], ...] = ()
 
 
 class _Entry(BaseModel):
@@ -73,6 +84,17 @@ class _Entry(BaseModel):
     key_file: Path | None = None
     max_sessions: int | None = Field(None, ge=1)
     queue: str | None = Field(None, min_length=1)
+    image: str | None = Field(None, min_length=1)
+    cpus: float | None = Field(None, gt=0)
+    memory: str | None = Field(None, pattern=r"^\d+[bkmg]?$")
+    pids_limit: int | None = Field(None, ge=1)
+    network: str | None = Field(None, min_length=1)
+
+    def sandbox(self) -> tuple[tuple[str, Any], ...]:
+        given = {"sandbox_image": self.image, "sandbox_cpus": self.cpus,
+                 "sandbox_memory": self.memory, "sandbox_pids_limit": self.pids_limit,
+                 "sandbox_network": self.network}
+        return tuple((name, value) for name, value in given.items() if value is not None)
 
     @field_validator("id")
     @classmethod
@@ -137,5 +159,6 @@ def load_environments_file(path: Path, *, session_queues: list[str]) -> tuple[En
         if any(e.id == entry.id for e in found):
             raise EnvironmentsError(f"environment {entry.id} is listed twice")
         found.append(Environment(id=entry.id, key=_read_key(entry, path.parent),
-                                 max_sessions=entry.max_sessions, queue=entry.queue))
+                                 max_sessions=entry.max_sessions, queue=entry.queue,
+                                 sandbox=entry.sandbox()))
     return tuple(found)

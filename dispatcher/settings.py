@@ -41,6 +41,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "credentials_in_userinfo",
+    "image_problem",
     "load_settings",
     "sentinel_address",
     "split_redis_credentials",
@@ -52,6 +53,8 @@ DEFAULT_SESSION_QUEUE = "dispatcher.sessions"
 # The brokers the fleet is tested on: RabbitMQ (kombu's `amqp` is py-amqp) and Redis.
 BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# An image named by content: a local image id, or a repository at a digest.
+IMMUTABLE_IMAGE = re.compile(r"^(sha256:[0-9a-f]{64}|[^@\s]+@sha256:[0-9a-f]{64})$")
 
 
 class LeaseMode(StrEnum):
@@ -197,24 +200,54 @@ class Settings(BaseSettings):
     sandbox_command: str | None = _env("DISPATCHER_SANDBOX_COMMAND", description=(
         "docker runtime: the container's command, split like a shell would; "
         "unset: the image's own."))
-    sandbox_user: str | None = _env("DISPATCHER_SANDBOX_USER", pattern=r"^\d+(:\d+)?$",
+    fleet_id: str | None = _env("DISPATCHER_FLEET_ID", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description=(
+            "docker runtime, required there: this fleet's own id, on every container as the "
+            "`dispatcher.fleet_id` label; the reaper removes only containers of its id. Kept "
+            "in the configuration, not in Redis, so a Redis that lost its data does not change "
+            "it; two fleets on one engine need two ids."))
+    allow_mutable_tag: bool = _env("DISPATCHER_SANDBOX_ALLOW_MUTABLE_TAG", False, description=(
+        "docker runtime: accept an image named by a tag (`sandbox:1`); the default refuses it: "
+        "name it by digest (`repo@sha256:...`) or by a local image id (`sha256:...`). The tag "
+        "is resolved at worker start, logged, and used by its id until the worker restarts."))
+    sandbox_user: str = _env("DISPATCHER_SANDBOX_USER", "65534:65534", pattern=r"^\d+(:\d+)?$",
         description=(
             "docker runtime: numeric `uid[:gid]` the container runs as (numeric, so the "
-            "secret file can be given to it); unset: the image's user, and the secret file is "
-            "root's: set it when the image's user is not root."))
-    sandbox_cpus: float | None = _env("DISPATCHER_SANDBOX_CPUS", gt=0, description=(
+            "secret file and the work directory can be given to it); default `nobody`. "
+            "`0` (root) is accepted only when set explicitly."))
+    sandbox_cpus: float = _env("DISPATCHER_SANDBOX_CPUS", 1.0, gt=0, description=(
         "docker runtime: CPU limit of one container, in CPUs (`1.5`)."))
-    sandbox_memory: str | None = _env("DISPATCHER_SANDBOX_MEMORY", pattern=r"^\d+[bkmg]?$",
-        description="docker runtime: memory limit of one container (`512m`, `2g`).")
+    sandbox_memory: str = _env("DISPATCHER_SANDBOX_MEMORY", "2g", pattern=r"^\d+[bkmg]?$",
+        description="docker runtime: memory limit of one container (`512m`, `2g`); tmpfs "
+                    "contents count against it.")
+    sandbox_pids_limit: int = _env("DISPATCHER_SANDBOX_PIDS_LIMIT", 512, ge=1, description=(
+        "docker runtime: processes and threads one container may hold (a fork bomb stops "
+        "there)."))
+    sandbox_cap_add: Annotated[list[str], NoDecode] = _env(
+        "DISPATCHER_SANDBOX_CAP_ADD", [], description=(
+            "docker runtime: comma-separated capabilities given back (`NET_BIND_SERVICE`); "
+            "every other one is dropped."))
+    sandbox_read_only: bool = _env("DISPATCHER_SANDBOX_READ_ONLY", True, description=(
+        "docker runtime: the container's root file system is read-only; it writes to its "
+        "work directory and tmpfs mounts."))
+    sandbox_workdir: str = _env("DISPATCHER_SANDBOX_WORKDIR", "/workspace", pattern=r"^/",
+        description=(
+            "docker runtime: the container's working directory, a tmpfs owned by its user."))
+    sandbox_workdir_size: str = _env("DISPATCHER_SANDBOX_WORKDIR_SIZE", "1g",
+        pattern=r"^\d+[bkmg]?$", description=(
+            "docker runtime: size of the work directory's tmpfs (counts against the memory "
+            "limit as it fills)."))
     sandbox_network: str = _env("DISPATCHER_SANDBOX_NETWORK", "bridge", description=(
-        "docker runtime: the container's network (`bridge`, `none`, `host`, a network name)."))
+        "docker runtime: the container's network (`bridge`, `none`, a network name; `host` "
+        "is refused). `bridge` because the official runner must reach the API; `none` for "
+        "programs that need no network."))
     sandbox_volumes: Annotated[list[str], NoDecode] = _env(
         "DISPATCHER_SANDBOX_VOLUMES", [], description=(
             "docker runtime: comma-separated `source:target[:ro]` mounts of every container."))
     sandbox_tmpfs: Annotated[list[str], NoDecode] = _env(
-        "DISPATCHER_SANDBOX_TMPFS", [], description=(
-            "docker runtime: comma-separated `target[:options]` tmpfs mounts "
-            "(`/tmp:size=64m`)."))
+        "DISPATCHER_SANDBOX_TMPFS", ["/tmp:size=64m"], description=(
+            "docker runtime: comma-separated `target[:options]` tmpfs mounts besides the work "
+            "directory (`/tmp:size=64m`)."))
     sandbox_labels: Annotated[list[str], NoDecode] = _env(
         "DISPATCHER_SANDBOX_LABELS", [], description=(
             "docker runtime: comma-separated `key=value` labels added to every container."))
@@ -233,6 +266,15 @@ class Settings(BaseSettings):
         "with util-linux prlimit's names (`core=0,nofile=1024,as=4294967296`), set by "
         "`prlimit` before exec. The default: no core dump, which would hold the work secret. "
         "Empty: the worker's own limits."))
+    sandbox_output_dir: Path | None = _env("DISPATCHER_SANDBOX_OUTPUT_DIR", description=(
+        "docker runtime: where each attempt's output (stdout and stderr) is copied before its "
+        "container is removed, as `<work id>/<attempt>.log` (`dispatcher output WORK_ID` "
+        "prints them); unset: `~/.local/state/dispatcher/output` of the worker's user."))
+    sandbox_output_max_bytes: int = _env("DISPATCHER_SANDBOX_OUTPUT_MAX_BYTES", 1024 * 1024,
+        ge=1024, description=(
+            "docker runtime: the most of one attempt's output kept, its end (1 MiB)."))
+    sandbox_output_keep: int = _env("DISPATCHER_SANDBOX_OUTPUT_KEEP", 1000, ge=1, description=(
+        "docker runtime: attempt files kept; a new one removes the oldest beyond this."))
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
     metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(
@@ -285,6 +327,12 @@ class Settings(BaseSettings):
             raise ValueError("Sentinel needs a `redis://` DISPATCHER_REDIS_URL (no TLS, no socket)")
         return value
 
+    @field_validator("fleet_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # Compose passes `${DISPATCHER_FLEET_ID:-}` through as empty when the operator left it.
+        return value or None
+
     @field_validator("worker_id")
     @classmethod
     def _header_safe(cls, value: str | None) -> str | None:
@@ -301,7 +349,7 @@ class Settings(BaseSettings):
         return check_key(value) if value is not None else None
 
     @field_validator("redis_sentinels", "session_queues", "sandbox_env_allow", "sandbox_volumes",
-                     "sandbox_tmpfs", "sandbox_labels", mode="before")
+                     "sandbox_tmpfs", "sandbox_labels", "sandbox_cap_add", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -363,16 +411,62 @@ class Settings(BaseSettings):
         """What the chosen sandbox runtime cannot start without; raises naming the variable."""
         if self.sandbox_runtime != SandboxRuntimeKind.DOCKER:
             return
+        problem = self._docker_problem()
+        if problem is not None:
+            raise SettingsError(problem)
+
+    def _docker_problem(self) -> str | None:
         if not self.sandbox_image:
-            raise SettingsError("DISPATCHER_SANDBOX_IMAGE is not set: the docker runtime's image")
+            return "DISPATCHER_SANDBOX_IMAGE is not set: the docker runtime's image"
+        if not self.fleet_id:
+            return ("DISPATCHER_FLEET_ID is not set: the docker runtime labels every container "
+                    "with this fleet's own id, so its reaper removes only its own")
         if self.work_secret_delivery == SecretDelivery.ENV:
             # The engine shows a container's environment to anyone who can inspect it.
-            raise SettingsError("DISPATCHER_WORK_SECRET_DELIVERY=env is refused with the docker "
-                                "runtime (`docker inspect` shows it): use file")
+            return ("DISPATCHER_WORK_SECRET_DELIVERY=env is refused with the docker runtime "
+                    "(`docker inspect` shows it): use file")
+        if self.sandbox_network == "host":
+            # The host's namespace: every local port (Redis, the engine's TCP socket) is open.
+            return "DISPATCHER_SANDBOX_NETWORK=host is refused: it shares the worker's network"
         for label in self.sandbox_labels:
             if "=" not in label or label.startswith("dispatcher."):
-                raise SettingsError(f"DISPATCHER_SANDBOX_LABELS: {label!r} is not key=value "
-                                    "outside the dispatcher.* namespace")
+                return (f"DISPATCHER_SANDBOX_LABELS: {label!r} is not key=value outside the "
+                        "dispatcher.* namespace")
+        for where, settings in self._sandboxes():
+            if settings.sandbox_network == "host":
+                return f"{where}: network host is refused: it shares the worker's network"
+            problem = image_problem(settings.sandbox_image or "",
+                                    f"{where} image" if settings is not self else where,
+                                    allow_mutable=self.allow_mutable_tag)
+            if problem is not None:
+                return problem
+        return None
+
+    def _sandboxes(self) -> list[tuple[str, Settings]]:
+        """Each environment's sandbox settings, named as the operator wrote them."""
+        found = [("DISPATCHER_SANDBOX_IMAGE", self)]
+        for environment in self.environments():
+            if environment.sandbox:
+                found.append((f"{FILE_VARIABLE} environment {environment.id}",
+                              self.sandbox_for(environment.id)))
+        return found
+
+    def sandbox_for(self, environment_id: str | None) -> Settings:
+        """These settings with the environment's own sandbox image, limits and network."""
+        for environment in self.environments():
+            if environment.id == environment_id and environment.sandbox:
+                return self.model_copy(update=dict(environment.sandbox))
+        return self
+
+    def sandbox_images(self) -> list[str]:
+        """Every image this fleet's containers run, the fleet's first."""
+        images = [s.sandbox_image for _, s in self._sandboxes() if s.sandbox_image]
+        return list(dict.fromkeys(images))
+
+    @property
+    def output_directory(self) -> Path:
+        """Where attempts' output is kept (the setting, or under the user's home)."""
+        return self.sandbox_output_dir or Path.home() / ".local/state/dispatcher/output"
 
     @property
     def default_session_queue(self) -> str:
@@ -409,6 +503,15 @@ def credentials_in_userinfo(url: str) -> str:
     return (f"{parts.scheme}://{userinfo}@{host}{parts.path}"
             + (f"?{urlencode(rest)}" if rest else "")
             + (f"#{parts.fragment}" if parts.fragment else ""))
+
+
+def image_problem(image: str, where: str, *, allow_mutable: bool) -> str | None:
+    """Why an image reference is refused: a tag can be moved to another image under a running
+    fleet, so sessions would run what nobody reviewed; a digest or an image id cannot."""
+    if allow_mutable or IMMUTABLE_IMAGE.match(image):
+        return None
+    return (f"{where}={image!r} is a mutable tag: name it by digest (repo@sha256:...) or image "
+            "id (sha256:...), or set DISPATCHER_SANDBOX_ALLOW_MUTABLE_TAG=true")
 
 
 def split_redis_credentials(url: str) -> tuple[str, dict[str, str]]:

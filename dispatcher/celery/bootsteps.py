@@ -161,8 +161,10 @@ class ContainerReaper(bootsteps.StartStopStep):
         if (runtime.settings.sandbox_runtime != SandboxRuntimeKind.DOCKER
                 or not consumes_sessions(worker, runtime.settings.session_queues)):
             return
+        from dispatcher.session.container import log_pinned_images
         from dispatcher.session.reaper import Reaper
 
+        log_pinned_images()
         reaper = Reaper(runtime.settings, runtime.registry)
         threading.Thread(target=self._run, args=(reaper,), name="dispatcher-reaper",
                          daemon=True).start()

@@ -18,6 +18,7 @@ SUBCOMMANDS: list[str] = [
     "dispatcher.emulator.cli",
     "dispatcher.ops.demo",
     "dispatcher.ops.operator_cli",
+    "dispatcher.ops.output_cli",
     "dispatcher.ops.webhooks",
 ]
 

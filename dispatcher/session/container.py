@@ -34,6 +34,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from requests.exceptions import RequestException
 
 from dispatcher.logs import event
+from dispatcher.session.output import write_output
 from dispatcher.session.sandbox import EngineError, SandboxSpec, SandboxStartError
 from dispatcher.settings import PullPolicy, Settings
 
@@ -42,6 +43,7 @@ __all__ = [
     "LABEL_ATTEMPT",
     "LABEL_ENVIRONMENT",
     "LABEL_FLEET",
+    "LABEL_FLEET_ID",
     "LABEL_WORK_ID",
     "ContainerSandbox",
     "EngineError",
@@ -50,17 +52,21 @@ __all__ = [
     "container_name",
     "create_arguments",
     "engine",
+    "log_pinned_images",
+    "pinned_image",
     "sandbox_texts",
 ]
 
 LABEL_FLEET = "dispatcher.fleet"
+LABEL_FLEET_ID = "dispatcher.fleet_id"
 LABEL_ENVIRONMENT = "dispatcher.environment"
 LABEL_WORK_ID = "dispatcher.work_id"
 LABEL_SESSION_ID = "dispatcher.session_id"
 LABEL_ATTEMPT = "dispatcher.attempt"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 # Where a sandbox that holds its lease finds the work secret (runner, handoff modes).
-CONTAINER_SECRET_PATH = "/run/dispatcher/work-secret"
+SECRET_DIRECTORY = "/run/dispatcher"
+CONTAINER_SECRET_PATH = f"{SECRET_DIRECTORY}/work-secret"
 # The worker's variables that describe its host, not the sandbox: the image's own stay.
 HOST_ONLY = frozenset({"PATH", "HOME", "TMPDIR"})
 # Every engine call but the exit wait; a create or a kill answers in well under a second.
@@ -74,6 +80,8 @@ WAIT_RETRY_SECONDS = 1.0
 EXIT_VANISHED = 255
 
 _clients: dict[int, docker.APIClient] = {}
+# Image reference -> the id it was resolved to at start; inherited by forked pool children.
+_pinned: dict[str, tuple[str, str]] = {}  # -> (id, registry digests)
 _clients_lock = threading.Lock()
 
 
@@ -103,17 +111,24 @@ def _connect(settings: Settings) -> docker.APIClient:
 
 
 def check_engine(settings: Settings) -> None:
-    """At worker start: the engine answers and has the image, pulled as the policy says."""
+    """At worker start: the engine answers and has each image, pulled as the policy says."""
     api = engine(settings)
-    image = settings.sandbox_image
-    assert image is not None  # require_sandbox() ran first
     try:
         api.ping()
-        present = _has_image(api, image)
     except (APIError, RequestException) as exc:
         raise EngineError(f"the Docker engine at {settings.docker_host or DEFAULT_ENGINE} "
                           f"failed: {_engine_message(exc)}") from None
-    policy = settings.sandbox_pull
+    for image in settings.sandbox_images():
+        _check_image(api, image, settings.sandbox_pull)
+        _pin(api, image)
+
+
+def _check_image(api: docker.APIClient, image: str, policy: PullPolicy) -> None:
+    try:
+        present = _has_image(api, image)
+    except (APIError, RequestException) as exc:
+        raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) cannot be inspected: "
+                          f"{_engine_message(exc)}") from None
     if not present and policy == PullPolicy.NEVER:
         raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) is not on the engine "
                           "and DISPATCHER_SANDBOX_PULL=never: load or build it first")
@@ -126,6 +141,29 @@ def check_engine(settings: Settings) -> None:
                               f"{_engine_message(exc)}") from None
 
 
+def _pin(api: docker.APIClient, image: str) -> None:
+    """Resolve the image to its id once, and run that id from now on: a tag moved while the
+    worker runs changes nothing until it restarts."""
+    try:
+        found = api.inspect_image(image)
+    except (APIError, RequestException) as exc:
+        raise EngineError(f"image {image!r} (DISPATCHER_SANDBOX_IMAGE) cannot be inspected: "
+                          f"{_engine_message(exc)}") from None
+    _pinned[image] = (str(found["Id"]), ",".join(found.get("RepoDigests") or []))
+
+
+def log_pinned_images() -> None:
+    """Say which image each reference was resolved to; once logging is set up (the start-up
+    check runs before Celery configures it, when an INFO line would be lost)."""
+    for image, (image_id, digests) in _pinned.items():
+        event("sandbox image resolved", image=image, id=image_id, digests=digests or None)
+
+
+def pinned_image(image: str) -> str:
+    """The id the image was resolved to at this worker's start (itself if it never was)."""
+    return _pinned[image][0] if image in _pinned else image
+
+
 def _pull(api: docker.APIClient, image: str) -> None:
     """Pull the image; the engine reports some failures inside a successful answer's stream,
     so the image must be there afterwards."""
@@ -136,14 +174,15 @@ def _pull(api: docker.APIClient, image: str) -> None:
 
 
 def sandbox_texts(settings: Settings) -> list[tuple[str, str]]:
-    """What a container runs, as text: the configured command and the image's own."""
+    """What a container runs, as text: the configured command and each image's own."""
     texts = [("DISPATCHER_SANDBOX_COMMAND", settings.sandbox_command or "")]
-    try:
-        config = engine(settings).inspect_image(settings.sandbox_image).get("Config") or {}
-    except (APIError, RequestException):
-        return texts
-    own = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
-    texts.append((f"image {settings.sandbox_image}", " ".join(str(part) for part in own)))
+    for image in settings.sandbox_images():
+        try:
+            config = engine(settings).inspect_image(image).get("Config") or {}
+        except (APIError, RequestException):
+            continue
+        own = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+        texts.append((f"image {image}", " ".join(str(part) for part in own)))
     return texts
 
 
@@ -168,6 +207,7 @@ def container_labels(settings: Settings, spec: SandboxSpec) -> dict[str, str]:
     labels = dict(label.split("=", 1) for label in settings.sandbox_labels)
     labels.update({
         LABEL_FLEET: settings.key_prefix,
+        LABEL_FLEET_ID: settings.fleet_id or "",
         LABEL_ENVIRONMENT: spec.environment_id or settings.environment_id or "",
         LABEL_WORK_ID: spec.work_id,
         LABEL_SESSION_ID: spec.session_id,
@@ -196,29 +236,50 @@ def _tmpfs(text: str) -> tuple[str, str]:
 
 
 def host_config_arguments(settings: Settings) -> dict[str, Any]:
-    """Limits, network and mounts of every container."""
-    arguments: dict[str, Any] = {
+    """Confinement, limits, network and mounts of every container.
+
+    Confined unless the operator loosens a setting: no capability but those given back, no
+    privilege gained through setuid, a bounded number of processes, memory and CPUs, and a
+    root file system that only the work directory and tmpfs mounts make writable."""
+    workdir_owner = _owner_options(settings.sandbox_user)
+    tmpfs = {settings.sandbox_workdir: f"size={settings.sandbox_workdir_size},{workdir_owner}"}
+    tmpfs.update(_tmpfs(t) for t in settings.sandbox_tmpfs)
+    return {
         "network_mode": settings.sandbox_network,
         "init": settings.sandbox_init,
         "binds": dict(_mount(v) for v in settings.sandbox_volumes),
-        "tmpfs": dict(_tmpfs(t) for t in settings.sandbox_tmpfs),
+        "tmpfs": tmpfs,
+        "cap_drop": ["ALL"],
+        "cap_add": list(settings.sandbox_cap_add),
+        "security_opt": ["no-new-privileges"],
+        "pids_limit": settings.sandbox_pids_limit,
+        "nano_cpus": int(settings.sandbox_cpus * 1_000_000_000),
+        "mem_limit": settings.sandbox_memory,
+        # Swap as large as the memory limit would double it: none beyond it.
+        "memswap_limit": settings.sandbox_memory,
+        "read_only": settings.sandbox_read_only,
     }
-    if settings.sandbox_cpus is not None:
-        arguments["nano_cpus"] = int(settings.sandbox_cpus * 1_000_000_000)
-    if settings.sandbox_memory is not None:
-        arguments["mem_limit"] = settings.sandbox_memory
-    return arguments
 
 
-def create_arguments(settings: Settings, spec: SandboxSpec) -> dict[str, Any]:
+def _owner_options(user: str) -> str:
+    uid, _, gid = user.partition(":")
+    return f"uid={uid},gid={gid or uid}"
+
+
+def create_arguments(settings: Settings, spec: SandboxSpec, *,
+                     image: str | None = None) -> dict[str, Any]:
     """`create_container` arguments but the host config: image, command, environment, labels."""
     env = {k: v for k, v in spec.env.items() if k not in HOST_ONLY}
     if spec.secret_file is not None:
         env["ANTHROPIC_WORK_SECRET_FILE"] = CONTAINER_SECRET_PATH
     return {
-        "image": settings.sandbox_image,
+        "image": image or settings.sandbox_image,
         "command": shlex.split(settings.sandbox_command) if settings.sandbox_command else None,
         "user": settings.sandbox_user,
+        "working_dir": settings.sandbox_workdir,
+        # A volume of the container's own (removed with it): the one place the secret file can
+        # be copied to before the start under a read-only root file system.
+        "volumes": [SECRET_DIRECTORY] if spec.secret_file is not None else None,
         "environment": env,
         "labels": container_labels(settings, spec),
         "name": container_name(settings, spec),
@@ -229,18 +290,15 @@ def create_arguments(settings: Settings, spec: SandboxSpec) -> dict[str, Any]:
 
 
 def secret_archive(secret: str, user: str | None) -> bytes:
-    """A tar of the secret file, 0600 and owned by the container's user, for `put_archive`."""
+    """A tar of the secret file, 0600 and owned by the container's user, for `put_archive`
+    into SECRET_DIRECTORY."""
     uid, _, gid = (user or "0").partition(":")
     data = secret.encode()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        directory = tarfile.TarInfo(os.path.dirname(CONTAINER_SECRET_PATH).lstrip("/"))
-        directory.type, directory.mode = tarfile.DIRTYPE, 0o700
-        entry = tarfile.TarInfo(CONTAINER_SECRET_PATH.lstrip("/"))
+        entry = tarfile.TarInfo(os.path.basename(CONTAINER_SECRET_PATH))
         entry.size, entry.mode = len(data), 0o600
-        for info in (directory, entry):
-            info.uid, info.gid, info.mtime = int(uid), int(gid or uid), int(time.time())
-        tar.addfile(directory)
+        entry.uid, entry.gid, entry.mtime = int(uid), int(gid or uid), int(time.time())
         tar.addfile(entry, io.BytesIO(data))
     return buffer.getvalue()
 
@@ -251,9 +309,12 @@ def secret_archive(secret: str, user: str | None) -> bytes:
 class ContainerSandbox:
     """A session's container: signalled and waited on through the engine, removed at the end."""
 
-    def __init__(self, api: docker.APIClient, container_id: str) -> None:
+    def __init__(self, api: docker.APIClient, container_id: str, *,
+                 settings: Settings | None = None, spec: SandboxSpec | None = None) -> None:
         self._api = api
         self.id = container_id
+        self._settings = settings
+        self._spec = spec
         self.started_at = time.time()
         self._exit_code: int | None = None
         self._exited = threading.Event()
@@ -263,6 +324,7 @@ class ContainerSandbox:
     def start(cls, settings: Settings, spec: SandboxSpec) -> ContainerSandbox:
         """Create, feed and start the container; a failure is a SandboxStartError with the
         engine's message, and leaves no container behind."""
+        settings = settings.sandbox_for(spec.environment_id or settings.environment_id)
         try:
             api = engine(settings)
         except EngineError as exc:
@@ -270,14 +332,15 @@ class ContainerSandbox:
         try:
             created = api.create_container(
                 host_config=api.create_host_config(**host_config_arguments(settings)),
-                **create_arguments(settings, spec))
+                **create_arguments(settings, spec,
+                                   image=pinned_image(settings.sandbox_image or "")))
         except (APIError, RequestException) as exc:
             raise SandboxStartError(f"container not created: {_engine_message(exc)}") from None
-        sandbox = cls(api, created["Id"])
+        sandbox = cls(api, created["Id"], settings=settings, spec=spec)
         try:
             if spec.secret_file is not None:
-                api.put_archive(sandbox.id, "/", secret_archive(spec.secret_file,
-                                                                settings.sandbox_user))
+                api.put_archive(sandbox.id, SECRET_DIRECTORY,
+                                secret_archive(spec.secret_file, settings.sandbox_user))
             stdin = api.attach_socket(sandbox.id, params={"stdin": 1, "stream": 1})
             api.start(sandbox.id)
         except (APIError, RequestException) as exc:
@@ -326,14 +389,34 @@ class ContainerSandbox:
         """Kill the container at once if it still runs, and remove it."""
         if self._removed:
             return
+        self._keep_output()
         try:
-            self._api.remove_container(self.id, force=True)
+            self._api.remove_container(self.id, force=True, v=True)
             self._removed = True
         except NotFound:
             self._removed = True
         except (APIError, RequestException) as exc:
             event("container not removed", level=logging.WARNING, container=self.id[:12],
                   error=_engine_message(exc), action_taken="left to the reaper")
+
+
+    def _keep_output(self) -> None:
+        """Copy the container's output to its attempt's file before the engine forgets it;
+        killed first, so the file holds everything it wrote."""
+        if self._settings is None or self._spec is None:
+            return
+        settings, spec = self._settings, self._spec
+        try:
+            with contextlib.suppress(NotFound, APIError):
+                self._api.kill(self.id)  # 409 when it exited already: nothing to stop
+            chunks = self._api.logs(self.id, stdout=True, stderr=True, stream=True,
+                                    follow=False)
+            write_output(settings.output_directory, spec.work_id, spec.attempt, chunks,
+                         max_bytes=settings.sandbox_output_max_bytes,
+                         keep=settings.sandbox_output_keep)
+        except (APIError, RequestException, OSError) as exc:
+            event("output not kept", level=logging.WARNING, work_id=spec.work_id,
+                  attempt=spec.attempt, container=self.id[:12], error=str(exc))
 
 
 def _feed(stream: Any, data: bytes) -> None:

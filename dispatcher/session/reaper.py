@@ -3,8 +3,13 @@
 A worker killed with SIGKILL leaves its containers running (no supervisor removes them, and
 unlike a process group nothing dies with the worker); so does a host that comes back after a
 crash. Every session worker of the docker runtime runs the reaper at start and then every
-second: each container with this fleet's label and one of its environments' whose attempt is
+second: each container labelled with this fleet's id (`DISPATCHER_FLEET_ID`) whose attempt is
 not its lease's current, running attempt is killed and removed.
+
+Only the fleet id says whose a container is. The key prefix and the environment do not: two
+fleets on one engine (blue/green, two compose projects) may share both, and each would read the
+other's containers as leaseless in its own registry and remove them. The id is configuration,
+not Redis data, so a Redis that lost its data changes nothing about which containers are ours.
 
 The decision is a pure function of the containers' labels and the leases (read only). A lease
 with a newer attempt is final (attempts only grow): reaped at once. A lease that is missing or
@@ -24,13 +29,7 @@ from requests.exceptions import RequestException
 from dispatcher.lease.model import Lease, Phase
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.logs import event
-from dispatcher.session.container import (
-    LABEL_ATTEMPT,
-    LABEL_ENVIRONMENT,
-    LABEL_FLEET,
-    LABEL_WORK_ID,
-    engine,
-)
+from dispatcher.session.container import LABEL_ATTEMPT, LABEL_FLEET_ID, LABEL_WORK_ID, engine
 from dispatcher.settings import Settings
 
 __all__ = ["REAP_INTERVAL_SECONDS", "Reaper", "Verdict", "judge"]
@@ -73,16 +72,14 @@ def judge(found: Iterable[Found], leases: Mapping[str, Lease],
     return Verdict(reap=reap, suspect=suspect)
 
 
-def _parse(container: Mapping[str, object], environments: set[str]) -> Found | None:
+def _parse(container: Mapping[str, object]) -> Found | None:
     labels = container.get("Labels") or {}
     assert isinstance(labels, dict)
-    if labels.get(LABEL_ENVIRONMENT) not in environments:
-        return None  # another fleet's, sharing our prefix on the engine: not ours to judge
     try:
         return Found(str(container["Id"]), str(labels[LABEL_WORK_ID]),
                      int(labels[LABEL_ATTEMPT]))
     except (KeyError, ValueError):
-        return None  # not a session container of ours, though it wears the fleet label
+        return None  # not a session container, though it wears the fleet's id
 
 
 class Reaper:
@@ -96,11 +93,8 @@ class Reaper:
     def run_once(self) -> int:
         """One pass; returns how many containers it removed."""
         api = engine(self.settings)
-        # The engine ANDs label filters, so the environments (several) are matched here.
-        filters = {"label": [f"{LABEL_FLEET}={self.settings.key_prefix}", LABEL_ENVIRONMENT]}
-        served = {e.id for e in self.settings.environments()}
-        found = [f for c in api.containers(all=True, filters=filters)
-                 if (f := _parse(c, served))]
+        filters = {"label": [f"{LABEL_FLEET_ID}={self.settings.fleet_id}"]}
+        found = [f for c in api.containers(all=True, filters=filters) if (f := _parse(c))]
         work_ids = sorted({f.work_id for f in found})
         leases = {lease.work_id: lease for lease in self.registry.get_many(work_ids)}
         verdict = judge(found, leases, self.suspects)
@@ -108,7 +102,7 @@ class Reaper:
         removed = 0
         for item in verdict.reap:
             try:
-                api.remove_container(item.container_id, force=True)
+                api.remove_container(item.container_id, force=True, v=True)
             except NotFound:
                 continue
             except (APIError, RequestException) as exc:

@@ -50,5 +50,5 @@ def container_fleet(fleet: Fleet, sandbox_image: str, engine: docker.APIClient) 
     fleet.stop_all()
     leftover = fleet.containers(engine)
     for container in leftover:
-        engine.remove_container(container["Id"], force=True)
+        engine.remove_container(container["Id"], force=True, v=True)
     assert not leftover, "containers of the fleet outlived it"

@@ -28,6 +28,7 @@ CONTRACT = ("ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONMENT_
             "ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_BASE_URL", "DISPATCHER_ATTEMPT")
 # The supervisor acts on a stop within 0.2 s; the rest is the engine's kill and our polling.
 STOP_BOUND_SECONDS = 2.0
+MISSING_IMAGE = "dispatcher-no-such-image@sha256:" + "0" * 64
 
 
 def _sha(text: str) -> str:
@@ -82,6 +83,35 @@ def test_sessions_run_once_in_containers_with_the_contract_and_no_secret_in_sigh
         assert len(fleet.events(work_id, "started")) == 1, "exactly once"
         assert fleet.events(work_id, "exited")[0]["reason"] == "completed"
     wait_for(lambda: not fleet.containers(engine), timeout=10, what="containers removed")
+
+
+def test_a_container_of_the_default_settings_is_confined(container_fleet: Fleet,
+                                                       engine: Any) -> None:
+    """The fleet's settings name only the image, the network this machine has and the records
+    mount: the rest is the runtime's defaults. The session still runs, as nobody, writing only
+    where it may."""
+    fleet = container_fleet
+    fleet.worker("w1", beat=True)
+    work_id = fleet.create(fake_duration=3)
+    fleet.wait_event(work_id, "started", timeout=60)
+    (container,) = _running_of(fleet, engine, work_id)
+    shown = json.loads(_inspect(container["Id"]))[0]
+    host = shown["HostConfig"]
+    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["PidsLimit"] == 512
+    assert host["Memory"] == 2 * 1024**3 and host["MemorySwap"] == 2 * 1024**3
+    assert host["NanoCpus"] == 1_000_000_000
+    assert host["ReadonlyRootfs"] is True
+    assert set(host["Tmpfs"]) == {"/workspace", "/tmp"}
+    assert shown["Config"]["User"] == "65534:65534"
+    assert shown["Config"]["WorkingDir"] == "/workspace"
+    assert shown["Config"]["Labels"]["dispatcher.fleet_id"] == fleet.overrides[
+        "DISPATCHER_FLEET_ID"]
+    assert shown["Image"] == fleet.overrides["DISPATCHER_SANDBOX_IMAGE"], "run by its id"
+    fleet.wait_stopped([work_id], timeout=30)
+    assert fleet.events(work_id, "exited")[0]["reason"] == "completed"
+    assert "sandbox image resolved" in fleet.log("w1")
 
 
 def _stop_and_time(fleet: Fleet, engine: Any, *, force: bool,
@@ -235,11 +265,13 @@ def test_a_container_that_cannot_start_is_a_failed_attempt_and_its_item_is_stopp
 
 @pytest.mark.parametrize(("env", "expected"), [
     ({"DOCKER_HOST": "unix:///nonexistent/docker.sock"}, "does not answer (DOCKER_HOST)"),
-    ({"DISPATCHER_SANDBOX_IMAGE": "dispatcher-no-such-image:1"},
+    ({"DISPATCHER_SANDBOX_IMAGE": MISSING_IMAGE},
      "is not on the engine and DISPATCHER_SANDBOX_PULL=never"),
-    ({"DISPATCHER_SANDBOX_IMAGE": "dispatcher-no-such-image:1",
-      "DISPATCHER_SANDBOX_PULL": "missing"},
+    ({"DISPATCHER_SANDBOX_IMAGE": MISSING_IMAGE, "DISPATCHER_SANDBOX_PULL": "missing"},
      "could not be pulled (DISPATCHER_SANDBOX_PULL=missing)"),
+    ({"DISPATCHER_SANDBOX_IMAGE": "dispatcher-test-sandbox:latest"},
+     "is a mutable tag: name it by digest (repo@sha256:...) or image id (sha256:...), or set "
+     "DISPATCHER_SANDBOX_ALLOW_MUTABLE_TAG=true"),
     ({"DISPATCHER_SANDBOX_IMAGE": ""}, "DISPATCHER_SANDBOX_IMAGE is not set"),
 ])
 def test_a_session_worker_that_cannot_run_containers_refuses_to_start_with_one_line(
@@ -284,6 +316,7 @@ def test_the_operations_recipe_runs_sessions(container_fleet: Fleet, engine: Any
     fleet = container_fleet
     recipe = _recipe()
     local = {"DISPATCHER_SANDBOX_IMAGE": fleet.overrides["DISPATCHER_SANDBOX_IMAGE"],
+             "DISPATCHER_FLEET_ID": fleet.overrides["DISPATCHER_FLEET_ID"],
              "DISPATCHER_SANDBOX_NETWORK": "none"}
     fleet.overrides.update({**recipe, **local})
     fleet.worker("w1", beat=True)
@@ -331,8 +364,8 @@ def test_a_socket_the_worker_may_not_use_is_named_as_a_permission_problem(
         server.listen()
         path.chmod(0)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "DOCKER"))}
-        env.update({"DISPATCHER_SANDBOX_RUNTIME": "docker", "DISPATCHER_SANDBOX_IMAGE": "any",
-                    "DOCKER_HOST": f"unix://{path}"})
+        env.update({"DISPATCHER_SANDBOX_RUNTIME": "docker", "DISPATCHER_SANDBOX_IMAGE":
+                    MISSING_IMAGE, "DISPATCHER_FLEET_ID": "any", "DOCKER_HOST": f"unix://{path}"})
         result = subprocess.run(
             ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
              "from dispatcher.session.runtimes import check_sandbox\n"
@@ -342,3 +375,79 @@ def test_a_socket_the_worker_may_not_use_is_named_as_a_permission_problem(
     assert result.returncode != 0
     assert "EngineError: permission denied on the Docker engine at unix://" in result.stderr, (
         result.stderr[-2000:])
+
+
+def test_two_fleets_with_one_prefix_and_environment_leave_each_others_containers_alone(
+        container_fleet: Fleet, engine: Any, emulator: Any, tmp_path: Path) -> None:
+    """Blue and green: the same key prefix and environment on one engine, each with its own
+    Redis database and fleet id. Each reaper runs every second while the other fleet's
+    sessions run; a reaper that judged by prefix and environment would find them leaseless in
+    its own registry and remove them within two passes."""
+    blue = container_fleet
+    (tmp_path / "green").mkdir()
+    green = Fleet(emulator, tmp_path / "green", blue.redis_url.rsplit("/", 1)[0], twin_of=blue)
+    green.redis.flushdb()
+    green.use_containers(blue.overrides["DISPATCHER_SANDBOX_IMAGE"])
+    try:
+        assert (green.prefix, green.environment_id) == (blue.prefix, blue.environment_id)
+        blue.worker("w1", beat=True, concurrency=4)  # 2 of them kept for control tasks
+        green.worker("w1", beat=True, concurrency=4)
+        blue.wait_slots(2)
+        green.wait_slots(2)
+        work_ids = [blue.create(fake_duration=8) for _ in range(4)]
+
+        def running(fleet: Fleet) -> list[dict[str, Any]]:
+            return fleet.containers(engine, running=True)
+
+        wait_for(lambda: running(blue) and running(green), timeout=60,
+                 what="sessions of both fleets running at once")
+        wait_for(lambda: all(b.events(w, "exited") for w in work_ids for b in (blue, green)
+                             if b.events(w, "started")) and all(
+                     any(b.events(w, "started") for b in (blue, green)) for w in work_ids),
+                 timeout=90, what="every session ended")
+        for work_id in work_ids:
+            started = [e for b in (blue, green) for e in b.events(work_id, "started")]
+            assert [e["attempt"] for e in started] == ["1"], "one attempt, never cut short"
+            exited = [e for b in (blue, green) for e in b.events(work_id, "exited")]
+            assert [e["reason"] for e in exited] == ["completed"]
+        for fleet in (blue, green):
+            assert "container reaped" not in fleet.log("w1")
+        blue.wait_stopped(work_ids, timeout=30)
+        wait_for(lambda: not green.containers(engine), timeout=10, what="green's removed")
+    finally:
+        green.stop_all()
+        for container in green.containers(engine):
+            engine.remove_container(container["Id"], force=True, v=True)
+
+
+def test_an_environments_own_limits_apply_and_each_attempts_output_is_kept(
+        container_fleet: Fleet, engine: Any, tmp_path: Path) -> None:
+    """An environment of the environments file with its own limits; the container's stdout
+    and stderr copied before its removal, and printed by `dispatcher output`."""
+    fleet = container_fleet
+    environments = tmp_path / "environments.toml"
+    environments.write_text(f'[[environment]]\nid = "{fleet.environment_id}"\n'
+                            f'key = "{fleet.emulator.environment_key}"\n'
+                            'memory = "256m"\ncpus = 0.5\npids_limit = 100\n')
+    fleet.unset |= {"ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY"}
+    output = tmp_path / "output"
+    fleet.overrides.update({"DISPATCHER_ENVIRONMENTS_FILE": str(environments),
+                            "DISPATCHER_SANDBOX_OUTPUT_DIR": str(output)})
+    fleet.worker("w1", beat=True)
+    work_id = fleet.create(fake_duration=2)
+    fleet.wait_event(work_id, "started", timeout=60)
+    (container,) = _running_of(fleet, engine, work_id)
+    host = engine.inspect_container(container["Id"])["HostConfig"]
+    assert (host["Memory"], host["NanoCpus"], host["PidsLimit"]) == (256 * 1024**2, 5 * 10**8,
+                                                                      100)
+    fleet.wait_stopped([work_id], timeout=30)
+    wait_for(lambda: not fleet.containers(engine), timeout=10, what="container removed")
+    env = {**os.environ, "DISPATCHER_SANDBOX_OUTPUT_DIR": str(output)}
+    shown = subprocess.run([sys.executable, "-m", "dispatcher.ops.cli", "output", work_id],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    header, *lines = shown.stdout.splitlines()
+    assert header == f"== attempt 1 ({output}/{work_id}/1.log) =="
+    # Two streams, two pipes: the engine may receive them in either order.
+    assert sorted(lines) == [f"attempt 1 of {work_id} on stderr",
+                             f"attempt 1 of {work_id} on stdout"]

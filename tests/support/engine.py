@@ -59,7 +59,8 @@ def ensure_engine() -> docker.APIClient:
 
 
 def ensure_image(client: docker.APIClient, workdir: Path) -> str:
-    """The test image's tag, imported when the engine lacks it."""
+    """The test image's id (`sha256:...`: a reference no tag can move, as the runtime asks by
+    default), imported under its tag when the engine lacks it."""
     busybox = shutil.which("busybox")
     if busybox is None:
         raise RuntimeError("busybox is not installed: run ./dev test (it installs "
@@ -67,8 +68,7 @@ def ensure_image(client: docker.APIClient, workdir: Path) -> str:
     digest = hashlib.sha256(SCRIPT.read_bytes() + Path(busybox).read_bytes()).hexdigest()[:12]
     tag = f"{IMAGE_REPOSITORY}:{digest}"
     try:
-        client.inspect_image(tag)
-        return tag
+        return str(client.inspect_image(tag)["Id"])
     except ImageNotFound:
         pass
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
@@ -88,4 +88,4 @@ def ensure_image(client: docker.APIClient, workdir: Path) -> str:
     subprocess.run(["docker", "import", "-c", "ENV PATH=/bin", "-c",
                     'CMD ["sh", "/session.sh"]', str(tarball), tag],
                    check=True, capture_output=True)
-    return tag
+    return str(client.inspect_image(tag)["Id"])

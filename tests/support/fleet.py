@@ -25,7 +25,7 @@ import redis
 from dispatcher.control.capacity import Capacity
 from dispatcher.ops.stack import LocalStack
 from dispatcher.workapi import WorkClient
-from tests.support.isolation import REDIS_BASE, fleet_db, redis_url
+from tests.support.isolation import REDIS_BASE, fleet_db, integration_db, redis_url
 from tests.support.waiting import wait_for
 
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -51,16 +51,21 @@ def flush_fleet_db() -> None:
 class Fleet:
     """A fleet under test: processes through `LocalStack`, the emulator from the fixture."""
 
-    def __init__(self, emulator: Any, tmp_path: Path, redis_base: str = REDIS_BASE) -> None:
+    def __init__(self, emulator: Any, tmp_path: Path, redis_base: str = REDIS_BASE, *,
+                 twin_of: Fleet | None = None) -> None:
+        """`twin_of`: a second fleet with the first's environment and key prefix, on another
+        Redis database (two compose projects, blue/green): this worker's integration one."""
         self.emulator = emulator
-        self.environment_id = emulator.create_environment()
+        self.environment_id = (twin_of.environment_id if twin_of
+                               else emulator.create_environment())
         self.tmp = tmp_path
         self.records_dir = tmp_path / "records"
         self.records_dir.mkdir()
-        self.redis_url = f"{redis_base}/{fleet_db()}"
+        self.redis_url = f"{redis_base}/{integration_db() if twin_of else fleet_db()}"
+        prefix = twin_of.prefix if twin_of else f"t{uuid.uuid4().hex[:8]}"
         self.stack = LocalStack(workdir=tmp_path, redis_url=self.redis_url,
                                 environment_key=emulator.environment_key,
-                                api_key=emulator.api_key, key_prefix=f"t{uuid.uuid4().hex[:8]}",
+                                api_key=emulator.api_key, key_prefix=prefix,
                                 base_url=emulator.base_url, environment_id=self.environment_id)
         self.prefix = self.stack.key_prefix
         self.overrides: dict[str, str] = {}
@@ -95,6 +100,7 @@ class Fleet:
         self.overrides.update({
             "DISPATCHER_SANDBOX_RUNTIME": "docker",
             "DISPATCHER_SANDBOX_IMAGE": image,
+            "DISPATCHER_FLEET_ID": f"{self.prefix}-{uuid.uuid4().hex[:6]}",
             "DISPATCHER_SANDBOX_NETWORK": "none",  # test machines have no bridge
             "DISPATCHER_SANDBOX_PULL": "never",
             "DISPATCHER_SANDBOX_VOLUMES": f"{self.records_dir}:/records",
@@ -102,8 +108,11 @@ class Fleet:
 
     def containers(self, engine: Any, *, running: bool = False) -> list[dict[str, Any]]:
         """The engine's containers of this fleet."""
+        labels = [f"dispatcher.fleet={self.prefix}"]
+        if "DISPATCHER_FLEET_ID" in self.overrides:
+            labels.append(f"dispatcher.fleet_id={self.overrides['DISPATCHER_FLEET_ID']}")
         found: list[dict[str, Any]] = engine.containers(
-            all=not running, filters={"label": f"dispatcher.fleet={self.prefix}"})
+            all=not running, filters={"label": labels})
         return found
 
     def hostname(self, name: str) -> str:

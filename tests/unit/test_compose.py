@@ -12,6 +12,7 @@ here as compose does it, from a given environment.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -29,7 +30,7 @@ from dispatcher.emulator.cli import (
     ENV_WEBHOOK_SIGNING_KEY,
     ENV_WEBHOOK_URL,
 )
-from dispatcher.settings import Settings
+from dispatcher.settings import Settings, SettingsError
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed: add it to the dev extra")
 
@@ -47,7 +48,9 @@ EMULATOR_VARIABLES = {ENV_ENVIRONMENT_KEY, ENV_API_KEY, ENV_WEBHOOK_URL, ENV_WEB
 # What beat and Flower may be given: Redis, beat how it schedules the poller, and Flower its own
 # options. Never a key.
 REDIS_ONLY_ENV = {"DISPATCHER_REDIS_URL", "DISPATCHER_BROKER_URL", "DISPATCHER_KEY_PREFIX",
-                  "DISPATCHER_WEBHOOKS", "DISPATCHER_WEBHOOK_SWEEP_SECONDS"}
+                  "DISPATCHER_SESSION_QUEUES", "DISPATCHER_WEBHOOKS",
+                  "DISPATCHER_WEBHOOK_SWEEP_SECONDS", "DISPATCHER_POLL_INTERVAL_SECONDS",
+                  "DISPATCHER_HEARTBEAT_TICK_SECONDS", "DISPATCHER_BRIDGE_INTERVAL_SECONDS"}
 # Services that run only under their own profile (`--profile NAME`): optional parts.
 PROFILED = {"emulator": ["emulator"], "webhooks": ["webhooks"], "rabbitmq": ["rabbitmq"]}
 # Variables that must have no default anywhere: the operator sets them, or nothing starts.
@@ -126,16 +129,25 @@ def argv(service: dict[str, Any], env: Mapping[str, str] = QUICK_START_ENV) -> l
     return [interpolate(word, env) for word in words]
 
 
-def raw_environment(service: dict[str, Any]) -> dict[str, str]:
+def raw_environment(service: dict[str, Any]) -> dict[str, str | None]:
+    """The service's variables as written; None for a name passed through without a value."""
     env = service.get("environment") or {}
     if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {str(k): str(v) for k, v in env.items()}
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return {str(k): None if v is None else str(v) for k, v in env.items()}
 
 
 def environment(service: dict[str, Any],
                 env: Mapping[str, str] = QUICK_START_ENV) -> dict[str, str]:
-    return {k: interpolate(v, env) for k, v in raw_environment(service).items()}
+    """What the container gets: a name without a value takes the env file's, and is left out
+    when the env file does not set it (compose's rule), so the fleet's default applies."""
+    given: dict[str, str] = {}
+    for name, value in raw_environment(service).items():
+        if value is not None:
+            given[name] = interpolate(value, env)
+        elif name in env:
+            given[name] = env[name]
+    return given
 
 
 def option(words: list[str], short: str, long: str) -> str | None:
@@ -249,8 +261,18 @@ def test_worker_stop_grace_covers_the_sandbox_grace(services: dict[str, dict[str
     default = Settings.model_fields["stop_grace_seconds"].default
     configured = float(environment(services["worker"]).get("DISPATCHER_STOP_GRACE_SECONDS",
                                                              default))
-    period = seconds(str(services["worker"]["stop_grace_period"]))
+    period = seconds(interpolate(str(services["worker"]["stop_grace_period"]), QUICK_START_ENV))
     assert period >= max(default, configured) + GRACE_MARGIN_SECONDS
+
+
+@pytest.mark.parametrize("grace", ["2", "30", "120", "7.5"])
+def test_worker_stop_grace_follows_the_dispatchers(services: dict[str, dict[str, Any]],
+                                                   grace: str) -> None:
+    env = {**QUICK_START_ENV, "DISPATCHER_STOP_GRACE_SECONDS": grace}
+    configured = float(environment(services["worker"], env)["DISPATCHER_STOP_GRACE_SECONDS"])
+    period = seconds(interpolate(str(services["worker"]["stop_grace_period"]), env))
+    assert configured == float(grace)
+    assert period == configured + GRACE_MARGIN_SECONDS
 
 
 def test_beat_has_no_health_check(services: dict[str, dict[str, Any]]) -> None:
@@ -441,14 +463,33 @@ def test_no_literal_secret_in_the_compose_files() -> None:
             assert value == "", f"the example gives {name} a value"
 
 
-@pytest.mark.parametrize("variable", ["ANTHROPIC_ENVIRONMENT_KEY", "DISPATCHER_ON_WORK",
-                                      "ANTHROPIC_ENVIRONMENT_ID"])
+def fleet_settings(given: Mapping[str, str]) -> Settings:
+    return Settings(**{k: v for k, v in given.items() if k in setting_names()})
+
+
+@pytest.mark.parametrize("variable", ["ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_ENVIRONMENT_ID"])
 def test_workers_refuse_to_start_without(services: dict[str, dict[str, Any]],
-                                         variable: str) -> None:
+                                         variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compose passes them through by name; a worker given none refuses, naming it."""
+    for name in list(os.environ):
+        if name.startswith(("ANTHROPIC_", "DISPATCHER_")):
+            monkeypatch.delenv(name)
     env = {k: v for k, v in QUICK_START_ENV.items() if k != variable}
     for name in WORKERS:
-        with pytest.raises(Unset, match=variable):
-            environment(services[name], env)
+        given = environment(services[name], env)
+        assert variable not in given
+        with pytest.raises(SettingsError, match=f"{variable} is not set"):
+            fleet_settings(given).require_environments()
+
+
+def test_session_workers_refuse_to_start_without_an_on_work_command(
+        services: dict[str, dict[str, Any]]) -> None:
+    from dispatcher.session.sandbox import CommandError, resolve_command
+
+    env = {k: v for k, v in QUICK_START_ENV.items() if k != "DISPATCHER_ON_WORK"}
+    given = environment(services["worker"], env)
+    with pytest.raises(CommandError, match="DISPATCHER_ON_WORK is not set"):
+        resolve_command(given.get("DISPATCHER_ON_WORK"))
 
 
 def test_rabbitmq_is_optional_and_refuses_to_start_without_its_password(
@@ -501,3 +542,107 @@ def test_the_real_service_variant() -> None:
     required = {m.group(1) for path in (COMPOSE, REAL_OVERRIDE)
                 for m in INTERPOLATION.finditer(path.read_text()) if m.group(2) == ":?"}
     assert required <= set(example), f"the example misses {sorted(required - set(example))}"
+
+
+# --- every setting reaches the services that read it ------------------------------------------
+# Who reads what (docs/configuration.md, "Who needs what"). Settings that are in no compose
+# service on purpose, and why.
+NOT_IN_COMPOSE = {
+    "ANTHROPIC_API_KEY": "the organisation key is for operator commands, never on the fleet",
+    "DISPATCHER_WORKER_ID": "an alias of ANTHROPIC_WORKER_ID, which is passed",
+    "DISPATCHER_WEBHOOKS_HOST": "the receiver's command gives it (--host)",
+    "DISPATCHER_WEBHOOKS_PORT": "the receiver's command gives it (--port)",
+    "DISPATCHER_REDIS_URL": "the compose file's own Redis",
+    "DISPATCHER_REDIS_SENTINELS": "the compose file's own Redis has no Sentinel",
+    "DISPATCHER_REDIS_SENTINEL_MASTER": "the compose file's own Redis has no Sentinel",
+    "DISPATCHER_REDIS_SENTINEL_PASSWORD": "the compose file's own Redis has no Sentinel",
+}
+ROLE_READS = {
+    "beat": REDIS_ONLY_ENV,
+    "flower": {"DISPATCHER_BROKER_URL", "DISPATCHER_KEY_PREFIX", "DISPATCHER_SESSION_QUEUES"},
+    "webhooks": {"DISPATCHER_BROKER_URL", "DISPATCHER_KEY_PREFIX", "DISPATCHER_SESSION_QUEUES",
+                 "ANTHROPIC_WEBHOOK_SIGNING_KEY"},
+}
+WORKER_UNREAD = set(NOT_IN_COMPOSE) | {"ANTHROPIC_WEBHOOK_SIGNING_KEY"}
+
+
+def reads(role: str) -> set[str]:
+    if role in WORKERS:
+        return setting_names() - WORKER_UNREAD
+    return ROLE_READS[role] - set(NOT_IN_COMPOSE)
+
+
+def real_service(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """docker-compose.yml with deploy/real-service.yml over it, as compose merges them: the
+    environment name by name, volumes and groups added, anything else replaced."""
+    base = yaml.safe_load(COMPOSE.read_text())["services"]
+    override = yaml.safe_load(REAL_OVERRIDE.read_text())["services"]
+    merged: dict[str, dict[str, Any]] = {}
+    for name, service in base.items():
+        result = dict(service)
+        for key, value in (override.get(name) or {}).items():
+            if key == "environment":
+                result[key] = {**raw_environment(service), **raw_environment(override[name])}
+            elif key in ("volumes", "group_add"):
+                result[key] = [*service.get(key, []), *value]
+            else:
+                result[key] = value
+        merged[name] = result
+    return merged
+
+
+# Every variable set, each to a value naming it: what reaches a service shows where it came from.
+EVERY_SETTING = {name: f"value-of-{name}" for name in setting_names()}
+REAL_ENV = {**read_env_file(REAL_ENV_EXAMPLE), **EVERY_SETTING, "DOCKER_GID": "998",
+            "REDIS_PASSWORD": TEST_REDIS_PASSWORD,
+            "DISPATCHER_SANDBOX_DIR": "/srv/dispatcher", "FLOWER_BASIC_AUTH": TEST_FLOWER_AUTH}
+
+
+def test_every_setting_is_read_by_a_compose_service_or_excluded_with_a_reason() -> None:
+    covered = set().union(*(reads(role) for role in (*WORKERS, *ROLE_READS)))
+    assert setting_names() - covered == set(NOT_IN_COMPOSE)
+
+
+@pytest.mark.parametrize("role", [*WORKERS, *ROLE_READS])
+def test_every_setting_in_the_env_file_reaches_the_services_that_read_it(role: str) -> None:
+    for services in (yaml.safe_load(COMPOSE.read_text())["services"], real_service(REAL_ENV)):
+        given = environment(services[role], REAL_ENV)
+        lost = sorted(n for n in reads(role) if given.get(n) != REAL_ENV[n])
+        assert not lost, f"{role}: the env file's value of {lost} does not reach it"
+
+
+# The example as an operator fills it in: every line given a value.
+FILLED_EXAMPLE = {k: v or f"filled-{k}" for k, v in read_env_file(REAL_ENV_EXAMPLE).items()}
+
+
+def test_unset_settings_stay_unset_so_the_fleets_defaults_apply() -> None:
+    services = real_service(FILLED_EXAMPLE)
+    given = environment(services["worker"], FILLED_EXAMPLE)
+    assert "DISPATCHER_SANDBOX_MEMORY" not in given and "DISPATCHER_SESSION_SLOTS" not in given
+
+
+def test_the_real_service_runs_the_official_runner_in_containers() -> None:
+    example = FILLED_EXAMPLE
+    services = real_service(example)
+    worker = environment(services["worker"], example)
+    assert worker["DISPATCHER_SANDBOX_RUNTIME"] == "docker"
+    assert worker["DISPATCHER_LEASE_MODE"] == "runner"
+    assert environment(services["control"], example)["DISPATCHER_LEASE_MODE"] == "runner", (
+        "the poller records the lease mode: control workers must agree with session workers")
+    for variable in ("DISPATCHER_FLEET_ID", "DISPATCHER_SANDBOX_IMAGE", "DOCKER_GID"):
+        without = {k: v for k, v in example.items() if k != variable}
+        with pytest.raises(Unset, match=variable):
+            resolved = real_service(without)["worker"]
+            environment(resolved, without)
+            [interpolate(str(g), without) for g in resolved.get("group_add", [])]
+
+
+def test_only_session_workers_get_the_engines_socket() -> None:
+    for name, service in real_service(REAL_ENV).items():
+        mounts = [interpolate(str(v), REAL_ENV) for v in service.get("volumes", [])]
+        has_socket = any("docker.sock" in m for m in mounts)
+        assert has_socket == (name == "worker"), f"{name}: the socket is root on the host"
+        assert bool(service.get("group_add")) == (name == "worker")
+        if name not in PROFILED:
+            given = environment(service, REAL_ENV)
+            assert "DOCKER_HOST" not in given or name in WORKERS

@@ -28,6 +28,8 @@ from dispatcher.session.sandbox import SandboxSpec, SandboxStartError
 from dispatcher.settings import Settings, SettingsError, load_settings
 
 SECRET = "c2Vzc2lvbnNfdG9rZW4-SECRET"
+DIGEST = "sha256:" + "ab" * 32
+IMAGE = f"registry.example.com/sandbox@{DIGEST}"
 
 
 _ENV: list[pytest.MonkeyPatch] = []
@@ -45,8 +47,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _settings(**env: str) -> Settings:
-    base = {"DISPATCHER_SANDBOX_RUNTIME": "docker", "DISPATCHER_SANDBOX_IMAGE": "sandbox:1",
-            "ANTHROPIC_ENVIRONMENT_ID": "env_1", "DISPATCHER_KEY_PREFIX": "fleet"}
+    base = {"DISPATCHER_SANDBOX_RUNTIME": "docker", "DISPATCHER_SANDBOX_IMAGE": IMAGE,
+            "ANTHROPIC_ENVIRONMENT_ID": "env_1", "DISPATCHER_KEY_PREFIX": "fleet",
+            "DISPATCHER_FLEET_ID": "blue"}
     for name, value in {**base, **env}.items():
         _ENV[-1].setenv(name, value)
     return load_settings()
@@ -76,7 +79,8 @@ def test_the_secret_is_never_in_the_environment_labels_or_command(secret_file: s
 def test_labels_name_the_fleet_environment_work_session_and_attempt() -> None:
     settings = _settings(DISPATCHER_SANDBOX_LABELS="team=a, cost=b")
     assert container_labels(settings, _spec()) == {
-        "team": "a", "cost": "b", "dispatcher.fleet": "fleet", "dispatcher.environment": "env_1",
+        "team": "a", "cost": "b", "dispatcher.fleet": "fleet", "dispatcher.fleet_id": "blue",
+        "dispatcher.environment": "env_1",
         "dispatcher.work_id": "work_1", "dispatcher.session_id": "sesn_1",
         "dispatcher.attempt": "2"}
 
@@ -90,19 +94,67 @@ def test_one_container_name_per_attempt(prefix: str, expected: str) -> None:
     assert container_name(_settings(DISPATCHER_KEY_PREFIX=prefix), _spec()) == expected
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({}, {"network_mode": "bridge", "init": True, "binds": {}, "tmpfs": {}}),
+CONFINED = {
+    "network_mode": "bridge", "init": True, "binds": {},
+    "tmpfs": {"/workspace": "size=1g,uid=65534,gid=65534", "/tmp": "size=64m"},
+    "cap_drop": ["ALL"], "cap_add": [], "security_opt": ["no-new-privileges"],
+    "pids_limit": 512, "nano_cpus": 1_000_000_000, "mem_limit": "2g", "memswap_limit": "2g",
+    "read_only": True,
+}
+
+
+@pytest.mark.parametrize(("env", "changed"), [
+    ({}, {}),
     ({"DISPATCHER_SANDBOX_NETWORK": "none", "DISPATCHER_SANDBOX_INIT": "false"},
-     {"network_mode": "none", "init": False, "binds": {}, "tmpfs": {}}),
+     {"network_mode": "none", "init": False}),
     ({"DISPATCHER_SANDBOX_VOLUMES": "/a:/b,/c:/d:ro", "DISPATCHER_SANDBOX_TMPFS":
-      "/tmp:size=64m,/run", "DISPATCHER_SANDBOX_CPUS": "1.5", "DISPATCHER_SANDBOX_MEMORY": "512m"},
-     {"network_mode": "bridge", "init": True,
-      "binds": {"/a": {"bind": "/b", "mode": "rw"}, "/c": {"bind": "/d", "mode": "ro"}},
-      "tmpfs": {"/tmp": "size=64m", "/run": ""}, "nano_cpus": 1_500_000_000,
-      "mem_limit": "512m"}),
+      "/tmp:size=8m,/run", "DISPATCHER_SANDBOX_CPUS": "1.5", "DISPATCHER_SANDBOX_MEMORY": "512m"},
+     {"binds": {"/a": {"bind": "/b", "mode": "rw"}, "/c": {"bind": "/d", "mode": "ro"}},
+      "tmpfs": {"/workspace": "size=1g,uid=65534,gid=65534", "/tmp": "size=8m", "/run": ""},
+      "nano_cpus": 1_500_000_000, "mem_limit": "512m", "memswap_limit": "512m"}),
+    ({"DISPATCHER_SANDBOX_CAP_ADD": "NET_BIND_SERVICE, CHOWN", "DISPATCHER_SANDBOX_PIDS_LIMIT":
+      "64", "DISPATCHER_SANDBOX_READ_ONLY": "false", "DISPATCHER_SANDBOX_USER": "1000:50",
+      "DISPATCHER_SANDBOX_WORKDIR": "/work", "DISPATCHER_SANDBOX_WORKDIR_SIZE": "10m"},
+     {"cap_add": ["NET_BIND_SERVICE", "CHOWN"], "pids_limit": 64, "read_only": False,
+      "tmpfs": {"/work": "size=10m,uid=1000,gid=50", "/tmp": "size=64m"}}),
 ])
-def test_host_config(env: dict[str, str], expected: dict[str, Any]) -> None:
-    assert host_config_arguments(_settings(**env)) == expected
+def test_host_config_is_confined_unless_a_setting_loosens_it(env: dict[str, str],
+                                                             changed: dict[str, Any]) -> None:
+    assert host_config_arguments(_settings(**env)) == {**CONFINED, **changed}
+
+
+def test_a_container_runs_as_nobody_in_its_work_directory_by_default() -> None:
+    arguments = create_arguments(_settings(), _spec())
+    assert (arguments["user"], arguments["working_dir"]) == ("65534:65534", "/workspace")
+    assert arguments["image"] == IMAGE
+    assert create_arguments(_settings(), _spec(), image=DIGEST)["image"] == DIGEST
+
+
+def test_the_secret_directory_is_a_volume_of_the_container_only_when_it_gets_a_secret() -> None:
+    """A read-only root file system takes no copied file outside a volume."""
+    assert create_arguments(_settings(), _spec())["volumes"] is None
+    assert create_arguments(_settings(), _spec(SECRET))["volumes"] == ["/run/dispatcher"]
+
+
+@pytest.mark.parametrize(("image", "allowed"), [
+    (DIGEST, True),
+    (IMAGE, True),
+    ("sandbox@sha256:" + "ab" * 31, False),  # too short: not a digest
+    ("sandbox:1", False),
+    ("sandbox", False),
+    ("registry.example.com:5000/sandbox:latest", False),
+])
+def test_a_mutable_tag_is_refused_unless_allowed_naming_the_setting(image: str,
+                                                                   allowed: bool) -> None:
+    settings = _settings(DISPATCHER_SANDBOX_IMAGE=image)
+    if allowed:
+        settings.require_sandbox()
+    else:
+        with pytest.raises(SettingsError, match="DISPATCHER_SANDBOX_ALLOW_MUTABLE_TAG") as caught:
+            settings.require_sandbox()
+        assert "\n" not in str(caught.value)
+    _settings(DISPATCHER_SANDBOX_IMAGE=image,
+              DISPATCHER_SANDBOX_ALLOW_MUTABLE_TAG="true").require_sandbox()
 
 
 def test_a_malformed_volume_fails_the_attempt_with_its_name() -> None:
@@ -115,10 +167,9 @@ def test_a_malformed_volume_fails_the_attempt_with_its_name() -> None:
 def test_the_secret_file_is_0600_and_the_container_users(user: str | None, uid: int,
                                                          gid: int) -> None:
     with tarfile.open(fileobj=io.BytesIO(secret_archive(SECRET, user))) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        entry = members[CONTAINER_SECRET_PATH.lstrip("/")]
+        (entry,) = tar.getmembers()
+        assert f"/run/dispatcher/{entry.name}" == CONTAINER_SECRET_PATH
         assert (entry.mode, entry.uid, entry.gid) == (0o600, uid, gid)
-        assert members["run/dispatcher"].mode == 0o700
         extracted = tar.extractfile(entry)
         assert extracted is not None and extracted.read() == SECRET.encode()
 
@@ -128,6 +179,8 @@ def test_the_secret_file_is_0600_and_the_container_users(user: str | None, uid: 
     ({"DISPATCHER_WORK_SECRET_DELIVERY": "env"}, "DISPATCHER_WORK_SECRET_DELIVERY=env"),
     ({"DISPATCHER_SANDBOX_LABELS": "novalue"}, "DISPATCHER_SANDBOX_LABELS"),
     ({"DISPATCHER_SANDBOX_LABELS": "dispatcher.fleet=x"}, "DISPATCHER_SANDBOX_LABELS"),
+    ({"DISPATCHER_FLEET_ID": ""}, "DISPATCHER_FLEET_ID is not set"),
+    ({"DISPATCHER_SANDBOX_NETWORK": "host"}, "DISPATCHER_SANDBOX_NETWORK=host"),
 ])
 def test_sandbox_settings_the_docker_runtime_refuses(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
@@ -135,6 +188,9 @@ def test_sandbox_settings_the_docker_runtime_refuses(env: dict[str, str], messag
 
 
 @pytest.mark.parametrize(("name", "value"), [("DISPATCHER_SANDBOX_USER", "nobody"),
+                                             ("DISPATCHER_FLEET_ID", "a/b"),
+                                             ("DISPATCHER_SANDBOX_PIDS_LIMIT", "0"),
+                                             ("DISPATCHER_SANDBOX_WORKDIR", "work"),
                                              ("DISPATCHER_SANDBOX_MEMORY", "lots"),
                                              ("DISPATCHER_SANDBOX_RUNTIME", "podman")])
 def test_malformed_runtime_settings_are_named(name: str, value: str) -> None:
@@ -208,10 +264,56 @@ def test_a_container_is_labelled_with_its_sessions_environment_not_the_fleets_fi
     assert container_labels(settings, spec)["dispatcher.environment"] == "env_2"
 
 
-def test_the_reaper_judges_only_containers_of_environments_it_serves() -> None:
-    def listed(environment: str) -> dict[str, Any]:
-        return {"Id": "c1", "Labels": {"dispatcher.environment": environment,
-                                       "dispatcher.work_id": "w", "dispatcher.attempt": "1"}}
+def test_the_reaper_reads_work_and_attempt_from_labels() -> None:
+    def listed(**labels: str) -> dict[str, Any]:
+        return {"Id": "c1", "Labels": labels}
 
-    assert reaper_module._parse(listed("env_2"), {"env_1", "env_2"}) == Found("c1", "w", 1)
-    assert reaper_module._parse(listed("env_3"), {"env_1", "env_2"}) is None, "another fleet's"
+    both = {"dispatcher.work_id": "w", "dispatcher.attempt": "1"}
+    assert reaper_module._parse(listed(**both)) == Found("c1", "w", 1)
+    assert reaper_module._parse(listed(**{"dispatcher.work_id": "w"})) is None
+    assert reaper_module._parse(listed(**{**both, "dispatcher.attempt": "x"})) is None
+
+
+# --- per environment ----------------------------------------------------------------------------
+OTHER = "registry.example.com/gpu@sha256:" + "cd" * 32
+
+
+def _with_environments(tmp_path: Any, table: str, **env: str) -> Settings:
+    path = tmp_path / "environments.toml"
+    path.write_text('[[environment]]\nid = "env_1"\nkey = "k1"\n\n'
+                    f'[[environment]]\nid = "env_2"\nkey = "k2"\n{table}\n')
+    _ENV[-1].setenv("DISPATCHER_ENVIRONMENTS_FILE", str(path))
+    _settings(**env)
+    _ENV[-1].delenv("ANTHROPIC_ENVIRONMENT_ID")
+    return load_settings()
+
+
+def test_an_environment_gets_its_own_image_limits_and_network(tmp_path: Any) -> None:
+    settings = _with_environments(tmp_path, f'image = "{OTHER}"\ncpus = 4\nmemory = "8g"\n'
+                                  'pids_limit = 64\nnetwork = "none"')
+    settings.require_sandbox()
+    own = settings.sandbox_for("env_2")
+    assert (own.sandbox_image, own.sandbox_cpus, own.sandbox_memory, own.sandbox_pids_limit,
+            own.sandbox_network) == (OTHER, 4.0, "8g", 64, "none")
+    host = host_config_arguments(own)
+    assert (host["nano_cpus"], host["mem_limit"], host["pids_limit"]) == (4 * 10**9, "8g", 64)
+    assert host["network_mode"] == "none" and host["cap_drop"] == ["ALL"]
+    assert settings.sandbox_for("env_1") is settings, "the fleet's settings for the other"
+    assert settings.sandbox_images() == [IMAGE, OTHER]
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('image = "gpu:latest"', "environment env_2 image='gpu:latest' is a mutable tag"),
+    ('network = "host"', "environment env_2: network host is refused"),
+])
+def test_an_environments_sandbox_is_checked_as_the_fleets(tmp_path: Any, table: str,
+                                                         message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        _with_environments(tmp_path, table).require_sandbox()
+
+
+@pytest.mark.parametrize("table", ['memory = "lots"', "cpus = 0", "pids_limit = 0",
+                                   'image = ""', "gpus = 1"])
+def test_a_malformed_sandbox_field_names_its_entry(tmp_path: Any, table: str) -> None:
+    with pytest.raises(SettingsError, match="entry 2"):
+        _with_environments(tmp_path, table).environments()

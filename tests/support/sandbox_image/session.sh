@@ -19,6 +19,9 @@ if [ -n "$ANTHROPIC_WORK_SECRET_FILE" ]; then
 fi
 say() { printf '{"event":"%s","host":"%s","attempt":"%s"%s}\n' "$1" "$(hostname)" \
   "$DISPATCHER_ATTEMPT" "$2" >> "$rec"; }
+# What `dispatcher output` shows of an attempt: one line on each stream.
+echo "attempt $DISPATCHER_ATTEMPT of $ANTHROPIC_WORK_ID on stdout"
+echo "attempt $DISPATCHER_ATTEMPT of $ANTHROPIC_WORK_ID on stderr" >&2
 say started ",\"session_id\":\"$ANTHROPIC_SESSION_ID\",\"environment_id\":\"$ANTHROPIC_ENVIRONMENT_ID\",\
 \"stdin_work_id\":\"$(echo "$work" | sed -n 's/^{"id":"\([^"]*\)".*/\1/p')\",\
 \"stdin_secret_sha256\":\"$stdin_secret\",\"file_secret_sha256\":\"$file_secret\",\

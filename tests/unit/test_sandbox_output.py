@@ -1,0 +1,74 @@
+"""Each attempt's output kept in a file of its own: the tail of a long output, rotation by
+count, reading back by work item, and the `dispatcher output` command over real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispatcher.session.output import TRUNCATED, attempt_path, read_outputs, write_output
+
+
+def test_an_attempts_output_is_kept_whole_when_it_fits(tmp_path: Path) -> None:
+    path = write_output(tmp_path, "work_1", 2, [b"a\n", b"b\n"], max_bytes=1024, keep=10)
+    assert path == tmp_path / "work_1" / "2.log"
+    assert path.read_bytes() == b"a\nb\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("chunks", [[b"x" * 5000], [b"0123456789"] * 500, [b"y"] * 3000])
+def test_a_long_output_keeps_its_end(tmp_path: Path, chunks: list[bytes]) -> None:
+    path = write_output(tmp_path, "w", 1, [*chunks, b"END"], max_bytes=1024, keep=10)
+    kept = path.read_bytes()
+    header = TRUNCATED % 1024
+    assert kept.startswith(header) and kept.endswith(b"END")
+    assert len(kept) - len(header) == 1024
+    assert kept[len(header):] == b"".join([*chunks, b"END"])[-1024:]
+
+
+def test_the_oldest_files_go_beyond_the_count_kept(tmp_path: Path) -> None:
+    for number in range(5):
+        path = write_output(tmp_path, f"w{number}", 1, [b"x"], max_bytes=1024, keep=3)
+        os.utime(path, (1000 + number, 1000 + number))
+    write_output(tmp_path, "w5", 1, [b"x"], max_bytes=1024, keep=3)
+    assert sorted(p.parent.name for p in tmp_path.glob("*/*.log")) == ["w3", "w4", "w5"]
+    assert not (tmp_path / "w0").exists(), "an emptied work item's folder goes too"
+
+
+def test_a_work_id_cannot_walk_out_of_the_directory(tmp_path: Path) -> None:
+    assert attempt_path(tmp_path, "../../etc", 1).parent.parent == tmp_path
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env["DISPATCHER_SANDBOX_OUTPUT_DIR"] = str(tmp_path)
+    return subprocess.run([sys.executable, "-m", "dispatcher.ops.cli", "output", *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_operator_command_prints_each_attempt(tmp_path: Path) -> None:
+    write_output(tmp_path, "work_1", 1, [b"first try\n"], max_bytes=1024, keep=10)
+    write_output(tmp_path, "work_1", 2, [b"second try"], max_bytes=1024, keep=10)
+    done = _cli(tmp_path, "work_1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"== attempt 1 ({tmp_path}/work_1/1.log) ==", "first try",
+                                        f"== attempt 2 ({tmp_path}/work_1/2.log) ==", "second try"]
+    only = json.loads(_cli(tmp_path, "work_1", "--attempt", "2", "--json").stdout)
+    assert [(o["attempt"], o["output"]) for o in only] == [(2, "second try")]
+    assert [n for n, _ in read_outputs(tmp_path, "work_1")] == [1, 2]
+
+
+@pytest.mark.parametrize(("work_id", "code", "message"), [
+    ("work_none", 4, "no output of work_none kept in"),
+    ("..", 2, "WORK_ID must be"),
+])
+def test_the_operator_command_says_what_it_cannot_show(tmp_path: Path, work_id: str, code: int,
+                                                       message: str) -> None:
+    done = _cli(tmp_path, work_id)
+    assert done.returncode == code and message in done.stderr
+    assert len(done.stderr.splitlines()) == 1
