@@ -3,6 +3,10 @@
 Effects that ask the server or Redis something (an ack, a claim, a stop, a guarded change)
 answer with an event, which the executor feeds back to the machine. A guarded effect that finds
 the lease moved on (`guard`) ends the list: nothing after it is performed.
+
+Effects that carry nothing (`Ack`, `DeleteRecord`, `Unschedule`, `AnswerHealthcheck`) stay
+classes rather than members of an enum: the executor's `match` then names every effect the same
+way (`case fx.Ack():`), and one that later needs a field gets it without a change of kind.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
@@ -126,7 +126,7 @@ class Executor:
         `_End` when an effect found the run cannot go on."""
         answer: ev.Event | None = None
         for effect in decision.effects:
-            result = _PERFORMERS[type(effect)](self, work_id, effect, decision.lease, state)
+            result = self._perform_one(work_id, effect, decision.lease, state)
             if isinstance(result, _End):
                 return result
             if isinstance(result, _Abort):
@@ -134,6 +134,51 @@ class Executor:
             if result is not None:
                 answer = result
         return answer
+
+    def _perform_one(self, work_id: str, effect: fx.Effect,  # noqa: C901 (one flat case per effect)
+                     lease: Lease | None, state: _Run) -> ev.Event | _End | _Abort | None:
+        match effect:
+            case fx.Ack():
+                return self._ack(work_id, effect, lease, state)
+            case fx.Claim():
+                return self._claim(work_id, effect, lease, state)
+            case fx.StopOnServer():
+                return self._stop(work_id, effect, lease, state)
+            case fx.CreateRecord():
+                return self._create(work_id, effect, lease, state)
+            case fx.Update():
+                self._update(work_id, effect, lease, state)
+            case fx.MarkRunning():
+                return self._mark_running(work_id, effect, lease, state)
+            case fx.NewAttempt():
+                return self._new_attempt(work_id, effect, lease, state)
+            case fx.FlagStop():
+                self._flag_stop(work_id, effect, lease, state)
+            case fx.DeleteRecord():
+                self._delete(work_id, effect, lease, state)
+            case fx.Schedule():
+                self._schedule(work_id, effect, lease, state)
+            case fx.Unschedule():
+                self._unschedule(work_id, effect, lease, state)
+            case fx.RecordBeat():
+                self._record_beat(work_id, effect, lease, state)
+            case fx.RecordHistory():
+                self._history(work_id, effect, lease, state)
+            case fx.Publish():
+                self._publish(work_id, effect, lease, state)
+            case fx.Revoke():
+                self._revoke(work_id, effect, lease, state)
+            case fx.Signal():
+                self._signal(work_id, effect, lease, state)
+            case fx.AnswerHealthcheck():
+                return self._healthcheck(work_id, effect, lease, state)
+            case fx.Log():
+                self._log(work_id, effect, lease, state)
+            case fx.Count():
+                self._count(work_id, effect, lease, state)
+            case _:
+                assert_never(effect)
+        return None  # performed; nothing to answer
 
     # --- the Work API ----------------------------------------------------------------------
     def _client(self, state: _Run) -> WorkClient:
@@ -314,19 +359,6 @@ class _Abort:
 class _End:
     """The run cannot go on: a guarded change found the lease moved on; the record is read
     back as it now is."""
-
-
-_PERFORMERS: dict[type, Callable[..., ev.Event | _End | _Abort | None]] = {
-    fx.Ack: Executor._ack, fx.Claim: Executor._claim, fx.StopOnServer: Executor._stop,
-    fx.CreateRecord: Executor._create, fx.Update: Executor._update,
-    fx.MarkRunning: Executor._mark_running, fx.NewAttempt: Executor._new_attempt,
-    fx.FlagStop: Executor._flag_stop, fx.DeleteRecord: Executor._delete,
-    fx.Schedule: Executor._schedule, fx.Unschedule: Executor._unschedule,
-    fx.RecordBeat: Executor._record_beat, fx.RecordHistory: Executor._history,
-    fx.Publish: Executor._publish, fx.Revoke: Executor._revoke, fx.Signal: Executor._signal,
-    fx.AnswerHealthcheck: Executor._healthcheck, fx.Log: Executor._log,
-    fx.Count: Executor._count,
-}
 
 
 # --- replies as events -----------------------------------------------------------------------

@@ -4,8 +4,6 @@ and every heartbeat after it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
@@ -13,6 +11,7 @@ from dispatcher.lease.machine.steps import (
     RETRY_SECONDS,
     Ctx,
     Decision,
+    Plan,
     advance_claimed,
     count,
     end,
@@ -23,81 +22,76 @@ from dispatcher.lease.machine.steps import (
     lose,
     proven_ours,
     publish,
+    request_stop,
     since_ok,
-    stop_requested,
 )
 from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
 
 # --- the poller --------------------------------------------------------------------------------
 
-def _offered(lease: Lease | None, e: ev.Offered, c: Ctx) -> Decision:
+def on_offered(lease: Lease | None, e: ev.Offered, c: Ctx) -> Decision:
     item = e.proposal
     if not e.known_type:
-        return Decision(None, (
-            count("work_refused", reason="unknown_type"),
-            log("unknown work type", item, logging.WARNING, action_taken="stopped, not run"),
-            fx.StopOnServer(force=True)))
+        return _refused(item, "unknown_type", "unknown work type")
     if lease is not None:
         return _offered_held(lease)
     if e.ended != Ending.NONE:
-        return Decision(None, (
-            count("work_refused", reason="already_ended"),
-            log("re-delivered after it ended", item, logging.WARNING, ended=e.ended.value,
-                 action_taken="stopped, not run"),
-            fx.StopOnServer(force=True)))
+        return _refused(item, "already_ended", "re-delivered after it ended", ended=e.ended.value)
     if e.failures >= c.policy.max_attempts:
-        return Decision(None, (
-            count("work_refused", reason="attempts_exhausted"),
-            log("attempts exhausted", item, logging.WARNING, failures=e.failures,
-                 action_taken="stopped, not run"),
-            fx.StopOnServer(force=True)))
+        return _refused(item, "attempts_exhausted", "attempts exhausted", failures=e.failures)
     return Decision(item.but(failures=e.failures), (fx.Ack(),))
+
+
+def _refused(item: Lease, reason: str, action: str, **details: object) -> Decision:
+    """A polled item not run: stopped on the server, never acked."""
+    return Decision(None, (
+        count("work_refused", reason=reason),
+        log(action, item, logging.WARNING, **details, action_taken="stopped, not run"),
+        fx.StopOnServer(force=True)))
 
 
 def _offered_held(lease: Lease) -> Decision:
     """The server offers an item we still hold: our lease on it lapsed. Never ack it twice."""
+    p = Plan(lease)
     if is_over(lease):
         # The session is over: stop the item (its release may have failed so far).
-        return Decision(lease, (
-            log("polled a held lease", lease, logging.WARNING, phase=lease.phase.value,
-                 action_taken="session already ended: stopped, not run"),
-            fx.StopOnServer(force=True)))
+        p.add(log("polled a held lease", lease, logging.WARNING, phase=lease.phase.value,
+                  action_taken="session already ended: stopped, not run"),
+              fx.StopOnServer(force=True))
+        return p.decided()
     # A running attempt is fenced now and the item left unacked: the server delivers it again
     # once the record is gone, and only then is it claimed afresh (acking it now would start a
     # second attempt beside the first).
     failures = lease.failures + (1 if lease.phase == Phase.RUNNING else 0)
-    fenced = Decision(lease.but(failures=failures),
-                      (fx.RecordHistory(failures, Ending.NONE),))
-    assert fenced.lease is not None
-    return fenced.then(lose(fenced.lease, cause="re-delivered by the server",
-                             action="polled a held lease", phase=lease.phase.value,
-                             action_taken="attempt fenced; claimed again on re-delivery"))
+    p.assume(failures=failures)
+    p.add(fx.RecordHistory(failures, Ending.NONE))
+    lose(p, cause="re-delivered by the server", action="polled a held lease",
+         phase=lease.phase.value, action_taken="attempt fenced; claimed again on re-delivery")
+    return p.decided()
 
 
 # The lease mode whose sandbox continues the dispatcher's lease with its token.
 HANDOFF = "handoff"
 
 
-def _unreadable(lease: Lease | None, e: ev.Unreadable, c: Ctx) -> Decision:
+def on_unreadable(e: ev.Unreadable) -> Decision:
     """An item we cannot read would be delivered again for ever: name it and stop it, when its
     id is legible (one that is not cannot go in a URL; the server's lease expiry ends it)."""
-    effects: list[fx.Effect] = [
-        count("work_refused", reason="invalid"),
-        fx.Log("invalid work item", logging.ERROR, {
-            "work_id": e.work_id or "unreadable", "error": e.error,
-            "action_taken": "stopped, not run" if e.work_id else "none possible"}),
-    ]
+    p = Plan(None)
+    p.add(count("work_refused", reason="invalid"),
+          fx.Log("invalid work item", logging.ERROR, {
+              "work_id": e.work_id or "unreadable", "error": e.error,
+              "action_taken": "stopped, not run" if e.work_id else "none possible"}))
     if e.work_id is not None:
-        effects.append(fx.StopOnServer(force=True))
-    return Decision(None, tuple(effects))
+        p.add(fx.StopOnServer(force=True))
+    return p.decided()
 
 
-def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
+def on_acked(lease: Lease, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decision:
     if isinstance(e, ev.AckAnswered):
         # The server answered: the item is ours, and its lease cannot lapse before a TTL.
         lease = lease.but(heartbeat_ok_at=c.now)
+    p = Plan(lease)
     # Claimed first: a healthcheck is answered, not published; a hand-off gives the sandbox the
     # token at its start, which must be the claim's, not none yet; an ack nobody answered may
     # not be ours, and a session of another holder's item must never start here.
@@ -108,42 +102,38 @@ def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> 
     # by the heartbeat task at once). A session that starts before a rival's 412 comes back is
     # killed by that answer, as any lost lease is. Its record is created already dispatched:
     # one write before the publish, not a create and an update.
-    published = (publish(lease, c.now, recorded=False)
-                 if lease.heartbeats_by == Beater.DISPATCHER and not claim_first else None)
-    record = lease if published is None or published.lease is None else published.lease
-    effects: list[fx.Effect] = [
-        fx.CreateRecord(record), count("work_claimed", type=lease.kind),
-        log("claimed", lease, type=lease.kind, queue=lease.queue),
-    ]
-    uncertain = isinstance(e, ev.AckUncertain)
+    published = lease.heartbeats_by == Beater.DISPATCHER and not claim_first
+    record = lease.but(phase=Phase.DISPATCHED, dispatched_at=c.now) if published else lease
+    p.add(fx.CreateRecord(record), count("work_claimed", type=lease.kind),
+          log("claimed", lease, type=lease.kind, queue=lease.queue))
     if isinstance(e, ev.AckUncertain):
-        effects.append(log("ack uncertain", lease, logging.WARNING, status=e.status,
-                            action_taken="claimed; published once a claim is answered"))
-    decision = Decision(record, tuple(effects))
+        p.add(log("ack uncertain", lease, logging.WARNING, status=e.status,
+                  action_taken="claimed; published once a claim is answered"))
     if lease.heartbeats_by != Beater.DISPATCHER:
-        return decision.then(advance_claimed(lease, c))
-    claim = fx.Claim(ack_uncertain=uncertain)
-    if published is None:
-        return decision.then(Decision(lease, (claim,)))
-    return decision.then(published).then(Decision(published.lease, (claim,)))
+        advance_claimed(p, c)
+        return p.decided()
+    if published:
+        publish(p, c.now, recorded=False)
+    p.add(fx.Claim(ack_uncertain=isinstance(e, ev.AckUncertain)))
+    return p.decided()
 
 
-def _ack_conflict(lease: Lease | None, e: ev.AckConflict, c: Ctx) -> Decision:
+def on_ack_conflict(lease: Lease, e: ev.AckConflict, c: Ctx) -> Decision:
     """A 409 to a retry after an attempt whose reply never came is our own ack, which landed:
     only a poll can hand the item to another worker, and the server offers an unacked item
     again only after it idled far longer than the executor's retries take. A 409 otherwise
     leaves it uncertain: the first claim tells."""
-    return _acked(lease, ev.AckAnswered() if e.after_lost_reply else ev.AckUncertain(409), c)
+    return on_acked(lease, ev.AckAnswered() if e.after_lost_reply else ev.AckUncertain(409), c)
 
 
-def _ack_refused(lease: Lease | None, e: ev.AckRefused, c: Ctx) -> Decision:
+def on_ack_refused(lease: Lease | None, e: ev.AckRefused) -> Decision:
     return Decision(None, (
         count("work_refused", reason="ack_failed"),
         log("ack failed", lease, logging.WARNING, status=e.status,
-             outcome="left for the server to re-deliver")))
+            outcome="left for the server to re-deliver")))
 
 
-def _record_failed(lease: Lease | None, e: ev.RecordFailed, c: Ctx) -> Decision:
+def on_record_failed(e: ev.RecordFailed) -> Decision:
     """Redis refused the record. A fresh claim is acked but owned by nobody (nobody could beat
     or run it): stop it rather than strand it in `starting`. A lease a running attempt was
     writing back is left to that attempt, which tries again at its next pulse."""
@@ -154,54 +144,54 @@ def _record_failed(lease: Lease | None, e: ev.RecordFailed, c: Ctx) -> Decision:
     return Decision(None, (
         count("work_refused", reason="abandoned"),
         log("abandoned", lease, logging.ERROR, reason=f"registry unavailable: {e.error}",
-             outcome="stopped on the server"),
+            outcome="stopped on the server"),
         fx.StopOnServer(force=True)))
 
 
-def _claim_answered(lease: Lease | None, e: ev.ClaimAnswered, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    beat = _beat_answered(lease, ev.BeatAnswered(e.reply, e.sent_at), c)
-    if beat.lease is None:
-        return beat
-    return beat.then(advance_claimed(beat.lease, c))
+def on_claim_answered(lease: Lease, e: ev.ClaimAnswered, c: Ctx) -> Decision:
+    p = Plan(lease)
+    heartbeat_answered(p, e.reply, e.sent_at)
+    if p.lease is not None:
+        advance_claimed(p, c)
+    return p.decided()
 
 
-def _claim_refused(lease: Lease | None, e: ev.ClaimRefused, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    if _unclaimed(e.current):
-        refused = _refused_unclaimed(lease, c)
-        if refused.lease is None or not proven_ours(refused.lease):
-            return refused
-        return refused.then(advance_claimed(refused.lease, c))
-    return lose(lease, cause="claimed by another worker", action="lease taken by another worker",
-                server_state=e.current.state)
+def on_claim_refused(lease: Lease, e: ev.ClaimRefused, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if not _unclaimed(e.current):
+        lose(p, cause="claimed by another worker", action="lease taken by another worker",
+             server_state=e.current.state)
+        return p.decided()
+    _refused_unclaimed(p, c)
+    if p.lease is not None and proven_ours(p.lease):
+        advance_claimed(p, c)
+    return p.decided()
 
 
-def _claim_not_acked(lease: Lease | None, e: ev.ClaimNotAcked, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
+def on_claim_not_acked(lease: Lease, e: ev.ClaimNotAcked, c: Ctx) -> Decision:
+    p = Plan(lease)
     if e.ack_uncertain:
         # The ack never landed: the item is still queued on the server, which delivers it again.
-        return Decision(lease, (count("work_refused", reason="ack_failed"),)).then(
-            lose(lease, cause="ack never landed", action="ack failed", status=e.status,
-                 outcome="left for the server to re-deliver"))
+        p.add(count("work_refused", reason="ack_failed"))
+        lose(p, cause="ack never landed", action="ack failed", status=e.status,
+             outcome="left for the server to re-deliver")
+        return p.decided()
     if e.status == 404:
-        return lose(lease, cause="claim 404", server_stopped=True)
-    return _claim_failed(lease, ev.ClaimFailed(e.status), c)
+        lose(p, cause="claim 404", server_stopped=True)
+        return p.decided()
+    return on_claim_failed(lease, ev.ClaimFailed(e.status), c)
 
 
-def _claim_failed(lease: Lease | None, e: ev.ClaimFailed, c: Ctx) -> Decision:
+def on_claim_failed(lease: Lease, e: ev.ClaimFailed, c: Ctx) -> Decision:
     """Keep the lease: the heartbeat task claims again at once and judges the TTL. The claim
     may have landed, so its token may be the server's by now (`uncertain`)."""
-    if lease is None:
-        return Decision(None)
-    failed = lease.but(uncertain=True)
-    decision = Decision(failed, (
-        fx.Update({"uncertain": True}), fx.Schedule(c.now),
-        log("first heartbeat failed", lease, logging.WARNING, status=e.status)))
-    return decision.then(advance_claimed(failed, c)) if proven_ours(failed) else decision
+    p = Plan(lease)
+    p.change(uncertain=True)
+    p.add(fx.Schedule(c.now),
+          log("first heartbeat failed", lease, logging.WARNING, status=e.status))
+    if proven_ours(p.held):
+        advance_claimed(p, c)
+    return p.decided()
 
 
 def _unclaimed(current: ev.ServerLease | None) -> bool:
@@ -211,63 +201,68 @@ def _unclaimed(current: ev.ServerLease | None) -> bool:
             and current.state in (None, "starting"))
 
 
-def _refused_unclaimed(lease: Lease, c: Ctx) -> Decision:
+def _refused_unclaimed(p: Plan, c: Ctx) -> None:
     """Claim the unclaimed item again soon; past the TTL, stop it (it is ours to stop).
     Giving up at once would strand the acked item in `starting` for good."""
+    lease = p.held
     since = round(c.now - lease.claimed_at, 1)
-    if c.now - lease.claimed_at > lease.ttl:
-        flagged = flag_stop(lease, StopKind.FORCE, "claim refused") or Decision(lease)
-        assert flagged.lease is not None
-        return flagged.then(Decision(flagged.lease, (
-            fx.Unschedule(),
-            log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
-                 action_taken="stopped on the server")))).then(
-            Decision(flagged.lease) if lease.phase == Phase.RUNNING
-            else end(flagged.lease, Ending.STOPPED, reason="claim refused"))
-    return Decision(lease, (
-        fx.Schedule(c.now + RETRY_SECONDS),
-        log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
-             action_taken="claimed again at the next heartbeat tick")))
+    if c.now - lease.claimed_at <= lease.ttl:
+        p.add(fx.Schedule(c.now + RETRY_SECONDS),
+              log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
+                  action_taken="claimed again at the next heartbeat tick"))
+        return
+    flag_stop(p, StopKind.FORCE, "claim refused")
+    p.add(fx.Unschedule(),
+          log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
+              action_taken="stopped on the server"))
+    if lease.phase != Phase.RUNNING:
+        end(p, Ending.STOPPED, reason="claim refused")
 
 
 # --- the heartbeat task ------------------------------------------------------------------------
 
-def _beat_answered(lease: Lease | None, e: ev.BeatAnswered, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    reply = e.reply
+def on_beat_answered(lease: Lease, e: ev.BeatAnswered, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if heartbeat_answered(p, e.reply, e.sent_at):
+        # A lease claimed but held back (its ack unanswered, its first claim failed) is ours now.
+        advance_claimed(p, c)
+    return p.decided()
+
+
+def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
+    """What a heartbeat's 200 says: its token recorded, and the lease lost or stopped if the
+    server says so. True if the lease simply goes on."""
+    lease = p.held
     ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else lease.ttl
-    beaten = lease.but(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=e.sent_at,
-                       uncertain=False)
-    recorded = Decision(beaten, (fx.RecordBeat(reply.token, ttl, e.sent_at,
-                                               e.sent_at + heartbeat_interval(ttl)),))
+    p.assume(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=sent_at, uncertain=False)
+    p.add(fx.RecordBeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl)))
     if reply.state == "stopped":
-        return recorded.then(lose(beaten, cause="server stopped", server_stopped=True))
-    if not reply.extended and reply.state != "stopping":
-        return recorded.then(lose(beaten, cause="lease not extended"))
-    if reply.state == "stopping":
-        return recorded.then(stop_requested(beaten, ev.StopRequested(
-            StopKind.GRACEFUL, "server", "heartbeat"), c))
-    # A lease claimed but held back (its ack unanswered, its first claim failed) is ours now.
-    return recorded.then(advance_claimed(beaten, c))
+        lose(p, cause="server stopped", server_stopped=True)
+    elif not reply.extended and reply.state != "stopping":
+        lose(p, cause="lease not extended")
+    elif reply.state == "stopping":
+        request_stop(p, StopKind.GRACEFUL, "server", "heartbeat")
+    else:
+        return True
+    return False
 
 
-def _beat_refused(lease: Lease | None, e: ev.BeatRefused, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
+def on_beat_refused(lease: Lease, e: ev.BeatRefused, c: Ctx) -> Decision:
+    p = Plan(lease)
     current = e.current
     if not lease.token and _unclaimed(current):
-        return _refused_unclaimed(lease, c)
-    if current is not None and current.state == "stopped":
-        return lose(lease, cause="server stopped", server_stopped=True)
-    if _lost_beat_was_ours(lease, current, c.now):
+        _refused_unclaimed(p, c)
+    elif current is not None and current.state == "stopped":
+        lose(p, cause="server stopped", server_stopped=True)
+    elif _lost_beat_was_ours(lease, current, c.now):
         assert current is not None and current.last_heartbeat is not None
-        return Decision(lease.but(token=current.last_heartbeat, uncertain=False), (
-            fx.Update({"token": current.last_heartbeat, "uncertain": False}),
-            fx.Schedule(c.now),
-            log("heartbeat token adopted", lease, logging.WARNING,
-                 reason="a beat of ours was applied but its reply was lost")))
-    return lose(lease, cause="heartbeat 412", server_state=current.state if current else None)
+        p.change(token=current.last_heartbeat, uncertain=False)
+        p.add(fx.Schedule(c.now),
+              log("heartbeat token adopted", lease, logging.WARNING,
+                  reason="a beat of ours was applied but its reply was lost"))
+    else:
+        lose(p, cause="heartbeat 412", server_state=current.state if current else None)
+    return p.decided()
 
 
 # The window to adopt in while the server's TTL is still unknown (no reply seen yet): the assumed
@@ -294,54 +289,31 @@ def _lost_beat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float
             and since_ok(lease, now) < _known_ttl(lease))
 
 
-def _beat_not_found(lease: Lease | None, e: ev.BeatNotFound, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    return lose(lease, cause="heartbeat 404", server_stopped=True)
+def on_beat_not_found(lease: Lease, e: ev.BeatNotFound, c: Ctx) -> Decision:
+    p = Plan(lease)
+    lose(p, cause="heartbeat 404", server_stopped=True)
+    return p.decided()
 
 
-def _beat_rejected(lease: Lease | None, e: ev.BeatRejected, c: Ctx) -> Decision:
+def on_beat_rejected(lease: Lease, e: ev.BeatRejected, c: Ctx) -> Decision:
     """The server will not take our beats (auth, a bad request): kill and stop the item."""
-    if lease is None:
-        return Decision(None)
-    flagged = flag_stop(lease, StopKind.FORCE, "heartbeat rejected") or Decision(lease)
-    assert flagged.lease is not None
-    decision = flagged.then(Decision(flagged.lease, (
-        fx.Unschedule(),
-        log("heartbeat rejected", lease, logging.ERROR, status=e.status, error=e.error))))
-    if lease.phase == Phase.RUNNING:
-        return decision  # its supervisor kills the sandbox, then releases
-    return decision.then(end(flagged.lease, lease.ended or Ending.STOPPED,
-                              reason="heartbeat rejected"))
+    p = Plan(lease)
+    flag_stop(p, StopKind.FORCE, "heartbeat rejected")
+    p.add(fx.Unschedule(),
+          log("heartbeat rejected", lease, logging.ERROR, status=e.status, error=e.error))
+    if lease.phase != Phase.RUNNING:  # a running one: its supervisor kills, then releases
+        end(p, lease.ended or Ending.STOPPED, reason="heartbeat rejected")
+    return p.decided()
 
 
-def _beat_failed(lease: Lease | None, e: ev.BeatFailed, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
+def on_beat_failed(lease: Lease, e: ev.BeatFailed, c: Ctx) -> Decision:
+    p = Plan(lease)
     since = since_ok(lease, c.now)
     if since > lease.ttl:
-        return lose(lease, cause="assumed lost: no heartbeat succeeded within the TTL")
-    return Decision(lease.but(uncertain=True), (
-        fx.Update({"uncertain": True}), fx.Schedule(c.now + RETRY_SECONDS),
-        log("heartbeat failed", lease, logging.WARNING, status=e.status, error=e.error,
-             seconds_since_success=round(since, 1))))
-
-
-HANDLERS: dict[type, Callable[[Any, Any, Ctx], Decision]] = {
-    ev.Offered: _offered,
-    ev.Unreadable: _unreadable,
-    ev.AckAnswered: _acked,
-    ev.AckUncertain: _acked,
-    ev.AckConflict: _ack_conflict,
-    ev.AckRefused: _ack_refused,
-    ev.RecordFailed: _record_failed,
-    ev.ClaimAnswered: _claim_answered,
-    ev.ClaimRefused: _claim_refused,
-    ev.ClaimNotAcked: _claim_not_acked,
-    ev.ClaimFailed: _claim_failed,
-    ev.BeatAnswered: _beat_answered,
-    ev.BeatRefused: _beat_refused,
-    ev.BeatNotFound: _beat_not_found,
-    ev.BeatRejected: _beat_rejected,
-    ev.BeatFailed: _beat_failed,
-}
+        lose(p, cause="assumed lost: no heartbeat succeeded within the TTL")
+        return p.decided()
+    p.change(uncertain=True)
+    p.add(fx.Schedule(c.now + RETRY_SECONDS),
+          log("heartbeat failed", lease, logging.WARNING, status=e.status, error=e.error,
+              seconds_since_success=round(since, 1)))
+    return p.decided()

@@ -4,10 +4,8 @@ attempt starting, pulsing, exiting), recovery of stuck leases, and release."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
@@ -15,6 +13,7 @@ from dispatcher.lease.machine.steps import (
     RELEASE_RETRY_SECONDS,
     Ctx,
     Decision,
+    Plan,
     advance_claimed,
     count,
     end,
@@ -26,136 +25,144 @@ from dispatcher.lease.machine.steps import (
     outage_is_too_long,
     proven_ours,
     release,
+    request_stop,
     restart,
-    stop_requested,
 )
 from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
 
 # --- stops -------------------------------------------------------------------------------------
 
-def _server_stopped(lease: Lease | None, e: ev.ServerStopped, c: Ctx) -> Decision:
-    if lease is None or (lease.lost and lease.server_stopped):
-        return Decision(lease)
-    return lose(lease, cause="server stopped", server_stopped=True, action="lease lost",
-                 seen_by=e.seen_by)
+def on_stop_requested(lease: Lease, e: ev.StopRequested, c: Ctx) -> Decision:
+    p = Plan(lease)
+    request_stop(p, e.kind, e.cause, e.seen_by)
+    return p.decided()
 
 
-def _operator_revoked(lease: Lease | None, e: ev.OperatorRevoked, c: Ctx) -> Decision:
+def on_server_stopped(lease: Lease, e: ev.ServerStopped, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if not (lease.lost and lease.server_stopped):
+        lose(p, cause="server stopped", server_stopped=True, action="lease lost",
+             seen_by=e.seen_by)
+    return p.decided()
+
+
+def on_operator_revoked(lease: Lease, e: ev.OperatorRevoked, c: Ctx) -> Decision:
     """An operator revoked a session task: stop its work item on the server too."""
-    if lease is None or lease.task_id != e.task_id or is_over(lease):
-        return Decision(lease)  # a stale attempt, or a session already over
-    if lease.phase == Phase.RUNNING:
-        if not e.terminated:
-            return Decision(lease)  # a running task does not see a plain revoke
-        kind = StopKind.FORCE if e.force else StopKind.GRACEFUL
-        return stop_requested(lease, ev.StopRequested(kind, "operator", "revoke"), c)
-    flagged = flag_stop(lease, StopKind.FORCE, "operator") or Decision(lease)
-    assert flagged.lease is not None
-    return flagged.then(end(flagged.lease, lease.ended or Ending.STOPPED,
-                             reason=f"revoked before start ({lease.stop_cause or 'operator'})"))
+    p = Plan(lease)
+    if lease.task_id != e.task_id or is_over(lease):
+        pass  # a stale attempt, or a session already over
+    elif lease.phase == Phase.RUNNING:
+        if e.terminated:  # a running task does not see a plain revoke
+            kind = StopKind.FORCE if e.force else StopKind.GRACEFUL
+            request_stop(p, kind, "operator", "revoke")
+    else:
+        flag_stop(p, StopKind.FORCE, "operator")
+        end(p, lease.ended or Ending.STOPPED,
+            reason=f"revoked before start ({lease.stop_cause or 'operator'})")
+    return p.decided()
 
 
 # --- the session plane -------------------------------------------------------------------------
 
-def _attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> Decision:
+def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> Decision:
     if lease is None:
         return Decision(None, (fx.Log("attempt skipped", logging.INFO, {
             "attempt": e.attempt, "reason": "lease released"}),))
+    p = Plan(lease)
     if lease.attempt != e.attempt or lease.task_id != e.task_id:
-        return Decision(lease, (log("attempt skipped", lease, attempt_skipped=e.attempt,
-                                     reason=f"superseded by attempt {lease.attempt}"),))
-    if is_over(lease):
-        return Decision(lease, (log("attempt skipped", lease, reason="session already ended"),))
-    if lease.lost:
-        return forget(lease, reason="lost before start", outcome="lost")
-    if lease.stop != StopKind.NONE:
-        return end(lease, Ending.STOPPED, reason=f"stopped before start ({lease.stop_cause})")
-    if e.draining:
+        p.add(log("attempt skipped", lease, attempt_skipped=e.attempt,
+                  reason=f"superseded by attempt {lease.attempt}"))
+    elif is_over(lease):
+        p.add(log("attempt skipped", lease, reason="session already ended"))
+    elif lease.lost:
+        forget(p, reason="lost before start", outcome="lost")
+    elif lease.stop != StopKind.NONE:
+        end(p, Ending.STOPPED, reason=f"stopped before start ({lease.stop_cause})")
+    elif e.draining:
         # Celery delivered this just before the drain stopped its consumer: pass it on as is.
-        return Decision(lease, (
-            log("attempt passed on", lease, reason="worker draining"),
-            fx.Publish(lease.attempt, lease.task_id, lease.queue)))
-    changes: dict[str, object] = {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid,
-                                  "pulse_at": c.now, "task_id": e.task_id}
-    return Decision(lease.but(**changes), (fx.MarkRunning(e.attempt, changes),))
+        p.add(log("attempt passed on", lease, reason="worker draining"),
+              fx.Publish(lease.attempt, lease.task_id, lease.queue))
+    else:
+        changes: dict[str, object] = {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid,
+                                      "pulse_at": c.now, "task_id": e.task_id}
+        p.assume(**changes)
+        p.add(fx.MarkRunning(e.attempt, changes))
+    return p.decided()
 
 
-def _handing_off(lease: Lease | None, e: ev.HandingOff, c: Ctx) -> Decision:
+def on_handing_off(lease: Lease, e: ev.HandingOff, c: Ctx) -> Decision:
     """The sandbox continues the lease with our token: stop beating it (a beat still in flight
     is waited for before the token is read, or the sandbox would present a stale one)."""
-    if lease is None:
-        return Decision(None)
-    changes: dict[str, object] = {"heartbeats_by": Beater.SANDBOX}
-    return Decision(lease.but(**changes), (fx.Update(changes), fx.Unschedule()))
+    p = Plan(lease)
+    p.change(heartbeats_by=Beater.SANDBOX)
+    p.add(fx.Unschedule())
+    return p.decided()
 
 
-def _pulsed(lease: Lease | None, e: ev.Pulsed, c: Ctx) -> Decision:
+def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
     """A running attempt acts on its pulse: a stale attempt kills its own sandbox (fencing);
     an operator's terminate becomes a stop; a stop flag or a drain signals the sandbox."""
-    if lease is None:
-        return Decision(None)
+    p = Plan(lease)
     if not e.exists or not e.current:
-        return Decision(lease, (fx.Signal(StopKind.FORCE), log(
+        p.add(fx.Signal(StopKind.FORCE), log(
             "fenced", lease, logging.WARNING,
-            reason="a newer attempt owns the lease" if e.exists else "lease released")))
-    if e.operator and e.stop == StopKind.NONE:
-        return stop_requested(lease.but(phase=Phase.RUNNING),
-                               ev.StopRequested(StopKind.GRACEFUL, "operator", "revoke"), c)
-    if e.stop != StopKind.NONE:
-        return Decision(lease, (fx.Signal(e.stop),))
-    if e.draining:
-        return Decision(lease, (fx.Signal(StopKind.GRACEFUL),))
-    return Decision(lease)
+            reason="a newer attempt owns the lease" if e.exists else "lease released"))
+    elif e.operator and e.stop == StopKind.NONE:
+        p.assume(phase=Phase.RUNNING)
+        request_stop(p, StopKind.GRACEFUL, "operator", "revoke")
+    elif e.stop != StopKind.NONE:
+        p.add(fx.Signal(e.stop))
+    elif e.draining:
+        p.add(fx.Signal(StopKind.GRACEFUL))
+    return p.decided()
 
 
-def _sandbox_start_failed(lease: Lease | None, e: ev.SandboxStartFailed, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    return Decision(lease, (log("sandbox not started", lease, logging.ERROR, error=e.error),)
-                    ).then(end(lease, Ending.FAILED, reason="sandbox could not start"))
+def on_sandbox_start_failed(lease: Lease, e: ev.SandboxStartFailed, c: Ctx) -> Decision:
+    p = Plan(lease)
+    p.add(log("sandbox not started", lease, logging.ERROR, error=e.error))
+    end(p, Ending.FAILED, reason="sandbox could not start")
+    return p.decided()
 
 
-def _sandbox_exited(lease: Lease | None, e: ev.SandboxExited, c: Ctx) -> Decision:
-    if lease is None or lease.attempt != e.attempt:
+def on_sandbox_exited(lease: Lease, e: ev.SandboxExited, c: Ctx) -> Decision:
+    if lease.attempt != e.attempt:
         return Decision(lease)  # superseded: the newer attempt owns the lease
-    exited = Decision(lease, (log("exited", lease, exit_code=e.code),))
+    p = Plan(lease)
+    p.add(log("exited", lease, exit_code=e.code))
     if is_over(lease):
-        return exited.then(release(lease, reason=lease.stop_cause or "ended",
-                                    outcome=lease.ended.value))
-    if lease.lost and e.code == 0 and not e.draining:
+        release(p, reason=lease.stop_cause or "ended", outcome=lease.ended.value)
+    elif lease.lost and e.code == 0 and not e.draining:
         # It finished before the kill landed: the session is done, and its item is stopped
         # whoever holds the lease now, or it would run again.
-        return exited.then(end(lease, Ending.COMPLETED, reason="exited after its lease was lost"))
-    if lease.lost:
+        end(p, Ending.COMPLETED, reason="exited after its lease was lost")
+    elif lease.lost:
         # Killed because the lease is someone else's now: an attempt that did not finish.
-        failures = lease.failures + 1
-        return exited.then(Decision(lease, (fx.RecordHistory(failures, Ending.NONE),))).then(
-            forget(lease, reason=lease.stop_cause or "lease lost", outcome="lost"))
-    if lease.stop != StopKind.NONE:
-        return exited.then(end(lease, Ending.STOPPED, reason=f"stopped ({lease.stop_cause})"))
-    if e.draining and lease.heartbeats_by == Beater.DISPATCHER:
-        return exited.then(restart(lease, reason="worker drained", failure=False,
-                                    task_id=e.next_task_id, now=c.now, policy=c.policy))
-    if e.draining:
+        p.add(fx.RecordHistory(lease.failures + 1, Ending.NONE))
+        forget(p, reason=lease.stop_cause or "lease lost", outcome="lost")
+    elif lease.stop != StopKind.NONE:
+        end(p, Ending.STOPPED, reason=f"stopped ({lease.stop_cause})")
+    elif e.draining and lease.heartbeats_by == Beater.DISPATCHER:
+        restart(p, reason="worker drained", failure=False, task_id=e.next_task_id, c=c)
+    elif e.draining:
         # The sandbox held the lease (runner, handoff): its last token died with it, so a new
         # attempt could only be refused (412). End the session instead of stranding it.
-        return exited.then(end(lease, Ending.STOPPED,
-                                reason="worker drained; the sandbox held the lease"))
-    ending = Ending.COMPLETED if e.code == 0 else Ending.FAILED
-    return exited.then(end(lease, ending,
-                            reason="exited" if e.code == 0 else f"exited with {e.code}"))
+        end(p, Ending.STOPPED, reason="worker drained; the sandbox held the lease")
+    else:
+        end(p, Ending.COMPLETED if e.code == 0 else Ending.FAILED,
+            reason="exited" if e.code == 0 else f"exited with {e.code}")
+    return p.decided()
 
 
-def _registry_unreachable(lease: Lease | None, e: ev.RegistryUnreachable, c: Ctx) -> Decision:
-    if lease is None or not outage_is_too_long(lease, e.seconds):
+def on_registry_unreachable(lease: Lease, e: ev.RegistryUnreachable, c: Ctx) -> Decision:
+    if not outage_is_too_long(lease, e.seconds):
         return Decision(lease)
     return Decision(lease, (
         fx.Signal(StopKind.FORCE),
         log("fenced", lease, logging.WARNING,
-             reason=f"registry unreachable for {e.seconds:.0f}s: the lease may lapse")))
+            reason=f"registry unreachable for {e.seconds:.0f}s: the lease may lapse")))
 
 
-def _registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decision:
+def on_registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decision:
     """Redis lost everything while this attempt ran or released: the lease is still ours on the
     server and this supervisor its only keeper. Write it back, with the last token we saw,
     marked uncertain: a beat answered after the attempt's last pulse (0.2 s before) changed the
@@ -167,17 +174,17 @@ def _registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decisio
         return Decision(lease)
     if is_over(e.lease):
         back = e.lease.but(phase=Phase.RELEASING, heartbeat_ok_at=c.now, uncertain=True)
-        effects: list[fx.Effect] = [fx.CreateRecord(back),
-                                    fx.RecordHistory(back.failures, back.ended)]
     else:
         back = e.lease.but(phase=Phase.RUNNING, pulse_at=c.now, heartbeat_ok_at=c.now,
                            uncertain=True)
-        effects = [fx.CreateRecord(back)]
+    p = Plan(back)
+    p.add(fx.CreateRecord(back))
+    if is_over(back):
+        p.add(fx.RecordHistory(back.failures, back.ended))
     if back.heartbeats_by == Beater.DISPATCHER or is_over(back):
-        effects.append(fx.Schedule(c.now))
-    effects.append(log("lease re-registered", back, logging.WARNING,
-                        reason="registry was reset"))
-    return Decision(back, tuple(effects))
+        p.add(fx.Schedule(c.now))
+    p.add(log("lease re-registered", back, logging.WARNING, reason="registry was reset"))
+    return p.decided()
 
 
 # --- recovery ----------------------------------------------------------------------------------
@@ -235,102 +242,83 @@ def stuck(lease: Lease, now: float) -> Stuck | None:
     return None
 
 
-def _attempt_silent(lease: Lease | None, e: ev.AttemptSilent, c: Ctx) -> Decision:
-    if lease is None or lease.phase != Phase.RUNNING:
-        return Decision(lease)
-    return restart(lease, reason="worker lost (no pulse)", failure=True,
-                    task_id=e.next_task_id, now=c.now, policy=c.policy)
+def on_attempt_silent(lease: Lease, e: ev.AttemptSilent, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if lease.phase == Phase.RUNNING:
+        restart(p, reason="worker lost (no pulse)", failure=True, task_id=e.next_task_id, c=c)
+    return p.decided()
 
 
-def _message_lost(lease: Lease | None, e: ev.MessageLost, c: Ctx) -> Decision:
-    if lease is None or lease.phase != Phase.DISPATCHED:
-        return Decision(lease)
-    return restart(lease, reason="session task never started", failure=False,
-                    task_id=e.next_task_id, now=c.now, policy=c.policy)
+def on_message_lost(lease: Lease, e: ev.MessageLost, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if lease.phase == Phase.DISPATCHED:
+        restart(p, reason="session task never started", failure=False,
+                task_id=e.next_task_id, c=c)
+    return p.decided()
 
 
-def _claim_stranded(lease: Lease | None, e: ev.ClaimStranded, c: Ctx) -> Decision:
-    if lease is None or lease.phase != Phase.CLAIMED:
-        return Decision(lease)
-    if lease.lost:
-        return forget(lease, reason="claimed, then lost before dispatch", outcome="lost")
-    if lease.heartbeats_by == Beater.DISPATCHER and not proven_ours(lease):
+def on_claim_stranded(lease: Lease, e: ev.ClaimStranded, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if lease.phase != Phase.CLAIMED:
+        pass
+    elif lease.lost:
+        forget(p, reason="claimed, then lost before dispatch", outcome="lost")
+    elif lease.heartbeats_by == Beater.DISPATCHER and not proven_ours(lease):
         # Never answered as ours: not published, but claimed again by the heartbeat task.
-        return Decision(lease, (fx.Schedule(c.now),))
-    return advance_claimed(lease, c)
+        p.add(fx.Schedule(c.now))
+    else:
+        advance_claimed(p, c)
+    return p.decided()
 
 
 # --- release and healthchecks ------------------------------------------------------------------
 
-def _release_answered(lease: Lease | None, e: ev.ReleaseAnswered, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    stopped = lease.but(server_stopped=True)
-    return forget(stopped, reason=stopped.stop_cause or "released",
-                   outcome=lease.ended.value or ("lost" if lease.lost else "stopped"))
+def on_release_answered(lease: Lease, e: ev.ReleaseAnswered, c: Ctx) -> Decision:
+    p = Plan(lease.but(server_stopped=True))
+    forget(p, reason=lease.stop_cause or "released",
+           outcome=lease.ended.value or ("lost" if lease.lost else "stopped"))
+    return p.decided()
 
 
-def _release_due(lease: Lease | None, e: ev.ReleaseDue, c: Ctx) -> Decision:
-    if lease is None or lease.phase != Phase.RELEASING:
-        return Decision(lease)
-    return release(lease, reason=lease.stop_cause or "release retried",
-                    outcome=lease.ended.value or "stopped")
+def on_release_due(lease: Lease, e: ev.ReleaseDue, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if lease.phase == Phase.RELEASING:
+        release(p, reason=lease.stop_cause or "release retried",
+                outcome=lease.ended.value or "stopped")
+    return p.decided()
 
 
-def _release_failed(lease: Lease | None, e: ev.ReleaseFailed, c: Ctx) -> Decision:
+def on_release_failed(lease: Lease, e: ev.ReleaseFailed, c: Ctx) -> Decision:
     """Keep the lease (and keep beating it: a lapsed lease would hand the finished session out
     again) and try the stop again soon."""
-    if lease is None:
-        return Decision(None, (fx.Log("stop failed", logging.ERROR, {"error": e.error}),))
-    changes: dict[str, object] = {"phase": Phase.RELEASING,
-                                  "release_attempts": lease.release_attempts + 1}
-    retrying = lease.but(**changes)
-    flagged = flag_stop(retrying, StopKind.FORCE, "releasing") or Decision(retrying)
-    return Decision(retrying, (fx.Update(changes),)).then(flagged).then(Decision(
-        flagged.lease, (
-            # Sooner only while we beat it: postponing a due beat of a lease we hold would let it
-            # lapse. A lost lease gets no beat, so nothing else would ever bring it due again.
-            fx.Schedule(c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost),
-            log("release deferred", lease, logging.WARNING, status=e.status, error=e.error,
-                 release_attempts=retrying.release_attempts))))
+    p = Plan(lease)
+    p.change(phase=Phase.RELEASING, release_attempts=lease.release_attempts + 1)
+    flag_stop(p, StopKind.FORCE, "releasing")
+    # Sooner only while we beat it: postponing a due beat of a lease we hold would let it lapse.
+    # A lost lease gets no beat, so nothing else would ever bring it due again.
+    p.add(fx.Schedule(c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost),
+          log("release deferred", lease, logging.WARNING, status=e.status, error=e.error,
+              release_attempts=lease.release_attempts + 1))
+    return p.decided()
 
 
-def _release_rejected(lease: Lease | None, e: ev.ReleaseRejected, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None, (fx.Log("stop failed", logging.ERROR, {"error": e.error}),))
-    return Decision(lease, (
-        log("release refused", lease, logging.ERROR, status=e.status, error=e.error),
-    )).then(forget(lease, reason="release refused", outcome=lease.ended.value or "stopped"))
+def on_release_rejected(lease: Lease, e: ev.ReleaseRejected, c: Ctx) -> Decision:
+    p = Plan(lease)
+    p.add(log("release refused", lease, logging.ERROR, status=e.status, error=e.error))
+    forget(p, reason="release refused", outcome=lease.ended.value or "stopped")
+    return p.decided()
 
 
-def _healthcheck_answered(lease: Lease | None, e: ev.HealthcheckAnswered,
-                          c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    return Decision(lease, (
-        log("healthcheck answered", lease, logging.INFO if e.healthy else logging.WARNING,
-             healthy=e.healthy, **dict(e.results)),
-        count("healthchecks", healthy=str(e.healthy).lower()),
-    )).then(end(lease, Ending.HEALTHCHECK, reason="healthcheck answered"))
+def on_stop_failed_unrecorded(e: ev.ReleaseFailed | ev.ReleaseRejected) -> Decision:
+    """A stop of an item we keep no record of (one refused at the poll) failed: the server's
+    lease expiry ends it."""
+    return Decision(None, (fx.Log("stop failed", logging.ERROR, {"error": e.error}),))
 
 
-HANDLERS: dict[type, Callable[[Any, Any, Ctx], Decision]] = {
-    ev.StopRequested: stop_requested,
-    ev.ServerStopped: _server_stopped,
-    ev.OperatorRevoked: _operator_revoked,
-    ev.AttemptStarting: _attempt_starting,
-    ev.HandingOff: _handing_off,
-    ev.Pulsed: _pulsed,
-    ev.SandboxStartFailed: _sandbox_start_failed,
-    ev.SandboxExited: _sandbox_exited,
-    ev.RegistryUnreachable: _registry_unreachable,
-    ev.RegistryReset: _registry_reset,
-    ev.AttemptSilent: _attempt_silent,
-    ev.MessageLost: _message_lost,
-    ev.ClaimStranded: _claim_stranded,
-    ev.ReleaseAnswered: _release_answered,
-    ev.ReleaseDue: _release_due,
-    ev.ReleaseFailed: _release_failed,
-    ev.ReleaseRejected: _release_rejected,
-    ev.HealthcheckAnswered: _healthcheck_answered,
-}
+def on_healthcheck_answered(lease: Lease, e: ev.HealthcheckAnswered, c: Ctx) -> Decision:
+    p = Plan(lease)
+    p.add(log("healthcheck answered", lease, logging.INFO if e.healthy else logging.WARNING,
+              healthy=e.healthy, **dict(e.results)),
+          count("healthchecks", healthy=str(e.healthy).lower()))
+    end(p, Ending.HEALTHCHECK, reason="healthcheck answered")
+    return p.decided()
