@@ -30,6 +30,7 @@ from dispatcher.environments import (
     check_key,
     load_environments_file,
 )
+from dispatcher.lease.model import LeaseMode  # a lease's own field, set from here
 
 __all__ = [
     "Environment",
@@ -49,15 +50,6 @@ DEFAULT_SESSION_QUEUE = "dispatcher.sessions"
 # The brokers the fleet is tested on: RabbitMQ (kombu's `amqp` is py-amqp) and Redis.
 BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class LeaseMode(StrEnum):
-    # The dispatcher heartbeats from ack to release; the sandbox never does.
-    DISPATCHER = "dispatcher"
-    # The sandbox claims the lease itself (`ant beta:worker run`, SDK `handle_item`).
-    RUNNER = "runner"
-    # The dispatcher holds the lease until the sandbox starts, then hands over the token.
-    HANDOFF = "handoff"
 
 
 class SandboxRuntimeKind(StrEnum):

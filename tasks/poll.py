@@ -14,6 +14,7 @@ from typing import Any
 from dispatcher.celery import names
 from dispatcher.celery.application import app
 from dispatcher.control.poller import POLL_LOCK_SECONDS, drain, run_poller
+from dispatcher.lease.keys import PollState
 from dispatcher.runtime import Runtime, get_runtime
 
 # As the SDK's webhook recipe polls: an item polled but never acked (a poller that died between
@@ -75,4 +76,4 @@ def claim_woken(environment_id: str | None = None) -> int:
     keys = runtime.registry.keys
     return _for_each(runtime, claim_woken, environment_id, lambda e: drain(
         runtime, environment_id=e, reclaim_older_than_ms=RECLAIM_OLDER_THAN_MS, wake=False),
-        needs=lambda e: bool(runtime.redis.exists(keys.poll_state("poll-wanted", e))))
+        needs=lambda e: bool(runtime.redis.exists(keys.poll_state(PollState.WANTED, e))))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from dispatcher.lease.keys import Keys
+from dispatcher.lease.keys import Keys, PollState
 
 __all__ = ["WORKER_STALE_SECONDS", "Capacity", "WorkerSlots", "claim_allowance", "fair_shares",
            "free_slots"]
@@ -178,7 +178,7 @@ class Capacity:
         pipe.zcard(self.keys.leases)
         for other in maxima:
             pipe.zcard(self.keys.environment_leases(other))
-            pipe.exists(self.keys.poll_state("poll-idle", other))
+            pipe.exists(self.keys.poll_state(PollState.IDLE, other))
         everything, *figures = pipe.execute()
         held = {e: int(figures[2 * i]) for i, e in enumerate(maxima)}
         idle = {e for i, e in enumerate(maxima) if figures[2 * i + 1]}

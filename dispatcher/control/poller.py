@@ -24,12 +24,12 @@ from redis.lock import Lock
 
 from dispatcher.control.routing import choose_queue
 from dispatcher.lease import events as ev
-from dispatcher.lease.model import Beater, Lease, Phase
+from dispatcher.lease.keys import PollState
+from dispatcher.lease.model import Beater, Kind, Lease, LeaseMode, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
-from dispatcher.settings import LeaseMode
 from dispatcher.startpath import StartPath
-from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, WorkDataType, delay_for
+from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, delay_for
 
 __all__ = ["POLL_BLOCK_MS", "claim", "drain", "run_poller"]
 
@@ -92,7 +92,7 @@ def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
     leaves the flag standing, and the next tick with a free slot drains on.
     """
     environment = runtime.environment(environment_id).id
-    wanted = runtime.registry.keys.poll_state("poll-wanted", environment)
+    wanted = runtime.registry.keys.poll_state(PollState.WANTED, environment)
     if wake:
         runtime.redis.set(wanted, 1, ex=WAKE_FLAG_SECONDS)
     claimed = 0
@@ -116,7 +116,7 @@ def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
 
 def _drain_cut_short(runtime: Runtime, environment: str, deadline: float) -> bool:
     """Did the run end before an empty poll: out of time, of slots, or paused by a failure?"""
-    paused = runtime.registry.keys.poll_state("poll-paused-until", environment)
+    paused = runtime.registry.keys.poll_state(PollState.PAUSED_UNTIL, environment)
     return (time.monotonic() >= deadline or _allowance(runtime, environment) <= 0
             or bool(runtime.redis.exists(paused)))
 
@@ -157,7 +157,7 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
     claimed = 0
     # The failure count outlives one poller run (each lasts seconds), so a long outage backs
     # off to the cap instead of starting over at half a second every run.
-    failures_key = runtime.registry.keys.poll_state("poll-failures", environment)
+    failures_key = runtime.registry.keys.poll_state(PollState.FAILURES, environment)
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(environment_id=environment, max_retries=0)
     while time.monotonic() < deadline and not stopping():
@@ -217,7 +217,7 @@ def _note_idle(runtime: Runtime, environment: str, *, idle: bool) -> None:
     an item takes it back. Only a fleet of several environments reads it."""
     if len(runtime.environments) < 2:
         return
-    key = runtime.registry.keys.poll_state("poll-idle", environment)
+    key = runtime.registry.keys.poll_state(PollState.IDLE, environment)
     if idle:
         runtime.redis.set(key, 1, ex=POLL_IDLE_SECONDS)
     else:
@@ -228,16 +228,16 @@ def _pause(runtime: Runtime, environment: str, *, failures: int, seconds: float)
     """Record the failure streak and when polling may resume, for this run and the next."""
     keys = runtime.registry.keys
     pipe = runtime.redis.pipeline(transaction=False)
-    pipe.set(keys.poll_state("poll-failures", environment), failures,
+    pipe.set(keys.poll_state(PollState.FAILURES, environment), failures,
              ex=POLL_FAILURES_TTL_SECONDS)
-    pipe.set(keys.poll_state("poll-paused-until", environment), time.time() + seconds,
+    pipe.set(keys.poll_state(PollState.PAUSED_UNTIL, environment), time.time() + seconds,
              px=max(1, int(seconds * 1000)))
     pipe.execute()
 
 
 def _wait_out_pause(runtime: Runtime, environment: str, deadline: float) -> bool:
     """Sleep through a backoff pause; False if it outlasts this run (the next run waits)."""
-    paused = runtime.registry.keys.poll_state("poll-paused-until", environment)
+    paused = runtime.registry.keys.poll_state(PollState.PAUSED_UNTIL, environment)
     until = float(runtime.redis.get(paused) or 0)
     wait = until - time.time()
     if wait <= 0:
@@ -256,10 +256,10 @@ def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> boo
     if path is not None:
         path.mark("read")
     offered = ev.Offered(
-        proposal, known_type=item.data.type in (WorkDataType.SESSION, WorkDataType.HEALTHCHECK),
+        proposal, known_type=item.data.type in set(Kind),
         failures=history.failures, ended=history.ended)
     lease = runtime.executor.run(held, offered, work_json=item.to_json(), path=path)
-    started = (held is None and lease is not None and lease.kind == WorkDataType.SESSION
+    started = (held is None and lease is not None and lease.kind == Kind.SESSION
                and lease.phase == Phase.DISPATCHED)
     if started and path is not None:
         path.log(item.id)
@@ -277,8 +277,9 @@ def _new_lease(runtime: Runtime, item: Work) -> Lease:
         work_id=item.id,
         session_id=item.session_id,
         environment_id=item.environment_id,
-        mode=runtime.settings.lease_mode.value,
-        kind=item.data.type,
+        mode=runtime.settings.lease_mode,
+        # An unknown type is refused, never recorded: its proposal's kind is never read.
+        kind=Kind(item.data.type) if item.data.type in set(Kind) else Kind.SESSION,
         heartbeats_by=Beater.SANDBOX if runner else Beater.DISPATCHER,
         queue=queue,
         task_id=uuid.uuid4().hex,

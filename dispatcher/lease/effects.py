@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from dispatcher.lease.causes import Cause
 from dispatcher.lease.model import Ending, Lease, StopKind
 
 __all__ = [
@@ -80,7 +81,7 @@ class FlagStop:
     """Raise the stop flag (force wins over graceful; the first cause stays)."""
 
     kind: StopKind
-    cause: str
+    cause: Cause
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dispatcher.lease.causes import SeenBy, StopCause
 from dispatcher.lease.model import Ending, Lease, StopKind
 
 __all__ = [
@@ -198,15 +199,15 @@ class BeatFailed:
 @dataclass(frozen=True)
 class StopRequested:
     kind: StopKind
-    cause: str  # server, operator, ...
-    seen_by: str  # heartbeat, bridge, revoke
+    cause: StopCause
+    seen_by: SeenBy
 
 
 @dataclass(frozen=True)
 class ServerStopped:
     """The server lists the item as stopped."""
 
-    seen_by: str
+    seen_by: SeenBy
 
 
 @dataclass(frozen=True)

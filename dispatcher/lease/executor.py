@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from dispatcher.celery.names import SESSION_RUN
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
+from dispatcher.lease.causes import SeenBy, StopCause
 from dispatcher.lease.machine import Decision, Policy, decide
 from dispatcher.lease.model import Lease, StopKind
 from dispatcher.logs import event as log_event
@@ -447,9 +448,9 @@ def claim_event(exc: WorkAPIError, *, ack_uncertain: bool) -> ev.Event:
 def listed_event(work: Work) -> ev.Event | None:
     """What the server's list says of an item we hold, if it asks for a stop."""
     if work.state == WorkState.STOPPED:
-        return ev.ServerStopped(seen_by="bridge")
+        return ev.ServerStopped(seen_by=SeenBy.BRIDGE)
     if work.state == WorkState.STOPPING or work.stop_requested_at:
-        return ev.StopRequested(StopKind.GRACEFUL, "server", "bridge")
+        return ev.StopRequested(StopKind.GRACEFUL, StopCause.SERVER, SeenBy.BRIDGE)
     return None
 
 

@@ -8,8 +8,18 @@ as prefixes differ.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-__all__ = ["Keys"]
+__all__ = ["Keys", "PollState"]
+
+
+class PollState(StrEnum):
+    """One environment's poller state that outlives a poller run (`Keys.poll_state`)."""
+
+    WANTED = "poll-wanted"  # a wake-up: claim now, not at the next watchdog tick
+    FAILURES = "poll-failures"  # the failure streak, so backoff survives a new run
+    PAUSED_UNTIL = "poll-paused-until"  # when polling may resume after a failure
+    IDLE = "poll-idle"  # the last poll found nothing: its share is free for the others
 
 
 @dataclass(frozen=True)
@@ -106,9 +116,8 @@ class Keys:
         """String lock: at most one run of a periodic upkeep task at a time."""
         return f"{self.prefix}:lock:{name}"
 
-    def poll_state(self, name: str, environment_id: str) -> str:
-        """String: one environment's poller state that outlives a run: `poll-wanted` (a
-        wake-up), `poll-failures` (the failure streak), `poll-paused-until` (its backoff),
-        `poll-idle` (its last poll found nothing). Per environment: one environment's refused
-        key or empty queue must not pause or starve another's poller."""
+    def poll_state(self, name: PollState, environment_id: str) -> str:
+        """String: one environment's poller state that outlives a run (`PollState`). Per
+        environment: one environment's refused key or empty queue must not pause or starve
+        another's poller."""
         return f"{self.prefix}:lock:{name}:{environment_id}"

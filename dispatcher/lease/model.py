@@ -17,11 +17,27 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["ASSUMED_TTL_SECONDS", "Beater", "Ending", "Lease", "Phase", "StopKind"]
+__all__ = ["ASSUMED_TTL_SECONDS", "Beater", "Ending", "Kind", "Lease", "LeaseMode", "Phase",
+           "StopKind"]
 
 # A lease's TTL before the server first answered. The SDKs assume 30-90 s; we assume the
 # shortest, so an unanswered lease is judged lost no later than the server could let it lapse.
 ASSUMED_TTL_SECONDS = 30
+
+
+class LeaseMode(StrEnum):
+    """Who heartbeats a lease while its session runs (`DISPATCHER_LEASE_MODE`)."""
+
+    DISPATCHER = "dispatcher"  # the dispatcher, from ack to release; the sandbox never does
+    RUNNER = "runner"  # the sandbox claims it itself (`ant beta:worker run`, SDK `handle_item`)
+    HANDOFF = "handoff"  # the dispatcher until the sandbox starts, which then takes the token
+
+
+class Kind(StrEnum):
+    """What the fleet does with a work item, by its `data.type` (the Work API's values)."""
+
+    SESSION = "session"  # a session: run in a sandbox
+    HEALTHCHECK = "healthcheck"  # a probe of the worker: answered without a sandbox
 
 
 class Phase(StrEnum):
@@ -63,10 +79,9 @@ class Lease:
     work_id: str
     session_id: str
     environment_id: str
-    mode: str
+    mode: LeaseMode
     queue: str
-    # The work item's `data.type`: "session", or "healthcheck" (answered without a sandbox).
-    kind: str = "session"
+    kind: Kind = Kind.SESSION
     phase: Phase = Phase.CLAIMED
     attempt: int = 1
     # Attempts that ended because their worker or lease was lost, counted across re-deliveries
@@ -88,6 +103,8 @@ class Lease:
     # A beat whose reply never came may have been applied: the token may be stale.
     uncertain: bool = False
     stop: StopKind = StopKind.NONE
+    # The first cause of the stop: a `causes.StopCause` or `causes.LossCause` value (free text
+    # that an older release wrote is kept as it is).
     stop_cause: str = ""
     stop_seen_at: float = 0.0
     # The server no longer gives us this lease: kill now, never beat it again.
@@ -145,7 +162,7 @@ def _str(value: str) -> str:
 
 
 _ENUMS: dict[str, type[StrEnum]] = {"Phase": Phase, "StopKind": StopKind, "Beater": Beater,
-                                    "Ending": Ending}
+                                    "Ending": Ending, "LeaseMode": LeaseMode, "Kind": Kind}
 
 
 def _coercer(type_name: Any) -> Any:

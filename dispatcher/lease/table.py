@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
+from dispatcher.lease.causes import SeenBy, StopCause
 from dispatcher.lease.machine import Decision, Policy, decide
-from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
+from dispatcher.lease.model import Beater, Ending, Lease, LeaseMode, Phase, StopKind
 
 __all__ = ["NOW", "PHASES", "SCENARIOS", "Row", "describe", "lease_in", "render", "rows"]
 
@@ -27,24 +28,25 @@ def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False) -> 
     if phase == "none":
         return None
     ended = Ending.COMPLETED if phase == Phase.RELEASING else Ending.NONE
-    return Lease("w", "s", "e", "dispatcher", "q", phase=Phase(phase), attempt=1, ended=ended,
-                 task_id="task-1", token="" if unproven else "tok-1", ttl_seconds=30,
+    return Lease("w", "s", "e", LeaseMode.DISPATCHER, "q", phase=Phase(phase), attempt=1,
+                 ended=ended, task_id="task-1", token="" if unproven else "tok-1", ttl_seconds=30,
                  claimed_at=NOW - 10, heartbeat_ok_at=0 if unproven else NOW - 5,
                  pulse_at=NOW - 1, uncertain=uncertain, heartbeats_by=Beater.DISPATCHER)
 
 
 _claimed, _running, _releasing = (lease_in(p) for p in ("claimed", "running", "releasing"))
 assert _claimed is not None and _running is not None and _releasing is not None
+_ITEM = Lease("w", "s", "e", LeaseMode.DISPATCHER, "q")  # as a poll proposes it
 _REPLY = ev.Reply(token="tok-2", extended=True, state="active", ttl_seconds=30)
 
 # Each event the machine knows, in the variants that lead to different rules.
 SCENARIOS: dict[str, ev.Event] = {
-    "offered": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"), known_type=True),
-    "offered, unknown type": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"), known_type=False),
-    "offered, ended before": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"),
+    "offered": ev.Offered(_ITEM, known_type=True),
+    "offered, unknown type": ev.Offered(_ITEM, known_type=False),
+    "offered, ended before": ev.Offered(_ITEM,
                                         known_type=True, ended=Ending.COMPLETED),
     "unreadable item": ev.Unreadable("w", "data: field required"),
-    "offered, attempts used up": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"),
+    "offered, attempts used up": ev.Offered(_ITEM,
                                             known_type=True, failures=3),
     "ack answered": ev.AckAnswered(),
     "ack never answered": ev.AckUncertain(None),
@@ -75,9 +77,9 @@ SCENARIOS: dict[str, ev.Event] = {
     "beat 404": ev.BeatNotFound(),
     "beat rejected (other 4xx)": ev.BeatRejected(401, "unauthorized"),
     "beat failed (transient)": ev.BeatFailed(503, "unavailable"),
-    "stop requested (server)": ev.StopRequested(StopKind.GRACEFUL, "server", "bridge"),
-    "stop requested (force)": ev.StopRequested(StopKind.FORCE, "operator", "revoke"),
-    "server lists it stopped": ev.ServerStopped("bridge"),
+    "stop requested (server)": ev.StopRequested(StopKind.GRACEFUL, StopCause.SERVER, SeenBy.BRIDGE),
+    "stop requested (force)": ev.StopRequested(StopKind.FORCE, StopCause.OPERATOR, SeenBy.REVOKE),
+    "server lists it stopped": ev.ServerStopped(SeenBy.BRIDGE),
     "operator terminated the task": ev.OperatorRevoked("task-1", terminated=True, force=False),
     "operator revoked the task": ev.OperatorRevoked("task-1", terminated=False, force=False),
     "attempt starting": ev.AttemptStarting(1, "task-1", "w1", 42, draining=False),

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from dispatcher.control.poller import drain
+from dispatcher.lease.keys import PollState
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -27,7 +28,7 @@ def polls(emulator: Any, runtime: Runtime) -> list[dict[str, Any]]:
 
 
 def wanted(runtime: Runtime) -> bool:
-    key = runtime.registry.keys.poll_state("poll-wanted", runtime.environment_id)
+    key = runtime.registry.keys.poll_state(PollState.WANTED, runtime.environment_id)
     return bool(runtime.redis.exists(key))
 
 

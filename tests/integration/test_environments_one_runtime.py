@@ -17,6 +17,7 @@ from inprocess import REDIS_BASE, SentTasks, close_runtime
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.heartbeat import beat_due_leases
 from dispatcher.control.poller import drain, run_poller
+from dispatcher.lease.keys import PollState
 from dispatcher.metrics import FleetCollector
 from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
@@ -157,4 +158,4 @@ def test_a_wake_up_drains_each_environment_with_its_own_key(emulator: Any,
     assert drain(runtime, environment_id=b, reclaim_older_than_ms=2000, wake=True) == 2
     assert set(runtime.registry.held_ids()) == work_b
     keys = runtime.registry.keys
-    assert not any(runtime.redis.exists(keys.poll_state("poll-wanted", e)) for e in (a, b))
+    assert not any(runtime.redis.exists(keys.poll_state(PollState.WANTED, e)) for e in (a, b))

@@ -13,6 +13,7 @@ import pytest
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.recovery import recover
+from dispatcher.lease.causes import LossCause
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS, PULSE_STALE_SECONDS
 from dispatcher.lease.model import Lease, Phase
 from dispatcher.runtime import Runtime
@@ -148,7 +149,8 @@ def test_a_stop_on_a_held_item_is_seen_within_one_tick_while_pages_fit(
     assert _lists(emulator, runtime) - before == 2
     lease = runtime.registry.get(ids[0])
     # Never acked on the server, so its stop ends it at once: `stopped`, the lease lost.
-    assert lease is not None and (lease.stop, lease.stop_cause) == ("force", "server stopped")
+    assert lease is not None
+    assert (lease.stop, lease.stop_cause) == ("force", LossCause.SERVER_STOPPED)
     assert _cursor(runtime) is None, "a whole sweep: next tick from the top"
     assert scan_server_stops(runtime) == 0, "an applied stop is not new again"
 

@@ -7,6 +7,7 @@ import logging
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
+from dispatcher.lease.causes import LossCause, Refusal, SeenBy, StopCause
 from dispatcher.lease.machine.steps import (
     RETRY_SECONDS,
     Ctx,
@@ -25,24 +26,27 @@ from dispatcher.lease.machine.steps import (
     request_stop,
     since_ok,
 )
-from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
+from dispatcher.lease.model import Beater, Ending, Kind, Lease, LeaseMode, Phase, StopKind
+from dispatcher.workapi.models import WorkState
 
 # --- the poller --------------------------------------------------------------------------------
 
 def on_offered(lease: Lease | None, e: ev.Offered, c: Ctx) -> Decision:
     item = e.proposal
     if not e.known_type:
-        return _refused(item, "unknown_type", "unknown work type")
+        return _refused(item, Refusal.UNKNOWN_TYPE, "unknown work type")
     if lease is not None:
         return _offered_held(lease)
     if e.ended != Ending.NONE:
-        return _refused(item, "already_ended", "re-delivered after it ended", ended=e.ended.value)
+        return _refused(item, Refusal.ALREADY_ENDED, "re-delivered after it ended",
+                        ended=e.ended)
     if e.failures >= c.policy.max_attempts:
-        return _refused(item, "attempts_exhausted", "attempts exhausted", failures=e.failures)
+        return _refused(item, Refusal.ATTEMPTS_EXHAUSTED, "attempts exhausted",
+                        failures=e.failures)
     return Decision(item.but(failures=e.failures), (fx.Ack(),))
 
 
-def _refused(item: Lease, reason: str, action: str, **details: object) -> Decision:
+def _refused(item: Lease, reason: Refusal, action: str, **details: object) -> Decision:
     """A polled item not run: stopped on the server, never acked."""
     return Decision(None, (
         count("work_refused", reason=reason),
@@ -65,20 +69,16 @@ def _offered_held(lease: Lease) -> Decision:
     failures = lease.failures + (1 if lease.phase == Phase.RUNNING else 0)
     p.assume(failures=failures)
     p.add(fx.RecordHistory(failures, Ending.NONE))
-    lose(p, cause="re-delivered by the server", action="polled a held lease",
+    lose(p, cause=LossCause.RE_DELIVERED, action="polled a held lease",
          phase=lease.phase.value, action_taken="attempt fenced; claimed again on re-delivery")
     return p.decided()
-
-
-# The lease mode whose sandbox continues the dispatcher's lease with its token.
-HANDOFF = "handoff"
 
 
 def on_unreadable(e: ev.Unreadable) -> Decision:
     """An item we cannot read would be delivered again for ever: name it and stop it, when its
     id is legible (one that is not cannot go in a URL; the server's lease expiry ends it)."""
     p = Plan(None)
-    p.add(count("work_refused", reason="invalid"),
+    p.add(count("work_refused", reason=Refusal.INVALID),
           fx.Log("invalid work item", logging.ERROR, {
               "work_id": e.work_id or "unreadable", "error": e.error,
               "action_taken": "stopped, not run" if e.work_id else "none possible"}))
@@ -96,7 +96,8 @@ def on_acked(lease: Lease, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decis
     # token at its start, which must be the claim's, not none yet; an ack nobody answered may
     # not be ours, and a session of another holder's item must never start here.
     claim_first = lease.heartbeats_by == Beater.DISPATCHER and (
-        lease.kind == "healthcheck" or lease.mode == HANDOFF or not proven_ours(lease))
+        lease.kind == Kind.HEALTHCHECK or lease.mode == LeaseMode.HANDOFF
+        or not proven_ours(lease))
     # Otherwise published first, claimed right after: the first heartbeat's round trip never
     # delays the session, and the lease is never left unbeaten (a claim that fails is retried
     # by the heartbeat task at once). A session that starts before a rival's 412 comes back is
@@ -128,7 +129,7 @@ def on_ack_conflict(lease: Lease, e: ev.AckConflict, c: Ctx) -> Decision:
 
 def on_ack_refused(lease: Lease | None, e: ev.AckRefused) -> Decision:
     return Decision(None, (
-        count("work_refused", reason="ack_failed"),
+        count("work_refused", reason=Refusal.ACK_FAILED),
         log("ack failed", lease, logging.WARNING, status=e.status,
             outcome="left for the server to re-deliver")))
 
@@ -142,8 +143,8 @@ def on_record_failed(e: ev.RecordFailed) -> Decision:
         return Decision(None, (log("write-back failed", lease, logging.WARNING, error=e.error,
                                    action_taken="tried again at the next pulse"),))
     return Decision(None, (
-        count("work_refused", reason="abandoned"),
-        log("abandoned", lease, logging.ERROR, reason=f"registry unavailable: {e.error}",
+        count("work_refused", reason=Refusal.ABANDONED),
+        log("abandoned", lease, logging.ERROR, reason="registry unavailable", error=e.error,
             outcome="stopped on the server"),
         fx.StopOnServer(force=True)))
 
@@ -159,7 +160,7 @@ def on_claim_answered(lease: Lease, e: ev.ClaimAnswered, c: Ctx) -> Decision:
 def on_claim_refused(lease: Lease, e: ev.ClaimRefused, c: Ctx) -> Decision:
     p = Plan(lease)
     if not _unclaimed(e.current):
-        lose(p, cause="claimed by another worker", action="lease taken by another worker",
+        lose(p, cause=LossCause.TAKEN, action="lease taken by another worker",
              server_state=e.current.state)
         return p.decided()
     _refused_unclaimed(p, c)
@@ -172,12 +173,12 @@ def on_claim_not_acked(lease: Lease, e: ev.ClaimNotAcked, c: Ctx) -> Decision:
     p = Plan(lease)
     if e.ack_uncertain:
         # The ack never landed: the item is still queued on the server, which delivers it again.
-        p.add(count("work_refused", reason="ack_failed"))
-        lose(p, cause="ack never landed", action="ack failed", status=e.status,
+        p.add(count("work_refused", reason=Refusal.ACK_FAILED))
+        lose(p, cause=LossCause.ACK_NOT_LANDED, action="ack failed", status=e.status,
              outcome="left for the server to re-deliver")
         return p.decided()
     if e.status == 404:
-        lose(p, cause="claim 404", server_stopped=True)
+        lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True, status=404)
         return p.decided()
     return on_claim_failed(lease, ev.ClaimFailed(e.status), c)
 
@@ -198,7 +199,7 @@ def _unclaimed(current: ev.ServerLease | None) -> bool:
     """A 412 to a NO_HEARTBEAT claim while the server's own state says nobody heartbeated
     the item: nobody else holds it, so the refusal is the server's hiccup, not a rival."""
     return (current is not None and current.last_heartbeat is None
-            and current.state in (None, "starting"))
+            and current.state in (None, WorkState.STARTING))
 
 
 def _refused_unclaimed(p: Plan, c: Ctx) -> None:
@@ -211,12 +212,12 @@ def _refused_unclaimed(p: Plan, c: Ctx) -> None:
               log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
                   action_taken="claimed again at the next heartbeat tick"))
         return
-    flag_stop(p, StopKind.FORCE, "claim refused")
+    flag_stop(p, StopKind.FORCE, StopCause.CLAIM_REFUSED)
     p.add(fx.Unschedule(),
           log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
               action_taken="stopped on the server"))
     if lease.phase != Phase.RUNNING:
-        end(p, Ending.STOPPED, reason="claim refused")
+        end(p, Ending.STOPPED)
 
 
 # --- the heartbeat task ------------------------------------------------------------------------
@@ -236,12 +237,12 @@ def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
     ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else lease.ttl
     p.assume(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=sent_at, uncertain=False)
     p.add(fx.RecordBeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl)))
-    if reply.state == "stopped":
-        lose(p, cause="server stopped", server_stopped=True)
-    elif not reply.extended and reply.state != "stopping":
-        lose(p, cause="lease not extended")
-    elif reply.state == "stopping":
-        request_stop(p, StopKind.GRACEFUL, "server", "heartbeat")
+    if reply.state == WorkState.STOPPED:
+        lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
+    elif not reply.extended and reply.state != WorkState.STOPPING:
+        lose(p, cause=LossCause.NOT_EXTENDED)
+    elif reply.state == WorkState.STOPPING:
+        request_stop(p, StopKind.GRACEFUL, StopCause.SERVER, SeenBy.HEARTBEAT)
     else:
         return True
     return False
@@ -252,8 +253,8 @@ def on_beat_refused(lease: Lease, e: ev.BeatRefused, c: Ctx) -> Decision:
     current = e.current
     if not lease.token and _unclaimed(current):
         _refused_unclaimed(p, c)
-    elif current is not None and current.state == "stopped":
-        lose(p, cause="server stopped", server_stopped=True)
+    elif current is not None and current.state == WorkState.STOPPED:
+        lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
     elif _lost_beat_was_ours(lease, current, c.now):
         assert current is not None and current.last_heartbeat is not None
         p.change(token=current.last_heartbeat, uncertain=False)
@@ -261,7 +262,8 @@ def on_beat_refused(lease: Lease, e: ev.BeatRefused, c: Ctx) -> Decision:
               log("heartbeat token adopted", lease, logging.WARNING,
                   reason="a beat of ours was applied but its reply was lost"))
     else:
-        lose(p, cause="heartbeat 412", server_state=current.state if current else None)
+        lose(p, cause=LossCause.HEARTBEAT_REFUSED, status=412,
+             server_state=current.state if current else None)
     return p.decided()
 
 
@@ -285,24 +287,24 @@ def _lost_beat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float
     return (lease.uncertain and lease.heartbeat_ok_at > 0 and current is not None
             and bool(current.last_heartbeat)
             and current.last_heartbeat != lease.token
-            and current.state in ("starting", "active", "stopping")
+            and current.state in (WorkState.STARTING, WorkState.ACTIVE, WorkState.STOPPING)
             and since_ok(lease, now) < _known_ttl(lease))
 
 
 def on_beat_not_found(lease: Lease, e: ev.BeatNotFound, c: Ctx) -> Decision:
     p = Plan(lease)
-    lose(p, cause="heartbeat 404", server_stopped=True)
+    lose(p, cause=LossCause.HEARTBEAT_REFUSED, server_stopped=True, status=404)
     return p.decided()
 
 
 def on_beat_rejected(lease: Lease, e: ev.BeatRejected, c: Ctx) -> Decision:
     """The server will not take our beats (auth, a bad request): kill and stop the item."""
     p = Plan(lease)
-    flag_stop(p, StopKind.FORCE, "heartbeat rejected")
+    flag_stop(p, StopKind.FORCE, StopCause.REJECTED)
     p.add(fx.Unschedule(),
           log("heartbeat rejected", lease, logging.ERROR, status=e.status, error=e.error))
     if lease.phase != Phase.RUNNING:  # a running one: its supervisor kills, then releases
-        end(p, lease.ended or Ending.STOPPED, reason="heartbeat rejected")
+        end(p, lease.ended or Ending.STOPPED)
     return p.decided()
 
 
@@ -310,7 +312,7 @@ def on_beat_failed(lease: Lease, e: ev.BeatFailed, c: Ctx) -> Decision:
     p = Plan(lease)
     since = since_ok(lease, c.now)
     if since > lease.ttl:
-        lose(p, cause="assumed lost: no heartbeat succeeded within the TTL")
+        lose(p, cause=LossCause.ASSUMED_LOST)
         return p.decided()
     p.change(uncertain=True)
     p.add(fx.Schedule(c.now + RETRY_SECONDS),

@@ -9,6 +9,7 @@ from enum import StrEnum
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
+from dispatcher.lease.causes import LossCause, Release, RestartReason, SeenBy, StopCause
 from dispatcher.lease.machine.steps import (
     RELEASE_RETRY_SECONDS,
     Ctx,
@@ -41,7 +42,7 @@ def on_stop_requested(lease: Lease, e: ev.StopRequested, c: Ctx) -> Decision:
 def on_server_stopped(lease: Lease, e: ev.ServerStopped, c: Ctx) -> Decision:
     p = Plan(lease)
     if not (lease.lost and lease.server_stopped):
-        lose(p, cause="server stopped", server_stopped=True, action="lease lost",
+        lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True, action="lease lost",
              seen_by=e.seen_by)
     return p.decided()
 
@@ -54,11 +55,10 @@ def on_operator_revoked(lease: Lease, e: ev.OperatorRevoked, c: Ctx) -> Decision
     elif lease.phase == Phase.RUNNING:
         if e.terminated:  # a running task does not see a plain revoke
             kind = StopKind.FORCE if e.force else StopKind.GRACEFUL
-            request_stop(p, kind, "operator", "revoke")
+            request_stop(p, kind, StopCause.OPERATOR, SeenBy.REVOKE)
     else:
-        flag_stop(p, StopKind.FORCE, "operator")
-        end(p, lease.ended or Ending.STOPPED,
-            reason=f"revoked before start ({lease.stop_cause or 'operator'})")
+        flag_stop(p, StopKind.FORCE, StopCause.OPERATOR)
+        end(p, lease.ended or Ending.STOPPED)
     return p.decided()
 
 
@@ -75,9 +75,9 @@ def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> D
     elif is_over(lease):
         p.add(log("attempt skipped", lease, reason="session already ended"))
     elif lease.lost:
-        forget(p, reason="lost before start", outcome="lost")
+        forget(p, outcome=Release.LOST)
     elif lease.stop != StopKind.NONE:
-        end(p, Ending.STOPPED, reason=f"stopped before start ({lease.stop_cause})")
+        end(p, Ending.STOPPED)
     elif e.draining:
         # Celery delivered this just before the drain stopped its consumer: pass it on as is.
         p.add(log("attempt passed on", lease, reason="worker draining"),
@@ -109,7 +109,7 @@ def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
             reason="a newer attempt owns the lease" if e.exists else "lease released"))
     elif e.operator and e.stop == StopKind.NONE:
         p.assume(phase=Phase.RUNNING)
-        request_stop(p, StopKind.GRACEFUL, "operator", "revoke")
+        request_stop(p, StopKind.GRACEFUL, StopCause.OPERATOR, SeenBy.REVOKE)
     elif e.stop != StopKind.NONE:
         p.add(fx.Signal(e.stop))
     elif e.draining:
@@ -120,7 +120,7 @@ def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
 def on_sandbox_start_failed(lease: Lease, e: ev.SandboxStartFailed, c: Ctx) -> Decision:
     p = Plan(lease)
     p.add(log("sandbox not started", lease, logging.ERROR, error=e.error))
-    end(p, Ending.FAILED, reason="sandbox could not start")
+    end(p, Ending.FAILED)
     return p.decided()
 
 
@@ -130,26 +130,26 @@ def on_sandbox_exited(lease: Lease, e: ev.SandboxExited, c: Ctx) -> Decision:
     p = Plan(lease)
     p.add(log("exited", lease, exit_code=e.code))
     if is_over(lease):
-        release(p, reason=lease.stop_cause or "ended", outcome=lease.ended.value)
+        release(p, outcome=Release.ending(lease.ended, otherwise=Release.STOPPED))
     elif lease.lost and e.code == 0 and not e.draining:
         # It finished before the kill landed: the session is done, and its item is stopped
         # whoever holds the lease now, or it would run again.
-        end(p, Ending.COMPLETED, reason="exited after its lease was lost")
+        end(p, Ending.COMPLETED)
     elif lease.lost:
         # Killed because the lease is someone else's now: an attempt that did not finish.
         p.add(fx.RecordHistory(lease.failures + 1, Ending.NONE))
-        forget(p, reason=lease.stop_cause or "lease lost", outcome="lost")
+        forget(p, outcome=Release.LOST)
     elif lease.stop != StopKind.NONE:
-        end(p, Ending.STOPPED, reason=f"stopped ({lease.stop_cause})")
+        end(p, Ending.STOPPED)
     elif e.draining and lease.heartbeats_by == Beater.DISPATCHER:
-        restart(p, reason="worker drained", failure=False, task_id=e.next_task_id, c=c)
+        restart(p, reason=RestartReason.WORKER_DRAINED, failure=False, task_id=e.next_task_id,
+                c=c)
     elif e.draining:
         # The sandbox held the lease (runner, handoff): its last token died with it, so a new
         # attempt could only be refused (412). End the session instead of stranding it.
-        end(p, Ending.STOPPED, reason="worker drained; the sandbox held the lease")
+        end(p, Ending.STOPPED)
     else:
-        end(p, Ending.COMPLETED if e.code == 0 else Ending.FAILED,
-            reason="exited" if e.code == 0 else f"exited with {e.code}")
+        end(p, Ending.COMPLETED if e.code == 0 else Ending.FAILED)
     return p.decided()
 
 
@@ -245,14 +245,15 @@ def stuck(lease: Lease, now: float) -> Stuck | None:
 def on_attempt_silent(lease: Lease, e: ev.AttemptSilent, c: Ctx) -> Decision:
     p = Plan(lease)
     if lease.phase == Phase.RUNNING:
-        restart(p, reason="worker lost (no pulse)", failure=True, task_id=e.next_task_id, c=c)
+        restart(p, reason=RestartReason.WORKER_LOST, failure=True, task_id=e.next_task_id,
+                c=c)
     return p.decided()
 
 
 def on_message_lost(lease: Lease, e: ev.MessageLost, c: Ctx) -> Decision:
     p = Plan(lease)
     if lease.phase == Phase.DISPATCHED:
-        restart(p, reason="session task never started", failure=False,
+        restart(p, reason=RestartReason.TASK_NEVER_STARTED, failure=False,
                 task_id=e.next_task_id, c=c)
     return p.decided()
 
@@ -262,7 +263,7 @@ def on_claim_stranded(lease: Lease, e: ev.ClaimStranded, c: Ctx) -> Decision:
     if lease.phase != Phase.CLAIMED:
         pass
     elif lease.lost:
-        forget(p, reason="claimed, then lost before dispatch", outcome="lost")
+        forget(p, outcome=Release.LOST)
     elif lease.heartbeats_by == Beater.DISPATCHER and not proven_ours(lease):
         # Never answered as ours: not published, but claimed again by the heartbeat task.
         p.add(fx.Schedule(c.now))
@@ -275,16 +276,15 @@ def on_claim_stranded(lease: Lease, e: ev.ClaimStranded, c: Ctx) -> Decision:
 
 def on_release_answered(lease: Lease, e: ev.ReleaseAnswered, c: Ctx) -> Decision:
     p = Plan(lease.but(server_stopped=True))
-    forget(p, reason=lease.stop_cause or "released",
-           outcome=lease.ended.value or ("lost" if lease.lost else "stopped"))
+    forget(p, outcome=Release.ending(
+        lease.ended, otherwise=Release.LOST if lease.lost else Release.STOPPED))
     return p.decided()
 
 
 def on_release_due(lease: Lease, e: ev.ReleaseDue, c: Ctx) -> Decision:
     p = Plan(lease)
     if lease.phase == Phase.RELEASING:
-        release(p, reason=lease.stop_cause or "release retried",
-                outcome=lease.ended.value or "stopped")
+        release(p, outcome=Release.ending(lease.ended, otherwise=Release.STOPPED))
     return p.decided()
 
 
@@ -293,7 +293,7 @@ def on_release_failed(lease: Lease, e: ev.ReleaseFailed, c: Ctx) -> Decision:
     again) and try the stop again soon."""
     p = Plan(lease)
     p.change(phase=Phase.RELEASING, release_attempts=lease.release_attempts + 1)
-    flag_stop(p, StopKind.FORCE, "releasing")
+    flag_stop(p, StopKind.FORCE, StopCause.RELEASING)
     # Sooner only while we beat it: postponing a due beat of a lease we hold would let it lapse.
     # A lost lease gets no beat, so nothing else would ever bring it due again.
     p.add(fx.Schedule(c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost),
@@ -305,7 +305,7 @@ def on_release_failed(lease: Lease, e: ev.ReleaseFailed, c: Ctx) -> Decision:
 def on_release_rejected(lease: Lease, e: ev.ReleaseRejected, c: Ctx) -> Decision:
     p = Plan(lease)
     p.add(log("release refused", lease, logging.ERROR, status=e.status, error=e.error))
-    forget(p, reason="release refused", outcome=lease.ended.value or "stopped")
+    forget(p, outcome=Release.ending(lease.ended, otherwise=Release.STOPPED))
     return p.decided()
 
 
@@ -320,5 +320,5 @@ def on_healthcheck_answered(lease: Lease, e: ev.HealthcheckAnswered, c: Ctx) -> 
     p.add(log("healthcheck answered", lease, logging.INFO if e.healthy else logging.WARNING,
               healthy=e.healthy, **dict(e.results)),
           count("healthchecks", healthy=str(e.healthy).lower()))
-    end(p, Ending.HEALTHCHECK, reason="healthcheck answered")
+    end(p, Ending.HEALTHCHECK)
     return p.decided()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from dispatcher.lease import effects as fx
-from dispatcher.lease.model import Ending, Lease, Phase, StopKind
+from dispatcher.lease.causes import Cause, LossCause, Release, RestartReason, SeenBy, StopCause
+from dispatcher.lease.model import Ending, Kind, Lease, Phase, StopKind
 
 # The official workers beat every ttl/2, at most every 30 s; we beat every ttl/3 so one failed
 # beat still leaves a retry inside the TTL.
@@ -95,7 +97,7 @@ def log(action: str, lease: Lease | None, level: int = logging.INFO, **fields: o
     return fx.Log(action, level, fields)
 
 
-def count(metric: str, **labels: str) -> fx.Count:
+def count(metric: str, **labels: StrEnum | str) -> fx.Count:
     return fx.Count(metric, labels)
 
 
@@ -116,37 +118,38 @@ def since_ok(lease: Lease, now: float) -> float:
     return now - (lease.heartbeat_ok_at or lease.claimed_at)
 
 
-def forget(p: Plan, *, reason: str, outcome: str) -> None:
+def forget(p: Plan, *, outcome: Release) -> None:
     """Delete the record: the server confirmed the stop, or ended the lease itself."""
     lease = p.held
     p.add(fx.DeleteRecord(), count("work_released", outcome=outcome),
-          log("released", lease, reason=reason, lost=lease.lost or None))
+          log("released", lease, outcome=outcome, cause=lease.stop_cause or None,
+              lost=lease.lost or None))
     p.lease = None
 
 
-def release(p: Plan, *, reason: str, outcome: str) -> None:
+def release(p: Plan, *, outcome: Release) -> None:
     """Give the lease up. An item the server has not stopped is stopped first, if the session
     ended or the lease is still ours; a lost lease of a session that did not end is the new
     holder's business."""
     lease = p.held
     if lease.server_stopped or (lease.lost and not is_over(lease)):
-        forget(p, reason=reason, outcome=outcome)
+        forget(p, outcome=outcome)
         return
-    p.change(phase=Phase.RELEASING, stop_cause=lease.stop_cause or reason)
+    p.change(phase=Phase.RELEASING)
     p.add(fx.StopOnServer(force=True))
 
 
-def end(p: Plan, ending: Ending, *, reason: str) -> None:
+def end(p: Plan, ending: Ending) -> None:
     """The session is over: never dispatched again, and its item stopped on the server."""
     lease = p.held
     p.change(ended=ending)
     p.add(fx.RecordHistory(lease.failures, ending))
     if lease.phase == Phase.DISPATCHED:
         p.add(fx.Revoke(lease.task_id))
-    release(p, reason=reason, outcome=ending.value)
+    release(p, outcome=Release.ending(ending, otherwise=Release.STOPPED))
 
 
-def lose(p: Plan, *, cause: str, server_stopped: bool = False,
+def lose(p: Plan, *, cause: LossCause, server_stopped: bool = False,
          action: str = "heartbeat lost", **details: object) -> None:
     """The server no longer gives us this lease: kill the sandbox, never beat it again."""
     lease = p.held
@@ -160,16 +163,16 @@ def lose(p: Plan, *, cause: str, server_stopped: bool = False,
           log(action, lease, logging.WARNING, cause=cause, **details))
     if is_over(lease):
         # The session is over: its item is stopped whoever holds the lease now.
-        release(p, reason=cause, outcome="lost")
+        release(p, outcome=Release.LOST)
         return
     if lease.phase == Phase.RUNNING:
         return  # its supervisor kills the sandbox, then releases
     if lease.phase == Phase.DISPATCHED:
         p.add(fx.Revoke(lease.task_id))
-    forget(p, reason=cause, outcome="lost")
+    forget(p, outcome=Release.LOST)
 
 
-def flag_stop(p: Plan, kind: StopKind, cause: str) -> bool:
+def flag_stop(p: Plan, kind: StopKind, cause: Cause) -> bool:
     """Raise the stop flag (force wins; the first cause stays); False if that changes nothing."""
     lease = p.held
     if lease.stop == StopKind.FORCE or lease.stop == kind:
@@ -195,7 +198,7 @@ def publish(p: Plan, now: float, *, recorded: bool = True) -> None:
           log("dispatched", lease, task_id=lease.task_id, queue=lease.queue))
 
 
-def restart(p: Plan, *, reason: str, failure: bool, task_id: str, c: Ctx) -> None:
+def restart(p: Plan, *, reason: RestartReason, failure: bool, task_id: str, c: Ctx) -> None:
     """Hand the session to a new attempt on any worker, or end it if it may not run again.
     `failure` counts the ending attempt against the limit (a dead worker does; a drain or a
     message that never reached a worker does not, so deploys never use attempts up)."""
@@ -203,15 +206,15 @@ def restart(p: Plan, *, reason: str, failure: bool, task_id: str, c: Ctx) -> Non
     failures = lease.failures + (1 if failure else 0)
     if lease.lost:
         p.add(fx.RecordHistory(failures, lease.ended))
-        forget(p, reason=reason, outcome="lost")
+        forget(p, outcome=Release.LOST)
         return
     if lease.stop != StopKind.NONE or is_over(lease):
-        end(p, lease.ended or Ending.STOPPED, reason=f"{reason}; stop requested")
+        end(p, lease.ended or Ending.STOPPED)
         return
     if failures >= c.policy.max_attempts:
         p.assume(failures=failures)
         p.add(log("attempts exhausted", lease, logging.WARNING, reason=reason))
-        end(p, Ending.STOPPED, reason="attempts exhausted")
+        end(p, Ending.STOPPED)
         return
     changes: dict[str, object] = {"attempt": lease.attempt + 1, "task_id": task_id,
                                   "phase": Phase.DISPATCHED, "dispatched_at": c.now,
@@ -221,7 +224,7 @@ def restart(p: Plan, *, reason: str, failure: bool, task_id: str, c: Ctx) -> Non
     p.add(fx.NewAttempt(lease.attempt, task_id))
     if failure:
         p.add(fx.Update({"failures": failures}), fx.RecordHistory(failures, Ending.NONE))
-    p.add(count("attempts_restarted", reason=reason.split(" (")[0]),
+    p.add(count("attempts_restarted", reason=reason),
           log("attempt restarted", restarted, logging.WARNING, reason=reason),
           fx.Publish(restarted.attempt, task_id, lease.queue),
           log("dispatched", restarted, task_id=task_id, queue=lease.queue))
@@ -234,14 +237,14 @@ def advance_claimed(p: Plan, c: Ctx) -> None:
     if lease.phase != Phase.CLAIMED or lease.lost or lease.ended != Ending.NONE:
         return
     if lease.stop != StopKind.NONE:
-        end(p, Ending.STOPPED, reason="stopped before dispatch")
-    elif lease.kind == "healthcheck":
+        end(p, Ending.STOPPED)
+    elif lease.kind == Kind.HEALTHCHECK:
         p.add(fx.AnswerHealthcheck())
     else:
         publish(p, c.now)
 
 
-def request_stop(p: Plan, kind: StopKind, cause: str, seen_by: str) -> None:
+def request_stop(p: Plan, kind: StopKind, cause: StopCause, seen_by: SeenBy) -> None:
     """A stop asked for: flagged for a running attempt's supervisor to signal its sandbox; a
     session not started yet is revoked and released now, rather than when some worker meets
     its message (the task then finds no lease and exits)."""
@@ -249,6 +252,6 @@ def request_stop(p: Plan, kind: StopKind, cause: str, seen_by: str) -> None:
     if is_over(lease) or not flag_stop(p, kind, cause):
         return
     p.add(count("work_stop_requests", cause=cause),
-          log("stop requested", lease, kind=kind.value, cause=cause, seen_by=seen_by))
+          log("stop requested", lease, kind=kind, cause=cause, seen_by=seen_by))
     if lease.phase != Phase.RUNNING:
-        end(p, Ending.STOPPED, reason=f"stopped while queued ({cause})")
+        end(p, Ending.STOPPED)
