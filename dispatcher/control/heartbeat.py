@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.executor import Beat, beat_event
-from dispatcher.lease.model import Beater, Lease, Phase
+from dispatcher.lease.executor import AnsweredHeartbeat, heartbeat_event
+from dispatcher.lease.model import Heartbeater, Lease, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Environment, Settings
@@ -85,7 +85,7 @@ def _served(runtime: Runtime, leases: list[Lease]) -> list[Lease]:
 def _beaten_by_us(lease: Lease) -> bool:
     """A lease whose release keeps failing is still beaten while we hold its token: were it to
     lapse, the server would hand the finished session out again."""
-    return lease.heartbeats_by == Beater.DISPATCHER and not lease.lost
+    return lease.heartbeats_by == Heartbeater.DISPATCHER and not lease.lost
 
 
 def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
@@ -97,16 +97,16 @@ def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
     bound = REQUEST_TIMEOUT_SECONDS * (2 * len(leases) / MAX_CONCURRENT_REQUESTS + 2)
     keys = {e.id: e for e in runtime.environments}
     outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases), timeout=bound)
-    beats: list[Beat] = []
+    beats: list[AnsweredHeartbeat] = []
     results: Counter[tuple[str, str]] = Counter()
     for lease, outcome, sent_at in outcomes:
         answered = isinstance(outcome, Heartbeat)
         tally.sent += answered
         tally.failed += not answered
         results[lease.environment_id, "ok" if answered else "failed"] += 1
-        after = runtime.executor.run(lease, beat_event(outcome, sent_at), beats=beats)
+        after = runtime.executor.run(lease, heartbeat_event(outcome, sent_at), heartbeats=beats)
         tally.lost += after is None or after.lost
-    runtime.executor.record_beats(beats)
+    runtime.executor.record_heartbeats(beats)
     for (environment, result), count in results.items():
         runtime.metrics.inc("heartbeats", count, result=result, environment=environment)
     return tally

@@ -25,7 +25,7 @@ from redis.lock import Lock
 from dispatcher.control.routing import choose_queue
 from dispatcher.lease import events as ev
 from dispatcher.lease.keys import PollState
-from dispatcher.lease.model import Beater, Kind, Lease, LeaseMode, Phase
+from dispatcher.lease.model import Heartbeater, Kind, Lease, LeaseMode, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.startpath import StartPath
@@ -280,7 +280,7 @@ def _new_lease(runtime: Runtime, item: Work) -> Lease:
         mode=runtime.settings.lease_mode,
         # An unknown type is refused, never recorded: its proposal's kind is never read.
         kind=Kind(item.data.type) if item.data.type in set(Kind) else Kind.SESSION,
-        heartbeats_by=Beater.SANDBOX if runner else Beater.DISPATCHER,
+        heartbeats_by=Heartbeater.SANDBOX if runner else Heartbeater.DISPATCHER,
         queue=queue,
         task_id=uuid.uuid4().hex,
         claimed_at=now,

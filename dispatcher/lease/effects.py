@@ -19,7 +19,7 @@ from dispatcher.lease.model import Ending, Lease, StopKind
 
 __all__ = [
     "Ack", "AnswerHealthcheck", "Claim", "Count", "CreateRecord", "DeleteRecord", "Effect",
-    "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish", "RecordBeat", "RecordHistory",
+    "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish", "RecordHeartbeat", "RecordHistory",
     "Revoke", "Schedule", "Signal", "StopOnServer", "Unschedule", "Update",
 ]
 
@@ -103,9 +103,9 @@ class Unschedule:
 
 
 @dataclass(frozen=True)
-class RecordBeat:
-    """An answered beat that changes nothing else: its token, and the next beat. The heartbeat
-    task records a tick's worth in one round trip."""
+class RecordHeartbeat:
+    """An answered heartbeat that changes nothing else: its token, and the next heartbeat. The
+    heartbeat task records a tick's worth in one round trip."""
 
     token: str
     ttl_seconds: int
@@ -166,6 +166,6 @@ class Count:
 
 Effect = (
     Ack | Claim | StopOnServer | CreateRecord | Update | MarkRunning | NewAttempt | FlagStop
-    | DeleteRecord | Schedule | Unschedule | RecordBeat | RecordHistory | Publish | Revoke
+    | DeleteRecord | Schedule | Unschedule | RecordHeartbeat | RecordHistory | Publish | Revoke
     | Signal | AnswerHealthcheck | Log | Count
 )

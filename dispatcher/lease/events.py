@@ -18,11 +18,6 @@ __all__ = [
     "AckUncertain",
     "AttemptSilent",
     "AttemptStarting",
-    "BeatAnswered",
-    "BeatFailed",
-    "BeatNotFound",
-    "BeatRefused",
-    "BeatRejected",
     "ClaimAnswered",
     "ClaimFailed",
     "ClaimNotAcked",
@@ -31,6 +26,11 @@ __all__ = [
     "Event",
     "HandingOff",
     "HealthcheckAnswered",
+    "HeartbeatAnswered",
+    "HeartbeatFailed",
+    "HeartbeatNotFound",
+    "HeartbeatRefused",
+    "HeartbeatRejected",
     "MessageLost",
     "Offered",
     "OperatorRevoked",
@@ -160,25 +160,25 @@ class ClaimFailed:
 # --- the heartbeat task ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class BeatAnswered:
+class HeartbeatAnswered:
     reply: Reply
     sent_at: float
 
 
 @dataclass(frozen=True)
-class BeatRefused:
+class HeartbeatRefused:
     """412: the token we presented is not the server's."""
 
     current: ServerLease | None
 
 
 @dataclass(frozen=True)
-class BeatNotFound:
+class HeartbeatNotFound:
     pass
 
 
 @dataclass(frozen=True)
-class BeatRejected:
+class HeartbeatRejected:
     """Another 4xx the server will not change its mind on (auth, a malformed request)."""
 
     status: int | None
@@ -186,9 +186,9 @@ class BeatRejected:
 
 
 @dataclass(frozen=True)
-class BeatFailed:
+class HeartbeatFailed:
     """A transient failure: 5xx, 429, a dropped connection, a timeout, a malformed body. The
-    server may have applied the beat all the same."""
+    server may have applied the heartbeat all the same."""
 
     status: int | None
     error: str
@@ -328,8 +328,9 @@ class HealthcheckAnswered:
 
 Event = (
     Offered | Unreadable | AckAnswered | AckUncertain | AckConflict | AckRefused | RecordFailed
-    | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | BeatAnswered | BeatRefused
-    | BeatNotFound | BeatRejected | BeatFailed | StopRequested | ServerStopped | OperatorRevoked
+    | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | HeartbeatAnswered
+    | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed | StopRequested
+    | ServerStopped | OperatorRevoked
     | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited
     | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded
     | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | HealthcheckAnswered

@@ -3,7 +3,7 @@
 `Executor.run(lease, event)` is every task's middle step: the task reads, the machine decides,
 this applies. An effect that asks something (an ack, a claim, a stop, a guarded change) turns
 its answer into the next event and the machine decides again, until nothing is left to ask.
-Nothing here judges a lease: a reply becomes an event by its kind alone (`beat_event`).
+Nothing here judges a lease: a reply becomes an event by its kind alone (`heartbeat_event`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dispatcher.workapi import (
 if TYPE_CHECKING:
     from dispatcher.runtime import Runtime
 
-__all__ = ["Executor", "beat_event", "claim_event", "listed_event", "reply_of", "stop_event"]
+__all__ = ["Executor", "claim_event", "heartbeat_event", "listed_event", "reply_of", "stop_event"]
 
 # An ack's retries, here and not in the client (see `Executor._ack`): three seconds in all, well
 # inside any lease's TTL. Until one attempt is answered, nothing proves the item is ours: at 30 %
@@ -56,7 +56,7 @@ RECORD_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.4, 0.8)
 # long (offer, ack, claim, publish); anything longer is a bug, not a lease.
 MAX_STEPS = 16
 
-Beat = tuple[str, str, int, float, float]
+AnsweredHeartbeat = tuple[str, str, int, float, float]
 
 
 @dataclass
@@ -65,7 +65,7 @@ class _Run:
 
     work_json: str | None
     signal: Callable[[StopKind], None] | None
-    beats: list[Beat] | None
+    heartbeats: list[AnsweredHeartbeat] | None
     path: StartPath | None = None
     # Whose key every Work API call of the run is made with: the lease's environment.
     environment_id: str | None = None
@@ -85,15 +85,15 @@ class Executor:
 
     def run(self, lease: Lease | None, event: ev.Event, *, work_json: str | None = None,
             signal: Callable[[StopKind], None] | None = None,
-            beats: list[Beat] | None = None, path: StartPath | None = None,
+            heartbeats: list[AnsweredHeartbeat] | None = None, path: StartPath | None = None,
             environment_id: str | None = None) -> Lease | None:
         """Decide and perform `event` and every answer it leads to; returns the lease as the
         machine last left it (None: no record). `work_json` is needed to create a record,
-        `signal` lets the machine signal the caller's sandbox, `beats` collects answered
-        beats for the heartbeat tick to record in one round trip, and `path` notes when a
+        `signal` lets the machine signal the caller's sandbox, `heartbeats` collects answered
+        heartbeats for the heartbeat tick to record in one round trip, and `path` notes when a
         session's start passed each effect. `environment_id` names the environment when
         neither the lease nor the event does (an unreadable item)."""
-        state = _Run(work_json=work_json, signal=signal, beats=beats, path=path,
+        state = _Run(work_json=work_json, signal=signal, heartbeats=heartbeats, path=path,
                      environment_id=_environment_of(lease, event) or environment_id)
         work_id = _work_id_of(lease, event)
         pending: list[ev.Event] = [event]
@@ -112,10 +112,10 @@ class Executor:
         finally:
             self.runtime.metrics.inc_all(state.counts, environment=state.environment_id or "")
 
-    def record_beats(self, beats: list[Beat]) -> None:
-        """Record the answered beats a heartbeat tick collected, in one round trip."""
-        if beats:
-            self.runtime.registry.record_beats(beats)
+    def record_heartbeats(self, heartbeats: list[AnsweredHeartbeat]) -> None:
+        """Record the answered heartbeats a heartbeat tick collected, in one round trip."""
+        if heartbeats:
+            self.runtime.registry.record_heartbeats(heartbeats)
 
     def unschedule_gone(self, work_ids: set[str]) -> None:
         """Drop due heartbeats whose record is gone (released between the pop and the read)."""
@@ -161,8 +161,8 @@ class Executor:
                 self._schedule(work_id, effect, lease, state)
             case fx.Unschedule():
                 self._unschedule(work_id, effect, lease, state)
-            case fx.RecordBeat():
-                self._record_beat(work_id, effect, lease, state)
+            case fx.RecordHeartbeat():
+                self._record_heartbeat(work_id, effect, lease, state)
             case fx.RecordHistory():
                 self._history(work_id, effect, lease, state)
             case fx.Publish():
@@ -281,13 +281,13 @@ class Executor:
                     state: _Run) -> None:
         self.runtime.registry.unschedule_heartbeat(work_id)
 
-    def _record_beat(self, work_id: str, effect: fx.RecordBeat, lease: Lease | None,
+    def _record_heartbeat(self, work_id: str, effect: fx.RecordHeartbeat, lease: Lease | None,
                      state: _Run) -> None:
-        beat = (work_id, effect.token, effect.ttl_seconds, effect.sent_at, effect.due)
-        if state.beats is not None:
-            state.beats.append(beat)
+        heartbeat = (work_id, effect.token, effect.ttl_seconds, effect.sent_at, effect.due)
+        if state.heartbeats is not None:
+            state.heartbeats.append(heartbeat)
         else:
-            self.runtime.registry.record_beats([beat])
+            self.runtime.registry.record_heartbeats([heartbeat])
 
     def _history(self, work_id: str, effect: fx.RecordHistory, lease: Lease | None,
                  state: _Run) -> None:
@@ -309,7 +309,7 @@ class Executor:
             # After the send: a mark without its message would read as queued for good.
             self.runtime.deliveries.published(effect.task_id)
         except (RedisError, KombuError, OSError) as exc:
-            # The lease stays held and beaten; recovery publishes it again, since the message
+            # The lease stays held and heartbeated; recovery publishes it again, since the message
             # is not marked published (`machine.message_lost`).
             log_event("dispatch failed", level=logging.ERROR, work_id=work_id,
                       attempt=effect.attempt, environment_id=state.environment_id,
@@ -376,17 +376,17 @@ def _server_lease(exc: LeasePreconditionFailed) -> ev.ServerLease | None:
     return ev.ServerLease(state=state.state, last_heartbeat=state.last_heartbeat)
 
 
-def beat_event(outcome: Heartbeat | WorkAPIError, sent_at: float) -> ev.Event:
+def heartbeat_event(outcome: Heartbeat | WorkAPIError, sent_at: float) -> ev.Event:
     """A heartbeat's answer (or failure) as the event the machine judges."""
     if isinstance(outcome, Heartbeat):
-        return ev.BeatAnswered(reply_of(outcome), sent_at)
+        return ev.HeartbeatAnswered(reply_of(outcome), sent_at)
     if isinstance(outcome, LeasePreconditionFailed):
-        return ev.BeatRefused(_server_lease(outcome))
+        return ev.HeartbeatRefused(_server_lease(outcome))
     if isinstance(outcome, NotFoundError):
-        return ev.BeatNotFound()
+        return ev.HeartbeatNotFound()
     if outcome.retryable or isinstance(outcome, ConflictError):
-        return ev.BeatFailed(outcome.status, str(outcome))
-    return ev.BeatRejected(outcome.status, str(outcome))
+        return ev.HeartbeatFailed(outcome.status, str(outcome))
+    return ev.HeartbeatRejected(outcome.status, str(outcome))
 
 
 def _work_id_of(lease: Lease | None, event: ev.Event) -> str:
@@ -442,7 +442,7 @@ def claim_event(exc: WorkAPIError, *, ack_uncertain: bool) -> ev.Event:
         return ev.ClaimNotAcked(exc.status, ack_uncertain)
     if exc.retryable:
         return ev.ClaimFailed(exc.status)
-    return ev.BeatRejected(exc.status, str(exc))
+    return ev.HeartbeatRejected(exc.status, str(exc))
 
 
 def listed_event(work: Work) -> ev.Event | None:

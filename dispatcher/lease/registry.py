@@ -27,12 +27,12 @@ from dispatcher.lease.model import Ending, Lease, Phase, StopKind, encode
 
 __all__ = ["History", "LeaseRegistry", "Pulse"]
 
-# Beats recorded per script call: a few ms of Redis time at most, so other clients never wait
+# Heartbeats recorded per script call: a few ms of Redis time at most, so other clients never wait
 # long behind a big tick.
-RECORD_BEATS_CHUNK = 500
+RECORD_HEARTBEATS_CHUNK = 500
 # The work item's JSON holds its secret: it expires unless a heartbeat or a pulse keeps it (each
 # pushes the expiry on), so a record lost half-way never leaves a secret in Redis for good. An
-# hour outlasts any gap between beats (30 s at most) or pulses (0.2 s).
+# hour outlasts any gap between heartbeats (30 s at most) or pulses (0.2 s).
 WORK_TTL_SECONDS = 3600
 # What the registry remembers of an item after its release: long enough to refuse a
 # re-delivery of a session that already ended (the server re-queues a lapsed lease after its
@@ -390,9 +390,10 @@ return 1
 
     # --- heartbeat schedule -------------------------------------------------------------------
     # KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now.
-    # Schedules the next beat only while the dispatcher still owns the heartbeat (not after a
-    # hand-off, not after release); a release to retry is scheduled whoever beat the lease. "Sooner
-    # only" never postpones a due beat, and leaves a beat in flight alone (its reply reschedules).
+    # Schedules the next heartbeat only while the dispatcher still owns the heartbeat (not after a
+    # hand-off, not after release); a release to retry is scheduled whoever heartbeated the lease.
+    # "Sooner only" never postpones a due heartbeat, and leaves a heartbeat in flight alone (its
+    # reply reschedules).
     _SCHEDULE = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'heartbeats_by') == 'sandbox'
@@ -409,18 +410,19 @@ return 1
 """)
 
     def schedule_heartbeat(self, work_id: str, due: float, *, sooner_only: bool = False) -> bool:
-        """Schedule the next beat (or release retry); False if the lease is gone or the sandbox
-        beats it. `sooner_only` never moves a beat that is already due sooner, or in flight."""
+        """Schedule the next heartbeat (or release retry); False if the lease is gone or the
+        sandbox heartbeats it. `sooner_only` never moves a heartbeat that is already due sooner, or
+        in flight."""
         keys = [self.keys.lease(work_id), self.keys.heartbeat_due]
         args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time()]
         return bool(self._SCHEDULE(keys=keys, args=args))
 
-    # KEYS[1]=due zset; ARGV: lease key prefix, work key prefix, work TTL, then per beat: work id,
-    # token, ttl, sent at, next due. A tick's answered beats in one round trip: for each lease
-    # still held, its token, TTL and when the answered beat was sent; the next beat, unless the
-    # sandbox beats the lease now; and the work item's expiry pushed on. Returns the ids whose
-    # lease was released meanwhile.
-    _RECORD_BEATS = _Script("""
+    # KEYS[1]=due zset; ARGV: lease key prefix, work key prefix, work TTL, then per heartbeat: work
+    # id, token, ttl, sent at, next due. A tick's answered heartbeats in one round trip: for each
+    # lease still held, its token, TTL and when the answered heartbeat was sent; the next
+    # heartbeat, unless the sandbox heartbeats the lease now; and the work item's expiry pushed on.
+    # Returns the ids whose lease was released meanwhile.
+    _RECORD_HEARTBEATS = _Script("""
 local gone = {}
 for i = 4, #ARGV, 5 do
   local id = ARGV[i]
@@ -441,21 +443,22 @@ end
 return gone
 """)
 
-    def record_beats(self, beats: list[tuple[str, str, int, float, float]]) -> list[str]:
-        """Record answered beats, each (work id, token, TTL, sent at, next due), and schedule
+    def record_heartbeats(self, heartbeats: list[tuple[str, str, int, float, float]]) -> list[str]:
+        """Record answered heartbeats, each (work id, token, TTL, sent at, next due), and schedule
         the next ones, in one round trip per chunk. Returns the ids whose lease is gone."""
         gone: list[str] = []
-        for start in range(0, len(beats), RECORD_BEATS_CHUNK):
+        for start in range(0, len(heartbeats), RECORD_HEARTBEATS_CHUNK):
             args: list[str | int | float] = [self.keys.lease(""), self.keys.work(""),
                                              WORK_TTL_SECONDS]
-            for work_id, token, ttl, sent_at, due in beats[start:start + RECORD_BEATS_CHUNK]:
+            chunk = heartbeats[start:start + RECORD_HEARTBEATS_CHUNK]
+            for work_id, token, ttl, sent_at, due in chunk:
                 args += [work_id, token, ttl, sent_at, due]
-            gone += [str(w) for w in self._RECORD_BEATS(keys=[self.keys.heartbeat_due],
+            gone += [str(w) for w in self._RECORD_HEARTBEATS(keys=[self.keys.heartbeat_due],
                                                         args=args)]
         return gone
 
     def settled_token(self, work_id: str, *, wait_seconds: float) -> str | None:
-        """The lease's token once no beat of ours is in flight (at most `wait_seconds`), for a
+        """The lease's token once no heartbeat of ours is in flight (at most `wait_seconds`), for a
         sandbox to continue the lease with: a reply landing after the read would change the
         token, and the sandbox would present a stale one (412)."""
         deadline = time.time() + wait_seconds
@@ -474,7 +477,7 @@ return gone
     # pushing their score to the in-flight deadline, so concurrent heartbeat tasks take disjoint
     # sets
     # and a crashed one's leases come due again once the deadline passes. The deadline is also noted
-    # on the lease, so a hand-off can wait for a beat in flight before it reads the token.
+    # on the lease, so a hand-off can wait for a heartbeat in flight before it reads the token.
     _CLAIM_DUE = _Script("""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do

@@ -12,7 +12,7 @@ from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
 from dispatcher.lease.causes import SeenBy, StopCause
 from dispatcher.lease.machine import Decision, Policy, decide
-from dispatcher.lease.model import Beater, Ending, Lease, LeaseMode, Phase, StopKind
+from dispatcher.lease.model import Ending, Heartbeater, Lease, LeaseMode, Phase, StopKind
 
 __all__ = ["NOW", "PHASES", "SCENARIOS", "Row", "describe", "lease_in", "render", "rows"]
 
@@ -21,17 +21,17 @@ NOW = 1_000_000.0
 PHASES = ("none", *(p.value for p in Phase))
 
 def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False) -> Lease | None:
-    """A canonical lease in `phase` (None for "none"): attempt 1 of task-1, beaten by the
-    dispatcher, token tok-1, last answered beat 5 s ago; a releasing one's session completed.
-    `unproven`: no ack or beat of it was ever answered (no token, no answered beat), as the
-    lease an ack meets: the proposal of a poll."""
+    """A canonical lease in `phase` (None for "none"): attempt 1 of task-1, heartbeated by the
+    dispatcher, token tok-1, last answered heartbeat 5 s ago; a releasing one's session completed.
+    `unproven`: no ack or heartbeat of it was ever answered (no token, no answered heartbeat), as
+    the lease an ack meets: the proposal of a poll."""
     if phase == "none":
         return None
     ended = Ending.COMPLETED if phase == Phase.RELEASING else Ending.NONE
     return Lease("w", "s", "e", LeaseMode.DISPATCHER, "q", phase=Phase(phase), attempt=1,
                  ended=ended, task_id="task-1", token="" if unproven else "tok-1", ttl_seconds=30,
                  claimed_at=NOW - 10, heartbeat_ok_at=0 if unproven else NOW - 5,
-                 pulse_at=NOW - 1, uncertain=uncertain, heartbeats_by=Beater.DISPATCHER)
+                 pulse_at=NOW - 1, uncertain=uncertain, heartbeats_by=Heartbeater.DISPATCHER)
 
 
 _claimed, _running, _releasing = (lease_in(p) for p in ("claimed", "running", "releasing"))
@@ -56,27 +56,28 @@ SCENARIOS: dict[str, ev.Event] = {
     "record refused, fresh claim": ev.RecordFailed(_claimed, "connection refused"),
     "record refused, write-back": ev.RecordFailed(_running, "connection refused"),
     "claim answered": ev.ClaimAnswered(_REPLY, NOW),
-    "claim 412, nobody beat it": ev.ClaimRefused(ev.ServerLease("starting", None)),
+    "claim 412, nobody heartbeated it": ev.ClaimRefused(ev.ServerLease("starting", None)),
     "claim 412, another holder": ev.ClaimRefused(ev.ServerLease("active", "tok-x")),
     "claim 404/409 after an uncertain ack": ev.ClaimNotAcked(409, ack_uncertain=True),
     "claim failed (transient)": ev.ClaimFailed(503),
     "claim failed (transient), ack unanswered": ev.ClaimFailed(503),
-    "claim 412, nobody beat it, ack unanswered": ev.ClaimRefused(ev.ServerLease("starting", None)),
-    "beat answered, ack unanswered": ev.BeatAnswered(_REPLY, NOW),
+    "claim 412, nobody heartbeated it, ack unanswered": ev.ClaimRefused(
+        ev.ServerLease("starting", None)),
+    "heartbeat answered, ack unanswered": ev.HeartbeatAnswered(_REPLY, NOW),
     "claim stranded, ack unanswered": ev.ClaimStranded(),
-    "beat answered": ev.BeatAnswered(_REPLY, NOW),
-    "beat answered, not extended": ev.BeatAnswered(
+    "heartbeat answered": ev.HeartbeatAnswered(_REPLY, NOW),
+    "heartbeat answered, not extended": ev.HeartbeatAnswered(
         ev.Reply("tok-2", extended=False, state="active", ttl_seconds=30), NOW),
-    "beat answered, stopping": ev.BeatAnswered(
+    "heartbeat answered, stopping": ev.HeartbeatAnswered(
         ev.Reply("tok-2", extended=True, state="stopping", ttl_seconds=30), NOW),
-    "beat answered, stopped": ev.BeatAnswered(
+    "heartbeat answered, stopped": ev.HeartbeatAnswered(
         ev.Reply("tok-2", extended=False, state="stopped", ttl_seconds=30), NOW),
-    "beat 412 after a lost reply, inside the TTL": ev.BeatRefused(
+    "heartbeat 412 after a lost reply, inside the TTL": ev.HeartbeatRefused(
         ev.ServerLease("active", "tok-2")),
-    "beat 412": ev.BeatRefused(ev.ServerLease("active", "tok-x")),
-    "beat 404": ev.BeatNotFound(),
-    "beat rejected (other 4xx)": ev.BeatRejected(401, "unauthorized"),
-    "beat failed (transient)": ev.BeatFailed(503, "unavailable"),
+    "heartbeat 412": ev.HeartbeatRefused(ev.ServerLease("active", "tok-x")),
+    "heartbeat 404": ev.HeartbeatNotFound(),
+    "heartbeat rejected (other 4xx)": ev.HeartbeatRejected(401, "unauthorized"),
+    "heartbeat failed (transient)": ev.HeartbeatFailed(503, "unavailable"),
     "stop requested (server)": ev.StopRequested(StopKind.GRACEFUL, StopCause.SERVER, SeenBy.BRIDGE),
     "stop requested (force)": ev.StopRequested(StopKind.FORCE, StopCause.OPERATOR, SeenBy.REVOKE),
     "server lists it stopped": ev.ServerStopped(SeenBy.BRIDGE),
@@ -118,7 +119,7 @@ SCENARIOS: dict[str, ev.Event] = {
 _ONLY_IN: dict[str, tuple[str, ...]] = {
     **{name: ("claimed",) for name in SCENARIOS if name.startswith("ack ")},
     **{name: ("claimed", "dispatched") for name in SCENARIOS if name.startswith("claim ")},
-    "beat answered, ack unanswered": ("claimed",),
+    "heartbeat answered, ack unanswered": ("claimed",),
     "claim stranded, ack unanswered": ("claimed",),
     # A record refused meets the lease the failed write was part of deciding.
     "record refused, fresh claim": ("dispatched",),
@@ -131,7 +132,7 @@ _ONLY_IN: dict[str, tuple[str, ...]] = {
 
 def _decide(name: str, phase: str) -> Decision:
     event = SCENARIOS[name]
-    lease = lease_in(phase, uncertain=name.startswith("beat 412 after a lost reply"),
+    lease = lease_in(phase, uncertain=name.startswith("heartbeat 412 after a lost reply"),
                      unproven=name.startswith("ack ") or name.endswith("ack unanswered"))
     return decide(lease, event, now=NOW, policy=Policy(max_attempts=3))
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.lease.model import Beater, Phase
+from dispatcher.lease.model import Heartbeater, Phase
 from dispatcher.ops.operator_cli import (
     EXIT_OK,
     EXIT_UNHEALTHY,
@@ -104,7 +104,7 @@ def _live(worker: WorkerSlots, now: float, stale_seconds: float) -> bool:
 
 
 def _overdue(lease: Lease, now: float) -> bool:
-    if lease.heartbeats_by != Beater.DISPATCHER or lease.lost:
+    if lease.heartbeats_by != Heartbeater.DISPATCHER or lease.lost:
         return False  # the sandbox beats it, or it is being let go: none of the fleet's beats
     since = lease.heartbeat_ok_at or lease.claimed_at
     if not since:

@@ -86,7 +86,7 @@ def test_a_lease_released_or_handed_to_its_sandbox_during_the_beat_is_left_alone
     plain = [(w, f"token-{w}", 30, time.time(), time.time() + 10)
              for w in (released, handed, releasing)]
     registry.delete(released)
-    assert registry.record_beats(plain) == [released]
+    assert registry.record_heartbeats(plain) == [released]
     assert registry.get(released) is None, "never written back"
     handed_lease, releasing_lease = registry.get(handed), registry.get(releasing)
     assert handed_lease is not None and handed_lease.token == f"token-{handed}"

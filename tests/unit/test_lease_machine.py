@@ -55,12 +55,12 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
      {"Publish"}),
     ("claim failed (transient), ack unanswered", ("dispatched",), "dispatched", {"Schedule"},
      {"Publish"}),
-    ("claim 412, nobody beat it, ack unanswered", ("claimed",), "claimed", {"Schedule"},
+    ("claim 412, nobody heartbeated it, ack unanswered", ("claimed",), "claimed", {"Schedule"},
      {"Publish"}),
-    ("claim 412, nobody beat it, ack unanswered", ("dispatched",), "dispatched", {"Schedule"},
-     {"Publish"}),
-    ("beat answered, ack unanswered", ("claimed",), "dispatched", {"RecordBeat", "Publish"},
-     set()),
+    ("claim 412, nobody heartbeated it, ack unanswered", ("dispatched",), "dispatched",
+     {"Schedule"}, {"Publish"}),
+    ("heartbeat answered, ack unanswered", ("claimed",), "dispatched",
+     {"RecordHeartbeat", "Publish"}, set()),
     ("claim stranded, ack unanswered", ("claimed",), "claimed", {"Schedule"}, {"Publish"}),
     ("ack refused (4xx)", ("claimed",), "none", set(), {"CreateRecord", "StopOnServer"}),
     # Acked, but Redis refused the record past the executor's retries: nobody could beat or run
@@ -70,52 +70,54 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     # A running attempt's write-back: the attempt tries again at its next pulse.
     ("record refused, write-back", ("running",), "none", {"log `write-back failed`"},
      {"StopOnServer", "FlagStop(force)"}),
-    ("claim answered", ("claimed",), "dispatched", {"RecordBeat", "Publish"}, set()),
-    ("claim 412, nobody beat it", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
+    ("claim answered", ("claimed",), "dispatched", {"RecordHeartbeat", "Publish"}, set()),
+    ("claim 412, nobody heartbeated it", ("claimed",), "dispatched", {"Schedule", "Publish"},
+     set()),
     ("claim 412, another holder", ("claimed",), "none", {"DeleteRecord"},
      {"StopOnServer", "Publish"}),
     ("claim 404/409 after an uncertain ack", ("claimed",), "none", {"DeleteRecord"},
      {"StopOnServer", "Publish"}),
     ("claim failed (transient)", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
-    ("claim answered", ("dispatched",), "dispatched", {"RecordBeat"}, {"Publish"}),
-    ("claim 412, nobody beat it", ("dispatched",), "dispatched", {"Schedule"}, {"Publish"}),
+    ("claim answered", ("dispatched",), "dispatched", {"RecordHeartbeat"}, {"Publish"}),
+    ("claim 412, nobody heartbeated it", ("dispatched",), "dispatched", {"Schedule"}, {"Publish"}),
     ("claim 412, another holder", ("dispatched",), "none", {"Revoke", "DeleteRecord"},
      {"StopOnServer"}),
     ("claim 404/409 after an uncertain ack", ("dispatched",), "none", {"Revoke", "DeleteRecord"},
      {"StopOnServer"}),
     ("claim failed (transient)", ("dispatched",), "dispatched", {"Schedule"}, {"Publish"}),
-    ("beat answered", ("dispatched", "running", "releasing"), "=", {"RecordBeat"},
+    ("heartbeat answered", ("dispatched", "running", "releasing"), "=", {"RecordHeartbeat"},
      {"StopOnServer"}),
     # A claimed lease held back (a healthcheck or hand-off whose claim failed) moves on.
-    ("beat answered", ("claimed",), "dispatched", {"RecordBeat", "Publish"}, {"StopOnServer"}),
-    ("beat answered, not extended", QUEUED, "none", {"DeleteRecord"}, {"StopOnServer"}),
-    ("beat answered, not extended", ("running",), "running", {"FlagStop(force)"},
+    ("heartbeat answered", ("claimed",), "dispatched", {"RecordHeartbeat", "Publish"},
+     {"StopOnServer"}),
+    ("heartbeat answered, not extended", QUEUED, "none", {"DeleteRecord"}, {"StopOnServer"}),
+    ("heartbeat answered, not extended", ("running",), "running", {"FlagStop(force)"},
      {"StopOnServer", "DeleteRecord"}),
     # The session ended: its item is stopped whatever happens to the lease.
-    ("beat answered, not extended", ("releasing",), "releasing", {"StopOnServer"},
+    ("heartbeat answered, not extended", ("releasing",), "releasing", {"StopOnServer"},
      {"DeleteRecord"}),
-    ("beat answered, stopping", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
+    ("heartbeat answered, stopping", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
      {"Publish"}),
-    ("beat answered, stopping", ("running",), "running", {"FlagStop(graceful)"},
+    ("heartbeat answered, stopping", ("running",), "running", {"FlagStop(graceful)"},
      {"StopOnServer"}),
-    ("beat answered, stopping", ("releasing",), "releasing", {"RecordBeat"},
+    ("heartbeat answered, stopping", ("releasing",), "releasing", {"RecordHeartbeat"},
      {"FlagStop(graceful)"}),
-    ("beat answered, stopped", ("claimed", "dispatched", "releasing"), "none",
+    ("heartbeat answered, stopped", ("claimed", "dispatched", "releasing"), "none",
      {"DeleteRecord"}, {"StopOnServer"}),
-    ("beat answered, stopped", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
-    ("beat 412 after a lost reply, inside the TTL", ANY, "=",
+    ("heartbeat answered, stopped", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
+    ("heartbeat 412 after a lost reply, inside the TTL", ANY, "=",
      {"Schedule", "log `heartbeat token adopted`"}, {"FlagStop(force)", "DeleteRecord"}),
-    ("beat 412", QUEUED, "none", {"DeleteRecord", "Unschedule"}, {"StopOnServer"}),
-    ("beat 412", ("running",), "running", {"FlagStop(force)", "Unschedule"}, {"StopOnServer"}),
-    ("beat 412", ("releasing",), "releasing", {"StopOnServer"}, {"DeleteRecord"}),
-    ("beat 404", ("claimed", "dispatched", "releasing"), "none", {"DeleteRecord"},
+    ("heartbeat 412", QUEUED, "none", {"DeleteRecord", "Unschedule"}, {"StopOnServer"}),
+    ("heartbeat 412", ("running",), "running", {"FlagStop(force)", "Unschedule"}, {"StopOnServer"}),
+    ("heartbeat 412", ("releasing",), "releasing", {"StopOnServer"}, {"DeleteRecord"}),
+    ("heartbeat 404", ("claimed", "dispatched", "releasing"), "none", {"DeleteRecord"},
      {"StopOnServer"}),
-    ("beat 404", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
-    ("beat rejected (other 4xx)", ("claimed", "dispatched", "releasing"), "releasing",
+    ("heartbeat 404", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
+    ("heartbeat rejected (other 4xx)", ("claimed", "dispatched", "releasing"), "releasing",
      {"StopOnServer"}, {"Publish"}),
-    ("beat rejected (other 4xx)", ("running",), "running", {"FlagStop(force)"},
+    ("heartbeat rejected (other 4xx)", ("running",), "running", {"FlagStop(force)"},
      {"StopOnServer"}),
-    ("beat failed (transient)", ANY, "=", {"Schedule"}, {"FlagStop(force)"}),
+    ("heartbeat failed (transient)", ANY, "=", {"Schedule"}, {"FlagStop(force)"}),
     ("stop requested (server)", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
      {"Publish"}),
     ("stop requested (server)", ("running",), "running", {"FlagStop(graceful)"},
@@ -219,11 +221,11 @@ def test_a_finished_session_whose_release_failed_is_stopped_after_a_412() -> Non
     steps: list[ev.Event] = [
         ev.SandboxExited(1, 0, draining=False, next_task_id="t2"),
         ev.ReleaseFailed(500, "internal error"),
-        ev.BeatFailed(200, "malformed reply"),
+        ev.HeartbeatFailed(200, "malformed reply"),
         ev.ReleaseFailed(None, "connection dropped"),
         # The server moved on past the token we hold, and the TTL has passed since the last
         # beat it answered us: this 412 cannot be adopted.
-        ev.BeatRefused(ev.ServerLease("active", "tok-applied")),
+        ev.HeartbeatRefused(ev.ServerLease("active", "tok-applied")),
     ]
     now = NOW
     current: Lease | None = lease
@@ -243,7 +245,7 @@ def test_a_finished_session_whose_release_failed_is_stopped_after_a_412() -> Non
 def test_a_lost_beat_is_adopted_only_inside_the_ttl() -> None:
     lease = lease_in("running", uncertain=True)
     assert lease is not None
-    refused = ev.BeatRefused(ev.ServerLease("active", "tok-2"))
+    refused = ev.HeartbeatRefused(ev.ServerLease("active", "tok-2"))
     inside = decide(lease, refused, now=lease.heartbeat_ok_at + lease.ttl - 1)
     assert inside.lease is not None and inside.lease.token == "tok-2" and not inside.lease.lost
     outside = decide(lease, refused, now=lease.heartbeat_ok_at + lease.ttl + 1)
@@ -255,7 +257,7 @@ def test_a_lost_beat_is_adopted_only_inside_the_ttl() -> None:
 def test_a_refused_token_is_never_kept() -> None:
     lease = lease_in("dispatched", uncertain=True)
     assert lease is not None
-    same = ev.BeatRefused(ev.ServerLease("active", lease.token))
+    same = ev.HeartbeatRefused(ev.ServerLease("active", lease.token))
     decision = decide(lease, same, now=NOW)
     assert decision.lease is None or decision.lease.lost
 
@@ -323,7 +325,7 @@ def test_a_claim_after_an_ack_whose_reply_was_lost_never_adopts_a_rivals_token()
     assert acked.lease is not None
     claimed = decide(acked.lease, ev.ClaimFailed(503), now=NOW)
     assert claimed.lease is not None and claimed.lease.uncertain
-    refused = decide(claimed.lease, ev.BeatRefused(ev.ServerLease("active", "rival-1")),
+    refused = decide(claimed.lease, ev.HeartbeatRefused(ev.ServerLease("active", "rival-1")),
                      now=NOW + 1)
     assert refused.lease is None or refused.lease.token != "rival-1"
 
@@ -333,7 +335,7 @@ def test_a_session_that_finished_after_its_lease_was_lost_is_stopped_not_run_aga
     exited 0 before the kill landed. The session is done: its item is stopped, its ending kept."""
     running = lease_in("running")
     assert running is not None
-    lost = decide(running, ev.BeatRefused(ev.ServerLease("queued", None)), now=NOW).lease
+    lost = decide(running, ev.HeartbeatRefused(ev.ServerLease("queued", None)), now=NOW).lease
     assert lost is not None and lost.lost
     decision = decide(lost, ev.SandboxExited(1, 0, draining=False, next_task_id="t2"), now=NOW)
     assert decision.lease is not None and decision.lease.ended == Ending.COMPLETED
@@ -361,7 +363,7 @@ def test_a_lost_finished_lease_whose_stop_failed_is_tried_again() -> None:
     then failed, was never due again (its retry deferred to a beat that no longer comes)."""
     releasing = lease_in("releasing")
     assert releasing is not None
-    lost = decide(releasing, ev.BeatFailed(503, "unavailable"), now=NOW + 60)
+    lost = decide(releasing, ev.HeartbeatFailed(503, "unavailable"), now=NOW + 60)
     assert lost.lease is not None and lost.lease.lost
     retry = decide(lost.lease, ev.ReleaseFailed(503, "unavailable"), now=NOW + 60)
     assert fx.Schedule(NOW + 62, sooner_only=False) in retry.effects
@@ -374,7 +376,7 @@ def test_a_lease_written_back_after_a_reset_adopts_a_token_it_did_not_see() -> N
     assert remembered is not None
     back = decide(None, ev.RegistryReset(remembered), now=NOW).lease
     assert back is not None and back.uncertain
-    refused = decide(back, ev.BeatRefused(ev.ServerLease("active", "tok-newer")), now=NOW + 1)
+    refused = decide(back, ev.HeartbeatRefused(ev.ServerLease("active", "tok-newer")), now=NOW + 1)
     assert refused.lease is not None and refused.lease.token == "tok-newer"
     assert not refused.lease.lost
 

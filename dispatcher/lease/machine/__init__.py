@@ -10,7 +10,7 @@ Every promise the fleet makes is a rule here, and only here:
   published again, and its item is stopped on the server *whatever happens to the lease
   afterwards* (a lost lease, a 412, a re-delivery). The fleet also remembers the ending past
   the record (`RecordHistory`), so a re-delivered item that already ended is stopped, not run.
-* **No stale token presented twice.** A 412 either ends the lease or, when it follows a beat of
+* **No stale token presented twice.** A 412 either ends the lease or, when it follows a heartbeat of
   ours whose reply was lost while the lease could not have lapsed, adopts the server's token.
 * **Every stop honoured.** Force wins over graceful; a queued task is revoked and released at
   once; a running one is signalled by its supervisor.
@@ -89,16 +89,16 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return claiming.on_claim_not_acked(lease, event, c)
         case ev.ClaimFailed():
             return claiming.on_claim_failed(lease, event, c)
-        case ev.BeatAnswered():
-            return claiming.on_beat_answered(lease, event, c)
-        case ev.BeatRefused():
-            return claiming.on_beat_refused(lease, event, c)
-        case ev.BeatNotFound():
-            return claiming.on_beat_not_found(lease, event, c)
-        case ev.BeatRejected():
-            return claiming.on_beat_rejected(lease, event, c)
-        case ev.BeatFailed():
-            return claiming.on_beat_failed(lease, event, c)
+        case ev.HeartbeatAnswered():
+            return claiming.on_heartbeat_answered(lease, event, c)
+        case ev.HeartbeatRefused():
+            return claiming.on_heartbeat_refused(lease, event, c)
+        case ev.HeartbeatNotFound():
+            return claiming.on_heartbeat_not_found(lease, event, c)
+        case ev.HeartbeatRejected():
+            return claiming.on_heartbeat_rejected(lease, event, c)
+        case ev.HeartbeatFailed():
+            return claiming.on_heartbeat_failed(lease, event, c)
         # --- stops, the session plane, recovery, release (`running`) ---------------------------
         case ev.StopRequested():
             return running.on_stop_requested(lease, event, c)

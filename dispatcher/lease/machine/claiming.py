@@ -26,7 +26,7 @@ from dispatcher.lease.machine.steps import (
     request_stop,
     since_ok,
 )
-from dispatcher.lease.model import Beater, Ending, Kind, Lease, LeaseMode, Phase, StopKind
+from dispatcher.lease.model import Ending, Heartbeater, Kind, Lease, LeaseMode, Phase, StopKind
 from dispatcher.workapi.models import WorkState
 
 # --- the poller --------------------------------------------------------------------------------
@@ -95,22 +95,22 @@ def on_acked(lease: Lease, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decis
     # Claimed first: a healthcheck is answered, not published; a hand-off gives the sandbox the
     # token at its start, which must be the claim's, not none yet; an ack nobody answered may
     # not be ours, and a session of another holder's item must never start here.
-    claim_first = lease.heartbeats_by == Beater.DISPATCHER and (
+    claim_first = lease.heartbeats_by == Heartbeater.DISPATCHER and (
         lease.kind == Kind.HEALTHCHECK or lease.mode == LeaseMode.HANDOFF
         or not proven_ours(lease))
     # Otherwise published first, claimed right after: the first heartbeat's round trip never
-    # delays the session, and the lease is never left unbeaten (a claim that fails is retried
-    # by the heartbeat task at once). A session that starts before a rival's 412 comes back is
-    # killed by that answer, as any lost lease is. Its record is created already dispatched:
-    # one write before the publish, not a create and an update.
-    published = lease.heartbeats_by == Beater.DISPATCHER and not claim_first
+    # delays the session, and the lease is never left without heartbeats (a claim that fails is
+    # retried by the heartbeat task at once). A session that starts before a rival's 412 comes
+    # back is killed by that answer, as any lost lease is. Its record is created already
+    # dispatched: one write before the publish, not a create and an update.
+    published = lease.heartbeats_by == Heartbeater.DISPATCHER and not claim_first
     record = lease.but(phase=Phase.DISPATCHED, dispatched_at=c.now) if published else lease
     p.add(fx.CreateRecord(record), count("work_claimed", type=lease.kind),
           log("claimed", lease, type=lease.kind, queue=lease.queue))
     if isinstance(e, ev.AckUncertain):
         p.add(log("ack uncertain", lease, logging.WARNING, status=e.status,
                   action_taken="claimed; published once a claim is answered"))
-    if lease.heartbeats_by != Beater.DISPATCHER:
+    if lease.heartbeats_by != Heartbeater.DISPATCHER:
         advance_claimed(p, c)
         return p.decided()
     if published:
@@ -135,7 +135,7 @@ def on_ack_refused(lease: Lease | None, e: ev.AckRefused) -> Decision:
 
 
 def on_record_failed(e: ev.RecordFailed) -> Decision:
-    """Redis refused the record. A fresh claim is acked but owned by nobody (nobody could beat
+    """Redis refused the record. A fresh claim is acked but owned by nobody (nobody could heartbeat
     or run it): stop it rather than strand it in `starting`. A lease a running attempt was
     writing back is left to that attempt, which tries again at its next pulse."""
     lease = e.lease
@@ -222,7 +222,7 @@ def _refused_unclaimed(p: Plan, c: Ctx) -> None:
 
 # --- the heartbeat task ------------------------------------------------------------------------
 
-def on_beat_answered(lease: Lease, e: ev.BeatAnswered, c: Ctx) -> Decision:
+def on_heartbeat_answered(lease: Lease, e: ev.HeartbeatAnswered, c: Ctx) -> Decision:
     p = Plan(lease)
     if heartbeat_answered(p, e.reply, e.sent_at):
         # A lease claimed but held back (its ack unanswered, its first claim failed) is ours now.
@@ -236,7 +236,7 @@ def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
     lease = p.held
     ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else lease.ttl
     p.assume(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=sent_at, uncertain=False)
-    p.add(fx.RecordBeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl)))
+    p.add(fx.RecordHeartbeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl)))
     if reply.state == WorkState.STOPPED:
         lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
     elif not reply.extended and reply.state != WorkState.STOPPING:
@@ -248,19 +248,19 @@ def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
     return False
 
 
-def on_beat_refused(lease: Lease, e: ev.BeatRefused, c: Ctx) -> Decision:
+def on_heartbeat_refused(lease: Lease, e: ev.HeartbeatRefused, c: Ctx) -> Decision:
     p = Plan(lease)
     current = e.current
     if not lease.token and _unclaimed(current):
         _refused_unclaimed(p, c)
     elif current is not None and current.state == WorkState.STOPPED:
         lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
-    elif _lost_beat_was_ours(lease, current, c.now):
+    elif _lost_heartbeat_was_ours(lease, current, c.now):
         assert current is not None and current.last_heartbeat is not None
         p.change(token=current.last_heartbeat, uncertain=False)
         p.add(fx.Schedule(c.now),
               log("heartbeat token adopted", lease, logging.WARNING,
-                  reason="a beat of ours was applied but its reply was lost"))
+                  reason="a heartbeat of ours was applied but its reply was lost"))
     else:
         lose(p, cause=LossCause.HEARTBEAT_REFUSED, status=412,
              server_state=current.state if current else None)
@@ -277,13 +277,14 @@ def _known_ttl(lease: Lease) -> float:
     return lease.ttl_seconds if lease.ttl_seconds > 0 else UNKNOWN_TTL_WINDOW_SECONDS
 
 
-def _lost_beat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float) -> bool:
-    """After a beat whose reply was lost, a 412 whose server token we never saw is that beat's:
-    the server hands an acked item to another holder only after its lease lapsed, and it cannot
-    lapse before one TTL after the last beat it answered us was *sent* (or the ack it answered).
-    Inside that window the only writer of the token is us, so adopting it cannot take another
-    holder's lease. Without an answered ack or beat there is no window: an ack whose reply was
-    lost may never have landed, and the server may have given the item to someone else."""
+def _lost_heartbeat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float) -> bool:
+    """After a heartbeat whose reply was lost, a 412 whose server token we never saw is that
+    heartbeat's: the server hands an acked item to another holder only after its lease lapsed,
+    and it cannot lapse before one TTL after the last heartbeat it answered us was *sent* (or the
+    ack it answered). Inside that window the only writer of the token is us, so adopting it
+    cannot take another holder's lease. Without an answered ack or heartbeat there is no window:
+    an ack whose reply was lost may never have landed, and the server may have given the item to
+    someone else."""
     return (lease.uncertain and lease.heartbeat_ok_at > 0 and current is not None
             and bool(current.last_heartbeat)
             and current.last_heartbeat != lease.token
@@ -291,14 +292,14 @@ def _lost_beat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float
             and since_ok(lease, now) < _known_ttl(lease))
 
 
-def on_beat_not_found(lease: Lease, e: ev.BeatNotFound, c: Ctx) -> Decision:
+def on_heartbeat_not_found(lease: Lease, e: ev.HeartbeatNotFound, c: Ctx) -> Decision:
     p = Plan(lease)
     lose(p, cause=LossCause.HEARTBEAT_REFUSED, server_stopped=True, status=404)
     return p.decided()
 
 
-def on_beat_rejected(lease: Lease, e: ev.BeatRejected, c: Ctx) -> Decision:
-    """The server will not take our beats (auth, a bad request): kill and stop the item."""
+def on_heartbeat_rejected(lease: Lease, e: ev.HeartbeatRejected, c: Ctx) -> Decision:
+    """The server will not take our heartbeats (auth, a bad request): kill and stop the item."""
     p = Plan(lease)
     flag_stop(p, StopKind.FORCE, StopCause.REJECTED)
     p.add(fx.Unschedule(),
@@ -308,7 +309,7 @@ def on_beat_rejected(lease: Lease, e: ev.BeatRejected, c: Ctx) -> Decision:
     return p.decided()
 
 
-def on_beat_failed(lease: Lease, e: ev.BeatFailed, c: Ctx) -> Decision:
+def on_heartbeat_failed(lease: Lease, e: ev.HeartbeatFailed, c: Ctx) -> Decision:
     p = Plan(lease)
     since = since_ok(lease, c.now)
     if since > lease.ttl:

@@ -29,7 +29,7 @@ from dispatcher.lease.machine.steps import (
     request_stop,
     restart,
 )
-from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
+from dispatcher.lease.model import Ending, Heartbeater, Lease, Phase, StopKind
 
 # --- stops -------------------------------------------------------------------------------------
 
@@ -91,10 +91,10 @@ def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> D
 
 
 def on_handing_off(lease: Lease, e: ev.HandingOff, c: Ctx) -> Decision:
-    """The sandbox continues the lease with our token: stop beating it (a beat still in flight
-    is waited for before the token is read, or the sandbox would present a stale one)."""
+    """The sandbox continues the lease with our token: stop heartbeating it (a heartbeat still in
+    flight is waited for before the token is read, or the sandbox would present a stale one)."""
     p = Plan(lease)
-    p.change(heartbeats_by=Beater.SANDBOX)
+    p.change(heartbeats_by=Heartbeater.SANDBOX)
     p.add(fx.Unschedule())
     return p.decided()
 
@@ -141,7 +141,7 @@ def on_sandbox_exited(lease: Lease, e: ev.SandboxExited, c: Ctx) -> Decision:
         forget(p, outcome=Release.LOST)
     elif lease.stop != StopKind.NONE:
         end(p, Ending.STOPPED)
-    elif e.draining and lease.heartbeats_by == Beater.DISPATCHER:
+    elif e.draining and lease.heartbeats_by == Heartbeater.DISPATCHER:
         restart(p, reason=RestartReason.WORKER_DRAINED, failure=False, task_id=e.next_task_id,
                 c=c)
     elif e.draining:
@@ -165,7 +165,7 @@ def on_registry_unreachable(lease: Lease, e: ev.RegistryUnreachable, c: Ctx) -> 
 def on_registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decision:
     """Redis lost everything while this attempt ran or released: the lease is still ours on the
     server and this supervisor its only keeper. Write it back, with the last token we saw,
-    marked uncertain: a beat answered after the attempt's last pulse (0.2 s before) changed the
+    marked uncertain: a heartbeat answered after the attempt's last pulse (0.2 s before) changed the
     token unseen, and its 412 is then adopted like a lost reply's. The supervisor kills its
     sandbox if the outage outlasts two thirds of the TTL, so a lease it writes back is still
     ours. A session that already ended is written back ending, its history with it, so that its
@@ -181,7 +181,7 @@ def on_registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decis
     p.add(fx.CreateRecord(back))
     if is_over(back):
         p.add(fx.RecordHistory(back.failures, back.ended))
-    if back.heartbeats_by == Beater.DISPATCHER or is_over(back):
+    if back.heartbeats_by == Heartbeater.DISPATCHER or is_over(back):
         p.add(fx.Schedule(c.now))
     p.add(log("lease re-registered", back, logging.WARNING, reason="registry was reset"))
     return p.decided()
@@ -264,7 +264,7 @@ def on_claim_stranded(lease: Lease, e: ev.ClaimStranded, c: Ctx) -> Decision:
         pass
     elif lease.lost:
         forget(p, outcome=Release.LOST)
-    elif lease.heartbeats_by == Beater.DISPATCHER and not proven_ours(lease):
+    elif lease.heartbeats_by == Heartbeater.DISPATCHER and not proven_ours(lease):
         # Never answered as ours: not published, but claimed again by the heartbeat task.
         p.add(fx.Schedule(c.now))
     else:
@@ -289,13 +289,13 @@ def on_release_due(lease: Lease, e: ev.ReleaseDue, c: Ctx) -> Decision:
 
 
 def on_release_failed(lease: Lease, e: ev.ReleaseFailed, c: Ctx) -> Decision:
-    """Keep the lease (and keep beating it: a lapsed lease would hand the finished session out
+    """Keep the lease (and keep heartbeating it: a lapsed lease would hand the finished session out
     again) and try the stop again soon."""
     p = Plan(lease)
     p.change(phase=Phase.RELEASING, release_attempts=lease.release_attempts + 1)
     flag_stop(p, StopKind.FORCE, StopCause.RELEASING)
-    # Sooner only while we beat it: postponing a due beat of a lease we hold would let it lapse.
-    # A lost lease gets no beat, so nothing else would ever bring it due again.
+    # Sooner only while we heartbeat it: postponing a due heartbeat of a lease we hold would let it
+    # lapse. A lost lease gets no heartbeat, so nothing else would ever bring it due again.
     p.add(fx.Schedule(c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost),
           log("release deferred", lease, logging.WARNING, status=e.status, error=e.error,
               release_attempts=lease.release_attempts + 1))

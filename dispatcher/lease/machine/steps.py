@@ -12,19 +12,19 @@ from dispatcher.lease import effects as fx
 from dispatcher.lease.causes import Cause, LossCause, Release, RestartReason, SeenBy, StopCause
 from dispatcher.lease.model import Ending, Kind, Lease, Phase, StopKind
 
-# The official workers beat every ttl/2, at most every 30 s; we beat every ttl/3 so one failed
-# beat still leaves a retry inside the TTL.
+# The official workers heartbeat every ttl/2, at most every 30 s; we heartbeat every ttl/3 so one
+# failed heartbeat still leaves a retry inside the TTL.
 INTERVAL_SHARE_OF_TTL = 1 / 3
 MAX_INTERVAL_SECONDS = 30.0
 MIN_INTERVAL_SECONDS = 1.0
-# After a failed beat or a refused first claim, try again at the next heartbeat tick (every
+# After a failed heartbeat or a refused first claim, try again at the next heartbeat tick (every
 # second): due half a tick later, it is due when that tick comes. Due a whole tick later, it
 # waited two: a 6 s lease got three tries, not six, and four 503s in a row let it lapse.
 RETRY_SECONDS = 0.5
-# After a failed stop, try again this soon (never later than the next beat).
+# After a failed stop, try again this soon (never later than the next heartbeat).
 RELEASE_RETRY_SECONDS = 2.0
 # While the registry is unreachable nobody heartbeats, so the server may let the lease lapse one
-# TTL after its last beat, which was up to a third of a TTL before the outage began. Past this
+# TTL after its last heartbeat, which was up to a third of a TTL before the outage began. Past this
 # share of the TTL a running sandbox is killed: two runners of one session must never overlap.
 REGISTRY_OUTAGE_SHARE_OF_TTL = 2 / 3
 
@@ -107,14 +107,14 @@ def is_over(lease: Lease) -> bool:
 
 
 def proven_ours(lease: Lease) -> bool:
-    """The server answered our ack or a beat of ours: the item is ours. Until it has (every
+    """The server answered our ack or a heartbeat of ours: the item is ours. Until it has (every
     ack attempt lost or refused), a rival may hold the item, and its session is not published:
-    the first claim, or a later beat, must answer first."""
+    the first claim, or a later heartbeat, must answer first."""
     return lease.heartbeat_ok_at > 0
 
 
 def since_ok(lease: Lease, now: float) -> float:
-    """Seconds since the last beat the server answered was sent (or since the ack)."""
+    """Seconds since the last heartbeat the server answered was sent (or since the ack)."""
     return now - (lease.heartbeat_ok_at or lease.claimed_at)
 
 
@@ -151,7 +151,7 @@ def end(p: Plan, ending: Ending) -> None:
 
 def lose(p: Plan, *, cause: LossCause, server_stopped: bool = False,
          action: str = "heartbeat lost", **details: object) -> None:
-    """The server no longer gives us this lease: kill the sandbox, never beat it again."""
+    """The server no longer gives us this lease: kill the sandbox, never heartbeat it again."""
     lease = p.held
     changes: dict[str, object] = {"lost": True}
     if server_stopped:
