@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.executor import AnsweredHeartbeat, heartbeat_event
+from dispatcher.lease.executor import AnsweredHeartbeat
 from dispatcher.lease.model import Heartbeater, Lease, Phase
+from dispatcher.lease.replies import heartbeat_event
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Environment, Settings
@@ -104,7 +105,7 @@ def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
         tally.sent += answered
         tally.failed += not answered
         results[lease.environment_id, "ok" if answered else "failed"] += 1
-        after = runtime.executor.run(lease, heartbeat_event(outcome, sent_at), heartbeats=beats)
+        after = runtime.executor.heartbeat(lease, heartbeat_event(outcome, sent_at), answered=beats)
         tally.lost += after is None or after.lost
     runtime.executor.record_heartbeats(beats)
     for (environment, result), count in results.items():

@@ -178,8 +178,7 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
                                reclaim_older_than_ms=reclaim_older_than_ms)
             path = StartPath("claim", first="polled")
         except InvalidWorkItem as exc:
-            runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc)),
-                                 environment_id=environment)
+            runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc), environment))
             continue
         except WorkAPIError as exc:
             delay = delay_for(exc, backoff)
@@ -258,7 +257,7 @@ def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> boo
     offered = ev.Offered(
         proposal, known_type=item.data.type in set(Kind),
         failures=history.failures, ended=history.ended)
-    lease = runtime.executor.run(held, offered, work_json=item.to_json(), path=path)
+    lease = runtime.executor.offer(held, offered, work_json=item.to_json(), path=path)
     started = (held is None and lease is not None and lease.kind == Kind.SESSION
                and lease.phase == Phase.DISPATCHED)
     if started and path is not None:

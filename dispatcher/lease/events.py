@@ -85,11 +85,12 @@ class Offered:
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A poll returned an item that fails validation; `work_id` is its id as read from the raw
-    reply (None: not even that is legible)."""
+    """A poll of `environment_id` returned an item that fails validation; `work_id` is its id as
+    read from the raw reply (None: not even that is legible)."""
 
     work_id: str | None
     error: str
+    environment_id: str = ""
 
 
 @dataclass(frozen=True)

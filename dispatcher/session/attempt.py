@@ -275,7 +275,7 @@ class _Supervisor:
             self.ladder.step(kind, cause=pulse.stop_cause or "worker draining",
                              seen_at=pulse.stop_seen_at)
 
-        runtime.executor.run(self.memory.lease, pulsed, signal=signal_sandbox)
+        runtime.executor.supervise(self.memory.lease, pulsed, signal=signal_sandbox)
         return None if pulse.exists and pulse.current else Outcome.SUPERSEDED
 
 
@@ -302,8 +302,8 @@ class _Outage:
         seconds = now - self.since
         if not outage_is_too_long(self.lease, seconds):
             return False
-        self.runtime.executor.run(self.lease, ev.RegistryUnreachable(seconds),
-                                  signal=lambda kind: self.sandbox.kill_group())
+        self.runtime.executor.supervise(self.lease, ev.RegistryUnreachable(seconds),
+                                        signal=lambda kind: self.sandbox.kill_group())
         return True
 
     def over(self) -> None:
@@ -332,8 +332,8 @@ def _reregistered(runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
     if epoch == memory.epoch:
         return False
     remembered = memory.lease.but(worker=attempt.worker, pid=os.getpid())
-    if runtime.executor.run(None, ev.RegistryReset(remembered),
-                            work_json=work_json.decode()) is not None:
+    if runtime.executor.write_back(ev.RegistryReset(remembered),
+                                   work_json=work_json.decode()) is not None:
         memory.epoch = epoch
     return True
 

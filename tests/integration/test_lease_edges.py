@@ -209,7 +209,7 @@ def test_a_lease_written_back_after_a_registry_reset_is_heartbeated_again(
     work_json = runtime.registry.work_json(work_id)
     assert remembered is not None and work_json is not None
     runtime.registry.delete(work_id)  # what a Redis restarted empty leaves
-    runtime.executor.run(None, ev.RegistryReset(remembered), work_json=work_json)
+    runtime.executor.write_back(ev.RegistryReset(remembered), work_json=work_json)
     assert runtime.registry.get(work_id) is not None, "written back"
     due = runtime.registry.next_due(work_id)
     assert due is not None and due <= time.time(), "and its heartbeat due at once"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.executor import ack_event, claim_event, heartbeat_event, stop_event
+from dispatcher.lease.replies import ack_event, claim_event, heartbeat_event, stop_event
 from dispatcher.workapi import (
     AuthenticationError,
     ConflictError,
