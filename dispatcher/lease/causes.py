@@ -12,7 +12,8 @@ from enum import StrEnum
 
 from dispatcher.lease.model import Ending
 
-__all__ = ["Cause", "LossCause", "Refusal", "Release", "RestartReason", "SeenBy", "StopCause"]
+__all__ = ["Cause", "LossCause", "Outcome", "Refusal", "Release", "RestartReason", "SeenBy",
+           "StopCause"]
 
 
 class LossCause(StrEnum):
@@ -81,3 +82,15 @@ class Release(StrEnum):
     def ending(cls, ending: Ending, *, otherwise: Release) -> Release:
         """The release of a session that ended so, or `otherwise` if it has not ended."""
         return cls(ending.value) if ending != Ending.NONE else otherwise
+
+
+class Outcome(StrEnum):
+    """How one attempt of a session ended: its task's result (Flower shows it)."""
+
+    COMPLETED = Ending.COMPLETED.value  # the sandbox exited 0
+    FAILED = Ending.FAILED.value  # non-zero exit, or the sandbox could not start
+    STOPPED = Ending.STOPPED.value  # a stop request or the attempt limit ended it
+    HANDED_OVER = "handed_over"  # the worker drained: a new attempt runs elsewhere
+    SUPERSEDED = "superseded"  # a newer attempt owns the lease (fencing)
+    LOST = "lost"  # the server no longer gives us the lease
+    GONE = "gone"  # nothing to run: released, or never ours

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from dispatcher.lease.causes import Cause
+from dispatcher.lease.causes import Cause, Outcome
 from dispatcher.lease.model import Ending, Lease, StopKind
 
 __all__ = [
-    "Ack", "AnswerHealthcheck", "Claim", "Count", "CreateRecord", "DeleteRecord", "Effect",
-    "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish", "RecordHeartbeat", "RecordHistory",
-    "Revoke", "Schedule", "Signal", "StopOnServer", "Unschedule", "Update",
+    "Ack", "AnswerHealthcheck", "AttemptOver", "Claim", "Count", "CreateRecord", "DeleteRecord",
+    "Effect", "Fence", "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish",
+    "RecordHeartbeat", "RecordHistory", "Revoke", "Schedule", "Signal", "StopOnServer",
+    "Unschedule", "Update",
 ]
 
 
@@ -60,7 +61,8 @@ class Update:
 
 @dataclass(frozen=True)
 class MarkRunning:
-    """The attempt takes the lease: only while it is still the current attempt."""
+    """The attempt takes the lease: only while it is still the current attempt. If it is not
+    (a newer attempt took the lease meanwhile), the asking attempt is over, superseded."""
 
     attempt: int
     fields: dict[str, object]
@@ -145,6 +147,19 @@ class Signal:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """Kill the asking attempt's sandbox now, without the stop ladder: the attempt no longer
+    owns the lease, or can no longer be sure it does."""
+
+
+@dataclass(frozen=True)
+class AttemptOver:
+    """The asking attempt is over: its supervisor leaves, with `outcome` as its task's result."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
 class AnswerHealthcheck:
     pass
 
@@ -167,5 +182,5 @@ class Count:
 Effect = (
     Ack | Claim | StopOnServer | CreateRecord | Update | MarkRunning | NewAttempt | FlagStop
     | DeleteRecord | Schedule | Unschedule | RecordHeartbeat | RecordHistory | Publish | Revoke
-    | Signal | AnswerHealthcheck | Log | Count
+    | Signal | Fence | AttemptOver | AnswerHealthcheck | Log | Count
 )

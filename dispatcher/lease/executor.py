@@ -9,9 +9,9 @@ The executor is given what it acts through (the registry, the delivery records, 
 a Work API client per environment, a publish and a revoke of session tasks, the healthcheck) and
 nothing else: it knows no runtime, no Celery app, no control module. Each caller has its own way
 in, named for what it adds to a plain `run`: `offer` (the poller: the work item to record, its
-start path), `write_back` (an attempt after Redis restarted empty), `supervise` (an attempt: the
-signal to its sandbox) and `heartbeat` (the heartbeat tick: answered heartbeats, recorded
-together).
+start path), `write_back` (an attempt after Redis restarted empty), `attempt` (a session
+attempt: its sandbox to signal, and whether it is over) and `heartbeat` (the heartbeat tick:
+answered heartbeats, recorded together).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
+from dispatcher.lease.causes import Outcome
 from dispatcher.lease.deliveries import Deliveries
 from dispatcher.lease.machine import Decision, Policy, decide
 from dispatcher.lease.model import Lease, StopKind
@@ -36,7 +37,7 @@ from dispatcher.logs import event as log_event
 from dispatcher.startpath import StartPath
 from dispatcher.workapi import NO_HEARTBEAT, WorkAPIError, WorkClient
 
-__all__ = ["AnsweredHeartbeat", "Counters", "Executor", "SessionTask"]
+__all__ = ["AnsweredHeartbeat", "AttemptStep", "Counters", "Executor", "Sandbox", "SessionTask"]
 
 # An ack's retries, here and not in the client (see `Executor._ack`): three seconds in all, well
 # inside any lease's TTL. Until one attempt is answered, nothing proves the item is ours: at 30 %
@@ -61,6 +62,25 @@ class Counters(Protocol):
                 environment: str = "") -> None: ...
 
 
+class Sandbox(Protocol):
+    """The sandbox of the attempt that asks, as the machine's effects act on it."""
+
+    def signal(self, kind: StopKind) -> None:
+        """The stop ladder: graceful, SIGTERM then SIGKILL after the grace; force, SIGKILL."""
+
+    def fence(self) -> None:
+        """SIGKILL its whole process group now."""
+
+
+@dataclass(frozen=True)
+class AttemptStep:
+    """What a session attempt's run leaves: the lease as the machine last left it (None: no
+    record), and whether the attempt is over, with its task's result."""
+
+    lease: Lease | None
+    over: Outcome | None
+
+
 @dataclass(frozen=True)
 class SessionTask:
     """A session task to publish. Only ids travel in the message (Flower shows task
@@ -78,7 +98,8 @@ class _Run:
     """What one run carries between its steps, and what its caller added to it."""
 
     work_json: str | None = None
-    signal: Callable[[StopKind], None] | None = None
+    sandbox: Sandbox | None = None
+    over: Outcome | None = None
     heartbeats: list[AnsweredHeartbeat] | None = None
     path: StartPath | None = None
     # Whose key every Work API call of the run is made with: the lease's environment.
@@ -124,10 +145,13 @@ class Executor:
         """A running attempt's lease, after Redis restarted empty, with its work item."""
         return self._run(None, reset, _Run(work_json=work_json))
 
-    def supervise(self, lease: Lease, event: ev.Event, *,
-                  signal: Callable[[StopKind], None]) -> Lease | None:
-        """A running attempt's event: `signal` is how the machine signals its sandbox."""
-        return self._run(lease, event, _Run(signal=signal))
+    def attempt(self, lease: Lease | None, event: ev.Event, *,
+                sandbox: Sandbox | None = None) -> AttemptStep:
+        """A session attempt's event: `sandbox` is its sandbox, once started, for the machine
+        to signal; the step says whether the attempt is over."""
+        state = _Run(sandbox=sandbox)
+        after = self._run(lease, event, state)
+        return AttemptStep(after, state.over)
 
     def heartbeat(self, lease: Lease, event: ev.Event, *,
                   answered: list[AnsweredHeartbeat]) -> Lease | None:
@@ -194,7 +218,10 @@ class Executor:
                 return self._create(work_id, effect, state)
             case fx.MarkRunning():
                 done = self.registry.update_if_attempt(work_id, effect.attempt, **effect.fields)
-                return None if done == 1 else _End()
+                if done == 1:
+                    return None
+                state.over = Outcome.SUPERSEDED  # as the effect says, should its guard fail
+                return _End()
             case fx.NewAttempt():
                 attempt = self.registry.new_attempt(work_id, expected_attempt=effect.expected,
                                                     task_id=effect.task_id)
@@ -226,8 +253,13 @@ class Executor:
                 if effect.task_id:
                     self.revoke(effect.task_id)
             case fx.Signal():
-                if state.signal is not None:
-                    state.signal(effect.kind)
+                if state.sandbox is not None:
+                    state.sandbox.signal(effect.kind)
+            case fx.Fence():
+                if state.sandbox is not None:
+                    state.sandbox.fence()
+            case fx.AttemptOver():
+                state.over = effect.outcome
             case fx.Log():
                 self._log(work_id, effect, state)
             case fx.Count():

@@ -145,6 +145,8 @@ def describe(effect: fx.Effect) -> str | None:
         return None
     if isinstance(effect, fx.FlagStop | fx.Signal):
         return f"{type(effect).__name__}({effect.kind.value})"
+    if isinstance(effect, fx.AttemptOver):
+        return f"AttemptOver({effect.outcome.value})"
     if isinstance(effect, fx.Update):
         return None  # the new phase column says what matters
     return type(effect).__name__

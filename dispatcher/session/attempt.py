@@ -18,13 +18,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 
 from redis.exceptions import RedisError
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.machine import outage_is_too_long
-from dispatcher.lease.model import Ending, Lease, Phase, StopKind
+from dispatcher.lease.causes import Outcome
+from dispatcher.lease.model import Lease, StopKind
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.session.runtimes import RunningSandbox, start_sandbox
@@ -55,16 +54,6 @@ HANDOFF_WAIT_SECONDS = 12.0
 RELEASE_WAIT_SECONDS = 60.0
 # How often an ended attempt whose release is pending looks whether it went through.
 RELEASE_POLL_SECONDS = 0.5
-
-
-class Outcome(StrEnum):
-    COMPLETED = "completed"  # exit code 0
-    FAILED = "failed"  # non-zero exit, or the command could not start
-    STOPPED = "stopped"  # a stop request ended it
-    HANDED_OVER = "handed_over"  # the worker drained: a new attempt runs elsewhere
-    SUPERSEDED = "superseded"  # a newer attempt owns the lease (fencing)
-    LOST = "lost"  # the server no longer gives us the lease
-    GONE = "gone"  # nothing to run: released, or never ours
 
 
 @dataclass(frozen=True)
@@ -109,38 +98,22 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
     starting = ev.AttemptStarting(attempt.attempt, attempt.task_id, attempt.worker, os.getpid(),
                                   draining=runtime.capacity.is_draining(attempt.worker))
     attempt.mark("lease_read")
-    lease = runtime.executor.run(before, starting)
+    step = runtime.executor.attempt(before, starting)
     attempt.mark("running")
-    if lease is None or not _ours_and_running(lease, attempt):
-        return _not_started(before, lease, attempt, draining=starting.draining)
+    lease = step.lease
+    if step.over is not None or lease is None:  # the machine says why it may not start
+        return step.over or Outcome.GONE
     try:
         spec = _spec(runtime, lease, work_json)
     except (CommandError, ValueError, SettingsError) as exc:
-        runtime.executor.run(lease, ev.SandboxStartFailed(str(exc)))
-        return Outcome.FAILED
+        return _start_failed(runtime, lease, exc)
     attempt.mark("spec_built")
     return _supervise(runtime, attempt, spec, _Memory(lease, epoch))
 
 
-def _ours_and_running(lease: Lease, attempt: SessionAttempt) -> bool:
-    return (lease.phase == Phase.RUNNING and lease.attempt == attempt.attempt
-            and lease.task_id == attempt.task_id)
-
-
-def _not_started(before: Lease | None, after: Lease | None, attempt: SessionAttempt, *,
-                 draining: bool) -> Outcome:
-    """Why the machine did not let the attempt start, for the task's result."""
-    if before is None or before.ended:
-        return Outcome.GONE
-    if before.attempt != attempt.attempt or before.task_id != attempt.task_id:
-        return Outcome.SUPERSEDED
-    if before.lost:
-        return Outcome.LOST
-    if before.stop:
-        return Outcome.STOPPED
-    if draining:
-        return Outcome.HANDED_OVER
-    return Outcome.SUPERSEDED  # a newer attempt took the lease meanwhile
+def _start_failed(runtime: Runtime, lease: Lease, exc: Exception) -> Outcome:
+    return runtime.executor.attempt(lease, ev.SandboxStartFailed(str(exc))).over \
+        or Outcome.FAILED
 
 
 def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
@@ -203,8 +176,7 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
         try:
             sandbox = start_sandbox(runtime.settings, spec)
         except SandboxStartError as exc:
-            runtime.executor.run(memory.lease, ev.SandboxStartFailed(str(exc)))
-            return Outcome.FAILED
+            return _start_failed(runtime, memory.lease, exc)
         attempt.mark("spawned")
         if attempt.attempt == 1:
             _observe_dispatch_latency(runtime, spec.stdin)
@@ -223,7 +195,7 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
 def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: RunningSandbox, flags: _Flags,
           memory: _Memory, work_json: bytes) -> Outcome:
     sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json)
-    outage = _Outage(runtime, attempt, memory.lease, sandbox)
+    outage = _Outage(runtime, attempt, memory.lease, _Controls(sandbox, sup.ladder))
     while True:
         code = sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
         try:
@@ -231,8 +203,9 @@ def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: RunningSandbox, fl
                 return _finish_when_reachable(sup, code)
             outcome = sup.step()
         except RedisError as exc:
-            if outage.too_long(exc):
-                return Outcome.LOST
+            over = outage.too_long(exc)
+            if over is not None:
+                return over
             continue
         outage.over()
         if outcome is not None:
@@ -267,44 +240,50 @@ class _Supervisor:
         pulsed = ev.Pulsed(exists=pulse.exists, current=pulse.current,
                            stop=StopKind(pulse.stop or StopKind.NONE), draining=self.draining,
                            operator=operator)
-
-        def signal_sandbox(kind: StopKind) -> None:
-            if not pulse.exists or not pulse.current:
-                self.sandbox.kill_group()
-                return
-            self.ladder.step(kind, cause=pulse.stop_cause or "worker draining",
+        controls = _Controls(self.sandbox, self.ladder, cause=pulse.stop_cause or "worker draining",
                              seen_at=pulse.stop_seen_at)
+        return runtime.executor.attempt(self.memory.lease, pulsed, sandbox=controls).over
 
-        runtime.executor.supervise(self.memory.lease, pulsed, signal=signal_sandbox)
-        return None if pulse.exists and pulse.current else Outcome.SUPERSEDED
+
+@dataclass
+class _Controls:
+    """The running sandbox as the machine's effects act on it (`executor.Sandbox`)."""
+
+    sandbox: RunningSandbox
+    ladder: _SignalLadder
+    cause: str = ""
+    seen_at: float = 0.0
+
+    def signal(self, kind: StopKind) -> None:
+        self.ladder.step(kind, cause=self.cause, seen_at=self.seen_at)
+
+    def fence(self) -> None:
+        self.sandbox.kill_group()
 
 
 class _Outage:
     """The registry cannot be reached: keep the sandbox running (Redis restarts take seconds),
-    unless the outage lasts long enough for the server's lease to lapse (the machine says when:
-    nobody can heartbeat meanwhile)."""
+    unless the outage lasts long enough for the server's lease to lapse (the machine says when,
+    and fences the sandbox: nobody can heartbeat meanwhile)."""
 
     def __init__(self, runtime: Runtime, attempt: SessionAttempt, lease: Lease,
-                 sandbox: RunningSandbox) -> None:
+                 controls: _Controls) -> None:
         self.runtime = runtime
         self.attempt = attempt
         self.lease = lease
-        self.sandbox = sandbox
+        self.controls = controls
         self.since: float | None = None
 
-    def too_long(self, exc: RedisError) -> bool:
+    def too_long(self, exc: RedisError) -> Outcome | None:
+        """Whether the attempt is over for it (asked of the machine at every failed tick)."""
         now = time.monotonic()
         if self.since is None:
             self.since = now
             event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
                   attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
                   error=str(exc), action_taken="sandbox kept")
-        seconds = now - self.since
-        if not outage_is_too_long(self.lease, seconds):
-            return False
-        self.runtime.executor.supervise(self.lease, ev.RegistryUnreachable(seconds),
-                                        signal=lambda kind: self.sandbox.kill_group())
-        return True
+        unreachable = ev.RegistryUnreachable(now - self.since)
+        return self.runtime.executor.attempt(self.lease, unreachable, sandbox=self.controls).over
 
     def over(self) -> None:
         if self.since is not None:
@@ -420,26 +399,11 @@ def _released(runtime: Runtime, sup: _Supervisor) -> bool:
 def _finish(runtime: Runtime, sup: _Supervisor, code: int) -> Outcome:
     attempt = sup.attempt
     lease = runtime.registry.get(attempt.work_id)
-    if lease is None or lease.attempt != attempt.attempt:
-        return Outcome.SUPERSEDED
     exited = ev.SandboxExited(attempt.attempt, code, sup.draining, next_task_id=uuid.uuid4().hex)
-    after = runtime.executor.run(lease, exited)
-    if after is not None:
-        sup.memory.lease = after
-    return _ending_outcome(lease, after, code)
-
-
-def _ending_outcome(before: Lease, after: Lease | None, code: int) -> Outcome:
-    """How the attempt ended, for the task's result (Flower shows it)."""
-    if before.lost:
-        return Outcome.LOST
-    if before.stop:
-        return Outcome.STOPPED
-    if after is not None and after.attempt != before.attempt:
-        return Outcome.HANDED_OVER
-    if after is not None and after.ended == Ending.STOPPED:
-        return Outcome.STOPPED
-    return Outcome.COMPLETED if code == 0 else Outcome.FAILED
+    step = runtime.executor.attempt(lease, exited)
+    if step.lease is not None and step.over != Outcome.SUPERSEDED:
+        sup.memory.lease = step.lease  # a superseded attempt has nothing new to remember
+    return step.over or Outcome.SUPERSEDED
 
 
 @contextmanager

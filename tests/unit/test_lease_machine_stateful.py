@@ -134,7 +134,7 @@ class LeaseLife(RuleBasedStateMachine):
         if isinstance(effect, fx.RecordHistory):
             self.history = (effect.failures, effect.ended)
             self.finished = self.finished or effect.ended in (Ending.COMPLETED, Ending.FAILED)
-        if isinstance(effect, fx.Signal) and self.sandbox is not None:
+        if isinstance(effect, fx.Signal | fx.Fence) and self.sandbox is not None:
             self.sandbox = (self.sandbox[0], "signalled")
         return None
 

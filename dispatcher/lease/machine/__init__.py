@@ -71,6 +71,8 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return running.on_attempt_starting(lease, event, c)
         case ev.RegistryReset():
             return running.on_registry_reset(lease, event, c)
+        case ev.SandboxExited():
+            return running.on_sandbox_exited(lease, event, c)
         case ev.ReleaseFailed() | ev.ReleaseRejected() if lease is None:
             return running.on_stop_failed_unrecorded(event)
         # --- every other event is about a lease we hold: with no record, it means nothing ------
@@ -112,8 +114,6 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return running.on_pulsed(lease, event, c)
         case ev.SandboxStartFailed():
             return running.on_sandbox_start_failed(lease, event, c)
-        case ev.SandboxExited():
-            return running.on_sandbox_exited(lease, event, c)
         case ev.RegistryUnreachable():
             return running.on_registry_unreachable(lease, event, c)
         case ev.AttemptSilent():

@@ -9,7 +9,7 @@ from enum import StrEnum
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
-from dispatcher.lease.causes import LossCause, Release, RestartReason, SeenBy, StopCause
+from dispatcher.lease.causes import LossCause, Outcome, Release, RestartReason, SeenBy, StopCause
 from dispatcher.lease.machine.steps import (
     RELEASE_RETRY_SECONDS,
     Ctx,
@@ -65,22 +65,29 @@ def on_operator_revoked(lease: Lease, e: ev.OperatorRevoked, c: Ctx) -> Decision
 # --- the session plane -------------------------------------------------------------------------
 
 def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> Decision:
+    """An attempt about to start its sandbox takes the lease, or learns why it may not (its
+    task's result)."""
     if lease is None:
-        return Decision(None, (fx.Log("attempt skipped", logging.INFO, {
-            "attempt": e.attempt, "reason": "lease released"}),))
+        return Decision(None, (fx.AttemptOver(Outcome.GONE), fx.Log(
+            "attempt skipped", logging.INFO, {"attempt": e.attempt, "reason": "lease released"})))
     p = Plan(lease)
     if lease.attempt != e.attempt or lease.task_id != e.task_id:
-        p.add(log("attempt skipped", lease, attempt_skipped=e.attempt,
+        p.add(fx.AttemptOver(Outcome.SUPERSEDED),
+              log("attempt skipped", lease, attempt_skipped=e.attempt,
                   reason=f"superseded by attempt {lease.attempt}"))
     elif is_over(lease):
-        p.add(log("attempt skipped", lease, reason="session already ended"))
+        p.add(fx.AttemptOver(Outcome.GONE),
+              log("attempt skipped", lease, reason="session already ended"))
     elif lease.lost:
+        p.add(fx.AttemptOver(Outcome.LOST))
         forget(p, outcome=Release.LOST)
     elif lease.stop != StopKind.NONE:
+        p.add(fx.AttemptOver(Outcome.STOPPED))
         end(p, Ending.STOPPED)
     elif e.draining:
         # Celery delivered this just before the drain stopped its consumer: pass it on as is.
-        p.add(log("attempt passed on", lease, reason="worker draining"),
+        p.add(fx.AttemptOver(Outcome.HANDED_OVER),
+              log("attempt passed on", lease, reason="worker draining"),
               fx.Publish(lease.attempt, lease.task_id, lease.queue))
     else:
         changes: dict[str, object] = {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid,
@@ -104,7 +111,7 @@ def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
     an operator's terminate becomes a stop; a stop flag or a drain signals the sandbox."""
     p = Plan(lease)
     if not e.exists or not e.current:
-        p.add(fx.Signal(StopKind.FORCE), log(
+        p.add(fx.Fence(), fx.AttemptOver(Outcome.SUPERSEDED), log(
             "fenced", lease, logging.WARNING,
             reason="a newer attempt owns the lease" if e.exists else "lease released"))
     elif e.operator and e.stop == StopKind.NONE:
@@ -119,16 +126,39 @@ def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
 
 def on_sandbox_start_failed(lease: Lease, e: ev.SandboxStartFailed, c: Ctx) -> Decision:
     p = Plan(lease)
-    p.add(log("sandbox not started", lease, logging.ERROR, error=e.error))
+    p.add(fx.AttemptOver(Outcome.FAILED),
+          log("sandbox not started", lease, logging.ERROR, error=e.error))
     end(p, Ending.FAILED)
     return p.decided()
 
 
-def on_sandbox_exited(lease: Lease, e: ev.SandboxExited, c: Ctx) -> Decision:
-    if lease.attempt != e.attempt:
-        return Decision(lease)  # superseded: the newer attempt owns the lease
+def on_sandbox_exited(lease: Lease | None, e: ev.SandboxExited, c: Ctx) -> Decision:
+    if lease is None or lease.attempt != e.attempt:
+        # Released, or superseded: the newer attempt owns the lease.
+        return Decision(lease, (fx.AttemptOver(Outcome.SUPERSEDED),))
     p = Plan(lease)
     p.add(log("exited", lease, exit_code=e.code))
+    _exited(p, lease, e, c)
+    # First: the result stands even if a guarded write of the rest finds the lease moved on.
+    p.effects.insert(0, fx.AttemptOver(_exit_outcome(lease, p.lease, e.code)))
+    return p.decided()
+
+
+def _exit_outcome(before: Lease, after: Lease | None, code: int) -> Outcome:
+    """How an attempt whose sandbox exited ended, for its task's result."""
+    if before.lost:
+        return Outcome.LOST
+    if before.stop != StopKind.NONE:
+        return Outcome.STOPPED
+    if after is not None and after.attempt != before.attempt:
+        return Outcome.HANDED_OVER
+    if after is not None and after.ended == Ending.STOPPED:
+        return Outcome.STOPPED
+    return Outcome.COMPLETED if code == 0 else Outcome.FAILED
+
+
+def _exited(p: Plan, lease: Lease, e: ev.SandboxExited, c: Ctx) -> None:
+    """What becomes of the lease of an attempt whose sandbox exited."""
     if is_over(lease):
         release(p, outcome=Release.ending(lease.ended, otherwise=Release.STOPPED))
     elif lease.lost and e.code == 0 and not e.draining:
@@ -150,14 +180,13 @@ def on_sandbox_exited(lease: Lease, e: ev.SandboxExited, c: Ctx) -> Decision:
         end(p, Ending.STOPPED)
     else:
         end(p, Ending.COMPLETED if e.code == 0 else Ending.FAILED)
-    return p.decided()
 
 
 def on_registry_unreachable(lease: Lease, e: ev.RegistryUnreachable, c: Ctx) -> Decision:
     if not outage_is_too_long(lease, e.seconds):
         return Decision(lease)
     return Decision(lease, (
-        fx.Signal(StopKind.FORCE),
+        fx.Fence(), fx.AttemptOver(Outcome.LOST),
         log("fenced", lease, logging.WARNING,
             reason=f"registry unreachable for {e.seconds:.0f}s: the lease may lapse")))
 
