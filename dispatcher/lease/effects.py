@@ -71,10 +71,11 @@ class MarkRunning:
 
 @dataclass(frozen=True)
 class NewAttempt:
-    """Attempt `expected + 1` takes the lease: only while `expected` is still current."""
+    """The next attempt takes the lease (`fields`: its number, task, phase, and the previous
+    attempt's traces cleared): only while `expected` is still the current attempt."""
 
     expected: int
-    task_id: str
+    fields: dict[str, object]
     guard = True
 
 

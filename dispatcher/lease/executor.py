@@ -29,7 +29,7 @@ from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
 from dispatcher.lease.causes import Outcome
 from dispatcher.lease.deliveries import Deliveries
-from dispatcher.lease.machine import Decision, Policy, decide
+from dispatcher.lease.machine import Decision, Policy, decide, last_seen
 from dispatcher.lease.model import Lease, StopKind
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.lease.replies import ack_event, claim_event, no_answer, reply_of, stop_event
@@ -217,22 +217,23 @@ class Executor:
             case fx.CreateRecord():
                 return self._create(work_id, effect, state)
             case fx.MarkRunning():
-                done = self.registry.update_if_attempt(work_id, effect.attempt, **effect.fields)
+                done = self.registry.update_if_attempt(work_id, effect.attempt, effect.fields,
+                                                       seen=_seen(lease))
                 if done == 1:
                     return None
                 state.over = Outcome.SUPERSEDED  # as the effect says, should its guard fail
                 return _End()
             case fx.NewAttempt():
-                attempt = self.registry.new_attempt(work_id, expected_attempt=effect.expected,
-                                                    task_id=effect.task_id)
+                done = self.registry.update_if_attempt(work_id, effect.expected, effect.fields,
+                                                       seen=_seen(lease))
                 # Someone else moved the lease on, or released it: nothing of ours to publish.
-                return None if attempt > 0 else _End()
+                return None if done == 1 else _End()
             case fx.AnswerHealthcheck():
                 results = self.healthcheck()
                 healthy = all(value == "ok" for value in results.values())
                 return ev.HealthcheckAnswered(healthy, tuple(results.items()))
             case fx.Update():
-                self.registry.update(work_id, **effect.fields)
+                self.registry.update(work_id, seen=_seen(lease), **effect.fields)
             case fx.FlagStop():
                 self.registry.request_stop(work_id, effect.kind, effect.cause)
             case fx.DeleteRecord():
@@ -371,6 +372,11 @@ class _Abort:
 class _End:
     """The run cannot go on: a guarded change found the lease moved on; the record is read
     back as it now is."""
+
+
+def _seen(lease: Lease | None) -> float | None:
+    """The last sign of life to index a written lease by, as the decision leaves it."""
+    return None if lease is None else last_seen(lease)
 
 
 def _work_id_of(lease: Lease | None, event: ev.Event) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,8 @@ from redis import Redis
 from redis.commands.core import Script
 
 from dispatcher.lease.keys import Keys
-from dispatcher.lease.model import Ending, Lease, Phase, StopKind, encode
+from dispatcher.lease.machine import last_seen
+from dispatcher.lease.model import Ending, Lease, StopKind, encode
 
 __all__ = ["History", "LeaseRegistry", "Pulse"]
 
@@ -88,18 +89,6 @@ def _history(raw: dict[str, str]) -> History:
     return History(failures=int(raw.get("failures", 0) or 0), ended=ended)
 
 
-def _last_seen(lease: Lease) -> float:
-    """A lease's last sign of progress, as recovery judges it in its phase: its attempt's last
-    pulse while running, its dispatch while queued, its claim before that."""
-    if lease.phase == Phase.RUNNING:
-        return lease.pulse_at
-    if lease.phase == Phase.DISPATCHED:
-        return lease.dispatched_at
-    if lease.phase == Phase.CLAIMED:
-        return lease.claimed_at
-    return max(lease.claimed_at, lease.dispatched_at, lease.pulse_at)
-
-
 class LeaseRegistry:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
         self.redis = redis
@@ -135,7 +124,7 @@ class LeaseRegistry:
         pipe.zadd(self.keys.leases, {lease.work_id: lease.claimed_at})
         pipe.zadd(self.keys.environment_leases(lease.environment_id),
                   {lease.work_id: lease.claimed_at})
-        pipe.zadd(self.keys.last_seen, {lease.work_id: _last_seen(lease)})
+        pipe.zadd(self.keys.last_seen, {lease.work_id: last_seen(lease)})
         pipe.execute()
 
     def get(self, work_id: str) -> Lease | None:
@@ -231,8 +220,8 @@ return 1
         if gone:
             self.redis.zrem(self.keys.last_seen, *gone)
         # Each lease read is indexed from its hash: found alive, it moves on; missing, it is added.
-        self._index(self.keys.last_seen, [(lease.work_id, _last_seen(lease)) for lease in leases])
-        return [lease for lease in leases if _last_seen(lease) <= cutoff]
+        self._index(self.keys.last_seen, [(lease.work_id, last_seen(lease)) for lease in leases])
+        return [lease for lease in leases if last_seen(lease) <= cutoff]
 
     def stop_scan_cursor(self, environment_id: str) -> str | None:
         """The `list` page the stop bridge's sweep of an environment continues from (None: the
@@ -285,16 +274,15 @@ return 1
         self.redis.set(self.keys.stop_scan_cursor(environment_id), cursor, ex=ttl_seconds)
 
     # --- changes ------------------------------------------------------------------------------
-    def update(self, work_id: str, **values: object) -> bool:
-        """Set fields of an existing lease, whatever its attempt. False if it is gone."""
+    def update(self, work_id: str, *, seen: float | None = None, **values: object) -> bool:
+        """Set fields of an existing lease, whatever its attempt, and its last sign of life
+        (`machine.last_seen`), if given. False if it is gone."""
         key = self.keys.lease(work_id)
-        seen = [float(v) for k, v in values.items()  # type: ignore[arg-type]
-                if k in ("pulse_at", "dispatched_at")]
         pipe = self.redis.pipeline(transaction=True)
         pipe.exists(key)
         pipe.hset(key, mapping={k: encode(v) for k, v in values.items()})
-        if seen:
-            pipe.zadd(self.keys.last_seen, {work_id: max(seen)})
+        if seen is not None:
+            pipe.zadd(self.keys.last_seen, {work_id: seen})
         exists = pipe.execute()[0]
         if not exists:
             # The HSET just created a stub (and the ZADD an entry): a released lease stays gone.
@@ -304,25 +292,24 @@ return 1
             cleanup.execute()
         return bool(exists)
 
-    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: attempt, now, work id, [field, value]*.
-    # Sets the fields only while the lease exists and `attempt` is still its current attempt, so a
-    # stale attempt can change nothing. A pulse or dispatch time set is also its last sign of life.
+    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, last sign of life (''
+    # to leave it), work id, [field, value]*. A guard, no rule: the fields (a new attempt's, or a
+    # running one's) are the machine's, set only while the lease exists and `attempt` is still
+    # its current attempt, so a stale attempt can change nothing.
     _SET_IF_ATTEMPT = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-for i = 4, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  if ARGV[i] == 'pulse_at' or ARGV[i] == 'dispatched_at' then
-    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[3])
-  end
-end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
 return 1
 """)
 
-    def update_if_attempt(self, work_id: str, attempt: int, **values: object) -> int:
-        """Set fields only while `attempt` is current: 1 done, 0 superseded, -1 lease gone."""
-        argv: list[str | int | float] = [attempt, time.time(), work_id]
-        for name, value in values.items():
+    def update_if_attempt(self, work_id: str, attempt: int, fields: Mapping[str, object], *,
+                          seen: float | None = None) -> int:
+        """Set `fields`, and the last sign of life if given, only while `attempt` is current:
+        1 done, 0 superseded, -1 lease gone."""
+        argv: list[str | int | float] = [attempt, "" if seen is None else seen, work_id]
+        for name, value in fields.items():
             argv += [name, encode(value)]
         keys = [self.keys.lease(work_id), self.keys.last_seen]
         return int(self._SET_IF_ATTEMPT(keys=keys, args=argv))
@@ -353,23 +340,6 @@ return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
             args=[attempt, time.time(), work_id, WORK_TTL_SECONDS])
         return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
                      str(token), bool(draining))
-
-    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, task id, now, work id.
-    # Starts the next attempt.
-    _NEW_ATTEMPT = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-local next = tonumber(ARGV[1]) + 1
-redis.call('HSET', KEYS[1], 'attempt', next, 'task_id', ARGV[2], 'phase', 'dispatched',
-           'dispatched_at', ARGV[3], 'pulse_at', 0, 'worker', '', 'pid', 0)
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return next
-""")
-
-    def new_attempt(self, work_id: str, *, expected_attempt: int, task_id: str) -> int:
-        """Start attempt `expected_attempt + 1`: its number, 0 if superseded, -1 if gone."""
-        return int(self._NEW_ATTEMPT(keys=[self.keys.lease(work_id), self.keys.last_seen],
-                                     args=[expected_attempt, task_id, time.time(), work_id]))
 
     # KEYS[1]=lease hash; ARGV: kind, cause, now. FORCE wins over GRACEFUL; the first cause stays.
     _REQUEST_STOP = _Script("""

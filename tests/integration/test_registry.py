@@ -52,14 +52,14 @@ def test_update_never_resurrects_a_released_lease(registry: LeaseRegistry) -> No
 
 def test_only_the_current_attempt_may_pulse_or_change_the_lease(registry: LeaseRegistry) -> None:
     registry.create(_lease(), work_json="{}")
-    assert registry.new_attempt("work_1", expected_attempt=1, task_id="t2") == 2
-    assert registry.new_attempt("work_1", expected_attempt=1, task_id="t3") == 0, "fenced"
+    assert registry.update_if_attempt("work_1", 1, {"attempt": 2, "task_id": "t2"}) == 1
+    assert registry.update_if_attempt("work_1", 1, {"attempt": 2, "task_id": "t3"}) == 0, "fenced"
     stale = registry.pulse("work_1", 1)
     assert stale.exists and not stale.current
-    assert registry.update_if_attempt("work_1", 1, phase=Phase.RUNNING) == 0
-    assert registry.update_if_attempt("work_1", 2, phase=Phase.RUNNING) == 1
+    assert registry.update_if_attempt("work_1", 1, {"phase": Phase.RUNNING}) == 0
+    assert registry.update_if_attempt("work_1", 2, {"phase": Phase.RUNNING}) == 1
     assert registry.pulse("work_1", 2).current
-    assert registry.update_if_attempt("nope", 1, phase="x") == -1
+    assert registry.update_if_attempt("nope", 1, {"phase": "x"}) == -1
 
 
 def test_a_forced_stop_wins_over_a_graceful_one_and_keeps_the_first_cause(

@@ -63,7 +63,7 @@ def test_recovery_reads_only_silent_leases_and_restarts_the_dead_one(
     registry = runtime.registry
     assert registry.silent_since(time.time() - PULSE_STALE_SECONDS) == []
     past = time.time() - PULSE_STALE_SECONDS - 1
-    registry.update(dead, pulse_at=past)  # as if its worker died 6 s ago
+    registry.update(dead, seen=past, pulse_at=past)  # as if its worker died 6 s ago
     assert [lease.work_id for lease in registry.silent_since(time.time() - 5)] == [dead]
     assert registry.pulse(alive, 1, worker="w@h").current
     assert recover(runtime) == 1
@@ -127,7 +127,7 @@ def test_released_leases_leave_no_index_entries(emulator: Any, runtime: Runtime)
     ids = _held(emulator, runtime, 2)
     registry = runtime.registry
     registry.delete(ids[0])
-    assert registry.update(ids[0], pulse_at=time.time()) is False
+    assert registry.update(ids[0], seen=time.time(), pulse_at=time.time()) is False
     keys = registry.keys
     assert registry.redis.zscore(keys.last_seen, ids[0]) is None
     assert registry.redis.zscore(keys.last_seen, ids[1]) is not None

@@ -34,6 +34,7 @@ from dispatcher.lease.machine.running import (
     QUIET_SECONDS,
     Delivery,
     Stuck,
+    last_seen,
     message_lost,
     stuck,
 )
@@ -47,7 +48,7 @@ from dispatcher.lease.machine.steps import (
 from dispatcher.lease.model import Lease
 
 __all__ = ["QUIET_SECONDS", "Decision", "Delivery", "Policy", "Stuck", "decide",
-           "heartbeat_interval", "message_lost", "outage_is_too_long", "stuck"]
+           "heartbeat_interval", "last_seen", "message_lost", "outage_is_too_long", "stuck"]
 
 
 _DEFAULT_POLICY = Policy()

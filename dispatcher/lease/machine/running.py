@@ -260,13 +260,27 @@ def message_lost(delivery: Delivery, now: float) -> bool:
     return not delivery.published
 
 
+def last_seen(lease: Lease) -> float:
+    """A lease's last sign of progress in its phase: its attempt's last pulse while running, its
+    dispatch while queued, its claim before that. The registry indexes every lease by it, so
+    recovery reads only the leases silent long enough to be `stuck`."""
+    if lease.phase == Phase.RUNNING:
+        return lease.pulse_at
+    if lease.phase == Phase.DISPATCHED:
+        return lease.dispatched_at
+    if lease.phase == Phase.CLAIMED:
+        return lease.claimed_at
+    return max(lease.claimed_at, lease.dispatched_at, lease.pulse_at)
+
+
 def stuck(lease: Lease, now: float) -> Stuck | None:
     """How a lease is stuck, if it is, judged on its own record."""
-    if lease.phase == Phase.RUNNING and now - lease.pulse_at > PULSE_STALE_SECONDS:
+    silent = now - last_seen(lease)
+    if lease.phase == Phase.RUNNING and silent > PULSE_STALE_SECONDS:
         return Stuck.SILENT_ATTEMPT
-    if lease.phase == Phase.CLAIMED and now - lease.claimed_at > CLAIM_STALE_SECONDS:
+    if lease.phase == Phase.CLAIMED and silent > CLAIM_STALE_SECONDS:
         return Stuck.STRANDED_CLAIM
-    if lease.phase == Phase.DISPATCHED and now - lease.dispatched_at > DISPATCH_STALE_SECONDS:
+    if lease.phase == Phase.DISPATCHED and silent > DISPATCH_STALE_SECONDS:
         return Stuck.QUEUED_TOO_LONG
     return None
 

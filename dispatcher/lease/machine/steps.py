@@ -221,7 +221,7 @@ def restart(p: Plan, *, reason: RestartReason, failure: bool, task_id: str, c: C
                                   "pulse_at": 0.0, "worker": "", "pid": 0}
     p.assume(**changes, failures=failures)
     restarted = p.held
-    p.add(fx.NewAttempt(lease.attempt, task_id))
+    p.add(fx.NewAttempt(lease.attempt, changes))
     if failure:
         p.add(fx.Update({"failures": failures}), fx.RecordHistory(failures, Ending.NONE))
     p.add(count("attempts_restarted", reason=reason),
