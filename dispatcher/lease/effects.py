@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 from dispatcher.lease.causes import Cause, Outcome
-from dispatcher.lease.model import Ending, Lease, StopKind
+from dispatcher.lease.model import Ending, Heartbeater, Lease, StopKind
 
 __all__ = [
     "Ack", "AnswerHealthcheck", "AttemptOver", "Claim", "Count", "CreateRecord", "DeleteRecord",
@@ -94,10 +94,12 @@ class DeleteRecord:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The next heartbeat (or release retry) at `due`; `sooner_only` never postpones one."""
+    """The next heartbeat (or release retry) at `due`; `sooner_only` never postpones one. Only
+    while the lease is still heartbeated by `heartbeated_by` (None: whoever heartbeats it)."""
 
     due: float
     sooner_only: bool = False
+    heartbeated_by: Heartbeater | None = Heartbeater.DISPATCHER
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class RecordHeartbeat:
     ttl_seconds: int
     sent_at: float
     due: float
+    # The next heartbeat is scheduled only while the lease is heartbeated by this (None: whoever).
+    heartbeated_by: Heartbeater | None = Heartbeater.DISPATCHER
 
 
 @dataclass(frozen=True)

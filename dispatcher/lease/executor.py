@@ -51,8 +51,9 @@ RECORD_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.4, 0.8)
 # long (offer, ack, claim, publish); anything longer is a bug, not a lease.
 MAX_STEPS = 16
 
-# An answered heartbeat to record: (work id, token, TTL, sent at, next due).
-AnsweredHeartbeat = tuple[str, str, int, float, float]
+# An answered heartbeat to record: (work id, token, TTL, sent at, next due, and whose heartbeats
+# the next one is for: "" whoever's).
+AnsweredHeartbeat = tuple[str, str, int, float, float, str]
 
 
 class Counters(Protocol):
@@ -240,7 +241,8 @@ class Executor:
                 self.registry.delete(work_id)
             case fx.Schedule():
                 self.registry.schedule_heartbeat(work_id, effect.due,
-                                                 sooner_only=effect.sooner_only)
+                                                 sooner_only=effect.sooner_only,
+                                                 heartbeated_by=effect.heartbeated_by)
             case fx.Unschedule():
                 self.registry.unschedule_heartbeat(work_id)
             case fx.RecordHeartbeat():
@@ -328,7 +330,8 @@ class Executor:
         raise AssertionError("unreachable")
 
     def _record_heartbeat(self, work_id: str, effect: fx.RecordHeartbeat, state: _Run) -> None:
-        answered = (work_id, effect.token, effect.ttl_seconds, effect.sent_at, effect.due)
+        answered = (work_id, effect.token, effect.ttl_seconds, effect.sent_at, effect.due,
+                    effect.heartbeated_by or "")
         if state.heartbeats is not None:
             state.heartbeats.append(answered)
         else:

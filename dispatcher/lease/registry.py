@@ -359,15 +359,14 @@ return 1
         return bool(changed)
 
     # --- heartbeat schedule -------------------------------------------------------------------
-    # KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now.
-    # Schedules the next heartbeat only while the dispatcher still owns the heartbeat (not after a
-    # hand-off, not after release); a release to retry is scheduled whoever heartbeated the lease.
-    # "Sooner only" never postpones a due heartbeat, and leaves a heartbeat in flight alone (its
-    # reply reschedules).
+    # KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now,
+    # whose heartbeats it is for ('' whoever's). Guards, no rule: the lease still exists and is
+    # still heartbeated by whom the machine scheduled for (`steps.scheduled_for`); "sooner only"
+    # never postpones a due heartbeat, and leaves a heartbeat in flight alone (its reply
+    # reschedules).
     _SCHEDULE = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[1], 'heartbeats_by') == 'sandbox'
-   and redis.call('HGET', KEYS[1], 'phase') ~= 'releasing' then return 0 end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'heartbeats_by') ~= ARGV[5] then return 0 end
 if ARGV[3] == '1' then
   local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight_until') or '0') or 0
   if inflight > tonumber(ARGV[4]) then return 1 end
@@ -379,22 +378,25 @@ redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """)
 
-    def schedule_heartbeat(self, work_id: str, due: float, *, sooner_only: bool = False) -> bool:
-        """Schedule the next heartbeat (or release retry); False if the lease is gone or the
-        sandbox heartbeats it. `sooner_only` never moves a heartbeat that is already due sooner, or
-        in flight."""
+    def schedule_heartbeat(self, work_id: str, due: float, *, sooner_only: bool = False,
+                           heartbeated_by: str | None = None) -> bool:
+        """Schedule the next heartbeat (or release retry); False if the lease is gone or no
+        longer heartbeated by `heartbeated_by` (None: whoever). `sooner_only` never moves a
+        heartbeat that is already due sooner, or in flight."""
         keys = [self.keys.lease(work_id), self.keys.heartbeat_due]
-        args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time()]
+        args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time(),
+                                   heartbeated_by or ""]
         return bool(self._SCHEDULE(keys=keys, args=args))
 
     # KEYS[1]=due zset; ARGV: lease key prefix, work key prefix, work TTL, then per heartbeat: work
-    # id, token, ttl, sent at, next due. A tick's answered heartbeats in one round trip: for each
-    # lease still held, its token, TTL and when the answered heartbeat was sent; the next
-    # heartbeat, unless the sandbox heartbeats the lease now; and the work item's expiry pushed on.
-    # Returns the ids whose lease was released meanwhile.
+    # id, token, ttl, sent at, next due, whose heartbeats the next is for ('' whoever's). A tick's
+    # answered heartbeats in one round trip: for each lease still held, its token, TTL and when
+    # the answered heartbeat was sent; the next heartbeat, while still heartbeated by whom the
+    # machine scheduled it for (a hand-off during the tick leaves it to the sandbox); and the
+    # work item's expiry pushed on. Returns the ids whose lease was released meanwhile.
     _RECORD_HEARTBEATS = _Script("""
 local gone = {}
-for i = 4, #ARGV, 5 do
+for i = 4, #ARGV, 6 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
   if redis.call('EXISTS', key) == 0 then
@@ -403,8 +405,7 @@ for i = 4, #ARGV, 5 do
     redis.call('HSET', key, 'token', ARGV[i + 1], 'ttl_seconds', ARGV[i + 2],
                'heartbeat_ok_at', ARGV[i + 3], 'uncertain', '')
     redis.call('EXPIRE', ARGV[2] .. id, ARGV[3])
-    if redis.call('HGET', key, 'heartbeats_by') ~= 'sandbox'
-       or redis.call('HGET', key, 'phase') == 'releasing' then
+    if ARGV[i + 5] == '' or redis.call('HGET', key, 'heartbeats_by') == ARGV[i + 5] then
       redis.call('HSET', key, 'inflight_until', 0)
       redis.call('ZADD', KEYS[1], ARGV[i + 4], id)
     end
@@ -413,16 +414,18 @@ end
 return gone
 """)
 
-    def record_heartbeats(self, heartbeats: list[tuple[str, str, int, float, float]]) -> list[str]:
-        """Record answered heartbeats, each (work id, token, TTL, sent at, next due), and schedule
-        the next ones, in one round trip per chunk. Returns the ids whose lease is gone."""
+    def record_heartbeats(self, heartbeats: list[tuple[str, str, int, float, float, str]]
+                          ) -> list[str]:
+        """Record answered heartbeats, each (work id, token, TTL, sent at, next due, whose
+        heartbeats the next is for), and schedule the next ones, in one round trip per chunk.
+        Returns the ids whose lease is gone."""
         gone: list[str] = []
         for start in range(0, len(heartbeats), RECORD_HEARTBEATS_CHUNK):
             args: list[str | int | float] = [self.keys.lease(""), self.keys.work(""),
                                              WORK_TTL_SECONDS]
             chunk = heartbeats[start:start + RECORD_HEARTBEATS_CHUNK]
-            for work_id, token, ttl, sent_at, due in chunk:
-                args += [work_id, token, ttl, sent_at, due]
+            for work_id, token, ttl, sent_at, due, heartbeated_by in chunk:
+                args += [work_id, token, ttl, sent_at, due, heartbeated_by]
             gone += [str(w) for w in self._RECORD_HEARTBEATS(keys=[self.keys.heartbeat_due],
                                                         args=args)]
         return gone

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from dispatcher.control.capacity import Capacity
-from dispatcher.lease.model import Lease, Phase, StopKind
+from dispatcher.lease.model import Heartbeater, Lease, Phase, StopKind
 from dispatcher.lease.registry import LeaseRegistry
 
 pytestmark = pytest.mark.integration
@@ -88,13 +88,14 @@ def test_due_heartbeats_are_claimed_by_one_taker_only(registry: LeaseRegistry) -
 
 def test_no_heartbeat_is_scheduled_after_a_hand_off(registry: LeaseRegistry) -> None:
     registry.create(_lease(token="tok-1"), work_json="{}")
-    assert registry.schedule_heartbeat("work_1", time.time())
+    dispatchers = Heartbeater.DISPATCHER  # as the machine schedules a lease the fleet heartbeats
+    assert registry.schedule_heartbeat("work_1", time.time(), heartbeated_by=dispatchers)
     # What the machine's hand-off does: the sandbox beats it now, and nothing is scheduled.
     registry.update("work_1", heartbeats_by="sandbox")
     registry.unschedule_heartbeat("work_1")
     assert registry.settled_token("work_1", wait_seconds=1) == "tok-1"
     assert registry.next_due("work_1") is None
-    assert not registry.schedule_heartbeat("work_1", time.time())
+    assert not registry.schedule_heartbeat("work_1", time.time(), heartbeated_by=dispatchers)
 
 
 def test_free_slots_count_live_workers_minus_held_leases(registry: LeaseRegistry) -> None:

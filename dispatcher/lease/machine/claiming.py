@@ -24,6 +24,8 @@ from dispatcher.lease.machine.steps import (
     proven_ours,
     publish,
     request_stop,
+    schedule,
+    scheduled_for,
     since_ok,
 )
 from dispatcher.lease.model import Ending, Heartbeater, Kind, Lease, LeaseMode, Phase, StopKind
@@ -188,8 +190,8 @@ def on_claim_failed(lease: Lease, e: ev.ClaimFailed, c: Ctx) -> Decision:
     may have landed, so its token may be the server's by now (`uncertain`)."""
     p = Plan(lease)
     p.change(uncertain=True)
-    p.add(fx.Schedule(c.now),
-          log("first heartbeat failed", lease, logging.WARNING, status=e.status))
+    schedule(p, c.now)
+    p.add(log("first heartbeat failed", lease, logging.WARNING, status=e.status))
     if proven_ours(p.held):
         advance_claimed(p, c)
     return p.decided()
@@ -208,8 +210,8 @@ def _refused_unclaimed(p: Plan, c: Ctx) -> None:
     lease = p.held
     since = round(c.now - lease.claimed_at, 1)
     if c.now - lease.claimed_at <= lease.ttl:
-        p.add(fx.Schedule(c.now + RETRY_SECONDS),
-              log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
+        schedule(p, c.now + RETRY_SECONDS)
+        p.add(log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
                   action_taken="claimed again at the next heartbeat tick"))
         return
     flag_stop(p, StopKind.FORCE, StopCause.CLAIM_REFUSED)
@@ -236,7 +238,8 @@ def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
     lease = p.held
     ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else lease.ttl
     p.assume(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=sent_at, uncertain=False)
-    p.add(fx.RecordHeartbeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl)))
+    p.add(fx.RecordHeartbeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl),
+                             scheduled_for(lease)))
     if reply.state == WorkState.STOPPED:
         lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
     elif not reply.extended and reply.state != WorkState.STOPPING:
@@ -258,8 +261,8 @@ def on_heartbeat_refused(lease: Lease, e: ev.HeartbeatRefused, c: Ctx) -> Decisi
     elif _lost_heartbeat_was_ours(lease, current, c.now):
         assert current is not None and current.last_heartbeat is not None
         p.change(token=current.last_heartbeat, uncertain=False)
-        p.add(fx.Schedule(c.now),
-              log("heartbeat token adopted", lease, logging.WARNING,
+        schedule(p, c.now)
+        p.add(log("heartbeat token adopted", lease, logging.WARNING,
                   reason="a heartbeat of ours was applied but its reply was lost"))
     else:
         lose(p, cause=LossCause.HEARTBEAT_REFUSED, status=412,
@@ -316,7 +319,7 @@ def on_heartbeat_failed(lease: Lease, e: ev.HeartbeatFailed, c: Ctx) -> Decision
         lose(p, cause=LossCause.ASSUMED_LOST)
         return p.decided()
     p.change(uncertain=True)
-    p.add(fx.Schedule(c.now + RETRY_SECONDS),
-          log("heartbeat failed", lease, logging.WARNING, status=e.status, error=e.error,
+    schedule(p, c.now + RETRY_SECONDS)
+    p.add(log("heartbeat failed", lease, logging.WARNING, status=e.status, error=e.error,
               seconds_since_success=round(since, 1)))
     return p.decided()

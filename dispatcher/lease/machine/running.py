@@ -28,6 +28,7 @@ from dispatcher.lease.machine.steps import (
     release,
     request_stop,
     restart,
+    schedule,
 )
 from dispatcher.lease.model import Ending, Heartbeater, Lease, Phase, StopKind
 
@@ -211,7 +212,7 @@ def on_registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decis
     if is_over(back):
         p.add(fx.RecordHistory(back.failures, back.ended))
     if back.heartbeats_by == Heartbeater.DISPATCHER or is_over(back):
-        p.add(fx.Schedule(c.now))
+        schedule(p, c.now)
     p.add(log("lease re-registered", back, logging.WARNING, reason="registry was reset"))
     return p.decided()
 
@@ -309,7 +310,7 @@ def on_claim_stranded(lease: Lease, e: ev.ClaimStranded, c: Ctx) -> Decision:
         forget(p, outcome=Release.LOST)
     elif lease.heartbeats_by == Heartbeater.DISPATCHER and not proven_ours(lease):
         # Never answered as ours: not published, but claimed again by the heartbeat task.
-        p.add(fx.Schedule(c.now))
+        schedule(p, c.now)
     else:
         advance_claimed(p, c)
     return p.decided()
@@ -339,8 +340,8 @@ def on_release_failed(lease: Lease, e: ev.ReleaseFailed, c: Ctx) -> Decision:
     flag_stop(p, StopKind.FORCE, StopCause.RELEASING)
     # Sooner only while we heartbeat it: postponing a due heartbeat of a lease we hold would let it
     # lapse. A lost lease gets no heartbeat, so nothing else would ever bring it due again.
-    p.add(fx.Schedule(c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost),
-          log("release deferred", lease, logging.WARNING, status=e.status, error=e.error,
+    schedule(p, c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost)
+    p.add(log("release deferred", lease, logging.WARNING, status=e.status, error=e.error,
               release_attempts=lease.release_attempts + 1))
     return p.decided()
 

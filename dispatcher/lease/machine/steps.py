@@ -10,7 +10,7 @@ from typing import Any
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease.causes import Cause, LossCause, Release, RestartReason, SeenBy, StopCause
-from dispatcher.lease.model import Ending, Kind, Lease, Phase, StopKind
+from dispatcher.lease.model import Ending, Heartbeater, Kind, Lease, Phase, StopKind
 
 # The official workers heartbeat every ttl/2, at most every 30 s; we heartbeat every ttl/3 so one
 # failed heartbeat still leaves a retry inside the TTL.
@@ -116,6 +116,18 @@ def proven_ours(lease: Lease) -> bool:
 def since_ok(lease: Lease, now: float) -> float:
     """Seconds since the last heartbeat the server answered was sent (or since the ack)."""
     return now - (lease.heartbeat_ok_at or lease.claimed_at)
+
+
+def schedule(p: Plan, due: float, *, sooner_only: bool = False) -> None:
+    """The next heartbeat, or release retry, at `due`."""
+    p.add(fx.Schedule(due, sooner_only, scheduled_for(p.held)))
+
+
+def scheduled_for(lease: Lease) -> Heartbeater | None:
+    """Whose heartbeats a scheduled one is for, so it is not applied once that changed: the
+    dispatcher's (never after a hand-off to the sandbox), but a release is retried whoever
+    heartbeated the lease."""
+    return None if lease.phase == Phase.RELEASING else Heartbeater.DISPATCHER
 
 
 def forget(p: Plan, *, outcome: Release) -> None:
