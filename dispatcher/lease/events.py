@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dispatcher.lease.causes import SeenBy, StopCause
+from dispatcher.lease.causes import Outcome, SeenBy, StopCause
 from dispatcher.lease.model import Ending, Lease, StopKind
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "RegistryReset",
     "RegistryUnreachable",
     "ReleaseAnswered",
+    "ReleaseAwaited",
     "ReleaseDue",
     "ReleaseFailed",
     "ReleaseRejected",
@@ -261,6 +262,16 @@ class SandboxExited:
 
 
 @dataclass(frozen=True)
+class ReleaseAwaited:
+    """An attempt whose sandbox exited (its result `outcome`) waits for its lease's release;
+    `registry_reset`: the record is gone because Redis restarted empty, not by a release."""
+
+    attempt: int
+    outcome: Outcome
+    registry_reset: bool
+
+
+@dataclass(frozen=True)
 class RegistryUnreachable:
     """A running attempt has not reached the registry for `seconds`."""
 
@@ -332,7 +343,7 @@ Event = (
     | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | HeartbeatAnswered
     | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed | StopRequested
     | ServerStopped | OperatorRevoked
-    | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited
+    | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited | ReleaseAwaited
     | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded
     | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | HealthcheckAnswered
 )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
-from dispatcher.lease.causes import SeenBy, StopCause
+from dispatcher.lease.causes import Outcome, SeenBy, StopCause
 from dispatcher.lease.machine import Decision, Policy, decide
 from dispatcher.lease.model import Ending, Heartbeater, Lease, LeaseMode, Phase, StopKind
 
@@ -101,6 +101,11 @@ SCENARIOS: dict[str, ev.Event] = {
     "sandbox exited, worker draining": ev.SandboxExited(1, 143, draining=True,
                                                         next_task_id="task-2"),
     "registry unreachable past 2/3 TTL": ev.RegistryUnreachable(25.0),
+    "an exited attempt awaits its release": ev.ReleaseAwaited(1, Outcome.COMPLETED, False),
+    "an exited attempt awaits its release, Redis reset": ev.ReleaseAwaited(
+        1, Outcome.COMPLETED, registry_reset=True),
+    "a superseded exited attempt awaits its release": ev.ReleaseAwaited(
+        0, Outcome.COMPLETED, False),
     "attempt went silent": ev.AttemptSilent("task-2"),
     "message lost": ev.MessageLost("task-2"),
     "claim stranded": ev.ClaimStranded(),

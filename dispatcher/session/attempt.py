@@ -366,7 +366,7 @@ def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
                 _reregistered(runtime, attempt, sup.memory, sup.work_json)
             if outcome is None:
                 outcome = _finish(runtime, sup, code)
-            if _released(runtime, sup):
+            if _released(runtime, sup, outcome):
                 return outcome
         except RedisError as exc:
             if time.monotonic() >= deadline:
@@ -382,18 +382,16 @@ def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
         time.sleep(RELEASE_POLL_SECONDS)
 
 
-def _released(runtime: Runtime, sup: _Supervisor) -> bool:
-    """Whether the ended attempt can leave: its lease is released, or no longer this attempt's.
-    While its release is still failing the supervisor stays, remembering the record, because it
-    is the only one that could write it back if Redis restarted empty: the release's retries
-    and the item's ending would be lost with it, and the finished session run again."""
+def _released(runtime: Runtime, sup: _Supervisor, outcome: Outcome) -> bool:
+    """Whether the ended attempt can leave (the machine says: `ReleaseAwaited`). While it may
+    not, it remembers the record, which it alone could write back if Redis restarted empty."""
     lease = runtime.registry.get(sup.attempt.work_id)
-    if lease is None:
-        return runtime.registry.epoch() == sup.memory.epoch
-    if lease.attempt != sup.attempt.attempt:
-        return True
-    sup.memory.lease = lease
-    return False
+    reset = lease is None and runtime.registry.epoch() != sup.memory.epoch
+    step = runtime.executor.attempt(lease, ev.ReleaseAwaited(sup.attempt.attempt, outcome,
+                                                              registry_reset=reset))
+    if step.over is None and step.lease is not None:
+        sup.memory.lease = step.lease
+    return step.over is not None
 
 
 def _finish(runtime: Runtime, sup: _Supervisor, code: int) -> Outcome:

@@ -162,6 +162,12 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
      {"NewAttempt", "Publish"}),
     ("registry unreachable past 2/3 TTL", ANY, "=", {"Fence", "AttemptOver(lost)"}, set()),
     ("attempt went silent", ("running",), "dispatched", {"NewAttempt", "Publish"}, set()),
+    # An exited attempt leaves once its lease is released (or another attempt's), and stays
+    # while the release is pending (it alone could write the record back).
+    ("an exited attempt awaits its release", ("none",), "none", {"AttemptOver(completed)"},
+     set()),
+    ("a superseded exited attempt awaits its release", ("none", *ANY), "=",
+     {"AttemptOver(completed)"}, set()),
     ("message lost", ("dispatched",), "dispatched", {"NewAttempt", "Publish"}, set()),
     ("claim stranded", ("claimed",), "dispatched", {"Publish"}, set()),
     ("release answered (2xx, 404, 409)", ANY, "none", {"DeleteRecord"}, {"StopOnServer"}),

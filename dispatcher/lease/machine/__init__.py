@@ -74,6 +74,8 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return running.on_registry_reset(lease, event, c)
         case ev.SandboxExited():
             return running.on_sandbox_exited(lease, event, c)
+        case ev.ReleaseAwaited():
+            return running.on_release_awaited(lease, event, c)
         case ev.ReleaseFailed() | ev.ReleaseRejected() if lease is None:
             return running.on_stop_failed_unrecorded(event)
         # --- every other event is about a lease we hold: with no record, it means nothing ------

@@ -183,6 +183,17 @@ def _exited(p: Plan, lease: Lease, e: ev.SandboxExited, c: Ctx) -> None:
         end(p, Ending.COMPLETED if e.code == 0 else Ending.FAILED)
 
 
+def on_release_awaited(lease: Lease | None, e: ev.ReleaseAwaited, c: Ctx) -> Decision:
+    """An attempt whose sandbox exited leaves once its lease is released, or no longer its own.
+    While its release is still failing it stays: it alone could write the record back if Redis
+    restarted empty, and without it the release's retries and the item's ending would be lost,
+    and the finished session run again. A record gone with Redis is written back first."""
+    if (lease is None and not e.registry_reset) or (lease is not None
+                                                    and lease.attempt != e.attempt):
+        return Decision(lease, (fx.AttemptOver(e.outcome),))
+    return Decision(lease)
+
+
 def on_registry_unreachable(lease: Lease, e: ev.RegistryUnreachable, c: Ctx) -> Decision:
     if not outage_is_too_long(lease, e.seconds):
         return Decision(lease)
