@@ -32,8 +32,10 @@ from dispatcher.lease import events as ev
 from dispatcher.lease.machine import claiming, running
 from dispatcher.lease.machine.running import (
     QUIET_SECONDS,
+    Claim,
     Delivery,
     Stuck,
+    claim_of,
     last_seen,
     message_lost,
     stuck,
@@ -47,8 +49,9 @@ from dispatcher.lease.machine.steps import (
 )
 from dispatcher.lease.model import Lease
 
-__all__ = ["QUIET_SECONDS", "Decision", "Delivery", "Policy", "Stuck", "decide",
-           "heartbeat_interval", "last_seen", "message_lost", "outage_is_too_long", "stuck"]
+__all__ = ["QUIET_SECONDS", "Claim", "Decision", "Delivery", "Policy", "Stuck", "claim_of",
+           "decide", "heartbeat_interval", "last_seen", "message_lost", "outage_is_too_long",
+           "stuck"]
 
 
 _DEFAULT_POLICY = Policy()

@@ -297,6 +297,24 @@ def stuck(lease: Lease, now: float) -> Stuck | None:
     return None
 
 
+class Claim(StrEnum):
+    """Whether a sandbox found running (a container) belongs to its lease's current attempt."""
+
+    OWNED = "owned"  # the lease's current attempt, running
+    SUPERSEDED = "superseded"  # a newer attempt took the lease: kill it now
+    # No lease, or its attempt is not running (yet, or any more): kill it if that lasts.
+    UNCLAIMED = "unclaimed"
+
+
+def claim_of(lease: Lease | None, attempt: int) -> Claim:
+    """Whose a sandbox of attempt `attempt` is, by its lease's record (None: no record)."""
+    if lease is not None and lease.attempt > attempt:
+        return Claim.SUPERSEDED
+    if lease is None or lease.attempt != attempt or lease.phase != Phase.RUNNING:
+        return Claim.UNCLAIMED
+    return Claim.OWNED
+
+
 def on_attempt_silent(lease: Lease, e: ev.AttemptSilent, c: Ctx) -> Decision:
     p = Plan(lease)
     if lease.phase == Phase.RUNNING:
