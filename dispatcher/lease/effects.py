@@ -81,10 +81,14 @@ class NewAttempt:
 
 @dataclass(frozen=True)
 class FlagStop:
-    """Raise the stop flag (force wins over graceful; the first cause stays)."""
+    """Set the stop flag to `kind`, only while it is still `expected`: the machine decided from
+    that, and decides again on the record a concurrent flag left. `cause` comes with the first
+    flag only (None keeps the cause recorded)."""
 
     kind: StopKind
-    cause: Cause
+    cause: Cause | None
+    expected: StopKind = StopKind.NONE
+    guard = True
 
 
 @dataclass(frozen=True)

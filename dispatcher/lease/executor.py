@@ -179,24 +179,33 @@ class Executor:
         try:
             while pending and state.steps < MAX_STEPS:
                 state.steps += 1
-                decision = decide(current, pending.pop(0), now=time.time(), policy=self.policy)
+                event = pending.pop(0)
+                decision = decide(current, event, now=time.time(), policy=self.policy)
                 current = decision.lease
+                counted = len(state.counts)
                 answer = self._perform(work_id, decision, state)
                 if isinstance(answer, _End):
                     return self.registry.get(work_id)
+                if isinstance(answer, _Again):
+                    del state.counts[counted:]  # counted once, when decided again
+                    current = self.registry.get(work_id)
+                    pending.insert(0, event)
+                    continue
                 if answer is not None:
                     pending.append(answer)
             return current
         finally:
             self.counters.inc_all(state.counts, environment=state.environment_id or "")
 
-    def _perform(self, work_id: str, decision: Decision, state: _Run) -> ev.Event | _End | None:
-        """Perform a decision's effects in order; returns the answer to feed back, if any, or
-        `_End` when an effect found the run cannot go on."""
+    def _perform(self, work_id: str, decision: Decision,
+                 state: _Run) -> ev.Event | _End | _Again | None:
+        """Perform a decision's effects in order; returns the answer to feed back, if any,
+        `_End` when an effect found the run cannot go on, or `_Again` when the event is to be
+        decided again on the record as it now is."""
         answer: ev.Event | None = None
         for effect in decision.effects:
             result = self._perform_one(work_id, effect, decision.lease, state)
-            if isinstance(result, _End):
+            if isinstance(result, _End | _Again):
                 return result
             if isinstance(result, _Abort):
                 return result.event
@@ -205,7 +214,8 @@ class Executor:
         return answer
 
     def _perform_one(self, work_id: str, effect: fx.Effect,  # noqa: C901 (one case per effect)
-                     lease: Lease | None, state: _Run) -> ev.Event | _End | _Abort | None:
+                     lease: Lease | None,
+                     state: _Run) -> ev.Event | _End | _Again | _Abort | None:
         """One effect: those that ask return the answer (or how the run ends); the rest are
         simply done."""
         match effect:
@@ -236,7 +246,9 @@ class Executor:
             case fx.Update():
                 self.registry.update(work_id, seen=_seen(lease), **effect.fields)
             case fx.FlagStop():
-                self.registry.request_stop(work_id, effect.kind, effect.cause)
+                moved_on = self.registry.set_stop(work_id, effect.kind, cause=effect.cause,
+                                                  expected=effect.expected) == 0
+                return _Again() if moved_on else None
             case fx.DeleteRecord():
                 self.registry.delete(work_id)
             case fx.Schedule():
@@ -369,6 +381,12 @@ class _Abort:
     machine decides next."""
 
     event: ev.Event
+
+
+@dataclass(frozen=True)
+class _Again:
+    """A guarded change found the record changed under the decision (a stop flag raised
+    meanwhile): the event is decided again on the record as it now is."""
 
 
 @dataclass(frozen=True)

@@ -341,22 +341,26 @@ return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
         return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
                      str(token), bool(draining))
 
-    # KEYS[1]=lease hash; ARGV: kind, cause, now. FORCE wins over GRACEFUL; the first cause stays.
-    _REQUEST_STOP = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local kind = redis.call('HGET', KEYS[1], 'stop') or ''
-if kind == 'force' or kind == ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'stop', ARGV[1])
-if kind == '' then redis.call('HSET', KEYS[1], 'stop_cause', ARGV[2], 'stop_seen_at', ARGV[3]) end
+    # KEYS[1]=lease hash; ARGV: expected stop, new stop, first cause ('' keeps the recorded one),
+    # now. A guard, no rule: which stop wins and which cause stays is the machine's; this sets
+    # the flag only while it is still what the machine decided from, and the time it was first
+    # seen with the first cause.
+    _SET_STOP = _Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if (redis.call('HGET', KEYS[1], 'stop') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'stop', ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'stop_cause', ARGV[3], 'stop_seen_at', ARGV[4])
+end
 return 1
 """)
 
-    def request_stop(self, work_id: str, kind: StopKind, cause: str) -> bool:
-        """Raise the stop flag; True if it changed (a new or a harder stop)."""
-        changed = self._REQUEST_STOP(
-            keys=[self.keys.lease(work_id)], args=[kind.value, cause, time.time()]
-        )
-        return bool(changed)
+    def set_stop(self, work_id: str, kind: StopKind, *, expected: StopKind,
+                 cause: str | None = None) -> int:
+        """Set the stop flag (and its first cause, if given) while it is still `expected`:
+        1 done, 0 it changed meanwhile, -1 lease gone."""
+        return int(self._SET_STOP(keys=[self.keys.lease(work_id)],
+                                  args=[expected.value, kind.value, cause or "", time.time()]))
 
     # --- heartbeat schedule -------------------------------------------------------------------
     # KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now,

@@ -62,16 +62,19 @@ def test_only_the_current_attempt_may_pulse_or_change_the_lease(registry: LeaseR
     assert registry.update_if_attempt("nope", 1, {"phase": "x"}) == -1
 
 
-def test_a_forced_stop_wins_over_a_graceful_one_and_keeps_the_first_cause(
+def test_a_stop_flag_is_set_only_over_the_flag_it_was_decided_from(
     registry: LeaseRegistry,
 ) -> None:
+    """Which stop wins and which cause stays is the machine's (tests/unit); the registry only
+    refuses a flag decided from one that changed meanwhile, for the machine to decide again."""
     registry.create(_lease(), work_json="{}")
-    assert registry.request_stop("work_1", StopKind.GRACEFUL, "server")
-    assert not registry.request_stop("work_1", StopKind.GRACEFUL, "again")
-    assert registry.request_stop("work_1", StopKind.FORCE, "operator")
-    assert not registry.request_stop("work_1", StopKind.GRACEFUL, "late")
+    none, graceful, force = StopKind.NONE, StopKind.GRACEFUL, StopKind.FORCE
+    assert registry.set_stop("work_1", graceful, expected=none, cause="server") == 1
+    assert registry.set_stop("work_1", force, expected=none, cause="operator") == 0, "stale"
+    assert registry.set_stop("work_1", force, expected=graceful) == 1
     pulse = registry.pulse("work_1", 1)
     assert (pulse.stop, pulse.stop_cause) == ("force", "server")
+    assert registry.set_stop("work_gone", force, expected=none, cause="server") == -1
 
 
 def test_due_heartbeats_are_claimed_by_one_taker_only(registry: LeaseRegistry) -> None:

@@ -19,7 +19,8 @@ import redis
 
 from dispatcher.control.capacity import Capacity
 from dispatcher.lease.keys import Keys
-from dispatcher.lease.registry import Lease, LeaseRegistry, Phase
+from dispatcher.lease.model import Lease, Phase
+from dispatcher.lease.registry import LeaseRegistry
 
 pytestmark = pytest.mark.integration
 

@@ -365,8 +365,8 @@ def on_release_failed(lease: Lease, e: ev.ReleaseFailed, c: Ctx) -> Decision:
     """Keep the lease (and keep heartbeating it: a lapsed lease would hand the finished session out
     again) and try the stop again soon."""
     p = Plan(lease)
-    p.change(phase=Phase.RELEASING, release_attempts=lease.release_attempts + 1)
     flag_stop(p, StopKind.FORCE, StopCause.RELEASING)
+    p.change(phase=Phase.RELEASING, release_attempts=lease.release_attempts + 1)
     # Sooner only while we heartbeat it: postponing a due heartbeat of a lease we hold would let it
     # lapse. A lost lease gets no heartbeat, so nothing else would ever bring it due again.
     schedule(p, c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost)

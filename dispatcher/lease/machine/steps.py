@@ -165,13 +165,13 @@ def lose(p: Plan, *, cause: LossCause, server_stopped: bool = False,
          action: str = "heartbeat lost", **details: object) -> None:
     """The server no longer gives us this lease: kill the sandbox, never heartbeat it again."""
     lease = p.held
+    # The flag first: it is guarded, and a flag that lands behind another is decided again.
+    raise_stop(p, StopKind.FORCE, cause)
     changes: dict[str, object] = {"lost": True}
     if server_stopped:
         changes["server_stopped"] = True
     p.change(**changes)
-    p.assume(stop=StopKind.FORCE, stop_cause=lease.stop_cause or cause)
-    p.add(fx.FlagStop(StopKind.FORCE, cause), fx.Unschedule(),
-          count("leases_lost", cause=cause),
+    p.add(fx.Unschedule(), count("leases_lost", cause=cause),
           log(action, lease, logging.WARNING, cause=cause, **details))
     if is_over(lease):
         # The session is over: its item is stopped whoever holds the lease now.
@@ -185,16 +185,20 @@ def lose(p: Plan, *, cause: LossCause, server_stopped: bool = False,
 
 
 def flag_stop(p: Plan, kind: StopKind, cause: Cause) -> bool:
-    """Raise the stop flag (force wins; the first cause stays); False if that changes nothing."""
+    """Raise the stop flag (force wins); False if that changes nothing."""
     lease = p.held
     if lease.stop == StopKind.FORCE or lease.stop == kind:
         return False
-    changes: dict[str, object] = {"stop": kind}
-    if lease.stop == StopKind.NONE:
-        changes["stop_cause"] = cause
-    p.assume(**changes)
-    p.add(fx.FlagStop(kind, cause))
+    raise_stop(p, kind, cause)
     return True
+
+
+def raise_stop(p: Plan, kind: StopKind, cause: Cause) -> None:
+    """Set the stop flag to `kind` over the one the lease has; the first cause stays."""
+    lease = p.held
+    first = lease.stop == StopKind.NONE
+    p.assume(stop=kind, stop_cause=cause if first else lease.stop_cause)
+    p.add(fx.FlagStop(kind, cause if first else None, expected=lease.stop))
 
 
 def publish(p: Plan, now: float, *, recorded: bool = True) -> None:
