@@ -420,3 +420,10 @@ def test_only_a_dispatched_lease_silent_past_the_bound_asks_where_its_message_is
     assert stuck(dispatched.but(dispatched_at=NOW - 1), NOW) is None
     assert stuck(dispatched.but(dispatched_at=NOW - DISPATCH_STALE_SECONDS - 1),
                  NOW) is Stuck.QUEUED_TOO_LONG
+
+
+def test_every_scenario_has_a_name_of_its_own() -> None:
+    from dispatcher.lease.machine import claiming, running
+
+    names = [s.name for s in (*claiming.SCENARIOS, *running.SCENARIOS)]
+    assert len(names) == len(set(names)) == len(SCENARIOS)

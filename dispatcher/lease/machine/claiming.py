@@ -8,6 +8,7 @@ import logging
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
 from dispatcher.lease.causes import LossCause, Refusal, SeenBy, StopCause
+from dispatcher.lease.machine.examples import CLAIMED, ITEM, NOW, REPLY, RUNNING, Scenario
 from dispatcher.lease.machine.steps import (
     RETRY_SECONDS,
     Ctx,
@@ -323,3 +324,70 @@ def on_heartbeat_failed(lease: Lease, e: ev.HeartbeatFailed, c: Ctx) -> Decision
     p.add(log("heartbeat failed", lease, logging.WARNING, status=e.status, error=e.error,
               seconds_since_success=round(since, 1)))
     return p.decided()
+
+
+# --- the rule table's examples of these events -------------------------------------------------
+
+SCENARIOS = [
+    Scenario("offered", ev.Offered(ITEM, known_type=True)),
+    Scenario("offered, unknown type", ev.Offered(ITEM, known_type=False), phases=("none",)),
+    Scenario("offered, ended before",
+             ev.Offered(ITEM, known_type=True, ended=Ending.COMPLETED),
+             phases=("none",)),
+    Scenario("unreadable item", ev.Unreadable("w", "data: field required"), phases=("none",)),
+    Scenario("offered, attempts used up",
+             ev.Offered(ITEM, known_type=True, failures=3),
+             phases=("none",)),
+    Scenario("ack answered", ev.AckAnswered(), phases=("claimed",), unproven=True),
+    Scenario("ack never answered", ev.AckUncertain(None), phases=("claimed",), unproven=True),
+    Scenario("ack 409 after an unanswered attempt",
+             ev.AckConflict(after_lost_reply=True),
+             phases=("claimed",), unproven=True),
+    Scenario("ack 409 at once",
+             ev.AckConflict(after_lost_reply=False),
+             phases=("claimed",), unproven=True),
+    Scenario("ack refused (4xx)", ev.AckRefused(400), phases=("claimed",), unproven=True),
+    Scenario("record refused, fresh claim",
+             ev.RecordFailed(CLAIMED, "connection refused"),
+             phases=("dispatched",)),
+    Scenario("record refused, write-back",
+             ev.RecordFailed(RUNNING, "connection refused"),
+             phases=("running",)),
+    Scenario("claim answered", ev.ClaimAnswered(REPLY, NOW), phases=("claimed", "dispatched")),
+    Scenario("claim 412, nobody heartbeated it",
+             ev.ClaimRefused(ev.ServerLease("starting", None)),
+             phases=("claimed", "dispatched")),
+    Scenario("claim 412, another holder",
+             ev.ClaimRefused(ev.ServerLease("active", "tok-x")),
+             phases=("claimed", "dispatched")),
+    Scenario("claim 404/409 after an uncertain ack",
+             ev.ClaimNotAcked(409, ack_uncertain=True),
+             phases=("claimed", "dispatched")),
+    Scenario("claim failed (transient)", ev.ClaimFailed(503), phases=("claimed", "dispatched")),
+    Scenario("claim failed (transient), ack unanswered",
+             ev.ClaimFailed(503),
+             phases=("claimed", "dispatched"), unproven=True),
+    Scenario("claim 412, nobody heartbeated it, ack unanswered",
+             ev.ClaimRefused(ev.ServerLease("starting", None)),
+             phases=("claimed", "dispatched"), unproven=True),
+    Scenario("heartbeat answered, ack unanswered",
+             ev.HeartbeatAnswered(REPLY, NOW),
+             phases=("claimed",), unproven=True),
+    Scenario("heartbeat answered", ev.HeartbeatAnswered(REPLY, NOW)),
+    Scenario("heartbeat answered, not extended",
+             ev.HeartbeatAnswered(
+                 ev.Reply("tok-2", extended=False, state="active", ttl_seconds=30), NOW)),
+    Scenario("heartbeat answered, stopping",
+             ev.HeartbeatAnswered(
+                 ev.Reply("tok-2", extended=True, state="stopping", ttl_seconds=30), NOW)),
+    Scenario("heartbeat answered, stopped",
+             ev.HeartbeatAnswered(
+                 ev.Reply("tok-2", extended=False, state="stopped", ttl_seconds=30), NOW)),
+    Scenario("heartbeat 412 after a lost reply, inside the TTL",
+             ev.HeartbeatRefused(ev.ServerLease("active", "tok-2")),
+             uncertain=True),
+    Scenario("heartbeat 412", ev.HeartbeatRefused(ev.ServerLease("active", "tok-x"))),
+    Scenario("heartbeat 404", ev.HeartbeatNotFound()),
+    Scenario("heartbeat rejected (other 4xx)", ev.HeartbeatRejected(401, "unauthorized")),
+    Scenario("heartbeat failed (transient)", ev.HeartbeatFailed(503, "unavailable")),
+]

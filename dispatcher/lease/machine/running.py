@@ -10,6 +10,7 @@ from enum import StrEnum
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
 from dispatcher.lease.causes import LossCause, Outcome, Release, RestartReason, SeenBy, StopCause
+from dispatcher.lease.machine.examples import RELEASING, RUNNING, Scenario
 from dispatcher.lease.machine.steps import (
     RELEASE_RETRY_SECONDS,
     Ctx,
@@ -395,3 +396,54 @@ def on_healthcheck_answered(lease: Lease, e: ev.HealthcheckAnswered, c: Ctx) -> 
           count("healthchecks", healthy=str(e.healthy).lower()))
     end(p, Ending.HEALTHCHECK)
     return p.decided()
+
+
+# --- the rule table's examples of these events -------------------------------------------------
+
+SCENARIOS = [
+    Scenario("claim stranded, ack unanswered",
+             ev.ClaimStranded(),
+             phases=("claimed",), unproven=True),
+    Scenario("stop requested (server)",
+             ev.StopRequested(StopKind.GRACEFUL, StopCause.SERVER, SeenBy.BRIDGE)),
+    Scenario("stop requested (force)",
+             ev.StopRequested(StopKind.FORCE, StopCause.OPERATOR, SeenBy.REVOKE)),
+    Scenario("server lists it stopped", ev.ServerStopped(SeenBy.BRIDGE)),
+    Scenario("operator terminated the task",
+             ev.OperatorRevoked("task-1", terminated=True, force=False)),
+    Scenario("operator revoked the task",
+             ev.OperatorRevoked("task-1", terminated=False, force=False)),
+    Scenario("attempt starting", ev.AttemptStarting(1, "task-1", "w1", 42, draining=False)),
+    Scenario("attempt starting, worker draining",
+             ev.AttemptStarting(1, "task-1", "w1", 42, draining=True)),
+    Scenario("handing off to the sandbox", ev.HandingOff()),
+    *(Scenario(name, ev.Pulsed(exists=True, current=current, stop=stop, draining=draining,
+                               operator=False))
+      for name, current, stop, draining in (
+          ("pulsed", True, StopKind.NONE, False),
+          ("pulsed, superseded", False, StopKind.NONE, False),
+          ("pulsed, stop flagged", True, StopKind.GRACEFUL, False),
+          ("pulsed, worker draining", True, StopKind.NONE, True))),
+    Scenario("sandbox could not start", ev.SandboxStartFailed("not found")),
+    Scenario("sandbox exited 0", ev.SandboxExited(1, 0, draining=False, next_task_id="task-2")),
+    Scenario("sandbox exited 1", ev.SandboxExited(1, 1, draining=False, next_task_id="task-2")),
+    Scenario("sandbox exited, worker draining",
+             ev.SandboxExited(1, 143, draining=True, next_task_id="task-2")),
+    Scenario("registry unreachable past 2/3 TTL", ev.RegistryUnreachable(25.0)),
+    Scenario("an exited attempt awaits its release",
+             ev.ReleaseAwaited(1, Outcome.COMPLETED, False)),
+    Scenario("an exited attempt awaits its release, Redis reset",
+             ev.ReleaseAwaited(1, Outcome.COMPLETED, registry_reset=True)),
+    Scenario("a superseded exited attempt awaits its release",
+             ev.ReleaseAwaited(0, Outcome.COMPLETED, False)),
+    Scenario("attempt went silent", ev.AttemptSilent("task-2")),
+    Scenario("message lost", ev.MessageLost("task-2")),
+    Scenario("claim stranded", ev.ClaimStranded(), phases=("claimed", "dispatched")),
+    Scenario("release answered (2xx, 404, 409)", ev.ReleaseAnswered(200)),
+    Scenario("release due again", ev.ReleaseDue()),
+    Scenario("release failed (transient)", ev.ReleaseFailed(503, "unavailable")),
+    Scenario("release refused (4xx)", ev.ReleaseRejected(403, "forbidden")),
+    Scenario("healthcheck answered", ev.HealthcheckAnswered(True, (("redis", "ok"),))),
+    Scenario("registry reset", ev.RegistryReset(RUNNING), phases=("none",)),
+    Scenario("registry reset, session ended", ev.RegistryReset(RELEASING), phases=("none",)),
+]
