@@ -17,7 +17,7 @@ MACHINE = ROOT / "dispatcher" / "lease" / "machine"
 
 # Registry writes: only the executor (and the registry itself) makes them.
 REGISTRY_WRITE = re.compile(
-    r"registry\.(update|create|delete|request_stop|schedule_heartbeat|unschedule_heartbeat"
+    r"registry\.(update|create|delete|set_stop|schedule_heartbeat|unschedule_heartbeat"
     r"|record_history|record_heartbeats|update_if_attempt)\(")
 # A lease's state judged: a field of the lease's life compared, outside the machine.
 LEASE_STATE = re.compile(
