@@ -112,8 +112,8 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
 
 
 def _start_failed(runtime: Runtime, lease: Lease, exc: Exception) -> Outcome:
-    return runtime.executor.attempt(lease, ev.SandboxStartFailed(str(exc))).over \
-        or Outcome.FAILED
+    step = runtime.executor.attempt(lease, ev.SandboxStartFailed(str(exc)))
+    return step.over or Outcome.FAILED  # a lease released meanwhile: still a failed start
 
 
 def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
