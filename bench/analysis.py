@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dispatcher.lease.machine.running import PULSE_STALE_SECONDS
+
 __all__ = ["findings", "method"]
 
 
@@ -57,10 +59,10 @@ def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[s
         extra = None if acked is None or spawned is None else spawned - acked
         return (f"{batch} (p50 since creation): ours had its ack answered after {_msf(acked)}, "
                 f"the peer after {_msf(peer_acked)}; ours then took {_msf(extra)} more until "
-                f"its launcher had the command (the record, the publish, the broker hop, the "
+                f"its command was spawned (the record, the publish, the broker hop, the "
                 f"pool's pick-up, the lease reads and the running mark), where the peer forks "
                 f"at once. The sandbox's own start then took {_msf(own)} for ours (from the "
-                f"launcher) and {_msf(peer_own)} for the peer (its fork included). The emulator "
+                f"spawn) and {_msf(peer_own)} for the peer (its fork included). The emulator "
                 f"answered the poll within {_msf(polled)} of creation for ours, "
                 f"{_msf(peer_polled)} for the peer (p99)")
 
@@ -91,9 +93,8 @@ def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[s
         "off the path (dispatcher/lease/machine/claiming.py, `_acked`), and metrics are "
         "counted at the end in one write. A session worker with a free thread takes the "
         "message at once (no prefetch, early ack), reads the lease, work item and registry "
-        "epoch in one pipeline, marks the attempt running (one Lua call) and hands the command "
-        "to a launcher started ahead, which waits for it on stdin "
-        "(dispatcher/session/sandbox.py, `Spares`): no interpreter start is on the path. The "
+        "epoch in one pipeline, marks the attempt running (one Lua call) and spawns the command "
+        "itself (dispatcher/session/sandbox.py): no interpreter start is on the path. The "
         "peer acks and forks the command: fewer steps, but each of its 10 processes sleeps 1 "
         "to 3 s after an empty poll (`_poller.py`, `_jitter(1.0, 3.0)`), so now and then no "
         "poll is outstanding when a session arrives.",
@@ -161,10 +162,10 @@ def findings(results: dict[str, Any]) -> list[str]:
         "**Recovery.** "
         f"Ours {_f(rc)} s"
         + (" (target 10 s met)" if rc is not None and rc < 10 else " (**target 10 s missed**)")
-        + f"; the peer {_f(prc)} s. When a session worker dies, its sandboxes die with it (the "
-        "launcher's parent-death signal), its supervisors stop pulsing, and after "
-        "`PULSE_STALE_SECONDS` = 5 s the control plane's `recover` tick (every second) starts "
-        "the next attempt on any worker, while the lease never lapsed "
+        + f"; the peer {_f(prc)} s. When a session worker dies, its sandboxes die with it (its "
+        "guardian reads end-of-file and ends their groups), its supervisors stop pulsing, and "
+        f"after `PULSE_STALE_SECONDS` = {PULSE_STALE_SECONDS:g} s the control plane's `recover` "
+        "tick (every second) starts the next attempt on any worker, while the lease never lapsed "
         "(dispatcher/control/recovery.py). "
         "The peer has no one to notice: the session runs again only when its lease lapses on "
         f"the server (the TTL, {ttl} s here, 120 s with the fixture's default), the server "
@@ -200,15 +201,14 @@ def findings(results: dict[str, Any]) -> list[str]:
             "**Memory.** "
             f"On the threads pool a running session adds "
             f"{mt['per_session_kb'] / 1024:.2f} MB to the worker (a thread and its supervisor "
-            f"state), but each session also has our launcher process: "
-            f"{mt['launcher_per_session_kb'] / 1024:.1f} MB RSS, "
-            f"{mt['launcher_pss_per_session_kb'] / 1024:.1f} MB PSS (a `python -S` interpreter "
-            "waiting on the command, dispatcher/session/launcher.py). Counting it, a session costs "
+            f"state), plus its share of our guardian (one `python -S` per worker process that "
+            "ends a dead worker's sandboxes, dispatcher/session/guardian.py): "
+            f"{mt['launcher_per_session_kb'] / 1024:.2f} MB RSS, "
+            f"{mt['launcher_pss_per_session_kb'] / 1024:.2f} MB PSS. Counting it, a session costs "
             f"{(mt['per_session_kb'] + mt['launcher_per_session_kb']) / 1024:.1f} MB RSS"
             + (", **over the 10 MB target**" if mt['per_session_kb'] +
                mt['launcher_per_session_kb'] >= 10240 else ", under the 10 MB target")
-            + "; without it, far under. A leaner watchdog (a small static binary, or "
-            "`prctl` from a `preexec_fn` plus a per-worker reaper) would remove most of it. "
+            + ". "
             f"On the prefork pool each slot is a whole forked interpreter: "
             f"{mp['per_slot_kb'] / 1024:.0f} MB RSS ({mp['per_slot_pss_kb'] / 1024:.0f} MB "
             "PSS) per slot, paid whether the slot runs a session or not, so the marginal figure "
@@ -243,8 +243,9 @@ def findings(results: dict[str, Any]) -> list[str]:
         "3. **One control worker kept only 500 leases (fixed since).** The heartbeat tick "
         "built an HTTP client and event loop each second on httpx's async transport, and the "
         "stop bridge and recovery read every lease every second: see Heartbeat capacity.",
-        "4. **The launcher doubles the per-session process count** and is most of a session's "
-        "memory on the threads pool: see Memory.",
+        "4. **A launcher per session doubled the process count (fixed since)** and was most "
+        "of a session's memory on the threads pool; one guardian per worker process replaced "
+        "it: see Memory.",
         "5. Not the dispatcher, but the emulator (fixed since): redis-py 8's asyncio pool "
         "allows 100 connections, so about 100 concurrent requests (long polls hold one each) "
         "exhausted it and the emulator closed connections without an answer "

@@ -56,8 +56,8 @@ OURS_STEPS: list[Step] = [
     ("lease_read", "lease and drain flag read (Redis)"),
     ("running", "attempt marked running (Redis)"),
     ("spec_built", "work item read, sandbox spec built"),
-    ("spawned", "launcher started (fork and exec returned)"),
-    ("sandbox_started", "sandbox's first record: launcher, exec, the sandbox's own start"),
+    ("spawned", "command spawned (fork and exec returned)"),
+    ("sandbox_started", "sandbox's first record: exec, the sandbox's own start"),
 ]
 PEER_STEPS: list[Step] = [
     ("poll_answered", "emulator answers the long poll with the item"),

@@ -28,7 +28,8 @@ from dispatcher.ops.stack import BIN, FAKE_SESSION, LocalStack
 __all__ = ["KEY_PREFIXES", "Fleet", "Ours", "Peer"]
 
 SANDBOX_MARK = "fake_session.py"
-LAUNCHER_MARK = "launcher.py"
+# One per session-worker process (dispatcher/session/guardian.py): what watches the sandboxes.
+WATCHDOG_MARK = "guardian.py"
 PEER_MARK = "bench.peer"
 REPO = Path(__file__).resolve().parent.parent
 # The Redis key prefixes of every dispatcher fleet made in this process: removed after a run.
@@ -128,13 +129,11 @@ class Ours(Fleet):
         started = events(self.records, work_id, "started")
         if not started:
             return None
-        launcher = proc.info(int(started[-1]["ppid"]))
-        if launcher is None:
-            return None
+        runner = int(started[-1]["ppid"])  # the worker process that spawned the sandbox
         everything = proc.processes()
         for name in self.session_workers():
-            if launcher.ppid in {p.pid for p in proc.tree(self.stack.processes[name].pid,
-                                                          everything)}:
+            if runner in {p.pid for p in proc.tree(self.stack.processes[name].pid,
+                                                   everything)}:
                 return name
         return None
 
@@ -203,11 +202,8 @@ class Peer(Fleet):
 
 
 def fleet_memory(fleet: Fleet) -> dict[str, Any]:
-    """RSS and PSS (kB) of the fleet's own processes, sandboxes (and our launchers) apart."""
+    """RSS and PSS (kB) of the fleet's own processes, sandboxes (and our guardians) apart."""
     everything = proc.processes()
-    # A launcher with no command is a spare waiting for the next session (one per worker
-    # process, dispatcher/session/sandbox.py): the worker's own cost, not a session's.
-    parents = {p.ppid for p in everything}
     own: list[proc.ProcInfo] = []
     launchers: list[proc.ProcInfo] = []
     sandboxes: list[proc.ProcInfo] = []
@@ -217,7 +213,7 @@ def fleet_memory(fleet: Fleet) -> dict[str, Any]:
         for p in proc.tree(fleet.stack.processes[name].pid, everything):
             if PEER_MARK in p.cmdline or "celery" in p.cmdline:
                 own.append(p)  # the peer's own argv names the fake session too
-            elif LAUNCHER_MARK in p.cmdline and p.pid in parents:
+            elif WATCHDOG_MARK in p.cmdline:
                 launchers.append(p)
             elif SANDBOX_MARK in p.cmdline:
                 sandboxes.append(p)

@@ -119,7 +119,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
                      _mb(m["per_session_kb"]), _mb(pm and pm["per_session_kb"]), "",
                      "< 10 MB: " + _target(m["per_session_kb"] < 10240)
                      if pool == "threads" else ""))
-        rows.append((f"  + our launcher process per session, {pool} (RSS / PSS)",
+        rows.append((f"  + our guardian's share per session, {pool} (RSS / PSS)",
                      f"{_mb(m['launcher_per_session_kb'])} / "
                      f"{_mb(m['launcher_pss_per_session_kb'])}", "none", "", ""))
         rows.append((f"memory per slot, {pool} (worker RSS / PSS at {m['k']} sessions / slots)",

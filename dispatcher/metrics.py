@@ -13,6 +13,12 @@ dropped after `REQUEST_TIMEOUT_SECONDS`.
 
 Recording never fails a caller: a metric lost to a Redis hiccup is better than a lease lost.
 
+The scaling signal (`dispatcher_scaling_desired_slots`, and the same figures as JSON on
+`/scaling` for KEDA's metrics-api scaler) is computed here, at scrape time, from the cached
+`stats` and the registry: a periodic control-plane task would call `stats` whether or not anyone
+scales on it, and keep a copy in Redis that is as old as its period; on scrape, the cache bounds
+the calls the same way and the figure is never older than the window.
+
 Every counter, histogram and lease gauge is labelled with the `environment` it counts (the
 fleet's configured ids: bounded; empty for what no environment was named for), and the server's
 figures are read per environment, with its key. Session slots and workers are the fleet's,
@@ -21,6 +27,7 @@ shared by its environments, and carry no such label.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import threading
@@ -43,20 +50,26 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
-from dispatcher.control.capacity import Capacity, free_slots
+from dispatcher.control.capacity import Capacity, desired_slots, free_slots
 from dispatcher.lease.causes import LossCause, Refusal, Release, RestartReason, StopCause
 from dispatcher.lease.keys import Keys
 from dispatcher.lease.model import Kind
 from dispatcher.lease.registry import LeaseRegistry
-from dispatcher.workapi import (
-    WorkAPIError,
-    WorkClient,
-    WorkQueueStats,
-    epoch_seconds,
-)
+from dispatcher.workapi import WorkAPIError, WorkClient, WorkQueueStats, epoch_seconds
 
-__all__ = ["COUNTERS", "EXPORTER_HTTP_TIMEOUT_SECONDS", "HISTOGRAMS", "OTHER", "FleetCollector",
-           "Metrics", "ServerStats", "bounded", "serve"]
+__all__ = [
+    "COUNTERS",
+    "EXPORTER_HTTP_TIMEOUT_SECONDS",
+    "HISTOGRAMS",
+    "OTHER",
+    "SCALING_PATH",
+    "FleetCollector",
+    "Metrics",
+    "ServerStats",
+    "bounded",
+    "scaling_document",
+    "serve",
+]
 
 log = logging.getLogger("dispatcher.metrics")
 
@@ -72,6 +85,8 @@ EXPORTER_HTTP_TIMEOUT_SECONDS = 5.0
 # A scraper that connects and sends nothing holds a thread until this; Prometheus' own scrape
 # timeout defaults to 10 s, and a scrape here answers in milliseconds.
 REQUEST_TIMEOUT_SECONDS = 5.0
+# The JSON form of the scaling signal, beside /metrics, for KEDA's metrics-api scaler.
+SCALING_PATH = "/scaling"
 
 
 @dataclass(frozen=True)
@@ -233,6 +248,25 @@ class FleetCollector(Collector):
         yield from _fleet_gauges(self.registry, self.capacity, self.environments)
         if self.servers:
             yield from _server_gauges({e: s.get() for e, s in self.servers.items()})
+            yield _scaling_gauge(self.scaling())
+
+    def scaling(self) -> dict[str, dict[str, float | bool]]:
+        """Per environment served: the server's queue, the leases held, and the slots they need
+        (left out while the server's stats do not answer: a guess would scale on nothing)."""
+        held = self.registry.held_by_environment(tuple(self.servers))
+        found: dict[str, dict[str, float | bool]] = {}
+        for environment, server in self.servers.items():
+            stats = server.get()
+            figures: dict[str, float | bool] = {"held": held.get(environment, 0),
+                                                "server_up": stats is not None}
+            if stats is not None:
+                figures.update(
+                    queued=stats.depth, pending=stats.pending,
+                    oldest_queued_age_seconds=_age_seconds(stats.oldest_queued_at),
+                    desired_slots=desired_slots(queued=stats.depth, pending=stats.pending,
+                                                held=held.get(environment, 0)))
+            found[environment] = figures
+        return found
 
 
 def _build_info() -> Metric:
@@ -336,6 +370,29 @@ def _server_gauges(by_environment: Mapping[str, WorkQueueStats | None]) -> Itera
     yield from (family for family in (up, depth, pending, age, polling) if family.samples)
 
 
+def _scaling_gauge(by_environment: Mapping[str, Mapping[str, float | bool]]) -> Metric:
+    desired = GaugeMetricFamily(
+        f"{NAMESPACE}_scaling_desired_slots",
+        "Session slots the environment's work needs now: queued + pending on the server + leases "
+        "held (absent while the server's stats do not answer)", labels=[ENVIRONMENT_LABEL])
+    for environment, figures in by_environment.items():
+        if "desired_slots" in figures:
+            desired.add_metric([environment], float(figures["desired_slots"]))
+    return desired
+
+
+def scaling_document(collector: FleetCollector) -> dict[str, Any]:
+    """`/scaling`: each environment's figures, and the fleet's total while every environment's
+    stats answer (a KEDA trigger on a missing total errors and falls back, rather than scaling
+    on part of the demand)."""
+    environments = collector.scaling()
+    document: dict[str, Any] = {"environments": environments}
+    if all("desired_slots" in figures for figures in environments.values()):
+        document["desired_slots"] = sum(
+            int(figures["desired_slots"]) for figures in environments.values())
+    return document
+
+
 def _age_seconds(timestamp: str | None) -> float:
     oldest = epoch_seconds(timestamp)
     return 0.0 if oldest is None else max(0.0, time.time() - oldest)
@@ -349,11 +406,16 @@ class _Handler(WSGIRequestHandler):
         pass  # a scrape every few seconds is not news
 
 
-def _wsgi_app(collectors: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+def _wsgi_app(collectors: CollectorRegistry,
+              collector: FleetCollector) -> Callable[..., Iterable[bytes]]:
     metrics_app = make_wsgi_app(collectors)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
+            if environ.get("PATH_INFO") == SCALING_PATH:
+                body = json.dumps(scaling_document(collector)).encode()
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [body]
             return list(metrics_app(environ, start_response))
         except RedisError as exc:
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
@@ -366,7 +428,7 @@ def serve(*, host: str, port: int, collector: FleetCollector) -> WSGIServer:
     """Serve /metrics on a daemon thread; returns the server (its port when 0 was asked)."""
     collectors = CollectorRegistry(auto_describe=False)
     collectors.register(collector)
-    server = make_server(host, port, _wsgi_app(collectors), ThreadingWSGIServer,
+    server = make_server(host, port, _wsgi_app(collectors, collector), ThreadingWSGIServer,
                          handler_class=_Handler)
     threading.Thread(target=server.serve_forever, name="dispatcher-metrics", daemon=True).start()
     return server

@@ -198,6 +198,16 @@ class Settings(BaseSettings):
     sandbox_init: bool = _env("DISPATCHER_SANDBOX_INIT", True, description=(
         "docker runtime: run the engine's init as PID 1, so the command gets SIGTERM's default "
         "action and its zombies are reaped."))
+    process_user: str | None = _env("DISPATCHER_PROCESS_USER", description=(
+        "process runtime: the user every sandbox runs as (`name`, `uid` or `uid:gid`, no passwd "
+        "entry needed), switched to before exec; the worker must be root or hold CAP_SETUID, "
+        "CAP_SETGID and CAP_CHOWN. Unset: the worker's own user, whose environment a sandbox "
+        "can read."))
+    process_rlimits: str = _env("DISPATCHER_PROCESS_RLIMITS", "core=0", description=(
+        "process runtime: resource limits of every sandbox, comma-separated `name=soft[:hard]` "
+        "with util-linux prlimit's names (`core=0,nofile=1024,as=4294967296`), set by "
+        "`prlimit` before exec. The default: no core dump, which would hold the work secret. "
+        "Empty: the worker's own limits."))
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
     metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(

@@ -28,8 +28,8 @@ from redis import Redis
 
 from dispatcher.lease.keys import Keys, PollState
 
-__all__ = ["WORKER_STALE_SECONDS", "Capacity", "WorkerSlots", "claim_allowance", "fair_shares",
-           "free_slots"]
+__all__ = ["WORKER_STALE_SECONDS", "Capacity", "WorkerSlots", "claim_allowance",
+           "desired_slots", "fair_shares", "free_slots"]
 
 # A worker advertises every ADVERTISE_INTERVAL_SECONDS; three missed advertisements mean gone.
 ADVERTISE_INTERVAL_SECONDS = 2.0
@@ -56,6 +56,14 @@ def free_slots(*, total: int, held: int) -> int:
     """Slots the poller may claim for: every lease holds a slot, queued or running (one
     computation, for the poller, the metrics and `dispatcher status`)."""
     return max(0, total - held)
+
+
+def desired_slots(*, queued: int, pending: int, held: int) -> int:
+    """The session slots one environment's work needs now, the autoscalers' signal: every item
+    queued on the server (`depth`), every one polled but not yet acknowledged (`pending`: on its
+    way to a worker), and every lease the fleet holds (starting or running). Acknowledged items
+    leave the server's stream, so none is counted twice."""
+    return max(0, queued) + max(0, pending) + max(0, held)
 
 
 def fair_shares(total: int, maxima: Mapping[str, int | None]) -> dict[str, int]:

@@ -42,6 +42,11 @@ REQUEST_TIMEOUT_SECONDS = 5.0
 MAX_CONCURRENT_REQUESTS = 256
 # Leases one tick takes; the rest stay due for the next tick (beat runs every second).
 BATCH_SIZE = 2000
+# A control worker cut off from the Work API while its peers are not would hold every lease it
+# claims in flight for a request timeout, tick after tick, and let them lapse. Once a tick's
+# heartbeats all failed, it claims none until one cheap request (`stats`) is answered within
+# this: its ticks then find nothing to do, and the due leases go to the peers' ticks.
+PROBE_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass
@@ -50,10 +55,58 @@ class Tally:
     failed: int = 0
     lost: int = 0
     released: int = 0
+    unanswered: int = 0  # failed with no answer at all: the connection failed or timed out
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Whether this process reaches the Work API, as its last tick's heartbeats told."""
+
+    cut_since: float | None = None  # when a tick's heartbeats all failed; None: reached
+
+
+def reach_after(reach: Reach, tally: Tally, now: float) -> Reach:
+    """Any answer (a 412 or a 503 too) proves the link; a tick whose heartbeats all went
+    unanswered doubts it; a tick that sent none changes nothing."""
+    if tally.sent + tally.failed > tally.unanswered:
+        return Reach()
+    if tally.unanswered:
+        return Reach(reach.cut_since if reach.cut_since is not None else now)
+    return reach
 
 
 def beat_due_leases(runtime: Runtime) -> Tally:
-    """One tick: beat (or retry the release of) every lease that is due."""
+    """One tick: beat (or retry the release of) every lease that is due; a process that
+    doubts its link to the Work API takes none until a probe is answered."""
+    sender = _sender()
+    if sender.reach.cut_since is not None and not _probe(runtime, sender):
+        return Tally()
+    tally = _beat_due(runtime)
+    sender.reach = reach_after(sender.reach, tally, time.monotonic())
+    return tally
+
+
+def _probe(runtime: Runtime, sender: _Sender) -> bool:
+    environment = runtime.environments[0]
+    try:
+        sender.run(_stats(sender, runtime.settings, environment),
+                   timeout=PROBE_TIMEOUT_SECONDS + REQUEST_TIMEOUT_SECONDS)
+    except (WorkAPIError, TimeoutError):
+        return False
+    assert sender.reach.cut_since is not None
+    event("work api reachable again", environment_id=environment.id,
+          after_seconds=round(time.monotonic() - sender.reach.cut_since, 1),
+          action_taken="heartbeats resumed")
+    sender.reach = Reach()
+    return True
+
+
+async def _stats(sender: _Sender, settings: Settings, environment: Environment) -> None:
+    client = await sender.client(settings, environment)
+    await asyncio.wait_for(client.stats(), PROBE_TIMEOUT_SECONDS)
+
+
+def _beat_due(runtime: Runtime) -> Tally:
     ids = runtime.registry.claim_due_heartbeats(
         now=time.time(), limit=BATCH_SIZE, inflight_seconds=REQUEST_TIMEOUT_SECONDS * 2
     )
@@ -104,12 +157,16 @@ def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
         answered = isinstance(outcome, Heartbeat)
         tally.sent += answered
         tally.failed += not answered
+        tally.unanswered += isinstance(outcome, WorkAPIError) and outcome.status is None
         results[lease.environment_id, "ok" if answered else "failed"] += 1
         after = runtime.executor.heartbeat(lease, heartbeat_event(outcome, sent_at), answered=beats)
         tally.lost += after is None or after.lost
     runtime.executor.record_heartbeats(beats)
     for (environment, result), count in results.items():
         runtime.metrics.inc("heartbeats", count, result=result, environment=environment)
+    if tally.unanswered == len(leases) and sender.reach.cut_since is None:
+        event("work api unreachable", level=logging.WARNING, failed=tally.failed,
+              action_taken="no lease taken until a probe is answered")
     return tally
 
 
@@ -132,6 +189,7 @@ class _Sender:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.clients: dict[tuple[Any, ...], AsyncWorkClient] = {}
+        self.reach = Reach()
         self._limit: asyncio.Semaphore | None = None
         self._thread = threading.Thread(target=self.loop.run_forever,
                                         name="dispatcher-heartbeat", daemon=True)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -137,17 +138,21 @@ class LocalStack:
         env.update(overrides)
         return env
 
-    def celery(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        return self._spawn(name, [str(BIN / "celery"), "-A", "dispatcher", *args], env=env)
+    def celery(self, name: str, args: list[str], env: dict[str, str], *,
+               wrapper: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """`celery` with `args`; `wrapper` runs it inside another command (a test's network
+        namespace: `ip netns exec NS`), which must exec it, so the pid stays the worker's."""
+        argv = [*wrapper, str(BIN / "celery"), "-A", "dispatcher", *args]
+        return self._spawn(name, argv, env=env)
 
     def worker(self, name: str, env: dict[str, str], *, pool: str = "threads",
-               concurrency: int = 10, queues: str | None = None,
-               beat: bool = False) -> subprocess.Popen[bytes]:
+               concurrency: int = 10, queues: str | None = None, beat: bool = False,
+               wrapper: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         args = ["worker", "-n", f"{name}@%h", "-P", pool, "-c", str(concurrency), "-l", "INFO",
                 "--without-mingle", "--without-gossip"]
         args += ["-Q", queues] if queues else []
         args += ["-B"] if beat else []
-        return self.celery(name, args, env)
+        return self.celery(name, args, env, wrapper=wrapper)
 
     def webhooks(self, name: str, env: dict[str, str], *, port: int,
                  signing_key: str) -> subprocess.Popen[bytes]:

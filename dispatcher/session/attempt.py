@@ -48,6 +48,9 @@ __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
 
 # How often the supervisor pulses and reads its stop flag: the stop latency floor.
 SUPERVISE_INTERVAL_SECONDS = 0.2
+# How often the fence looks at the age of the last pulse: a share of the margin between the
+# self-fencing bound and recovery's (`lease/machine`), so a fenced sandbox is dead well inside it.
+FENCE_CHECK_SECONDS = 0.2
 # A hand-off waits at most this long for a heartbeat in flight before it reads the token.
 HANDOFF_WAIT_SECONDS = 12.0
 # After the sandbox exited, keep trying this long to reach the registry and release the lease.
@@ -195,19 +198,27 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
 def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: RunningSandbox, flags: _Flags,
           memory: _Memory, work_json: bytes) -> Outcome:
     sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json)
-    outage = _Outage(runtime, attempt, memory.lease, _Controls(sandbox, sup.ladder))
+    fence = _Fence(runtime, attempt, memory, sandbox)
+    try:
+        return _supervise_until_over(sup, fence)
+    finally:
+        fence.close()
+
+
+def _supervise_until_over(sup: _Supervisor, fence: _Fence) -> Outcome:
     while True:
-        code = sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
+        code = sup.sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
+        if fence.fired.is_set():
+            return fence.over  # killed by the fence: its exit is not the session's
         try:
             if code is not None:
+                fence.close()  # nothing left to kill; the release may ride out an outage
                 return _finish_when_reachable(sup, code)
             outcome = sup.step()
         except RedisError as exc:
-            over = outage.too_long(exc)
-            if over is not None:
-                return over
+            fence.failed(exc)
             continue
-        outage.over()
+        fence.pulsed()
         if outcome is not None:
             return outcome
 
@@ -261,36 +272,68 @@ class _Controls:
         self.sandbox.kill_group()
 
 
-class _Outage:
-    """The registry cannot be reached: keep the sandbox running (Redis restarts take seconds),
-    unless the outage lasts long enough for the server's lease to lapse (the machine says when,
-    and fences the sandbox: nobody can heartbeat meanwhile)."""
+class _Fence:
+    """Self-fencing: kills the sandbox once this attempt has gone too long without a pulse
+    answered (the machine says how long: `RegistryUnreachable`). Recovery may start the session
+    on another worker when the pulse is old enough, and two sandboxes of one session must never
+    run together. A thread of its own, so that a call hanging on a cut network (up to Redis's
+    socket timeout, or an HTTP call's) cannot delay the kill."""
 
-    def __init__(self, runtime: Runtime, attempt: SessionAttempt, lease: Lease,
-                 controls: _Controls) -> None:
+    def __init__(self, runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
+                 sandbox: RunningSandbox) -> None:
         self.runtime = runtime
         self.attempt = attempt
-        self.lease = lease
-        self.controls = controls
-        self.since: float | None = None
+        self.memory = memory
+        self.sandbox = sandbox
+        self.pulsed_at = time.monotonic()
+        self.unreachable = False
+        self.fired = threading.Event()
+        self.over: Outcome = Outcome.LOST  # as the machine says, once it fenced
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name=f"fence-{attempt.work_id[:40]}")
+        self._thread.start()
 
-    def too_long(self, exc: RedisError) -> Outcome | None:
-        """Whether the attempt is over for it (asked of the machine at every failed tick)."""
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now
-            event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
-                  error=str(exc), action_taken="sandbox kept")
-        unreachable = ev.RegistryUnreachable(now - self.since)
-        return self.runtime.executor.attempt(self.lease, unreachable, sandbox=self.controls).over
-
-    def over(self) -> None:
-        if self.since is not None:
+    def pulsed(self) -> None:
+        if self.unreachable:
             event("registry reachable again", work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, environment_id=self.lease.environment_id,
-                  after_seconds=round(time.monotonic() - self.since, 1))
-            self.since = None
+                  attempt=self.attempt.attempt, environment_id=self._environment(),
+                  after_seconds=round(time.monotonic() - self.pulsed_at, 1))
+            self.unreachable = False
+        self.pulsed_at = time.monotonic()
+
+    def failed(self, exc: RedisError) -> None:
+        if not self.unreachable:
+            self.unreachable = True
+            event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
+                  attempt=self.attempt.attempt, environment_id=self._environment(),
+                  error=str(exc), action_taken="sandbox kept while the fence allows")
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=FENCE_CHECK_SECONDS * 5)
+
+    def _watch(self) -> None:
+        while not self._closed.wait(FENCE_CHECK_SECONDS):
+            silent = time.monotonic() - self.pulsed_at
+            if silent < 2 * SUPERVISE_INTERVAL_SECONDS:
+                continue  # pulsing as usual: nothing to ask
+            step = self.runtime.executor.attempt(
+                self.memory.lease, ev.RegistryUnreachable(silent), sandbox=self)
+            if step.over is not None:
+                self.over = step.over
+                return
+
+    def fence(self) -> None:
+        """The machine's `Fence`: the pulse is too old for this sandbox to run on."""
+        self.sandbox.kill_group()
+        self.fired.set()
+
+    def signal(self, kind: StopKind) -> None:
+        self.fence()  # no stop ladder while the registry is out of reach: a kill
+
+    def _environment(self) -> str:
+        return self.memory.lease.environment_id
 
 
 def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:

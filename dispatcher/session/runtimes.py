@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from dispatcher.session.confine import (
+    Confinement,
+    ConfinementError,
+    can_switch_to,
+    confinement_of,
+)
 from dispatcher.session.runner_detect import lease_mode_problem, program_texts
 from dispatcher.session.sandbox import Sandbox, SandboxSpec, resolve_command
 from dispatcher.settings import SandboxRuntimeKind, Settings, SettingsError
@@ -41,7 +47,7 @@ def start_sandbox(settings: Settings, spec: SandboxSpec) -> RunningSandbox:
         from dispatcher.session.container import ContainerSandbox  # docker only where used
 
         return ContainerSandbox.start(settings, spec)
-    return Sandbox.start(spec)
+    return Sandbox.start(spec, confinement_of(settings.process_user, settings.process_rlimits))
 
 
 def check_sandbox(settings: Settings) -> None:
@@ -54,7 +60,23 @@ def check_sandbox(settings: Settings) -> None:
         check_engine(settings)
         texts = sandbox_texts(settings)
     else:
+        _check_confinement(settings)
         texts = program_texts(resolve_command(settings.on_work))
     problem = lease_mode_problem(settings, texts)
     if problem is not None:
         raise SettingsError(problem)
+
+
+def _check_confinement(settings: Settings) -> Confinement:
+    """The process runtime's user and limits can be applied by this worker."""
+    try:
+        confinement = confinement_of(settings.process_user, settings.process_rlimits)
+    except ConfinementError as exc:
+        raise SettingsError(str(exc)) from None
+    uid, gid = confinement.uid, confinement.gid
+    if uid is not None and gid is not None and not can_switch_to(uid, gid):
+        raise SettingsError(f"DISPATCHER_PROCESS_USER={settings.process_user}: this worker "
+                            "cannot switch users (it is neither root nor holds CAP_SETUID, "
+                            "CAP_SETGID and CAP_CHOWN); unset it to run sandboxes as the "
+                            "worker's own user")
+    return confinement

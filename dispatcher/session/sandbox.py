@@ -8,8 +8,12 @@ environment on, a sandbox gets only an explicit allow-list of the worker's varia
 worker holds broker URLs and may hold the organisation key, which a sandbox must never see.
 
 The allow-list is not a boundary between a sandbox and its worker when both run as the same
-user: the sandbox can read `/proc/<worker pid>/environ`. Run sandboxes as another user (from the
-on-work script) or in containers (`DISPATCHER_SANDBOX_RUNTIME=docker`).
+user: the sandbox can read `/proc/<worker pid>/environ`. Run sandboxes as another user
+(`DISPATCHER_PROCESS_USER`, `confine.py`) or in containers (`DISPATCHER_SANDBOX_RUNTIME=docker`).
+
+The worker spawns the command itself, no process in between: per session, nothing but the
+sandbox's own processes. One guardian per worker process (`guardian.py`) ends the groups of a
+worker that died; see there why it is one per worker and not one per session.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispatcher.session.launcher import encode_request
+from dispatcher.session.confine import Confinement, confined_argv, popen_options
 
 __all__ = [
     "CommandError",
@@ -42,18 +46,15 @@ __all__ = [
     "resolve_command",
 ]
 
-LAUNCHER = Path(__file__).with_name("launcher.py")
+GUARDIAN_SCRIPT = Path(__file__).with_name("guardian.py")
 # Never handed to a sandbox, even when an operator allow-lists it by mistake: the organisation
 # key, and the Redis URL, whose holder reads every work item's secret from the registry.
 NEVER_PASSED = frozenset({"ANTHROPIC_API_KEY", "DISPATCHER_REDIS_URL"})
-# How long after a command got its stdin the next spare launcher is started. A sandbox's own
-# start (an interpreter's, typically) takes tens of ms; on two busy cores a launcher started at
-# once beside it cost it about 8 ms at p50 (the start path's breakdown). A session that arrives
-# in the same worker process meanwhile starts its own launcher, as without a spare.
-SPARE_REFILL_DELAY_SECONDS = 0.1
-# An unused launcher exits at once on end-of-file; reaping it never holds an exit longer.
-SPARE_EXIT_SECONDS = 2.0
-# Without pidfds, how often `wait` looks whether the launcher exited.
+UNCONFINED = Confinement()  # the worker's own user and limits
+# How long `kill_group` waits to reap the leader after SIGKILL; a process in uninterruptible
+# sleep (D state, a hung NFS read) may outlast it, and is reaped at the next call.
+REAP_SECONDS = 5.0
+# Without pidfds, how often `wait` looks whether the command exited.
 PEEK_INTERVAL_SECONDS = 0.02
 
 
@@ -115,42 +116,50 @@ class SandboxSpec:
 
 
 class Sandbox:
-    """A running sandbox: the launcher leads its process group, the command runs inside it.
+    """A running sandbox: the command leads its own process group, spawned by the worker.
 
-    The launcher is never reaped before its group was signalled: a reaped leader's pid (the
-    group id) may be taken by another session's launcher, which a late `killpg` would hit.
-    `wait` therefore only peeks at the exit (`waitid` with WNOWAIT): the zombie keeps the pid
-    reserved until `kill_group` has signalled the group, and only then is it reaped.
+    The leader is never reaped before its group was signalled: a reaped leader's pid (the group
+    id) may be taken by another session's command, which a late `killpg` would hit. `wait`
+    therefore only peeks at the exit (`waitid` with WNOWAIT): the zombie keeps the pid reserved
+    until `kill_group` has signalled the group, and only then is it reaped. The worker's
+    guardian (`guardian.py`) knows the group from the spawn until just before that reaping.
     """
 
     def __init__(self, process: subprocess.Popen[bytes], secret_dir: str | None = None) -> None:
         self._process = process
-        self.pgid = process.pid  # start_new_session makes the launcher the group leader
+        self.pgid = process.pid  # start_new_session makes the command the group leader
         self.started_at = time.time()
         self._secret_dir = secret_dir
         self._exit_code: int | None = None
         self._reaped = False
         self._pidfd = _pidfd(process.pid)
+        self._watched = True  # by this process's guardian, from `start` until reaped
 
     @classmethod
-    def start(cls, spec: SandboxSpec) -> Sandbox:
+    def start(cls, spec: SandboxSpec, confinement: Confinement = UNCONFINED) -> Sandbox:
         env, secret_dir = dict(spec.env), None
         if spec.secret_file is not None:
-            secret_dir, env["ANTHROPIC_WORK_SECRET_FILE"] = _write_secret(spec.secret_file)
+            secret_dir, env["ANTHROPIC_WORK_SECRET_FILE"] = _write_secret(
+                spec.secret_file, owner=confinement)
         try:
-            process = SPARES.take()
+            process = _spawn(confined_argv(spec.argv, confinement), env, confinement)
         except BaseException:
             _remove_secret(secret_dir)
             raise
+        try:
+            GUARDIAN.watch(process.pid)
+        except OSError as exc:  # unguarded, it could outlive a dying worker: never run it
+            _abandon(process)
+            _remove_secret(secret_dir)
+            raise SandboxStartError(f"no guardian for the sandbox: {exc}") from None
         sandbox = cls(process, secret_dir)
-        rest = sandbox._write_now(encode_request(spec.argv, env) + spec.stdin)
+        rest = sandbox._write_now(spec.stdin)
         # What the pipe did not take goes from a thread: a command that never reads its stdin
-        # must not block the supervisor. Usually all of it fits and stdin is closed here: no
-        # thread, waiting for the GIL behind this one, stands between the command and the end
-        # of its input.
-        if not rest:
+        # must not block the supervisor. Usually all of it fits and stdin is closed here.
+        if rest:
+            threading.Thread(target=sandbox._feed, args=(rest,), daemon=True).start()
+        else:
             sandbox._close_stdin()
-        threading.Thread(target=sandbox._feed, args=(rest,), daemon=True).start()
         return sandbox
 
     def _write_now(self, data: bytes) -> bytes:
@@ -163,7 +172,7 @@ class Sandbox:
             written = os.write(fd, data)
         except BlockingIOError:
             written = 0
-        except OSError:  # the launcher is gone: its exit status tells the supervisor
+        except OSError:  # the command is gone: its exit status tells the supervisor
             written = len(data)
         finally:
             os.set_blocking(fd, True)
@@ -176,17 +185,12 @@ class Sandbox:
     def _feed(self, data: bytes) -> None:
         stdin = self._process.stdin
         assert stdin is not None
-        if data:
-            try:
-                stdin.write(data)
-            except (BrokenPipeError, OSError):
-                pass  # the command exited or closed stdin without reading: its choice
-            finally:
-                self._close_stdin()
-        # Off the session's path, and a moment later: the next launcher's start is an
-        # interpreter's, whose CPU this sandbox's own start would otherwise share.
-        time.sleep(SPARE_REFILL_DELAY_SECONDS)
-        SPARES.refill()
+        try:
+            stdin.write(data)
+        except (BrokenPipeError, OSError):
+            pass  # the command exited or closed stdin without reading: its choice
+        finally:
+            self._close_stdin()
 
     @property
     def pid(self) -> int:
@@ -196,8 +200,8 @@ class Sandbox:
         return {"pid": self.pid}
 
     def wait(self, timeout: float) -> int | None:
-        """The launcher's exit code, or None if it still runs after `timeout` seconds. The
-        launcher is left unreaped (see the class)."""
+        """The command's exit code, or None if it still runs after `timeout` seconds. The
+        leader is left unreaped (see the class)."""
         if self._exit_code is not None or self._reaped:
             return self._exit_code
         if self._pidfd is not None:
@@ -228,15 +232,19 @@ class Sandbox:
 
     def kill_group(self) -> None:
         """SIGKILL everything left in the group (also forked children that outlived the command),
-        then reap the launcher and delete the secret file."""
+        then reap the leader and delete the secret file."""
         self.signal_group(signal.SIGKILL)
         if not self._reaped:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=5)
+                self._process.wait(timeout=REAP_SECONDS)
                 self._reaped = True
-        if self._reaped and self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        if self._reaped:
+            if self._watched:  # once: the group id may be another sandbox's by a second call
+                GUARDIAN.forget(self.pgid)
+                self._watched = False
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
         _remove_secret(self._secret_dir)
         self._secret_dir = None
 
@@ -250,83 +258,108 @@ class Sandbox:
         return True
 
 
-class Spares:
-    """A launcher started ahead, waiting for the next session of this process (one at most).
+class Guardian:
+    """This process's guardian (`guardian.py`) and the pipe that tells it the live groups.
 
-    A launcher is an interpreter, and an interpreter's start (about 10 ms on an idle host,
-    several times that on a loaded one) was the largest step between a session's message and
-    its command's exec. Starting the next launcher right after one is used takes it off the
-    path; a session that finds none (two starting at once, the first of a process) starts one
-    itself, as every session did before.
-
-    Only with pidfds (Linux 5.3+): without them the launcher watches its parent through a
-    parent-death signal, which the kernel ties to the thread that forked it, and the thread that
-    refills (a sandbox's stdin feeder) ends long before the session. A spare belongs to the
-    process that started it: a forked child (a prefork pool's) starts its own.
+    Started at the first sandbox of a process, so a prefork child gets its own: a child forked
+    after its parent started one closes the inherited write end (`_forget_after_fork`), or the
+    parent's guardian would never see end-of-file while the child lives. A guardian that died
+    (killed from outside) is started again and told every group still alive.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._spare: subprocess.Popen[bytes] | None = None
-        self._owner = 0
-        self.enabled = _pidfds_work()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._groups: set[int] = set()
 
-    def take(self) -> subprocess.Popen[bytes]:
-        """A waiting launcher: the spare if it is ours and alive, else a new one."""
+    def watch(self, pgid: int) -> None:
+        """OSError when no guardian can be started (fork failing for lack of resources)."""
         with self._lock:
-            spare, self._spare = self._spare, None
-            ours = self._owner == os.getpid()
-        if spare is not None and ours:
-            if spare.poll() is None:
-                return spare
-            _discard(spare)  # killed from outside while it waited
-        return _start_launcher()
+            self._groups.add(pgid)
+            try:
+                self._send(b"+%d\n" % pgid)
+            except OSError:
+                self._groups.discard(pgid)
+                raise
 
-    def refill(self) -> None:
-        if not self.enabled:
-            return
+    def forget(self, pgid: int) -> None:
+        """Before the leader is reaped: afterwards its pid (the group id) may be reused."""
         with self._lock:
-            if self._spare is not None and self._owner == os.getpid():
+            self._groups.discard(pgid)
+            self._send(b"-%d\n" % pgid)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def _send(self, line: bytes) -> None:
+        if self._process is not None and self._process.poll() is None:
+            try:
+                os.write(self._pipe(), line)  # at most PIPE_BUF bytes: one atomic write
                 return
-        spare = _start_launcher()
-        with self._lock:
-            if self._spare is None or self._owner != os.getpid():
-                self._spare, self._owner = spare, os.getpid()
-                return
-        _discard(spare)  # another thread refilled first
+            except BrokenPipeError:
+                pass  # it died between the poll and the write
+        self._restart()
+
+    def _pipe(self) -> int:
+        assert self._process is not None and self._process.stdin is not None
+        return self._process.stdin.fileno()
+
+    def _restart(self) -> None:
+        """A new guardian, told every group alive (the line that failed is in `_groups`)."""
+        if self._process is not None:
+            _close_quietly(self._process)
+        self._process = subprocess.Popen(
+            [sys.executable, "-S", str(GUARDIAN_SCRIPT)], stdin=subprocess.PIPE, env={},
+            start_new_session=True, close_fds=True)
+        os.write(self._pipe(), b"".join(b"+%d\n" % pgid for pgid in self._groups))
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the parent's guardian and groups are the parent's. The write end
+        is closed through its file object, so no later collection closes its number again
+        (by then another file's)."""
+        process, self._process = self._process, None
+        self._groups = set()
+        self._lock = threading.Lock()
+        if process is not None and process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
 
     def close(self) -> None:
-        """End this process's spare (it reads end-of-file and exits), at the process's exit."""
+        """At this process's exit: end-of-file tells the guardian to end what is left, if any."""
         with self._lock:
-            spare, self._spare = self._spare, None
-            ours = self._owner == os.getpid()
-        if spare is not None and ours:
-            _discard(spare)
+            if self._process is not None:
+                _close_quietly(self._process)
+                self._process = None
 
 
-def _discard(launcher: subprocess.Popen[bytes]) -> None:
-    """An unused launcher: end-of-file on its stdin makes it exit; reap it."""
+def _abandon(process: subprocess.Popen[bytes]) -> None:
+    """A sandbox that must not run: its group killed, its leader reaped."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    if process.stdin is not None:
+        process.stdin.close()
+
+
+def _close_quietly(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(OSError):
-        launcher.stdin.close()  # type: ignore[union-attr]  # always a pipe
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        launcher.wait(timeout=SPARE_EXIT_SECONDS)
+        process.stdin.close()  # type: ignore[union-attr]  # always a pipe
+    process.poll()  # reaps it if it already exited
 
 
-def _start_launcher() -> subprocess.Popen[bytes]:
-    """A launcher leading a new process group, waiting for its command on stdin. Its own
-    environment is empty: the command's comes with the request. The launcher is told our pid
-    so it can tell a parent that died before it was watching."""
-    argv = [sys.executable, "-S", str(LAUNCHER), str(os.getpid())]
-    return subprocess.Popen(argv, stdin=subprocess.PIPE, env={}, start_new_session=True,
-                            close_fds=True)
-
-
-def _pidfds_work() -> bool:
-    fd = _pidfd(os.getpid())
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
+def _spawn(argv: list[str], env: dict[str, str],
+           confinement: Confinement) -> subprocess.Popen[bytes]:
+    """The command as the leader of a new process group, under the sandbox's user if any."""
+    try:
+        process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            argv, stdin=subprocess.PIPE, env=env, start_new_session=True, close_fds=True,
+            **popen_options(confinement))
+        return process
+    except FileNotFoundError:
+        raise SandboxStartError(f"on-work command not found: {argv[0]!r}") from None
+    except PermissionError:
+        raise SandboxStartError(f"on-work command not executable: {argv[0]!r}") from None
 
 
 def _pidfd(pid: int) -> int | None:
@@ -337,13 +370,17 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _write_secret(secret: str) -> tuple[str, str]:
-    """A 0600 file holding the secret, in a 0700 directory of its own; (directory, path)."""
+def _write_secret(secret: str, *, owner: Confinement) -> tuple[str, str]:
+    """A 0600 file holding the secret, in a 0700 directory of its own; (directory, path). Both
+    belong to the sandbox's user when it has one of its own: only it can read them."""
     directory = tempfile.mkdtemp(prefix="dispatcher-secret-")
     path = os.path.join(directory, "work-secret")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret)
+    if owner.uid is not None:
+        for item in (path, directory):
+            os.chown(item, owner.uid, owner.gid if owner.gid is not None else -1)
     return directory, path
 
 
@@ -352,5 +389,6 @@ def _remove_secret(directory: str | None) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-SPARES = Spares()
-atexit.register(SPARES.close)
+GUARDIAN = Guardian()
+atexit.register(GUARDIAN.close)
+os.register_at_fork(after_in_child=GUARDIAN._forget_after_fork)

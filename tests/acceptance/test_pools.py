@@ -97,8 +97,7 @@ def test_a_session_runs_where_its_pool_runs_tasks(fleet: Fleet, pool: str) -> No
     work_id = fleet.create(fake_duration=3)
     fleet.wait_event(work_id, "started")
 
-    launcher = fleet.events(work_id, "started")[0]["ppid"]
-    runner = _ppid(launcher)  # the process whose session task started the launcher
+    runner = fleet.events(work_id, "started")[0]["ppid"]  # whose session task spawned it
     if pool == "prefork":
         assert runner != worker.pid
         assert _ppid(runner) == worker.pid, "the session ran in one of the worker's children"

@@ -48,6 +48,10 @@ class Figures:
     stops: int = 0
     stop_latency_max_s: float | None = None
     seconds: float = 0.0
+    # Partitions: from the cut until the cut-off host's sandboxes were dead (fenced), and until
+    # every one of their sessions ran again elsewhere (moved).
+    fenced_after_s: float | None = None
+    moved_after_s: float | None = None
     violations: list[str] = field(default_factory=list)
 
 
@@ -104,7 +108,7 @@ class Watcher:
             record = json.loads(line)
             self.records.setdefault(path.stem, []).append(record)
             if record["event"] == "started":
-                self.worker_of[int(record["pid"])] = _parent_of(int(record["ppid"]))
+                self.worker_of[int(record["pid"])] = _worker_of(int(record["ppid"]))
 
     def close(self) -> None:
         self._stop.set()
@@ -116,6 +120,13 @@ class Watcher:
             if r["event"] == "exited" and int(r["pid"]) == pid:
                 return float(r["time"])
         return self.first_seen_dead.get(pid)
+
+
+def _worker_of(runner: int) -> int:
+    """The fleet worker whose process spawned a sandbox: the worker itself (threads pool), or
+    the worker whose pool child it is (prefork). Workers are this test process's children."""
+    parent = _parent_of(runner)
+    return runner if parent == os.getpid() else parent
 
 
 def _parent_of(pid: int) -> int:
@@ -142,6 +153,11 @@ class ChaosFleet:
         self.rng = random.Random()
         self.specs: dict[str, dict[str, Any]] = {}
         self._emulator_redis: Any = None
+        # A stop must end its sandbox within this; a scenario whose fault delays stops by a
+        # documented bound (a standby beat taking over) adds that bound.
+        self.stop_bound_seconds = grace + STOP_MARGIN_SECONDS
+        self.fenced_after_s: float | None = None
+        self.moved_after_s: float | None = None
         fleet.overrides.update({
             "DISPATCHER_DESIRED_TTL_SECONDS": str(int(ttl)),
             "DISPATCHER_STOP_GRACE_SECONDS": str(grace),
@@ -237,6 +253,18 @@ class ChaosFleet:
             if self.stored_states([work_id])[work_id] not in ("stopping", "stopped"):
                 raise
 
+    def watch_cut(self, work_ids: list[str], *, cut_at: float, timeout: float = 60) -> None:
+        """After a cut at `cut_at`: wait until the first attempts of `work_ids` are dead, then
+        until each session started again; note both times for the figures."""
+        first = [self.fleet.events(w, "started")[0] for w in work_ids]
+        wait_for(lambda: not any(invariants._alive(int(r["pid"]), wrote_at=float(r["time"]))
+                                 for r in first),
+                 timeout=timeout, interval=0.05, what="the cut-off sandboxes dead")
+        self.fenced_after_s = round(time.time() - cut_at, 2)
+        wait_for(lambda: all(len(self.fleet.events(w, "started")) >= 2 for w in work_ids),
+                 timeout=timeout, interval=0.1, what="every session started again elsewhere")
+        self.moved_after_s = round(time.time() - cut_at, 2)
+
     def wait_started(self, work_ids: list[str], timeout: float = 60) -> None:
         wait_for(lambda: all(self.fleet.events(w, "started") for w in work_ids),
                  timeout=timeout, interval=0.1, what="sandboxes started")
@@ -297,7 +325,7 @@ class ChaosFleet:
             *invariants.no_stale_token_after_412(log),
             *invariants.no_sandbox_survives(records),
             *invariants.stops_honoured(self.stop_requested, ended,
-                                       bound=self.grace + STOP_MARGIN_SECONDS),
+                                       bound=self.stop_bound_seconds),
         ]
         completed = {w: sum(1 for r in records.get(w, [])
                             if r["event"] == "exited" and r.get("reason") == "completed")
@@ -321,7 +349,8 @@ class ChaosFleet:
             attempts=sum(1 for s in spans), lost=len(lost), duplicated=len(duplicated),
             stops=len(self.stop_requested),
             stop_latency_max_s=round(max(latencies), 2) if latencies else None,
-            seconds=round(end_time - self.started, 1), violations=violations,
+            seconds=round(end_time - self.started, 1), fenced_after_s=self.fenced_after_s,
+            moved_after_s=self.moved_after_s, violations=violations,
         )
         return figures
 

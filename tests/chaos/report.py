@@ -12,16 +12,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["scenario", "sessions", "attempts", "faults injected", "lost", "duplicated",
-           "stops", "max stop latency", "seconds", "result"]
+COLUMNS = ["scenario", "sessions", "attempts", "faults injected", "fenced after",
+           "moved after", "lost", "duplicated", "stops", "max stop latency", "seconds",
+           "result"]
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
 
 
 def row(f: dict[str, Any]) -> list[str]:
-    latency = f.get("stop_latency_max_s")
     faults = f"{f['faults']}" + (f" ({f['fault_kinds']})" if f.get("fault_kinds") else "")
-    return [f["scenario"], str(f["sessions"]), str(f["attempts"]), faults, str(f["lost"]),
-            str(f["duplicated"]), str(f["stops"]),
-            "-" if latency is None else f"{latency:.2f} s", f"{f['seconds']:.0f}",
+    return [f["scenario"], str(f["sessions"]), str(f["attempts"]), faults,
+            _seconds(f.get("fenced_after_s")), _seconds(f.get("moved_after_s")),
+            str(f["lost"]), str(f["duplicated"]), str(f["stops"]),
+            _seconds(f.get("stop_latency_max_s")), f"{f['seconds']:.0f}",
             "pass" if not f.get("violations") else f"FAIL ({len(f['violations'])})"]
 
 

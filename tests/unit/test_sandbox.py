@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.session.launcher import PARENT_DEATH_GRACE_SECONDS
+from dispatcher.session.guardian import PARENT_DEATH_GRACE_SECONDS
 from dispatcher.session.sandbox import (
     CommandError,
     Sandbox,
     SandboxSpec,
+    SandboxStartError,
     build_environment,
     resolve_command,
 )
@@ -76,7 +77,7 @@ def _pids_in_group(pgid: int) -> list[int]:
             if int(g) == pgid and not s.startswith("Z")]
 
 
-def test_stdin_and_exit_code_pass_through_the_launcher(tmp_path: Path) -> None:
+def test_stdin_and_exit_code_pass_through(tmp_path: Path) -> None:
     sandbox = Sandbox.start(_spec("""
         import sys
         sys.exit(7 if sys.stdin.read() == '{"id": "work_1"}' else 1)
@@ -97,11 +98,11 @@ def test_sigterm_to_the_group_reaches_the_command_and_kill_group_leaves_nothing(
         time.sleep(60)
     """, tmp_path))
     deadline = time.time() + 10
-    while len(_pids_in_group(sandbox.pgid)) < 4 and time.time() < deadline:
+    while len(_pids_in_group(sandbox.pgid)) < 3 and time.time() < deadline:
         time.sleep(0.05)
-    assert len(_pids_in_group(sandbox.pgid)) == 4, "launcher, command and two children"
+    assert len(_pids_in_group(sandbox.pgid)) == 3, "the command and its two children"
     sandbox.signal_group(signal.SIGTERM)
-    assert sandbox.wait(10) == 143, "the launcher reports the command's own exit"
+    assert sandbox.wait(10) == 143, "the command's own exit"
     sandbox.kill_group()
     time.sleep(0.2)
     assert _pids_in_group(sandbox.pgid) == []
@@ -140,7 +141,7 @@ def test_the_group_dies_with_a_worker_killed_by_sigkill(tmp_path: Path) -> None:
             time.sleep(60); os._exit(0)
         time.sleep(60)
     """, tmp_path).argv
-    pgid = _sigkill_a_worker_running(script, tmp_path, members=3)
+    pgid = _sigkill_a_worker_running(script, tmp_path, members=2)
     deadline = time.time() + 5
     while _pids_in_group(pgid) and time.time() < deadline:
         time.sleep(0.05)
@@ -155,9 +156,9 @@ def _state(pid: int) -> str | None:
         return None
 
 
-def test_the_launcher_is_reaped_only_after_its_group_was_signalled(tmp_path: Path) -> None:
+def test_the_leader_is_reaped_only_after_its_group_was_signalled(tmp_path: Path) -> None:
     """Reaping the leader frees its pid, the group id: a later killpg could hit another
-    session's new launcher. So `wait` leaves it a zombie and `kill_group` reaps it."""
+    session's new command. So `wait` leaves it a zombie and `kill_group` reaps it."""
     sandbox = Sandbox.start(_spec("import sys; sys.exit(3)", tmp_path))
     assert sandbox.wait(10) == 3
     assert _state(sandbox.pid) == "Z", "exited but not reaped: the pid stays reserved"
@@ -187,77 +188,20 @@ def test_the_secret_file_is_private_and_gone_with_the_sandbox(tmp_path: Path) ->
 
 
 def test_a_dying_worker_gives_the_sandbox_sigterm_and_a_short_grace(tmp_path: Path) -> None:
-    """The launcher's parent-death path: SIGTERM first, so a spawn script's trap can clean up
+    """The guardian's parent-death path: SIGTERM first, so a spawn script's trap can clean up
     (stop its container), then SIGKILL after a bounded grace."""
     trapped = tmp_path / "trapped"
     script = tmp_path / "spawn.sh"
     script.write_text(f"#!/bin/sh\ntrap 'echo cleaned > {trapped}; exit 0' TERM\n"
                       "sleep 60 &\nwait $!\n")
     script.chmod(0o755)
-    pgid = _sigkill_a_worker_running([str(script)], tmp_path, members=3)
+    pgid = _sigkill_a_worker_running([str(script)], tmp_path, members=2)
     killed_at = time.monotonic()
     while _pids_in_group(pgid) and time.monotonic() - killed_at < 10:
         time.sleep(0.05)
     assert _pids_in_group(pgid) == []
     assert time.monotonic() - killed_at < PARENT_DEATH_GRACE_SECONDS + 2
     assert trapped.read_text() == "cleaned\n", "the script's TERM trap ran"
-
-
-def test_a_launcher_started_ahead_runs_the_next_command_with_its_own_environment(
-        tmp_path: Path) -> None:
-    """The spare launcher: started before the session, it reads the command and its
-    environment from stdin, leaves the work item to the command, and keeps the key out of
-    every argv."""
-    from dispatcher.session.sandbox import SPARES
-
-    assert SPARES.enabled, "this kernel has pidfds"
-    out = tmp_path / "seen"
-    spec = _spec(f"""
-        import os, sys
-        open({str(out)!r}, "w").write(os.environ["ANTHROPIC_ENVIRONMENT_KEY"] + "|" +
-                                      sys.stdin.read())
-    """, tmp_path)
-    spec = SandboxSpec(argv=spec.argv, env={**spec.env, "ANTHROPIC_ENVIRONMENT_KEY": "k=1 2"},
-                       stdin=spec.stdin)
-    first = Sandbox.start(spec)
-    assert first.wait(10) == 0
-    first.kill_group()
-    deadline = time.monotonic() + 10
-    while SPARES._spare is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # refilled once the first command had its stdin
-    spare = SPARES._spare
-    assert spare is not None
-    with open(f"/proc/{spare.pid}/cmdline", "rb") as f:
-        assert b"k=1" not in f.read()
-    second = Sandbox.start(spec)
-    assert second.pid == spare.pid, "the second session used the launcher started ahead"
-    assert second.wait(10) == 0
-    second.kill_group()
-    assert out.read_text() == 'k=1 2|{"id": "work_1"}'
-
-
-def test_an_unused_launcher_exits_when_its_worker_lets_go(tmp_path: Path) -> None:
-    """End of file instead of a request: the worker exited (or gave it up); nothing runs."""
-    from dispatcher.session.sandbox import _start_launcher
-
-    launcher = _start_launcher()
-    assert launcher.stdin is not None
-    launcher.stdin.close()
-    assert launcher.wait(10) == 0
-
-
-def test_the_launcher_request_leaves_the_rest_of_stdin_to_the_command() -> None:
-    from dispatcher.session.launcher import encode_request
-    from dispatcher.session.sandbox import LAUNCHER
-
-    request = encode_request(["/bin/cat", "-"], {"A": "1=2", "B": ""})
-    header, _, payload = request.partition(b"\n")
-    assert header == b"2 2 %d" % len(payload)
-    assert payload.split(b"\0") == [b"/bin/cat", b"-", b"A=1=2", b"B="]
-    done = subprocess.run(
-        [sys.executable, "-S", str(LAUNCHER), str(os.getpid())],
-        input=request + b"rest of stdin", capture_output=True, timeout=10)
-    assert (done.returncode, done.stdout) == (0, b"rest of stdin")
 
 
 def test_stdin_larger_than_the_pipe_reaches_the_command_whole(tmp_path: Path) -> None:
@@ -272,3 +216,118 @@ def test_stdin_larger_than_the_pipe_reaches_the_command_whole(tmp_path: Path) ->
     assert sandbox.wait(20) == 0
     sandbox.kill_group()
     assert out.read_text() == str(len(big))
+
+
+def _guardians_of(pid: int) -> list[int]:
+    """Live guardian processes whose parent is `pid` (from /proc: ps cuts long argvs)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(stat[1]) == pid and stat[0] != "Z" and b"guardian.py" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_a_killed_guardian_is_replaced_and_told_every_live_group(tmp_path: Path) -> None:
+    """Someone SIGKILLs the guardian: the next sandbox starts a new one, which learns the groups
+    the old one watched, so a worker dying afterwards still takes both sandboxes with it."""
+    pgids_file = tmp_path / "pgids"
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal, time
+        from dispatcher.session.sandbox import GUARDIAN, Sandbox, SandboxSpec
+        spec = SandboxSpec(argv=["sleep", "60"], env={{"PATH": os.environ["PATH"]}}, stdin=b"")
+        first = Sandbox.start(spec)
+        os.kill(GUARDIAN.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        second = Sandbox.start(spec)
+        open({str(pgids_file)!r}, "w").write(f"{{first.pgid}} {{second.pgid}}")
+        time.sleep(60)
+    """)])
+    deadline = time.time() + 10
+    while not pgids_file.exists() or not pgids_file.read_text():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    pgids = [int(p) for p in pgids_file.read_text().split()]
+    assert len(_guardians_of(worker.pid)) == 1, "one guardian, the new one"
+    worker.kill()
+    worker.wait()
+    while any(map(_pids_in_group, pgids)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert [_pids_in_group(p) for p in pgids] == [[], []]
+
+
+def test_a_forked_child_starts_its_own_guardian_and_the_parents_still_sees_its_death(
+        tmp_path: Path) -> None:
+    """A prefork pool: the parent started a guardian before forking. The child's sandboxes go
+    to a guardian of its own, and the parent's guardian still reads end-of-file when the parent
+    dies while the child lives on (the child closed the inherited write end)."""
+    out = tmp_path / "pids"
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, time
+        from dispatcher.session.sandbox import GUARDIAN, Sandbox, SandboxSpec
+        spec = SandboxSpec(argv=["sleep", "60"], env={{"PATH": os.environ["PATH"]}}, stdin=b"")
+        parents = Sandbox.start(spec)
+        if os.fork() == 0:
+            childs = Sandbox.start(spec)
+            open({str(out)!r}, "w").write(f"{{parents.pgid}} {{childs.pgid}} {{os.getpid()}}")
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(60)
+    """)])
+    deadline = time.time() + 10
+    while not out.exists() or not out.read_text():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    parents, childs, child = (int(p) for p in out.read_text().split())
+    assert len(_guardians_of(worker.pid)) == 1 and len(_guardians_of(child)) == 1
+    worker.kill()
+    worker.wait()
+    while _pids_in_group(parents) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _pids_in_group(parents) == [], "the parent's guardian ended the parent's sandbox"
+    assert _pids_in_group(childs) != [], "the child lives, and so does its sandbox"
+    os.kill(child, signal.SIGKILL)
+    while _pids_in_group(childs) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _pids_in_group(childs) == []
+
+
+def test_a_worker_that_exits_normally_leaves_no_guardian(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os
+        from dispatcher.session.sandbox import GUARDIAN, Sandbox, SandboxSpec
+        s = Sandbox.start(SandboxSpec(argv=["true"], env={"PATH": os.environ["PATH"]},
+                                      stdin=b""))
+        s.wait(10); s.kill_group()
+        print(GUARDIAN.pid)
+    """)], capture_output=True, text=True, timeout=20)
+    guardian = int(done.stdout)
+    deadline = time.time() + 5
+    while _state(guardian) not in (None, "Z") and time.time() < deadline:
+        time.sleep(0.05)
+    assert _state(guardian) in (None, "Z"), "end-of-file: the guardian exited"
+
+
+def test_a_missing_command_is_a_failed_start_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(SandboxStartError, match="not found: '/nonexistent/run-me'"):
+        Sandbox.start(SandboxSpec(argv=["/nonexistent/run-me"], env={}, stdin=b""))
+
+
+def test_a_sandbox_that_cannot_be_guarded_never_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No guardian can start (here: no interpreter to start it with; in life, fork failing):
+    the sandbox, already spawned, is killed and reaped, and the attempt fails to start."""
+    from dispatcher.session import sandbox as module
+
+    marker = tmp_path / "ran"
+    script = _spec(f"import time; time.sleep(0.5); open({str(marker)!r}, 'w')", tmp_path)
+    monkeypatch.setattr(module, "GUARDIAN", module.Guardian())
+    monkeypatch.setattr(module.sys, "executable", "/nonexistent/python")
+    with pytest.raises(SandboxStartError, match="no guardian for the sandbox"):
+        Sandbox.start(script)
+    time.sleep(1.0)
+    assert not marker.exists(), "killed before it could do anything"

@@ -231,8 +231,12 @@ def on_registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decis
 
 # --- recovery ----------------------------------------------------------------------------------
 
-# Supervisors pulse every 0.2 s; 5 s of silence is a dead worker, not a slow Redis call.
-PULSE_STALE_SECONDS = 5.0
+# Supervisors pulse every 0.2 s; this much silence is a dead or cut-off worker, not a slow Redis
+# call. It must exceed `steps.SELF_FENCE_SECONDS` by enough for a cut-off supervisor to have
+# killed its sandbox (a tick of its fence, the kill, a loaded host) before another attempt of
+# the session starts: 5 s of margin. It also outlasts Redis's socket timeout (5 s), so one
+# slow call cannot make a healthy attempt look silent.
+PULSE_STALE_SECONDS = 8.0
 # A published session task waits in its queue only while the fleet is full or draining.
 DISPATCH_STALE_SECONDS = 30.0
 # A lease the poller recorded but never published (the poller died in between).

@@ -27,6 +27,11 @@ RELEASE_RETRY_SECONDS = 2.0
 # TTL after its last heartbeat, which was up to a third of a TTL before the outage began. Past this
 # share of the TTL a running sandbox is killed: two runners of one session must never overlap.
 REGISTRY_OUTAGE_SHARE_OF_TTL = 2 / 3
+# A supervisor that has not pulsed for this long kills its sandbox (self-fencing), whatever the
+# TTL: recovery may start the session on another worker once the pulse is
+# `running.PULSE_STALE_SECONDS` old, and by then this sandbox must be gone. A Redis stall shorter
+# than this costs nothing; a longer one restarts the sessions of the workers it cut off.
+SELF_FENCE_SECONDS = 3.0
 
 
 def heartbeat_interval(ttl_seconds: int) -> float:
@@ -35,7 +40,8 @@ def heartbeat_interval(ttl_seconds: int) -> float:
 
 
 def outage_is_too_long(lease: Lease, seconds: float) -> bool:
-    return seconds >= lease.ttl * REGISTRY_OUTAGE_SHARE_OF_TTL
+    """Whether an attempt that could not pulse for `seconds` must kill its sandbox."""
+    return seconds >= min(SELF_FENCE_SECONDS, lease.ttl * REGISTRY_OUTAGE_SHARE_OF_TTL)
 
 
 @dataclass(frozen=True)

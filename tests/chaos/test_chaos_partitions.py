@@ -1,0 +1,220 @@
+"""Faults between hosts: fleet members in network namespaces of their own, links cut for real.
+
+Each scenario runs the chaos fleet (real `celery` processes, a private redis-server, the
+emulator) with some members as separate hosts (`hosts.py`): a session worker whose packets to
+Redis are dropped by nftables while the rest of the fleet goes on, then healed. The promise
+(docs/reliability.md, "Partitions"): never two live sandboxes of one session, no session lost,
+none run twice after it completed, every session ends `stopped`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from chaos_fleet import ChaosFleet, Figures
+from hosts import Host, Link, Network, unavailable
+
+from dispatcher.celery.application import BEAT_LOCK_TIMEOUT_SECONDS
+
+pytestmark = pytest.mark.chaos
+MakeChaos = Callable[..., ChaosFleet]
+Report = Callable[[Figures], None]
+
+# Sessions long enough that the cut lands while each one's first attempt runs.
+SESSION_SECONDS = 20
+# A lease TTL like a real fleet's: the self-fencing bound must not rest on a short TTL.
+TTL_SECONDS = 30
+# How long a cut lasts before it is healed: past recovery's threshold, so the session has
+# moved to another worker by then.
+CUT_SECONDS = 25
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    """The hosts' network; a test names it first, so it is torn down after the fleet: a
+    namespace deleted under a running worker would fault its shutdown, not the scenario."""
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"partition scenarios need network namespaces: {why}")
+    net = Network()
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+def _via(url: str, link: Link) -> str:
+    """`url` with its host and port replaced by the link's, as a host on the bridge sees it."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{link.address}" if userinfo
+                                     else link.address))
+
+
+def _env_on(cf: ChaosFleet, redis: Link, api: Link) -> dict[str, str]:
+    return {**cf.fleet.env(), "DISPATCHER_REDIS_URL": _via(cf.fleet.redis_url, redis),
+            "ANTHROPIC_BASE_URL": _via(cf.fleet.emulator.base_url, api)}
+
+
+def _sessions_worker_on(cf: ChaosFleet, host: Host, name: str, *, redis: Link,
+                        api: Link, concurrency: int = 4) -> None:
+    cf.fleet.stack.worker(name, _env_on(cf, redis, api), pool="threads",
+                          concurrency=concurrency, queues="dispatcher.sessions",
+                          wrapper=host.argv())
+    cf.specs[name] = {"kind": "worker", "host": host.name}
+
+
+def _control_on(cf: ChaosFleet, host: Host, name: str, *, redis: Link, api: Link) -> None:
+    """A control worker with beat embedded, on `host`."""
+    cf.fleet.stack.worker(name, _env_on(cf, redis, api), pool="threads", concurrency=4,
+                          queues="dispatcher.control", beat=True, wrapper=host.argv())
+    cf.specs[name] = {"kind": "worker", "host": host.name}
+
+
+def _links(cf: ChaosFleet, network: Network) -> tuple[Link, Link]:
+    redis_port = urlsplit(cf.fleet.redis_url).port
+    api_port = urlsplit(cf.fleet.emulator.base_url).port
+    assert redis_port and api_port
+    return network.link("redis", redis_port), network.link("workapi", api_port)
+
+
+def test_session_worker_cut_from_redis(network: Network, chaos: MakeChaos,
+                                       report: Report) -> None:
+    cf = chaos("Session worker cut from Redis, then healed", ttl=TTL_SECONDS)
+    redis, api = _links(cf, network)
+    host = network.host("s1")
+    cf.control()
+    _sessions_worker_on(cf, host, "s1", redis=redis, api=api)
+    cf.fleet.wait_slots(4)
+    work_ids = cf.create(3, fake_duration=SESSION_SECONDS)
+    cf.wait_started(work_ids)
+    cf.sessions_worker("s2")  # the rest of the fleet, where the sessions go on
+    cf.fleet.wait_slots(8)
+    on_s1 = cf.running_on("s1")
+    assert sorted(on_s1) == sorted(work_ids), "every first attempt runs on the host cut off"
+
+    cut_at = time.time()
+    host.cut(redis)
+    cf.fault("session worker cut from Redis")
+    cf.watch_cut(work_ids, cut_at=cut_at)
+    time.sleep(max(0.0, cut_at + CUT_SECONDS - time.time()))
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def _fleet_with_sessions_on_host(cf: ChaosFleet, network: Network, *,
+                                 count: int = 3) -> tuple[Host, Link, Link, list[str]]:
+    """A control worker here, session worker s1 on a host of its own running `count` sessions,
+    and s2 here with free slots, where sessions may go on."""
+    redis, api = _links(cf, network)
+    host = network.host("s1")
+    cf.control()
+    _sessions_worker_on(cf, host, "s1", redis=redis, api=api)
+    cf.fleet.wait_slots(4)
+    work_ids = cf.create(count, fake_duration=SESSION_SECONDS)
+    cf.wait_started(work_ids)
+    cf.sessions_worker("s2")
+    cf.fleet.wait_slots(8)
+    return host, redis, api, work_ids
+
+
+def test_session_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos,
+                                              report: Report) -> None:
+    """The sessions go on (the control plane heartbeats them); their releases, which the cut
+    host cannot send, are not lost."""
+    cf = chaos("Session worker cut from the Work API", ttl=TTL_SECONDS)
+    host, _, api, _ = _fleet_with_sessions_on_host(cf, network)
+    host.cut(api)
+    cf.fault("session worker cut from the Work API")
+    time.sleep(SESSION_SECONDS + 5)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_session_host_isolated(network: Network, chaos: MakeChaos,
+                               report: Report) -> None:
+    cf = chaos("Session host isolated, then healed", ttl=TTL_SECONDS)
+    host, _, _, work_ids = _fleet_with_sessions_on_host(cf, network)
+    cut_at = time.time()
+    host.isolate()
+    cf.fault("session host isolated")
+    cf.watch_cut(work_ids, cut_at=cut_at)
+    time.sleep(5)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_session_worker_hears_redis_but_is_not_heard(network: Network, chaos: MakeChaos,
+                                                     report: Report) -> None:
+    """An asymmetric cut: the host's packets reach Redis, Redis's replies never come back."""
+    cf = chaos("Session worker: replies from Redis dropped", ttl=TTL_SECONDS)
+    host, redis, _, work_ids = _fleet_with_sessions_on_host(cf, network)
+    cut_at = time.time()
+    host.cut(redis, direction="in")
+    cf.fault("replies from Redis dropped")
+    cf.watch_cut(work_ids, cut_at=cut_at)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_control_worker_cut_from_redis(network: Network, chaos: MakeChaos,
+                                       report: Report) -> None:
+    """The control worker with beat is cut off; a standby control worker with beat elsewhere
+    takes over once the cut beat's lock lapses: no lease lapses, and a stop still reaches its
+    sandbox, later by at most that lapse (no tick is scheduled meanwhile)."""
+    cf = chaos("Control worker with beat cut from Redis", ttl=TTL_SECONDS)
+    cf.stop_bound_seconds += BEAT_LOCK_TIMEOUT_SECONDS
+    redis, api = _links(cf, network)
+    host = network.host("c1")
+    _control_on(cf, host, "c1", redis=redis, api=api)
+    cf.sessions_worker("s1")
+    cf.fleet.wait_slots(4)
+    work_ids = cf.create(3, fake_duration=SESSION_SECONDS)
+    cf.wait_started(work_ids)
+    cf.control("c2")
+    host.cut(redis)
+    cf.fault("control worker cut from Redis")
+    time.sleep(3)
+    cf.stop(work_ids[0])
+    time.sleep(SESSION_SECONDS)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_control_worker_cut_from_the_work_api(network: Network, chaos: MakeChaos,
+                                              report: Report) -> None:
+    """Heartbeats the cut worker takes fail; another control worker's ticks keep every lease."""
+    cf = chaos("Control worker with beat cut from the Work API", ttl=TTL_SECONDS)
+    redis, api = _links(cf, network)
+    host = network.host("c1")
+    _control_on(cf, host, "c1", redis=redis, api=api)
+    cf.control("c2", beat=False)
+    cf.sessions_worker("s1")
+    cf.fleet.wait_slots(4)
+    work_ids = cf.create(3, fake_duration=SESSION_SECONDS)
+    cf.wait_started(work_ids)
+    host.cut(api)
+    cf.fault("control worker cut from the Work API")
+    time.sleep(SESSION_SECONDS)
+    host.heal()
+    report(cf.finish(timeout=120))
+
+
+def test_slow_lossy_work_api_link(network: Network, chaos: MakeChaos,
+                                  report: Report) -> None:
+    """Every fleet member on hosts whose Work API link has 2 s of latency and 5 % loss."""
+    cf = chaos("Work API link: 2 s latency, 5 % loss", ttl=TTL_SECONDS)
+    redis, api = _links(cf, network)
+    control, sessions = network.host("c1"), network.host("s1")
+    _control_on(cf, control, "c1", redis=redis, api=api)
+    _sessions_worker_on(cf, sessions, "s1", redis=redis, api=api)
+    api.delay = 2.0
+    for host in (control, sessions):
+        host.loss(api, 5)
+    cf.fault("2 s latency and 5 % loss on the Work API link", 2)
+    cf.fleet.wait_slots(4, timeout=60)
+    cf.create(4, fake_duration=5)
+    report(cf.finish(timeout=180))
