@@ -1,8 +1,12 @@
 """What the machine asks for: the outputs of `machine.decide`, performed by `executor`.
 
 Effects that ask the server or Redis something (an ack, a claim, a stop, a guarded change)
-answer with an event, which the executor feeds back to the machine. A guarded effect that finds
-the lease moved on (`guard`) ends the list: nothing after it is performed.
+answer with an event, which the executor feeds back to the machine. A guarded effect (`guard`)
+is a compare-and-set of what the machine decided from; one that finds the record moved on ends
+the list (a newer attempt, a release), or, a stop flag, has the event decided again on the
+record as it now is. Rules put a guarded effect before what depends on it.
+
+`Fence` and `AttemptOver` speak to the session attempt that asked (its sandbox, its result).
 
 Effects that carry nothing (`Ack`, `DeleteRecord`, `Unschedule`, `AnswerHealthcheck`) stay
 classes rather than members of an enum: the executor's `match` then names every effect the same
