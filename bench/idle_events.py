@@ -20,7 +20,7 @@ from typing import Any
 
 from celery import Celery
 
-from dispatcher.lease.keys import Keys
+from dispatcher.celery.keys import CeleryKeys
 from dispatcher.ops.stack import LocalStack
 
 SETTLE_SECONDS = 10.0
@@ -28,7 +28,7 @@ SETTLE_SECONDS = 10.0
 
 def _count_events(stack: LocalStack, seconds: float) -> Counter[str]:
     app = Celery(broker=stack.redis_url)
-    app.conf.broker_transport_options = {"global_keyprefix": Keys(stack.key_prefix).celery}
+    app.conf.broker_transport_options = {"global_keyprefix": CeleryKeys(stack.key_prefix).broker}
     counts: Counter[str] = Counter()
 
     def note(event: dict[str, Any]) -> None:

@@ -12,12 +12,15 @@ claimed item it does what the CLI's `--on-work` runner does (protocol facts, sec
   item JSON (secret included) on stdin;
 * wait for it: one session at a time per process (the CLI has no concurrency flag, so a fleet of
   N slots is N processes);
-* let the poller post its graceful `stop` when the loop body returns (auto_stop).
+* let the poller stop the item when the loop body returns (auto_stop: since SDK 2.16 a forced
+  stop sent as the item's own sessions token, a graceful one on the environment key after a
+  401; a 409 is ignored).
 
 While the command runs the poller does not heartbeat: the command owns the lease, as
 `ant beta:worker run` or the SDK's `handle_item` would (the fake session's `fake.heartbeat`).
 On SIGTERM or SIGINT it forwards SIGTERM to the running command, waits for it (the CLI waits
-30 s, then SIGKILLs), and exits after the poller posted the pending stop.
+30 s, then SIGKILLs), and exits after the poller posted the pending stop. (The CLI's poller
+stops gracefully instead; the peer is the Python SDK's, pinned in the dev extra.)
 """
 
 from __future__ import annotations

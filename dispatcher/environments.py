@@ -12,9 +12,12 @@ Two ways to say them, never both:
       max_sessions = 20                     # optional: at most this many held at once
       queue = "dispatcher.sessions.gpu"     # optional: its sessions' default queue
 
-A key is refused (at start-up, never shown) when it holds whitespace or a control character: sent
-as is, every request would fail and be retried as a transient error. A key file's one trailing
-line ending is not part of the key (editors and `echo` add it); anything else is.
+A key is refused (at start-up, never shown) unless it is printable ASCII without spaces: sent as
+is, whitespace or a control character would fail every request (retried as a transient error),
+and a non-ASCII character could not be put in the `Authorization` header at all. A key file's
+one trailing line ending is not part of the key (editors and `echo` add it); anything else is.
+A key file that its group or others may read (or write) is refused too: the key would be
+everyone's on that host.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 __all__ = ["Environment", "EnvironmentsError", "check_key", "load_environments_file"]
 
-# Whitespace, C0/C1 controls and DEL: never part of a key, and illegal in a header value.
-_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+# Anything but printable ASCII (0x21-0x7e): whitespace, controls, DEL and every non-ASCII
+# character. httpx encodes header values as ASCII, so a key with `é` would raise
+# UnicodeEncodeError at every request while start-up checks pass.
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x21-\x7e]")
 FILE_VARIABLE = "DISPATCHER_ENVIRONMENTS_FILE"
+# Permission bits of a key file that let its group or others at it.
+_SHARED_BITS = 0o077
 
 
 class EnvironmentsError(ValueError):
@@ -39,9 +46,10 @@ class EnvironmentsError(ValueError):
 
 
 def check_key(value: SecretStr) -> SecretStr:
-    if _UNPRINTABLE.search(value.get_secret_value()):
-        raise ValueError("contains whitespace or a control character (a trailing newline "
-                         "from a mounted secret file?); the value is not shown")
+    if _NOT_PRINTABLE_ASCII.search(value.get_secret_value()):
+        raise ValueError("contains whitespace, a control character or a non-ASCII character "
+                         "(a trailing newline from a mounted secret file?); the value is not "
+                         "shown")
     return value
 
 
@@ -83,11 +91,16 @@ def _read_key(entry: _Entry, base: Path) -> SecretStr:
         assert entry.key_file is not None
         path = entry.key_file if entry.key_file.is_absolute() else base / entry.key_file
         try:
+            mode = path.stat().st_mode
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise EnvironmentsError(
                 f"environment {entry.id}: key_file {str(path)!r} cannot be read "
                 f"({type(exc).__name__})") from None
+        if mode & _SHARED_BITS:
+            raise EnvironmentsError(
+                f"environment {entry.id}: key_file {str(path)!r} is open to its group or "
+                f"others (mode {mode & 0o777:04o}): make it 0600 or 0400")
         raw = SecretStr(text.removesuffix("\n").removesuffix("\r"))
     try:
         return check_key(raw)

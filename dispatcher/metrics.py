@@ -52,7 +52,6 @@ from redis.exceptions import RedisError
 
 from dispatcher.control.capacity import Capacity, desired_slots, free_slots
 from dispatcher.lease.causes import LossCause, Refusal, Release, RestartReason, StopCause
-from dispatcher.lease.keys import Keys
 from dispatcher.lease.model import Kind
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.workapi import WorkAPIError, WorkClient, WorkQueueStats, epoch_seconds
@@ -110,6 +109,9 @@ COUNTERS: dict[str, Counter] = {
                            tuple(LossCause)),
     "attempts_restarted": Counter("Session attempts started again on another worker, by reason",
                                   "reason", tuple(RestartReason)),
+    "server_throttles": Counter("Times the server began throttling an environment (429, 503 "
+                                "or retry-after), by the call that met it", "source",
+                                ("poll", "list", "heartbeat", "ack", "stop")),
     "healthchecks": Counter("Healthcheck work items answered, by result", "healthy",
                             ("true", "false")),
 }
@@ -152,7 +154,8 @@ def _parse_field(field: str) -> tuple[str, dict[str, str]]:
 class Metrics:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
         self.redis = redis
-        self.key = Keys(prefix).metrics
+        # Hash: the fleet's counters and histograms, one field per series, read by the exporter.
+        self.key = f"{prefix}:metrics"
 
     def inc(self, name: str, amount: float = 1, *, environment: str = "",
             **labels: object) -> None:

@@ -16,6 +16,7 @@ from redis import Redis
 
 from dispatcher.celery.names import SESSION_RUN
 from dispatcher.control.capacity import Capacity
+from dispatcher.control.pacing import Pacing
 from dispatcher.lease.deliveries import Deliveries
 from dispatcher.lease.executor import Executor, SessionTask
 from dispatcher.lease.machine import Policy
@@ -24,7 +25,7 @@ from dispatcher.metrics import Metrics
 from dispatcher.settings import Environment, Settings, SettingsError, load_settings
 from dispatcher.workapi import WorkClient
 
-__all__ = ["Runtime", "get_runtime", "reset_runtime"]
+__all__ = ["Runtime", "get_runtime", "reset_runtime", "use_app"]
 
 # Redis calls from tasks must fail fast when Redis is gone, so a task logs one clear line and
 # beat tries again next tick instead of hanging a pool slot.
@@ -65,6 +66,11 @@ class Runtime:
     @cached_property
     def metrics(self) -> Metrics:
         return Metrics(self.redis, prefix=self.settings.key_prefix)
+
+    @cached_property
+    def pacing(self) -> Pacing:
+        """The server's pacing, shared by the fleet: each environment's "throttled until"."""
+        return Pacing(self.redis, prefix=self.settings.key_prefix, metrics=self.metrics)
 
     @cached_property
     def executor(self) -> Executor:
@@ -140,18 +146,26 @@ class Runtime:
 
 _lock = threading.Lock()
 _runtimes: dict[int, Runtime] = {}
+# The fleet's Celery app, named by the app's module as it builds it (`use_app`). Not imported
+# here: the app's bootsteps and signals use this module, so an import would close a cycle.
+_apps: list[Any] = []
+
+
+def use_app(app: Any) -> None:
+    """Name the Celery app this process's runtime publishes and revokes with."""
+    _apps[:] = [app]
 
 
 def get_runtime() -> Runtime:
-    """This process's runtime, for the fleet's Celery app."""
-    from dispatcher.celery import app
-
+    """This process's runtime, for the fleet's Celery app (see `use_app`)."""
+    if not _apps:
+        raise RuntimeError("no Celery app yet: import dispatcher.celery.application first")
     pid = os.getpid()
     with _lock:
         runtime = _runtimes.get(pid)
         if runtime is None:
             _runtimes.clear()  # entries of a parent process are useless after fork
-            runtime = _runtimes[pid] = Runtime(settings=load_settings(), app=app)
+            runtime = _runtimes[pid] = Runtime(settings=load_settings(), app=_apps[0])
         return runtime
 
 

@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -40,6 +40,7 @@ __all__ = [
     "SecretDelivery",
     "Settings",
     "SettingsError",
+    "credentials_in_userinfo",
     "load_settings",
     "split_redis_credentials",
 ]
@@ -138,7 +139,8 @@ class Settings(BaseSettings):
         description=("Beat period of the poller's watchdog: each run hands over to the next "
                      "itself; this tick starts one when none runs (after a crash)."))
     heartbeat_tick_seconds: float = _env("DISPATCHER_HEARTBEAT_TICK_SECONDS", 1.0, gt=0,
-        description="Beat period of the heartbeat task (each lease is beaten when due).")
+        description=("How often Celery beat starts the heartbeat task (each lease gets its "
+                     "heartbeat when due)."))
     bridge_interval_seconds: float = _env("DISPATCHER_BRIDGE_INTERVAL_SECONDS", 1.0, gt=0,
         description="Beat period of the stop bridge that scans `list` for stop requests.")
     webhooks: bool = _env("DISPATCHER_WEBHOOKS", False, description=(
@@ -232,7 +234,12 @@ class Settings(BaseSettings):
         if urlsplit(value).scheme not in BROKER_SCHEMES:
             raise ValueError(f"scheme {urlsplit(value).scheme!r} is not one of "
                              f"{', '.join(BROKER_SCHEMES)}")
-        return value
+        return credentials_in_userinfo(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_credentials(cls, value: str) -> str:
+        return credentials_in_userinfo(value)
 
     @field_validator("worker_id")
     @classmethod
@@ -326,6 +333,38 @@ class Settings(BaseSettings):
     @property
     def default_session_queue(self) -> str:
         return self.session_queues[0]
+
+
+# Credentials a URL's query may carry (redis-py reads both there too).
+_QUERY_CREDENTIALS = ("username", "password")
+
+
+def credentials_in_userinfo(url: str) -> str:
+    """`url` with credentials given in its query (`?password=...`) moved into its user part.
+
+    Celery and kombu mask the password of a URL's user part wherever they show one (`celery
+    inspect conf`, Flower, the worker's banner), but not a query's: there it showed in the
+    result backend setting, and Celery's masking of the broker URL failed on it (`inspect conf`
+    raised). Every client (redis-py, kombu, celery-redbeat) reads the user part the same. A URL
+    that gives a credential both ways is refused: which one the server expects would be a
+    guess. Messages never show the URL."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = {name: value for name, value in query if name in _QUERY_CREDENTIALS}
+    if not given:
+        return url
+    if (given.get("username") and parts.username) or (given.get("password") and parts.password):
+        raise ValueError("gives a credential both in the URL's user part and in its query: "
+                         "give it once, in the user part (the value is not shown)")
+    username = given.get("username") or unquote(parts.username or "")
+    password = given.get("password") or unquote(parts.password or "")
+    userinfo = quote(username, safe="") + (f":{quote(password, safe='')}" if password else "")
+    rest = [(name, value) for name, value in query if name not in _QUERY_CREDENTIALS]
+    host = parts.netloc.rpartition("@")[2]
+    # Not urlunsplit: it drops the `//` of `unix:///path` when the host is empty.
+    return (f"{parts.scheme}://{userinfo}@{host}{parts.path}"
+            + (f"?{urlencode(rest)}" if rest else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def split_redis_credentials(url: str) -> tuple[str, dict[str, str]]:

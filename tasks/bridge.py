@@ -1,11 +1,10 @@
-"""Stop bridge and recovery ticks (control queue)."""
+"""The stop bridge's tick (control queue)."""
 
 from __future__ import annotations
 
 from dispatcher.celery import names
 from dispatcher.celery.application import app
 from dispatcher.control.bridge import scan_server_stops
-from dispatcher.control.recovery import recover as recover_leases
 from dispatcher.runtime import get_runtime
 
 
@@ -13,9 +12,3 @@ from dispatcher.runtime import get_runtime
 def scan_stops() -> int:
     """Turn stop requests seen in the server's list into stop flags and revokes."""
     return scan_server_stops(get_runtime())
-
-
-@app.task(name=names.RECOVER, ignore_result=True, send_events=False)
-def recover() -> int:
-    """Start new attempts for sessions whose worker died; re-dispatch lost messages."""
-    return recover_leases(get_runtime())

@@ -1,4 +1,4 @@
-"""The periodic heartbeat (control queue)."""
+"""The periodic heartbeat of held leases (control queue)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,21 @@ from celery.signals import worker_process_shutdown, worker_shutdown
 
 from dispatcher.celery import names
 from dispatcher.celery.application import app
-from dispatcher.control.heartbeat import beat_due_leases, close_sender
+from dispatcher.control.heartbeat import close_sender, heartbeat_due_leases
 from dispatcher.runtime import get_runtime
 
 
-@app.task(name=names.HEARTBEAT, ignore_result=True, send_events=False)
-def beat_leases() -> dict[str, int]:
+def _send_heartbeats() -> dict[str, int]:
     """Heartbeat every lease that is due (and retry releases that failed)."""
-    tally = beat_due_leases(get_runtime())
+    tally = heartbeat_due_leases(get_runtime())
     return {"sent": tally.sent, "failed": tally.failed, "lost": tally.lost}
+
+
+send_heartbeats = app.task(name=names.HEARTBEAT, ignore_result=True,
+                           send_events=False)(_send_heartbeats)
+# The previous release's name (`names.RENAMED`), for a rolling upgrade's old beat.
+beat_leases = app.task(name=names.HEARTBEAT_BEFORE_RENAME, ignore_result=True,
+                       send_events=False)(_send_heartbeats)
 
 
 @worker_shutdown.connect

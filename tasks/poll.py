@@ -13,8 +13,8 @@ from typing import Any
 
 from dispatcher.celery import names
 from dispatcher.celery.application import app
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.poller import POLL_LOCK_SECONDS, drain, run_poller
-from dispatcher.lease.keys import PollState
 from dispatcher.runtime import Runtime, get_runtime
 
 # As the SDK's webhook recipe polls: an item polled but never acked (a poller that died between
@@ -54,16 +54,20 @@ def claim_work(self: Any, handover: str | None = None, environment_id: str | Non
                           hand_over=hand_over,
                           stopping=lambda: runtime.capacity.is_draining(hostname))
 
-    keys = runtime.registry.keys
+    keys = PollKeys(runtime.settings.key_prefix)
     return _for_each(runtime, claim_work, environment_id, poll,
-                     needs=lambda e: not runtime.redis.exists(keys.poll_lock(e)))
+                     needs=lambda e: not runtime.redis.exists(keys.lock(e)))
 
 
 @app.task(name=names.CLAIM_NOW, ignore_result=True, send_events=False)
-def claim_now(environment_id: str | None = None) -> int:
-    """A webhook delivery, or the sweep: claim until the queue is empty (or the fleet full).
-    A delivery names no environment: every environment's queue is drained."""
+def claim_now(environment_id: str | None = None, wakeup: bool = False) -> int:
+    """A webhook delivery (`wakeup`), or the sweep: claim until the queue is empty (or the
+    fleet full). A delivery names no environment: every environment's queue is drained."""
     runtime = get_runtime()
+    if wakeup:
+        # Cleared before any poll: a delivery from now on publishes the next wake-up, and one
+        # that came before is seen by the polls below.
+        runtime.redis.delete(PollKeys(runtime.settings.key_prefix).wake_pending)
     return _for_each(runtime, claim_now, environment_id, lambda e: drain(
         runtime, environment_id=e, reclaim_older_than_ms=RECLAIM_OLDER_THAN_MS, wake=True),
         needs=lambda e: True)
@@ -73,7 +77,7 @@ def claim_now(environment_id: str | None = None) -> int:
 def claim_woken(environment_id: str | None = None) -> int:
     """Carry on a drain the full fleet cut short, once a slot is free (Redis only otherwise)."""
     runtime = get_runtime()
-    keys = runtime.registry.keys
+    keys = PollKeys(runtime.settings.key_prefix)
     return _for_each(runtime, claim_woken, environment_id, lambda e: drain(
         runtime, environment_id=e, reclaim_older_than_ms=RECLAIM_OLDER_THAN_MS, wake=False),
-        needs=lambda e: bool(runtime.redis.exists(keys.poll_state(PollState.WANTED, e))))
+        needs=lambda e: bool(runtime.redis.exists(keys.wanted(e))))

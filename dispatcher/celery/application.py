@@ -16,8 +16,9 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from dispatcher.celery import broker, names
+from dispatcher.celery.keys import CeleryKeys
 from dispatcher.celery.names import CONTROL_QUEUE
-from dispatcher.lease.keys import Keys
+from dispatcher.runtime import use_app
 from dispatcher.settings import SettingsError, load_settings, split_redis_credentials
 
 __all__ = ["CONTROL_QUEUE", "app"]
@@ -47,6 +48,7 @@ os.environ.setdefault(POOL_ENVVAR, DEFAULT_POOL)  # see POOL_ENVVAR
 
 app = Celery("dispatcher", include=sorted({name.rsplit(".", 1)[0] for name in
                                            (*names.CONTROL_TASKS, names.SESSION_RUN)}))
+use_app(app)
 
 
 # With webhooks: how soon a drain the full fleet cut short carries on once a slot frees (a
@@ -54,13 +56,22 @@ app = Celery("dispatcher", include=sorted({name.rsplit(".", 1)[0] for name in
 WAKE_TICK_SECONDS = 1.0
 
 
+# Control ticks nobody took within this are dropped, so a control queue left without workers
+# does not grow for ever. Celery stamps `expires` as an absolute time with beat's clock and each
+# worker compares it with its own: it must be far longer than any skew between hosts (a tick
+# that expired after 1 s was dropped by every control worker 1 s ahead of beat: no heartbeat,
+# no poll). A worker back from an outage runs the two minutes of ticks it finds; each is one
+# Redis read when nothing is due, and every tick does the same idempotent work.
+CONTROL_TICK_EXPIRES_SECONDS = 120.0
+
+
 def _schedule() -> dict[str, dict[str, object]]:
-    """The control ticks; `expires` drops ticks nobody took in time, so a control worker coming
-    back after an outage runs one tick, not a backlog."""
+    """The control ticks, each on the control queue."""
 
     def every(task: str, seconds: float) -> dict[str, object]:
-        return {"task": task, "schedule": seconds, "options": {"expires": max(seconds, 1.0),
-                                                               "queue": CONTROL_QUEUE}}
+        return {"task": task, "schedule": seconds,
+                "options": {"expires": max(seconds, CONTROL_TICK_EXPIRES_SECONDS),
+                            "queue": CONTROL_QUEUE}}
 
     if settings.webhooks:
         # Deliveries wake the poller; the idle fleet polls once a sweep, which claims what a
@@ -82,7 +93,7 @@ def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-_celery_keys = {"global_keyprefix": Keys(settings.key_prefix).celery}
+_celery_keys = {"global_keyprefix": CeleryKeys(settings.key_prefix).broker}
 _beat_url, _beat_options = split_redis_credentials(settings.redis_url)
 
 app.conf.update(
@@ -116,7 +127,7 @@ app.conf.update(
     # Set even when empty: unset, redbeat falls back to the broker's transport options.
     redbeat_redis_options=_beat_options,
     redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
-    redbeat_lock_key=Keys(settings.key_prefix).beat_lock,
+    redbeat_lock_key=CeleryKeys(settings.key_prefix).beat_lock,
     redbeat_lock_timeout=BEAT_LOCK_TIMEOUT_SECONDS,
     beat_max_loop_interval=BEAT_MAX_LOOP_SECONDS,
     beat_schedule=_schedule(),

@@ -4,6 +4,8 @@
 - `MetricsEndpoint`: serve the fleet's metrics, when a port is set.
 - `ContainerReaper`: on a session worker of the docker runtime, remove the fleet's containers
   whose attempt no longer runs.
+- `RevokeRelay`: on a prefork worker, hand an operator's plain revoke of a running session to
+  the lease machine (its child cannot see it).
 - `SessionGate` (a consumer step, `celery/broker.py`): on RabbitMQ, take no session message
   without a free pool slot.
 """
@@ -12,13 +14,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Container, Iterable
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from redis.exceptions import RedisError
 
 from dispatcher.celery.broker import SessionGate
-from dispatcher.celery.names import CONTROL_QUEUE
+from dispatcher.celery.names import CONTROL_QUEUE, SESSION_RUN
+from dispatcher.control.bridge import on_running_task_revoked
 from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime, get_runtime
@@ -27,13 +31,17 @@ from dispatcher.settings import SandboxRuntimeKind
 if TYPE_CHECKING:
     from dispatcher.metrics import FleetCollector
 
-__all__ = ["CONTROL_RESERVE", "ContainerReaper", "MetricsEndpoint", "SlotAdvertiser",
-           "consumes_sessions", "install", "pool_name", "session_slots"]
+__all__ = ["CONTROL_RESERVE", "ContainerReaper", "MetricsEndpoint", "RevokeRelay",
+           "SlotAdvertiser", "consumes_sessions", "install", "pool_name", "running_revoked",
+           "session_slots"]
 
 # Pool slots kept free for control tasks on a worker that consumes both queues: one for the
 # poller's long-poll, one for heartbeat, bridge and recovery ticks; and one more for each
 # further environment, whose poller holds a slot of its own.
 CONTROL_RESERVE = 2
+# How often a prefork worker's main process looks for revoked running sessions: a plain revoke
+# is seen this long after it came, at most, then stops like any operator stop.
+REVOKE_RELAY_SECONDS = 0.5
 
 
 def session_slots(*, concurrency: int, queues: list[str], configured: int | None,
@@ -172,8 +180,56 @@ class ContainerReaper(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         self._stop.set()
 
+def running_revoked(active: Iterable[Any], revoked: Container[str], *,
+                    relayed: Container[str]) -> list[tuple[str, str]]:
+    """(task id, work id) of each running session task in the revoked set, not relayed yet."""
+    return [(request.id, request.kwargs["work_id"]) for request in active
+            if getattr(request, "name", None) == SESSION_RUN and request.id in revoked
+            and request.id not in relayed and "work_id" in (request.kwargs or {})]
+
+
+class RevokeRelay(bootsteps.StartStopStep):
+    """On a prefork worker: an operator's plain revoke of a running session stops it.
+
+    A plain revoke (`celery control revoke`, Flower's Revoke) only adds the task id to the
+    revoked set of the worker's main process (celery/worker/control.py, `_revoke`: an active
+    request is skipped); no signal fires, and the task runs on. The threads pool's supervisor
+    reads that set, which it shares; a prefork child holds its own copy, empty. So the main
+    process looks for its running session tasks in the set and hands each to the lease
+    machine, whose stop flag the child's supervisor reads in the registry like any stop."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self._stop = threading.Event()
+
+    def start(self, worker: Any) -> None:
+        if pool_name(type(worker.pool)) != "prefork":
+            return
+        threading.Thread(target=self._run, name="dispatcher-revokes", daemon=True).start()
+
+    def _run(self) -> None:
+        from celery.worker import state as worker_state
+
+        relayed: set[str] = set()
+        while not self._stop.wait(REVOKE_RELAY_SECONDS):
+            for task_id, work_id in running_revoked(list(worker_state.active_requests),
+                                                    worker_state.revoked, relayed=relayed):
+                try:
+                    on_running_task_revoked(get_runtime(), task_id=task_id, work_id=work_id)
+                    relayed.add(task_id)
+                except RedisError as exc:  # tried again next pass
+                    event("revoke not bridged", level=logging.ERROR, work_id=work_id,
+                          error=str(exc))
+            relayed &= {request.id for request in list(worker_state.active_requests)}
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+
+
 def install(app: Any) -> None:
     app.steps["worker"].add(SlotAdvertiser)
+    app.steps["worker"].add(RevokeRelay)
     app.steps["worker"].add(MetricsEndpoint)
     app.steps["worker"].add(ContainerReaper)
     app.steps["consumer"].add(SessionGate)

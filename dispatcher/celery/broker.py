@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from celery import bootsteps
 from celery.worker import state
 
-from dispatcher.lease.keys import Keys
+from dispatcher.celery.keys import CeleryKeys
 from dispatcher.settings import Settings
 
 __all__ = ["GATE_CHECK_SECONDS", "SessionGate", "broker_conf", "is_redis", "pool_full"]
@@ -50,7 +50,8 @@ def broker_conf(settings: Settings) -> dict[str, Any]:
     if settings.broker_url is None or is_redis(url):
         return {
             "broker_url": url,
-            "broker_transport_options": {"global_keyprefix": Keys(settings.key_prefix).celery},
+            "broker_transport_options": {
+                "global_keyprefix": CeleryKeys(settings.key_prefix).broker},
             "worker_disable_prefetch": True,
         }
     return {

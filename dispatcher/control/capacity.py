@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from dispatcher.lease.keys import Keys, PollState
+from dispatcher.control.poll_keys import PollKeys
+from dispatcher.lease.keys import Keys
 
 __all__ = ["WORKER_STALE_SECONDS", "Capacity", "WorkerSlots", "claim_allowance",
            "desired_slots", "fair_shares", "free_slots"]
@@ -112,7 +113,11 @@ def claim_allowance(environment: str, *, total: int, held: Mapping[str, int],
 class Capacity:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
         self.redis = redis
-        self.keys = Keys(prefix)
+        self.keys = Keys(prefix)  # the lease index: every held lease takes a slot
+        # Sorted set: worker hostname -> epoch second it last advertised its slots. (Each
+        # worker's own hash is a lease key: an attempt's pulse reads its draining flag.)
+        self.workers_key = f"{prefix}:workers"
+        self.poll_keys = PollKeys(prefix)
 
     def advertise(self, *, hostname: str, slots: int, pool: str, queues: list[str]) -> None:
         now = time.time()
@@ -123,9 +128,9 @@ class Capacity:
             mapping={"slots": slots, "pool": pool, "queues": ",".join(queues), "seen_at": now},
         )
         pipe.expire(key, WORKER_RECORD_TTL_SECONDS)
-        pipe.zadd(self.keys.workers, {hostname: now})
+        pipe.zadd(self.workers_key, {hostname: now})
         # Forget workers whose record expired; reads stay free of side effects.
-        pipe.zremrangebyscore(self.keys.workers, "-inf", now - WORKER_RECORD_TTL_SECONDS)
+        pipe.zremrangebyscore(self.workers_key, "-inf", now - WORKER_RECORD_TTL_SECONDS)
         pipe.execute()
 
     def register(self, hostname: str) -> None:
@@ -143,12 +148,12 @@ class Capacity:
 
     def withdraw(self, hostname: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(self.keys.workers, hostname)
+        pipe.zrem(self.workers_key, hostname)
         pipe.delete(self.keys.worker(hostname))
         pipe.execute()
 
     def workers(self) -> list[WorkerSlots]:
-        names = [str(n) for n in self.redis.zrange(self.keys.workers, 0, -1)]
+        names = [str(n) for n in self.redis.zrange(self.workers_key, 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(self.keys.worker(name))
@@ -186,7 +191,7 @@ class Capacity:
         pipe.zcard(self.keys.leases)
         for other in maxima:
             pipe.zcard(self.keys.environment_leases(other))
-            pipe.exists(self.keys.poll_state(PollState.IDLE, other))
+            pipe.exists(self.poll_keys.idle(other))
         everything, *figures = pipe.execute()
         held = {e: int(figures[2 * i]) for i, e in enumerate(maxima)}
         idle = {e for i, e in enumerate(maxima) if figures[2 * i + 1]}

@@ -1,8 +1,8 @@
 """Keep every held lease alive, from ack to release, whether its session waits or runs.
 
 Each tick takes the leases that are due from a sorted set (a Lua pop, so two heartbeat tasks
-never beat the same lease with the same token: the loser would get a 412 and we would kill a
-healthy session), heartbeats them concurrently, and hands each answer to the lease machine,
+never send one lease's heartbeat with the same token: the loser would get a 412 and we would
+kill a healthy session), heartbeats them concurrently, and hands each answer to the lease machine,
 which says what it means (`dispatcher/lease/machine.py`). One slow lease costs only its own
 request timeout. Leases whose release failed are retried here too, when due.
 """
@@ -29,18 +29,18 @@ from dispatcher.settings import Environment, Settings
 from dispatcher.workapi import NO_HEARTBEAT, AsyncWorkClient, Heartbeat, WorkAPIError
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
-__all__ = ["MAX_CONCURRENT_REQUESTS", "beat_due_leases", "close_sender"]
+__all__ = ["MAX_CONCURRENT_REQUESTS", "close_sender", "heartbeat_due_leases"]
 
 T = TypeVar("T")
 
 # One request may take this long; it is also how long a claimed due lease stays in flight.
 REQUEST_TIMEOUT_SECONDS = 5.0
-# Requests in flight at once, per process. Beats a second = in flight / the API's latency, so
-# this bounds throughput against a distant API: 5,000 leases at a 30 s TTL (500 beats/s) 150 ms
-# away need 75; 256 keeps 500 beats/s up to 0.5 s of latency. A connection costs only a socket
+# Requests in flight at once, per process. Heartbeats a second = in flight / the API's latency, so
+# this bounds throughput against a distant API: 5,000 leases at a 30 s TTL (500 heartbeats/s) 150 ms
+# away need 75; 256 keeps 500 heartbeats/s up to 0.5 s of latency. A connection costs only a socket
 # with the lean transport.
 MAX_CONCURRENT_REQUESTS = 256
-# Leases one tick takes; the rest stay due for the next tick (beat runs every second).
+# Leases one tick takes; the rest stay due for the next tick (Celery beat starts one every second).
 BATCH_SIZE = 2000
 # A control worker cut off from the Work API while its peers are not would hold every lease it
 # claims in flight for a request timeout, tick after tick, and let them lapse. Once a tick's
@@ -75,13 +75,13 @@ def reach_after(reach: Reach, tally: Tally, now: float) -> Reach:
     return reach
 
 
-def beat_due_leases(runtime: Runtime) -> Tally:
-    """One tick: beat (or retry the release of) every lease that is due; a process that
+def heartbeat_due_leases(runtime: Runtime) -> Tally:
+    """One tick: heartbeat (or retry the release of) every lease that is due; a process that
     doubts its link to the Work API takes none until a probe is answered."""
     sender = _sender()
     if sender.reach.cut_since is not None and not _probe(runtime, sender):
         return Tally()
-    tally = _beat_due(runtime)
+    tally = _heartbeat_due(runtime)
     sender.reach = reach_after(sender.reach, tally, time.monotonic())
     return tally
 
@@ -106,7 +106,7 @@ async def _stats(sender: _Sender, settings: Settings, environment: Environment) 
     await asyncio.wait_for(client.stats(), PROBE_TIMEOUT_SECONDS)
 
 
-def _beat_due(runtime: Runtime) -> Tally:
+def _heartbeat_due(runtime: Runtime) -> Tally:
     ids = runtime.registry.claim_due_heartbeats(
         now=time.time(), limit=BATCH_SIZE, inflight_seconds=REQUEST_TIMEOUT_SECONDS * 2
     )
@@ -115,7 +115,7 @@ def _beat_due(runtime: Runtime) -> Tally:
     found = runtime.registry.get_many(ids)
     runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in found})
     leases = _served(runtime, found)
-    tally = _beat(runtime, [lease for lease in leases if _beaten_by_us(lease)])
+    tally = _send_heartbeats(runtime, [lease for lease in leases if _heartbeated_by_us(lease)])
     for lease in leases:
         if lease.phase == Phase.RELEASING:
             tally.released += _retry_release(runtime, lease.work_id)
@@ -124,7 +124,7 @@ def _beat_due(runtime: Runtime) -> Tally:
 
 def _served(runtime: Runtime, leases: list[Lease]) -> list[Lease]:
     """The leases of environments this fleet serves. One of an environment no longer
-    configured has no key to beat it with: it is not beaten with another environment's key
+    configured has no key to heartbeat it with: it is not heartbeated with another environment's key
     (logged, and due again once its in-flight mark lapses: a worker that serves it may take
     it), and the server hands it out again after its TTL."""
     served = {e.id for e in runtime.environments}
@@ -132,17 +132,17 @@ def _served(runtime: Runtime, leases: list[Lease]) -> list[Lease]:
         if lease.environment_id not in served:
             event("lease of an unknown environment", level=logging.WARNING,
                   work_id=lease.work_id, environment_id=lease.environment_id[:100],
-                  action_taken="not beaten")
+                  action_taken="no heartbeat sent")
     return [lease for lease in leases if lease.environment_id in served]
 
 
-def _beaten_by_us(lease: Lease) -> bool:
-    """A lease whose release keeps failing is still beaten while we hold its token: were it to
+def _heartbeated_by_us(lease: Lease) -> bool:
+    """A lease whose release keeps failing still gets heartbeats while we hold its token: were it to
     lapse, the server would hand the finished session out again."""
     return lease.heartbeats_by == Heartbeater.DISPATCHER and not lease.lost
 
 
-def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
+def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
     tally = Tally()
     if not leases:
         return tally
@@ -171,7 +171,7 @@ def _beat(runtime: Runtime, leases: list[Lease]) -> Tally:
 
 
 def _retry_release(runtime: Runtime, work_id: str) -> int:
-    lease = runtime.registry.get(work_id)  # as the beat just left it (it may be lost now)
+    lease = runtime.registry.get(work_id)  # as the heartbeat just left it (it may be lost now)
     if lease is None or lease.phase != Phase.RELEASING:
         return 0
     return int(runtime.executor.run(lease, ev.ReleaseDue()) is None)
@@ -267,7 +267,7 @@ async def _send_all(
     sender: _Sender, settings: Settings, environments: dict[str, Environment],
     leases: list[Lease]
 ) -> list[tuple[Lease, Heartbeat | WorkAPIError, float]]:
-    """Beat every lease with its own environment's client; all share one limit in flight."""
+    """Heartbeat every lease with its own environment's client; all share one limit in flight."""
     clients = {e: await sender.client(settings, environments[e])
                for e in {lease.environment_id for lease in leases}}
     limit = sender.limit()

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.routing import choose_queue
 from dispatcher.lease import events as ev
-from dispatcher.lease.keys import PollState
 from dispatcher.lease.model import Heartbeater, Kind, Lease, LeaseMode, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
@@ -92,7 +92,7 @@ def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
     leaves the flag standing, and the next tick with a free slot drains on.
     """
     environment = runtime.environment(environment_id).id
-    wanted = runtime.registry.keys.poll_state(PollState.WANTED, environment)
+    wanted = PollKeys(runtime.settings.key_prefix).wanted(environment)
     if wake:
         runtime.redis.set(wanted, 1, ex=WAKE_FLAG_SECONDS)
     claimed = 0
@@ -115,10 +115,10 @@ def drain(runtime: Runtime, *, reclaim_older_than_ms: int, wake: bool,
 
 
 def _drain_cut_short(runtime: Runtime, environment: str, deadline: float) -> bool:
-    """Did the run end before an empty poll: out of time, of slots, or paused by a failure?"""
-    paused = runtime.registry.keys.poll_state(PollState.PAUSED_UNTIL, environment)
+    """Did the run end before an empty poll: out of time, of slots, or paused by a failure or
+    the server's pacing?"""
     return (time.monotonic() >= deadline or _allowance(runtime, environment) <= 0
-            or bool(runtime.redis.exists(paused)))
+            or _paused_for(runtime, environment) > 0)
 
 
 def _allowance(runtime: Runtime, environment: str) -> int:
@@ -129,7 +129,7 @@ def _allowance(runtime: Runtime, environment: str) -> int:
 def _take_lock(runtime: Runtime, environment: str, handover: str | None) -> Lock | None:
     """The environment's poll lock: taken over from a predecessor that handed us its token, or
     taken fresh if nobody holds it. None: another poller holds it."""
-    lock = Lock(runtime.redis, runtime.registry.keys.poll_lock(environment),
+    lock = Lock(runtime.redis, PollKeys(runtime.settings.key_prefix).lock(environment),
                 timeout=POLL_LOCK_SECONDS, thread_local=False)
     if handover is not None:
         lock.local.token = handover.encode()
@@ -157,13 +157,13 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
     claimed = 0
     # The failure count outlives one poller run (each lasts seconds), so a long outage backs
     # off to the cap instead of starting over at half a second every run.
-    failures_key = runtime.registry.keys.poll_state(PollState.FAILURES, environment)
+    failures_key = PollKeys(runtime.settings.key_prefix).failures(environment)
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(environment_id=environment, max_retries=0)
     while time.monotonic() < deadline and not stopping():
         if not _still_ours(lock, environment):
             break
-        if not _wait_out_pause(runtime, environment, deadline):
+        if not _wait_out_pause(runtime, environment, deadline, drain=drain):
             break
         if _allowance(runtime, environment) <= 0:
             if drain:
@@ -182,6 +182,10 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
             continue
         except WorkAPIError as exc:
             delay = delay_for(exc, backoff)
+            # A throttle pauses every member's polls (and list scans) of this environment, not
+            # only this run's: `_wait_out_pause` reads it.
+            runtime.pacing.note(environment, status=exc.status, retry_after=exc.retry_after,
+                                source="poll")
             event("poll failed", level=logging.WARNING, environment_id=environment,
                   status=exc.status, retryable=exc.retryable, delay_seconds=round(delay, 2),
                   error=str(exc))
@@ -216,7 +220,7 @@ def _note_idle(runtime: Runtime, environment: str, *, idle: bool) -> None:
     an item takes it back. Only a fleet of several environments reads it."""
     if len(runtime.environments) < 2:
         return
-    key = runtime.registry.keys.poll_state(PollState.IDLE, environment)
+    key = PollKeys(runtime.settings.key_prefix).idle(environment)
     if idle:
         runtime.redis.set(key, 1, ex=POLL_IDLE_SECONDS)
     else:
@@ -224,27 +228,38 @@ def _note_idle(runtime: Runtime, environment: str, *, idle: bool) -> None:
 
 
 def _pause(runtime: Runtime, environment: str, *, failures: int, seconds: float) -> None:
-    """Record the failure streak and when polling may resume, for this run and the next."""
-    keys = runtime.registry.keys
+    """Record the failure streak and the pause before the next poll, for this run and the
+    next. The pause is the key's life, counted by Redis: no host's clock is read."""
+    keys = PollKeys(runtime.settings.key_prefix)
     pipe = runtime.redis.pipeline(transaction=False)
-    pipe.set(keys.poll_state(PollState.FAILURES, environment), failures,
+    pipe.set(keys.failures(environment), failures,
              ex=POLL_FAILURES_TTL_SECONDS)
-    pipe.set(keys.poll_state(PollState.PAUSED_UNTIL, environment), time.time() + seconds,
+    pipe.set(keys.paused_until(environment), 1,
              px=max(1, int(seconds * 1000)))
     pipe.execute()
 
 
-def _wait_out_pause(runtime: Runtime, environment: str, deadline: float) -> bool:
-    """Sleep through a backoff pause; False if it outlasts this run (the next run waits)."""
-    paused = runtime.registry.keys.poll_state(PollState.PAUSED_UNTIL, environment)
-    until = float(runtime.redis.get(paused) or 0)
-    wait = until - time.time()
+def _paused_for(runtime: Runtime, environment: str) -> float:
+    """Seconds before this environment may be polled: its backoff, or the server's pacing."""
+    paused = PollKeys(runtime.settings.key_prefix).paused_until(environment)
+    backoff_ms = max(0, int(runtime.redis.pttl(paused)))
+    return max(backoff_ms / 1000, runtime.pacing.remaining(environment))
+
+
+def _wait_out_pause(runtime: Runtime, environment: str, deadline: float, *,
+                    drain: bool) -> bool:
+    """Sleep through a pause, at most to the run's end; False if the run must end first.
+
+    A drain never waits (it holds a control slot; its wake-up stands and a later tick drains
+    on). A poller run sleeps, up to its deadline: were it to end at once, its successor would
+    find the same pause and hand over again, a task a moment for the length of the pause."""
+    wait = _paused_for(runtime, environment)
     if wait <= 0:
         return True
-    if time.monotonic() + wait >= deadline:
+    if drain:
         return False
-    time.sleep(wait)
-    return True
+    time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+    return time.monotonic() < deadline
 
 
 def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> bool:

@@ -25,11 +25,15 @@ from dataclasses import dataclass
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
-__all__ = ["RUN_STARTED", "Checked", "Decision", "check", "decide"]
+__all__ = ["REFUSAL_LOG_SECONDS", "RUN_STARTED", "Checked", "Decision",
+           "RefusalSampler", "check", "decide"]
 
 # The one event that asks for a runner (SDK 2.10.0 `BetaWebhookSessionStatusRunStartedEventData`).
 RUN_STARTED = "session.status_run_started"
 _REQUIRED_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+# Refused deliveries are logged one line per this many seconds per kind, counting the ones left
+# out: a flood of forged requests (a thousand a second fit) must not become a flood of lines.
+REFUSAL_LOG_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -104,3 +108,23 @@ def decide(checked: Checked, *, draining: bool, first_delivery: bool | None) -> 
     if checked.event_type != RUN_STARTED:
         return Decision(200, f"ignored {checked.event_type}")
     return Decision(202, "claim requested", wake=True)
+
+
+class RefusalSampler:
+    """Which refusals to log: the first of each kind (status and reason), then one line per
+    REFUSAL_LOG_SECONDS per kind, carrying how many were left out since the last line."""
+
+    def __init__(self, *, window_seconds: float = REFUSAL_LOG_SECONDS) -> None:
+        self.window_seconds = window_seconds
+        self._last: dict[tuple[int, str], float] = {}
+        self._left_out: dict[tuple[int, str], int] = {}
+
+    def note(self, status: int, reason: str, *, now: float) -> int | None:
+        """None: leave this one out; else log it, with the count left out before it."""
+        kind = (status, reason)
+        last = self._last.get(kind)
+        if last is not None and now - last < self.window_seconds:
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._left_out.pop(kind, 0)

@@ -1,4 +1,5 @@
-"""The reference Work API server (`dispatcher emulator`) and the fake session program.
+"""The reference Work API server (`dispatcher emulator`), with the session side the official
+runner reads, and the fake session program.
 
 This package `__init__` imports nothing on purpose: `python -m dispatcher.emulator.fake_session`
 runs as every sandbox of a test fleet and must start in milliseconds, and the `dispatcher` CLI
@@ -13,6 +14,9 @@ Modules, one concept each:
 - `auth`: which credential each endpoint takes
 - `endpoints`: naming a Work API request from its method and path (for faults and the log)
 - `lifecycle`: the work item state machine, pure (no Redis)
+- `agent`: the scripted agent, how a session's event log grows, pure
+- `sessions`: sessions, their event logs and live streams on Redis
+- `session_routes`: the session routes the official runner uses; what is not served
 - `metadata`: metadata merge (`null` deletes) and its limits
 - `records`: the stored work item and its public JSON
 - `store`: the Redis model (streams, consumer groups, hashes, sorted sets)

@@ -62,25 +62,64 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
 def _lease_options(parser: argparse.ArgumentParser) -> None:
     from .config import (
         DEFAULT_TTL_SECONDS,
+        MAX_DELIVERIES,
         MAX_TTL_SECONDS,
         MIN_TTL_SECONDS,
+        SESSIONS_TOKEN_LIFE_SECONDS,
+        UNCLAIMED_LIMIT_SECONDS,
         LeaseExpiry,
+        ServerModel,
+        SessionsToken,
+        StoppingHeartbeat,
         StopResponse,
     )
 
-    parser.add_argument("--lease-expiry", choices=[m.value for m in LeaseExpiry],
-                        default=LeaseExpiry.REALISTIC.value,
-                        help="a lapsed lease: realistic (heartbeated: re-queued; acked but never "
-                             "heartbeated: stranded in starting), requeue, or stop")
-    parser.add_argument("--default-ttl", type=int, default=DEFAULT_TTL_SECONDS,
-                        help="lease TTL when a heartbeat asks for none (s, default %(default)s)")
-    parser.add_argument("--min-ttl", type=int, default=MIN_TTL_SECONDS,
-                        help="desired_ttl_seconds is clamped to [min, max] (default %(default)s)")
-    parser.add_argument("--max-ttl", type=int, default=MAX_TTL_SECONDS,
-                        help="(default %(default)s)")
-    parser.add_argument("--stop-response", choices=[s.value for s in StopResponse],
-                        default=StopResponse.NO_CONTENT.value,
-                        help="stop answers 204 with no body (as observed) or the work object")
+    group = parser.add_argument_group(
+        "the server model", "defaults follow SDK 2.17's model of the service; each switch "
+                            "reaches the other behaviour (docs/emulator.md)")
+    group.add_argument("--server-model", choices=[m.value for m in ServerModel],
+                       default=ServerModel.SDK_217.value,
+                       help="every switch below at once: sdk-2.17 (default) or earlier (the "
+                            "emulator's model before SDK 2.17); a switch given on its own wins")
+    # The switches default to None: unset, the server model decides.
+    group.add_argument("--lease-expiry", choices=[m.value for m in LeaseExpiry],
+                       help="a lapsed lease: stop (the item ends; default) or requeue "
+                            "(delivered again)")
+    group.add_argument("--unclaimed-limit", type=int,
+                       help="an acked item never heartbeated lapses this long after its ack "
+                            f"(s, default {UNCLAIMED_LIMIT_SECONDS}; 0: never, it stays "
+                            "starting)")
+    group.add_argument("--max-deliveries", type=int,
+                       help="an unacked item is delivered at most this often (default "
+                            f"{MAX_DELIVERIES}; 0: no limit)")
+    group.add_argument("--stopping-heartbeat", choices=[m.value for m in StoppingHeartbeat],
+                       help="a heartbeat on a stopping item: refuse (lease_extended false, no "
+                            "new token; default) or extend")
+    group.add_argument("--sessions-token", choices=[m.value for m in SessionsToken],
+                       help="a new sessions token in the secret of every delivery (default), "
+                            "or one per item")
+    group.add_argument("--sessions-token-life", type=int,
+                       help="a sessions token expires this long after its delivery (s, default "
+                            f"{SESSIONS_TOKEN_LIFE_SECONDS}; 0: never)")
+    group.add_argument("--no-claim-unacked", dest="claim_unacked", action="store_const",
+                       const=False, help="a first heartbeat on a polled, unacked item is a 409 "
+                                         "(default: it claims the item)")
+    group.add_argument("--stop-stopped", choices=["noop", "conflict"],
+                       help="a stop of a stopped item: answered as any stop, changing nothing "
+                            "(default), or 409")
+    group.add_argument("--no-should-retry-header", dest="should_retry_header",
+                       action="store_const", const=False,
+                       help="send no x-should-retry: false on refusals a retry cannot change")
+    group.add_argument("--default-ttl", type=int,
+                       help=f"lease TTL when a heartbeat asks for none (s, default "
+                            f"{DEFAULT_TTL_SECONDS})")
+    group.add_argument("--min-ttl", type=int, default=MIN_TTL_SECONDS,
+                       help="desired_ttl_seconds is clamped to [min, max] (default %(default)s)")
+    group.add_argument("--max-ttl", type=int, default=MAX_TTL_SECONDS,
+                       help="(default %(default)s)")
+    group.add_argument("--stop-response", choices=[s.value for s in StopResponse],
+                       default=StopResponse.NO_CONTENT.value,
+                       help="stop answers 204 with no body (as observed) or the work object")
 
 
 def _webhook_options(parser: argparse.ArgumentParser) -> None:
@@ -118,21 +157,24 @@ def _fault_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import EmulatorConfig, LeaseExpiry
+    from .config import EmulatorConfig
     from .faults import FaultSettings
     from .server import serve
 
-    if not 1 <= args.min_ttl <= args.default_ttl <= args.max_ttl:
-        raise SystemExit("dispatcher emulator: need 1 <= --min-ttl <= --default-ttl <= --max-ttl")
     config = EmulatorConfig(
         environment_key=args.environment_key or _generated("environment key", "sk-ant-oat01"),
         api_key=args.api_key or _generated("api key", "sk-ant-api03"),
         redis_url=args.redis_url, key_prefix=args.key_prefix, host=args.host, port=args.port,
-        lease_expiry=LeaseExpiry(args.lease_expiry), default_ttl_seconds=args.default_ttl,
         min_ttl_seconds=args.min_ttl, max_ttl_seconds=args.max_ttl,
         create_environments=tuple(args.create_environment),
         environment_ids=tuple(args.environment_id), webhook_url=args.webhook_url,
-        webhook_signing_key=_signing_key(args))
+        webhook_signing_key=_signing_key(args), **_server_model(args))
+    if not 1 <= config.min_ttl_seconds <= config.default_ttl_seconds <= config.max_ttl_seconds:
+        raise SystemExit("dispatcher emulator: need 1 <= --min-ttl <= --default-ttl <= --max-ttl")
+    if min(config.unclaimed_limit_seconds, config.max_deliveries,
+           config.sessions_token_life_seconds) < 0:
+        raise SystemExit("dispatcher emulator: --unclaimed-limit, --max-deliveries and "
+                         "--sessions-token-life take 0 (off) or more")
     faults = FaultSettings(
         latency_ms=args.latency_ms,
         endpoints=[e.strip() for e in args.fault_endpoints.split(",") if e.strip()] or None,
@@ -142,6 +184,27 @@ def run(args: argparse.Namespace) -> int:
         malformed_rate=args.malformed_rate, lost_reply_rate=args.lost_reply_rate,
         webhook_drop_rate=args.webhook_drop_rate, stop_response=args.stop_response)
     return serve(config, faults, log_level=args.log_level)
+
+
+def _server_model(args: argparse.Namespace) -> dict[str, Any]:
+    """The `EmulatorConfig` fields of `--server-model`, then each switch given on its own."""
+    from .config import MODELS, LeaseExpiry, ServerModel, SessionsToken, StoppingHeartbeat
+
+    given = {
+        "lease_expiry": args.lease_expiry and LeaseExpiry(args.lease_expiry),
+        "unclaimed_limit_seconds": args.unclaimed_limit,
+        "max_deliveries": args.max_deliveries,
+        "stopping_heartbeat": args.stopping_heartbeat
+        and StoppingHeartbeat(args.stopping_heartbeat),
+        "sessions_token": args.sessions_token and SessionsToken(args.sessions_token),
+        "sessions_token_life_seconds": args.sessions_token_life,
+        "claim_unacked": args.claim_unacked,
+        "stop_stopped_noop": None if args.stop_stopped is None else args.stop_stopped == "noop",
+        "should_retry_header": args.should_retry_header,
+        "default_ttl_seconds": args.default_ttl,
+    }
+    chosen = {name: value for name, value in given.items() if value is not None}
+    return {**MODELS[ServerModel(args.server_model)], **chosen}
 
 
 def _signing_key(args: argparse.Namespace) -> str | None:

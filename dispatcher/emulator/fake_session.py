@@ -9,10 +9,13 @@ stdin (as the official CLI hands it over) and behaves as the item's metadata say
     fake.exit_code       exit status when it runs to the end (default 0)
     fake.ignore_sigterm  "1": record SIGTERM but keep running (children ignore it too)
     fake.children        N child processes, forked, in the same process group, sleeping as long
-    fake.heartbeat       "1": runner mode, like `ant beta:worker run`: heartbeat the lease itself
-                         with ANTHROPIC_ENVIRONMENT_KEY at ANTHROPIC_BASE_URL, starting from
-                         ANTHROPIC_WORK_LAST_HEARTBEAT (or NO_HEARTBEAT), every ttl/2; stop when
-                         the server says stopping/stopped; force-stop the item at the end
+    fake.heartbeat       runner mode: heartbeat the lease itself with ANTHROPIC_ENVIRONMENT_KEY at
+                         ANTHROPIC_BASE_URL, starting from ANTHROPIC_WORK_LAST_HEARTBEAT (or
+                         NO_HEARTBEAT), and force-stop the item at the end unless the lease was
+                         lost. "1": as SDK 2.17's `Lease`: a 300 s TTL assumed before the first
+                         reply, a beat every min(ttl/2, 30) s, a stop only on `lease_extended:
+                         false`. "cli": the other shape of runner: a 30 s TTL assumed, a beat
+                         every ttl/2, a stop on `state: stopping|stopped` too
 
 Exit status: `fake.exit_code` when it ran to the end; 0 after a SIGTERM or a server stop (a clean
 shutdown, as the official runner's); 1 when the lease was lost (412).
@@ -46,6 +49,14 @@ RECORDED_ENV = ("ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONM
 TICK_S = 0.02
 # Heartbeat interval floor: a 1 s test TTL still leaves time between beats.
 MIN_BEAT_INTERVAL_S = 0.25
+# SDK 2.17's `Lease`: "The API's default lease TTL", assumed before the first reply, and the
+# longest wait between heartbeats.
+SDK_CLAIM_TTL_S = 300.0
+SDK_MAX_BEAT_INTERVAL_S = 30.0
+# The other shape's TTL assumed before the first reply.
+CLI_CLAIM_TTL_S = 30.0
+# 4xx answers a runner retries (the SDK's `_RETRYABLE_4XX`); any other 4xx loses the lease.
+RETRYABLE_4XX = frozenset({408, 409, 429})
 API_HEADERS = {"anthropic-version": "2026-10-21", "anthropic-beta": "managed-agents-2026-04-01",
                "content-type": "application/json"}
 
@@ -57,6 +68,8 @@ class Plan:
     ignore_sigterm: bool
     children: int
     heartbeat: bool
+    # Runner mode's shape: "sdk" (SDK 2.17's `Lease`) or "cli" (stops on `stopping` too).
+    shape: str
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> Plan:
@@ -64,7 +77,8 @@ class Plan:
                    exit_code=int(meta.get("fake.exit_code", 0)),
                    ignore_sigterm=str(meta.get("fake.ignore_sigterm", "")) == "1",
                    children=int(meta.get("fake.children", 0)),
-                   heartbeat=str(meta.get("fake.heartbeat", "")) == "1")
+                   heartbeat=str(meta.get("fake.heartbeat", "")) in ("1", "cli"),
+                   shape="cli" if str(meta.get("fake.heartbeat", "")) == "cli" else "sdk")
 
 
 class Recorder:
@@ -159,7 +173,8 @@ def _end_children(pids: list[int], *, terminate: bool) -> None:
 class Runner:
     """Runner mode: this program holds the lease, as `ant beta:worker run` does."""
 
-    def __init__(self, work: dict[str, Any], recorder: Recorder, outcome: Outcome) -> None:
+    def __init__(self, work: dict[str, Any], recorder: Recorder, outcome: Outcome,
+                 shape: str = "sdk") -> None:
         self.base = os.environ.get("ANTHROPIC_BASE_URL", "https://api.anthropic.com").rstrip("/")
         environment = os.environ.get("ANTHROPIC_ENVIRONMENT_ID") or work.get("environment_id")
         work_id = os.environ.get("ANTHROPIC_WORK_ID") or work.get("id")
@@ -170,6 +185,7 @@ class Runner:
         self.outcome = outcome
         self.finished = threading.Event()
         self.lease_lost = False
+        self.shape = shape
 
     def start(self) -> None:
         threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True).start()
@@ -181,9 +197,10 @@ class Runner:
             self.recorder.write("stop_sent", status=status)
 
     def _beat_loop(self) -> None:
-        ttl, last_success = 30.0, time.monotonic()
+        ttl = SDK_CLAIM_TTL_S if self.shape == "sdk" else CLI_CLAIM_TTL_S
+        last_success = time.monotonic()
         while not self.finished.is_set():
-            interval = max(MIN_BEAT_INTERVAL_S, ttl / 2)
+            interval = self._interval(ttl)
             query = "expected_last_heartbeat=" + quote(self.token, safe="")
             status, body = self._call("/heartbeat?" + query, None, timeout=interval)
             self.recorder.write("heartbeat", status=status, state=body.get("state"),
@@ -192,13 +209,24 @@ class Runner:
                 last_success = time.monotonic()
                 self.token = body.get("last_heartbeat") or self.token
                 ttl = float(body.get("ttl_seconds") or ttl)
-                if body.get("state") in ("stopping", "stopped") or not body.get("lease_extended"):
+                if self._told_to_stop(body):
                     self.outcome.end("server_stop")
-            elif status == 412 or time.monotonic() - last_success > ttl:
+            elif _lost(status) or time.monotonic() - last_success > ttl:
                 self.lease_lost = True
                 self.outcome.end("lease_lost")
             # The interval of the TTL just granted, not the one assumed before the first reply.
-            self.finished.wait(max(MIN_BEAT_INTERVAL_S, ttl / 2) if status == 200 else interval)
+            self.finished.wait(self._interval(ttl) if status == 200 else interval)
+
+    def _interval(self, ttl: float) -> float:
+        beat = min(ttl / 2, SDK_MAX_BEAT_INTERVAL_S) if self.shape == "sdk" else ttl / 2
+        return max(MIN_BEAT_INTERVAL_S, beat)
+
+    def _told_to_stop(self, reply: dict[str, Any]) -> bool:
+        """SDK 2.17 stops only when the lease is not extended (a `stopping` item whose lease is
+        still extended runs on); the other shape also on the item's state."""
+        if self.shape == "cli" and reply.get("state") in ("stopping", "stopped"):
+            return True
+        return not reply.get("lease_extended")
 
     def _call(self, path: str, body: dict[str, Any] | None,
               timeout: float) -> tuple[int, dict[str, Any]]:
@@ -216,6 +244,11 @@ class Runner:
             return error.code, _json(error.read())
         except (urllib.error.URLError, OSError):
             return 0, {}
+
+
+def _lost(status: int) -> bool:
+    """A 412, or another 4xx a retry cannot change: someone else may hold the item."""
+    return 400 <= status < 500 and status not in RETRYABLE_4XX
 
 
 def _json(raw: bytes) -> dict[str, Any]:
@@ -241,7 +274,7 @@ def main() -> int:
     recorder.write("started", **_started_fields(work))
     deadline = time.time() + plan.duration
     children = _fork_children(plan, recorder, deadline)
-    runner = Runner(work, recorder, outcome) if plan.heartbeat else None
+    runner = Runner(work, recorder, outcome, plan.shape) if plan.heartbeat else None
     if runner:
         runner.start()
     while outcome.reason is None and time.time() < deadline:

@@ -5,6 +5,9 @@ Faults never apply to `/_emulator/*`, `/v1/sessions` or `/v1/environments` (maki
 inspecting the emulator must stay reliable while the Work API misbehaves). Each share is a
 probability in [0, 1], drawn per request; `endpoints` limits every fault to those endpoints.
 Order of the draws: latency, dropped connection, 429, 5xx, malformed body, lost reply.
+`list_limit_max` is no draw: while set, every `list` asking for more items than it is refused
+with the 400 the emulator answers a `limit` out of range, naming the smaller range (a server
+whose page size is capped below the emulator's own 100).
 
 A dropped connection sends nothing: the middleware returns a non-None value from the ASGI call,
 which uvicorn answers by closing the socket without writing a byte (see `server`, which pins the
@@ -19,6 +22,7 @@ import asyncio
 import json
 import random
 from typing import Any
+from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,8 +52,13 @@ class FaultSettings(BaseModel):
     error_rate: float = _Share
     error_status: int = Field(default=500, ge=500, le=599)
     rate_limit_rate: float = _Share
-    retry_after_seconds: float = Field(default=1.0, gt=0, le=60,
-                                       description="Sent as `retry-after` with each 429.")
+    retry_after_seconds: float = Field(
+        default=1.0, gt=0, le=3600,
+        description="Sent as `retry-after` with each 429; up to an hour, past the 60 s the SDK "
+                    "honours, as a server pacing a fleet may ask.")
+    list_limit_max: int | None = Field(
+        default=None, ge=1, le=100,
+        description="`list` refuses a `limit` above this with a 400; null: the usual 1-100.")
     drop_rate: float = _Share
     heartbeat_412_rate: float = Field(
         default=0.0, ge=0.0, le=1.0,
@@ -107,6 +116,10 @@ class FaultMiddleware:
             return await self.app(scope, receive, send)
         if settings.latency_ms:
             await asyncio.sleep(settings.latency_ms / 1000)
+        if match.endpoint == Endpoint.LIST and _over_limit(scope, settings.list_limit_max):
+            note_scope(scope, fault="list_limit")
+            return await _error(scope, send, 400,
+                                f"limit must be 1-{settings.list_limit_max}", {})
         if self.faults.draw(settings.drop_rate):
             note_scope(scope, fault="drop")
             return DROPPED
@@ -125,6 +138,15 @@ class FaultMiddleware:
             await self.app(scope, receive, _discard(scope))
             return DROPPED
         return await self.app(scope, receive, send)
+
+
+def _over_limit(scope: dict[str, Any], most: int | None) -> bool:
+    """Does this `list` ask for more than `most` items? An unreadable limit is the app's to
+    refuse, as it would without the switch."""
+    if most is None:
+        return False
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("limit", [])
+    return bool(values) and values[0].isdigit() and int(values[0]) > most
 
 
 def _discard(scope: dict[str, Any]) -> Any:

@@ -7,6 +7,7 @@ into one of these, and the machine alone says what it means. Grouped by where th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from dispatcher.lease.causes import Outcome, SeenBy, StopCause
 from dispatcher.lease.model import Ending, Lease, StopKind
@@ -47,10 +48,22 @@ __all__ = [
     "SandboxExited",
     "SandboxStartFailed",
     "ServerLease",
+    "ServerState",
     "ServerStopped",
     "StopRequested",
     "Unreadable",
 ]
+
+
+class ServerState(StrEnum):
+    """A work item's state as the server reports it: `workapi.WorkState`'s values, named here
+    so that the machine imports nothing of the Work API client."""
+
+    QUEUED = "queued"  # waiting for a worker to poll it
+    STARTING = "starting"  # acked; nobody heartbeated it yet
+    ACTIVE = "active"  # leased and heartbeated
+    STOPPING = "stopping"  # a stop was asked for
+    STOPPED = "stopped"  # over
 
 
 @dataclass(frozen=True)

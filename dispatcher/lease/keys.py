@@ -1,39 +1,24 @@
-"""Every Redis key the dispatcher writes, in one place, under one prefix.
+"""The lease registry's Redis keys, under the fleet's prefix: what the fleet holds and in what
+state.
 
-The broker's own keys (Celery queues, redbeat) are separate; these are the registry: what the
-fleet holds and in what state. Sharing a Redis with the emulator or another fleet is safe as long
-as prefixes differ.
+Other parts keep their keys beside them, under the same prefix: the poller's
+(`control/poll_keys.py`), the workers' index (`control/capacity.py`), the counters
+(`metrics.py`), the webhook replay guard (`ops/webhook_server.py`) and Celery's own
+(`celery/keys.py`). The stop bridge's sweep state stays here: the registry's scripts read it
+atomically with the lease index. Sharing a Redis with the emulator or another fleet is safe as
+long as prefixes differ.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
-__all__ = ["Keys", "PollState"]
-
-
-class PollState(StrEnum):
-    """One environment's poller state that outlives a poller run (`Keys.poll_state`)."""
-
-    WANTED = "poll-wanted"  # a wake-up: claim now, not at the next watchdog tick
-    FAILURES = "poll-failures"  # the failure streak, so backoff survives a new run
-    PAUSED_UNTIL = "poll-paused-until"  # when polling may resume after a failure
-    IDLE = "poll-idle"  # the last poll found nothing: its share is free for the others
+__all__ = ["Keys"]
 
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str
-
-    @property
-    def metrics(self) -> str:
-        """Hash: the fleet's counters and histograms (`metrics.Metrics`), read by the exporter."""
-        return f"{self.prefix}:metrics"
-
-    def webhook_seen(self, webhook_id: str) -> str:
-        """String: a webhook delivery's id, kept for the replay window so a replay is refused."""
-        return f"{self.prefix}:webhook-seen:{webhook_id}"
 
     def lease(self, work_id: str) -> str:
         """Hash: one held lease (see `model.Lease` for its fields)."""
@@ -83,41 +68,13 @@ class Keys:
         """String: the `list` page the stop bridge's sweep of an environment continues from."""
         return f"{self.prefix}:stop-scan-cursor:{environment_id}"
 
+    def worker(self, hostname: str) -> str:
+        """Hash: a worker's advertised slots, pool, queues and draining flag. Written by
+        `control.capacity`; a lease key because an attempt's pulse reads the draining flag in
+        the same script as its lease."""
+        return f"{self.prefix}:worker:{hostname}"
+
     @property
     def epoch(self) -> str:
         """String: a random id written once; a different or missing one means Redis was reset."""
         return f"{self.prefix}:epoch"
-
-    @property
-    def workers(self) -> str:
-        """Sorted set: worker hostname -> epoch second it last advertised its slots."""
-        return f"{self.prefix}:workers"
-
-    def worker(self, hostname: str) -> str:
-        """Hash: a worker's advertised slots, pool, queues and draining flag."""
-        return f"{self.prefix}:worker:{hostname}"
-
-    def poll_lock(self, environment_id: str) -> str:
-        """String lock: at most one poller in flight per environment, fleet-wide."""
-        return f"{self.prefix}:lock:poll:{environment_id}"
-
-    @property
-    def beat_lock(self) -> str:
-        """String lock (celery-redbeat's): held, with a TTL, by the one beat that ticks."""
-        return f"{self.prefix}:redbeat:lock"
-
-    @property
-    def celery(self) -> str:
-        """Prefix of every key Celery and kombu write (queues, results, pidbox channels), so
-        fleets with different prefixes share one Redis without sharing queues."""
-        return f"{self.prefix}:celery:"
-
-    def task_lock(self, name: str) -> str:
-        """String lock: at most one run of a periodic upkeep task at a time."""
-        return f"{self.prefix}:lock:{name}"
-
-    def poll_state(self, name: PollState, environment_id: str) -> str:
-        """String: one environment's poller state that outlives a run (`PollState`). Per
-        environment: one environment's refused key or empty queue must not pause or starve
-        another's poller."""
-        return f"{self.prefix}:lock:{name}:{environment_id}"

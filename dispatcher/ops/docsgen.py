@@ -1,11 +1,13 @@
-"""Generated documentation: the settings table of docs/configuration.md, from the model, and
-the lease rule table of docs/architecture.md, from the lease machine.
+"""Generated documentation: the settings table of docs/configuration.md, from the model, the
+lease rule table of docs/architecture.md, from the lease machine, and the counter and histogram
+table of docs/operations.md, from `dispatcher.metrics`.
 
 `python -m dispatcher.ops.docsgen > docs/configuration.md` writes the whole page: the prose below
 with the table of `dispatcher.settings.Settings` between the marker comments. The prose lives
 here, not in the Markdown file, because the shell truncates the file before this runs; edit it
 here and regenerate. `python -m dispatcher.ops.docsgen --rules` rewrites the rule table between
-its markers in docs/architecture.md, in place. `tests/unit/test_docs.py` fails when a page and
+its markers in docs/architecture.md, in place; `--metrics` the metrics table in
+docs/operations.md. `tests/unit/test_docs.py` fails when a page and
 the code disagree.
 """
 
@@ -21,14 +23,19 @@ from pydantic.fields import FieldInfo
 
 from dispatcher.settings import Settings
 
-__all__ = ["BEGIN_MARKER", "END_MARKER", "RULES_BEGIN", "RULES_END", "main",
-           "render_configuration", "render_page", "with_rules"]
+__all__ = ["BEGIN_MARKER", "END_MARKER", "METRICS_BEGIN", "METRICS_END", "RULES_BEGIN",
+           "RULES_END", "main", "render_configuration", "render_metrics", "render_page",
+           "with_metrics", "with_rules"]
 
 BEGIN_MARKER = "<!-- BEGIN GENERATED: settings table (python -m dispatcher.ops.docsgen) -->"
 END_MARKER = "<!-- END GENERATED: settings table -->"
 RULES_BEGIN = "<!-- BEGIN GENERATED: lease rules (python -m dispatcher.ops.docsgen --rules) -->"
 RULES_END = "<!-- END GENERATED: lease rules -->"
+METRICS_BEGIN = ("<!-- BEGIN GENERATED: counters and histograms "
+                 "(python -m dispatcher.ops.docsgen --metrics) -->")
+METRICS_END = "<!-- END GENERATED: counters and histograms -->"
 ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+OPERATIONS = ARCHITECTURE.with_name("operations.md")
 UNSET = "unset"
 
 
@@ -109,8 +116,9 @@ Keep these equal on every process of one fleet: `ANTHROPIC_ENVIRONMENT_ID` (or t
 environments file's contents), `ANTHROPIC_BASE_URL`, `DISPATCHER_REDIS_URL`, `DISPATCHER_KEY_PREFIX`,
 `DISPATCHER_SESSION_QUEUES` (the first is the default route; a queue no worker consumes holds
 its sessions), `DISPATCHER_LEASE_MODE` (recorded per lease by the poller on a control worker)
-and `DISPATCHER_MAX_ATTEMPTS`. Give each fleet its own Redis database:
-`DISPATCHER_KEY_PREFIX` separates the lease registry, but not Celery's queues.
+and `DISPATCHER_MAX_ATTEMPTS`. Fleets may share one Redis under different prefixes:
+`DISPATCHER_KEY_PREFIX` separates the lease registry, Celery's queues, results and broadcast
+channels (kombu's `global_keyprefix`) and beat's lock and schedule.
 
 With RabbitMQ as the broker, `DISPATCHER_BROKER_URL` joins that list: every process above that
 reads `DISPATCHER_REDIS_URL` publishes or consumes Celery messages (`dispatcher webhooks` and
@@ -144,7 +152,7 @@ queue = "dispatcher.sessions.gpu"      # optional: its sessions' queue (one of D
 | field | meaning |
 |---|---|
 | `id` | the environment (`env_...`), required |
-| `key` or `key_file` | its environment key, exactly one of the two; a relative `key_file` is read from the file's folder. Refused at start-up, never shown, if it holds whitespace or a control character |
+| `key` or `key_file` | its environment key, exactly one of the two; a relative `key_file` is read from the file's folder. Refused at start-up, never shown, unless it is printable ASCII without spaces; a `key_file` open to its group or others (any of mode `077`) is refused too: make it `0600` or `0400` |
 | `max_sessions` | optional, at least 1: leases of this environment held at once, at most |
 | `queue` | optional: the session queue its items go to unless their `queue` metadata names another declared one; it must be one of `DISPATCHER_SESSION_QUEUES`, and some worker must consume it |
 
@@ -165,7 +173,7 @@ The app sets `-P threads -c 10` as defaults; the command line overrides them.
 |---|---|
 | `-Q dispatcher.sessions` / `-Q dispatcher.control` | the role of a worker; without `-Q` it consumes both (and reserves 2 slots for control tasks) |
 | `-c N` | pool size, hence session slots (see above). Slots are read once at start: prefer a fixed `-c` to `--autoscale` |
-| `-P threads` / `-P prefork` | threads by default (a session only waits on a subprocess); prefork is supported. The default comes from `CELERY_WORKER_POOL`, which Celery's CLI reads as the default of `-P` and which the app sets to `threads` when it is unset (not the `worker_pool` setting, which would silently replace an explicit `-P prefork`); `-P` wins over it, and the `worker ready` line names the pool that runs. An operator stops a running session with a revoke on threads, with `revoke --terminate` (Flower's Terminate) on prefork |
+| `-P threads` / `-P prefork` | threads by default (a session only waits on a subprocess); prefork is supported. The default comes from `CELERY_WORKER_POOL`, which Celery's CLI reads as the default of `-P` and which the app sets to `threads` when it is unset (not the `worker_pool` setting, which would silently replace an explicit `-P prefork`); `-P` wins over it, and the `worker ready` line names the pool that runs. An operator stops a running session with a revoke, with or without `--terminate` (Flower's Revoke or Terminate), on either pool |
 | `-n NAME@%h` | node name; unique per worker process on a host. Slots and the drain flag are kept per node name |
 | `-B` | embedded beat, for a one-host fleet; lock-protected (celery-redbeat), so `-B` on several hosts never doubles ticks |
 | `-l INFO` | lifecycle lines (see [troubleshooting](troubleshooting.md)) are logged at INFO and above |
@@ -205,9 +213,34 @@ def with_rules(page: str) -> str:
     return f"{page[:start]}\n{render()}{page[page.index(RULES_END):]}"
 
 
+def render_metrics() -> str:
+    """Every counter (with its label's values) and histogram (with its buckets)."""
+    from dispatcher.metrics import COUNTERS, HISTOGRAMS, NAMESPACE, OTHER
+
+    rows = ["| metric | label: values | meaning |", "|---|---|---|"]
+    for name, counter in COUNTERS.items():
+        values = ", ".join(f"`{v}`" for v in (*counter.values, OTHER))
+        rows.append(f"| `{NAMESPACE}_{name}_total` | `{counter.label}`: {values} | "
+                    f"{_cell(counter.doc)} |")
+    for name, (doc, buckets) in HISTOGRAMS.items():
+        bounds = ", ".join(f"{b:g}" for b in buckets)
+        rows.append(f"| `{NAMESPACE}_{name}` | buckets (s): {bounds} | {_cell(doc)} |")
+    return "\n".join(rows) + "\n"
+
+
+def with_metrics(page: str) -> str:
+    """`page` with the counter and histogram table between its markers made anew."""
+    start = page.index(METRICS_BEGIN) + len(METRICS_BEGIN)
+    return f"{page[:start]}\n{render_metrics()}{page[page.index(METRICS_END):]}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    if (argv if argv is not None else sys.argv[1:]) == ["--rules"]:
+    args = argv if argv is not None else sys.argv[1:]
+    if args == ["--rules"]:
         ARCHITECTURE.write_text(with_rules(ARCHITECTURE.read_text()))
+        return 0
+    if args == ["--metrics"]:
+        OPERATIONS.write_text(with_metrics(OPERATIONS.read_text()))
         return 0
     sys.stdout.write(render_page())
     return 0

@@ -23,62 +23,48 @@ Exit codes (the same for every command; also in `dispatcher --help`):
     4  the work item does not exist (404)
     5  status --check: the fleet cannot work (each problem on its own line)
 
-Imports only the standard library at module level, as `dispatcher.ops.cli` asks.
+Imports only the standard library (and the commands' shared frame, `dispatcher.ops.output`,
+and `dispatcher.ops.status`, which import nothing else) at module level, as
+`dispatcher.ops.cli` asks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from redis import Redis
+from dispatcher.ops import status
+from dispatcher.ops.output import (
+    EXIT_CODES,
+    EXIT_OK,
+    UsageError,
+    command,
+    connect_redis,
+    print_json,
+    read_settings,
+    redis_options,
+    table,
+)
 
+if TYPE_CHECKING:
     from dispatcher.settings import Settings
     from dispatcher.workapi import Work, WorkClient
 
 __all__ = ["EXIT_CODES", "register"]
 
-EXIT_OK = 0
-EXIT_API_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_NOT_FOUND = 4
-EXIT_UNHEALTHY = 5
-EXIT_CODES = """\
-exit codes of the operator commands (status, stats, list, show, stop, update, metrics):
-  0  ok (stopping an item that is already stopped is ok too)
-  1  the API answered with an error (a bad key's 401/403, a refused request, 5xx)
-  2  usage or configuration error; a missing key names its variable
-  3  unreachable: no answer from the server (or from Redis, for status and metrics)
-  4  the work item does not exist (404)
-  5  status --check: the fleet cannot work (each problem on its own line)"""
-
 # An operator waits for one retry, not for the fleet's patient policy.
 CLI_RETRIES = 1
-REDIS_TIMEOUT_SECONDS = 5.0
 # Not celery-exporter's 9808 (a Celery host often runs it), nor redis_exporter's 9121,
 # node_exporter's 9100 or statsd_exporter's 9102, which may share the host. Prometheus' list of
 # exporter ports (9100-9999) is full, so no port there is free of every exporter.
 DEFAULT_METRICS_PORT = 9818
 
-Action = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    """The command line cannot be acted on; the message says why."""
-
 
 # --- registration -----------------------------------------------------------------------------
 def register(subcommands: Any) -> None:
-    from dispatcher.ops import status  # it imports this module's helpers
-
     status.register(subcommands)
     _stats_parser(subcommands)
     _list_parser(subcommands)
@@ -88,32 +74,16 @@ def register(subcommands: Any) -> None:
     _metrics_parser(subcommands)
 
 
-def _command(subcommands: Any, name: str, action: Action, help: str, description: str,
-             *, json_flag: bool = True) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subcommands.add_parser(
-        name, help=help, description=description, epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    if json_flag:
-        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    parser.set_defaults(handler=partial(_guarded, name, action))
-    return parser
-
-
-def _redis_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="default: $DISPATCHER_REDIS_URL")
-    parser.add_argument("--key-prefix", help="default: $DISPATCHER_KEY_PREFIX")
-
-
 def _stats_parser(subcommands: Any) -> None:
-    _command(subcommands, "stats", _stats, "the server's work queue stats",
-             "Queue depth, pending items, the oldest queued item and polling workers of "
-             "$ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
+    command(subcommands, "stats", _stats, "the server's work queue stats",
+            "Queue depth, pending items, the oldest queued item and polling workers of "
+            "$ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
 
 
 def _list_parser(subcommands: Any) -> None:
-    parser = _command(subcommands, "list", _list, "list work items",
-                      "Work items of $ANTHROPIC_ENVIRONMENT_ID, newest first. Takes "
-                      "ANTHROPIC_ENVIRONMENT_KEY (the server refuses an organisation key).")
+    parser = command(subcommands, "list", _list, "list work items",
+                     "Work items of $ANTHROPIC_ENVIRONMENT_ID, newest first. Takes "
+                     "ANTHROPIC_ENVIRONMENT_KEY (the server refuses an organisation key).")
     parser.add_argument("--limit", type=int, help="page size (the server's default if unset)")
     parser.add_argument("--page", help="the page token a previous list printed")
     parser.add_argument("--all", action="store_true", help="follow next_page to the end")
@@ -123,25 +93,25 @@ def _list_parser(subcommands: Any) -> None:
 
 
 def _show_parser(subcommands: Any) -> None:
-    parser = _command(subcommands, "show", _show, "show one work item",
-                      "One work item of $ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_API_KEY "
-                      "(the server refuses the environment key).")
+    parser = command(subcommands, "show", _show, "show one work item",
+                     "One work item of $ANTHROPIC_ENVIRONMENT_ID. Takes ANTHROPIC_API_KEY "
+                     "(the server refuses the environment key).")
     parser.add_argument("work_id", metavar="WORK_ID")
 
 
 def _stop_parser(subcommands: Any) -> None:
-    parser = _command(subcommands, "stop", _stop, "stop one work item",
-                      "Ask the server to stop a work item: graceful (the fleet sends SIGTERM, "
-                      "waits the grace period, then SIGKILL) or --force (SIGKILL now). Takes "
-                      "ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
+    parser = command(subcommands, "stop", _stop, "stop one work item",
+                     "Ask the server to stop a work item: graceful (the fleet sends SIGTERM, "
+                     "waits the grace period, then SIGKILL) or --force (SIGKILL now). Takes "
+                     "ANTHROPIC_ENVIRONMENT_KEY or ANTHROPIC_API_KEY.")
     parser.add_argument("work_id", metavar="WORK_ID")
     parser.add_argument("--force", action="store_true", help="stop at once, no grace period")
 
 
 def _update_parser(subcommands: Any) -> None:
-    parser = _command(subcommands, "update", _update, "change a work item's metadata",
-                      "Upsert metadata: `key=value` sets a value, `key=` sets the empty string, "
-                      "`--delete key` removes the key. Takes ANTHROPIC_API_KEY.")
+    parser = command(subcommands, "update", _update, "change a work item's metadata",
+                     "Upsert metadata: `key=value` sets a value, `key=` sets the empty string, "
+                     "`--delete key` removes the key. Takes ANTHROPIC_API_KEY.")
     parser.add_argument("work_id", metavar="WORK_ID")
     parser.add_argument("changes", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--delete", action="append", default=[], metavar="KEY",
@@ -149,73 +119,22 @@ def _update_parser(subcommands: Any) -> None:
 
 
 def _metrics_parser(subcommands: Any) -> None:
-    parser = _command(subcommands, "metrics", _metrics, "serve the fleet's Prometheus metrics",
-                      "Serve /metrics (the same exporter as a worker started with "
-                      "DISPATCHER_METRICS_PORT) until SIGTERM or Ctrl-C. Server gauges need "
-                      "ANTHROPIC_ENVIRONMENT_ID and a key, or DISPATCHER_ENVIRONMENTS_FILE (one "
-                      "set per environment); without them they are left out.",
-                      json_flag=False)
+    parser = command(subcommands, "metrics", _metrics, "serve the fleet's Prometheus metrics",
+                     "Serve /metrics (the same exporter as a worker started with "
+                     "DISPATCHER_METRICS_PORT) until SIGTERM or Ctrl-C. Server gauges need "
+                     "ANTHROPIC_ENVIRONMENT_ID and a key, or DISPATCHER_ENVIRONMENTS_FILE (one "
+                     "set per environment); without them they are left out.",
+                     json_flag=False)
     parser.add_argument("--port", type=int, default=None,
                         help=f"default: $DISPATCHER_METRICS_PORT or {DEFAULT_METRICS_PORT}; "
                              "0 picks a free port")
     parser.add_argument("--host", default=None,
                         help="default: $DISPATCHER_METRICS_HOST or 127.0.0.1; 0.0.0.0 for a "
                              "scraper on another host")
-    _redis_options(parser)
+    redis_options(parser)
 
 
-# --- errors -> exit codes ---------------------------------------------------------------------
-def _guarded(name: str, action: Action, args: argparse.Namespace) -> int:
-    """Run a command; turn what went wrong into one line on stderr and an exit code."""
-    try:
-        return action(args)
-    except Exception as exc:  # sorted below; anything else is re-raised
-        code = _failure(name, args, exc)
-        if code is None:
-            raise
-        return code
-
-
-def _failure(name: str, args: argparse.Namespace, exc: Exception) -> int | None:
-    """The exit code of a known failure, None for a bug. The error types are imported only
-    when something failed: the Work API client's imports (httpx) cost a quarter of a second,
-    which `status --check`, a health probe that reads Redis alone, must not pay."""
-    from redis.exceptions import RedisError
-
-    from dispatcher.settings import SettingsError
-    from dispatcher.workapi import MissingCredentialError, NotFoundError, WorkAPIError
-    from dispatcher.workapi.models import InvalidId  # a WORK_ID like `..`, before any request
-
-    if isinstance(exc, UsageError | SettingsError | MissingCredentialError | InvalidId):
-        return _fail(name, args, EXIT_USAGE, "usage", str(exc))
-    if isinstance(exc, NotFoundError):
-        return _fail(name, args, EXIT_NOT_FOUND, "not_found", exc.message, exc.status)
-    if isinstance(exc, WorkAPIError):
-        if exc.status is None:
-            return _fail(name, args, EXIT_UNREACHABLE, "unreachable", exc.message)
-        return _fail(name, args, EXIT_API_ERROR, exc.error_type or "api_error", exc.message,
-                     exc.status)
-    if isinstance(exc, RedisError):  # refused, timed out, or not Redis at all: nothing to read
-        return _fail(name, args, EXIT_UNREACHABLE, "unreachable", f"Redis: {exc}")
-    return None
-
-
-def _fail(name: str, args: argparse.Namespace, code: int, kind: str, message: str,
-          status: int | None = None) -> int:
-    print(f"dispatcher {name}: {message}", file=sys.stderr)
-    if getattr(args, "json", False):
-        _print_json({"error": {"type": kind, "message": message, "status": status,
-                               "exit_code": code}})
-    return code
-
-
-# --- the edges: settings, Redis, the client ---------------------------------------------------
-def _settings() -> Settings:
-    from dispatcher.settings import load_settings
-
-    return load_settings()
-
-
+# --- the edges: the Work API client ---------------------------------------------------------
 def _client(settings: Settings, **overrides: Any) -> WorkClient:
     from dispatcher.settings import SettingsError
     from dispatcher.workapi import WorkClient
@@ -226,52 +145,6 @@ def _client(settings: Settings, **overrides: Any) -> WorkClient:
         raise SettingsError(f"ANTHROPIC_BASE_URL is invalid: {exc}") from None
 
 
-def _redis(settings: Settings, args: argparse.Namespace,
-           timeout: float = REDIS_TIMEOUT_SECONDS) -> tuple[Redis, str]:
-    """A Redis connection that is known to answer, and the key prefix."""
-    from redis import Redis
-
-    url = args.redis_url or settings.redis_url
-    try:
-        redis = Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
-                               socket_connect_timeout=timeout)
-    except ValueError as exc:
-        raise UsageError(f"DISPATCHER_REDIS_URL is invalid: {exc}") from None
-    redis.ping()
-    return redis, args.key_prefix or settings.key_prefix
-
-
-# --- output -----------------------------------------------------------------------------------
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in cells)
-
-
-def _cell(value: object) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def _duration(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
-    if seconds < 60:
-        return f"{sign}{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{sign}{int(seconds // 60)}m{int(seconds % 60):02d}s"
-    return f"{sign}{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
-
-
 def _work_dict(work: Work) -> dict[str, Any]:
     """A work item for printing: never its `secret` (null on these paths anyway)."""
     return work.model_dump(mode="json", exclude={"secret"})
@@ -279,13 +152,13 @@ def _work_dict(work: Work) -> dict[str, Any]:
 
 # --- the operator endpoints -------------------------------------------------------------------
 def _stats(args: argparse.Namespace) -> int:
-    with _client(_settings()) as client:
+    with _client(read_settings()) as client:
         stats = client.stats()
     body = stats.model_dump(mode="json")
     if args.json:
-        _print_json(body)
+        print_json(body)
     else:
-        print(_table(["FIELD", "VALUE"], [[k, body.get(k)] for k in
+        print(table(["FIELD", "VALUE"], [[k, body.get(k)] for k in
                                           ("depth", "pending", "oldest_queued_at",
                                            "workers_polling")]))
     return EXIT_OK
@@ -294,15 +167,15 @@ def _stats(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    with _client(_settings()) as client:
+    with _client(read_settings()) as client:
         items, next_page = _list_items(client, limit=args.limit, page=args.page, every=args.all)
     if args.state:
         items = [work for work in items if work.state in set(args.state)]
     if args.json:
-        _print_json({"data": [_work_dict(w) for w in items], "next_page": next_page})
+        print_json({"data": [_work_dict(w) for w in items], "next_page": next_page})
         return EXIT_OK
-    print(_table(["WORK ID", "STATE", "TYPE", "SESSION ID", "CREATED", "STOP REQUESTED"],
-                 [[w.id, w.state, w.data.type, w.data.id, w.created_at, w.stop_requested_at]
+    print(table(["WORK ID", "STATE", "TYPE", "SESSION ID", "CREATED", "STOP REQUESTED"],
+                [[w.id, w.state, w.data.type, w.data.id, w.created_at, w.stop_requested_at]
                   for w in items]))
     if next_page:
         print(f"more: --page {next_page}")
@@ -321,7 +194,7 @@ def _list_items(client: WorkClient, *, limit: int | None, page: str | None,
 
 
 def _show(args: argparse.Namespace) -> int:
-    with _client(_settings()) as client:
+    with _client(read_settings()) as client:
         work = client.get(args.work_id)
     _print_work(work, as_json=args.json)
     return EXIT_OK
@@ -330,28 +203,29 @@ def _show(args: argparse.Namespace) -> int:
 def _print_work(work: Work, *, as_json: bool) -> None:
     body = _work_dict(work)
     if as_json:
-        _print_json(body)
+        print_json(body)
         return
     fields = ["id", "state", "environment_id", "created_at", "acknowledged_at", "started_at",
               "latest_heartbeat_at", "stop_requested_at", "stopped_at"]
     rows: list[list[object]] = [[f, body.get(f)] for f in fields]
     rows.insert(2, ["data", f"{work.data.type} {work.data.id}"])
     rows += [[f"metadata.{k}", repr(v)] for k, v in sorted(work.metadata.items())]
-    print(_table(["FIELD", "VALUE"], rows))
+    print(table(["FIELD", "VALUE"], rows))
 
 
 def _stop(args: argparse.Namespace) -> int:
     from dispatcher.workapi import ConflictError
 
-    already = False
     work: Work | None = None
-    with _client(_settings()) as client:
+    with _client(read_settings()) as client:
+        already = _stopped_already(client, args.work_id)
         try:
-            work = client.stop(args.work_id, force=args.force)
+            if not already:
+                work = client.stop(args.work_id, force=args.force)
         except ConflictError:
             already = True  # 409: the item is stopped already, which is what was asked
     if args.json:
-        _print_json({"work_id": args.work_id, "force": args.force, "already_stopped": already,
+        print_json({"work_id": args.work_id, "force": args.force, "already_stopped": already,
                      "work": _work_dict(work) if work is not None else None})
     elif already:
         print(f"{args.work_id} was already stopped")
@@ -360,9 +234,20 @@ def _stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _stopped_already(client: WorkClient, work_id: str) -> bool:
+    """Whether the item is stopped, read first when the organisation key allows it: a server may
+    answer a stop of a stopped item as any other (SDK 2.17's model), or with a 409."""
+    from dispatcher.workapi import MissingCredentialError
+
+    try:
+        return client.get(work_id).state == "stopped"
+    except MissingCredentialError:
+        return False  # only the environment key: the stop's 409, if any, tells
+
+
 def _update(args: argparse.Namespace) -> int:
     changes = _metadata_changes(args.changes, args.delete)
-    with _client(_settings()) as client:
+    with _client(read_settings()) as client:
         work = client.update(args.work_id, changes)
     _print_work(work, as_json=args.json)
     return EXIT_OK
@@ -391,8 +276,8 @@ def _metrics(args: argparse.Namespace) -> int:
     from dispatcher.lease.registry import LeaseRegistry
     from dispatcher.metrics import FleetCollector, Metrics, ServerStats, serve
 
-    settings = _settings()
-    redis, prefix = _redis(settings, args)
+    settings = read_settings()
+    redis, prefix = connect_redis(settings, args)
     port = args.port if args.port is not None else (settings.metrics_port or DEFAULT_METRICS_PORT)
     host = args.host or settings.metrics_host
     servers = {c.environment_id: ServerStats(c) for c in _exporter_clients(settings)}

@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.lease.model import Heartbeater, Phase
-from dispatcher.ops.operator_cli import (
+from dispatcher.ops.output import (
     EXIT_OK,
     EXIT_UNHEALTHY,
     UsageError,
-    _command,
-    _duration,
-    _print_json,
-    _redis,
-    _redis_options,
-    _settings,
-    _table,
+    command,
+    connect_redis,
+    duration,
+    print_json,
+    read_settings,
+    redis_options,
+    table,
 )
 
 if TYPE_CHECKING:
@@ -53,14 +53,14 @@ REDRAW = "\033[H\033[J"
 
 
 def register(subcommands: Any) -> None:
-    parser = _command(subcommands, "status", _status, "the fleet as its lease registry sees it",
-                      "Leases held (phase, attempt, worker, heartbeat, time to lease expiry, "
-                      "stop flag) and workers (slots, used, free, draining), read from Redis "
-                      "($DISPATCHER_REDIS_URL, keys under $DISPATCHER_KEY_PREFIX). Needs no "
-                      "API key. --check exits 5 when the fleet cannot work: no live session "
-                      "slot, beat's lock not held, or a lease overdue for its heartbeat; 3 "
-                      "when Redis does not answer within "
-                      f"{CHECK_REDIS_TIMEOUT_SECONDS} s.")
+    parser = command(subcommands, "status", _status, "the fleet as its lease registry sees it",
+                     "Leases held (phase, attempt, worker, heartbeat, time to lease expiry, "
+                     "stop flag) and workers (slots, used, free, draining), read from Redis "
+                     "($DISPATCHER_REDIS_URL, keys under $DISPATCHER_KEY_PREFIX). Needs no "
+                     "API key. --check exits 5 when the fleet cannot work: no live session "
+                     "slot, beat's lock not held, or a lease overdue for its heartbeat; 3 "
+                     "when Redis does not answer within "
+                     f"{CHECK_REDIS_TIMEOUT_SECONDS} s.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
                       help="a health check: exit 0 if the fleet can work, else 5 (or 3)")
@@ -68,7 +68,7 @@ def register(subcommands: Any) -> None:
                       help="redraw the status in place until Ctrl-C")
     parser.add_argument("--interval", type=float, default=DEFAULT_WATCH_SECONDS,
                         help="seconds between redraws with --watch (default: %(default)s)")
-    _redis_options(parser)
+    redis_options(parser)
 
 
 # --- the decision: pure, tested by a table ----------------------------------------------------
@@ -116,11 +116,11 @@ def _overdue(lease: Lease, now: float) -> bool:
 def _status(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise UsageError("--interval must be above 0 seconds")
-    settings = _settings()
+    settings = read_settings()
     if args.check:
-        redis, prefix = _redis(settings, args, timeout=CHECK_REDIS_TIMEOUT_SECONDS)
+        redis, prefix = connect_redis(settings, args, timeout=CHECK_REDIS_TIMEOUT_SECONDS)
         return _check(redis, prefix, as_json=args.json)
-    redis, prefix = _redis(settings, args)
+    redis, prefix = connect_redis(settings, args)
     if not args.watch:
         _show(redis, prefix, as_json=args.json)
         return EXIT_OK
@@ -136,19 +136,20 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _read(redis: Redis, prefix: str) -> FleetView:
+    from dispatcher.celery.keys import CeleryKeys
     from dispatcher.control.capacity import Capacity
-    from dispatcher.lease.keys import Keys
     from dispatcher.lease.registry import LeaseRegistry
 
     return FleetView(leases=LeaseRegistry(redis, prefix=prefix).all(),
                      workers=Capacity(redis, prefix=prefix).workers(),
-                     beat_lock_held=bool(redis.exists(Keys(prefix).beat_lock)), now=time.time())
+                     beat_lock_held=bool(redis.exists(CeleryKeys(prefix).beat_lock)),
+                     now=time.time())
 
 
 def _check(redis: Redis, prefix: str, *, as_json: bool) -> int:
     found = problems(_read(redis, prefix))
     if as_json:
-        _print_json({"ok": not found, "problems": found, "key_prefix": prefix})
+        print_json({"ok": not found, "problems": found, "key_prefix": prefix})
     else:
         for line in found:
             print(f"dispatcher status: {line}", file=sys.stderr)
@@ -163,7 +164,7 @@ def _show(redis: Redis, prefix: str, *, as_json: bool) -> None:
               "workers": [_worker_row(worker, view.leases, view.now) for worker in view.workers],
               "summary": _summary(view.leases, view.workers), "key_prefix": prefix}
     if as_json:
-        _print_json(report)
+        print_json(report)
     else:
         print(_status_text(report))
 
@@ -209,17 +210,17 @@ def _status_text(report: dict[str, Any]) -> str:
     lines = [f"{summary['leases_held']} leases held; {summary['live_workers']} live workers, "
              f"{summary['slots_free']} of {summary['slots_total']} slots free "
              f"(prefix {report['key_prefix']})", ""]
-    lines.append(_table(
+    lines.append(table(
         ["WORK ID", "SESSION ID", "PHASE", "ATTEMPT", "WORKER", "AGE", "HEARTBEAT", "EXPIRES IN",
          "STOP"],
         [[r["work_id"], r["session_id"], r["phase"], r["attempt"], r["worker"],
-          _duration(r["age_seconds"]), _duration(r["heartbeat_age_seconds"]),
-          _duration(r["expires_in_seconds"]), _stop_text(r)] for r in report["leases"]]))
+          duration(r["age_seconds"]), duration(r["heartbeat_age_seconds"]),
+          duration(r["expires_in_seconds"]), _stop_text(r)] for r in report["leases"]]))
     lines.append("")
-    lines.append(_table(
+    lines.append(table(
         ["WORKER", "SLOTS", "USED", "FREE", "POOL", "DRAINING", "LAST SEEN"],
         [[r["hostname"], r["slots"], r["used"], r["free"], r["pool"], r["draining"],
-          _duration(r["last_seen_seconds"])] for r in report["workers"]]))
+          duration(r["last_seen_seconds"])] for r in report["workers"]]))
     return "\n".join(lines)
 
 

@@ -6,6 +6,11 @@ needs: the fleet's live slots and the replay record in Redis, and the `claim_now
 publishes on the control queue. The answer goes back as soon as the task is published, never
 after the claim, so a slow Work API cannot make the sender time out and deliver again.
 
+Wake-ups are coalesced: a delivery publishes one only if none is pending (a Redis flag that
+the wake-up clears as it starts, `PollKeys.wake_pending`), so a burst of ten thousand
+deliveries puts one task on the control queue, not ten thousand ahead of the heartbeat ticks.
+Refusals are logged one line per kind per REFUSAL_LOG_SECONDS, with the count left out.
+
 The process holds the signing key and the broker's URL, never the environment key: it cannot
 call the Work API, only ask the fleet to.
 """
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
@@ -30,8 +37,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dispatcher.control.capacity import Capacity
-from dispatcher.control.webhooks import Decision, check, decide
-from dispatcher.lease.keys import Keys
+from dispatcher.control.poll_keys import PollKeys
+from dispatcher.control.webhooks import (
+    Decision,
+    RefusalSampler,
+    check,
+    decide,
+)
 from dispatcher.logs import event, logger
 from dispatcher.settings import Settings, SettingsError
 
@@ -59,6 +71,9 @@ class Receiver:
         self.capacity = Capacity(redis, prefix=prefix)
         self.publish = publish
         self.stopping = False  # set at SIGTERM: answer 503 so the sender delivers again later
+        self._pending_key = PollKeys(prefix).wake_pending
+        self._refusals = RefusalSampler()
+        self._refusals_lock = threading.Lock()  # answers run on the thread pool
 
     def answer(self, body: bytes, headers: Mapping[str, str]) -> Decision:
         checked = check(body, headers, self.webhook)
@@ -83,12 +98,13 @@ class Receiver:
         """Claim once as the receiver starts: deliveries sent while it was down were lost, and
         the sweep would find their sessions only a sweep later."""
         try:
-            self.publish()
-        except OperationalError as exc:
+            self._publish_once()
+        except (RedisError, OperationalError) as exc:
             event("webhook wake-up failed", level=logging.WARNING, error=str(exc))
 
     def _seen_key(self, webhook_id: str) -> str:
-        return Keys(self.prefix).webhook_seen(webhook_id)
+        """String: a delivery's id, kept for the replay window so a replay is refused."""
+        return f"{self.prefix}:webhook-seen:{webhook_id}"
 
     def _record(self, webhook_id: str) -> bool:
         """True if this id is new; it is remembered for the replay window."""
@@ -97,21 +113,37 @@ class Receiver:
 
     def _wake(self, webhook_id: str) -> None:
         try:
-            self.publish()
+            self._publish_once()
         except OperationalError:
             # Not published: forget the id, so the sender's retry is a first delivery again.
             self.redis.delete(self._seen_key(webhook_id))
             raise
 
-    @staticmethod
-    def _log(decision: Decision, webhook_id: str, session_id: str) -> None:
+    def _publish_once(self) -> None:
+        """Publish a wake-up unless one is pending: the pending one has not started yet, so
+        its drain will see whatever this delivery announced. The flag lapses with the task's
+        own expiry: a wake-up nobody took leaves no flag behind to swallow the next."""
+        if not self.redis.set(self._pending_key, 1, nx=True, ex=CLAIM_EXPIRES_SECONDS):
+            return
+        try:
+            self.publish()
+        except OperationalError:
+            self.redis.delete(self._pending_key)
+            raise
+
+    def _log(self, decision: Decision, webhook_id: str, session_id: str) -> None:
         if decision.wake:
             event("webhook accepted", webhook_id=webhook_id, session_id=session_id)
         elif decision.status < 300:
             event("webhook ignored", webhook_id=webhook_id or None, reason=decision.reason)
         else:
-            event("webhook refused", level=logging.WARNING, status=decision.status,
-                  webhook_id=webhook_id or None, reason=decision.reason)
+            with self._refusals_lock:
+                left_out = self._refusals.note(decision.status, decision.reason,
+                                               now=time.monotonic())
+            if left_out is not None:
+                event("webhook refused", level=logging.WARNING, status=decision.status,
+                      webhook_id=webhook_id or None, reason=decision.reason,
+                      left_out=left_out or None)
 
 
 def create_app(receiver: Receiver) -> Starlette:
@@ -151,8 +183,8 @@ def _receiver(settings: Settings, webhook: Webhook) -> Receiver:
     from dispatcher.runtime import REDIS_SOCKET_TIMEOUT_SECONDS
 
     def publish() -> object:
-        return app.send_task(names.CLAIM_NOW, queue=names.CONTROL_QUEUE,
-                             expires=CLAIM_EXPIRES_SECONDS)
+        return app.send_task(names.CLAIM_NOW, kwargs={"wakeup": True},
+                             queue=names.CONTROL_QUEUE, expires=CLAIM_EXPIRES_SECONDS)
 
     redis = Redis.from_url(settings.redis_url, decode_responses=True,
                            socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,

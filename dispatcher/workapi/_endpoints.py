@@ -35,7 +35,7 @@ from dispatcher.workapi.models import (
     check_id,
     dump_metadata,
 )
-from dispatcher.workapi.retry import Backoff, delay_for
+from dispatcher.workapi.retry import WAIT_IN_CALL_SECONDS, Backoff, delay_for
 
 __all__ = ["ANTHROPIC_VERSION", "BETA", "POLL_BLOCK_MS_MAX", "Call", "WorkAPI"]
 
@@ -315,6 +315,8 @@ class WorkAPI:
         if not exc.retryable or failures > self.max_retries:
             return None
         delay = delay_for(exc, backoff)
+        if delay > WAIT_IN_CALL_SECONDS:
+            return None  # the caller paces the environment (control/pacing)
         fields = {"endpoint": exc.endpoint, "status": exc.status, "attempt": failures,
                   "max_retries": self.max_retries, "delay_seconds": round(delay, 3)}
         logger.warning(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RETRY_BASE_SECONDS",
     "RETRY_CAP_SECONDS",
+    "WAIT_IN_CALL_SECONDS",
     "Backoff",
     "classify",
     "delay_for",
@@ -29,9 +30,15 @@ __all__ = [
 
 RETRY_BASE_SECONDS = 0.5  # the SDK's INITIAL_RETRY_DELAY
 RETRY_CAP_SECONDS = 8.0  # the SDK's MAX_RETRY_DELAY
-# A server's retry-after is honoured only inside (0, 60] s, as the SDK does: a longer or
-# nonsensical value would stall a poll or heartbeat loop far beyond a lease's TTL.
-MAX_RETRY_AFTER_SECONDS = 60.0
+# A server's retry-after is read up to an hour. It is the server's pacing and is honoured in
+# full by the whole fleet (control/pacing: a shared "throttled until" per environment), not by a
+# sleeping call, so a long value stalls no loop. Past an hour the value is taken for a broken
+# header (a misparsed date), as a rate limit's window is seconds to minutes.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+# A call retries in place only after a wait this short, as the SDK does (it honours 60 s at
+# most); a longer retry-after ends the call, and its caller waits the time out with the fleet
+# instead of holding a worker slot asleep.
+WAIT_IN_CALL_SECONDS = 60.0
 # 2.0 ** 1024 overflows a float (anthropic-sdk-python#1761); any cap is reached long before.
 _MAX_EXPONENT = 32
 # 4xx statuses that are passing trouble: request timeout, conflict, rate limit.

@@ -1,27 +1,24 @@
-"""Fixtures of the acceptance tests (the fleet itself lives in fleet.py)."""
+"""Fixtures of the acceptance tests (the fleet itself lives in tests/support/fleet.py)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-import redis
-from engine import ensure_engine, ensure_image
-from fleet import AMQP, FLEET_REDIS_DB, REDIS, Fleet
+
+from tests.support.engine import ensure_engine, ensure_image
+from tests.support.fleet import AMQP, REDIS, Fleet, flush_fleet_db
 
 
 @pytest.fixture
 def fleet(request: pytest.FixtureRequest, emulator: Any, tmp_path: Path) -> Iterator[Fleet]:
     """A fleet on Redis; on RabbitMQ (a vhost of its own, Redis still the registry) for a test
-    parametrized with `on_brokers` (fleet.py)."""
-    base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
-    with redis.Redis.from_url(f"{base}/{FLEET_REDIS_DB}") as r:
-        r.flushdb()
-    f = Fleet(emulator, tmp_path, base)
+    parametrized with `on_brokers`."""
+    flush_fleet_db()
+    f = Fleet(emulator, tmp_path)
     if getattr(request, "param", REDIS) == AMQP:
         f.overrides["DISPATCHER_BROKER_URL"] = request.getfixturevalue("rabbitmq_vhost")()
     try:

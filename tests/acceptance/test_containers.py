@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet import Fleet, wait_for
 
 from dispatcher.session.container import engine as engine_client
 from dispatcher.settings import Settings
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.isolation import DEMO_DB, redis_url
 
 pytestmark = pytest.mark.acceptance
 
@@ -15,8 +18,10 @@ DISPATCHER = str(Path(sys.executable).with_name("dispatcher"))
 
 
 def test_the_demo_runs_every_kind_of_session_and_cleans_up(tmp_path: Path) -> None:
+    env = {**os.environ, "DISPATCHER_REDIS_URL": redis_url(DEMO_DB)}  # the tests' Redis
     done = subprocess.run([DISPATCHER, "demo", "--json", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+                          env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["ok"]

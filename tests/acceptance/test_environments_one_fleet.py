@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet import Fleet, wait_for
 
 from dispatcher.workapi import WorkClient
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -49,6 +50,7 @@ def served(fleet: Fleet, tmp_path: Path) -> Iterator[tuple[Environment, Environm
     """A combined worker with beat serving two environments, b with a maximum."""
     a, b = Environment(fleet, "a"), Environment(fleet, "b")
     (tmp_path / "a.key").write_text(a.key + "\n")
+    (tmp_path / "a.key").chmod(0o600)
     path = tmp_path / "environments.toml"
     path.write_text(f'[[environment]]\nid = "{a.id}"\nkey_file = "a.key"\n\n'
                     f'[[environment]]\nid = "{b.id}"\nkey = "{b.key}"\n'

@@ -11,10 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from fleet import AMQP, REDIS, Fleet, on_brokers, wait_for
 
 from dispatcher.celery.names import CONTROL_TASKS, SESSION_RUN
-from dispatcher.ops.stack import free_port
+from tests.support.fleet import AMQP, REDIS, Fleet, on_brokers
+from tests.support.isolation import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from fleet import Fleet, wait_for
+
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from fleet import Fleet, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.ops.stack import free_port
+from tests.support.fleet import Fleet
+from tests.support.isolation import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

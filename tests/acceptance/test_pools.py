@@ -13,9 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fleet import Fleet, wait_for
 
 from dispatcher.control.capacity import Capacity
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet import Fleet
+
+from tests.support.fleet import Fleet
 
 pytestmark = [pytest.mark.acceptance,
               pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")]

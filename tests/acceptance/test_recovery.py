@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import redis
-from fleet import AMQP, REDIS, Fleet, assert_no_overlap, on_brokers, wait_for
 
-from dispatcher.ops.stack import free_port
+from tests.support.fleet import AMQP, REDIS, Fleet, assert_no_overlap, on_brokers
+from tests.support.isolation import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

@@ -8,7 +8,9 @@ import subprocess
 import time
 
 import pytest
-from fleet import AMQP, CELERY, REDIS, Fleet, _alive, assert_no_overlap, on_brokers, wait_for
+
+from tests.support.fleet import AMQP, CELERY, REDIS, Fleet, _alive, assert_no_overlap, on_brokers
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -118,6 +120,23 @@ def test_an_operator_revoke_stops_the_work_item(fleet: Fleet, pool: str) -> None
                    env=fleet.env(), check=True, capture_output=True, timeout=30)
     fleet.wait_stopped([work_id], timeout=20)
     assert fleet.events(work_id, "sigterm"), "the sandbox was asked to stop"
+
+
+@on_brokers((REDIS, "threads"), (REDIS, "prefork"), names="fleet,pool")
+def test_an_operators_plain_revoke_stops_a_running_session_gracefully(fleet: Fleet,
+                                                                     pool: str) -> None:
+    """`celery control revoke` without terminate (Flower's Revoke): the sandbox gets SIGTERM and
+    the item is stopped on the server, on either pool. A running task never hears of a plain
+    revoke itself; a prefork child does not even share the revoked set."""
+    fleet.worker("w1", pool=pool, concurrency=6, beat=True)
+    work_id = fleet.create(fake_duration=60)
+    fleet.wait_event(work_id, "started")
+    task_id = fleet.lease(work_id)["task_id"]
+    subprocess.run([CELERY, "-A", "dispatcher", "control", "revoke", task_id],
+                   env=fleet.env(), check=True, capture_output=True, timeout=30)
+    fleet.wait_stopped([work_id], timeout=20)
+    assert fleet.events(work_id, "sigterm"), "the sandbox was asked to stop, not killed"
+    assert [e["reason"] for e in fleet.events(work_id, "exited")] == ["sigterm"]
 
 
 @on_brokers(REDIS, AMQP)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -16,13 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
-from fleet import FLEET_REDIS_DB, Fleet, wait_for
 from standardwebhooks import Webhook
 
 from dispatcher.emulator.cli import ENV_WEBHOOK_SIGNING_KEY
 from dispatcher.emulator.webhooks import run_started_event
-from dispatcher.ops.stack import free_port
+from tests.support.fleet import Fleet, flush_fleet_db
+from tests.support.isolation import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -67,10 +66,8 @@ class WebhookFleet:
 def webhooks(emulator_factory: Callable[..., Any], tmp_path: Path) -> Iterator[WebhookFleet]:
     url = f"http://127.0.0.1:{free_port()}/webhooks"
     emulator = emulator_factory("--webhook-url", url, env={ENV_WEBHOOK_SIGNING_KEY: KEY})
-    base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
-    with redis.Redis.from_url(f"{base}/{FLEET_REDIS_DB}") as r:
-        r.flushdb()
-    fleet = Fleet(emulator, tmp_path, base)
+    flush_fleet_db()
+    fleet = Fleet(emulator, tmp_path)
     wf = WebhookFleet(fleet, url)
     try:
         yield wf

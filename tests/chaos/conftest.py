@@ -1,32 +1,29 @@
 """Fixtures of the chaos scenarios.
 
-The fleet is the acceptance one (tests/acceptance/fleet.py, imported by path, nothing copied)
-but on a PRIVATE redis-server started for the chaos session: the acceptance fixture flushes db 9
-of the shared Redis before each of its tests, which must not land in the middle of a chaos run
-on another engineer's machine time. Each scenario gets its own emulator (`--min-ttl 1`, so
-short TTLs are honoured) and its own key prefix.
+The fleet is the acceptance one (tests/support/fleet.py) but on a PRIVATE redis-server started
+for each test worker's chaos scenarios, apart from the Redis every other test shares (a
+scenario whose fault is Redis itself starts one of its own). Each scenario gets its own emulator
+(`--min-ttl 1`, so short TTLs are honoured) and its own key prefix.
 
 Every scenario's figures go to a JSON file: $DISPATCHER_CHAOS_FIGURES, else
-`<pytest basetemp>/chaos-figures.json`; `python tests/chaos/report.py FILE` renders the table of
+`<pytest basetemp>/chaos-figures.json`; `python tests/support/report.py FILE` renders the table of
 docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import sys
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "acceptance"))
-
-from chaos_fleet import ChaosFleet, Figures, RedisServer, env_path, figures_dict
-from fleet import Fleet
-
-from dispatcher.ops.stack import free_port
+from tests.support.chaos import ChaosFleet, Figures, RedisServer, env_path, figures_dict
+from tests.support.fleet import Fleet
+from tests.support.isolation import free_port
 
 FIGURES_ENV = "DISPATCHER_CHAOS_FIGURES"
 _figures_path: list[Path] = []
@@ -43,20 +40,36 @@ def chaos_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
 
 @pytest.fixture(scope="session")
 def figures_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = Path(env_path(FIGURES_ENV) or tmp_path_factory.getbasetemp() / "chaos-figures.json")
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # a worker's is `popen-gwN` in the run's: one file for the run
+    path = Path(env_path(FIGURES_ENV) or base / "chaos-figures.json")
     if not _figures_path:
         _figures_path.append(path)
     return path
 
 
 def record_figures(path: Path, figures: Figures) -> None:
-    """Merge one scenario's figures into the JSON file (scenario name -> figures)."""
-    data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    data[figures.scenario] = figures_dict(figures)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    """Merge one scenario's figures into the JSON file (scenario name -> figures). Parallel
+    workers may share the file ($DISPATCHER_CHAOS_FIGURES): the merge holds a lock on it, or
+    two workers' read-modify-writes would drop a scenario."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        data[figures.scenario] = figures_dict(figures)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 MakeChaos = Callable[..., ChaosFleet]
+# The scenarios promise that every session runs to completion, and some of their faults end a
+# lease without ending its session (a 412 the fault injects, a task message lost with Redis) or
+# leave an item unacked through several deliveries (503s on ack): that promise needs a lapsed
+# lease to come back to the queue, and an item to be delivered until acked. Under the
+# emulator's default, SDK 2.17's model, a lapse ends the item and a third unacked delivery is
+# its last, so the scenarios start it with the earlier model's expiry and deliveries (a
+# scenario's own flags come later and win: the lost-replies one runs both lapse modes).
+LAPSE_COMES_BACK = ("--lease-expiry", "requeue", "--unclaimed-limit", "0",
+                    "--max-deliveries", "0")
 
 
 @pytest.fixture
@@ -68,7 +81,7 @@ def chaos(emulator_factory: Callable[..., Any], tmp_path: Path, chaos_redis: Red
 
     def make(scenario: str, *, ttl: float = 6, grace: float = 2,
              redis: RedisServer | None = None, emulator_flags: tuple[str, ...] = ()) -> ChaosFleet:
-        emulator = emulator_factory("--min-ttl", "1", *emulator_flags)
+        emulator = emulator_factory("--min-ttl", "1", *LAPSE_COMES_BACK, *emulator_flags)
         fleet = Fleet(emulator, tmp_path, (redis or chaos_redis).url)
         cf = ChaosFleet(fleet, scenario=scenario, ttl=ttl, grace=grace)
         made.append(cf)
@@ -103,4 +116,4 @@ def report(figures_file: Path) -> Report:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _figures_path and _figures_path[0].exists():
         terminalreporter.write_line(f"chaos figures: {_figures_path[0]} "
-                                    f"(render: python tests/chaos/report.py {_figures_path[0]})")
+                                    f"(render: python tests/support/report.py {_figures_path[0]})")

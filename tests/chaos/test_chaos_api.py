@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from chaos_fleet import ChaosFleet, Figures
+
+from tests.support.chaos import ChaosFleet, Figures
 
 pytestmark = pytest.mark.chaos
 

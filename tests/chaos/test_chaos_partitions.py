@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from chaos_fleet import ChaosFleet, Figures
-from hosts import Host, Link, Network, unavailable
 
 from dispatcher.celery.application import BEAT_LOCK_TIMEOUT_SECONDS
+from tests.support.chaos import ChaosFleet, Figures
+from tests.support.hosts import Host, Link, Network, unavailable
 
 pytestmark = pytest.mark.chaos
 MakeChaos = Callable[..., ChaosFleet]

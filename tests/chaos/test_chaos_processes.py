@@ -8,8 +8,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from chaos_fleet import ChaosFleet, Figures
-from fleet import wait_for
+
+from tests.support.chaos import ChaosFleet, Figures
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.chaos
 

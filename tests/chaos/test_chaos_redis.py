@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from chaos_fleet import ChaosFleet, Figures, RedisServer
 
-from dispatcher.ops.stack import free_port
+from tests.support.chaos import ChaosFleet, Figures, RedisServer
+from tests.support.isolation import free_port
 
 pytestmark = pytest.mark.chaos
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from chaos_fleet import ChaosFleet, Figures
+
+from tests.support.chaos import ChaosFleet, Figures
 
 pytestmark = pytest.mark.chaos
 

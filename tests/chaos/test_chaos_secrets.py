@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 import redis
-from chaos_fleet import ChaosFleet, Figures
-from fleet import wait_for
+
+from tests.support.chaos import ChaosFleet, Figures
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.chaos
 

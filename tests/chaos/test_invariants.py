@@ -7,8 +7,9 @@ import subprocess
 import time
 from typing import Any
 
-import invariants
 import pytest
+
+from tests.support import invariants
 
 W = "work_1"
 T0 = 1_800_000_000.0  # times in the tables are seconds after this epoch second

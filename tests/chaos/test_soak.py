@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chaos_fleet import ChaosFleet, Figures, RedisServer
 
-from dispatcher.ops.stack import free_port
+from tests.support.chaos import ChaosFleet, Figures, RedisServer
+from tests.support.isolation import free_port
 
 pytestmark = pytest.mark.soak
 

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from inprocess import in_process_runtime
 
 from dispatcher.runtime import Runtime
+from tests.support.inprocess import in_process_runtime
 
 
 @pytest.fixture

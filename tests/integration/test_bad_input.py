@@ -17,15 +17,16 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from inprocess import REDIS_BASE, poll_until
 
-from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.heartbeat import heartbeat_due_leases
 from dispatcher.control.poller import claim, run_poller
 from dispatcher.lease.model import Phase
-from dispatcher.ops.stack import FAKE_SESSION, free_port
+from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import Outcome, SessionAttempt, run_attempt
 from dispatcher.workapi import MalformedResponseError, WorkClient
+from tests.support.inprocess import IN_PROCESS_PREFIX, poll_until
+from tests.support.isolation import free_port, integration_db, redis_url
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,7 @@ def test_a_truncated_heartbeat_reply_is_transient(emulator: Any, runtime: Runtim
     assert claim(runtime, poll_until(runtime, work_id))
     runtime.registry.schedule_heartbeat(work_id, 0)
     emulator.set_faults(malformed_rate=1.0, endpoints=["heartbeat"])
-    tally = beat_due_leases(runtime)
+    tally = heartbeat_due_leases(runtime)
     emulator.reset_faults()
     assert tally.failed == 1 and tally.lost == 0
     lease = runtime.registry.get(work_id)
@@ -215,7 +216,7 @@ def _worker(env_overrides: dict[str, str], tmp_path: Path) -> subprocess.Complet
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "DISPATCHER_"))}
     env.update({"ANTHROPIC_ENVIRONMENT_ID": "env_x", "ANTHROPIC_ENVIRONMENT_KEY": "sk-ant-oat01-x",
                 "ANTHROPIC_BASE_URL": "http://127.0.0.1:9", "DISPATCHER_ON_WORK": FAKE_SESSION,
-                "DISPATCHER_REDIS_URL": f"{REDIS_BASE}/10",
+                "DISPATCHER_REDIS_URL": redis_url(integration_db()),
                 "DISPATCHER_KEY_PREFIX": f"badinput{uuid.uuid4().hex[:8]}", **env_overrides})
     return subprocess.run(
         [CELERY, "-A", "dispatcher", "worker", "-Q", "dispatcher.sessions", "-P", "threads",
@@ -248,8 +249,8 @@ def test_a_redis_that_refuses_connections_stops_the_worker_with_one_line(tmp_pat
     _one_clear_line(result, "Redis at DISPATCHER_REDIS_URL does not answer")
 
 
-def test_redis_db_10_is_clean_of_our_prefix() -> None:
+def test_the_integration_db_is_clean_of_our_prefix() -> None:
     """The fixture removes every key it wrote (a sanity check of the cleanup above)."""
-    r = redis.Redis.from_url(f"{REDIS_BASE}/10")
-    assert not list(r.scan_iter("badinput*:lease:*", count=1000))
+    r = redis.Redis.from_url(redis_url(integration_db()))
+    assert not list(r.scan_iter(f"{IN_PROCESS_PREFIX}*:lease:*", count=1000))
     r.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from tests.support.isolation import free_port
 
 PASSWORD = "Pw-0f-the-fleet-S3CRET"
 AMQP_PASSWORD = "Pw-0f-the-broker-S3CRET"
@@ -41,16 +42,11 @@ print(json.dumps({
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 @pytest.fixture
 def locked_redis(tmp_path: Path) -> Iterator[int]:
     """A Redis of its own that requires a user and password (ACL), on a free port."""
-    port = _free_port()
+    port = free_port()
     acl = tmp_path / "users.acl"
     acl.write_text(f"user default off\nuser fleet on >{PASSWORD} ~* &* +@all\n")
     process = subprocess.Popen(
@@ -68,14 +64,24 @@ def locked_redis(tmp_path: Path) -> Iterator[int]:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise
                 time.sleep(0.05)
+        client.close()  # the probe's own connection, not left to the garbage collector
         yield port
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
-def test_no_exposed_setting_carries_the_redis_password(locked_redis: int) -> None:
-    url = f"redis://fleet:{PASSWORD}@127.0.0.1:{locked_redis}/0"
+def _redis_url(port: int, form: str) -> str:
+    """The fleet's Redis URL with its credentials in the user part, or in the query (which
+    redis-py reads too, and the settings move into the user part, where Celery masks them)."""
+    if form == "query":
+        return f"redis://127.0.0.1:{port}/0?username=fleet&password={PASSWORD}"
+    return f"redis://fleet:{PASSWORD}@127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query"])
+def test_no_exposed_setting_carries_the_redis_password(locked_redis: int, form: str) -> None:
+    url = _redis_url(locked_redis, form)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "ANTHROPIC_"))}
     env["DISPATCHER_REDIS_URL"] = url
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
@@ -88,16 +94,18 @@ def test_no_exposed_setting_carries_the_redis_password(locked_redis: int) -> Non
     assert "redbeat_redis_url" in found["humanize"]  # the setting is there, without it
 
 
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize(("broker", "form"),
+                         [("redis", "userinfo"), ("amqp", "userinfo"), ("redis", "query")])
 def test_celery_inspect_conf_of_a_running_worker_shows_no_password(
-        locked_redis: int, tmp_path: Path, broker: str, request: pytest.FixtureRequest) -> None:
+        locked_redis: int, tmp_path: Path, broker: str, form: str,
+        request: pytest.FixtureRequest) -> None:
     """What `celery inspect conf` and Flower's Config tab show, from a real worker; with
     RabbitMQ as the broker, neither its password nor Redis' shows."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "ANTHROPIC_"))}
     if broker == "amqp":
         make_vhost = request.getfixturevalue("rabbitmq_vhost")
         env["DISPATCHER_BROKER_URL"] = make_vhost(f"fleet-{uuid.uuid4().hex[:8]}", AMQP_PASSWORD)
-    env.update({"DISPATCHER_REDIS_URL": f"redis://fleet:{PASSWORD}@127.0.0.1:{locked_redis}/0",
+    env.update({"DISPATCHER_REDIS_URL": _redis_url(locked_redis, form),
                 "ANTHROPIC_ENVIRONMENT_ID": "env_conf", "ANTHROPIC_ENVIRONMENT_KEY": "sk-ant-k",
                 # Nothing is polled (no beat), but never the real API from a test.
                 "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})

@@ -1,4 +1,4 @@
-"""Our client sends what the official SDK (2.10.0) sends, endpoint by endpoint.
+"""Our client sends what the official SDK (2.17.0, the dev extra's pin) sends, endpoint by endpoint.
 
 Both talk real HTTP to the emulator through a recording reverse proxy on 127.0.0.1, which keeps
 each request's method, path, query, headers and body; the two recordings are then compared on

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.poller import drain
-from dispatcher.lease.keys import PollState
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,7 @@ def polls(emulator: Any, runtime: Runtime) -> list[dict[str, Any]]:
 
 
 def wanted(runtime: Runtime) -> bool:
-    key = runtime.registry.keys.poll_state(PollState.WANTED, runtime.environment_id)
+    key = PollKeys(runtime.settings.key_prefix).wanted(runtime.environment_id)
     return bool(runtime.redis.exists(key))
 
 
@@ -56,7 +56,7 @@ def test_a_wake_up_meeting_a_running_poller_leaves_it_the_flag_without_waiting(
         emulator: Any, runtime: Runtime) -> None:
     advertise(runtime, 5)
     _, work_id = emulator.create_session(runtime.environment_id)
-    lock = runtime.registry.keys.poll_lock(runtime.environment_id)
+    lock = PollKeys(runtime.settings.key_prefix).lock(runtime.environment_id)
     runtime.redis.set(lock, "another poller", px=30_000)
     began = time.monotonic()
     assert drain(runtime, reclaim_older_than_ms=RECLAIM_MS, wake=True) == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+
+from tests.support.isolation import EMULATOR_DB, free_port, redis_url
 
 pytestmark = pytest.mark.integration
 
@@ -31,17 +32,14 @@ def test_help_works_from_the_console_script_and_the_module() -> None:
 
 
 def test_it_prints_generated_keys_environments_and_where_it_listens(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     prefix = f"emucli{uuid.uuid4().hex[:8]}"
-    base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_EMULATOR_")}
     log = tmp_path / "out.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [str(DISPATCHER), "emulator", "--port", str(port), "--key-prefix", prefix,
-             "--redis-url", f"{base}/11", "--create-environment", "demo"],
+             "--redis-url", redis_url(EMULATOR_DB), "--create-environment", "demo"],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 20
@@ -62,6 +60,6 @@ def test_it_prints_generated_keys_environments_and_where_it_listens(tmp_path: Pa
     finally:
         if process.poll() is None:
             process.kill()
-        r = redis.Redis.from_url(f"{base}/11")
+        r = redis.Redis.from_url(redis_url(EMULATOR_DB))
         for key in r.scan_iter(f"{prefix}:*"):
             r.delete(key)

@@ -138,3 +138,19 @@ def test_fault_flags_at_start(emulator_factory: Callable[..., EmulatorProcess]) 
     assert stop.status_code == 200 and stop.json()["state"] == "stopped"
     assert emu.http.get("/_emulator/faults", headers=emu.org_headers).json()["endpoints"] == [
         "stats"]
+
+
+def test_a_list_limit_below_the_usual_and_a_retry_after_past_a_minute(
+        emulator: EmulatorProcess) -> None:
+    env = emulator.create_environment()
+    emulator.set_faults(list_limit_max=50)
+    headers = emulator.env_headers
+    refused = emulator.http.get(emulator.work_url(env, ""), params={"limit": 51}, headers=headers)
+    assert refused.status_code == 400 and "limit must be 1-50" in refused.text
+    assert emulator.http.get(emulator.work_url(env, ""), params={"limit": 50},
+                             headers=headers).status_code == 200
+    assert emulator.http.get(emulator.work_url(env, ""), headers=headers).status_code == 200
+    emulator.set_faults(list_limit_max=None, rate_limit_rate=1.0, retry_after_seconds=120,
+                        endpoints=["stats"])
+    limited = _stats(emulator, env)
+    assert limited.status_code == 429 and limited.headers["retry-after"] == "120"

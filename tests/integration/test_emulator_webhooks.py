@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,18 +14,13 @@ import pytest
 from anthropic import Anthropic
 
 from dispatcher.emulator.cli import ENV_WEBHOOK_SIGNING_KEY
-from dispatcher.ops.stack import free_port
+from tests.support.isolation import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 KEY = "whsec_" + base64.b64encode(b"the emulator tests' signing key!").decode()
 
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)
 
 
 class Endpoint:

@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from inprocess import REDIS_BASE, SentTasks, close_runtime
 
 from dispatcher.control.bridge import scan_server_stops
-from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.heartbeat import heartbeat_due_leases
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.poller import drain, run_poller
-from dispatcher.lease.keys import PollState
 from dispatcher.metrics import FleetCollector
 from dispatcher.ops.stack import FAKE_SESSION
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import _spec
 from dispatcher.settings import load_settings
+from tests.support.inprocess import SentTasks, close_runtime
+from tests.support.isolation import integration_db, redis_url
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +45,14 @@ def two(emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     keys = [f"sk-ant-oat01-{uuid.uuid4().hex}" for _ in range(2)]
     a, b = (_environment(emulator, key) for key in keys)
     (tmp_path / "b.key").write_text(keys[1] + "\n")
+    (tmp_path / "b.key").chmod(0o600)
     path = tmp_path / "environments.toml"
     path.write_text(f'[[environment]]\nid = "{a}"\nkey = "{keys[0]}"\n\n'
                     f'[[environment]]\nid = "{b}"\nkey_file = "b.key"\nqueue = "{GPU}"\n')
     prefix = f"multienv{uuid.uuid4().hex[:8]}"
     settings = load_settings(**{
         "ANTHROPIC_BASE_URL": emulator.base_url, "DISPATCHER_ENVIRONMENTS_FILE": str(path),
-        "DISPATCHER_REDIS_URL": f"{REDIS_BASE}/10", "DISPATCHER_KEY_PREFIX": prefix,
+        "DISPATCHER_REDIS_URL": redis_url(integration_db()), "DISPATCHER_KEY_PREFIX": prefix,
         "DISPATCHER_ON_WORK": FAKE_SESSION, "DISPATCHER_DESIRED_TTL_SECONDS": 30,
         "DISPATCHER_SESSION_QUEUES": f"dispatcher.sessions,{GPU}"})
     rt = Runtime(settings=settings, app=SentTasks())
@@ -84,7 +86,7 @@ def test_each_environment_is_worked_with_its_own_key(emulator: Any, two: Runtime
     # Heartbeats: the emulator answers 403 to a key on another environment.
     for work_id in (work_a, work_b):
         runtime.registry.schedule_heartbeat(work_id, 0)
-    tally = beat_due_leases(runtime)
+    tally = heartbeat_due_leases(runtime)
     assert (tally.sent, tally.failed, tally.lost) == (2, 0, 0)
     collector = FleetCollector(runtime.metrics, runtime.registry, runtime.capacity, None,
                                environments=[a, b])
@@ -157,5 +159,5 @@ def test_a_wake_up_drains_each_environment_with_its_own_key(emulator: Any,
     assert drain(runtime, environment_id=a, reclaim_older_than_ms=2000, wake=True) == 0
     assert drain(runtime, environment_id=b, reclaim_older_than_ms=2000, wake=True) == 2
     assert set(runtime.registry.held_ids()) == work_b
-    keys = runtime.registry.keys
-    assert not any(runtime.redis.exists(keys.poll_state(PollState.WANTED, e)) for e in (a, b))
+    keys = PollKeys(runtime.settings.key_prefix)
+    assert not any(runtime.redis.exists(keys.wanted(e)) for e in (a, b))

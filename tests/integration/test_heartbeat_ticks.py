@@ -9,15 +9,15 @@ import time
 from typing import Any
 
 import pytest
-from inprocess import poll_until
 
 from dispatcher.control import heartbeat
-from dispatcher.control.heartbeat import beat_due_leases, close_sender
+from dispatcher.control.heartbeat import close_sender, heartbeat_due_leases
 from dispatcher.control.poller import claim
 from dispatcher.lease import events as ev
 from dispatcher.lease.model import Phase
 from dispatcher.runtime import Runtime
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
+from tests.support.inprocess import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def test_ticks_from_any_thread_share_one_sender_and_its_connections(
     ids = _claimed(emulator, runtime, 3)
     tallies = []
     _all_due(runtime, ids)
-    tallies.append(beat_due_leases(runtime))
+    tallies.append(heartbeat_due_leases(runtime))
     sender = heartbeat._sender()
     (client,) = [c for c in sender.clients.values()
                  if c.environment_id == runtime.environment_id]
@@ -56,7 +56,7 @@ def test_ticks_from_any_thread_share_one_sender_and_its_connections(
     opened = client.transport.connections_opened
     assert opened >= 1
     _all_due(runtime, ids)
-    worker = threading.Thread(target=lambda: tallies.append(beat_due_leases(runtime)))
+    worker = threading.Thread(target=lambda: tallies.append(heartbeat_due_leases(runtime)))
     worker.start()
     worker.join()
     assert [t.sent for t in tallies] == [3, 3]
@@ -71,7 +71,7 @@ def test_ticks_from_any_thread_share_one_sender_and_its_connections(
         assert due is not None and due > time.time() + lease.ttl_seconds / 3 - 2
     close_sender()
     _all_due(runtime, ids)
-    assert beat_due_leases(runtime).sent == 3, "a closed sender is made again on the next tick"
+    assert heartbeat_due_leases(runtime).sent == 3, "a closed sender is made again on the next tick"
     assert heartbeat._sender() is not sender
 
 
@@ -104,7 +104,7 @@ def test_a_stopping_reply_in_a_big_tick_still_raises_the_stop_flag(
     _all_due(runtime, ids)
     queued = runtime.registry.get(ids[0])
     assert queued is not None
-    tally = beat_due_leases(runtime)
+    tally = heartbeat_due_leases(runtime)
     assert tally.sent == 4
     # Its task still waits in a queue: revoked, and the item stopped at once.
     assert runtime.registry.get(ids[0]) is None

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from inprocess import in_process_runtime, poll_until
 
-from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.heartbeat import heartbeat_due_leases
 from dispatcher.control.poller import claim
 from dispatcher.lease import events as ev
 from dispatcher.lease.causes import SeenBy, StopCause
 from dispatcher.lease.model import Lease, Phase, StopKind
 from dispatcher.runtime import Runtime
+from tests.support.inprocess import in_process_runtime, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_a_refused_first_claim_of_an_unheld_item_is_claimed_again(
     assert runtime.app.sent, "and its session dispatched"
     emulator.reset_faults()
     _due_now(runtime, work_id)
-    beat_due_leases(runtime)
+    heartbeat_due_leases(runtime)
     lease = runtime.registry.get(work_id)
     assert lease is not None and lease.token, "the second claim took the lease"
     assert emulator.get(runtime.environment_id, work_id)["state"] == "active"
@@ -64,7 +64,7 @@ def test_a_claim_refused_for_a_whole_ttl_is_stopped_not_stranded(
     work_id = _claimed(emulator, runtime)
     runtime.registry.update(work_id, claimed_at=time.time() - 120)  # acked a while ago
     _due_now(runtime, work_id)
-    beat_due_leases(runtime)
+    heartbeat_due_leases(runtime)
     emulator.reset_faults()
     assert runtime.registry.get(work_id) is None
     assert emulator.get(runtime.environment_id, work_id)["state"] == "stopped"
@@ -82,12 +82,12 @@ def test_a_lease_whose_release_fails_is_still_heartbeated_until_the_stop_lands(
     assert releasing is not None and releasing.phase == Phase.RELEASING
     before = len(_beats(emulator, work_id))
     _due_now(runtime, work_id)
-    beat_due_leases(runtime)
+    heartbeat_due_leases(runtime)
     beats = _beats(emulator, work_id)
     assert len(beats) == before + 1 and beats[-1]["status"] == 200, "beaten while releasing"
     emulator.reset_faults()
     _due_now(runtime, work_id)
-    tally = beat_due_leases(runtime)
+    tally = heartbeat_due_leases(runtime)
     assert tally.released == 1 and runtime.registry.get(work_id) is None
     assert emulator.get(runtime.environment_id, work_id)["state"] == "stopped"
 
@@ -153,7 +153,7 @@ def test_the_next_beat_is_scheduled_from_when_the_last_was_sent(
     try:
         _due_now(runtime, work_id)
         sent_at = time.time()
-        beat_due_leases(runtime)
+        heartbeat_due_leases(runtime)
     finally:
         emulator.reset_faults()
     lease = runtime.registry.get(work_id)
@@ -175,7 +175,7 @@ def test_a_finished_session_is_stopped_whatever_happens_to_its_lease(
     runtime.registry.update(work_id, phase=Phase.RUNNING)
     emulator.set_faults(lost_reply_rate=1.0, endpoints=["heartbeat"])
     _due_now(runtime, work_id)
-    beat_due_leases(runtime)  # applied on the server, the reply lost
+    heartbeat_due_leases(runtime)  # applied on the server, the reply lost
     emulator.reset_faults()
     emulator.set_faults(error_rate=1.0, error_status=500, endpoints=["stop"])
     lease = runtime.registry.get(work_id)
@@ -184,14 +184,14 @@ def test_a_finished_session_is_stopped_whatever_happens_to_its_lease(
     if not inside_ttl:
         runtime.registry.update(work_id, heartbeat_ok_at=time.time() - 120)
     _due_now(runtime, work_id)
-    beat_due_leases(runtime)  # the stale token: 412; the stop fails again
+    heartbeat_due_leases(runtime)  # the stale token: 412; the stop fails again
     assert _beats(emulator, work_id)[-1]["status"] == 412, "the stale token was refused"
     emulator.reset_faults()
     for _ in range(5):
         if runtime.registry.get(work_id) is None:
             break
         _due_now(runtime, work_id)
-        beat_due_leases(runtime)
+        heartbeat_due_leases(runtime)
     assert runtime.registry.get(work_id) is None, "released once the stop landed"
     assert emulator.get(runtime.environment_id, work_id)["state"] == "stopped"
     sent = [t for t in runtime.app.sent if t["kwargs"]["work_id"] == work_id]
@@ -215,7 +215,7 @@ def test_a_lease_written_back_after_a_registry_reset_is_heartbeated_again(
     due = runtime.registry.next_due(work_id)
     assert due is not None and due <= time.time(), "and its heartbeat due at once"
     before = len(_beats(emulator, work_id))
-    beat_due_leases(runtime)
+    heartbeat_due_leases(runtime)
     beats = _beats(emulator, work_id)
     assert len(beats) == before + 1 and beats[-1]["status"] == 200, "beaten with its token"
 

@@ -30,6 +30,7 @@ from dispatcher.metrics import (
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from dispatcher.workapi import WorkClient
+from tests.support.isolation import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -185,9 +186,7 @@ def test_redis_down_answers_503(runtime: Runtime) -> None:
     from dispatcher.lease.registry import LeaseRegistry
     from dispatcher.metrics import Metrics
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()
     gone = Redis.from_url(f"redis://127.0.0.1:{closed}/0", socket_connect_timeout=1)
     collector = FleetCollector(Metrics(gone, prefix="x"), LeaseRegistry(gone, prefix="x"),
                                Capacity(gone, prefix="x"), None)

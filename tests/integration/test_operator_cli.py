@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,11 +28,11 @@ from dispatcher.control.capacity import Capacity
 from dispatcher.lease.model import Lease, Phase, StopKind
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.ops.cli import main
+from tests.support.isolation import free_port, integration_db, redis_url
 
 pytestmark = pytest.mark.integration
 
 DISPATCHER = Path(sys.executable).with_name("dispatcher")
-REGISTRY_DB = 10
 
 
 @dataclass
@@ -94,11 +93,6 @@ def cli(emulator: Any, monkeypatch: pytest.MonkeyPatch,
         monkeypatch.setenv(name, value)
     return runner
 
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- stats, list, show ----------------------------------------------------------------------
@@ -228,7 +222,7 @@ def test_a_missing_setting_exits_2_naming_it(cli: Cli, monkeypatch: pytest.Monke
 
 
 def test_a_server_that_is_down_exits_3(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
     result = cli("stats", "--json")
     assert result.code == 3
@@ -240,8 +234,7 @@ def test_a_server_that_is_down_exits_3(cli: Cli, monkeypatch: pytest.MonkeyPatch
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeaseRegistry]:
     _clean_env(monkeypatch)
-    base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
-    url = f"{base}/{REGISTRY_DB}"
+    url = redis_url(integration_db())
     prefix = f"opcli{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("DISPATCHER_REDIS_URL", url)
     monkeypatch.setenv("DISPATCHER_KEY_PREFIX", prefix)
@@ -312,7 +305,7 @@ def test_status_of_an_empty_fleet(registry: LeaseRegistry,
 def test_status_with_redis_down_exits_3(monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     _clean_env(monkeypatch)
-    monkeypatch.setenv("DISPATCHER_REDIS_URL", f"redis://127.0.0.1:{_closed_port()}/0")
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     assert main(["status"]) == 3
     assert capsys.readouterr().err.startswith("dispatcher status: Redis: ")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.poller import run_poller
 from dispatcher.runtime import Runtime
 
@@ -46,7 +47,7 @@ def test_a_run_hands_its_lock_to_its_successor_and_nobody_slips_in(
     handed: list[str] = []
     run_poller(runtime, run_seconds=0.2, hand_over=handed.append)
     assert len(handed) == 1, "the run published its successor"
-    key = runtime.registry.keys.poll_lock(runtime.environment_id)
+    key = PollKeys(runtime.settings.key_prefix).lock(runtime.environment_id)
     assert runtime.redis.get(key) == handed[0], "and kept the lock for it"
     assert run_poller(runtime, run_seconds=0.2) == 0, "a beat tick meanwhile finds it held"
     assert runtime.redis.get(key) == handed[0]
@@ -57,7 +58,7 @@ def test_a_run_hands_its_lock_to_its_successor_and_nobody_slips_in(
 
 def test_a_hand_over_that_came_too_late_takes_the_lock_afresh(
         emulator: Any, runtime: Runtime) -> None:
-    key = runtime.registry.keys.poll_lock(runtime.environment_id)
+    key = PollKeys(runtime.settings.key_prefix).lock(runtime.environment_id)
     runtime.redis.delete(key)  # the predecessor's lock lapsed
     handed: list[str] = []
     run_poller(runtime, run_seconds=0.2, handover="stale-token", hand_over=handed.append)

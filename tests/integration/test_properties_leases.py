@@ -5,7 +5,6 @@ against a plain-Python model of what each Lua script promises."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -17,8 +16,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from dispatcher.lease.model import Lease, StopKind
 from dispatcher.lease.registry import LeaseRegistry
+from tests.support.isolation import integration_db, redis_url
 
-REDIS_URL = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379") + "/10"
+REDIS_URL = redis_url(integration_db())
 WORK_IDS = st.sampled_from(["work_a", "work_b", "work_c"])
 KINDS = st.sampled_from([StopKind.GRACEFUL, StopKind.FORCE])
 CAUSES = st.sampled_from(["server", "operator", "drain"])

@@ -12,13 +12,14 @@ import redis
 from dispatcher.control.capacity import Capacity
 from dispatcher.lease.model import Heartbeater, Lease, Phase, StopKind
 from dispatcher.lease.registry import LeaseRegistry
+from tests.support.isolation import integration_db, redis_url
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def registry() -> Iterator[LeaseRegistry]:
-    r = redis.Redis.from_url("redis://127.0.0.1:6379/10", decode_responses=True)
+    r = redis.Redis.from_url(redis_url(integration_db()), decode_responses=True)
     prefix = f"reg{uuid.uuid4().hex[:6]}"
     yield LeaseRegistry(r, prefix=prefix)
     for key in r.scan_iter(f"{prefix}:*"):

@@ -5,7 +5,6 @@ again empty; the emulator over HTTP; the real supervisor with a real sandbox."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 import time
@@ -15,13 +14,15 @@ from typing import Any
 
 import pytest
 import redis
-from inprocess import in_process_runtime, poll_until
 
-from dispatcher.control.heartbeat import beat_due_leases
+from dispatcher.control.heartbeat import heartbeat_due_leases
 from dispatcher.control.poller import claim
 from dispatcher.lease.model import Ending, Phase
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import Outcome, SessionAttempt, run_attempt
+from tests.support.inprocess import in_process_runtime, poll_until
+from tests.support.isolation import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +35,7 @@ class PrivateRedis:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -91,7 +90,10 @@ ACK_LATENCY_MS = 1500
 
 
 def _claim_with_redis_killed_during_the_ack(emulator: Any, runtime: Runtime,
-                                            private_redis: PrivateRedis, work_id: str) -> bool:
+                                            private_redis: PrivateRedis, work_id: str, *,
+                                            back_after: float | None = None) -> bool:
+    """Claim with Redis killed halfway through the ack; started again `back_after` seconds
+    after the kill (timed from the kill: the poll before it takes a varying time)."""
     item = poll_until(runtime, work_id)
     emulator.set_faults(latency_ms=ACK_LATENCY_MS, endpoints=["ack"])
     claimed: list[bool] = []
@@ -99,17 +101,20 @@ def _claim_with_redis_killed_during_the_ack(emulator: Any, runtime: Runtime,
     poller.start()
     time.sleep(ACK_LATENCY_MS / 2000)
     private_redis.kill()
-    return poller.join(timeout=60) or bool(claimed and claimed[0])
+    restarted = None if back_after is None else private_redis.restart_after(back_after)
+    poller.join(timeout=60)
+    if restarted is not None:
+        restarted.join()
+    return bool(claimed and claimed[0])
 
 
 def test_an_item_acked_while_redis_restarts_is_recorded_and_run(
         emulator: Any, runtime: Runtime, private_redis: PrivateRedis) -> None:
     """The record's write is retried for 1.5 s: a restart in between loses nothing."""
     _, work_id = emulator.create_session(runtime.environment_id, metadata={})
-    # Back 0.3 s after the ack's answer: the first write fails, a retry lands.
-    restarted = private_redis.restart_after(ACK_LATENCY_MS / 2000 + 0.3)
-    assert _claim_with_redis_killed_during_the_ack(emulator, runtime, private_redis, work_id)
-    restarted.join()
+    # Back 0.3 s after the kill: the first write fails, a retry lands.
+    assert _claim_with_redis_killed_during_the_ack(emulator, runtime, private_redis, work_id,
+                                                   back_after=0.3)
     lease = runtime.registry.get(work_id)
     assert lease is not None and lease.phase == Phase.DISPATCHED, "recorded once Redis was back"
     assert [t["kwargs"]["work_id"] for t in runtime.app.sent] == [work_id], "and published"
@@ -128,7 +133,8 @@ def test_an_item_acked_while_redis_stays_down_is_stopped_not_stranded(
 
 
 def test_a_finished_session_whose_release_fails_across_a_redis_restart_is_not_run_again(
-        emulator: Any, runtime: Runtime, private_redis: PrivateRedis) -> None:
+        emulator: Any, runtime: Runtime, private_redis: PrivateRedis,
+        caplog: pytest.LogCaptureFixture) -> None:
     """The session exits 0 while the API refuses stops; Redis restarts empty meanwhile. The
     supervisor, still waiting for its release, writes the ending lease back with its history:
     the stop is retried until it lands, and the item is never dispatched again."""
@@ -142,12 +148,12 @@ def test_a_finished_session_whose_release_fails_across_a_redis_restart_is_not_ru
         runtime, SessionAttempt(work_id=work_id, session_id=task["kwargs"]["session_id"],
                                 attempt=1, task_id=task["task_id"], worker="restarts@test"))))
     supervisor.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        lease = runtime.registry.get(work_id)
-        if lease is not None and lease.phase == Phase.RELEASING:
-            break
-        time.sleep(0.05)
+    # The failed release's last effect is its log line: from then on the supervisor remembers
+    # the ending lease. Killing Redis while it still performs the release's writes would leave
+    # it only the running lease it remembered before.
+    wait_for(lambda: any("release deferred" in r.getMessage() and work_id in r.getMessage()
+                         for r in caplog.records), timeout=30, what="the release to fail")
+    lease = runtime.registry.get(work_id)
     assert lease is not None and lease.phase == Phase.RELEASING, "the release is failing"
     assert supervisor.is_alive(), "the supervisor stays while its release is pending"
     private_redis.kill()
@@ -163,7 +169,7 @@ def test_a_finished_session_whose_release_fails_across_a_redis_restart_is_not_ru
     deadline = time.monotonic() + 30
     while runtime.registry.get(work_id) is not None and time.monotonic() < deadline:
         runtime.registry.schedule_heartbeat(work_id, time.time() - 1)
-        beat_due_leases(runtime)
+        heartbeat_due_leases(runtime)
         time.sleep(0.2)
     supervisor.join(timeout=30)
     assert outcome == [Outcome.COMPLETED]

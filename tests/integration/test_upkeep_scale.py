@@ -1,7 +1,8 @@
 """The per-second upkeep at scale: recovery reads only the leases gone silent (an index of each
-lease's last sign of progress), and the stop bridge reads at most LIST_PAGES_PER_TICK pages of
-`list` a tick, sweeping a longer list over several ticks. Real Redis and the emulator over
-HTTP; page sizes are shrunk so a dozen items make several pages."""
+lease's last sign of progress), and the stop bridge reads about its held leases' worth of
+`list` a tick (MAX_PAGES_PER_TICK pages at most), sweeping a longer list over several ticks.
+Real Redis and the emulator over HTTP; page sizes are shrunk so a dozen items make several
+pages."""
 
 from __future__ import annotations
 
@@ -15,40 +16,15 @@ from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.recovery import recover
 from dispatcher.lease.causes import LossCause
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS, PULSE_STALE_SECONDS
-from dispatcher.lease.model import Lease, Phase
+from dispatcher.lease.model import Phase
 from dispatcher.runtime import Runtime
+from tests.support.inprocess import held_items, stop_item
 
 pytestmark = pytest.mark.integration
 
 
-def _held(emulator: Any, runtime: Runtime, n: int, *, phase: str = Phase.RUNNING,
-          **fields: Any) -> list[str]:
-    """N items created on the server and recorded as held (newest last), as the poller and a
-    session worker would leave them."""
-    ids = []
-    for _ in range(n):
-        session_id, work_id = emulator.create_session(runtime.environment_id, metadata={})
-        item = emulator.get(runtime.environment_id, work_id)
-        now = time.time()
-        lease = Lease(work_id=work_id, session_id=session_id,
-                      environment_id=runtime.environment_id, mode="dispatcher",
-                      queue="dispatcher.sessions", phase=phase, task_id=f"t-{work_id}",
-                      worker="w@h", claimed_at=now, dispatched_at=now, pulse_at=now,
-                      created_at=item["created_at"])
-        for name, value in fields.items():
-            setattr(lease, name, value)
-        runtime.registry.create(lease, work_json="{}")
-        ids.append(work_id)
-    return ids
-
-
 def _cursor(runtime: Runtime) -> str | None:
     return runtime.registry.stop_scan_cursor(runtime.environment_id)
-
-
-def _stop(emulator: Any, runtime: Runtime, work_id: str) -> None:
-    emulator.http.post(emulator.work_url(runtime.environment_id, f"/{work_id}/stop"),
-                       headers=emulator.org_headers, json={"force": False}).raise_for_status()
 
 
 def _lists(emulator: Any, runtime: Runtime) -> int:
@@ -59,7 +35,7 @@ def _lists(emulator: Any, runtime: Runtime) -> int:
 # --- recovery --------------------------------------------------------------------------------
 def test_recovery_reads_only_silent_leases_and_restarts_the_dead_one(
         emulator: Any, runtime: Runtime) -> None:
-    alive, dead = _held(emulator, runtime, 2)
+    alive, dead = held_items(emulator, runtime, 2)
     registry = runtime.registry
     assert registry.silent_since(time.time() - PULSE_STALE_SECONDS) == []
     past = time.time() - PULSE_STALE_SECONDS - 1
@@ -77,7 +53,7 @@ def test_recovery_reads_only_silent_leases_and_restarts_the_dead_one(
 def test_a_lease_pulsed_without_the_index_is_judged_by_its_record_not_the_index(
         emulator: Any, runtime: Runtime) -> None:
     # A session worker of an older version (mid-deploy) writes the pulse time only.
-    (work_id,) = _held(emulator, runtime, 1)
+    (work_id,) = held_items(emulator, runtime, 1)
     registry = runtime.registry
     past = time.time() - PULSE_STALE_SECONDS - 1
     registry.redis.zadd(registry.keys.last_seen, {work_id: past})
@@ -91,7 +67,7 @@ def test_a_lease_pulsed_without_the_index_is_judged_by_its_record_not_the_index(
 def test_a_held_lease_missing_from_the_index_is_indexed_and_still_recovered(
         emulator: Any, runtime: Runtime) -> None:
     # Written before the index existed; its worker died since.
-    (work_id,) = _held(emulator, runtime, 1)
+    (work_id,) = held_items(emulator, runtime, 1)
     registry = runtime.registry
     registry.redis.zrem(registry.keys.last_seen, work_id)
     registry.redis.hset(registry.keys.lease(work_id), "pulse_at", time.time() - 60)
@@ -106,7 +82,7 @@ def test_recovery_moves_a_lost_message_on_and_leaves_a_queued_one(
     """Dispatched 31 s ago and never started: queued (published, never received) waits; never
     published, or received and not started since, is lost: a new attempt, on either broker."""
     past = time.time() - DISPATCH_STALE_SECONDS - 1
-    queued, unsent, taken, just_taken = _held(emulator, runtime, 4, phase=Phase.DISPATCHED,
+    queued, unsent, taken, just_taken = held_items(emulator, runtime, 4, phase=Phase.DISPATCHED,
                                               dispatched_at=past)
     deliveries = runtime.deliveries
     for work_id in (queued, taken, just_taken):
@@ -124,7 +100,7 @@ def test_recovery_moves_a_lost_message_on_and_leaves_a_queued_one(
 
 
 def test_released_leases_leave_no_index_entries(emulator: Any, runtime: Runtime) -> None:
-    ids = _held(emulator, runtime, 2)
+    ids = held_items(emulator, runtime, 2)
     registry = runtime.registry
     registry.delete(ids[0])
     assert registry.update(ids[0], seen=time.time(), pulse_at=time.time()) is False
@@ -137,13 +113,13 @@ def test_released_leases_leave_no_index_entries(emulator: Any, runtime: Runtime)
 @pytest.fixture
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bridge, "LIST_PAGE_SIZE", 5)
-    monkeypatch.setattr(bridge, "LIST_PAGES_PER_TICK", 2)
+    monkeypatch.setattr(bridge, "MAX_PAGES_PER_TICK", 2)
 
 
 def test_a_stop_on_a_held_item_is_seen_within_one_tick_while_pages_fit(
         emulator: Any, runtime: Runtime, small_pages: None) -> None:
-    ids = _held(emulator, runtime, 8)  # 2 pages
-    _stop(emulator, runtime, ids[0])  # the oldest: on the last page
+    ids = held_items(emulator, runtime, 8)  # 2 pages
+    stop_item(emulator, runtime, ids[0])  # the oldest: on the last page
     before = _lists(emulator, runtime)
     assert scan_server_stops(runtime) == 1
     assert _lists(emulator, runtime) - before == 2
@@ -157,8 +133,8 @@ def test_a_stop_on_a_held_item_is_seen_within_one_tick_while_pages_fit(
 
 def test_a_longer_list_is_swept_over_several_ticks_within_the_page_budget(
         emulator: Any, runtime: Runtime, small_pages: None) -> None:
-    ids = _held(emulator, runtime, 17)  # 4 pages: 2 ticks of 2 pages
-    _stop(emulator, runtime, ids[0])
+    ids = held_items(emulator, runtime, 17)  # 4 pages: 2 ticks of 2 pages
+    stop_item(emulator, runtime, ids[0])
     before = _lists(emulator, runtime)
     assert scan_server_stops(runtime) == 0, "tick one reads the newest 10 items only"
     assert _lists(emulator, runtime) - before == 2
@@ -178,13 +154,14 @@ def test_nothing_held_means_no_list_call(emulator: Any, runtime: Runtime) -> Non
 def test_a_sweep_reads_on_until_every_held_item_was_listed(
         emulator: Any, runtime: Runtime, small_pages: None) -> None:
     """Nothing is assumed of the list's order or page size: items we do not hold (here, newer
-    ones nobody claimed) are read past until every held one was listed."""
-    ids = _held(emulator, runtime, 3)
+    ones nobody claimed) are read past until every held one was listed, a page a tick: three
+    leases held are worth one page of five, however many items wait before them."""
+    ids = held_items(emulator, runtime, 3)
     for _ in range(12):
         emulator.create_session(runtime.environment_id, metadata={})
-    _stop(emulator, runtime, ids[0])
+    stop_item(emulator, runtime, ids[0])
     before = _lists(emulator, runtime)
-    applied = scan_server_stops(runtime) + scan_server_stops(runtime)
-    assert applied == 1, "found in the sweep's second tick"
+    ticks = [scan_server_stops(runtime) for _ in range(3)]
+    assert ticks == [0, 0, 1], "found in the sweep's third tick"
     assert _lists(emulator, runtime) - before == 3, "15 items, 5 a page, and not a page more"
     assert _cursor(runtime) is None

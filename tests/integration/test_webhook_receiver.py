@@ -21,11 +21,11 @@ from standardwebhooks import Webhook
 from dispatcher.control.capacity import Capacity
 from dispatcher.emulator.webhooks import run_started_event
 from dispatcher.ops.webhook_server import Receiver
+from tests.support.isolation import integration_db, redis_url
 
 pytestmark = pytest.mark.integration
 
 KEY = "whsec_" + base64.b64encode(b"the receiver tests' signing key!").decode()
-REDIS_DB = 10
 
 
 class Publisher:
@@ -41,8 +41,7 @@ class Publisher:
 
 @pytest.fixture
 def store() -> Iterator[tuple[redis.Redis, str]]:
-    base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
-    client = redis.Redis.from_url(f"{base}/{REDIS_DB}", decode_responses=True)
+    client = redis.Redis.from_url(redis_url(integration_db()), decode_responses=True)
     prefix = f"webhooks{uuid.uuid4().hex[:8]}"
     Capacity(client, prefix=prefix).advertise(hostname="w1@test", slots=2, pool="threads",
                                               queues=["dispatcher.sessions"])

@@ -53,9 +53,11 @@ PROFILED = {"emulator": ["emulator"], "webhooks": ["webhooks"], "rabbitmq": ["ra
 # Variables that must have no default anywhere: the operator sets them, or nothing starts.
 NO_DEFAULT = ("ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_API_KEY",
               "DISPATCHER_ON_WORK", "FLOWER_BASIC_AUTH", "ANTHROPIC_WEBHOOK_SIGNING_KEY",
-              "RABBITMQ_PASSWORD", "DISPATCHER_BROKER_URL")
+              "RABBITMQ_PASSWORD", "DISPATCHER_BROKER_URL", "REDIS_PASSWORD")
 SECRET_NAME = re.compile(r"KEY|PASSWORD|SECRET|TOKEN|AUTH", re.IGNORECASE)
 TEST_FLOWER_AUTH = "tester:a-password-of-the-test"
+TEST_REDIS_PASSWORD = "0123456789abcdef0123456789abcdef"
+REDIS_SECRET = "/run/secrets/redis_password"
 GRACE_MARGIN_SECONDS = 15
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)")
@@ -101,7 +103,8 @@ def read_env_file(path: Path) -> dict[str, str]:
     return {name.strip(): value for name, value in pairs}
 
 
-QUICK_START_ENV = {**read_env_file(EMULATOR_ENV), "FLOWER_BASIC_AUTH": TEST_FLOWER_AUTH}
+QUICK_START_ENV = {**read_env_file(EMULATOR_ENV), "FLOWER_BASIC_AUTH": TEST_FLOWER_AUTH,
+                   "REDIS_PASSWORD": TEST_REDIS_PASSWORD}
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +194,14 @@ def test_worker_node_names_are_unique_per_host(services: dict[str, dict[str, Any
     assert len(set(names)) == len(names)
 
 
+def redis_script(command: list[str]) -> str:
+    """The shell script that starts Redis: `sh -c SCRIPT`."""
+    assert command[:2] == ["sh", "-c"], command
+    return command[2]
+
+
 def test_redis_emulator_and_webhooks_commands(services: dict[str, dict[str, Any]]) -> None:
-    assert argv(services["redis"])[0] == "redis-server"
+    assert "exec docker-entrypoint.sh redis-server " in redis_script(argv(services["redis"]))
     assert argv(services["emulator"])[:2] == ["dispatcher", "emulator"]
     assert argv(services["webhooks"])[:2] == ["dispatcher", "webhooks"]
 
@@ -304,9 +313,42 @@ def test_emulator_and_fleet_agree(services: dict[str, dict[str, Any]]) -> None:
     assert port and fleet["ANTHROPIC_BASE_URL"] == f"http://emulator:{port}"
     keys = environment(services["emulator"])
     assert keys[ENV_ENVIRONMENT_KEY] == fleet["ANTHROPIC_ENVIRONMENT_KEY"]
-    assert option(emulator, "--redis-url", "--redis-url") != fleet["DISPATCHER_REDIS_URL"], (
+    assert option(emulator, "--redis-url", "--redis-url") is None, "argv would show its password"
+    assert keys["DISPATCHER_REDIS_URL"] != fleet["DISPATCHER_REDIS_URL"], (
         "the emulator must keep its keys out of the fleet's Redis database"
     )
+
+
+# --- Redis requires a password ----------------------------------------------------------------
+def test_redis_requires_the_password_of_a_compose_secret(
+        compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    """Redis reads the password from the secret into its configuration on stdin (the last
+    argument `-`, which the image's entrypoint leaves last); neither argv nor its environment
+    holds it, and its health check authenticates."""
+    assert compose["secrets"]["redis_password"] == {"environment": "REDIS_PASSWORD"}
+    redis = services["redis"]
+    assert redis["secrets"] == ["redis_password"]
+    real = yaml.safe_load(REAL_OVERRIDE.read_text())["services"]["redis"]
+    for script in (redis_script(argv(redis)), redis_script(argv(real))):
+        start, _, config = script.partition("<<EOF\n")
+        words = shlex.split(start.replace("\\\n", " "))
+        assert words[-1] == "-", "the config is read from stdin"
+        assert config.strip().splitlines() == [f"requirepass $(cat {REDIS_SECRET})", "EOF"]
+        assert TEST_REDIS_PASSWORD not in script
+    assert "environment" not in redis
+    check = " ".join(redis["healthcheck"]["test"])
+    assert "REDISCLI_AUTH=" in check and REDIS_SECRET in check and "PONG" in check
+
+
+@pytest.mark.parametrize("name", [*FLEET, "webhooks", "emulator"])
+def test_every_redis_client_carries_the_password(services: dict[str, dict[str, Any]],
+                                                 name: str) -> None:
+    url = environment(services[name])["DISPATCHER_REDIS_URL"]
+    assert url.startswith(f"redis://:{TEST_REDIS_PASSWORD}@redis:6379/"), url
+    assert TEST_REDIS_PASSWORD not in " ".join(argv(services[name]))
+    env = {k: v for k, v in QUICK_START_ENV.items() if k != "REDIS_PASSWORD"}
+    with pytest.raises(Unset, match="REDIS_PASSWORD"):
+        environment(services[name], env)
 
 
 # --- no unsafe default ------------------------------------------------------------------------
@@ -451,8 +493,8 @@ def test_keys_reach_only_the_services_that_use_them(services: dict[str, dict[str
 def test_the_real_service_variant() -> None:
     override = yaml.safe_load(REAL_OVERRIDE.read_text())
     assert "emulator" not in override["services"]
-    redis_command = [str(w) for w in override["services"]["redis"]["command"]]
-    assert "--appendonly" in redis_command and "yes" in redis_command
+    redis_command = redis_script(argv(override["services"]["redis"]))
+    assert "--appendonly yes" in redis_command
     assert "noeviction" in redis_command
     example = read_env_file(REAL_ENV_EXAMPLE)
     assert example["ANTHROPIC_BASE_URL"] == "https://api.anthropic.com"

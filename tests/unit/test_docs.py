@@ -1,16 +1,19 @@
-"""The operator docs stay true to the code: the settings table is the model's, and every
-lifecycle log line the code can write is explained in docs/troubleshooting.md."""
+"""The operator docs stay true to the code: the settings table is the model's, every
+lifecycle log line the code can write is explained in docs/troubleshooting.md, the counter and
+histogram table is the metrics module's, and every metric and task name is documented."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from dispatcher.celery import names
 from dispatcher.ops.docsgen import (
     BEGIN_MARKER,
     END_MARKER,
     render_configuration,
     render_page,
+    with_metrics,
     with_rules,
 )
 
@@ -18,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGURATION = ROOT / "docs" / "configuration.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
+OPERATIONS = ROOT / "docs" / "operations.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 SOURCES = sorted(p for p in (ROOT / "dispatcher").rglob("*.py") if "emulator" not in p.parts)
 REGENERATE = "regenerate it: python -m dispatcher.ops.docsgen > docs/configuration.md"
 
@@ -110,3 +115,42 @@ def test_the_module_map_names_every_module() -> None:
                      if p.name != "__init__.py" and "emulator" not in p.parts)
     missing = [m for m in modules if f"`{m}`" not in page]
     assert not missing, f"docs/architecture.md's module map does not name {missing}"
+
+
+def test_the_metrics_table_is_the_metrics_modules() -> None:
+    page = OPERATIONS.read_text()
+    assert with_metrics(page) == page, (
+        "docs/operations.md's counters and histograms differ from dispatcher/metrics.py; "
+        "regenerate them: python -m dispatcher.ops.docsgen --metrics")
+
+
+def exported_metrics() -> set[str]:
+    """Every metric family the exporter can serve: the counters and histograms by their
+    tables, the gauges by the names written beside `NAMESPACE` in the module's source."""
+    from dispatcher.metrics import COUNTERS, HISTOGRAMS, NAMESPACE
+
+    source = (ROOT / "dispatcher" / "metrics.py").read_text()
+    gauges = re.findall(r'f"\{NAMESPACE\}_([a-z_]+)"', source)
+    gauges += re.findall(r'\bgauge\(\s*"([a-z_]+)"', source)
+    return ({f"{NAMESPACE}_{name}" for name in gauges}
+            | {f"{NAMESPACE}_{name}_total" for name in COUNTERS}
+            | {f"{NAMESPACE}_{name}" for name in HISTOGRAMS})
+
+
+def test_every_metric_is_documented() -> None:
+    metrics = exported_metrics()
+    assert {"dispatcher_leases_held", "dispatcher_server_up", "dispatcher_build_info",
+            "dispatcher_heartbeats_total"} <= metrics, "the metric names were not all found"
+    docs = "\n".join(path.read_text() for path in DOCS)
+    missing = sorted(m for m in metrics if f"`{m}" not in docs)
+    assert not missing, f"metrics served but not documented in docs/: {missing}"
+
+
+def test_every_task_name_is_documented() -> None:
+    tasks = {value for key, value in vars(names).items()
+             if key.isupper() and isinstance(value, str) and value.startswith("tasks.")}
+    tasks |= set(names.RENAMED)
+    assert {names.SESSION_RUN, names.HEARTBEAT} <= tasks
+    docs = "\n".join(path.read_text() for path in DOCS)
+    missing = sorted(t for t in tasks if f"`{t}`" not in docs)
+    assert not missing, f"task names not documented in docs/: {missing}"

@@ -37,6 +37,7 @@ def test_the_two_variables_still_name_one_environment() -> None:
 
 def test_a_file_lists_environments_with_keys_inline_or_in_files(tmp_path: Path) -> None:
     (tmp_path / "b.key").write_text(KEY_B + "\n")  # as `echo` and editors leave it
+    (tmp_path / "b.key").chmod(0o600)
     settings = _file(tmp_path, f"""
 [[environment]]
 id = "env_a"
@@ -82,6 +83,7 @@ def test_a_wrong_entry_is_refused_naming_it_never_the_key(tmp_path: Path, body: 
 
 def test_a_key_file_with_more_than_one_line_ending_is_refused(tmp_path: Path) -> None:
     (tmp_path / "a.key").write_text(KEY_A + "\n\n")
+    (tmp_path / "a.key").chmod(0o400)
     settings = _file(tmp_path, '[[environment]]\nid = "env_a"\nkey_file = "a.key"\n')
     with pytest.raises(SettingsError, match="the key contains whitespace"):
         settings.require_environments()
@@ -113,3 +115,29 @@ def test_processes_that_need_no_environment_never_read_the_file(tmp_path: Path) 
     assert settings.environments_file is not None
     with pytest.raises(SettingsError, match="cannot be read"):
         settings.require_environments()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o444])
+def test_a_key_file_open_to_its_group_or_others_is_refused(tmp_path: Path, mode: int) -> None:
+    (tmp_path / "a.key").write_text(KEY_A + "\n")
+    (tmp_path / "a.key").chmod(mode)
+    settings = _file(tmp_path, '[[environment]]\nid = "env_a"\nkey_file = "a.key"\n')
+    with pytest.raises(SettingsError) as caught:
+        settings.require_environments()
+    message = str(caught.value)
+    assert message == (f"DISPATCHER_ENVIRONMENTS_FILE is invalid: environment env_a: key_file "
+                       f"{str(tmp_path / 'a.key')!r} is open to its group or others "
+                       f"(mode {mode:04o}): make it 0600 or 0400")
+    assert KEY_A not in message
+
+
+@pytest.mark.parametrize("key", ["sk-ant-oat01-caf\u00e9", "sk-ant-oat01-\u2013dash",
+                                 "sk-ant-oat01-\u00a0nbsp"])
+def test_a_key_outside_printable_ascii_is_refused_in_the_file(tmp_path: Path, key: str) -> None:
+    (tmp_path / "a.key").write_text(key, encoding="utf-8")
+    (tmp_path / "a.key").chmod(0o600)
+    for body in (f'id = "env_a"\nkey = "{key}"', 'id = "env_a"\nkey_file = "a.key"'):
+        settings = _file(tmp_path, f"[[environment]]\n{body}\n")
+        with pytest.raises(SettingsError, match="a non-ASCII character") as caught:
+            settings.require_environments()
+        assert key not in str(caught.value)

@@ -136,7 +136,8 @@ def test_settings_are_frozen() -> None:
 
 @pytest.mark.parametrize("variable", ["ANTHROPIC_ENVIRONMENT_KEY", "ANTHROPIC_API_KEY"])
 @pytest.mark.parametrize("value", [KEY + "\n", KEY + "\r\n", " " + KEY, KEY + "\t",
-                                   "sk-ant-oat01-a b", KEY + "\x01", KEY + "\x7f", KEY + "\x85"])
+                                   "sk-ant-oat01-a b", KEY + "\x01", KEY + "\x7f", KEY + "\x85",
+                                   KEY + "\u00e9", KEY + "\u2028", "sk-ant-oat01-\uff41"])
 def test_a_key_with_whitespace_or_a_control_character_is_refused_at_load(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str
 ) -> None:
@@ -147,7 +148,7 @@ def test_a_key_with_whitespace_or_a_control_character_is_refused_at_load(
         load_settings()
     message = str(caught.value)
     assert message.startswith(f"{variable} is invalid: ")
-    assert "whitespace or a control character" in message
+    assert "whitespace, a control character or a non-ASCII character" in message
     assert "SETTINGS-SECRET" not in message and "\n" not in message
 
 
@@ -196,3 +197,31 @@ def test_an_unknown_broker_is_refused_without_showing_its_url(
     with pytest.raises(SettingsError, match=r"^DISPATCHER_BROKER_URL is invalid: .*'sqs'") as c:
         load_settings()
     assert "Pw-SECRET" not in str(c.value)
+
+
+@pytest.mark.parametrize(("given", "read"), [
+    ("redis://h:6379/0?password=p%40w&socket_timeout=3",
+     "redis://:p%40w@h:6379/0?socket_timeout=3"),
+    ("redis://h/0?username=fleet&password=pw", "redis://fleet:pw@h/0"),
+    ("redis://fleet@h/0?password=pw", "redis://fleet:pw@h/0"),
+    ("rediss://h:6380/0?password=pw&ssl_cert_reqs=required",
+     "rediss://:pw@h:6380/0?ssl_cert_reqs=required"),
+    ("unix:///run/redis.sock?password=pw&db=2", "unix://:pw@/run/redis.sock?db=2"),
+    ("redis://:pw@h/0", "redis://:pw@h/0"),
+    ("redis://h/0", "redis://h/0"),
+])
+def test_credentials_in_a_redis_url_query_move_into_its_user_part(given: str, read: str) -> None:
+    """Celery masks a URL's user part wherever it shows one, never its query."""
+    assert load_settings(DISPATCHER_REDIS_URL=given).redis_url == read
+    broker = given.replace("redis://", "amqp://", 1) if given.startswith("redis://") else None
+    if broker is not None:
+        expected = read.replace("redis://", "amqp://", 1)
+        assert load_settings(DISPATCHER_BROKER_URL=broker).broker_url == expected
+
+
+def test_a_credential_given_twice_in_a_url_is_refused_unshown() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(DISPATCHER_REDIS_URL="redis://:one-SECRET@h/0?password=two-SECRET")
+    message = str(caught.value)
+    assert message.startswith("DISPATCHER_REDIS_URL is invalid: ")
+    assert "SECRET" not in message

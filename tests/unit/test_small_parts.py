@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
-from dispatcher.celery.bootsteps import session_slots
+from dispatcher.celery.bootsteps import running_revoked, session_slots
 from dispatcher.celery.broker import broker_conf, pool_full
+from dispatcher.celery.names import HEARTBEAT, SESSION_RUN
 from dispatcher.control.routing import choose_queue
 from dispatcher.logs import event
 from dispatcher.settings import Settings
@@ -76,3 +78,15 @@ def test_redis_is_the_broker_unless_rabbitmq_is_named() -> None:
 def test_a_pool_is_full_when_every_slot_holds_a_received_task(
         reserved: int, pool_size: int, full: bool) -> None:
     assert pool_full(reserved=reserved, pool_size=pool_size) is full
+
+
+def test_a_prefork_worker_relays_only_its_running_revoked_sessions() -> None:
+    def request(task_id: str, name: str = SESSION_RUN, **kwargs: str) -> SimpleNamespace:
+        return SimpleNamespace(id=task_id, name=name, kwargs=kwargs)
+
+    active = [request("t1", work_id="work_1"), request("t2", work_id="work_2"),
+              request("t3", work_id="work_3"), request("t4", name=HEARTBEAT),
+              request("t5")]
+    revoked = {"t1", "t3", "t4", "t5", "t9"}
+    assert running_revoked(active, revoked, relayed={"t3"}) == [("t1", "work_1")]
+    assert running_revoked(active, set(), relayed=set()) == []

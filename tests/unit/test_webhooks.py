@@ -15,7 +15,14 @@ import pytest
 from anthropic import Anthropic
 from standardwebhooks import Webhook
 
-from dispatcher.control.webhooks import RUN_STARTED, Checked, Decision, check, decide
+from dispatcher.control.webhooks import (
+    RUN_STARTED,
+    Checked,
+    Decision,
+    RefusalSampler,
+    check,
+    decide,
+)
 from dispatcher.emulator.webhooks import run_started_event
 
 KEY = "whsec_" + base64.b64encode(b"a signing key of the tests, 32 b").decode()
@@ -138,3 +145,13 @@ def test_the_emulators_event_has_the_sdk_shape() -> None:
     assert set(EVENT) == {"id", "type", "created_at", "data"} and EVENT["type"] == "event"
     assert set(EVENT["data"]) == {"type", "id", "organization_id", "workspace_id"}
     datetime.fromisoformat(EVENT["created_at"])
+
+
+def test_refusals_are_sampled_per_kind_with_the_count_left_out() -> None:
+    sampler = RefusalSampler(window_seconds=10)
+    seen = [sampler.note(401, "No matching signature found", now=t) for t in (0, 1, 2, 9.9)]
+    assert seen == [0, None, None, None], "the first at once, the rest left out"
+    assert sampler.note(400, "replayed webhook-id", now=3) == 0, "another kind has its own"
+    assert sampler.note(401, "No matching signature found", now=10) == 3, "three left out"
+    assert sampler.note(401, "No matching signature found", now=11) is None
+    assert sampler.note(401, "No matching signature found", now=25) == 1

@@ -533,14 +533,26 @@ def test_the_servers_retry_after_sets_the_wait(
     assert server.sleeps == [expected]
 
 
-@pytest.mark.parametrize("headers", [{"retry-after": "120"}, {"retry-after": "0"},
-                                     {"retry-after-ms": "90000"}, {"retry-after": "soon"}])
+@pytest.mark.parametrize("headers", [{"retry-after": "0"}, {"retry-after-ms": "-5"},
+                                     {"retry-after": "7200"}, {"retry-after": "soon"}])
 def test_a_retry_after_out_of_range_falls_back_to_backoff(
     api: MakeApi, headers: dict[str, str]
 ) -> None:
     server = api(reply(429, headers=headers), reply(200, STATS))
     server.call("stats")
     assert 0.375 <= server.sleeps[0] <= 0.5
+
+
+@pytest.mark.parametrize("headers", [{"retry-after": "120"}, {"retry-after-ms": "90000"}])
+def test_a_retry_after_longer_than_a_call_waits_ends_the_call_with_it(
+    api: MakeApi, headers: dict[str, str]
+) -> None:
+    """The caller waits it out with the fleet (control/pacing); no call sleeps for minutes."""
+    server = api(reply(429, headers=headers), reply(200, STATS))
+    with pytest.raises(RateLimitedError) as caught:
+        server.call("stats")
+    assert caught.value.retry_after in (120.0, 90.0)
+    assert server.sleeps == [] and len(server.requests) == 1
 
 
 def test_a_rate_limit_error_carries_retry_after(api: MakeApi) -> None:

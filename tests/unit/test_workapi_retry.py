@@ -53,18 +53,21 @@ def test_an_unreadable_x_should_retry_is_ignored() -> None:
         ({"retry-after-ms": "1500"}, 1.5),
         ({"retry-after-ms": "200", "retry-after": "9"}, 0.2),
         ({"retry-after": formatdate(NOW + 30, usegmt=True)}, 30.0),
-        ({"retry-after": formatdate(NOW + 3600, usegmt=True)}, None),  # an hour away
-        ({"retry-after": "61"}, None),
+        ({"retry-after": formatdate(NOW + 3600, usegmt=True)}, 3600.0),  # an hour away
+        ({"retry-after": formatdate(NOW + 3601, usegmt=True)}, None),  # past an hour: broken
+        ({"retry-after": "120"}, 120.0),
+        ({"retry-after": "61"}, 61.0),
         ({"retry-after": "0"}, None),
         ({"retry-after": "-2"}, None),
-        ({"retry-after-ms": "60001"}, None),
+        ({"retry-after-ms": "60001"}, 60.001),
+        ({"retry-after-ms": "3600001"}, None),
         ({"retry-after": formatdate(NOW - 5, usegmt=True)}, None),  # already past
         ({"retry-after": "tomorrow-ish"}, None),
         ({"retry-after-ms": "soon", "retry-after": "2"}, 2.0),
         ({}, None),
     ],
 )
-def test_retry_after_is_honoured_only_inside_zero_to_sixty_seconds(
+def test_retry_after_is_honoured_only_inside_zero_to_an_hour(
     headers: dict[str, str], seconds: float | None
 ) -> None:
     assert retry_after_seconds(headers, now=NOW) == seconds

@@ -30,7 +30,6 @@ from dispatcher.lease.machine.steps import (
     since_ok,
 )
 from dispatcher.lease.model import Ending, Heartbeater, Kind, Lease, LeaseMode, Phase, StopKind
-from dispatcher.workapi.models import WorkState
 
 # --- the poller --------------------------------------------------------------------------------
 
@@ -202,7 +201,7 @@ def _unclaimed(current: ev.ServerLease | None) -> bool:
     """A 412 to a NO_HEARTBEAT claim while the server's own state says nobody heartbeated
     the item: nobody else holds it, so the refusal is the server's hiccup, not a rival."""
     return (current is not None and current.last_heartbeat is None
-            and current.state in (None, WorkState.STARTING))
+            and current.state in (None, ev.ServerState.STARTING))
 
 
 def _refused_unclaimed(p: Plan, c: Ctx) -> None:
@@ -241,11 +240,11 @@ def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
     p.assume(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=sent_at, uncertain=False)
     p.add(fx.RecordHeartbeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl),
                              scheduled_for(lease)))
-    if reply.state == WorkState.STOPPED:
+    if reply.state == ev.ServerState.STOPPED:
         lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
-    elif not reply.extended and reply.state != WorkState.STOPPING:
+    elif not reply.extended and reply.state != ev.ServerState.STOPPING:
         lose(p, cause=LossCause.NOT_EXTENDED)
-    elif reply.state == WorkState.STOPPING:
+    elif reply.state == ev.ServerState.STOPPING:
         request_stop(p, StopKind.GRACEFUL, StopCause.SERVER, SeenBy.HEARTBEAT)
     else:
         return True
@@ -257,7 +256,7 @@ def on_heartbeat_refused(lease: Lease, e: ev.HeartbeatRefused, c: Ctx) -> Decisi
     current = e.current
     if not lease.token and _unclaimed(current):
         _refused_unclaimed(p, c)
-    elif current is not None and current.state == WorkState.STOPPED:
+    elif current is not None and current.state == ev.ServerState.STOPPED:
         lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
     elif _lost_heartbeat_was_ours(lease, current, c.now):
         assert current is not None and current.last_heartbeat is not None
@@ -277,6 +276,10 @@ def on_heartbeat_refused(lease: Lease, e: ev.HeartbeatRefused, c: Ctx) -> Decisi
 UNKNOWN_TTL_WINDOW_SECONDS = 5
 
 
+# The server's states of an item it leases to somebody.
+_LEASED = (ev.ServerState.STARTING, ev.ServerState.ACTIVE, ev.ServerState.STOPPING)
+
+
 def _known_ttl(lease: Lease) -> float:
     return lease.ttl_seconds if lease.ttl_seconds > 0 else UNKNOWN_TTL_WINDOW_SECONDS
 
@@ -292,7 +295,7 @@ def _lost_heartbeat_was_ours(lease: Lease, current: ev.ServerLease | None, now: 
     return (lease.uncertain and lease.heartbeat_ok_at > 0 and current is not None
             and bool(current.last_heartbeat)
             and current.last_heartbeat != lease.token
-            and current.state in (WorkState.STARTING, WorkState.ACTIVE, WorkState.STOPPING)
+            and current.state in _LEASED
             and since_ok(lease, now) < _known_ttl(lease))
 
 

@@ -1,6 +1,6 @@
 """Render the chaos figures as the Markdown table of docs/reliability.md.
 
-    python tests/chaos/report.py [FILE]     # FILE: $DISPATCHER_CHAOS_FIGURES or the path the
+    python tests/support/report.py [FILE]     # FILE: $DISPATCHER_CHAOS_FIGURES or the path the
                                             # chaos run printed at its end
 """
 

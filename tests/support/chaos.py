@@ -1,5 +1,5 @@
-"""A fleet under fault injection: the acceptance `Fleet` (real `celery` processes, the emulator
-over HTTP, the fake session program) plus what chaos needs on top:
+"""A fleet under fault injection: the `Fleet` of tests/support/fleet.py (real `celery`
+processes, the emulator over HTTP, the fake session program) plus what chaos needs on top:
 
 * a watcher thread that follows the sandboxes' records and the process table, so a sandbox
   killed with SIGKILL (which records no exit) still has a bound on when it ended;
@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import invariants
-from fleet import Fleet, wait_for
-
 from dispatcher.workapi import WorkAPIError
+from tests.support import invariants
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 __all__ = ["ChaosFleet", "Figures", "RedisServer", "Watcher"]
 

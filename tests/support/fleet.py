@@ -1,5 +1,11 @@
-"""A real fleet for acceptance tests: `celery worker`/`beat` subprocesses, real Redis, the
-emulator over HTTP, and the emulator's fake session program as the on-work command."""
+"""A real fleet for acceptance and chaos tests: `celery worker`/`beat` subprocesses, real
+Redis, the emulator over HTTP, and the emulator's fake session program as the on-work command.
+
+    Fleet              one fleet under test (processes through `LocalStack`)
+    flush_fleet_db     empty this worker's fleet database before a fleet test starts
+    on_brokers         run a test on the Redis broker, RabbitMQ, or both
+    assert_no_overlap  no two attempts of one session ran at the same time
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,8 @@ import redis
 from dispatcher.control.capacity import Capacity
 from dispatcher.ops.stack import LocalStack
 from dispatcher.workapi import WorkClient
+from tests.support.isolation import REDIS_BASE, fleet_db, redis_url
+from tests.support.waiting import wait_for
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 # The brokers a fleet runs on (`DISPATCHER_BROKER_URL`): Redis (the default) or RabbitMQ.
@@ -33,32 +39,25 @@ def on_brokers(*cases: str | tuple[str, ...], names: str = "fleet") -> Any:
     Only the tests that show the brokers behave alike run on both: RabbitMQ doubles nothing else.
     """
     return pytest.mark.parametrize(names, list(cases), indirect=["fleet"])
-# Acceptance fleets use their own Redis database: Celery's queue keys carry no prefix.
-FLEET_REDIS_DB = 9
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1,
-             what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def flush_fleet_db() -> None:
+    """Empty this worker's fleet database (`isolation.fleet_db`), so a fleet test starts on a
+    Redis with nothing of an earlier test's fleets in it."""
+    with redis.Redis.from_url(redis_url(fleet_db())) as r:
+        r.flushdb()
 
 
 class Fleet:
     """A fleet under test: processes through `LocalStack`, the emulator from the fixture."""
 
-    def __init__(self, emulator: Any, tmp_path: Path, redis_base: str) -> None:
+    def __init__(self, emulator: Any, tmp_path: Path, redis_base: str = REDIS_BASE) -> None:
         self.emulator = emulator
         self.environment_id = emulator.create_environment()
         self.tmp = tmp_path
         self.records_dir = tmp_path / "records"
         self.records_dir.mkdir()
-        self.redis_url = f"{redis_base}/{FLEET_REDIS_DB}"
+        self.redis_url = f"{redis_base}/{fleet_db()}"
         self.stack = LocalStack(workdir=tmp_path, redis_url=self.redis_url,
                                 environment_key=emulator.environment_key,
                                 api_key=emulator.api_key, key_prefix=f"t{uuid.uuid4().hex[:8]}",
@@ -91,7 +90,7 @@ class Fleet:
         return self.stack.celery(name, ["beat", "-l", "INFO"], self.env())
 
     def use_containers(self, image: str) -> None:
-        """Run sessions as containers of the test image (tests/acceptance/sandbox_image)."""
+        """Run sessions as containers of the test image (tests/support/sandbox_image)."""
         self.records_dir.chmod(0o777)
         self.overrides.update({
             "DISPATCHER_SANDBOX_RUNTIME": "docker",
