@@ -326,7 +326,7 @@ def _capacity(cap: dict[str, Any]) -> str:
         "per request on one connection and over 1.5 ms with 64 in flight (its pool polls every "
         "connection whenever a request is queued or a response closes); this one, through "
         "httpx's client, about 0.3 ms. (2) A tick's plain replies are recorded in one Lua call "
-        "per 500 (`LeaseRegistry.record_beats`), not two round trips each. (3) Recovery reads "
+        "per 500 (`LeaseRegistry.record_heartbeats`), not two round trips each. (3) Recovery reads "
         "only the leases silent for over 5 s, from an index of each lease's last sign of "
         "progress (`LeaseRegistry.silent_since`), not every lease each second. (4) The stop "
         "bridge reads at most 10 pages of `list` a tick (1,000 items, dispatcher/control/bridge.py "

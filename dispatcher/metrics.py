@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +51,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from dispatcher.control.capacity import Capacity, desired_slots, free_slots
+from dispatcher.lease.causes import LossCause, Refusal, Release, RestartReason, StopCause
+from dispatcher.lease.model import Kind
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.workapi import WorkAPIError, WorkClient, WorkQueueStats, epoch_seconds
 
@@ -91,44 +92,28 @@ SCALING_PATH = "/scaling"
 class Counter:
     doc: str
     label: str
-    values: tuple[str, ...]  # the label's values; anything else is counted as OTHER
+    # The label's values, each an enum's member (`lease.causes`); anything else counts as OTHER.
+    values: tuple[str, ...]
 
 
 COUNTERS: dict[str, Counter] = {
     "work_claimed": Counter("Work items claimed (polled and acknowledged), by type", "type",
-                            ("session", "healthcheck")),
+                            tuple(Kind)),
     "work_released": Counter("Leases released, by how the session ended", "outcome",
-                             ("completed", "failed", "stopped", "lost", "attempts_exhausted",
-                              "healthcheck", "dispatch_failed")),
+                             tuple(Release)),
     "work_stop_requests": Counter("Stop requests applied to held leases, by cause", "cause",
-                                  ("server", "server_stopped", "operator")),
-    "work_refused": Counter("Polled items not run, by reason", "reason",
-                            ("unknown_type", "ack_failed", "abandoned", "already_ended",
-                             "attempts_exhausted", "invalid")),
+                                  tuple(StopCause)),
+    "work_refused": Counter("Polled items not run, by reason", "reason", tuple(Refusal)),
     "heartbeats": Counter("Heartbeats sent, by result", "result", ("ok", "failed")),
     "leases_lost": Counter("Leases the server no longer gives us, by cause", "cause",
-                           ("re_delivered", "server_stopped", "lease_not_extended",
-                            "heartbeat_rejected", "assumed_lost", "taken_by_another_worker",
-                            "ack_not_landed")),
+                           tuple(LossCause)),
     "attempts_restarted": Counter("Session attempts started again on another worker, by reason",
-                                  "reason", ("worker_lost", "task_never_started",
-                                             "worker_drained")),
+                                  "reason", tuple(RestartReason)),
     "server_throttles": Counter("Times the server began throttling an environment (429, 503 "
                                 "or retry-after), by the call that met it", "source",
                                 ("poll", "list", "heartbeat", "ack", "stop")),
     "healthchecks": Counter("Healthcheck work items answered, by result", "healthy",
                             ("true", "false")),
-}
-# Free text callers pass, in snake case, mapped by prefix to a value of the label's set.
-ALIASES: dict[str, str] = {
-    "re_delivered": "re_delivered",
-    "heartbeat_": "heartbeat_rejected",  # "heartbeat 404", "heartbeat 412", ...
-    "assumed_lost": "assumed_lost",
-    "claim_404": "server_stopped",  # the item is gone
-    "claimed_by_another_worker": "taken_by_another_worker",
-    "ack_never_landed": "ack_not_landed",
-    "worker_lost": "worker_lost",
-    "session_task_never_started": "task_never_started",
 }
 # Buckets in seconds: dispatch targets are 0.1 s (p50) and 1 s (p99); stop target is 2 s (p99).
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -141,20 +126,14 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
         (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
     ),
 }
-_NOT_SNAKE = re.compile(r"[^a-z0-9]+")
 ENVIRONMENT_LABEL = "environment"
 
 
 def bounded(name: str, value: object) -> str:
-    """The value counter `name`'s label takes for `value`: one of its fixed set, or OTHER."""
-    allowed = COUNTERS[name].values
-    snake = _NOT_SNAKE.sub("_", str(value).lower()).strip("_")
-    if snake in allowed:
-        return snake
-    for prefix, mapped in ALIASES.items():
-        if snake.startswith(prefix) and mapped in allowed:
-            return mapped
-    return OTHER
+    """The value counter `name`'s label takes for `value` (a member of the enum its label set
+    comes from): one of its fixed set, or OTHER."""
+    text = str(value)
+    return text if text in COUNTERS[name].values else OTHER
 
 
 def _field(name: str, labels: dict[str, str]) -> str:

@@ -14,10 +14,11 @@ from typing import Any
 
 from redis import Redis
 
+from dispatcher.celery.names import SESSION_RUN
 from dispatcher.control.capacity import Capacity
 from dispatcher.control.pacing import Pacing
 from dispatcher.lease.deliveries import Deliveries
-from dispatcher.lease.executor import Executor
+from dispatcher.lease.executor import Executor, SessionTask
 from dispatcher.lease.machine import Policy
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.metrics import Metrics
@@ -69,8 +70,31 @@ class Runtime:
 
     @cached_property
     def executor(self) -> Executor:
-        """Performs the lease machine's decisions: the only writer of lease records."""
-        return Executor(self, Policy(max_attempts=self.settings.max_attempts))
+        """Performs the lease machine's decisions: the only writer of lease records. It is given
+        what it acts through, never the runtime."""
+        return Executor(
+            registry=self.registry, deliveries=self.deliveries, counters=self.metrics,
+            client=lambda environment_id: self.client(environment_id=environment_id,
+                                                      max_retries=0),
+            publish=self._publish_session, revoke=lambda task_id: self.app.control.revoke(task_id),
+            healthcheck=self._healthcheck, desired_ttl_seconds=self.settings.desired_ttl_seconds,
+            policy=Policy(max_attempts=self.settings.max_attempts))
+
+    def _publish_session(self, task: SessionTask) -> None:
+        self.app.send_task(
+            SESSION_RUN,
+            kwargs={"work_id": task.work_id, "session_id": task.session_id,
+                    "attempt": task.attempt},
+            task_id=task.task_id, queue=task.queue,
+            kwargsrepr=f"work_id={task.work_id} session_id={task.session_id} "
+                       f"attempt={task.attempt}")
+
+    def _healthcheck(self) -> dict[str, str]:
+        # Imported when an item asks: it reaches the session plane's sandbox module, which a
+        # control-only process otherwise never loads.
+        from dispatcher.control.healthcheck import check
+
+        return check(self)
 
     @cached_property
     def environments(self) -> tuple[Environment, ...]:
@@ -107,6 +131,13 @@ class Runtime:
                 self.settings, environment_id=environment.id,
                 environment_key=environment.key.get_secret_value(), max_retries=max_retries)
         return cache[environment.id, max_retries]
+
+    def close(self) -> None:
+        """Close the runtime's connections: its Work API clients and Redis."""
+        for client in self.__dict__.pop("_clients", {}).values():
+            client.close()
+        if "redis" in self.__dict__:
+            self.redis.close()
 
 
 _lock = threading.Lock()

@@ -31,6 +31,7 @@ from dispatcher.environments import (
     check_key,
     load_environments_file,
 )
+from dispatcher.lease.model import LeaseMode  # a lease's own field, set from here
 
 __all__ = [
     "Environment",
@@ -55,15 +56,6 @@ BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # An image named by content: a local image id, or a repository at a digest.
 IMMUTABLE_IMAGE = re.compile(r"^(sha256:[0-9a-f]{64}|[^@\s]+@sha256:[0-9a-f]{64})$")
-
-
-class LeaseMode(StrEnum):
-    # The dispatcher heartbeats from ack to release; the sandbox never does.
-    DISPATCHER = "dispatcher"
-    # The sandbox claims the lease itself (`ant beta:worker run`, SDK `handle_item`).
-    RUNNER = "runner"
-    # The dispatcher holds the lease until the sandbox starts, then hands over the token.
-    HANDOFF = "handoff"
 
 
 class SandboxRuntimeKind(StrEnum):

@@ -20,7 +20,7 @@ import re
 import signal
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.executor import listed_event
+from dispatcher.lease.replies import listed_event
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import Backoff, InvalidRequestError, Work, WorkAPIError, WorkPage

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.executor import Beat, beat_event
-from dispatcher.lease.model import Beater, Lease, Phase
+from dispatcher.lease.executor import AnsweredHeartbeat
+from dispatcher.lease.model import Heartbeater, Lease, Phase
+from dispatcher.lease.replies import heartbeat_event
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Environment, Settings
@@ -138,7 +139,7 @@ def _served(runtime: Runtime, leases: list[Lease]) -> list[Lease]:
 def _heartbeated_by_us(lease: Lease) -> bool:
     """A lease whose release keeps failing still gets heartbeats while we hold its token: were it to
     lapse, the server would hand the finished session out again."""
-    return lease.heartbeats_by == Beater.DISPATCHER and not lease.lost
+    return lease.heartbeats_by == Heartbeater.DISPATCHER and not lease.lost
 
 
 def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
@@ -150,7 +151,7 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
     bound = REQUEST_TIMEOUT_SECONDS * (2 * len(leases) / MAX_CONCURRENT_REQUESTS + 2)
     keys = {e.id: e for e in runtime.environments}
     outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases), timeout=bound)
-    beats: list[Beat] = []
+    beats: list[AnsweredHeartbeat] = []
     results: Counter[tuple[str, str]] = Counter()
     for lease, outcome, sent_at in outcomes:
         answered = isinstance(outcome, Heartbeat)
@@ -158,9 +159,9 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
         tally.failed += not answered
         tally.unanswered += isinstance(outcome, WorkAPIError) and outcome.status is None
         results[lease.environment_id, "ok" if answered else "failed"] += 1
-        after = runtime.executor.run(lease, beat_event(outcome, sent_at), beats=beats)
+        after = runtime.executor.heartbeat(lease, heartbeat_event(outcome, sent_at), answered=beats)
         tally.lost += after is None or after.lost
-    runtime.executor.record_beats(beats)
+    runtime.executor.record_heartbeats(beats)
     for (environment, result), count in results.items():
         runtime.metrics.inc("heartbeats", count, result=result, environment=environment)
     if tally.unanswered == len(leases) and sender.reach.cut_since is None:

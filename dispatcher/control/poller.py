@@ -25,12 +25,11 @@ from redis.lock import Lock
 from dispatcher.control.poll_keys import PollKeys
 from dispatcher.control.routing import choose_queue
 from dispatcher.lease import events as ev
-from dispatcher.lease.model import Beater, Lease, Phase
+from dispatcher.lease.model import Heartbeater, Kind, Lease, LeaseMode, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
-from dispatcher.settings import LeaseMode
 from dispatcher.startpath import StartPath
-from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, WorkDataType, delay_for
+from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, delay_for
 
 __all__ = ["POLL_BLOCK_MS", "claim", "drain", "run_poller"]
 
@@ -179,8 +178,7 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
                                reclaim_older_than_ms=reclaim_older_than_ms)
             path = StartPath("claim", first="polled")
         except InvalidWorkItem as exc:
-            runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc)),
-                                 environment_id=environment)
+            runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc), environment))
             continue
         except WorkAPIError as exc:
             delay = delay_for(exc, backoff)
@@ -272,10 +270,10 @@ def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> boo
     if path is not None:
         path.mark("read")
     offered = ev.Offered(
-        proposal, known_type=item.data.type in (WorkDataType.SESSION, WorkDataType.HEALTHCHECK),
+        proposal, known_type=item.data.type in set(Kind),
         failures=history.failures, ended=history.ended)
-    lease = runtime.executor.run(held, offered, work_json=item.to_json(), path=path)
-    started = (held is None and lease is not None and lease.kind == WorkDataType.SESSION
+    lease = runtime.executor.offer(held, offered, work_json=item.to_json(), path=path)
+    started = (held is None and lease is not None and lease.kind == Kind.SESSION
                and lease.phase == Phase.DISPATCHED)
     if started and path is not None:
         path.log(item.id)
@@ -293,9 +291,10 @@ def _new_lease(runtime: Runtime, item: Work) -> Lease:
         work_id=item.id,
         session_id=item.session_id,
         environment_id=item.environment_id,
-        mode=runtime.settings.lease_mode.value,
-        kind=item.data.type,
-        heartbeats_by=Beater.SANDBOX if runner else Beater.DISPATCHER,
+        mode=runtime.settings.lease_mode,
+        # An unknown type is refused, never recorded: its proposal's kind is never read.
+        kind=Kind(item.data.type) if item.data.type in set(Kind) else Kind.SESSION,
+        heartbeats_by=Heartbeater.SANDBOX if runner else Heartbeater.DISPATCHER,
         queue=queue,
         task_id=uuid.uuid4().hex,
         claimed_at=now,

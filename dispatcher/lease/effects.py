@@ -1,8 +1,16 @@
 """What the machine asks for: the outputs of `machine.decide`, performed by `executor`.
 
 Effects that ask the server or Redis something (an ack, a claim, a stop, a guarded change)
-answer with an event, which the executor feeds back to the machine. A guarded effect that finds
-the lease moved on (`guard`) ends the list: nothing after it is performed.
+answer with an event, which the executor feeds back to the machine. A guarded effect (`guard`)
+is a compare-and-set of what the machine decided from; one that finds the record moved on ends
+the list (a newer attempt, a release), or, a stop flag, has the event decided again on the
+record as it now is. Rules put a guarded effect before what depends on it.
+
+`Fence` and `AttemptOver` speak to the session attempt that asked (its sandbox, its result).
+
+Effects that carry nothing (`Ack`, `DeleteRecord`, `Unschedule`, `AnswerHealthcheck`) stay
+classes rather than members of an enum: the executor's `match` then names every effect the same
+way (`case fx.Ack():`), and one that later needs a field gets it without a change of kind.
 """
 
 from __future__ import annotations
@@ -10,12 +18,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from dispatcher.lease.model import Ending, Lease, StopKind
+from dispatcher.lease.causes import Cause, Outcome
+from dispatcher.lease.model import Ending, Heartbeater, Lease, StopKind
 
 __all__ = [
-    "Ack", "AnswerHealthcheck", "Claim", "Count", "CreateRecord", "DeleteRecord", "Effect",
-    "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish", "RecordBeat", "RecordHistory",
-    "Revoke", "Schedule", "Signal", "StopOnServer", "Unschedule", "Update",
+    "Ack", "AnswerHealthcheck", "AttemptOver", "Claim", "Count", "CreateRecord", "DeleteRecord",
+    "Effect", "Fence", "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish",
+    "RecordHeartbeat", "RecordHistory", "Revoke", "Schedule", "Signal", "StopOnServer",
+    "Unschedule", "Update",
 ]
 
 
@@ -55,7 +65,8 @@ class Update:
 
 @dataclass(frozen=True)
 class MarkRunning:
-    """The attempt takes the lease: only while it is still the current attempt."""
+    """The attempt takes the lease: only while it is still the current attempt. If it is not
+    (a newer attempt took the lease meanwhile), the asking attempt is over, superseded."""
 
     attempt: int
     fields: dict[str, object]
@@ -64,19 +75,24 @@ class MarkRunning:
 
 @dataclass(frozen=True)
 class NewAttempt:
-    """Attempt `expected + 1` takes the lease: only while `expected` is still current."""
+    """The next attempt takes the lease (`fields`: its number, task, phase, and the previous
+    attempt's traces cleared): only while `expected` is still the current attempt."""
 
     expected: int
-    task_id: str
+    fields: dict[str, object]
     guard = True
 
 
 @dataclass(frozen=True)
 class FlagStop:
-    """Raise the stop flag (force wins over graceful; the first cause stays)."""
+    """Set the stop flag to `kind`, only while it is still `expected`: the machine decided from
+    that, and decides again on the record a concurrent flag left. `cause` comes with the first
+    flag only (None keeps the cause recorded)."""
 
     kind: StopKind
-    cause: str
+    cause: Cause | None
+    expected: StopKind = StopKind.NONE
+    guard = True
 
 
 @dataclass(frozen=True)
@@ -86,10 +102,12 @@ class DeleteRecord:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The next heartbeat (or release retry) at `due`; `sooner_only` never postpones one."""
+    """The next heartbeat (or release retry) at `due`; `sooner_only` never postpones one. Only
+    while the lease is still heartbeated by `heartbeated_by` (None: whoever heartbeats it)."""
 
     due: float
     sooner_only: bool = False
+    heartbeated_by: Heartbeater | None = Heartbeater.DISPATCHER
 
 
 @dataclass(frozen=True)
@@ -98,14 +116,16 @@ class Unschedule:
 
 
 @dataclass(frozen=True)
-class RecordBeat:
-    """An answered beat that changes nothing else: its token, and the next beat. The heartbeat
-    task records a tick's worth in one round trip."""
+class RecordHeartbeat:
+    """An answered heartbeat that changes nothing else: its token, and the next heartbeat. The
+    heartbeat task records a tick's worth in one round trip."""
 
     token: str
     ttl_seconds: int
     sent_at: float
     due: float
+    # The next heartbeat is scheduled only while the lease is heartbeated by this (None: whoever).
+    heartbeated_by: Heartbeater | None = Heartbeater.DISPATCHER
 
 
 @dataclass(frozen=True)
@@ -140,6 +160,19 @@ class Signal:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """Kill the asking attempt's sandbox now, without the stop ladder: the attempt no longer
+    owns the lease, or can no longer be sure it does."""
+
+
+@dataclass(frozen=True)
+class AttemptOver:
+    """The asking attempt is over: its supervisor leaves, with `outcome` as its task's result."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
 class AnswerHealthcheck:
     pass
 
@@ -161,6 +194,6 @@ class Count:
 
 Effect = (
     Ack | Claim | StopOnServer | CreateRecord | Update | MarkRunning | NewAttempt | FlagStop
-    | DeleteRecord | Schedule | Unschedule | RecordBeat | RecordHistory | Publish | Revoke
-    | Signal | AnswerHealthcheck | Log | Count
+    | DeleteRecord | Schedule | Unschedule | RecordHeartbeat | RecordHistory | Publish | Revoke
+    | Signal | Fence | AttemptOver | AnswerHealthcheck | Log | Count
 )

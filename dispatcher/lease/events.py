@@ -7,7 +7,9 @@ into one of these, and the machine alone says what it means. Grouped by where th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
+from dispatcher.lease.causes import Outcome, SeenBy, StopCause
 from dispatcher.lease.model import Ending, Lease, StopKind
 
 __all__ = [
@@ -17,11 +19,6 @@ __all__ = [
     "AckUncertain",
     "AttemptSilent",
     "AttemptStarting",
-    "BeatAnswered",
-    "BeatFailed",
-    "BeatNotFound",
-    "BeatRefused",
-    "BeatRejected",
     "ClaimAnswered",
     "ClaimFailed",
     "ClaimNotAcked",
@@ -30,6 +27,11 @@ __all__ = [
     "Event",
     "HandingOff",
     "HealthcheckAnswered",
+    "HeartbeatAnswered",
+    "HeartbeatFailed",
+    "HeartbeatNotFound",
+    "HeartbeatRefused",
+    "HeartbeatRejected",
     "MessageLost",
     "Offered",
     "OperatorRevoked",
@@ -38,6 +40,7 @@ __all__ = [
     "RegistryReset",
     "RegistryUnreachable",
     "ReleaseAnswered",
+    "ReleaseAwaited",
     "ReleaseDue",
     "ReleaseFailed",
     "ReleaseRejected",
@@ -45,10 +48,22 @@ __all__ = [
     "SandboxExited",
     "SandboxStartFailed",
     "ServerLease",
+    "ServerState",
     "ServerStopped",
     "StopRequested",
     "Unreadable",
 ]
+
+
+class ServerState(StrEnum):
+    """A work item's state as the server reports it: `workapi.WorkState`'s values, named here
+    so that the machine imports nothing of the Work API client."""
+
+    QUEUED = "queued"  # waiting for a worker to poll it
+    STARTING = "starting"  # acked; nobody heartbeated it yet
+    ACTIVE = "active"  # leased and heartbeated
+    STOPPING = "stopping"  # a stop was asked for
+    STOPPED = "stopped"  # over
 
 
 @dataclass(frozen=True)
@@ -84,11 +99,12 @@ class Offered:
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A poll returned an item that fails validation; `work_id` is its id as read from the raw
-    reply (None: not even that is legible)."""
+    """A poll of `environment_id` returned an item that fails validation; `work_id` is its id as
+    read from the raw reply (None: not even that is legible)."""
 
     work_id: str | None
     error: str
+    environment_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,25 +175,25 @@ class ClaimFailed:
 # --- the heartbeat task ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class BeatAnswered:
+class HeartbeatAnswered:
     reply: Reply
     sent_at: float
 
 
 @dataclass(frozen=True)
-class BeatRefused:
+class HeartbeatRefused:
     """412: the token we presented is not the server's."""
 
     current: ServerLease | None
 
 
 @dataclass(frozen=True)
-class BeatNotFound:
+class HeartbeatNotFound:
     pass
 
 
 @dataclass(frozen=True)
-class BeatRejected:
+class HeartbeatRejected:
     """Another 4xx the server will not change its mind on (auth, a malformed request)."""
 
     status: int | None
@@ -185,9 +201,9 @@ class BeatRejected:
 
 
 @dataclass(frozen=True)
-class BeatFailed:
+class HeartbeatFailed:
     """A transient failure: 5xx, 429, a dropped connection, a timeout, a malformed body. The
-    server may have applied the beat all the same."""
+    server may have applied the heartbeat all the same."""
 
     status: int | None
     error: str
@@ -198,15 +214,15 @@ class BeatFailed:
 @dataclass(frozen=True)
 class StopRequested:
     kind: StopKind
-    cause: str  # server, operator, ...
-    seen_by: str  # heartbeat, bridge, revoke
+    cause: StopCause
+    seen_by: SeenBy
 
 
 @dataclass(frozen=True)
 class ServerStopped:
     """The server lists the item as stopped."""
 
-    seen_by: str
+    seen_by: SeenBy
 
 
 @dataclass(frozen=True)
@@ -256,6 +272,16 @@ class SandboxExited:
     # The worker is shutting down: the attempt was stopped to hand the session over.
     draining: bool
     next_task_id: str
+
+
+@dataclass(frozen=True)
+class ReleaseAwaited:
+    """An attempt whose sandbox exited (its result `outcome`) waits for its lease's release;
+    `registry_reset`: the record is gone because Redis restarted empty, not by a release."""
+
+    attempt: int
+    outcome: Outcome
+    registry_reset: bool
 
 
 @dataclass(frozen=True)
@@ -327,9 +353,10 @@ class HealthcheckAnswered:
 
 Event = (
     Offered | Unreadable | AckAnswered | AckUncertain | AckConflict | AckRefused | RecordFailed
-    | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | BeatAnswered | BeatRefused
-    | BeatNotFound | BeatRejected | BeatFailed | StopRequested | ServerStopped | OperatorRevoked
-    | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited
+    | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | HeartbeatAnswered
+    | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed | StopRequested
+    | ServerStopped | OperatorRevoked
+    | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited | ReleaseAwaited
     | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded
     | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | HealthcheckAnswered
 )

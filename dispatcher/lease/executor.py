@@ -1,47 +1,43 @@
 """Performs what the lease machine decides: registry writes, Work API calls, Celery calls.
 
-`Executor.run(lease, event)` is every task's middle step: the task reads, the machine decides,
-this applies. An effect that asks something (an ack, a claim, a stop, a guarded change) turns
-its answer into the next event and the machine decides again, until nothing is left to ask.
-Nothing here judges a lease: a reply becomes an event by its kind alone (`beat_event`).
+Every task's middle step: the task reads, the machine decides, this applies. An effect that asks
+something (an ack, a claim, a stop, a guarded change) turns its answer into the next event
+(`replies`) and the machine decides again, until nothing is left to ask. Nothing here judges a
+lease.
+
+The executor is given what it acts through (the registry, the delivery records, the counters,
+a Work API client per environment, a publish and a revoke of session tasks, the healthcheck) and
+nothing else: it knows no runtime, no Celery app, no control module. Each caller has its own way
+in, named for what it adds to a plain `run`: `offer` (the poller: the work item to record, its
+start path), `write_back` (an attempt after Redis restarted empty), `attempt` (a session
+attempt: its sandbox to signal, and whether it is over) and `heartbeat` (the heartbeat tick:
+answered heartbeats, recorded together).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol, assert_never
 
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from dispatcher.celery.names import SESSION_RUN
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
-from dispatcher.lease.machine import Decision, Policy, decide
+from dispatcher.lease.causes import Outcome
+from dispatcher.lease.deliveries import Deliveries
+from dispatcher.lease.machine import Decision, Policy, decide, last_seen
 from dispatcher.lease.model import Lease, StopKind
+from dispatcher.lease.registry import LeaseRegistry
+from dispatcher.lease.replies import ack_event, claim_event, no_answer, reply_of, stop_event
 from dispatcher.logs import event as log_event
 from dispatcher.startpath import StartPath
-from dispatcher.workapi import (
-    NO_HEARTBEAT,
-    ConflictError,
-    Heartbeat,
-    LeasePreconditionFailed,
-    MalformedResponseError,
-    NotFoundError,
-    TransientError,
-    Work,
-    WorkAPIError,
-    WorkClient,
-    WorkState,
-)
+from dispatcher.workapi import NO_HEARTBEAT, WorkAPIError, WorkClient
 
-if TYPE_CHECKING:
-    from dispatcher.runtime import Runtime
-
-__all__ = ["Executor", "beat_event", "claim_event", "listed_event", "reply_of", "stop_event"]
+__all__ = ["AnsweredHeartbeat", "AttemptStep", "Counters", "Executor", "Sandbox", "SessionTask"]
 
 # An ack's retries, here and not in the client (see `Executor._ack`): three seconds in all, well
 # inside any lease's TTL. Until one attempt is answered, nothing proves the item is ours: at 30 %
@@ -55,16 +51,57 @@ RECORD_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.4, 0.8)
 # long (offer, ack, claim, publish); anything longer is a bug, not a lease.
 MAX_STEPS = 16
 
-Beat = tuple[str, str, int, float, float]
+# An answered heartbeat to record: (work id, token, TTL, sent at, next due, and whose heartbeats
+# the next one is for: "" whoever's).
+AnsweredHeartbeat = tuple[str, str, int, float, float, str]
+
+
+class Counters(Protocol):
+    """Where the executor counts (`metrics.Metrics`): several counters in one round trip."""
+
+    def inc_all(self, counts: list[tuple[str, float, dict[str, object]]], *,
+                environment: str = "") -> None: ...
+
+
+class Sandbox(Protocol):
+    """The sandbox of the attempt that asks, as the machine's effects act on it."""
+
+    def signal(self, kind: StopKind) -> None:
+        """The stop ladder: graceful, SIGTERM then SIGKILL after the grace; force, SIGKILL."""
+
+    def fence(self) -> None:
+        """SIGKILL its whole process group now."""
+
+
+@dataclass(frozen=True)
+class AttemptStep:
+    """What a session attempt's run leaves: the lease as the machine last left it (None: no
+    record), and whether the attempt is over, with its task's result."""
+
+    lease: Lease | None
+    over: Outcome | None
+
+
+@dataclass(frozen=True)
+class SessionTask:
+    """A session task to publish. Only ids travel in the message (Flower shows task
+    arguments): the work item and its secret stay in the registry."""
+
+    work_id: str
+    session_id: str
+    attempt: int
+    task_id: str
+    queue: str
 
 
 @dataclass
 class _Run:
-    """What one run carries between its steps."""
+    """What one run carries between its steps, and what its caller added to it."""
 
-    work_json: str | None
-    signal: Callable[[StopKind], None] | None
-    beats: list[Beat] | None
+    work_json: str | None = None
+    sandbox: Sandbox | None = None
+    over: Outcome | None = None
+    heartbeats: list[AnsweredHeartbeat] | None = None
     path: StartPath | None = None
     # Whose key every Work API call of the run is made with: the lease's environment.
     environment_id: str | None = None
@@ -79,55 +116,96 @@ class _Run:
 
 @dataclass
 class Executor:
-    runtime: Runtime
+    registry: LeaseRegistry
+    deliveries: Deliveries
+    counters: Counters
+    # The Work API client of an environment (None: the only one), with its key and never
+    # another's, and no retries: an ack retries here, a claim or a stop in the heartbeat tick.
+    client: Callable[[str | None], WorkClient]
+    # Publish a session task; raises RedisError, KombuError or OSError if the broker refused it.
+    publish: Callable[[SessionTask], None]
+    revoke: Callable[[str], None]
+    # Each check's name and `ok` or what is wrong (`control.healthcheck`).
+    healthcheck: Callable[[], Mapping[str, str]]
+    desired_ttl_seconds: int | None  # None: the server's default
     policy: Policy = field(default_factory=Policy)
 
-    def run(self, lease: Lease | None, event: ev.Event, *, work_json: str | None = None,
-            signal: Callable[[StopKind], None] | None = None,
-            beats: list[Beat] | None = None, path: StartPath | None = None,
-            environment_id: str | None = None) -> Lease | None:
+    # --- the ways in -----------------------------------------------------------------------
+    def run(self, lease: Lease | None, event: ev.Event) -> Lease | None:
         """Decide and perform `event` and every answer it leads to; returns the lease as the
-        machine last left it (None: no record). `work_json` is needed to create a record,
-        `signal` lets the machine signal the caller's sandbox, `beats` collects answered
-        beats for the heartbeat tick to record in one round trip, and `path` notes when a
-        session's start passed each effect. `environment_id` names the environment when
-        neither the lease nor the event does (an unreadable item)."""
-        state = _Run(work_json=work_json, signal=signal, beats=beats, path=path,
-                     environment_id=_environment_of(lease, event) or environment_id)
+        machine last left it (None: no record)."""
+        return self._run(lease, event, _Run())
+
+    def offer(self, held: Lease | None, offered: ev.Offered, *, work_json: str,
+              path: StartPath | None = None) -> Lease | None:
+        """A polled item: `work_json` is what its record keeps; `path` notes when a session's
+        start passed each effect."""
+        return self._run(held, offered, _Run(work_json=work_json, path=path))
+
+    def write_back(self, reset: ev.RegistryReset, *, work_json: str) -> Lease | None:
+        """A running attempt's lease, after Redis restarted empty, with its work item."""
+        return self._run(None, reset, _Run(work_json=work_json))
+
+    def attempt(self, lease: Lease | None, event: ev.Event, *,
+                sandbox: Sandbox | None = None) -> AttemptStep:
+        """A session attempt's event: `sandbox` is its sandbox, once started, for the machine
+        to signal; the step says whether the attempt is over."""
+        state = _Run(sandbox=sandbox)
+        after = self._run(lease, event, state)
+        return AttemptStep(after, state.over)
+
+    def heartbeat(self, lease: Lease, event: ev.Event, *,
+                  answered: list[AnsweredHeartbeat]) -> Lease | None:
+        """A heartbeat's answer in a tick: a plain answered heartbeat joins `answered`, for
+        `record_heartbeats` to record the whole tick's in one round trip."""
+        return self._run(lease, event, _Run(heartbeats=answered))
+
+    def record_heartbeats(self, heartbeats: list[AnsweredHeartbeat]) -> None:
+        """Record the answered heartbeats a heartbeat tick collected, in one round trip."""
+        if heartbeats:
+            self.registry.record_heartbeats(heartbeats)
+
+    def unschedule_gone(self, work_ids: set[str]) -> None:
+        """Drop due heartbeats whose record is gone (released between the pop and the read)."""
+        for work_id in work_ids:
+            self.registry.unschedule_heartbeat(work_id)
+
+    # --- deciding and performing -----------------------------------------------------------
+    def _run(self, lease: Lease | None, event: ev.Event, state: _Run) -> Lease | None:
+        state.environment_id = _environment_of(lease, event)
         work_id = _work_id_of(lease, event)
         pending: list[ev.Event] = [event]
         current = lease
         try:
             while pending and state.steps < MAX_STEPS:
                 state.steps += 1
-                decision = decide(current, pending.pop(0), now=time.time(), policy=self.policy)
+                event = pending.pop(0)
+                decision = decide(current, event, now=time.time(), policy=self.policy)
                 current = decision.lease
+                counted = len(state.counts)
                 answer = self._perform(work_id, decision, state)
                 if isinstance(answer, _End):
-                    return self.runtime.registry.get(work_id)
+                    return self.registry.get(work_id)
+                if isinstance(answer, _Again):
+                    del state.counts[counted:]  # counted once, when decided again
+                    current = self.registry.get(work_id)
+                    pending.insert(0, event)
+                    continue
                 if answer is not None:
                     pending.append(answer)
             return current
         finally:
-            self.runtime.metrics.inc_all(state.counts, environment=state.environment_id or "")
+            self.counters.inc_all(state.counts, environment=state.environment_id or "")
 
-    def record_beats(self, beats: list[Beat]) -> None:
-        """Record the answered beats a heartbeat tick collected, in one round trip."""
-        if beats:
-            self.runtime.registry.record_beats(beats)
-
-    def unschedule_gone(self, work_ids: set[str]) -> None:
-        """Drop due heartbeats whose record is gone (released between the pop and the read)."""
-        for work_id in work_ids:
-            self.runtime.registry.unschedule_heartbeat(work_id)
-
-    def _perform(self, work_id: str, decision: Decision, state: _Run) -> ev.Event | _End | None:
-        """Perform a decision's effects in order; returns the answer to feed back, if any, or
-        `_End` when an effect found the run cannot go on."""
+    def _perform(self, work_id: str, decision: Decision,
+                 state: _Run) -> ev.Event | _End | _Again | None:
+        """Perform a decision's effects in order; returns the answer to feed back, if any,
+        `_End` when an effect found the run cannot go on, or `_Again` when the event is to be
+        decided again on the record as it now is."""
         answer: ev.Event | None = None
         for effect in decision.effects:
-            result = _PERFORMERS[type(effect)](self, work_id, effect, decision.lease, state)
-            if isinstance(result, _End):
+            result = self._perform_one(work_id, effect, decision.lease, state)
+            if isinstance(result, _End | _Again):
                 return result
             if isinstance(result, _Abort):
                 return result.event
@@ -135,17 +213,81 @@ class Executor:
                 answer = result
         return answer
 
-    # --- the Work API ----------------------------------------------------------------------
-    def _client(self, state: _Run) -> WorkClient:
-        """The lease's environment's client, with its key and never another's. No client
-        retries: an ack retries here, a claim or a stop is retried by the heartbeat tick."""
-        return self.runtime.client(environment_id=state.environment_id, max_retries=0)
+    def _perform_one(self, work_id: str, effect: fx.Effect,  # noqa: C901 (one case per effect)
+                     lease: Lease | None,
+                     state: _Run) -> ev.Event | _End | _Again | _Abort | None:
+        """One effect: those that ask return the answer (or how the run ends); the rest are
+        simply done."""
+        match effect:
+            case fx.Ack():
+                return self._ack(work_id, state)
+            case fx.Claim():
+                return self._claim(work_id, effect, state)
+            case fx.StopOnServer():
+                return self._stop(work_id, effect, state)
+            case fx.CreateRecord():
+                return self._create(work_id, effect, state)
+            case fx.MarkRunning():
+                done = self.registry.update_if_attempt(work_id, effect.attempt, effect.fields,
+                                                       seen=_seen(lease))
+                if done == 1:
+                    return None
+                state.over = Outcome.SUPERSEDED  # as the effect says, should its guard fail
+                return _End()
+            case fx.NewAttempt():
+                done = self.registry.update_if_attempt(work_id, effect.expected, effect.fields,
+                                                       seen=_seen(lease))
+                # Someone else moved the lease on, or released it: nothing of ours to publish.
+                return None if done == 1 else _End()
+            case fx.AnswerHealthcheck():
+                results = self.healthcheck()
+                healthy = all(value == "ok" for value in results.values())
+                return ev.HealthcheckAnswered(healthy, tuple(results.items()))
+            case fx.Update():
+                self.registry.update(work_id, seen=_seen(lease), **effect.fields)
+            case fx.FlagStop():
+                moved_on = self.registry.set_stop(work_id, effect.kind, cause=effect.cause,
+                                                  expected=effect.expected) == 0
+                return _Again() if moved_on else None
+            case fx.DeleteRecord():
+                self.registry.delete(work_id)
+            case fx.Schedule():
+                self.registry.schedule_heartbeat(work_id, effect.due,
+                                                 sooner_only=effect.sooner_only,
+                                                 heartbeated_by=effect.heartbeated_by)
+            case fx.Unschedule():
+                self.registry.unschedule_heartbeat(work_id)
+            case fx.RecordHeartbeat():
+                self._record_heartbeat(work_id, effect, state)
+            case fx.RecordHistory():
+                self.registry.record_history(work_id, failures=effect.failures,
+                                             ended=effect.ended)
+            case fx.Publish():
+                self._publish(work_id, effect, lease, state)
+            case fx.Revoke():
+                if effect.task_id:
+                    self.revoke(effect.task_id)
+            case fx.Signal():
+                if state.sandbox is not None:
+                    state.sandbox.signal(effect.kind)
+            case fx.Fence():
+                if state.sandbox is not None:
+                    state.sandbox.fence()
+            case fx.AttemptOver():
+                state.over = effect.outcome
+            case fx.Log():
+                self._log(work_id, effect, state)
+            case fx.Count():
+                state.counts.append((effect.metric, 1, dict(effect.labels)))
+            case _:
+                assert_never(effect)
+        return None
 
-    def _ack(self, work_id: str, effect: fx.Ack, lease: Lease | None,
-             state: _Run) -> ev.Event:
+    # --- the Work API ----------------------------------------------------------------------
+    def _ack(self, work_id: str, state: _Run) -> ev.Event:
         """Ack, retrying here rather than in the client: a 409 to a retry says the item is
         acked, and whether that ack was ours depends on what the earlier attempt met."""
-        client = self._client(state)
+        client = self.client(state.environment_id)
         reply_lost = False
         state.mark("ack_sent")
         for pause in (*ACK_RETRY_PAUSES_SECONDS, None):
@@ -155,37 +297,34 @@ class Executor:
                 return ev.AckAnswered()
             except WorkAPIError as exc:
                 answer = ack_event(exc, reply_lost=reply_lost)
-                reply_lost = reply_lost or _no_answer(exc)
+                reply_lost = reply_lost or no_answer(exc)
             if answer is not None or pause is None:
                 break
             time.sleep(pause)
         return answer or ev.AckUncertain(None)
 
-    def _claim(self, work_id: str, effect: fx.Claim, lease: Lease | None,
-               state: _Run) -> ev.Event:
+    def _claim(self, work_id: str, effect: fx.Claim, state: _Run) -> ev.Event:
         sent_at = time.time()
         try:
-            reply = self._client(state).heartbeat(
+            reply = self.client(state.environment_id).heartbeat(
                 work_id, expected_last_heartbeat=NO_HEARTBEAT,
-                desired_ttl_seconds=self.runtime.settings.desired_ttl_seconds)
+                desired_ttl_seconds=self.desired_ttl_seconds)
         except WorkAPIError as exc:
             return claim_event(exc, ack_uncertain=effect.ack_uncertain)
         state.mark("claimed")
         return ev.ClaimAnswered(reply_of(reply), sent_at)
 
-    def _stop(self, work_id: str, effect: fx.StopOnServer, lease: Lease | None,
-              state: _Run) -> ev.Event:
+    def _stop(self, work_id: str, effect: fx.StopOnServer, state: _Run) -> ev.Event:
         try:
             # No client retries: a transient failure is retried by the heartbeat task, so one
             # release never holds a worker for seconds.
-            self._client(state).stop(work_id, force=effect.force)
+            self.client(state.environment_id).stop(work_id, force=effect.force)
         except WorkAPIError as exc:
             return stop_event(exc)
         return ev.ReleaseAnswered(200)
 
     # --- the registry ----------------------------------------------------------------------
-    def _create(self, work_id: str, effect: fx.CreateRecord, lease: Lease | None,
-                state: _Run) -> _Abort | None:
+    def _create(self, work_id: str, effect: fx.CreateRecord, state: _Run) -> _Abort | None:
         """Write the record, riding out a Redis restart (a second or two); past that, the
         machine decides what an unrecorded lease becomes, and the decision's other effects
         (publishing it, claiming it) are not performed."""
@@ -193,7 +332,7 @@ class Executor:
             raise ValueError(f"no work item to record for {work_id}")
         for pause in (*RECORD_RETRY_PAUSES_SECONDS, None):
             try:
-                self.runtime.registry.create(effect.lease, work_json=state.work_json)
+                self.registry.create(effect.lease, work_json=state.work_json)
                 state.mark("recorded")
                 return None
             except RedisError as exc:
@@ -202,104 +341,38 @@ class Executor:
             time.sleep(pause)
         raise AssertionError("unreachable")
 
-    def _update(self, work_id: str, effect: fx.Update, lease: Lease | None,
-                state: _Run) -> None:
-        self.runtime.registry.update(work_id, **effect.fields)
-
-    def _mark_running(self, work_id: str, effect: fx.MarkRunning, lease: Lease | None,
-                      state: _Run) -> _End | None:
-        done = self.runtime.registry.update_if_attempt(work_id, effect.attempt, **effect.fields)
-        return None if done == 1 else _End()
-
-    def _new_attempt(self, work_id: str, effect: fx.NewAttempt, lease: Lease | None,
-                     state: _Run) -> _End | None:
-        attempt = self.runtime.registry.new_attempt(
-            work_id, expected_attempt=effect.expected, task_id=effect.task_id)
-        # Someone else already moved the lease on, or released it: nothing of ours to publish.
-        return None if attempt > 0 else _End()
-
-    def _flag_stop(self, work_id: str, effect: fx.FlagStop, lease: Lease | None,
-                   state: _Run) -> None:
-        self.runtime.registry.request_stop(work_id, effect.kind, effect.cause)
-
-    def _delete(self, work_id: str, effect: fx.DeleteRecord, lease: Lease | None,
-                state: _Run) -> None:
-        self.runtime.registry.delete(work_id)
-
-    def _schedule(self, work_id: str, effect: fx.Schedule, lease: Lease | None,
-                  state: _Run) -> None:
-        self.runtime.registry.schedule_heartbeat(work_id, effect.due,
-                                                 sooner_only=effect.sooner_only)
-
-    def _unschedule(self, work_id: str, effect: fx.Unschedule, lease: Lease | None,
-                    state: _Run) -> None:
-        self.runtime.registry.unschedule_heartbeat(work_id)
-
-    def _record_beat(self, work_id: str, effect: fx.RecordBeat, lease: Lease | None,
-                     state: _Run) -> None:
-        beat = (work_id, effect.token, effect.ttl_seconds, effect.sent_at, effect.due)
-        if state.beats is not None:
-            state.beats.append(beat)
+    def _record_heartbeat(self, work_id: str, effect: fx.RecordHeartbeat, state: _Run) -> None:
+        answered = (work_id, effect.token, effect.ttl_seconds, effect.sent_at, effect.due,
+                    effect.heartbeated_by or "")
+        if state.heartbeats is not None:
+            state.heartbeats.append(answered)
         else:
-            self.runtime.registry.record_beats([beat])
+            self.registry.record_heartbeats([answered])
 
-    def _history(self, work_id: str, effect: fx.RecordHistory, lease: Lease | None,
-                 state: _Run) -> None:
-        self.runtime.registry.record_history(work_id, failures=effect.failures,
-                                             ended=effect.ended)
-
-    # --- Celery, the sandbox, the healthcheck --------------------------------------------------
+    # --- Celery, what an operator sees -----------------------------------------------------
     def _publish(self, work_id: str, effect: fx.Publish, lease: Lease | None,
                  state: _Run) -> None:
-        """Only ids travel in the message (Flower shows task arguments): the work item and its
-        secret stay in the registry."""
         session_id = lease.session_id if lease is not None else ""
         try:
-            self.runtime.app.send_task(
-                SESSION_RUN,
-                kwargs={"work_id": work_id, "session_id": session_id, "attempt": effect.attempt},
-                task_id=effect.task_id, queue=effect.queue,
-                kwargsrepr=f"work_id={work_id} session_id={session_id} attempt={effect.attempt}")
+            self.publish(SessionTask(work_id, session_id, effect.attempt, effect.task_id,
+                                     effect.queue))
             # After the send: a mark without its message would read as queued for good.
-            self.runtime.deliveries.published(effect.task_id)
+            self.deliveries.published(effect.task_id)
         except (RedisError, KombuError, OSError) as exc:
-            # The lease stays held and beaten; recovery publishes it again, since the message
-            # is not marked published (`machine.message_lost`).
+            # The lease stays held and heartbeated; recovery publishes it again, since the
+            # message is not marked published (`machine.message_lost`).
             log_event("dispatch failed", level=logging.ERROR, work_id=work_id,
                       attempt=effect.attempt, environment_id=state.environment_id,
-                      error=str(exc),
-                      action_taken="recovery publishes it again")
+                      error=str(exc), action_taken="recovery publishes it again")
             return
         state.mark("published")
 
-    def _revoke(self, work_id: str, effect: fx.Revoke, lease: Lease | None,
-                state: _Run) -> None:
-        if effect.task_id:
-            self.runtime.app.control.revoke(effect.task_id)
-
-    def _signal(self, work_id: str, effect: fx.Signal, lease: Lease | None,
-                state: _Run) -> None:
-        if state.signal is not None:
-            state.signal(effect.kind)
-
-    def _healthcheck(self, work_id: str, effect: fx.AnswerHealthcheck, lease: Lease | None,
-                     state: _Run) -> ev.Event:
-        from dispatcher.control.healthcheck import check
-
-        results = check(self.runtime)
-        healthy = all(value == "ok" for value in results.values())
-        return ev.HealthcheckAnswered(healthy, tuple(results.items()))
-
-    def _log(self, work_id: str, effect: fx.Log, lease: Lease | None, state: _Run) -> None:
+    def _log(self, work_id: str, effect: fx.Log, state: _Run) -> None:
         fields = effect.fields if "work_id" in effect.fields else {"work_id": work_id,
                                                                    **effect.fields}
         if state.environment_id and "environment_id" not in fields:
             fields = {**fields, "environment_id": state.environment_id}
         log_event(effect.action, level=effect.level, **fields)
-
-    def _count(self, work_id: str, effect: fx.Count, lease: Lease | None,
-               state: _Run) -> None:
-        state.counts.append((effect.metric, 1, dict(effect.labels)))
 
 
 @dataclass(frozen=True)
@@ -311,49 +384,20 @@ class _Abort:
 
 
 @dataclass(frozen=True)
+class _Again:
+    """A guarded change found the record changed under the decision (a stop flag raised
+    meanwhile): the event is decided again on the record as it now is."""
+
+
+@dataclass(frozen=True)
 class _End:
     """The run cannot go on: a guarded change found the lease moved on; the record is read
     back as it now is."""
 
 
-_PERFORMERS: dict[type, Callable[..., ev.Event | _End | _Abort | None]] = {
-    fx.Ack: Executor._ack, fx.Claim: Executor._claim, fx.StopOnServer: Executor._stop,
-    fx.CreateRecord: Executor._create, fx.Update: Executor._update,
-    fx.MarkRunning: Executor._mark_running, fx.NewAttempt: Executor._new_attempt,
-    fx.FlagStop: Executor._flag_stop, fx.DeleteRecord: Executor._delete,
-    fx.Schedule: Executor._schedule, fx.Unschedule: Executor._unschedule,
-    fx.RecordBeat: Executor._record_beat, fx.RecordHistory: Executor._history,
-    fx.Publish: Executor._publish, fx.Revoke: Executor._revoke, fx.Signal: Executor._signal,
-    fx.AnswerHealthcheck: Executor._healthcheck, fx.Log: Executor._log,
-    fx.Count: Executor._count,
-}
-
-
-# --- replies as events -----------------------------------------------------------------------
-
-def reply_of(reply: Heartbeat) -> ev.Reply:
-    return ev.Reply(token=reply.last_heartbeat, extended=reply.lease_extended,
-                    state=reply.state, ttl_seconds=reply.ttl_seconds)
-
-
-def _server_lease(exc: LeasePreconditionFailed) -> ev.ServerLease | None:
-    state = exc.current_state
-    if state is None:
-        return None
-    return ev.ServerLease(state=state.state, last_heartbeat=state.last_heartbeat)
-
-
-def beat_event(outcome: Heartbeat | WorkAPIError, sent_at: float) -> ev.Event:
-    """A heartbeat's answer (or failure) as the event the machine judges."""
-    if isinstance(outcome, Heartbeat):
-        return ev.BeatAnswered(reply_of(outcome), sent_at)
-    if isinstance(outcome, LeasePreconditionFailed):
-        return ev.BeatRefused(_server_lease(outcome))
-    if isinstance(outcome, NotFoundError):
-        return ev.BeatNotFound()
-    if outcome.retryable or isinstance(outcome, ConflictError):
-        return ev.BeatFailed(outcome.status, str(outcome))
-    return ev.BeatRejected(outcome.status, str(outcome))
+def _seen(lease: Lease | None) -> float | None:
+    """The last sign of life to index a written lease by, as the decision leaves it."""
+    return None if lease is None else last_seen(lease)
 
 
 def _work_id_of(lease: Lease | None, event: ev.Event) -> str:
@@ -377,54 +421,6 @@ def _environment_of(lease: Lease | None, event: ev.Event) -> str | None:
         return event.proposal.environment_id or None
     if isinstance(event, ev.RegistryReset):
         return event.lease.environment_id or None
+    if isinstance(event, ev.Unreadable):
+        return event.environment_id or None
     return None
-
-
-def _no_answer(exc: WorkAPIError) -> bool:
-    """The request may have reached the server and been applied: no status came back (a dropped
-    connection, a timeout), or a 2xx came back unreadable."""
-    return isinstance(exc, MalformedResponseError) or (
-        isinstance(exc, TransientError) and exc.status is None)
-
-
-def ack_event(exc: WorkAPIError, *, reply_lost: bool) -> ev.Event | None:
-    """A failed ack attempt as the event the machine judges; None: try again. A 2xx that came
-    back unreadable was applied: the item is ours. What a 409 means depends on whether an
-    earlier attempt went unanswered (`reply_lost`): the machine says."""
-    if isinstance(exc, MalformedResponseError):
-        return ev.AckAnswered()
-    if isinstance(exc, ConflictError):
-        return ev.AckConflict(after_lost_reply=reply_lost)
-    if exc.retryable:
-        return None
-    return ev.AckRefused(exc.status)
-
-
-def claim_event(exc: WorkAPIError, *, ack_uncertain: bool) -> ev.Event:
-    """A failed first claim as the event the machine judges."""
-    if isinstance(exc, LeasePreconditionFailed):
-        current = _server_lease(exc)
-        return ev.ClaimRefused(current or ev.ServerLease(None, "unknown"))
-    if isinstance(exc, NotFoundError | ConflictError):
-        return ev.ClaimNotAcked(exc.status, ack_uncertain)
-    if exc.retryable:
-        return ev.ClaimFailed(exc.status)
-    return ev.BeatRejected(exc.status, str(exc))
-
-
-def listed_event(work: Work) -> ev.Event | None:
-    """What the server's list says of an item we hold, if it asks for a stop."""
-    if work.state == WorkState.STOPPED:
-        return ev.ServerStopped(seen_by="bridge")
-    if work.state == WorkState.STOPPING or work.stop_requested_at:
-        return ev.StopRequested(StopKind.GRACEFUL, "server", "bridge")
-    return None
-
-
-def stop_event(exc: WorkAPIError) -> ev.Event:
-    """A failed stop as the event the machine judges: 409 and 404 mean nothing is left to stop."""
-    if isinstance(exc, ConflictError | NotFoundError):
-        return ev.ReleaseAnswered(exc.status or 409)
-    if exc.retryable:
-        return ev.ReleaseFailed(exc.status, str(exc))
-    return ev.ReleaseRejected(exc.status, str(exc))

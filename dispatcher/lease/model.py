@@ -17,11 +17,35 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["ASSUMED_TTL_SECONDS", "Beater", "Ending", "Lease", "Phase", "StopKind"]
+__all__ = [
+    "ASSUMED_TTL_SECONDS",
+    "Ending",
+    "Heartbeater",
+    "Kind",
+    "Lease",
+    "LeaseMode",
+    "Phase",
+    "StopKind",
+]
 
 # A lease's TTL before the server first answered. The SDKs assume 30-90 s; we assume the
 # shortest, so an unanswered lease is judged lost no later than the server could let it lapse.
 ASSUMED_TTL_SECONDS = 30
+
+
+class LeaseMode(StrEnum):
+    """Who heartbeats a lease while its session runs (`DISPATCHER_LEASE_MODE`)."""
+
+    DISPATCHER = "dispatcher"  # the dispatcher, from ack to release; the sandbox never does
+    RUNNER = "runner"  # the sandbox claims it itself (`ant beta:worker run`, SDK `handle_item`)
+    HANDOFF = "handoff"  # the dispatcher until the sandbox starts, which then takes the token
+
+
+class Kind(StrEnum):
+    """What the fleet does with a work item, by its `data.type` (the Work API's values)."""
+
+    SESSION = "session"  # a session: run in a sandbox
+    HEALTHCHECK = "healthcheck"  # a probe of the worker: answered without a sandbox
 
 
 class Phase(StrEnum):
@@ -39,7 +63,7 @@ class StopKind(StrEnum):
     FORCE = "force"
 
 
-class Beater(StrEnum):
+class Heartbeater(StrEnum):
     """Who heartbeats the lease."""
 
     DISPATCHER = "dispatcher"
@@ -63,10 +87,9 @@ class Lease:
     work_id: str
     session_id: str
     environment_id: str
-    mode: str
+    mode: LeaseMode
     queue: str
-    # The work item's `data.type`: "session", or "healthcheck" (answered without a sandbox).
-    kind: str = "session"
+    kind: Kind = Kind.SESSION
     phase: Phase = Phase.CLAIMED
     attempt: int = 1
     # Attempts that ended because their worker or lease was lost, counted across re-deliveries
@@ -82,21 +105,23 @@ class Lease:
     # The server's lease token: echoed exactly as `expected_last_heartbeat`.
     token: str = ""
     ttl_seconds: int = 0
-    # When the last beat the server answered was sent (or the ack it answered; 0: neither yet):
+    # When the last heartbeat the server answered was sent (or the ack it answered; 0: neither yet):
     # the server's lease cannot lapse before this plus the TTL.
     heartbeat_ok_at: float = 0.0
-    # A beat whose reply never came may have been applied: the token may be stale.
+    # A heartbeat whose reply never came may have been applied: the token may be stale.
     uncertain: bool = False
     stop: StopKind = StopKind.NONE
+    # The first cause of the stop: a `causes.StopCause` or `causes.LossCause` value (free text
+    # that an older release wrote is kept as it is).
     stop_cause: str = ""
     stop_seen_at: float = 0.0
-    # The server no longer gives us this lease: kill now, never beat it again.
+    # The server no longer gives us this lease: kill now, never heartbeat it again.
     lost: bool = False
     # The server said the item is stopped (or gone): nothing is left to stop there.
     server_stopped: bool = False
     ended: Ending = Ending.NONE
     release_attempts: int = 0
-    heartbeats_by: Beater = Beater.DISPATCHER
+    heartbeats_by: Heartbeater = Heartbeater.DISPATCHER
     # Epoch second until which a heartbeat request for this lease may still be in flight.
     inflight_until: float = 0.0
 
@@ -144,8 +169,9 @@ def _str(value: str) -> str:
     return value
 
 
-_ENUMS: dict[str, type[StrEnum]] = {"Phase": Phase, "StopKind": StopKind, "Beater": Beater,
-                                    "Ending": Ending}
+_ENUMS: dict[str, type[StrEnum]] = {"Phase": Phase, "StopKind": StopKind,
+                                    "Heartbeater": Heartbeater, "Ending": Ending,
+                                    "LeaseMode": LeaseMode, "Kind": Kind}
 
 
 def _coercer(type_name: Any) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,16 +23,17 @@ from redis import Redis
 from redis.commands.core import Script
 
 from dispatcher.lease.keys import Keys
-from dispatcher.lease.model import Ending, Lease, Phase, StopKind, encode
+from dispatcher.lease.machine import last_seen
+from dispatcher.lease.model import Ending, Lease, StopKind, encode
 
 __all__ = ["History", "LeaseRegistry", "Pulse"]
 
-# Beats recorded per script call: a few ms of Redis time at most, so other clients never wait
+# Heartbeats recorded per script call: a few ms of Redis time at most, so other clients never wait
 # long behind a big tick.
-RECORD_BEATS_CHUNK = 500
+RECORD_HEARTBEATS_CHUNK = 500
 # The work item's JSON holds its secret: it expires unless a heartbeat or a pulse keeps it (each
 # pushes the expiry on), so a record lost half-way never leaves a secret in Redis for good. An
-# hour outlasts any gap between beats (30 s at most) or pulses (0.2 s).
+# hour outlasts any gap between heartbeats (30 s at most) or pulses (0.2 s).
 WORK_TTL_SECONDS = 3600
 # What the registry remembers of an item after its release: long enough to refuse a
 # re-delivery of a session that already ended (the server re-queues a lapsed lease after its
@@ -88,18 +89,6 @@ def _history(raw: dict[str, str]) -> History:
     return History(failures=int(raw.get("failures", 0) or 0), ended=ended)
 
 
-def _last_seen(lease: Lease) -> float:
-    """A lease's last sign of progress, as recovery judges it in its phase: its attempt's last
-    pulse while running, its dispatch while queued, its claim before that."""
-    if lease.phase == Phase.RUNNING:
-        return lease.pulse_at
-    if lease.phase == Phase.DISPATCHED:
-        return lease.dispatched_at
-    if lease.phase == Phase.CLAIMED:
-        return lease.claimed_at
-    return max(lease.claimed_at, lease.dispatched_at, lease.pulse_at)
-
-
 class LeaseRegistry:
     def __init__(self, redis: Redis, *, prefix: str) -> None:
         self.redis = redis
@@ -135,7 +124,7 @@ class LeaseRegistry:
         pipe.zadd(self.keys.leases, {lease.work_id: lease.claimed_at})
         pipe.zadd(self.keys.environment_leases(lease.environment_id),
                   {lease.work_id: lease.claimed_at})
-        pipe.zadd(self.keys.last_seen, {lease.work_id: _last_seen(lease)})
+        pipe.zadd(self.keys.last_seen, {lease.work_id: last_seen(lease)})
         pipe.execute()
 
     def get(self, work_id: str) -> Lease | None:
@@ -231,8 +220,8 @@ return 1
         if gone:
             self.redis.zrem(self.keys.last_seen, *gone)
         # Each lease read is indexed from its hash: found alive, it moves on; missing, it is added.
-        self._index(self.keys.last_seen, [(lease.work_id, _last_seen(lease)) for lease in leases])
-        return [lease for lease in leases if _last_seen(lease) <= cutoff]
+        self._index(self.keys.last_seen, [(lease.work_id, last_seen(lease)) for lease in leases])
+        return [lease for lease in leases if last_seen(lease) <= cutoff]
 
     def stop_scan_cursor(self, environment_id: str) -> str | None:
         """The `list` page the stop bridge's sweep of an environment continues from (None: the
@@ -285,16 +274,15 @@ return 1
         self.redis.set(self.keys.stop_scan_cursor(environment_id), cursor, ex=ttl_seconds)
 
     # --- changes ------------------------------------------------------------------------------
-    def update(self, work_id: str, **values: object) -> bool:
-        """Set fields of an existing lease, whatever its attempt. False if it is gone."""
+    def update(self, work_id: str, *, seen: float | None = None, **values: object) -> bool:
+        """Set fields of an existing lease, whatever its attempt, and its last sign of life
+        (`machine.last_seen`), if given. False if it is gone."""
         key = self.keys.lease(work_id)
-        seen = [float(v) for k, v in values.items()  # type: ignore[arg-type]
-                if k in ("pulse_at", "dispatched_at")]
         pipe = self.redis.pipeline(transaction=True)
         pipe.exists(key)
         pipe.hset(key, mapping={k: encode(v) for k, v in values.items()})
-        if seen:
-            pipe.zadd(self.keys.last_seen, {work_id: max(seen)})
+        if seen is not None:
+            pipe.zadd(self.keys.last_seen, {work_id: seen})
         exists = pipe.execute()[0]
         if not exists:
             # The HSET just created a stub (and the ZADD an entry): a released lease stays gone.
@@ -304,25 +292,24 @@ return 1
             cleanup.execute()
         return bool(exists)
 
-    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: attempt, now, work id, [field, value]*.
-    # Sets the fields only while the lease exists and `attempt` is still its current attempt, so a
-    # stale attempt can change nothing. A pulse or dispatch time set is also its last sign of life.
+    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, last sign of life (''
+    # to leave it), work id, [field, value]*. A guard, no rule: the fields (a new attempt's, or a
+    # running one's) are the machine's, set only while the lease exists and `attempt` is still
+    # its current attempt, so a stale attempt can change nothing.
     _SET_IF_ATTEMPT = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-for i = 4, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  if ARGV[i] == 'pulse_at' or ARGV[i] == 'dispatched_at' then
-    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[3])
-  end
-end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
 return 1
 """)
 
-    def update_if_attempt(self, work_id: str, attempt: int, **values: object) -> int:
-        """Set fields only while `attempt` is current: 1 done, 0 superseded, -1 lease gone."""
-        argv: list[str | int | float] = [attempt, time.time(), work_id]
-        for name, value in values.items():
+    def update_if_attempt(self, work_id: str, attempt: int, fields: Mapping[str, object], *,
+                          seen: float | None = None) -> int:
+        """Set `fields`, and the last sign of life if given, only while `attempt` is current:
+        1 done, 0 superseded, -1 lease gone."""
+        argv: list[str | int | float] = [attempt, "" if seen is None else seen, work_id]
+        for name, value in fields.items():
             argv += [name, encode(value)]
         keys = [self.keys.lease(work_id), self.keys.last_seen]
         return int(self._SET_IF_ATTEMPT(keys=keys, args=argv))
@@ -354,49 +341,36 @@ return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
         return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
                      str(token), bool(draining))
 
-    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, task id, now, work id.
-    # Starts the next attempt.
-    _NEW_ATTEMPT = _Script("""
+    # KEYS[1]=lease hash; ARGV: expected stop, new stop, first cause ('' keeps the recorded one),
+    # now. A guard, no rule: which stop wins and which cause stays is the machine's; this sets
+    # the flag only while it is still what the machine decided from, and the time it was first
+    # seen with the first cause.
+    _SET_STOP = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-local next = tonumber(ARGV[1]) + 1
-redis.call('HSET', KEYS[1], 'attempt', next, 'task_id', ARGV[2], 'phase', 'dispatched',
-           'dispatched_at', ARGV[3], 'pulse_at', 0, 'worker', '', 'pid', 0)
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return next
-""")
-
-    def new_attempt(self, work_id: str, *, expected_attempt: int, task_id: str) -> int:
-        """Start attempt `expected_attempt + 1`: its number, 0 if superseded, -1 if gone."""
-        return int(self._NEW_ATTEMPT(keys=[self.keys.lease(work_id), self.keys.last_seen],
-                                     args=[expected_attempt, task_id, time.time(), work_id]))
-
-    # KEYS[1]=lease hash; ARGV: kind, cause, now. FORCE wins over GRACEFUL; the first cause stays.
-    _REQUEST_STOP = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local kind = redis.call('HGET', KEYS[1], 'stop') or ''
-if kind == 'force' or kind == ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'stop', ARGV[1])
-if kind == '' then redis.call('HSET', KEYS[1], 'stop_cause', ARGV[2], 'stop_seen_at', ARGV[3]) end
+if (redis.call('HGET', KEYS[1], 'stop') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'stop', ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'stop_cause', ARGV[3], 'stop_seen_at', ARGV[4])
+end
 return 1
 """)
 
-    def request_stop(self, work_id: str, kind: StopKind, cause: str) -> bool:
-        """Raise the stop flag; True if it changed (a new or a harder stop)."""
-        changed = self._REQUEST_STOP(
-            keys=[self.keys.lease(work_id)], args=[kind.value, cause, time.time()]
-        )
-        return bool(changed)
+    def set_stop(self, work_id: str, kind: StopKind, *, expected: StopKind,
+                 cause: str | None = None) -> int:
+        """Set the stop flag (and its first cause, if given) while it is still `expected`:
+        1 done, 0 it changed meanwhile, -1 lease gone."""
+        return int(self._SET_STOP(keys=[self.keys.lease(work_id)],
+                                  args=[expected.value, kind.value, cause or "", time.time()]))
 
     # --- heartbeat schedule -------------------------------------------------------------------
-    # KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now.
-    # Schedules the next beat only while the dispatcher still owns the heartbeat (not after a
-    # hand-off, not after release); a release to retry is scheduled whoever beat the lease. "Sooner
-    # only" never postpones a due beat, and leaves a beat in flight alone (its reply reschedules).
+    # KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now,
+    # whose heartbeats it is for ('' whoever's). Guards, no rule: the lease still exists and is
+    # still heartbeated by whom the machine scheduled for (`steps.scheduled_for`); "sooner only"
+    # never postpones a due heartbeat, and leaves a heartbeat in flight alone (its reply
+    # reschedules).
     _SCHEDULE = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[1], 'heartbeats_by') == 'sandbox'
-   and redis.call('HGET', KEYS[1], 'phase') ~= 'releasing' then return 0 end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'heartbeats_by') ~= ARGV[5] then return 0 end
 if ARGV[3] == '1' then
   local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight_until') or '0') or 0
   if inflight > tonumber(ARGV[4]) then return 1 end
@@ -408,21 +382,25 @@ redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """)
 
-    def schedule_heartbeat(self, work_id: str, due: float, *, sooner_only: bool = False) -> bool:
-        """Schedule the next beat (or release retry); False if the lease is gone or the sandbox
-        beats it. `sooner_only` never moves a beat that is already due sooner, or in flight."""
+    def schedule_heartbeat(self, work_id: str, due: float, *, sooner_only: bool = False,
+                           heartbeated_by: str | None = None) -> bool:
+        """Schedule the next heartbeat (or release retry); False if the lease is gone or no
+        longer heartbeated by `heartbeated_by` (None: whoever). `sooner_only` never moves a
+        heartbeat that is already due sooner, or in flight."""
         keys = [self.keys.lease(work_id), self.keys.heartbeat_due]
-        args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time()]
+        args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time(),
+                                   heartbeated_by or ""]
         return bool(self._SCHEDULE(keys=keys, args=args))
 
-    # KEYS[1]=due zset; ARGV: lease key prefix, work key prefix, work TTL, then per beat: work id,
-    # token, ttl, sent at, next due. A tick's answered beats in one round trip: for each lease
-    # still held, its token, TTL and when the answered beat was sent; the next beat, unless the
-    # sandbox beats the lease now; and the work item's expiry pushed on. Returns the ids whose
-    # lease was released meanwhile.
-    _RECORD_BEATS = _Script("""
+    # KEYS[1]=due zset; ARGV: lease key prefix, work key prefix, work TTL, then per heartbeat: work
+    # id, token, ttl, sent at, next due, whose heartbeats the next is for ('' whoever's). A tick's
+    # answered heartbeats in one round trip: for each lease still held, its token, TTL and when
+    # the answered heartbeat was sent; the next heartbeat, while still heartbeated by whom the
+    # machine scheduled it for (a hand-off during the tick leaves it to the sandbox); and the
+    # work item's expiry pushed on. Returns the ids whose lease was released meanwhile.
+    _RECORD_HEARTBEATS = _Script("""
 local gone = {}
-for i = 4, #ARGV, 5 do
+for i = 4, #ARGV, 6 do
   local id = ARGV[i]
   local key = ARGV[1] .. id
   if redis.call('EXISTS', key) == 0 then
@@ -431,8 +409,7 @@ for i = 4, #ARGV, 5 do
     redis.call('HSET', key, 'token', ARGV[i + 1], 'ttl_seconds', ARGV[i + 2],
                'heartbeat_ok_at', ARGV[i + 3], 'uncertain', '')
     redis.call('EXPIRE', ARGV[2] .. id, ARGV[3])
-    if redis.call('HGET', key, 'heartbeats_by') ~= 'sandbox'
-       or redis.call('HGET', key, 'phase') == 'releasing' then
+    if ARGV[i + 5] == '' or redis.call('HGET', key, 'heartbeats_by') == ARGV[i + 5] then
       redis.call('HSET', key, 'inflight_until', 0)
       redis.call('ZADD', KEYS[1], ARGV[i + 4], id)
     end
@@ -441,21 +418,24 @@ end
 return gone
 """)
 
-    def record_beats(self, beats: list[tuple[str, str, int, float, float]]) -> list[str]:
-        """Record answered beats, each (work id, token, TTL, sent at, next due), and schedule
-        the next ones, in one round trip per chunk. Returns the ids whose lease is gone."""
+    def record_heartbeats(self, heartbeats: list[tuple[str, str, int, float, float, str]]
+                          ) -> list[str]:
+        """Record answered heartbeats, each (work id, token, TTL, sent at, next due, whose
+        heartbeats the next is for), and schedule the next ones, in one round trip per chunk.
+        Returns the ids whose lease is gone."""
         gone: list[str] = []
-        for start in range(0, len(beats), RECORD_BEATS_CHUNK):
+        for start in range(0, len(heartbeats), RECORD_HEARTBEATS_CHUNK):
             args: list[str | int | float] = [self.keys.lease(""), self.keys.work(""),
                                              WORK_TTL_SECONDS]
-            for work_id, token, ttl, sent_at, due in beats[start:start + RECORD_BEATS_CHUNK]:
-                args += [work_id, token, ttl, sent_at, due]
-            gone += [str(w) for w in self._RECORD_BEATS(keys=[self.keys.heartbeat_due],
+            chunk = heartbeats[start:start + RECORD_HEARTBEATS_CHUNK]
+            for work_id, token, ttl, sent_at, due, heartbeated_by in chunk:
+                args += [work_id, token, ttl, sent_at, due, heartbeated_by]
+            gone += [str(w) for w in self._RECORD_HEARTBEATS(keys=[self.keys.heartbeat_due],
                                                         args=args)]
         return gone
 
     def settled_token(self, work_id: str, *, wait_seconds: float) -> str | None:
-        """The lease's token once no beat of ours is in flight (at most `wait_seconds`), for a
+        """The lease's token once no heartbeat of ours is in flight (at most `wait_seconds`), for a
         sandbox to continue the lease with: a reply landing after the read would change the
         token, and the sandbox would present a stale one (412)."""
         deadline = time.time() + wait_seconds
@@ -474,7 +454,7 @@ return gone
     # pushing their score to the in-flight deadline, so concurrent heartbeat tasks take disjoint
     # sets
     # and a crashed one's leases come due again once the deadline passes. The deadline is also noted
-    # on the lease, so a hand-off can wait for a beat in flight before it reads the token.
+    # on the lease, so a hand-off can wait for a heartbeat in flight before it reads the token.
     _CLAIM_DUE = _Script("""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do

@@ -1,5 +1,6 @@
 """The lease machine's rules as a table: every event of `events` in every phase, run through
-`machine.decide`. docs/architecture.md shows this table, generated (`dispatcher docs`), so the
+`machine.decide`; each rule module lists the scenarios of its events, `machine/examples.py` the
+leases they meet. docs/architecture.md shows this table, generated (`dispatcher docs`), so the
 doc says what the code does; tests/unit/test_lease_machine.py holds it to what it must do.
 """
 
@@ -10,128 +11,21 @@ from dataclasses import dataclass
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
-from dispatcher.lease.machine import Decision, Policy, decide
-from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
+from dispatcher.lease.machine import Decision, Policy, claiming, decide, running
+from dispatcher.lease.machine.examples import NOW, PHASES, lease_in
 
 __all__ = ["NOW", "PHASES", "SCENARIOS", "Row", "describe", "lease_in", "render", "rows"]
 
-NOW = 1_000_000.0
-# "none": no record (an item just polled, or a lease already released).
-PHASES = ("none", *(p.value for p in Phase))
-
-def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False) -> Lease | None:
-    """A canonical lease in `phase` (None for "none"): attempt 1 of task-1, beaten by the
-    dispatcher, token tok-1, last answered beat 5 s ago; a releasing one's session completed.
-    `unproven`: no ack or beat of it was ever answered (no token, no answered beat), as the
-    lease an ack meets: the proposal of a poll."""
-    if phase == "none":
-        return None
-    ended = Ending.COMPLETED if phase == Phase.RELEASING else Ending.NONE
-    return Lease("w", "s", "e", "dispatcher", "q", phase=Phase(phase), attempt=1, ended=ended,
-                 task_id="task-1", token="" if unproven else "tok-1", ttl_seconds=30,
-                 claimed_at=NOW - 10, heartbeat_ok_at=0 if unproven else NOW - 5,
-                 pulse_at=NOW - 1, uncertain=uncertain, heartbeats_by=Beater.DISPATCHER)
-
-
-_claimed, _running, _releasing = (lease_in(p) for p in ("claimed", "running", "releasing"))
-assert _claimed is not None and _running is not None and _releasing is not None
-_REPLY = ev.Reply(token="tok-2", extended=True, state="active", ttl_seconds=30)
-
-# Each event the machine knows, in the variants that lead to different rules.
-SCENARIOS: dict[str, ev.Event] = {
-    "offered": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"), known_type=True),
-    "offered, unknown type": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"), known_type=False),
-    "offered, ended before": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"),
-                                        known_type=True, ended=Ending.COMPLETED),
-    "unreadable item": ev.Unreadable("w", "data: field required"),
-    "offered, attempts used up": ev.Offered(Lease("w", "s", "e", "dispatcher", "q"),
-                                            known_type=True, failures=3),
-    "ack answered": ev.AckAnswered(),
-    "ack never answered": ev.AckUncertain(None),
-    "ack 409 after an unanswered attempt": ev.AckConflict(after_lost_reply=True),
-    "ack 409 at once": ev.AckConflict(after_lost_reply=False),
-    "ack refused (4xx)": ev.AckRefused(400),
-    "record refused, fresh claim": ev.RecordFailed(_claimed, "connection refused"),
-    "record refused, write-back": ev.RecordFailed(_running, "connection refused"),
-    "claim answered": ev.ClaimAnswered(_REPLY, NOW),
-    "claim 412, nobody beat it": ev.ClaimRefused(ev.ServerLease("starting", None)),
-    "claim 412, another holder": ev.ClaimRefused(ev.ServerLease("active", "tok-x")),
-    "claim 404/409 after an uncertain ack": ev.ClaimNotAcked(409, ack_uncertain=True),
-    "claim failed (transient)": ev.ClaimFailed(503),
-    "claim failed (transient), ack unanswered": ev.ClaimFailed(503),
-    "claim 412, nobody beat it, ack unanswered": ev.ClaimRefused(ev.ServerLease("starting", None)),
-    "beat answered, ack unanswered": ev.BeatAnswered(_REPLY, NOW),
-    "claim stranded, ack unanswered": ev.ClaimStranded(),
-    "beat answered": ev.BeatAnswered(_REPLY, NOW),
-    "beat answered, not extended": ev.BeatAnswered(
-        ev.Reply("tok-2", extended=False, state="active", ttl_seconds=30), NOW),
-    "beat answered, stopping": ev.BeatAnswered(
-        ev.Reply("tok-2", extended=True, state="stopping", ttl_seconds=30), NOW),
-    "beat answered, stopped": ev.BeatAnswered(
-        ev.Reply("tok-2", extended=False, state="stopped", ttl_seconds=30), NOW),
-    "beat 412 after a lost reply, inside the TTL": ev.BeatRefused(
-        ev.ServerLease("active", "tok-2")),
-    "beat 412": ev.BeatRefused(ev.ServerLease("active", "tok-x")),
-    "beat 404": ev.BeatNotFound(),
-    "beat rejected (other 4xx)": ev.BeatRejected(401, "unauthorized"),
-    "beat failed (transient)": ev.BeatFailed(503, "unavailable"),
-    "stop requested (server)": ev.StopRequested(StopKind.GRACEFUL, "server", "bridge"),
-    "stop requested (force)": ev.StopRequested(StopKind.FORCE, "operator", "revoke"),
-    "server lists it stopped": ev.ServerStopped("bridge"),
-    "operator terminated the task": ev.OperatorRevoked("task-1", terminated=True, force=False),
-    "operator revoked the task": ev.OperatorRevoked("task-1", terminated=False, force=False),
-    "attempt starting": ev.AttemptStarting(1, "task-1", "w1", 42, draining=False),
-    "attempt starting, worker draining": ev.AttemptStarting(1, "task-1", "w1", 42,
-                                                            draining=True),
-    "handing off to the sandbox": ev.HandingOff(),
-    "pulsed": ev.Pulsed(exists=True, current=True, stop=StopKind.NONE, draining=False,
-                        operator=False),
-    "pulsed, superseded": ev.Pulsed(exists=True, current=False, stop=StopKind.NONE,
-                                    draining=False, operator=False),
-    "pulsed, stop flagged": ev.Pulsed(exists=True, current=True, stop=StopKind.GRACEFUL,
-                                      draining=False, operator=False),
-    "pulsed, worker draining": ev.Pulsed(exists=True, current=True, stop=StopKind.NONE,
-                                         draining=True, operator=False),
-    "sandbox could not start": ev.SandboxStartFailed("not found"),
-    "sandbox exited 0": ev.SandboxExited(1, 0, draining=False, next_task_id="task-2"),
-    "sandbox exited 1": ev.SandboxExited(1, 1, draining=False, next_task_id="task-2"),
-    "sandbox exited, worker draining": ev.SandboxExited(1, 143, draining=True,
-                                                        next_task_id="task-2"),
-    "registry unreachable past 2/3 TTL": ev.RegistryUnreachable(25.0),
-    "attempt went silent": ev.AttemptSilent("task-2"),
-    "message lost": ev.MessageLost("task-2"),
-    "claim stranded": ev.ClaimStranded(),
-    "release answered (2xx, 404, 409)": ev.ReleaseAnswered(200),
-    "release due again": ev.ReleaseDue(),
-    "release failed (transient)": ev.ReleaseFailed(503, "unavailable"),
-    "release refused (4xx)": ev.ReleaseRejected(403, "forbidden"),
-    "healthcheck answered": ev.HealthcheckAnswered(True, (("redis", "ok"),)),
-    "registry reset": ev.RegistryReset(_running),
-    "registry reset, session ended": ev.RegistryReset(_releasing),
-}
-
-# Where an event can happen at all: acks meet the lease just proposed (claimed, not yet
-# recorded); first claims meet it published (a session) or not (a healthcheck); an item offered
-# afresh, and a registry rebuilt, meet no record.
-_ONLY_IN: dict[str, tuple[str, ...]] = {
-    **{name: ("claimed",) for name in SCENARIOS if name.startswith("ack ")},
-    **{name: ("claimed", "dispatched") for name in SCENARIOS if name.startswith("claim ")},
-    "beat answered, ack unanswered": ("claimed",),
-    "claim stranded, ack unanswered": ("claimed",),
-    # A record refused meets the lease the failed write was part of deciding.
-    "record refused, fresh claim": ("dispatched",),
-    "record refused, write-back": ("running",),
-    **{name: ("none",) for name in ("offered, unknown type", "offered, ended before",
-                                     "unreadable item", "offered, attempts used up",
-                                     "registry reset", "registry reset, session ended")},
-}
+# Each event the machine knows, in the variants that lead to different rules: each rule module
+# lists its own, beside its rules.
+_SCENARIOS = {s.name: s for s in (*claiming.SCENARIOS, *running.SCENARIOS)}
+SCENARIOS: dict[str, ev.Event] = {name: s.event for name, s in _SCENARIOS.items()}
 
 
 def _decide(name: str, phase: str) -> Decision:
-    event = SCENARIOS[name]
-    lease = lease_in(phase, uncertain=name.startswith("beat 412 after a lost reply"),
-                     unproven=name.startswith("ack ") or name.endswith("ack unanswered"))
-    return decide(lease, event, now=NOW, policy=Policy(max_attempts=3))
+    scenario = _SCENARIOS[name]
+    lease = lease_in(phase, uncertain=scenario.uncertain, unproven=scenario.unproven)
+    return decide(lease, scenario.event, now=NOW, policy=Policy(max_attempts=3))
 
 
 def describe(effect: fx.Effect) -> str | None:
@@ -142,6 +36,8 @@ def describe(effect: fx.Effect) -> str | None:
         return None
     if isinstance(effect, fx.FlagStop | fx.Signal):
         return f"{type(effect).__name__}({effect.kind.value})"
+    if isinstance(effect, fx.AttemptOver):
+        return f"AttemptOver({effect.outcome.value})"
     if isinstance(effect, fx.Update):
         return None  # the new phase column says what matters
     return type(effect).__name__
@@ -165,7 +61,7 @@ def rows() -> list[Row]:
     table: list[Row] = []
     for name in SCENARIOS:
         groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
-        for phase in _ONLY_IN.get(name, PHASES):
+        for phase in _SCENARIOS[name].phases or PHASES:
             decision = _decide(name, phase)
             effects = tuple(d for d in map(describe, decision.effects) if d)
             if not effects and _outcome(decision) == phase:

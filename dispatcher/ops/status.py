@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dispatcher.lease.model import Heartbeater, Phase
 from dispatcher.ops.output import (
     EXIT_OK,
     EXIT_UNHEALTHY,
@@ -103,7 +104,7 @@ def _live(worker: WorkerSlots, now: float, stale_seconds: float) -> bool:
 
 
 def _overdue(lease: Lease, now: float) -> bool:
-    if lease.heartbeats_by != "dispatcher" or lease.lost:
+    if lease.heartbeats_by != Heartbeater.DISPATCHER or lease.lost:
         return False  # the sandbox beats it, or it is being let go: none of the fleet's beats
     since = lease.heartbeat_ok_at or lease.claimed_at
     if not since:
@@ -187,7 +188,7 @@ def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
 
 def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float) -> dict[str, Any]:
     used = sum(1 for lease in leases
-               if lease.worker == worker.hostname and lease.phase == "running")
+               if lease.worker == worker.hostname and lease.phase == Phase.RUNNING)
     return {
         "hostname": worker.hostname, "slots": worker.slots, "used": used,
         "free": max(0, worker.slots - used), "pool": worker.pool, "queues": worker.queues,

@@ -18,12 +18,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 
 from redis.exceptions import RedisError
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.model import Ending, Lease, Phase, StopKind
+from dispatcher.lease.causes import Outcome
+from dispatcher.lease.model import Lease, StopKind
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.session.runtimes import RunningSandbox, start_sandbox
@@ -57,16 +57,6 @@ HANDOFF_WAIT_SECONDS = 12.0
 RELEASE_WAIT_SECONDS = 60.0
 # How often an ended attempt whose release is pending looks whether it went through.
 RELEASE_POLL_SECONDS = 0.5
-
-
-class Outcome(StrEnum):
-    COMPLETED = "completed"  # exit code 0
-    FAILED = "failed"  # non-zero exit, or the command could not start
-    STOPPED = "stopped"  # a stop request ended it
-    HANDED_OVER = "handed_over"  # the worker drained: a new attempt runs elsewhere
-    SUPERSEDED = "superseded"  # a newer attempt owns the lease (fencing)
-    LOST = "lost"  # the server no longer gives us the lease
-    GONE = "gone"  # nothing to run: released, or never ours
 
 
 @dataclass(frozen=True)
@@ -111,38 +101,22 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
     starting = ev.AttemptStarting(attempt.attempt, attempt.task_id, attempt.worker, os.getpid(),
                                   draining=runtime.capacity.is_draining(attempt.worker))
     attempt.mark("lease_read")
-    lease = runtime.executor.run(before, starting)
+    step = runtime.executor.attempt(before, starting)
     attempt.mark("running")
-    if lease is None or not _ours_and_running(lease, attempt):
-        return _not_started(before, lease, attempt, draining=starting.draining)
+    lease = step.lease
+    if step.over is not None or lease is None:  # the machine says why it may not start
+        return step.over or Outcome.GONE
     try:
         spec = _spec(runtime, lease, work_json)
     except (CommandError, ValueError, SettingsError) as exc:
-        runtime.executor.run(lease, ev.SandboxStartFailed(str(exc)))
-        return Outcome.FAILED
+        return _start_failed(runtime, lease, exc)
     attempt.mark("spec_built")
     return _supervise(runtime, attempt, spec, _Memory(lease, epoch))
 
 
-def _ours_and_running(lease: Lease, attempt: SessionAttempt) -> bool:
-    return (lease.phase == Phase.RUNNING and lease.attempt == attempt.attempt
-            and lease.task_id == attempt.task_id)
-
-
-def _not_started(before: Lease | None, after: Lease | None, attempt: SessionAttempt, *,
-                 draining: bool) -> Outcome:
-    """Why the machine did not let the attempt start, for the task's result."""
-    if before is None or before.ended:
-        return Outcome.GONE
-    if before.attempt != attempt.attempt or before.task_id != attempt.task_id:
-        return Outcome.SUPERSEDED
-    if before.lost:
-        return Outcome.LOST
-    if before.stop:
-        return Outcome.STOPPED
-    if draining:
-        return Outcome.HANDED_OVER
-    return Outcome.SUPERSEDED  # a newer attempt took the lease meanwhile
+def _start_failed(runtime: Runtime, lease: Lease, exc: Exception) -> Outcome:
+    step = runtime.executor.attempt(lease, ev.SandboxStartFailed(str(exc)))
+    return step.over or Outcome.FAILED  # a lease released meanwhile: still a failed start
 
 
 def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
@@ -205,8 +179,7 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
         try:
             sandbox = start_sandbox(runtime.settings, spec)
         except SandboxStartError as exc:
-            runtime.executor.run(memory.lease, ev.SandboxStartFailed(str(exc)))
-            return Outcome.FAILED
+            return _start_failed(runtime, memory.lease, exc)
         attempt.mark("spawned")
         if attempt.attempt == 1:
             _observe_dispatch_latency(runtime, spec.stdin)
@@ -236,7 +209,7 @@ def _supervise_until_over(sup: _Supervisor, fence: _Fence) -> Outcome:
     while True:
         code = sup.sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
         if fence.fired.is_set():
-            return Outcome.LOST  # killed by the fence: its exit is not the session's
+            return fence.over  # killed by the fence: its exit is not the session's
         try:
             if code is not None:
                 fence.close()  # nothing left to kill; the release may ride out an outage
@@ -278,16 +251,25 @@ class _Supervisor:
         pulsed = ev.Pulsed(exists=pulse.exists, current=pulse.current,
                            stop=StopKind(pulse.stop or StopKind.NONE), draining=self.draining,
                            operator=operator)
-
-        def signal_sandbox(kind: StopKind) -> None:
-            if not pulse.exists or not pulse.current:
-                self.sandbox.kill_group()
-                return
-            self.ladder.step(kind, cause=pulse.stop_cause or "worker draining",
+        controls = _Controls(self.sandbox, self.ladder, cause=pulse.stop_cause or "worker draining",
                              seen_at=pulse.stop_seen_at)
+        return runtime.executor.attempt(self.memory.lease, pulsed, sandbox=controls).over
 
-        runtime.executor.run(self.memory.lease, pulsed, signal=signal_sandbox)
-        return None if pulse.exists and pulse.current else Outcome.SUPERSEDED
+
+@dataclass
+class _Controls:
+    """The running sandbox as the machine's effects act on it (`executor.Sandbox`)."""
+
+    sandbox: RunningSandbox
+    ladder: _SignalLadder
+    cause: str = ""
+    seen_at: float = 0.0
+
+    def signal(self, kind: StopKind) -> None:
+        self.ladder.step(kind, cause=self.cause, seen_at=self.seen_at)
+
+    def fence(self) -> None:
+        self.sandbox.kill_group()
 
 
 class _Fence:
@@ -306,6 +288,7 @@ class _Fence:
         self.pulsed_at = time.monotonic()
         self.unreachable = False
         self.fired = threading.Event()
+        self.over: Outcome = Outcome.LOST  # as the machine says, once it fenced
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True,
                                         name=f"fence-{attempt.work_id[:40]}")
@@ -335,14 +318,19 @@ class _Fence:
             silent = time.monotonic() - self.pulsed_at
             if silent < 2 * SUPERVISE_INTERVAL_SECONDS:
                 continue  # pulsing as usual: nothing to ask
-            self.runtime.executor.run(self.memory.lease, ev.RegistryUnreachable(silent),
-                                      signal=self._kill)
-            if self.fired.is_set():
+            step = self.runtime.executor.attempt(
+                self.memory.lease, ev.RegistryUnreachable(silent), sandbox=self)
+            if step.over is not None:
+                self.over = step.over
                 return
 
-    def _kill(self, kind: StopKind) -> None:
+    def fence(self) -> None:
+        """The machine's `Fence`: the pulse is too old for this sandbox to run on."""
         self.sandbox.kill_group()
         self.fired.set()
+
+    def signal(self, kind: StopKind) -> None:
+        self.fence()  # no stop ladder while the registry is out of reach: a kill
 
     def _environment(self) -> str:
         return self.memory.lease.environment_id
@@ -366,8 +354,8 @@ def _reregistered(runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
     if epoch == memory.epoch:
         return False
     remembered = memory.lease.but(worker=attempt.worker, pid=os.getpid())
-    if runtime.executor.run(None, ev.RegistryReset(remembered),
-                            work_json=work_json.decode()) is not None:
+    if runtime.executor.write_back(ev.RegistryReset(remembered),
+                                   work_json=work_json.decode()) is not None:
         memory.epoch = epoch
     return True
 
@@ -421,7 +409,7 @@ def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
                 _reregistered(runtime, attempt, sup.memory, sup.work_json)
             if outcome is None:
                 outcome = _finish(runtime, sup, code)
-            if _released(runtime, sup):
+            if _released(runtime, sup, outcome):
                 return outcome
         except RedisError as exc:
             if time.monotonic() >= deadline:
@@ -437,43 +425,26 @@ def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
         time.sleep(RELEASE_POLL_SECONDS)
 
 
-def _released(runtime: Runtime, sup: _Supervisor) -> bool:
-    """Whether the ended attempt can leave: its lease is released, or no longer this attempt's.
-    While its release is still failing the supervisor stays, remembering the record, because it
-    is the only one that could write it back if Redis restarted empty: the release's retries
-    and the item's ending would be lost with it, and the finished session run again."""
+def _released(runtime: Runtime, sup: _Supervisor, outcome: Outcome) -> bool:
+    """Whether the ended attempt can leave (the machine says: `ReleaseAwaited`). While it may
+    not, it remembers the record, which it alone could write back if Redis restarted empty."""
     lease = runtime.registry.get(sup.attempt.work_id)
-    if lease is None:
-        return runtime.registry.epoch() == sup.memory.epoch
-    if lease.attempt != sup.attempt.attempt:
-        return True
-    sup.memory.lease = lease
-    return False
+    reset = lease is None and runtime.registry.epoch() != sup.memory.epoch
+    step = runtime.executor.attempt(lease, ev.ReleaseAwaited(sup.attempt.attempt, outcome,
+                                                              registry_reset=reset))
+    if step.over is None and step.lease is not None:
+        sup.memory.lease = step.lease
+    return step.over is not None
 
 
 def _finish(runtime: Runtime, sup: _Supervisor, code: int) -> Outcome:
     attempt = sup.attempt
     lease = runtime.registry.get(attempt.work_id)
-    if lease is None or lease.attempt != attempt.attempt:
-        return Outcome.SUPERSEDED
     exited = ev.SandboxExited(attempt.attempt, code, sup.draining, next_task_id=uuid.uuid4().hex)
-    after = runtime.executor.run(lease, exited)
-    if after is not None:
-        sup.memory.lease = after
-    return _ending_outcome(lease, after, code)
-
-
-def _ending_outcome(before: Lease, after: Lease | None, code: int) -> Outcome:
-    """How the attempt ended, for the task's result (Flower shows it)."""
-    if before.lost:
-        return Outcome.LOST
-    if before.stop:
-        return Outcome.STOPPED
-    if after is not None and after.attempt != before.attempt:
-        return Outcome.HANDED_OVER
-    if after is not None and after.ended == Ending.STOPPED:
-        return Outcome.STOPPED
-    return Outcome.COMPLETED if code == 0 else Outcome.FAILED
+    step = runtime.executor.attempt(lease, exited)
+    if step.lease is not None and step.over != Outcome.SUPERSEDED:
+        sup.memory.lease = step.lease  # a superseded attempt has nothing new to remember
+    return step.over or Outcome.SUPERSEDED
 
 
 @contextmanager

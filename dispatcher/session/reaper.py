@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from docker.errors import APIError, NotFound
 from requests.exceptions import RequestException
 
-from dispatcher.lease.model import Lease, Phase
+from dispatcher.lease.machine import Claim, claim_of
+from dispatcher.lease.model import Lease
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.logs import event
 from dispatcher.session.container import LABEL_ATTEMPT, LABEL_FLEET_ID, LABEL_WORK_ID, engine
@@ -61,10 +62,10 @@ def judge(found: Iterable[Found], leases: Mapping[str, Lease],
     reap: list[Found] = []
     suspect: set[str] = set()
     for item in found:
-        lease = leases.get(item.work_id)
-        if lease is not None and lease.attempt > item.attempt:
-            reap.append(item)  # superseded: a newer attempt exists
-        elif lease is None or lease.attempt != item.attempt or lease.phase != Phase.RUNNING:
+        claim = claim_of(leases.get(item.work_id), item.attempt)
+        if claim == Claim.SUPERSEDED:
+            reap.append(item)
+        elif claim == Claim.UNCLAIMED:
             if item.container_id in suspects:
                 reap.append(item)
             else:

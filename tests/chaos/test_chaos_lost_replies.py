@@ -71,7 +71,7 @@ def test_lost_replies_on_ack_heartbeat_and_stop(lapse: str, chaos: Callable[...,
     given_up = _given_up_after_an_unseen_claim(log)
     # Nothing proves such an item is ours (no attempt of its ack was answered: all ten replies
     # lost or refused), so the lease machine gives it up after the 412 rather than risk taking
-    # another holder's lease (claiming.py, `_lost_beat_was_ours`), and never publishes it
+    # another holder's lease (claiming.py, `_lost_heartbeat_was_ours`), and never publishes it
     # (`proven_ours`): with `stop` the lapsed item never runs. At 30 % lost replies and 20 %
     # 503s about one item in 12,000 meets it (one in 500 with six ack attempts, as in four of
     # ten runs); only this exact sequence is excused, any other violation fails.

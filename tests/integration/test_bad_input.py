@@ -118,7 +118,7 @@ def test_a_heartbeat_with_an_unknown_state_and_no_extension_loses_the_lease(
     runtime.registry.update(work_id, phase=Phase.RUNNING)
     lease = runtime.registry.get(work_id)
     assert lease is not None
-    runtime.executor.run(lease, ev.BeatAnswered(
+    runtime.executor.run(lease, ev.HeartbeatAnswered(
         ev.Reply(token="t", extended=False, state="hibernating", ttl_seconds=30), time.time()))
     after = runtime.registry.get(work_id)
     assert after is not None and after.lost and after.stop == "force"

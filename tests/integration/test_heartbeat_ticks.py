@@ -83,10 +83,11 @@ def test_a_lease_released_or_handed_to_its_sandbox_during_the_beat_is_left_alone
     handed_lease = registry.get(handed)
     assert handed_lease is not None
     runtime.executor.run(handed_lease, ev.HandingOff())
-    plain = [(w, f"token-{w}", 30, time.time(), time.time() + 10)
-             for w in (released, handed, releasing)]
+    # As the tick decided them: the first two read as the dispatcher's, the third releasing.
+    plain = [(w, f"token-{w}", 30, time.time(), time.time() + 10, by)
+             for w, by in ((released, "dispatcher"), (handed, "dispatcher"), (releasing, ""))]
     registry.delete(released)
-    assert registry.record_beats(plain) == [released]
+    assert registry.record_heartbeats(plain) == [released]
     assert registry.get(released) is None, "never written back"
     handed_lease, releasing_lease = registry.get(handed), registry.get(releasing)
     assert handed_lease is not None and handed_lease.token == f"token-{handed}"

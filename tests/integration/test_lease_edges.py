@@ -13,7 +13,8 @@ import pytest
 from dispatcher.control.heartbeat import heartbeat_due_leases
 from dispatcher.control.poller import claim
 from dispatcher.lease import events as ev
-from dispatcher.lease.model import Lease, Phase
+from dispatcher.lease.causes import SeenBy, StopCause
+from dispatcher.lease.model import Lease, Phase, StopKind
 from dispatcher.runtime import Runtime
 from tests.support.inprocess import in_process_runtime, poll_until
 
@@ -209,7 +210,7 @@ def test_a_lease_written_back_after_a_registry_reset_is_heartbeated_again(
     work_json = runtime.registry.work_json(work_id)
     assert remembered is not None and work_json is not None
     runtime.registry.delete(work_id)  # what a Redis restarted empty leaves
-    runtime.executor.run(None, ev.RegistryReset(remembered), work_json=work_json)
+    runtime.executor.write_back(ev.RegistryReset(remembered), work_json=work_json)
     assert runtime.registry.get(work_id) is not None, "written back"
     due = runtime.registry.next_due(work_id)
     assert due is not None and due <= time.time(), "and its heartbeat due at once"
@@ -217,3 +218,25 @@ def test_a_lease_written_back_after_a_registry_reset_is_heartbeated_again(
     heartbeat_due_leases(runtime)
     beats = _beats(emulator, work_id)
     assert len(beats) == before + 1 and beats[-1]["status"] == 200, "beaten with its token"
+
+
+# --- two stop flags at once -------------------------------------------------------------------
+def test_a_stop_flag_raised_meanwhile_is_decided_with_not_overwritten(
+        emulator: Any, runtime: Runtime) -> None:
+    """The heartbeat tick read the lease, the stop bridge raised a graceful stop, then the
+    tick's answer (the lease is not ours any more) raises a forced one: the registry refuses the
+    flag decided from the stale read, and the machine decides again on the record. Force wins,
+    and the bridge's cause, the first, stays."""
+    work_id = _claimed(emulator, runtime)
+    read_by_the_tick = runtime.registry.get(work_id)
+    assert read_by_the_tick is not None
+    runtime.registry.update(work_id, phase=Phase.RUNNING)
+    bridge = runtime.registry.get(work_id)
+    runtime.executor.run(bridge, ev.StopRequested(StopKind.GRACEFUL, StopCause.SERVER,
+                                                  SeenBy.BRIDGE))
+    after = runtime.executor.run(read_by_the_tick.but(phase=Phase.RUNNING),
+                                 ev.HeartbeatRefused(ev.ServerLease("active", "tok-rival")))
+    assert after is not None and after.lost
+    recorded = runtime.registry.get(work_id)
+    assert recorded is not None
+    assert (recorded.stop, recorded.stop_cause) == (StopKind.FORCE, StopCause.SERVER)

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher import metrics as metrics_module
+from dispatcher.lease.causes import LossCause, StopCause
 from dispatcher.metrics import (
     COUNTERS,
     OTHER,
@@ -117,9 +118,9 @@ def test_slots_sum_to_the_slots_of_live_workers(endpoint: Endpoint) -> None:
 
 def test_label_values_are_bounded(endpoint: Endpoint) -> None:
     recorded = endpoint.runtime.metrics
-    recorded.inc("leases_lost", cause="heartbeat 412")
+    recorded.inc("leases_lost", cause=LossCause.HEARTBEAT_REFUSED)
     recorded.inc("leases_lost", cause="a cause nobody foresaw, with spaces: 42")
-    recorded.inc("work_stop_requests", cause="server stopped")
+    recorded.inc("work_stop_requests", cause=StopCause.SERVER)
     samples = endpoint.scrape()
     for sample in samples:
         name = sample.name.removeprefix("dispatcher_").removesuffix("_total")
@@ -132,7 +133,7 @@ def test_label_values_are_bounded(endpoint: Endpoint) -> None:
     assert (lost["heartbeat_rejected"], lost[OTHER]) == (1, 1)
     stops = {s.labels["cause"]: s.value for s in samples
              if s.name == "dispatcher_work_stop_requests_total"}
-    assert stops["server_stopped"] == 1
+    assert stops["server"] == 1
 
 
 def test_a_scrape_in_the_cache_window_makes_no_work_api_call(endpoint: Endpoint,

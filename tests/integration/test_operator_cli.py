@@ -262,7 +262,7 @@ def _fill(registry: LeaseRegistry) -> None:
     registry.create(Lease(work_id="work_stopping", session_id="sesn_stopping",
                           phase=Phase.RUNNING, worker="w2@host", claimed_at=now - 50,
                           ttl_seconds=30, heartbeat_ok_at=now - 2, **common), work_json="{}")
-    registry.request_stop("work_stopping", StopKind.GRACEFUL, "server")
+    registry.set_stop("work_stopping", StopKind.GRACEFUL, expected=StopKind.NONE, cause="server")
 
 
 def test_status_reports_leases_and_workers_without_any_key(

@@ -1,6 +1,6 @@
 """Property-based test of the lease registry
 (dispatcher.lease.registry.LeaseRegistry) on real Redis:
-random sequences of create / new_attempt / pulse / request_stop / schedule / claim_due / delete
+random sequences of create / a new attempt / pulse / set_stop / schedule / claim_due / delete
 against a plain-Python model of what each Lua script promises."""
 
 from __future__ import annotations
@@ -69,14 +69,15 @@ class RegistryMachine(RuleBasedStateMachine):
     def new_attempt(self, work_id: str, offset: int) -> None:
         model = self.model.get(work_id)
         expected = (model.attempt if model else 1) + offset
-        got = self.registry.new_attempt(work_id, expected_attempt=expected, task_id="t")
+        got = self.registry.update_if_attempt(
+            work_id, expected, {"attempt": expected + 1, "task_id": "t"}, seen=self.now)
         if model is None:
             assert got == -1
         elif expected != model.attempt:
             assert got == 0, "a stale attempt never moves the lease on"
         else:
             model.attempt += 1
-            assert got == model.attempt
+            assert got == 1
 
     @rule(work_id=WORK_IDS, offset=st.integers(-1, 1))
     def pulse(self, work_id: str, offset: int) -> None:
@@ -92,21 +93,23 @@ class RegistryMachine(RuleBasedStateMachine):
     def set_if_attempt(self, work_id: str, offset: int) -> None:
         model = self.model.get(work_id)
         attempt = (model.attempt if model else 1) + offset
-        got = self.registry.update_if_attempt(work_id, attempt, worker="w")
+        got = self.registry.update_if_attempt(work_id, attempt, {"worker": "w"})
         assert got == (-1 if model is None else 1 if attempt == model.attempt else 0)
 
-    @rule(work_id=WORK_IDS, kind=KINDS, cause=CAUSES)
-    def request_stop(self, work_id: str, kind: StopKind, cause: str) -> None:
+    @rule(work_id=WORK_IDS, kind=KINDS, cause=CAUSES, expected=KINDS | st.just(StopKind.NONE))
+    def set_stop(self, work_id: str, kind: StopKind, cause: str, expected: StopKind) -> None:
         model = self.model.get(work_id)
-        changed = self.registry.request_stop(work_id, kind, cause)
+        first = expected == StopKind.NONE
+        got = self.registry.set_stop(work_id, kind, expected=expected,
+                                     cause=cause if first else None)
         if model is None:
-            assert not changed
+            assert got == -1
             return
-        expect = model.stop not in (StopKind.FORCE.value, kind.value)
-        assert changed == expect, "force wins over graceful; a repeat changes nothing"
+        expect = model.stop == expected.value
+        assert got == (1 if expect else 0), "set only over the flag it was decided from"
         if expect:
-            if not model.stop:
-                model.cause = cause  # the first cause stays
+            if first:
+                model.cause = cause  # given with the first flag only
             model.stop = kind.value
 
     @rule(work_id=WORK_IDS, delay=st.floats(-5, 5))
@@ -132,13 +135,17 @@ class RegistryMachine(RuleBasedStateMachine):
     def mark_lost(self, work_id: str) -> None:
         model = self.model.get(work_id)
         # What the machine's `lose` asks of the registry.
+        current = self.registry.get(work_id)
+        expected = StopKind(current.stop) if current is not None else StopKind.NONE
+        first = expected == StopKind.NONE
+        self.registry.set_stop(work_id, StopKind.FORCE, expected=expected,
+                               cause="heartbeat_rejected" if first else None)
         self.registry.update(work_id, lost=True)
-        self.registry.request_stop(work_id, StopKind.FORCE, "heartbeat 412")
         self.registry.unschedule_heartbeat(work_id)
         if model is not None:
-            if model.stop != StopKind.FORCE.value:
-                model.cause = model.cause or "heartbeat 412"
-                model.stop = StopKind.FORCE.value
+            if first:
+                model.cause = "heartbeat_rejected"
+            model.stop = StopKind.FORCE.value
             model.due = None
             assert self.registry.get(work_id).lost  # type: ignore[union-attr]
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from dispatcher.control.capacity import Capacity
-from dispatcher.lease.model import Lease, Phase, StopKind
+from dispatcher.lease.model import Heartbeater, Lease, Phase, StopKind
 from dispatcher.lease.registry import LeaseRegistry
 from tests.support.isolation import integration_db, redis_url
 
@@ -53,26 +53,29 @@ def test_update_never_resurrects_a_released_lease(registry: LeaseRegistry) -> No
 
 def test_only_the_current_attempt_may_pulse_or_change_the_lease(registry: LeaseRegistry) -> None:
     registry.create(_lease(), work_json="{}")
-    assert registry.new_attempt("work_1", expected_attempt=1, task_id="t2") == 2
-    assert registry.new_attempt("work_1", expected_attempt=1, task_id="t3") == 0, "fenced"
+    assert registry.update_if_attempt("work_1", 1, {"attempt": 2, "task_id": "t2"}) == 1
+    assert registry.update_if_attempt("work_1", 1, {"attempt": 2, "task_id": "t3"}) == 0, "fenced"
     stale = registry.pulse("work_1", 1)
     assert stale.exists and not stale.current
-    assert registry.update_if_attempt("work_1", 1, phase=Phase.RUNNING) == 0
-    assert registry.update_if_attempt("work_1", 2, phase=Phase.RUNNING) == 1
+    assert registry.update_if_attempt("work_1", 1, {"phase": Phase.RUNNING}) == 0
+    assert registry.update_if_attempt("work_1", 2, {"phase": Phase.RUNNING}) == 1
     assert registry.pulse("work_1", 2).current
-    assert registry.update_if_attempt("nope", 1, phase="x") == -1
+    assert registry.update_if_attempt("nope", 1, {"phase": "x"}) == -1
 
 
-def test_a_forced_stop_wins_over_a_graceful_one_and_keeps_the_first_cause(
+def test_a_stop_flag_is_set_only_over_the_flag_it_was_decided_from(
     registry: LeaseRegistry,
 ) -> None:
+    """Which stop wins and which cause stays is the machine's (tests/unit); the registry only
+    refuses a flag decided from one that changed meanwhile, for the machine to decide again."""
     registry.create(_lease(), work_json="{}")
-    assert registry.request_stop("work_1", StopKind.GRACEFUL, "server")
-    assert not registry.request_stop("work_1", StopKind.GRACEFUL, "again")
-    assert registry.request_stop("work_1", StopKind.FORCE, "operator")
-    assert not registry.request_stop("work_1", StopKind.GRACEFUL, "late")
+    none, graceful, force = StopKind.NONE, StopKind.GRACEFUL, StopKind.FORCE
+    assert registry.set_stop("work_1", graceful, expected=none, cause="server") == 1
+    assert registry.set_stop("work_1", force, expected=none, cause="operator") == 0, "stale"
+    assert registry.set_stop("work_1", force, expected=graceful) == 1
     pulse = registry.pulse("work_1", 1)
     assert (pulse.stop, pulse.stop_cause) == ("force", "server")
+    assert registry.set_stop("work_gone", force, expected=none, cause="server") == -1
 
 
 def test_due_heartbeats_are_claimed_by_one_taker_only(registry: LeaseRegistry) -> None:
@@ -89,13 +92,14 @@ def test_due_heartbeats_are_claimed_by_one_taker_only(registry: LeaseRegistry) -
 
 def test_no_heartbeat_is_scheduled_after_a_hand_off(registry: LeaseRegistry) -> None:
     registry.create(_lease(token="tok-1"), work_json="{}")
-    assert registry.schedule_heartbeat("work_1", time.time())
+    dispatchers = Heartbeater.DISPATCHER  # as the machine schedules a lease the fleet heartbeats
+    assert registry.schedule_heartbeat("work_1", time.time(), heartbeated_by=dispatchers)
     # What the machine's hand-off does: the sandbox beats it now, and nothing is scheduled.
     registry.update("work_1", heartbeats_by="sandbox")
     registry.unschedule_heartbeat("work_1")
     assert registry.settled_token("work_1", wait_seconds=1) == "tok-1"
     assert registry.next_due("work_1") is None
-    assert not registry.schedule_heartbeat("work_1", time.time())
+    assert not registry.schedule_heartbeat("work_1", time.time(), heartbeated_by=dispatchers)
 
 
 def test_free_slots_count_live_workers_minus_held_leases(registry: LeaseRegistry) -> None:

@@ -18,7 +18,8 @@ import redis
 
 from dispatcher.celery.keys import CeleryKeys
 from dispatcher.control.capacity import Capacity
-from dispatcher.lease.registry import Lease, LeaseRegistry, Phase
+from dispatcher.lease.model import Lease, Phase
+from dispatcher.lease.registry import LeaseRegistry
 from tests.support.bounds import STATUS_CHECK_SECONDS
 from tests.support.isolation import free_port, integration_db, redis_url
 

@@ -14,6 +14,7 @@ import pytest
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.recovery import recover
+from dispatcher.lease.causes import LossCause
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS, PULSE_STALE_SECONDS
 from dispatcher.lease.model import Phase
 from dispatcher.runtime import Runtime
@@ -38,7 +39,7 @@ def test_recovery_reads_only_silent_leases_and_restarts_the_dead_one(
     registry = runtime.registry
     assert registry.silent_since(time.time() - PULSE_STALE_SECONDS) == []
     past = time.time() - PULSE_STALE_SECONDS - 1
-    registry.update(dead, pulse_at=past)  # as if its worker died 6 s ago
+    registry.update(dead, seen=past, pulse_at=past)  # as if its worker died 6 s ago
     assert [lease.work_id for lease in registry.silent_since(time.time() - 5)] == [dead]
     assert registry.pulse(alive, 1, worker="w@h").current
     assert recover(runtime) == 1
@@ -102,7 +103,7 @@ def test_released_leases_leave_no_index_entries(emulator: Any, runtime: Runtime)
     ids = held_items(emulator, runtime, 2)
     registry = runtime.registry
     registry.delete(ids[0])
-    assert registry.update(ids[0], pulse_at=time.time()) is False
+    assert registry.update(ids[0], seen=time.time(), pulse_at=time.time()) is False
     keys = registry.keys
     assert registry.redis.zscore(keys.last_seen, ids[0]) is None
     assert registry.redis.zscore(keys.last_seen, ids[1]) is not None
@@ -124,7 +125,8 @@ def test_a_stop_on_a_held_item_is_seen_within_one_tick_while_pages_fit(
     assert _lists(emulator, runtime) - before == 2
     lease = runtime.registry.get(ids[0])
     # Never acked on the server, so its stop ends it at once: `stopped`, the lease lost.
-    assert lease is not None and (lease.stop, lease.stop_cause) == ("force", "server stopped")
+    assert lease is not None
+    assert (lease.stop, lease.stop_cause) == ("force", LossCause.SERVER_STOPPED)
     assert _cursor(runtime) is None, "a whole sweep: next tick from the top"
     assert scan_server_stops(runtime) == 0, "an applied stop is not new again"
 

@@ -72,9 +72,7 @@ def close_runtime(rt: Runtime) -> None:
     """Remove every key the runtime wrote (its prefix's) and close its connections."""
     for key in rt.redis.scan_iter(f"{rt.settings.key_prefix}:*", count=1000):
         rt.redis.delete(key)
-    for client in rt.__dict__.get("_clients", {}).values():
-        client.close()
-    rt.redis.close()
+    rt.close()
 
 
 def held_items(emulator: Any, runtime: Runtime, n: int, *, phase: str = Phase.RUNNING,

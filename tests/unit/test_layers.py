@@ -32,15 +32,8 @@ LEASE = "dispatcher.lease"
 ABOVE_THE_LEASE = ("dispatcher.control", "dispatcher.session", "dispatcher.celery",
                    "dispatcher.ops")
 
-# --- TEMPORARY: remove once the executor is given its collaborators ---------------------------
-# The executor still reaches the task name and the healthcheck itself; the change that hands it
-# its collaborators (a publish function, the healthcheck) removes both edges, and then these
-# two lines. No other exception may be added here.
-TEMPORARY_EDGES = frozenset({
-    ("dispatcher.lease.executor", "dispatcher.celery.names"),
-    ("dispatcher.lease.executor", "dispatcher.control.healthcheck"),
-})
-# ----------------------------------------------------------------------------------------------
+# No exception: the executor is given its collaborators (a publish function, the healthcheck).
+TEMPORARY_EDGES: frozenset[tuple[str, str]] = frozenset()
 
 
 def _modules(root: Path, package: str) -> dict[str, Path]:

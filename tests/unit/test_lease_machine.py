@@ -55,12 +55,12 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
      {"Publish"}),
     ("claim failed (transient), ack unanswered", ("dispatched",), "dispatched", {"Schedule"},
      {"Publish"}),
-    ("claim 412, nobody beat it, ack unanswered", ("claimed",), "claimed", {"Schedule"},
+    ("claim 412, nobody heartbeated it, ack unanswered", ("claimed",), "claimed", {"Schedule"},
      {"Publish"}),
-    ("claim 412, nobody beat it, ack unanswered", ("dispatched",), "dispatched", {"Schedule"},
-     {"Publish"}),
-    ("beat answered, ack unanswered", ("claimed",), "dispatched", {"RecordBeat", "Publish"},
-     set()),
+    ("claim 412, nobody heartbeated it, ack unanswered", ("dispatched",), "dispatched",
+     {"Schedule"}, {"Publish"}),
+    ("heartbeat answered, ack unanswered", ("claimed",), "dispatched",
+     {"RecordHeartbeat", "Publish"}, set()),
     ("claim stranded, ack unanswered", ("claimed",), "claimed", {"Schedule"}, {"Publish"}),
     ("ack refused (4xx)", ("claimed",), "none", set(), {"CreateRecord", "StopOnServer"}),
     # Acked, but Redis refused the record past the executor's retries: nobody could beat or run
@@ -70,52 +70,54 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     # A running attempt's write-back: the attempt tries again at its next pulse.
     ("record refused, write-back", ("running",), "none", {"log `write-back failed`"},
      {"StopOnServer", "FlagStop(force)"}),
-    ("claim answered", ("claimed",), "dispatched", {"RecordBeat", "Publish"}, set()),
-    ("claim 412, nobody beat it", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
+    ("claim answered", ("claimed",), "dispatched", {"RecordHeartbeat", "Publish"}, set()),
+    ("claim 412, nobody heartbeated it", ("claimed",), "dispatched", {"Schedule", "Publish"},
+     set()),
     ("claim 412, another holder", ("claimed",), "none", {"DeleteRecord"},
      {"StopOnServer", "Publish"}),
     ("claim 404/409 after an uncertain ack", ("claimed",), "none", {"DeleteRecord"},
      {"StopOnServer", "Publish"}),
     ("claim failed (transient)", ("claimed",), "dispatched", {"Schedule", "Publish"}, set()),
-    ("claim answered", ("dispatched",), "dispatched", {"RecordBeat"}, {"Publish"}),
-    ("claim 412, nobody beat it", ("dispatched",), "dispatched", {"Schedule"}, {"Publish"}),
+    ("claim answered", ("dispatched",), "dispatched", {"RecordHeartbeat"}, {"Publish"}),
+    ("claim 412, nobody heartbeated it", ("dispatched",), "dispatched", {"Schedule"}, {"Publish"}),
     ("claim 412, another holder", ("dispatched",), "none", {"Revoke", "DeleteRecord"},
      {"StopOnServer"}),
     ("claim 404/409 after an uncertain ack", ("dispatched",), "none", {"Revoke", "DeleteRecord"},
      {"StopOnServer"}),
     ("claim failed (transient)", ("dispatched",), "dispatched", {"Schedule"}, {"Publish"}),
-    ("beat answered", ("dispatched", "running", "releasing"), "=", {"RecordBeat"},
+    ("heartbeat answered", ("dispatched", "running", "releasing"), "=", {"RecordHeartbeat"},
      {"StopOnServer"}),
     # A claimed lease held back (a healthcheck or hand-off whose claim failed) moves on.
-    ("beat answered", ("claimed",), "dispatched", {"RecordBeat", "Publish"}, {"StopOnServer"}),
-    ("beat answered, not extended", QUEUED, "none", {"DeleteRecord"}, {"StopOnServer"}),
-    ("beat answered, not extended", ("running",), "running", {"FlagStop(force)"},
+    ("heartbeat answered", ("claimed",), "dispatched", {"RecordHeartbeat", "Publish"},
+     {"StopOnServer"}),
+    ("heartbeat answered, not extended", QUEUED, "none", {"DeleteRecord"}, {"StopOnServer"}),
+    ("heartbeat answered, not extended", ("running",), "running", {"FlagStop(force)"},
      {"StopOnServer", "DeleteRecord"}),
     # The session ended: its item is stopped whatever happens to the lease.
-    ("beat answered, not extended", ("releasing",), "releasing", {"StopOnServer"},
+    ("heartbeat answered, not extended", ("releasing",), "releasing", {"StopOnServer"},
      {"DeleteRecord"}),
-    ("beat answered, stopping", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
+    ("heartbeat answered, stopping", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
      {"Publish"}),
-    ("beat answered, stopping", ("running",), "running", {"FlagStop(graceful)"},
+    ("heartbeat answered, stopping", ("running",), "running", {"FlagStop(graceful)"},
      {"StopOnServer"}),
-    ("beat answered, stopping", ("releasing",), "releasing", {"RecordBeat"},
+    ("heartbeat answered, stopping", ("releasing",), "releasing", {"RecordHeartbeat"},
      {"FlagStop(graceful)"}),
-    ("beat answered, stopped", ("claimed", "dispatched", "releasing"), "none",
+    ("heartbeat answered, stopped", ("claimed", "dispatched", "releasing"), "none",
      {"DeleteRecord"}, {"StopOnServer"}),
-    ("beat answered, stopped", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
-    ("beat 412 after a lost reply, inside the TTL", ANY, "=",
+    ("heartbeat answered, stopped", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
+    ("heartbeat 412 after a lost reply, inside the TTL", ANY, "=",
      {"Schedule", "log `heartbeat token adopted`"}, {"FlagStop(force)", "DeleteRecord"}),
-    ("beat 412", QUEUED, "none", {"DeleteRecord", "Unschedule"}, {"StopOnServer"}),
-    ("beat 412", ("running",), "running", {"FlagStop(force)", "Unschedule"}, {"StopOnServer"}),
-    ("beat 412", ("releasing",), "releasing", {"StopOnServer"}, {"DeleteRecord"}),
-    ("beat 404", ("claimed", "dispatched", "releasing"), "none", {"DeleteRecord"},
+    ("heartbeat 412", QUEUED, "none", {"DeleteRecord", "Unschedule"}, {"StopOnServer"}),
+    ("heartbeat 412", ("running",), "running", {"FlagStop(force)", "Unschedule"}, {"StopOnServer"}),
+    ("heartbeat 412", ("releasing",), "releasing", {"StopOnServer"}, {"DeleteRecord"}),
+    ("heartbeat 404", ("claimed", "dispatched", "releasing"), "none", {"DeleteRecord"},
      {"StopOnServer"}),
-    ("beat 404", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
-    ("beat rejected (other 4xx)", ("claimed", "dispatched", "releasing"), "releasing",
+    ("heartbeat 404", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
+    ("heartbeat rejected (other 4xx)", ("claimed", "dispatched", "releasing"), "releasing",
      {"StopOnServer"}, {"Publish"}),
-    ("beat rejected (other 4xx)", ("running",), "running", {"FlagStop(force)"},
+    ("heartbeat rejected (other 4xx)", ("running",), "running", {"FlagStop(force)"},
      {"StopOnServer"}),
-    ("beat failed (transient)", ANY, "=", {"Schedule"}, {"FlagStop(force)"}),
+    ("heartbeat failed (transient)", ANY, "=", {"Schedule"}, {"FlagStop(force)"}),
     ("stop requested (server)", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
      {"Publish"}),
     ("stop requested (server)", ("running",), "running", {"FlagStop(graceful)"},
@@ -129,29 +131,43 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("operator terminated the task", ("running",), "running", {"FlagStop(graceful)"},
      {"StopOnServer"}),
     ("operator revoked the task", QUEUED, "releasing", {"StopOnServer"}, set()),
-    ("attempt starting", ("none",), "none", {"log `attempt skipped`"}, {"MarkRunning"}),
-    ("attempt starting", HELD, "running", {"MarkRunning"}, set()),
-    ("attempt starting", ("releasing",), "releasing", {"log `attempt skipped`"},
+    ("attempt starting", ("none",), "none", {"log `attempt skipped`", "AttemptOver(gone)"},
      {"MarkRunning"}),
+    ("attempt starting", HELD, "running", {"MarkRunning"}, {"AttemptOver(gone)"}),
+    ("attempt starting", ("releasing",), "releasing",
+     {"log `attempt skipped`", "AttemptOver(gone)"}, {"MarkRunning"}),
     ("attempt starting, worker draining", ("none",), "none", set(), {"Publish"}),
-    ("attempt starting, worker draining", HELD, "=", {"Publish"}, {"MarkRunning"}),
+    ("attempt starting, worker draining", HELD, "=", {"Publish", "AttemptOver(handed_over)"},
+     {"MarkRunning"}),
     ("attempt starting, worker draining", ("releasing",), "releasing", set(), {"Publish"}),
     ("handing off to the sandbox", ANY, "=", {"Unschedule"}, set()),
-    ("pulsed, superseded", ANY, "=", {"Signal(force)"}, set()),
+    ("pulsed, superseded", ANY, "=", {"Fence", "AttemptOver(superseded)"}, {"Signal(force)"}),
     ("pulsed, stop flagged", ANY, "=", {"Signal(graceful)"}, set()),
     ("pulsed, worker draining", ANY, "=", {"Signal(graceful)"}, set()),
-    ("sandbox could not start", ANY, "releasing", {"StopOnServer", "RecordHistory"},
-     {"Publish"}),
-    ("sandbox exited 0", HELD, "releasing", {"StopOnServer", "RecordHistory"}, {"Publish"}),
-    ("sandbox exited 1", HELD, "releasing", {"StopOnServer", "RecordHistory"}, {"Publish"}),
+    ("sandbox could not start", ANY, "releasing",
+     {"StopOnServer", "RecordHistory", "AttemptOver(failed)"}, {"Publish"}),
+    ("sandbox exited 0", HELD, "releasing",
+     {"StopOnServer", "RecordHistory", "AttemptOver(completed)"}, {"Publish"}),
+    ("sandbox exited 1", HELD, "releasing",
+     {"StopOnServer", "RecordHistory", "AttemptOver(failed)"}, {"Publish"}),
+    ("sandbox exited 0", ("none",), "none", {"AttemptOver(superseded)"}, {"StopOnServer"}),
+    ("sandbox exited 1", ("none",), "none", {"AttemptOver(superseded)"}, {"StopOnServer"}),
+    ("sandbox exited, worker draining", ("none",), "none", {"AttemptOver(superseded)"},
+     {"NewAttempt"}),
     ("sandbox exited 0", ("releasing",), "releasing", {"StopOnServer"}, {"Publish"}),
     ("sandbox exited 1", ("releasing",), "releasing", {"StopOnServer"}, {"Publish"}),
-    ("sandbox exited, worker draining", HELD, "dispatched", {"NewAttempt", "Publish"},
-     {"StopOnServer"}),
+    ("sandbox exited, worker draining", HELD, "dispatched",
+     {"NewAttempt", "Publish", "AttemptOver(handed_over)"}, {"StopOnServer"}),
     ("sandbox exited, worker draining", ("releasing",), "releasing", {"StopOnServer"},
      {"NewAttempt", "Publish"}),
-    ("registry unreachable past 2/3 TTL", ANY, "=", {"Signal(force)"}, set()),
+    ("registry unreachable past 2/3 TTL", ANY, "=", {"Fence", "AttemptOver(lost)"}, set()),
     ("attempt went silent", ("running",), "dispatched", {"NewAttempt", "Publish"}, set()),
+    # An exited attempt leaves once its lease is released (or another attempt's), and stays
+    # while the release is pending (it alone could write the record back).
+    ("an exited attempt awaits its release", ("none",), "none", {"AttemptOver(completed)"},
+     set()),
+    ("a superseded exited attempt awaits its release", ("none", *ANY), "=",
+     {"AttemptOver(completed)"}, set()),
     ("message lost", ("dispatched",), "dispatched", {"NewAttempt", "Publish"}, set()),
     ("claim stranded", ("claimed",), "dispatched", {"Publish"}, set()),
     ("release answered (2xx, 404, 409)", ANY, "none", {"DeleteRecord"}, {"StopOnServer"}),
@@ -219,11 +235,11 @@ def test_a_finished_session_whose_release_failed_is_stopped_after_a_412() -> Non
     steps: list[ev.Event] = [
         ev.SandboxExited(1, 0, draining=False, next_task_id="t2"),
         ev.ReleaseFailed(500, "internal error"),
-        ev.BeatFailed(200, "malformed reply"),
+        ev.HeartbeatFailed(200, "malformed reply"),
         ev.ReleaseFailed(None, "connection dropped"),
         # The server moved on past the token we hold, and the TTL has passed since the last
         # beat it answered us: this 412 cannot be adopted.
-        ev.BeatRefused(ev.ServerLease("active", "tok-applied")),
+        ev.HeartbeatRefused(ev.ServerLease("active", "tok-applied")),
     ]
     now = NOW
     current: Lease | None = lease
@@ -243,7 +259,7 @@ def test_a_finished_session_whose_release_failed_is_stopped_after_a_412() -> Non
 def test_a_lost_beat_is_adopted_only_inside_the_ttl() -> None:
     lease = lease_in("running", uncertain=True)
     assert lease is not None
-    refused = ev.BeatRefused(ev.ServerLease("active", "tok-2"))
+    refused = ev.HeartbeatRefused(ev.ServerLease("active", "tok-2"))
     inside = decide(lease, refused, now=lease.heartbeat_ok_at + lease.ttl - 1)
     assert inside.lease is not None and inside.lease.token == "tok-2" and not inside.lease.lost
     outside = decide(lease, refused, now=lease.heartbeat_ok_at + lease.ttl + 1)
@@ -255,7 +271,7 @@ def test_a_lost_beat_is_adopted_only_inside_the_ttl() -> None:
 def test_a_refused_token_is_never_kept() -> None:
     lease = lease_in("dispatched", uncertain=True)
     assert lease is not None
-    same = ev.BeatRefused(ev.ServerLease("active", lease.token))
+    same = ev.HeartbeatRefused(ev.ServerLease("active", lease.token))
     decision = decide(lease, same, now=NOW)
     assert decision.lease is None or decision.lease.lost
 
@@ -323,7 +339,7 @@ def test_a_claim_after_an_ack_whose_reply_was_lost_never_adopts_a_rivals_token()
     assert acked.lease is not None
     claimed = decide(acked.lease, ev.ClaimFailed(503), now=NOW)
     assert claimed.lease is not None and claimed.lease.uncertain
-    refused = decide(claimed.lease, ev.BeatRefused(ev.ServerLease("active", "rival-1")),
+    refused = decide(claimed.lease, ev.HeartbeatRefused(ev.ServerLease("active", "rival-1")),
                      now=NOW + 1)
     assert refused.lease is None or refused.lease.token != "rival-1"
 
@@ -333,7 +349,7 @@ def test_a_session_that_finished_after_its_lease_was_lost_is_stopped_not_run_aga
     exited 0 before the kill landed. The session is done: its item is stopped, its ending kept."""
     running = lease_in("running")
     assert running is not None
-    lost = decide(running, ev.BeatRefused(ev.ServerLease("queued", None)), now=NOW).lease
+    lost = decide(running, ev.HeartbeatRefused(ev.ServerLease("queued", None)), now=NOW).lease
     assert lost is not None and lost.lost
     decision = decide(lost, ev.SandboxExited(1, 0, draining=False, next_task_id="t2"), now=NOW)
     assert decision.lease is not None and decision.lease.ended == Ending.COMPLETED
@@ -361,10 +377,11 @@ def test_a_lost_finished_lease_whose_stop_failed_is_tried_again() -> None:
     then failed, was never due again (its retry deferred to a beat that no longer comes)."""
     releasing = lease_in("releasing")
     assert releasing is not None
-    lost = decide(releasing, ev.BeatFailed(503, "unavailable"), now=NOW + 60)
+    lost = decide(releasing, ev.HeartbeatFailed(503, "unavailable"), now=NOW + 60)
     assert lost.lease is not None and lost.lease.lost
     retry = decide(lost.lease, ev.ReleaseFailed(503, "unavailable"), now=NOW + 60)
-    assert fx.Schedule(NOW + 62, sooner_only=False) in retry.effects
+    # A release is retried whoever heartbeated the lease (a sandbox, in runner mode).
+    assert fx.Schedule(NOW + 62, sooner_only=False, heartbeated_by=None) in retry.effects
 
 
 def test_a_lease_written_back_after_a_reset_adopts_a_token_it_did_not_see() -> None:
@@ -374,7 +391,7 @@ def test_a_lease_written_back_after_a_reset_adopts_a_token_it_did_not_see() -> N
     assert remembered is not None
     back = decide(None, ev.RegistryReset(remembered), now=NOW).lease
     assert back is not None and back.uncertain
-    refused = decide(back, ev.BeatRefused(ev.ServerLease("active", "tok-newer")), now=NOW + 1)
+    refused = decide(back, ev.HeartbeatRefused(ev.ServerLease("active", "tok-newer")), now=NOW + 1)
     assert refused.lease is not None and refused.lease.token == "tok-newer"
     assert not refused.lease.lost
 
@@ -403,3 +420,10 @@ def test_only_a_dispatched_lease_silent_past_the_bound_asks_where_its_message_is
     assert stuck(dispatched.but(dispatched_at=NOW - 1), NOW) is None
     assert stuck(dispatched.but(dispatched_at=NOW - DISPATCH_STALE_SECONDS - 1),
                  NOW) is Stuck.QUEUED_TOO_LONG
+
+
+def test_every_scenario_has_a_name_of_its_own() -> None:
+    from dispatcher.lease.machine import claiming, running
+
+    names = [s.name for s in (*claiming.SCENARIOS, *running.SCENARIOS)]
+    assert len(names) == len(set(names)) == len(SCENARIOS)

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
 from dispatcher.lease.machine import Policy, decide
-from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
+from dispatcher.lease.model import Ending, Heartbeater, Lease, Phase, StopKind
 
 TTL = 6
 # A reply's fate: answered; applied but lost (the connection dropped after the server acted);
@@ -134,7 +134,7 @@ class LeaseLife(RuleBasedStateMachine):
         if isinstance(effect, fx.RecordHistory):
             self.history = (effect.failures, effect.ended)
             self.finished = self.finished or effect.ended in (Ending.COMPLETED, Ending.FAILED)
-        if isinstance(effect, fx.Signal) and self.sandbox is not None:
+        if isinstance(effect, fx.Signal | fx.Fence) and self.sandbox is not None:
             self.sandbox = (self.sandbox[0], "signalled")
         return None
 
@@ -164,18 +164,20 @@ class LeaseLife(RuleBasedStateMachine):
         fate = self.fate
         sent_at = self.now
         if fate == "refused":
-            return ev.ClaimFailed(503) if first else ev.BeatFailed(503, "unavailable")
+            return ev.ClaimFailed(503) if first else ev.HeartbeatFailed(503, "unavailable")
         assert token is None or token not in self.refused, "a refused token presented again"
         if self.server.state == "queued" and self.server.acks.get(self.server.deliveries) is None:
-            return ev.ClaimNotAcked(409, ack_uncertain=True) if first else ev.BeatFailed(409, "")
+            if first:
+                return ev.ClaimNotAcked(409, ack_uncertain=True)
+            return ev.HeartbeatFailed(409, "")
         answer = self.server.heartbeat(token)
         if isinstance(answer, ev.ServerLease):
             if token is not None:
                 self.refused.add(token)
-            return ev.ClaimRefused(answer) if first else ev.BeatRefused(answer)
+            return ev.ClaimRefused(answer) if first else ev.HeartbeatRefused(answer)
         if fate == "lost":
-            return ev.ClaimFailed(None) if first else ev.BeatFailed(None, "dropped")
-        return ev.ClaimAnswered(answer, sent_at) if first else ev.BeatAnswered(answer, sent_at)
+            return ev.ClaimFailed(None) if first else ev.HeartbeatFailed(None, "dropped")
+        return ev.ClaimAnswered(answer, sent_at) if first else ev.HeartbeatAnswered(answer, sent_at)
 
     def stop(self) -> ev.Event:
         fate = self.fate
@@ -197,12 +199,12 @@ class LeaseLife(RuleBasedStateMachine):
         self.tasks += 1
         proposal = Lease("w", "s", "e", "dispatcher", "q", task_id=f"task-{self.tasks}",
                          claimed_at=self.now, dispatched_at=self.now,
-                         heartbeats_by=Beater.DISPATCHER)
+                         heartbeats_by=Heartbeater.DISPATCHER)
         failures, ended = self.history
         self.run(ev.Offered(proposal, known_type=True, failures=failures, ended=ended))
 
     @precondition(lambda self: self.lease is not None and not self.lease.lost
-                  and self.lease.heartbeats_by == Beater.DISPATCHER)
+                  and self.lease.heartbeats_by == Heartbeater.DISPATCHER)
     @rule(fate=FATES)
     def heartbeat(self, fate: str) -> None:
         self.fate = fate

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.executor import ack_event, beat_event, claim_event, stop_event
+from dispatcher.lease.replies import ack_event, claim_event, heartbeat_event, stop_event
 from dispatcher.workapi import (
     AuthenticationError,
     ConflictError,
@@ -49,17 +49,17 @@ def test_an_ack_attempt(error: WorkAPIError, reply_lost: bool, expected: ev.Even
 
 @pytest.mark.parametrize(("outcome", "expected"), [
     (Heartbeat(last_heartbeat="t2", lease_extended=True, state="active", ttl_seconds=30),
-     ev.BeatAnswered(ev.Reply("t2", True, "active", 30), 5.0)),
-    (STALE, ev.BeatRefused(ev.ServerLease("active", "t2"))),
-    (GONE, ev.BeatNotFound()),
-    (CONFLICT, ev.BeatFailed(409, str(CONFLICT))),
-    (DROPPED, ev.BeatFailed(None, str(DROPPED))),
-    (TIMED_OUT, ev.BeatFailed(None, str(TIMED_OUT))),
-    (UNREADABLE, ev.BeatFailed(200, str(UNREADABLE))),
-    (REFUSED, ev.BeatRejected(401, str(REFUSED))),
+     ev.HeartbeatAnswered(ev.Reply("t2", True, "active", 30), 5.0)),
+    (STALE, ev.HeartbeatRefused(ev.ServerLease("active", "t2"))),
+    (GONE, ev.HeartbeatNotFound()),
+    (CONFLICT, ev.HeartbeatFailed(409, str(CONFLICT))),
+    (DROPPED, ev.HeartbeatFailed(None, str(DROPPED))),
+    (TIMED_OUT, ev.HeartbeatFailed(None, str(TIMED_OUT))),
+    (UNREADABLE, ev.HeartbeatFailed(200, str(UNREADABLE))),
+    (REFUSED, ev.HeartbeatRejected(401, str(REFUSED))),
 ])
 def test_a_heartbeat_answer(outcome: Heartbeat | WorkAPIError, expected: ev.Event) -> None:
-    assert beat_event(outcome, 5.0) == expected
+    assert heartbeat_event(outcome, 5.0) == expected
 
 
 @pytest.mark.parametrize(("error", "ack_uncertain", "expected"), [
@@ -67,7 +67,7 @@ def test_a_heartbeat_answer(outcome: Heartbeat | WorkAPIError, expected: ev.Even
     (CONFLICT, True, ev.ClaimNotAcked(409, True)),
     (GONE, False, ev.ClaimNotAcked(404, False)),
     (DROPPED, False, ev.ClaimFailed(None)),
-    (REFUSED, False, ev.BeatRejected(401, str(REFUSED))),
+    (REFUSED, False, ev.HeartbeatRejected(401, str(REFUSED))),
 ])
 def test_a_first_claim_answer(error: WorkAPIError, ack_uncertain: bool,
                               expected: ev.Event) -> None:

@@ -3,37 +3,44 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 import pytest
 
+from dispatcher.lease.causes import LossCause, Refusal, Release, RestartReason, StopCause
+from dispatcher.lease.model import Kind
 from dispatcher.metrics import COUNTERS, HISTOGRAMS, OTHER, bounded
 
 SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @pytest.mark.parametrize(("name", "given", "expected"), [
-    ("work_claimed", "session", "session"),
+    ("work_claimed", Kind.SESSION, "session"),
     ("work_claimed", "environment_bootstrap", OTHER),
-    ("work_released", "attempts_exhausted", "attempts_exhausted"),
+    ("work_released", Release.LOST, "lost"),
     ("work_released", "left to the server's lease expiry", OTHER),
-    ("work_stop_requests", "server stopped", "server_stopped"),
-    ("work_stop_requests", "claim refused", OTHER),
-    ("leases_lost", "re-delivered by the server", "re_delivered"),
-    ("leases_lost", "heartbeat 412", "heartbeat_rejected"),
-    ("leases_lost", "heartbeat 404: not found", "heartbeat_rejected"),
-    ("leases_lost", "assumed lost: no heartbeat succeeded within the TTL", "assumed_lost"),
-    ("leases_lost", "lease not extended", "lease_not_extended"),
-    ("attempts_restarted", "worker lost (no pulse)", "worker_lost"),
-    ("attempts_restarted", "session task never started", "task_never_started"),
-    ("attempts_restarted", "worker drained", "worker_drained"),
-    ("healthchecks", "True", "true"),
+    ("work_stop_requests", StopCause.SERVER, "server"),
+    ("leases_lost", LossCause.RE_DELIVERED, "re_delivered"),
+    ("leases_lost", LossCause.HEARTBEAT_REFUSED, "heartbeat_rejected"),
+    # Free text is never parsed into a label: a cause is an enum's member, or OTHER.
+    ("leases_lost", "heartbeat 412", OTHER),
+    ("attempts_restarted", RestartReason.WORKER_LOST, "worker_lost"),
+    ("attempts_restarted", "worker lost (no pulse)", OTHER),
+    ("healthchecks", "true", "true"),
     ("heartbeats", "ok", "ok"),
     ("heartbeats", "Error: 503 Service Unavailable, retry in 1s", OTHER),
     ("work_refused", "", OTHER),
 ])
-def test_free_text_becomes_a_bounded_snake_case_value(name: str, given: str,
-                                                       expected: str) -> None:
+def test_a_label_is_an_enum_value_or_other(name: str, given: object, expected: str) -> None:
     assert bounded(name, given) == expected
+
+
+@pytest.mark.parametrize(("name", "enum"), [
+    ("work_claimed", Kind), ("work_released", Release),
+    ("work_stop_requests", StopCause), ("work_refused", Refusal), ("leases_lost", LossCause),
+    ("attempts_restarted", RestartReason)])
+def test_each_counters_labels_are_its_enums_values(name: str, enum: type[StrEnum]) -> None:
+    assert COUNTERS[name].values == tuple(member.value for member in enum)
 
 
 @pytest.mark.parametrize("name", COUNTERS)

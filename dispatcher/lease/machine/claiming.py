@@ -4,15 +4,16 @@ and every heartbeat after it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
+from dispatcher.lease.causes import LossCause, Refusal, SeenBy, StopCause
+from dispatcher.lease.machine.examples import CLAIMED, ITEM, NOW, REPLY, RUNNING, Scenario
 from dispatcher.lease.machine.steps import (
     RETRY_SECONDS,
     Ctx,
     Decision,
+    Plan,
     advance_claimed,
     count,
     end,
@@ -23,128 +24,120 @@ from dispatcher.lease.machine.steps import (
     lose,
     proven_ours,
     publish,
+    request_stop,
+    schedule,
+    scheduled_for,
     since_ok,
-    stop_requested,
 )
-from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
+from dispatcher.lease.model import Ending, Heartbeater, Kind, Lease, LeaseMode, Phase, StopKind
 
 # --- the poller --------------------------------------------------------------------------------
 
-def _offered(lease: Lease | None, e: ev.Offered, c: Ctx) -> Decision:
+def on_offered(lease: Lease | None, e: ev.Offered, c: Ctx) -> Decision:
     item = e.proposal
     if not e.known_type:
-        return Decision(None, (
-            count("work_refused", reason="unknown_type"),
-            log("unknown work type", item, logging.WARNING, action_taken="stopped, not run"),
-            fx.StopOnServer(force=True)))
+        return _refused(item, Refusal.UNKNOWN_TYPE, "unknown work type")
     if lease is not None:
         return _offered_held(lease)
     if e.ended != Ending.NONE:
-        return Decision(None, (
-            count("work_refused", reason="already_ended"),
-            log("re-delivered after it ended", item, logging.WARNING, ended=e.ended.value,
-                 action_taken="stopped, not run"),
-            fx.StopOnServer(force=True)))
+        return _refused(item, Refusal.ALREADY_ENDED, "re-delivered after it ended",
+                        ended=e.ended)
     if e.failures >= c.policy.max_attempts:
-        return Decision(None, (
-            count("work_refused", reason="attempts_exhausted"),
-            log("attempts exhausted", item, logging.WARNING, failures=e.failures,
-                 action_taken="stopped, not run"),
-            fx.StopOnServer(force=True)))
+        return _refused(item, Refusal.ATTEMPTS_EXHAUSTED, "attempts exhausted",
+                        failures=e.failures)
     return Decision(item.but(failures=e.failures), (fx.Ack(),))
+
+
+def _refused(item: Lease, reason: Refusal, action: str, **details: object) -> Decision:
+    """A polled item not run: stopped on the server, never acked."""
+    return Decision(None, (
+        count("work_refused", reason=reason),
+        log(action, item, logging.WARNING, **details, action_taken="stopped, not run"),
+        fx.StopOnServer(force=True)))
 
 
 def _offered_held(lease: Lease) -> Decision:
     """The server offers an item we still hold: our lease on it lapsed. Never ack it twice."""
+    p = Plan(lease)
     if is_over(lease):
         # The session is over: stop the item (its release may have failed so far).
-        return Decision(lease, (
-            log("polled a held lease", lease, logging.WARNING, phase=lease.phase.value,
-                 action_taken="session already ended: stopped, not run"),
-            fx.StopOnServer(force=True)))
+        p.add(log("polled a held lease", lease, logging.WARNING, phase=lease.phase.value,
+                  action_taken="session already ended: stopped, not run"),
+              fx.StopOnServer(force=True))
+        return p.decided()
     # A running attempt is fenced now and the item left unacked: the server delivers it again
     # once the record is gone, and only then is it claimed afresh (acking it now would start a
     # second attempt beside the first).
     failures = lease.failures + (1 if lease.phase == Phase.RUNNING else 0)
-    fenced = Decision(lease.but(failures=failures),
-                      (fx.RecordHistory(failures, Ending.NONE),))
-    assert fenced.lease is not None
-    return fenced.then(lose(fenced.lease, cause="re-delivered by the server",
-                             action="polled a held lease", phase=lease.phase.value,
-                             action_taken="attempt fenced; claimed again on re-delivery"))
+    p.assume(failures=failures)
+    p.add(fx.RecordHistory(failures, Ending.NONE))
+    lose(p, cause=LossCause.RE_DELIVERED, action="polled a held lease",
+         phase=lease.phase.value, action_taken="attempt fenced; claimed again on re-delivery")
+    return p.decided()
 
 
-# The lease mode whose sandbox continues the dispatcher's lease with its token.
-HANDOFF = "handoff"
-
-
-def _unreadable(lease: Lease | None, e: ev.Unreadable, c: Ctx) -> Decision:
+def on_unreadable(e: ev.Unreadable) -> Decision:
     """An item we cannot read would be delivered again for ever: name it and stop it, when its
     id is legible (one that is not cannot go in a URL; the server's lease expiry ends it)."""
-    effects: list[fx.Effect] = [
-        count("work_refused", reason="invalid"),
-        fx.Log("invalid work item", logging.ERROR, {
-            "work_id": e.work_id or "unreadable", "error": e.error,
-            "action_taken": "stopped, not run" if e.work_id else "none possible"}),
-    ]
+    p = Plan(None)
+    p.add(count("work_refused", reason=Refusal.INVALID),
+          fx.Log("invalid work item", logging.ERROR, {
+              "work_id": e.work_id or "unreadable", "error": e.error,
+              "action_taken": "stopped, not run" if e.work_id else "none possible"}))
     if e.work_id is not None:
-        effects.append(fx.StopOnServer(force=True))
-    return Decision(None, tuple(effects))
+        p.add(fx.StopOnServer(force=True))
+    return p.decided()
 
 
-def _acked(lease: Lease | None, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
+def on_acked(lease: Lease, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decision:
     if isinstance(e, ev.AckAnswered):
         # The server answered: the item is ours, and its lease cannot lapse before a TTL.
         lease = lease.but(heartbeat_ok_at=c.now)
+    p = Plan(lease)
     # Claimed first: a healthcheck is answered, not published; a hand-off gives the sandbox the
     # token at its start, which must be the claim's, not none yet; an ack nobody answered may
     # not be ours, and a session of another holder's item must never start here.
-    claim_first = lease.heartbeats_by == Beater.DISPATCHER and (
-        lease.kind == "healthcheck" or lease.mode == HANDOFF or not proven_ours(lease))
+    claim_first = lease.heartbeats_by == Heartbeater.DISPATCHER and (
+        lease.kind == Kind.HEALTHCHECK or lease.mode == LeaseMode.HANDOFF
+        or not proven_ours(lease))
     # Otherwise published first, claimed right after: the first heartbeat's round trip never
-    # delays the session, and the lease is never left unbeaten (a claim that fails is retried
-    # by the heartbeat task at once). A session that starts before a rival's 412 comes back is
-    # killed by that answer, as any lost lease is. Its record is created already dispatched:
-    # one write before the publish, not a create and an update.
-    published = (publish(lease, c.now, recorded=False)
-                 if lease.heartbeats_by == Beater.DISPATCHER and not claim_first else None)
-    record = lease if published is None or published.lease is None else published.lease
-    effects: list[fx.Effect] = [
-        fx.CreateRecord(record), count("work_claimed", type=lease.kind),
-        log("claimed", lease, type=lease.kind, queue=lease.queue),
-    ]
-    uncertain = isinstance(e, ev.AckUncertain)
+    # delays the session, and the lease is never left without heartbeats (a claim that fails is
+    # retried by the heartbeat task at once). A session that starts before a rival's 412 comes
+    # back is killed by that answer, as any lost lease is. Its record is created already
+    # dispatched: one write before the publish, not a create and an update.
+    published = lease.heartbeats_by == Heartbeater.DISPATCHER and not claim_first
+    record = lease.but(phase=Phase.DISPATCHED, dispatched_at=c.now) if published else lease
+    p.add(fx.CreateRecord(record), count("work_claimed", type=lease.kind),
+          log("claimed", lease, type=lease.kind, queue=lease.queue))
     if isinstance(e, ev.AckUncertain):
-        effects.append(log("ack uncertain", lease, logging.WARNING, status=e.status,
-                            action_taken="claimed; published once a claim is answered"))
-    decision = Decision(record, tuple(effects))
-    if lease.heartbeats_by != Beater.DISPATCHER:
-        return decision.then(advance_claimed(lease, c))
-    claim = fx.Claim(ack_uncertain=uncertain)
-    if published is None:
-        return decision.then(Decision(lease, (claim,)))
-    return decision.then(published).then(Decision(published.lease, (claim,)))
+        p.add(log("ack uncertain", lease, logging.WARNING, status=e.status,
+                  action_taken="claimed; published once a claim is answered"))
+    if lease.heartbeats_by != Heartbeater.DISPATCHER:
+        advance_claimed(p, c)
+        return p.decided()
+    if published:
+        publish(p, c.now, recorded=False)
+    p.add(fx.Claim(ack_uncertain=isinstance(e, ev.AckUncertain)))
+    return p.decided()
 
 
-def _ack_conflict(lease: Lease | None, e: ev.AckConflict, c: Ctx) -> Decision:
+def on_ack_conflict(lease: Lease, e: ev.AckConflict, c: Ctx) -> Decision:
     """A 409 to a retry after an attempt whose reply never came is our own ack, which landed:
     only a poll can hand the item to another worker, and the server offers an unacked item
     again only after it idled far longer than the executor's retries take. A 409 otherwise
     leaves it uncertain: the first claim tells."""
-    return _acked(lease, ev.AckAnswered() if e.after_lost_reply else ev.AckUncertain(409), c)
+    return on_acked(lease, ev.AckAnswered() if e.after_lost_reply else ev.AckUncertain(409), c)
 
 
-def _ack_refused(lease: Lease | None, e: ev.AckRefused, c: Ctx) -> Decision:
+def on_ack_refused(lease: Lease | None, e: ev.AckRefused) -> Decision:
     return Decision(None, (
-        count("work_refused", reason="ack_failed"),
+        count("work_refused", reason=Refusal.ACK_FAILED),
         log("ack failed", lease, logging.WARNING, status=e.status,
-             outcome="left for the server to re-deliver")))
+            outcome="left for the server to re-deliver")))
 
 
-def _record_failed(lease: Lease | None, e: ev.RecordFailed, c: Ctx) -> Decision:
-    """Redis refused the record. A fresh claim is acked but owned by nobody (nobody could beat
+def on_record_failed(e: ev.RecordFailed) -> Decision:
+    """Redis refused the record. A fresh claim is acked but owned by nobody (nobody could heartbeat
     or run it): stop it rather than strand it in `starting`. A lease a running attempt was
     writing back is left to that attempt, which tries again at its next pulse."""
     lease = e.lease
@@ -152,122 +145,129 @@ def _record_failed(lease: Lease | None, e: ev.RecordFailed, c: Ctx) -> Decision:
         return Decision(None, (log("write-back failed", lease, logging.WARNING, error=e.error,
                                    action_taken="tried again at the next pulse"),))
     return Decision(None, (
-        count("work_refused", reason="abandoned"),
-        log("abandoned", lease, logging.ERROR, reason=f"registry unavailable: {e.error}",
-             outcome="stopped on the server"),
+        count("work_refused", reason=Refusal.ABANDONED),
+        log("abandoned", lease, logging.ERROR, reason="registry unavailable", error=e.error,
+            outcome="stopped on the server"),
         fx.StopOnServer(force=True)))
 
 
-def _claim_answered(lease: Lease | None, e: ev.ClaimAnswered, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    beat = _beat_answered(lease, ev.BeatAnswered(e.reply, e.sent_at), c)
-    if beat.lease is None:
-        return beat
-    return beat.then(advance_claimed(beat.lease, c))
+def on_claim_answered(lease: Lease, e: ev.ClaimAnswered, c: Ctx) -> Decision:
+    p = Plan(lease)
+    heartbeat_answered(p, e.reply, e.sent_at)
+    if p.lease is not None:
+        advance_claimed(p, c)
+    return p.decided()
 
 
-def _claim_refused(lease: Lease | None, e: ev.ClaimRefused, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    if _unclaimed(e.current):
-        refused = _refused_unclaimed(lease, c)
-        if refused.lease is None or not proven_ours(refused.lease):
-            return refused
-        return refused.then(advance_claimed(refused.lease, c))
-    return lose(lease, cause="claimed by another worker", action="lease taken by another worker",
-                server_state=e.current.state)
+def on_claim_refused(lease: Lease, e: ev.ClaimRefused, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if not _unclaimed(e.current):
+        lose(p, cause=LossCause.TAKEN, action="lease taken by another worker",
+             server_state=e.current.state)
+        return p.decided()
+    _refused_unclaimed(p, c)
+    if p.lease is not None and proven_ours(p.lease):
+        advance_claimed(p, c)
+    return p.decided()
 
 
-def _claim_not_acked(lease: Lease | None, e: ev.ClaimNotAcked, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
+def on_claim_not_acked(lease: Lease, e: ev.ClaimNotAcked, c: Ctx) -> Decision:
+    p = Plan(lease)
     if e.ack_uncertain:
         # The ack never landed: the item is still queued on the server, which delivers it again.
-        return Decision(lease, (count("work_refused", reason="ack_failed"),)).then(
-            lose(lease, cause="ack never landed", action="ack failed", status=e.status,
-                 outcome="left for the server to re-deliver"))
+        p.add(count("work_refused", reason=Refusal.ACK_FAILED))
+        lose(p, cause=LossCause.ACK_NOT_LANDED, action="ack failed", status=e.status,
+             outcome="left for the server to re-deliver")
+        return p.decided()
     if e.status == 404:
-        return lose(lease, cause="claim 404", server_stopped=True)
-    return _claim_failed(lease, ev.ClaimFailed(e.status), c)
+        lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True, status=404)
+        return p.decided()
+    return on_claim_failed(lease, ev.ClaimFailed(e.status), c)
 
 
-def _claim_failed(lease: Lease | None, e: ev.ClaimFailed, c: Ctx) -> Decision:
+def on_claim_failed(lease: Lease, e: ev.ClaimFailed, c: Ctx) -> Decision:
     """Keep the lease: the heartbeat task claims again at once and judges the TTL. The claim
     may have landed, so its token may be the server's by now (`uncertain`)."""
-    if lease is None:
-        return Decision(None)
-    failed = lease.but(uncertain=True)
-    decision = Decision(failed, (
-        fx.Update({"uncertain": True}), fx.Schedule(c.now),
-        log("first heartbeat failed", lease, logging.WARNING, status=e.status)))
-    return decision.then(advance_claimed(failed, c)) if proven_ours(failed) else decision
+    p = Plan(lease)
+    p.change(uncertain=True)
+    schedule(p, c.now)
+    p.add(log("first heartbeat failed", lease, logging.WARNING, status=e.status))
+    if proven_ours(p.held):
+        advance_claimed(p, c)
+    return p.decided()
 
 
 def _unclaimed(current: ev.ServerLease | None) -> bool:
     """A 412 to a NO_HEARTBEAT claim while the server's own state says nobody heartbeated
     the item: nobody else holds it, so the refusal is the server's hiccup, not a rival."""
     return (current is not None and current.last_heartbeat is None
-            and current.state in (None, "starting"))
+            and current.state in (None, ev.ServerState.STARTING))
 
 
-def _refused_unclaimed(lease: Lease, c: Ctx) -> Decision:
+def _refused_unclaimed(p: Plan, c: Ctx) -> None:
     """Claim the unclaimed item again soon; past the TTL, stop it (it is ours to stop).
     Giving up at once would strand the acked item in `starting` for good."""
+    lease = p.held
     since = round(c.now - lease.claimed_at, 1)
-    if c.now - lease.claimed_at > lease.ttl:
-        flagged = flag_stop(lease, StopKind.FORCE, "claim refused") or Decision(lease)
-        assert flagged.lease is not None
-        return flagged.then(Decision(flagged.lease, (
-            fx.Unschedule(),
-            log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
-                 action_taken="stopped on the server")))).then(
-            Decision(flagged.lease) if lease.phase == Phase.RUNNING
-            else end(flagged.lease, Ending.STOPPED, reason="claim refused"))
-    return Decision(lease, (
-        fx.Schedule(c.now + RETRY_SECONDS),
-        log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
-             action_taken="claimed again at the next heartbeat tick")))
+    if c.now - lease.claimed_at <= lease.ttl:
+        schedule(p, c.now + RETRY_SECONDS)
+        p.add(log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
+                  action_taken="claimed again at the next heartbeat tick"))
+        return
+    flag_stop(p, StopKind.FORCE, StopCause.CLAIM_REFUSED)
+    p.add(fx.Unschedule(),
+          log("claim refused", lease, logging.WARNING, seconds_since_ack=since,
+              action_taken="stopped on the server"))
+    if lease.phase != Phase.RUNNING:
+        end(p, Ending.STOPPED)
 
 
 # --- the heartbeat task ------------------------------------------------------------------------
 
-def _beat_answered(lease: Lease | None, e: ev.BeatAnswered, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    reply = e.reply
+def on_heartbeat_answered(lease: Lease, e: ev.HeartbeatAnswered, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if heartbeat_answered(p, e.reply, e.sent_at):
+        # A lease claimed but held back (its ack unanswered, its first claim failed) is ours now.
+        advance_claimed(p, c)
+    return p.decided()
+
+
+def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
+    """What a heartbeat's 200 says: its token recorded, and the lease lost or stopped if the
+    server says so. True if the lease simply goes on."""
+    lease = p.held
     ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else lease.ttl
-    beaten = lease.but(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=e.sent_at,
-                       uncertain=False)
-    recorded = Decision(beaten, (fx.RecordBeat(reply.token, ttl, e.sent_at,
-                                               e.sent_at + heartbeat_interval(ttl)),))
-    if reply.state == "stopped":
-        return recorded.then(lose(beaten, cause="server stopped", server_stopped=True))
-    if not reply.extended and reply.state != "stopping":
-        return recorded.then(lose(beaten, cause="lease not extended"))
-    if reply.state == "stopping":
-        return recorded.then(stop_requested(beaten, ev.StopRequested(
-            StopKind.GRACEFUL, "server", "heartbeat"), c))
-    # A lease claimed but held back (its ack unanswered, its first claim failed) is ours now.
-    return recorded.then(advance_claimed(beaten, c))
+    p.assume(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=sent_at, uncertain=False)
+    p.add(fx.RecordHeartbeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl),
+                             scheduled_for(lease)))
+    if reply.state == ev.ServerState.STOPPED:
+        lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
+    elif not reply.extended and reply.state != ev.ServerState.STOPPING:
+        lose(p, cause=LossCause.NOT_EXTENDED)
+    elif reply.state == ev.ServerState.STOPPING:
+        request_stop(p, StopKind.GRACEFUL, StopCause.SERVER, SeenBy.HEARTBEAT)
+    else:
+        return True
+    return False
 
 
-def _beat_refused(lease: Lease | None, e: ev.BeatRefused, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
+def on_heartbeat_refused(lease: Lease, e: ev.HeartbeatRefused, c: Ctx) -> Decision:
+    p = Plan(lease)
     current = e.current
     if not lease.token and _unclaimed(current):
-        return _refused_unclaimed(lease, c)
-    if current is not None and current.state == "stopped":
-        return lose(lease, cause="server stopped", server_stopped=True)
-    if _lost_beat_was_ours(lease, current, c.now):
+        _refused_unclaimed(p, c)
+    elif current is not None and current.state == ev.ServerState.STOPPED:
+        lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
+    elif _lost_heartbeat_was_ours(lease, current, c.now):
         assert current is not None and current.last_heartbeat is not None
-        return Decision(lease.but(token=current.last_heartbeat, uncertain=False), (
-            fx.Update({"token": current.last_heartbeat, "uncertain": False}),
-            fx.Schedule(c.now),
-            log("heartbeat token adopted", lease, logging.WARNING,
-                 reason="a beat of ours was applied but its reply was lost")))
-    return lose(lease, cause="heartbeat 412", server_state=current.state if current else None)
+        p.change(token=current.last_heartbeat, uncertain=False)
+        schedule(p, c.now)
+        p.add(log("heartbeat token adopted", lease, logging.WARNING,
+                  reason="a heartbeat of ours was applied but its reply was lost"))
+    else:
+        lose(p, cause=LossCause.HEARTBEAT_REFUSED, status=412,
+             server_state=current.state if current else None)
+    return p.decided()
 
 
 # The window to adopt in while the server's TTL is still unknown (no reply seen yet): the assumed
@@ -276,72 +276,121 @@ def _beat_refused(lease: Lease | None, e: ev.BeatRefused, c: Ctx) -> Decision:
 UNKNOWN_TTL_WINDOW_SECONDS = 5
 
 
+# The server's states of an item it leases to somebody.
+_LEASED = (ev.ServerState.STARTING, ev.ServerState.ACTIVE, ev.ServerState.STOPPING)
+
+
 def _known_ttl(lease: Lease) -> float:
     return lease.ttl_seconds if lease.ttl_seconds > 0 else UNKNOWN_TTL_WINDOW_SECONDS
 
 
-def _lost_beat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float) -> bool:
-    """After a beat whose reply was lost, a 412 whose server token we never saw is that beat's:
-    the server hands an acked item to another holder only after its lease lapsed, and it cannot
-    lapse before one TTL after the last beat it answered us was *sent* (or the ack it answered).
-    Inside that window the only writer of the token is us, so adopting it cannot take another
-    holder's lease. Without an answered ack or beat there is no window: an ack whose reply was
-    lost may never have landed, and the server may have given the item to someone else."""
+def _lost_heartbeat_was_ours(lease: Lease, current: ev.ServerLease | None, now: float) -> bool:
+    """After a heartbeat whose reply was lost, a 412 whose server token we never saw is that
+    heartbeat's: the server hands an acked item to another holder only after its lease lapsed,
+    and it cannot lapse before one TTL after the last heartbeat it answered us was *sent* (or the
+    ack it answered). Inside that window the only writer of the token is us, so adopting it
+    cannot take another holder's lease. Without an answered ack or heartbeat there is no window:
+    an ack whose reply was lost may never have landed, and the server may have given the item to
+    someone else."""
     return (lease.uncertain and lease.heartbeat_ok_at > 0 and current is not None
             and bool(current.last_heartbeat)
             and current.last_heartbeat != lease.token
-            and current.state in ("starting", "active", "stopping")
+            and current.state in _LEASED
             and since_ok(lease, now) < _known_ttl(lease))
 
 
-def _beat_not_found(lease: Lease | None, e: ev.BeatNotFound, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    return lose(lease, cause="heartbeat 404", server_stopped=True)
+def on_heartbeat_not_found(lease: Lease, e: ev.HeartbeatNotFound, c: Ctx) -> Decision:
+    p = Plan(lease)
+    lose(p, cause=LossCause.HEARTBEAT_REFUSED, server_stopped=True, status=404)
+    return p.decided()
 
 
-def _beat_rejected(lease: Lease | None, e: ev.BeatRejected, c: Ctx) -> Decision:
-    """The server will not take our beats (auth, a bad request): kill and stop the item."""
-    if lease is None:
-        return Decision(None)
-    flagged = flag_stop(lease, StopKind.FORCE, "heartbeat rejected") or Decision(lease)
-    assert flagged.lease is not None
-    decision = flagged.then(Decision(flagged.lease, (
-        fx.Unschedule(),
-        log("heartbeat rejected", lease, logging.ERROR, status=e.status, error=e.error))))
-    if lease.phase == Phase.RUNNING:
-        return decision  # its supervisor kills the sandbox, then releases
-    return decision.then(end(flagged.lease, lease.ended or Ending.STOPPED,
-                              reason="heartbeat rejected"))
+def on_heartbeat_rejected(lease: Lease, e: ev.HeartbeatRejected, c: Ctx) -> Decision:
+    """The server will not take our heartbeats (auth, a bad request): kill and stop the item."""
+    p = Plan(lease)
+    flag_stop(p, StopKind.FORCE, StopCause.REJECTED)
+    p.add(fx.Unschedule(),
+          log("heartbeat rejected", lease, logging.ERROR, status=e.status, error=e.error))
+    if lease.phase != Phase.RUNNING:  # a running one: its supervisor kills, then releases
+        end(p, lease.ended or Ending.STOPPED)
+    return p.decided()
 
 
-def _beat_failed(lease: Lease | None, e: ev.BeatFailed, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
+def on_heartbeat_failed(lease: Lease, e: ev.HeartbeatFailed, c: Ctx) -> Decision:
+    p = Plan(lease)
     since = since_ok(lease, c.now)
     if since > lease.ttl:
-        return lose(lease, cause="assumed lost: no heartbeat succeeded within the TTL")
-    return Decision(lease.but(uncertain=True), (
-        fx.Update({"uncertain": True}), fx.Schedule(c.now + RETRY_SECONDS),
-        log("heartbeat failed", lease, logging.WARNING, status=e.status, error=e.error,
-             seconds_since_success=round(since, 1))))
+        lose(p, cause=LossCause.ASSUMED_LOST)
+        return p.decided()
+    p.change(uncertain=True)
+    schedule(p, c.now + RETRY_SECONDS)
+    p.add(log("heartbeat failed", lease, logging.WARNING, status=e.status, error=e.error,
+              seconds_since_success=round(since, 1)))
+    return p.decided()
 
 
-HANDLERS: dict[type, Callable[[Any, Any, Ctx], Decision]] = {
-    ev.Offered: _offered,
-    ev.Unreadable: _unreadable,
-    ev.AckAnswered: _acked,
-    ev.AckUncertain: _acked,
-    ev.AckConflict: _ack_conflict,
-    ev.AckRefused: _ack_refused,
-    ev.RecordFailed: _record_failed,
-    ev.ClaimAnswered: _claim_answered,
-    ev.ClaimRefused: _claim_refused,
-    ev.ClaimNotAcked: _claim_not_acked,
-    ev.ClaimFailed: _claim_failed,
-    ev.BeatAnswered: _beat_answered,
-    ev.BeatRefused: _beat_refused,
-    ev.BeatNotFound: _beat_not_found,
-    ev.BeatRejected: _beat_rejected,
-    ev.BeatFailed: _beat_failed,
-}
+# --- the rule table's examples of these events -------------------------------------------------
+
+SCENARIOS = [
+    Scenario("offered", ev.Offered(ITEM, known_type=True)),
+    Scenario("offered, unknown type", ev.Offered(ITEM, known_type=False), phases=("none",)),
+    Scenario("offered, ended before",
+             ev.Offered(ITEM, known_type=True, ended=Ending.COMPLETED),
+             phases=("none",)),
+    Scenario("unreadable item", ev.Unreadable("w", "data: field required"), phases=("none",)),
+    Scenario("offered, attempts used up",
+             ev.Offered(ITEM, known_type=True, failures=3),
+             phases=("none",)),
+    Scenario("ack answered", ev.AckAnswered(), phases=("claimed",), unproven=True),
+    Scenario("ack never answered", ev.AckUncertain(None), phases=("claimed",), unproven=True),
+    Scenario("ack 409 after an unanswered attempt",
+             ev.AckConflict(after_lost_reply=True),
+             phases=("claimed",), unproven=True),
+    Scenario("ack 409 at once",
+             ev.AckConflict(after_lost_reply=False),
+             phases=("claimed",), unproven=True),
+    Scenario("ack refused (4xx)", ev.AckRefused(400), phases=("claimed",), unproven=True),
+    Scenario("record refused, fresh claim",
+             ev.RecordFailed(CLAIMED, "connection refused"),
+             phases=("dispatched",)),
+    Scenario("record refused, write-back",
+             ev.RecordFailed(RUNNING, "connection refused"),
+             phases=("running",)),
+    Scenario("claim answered", ev.ClaimAnswered(REPLY, NOW), phases=("claimed", "dispatched")),
+    Scenario("claim 412, nobody heartbeated it",
+             ev.ClaimRefused(ev.ServerLease("starting", None)),
+             phases=("claimed", "dispatched")),
+    Scenario("claim 412, another holder",
+             ev.ClaimRefused(ev.ServerLease("active", "tok-x")),
+             phases=("claimed", "dispatched")),
+    Scenario("claim 404/409 after an uncertain ack",
+             ev.ClaimNotAcked(409, ack_uncertain=True),
+             phases=("claimed", "dispatched")),
+    Scenario("claim failed (transient)", ev.ClaimFailed(503), phases=("claimed", "dispatched")),
+    Scenario("claim failed (transient), ack unanswered",
+             ev.ClaimFailed(503),
+             phases=("claimed", "dispatched"), unproven=True),
+    Scenario("claim 412, nobody heartbeated it, ack unanswered",
+             ev.ClaimRefused(ev.ServerLease("starting", None)),
+             phases=("claimed", "dispatched"), unproven=True),
+    Scenario("heartbeat answered, ack unanswered",
+             ev.HeartbeatAnswered(REPLY, NOW),
+             phases=("claimed",), unproven=True),
+    Scenario("heartbeat answered", ev.HeartbeatAnswered(REPLY, NOW)),
+    Scenario("heartbeat answered, not extended",
+             ev.HeartbeatAnswered(
+                 ev.Reply("tok-2", extended=False, state="active", ttl_seconds=30), NOW)),
+    Scenario("heartbeat answered, stopping",
+             ev.HeartbeatAnswered(
+                 ev.Reply("tok-2", extended=True, state="stopping", ttl_seconds=30), NOW)),
+    Scenario("heartbeat answered, stopped",
+             ev.HeartbeatAnswered(
+                 ev.Reply("tok-2", extended=False, state="stopped", ttl_seconds=30), NOW)),
+    Scenario("heartbeat 412 after a lost reply, inside the TTL",
+             ev.HeartbeatRefused(ev.ServerLease("active", "tok-2")),
+             uncertain=True),
+    Scenario("heartbeat 412", ev.HeartbeatRefused(ev.ServerLease("active", "tok-x"))),
+    Scenario("heartbeat 404", ev.HeartbeatNotFound()),
+    Scenario("heartbeat rejected (other 4xx)", ev.HeartbeatRejected(401, "unauthorized")),
+    Scenario("heartbeat failed (transient)", ev.HeartbeatFailed(503, "unavailable")),
+]

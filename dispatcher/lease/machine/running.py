@@ -4,17 +4,18 @@ attempt starting, pulsing, exiting), recovery of stuck leases, and release."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
+from dispatcher.lease.causes import LossCause, Outcome, Release, RestartReason, SeenBy, StopCause
+from dispatcher.lease.machine.examples import RELEASING, RUNNING, Scenario
 from dispatcher.lease.machine.steps import (
     RELEASE_RETRY_SECONDS,
     Ctx,
     Decision,
+    Plan,
     advance_claimed,
     count,
     end,
@@ -26,139 +27,187 @@ from dispatcher.lease.machine.steps import (
     outage_is_too_long,
     proven_ours,
     release,
+    request_stop,
     restart,
-    stop_requested,
+    schedule,
 )
-from dispatcher.lease.model import Beater, Ending, Lease, Phase, StopKind
+from dispatcher.lease.model import Ending, Heartbeater, Lease, Phase, StopKind
 
 # --- stops -------------------------------------------------------------------------------------
 
-def _server_stopped(lease: Lease | None, e: ev.ServerStopped, c: Ctx) -> Decision:
-    if lease is None or (lease.lost and lease.server_stopped):
-        return Decision(lease)
-    return lose(lease, cause="server stopped", server_stopped=True, action="lease lost",
-                 seen_by=e.seen_by)
+def on_stop_requested(lease: Lease, e: ev.StopRequested, c: Ctx) -> Decision:
+    p = Plan(lease)
+    request_stop(p, e.kind, e.cause, e.seen_by)
+    return p.decided()
 
 
-def _operator_revoked(lease: Lease | None, e: ev.OperatorRevoked, c: Ctx) -> Decision:
+def on_server_stopped(lease: Lease, e: ev.ServerStopped, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if not (lease.lost and lease.server_stopped):
+        lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True, action="lease lost",
+             seen_by=e.seen_by)
+    return p.decided()
+
+
+def on_operator_revoked(lease: Lease, e: ev.OperatorRevoked, c: Ctx) -> Decision:
     """An operator revoked a session task: stop its work item on the server too."""
-    if lease is None or lease.task_id != e.task_id or is_over(lease):
-        return Decision(lease)  # a stale attempt, or a session already over
-    if lease.phase == Phase.RUNNING:
-        if not e.terminated:
-            return Decision(lease)  # a running task does not see a plain revoke
-        kind = StopKind.FORCE if e.force else StopKind.GRACEFUL
-        return stop_requested(lease, ev.StopRequested(kind, "operator", "revoke"), c)
-    flagged = flag_stop(lease, StopKind.FORCE, "operator") or Decision(lease)
-    assert flagged.lease is not None
-    return flagged.then(end(flagged.lease, lease.ended or Ending.STOPPED,
-                             reason=f"revoked before start ({lease.stop_cause or 'operator'})"))
+    p = Plan(lease)
+    if lease.task_id != e.task_id or is_over(lease):
+        pass  # a stale attempt, or a session already over
+    elif lease.phase == Phase.RUNNING:
+        if e.terminated:  # a running task does not see a plain revoke
+            kind = StopKind.FORCE if e.force else StopKind.GRACEFUL
+            request_stop(p, kind, StopCause.OPERATOR, SeenBy.REVOKE)
+    else:
+        flag_stop(p, StopKind.FORCE, StopCause.OPERATOR)
+        end(p, lease.ended or Ending.STOPPED)
+    return p.decided()
 
 
 # --- the session plane -------------------------------------------------------------------------
 
-def _attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> Decision:
+def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> Decision:
+    """An attempt about to start its sandbox takes the lease, or learns why it may not (its
+    task's result)."""
     if lease is None:
-        return Decision(None, (fx.Log("attempt skipped", logging.INFO, {
-            "attempt": e.attempt, "reason": "lease released"}),))
+        return Decision(None, (fx.AttemptOver(Outcome.GONE), fx.Log(
+            "attempt skipped", logging.INFO, {"attempt": e.attempt, "reason": "lease released"})))
+    p = Plan(lease)
     if lease.attempt != e.attempt or lease.task_id != e.task_id:
-        return Decision(lease, (log("attempt skipped", lease, attempt_skipped=e.attempt,
-                                     reason=f"superseded by attempt {lease.attempt}"),))
-    if is_over(lease):
-        return Decision(lease, (log("attempt skipped", lease, reason="session already ended"),))
-    if lease.lost:
-        return forget(lease, reason="lost before start", outcome="lost")
-    if lease.stop != StopKind.NONE:
-        return end(lease, Ending.STOPPED, reason=f"stopped before start ({lease.stop_cause})")
-    if e.draining:
+        p.add(fx.AttemptOver(Outcome.SUPERSEDED),
+              log("attempt skipped", lease, attempt_skipped=e.attempt,
+                  reason=f"superseded by attempt {lease.attempt}"))
+    elif is_over(lease):
+        p.add(fx.AttemptOver(Outcome.GONE),
+              log("attempt skipped", lease, reason="session already ended"))
+    elif lease.lost:
+        p.add(fx.AttemptOver(Outcome.LOST))
+        forget(p, outcome=Release.LOST)
+    elif lease.stop != StopKind.NONE:
+        p.add(fx.AttemptOver(Outcome.STOPPED))
+        end(p, Ending.STOPPED)
+    elif e.draining:
         # Celery delivered this just before the drain stopped its consumer: pass it on as is.
-        return Decision(lease, (
-            log("attempt passed on", lease, reason="worker draining"),
-            fx.Publish(lease.attempt, lease.task_id, lease.queue)))
-    changes: dict[str, object] = {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid,
-                                  "pulse_at": c.now, "task_id": e.task_id}
-    return Decision(lease.but(**changes), (fx.MarkRunning(e.attempt, changes),))
+        p.add(fx.AttemptOver(Outcome.HANDED_OVER),
+              log("attempt passed on", lease, reason="worker draining"),
+              fx.Publish(lease.attempt, lease.task_id, lease.queue))
+    else:
+        changes: dict[str, object] = {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid,
+                                      "pulse_at": c.now, "task_id": e.task_id}
+        p.assume(**changes)
+        p.add(fx.MarkRunning(e.attempt, changes))
+    return p.decided()
 
 
-def _handing_off(lease: Lease | None, e: ev.HandingOff, c: Ctx) -> Decision:
-    """The sandbox continues the lease with our token: stop beating it (a beat still in flight
-    is waited for before the token is read, or the sandbox would present a stale one)."""
-    if lease is None:
-        return Decision(None)
-    changes: dict[str, object] = {"heartbeats_by": Beater.SANDBOX}
-    return Decision(lease.but(**changes), (fx.Update(changes), fx.Unschedule()))
+def on_handing_off(lease: Lease, e: ev.HandingOff, c: Ctx) -> Decision:
+    """The sandbox continues the lease with our token: stop heartbeating it (a heartbeat still in
+    flight is waited for before the token is read, or the sandbox would present a stale one)."""
+    p = Plan(lease)
+    p.change(heartbeats_by=Heartbeater.SANDBOX)
+    p.add(fx.Unschedule())
+    return p.decided()
 
 
-def _pulsed(lease: Lease | None, e: ev.Pulsed, c: Ctx) -> Decision:
+def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
     """A running attempt acts on its pulse: a stale attempt kills its own sandbox (fencing);
     an operator's terminate becomes a stop; a stop flag or a drain signals the sandbox."""
-    if lease is None:
-        return Decision(None)
+    p = Plan(lease)
     if not e.exists or not e.current:
-        return Decision(lease, (fx.Signal(StopKind.FORCE), log(
+        p.add(fx.Fence(), fx.AttemptOver(Outcome.SUPERSEDED), log(
             "fenced", lease, logging.WARNING,
-            reason="a newer attempt owns the lease" if e.exists else "lease released")))
-    if e.operator and e.stop == StopKind.NONE:
-        return stop_requested(lease.but(phase=Phase.RUNNING),
-                               ev.StopRequested(StopKind.GRACEFUL, "operator", "revoke"), c)
-    if e.stop != StopKind.NONE:
-        return Decision(lease, (fx.Signal(e.stop),))
-    if e.draining:
-        return Decision(lease, (fx.Signal(StopKind.GRACEFUL),))
+            reason="a newer attempt owns the lease" if e.exists else "lease released"))
+    elif e.operator and e.stop == StopKind.NONE:
+        p.assume(phase=Phase.RUNNING)
+        request_stop(p, StopKind.GRACEFUL, StopCause.OPERATOR, SeenBy.REVOKE)
+    elif e.stop != StopKind.NONE:
+        p.add(fx.Signal(e.stop))
+    elif e.draining:
+        p.add(fx.Signal(StopKind.GRACEFUL))
+    return p.decided()
+
+
+def on_sandbox_start_failed(lease: Lease, e: ev.SandboxStartFailed, c: Ctx) -> Decision:
+    p = Plan(lease)
+    p.add(fx.AttemptOver(Outcome.FAILED),
+          log("sandbox not started", lease, logging.ERROR, error=e.error))
+    end(p, Ending.FAILED)
+    return p.decided()
+
+
+def on_sandbox_exited(lease: Lease | None, e: ev.SandboxExited, c: Ctx) -> Decision:
+    if lease is None or lease.attempt != e.attempt:
+        # Released, or superseded: the newer attempt owns the lease.
+        return Decision(lease, (fx.AttemptOver(Outcome.SUPERSEDED),))
+    p = Plan(lease)
+    p.add(log("exited", lease, exit_code=e.code))
+    _exited(p, lease, e, c)
+    # First: the result stands even if a guarded write of the rest finds the lease moved on.
+    p.effects.insert(0, fx.AttemptOver(_exit_outcome(lease, p.lease, e.code)))
+    return p.decided()
+
+
+def _exit_outcome(before: Lease, after: Lease | None, code: int) -> Outcome:
+    """How an attempt whose sandbox exited ended, for its task's result."""
+    if before.lost:
+        return Outcome.LOST
+    if before.stop != StopKind.NONE:
+        return Outcome.STOPPED
+    if after is not None and after.attempt != before.attempt:
+        return Outcome.HANDED_OVER
+    if after is not None and after.ended == Ending.STOPPED:
+        return Outcome.STOPPED
+    return Outcome.COMPLETED if code == 0 else Outcome.FAILED
+
+
+def _exited(p: Plan, lease: Lease, e: ev.SandboxExited, c: Ctx) -> None:
+    """What becomes of the lease of an attempt whose sandbox exited."""
+    if is_over(lease):
+        release(p, outcome=Release.ending(lease.ended, otherwise=Release.STOPPED))
+    elif lease.lost and e.code == 0 and not e.draining:
+        # It finished before the kill landed: the session is done, and its item is stopped
+        # whoever holds the lease now, or it would run again.
+        end(p, Ending.COMPLETED)
+    elif lease.lost:
+        # Killed because the lease is someone else's now: an attempt that did not finish.
+        p.add(fx.RecordHistory(lease.failures + 1, Ending.NONE))
+        forget(p, outcome=Release.LOST)
+    elif lease.stop != StopKind.NONE:
+        end(p, Ending.STOPPED)
+    elif e.draining and lease.heartbeats_by == Heartbeater.DISPATCHER:
+        restart(p, reason=RestartReason.WORKER_DRAINED, failure=False, task_id=e.next_task_id,
+                c=c)
+    elif e.draining:
+        # The sandbox held the lease (runner, handoff): its last token died with it, so a new
+        # attempt could only be refused (412). End the session instead of stranding it.
+        end(p, Ending.STOPPED)
+    else:
+        end(p, Ending.COMPLETED if e.code == 0 else Ending.FAILED)
+
+
+def on_release_awaited(lease: Lease | None, e: ev.ReleaseAwaited, c: Ctx) -> Decision:
+    """An attempt whose sandbox exited leaves once its lease is released, or no longer its own.
+    While its release is still failing it stays: it alone could write the record back if Redis
+    restarted empty, and without it the release's retries and the item's ending would be lost,
+    and the finished session run again. A record gone with Redis is written back first."""
+    if (lease is None and not e.registry_reset) or (lease is not None
+                                                    and lease.attempt != e.attempt):
+        return Decision(lease, (fx.AttemptOver(e.outcome),))
     return Decision(lease)
 
 
-def _sandbox_start_failed(lease: Lease | None, e: ev.SandboxStartFailed, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    return Decision(lease, (log("sandbox not started", lease, logging.ERROR, error=e.error),)
-                    ).then(end(lease, Ending.FAILED, reason="sandbox could not start"))
-
-
-def _sandbox_exited(lease: Lease | None, e: ev.SandboxExited, c: Ctx) -> Decision:
-    if lease is None or lease.attempt != e.attempt:
-        return Decision(lease)  # superseded: the newer attempt owns the lease
-    exited = Decision(lease, (log("exited", lease, exit_code=e.code),))
-    if is_over(lease):
-        return exited.then(release(lease, reason=lease.stop_cause or "ended",
-                                    outcome=lease.ended.value))
-    if lease.lost and e.code == 0 and not e.draining:
-        # It finished before the kill landed: the session is done, and its item is stopped
-        # whoever holds the lease now, or it would run again.
-        return exited.then(end(lease, Ending.COMPLETED, reason="exited after its lease was lost"))
-    if lease.lost:
-        # Killed because the lease is someone else's now: an attempt that did not finish.
-        failures = lease.failures + 1
-        return exited.then(Decision(lease, (fx.RecordHistory(failures, Ending.NONE),))).then(
-            forget(lease, reason=lease.stop_cause or "lease lost", outcome="lost"))
-    if lease.stop != StopKind.NONE:
-        return exited.then(end(lease, Ending.STOPPED, reason=f"stopped ({lease.stop_cause})"))
-    if e.draining and lease.heartbeats_by == Beater.DISPATCHER:
-        return exited.then(restart(lease, reason="worker drained", failure=False,
-                                    task_id=e.next_task_id, now=c.now, policy=c.policy))
-    if e.draining:
-        # The sandbox held the lease (runner, handoff): its last token died with it, so a new
-        # attempt could only be refused (412). End the session instead of stranding it.
-        return exited.then(end(lease, Ending.STOPPED,
-                                reason="worker drained; the sandbox held the lease"))
-    ending = Ending.COMPLETED if e.code == 0 else Ending.FAILED
-    return exited.then(end(lease, ending,
-                            reason="exited" if e.code == 0 else f"exited with {e.code}"))
-
-
-def _registry_unreachable(lease: Lease | None, e: ev.RegistryUnreachable, c: Ctx) -> Decision:
-    if lease is None or not outage_is_too_long(lease, e.seconds):
+def on_registry_unreachable(lease: Lease, e: ev.RegistryUnreachable, c: Ctx) -> Decision:
+    if not outage_is_too_long(lease, e.seconds):
         return Decision(lease)
     return Decision(lease, (
-        fx.Signal(StopKind.FORCE),
+        fx.Fence(), fx.AttemptOver(Outcome.LOST),
         log("fenced", lease, logging.WARNING,
-             reason=f"registry unreachable for {e.seconds:.0f}s: the lease may lapse")))
+            reason=f"registry unreachable for {e.seconds:.0f}s: the lease may lapse")))
 
 
-def _registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decision:
+def on_registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decision:
     """Redis lost everything while this attempt ran or released: the lease is still ours on the
     server and this supervisor its only keeper. Write it back, with the last token we saw,
-    marked uncertain: a beat answered after the attempt's last pulse (0.2 s before) changed the
+    marked uncertain: a heartbeat answered after the attempt's last pulse (0.2 s before) changed the
     token unseen, and its 412 is then adopted like a lost reply's. The supervisor kills its
     sandbox if the outage outlasts two thirds of the TTL, so a lease it writes back is still
     ours. A session that already ended is written back ending, its history with it, so that its
@@ -167,17 +216,17 @@ def _registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decisio
         return Decision(lease)
     if is_over(e.lease):
         back = e.lease.but(phase=Phase.RELEASING, heartbeat_ok_at=c.now, uncertain=True)
-        effects: list[fx.Effect] = [fx.CreateRecord(back),
-                                    fx.RecordHistory(back.failures, back.ended)]
     else:
         back = e.lease.but(phase=Phase.RUNNING, pulse_at=c.now, heartbeat_ok_at=c.now,
                            uncertain=True)
-        effects = [fx.CreateRecord(back)]
-    if back.heartbeats_by == Beater.DISPATCHER or is_over(back):
-        effects.append(fx.Schedule(c.now))
-    effects.append(log("lease re-registered", back, logging.WARNING,
-                        reason="registry was reset"))
-    return Decision(back, tuple(effects))
+    p = Plan(back)
+    p.add(fx.CreateRecord(back))
+    if is_over(back):
+        p.add(fx.RecordHistory(back.failures, back.ended))
+    if back.heartbeats_by == Heartbeater.DISPATCHER or is_over(back):
+        schedule(p, c.now)
+    p.add(log("lease re-registered", back, logging.WARNING, reason="registry was reset"))
+    return p.decided()
 
 
 # --- recovery ----------------------------------------------------------------------------------
@@ -228,113 +277,177 @@ def message_lost(delivery: Delivery, now: float) -> bool:
     return not delivery.published
 
 
+def last_seen(lease: Lease) -> float:
+    """A lease's last sign of progress in its phase: its attempt's last pulse while running, its
+    dispatch while queued, its claim before that. The registry indexes every lease by it, so
+    recovery reads only the leases silent long enough to be `stuck`."""
+    if lease.phase == Phase.RUNNING:
+        return lease.pulse_at
+    if lease.phase == Phase.DISPATCHED:
+        return lease.dispatched_at
+    if lease.phase == Phase.CLAIMED:
+        return lease.claimed_at
+    return max(lease.claimed_at, lease.dispatched_at, lease.pulse_at)
+
+
 def stuck(lease: Lease, now: float) -> Stuck | None:
     """How a lease is stuck, if it is, judged on its own record."""
-    if lease.phase == Phase.RUNNING and now - lease.pulse_at > PULSE_STALE_SECONDS:
+    silent = now - last_seen(lease)
+    if lease.phase == Phase.RUNNING and silent > PULSE_STALE_SECONDS:
         return Stuck.SILENT_ATTEMPT
-    if lease.phase == Phase.CLAIMED and now - lease.claimed_at > CLAIM_STALE_SECONDS:
+    if lease.phase == Phase.CLAIMED and silent > CLAIM_STALE_SECONDS:
         return Stuck.STRANDED_CLAIM
-    if lease.phase == Phase.DISPATCHED and now - lease.dispatched_at > DISPATCH_STALE_SECONDS:
+    if lease.phase == Phase.DISPATCHED and silent > DISPATCH_STALE_SECONDS:
         return Stuck.QUEUED_TOO_LONG
     return None
 
 
-def _attempt_silent(lease: Lease | None, e: ev.AttemptSilent, c: Ctx) -> Decision:
-    if lease is None or lease.phase != Phase.RUNNING:
-        return Decision(lease)
-    return restart(lease, reason="worker lost (no pulse)", failure=True,
-                    task_id=e.next_task_id, now=c.now, policy=c.policy)
+class Claim(StrEnum):
+    """Whether a sandbox found running (a container) belongs to its lease's current attempt."""
+
+    OWNED = "owned"  # the lease's current attempt, running
+    SUPERSEDED = "superseded"  # a newer attempt took the lease: kill it now
+    # No lease, or its attempt is not running (yet, or any more): kill it if that lasts.
+    UNCLAIMED = "unclaimed"
 
 
-def _message_lost(lease: Lease | None, e: ev.MessageLost, c: Ctx) -> Decision:
-    if lease is None or lease.phase != Phase.DISPATCHED:
-        return Decision(lease)
-    return restart(lease, reason="session task never started", failure=False,
-                    task_id=e.next_task_id, now=c.now, policy=c.policy)
+def claim_of(lease: Lease | None, attempt: int) -> Claim:
+    """Whose a sandbox of attempt `attempt` is, by its lease's record (None: no record)."""
+    if lease is not None and lease.attempt > attempt:
+        return Claim.SUPERSEDED
+    if lease is None or lease.attempt != attempt or lease.phase != Phase.RUNNING:
+        return Claim.UNCLAIMED
+    return Claim.OWNED
 
 
-def _claim_stranded(lease: Lease | None, e: ev.ClaimStranded, c: Ctx) -> Decision:
-    if lease is None or lease.phase != Phase.CLAIMED:
-        return Decision(lease)
-    if lease.lost:
-        return forget(lease, reason="claimed, then lost before dispatch", outcome="lost")
-    if lease.heartbeats_by == Beater.DISPATCHER and not proven_ours(lease):
+def on_attempt_silent(lease: Lease, e: ev.AttemptSilent, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if lease.phase == Phase.RUNNING:
+        restart(p, reason=RestartReason.WORKER_LOST, failure=True, task_id=e.next_task_id,
+                c=c)
+    return p.decided()
+
+
+def on_message_lost(lease: Lease, e: ev.MessageLost, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if lease.phase == Phase.DISPATCHED:
+        restart(p, reason=RestartReason.TASK_NEVER_STARTED, failure=False,
+                task_id=e.next_task_id, c=c)
+    return p.decided()
+
+
+def on_claim_stranded(lease: Lease, e: ev.ClaimStranded, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if lease.phase != Phase.CLAIMED:
+        pass
+    elif lease.lost:
+        forget(p, outcome=Release.LOST)
+    elif lease.heartbeats_by == Heartbeater.DISPATCHER and not proven_ours(lease):
         # Never answered as ours: not published, but claimed again by the heartbeat task.
-        return Decision(lease, (fx.Schedule(c.now),))
-    return advance_claimed(lease, c)
+        schedule(p, c.now)
+    else:
+        advance_claimed(p, c)
+    return p.decided()
 
 
 # --- release and healthchecks ------------------------------------------------------------------
 
-def _release_answered(lease: Lease | None, e: ev.ReleaseAnswered, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    stopped = lease.but(server_stopped=True)
-    return forget(stopped, reason=stopped.stop_cause or "released",
-                   outcome=lease.ended.value or ("lost" if lease.lost else "stopped"))
+def on_release_answered(lease: Lease, e: ev.ReleaseAnswered, c: Ctx) -> Decision:
+    p = Plan(lease.but(server_stopped=True))
+    forget(p, outcome=Release.ending(
+        lease.ended, otherwise=Release.LOST if lease.lost else Release.STOPPED))
+    return p.decided()
 
 
-def _release_due(lease: Lease | None, e: ev.ReleaseDue, c: Ctx) -> Decision:
-    if lease is None or lease.phase != Phase.RELEASING:
-        return Decision(lease)
-    return release(lease, reason=lease.stop_cause or "release retried",
-                    outcome=lease.ended.value or "stopped")
+def on_release_due(lease: Lease, e: ev.ReleaseDue, c: Ctx) -> Decision:
+    p = Plan(lease)
+    if lease.phase == Phase.RELEASING:
+        release(p, outcome=Release.ending(lease.ended, otherwise=Release.STOPPED))
+    return p.decided()
 
 
-def _release_failed(lease: Lease | None, e: ev.ReleaseFailed, c: Ctx) -> Decision:
-    """Keep the lease (and keep beating it: a lapsed lease would hand the finished session out
+def on_release_failed(lease: Lease, e: ev.ReleaseFailed, c: Ctx) -> Decision:
+    """Keep the lease (and keep heartbeating it: a lapsed lease would hand the finished session out
     again) and try the stop again soon."""
-    if lease is None:
-        return Decision(None, (fx.Log("stop failed", logging.ERROR, {"error": e.error}),))
-    changes: dict[str, object] = {"phase": Phase.RELEASING,
-                                  "release_attempts": lease.release_attempts + 1}
-    retrying = lease.but(**changes)
-    flagged = flag_stop(retrying, StopKind.FORCE, "releasing") or Decision(retrying)
-    return Decision(retrying, (fx.Update(changes),)).then(flagged).then(Decision(
-        flagged.lease, (
-            # Sooner only while we beat it: postponing a due beat of a lease we hold would let it
-            # lapse. A lost lease gets no beat, so nothing else would ever bring it due again.
-            fx.Schedule(c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost),
-            log("release deferred", lease, logging.WARNING, status=e.status, error=e.error,
-                 release_attempts=retrying.release_attempts))))
+    p = Plan(lease)
+    flag_stop(p, StopKind.FORCE, StopCause.RELEASING)
+    p.change(phase=Phase.RELEASING, release_attempts=lease.release_attempts + 1)
+    # Sooner only while we heartbeat it: postponing a due heartbeat of a lease we hold would let it
+    # lapse. A lost lease gets no heartbeat, so nothing else would ever bring it due again.
+    schedule(p, c.now + RELEASE_RETRY_SECONDS, sooner_only=not lease.lost)
+    p.add(log("release deferred", lease, logging.WARNING, status=e.status, error=e.error,
+              release_attempts=lease.release_attempts + 1))
+    return p.decided()
 
 
-def _release_rejected(lease: Lease | None, e: ev.ReleaseRejected, c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None, (fx.Log("stop failed", logging.ERROR, {"error": e.error}),))
-    return Decision(lease, (
-        log("release refused", lease, logging.ERROR, status=e.status, error=e.error),
-    )).then(forget(lease, reason="release refused", outcome=lease.ended.value or "stopped"))
+def on_release_rejected(lease: Lease, e: ev.ReleaseRejected, c: Ctx) -> Decision:
+    p = Plan(lease)
+    p.add(log("release refused", lease, logging.ERROR, status=e.status, error=e.error))
+    forget(p, outcome=Release.ending(lease.ended, otherwise=Release.STOPPED))
+    return p.decided()
 
 
-def _healthcheck_answered(lease: Lease | None, e: ev.HealthcheckAnswered,
-                          c: Ctx) -> Decision:
-    if lease is None:
-        return Decision(None)
-    return Decision(lease, (
-        log("healthcheck answered", lease, logging.INFO if e.healthy else logging.WARNING,
-             healthy=e.healthy, **dict(e.results)),
-        count("healthchecks", healthy=str(e.healthy).lower()),
-    )).then(end(lease, Ending.HEALTHCHECK, reason="healthcheck answered"))
+def on_stop_failed_unrecorded(e: ev.ReleaseFailed | ev.ReleaseRejected) -> Decision:
+    """A stop of an item we keep no record of (one refused at the poll) failed: the server's
+    lease expiry ends it."""
+    return Decision(None, (fx.Log("stop failed", logging.ERROR, {"error": e.error}),))
 
 
-HANDLERS: dict[type, Callable[[Any, Any, Ctx], Decision]] = {
-    ev.StopRequested: stop_requested,
-    ev.ServerStopped: _server_stopped,
-    ev.OperatorRevoked: _operator_revoked,
-    ev.AttemptStarting: _attempt_starting,
-    ev.HandingOff: _handing_off,
-    ev.Pulsed: _pulsed,
-    ev.SandboxStartFailed: _sandbox_start_failed,
-    ev.SandboxExited: _sandbox_exited,
-    ev.RegistryUnreachable: _registry_unreachable,
-    ev.RegistryReset: _registry_reset,
-    ev.AttemptSilent: _attempt_silent,
-    ev.MessageLost: _message_lost,
-    ev.ClaimStranded: _claim_stranded,
-    ev.ReleaseAnswered: _release_answered,
-    ev.ReleaseDue: _release_due,
-    ev.ReleaseFailed: _release_failed,
-    ev.ReleaseRejected: _release_rejected,
-    ev.HealthcheckAnswered: _healthcheck_answered,
-}
+def on_healthcheck_answered(lease: Lease, e: ev.HealthcheckAnswered, c: Ctx) -> Decision:
+    p = Plan(lease)
+    p.add(log("healthcheck answered", lease, logging.INFO if e.healthy else logging.WARNING,
+              healthy=e.healthy, **dict(e.results)),
+          count("healthchecks", healthy=str(e.healthy).lower()))
+    end(p, Ending.HEALTHCHECK)
+    return p.decided()
+
+
+# --- the rule table's examples of these events -------------------------------------------------
+
+SCENARIOS = [
+    Scenario("claim stranded, ack unanswered",
+             ev.ClaimStranded(),
+             phases=("claimed",), unproven=True),
+    Scenario("stop requested (server)",
+             ev.StopRequested(StopKind.GRACEFUL, StopCause.SERVER, SeenBy.BRIDGE)),
+    Scenario("stop requested (force)",
+             ev.StopRequested(StopKind.FORCE, StopCause.OPERATOR, SeenBy.REVOKE)),
+    Scenario("server lists it stopped", ev.ServerStopped(SeenBy.BRIDGE)),
+    Scenario("operator terminated the task",
+             ev.OperatorRevoked("task-1", terminated=True, force=False)),
+    Scenario("operator revoked the task",
+             ev.OperatorRevoked("task-1", terminated=False, force=False)),
+    Scenario("attempt starting", ev.AttemptStarting(1, "task-1", "w1", 42, draining=False)),
+    Scenario("attempt starting, worker draining",
+             ev.AttemptStarting(1, "task-1", "w1", 42, draining=True)),
+    Scenario("handing off to the sandbox", ev.HandingOff()),
+    *(Scenario(name, ev.Pulsed(exists=True, current=current, stop=stop, draining=draining,
+                               operator=False))
+      for name, current, stop, draining in (
+          ("pulsed", True, StopKind.NONE, False),
+          ("pulsed, superseded", False, StopKind.NONE, False),
+          ("pulsed, stop flagged", True, StopKind.GRACEFUL, False),
+          ("pulsed, worker draining", True, StopKind.NONE, True))),
+    Scenario("sandbox could not start", ev.SandboxStartFailed("not found")),
+    Scenario("sandbox exited 0", ev.SandboxExited(1, 0, draining=False, next_task_id="task-2")),
+    Scenario("sandbox exited 1", ev.SandboxExited(1, 1, draining=False, next_task_id="task-2")),
+    Scenario("sandbox exited, worker draining",
+             ev.SandboxExited(1, 143, draining=True, next_task_id="task-2")),
+    Scenario("registry unreachable past 2/3 TTL", ev.RegistryUnreachable(25.0)),
+    Scenario("an exited attempt awaits its release",
+             ev.ReleaseAwaited(1, Outcome.COMPLETED, False)),
+    Scenario("an exited attempt awaits its release, Redis reset",
+             ev.ReleaseAwaited(1, Outcome.COMPLETED, registry_reset=True)),
+    Scenario("a superseded exited attempt awaits its release",
+             ev.ReleaseAwaited(0, Outcome.COMPLETED, False)),
+    Scenario("attempt went silent", ev.AttemptSilent("task-2")),
+    Scenario("message lost", ev.MessageLost("task-2")),
+    Scenario("claim stranded", ev.ClaimStranded(), phases=("claimed", "dispatched")),
+    Scenario("release answered (2xx, 404, 409)", ev.ReleaseAnswered(200)),
+    Scenario("release due again", ev.ReleaseDue()),
+    Scenario("release failed (transient)", ev.ReleaseFailed(503, "unavailable")),
+    Scenario("release refused (4xx)", ev.ReleaseRejected(403, "forbidden")),
+    Scenario("healthcheck answered", ev.HealthcheckAnswered(True, (("redis", "ok"),))),
+    Scenario("registry reset", ev.RegistryReset(RUNNING), phases=("none",)),
+    Scenario("registry reset, session ended", ev.RegistryReset(RELEASING), phases=("none",)),
+]

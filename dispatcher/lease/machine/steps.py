@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from dispatcher.lease import effects as fx
-from dispatcher.lease import events as ev
-from dispatcher.lease.model import Ending, Lease, Phase, StopKind
+from dispatcher.lease.causes import Cause, LossCause, Release, RestartReason, SeenBy, StopCause
+from dispatcher.lease.model import Ending, Heartbeater, Kind, Lease, Phase, StopKind
 
-# The official workers beat every ttl/2, at most every 30 s; we beat every ttl/3 so one failed
-# beat still leaves a retry inside the TTL.
+# The official workers heartbeat every ttl/2, at most every 30 s; we heartbeat every ttl/3 so one
+# failed heartbeat still leaves a retry inside the TTL.
 INTERVAL_SHARE_OF_TTL = 1 / 3
 MAX_INTERVAL_SECONDS = 30.0
 MIN_INTERVAL_SECONDS = 1.0
-# After a failed beat or a refused first claim, try again at the next heartbeat tick (every
+# After a failed heartbeat or a refused first claim, try again at the next heartbeat tick (every
 # second): due half a tick later, it is due when that tick comes. Due a whole tick later, it
 # waited two: a 6 s lease got three tries, not six, and four 503s in a row let it lapse.
 RETRY_SECONDS = 0.5
-# After a failed stop, try again this soon (never later than the next beat).
+# After a failed stop, try again this soon (never later than the next heartbeat).
 RELEASE_RETRY_SECONDS = 2.0
 # While the registry is unreachable nobody heartbeats, so the server may let the lease lapse one
-# TTL after its last beat, which was up to a third of a TTL before the outage began. Past this
+# TTL after its last heartbeat, which was up to a third of a TTL before the outage began. Past this
 # share of the TTL a running sandbox is killed: two runners of one session must never overlap.
 REGISTRY_OUTAGE_SHARE_OF_TTL = 2 / 3
 # A supervisor that has not pulsed for this long kills its sandbox (self-fencing), whatever the
@@ -55,9 +56,6 @@ class Decision:
     lease: Lease | None  # None: no record (never made, or deleted)
     effects: tuple[fx.Effect, ...] = ()
 
-    def then(self, other: Decision) -> Decision:
-        return Decision(other.lease, self.effects + other.effects)
-
 
 @dataclass(frozen=True)
 class Ctx:
@@ -65,11 +63,38 @@ class Ctx:
     policy: Policy
 
 
+class Plan:
+    """A decision in the making: the lease as the rule has left it so far, and the effects in
+    the order they are to be performed. A rule's steps add to it; the rule returns `decided()`.
+    `change` records what it sets (an `Update`); `assume` only says what another effect (a stop
+    flag, a guarded write, a record to create) will make true."""
+
+    def __init__(self, lease: Lease | None) -> None:
+        self.lease = lease
+        self.effects: list[fx.Effect] = []
+
+    @property
+    def held(self) -> Lease:
+        """The lease, which the step needs: a step after `forget` is a bug in the rule."""
+        if self.lease is None:
+            raise ValueError("the rule went on after it forgot the lease")
+        return self.lease
+
+    def add(self, *effects: fx.Effect) -> None:
+        self.effects.extend(effects)
+
+    def change(self, **changes: Any) -> None:
+        self.lease = self.held.but(**changes)
+        self.effects.append(fx.Update(changes))
+
+    def assume(self, **changes: Any) -> None:
+        self.lease = self.held.but(**changes)
+
+    def decided(self) -> Decision:
+        return Decision(self.lease, tuple(self.effects))
+
+
 # --- building blocks ---------------------------------------------------------------------------
-
-def set_fields(lease: Lease, **changes: Any) -> Decision:
-    return Decision(lease.but(**changes), (fx.Update(changes),))
-
 
 def log(action: str, lease: Lease | None, level: int = logging.INFO, **fields: object) -> fx.Log:
     if lease is not None:
@@ -78,7 +103,7 @@ def log(action: str, lease: Lease | None, level: int = logging.INFO, **fields: o
     return fx.Log(action, level, fields)
 
 
-def count(metric: str, **labels: str) -> fx.Count:
+def count(metric: str, **labels: StrEnum | str) -> fx.Count:
     return fx.Count(metric, labels)
 
 
@@ -88,149 +113,167 @@ def is_over(lease: Lease) -> bool:
 
 
 def proven_ours(lease: Lease) -> bool:
-    """The server answered our ack or a beat of ours: the item is ours. Until it has (every
+    """The server answered our ack or a heartbeat of ours: the item is ours. Until it has (every
     ack attempt lost or refused), a rival may hold the item, and its session is not published:
-    the first claim, or a later beat, must answer first."""
+    the first claim, or a later heartbeat, must answer first."""
     return lease.heartbeat_ok_at > 0
 
 
 def since_ok(lease: Lease, now: float) -> float:
-    """Seconds since the last beat the server answered was sent (or since the ack)."""
+    """Seconds since the last heartbeat the server answered was sent (or since the ack)."""
     return now - (lease.heartbeat_ok_at or lease.claimed_at)
 
 
-def forget(lease: Lease, *, reason: str, outcome: str) -> Decision:
+def schedule(p: Plan, due: float, *, sooner_only: bool = False) -> None:
+    """The next heartbeat, or release retry, at `due`."""
+    p.add(fx.Schedule(due, sooner_only, scheduled_for(p.held)))
+
+
+def scheduled_for(lease: Lease) -> Heartbeater | None:
+    """Whose heartbeats a scheduled one is for, so it is not applied once that changed: the
+    dispatcher's (never after a hand-off to the sandbox), but a release is retried whoever
+    heartbeated the lease."""
+    return None if lease.phase == Phase.RELEASING else Heartbeater.DISPATCHER
+
+
+def forget(p: Plan, *, outcome: Release) -> None:
     """Delete the record: the server confirmed the stop, or ended the lease itself."""
-    return Decision(None, (
-        fx.DeleteRecord(), count("work_released", outcome=outcome),
-        log("released", lease, reason=reason, lost=lease.lost or None),
-    ))
+    lease = p.held
+    p.add(fx.DeleteRecord(), count("work_released", outcome=outcome),
+          log("released", lease, outcome=outcome, cause=lease.stop_cause or None,
+              lost=lease.lost or None))
+    p.lease = None
 
 
-def release(lease: Lease, *, reason: str, outcome: str) -> Decision:
+def release(p: Plan, *, outcome: Release) -> None:
     """Give the lease up. An item the server has not stopped is stopped first, if the session
     ended or the lease is still ours; a lost lease of a session that did not end is the new
     holder's business."""
+    lease = p.held
     if lease.server_stopped or (lease.lost and not is_over(lease)):
-        return forget(lease, reason=reason, outcome=outcome)
-    changes: dict[str, object] = {"phase": Phase.RELEASING, "stop_cause":
-                                  lease.stop_cause or reason}
-    return Decision(lease.but(**changes), (fx.Update(changes), fx.StopOnServer(force=True)))
+        forget(p, outcome=outcome)
+        return
+    p.change(phase=Phase.RELEASING)
+    p.add(fx.StopOnServer(force=True))
 
 
-def end(lease: Lease, ending: Ending, *, reason: str) -> Decision:
+def end(p: Plan, ending: Ending) -> None:
     """The session is over: never dispatched again, and its item stopped on the server."""
-    ended = set_fields(lease, ended=ending)
-    history = Decision(ended.lease, (fx.RecordHistory(lease.failures, ending),))
-    revoke = (Decision(ended.lease, (fx.Revoke(lease.task_id),))
-              if lease.phase == Phase.DISPATCHED else Decision(ended.lease))
-    assert ended.lease is not None
-    return ended.then(history).then(revoke).then(
-        release(ended.lease, reason=reason, outcome=ending.value))
+    lease = p.held
+    p.change(ended=ending)
+    p.add(fx.RecordHistory(lease.failures, ending))
+    if lease.phase == Phase.DISPATCHED:
+        p.add(fx.Revoke(lease.task_id))
+    release(p, outcome=Release.ending(ending, otherwise=Release.STOPPED))
 
 
-def lose(lease: Lease, *, cause: str, server_stopped: bool = False,
-          action: str = "heartbeat lost", **details: object) -> Decision:
-    """The server no longer gives us this lease: kill the sandbox, never beat it again."""
+def lose(p: Plan, *, cause: LossCause, server_stopped: bool = False,
+         action: str = "heartbeat lost", **details: object) -> None:
+    """The server no longer gives us this lease: kill the sandbox, never heartbeat it again."""
+    lease = p.held
+    # The flag first: it is guarded, and a flag that lands behind another is decided again.
+    raise_stop(p, StopKind.FORCE, cause)
     changes: dict[str, object] = {"lost": True}
     if server_stopped:
         changes["server_stopped"] = True
-    lost = lease.but(**changes, stop=StopKind.FORCE, stop_cause=lease.stop_cause or cause)
-    effects: tuple[fx.Effect, ...] = (
-        fx.Update(changes), fx.FlagStop(StopKind.FORCE, cause), fx.Unschedule(),
-        count("leases_lost", cause=cause),
-        log(action, lease, logging.WARNING, cause=cause, **details),
-    )
-    decision = Decision(lost, effects)
+    p.change(**changes)
+    p.add(fx.Unschedule(), count("leases_lost", cause=cause),
+          log(action, lease, logging.WARNING, cause=cause, **details))
     if is_over(lease):
         # The session is over: its item is stopped whoever holds the lease now.
-        return decision.then(release(lost, reason=cause, outcome="lost"))
+        release(p, outcome=Release.LOST)
+        return
     if lease.phase == Phase.RUNNING:
-        return decision  # its supervisor kills the sandbox, then releases
+        return  # its supervisor kills the sandbox, then releases
     if lease.phase == Phase.DISPATCHED:
-        decision = decision.then(Decision(lost, (fx.Revoke(lease.task_id),)))
-    return decision.then(forget(lost, reason=cause, outcome="lost"))
+        p.add(fx.Revoke(lease.task_id))
+    forget(p, outcome=Release.LOST)
 
 
-def flag_stop(lease: Lease, kind: StopKind, cause: str) -> Decision | None:
-    """The stop flag raised (force wins); None if that changes nothing."""
+def flag_stop(p: Plan, kind: StopKind, cause: Cause) -> bool:
+    """Raise the stop flag (force wins); False if that changes nothing."""
+    lease = p.held
     if lease.stop == StopKind.FORCE or lease.stop == kind:
-        return None
-    changes: dict[str, object] = {"stop": kind}
-    if lease.stop == StopKind.NONE:
-        changes["stop_cause"] = cause
-    return Decision(lease.but(**changes), (fx.FlagStop(kind, cause),))
+        return False
+    raise_stop(p, kind, cause)
+    return True
 
 
-def publish(lease: Lease, now: float, *, recorded: bool = True) -> Decision:
+def raise_stop(p: Plan, kind: StopKind, cause: Cause) -> None:
+    """Set the stop flag to `kind` over the one the lease has; the first cause stays."""
+    lease = p.held
+    first = lease.stop == StopKind.NONE
+    p.assume(stop=kind, stop_cause=cause if first else lease.stop_cause)
+    p.add(fx.FlagStop(kind, cause if first else None, expected=lease.stop))
+
+
+def publish(p: Plan, now: float, *, recorded: bool = True) -> None:
     """Mark the lease dispatched and publish its session task. `recorded=False`: the record is
-    yet to be created, from the returned lease, so no update goes before the publish."""
+    yet to be created, from the planned lease, so no update goes before the publish."""
+    lease = p.held
     changes: dict[str, object] = {"phase": Phase.DISPATCHED, "dispatched_at": now}
-    update: tuple[fx.Effect, ...] = (fx.Update(changes),) if recorded else ()
-    return Decision(lease.but(**changes), (
-        *update, fx.Publish(lease.attempt, lease.task_id, lease.queue),
-        log("dispatched", lease, task_id=lease.task_id, queue=lease.queue),
-    ))
+    if recorded:
+        p.change(**changes)
+    else:
+        p.assume(**changes)
+    p.add(fx.Publish(lease.attempt, lease.task_id, lease.queue),
+          log("dispatched", lease, task_id=lease.task_id, queue=lease.queue))
 
 
-def restart(lease: Lease, *, reason: str, failure: bool, task_id: str, now: float,
-             policy: Policy) -> Decision:
+def restart(p: Plan, *, reason: RestartReason, failure: bool, task_id: str, c: Ctx) -> None:
     """Hand the session to a new attempt on any worker, or end it if it may not run again.
     `failure` counts the ending attempt against the limit (a dead worker does; a drain or a
     message that never reached a worker does not, so deploys never use attempts up)."""
+    lease = p.held
     failures = lease.failures + (1 if failure else 0)
     if lease.lost:
-        return Decision(lease, (fx.RecordHistory(failures, lease.ended),)).then(
-            forget(lease, reason=reason, outcome="lost"))
+        p.add(fx.RecordHistory(failures, lease.ended))
+        forget(p, outcome=Release.LOST)
+        return
     if lease.stop != StopKind.NONE or is_over(lease):
-        return end(lease, lease.ended or Ending.STOPPED, reason=f"{reason}; stop requested")
-    if failures >= policy.max_attempts:
-        exhausted = lease.but(failures=failures)
-        return Decision(exhausted, (
-            log("attempts exhausted", lease, logging.WARNING, reason=reason),
-        )).then(end(exhausted, Ending.STOPPED, reason="attempts exhausted"))
+        end(p, lease.ended or Ending.STOPPED)
+        return
+    if failures >= c.policy.max_attempts:
+        p.assume(failures=failures)
+        p.add(log("attempts exhausted", lease, logging.WARNING, reason=reason))
+        end(p, Ending.STOPPED)
+        return
     changes: dict[str, object] = {"attempt": lease.attempt + 1, "task_id": task_id,
-                                  "phase": Phase.DISPATCHED, "dispatched_at": now,
+                                  "phase": Phase.DISPATCHED, "dispatched_at": c.now,
                                   "pulse_at": 0.0, "worker": "", "pid": 0}
-    restarted = lease.but(**changes, failures=failures)
-    effects: list[fx.Effect] = [fx.NewAttempt(lease.attempt, task_id)]
+    p.assume(**changes, failures=failures)
+    restarted = p.held
+    p.add(fx.NewAttempt(lease.attempt, changes))
     if failure:
-        effects += [fx.Update({"failures": failures}), fx.RecordHistory(failures, Ending.NONE)]
-    effects += [
-        count("attempts_restarted", reason=reason.split(" (")[0]),
-        log("attempt restarted", restarted, logging.WARNING, reason=reason),
-        fx.Publish(restarted.attempt, task_id, lease.queue),
-        log("dispatched", restarted, task_id=task_id, queue=lease.queue),
-    ]
-    return Decision(restarted, tuple(effects))
+        p.add(fx.Update({"failures": failures}), fx.RecordHistory(failures, Ending.NONE))
+    p.add(count("attempts_restarted", reason=reason),
+          log("attempt restarted", restarted, logging.WARNING, reason=reason),
+          fx.Publish(restarted.attempt, task_id, lease.queue),
+          log("dispatched", restarted, task_id=task_id, queue=lease.queue))
 
 
-def advance_claimed(lease: Lease, c: Ctx) -> Decision:
+def advance_claimed(p: Plan, c: Ctx) -> None:
     """A claimed lease moves on: a healthcheck is answered, a session published, a lease
     stopped meanwhile released."""
+    lease = p.held
     if lease.phase != Phase.CLAIMED or lease.lost or lease.ended != Ending.NONE:
-        return Decision(lease)
+        return
     if lease.stop != StopKind.NONE:
-        return end(lease, Ending.STOPPED, reason="stopped before dispatch")
-    if lease.kind == "healthcheck":
-        return Decision(lease, (fx.AnswerHealthcheck(),))
-    return publish(lease, c.now)
+        end(p, Ending.STOPPED)
+    elif lease.kind == Kind.HEALTHCHECK:
+        p.add(fx.AnswerHealthcheck())
+    else:
+        publish(p, c.now)
 
 
-def stop_requested(lease: Lease | None, e: ev.StopRequested, c: Ctx) -> Decision:
-    if lease is None or is_over(lease):
-        return Decision(lease)
-    flagged = flag_stop(lease, e.kind, e.cause)
-    if flagged is None or flagged.lease is None:
-        return Decision(lease)
-    decision = flagged.then(Decision(flagged.lease, (
-        count("work_stop_requests", cause=e.cause),
-        log("stop requested", lease, kind=e.kind.value, cause=e.cause, seen_by=e.seen_by))))
-    if lease.phase == Phase.RUNNING:
-        return decision  # its supervisor signals the sandbox
-    # Not started yet: revoke the queued task so it never starts, and release now rather than
-    # when some worker meets the message (the task then finds no lease and exits).
-    return decision.then(end(flagged.lease, Ending.STOPPED,
-                              reason=f"stopped while queued ({e.cause})"))
-
-
+def request_stop(p: Plan, kind: StopKind, cause: StopCause, seen_by: SeenBy) -> None:
+    """A stop asked for: flagged for a running attempt's supervisor to signal its sandbox; a
+    session not started yet is revoked and released now, rather than when some worker meets
+    its message (the task then finds no lease and exits)."""
+    lease = p.held
+    if is_over(lease) or not flag_stop(p, kind, cause):
+        return
+    p.add(count("work_stop_requests", cause=cause),
+          log("stop requested", lease, kind=kind, cause=cause, seen_by=seen_by))
+    if lease.phase != Phase.RUNNING:
+        end(p, Ending.STOPPED)
