@@ -15,6 +15,7 @@ from typing import Any
 from redis import Redis
 
 from dispatcher.celery.names import SESSION_RUN
+from dispatcher.clock import RedisClock
 from dispatcher.control.capacity import Capacity
 from dispatcher.control.pacing import Pacing
 from dispatcher.lease.deliveries import Deliveries
@@ -48,16 +49,21 @@ class Runtime:
         return connect(self.settings, timeout=REDIS_SOCKET_TIMEOUT_SECONDS)
 
     @cached_property
+    def clock(self) -> RedisClock:
+        """The fleet's one clock (Redis's), for every time another host compares."""
+        return RedisClock(self.redis)
+
+    @cached_property
     def registry(self) -> LeaseRegistry:
-        return LeaseRegistry(self.redis, prefix=self.settings.key_prefix)
+        return LeaseRegistry(self.redis, prefix=self.settings.key_prefix, clock=self.clock)
 
     @cached_property
     def deliveries(self) -> Deliveries:
-        return Deliveries(self.redis, prefix=self.settings.key_prefix)
+        return Deliveries(self.redis, prefix=self.settings.key_prefix, clock=self.clock)
 
     @cached_property
     def capacity(self) -> Capacity:
-        return Capacity(self.redis, prefix=self.settings.key_prefix)
+        return Capacity(self.redis, prefix=self.settings.key_prefix, clock=self.clock)
 
     @cached_property
     def metrics(self) -> Metrics:

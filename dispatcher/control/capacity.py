@@ -20,12 +20,12 @@ slot, so the busy ones may use the whole fleet while it is idle.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
 from redis import Redis
 
+from dispatcher.clock import Clock, RedisClock
 from dispatcher.control.poll_keys import PollKeys
 from dispatcher.lease.keys import Keys
 
@@ -46,11 +46,8 @@ class WorkerSlots:
     pool: str
     queues: str
     draining: bool
-    seen_at: float
-
-    @property
-    def live(self) -> bool:
-        return not self.draining and time.time() - self.seen_at < WORKER_STALE_SECONDS
+    seen_at: float  # the fleet's clock (`dispatcher/clock.py`), as the worker last advertised
+    live: bool = False  # advertised recently and not draining, as of the read
 
 
 def free_slots(*, total: int, held: int) -> int:
@@ -111,8 +108,9 @@ def claim_allowance(environment: str, *, total: int, held: Mapping[str, int],
 
 
 class Capacity:
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, clock: Clock | None = None) -> None:
         self.redis = redis
+        self.clock = clock or RedisClock(redis)
         self.keys = Keys(prefix)  # the lease index: every held lease takes a slot
         # Sorted set: worker hostname -> epoch second it last advertised its slots. (Each
         # worker's own hash is a lease key: an attempt's pulse reads its draining flag.)
@@ -120,7 +118,7 @@ class Capacity:
         self.poll_keys = PollKeys(prefix)
 
     def advertise(self, *, hostname: str, slots: int, pool: str, queues: list[str]) -> None:
-        now = time.time()
+        now = self.clock.now()
         key = self.keys.worker(hostname)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
@@ -158,17 +156,21 @@ class Capacity:
         for name in names:
             pipe.hgetall(self.keys.worker(name))
         result = []
+        now = self.clock.now()
         for name, raw in zip(names, pipe.execute(), strict=True):
             if not raw:
                 continue  # its record expired; the next advertisement prunes the name
+            seen_at = float(raw.get("seen_at", 0))
+            draining = raw.get("draining") == "1"
             result.append(
                 WorkerSlots(
                     hostname=name,
                     slots=int(raw.get("slots", 0)),
                     pool=raw.get("pool", ""),
                     queues=raw.get("queues", ""),
-                    draining=raw.get("draining") == "1",
-                    seen_at=float(raw.get("seen_at", 0)),
+                    draining=draining,
+                    seen_at=seen_at,
+                    live=not draining and now - seen_at < WORKER_STALE_SECONDS,
                 )
             )
         return result

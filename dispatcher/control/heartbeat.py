@@ -108,8 +108,8 @@ async def _stats(sender: _Sender, settings: Settings, environment: Environment) 
 
 def _heartbeat_due(runtime: Runtime) -> Tally:
     ids = runtime.registry.claim_due_heartbeats(
-        now=time.time(), limit=BATCH_SIZE, inflight_seconds=REQUEST_TIMEOUT_SECONDS * 2
-    )
+        now=runtime.registry.clock.now(), limit=BATCH_SIZE,
+        inflight_seconds=REQUEST_TIMEOUT_SECONDS * 2)
     if not ids:
         return Tally()
     found = runtime.registry.get_many(ids)
@@ -150,7 +150,9 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
     # However slow the API, each request ends within its timeout, waiting its turn included.
     bound = REQUEST_TIMEOUT_SECONDS * (2 * len(leases) / MAX_CONCURRENT_REQUESTS + 2)
     keys = {e.id: e for e in runtime.environments}
-    outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases), timeout=bound)
+    offset = runtime.registry.clock.now() - time.time()
+    outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases, offset=offset),
+                          timeout=bound)
     beats: list[AnsweredHeartbeat] = []
     results: Counter[tuple[str, str]] = Counter()
     for lease, outcome, sent_at in outcomes:
@@ -265,9 +267,11 @@ def close_sender() -> None:
 
 async def _send_all(
     sender: _Sender, settings: Settings, environments: dict[str, Environment],
-    leases: list[Lease]
+    leases: list[Lease], *, offset: float
 ) -> list[tuple[Lease, Heartbeat | WorkAPIError, float]]:
-    """Heartbeat every lease with its own environment's client; all share one limit in flight."""
+    """Heartbeat every lease with its own environment's client; all share one limit in flight.
+    Each send time is the fleet's clock: this host's plus `offset` (measured outside the loop,
+    which must not wait on Redis)."""
     clients = {e: await sender.client(settings, environments[e])
                for e in {lease.environment_id for lease in leases}}
     limit = sender.limit()
@@ -275,7 +279,7 @@ async def _send_all(
     async def one(lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
         client = clients[lease.environment_id]
         async with limit:
-            sent_at = time.time()
+            sent_at = time.time() + offset
             try:
                 reply = await client.heartbeat(
                     lease.work_id,

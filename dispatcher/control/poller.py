@@ -285,7 +285,7 @@ def _new_lease(runtime: Runtime, item: Work) -> Lease:
     home = runtime.environment(item.environment_id).queue
     queue = choose_queue(item.metadata, runtime.settings.session_queues, work_id=item.id,
                          default=home)
-    now = time.time()
+    now = runtime.registry.clock.now()
     runner = runtime.settings.lease_mode == LeaseMode.RUNNER
     return Lease(
         work_id=item.id,

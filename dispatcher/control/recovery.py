@@ -15,7 +15,6 @@ facts come from the delivery records in Redis (`lease/deliveries.py`), the same 
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from dispatcher.lease import events as ev
@@ -28,7 +27,7 @@ __all__ = ["recover"]
 
 def recover(runtime: Runtime) -> int:
     """Move on every stuck lease; returns how many were acted on."""
-    now = time.time()
+    now = runtime.registry.clock.now()  # the clock every pulse was written with
     acted = 0
     # Only the leases silent for longer than the shortest of the bounds can be stuck: the
     # registry indexes each lease's last sign of progress, so a tick reads those alone, not
@@ -47,7 +46,7 @@ def _event(runtime: Runtime, lease: Lease, how: Stuck | None) -> ev.Event | None
     if how == Stuck.STRANDED_CLAIM:
         return ev.ClaimStranded()
     if how == Stuck.QUEUED_TOO_LONG and message_lost(runtime.deliveries.of(lease.task_id),
-                                                     time.time()):
+                                                     runtime.deliveries.clock.now()):
         return ev.MessageLost(next_task_id=uuid.uuid4().hex)
     return None
 

@@ -10,10 +10,9 @@ message is acknowledged). The rule that reads these facts is the machine's (`mes
 
 from __future__ import annotations
 
-import time
-
 from redis import Redis
 
+from dispatcher.clock import Clock, RedisClock
 from dispatcher.lease.keys import Keys
 from dispatcher.lease.machine import Delivery
 
@@ -24,15 +23,16 @@ DELIVERY_TTL_SECONDS = 24 * 3600
 
 
 class Deliveries:
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, clock: Clock | None = None) -> None:
         self.redis = redis
+        self.clock = clock or RedisClock(redis)
         self.keys = Keys(prefix)
 
     def published(self, task_id: str) -> None:
-        self._mark(task_id, {"published_at": time.time()})
+        self._mark(task_id, {"published_at": self.clock.now()})
 
     def received(self, task_id: str, *, worker: str) -> None:
-        self._mark(task_id, {"received_at": time.time(), "received_by": worker})
+        self._mark(task_id, {"received_at": self.clock.now(), "received_by": worker})
 
     def _mark(self, task_id: str, fields: dict[str, str | float]) -> None:
         key = self.keys.delivery(task_id)

@@ -180,7 +180,9 @@ class Executor:
             while pending and state.steps < MAX_STEPS:
                 state.steps += 1
                 event = pending.pop(0)
-                decision = decide(current, event, now=time.time(), policy=self.policy)
+                # The registry's clock: Redis's, the one every host of the fleet compares.
+                decision = decide(current, event, now=self.registry.clock.now(),
+                                  policy=self.policy)
                 current = decision.lease
                 counted = len(state.counts)
                 answer = self._perform(work_id, decision, state)
@@ -304,7 +306,7 @@ class Executor:
         return answer or ev.AckUncertain(None)
 
     def _claim(self, work_id: str, effect: fx.Claim, state: _Run) -> ev.Event:
-        sent_at = time.time()
+        sent_at = self.registry.clock.now()
         try:
             reply = self.client(state.environment_id).heartbeat(
                 work_id, expected_last_heartbeat=NO_HEARTBEAT,

@@ -22,6 +22,7 @@ from typing import Any
 from redis import Redis
 from redis.commands.core import Script
 
+from dispatcher.clock import Clock, RedisClock
 from dispatcher.lease.keys import Keys
 from dispatcher.lease.machine import last_seen
 from dispatcher.lease.model import Ending, Lease, StopKind, encode
@@ -90,8 +91,10 @@ def _history(raw: dict[str, str]) -> History:
 
 
 class LeaseRegistry:
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, clock: Clock | None = None) -> None:
         self.redis = redis
+        # Every time written here and compared on another host: Redis's (`dispatcher/clock.py`).
+        self.clock = clock or RedisClock(redis)
         self.keys = Keys(prefix)
 
     # --- epoch: tells a Redis that restarted empty from one that did not -------------------
@@ -337,7 +340,7 @@ return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
         exists, current, stop, cause, seen_at, token, draining = self._PULSE(
             keys=[self.keys.lease(work_id), self.keys.worker(worker), self.keys.last_seen,
                   self.keys.work(work_id)],
-            args=[attempt, time.time(), work_id, WORK_TTL_SECONDS])
+            args=[attempt, self.clock.now(), work_id, WORK_TTL_SECONDS])
         return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
                      str(token), bool(draining))
 
@@ -360,7 +363,7 @@ return 1
         """Set the stop flag (and its first cause, if given) while it is still `expected`:
         1 done, 0 it changed meanwhile, -1 lease gone."""
         return int(self._SET_STOP(keys=[self.keys.lease(work_id)],
-                                  args=[expected.value, kind.value, cause or "", time.time()]))
+                                  args=[expected.value, kind.value, cause or "", self.clock.now()]))
 
     # --- heartbeat schedule -------------------------------------------------------------------
     # KEYS[1]=lease hash, KEYS[2]=due zset; ARGV: due, work id, sooner only ('1' or '0'), now,
@@ -388,7 +391,7 @@ return 1
         longer heartbeated by `heartbeated_by` (None: whoever). `sooner_only` never moves a
         heartbeat that is already due sooner, or in flight."""
         keys = [self.keys.lease(work_id), self.keys.heartbeat_due]
-        args: list[str | float] = [due, work_id, "1" if sooner_only else "0", time.time(),
+        args: list[str | float] = [due, work_id, "1" if sooner_only else "0", self.clock.now(),
                                    heartbeated_by or ""]
         return bool(self._SCHEDULE(keys=keys, args=args))
 
@@ -438,12 +441,12 @@ return gone
         """The lease's token once no heartbeat of ours is in flight (at most `wait_seconds`), for a
         sandbox to continue the lease with: a reply landing after the read would change the
         token, and the sandbox would present a stale one (412)."""
-        deadline = time.time() + wait_seconds
+        deadline = time.monotonic() + wait_seconds
         while True:
             lease = self.get(work_id)
             if lease is None:
                 return None
-            if lease.inflight_until <= time.time() or time.time() >= deadline:
+            if lease.inflight_until <= self.clock.now() or time.monotonic() >= deadline:
                 return lease.token or None
             time.sleep(0.05)
 

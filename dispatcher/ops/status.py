@@ -137,13 +137,15 @@ def _status(args: argparse.Namespace) -> int:
 
 def _read(redis: Redis, prefix: str) -> FleetView:
     from dispatcher.celery.keys import CeleryKeys
+    from dispatcher.clock import RedisClock
     from dispatcher.control.capacity import Capacity
     from dispatcher.lease.registry import LeaseRegistry
 
-    return FleetView(leases=LeaseRegistry(redis, prefix=prefix).all(),
-                     workers=Capacity(redis, prefix=prefix).workers(),
+    clock = RedisClock(redis)  # the clock the leases and workers were written with
+    return FleetView(leases=LeaseRegistry(redis, prefix=prefix, clock=clock).all(),
+                     workers=Capacity(redis, prefix=prefix, clock=clock).workers(),
                      beat_lock_held=bool(redis.exists(CeleryKeys(prefix).beat_lock)),
-                     now=time.time())
+                     now=clock.now())
 
 
 def _check(redis: Redis, prefix: str, *, as_json: bool) -> int:

@@ -377,7 +377,8 @@ class _SignalLadder:
         if self.killed:
             return
         if self.term_sent_at is None and seen_at:
-            self.runtime.metrics.observe("stop_latency_seconds", max(0.0, time.time() - seen_at),
+            since = self.runtime.registry.clock.now() - seen_at  # seen_at: the fleet's clock
+            self.runtime.metrics.observe("stop_latency_seconds", max(0.0, since),
                                          environment=self.environment_id)
         now = time.monotonic()
         if kind == StopKind.FORCE or (
