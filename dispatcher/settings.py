@@ -77,8 +77,8 @@ class SecretDelivery(StrEnum):
     """How a sandbox that holds its own lease (runner, handoff) gets the work secret."""
 
     FILE = "file"  # a 0600 file named by ANTHROPIC_WORK_SECRET_FILE
-    ENV = "env"  # ANTHROPIC_WORK_SECRET, as SDK 2.10.0's handle_item reads it (processes only)
-    NONE = "none"  # only on stdin, inside the work JSON
+    ENV = "env"  # ANTHROPIC_WORK_SECRET, as the SDK's handle_item reads it (processes only)
+    NONE = "none"  # only on stdin, inside the work JSON (read by dispatcher's stdin_runner.py)
 
 
 class SettingsError(Exception):
@@ -167,11 +167,13 @@ class Settings(BaseSettings):
         "DISPATCHER_SANDBOX_RUNTIME", SandboxRuntimeKind.PROCESS, description=(
             "Where a session runs: `process` (DISPATCHER_ON_WORK in its own process group) or "
             "`docker` (one container per attempt, through the Docker Engine API)."))
-    work_secret_delivery: SecretDelivery = _env(
-        "DISPATCHER_WORK_SECRET_DELIVERY", SecretDelivery.FILE, description=(
+    work_secret_delivery: SecretDelivery | None = _env(
+        "DISPATCHER_WORK_SECRET_DELIVERY", description=(
             "runner and handoff modes: how the sandbox gets the work secret besides stdin: "
-            "`file` (0600, path in ANTHROPIC_WORK_SECRET_FILE), `env` (ANTHROPIC_WORK_SECRET, "
-            "process runtime only) or `none`."))
+            "`env` (ANTHROPIC_WORK_SECRET, as the SDK's `handle_item` reads it; process "
+            "runtime only), `file` (0600, path in ANTHROPIC_WORK_SECRET_FILE) or `none`. "
+            "Unset: `env` in the process runtime, `none` in the docker runtime (the entry "
+            "point `dispatcher/session/stdin_runner.py` reads it from stdin)."))
     docker_host: str | None = _env("DOCKER_HOST", description=(
         "docker runtime: the engine's address (`unix://`, `tcp://`, `ssh://`); "
         "default the local socket."))
@@ -312,14 +314,25 @@ class Settings(BaseSettings):
             return
         if not self.sandbox_image:
             raise SettingsError("DISPATCHER_SANDBOX_IMAGE is not set: the docker runtime's image")
-        if self.work_secret_delivery == SecretDelivery.ENV:
+        if self.secret_delivery == SecretDelivery.ENV:
             # The engine shows a container's environment to anyone who can inspect it.
             raise SettingsError("DISPATCHER_WORK_SECRET_DELIVERY=env is refused with the docker "
-                                "runtime (`docker inspect` shows it): use file")
+                                "runtime (`docker inspect` shows it): use none or file")
         for label in self.sandbox_labels:
             if "=" not in label or label.startswith("dispatcher."):
                 raise SettingsError(f"DISPATCHER_SANDBOX_LABELS: {label!r} is not key=value "
                                     "outside the dispatcher.* namespace")
+
+    @property
+    def secret_delivery(self) -> SecretDelivery:
+        """The work secret's delivery: the setting, else the one the runtime's runner reads
+        (the SDK's environment variable for processes; stdin alone for containers, whose
+        environment `docker inspect` shows)."""
+        if self.work_secret_delivery is not None:
+            return self.work_secret_delivery
+        if self.sandbox_runtime == SandboxRuntimeKind.DOCKER:
+            return SecretDelivery.NONE
+        return SecretDelivery.ENV
 
     @property
     def default_session_queue(self) -> str:

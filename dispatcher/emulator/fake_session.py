@@ -2,27 +2,39 @@
 
     python -m dispatcher.emulator.fake_session < work.json
 
-Standard library only, so a fleet can start hundreds quickly. It reads the work item JSON on
-stdin (as the official CLI hands it over) and behaves as the item's metadata says:
+Standard library only (runner mode adds the emulator's small `auth`), so a fleet can start
+hundreds quickly. It reads the work item JSON on stdin (as the official CLI hands it over) and
+behaves as the item's metadata says:
 
     fake.duration        seconds to run (default 1)
     fake.exit_code       exit status when it runs to the end (default 0)
     fake.ignore_sigterm  "1": record SIGTERM but keep running (children ignore it too)
     fake.children        N child processes, forked, in the same process group, sleeping as long
-    fake.heartbeat       "1": runner mode, like `ant beta:worker run`: heartbeat the lease itself
-                         with ANTHROPIC_ENVIRONMENT_KEY at ANTHROPIC_BASE_URL, starting from
-                         ANTHROPIC_WORK_LAST_HEARTBEAT (or NO_HEARTBEAT), every ttl/2; stop when
-                         the server says stopping/stopped; force-stop the item at the end
+    fake.heartbeat       "1": runner mode, like the SDK's `handle_item`: heartbeat the lease
+                         itself at ANTHROPIC_BASE_URL, starting from ANTHROPIC_WORK_LAST_HEARTBEAT
+                         (or NO_HEARTBEAT), and force-stop the item at the end unless the lease
+                         was lost
+    fake.lease           whose lease the runner keeps (default "2.17"):
+                         "2.17" as SDK 2.17's `Lease`: 300 s assumed TTL before the first reply,
+                           a heartbeat every min(ttl/2, 30) s, the work secret's sessions token as
+                           the credential (the environment key without one); ends only on
+                           `lease_extended: false`; a 412, another permanent 4xx, or no success
+                           within the TTL loses the lease, and a lost lease is never stopped;
+                         "2.10" as SDK 2.10's worker: 90 s assumed TTL, the environment key;
+                           ends on `state: stopping|stopped` too
+                         The fleet meets both: a runner that stops on `stopping` and one that
+                         waits for `lease_extended: false` (or for the fleet's SIGTERM).
 
 Exit status: `fake.exit_code` when it ran to the end; 0 after a SIGTERM or a server stop (a clean
-shutdown, as the official runner's); 1 when the lease was lost (412).
+shutdown, as the official runner's); 1 when the lease was lost.
 
 If DISPATCHER_FAKE_RECORD_DIR is set it appends JSON lines to `<dir>/<work_id>.jsonl`, one whole
 line per O_APPEND write (attempts of one item may share the file). Every line has `event`,
 `time` (epoch s), `pid`, `pgid`, `ppid`, `work_id`. Events: `started` (with `env`, `env_names`,
 `environment_key_sha256`, `stdin_work_id`, `stdin_session_id`, `stdin_secret_sha256`, `attempt`,
-`metadata`), `child_started`, `sigterm`, `heartbeat` (status, state, lease_extended),
-`stop_sent` (status), `exited` (exit_code, reason). Keys and secrets are only ever hashed.
+`metadata`), `child_started`, `sigterm`, `runner` (lease, credential), `heartbeat` (status,
+state, lease_extended), `lease_lost` (status), `stop_sent` (status), `exited` (exit_code,
+reason). Keys and secrets are only ever hashed.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
@@ -46,6 +59,12 @@ RECORDED_ENV = ("ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONM
 TICK_S = 0.02
 # Heartbeat interval floor: a 1 s test TTL still leaves time between beats.
 MIN_BEAT_INTERVAL_S = 0.25
+# The SDK's ceiling on the interval, whatever the TTL (2.10 and 2.17 alike).
+MAX_BEAT_INTERVAL_S = 30.0
+# First retry of a failed heartbeat (2.17 retries with backoff inside the lease), doubling.
+RETRY_FIRST_S = 0.5
+# 408, 409 and 429 are worth retrying; every other 4xx is permanent (the SDK's classifier).
+RETRYABLE_4XX = frozenset({408, 409, 429})
 API_HEADERS = {"anthropic-version": "2026-10-21", "anthropic-beta": "managed-agents-2026-04-01",
                "content-type": "application/json"}
 
@@ -57,6 +76,7 @@ class Plan:
     ignore_sigterm: bool
     children: int
     heartbeat: bool
+    lease: str
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> Plan:
@@ -64,7 +84,24 @@ class Plan:
                    exit_code=int(meta.get("fake.exit_code", 0)),
                    ignore_sigterm=str(meta.get("fake.ignore_sigterm", "")) == "1",
                    children=int(meta.get("fake.children", 0)),
-                   heartbeat=str(meta.get("fake.heartbeat", "")) == "1")
+                   heartbeat=str(meta.get("fake.heartbeat", "")) == "1",
+                   lease=str(meta.get("fake.lease", "2.17")))
+
+
+@dataclass(frozen=True)
+class LeaseShape:
+    """How one SDK version's runner keeps its lease."""
+
+    assumed_ttl_s: float  # before the first reply
+    stops_on_state: bool  # a reply of `state: stopping|stopped` ends the run, even if extended
+    sessions_token: bool  # the secret's sessions token is the credential, when there is one
+
+
+LEASE_SHAPES = {
+    # lib/environments/_lease.py: CLAIM_TIMEOUT, "The API's default lease TTL".
+    "2.17": LeaseShape(assumed_ttl_s=300.0, stops_on_state=False, sessions_token=True),
+    "2.10": LeaseShape(assumed_ttl_s=90.0, stops_on_state=True, sessions_token=False),
+}
 
 
 class Recorder:
@@ -157,14 +194,24 @@ def _end_children(pids: list[int], *, terminate: bool) -> None:
 
 
 class Runner:
-    """Runner mode: this program holds the lease, as `ant beta:worker run` does."""
+    """Runner mode: this program holds the lease, as the SDK's `handle_item` does."""
 
-    def __init__(self, work: dict[str, Any], recorder: Recorder, outcome: Outcome) -> None:
+    def __init__(self, work: dict[str, Any], plan: Plan, recorder: Recorder,
+                 outcome: Outcome) -> None:
         self.base = os.environ.get("ANTHROPIC_BASE_URL", "https://api.anthropic.com").rstrip("/")
         environment = os.environ.get("ANTHROPIC_ENVIRONMENT_ID") or work.get("environment_id")
         work_id = os.environ.get("ANTHROPIC_WORK_ID") or work.get("id")
         self.url = f"{self.base}/v1/environments/{environment}/work/{work_id}"
-        self.key = os.environ.get("ANTHROPIC_ENVIRONMENT_KEY", "")
+        self.shape = LEASE_SHAPES.get(plan.lease, LEASE_SHAPES["2.17"])
+        # Only runner mode pays for the import (a few ms); the rest stays standard library.
+        from dispatcher.emulator.auth import sessions_token
+
+        secret = work.get("secret")
+        token = sessions_token(secret) if self.shape.sessions_token and isinstance(
+            secret, str) else None
+        self.key = token.decode() if token else os.environ.get("ANTHROPIC_ENVIRONMENT_KEY", "")
+        self.credential = "sessions_token" if token else "environment_key"
+        self.lease_name = plan.lease if plan.lease in LEASE_SHAPES else "2.17"
         self.token = os.environ.get("ANTHROPIC_WORK_LAST_HEARTBEAT") or "NO_HEARTBEAT"
         self.recorder = recorder
         self.outcome = outcome
@@ -172,6 +219,7 @@ class Runner:
         self.lease_lost = False
 
     def start(self) -> None:
+        self.recorder.write("runner", lease=self.lease_name, credential=self.credential)
         threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True).start()
 
     def finish(self) -> None:
@@ -181,24 +229,32 @@ class Runner:
             self.recorder.write("stop_sent", status=status)
 
     def _beat_loop(self) -> None:
-        ttl, last_success = 30.0, time.monotonic()
+        ttl, failures = self.shape.assumed_ttl_s, 0
+        expires_at = time.monotonic() + ttl
         while not self.finished.is_set():
-            interval = max(MIN_BEAT_INTERVAL_S, ttl / 2)
+            interval = beat_interval(ttl)
+            sent_at = time.monotonic()
             query = "expected_last_heartbeat=" + quote(self.token, safe="")
             status, body = self._call("/heartbeat?" + query, None, timeout=interval)
             self.recorder.write("heartbeat", status=status, state=body.get("state"),
                                 lease_extended=body.get("lease_extended"))
-            if status == 200:
-                last_success = time.monotonic()
-                self.token = body.get("last_heartbeat") or self.token
-                ttl = float(body.get("ttl_seconds") or ttl)
-                if body.get("state") in ("stopping", "stopped") or not body.get("lease_extended"):
-                    self.outcome.end("server_stop")
-            elif status == 412 or time.monotonic() - last_success > ttl:
+            verdict = judge(self.shape, status, body, expired=time.monotonic() >= expires_at)
+            if verdict == Verdict.LOST:
                 self.lease_lost = True
+                self.recorder.write("lease_lost", status=status)
                 self.outcome.end("lease_lost")
-            # The interval of the TTL just granted, not the one assumed before the first reply.
-            self.finished.wait(max(MIN_BEAT_INTERVAL_S, ttl / 2) if status == 200 else interval)
+                return
+            if verdict == Verdict.RETRY:
+                failures += 1
+                wait = min(interval, RETRY_FIRST_S * 2 ** (failures - 1))
+            else:
+                ttl = float(body.get("ttl_seconds") or ttl)
+                expires_at, failures = sent_at + ttl, 0
+                self.token = body.get("last_heartbeat") or self.token
+                wait = beat_interval(ttl)  # the TTL just granted, not the one assumed before
+                if verdict == Verdict.END:
+                    self.outcome.end("server_stop")
+            self.finished.wait(max(0.0, sent_at + wait - time.monotonic()))
 
     def _call(self, path: str, body: dict[str, Any] | None,
               timeout: float) -> tuple[int, dict[str, Any]]:
@@ -216,6 +272,34 @@ class Runner:
             return error.code, _json(error.read())
         except (urllib.error.URLError, OSError):
             return 0, {}
+
+
+class Verdict(StrEnum):
+    """What one heartbeat's answer means to the runner."""
+
+    HELD = "held"  # extended: beat again after the interval
+    END = "end"  # the server asks the runner to end (it still stops the item)
+    RETRY = "retry"  # a transient failure: try again soon, while the lease lasts
+    LOST = "lost"  # another holder may have the item: end, and never stop it
+
+
+def judge(shape: LeaseShape, status: int, body: dict[str, Any], *, expired: bool) -> Verdict:
+    """The runner's reading of one heartbeat answer (2.17: `Lease._extend`, `_record_response`)."""
+    if status == 200:
+        stopping = body.get("state") in ("stopping", "stopped") and shape.stops_on_state
+        return Verdict.END if stopping or not body.get("lease_extended") else Verdict.HELD
+    if _permanent(status) or expired:
+        return Verdict.LOST
+    return Verdict.RETRY
+
+
+def beat_interval(ttl: float) -> float:
+    return max(MIN_BEAT_INTERVAL_S, min(ttl / 2, MAX_BEAT_INTERVAL_S))
+
+
+def _permanent(status: int) -> bool:
+    """A refusal retrying will not fix: 412 (another holder) or another 4xx but 408/409/429."""
+    return 400 <= status < 500 and status not in RETRYABLE_4XX
 
 
 def _json(raw: bytes) -> dict[str, Any]:
@@ -241,7 +325,7 @@ def main() -> int:
     recorder.write("started", **_started_fields(work))
     deadline = time.time() + plan.duration
     children = _fork_children(plan, recorder, deadline)
-    runner = Runner(work, recorder, outcome) if plan.heartbeat else None
+    runner = Runner(work, plan, recorder, outcome) if plan.heartbeat else None
     if runner:
         runner.start()
     while outcome.reason is None and time.time() < deadline:

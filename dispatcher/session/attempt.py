@@ -178,14 +178,14 @@ def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
 
 def _deliver_secret(settings: Settings, lease: Lease, secret: str | None,
                     contract: dict[str, str | None]) -> str | None:
-    """A sandbox that holds its own lease may want the work secret outside stdin: SDK 2.10.0's
+    """A sandbox that holds its own lease may want the work secret outside stdin: the SDK's
     `handle_item` reads ANTHROPIC_WORK_SECRET. Returns the secret to write as a file, if any."""
     if lease.mode == LeaseMode.DISPATCHER or secret is None:
         return None
-    if settings.work_secret_delivery == SecretDelivery.ENV:
+    if settings.secret_delivery == SecretDelivery.ENV:
         contract["ANTHROPIC_WORK_SECRET"] = secret
         return None
-    return secret if settings.work_secret_delivery == SecretDelivery.FILE else None
+    return secret if settings.secret_delivery == SecretDelivery.FILE else None
 
 
 @dataclass
