@@ -30,12 +30,14 @@ from .config import (
     EmulatorConfig,
     StopResponse,
 )
-from .context import Ctx, Emulator, requires
+from .context import Ctx, Emulator, emulator_of, requires
 from .endpoints import Endpoint
-from .errors import ApiError, InvalidRequest, error_body, new_request_id
+from .errors import ApiError, InvalidRequest, error_body, new_request_id, retry_hint
 from .faults import FaultMiddleware, Faults, FaultSettings
 from .guard import GuardMiddleware
 from .requestlog import RequestLog, RequestLogMiddleware, note, request_id_of
+from .session_routes import add_session_routes
+from .sessions import SessionStore
 from .store import Store
 from .webhooks import WebhookSender
 
@@ -70,13 +72,6 @@ class EnvironmentBody(BaseModel):
     config: dict[str, Any] = Field(default_factory=lambda: {"type": "self_hosted"})
     # Emulator extension: the environment key that opens this environment, and no other.
     environment_key: str | None = Field(default=None, min_length=16, repr=False)
-
-
-class SessionBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    environment_id: str
-    agent: Any = None
-    metadata: dict[str, str] | None = None
 
 
 # --- the Work API ----------------------------------------------------------------------------
@@ -159,7 +154,7 @@ def add_work_routes(app: FastAPI) -> None:  # noqa: C901 (one small closure per 
         return Response(status_code=204)
 
 
-# --- making work -----------------------------------------------------------------------------
+# --- making environments (sessions: `session_routes`) ----------------------------------------
 def add_resource_routes(app: FastAPI) -> None:
     admin = [Depends(requires(ADMIN, "this endpoint"))]
 
@@ -172,19 +167,6 @@ def add_resource_routes(app: FastAPI) -> None:
     async def get_environment(ctx: Ctx, environment_id: str) -> Response:
         return JSONResponse(await ctx.store.environment(environment_id))
 
-    @app.post("/v1/sessions", tags=["resources"], dependencies=admin)
-    async def create_session(ctx: Ctx, body: SessionBody) -> Response:
-        """Creates the session and queues its work item; `work_id` is an emulator extension.
-        With a webhook URL, `session.status_run_started` is delivered in the background."""
-        session = await ctx.store.create_session(
-            body.environment_id, agent=body.agent, session_metadata=body.metadata)
-        if ctx.webhooks is not None:
-            ctx.webhooks.session_created(session)
-        return JSONResponse(session)
-
-    @app.get("/v1/sessions/{session_id}", tags=["resources"], dependencies=admin)
-    async def get_session(ctx: Ctx, session_id: str) -> Response:
-        return JSONResponse(await ctx.store.session(session_id))
 
 
 # --- errors in the Anthropic shape -----------------------------------------------------------
@@ -194,7 +176,8 @@ def add_error_handlers(app: FastAPI) -> None:
                headers: Mapping[str, str] | None = None) -> JSONResponse:
         request_id = request_id_of(request.scope) or new_request_id()
         body = error_body(status, message, request_id=request_id, details=details)
-        return JSONResponse(body, status_code=status, headers=headers)
+        hint = retry_hint(status, enabled=emulator_of(request).config.should_retry_header)
+        return JSONResponse(body, status_code=status, headers={**hint, **(headers or {})})
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -221,7 +204,8 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
         config.redis_url, decode_responses=True, max_connections=REDIS_MAX_CONNECTIONS,
         timeout=REDIS_POOL_WAIT_SECONDS))
     log = RequestLog(redis, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
-    emulator = Emulator(config=config, store=Store(redis, config),
+    store = Store(redis, config)
+    emulator = Emulator(config=config, store=store, sessions=SessionStore(redis, store),
                         faults=Faults(faults or FaultSettings()), log=log, on_startup=on_startup)
     if config.webhook_url and config.webhook_signing_key:
         emulator.webhooks = WebhookSender(url=config.webhook_url,
@@ -244,7 +228,9 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
     api.state.emulator = emulator
     add_work_routes(api)
     add_resource_routes(api)
+    add_session_routes(api)
     add_error_handlers(api)
     add_admin_routes(api)
     return GuardMiddleware(RequestLogMiddleware(FaultMiddleware(api, emulator.faults),
-                                                emulator.log), emulator.store)
+                                                emulator.log), emulator.store,
+                           emulator.sessions)

@@ -7,8 +7,10 @@ Bearer`; the docs' curl examples use `x-api-key`; either header may carry any of
 * an environment key: the worker calls of *its own* environment only. An environment created
   with an `environment_key` of its own is opened by that key alone; every other environment by
   the emulator's `--environment-key`;
-* a work item's `sessions_token` (inside its `secret`): `heartbeat` and `stop` of that item
-  only, as SDK 2.10.0's `handle_item` uses it.
+* a work item's `sessions_token` (inside the `secret` of one of its deliveries, until it
+  expires): `heartbeat` and `stop` of that item, and its session (read, events), as SDK 2.17's
+  `handle_item` uses it. A session is also open to the organisation key and to the key of the
+  session's environment (the runner's fallback when the secret yields no token).
 
 A missing or unknown credential is 401 `authentication_error`; a known one of the wrong kind, or
 the environment key of another environment, is 403 `permission_error`. The real service's
@@ -23,14 +25,16 @@ import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from .endpoints import Endpoint, classify
 from .errors import Forbidden, InvalidRequest, Unauthenticated
 
-__all__ = ["ADMIN", "BETA", "ENDPOINT_CREDENTIALS", "Credential", "Presented", "Requirement",
+__all__ = ["ADMIN", "BETA", "ENDPOINT_CREDENTIALS", "SESSION_ACCESS", "Credential", "Presented",
+           "Requirement",
            "check_api_headers", "decide", "key_digest", "presented", "requirement_for",
            "sessions_token"]
 
@@ -47,8 +51,8 @@ _EITHER = frozenset({Credential.ENVIRONMENT, Credential.ORGANISATION})
 _ENVIRONMENT = frozenset({Credential.ENVIRONMENT})
 _ORGANISATION = frozenset({Credential.ORGANISATION})
 
-# From the docstrings of the official Python SDK 2.10.0, and its `handle_item`, which
-# heartbeats and stops an item with the item's sessions token.
+# From the docstrings of the official Python SDK, and its `handle_item`, which heartbeats and
+# stops an item with the item's sessions token.
 ENDPOINT_CREDENTIALS: Mapping[Endpoint, frozenset[Credential]] = {
     Endpoint.GET: _ORGANISATION,
     Endpoint.UPDATE: _ORGANISATION,
@@ -61,6 +65,10 @@ ENDPOINT_CREDENTIALS: Mapping[Endpoint, frozenset[Credential]] = {
 }
 # Creating environments and sessions, and the /_emulator/* admin routes.
 ADMIN = _ORGANISATION
+# Reading a session and its events, and sending events: the runner's calls.
+SESSION_ACCESS = _EITHER | {Credential.SESSION}
+# A session, its event list, its event stream (`GET`), and the events sent to it (`POST`).
+_SESSION_PATH = re.compile(r"^/v1/sessions/(?P<session>[^/]+)(?P<events>/events(/stream)?)?/?$")
 
 
 @dataclass(frozen=True)
@@ -72,11 +80,16 @@ class Requirement:
     what: str
     environment_id: str | None = None
     work_id: str | None = None
+    # A session call: its environment and work item are the session's (looked up by `guard`).
+    session_id: str | None = None
 
 
 def requirement_for(method: str, path: str) -> Requirement:
     match = classify(method, path)
     if match is None:
+        session = _SESSION_PATH.match(path)
+        if session and (method == "GET" or (method == "POST" and session["events"] == "/events")):
+            return Requirement(SESSION_ACCESS, "a session", session_id=session["session"])
         return Requirement(ADMIN, "this endpoint")
     return Requirement(ENDPOINT_CREDENTIALS[match.endpoint], f"work {match.endpoint.value}",
                        match.environment_id, match.work_id)
@@ -118,14 +131,22 @@ def _same(a: bytes, b: bytes | None) -> bool:
     return b is not None and hmac.compare_digest(a, b)
 
 
+def _among(key: bytes, tokens: Collection[bytes]) -> bool:
+    """Compared with each (no early exit on a match), so the time says nothing of which."""
+    found = False
+    for token in tokens:
+        found |= hmac.compare_digest(key, token)
+    return found
+
+
 def decide(keys: Presented, need: Requirement, *, api_key: bytes,
            environment_of: Mapping[bytes, str | None], opens: str | None,
-           item_token: bytes | None) -> Credential:
+           item_tokens: Collection[bytes] = ()) -> Credential:
     """The credential a request is made with, or the 401/403 it gets.
 
     ``environment_of`` maps each presented key that is an environment key to the environment
     it opens (None: the environments without a key of their own); ``opens`` is that binding
-    for the request's environment; ``item_token`` the sessions token of its work item.
+    for the request's environment; ``item_tokens`` the valid sessions tokens of its work item.
     """
     foreign = False
     for key in keys:
@@ -136,7 +157,7 @@ def decide(keys: Presented, need: Requirement, *, api_key: bytes,
                 foreign = True
                 continue
             kind = Credential.ENVIRONMENT
-        elif _same(key, item_token):
+        elif _among(key, item_tokens):
             kind = Credential.SESSION
         else:
             continue

@@ -62,25 +62,58 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
 def _lease_options(parser: argparse.ArgumentParser) -> None:
     from .config import (
         DEFAULT_TTL_SECONDS,
+        MAX_DELIVERIES,
         MAX_TTL_SECONDS,
         MIN_TTL_SECONDS,
+        SESSIONS_TOKEN_LIFE_SECONDS,
+        UNCLAIMED_LIMIT_SECONDS,
         LeaseExpiry,
+        SessionsToken,
+        StoppingHeartbeat,
         StopResponse,
     )
 
-    parser.add_argument("--lease-expiry", choices=[m.value for m in LeaseExpiry],
-                        default=LeaseExpiry.REALISTIC.value,
-                        help="a lapsed lease: realistic (heartbeated: re-queued; acked but never "
-                             "heartbeated: stranded in starting), requeue, or stop")
-    parser.add_argument("--default-ttl", type=int, default=DEFAULT_TTL_SECONDS,
-                        help="lease TTL when a heartbeat asks for none (s, default %(default)s)")
-    parser.add_argument("--min-ttl", type=int, default=MIN_TTL_SECONDS,
-                        help="desired_ttl_seconds is clamped to [min, max] (default %(default)s)")
-    parser.add_argument("--max-ttl", type=int, default=MAX_TTL_SECONDS,
-                        help="(default %(default)s)")
-    parser.add_argument("--stop-response", choices=[s.value for s in StopResponse],
-                        default=StopResponse.NO_CONTENT.value,
-                        help="stop answers 204 with no body (as observed) or the work object")
+    group = parser.add_argument_group(
+        "the server model", "defaults follow SDK 2.17's model of the service; each switch "
+                            "reaches the other behaviour (docs/emulator.md)")
+    group.add_argument("--lease-expiry", choices=[m.value for m in LeaseExpiry],
+                       default=LeaseExpiry.STOP.value,
+                       help="a lapsed lease: stop (the item ends) or requeue (delivered again)")
+    group.add_argument("--unclaimed-limit", type=int, default=UNCLAIMED_LIMIT_SECONDS,
+                       help="an acked item never heartbeated lapses this long after its ack "
+                            "(s, default %(default)s; 0: never, it stays starting)")
+    group.add_argument("--max-deliveries", type=int, default=MAX_DELIVERIES,
+                       help="an unacked item is delivered at most this often (default "
+                            "%(default)s; 0: no limit)")
+    group.add_argument("--stopping-heartbeat", choices=[m.value for m in StoppingHeartbeat],
+                       default=StoppingHeartbeat.REFUSE.value,
+                       help="a heartbeat on a stopping item: refuse (lease_extended false, no "
+                            "new token) or extend")
+    group.add_argument("--sessions-token", choices=[m.value for m in SessionsToken],
+                       default=SessionsToken.PER_DELIVERY.value,
+                       help="a new sessions token in the secret of every delivery, or one per "
+                            "item")
+    group.add_argument("--sessions-token-life", type=int, default=SESSIONS_TOKEN_LIFE_SECONDS,
+                       help="a sessions token expires this long after its delivery (s, default "
+                            "%(default)s; 0: never)")
+    group.add_argument("--no-claim-unacked", dest="claim_unacked", action="store_false",
+                       help="a first heartbeat on a polled, unacked item is a 409 (default: it "
+                            "claims the item)")
+    group.add_argument("--stop-stopped", choices=["noop", "conflict"], default="noop",
+                       help="a stop of a stopped item: answered as any stop, changing nothing, "
+                            "or 409")
+    group.add_argument("--no-should-retry-header", dest="should_retry_header",
+                       action="store_false",
+                       help="send no x-should-retry: false on refusals a retry cannot change")
+    group.add_argument("--default-ttl", type=int, default=DEFAULT_TTL_SECONDS,
+                       help="lease TTL when a heartbeat asks for none (s, default %(default)s)")
+    group.add_argument("--min-ttl", type=int, default=MIN_TTL_SECONDS,
+                       help="desired_ttl_seconds is clamped to [min, max] (default %(default)s)")
+    group.add_argument("--max-ttl", type=int, default=MAX_TTL_SECONDS,
+                       help="(default %(default)s)")
+    group.add_argument("--stop-response", choices=[s.value for s in StopResponse],
+                       default=StopResponse.NO_CONTENT.value,
+                       help="stop answers 204 with no body (as observed) or the work object")
 
 
 def _webhook_options(parser: argparse.ArgumentParser) -> None:
@@ -118,18 +151,27 @@ def _fault_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import EmulatorConfig, LeaseExpiry
+    from .config import EmulatorConfig, LeaseExpiry, SessionsToken, StoppingHeartbeat
     from .faults import FaultSettings
     from .server import serve
 
     if not 1 <= args.min_ttl <= args.default_ttl <= args.max_ttl:
         raise SystemExit("dispatcher emulator: need 1 <= --min-ttl <= --default-ttl <= --max-ttl")
+    if min(args.unclaimed_limit, args.max_deliveries, args.sessions_token_life) < 0:
+        raise SystemExit("dispatcher emulator: --unclaimed-limit, --max-deliveries and "
+                         "--sessions-token-life take 0 (off) or more")
     config = EmulatorConfig(
         environment_key=args.environment_key or _generated("environment key", "sk-ant-oat01"),
         api_key=args.api_key or _generated("api key", "sk-ant-api03"),
         redis_url=args.redis_url, key_prefix=args.key_prefix, host=args.host, port=args.port,
         lease_expiry=LeaseExpiry(args.lease_expiry), default_ttl_seconds=args.default_ttl,
         min_ttl_seconds=args.min_ttl, max_ttl_seconds=args.max_ttl,
+        unclaimed_limit_seconds=args.unclaimed_limit, max_deliveries=args.max_deliveries,
+        stopping_heartbeat=StoppingHeartbeat(args.stopping_heartbeat),
+        sessions_token=SessionsToken(args.sessions_token),
+        sessions_token_life_seconds=args.sessions_token_life,
+        claim_unacked=args.claim_unacked, stop_stopped_noop=args.stop_stopped == "noop",
+        should_retry_header=args.should_retry_header,
         create_environments=tuple(args.create_environment),
         environment_ids=tuple(args.environment_id), webhook_url=args.webhook_url,
         webhook_signing_key=_signing_key(args))

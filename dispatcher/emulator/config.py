@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_RECLAIM_MS",
     "DEFAULT_TTL_SECONDS",
     "MAX_BLOCK_MS",
+    "MAX_DELIVERIES",
     "MAX_LIST_LIMIT",
     "MAX_METADATA_KEYS",
     "MAX_METADATA_KEY_CHARS",
@@ -22,10 +23,14 @@ __all__ = [
     "MAX_TTL_SECONDS",
     "MIN_TTL_SECONDS",
     "REQUEST_LOG_CAP",
+    "SESSIONS_TOKEN_LIFE_SECONDS",
+    "UNCLAIMED_LIMIT_SECONDS",
     "WORKERS_POLLING_WINDOW_S",
     "EmulatorConfig",
     "LeaseExpiry",
+    "SessionsToken",
     "StopResponse",
+    "StoppingHeartbeat",
 ]
 
 DEFAULT_KEY_PREFIX = "emulator"
@@ -33,8 +38,18 @@ DEFAULT_KEY_PREFIX = "emulator"
 MAX_BLOCK_MS = 999
 # "If omitted, uses the default (5000ms)" (the poll docstring).
 DEFAULT_RECLAIM_MS = 5000
-# The lease TTL when a heartbeat asks for none; 120 s is the value in the official 412 fixture.
-DEFAULT_TTL_SECONDS = 120
+# The lease TTL when a heartbeat asks for none: "The API's default lease TTL" (SDK 2.17's
+# `_lease.py`, which assumes it before the first reply; its fake Work API grants it too).
+DEFAULT_TTL_SECONDS = 300
+# An item acked but never heartbeated lapses this long after its ack (SDK 2.17's fake Work API,
+# `UNCLAIMED_LIMIT`); 0: never, it stays `starting` (what SDK issue #1746 observed).
+UNCLAIMED_LIMIT_SECONDS = 600
+# Deliveries of an item that nobody acks before it leaves the queue (the fake's
+# `MAX_DELIVERIES`); 0: no limit.
+MAX_DELIVERIES = 3
+# A sessions token expires this long after the poll that minted it (the fake's `TOKEN_LIFE`);
+# 0: never.
+SESSIONS_TOKEN_LIFE_SECONDS = 3600
 # Clamp of desired_ttl_seconds. Unknown for the real service; a third-party clone documents
 # 10-600 s. Tests lower the minimum to 1 s to watch leases lapse quickly.
 MIN_TTL_SECONDS = 10
@@ -54,15 +69,32 @@ REQUEST_LOG_CAP = 50_000
 
 
 class LeaseExpiry(StrEnum):
-    """What happens to an item whose lease lapsed (now > last heartbeat + ttl)."""
+    """What happens to an item whose lease lapsed: a heartbeated one `ttl` after its last
+    heartbeat, one acked but never heartbeated `unclaimed_limit_seconds` after its ack."""
 
-    # As observed: a heartbeated lease that lapses is re-queued; an item acked but never
-    # heartbeated stays in `starting` for ever (SDK issue #1746).
-    REALISTIC = "realistic"
-    # Every lapsed lease is re-queued, an acked-never-heartbeated item `ttl` after its ack too.
-    REQUEUE = "requeue"
-    # Every lapsed lease (same clock as `requeue`) ends the item: `stopped`.
+    # SDK 2.17's fake Work API: the item ends.
     STOP = "stop"
+    # The lease is cleared and the item goes back on the queue, to be delivered again.
+    REQUEUE = "requeue"
+
+
+class StoppingHeartbeat(StrEnum):
+    """A heartbeat on a `stopping` item."""
+
+    # SDK 2.17's fake Work API: `lease_extended: false`, no new token. SDK 2.17's worker stops
+    # only on `lease_extended: false`, so this is what makes a graceful stop reach it.
+    REFUSE = "refuse"
+    # The lease is extended with a new token while the worker shuts down.
+    EXTEND = "extend"
+
+
+class SessionsToken(StrEnum):
+    """How the `sessions_token` in a delivered work secret is minted."""
+
+    # SDK 2.17's fake Work API: a new token on every delivery (poll), each expiring on its own.
+    PER_DELIVERY = "per-delivery"
+    # One token per item, minted with it, delivered again unchanged.
+    PER_ITEM = "per-item"
 
 
 class StopResponse(StrEnum):
@@ -80,8 +112,22 @@ class EmulatorConfig:
     key_prefix: str = DEFAULT_KEY_PREFIX
     host: str = "127.0.0.1"
     port: int = 8765
-    lease_expiry: LeaseExpiry = LeaseExpiry.REALISTIC
+    lease_expiry: LeaseExpiry = LeaseExpiry.STOP
     default_ttl_seconds: int = DEFAULT_TTL_SECONDS
+    unclaimed_limit_seconds: int = UNCLAIMED_LIMIT_SECONDS
+    max_deliveries: int = MAX_DELIVERIES
+    stopping_heartbeat: StoppingHeartbeat = StoppingHeartbeat.REFUSE
+    sessions_token: SessionsToken = SessionsToken.PER_DELIVERY
+    sessions_token_life_seconds: int = SESSIONS_TOKEN_LIFE_SECONDS
+    # A heartbeat with `NO_HEARTBEAT` on an item polled but not acked claims it (the fake Work
+    # API); off: 409, ack first.
+    claim_unacked: bool = True
+    # A stop of a stopped item: answered as any stop, changing nothing (the fake Work API);
+    # off: 409 `conflict_error`.
+    stop_stopped_noop: bool = True
+    # Refusals that will not change on a retry (4xx other than 408 and 429) carry
+    # `x-should-retry: false` (the fake Work API), which the SDK's retry honours.
+    should_retry_header: bool = True
     min_ttl_seconds: int = MIN_TTL_SECONDS
     max_ttl_seconds: int = MAX_TTL_SECONDS
     # Names of environments to create at start-up, printed with their ids (demos).

@@ -15,6 +15,7 @@ from .errors import Forbidden, Unauthenticated
 from .faults import Faults
 from .guard import credential_of
 from .requestlog import RequestLog
+from .sessions import SessionStore
 from .store import Store
 from .webhooks import WebhookSender
 
@@ -30,6 +31,7 @@ _api_key = APIKeyHeader(name="x-api-key", auto_error=False,
 class Emulator:
     config: EmulatorConfig
     store: Store
+    sessions: SessionStore
     faults: Faults
     log: RequestLog
     # Run once Redis answers, before the server listens (e.g. `--create-environment`).

@@ -27,6 +27,7 @@ __all__ = [
     "error_body",
     "error_type_for",
     "new_request_id",
+    "retry_hint",
 ]
 
 # The error `type` of each status, from the Anthropic API's error documentation.
@@ -49,6 +50,18 @@ def error_type_for(status: int) -> str:
     if status in _TYPES:
         return _TYPES[status]
     return "api_error" if status >= 500 else "invalid_request_error"
+
+
+# 4xx answers a retry can change: a timeout and a rate limit. Every other refusal stands.
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+def retry_hint(status: int, *, enabled: bool) -> dict[str, str]:
+    """`x-should-retry: false` on a refusal that a retry will not change, as SDK 2.17's fake Work
+    API sends it; the SDK's retry honours it (a 409 stop is otherwise retried, 13-14 s)."""
+    if enabled and 400 <= status < 500 and status not in _RETRYABLE_4XX:
+        return {"x-should-retry": "false"}
+    return {}
 
 
 def new_request_id() -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import MutableMapping
+from dataclasses import replace
 from typing import Any
 
 from .auth import (
@@ -22,9 +23,9 @@ from .auth import (
     key_digest,
     presented,
     requirement_for,
-    sessions_token,
 )
-from .errors import ApiError, error_body, new_request_id
+from .errors import ApiError, error_body, new_request_id, retry_hint
+from .sessions import SessionStore
 from .store import Store
 
 __all__ = ["MAX_BODY_BYTES", "GuardMiddleware", "credential_of"]
@@ -34,6 +35,8 @@ __all__ = ["MAX_BODY_BYTES", "GuardMiddleware", "credential_of"]
 MAX_BODY_BYTES = 64 * 1024
 _CREDENTIAL = "emulator.credential"
 _OPEN_PATHS = frozenset({"/_emulator/health"})
+# APIs the emulator does not serve: through to a route that says so, whatever the credential.
+_UNSERVED = ("/v1/memory_stores",)
 
 
 class RequestTooLarge(ApiError):
@@ -46,13 +49,14 @@ def credential_of(scope: MutableMapping[str, Any]) -> Credential | None:
 
 
 class GuardMiddleware:
-    def __init__(self, app: Any, store: Store) -> None:
+    def __init__(self, app: Any, store: Store, sessions: SessionStore) -> None:
         self.app = app
         self.store = store
+        self.sessions = sessions
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         path = scope.get("path", "")
-        if (scope["type"] != "http" or path in _OPEN_PATHS
+        if (scope["type"] != "http" or path in _OPEN_PATHS or path.startswith(_UNSERVED)
                 or not path.startswith(("/v1/", "/_emulator/"))):
             return await self.app(scope, receive, send)
         headers: dict[bytes, bytes] = {}
@@ -64,7 +68,7 @@ class GuardMiddleware:
                 check_api_headers(headers)
             body = await _read_body(receive, headers)
         except ApiError as exc:
-            return await _refuse(send, exc)
+            return await _refuse(send, exc, hint=self.store.config.should_retry_header)
         scope.setdefault("state", {})[_CREDENTIAL] = credential
         return await self.app(scope, _replay(body, receive), send)
 
@@ -85,15 +89,26 @@ class GuardMiddleware:
                 unknown.append(key)
             else:
                 environment_of[key] = owner
+        if need.session_id is not None:
+            need = await self._of_session(need)
         opens = (await self.store.own_key_environment(need.environment_id)
                  if need.environment_id else None)
-        item_token = None
+        item_tokens: frozenset[bytes] = frozenset()
         if (Credential.SESSION in need.allowed and need.work_id and need.environment_id
                 and unknown):
-            item_token = sessions_token(
-                await self.store.secret_of(need.environment_id, need.work_id))
+            found = await self.store.tokens_of(need.environment_id, need.work_id)
+            item_tokens = frozenset(token.encode() for token in found)
         return decide(keys, need, api_key=api_key,
-                      environment_of=environment_of, opens=opens, item_token=item_token)
+                      environment_of=environment_of, opens=opens, item_tokens=item_tokens)
+
+    async def _of_session(self, need: Requirement) -> Requirement:
+        """A session call is bound to the session's environment and work item; an unknown
+        session binds nothing (the route answers 404 to whoever may ask)."""
+        binding = await self.sessions.binding(str(need.session_id))
+        if binding is None:
+            return need
+        environment_id, work_id = binding
+        return replace(need, environment_id=environment_id, work_id=work_id)
 
 
 async def _read_body(receive: Any, headers: dict[bytes, bytes]) -> bytes:
@@ -130,10 +145,11 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replay
 
 
-async def _refuse(send: Any, exc: ApiError) -> None:
+async def _refuse(send: Any, exc: ApiError, *, hint: bool) -> None:
     request_id = new_request_id()
     body = json.dumps(error_body(exc.status, exc.message, request_id=request_id)).encode()
+    extra = [(k.encode(), v.encode()) for k, v in retry_hint(exc.status, enabled=hint).items()]
     await send({"type": "http.response.start", "status": exc.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"request-id", request_id.encode())]})
+        (b"request-id", request_id.encode()), *extra]})
     await send({"type": "http.response.body", "body": body})

@@ -41,6 +41,10 @@ class EmulatorKeys:
         """String: the session's JSON."""
         return f"{self.prefix}:session:{session_id}"
 
+    def events(self, session_id: str) -> str:
+        """Stream: the session's events in order, one JSON `event` field per entry."""
+        return f"{self.prefix}:events:{session_id}"
+
     def work(self, work_id: str) -> str:
         """String: one work item's JSON (`records.WorkRecord`)."""
         return f"{self.prefix}:work:{work_id}"

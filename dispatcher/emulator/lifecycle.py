@@ -3,23 +3,27 @@
     queued --ack--> starting --first heartbeat--> active --stop--> stopping --stop(force)--> stopped
       |                |                            |                  |
       +--stop---------------stop(force)--------------------------------+-----> stopped
-    lapsed lease: re-queued, left stranded, or stopped, by `LeaseExpiry` (see `lapse`)
+      ^    (a claim heartbeat on a delivered, unacked item skips `starting`)
+      +-- a lapsed lease (heartbeated: after its ttl; never heartbeated: the unclaimed limit
+          after its ack): stopped, or re-queued, by `LeaseExpiry` (see `lapse`)
 
-The store calls these inside one WATCH/MULTI per item and carries out what they return (stream
-entries to drop, items to put back on the stream).
+A poll delivers a queued item (`deliver`) at most `max_deliveries` times, each delivery with a
+sessions token of its own. The store calls these inside one WATCH/MULTI per item and carries out
+what they return (stream entries to drop, items to put back on the stream). Randomness (tokens)
+and the clock come in as arguments or through `clock`, so tables of cases can pin each rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 from ..workapi.models import NO_HEARTBEAT, WorkState
 from . import clock
-from .config import EmulatorConfig, LeaseExpiry
+from .config import EmulatorConfig, LeaseExpiry, SessionsToken, StoppingHeartbeat
 from .errors import Conflict, InvalidRequest, PreconditionFailed
-from .records import WorkRecord
+from .records import WorkRecord, secret_for
 
 __all__ = [
     "Lapse",
@@ -27,10 +31,12 @@ __all__ = [
     "ack",
     "apply_lapse",
     "current_state",
+    "deliver",
     "heartbeat",
     "lapse",
     "precondition_failed",
     "stop",
+    "valid_tokens",
 ]
 
 _LEASED = frozenset({WorkState.STARTING, WorkState.ACTIVE, WorkState.STOPPING})
@@ -50,7 +56,6 @@ class Transition:
 
 class Lapse(Enum):
     NONE = "none"  # the lease holds, or there is none
-    STRANDED = "stranded"  # lapsed but left as it is (acked, never heartbeated, `realistic`)
     REQUEUE = "requeue"
     STOP = "stop"
 
@@ -63,12 +68,7 @@ def lapse(record: WorkRecord, mode: LeaseExpiry, now: float) -> Lapse:
     if record.state == WorkState.STOPPING:
         # It was already told to stop; putting it back on the queue would run it again.
         return Lapse.STOP
-    if mode is LeaseExpiry.STOP:
-        return Lapse.STOP
-    never_heartbeated = record.latest_heartbeat_at is None
-    if mode is LeaseExpiry.REALISTIC and never_heartbeated:
-        return Lapse.STRANDED  # SDK issue #1746: "unreachable by reclaim or the TTL"
-    return Lapse.REQUEUE
+    return Lapse.STOP if mode is LeaseExpiry.STOP else Lapse.REQUEUE
 
 
 def apply_lapse(record: WorkRecord, outcome: Lapse) -> Transition:
@@ -79,24 +79,52 @@ def apply_lapse(record: WorkRecord, outcome: Lapse) -> Transition:
         record.latest_heartbeat_at = record.lease_updated_at = None
         record.lease_expires_at = record.ttl_seconds = None
         record.entry_id = None
+        record.deliveries = 0
         return Transition(enqueue=True)
     if outcome is Lapse.STOP:
         _finish(record)
-    elif outcome is Lapse.STRANDED:
-        record.lease_expires_at = None  # nothing will ever change it: stop looking at it
     return Transition()
+
+
+def deliver(record: WorkRecord, entry_id: str, *, token: str, config: EmulatorConfig,
+            now: float) -> Transition:
+    """A poll met the item's stream entry: hand the item out (`body`, secret included), or drop
+    the entry for good (no `body`): the item is not queued on it any more, or it was delivered
+    `max_deliveries` times unacked (it then stays `queued`, never delivered again)."""
+    if record.state != WorkState.QUEUED or record.entry_id not in (None, entry_id):
+        return Transition(drop_entry=entry_id)
+    if config.max_deliveries and record.deliveries >= config.max_deliveries:
+        record.entry_id = None
+        return Transition(drop_entry=entry_id)
+    record.deliveries += 1
+    record.tokens = {t: end for t, end in record.tokens.items() if end is None or end > now}
+    if config.sessions_token is SessionsToken.PER_DELIVERY or not record.tokens:
+        life = config.sessions_token_life_seconds
+        record.tokens[token] = now + life if life else None
+        record.secret = secret_for(token)
+    return Transition(body=record.public(with_secret=True))
+
+
+def valid_tokens(record: WorkRecord, now: float) -> frozenset[str]:
+    """The sessions tokens that open this item's calls now: every unexpired one minted for it
+    (a token of an earlier delivery too, as the SDK's fake Work API accepts it)."""
+    return frozenset(t for t, end in record.tokens.items() if end is None or now < end)
 
 
 def ack(record: WorkRecord, config: EmulatorConfig) -> Transition:
     if record.state != WorkState.QUEUED:
         raise Conflict(f"work {record.id} is {record.state}, not queued: it was already acked"
                        " or stopped")
+    if _left_the_queue(record, config):
+        raise Conflict(f"work {record.id} left the queue after {record.deliveries} deliveries "
+                       "nobody acked")
     moment = clock.now()
     record.state = WorkState.STARTING
     record.acknowledged_at = clock.from_epoch(moment)
-    # The clock `requeue` and `stop` expiry use for an item that is never heartbeated.
     record.ttl_seconds = config.default_ttl_seconds
-    record.lease_expires_at = moment + config.default_ttl_seconds
+    # The lapse clock of an item never heartbeated; none: stranded in `starting` for ever.
+    limit = config.unclaimed_limit_seconds
+    record.lease_expires_at = moment + limit if limit else None
     entry, record.entry_id = record.entry_id, None
     return Transition(drop_entry=entry, body=record.public())
 
@@ -108,17 +136,25 @@ def heartbeat(record: WorkRecord, *, expected: str | None, desired_ttl: int | No
     if record.state == WorkState.STOPPED:
         # The newest Go fixture: a lapsed or stopped lease answers 200 stopped/false.
         return Transition(body=_beat_body(record, extended=False, config=config))
+    if (record.state == WorkState.STOPPING
+            and config.stopping_heartbeat is StoppingHeartbeat.REFUSE):
+        # The lease is not extended, so the holder shuts down; its token stays as it was.
+        return Transition(body=_beat_body(record, extended=False, config=config))
+    claimed = Transition()
     if record.state == WorkState.QUEUED:
-        _refuse_queued(record, expected, config)
+        claimed = _claim_unacked(record, expected, config)
     # "The server does not compare the value when the work item is 'stopping' or 'stopped'."
     if record.state != WorkState.STOPPING and expected is not None:
         _compare(record, expected, config)
     _extend(record, config.clamp_ttl(desired_ttl))
-    return Transition(body=_beat_body(record, extended=True, config=config))
+    return Transition(drop_entry=claimed.drop_entry,
+                      body=_beat_body(record, extended=True, config=config))
 
 
-def stop(record: WorkRecord, *, force: bool) -> Transition:
+def stop(record: WorkRecord, *, force: bool, config: EmulatorConfig) -> Transition:
     if record.state == WorkState.STOPPED:
+        if config.stop_stopped_noop:
+            return Transition()
         raise Conflict(f"work {record.id} is already stopped")
     moment = clock.rfc3339()
     record.stop_requested_at = record.stop_requested_at or moment
@@ -158,7 +194,29 @@ def precondition_failed(record: WorkRecord, expected: str,
     )
 
 
-def _refuse_queued(record: WorkRecord, expected: str | None, config: EmulatorConfig) -> None:
+def _claim_unacked(record: WorkRecord, expected: str | None,
+                   config: EmulatorConfig) -> Transition:
+    """A first heartbeat on a delivered, unacked item claims it as an ack would (the SDK's fake
+    Work API); anything else on a queued item is refused."""
+    first = expected in (None, NO_HEARTBEAT) and record.latest_heartbeat_at is None
+    delivered = record.deliveries > 0 and not _left_the_queue(record, config)
+    if not (config.claim_unacked and delivered and first):
+        _refuse_queued(record, expected, config)
+    record.state = WorkState.STARTING
+    record.acknowledged_at = clock.rfc3339()
+    entry, record.entry_id = record.entry_id, None
+    return Transition(drop_entry=entry)
+
+
+def _left_the_queue(record: WorkRecord, config: EmulatorConfig) -> bool:
+    """Delivered `max_deliveries` times and its entry dropped: never delivered or taken again
+    (while it still has an entry, its last delivery may still be acked)."""
+    limit = config.max_deliveries
+    return bool(limit) and record.deliveries >= limit and record.entry_id is None
+
+
+def _refuse_queued(record: WorkRecord, expected: str | None,
+                   config: EmulatorConfig) -> NoReturn:
     if expected is not None and expected != NO_HEARTBEAT:
         # A holder whose lease lapsed and was re-queued: the official TS fixture answers this
         # with 412 and current_state `queued`, so the holder knows the lease is gone.

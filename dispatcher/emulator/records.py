@@ -11,7 +11,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["WorkRecord", "new_id", "new_secret"]
+__all__ = ["WorkRecord", "new_id", "new_token", "secret_for"]
 
 _PUBLIC = ("id", "type", "environment_id", "state", "data", "metadata", "created_at",
            "acknowledged_at", "started_at", "latest_heartbeat_at", "stop_requested_at",
@@ -23,9 +23,15 @@ def new_id(kind: str) -> str:
     return f"{kind}_{secrets.token_hex(12)}"
 
 
-def new_secret() -> str:
-    """A work secret as the service sends it: base64url JSON holding a sessions token."""
-    payload = json.dumps({"sessions_token": f"sk-ant-req-{secrets.token_urlsafe(24)}"})
+def new_token() -> str:
+    """A sessions token: the Bearer of one delivery's heartbeat, stop and session calls."""
+    return f"sk-ant-req-{secrets.token_urlsafe(24)}"
+
+
+def secret_for(token: str) -> str:
+    """A work secret as SDK 2.17's fake Work API writes it: base64url JSON (no padding) with a
+    `version` and the sessions token."""
+    payload = json.dumps({"version": 1, "sessions_token": token})
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
@@ -36,6 +42,7 @@ class WorkRecord:
     data: dict[str, Any]
     created_at: str
     seq: int  # position in the environment's list order, newest highest
+    # The secret of the latest delivery (of the item, with `--sessions-token per-item`).
     secret: str
     state: str = "queued"
     type: str = "work"
@@ -53,6 +60,10 @@ class WorkRecord:
     # Epoch seconds after which the lease has lapsed; None when no lease is held.
     lease_expires_at: float | None = None
     lease_updated_at: str | None = None
+    # Polls that delivered the item since it was (re)queued; none after `max_deliveries`.
+    deliveries: int = 0
+    # Every sessions token minted for the item -> the epoch second it expires (None: never).
+    tokens: dict[str, float | None] = field(default_factory=dict)
 
     @classmethod
     def loads(cls, raw: str) -> WorkRecord:

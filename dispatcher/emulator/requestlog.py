@@ -11,7 +11,7 @@ Entry: time (epoch s, when the request arrived), answered (polls and acks: epoch
 answer started; a long poll's reply), method, endpoint, environment_id, work_id, status (0:
 dropped), worker_id, expected_last_heartbeat, desired_ttl_seconds, block_ms, last_heartbeat,
 state, force, fault, applied_status (a lost reply: the status its discarded answer had),
-request_id.
+credential (the kind: environment, organisation, sessions_token), request_id.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from starlette.requests import Request
 
 from .endpoints import classify
 from .errors import new_request_id
+from .guard import credential_of
 
 __all__ = ["RequestLog", "RequestLogMiddleware", "note", "note_scope", "request_id_of"]
 
@@ -124,7 +125,12 @@ class RequestLogMiddleware:
                 await self._write(entry, scope)  # dropped, or failed before a response
 
     async def _write(self, entry: dict[str, Any], scope: dict[str, Any]) -> None:
-        entry.update(scope.get("state", {}).get(_NOTES, {}))
+        state = scope.get("state", {})
+        # Which kind of credential opened it (never the key): e.g. a stop sent as an item's
+        # sessions token, as SDK 2.17's poller sends its forced stop.
+        kind = credential_of(scope)
+        entry["credential"] = kind.value if kind is not None else None
+        entry.update(state.get(_NOTES, {}))
         await self.log.append(entry)
 
 

@@ -30,7 +30,7 @@ from .config import MAX_BLOCK_MS, WORKERS_POLLING_WINDOW_S, EmulatorConfig
 from .errors import ApiError, InvalidRequest, NotFound
 from .keys import CONSUMER_GROUP, EmulatorKeys
 from .lifecycle import Transition
-from .records import WorkRecord, new_id, new_secret
+from .records import WorkRecord, new_id, new_token
 
 __all__ = ["Store"]
 
@@ -108,12 +108,15 @@ class Store:
             self._own_key[environment_id] = environment_id if own else None
         return self._own_key[environment_id]
 
-    async def secret_of(self, environment_id: str, work_id: str) -> str | None:
+    async def tokens_of(self, environment_id: str, work_id: str) -> frozenset[str]:
+        """The sessions tokens that open the item's calls now (none for an unknown item)."""
         raw = await self.redis.get(self.keys.work(work_id))
         if raw is None:
-            return None
+            return frozenset()
         record = WorkRecord.loads(str(raw))
-        return record.secret if record.environment_id == environment_id else None
+        if record.environment_id != environment_id:
+            return frozenset()
+        return lifecycle.valid_tokens(record, time.time())
 
     async def environment(self, environment_id: str) -> dict[str, Any]:
         raw = await self.redis.get(self.keys.environment(environment_id))
@@ -123,34 +126,13 @@ class Store:
         found.pop("emulator_own_key", None)
         return found
 
-    async def create_session(self, environment_id: str, *, agent: Any,
-                             session_metadata: Any) -> dict[str, Any]:
-        meta = metadata.merge({}, session_metadata or {})
-        await self.environment(environment_id)
-        session_id = new_id("session")
-        record = await self.enqueue(environment_id, {"id": session_id, "type": "session"}, meta)
-        session = {"id": session_id, "type": "session", "environment_id": environment_id,
-                   "agent": agent, "metadata": meta, "status": "idle",
-                   "created_at": record.created_at, "updated_at": record.created_at,
-                   # Emulator extension: the work item queued for this session.
-                   "work_id": record.id}
-        await self.redis.set(self.keys.session(session_id), json.dumps(session))
-        return session
-
-    async def session(self, session_id: str) -> dict[str, Any]:
-        raw = await self.redis.get(self.keys.session(session_id))
-        if raw is None:
-            raise NotFound(f"session {session_id} not found")
-        found: dict[str, Any] = json.loads(raw)
-        return found
-
     async def enqueue(self, environment_id: str, data: dict[str, Any],
                       meta: dict[str, str]) -> WorkRecord:
         """Create a queued work item and put it on the environment's stream."""
         await self.environment(environment_id)
         seq = int(await self.redis.incr(self.keys.seq))
         record = WorkRecord(id=new_id("work"), environment_id=environment_id, data=data,
-                            created_at=clock.rfc3339(), seq=seq, secret=new_secret(),
+                            created_at=clock.rfc3339(), seq=seq, secret="",
                             metadata=meta)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.work(record.id), record.dumps())
@@ -188,7 +170,7 @@ class Store:
 
     async def stop(self, environment_id: str, work_id: str, *, force: bool) -> dict[str, Any]:
         def stop(record: WorkRecord) -> Transition:
-            transition = lifecycle.stop(record, force=force)
+            transition = lifecycle.stop(record, force=force, config=self.config)
             transition.body = record.public()
             return transition
 
@@ -200,10 +182,10 @@ class Store:
         await self._seen(environment_id, worker_id)
         await self.sweep(environment_id)
         consumer = worker_id or ANONYMOUS_CONSUMER
-        record = await self._reclaim(environment_id, consumer, reclaim_ms)
-        if record is None:
-            record = await self._read_new(environment_id, consumer, block_ms)
-        return record.public(with_secret=True) if record else None
+        work = await self._reclaim(environment_id, consumer, reclaim_ms)
+        if work is None:
+            work = await self._read_new(environment_id, consumer, block_ms)
+        return work
 
     async def list(self, environment_id: str, *, limit: int,
                    page: str | None) -> dict[str, Any]:
@@ -334,7 +316,7 @@ class Store:
             await self.redis.xdel(stream, entry)
 
     async def _reclaim(self, environment_id: str, consumer: str,
-                       reclaim_ms: int) -> WorkRecord | None:
+                       reclaim_ms: int) -> dict[str, Any] | None:
         """Claim the first pending entry idle longer than `reclaim_ms`, if any.
 
         XPENDING IDLE finds it in one round trip (most polls have nothing to reclaim, however
@@ -352,13 +334,13 @@ class Store:
                 stream, CONSUMER_GROUP, consumer, min_idle_time=reclaim_ms,
                 start_id=idle[0]["message_id"], count=1)
             for entry_id, fields in reply[1]:
-                record = await self._deliverable(environment_id, entry_id, fields)
-                if record is not None:
-                    return record
+                work = await self._deliverable(environment_id, entry_id, fields)
+                if work is not None:
+                    return work
         return None
 
     async def _read_new(self, environment_id: str, consumer: str,
-                        block_ms: int | None) -> WorkRecord | None:
+                        block_ms: int | None) -> dict[str, Any] | None:
         stream = self.keys.stream(environment_id)
         deadline = time.monotonic() + block_ms / 1000 if block_ms else None
         while True:
@@ -372,19 +354,25 @@ class Store:
             if not reply:
                 return None
             entry_id, fields = reply[0][1][0]
-            record = await self._deliverable(environment_id, entry_id, fields)
-            if record is not None:
-                return record
+            work = await self._deliverable(environment_id, entry_id, fields)
+            if work is not None:
+                return work
 
     async def _deliverable(self, environment_id: str, entry_id: str,
-                           fields: dict[str, str] | None) -> WorkRecord | None:
-        """The entry's item if it may be delivered; otherwise the entry is dropped for good."""
+                           fields: dict[str, str] | None) -> dict[str, Any] | None:
+        """The entry's item as delivered (a sessions token minted, the secret shown) if it may
+        be delivered; otherwise the entry is dropped for good (in the item's MULTI if any)."""
         work_id = (fields or {}).get("work_id")
-        raw = _text(await self.redis.get(self.keys.work(work_id))) if work_id else None
-        record = WorkRecord.loads(raw) if raw is not None else None
-        if record is not None and record.state == "queued" and record.entry_id in (None,
-                                                                                    entry_id):
-            return record
+
+        def deliver(record: WorkRecord) -> Transition:
+            return lifecycle.deliver(record, entry_id, token=new_token(), config=self.config,
+                                     now=time.time())
+
+        try:
+            if work_id:
+                return (await self._change(environment_id, work_id, deliver)).body
+        except NotFound:
+            pass
         stream = self.keys.stream(environment_id)
         await self.redis.xack(stream, CONSUMER_GROUP, entry_id)
         await self.redis.xdel(stream, entry_id)

@@ -1,4 +1,4 @@
-"""The official `anthropic` SDK (2.10.0), unchanged, against the emulator."""
+"""The official `anthropic` SDK (2.17.0), unchanged, against the emulator."""
 
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def test_every_work_method_parses_its_response(emulator: EmulatorProcess) -> Non
     emulator.set_faults(stop_response="json")
     stopped = org.beta.environments.work.stop(work_id, environment_id=env, force=True)
     assert isinstance(stopped, BetaSelfHostedWork) and stopped.state == "stopped"
-    with pytest.raises(anthropic.ConflictError):
-        org.beta.environments.work.stop(work_id, environment_id=env, force=True)
+    again = org.beta.environments.work.stop(work_id, environment_id=env, force=True)
+    assert again.state == "stopped" and again.stopped_at == stopped.stopped_at, "a no-op"
 
 
 def test_the_sdk_is_refused_with_the_wrong_credential(emulator: EmulatorProcess) -> None:
@@ -106,10 +106,14 @@ def test_the_sdk_poller_drains_a_queue_of_sessions(emulator: EmulatorProcess) ->
     claimed = asyncio.run(drain())
     assert sorted(claimed) == sorted(work_ids), "each session claimed exactly once"
     for work_id in work_ids:
-        assert emulator.get(env, work_id)["state"] == "stopping", "auto_stop: graceful stop"
+        assert emulator.get(env, work_id)["state"] == "stopped", "auto_stop: a forced stop"
     log = [e for e in emulator.requests_log() if e["environment_id"] == env]
     assert {e["endpoint"] for e in log} == {"poll", "ack", "stop", "get"}  # get: this test's
     assert {e["worker_id"] for e in log if e["endpoint"] == "poll"} == {"sdk-poller"}
+    stops = [e for e in log if e["endpoint"] == "stop"]
+    assert len(stops) == len(work_ids), "one stop each, none retried"
+    assert all(e["force"] and e["credential"] == "sessions_token" for e in stops), (
+        "SDK 2.16+: forced, as the delivery's own sessions token")
 
 
 def test_the_sdk_worker_calls_run_on_the_items_sessions_token(emulator: EmulatorProcess) -> None:

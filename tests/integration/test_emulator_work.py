@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from dispatcher.emulator.config import DEFAULT_TTL_SECONDS
+
 if TYPE_CHECKING:
     from conftest import EmulatorProcess
 
@@ -127,7 +129,7 @@ def test_heartbeats_compare_tokens_exactly_and_activate(emulator: EmulatorProces
     assert first.status_code == 200, first.text
     beat = first.json()
     assert beat["type"] == "work_heartbeat" and beat["state"] == "active"
-    assert beat["lease_extended"] is True and beat["ttl_seconds"] == 120
+    assert beat["lease_extended"] is True and beat["ttl_seconds"] == DEFAULT_TTL_SECONDS
     token = beat["last_heartbeat"]
     assert token.endswith("Z") and "." in token, "RFC 3339 with microseconds"
     work = emulator.get(env, work_id)
@@ -142,7 +144,7 @@ def test_heartbeats_compare_tokens_exactly_and_activate(emulator: EmulatorProces
     assert error["details"]["current_state"] == {
         "state": "active", "last_heartbeat": second["last_heartbeat"],
         "lease_updated_at": second["last_heartbeat"], "lease_extended": False,
-        "ttl_seconds": 120}
+        "ttl_seconds": DEFAULT_TTL_SECONDS}
     assert _beat(emulator, env, work_id, "NO_HEARTBEAT").status_code == 412
 
 
@@ -204,8 +206,8 @@ def test_graceful_then_forced_stop(emulator: EmulatorProcess) -> None:
     work = emulator.get(env, work_id)
     assert work["state"] == "stopping" and work["stop_requested_at"]
     beat = _beat(emulator, env, work_id, "anything: not compared while stopping").json()
-    assert beat["state"] == "stopping" and beat["lease_extended"] is True
-    assert beat["last_heartbeat"] != token
+    assert beat["state"] == "stopping" and beat["lease_extended"] is False, "shut down"
+    assert beat["last_heartbeat"] == token, "no new token for a lease that is not extended"
     assert _stop(emulator, env, work_id).status_code == 204, "graceful again: no change"
     assert emulator.get(env, work_id)["state"] == "stopping"
 
@@ -216,7 +218,8 @@ def test_graceful_then_forced_stop(emulator: EmulatorProcess) -> None:
     beat = _beat(emulator, env, work_id, beat["last_heartbeat"]).json()
     assert (beat["state"], beat["lease_extended"]) == ("stopped", False)
     again = _stop(emulator, env, work_id, force=True)
-    assert again.status_code == 409 and again.json()["error"]["type"] == "conflict_error"
+    assert again.status_code == 204, "a stop of a stopped item changes nothing"
+    assert emulator.get(env, work_id)["stopped_at"] == work["stopped_at"]
 
 
 def test_force_stop_of_an_active_item(emulator: EmulatorProcess) -> None:
