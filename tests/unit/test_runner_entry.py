@@ -1,5 +1,6 @@
 """The runner's side of runner mode, as pure parts: where the stdin entry point finds the work
-secret, and how the fake session program reads a heartbeat's answer in each SDK's shape."""
+secret, how the fake session program reads a heartbeat's answer in each SDK's shape, and how the
+demo judges and shows the official runner's sessions."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dispatcher.emulator.fake_session import (
     beat_interval,
     judge,
 )
+from dispatcher.ops.demo_official import OfficialSession, official_ok, script_for, summary_lines
 from dispatcher.session import stdin_runner
 from dispatcher.session.stdin_runner import work_secret
 
@@ -76,3 +78,39 @@ def test_the_runner_beats_every_half_ttl_at_most_30_seconds(ttl: float, interval
 
 def test_2_17_assumes_the_apis_default_ttl_before_the_first_reply() -> None:
     assert LEASE_SHAPES["2.17"].assumed_ttl_s == 300
+
+
+# --- the demo's official-runner part --------------------------------------------------------------
+def _ran(index: int, **changes: Any) -> OfficialSession:
+    session = OfficialSession(f"runner-{index}", script_for(index), state="stopped")
+    results = ["wrote", f"1\thello from session {index}", "edited",
+               f"goodbye from session {index}\n", "ls: cannot access"]
+    session.calls = [{"tool": c["name"], "input": c["input"], "result": r,
+                      "is_error": i == len(results) - 1}
+                     for i, (c, r) in enumerate(zip(session.script, results, strict=True))]
+    for name, value in changes.items():
+        setattr(session, name, value)
+    return session
+
+
+@pytest.mark.parametrize(("session", "ok"), [
+    (_ran(1), True),
+    (_ran(2, state="active"), False),
+    (_ran(1, calls=_ran(1).calls[:-1]), False),  # a call never answered
+    (_ran(1, calls=[*_ran(1).calls, _ran(1).calls[-1]]), False),  # one answered twice
+    (_ran(1, calls=[{**c, "is_error": False} for c in _ran(1).calls]), False),
+    (_ran(1, calls=[*_ran(1).calls[:3], {**_ran(1).calls[3], "result": "hello"},
+                    _ran(1).calls[4]]), False),  # the edit did not take
+])
+def test_the_demo_judges_an_official_session_by_every_result(session: OfficialSession,
+                                                             ok: bool) -> None:
+    assert official_ok(session) == ok
+
+
+def test_the_demo_table_shows_each_call_and_its_result() -> None:
+    session = _ran(1)
+    session.ok = True
+    lines = summary_lines([session])
+    assert sum(line.startswith(("runner-1", " ")) for line in lines[1:6]) == 5
+    assert "wrote" in lines[1] and "(error)" in lines[5] and "ok (stopped)" in lines[6]
+    assert lines[-1].startswith("\n1/1 sessions")
