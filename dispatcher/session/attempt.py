@@ -9,6 +9,7 @@ waits on the process deadlocks on Popen's lock, which the interrupted wait may h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -201,7 +202,8 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
     flags = _Flags()
     with _terminate_sets_flag(flags):
         try:
-            sandbox = start_sandbox(runtime.settings, spec)
+            with _pulsing_while_a_container_starts(runtime, attempt):
+                sandbox = start_sandbox(runtime.settings, spec)
         except SandboxStartError as exc:
             runtime.executor.run(memory.lease, ev.SandboxStartFailed(str(exc)))
             return Outcome.FAILED
@@ -440,6 +442,34 @@ def _ending_outcome(before: Lease, after: Lease | None, code: int) -> Outcome:
     if after is not None and after.ended == Ending.STOPPED:
         return Outcome.STOPPED
     return Outcome.COMPLETED if code == 0 else Outcome.FAILED
+
+
+@contextmanager
+def _pulsing_while_a_container_starts(runtime: Runtime,
+                                      attempt: SessionAttempt) -> Iterator[None]:
+    """Pulse the lease while the engine creates the container. Creating one copies its image's
+    root on some storage drivers (seconds for an image with the SDK on vfs), and a lease with no
+    pulse for the recovery's staleness limit is taken for one whose worker died: a second
+    attempt starts, and this one is fenced once its container runs. A process starts in
+    milliseconds: no thread for it."""
+    if runtime.settings.sandbox_runtime != SandboxRuntimeKind.DOCKER:
+        yield
+        return
+    started = threading.Event()
+
+    def pulse() -> None:
+        while not started.wait(SUPERVISE_INTERVAL_SECONDS):
+            # An outage: the supervisor's loop rides it out once the container runs.
+            with contextlib.suppress(RedisError):
+                runtime.registry.pulse(attempt.work_id, attempt.attempt, worker=attempt.worker)
+
+    thread = threading.Thread(target=pulse, name=f"pulse-{attempt.work_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        started.set()
+        thread.join()
 
 
 @contextmanager
