@@ -2,9 +2,9 @@
 
     python -m dispatcher.emulator.fake_session < work.json
 
-Standard library only (runner mode adds the emulator's small `auth`), so a fleet can start
-hundreds quickly. It reads the work item JSON on stdin (as the official CLI hands it over) and
-behaves as the item's metadata says:
+Standard library only, so a fleet can start hundreds quickly (and it runs as a lone file). It
+reads the work item JSON on stdin (as the official CLI hands it over) and behaves as the item's
+metadata says:
 
     fake.duration        seconds to run (default 1)
     fake.exit_code       exit status when it runs to the end (default 0)
@@ -39,6 +39,8 @@ reason). Keys and secrets are only ever hashed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -203,13 +205,8 @@ class Runner:
         work_id = os.environ.get("ANTHROPIC_WORK_ID") or work.get("id")
         self.url = f"{self.base}/v1/environments/{environment}/work/{work_id}"
         self.shape = LEASE_SHAPES.get(plan.lease, LEASE_SHAPES["2.17"])
-        # Only runner mode pays for the import (a few ms); the rest stays standard library.
-        from dispatcher.emulator.auth import sessions_token
-
-        secret = work.get("secret")
-        token = sessions_token(secret) if self.shape.sessions_token and isinstance(
-            secret, str) else None
-        self.key = token.decode() if token else os.environ.get("ANTHROPIC_ENVIRONMENT_KEY", "")
+        token = _sessions_token(work.get("secret")) if self.shape.sessions_token else None
+        self.key = token or os.environ.get("ANTHROPIC_ENVIRONMENT_KEY", "")
         self.credential = "sessions_token" if token else "environment_key"
         self.lease_name = plan.lease if plan.lease in LEASE_SHAPES else "2.17"
         self.token = os.environ.get("ANTHROPIC_WORK_LAST_HEARTBEAT") or "NO_HEARTBEAT"
@@ -300,6 +297,19 @@ def beat_interval(ttl: float) -> float:
 def _permanent(status: int) -> bool:
     """A refusal retrying will not fix: 412 (another holder) or another 4xx but 408/409/429."""
     return 400 <= status < 500 and status not in RETRYABLE_4XX
+
+
+def _sessions_token(secret: object) -> str | None:
+    """The secret's sessions token (base64url JSON, padding perhaps missing). The emulator's
+    `auth` reads it too, but this program runs as a lone file, outside the package."""
+    if not isinstance(secret, str) or not secret:
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    token = data.get("sessions_token") if isinstance(data, dict) else None
+    return token if isinstance(token, str) and token else None
 
 
 def _json(raw: bytes) -> dict[str, Any]:

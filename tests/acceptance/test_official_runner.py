@@ -253,6 +253,8 @@ def test_a_stop_during_a_long_call_ends_handle_item_in_a_container(
         assert ended_after < 2.0, f"a forced stop killed it after {ended_after:.1f}s"
         assert _signals(fleet, work_id) == ["killed"]
     else:
+        # The entry point ends the session on SIGTERM as the SDK does, force-stopping its item;
+        # the fleet may see that `stopped` and kill a container that is already on its way out.
         assert ended_after < 15, "ended within the grace"
-        assert _signals(fleet, work_id) == ["terminated"], "no SIGKILL was needed"
+        assert _signals(fleet, work_id)[0] == "terminated"
     _never_finished(fleet, session_id)

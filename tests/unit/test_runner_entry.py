@@ -114,3 +114,14 @@ def test_the_demo_table_shows_each_call_and_its_result() -> None:
     assert sum(line.startswith(("runner-1", " ")) for line in lines[1:6]) == 5
     assert "wrote" in lines[1] and "(error)" in lines[5] and "ok (stopped)" in lines[6]
     assert lines[-1].startswith("\n1/1 sessions")
+
+
+def test_the_fake_session_program_imports_the_standard_library_only() -> None:
+    """It runs as a lone file in sandboxes, outside the package."""
+    from dispatcher.emulator import fake_session
+
+    tree = ast.parse(Path(fake_session.__file__).read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(name.startswith("dispatcher") for name in modules), modules
