@@ -75,8 +75,8 @@ class SecretDelivery(StrEnum):
     """How a sandbox that holds its own lease (runner, handoff) gets the work secret."""
 
     FILE = "file"  # a 0600 file named by ANTHROPIC_WORK_SECRET_FILE
-    ENV = "env"  # ANTHROPIC_WORK_SECRET, as SDK 2.10.0's handle_item reads it (processes only)
-    NONE = "none"  # only on stdin, inside the work JSON
+    ENV = "env"  # ANTHROPIC_WORK_SECRET, as the SDK's handle_item reads it (processes only)
+    NONE = "none"  # only on stdin, inside the work JSON (read by dispatcher's stdin_runner.py)
 
 
 class SettingsError(Exception):
@@ -179,11 +179,13 @@ class Settings(BaseSettings):
         "DISPATCHER_SANDBOX_RUNTIME", SandboxRuntimeKind.PROCESS, description=(
             "Where a session runs: `process` (DISPATCHER_ON_WORK in its own process group) or "
             "`docker` (one container per attempt, through the Docker Engine API)."))
-    work_secret_delivery: SecretDelivery = _env(
-        "DISPATCHER_WORK_SECRET_DELIVERY", SecretDelivery.FILE, description=(
+    work_secret_delivery: SecretDelivery | None = _env(
+        "DISPATCHER_WORK_SECRET_DELIVERY", description=(
             "runner and handoff modes: how the sandbox gets the work secret besides stdin: "
-            "`file` (0600, path in ANTHROPIC_WORK_SECRET_FILE), `env` (ANTHROPIC_WORK_SECRET, "
-            "process runtime only) or `none`."))
+            "`env` (ANTHROPIC_WORK_SECRET, as the SDK's `handle_item` reads it; process "
+            "runtime only), `file` (0600, path in ANTHROPIC_WORK_SECRET_FILE) or `none`. "
+            "Unset: `env` in the process runtime, `none` in the docker runtime (the entry "
+            "point `dispatcher/session/stdin_runner.py` reads it from stdin)."))
     docker_host: str | None = _env("DOCKER_HOST", description=(
         "docker runtime: the engine's address (`unix://`, `tcp://`, `ssh://`); "
         "default the local socket."))
@@ -413,10 +415,10 @@ class Settings(BaseSettings):
         if not self.fleet_id:
             return ("DISPATCHER_FLEET_ID is not set: the docker runtime labels every container "
                     "with this fleet's own id, so its reaper removes only its own")
-        if self.work_secret_delivery == SecretDelivery.ENV:
+        if self.secret_delivery == SecretDelivery.ENV:
             # The engine shows a container's environment to anyone who can inspect it.
             return ("DISPATCHER_WORK_SECRET_DELIVERY=env is refused with the docker runtime "
-                    "(`docker inspect` shows it): use file")
+                    "(`docker inspect` shows it): use none or file")
         if self.sandbox_network == "host":
             # The host's namespace: every local port (Redis, the engine's TCP socket) is open.
             return "DISPATCHER_SANDBOX_NETWORK=host is refused: it shares the worker's network"
@@ -459,6 +461,17 @@ class Settings(BaseSettings):
     def output_directory(self) -> Path:
         """Where attempts' output is kept (the setting, or under the user's home)."""
         return self.sandbox_output_dir or Path.home() / ".local/state/dispatcher/output"
+
+    @property
+    def secret_delivery(self) -> SecretDelivery:
+        """The work secret's delivery: the setting, else the one the runtime's runner reads
+        (the SDK's environment variable for processes; stdin alone for containers, whose
+        environment `docker inspect` shows)."""
+        if self.work_secret_delivery is not None:
+            return self.work_secret_delivery
+        if self.sandbox_runtime == SandboxRuntimeKind.DOCKER:
+            return SecretDelivery.NONE
+        return SecretDelivery.ENV
 
     @property
     def default_session_queue(self) -> str:

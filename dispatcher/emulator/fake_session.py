@@ -2,34 +2,45 @@
 
     python -m dispatcher.emulator.fake_session < work.json
 
-Standard library only, so a fleet can start hundreds quickly. It reads the work item JSON on
-stdin (as the official CLI hands it over) and behaves as the item's metadata says:
+Standard library only, so a fleet can start hundreds quickly (and it runs as a lone file). It
+reads the work item JSON on stdin (as the official CLI hands it over) and behaves as the item's
+metadata says:
 
     fake.duration        seconds to run (default 1)
     fake.exit_code       exit status when it runs to the end (default 0)
     fake.ignore_sigterm  "1": record SIGTERM but keep running (children ignore it too)
     fake.children        N child processes, forked, in the same process group, sleeping as long
-    fake.heartbeat       runner mode: heartbeat the lease itself with ANTHROPIC_ENVIRONMENT_KEY at
-                         ANTHROPIC_BASE_URL, starting from ANTHROPIC_WORK_LAST_HEARTBEAT (or
-                         NO_HEARTBEAT), and force-stop the item at the end unless the lease was
-                         lost. "1": as SDK 2.17's `Lease`: a 300 s TTL assumed before the first
-                         reply, a beat every min(ttl/2, 30) s, a stop only on `lease_extended:
-                         false`. "cli": the other shape of runner: a 30 s TTL assumed, a beat
-                         every ttl/2, a stop on `state: stopping|stopped` too
+    fake.heartbeat       "1": runner mode, like the SDK's `handle_item`: heartbeat the lease
+                         itself at ANTHROPIC_BASE_URL, starting from ANTHROPIC_WORK_LAST_HEARTBEAT
+                         (or NO_HEARTBEAT), and force-stop the item at the end unless the lease
+                         was lost
+    fake.lease           whose lease the runner keeps (default "2.17"):
+                         "2.17" as SDK 2.17's `Lease`: 300 s assumed TTL before the first reply,
+                           a heartbeat every min(ttl/2, 30) s, the work secret's sessions token as
+                           the credential (the environment key without one); ends only on
+                           `lease_extended: false`; a 412, another permanent 4xx, or no success
+                           within the TTL loses the lease, and a lost lease is never stopped;
+                         "2.10" as SDK 2.10's worker: 90 s assumed TTL, the environment key;
+                           ends on `state: stopping|stopped` too
+                         The fleet meets both: a runner that stops on `stopping` and one that
+                         waits for `lease_extended: false` (or for the fleet's SIGTERM).
 
 Exit status: `fake.exit_code` when it ran to the end; 0 after a SIGTERM or a server stop (a clean
-shutdown, as the official runner's); 1 when the lease was lost (412).
+shutdown, as the official runner's); 1 when the lease was lost.
 
 If DISPATCHER_FAKE_RECORD_DIR is set it appends JSON lines to `<dir>/<work_id>.jsonl`, one whole
 line per O_APPEND write (attempts of one item may share the file). Every line has `event`,
 `time` (epoch s), `pid`, `pgid`, `ppid`, `work_id`. Events: `started` (with `env`, `env_names`,
 `environment_key_sha256`, `stdin_work_id`, `stdin_session_id`, `stdin_secret_sha256`, `attempt`,
-`metadata`), `child_started`, `sigterm`, `heartbeat` (status, state, lease_extended),
-`stop_sent` (status), `exited` (exit_code, reason). Keys and secrets are only ever hashed.
+`metadata`), `child_started`, `sigterm`, `runner` (lease, credential), `heartbeat` (status,
+state, lease_extended), `lease_lost` (status), `stop_sent` (status), `exited` (exit_code,
+reason). Keys and secrets are only ever hashed.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -39,6 +50,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
@@ -49,13 +61,11 @@ RECORDED_ENV = ("ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONM
 TICK_S = 0.02
 # Heartbeat interval floor: a 1 s test TTL still leaves time between beats.
 MIN_BEAT_INTERVAL_S = 0.25
-# SDK 2.17's `Lease`: "The API's default lease TTL", assumed before the first reply, and the
-# longest wait between heartbeats.
-SDK_CLAIM_TTL_S = 300.0
-SDK_MAX_BEAT_INTERVAL_S = 30.0
-# The other shape's TTL assumed before the first reply.
-CLI_CLAIM_TTL_S = 30.0
-# 4xx answers a runner retries (the SDK's `_RETRYABLE_4XX`); any other 4xx loses the lease.
+# The SDK's ceiling on the interval, whatever the TTL (2.10 and 2.17 alike).
+MAX_BEAT_INTERVAL_S = 30.0
+# First retry of a failed heartbeat (2.17 retries with backoff inside the lease), doubling.
+RETRY_FIRST_S = 0.5
+# 408, 409 and 429 are worth retrying; every other 4xx is permanent (the SDK's classifier).
 RETRYABLE_4XX = frozenset({408, 409, 429})
 API_HEADERS = {"anthropic-version": "2026-10-21", "anthropic-beta": "managed-agents-2026-04-01",
                "content-type": "application/json"}
@@ -68,8 +78,7 @@ class Plan:
     ignore_sigterm: bool
     children: int
     heartbeat: bool
-    # Runner mode's shape: "sdk" (SDK 2.17's `Lease`) or "cli" (stops on `stopping` too).
-    shape: str
+    lease: str
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> Plan:
@@ -77,8 +86,24 @@ class Plan:
                    exit_code=int(meta.get("fake.exit_code", 0)),
                    ignore_sigterm=str(meta.get("fake.ignore_sigterm", "")) == "1",
                    children=int(meta.get("fake.children", 0)),
-                   heartbeat=str(meta.get("fake.heartbeat", "")) in ("1", "cli"),
-                   shape="cli" if str(meta.get("fake.heartbeat", "")) == "cli" else "sdk")
+                   heartbeat=str(meta.get("fake.heartbeat", "")) == "1",
+                   lease=str(meta.get("fake.lease", "2.17")))
+
+
+@dataclass(frozen=True)
+class LeaseShape:
+    """How one SDK version's runner keeps its lease."""
+
+    assumed_ttl_s: float  # before the first reply
+    stops_on_state: bool  # a reply of `state: stopping|stopped` ends the run, even if extended
+    sessions_token: bool  # the secret's sessions token is the credential, when there is one
+
+
+LEASE_SHAPES = {
+    # lib/environments/_lease.py: CLAIM_TIMEOUT, "The API's default lease TTL".
+    "2.17": LeaseShape(assumed_ttl_s=300.0, stops_on_state=False, sessions_token=True),
+    "2.10": LeaseShape(assumed_ttl_s=90.0, stops_on_state=True, sessions_token=False),
+}
 
 
 class Recorder:
@@ -171,23 +196,27 @@ def _end_children(pids: list[int], *, terminate: bool) -> None:
 
 
 class Runner:
-    """Runner mode: this program holds the lease, as `ant beta:worker run` does."""
+    """Runner mode: this program holds the lease, as the SDK's `handle_item` does."""
 
-    def __init__(self, work: dict[str, Any], recorder: Recorder, outcome: Outcome,
-                 shape: str = "sdk") -> None:
+    def __init__(self, work: dict[str, Any], plan: Plan, recorder: Recorder,
+                 outcome: Outcome) -> None:
         self.base = os.environ.get("ANTHROPIC_BASE_URL", "https://api.anthropic.com").rstrip("/")
         environment = os.environ.get("ANTHROPIC_ENVIRONMENT_ID") or work.get("environment_id")
         work_id = os.environ.get("ANTHROPIC_WORK_ID") or work.get("id")
         self.url = f"{self.base}/v1/environments/{environment}/work/{work_id}"
-        self.key = os.environ.get("ANTHROPIC_ENVIRONMENT_KEY", "")
+        self.shape = LEASE_SHAPES.get(plan.lease, LEASE_SHAPES["2.17"])
+        token = _sessions_token(work.get("secret")) if self.shape.sessions_token else None
+        self.key = token or os.environ.get("ANTHROPIC_ENVIRONMENT_KEY", "")
+        self.credential = "sessions_token" if token else "environment_key"
+        self.lease_name = plan.lease if plan.lease in LEASE_SHAPES else "2.17"
         self.token = os.environ.get("ANTHROPIC_WORK_LAST_HEARTBEAT") or "NO_HEARTBEAT"
         self.recorder = recorder
         self.outcome = outcome
         self.finished = threading.Event()
         self.lease_lost = False
-        self.shape = shape
 
     def start(self) -> None:
+        self.recorder.write("runner", lease=self.lease_name, credential=self.credential)
         threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True).start()
 
     def finish(self) -> None:
@@ -197,36 +226,32 @@ class Runner:
             self.recorder.write("stop_sent", status=status)
 
     def _beat_loop(self) -> None:
-        ttl = SDK_CLAIM_TTL_S if self.shape == "sdk" else CLI_CLAIM_TTL_S
-        last_success = time.monotonic()
+        ttl, failures = self.shape.assumed_ttl_s, 0
+        expires_at = time.monotonic() + ttl
         while not self.finished.is_set():
-            interval = self._interval(ttl)
+            interval = beat_interval(ttl)
+            sent_at = time.monotonic()
             query = "expected_last_heartbeat=" + quote(self.token, safe="")
             status, body = self._call("/heartbeat?" + query, None, timeout=interval)
             self.recorder.write("heartbeat", status=status, state=body.get("state"),
                                 lease_extended=body.get("lease_extended"))
-            if status == 200:
-                last_success = time.monotonic()
-                self.token = body.get("last_heartbeat") or self.token
-                ttl = float(body.get("ttl_seconds") or ttl)
-                if self._told_to_stop(body):
-                    self.outcome.end("server_stop")
-            elif _lost(status) or time.monotonic() - last_success > ttl:
+            verdict = judge(self.shape, status, body, expired=time.monotonic() >= expires_at)
+            if verdict == Verdict.LOST:
                 self.lease_lost = True
+                self.recorder.write("lease_lost", status=status)
                 self.outcome.end("lease_lost")
-            # The interval of the TTL just granted, not the one assumed before the first reply.
-            self.finished.wait(self._interval(ttl) if status == 200 else interval)
-
-    def _interval(self, ttl: float) -> float:
-        beat = min(ttl / 2, SDK_MAX_BEAT_INTERVAL_S) if self.shape == "sdk" else ttl / 2
-        return max(MIN_BEAT_INTERVAL_S, beat)
-
-    def _told_to_stop(self, reply: dict[str, Any]) -> bool:
-        """SDK 2.17 stops only when the lease is not extended (a `stopping` item whose lease is
-        still extended runs on); the other shape also on the item's state."""
-        if self.shape == "cli" and reply.get("state") in ("stopping", "stopped"):
-            return True
-        return not reply.get("lease_extended")
+                return
+            if verdict == Verdict.RETRY:
+                failures += 1
+                wait = min(interval, RETRY_FIRST_S * 2 ** (failures - 1))
+            else:
+                ttl = float(body.get("ttl_seconds") or ttl)
+                expires_at, failures = sent_at + ttl, 0
+                self.token = body.get("last_heartbeat") or self.token
+                wait = beat_interval(ttl)  # the TTL just granted, not the one assumed before
+                if verdict == Verdict.END:
+                    self.outcome.end("server_stop")
+            self.finished.wait(max(0.0, sent_at + wait - time.monotonic()))
 
     def _call(self, path: str, body: dict[str, Any] | None,
               timeout: float) -> tuple[int, dict[str, Any]]:
@@ -246,9 +271,45 @@ class Runner:
             return 0, {}
 
 
-def _lost(status: int) -> bool:
-    """A 412, or another 4xx a retry cannot change: someone else may hold the item."""
+class Verdict(StrEnum):
+    """What one heartbeat's answer means to the runner."""
+
+    HELD = "held"  # extended: beat again after the interval
+    END = "end"  # the server asks the runner to end (it still stops the item)
+    RETRY = "retry"  # a transient failure: try again soon, while the lease lasts
+    LOST = "lost"  # another holder may have the item: end, and never stop it
+
+
+def judge(shape: LeaseShape, status: int, body: dict[str, Any], *, expired: bool) -> Verdict:
+    """The runner's reading of one heartbeat answer (2.17: `Lease._extend`, `_record_response`)."""
+    if status == 200:
+        stopping = body.get("state") in ("stopping", "stopped") and shape.stops_on_state
+        return Verdict.END if stopping or not body.get("lease_extended") else Verdict.HELD
+    if _permanent(status) or expired:
+        return Verdict.LOST
+    return Verdict.RETRY
+
+
+def beat_interval(ttl: float) -> float:
+    return max(MIN_BEAT_INTERVAL_S, min(ttl / 2, MAX_BEAT_INTERVAL_S))
+
+
+def _permanent(status: int) -> bool:
+    """A refusal retrying will not fix: 412 (another holder) or another 4xx but 408/409/429."""
     return 400 <= status < 500 and status not in RETRYABLE_4XX
+
+
+def _sessions_token(secret: object) -> str | None:
+    """The secret's sessions token (base64url JSON, padding perhaps missing). The emulator's
+    `auth` reads it too, but this program runs as a lone file, outside the package."""
+    if not isinstance(secret, str) or not secret:
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    token = data.get("sessions_token") if isinstance(data, dict) else None
+    return token if isinstance(token, str) and token else None
 
 
 def _json(raw: bytes) -> dict[str, Any]:
@@ -274,7 +335,7 @@ def main() -> int:
     recorder.write("started", **_started_fields(work))
     deadline = time.time() + plan.duration
     children = _fork_children(plan, recorder, deadline)
-    runner = Runner(work, recorder, outcome, plan.shape) if plan.heartbeat else None
+    runner = Runner(work, plan, recorder, outcome) if plan.heartbeat else None
     if runner:
         runner.start()
     while outcome.reason is None and time.time() < deadline:

@@ -4,7 +4,9 @@ It starts Redis (the one at DISPATCHER_REDIS_URL if it answers, else a private o
 emulator, a control worker with beat, two session workers and Flower; creates a batch of
 sessions (short ones, one stopped gracefully, one stopped by force, one whose worker is killed
 mid-session); shows live progress; prints a summary table; and stops everything it started,
-also on Ctrl-C. Exit code 0 when every session ended as it should.
+also on Ctrl-C. Then, with the SDK installed (the dev extra), a few sessions run real tool calls
+through the official runner (`demo_official`), and a second table shows each call and its
+result. Exit code 0 when every session ended as it should.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dispatcher.ops.demo_official import OfficialSession, run_official, summary_lines
 
 __all__ = ["register", "run"]
 
@@ -80,19 +84,27 @@ def _run(workdir: Path, *, as_json: bool) -> int:
                        redis_url=os.environ.get("DISPATCHER_REDIS_URL",
                                                 "redis://127.0.0.1:6379/0"))
     sessions = _plan()
+    official: list[OfficialSession] | None = None
     try:
         _start(stack, workdir, out)
         _drive(stack, workdir, sessions, out)
+        if not as_json:
+            _summary(sessions, out)
+            out.say("")
+        official = run_official(stack.redis_url, workdir / "official", out.say)
     except KeyboardInterrupt:
         out.say("\ninterrupted: stopping everything the demo started")
         return 130
     finally:
         stack.stop_all()
-    ok = all(s.ok for s in sessions)
+    ok = all(s.ok for s in sessions) and all(s.ok for s in official or [])
     if as_json:
-        print(json.dumps({"ok": ok, "sessions": [asdict(s) for s in sessions]}, indent=2))
-    else:
-        _summary(sessions, out)
+        print(json.dumps({"ok": ok, "sessions": [asdict(s) for s in sessions],
+                          "official": [asdict(s) for s in official or []]}, indent=2))
+    elif official is not None:
+        out.say("")
+        for line in summary_lines(official):
+            out.say(line)
     return 0 if ok else 1
 
 

@@ -116,12 +116,24 @@ class LocalStack:
         body = {"name": name, "config": {"type": "self_hosted"}}
         return str(self._admin("POST", "/v1/environments", json=body)["id"])
 
-    def create_session(self, metadata: dict[str, str] | None = None) -> tuple[str, str]:
-        """Create a session on the emulator; returns (session id, work id)."""
-        body = {"environment_id": self.environment_id, "agent": "demo",
-                "metadata": metadata or {}}
+    def create_session(self, metadata: dict[str, str] | None = None, *,
+                       script: list[dict[str, Any]] | None = None) -> tuple[str, str]:
+        """Create a session on the emulator; returns (session id, work id). `script`: the tool
+        calls its scripted agent asks for (the emulator's `emulator_script`)."""
+        body: dict[str, Any] = {"environment_id": self.environment_id, "agent": "demo",
+                                "metadata": metadata or {}}
+        if script is not None:
+            body["emulator_script"] = script
         session = self._admin("POST", "/v1/sessions", json=body)
         return str(session["id"]), str(session["work_id"])
+
+    def work_state(self, work_id: str) -> str:
+        path = f"/v1/environments/{self.environment_id}/work/{work_id}"
+        return str(self._admin("GET", path)["state"])
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        """The emulator's request log (with the scripted agents' tool results)."""
+        return list(self._admin("GET", "/_emulator/requests")["data"])
 
     # --- the fleet ----------------------------------------------------------------------------
     def fleet_env(self, **overrides: str) -> dict[str, str]:

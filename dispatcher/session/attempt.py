@@ -9,6 +9,7 @@ waits on the process deadlocks on Popen's lock, which the interrupted wait may h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -154,14 +155,14 @@ def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
 
 def _deliver_secret(settings: Settings, lease: Lease, secret: str | None,
                     contract: dict[str, str | None]) -> str | None:
-    """A sandbox that holds its own lease may want the work secret outside stdin: SDK 2.10.0's
+    """A sandbox that holds its own lease may want the work secret outside stdin: the SDK's
     `handle_item` reads ANTHROPIC_WORK_SECRET. Returns the secret to write as a file, if any."""
     if lease.mode == LeaseMode.DISPATCHER or secret is None:
         return None
-    if settings.work_secret_delivery == SecretDelivery.ENV:
+    if settings.secret_delivery == SecretDelivery.ENV:
         contract["ANTHROPIC_WORK_SECRET"] = secret
         return None
-    return secret if settings.work_secret_delivery == SecretDelivery.FILE else None
+    return secret if settings.secret_delivery == SecretDelivery.FILE else None
 
 
 @dataclass
@@ -177,7 +178,8 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
     flags = _Flags()
     with _terminate_sets_flag(flags):
         try:
-            sandbox = start_sandbox(runtime.settings, spec)
+            with _pulsing_while_a_container_starts(runtime, attempt):
+                sandbox = start_sandbox(runtime.settings, spec)
         except SandboxStartError as exc:
             return _start_failed(runtime, memory.lease, exc)
         attempt.mark("spawned")
@@ -446,6 +448,34 @@ def _finish(runtime: Runtime, sup: _Supervisor, code: int) -> Outcome:
     if step.lease is not None and step.over != Outcome.SUPERSEDED:
         sup.memory.lease = step.lease  # a superseded attempt has nothing new to remember
     return step.over or Outcome.SUPERSEDED
+
+
+@contextmanager
+def _pulsing_while_a_container_starts(runtime: Runtime,
+                                      attempt: SessionAttempt) -> Iterator[None]:
+    """Pulse the lease while the engine creates the container. Creating one copies its image's
+    root on some storage drivers (seconds for an image with the SDK on vfs), and a lease with no
+    pulse for the recovery's staleness limit is taken for one whose worker died: a second
+    attempt starts, and this one is fenced once its container runs. A process starts in
+    milliseconds: no thread for it."""
+    if runtime.settings.sandbox_runtime != SandboxRuntimeKind.DOCKER:
+        yield
+        return
+    started = threading.Event()
+
+    def pulse() -> None:
+        while not started.wait(SUPERVISE_INTERVAL_SECONDS):
+            # An outage: the supervisor's loop rides it out once the container runs.
+            with contextlib.suppress(RedisError):
+                runtime.registry.pulse(attempt.work_id, attempt.attempt, worker=attempt.worker)
+
+    thread = threading.Thread(target=pulse, name=f"pulse-{attempt.work_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        started.set()
+        thread.join()
 
 
 @contextmanager

@@ -1,5 +1,5 @@
-"""Refuse the one configuration that fails every session: the official runner in `dispatcher`
-lease mode.
+"""Refuse the configurations that fail every session of the official runner: the `dispatcher`
+lease mode, and a work secret the runner does not read.
 
 The official runner (`ant beta:worker run`, SDK 2.10.0's `handle_item`) claims the lease itself
 with a first heartbeat of `NO_HEARTBEAT`. The server accepts that only while nobody has
@@ -9,6 +9,13 @@ points DISPATCHER_ON_WORK at their `docker run ... ant beta:worker run` script a
 that. So a session worker looks at what its sandbox runs (the on-work command and the scripts it
 names, or the container's command and the image's) and, when it finds the runner while the lease
 mode was left at its default, refuses to start with one line naming the setting to change.
+
+The runner also needs the work item's secret, whose sessions token authorises its session
+calls: the SDK's `handle_item` reads it from ANTHROPIC_WORK_SECRET and nowhere else. So a
+process sandbox that runs `handle_item` directly with another DISPATCHER_WORK_SECRET_DELIVERY,
+and a container that runs it directly (a container's environment is never given the secret),
+are refused too, naming the setting and the entry point that reads the secret from stdin
+(`stdin_runner.py`, which works with every delivery).
 
 Why refuse rather than switch: the lease mode is read when work is claimed, on control workers
 that may not see the sandbox program at all, so a session worker's guess must not change it;
@@ -24,14 +31,19 @@ import tokenize
 from collections.abc import Iterable
 from pathlib import Path
 
-from dispatcher.settings import Settings
+from dispatcher.settings import SandboxRuntimeKind, SecretDelivery, Settings
 
-__all__ = ["RUNNER_PATTERNS", "find_runner", "lease_mode_problem", "program_texts"]
+__all__ = ["RUNNER_PATTERNS", "find_runner", "lease_mode_problem", "program_texts",
+           "secret_delivery_problem"]
 
-# Invocations of programs that claim the lease with NO_HEARTBEAT.
+# Invocations of programs that claim the lease with NO_HEARTBEAT. The entry point comes first:
+# its own code calls handle_item, but it reads the secret from stdin, whatever the delivery.
+STDIN_RUNNER = re.compile(r"\bstdin_runner\b")  # dispatcher/session/stdin_runner.py
+SDK_RUNNER = re.compile(r"\bhandle_item\b")  # the Python SDK's per-item worker
 RUNNER_PATTERNS = (
+    STDIN_RUNNER,
     re.compile(r"\bbeta:worker\s+run\b"),  # the official CLI's per-item runner
-    re.compile(r"\bhandle_item\b"),  # the Python SDK's per-item worker
+    SDK_RUNNER,
 )
 # A comment: `#` at a line's start or after whitespace, to the end of the line.
 COMMENT = re.compile(r"(^|\s)#.*$", re.MULTILINE)
@@ -51,16 +63,35 @@ def find_runner(texts: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
 
 
 def lease_mode_problem(settings: Settings, texts: Iterable[tuple[str, str]]) -> str | None:
-    """The refusal's message, or None when the lease mode suits what the sandbox runs."""
-    if "lease_mode" in settings.model_fields_set:
-        return None
+    """The refusal's message, or None when the lease mode and the secret's delivery suit what
+    the sandbox runs."""
     found = find_runner(texts)
     if found is None:
         return None
+    if "lease_mode" in settings.model_fields_set:
+        return secret_delivery_problem(settings, found)
     where, what = found
     return (f"the sandbox runs the official runner (`{what}` in {where}), which claims its own "
             "lease; set DISPATCHER_LEASE_MODE=runner (in the default `dispatcher` mode the "
             "fleet heartbeats the lease and the runner's first heartbeat is refused with 412)")
+
+
+def secret_delivery_problem(settings: Settings, found: tuple[str, str]) -> str | None:
+    """The refusal's message when the SDK's runner, called directly, cannot read the secret."""
+    where, what = found
+    if not SDK_RUNNER.fullmatch(what):
+        return None  # the entry point reads stdin; the CLI's own reading is its business
+    runner = f"the sandbox runs `{what}` in {where}, which reads the work secret only from " \
+             "ANTHROPIC_WORK_SECRET"
+    if settings.sandbox_runtime == SandboxRuntimeKind.DOCKER:
+        return (f"{runner}, and a container never gets the secret in its environment "
+                "(`docker inspect` shows it): run dispatcher/session/stdin_runner.py as the "
+                "container's command (DISPATCHER_SANDBOX_COMMAND), which reads it from stdin")
+    delivery = settings.secret_delivery
+    if delivery == SecretDelivery.ENV:
+        return None
+    return (f"{runner}: DISPATCHER_WORK_SECRET_DELIVERY={delivery.value} does not reach it; "
+            "set env (the process runtime's default), or run dispatcher/session/stdin_runner.py")
 
 
 def python_code(source: str) -> str:

@@ -232,10 +232,15 @@ def test_a_drained_worker_stops_its_containers_gracefully_and_hands_the_sessions
     assert "attempt restarted" in fleet.log("w1")
 
 
-def test_runner_mode_gives_the_container_a_0600_secret_file_never_in_inspect(
-        container_fleet: Fleet, engine: Any) -> None:
+@pytest.mark.parametrize("delivery", ["file", None])
+def test_runner_mode_gives_the_container_its_secret_never_in_inspect(
+        container_fleet: Fleet, engine: Any, delivery: str | None) -> None:
+    """`file`: a 0600 file; unset (`none`): only the work JSON on stdin, as a read-only root
+    file system still allows."""
     fleet = container_fleet
     fleet.overrides["DISPATCHER_LEASE_MODE"] = "runner"
+    if delivery is not None:
+        fleet.overrides["DISPATCHER_WORK_SECRET_DELIVERY"] = delivery
     fleet.worker("w1", beat=True)
     work_id = fleet.create(fake_duration=3)
     fleet.wait_event(work_id, "started", timeout=60)
@@ -243,9 +248,14 @@ def test_runner_mode_gives_the_container_a_0600_secret_file_never_in_inspect(
     (container,) = _running_of(fleet, engine, work_id)
     assert secret not in _inspect(container["Id"])
     started = fleet.events(work_id, "started")[0]
-    assert started["file_secret_sha256"] == _sha(secret)
-    assert started["file_mode"] == "600"
-    assert "ANTHROPIC_WORK_SECRET_FILE" in started["env_names"].split()
+    assert started["stdin_secret_sha256"] == _sha(secret)
+    if delivery == "file":
+        assert started["file_secret_sha256"] == _sha(secret)
+        assert started["file_mode"] == "600"
+        assert "ANTHROPIC_WORK_SECRET_FILE" in started["env_names"].split()
+    else:
+        assert started["file_secret_sha256"] == ""
+        assert "ANTHROPIC_WORK_SECRET" not in started["env_names"]
     # The test sandbox never heartbeats: the item is stopped when the container exits.
     fleet.wait_stopped([work_id], timeout=30)
 

@@ -20,7 +20,7 @@ DISPATCHER = str(Path(sys.executable).with_name("dispatcher"))
 def test_the_demo_runs_every_kind_of_session_and_cleans_up(tmp_path: Path) -> None:
     env = {**os.environ, "DISPATCHER_REDIS_URL": redis_url(DEMO_DB)}  # the tests' Redis
     done = subprocess.run([DISPATCHER, "demo", "--json", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
                           env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout)
@@ -31,6 +31,12 @@ def test_the_demo_runs_every_kind_of_session_and_cleans_up(tmp_path: Path) -> No
     assert not by_label["forced-stop"]["sigterm"]
     killed = by_label["worker-killed"]
     assert killed["attempts"] == 2 and len(set(killed["workers"])) == 2
+    # The official runner's part: every scripted call ran once and its result is recorded.
+    official = summary["official"]
+    assert len(official) == 3 and all(s["ok"] and s["state"] == "stopped" for s in official)
+    for session in official:
+        assert [c["tool"] for c in session["calls"]] == [c["name"] for c in session["script"]]
+        assert session["calls"][-1]["is_error"], "the failing command's result is an error"
     # Everything the demo started is gone: no celery process of its fleet, no sandbox.
     fleet = subprocess.run(["pgrep", "-f", "celery -A dispatcher"], capture_output=True,
                            text=True).stdout.split()
@@ -39,7 +45,8 @@ def test_the_demo_runs_every_kind_of_session_and_cleans_up(tmp_path: Path) -> No
     for record in (tmp_path / "records").glob("*.jsonl"):
         for line in record.read_text().splitlines():
             assert not Path(f"/proc/{json.loads(line)['pid']}").exists()
-    for log in ("control.log", "alpha.log", "beta.log", "flower.log", "emulator.log"):
+    for log in ("control.log", "alpha.log", "beta.log", "flower.log", "emulator.log",
+                "official/runner.log", "official/emulator.log"):
         assert (tmp_path / log).exists()
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,31 +146,24 @@ def test_runner_mode_heartbeats_its_own_lease_and_force_stops(
     assert claims[0]["expected_last_heartbeat"] == "NO_HEARTBEAT"
 
 
-def _runner_after_a_graceful_stop(emu: EmulatorProcess, tmp_path: Path,
-                                  **meta: str) -> tuple[str, str, str, subprocess.Popen[bytes]]:
-    """A claimed item, stopped gracefully, then handed on (token and all) to a runner:
-    (environment, work id, token, the runner's process)."""
-    env = emu.create_environment()
-    _, work_id = emu.create_session(env, metadata=meta)
-    polled = emu.poll(env, block_ms=500)
+def test_runner_mode_of_2_10_continues_a_lease_and_ends_on_a_graceful_stop(
+        emulator: EmulatorProcess, tmp_path: Path) -> None:
+    env = emulator.create_environment()
+    _, work_id = emulator.create_session(env, metadata={"fake.duration": "30",
+                                                        "fake.heartbeat": "1",
+                                                        "fake.lease": "2.10"})
+    polled = emulator.poll(env, block_ms=500)
     assert polled is not None
-    emu.http.post(emu.work_url(env, f"/{work_id}/ack"), headers=emu.env_headers)
-    token = emu.http.post(emu.work_url(env, f"/{work_id}/heartbeat"),
-                          params={"expected_last_heartbeat": "NO_HEARTBEAT"},
-                          headers=emu.env_headers).json()["last_heartbeat"]
-    emu.http.post(emu.work_url(env, f"/{work_id}/stop"), headers=emu.org_headers, json={})
+    emulator.http.post(emulator.work_url(env, f"/{work_id}/ack"), headers=emulator.env_headers)
+    token = emulator.http.post(emulator.work_url(env, f"/{work_id}/heartbeat"),
+                               params={"expected_last_heartbeat": "NO_HEARTBEAT"},
+                               headers=emulator.env_headers).json()["last_heartbeat"]
+    emulator.http.post(emulator.work_url(env, f"/{work_id}/stop"), headers=emulator.org_headers,
+                       json={})  # graceful: the runner sees `stopping` on its first beat
     process = _start(polled, _env(
         tmp_path, ANTHROPIC_WORK_ID=work_id, ANTHROPIC_ENVIRONMENT_ID=env,
-        ANTHROPIC_ENVIRONMENT_KEY=emu.environment_key, ANTHROPIC_BASE_URL=emu.base_url,
+        ANTHROPIC_ENVIRONMENT_KEY=emulator.environment_key, ANTHROPIC_BASE_URL=emulator.base_url,
         ANTHROPIC_WORK_LAST_HEARTBEAT=token))
-    return env, work_id, token, process
-
-
-def test_runner_mode_continues_a_lease_and_ends_on_a_server_stop(
-        emulator: EmulatorProcess, tmp_path: Path) -> None:
-    # Graceful: the runner's first beat is answered `stopping`, not extended.
-    env, work_id, token, process = _runner_after_a_graceful_stop(
-        emulator, tmp_path, **{"fake.duration": "30", "fake.heartbeat": "1"})
     assert process.wait(timeout=15) == 0
     records = _records(tmp_path, work_id)
     assert records[0]["env"]["ANTHROPIC_WORK_LAST_HEARTBEAT"] == token
@@ -178,19 +171,55 @@ def test_runner_mode_continues_a_lease_and_ends_on_a_server_stop(
     assert emulator.get(env, work_id)["state"] == "stopped"
 
 
-@pytest.mark.parametrize(("shape", "stops_on_the_server"), [("1", False), ("cli", True)])
-def test_runner_modes_two_shapes_meet_a_stopping_lease_that_is_still_extended(
-        emulator_factory: Callable[..., EmulatorProcess], tmp_path: Path, shape: str,
-        stops_on_the_server: bool) -> None:
-    """SDK 2.17's shape stops only on `lease_extended: false`; the other shape on `stopping`
-    too. With `--stopping-heartbeat extend` a graceful stop shows only the state."""
-    emu = emulator_factory("--stopping-heartbeat", "extend", "--min-ttl", "1")
-    env, work_id, _, process = _runner_after_a_graceful_stop(
-        emu, tmp_path, **{"fake.duration": "4", "fake.heartbeat": shape})
-    assert process.wait(timeout=15) == 0
+def _claimed(emulator: EmulatorProcess, metadata: dict[str, str]) -> tuple[str, str,
+                                                                            dict[str, Any]]:
+    env = emulator.create_environment()
+    _, work_id = emulator.create_session(env, metadata={"fake.heartbeat": "1", **metadata})
+    polled = emulator.poll(env, block_ms=500)
+    assert polled is not None and polled["id"] == work_id
+    emulator.http.post(emulator.work_url(env, f"/{work_id}/ack"), headers=emulator.env_headers)
+    return env, work_id, polled
+
+
+def _runner_env(emulator: EmulatorProcess, records: Path, env: str, work_id: str) -> dict[str, str]:
+    return _env(records, ANTHROPIC_WORK_ID=work_id, ANTHROPIC_ENVIRONMENT_ID=env,
+                ANTHROPIC_ENVIRONMENT_KEY=emulator.environment_key,
+                ANTHROPIC_BASE_URL=emulator.base_url)
+
+
+def test_runner_mode_of_2_17_holds_the_lease_with_the_sessions_token_and_ends_on_extended_false(
+        emulator_factory: Any, tmp_path: Path) -> None:
+    emulator = emulator_factory("--default-ttl", "2", "--min-ttl", "1")
+    env, work_id, polled = _claimed(emulator, {"fake.duration": "60"})
+    process = _start(polled, _runner_env(emulator, tmp_path, env, work_id))
+    deadline = time.monotonic() + 15
+    while sum(r["event"] == "heartbeat" for r in _records(tmp_path, work_id)) < 3:
+        assert time.monotonic() < deadline, "no three heartbeats"
+        time.sleep(0.05)
+    emulator.http.post(emulator.work_url(env, f"/{work_id}/stop"), headers=emulator.org_headers,
+                       json={"force": True})
+    assert process.wait(timeout=10) == 0
     records = _records(tmp_path, work_id)
+    (runner,) = [r for r in records if r["event"] == "runner"]
+    assert (runner["lease"], runner["credential"]) == ("2.17", "sessions_token")
     beats = [r for r in records if r["event"] == "heartbeat"]
-    assert beats[0]["state"] == "stopping" and beats[0]["lease_extended"] is True
-    reason = "server_stop" if stops_on_the_server else "completed"
-    assert records[-1]["reason"] == reason
-    assert emu.get(env, work_id)["state"] == "stopped", "force-stopped at its end either way"
+    assert all(b["lease_extended"] for b in beats[:-1]) and not beats[-1]["lease_extended"]
+    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(beats[:3])]
+    assert all(0.7 <= gap <= 3 for gap in gaps), f"every ttl/2 = 1 s: {gaps}"
+    assert records[-1]["reason"] == "server_stop"
+    assert [r["event"] for r in records].count("stop_sent") == 1, "the held item is stopped"
+
+
+def test_runner_mode_of_2_17_never_stops_an_item_whose_lease_it_lost(
+        emulator: EmulatorProcess, tmp_path: Path) -> None:
+    env, work_id, polled = _claimed(emulator, {"fake.duration": "30"})
+    emulator.set_faults(heartbeat_412_rate=1.0)
+    process = _start(polled, _runner_env(emulator, tmp_path, env, work_id))
+    assert process.wait(timeout=15) == 1
+    records = _records(tmp_path, work_id)
+    assert [r["status"] for r in records if r["event"] == "lease_lost"] == [412]
+    assert records[-1]["reason"] == "lease_lost"
+    assert not [r for r in records if r["event"] == "stop_sent"], "a lost lease is not stopped"
+    stops = [e for e in emulator.requests_log()
+             if e["work_id"] == work_id and e["endpoint"] == "stop"]
+    assert not stops

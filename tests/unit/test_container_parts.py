@@ -258,6 +258,52 @@ def test_only_the_default_mode_is_refused() -> None:
     assert lease_mode_problem(_settings(), [("spawn.sh", "exec my-program")]) is None
 
 
+@pytest.mark.parametrize(("env", "refused_with"), [
+    # The SDK called directly reads the secret from ANTHROPIC_WORK_SECRET alone.
+    ({"DISPATCHER_SANDBOX_RUNTIME": "process"}, None),
+    ({"DISPATCHER_SANDBOX_RUNTIME": "process", "DISPATCHER_WORK_SECRET_DELIVERY": "env"}, None),
+    ({"DISPATCHER_SANDBOX_RUNTIME": "process", "DISPATCHER_WORK_SECRET_DELIVERY": "file"},
+     "DISPATCHER_WORK_SECRET_DELIVERY=file does not reach it"),
+    ({"DISPATCHER_SANDBOX_RUNTIME": "process", "DISPATCHER_WORK_SECRET_DELIVERY": "none"},
+     "DISPATCHER_WORK_SECRET_DELIVERY=none does not reach it"),
+    # A container never gets the secret in its environment: the entry point must read it.
+    ({}, "run dispatcher/session/stdin_runner.py as the container's command"),
+    ({"DISPATCHER_WORK_SECRET_DELIVERY": "file"}, "stdin_runner.py"),
+])
+def test_the_sdks_runner_called_directly_is_refused_where_the_secret_cannot_reach_it(
+        env: dict[str, str], refused_with: str | None) -> None:
+    settings = _settings(DISPATCHER_LEASE_MODE="runner", DISPATCHER_ON_WORK="run.py", **env)
+    problem = lease_mode_problem(settings, [("run.py", "asyncio.run(worker.handle_item())")])
+    assert (problem is None) == (refused_with is None)
+    if refused_with is not None:
+        assert problem is not None and refused_with in problem and "run.py" in problem
+
+
+@pytest.mark.parametrize("env", [
+    {"DISPATCHER_SANDBOX_RUNTIME": "process"},
+    {"DISPATCHER_SANDBOX_RUNTIME": "process", "DISPATCHER_WORK_SECRET_DELIVERY": "file"},
+    {}, {"DISPATCHER_WORK_SECRET_DELIVERY": "none"},
+])
+def test_the_stdin_entry_point_is_a_runner_that_every_delivery_reaches(
+        env: dict[str, str]) -> None:
+    texts = [("image r:1", "/opt/sdk/bin/python /opt/dispatcher/stdin_runner.py")]
+    assert find_runner(texts) == ("image r:1", "stdin_runner")
+    assert "DISPATCHER_LEASE_MODE=runner" in str(lease_mode_problem(_settings(**env), texts))
+    assert lease_mode_problem(_settings(DISPATCHER_LEASE_MODE="runner", **env), texts) is None
+
+
+@pytest.mark.parametrize(("env", "delivery"), [
+    ({"DISPATCHER_SANDBOX_RUNTIME": "process"}, "env"),  # as the SDK reads it
+    ({}, "none"),  # docker: only inside the work JSON on stdin, never in `docker inspect`
+    ({"DISPATCHER_WORK_SECRET_DELIVERY": "file"}, "file"),
+    ({"DISPATCHER_SANDBOX_RUNTIME": "process", "DISPATCHER_WORK_SECRET_DELIVERY": "none"},
+     "none"),
+])
+def test_the_secrets_default_delivery_is_the_one_the_runtimes_runner_reads(
+        env: dict[str, str], delivery: str) -> None:
+    assert _settings(**env).secret_delivery.value == delivery
+
+
 def test_a_container_is_labelled_with_its_sessions_environment_not_the_fleets_first() -> None:
     settings = _settings()
     spec = dataclasses.replace(_spec(), environment_id="env_2")

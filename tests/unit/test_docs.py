@@ -97,7 +97,8 @@ def test_start_up_errors_are_explained() -> None:
                  "does not answer", "DISPATCHER_SANDBOX_IMAGE is not set",
                  "permission denied on the Docker engine", "is not on the engine",
                  "could not be pulled", "the sandbox runs the official runner",
-                 "DISPATCHER_WORK_SECRET_DELIVERY=env is refused"):
+                 "DISPATCHER_WORK_SECRET_DELIVERY=env is refused",
+                 "which reads the work secret only from ANTHROPIC_WORK_SECRET"):
         assert line in doc
 
 

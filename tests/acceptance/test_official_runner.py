@@ -1,0 +1,260 @@
+"""The official runner, SDK `EnvironmentWorker.handle_item` unmodified, as the on-work program of
+runner mode, through a real fleet against the emulator's scripted agent:
+
+* in a process: the SDK's documented recipe (`handle_item()`, the secret from
+  ANTHROPIC_WORK_SECRET, the process runtime's default delivery);
+* in a container of the image built from Debian's packages (`bench/runner_image.py`), whose
+  command is the stdin entry point (`stdin_runner.py`: the secret only inside the work JSON on
+  stdin, the docker runtime's default), on a user-defined bridge network, reaching the emulator
+  at the bridge's gateway.
+
+Every tool result the emulator records must be the one the script expects, each call once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from engine import ensure_engine
+from fleet import Fleet, wait_for
+
+from bench.runner_image import RunnerImageError, ensure_image
+
+pytestmark = pytest.mark.acceptance
+
+ON_WORK = Path(__file__).with_name("official_runner") / "on_work.py"
+# After the script's turn ends the runner waits this long for more, then ends the item.
+MAX_IDLE_S = 0.5
+# A session's tool calls: a command that writes a file, read it back, edit it, read the edit
+# with a command, and a command that fails.
+SCRIPT = [
+    {"name": "bash", "input": {"command": "printf 'hello from bash\\n' > notes.txt && echo wrote"}},
+    {"name": "read", "input": {"file_path": "notes.txt"}},
+    {"name": "edit", "input": {"file_path": "notes.txt", "old_string": "bash",
+                               "new_string": "the runner"}},
+    {"name": "bash", "input": {"command": "cat notes.txt"}},
+    {"name": "bash", "input": {"command": "echo failing >&2; exit 3"}},
+]
+SESSIONS = 2
+
+
+def _check_results(results: list[dict[str, Any]]) -> None:
+    """The results of one session are SCRIPT's calls, each once, each with its expected text."""
+    assert [(r["tool"], r["input"]) for r in results] == [(c["name"], c["input"])
+                                                          for c in SCRIPT], "each call once"
+    texts = ["\n".join(r["content"]) for r in results]
+    errors = [r["is_error"] for r in results]
+    assert texts[0].strip() == "wrote" and not errors[0]
+    assert "hello from bash" in texts[1] and not errors[1]
+    assert not errors[2], texts[2]
+    assert texts[3].strip() == "hello from the runner" and not errors[3]
+    assert errors[4] and "failing" in texts[4], "a failing command is an error result"
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def runner_image() -> str:
+    """The official runner's image; a build that cannot finish fails the test with its line."""
+    ensure_engine()
+    try:
+        return ensure_image()
+    except RunnerImageError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def bridge() -> Iterator[tuple[str, str]]:
+    """A user-defined bridge network of the engine (the test engine has no default bridge), and
+    its gateway: the host's address as a container on it sees it."""
+    client = ensure_engine()
+    name = f"dispatcher-runner-{uuid.uuid4().hex[:8]}"
+    client.create_network(name, driver="bridge")
+    try:
+        config = client.inspect_network(name)["IPAM"]["Config"][0]
+        yield name, str(config["Gateway"])
+    finally:
+        client.remove_network(name)
+        client.close()
+
+
+@pytest.fixture
+def runner_fleet(fleet: Fleet, tmp_path: Path) -> Fleet:
+    """Runner mode with the SDK's documented on-work program, in processes."""
+    fleet.overrides.update({
+        "DISPATCHER_LEASE_MODE": "runner",
+        "DISPATCHER_ON_WORK": f"{sys.executable} {ON_WORK} {tmp_path / 'work'} {MAX_IDLE_S}",
+    })
+    return fleet
+
+
+@pytest.fixture
+def container_runner_fleet(emulator_factory: Callable[..., Any], tmp_path: Path,
+                           runner_image: str, bridge: tuple[str, str]) -> Iterator[Fleet]:
+    """Runner mode in containers of the runner image, on the bridge; the emulator listens where
+    the containers reach it, and the fleet uses that address too (it hands its own to them)."""
+    network, gateway = bridge
+    emulator = emulator_factory("--host", "0.0.0.0")
+    base = os.environ.get("DISPATCHER_TEST_REDIS", "redis://127.0.0.1:6379")
+    fleet = Fleet(emulator, tmp_path, base)
+    fleet.use_containers(runner_image)
+    fleet.overrides.update({
+        "ANTHROPIC_BASE_URL": f"http://{gateway}:{emulator.port}",
+        "DISPATCHER_LEASE_MODE": "runner",
+        "DISPATCHER_SANDBOX_NETWORK": network,
+        "DISPATCHER_SANDBOX_TMPFS": "/tmp",
+        "DISPATCHER_SANDBOX_COMMAND": "/opt/sdk/bin/python /opt/dispatcher/stdin_runner.py "
+                                      f"--workdir /tmp --max-idle {MAX_IDLE_S}",
+    })
+    engine = docker.APIClient(version="auto", timeout=60)
+    try:
+        yield fleet
+    finally:
+        fleet.stop_all()
+        leftover = fleet.containers(engine)
+        for container in leftover:
+            engine.remove_container(container["Id"], force=True)
+        engine.close()
+        assert not leftover, "containers of the fleet outlived it"
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _scripted(fleet: Fleet, script: list[dict[str, Any]]) -> tuple[str, str]:
+    """A session the scripted agent drives; (session id, work id)."""
+    emulator = fleet.emulator
+    response = emulator.http.post("/v1/sessions", headers=emulator.org_headers, json={
+        "environment_id": fleet.environment_id, "agent": "agent_scripted",
+        "emulator_script": script})
+    response.raise_for_status()
+    return str(response.json()["id"]), str(response.json()["work_id"])
+
+
+def _log(fleet: Fleet, endpoint: str, **match: str) -> list[dict[str, Any]]:
+    return [e for e in fleet.emulator.requests_log() if e.get("endpoint") == endpoint
+            and all(e.get(k) == v for k, v in match.items())]
+
+
+def _runs_the_script(fleet: Fleet) -> None:
+    fleet.worker("w1", beat=True)
+    sessions = [_scripted(fleet, SCRIPT) for _ in range(SESSIONS)]
+    fleet.wait_stopped([work_id for _, work_id in sessions], timeout=180)
+    for session_id, work_id in sessions:
+        _check_results(_log(fleet, "tool_result", session_id=session_id))
+        claims = [b for b in _log(fleet, "heartbeat", work_id=work_id)
+                  if b["expected_last_heartbeat"] == "NO_HEARTBEAT"]
+        assert [c["status"] for c in claims] == [200], "claimed once, by the runner"
+        session = fleet.emulator.http.get(f"/v1/sessions/{session_id}",
+                                          headers=fleet.emulator.org_headers).json()
+        assert session["status"] == "idle"
+        assert fleet.lease(work_id).get("attempt", "1") == "1", "one attempt"
+
+
+def _signals(fleet: Fleet, work_id: str) -> list[str]:
+    """The signal steps the worker logged for the item (`terminated`, `killed`)."""
+    return [word for line in fleet.log("w1").splitlines() if f"work_id={work_id}" in line
+            for word in ("terminated", "killed") if f" {word} work_id=" in f" {line}"]
+
+
+def _never_finished(fleet: Fleet, session_id: str) -> None:
+    """The long call has no result, or the one the SDK sends for a call its stop cancelled."""
+    results = _log(fleet, "tool_result", session_id=session_id)
+    assert len(results) <= 1, results
+    for result in results:
+        assert result["is_error"] and "was stopped" in "\n".join(result["content"]), result
+
+
+def _long_call(marker_dir: str, session: str) -> list[dict[str, Any]]:
+    """One bash call that says it started (its shell's pid in a marker file), then runs long."""
+    marker = f"{marker_dir}/{session}.started"
+    return [{"name": "bash", "input": {"command": f"echo $$ > {marker}; exec sleep 300"}}]
+
+
+# --- process runtime -----------------------------------------------------------------------------
+def test_handle_item_in_a_process_runs_every_scripted_call(runner_fleet: Fleet) -> None:
+    _runs_the_script(runner_fleet)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_stop_during_a_long_call_ends_handle_item_in_a_process(runner_fleet: Fleet,
+                                                                 force: bool) -> None:
+    """Graceful: the runner ends within the grace (no SIGKILL). Forced: killed within 2 s."""
+    fleet = runner_fleet
+    fleet.overrides["DISPATCHER_STOP_GRACE_SECONDS"] = "15"
+    fleet.worker("w1", beat=True)
+    tag = uuid.uuid4().hex[:8]
+    session_id, work_id = _scripted(fleet, _long_call(str(fleet.records_dir), tag))
+    marker = fleet.records_dir / f"{tag}.started"
+    wait_for(marker.exists, timeout=60, what="the long bash call started")
+    shell = int(marker.read_text())
+    requested = time.monotonic()
+    fleet.admin.stop(work_id, force=force)
+    wait_for(lambda: not _alive(shell), timeout=15 if not force else 5, interval=0.05,
+             what="the tool call's shell ended")
+    ended_after = time.monotonic() - requested
+    fleet.wait_stopped([work_id], timeout=30)
+    if force:
+        assert ended_after < 2.0, f"a forced stop killed it after {ended_after:.1f}s"
+        assert _signals(fleet, work_id) == ["killed"]
+    else:
+        assert ended_after < 15, "ended within the grace"
+        assert _signals(fleet, work_id) == ["terminated"], "no SIGKILL was needed"
+    _never_finished(fleet, session_id)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+# --- docker runtime ------------------------------------------------------------------------------
+def test_handle_item_in_a_container_runs_every_scripted_call(
+        container_runner_fleet: Fleet) -> None:
+    _runs_the_script(container_runner_fleet)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_stop_during_a_long_call_ends_handle_item_in_a_container(
+        container_runner_fleet: Fleet, force: bool) -> None:
+    fleet = container_runner_fleet
+    fleet.overrides["DISPATCHER_STOP_GRACE_SECONDS"] = "15"
+    fleet.worker("w1", beat=True)
+    tag = uuid.uuid4().hex[:8]
+    session_id, work_id = _scripted(fleet, _long_call("/records", tag))
+    marker = fleet.records_dir / f"{tag}.started"
+    wait_for(marker.exists, timeout=120, what="the long bash call started")
+    engine = docker.APIClient(version="auto", timeout=60)
+    try:
+        requested = time.monotonic()
+        fleet.admin.stop(work_id, force=force)
+        wait_for(lambda: not fleet.containers(engine, running=True), timeout=20, interval=0.05,
+                 what="the container ended")
+        ended_after = time.monotonic() - requested
+    finally:
+        engine.close()
+    fleet.wait_stopped([work_id], timeout=30)
+    if force:
+        assert ended_after < 2.0, f"a forced stop killed it after {ended_after:.1f}s"
+        assert _signals(fleet, work_id) == ["killed"]
+    else:
+        # The entry point ends the session on SIGTERM as the SDK does, force-stopping its item;
+        # the fleet may see that `stopped` and kill a container that is already on its way out.
+        assert ended_after < 15, "ended within the grace"
+        assert _signals(fleet, work_id)[0] == "terminated"
+    _never_finished(fleet, session_id)
