@@ -207,7 +207,9 @@ def test_a_worker_starting_on_the_host_reaps_what_a_killed_one_left(
     """The host's only session worker is SIGKILLed: its containers run on, unsupervised, until
     a session worker starts there again; its reaper removes them at start."""
     fleet = container_fleet
-    (work_id,) = _running_on_w1(fleet, sessions=1, duration=8)
+    # Longer than recovery's threshold (8 s without pulses) and its tick, with room to spare:
+    # attempt 1's container must still be running when attempt 2 is made.
+    (work_id,) = _running_on_w1(fleet, sessions=1, duration=20)
     fleet.kill("w1", signal.SIGKILL)
     wait_for(lambda: fleet.lease(work_id).get("attempt") == "2", timeout=30,
              what="recovery moved the session to attempt 2")

@@ -23,10 +23,11 @@ from typing import Any
 
 import docker
 import pytest
-from engine import ensure_engine
-from fleet import Fleet, wait_for
 
 from bench.runner_image import RunnerImageError, ensure_image
+from tests.support.engine import ensure_engine
+from tests.support.fleet import Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from dispatcher.celery.application import BEAT_LOCK_TIMEOUT_SECONDS
+from tests.support import isolation
 from tests.support.chaos import ChaosFleet, Figures
 from tests.support.hosts import Host, Link, Network, unavailable
 
@@ -39,7 +40,7 @@ def network() -> Iterator[Network]:
     why = unavailable()
     if why is not None:
         pytest.skip(f"partition scenarios need network namespaces: {why}")
-    net = Network()
+    net = Network(subnet=isolation.worker_index())
     try:
         yield net
     finally:

@@ -1,10 +1,12 @@
 """Fleet members as separate hosts on one machine: network namespaces, links that really break.
 
-    Network     a bridge in the root namespace at 198.18.0.1/16 (the benchmarking range, so
-                nothing outside the test's own namespaces is ever addressed), and the links:
+    Network     a bridge in the root namespace at 198.18.S.1/24 (the benchmarking range, so
+                nothing outside the test's own namespaces is ever addressed; S a subnet of the
+                network's own, so networks of parallel test workers never share a route), and
+                the links:
                 one TCP relay per shared service (Redis, the broker, the Work API) listening on
-                198.18.0.1 and forwarding to the service on 127.0.0.1
-    Host        one network namespace joined to the bridge by a veth pair (198.18.1.N); a
+                198.18.S.1 and forwarding to the service on 127.0.0.1
+    Host        one network namespace joined to the bridge by a veth pair (198.18.S.N); a
                 process started with `host.argv(...)` lives in it, and so do its sandboxes
     cuts        nftables rules inside the host's namespace drop a link's packets in one or both
                 directions (`host.cut(link)`), or a share of them (`host.loss(link, 5)`);
@@ -30,8 +32,10 @@ from dataclasses import dataclass, field
 
 __all__ = ["Host", "Link", "Network", "unavailable"]
 
-HUB_ADDRESS = "198.18.0.1"
-PREFIX_LENGTH = 16
+# Network S (0 to 254) takes 198.18.S.0/24: the hub is .1, its hosts .2 and up.
+NETWORK_FIRST_OCTETS = "198.18"
+PREFIX_LENGTH = 24
+MAX_HOSTS = 250
 # Relays read what arrives in chunks of this size (bytes): large enough for a Redis pipeline.
 CHUNK_BYTES = 65536
 RELAY_START_TIMEOUT_SECONDS = 5.0
@@ -58,16 +62,17 @@ def _ip(*args: str) -> None:
 
 @dataclass
 class Link:
-    """One shared service as the hosts reach it: `HUB_ADDRESS:port`, relayed to `target`."""
+    """One shared service as the hosts reach it: `hub:port`, relayed to `target`."""
 
     name: str
+    hub: str
     port: int
     target: tuple[str, int]
     delay: float = 0.0  # seconds each chunk is held, each way
 
     @property
     def address(self) -> str:
-        return f"{HUB_ADDRESS}:{self.port}"
+        return f"{self.hub}:{self.port}"
 
 
 @dataclass
@@ -124,8 +129,9 @@ class Host:
     @staticmethod
     def _match(rule: _Rule, way: str) -> str:
         port = rule.link.port
-        where = (f"ip daddr {HUB_ADDRESS} tcp dport {port}" if way == "out"
-                 else f"ip saddr {HUB_ADDRESS} tcp sport {port}")
+        hub = rule.link.hub
+        where = (f"ip daddr {hub} tcp dport {port}" if way == "out"
+                 else f"ip saddr {hub} tcp sport {port}")
         chance = "" if rule.percent >= 100 else f"numgen random mod 100 < {rule.percent} "
         return f"{where} {chance}drop"
 
@@ -133,7 +139,13 @@ class Host:
 class Network:
     """The bridge, its hosts and the relays of the shared services."""
 
-    def __init__(self) -> None:
+    def __init__(self, subnet: int = 0) -> None:
+        """`subnet`: which 198.18.S.0/24 this network takes; networks that exist at once (the
+        tests of parallel workers) must each have their own."""
+        if not 0 <= subnet <= 254:
+            raise ValueError(f"subnet {subnet} is outside 0..254")
+        self.hub = f"{NETWORK_FIRST_OCTETS}.{subnet}.1"
+        self.subnet = subnet
         self.tag = uuid.uuid4().hex[:5]
         self.bridge = f"dspb{self.tag}"
         self.hosts: list[Host] = []
@@ -144,7 +156,7 @@ class Network:
         self._thread = threading.Thread(target=self._loop.run_forever, name="relays", daemon=True)
         _ip("link", "add", self.bridge, "type", "bridge")
         try:
-            _ip("addr", "add", f"{HUB_ADDRESS}/{PREFIX_LENGTH}", "dev", self.bridge)
+            _ip("addr", "add", f"{self.hub}/{PREFIX_LENGTH}", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
         except subprocess.CalledProcessError:
             self.close()
@@ -156,7 +168,9 @@ class Network:
         namespace = f"dsp{self.tag}{name}"
         outside, inside = f"dsp{self.tag}h{number}", f"dsp{self.tag}n{number}"
         _ip("netns", "add", namespace)
-        host = Host(name, namespace, f"198.18.1.{number}", inside)
+        if number > MAX_HOSTS:
+            raise ValueError(f"a network holds at most {MAX_HOSTS} hosts")
+        host = Host(name, namespace, f"{NETWORK_FIRST_OCTETS}.{self.subnet}.{number + 1}", inside)
         self.hosts.append(host)
         _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
         _ip("link", "set", outside, "master", self.bridge)
@@ -169,8 +183,8 @@ class Network:
         return host
 
     def link(self, name: str, target_port: int, target_host: str = "127.0.0.1") -> Link:
-        """Relay `HUB_ADDRESS:<a free port>` to the service at `target_host:target_port`."""
-        link = Link(name, 0, (target_host, target_port))
+        """Relay `hub:<a free port>` to the service at `target_host:target_port`."""
+        link = Link(name, self.hub, 0, (target_host, target_port))
         future = asyncio.run_coroutine_threadsafe(self._serve(link), self._loop)
         link.port = future.result(timeout=RELAY_START_TIMEOUT_SECONDS)
         self.links.append(link)
@@ -189,7 +203,7 @@ class Network:
                 await asyncio.gather(_pump(reader, up_writer, link),
                                      _pump(up_reader, writer, link))
 
-        server = await asyncio.start_server(accept, HUB_ADDRESS, 0)
+        server = await asyncio.start_server(accept, self.hub, 0)
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 
