@@ -63,12 +63,14 @@ def _check_results(results: list[dict[str, Any]]) -> None:
 # --- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def runner_image() -> str:
-    """The official runner's image; a build that cannot finish fails the test with its line."""
-    ensure_engine()
+    """The official runner's image, by its id (the runtime refuses a mutable tag); a build that
+    cannot finish fails the test with its line."""
+    client = ensure_engine()
     try:
-        return ensure_image()
+        tag = ensure_image()
     except RunnerImageError as exc:
         pytest.fail(str(exc), pytrace=False)
+    return str(client.inspect_image(tag)["Id"])
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 
+from dispatcher.emulator.records import secret_for
 from tests.support.chaos import ChaosFleet, Figures
 from tests.support.waiting import wait_for
 
@@ -35,15 +36,19 @@ INTERPRETER_ADDED = {"LC_CTYPE"}
 PARKED = "dispatcher.parked"
 
 
-def _work_secrets(emulator: Any, work_ids: list[str]) -> list[str]:
+def _work_secrets(emulator: Any, work_ids: list[str]) -> dict[str, str]:
+    """Every secret each item was delivered with: the emulator mints one per delivery (SDK
+    2.17's model), each from a sessions token it keeps; read once every item has ended."""
     r = redis.Redis.from_url(emulator.redis_url, decode_responses=True)
-    found = []
+    found: dict[str, str] = {}
     for work_id in work_ids:
         raw = r.get(f"{emulator.prefix}:work:{work_id}")
         assert raw, f"the emulator's record of {work_id}"
-        secret = json.loads(raw).get("secret")
-        assert secret, "every work item has a secret"
-        found.append(str(secret))
+        record = json.loads(raw)
+        tokens = list(record.get("tokens") or {})
+        assert tokens, f"{work_id} was delivered with a secret"
+        for i, token in enumerate(tokens):
+            found[f"secret of {work_id} (delivery {i + 1})"] = secret_for(token)
     r.close()
     return found
 
@@ -111,11 +116,10 @@ def test_no_key_or_secret_leaks(chaos: Callable[..., ChaosFleet],
     time.sleep(6)
     emulator.reset_faults()
     cf.stop(parked[0])
-    secrets_ = _work_secrets(emulator, cf.work_ids)
     figures = cf.finish(timeout=90)
 
     needles = {"environment key": emulator.environment_key, "organisation key": org_key,
-               **{f"secret of {w}": s for w, s in zip(cf.work_ids, secrets_, strict=True)}}
+               **_work_secrets(emulator, cf.work_ids)}
     haystacks: dict[str, str] = {f"task message {i}": m for i, m in enumerate(decoded)}
     haystacks.update({f"log {name}": cf.fleet.log(name) for name in cf.specs})
     fleet_keys = _dump_keys(r, f"{cf.fleet.prefix}:*")
