@@ -2,6 +2,7 @@
 
     python -m bench [--quick] [--out BENCHMARKS.md] [--json results.json] [--keep DIR]
     python -m bench --from-json results.json      # the report again, from saved figures
+    python -m bench --from-json a.json --from-json b.json   # one report from parts run apart
     python -m bench --only capacity --out /tmp/cap.md   # heartbeat capacity alone
     python -m bench --only capacity --hb-ttl 30 --hb-steps 1000,5000 --out /tmp/cap.md
                                                   # one TTL, chosen steps
@@ -183,6 +184,21 @@ def forget_keys(stack: LocalStack) -> None:
         client.close()
 
 
+def merge_saved(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report's figures from runs of separate parts (`--only`), merged in order: each
+    part's figures, and its error, come from the last run that ran it; the run's own facts
+    (sizes, load) from the last run; the duration is the longest, not the sum."""
+    merged: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for run in runs:
+        errors = {part: error for part, error in errors.items() if part not in run}
+        errors.update(run.get("errors", {}))
+        merged.update(run)
+    merged["errors"] = errors
+    merged["seconds"] = max(run.get("seconds", 0.0) for run in runs)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
@@ -190,8 +206,9 @@ def main() -> None:
                         help="the report to write (default: BENCHMARKS.md; with --quick: none)")
     parser.add_argument("--json", default=None, help="also write the raw figures here")
     parser.add_argument("--keep", default=None, help="keep logs and records in this directory")
-    parser.add_argument("--from-json", default=None, metavar="FILE",
-                        help="write the report from figures saved by --json; run nothing")
+    parser.add_argument("--from-json", default=None, metavar="FILE", action="append",
+                        help="write the report from figures saved by --json; run nothing "
+                             "(repeatable: parts run apart, merged in order, later wins)")
     parser.add_argument("--only", choices=["ours", "peer", "capacity"], action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--hb-steps", default=None, metavar="N,N,...",
@@ -204,7 +221,7 @@ def main() -> None:
                         help="heartbeat capacity: delay every heartbeat answer this much")
     args = parser.parse_args()
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
+        saved = merge_saved([json.loads(Path(name).read_text()) for name in args.from_json])
         command = "python -m bench" + (" --quick" if saved["quick"] else "")
         target = Path(args.out or "BENCHMARKS.md")
         target.write_text(carry_over(target, write_report(saved, command=command)))
