@@ -387,6 +387,20 @@ def on_release_rejected(lease: Lease, e: ev.ReleaseRejected, c: Ctx) -> Decision
     return p.decided()
 
 
+def on_release_unauthorized(lease: Lease | None, e: ev.ReleaseUnauthorized,
+                            c: Ctx) -> Decision:
+    """A stop sent as a delivery's sessions token was refused (401), or had no token to send:
+    the item may be another worker's by now, so it is stopped gracefully with the environment
+    key, as SDK 2.17's poller does. A holder, if there is one, is told to stop and winds down
+    (its heartbeats answer `lease_extended: false`) instead of being killed mid-session; an item
+    nobody holds stops at once. The lease, if recorded, is released once this is answered."""
+    p = Plan(lease)
+    p.add(log("stop token refused", lease, logging.WARNING, status=e.status,
+              action_taken="stopped gracefully with the environment key"),
+          fx.StopOnServer(force=False, as_=fx.StopAs.ENVIRONMENT_KEY))
+    return p.decided()
+
+
 def on_stop_failed_unrecorded(e: ev.ReleaseFailed | ev.ReleaseRejected) -> Decision:
     """A stop of an item we keep no record of (one refused at the poll) failed: the server's
     lease expiry ends it."""
@@ -447,6 +461,16 @@ SCENARIOS = [
     Scenario("release due again", ev.ReleaseDue()),
     Scenario("release failed (transient)", ev.ReleaseFailed(503, "unavailable")),
     Scenario("release refused (4xx)", ev.ReleaseRejected(403, "forbidden")),
+    # Only a lease's release or a polled item is stopped as a delivery's token.
+    Scenario("stop token refused (401, or no token)", ev.ReleaseUnauthorized(401),
+             phases=("none", "releasing")),
+    Scenario("sandbox exited 0, lease lost",
+             ev.SandboxExited(1, 0, draining=False, next_task_id="task-2"),
+             phases=("running",), lost=True),
+    Scenario("sandbox exited 0, the sandbox held the lease",
+             ev.SandboxExited(1, 0, draining=False, next_task_id="task-2"),
+             phases=("running",), sandbox_held=True),
+    Scenario("release due again, lease lost", ev.ReleaseDue(), phases=("releasing",), lost=True),
     Scenario("healthcheck answered", ev.HealthcheckAnswered(True, (("redis", "ok"),))),
     Scenario("registry reset", ev.RegistryReset(RUNNING), phases=("none",)),
     Scenario("registry reset, session ended", ev.RegistryReset(RELEASING), phases=("none",)),
