@@ -25,6 +25,7 @@ import docker
 import pytest
 
 from bench.runner_image import RunnerImageError, ensure_image
+from tests.support.emulator import under_both_models
 from tests.support.engine import ensure_engine
 from tests.support.fleet import Fleet
 from tests.support.waiting import wait_for
@@ -180,6 +181,7 @@ def _long_call(marker_dir: str, session: str) -> list[dict[str, Any]]:
 
 
 # --- process runtime -----------------------------------------------------------------------------
+@under_both_models
 def test_handle_item_in_a_process_runs_every_scripted_call(runner_fleet: Fleet) -> None:
     _runs_the_script(runner_fleet)
 
