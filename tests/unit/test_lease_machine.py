@@ -165,6 +165,11 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
      {"NewAttempt", "Publish"}),
     ("registry unreachable past 2/3 TTL", ANY, "=", {"Fence", "AttemptOver(lost)"}, set()),
     ("attempt went silent", ("running",), "dispatched", {"NewAttempt", "Publish"}, set()),
+    # Its sandbox held the lease and died with its token: a new runner would be refused (412).
+    # Left to lapse on the server; a re-delivery is claimed afresh.
+    ("attempt went silent, the sandbox held the lease", ("running",), "none",
+     {"RecordHistory", "DeleteRecord", "log `attempt lost with its lease`"},
+     {"NewAttempt", "Publish", "StopOnServer", "StopOnServer(lease token)"}),
     # An exited attempt leaves once its lease is released (or another attempt's), and stays
     # while the release is pending (it alone could write the record back).
     ("an exited attempt awaits its release", ("none",), "none", {"AttemptOver(completed)"},

@@ -322,10 +322,35 @@ def claim_of(lease: Lease | None, attempt: int) -> Claim:
 
 def on_attempt_silent(lease: Lease, e: ev.AttemptSilent, c: Ctx) -> Decision:
     p = Plan(lease)
-    if lease.phase == Phase.RUNNING:
+    if lease.phase != Phase.RUNNING:
+        pass
+    elif _left_to_lapse(lease, c):
+        # The dead sandbox held the lease (runner, handoff): its token died with it, and a new
+        # attempt's runner would claim with NO_HEARTBEAT, which the server refuses on a lease
+        # somebody heartbeated (412): it would exit at once, and its exit would end the session
+        # unfinished. Instead the item is left to the server, as it is when an official worker
+        # dies: the lease lapses one TTL after the dead runner's last heartbeat, and the item is
+        # delivered again, then claimed afresh (the failure counted), or ended, where a lapse
+        # ends an item (SDK 2.17's model).
+        failures = lease.failures + 1
+        p.add(fx.RecordHistory(failures, Ending.NONE),
+              count("leases_lost", cause=LossCause.SANDBOX_GONE),
+              log("attempt lost with its lease", lease, logging.WARNING,
+                  reason=RestartReason.WORKER_LOST,
+                  action_taken="left to lapse on the server; claimed afresh if delivered again"))
+        forget(p, outcome=Release.LOST)
+    else:
         restart(p, reason=RestartReason.WORKER_LOST, failure=True, task_id=e.next_task_id,
                 c=c)
     return p.decided()
+
+
+def _left_to_lapse(lease: Lease, c: Ctx) -> bool:
+    """A silent attempt whose sandbox held the lease, of a session that may still run: not
+    stopped, not over, its attempts not used up (each of which `restart` ends instead)."""
+    return (lease.heartbeats_by == Heartbeater.SANDBOX and not lease.lost
+            and lease.stop == StopKind.NONE and not is_over(lease)
+            and lease.failures + 1 < c.policy.max_attempts)
 
 
 def on_message_lost(lease: Lease, e: ev.MessageLost, c: Ctx) -> Decision:
@@ -455,6 +480,8 @@ SCENARIOS = [
     Scenario("a superseded exited attempt awaits its release",
              ev.ReleaseAwaited(0, Outcome.COMPLETED, False)),
     Scenario("attempt went silent", ev.AttemptSilent("task-2")),
+    Scenario("attempt went silent, the sandbox held the lease", ev.AttemptSilent("task-2"),
+             phases=("running",), sandbox_held=True),
     Scenario("message lost", ev.MessageLost("task-2")),
     Scenario("claim stranded", ev.ClaimStranded(), phases=("claimed", "dispatched")),
     Scenario("release answered (2xx, 404, 409)", ev.ReleaseAnswered(200)),
