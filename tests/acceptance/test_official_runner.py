@@ -28,37 +28,19 @@ from bench.runner_image import RunnerImageError, ensure_image
 from tests.support.emulator import under_both_models
 from tests.support.engine import ensure_engine
 from tests.support.fleet import Fleet, flush_fleet_db
+from tests.support.official_runner import (
+    ON_WORK,
+    SCRIPT,
+    check_results,
+    scripted_session,
+)
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 
-ON_WORK = Path(__file__).with_name("official_runner") / "on_work.py"
 # After the script's turn ends the runner waits this long for more, then ends the item.
 MAX_IDLE_S = 0.5
-# A session's tool calls: a command that writes a file, read it back, edit it, read the edit
-# with a command, and a command that fails.
-SCRIPT = [
-    {"name": "bash", "input": {"command": "printf 'hello from bash\\n' > notes.txt && echo wrote"}},
-    {"name": "read", "input": {"file_path": "notes.txt"}},
-    {"name": "edit", "input": {"file_path": "notes.txt", "old_string": "bash",
-                               "new_string": "the runner"}},
-    {"name": "bash", "input": {"command": "cat notes.txt"}},
-    {"name": "bash", "input": {"command": "echo failing >&2; exit 3"}},
-]
 SESSIONS = 2
-
-
-def _check_results(results: list[dict[str, Any]]) -> None:
-    """The results of one session are SCRIPT's calls, each once, each with its expected text."""
-    assert [(r["tool"], r["input"]) for r in results] == [(c["name"], c["input"])
-                                                          for c in SCRIPT], "each call once"
-    texts = ["\n".join(r["content"]) for r in results]
-    errors = [r["is_error"] for r in results]
-    assert texts[0].strip() == "wrote" and not errors[0]
-    assert "hello from bash" in texts[1] and not errors[1]
-    assert not errors[2], texts[2]
-    assert texts[3].strip() == "hello from the runner" and not errors[3]
-    assert errors[4] and "failing" in texts[4], "a failing command is an error result"
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -135,12 +117,7 @@ def container_runner_fleet(emulator_factory: Callable[..., Any], tmp_path: Path,
 # --- helpers -------------------------------------------------------------------------------------
 def _scripted(fleet: Fleet, script: list[dict[str, Any]]) -> tuple[str, str]:
     """A session the scripted agent drives; (session id, work id)."""
-    emulator = fleet.emulator
-    response = emulator.http.post("/v1/sessions", headers=emulator.org_headers, json={
-        "environment_id": fleet.environment_id, "agent": "agent_scripted",
-        "emulator_script": script})
-    response.raise_for_status()
-    return str(response.json()["id"]), str(response.json()["work_id"])
+    return scripted_session(fleet.emulator, fleet.environment_id, script)
 
 
 def _log(fleet: Fleet, endpoint: str, **match: str) -> list[dict[str, Any]]:
@@ -153,7 +130,7 @@ def _runs_the_script(fleet: Fleet) -> None:
     sessions = [_scripted(fleet, SCRIPT) for _ in range(SESSIONS)]
     fleet.wait_stopped([work_id for _, work_id in sessions], timeout=180)
     for session_id, work_id in sessions:
-        _check_results(_log(fleet, "tool_result", session_id=session_id))
+        check_results(_log(fleet, "tool_result", session_id=session_id))
         claims = [b for b in _log(fleet, "heartbeat", work_id=work_id)
                   if b["expected_last_heartbeat"] == "NO_HEARTBEAT"]
         assert [c["status"] for c in claims] == [200], "claimed once, by the runner"
@@ -271,7 +248,7 @@ def test_a_session_worker_killed_mid_tool_hands_the_session_on(
         results = _log(fleet, "tool_result", session_id=session_id)
         assert [r["content"] for r in results[:1]] == [["slept"]], (
             "the long call ran to its end, once, on the other worker")
-        _check_results(results[1:])
+        check_results(results[1:])
         again = [int(pid) for pid in shells.read_text().split()]
         assert len(again) == 2 and again[0] == first, "the call ran again, in a new shell"
         other = "s2" if victim == "s1" else "s1"

@@ -21,6 +21,8 @@
     hosts       `Network`, `Host`, `Link`: fleet members as hosts in network namespaces, links
                 cut, lossy or slow (the partition scenarios)
     report      renders the chaos figures: `python tests/support/report.py FILE`
+    official_runner  the official runner's tests: a scripted agent's `SCRIPT` and `check_results`,
+                `scripted_session`, `tool_results`, and `ON_WORK`, the SDK's on-work recipe
 
 The fixtures of `emulator` and `rabbitmq` are plugins of tests/conftest.py, so every tier has
 them; the fixtures of one tier stay in its conftest.py.
