@@ -8,7 +8,9 @@ runner mode, through a real fleet against the emulator's scripted agent:
   stdin, the docker runtime's default), on a user-defined bridge network, reaching the emulator
   at the bridge's gateway.
 
-Every tool result the emulator records must be the one the script expects, each call once.
+Every tool result the emulator records must be the one the script expects, each call once;
+a stop during a long call ends the runner as asked, and a session worker SIGKILLed during one
+hands the session on: the other worker's runner carries the script to its end.
 """
 
 from __future__ import annotations
