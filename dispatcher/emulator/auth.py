@@ -20,15 +20,14 @@ non-ASCII key is just an unknown key (401), never a server error.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+from dispatcher.workapi.models import sessions_token as secret_token
 
 from .endpoints import Endpoint, classify
 from .errors import Forbidden, InvalidRequest, Unauthenticated
@@ -116,15 +115,10 @@ def key_digest(key: bytes) -> str:
 
 
 def sessions_token(secret: str | None) -> bytes | None:
-    """The `sessions_token` inside a work secret (base64url JSON, padding may be missing)."""
-    if not secret:
-        return None
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
-    except (binascii.Error, ValueError):
-        return None
-    token = payload.get("sessions_token") if isinstance(payload, dict) else None
-    return token.encode() if isinstance(token, str) and token else None
+    """The `sessions_token` inside a work secret, as bytes to compare: read as the fleet's
+    client and SDK 2.17 read it."""
+    token = secret_token(secret)
+    return None if token is None else token.encode()
 
 
 def _same(a: bytes, b: bytes | None) -> bool:

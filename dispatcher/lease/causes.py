@@ -26,6 +26,7 @@ class LossCause(StrEnum):
     ASSUMED_LOST = "assumed_lost"  # no heartbeat succeeded within the TTL
     TAKEN = "taken_by_another_worker"  # the first claim's 412: another worker heartbeats it
     ACK_NOT_LANDED = "ack_not_landed"  # the first claim says our unanswered ack never landed
+    SANDBOX_GONE = "sandbox_gone"  # its sandbox held it (runner) and died, its token with it
 
 
 class StopCause(StrEnum):

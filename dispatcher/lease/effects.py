@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from dispatcher.lease.causes import Cause, Outcome
 from dispatcher.lease.model import Ending, Heartbeater, Lease, StopKind
@@ -24,8 +25,8 @@ from dispatcher.lease.model import Ending, Heartbeater, Lease, StopKind
 __all__ = [
     "Ack", "AnswerHealthcheck", "AttemptOver", "Claim", "Count", "CreateRecord", "DeleteRecord",
     "Effect", "Fence", "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish",
-    "RecordHeartbeat", "RecordHistory", "Revoke", "Schedule", "Signal", "StopOnServer",
-    "Unschedule", "Update",
+    "RecordHeartbeat", "RecordHistory", "Revoke", "Schedule", "Signal", "StopAs",
+    "StopOnServer", "Unschedule", "Update",
 ]
 
 
@@ -44,9 +45,26 @@ class Claim:
     ack_uncertain: bool = False
 
 
+class StopAs(StrEnum):
+    """Whose credential a stop is sent with."""
+
+    # The environment's key: an item whose lease the fleet holds, or one it cannot tie to a
+    # delivery (an unreadable item, an ack whose record Redis refused).
+    ENVIRONMENT_KEY = "environment key"
+    # The sessions token in the secret of the delivery the poll just returned (the run's item).
+    POLLED_TOKEN = "polled token"
+    # The sessions token in the secret of the delivery the lease was claimed from (its record's
+    # work item).
+    LEASE_TOKEN = "lease token"
+
+
 @dataclass(frozen=True)
 class StopOnServer:
+    """Stop the item. Sent as a delivery's sessions token (`as_`), it answers a 401, or a secret
+    with no token, with `ReleaseUnauthorized`; the token never leaves the executor."""
+
     force: bool = True
+    as_: StopAs = StopAs.ENVIRONMENT_KEY
 
 
 # --- the registry --------------------------------------------------------------------------

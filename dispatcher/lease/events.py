@@ -44,6 +44,7 @@ __all__ = [
     "ReleaseDue",
     "ReleaseFailed",
     "ReleaseRejected",
+    "ReleaseUnauthorized",
     "Reply",
     "SandboxExited",
     "SandboxStartFailed",
@@ -346,6 +347,15 @@ class ReleaseRejected:
 
 
 @dataclass(frozen=True)
+class ReleaseUnauthorized:
+    """A stop sent as a delivery's sessions token was refused as unauthenticated (401: the token
+    expired, or is not this item's any more), or there was no token to send (`status` None: the
+    secret, or the record's copy of it, carries none)."""
+
+    status: int | None
+
+
+@dataclass(frozen=True)
 class HealthcheckAnswered:
     healthy: bool
     results: tuple[tuple[str, str], ...]
@@ -358,5 +368,6 @@ Event = (
     | ServerStopped | OperatorRevoked
     | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited | ReleaseAwaited
     | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded
-    | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | HealthcheckAnswered
+    | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | ReleaseUnauthorized
+    | HealthcheckAnswered
 )

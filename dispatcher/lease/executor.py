@@ -16,6 +16,7 @@ answered heartbeats, recorded together).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.lease.replies import ack_event, claim_event, no_answer, reply_of, stop_event
 from dispatcher.logs import event as log_event
 from dispatcher.startpath import StartPath
-from dispatcher.workapi import NO_HEARTBEAT, WorkAPIError, WorkClient
+from dispatcher.workapi import NO_HEARTBEAT, WorkAPIError, WorkClient, sessions_token
 
 __all__ = ["AnsweredHeartbeat", "AttemptStep", "Counters", "Executor", "Sandbox", "SessionTask"]
 
@@ -317,13 +318,33 @@ class Executor:
         return ev.ClaimAnswered(reply_of(reply), sent_at)
 
     def _stop(self, work_id: str, effect: fx.StopOnServer, state: _Run) -> ev.Event:
+        token = None
+        if effect.as_ != fx.StopAs.ENVIRONMENT_KEY:
+            token = self._sessions_token(work_id, effect.as_, state)
+            if token is None:
+                return ev.ReleaseUnauthorized(None)
         try:
             # No client retries: a transient failure is retried by the heartbeat task, so one
             # release never holds a worker for seconds.
-            self.client(state.environment_id).stop(work_id, force=effect.force)
+            self.client(state.environment_id).stop(work_id, force=effect.force,
+                                                   sessions_token=token)
         except WorkAPIError as exc:
-            return stop_event(exc)
+            return stop_event(exc, with_token=token is not None)
         return ev.ReleaseAnswered(200)
+
+    def _sessions_token(self, work_id: str, as_: fx.StopAs, state: _Run) -> str | None:
+        """The sessions token of the delivery `as_` names: the polled item this run offers, or
+        the one the lease's record keeps. Read here and passed to the client only: no effect,
+        event or log line carries it."""
+        work_json = state.work_json if as_ == fx.StopAs.POLLED_TOKEN else \
+            self.registry.work_json(work_id)
+        if work_json is None:
+            return None
+        try:
+            secret = json.loads(work_json).get("secret")
+        except (ValueError, AttributeError):
+            return None
+        return sessions_token(secret if isinstance(secret, str) else None)
 
     # --- the registry ----------------------------------------------------------------------
     def _create(self, work_id: str, effect: fx.CreateRecord, state: _Run) -> _Abort | None:

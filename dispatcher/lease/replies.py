@@ -90,10 +90,14 @@ def listed_event(work: Work) -> ev.Event | None:
     return None
 
 
-def stop_event(exc: WorkAPIError) -> ev.Event:
-    """A failed stop as the event the machine judges: 409 and 404 mean nothing is left to stop."""
+def stop_event(exc: WorkAPIError, *, with_token: bool = False) -> ev.Event:
+    """A failed stop as the event the machine judges: 409 and 404 mean nothing is left to stop;
+    a 401 to a stop sent as a delivery's sessions token (`with_token`) says that token no longer
+    opens the item (a 401 to the environment key is a refusal like any other)."""
     if isinstance(exc, ConflictError | NotFoundError):
         return ev.ReleaseAnswered(exc.status or 409)
+    if with_token and exc.status == 401:
+        return ev.ReleaseUnauthorized(401)
     if exc.retryable:
         return ev.ReleaseFailed(exc.status, str(exc))
     return ev.ReleaseRejected(exc.status, str(exc))

@@ -24,7 +24,8 @@ SCENARIOS: dict[str, ev.Event] = {name: s.event for name, s in _SCENARIOS.items(
 
 def _decide(name: str, phase: str) -> Decision:
     scenario = _SCENARIOS[name]
-    lease = lease_in(phase, uncertain=scenario.uncertain, unproven=scenario.unproven)
+    lease = lease_in(phase, uncertain=scenario.uncertain, unproven=scenario.unproven,
+                     lost=scenario.lost, sandbox_held=scenario.sandbox_held)
     return decide(lease, scenario.event, now=NOW, policy=Policy(max_attempts=3))
 
 
@@ -36,6 +37,11 @@ def describe(effect: fx.Effect) -> str | None:
         return None
     if isinstance(effect, fx.FlagStop | fx.Signal):
         return f"{type(effect).__name__}({effect.kind.value})"
+    if isinstance(effect, fx.StopOnServer):
+        # The usual stop, forced with the environment key, plainly; any other says how it goes.
+        how = ([] if effect.force else ["graceful"]) + (
+            [] if effect.as_ == fx.StopAs.ENVIRONMENT_KEY else [effect.as_.value])
+        return f"StopOnServer({', '.join(how)})" if how else "StopOnServer"
     if isinstance(effect, fx.AttemptOver):
         return f"AttemptOver({effect.outcome.value})"
     if isinstance(effect, fx.Update):

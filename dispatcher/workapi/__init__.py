@@ -22,6 +22,7 @@ from dispatcher.workapi.models import (
     WorkQueueStats,
     WorkState,
     epoch_seconds,
+    sessions_token,
 )
 
 if TYPE_CHECKING:
@@ -103,4 +104,5 @@ __all__ = [
     "delay_for",
     "epoch_seconds",
     "retry_after_seconds",
+    "sessions_token",
 ]

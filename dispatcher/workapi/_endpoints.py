@@ -229,6 +229,7 @@ class WorkAPI:
         body: dict[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        bearer: str | None = None,
     ) -> Call[T]:
         # No `?beta=true`: SDK 2.10.0 keeps it as a request qualifier and never sends it.
         query = {k: v for k, v in (params or {}).items() if v is not None}
@@ -237,7 +238,9 @@ class WorkAPI:
             self._root + suffix,
             params=query,
             headers={
-                **self._credential(endpoint, auth),
+                # `bearer`: a credential of the call's own (a delivery's sessions token).
+                **({"authorization": f"Bearer {bearer}"} if bearer
+                   else self._credential(endpoint, auth)),
                 "anthropic-version": ANTHROPIC_VERSION,
                 "anthropic-beta": BETA,
                 "user-agent": USER_AGENT,
@@ -288,9 +291,12 @@ class WorkAPI:
             timeout=timeout,
         )
 
-    def stop(self, work_id: str, *, force: bool) -> Call[Work | None]:
+    def stop(self, work_id: str, *, force: bool,
+             sessions_token: str | None = None) -> Call[Work | None]:
+        """`sessions_token`: sent as a delivery's own sessions token instead of the key, as SDK
+        2.17's poller stops an item it may no longer hold."""
         return self._call("stop", "POST", f"/{_id(work_id, 'work_id')}/stop", Auth.EITHER,
-                          _stopped_work, body={"force": force})
+                          _stopped_work, body={"force": force}, bearer=sessions_token)
 
     def get(self, work_id: str) -> Call[Work]:
         return self._call("get", "GET", f"/{_id(work_id, 'work_id')}", Auth.ORGANISATION,

@@ -160,9 +160,11 @@ class WorkClient(_ClientBase[httpx.BaseTransport]):
             work_id, expected_last_heartbeat=expected_last_heartbeat,
             desired_ttl_seconds=desired_ttl_seconds, timeout=timeout))
 
-    def stop(self, work_id: str, *, force: bool = False) -> Work | None:
-        """Stop an item; None when the server answers 204, as the current one does."""
-        return self._run(self._api.stop(work_id, force=force))
+    def stop(self, work_id: str, *, force: bool = False,
+             sessions_token: str | None = None) -> Work | None:
+        """Stop an item; None when the server answers 204, as the current one does.
+        `sessions_token`: sent with that delivery's token instead of the client's key."""
+        return self._run(self._api.stop(work_id, force=force, sessions_token=sessions_token))
 
     def get(self, work_id: str) -> Work:
         return self._run(self._api.get(work_id))
@@ -247,8 +249,10 @@ class AsyncWorkClient(_ClientBase[httpx.AsyncBaseTransport]):
             work_id, expected_last_heartbeat=expected_last_heartbeat,
             desired_ttl_seconds=desired_ttl_seconds, timeout=timeout))
 
-    async def stop(self, work_id: str, *, force: bool = False) -> Work | None:
-        return await self._run(self._api.stop(work_id, force=force))
+    async def stop(self, work_id: str, *, force: bool = False,
+                   sessions_token: str | None = None) -> Work | None:
+        return await self._run(self._api.stop(work_id, force=force,
+                                              sessions_token=sessions_token))
 
     async def get(self, work_id: str) -> Work:
         return await self._run(self._api.get(work_id))

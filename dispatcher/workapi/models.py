@@ -8,6 +8,9 @@ because the heartbeat lease token is compared by exact string on the server.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
 import re
 from datetime import UTC, datetime
@@ -30,6 +33,7 @@ __all__ = [
     "check_id",
     "epoch_seconds",
     "find_lone_surrogate",
+    "sessions_token",
 ]
 
 # The `expected_last_heartbeat` value that claims a lease nobody has heartbeated yet.
@@ -175,6 +179,20 @@ class Work(_Open):
     def to_json(self) -> str:
         """The item as the official CLI hands it to an on-work command (secret included)."""
         return self.model_dump_json()
+
+
+def sessions_token(secret: str | None) -> str | None:
+    """The `sessions_token` inside a delivery's work secret (URL-safe base64 of JSON, its
+    padding possibly stripped), as SDK 2.17 reads it; None when there is none to read. The
+    token opens that delivery's heartbeat, stop and session calls: never log it."""
+    if not secret:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    token = payload.get("sessions_token") if isinstance(payload, dict) else None
+    return token if isinstance(token, str) and token else None
 
 
 class Heartbeat(_Open):

@@ -8,7 +8,9 @@ runner mode, through a real fleet against the emulator's scripted agent:
   stdin, the docker runtime's default), on a user-defined bridge network, reaching the emulator
   at the bridge's gateway.
 
-Every tool result the emulator records must be the one the script expects, each call once.
+Every tool result the emulator records must be the one the script expects, each call once;
+a stop during a long call ends the runner as asked, and a session worker SIGKILLed during one
+hands the session on: the other worker's runner carries the script to its end.
 """
 
 from __future__ import annotations
@@ -25,39 +27,22 @@ import docker
 import pytest
 
 from bench.runner_image import RunnerImageError, ensure_image
+from tests.support.emulator import under_both_models
 from tests.support.engine import ensure_engine
-from tests.support.fleet import Fleet
+from tests.support.fleet import Fleet, flush_fleet_db
+from tests.support.official_runner import (
+    ON_WORK,
+    SCRIPT,
+    check_results,
+    scripted_session,
+)
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 
-ON_WORK = Path(__file__).with_name("official_runner") / "on_work.py"
 # After the script's turn ends the runner waits this long for more, then ends the item.
 MAX_IDLE_S = 0.5
-# A session's tool calls: a command that writes a file, read it back, edit it, read the edit
-# with a command, and a command that fails.
-SCRIPT = [
-    {"name": "bash", "input": {"command": "printf 'hello from bash\\n' > notes.txt && echo wrote"}},
-    {"name": "read", "input": {"file_path": "notes.txt"}},
-    {"name": "edit", "input": {"file_path": "notes.txt", "old_string": "bash",
-                               "new_string": "the runner"}},
-    {"name": "bash", "input": {"command": "cat notes.txt"}},
-    {"name": "bash", "input": {"command": "echo failing >&2; exit 3"}},
-]
 SESSIONS = 2
-
-
-def _check_results(results: list[dict[str, Any]]) -> None:
-    """The results of one session are SCRIPT's calls, each once, each with its expected text."""
-    assert [(r["tool"], r["input"]) for r in results] == [(c["name"], c["input"])
-                                                          for c in SCRIPT], "each call once"
-    texts = ["\n".join(r["content"]) for r in results]
-    errors = [r["is_error"] for r in results]
-    assert texts[0].strip() == "wrote" and not errors[0]
-    assert "hello from bash" in texts[1] and not errors[1]
-    assert not errors[2], texts[2]
-    assert texts[3].strip() == "hello from the runner" and not errors[3]
-    assert errors[4] and "failing" in texts[4], "a failing command is an error result"
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -88,13 +73,16 @@ def bridge() -> Iterator[tuple[str, str]]:
         client.close()
 
 
+def _runner_mode(tmp_path: Path) -> dict[str, str]:
+    """Runner mode with the SDK's documented on-work program, in processes."""
+    return {"DISPATCHER_LEASE_MODE": "runner",
+            "DISPATCHER_ON_WORK": f"{sys.executable} {ON_WORK} {tmp_path / 'work'} {MAX_IDLE_S}"}
+
+
 @pytest.fixture
 def runner_fleet(fleet: Fleet, tmp_path: Path) -> Fleet:
     """Runner mode with the SDK's documented on-work program, in processes."""
-    fleet.overrides.update({
-        "DISPATCHER_LEASE_MODE": "runner",
-        "DISPATCHER_ON_WORK": f"{sys.executable} {ON_WORK} {tmp_path / 'work'} {MAX_IDLE_S}",
-    })
+    fleet.overrides.update(_runner_mode(tmp_path))
     return fleet
 
 
@@ -131,12 +119,7 @@ def container_runner_fleet(emulator_factory: Callable[..., Any], tmp_path: Path,
 # --- helpers -------------------------------------------------------------------------------------
 def _scripted(fleet: Fleet, script: list[dict[str, Any]]) -> tuple[str, str]:
     """A session the scripted agent drives; (session id, work id)."""
-    emulator = fleet.emulator
-    response = emulator.http.post("/v1/sessions", headers=emulator.org_headers, json={
-        "environment_id": fleet.environment_id, "agent": "agent_scripted",
-        "emulator_script": script})
-    response.raise_for_status()
-    return str(response.json()["id"]), str(response.json()["work_id"])
+    return scripted_session(fleet.emulator, fleet.environment_id, script)
 
 
 def _log(fleet: Fleet, endpoint: str, **match: str) -> list[dict[str, Any]]:
@@ -149,7 +132,7 @@ def _runs_the_script(fleet: Fleet) -> None:
     sessions = [_scripted(fleet, SCRIPT) for _ in range(SESSIONS)]
     fleet.wait_stopped([work_id for _, work_id in sessions], timeout=180)
     for session_id, work_id in sessions:
-        _check_results(_log(fleet, "tool_result", session_id=session_id))
+        check_results(_log(fleet, "tool_result", session_id=session_id))
         claims = [b for b in _log(fleet, "heartbeat", work_id=work_id)
                   if b["expected_last_heartbeat"] == "NO_HEARTBEAT"]
         assert [c["status"] for c in claims] == [200], "claimed once, by the runner"
@@ -180,6 +163,7 @@ def _long_call(marker_dir: str, session: str) -> list[dict[str, Any]]:
 
 
 # --- process runtime -----------------------------------------------------------------------------
+@under_both_models
 def test_handle_item_in_a_process_runs_every_scripted_call(runner_fleet: Fleet) -> None:
     _runs_the_script(runner_fleet)
 
@@ -189,26 +173,93 @@ def test_a_stop_during_a_long_call_ends_handle_item_in_a_process(runner_fleet: F
                                                                  force: bool) -> None:
     """Graceful: the runner ends within the grace (no SIGKILL). Forced: killed within 2 s."""
     fleet = runner_fleet
-    fleet.overrides["DISPATCHER_STOP_GRACE_SECONDS"] = "15"
-    fleet.worker("w1", beat=True)
-    tag = uuid.uuid4().hex[:8]
-    session_id, work_id = _scripted(fleet, _long_call(str(fleet.records_dir), tag))
-    marker = fleet.records_dir / f"{tag}.started"
-    wait_for(marker.exists, timeout=60, what="the long bash call started")
-    shell = int(marker.read_text())
+    session_id, work_id = _long_call_started(fleet, str(fleet.records_dir), timeout=60)
+    shell = int(next(fleet.records_dir.glob("*.started")).read_text())
     requested = time.monotonic()
     fleet.admin.stop(work_id, force=force)
     wait_for(lambda: not _alive(shell), timeout=15 if not force else 5, interval=0.05,
              what="the tool call's shell ended")
-    ended_after = time.monotonic() - requested
+    _ended_as_asked(fleet, session_id, work_id, force, time.monotonic() - requested)
+
+
+def _long_call_started(fleet: Fleet, marker_dir: str, *, timeout: float) -> tuple[str, str]:
+    """A worker with a 15 s stop grace runs a session whose one call runs long; returns once
+    the call started."""
+    fleet.overrides["DISPATCHER_STOP_GRACE_SECONDS"] = "15"
+    fleet.worker("w1", beat=True)
+    tag = uuid.uuid4().hex[:8]
+    session_id, work_id = _scripted(fleet, _long_call(marker_dir, tag))
+    marker = fleet.records_dir / f"{tag}.started"
+    wait_for(marker.exists, timeout=timeout, what="the long bash call started")
+    return session_id, work_id
+
+
+def _ended_as_asked(fleet: Fleet, session_id: str, work_id: str, force: bool,
+                    ended_after: float, *, killed_on_its_way_out: bool = False) -> None:
+    """A forced stop killed the runner within 2 s; a graceful one let it end within the grace
+    with no SIGKILL. `killed_on_its_way_out`: the container's entry point ends a session on
+    SIGTERM as the SDK does, force-stopping its item, so the fleet may see that `stopped` and
+    kill a runner already on its way out (after `terminated`, a `killed` may follow)."""
     fleet.wait_stopped([work_id], timeout=30)
     if force:
         assert ended_after < 2.0, f"a forced stop killed it after {ended_after:.1f}s"
         assert _signals(fleet, work_id) == ["killed"]
     else:
         assert ended_after < 15, "ended within the grace"
-        assert _signals(fleet, work_id) == ["terminated"], "no SIGKILL was needed"
+        signals = _signals(fleet, work_id)
+        if killed_on_its_way_out:
+            signals = signals[:1]
+        assert signals == ["terminated"], "no SIGKILL was needed"
     _never_finished(fleet, session_id)
+
+
+# The server hands a lapsed lease out again (SDK 2.17's model ends the item instead), six
+# seconds after the dead runner's last heartbeat (it beats every ttl/2: 3 s).
+LAPSE_COMES_BACK = ("--lease-expiry", "requeue", "--min-ttl", "1", "--default-ttl", "6")
+# The long call: long enough to be killed in, short enough to run to its end the second time.
+LONG_CALL_S = 8
+
+
+def test_a_session_worker_killed_mid_tool_hands_the_session_on(
+        emulator_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """A session worker SIGKILLed while `handle_item` runs a long bash call: its guardian ends
+    the runner, the dead runner's lease lapses and comes back, the other session worker claims
+    it afresh and a new `handle_item` carries the session on: the call runs again there, to its
+    end, and the rest of the script after it, each result recorded once."""
+    flush_fleet_db()
+    fleet = Fleet(emulator_factory(*LAPSE_COMES_BACK), tmp_path)
+    fleet.overrides.update(_runner_mode(tmp_path))
+    try:
+        fleet.worker("control", concurrency=4, queues="dispatcher.control", beat=True)
+        fleet.worker("s1", concurrency=2, queues="dispatcher.sessions")
+        fleet.worker("s2", concurrency=2, queues="dispatcher.sessions")
+        fleet.wait_slots(4)
+        shells = fleet.records_dir / "shells"
+        long_call = {"name": "bash", "input": {
+            "command": f"echo $$ >> {shells}; sleep {LONG_CALL_S}; echo slept"}}
+        session_id, work_id = _scripted(fleet, [long_call, *SCRIPT])
+        wait_for(shells.exists, timeout=60, what="the long bash call started")
+        first = int(shells.read_text())
+        victim = next(name for name in ("s1", "s2")
+                      if fleet.hostname(name) in fleet.lease(work_id).get("worker", ""))
+        fleet.kill(victim)
+        wait_for(lambda: not _alive(first), timeout=5, interval=0.02,
+                 what="the killed worker's runner ended with it")
+        fleet.wait_stopped([work_id], timeout=120)
+
+        results = _log(fleet, "tool_result", session_id=session_id)
+        assert [r["content"] for r in results[:1]] == [["slept"]], (
+            "the long call ran to its end, once, on the other worker")
+        check_results(results[1:])
+        again = [int(pid) for pid in shells.read_text().split()]
+        assert len(again) == 2 and again[0] == first, "the call ran again, in a new shell"
+        other = "s2" if victim == "s1" else "s1"
+        assert f"work_id={work_id}" in fleet.log(other), "carried on by the other worker"
+        session = fleet.emulator.http.get(f"/v1/sessions/{session_id}",
+                                          headers=fleet.emulator.org_headers).json()
+        assert session["status"] == "idle", "the script completed"
+    finally:
+        fleet.stop_all()
 
 
 def _alive(pid: int) -> bool:
@@ -236,12 +287,7 @@ def test_handle_item_in_a_container_runs_every_scripted_call(
 def test_a_stop_during_a_long_call_ends_handle_item_in_a_container(
         container_runner_fleet: Fleet, force: bool) -> None:
     fleet = container_runner_fleet
-    fleet.overrides["DISPATCHER_STOP_GRACE_SECONDS"] = "15"
-    fleet.worker("w1", beat=True)
-    tag = uuid.uuid4().hex[:8]
-    session_id, work_id = _scripted(fleet, _long_call("/records", tag))
-    marker = fleet.records_dir / f"{tag}.started"
-    wait_for(marker.exists, timeout=120, what="the long bash call started")
+    session_id, work_id = _long_call_started(fleet, "/records", timeout=120)
     engine = docker.APIClient(version="auto", timeout=60)
     try:
         requested = time.monotonic()
@@ -251,13 +297,4 @@ def test_a_stop_during_a_long_call_ends_handle_item_in_a_container(
         ended_after = time.monotonic() - requested
     finally:
         engine.close()
-    fleet.wait_stopped([work_id], timeout=30)
-    if force:
-        assert ended_after < 2.0, f"a forced stop killed it after {ended_after:.1f}s"
-        assert _signals(fleet, work_id) == ["killed"]
-    else:
-        # The entry point ends the session on SIGTERM as the SDK does, force-stopping its item;
-        # the fleet may see that `stopped` and kill a container that is already on its way out.
-        assert ended_after < 15, "ended within the grace"
-        assert _signals(fleet, work_id)[0] == "terminated"
-    _never_finished(fleet, session_id)
+    _ended_as_asked(fleet, session_id, work_id, force, ended_after, killed_on_its_way_out=True)

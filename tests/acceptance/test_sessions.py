@@ -44,8 +44,11 @@ def test_fifty_sessions_run_exactly_once_with_the_cli_contract(fleet: Fleet) -> 
     assert fleet.sandbox_pids_alive() == []
 
 
-@on_brokers((REDIS, "threads"), (REDIS, "prefork"), (AMQP, "threads"), names="fleet,pool")
-def test_stops_reach_the_sandbox(fleet: Fleet, pool: str) -> None:
+# Under the earlier server model too (a `stopping` heartbeat extended, leases re-queued).
+@on_brokers((REDIS, "threads", "sdk-2.17"), (REDIS, "prefork", "sdk-2.17"),
+            (AMQP, "threads", "sdk-2.17"), (REDIS, "threads", "earlier"),
+            names="fleet,pool,server_model")
+def test_stops_reach_the_sandbox(fleet: Fleet, pool: str, server_model: str) -> None:
     fleet.worker("w1", pool=pool, concurrency=6, beat=True)
     graceful = fleet.create(fake_duration=60)
     stubborn = fleet.create(fake_duration=60, fake_ignore_sigterm=1)
@@ -82,8 +85,11 @@ def test_a_session_stopped_while_queued_never_starts(fleet: Fleet) -> None:
     assert fleet.records(queued) == [], "the stopped session never started"
 
 
-@on_brokers((REDIS, "threads"), (REDIS, "prefork"), (AMQP, "prefork"), names="fleet,pool")
-def test_a_killed_session_worker_hands_the_session_to_another(fleet: Fleet, pool: str) -> None:
+@on_brokers((REDIS, "threads", "sdk-2.17"), (REDIS, "prefork", "sdk-2.17"),
+            (AMQP, "prefork", "sdk-2.17"), (REDIS, "threads", "earlier"),
+            names="fleet,pool,server_model")
+def test_a_killed_session_worker_hands_the_session_to_another(fleet: Fleet, pool: str,
+                                                              server_model: str) -> None:
     fleet.worker("control", concurrency=4, queues="dispatcher.control", beat=True)
     fleet.worker("s1", pool=pool, concurrency=2, queues="dispatcher.sessions")
     fleet.worker("s2", pool=pool, concurrency=2, queues="dispatcher.sessions")

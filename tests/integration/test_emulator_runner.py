@@ -9,11 +9,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anthropic
 import pytest
 from anthropic.lib.environments import EnvironmentWorker
+
+from tests.support.official_runner import (
+    ON_WORK,
+    SCRIPT,
+    check_results,
+    scripted_session,
+    tool_results,
+)
 
 if TYPE_CHECKING:
     from conftest import EmulatorProcess
@@ -22,25 +30,12 @@ pytestmark = pytest.mark.integration
 
 # After its turn ends the runner waits `max_idle` for more; short, so the test ends soon.
 MAX_IDLE_S = 0.5
-SCRIPT = [
-    {"name": "bash", "input": {"command": "printf 'hello from bash\\n' > notes.txt && echo wrote"}},
-    {"name": "read", "input": {"file_path": "notes.txt"}},
-    {"name": "edit", "input": {"file_path": "notes.txt", "old_string": "bash",
-                               "new_string": "the runner"}},
-    {"name": "bash", "input": {"command": "cat notes.txt"}},
+# SCRIPT's first four calls, then the other tools of the agent toolset, then its failing one.
+MORE = [
     {"name": "write", "input": {"file_path": "more.txt", "content": "second file\n"}},
     {"name": "glob", "input": {"pattern": "*.txt"}},
     {"name": "grep", "input": {"pattern": "runner"}},
-    {"name": "bash", "input": {"command": "echo failing >&2; exit 3"}},
 ]
-
-
-def _scripted_session(emu: EmulatorProcess, env: str,
-                      script: list[dict[str, Any]]) -> tuple[str, str]:
-    response = emu.http.post("/v1/sessions", headers=emu.org_headers, json={
-        "environment_id": env, "agent": "agent_scripted", "emulator_script": script})
-    response.raise_for_status()
-    return str(response.json()["id"]), str(response.json()["work_id"])
 
 
 def _delivered(emu: EmulatorProcess, env: str, work_id: str) -> str:
@@ -62,34 +57,25 @@ async def _handle(emu: EmulatorProcess, workdir: Path, **item: str) -> None:
         await client.close()
 
 
-def _results(emu: EmulatorProcess, session_id: str) -> list[dict[str, Any]]:
-    return [entry for entry in emu.requests_log()
-            if entry.get("endpoint") == "tool_result" and entry.get("session_id") == session_id]
-
-
 def test_handle_item_runs_every_scripted_tool_call_in_the_sandbox(
         emulator: EmulatorProcess, tmp_path: Path) -> None:
     env = emulator.create_environment()
-    session_id, work_id = _scripted_session(emulator, env, SCRIPT)
+    session_id, work_id = scripted_session(emulator, env, [*SCRIPT[:4], *MORE, SCRIPT[4]])
     secret = _delivered(emulator, env, work_id)
 
     asyncio.run(asyncio.wait_for(_handle(emulator, tmp_path, work_id=work_id,
                                          environment_id=env, session_id=session_id,
                                          environment_key="", work_secret=secret), 60))
 
-    results = _results(emulator, session_id)
-    assert [(r["tool"], r["input"]) for r in results] == [(c["name"], c["input"])
-                                                          for c in SCRIPT], "each call once"
-    texts = ["\n".join(r["content"]) for r in results]
-    errors = [r["is_error"] for r in results]
-    assert texts[0].strip() == "wrote" and not errors[0]
-    assert "hello from bash" in texts[1] and not errors[1]
-    assert not errors[2] and (tmp_path / "notes.txt").read_text() == "hello from the runner\n"
-    assert texts[3].strip() == "hello from the runner" and not errors[3]
-    assert not errors[4] and (tmp_path / "more.txt").read_text() == "second file\n"
-    assert "notes.txt" in texts[5] and "more.txt" in texts[5] and not errors[5]
-    assert "notes.txt" in texts[6] and "more.txt" not in texts[6] and not errors[6]
-    assert errors[7] and "failing" in texts[7], "a failing command is an error result"
+    results = tool_results(emulator, session_id)
+    check_results([*results[:4], *results[7:]])
+    assert (tmp_path / "notes.txt").read_text() == "hello from the runner\n"
+    texts = ["\n".join(r["content"]) for r in results[4:7]]
+    assert [(r["tool"], r["input"], r["is_error"]) for r in results[4:7]] == [
+        (c["name"], c["input"], False) for c in MORE]
+    assert (tmp_path / "more.txt").read_text() == "second file\n"
+    assert "notes.txt" in texts[1] and "more.txt" in texts[1]
+    assert "notes.txt" in texts[2] and "more.txt" not in texts[2]
 
     session = emulator.http.get(f"/v1/sessions/{session_id}", headers=emulator.org_headers)
     assert session.json()["status"] == "idle"
@@ -125,11 +111,11 @@ def test_the_sdks_own_worker_polls_and_runs_scripted_sessions(
     env = emulator.create_environment()
     scripts = [[{"name": "write", "input": {"file_path": f"s{n}.txt", "content": f"{n}\n"}},
                 {"name": "bash", "input": {"command": f"cat s{n}.txt"}}] for n in range(2)]
-    sessions = [_scripted_session(emulator, env, script) for script in scripts]
+    sessions = [scripted_session(emulator, env, script) for script in scripts]
     asyncio.run(asyncio.wait_for(
         _run_worker_until(emulator, env, tmp_path, [w for _, w in sessions]), 60))
     for n, (session_id, work_id) in enumerate(sessions):
-        results = _results(emulator, session_id)
+        results = tool_results(emulator, session_id)
         assert [r["tool"] for r in results] == ["write", "bash"], "each call once"
         assert results[1]["content"] == [f"{n}"] and not results[1]["is_error"]
         stops = [e for e in emulator.requests_log()
@@ -137,35 +123,25 @@ def test_the_sdks_own_worker_polls_and_runs_scripted_sessions(
         assert [(s["force"], s["credential"]) for s in stops] == [(True, "sessions_token")]
 
 
-# `handle_item` with no arguments, as an on-work program runs it: everything from the variables
-# the poller sets, the secret from ANTHROPIC_WORK_SECRET, the working directory as the sandbox.
-ON_WORK_PROGRAM = """
-import asyncio
-import anthropic
-from anthropic.lib.environments import EnvironmentWorker
-
-asyncio.run(EnvironmentWorker(anthropic.AsyncAnthropic(max_retries=0), max_idle=0.5)
-            .handle_item())
-"""
-
-
 def test_handle_item_as_an_on_work_program_reads_the_work_secret_variable(
         emulator: EmulatorProcess, tmp_path: Path) -> None:
     env = emulator.create_environment()
     script = [SCRIPT[0], SCRIPT[1], SCRIPT[-1]]
-    session_id, work_id = _scripted_session(emulator, env, script)
+    session_id, work_id = scripted_session(emulator, env, script)
     secret = _delivered(emulator, env, work_id)
     variables = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": emulator.base_url,
                  "ANTHROPIC_API_KEY": "unused", "ANTHROPIC_WORK_ID": work_id,
                  "ANTHROPIC_ENVIRONMENT_ID": env, "ANTHROPIC_SESSION_ID": session_id,
                  "ANTHROPIC_WORK_SECRET": secret}
-    done = subprocess.run([sys.executable, "-c", ON_WORK_PROGRAM], cwd=tmp_path, env=variables,
-                          capture_output=True, timeout=60, check=False)
+    # The on-work program of runner mode: `handle_item()` with no arguments, everything from
+    # the variables the poller sets, the secret from ANTHROPIC_WORK_SECRET.
+    done = subprocess.run([sys.executable, str(ON_WORK), str(tmp_path), str(MAX_IDLE_S)],
+                          env=variables, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    results = _results(emulator, session_id)
+    results = tool_results(emulator, session_id)
     assert [(r["tool"], r["is_error"]) for r in results] == [
         ("bash", False), ("read", False), ("bash", True)]
-    assert (tmp_path / "notes.txt").read_text() == "hello from bash\n"
+    assert (tmp_path / session_id / "notes.txt").read_text() == "hello from bash\n"
     calls = [e for e in emulator.requests_log() if e["work_id"] == work_id
              and e["endpoint"] in ("heartbeat", "stop")]
     assert {e["credential"] for e in calls} == {"sessions_token"}, "no environment key at all"

@@ -16,6 +16,7 @@ from dispatcher.lease import events as ev
 from dispatcher.lease.causes import SeenBy, StopCause
 from dispatcher.lease.model import Lease, Phase, StopKind
 from dispatcher.runtime import Runtime
+from tests.support.emulator import under_both_models
 from tests.support.inprocess import in_process_runtime, poll_until
 
 pytestmark = pytest.mark.integration
@@ -164,6 +165,7 @@ def test_the_next_beat_is_scheduled_from_when_the_last_was_sent(
 
 
 # --- a finished session whose release keeps failing, then a lost reply and a 412 -------------
+@under_both_models
 @pytest.mark.parametrize("inside_ttl", [True, False], ids=["adopted", "lost"])
 def test_a_finished_session_is_stopped_whatever_happens_to_its_lease(
         emulator: Any, runtime: Runtime, inside_ttl: bool) -> None:

@@ -6,7 +6,8 @@
                 ($DISPATCHER_TEST_REDIS) and `free_port` from a port range of its own
     waiting     `wait_for(predicate, timeout=..., what=...)`: wait on an event, never a sleep
     bounds      time bounds the tests hold the fleet to (`STATUS_CHECK_SECONDS`), with reasons
-    emulator    `EmulatorProcess`, `API_HEADERS` and the fixtures `emulator`, `emulator_factory`
+    emulator    `EmulatorProcess`, `API_HEADERS`, `under_both_models`, the fixtures `emulator`,
+                `emulator_factory`, `server_model`
     rabbitmq    `rabbitmqctl` and the fixture `rabbitmq_vhost` (a vhost of the test's own)
     inprocess   `in_process_runtime`, `close_runtime`, `SentTasks`, `poll_until`: a runtime in
                 the test's process on real Redis and the emulator
@@ -20,6 +21,8 @@
     hosts       `Network`, `Host`, `Link`: fleet members as hosts in network namespaces, links
                 cut, lossy or slow (the partition scenarios)
     report      renders the chaos figures: `python tests/support/report.py FILE`
+    official_runner  the official runner's tests: a scripted agent's `SCRIPT` and `check_results`,
+                `scripted_session`, `tool_results`, and `ON_WORK`, the SDK's on-work recipe
 
 The fixtures of `emulator` and `rabbitmq` are plugins of tests/conftest.py, so every tier has
 them; the fixtures of one tier stay in its conftest.py.

@@ -12,6 +12,11 @@ deleted when it stops. Redis: the emulators' database (`isolation.EMULATOR_DB`).
 $DISPATCHER_TEST_EMULATOR_MODEL (`sdk-2.17`, the default, or `earlier`) starts every server with
 that `--server-model`, to run a set of tests under the other setting of every switch; a test's
 own flags still win.
+
+    server_model        the model a test's `emulator` follows (the variable's, by default). The
+                        focused set (a session run, stops, recovery, a lost reply) runs under
+                        both in every full run: `@under_both_models`, or `server_model` among a
+                        parametrization's indirect names (`on_brokers(..., names=...)`).
 """
 
 from __future__ import annotations
@@ -31,11 +36,18 @@ import redis
 
 from tests.support.isolation import EMULATOR_DB, free_port, redis_url
 
+# Every setting of the emulator's switches at once (`--server-model`).
+SERVER_MODELS = ("sdk-2.17", "earlier")
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 # What the service requires on every API request (the emulator answers 400 without them); the
 # version the official SDK (2.10.0 to 2.17.0) sends.
 API_HEADERS = {"anthropic-version": "2026-10-21", "anthropic-beta": "managed-agents-2026-04-01"}
+
+
+def default_model() -> str:
+    """The server model every emulator of this run starts with, unless a test asks for another."""
+    return os.environ.get("DISPATCHER_TEST_EMULATOR_MODEL", SERVER_MODELS[0])
 
 
 class EmulatorProcess:
@@ -51,7 +63,7 @@ class EmulatorProcess:
         self.log_path = log_dir / f"emulator-{self.port}.log"
         own = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_EMULATOR_")}
         env = {**own, **(env or {})}
-        model = os.environ.get("DISPATCHER_TEST_EMULATOR_MODEL", "sdk-2.17")
+        model = default_model()
         command = [sys.executable, "-m", "dispatcher.ops.cli", "emulator", "--port", str(self.port),
                    "--redis-url", self.redis_url, "--key-prefix", self.prefix,
                    "--environment-key", self.environment_key, "--api-key", self.api_key,
@@ -190,8 +202,24 @@ def _emulator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emula
 
 
 @pytest.fixture
-def emulator(_emulator_server: EmulatorProcess) -> Iterator[EmulatorProcess]:
-    """The shared emulator; fault switches are put back after the test."""
+def server_model(request: pytest.FixtureRequest) -> str:
+    """The server model of the test's `emulator`: the run's, or the test's parameter."""
+    return str(getattr(request, "param", default_model()))
+
+
+# The focused set's mark: the test runs under each server model.
+under_both_models = pytest.mark.parametrize("server_model", SERVER_MODELS, indirect=True)
+
+
+@pytest.fixture
+def emulator(_emulator_server: EmulatorProcess, server_model: str,
+             request: pytest.FixtureRequest) -> Iterator[EmulatorProcess]:
+    """The shared emulator (fault switches put back after the test); a server of its own for a
+    test under the other server model."""
+    if server_model != default_model():
+        factory = request.getfixturevalue("emulator_factory")
+        yield factory("--server-model", server_model)
+        return
     yield _emulator_server
     _emulator_server.reset_faults()
 

@@ -37,8 +37,10 @@ def on_brokers(*cases: str | tuple[str, ...], names: str = "fleet") -> Any:
     """Run a test on the fleets named (`redis`, `amqp`); with more `names`, each case is a tuple
     whose first item is the broker: `on_brokers(("redis", "threads"), ..., names="fleet,pool")`.
     Only the tests that show the brokers behave alike run on both: RabbitMQ doubles nothing else.
+    A `server_model` among the names picks the emulator's (`tests.support.emulator`).
     """
-    return pytest.mark.parametrize(names, list(cases), indirect=["fleet"])
+    indirect = ["fleet", *(["server_model"] if "server_model" in names.split(",") else [])]
+    return pytest.mark.parametrize(names, list(cases), indirect=indirect)
 
 
 def flush_fleet_db() -> None:

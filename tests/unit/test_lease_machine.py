@@ -35,10 +35,11 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
      {"Ack", "StopOnServer", "Publish"}),
     ("offered", ("running",), "running", {"FlagStop(force)", "RecordHistory"},
      {"Ack", "Publish"}),
-    ("offered", ("releasing",), "releasing", {"StopOnServer"}, {"Ack", "Publish"}),
-    ("offered, unknown type", ("none",), "none", {"StopOnServer"}, {"Ack"}),
-    ("offered, ended before", ("none",), "none", {"StopOnServer"}, {"Ack"}),
-    ("offered, attempts used up", ("none",), "none", {"StopOnServer"}, {"Ack"}),
+    # An item stopped at the poll is stopped as the delivery the poll returned (its token).
+    ("offered", ("releasing",), "releasing", {"StopOnServer(polled token)"}, {"Ack", "Publish"}),
+    ("offered, unknown type", ("none",), "none", {"StopOnServer(polled token)"}, {"Ack"}),
+    ("offered, ended before", ("none",), "none", {"StopOnServer(polled token)"}, {"Ack"}),
+    ("offered, attempts used up", ("none",), "none", {"StopOnServer(polled token)"}, {"Ack"}),
     ("unreadable item", ("none",), "none", {"StopOnServer", "log `invalid work item`"}, {"Ack"}),
     # A session is published first and claimed right after: the claim's round trip never
     # delays it.
@@ -93,9 +94,10 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("heartbeat answered, not extended", QUEUED, "none", {"DeleteRecord"}, {"StopOnServer"}),
     ("heartbeat answered, not extended", ("running",), "running", {"FlagStop(force)"},
      {"StopOnServer", "DeleteRecord"}),
-    # The session ended: its item is stopped whatever happens to the lease.
-    ("heartbeat answered, not extended", ("releasing",), "releasing", {"StopOnServer"},
-     {"DeleteRecord"}),
+    # The session ended: its item is stopped whatever happens to the lease, as the delivery the
+    # lease was claimed from, since another worker may hold the item now.
+    ("heartbeat answered, not extended", ("releasing",), "releasing",
+     {"StopOnServer(lease token)"}, {"DeleteRecord", "StopOnServer"}),
     ("heartbeat answered, stopping", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
      {"Publish"}),
     ("heartbeat answered, stopping", ("running",), "running", {"FlagStop(graceful)"},
@@ -109,7 +111,8 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
      {"Schedule", "log `heartbeat token adopted`"}, {"FlagStop(force)", "DeleteRecord"}),
     ("heartbeat 412", QUEUED, "none", {"DeleteRecord", "Unschedule"}, {"StopOnServer"}),
     ("heartbeat 412", ("running",), "running", {"FlagStop(force)", "Unschedule"}, {"StopOnServer"}),
-    ("heartbeat 412", ("releasing",), "releasing", {"StopOnServer"}, {"DeleteRecord"}),
+    ("heartbeat 412", ("releasing",), "releasing", {"StopOnServer(lease token)"},
+     {"DeleteRecord", "StopOnServer"}),
     ("heartbeat 404", ("claimed", "dispatched", "releasing"), "none", {"DeleteRecord"},
      {"StopOnServer"}),
     ("heartbeat 404", ("running",), "running", {"FlagStop(force)"}, {"StopOnServer"}),
@@ -162,6 +165,11 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
      {"NewAttempt", "Publish"}),
     ("registry unreachable past 2/3 TTL", ANY, "=", {"Fence", "AttemptOver(lost)"}, set()),
     ("attempt went silent", ("running",), "dispatched", {"NewAttempt", "Publish"}, set()),
+    # Its sandbox held the lease and died with its token: a new runner would be refused (412).
+    # Left to lapse on the server; a re-delivery is claimed afresh.
+    ("attempt went silent, the sandbox held the lease", ("running",), "none",
+     {"RecordHistory", "DeleteRecord", "log `attempt lost with its lease`"},
+     {"NewAttempt", "Publish", "StopOnServer", "StopOnServer(lease token)"}),
     # An exited attempt leaves once its lease is released (or another attempt's), and stays
     # while the release is pending (it alone could write the record back).
     ("an exited attempt awaits its release", ("none",), "none", {"AttemptOver(completed)"},
@@ -176,6 +184,21 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("release failed (transient)", ANY, "releasing", {"Schedule"}, {"DeleteRecord"}),
     ("release refused (4xx)", ("none",), "none", {"log `stop failed`"}, set()),
     ("release refused (4xx)", ANY, "none", {"DeleteRecord", "log `release refused`"}, set()),
+    # A delivery's token no longer opens the item: stopped gracefully with the environment key,
+    # as SDK 2.17's poller does, since another worker may be serving it by now.
+    ("stop token refused (401, or no token)", ("none", "releasing"), "=",
+     {"StopOnServer(graceful)", "log `stop token refused`"},
+     {"StopOnServer", "DeleteRecord", "FlagStop(force)"}),
+    # A session that ended after its lease was lost, or whose sandbox held the lease (which it
+    # may have lost unseen): stopped as the delivery the lease was claimed from.
+    ("sandbox exited 0, lease lost", ("running",), "releasing",
+     {"StopOnServer(lease token)", "RecordHistory", "AttemptOver(lost)"},
+     {"StopOnServer", "Publish"}),
+    ("sandbox exited 0, the sandbox held the lease", ("running",), "releasing",
+     {"StopOnServer(lease token)", "RecordHistory", "AttemptOver(completed)"},
+     {"StopOnServer", "Publish"}),
+    ("release due again, lease lost", ("releasing",), "releasing",
+     {"StopOnServer(lease token)"}, {"StopOnServer"}),
     ("healthcheck answered", ANY, "releasing", {"StopOnServer"}, {"Publish"}),
     ("registry reset", ("none",), "running", {"CreateRecord", "Schedule"}, set()),
     # An ended session is written back ending, with its history: its release is tried again
@@ -289,7 +312,7 @@ def test_attempts_are_counted_across_re_deliveries() -> None:
     offered = ev.Offered(proposal, known_type=True, failures=2)
     assert _effects(None, offered, policy=Policy(max_attempts=3)) == ["Ack"]
     exhausted = ev.Offered(proposal, known_type=True, failures=3)
-    assert "StopOnServer" in _effects(None, exhausted, policy=Policy(max_attempts=3))
+    assert "StopOnServer(polled token)" in _effects(None, exhausted, policy=Policy(max_attempts=3))
     running = lease_in("running")
     assert running is not None
     silent = decide(running.but(failures=2), ev.AttemptSilent("t2"), now=NOW,
@@ -357,6 +380,37 @@ def test_a_session_that_finished_after_its_lease_was_lost_is_stopped_not_run_aga
     assert any(isinstance(e, fx.StopOnServer) for e in decision.effects)
     killed = decide(lost, ev.SandboxExited(1, 137, draining=False, next_task_id="t2"), now=NOW)
     assert killed.lease is None, "killed: an attempt that did not finish, the server's to give"
+
+
+def test_a_lost_lease_is_stopped_as_its_delivery_then_gracefully_with_the_key() -> None:
+    """SDK 2.17's poller stops an item it may no longer hold as the delivery it got (its
+    sessions token, forced), and after a 401 gracefully with the environment key: another
+    worker may be serving the item by now. A session that ended after its lease was lost goes
+    the same way, and its record goes once the graceful stop is answered."""
+    running = lease_in("running")
+    assert running is not None
+    lost = decide(running, ev.HeartbeatRefused(ev.ServerLease("active", "tok-x")), now=NOW).lease
+    assert lost is not None and lost.lost
+    exited = decide(lost, ev.SandboxExited(1, 0, draining=False, next_task_id="t2"), now=NOW)
+    assert fx.StopOnServer(force=True, as_=fx.StopAs.LEASE_TOKEN) in exited.effects
+    refused = decide(exited.lease, ev.ReleaseUnauthorized(401), now=NOW)
+    assert refused.effects[-1] == fx.StopOnServer(force=False, as_=fx.StopAs.ENVIRONMENT_KEY)
+    assert refused.lease == exited.lease, "the lease waits for the graceful stop's answer"
+    assert decide(refused.lease, ev.ReleaseAnswered(200), now=NOW).lease is None
+    # A transient failure of the graceful stop is retried as a release: the token first again.
+    failed = decide(refused.lease, ev.ReleaseFailed(503, "unavailable"), now=NOW)
+    again = decide(failed.lease, ev.ReleaseDue(), now=NOW + 2)
+    assert fx.StopOnServer(force=True, as_=fx.StopAs.LEASE_TOKEN) in again.effects
+
+
+def test_a_lease_the_fleet_holds_is_force_stopped_with_the_environment_key() -> None:
+    running = lease_in("running")
+    assert running is not None
+    exited = decide(running, ev.SandboxExited(1, 0, draining=False, next_task_id="t2"), now=NOW)
+    assert fx.StopOnServer(force=True, as_=fx.StopAs.ENVIRONMENT_KEY) in exited.effects
+    # An unreadable item names no delivery the fleet could read a token from.
+    unreadable = decide(None, ev.Unreadable("w", "bad", "e"), now=NOW)
+    assert fx.StopOnServer(force=True, as_=fx.StopAs.ENVIRONMENT_KEY) in unreadable.effects
 
 
 def test_a_hand_off_lease_is_claimed_before_it_is_published() -> None:

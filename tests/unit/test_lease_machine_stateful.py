@@ -1,6 +1,7 @@
 """The lease machine under random event orders, against a model of the server: lost replies
 (applied, then the connection dropped), 412s after them, failing stops, leases that lapse
-(re-queued or stopped), worker deaths, server stops, re-deliveries. No Redis, no network.
+(re-queued or stopped), worker deaths, server stops, re-deliveries, the sessions tokens of
+deliveries expiring (a stop sent as one then meets 401). No Redis, no network.
 
 Invariants, checked after every step and once the faults heal:
   * a session whose sandbox exited is never published or started again;
@@ -43,6 +44,8 @@ class Server:
     deliveries: int = 0
     acks: dict[int, int] = field(default_factory=dict)
     minted: int = 0
+    # Deliveries whose sessions token has expired: a stop sent with it gets 401.
+    expired: set[int] = field(default_factory=set)
 
     def ack(self) -> bool:
         if self.state != "queued":
@@ -64,11 +67,12 @@ class Server:
             self.state = "active"
         return ev.Reply(self.token, extended=True, state=self.state, ttl_seconds=TTL)
 
-    def stop(self) -> bool:
-        """True if this call stopped it (False: it already was)."""
+    def stop(self, *, force: bool = True) -> bool:
+        """True if this call changed it (False: it already was stopped). A graceful stop of a
+        leased item asks its holder to stop (`stopping`); of a queued one, stops it."""
         if self.state == "stopped":
             return False
-        self.state = "stopped"
+        self.state = "stopped" if force or self.state == "queued" else "stopping"
         return True
 
     def tick(self) -> None:
@@ -95,6 +99,7 @@ class LeaseLife(RuleBasedStateMachine):
         self.tasks = 0
         self.fate = "answered"
         self.rival = False
+        self.claimed_from = 0  # the delivery the lease on record was claimed from
 
     # --- the machine and its effects, as the executor performs them -------------------------
     def run(self, event: ev.Event) -> None:
@@ -120,7 +125,9 @@ class LeaseLife(RuleBasedStateMachine):
         if isinstance(effect, fx.Claim):
             return self.beat(None, first=True)
         if isinstance(effect, fx.StopOnServer):
-            return self.stop()
+            return self.stop(effect)
+        if isinstance(effect, fx.CreateRecord):
+            self.claimed_from = self.server.deliveries
         if isinstance(effect, fx.DeleteRecord):
             assert self.server.state in ("stopped", "queued") or self.server.token not in \
                 self.tokens_we_held(before) or self.past_its_ttl(before), (
@@ -179,11 +186,15 @@ class LeaseLife(RuleBasedStateMachine):
             return ev.ClaimFailed(None) if first else ev.HeartbeatFailed(None, "dropped")
         return ev.ClaimAnswered(answer, sent_at) if first else ev.HeartbeatAnswered(answer, sent_at)
 
-    def stop(self) -> ev.Event:
+    def stop(self, effect: fx.StopOnServer) -> ev.Event:
         fate = self.fate
         if fate == "refused":
             return ev.ReleaseFailed(503, "unavailable")
-        stopped = self.server.stop()
+        delivery = {fx.StopAs.POLLED_TOKEN: self.server.deliveries,
+                    fx.StopAs.LEASE_TOKEN: self.claimed_from}.get(effect.as_)
+        if delivery is not None and delivery in self.server.expired:
+            return ev.ReleaseUnauthorized(401)
+        stopped = self.server.stop(force=effect.force)
         if fate == "lost":
             return ev.ReleaseFailed(None, "dropped")
         return ev.ReleaseAnswered(200 if stopped else 409)
@@ -273,6 +284,11 @@ class LeaseLife(RuleBasedStateMachine):
             self.server.heartbeat(None, by="rival")
             self.rival = True
 
+    @rule()
+    def tokens_expire(self) -> None:
+        """Every sessions token minted so far expires (a long session, or a long outage)."""
+        self.server.expired |= set(range(1, self.server.deliveries + 1))
+
     @rule(seconds=st.floats(0.5, 8))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
@@ -305,6 +321,8 @@ class LeaseLife(RuleBasedStateMachine):
                 self.time_passes(1.0)
             elif self.server.state == "queued":
                 self.poll("answered", self.server.lapse)
+            elif self.server.state == "stopping":
+                self.time_passes(TTL + 1.0)  # asked to stop gracefully; nobody holds it
             else:
                 break
         if self.finished:

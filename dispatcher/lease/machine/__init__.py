@@ -81,6 +81,8 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return running.on_release_awaited(lease, event, c)
         case ev.ReleaseFailed() | ev.ReleaseRejected() if lease is None:
             return running.on_stop_failed_unrecorded(event)
+        case ev.ReleaseUnauthorized():
+            return running.on_release_unauthorized(lease, event, c)
         # --- every other event is about a lease we hold: with no record, it means nothing ------
         case _ if lease is None:
             return Decision(None)

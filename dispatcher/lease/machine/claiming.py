@@ -49,21 +49,23 @@ def on_offered(lease: Lease | None, e: ev.Offered, c: Ctx) -> Decision:
 
 
 def _refused(item: Lease, reason: Refusal, action: str, **details: object) -> Decision:
-    """A polled item not run: stopped on the server, never acked."""
+    """A polled item not run: stopped on the server, never acked, as the delivery the poll
+    returned (its sessions token): an item refused for its history was delivered again."""
     return Decision(None, (
         count("work_refused", reason=reason),
         log(action, item, logging.WARNING, **details, action_taken="stopped, not run"),
-        fx.StopOnServer(force=True)))
+        fx.StopOnServer(force=True, as_=fx.StopAs.POLLED_TOKEN)))
 
 
 def _offered_held(lease: Lease) -> Decision:
     """The server offers an item we still hold: our lease on it lapsed. Never ack it twice."""
     p = Plan(lease)
     if is_over(lease):
-        # The session is over: stop the item (its release may have failed so far).
+        # The session is over: stop the item (its release may have failed so far), as this new
+        # delivery of it: the token the lease was claimed with may have expired meanwhile.
         p.add(log("polled a held lease", lease, logging.WARNING, phase=lease.phase.value,
                   action_taken="session already ended: stopped, not run"),
-              fx.StopOnServer(force=True))
+              fx.StopOnServer(force=True, as_=fx.StopAs.POLLED_TOKEN))
         return p.decided()
     # A running attempt is fenced now and the item left unacked: the server delivers it again
     # once the record is gone, and only then is it claimed afresh (acking it now would start a

@@ -30,20 +30,27 @@ class Scenario:
     # or heartbeat of it was answered (`unproven`).
     uncertain: bool = False
     unproven: bool = False
+    # The lease is lost (the server no longer gives it to us); heartbeated by its sandbox
+    # (runner mode) rather than the dispatcher.
+    lost: bool = False
+    sandbox_held: bool = False
 
 
-def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False) -> Lease | None:
+def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False, lost: bool = False,
+             sandbox_held: bool = False) -> Lease | None:
     """A canonical lease in `phase` (None for "none"): attempt 1 of task-1, heartbeated by the
     dispatcher, token tok-1, last answered heartbeat 5 s ago; a releasing one's session completed.
     `unproven`: no ack or heartbeat of it was ever answered (no token, no answered heartbeat), as
-    the lease an ack meets: the proposal of a poll."""
+    the lease an ack meets: the proposal of a poll. `lost`, `sandbox_held`: as `Scenario`'s."""
     if phase == "none":
         return None
     ended = Ending.COMPLETED if phase == Phase.RELEASING else Ending.NONE
-    return Lease("w", "s", "e", LeaseMode.DISPATCHER, "q", phase=Phase(phase), attempt=1,
+    return Lease("w", "s", "e", LeaseMode.RUNNER if sandbox_held else LeaseMode.DISPATCHER, "q",
+                 phase=Phase(phase), attempt=1,
                  ended=ended, task_id="task-1", token="" if unproven else "tok-1", ttl_seconds=30,
                  claimed_at=NOW - 10, heartbeat_ok_at=0 if unproven else NOW - 5,
-                 pulse_at=NOW - 1, uncertain=uncertain, heartbeats_by=Heartbeater.DISPATCHER)
+                 pulse_at=NOW - 1, uncertain=uncertain, lost=lost,
+                 heartbeats_by=Heartbeater.SANDBOX if sandbox_held else Heartbeater.DISPATCHER)
 
 
 def _held(phase: Phase) -> Lease:

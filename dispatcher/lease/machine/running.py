@@ -322,10 +322,35 @@ def claim_of(lease: Lease | None, attempt: int) -> Claim:
 
 def on_attempt_silent(lease: Lease, e: ev.AttemptSilent, c: Ctx) -> Decision:
     p = Plan(lease)
-    if lease.phase == Phase.RUNNING:
+    if lease.phase != Phase.RUNNING:
+        pass
+    elif _left_to_lapse(lease, c):
+        # The dead sandbox held the lease (runner, handoff): its token died with it, and a new
+        # attempt's runner would claim with NO_HEARTBEAT, which the server refuses on a lease
+        # somebody heartbeated (412): it would exit at once, and its exit would end the session
+        # unfinished. Instead the item is left to the server, as it is when an official worker
+        # dies: the lease lapses one TTL after the dead runner's last heartbeat, and the item is
+        # delivered again, then claimed afresh (the failure counted), or ended, where a lapse
+        # ends an item (SDK 2.17's model).
+        failures = lease.failures + 1
+        p.add(fx.RecordHistory(failures, Ending.NONE),
+              count("leases_lost", cause=LossCause.SANDBOX_GONE),
+              log("attempt lost with its lease", lease, logging.WARNING,
+                  reason=RestartReason.WORKER_LOST,
+                  action_taken="left to lapse on the server; claimed afresh if delivered again"))
+        forget(p, outcome=Release.LOST)
+    else:
         restart(p, reason=RestartReason.WORKER_LOST, failure=True, task_id=e.next_task_id,
                 c=c)
     return p.decided()
+
+
+def _left_to_lapse(lease: Lease, c: Ctx) -> bool:
+    """A silent attempt whose sandbox held the lease, of a session that may still run: not
+    stopped, not over, its attempts not used up (each of which `restart` ends instead)."""
+    return (lease.heartbeats_by == Heartbeater.SANDBOX and not lease.lost
+            and lease.stop == StopKind.NONE and not is_over(lease)
+            and lease.failures + 1 < c.policy.max_attempts)
 
 
 def on_message_lost(lease: Lease, e: ev.MessageLost, c: Ctx) -> Decision:
@@ -387,6 +412,20 @@ def on_release_rejected(lease: Lease, e: ev.ReleaseRejected, c: Ctx) -> Decision
     return p.decided()
 
 
+def on_release_unauthorized(lease: Lease | None, e: ev.ReleaseUnauthorized,
+                            c: Ctx) -> Decision:
+    """A stop sent as a delivery's sessions token was refused (401), or had no token to send:
+    the item may be another worker's by now, so it is stopped gracefully with the environment
+    key, as SDK 2.17's poller does. A holder, if there is one, is told to stop and winds down
+    (its heartbeats answer `lease_extended: false`) instead of being killed mid-session; an item
+    nobody holds stops at once. The lease, if recorded, is released once this is answered."""
+    p = Plan(lease)
+    p.add(log("stop token refused", lease, logging.WARNING, status=e.status,
+              action_taken="stopped gracefully with the environment key"),
+          fx.StopOnServer(force=False, as_=fx.StopAs.ENVIRONMENT_KEY))
+    return p.decided()
+
+
 def on_stop_failed_unrecorded(e: ev.ReleaseFailed | ev.ReleaseRejected) -> Decision:
     """A stop of an item we keep no record of (one refused at the poll) failed: the server's
     lease expiry ends it."""
@@ -441,12 +480,24 @@ SCENARIOS = [
     Scenario("a superseded exited attempt awaits its release",
              ev.ReleaseAwaited(0, Outcome.COMPLETED, False)),
     Scenario("attempt went silent", ev.AttemptSilent("task-2")),
+    Scenario("attempt went silent, the sandbox held the lease", ev.AttemptSilent("task-2"),
+             phases=("running",), sandbox_held=True),
     Scenario("message lost", ev.MessageLost("task-2")),
     Scenario("claim stranded", ev.ClaimStranded(), phases=("claimed", "dispatched")),
     Scenario("release answered (2xx, 404, 409)", ev.ReleaseAnswered(200)),
     Scenario("release due again", ev.ReleaseDue()),
     Scenario("release failed (transient)", ev.ReleaseFailed(503, "unavailable")),
     Scenario("release refused (4xx)", ev.ReleaseRejected(403, "forbidden")),
+    # Only a lease's release or a polled item is stopped as a delivery's token.
+    Scenario("stop token refused (401, or no token)", ev.ReleaseUnauthorized(401),
+             phases=("none", "releasing")),
+    Scenario("sandbox exited 0, lease lost",
+             ev.SandboxExited(1, 0, draining=False, next_task_id="task-2"),
+             phases=("running",), lost=True),
+    Scenario("sandbox exited 0, the sandbox held the lease",
+             ev.SandboxExited(1, 0, draining=False, next_task_id="task-2"),
+             phases=("running",), sandbox_held=True),
+    Scenario("release due again, lease lost", ev.ReleaseDue(), phases=("releasing",), lost=True),
     Scenario("healthcheck answered", ev.HealthcheckAnswered(True, (("redis", "ok"),))),
     Scenario("registry reset", ev.RegistryReset(RUNNING), phases=("none",)),
     Scenario("registry reset, session ended", ev.RegistryReset(RELEASING), phases=("none",)),

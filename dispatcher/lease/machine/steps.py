@@ -154,7 +154,19 @@ def release(p: Plan, *, outcome: Release) -> None:
         forget(p, outcome=outcome)
         return
     p.change(phase=Phase.RELEASING)
-    p.add(fx.StopOnServer(force=True))
+    p.add(fx.StopOnServer(force=True, as_=stop_as(lease)))
+
+
+def stop_as(lease: Lease) -> fx.StopAs:
+    """Whose credential stops a lease's item. A lease the fleet may no longer hold (lost, or
+    heartbeated by its sandbox, which may have lost it unseen) may have been delivered again,
+    to another worker: its item is stopped as the delivery it was claimed from, with that
+    delivery's sessions token, as SDK 2.17's poller stops an item; a 401 to it (the token
+    expired, or no longer opens the item) is answered by a graceful stop with the environment
+    key (`running.on_release_unauthorized`). A lease the fleet holds is its own to force-stop."""
+    if lease.lost or lease.heartbeats_by == Heartbeater.SANDBOX:
+        return fx.StopAs.LEASE_TOKEN
+    return fx.StopAs.ENVIRONMENT_KEY
 
 
 def end(p: Plan, ending: Ending) -> None:
