@@ -151,6 +151,11 @@ class Settings(BaseSettings):
         "Lease TTL asked of the server on each heartbeat; unset lets the server choose."))
     stop_grace_seconds: float = _env("DISPATCHER_STOP_GRACE_SECONDS", 30.0, ge=0, description=(
         "Between SIGTERM and SIGKILL on a graceful stop (the CLI waits 30 s too)."))
+    max_session_seconds: float = _env("DISPATCHER_MAX_SESSION_SECONDS", 0.0, ge=0, description=(
+        "Longest a session may run, from its first attempt's start (a restarted attempt does "
+        "not start it again); past it, the session is stopped gracefully (SIGTERM, the stop "
+        "grace, SIGKILL) and its item stopped. 0: no limit. An environment of the "
+        "environments file may set its own (`max_session_seconds`)."))
     max_attempts: int = _env("DISPATCHER_MAX_ATTEMPTS", 3, ge=1, description=(
         "Attempts of one session (a lost worker starts a new one) before it is stopped."))
     poll_interval_seconds: float = _env("DISPATCHER_POLL_INTERVAL_SECONDS", 5.0, gt=0,
@@ -261,14 +266,15 @@ class Settings(BaseSettings):
         "`prlimit` before exec. The default: no core dump, which would hold the work secret. "
         "Empty: the worker's own limits."))
     sandbox_output_dir: Path | None = _env("DISPATCHER_SANDBOX_OUTPUT_DIR", description=(
-        "docker runtime: where each attempt's output (stdout and stderr) is copied before its "
-        "container is removed, as `<work id>/<attempt>.log` (`dispatcher output WORK_ID` "
-        "prints them); unset: `~/.local/state/dispatcher/output` of the worker's user."))
+        "Where each attempt's output (stdout and stderr) is kept, as `<work id>/<attempt>.log` "
+        "(`dispatcher output WORK_ID` prints them): a process sandbox writes it there as it "
+        "runs, a container's is copied before the container is removed; unset: "
+        "`~/.local/state/dispatcher/output` of the worker's user."))
     sandbox_output_max_bytes: int = _env("DISPATCHER_SANDBOX_OUTPUT_MAX_BYTES", 1024 * 1024,
         ge=1024, description=(
-            "docker runtime: the most of one attempt's output kept, its end (1 MiB)."))
+            "The most of one attempt's output kept, its end (1 MiB)."))
     sandbox_output_keep: int = _env("DISPATCHER_SANDBOX_OUTPUT_KEEP", 1000, ge=1, description=(
-        "docker runtime: attempt files kept; a new one removes the oldest beyond this."))
+        "Attempt output files kept; a new one removes the oldest beyond this."))
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
     metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(
