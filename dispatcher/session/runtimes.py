@@ -6,14 +6,17 @@ knowing whether it is a process group (`sandbox.py`) or a container (`container.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
+from dispatcher.logs import event
 from dispatcher.session.confine import (
     Confinement,
     ConfinementError,
     can_switch_to,
     confinement_of,
 )
+from dispatcher.session.output import LiveOutput
 from dispatcher.session.runner_detect import lease_mode_problem, program_texts
 from dispatcher.session.sandbox import Sandbox, SandboxSpec, resolve_command
 from dispatcher.settings import SandboxRuntimeKind, Settings, SettingsError
@@ -47,7 +50,21 @@ def start_sandbox(settings: Settings, spec: SandboxSpec) -> RunningSandbox:
         from dispatcher.session.container import ContainerSandbox  # docker only where used
 
         return ContainerSandbox.start(settings, spec)
-    return Sandbox.start(spec, confinement_of(settings.process_user, settings.process_rlimits))
+    return Sandbox.start(spec, confinement_of(settings.process_user, settings.process_rlimits),
+                         _live_output(settings, spec))
+
+
+def _live_output(settings: Settings, spec: SandboxSpec) -> LiveOutput | None:
+    """The attempt's output file; None (the worker's own stdout then) when it cannot be made:
+    a full or read-only disk must not fail the session."""
+    try:
+        return LiveOutput(settings.output_directory, spec.work_id, spec.attempt,
+                          max_bytes=settings.sandbox_output_max_bytes,
+                          keep=settings.sandbox_output_keep)
+    except OSError as exc:
+        event("output not kept", level=logging.WARNING, work_id=spec.work_id,
+              attempt=spec.attempt, error=str(exc))
+        return None
 
 
 def check_sandbox(settings: Settings) -> None:

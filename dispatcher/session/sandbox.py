@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispatcher.session.confine import Confinement, confined_argv, popen_options
+from dispatcher.session.output import LiveOutput, pump
 
 __all__ = [
     "CommandError",
@@ -56,6 +57,10 @@ UNCONFINED = Confinement()  # the worker's own user and limits
 REAP_SECONDS = 5.0
 # Without pidfds, how often `wait` looks whether the command exited.
 PEEK_INTERVAL_SECONDS = 0.02
+# After the group is killed, how long `kill_group` waits for the output pipe's last bytes. A
+# process that left the group (setsid) may hold the pipe open for ever: its copier then runs on
+# alone, and the file has what came so far.
+OUTPUT_DRAIN_SECONDS = 2.0
 
 
 class CommandError(Exception):
@@ -125,8 +130,10 @@ class Sandbox:
     guardian (`guardian.py`) knows the group from the spawn until just before that reaping.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], secret_dir: str | None = None) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], secret_dir: str | None = None,
+                 output: threading.Thread | None = None) -> None:
         self._process = process
+        self._output = output
         self.pgid = process.pid  # start_new_session makes the command the group leader
         self.started_at = time.time()
         self._secret_dir = secret_dir
@@ -136,23 +143,37 @@ class Sandbox:
         self._watched = True  # by this process's guardian, from `start` until reaped
 
     @classmethod
-    def start(cls, spec: SandboxSpec, confinement: Confinement = UNCONFINED) -> Sandbox:
+    def start(cls, spec: SandboxSpec, confinement: Confinement = UNCONFINED,
+              output: LiveOutput | None = None) -> Sandbox:
+        """`output`: the attempt's output file, fed from the command's stdout and stderr (one
+        pipe, so the file has them in the order written); None: the worker's own."""
         env, secret_dir = dict(spec.env), None
         if spec.secret_file is not None:
             secret_dir, env["ANTHROPIC_WORK_SECRET_FILE"] = _write_secret(
                 spec.secret_file, owner=confinement)
+        read_end, write_end = os.pipe() if output is not None else (None, None)
         try:
-            process = _spawn(confined_argv(spec.argv, confinement), env, confinement)
+            process = _spawn(confined_argv(spec.argv, confinement), env, confinement,
+                             output=write_end)
         except BaseException:
             _remove_secret(secret_dir)
+            for end in (read_end, write_end):
+                if end is not None:
+                    os.close(end)
+            if output is not None:
+                output.close()
             raise
+        copier = None
+        if output is not None and read_end is not None and write_end is not None:
+            os.close(write_end)  # the sandbox holds the only write ends: end-of-file at its end
+            copier = pump(read_end, output)
         try:
             GUARDIAN.watch(process.pid)
         except OSError as exc:  # unguarded, it could outlive a dying worker: never run it
             _abandon(process)
             _remove_secret(secret_dir)
             raise SandboxStartError(f"no guardian for the sandbox: {exc}") from None
-        sandbox = cls(process, secret_dir)
+        sandbox = cls(process, secret_dir, copier)
         rest = sandbox._write_now(spec.stdin)
         # What the pipe did not take goes from a thread: a command that never reads its stdin
         # must not block the supervisor. Usually all of it fits and stdin is closed here.
@@ -247,6 +268,9 @@ class Sandbox:
                 self._pidfd = None
         _remove_secret(self._secret_dir)
         self._secret_dir = None
+        if self._output is not None:
+            self._output.join(timeout=OUTPUT_DRAIN_SECONDS)
+            self._output = None
 
     def group_alive(self) -> bool:
         try:
@@ -348,13 +372,14 @@ def _close_quietly(process: subprocess.Popen[bytes]) -> None:
     process.poll()  # reaps it if it already exited
 
 
-def _spawn(argv: list[str], env: dict[str, str],
-           confinement: Confinement) -> subprocess.Popen[bytes]:
-    """The command as the leader of a new process group, under the sandbox's user if any."""
+def _spawn(argv: list[str], env: dict[str, str], confinement: Confinement, *,
+           output: int | None = None) -> subprocess.Popen[bytes]:
+    """The command as the leader of a new process group, under the sandbox's user if any;
+    its stdout and stderr to `output` (a descriptor) if given."""
     try:
         process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-            argv, stdin=subprocess.PIPE, env=env, start_new_session=True, close_fds=True,
-            **popen_options(confinement))
+            argv, stdin=subprocess.PIPE, stdout=output, stderr=output, env=env,
+            start_new_session=True, close_fds=True, **popen_options(confinement))
         return process
     except FileNotFoundError:
         raise SandboxStartError(f"on-work command not found: {argv[0]!r}") from None
