@@ -2,9 +2,9 @@
 
 A session worker keeps each attempt's stdout and stderr in
 `$DISPATCHER_SANDBOX_OUTPUT_DIR/<work id>/<attempt>.log` (dispatcher/session/output.py): a
-process sandbox's as it runs, a container's copied before the container is removed. The files are on the worker's host: run this there, or where
-the directory is shared. Exit codes: 0 printed, 2 a bad WORK_ID or setting, 4 nothing kept for
-that item here.
+process sandbox's as it runs, a container's copied before the container is removed. The files
+are on the worker's host: run this there, or where the directory is shared. Exit codes: 0
+printed, 2 a bad WORK_ID or setting, 4 nothing kept for that item here.
 
 Imports only the standard library at module level, as `dispatcher.ops.cli` asks.
 """
