@@ -215,13 +215,14 @@ class Settings(BaseSettings):
             "secret file and the work directory can be given to it); default `nobody`. "
             "`0` (root) is accepted only when set explicitly."))
     sandbox_cpus: float = _env("DISPATCHER_SANDBOX_CPUS", 1.0, gt=0, description=(
-        "docker runtime: CPU limit of one container, in CPUs (`1.5`)."))
+        "CPU limit of one container, in CPUs (`1.5`); of a process sandbox too where it gets "
+        "a cgroup (DISPATCHER_PROCESS_CGROUP)."))
     sandbox_memory: str = _env("DISPATCHER_SANDBOX_MEMORY", "2g", pattern=r"^\d+[bkmg]?$",
-        description="docker runtime: memory limit of one container (`512m`, `2g`); tmpfs "
-                    "contents count against it.")
+        description="Memory limit of one container (`512m`, `2g`; tmpfs contents count "
+                    "against it); of a process sandbox too where it gets a cgroup.")
     sandbox_pids_limit: int = _env("DISPATCHER_SANDBOX_PIDS_LIMIT", 512, ge=1, description=(
-        "docker runtime: processes and threads one container may hold (a fork bomb stops "
-        "there)."))
+        "Processes and threads one container may hold (a fork bomb stops there); one process "
+        "sandbox too where it gets a cgroup."))
     sandbox_cap_add: Annotated[list[str], NoDecode] = _env(
         "DISPATCHER_SANDBOX_CAP_ADD", [], description=(
             "docker runtime: comma-separated capabilities given back (`NET_BIND_SERVICE`); "
@@ -265,6 +266,14 @@ class Settings(BaseSettings):
         "with util-linux prlimit's names (`core=0,nofile=1024,as=4294967296`), set by "
         "`prlimit` before exec. The default: no core dump, which would hold the work secret. "
         "Empty: the worker's own limits."))
+    process_cgroup: str = _env("DISPATCHER_PROCESS_CGROUP", "auto",
+        pattern=r"^(auto|off|/.*)$", description=(
+            "process runtime: a cgroup v2 per sandbox, with DISPATCHER_SANDBOX_MEMORY, "
+            "_PIDS_LIMIT and _CPUS (or its environment's) as memory.max, pids.max and cpu.max. "
+            "`auto`: under the worker's own cgroup where the host delegates one (it hands "
+            "memory, pids and cpu to its children and the worker may write it), else none; a "
+            "path: that delegated cgroup, refused at start if unusable; `off`: none. One line at "
+            "start (`sandbox cgroups`) says which and why."))
     sandbox_output_dir: Path | None = _env("DISPATCHER_SANDBOX_OUTPUT_DIR", description=(
         "Where each attempt's output (stdout and stderr) is kept, as `<work id>/<attempt>.log` "
         "(`dispatcher output WORK_ID` prints them): a process sandbox writes it there as it "

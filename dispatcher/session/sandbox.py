@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dispatcher.session.cgroups import CgroupError, SessionCgroup, admit, gate_argv
 from dispatcher.session.confine import Confinement, confined_argv, popen_options
 from dispatcher.session.output import LiveOutput, pump
 
@@ -131,9 +132,11 @@ class Sandbox:
     """
 
     def __init__(self, process: subprocess.Popen[bytes], secret_dir: str | None = None,
-                 output: threading.Thread | None = None) -> None:
+                 output: threading.Thread | None = None,
+                 cgroup: SessionCgroup | None = None) -> None:
         self._process = process
         self._output = output
+        self._cgroup = cgroup
         self.pgid = process.pid  # start_new_session makes the command the group leader
         self.started_at = time.time()
         self._secret_dir = secret_dir
@@ -144,17 +147,21 @@ class Sandbox:
 
     @classmethod
     def start(cls, spec: SandboxSpec, confinement: Confinement = UNCONFINED,
-              output: LiveOutput | None = None) -> Sandbox:
+              output: LiveOutput | None = None, cgroup: SessionCgroup | None = None) -> Sandbox:
         """`output`: the attempt's output file, fed from the command's stdout and stderr (one
-        pipe, so the file has them in the order written); None: the worker's own."""
+        pipe, so the file has them in the order written); None: the worker's own. `cgroup`:
+        the sandbox's own, entered before the command runs (`cgroups.py`)."""
         env, secret_dir = dict(spec.env), None
         if spec.secret_file is not None:
             secret_dir, env["ANTHROPIC_WORK_SECRET_FILE"] = _write_secret(
                 spec.secret_file, owner=confinement)
         read_end, write_end = os.pipe() if output is not None else (None, None)
+        argv = confined_argv(spec.argv, confinement)
         try:
-            process = _spawn(confined_argv(spec.argv, confinement), env, confinement,
+            process = _spawn(argv if cgroup is None else gate_argv(argv), env, confinement,
                              output=write_end)
+            if cgroup is not None:
+                _enter(process, cgroup)
         except BaseException:
             _remove_secret(secret_dir)
             for end in (read_end, write_end):
@@ -162,6 +169,8 @@ class Sandbox:
                     os.close(end)
             if output is not None:
                 output.close()
+            if cgroup is not None:
+                cgroup.remove()
             raise
         copier = None
         if output is not None and read_end is not None and write_end is not None:
@@ -173,7 +182,7 @@ class Sandbox:
             _abandon(process)
             _remove_secret(secret_dir)
             raise SandboxStartError(f"no guardian for the sandbox: {exc}") from None
-        sandbox = cls(process, secret_dir, copier)
+        sandbox = cls(process, secret_dir, copier, cgroup)
         rest = sandbox._write_now(spec.stdin)
         # What the pipe did not take goes from a thread: a command that never reads its stdin
         # must not block the supervisor. Usually all of it fits and stdin is closed here.
@@ -255,6 +264,8 @@ class Sandbox:
         """SIGKILL everything left in the group (also forked children that outlived the command),
         then reap the leader and delete the secret file."""
         self.signal_group(signal.SIGKILL)
+        if self._cgroup is not None:
+            self._cgroup.kill()  # also what left the group (setsid, a daemonised child)
         if not self._reaped:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=REAP_SECONDS)
@@ -271,6 +282,8 @@ class Sandbox:
         if self._output is not None:
             self._output.join(timeout=OUTPUT_DRAIN_SECONDS)
             self._output = None
+        if self._reaped and self._cgroup is not None and self._cgroup.remove():
+            self._cgroup = None
 
     def group_alive(self) -> bool:
         try:
@@ -364,6 +377,16 @@ def _abandon(process: subprocess.Popen[bytes]) -> None:
     process.wait()
     if process.stdin is not None:
         process.stdin.close()
+
+
+def _enter(process: subprocess.Popen[bytes], cgroup: SessionCgroup) -> None:
+    """The gated process into its cgroup; a sandbox that cannot enter it never runs."""
+    try:
+        admit(process.pid, cgroup)
+    except (OSError, CgroupError) as exc:
+        _abandon(process)
+        raise SandboxStartError(f"the sandbox could not enter its cgroup {cgroup.path}: "
+                                f"{exc}") from None
 
 
 def _close_quietly(process: subprocess.Popen[bytes]) -> None:
