@@ -1,5 +1,5 @@
-"""The environments one fleet serves: each one's id, key, optional session limit, queue, and
-sandbox image, limits and network.
+"""The environments one fleet serves: each one's id, key, optional session limit, queue,
+maximum session duration, and sandbox image, limits and network.
 
 Two ways to say them, never both:
 
@@ -12,6 +12,8 @@ Two ways to say them, never both:
       key_file = "/run/secrets/env_a_key"   # or `key = "sk-ant-oat01-..."`
       max_sessions = 20                     # optional: at most this many held at once
       queue = "dispatcher.sessions.gpu"     # optional: its sessions' default queue
+      max_session_seconds = 3600            # optional: instead of DISPATCHER_MAX_SESSION_SECONDS
+                                            # (0: no limit for this environment)
       # optional, docker runtime: its containers' own image, limits and network, instead of
       # the DISPATCHER_SANDBOX_* settings of the same meaning
       image = "registry.example.com/gpu-sandbox@sha256:..."
@@ -69,6 +71,8 @@ class Environment:
     key: SecretStr
     max_sessions: int | None = None
     queue: str | None = None
+    # Its own maximum session duration (0: none), instead of the fleet's; None: the fleet's.
+    max_session_seconds: float | None = None
     # The docker runtime's settings this environment's containers get instead of the fleet's:
     # Settings field name -> value (sandbox_image, sandbox_cpus, ...).
     sandbox: tuple[tuple[str, Any], ...] = ()
@@ -84,6 +88,7 @@ class _Entry(BaseModel):
     key_file: Path | None = None
     max_sessions: int | None = Field(None, ge=1)
     queue: str | None = Field(None, min_length=1)
+    max_session_seconds: float | None = Field(None, ge=0)
     image: str | None = Field(None, min_length=1)
     cpus: float | None = Field(None, gt=0)
     memory: str | None = Field(None, pattern=r"^\d+[bkmg]?$")
@@ -160,5 +165,6 @@ def load_environments_file(path: Path, *, session_queues: list[str]) -> tuple[En
             raise EnvironmentsError(f"environment {entry.id} is listed twice")
         found.append(Environment(id=entry.id, key=_read_key(entry, path.parent),
                                  max_sessions=entry.max_sessions, queue=entry.queue,
+                                 max_session_seconds=entry.max_session_seconds,
                                  sandbox=entry.sandbox()))
     return tuple(found)

@@ -151,6 +151,11 @@ class Settings(BaseSettings):
         "Lease TTL asked of the server on each heartbeat; unset lets the server choose."))
     stop_grace_seconds: float = _env("DISPATCHER_STOP_GRACE_SECONDS", 30.0, ge=0, description=(
         "Between SIGTERM and SIGKILL on a graceful stop (the CLI waits 30 s too)."))
+    max_session_seconds: float = _env("DISPATCHER_MAX_SESSION_SECONDS", 0.0, ge=0, description=(
+        "Longest a session may run, from its first attempt's start (a restarted attempt does "
+        "not start it again); past it, the session is stopped gracefully (SIGTERM, the stop "
+        "grace, SIGKILL) and its item stopped. 0: no limit. An environment of the "
+        "environments file may set its own (`max_session_seconds`)."))
     max_attempts: int = _env("DISPATCHER_MAX_ATTEMPTS", 3, ge=1, description=(
         "Attempts of one session (a lost worker starts a new one) before it is stopped."))
     poll_interval_seconds: float = _env("DISPATCHER_POLL_INTERVAL_SECONDS", 5.0, gt=0,
@@ -210,13 +215,14 @@ class Settings(BaseSettings):
             "secret file and the work directory can be given to it); default `nobody`. "
             "`0` (root) is accepted only when set explicitly."))
     sandbox_cpus: float = _env("DISPATCHER_SANDBOX_CPUS", 1.0, gt=0, description=(
-        "docker runtime: CPU limit of one container, in CPUs (`1.5`)."))
+        "CPU limit of one container, in CPUs (`1.5`); of a process sandbox too where it gets "
+        "a cgroup (DISPATCHER_PROCESS_CGROUP)."))
     sandbox_memory: str = _env("DISPATCHER_SANDBOX_MEMORY", "2g", pattern=r"^\d+[bkmg]?$",
-        description="docker runtime: memory limit of one container (`512m`, `2g`); tmpfs "
-                    "contents count against it.")
+        description="Memory limit of one container (`512m`, `2g`; tmpfs contents count "
+                    "against it); of a process sandbox too where it gets a cgroup.")
     sandbox_pids_limit: int = _env("DISPATCHER_SANDBOX_PIDS_LIMIT", 512, ge=1, description=(
-        "docker runtime: processes and threads one container may hold (a fork bomb stops "
-        "there)."))
+        "Processes and threads one container may hold (a fork bomb stops there); one process "
+        "sandbox too where it gets a cgroup."))
     sandbox_cap_add: Annotated[list[str], NoDecode] = _env(
         "DISPATCHER_SANDBOX_CAP_ADD", [], description=(
             "docker runtime: comma-separated capabilities given back (`NET_BIND_SERVICE`); "
@@ -260,15 +266,24 @@ class Settings(BaseSettings):
         "with util-linux prlimit's names (`core=0,nofile=1024,as=4294967296`), set by "
         "`prlimit` before exec. The default: no core dump, which would hold the work secret. "
         "Empty: the worker's own limits."))
+    process_cgroup: str = _env("DISPATCHER_PROCESS_CGROUP", "auto",
+        pattern=r"^(auto|off|/.*)$", description=(
+            "process runtime: a cgroup v2 per sandbox, with DISPATCHER_SANDBOX_MEMORY, "
+            "_PIDS_LIMIT and _CPUS (or its environment's) as memory.max, pids.max and cpu.max. "
+            "`auto`: under the worker's own cgroup where the host delegates one (it hands "
+            "memory, pids and cpu to its children and the worker may write it), else none; a "
+            "path: that delegated cgroup, refused at start if unusable; `off`: none. One line at "
+            "start (`sandbox cgroups`) says which and why."))
     sandbox_output_dir: Path | None = _env("DISPATCHER_SANDBOX_OUTPUT_DIR", description=(
-        "docker runtime: where each attempt's output (stdout and stderr) is copied before its "
-        "container is removed, as `<work id>/<attempt>.log` (`dispatcher output WORK_ID` "
-        "prints them); unset: `~/.local/state/dispatcher/output` of the worker's user."))
+        "Where each attempt's output (stdout and stderr) is kept, as `<work id>/<attempt>.log` "
+        "(`dispatcher output WORK_ID` prints them): a process sandbox writes it there as it "
+        "runs, a container's is copied before the container is removed; unset: "
+        "`~/.local/state/dispatcher/output` of the worker's user."))
     sandbox_output_max_bytes: int = _env("DISPATCHER_SANDBOX_OUTPUT_MAX_BYTES", 1024 * 1024,
         ge=1024, description=(
-            "docker runtime: the most of one attempt's output kept, its end (1 MiB)."))
+            "The most of one attempt's output kept, its end (1 MiB)."))
     sandbox_output_keep: int = _env("DISPATCHER_SANDBOX_OUTPUT_KEEP", 1000, ge=1, description=(
-        "docker runtime: attempt files kept; a new one removes the oldest beyond this."))
+        "Attempt output files kept; a new one removes the oldest beyond this."))
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
     metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(

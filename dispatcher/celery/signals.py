@@ -1,6 +1,7 @@
 """The worker's signal handlers: what a Celery worker of the fleet does at its turning points.
 
-- At start (`worker_init`): refuse to run without what a worker needs (one clear line, exit).
+- At start (`worker_init`): refuse to run without what a worker needs (one clear line, exit);
+  once logging is up (`worker_ready`), a session worker says how its sandboxes are confined.
 - On SIGTERM (`worker_shutting_down`): mark itself draining, so the poller stops counting its
   slots and its running sessions hand over to new attempts elsewhere within the grace period.
 - When a session task's message arrives (`task_received`): the time, for its `start path` line;
@@ -16,7 +17,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import task_received, task_revoked, worker_init, worker_shutting_down
+from celery.signals import (
+    task_received,
+    task_revoked,
+    worker_init,
+    worker_ready,
+    worker_shutting_down,
+)
 from redis.exceptions import RedisError
 
 from dispatcher.celery.bootsteps import consumes_sessions
@@ -24,12 +31,17 @@ from dispatcher.celery.names import CONTROL_TASKS, SESSION_RUN
 from dispatcher.control.bridge import on_task_revoked
 from dispatcher.logs import event
 from dispatcher.runtime import get_runtime
-from dispatcher.session.runtimes import check_sandbox
+from dispatcher.session.runtimes import check_sandbox, sandbox_lines
 from dispatcher.session.sandbox import CommandError, EngineError
 from dispatcher.settings import SettingsError
 from dispatcher.startpath import received
 
 __all__ = ["quiet_control_ticks"]
+
+
+# What a session worker's start found out about its sandboxes, logged once logging is set up
+# (Celery configures it after `worker_init`).
+_START_LINES: list[tuple[str, dict[str, object]]] = []
 
 
 @worker_init.connect
@@ -39,6 +51,7 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         runtime.settings.require_environments()
         if consumes_sessions(sender, runtime.settings.session_queues):
             check_sandbox(runtime.settings)  # control-only hosts run no sandbox
+            _START_LINES.extend(sandbox_lines(runtime.settings))
         runtime.redis.ping()
     except (SettingsError, CommandError, EngineError) as exc:
         raise SystemExit(f"dispatcher: {exc}") from None
@@ -46,6 +59,13 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         raise SystemExit(
             f"dispatcher: Redis at DISPATCHER_REDIS_URL does not answer: {exc}"
         ) from None
+
+
+@worker_ready.connect
+def _say_how_sandboxes_run(**_: Any) -> None:
+    for action, fields in _START_LINES:
+        event(action, logging.INFO, **fields)
+    _START_LINES.clear()
 
 
 @worker_shutting_down.connect

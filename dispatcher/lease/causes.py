@@ -30,13 +30,15 @@ class LossCause(StrEnum):
 
 
 class StopCause(StrEnum):
-    """Why a lease's stop flag was raised (`work_stop_requests` counts the first two)."""
+    """Why a lease's stop flag was raised (`work_stop_requests` counts those of
+    `request_stop`: server, operator, deadline)."""
 
     SERVER = "server"  # the server asks to stop the item (`stopping`, in a reply or its list)
     OPERATOR = "operator"  # an operator revoked or terminated the session task
     CLAIM_REFUSED = "claim_refused"  # the first claim was refused for a whole TTL
     REJECTED = "heartbeats_rejected"  # the server refuses our heartbeats (auth, a bad request)
     RELEASING = "releasing"  # a release failed: no sandbox may run while it is tried again
+    DEADLINE = "deadline"  # the session ran past its maximum duration
 
 
 # What a stop flag names (the record's `stop_cause`): who asked, or why the lease was lost.
@@ -49,6 +51,7 @@ class SeenBy(StrEnum):
     HEARTBEAT = "heartbeat"  # a heartbeat's reply
     BRIDGE = "bridge"  # the stop bridge's sweep of the server's list
     REVOKE = "revoke"  # Celery's revoke of the session task
+    SUPERVISOR = "supervisor"  # the running attempt's supervisor (a session past its deadline)
 
 
 class Refusal(StrEnum):

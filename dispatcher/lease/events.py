@@ -24,6 +24,7 @@ __all__ = [
     "ClaimNotAcked",
     "ClaimRefused",
     "ClaimStranded",
+    "DeadlineReached",
     "Event",
     "HandingOff",
     "HealthcheckAnswered",
@@ -276,6 +277,15 @@ class SandboxExited:
 
 
 @dataclass(frozen=True)
+class DeadlineReached:
+    """A running attempt's supervisor finds its session past the maximum duration
+    (`limit_seconds`, the environment's or the fleet's), by the fleet's clock."""
+
+    attempt: int
+    limit_seconds: float
+
+
+@dataclass(frozen=True)
 class ReleaseAwaited:
     """An attempt whose sandbox exited (its result `outcome`) waits for its lease's release;
     `registry_reset`: the record is gone because Redis restarted empty, not by a release."""
@@ -367,6 +377,7 @@ Event = (
     | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed | StopRequested
     | ServerStopped | OperatorRevoked
     | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited | ReleaseAwaited
+    | DeadlineReached
     | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded
     | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | ReleaseUnauthorized
     | HealthcheckAnswered

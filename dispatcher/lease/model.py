@@ -101,6 +101,10 @@ class Lease:
     claimed_at: float = 0.0
     dispatched_at: float = 0.0
     pulse_at: float = 0.0
+    # When the session's first attempt started running (the fleet's clock; 0: not yet). Kept
+    # across attempts: the maximum session duration counts from it, so a session restarted on
+    # another worker does not get a fresh allowance.
+    started_at: float = 0.0
     created_at: str = ""
     # The server's lease token: echoed exactly as `expected_last_heartbeat`.
     token: str = ""

@@ -1,10 +1,10 @@
 """`dispatcher output WORK_ID`: what each attempt of a work item wrote, as its worker kept it.
 
-A session worker of the docker runtime copies each container's stdout and stderr to
-`$DISPATCHER_SANDBOX_OUTPUT_DIR/<work id>/<attempt>.log` before it removes the container
-(dispatcher/session/output.py). The files are on the worker's host: run this there, or where
-the directory is shared. Exit codes: 0 printed, 2 a bad WORK_ID or setting, 4 nothing kept for
-that item here.
+A session worker keeps each attempt's stdout and stderr in
+`$DISPATCHER_SANDBOX_OUTPUT_DIR/<work id>/<attempt>.log` (dispatcher/session/output.py): a
+process sandbox's as it runs, a container's copied before the container is removed. The files
+are on the worker's host: run this there, or where the directory is shared. Exit codes: 0
+printed, 2 a bad WORK_ID or setting, 4 nothing kept for that item here.
 
 Imports only the standard library at module level, as `dispatcher.ops.cli` asks.
 """
@@ -27,8 +27,8 @@ def register(subcommands: Any) -> None:
     parser = subcommands.add_parser(
         "output", help="print each attempt's output of one work item",
         description="Print the output (stdout and stderr) each attempt of WORK_ID wrote, as "
-                    "the session worker of the docker runtime kept it before removing the "
-                    "container; read from $DISPATCHER_SANDBOX_OUTPUT_DIR on this host.")
+                    "its session worker kept it (a running process sandbox's so far); read "
+                    "from $DISPATCHER_SANDBOX_OUTPUT_DIR on this host.")
     parser.add_argument("work_id", metavar="WORK_ID")
     parser.add_argument("--attempt", type=int, help="only this attempt")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -199,7 +199,8 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
 
 def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: RunningSandbox, flags: _Flags,
           memory: _Memory, work_json: bytes) -> Outcome:
-    sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json)
+    sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json,
+                      max_seconds=_max_duration(runtime.settings, memory.lease.environment_id))
     fence = _Fence(runtime, attempt, memory, sandbox)
     try:
         return _supervise_until_over(sup, fence)
@@ -235,7 +236,12 @@ class _Supervisor:
     flags: _Flags
     memory: _Memory
     work_json: bytes
+    # The session's maximum duration (0: none). The supervisor keeps the timer: it runs in
+    # every lease mode (the heartbeat task does not visit a lease its sandbox heartbeats), it
+    # already ticks and holds the stop ladder, and it needs no control worker to be up.
+    max_seconds: float = 0.0
     draining: bool = False
+    deadline_told: bool = False
 
     def __post_init__(self) -> None:
         self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt,
@@ -255,7 +261,23 @@ class _Supervisor:
                            operator=operator)
         controls = _Controls(self.sandbox, self.ladder, cause=pulse.stop_cause or "worker draining",
                              seen_at=pulse.stop_seen_at)
-        return runtime.executor.attempt(self.memory.lease, pulsed, sandbox=controls).over
+        over = runtime.executor.attempt(self.memory.lease, pulsed, sandbox=controls).over
+        if over is None and pulse.current and not pulse.stop:
+            self._mind_the_deadline()
+        return over
+
+    def _mind_the_deadline(self) -> None:
+        """Past the session's maximum duration, tell the machine once: it flags a graceful stop,
+        which the next pulse signals. Counted from the record's `started_at` on the fleet's
+        clock, so an attempt restarted elsewhere goes on with the same deadline."""
+        started = self.memory.lease.started_at
+        if not self.max_seconds or self.deadline_told or not started:
+            return
+        if self.runtime.registry.clock.now() - started < self.max_seconds:
+            return
+        self.runtime.executor.attempt(self.memory.lease,
+                                      ev.DeadlineReached(self.attempt.attempt, self.max_seconds))
+        self.deadline_told = True  # a RedisError above leaves it to the next tick
 
 
 @dataclass
@@ -336,6 +358,13 @@ class _Fence:
 
     def _environment(self) -> str:
         return self.memory.lease.environment_id
+
+
+def _max_duration(settings: Settings, environment_id: str) -> float:
+    """A session's maximum duration in seconds (0: none): its environment's own, or the
+    fleet's."""
+    own = settings.environment(environment_id).max_session_seconds
+    return settings.max_session_seconds if own is None else own
 
 
 def _observe_dispatch_latency(runtime: Runtime, work_json: bytes) -> None:

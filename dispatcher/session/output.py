@@ -2,21 +2,37 @@
 
 A container's output lives in the engine's log driver and goes with the container, which the
 worker removes at the attempt's end; an operator asking why a session failed then finds
-nothing. So the worker copies it first, into `<dir>/<work id>/<attempt>.log`. A file keeps the
-last `max_bytes` of the output (the end is where a failure is told), and the directory keeps
-the newest `keep` files: writing a new one removes the oldest beyond that, so the disk use is
-bounded by `keep * max_bytes`.
+nothing. So the worker copies it first, into `<dir>/<work id>/<attempt>.log`. A process
+sandbox's stdout and stderr are one pipe the worker reads as the sandbox runs (`LiveOutput`,
+`pump`) into the same file, so `dispatcher output` shows a running attempt's output too.
+
+A file keeps the last `max_bytes` of the output (the end is where a failure is told), and the
+directory keeps the newest `keep` files: writing a new one removes the oldest beyond that, so
+the disk use is bounded by `keep * max_bytes` (a live file may reach twice its cap before it is
+cut back to its end).
+
+Why a pipe read by the worker and not the file given to the process: a process writing its own
+file could fill the disk before the attempt ends, and nothing but the writer can cut a file's
+head off while it appends. The price: output written after its worker died is lost (the
+guardian ends the sandbox then anyway), and one small thread per running sandbox.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import threading
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["TRUNCATED", "attempt_path", "read_outputs", "write_output"]
+__all__ = ["TRUNCATED", "LiveOutput", "attempt_path", "pump", "read_outputs", "write_output"]
+
+# One read of a sandbox's pipe: the pipe's default capacity, so a chatty sandbox is drained in
+# few calls.
+READ_BYTES = 65536
 
 # The first line of a file whose output was longer than the cap: the head was dropped.
 TRUNCATED = b"[dispatcher: earlier output dropped; the last %d bytes follow]\n"
@@ -44,15 +60,75 @@ def write_output(directory: Path, work_id: str, attempt: int, chunks: Iterable[b
     if len(data) > max_bytes:
         data, dropped = data[-max_bytes:], True
     path = attempt_path(directory, work_id, attempt)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # 0600: a session's output may hold what the session read; only the worker's user reads it.
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
+    with _create(path) as file:
         if dropped:
             file.write(TRUNCATED % max_bytes)
         file.write(data)
     _rotate(directory, keep)
     return path
+
+
+def _create(path: Path) -> BinaryIO:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # 0600: a session's output may hold what the session read; only the worker's user reads it.
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    return os.fdopen(descriptor, "w+b")
+
+
+class LiveOutput:
+    """An attempt's output file written as the output comes: appended, and cut back to its last
+    `max_bytes` (behind the `TRUNCATED` line) once it holds twice that. Only its writer cuts
+    it, so no append is lost to a cut."""
+
+    def __init__(self, directory: Path, work_id: str, attempt: int, *, max_bytes: int,
+                 keep: int) -> None:
+        self.path = attempt_path(directory, work_id, attempt)
+        self.max_bytes = max_bytes
+        self._file = _create(self.path)
+        self._size = 0
+        _rotate(directory, keep)  # the new file counts among those kept
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._size += len(chunk)
+        if self._size >= 2 * self.max_bytes:
+            self._cut()
+
+    def _cut(self) -> None:
+        self._file.seek(-self.max_bytes, os.SEEK_END)
+        tail = self._file.read(self.max_bytes)
+        self._file.seek(0)
+        self._file.truncate()
+        header = TRUNCATED % self.max_bytes
+        self._file.write(header + tail)
+        self._size = len(header) + len(tail)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def pump(fd: int, sink: LiveOutput) -> threading.Thread:
+    """A thread copying what the pipe `fd` brings into `sink` until end-of-file (every writer
+    gone), then closing both."""
+
+    def copy() -> None:
+        keeping = True
+        try:
+            while chunk := os.read(fd, READ_BYTES):
+                if keeping:
+                    try:
+                        sink.write(chunk)
+                    except OSError:  # a full disk: read on, or the sandbox blocks on the pipe
+                        keeping = False
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                sink.close()
+
+    thread = threading.Thread(target=copy, name=f"output-{sink.path.parent.name[:40]}",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 def _rotate(directory: Path, keep: int) -> None:

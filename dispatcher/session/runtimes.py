@@ -6,16 +6,27 @@ knowing whether it is a process group (`sandbox.py`) or a container (`container.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
+from dispatcher.logs import event
+from dispatcher.session.cgroups import (
+    CgroupError,
+    SessionCgroup,
+    find_parent,
+    limits_of,
+    parent_for,
+    remove_left_behind,
+)
 from dispatcher.session.confine import (
     Confinement,
     ConfinementError,
     can_switch_to,
     confinement_of,
 )
+from dispatcher.session.output import LiveOutput
 from dispatcher.session.runner_detect import lease_mode_problem, program_texts
-from dispatcher.session.sandbox import Sandbox, SandboxSpec, resolve_command
+from dispatcher.session.sandbox import Sandbox, SandboxSpec, SandboxStartError, resolve_command
 from dispatcher.settings import SandboxRuntimeKind, Settings, SettingsError
 
 __all__ = ["RunningSandbox", "check_sandbox", "start_sandbox"]
@@ -47,7 +58,34 @@ def start_sandbox(settings: Settings, spec: SandboxSpec) -> RunningSandbox:
         from dispatcher.session.container import ContainerSandbox  # docker only where used
 
         return ContainerSandbox.start(settings, spec)
-    return Sandbox.start(spec, confinement_of(settings.process_user, settings.process_rlimits))
+    return Sandbox.start(spec, confinement_of(settings.process_user, settings.process_rlimits),
+                         _live_output(settings, spec), _cgroup(settings, spec))
+
+
+def _cgroup(settings: Settings, spec: SandboxSpec) -> SessionCgroup | None:
+    """The sandbox's own cgroup, with its environment's limits, where the host offers one."""
+    parent = parent_for(settings.process_cgroup)
+    if parent is None:
+        return None
+    own = settings.sandbox_for(spec.environment_id)
+    limits = limits_of(own.sandbox_memory, own.sandbox_pids_limit, own.sandbox_cpus)
+    try:
+        return SessionCgroup(parent, spec.work_id, spec.attempt, limits)
+    except OSError as exc:  # a sandbox without the limits it is promised never runs
+        raise SandboxStartError(f"no cgroup for the sandbox under {parent.path}: {exc}") from None
+
+
+def _live_output(settings: Settings, spec: SandboxSpec) -> LiveOutput | None:
+    """The attempt's output file; None (the worker's own stdout then) when it cannot be made:
+    a full or read-only disk must not fail the session."""
+    try:
+        return LiveOutput(settings.output_directory, spec.work_id, spec.attempt,
+                          max_bytes=settings.sandbox_output_max_bytes,
+                          keep=settings.sandbox_output_keep)
+    except OSError as exc:
+        event("output not kept", level=logging.WARNING, work_id=spec.work_id,
+              attempt=spec.attempt, error=str(exc))
+        return None
 
 
 def check_sandbox(settings: Settings) -> None:
@@ -61,10 +99,37 @@ def check_sandbox(settings: Settings) -> None:
         texts = sandbox_texts(settings)
     else:
         _check_confinement(settings)
+        _check_cgroup(settings)
         texts = program_texts(resolve_command(settings.on_work))
     problem = lease_mode_problem(settings, texts)
     if problem is not None:
         raise SettingsError(problem)
+
+
+def _check_cgroup(settings: Settings) -> None:
+    """A named cgroup that cannot be used refuses the start; what killed workers left in a
+    usable one goes."""
+    try:
+        parent, _ = find_parent(settings.process_cgroup)
+    except CgroupError as exc:
+        raise SettingsError(str(exc)) from None
+    if parent is not None:
+        remove_left_behind(parent)
+
+
+def sandbox_lines(settings: Settings) -> list[tuple[str, dict[str, object]]]:
+    """The start-up lines about the sandboxes (action, fields), for a worker `check_sandbox`
+    passed: whether process sandboxes get a cgroup, and why not."""
+    if settings.sandbox_runtime != SandboxRuntimeKind.PROCESS:
+        return []
+    parent, why = find_parent(settings.process_cgroup)
+    if parent is None:
+        return [("sandbox cgroups", {"used": False, "reason": why,
+                                     "limits": "rlimits only (DISPATCHER_PROCESS_RLIMITS)"})]
+    limits = limits_of(settings.sandbox_memory, settings.sandbox_pids_limit, settings.sandbox_cpus)
+    return [("sandbox cgroups", {"used": True, "parent": str(parent.path),
+                                 **{name.replace(".", "_"): value
+                                    for name, value in limits.files().items()}})]
 
 
 def _check_confinement(settings: Settings) -> Confinement:

@@ -34,7 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dispatcher.session.cgroups import CgroupError, SessionCgroup, admit, gate_argv
 from dispatcher.session.confine import Confinement, confined_argv, popen_options
+from dispatcher.session.output import LiveOutput, pump
 
 __all__ = [
     "CommandError",
@@ -56,6 +58,10 @@ UNCONFINED = Confinement()  # the worker's own user and limits
 REAP_SECONDS = 5.0
 # Without pidfds, how often `wait` looks whether the command exited.
 PEEK_INTERVAL_SECONDS = 0.02
+# After the group is killed, how long `kill_group` waits for the output pipe's last bytes. A
+# process that left the group (setsid) may hold the pipe open for ever: its copier then runs on
+# alone, and the file has what came so far.
+OUTPUT_DRAIN_SECONDS = 2.0
 
 
 class CommandError(Exception):
@@ -125,8 +131,12 @@ class Sandbox:
     guardian (`guardian.py`) knows the group from the spawn until just before that reaping.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], secret_dir: str | None = None) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], secret_dir: str | None = None,
+                 output: threading.Thread | None = None,
+                 cgroup: SessionCgroup | None = None) -> None:
         self._process = process
+        self._output = output
+        self._cgroup = cgroup
         self.pgid = process.pid  # start_new_session makes the command the group leader
         self.started_at = time.time()
         self._secret_dir = secret_dir
@@ -136,23 +146,43 @@ class Sandbox:
         self._watched = True  # by this process's guardian, from `start` until reaped
 
     @classmethod
-    def start(cls, spec: SandboxSpec, confinement: Confinement = UNCONFINED) -> Sandbox:
+    def start(cls, spec: SandboxSpec, confinement: Confinement = UNCONFINED,
+              output: LiveOutput | None = None, cgroup: SessionCgroup | None = None) -> Sandbox:
+        """`output`: the attempt's output file, fed from the command's stdout and stderr (one
+        pipe, so the file has them in the order written); None: the worker's own. `cgroup`:
+        the sandbox's own, entered before the command runs (`cgroups.py`)."""
         env, secret_dir = dict(spec.env), None
         if spec.secret_file is not None:
             secret_dir, env["ANTHROPIC_WORK_SECRET_FILE"] = _write_secret(
                 spec.secret_file, owner=confinement)
+        read_end, write_end = os.pipe() if output is not None else (None, None)
+        argv = confined_argv(spec.argv, confinement)
         try:
-            process = _spawn(confined_argv(spec.argv, confinement), env, confinement)
+            process = _spawn(argv if cgroup is None else gate_argv(argv), env, confinement,
+                             output=write_end)
+            if cgroup is not None:
+                _enter(process, cgroup)
         except BaseException:
             _remove_secret(secret_dir)
+            for end in (read_end, write_end):
+                if end is not None:
+                    os.close(end)
+            if output is not None:
+                output.close()
+            if cgroup is not None:
+                cgroup.remove()
             raise
+        copier = None
+        if output is not None and read_end is not None and write_end is not None:
+            os.close(write_end)  # the sandbox holds the only write ends: end-of-file at its end
+            copier = pump(read_end, output)
         try:
             GUARDIAN.watch(process.pid)
         except OSError as exc:  # unguarded, it could outlive a dying worker: never run it
             _abandon(process)
             _remove_secret(secret_dir)
             raise SandboxStartError(f"no guardian for the sandbox: {exc}") from None
-        sandbox = cls(process, secret_dir)
+        sandbox = cls(process, secret_dir, copier, cgroup)
         rest = sandbox._write_now(spec.stdin)
         # What the pipe did not take goes from a thread: a command that never reads its stdin
         # must not block the supervisor. Usually all of it fits and stdin is closed here.
@@ -234,6 +264,8 @@ class Sandbox:
         """SIGKILL everything left in the group (also forked children that outlived the command),
         then reap the leader and delete the secret file."""
         self.signal_group(signal.SIGKILL)
+        if self._cgroup is not None:
+            self._cgroup.kill()  # also what left the group (setsid, a daemonised child)
         if not self._reaped:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=REAP_SECONDS)
@@ -247,6 +279,11 @@ class Sandbox:
                 self._pidfd = None
         _remove_secret(self._secret_dir)
         self._secret_dir = None
+        if self._output is not None:
+            self._output.join(timeout=OUTPUT_DRAIN_SECONDS)
+            self._output = None
+        if self._reaped and self._cgroup is not None and self._cgroup.remove():
+            self._cgroup = None
 
     def group_alive(self) -> bool:
         try:
@@ -342,19 +379,30 @@ def _abandon(process: subprocess.Popen[bytes]) -> None:
         process.stdin.close()
 
 
+def _enter(process: subprocess.Popen[bytes], cgroup: SessionCgroup) -> None:
+    """The gated process into its cgroup; a sandbox that cannot enter it never runs."""
+    try:
+        admit(process.pid, cgroup)
+    except (OSError, CgroupError) as exc:
+        _abandon(process)
+        raise SandboxStartError(f"the sandbox could not enter its cgroup {cgroup.path}: "
+                                f"{exc}") from None
+
+
 def _close_quietly(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(OSError):
         process.stdin.close()  # type: ignore[union-attr]  # always a pipe
     process.poll()  # reaps it if it already exited
 
 
-def _spawn(argv: list[str], env: dict[str, str],
-           confinement: Confinement) -> subprocess.Popen[bytes]:
-    """The command as the leader of a new process group, under the sandbox's user if any."""
+def _spawn(argv: list[str], env: dict[str, str], confinement: Confinement, *,
+           output: int | None = None) -> subprocess.Popen[bytes]:
+    """The command as the leader of a new process group, under the sandbox's user if any;
+    its stdout and stderr to `output` (a descriptor) if given."""
     try:
         process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-            argv, stdin=subprocess.PIPE, env=env, start_new_session=True, close_fds=True,
-            **popen_options(confinement))
+            argv, stdin=subprocess.PIPE, stdout=output, stderr=output, env=env,
+            start_new_session=True, close_fds=True, **popen_options(confinement))
         return process
     except FileNotFoundError:
         raise SandboxStartError(f"on-work command not found: {argv[0]!r}") from None

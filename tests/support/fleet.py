@@ -83,6 +83,8 @@ class Fleet:
             "DISPATCHER_FAKE_RECORD_DIR": str(self.records_dir),
             "DISPATCHER_SANDBOX_ENV_ALLOW": "PATH,HOME,DISPATCHER_FAKE_RECORD_DIR",
             "DISPATCHER_STOP_GRACE_SECONDS": "2",
+            # Each attempt's output, kept where the test can read it (not the user's home).
+            "DISPATCHER_SANDBOX_OUTPUT_DIR": str(self.tmp / "output"),
             "DISPATCHER_DESIRED_TTL_SECONDS": "30",
             **self.overrides,
         })

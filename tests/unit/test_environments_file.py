@@ -71,6 +71,9 @@ queue = "dispatcher.gpu"
     (f'id = "env_a"\nkey = "{KEY_A}"\nmax_sessions = 0', "entry 1: max_sessions"),
     (f'id = "env_a"\nkey = "{KEY_A}"\nqueue = "nobody.consumes"', "not one of DISPATCHER_"),
     (f'id = "env_a"\nkey = "{KEY_A}"\nslots = 3', "entry 1: slots"),
+    (f'id = "env_a"\nkey = "{KEY_A}"\nmax_session_seconds = -1', "entry 1: max_session_seconds"),
+    (f'id = "env_a"\nkey = "{KEY_A}"\nmax_session_seconds = "1h"',
+     "entry 1: max_session_seconds"),
 ])
 def test_a_wrong_entry_is_refused_naming_it_never_the_key(tmp_path: Path, body: str,
                                                           message: str) -> None:
@@ -141,3 +144,27 @@ def test_a_key_outside_printable_ascii_is_refused_in_the_file(tmp_path: Path, ke
         with pytest.raises(SettingsError, match="a non-ASCII character") as caught:
             settings.require_environments()
         assert key not in str(caught.value)
+
+
+def test_an_environment_may_have_its_own_maximum_session_duration(tmp_path: Path) -> None:
+    """Its own (0: none for it), or the fleet's when it names none."""
+    from dispatcher.session.attempt import _max_duration
+
+    settings = _file(tmp_path, f"""
+[[environment]]
+id = "env_a"
+key = "{KEY_A}"
+max_session_seconds = 3600
+
+[[environment]]
+id = "env_b"
+key = "{KEY_B}"
+max_session_seconds = 0
+
+[[environment]]
+id = "env_c"
+key = "{KEY_B}"
+""")
+    fleet = settings.model_copy(update={"max_session_seconds": 600.0})
+    assert [_max_duration(fleet, e) for e in ("env_a", "env_b", "env_c")] == [3600, 0, 600]
+    assert _max_duration(settings, "env_c") == 0, "no limit by default"

@@ -149,6 +149,12 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("pulsed, worker draining", ANY, "=", {"Signal(graceful)"}, set()),
     ("sandbox could not start", ANY, "releasing",
      {"StopOnServer", "RecordHistory", "AttemptOver(failed)"}, {"Publish"}),
+    # Past its maximum duration: a graceful stop, flagged for the supervisor's next pulse to
+    # signal; the sandbox's exit then ends the session and stops its item.
+    ("session past its deadline", ("running",), "running",
+     {"FlagStop(graceful)", "log `deadline reached`"}, {"Signal(force)", "StopOnServer"}),
+    ("a superseded attempt's deadline", ("running",), "running", {"log `deadline ignored`"},
+     {"FlagStop(graceful)"}),
     ("sandbox exited 0", HELD, "releasing",
      {"StopOnServer", "RecordHistory", "AttemptOver(completed)"}, {"Publish"}),
     ("sandbox exited 1", HELD, "releasing",
@@ -481,3 +487,32 @@ def test_every_scenario_has_a_name_of_its_own() -> None:
 
     names = [s.name for s in (*claiming.SCENARIOS, *running.SCENARIOS)]
     assert len(names) == len(set(names)) == len(SCENARIOS)
+
+
+@pytest.mark.parametrize(("started_ago", "stop", "stopped"), [
+    (59.0, StopKind.NONE, False),  # not yet past the limit
+    (61.0, StopKind.NONE, True),
+    (61.0, StopKind.GRACEFUL, False),  # already stopping: nothing more to ask
+    (61.0, StopKind.FORCE, False),
+])
+def test_a_deadline_counts_from_the_first_attempts_start(started_ago: float, stop: StopKind,
+                                                          stopped: bool) -> None:
+    """The record's `started_at`, kept across attempts, not the attempt's own start."""
+    lease = lease_in("running")
+    assert lease is not None
+    lease = lease.but(attempt=2, started_at=NOW - started_ago, pulse_at=NOW - 1, stop=stop)
+    decision = decide(lease, ev.DeadlineReached(2, 60.0), now=NOW)
+    flags = [e for e in decision.effects if isinstance(e, fx.FlagStop)]
+    assert bool(flags) == stopped
+    if stopped:
+        assert flags[0].cause == "deadline" and flags[0].kind == StopKind.GRACEFUL
+
+
+def test_an_attempt_starts_the_sessions_clock_once() -> None:
+    lease = lease_in("dispatched")
+    assert lease is not None
+    starting = ev.AttemptStarting(1, "task-1", "w1", 42, draining=False)
+    first = decide(lease, starting, now=NOW).lease
+    assert first is not None and first.started_at == NOW
+    again = decide(first.but(phase=Phase.DISPATCHED), starting, now=NOW + 30).lease
+    assert again is not None and again.started_at == NOW

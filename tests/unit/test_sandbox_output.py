@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.session.output import TRUNCATED, attempt_path, read_outputs, write_output
+from dispatcher.session.output import (
+    TRUNCATED,
+    LiveOutput,
+    attempt_path,
+    read_outputs,
+    write_output,
+)
+from dispatcher.session.sandbox import Sandbox, SandboxSpec
 
 
 def test_an_attempts_output_is_kept_whole_when_it_fits(tmp_path: Path) -> None:
@@ -72,3 +79,45 @@ def test_the_operator_command_says_what_it_cannot_show(tmp_path: Path, work_id: 
     done = _cli(tmp_path, work_id)
     assert done.returncode == code and message in done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+# --- a process sandbox's output, as it runs -----------------------------------------------------
+
+def test_a_live_file_is_cut_back_to_its_end_as_it_grows(tmp_path: Path) -> None:
+    live = LiveOutput(tmp_path, "w", 1, max_bytes=1024, keep=10)
+    written = b"".join(b"%06d\n" % n for n in range(2000))  # 14,000 bytes in 7-byte lines
+    for start in range(0, len(written), 700):
+        live.write(written[start:start + 700])
+        assert live.path.stat().st_size < 2 * 1024 + len(TRUNCATED % 1024), "cut as it grows"
+    live.close()
+    kept = live.path.read_bytes()
+    assert kept.startswith(TRUNCATED % 1024)
+    assert written.endswith(kept[len(TRUNCATED % 1024):]), "the end, in order, nothing lost"
+    assert len(kept) - len(TRUNCATED % 1024) >= 1024
+
+
+def test_a_process_sandboxs_stdout_and_stderr_reach_its_attempts_file(tmp_path: Path) -> None:
+    script = ("echo one; echo two >&2; sleep 0.2; echo three; "
+              "(sleep 0.1; echo from a child) & wait")
+    spec = SandboxSpec(argv=["/bin/sh", "-c", script], env={"PATH": os.environ["PATH"]},
+                       stdin=b"{}", work_id="work_9", attempt=2)
+    live = LiveOutput(tmp_path, "work_9", 2, max_bytes=1024, keep=10)
+    sandbox = Sandbox.start(spec, output=live)
+    assert sandbox.wait(10) == 0
+    sandbox.kill_group()
+    assert read_outputs(tmp_path, "work_9") == [(2, tmp_path / "work_9" / "2.log")]
+    assert live.path.read_bytes() == b"one\ntwo\nthree\nfrom a child\n"
+    assert live.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_sandbox_that_never_stops_writing_is_bounded_and_never_blocked(tmp_path: Path) -> None:
+    """`yes` writes as fast as the pipe takes: the copier keeps up, the file stays bounded."""
+    spec = SandboxSpec(argv=["/usr/bin/yes", "a line"], env={}, stdin=b"", work_id="w",
+                       attempt=1)
+    live = LiveOutput(tmp_path, "w", 1, max_bytes=4096, keep=10)
+    sandbox = Sandbox.start(spec, output=live)
+    assert sandbox.wait(1.0) is None
+    sandbox.kill_group()
+    kept = live.path.read_bytes()
+    assert kept.startswith(TRUNCATED % 4096) and len(kept) < 2 * 4096 + 100
+    assert b"a line\n" in kept[-20:], "the end of what it wrote"

@@ -93,7 +93,8 @@ def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> D
               fx.Publish(lease.attempt, lease.task_id, lease.queue))
     else:
         changes: dict[str, object] = {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid,
-                                      "pulse_at": c.now, "task_id": e.task_id}
+                                      "pulse_at": c.now, "task_id": e.task_id,
+                                      "started_at": lease.started_at or c.now}
         p.assume(**changes)
         p.add(fx.MarkRunning(e.attempt, changes))
     return p.decided()
@@ -131,6 +132,24 @@ def on_sandbox_start_failed(lease: Lease, e: ev.SandboxStartFailed, c: Ctx) -> D
     p.add(fx.AttemptOver(Outcome.FAILED),
           log("sandbox not started", lease, logging.ERROR, error=e.error))
     end(p, Ending.FAILED)
+    return p.decided()
+
+
+def on_deadline_reached(lease: Lease, e: ev.DeadlineReached, c: Ctx) -> Decision:
+    """A session past its maximum duration is stopped gracefully (SIGTERM, the grace, SIGKILL),
+    as a server's stop would be: its sandbox's exit then ends it `stopped` and its item is
+    stopped on the server. Judged on the record's `started_at`, the first attempt's start, not
+    on the supervisor's memory: a superseded attempt's late event changes nothing."""
+    p = Plan(lease)
+    ran = c.now - (lease.started_at or lease.claimed_at)
+    if lease.attempt != e.attempt:
+        p.add(log("deadline ignored", lease, attempt_of_event=e.attempt,
+                  reason=f"superseded by attempt {lease.attempt}"))
+    elif lease.phase == Phase.RUNNING and lease.stop == StopKind.NONE and not is_over(lease) \
+            and ran >= e.limit_seconds:
+        p.add(log("deadline reached", lease, logging.WARNING, limit_seconds=e.limit_seconds,
+                  ran_seconds=round(ran, 1)))
+        request_stop(p, StopKind.GRACEFUL, StopCause.DEADLINE, SeenBy.SUPERVISOR)
     return p.decided()
 
 
@@ -468,6 +487,8 @@ SCENARIOS = [
           ("pulsed, stop flagged", True, StopKind.GRACEFUL, False),
           ("pulsed, worker draining", True, StopKind.NONE, True))),
     Scenario("sandbox could not start", ev.SandboxStartFailed("not found")),
+    Scenario("session past its deadline", ev.DeadlineReached(1, 5.0)),
+    Scenario("a superseded attempt's deadline", ev.DeadlineReached(0, 5.0), phases=("running",)),
     Scenario("sandbox exited 0", ev.SandboxExited(1, 0, draining=False, next_task_id="task-2")),
     Scenario("sandbox exited 1", ev.SandboxExited(1, 1, draining=False, next_task_id="task-2")),
     Scenario("sandbox exited, worker draining",
