@@ -63,11 +63,14 @@ class Sizes:
     hb_window: float = 25.0
     # Added to every heartbeat answer during capacity steps: 0 is the emulator on 127.0.0.1.
     hb_latency_ms: int = 0
+    # Stops asked for after the first series' last step, with its leases held: the stop
+    # bridge's sweep at that scale (stop -> the lease's stop flag).
+    hb_stops: int = 20
 
 
 QUICK = Sizes(default_ttl=6, slots=4, idle=4, steady_rate=2.0, steady_seconds=3.0, backlog=16,
               stops=2, recoveries=1, poll_window=3.0, poll_fleets=[4], memory_sessions=2,
-              hb_series=[(6, [50])], hb_window=5.0)
+              hb_series=[(6, [50])], hb_window=5.0, hb_stops=3)
 
 
 def log(message: str) -> None:
@@ -151,12 +154,13 @@ def run_capacity(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
                  out: dict[str, Any]) -> dict[str, Any]:
     out["latency_ms"] = sizes.hb_latency_ms
     series = out.setdefault("series", [])
-    for ttl, steps in sizes.hb_series:
+    for index, (ttl, steps) in enumerate(sizes.hb_series):
         fleet = Ours(stack, emu, records, DISPATCHER_DESIRED_TTL_SECONDS=str(ttl))
         log(f"dispatcher: heartbeat capacity of one control worker, TTL {ttl} s, steps {steps}")
         try:
             series.append(scenarios.heartbeat_capacity(
-                fleet, steps, ttl, sizes.hb_window, log=log, latency_ms=sizes.hb_latency_ms))
+                fleet, steps, ttl, sizes.hb_window, log=log, latency_ms=sizes.hb_latency_ms,
+                stops=sizes.hb_stops if index == 0 else 0))
         finally:
             fleet.stop_members()
     return out
