@@ -211,7 +211,9 @@ def memory(fleet: Fleet, k: int, slots: int) -> dict[str, Any]:
 
 # --- heartbeat capacity ----------------------------------------------------------------------
 
-CLAIM_CHUNK = 50
+# Claimed, recorded and scheduled together (a lease claimed long before it is scheduled would
+# count its wait as a gap).
+CLAIM_CHUNK = 100
 # A heartbeat capacity step keeps up while no gap between beats exceeds the interval by more
 # than a quarter of it, or 2 s (a 1 s tick and a request) if that is more.
 BEHIND_SHARE = 0.25
@@ -281,7 +283,7 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
                 # before it is scheduled would count its wait as a gap.
                 batch = made[chunk:chunk + CLAIM_CHUNK]
                 claims = emu.claim_leases(fleet.environment_id, [c.work_id for c in batch],
-                                          ttl=ttl)
+                                          ttl=ttl, concurrency=32)
                 now = time.time()
                 for c in batch:
                     token, beat_at, created_at = claims[c.work_id]
