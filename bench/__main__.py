@@ -245,7 +245,8 @@ def main() -> None:
     parser.add_argument("--from-json", default=None, metavar="FILE", action="append",
                         help="write the report from figures saved by --json; run nothing "
                              "(repeatable: parts run apart, merged in order, later wins)")
-    parser.add_argument("--only", choices=["ours", "peer", "capacity", "fairness", "thousand"], action="append",
+    parser.add_argument("--only", action="append",
+                        choices=["ours", "peer", "capacity", "fairness", "thousand"],
                         help="run only these parts (repeatable)")
     parser.add_argument("--hb-steps", default=None, metavar="N,N,...",
                         help="heartbeat capacity: the lease counts to try, in one series")

@@ -17,6 +17,7 @@ emulator as the other parts.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import shlex
@@ -254,7 +255,7 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
             remaining = hold - (time.time() - w0)
         w1 = time.time()
         _fold_beats(tail.read(), ids, beats)
-        gaps = [b - a for times in beats.values() for a, b in zip(times, times[1:])
+        gaps = [b - a for times in beats.values() for a, b in itertools.pairwise(times)
                 if a >= t0]
         last_gap = [w1 - max(times) for times in beats.values()]
         starts = Counter(line.split()[0] for line in started_log.read_text().splitlines())

@@ -237,7 +237,6 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
     then stopped on the server, one each 0.3 s: how long until the stop bridge raised each
     lease's stop flag (a running session's supervisor acts on it within 0.2 s)."""
     from dispatcher.lease.machine import heartbeat_interval
-    from dispatcher.lease.model import Lease, Phase
     from dispatcher.lease.registry import LeaseRegistry
 
     stack, emu = fleet.stack, fleet.emu
@@ -248,6 +247,59 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
     held: list[str] = []
     beats = _BeatLog(emu, fleet.environment_id)
     stop = threading.Event()
+
+    threads = _background(client, registry, held, beats, stop)
+    results: list[dict[str, Any]] = []
+    stopped: dict[str, Any] = {}
+    try:
+        for n in steps:
+            _claim(fleet, registry, beats, held, n - len(held), ttl)
+            if latency_ms:
+                emu.set_faults(latency_ms=latency_ms, endpoints=["heartbeat"])
+            time.sleep(heartbeat_interval(ttl))  # one beat interval to settle
+            beats.judge(since=None)
+            w0, cpu0, emu0 = time.time(), _tree_cpu(stack.processes[control].pid), \
+                _tree_cpu(stack.processes["emulator"].pid)
+            load0 = os.getloadavg()[0]
+            time.sleep(max(window, 1.5 * heartbeat_interval(ttl)))  # every lease beats in it
+            w1, cpu1, emu1 = time.time(), _tree_cpu(stack.processes[control].pid), \
+                _tree_cpu(stack.processes["emulator"].pid)
+            time.sleep(TAIL_SECONDS)  # the entries of the window's last requests
+            judged = beats.judge(since=w0, until=w1)
+            overdue = cast("list[tuple[str, float]]", client.zrangebyscore(
+                registry.keys.heartbeat_due, "-inf", w1 - 1, withscores=True))
+            if latency_ms:
+                emu.reset_faults()
+            step = {"n": n, "window": w1 - w0, "ttl": ttl, "latency_ms": latency_ms,
+                    "control_cpu_pct": 100 * (cpu1 - cpu0) / (w1 - w0),
+                    "emulator_cpu_pct": 100 * (emu1 - emu0) / (w1 - w0),
+                    "load_1min": [load0, os.getloadavg()[0]],
+                    "overdue_now": len(overdue),
+                    "max_overdue_s": max((w1 - s for _, s in overdue), default=0.0),
+                    **judged}
+            _judge_step(step, ttl, cpu=(cpu1 - cpu0, emu1 - emu0))
+            log(f"  heartbeat capacity n={n}: {step}")
+            results.append(step)
+            if step["lapsed"] or step["behind"]:
+                break
+        if stops and held:
+            stopped = _stops_at_scale(fleet, registry, held, stops, log=log)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        if latency_ms:
+            emu.reset_faults()
+        fleet.stop_members([control])
+    ok = [s["n"] for s in results if not s["lapsed"] and not s["behind"]]
+    return {"steps": results, "largest_without_lapse": max(ok, default=0), "ttl": ttl,
+            **({"stops": stopped} if stopped else {})}
+
+
+def _background(client: redis.Redis, registry: Any, held: list[str], beats: _BeatLog,
+                stop: threading.Event) -> list[threading.Thread]:
+    """The capacity run's helpers: the pulser (what the sessions' supervisors would write) and
+    the request log's reader."""
 
     def pulse() -> None:
         # What each running session's supervisor writes (5 times a second, here once): the
@@ -272,81 +324,50 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
                threading.Thread(target=tail, daemon=True)]
     for thread in threads:
         thread.start()
-    results: list[dict[str, Any]] = []
-    stopped: dict[str, Any] = {}
-    try:
-        for n in steps:
-            add = n - len(held)
-            made = emu.create_sessions(fleet.environment_id, add, {"fake.duration": "0"})
-            for chunk in range(0, len(made), CLAIM_CHUNK):
-                # Claim a chunk, then hand it to the dispatcher at once: a lease claimed long
-                # before it is scheduled would count its wait as a gap.
-                batch = made[chunk:chunk + CLAIM_CHUNK]
-                claims = emu.claim_leases(fleet.environment_id, [c.work_id for c in batch],
-                                          ttl=ttl, concurrency=32)
-                now = time.time()
-                for c in batch:
-                    token, beat_at, created_at = claims[c.work_id]
-                    lease = Lease(work_id=c.work_id, session_id=c.session_id,
-                                  environment_id=fleet.environment_id, mode="dispatcher",
-                                  queue="dispatcher.sessions", phase=Phase.RUNNING,
-                                  task_id=f"bench-{c.work_id}", worker="bench-sessions@bench",
-                                  claimed_at=now, dispatched_at=now, pulse_at=now,
-                                  created_at=created_at, token=token, ttl_seconds=ttl,
-                                  heartbeat_ok_at=beat_at)
-                    registry.create(lease, work_json="{}")
-                    registry.schedule_heartbeat(c.work_id, now)  # due now
-                    beats.hold(c.work_id, beat_at)
-                    held.append(c.work_id)
-            if latency_ms:
-                emu.set_faults(latency_ms=latency_ms, endpoints=["heartbeat"])
-            time.sleep(heartbeat_interval(ttl))  # one beat interval to settle
-            beats.judge(since=None)
-            w0, cpu0, emu0 = time.time(), _tree_cpu(stack.processes[control].pid), \
-                _tree_cpu(stack.processes["emulator"].pid)
-            load0 = os.getloadavg()[0]
-            time.sleep(max(window, 1.5 * heartbeat_interval(ttl)))  # every lease beats in it
-            w1, cpu1, emu1 = time.time(), _tree_cpu(stack.processes[control].pid), \
-                _tree_cpu(stack.processes["emulator"].pid)
-            time.sleep(TAIL_SECONDS)  # the entries of the window's last requests
-            judged = beats.judge(since=w0, until=w1)
-            overdue = cast("list[tuple[str, float]]", client.zrangebyscore(
-                registry.keys.heartbeat_due, "-inf", w1 - 1, withscores=True))
-            if latency_ms:
-                emu.reset_faults()
-            step = {"n": n, "window": w1 - w0, "ttl": ttl, "latency_ms": latency_ms,
-                    "control_cpu_pct": 100 * (cpu1 - cpu0) / (w1 - w0),
-                    "emulator_cpu_pct": 100 * (emu1 - emu0) / (w1 - w0),
-                    "load_1min": [load0, os.getloadavg()[0]],
-                    "overdue_now": len(overdue),
-                    "max_overdue_s": max((w1 - s for _, s in overdue), default=0.0),
-                    **judged}
-            step["control_cpu_ms_per_beat"] = (
-                1000 * (cpu1 - cpu0) / max(1, judged["beats"]))
-            step["emulator_cpu_ms_per_beat"] = (
-                1000 * (emu1 - emu0) / max(1, judged["beats"]))
-            step["lapsed"] = bool(step["max_gap_s"] > ttl or step["refused"])
-            # Beaten later than the schedule allows (an interval, plus a tick and a request):
-            # beats queue, and the gaps grow until leases lapse, however long that takes.
-            interval = heartbeat_interval(ttl)
-            step["behind"] = step["max_gap_s"] > interval + max(BEHIND_SLACK_SECONDS,
-                                                                BEHIND_SHARE * interval)
-            log(f"  heartbeat capacity n={n}: {step}")
-            results.append(step)
-            if step["lapsed"] or step["behind"]:
-                break
-        if stops and held:
-            stopped = _stops_at_scale(fleet, registry, held, stops, log=log)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-        if latency_ms:
-            emu.reset_faults()
-        fleet.stop_members([control])
-    ok = [s["n"] for s in results if not s["lapsed"] and not s["behind"]]
-    return {"steps": results, "largest_without_lapse": max(ok, default=0), "ttl": ttl,
-            **({"stops": stopped} if stopped else {})}
+    return threads
+
+
+def _judge_step(step: dict[str, Any], ttl: int, *, cpu: tuple[float, float]) -> None:
+    """CPU per beat of the worker and the emulator; whether the step lapsed or fell behind."""
+    from dispatcher.lease.machine import heartbeat_interval
+
+    beats = max(1, step["beats"])
+    step["control_cpu_ms_per_beat"] = 1000 * cpu[0] / beats
+    step["emulator_cpu_ms_per_beat"] = 1000 * cpu[1] / beats
+    step["lapsed"] = bool(step["max_gap_s"] > ttl or step["refused"])
+    # Beaten later than the schedule allows (an interval, plus a tick and a request): beats
+    # queue, and the gaps grow until leases lapse, however long that takes.
+    interval = heartbeat_interval(ttl)
+    step["behind"] = step["max_gap_s"] > interval + max(BEHIND_SLACK_SECONDS,
+                                                        BEHIND_SHARE * interval)
+
+
+def _claim(fleet: Ours, registry: Any, beats: _BeatLog, held: list[str], add: int,
+           ttl: int) -> None:
+    """Create `add` items and claim them as the dispatcher would, a chunk at a time: each
+    chunk is recorded and scheduled due at once (a lease claimed long before it is scheduled
+    would count its wait as a gap)."""
+    from dispatcher.lease.model import Lease, LeaseMode, Phase
+
+    made = fleet.emu.create_sessions(fleet.environment_id, add, {"fake.duration": "0"})
+    for chunk in range(0, len(made), CLAIM_CHUNK):
+        batch = made[chunk:chunk + CLAIM_CHUNK]
+        claims = fleet.emu.claim_leases(fleet.environment_id, [c.work_id for c in batch],
+                                        ttl=ttl, concurrency=32)
+        now = time.time()
+        for c in batch:
+            token, beat_at, created_at = claims[c.work_id]
+            lease = Lease(work_id=c.work_id, session_id=c.session_id,
+                          environment_id=fleet.environment_id, mode=LeaseMode("dispatcher"),
+                          queue="dispatcher.sessions", phase=Phase.RUNNING,
+                          task_id=f"bench-{c.work_id}", worker="bench-sessions@bench",
+                          claimed_at=now, dispatched_at=now, pulse_at=now,
+                          created_at=created_at, token=token, ttl_seconds=ttl,
+                          heartbeat_ok_at=beat_at)
+            registry.create(lease, work_json="{}")
+            registry.schedule_heartbeat(c.work_id, now)  # due now
+            beats.hold(c.work_id, beat_at)
+            held.append(c.work_id)
 
 
 # The request log is read this often while a capacity step runs: at 20,000 leases and a 10 s
@@ -380,15 +401,17 @@ class _BeatLog:
     def judge(self, *, since: float | None, until: float | None = None) -> dict[str, Any]:
         """Fold the entries read so far into each lease's last beat; judge the gaps that end
         inside [since, until]: the largest, refused and failed beats, and how evenly the beats
-        spread over the window's seconds (the busiest second against the mean)."""
+        spread over the window (its busiest 100 ms against the mean)."""
         self.read()
         with self.lock:
             entries, self.pending = sorted(self.pending, key=lambda e: e["time"]), []
             last_beat = self.last_beat
             max_gap, count, refused, failed, lists = 0.0, 0, 0, 0, 0
-            per_second: Counter[int] = Counter()
-            inside = (lambda t: since is not None and t >= since
-                      and (until is None or t < until))
+            per_tenth: Counter[int] = Counter()  # beats per 100 ms
+
+            def inside(t: float) -> bool:
+                return since is not None and t >= since and (until is None or t < until)
+
             for e in entries:
                 if e["endpoint"] == "list":
                     lists += inside(e["time"])
@@ -409,18 +432,18 @@ class _BeatLog:
                 if inside(e["time"]):
                     max_gap = max(max_gap, e["time"] - last_beat[work_id])
                     count += 1
-                    per_second[int(e["time"])] += 1
+                    per_tenth[int(e["time"] * 10)] += 1
                 last_beat[work_id] = max(last_beat[work_id], e["time"])
             if since is None:
                 return {}
             end = until or time.time()
             max_gap = max([max_gap, *(end - t for t in last_beat.values())])
-        seconds = [per_second.get(s, 0) for s in range(int(since) + 1, int(end))]
-        mean = sum(seconds) / len(seconds) if seconds else 0.0
+        tenths = [per_tenth.get(t, 0) for t in range(int(since * 10) + 1, int(end * 10))]
+        mean = sum(tenths) / len(tenths) if tenths else 0.0
         return {"beats": count, "beats_per_s": count / (end - since), "max_gap_s": max_gap,
                 "refused": refused, "failed": failed, "list_per_s": lists / (end - since),
-                "busiest_second_beats": max(seconds, default=0),
-                "busiest_second_vs_mean": max(seconds, default=0) / mean if mean else 0.0}
+                "busiest_100ms_beats": max(tenths, default=0),
+                "busiest_100ms_vs_mean": max(tenths, default=0) / mean if mean else 0.0}
 
 
 def _stops_at_scale(fleet: Ours, registry: Any, held: list[str], k: int,

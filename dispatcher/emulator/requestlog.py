@@ -7,8 +7,8 @@ entry to a capped Redis stream *before* the last byte of the response leaves: a 
 answer finds its request in the log. A reader that keeps up reads only what is new (`after` the
 cursor its last read returned): a benchmark at 2,000 heartbeats a second reads a few thousand
 entries every few seconds, never the whole log at once (one read of all 50,000, about 20 MB of
-JSON, was answered 500 on a loaded machine). Routes add what only they know (the work id a poll returned,
-the `last_heartbeat` a heartbeat returned, `force`) with `note`.
+JSON, was answered 500 on a loaded machine). Routes add what only they know (the work id a poll
+returned, the `last_heartbeat` a heartbeat returned, `force`) with `note`.
 
 Entry: time (epoch s, when the request arrived), answered (polls and acks: epoch s, when the
 answer started; a long poll's reply), method, endpoint, environment_id, work_id, status (0:
