@@ -77,7 +77,10 @@ class MultiFleet:
 
     def start(self, slots: list[int]) -> None:
         name = f"scale-{self.tag}-control"
-        self.stack.worker(name, self.env, queues="dispatcher.control", beat=True)
+        # One pool slot per environment's poller, plus the heartbeat, bridge and recovery
+        # ticks and a spare (docs/operations.md: "the number of environments plus 2").
+        self.stack.worker(name, self.env, queues="dispatcher.control", beat=True,
+                          concurrency=len(self.environment_ids) + 3)
         self.members.append(name)
         for i, concurrency in enumerate(slots):
             name = f"scale-{self.tag}-s{i}"
