@@ -84,10 +84,12 @@ class RequestLog:
         `limit` entries written after that cursor (what a reader that keeps up has not seen)."""
         count = min(limit or self.cap, self.cap)
         if after:
-            rows = await self.redis.xrange(self.key, f"({after}", "+", count=count)
+            rows = list(await self.redis.xrange(self.key, f"({after}", "+", count=count) or [])
         else:
-            rows = list(reversed(await self.redis.xrevrange(self.key, "+", "-", count=count)))
-        entries = [json.loads(fields["e"]) for _, fields in rows]
+            rows = list(reversed(
+                await self.redis.xrevrange(self.key, "+", "-", count=count) or []))
+        # Every entry has its fields (XADD writes none without).
+        entries = [json.loads((fields or {})["e"]) for _, fields in rows]
         cursor = str(rows[-1][0]) if rows else after
         return entries, cursor
 
