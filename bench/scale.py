@@ -211,15 +211,19 @@ SLEEPER = ("/bin/sh -c 'echo \"$ANTHROPIC_WORK_ID $(date +%s.%N)\" >> {log}; "
            "exec sleep {seconds}'")
 
 
+SLEEP_SECONDS = 7200
+
+
 def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
              environments: int = 10, workers: int = 2, hold: float = 60.0,
              ttl: int = 30, log: Any = print) -> dict[str, Any]:
     started_log = workdir / f"thousand-{secrets.token_hex(2)}.log"
     started_log.touch()
     per_worker = -(-n // workers)
-    # Each sandbox sleeps long enough to be running while the last is claimed and through the
-    # measuring window; the benchmark then stops them all.
-    on_work = SLEEPER.format(log=shlex.quote(str(started_log)), seconds=int(hold * 4 + 300))
+    # Each sandbox sleeps far longer than claiming them all and the measuring window take, on
+    # a loaded machine too (claims ran at under one a second at a load average of 30); the
+    # benchmark then stops them all.
+    on_work = SLEEPER.format(log=shlex.quote(str(started_log)), seconds=SLEEP_SECONDS)
     fleet = MultiFleet(stack, emu, workdir, environments, on_work=on_work,
                        DISPATCHER_DESIRED_TTL_SECONDS=str(ttl))
     fleet.start([per_worker] * workers)
@@ -250,6 +254,7 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
         time.sleep(5.0)
         busy = _workers_memory(stack, sessions_workers)
         held = sum(fleet.held().values())
+        running = max(1, busy.get("sandboxes", 0))  # the sandboxes alive as memory was read
         redis_busy = _prefix_memory(fleet.redis, fleet.key_prefix)
         remaining = hold - (time.time() - w0)
         while remaining > 0:
@@ -276,12 +281,12 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
             "max_since_last_beat_s": max(last_gap, default=None),
             "heartbeat_interval_s": ttl / 3,
             "window_s": w1 - w0,
-            "worker_rss_per_session_kb": (busy["rss"] - idle["rss"]) / len(ids),
-            "worker_pss_per_session_kb": (busy["pss"] - idle["pss"]) / len(ids),
+            "worker_rss_per_session_kb": (busy["rss"] - idle["rss"]) / running,
+            "worker_pss_per_session_kb": (busy["pss"] - idle["pss"]) / running,
             "guardian_rss_kb": busy["guardian_rss"],
             "guardians": busy["guardians"],
             "per_session_with_watchdog_kb":
-                (busy["rss"] - idle["rss"] + busy["guardian_rss"]) / len(ids),
+                (busy["rss"] - idle["rss"] + busy["guardian_rss"]) / running,
             "sandboxes": busy["sandboxes"],
             "sandbox_rss_per_session_kb": busy["sandbox_rss"] / max(1, busy["sandboxes"]),
             "redis_bytes_per_lease": (redis_busy - redis_before) / max(1, held),
