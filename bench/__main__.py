@@ -6,11 +6,14 @@
     python -m bench --only capacity --out /tmp/cap.md   # heartbeat capacity alone
     python -m bench --only capacity --hb-ttl 30 --hb-steps 1000,5000 --out /tmp/cap.md
                                                   # one TTL, chosen steps
+    python -m bench --only fairness --json fairness.json   # ten environments, one bursting
+    python -m bench --only thousand --json thousand.json   # 1,000 sessions at once
 
 Starts Redis (or uses the one at $DISPATCHER_REDIS_URL) and one emulator, then measures each
 system under the same load: dispatch latency (idle and steady arrivals), drain throughput,
 stop latency, recovery time, poll load (1, 10, 50 slots), memory per session, and the
-dispatcher's heartbeat capacity. Writes BENCHMARKS.md with both figures and their ratio.
+dispatcher's heartbeat capacity, fairness across ten environments under a burst, and a thousand
+sessions at once. Writes BENCHMARKS.md with both figures and their ratio.
 `--quick` is a smoke run with tiny sizes (well under 2 minutes); its figures mean little.
 """
 
@@ -29,7 +32,7 @@ from typing import Any
 
 import redis
 
-from bench import breakdown, scenarios
+from bench import breakdown, scale, scenarios
 from bench.containers import carry_over
 from bench.emu import Created, Emulator
 from bench.fleets import KEY_PREFIXES, Fleet, Ours, Peer
@@ -63,11 +66,27 @@ class Sizes:
     hb_window: float = 25.0
     # Added to every heartbeat answer during capacity steps: 0 is the emulator on 127.0.0.1.
     hb_latency_ms: int = 0
+    # Stops asked for after the first series' last step, with its leases held: the stop
+    # bridge's sweep at that scale (stop -> the lease's stop flag).
+    hb_stops: int = 20
+    # Fairness (bench/scale.py): ten environments on `fair_slots` slots; nine trickle
+    # `fair_rate` sessions/s each for `fair_seconds`, alone and beside the tenth's burst.
+    fair_slots: int = 20
+    fair_burst: int = 500
+    fair_rate: float = 0.2
+    fair_seconds: float = 30.0
+    fair_backlog: int = 40
+    # A thousand sessions at once, over ten environments, on threads-pool session workers.
+    thousand: int = 1000
+    thousand_workers: int = 2
+    thousand_hold: float = 60.0
 
 
 QUICK = Sizes(default_ttl=6, slots=4, idle=4, steady_rate=2.0, steady_seconds=3.0, backlog=16,
               stops=2, recoveries=1, poll_window=3.0, poll_fleets=[4], memory_sessions=2,
-              hb_series=[(6, [50])], hb_window=5.0)
+              hb_series=[(6, [50])], hb_window=5.0, hb_stops=3,
+              fair_slots=6, fair_burst=30, fair_rate=0.3, fair_seconds=6.0, fair_backlog=6,
+              thousand=40, thousand_workers=2, thousand_hold=12.0)
 
 
 def log(message: str) -> None:
@@ -151,14 +170,31 @@ def run_capacity(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
                  out: dict[str, Any]) -> dict[str, Any]:
     out["latency_ms"] = sizes.hb_latency_ms
     series = out.setdefault("series", [])
-    for ttl, steps in sizes.hb_series:
+    for index, (ttl, steps) in enumerate(sizes.hb_series):
         fleet = Ours(stack, emu, records, DISPATCHER_DESIRED_TTL_SECONDS=str(ttl))
         log(f"dispatcher: heartbeat capacity of one control worker, TTL {ttl} s, steps {steps}")
         try:
             series.append(scenarios.heartbeat_capacity(
-                fleet, steps, ttl, sizes.hb_window, log=log, latency_ms=sizes.hb_latency_ms))
+                fleet, steps, ttl, sizes.hb_window, log=log, latency_ms=sizes.hb_latency_ms,
+                stops=sizes.hb_stops if index == 0 else 0))
         finally:
             fleet.stop_members()
+    return out
+
+
+def run_fairness(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
+                 out: dict[str, Any]) -> dict[str, Any]:
+    out.update(scale.fairness(stack, emu, records.parent, slots=sizes.fair_slots,
+                              burst=sizes.fair_burst, rate=sizes.fair_rate,
+                              seconds=sizes.fair_seconds, backlog=sizes.fair_backlog, log=log))
+    return out
+
+
+def run_thousand(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
+                 out: dict[str, Any]) -> dict[str, Any]:
+    out.update(scale.thousand(stack, emu, records.parent, n=sizes.thousand,
+                              workers=sizes.thousand_workers, hold=sizes.thousand_hold,
+                              log=log))
     return out
 
 
@@ -209,7 +245,8 @@ def main() -> None:
     parser.add_argument("--from-json", default=None, metavar="FILE", action="append",
                         help="write the report from figures saved by --json; run nothing "
                              "(repeatable: parts run apart, merged in order, later wins)")
-    parser.add_argument("--only", choices=["ours", "peer", "capacity"], action="append",
+    parser.add_argument("--only", action="append",
+                        choices=["ours", "peer", "capacity", "fairness", "thousand"],
                         help="run only these parts (repeatable)")
     parser.add_argument("--hb-steps", default=None, metavar="N,N,...",
                         help="heartbeat capacity: the lease counts to try, in one series")
@@ -236,7 +273,7 @@ def main() -> None:
     if args.hb_latency_ms:
         sizes.hb_latency_ms = args.hb_latency_ms
     out = args.out or (None if args.quick else "BENCHMARKS.md")
-    parts = args.only or ["ours", "peer", "capacity"]
+    parts = args.only or ["ours", "peer", "capacity", "fairness", "thousand"]
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="dispatcher-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     records = workdir / "records"
@@ -251,7 +288,8 @@ def main() -> None:
         stack.ensure_redis()
         stack.start_emulator("--min-ttl", "1", "--default-ttl", str(sizes.default_ttl))
         emu = Emulator(stack)
-        runners = {"ours": run_ours, "peer": run_peer, "capacity": run_capacity}
+        runners = {"ours": run_ours, "peer": run_peer, "capacity": run_capacity,
+                   "fairness": run_fairness, "thousand": run_thousand}
         for part in parts:
             try:
                 runners[part](stack, emu, records, sizes, results.setdefault(part, {}))

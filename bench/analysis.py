@@ -341,7 +341,18 @@ def _capacity(cap: dict[str, Any]) -> str:
         "window), 256 managed 467 (max gap 11.7 s, as without latency). The refused beats in "
         "the table, if any, are 412s: leases that lapsed and were re-queued by the server. The "
         "peer does not appear here: under `--on-work` the poller never heartbeats; every "
-        "sandbox beats its own lease.")
+        "sandbox beats its own lease. Since then: (5) the emulator's request log is a capped "
+        "stream the benchmark reads as it grows (`?after=`, bench/emu.py `RequestTail`), so "
+        "no read is large: one read of all 50,000 entries was answered 500 in the run before "
+        "and capacity did not finish. (6) A tick of more than 64 leases starts its heartbeats "
+        "evenly over 0.8 s (dispatcher/control/heartbeat.py, `pace`), not all at once, and a "
+        "tick takes up to 4,000 (`BATCH_SIZE`: 20,000 leases at a 30 s TTL come due at 2,000 "
+        "a second); the busiest 100 ms column shows how evenly beats reach the server. (7) The "
+        "stop bridge reads a page's held stopping leases in one round trip, not one each. At "
+        "20,000 leases and a 30 s TTL the API must answer 2,000 heartbeats a second: at the "
+        "emulator's CPU per beat in the table that alone is more than this machine's two "
+        "cores, so past the steps kept here the emulator (or the machine) is the limit; the "
+        "worker's own limit is about 1,000 ms / its CPU per beat, beats a second per core.")
 
 
 def method(results: dict[str, Any]) -> list[str]:

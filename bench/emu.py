@@ -11,7 +11,7 @@ import httpx
 
 from dispatcher.ops.stack import API_HEADERS, LocalStack
 
-__all__ = ["Created", "Emulator"]
+__all__ = ["Created", "Emulator", "RequestTail"]
 
 
 
@@ -77,6 +77,11 @@ class Emulator:
             return entries
         return [e for e in entries if e.get("environment_id") == environment_id]
 
+    def tail(self) -> RequestTail:
+        """A reader of the request log from its end now on."""
+        return RequestTail(self)
+
+
     def set_faults(self, **changes: Any) -> None:
         self.http.post("/_emulator/faults", headers=self.org, json=changes).raise_for_status()
 
@@ -137,3 +142,30 @@ async def _retry(send: Any, *, ok: tuple[int, ...] = (), attempts: int = 5) -> h
             reply.raise_for_status()
         return reply
     raise AssertionError("unreachable")
+
+
+class RequestTail:
+    """Reads only the request log's new entries each time (`?after=`): a busy log (thousands of
+    heartbeats a second) is read a page at a time, as it grows, never whole."""
+
+    PAGE = 5000
+
+    def __init__(self, emu: Emulator) -> None:
+        self.emu = emu
+        reply = emu.http.get("/_emulator/requests", headers=emu.org, params={"limit": 1})
+        reply.raise_for_status()
+        self.cursor: str = reply.json()["next"] or "0-0"  # empty: from the first
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every entry written since the last read, oldest first."""
+        found: list[dict[str, Any]] = []
+        while True:
+            params = {"limit": self.PAGE, "after": self.cursor}
+            reply = self.emu.http.get("/_emulator/requests", headers=self.emu.org,
+                                      params=params)
+            reply.raise_for_status()
+            body = reply.json()
+            found += body["data"]
+            self.cursor = body["next"] or self.cursor
+            if len(body["data"]) < self.PAGE:
+                return found

@@ -109,7 +109,13 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
                      f"{largest:,} kept ({kept['beats_per_s']:.0f} beats/s)",
                      "n/a: under `--on-work` the poller never heartbeats; each sandbox beats "
                      "its own", "", "" if largest is None else
-                     f"5,000: {_target(largest >= 5000)}"))
+                     f"20,000: {_target(largest >= 20000)}"))
+        stops = series.get("stops")
+        if stops:
+            met = stops["p99"] < 2 and not stops["unseen_after_60s"]
+            rows.append((f"stop latency with {stops['held']:,} leases held (stop requested -> "
+                         "lease's stop flag), p99", _ms(stops["p99"]), "", "",
+                         f"< 2000 ms: {_target(met)}"))
     for pool in ("threads", "prefork"):
         m = _get(ours, f"memory_{pool}")
         pm = _get(peer, "memory")
@@ -129,6 +135,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
                      _ratio(m["per_slot_kb"] + m["launcher_per_session_kb"],
                             pm and pm["per_slot_kb"], higher_is_better=False), ""))
 
+    rows += _scale_rows(results)
     table = ["| figure | dispatcher | peer | dispatcher vs peer | our target |",
              "|---|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
@@ -221,8 +228,100 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
         *cap_rows,
         "",
         *([f"_{results['capacity_note']}_", ""] if results.get("capacity_note") else []),
+        *_scale_sections(results),
         *_method(results),
     ]) + "\n"
+
+
+def _scale_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    fair = results.get("fairness")
+    if fair and "p99_ratio" in fair:
+        rows.append((f"fairness: nine trickling environments' dispatch p99 while a tenth bursts "
+                     f"{fair['burst']}, against alone", f"{fair['p99_ratio']:.2f}x "
+                     f"(p50 {fair['p50_ratio']:.2f}x)", "", "",
+                     f"within 2x: {_target(fair['p99_ratio'] <= 2 and fair['p50_ratio'] <= 2)}"))
+        if fair.get("jain_mean") is not None:
+            rows.append(("fairness: Jain's index of slot shares, ten environments backlogged "
+                         "(mean / lowest sample)", f"{fair['jain_mean']:.3f} / "
+                         f"{fair['jain_min']:.3f}", "", "",
+                         f">= 0.9: {_target(fair['jain_mean'] >= 0.9)}"))
+    th = results.get("thousand")
+    if th and "n" in th:
+        rows.append((f"{th['n']:,} sessions at once: started exactly once",
+                     f"{th['started_once']:,} of {th['n']:,}", "", "",
+                     f"all: {_target(th['started_once'] == th['n'])}"))
+        gap = th.get("max_gap_between_beats_s")
+        rows.append((f"{th['n']:,} sessions at once: largest gap between two beats of one "
+                     f"lease (interval {th['heartbeat_interval_s']:g} s, TTL {th['ttl']} s)",
+                     _s(gap), "", "", ""))
+        rows.append((f"{th['n']:,} sessions at once: memory per session, worker + guardian "
+                     "(RSS)", _mb(th["per_session_with_watchdog_kb"]), "", "", ""))
+        rows.append((f"{th['n']:,} sessions at once: Redis memory per lease",
+                     f"{th['redis_bytes_per_lease'] / 1024:.1f} KB", "", "", ""))
+    return rows
+
+
+def _scale_sections(results: dict[str, Any]) -> list[str]:
+    """What the scale parts measured, and how (bench/scale.py, bench/scenarios.py)."""
+    out: list[str] = []
+    cap = results.get("capacity", {})
+    for series in cap.get("series", []):
+        st = series.get("stops")
+        if st:
+            out += ["## Stops with many leases held", "",
+                    f"After the last capacity step (TTL {series['ttl']} s), {st['asked']} of the "
+                    f"{st['held']:,} leases held were stopped on the server, one each 0.3 s, "
+                    "picked evenly from the oldest to the newest: stop requested -> the lease's "
+                    "stop flag raised (by the stop bridge's sweep of `list`, or a heartbeat "
+                    "reply, whichever first; a running session's supervisor acts on the flag "
+                    f"within 0.2 s). p50 {_ms(st['p50'])}, p99 {_ms(st['p99'])}; "
+                    f"{st['unseen_after_60s']} not seen within 60 s.", ""]
+    fair = results.get("fairness")
+    if fair and "p99_ratio" in fair:
+        a, b = fair["trickle_alone"], fair["trickle_with_burst"]
+        out += ["## Fairness across environments", "",
+                f"One fleet ({fair['slots']} slots on two threads-pool session workers) serves "
+                f"ten environments from one `DISPATCHER_ENVIRONMENTS_FILE`. Nine create "
+                f"{fair['rate_per_env']:g} sessions/s each (of {fair['duration']:g} s) for "
+                f"{fair['seconds']:g} s: alone, dispatch p50 {_ms(a['p50'])}, p99 "
+                f"{_ms(a['p99'])}; the same while the tenth creates {fair['burst']} at once, "
+                f"p50 {_ms(b['p50'])}, p99 {_ms(b['p99'])} ({fair['p50_ratio']:.2f}x and "
+                f"{fair['p99_ratio']:.2f}x). The burst itself drained in "
+                f"{_s(fair.get('burst_drained_s'))}.",
+                "",
+                f"Then each of the ten got {fair['backlog_per_env']} sessions at once, and the "
+                f"slots each held were sampled every 0.5 s while all ten still had queued work "
+                f"({fair['samples']} samples): Jain's index (sum x)^2 / (n sum x^2) of the "
+                f"held slots, mean {_f3(fair.get('jain_mean'))}, lowest "
+                f"{_f3(fair.get('jain_min'))}; of the mean shares "
+                f"{_f3(fair.get('jain_of_mean_shares'))} (mean slots held, sorted: "
+                f"{fair.get('mean_slots_held')}).", ""]
+    th = results.get("thousand")
+    if th and "n" in th:
+        out += [f"## {th['n']:,} sessions at once", "",
+                f"{th['environments']} environments, {th['workers']} threads-pool session "
+                f"workers of {th['threads_per_worker']} threads; each sandbox a shell that "
+                "notes its start and sleeps. All running after "
+                f"{th['seconds_to_all_running']:.0f} s; {th['started_once']:,} started exactly "
+                f"once, {th['started_twice_or_more']} more than once, {th['never_started']} "
+                f"never. Heartbeats (TTL {th['ttl']} s, every {th['heartbeat_interval_s']:g} s) "
+                f"over {th['window_s']:.0f} s with all running: {th['leases_beaten']:,} leases "
+                f"beaten, the largest gap between two beats of one lease "
+                f"{_s(th.get('max_gap_between_beats_s'))}. Memory: the session workers grew "
+                f"{_mb(th['worker_rss_per_session_kb'])} RSS per session "
+                f"({_mb(th['worker_pss_per_session_kb'])} PSS); their {th['guardians']} "
+                f"guardians hold {_mb(th['guardian_rss_kb'])} in all, so "
+                f"{_mb(th['per_session_with_watchdog_kb'])} per session with its watchdog "
+                f"(the sleeping sandbox itself: {_mb(th['sandbox_rss_per_session_kb'])}). "
+                f"Redis: {th['redis_bytes_per_lease'] / 1024:.1f} KB per lease (`MEMORY USAGE` "
+                "of the fleet's keys, at full against idle, over the leases held). Load "
+                f"average at the end: {th['load'][0]:.1f}.", ""]
+    return out
+
+
+def _f3(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def interval(ttl: int) -> float:

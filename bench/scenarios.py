@@ -211,7 +211,9 @@ def memory(fleet: Fleet, k: int, slots: int) -> dict[str, Any]:
 
 # --- heartbeat capacity ----------------------------------------------------------------------
 
-CLAIM_CHUNK = 50
+# Claimed, recorded and scheduled together (a lease claimed long before it is scheduled would
+# count its wait as a gap).
+CLAIM_CHUNK = 100
 # A heartbeat capacity step keeps up while no gap between beats exceeds the interval by more
 # than a quarter of it, or 2 s (a 1 s tick and a request) if that is more.
 BEHIND_SHARE = 0.25
@@ -223,16 +225,18 @@ def _tree_cpu(pid: int) -> float:
 
 
 def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
-                       log: Any = print, latency_ms: int = 0) -> dict[str, Any]:
+                       log: Any = print, latency_ms: int = 0,
+                       stops: int = 0) -> dict[str, Any]:
     """Leases one control worker keeps alive. The benchmark claims N items itself (ack and a
     NO_HEARTBEAT beat with `ttl`), records them in the dispatcher's registry as running,
     pulses them as a session worker would, and schedules their heartbeats due; a control-only
     worker then beats them. A lapse: a lease whose gap between two successful beats (or since
     its last beat, at the end) exceeds its TTL, or any refused beat. `latency_ms` delays every
     heartbeat answer that much once a step's leases are claimed (an API further away than the
-    emulator on 127.0.0.1)."""
+    emulator on 127.0.0.1). With `stops`, that many of the leases held after the last step are
+    then stopped on the server, one each 0.3 s: how long until the stop bridge raised each
+    lease's stop flag (a running session's supervisor acts on it within 0.2 s)."""
     from dispatcher.lease.machine import heartbeat_interval
-    from dispatcher.lease.model import Lease, Phase
     from dispatcher.lease.registry import LeaseRegistry
 
     stack, emu = fleet.stack, fleet.emu
@@ -241,9 +245,61 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     registry = LeaseRegistry(client, prefix=fleet.key_prefix)
     held: list[str] = []
-    last_beat: dict[str, float] = {}
-    seen: set[str] = set()
+    beats = _BeatLog(emu, fleet.environment_id)
     stop = threading.Event()
+
+    threads = _background(client, registry, held, beats, stop)
+    results: list[dict[str, Any]] = []
+    stopped: dict[str, Any] = {}
+    try:
+        for n in steps:
+            _claim(fleet, registry, beats, held, n - len(held), ttl)
+            if latency_ms:
+                emu.set_faults(latency_ms=latency_ms, endpoints=["heartbeat"])
+            time.sleep(heartbeat_interval(ttl))  # one beat interval to settle
+            beats.judge(since=None)
+            w0, cpu0, emu0 = time.time(), _tree_cpu(stack.processes[control].pid), \
+                _tree_cpu(stack.processes["emulator"].pid)
+            load0 = os.getloadavg()[0]
+            time.sleep(max(window, 1.5 * heartbeat_interval(ttl)))  # every lease beats in it
+            w1, cpu1, emu1 = time.time(), _tree_cpu(stack.processes[control].pid), \
+                _tree_cpu(stack.processes["emulator"].pid)
+            time.sleep(TAIL_SECONDS)  # the entries of the window's last requests
+            judged = beats.judge(since=w0, until=w1)
+            overdue = cast("list[tuple[str, float]]", client.zrangebyscore(
+                registry.keys.heartbeat_due, "-inf", w1 - 1, withscores=True))
+            if latency_ms:
+                emu.reset_faults()
+            step = {"n": n, "window": w1 - w0, "ttl": ttl, "latency_ms": latency_ms,
+                    "control_cpu_pct": 100 * (cpu1 - cpu0) / (w1 - w0),
+                    "emulator_cpu_pct": 100 * (emu1 - emu0) / (w1 - w0),
+                    "load_1min": [load0, os.getloadavg()[0]],
+                    "overdue_now": len(overdue),
+                    "max_overdue_s": max((w1 - s for _, s in overdue), default=0.0),
+                    **judged}
+            _judge_step(step, ttl, cpu=(cpu1 - cpu0, emu1 - emu0))
+            log(f"  heartbeat capacity n={n}: {step}")
+            results.append(step)
+            if step["lapsed"] or step["behind"]:
+                break
+        if stops and held:
+            stopped = _stops_at_scale(fleet, registry, held, stops, log=log)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        if latency_ms:
+            emu.reset_faults()
+        fleet.stop_members([control])
+    ok = [s["n"] for s in results if not s["lapsed"] and not s["behind"]]
+    return {"steps": results, "largest_without_lapse": max(ok, default=0), "ttl": ttl,
+            **({"stops": stopped} if stopped else {})}
+
+
+def _background(client: redis.Redis, registry: Any, held: list[str], beats: _BeatLog,
+                stop: threading.Event) -> list[threading.Thread]:
+    """The capacity run's helpers: the pulser (what the sessions' supervisors would write) and
+    the request log's reader."""
 
     def pulse() -> None:
         # What each running session's supervisor writes (5 times a second, here once): the
@@ -259,107 +315,162 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
                 pipe.zadd(registry.keys.last_seen, dict.fromkeys(list(held), now))
             pipe.execute()
 
-    pulser = threading.Thread(target=pulse, daemon=True)
-    pulser.start()
-    results = []
-    try:
-        for n in steps:
-            add = n - len(held)
-            made = emu.create_sessions(fleet.environment_id, add, {"fake.duration": "0"})
-            for chunk in range(0, len(made), CLAIM_CHUNK):
-                # Claim a chunk, then hand it to the dispatcher at once: a lease claimed long
-                # before it is scheduled would count its wait as a gap.
-                batch = made[chunk:chunk + CLAIM_CHUNK]
-                claims = emu.claim_leases(fleet.environment_id, [c.work_id for c in batch],
-                                          ttl=ttl)
-                now = time.time()
-                for c in batch:
-                    token, beat_at, created_at = claims[c.work_id]
-                    lease = Lease(work_id=c.work_id, session_id=c.session_id,
-                                  environment_id=fleet.environment_id, mode="dispatcher",
-                                  queue="dispatcher.sessions", phase=Phase.RUNNING,
-                                  task_id=f"bench-{c.work_id}", worker="bench-sessions@bench",
-                                  claimed_at=now, dispatched_at=now, pulse_at=now,
-                                  created_at=created_at, token=token, ttl_seconds=ttl,
-                                  heartbeat_ok_at=beat_at)
-                    registry.create(lease, work_json="{}")
-                    registry.schedule_heartbeat(c.work_id, now)  # due now
-                    last_beat[c.work_id] = beat_at
-                    held.append(c.work_id)
-            if latency_ms:
-                emu.set_faults(latency_ms=latency_ms, endpoints=["heartbeat"])
-            time.sleep(heartbeat_interval(ttl))  # one beat interval to settle
-            _absorb(emu, fleet.environment_id, seen, last_beat, since=None)
-            w0, cpu0, emu0 = time.time(), _tree_cpu(stack.processes[control].pid), \
-                _tree_cpu(stack.processes["emulator"].pid)
-            time.sleep(max(window, 1.5 * heartbeat_interval(ttl)))  # every lease beats in it
-            w1, cpu1, emu1 = time.time(), _tree_cpu(stack.processes[control].pid), \
-                _tree_cpu(stack.processes["emulator"].pid)
-            judged = _absorb(emu, fleet.environment_id, seen, last_beat, since=w0, until=w1)
-            overdue = cast("list[tuple[str, float]]", client.zrangebyscore(
-                registry.keys.heartbeat_due, "-inf", w1 - 1, withscores=True))
-            if latency_ms:
-                emu.reset_faults()
-            step = {"n": n, "window": w1 - w0, "ttl": ttl, "latency_ms": latency_ms,
-                    "control_cpu_pct": 100 * (cpu1 - cpu0) / (w1 - w0),
-                    "emulator_cpu_pct": 100 * (emu1 - emu0) / (w1 - w0),
-                    "overdue_now": len(overdue),
-                    "max_overdue_s": max((w1 - s for _, s in overdue), default=0.0),
-                    **judged}
-            step["lapsed"] = bool(step["max_gap_s"] > ttl or step["refused"])
-            # Beaten later than the schedule allows (an interval, plus a tick and a request):
-            # beats queue, and the gaps grow until leases lapse, however long that takes.
-            interval = heartbeat_interval(ttl)
-            step["behind"] = step["max_gap_s"] > interval + max(BEHIND_SLACK_SECONDS,
-                                                                BEHIND_SHARE * interval)
-            log(f"  heartbeat capacity n={n}: {step}")
-            results.append(step)
-            if step["lapsed"] or step["behind"]:
-                break
-    finally:
-        stop.set()
-        pulser.join()
-        if latency_ms:
-            emu.reset_faults()
-        fleet.stop_members([control])
-    ok = [s["n"] for s in results if not s["lapsed"] and not s["behind"]]
-    return {"steps": results, "largest_without_lapse": max(ok, default=0), "ttl": ttl}
+    def tail() -> None:
+        # The request log read as it grows (a few seconds' entries a read), so no read is large.
+        while not stop.wait(TAIL_SECONDS):
+            beats.read()
+
+    threads = [threading.Thread(target=pulse, daemon=True),
+               threading.Thread(target=tail, daemon=True)]
+    for thread in threads:
+        thread.start()
+    return threads
 
 
-def _absorb(emu: Any, environment_id: str, seen: set[str], last_beat: dict[str, float], *,
-            since: float | None, until: float | None = None) -> dict[str, Any]:
-    """Fold new heartbeat entries of the request log into each lease's last beat; judge the
-    gaps that end inside [since, until]."""
-    entries = [e for e in emu.requests(environment_id)
-               if e["endpoint"] == "heartbeat" and e.get("request_id") not in seen]
-    max_gap, beats, refused, failed = 0.0, 0, 0, 0
-    for e in sorted(entries, key=lambda e: e["time"]):
-        seen.add(e.get("request_id"))
-        work_id = e.get("work_id")
-        if work_id not in last_beat:
-            continue
-        if e["status"] != 200:
-            if since is not None and e["time"] >= since:
-                # 4xx: the lease is gone (412 after a lapse); 5xx or 0 (dropped): transient,
-                # retried by the dispatcher within a second, a lapse only if the gap says so.
-                if 400 <= e["status"] < 500:
-                    refused += 1
-                else:
-                    failed += 1
-            continue
-        if since is not None and e["time"] >= since and (until is None or e["time"] < until):
-            max_gap = max(max_gap, e["time"] - last_beat[work_id])
-            beats += 1
-        last_beat[work_id] = max(last_beat[work_id], e["time"])
-    if since is None:
-        return {}
-    end = until or time.time()
-    max_gap = max([max_gap, *(end - t for t in last_beat.values())])
-    lists = sum(1 for e in emu.requests(environment_id)
-                if e["endpoint"] == "list" and since <= e["time"] < end)
-    return {"beats_per_s": beats / (end - since), "max_gap_s": max_gap, "refused": refused,
-            "failed": failed,
-            "list_per_s": lists / (end - since)}
+def _judge_step(step: dict[str, Any], ttl: int, *, cpu: tuple[float, float]) -> None:
+    """CPU per beat of the worker and the emulator; whether the step lapsed or fell behind."""
+    from dispatcher.lease.machine import heartbeat_interval
+
+    beats = max(1, step["beats"])
+    step["control_cpu_ms_per_beat"] = 1000 * cpu[0] / beats
+    step["emulator_cpu_ms_per_beat"] = 1000 * cpu[1] / beats
+    step["lapsed"] = bool(step["max_gap_s"] > ttl or step["refused"])
+    # Beaten later than the schedule allows (an interval, plus a tick and a request): beats
+    # queue, and the gaps grow until leases lapse, however long that takes.
+    interval = heartbeat_interval(ttl)
+    step["behind"] = step["max_gap_s"] > interval + max(BEHIND_SLACK_SECONDS,
+                                                        BEHIND_SHARE * interval)
+
+
+def _claim(fleet: Ours, registry: Any, beats: _BeatLog, held: list[str], add: int,
+           ttl: int) -> None:
+    """Create `add` items and claim them as the dispatcher would, a chunk at a time: each
+    chunk is recorded and scheduled due at once (a lease claimed long before it is scheduled
+    would count its wait as a gap)."""
+    from dispatcher.lease.model import Lease, LeaseMode, Phase
+
+    made = fleet.emu.create_sessions(fleet.environment_id, add, {"fake.duration": "0"})
+    for chunk in range(0, len(made), CLAIM_CHUNK):
+        batch = made[chunk:chunk + CLAIM_CHUNK]
+        claims = fleet.emu.claim_leases(fleet.environment_id, [c.work_id for c in batch],
+                                        ttl=ttl, concurrency=32)
+        now = time.time()
+        for c in batch:
+            token, beat_at, created_at = claims[c.work_id]
+            lease = Lease(work_id=c.work_id, session_id=c.session_id,
+                          environment_id=fleet.environment_id, mode=LeaseMode("dispatcher"),
+                          queue="dispatcher.sessions", phase=Phase.RUNNING,
+                          task_id=f"bench-{c.work_id}", worker="bench-sessions@bench",
+                          claimed_at=now, dispatched_at=now, pulse_at=now,
+                          created_at=created_at, token=token, ttl_seconds=ttl,
+                          heartbeat_ok_at=beat_at)
+            registry.create(lease, work_json="{}")
+            registry.schedule_heartbeat(c.work_id, now)  # due now
+            beats.hold(c.work_id, beat_at)
+            held.append(c.work_id)
+
+
+# The request log is read this often while a capacity step runs: at 20,000 leases and a 10 s
+# beat interval (2,000 heartbeats a second) a read holds about 4,000 entries.
+TAIL_SECONDS = 2.0
+
+
+class _BeatLog:
+    """Each held lease's heartbeats as the emulator's request log shows them, read as the log
+    grows (`RequestTail`), folded into each lease's last beat, and the gaps judged per window."""
+
+    def __init__(self, emu: Any, environment_id: str) -> None:
+        self.tail = emu.tail()
+        self.environment_id = environment_id
+        self.lock = threading.Lock()
+        self.pending: list[dict[str, Any]] = []
+        self.last_beat: dict[str, float] = {}
+
+    def hold(self, work_id: str, beat_at: float) -> None:
+        with self.lock:
+            self.last_beat[work_id] = beat_at
+
+    def read(self) -> None:
+        entries = [{k: e.get(k) for k in ("time", "endpoint", "work_id", "status")}
+                   for e in self.tail.read()
+                   if e.get("environment_id") == self.environment_id
+                   and e["endpoint"] in ("heartbeat", "list")]
+        with self.lock:
+            self.pending += entries
+
+    def judge(self, *, since: float | None, until: float | None = None) -> dict[str, Any]:
+        """Fold the entries read so far into each lease's last beat; judge the gaps that end
+        inside [since, until]: the largest, refused and failed beats, and how evenly the beats
+        spread over the window (its busiest 100 ms against the mean)."""
+        self.read()
+        with self.lock:
+            entries, self.pending = sorted(self.pending, key=lambda e: e["time"]), []
+            last_beat = self.last_beat
+            max_gap, count, refused, failed, lists = 0.0, 0, 0, 0, 0
+            per_tenth: Counter[int] = Counter()  # beats per 100 ms
+
+            def inside(t: float) -> bool:
+                return since is not None and t >= since and (until is None or t < until)
+
+            for e in entries:
+                if e["endpoint"] == "list":
+                    lists += inside(e["time"])
+                    continue
+                work_id = e.get("work_id")
+                if work_id not in last_beat:
+                    continue
+                if e["status"] != 200:
+                    if since is not None and e["time"] >= since:
+                        # 4xx: the lease is gone (412 after a lapse); 5xx or 0 (dropped):
+                        # transient, retried by the dispatcher within a second, a lapse only
+                        # if the gap says so.
+                        if 400 <= e["status"] < 500:
+                            refused += 1
+                        else:
+                            failed += 1
+                    continue
+                if inside(e["time"]):
+                    max_gap = max(max_gap, e["time"] - last_beat[work_id])
+                    count += 1
+                    per_tenth[int(e["time"] * 10)] += 1
+                last_beat[work_id] = max(last_beat[work_id], e["time"])
+            if since is None:
+                return {}
+            end = until or time.time()
+            max_gap = max([max_gap, *(end - t for t in last_beat.values())])
+        tenths = [per_tenth.get(t, 0) for t in range(int(since * 10) + 1, int(end * 10))]
+        mean = sum(tenths) / len(tenths) if tenths else 0.0
+        return {"beats": count, "beats_per_s": count / (end - since), "max_gap_s": max_gap,
+                "refused": refused, "failed": failed, "list_per_s": lists / (end - since),
+                "busiest_100ms_beats": max(tenths, default=0),
+                "busiest_100ms_vs_mean": max(tenths, default=0) / mean if mean else 0.0}
+
+
+def _stops_at_scale(fleet: Ours, registry: Any, held: list[str], k: int,
+                    log: Any = print) -> dict[str, Any]:
+    """Stop k of the held leases on the server, one each 0.3 s, spread over the held set (the
+    oldest and the newest listed too): stop requested -> the lease's stop flag raised by the
+    stop bridge (or a heartbeat reply, whichever came first)."""
+    picks = [held[round(i * (len(held) - 1) / max(1, k - 1))] for i in range(k)]
+    requested = {}
+    for work_id in picks:
+        requested[work_id] = fleet.emu.stop(fleet.environment_id, work_id)
+        time.sleep(0.3)
+    seen: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < k and time.monotonic() < deadline:
+        for work_id in picks:
+            if work_id in seen:
+                continue
+            lease = registry.get(work_id)
+            if lease is not None and lease.stop_seen_at:
+                seen[work_id] = lease.stop_seen_at
+        time.sleep(0.05)
+    latencies = [seen[w] - requested[w] for w in picks if w in seen]
+    result = {**summary(latencies), "held": len(held), "asked": k,
+              "unseen_after_60s": k - len(seen)}
+    log(f"  stops with {len(held)} leases held: {result}")
+    return result
 
 
 def _wait_ready(fleet: Ours, name: str, timeout: float = 60) -> None:

@@ -2,7 +2,8 @@
 
 Each tick takes the leases that are due from a sorted set (a Lua pop, so two heartbeat tasks
 never send one lease's heartbeat with the same token: the loser would get a 412 and we would
-kill a healthy session), heartbeats them concurrently, and hands each answer to the lease machine,
+kill a healthy session), heartbeats them concurrently (a tick of many starts them evenly over most
+of its second, so the API sees a stream, not a burst), and hands each answer to the lease machine,
 which says what it means (`dispatcher/lease/machine.py`). One slow lease costs only its own
 request timeout. Leases whose release failed are retried here too, when due.
 """
@@ -29,7 +30,7 @@ from dispatcher.settings import Environment, Settings
 from dispatcher.workapi import NO_HEARTBEAT, AsyncWorkClient, Heartbeat, WorkAPIError
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
-__all__ = ["MAX_CONCURRENT_REQUESTS", "close_sender", "heartbeat_due_leases"]
+__all__ = ["MAX_CONCURRENT_REQUESTS", "close_sender", "heartbeat_due_leases", "pace"]
 
 T = TypeVar("T")
 
@@ -41,7 +42,16 @@ REQUEST_TIMEOUT_SECONDS = 5.0
 # with the lean transport.
 MAX_CONCURRENT_REQUESTS = 256
 # Leases one tick takes; the rest stay due for the next tick (Celery beat starts one every second).
-BATCH_SIZE = 2000
+# 20,000 leases at a 30 s TTL come due at 2,000 a second: twice that leaves a tick room to catch
+# up after a slow one (ticks in a threads pool also overlap: `claim_due_heartbeats` gives each
+# its own leases).
+BATCH_SIZE = 4000
+# A tick with more leases than this starts their requests evenly over PACE_SECONDS instead of
+# all at once: the API (and this process's own loop) sees a steady stream, not a burst of
+# thousands each second. Each beat leaves at most PACE_SECONDS later than it was due, against
+# a TTL three intervals long. Ticks of a few leases (small fleets, tests) send at once.
+PACE_ABOVE = 64
+PACE_SECONDS = 0.8
 # A control worker cut off from the Work API while its peers are not would hold every lease it
 # claims in flight for a request timeout, tick after tick, and let them lapse. Once a tick's
 # heartbeats all failed, it claims none until one cheap request (`stats`) is answered within
@@ -73,6 +83,12 @@ def reach_after(reach: Reach, tally: Tally, now: float) -> Reach:
     if tally.unanswered:
         return Reach(reach.cut_since if reach.cut_since is not None else now)
     return reach
+
+
+def pace(leases: int) -> float:
+    """Seconds between the starts of a tick's heartbeats: 0 (all at once) for a few, else
+    spread evenly over PACE_SECONDS."""
+    return PACE_SECONDS / leases if leases > PACE_ABOVE else 0.0
 
 
 def heartbeat_due_leases(runtime: Runtime) -> Tally:
@@ -148,7 +164,8 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
         return tally
     sender = _sender()
     # However slow the API, each request ends within its timeout, waiting its turn included.
-    bound = REQUEST_TIMEOUT_SECONDS * (2 * len(leases) / MAX_CONCURRENT_REQUESTS + 2)
+    bound = (REQUEST_TIMEOUT_SECONDS * (2 * len(leases) / MAX_CONCURRENT_REQUESTS + 2)
+             + PACE_SECONDS)
     keys = {e.id: e for e in runtime.environments}
     offset = runtime.registry.clock.now() - time.time()
     outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases, offset=offset),
@@ -275,9 +292,12 @@ async def _send_all(
     clients = {e: await sender.client(settings, environments[e])
                for e in {lease.environment_id for lease in leases}}
     limit = sender.limit()
+    spacing = pace(len(leases))
 
-    async def one(lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
+    async def one(index: int, lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
         client = clients[lease.environment_id]
+        if spacing:
+            await asyncio.sleep(index * spacing)
         async with limit:
             sent_at = time.time() + offset
             try:
@@ -291,4 +311,4 @@ async def _send_all(
                 return lease, exc, sent_at
             return lease, reply, sent_at
 
-    return list(await asyncio.gather(*(one(lease) for lease in leases)))
+    return list(await asyncio.gather(*(one(i, lease) for i, lease in enumerate(leases))))

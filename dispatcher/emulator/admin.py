@@ -4,11 +4,13 @@
 - `POST /_emulator/environments/{env}/healthcheck`: queue a `healthcheck` work item
 - `POST /_emulator/environments/{env}/work`: queue an item of any data type (tests)
 - `GET|POST|DELETE /_emulator/faults`: read, change (partial JSON), reset the fault switches
-- `GET|DELETE /_emulator/requests`: read (oldest first, `?limit=`) or clear the request log
+- `GET|DELETE /_emulator/requests`: read (oldest first, `?limit=`, `?after=` the `next` cursor
+  of the last read) or clear the request log
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -23,6 +25,9 @@ from .faults import FaultSettings
 from .records import new_id
 
 __all__ = ["add_admin_routes"]
+
+# A request log cursor: a Redis stream id.
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 class WorkData(BaseModel):
@@ -80,8 +85,11 @@ def add_admin_routes(app: FastAPI) -> None:
         return ctx.faults.reset()
 
     @app.get("/_emulator/requests", tags=["emulator"], dependencies=admin)
-    async def requests(ctx: Ctx, limit: int | None = None) -> Response:
-        return JSONResponse({"data": await ctx.log.read(limit)})
+    async def requests(ctx: Ctx, limit: int | None = None, after: str | None = None) -> Response:
+        if after is not None and not _STREAM_ID.fullmatch(after):
+            raise InvalidRequest("after must be the `next` of an earlier read")
+        entries, cursor = await ctx.log.read(limit, after)
+        return JSONResponse({"data": entries, "next": cursor})
 
     @app.delete("/_emulator/requests", status_code=204, tags=["emulator"], dependencies=admin)
     async def clear_requests(ctx: Ctx) -> Response:

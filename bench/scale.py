@@ -1,0 +1,355 @@
+"""One fleet serving many environments: fairness under a burst, and a thousand sessions at once.
+
+Both start a dispatcher fleet whose environments come from a `DISPATCHER_ENVIRONMENTS_FILE`
+(dispatcher/environments.py), as an operator of several environments runs it, on the same
+emulator as the other parts.
+
+* `fairness`: ten environments share the fleet's slots (dispatcher/control/capacity.py,
+  `claim_allowance`). Nine trickle sessions at a steady rate, first alone, then while the tenth
+  bursts 500 sessions at once: the trickling environments' dispatch latency with the burst
+  against without it. Then all ten get a backlog, and the slots each holds are sampled while all
+  are backlogged: Jain's fairness index of those shares.
+* `thousand`: 1,000 sessions running at once on threads-pool session workers, ten
+  environments, each sandbox a shell that notes its start and sleeps: every session started
+  exactly once, the largest gap between two heartbeats of one lease (the emulator's request
+  log), memory per session (the session workers and their guardians), Redis memory per lease.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import shlex
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench import proc
+from bench.emu import Created, Emulator
+from bench.fleets import KEY_PREFIXES, WATCHDOG_MARK
+from bench.records import summary, wait_for_event
+from dispatcher.ops.stack import LocalStack
+
+__all__ = ["MultiFleet", "fairness", "jain", "thousand"]
+
+
+def jain(shares: list[float]) -> float:
+    """Jain's fairness index: 1 when every share is equal, 1/n when one takes everything."""
+    total, squares = sum(shares), sum(x * x for x in shares)
+    return (total * total) / (len(shares) * squares) if squares else 1.0
+
+
+class MultiFleet:
+    """A control worker and session workers serving `n` environments of one emulator."""
+
+    def __init__(self, stack: LocalStack, emu: Emulator, workdir: Path, n: int, *,
+                 on_work: str | None = None, **env: str) -> None:
+        self.stack, self.emu = stack, emu
+        self.environment_ids = [emu.new_environment(f"scale-{i}") for i in range(n)]
+        self.key_prefix = f"bench{secrets.token_hex(3)}"
+        KEY_PREFIXES.append(self.key_prefix)
+        self.tag = secrets.token_hex(2)
+        key_file = workdir / f"{self.key_prefix}.key"
+        key_file.write_text(stack.environment_key)
+        key_file.chmod(0o600)
+        environments = workdir / f"{self.key_prefix}-environments.toml"
+        environments.write_text("".join(
+            f'[[environment]]\nid = "{e}"\nkey_file = "{key_file}"\n\n'
+            for e in self.environment_ids))
+        self.records = workdir / "records"
+        self.env = stack.fleet_env(
+            DISPATCHER_ENVIRONMENTS_FILE=str(environments),
+            DISPATCHER_KEY_PREFIX=self.key_prefix,
+            DISPATCHER_FAKE_RECORD_DIR=str(self.records),
+            DISPATCHER_SANDBOX_ENV_ALLOW="PATH,HOME,DISPATCHER_FAKE_RECORD_DIR",
+            DISPATCHER_STOP_GRACE_SECONDS="5", **env)
+        for variable in ("ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY"):
+            self.env.pop(variable, None)
+        if on_work is not None:
+            self.env["DISPATCHER_ON_WORK"] = on_work
+        self.members: list[str] = []
+        self.redis = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+
+    def start(self, slots: list[int]) -> None:
+        name = f"scale-{self.tag}-control"
+        # One pool slot per environment's poller, plus the heartbeat, bridge and recovery
+        # ticks and a spare (docs/operations.md: "the number of environments plus 2").
+        self.stack.worker(name, self.env, queues="dispatcher.control", beat=True,
+                          concurrency=len(self.environment_ids) + 3)
+        self.members.append(name)
+        for i, concurrency in enumerate(slots):
+            name = f"scale-{self.tag}-s{i}"
+            self.stack.worker(name, self.env, concurrency=concurrency,
+                              queues="dispatcher.sessions")
+            self.members.append(name)
+        for name in self.members:
+            deadline = time.monotonic() + 120
+            while " ready." not in self.stack.log(name):
+                self.stack._check_alive(name)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready within 120 s")
+                time.sleep(0.2)
+        time.sleep(3.0)  # the session workers' first slot advertisements
+
+    def held(self) -> dict[str, int]:
+        from dispatcher.lease.registry import LeaseRegistry
+        registry = LeaseRegistry(self.redis, prefix=self.key_prefix)
+        return dict(registry.held_by_environment(self.environment_ids))
+
+    def stop(self) -> None:
+        for name in self.members:
+            self.stack.stop(name, timeout=60)
+        self.members.clear()
+        self.redis.close()
+
+
+def _metadata(duration: float) -> dict[str, str]:
+    return {"fake.duration": str(duration)}
+
+
+def _latencies(records: Path, created: list[Created], timeout: float) -> list[float]:
+    return [wait_for_event(records, c.work_id, "started", timeout)["time"] - c.time
+            for c in created]
+
+
+def _trickle(emu: Emulator, environments: list[str], rate: float, seconds: float,
+             duration: float) -> list[Created]:
+    """Each environment creates a session every 1/rate s (staggered), for `seconds`."""
+    created: list[Created] = []
+    start = time.monotonic()
+    plan = sorted((i / rate + k / (rate * len(environments)), e)
+                  for k, e in enumerate(environments) for i in range(int(rate * seconds)))
+    for at, environment in plan:
+        wait = start + at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        created.append(emu.create_session(environment, _metadata(duration)))
+    return created
+
+
+def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20,
+             burst: int = 500, rate: float = 0.2, seconds: float = 30.0,
+             duration: float = 2.0, backlog: int = 40, log: Any = print) -> dict[str, Any]:
+    """Nine environments trickle `rate` sessions/s each (of `duration` s) for `seconds`, alone
+    and then while the tenth bursts `burst` sessions; then every environment gets `backlog`
+    sessions and each one's held slots are sampled while all ten still have queued work."""
+    fleet = MultiFleet(stack, emu, workdir, 10)
+    half = slots // 2
+    fleet.start([half, slots - half])
+    try:
+        burster, trickling = fleet.environment_ids[0], fleet.environment_ids[1:]
+        warm = emu.create_session(trickling[0], _metadata(0.1))
+        wait_for_event(fleet.records, warm.work_id, "started", 90)
+        log(f"fairness: nine environments trickle {rate:g}/s each, alone")
+        alone = _trickle(emu, trickling, rate, seconds, duration)
+        alone_latency = _latencies(fleet.records, alone, 120)
+        time.sleep(duration + 2)
+        log(f"fairness: the same while the tenth bursts {burst}")
+        bursting = emu.create_sessions(burster, burst, _metadata(duration))
+        loaded = _trickle(emu, trickling, rate, seconds, duration)
+        loaded_latency = _latencies(fleet.records, loaded, 300)
+        burst_latency = _latencies(fleet.records, bursting, 900)
+        a, b = summary(alone_latency), summary(loaded_latency)
+        log(f"fairness: all ten backlogged ({backlog} each)")
+        shares = _backlogged_shares(fleet, emu, backlog, duration)
+        return {
+            "slots": slots, "environments": 10, "burst": burst, "rate_per_env": rate,
+            "seconds": seconds, "duration": duration,
+            "trickle_alone": a, "trickle_with_burst": b,
+            "p50_ratio": b["p50"] / a["p50"], "p99_ratio": b["p99"] / a["p99"],
+            "burst_latency": summary(burst_latency),
+            "burst_drained_s": max(burst_latency) if burst_latency else None,
+            **shares,
+        }
+    finally:
+        fleet.stop()
+
+
+def _backlogged_shares(fleet: MultiFleet, emu: Emulator, backlog: int,
+                       duration: float) -> dict[str, Any]:
+    made = {e: emu.create_sessions(e, backlog, _metadata(duration))
+            for e in fleet.environment_ids}
+    samples: list[dict[str, int]] = []
+    time.sleep(2 * duration)  # past the first claims
+    while True:
+        held = fleet.held()
+        queued = {e: emu_depth(emu, e) for e in fleet.environment_ids}
+        if min(queued.values()) == 0:
+            break  # one environment ran out of work: no longer all backlogged
+        samples.append(held)
+        time.sleep(0.5)
+    for created in made.values():
+        for c in created:
+            wait_for_event(fleet.records, c.work_id, "exited", 300)
+    indices = [jain([float(s.get(e, 0)) for e in fleet.environment_ids]) for s in samples]
+    mean_share = {e: sum(s.get(e, 0) for s in samples) / max(1, len(samples))
+                  for e in fleet.environment_ids}
+    return {"backlog_per_env": backlog, "samples": len(samples),
+            "jain_mean": sum(indices) / len(indices) if indices else None,
+            "jain_min": min(indices, default=None),
+            "jain_of_mean_shares": jain(list(mean_share.values())),
+            "mean_slots_held": sorted(round(v, 2) for v in mean_share.values())}
+
+
+def emu_depth(emu: Emulator, environment_id: str) -> int:
+    """Items queued on the server for one environment (`stats.depth`)."""
+    reply = emu.http.get(f"/v1/environments/{environment_id}/work/stats", headers=emu.env)
+    reply.raise_for_status()
+    return int(reply.json()["depth"])
+
+
+# --- a thousand at once ----------------------------------------------------------------------
+
+# The sandbox: notes its work id and start time, then sleeps (no interpreter: 1,000 of them fit
+# in a few hundred MB). `exec` so the process the dispatcher signals is the sleep itself.
+SLEEPER = ("/bin/sh -c 'echo \"$ANTHROPIC_WORK_ID $(date +%s.%N)\" >> {log}; "
+           "exec sleep {seconds}'")
+
+
+SLEEP_SECONDS = 7200
+
+
+def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
+             environments: int = 10, workers: int = 2, hold: float = 60.0,
+             ttl: int = 30, log: Any = print) -> dict[str, Any]:
+    started_log = workdir / f"thousand-{secrets.token_hex(2)}.log"
+    started_log.touch()
+    per_worker = -(-n // workers)
+    # Each sandbox sleeps far longer than claiming them all and the measuring window take, on
+    # a loaded machine too (claims ran at under one a second at a load average of 30); the
+    # benchmark then stops them all.
+    on_work = SLEEPER.format(log=shlex.quote(str(started_log)), seconds=SLEEP_SECONDS)
+    fleet = MultiFleet(stack, emu, workdir, environments, on_work=on_work,
+                       DISPATCHER_DESIRED_TTL_SECONDS=str(ttl))
+    fleet.start([per_worker] * workers)
+    try:
+        sessions_workers = [m for m in fleet.members if not m.endswith("-control")]
+        idle = _workers_memory(stack, sessions_workers)
+        redis_before = _prefix_memory(fleet.redis, fleet.key_prefix)
+        tail = emu.tail()
+        log(f"thousand: {n} sessions over {environments} environments")
+        t0 = time.time()
+        created: list[Created] = []
+        share = n // environments
+        for environment in fleet.environment_ids:
+            created += emu.create_sessions(environment, share, _metadata(0))
+        ids = {c.work_id for c in created}
+        deadline = time.monotonic() + 900
+        while True:
+            lines = started_log.read_text().splitlines()
+            if len({line.split()[0] for line in lines}) >= len(ids):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(lines)} of {len(ids)} sessions started")
+            time.sleep(1.0)
+        all_running = time.time()
+        log(f"thousand: all {len(ids)} running after {all_running - t0:.0f} s; holding {hold} s")
+        beats: dict[str, list[float]] = defaultdict(list)
+        w0 = time.time()
+        time.sleep(5.0)
+        busy = _workers_memory(stack, sessions_workers)
+        held = sum(fleet.held().values())
+        running = max(1, busy.get("sandboxes", 0))  # the sandboxes alive as memory was read
+        redis_busy = _prefix_memory(fleet.redis, fleet.key_prefix)
+        remaining = hold - (time.time() - w0)
+        while remaining > 0:
+            time.sleep(min(5.0, remaining))
+            _fold_beats(tail.read(), ids, beats)
+            remaining = hold - (time.time() - w0)
+        w1 = time.time()
+        _fold_beats(tail.read(), ids, beats)
+        gaps = [b - a for times in beats.values() for a, b in itertools.pairwise(times)
+                if a >= t0]
+        last_gap = [w1 - max(times) for times in beats.values()]
+        starts = Counter(line.split()[0] for line in started_log.read_text().splitlines())
+        log("thousand: stopping them")
+        return {
+            "n": len(ids), "environments": environments, "workers": workers,
+            "threads_per_worker": per_worker, "ttl": ttl,
+            "seconds_to_all_running": all_running - t0,
+            "started_once": sum(1 for w in ids if starts[w] == 1),
+            "started_twice_or_more": sum(1 for w in ids if starts[w] > 1),
+            "never_started": sum(1 for w in ids if starts[w] == 0),
+            "held_at_full": held,
+            "leases_beaten": len(beats),
+            "max_gap_between_beats_s": max(gaps, default=None),
+            "max_since_last_beat_s": max(last_gap, default=None),
+            "heartbeat_interval_s": ttl / 3,
+            "window_s": w1 - w0,
+            "worker_rss_per_session_kb": (busy["rss"] - idle["rss"]) / running,
+            "worker_pss_per_session_kb": (busy["pss"] - idle["pss"]) / running,
+            "guardian_rss_kb": busy["guardian_rss"],
+            "guardians": busy["guardians"],
+            "per_session_with_watchdog_kb":
+                (busy["rss"] - idle["rss"] + busy["guardian_rss"]) / running,
+            "sandboxes": busy["sandboxes"],
+            "sandbox_rss_per_session_kb": busy["sandbox_rss"] / max(1, busy["sandboxes"]),
+            "redis_bytes_per_lease": (redis_busy - redis_before) / max(1, held),
+            "load": os.getloadavg(),
+        }
+    finally:
+        _stop_all(emu, fleet)
+        fleet.stop()
+
+
+def _stop_all(emu: Emulator, fleet: MultiFleet) -> None:
+    """Clean-up: a forced stop of every item the fleet holds (its sandboxes sleep for minutes)."""
+    from dispatcher.lease.registry import LeaseRegistry
+    registry = LeaseRegistry(fleet.redis, prefix=fleet.key_prefix)
+
+    def stop(batch: list[tuple[str, str]]) -> None:
+        for environment, work_id in batch:
+            fleet.emu.http.post(f"/v1/environments/{environment}/work/{work_id}/stop",
+                                headers=emu.org, json={"force": True})
+
+    held = [(lease.environment_id, lease.work_id)
+            for lease in registry.get_many(registry.held_ids())]
+    threads = [threading.Thread(target=stop, args=(held[i::8],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    deadline = time.monotonic() + 120
+    while registry.held_count() and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
+def _fold_beats(entries: list[dict[str, Any]], ids: set[str],
+                beats: dict[str, list[float]]) -> None:
+    for e in entries:
+        if e["endpoint"] == "heartbeat" and e["status"] == 200 and e.get("work_id") in ids:
+            beats[e["work_id"]].append(e["time"])
+
+
+def _workers_memory(stack: LocalStack, names: list[str]) -> dict[str, int]:
+    everything = proc.processes()
+    out = Counter[str]()
+    for name in names:
+        for p in proc.tree(stack.processes[name].pid, everything):
+            if WATCHDOG_MARK in p.cmdline:
+                out["guardian_rss"] += p.rss_kb
+                out["guardians"] += 1
+            elif "sleep" in p.cmdline or p.cmdline.startswith("/bin/sh"):
+                out["sandbox_rss"] += p.rss_kb
+                out["sandboxes"] += 1
+            else:
+                out["rss"] += p.rss_kb
+                out["pss"] += p.pss_kb
+    return dict(out)
+
+
+def _prefix_memory(client: redis.Redis, prefix: str) -> int:
+    """Bytes Redis uses for the fleet's own keys (`MEMORY USAGE` of each)."""
+    total = 0
+    pipe = client.pipeline(transaction=False)
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    for key in keys:
+        pipe.memory_usage(key, samples=0)
+    for used in pipe.execute():
+        total += int(used or 0)
+    return total
