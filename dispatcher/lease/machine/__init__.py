@@ -120,6 +120,8 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return running.on_pulsed(lease, event, c)
         case ev.SandboxStartFailed():
             return running.on_sandbox_start_failed(lease, event, c)
+        case ev.SandboxInfraFailed():
+            return running.on_sandbox_infra_failed(lease, event, c)
         case ev.RegistryUnreachable():
             return running.on_registry_unreachable(lease, event, c)
         case ev.AttemptSilent():
