@@ -125,12 +125,14 @@ def test_a_slow_engine_starts_no_second_attempt_and_ends_no_session(
     wait_for(lambda: not fleet.containers(engine), timeout=10, what="container removed")
 
 
-def test_a_stale_attempts_start_failure_never_ends_the_current_attempt(
-        relay: EngineRelay, container_fleet: Fleet, engine: Any) -> None:
+@pytest.mark.parametrize("stale_start", ["refused", "created"])
+def test_a_stale_attempts_failure_or_exit_never_ends_the_current_attempt(
+        relay: EngineRelay, container_fleet: Fleet, engine: Any, stale_start: str) -> None:
     """w1's engine is slow, and w1 is frozen while it waits for it: recovery moves the session
-    to w2 (attempt 2, its own engine). Then w1 wakes and its engine refuses the container: the
-    failure of attempt 1 must not end attempt 2's session (it once did: the lease deleted,
-    `ended=failed`, the item stopped on the server)."""
+    to w2 (attempt 2, its own engine). Then w1 wakes and its engine refuses the container, or
+    creates it late: neither attempt 1's failure nor its container's end may end attempt 2's
+    session (the failure once did: the lease deleted, `ended=failed`, the item stopped on the
+    server)."""
     fleet = container_fleet
     fleet.worker("control", queues="dispatcher.control", beat=True)
     fleet.overrides["DOCKER_HOST"] = relay.docker_host
@@ -149,14 +151,27 @@ def test_a_stale_attempts_start_failure_never_ends_the_current_attempt(
         fleet.wait_event(work_id, "started", timeout=60)
     finally:
         w1.send_signal(signal.SIGCONT)
-    relay.fail_create = True  # attempt 1's create, still held, is refused
-    wait_for(lambda: "stale event ignored" in fleet.log("w1"), timeout=30,
-             what="attempt 1's failure ignored")
+    if stale_start == "refused":
+        relay.fail_create = True  # attempt 1's create, still held, is refused
+        wait_for(lambda: "stale event ignored" in fleet.log("w1"), timeout=30,
+                 what="attempt 1's failure ignored")
+    else:
+        # Attempt 1's container is made, late: it must not live. Its supervisor kills it
+        # (`fenced`), or, if the create outlasted the client's timeout meanwhile, reports the
+        # start failed (ignored: stale) and leaves the container to the reaper.
+        relay.delay_create = 0.0
+        wait_for(lambda: any(line in fleet.log("w1")
+                             for line in ("fenced", "stale event ignored")),
+                 timeout=30, what="attempt 1 fenced, or its late failure ignored")
+        wait_for(lambda: not [c for c in fleet.containers(engine, running=True)
+                              if c["Labels"]["dispatcher.attempt"] == "1"],
+                 timeout=30, what="attempt 1's container gone")
     lease = fleet.lease(work_id)
     assert lease.get("attempt") == "2" and not lease.get("ended"), lease
     assert fleet.state(work_id) != "stopped", "the item runs on"
     fleet.wait_stopped([work_id], timeout=60)
-    assert [e["attempt"] for e in fleet.events(work_id, "started")] == ["2"]
-    assert [e["reason"] for e in fleet.events(work_id, "exited")] == ["completed"]
+    exited = {e["attempt"]: e["reason"] for e in fleet.events(work_id, "exited")}
+    assert exited.get("2") == "completed", exited
+    assert "1" not in exited or exited["1"] != "completed", "attempt 1 never ran to its end"
     assert "ended=failed" not in fleet.log("w1")
     wait_for(lambda: not fleet.containers(engine), timeout=10, what="container removed")
