@@ -64,9 +64,10 @@ RELEASE_POLL_SECONDS = 0.5
 # over and over); past this the new attempt goes to the queue anyway, for whichever worker
 # can run it.
 INFRA_WAIT_SECONDS = 60.0
-# The process runtime has no engine to ask: a fork refused for lack of resources is tried
-# again by a new attempt after this pause.
-INFRA_PAUSE_SECONDS = 1.0
+# The least an attempt waits before a new one, whatever the engine's probe says: an engine that
+# answers pings but still fails creates (the image lost) must not spin sessions through the
+# broker; and the process runtime, with no engine to ask, tries a refused fork again after it.
+INFRA_PAUSE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,9 @@ def _infra_failed(runtime: Runtime, attempt: SessionAttempt, exc: SandboxInfraEr
 
 
 def _wait_for_infrastructure(runtime: Runtime, attempt: SessionAttempt) -> None:
-    """Pulse the lease until the engine answers (the process runtime: a short pause), at most
-    INFRA_WAIT_SECONDS; sooner if the attempt lost its lease or was asked to stop."""
+    """Pulse the lease for INFRA_PAUSE_SECONDS at least and until the engine answers (the
+    process runtime: the pause alone), at most INFRA_WAIT_SECONDS; sooner if the attempt lost
+    its lease or was asked to stop."""
     probe = None
     if runtime.settings.sandbox_runtime == SandboxRuntimeKind.DOCKER:
         from dispatcher.session.engine_health import EngineProbe
@@ -159,7 +161,7 @@ def _wait_for_infrastructure(runtime: Runtime, attempt: SessionAttempt) -> None:
             waited = time.monotonic() - started
             if waited >= INFRA_WAIT_SECONDS:
                 return
-            if probe is None and waited >= INFRA_PAUSE_SECONDS:
+            if waited >= INFRA_PAUSE_SECONDS and (probe is None or probe.answers()):
                 return
             try:
                 pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt,
@@ -168,8 +170,6 @@ def _wait_for_infrastructure(runtime: Runtime, attempt: SessionAttempt) -> None:
                     return
             except RedisError:
                 pass  # the machine's event after the wait meets whatever the registry holds
-            if probe is not None and probe.answers():
-                return
             time.sleep(SUPERVISE_INTERVAL_SECONDS)
     finally:
         if probe is not None:
