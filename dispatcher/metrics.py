@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
-from dispatcher.control.capacity import Capacity, desired_slots, free_slots
+from dispatcher.control.capacity import ENGINE_UP, Capacity, desired_slots, free_slots
 from dispatcher.lease.causes import LossCause, Refusal, Release, RestartReason, StopCause
 from dispatcher.lease.model import Kind
 from dispatcher.lease.registry import LeaseRegistry
@@ -347,8 +347,18 @@ def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity,
     slots.add_metric(["used"], used)
     slots.add_metric(["free"], free)
     yield slots
+    workers = capacity.workers()
     yield GaugeMetricFamily(f"{NAMESPACE}_workers", "Live workers advertising session slots",
-                            value=len(capacity.live_workers()))
+                            value=sum(1 for w in workers if w.live))
+    engines = GaugeMetricFamily(
+        f"{NAMESPACE}_worker_engine_up",
+        "1 while a live session worker's container engine answers, 0 while it does not (its "
+        "session slots withdrawn); workers of the process runtime are not listed",
+        labels=["worker"])
+    for worker in workers:
+        if worker.live and worker.engine:
+            engines.add_metric([worker.hostname], 1 if worker.engine == ENGINE_UP else 0)
+    yield engines
 
 
 def _server_gauges(by_environment: Mapping[str, WorkQueueStats | None]) -> Iterator[Metric]:

@@ -1,6 +1,7 @@
 """The worker's bootsteps: what a Celery worker of the fleet runs beside its tasks.
 
-- `SlotAdvertiser`: advertise its session slots every few seconds (`capacity`).
+- `SlotAdvertiser`: advertise its session slots every few seconds (`capacity`); on the docker
+  runtime, withdraw them while the engine does not answer (`session/engine_health.py`).
 - `MetricsEndpoint`: serve the fleet's metrics, when a port is set.
 - `ContainerReaper`: on a session worker of the docker runtime, remove the fleet's containers
   whose attempt no longer runs.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Container, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from redis.exceptions import RedisError
 from dispatcher.celery.broker import SessionGate
 from dispatcher.celery.names import CONTROL_QUEUE, SESSION_RUN
 from dispatcher.control.bridge import on_running_task_revoked
-from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS
+from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS, ENGINE_DOWN, ENGINE_UP
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime, get_runtime
 from dispatcher.settings import SandboxRuntimeKind
@@ -77,6 +79,8 @@ class SlotAdvertiser(bootsteps.StartStopStep):
         self.worker = worker
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one advertisement at a time: the loop's, the probe's
+        self.engine = ""  # no engine to watch (the process runtime, or no session slots)
 
     def start(self, worker: Any) -> None:
         runtime = get_runtime()
@@ -92,19 +96,53 @@ class SlotAdvertiser(bootsteps.StartStopStep):
         runtime.capacity.register(worker.hostname)
         event("worker ready", worker=worker.hostname, slots=self.slots, pool=self.pool,
               queues=",".join(queues))
+        if self.slots and runtime.settings.sandbox_runtime == SandboxRuntimeKind.DOCKER:
+            self.engine = ENGINE_UP  # the start-up check found it answering
+            threading.Thread(target=self._watch_engine, name="dispatcher-engine",
+                             daemon=True).start()
         self._thread = threading.Thread(target=self._run, name="dispatcher-slots", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        runtime = get_runtime()
         while not self._stop.is_set():
+            self._advertise()
+            self._stop.wait(ADVERTISE_INTERVAL_SECONDS)
+
+    def _advertise(self) -> None:
+        runtime = get_runtime()
+        with self._lock:
             try:
                 if self.slots and not runtime.capacity.is_draining(self.worker.hostname):
                     runtime.capacity.advertise(hostname=self.worker.hostname, slots=self.slots,
-                                               pool=self.pool, queues=self.queues)
+                                               pool=self.pool, queues=self.queues,
+                                               engine=self.engine)
             except RedisError as exc:
                 event("slot advertisement failed", level=logging.WARNING, error=str(exc))
-            self._stop.wait(ADVERTISE_INTERVAL_SECONDS)
+
+    def _watch_engine(self) -> None:
+        """Withdraw the slots while the engine does not answer, give them back when it does:
+        advertised at once, not at the next round, so the poller stops feeding a worker that
+        cannot start a sandbox within a probe's interval and timeout."""
+        from dispatcher.session.engine_health import PROBE_INTERVAL_SECONDS, EngineProbe
+
+        probe = EngineProbe(get_runtime().settings)
+        down_since = 0.0
+        while not self._stop.wait(PROBE_INTERVAL_SECONDS):
+            answers = probe.answers()
+            if answers == (self.engine == ENGINE_UP):
+                continue
+            self.engine = ENGINE_UP if answers else ENGINE_DOWN
+            self._advertise()
+            if answers:
+                event("engine answers again", worker=self.worker.hostname,
+                      address=probe.address, slots=self.slots,
+                      after_seconds=round(time.monotonic() - down_since, 1))
+            else:
+                down_since = time.monotonic()
+                event("engine unavailable", level=logging.WARNING, worker=self.worker.hostname,
+                      address=probe.address, error=probe.error, slots_withdrawn=self.slots,
+                      action_taken="session slots withdrawn; running sessions go on")
+        probe.close()
 
     def stop(self, worker: Any) -> None:
         self._stop.set()

@@ -29,14 +29,16 @@ from dispatcher.clock import Clock, RedisClock
 from dispatcher.control.poll_keys import PollKeys
 from dispatcher.lease.keys import Keys
 
-__all__ = ["WORKER_STALE_SECONDS", "Capacity", "WorkerSlots", "claim_allowance",
-           "desired_slots", "fair_shares", "free_slots"]
+__all__ = ["ENGINE_DOWN", "ENGINE_UP", "WORKER_STALE_SECONDS", "Capacity", "WorkerSlots",
+           "claim_allowance", "desired_slots", "fair_shares", "free_slots"]
 
 # A worker advertises every ADVERTISE_INTERVAL_SECONDS; three missed advertisements mean gone.
 ADVERTISE_INTERVAL_SECONDS = 2.0
 WORKER_STALE_SECONDS = 3 * ADVERTISE_INTERVAL_SECONDS
 # Worker hashes outlive their staleness a while so `dispatcher status` can show them going.
 WORKER_RECORD_TTL_SECONDS = 60
+ENGINE_UP = "up"
+ENGINE_DOWN = "down"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,15 @@ class WorkerSlots:
     draining: bool
     seen_at: float  # the fleet's clock (`dispatcher/clock.py`), as the worker last advertised
     live: bool = False  # advertised recently and not draining, as of the read
+    # Its container engine as its probe last found it: ENGINE_UP, ENGINE_DOWN, or "" (a worker
+    # of the process runtime has none). A live worker whose engine is down keeps running its
+    # sessions, but its slots are withdrawn: it cannot start one.
+    engine: str = ""
+
+    @property
+    def serving(self) -> bool:
+        """Its slots count: live, and able to start a sandbox."""
+        return self.live and self.engine != ENGINE_DOWN
 
 
 def free_slots(*, total: int, held: int) -> int:
@@ -117,13 +128,17 @@ class Capacity:
         self.workers_key = f"{prefix}:workers"
         self.poll_keys = PollKeys(prefix)
 
-    def advertise(self, *, hostname: str, slots: int, pool: str, queues: list[str]) -> None:
+    def advertise(self, *, hostname: str, slots: int, pool: str, queues: list[str],
+                  engine: str = "") -> None:
+        """Advertise `slots`; `engine`: ENGINE_DOWN withdraws them while the worker's container
+        engine does not answer (the worker still counts as live: its sessions run on)."""
         now = self.clock.now()
         key = self.keys.worker(hostname)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             key,
-            mapping={"slots": slots, "pool": pool, "queues": ",".join(queues), "seen_at": now},
+            mapping={"slots": slots, "pool": pool, "queues": ",".join(queues), "seen_at": now,
+                     "engine": engine},
         )
         pipe.expire(key, WORKER_RECORD_TTL_SECONDS)
         pipe.zadd(self.workers_key, {hostname: now})
@@ -171,12 +186,13 @@ class Capacity:
                     draining=draining,
                     seen_at=seen_at,
                     live=not draining and now - seen_at < WORKER_STALE_SECONDS,
+                    engine=raw.get("engine", ""),
                 )
             )
         return result
 
     def total_slots(self) -> int:
-        return sum(w.slots for w in self.workers() if w.live)
+        return sum(w.slots for w in self.workers() if w.serving)
 
     def live_workers(self) -> set[str]:
         return {w.hostname for w in self.workers() if w.live}

@@ -71,6 +71,8 @@ class RestartReason(StrEnum):
     WORKER_LOST = "worker_lost"  # the running attempt stopped pulsing: its worker died
     TASK_NEVER_STARTED = "task_never_started"  # its published task never started on a worker
     WORKER_DRAINED = "worker_drained"  # its worker shut down and handed the session on
+    # Its sandbox could not start for the infrastructure's reasons (`session/infra.py`).
+    INFRASTRUCTURE = "infrastructure"
 
 
 class Release(StrEnum):

@@ -48,6 +48,7 @@ __all__ = [
     "ReleaseUnauthorized",
     "Reply",
     "SandboxExited",
+    "SandboxInfraFailed",
     "SandboxStartFailed",
     "ServerLease",
     "ServerState",
@@ -235,6 +236,10 @@ class OperatorRevoked:
 
 
 # --- the session plane -------------------------------------------------------------------------
+# Every event of the session plane names the attempt it comes from: a supervisor outlives its
+# attempt (an engine slow to create a container, a worker cut off long enough for recovery to
+# start another attempt), and what a superseded attempt says must never decide the lease of the
+# current one (`running.stale`).
 
 @dataclass(frozen=True)
 class AttemptStarting:
@@ -252,9 +257,10 @@ class HandingOff:
 
 @dataclass(frozen=True)
 class Pulsed:
-    """What a running attempt's pulse found (`exists`: the record; `current`: still its
+    """What attempt `attempt`'s pulse found (`exists`: the record; `current`: still its
     attempt), and whether an operator terminated its task meanwhile."""
 
+    attempt: int
     exists: bool
     current: bool
     stop: StopKind
@@ -264,7 +270,22 @@ class Pulsed:
 
 @dataclass(frozen=True)
 class SandboxStartFailed:
+    """Attempt `attempt`'s sandbox could not start for the session's own reasons (a command
+    that cannot run, a container the engine refused as given): a failed attempt."""
+
+    attempt: int
     error: str
+
+
+@dataclass(frozen=True)
+class SandboxInfraFailed:
+    """Attempt `attempt`'s sandbox could not start because the infrastructure failed (an engine
+    down, too slow, answering 5xx, without the image; a fork refused for lack of resources):
+    the fleet's failure, not the session's (`session/infra.py` tells them apart)."""
+
+    attempt: int
+    error: str
+    next_task_id: str
 
 
 @dataclass(frozen=True)
@@ -376,8 +397,8 @@ Event = (
     | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | HeartbeatAnswered
     | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed | StopRequested
     | ServerStopped | OperatorRevoked
-    | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited | ReleaseAwaited
-    | DeadlineReached
+    | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxInfraFailed
+    | SandboxExited | ReleaseAwaited | DeadlineReached
     | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded
     | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | ReleaseUnauthorized
     | HealthcheckAnswered

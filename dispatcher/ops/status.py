@@ -84,12 +84,18 @@ class FleetView:
 
 def problems(view: FleetView) -> list[str]:
     """Why the fleet cannot work, one line each; empty when it can."""
-    from dispatcher.control.capacity import WORKER_STALE_SECONDS
+    from dispatcher.control.capacity import ENGINE_DOWN, WORKER_STALE_SECONDS
 
     found: list[str] = []
-    if not any(_live(w, view.now, WORKER_STALE_SECONDS) and w.slots > 0 for w in view.workers):
+    live = [w for w in view.workers if _live(w, view.now, WORKER_STALE_SECONDS)]
+    if not any(w.slots > 0 and w.engine != ENGINE_DOWN for w in live):
         found.append("no live session slots: no session worker has advertised in "
-                     f"{WORKER_STALE_SECONDS:.0f} s, or every one is draining")
+                     f"{WORKER_STALE_SECONDS:.0f} s, or every one is draining or without "
+                     "its engine")
+    down = [w.hostname for w in live if w.engine == ENGINE_DOWN]
+    if down:
+        found.append(f"{len(down)} worker(s) whose container engine does not answer, their "
+                     f"session slots withdrawn: {', '.join(down[:3])}")
     if not view.beat_lock_held:
         found.append("beat's lock is not held: no beat schedules the poller and the heartbeats")
     overdue = [lease for lease in view.leases if _overdue(lease, view.now)]
@@ -194,7 +200,7 @@ def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float) -> dict[st
     return {
         "hostname": worker.hostname, "slots": worker.slots, "used": used,
         "free": max(0, worker.slots - used), "pool": worker.pool, "queues": worker.queues,
-        "draining": worker.draining, "live": worker.live,
+        "draining": worker.draining, "live": worker.live, "engine": worker.engine or None,
         "last_seen_seconds": now - worker.seen_at if worker.seen_at else None,
     }
 
@@ -202,7 +208,7 @@ def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float) -> dict[st
 def _summary(leases: list[Lease], workers: list[WorkerSlots]) -> dict[str, int]:
     from dispatcher.control.capacity import free_slots
 
-    total = sum(w.slots for w in workers if w.live)
+    total = sum(w.slots for w in workers if w.serving)
     return {"leases_held": len(leases), "live_workers": sum(1 for w in workers if w.live),
             "slots_total": total, "slots_free": free_slots(total=total, held=len(leases))}
 
@@ -220,10 +226,16 @@ def _status_text(report: dict[str, Any]) -> str:
           duration(r["expires_in_seconds"]), _stop_text(r)] for r in report["leases"]]))
     lines.append("")
     lines.append(table(
-        ["WORKER", "SLOTS", "USED", "FREE", "POOL", "DRAINING", "LAST SEEN"],
+        ["WORKER", "SLOTS", "USED", "FREE", "POOL", "DRAINING", "ENGINE", "LAST SEEN"],
         [[r["hostname"], r["slots"], r["used"], r["free"], r["pool"], r["draining"],
-          duration(r["last_seen_seconds"])] for r in report["workers"]]))
+          _engine_text(r["engine"]), duration(r["last_seen_seconds"])]
+         for r in report["workers"]]))
     return "\n".join(lines)
+
+
+def _engine_text(engine: str | None) -> str | None:
+    """A worker's container engine: `down` means its slots are withdrawn."""
+    return "down (slots withdrawn)" if engine == "down" else engine
 
 
 def _stop_text(row: dict[str, Any]) -> str | None:

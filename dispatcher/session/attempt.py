@@ -30,6 +30,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.session.runtimes import RunningSandbox, start_sandbox
 from dispatcher.session.sandbox import (
     CommandError,
+    SandboxInfraError,
     SandboxSpec,
     SandboxStartError,
     build_environment,
@@ -58,6 +59,15 @@ HANDOFF_WAIT_SECONDS = 12.0
 RELEASE_WAIT_SECONDS = 60.0
 # How often an ended attempt whose release is pending looks whether it went through.
 RELEASE_POLL_SECONDS = 0.5
+# An attempt whose start the infrastructure failed waits, pulsing, for its engine to answer
+# again before the session gets a new attempt (a new attempt at once would meet the same outage,
+# over and over); past this the new attempt goes to the queue anyway, for whichever worker
+# can run it.
+INFRA_WAIT_SECONDS = 60.0
+# The least an attempt waits before a new one, whatever the engine's probe says: an engine that
+# answers pings but still fails creates (the image lost) must not spin sessions through the
+# broker; and the process runtime, with no engine to ask, tries a refused fork again after it.
+INFRA_PAUSE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -110,14 +120,60 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
     try:
         spec = _spec(runtime, lease, work_json)
     except (CommandError, ValueError, SettingsError) as exc:
-        return _start_failed(runtime, lease, exc)
+        return _start_failed(runtime, attempt, exc)
     attempt.mark("spec_built")
     return _supervise(runtime, attempt, spec, _Memory(lease, epoch))
 
 
-def _start_failed(runtime: Runtime, lease: Lease, exc: Exception) -> Outcome:
-    step = runtime.executor.attempt(lease, ev.SandboxStartFailed(str(exc)))
+def _start_failed(runtime: Runtime, attempt: SessionAttempt, exc: Exception) -> Outcome:
+    """Tell the machine, on the lease as it is now: a start that took long (a slow engine) may
+    find another attempt holding it, and its failure must not end that attempt's session."""
+    lease = runtime.registry.get(attempt.work_id)
+    step = runtime.executor.attempt(lease, ev.SandboxStartFailed(attempt.attempt, str(exc)))
     return step.over or Outcome.FAILED  # a lease released meanwhile: still a failed start
+
+
+def _infra_failed(runtime: Runtime, attempt: SessionAttempt, exc: SandboxInfraError) -> Outcome:
+    """The infrastructure failed the start: wait (pulsing) until it answers again, so the next
+    attempt does not meet the same outage at once, then hand the session to a new attempt."""
+    event("sandbox not started", level=logging.WARNING, work_id=attempt.work_id,
+          attempt=attempt.attempt, error=str(exc), cause="infrastructure",
+          action_taken="waiting for the infrastructure, then a new attempt")
+    _wait_for_infrastructure(runtime, attempt)
+    lease = runtime.registry.get(attempt.work_id)
+    failed = ev.SandboxInfraFailed(attempt.attempt, str(exc), next_task_id=uuid.uuid4().hex)
+    step = runtime.executor.attempt(lease, failed)
+    return step.over or Outcome.SUPERSEDED
+
+
+def _wait_for_infrastructure(runtime: Runtime, attempt: SessionAttempt) -> None:
+    """Pulse the lease for INFRA_PAUSE_SECONDS at least and until the engine answers (the
+    process runtime: the pause alone), at most INFRA_WAIT_SECONDS; sooner if the attempt lost
+    its lease or was asked to stop."""
+    probe = None
+    if runtime.settings.sandbox_runtime == SandboxRuntimeKind.DOCKER:
+        from dispatcher.session.engine_health import EngineProbe
+
+        probe = EngineProbe(runtime.settings)
+    started = time.monotonic()
+    try:
+        while True:
+            waited = time.monotonic() - started
+            if waited >= INFRA_WAIT_SECONDS:
+                return
+            if waited >= INFRA_PAUSE_SECONDS and (probe is None or probe.answers()):
+                return
+            try:
+                pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt,
+                                               worker=attempt.worker)
+                if not pulse.current or pulse.stop:
+                    return
+            except RedisError:
+                pass  # the machine's event after the wait meets whatever the registry holds
+            time.sleep(SUPERVISE_INTERVAL_SECONDS)
+    finally:
+        if probe is not None:
+            probe.close()
 
 
 def _spec(runtime: Runtime, lease: Lease, work_json: str | None) -> SandboxSpec:
@@ -180,8 +236,10 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
         try:
             with _pulsing_while_a_container_starts(runtime, attempt):
                 sandbox = start_sandbox(runtime.settings, spec)
+        except SandboxInfraError as exc:
+            return _infra_failed(runtime, attempt, exc)
         except SandboxStartError as exc:
-            return _start_failed(runtime, memory.lease, exc)
+            return _start_failed(runtime, attempt, exc)
         attempt.mark("spawned")
         if attempt.attempt == 1:
             _observe_dispatch_latency(runtime, spec.stdin)
@@ -256,7 +314,7 @@ class _Supervisor:
             self.memory.lease.token = pulse.token
         self.draining = self.draining or pulse.draining
         operator = self.flags.operator_terminated(draining=self.draining) or attempt.revoked()
-        pulsed = ev.Pulsed(exists=pulse.exists, current=pulse.current,
+        pulsed = ev.Pulsed(attempt.attempt, exists=pulse.exists, current=pulse.current,
                            stop=StopKind(pulse.stop or StopKind.NONE), draining=self.draining,
                            operator=operator)
         controls = _Controls(self.sandbox, self.ladder, cause=pulse.stop_cause or "worker draining",

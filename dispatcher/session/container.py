@@ -34,8 +34,14 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from requests.exceptions import RequestException
 
 from dispatcher.logs import event
+from dispatcher.session.infra import Blame, engine_blame
 from dispatcher.session.output import write_output
-from dispatcher.session.sandbox import EngineError, SandboxSpec, SandboxStartError
+from dispatcher.session.sandbox import (
+    EngineError,
+    SandboxInfraError,
+    SandboxSpec,
+    SandboxStartError,
+)
 from dispatcher.settings import PullPolicy, Settings
 
 __all__ = [
@@ -194,6 +200,15 @@ def _has_image(api: docker.APIClient, image: str) -> bool:
     return True
 
 
+def _start_error(what: str, exc: APIError | RequestException) -> SandboxStartError:
+    """A failed engine call of a start, as the infrastructure's failure or the session's."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None) if response is not None else None
+    blame = engine_blame(status, _engine_message(exc), answered=status is not None)
+    error = SandboxInfraError if blame == Blame.INFRASTRUCTURE else SandboxStartError
+    return error(f"{what}: {_engine_message(exc)}")
+
+
 def _engine_message(exc: Exception) -> str:
     explanation = getattr(exc, "explanation", None)
     return str(explanation or exc)
@@ -328,14 +343,14 @@ class ContainerSandbox:
         try:
             api = engine(settings)
         except EngineError as exc:
-            raise SandboxStartError(str(exc)) from None
+            raise SandboxInfraError(str(exc)) from None
         try:
             created = api.create_container(
                 host_config=api.create_host_config(**host_config_arguments(settings)),
                 **create_arguments(settings, spec,
                                    image=pinned_image(settings.sandbox_image or "")))
         except (APIError, RequestException) as exc:
-            raise SandboxStartError(f"container not created: {_engine_message(exc)}") from None
+            raise _start_error("container not created", exc) from None
         sandbox = cls(api, created["Id"], settings=settings, spec=spec)
         try:
             if spec.secret_file is not None:
@@ -345,7 +360,7 @@ class ContainerSandbox:
             api.start(sandbox.id)
         except (APIError, RequestException) as exc:
             sandbox.kill_group()
-            raise SandboxStartError(f"container not started: {_engine_message(exc)}") from None
+            raise _start_error("container not started", exc) from None
         threading.Thread(target=_feed, args=(stdin, spec.stdin), daemon=True).start()
         threading.Thread(target=sandbox._wait_exit, daemon=True).start()
         return sandbox

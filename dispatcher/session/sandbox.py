@@ -37,11 +37,13 @@ from pathlib import Path
 from dispatcher.session.cgroups import CgroupError, SessionCgroup, admit, gate_argv
 from dispatcher.session.confine import Confinement, confined_argv, popen_options
 from dispatcher.session.output import LiveOutput, pump
+from dispatcher.session.infra import Blame, spawn_blame
 
 __all__ = [
     "CommandError",
     "EngineError",
     "Sandbox",
+    "SandboxInfraError",
     "SandboxSpec",
     "SandboxStartError",
     "build_environment",
@@ -75,6 +77,12 @@ class EngineError(Exception):
 class SandboxStartError(Exception):
     """The sandbox could not be started (the engine refused the container, say): a failed
     attempt, with the reason in the message."""
+
+
+class SandboxInfraError(SandboxStartError):
+    """The sandbox could not be started for the infrastructure's reasons, not the session's
+    (`infra.py`): an engine down, too slow, failing, without the image; a host out of
+    processes, memory or descriptors. The attempt is started again, not counted."""
 
 
 def resolve_command(on_work: str | None) -> list[str]:
@@ -408,6 +416,10 @@ def _spawn(argv: list[str], env: dict[str, str], confinement: Confinement, *,
         raise SandboxStartError(f"on-work command not found: {argv[0]!r}") from None
     except PermissionError:
         raise SandboxStartError(f"on-work command not executable: {argv[0]!r}") from None
+    except OSError as exc:
+        if spawn_blame(exc.errno) == Blame.INFRASTRUCTURE:
+            raise SandboxInfraError(f"the host could not start the sandbox: {exc}") from None
+        raise SandboxStartError(f"on-work command could not start: {exc}") from None
 
 
 def _pidfd(pid: int) -> int | None:

@@ -10,7 +10,11 @@ Invariants, checked after every step and once the faults heal:
   * a record is never dropped silently: when it goes, the server has stopped the item or no
     longer leases it to us (or, as far as the fleet can know, let it lapse: no beat answered for
     a whole TTL);
-  * an item is never acked twice in one delivery.
+  * an item is never acked twice in one delivery;
+  * an event of a superseded attempt (its supervisor outlived it: a slow engine, a worker cut
+    off while recovery started another attempt) changes nothing: no record written, no item
+    stopped, no attempt started;
+  * an infrastructure failure of a start never counts against the attempt limit.
 """
 
 from __future__ import annotations
@@ -100,6 +104,9 @@ class LeaseLife(RuleBasedStateMachine):
         self.fate = "answered"
         self.rival = False
         self.claimed_from = 0  # the delivery the lease on record was claimed from
+        # Attempts superseded while their supervisor lived on: each may still report.
+        self.stale: set[int] = set()
+        self.from_stale = False
 
     # --- the machine and its effects, as the executor performs them -------------------------
     def run(self, event: ev.Event) -> None:
@@ -118,6 +125,9 @@ class LeaseLife(RuleBasedStateMachine):
                     pending.append(answer)
 
     def perform(self, effect: fx.Effect, before: Lease | None) -> ev.Event | None:
+        if self.from_stale:
+            assert isinstance(effect, fx.AttemptOver | fx.Log | fx.Fence), (
+                f"a superseded attempt's event led to {effect}")
         if isinstance(effect, fx.Publish | fx.MarkRunning):
             assert not self.finished, "a finished session is never run again"
         if isinstance(effect, fx.Ack):
@@ -141,7 +151,8 @@ class LeaseLife(RuleBasedStateMachine):
         if isinstance(effect, fx.RecordHistory):
             self.history = (effect.failures, effect.ended)
             self.finished = self.finished or effect.ended in (Ending.COMPLETED, Ending.FAILED)
-        if isinstance(effect, fx.Signal | fx.Fence) and self.sandbox is not None:
+        if isinstance(effect, fx.Signal | fx.Fence) and self.sandbox is not None \
+                and not self.from_stale:  # a stale attempt fences its own sandbox
             self.sandbox = (self.sandbox[0], "signalled")
         return None
 
@@ -254,17 +265,66 @@ class LeaseLife(RuleBasedStateMachine):
     @precondition(lambda self: self.sandbox is not None)
     @rule()
     def worker_dies(self) -> None:
+        """Its pulse stops: a dead worker, or one only cut off (or waiting on a slow engine),
+        whose supervisor lives on and may report later."""
+        assert self.sandbox is not None
+        attempt = self.sandbox[0]
         self.sandbox = None
         if self.lease is not None and self.lease.phase == Phase.RUNNING:
             self.tasks += 1
             self.run(ev.AttemptSilent(f"task-{self.tasks}"))
+        if self.lease is None or self.lease.attempt != attempt:
+            self.stale.add(attempt)
+
+    @precondition(lambda self: self.sandbox is not None and self.sandbox[1] == "running")
+    @rule(infrastructure=st.booleans())
+    def sandbox_fails_to_start(self, infrastructure: bool) -> None:
+        assert self.sandbox is not None
+        attempt = self.sandbox[0]
+        self.sandbox = None
+        self.tasks += 1
+        failures = self.history[0]
+        if infrastructure:
+            self.run(ev.SandboxInfraFailed(attempt, "engine down",
+                                           next_task_id=f"task-{self.tasks}"))
+            assert self.history[0] == failures, "an infrastructure failure counted"
+        else:
+            self.run(ev.SandboxStartFailed(attempt, "bad command"))
+
+    @precondition(lambda self: bool(self.stale))
+    @rule(what=st.sampled_from(["start failed", "infrastructure", "exited 0", "exited 1",
+                                "pulsed"]),
+          index=st.integers(0, 10))
+    def stale_attempt_reports(self, what: str, index: int) -> None:
+        attempt = sorted(self.stale)[index % len(self.stale)]
+        self.tasks += 1
+        event: ev.Event = {
+            "start failed": ev.SandboxStartFailed(attempt, "engine timed out"),
+            "infrastructure": ev.SandboxInfraFailed(attempt, "engine down",
+                                                    next_task_id=f"task-{self.tasks}"),
+            "exited 0": ev.SandboxExited(attempt, 0, draining=False,
+                                         next_task_id=f"task-{self.tasks}"),
+            "exited 1": ev.SandboxExited(attempt, 1, draining=False,
+                                         next_task_id=f"task-{self.tasks}"),
+            "pulsed": ev.Pulsed(attempt, exists=self.lease is not None, current=False,
+                                stop=StopKind.NONE, draining=False, operator=False),
+        }[what]
+        before = self.lease
+        self.from_stale = True
+        try:
+            self.run(event)
+        finally:
+            self.from_stale = False
+        assert self.lease == before, "a superseded attempt's event changed the lease"
+        if what != "pulsed":
+            self.stale.discard(attempt)  # it reported its end: its supervisor is gone
 
     @precondition(lambda self: self.sandbox is not None and self.lease is not None)
     @rule()
     def pulse(self) -> None:
         assert self.sandbox is not None and self.lease is not None
         current = self.lease.attempt == self.sandbox[0] and self.lease.phase == Phase.RUNNING
-        self.run(ev.Pulsed(exists=True, current=current, stop=self.lease.stop,
+        self.run(ev.Pulsed(self.sandbox[0], exists=True, current=current, stop=self.lease.stop,
                            draining=False, operator=False))
 
     @precondition(lambda self: self.sandbox is not None and self.lease is not None)

@@ -11,9 +11,11 @@ from dispatcher.ops.status import FleetView, problems
 NOW = 1_000_000.0
 
 
-def worker(*, slots: int = 4, seen_ago: float = 1.0, draining: bool = False) -> WorkerSlots:
-    return WorkerSlots(hostname="w@h", slots=slots, pool="threads", queues="dispatcher.sessions",
-                       draining=draining, seen_at=NOW - seen_ago)
+def worker(*, slots: int = 4, seen_ago: float = 1.0, draining: bool = False,
+           engine: str = "", hostname: str = "w@h") -> WorkerSlots:
+    return WorkerSlots(hostname=hostname, slots=slots, pool="threads",
+                       queues="dispatcher.sessions", draining=draining, seen_at=NOW - seen_ago,
+                       engine=engine)
 
 
 def lease(*, beaten_ago: float | None = 5.0, ttl: int = 30, claimed_ago: float = 60.0,
@@ -33,6 +35,15 @@ CASES = [
     ("only a control worker", {"workers": [worker(slots=0)]}, ["no live session slots"]),
     ("every worker draining", {"workers": [worker(draining=True)]}, ["no live session slots"]),
     ("worker silent 7 s", {"workers": [worker(seen_ago=7)]}, ["no live session slots"]),
+    # A worker whose container engine does not answer withdrew its slots: said either way.
+    ("engine down on the only worker", {"workers": [worker(engine="down")]},
+     ["no live session slots", "1 worker(s) whose container engine does not answer"]),
+    ("engine down on one worker of two",
+     {"workers": [worker(engine="down"), worker(engine="up", hostname="w2@h")]},
+     ["1 worker(s) whose container engine does not answer"]),
+    ("engine answering", {"workers": [worker(engine="up")]}, []),
+    ("engine down on a silent worker", {"workers": [worker(engine="down", seen_ago=7)]},
+     ["no live session slots"]),
     ("no beat", {"beat_lock_held": False}, ["beat's lock is not held"]),
     ("lease unbeaten for 2/3 of its TTL", {"leases": [lease(beaten_ago=21, ttl=30)]},
      ["1 lease(s) overdue"]),

@@ -124,6 +124,8 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return running.on_sandbox_start_failed(lease, event, c)
         case ev.DeadlineReached():
             return running.on_deadline_reached(lease, event, c)
+        case ev.SandboxInfraFailed():
+            return running.on_sandbox_infra_failed(lease, event, c)
         case ev.RegistryUnreachable():
             return running.on_registry_unreachable(lease, event, c)
         case ev.AttemptSilent():

@@ -113,9 +113,9 @@ def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
     """A running attempt acts on its pulse: a stale attempt kills its own sandbox (fencing);
     an operator's terminate becomes a stop; a stop flag or a drain signals the sandbox."""
     p = Plan(lease)
-    if not e.exists or not e.current:
+    if not e.exists or not e.current or lease.attempt != e.attempt:
         p.add(fx.Fence(), fx.AttemptOver(Outcome.SUPERSEDED), log(
-            "fenced", lease, logging.WARNING,
+            "fenced", lease, logging.WARNING, attempt=e.attempt,
             reason="a newer attempt owns the lease" if e.exists else "lease released"))
     elif e.operator and e.stop == StopKind.NONE:
         p.assume(phase=Phase.RUNNING)
@@ -127,7 +127,25 @@ def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
     return p.decided()
 
 
+def stale(lease: Lease, attempt: int) -> bool:
+    """Whether an event of the session plane comes from an attempt that no longer holds the
+    lease: superseded by a newer attempt. Such an event decides nothing."""
+    return lease.attempt != attempt
+
+
+def ignored(lease: Lease | None, e: ev.Event, attempt: int) -> Decision:
+    """A superseded attempt's event: its attempt is over, and the lease is left as it is for
+    the attempt that owns it (a stale start failure once ended a running session)."""
+    current = lease.attempt if lease is not None else None
+    return Decision(lease, (fx.AttemptOver(Outcome.SUPERSEDED), fx.Log(
+        "stale event ignored", logging.WARNING,
+        {"work_id": lease.work_id if lease is not None else "", "event": type(e).__name__,
+         "attempt": attempt, "current_attempt": current})))
+
+
 def on_sandbox_start_failed(lease: Lease, e: ev.SandboxStartFailed, c: Ctx) -> Decision:
+    if stale(lease, e.attempt):
+        return ignored(lease, e, e.attempt)
     p = Plan(lease)
     p.add(fx.AttemptOver(Outcome.FAILED),
           log("sandbox not started", lease, logging.ERROR, error=e.error))
@@ -139,13 +157,12 @@ def on_deadline_reached(lease: Lease, e: ev.DeadlineReached, c: Ctx) -> Decision
     """A session past its maximum duration is stopped gracefully (SIGTERM, the grace, SIGKILL),
     as a server's stop would be: its sandbox's exit then ends it `stopped` and its item is
     stopped on the server. Judged on the record's `started_at`, the first attempt's start, not
-    on the supervisor's memory: a superseded attempt's late event changes nothing."""
+    on the supervisor's memory, so a restarted session gets no fresh allowance."""
+    if stale(lease, e.attempt):
+        return ignored(lease, e, e.attempt)
     p = Plan(lease)
     ran = c.now - (lease.started_at or lease.claimed_at)
-    if lease.attempt != e.attempt:
-        p.add(log("deadline ignored", lease, attempt_of_event=e.attempt,
-                  reason=f"superseded by attempt {lease.attempt}"))
-    elif lease.phase == Phase.RUNNING and lease.stop == StopKind.NONE and not is_over(lease) \
+    if lease.phase == Phase.RUNNING and lease.stop == StopKind.NONE and not is_over(lease) \
             and ran >= e.limit_seconds:
         p.add(log("deadline reached", lease, logging.WARNING, limit_seconds=e.limit_seconds,
                   ran_seconds=round(ran, 1)))
@@ -153,10 +170,25 @@ def on_deadline_reached(lease: Lease, e: ev.DeadlineReached, c: Ctx) -> Decision
     return p.decided()
 
 
+def on_sandbox_infra_failed(lease: Lease, e: ev.SandboxInfraFailed, c: Ctx) -> Decision:
+    """The infrastructure, not the session, kept the sandbox from starting: a new attempt, not
+    counted against the limit, on whichever worker is free (the failed one withdrew its slots
+    if its engine is down); a stop or a lost lease wins as for any restart."""
+    if stale(lease, e.attempt):
+        return ignored(lease, e, e.attempt)
+    p = Plan(lease)
+    p.add(fx.AttemptOver(Outcome.HANDED_OVER),
+          log("sandbox not started", lease, logging.WARNING, error=e.error,
+              cause="infrastructure", action_taken="attempt restarted, not counted"))
+    restart(p, reason=RestartReason.INFRASTRUCTURE, failure=False, task_id=e.next_task_id,
+            c=c)
+    return p.decided()
+
+
 def on_sandbox_exited(lease: Lease | None, e: ev.SandboxExited, c: Ctx) -> Decision:
-    if lease is None or lease.attempt != e.attempt:
+    if lease is None or stale(lease, e.attempt):
         # Released, or superseded: the newer attempt owns the lease.
-        return Decision(lease, (fx.AttemptOver(Outcome.SUPERSEDED),))
+        return ignored(lease, e, e.attempt)
     p = Plan(lease)
     p.add(log("exited", lease, exit_code=e.code))
     _exited(p, lease, e, c)
@@ -479,16 +511,24 @@ SCENARIOS = [
     Scenario("attempt starting, worker draining",
              ev.AttemptStarting(1, "task-1", "w1", 42, draining=True)),
     Scenario("handing off to the sandbox", ev.HandingOff()),
-    *(Scenario(name, ev.Pulsed(exists=True, current=current, stop=stop, draining=draining,
-                               operator=False))
-      for name, current, stop, draining in (
-          ("pulsed", True, StopKind.NONE, False),
-          ("pulsed, superseded", False, StopKind.NONE, False),
-          ("pulsed, stop flagged", True, StopKind.GRACEFUL, False),
-          ("pulsed, worker draining", True, StopKind.NONE, True))),
-    Scenario("sandbox could not start", ev.SandboxStartFailed("not found")),
+    *(Scenario(name, ev.Pulsed(attempt, exists=True, current=current, stop=stop,
+                               draining=draining, operator=False))
+      for name, attempt, current, stop, draining in (
+          ("pulsed", 1, True, StopKind.NONE, False),
+          ("pulsed, superseded", 1, False, StopKind.NONE, False),
+          ("pulsed, stale attempt", 0, True, StopKind.NONE, False),
+          ("pulsed, stop flagged", 1, True, StopKind.GRACEFUL, False),
+          ("pulsed, worker draining", 1, True, StopKind.NONE, True))),
+    Scenario("sandbox could not start", ev.SandboxStartFailed(1, "not found")),
+    Scenario("a stale attempt's sandbox could not start", ev.SandboxStartFailed(0, "not found")),
     Scenario("session past its deadline", ev.DeadlineReached(1, 5.0)),
     Scenario("a superseded attempt's deadline", ev.DeadlineReached(0, 5.0), phases=("running",)),
+    Scenario("sandbox not started (infrastructure)",
+             ev.SandboxInfraFailed(1, "engine down", next_task_id="task-2")),
+    Scenario("a stale attempt's sandbox not started (infrastructure)",
+             ev.SandboxInfraFailed(0, "engine down", next_task_id="task-2")),
+    Scenario("a stale attempt's sandbox exited 1",
+             ev.SandboxExited(0, 1, draining=False, next_task_id="task-2")),
     Scenario("sandbox exited 0", ev.SandboxExited(1, 0, draining=False, next_task_id="task-2")),
     Scenario("sandbox exited 1", ev.SandboxExited(1, 1, draining=False, next_task_id="task-2")),
     Scenario("sandbox exited, worker draining",
