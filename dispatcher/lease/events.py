@@ -32,6 +32,7 @@ __all__ = [
     "HeartbeatNotFound",
     "HeartbeatRefused",
     "HeartbeatRejected",
+    "HeartbeatThrottled",
     "MessageLost",
     "Offered",
     "OperatorRevoked",
@@ -209,6 +210,15 @@ class HeartbeatFailed:
     error: str
 
 
+@dataclass(frozen=True)
+class HeartbeatThrottled:
+    """A heartbeat of the lease is due (or its first claim, or a retry of its release) while
+    the server asks the fleet to send nothing to the lease's environment for `seconds` more
+    (`control.pacing`): nothing was sent."""
+
+    seconds: float
+
+
 # --- stops, both ways --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -354,7 +364,8 @@ class HealthcheckAnswered:
 Event = (
     Offered | Unreadable | AckAnswered | AckUncertain | AckConflict | AckRefused | RecordFailed
     | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | HeartbeatAnswered
-    | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed | StopRequested
+    | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed
+    | HeartbeatThrottled | StopRequested
     | ServerStopped | OperatorRevoked
     | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxExited | ReleaseAwaited
     | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded

@@ -121,6 +121,9 @@ class LeaseLife(RuleBasedStateMachine):
             return self.beat(None, first=True)
         if isinstance(effect, fx.StopOnServer):
             return self.stop()
+        if isinstance(effect, fx.HeartbeatNow):
+            assert self.lease is not None
+            return self.beat(self.lease.token or None)
         if isinstance(effect, fx.DeleteRecord):
             assert self.server.state in ("stopped", "queued") or self.server.token not in \
                 self.tokens_we_held(before) or self.past_its_ttl(before), (
@@ -211,6 +214,13 @@ class LeaseLife(RuleBasedStateMachine):
         assert self.lease is not None
         token = self.lease.token or None
         self.run(self.beat(token))
+
+    @precondition(lambda self: self.lease is not None)
+    @rule(seconds=st.floats(0.5, 200), fate=FATES)
+    def heartbeat_throttled(self, seconds: float, fate: str) -> None:
+        """A heartbeat (a claim, a release retry) due while the server throttles the fleet."""
+        self.fate = fate
+        self.run(ev.HeartbeatThrottled(seconds))
 
     @precondition(lambda self: self.lease is not None and self.lease.phase == Phase.RELEASING)
     @rule(fate=FATES)

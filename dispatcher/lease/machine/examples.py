@@ -30,11 +30,15 @@ class Scenario:
     # or heartbeat of it was answered (`unproven`).
     uncertain: bool = False
     unproven: bool = False
+    # Seconds since its last answered heartbeat was sent (of a TTL of 30 s).
+    quiet_seconds: float = 5.0
 
 
-def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False) -> Lease | None:
+def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False,
+             quiet_seconds: float = 5.0) -> Lease | None:
     """A canonical lease in `phase` (None for "none"): attempt 1 of task-1, heartbeated by the
-    dispatcher, token tok-1, last answered heartbeat 5 s ago; a releasing one's session completed.
+    dispatcher, token tok-1, last answered heartbeat `quiet_seconds` (5 s) ago, TTL 30 s; a
+    releasing one's session completed.
     `unproven`: no ack or heartbeat of it was ever answered (no token, no answered heartbeat), as
     the lease an ack meets: the proposal of a poll."""
     if phase == "none":
@@ -42,7 +46,8 @@ def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False) -> 
     ended = Ending.COMPLETED if phase == Phase.RELEASING else Ending.NONE
     return Lease("w", "s", "e", LeaseMode.DISPATCHER, "q", phase=Phase(phase), attempt=1,
                  ended=ended, task_id="task-1", token="" if unproven else "tok-1", ttl_seconds=30,
-                 claimed_at=NOW - 10, heartbeat_ok_at=0 if unproven else NOW - 5,
+                 claimed_at=NOW - max(10, quiet_seconds),
+                 heartbeat_ok_at=0 if unproven else NOW - quiet_seconds,
                  pulse_at=NOW - 1, uncertain=uncertain, heartbeats_by=Heartbeater.DISPATCHER)
 
 
