@@ -112,6 +112,10 @@ COUNTERS: dict[str, Counter] = {
     "server_throttles": Counter("Times the server began throttling an environment (429, 503 "
                                 "or retry-after), by the call that met it", "source",
                                 ("poll", "list", "heartbeat", "ack", "stop")),
+    "heartbeats_throttled": Counter("Due heartbeats met by the server's throttle: deferred "
+                                    "(to its end, or to the lease's last safe moment), or sent "
+                                    "through it (the lease would lapse otherwise)", "decision",
+                                    ("deferred", "sent")),
     "healthchecks": Counter("Healthcheck work items answered, by result", "healthy",
                             ("true", "false")),
 }

@@ -84,7 +84,7 @@ class Runtime:
                                                       max_retries=0),
             publish=self._publish_session, revoke=lambda task_id: self.app.control.revoke(task_id),
             healthcheck=self._healthcheck, desired_ttl_seconds=self.settings.desired_ttl_seconds,
-            policy=Policy(max_attempts=self.settings.max_attempts))
+            policy=Policy(max_attempts=self.settings.max_attempts), pacing=self.pacing)
 
     def _publish_session(self, task: SessionTask) -> None:
         self.app.send_task(

@@ -39,6 +39,14 @@ logger = logging.getLogger(__name__)
 GATE_CHECK_SECONDS = 0.1
 # One unacknowledged message per channel: the early ack frees it as the task starts.
 AMQP_PREFETCH_COUNT = 1
+# The AMQP heartbeat of a worker's consuming connection. RabbitMQ hands a session message to a
+# consumer it believes alive; a worker cut off from it (its host partitioned, Redis still
+# reachable, so it still advertises free slots) never receives the message, and RabbitMQ returns
+# it to the queue only once it closes that connection for silence. At Celery's 120 s
+# (negotiated down to RabbitMQ's 60) such a session waited a minute or more; at 10 s RabbitMQ
+# closes the connection, and another worker starts the session, within about 20 s.
+# Publishing connections carry no heartbeat (Celery sends them only on the consumer's).
+AMQP_HEARTBEAT_SECONDS = 10
 
 
 def is_redis(url: str) -> bool:
@@ -60,6 +68,7 @@ def broker_conf(settings: Settings) -> dict[str, Any]:
         # Celery would restore a prefetch count it lowered after a reconnect to
         # concurrency x multiplier, undoing the gate's count of 1.
         "worker_enable_prefetch_count_reduction": False,
+        "broker_heartbeat": AMQP_HEARTBEAT_SECONDS,
     }
 
 

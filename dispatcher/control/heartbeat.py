@@ -4,8 +4,10 @@ Each tick takes the leases that are due from a sorted set (a Lua pop, so two hea
 never send one lease's heartbeat with the same token: the loser would get a 412 and we would
 kill a healthy session), heartbeats them concurrently (a tick of many starts them evenly over most
 of its second, so the API sees a stream, not a burst), and hands each answer to the lease machine,
-which says what it means (`dispatcher/lease/machine.py`). One slow lease costs only its own
-request timeout. Leases whose release failed are retried here too, when due.
+which says what it means (`dispatcher/lease/machine`). One slow lease costs only its own
+request timeout. Leases whose release failed are retried here too, when due. While the server
+throttles an environment (`control.pacing`), its due leases are handed to the machine instead,
+which sends only the heartbeats whose leases would lapse before the throttle does.
 """
 
 from __future__ import annotations
@@ -131,11 +133,31 @@ def _heartbeat_due(runtime: Runtime) -> Tally:
     found = runtime.registry.get_many(ids)
     runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in found})
     leases = _served(runtime, found)
-    tally = _send_heartbeats(runtime, [lease for lease in leases if _heartbeated_by_us(lease)])
+    leases, through = _paced(runtime, leases)
+    tally = _send_heartbeats(
+        runtime, [lease for lease in leases if _heartbeated_by_us(lease)] + through)
     for lease in leases:
         if lease.phase == Phase.RELEASING:
             tally.released += _retry_release(runtime, lease.work_id)
     return tally
+
+
+def _paced(runtime: Runtime, leases: list[Lease]) -> tuple[list[Lease], list[Lease]]:
+    """The server's pacing: the leases of environments it does not throttle, and those of
+    environments it does whose heartbeat the machine sends all the same (their leases would
+    lapse before the throttle does). The others wait: the machine schedules them, their release
+    retries too, for when the throttle lapses or the lease can wait no longer."""
+    throttled = runtime.pacing.remaining_all({lease.environment_id for lease in leases})
+    free: list[Lease] = []
+    through: list[Lease] = []
+    for lease in leases:
+        seconds = throttled[lease.environment_id]
+        if seconds <= 0:
+            free.append(lease)
+        else:
+            runtime.executor.heartbeat(lease, ev.HeartbeatThrottled(seconds), answered=[],
+                                       through=through)
+    return free, through
 
 
 def _served(runtime: Runtime, leases: list[Lease]) -> list[Lease]:
@@ -178,6 +200,9 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
         tally.failed += not answered
         tally.unanswered += isinstance(outcome, WorkAPIError) and outcome.status is None
         results[lease.environment_id, "ok" if answered else "failed"] += 1
+        if isinstance(outcome, WorkAPIError):  # a 429 or 503 throttles the whole environment
+            runtime.pacing.note(lease.environment_id, status=outcome.status,
+                                retry_after=outcome.retry_after, source="heartbeat")
         after = runtime.executor.heartbeat(lease, heartbeat_event(outcome, sent_at), answered=beats)
         tally.lost += after is None or after.lost
     runtime.executor.record_heartbeats(beats)

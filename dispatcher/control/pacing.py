@@ -6,10 +6,12 @@ the fleet, on any host, sees the same one, and no host's clock is compared with 
 time left is the key's `PTTL`, counted by Redis). A longer request extends it; a shorter one
 never shortens it.
 
-Who honours it: the poller waits it out before each poll, and the stop bridge skips the
-environment's list scan until it lapses. Heartbeats are the lease machine's: it reads
-`remaining` (one round trip, all environments) and decides which beats may wait and which must
-go because the lease would lapse otherwise.
+Who honours it: the poller waits it out before each poll; the stop bridge skips the
+environment's list scan until it lapses; the executor sends no ack, first claim or stop (a
+release waits in the heartbeat tick). Heartbeats are the lease machine's (`HeartbeatThrottled`):
+the heartbeat tick reads `remaining_all` (one round trip, all environments) and the machine
+decides which heartbeats wait and which must go because the lease would lapse otherwise. Every
+one of these callers hands the 429s and 503s it meets to `note`.
 
 The rule (`throttle_seconds`) is pure; `Pacing` performs it.
 """
@@ -74,7 +76,9 @@ class Pacing:
         if left_ms <= 0:
             event("server throttles the fleet", level=logging.WARNING,
                   environment_id=environment, status=status, seconds=round(seconds, 3),
-                  source=source, action_taken="this environment's polls and list scans wait")
+                  source=source,
+                  action_taken="every request to this environment waits; heartbeats go only "
+                               "where a lease would lapse first")
             if self.metrics is not None:
                 self.metrics.inc("server_throttles", environment=environment, source=source)
         return seconds

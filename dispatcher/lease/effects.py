@@ -24,7 +24,7 @@ from dispatcher.lease.model import Ending, Heartbeater, Lease, StopKind
 
 __all__ = [
     "Ack", "AnswerHealthcheck", "AttemptOver", "Claim", "Count", "CreateRecord", "DeleteRecord",
-    "Effect", "Fence", "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish",
+    "Effect", "Fence", "FlagStop", "HeartbeatNow", "Log", "MarkRunning", "NewAttempt", "Publish",
     "RecordHeartbeat", "RecordHistory", "Revoke", "Schedule", "Signal", "StopAs",
     "StopOnServer", "Unschedule", "Update",
 ]
@@ -65,6 +65,12 @@ class StopOnServer:
 
     force: bool = True
     as_: StopAs = StopAs.ENVIRONMENT_KEY
+
+
+@dataclass(frozen=True)
+class HeartbeatNow:
+    """Send the lease's heartbeat now, through the server's throttle: the heartbeat tick sends
+    it with the tick's others; outside a tick it is made due at once."""
 
 
 # --- the registry --------------------------------------------------------------------------
@@ -211,7 +217,7 @@ class Count:
 
 
 Effect = (
-    Ack | Claim | StopOnServer | CreateRecord | Update | MarkRunning | NewAttempt | FlagStop
-    | DeleteRecord | Schedule | Unschedule | RecordHeartbeat | RecordHistory | Publish | Revoke
-    | Signal | Fence | AttemptOver | AnswerHealthcheck | Log | Count
+    Ack | Claim | StopOnServer | HeartbeatNow | CreateRecord | Update | MarkRunning | NewAttempt
+    | FlagStop | DeleteRecord | Schedule | Unschedule | RecordHeartbeat | RecordHistory | Publish
+    | Revoke | Signal | Fence | AttemptOver | AnswerHealthcheck | Log | Count
 )

@@ -33,6 +33,7 @@ __all__ = [
     "HeartbeatNotFound",
     "HeartbeatRefused",
     "HeartbeatRejected",
+    "HeartbeatThrottled",
     "MessageLost",
     "Offered",
     "OperatorRevoked",
@@ -210,6 +211,15 @@ class HeartbeatFailed:
 
     status: int | None
     error: str
+
+
+@dataclass(frozen=True)
+class HeartbeatThrottled:
+    """A heartbeat of the lease is due (or its first claim, or a retry of its release) while
+    the server asks the fleet to send nothing to the lease's environment for `seconds` more
+    (`control.pacing`): nothing was sent."""
+
+    seconds: float
 
 
 # --- stops, both ways --------------------------------------------------------------------------
@@ -395,7 +405,8 @@ class HealthcheckAnswered:
 Event = (
     Offered | Unreadable | AckAnswered | AckUncertain | AckConflict | AckRefused | RecordFailed
     | ClaimAnswered | ClaimRefused | ClaimNotAcked | ClaimFailed | HeartbeatAnswered
-    | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed | StopRequested
+    | HeartbeatRefused | HeartbeatNotFound | HeartbeatRejected | HeartbeatFailed
+    | HeartbeatThrottled | StopRequested
     | ServerStopped | OperatorRevoked
     | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxInfraFailed
     | SandboxExited | ReleaseAwaited | DeadlineReached

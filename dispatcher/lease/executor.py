@@ -64,6 +64,29 @@ class Counters(Protocol):
                 environment: str = "") -> None: ...
 
 
+class Throttle(Protocol):
+    """The server's pacing as the executor honours it (`control.pacing.Pacing`): an ack, a
+    claim or a stop of a throttled environment is not sent; a 429 or 503 it meets throttles."""
+
+    def remaining(self, environment: str) -> float:
+        """Seconds until the environment's throttle lapses; 0.0 when none stands."""
+
+    def note(self, environment: str, *, status: int | None, retry_after: float | None,
+             source: str) -> float | None:
+        """Throttle the environment if this answer asks for it; the seconds asked, or None."""
+
+
+class _Unpaced:
+    """No pacing: every request goes (an executor built without one)."""
+
+    def remaining(self, environment: str) -> float:
+        return 0.0
+
+    def note(self, environment: str, *, status: int | None, retry_after: float | None,
+             source: str) -> float | None:
+        return None
+
+
 class Sandbox(Protocol):
     """The sandbox of the attempt that asks, as the machine's effects act on it."""
 
@@ -103,6 +126,8 @@ class _Run:
     sandbox: Sandbox | None = None
     over: Outcome | None = None
     heartbeats: list[AnsweredHeartbeat] | None = None
+    # A heartbeat tick's leases whose heartbeat goes through the server's throttle.
+    through: list[Lease] | None = None
     path: StartPath | None = None
     # Whose key every Work API call of the run is made with: the lease's environment.
     environment_id: str | None = None
@@ -130,6 +155,7 @@ class Executor:
     healthcheck: Callable[[], Mapping[str, str]]
     desired_ttl_seconds: int | None  # None: the server's default
     policy: Policy = field(default_factory=Policy)
+    pacing: Throttle = field(default_factory=_Unpaced)
 
     # --- the ways in -----------------------------------------------------------------------
     def run(self, lease: Lease | None, event: ev.Event) -> Lease | None:
@@ -156,10 +182,13 @@ class Executor:
         return AttemptStep(after, state.over)
 
     def heartbeat(self, lease: Lease, event: ev.Event, *,
-                  answered: list[AnsweredHeartbeat]) -> Lease | None:
+                  answered: list[AnsweredHeartbeat],
+                  through: list[Lease] | None = None) -> Lease | None:
         """A heartbeat's answer in a tick: a plain answered heartbeat joins `answered`, for
-        `record_heartbeats` to record the whole tick's in one round trip."""
-        return self._run(lease, event, _Run(heartbeats=answered))
+        `record_heartbeats` to record the whole tick's in one round trip. A due heartbeat the
+        server's throttle holds back (`HeartbeatThrottled`) joins `through` if it must go all
+        the same."""
+        return self._run(lease, event, _Run(heartbeats=answered, through=through))
 
     def record_heartbeats(self, heartbeats: list[AnsweredHeartbeat]) -> None:
         """Record the answered heartbeats a heartbeat tick collected, in one round trip."""
@@ -227,7 +256,12 @@ class Executor:
             case fx.Claim():
                 return self._claim(work_id, effect, state)
             case fx.StopOnServer():
-                return self._stop(work_id, effect, state)
+                return self._stop(work_id, effect, lease, state)
+            case fx.HeartbeatNow():
+                if state.through is not None and lease is not None:
+                    state.through.append(lease)
+                else:  # outside a tick: the next tick sends it
+                    self.registry.schedule_heartbeat(work_id, self.registry.clock.now())
             case fx.CreateRecord():
                 return self._create(work_id, effect, state)
             case fx.MarkRunning():
@@ -292,6 +326,9 @@ class Executor:
         acked, and whether that ack was ours depends on what the earlier attempt met."""
         client = self.client(state.environment_id)
         reply_lost = False
+        if self._throttled(state):
+            # Not sent: the server hands the item out again once it has idled unacked.
+            return ev.AckRefused(429)
         state.mark("ack_sent")
         for pause in (*ACK_RETRY_PAUSES_SECONDS, None):
             try:
@@ -301,23 +338,38 @@ class Executor:
             except WorkAPIError as exc:
                 answer = ack_event(exc, reply_lost=reply_lost)
                 reply_lost = reply_lost or no_answer(exc)
+                if answer is None and self._note(state, exc, "ack"):
+                    # Retries would be the requests the server asked us not to send.
+                    answer = ev.AckUncertain(exc.status) if reply_lost else \
+                        ev.AckRefused(exc.status)
             if answer is not None or pause is None:
                 break
             time.sleep(pause)
         return answer or ev.AckUncertain(None)
 
     def _claim(self, work_id: str, effect: fx.Claim, state: _Run) -> ev.Event:
+        throttled = self._throttled(state)
+        if throttled:
+            return ev.HeartbeatThrottled(throttled)
         sent_at = self.registry.clock.now()
         try:
             reply = self.client(state.environment_id).heartbeat(
                 work_id, expected_last_heartbeat=NO_HEARTBEAT,
                 desired_ttl_seconds=self.desired_ttl_seconds)
         except WorkAPIError as exc:
+            self._note(state, exc, "heartbeat")
             return claim_event(exc, ack_uncertain=effect.ack_uncertain)
         state.mark("claimed")
         return ev.ClaimAnswered(reply_of(reply), sent_at)
 
-    def _stop(self, work_id: str, effect: fx.StopOnServer, state: _Run) -> ev.Event:
+    def _stop(self, work_id: str, effect: fx.StopOnServer, lease: Lease | None,
+              state: _Run) -> ev.Event:
+        throttled = self._throttled(state)
+        if throttled:
+            # Not sent: a held lease's release waits the throttle out in the heartbeat tick;
+            # an item we keep no record of is ended by the server's lease expiry.
+            return ev.HeartbeatThrottled(throttled) if lease is not None else \
+                ev.ReleaseFailed(429, f"throttled for {throttled:.0f} s more: not sent")
         token = None
         if effect.as_ != fx.StopAs.ENVIRONMENT_KEY:
             token = self._sessions_token(work_id, effect.as_, state)
@@ -329,6 +381,7 @@ class Executor:
             self.client(state.environment_id).stop(work_id, force=effect.force,
                                                    sessions_token=token)
         except WorkAPIError as exc:
+            self._note(state, exc, "stop")
             return stop_event(exc, with_token=token is not None)
         return ev.ReleaseAnswered(200)
 
@@ -345,6 +398,17 @@ class Executor:
         except (ValueError, AttributeError):
             return None
         return sessions_token(secret if isinstance(secret, str) else None)
+
+    def _throttled(self, state: _Run) -> float:
+        """Seconds the server's throttle of the run's environment stands (0.0: none)."""
+        return self.pacing.remaining(state.environment_id) if state.environment_id else 0.0
+
+    def _note(self, state: _Run, exc: WorkAPIError, source: str) -> bool:
+        """Hand a failure to the pacing; True if it throttles the run's environment."""
+        if not state.environment_id:
+            return False
+        return self.pacing.note(state.environment_id, status=exc.status,
+                                retry_after=exc.retry_after, source=source) is not None
 
     # --- the registry ----------------------------------------------------------------------
     def _create(self, work_id: str, effect: fx.CreateRecord, state: _Run) -> _Abort | None:

@@ -25,7 +25,8 @@ SCENARIOS: dict[str, ev.Event] = {name: s.event for name, s in _SCENARIOS.items(
 def _decide(name: str, phase: str) -> Decision:
     scenario = _SCENARIOS[name]
     lease = lease_in(phase, uncertain=scenario.uncertain, unproven=scenario.unproven,
-                     lost=scenario.lost, sandbox_held=scenario.sandbox_held)
+                     lost=scenario.lost, sandbox_held=scenario.sandbox_held,
+                     quiet_seconds=scenario.quiet_seconds)
     return decide(lease, scenario.event, now=NOW, policy=Policy(max_attempts=3))
 
 

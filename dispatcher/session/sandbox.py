@@ -36,8 +36,8 @@ from pathlib import Path
 
 from dispatcher.session.cgroups import CgroupError, SessionCgroup, admit, gate_argv
 from dispatcher.session.confine import Confinement, confined_argv, popen_options
-from dispatcher.session.output import LiveOutput, pump
 from dispatcher.session.infra import Blame, spawn_blame
+from dispatcher.session.output import LiveOutput, pump
 
 __all__ = [
     "CommandError",

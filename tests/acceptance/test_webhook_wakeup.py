@@ -5,10 +5,13 @@ polling is down to the slow sweep."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,12 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
+from dispatcher.celery import names
+from dispatcher.celery.keys import CeleryKeys
 from dispatcher.emulator.cli import ENV_WEBHOOK_SIGNING_KEY
 from dispatcher.emulator.webhooks import run_started_event
+from dispatcher.lease.machine import heartbeat_interval
+from tests.support import invariants
 from tests.support.fleet import Fleet, flush_fleet_db
 from tests.support.isolation import free_port
 from tests.support.waiting import wait_for
@@ -169,3 +176,77 @@ def test_a_lost_delivery_is_recovered_by_the_sweep(webhooks: WebhookFleet) -> No
     fleet.emulator.clear_requests()
     time.sleep(9)
     assert 1 <= len(webhooks.polls()) <= 3, "the idle fleet polls once a sweep"
+
+
+BURST = 10_000
+SENDERS = 16  # concurrent connections, as a sender's retry pool would open
+BURST_TTL_S = 9  # heartbeats every 3 s, the retry window 6 s
+# The burst's senders, the receiver and the fleet share this machine's two cores: heartbeat
+# ticks run late by the CPU they wait for (4.0-5.6 s between heartbeats seen here at an
+# interval of 2 s), not by the queue (one wake-up at most in it). On schedule, here: a
+# heartbeat follows the one before within the TTL less this, so no lease comes near its lapse.
+LAPSE_MARGIN_S = 2.0
+
+
+def _pending_wakeups(fleet: Fleet) -> int:
+    """Wake-up messages waiting in the control queue, not yet taken by a worker."""
+    count = 0
+    for queue in fleet.redis.keys(f"{CeleryKeys(fleet.prefix).broker}dispatcher.control*"):
+        for raw in fleet.redis.lrange(queue, 0, -1):
+            count += json.loads(raw).get("headers", {}).get("task") == names.CLAIM_NOW
+    return count
+
+
+def test_a_burst_of_ten_thousand_deliveries_keeps_heartbeats_on_schedule(
+        webhooks: WebhookFleet) -> None:
+    """While sessions hold short leases, 10,000 deliveries arrive: at most one wake-up is ever
+    pending on the control queue, and every lease is heartbeated on its schedule (the control
+    queue's heartbeat ticks are never stuck behind wake-ups)."""
+    fleet = webhooks.fleet
+    fleet.overrides["DISPATCHER_DESIRED_TTL_SECONDS"] = str(BURST_TTL_S)
+    webhooks.start()
+    work_ids = [fleet.create(fake_duration=600) for _ in range(2)]
+    for work_id in work_ids:
+        fleet.wait_event(work_id, "started", timeout=30)
+    pending: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            pending.append(_pending_wakeups(fleet))
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    deliveries = [signed(f"session_{n}") for n in range(BURST)]
+    began = time.time()
+    chunks = [deliveries[i::SENDERS] for i in range(SENDERS)]
+
+    def send(chunk: list[tuple[bytes, dict[str, str]]]) -> list[int]:
+        with httpx.Client(timeout=30) as http:
+            return [http.post(webhooks.url, content=body, headers=headers).status_code
+                    for body, headers in chunk]
+
+    with ThreadPoolExecutor(SENDERS) as pool:
+        statuses = [s for chunk in pool.map(send, chunks) for s in chunk]
+    ended = time.time()
+    done.set()
+    watcher.join(timeout=5)
+    for work_id in work_ids:
+        fleet.admin.stop(work_id, force=True)
+    fleet.wait_stopped(work_ids, timeout=30)
+
+    assert statuses == [202] * BURST, {s: statuses.count(s) for s in set(statuses)}
+    assert pending and max(pending) <= 1, f"wake-ups pending at once: {max(pending)}"
+    log = fleet.emulator.requests_log()
+    assert not invariants.leases_kept_alive(log, ttl=BURST_TTL_S, margin=0.5,
+                                            end_time=time.time())
+    late = []
+    for work_id in work_ids:
+        beats = [float(e["time"]) for e in log
+                 if e.get("endpoint") == "heartbeat" and e.get("work_id") == work_id]
+        for before, after in itertools.pairwise(beats):
+            if began <= after <= ended and after - before > BURST_TTL_S - LAPSE_MARGIN_S:
+                late.append(f"{work_id}: {after - before:.1f}s after the one before")
+    assert not late, (f"heartbeats late during the burst ({ended - began:.0f} s, interval "
+                      f"{heartbeat_interval(BURST_TTL_S):.0f} s): {late}")

@@ -7,6 +7,8 @@ up here as a failing row and in the doc as a changed one."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from dispatcher.lease import effects as fx
@@ -121,6 +123,23 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("heartbeat rejected (other 4xx)", ("running",), "running", {"FlagStop(force)"},
      {"StopOnServer"}),
     ("heartbeat failed (transient)", ANY, "=", {"Schedule"}, {"FlagStop(force)"}),
+    # The server's throttle: a due heartbeat waits it out, or, when the lease would lapse
+    # first, waits to its last safe moment; there it goes through the throttle. A claim held
+    # back by it publishes an acked session, as a failed claim does.
+    ("heartbeat due, throttled briefly", ("dispatched", "running", "releasing"), "=",
+     {"Schedule"}, {"HeartbeatNow", "FlagStop(force)"}),
+    ("heartbeat due, throttled briefly", ("claimed",), "dispatched", {"Schedule", "Publish"},
+     {"HeartbeatNow"}),
+    ("heartbeat due, throttled past its last safe moment", ("claimed",), "dispatched",
+     {"Schedule", "Publish"}, {"HeartbeatNow"}),
+    ("heartbeat due at its last safe moment, throttled", ("claimed",), "dispatched",
+     {"HeartbeatNow", "Publish"}, {"Schedule"}),
+    ("heartbeat due, throttled past its last safe moment", ("dispatched", "running",
+                                                             "releasing"), "=",
+     {"Schedule"}, {"HeartbeatNow", "FlagStop(force)"}),
+    ("heartbeat due at its last safe moment, throttled", ("dispatched", "running", "releasing"),
+     "=", {"HeartbeatNow", "log `heartbeat sent through the throttle`"},
+     {"Schedule", "FlagStop(force)"}),
     ("stop requested (server)", QUEUED, "releasing", {"FlagStop(graceful)", "StopOnServer"},
      {"Publish"}),
     ("stop requested (server)", ("running",), "running", {"FlagStop(graceful)"},
@@ -536,3 +555,40 @@ def test_an_attempt_starts_the_sessions_clock_once() -> None:
     assert first is not None and first.started_at == NOW
     again = decide(first.but(phase=Phase.DISPATCHED), starting, now=NOW + 30).lease
     assert again is not None and again.started_at == NOW
+
+
+def test_a_long_throttle_halves_the_heartbeats_and_lapses_no_lease() -> None:
+    """`429 retry-after: 120` against a 30 s TTL, ticked every second as the heartbeat task
+    does: each heartbeat waits to the lease's last safe moment (20 s after the last answered),
+    none is later than that, and the lease never goes a TTL without an answered heartbeat."""
+    lease = lease_in("running", quiet_seconds=0)
+    assert lease is not None
+    throttle_ends = NOW + 120
+    due, sent = NOW + heartbeat_interval(30), [NOW]
+    for tick in range(1, 121):
+        now = NOW + tick
+        if now < due:
+            continue
+        decision = decide(lease, ev.HeartbeatThrottled(throttle_ends - now), now=now)
+        assert decision.lease is not None
+        lease = decision.lease
+        if fx.HeartbeatNow() in decision.effects:
+            sent.append(now)
+            reply = ev.Reply(token=f"tok-{tick}", extended=True, state="active", ttl_seconds=30)
+            answered = decide(lease, ev.HeartbeatAnswered(reply, now), now=now)
+            assert answered.lease is not None
+            lease = answered.lease
+            due = next(e.due for e in answered.effects if isinstance(e, fx.RecordHeartbeat))
+        else:
+            due = next(e.due for e in decision.effects if isinstance(e, fx.Schedule))
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert gaps and all(19 <= gap < 30 for gap in gaps), gaps
+    assert len(sent) - 1 <= 120 / 20 + 1, "about one heartbeat per two thirds of a TTL"
+
+
+def test_a_short_throttle_is_waited_out() -> None:
+    lease = lease_in("running")
+    assert lease is not None
+    decision = decide(lease, ev.HeartbeatThrottled(8.0), now=NOW)
+    assert fx.Schedule(NOW + 8.0, sooner_only=False) in decision.effects
+    assert fx.HeartbeatNow() not in decision.effects

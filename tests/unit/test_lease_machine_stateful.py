@@ -130,12 +130,24 @@ class LeaseLife(RuleBasedStateMachine):
                 f"a superseded attempt's event led to {effect}")
         if isinstance(effect, fx.Publish | fx.MarkRunning):
             assert not self.finished, "a finished session is never run again"
+        if isinstance(effect, fx.Ack | fx.Claim | fx.StopOnServer | fx.HeartbeatNow):
+            return self.request(effect)
+        self.book(effect, before)
+        return None
+
+    def request(self, effect: fx.Ack | fx.Claim | fx.StopOnServer | fx.HeartbeatNow) -> ev.Event:
+        """An effect the server answers, as the executor sends it."""
         if isinstance(effect, fx.Ack):
             return self.ack()
         if isinstance(effect, fx.Claim):
             return self.beat(None, first=True)
         if isinstance(effect, fx.StopOnServer):
             return self.stop(effect)
+        assert self.lease is not None
+        return self.beat(self.lease.token or None)
+
+    def book(self, effect: fx.Effect, before: Lease | None) -> None:
+        """An effect on the fleet's own state: the record, the broker's queue, the sandbox."""
         if isinstance(effect, fx.CreateRecord):
             self.claimed_from = self.server.deliveries
         if isinstance(effect, fx.DeleteRecord):
@@ -154,7 +166,6 @@ class LeaseLife(RuleBasedStateMachine):
         if isinstance(effect, fx.Signal | fx.Fence) and self.sandbox is not None \
                 and not self.from_stale:  # a stale attempt fences its own sandbox
             self.sandbox = (self.sandbox[0], "signalled")
-        return None
 
     def past_its_ttl(self, lease: Lease | None) -> bool:
         """No beat the server answered for a whole TTL: as far as the fleet can know, the lease
@@ -233,6 +244,13 @@ class LeaseLife(RuleBasedStateMachine):
         assert self.lease is not None
         token = self.lease.token or None
         self.run(self.beat(token))
+
+    @precondition(lambda self: self.lease is not None)
+    @rule(seconds=st.floats(0.5, 200), fate=FATES)
+    def heartbeat_throttled(self, seconds: float, fate: str) -> None:
+        """A heartbeat (a claim, a release retry) due while the server throttles the fleet."""
+        self.fate = fate
+        self.run(ev.HeartbeatThrottled(seconds))
 
     @precondition(lambda self: self.lease is not None and self.lease.phase == Phase.RELEASING)
     @rule(fate=FATES)

@@ -109,6 +109,8 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return claiming.on_heartbeat_rejected(lease, event, c)
         case ev.HeartbeatFailed():
             return claiming.on_heartbeat_failed(lease, event, c)
+        case ev.HeartbeatThrottled():
+            return claiming.on_heartbeat_throttled(lease, event, c)
         # --- stops, the session plane, recovery, release (`running`) ---------------------------
         case ev.StopRequested():
             return running.on_stop_requested(lease, event, c)

@@ -331,6 +331,46 @@ def on_heartbeat_failed(lease: Lease, e: ev.HeartbeatFailed, c: Ctx) -> Decision
     return p.decided()
 
 
+def on_heartbeat_throttled(lease: Lease, e: ev.HeartbeatThrottled, c: Ctx) -> Decision:
+    """The server asks the fleet to keep away from the lease's environment a while: a due
+    heartbeat (a first claim, a release retry) waits the throttle out, unless the lease would
+    lapse first. Then the heartbeat waits as long as the lease allows and goes through the
+    throttle at its last safe moment (`last_safe_heartbeat`): about one heartbeat per lease in
+    two thirds of a TTL, half the usual rate, and no lease lapses for the server's asking.
+
+    A claim held back this way sends nothing, so it proves nothing either way: an acked
+    session is published as after a claim that failed, and claimed by a later tick."""
+    p = Plan(lease)
+    ends = c.now + e.seconds
+    if lease.heartbeats_by != Heartbeater.DISPATCHER or lease.lost:
+        schedule(p, ends)  # only a release is retried here, and only once the throttle lapses
+        return p.decided()
+    last = last_safe_heartbeat(lease)
+    if ends <= last:
+        schedule(p, ends)
+        p.add(count("heartbeats_throttled", decision="deferred"))
+    elif c.now < last:
+        schedule(p, last)
+        p.add(count("heartbeats_throttled", decision="deferred"))
+    else:
+        p.add(fx.HeartbeatNow(), count("heartbeats_throttled", decision="sent"),
+              log("heartbeat sent through the throttle", lease, logging.INFO,
+                  throttled_seconds=round(e.seconds, 1),
+                  seconds_since_success=round(since_ok(lease, c.now), 1)))
+    if lease.phase == Phase.CLAIMED and proven_ours(lease):
+        advance_claimed(p, c)
+    return p.decided()
+
+
+def last_safe_heartbeat(lease: Lease) -> float:
+    """The latest a lease's heartbeat may go and still leave a retry before the lease lapses:
+    one heartbeat interval before the server's lapse (one TTL after the last heartbeat it
+    answered was sent, or the ack), the window the usual schedule keeps for retries. A TTL the
+    server never told is taken as the short window adoption uses (`_known_ttl`)."""
+    ttl = _known_ttl(lease)
+    return (lease.heartbeat_ok_at or lease.claimed_at) + ttl - heartbeat_interval(int(ttl))
+
+
 # --- the rule table's examples of these events -------------------------------------------------
 
 SCENARIOS = [
@@ -395,4 +435,9 @@ SCENARIOS = [
     Scenario("heartbeat 404", ev.HeartbeatNotFound()),
     Scenario("heartbeat rejected (other 4xx)", ev.HeartbeatRejected(401, "unauthorized")),
     Scenario("heartbeat failed (transient)", ev.HeartbeatFailed(503, "unavailable")),
+    Scenario("heartbeat due, throttled briefly", ev.HeartbeatThrottled(2.0)),
+    Scenario("heartbeat due, throttled past its last safe moment",
+             ev.HeartbeatThrottled(120.0)),
+    Scenario("heartbeat due at its last safe moment, throttled",
+             ev.HeartbeatThrottled(120.0), quiet_seconds=21),
 ]

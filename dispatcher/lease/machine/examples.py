@@ -34,12 +34,15 @@ class Scenario:
     # (runner mode) rather than the dispatcher.
     lost: bool = False
     sandbox_held: bool = False
+    # Seconds since its last answered heartbeat was sent (of a TTL of 30 s).
+    quiet_seconds: float = 5.0
 
 
 def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False, lost: bool = False,
-             sandbox_held: bool = False) -> Lease | None:
+             sandbox_held: bool = False, quiet_seconds: float = 5.0) -> Lease | None:
     """A canonical lease in `phase` (None for "none"): attempt 1 of task-1, heartbeated by the
-    dispatcher, token tok-1, last answered heartbeat 5 s ago; a releasing one's session completed.
+    dispatcher, token tok-1, last answered heartbeat `quiet_seconds` (5 s) ago, TTL 30 s; a
+    releasing one's session completed.
     `unproven`: no ack or heartbeat of it was ever answered (no token, no answered heartbeat), as
     the lease an ack meets: the proposal of a poll. `lost`, `sandbox_held`: as `Scenario`'s."""
     if phase == "none":
@@ -48,7 +51,8 @@ def lease_in(phase: str, *, uncertain: bool = False, unproven: bool = False, los
     return Lease("w", "s", "e", LeaseMode.RUNNER if sandbox_held else LeaseMode.DISPATCHER, "q",
                  phase=Phase(phase), attempt=1,
                  ended=ended, task_id="task-1", token="" if unproven else "tok-1", ttl_seconds=30,
-                 claimed_at=NOW - 10, heartbeat_ok_at=0 if unproven else NOW - 5,
+                 claimed_at=NOW - max(10, quiet_seconds),
+                 heartbeat_ok_at=0 if unproven else NOW - quiet_seconds,
                  pulse_at=NOW - 1, uncertain=uncertain, lost=lost,
                  heartbeats_by=Heartbeater.SANDBOX if sandbox_held else Heartbeater.DISPATCHER)
 
