@@ -368,7 +368,8 @@ def method(results: dict[str, Any]) -> list[str]:
         "bench.peer` (bench/peer.py: `AsyncAnthropic(...).beta.environments.work.poller(...)` "
         f"of anthropic {_sdk_version()}, the installed pin, as published; for each item it "
         "spawns the command with the CLI's variables and the work JSON on stdin, waits, and "
-        "lets the poller post its stop (`auto_stop`, forced since 2.16)). Both run `python -S dispatcher/emulator/fake_session.py`; the "
+        "lets the poller post its stop (`auto_stop`, forced since 2.16)). Both run "
+        "`python -S dispatcher/emulator/fake_session.py`; the "
         "peer's sessions carry `fake.heartbeat: \"1\"` so the sandbox holds its own lease, as "
         "`ant beta:worker run` does under `--on-work`.",
         "* **Dispatch latency**: the benchmark's clock just before `POST /v1/sessions` -> the "

@@ -22,8 +22,9 @@ from dispatcher.lease.causes import Cause, Outcome
 from dispatcher.lease.model import Ending, Heartbeater, Lease, StopKind
 
 __all__ = [
-    "Ack", "AnswerHealthcheck", "AttemptOver", "Claim", "Count", "CreateRecord", "DeleteRecord",
-    "Effect", "Fence", "FlagStop", "Log", "MarkRunning", "NewAttempt", "Publish",
+    "Ack", "AnswerHealthcheck", "AttemptOver", "AwaitProof", "Claim", "Count", "CreateRecord",
+    "DeleteRecord",
+    "Effect", "Fence", "FlagStop", "Log", "MarkProven", "MarkRunning", "NewAttempt", "Publish",
     "RecordHeartbeat", "RecordHistory", "Revoke", "Schedule", "Signal", "StopOnServer",
     "Unschedule", "Update",
 ]
@@ -33,7 +34,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Ack:
-    pass
+    """Ack the polled item. Sent at once, and answered once the decision's other effects are
+    done: an item recorded and published at its offer travels to its worker while the ack is
+    in flight (its attempt waits for the proof, `MarkProven`, before it starts)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,22 @@ class Update:
     """Set fields of the record, if it still exists."""
 
     fields: dict[str, object]
+
+
+@dataclass(frozen=True)
+class MarkProven:
+    """The server answered our ack at `at`: the item is ours. Recorded if the record still
+    exists, and told to an attempt waiting for it (`AwaitProof`) at once."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class AwaitProof:
+    """The asking attempt waits up to `seconds` for its lease to be proven ours (`MarkProven`,
+    or any answered heartbeat), then decides its start again on the record as it then is."""
+
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -193,7 +212,8 @@ class Count:
 
 
 Effect = (
-    Ack | Claim | StopOnServer | CreateRecord | Update | MarkRunning | NewAttempt | FlagStop
+    Ack | Claim | StopOnServer | CreateRecord | Update | MarkProven | AwaitProof | MarkRunning
+    | NewAttempt | FlagStop
     | DeleteRecord | Schedule | Unschedule | RecordHeartbeat | RecordHistory | Publish | Revoke
     | Signal | Fence | AttemptOver | AnswerHealthcheck | Log | Count
 )
