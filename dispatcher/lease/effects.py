@@ -68,10 +68,12 @@ class Update:
 
 @dataclass(frozen=True)
 class MarkProven:
-    """The server answered our ack at `at`: the item is ours. Recorded if the record still
-    exists, and told to an attempt waiting for it (`AwaitProof`) at once."""
+    """The server answered our ack: the item is ours (`lease`, proven). Recorded, and told to
+    an attempt waiting for it (`AwaitProof`) at once. A record Redis lost meanwhile (a restart
+    while the ack was in flight) is written again, as a record's creation rides out a restart;
+    one released meanwhile comes back only until the claim that follows is answered."""
 
-    at: float
+    lease: Lease
 
 
 @dataclass(frozen=True)

@@ -259,9 +259,7 @@ class Executor:
             case fx.CreateRecord():
                 return self._create(work_id, effect, state)
             case fx.MarkProven():
-                if not self.registry.prove(work_id, effect.at):
-                    return _End()  # released meanwhile (a stop): nothing left to claim
-                state.mark("proven")
+                return self._prove(work_id, effect, state)
             case fx.AwaitProof():
                 self.registry.await_proof(work_id, effect.seconds)
                 return _Again(waited=True)
@@ -376,6 +374,24 @@ class Executor:
             except RedisError as exc:
                 if pause is None:
                     return _Abort(ev.RecordFailed(effect.lease, str(exc)))
+            time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def _prove(self, work_id: str, effect: fx.MarkProven, state: _Run) -> _Abort | None:
+        """Record the proof, riding out a Redis restart as `_create` does: a record lost with
+        it is written again, proven (the item is ours, and its claim follows at once)."""
+        lease = effect.lease
+        for pause in (*RECORD_RETRY_PAUSES_SECONDS, None):
+            try:
+                if not self.registry.prove(work_id, lease.heartbeat_ok_at):
+                    if state.work_json is None:
+                        raise ValueError(f"no work item to record for {work_id}")
+                    self.registry.create(lease, work_json=state.work_json)
+                state.mark("proven")
+                return None
+            except RedisError as exc:
+                if pause is None:
+                    return _Abort(ev.RecordFailed(lease, str(exc)))
             time.sleep(pause)
         raise AssertionError("unreachable")
 

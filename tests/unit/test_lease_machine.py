@@ -475,7 +475,8 @@ def test_a_session_published_with_its_ack_starts_only_once_proven() -> None:
     early = decide(offered.lease, starting, now=NOW + 0.001)
     assert not any(isinstance(e, fx.MarkRunning) for e in early.effects)
     acked = decide(offered.lease, ev.AckAnswered(), now=NOW + 0.002)
-    assert fx.MarkProven(NOW + 0.002) in acked.effects
     assert acked.lease is not None
+    assert fx.MarkProven(acked.lease) in acked.effects
+    assert acked.lease.heartbeat_ok_at == NOW + 0.002
     started = decide(acked.lease, starting, now=NOW + 0.003)
     assert any(isinstance(e, fx.MarkRunning) for e in started.effects)

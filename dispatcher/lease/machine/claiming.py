@@ -148,7 +148,7 @@ def _acked_published(lease: Lease, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) 
     p = Plan(lease)
     if isinstance(e, ev.AckAnswered):
         p.assume(heartbeat_ok_at=c.now)
-        p.add(fx.MarkProven(c.now))
+        p.add(fx.MarkProven(p.held))
     p.add(count("work_claimed", type=lease.kind),
           log("claimed", lease, type=lease.kind, queue=lease.queue))
     if isinstance(e, ev.AckUncertain):
