@@ -4,6 +4,8 @@
     python -m bench --from-json results.json      # the report again, from saved figures
     python -m bench --from-json a.json --from-json b.json   # one report from parts run apart
     python -m bench --only capacity --out /tmp/cap.md   # heartbeat capacity alone
+    python -m bench --only burst --json burst.json     # a burst into as many free slots,
+                                                  # and a big backlog, ours and the peer's
     python -m bench --only capacity --hb-ttl 30 --hb-steps 1000,5000 --out /tmp/cap.md
                                                   # one TTL, chosen steps
     python -m bench --only fairness --json fairness.json   # ten environments, one bursting
@@ -80,13 +82,21 @@ class Sizes:
     thousand: int = 1000
     thousand_workers: int = 2
     thousand_hold: float = 60.0
+    # The burst part: `burst` sessions created at once into as many free slots, `burst_rounds`
+    # times, each running `burst_duration` s (all at once: the burst fills the fleet); then a
+    # backlog of `big_backlog` drained by the same slots, ours and the peer's.
+    burst: int = 100
+    burst_rounds: int = 3
+    burst_duration: float = 3.0
+    big_backlog: int = 1000
 
 
 QUICK = Sizes(default_ttl=6, slots=4, idle=4, steady_rate=2.0, steady_seconds=3.0, backlog=16,
               stops=2, recoveries=1, poll_window=3.0, poll_fleets=[4], memory_sessions=2,
               hb_series=[(6, [50])], hb_window=5.0, hb_stops=3,
               fair_slots=6, fair_burst=30, fair_rate=0.3, fair_seconds=6.0, fair_backlog=6,
-              thousand=40, thousand_workers=2, thousand_hold=12.0)
+              thousand=40, thousand_workers=2, thousand_hold=12.0, burst=6, burst_rounds=1,
+              burst_duration=1.0, big_backlog=24)
 
 
 def log(message: str) -> None:
@@ -198,6 +208,34 @@ def run_thousand(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
     return out
 
 
+def run_burst(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
+              out: dict[str, Any]) -> dict[str, Any]:
+    """A burst into as many free slots (ours), and a big backlog drained by them (ours, then
+    the peer's: as many processes as slots)."""
+    slots = sizes.burst
+    fleet = Ours(stack, emu, records)
+    half = slots // 2
+    log(f"dispatcher: control worker + 2 session workers ({half}+{slots - half} threads)")
+    fleet.start([half, slots - half])
+    try:
+        time.sleep(3.0)  # every worker's slots advertised
+        log(f"dispatcher: burst of {slots} into {slots} free slots, {sizes.burst_rounds} times")
+        out["burst"] = scenarios.burst(fleet, slots, sizes.burst_duration, sizes.burst_rounds)
+        log(f"dispatcher: drain a backlog of {sizes.big_backlog} with {slots} slots")
+        out["drain_big"] = scenarios.drain(fleet, sizes.big_backlog)
+    finally:
+        fleet.stop_members()
+    peer = Peer(stack, emu, records)
+    log(f"peer: {slots} processes of bench.peer")
+    peer.start(slots)
+    try:
+        log(f"peer: drain a backlog of {sizes.big_backlog} with {slots} slots")
+        out["peer_drain_big"] = scenarios.drain(peer, sizes.big_backlog)
+    finally:
+        peer.stop_members()
+    return out
+
+
 def forget_keys(stack: LocalStack) -> None:
     """Delete the run's keys from a Redis that outlives it (the capacity part alone leaves
     tens of thousands: leases, work items, the emulator's records)."""
@@ -246,7 +284,7 @@ def main() -> None:
                         help="write the report from figures saved by --json; run nothing "
                              "(repeatable: parts run apart, merged in order, later wins)")
     parser.add_argument("--only", action="append",
-                        choices=["ours", "peer", "capacity", "fairness", "thousand"],
+                        choices=["ours", "peer", "burst", "capacity", "fairness", "thousand"],
                         help="run only these parts (repeatable)")
     parser.add_argument("--hb-steps", default=None, metavar="N,N,...",
                         help="heartbeat capacity: the lease counts to try, in one series")
@@ -273,7 +311,7 @@ def main() -> None:
     if args.hb_latency_ms:
         sizes.hb_latency_ms = args.hb_latency_ms
     out = args.out or (None if args.quick else "BENCHMARKS.md")
-    parts = args.only or ["ours", "peer", "capacity", "fairness", "thousand"]
+    parts = args.only or ["ours", "peer", "burst", "capacity", "fairness", "thousand"]
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="dispatcher-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     records = workdir / "records"
@@ -289,7 +327,7 @@ def main() -> None:
         stack.start_emulator("--min-ttl", "1", "--default-ttl", str(sizes.default_ttl))
         emu = Emulator(stack)
         runners = {"ours": run_ours, "peer": run_peer, "capacity": run_capacity,
-                   "fairness": run_fairness, "thousand": run_thousand}
+                   "burst": run_burst, "fairness": run_fairness, "thousand": run_thousand}
         for part in parts:
             try:
                 runners[part](stack, emu, records, sizes, results.setdefault(part, {}))

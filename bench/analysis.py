@@ -355,6 +355,16 @@ def _capacity(cap: dict[str, Any]) -> str:
         "worker's own limit is about 1,000 ms / its CPU per beat, beats a second per core.")
 
 
+def _sdk_version() -> str:
+    """The peer's SDK, as installed: the report names what ran, not what once did."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("anthropic")
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 def method(results: dict[str, Any]) -> list[str]:
     sizes = results["sizes"]
     return [
@@ -367,9 +377,10 @@ def method(results: dict[str, Any]) -> list[str]:
         f"{sizes['slots'] - sizes['slots'] // 2} slots), started by `dispatcher.ops.stack."
         f"LocalStack` as a user would. Peer: {sizes['slots']} processes of `python -m "
         "bench.peer` (bench/peer.py: `AsyncAnthropic(...).beta.environments.work.poller(...)` "
-        "of anthropic 2.10.0, as published; for each item it spawns the command with the "
-        "CLI's variables and the work JSON on stdin, waits, and lets the poller post its "
-        "graceful stop). Both run `python -S dispatcher/emulator/fake_session.py`; the "
+        f"of anthropic {_sdk_version()}, the installed pin, as published; for each item it "
+        "spawns the command with the CLI's variables and the work JSON on stdin, waits, and "
+        "lets the poller post its stop (`auto_stop`, forced since 2.16)). Both run "
+        "`python -S dispatcher/emulator/fake_session.py`; the "
         "peer's sessions carry `fake.heartbeat: \"1\"` so the sandbox holds its own lease, as "
         "`ant beta:worker run` does under `--on-work`.",
         "* **Dispatch latency**: the benchmark's clock just before `POST /v1/sessions` -> the "

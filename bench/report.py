@@ -204,6 +204,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
         *context,
         "",
         *_breakdown(results),
+        *_burst(results),
         "## Heartbeat capacity, step by step",
         "",
         "One control-only worker (`-Q dispatcher.control -B`, threads pool) and no session "
@@ -357,6 +358,47 @@ def _breakdown(results: dict[str, Any]) -> list[str]:
         "(p50). Percentiles of each column are taken apart, so they do not add up exactly.",
         "",
         *out,
+    ]
+
+
+def _burst(results: dict[str, Any]) -> list[str]:
+    """The burst part (`--only burst`): a burst into as many free slots, and a big backlog."""
+    part = results.get("burst")
+    if not part:
+        return []
+    sizes = results["sizes"]
+    slots, backlog = sizes.get("burst", 100), sizes.get("big_backlog", 1000)
+    rows = ["| figure | dispatcher | peer | dispatcher vs peer | our target |",
+            "|---|---|---|---|---|"]
+    b = part.get("burst")
+    if b:
+        flat = b["flatness"]
+        rows.append(f"| burst of {slots} into {slots} free slots, created -> started p50 "
+                    f"| {_ms(b['p50'])} | | | |")
+        rows.append(f"| same, p99 (p99/p50 = {flat:.2f}) | {_ms(b['p99'])} | | "
+                    f"| p99 within 1.5x of p50: {_target(flat <= 1.5)} |")
+        for i, r in enumerate(b.get("rounds", []), 1):
+            rows.append(f"| &nbsp;&nbsp;round {i}: p50 / p99 (created in "
+                        f"{_ms(r['create_seconds'])}) | {_ms(r['p50'])} / {_ms(r['p99'])} "
+                        "| | | |")
+    o = _get(part, "drain_big", "per_second")
+    p = _get(part, "peer_drain_big", "per_second")
+    if o is not None or p is not None:
+        rows.append(f"| drain throughput, backlog of {backlog:,}, {slots} slots "
+                    f"| {NA if o is None else f'{o:.1f} sessions/s'} "
+                    f"| {NA if p is None else f'{p:.1f} sessions/s'} "
+                    f"| {_ratio(o, p, higher_is_better=True)} | |")
+    return [
+        "## A burst, and a big backlog",
+        "",
+        f"One dispatcher fleet of {slots} slots (a control worker and two threads session "
+        f"workers); {slots} sessions created at once ({sizes.get('burst_duration', 3):g} s "
+        f"each, so the burst fills the fleet), {sizes.get('burst_rounds', 3)} rounds, pooled; "
+        f"then a backlog of {backlog:,} sessions of 0.1 s drained by the same slots, and by "
+        f"{slots} peer processes in the same run.",
+        "",
+        *rows,
+        "",
     ]
 
 

@@ -24,7 +24,7 @@ from bench.emu import Created
 from bench.fleets import Fleet, Ours, Peer, fleet_memory
 from bench.records import events, summary
 
-__all__ = ["dispatch_idle", "dispatch_steady", "drain", "heartbeat_capacity", "memory",
+__all__ = ["burst", "dispatch_idle", "dispatch_steady", "drain", "heartbeat_capacity", "memory",
            "poll_load", "recovery", "stop_latency"]
 
 
@@ -481,3 +481,26 @@ def _wait_ready(fleet: Ours, name: str, timeout: float = 60) -> None:
             raise RuntimeError(f"{name} not ready within {timeout} s")
         time.sleep(0.2)
     time.sleep(2.0)  # beat's first ticks
+
+
+# --- bursts and big backlogs -------------------------------------------------------------------
+
+def burst(fleet: Fleet, n: int, duration: float, rounds: int) -> dict[str, Any]:
+    """n sessions created at once into n free slots, `rounds` times: created -> sandbox started
+    of every session (pooled), and each round's own figures. A flat burst has its p99 close to
+    its p50: the last of the burst waits for nothing but the Work API's answers."""
+    pooled: list[float] = []
+    each = []
+    for _ in range(rounds):
+        created = fleet.create_many(n, duration)
+        ids = [c.work_id for c in created]
+        started = wait_all(fleet.records, ids, "started", timeout=300)
+        latencies = _latencies(created, started)
+        pooled += latencies
+        made = max(c.time for c in created) - min(c.time for c in created)
+        each.append({**summary(latencies), "create_seconds": made})
+        wait_all(fleet.records, ids, "exited", timeout=300)
+        time.sleep(2.0)  # every slot free again (the leases released, the slots advertised)
+    figures = summary(pooled)
+    return {**figures, "rounds": each, "duration": duration,
+            "flatness": figures["p99"] / figures["p50"] if figures["p50"] else float("nan")}

@@ -9,6 +9,8 @@ can slip in. Beat only watches: its tick finds the lock held and returns; a cras
 lapses and the next tick starts a fresh poller. Each item is offered to the lease machine, which
 acks it, records the lease, claims it (the first heartbeat) and publishes its session task, or
 refuses it (an ended session, an attempt limit reached, an unknown type, an item we still hold).
+Claims run in threads beside the poll loop, several at once (`CLAIMS_IN_FLIGHT`), never more
+than the free slots: the loop polls on while they ack, record and publish.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from redis.exceptions import LockError
 from redis.lock import Lock
@@ -34,6 +38,11 @@ from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, del
 __all__ = ["POLL_BLOCK_MS", "claim", "drain", "run_poller"]
 
 POLL_BLOCK_MS = 999  # the API caps block_ms at 999
+# Claims one poller run has in flight at once (each acks, records and publishes in a thread of
+# its own while the run polls on): a burst is claimed at the rate polls are answered. Never
+# more than the free slots either (`_room`); 16 covers a poll's round trip over a claim's
+# several at the Work API's latency, and bounds the threads and connections one run holds.
+CLAIMS_IN_FLIGHT = 16
 # One poller task long-polls this long, then hands over to its successor: Flower shows one poll
 # task a minute, and a worker's memory or a changed setting is picked up by the next run.
 POLL_RUN_SECONDS = 60.0
@@ -151,26 +160,94 @@ def _release(lock: Lock) -> None:
         lock.release()
 
 
+class _InFlight:
+    """The claims one poller run has handed to its threads and not yet seen end: the poll loop
+    goes on polling while they ack, record and publish, so a burst is claimed at the rate the
+    server answers polls, not one item per round trip of the whole claim."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool = pool
+        self.claims: dict[Future[bool], str] = {}  # each claim's work id
+        self.claimed = 0
+
+    def __len__(self) -> int:
+        return len(self.claims)
+
+    def holds(self, work_id: str) -> bool:
+        return work_id in self.claims.values()
+
+    def start(self, runtime: Runtime, item: Work, path: StartPath) -> None:
+        self.claims[self.pool.submit(claim, runtime, item, path=path)] = item.id
+
+    def reap(self, *, wait: float | None = 0.0) -> None:
+        """Count the claims that ended, waiting up to `wait` s for one (None: for all). A claim
+        that raised raises here, and ends the run as it did when claims ran inline."""
+        if not self.claims:
+            return
+        if wait is None:
+            done = set(self.claims)
+            futures.wait(done)
+        else:
+            done, _ = futures.wait(self.claims, timeout=wait,
+                                   return_when=futures.FIRST_COMPLETED)
+        for future in done:
+            del self.claims[future]
+            self.claimed += int(future.result())
+
+
 def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Callable[[], bool],
                deadline: float, drain: bool = False,
                reclaim_older_than_ms: int | None = None) -> int:
-    claimed = 0
+    with ThreadPoolExecutor(CLAIMS_IN_FLIGHT, thread_name_prefix="claim") as pool:
+        inflight = _InFlight(pool)
+        try:
+            _poll_items(runtime, environment, inflight, lock=lock, stopping=stopping,
+                        deadline=deadline, drain=drain,
+                        reclaim_older_than_ms=reclaim_older_than_ms)
+        finally:
+            # Every claim ends before the run does: the lock (and its successor) never outlives
+            # a claim of this run, and its count is complete.
+            inflight.reap(wait=None)
+    return inflight.claimed
+
+
+def _room(runtime: Runtime, environment: str, inflight: _InFlight) -> int:
+    """Items this run may poll for now: the allowance, less the claims in flight (a claim
+    already recorded counts twice until it ends: fewer, never more, than the free slots)."""
+    return min(CLAIMS_IN_FLIGHT, _allowance(runtime, environment)) - len(inflight)
+
+
+def _wait_for_room(inflight: _InFlight, *, drain: bool) -> bool:
+    """No room to poll for: wait a moment for some. False if the run ends instead."""
+    if inflight:
+        # A claim in flight frees room (or fills its slot) within a round trip or two.
+        inflight.reap(wait=FULL_FLEET_RECHECK_SECONDS)
+        return True
+    if drain:
+        return False  # the wake-up stands (see `drain`); no control slot is held waiting
+    # Work waits on the server, where `depth` shows it and other fleets see it; this run
+    # waits for a slot to free up, so a backlog drains as fast as sessions end.
+    time.sleep(FULL_FLEET_RECHECK_SECONDS)
+    return True
+
+
+def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock: Lock,
+                stopping: Callable[[], bool], deadline: float, drain: bool,
+                reclaim_older_than_ms: int | None) -> None:
     # The failure count outlives one poller run (each lasts seconds), so a long outage backs
     # off to the cap instead of starting over at half a second every run.
     failures_key = PollKeys(runtime.settings.key_prefix).failures(environment)
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(environment_id=environment, max_retries=0)
     while time.monotonic() < deadline and not stopping():
+        inflight.reap()
         if not _still_ours(lock, environment):
             break
         if not _wait_out_pause(runtime, environment, deadline, drain=drain):
             break
-        if _allowance(runtime, environment) <= 0:
-            if drain:
-                break  # the wake-up stands (see `drain`); no control slot is held waiting
-            # Work waits on the server, where `depth` shows it and other fleets see it; this
-            # run waits for a slot to free up, so a backlog drains as fast as sessions end.
-            time.sleep(FULL_FLEET_RECHECK_SECONDS)
+        if _room(runtime, environment, inflight) <= 0:
+            if not _wait_for_room(inflight, drain=drain):
+                break
             continue
         try:
             # Draining asks once, without blocking: the queue is empty or it is not.
@@ -199,9 +276,10 @@ def _poll_loop(runtime: Runtime, environment: str, *, lock: Lock, stopping: Call
         _note_idle(runtime, environment, idle=item is None)
         if item is None and drain:
             break
-        if item is not None and claim(runtime, item, path=path):
-            claimed += 1
-    return claimed
+        if item is not None and not inflight.holds(item.id):
+            # (An item offered again while its claim is in flight is that claim's: the
+            # server hands an unacked item out again only after it idled, far longer.)
+            inflight.start(runtime, item, path)
 
 
 def _still_ours(lock: Lock, environment: str) -> bool:

@@ -23,10 +23,10 @@ from dispatcher.lease.causes import Cause, Outcome
 from dispatcher.lease.model import Ending, Heartbeater, Lease, StopKind
 
 __all__ = [
-    "Ack", "AnswerHealthcheck", "AttemptOver", "Claim", "Count", "CreateRecord", "DeleteRecord",
-    "Effect", "Fence", "FlagStop", "HeartbeatNow", "Log", "MarkRunning", "NewAttempt", "Publish",
-    "RecordHeartbeat", "RecordHistory", "Revoke", "Schedule", "Signal", "StopAs",
-    "StopOnServer", "Unschedule", "Update",
+    "Ack", "AnswerHealthcheck", "AttemptOver", "AwaitProof", "Claim", "Count", "CreateRecord",
+    "DeleteRecord", "Effect", "Fence", "FlagStop", "HeartbeatNow", "Log", "MarkProven",
+    "MarkRunning", "NewAttempt", "Publish", "RecordHeartbeat", "RecordHistory", "Revoke",
+    "Schedule", "Signal", "StopAs", "StopOnServer", "Unschedule", "Update",
 ]
 
 
@@ -34,7 +34,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Ack:
-    pass
+    """Ack the polled item. Sent at once, and answered once the decision's other effects are
+    done: an item recorded and published at its offer travels to its worker while the ack is
+    in flight (its attempt waits for the proof, `MarkProven`, before it starts)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,24 @@ class Update:
     """Set fields of the record, if it still exists."""
 
     fields: dict[str, object]
+
+
+@dataclass(frozen=True)
+class MarkProven:
+    """The server answered our ack: the item is ours (`lease`, proven). Recorded, and told to
+    an attempt waiting for it (`AwaitProof`) at once. A record Redis lost meanwhile (a restart
+    while the ack was in flight) is written again, as a record's creation rides out a restart;
+    one released meanwhile comes back only until the claim that follows is answered."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class AwaitProof:
+    """The asking attempt waits up to `seconds` for its lease to be proven ours (`MarkProven`,
+    or any answered heartbeat), then decides its start again on the record as it then is."""
+
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -217,7 +237,8 @@ class Count:
 
 
 Effect = (
-    Ack | Claim | StopOnServer | HeartbeatNow | CreateRecord | Update | MarkRunning | NewAttempt
-    | FlagStop | DeleteRecord | Schedule | Unschedule | RecordHeartbeat | RecordHistory | Publish
-    | Revoke | Signal | Fence | AttemptOver | AnswerHealthcheck | Log | Count
+    Ack | Claim | StopOnServer | HeartbeatNow | CreateRecord | Update | MarkProven | AwaitProof
+    | MarkRunning | NewAttempt | FlagStop | DeleteRecord | Schedule | Unschedule
+    | RecordHeartbeat | RecordHistory | Publish | Revoke | Signal | Fence | AttemptOver
+    | AnswerHealthcheck | Log | Count
 )

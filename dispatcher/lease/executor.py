@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, assert_never
 
@@ -48,6 +50,10 @@ ACK_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5)
 # A record's write retries: a Redis restart refuses connections for a second or two. 1.5 s in
 # all, so an acked item still gets its first heartbeat well inside the shortest TTL.
 RECORD_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.4, 0.8)
+# Acks in flight at once beside their decisions' other effects: one per claim the pollers of
+# a process run side by side (`control.poller.CLAIMS_IN_FLIGHT` each); more only wait.
+ACK_THREADS = 32
+_ACKS_LOCK = threading.Lock()
 # Answers fed back to the machine per run at most: a chain of ask-and-decide is a few steps
 # long (offer, ack, claim, publish); anything longer is a bug, not a lease.
 MAX_STEPS = 16
@@ -156,6 +162,7 @@ class Executor:
     desired_ttl_seconds: int | None  # None: the server's default
     policy: Policy = field(default_factory=Policy)
     pacing: Throttle = field(default_factory=_Unpaced)
+    _ack_pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     # --- the ways in -----------------------------------------------------------------------
     def run(self, lease: Lease | None, event: ev.Event) -> Lease | None:
@@ -220,6 +227,9 @@ class Executor:
                     return self.registry.get(work_id)
                 if isinstance(answer, _Again):
                     del state.counts[counted:]  # counted once, when decided again
+                    if answer.waited:
+                        # A wait is bounded by the rule (a TTL), not by the steps of a chain.
+                        state.steps -= 1
                     current = self.registry.get(work_id)
                     pending.insert(0, event)
                     continue
@@ -233,17 +243,36 @@ class Executor:
                  state: _Run) -> ev.Event | _End | _Again | None:
         """Perform a decision's effects in order; returns the answer to feed back, if any,
         `_End` when an effect found the run cannot go on, or `_Again` when the event is to be
-        decided again on the record as it now is."""
+        decided again on the record as it now is.
+
+        An ack followed by other effects is sent at once and answered after them (`fx.Ack`):
+        its round trip overlaps theirs. Whatever they meet, its answer is awaited before the
+        run goes on, so nothing is decided while an ack of ours is still in flight (a stop
+        sent before it lands would leave the item acked by nobody)."""
         answer: ev.Event | None = None
-        for effect in decision.effects:
-            result = self._perform_one(work_id, effect, decision.lease, state)
-            if isinstance(result, _End | _Again):
-                return result
-            if isinstance(result, _Abort):
-                return result.event
-            if result is not None:
-                answer = result
-        return answer
+        ack: Future[ev.Event] | None = None
+        try:
+            for i, effect in enumerate(decision.effects):
+                if isinstance(effect, fx.Ack) and i + 1 < len(decision.effects):
+                    ack = self._acks().submit(self._ack, work_id, state)
+                    continue
+                result = self._perform_one(work_id, effect, decision.lease, state)
+                if isinstance(result, _End | _Again):
+                    return result
+                if isinstance(result, _Abort):
+                    return result.event
+                if result is not None:
+                    answer = result
+        finally:
+            acked = None if ack is None else ack.result()
+        return answer if acked is None else acked
+
+    def _acks(self) -> ThreadPoolExecutor:
+        """Threads that send acks while the rest of their decision is performed."""
+        with _ACKS_LOCK:
+            if self._ack_pool is None:
+                self._ack_pool = ThreadPoolExecutor(ACK_THREADS, thread_name_prefix="ack")
+            return self._ack_pool
 
     def _perform_one(self, work_id: str, effect: fx.Effect,  # noqa: C901 (one case per effect)
                      lease: Lease | None,
@@ -264,6 +293,11 @@ class Executor:
                     self.registry.schedule_heartbeat(work_id, self.registry.clock.now())
             case fx.CreateRecord():
                 return self._create(work_id, effect, state)
+            case fx.MarkProven():
+                return self._prove(work_id, effect, state)
+            case fx.AwaitProof():
+                self.registry.await_proof(work_id, effect.seconds)
+                return _Again(waited=True)
             case fx.MarkRunning():
                 done = self.registry.update_if_attempt(work_id, effect.attempt, effect.fields,
                                                        seen=_seen(lease))
@@ -428,6 +462,24 @@ class Executor:
             time.sleep(pause)
         raise AssertionError("unreachable")
 
+    def _prove(self, work_id: str, effect: fx.MarkProven, state: _Run) -> _Abort | None:
+        """Record the proof, riding out a Redis restart as `_create` does: a record lost with
+        it is written again, proven (the item is ours, and its claim follows at once)."""
+        lease = effect.lease
+        for pause in (*RECORD_RETRY_PAUSES_SECONDS, None):
+            try:
+                if not self.registry.prove(work_id, lease.heartbeat_ok_at):
+                    if state.work_json is None:
+                        raise ValueError(f"no work item to record for {work_id}")
+                    self.registry.create(lease, work_json=state.work_json)
+                state.mark("proven")
+                return None
+            except RedisError as exc:
+                if pause is None:
+                    return _Abort(ev.RecordFailed(lease, str(exc)))
+            time.sleep(pause)
+        raise AssertionError("unreachable")
+
     def _record_heartbeat(self, work_id: str, effect: fx.RecordHeartbeat, state: _Run) -> None:
         answered = (work_id, effect.token, effect.ttl_seconds, effect.sent_at, effect.due,
                     effect.heartbeated_by or "")
@@ -473,7 +525,10 @@ class _Abort:
 @dataclass(frozen=True)
 class _Again:
     """A guarded change found the record changed under the decision (a stop flag raised
-    meanwhile): the event is decided again on the record as it now is."""
+    meanwhile), or the attempt waited for its lease's proof (`waited`): the event is decided
+    again on the record as it now is."""
+
+    waited: bool = False
 
 
 @dataclass(frozen=True)

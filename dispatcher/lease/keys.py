@@ -34,6 +34,11 @@ class Keys:
         re-delivered item that already ended is stopped, not run again; expires after a day."""
         return f"{self.prefix}:history:{work_id}"
 
+    def proven(self, work_id: str) -> str:
+        """List: a mark pushed when our ack of the item is answered, for its attempt waiting to
+        start (a blocking pop wakes it at once); expires soon after."""
+        return f"{self.prefix}:proven:{work_id}"
+
     def delivery(self, task_id: str) -> str:
         """Hash: where a session task's message went (published, received by which worker and
         when), so recovery tells a queued message from a lost one on any broker."""

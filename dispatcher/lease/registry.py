@@ -27,7 +27,7 @@ from dispatcher.lease.keys import Keys
 from dispatcher.lease.machine import last_seen
 from dispatcher.lease.model import Ending, Lease, StopKind, encode
 
-__all__ = ["History", "LeaseRegistry", "Pulse"]
+__all__ = ["History", "LeaseRegistry", "Pulse", "StartReads"]
 
 # Heartbeats recorded per script call: a few ms of Redis time at most, so other clients never wait
 # long behind a big tick.
@@ -40,6 +40,10 @@ WORK_TTL_SECONDS = 3600
 # re-delivery of a session that already ended (the server re-queues a lapsed lease after its
 # TTL, at most minutes later).
 HISTORY_TTL_SECONDS = 24 * 3600
+# A proof mark waits this long for its attempt (`await_proof`): the attempt's message is
+# already on its way when the ack is answered, so it takes the mark within a second or finds
+# the record proven when its task starts, however late.
+PROOF_MARK_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,16 @@ class Pulse:
     stop_seen_at: float = 0.0
     token: str = ""
     draining: bool = False  # the worker running the attempt is shutting down
+
+
+@dataclass(frozen=True)
+class StartReads:
+    """What a session's start reads (`LeaseRegistry.start_reads`)."""
+
+    lease: Lease | None
+    work_json: str | None
+    epoch: str
+    draining: bool  # the worker that starts it is shutting down
 
 
 @dataclass(frozen=True)
@@ -106,18 +120,21 @@ class LeaseRegistry:
         pipe.get(self.keys.epoch)
         return str(pipe.execute()[1] or fresh)
 
-    def start_reads(self, work_id: str) -> tuple[Lease | None, str | None, str]:
+    def start_reads(self, work_id: str, *, worker: str) -> StartReads:
         """What a session's start reads, in one round trip (the sandbox waits on it): the
-        lease, its work item JSON and the registry's epoch (created on first use)."""
+        lease, its work item JSON, the registry's epoch (created on first use) and whether
+        `worker` is draining."""
         fresh = uuid.uuid4().hex
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.lease(work_id))
         pipe.get(self.keys.work(work_id))
         pipe.set(self.keys.epoch, fresh, nx=True)
         pipe.get(self.keys.epoch)
-        raw, work_json, _, epoch = pipe.execute()
-        return ((Lease.from_hash(raw) if raw else None),
-                None if work_json is None else str(work_json), str(epoch or fresh))
+        pipe.hget(self.keys.worker(worker), "draining")
+        raw, work_json, _, epoch, draining = pipe.execute()
+        return StartReads((Lease.from_hash(raw) if raw else None),
+                          None if work_json is None else str(work_json), str(epoch or fresh),
+                          draining == "1")
 
     # --- create, read, delete -----------------------------------------------------------------
     def create(self, lease: Lease, *, work_json: str) -> None:
@@ -294,6 +311,28 @@ return 1
             cleanup.zrem(self.keys.last_seen, work_id)
             cleanup.execute()
         return bool(exists)
+
+    # KEYS[1]=lease hash, KEYS[2]=the proof mark; ARGV: when the ack was answered, the mark's
+    # life in seconds. Only while the record exists: a released lease stays gone, and nobody
+    # waits on its mark.
+    _PROVE = _Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'heartbeat_ok_at', ARGV[1])
+redis.call('RPUSH', KEYS[2], '1')
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+""")
+
+    def prove(self, work_id: str, at: float) -> bool:
+        """Record that the server answered our ack at `at`, and wake the attempt waiting for it
+        (`await_proof`). False if the record is gone."""
+        keys = [self.keys.lease(work_id), self.keys.proven(work_id)]
+        return bool(self._PROVE(keys=keys, args=[at, PROOF_MARK_SECONDS]))
+
+    def await_proof(self, work_id: str, seconds: float) -> None:
+        """Wait up to `seconds` for the proof mark of `prove`; the caller reads the record
+        again either way (a lease proven by a heartbeat leaves no mark)."""
+        self.redis.blpop([self.keys.proven(work_id)], timeout=seconds)
 
     # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, last sign of life (''
     # to leave it), work id, [field, value]*. A guard, no rule: the fields (a new attempt's, or a

@@ -108,9 +108,10 @@ class _Flags:
 
 
 def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
-    before, work_json, epoch = runtime.registry.start_reads(attempt.work_id)
+    reads = runtime.registry.start_reads(attempt.work_id, worker=attempt.worker)
+    before, work_json, epoch = reads.lease, reads.work_json, reads.epoch
     starting = ev.AttemptStarting(attempt.attempt, attempt.task_id, attempt.worker, os.getpid(),
-                                  draining=runtime.capacity.is_draining(attempt.worker))
+                                  draining=reads.draining)
     attempt.mark("lease_read")
     step = runtime.executor.attempt(before, starting)
     attempt.mark("running")

@@ -1,5 +1,6 @@
 """The poller claims only what the fleet has free slots for, and fills a slot as soon as it
-frees up within the same run. Real Redis and the emulator over HTTP."""
+frees up within the same run; a burst is claimed several items at once, each exactly once. Real
+Redis and the emulator over HTTP."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from dispatcher.control.poll_keys import PollKeys
-from dispatcher.control.poller import run_poller
+from dispatcher.control.poller import CLAIMS_IN_FLIGHT, run_poller
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -71,3 +72,65 @@ def test_a_draining_worker_stops_polling_and_hands_over(emulator: Any, runtime: 
     run_poller(runtime, run_seconds=30.0, hand_over=handed.append, stopping=lambda: True)
     assert time.monotonic() - started < 5, "no long run on a draining worker"
     assert len(handed) == 1, "its successor runs on another worker"
+
+
+# A burst larger than one run's claims in flight (`CLAIMS_IN_FLIGHT`), into as many free slots,
+# with items beyond them left on the server.
+BURST = 24
+BEYOND = 6
+# Each ack answered this late: claims that ran one after another would have no two acks of the
+# burst in flight at once.
+ACK_LATENCY_MS = 300
+
+
+def test_a_burst_into_as_many_free_slots_is_claimed_side_by_side_each_exactly_once(
+        emulator: Any, runtime: Runtime) -> None:
+    made = [emulator.create_session(runtime.environment_id, metadata={})[1]
+            for _ in range(BURST + BEYOND)]
+    emulator.set_faults(latency_ms=ACK_LATENCY_MS, endpoints=["ack"])
+    most = [0]
+    done = threading.Event()
+
+    def advertise() -> None:
+        runtime.capacity.advertise(hostname="w1@test", slots=BURST, pool="threads",
+                                   queues=["dispatcher.sessions"])
+
+    def watch() -> None:
+        # The slots the fleet holds, sampled all along: never past the free slots. The worker
+        # advertises its slots as a live one does (a run outlasts one advertisement's life).
+        advertised = time.monotonic()
+        while not done.is_set():
+            most[0] = max(most[0], runtime.registry.held_count())
+            if time.monotonic() - advertised > 1.0:
+                advertise()
+                advertised = time.monotonic()
+            time.sleep(0.005)
+
+    advertise()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # The run ends once the burst is held (a loaded machine may take many seconds); its
+        # claims in flight end before it returns, and the watcher sees them all.
+        claimed = run_poller(runtime, run_seconds=120.0,
+                             stopping=lambda: runtime.registry.held_count() >= BURST)
+    finally:
+        done.set()
+        watcher.join()
+    held = runtime.registry.held_ids()
+    assert claimed == BURST and len(held) == BURST, "the whole burst, into its free slots"
+    assert most[0] <= BURST, f"{most[0]} leases held at once, beyond {BURST} slots"
+    assert set(held) <= set(made)
+    sent = [t["kwargs"]["work_id"] for t in runtime.app.sent]
+    assert sorted(sent) == sorted(held), "each claimed item published exactly once"
+    acks = [e for e in emulator.requests_log()
+            if e.get("environment_id") == runtime.environment_id and e["endpoint"] == "ack"]
+    assert sorted(e["work_id"] for e in acks) == sorted(held), "each acked exactly once"
+    left = [w for w in made if w not in held]
+    assert all(emulator.get(runtime.environment_id, w)["state"] == "queued" for w in left), (
+        "the items beyond the free slots wait on the server")
+    overlap = max(sum(1 for other in acks if other["time"] <= e["time"] < other["answered"])
+                  for e in acks)
+    assert overlap >= 2, "acks of the burst were in flight side by side"
+    assert overlap <= CLAIMS_IN_FLIGHT, "never more than a run's claims in flight"

@@ -13,6 +13,7 @@ import pytest
 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
+from dispatcher.lease.causes import Outcome
 from dispatcher.lease.machine import (
     Delivery,
     Policy,
@@ -32,7 +33,11 @@ QUEUED = ("claimed", "dispatched")
 
 # (event, phases, phase after ("none": no record), effects that must be there, must not be).
 EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
-    ("offered", ("none",), "claimed", {"Ack"}, {"StopOnServer"}),
+    # A plain session is recorded and published while its ack is in flight: its attempt
+    # prepares meanwhile and starts only once the ack is answered ("attempt starting, ack in
+    # flight").
+    ("offered", ("none",), "dispatched", {"Ack", "CreateRecord", "Publish"},
+     {"StopOnServer", "MarkRunning", "Claim"}),
     ("offered", QUEUED, "none", {"DeleteRecord", "log `polled a held lease`"},
      {"Ack", "StopOnServer", "Publish"}),
     ("offered", ("running",), "running", {"FlagStop(force)", "RecordHistory"},
@@ -66,6 +71,18 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
      {"RecordHeartbeat", "Publish"}, set()),
     ("claim stranded, ack unanswered", ("claimed",), "claimed", {"Schedule"}, {"Publish"}),
     ("ack refused (4xx)", ("claimed",), "none", set(), {"CreateRecord", "StopOnServer"}),
+    # Published with its ack: the answer proves the lease (its waiting attempt starts), and the
+    # claim follows; no answer leaves it to the claim; a refusal takes the message back.
+    ("ack answered", ("dispatched",), "dispatched", {"MarkProven", "Claim"},
+     {"CreateRecord", "Publish"}),
+    ("ack never answered", ("dispatched",), "dispatched", {"Claim", "log `ack uncertain`"},
+     {"MarkProven", "CreateRecord", "Publish"}),
+    ("ack 409 after an unanswered attempt", ("dispatched",), "dispatched",
+     {"MarkProven", "Claim"}, {"log `ack uncertain`", "CreateRecord", "Publish"}),
+    ("ack 409 at once", ("dispatched",), "dispatched", {"Claim", "log `ack uncertain`"},
+     {"MarkProven", "CreateRecord", "Publish"}),
+    ("ack refused (4xx)", ("dispatched",), "none", {"Revoke", "DeleteRecord"},
+     {"StopOnServer", "Publish"}),
     # Acked, but Redis refused the record past the executor's retries: nobody could beat or run
     # it, so it is stopped rather than left in `starting`.
     ("record refused, fresh claim", ("dispatched",), "none",
@@ -156,6 +173,9 @@ EXPECTED: list[tuple[str, tuple[str, ...], str, set[str], set[str]]] = [
     ("attempt starting", ("none",), "none", {"log `attempt skipped`", "AttemptOver(gone)"},
      {"MarkRunning"}),
     ("attempt starting", HELD, "running", {"MarkRunning"}, {"AttemptOver(gone)"}),
+    # An unproven lease never runs: its attempt waits for the ack's answer.
+    ("attempt starting, ack in flight", ("dispatched",), "dispatched", {"AwaitProof"},
+     {"MarkRunning", "AttemptOver(lost)"}),
     ("attempt starting", ("releasing",), "releasing",
      {"log `attempt skipped`", "AttemptOver(gone)"}, {"MarkRunning"}),
     ("attempt starting, worker draining", ("none",), "none", set(), {"Publish"}),
@@ -355,7 +375,7 @@ def test_a_refused_first_claim_is_stopped_after_a_ttl() -> None:
 def test_attempts_are_counted_across_re_deliveries() -> None:
     proposal = Lease("w", "s", "e", "dispatcher", "q")
     offered = ev.Offered(proposal, known_type=True, failures=2)
-    assert _effects(None, offered, policy=Policy(max_attempts=3)) == ["Ack"]
+    assert "Ack" in _effects(None, offered, policy=Policy(max_attempts=3))
     exhausted = ev.Offered(proposal, known_type=True, failures=3)
     assert "StopOnServer(polled token)" in _effects(None, exhausted, policy=Policy(max_attempts=3))
     running = lease_in("running")
@@ -592,3 +612,36 @@ def test_a_short_throttle_is_waited_out() -> None:
     decision = decide(lease, ev.HeartbeatThrottled(8.0), now=NOW)
     assert fx.Schedule(NOW + 8.0, sooner_only=False) in decision.effects
     assert fx.HeartbeatNow() not in decision.effects
+
+
+def test_an_attempt_whose_lease_stays_unproven_for_a_ttl_never_starts() -> None:
+    """Published with its ack, whose answer never came, nor a claim's: past one TTL since the
+    claim a rival may hold the item, so the lease is lost and the attempt never starts."""
+    lease = lease_in("dispatched", unproven=True)
+    assert lease is not None
+    starting = ev.AttemptStarting(1, "task-1", "w1", 42, draining=False)
+    waiting = decide(lease, starting, now=lease.claimed_at + lease.ttl)
+    assert [type(e) for e in waiting.effects] == [fx.AwaitProof]
+    late = decide(lease, starting, now=lease.claimed_at + lease.ttl + 1)
+    assert fx.AttemptOver(Outcome.LOST) in late.effects
+    assert not any(isinstance(e, fx.MarkRunning) for e in late.effects)
+    assert late.lease is None, "lost and forgotten: the server re-delivers it"
+
+
+def test_a_session_published_with_its_ack_starts_only_once_proven() -> None:
+    """The whole path: offered (recorded, published, ack sent), the attempt arrives before the
+    ack's answer and waits; the answer proves it; the attempt then starts."""
+    proposal = Lease("w", "s", "e", "dispatcher", "q", task_id="task-1", claimed_at=NOW)
+    offered = decide(None, ev.Offered(proposal, known_type=True), now=NOW)
+    assert offered.lease is not None and offered.lease.phase == Phase.DISPATCHED
+    kinds = [type(e) for e in offered.effects]
+    assert kinds.index(fx.Ack) < kinds.index(fx.CreateRecord) < kinds.index(fx.Publish)
+    starting = ev.AttemptStarting(1, "task-1", "w1", 42, draining=False)
+    early = decide(offered.lease, starting, now=NOW + 0.001)
+    assert not any(isinstance(e, fx.MarkRunning) for e in early.effects)
+    acked = decide(offered.lease, ev.AckAnswered(), now=NOW + 0.002)
+    assert acked.lease is not None
+    assert fx.MarkProven(acked.lease) in acked.effects
+    assert acked.lease.heartbeat_ok_at == NOW + 0.002
+    started = decide(acked.lease, starting, now=NOW + 0.003)
+    assert any(isinstance(e, fx.MarkRunning) for e in started.effects)

@@ -28,6 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from dispatcher.lease import effects as fx
 from dispatcher.lease import events as ev
 from dispatcher.lease.machine import Policy, decide
+from dispatcher.lease.machine.steps import proven_ours
 from dispatcher.lease.model import Ending, Heartbeater, Lease, Phase, StopKind
 
 TTL = 6
@@ -159,7 +160,12 @@ class LeaseLife(RuleBasedStateMachine):
         if isinstance(effect, fx.Revoke):
             self.queued = {t for t in self.queued if t[1] != effect.task_id}
         if isinstance(effect, fx.MarkRunning):
+            assert before is not None and proven_ours(before), "an unproven lease never runs"
             self.sandbox = (effect.attempt, "running")
+        if isinstance(effect, fx.AwaitProof):
+            # The attempt waits, its task still taken: it starts again once something changed.
+            assert before is not None
+            self.queued.add((before.attempt, before.task_id))
         if isinstance(effect, fx.RecordHistory):
             self.history = (effect.failures, effect.ended)
             self.finished = self.finished or effect.ended in (Ending.COMPLETED, Ending.FAILED)
@@ -400,7 +406,8 @@ class LeaseLife(RuleBasedStateMachine):
                 self.sandbox_exits(0, draining=False)
             elif self.lease is not None and self.lease.phase == Phase.RELEASING:
                 self.run(ev.ReleaseDue())
-            elif self.queued:
+            elif self.queued and (self.lease is None or proven_ours(self.lease)
+                                  or self.lease.lost):
                 self.attempt_starts(draining=False)
             elif self.lease is not None and not self.lease.lost:
                 self.run(self.beat(self.lease.token or None))

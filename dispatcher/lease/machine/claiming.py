@@ -45,7 +45,25 @@ def on_offered(lease: Lease | None, e: ev.Offered, c: Ctx) -> Decision:
     if e.failures >= c.policy.max_attempts:
         return _refused(item, Refusal.ATTEMPTS_EXHAUSTED, "attempts exhausted",
                         failures=e.failures)
-    return Decision(item.but(failures=e.failures), (fx.Ack(),))
+    item = item.but(failures=e.failures)
+    if not _published_with_ack(item):
+        return Decision(item, (fx.Ack(),))
+    # Recorded and published while the ack is in flight: the message reaches its worker and
+    # the attempt prepares meanwhile, but it starts only once the ack (or a claim) is answered
+    # (`running.on_attempt_starting`): an unproven lease never runs. The record counts the slot
+    # at once, so claims in flight side by side never take more than the free slots.
+    p = Plan(item.but(phase=Phase.DISPATCHED, dispatched_at=c.now))
+    p.add(fx.Ack(), fx.CreateRecord(p.held))
+    publish(p, c.now, recorded=False)
+    return p.decided()
+
+
+def _published_with_ack(item: Lease) -> bool:
+    """A plain session we heartbeat ourselves goes out with its ack. A healthcheck is answered,
+    not published; a hand-off or a runner gives the sandbox the lease at its start, which must
+    be claimed by then: those wait for the ack."""
+    return (item.kind == Kind.SESSION and item.mode == LeaseMode.DISPATCHER
+            and item.heartbeats_by == Heartbeater.DISPATCHER)
 
 
 def _refused(item: Lease, reason: Refusal, action: str, **details: object) -> Decision:
@@ -92,6 +110,8 @@ def on_unreadable(e: ev.Unreadable) -> Decision:
 
 
 def on_acked(lease: Lease, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decision:
+    if lease.phase == Phase.DISPATCHED:
+        return _acked_published(lease, e, c)
     if isinstance(e, ev.AckAnswered):
         # The server answered: the item is ours, and its lease cannot lapse before a TTL.
         lease = lease.but(heartbeat_ok_at=c.now)
@@ -123,6 +143,23 @@ def on_acked(lease: Lease, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decis
     return p.decided()
 
 
+def _acked_published(lease: Lease, e: ev.AckAnswered | ev.AckUncertain, c: Ctx) -> Decision:
+    """The ack of a session recorded and published at its offer: answered, the lease is proven
+    and its waiting attempt starts; unanswered, the claim must answer first (a 404 or 409 to it
+    says the ack never landed, and the lease is lost before the attempt ever starts)."""
+    p = Plan(lease)
+    if isinstance(e, ev.AckAnswered):
+        p.assume(heartbeat_ok_at=c.now)
+        p.add(fx.MarkProven(p.held))
+    p.add(count("work_claimed", type=lease.kind),
+          log("claimed", lease, type=lease.kind, queue=lease.queue))
+    if isinstance(e, ev.AckUncertain):
+        p.add(log("ack uncertain", lease, logging.WARNING, status=e.status,
+                  action_taken="claimed; started once a claim is answered"))
+    p.add(fx.Claim(ack_uncertain=isinstance(e, ev.AckUncertain)))
+    return p.decided()
+
+
 def on_ack_conflict(lease: Lease, e: ev.AckConflict, c: Ctx) -> Decision:
     """A 409 to a retry after an attempt whose reply never came is our own ack, which landed:
     only a poll can hand the item to another worker, and the server offers an unacked item
@@ -132,10 +169,14 @@ def on_ack_conflict(lease: Lease, e: ev.AckConflict, c: Ctx) -> Decision:
 
 
 def on_ack_refused(lease: Lease | None, e: ev.AckRefused) -> Decision:
-    return Decision(None, (
-        count("work_refused", reason=Refusal.ACK_FAILED),
-        log("ack failed", lease, logging.WARNING, status=e.status,
-            outcome="left for the server to re-deliver")))
+    refused = (count("work_refused", reason=Refusal.ACK_FAILED),
+               log("ack failed", lease, logging.WARNING, status=e.status,
+                   outcome="left for the server to re-deliver"))
+    if lease is None or lease.phase != Phase.DISPATCHED:
+        return Decision(None, refused)
+    # Recorded and published at the offer: its message is revoked and its record dropped, so
+    # the waiting attempt finds nothing to start. The item was never ours.
+    return Decision(None, (*refused, fx.Revoke(lease.task_id), fx.DeleteRecord()))
 
 
 def on_record_failed(e: ev.RecordFailed) -> Decision:
@@ -383,15 +424,18 @@ SCENARIOS = [
     Scenario("offered, attempts used up",
              ev.Offered(ITEM, known_type=True, failures=3),
              phases=("none",)),
-    Scenario("ack answered", ev.AckAnswered(), phases=("claimed",), unproven=True),
-    Scenario("ack never answered", ev.AckUncertain(None), phases=("claimed",), unproven=True),
+    Scenario("ack answered", ev.AckAnswered(), phases=("claimed", "dispatched"),
+             unproven=True),
+    Scenario("ack never answered", ev.AckUncertain(None), phases=("claimed", "dispatched"),
+             unproven=True),
     Scenario("ack 409 after an unanswered attempt",
              ev.AckConflict(after_lost_reply=True),
-             phases=("claimed",), unproven=True),
+             phases=("claimed", "dispatched"), unproven=True),
     Scenario("ack 409 at once",
              ev.AckConflict(after_lost_reply=False),
-             phases=("claimed",), unproven=True),
-    Scenario("ack refused (4xx)", ev.AckRefused(400), phases=("claimed",), unproven=True),
+             phases=("claimed", "dispatched"), unproven=True),
+    Scenario("ack refused (4xx)", ev.AckRefused(400), phases=("claimed", "dispatched"),
+             unproven=True),
     Scenario("record refused, fresh claim",
              ev.RecordFailed(CLAIMED, "connection refused"),
              phases=("dispatched",)),

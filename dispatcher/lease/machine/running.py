@@ -66,6 +66,11 @@ def on_operator_revoked(lease: Lease, e: ev.OperatorRevoked, c: Ctx) -> Decision
 
 # --- the session plane -------------------------------------------------------------------------
 
+# An attempt whose lease is not yet proven ours waits this long for the proof's mark, then reads
+# its record again: the ack's answer wakes it at once; a lease proven by a later claim or
+# heartbeat (an ack never answered) leaves no mark, and is seen at the next read.
+PROOF_WAIT_SECONDS = 0.25
+
 def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> Decision:
     """An attempt about to start its sandbox takes the lease, or learns why it may not (its
     task's result)."""
@@ -91,6 +96,8 @@ def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> D
         p.add(fx.AttemptOver(Outcome.HANDED_OVER),
               log("attempt passed on", lease, reason="worker draining"),
               fx.Publish(lease.attempt, lease.task_id, lease.queue))
+    elif lease.heartbeats_by == Heartbeater.DISPATCHER and not proven_ours(lease):
+        _await_proof(p, c)
     else:
         changes: dict[str, object] = {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid,
                                       "pulse_at": c.now, "task_id": e.task_id,
@@ -98,6 +105,19 @@ def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> D
         p.assume(**changes)
         p.add(fx.MarkRunning(e.attempt, changes))
     return p.decided()
+
+
+def _await_proof(p: Plan, c: Ctx) -> None:
+    """A session published while its ack was in flight: it starts once the server answered the
+    ack or a claim, never before (a rival may hold the item). Unproven for a whole TTL, the
+    lease may have lapsed to another holder: it is lost, and the attempt never starts."""
+    lease = p.held
+    if c.now - lease.claimed_at <= lease.ttl:
+        p.add(fx.AwaitProof(PROOF_WAIT_SECONDS))
+        return
+    p.add(fx.AttemptOver(Outcome.LOST))
+    lose(p, cause=LossCause.ASSUMED_LOST, action="never proven ours",
+         action_taken="the attempt never started")
 
 
 def on_handing_off(lease: Lease, e: ev.HandingOff, c: Ctx) -> Decision:
@@ -508,6 +528,9 @@ SCENARIOS = [
     Scenario("operator revoked the task",
              ev.OperatorRevoked("task-1", terminated=False, force=False)),
     Scenario("attempt starting", ev.AttemptStarting(1, "task-1", "w1", 42, draining=False)),
+    Scenario("attempt starting, ack in flight",
+             ev.AttemptStarting(1, "task-1", "w1", 42, draining=False),
+             phases=("dispatched",), unproven=True),
     Scenario("attempt starting, worker draining",
              ev.AttemptStarting(1, "task-1", "w1", 42, draining=True)),
     Scenario("handing off to the sandbox", ev.HandingOff()),
