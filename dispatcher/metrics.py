@@ -112,6 +112,9 @@ COUNTERS: dict[str, Counter] = {
     "server_throttles": Counter("Times the server began throttling an environment (429, 503 "
                                 "or retry-after), by the call that met it", "source",
                                 ("poll", "list", "heartbeat", "ack", "stop")),
+    "warm_starts": Counter("Container sessions started in a warm container of the worker's "
+                           "pool (hit) or cold because it had none (miss)", "result",
+                           ("hit", "miss")),
     "healthchecks": Counter("Healthcheck work items answered, by result", "healthy",
                             ("true", "false")),
 }
@@ -349,6 +352,27 @@ def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity,
     yield slots
     yield GaugeMetricFamily(f"{NAMESPACE}_workers", "Live workers advertising session slots",
                             value=len(capacity.live_workers()))
+    yield GaugeMetricFamily(f"{NAMESPACE}_warm_containers",
+                            "Warm containers ready in the pools of live session workers",
+                            value=sum(warm_sizes(registry).values()))
+
+
+def warm_starts(values: Mapping[str, float]) -> dict[str, int]:
+    """Warm starts counted, by result (`hit`, `miss`), over every environment."""
+    found: dict[str, int] = {}
+    for field, value in values.items():
+        name, labels = _parse_field(field)
+        if name == "warm_starts":
+            result = labels.get(COUNTERS[name].label, OTHER)
+            found[result] = found.get(result, 0) + int(value)
+    return found
+
+
+def warm_sizes(registry: LeaseRegistry) -> dict[str, int]:
+    """Each live warm pool's ready containers (none outside the docker runtime)."""
+    from dispatcher.session.warm_book import WarmBook  # Redis only: no engine client
+
+    return WarmBook(registry.redis, prefix=registry.keys.prefix).sizes()
 
 
 def _server_gauges(by_environment: Mapping[str, WorkQueueStats | None]) -> Iterator[Metric]:

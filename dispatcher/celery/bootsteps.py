@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from dispatcher.metrics import FleetCollector
 
 __all__ = ["CONTROL_RESERVE", "ContainerReaper", "MetricsEndpoint", "RevokeRelay",
-           "SlotAdvertiser", "WarmContainers", "consumes_sessions", "install", "pool_name", "running_revoked",
-           "session_slots"]
+           "SlotAdvertiser", "WarmContainers", "consumes_sessions", "install", "pool_name",
+           "running_revoked", "session_slots"]
 
 # Pool slots kept free for control tasks on a worker that consumes both queues: one for the
 # poller's long-poll, one for heartbeat, bridge and recovery ticks; and one more for each
