@@ -12,9 +12,9 @@ works on a running container; never in the environment or labels). One container
 the container is removed at the attempt's end, whatever happened, and the pool makes another.
 
 Stops reach the exec'd command as they reach a cold container's: the engine signals PID 1, the
-idle shell, which passes SIGTERM on to every other process of the container (`kill -1`, all the
-processes of its PID namespace but itself and init); SIGKILL of PID 1 ends the namespace, every
-process with it; `kill_group` removes the container. The exit code is the exec's
+idle shell, which passes SIGTERM on to the session's command (as the engine's init passes it to
+a cold container's command); SIGKILL of PID 1 ends the PID namespace, every process with it;
+`kill_group` removes the container. The exit code is the exec's
 (`exec_inspect`), and its output, which goes to the exec's stream rather than the container's
 log, is kept (its last `DISPATCHER_SANDBOX_OUTPUT_MAX_BYTES`) and written like a cold attempt's.
 
@@ -70,11 +70,16 @@ if TYPE_CHECKING:
 __all__ = ["LABEL_WARM_OWNER", "WarmPool", "WarmSandbox", "claim_warm"]
 
 LABEL_WARM_OWNER = "dispatcher.warm_owner"
-# The warm container's PID 1 (under the engine's init when DISPATCHER_SANDBOX_INIT): idle until
-# the engine signals it; SIGTERM is passed to every other process of the container, which is
-# how a graceful stop reaches the exec'd session. `wait` returns when the trap ran or the sleep
-# ended; either way, idle again.
-IDLE_SCRIPT = 'trap "kill -TERM -1" TERM; while :; do sleep 3600 & wait $!; done'
+# The warm container's PID 1 (under the engine's init when DISPATCHER_SANDBOX_INIT), shell
+# builtins and `sleep` only: idle until the engine signals it. A SIGTERM is passed on to the
+# exec'd session command alone, as the engine's init passes it to a cold container's command
+# alone: the session is the process whose parent is outside the container's PID namespace
+# (`PPid: 0`), PID 1 aside. `wait` returns when the trap ran or the sleep ended: idle again.
+IDLE_SCRIPT = (
+    'term() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = 1 ] && continue; '
+    'while read -r k v; do [ "$k" = PPid: ] && { [ "$v" = 0 ] && kill -TERM "$p"; break; }; '
+    'done < "$d/status"; done 2>/dev/null; }; '
+    'trap term TERM; while :; do sleep 3600 & wait $!; done')
 # How often the pool looks whether it is full; a claim in this process wakes it at once.
 FILL_INTERVAL_SECONDS = 0.25
 # How often it compares its book with the engine's containers (one list call).
@@ -297,6 +302,7 @@ class WarmPool:
         self._retry_at = 0.0
         self._backoff = BACKOFF_SECONDS[0]
         self._reconciled_at = 0.0
+        self._size = 0
 
     def targets(self) -> dict[str, int]:
         """Each environment's share of the containers to keep ready now."""
@@ -324,6 +330,9 @@ class WarmPool:
         self.wake.set()
 
     def tick(self) -> None:
+        # First: a container being created (seconds on a copying storage driver) must never
+        # be seen by a reaper without its owner's key.
+        self.book.alive(self.owner, self._size)
         now = time.monotonic()
         if now - self._reconciled_at >= RECONCILE_SECONDS and now >= self._retry_at:
             self._reconcile()
@@ -345,7 +354,9 @@ class WarmPool:
                     break
                 self.book.add_ready(self.worker, environment, created)
                 ready.append(created)
+                self.book.alive(self.owner, self._size)  # creates may outlast the key
             size += len(ready)
+        self._size = size
         self.book.alive(self.owner, size)
 
     def _create(self, environment: str) -> str | None:
