@@ -4,19 +4,22 @@ to one session at claim time, and destroyed after it.
 A cold start pays the engine's create and start per session (a copy of the image's root on some
 storage drivers, the runtime's set-up: hundreds of milliseconds to seconds). A session worker
 keeps up to `DISPATCHER_WARM_CONTAINERS` containers (never more than its free session slots)
-running an idle command, confined exactly as a cold container (`host_config_arguments`, the
-same user, work directory and labels but the work item's). At claim, the session's command runs
-in one through the engine's exec, with its contract variables and the work JSON on stdin; the
-secret file, when one is delivered, is copied in first as for a cold container (`put_archive`
-works on a running container; never in the environment or labels). One container, one session:
-the container is removed at the attempt's end, whatever happened, and the pool makes another.
+started ahead of work, confined exactly as a cold container (`host_config_arguments`, the same
+user, work directory, volume and labels but the work item's). Each runs the session's command
+behind a few lines of shell that wait on stdin: the contract variables come first, one
+`NAME=value` line each and an empty line, and are exported; then the shell execs the command,
+which reads the rest of stdin, the work JSON, to its end, as a cold container's command does.
+At claim the worker copies the secret file in when there is one (`put_archive` works on a
+running container; never in the environment or labels), attaches to the container's stdin and
+writes both. Nothing is left of the shell: the command is the container's main process (under
+the engine's init), so stops, the exit code and the output are exactly a cold container's
+(`ContainerSandbox`). One container, one session: it is removed at the attempt's end, whatever
+happened, and the pool makes another.
 
-Stops reach the exec'd command as they reach a cold container's: the engine signals PID 1, the
-idle shell, which passes SIGTERM on to the session's command (as the engine's init passes it to
-a cold container's command); SIGKILL of PID 1 ends the PID namespace, every process with it;
-`kill_group` removes the container. The exit code is the exec's
-(`exec_inspect`), and its output, which goes to the exec's stream rather than the container's
-log, is kept (its last `DISPATCHER_SANDBOX_OUTPUT_MAX_BYTES`) and written like a cold attempt's.
+Why not the engine's exec: each exec is a `runc exec` (new process, namespaces joined, a hook
+run), 100 to 170 ms on this project's loaded test machine, where a write to an attached stdin is
+a few milliseconds; and an exec'd process is not the container's main process, so its signals,
+exit code and output would each need a way of their own.
 
 The pool's book (ready ids, bindings, owners) is in Redis (`warm_book.py`), so a prefork child
 claims from the pool its main process fills, and the reaper can tell a bound container's
@@ -27,17 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import shlex
-import signal
-import socket
-import struct
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import docker
 from docker.errors import APIError, NotFound
@@ -46,7 +44,6 @@ from requests.exceptions import RequestException
 
 from dispatcher.logs import event
 from dispatcher.session.container import (
-    EXIT_VANISHED,
     LABEL_ENVIRONMENT,
     LABEL_FLEET,
     LABEL_FLEET_ID,
@@ -59,7 +56,6 @@ from dispatcher.session.container import (
     pinned_image,
     secret_archive,
 )
-from dispatcher.session.output import write_output
 from dispatcher.session.sandbox import SandboxSpec
 from dispatcher.session.warm_book import Binding, WarmBook
 
@@ -67,35 +63,23 @@ if TYPE_CHECKING:
     from dispatcher.metrics import Metrics
     from dispatcher.settings import Settings
 
-__all__ = ["LABEL_WARM_OWNER", "WarmPool", "WarmSandbox", "claim_warm"]
+__all__ = ["LABEL_WARM_OWNER", "WarmPool", "WarmSandbox", "claim_warm", "contract_header",
+           "session_command"]
 
 LABEL_WARM_OWNER = "dispatcher.warm_owner"
-# The warm container's PID 1 (under the engine's init when DISPATCHER_SANDBOX_INIT), shell
-# builtins and `sleep` only: idle until the engine signals it. A SIGTERM is passed on to the
-# exec'd session command alone, as the engine's init passes it to a cold container's command
-# alone: the session is the process whose parent is outside the container's PID namespace
-# (`PPid: 0`), PID 1 aside. `wait` returns when the trap ran or the sleep ended: idle again.
-IDLE_SCRIPT = (
-    'term() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = 1 ] && continue; '
-    'while read -r k v; do [ "$k" = PPid: ] && { [ "$v" = 0 ] && kill -TERM "$p"; break; }; '
-    'done < "$d/status"; done 2>/dev/null; }; '
-    'trap term TERM; while :; do sleep 3600 & wait $!; done')
+# What a warm container runs before its session: the contract's variables from stdin, one
+# `NAME=value` line each up to an empty line, then the session's command (`"$@"`) in its place,
+# reading the rest of stdin. `read` takes a pipe byte by byte, so not a byte of the work JSON is
+# consumed. Shell builtins only: the image needs `sh`.
+LAUNCHER = 'while IFS= read -r line && [ -n "$line" ]; do export "$line"; done; exec "$@"'
 # How often the pool looks whether it is full; a claim in this process wakes it at once.
 FILL_INTERVAL_SECONDS = 0.25
 # How often it compares its book with the engine's containers (one list call).
 RECONCILE_SECONDS = 2.0
 # After a failed create: first wait, and the most it doubles to.
 BACKOFF_SECONDS = (1.0, 30.0)
-# A session's exec is looked at this often when its stream says nothing (a child of the command
-# may hold the stream open after the command exited).
-LOOK_SECONDS = 1.0
-# After the stream ended, how long the engine may take to record the exec's exit.
-EXIT_RECORD_SECONDS = 5.0
-# How long `kill_group` waits for the output stream to drain after the removal.
-DRAIN_SECONDS = 2.0
 # Claims tried before a cold start: a ready container may have died (engine restarted).
 CLAIM_TRIES = 3
-_FRAME = struct.Struct(">BxxxL")  # the engine's multiplexed stream: kind, size
 
 _wakeups: list[threading.Event] = []  # the pool of this process, if any: woken by a claim
 
@@ -110,7 +94,8 @@ def claim_warm(settings: Settings, spec: SandboxSpec, *, book: WarmBook, worker:
     environment = spec.environment_id or settings.environment_id or ""
     settings = settings.sandbox_for(environment or None)
     sandbox = None
-    for _ in range(CLAIM_TRIES):
+    header = contract_header(create_arguments(settings, spec)["environment"])
+    for _ in range(CLAIM_TRIES if header is not None else 0):
         try:
             container_id = book.claim(worker, environment, Binding(spec.work_id, spec.attempt))
         except RedisError as exc:
@@ -119,7 +104,8 @@ def claim_warm(settings: Settings, spec: SandboxSpec, *, book: WarmBook, worker:
             break
         if container_id is None:
             break
-        sandbox = WarmSandbox.bind(settings, spec, container_id, book=book)
+        sandbox = WarmSandbox.bind(settings, spec, container_id, book=book,
+                                   header=header or b"")
         if sandbox is not None:
             break
     for wake in _wakeups:
@@ -130,135 +116,87 @@ def claim_warm(settings: Settings, spec: SandboxSpec, *, book: WarmBook, worker:
     return sandbox
 
 
+def contract_header(env: dict[str, str]) -> bytes | None:
+    """The variables as the launcher reads them; None when a value holds a line break, which
+    no line could carry (that session starts cold)."""
+    if any("\n" in value or "\0" in value for value in env.values()):
+        return None
+    return "".join(f"{name}={value}\n" for name, value in env.items()).encode() + b"\n"
+
+
+class _Look:
+    """One engine call made in a thread of its own; `result` waits for it (and raises what it
+    raised)."""
+
+    def __init__(self, call: Callable[[], bool]) -> None:
+        self._call = call
+        self._value = False
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except (APIError, RequestException) as exc:
+            self._error = exc
+
+    def result(self) -> bool:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class WarmSandbox(ContainerSandbox):
-    """A session exec'd in a warm container: signalled through the container's PID 1, waited on
-    through its exec, removed at the end like a cold one."""
+    """A session bound to a warm container: from then on a cold container's twin (signalled,
+    waited on and removed through the engine), and unbound in the book when removed."""
 
     def __init__(self, api: docker.APIClient, container_id: str, *, settings: Settings,
                  spec: SandboxSpec, book: WarmBook) -> None:
         super().__init__(api, container_id, settings=settings, spec=spec)
-        self.exec_id = ""
         self._book = book
-        self._tail: deque[bytes] = deque()
-        self._tail_size = 0
-        self._follower: threading.Thread | None = None
 
     @classmethod
     def bind(cls, settings: Settings, spec: SandboxSpec, container_id: str, *,
-             book: WarmBook) -> WarmSandbox | None:
-        """Run the session in the container; None (and the container removed) when it cannot:
-        the container died in the pool, or the engine refused."""
-        sandbox = cls(engine(settings), container_id, settings=settings, spec=spec, book=book)
+             book: WarmBook, header: bytes) -> WarmSandbox | None:
+        """Start the session in the container; None (and the container removed) when it
+        cannot: it died in the pool, or the engine refused."""
+        api = engine(settings)
+        sandbox = cls(api, container_id, settings=settings, spec=spec, book=book)
+        # A container that died in the pool (an engine restarted without live-restore) still
+        # takes an attach, and would end the attempt at once: asked beside the attach, so the
+        # session waits for the slower of the two calls, not for both.
+        running = _Look(lambda: bool(api.inspect_container(container_id)["State"]["Running"]))
+        stdin = None
         try:
-            stream = sandbox._exec(settings, spec)
-        except (APIError, RequestException, OSError) as exc:
+            if spec.secret_file is not None:
+                api.put_archive(container_id, SECRET_DIRECTORY,
+                                secret_archive(spec.secret_file, settings.sandbox_user))
+            stdin = api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+            if not running.result():
+                raise APIError("the container does not run any more")
+        except (APIError, RequestException) as exc:
+            if stdin is not None:
+                with contextlib.suppress(OSError):
+                    stdin.close()
             event("warm container not usable", level=logging.WARNING, work_id=spec.work_id,
                   container=container_id[:12], error=str(exc), action_taken="removed")
             sandbox._settings = None  # nothing ran in it: no output to keep
             sandbox.kill_group()
             return None
-        raw = getattr(stream, "_sock", stream)
-        threading.Thread(target=_feed, args=(stream, spec.stdin), daemon=True).start()
-        sandbox._follower = threading.Thread(target=sandbox._follow, args=(raw,), daemon=True)
-        sandbox._follower.start()
+        threading.Thread(target=_feed, args=(stdin, header + spec.stdin), daemon=True).start()
+        threading.Thread(target=sandbox._wait_exit, daemon=True).start()
         return sandbox
-
-    def _exec(self, settings: Settings, spec: SandboxSpec) -> Any:
-        api = self._api
-        if spec.secret_file is not None:
-            api.put_archive(self.id, SECRET_DIRECTORY,
-                            secret_archive(spec.secret_file, settings.sandbox_user))
-        arguments = create_arguments(settings, spec)
-        created = api.exec_create(
-            self.id, session_command(settings, api), stdin=True, stdout=True, stderr=True,
-            environment=arguments["environment"], user=settings.sandbox_user,
-            workdir=settings.sandbox_workdir)
-        self.exec_id = str(created["Id"])
-        self.started_at = time.time()
-        return api.exec_start(self.exec_id, socket=True)
 
     def describe(self) -> dict[str, str | int]:
         return {"container": self.id[:12], "start": "warm"}
-
-    def _follow(self, raw: socket.socket) -> None:
-        """Read the exec's output until it ends, then its exit code from the engine."""
-        pending = b""
-        while True:
-            try:
-                readable, _, _ = select.select([raw], [], [], LOOK_SECONDS)
-                if not readable:
-                    if self._exec_exited():
-                        break  # its stream is held open by something the command left
-                    continue
-                data = raw.recv(65536)
-            except (OSError, ValueError):  # ValueError: closed under us
-                break
-            if not data:
-                break
-            pending = self._frames(pending + data)
-        with contextlib.suppress(OSError):
-            raw.close()
-        deadline = time.monotonic() + EXIT_RECORD_SECONDS
-        while self._exit_code is None and not self._exec_exited() \
-                and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if self._exit_code is None:
-            self._exit_code = EXIT_VANISHED
-        self._exited.set()
-
-    def _frames(self, buffer: bytes) -> bytes:
-        """Keep the payload of each whole frame (the last `max_bytes`); returns the rest."""
-        limit = self._settings.sandbox_output_max_bytes if self._settings else 0
-        while len(buffer) >= _FRAME.size:
-            _, size = _FRAME.unpack_from(buffer)
-            if len(buffer) < _FRAME.size + size:
-                break
-            self._tail.append(buffer[_FRAME.size:_FRAME.size + size])
-            self._tail_size += size
-            while self._tail and self._tail_size - len(self._tail[0]) >= limit:
-                self._tail_size -= len(self._tail.popleft())
-            buffer = buffer[_FRAME.size + size:]
-        return buffer
-
-    def _exec_exited(self) -> bool:
-        """Whether the engine says the exec ended; records its code when it did."""
-        try:
-            found = self._api.exec_inspect(self.exec_id)
-        except NotFound:
-            self._exit_code = EXIT_VANISHED
-            return True
-        except (APIError, RequestException):
-            return False  # the engine restarting: look again later
-        if found.get("Running"):
-            return False
-        code = found.get("ExitCode")
-        self._exit_code = EXIT_VANISHED if code is None else int(code)
-        return True
-
-    def _wait_exit(self) -> None:
-        raise AssertionError("a warm sandbox's exit is its exec's (`_follow`)")
 
     def kill_group(self) -> None:
         super().kill_group()
         if self._removed:
             with contextlib.suppress(RedisError):  # the reaper unbinds what is left
                 self._book.unbind(self.id)
-
-    def _keep_output(self) -> None:
-        """Kill PID 1 (the namespace dies with it), let the stream drain, write its tail."""
-        if self._settings is None or self._spec is None:
-            return
-        self.signal_group(signal.SIGKILL)
-        if self._follower is not None:
-            self._follower.join(DRAIN_SECONDS)
-        settings, spec = self._settings, self._spec
-        try:
-            write_output(settings.output_directory, spec.work_id, spec.attempt,
-                         list(self._tail), max_bytes=settings.sandbox_output_max_bytes,
-                         keep=settings.sandbox_output_keep)
-        except OSError as exc:
-            event("output not kept", level=logging.WARNING, work_id=spec.work_id,
-                  attempt=spec.attempt, container=self.id[:12], error=str(exc))
 
 
 # Image id -> its entry point and command, read once per process (an id never changes).
@@ -368,8 +306,8 @@ class WarmPool:
             created = api.create_container(
                 host_config=api.create_host_config(**host_config_arguments(settings)),
                 **{**arguments,
-                   "entrypoint": ["sh", "-c", IDLE_SCRIPT, "warm"], "command": [],
-                   "stdin_open": False, "environment": {},
+                   "entrypoint": ["sh", "-c", LAUNCHER, "warm"],
+                   "command": session_command(settings, api), "environment": {},
                    "name": f"{settings.key_prefix}-warm-{uuid.uuid4().hex[:12]}",
                    "labels": self._labels(settings, environment)})
             container_id = str(created["Id"])

@@ -1,9 +1,8 @@
 """The warm pool's pure parts: the reaper's verdict on idle warm containers, the pool's targets,
-the command a warm container runs, and the exec stream's frames kept as output."""
+the command a warm container runs, and the contract as its launcher reads it."""
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import pytest
@@ -11,8 +10,7 @@ import pytest
 from dispatcher.session import reaper as reaper_module
 from dispatcher.session import warm_pool
 from dispatcher.session.reaper import Found, Idle, judge_idle
-from dispatcher.session.sandbox import SandboxSpec
-from dispatcher.session.warm_pool import WarmPool, WarmSandbox, session_command
+from dispatcher.session.warm_pool import WarmPool, contract_header, session_command
 from dispatcher.settings import Settings
 
 IMAGE = "sha256:" + "ab" * 32
@@ -81,20 +79,11 @@ def test_a_warm_container_runs_what_a_cold_one_would(
     assert session_command(settings, _Images(entrypoint, cmd)) == expected  # type: ignore[arg-type]
 
 
-def _frame(kind: int, data: bytes) -> bytes:
-    return struct.pack(">BxxxL", kind, len(data)) + data
-
-
-def test_the_exec_streams_frames_are_kept_to_the_last_max_bytes() -> None:
-    settings = _settings(DISPATCHER_SANDBOX_OUTPUT_MAX_BYTES=1024)
-    sandbox = WarmSandbox(None, "c1", settings=settings,  # type: ignore[arg-type]
-                          spec=SandboxSpec(argv=[], env={}, stdin=b""), book=None)  # type: ignore[arg-type]
-    stream = _frame(1, b"out\n") + _frame(2, b"err\n") + _frame(1, b"x" * 600)
-    rest = sandbox._frames(stream[:5])
-    assert rest == stream[:5], "half a header waits for the rest"
-    rest = sandbox._frames(rest + stream[5:-10])
-    assert b"".join(sandbox._tail) == b"out\nerr\n", "the last frame is not whole yet"
-    assert sandbox._frames(rest + stream[-10:]) == b""
-    assert b"".join(sandbox._tail) == b"out\nerr\n" + b"x" * 600
-    sandbox._frames(_frame(1, b"y" * 600))
-    assert b"".join(sandbox._tail) == b"x" * 600 + b"y" * 600, "the oldest dropped past 1 KiB"
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"A": "1", "B": "x y=z"}, b"A=1\nB=x y=z\n\n"),
+    ({}, b"\n"),
+    ({"A": "two\nlines"}, None),  # no line can carry it: that session starts cold
+])
+def test_the_contract_reaches_the_launcher_as_lines_up_to_an_empty_one(
+        env: dict[str, str], expected: bytes | None) -> None:
+    assert contract_header(env) == expected
