@@ -255,7 +255,7 @@ class Settings(BaseSettings):
         "work, idle until a session is bound to one (at most its free session slots; 0: every "
         "session starts a container cold). The default, 1, makes a session that arrives alone "
         "start warm for the cost of one idle container per worker; raise it for bursts. The "
-        "image needs `sh` and `sleep` (the idle command); without them sessions start cold."))
+        "image needs `sh`: the container waits for its session's variables on stdin."))
     process_user: str | None = _env("DISPATCHER_PROCESS_USER", description=(
         "process runtime: the user every sandbox runs as (`name`, `uid` or `uid:gid`, no passwd "
         "entry needed), switched to before exec; the worker must be root or hold CAP_SETUID, "

@@ -353,13 +353,19 @@ class WarmPool:
             return
         running = {str(c["Id"]) for c in listed if c.get("State") == "running"}
         ready: set[str] = set()
+        died = 0
         for environment in self.environments:
             for container_id in self.book.ready(self.worker, environment):
                 if container_id not in running and self.book.forget_ready(
                         self.worker, environment, container_id):
                     self._remove(container_id)
+                    died += 1
                 else:
                     ready.add(container_id)
+        if died:  # an engine restarted, or an image whose `sh` is missing: do not churn
+            self._failed("warm container not created", APIError(
+                f"{died} warm container(s) exited while idle (an engine restart, or an image "
+                "without `sh`)"))
         others = [str(c["Id"]) for c in listed if str(c["Id"]) not in ready]
         bound = self.book.bindings(others)
         for container_id in others:
