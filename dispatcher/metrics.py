@@ -116,6 +116,9 @@ COUNTERS: dict[str, Counter] = {
                                     "(to its end, or to the lease's last safe moment), or sent "
                                     "through it (the lease would lapse otherwise)", "decision",
                                     ("deferred", "sent")),
+    "warm_starts": Counter("Container sessions started in a warm container of the worker's "
+                           "pool (hit) or cold because it had none (miss)", "result",
+                           ("hit", "miss")),
     "healthchecks": Counter("Healthcheck work items answered, by result", "healthy",
                             ("true", "false")),
 }
@@ -363,6 +366,27 @@ def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity,
         if worker.live and worker.engine:
             engines.add_metric([worker.hostname], 1 if worker.engine == ENGINE_UP else 0)
     yield engines
+    yield GaugeMetricFamily(f"{NAMESPACE}_warm_containers",
+                            "Warm containers ready in the pools of live session workers",
+                            value=sum(warm_sizes(registry).values()))
+
+
+def warm_starts(values: Mapping[str, float]) -> dict[str, int]:
+    """Warm starts counted, by result (`hit`, `miss`), over every environment."""
+    found: dict[str, int] = {}
+    for field, value in values.items():
+        name, labels = _parse_field(field)
+        if name == "warm_starts":
+            result = labels.get(COUNTERS[name].label, OTHER)
+            found[result] = found.get(result, 0) + int(value)
+    return found
+
+
+def warm_sizes(registry: LeaseRegistry) -> dict[str, int]:
+    """Each live warm pool's ready containers (none outside the docker runtime)."""
+    from dispatcher.session.warm_book import WarmBook  # Redis only: no engine client
+
+    return WarmBook(registry.redis, prefix=registry.keys.prefix).sizes()
 
 
 def _server_gauges(by_environment: Mapping[str, WorkQueueStats | None]) -> Iterator[Metric]:

@@ -256,6 +256,12 @@ class Settings(BaseSettings):
     sandbox_init: bool = _env("DISPATCHER_SANDBOX_INIT", True, description=(
         "docker runtime: run the engine's init as PID 1, so the command gets SIGTERM's default "
         "action and its zombies are reaped."))
+    warm_containers: int = _env("DISPATCHER_WARM_CONTAINERS", 1, ge=0, description=(
+        "docker runtime: containers each session worker keeps created and started ahead of "
+        "work, idle until a session is bound to one (at most its free session slots; 0: every "
+        "session starts a container cold). The default, 1, makes a session that arrives alone "
+        "start warm for the cost of one idle container per worker; raise it for bursts. The "
+        "image needs `sh`: the container waits for its session's variables on stdin."))
     process_user: str | None = _env("DISPATCHER_PROCESS_USER", description=(
         "process runtime: the user every sandbox runs as (`name`, `uid` or `uid:gid`, no passwd "
         "entry needed), switched to before exec; the worker must be root or hold CAP_SETUID, "

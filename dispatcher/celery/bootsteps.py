@@ -5,6 +5,7 @@
 - `MetricsEndpoint`: serve the fleet's metrics, when a port is set.
 - `ContainerReaper`: on a session worker of the docker runtime, remove the fleet's containers
   whose attempt no longer runs.
+- `WarmContainers`: on a session worker of the docker runtime, keep its warm pool filled.
 - `RevokeRelay`: on a prefork worker, hand an operator's plain revoke of a running session to
   the lease machine (its child cannot see it).
 - `SessionGate` (a consumer step, `celery/broker.py`): on RabbitMQ, take no session message
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
     from dispatcher.metrics import FleetCollector
 
 __all__ = ["CONTROL_RESERVE", "ContainerReaper", "MetricsEndpoint", "RevokeRelay",
-           "SlotAdvertiser", "consumes_sessions", "install", "pool_name", "running_revoked",
-           "session_slots"]
+           "SlotAdvertiser", "WarmContainers", "consumes_sessions", "install", "pool_name",
+           "running_revoked", "session_slots"]
 
 # Pool slots kept free for control tasks on a worker that consumes both queues: one for the
 # poller's long-poll, one for heartbeat, bridge and recovery ticks; and one more for each
@@ -44,6 +45,9 @@ CONTROL_RESERVE = 2
 # How often a prefork worker's main process looks for revoked running sessions: a plain revoke
 # is seen this long after it came, at most, then stops like any operator stop.
 REVOKE_RELAY_SECONDS = 0.5
+# At a worker's stop, how long it waits for its idle warm containers' removal (about 0.1 s
+# each on a busy engine); what is left, the reaper removes once the pool's owner key expires.
+WARM_POOL_EMPTY_SECONDS = 10.0
 
 
 def session_slots(*, concurrency: int, queues: list[str], configured: int | None,
@@ -220,6 +224,56 @@ class ContainerReaper(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         self._stop.set()
 
+class WarmContainers(bootsteps.StartStopStep):
+    """On a session worker of the docker runtime: keep containers started ahead of work, up to
+    DISPATCHER_WARM_CONTAINERS and the slots its running sessions leave free
+    (dispatcher/session/warm_pool.py). In the main process: a prefork child claims from the same
+    pool through Redis."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.pool: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        runtime = get_runtime()
+        settings = runtime.settings
+        if (settings.sandbox_runtime != SandboxRuntimeKind.DOCKER or not settings.warm_containers
+                or not consumes_sessions(worker, settings.session_queues)):
+            return
+        from dispatcher.session.warm_book import WarmBook
+        from dispatcher.session.warm_pool import WarmPool
+
+        queues = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+        slots = session_slots(concurrency=worker.concurrency, queues=queues,
+                              configured=settings.session_slots, control_queue=CONTROL_QUEUE,
+                              session_queues=settings.session_queues,
+                              environments=len(runtime.environments))
+        self.pool = WarmPool(settings, WarmBook(runtime.redis, prefix=settings.key_prefix),
+                             worker=worker.hostname, slots=slots,
+                             environments=[e.id for e in runtime.environments],
+                             busy=_running_sessions)
+        event("warm pool", worker=worker.hostname, target=min(slots, settings.warm_containers),
+              owner=self.pool.owner)
+        self._thread = threading.Thread(target=self.pool.run, name="dispatcher-warm-pool",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.pool is not None and self._thread is not None:
+            self.pool.stop()
+            self._thread.join(WARM_POOL_EMPTY_SECONDS)
+
+
+def _running_sessions() -> int:
+    """Session tasks this worker runs now (its main process sees every pool's requests)."""
+    from celery.worker import state as worker_state
+
+    return sum(1 for request in list(worker_state.active_requests)
+               if getattr(request, "name", None) == SESSION_RUN)
+
+
 def running_revoked(active: Iterable[Any], revoked: Container[str], *,
                     relayed: Container[str]) -> list[tuple[str, str]]:
     """(task id, work id) of each running session task in the revoked set, not relayed yet."""
@@ -272,4 +326,5 @@ def install(app: Any) -> None:
     app.steps["worker"].add(RevokeRelay)
     app.steps["worker"].add(MetricsEndpoint)
     app.steps["worker"].add(ContainerReaper)
+    app.steps["worker"].add(WarmContainers)
     app.steps["consumer"].add(SessionGate)

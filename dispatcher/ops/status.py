@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.lease.model import Heartbeater, Phase
@@ -80,6 +80,9 @@ class FleetView:
     workers: list[WorkerSlots]
     beat_lock_held: bool
     now: float
+    # Ready warm containers by pool owner (`<hostname>#<id>`), and the warm starts counted.
+    warm: dict[str, int] = field(default_factory=dict)
+    warm_starts: dict[str, int] = field(default_factory=dict)
 
 
 def problems(view: FleetView) -> list[str]:
@@ -146,12 +149,15 @@ def _read(redis: Redis, prefix: str) -> FleetView:
     from dispatcher.clock import RedisClock
     from dispatcher.control.capacity import Capacity
     from dispatcher.lease.registry import LeaseRegistry
+    from dispatcher.metrics import Metrics, warm_starts
+    from dispatcher.session.warm_book import WarmBook
 
     clock = RedisClock(redis)  # the clock the leases and workers were written with
     return FleetView(leases=LeaseRegistry(redis, prefix=prefix, clock=clock).all(),
                      workers=Capacity(redis, prefix=prefix, clock=clock).workers(),
                      beat_lock_held=bool(redis.exists(CeleryKeys(prefix).beat_lock)),
-                     now=clock.now())
+                     now=clock.now(), warm=WarmBook(redis, prefix=prefix).sizes(),
+                     warm_starts=warm_starts(Metrics(redis, prefix=prefix).values()))
 
 
 def _check(redis: Redis, prefix: str, *, as_json: bool) -> int:
@@ -169,8 +175,10 @@ def _check(redis: Redis, prefix: str, *, as_json: bool) -> int:
 def _show(redis: Redis, prefix: str, *, as_json: bool) -> None:
     view = _read(redis, prefix)
     report = {"leases": [_lease_row(lease, view.now) for lease in view.leases],
-              "workers": [_worker_row(worker, view.leases, view.now) for worker in view.workers],
-              "summary": _summary(view.leases, view.workers), "key_prefix": prefix}
+              "workers": [_worker_row(worker, view.leases, view.now, view.warm)
+                          for worker in view.workers],
+              "summary": {**_summary(view.leases, view.workers), **_warm_summary(view)},
+              "key_prefix": prefix}
     if as_json:
         print_json(report)
     else:
@@ -194,12 +202,15 @@ def _lease_row(lease: Lease, now: float) -> dict[str, Any]:
     }
 
 
-def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float) -> dict[str, Any]:
+def _worker_row(worker: WorkerSlots, leases: list[Lease], now: float,
+                warm: dict[str, int]) -> dict[str, Any]:
     used = sum(1 for lease in leases
                if lease.worker == worker.hostname and lease.phase == Phase.RUNNING)
     return {
         "hostname": worker.hostname, "slots": worker.slots, "used": used,
         "free": max(0, worker.slots - used), "pool": worker.pool, "queues": worker.queues,
+        "warm": sum(n for owner, n in warm.items()
+                    if owner.rpartition("#")[0] == worker.hostname),
         "draining": worker.draining, "live": worker.live, "engine": worker.engine or None,
         "last_seen_seconds": now - worker.seen_at if worker.seen_at else None,
     }
@@ -213,11 +224,18 @@ def _summary(leases: list[Lease], workers: list[WorkerSlots]) -> dict[str, int]:
             "slots_total": total, "slots_free": free_slots(total=total, held=len(leases))}
 
 
+def _warm_summary(view: FleetView) -> dict[str, int]:
+    return {"warm_ready": sum(view.warm.values()), "warm_hits": view.warm_starts.get("hit", 0),
+            "warm_misses": view.warm_starts.get("miss", 0)}
+
+
 def _status_text(report: dict[str, Any]) -> str:
     summary = report["summary"]
     lines = [f"{summary['leases_held']} leases held; {summary['live_workers']} live workers, "
              f"{summary['slots_free']} of {summary['slots_total']} slots free "
-             f"(prefix {report['key_prefix']})", ""]
+             f"(prefix {report['key_prefix']})",
+             f"warm containers: {summary['warm_ready']} ready; {summary['warm_hits']} sessions "
+             f"started warm, {summary['warm_misses']} cold for want of one", ""]
     lines.append(table(
         ["WORK ID", "SESSION ID", "PHASE", "ATTEMPT", "WORKER", "AGE", "HEARTBEAT", "EXPIRES IN",
          "STOP"],
@@ -226,8 +244,8 @@ def _status_text(report: dict[str, Any]) -> str:
           duration(r["expires_in_seconds"]), _stop_text(r)] for r in report["leases"]]))
     lines.append("")
     lines.append(table(
-        ["WORKER", "SLOTS", "USED", "FREE", "POOL", "DRAINING", "ENGINE", "LAST SEEN"],
-        [[r["hostname"], r["slots"], r["used"], r["free"], r["pool"], r["draining"],
+        ["WORKER", "SLOTS", "USED", "FREE", "WARM", "POOL", "DRAINING", "ENGINE", "LAST SEEN"],
+        [[r["hostname"], r["slots"], r["used"], r["free"], r["warm"], r["pool"], r["draining"],
           _engine_text(r["engine"]), duration(r["last_seen_seconds"])]
          for r in report["workers"]]))
     return "\n".join(lines)

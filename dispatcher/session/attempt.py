@@ -27,7 +27,7 @@ from dispatcher.lease.causes import Outcome
 from dispatcher.lease.model import Lease, StopKind
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
-from dispatcher.session.runtimes import RunningSandbox, start_sandbox
+from dispatcher.session.runtimes import RunningSandbox, start_sandbox, warm_claim
 from dispatcher.session.sandbox import (
     CommandError,
     SandboxInfraError,
@@ -236,7 +236,8 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
     with _terminate_sets_flag(flags):
         try:
             with _pulsing_while_a_container_starts(runtime, attempt):
-                sandbox = start_sandbox(runtime.settings, spec)
+                sandbox = start_sandbox(runtime.settings, spec, warm=warm_claim(
+                    runtime.settings, runtime.redis, runtime.metrics, worker=attempt.worker))
         except SandboxInfraError as exc:
             return _infra_failed(runtime, attempt, exc)
         except SandboxStartError as exc:

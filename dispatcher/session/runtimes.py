@@ -7,7 +7,8 @@ knowing whether it is a process group (`sandbox.py`) or a container (`container.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from dispatcher.logs import event
 from dispatcher.session.cgroups import (
@@ -29,7 +30,12 @@ from dispatcher.session.runner_detect import lease_mode_problem, program_texts
 from dispatcher.session.sandbox import Sandbox, SandboxSpec, SandboxStartError, resolve_command
 from dispatcher.settings import SandboxRuntimeKind, Settings, SettingsError
 
-__all__ = ["RunningSandbox", "check_sandbox", "start_sandbox"]
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from dispatcher.metrics import Metrics
+
+__all__ = ["RunningSandbox", "WarmClaim", "check_sandbox", "start_sandbox", "warm_claim"]
 
 
 class RunningSandbox(Protocol):
@@ -52,11 +58,19 @@ class RunningSandbox(Protocol):
         ...
 
 
-def start_sandbox(settings: Settings, spec: SandboxSpec) -> RunningSandbox:
-    """Start the attempt's sandbox; SandboxStartError when it cannot start."""
+# Starts the session in a warm container of the worker's pool; None: none, start it cold.
+WarmClaim = Callable[[Settings, SandboxSpec], "RunningSandbox | None"]
+
+
+def start_sandbox(settings: Settings, spec: SandboxSpec, *,
+                  warm: WarmClaim | None = None) -> RunningSandbox:
+    """Start the attempt's sandbox (warm when the pool has a container); SandboxStartError when
+    it cannot start."""
     if settings.sandbox_runtime == SandboxRuntimeKind.DOCKER:
         from dispatcher.session.container import ContainerSandbox  # docker only where used
 
+        if warm is not None and (found := warm(settings, spec)) is not None:
+            return found
         return ContainerSandbox.start(settings, spec)
     return Sandbox.start(spec, confinement_of(settings.process_user, settings.process_rlimits),
                          _live_output(settings, spec), _cgroup(settings, spec))
@@ -86,6 +100,20 @@ def _live_output(settings: Settings, spec: SandboxSpec) -> LiveOutput | None:
         event("output not kept", level=logging.WARNING, work_id=spec.work_id,
               attempt=spec.attempt, error=str(exc))
         return None
+
+
+def warm_claim(settings: Settings, redis: Redis, metrics: Metrics, *,
+               worker: str) -> WarmClaim | None:
+    """How an attempt on `worker` claims from its warm pool; None: the pool is off."""
+    if settings.sandbox_runtime != SandboxRuntimeKind.DOCKER or not settings.warm_containers:
+        return None
+    import functools
+
+    from dispatcher.session.warm_book import WarmBook
+    from dispatcher.session.warm_pool import claim_warm
+
+    book = WarmBook(redis, prefix=settings.key_prefix)
+    return functools.partial(claim_warm, book=book, worker=worker, metrics=metrics)
 
 
 def check_sandbox(settings: Settings) -> None:

@@ -27,7 +27,9 @@ import redis
 from dispatcher.control.capacity import Capacity
 from dispatcher.lease.model import Lease, Phase, StopKind
 from dispatcher.lease.registry import LeaseRegistry
+from dispatcher.metrics import Metrics
 from dispatcher.ops.cli import main
+from dispatcher.session.warm_book import WarmBook
 from tests.support.isolation import free_port, integration_db, redis_url
 
 pytestmark = pytest.mark.integration
@@ -263,6 +265,13 @@ def _fill(registry: LeaseRegistry) -> None:
                           phase=Phase.RUNNING, worker="w2@host", claimed_at=now - 50,
                           ttl_seconds=30, heartbeat_ok_at=now - 2, **common), work_json="{}")
     registry.set_stop("work_stopping", StopKind.GRACEFUL, expected=StopKind.NONE, cause="server")
+    book = WarmBook(registry.redis, prefix=registry.keys.prefix)
+    book.alive("w1@host#a1b2c3d4", 2)
+    book.alive("w9@host#dead", 5)
+    book.gone("w9@host#dead")  # a worker that stopped: its pool counts no more
+    metrics = Metrics(registry.redis, prefix=registry.keys.prefix)
+    metrics.inc("warm_starts", 3, environment="env_1", result="hit")
+    metrics.inc("warm_starts", environment="env_1", result="miss")
 
 
 def test_status_reports_leases_and_workers_without_any_key(
@@ -286,13 +295,16 @@ def test_status_reports_leases_and_workers_without_any_key(
             workers["w1@host"]["free"]) == (4, 1, 3)
     assert workers["w2@host"]["draining"] is True and workers["w2@host"]["used"] == 1
     assert report["summary"] == {"leases_held": 3, "live_workers": 1, "slots_total": 4,
-                                 "slots_free": 1}
+                                 "slots_free": 1, "warm_ready": 2, "warm_hits": 3,
+                                 "warm_misses": 1}
 
     assert main(["status"]) == 0
     text = capsys.readouterr().out
     assert "3 leases held; 1 live workers, 1 of 4 slots free" in text
+    assert "warm containers: 2 ready; 3 sessions started warm, 1 cold for want of one" in text
+    assert re.search(r"w1@host\s+4\s+1\s+3\s+2\s+threads", text)
     assert re.search(r"work_stopping\s+sesn_stopping\s+running.*graceful \(server\)", text)
-    assert re.search(r"w2@host\s+2\s+1\s+1\s+prefork\s+yes", text)
+    assert re.search(r"w2@host\s+2\s+1\s+1\s+0\s+prefork\s+yes", text)
 
 
 def test_status_of_an_empty_fleet(registry: LeaseRegistry,

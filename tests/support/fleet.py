@@ -108,6 +108,8 @@ class Fleet:
             "DISPATCHER_SANDBOX_NETWORK": "none",  # test machines have no bridge
             "DISPATCHER_SANDBOX_PULL": "never",
             "DISPATCHER_SANDBOX_VOLUMES": f"{self.records_dir}:/records",
+            # The cold path unless a test turns the warm pool on (tests/acceptance/test_warm_pool).
+            "DISPATCHER_WARM_CONTAINERS": "0",
         })
 
     def containers(self, engine: Any, *, running: bool = False) -> list[dict[str, Any]]:

@@ -34,7 +34,10 @@ EVENT_CONDITIONAL = re.compile(
 EVENT_ANY = re.compile(r"\bevent\(\s*([^\s,)]+)")
 # Actions passed through a variable: where the name is set, and the actions it can hold.
 DYNAMIC_ACTIONS = {("poller.py", "what"): ["poll failed"],
-                   ("signals.py", "action"): ["sandbox cgroups"]}
+                   ("signals.py", "action"): ["sandbox cgroups"],
+                   ("warm_pool.py", "what"): ["warm container not created",
+                                              "warm pool book unreachable",
+                                              "warm pool cannot list its containers"]}
 
 
 def _generated_table(text: str) -> str:

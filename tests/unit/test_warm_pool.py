@@ -1,0 +1,89 @@
+"""The warm pool's pure parts: the reaper's verdict on idle warm containers, the pool's targets,
+the command a warm container runs, and the contract as its launcher reads it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dispatcher.session import reaper as reaper_module
+from dispatcher.session import warm_pool
+from dispatcher.session.reaper import Found, Idle, judge_idle
+from dispatcher.session.warm_pool import WarmPool, contract_header, session_command
+from dispatcher.settings import Settings
+
+IMAGE = "sha256:" + "ab" * 32
+
+
+def _settings(**env: Any) -> Settings:
+    return Settings(ANTHROPIC_ENVIRONMENT_ID="env_1", DISPATCHER_SANDBOX_RUNTIME="docker",
+                    DISPATCHER_SANDBOX_IMAGE=IMAGE, DISPATCHER_FLEET_ID="f1", **env)
+
+
+@pytest.mark.parametrize(("owner_live", "suspected", "reaped", "suspect"), [
+    (True, False, False, False),  # its worker lives: kept
+    (True, True, False, False),  # its worker's key is back (a Redis restart): forgiven
+    (False, False, False, True),  # its worker's key expired: look again
+    (False, True, True, False),  # still dead on the next pass: removed
+])
+def test_the_reaper_removes_idle_warm_containers_of_dead_workers_only(
+        owner_live: bool, suspected: bool, reaped: bool, suspect: bool) -> None:
+    idle = Idle("c1", "w1@host#1")
+    verdict = judge_idle([idle], {"w1@host#1"} if owner_live else set(),
+                         {"c1"} if suspected else set())
+    assert (Found("c1", "", 0, warm=True) in verdict.reap, "c1" in verdict.suspect) == (
+        reaped, suspect)
+
+
+def test_the_reaper_tells_a_warm_container_by_its_owner_label() -> None:
+    listed = {"Id": "c1", "Labels": {"dispatcher.warm_owner": "w1@host#1"}}
+    assert reaper_module._parse(listed) == Idle("c1", "w1@host#1")
+
+
+@pytest.mark.parametrize(("setting", "slots", "busy", "environments", "expected"), [
+    (1, 4, 0, ["e"], {"e": 1}),
+    (8, 4, 1, ["e"], {"e": 3}),  # never more than the free slots
+    (2, 4, 4, ["e"], {"e": 0}),  # every slot busy: none
+    (2, 4, 6, ["e"], {"e": 0}),
+    (3, 8, 0, ["e", "f"], {"e": 2, "f": 1}),  # shared among environments
+    (0, 8, 0, ["e"], {"e": 0}),
+])
+def test_the_pool_keeps_at_most_the_setting_and_the_free_slots(
+        setting: int, slots: int, busy: int, environments: list[str],
+        expected: dict[str, int]) -> None:
+    pool = WarmPool(_settings(DISPATCHER_WARM_CONTAINERS=setting), book=None,  # type: ignore[arg-type]
+                    worker="w1", slots=slots, environments=environments, busy=lambda: busy)
+    assert pool.targets() == expected
+
+
+class _Images:
+    def __init__(self, entrypoint: list[str] | None, cmd: list[str] | None) -> None:
+        self.config = {"Entrypoint": entrypoint, "Cmd": cmd}
+
+    def inspect_image(self, image: str) -> dict[str, Any]:
+        return {"Config": self.config}
+
+
+@pytest.mark.parametrize(("entrypoint", "cmd", "command", "expected"), [
+    (None, ["sh", "/session.sh"], None, ["sh", "/session.sh"]),
+    (["/entry"], ["a"], None, ["/entry", "a"]),
+    (["/entry"], ["a"], "run --x 'y z'", ["/entry", "run", "--x", "y z"]),
+    (None, ["a"], "run", ["run"]),
+])
+def test_a_warm_container_runs_what_a_cold_one_would(
+        entrypoint: list[str] | None, cmd: list[str] | None, command: str | None,
+        expected: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(warm_pool, "_commands", {})
+    settings = _settings(**({"DISPATCHER_SANDBOX_COMMAND": command} if command else {}))
+    assert session_command(settings, _Images(entrypoint, cmd)) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"A": "1", "B": "x y=z"}, b"A=1\nB=x y=z\n\n"),
+    ({}, b"\n"),
+    ({"A": "two\nlines"}, None),  # no line can carry it: that session starts cold
+])
+def test_the_contract_reaches_the_launcher_as_lines_up_to_an_empty_one(
+        env: dict[str, str], expected: bytes | None) -> None:
+    assert contract_header(env) == expected
