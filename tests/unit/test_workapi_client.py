@@ -178,7 +178,7 @@ def test_the_package_exports_exactly_its_public_names() -> None:
         "MissingCredentialError", "NotFoundError", "RateLimitedError", "RequestTimeout",
         "ServerError", "TransientError", "Work", "WorkAPIError", "WorkClient", "WorkData",
         "WorkDataType", "WorkPage", "WorkQueueStats", "WorkState", "classify", "delay_for",
-        "epoch_seconds", "retry_after_seconds",
+        "epoch_seconds", "retry_after_seconds", "sessions_token",
     ])
     for name in dispatcher.workapi.__all__:
         assert hasattr(dispatcher.workapi, name)
