@@ -46,7 +46,10 @@ def engine_blame(status: int | None, message: str, *, answered: bool) -> Blame:
         return Blame.INFRASTRUCTURE  # down, cut off, or slower than the client's bound
     text = message.lower()
     if status == 404:
-        return Blame.INFRASTRUCTURE  # the image (or the container just made) is gone
+        # The image lost, or the container just made removed: the engine's. Anything else it
+        # cannot find (a network, a volume the settings name) is what the attempt asked for.
+        lost = "no such image" in text or "no such container" in text
+        return Blame.INFRASTRUCTURE if lost else Blame.SESSION
     if status == 409:
         return Blame.INFRASTRUCTURE  # a container of the attempt exists: a create that landed
     if any(m in text for m in _SESSION_MESSAGES):

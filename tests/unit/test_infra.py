@@ -21,6 +21,8 @@ ENGINE = [
     (500, "failed to create shim task: context deadline exceeded", True, INFRA),
     (404, "No such image: sha256:0123abcd", True, INFRA),  # the engine lost the image
     (404, "No such container: 0123abcd", True, INFRA),  # removed between create and start
+    # What the settings name and the engine has not: the attempt's, as it asked for it.
+    (404, "network no-such-network not found", True, SESSION),
     (409, "Conflict. The container name \"/d-w-1\" is already in use", True, INFRA),
     # The container's own command cannot run: the session's, from old (500) or new (400)
     # engines alike.
