@@ -434,15 +434,26 @@ class Executor:
         return sessions_token(secret if isinstance(secret, str) else None)
 
     def _throttled(self, state: _Run) -> float:
-        """Seconds the server's throttle of the run's environment stands (0.0: none)."""
-        return self.pacing.remaining(state.environment_id) if state.environment_id else 0.0
+        """Seconds the server's throttle of the run's environment stands (0.0: none). With
+        Redis down the throttle cannot be read, and the request goes: a stop of an item Redis
+        could not record must not wait for Redis."""
+        if not state.environment_id:
+            return 0.0
+        try:
+            return self.pacing.remaining(state.environment_id)
+        except RedisError:
+            return 0.0
 
     def _note(self, state: _Run, exc: WorkAPIError, source: str) -> bool:
-        """Hand a failure to the pacing; True if it throttles the run's environment."""
+        """Hand a failure to the pacing; True if it throttles the run's environment (False if
+        Redis, where the throttle lives, cannot be reached)."""
         if not state.environment_id:
             return False
-        return self.pacing.note(state.environment_id, status=exc.status,
-                                retry_after=exc.retry_after, source=source) is not None
+        try:
+            return self.pacing.note(state.environment_id, status=exc.status,
+                                    retry_after=exc.retry_after, source=source) is not None
+        except RedisError:
+            return False
 
     # --- the registry ----------------------------------------------------------------------
     def _create(self, work_id: str, effect: fx.CreateRecord, state: _Run) -> _Abort | None:
