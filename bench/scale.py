@@ -239,16 +239,19 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
         for environment in fleet.environment_ids:
             created += emu.create_sessions(environment, share, _metadata(0))
         ids = {c.work_id for c in created}
+        # On a machine too busy to start them all, the figures are taken with those that run
+        # (`sandboxes`, `held_at_full`), and the report says how many never started.
         deadline = time.monotonic() + 900
         while True:
             lines = started_log.read_text().splitlines()
             if len({line.split()[0] for line in lines}) >= len(ids):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(lines)} of {len(ids)} sessions started")
+                log(f"thousand: only {len(lines)} of {len(ids)} started within 900 s")
+                break
             time.sleep(1.0)
         all_running = time.time()
-        log(f"thousand: all {len(ids)} running after {all_running - t0:.0f} s; holding {hold} s")
+        log(f"thousand: {len(lines)} started after {all_running - t0:.0f} s; holding {hold} s")
         beats: dict[str, list[float]] = defaultdict(list)
         w0 = time.time()
         time.sleep(5.0)
