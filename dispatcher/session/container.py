@@ -58,6 +58,7 @@ __all__ = [
     "container_name",
     "create_arguments",
     "engine",
+    "feed_stdin",
     "log_pinned_images",
     "pinned_image",
     "sandbox_texts",
@@ -361,7 +362,7 @@ class ContainerSandbox:
         except (APIError, RequestException) as exc:
             sandbox.kill_group()
             raise _start_error("container not started", exc) from None
-        threading.Thread(target=_feed, args=(stdin, spec.stdin), daemon=True).start()
+        threading.Thread(target=feed_stdin, args=(stdin, spec.stdin), daemon=True).start()
         threading.Thread(target=sandbox._wait_exit, daemon=True).start()
         return sandbox
 
@@ -434,7 +435,7 @@ class ContainerSandbox:
                   attempt=spec.attempt, container=self.id[:12], error=str(exc))
 
 
-def _feed(stream: Any, data: bytes) -> None:
+def feed_stdin(stream: Any, data: bytes) -> None:
     """Write the work JSON to the container's stdin and close it, so the command reads EOF."""
     raw = getattr(stream, "_sock", stream)
     try:

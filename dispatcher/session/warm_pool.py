@@ -49,9 +49,9 @@ from dispatcher.session.container import (
     LABEL_FLEET_ID,
     SECRET_DIRECTORY,
     ContainerSandbox,
-    _feed,
     create_arguments,
     engine,
+    feed_stdin,
     host_config_arguments,
     pinned_image,
     secret_archive,
@@ -185,7 +185,7 @@ class WarmSandbox(ContainerSandbox):
             sandbox._settings = None  # nothing ran in it: no output to keep
             sandbox.kill_group()
             return None
-        threading.Thread(target=_feed, args=(stdin, header + spec.stdin), daemon=True).start()
+        threading.Thread(target=feed_stdin, args=(stdin, header + spec.stdin), daemon=True).start()
         threading.Thread(target=sandbox._wait_exit, daemon=True).start()
         return sandbox
 

@@ -54,17 +54,22 @@ def _check(fleet: Fleet) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
+def _behind_the_relay(fleet: Fleet, relay: EngineRelay) -> Fleet:
+    """A control worker and one session worker of two slots whose engine is the relay."""
+    fleet.overrides["DOCKER_HOST"] = relay.docker_host
+    fleet.worker("control", queues="dispatcher.control", beat=True)
+    fleet.worker("w1", concurrency=2, queues="dispatcher.sessions")
+    fleet.wait_slots(2)
+    return fleet
+
+
 def _running(fleet: Fleet, work_id: str) -> bool:
     return fleet.lease(work_id).get("phase") == "running"
 
 
 def test_an_engine_down_while_items_are_claimed_ends_no_session(
         relay: EngineRelay, container_fleet: Fleet, engine: Any) -> None:
-    fleet = container_fleet
-    fleet.overrides["DOCKER_HOST"] = relay.docker_host
-    fleet.worker("control", queues="dispatcher.control", beat=True)
-    fleet.worker("w1", concurrency=2, queues="dispatcher.sessions")
-    fleet.wait_slots(2)
+    fleet = _behind_the_relay(container_fleet, relay)
     # Creates are held, so both sessions are claimed and inside their start when it dies.
     relay.delay_create = 30.0
     work_ids = [fleet.create(fake_duration=2) for _ in range(2)]
@@ -107,11 +112,7 @@ def test_an_engine_down_while_items_are_claimed_ends_no_session(
 
 def test_a_slow_engine_starts_no_second_attempt_and_ends_no_session(
         relay: EngineRelay, container_fleet: Fleet, engine: Any) -> None:
-    fleet = container_fleet
-    fleet.overrides["DOCKER_HOST"] = relay.docker_host
-    fleet.worker("control", queues="dispatcher.control", beat=True)
-    fleet.worker("w1", concurrency=2, queues="dispatcher.sessions")
-    fleet.wait_slots(2)
+    fleet = _behind_the_relay(container_fleet, relay)
     relay.delay_create = SLOW_CREATE_SECONDS
     work_id = fleet.create(fake_duration=2)
     fleet.wait_event(work_id, "started", timeout=60)
