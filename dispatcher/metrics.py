@@ -109,8 +109,8 @@ COUNTERS: dict[str, Counter] = {
                            tuple(LossCause)),
     "attempts_restarted": Counter("Session attempts started again on another worker, by reason",
                                   "reason", tuple(RestartReason)),
-    "server_throttles": Counter("Times the server began throttling an environment (429, 503 "
-                                "or retry-after), by the call that met it", "source",
+    "server_throttles": Counter("Times the server began throttling an environment (429, or "
+                                "retry-after), by the call that met it", "source",
                                 ("poll", "list", "heartbeat", "ack", "stop")),
     "heartbeats_throttled": Counter("Due heartbeats met by the server's throttle: deferred "
                                     "(to its end, or to the lease's last safe moment), or sent "

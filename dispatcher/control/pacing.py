@@ -1,6 +1,7 @@
 """The server's pacing, per environment: when it asks one member to slow down, the fleet does.
 
-A 429 or a 503, or any answer that carries `retry-after`, throttles its environment. The throttle
+A 429, or any answer that carries `retry-after` (a 503 with one included), throttles its
+environment. The throttle
 is one Redis key per environment that lives as long as the server asked (`PX`): every member of
 the fleet, on any host, sees the same one, and no host's clock is compared with another's (the
 time left is the key's `PTTL`, counted by Redis). A longer request extends it; a shorter one
@@ -26,12 +27,9 @@ from redis import Redis
 from dispatcher.logs import event
 from dispatcher.metrics import Metrics
 
-__all__ = ["THROTTLE_STATUSES", "Pacing", "throttle_seconds"]
+__all__ = ["Pacing", "throttle_seconds"]
 
-# Statuses by which a server says "too many" (429) or "not now" (503, the HTTP status whose
-# `retry-after` RFC 9110 defines besides 429's).
-THROTTLE_STATUSES = frozenset({429, 503})
-# A 429 or 503 without `retry-after`: the fleet waits this long, the SDK's MAX_RETRY_DELAY (the
+# A 429 without `retry-after`: the fleet waits this long, the SDK's MAX_RETRY_DELAY (the
 # longest a client of the server's own waits unasked).
 DEFAULT_THROTTLE_SECONDS = 8.0
 # Where the source of the throttle is kept (its value): `dispatcher status` and the log show it.
@@ -41,12 +39,15 @@ _NAME = "throttled"
 def throttle_seconds(status: int | None, retry_after: float | None) -> float | None:
     """How long the fleet stays away from an environment after this answer; None: not asked.
 
-    A `retry-after` counts whatever the status (the server named a time); 429 and 503 without
-    one get the default wait.
+    A `retry-after` counts whatever the status (the server named a time); a 429 without one
+    gets the default wait. A 503 without one is that request's failure, retried by its caller
+    with its own backoff, as the SDK's client retries it: it is what a proxy answers for one
+    failing backend, and a fleet that paused an environment on each would stop claiming at
+    all under a 20 % error rate (the lost-replies scenario showed it).
     """
     if retry_after is not None:
         return retry_after
-    if status in THROTTLE_STATUSES:
+    if status == 429:
         return DEFAULT_THROTTLE_SECONDS
     return None
 

@@ -19,7 +19,7 @@ import redis
 
 from tests.support.chaos import ChaosFleet, Figures, RedisServer
 from tests.support.isolation import fleet_db, free_port
-from tests.support.sentinel import MASTER_NAME, SentinelServer
+from tests.support.sentinel import SentinelServer
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.chaos
@@ -47,7 +47,7 @@ def test_redis_master_killed_sentinel_promotes_the_replica(
                  what="the Sentinel to find the replica")
         cf = chaos("Redis master killed, Sentinel promotes the replica", ttl=6, redis=master)
         cf.fleet.overrides.update({"DISPATCHER_REDIS_SENTINELS": sentinel.address,
-                                   "DISPATCHER_REDIS_SENTINEL_MASTER": MASTER_NAME})
+                                   "DISPATCHER_REDIS_SENTINEL_MASTER": sentinel.master_name})
         cf.busy_with_sessions()
         master.kill()
         cf.fault("Redis master killed (SIGKILL)")

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from tests.support.isolation import free_port
-from tests.support.sentinel import MASTER_NAME, SentinelServer
+from tests.support.sentinel import SentinelServer
 
 PASSWORD = "Pw-0f-the-fleet-S3CRET"
 AMQP_PASSWORD = "Pw-0f-the-broker-S3CRET"
@@ -110,7 +110,7 @@ def _fleet_env(redis_port: int, sentinel: SentinelServer | None, *,
         return env
     env.update({"DISPATCHER_REDIS_URL": f"redis://fleet:{PASSWORD}@127.0.0.1:{free_port()}/0",
                 "DISPATCHER_REDIS_SENTINELS": sentinel.address,
-                "DISPATCHER_REDIS_SENTINEL_MASTER": MASTER_NAME,
+                "DISPATCHER_REDIS_SENTINEL_MASTER": sentinel.master_name,
                 "DISPATCHER_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD})
     return env
 

@@ -77,7 +77,7 @@ def test_a_lease_whose_release_fails_is_still_heartbeated_until_the_stop_lands(
     work_id = _claimed(emulator, runtime)
     lease = runtime.registry.get(work_id)
     assert lease is not None
-    emulator.set_faults(error_rate=1.0, error_status=500, endpoints=["stop"])  # 503 throttles
+    emulator.set_faults(error_rate=1.0, error_status=500, endpoints=["stop"])
     assert _finish(runtime, lease) is not None, "the failed release keeps the lease"
     releasing = runtime.registry.get(work_id)
     assert releasing is not None and releasing.phase == Phase.RELEASING
@@ -99,7 +99,7 @@ def test_a_failed_release_never_postpones_a_due_beat(emulator: Any, runtime: Run
     assert lease is not None
     soon = time.time() + 0.5
     runtime.registry.schedule_heartbeat(work_id, soon)
-    emulator.set_faults(error_rate=1.0, error_status=500, endpoints=["stop"])  # 503 throttles
+    emulator.set_faults(error_rate=1.0, error_status=500, endpoints=["stop"])
     try:
         assert _finish(runtime, lease) is not None, "the failed release keeps the lease"
     finally:
@@ -118,7 +118,7 @@ def test_an_ended_session_handed_out_again_is_stopped_not_run_again(
         work_id = _claimed(emu, runtime)
         lease = runtime.registry.get(work_id)
         assert lease is not None
-        emu.set_faults(error_rate=1.0, error_status=500, endpoints=["stop"])  # 503 throttles
+        emu.set_faults(error_rate=1.0, error_status=500, endpoints=["stop"])
         assert _finish(runtime, lease) is not None, "the failed release keeps the lease"
         emu.reset_faults()
         runtime.registry.unschedule_heartbeat(work_id)  # no beat: let the lease lapse

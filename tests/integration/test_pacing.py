@@ -91,7 +91,8 @@ def test_a_throttle_is_never_shortened_and_is_logged_once(
     with caplog.at_level(logging.WARNING, logger="dispatcher"):
         assert pacing.note(env, status=429, retry_after=120.0, source="poll") == 120.0
         assert pacing.note(env, status=429, retry_after=1.0, source="poll") == 1.0
-        assert pacing.note(env, status=503, retry_after=None, source="list") == 8.0
+        assert pacing.note(env, status=429, retry_after=None, source="list") == 8.0
+        assert pacing.note(env, status=503, retry_after=None, source="list") is None
         assert pacing.note(env, status=500, retry_after=None, source="list") is None
     assert pacing.remaining(env) > 115, "a shorter answer does not shorten it"
     assert pacing.remaining_all([env, "env_other"])["env_other"] == 0.0

@@ -17,7 +17,7 @@
                 (built from `sandbox_image/`)
     chaos       `ChaosFleet`, `Figures`, `RedisServer`, `Watcher`: a fleet under fault injection
     invariants  the promises every chaos scenario is checked against
-    sentinel    `SentinelServer`, `MASTER_NAME`: a `redis-sentinel` of the test's own
+    sentinel    `SentinelServer`: a `redis-sentinel` of the test's own
     hosts       `Network`, `Host`, `Link`: fleet members as hosts in network namespaces, links
                 cut, lossy or slow (the partition scenarios)
     report      renders the chaos figures: `python tests/support/report.py FILE`

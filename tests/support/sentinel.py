@@ -1,4 +1,4 @@
-"""A `redis-sentinel` process of a test's own, watching one master (`MASTER_NAME`, quorum 1).
+"""A `redis-sentinel` process of a test's own, watching one master (`master_name`, quorum 1).
 
 Shared by the integration tests (the clients the fleet builds, through a Sentinel) and the
 chaos scenario (a failover to a replica).
@@ -15,10 +15,6 @@ import redis
 
 from tests.support.isolation import free_port
 
-MASTER_NAME = "fleet-master"
-
-
-
 
 class SentinelServer:
     """`lines` are more of sentinel.conf (`sentinel down-after-milliseconds ...`, `requirepass`);
@@ -27,12 +23,16 @@ class SentinelServer:
     def __init__(self, workdir: Path, master_port: int, *lines: str,
                  password: str | None = None) -> None:
         self.port = free_port()
+        # A name of its own: Sentinels find each other by the master's name on its hello
+        # channel, and a Sentinel another test left watching a port this master reused would
+        # otherwise join it and, gone, deny every failover its vote (not elected).
+        self.master_name = f"fleet-master-{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "sentinel.conf"  # Sentinel rewrites it: its own copy, writable
         config.write_text("\n".join([
             f"port {self.port}", "bind 127.0.0.1", f"dir {workdir}",
-            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 1",
-            *(line.format(name=MASTER_NAME) for line in lines), ""]))
+            f"sentinel monitor {self.master_name} 127.0.0.1 {master_port} 1",
+            *(line.format(name=self.master_name) for line in lines), ""]))
         with open(workdir / "sentinel.log", "ab") as log:
             self.process = subprocess.Popen([_binary(), str(config)], stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -46,7 +46,7 @@ class SentinelServer:
     def master_port(self) -> int | None:
         """The master's port as the Sentinel names it now; None while it cannot say."""
         try:
-            address = self.client.sentinel_get_master_addr_by_name(MASTER_NAME)
+            address = self.client.sentinel_get_master_addr_by_name(self.master_name)
         except redis.RedisError:
             return None
         return int(address[1]) if address else None
@@ -55,7 +55,7 @@ class SentinelServer:
         """The Sentinel has found the replica (through the master's INFO) and it is healthy:
         before that, a failover has nothing to promote."""
         try:
-            replicas = self.client.sentinel_slaves(MASTER_NAME)
+            replicas = self.client.sentinel_slaves(self.master_name)
         except redis.RedisError:
             return False
         return any(int(r["port"]) == port and not (r["is_sdown"] or r["is_odown"])

@@ -17,7 +17,7 @@ from dispatcher.control.pacing import DEFAULT_THROTTLE_SECONDS, throttle_seconds
 @pytest.mark.parametrize(
     ("status", "retry_after", "seconds"),
     [(429, 120.0, 120.0), (429, None, DEFAULT_THROTTLE_SECONDS),
-     (503, None, DEFAULT_THROTTLE_SECONDS), (503, 30.0, 30.0),
+     (503, None, None), (503, 30.0, 30.0),
      (500, 5.0, 5.0),  # the server named a time: honoured whatever the status
      (500, None, None), (None, None, None), (400, None, None), (409, None, None)],
 )
