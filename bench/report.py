@@ -56,6 +56,19 @@ def _target(ok: bool | None) -> str:
     return "" if ok is None else ("met" if ok else "**missed**")
 
 
+def _unended(part: dict[str, Any]) -> str:
+    """A drain's sessions that started and never ended, as a note to its figure."""
+    n = _get(part, "drain", "unended")
+    return f" ({n} started, never ended)" if n else ""
+
+
+def _recovered(part: dict[str, Any], value: float | None) -> str:
+    """A recovery figure, or `never` where the killed session did not run again."""
+    never = _get(part, "recovery", "never")
+    waited = _get(part, "recovery", "waited") or 0
+    return f"never (waited {waited:.0f} s)" if never else _s(value)
+
+
 def write_report(results: dict[str, Any], *, command: str) -> str:
     ours = results.get("ours", {})
     peer = results.get("peer", {})
@@ -78,15 +91,17 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
     latency_rows("dispatch_steady", f"dispatch latency, {rate:g} sessions/s arriving",
                  0.100, 1.0)
     o, p = _get(ours, "drain", "per_second"), _get(peer, "drain", "per_second")
+
     rows.append((f"drain throughput, backlog of {sizes['backlog']}, {slots} slots",
-                 "" if o is None else f"{o:.1f} sessions/s",
-                 "" if p is None else f"{p:.1f} sessions/s",
+                 "" if o is None else f"{o:.1f} sessions/s{_unended(ours)}",
+                 "" if p is None else f"{p:.1f} sessions/s{_unended(peer)}",
                  _ratio(o, p, higher_is_better=True), ""))
     latency_rows("stop", "stop latency (stop requested -> sandbox told)", None, 2.0,
                  peer_note=" (†)")
     o, p = _get(ours, "recovery", "p50"), _get(peer, "recovery", "p50")
+
     rows.append(("recovery (worker SIGKILLed -> session running again), p50",
-                 _s(o), _s(p), _ratio(o, p, higher_is_better=False),
+                 _recovered(ours, o), _recovered(peer, p), _ratio(o, p, higher_is_better=False),
                  "" if o is None else f"< 10 s: {_target(o < 10)}"))
     for n in sizes["poll_fleets"]:
         o, p = _get(ours, f"poll_{n}", "polls_per_min"), _get(peer, f"poll_{n}", "polls_per_min")

@@ -97,8 +97,15 @@ def drain(fleet: Fleet, n: int, duration: float = 0.1) -> dict[str, float]:
     made = max(c.time for c in created) - first
     started = wait_all(fleet.records, ids, "started", timeout=600)
     last = max(r["time"] for r in started.values())
-    wait_all(fleet.records, ids, "exited", timeout=120)
+    # Every session started is what the figure measures; one that never ends (the peer's SDK
+    # 2.17 runner once left one of 300 unended) is counted and reported, not a failed part.
+    try:
+        wait_all(fleet.records, ids, "exited", timeout=120)
+        unended = 0
+    except TimeoutError:
+        unended = sum(1 for work_id in ids if not events(fleet.records, work_id, "exited"))
     return {"n": n, "seconds": last - first, "per_second": n / (last - first),
+            "unended": unended,
             "create_seconds": made, **{f"latency_{k}": v for k, v in
                                        summary(_latencies(created, started)).items()
                                        if k != "n"}}
@@ -155,6 +162,11 @@ def end_sessions(fleet: Fleet, ids: list[str], *, after: float = 0.0) -> None:
     wait_all(fleet.records, ids, "exited", timeout=60, after=dict.fromkeys(ids, after))
 
 
+# How long a killed session may take to run again before the bench calls it never: several
+# lapses of the bench's 20 s TTL.
+RECOVERY_WAIT_SECONDS = 180.0
+
+
 def recovery(fleet: Fleet, k: int) -> dict[str, Any]:
     """Kill the worker running a session (SIGKILL; for the peer its sandbox too, as a lost host
     would): how long until the session runs again (a new `started` record)?"""
@@ -168,8 +180,12 @@ def recovery(fleet: Fleet, k: int) -> dict[str, Any]:
         raise RuntimeError(f"cannot tell which process runs {ids[0]}")
     lost = [w for w in ids if runners[w] == victim]
     killed = fleet.kill(victim)
-    again = wait_all(fleet.records, lost, "started", timeout=180,
-                     after=dict.fromkeys(lost, killed))
+    try:
+        again = wait_all(fleet.records, lost, "started", timeout=RECOVERY_WAIT_SECONDS,
+                         after=dict.fromkeys(lost, killed))
+    except TimeoutError:
+        # Under SDK 2.17's server model a lapsed lease ends its item: nobody runs it again.
+        return {"never": len(lost), "waited": RECOVERY_WAIT_SECONDS, "killed": victim}
     end_sessions(fleet, ids, after=killed)
     return {**summary([again[w]["time"] - killed for w in lost]), "killed": victim}
 
