@@ -258,17 +258,24 @@ def forget_keys(stack: LocalStack) -> None:
         client.close()
 
 
+# Every part of a run, in the order a full run takes them (`--only` picks some).
+PARTS = ["ours", "peer", "burst", "capacity", "fairness", "thousand"]
+
+
 def merge_saved(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One report's figures from runs of separate parts (`--only`), merged in order: each
     part's figures, and its error, come from the last run that ran it; the run's own facts
     (sizes, load) from the last run; the duration is the longest, not the sum."""
     merged: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    part_sizes: dict[str, Any] = {}
     for run in runs:
         errors = {part: error for part, error in errors.items() if part not in run}
         errors.update(run.get("errors", {}))
+        part_sizes.update({part: run["sizes"] for part in PARTS if part in run})
         merged.update(run)
     merged["errors"] = errors
+    merged["part_sizes"] = part_sizes  # a part's sizes, where the run's own differ
     merged["seconds"] = max(run.get("seconds", 0.0) for run in runs)
     return merged
 
@@ -283,8 +290,7 @@ def main() -> None:
     parser.add_argument("--from-json", default=None, metavar="FILE", action="append",
                         help="write the report from figures saved by --json; run nothing "
                              "(repeatable: parts run apart, merged in order, later wins)")
-    parser.add_argument("--only", action="append",
-                        choices=["ours", "peer", "burst", "capacity", "fairness", "thousand"],
+    parser.add_argument("--only", action="append", choices=PARTS,
                         help="run only these parts (repeatable)")
     parser.add_argument("--hb-steps", default=None, metavar="N,N,...",
                         help="heartbeat capacity: the lease counts to try, in one series")
@@ -311,7 +317,7 @@ def main() -> None:
     if args.hb_latency_ms:
         sizes.hb_latency_ms = args.hb_latency_ms
     out = args.out or (None if args.quick else "BENCHMARKS.md")
-    parts = args.only or ["ours", "peer", "burst", "capacity", "fairness", "thousand"]
+    parts = args.only or PARTS
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="dispatcher-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     records = workdir / "records"

@@ -88,12 +88,14 @@ def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[s
         "while a slot is free (a run lasts `POLL_RUN_SECONDS` = 60 s and hands its lock to its "
         "successor without a gap, dispatcher/control/poller.py), so the emulator answers it "
         "the moment the session is created. `poller.claim` reads the lease and its history "
-        "(one Redis round trip), acks, creates the lease record already dispatched and "
-        "publishes the session task; the first heartbeat goes out right after the publish, "
-        "off the path (dispatcher/lease/machine/claiming.py, `_acked`), and metrics are "
-        "counted at the end in one write. A session worker with a free thread takes the "
-        "message at once (no prefetch, early ack), reads the lease, work item and registry "
-        "epoch in one pipeline, marks the attempt running (one Lua call) and spawns the command "
+        "(one Redis round trip), sends the ack and, while it is in flight, creates the lease "
+        "record already dispatched and publishes the session task (up to 16 claims of an "
+        "environment side by side); the session starts only once the ack's answer proves the "
+        "lease (`MarkProven`; dispatcher/lease/machine/claiming.py), and metrics are counted "
+        "at the end in one write. A session worker with a free thread takes the message at "
+        "once (no prefetch, early ack), reads the lease, work item and its drain flag in one "
+        "round trip, waits for the proof if it came first, marks the attempt running (one Lua "
+        "call) and spawns the command "
         "itself (dispatcher/session/sandbox.py): no interpreter start is on the path. The "
         "peer acks and forks the command: fewer steps, but each of its 10 processes sleeps 1 "
         "to 3 s after an empty poll (`_poller.py`, `_jitter(1.0, 3.0)`), so now and then no "
@@ -370,6 +372,7 @@ def _sdk_version() -> str:
 
 def method(results: dict[str, Any]) -> list[str]:
     sizes = results["sizes"]
+    capacity_sizes = results.get("part_sizes", {}).get("capacity", sizes)
     return [
         "## How each figure is taken",
         "",
@@ -407,8 +410,9 @@ def method(results: dict[str, Any]) -> list[str]:
         "/proc, with sandboxes (and, in their own line, our launchers) excluded, divided by "
         "the number of sessions. The peer: its processes, sandboxes excluded.",
         "* **Heartbeat capacity**: see its section; "
-        + "; ".join(f"TTL {ttl} s: steps {steps}" for ttl, steps in sizes["hb_series"])
-        + f"; each step judged over {sizes['hb_window']:g} s or 1.5 beat intervals, whichever "
+        + "; ".join(f"TTL {ttl} s: steps {steps}"
+                    for ttl, steps in capacity_sizes["hb_series"])
+        + f"; each step judged over {capacity_sizes['hb_window']:g} s or 1.5 beat intervals, whichever "
         "is longer, after one beat interval of settling.",
         "",
     ]
