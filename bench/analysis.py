@@ -412,7 +412,7 @@ def method(results: dict[str, Any]) -> list[str]:
         "* **Heartbeat capacity**: see its section; "
         + "; ".join(f"TTL {ttl} s: steps {steps}"
                     for ttl, steps in capacity_sizes["hb_series"])
-        + f"; each step judged over {capacity_sizes['hb_window']:g} s or 1.5 beat intervals, whichever "
-        "is longer, after one beat interval of settling.",
+        + f"; each step judged over {capacity_sizes['hb_window']:g} s or 1.5 beat intervals, "
+        "whichever is longer, after one beat interval of settling.",
         "",
     ]
