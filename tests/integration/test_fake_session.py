@@ -205,7 +205,10 @@ def test_runner_mode_of_2_17_holds_the_lease_with_the_sessions_token_and_ends_on
     beats = [r for r in records if r["event"] == "heartbeat"]
     assert all(b["lease_extended"] for b in beats[:-1]) and not beats[-1]["lease_extended"]
     gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(beats[:3])]
-    assert all(0.7 <= gap <= 3 for gap in gaps), f"every ttl/2 = 1 s: {gaps}"
+    # Each gap is between two records written on the replies: one slow reply shortens the gap
+    # after it (0.67 s seen on a busy CI machine). What matters is the granted TTL's half, not
+    # the 300 s assumed before the first reply (150 s), and no tight loop.
+    assert all(0.3 <= gap <= 3 for gap in gaps), f"every ttl/2 = 1 s: {gaps}"
     assert records[-1]["reason"] == "server_stop"
     assert [r["event"] for r in records].count("stop_sent") == 1, "the held item is stopped"
 
