@@ -18,7 +18,7 @@ let alone flush, each other's keys:
 
 That allows 7 workers (N = 0..6); `./dev test` runs fewer.
 
-Ports: each worker binds from a range of its own below the kernel's ephemeral range (which
+Ports: each worker binds from a range of its own ($DISPATCHER_TEST_PORTS_START moves them all) below the kernel's ephemeral range (which
 starts at 32768), so a port one worker found free is never handed to another worker's server,
 nor to an outgoing connection, between the check and the server's bind. (The demo, a product
 command, picks its own ports from the kernel; it runs in one test.)
@@ -38,8 +38,10 @@ EMULATOR_DB = 15
 DEMO_DB = 0
 MAX_WORKERS = 7  # databases 1..14 in pairs; 0 is the demo's and 15 the emulators'
 # Port ranges: worker N binds from PORTS_START + N * PORTS_PER_WORKER upwards. 7 x 1,500 ports
-# end at 30,500, below the ephemeral range (32768-60999 on Linux) the kernel picks from.
-PORTS_START = 20000
+# end at 30,500, below the ephemeral range (32768-60999 on Linux) the kernel picks from. A second
+# run on the same machine (a developer's beside CI) sets $DISPATCHER_TEST_PORTS_START lower, and
+# $DISPATCHER_TEST_REDIS to a Redis of its own, to keep clear of the first.
+PORTS_START = int(os.environ.get("DISPATCHER_TEST_PORTS_START", "20000"))
 PORTS_PER_WORKER = 1500
 
 
