@@ -24,7 +24,7 @@ __all__ = [
     "ClaimNotAcked",
     "ClaimRefused",
     "ClaimStranded",
-    "DeadlineReached",
+    "DeadlineChecked",
     "Event",
     "HandingOff",
     "HealthcheckAnswered",
@@ -308,9 +308,10 @@ class SandboxExited:
 
 
 @dataclass(frozen=True)
-class DeadlineReached:
-    """A running attempt's supervisor finds its session past the maximum duration
-    (`limit_seconds`, the environment's or the fleet's), by the fleet's clock."""
+class DeadlineChecked:
+    """A running attempt's supervisor, each tick, asks whether its session is past the maximum
+    duration (`limit_seconds`, the environment's or the fleet's): the machine judges, by the
+    fleet's clock, so the comparison lives in one rule."""
 
     attempt: int
     limit_seconds: float
@@ -409,7 +410,7 @@ Event = (
     | HeartbeatThrottled | StopRequested
     | ServerStopped | OperatorRevoked
     | AttemptStarting | HandingOff | Pulsed | SandboxStartFailed | SandboxInfraFailed
-    | SandboxExited | ReleaseAwaited | DeadlineReached
+    | SandboxExited | ReleaseAwaited | DeadlineChecked
     | RegistryUnreachable | RegistryReset | AttemptSilent | MessageLost | ClaimStranded
     | ReleaseAnswered | ReleaseDue | ReleaseFailed | ReleaseRejected | ReleaseUnauthorized
     | HealthcheckAnswered

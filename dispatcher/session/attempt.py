@@ -301,7 +301,6 @@ class _Supervisor:
     # already ticks and holds the stop ladder, and it needs no control worker to be up.
     max_seconds: float = 0.0
     draining: bool = False
-    deadline_told: bool = False
 
     def __post_init__(self) -> None:
         self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt,
@@ -322,22 +321,13 @@ class _Supervisor:
         controls = _Controls(self.sandbox, self.ladder, cause=pulse.stop_cause or "worker draining",
                              seen_at=pulse.stop_seen_at)
         over = runtime.executor.attempt(self.memory.lease, pulsed, sandbox=controls).over
-        if over is None and pulse.current and not pulse.stop:
-            self._mind_the_deadline()
+        if over is None and pulse.current and not pulse.stop and self.max_seconds:
+            # The machine judges the deadline (`DeadlineChecked`); past it, it flags a graceful
+            # stop, which the next pulse signals, and the flag ends these checks.
+            self.runtime.executor.attempt(self.memory.lease,
+                                          ev.DeadlineChecked(self.attempt.attempt,
+                                                             self.max_seconds))
         return over
-
-    def _mind_the_deadline(self) -> None:
-        """Past the session's maximum duration, tell the machine once: it flags a graceful stop,
-        which the next pulse signals. Counted from the record's `started_at` on the fleet's
-        clock, so an attempt restarted elsewhere goes on with the same deadline."""
-        started = self.memory.lease.started_at
-        if not self.max_seconds or self.deadline_told or not started:
-            return
-        if self.runtime.registry.clock.now() - started < self.max_seconds:
-            return
-        self.runtime.executor.attempt(self.memory.lease,
-                                      ev.DeadlineReached(self.attempt.attempt, self.max_seconds))
-        self.deadline_told = True  # a RedisError above leaves it to the next tick
 
 
 @dataclass

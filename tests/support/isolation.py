@@ -18,10 +18,11 @@ let alone flush, each other's keys:
 
 That allows 7 workers (N = 0..6); `./dev test` runs fewer.
 
-Ports: each worker binds from a range of its own ($DISPATCHER_TEST_PORTS_START moves them all) below the kernel's ephemeral range (which
+Ports: each worker binds from a range of its own below the kernel's ephemeral range (which
 starts at 32768), so a port one worker found free is never handed to another worker's server,
 nor to an outgoing connection, between the check and the server's bind. (The demo, a product
-command, picks its own ports from the kernel; it runs in one test.)
+command, picks its own ports from the kernel; it runs in one test.) $DISPATCHER_TEST_PORTS_START
+moves every worker's range, for a second run beside the first.
 """
 
 from __future__ import annotations

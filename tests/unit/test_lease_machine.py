@@ -560,7 +560,7 @@ def test_a_deadline_counts_from_the_first_attempts_start(started_ago: float, sto
     lease = lease_in("running")
     assert lease is not None
     lease = lease.but(attempt=2, started_at=NOW - started_ago, pulse_at=NOW - 1, stop=stop)
-    decision = decide(lease, ev.DeadlineReached(2, 60.0), now=NOW)
+    decision = decide(lease, ev.DeadlineChecked(2, 60.0), now=NOW)
     flags = [e for e in decision.effects if isinstance(e, fx.FlagStop)]
     assert bool(flags) == stopped
     if stopped:

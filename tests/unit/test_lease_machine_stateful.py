@@ -353,11 +353,11 @@ class LeaseLife(RuleBasedStateMachine):
 
     @precondition(lambda self: self.sandbox is not None and self.lease is not None)
     @rule(limit=st.sampled_from([1.0, 30.0]))
-    def deadline_reached(self, limit: float) -> None:
-        """A supervisor finds its session past the maximum duration (its attempt may be a
-        superseded one: the machine must then leave the current attempt alone)."""
+    def deadline_checked(self, limit: float) -> None:
+        """A supervisor asks whether its session is past the maximum duration (its attempt may
+        be a superseded one: the machine must then leave the current attempt alone)."""
         assert self.sandbox is not None
-        self.run(ev.DeadlineReached(self.sandbox[0], limit))
+        self.run(ev.DeadlineChecked(self.sandbox[0], limit))
 
     @rule(force=st.booleans())
     def server_stop_requested(self, force: bool) -> None:

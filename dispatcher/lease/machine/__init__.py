@@ -124,8 +124,8 @@ def decide(lease: Lease | None, event: ev.Event, *, now: float,  # noqa: C901 (o
             return running.on_pulsed(lease, event, c)
         case ev.SandboxStartFailed():
             return running.on_sandbox_start_failed(lease, event, c)
-        case ev.DeadlineReached():
-            return running.on_deadline_reached(lease, event, c)
+        case ev.DeadlineChecked():
+            return running.on_deadline_checked(lease, event, c)
         case ev.SandboxInfraFailed():
             return running.on_sandbox_infra_failed(lease, event, c)
         case ev.RegistryUnreachable():

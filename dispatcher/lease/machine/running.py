@@ -173,11 +173,12 @@ def on_sandbox_start_failed(lease: Lease, e: ev.SandboxStartFailed, c: Ctx) -> D
     return p.decided()
 
 
-def on_deadline_reached(lease: Lease, e: ev.DeadlineReached, c: Ctx) -> Decision:
-    """A session past its maximum duration is stopped gracefully (SIGTERM, the grace, SIGKILL),
-    as a server's stop would be: its sandbox's exit then ends it `stopped` and its item is
-    stopped on the server. Judged on the record's `started_at`, the first attempt's start, not
-    on the supervisor's memory, so a restarted session gets no fresh allowance."""
+def on_deadline_checked(lease: Lease, e: ev.DeadlineChecked, c: Ctx) -> Decision:
+    """Asked each supervisor tick: a session past its maximum duration is stopped gracefully
+    (SIGTERM, the grace, SIGKILL), as a server's stop would be: its sandbox's exit then ends it
+    `stopped` and its item is stopped on the server. Judged on the record's `started_at`, the
+    first attempt's start, not on the supervisor's memory, so a restarted session gets no fresh
+    allowance."""
     if stale(lease, e.attempt):
         return ignored(lease, e, e.attempt)
     p = Plan(lease)
@@ -544,8 +545,8 @@ SCENARIOS = [
           ("pulsed, worker draining", 1, True, StopKind.NONE, True))),
     Scenario("sandbox could not start", ev.SandboxStartFailed(1, "not found")),
     Scenario("a stale attempt's sandbox could not start", ev.SandboxStartFailed(0, "not found")),
-    Scenario("session past its deadline", ev.DeadlineReached(1, 5.0)),
-    Scenario("a superseded attempt's deadline", ev.DeadlineReached(0, 5.0), phases=("running",)),
+    Scenario("session past its deadline", ev.DeadlineChecked(1, 5.0)),
+    Scenario("a superseded attempt's deadline", ev.DeadlineChecked(0, 5.0), phases=("running",)),
     Scenario("sandbox not started (infrastructure)",
              ev.SandboxInfraFailed(1, "engine down", next_task_id="task-2")),
     Scenario("a stale attempt's sandbox not started (infrastructure)",
