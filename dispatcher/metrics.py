@@ -111,7 +111,7 @@ COUNTERS: dict[str, Counter] = {
                                   "reason", tuple(RestartReason)),
     "server_throttles": Counter("Times the server began throttling an environment (429, or "
                                 "retry-after), by the call that met it", "source",
-                                ("poll", "list", "heartbeat", "ack", "stop")),
+                                ("poll", "list", "heartbeat", "ack", "stop", "probe")),
     "heartbeats_throttled": Counter("Due heartbeats met by the server's throttle: deferred "
                                     "(to its end, or to the lease's last safe moment), or sent "
                                     "through it (the lease would lapse otherwise)", "decision",

@@ -32,7 +32,8 @@ from dispatcher.settings import Environment, Settings
 from dispatcher.workapi import NO_HEARTBEAT, AsyncWorkClient, Heartbeat, WorkAPIError
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
-__all__ = ["MAX_CONCURRENT_REQUESTS", "close_sender", "heartbeat_due_leases", "pace"]
+__all__ = ["MAX_CONCURRENT_REQUESTS", "close_sender", "heartbeat_due_leases", "pace",
+           "probe_proves_link", "probe_target"]
 
 T = TypeVar("T")
 
@@ -104,12 +105,38 @@ def heartbeat_due_leases(runtime: Runtime) -> Tally:
     return tally
 
 
+def probe_target(throttled: dict[str, float]) -> str | None:
+    """The environment whose `stats` probes the link (`throttled`: each environment's seconds
+    of throttle left, in the fleet's order): the first the server does not throttle. None while
+    it throttles them all: the probe waits as every other request does, and the due leases stay
+    for peers (or for this process, once the throttle lapses)."""
+    return next((name for name, seconds in throttled.items() if seconds <= 0), None)
+
+
+def probe_proves_link(outcome: WorkAPIError | None) -> bool:
+    """Any answer proves the link, as for a tick's heartbeats (`reach_after`): a 429 or 503 to
+    the probe is the server speaking; only no answer at all (refused, reset, timed out) leaves
+    it doubted."""
+    return outcome is None or outcome.status is not None
+
+
 def _probe(runtime: Runtime, sender: _Sender) -> bool:
-    environment = runtime.environments[0]
+    environment_id = probe_target(runtime.pacing.remaining_all(
+        [environment.id for environment in runtime.environments]))
+    if environment_id is None:
+        return False
+    environment = next(e for e in runtime.environments if e.id == environment_id)
+    outcome: WorkAPIError | None = None
     try:
         sender.run(_stats(sender, runtime.settings, environment),
                    timeout=PROBE_TIMEOUT_SECONDS + REQUEST_TIMEOUT_SECONDS)
-    except (WorkAPIError, TimeoutError):
+    except TimeoutError:
+        return False
+    except WorkAPIError as exc:
+        outcome = exc
+        runtime.pacing.note(environment.id, status=exc.status, retry_after=exc.retry_after,
+                            source="probe")
+    if not probe_proves_link(outcome):
         return False
     assert sender.reach.cut_since is not None
     event("work api reachable again", environment_id=environment.id,

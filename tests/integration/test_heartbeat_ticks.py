@@ -113,3 +113,26 @@ def test_a_stopping_reply_in_a_big_tick_still_raises_the_stop_flag(
     for work_id in ids[1:]:
         lease = runtime.registry.get(work_id)
         assert lease is not None and not lease.stop
+
+
+def test_a_throttled_answer_to_the_probe_ends_the_doubt_and_is_honoured(
+        emulator: Any, runtime: Runtime) -> None:
+    """A control worker that doubts its link probes with `stats`; the server answering it 429
+    is the server speaking: the link is trusted again, the throttle stands for the fleet, and
+    the next probe waits for it."""
+    ids = _claimed(emulator, runtime, 2)
+    sender = heartbeat._sender()
+    sender.reach = heartbeat.Reach(cut_since=time.monotonic())
+    emulator.set_faults(endpoints=["stats"], rate_limit_rate=1.0, retry_after_seconds=30.0)
+    try:
+        _all_due(runtime, ids)
+        heartbeat_due_leases(runtime)
+        assert sender.reach == heartbeat.Reach()  # the tick's heartbeats then meet the throttle
+        assert runtime.pacing.remaining(runtime.environment_id) > 20
+        probes = [e for e in emulator.requests_log() if e.get("endpoint") == "stats"]
+        sender.reach = heartbeat.Reach(cut_since=time.monotonic())
+        assert heartbeat_due_leases(runtime) == heartbeat.Tally()  # throttled: no probe sent
+        assert [e for e in emulator.requests_log() if e.get("endpoint") == "stats"] == probes
+    finally:
+        emulator.reset_faults()
+        close_sender()
