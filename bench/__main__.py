@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -280,6 +281,18 @@ def merge_saved(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def _end_on_signals() -> None:
+    """SIGTERM and SIGHUP end a run as Ctrl-C does, through `main`'s `finally`, which stops the
+    emulator, both fleets and their sandboxes: each runs in a session of its own, so no signal
+    sent to the benchmark or its terminal reaches them, and Python's default SIGTERM would
+    leave them running."""
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
@@ -323,6 +336,7 @@ def main() -> None:
     records = workdir / "records"
     records.mkdir(exist_ok=True)
     started = time.time()
+    _end_on_signals()
     stack = LocalStack(workdir=workdir,
                        redis_url=os.environ.get("DISPATCHER_REDIS_URL", LocalStack.redis_url))
     results: dict[str, Any] = {"sizes": asdict(sizes), "quick": args.quick,
