@@ -437,14 +437,9 @@ def test_an_environments_own_limits_apply_and_each_attempts_output_is_kept(
     """An environment of the environments file with its own limits; the container's stdout
     and stderr copied before its removal, and printed by `dispatcher output`."""
     fleet = container_fleet
-    environments = tmp_path / "environments.toml"
-    environments.write_text(f'[[environment]]\nid = "{fleet.environment_id}"\n'
-                            f'key = "{fleet.emulator.environment_key}"\n'
-                            'memory = "256m"\ncpus = 0.5\npids_limit = 100\n')
-    fleet.unset |= {"ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY"}
+    fleet.serve_environments(fleet.environment_entry(memory="256m", cpus=0.5, pids_limit=100))
     output = tmp_path / "output"
-    fleet.overrides.update({"DISPATCHER_ENVIRONMENTS_FILE": str(environments),
-                            "DISPATCHER_SANDBOX_OUTPUT_DIR": str(output)})
+    fleet.overrides["DISPATCHER_SANDBOX_OUTPUT_DIR"] = str(output)
     fleet.worker("w1", beat=True)
     work_id = fleet.create(fake_duration=2)
     fleet.wait_event(work_id, "started", timeout=60)

@@ -51,12 +51,9 @@ def served(fleet: Fleet, tmp_path: Path) -> Iterator[tuple[Environment, Environm
     a, b = Environment(fleet, "a"), Environment(fleet, "b")
     (tmp_path / "a.key").write_text(a.key + "\n")
     (tmp_path / "a.key").chmod(0o600)
-    path = tmp_path / "environments.toml"
-    path.write_text(f'[[environment]]\nid = "{a.id}"\nkey_file = "a.key"\n\n'
-                    f'[[environment]]\nid = "{b.id}"\nkey = "{b.key}"\n'
-                    f"max_sessions = {B_MAX}\n")
-    fleet.unset |= {"ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY"}
-    fleet.overrides["DISPATCHER_ENVIRONMENTS_FILE"] = str(path)
+    fleet.serve_environments(f'[[environment]]\nid = "{a.id}"\nkey_file = "a.key"\n\n'
+                             f'[[environment]]\nid = "{b.id}"\nkey = "{b.key}"\n'
+                             f"max_sessions = {B_MAX}\n")
     fleet.overrides["DISPATCHER_DESIRED_TTL_SECONDS"] = "10"  # a heartbeat every ~3 s
     try:
         fleet.worker("w1", concurrency=CONCURRENCY, beat=True)

@@ -4,7 +4,6 @@ by a real fleet against the emulator; the fleet's setting and an environment's o
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -68,14 +67,8 @@ def test_a_session_past_the_fleets_limit_is_stopped_gracefully_and_its_item_stop
     assert value(samples, "dispatcher_work_released_total", outcome="stopped") == 1.0
 
 
-def test_an_environments_own_limit_applies_where_the_fleet_has_none(fleet: Fleet,
-                                                                    tmp_path: Path) -> None:
-    environments = tmp_path / "environments.toml"
-    environments.write_text(f'[[environment]]\nid = "{fleet.environment_id}"\n'
-                            f'key = "{fleet.emulator.environment_key}"\n'
-                            f'max_session_seconds = {LIMIT_SECONDS}\n')
-    fleet.unset |= {"ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY"}
-    fleet.overrides["DISPATCHER_ENVIRONMENTS_FILE"] = str(environments)
+def test_an_environments_own_limit_applies_where_the_fleet_has_none(fleet: Fleet) -> None:
+    fleet.serve_environments(fleet.environment_entry(max_session_seconds=LIMIT_SECONDS))
     fleet.worker("w1", beat=True)
     work_id = fleet.create(fake_duration=60, fake_ignore_sigterm=1)
     fleet.wait_event(work_id, "started")

@@ -90,6 +90,23 @@ class Fleet:
         })
         return {k: v for k, v in env.items() if k not in self.unset}
 
+    def environment_entry(self, **fields: str | int | float) -> str:
+        """This fleet's environment as an entry of an environments file, with `fields` (limits,
+        image...) of its own."""
+        lines = [f"id = {json.dumps(self.environment_id)}",
+                 f"key = {json.dumps(self.emulator.environment_key)}",
+                 *(f"{name} = {json.dumps(value)}" for name, value in fields.items())]
+        return "[[environment]]\n" + "".join(line + "\n" for line in lines)
+
+    def serve_environments(self, entries: str) -> Path:
+        """The fleet's processes serve the environments of an environments file (`entries`, its
+        TOML) instead of the one the variables name."""
+        path = self.tmp / "environments.toml"
+        path.write_text(entries)
+        self.unset |= {"ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY"}
+        self.overrides["DISPATCHER_ENVIRONMENTS_FILE"] = str(path)
+        return path
+
     def worker(self, name: str, *, pool: str = "threads", concurrency: int = 6,
                queues: str | None = None, beat: bool = False) -> subprocess.Popen[bytes]:
         return self.stack.worker(name, self.env(), pool=pool, concurrency=concurrency,
