@@ -1,0 +1,151 @@
+"""The engine restarted for real: a private dockerd with `--live-restore`
+(tests/support/private_engine.py) that the test stops with SIGTERM and starts again, while real
+workers of the docker runtime run sessions on it. Parallel tests keep the machine's engine.
+
+What the fleet promises (docs/reliability.md, "Engine faults"): with live-restore, sessions
+running when dockerd stops run on; none ends and no item is stopped for it; the worker withdraws
+its slots while the engine does not answer and gives them back when it answers again; the
+sessions are still supervised afterwards (a stop reaches their container); a start the outage
+failed runs once, later; nothing of the fleet is left on the engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispatcher.control.capacity import Capacity
+from tests.support.engine_proxy import EngineRelay
+from tests.support.fleet import Fleet
+from tests.support.private_engine import PrivateEngine
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.acceptance
+
+DISPATCHER = Path(sys.executable).with_name("dispatcher")
+# The issue's bound on both edges of an outage: the probe asks every 0.5 s with a 1 s timeout.
+SLOTS_BOUND_SECONDS = 2.0
+# A session stopped by the server after the restart: it would outlast the test.
+LONG_SESSION_SECONDS = 120
+# A session that ends on its own after the restart: longer than the start, the outage and the
+# checks made during it take on a loaded machine (about 10 s), checked before it may end.
+FINISHING_SESSION_SECONDS = 30
+
+
+@pytest.fixture
+def private_engine(tmp_path: Path) -> Iterator[PrivateEngine]:
+    """Named before the fleet in a test, so torn down after it."""
+    engine = PrivateEngine("liverestore")
+    try:
+        yield engine
+    finally:
+        engine.close()
+        assert not engine.mounts(), "the private engine left mounts"
+
+
+def _slots(fleet: Fleet) -> int:
+    return Capacity(fleet.redis, prefix=fleet.prefix).total_slots()
+
+
+def _check(fleet: Fleet) -> tuple[int, str]:
+    done = subprocess.run([str(DISPATCHER), "status", "--check"], env=fleet.env(),
+                          capture_output=True, text=True, timeout=30)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _running_ids(engine: PrivateEngine, fleet: Fleet) -> dict[str, str]:
+    """Work id -> id of its running container, on the private engine."""
+    client = engine.client()
+    try:
+        found = client.containers(filters={"label": f"dispatcher.fleet={fleet.prefix}"})
+    finally:
+        client.close()
+    return {c["Labels"].get("dispatcher.work_id", ""): c["Id"] for c in found}
+
+
+def _all_containers(engine: PrivateEngine) -> list[str]:
+    client = engine.client()
+    try:
+        return [c["Id"] for c in client.containers(all=True)]
+    finally:
+        client.close()
+
+
+def test_a_live_restore_restart_ends_no_session_and_keeps_them_supervised(
+        private_engine: PrivateEngine, fleet: Fleet, tmp_path: Path) -> None:
+    engine = private_engine
+    fleet.use_containers(engine.load_test_image(tmp_path))
+    # A relay in front of the private engine holds one create, so that session is being
+    # started when dockerd stops: its start meets the outage.
+    relay = EngineRelay(upstream=str(engine.socket))
+    try:
+        _live_restore(engine, relay, fleet)
+    finally:
+        fleet.stop_all()
+        relay.close()
+    assert not _all_containers(engine), "nothing of the fleet is left on the engine"
+
+
+def _live_restore(engine: PrivateEngine, relay: EngineRelay, fleet: Fleet) -> None:
+    fleet.overrides["DOCKER_HOST"] = relay.docker_host
+    fleet.worker("control", queues="dispatcher.control", beat=True)
+    fleet.worker("w1", concurrency=3, queues="dispatcher.sessions")
+    fleet.wait_slots(3)
+    stopped = fleet.create(fake_duration=LONG_SESSION_SECONDS)
+    finishing = fleet.create(fake_duration=FINISHING_SESSION_SECONDS)
+    for work_id in (stopped, finishing):
+        fleet.wait_event(work_id, "started", timeout=60)
+    containers = _running_ids(engine, fleet)
+    assert set(containers) == {stopped, finishing}, containers
+    relay.delay_create = 120.0
+    late = fleet.create(fake_duration=2)
+    wait_for(lambda: fleet.lease(late).get("phase") == "running", timeout=30,
+             what="the third session's attempt starting its container")
+    wait_for(lambda: relay.holding, timeout=30, what="its create held")
+
+    engine.stop()  # SIGTERM: with live-restore, the containers run on
+    down_at = time.monotonic()
+    wait_for(lambda: _slots(fleet) == 0, timeout=10, interval=0.05, what="slots withdrawn")
+    withdrawn_after = time.monotonic() - down_at
+    code, output = _check(fleet)
+    assert code == 5 and "container engine does not answer" in output, output
+    wait_for(lambda: "sandbox not started" in fleet.log("w1"), timeout=30,
+             what="the held start failing for the outage")
+    for work_id in (stopped, finishing, late):
+        lease = fleet.lease(work_id)
+        assert lease and not lease.get("ended") and not lease.get("stop"), lease
+        assert lease.get("attempt") == "1", lease
+        assert fleet.state(work_id) != "stopped", "no item stopped for the engine's outage"
+        assert not fleet.events(work_id, "exited"), "no session ended"
+
+    relay.delay_create = 0.0
+    engine.start()
+    up_at = time.monotonic()
+    wait_for(lambda: _slots(fleet) == 3, timeout=10, interval=0.05, what="slots given back")
+    given_back_after = time.monotonic() - up_at
+    running = _running_ids(engine, fleet)
+    assert not fleet.events(finishing, "exited"), "the restart came before its end (a slow run)"
+    assert running.get(stopped) == containers[stopped], "the same container runs on"
+    assert running.get(finishing) == containers[finishing]
+
+    fleet.admin.stop(stopped, force=False)  # reaches its container through the new dockerd
+    fleet.wait_event(stopped, "exited", timeout=30)
+    assert [e["reason"] for e in fleet.events(stopped, "exited")] == ["sigterm"]
+    fleet.wait_stopped([late], timeout=60)
+    assert [e["attempt"] for e in fleet.events(late, "started")] == ["2"], \
+        "the start the outage failed runs once, not counted"
+    assert [e["reason"] for e in fleet.events(late, "exited")] == ["completed"]
+    fleet.wait_stopped([stopped, finishing, late], timeout=60)
+    assert [e["reason"] for e in fleet.events(finishing, "exited")] == ["completed"]
+    for work_id in (stopped, finishing):
+        assert len(fleet.events(work_id, "started")) == 1, "every session runs exactly once"
+    log = fleet.log("w1")
+    assert log.count("engine unavailable") == 1 and log.count("engine answers again") == 1
+    assert "ended=failed" not in log
+    wait_for(lambda: not _running_ids(engine, fleet), timeout=10, what="containers removed")
+    assert withdrawn_after <= SLOTS_BOUND_SECONDS, withdrawn_after
+    assert given_back_after <= SLOTS_BOUND_SECONDS, given_back_after
