@@ -10,15 +10,18 @@ failed runs once, later; nothing of the fleet is left on the engine."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from dispatcher.control.capacity import Capacity
+from dispatcher.session.engine_health import IMAGE_CHECK_EVERY, PROBE_INTERVAL_SECONDS
 from tests.support.engine_proxy import EngineRelay
 from tests.support.fleet import Fleet
 from tests.support.private_engine import PrivateEngine
@@ -149,3 +152,148 @@ def _live_restore(engine: PrivateEngine, relay: EngineRelay, fleet: Fleet) -> No
     wait_for(lambda: not _running_ids(engine, fleet), timeout=10, what="containers removed")
     assert withdrawn_after <= SLOTS_BOUND_SECONDS, withdrawn_after
     assert given_back_after <= SLOTS_BOUND_SECONDS, given_back_after
+
+
+# The probe looks at the images every IMAGE_CHECK_EVERY probes while they are there: a lost
+# image is seen within that, and within a probe's interval and timeout after it.
+IMAGE_LOST_BOUND_SECONDS = IMAGE_CHECK_EVERY * PROBE_INTERVAL_SECONDS + SLOTS_BOUND_SECONDS
+
+
+def test_a_lost_image_withdraws_the_slots_and_fails_no_session(
+        private_engine: PrivateEngine, fleet: Fleet, tmp_path: Path) -> None:
+    engine = private_engine
+    image = engine.load_test_image(tmp_path)
+    fleet.use_containers(image)
+    relay = EngineRelay(upstream=str(engine.socket))
+    try:
+        _image_lost(engine, relay, fleet, image, tmp_path / "saved.tar")
+    finally:
+        fleet.stop_all()
+        relay.close()
+    assert not _all_containers(engine), "nothing of the fleet is left on the engine"
+
+
+def _image_lost(engine: PrivateEngine, relay: EngineRelay, fleet: Fleet, image: str,
+                saved: Path) -> None:
+    fleet.overrides["DOCKER_HOST"] = relay.docker_host
+    fleet.worker("control", queues="dispatcher.control", beat=True)
+    fleet.worker("w1", concurrency=2, queues="dispatcher.sessions")
+    fleet.wait_slots(2)
+    docker_cli = {**os.environ, "DOCKER_HOST": engine.docker_host}
+    subprocess.run(["docker", "save", "-o", str(saved), image], env=docker_cli, check=True,
+                   capture_output=True)
+    # A session whose create is held while the image goes: its create then meets the loss.
+    relay.delay_create = 120.0
+    work_id = fleet.create(fake_duration=2)
+    wait_for(lambda: relay.holding, timeout=30, what="its create held")
+
+    subprocess.run(["docker", "rmi", "-f", image], env=docker_cli, check=True,
+                   capture_output=True)
+    lost_at = time.monotonic()
+    wait_for(lambda: _slots(fleet) == 0, timeout=15, interval=0.05, what="slots withdrawn")
+    withdrawn_after = time.monotonic() - lost_at
+    code, output = _check(fleet)
+    assert code == 5 and "lacks a sandbox image" in output, output
+    line = next(ln for ln in fleet.log("w1").splitlines() if "sandbox image missing" in ln)
+    assert image in line and "DISPATCHER_SANDBOX_IMAGE" in line, line
+    relay.delay_create = 0.0  # the held create reaches the engine, which lacks the image
+    wait_for(lambda: "sandbox not started" in fleet.log("w1"), timeout=30,
+             what="the start failing for the lost image")
+    lease = fleet.lease(work_id)
+    assert lease and not lease.get("ended") and lease.get("attempt") == "1", lease
+    assert fleet.state(work_id) != "stopped", "no item stopped for the lost image"
+
+    subprocess.run(["docker", "load", "-i", str(saved)], env=docker_cli, check=True,
+                   capture_output=True)  # the same id: what the worker resolved at start
+    back_at = time.monotonic()
+    wait_for(lambda: _slots(fleet) == 2, timeout=10, interval=0.05, what="slots given back")
+    given_back_after = time.monotonic() - back_at
+    fleet.wait_stopped([work_id], timeout=60)
+    assert [e["attempt"] for e in fleet.events(work_id, "started")] == ["2"], \
+        "the start that met the lost image runs once, later, not counted"
+    assert [e["reason"] for e in fleet.events(work_id, "exited")] == ["completed"]
+    log = fleet.log("w1")
+    assert log.count("sandbox image missing") == 1, "one line while it is missing"
+    assert log.count("sandbox image present again") == 1
+    assert "ended=failed" not in log and "engine unavailable" not in log
+    assert withdrawn_after <= IMAGE_LOST_BOUND_SECONDS, withdrawn_after
+    assert given_back_after <= SLOTS_BOUND_SECONDS, given_back_after
+
+
+# Several of the pool's reconcile periods (2 s): long enough that a pool that did not follow
+# the probe would have called the engine, and failed, meanwhile.
+WARM_OUTAGE_SECONDS = 8.0
+# The pool's lines that say it called the engine and failed.
+POOL_FAILURES = ("warm container not created", "warm pool cannot list its containers")
+# A pool call in flight when the probe withdrew the slots ends at once (the socket is gone).
+IN_FLIGHT_SECONDS = 1.0
+
+
+def _pool_failures_during_outage(log: str) -> list[str]:
+    """The pool's failure lines logged from IN_FLIGHT_SECONDS after the probe found the engine
+    down until it found it back."""
+    lines = log.splitlines()
+    down = next(i for i, ln in enumerate(lines) if "engine unavailable" in ln)
+    back = next(i for i, ln in enumerate(lines) if "engine answers again" in ln)
+    since = _logged_at(lines[down]) + IN_FLIGHT_SECONDS
+    return [ln for ln in lines[down:back]
+            if any(f in ln for f in POOL_FAILURES) and _logged_at(ln) > since]
+
+
+def _logged_at(line: str) -> float:
+    """A celery log line's time, `[2026-12-06 18:03:09,108: ...`, in seconds."""
+    stamp = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
+
+
+def _warm_ready(engine: PrivateEngine, fleet: Fleet) -> list[str]:
+    client = engine.client()
+    try:
+        listed = client.containers(filters={"label": "dispatcher.warm_owner"})
+    finally:
+        client.close()
+    bound = set(fleet.redis.hkeys(f"{fleet.prefix}:warm:bound"))
+    return [c["Id"] for c in listed if c["Id"] not in bound]
+
+
+def test_the_warm_pool_follows_the_engine_through_a_live_restore_restart(
+        private_engine: PrivateEngine, fleet: Fleet, tmp_path: Path) -> None:
+    engine = private_engine
+    fleet.use_containers(engine.load_test_image(tmp_path))
+    fleet.overrides.update({"DOCKER_HOST": engine.docker_host,
+                            "DISPATCHER_WARM_CONTAINERS": "2"})
+    try:
+        fleet.worker("w1", concurrency=5, beat=True)  # 3 session slots
+        wait_for(lambda: len(_warm_ready(engine, fleet)) == 2, timeout=60,
+                 what="2 warm containers ready")
+        running = fleet.create(fake_duration=LONG_SESSION_SECONDS)
+        fleet.wait_event(running, "started", timeout=60)
+        wait_for(lambda: len(_warm_ready(engine, fleet)) == 2, timeout=60,
+                 what="the pool refilled after the bind")
+        before = set(_warm_ready(engine, fleet))
+
+        engine.stop()
+        wait_for(lambda: _slots(fleet) == 0, timeout=10, interval=0.05, what="slots withdrawn")
+        # The outage lasts: a pool that retried on its own would back off past the bound.
+        outage_over = time.monotonic() + WARM_OUTAGE_SECONDS
+        wait_for(lambda: time.monotonic() >= outage_over, timeout=WARM_OUTAGE_SECONDS + 1,
+                 what="the outage's end")
+        engine.start()
+        # The containers that outlived the restart are dropped: the restarted engine no longer
+        # closes their stdin (dispatcher/session/warm_pool.py, `engine_back`).
+        wait_for(lambda: len(set(_warm_ready(engine, fleet)) - before) == 2, timeout=60,
+                 interval=0.1, what="the pool refilled with new containers")
+        assert not _pool_failures_during_outage(fleet.log("w1")), \
+            "the pool called the engine while the probe said it was down"
+        assert not before & set(_all_containers(engine)), "the old ones removed"
+
+        fleet.admin.stop(running, force=False)
+        fleet.wait_event(running, "exited", timeout=30)
+        after = fleet.create(fake_duration=1)
+        fleet.wait_stopped([running, after], timeout=60)
+        assert [e["reason"] for e in fleet.events(running, "exited")] == ["sigterm"]
+        assert [e["reason"] for e in fleet.events(after, "exited")] == ["completed"]
+    finally:
+        fleet.stop_all()
+    wait_for(lambda: not _all_containers(engine), timeout=15,
+             what="no warm container leaked (docker ps -a on the private engine)")
