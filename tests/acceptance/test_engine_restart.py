@@ -1,12 +1,15 @@
-"""The engine restarted for real: a private dockerd with `--live-restore`
-(tests/support/private_engine.py) that the test stops with SIGTERM and starts again, while real
-workers of the docker runtime run sessions on it. Parallel tests keep the machine's engine.
+"""The engine restarted, or robbed of its image, for real: a private dockerd with
+`--live-restore` (tests/support/private_engine.py) that a test stops with SIGTERM and starts
+again, or removes the image from, while real workers of the docker runtime run sessions on it.
+Parallel tests keep the machine's engine.
 
 What the fleet promises (docs/reliability.md, "Engine faults"): with live-restore, sessions
 running when dockerd stops run on; none ends and no item is stopped for it; the worker withdraws
-its slots while the engine does not answer and gives them back when it answers again; the
-sessions are still supervised afterwards (a stop reaches their container); a start the outage
-failed runs once, later; nothing of the fleet is left on the engine."""
+its slots while the engine does not answer, or lacks the image, and gives them back when it can
+start sandboxes again; the sessions are still supervised afterwards (a stop reaches their
+container); a start the fault failed runs once, later, not counted; the warm pool calls the
+engine not at all while it is down and refills when it is back; nothing of the fleet is left on
+the engine."""
 
 from __future__ import annotations
 
