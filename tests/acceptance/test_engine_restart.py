@@ -43,7 +43,7 @@ FINISHING_SESSION_SECONDS = 30
 
 
 @pytest.fixture
-def private_engine(tmp_path: Path) -> Iterator[PrivateEngine]:
+def private_engine() -> Iterator[PrivateEngine]:
     """Named before the fleet in a test, so torn down after it."""
     engine = PrivateEngine("liverestore")
     try:
