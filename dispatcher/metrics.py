@@ -359,8 +359,9 @@ def _fleet_gauges(registry: LeaseRegistry, capacity: Capacity,
                             value=sum(1 for w in workers if w.live))
     engines = GaugeMetricFamily(
         f"{NAMESPACE}_worker_engine_up",
-        "1 while a live session worker's container engine answers, 0 while it does not (its "
-        "session slots withdrawn); workers of the process runtime are not listed",
+        "1 while a live session worker's container engine answers with every sandbox image, 0 "
+        "while it does not answer or lacks one (its session slots withdrawn); workers of the "
+        "process runtime are not listed",
         labels=["worker"])
     for worker in workers:
         if worker.live and worker.engine:

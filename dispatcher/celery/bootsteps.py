@@ -1,7 +1,8 @@
 """The worker's bootsteps: what a Celery worker of the fleet runs beside its tasks.
 
 - `SlotAdvertiser`: advertise its session slots every few seconds (`capacity`); on the docker
-  runtime, withdraw them while the engine does not answer (`session/engine_health.py`).
+  runtime, withdraw them while the engine does not answer or lacks an image
+  (`session/engine_health.py`).
 - `MetricsEndpoint`: serve the fleet's metrics, when a port is set.
 - `ContainerReaper`: on a session worker of the docker runtime, remove the fleet's containers
   whose attempt no longer runs.
@@ -26,7 +27,12 @@ from redis.exceptions import RedisError
 from dispatcher.celery.broker import SessionGate
 from dispatcher.celery.names import CONTROL_QUEUE, SESSION_RUN
 from dispatcher.control.bridge import on_running_task_revoked
-from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS, ENGINE_DOWN, ENGINE_UP
+from dispatcher.control.capacity import (
+    ADVERTISE_INTERVAL_SECONDS,
+    ENGINE_DOWN,
+    ENGINE_NO_IMAGE,
+    ENGINE_UP,
+)
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime, get_runtime
 from dispatcher.settings import SandboxRuntimeKind
@@ -124,29 +130,52 @@ class SlotAdvertiser(bootsteps.StartStopStep):
                 event("slot advertisement failed", level=logging.WARNING, error=str(exc))
 
     def _watch_engine(self) -> None:
-        """Withdraw the slots while the engine does not answer, give them back when it does:
-        advertised at once, not at the next round, so the poller stops feeding a worker that
-        cannot start a sandbox within a probe's interval and timeout."""
-        from dispatcher.session.engine_health import PROBE_INTERVAL_SECONDS, EngineProbe
+        """Withdraw the slots while the engine does not answer or lacks an image, give them
+        back when it can start sandboxes again: advertised at once, not at the next round, so
+        the poller stops feeding a worker that cannot start a sandbox within a probe's interval
+        and timeout. The warm pool beside it follows (`engine_status`)."""
+        from dispatcher.session.engine_health import (
+            PROBE_INTERVAL_SECONDS,
+            EngineProbe,
+            engine_status,
+        )
 
         probe = EngineProbe(get_runtime().settings)
-        down_since = 0.0
+        changed_at = time.monotonic()
         while not self._stop.wait(PROBE_INTERVAL_SECONDS):
-            answers = probe.answers()
-            if answers == (self.engine == ENGINE_UP):
+            state = probe.state()
+            if state == self.engine:
                 continue
-            self.engine = ENGINE_UP if answers else ENGINE_DOWN
+            before, self.engine = self.engine, state
+            engine_status.set(state)
             self._advertise()
-            if answers:
-                event("engine answers again", worker=self.worker.hostname,
-                      address=probe.address, slots=self.slots,
-                      after_seconds=round(time.monotonic() - down_since, 1))
-            else:
-                down_since = time.monotonic()
-                event("engine unavailable", level=logging.WARNING, worker=self.worker.hostname,
-                      address=probe.address, error=probe.error, slots_withdrawn=self.slots,
-                      action_taken="session slots withdrawn; running sessions go on")
+            self._say_engine_changed(probe, before, time.monotonic() - changed_at)
+            changed_at = time.monotonic()
         probe.close()
+
+    def _say_engine_changed(self, probe: Any, before: str, after_seconds: float) -> None:
+        """One line for each edge: the engine gone or back, an image lost or back."""
+        from dispatcher.session.engine_health import image_setting
+
+        worker, withdrawn = self.worker.hostname, "session slots withdrawn; running sessions go on"
+        if before == ENGINE_DOWN:
+            event("engine answers again", worker=worker, address=probe.address,
+                  slots=self.slots if self.engine == ENGINE_UP else 0,
+                  after_seconds=round(after_seconds, 1))
+        elif before == ENGINE_NO_IMAGE and self.engine == ENGINE_UP:
+            event("sandbox image present again", worker=worker, slots=self.slots,
+                  after_seconds=round(after_seconds, 1))
+        if self.engine == ENGINE_DOWN:
+            event("engine unavailable", level=logging.WARNING, worker=worker,
+                  address=probe.address, error=probe.error, slots_withdrawn=self.slots,
+                  action_taken=withdrawn)
+        elif self.engine == ENGINE_NO_IMAGE:
+            settings = get_runtime().settings
+            event("sandbox image missing", level=logging.WARNING, worker=worker,
+                  image=probe.missing, setting=image_setting(settings, probe.missing),
+                  address=probe.address, slots_withdrawn=self.slots,
+                  action_taken=f"{withdrawn}; load the image back (the id resolved at start) "
+                               "or restart the worker to resolve its reference again")
 
     def stop(self, worker: Any) -> None:
         self._stop.set()
@@ -250,10 +279,13 @@ class WarmContainers(bootsteps.StartStopStep):
                               configured=settings.session_slots, control_queue=CONTROL_QUEUE,
                               session_queues=settings.session_queues,
                               environments=len(runtime.environments))
+        from dispatcher.session.engine_health import engine_status
+
         self.pool = WarmPool(settings, WarmBook(runtime.redis, prefix=settings.key_prefix),
                              worker=worker.hostname, slots=slots,
                              environments=[e.id for e in runtime.environments],
-                             busy=_running_sessions)
+                             busy=_running_sessions, engine_usable=engine_status.usable)
+        engine_status.on_usable(self.pool.engine_back)
         event("warm pool", worker=worker.hostname, target=min(slots, settings.warm_containers),
               owner=self.pool.owner)
         self._thread = threading.Thread(target=self.pool.run, name="dispatcher-warm-pool",

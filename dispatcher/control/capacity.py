@@ -29,8 +29,8 @@ from dispatcher.clock import Clock, RedisClock
 from dispatcher.control.poll_keys import PollKeys
 from dispatcher.lease.keys import Keys
 
-__all__ = ["ENGINE_DOWN", "ENGINE_UP", "WORKER_STALE_SECONDS", "Capacity", "WorkerSlots",
-           "claim_allowance", "desired_slots", "fair_shares", "free_slots"]
+__all__ = ["ENGINE_DOWN", "ENGINE_NO_IMAGE", "ENGINE_UP", "WORKER_STALE_SECONDS", "Capacity",
+           "WorkerSlots", "claim_allowance", "desired_slots", "fair_shares", "free_slots"]
 
 # A worker advertises every ADVERTISE_INTERVAL_SECONDS; three missed advertisements mean gone.
 ADVERTISE_INTERVAL_SECONDS = 2.0
@@ -39,6 +39,8 @@ WORKER_STALE_SECONDS = 3 * ADVERTISE_INTERVAL_SECONDS
 WORKER_RECORD_TTL_SECONDS = 60
 ENGINE_UP = "up"
 ENGINE_DOWN = "down"
+# The engine answers but lacks a configured image (removed, pruned): no sandbox can start.
+ENGINE_NO_IMAGE = "no-image"
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,16 @@ class WorkerSlots:
     draining: bool
     seen_at: float  # the fleet's clock (`dispatcher/clock.py`), as the worker last advertised
     live: bool = False  # advertised recently and not draining, as of the read
-    # Its container engine as its probe last found it: ENGINE_UP, ENGINE_DOWN, or "" (a worker
-    # of the process runtime has none). A live worker whose engine is down keeps running its
-    # sessions, but its slots are withdrawn: it cannot start one.
+    # Its container engine as its probe last found it: ENGINE_UP, ENGINE_DOWN, ENGINE_NO_IMAGE,
+    # or "" (a worker of the process runtime has none). A live worker whose engine is down or
+    # lacks its image keeps running its sessions, but its slots are withdrawn: it cannot start
+    # one.
     engine: str = ""
 
     @property
     def serving(self) -> bool:
         """Its slots count: live, and able to start a sandbox."""
-        return self.live and self.engine != ENGINE_DOWN
+        return self.live and self.engine in ("", ENGINE_UP)
 
 
 def free_slots(*, total: int, held: int) -> int:
@@ -130,8 +133,9 @@ class Capacity:
 
     def advertise(self, *, hostname: str, slots: int, pool: str, queues: list[str],
                   engine: str = "") -> None:
-        """Advertise `slots`; `engine`: ENGINE_DOWN withdraws them while the worker's container
-        engine does not answer (the worker still counts as live: its sessions run on)."""
+        """Advertise `slots`; `engine`: ENGINE_DOWN (ENGINE_NO_IMAGE) withdraws them while the
+        worker's container engine does not answer (lacks an image); the worker still counts as
+        live: its sessions run on."""
         now = self.clock.now()
         key = self.keys.worker(hostname)
         pipe = self.redis.pipeline(transaction=True)

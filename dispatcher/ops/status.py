@@ -87,18 +87,28 @@ class FleetView:
 
 def problems(view: FleetView) -> list[str]:
     """Why the fleet cannot work, one line each; empty when it can."""
-    from dispatcher.control.capacity import ENGINE_DOWN, WORKER_STALE_SECONDS
+    from dispatcher.control.capacity import (
+        ENGINE_DOWN,
+        ENGINE_NO_IMAGE,
+        ENGINE_UP,
+        WORKER_STALE_SECONDS,
+    )
 
     found: list[str] = []
     live = [w for w in view.workers if _live(w, view.now, WORKER_STALE_SECONDS)]
-    if not any(w.slots > 0 and w.engine != ENGINE_DOWN for w in live):
+    if not any(w.slots > 0 and w.engine in ("", ENGINE_UP) for w in live):
         found.append("no live session slots: no session worker has advertised in "
                      f"{WORKER_STALE_SECONDS:.0f} s, or every one is draining or without "
-                     "its engine")
+                     "its engine or image")
     down = [w.hostname for w in live if w.engine == ENGINE_DOWN]
     if down:
         found.append(f"{len(down)} worker(s) whose container engine does not answer, their "
                      f"session slots withdrawn: {', '.join(down[:3])}")
+    imageless = [w.hostname for w in live if w.engine == ENGINE_NO_IMAGE]
+    if imageless:
+        found.append(f"{len(imageless)} worker(s) whose container engine lacks a sandbox image "
+                     "(DISPATCHER_SANDBOX_IMAGE; the worker's log names it), their session "
+                     f"slots withdrawn: {', '.join(imageless[:3])}")
     if not view.beat_lock_held:
         found.append("beat's lock is not held: no beat schedules the poller and the heartbeats")
     overdue = [lease for lease in view.leases if _overdue(lease, view.now)]
@@ -252,8 +262,10 @@ def _status_text(report: dict[str, Any]) -> str:
 
 
 def _engine_text(engine: str | None) -> str | None:
-    """A worker's container engine: `down` means its slots are withdrawn."""
-    return "down (slots withdrawn)" if engine == "down" else engine
+    """A worker's container engine: `down` or `no-image` means its slots are withdrawn."""
+    if engine in ("down", "no-image"):
+        return f"{engine} (slots withdrawn)"
+    return engine
 
 
 def _stop_text(row: dict[str, Any]) -> str | None:

@@ -148,11 +148,12 @@ def _infra_failed(runtime: Runtime, attempt: SessionAttempt, exc: SandboxInfraEr
 
 
 def _wait_for_infrastructure(runtime: Runtime, attempt: SessionAttempt) -> None:
-    """Pulse the lease for INFRA_PAUSE_SECONDS at least and until the engine answers (the
-    process runtime: the pause alone), at most INFRA_WAIT_SECONDS; sooner if the attempt lost
-    its lease or was asked to stop."""
+    """Pulse the lease for INFRA_PAUSE_SECONDS at least and until the engine answers with
+    every image (the process runtime: the pause alone), at most INFRA_WAIT_SECONDS; sooner if
+    the attempt lost its lease or was asked to stop."""
     probe = None
     if runtime.settings.sandbox_runtime == SandboxRuntimeKind.DOCKER:
+        from dispatcher.control.capacity import ENGINE_UP
         from dispatcher.session.engine_health import EngineProbe
 
         probe = EngineProbe(runtime.settings)
@@ -162,7 +163,8 @@ def _wait_for_infrastructure(runtime: Runtime, attempt: SessionAttempt) -> None:
             waited = time.monotonic() - started
             if waited >= INFRA_WAIT_SECONDS:
                 return
-            if waited >= INFRA_PAUSE_SECONDS and (probe is None or probe.answers()):
+            if waited >= INFRA_PAUSE_SECONDS and (probe is None
+                                                  or probe.state() == ENGINE_UP):
                 return
             try:
                 pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt,

@@ -223,11 +223,17 @@ class WarmPool:
     """Keeps each environment's ready containers at its share of the target, in the background.
 
     `busy` says how many sessions the worker runs now: the pool never holds more containers than
-    the slots they leave free."""
+    the slots they leave free. `engine_usable` is the worker's engine probe (`engine_health`):
+    while it says the engine cannot start a sandbox (down, or an image lost), the pool neither
+    creates nor reconciles (every call would fail, and a backoff grown meanwhile would delay
+    the refill); `engine_back` refills at once when it can again, reconciling first, so warm
+    containers that did not survive a restart are dropped and removed."""
 
     def __init__(self, settings: Settings, book: WarmBook, *, worker: str, slots: int,
-                 environments: list[str], busy: Callable[[], int]) -> None:
+                 environments: list[str], busy: Callable[[], int],
+                 engine_usable: Callable[[], bool] = lambda: True) -> None:
         self.settings = settings
+        self.engine_usable = engine_usable
         self.book = book
         self.worker = worker
         self.slots = slots
@@ -267,10 +273,30 @@ class WarmPool:
         self._stop.set()
         self.wake.set()
 
+    def engine_back(self) -> None:
+        """The engine can start sandboxes again: drop the idle containers, then reconcile
+        (which removes them) and fill now, no backoff left. Called by the probe before it
+        gives the slots back, so no session is bound to one of them meanwhile.
+
+        Why drop containers that may still run: a dockerd restarted with live-restore takes
+        its running containers back, and a new attach still writes to their stdin, but closing
+        it no longer closes theirs (the engine's stdin-once is lost in the restore; dockerd
+        20.10 here). A warm container's command reads the work JSON to its end: bound to one,
+        a session would wait forever. After a mere lapse of the probe this costs a re-create."""
+        with contextlib.suppress(RedisError):  # the book unreachable: the next tick says so
+            for environment in self.environments:
+                while self.book.take_ready(self.worker, environment) is not None:
+                    pass
+        self._retry_at, self._backoff = 0.0, BACKOFF_SECONDS[0]
+        self._reconciled_at = 0.0
+        self.wake.set()
+
     def tick(self) -> None:
         # First: a container being created (seconds on a copying storage driver) must never
         # be seen by a reaper without its owner's key.
         self.book.alive(self.owner, self._size)
+        if not self.engine_usable():
+            return
         now = time.monotonic()
         if now - self._reconciled_at >= RECONCILE_SECONDS and now >= self._retry_at:
             self._reconcile()

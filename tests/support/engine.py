@@ -11,6 +11,7 @@ a new image. No mock stands in for the engine: without one the tests fail, sayin
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tarfile
@@ -58,9 +59,10 @@ def ensure_engine() -> docker.APIClient:
                        f"see {DOCKERD_LOG}")
 
 
-def ensure_image(client: docker.APIClient, workdir: Path) -> str:
+def ensure_image(client: docker.APIClient, workdir: Path, *, docker_host: str | None = None) -> str:
     """The test image's id (`sha256:...`: a reference no tag can move, as the runtime asks by
-    default), imported under its tag when the engine lacks it."""
+    default), imported under its tag when the engine lacks it. `docker_host`: the engine of
+    `client` when it is not the machine's (a test's private engine)."""
     busybox = shutil.which("busybox")
     if busybox is None:
         raise RuntimeError("busybox is not installed: run ./dev test (it installs "
@@ -87,5 +89,6 @@ def ensure_image(client: docker.APIClient, workdir: Path) -> str:
         tar.add(SCRIPT, arcname="session.sh")
     subprocess.run(["docker", "import", "-c", "ENV PATH=/bin", "-c",
                     'CMD ["sh", "/session.sh"]', str(tarball), tag],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True,
+                   env={**os.environ, "DOCKER_HOST": docker_host} if docker_host else None)
     return str(client.inspect_image(tag)["Id"])

@@ -46,6 +46,7 @@ class EngineRelay:
         self.delay_create = 0.0
         self.fail_create = False
         self.creates = 0  # creates that reached the engine
+        self.holding = 0  # creates being held now
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -103,10 +104,11 @@ class EngineRelay:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed by down()
+            engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 engine.connect(self.upstream)
-            except OSError:
+            except OSError:  # the engine behind is down itself (a test stopped it)
+                _cut(engine)
                 _cut(client)
                 continue
             with self._lock:
@@ -145,12 +147,18 @@ class EngineRelay:
         """Keep a create for `delay_create` seconds; False if the engine went down meanwhile
         (the connection is cut)."""
         since = time.monotonic()
-        # The delay read on every turn: a test may shorten it to let held creates through.
-        while time.monotonic() < since + self.delay_create and not self.fail_create:
-            if self.is_down or self._closed:
-                _cut(client)
-                return False
-            time.sleep(HOLD_POLL_SECONDS)
+        with self._lock:
+            self.holding += 1
+        try:
+            # The delay read on every turn: a test may shorten it to let held creates through.
+            while time.monotonic() < since + self.delay_create and not self.fail_create:
+                if self.is_down or self._closed:
+                    _cut(client)
+                    return False
+                time.sleep(HOLD_POLL_SECONDS)
+        finally:
+            with self._lock:
+                self.holding -= 1
         if self.is_down:
             _cut(client)
             return False

@@ -42,6 +42,12 @@ CASES = [
      {"workers": [worker(engine="down"), worker(engine="up", hostname="w2@h")]},
      ["1 worker(s) whose container engine does not answer"]),
     ("engine answering", {"workers": [worker(engine="up")]}, []),
+    # An engine that answers but lost a configured image cannot start a sandbox either.
+    ("image lost on the only worker", {"workers": [worker(engine="no-image")]},
+     ["no live session slots", "1 worker(s) whose container engine lacks a sandbox image"]),
+    ("image lost on one worker of two",
+     {"workers": [worker(engine="no-image"), worker(engine="up", hostname="w2@h")]},
+     ["1 worker(s) whose container engine lacks a sandbox image"]),
     ("engine down on a silent worker", {"workers": [worker(engine="down", seen_ago=7)]},
      ["no live session slots"]),
     ("no beat", {"beat_lock_held": False}, ["beat's lock is not held"]),

@@ -87,3 +87,47 @@ def test_a_warm_container_runs_what_a_cold_one_would(
 def test_the_contract_reaches_the_launcher_as_lines_up_to_an_empty_one(
         env: dict[str, str], expected: bytes | None) -> None:
     assert contract_header(env) == expected
+
+
+class _Book:
+    """What a tick asks of the book, in order; an empty pool."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> Any:
+            self.calls.append(name)
+            return []
+        return call
+
+
+def test_the_pool_creates_nothing_while_the_engine_cannot_start_a_sandbox() -> None:
+    book = _Book()
+    pool = WarmPool(_settings(DISPATCHER_WARM_CONTAINERS=2), book=book,  # type: ignore[arg-type]
+                    worker="w1", slots=4, environments=["e"], busy=lambda: 0,
+                    engine_usable=lambda: False)
+    pool.tick()
+    assert book.calls == ["alive"], "only its owner's key kept, no engine call"
+
+
+class _Ready:
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def take_ready(self, worker: str, environment: str) -> str | None:
+        return self.ids.pop() if self.ids else None
+
+
+def test_the_pool_drops_its_idle_containers_and_refills_at_once_when_the_engine_is_back(
+        ) -> None:
+    book = _Ready(["c1", "c2"])
+    pool = WarmPool(_settings(DISPATCHER_WARM_CONTAINERS=1), book=book,  # type: ignore[arg-type]
+                    worker="w1", slots=4, environments=["e"], busy=lambda: 0)
+    pool._failed("warm container not created", OSError("engine gone"))
+    pool._failed("warm container not created", OSError("engine gone"))
+    pool.engine_back()
+    assert pool._retry_at == 0.0 and pool._reconciled_at == 0.0
+    assert pool._backoff == warm_pool.BACKOFF_SECONDS[0]
+    assert pool.wake.is_set()
+    assert book.ids == [], "none left to bind: the next reconcile removes them"
