@@ -293,6 +293,8 @@ class AsyncWorkClient(_ClientBase[httpx.AsyncBaseTransport]):
         if self._http is not None:
             http, self._http = self._http, None
             await http.aclose()
+        elif isinstance(self._transport, AsyncHTTP11Transport):
+            await self._transport.aclose()  # sent to directly: no httpx client closes it
 
     aclose = close
 
