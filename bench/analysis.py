@@ -353,11 +353,63 @@ def _capacity(cap: dict[str, Any]) -> str:
         "evenly over 0.8 s (dispatcher/control/heartbeat.py, `pace`), not all at once, and a "
         "tick takes up to 4,000 (`BATCH_SIZE`: 20,000 leases at a 30 s TTL come due at 2,000 "
         "a second); the busiest 100 ms column shows how evenly beats reach the server. (7) The "
-        "stop bridge reads a page's held stopping leases in one round trip, not one each. At "
-        "20,000 leases and a 30 s TTL the API must answer 2,000 heartbeats a second: at the "
-        "emulator's CPU per beat in the table that alone is more than this machine's two "
-        "cores, so past the steps kept here the emulator (or the machine) is the limit; the "
-        "worker's own limit is about 1,000 ms / its CPU per beat, beats a second per core.")
+        "stop bridge reads a page's held stopping leases in one round trip, not one each. "
+        + _CPU_CUTS + _at_scale(hard))
+
+
+# Measured on the branch that brought them, before and after in one session (py-spy, then the
+# capacity part at 3,000 leases and a heartbeat micro-benchmark): history, not this run's.
+_CPU_CUTS = (
+    "(8) Per beat: the emulator answers a heartbeat on a path of its own "
+    "(dispatcher/emulator/app.py `FastHeartbeat`: the same credential check, fault, store call, "
+    "request-log entry and answer, without FastAPI's routing, dependency solving and response "
+    "layers, which were over half of its CPU per heartbeat); the async Work API client hands "
+    "its requests straight to the lean transport (`AsyncWorkClient._send`: httpx's client "
+    "flows of auth, redirects and cookies, none of them used, cost a heartbeat about a "
+    "quarter of its client-side CPU); and redis-py parses replies with hiredis (the tick's "
+    "read of every due lease's hash, and every emulator request's Redis replies, at half the "
+    "CPU). Measured before (main's code, no hiredis) and after in one session, load 6-15: "
+    "the heartbeat tick alone, in-process against the emulator (500 leases all due, six "
+    "rounds, means of 3 runs before and 4 after), the worker 0.78 -> 0.60 ms of CPU per "
+    "beat and the emulator 1.59 -> 1.10 ms; this part at 1,500 leases, both runs at once, "
+    "the worker 1.38 -> 1.17 "
+    "ms per beat all its work included (the rest of it is the stop bridge's `list` sweep, "
+    "the poller and beat) and the emulator 2.18 -> 1.43 ms, and the step fell behind "
+    "before (max gap 15.1 s) and was kept after (11.4 s). The beat interval "
+    "stays ttl/3 (dispatcher/lease/machine/steps.py `heartbeat_interval`): SDK 2.17's "
+    "min(ttl/2, 30 s) would send a third fewer beats, but one failed or late beat would then "
+    "lose the lease; ttl/3 leaves a retry inside the TTL. ")
+
+
+def _at_scale(series: dict[str, Any], leases: int = 20_000) -> str:
+    """What 20,000 leases (the issue's aim) would cost at the CPU per beat of the largest step
+    kept, against this machine's cores: which process is the limit past the steps tried."""
+    import os
+
+    from bench.report import interval
+
+    kept = [st for st in series["steps"] if not st["lapsed"] and not st.get("behind")]
+    step = kept[-1] if kept else series["steps"][-1]
+    if not step.get("beats_per_s"):
+        return ""
+    due = leases / interval(step["ttl"])
+    worker = 10 * step["control_cpu_pct"] / step["beats_per_s"]
+    server = 10 * step["emulator_cpu_pct"] / step["beats_per_s"]
+    cores = os.cpu_count() or 1
+    every = interval(step["ttl"])
+    limits = {  # leases each would keep at this TTL at these costs
+        "the worker (one process: one core at most, the GIL)": 1000 / worker * every,
+        "the emulator (one process)": 1000 / server * every,
+        f"the machine ({cores} cores for both, Redis and the benchmark)":
+            cores * 1000 / (worker + server) * every,
+    }
+    first = min(limits, key=lambda k: limits[k])
+    return (f"At {leases:,} leases and a {step['ttl']} s TTL, {due:,.0f} beats a second are "
+            f"due: at the CPU per beat of the {step['n']:,} step ({worker:.2f} ms the worker, "
+            f"{server:.2f} ms the emulator) that is {due * worker / 1000:.1f} cores of worker "
+            f"and {due * server / 1000:.1f} of emulator. At these costs "
+            + ", ".join(f"{name} would keep about {n:,.0f}" for name, n in limits.items())
+            + f": {first} is the limit.")
 
 
 def _sdk_version() -> str:

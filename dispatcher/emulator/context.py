@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -19,7 +19,7 @@ from .sessions import SessionStore
 from .store import Store
 from .webhooks import WebhookSender
 
-__all__ = ["Ctx", "Emulator", "emulator_of", "requires"]
+__all__ = ["Ctx", "Emulator", "admitted", "emulator_of", "requires"]
 
 # Shown in the OpenAPI document as the two ways to send a key; `auth` does the checking.
 _bearer = HTTPBearer(auto_error=False, description="The environment or organisation key.")
@@ -61,11 +61,17 @@ def requires(allowed: frozenset[Credential],
 
     async def check(request: Request, _b: Annotated[Any, Depends(_bearer)] = None,
                     _k: Annotated[Any, Depends(_api_key)] = None) -> Credential:
-        credential = credential_of(request.scope)
-        if credential is None:
-            raise Unauthenticated("missing credentials: send Authorization: Bearer or x-api-key")
-        if credential not in allowed:
-            raise Forbidden(f"{what} does not take the {credential.value} key")
-        return credential
+        return admitted(request.scope, allowed, what)
 
     return check
+
+
+def admitted(scope: MutableMapping[str, Any], allowed: frozenset[Credential],
+             what: str) -> Credential:
+    """The credential `guard` admitted the request with, if `allowed` takes it."""
+    credential = credential_of(scope)
+    if credential is None:
+        raise Unauthenticated("missing credentials: send Authorization: Bearer or x-api-key")
+    if credential not in allowed:
+        raise Forbidden(f"{what} does not take the {credential.value} key")
+    return credential
