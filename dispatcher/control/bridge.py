@@ -145,10 +145,11 @@ def _scan(runtime: Runtime, environment: str, *, held: int, until: float) -> int
         return 0
     cursor = registry.stop_scan_cursor(environment)
     size = _page_size(runtime, environment, held)
-    applied = 0
+    applied, pages = 0, 0
     try:
-        for _ in range(pages_per_tick(held, size)):
+        while True:
             page, size = _list(runtime, environment, size=size, cursor=cursor)
+            pages += 1
             applied += _apply_page(runtime, page.data)
             unseen = registry.note_scanned(environment, [w.id for w in page.data],
                                            ttl_seconds=CURSOR_TTL_SECONDS)
@@ -157,7 +158,8 @@ def _scan(runtime: Runtime, environment: str, *, held: int, until: float) -> int
                 _succeeded(runtime, environment)
                 return applied
             cursor = page.next_page
-            if time.monotonic() >= until:
+            # The budget at the size that got the page: a refused size makes pages smaller.
+            if pages >= pages_per_tick(held, size) or time.monotonic() >= until:
                 break
     except WorkAPIError as exc:
         _failed(runtime, environment, exc)
