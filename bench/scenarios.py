@@ -466,8 +466,14 @@ def _stops_at_scale(fleet: Ours, registry: Any, held: list[str], k: int,
                     log: Any = print) -> dict[str, Any]:
     """Stop k of the held leases on the server, one each 0.3 s, spread over the held set (the
     oldest and the newest listed too): stop requested -> the lease's stop flag raised by the
-    stop bridge (or a heartbeat reply, whichever came first)."""
-    picks = [held[round(i * (len(held) - 1) / max(1, k - 1))] for i in range(k)]
+    stop bridge (or a heartbeat reply, whichever came first). Only leases still held with no
+    stop flag are picked: one lost in a step that lapsed carries an older flag, which read as a
+    negative latency."""
+    live = [lease.work_id for lease in registry.get_many(held) if not lease.stop_seen_at]
+    if not live:
+        return {}
+    picks = [live[round(i * (len(live) - 1) / max(1, k - 1))] for i in range(min(k, len(live)))]
+    k = len(picks)
     requested = {}
     for work_id in picks:
         requested[work_id] = fleet.emu.stop(fleet.environment_id, work_id)
@@ -483,9 +489,9 @@ def _stops_at_scale(fleet: Ours, registry: Any, held: list[str], k: int,
                 seen[work_id] = lease.stop_seen_at
         time.sleep(0.05)
     latencies = [seen[w] - requested[w] for w in picks if w in seen]
-    result = {**summary(latencies), "held": len(held), "asked": k,
+    result = {**summary(latencies), "held": len(live), "asked": k,
               "unseen_after_60s": k - len(seen)}
-    log(f"  stops with {len(held)} leases held: {result}")
+    log(f"  stops with {len(live)} leases held: {result}")
     return result
 
 

@@ -14,10 +14,14 @@ Fleet to server. A session task revoked by an operator (Flower, `celery control 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import signal
+import time
+
+from redis.exceptions import LockError
 
 from dispatcher.lease import events as ev
 from dispatcher.lease.replies import listed_event
@@ -25,24 +29,32 @@ from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import Backoff, InvalidRequestError, Work, WorkAPIError, WorkPage
 
-__all__ = ["on_running_task_revoked", "on_task_revoked", "pages_per_tick", "scan_server_stops",
-           "smaller_page"]
+__all__ = ["on_running_task_revoked", "on_task_revoked", "page_size", "pages_per_tick",
+           "scan_server_stops", "smaller_page"]
 
-# Items a `list` page is asked for at first. The server may answer with fewer (the spec sets no
-# size), and in any order (the spec sets none): nothing below depends on either. A server that
-# refuses the size (a 400 naming `limit`) gets smaller pages, remembered per environment.
+# Items a `list` page is asked for while few leases are held. The server may answer with fewer
+# (the spec sets no size), and in any order (the spec sets none): nothing below depends on
+# either. A server that refuses the size (a 400 naming `limit`) gets smaller pages, remembered
+# per environment.
 LIST_PAGE_SIZE = 100
-# A tick reads about as many items as the environment has leases held, up to this many: a
-# stop is seen within a second up to 1,000 held leases, as long as the held items are among
-# the newest listed. A sweep longer than a tick's budget continues next tick from a cursor kept
-# in Redis, so a stop is seen within ceil(items before the last held one / budget) seconds, or
-# sooner by the lease's next heartbeat reply.
-LIST_ITEMS_PER_TICK = 1000
-# ...in this many pages at most, whatever page size the server takes: the bridge's request rate
-# per environment is bounded (20 a tick, at 1,000 held leases and pages of 50 or fewer). With
-# few leases held it reads one page a tick: 10,000 queued items cost one call a second, not
-# ten, and a stop buried under them is seen by the heartbeat reply.
-MAX_PAGES_PER_TICK = 20
+# Items a page is asked for once more leases are held than LIST_PAGE_SIZE pages of
+# LARGE_PAGE_AFTER cover: the service documents no maximum, and a sweep of 20,000 leases in
+# pages of 100 is 200 round trips (20 s at 100 ms each; the Anthropic API's other lists take up
+# to 1,000). A server that refuses it names its maximum ("limit must be 1-100"), which is then
+# asked for an hour (PAGE_SIZE_MEMORY_SECONDS): one refused call an hour.
+LARGE_LIST_PAGE_SIZE = 1000
+LARGE_PAGE_AFTER = 10
+# A tick reads one pass over its held leases' worth of items, ceil(held / page size) pages, so a
+# sweep over the held items ends within a tick and a stop is seen within about a second at any
+# count, as long as the held items are among the newest listed: the request rate grows with
+# the leases held (one listed item a second per lease), never with the queue. At most this many
+# pages a tick, where nothing else bounds it (400,000 items at pages of 1,000).
+MAX_PAGES_PER_TICK = 400
+# ...and for at most this share of the bridge's interval: the tick ends before the next starts
+# (one pool slot is enough), and a sweep longer than that continues next tick from a cursor
+# kept in Redis, so a stop is then seen within the sweep's time plus a tick, or sooner by the
+# lease's next heartbeat reply. Several environments share it, in equal parts.
+TICK_BUDGET_SHARE = 0.8
 # A sweep's cursor outlives a tick by this much at most: a sweep left this long starts over.
 CURSOR_TTL_SECONDS = 60
 # A page size the server refused is remembered this long, then the full size is tried again
@@ -50,6 +62,10 @@ CURSOR_TTL_SECONDS = 60
 PAGE_SIZE_MEMORY_SECONDS = 3600
 # A failure streak is forgotten after this long without news (the backoff cap is 8 s).
 SCAN_FAILURES_TTL_SECONDS = 60
+# One tick sweeps an environment at a time (a Redis lock): two ticks reading from one cursor
+# (beat's ticks bunched after an outage, or two control workers) would read every page twice.
+# The lock outlives the tick's budget by this much, for a page still being read at its end.
+SWEEP_LOCK_SLACK_SECONDS = 30.0
 # Words by which a 400 names the page size (the emulator: "limit must be 1-100").
 _NAMES_PAGE_SIZE = re.compile(r"\blimit\b|page[ _]size", re.IGNORECASE)
 
@@ -57,25 +73,35 @@ _NAMES_PAGE_SIZE = re.compile(r"\blimit\b|page[ _]size", re.IGNORECASE)
 def smaller_page(size: int, message: str) -> int | None:
     """The page size to try after a 400 with this message; None if it names no page size.
 
-    The largest number in the message when it is below `size` (the server's maximum: "limit
-    must be 1-50" gives 50), else half of `size`. None at size 1: nothing smaller to try."""
-    if size <= 1 or not _NAMES_PAGE_SIZE.search(message):
+    The largest number after the words that name the size, when it is below `size` (the
+    server's maximum: "limit must be 1-50" gives 50), else half of `size`; the status before
+    them and the digits of a request id are no size. None at size 1: nothing smaller to try."""
+    named = _NAMES_PAGE_SIZE.search(message)
+    if size <= 1 or named is None:
         return None
-    largest = max(map(int, re.findall(r"\d+", message)), default=0)
+    largest = max(map(int, re.findall(r"\b\d+\b", message[named.end():])), default=0)
     return largest if 1 <= largest < size else max(1, size // 2)
 
 
+def page_size(held: int, refused: int | None) -> int:
+    """The page size a tick asks for: LIST_PAGE_SIZE, or LARGE_LIST_PAGE_SIZE once more leases
+    are held than LARGE_PAGE_AFTER such pages hold; never more than the size a refusal left
+    (`refused`: the size asked after the server refused a larger one)."""
+    wanted = LARGE_LIST_PAGE_SIZE if held > LARGE_PAGE_AFTER * LIST_PAGE_SIZE else LIST_PAGE_SIZE
+    return wanted if refused is None else max(1, min(wanted, refused))
+
+
 def pages_per_tick(held: int, page_size: int) -> int:
-    """Pages one tick of one environment's sweep reads: enough for its held leases' worth of
-    items (LIST_ITEMS_PER_TICK at most), in MAX_PAGES_PER_TICK pages at most, 1 at least."""
-    wanted = math.ceil(min(held, LIST_ITEMS_PER_TICK) / max(1, page_size))
-    return max(1, min(MAX_PAGES_PER_TICK, wanted))
+    """Pages one tick of one environment's sweep reads at most (its time budget may end it
+    sooner): its held leases' worth of items, 1 page at least, MAX_PAGES_PER_TICK at most."""
+    return max(1, min(MAX_PAGES_PER_TICK, math.ceil(held / max(1, page_size))))
 
 
 def scan_server_stops(runtime: Runtime) -> int:
     """Hand the stops the server's list shows for leases we hold to the lease machine, a tick's
     pages per environment (each listed with its own key); returns how many leases that
-    changed. An environment the server throttles, or whose last scan failed, waits."""
+    changed. An environment the server throttles, or whose last scan failed, or another tick
+    sweeps, waits."""
     if runtime.registry.held_count() == 0:  # nothing held: no call at all
         for environment in runtime.environments:
             runtime.registry.end_stop_scan(environment.id)
@@ -86,23 +112,44 @@ def scan_server_stops(runtime: Runtime) -> int:
         # leases per environment existed (a fleet upgraded while holding them).
         held = dict.fromkeys(held, runtime.registry.held_count())
     throttled = runtime.pacing.remaining_all(held)
-    return sum(_scan(runtime, environment, held=held[environment])
-               for environment in held
-               if throttled[environment] <= 0 and not _paused(runtime, environment))
+    due = [e for e in held if throttled[e] <= 0 and not _paused(runtime, e)]
+    deadline = time.monotonic() + TICK_BUDGET_SHARE * runtime.settings.bridge_interval_seconds
+    applied = 0
+    for index, environment_id in enumerate(due):
+        # What is left of the tick's budget, shared by the environments still to sweep.
+        until = time.monotonic() + (deadline - time.monotonic()) / (len(due) - index)
+        applied += _scan_alone(runtime, environment_id, held=held[environment_id], until=until)
+    return applied
 
 
-def _scan(runtime: Runtime, environment: str, *, held: int) -> int:
-    """One tick of one environment's sweep."""
+def _scan_alone(runtime: Runtime, environment: str, *, held: int, until: float) -> int:
+    """One tick of one environment's sweep, unless another tick sweeps it now."""
+    budget = max(0.0, until - time.monotonic())
+    lock = runtime.redis.lock(_state(runtime, "stop-sweep", environment),
+                              timeout=budget + SWEEP_LOCK_SLACK_SECONDS, blocking=False)
+    if not lock.acquire():
+        return 0
+    try:
+        return _scan(runtime, environment, held=held, until=until)
+    finally:
+        with contextlib.suppress(LockError):  # lapsed after a page slower than the slack
+            lock.release()
+
+
+def _scan(runtime: Runtime, environment: str, *, held: int, until: float) -> int:
+    """One tick of one environment's sweep: its pages, until the sweep ends, the page budget is
+    spent or the time is up (after one page at least)."""
     registry = runtime.registry
     if held == 0:
         registry.end_stop_scan(environment)
         return 0
     cursor = registry.stop_scan_cursor(environment)
-    size = _page_size(runtime, environment)
-    applied = 0
+    size = _page_size(runtime, environment, held)
+    applied, pages = 0, 0
     try:
-        for _ in range(pages_per_tick(held, size)):
+        while True:
             page, size = _list(runtime, environment, size=size, cursor=cursor)
+            pages += 1
             applied += _apply_page(runtime, page.data)
             unseen = registry.note_scanned(environment, [w.id for w in page.data],
                                            ttl_seconds=CURSOR_TTL_SECONDS)
@@ -111,6 +158,9 @@ def _scan(runtime: Runtime, environment: str, *, held: int) -> int:
                 _succeeded(runtime, environment)
                 return applied
             cursor = page.next_page
+            # The budget at the size that got the page: a refused size makes pages smaller.
+            if pages >= pages_per_tick(held, size) or time.monotonic() >= until:
+                break
     except WorkAPIError as exc:
         _failed(runtime, environment, exc)
         if exc.status == 400:
@@ -141,9 +191,9 @@ def _list(runtime: Runtime, environment: str, *, size: int,
             size = smaller
 
 
-def _page_size(runtime: Runtime, environment: str) -> int:
+def _page_size(runtime: Runtime, environment: str, held: int) -> int:
     remembered = runtime.redis.get(_state(runtime, "list-page-size", environment))
-    return int(remembered) if remembered else LIST_PAGE_SIZE
+    return page_size(held, int(remembered) if remembered else None)
 
 
 def _state(runtime: Runtime, name: str, environment: str) -> str:

@@ -52,6 +52,7 @@ class Store:
         self.redis = redis
         self.config = config
         self.keys = EmulatorKeys(config.key_prefix)
+        self._list_page = redis.register_script(self._LIST_PAGE)
         # Which environment a key digest opens, and whether an environment has a key of its
         # own: written once at creation, so cached for the life of the process (a request
         # costs no lookup after the first). `None`: opened by `--environment-key`.
@@ -187,20 +188,35 @@ class Store:
             work = await self._read_new(environment_id, consumer, block_ms)
         return work
 
+    # KEYS[1]: the environment's index (work id -> list position, newest highest). ARGV[1]: the
+    # highest position to show ("+inf", or "(N": below a cursor's N), ARGV[2]: how many,
+    # ARGV[3]: the prefix of an item's key. Reads one id more than asked (is there a next
+    # page?); returns how many ids it read, the position of the last one shown, and the shown
+    # items' records as one JSON array. One reply to parse, not one per id, score and record:
+    # redis-py's parser read 400 replies a page of 100, most of the emulator's CPU for it.
+    _LIST_PAGE = """
+local rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], '-inf', 'WITHSCORES',
+                        'LIMIT', 0, tonumber(ARGV[2]) + 1)
+local read, shown, records, last = #rows / 2, math.min(#rows / 2, tonumber(ARGV[2])), {}, ''
+for i = 1, shown do
+  local record = redis.call('GET', ARGV[3] .. rows[2 * i - 1])
+  if record then records[#records + 1] = record end
+  last = rows[2 * i]
+end
+return {read, last, '[' .. table.concat(records, ',') .. ']'}
+"""
+
     async def list(self, environment_id: str, *, limit: int,
                    page: str | None) -> dict[str, Any]:
         await self.environment(environment_id)
         await self.sweep(environment_id)
         newest = "+inf" if page is None else f"({_decode_cursor(page)}"
-        # One more than asked, to know whether a next page exists.
-        rows: list[Any] = await self.redis.zrevrangebyscore(
-            self.keys.index(environment_id), newest, "-inf", start=0, num=limit + 1,
-            withscores=True)
-        shown = rows[:limit]
-        raws = await self.redis.mget([self.keys.work(str(w)) for w, _ in shown]) if shown else []
-        data = [WorkRecord.loads(str(raw)).public() for raw in raws if raw is not None]
-        more = len(rows) > limit
-        return {"data": data, "next_page": _encode_cursor(int(shown[-1][1])) if more else None}
+        read, last, records = await self._list_page(keys=[self.keys.index(environment_id)],
+                                                    args=[newest, limit, self.keys.work("")])
+        data = [WorkRecord(**record).public() for record in json.loads(_text(records) or "[]")]
+        more = int(read) > limit
+        return {"data": data, "next_page": _encode_cursor(int(float(_text(last) or 0)))
+                if more else None}
 
     async def stats(self, environment_id: str) -> dict[str, Any]:
         await self.environment(environment_id)

@@ -249,19 +249,29 @@ return 1
         value = self.redis.get(self.keys.stop_scan_cursor(environment_id))
         return None if value is None else str(value)
 
+    # KEYS[1]=the environment's leases (zset), KEYS[2]=the sweep's seen set; ARGV[1]=the seen
+    # set's TTL in seconds, then the page's work ids. Only held items join the seen set, so its
+    # size counts the held ones listed so far, and a page costs O(page), not O(leases held): an
+    # intersection of the two sets each page cost 16 ms of Redis at 20,000 leases held, 3 s a
+    # sweep. A lease released after it was seen keeps counting, so held minus seen is a lower
+    # bound of the unseen; only when it reaches 0 is the exact count taken, once or so a sweep.
+    _NOTE_SCANNED = _Script("""
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then redis.call('SADD', KEYS[2], ARGV[i]) end
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+local unseen = redis.call('ZCARD', KEYS[1]) - redis.call('SCARD', KEYS[2])
+if unseen > 0 then return unseen end
+return redis.call('ZCARD', KEYS[1]) - redis.call('ZINTERCARD', 2, KEYS[1], KEYS[2])
+""")
+
     def note_scanned(self, environment_id: str, work_ids: list[str], *, ttl_seconds: int) -> int:
-        """Note the items a sweep's page listed; returns how many leases held for the
-        environment this sweep has not seen yet (0: every one was listed, it may end early)."""
-        held, seen_key = self.keys.environment_leases(environment_id), \
-            self.keys.stop_scan_seen(environment_id)
-        pipe = self.redis.pipeline(transaction=True)
-        if work_ids:
-            pipe.sadd(seen_key, *work_ids)
-        pipe.expire(seen_key, ttl_seconds)
-        pipe.zcard(held)
-        pipe.zintercard(2, [held, seen_key])
-        *_, count, seen = pipe.execute()
-        return int(count) - int(seen)
+        """Note the items a sweep's page listed; returns a lower bound of the leases held for
+        the environment this sweep has not seen yet, exact when it is 0 (every one was listed,
+        the sweep may end early)."""
+        keys = [self.keys.environment_leases(environment_id),
+                self.keys.stop_scan_seen(environment_id)]
+        return int(self._NOTE_SCANNED(keys=keys, args=[ttl_seconds, *work_ids]))
 
     def end_stop_scan(self, environment_id: str) -> None:
         """The sweep is over: the next one starts from the first page, having seen nothing."""

@@ -1,8 +1,9 @@
 """The per-second upkeep at scale: recovery reads only the leases gone silent (an index of each
-lease's last sign of progress), and the stop bridge reads about its held leases' worth of
-`list` a tick (MAX_PAGES_PER_TICK pages at most), sweeping a longer list over several ticks.
-Real Redis and the emulator over HTTP; page sizes are shrunk so a dozen items make several
-pages."""
+lease's last sign of progress), and the stop bridge reads its held leases' worth of `list` a
+tick (within a page budget and a time budget), sweeping a longer list over several ticks. Real
+Redis and the emulator over HTTP; page sizes are shrunk so a dozen items make several pages,
+and the bridge's checks count pages and sweeps, never seconds: its time budget is set out of
+reach (or to nothing) so a loaded machine cannot change what a tick reads."""
 
 from __future__ import annotations
 
@@ -114,6 +115,57 @@ def test_released_leases_leave_no_index_entries(emulator: Any, runtime: Runtime)
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bridge, "LIST_PAGE_SIZE", 5)
     monkeypatch.setattr(bridge, "MAX_PAGES_PER_TICK", 2)
+    monkeypatch.setattr(bridge, "TICK_BUDGET_SHARE", 1_000.0)
+
+
+@pytest.fixture
+def untimed_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of 5, and a tick's time budget no machine's load reaches."""
+    monkeypatch.setattr(bridge, "LIST_PAGE_SIZE", 5)
+    monkeypatch.setattr(bridge, "TICK_BUDGET_SHARE", 1_000.0)
+
+
+def test_every_stop_among_the_held_items_is_seen_in_one_tick(
+        emulator: Any, runtime: Runtime, untimed_pages: None) -> None:
+    """A tick reads the held leases' worth of pages back to back, not a fixed few: 40 held
+    items in pages of 5 are one sweep of 8 pages, and every stop in it is seen by that tick."""
+    ids = held_items(emulator, runtime, 40)
+    stopped = [ids[0], ids[19], ids[39]]  # the oldest (last listed), the middle, the newest
+    for work_id in stopped:
+        stop_item(emulator, runtime, work_id)
+    before = _lists(emulator, runtime)
+    assert scan_server_stops(runtime) == 3
+    assert _lists(emulator, runtime) - before == 8, "one sweep, and not a page more"
+    assert _cursor(runtime) is None, "the sweep ended: next tick from the top"
+    assert all(runtime.registry.get(w).stop_seen_at for w in stopped)  # type: ignore[union-attr]
+
+
+def test_a_tick_out_of_time_reads_one_page_and_the_sweep_goes_on_from_there(
+        emulator: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bridge, "LIST_PAGE_SIZE", 5)
+    monkeypatch.setattr(bridge, "TICK_BUDGET_SHARE", 0.0)
+    ids = held_items(emulator, runtime, 12)  # 3 pages
+    stop_item(emulator, runtime, ids[0])
+    before = _lists(emulator, runtime)
+    ticks = [scan_server_stops(runtime) for _ in range(3)]
+    assert ticks == [0, 0, 1], "a page a tick: found on the third"
+    assert _lists(emulator, runtime) - before == 3
+    assert _cursor(runtime) is None
+
+
+def test_an_environment_another_tick_sweeps_is_left_to_it(
+        emulator: Any, runtime: Runtime, untimed_pages: None) -> None:
+    """Two ticks reading from one cursor would read every page twice: the second one waits."""
+    held_items(emulator, runtime, 3)
+    lock = runtime.redis.lock(bridge._state(runtime, "stop-sweep", runtime.environment_id),
+                              timeout=30)
+    assert lock.acquire(blocking=False)
+    before = _lists(emulator, runtime)
+    assert scan_server_stops(runtime) == 0
+    assert _lists(emulator, runtime) == before
+    lock.release()
+    assert scan_server_stops(runtime) == 0
+    assert _lists(emulator, runtime) == before + 1, "once free, swept again"
 
 
 def test_a_stop_on_a_held_item_is_seen_within_one_tick_while_pages_fit(
