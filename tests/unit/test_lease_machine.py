@@ -8,6 +8,7 @@ up here as a failing row and in the doc as a changed one."""
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import pytest
 
@@ -21,6 +22,7 @@ from dispatcher.lease.machine import (
     decide,
     heartbeat_interval,
     message_lost,
+    renewal_due,
     stuck,
 )
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS
@@ -412,6 +414,32 @@ def test_force_wins_over_graceful_and_the_first_cause_stays() -> None:
 def test_the_heartbeat_interval_is_a_third_of_the_ttl_within_bounds(ttl: int,
                                                                     interval: float) -> None:
     assert heartbeat_interval(ttl) == interval
+
+
+def test_a_burst_of_leases_renews_spread_over_the_interval_then_keeps_its_pace() -> None:
+    """1,000 leases claimed in the same second: their first renewals fall evenly over the
+    interval's ten seconds (none later than the interval, none in its first tenth), and each
+    renewal after that comes a whole interval after the one before."""
+    interval = heartbeat_interval(30)
+    firsts = [renewal_due(NOW, 30, work_id=f"work_{i:06x}", first=True) - NOW
+              for i in range(1000)]
+    assert all(0.1 * interval <= due <= interval for due in firsts)
+    seconds = Counter(int(due) for due in firsts)
+    assert set(seconds) - {10} == set(range(1, 10)) and max(seconds.values()) <= 140, seconds
+    assert renewal_due(NOW, 30, work_id="work_1", first=False) == NOW + interval
+    assert renewal_due(NOW, 30, work_id="work_1", first=True) == \
+        renewal_due(NOW + 5, 30, work_id="work_1", first=True) - 5  # a work id keeps its share
+
+
+def test_the_claims_heartbeat_schedules_the_spread_renewal_and_later_ones_the_interval() -> None:
+    lease = lease_in("running")
+    assert lease is not None
+    reply = ev.Reply(token="tok-2", extended=True, state="active", ttl_seconds=30)
+    for heartbeat_ok_at, first in ((0.0, True), (NOW - 10, False)):
+        decision = decide(lease.but(heartbeat_ok_at=heartbeat_ok_at),
+                          ev.HeartbeatAnswered(reply, NOW), now=NOW)
+        (record,) = [e for e in decision.effects if isinstance(e, fx.RecordHeartbeat)]
+        assert record.due == renewal_due(NOW, 30, work_id=lease.work_id, first=first)
 
 
 def test_the_table_covers_every_phase() -> None:

@@ -46,12 +46,13 @@ from dispatcher.lease.machine.steps import (
     Policy,
     heartbeat_interval,
     outage_is_too_long,
+    renewal_due,
 )
 from dispatcher.lease.model import Lease
 
 __all__ = ["QUIET_SECONDS", "Claim", "Decision", "Delivery", "Policy", "Stuck", "claim_of",
            "decide", "heartbeat_interval", "last_seen", "message_lost", "outage_is_too_long",
-           "stuck"]
+           "renewal_due", "stuck"]
 
 
 _DEFAULT_POLICY = Policy()

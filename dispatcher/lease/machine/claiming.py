@@ -24,6 +24,7 @@ from dispatcher.lease.machine.steps import (
     lose,
     proven_ours,
     publish,
+    renewal_due,
     request_stop,
     schedule,
     scheduled_for,
@@ -281,8 +282,8 @@ def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
     lease = p.held
     ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else lease.ttl
     p.assume(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=sent_at, uncertain=False)
-    p.add(fx.RecordHeartbeat(reply.token, ttl, sent_at, sent_at + heartbeat_interval(ttl),
-                             scheduled_for(lease)))
+    due = renewal_due(sent_at, ttl, work_id=lease.work_id, first=not lease.heartbeat_ok_at)
+    p.add(fx.RecordHeartbeat(reply.token, ttl, sent_at, due, scheduled_for(lease)))
     if reply.state == ev.ServerState.STOPPED:
         lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)
     elif not reply.extended and reply.state != ev.ServerState.STOPPING:

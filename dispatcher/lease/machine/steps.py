@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -34,9 +35,27 @@ REGISTRY_OUTAGE_SHARE_OF_TTL = 2 / 3
 SELF_FENCE_SECONDS = 3.0
 
 
+# Leases claimed together (a burst) would come due together every interval ever after: one tick
+# heartbeats them all and the next ones none. Their first renewal comes instead after a share of
+# the interval that each work id keeps (its hash, at least this), so their beats spread over the
+# interval and each tick carries its share. It costs a lease one early heartbeat, once.
+FIRST_RENEWAL_MIN_SHARE = 0.1
+_SPREAD_BUCKETS = 1024
+
+
 def heartbeat_interval(ttl_seconds: int) -> float:
     return max(MIN_INTERVAL_SECONDS, min(ttl_seconds * INTERVAL_SHARE_OF_TTL,
                                          MAX_INTERVAL_SECONDS))
+
+
+def renewal_due(sent_at: float, ttl_seconds: int, *, work_id: str, first: bool) -> float:
+    """When the heartbeat after one sent at `sent_at` is due: an interval later, or for the
+    first renewal after the claim, the work id's share of it (never later than the interval)."""
+    interval = heartbeat_interval(ttl_seconds)
+    if not first:
+        return sent_at + interval
+    bucket = zlib.crc32(work_id.encode()) % _SPREAD_BUCKETS / (_SPREAD_BUCKETS - 1)
+    return sent_at + interval * (FIRST_RENEWAL_MIN_SHARE + (1 - FIRST_RENEWAL_MIN_SHARE) * bucket)
 
 
 def outage_is_too_long(lease: Lease, seconds: float) -> bool:
