@@ -253,6 +253,11 @@ class ContainerReaper(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         self._stop.set()
 
+# Pools whose tasks run in processes of their own: a socket the main process attached is not
+# theirs to write to, so their claims attach the warm container's stdin themselves.
+FORKING_POOLS = ("prefork", "processes")
+
+
 class WarmContainers(bootsteps.StartStopStep):
     """On a session worker of the docker runtime: keep containers started ahead of work, up to
     DISPATCHER_WARM_CONTAINERS and the slots its running sessions leave free
@@ -284,7 +289,8 @@ class WarmContainers(bootsteps.StartStopStep):
         self.pool = WarmPool(settings, WarmBook(runtime.redis, prefix=settings.key_prefix),
                              worker=worker.hostname, slots=slots,
                              environments=[e.id for e in runtime.environments],
-                             busy=_running_sessions, engine_usable=engine_status.usable)
+                             busy=_running_sessions, engine_usable=engine_status.usable,
+                             attach_stdin=pool_name(type(worker.pool)) not in FORKING_POOLS)
         engine_status.on_usable(self.pool.engine_back)
         event("warm pool", worker=worker.hostname, target=min(slots, settings.warm_containers),
               owner=self.pool.owner)

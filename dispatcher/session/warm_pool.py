@@ -10,11 +10,21 @@ behind a few lines of shell that wait on stdin: the contract variables come firs
 `NAME=value` line each and an empty line, and are exported; then the shell execs the command,
 which reads the rest of stdin, the work JSON, to its end, as a cold container's command does.
 At claim the worker copies the secret file in when there is one (`put_archive` works on a
-running container; never in the environment or labels), attaches to the container's stdin and
-writes both. Nothing is left of the shell: the command is the container's main process (under
-the engine's init), so stops, the exit code and the output are exactly a cold container's
+running container; never in the environment or labels) and writes both to the container's stdin.
+Nothing is left of the shell: the command is the container's main process (under the engine's
+init), so stops, the exit code and the output are exactly a cold container's
 (`ContainerSandbox`). One container, one session: it is removed at the attempt's end, whatever
 happened, and the pool makes another.
+
+What the session waits for at claim is one Redis call and one write. The pool attaches each
+container's stdin when it creates it (an engine round trip, and the engine's hijack of the
+connection: 3 to 20 ms on this project's loaded test machine), and a claim in the pool's own
+process (the threads pool, the default) writes to that socket. An attachment the engine closed
+(it restarted, with or without live-restore) reads as EOF: that claim attaches anew and asks the
+container's state, as a claim in another process (a prefork child) always does. A container
+that dies idle otherwise is dropped by the pool's reconciliation; its launcher exits without
+running the command if its stdin ends before the contract's last line, so no command ever runs
+without its contract.
 
 Why not the engine's exec: each exec is a `runc exec` (new process, namespaces joined, a hook
 run), 100 to 170 ms on this project's loaded test machine, where a write to an attached stdin is
@@ -30,12 +40,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shlex
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import docker
 from docker.errors import APIError, NotFound
@@ -70,8 +82,12 @@ LABEL_WARM_OWNER = "dispatcher.warm_owner"
 # What a warm container runs before its session: the contract's variables from stdin, one
 # `NAME=value` line each up to an empty line, then the session's command (`"$@"`) in its place,
 # reading the rest of stdin. `read` takes a pipe byte by byte, so not a byte of the work JSON is
-# consumed. Shell builtins only: the image needs `sh`.
-LAUNCHER = 'while IFS= read -r line && [ -n "$line" ]; do export "$line"; done; exec "$@"'
+# consumed. Stdin ending before the empty line (an attachment the engine closed while the
+# container waited) exits with LAUNCHER_CUT_EXIT: the command never runs without its contract.
+# Shell builtins only: the image needs `sh`.
+LAUNCHER_CUT_EXIT = 75  # EX_TEMPFAIL: nothing ran; the pool removes it and makes another
+LAUNCHER = (f'while IFS= read -r line || exit {LAUNCHER_CUT_EXIT}; [ -n "$line" ]; '
+            'do export "$line"; done; exec "$@"')
 # How often the pool looks whether it is full; a claim in this process wakes it at once.
 FILL_INTERVAL_SECONDS = 0.25
 # How often it compares its book with the engine's containers (one list call).
@@ -82,6 +98,10 @@ BACKOFF_SECONDS = (1.0, 30.0)
 CLAIM_TRIES = 3
 
 _wakeups: list[threading.Event] = []  # the pool of this process, if any: woken by a claim
+# Container id -> its stdin, attached by the pool of this process (`_attached_pid`); a forked
+# child never writes to its parent's sockets.
+_attached: dict[str, Any] = {}
+_attached_pid = os.getpid()
 
 
 # --- the claim (in the process that runs the attempt) ----------------------------------------
@@ -105,7 +125,7 @@ def claim_warm(settings: Settings, spec: SandboxSpec, *, book: WarmBook, worker:
         if container_id is None:
             break
         sandbox = WarmSandbox.bind(settings, spec, container_id, book=book,
-                                   header=header or b"")
+                                   header=header or b"", stdin=take_attached(container_id))
         if sandbox is not None:
             break
     for wake in _wakeups:
@@ -122,6 +142,56 @@ def contract_header(env: dict[str, str]) -> bytes | None:
     if any("\n" in value or "\0" in value for value in env.values()):
         return None
     return "".join(f"{name}={value}\n" for name, value in env.items()).encode() + b"\n"
+
+
+def take_attached(container_id: str) -> Any | None:
+    """The container's stdin as this process's pool attached it, if it did and the engine has
+    not closed it since; None: the claim attaches itself."""
+    if os.getpid() != _attached_pid:
+        return None
+    stream = _attached.pop(container_id, None)
+    if stream is None:
+        return None
+    raw = getattr(stream, "_sock", stream)
+    try:
+        # Nothing ever comes on a stdin-only attachment: readable means the engine closed it.
+        closed = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return stream
+    except OSError:
+        closed = True
+    if closed:
+        _close(stream)
+    return None
+
+
+def _forget_attached(container_id: str) -> None:
+    stream = _attached.pop(container_id, None)
+    if stream is not None:
+        _close(stream)
+
+
+def _close(stream: Any) -> None:
+    with contextlib.suppress(OSError):
+        stream.close()
+
+
+def _send(stream: Any, data: bytes) -> None:
+    """Write the stdin now, in this thread, as far as the socket's buffer takes it (all of a
+    usual work item); a thread writes the rest and closes."""
+    raw = getattr(stream, "_sock", stream)
+    try:
+        sent = raw.send(data, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        sent = len(data)  # the container exited or closed stdin: its choice, as in feed_stdin
+    if sent < len(data):
+        threading.Thread(target=feed_stdin, args=(stream, data[sent:]), daemon=True).start()
+        return
+    with contextlib.suppress(OSError):
+        raw.shutdown(socket.SHUT_WR)
+    _close(stream)
 
 
 class _Look:
@@ -159,11 +229,24 @@ class WarmSandbox(ContainerSandbox):
 
     @classmethod
     def bind(cls, settings: Settings, spec: SandboxSpec, container_id: str, *,
-             book: WarmBook, header: bytes) -> WarmSandbox | None:
-        """Start the session in the container; None (and the container removed) when it
-        cannot: it died in the pool, or the engine refused."""
+             book: WarmBook, header: bytes, stdin: Any | None = None) -> WarmSandbox | None:
+        """Start the session in the container, through `stdin` when the pool attached it;
+        None (and the container removed) when it cannot: it died in the pool, or the engine
+        refused."""
         api = engine(settings)
         sandbox = cls(api, container_id, settings=settings, spec=spec, book=book)
+        if stdin is not None:
+            try:
+                if spec.secret_file is not None:
+                    api.put_archive(container_id, SECRET_DIRECTORY,
+                                    secret_archive(spec.secret_file, settings.sandbox_user))
+            except (APIError, RequestException) as exc:
+                _close(stdin)
+                sandbox._unusable(exc)
+                return None
+            _send(stdin, header + spec.stdin)
+            threading.Thread(target=sandbox._wait_exit, daemon=True).start()
+            return sandbox
         # A container that died in the pool (an engine restarted without live-restore) still
         # takes an attach, and would end the attempt at once: asked beside the attach, so the
         # session waits for the slower of the two calls, not for both.
@@ -178,16 +261,19 @@ class WarmSandbox(ContainerSandbox):
                 raise APIError("the container does not run any more")
         except (APIError, RequestException) as exc:
             if stdin is not None:
-                with contextlib.suppress(OSError):
-                    stdin.close()
-            event("warm container not usable", level=logging.WARNING, work_id=spec.work_id,
-                  container=container_id[:12], error=str(exc), action_taken="removed")
-            sandbox._settings = None  # nothing ran in it: no output to keep
-            sandbox.kill_group()
+                _close(stdin)
+            sandbox._unusable(exc)
             return None
-        threading.Thread(target=feed_stdin, args=(stdin, header + spec.stdin), daemon=True).start()
+        _send(stdin, header + spec.stdin)
         threading.Thread(target=sandbox._wait_exit, daemon=True).start()
         return sandbox
+
+    def _unusable(self, exc: Exception) -> None:
+        assert self._spec is not None
+        event("warm container not usable", level=logging.WARNING, work_id=self._spec.work_id,
+              container=self.id[:12], error=str(exc), action_taken="removed")
+        self._settings = None  # nothing ran in it: no output to keep
+        self.kill_group()
 
     def describe(self) -> dict[str, str | int]:
         return {"container": self.id[:12], "start": "warm"}
@@ -227,11 +313,14 @@ class WarmPool:
     while it says the engine cannot start a sandbox (down, or an image lost), the pool neither
     creates nor reconciles (every call would fail, and a backoff grown meanwhile would delay
     the refill); `engine_back` refills at once when it can again, reconciling first, so warm
-    containers that did not survive a restart are dropped and removed."""
+    containers that did not survive a restart are dropped and removed. `attach_stdin`: the
+    sessions are claimed in this process, so each container's stdin is attached when it is
+    made, off the session's path."""
 
     def __init__(self, settings: Settings, book: WarmBook, *, worker: str, slots: int,
                  environments: list[str], busy: Callable[[], int],
-                 engine_usable: Callable[[], bool] = lambda: True) -> None:
+                 engine_usable: Callable[[], bool] = lambda: True,
+                 attach_stdin: bool = True) -> None:
         self.settings = settings
         self.engine_usable = engine_usable
         self.book = book
@@ -239,6 +328,7 @@ class WarmPool:
         self.slots = slots
         self.environments = environments or [""]
         self.busy = busy
+        self.attach_stdin = attach_stdin
         self.owner = f"{worker}#{uuid.uuid4().hex[:8]}"
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -339,7 +429,11 @@ class WarmPool:
             container_id = str(created["Id"])
             try:
                 api.start(container_id)
+                if self.attach_stdin:
+                    _attached[container_id] = api.attach_socket(
+                        container_id, params={"stdin": 1, "stream": 1})
             except (APIError, RequestException):
+                _forget_attached(container_id)
                 with contextlib.suppress(APIError, RequestException):
                     api.remove_container(container_id, force=True, v=True)
                 raise
@@ -399,6 +493,7 @@ class WarmPool:
                 self._remove(container_id)
 
     def _remove(self, container_id: str) -> None:
+        _forget_attached(container_id)
         try:
             engine(self.settings).remove_container(container_id, force=True, v=True)
         except NotFound:
