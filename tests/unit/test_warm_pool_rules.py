@@ -3,6 +3,9 @@ the command a warm container runs, and the contract as its launcher reads it."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -131,3 +134,54 @@ def test_the_pool_drops_its_idle_containers_and_refills_at_once_when_the_engine_
     assert pool._backoff == warm_pool.BACKOFF_SECONDS[0]
     assert pool.wake.is_set()
     assert book.ids == [], "none left to bind: the next reconcile removes them"
+
+
+def _launch(stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    """The launcher as a warm container runs it, with a command that shows what it got."""
+    return subprocess.run(["sh", "-c", warm_pool.LAUNCHER, "warm", "sh", "-c",
+                           'echo "A=$A"; cat'], input=stdin, capture_output=True, timeout=10,
+                          check=False)
+
+
+def test_the_launcher_exports_the_contract_and_hands_the_rest_of_stdin_to_the_command() -> None:
+    done = _launch(b"A=1 2\n\n{\"work\": 1}")
+    assert (done.returncode, done.stdout) == (0, b"A=1 2\n{\"work\": 1}")
+
+
+@pytest.mark.parametrize("cut", [b"", b"A=1\n", b"A=1"])
+def test_a_launcher_whose_stdin_ends_before_the_contract_never_runs_the_command(
+        cut: bytes) -> None:
+    done = _launch(cut)
+    assert (done.returncode, done.stdout) == (warm_pool.LAUNCHER_CUT_EXIT, b"")
+
+
+@pytest.fixture
+def attached(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A stdin the pool attached: our end registered, the engine's end beside it."""
+    ours, engines = socket.socketpair()
+    monkeypatch.setattr(warm_pool, "_attached", {"c1": ours})
+    try:
+        yield ours, engines
+    finally:
+        ours.close()
+        engines.close()
+
+
+def test_a_claim_writes_to_the_stdin_the_pool_attached(
+        attached: tuple[socket.socket, socket.socket]) -> None:
+    ours, _ = attached
+    assert warm_pool.take_attached("c1") is ours
+    assert warm_pool.take_attached("c1") is None, "one container, one session"
+
+
+def test_a_stdin_the_engine_closed_is_not_used(
+        attached: tuple[socket.socket, socket.socket]) -> None:
+    _, engines = attached
+    engines.close()  # the engine restarted
+    assert warm_pool.take_attached("c1") is None
+
+
+def test_a_forked_child_never_writes_to_its_parents_attachment(
+        attached: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(warm_pool, "_attached_pid", -1)
+    assert warm_pool.take_attached("c1") is None
