@@ -51,14 +51,17 @@ def _warm_fleet(fleet: Fleet, *, warm: int = 1, **worker: Any) -> None:
     fleet.worker("w1", beat=True, **worker)
 
 
-@pytest.mark.parametrize("delivery", [None, "file"])
+# threads: the claim writes to the stdin the pool attached in the same process; prefork: the
+# child attaches itself at claim.
+@pytest.mark.parametrize(("pool", "delivery"), [("threads", None), ("threads", "file"),
+                                                ("prefork", "file")])
 def test_a_session_runs_in_a_warm_container_which_goes_with_it_and_is_replaced(
-        container_fleet: Fleet, engine: Any, delivery: str | None) -> None:
+        container_fleet: Fleet, engine: Any, pool: str, delivery: str | None) -> None:
     fleet = container_fleet
     if delivery is not None:
         fleet.overrides.update({"DISPATCHER_LEASE_MODE": "runner",
                                 "DISPATCHER_WORK_SECRET_DELIVERY": delivery})
-    _warm_fleet(fleet)
+    _warm_fleet(fleet, pool=pool)
     (warm_id,) = _ready(fleet, engine, 1)
     work_id = fleet.create(fake_duration=3)
     fleet.wait_event(work_id, "started", timeout=60)
