@@ -46,7 +46,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import docker
@@ -155,7 +155,8 @@ def take_attached(container_id: str) -> Any | None:
     raw = getattr(stream, "_sock", stream)
     try:
         # Nothing ever comes on a stdin-only attachment: readable means the engine closed it.
-        closed = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        with _nonblocking(raw):
+            closed = raw.recv(1, socket.MSG_PEEK) == b""
     except BlockingIOError:
         return stream
     except OSError:
@@ -163,6 +164,18 @@ def take_attached(container_id: str) -> Any | None:
     if closed:
         _close(stream)
     return None
+
+
+@contextlib.contextmanager
+def _nonblocking(raw: socket.socket) -> Iterator[None]:
+    """One call that never waits: a socket with a timeout would wait for it (the flag
+    MSG_DONTWAIT does not stop Python's wait for readiness)."""
+    timeout = raw.gettimeout()
+    raw.setblocking(False)
+    try:
+        yield
+    finally:
+        raw.settimeout(timeout)
 
 
 def _forget_attached(container_id: str) -> None:
@@ -181,7 +194,8 @@ def _send(stream: Any, data: bytes) -> None:
     usual work item); a thread writes the rest and closes."""
     raw = getattr(stream, "_sock", stream)
     try:
-        sent = raw.send(data, socket.MSG_DONTWAIT)
+        with _nonblocking(raw):
+            sent = raw.send(data)
     except BlockingIOError:
         sent = 0
     except OSError:

@@ -185,3 +185,11 @@ def test_a_forked_child_never_writes_to_its_parents_attachment(
         attached: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(warm_pool, "_attached_pid", -1)
     assert warm_pool.take_attached("c1") is None
+
+
+def test_an_attachment_with_a_timeout_is_judged_without_waiting_for_it(
+        attached: tuple[socket.socket, socket.socket]) -> None:
+    ours, _ = attached
+    ours.settimeout(30)  # as an engine client's socket may be
+    assert warm_pool.take_attached("c1") is ours
+    assert ours.gettimeout() == 30, "its mode given back"
