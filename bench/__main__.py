@@ -214,8 +214,23 @@ def run_burst(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
     """A burst into as many free slots (ours), and a big backlog drained by them (ours, then
     the peer's: as many processes as slots)."""
     slots = sizes.burst
-    fleet = Ours(stack, emu, records)
     half = slots // 2
+    # First with the light sandbox (a shell writing its records): the fleet's own spread.
+    shell = Ours(stack, emu, records, DISPATCHER_ON_WORK=scenarios.SHELL_SESSION.format(
+        duration=sizes.burst_duration))
+    log(f"dispatcher, shell sandbox: control worker + 2 session workers "
+        f"({half}+{slots - half} threads)")
+    shell.start([half, slots - half])
+    try:
+        time.sleep(3.0)  # every worker's slots advertised
+        log(f"dispatcher, shell sandbox: burst of {slots} into {slots} free slots, "
+            f"{sizes.burst_rounds} times")
+        out["burst_shell"] = scenarios.burst(shell, slots, sizes.burst_duration,
+                                             sizes.burst_rounds)
+    finally:
+        shell.stop_members()
+    # Then with the fake session program both systems run elsewhere, and its drain.
+    fleet = Ours(stack, emu, records)
     log(f"dispatcher: control worker + 2 session workers ({half}+{slots - half} threads)")
     fleet.start([half, slots - half])
     try:
@@ -313,6 +328,8 @@ def main() -> None:
                         help="heartbeat capacity: how long each step is judged (default 25)")
     parser.add_argument("--hb-latency-ms", type=int, default=None, metavar="MS",
                         help="heartbeat capacity: delay every heartbeat answer this much")
+    parser.add_argument("--thousand", type=int, default=None, metavar="N",
+                        help="the thousand part: this many sessions at once (default 1000)")
     args = parser.parse_args()
     if args.from_json:
         saved = merge_saved([json.loads(Path(name).read_text()) for name in args.from_json])
@@ -329,6 +346,8 @@ def main() -> None:
         sizes.hb_window = args.hb_window
     if args.hb_latency_ms:
         sizes.hb_latency_ms = args.hb_latency_ms
+    if args.thousand:
+        sizes.thousand = args.thousand
     out = args.out or (None if args.quick else "BENCHMARKS.md")
     parts = args.only or PARTS
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="dispatcher-bench-"))

@@ -348,8 +348,13 @@ def _scale_sections(results: dict[str, Any]) -> list[str]:
                 f"{_mb(th['per_session_with_watchdog_kb'])} per session with its watchdog "
                 f"(the sleeping sandbox itself: {_mb(th['sandbox_rss_per_session_kb'])}). "
                 f"Redis: {th['redis_bytes_per_lease'] / 1024:.1f} KB per lease (`MEMORY USAGE` "
-                "of the fleet's keys, at full against idle, over the leases held). Load "
-                f"average at the end: {th['load'][0]:.1f}.", ""]
+                "of the fleet's keys, at full against idle, over the leases held)."
+                + (f" CPU over the window, all running (1.0 = one core): the session workers "
+                   f"{th['session_workers_cpu']:.2f} ({th['cpu_ms_per_session_second']:.2f} ms "
+                   "a second per session: each supervisor pulses its lease every 0.2 s), the "
+                   f"control worker {th['control_cpu']:.2f}, the emulator "
+                   f"{th['emulator_cpu']:.2f}." if "session_workers_cpu" in th else "")
+                + f" Load average at the end: {th['load'][0]:.1f}.", ""]
     return out
 
 
@@ -402,11 +407,13 @@ def _burst(results: dict[str, Any]) -> list[str]:
     slots, backlog = sizes.get("burst", 100), sizes.get("big_backlog", 1000)
     rows = ["| figure | dispatcher | peer | dispatcher vs peer | our target |",
             "|---|---|---|---|---|"]
-    b = part.get("burst")
-    if b:
+    for key, sandbox in (("burst_shell", "shell sandbox"), ("burst", "fake session program")):
+        b = part.get(key)
+        if not b:
+            continue
         flat = b["flatness"]
-        rows.append(f"| burst of {slots} into {slots} free slots, created -> started p50 "
-                    f"| {_ms(b['p50'])} | | | |")
+        rows.append(f"| burst of {slots} into {slots} free slots ({sandbox}), created -> "
+                    f"started p50 | {_ms(b['p50'])} | | | |")
         rows.append(f"| same, p99 (p99/p50 = {flat:.2f}) | {_ms(b['p99'])} | | "
                     f"| p99 within 1.5x of p50: {_target(flat <= 1.5)} |")
         for i, r in enumerate(b.get("rounds", []), 1):
@@ -427,7 +434,12 @@ def _burst(results: dict[str, Any]) -> list[str]:
         f"workers); {slots} sessions created at once ({sizes.get('burst_duration', 3):g} s "
         f"each, so the burst fills the fleet), {sizes.get('burst_rounds', 3)} rounds, pooled; "
         f"then a backlog of {backlog:,} sessions of 0.1 s drained by the same slots, and by "
-        f"{slots} peer processes in the same run.",
+        f"{slots} peer processes in the same run. The burst runs twice, on a fleet of its own "
+        "each: first each sandbox a shell that writes the fake session's `started` and "
+        "`exited` records itself (bench/scenarios.py, `SHELL_SESSION`), which shows the "
+        "fleet's own spread; then the fake session program (`python -S fake_session.py`), "
+        f"whose {slots} interpreters starting at once on this machine's cores are most of the "
+        "spread. The drain, ours and the peer's, runs the fake session program on both sides.",
         "",
         *rows,
         "",

@@ -259,12 +259,18 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
         held = sum(fleet.held().values())
         running = max(1, busy.get("sandboxes", 0))  # the sandboxes alive as memory was read
         redis_busy = _prefix_memory(fleet.redis, fleet.key_prefix)
+        # CPU over the rest of the window, all sessions running: what supervising and keeping
+        # them costs (the sandboxes sleep; their own CPU is not counted).
+        cpu0 = {name: _own_cpu(stack, name) for name in [*fleet.members, "emulator"]}
+        c0 = time.time()
         remaining = hold - (time.time() - w0)
         while remaining > 0:
             time.sleep(min(5.0, remaining))
             _fold_beats(tail.read(), ids, beats)
             remaining = hold - (time.time() - w0)
         w1 = time.time()
+        cpu = {name: (_own_cpu(stack, name) - before) / (w1 - c0)
+               for name, before in cpu0.items()}
         _fold_beats(tail.read(), ids, beats)
         gaps = [b - a for times in beats.values() for a, b in itertools.pairwise(times)
                 if a >= t0]
@@ -293,6 +299,12 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
             "sandboxes": busy["sandboxes"],
             "sandbox_rss_per_session_kb": busy["sandbox_rss"] / max(1, busy["sandboxes"]),
             "redis_bytes_per_lease": (redis_busy - redis_before) / max(1, held),
+            # Cores used (1.0 = one core) over the window, by role.
+            "session_workers_cpu": sum(cpu[m] for m in sessions_workers),
+            "control_cpu": sum(v for m, v in cpu.items() if m.endswith("-control")),
+            "emulator_cpu": cpu["emulator"],
+            "cpu_ms_per_session_second":
+                1000 * sum(cpu[m] for m in sessions_workers) / running,
             "load": os.getloadavg(),
         }
     finally:
@@ -344,6 +356,13 @@ def _workers_memory(stack: LocalStack, names: list[str]) -> dict[str, int]:
                 out["rss"] += p.rss_kb
                 out["pss"] += p.pss_kb
     return dict(out)
+
+
+def _own_cpu(stack: LocalStack, name: str) -> float:
+    """CPU seconds of a member's process tree, its sandboxes excluded (sleeping shells)."""
+    return sum(proc.cpu_seconds(p.pid, with_children=False)
+               for p in proc.tree(stack.processes[name].pid)
+               if not ("sleep" in p.cmdline or p.cmdline.startswith("/bin/sh")))
 
 
 def _prefix_memory(client: redis.Redis, prefix: str) -> int:

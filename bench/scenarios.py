@@ -507,6 +507,18 @@ def _wait_ready(fleet: Ours, name: str, timeout: float = 60) -> None:
 
 # --- bursts and big backlogs -------------------------------------------------------------------
 
+# The burst's light sandbox: a shell that writes the fake session's `started` and `exited`
+# records itself (the same JSON lines, `date` for the clock), and sleeps between them. 100 Python
+# interpreters starting at once on two cores measure the interpreter's start, not the fleet's;
+# this measures the fleet's own spread. `{duration}` is filled in; the rest is the shell's.
+SHELL_SESSION = (
+    "/bin/sh -c 'r=\"$DISPATCHER_FAKE_RECORD_DIR/$ANTHROPIC_WORK_ID.jsonl\"; "
+    "echo \"{{\\\"event\\\": \\\"started\\\", \\\"time\\\": $(date +%s.%N), "
+    "\\\"pid\\\": $$}}\" >> \"$r\"; sleep {duration}; "
+    "echo \"{{\\\"event\\\": \\\"exited\\\", \\\"time\\\": $(date +%s.%N), "
+    "\\\"pid\\\": $$}}\" >> \"$r\"'")
+
+
 def burst(fleet: Fleet, n: int, duration: float, rounds: int) -> dict[str, Any]:
     """n sessions created at once into n free slots, `rounds` times: created -> sandbox started
     of every session (pooled), and each round's own figures. A flat burst has its p99 close to

@@ -37,13 +37,21 @@ __all__ = ["SENTINEL_TIMEOUT_SECONDS", "beat_conf", "broker_redis_url", "connect
 # A Sentinel answers a master look-up from memory; one that does not answer within this is
 # skipped for the next, so a dead Sentinel host delays a reconnect by this much at most.
 SENTINEL_TIMEOUT_SECONDS = 2.0
+# Connections one client's pool may open (redis-py 8 caps a pool at 100 and raises
+# `MaxConnectionsError` past it, failing the command). A pool opens a connection only when that
+# many commands are in flight at once: a session worker runs a thread per slot, and at 500 slots
+# the 101st concurrent read failed a session's start and the worker's slot advertisement (the
+# fleet then claimed nothing more). Threads of the process bound it in practice; this bound is
+# Redis's own default client limit (`maxclients`), so the pool is never what refuses.
+REDIS_MAX_CONNECTIONS = 10_000
 
 
 def connect(settings: Settings, *, timeout: float, url: str | None = None) -> Redis:
     """A client of the fleet's Redis master (through the Sentinels when they are set), with
     `timeout` on connects and replies. `url` (an operator's `--redis-url`) overrides both."""
     options: dict[str, Any] = {"decode_responses": True, "socket_timeout": timeout,
-                               "socket_connect_timeout": timeout}
+                               "socket_connect_timeout": timeout,
+                               "max_connections": REDIS_MAX_CONNECTIONS}
     if url is not None or not settings.redis_sentinels:
         return Redis.from_url(url or settings.redis_url, **options)
     sentinel = Sentinel([sentinel_address(a) for a in settings.redis_sentinels],  # type: ignore[no-untyped-call]

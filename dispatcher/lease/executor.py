@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, assert_never
 
@@ -50,8 +50,8 @@ ACK_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5)
 # A record's write retries: a Redis restart refuses connections for a second or two. 1.5 s in
 # all, so an acked item still gets its first heartbeat well inside the shortest TTL.
 RECORD_RETRY_PAUSES_SECONDS = (0.1, 0.2, 0.4, 0.8)
-# Acks in flight at once beside their decisions' other effects: one per claim the pollers of
-# a process run side by side (`control.poller.CLAIMS_IN_FLIGHT` each); more only wait.
+# Decisions whose effects are performed beside their ack in flight, at once: one per claim the
+# pollers of a process run side by side (`control.poller.CLAIMS_IN_FLIGHT` each); more only wait.
 ACK_THREADS = 32
 _ACKS_LOCK = threading.Lock()
 # Answers fed back to the machine per run at most: a chain of ask-and-decide is a few steps
@@ -246,32 +246,58 @@ class Executor:
         decided again on the record as it now is.
 
         An ack followed by other effects is sent at once and answered after them (`fx.Ack`):
-        its round trip overlaps theirs. Whatever they meet, its answer is awaited before the
-        run goes on, so nothing is decided while an ack of ours is still in flight (a stop
-        sent before it lands would leave the item acked by nobody)."""
+        its round trip overlaps theirs (`_ack_beside`)."""
         answer: ev.Event | None = None
-        ack: Future[ev.Event] | None = None
+        effects = decision.effects
+        for i, effect in enumerate(effects):
+            if isinstance(effect, fx.Ack) and i + 1 < len(effects):
+                return self._ack_beside(work_id, effects[i + 1:], decision.lease, state, answer)
+            result = self._perform_one(work_id, effect, decision.lease, state)
+            if isinstance(result, _End | _Again):
+                return result
+            if isinstance(result, _Abort):
+                return result.event
+            if result is not None:
+                answer = result
+        return answer
+
+    def _ack_beside(self, work_id: str, rest: tuple[fx.Effect, ...], lease: Lease | None,
+                    state: _Run, answer: ev.Event | None) -> ev.Event | _End | _Again | None:
+        """The ack sent from this thread at once, the effects after it performed meanwhile in
+        another: nothing stands between the decision and the ack's request (a hand-off to a
+        thread would). Both are awaited before the run goes on, so nothing is decided while an
+        ack of ours is still in flight (a stop sent before it lands would leave the item acked
+        by nobody). The rest's early end (`_End`, `_Again`, an abort) wins over the ack's
+        answer, which the machine otherwise decides on next."""
+        others = self._acks().submit(self._perform_rest, work_id, rest, lease, state)
         try:
-            for i, effect in enumerate(decision.effects):
-                if isinstance(effect, fx.Ack) and i + 1 < len(decision.effects):
-                    ack = self._acks().submit(self._ack, work_id, state)
-                    continue
-                result = self._perform_one(work_id, effect, decision.lease, state)
-                if isinstance(result, _End | _Again):
-                    return result
-                if isinstance(result, _Abort):
-                    return result.event
-                if result is not None:
-                    answer = result
+            acked = self._ack(work_id, state)
         finally:
-            acked = None if ack is None else ack.result()
-        return answer if acked is None else acked
+            completed, result = others.result()
+        if not completed:
+            return result
+        return acked if acked is not None else result or answer
+
+    def _perform_rest(self, work_id: str, effects: tuple[fx.Effect, ...], lease: Lease | None,
+                      state: _Run) -> tuple[bool, ev.Event | _End | _Again | None]:
+        """Effects in order: (True, the last answer) when all were performed, or (False, how
+        the run ends) when one cut them short."""
+        answer: ev.Event | None = None
+        for effect in effects:
+            result = self._perform_one(work_id, effect, lease, state)
+            if isinstance(result, _End | _Again):
+                return False, result
+            if isinstance(result, _Abort):
+                return False, result.event
+            if result is not None:
+                answer = result
+        return True, answer
 
     def _acks(self) -> ThreadPoolExecutor:
-        """Threads that send acks while the rest of their decision is performed."""
+        """Threads that perform the rest of a decision while its ack is in flight."""
         with _ACKS_LOCK:
             if self._ack_pool is None:
-                self._ack_pool = ThreadPoolExecutor(ACK_THREADS, thread_name_prefix="ack")
+                self._ack_pool = ThreadPoolExecutor(ACK_THREADS, thread_name_prefix="beside-ack")
             return self._ack_pool
 
     def _perform_one(self, work_id: str, effect: fx.Effect,  # noqa: C901 (one case per effect)
