@@ -39,7 +39,12 @@ def test_a_wake_up_claims_every_waiting_item_then_stops_at_the_first_empty_poll(
     assert drain(runtime, reclaim_older_than_ms=RECLAIM_MS, wake=True) == 3
     assert set(runtime.registry.held_ids()) == work_ids
     seen = polls(emulator, runtime)
-    assert len(seen) == 4 and seen[-1]["work_id"] is None, "three items, one empty poll"
+    assert sum(1 for p in seen if p["work_id"]) == 3
+    # The first poll's item, then one round side by side in the room left (three or four of
+    # the five slots, as the first claim has recorded its lease or not yet): the other two
+    # items and an empty answer or two, where the drain stops.
+    assert 1 + 3 <= len(seen) <= 1 + 4 and any(p["work_id"] is None for p in seen), (
+        "three items, then no more polls")
     assert all(p["block_ms"] is None for p in seen), "a drain never blocks"
     assert not wanted(runtime)
 

@@ -134,3 +134,8 @@ def test_a_burst_into_as_many_free_slots_is_claimed_side_by_side_each_exactly_on
                   for e in acks)
     assert overlap >= 2, "acks of the burst were in flight side by side"
     assert overlap <= CLAIMS_IN_FLIGHT, "never more than a run's claims in flight"
+    polls = [e for e in emulator.requests_log()
+             if e.get("environment_id") == runtime.environment_id and e["endpoint"] == "poll"]
+    side_by_side = max(sum(1 for other in polls if other["time"] <= e["time"] < other["answered"])
+                       for e in polls)
+    assert side_by_side >= 2, "the burst's polls went side by side, not one item a round trip"
