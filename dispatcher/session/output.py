@@ -7,9 +7,11 @@ sandbox's stdout and stderr are one pipe the worker reads as the sandbox runs (`
 `pump`) into the same file, so `dispatcher output` shows a running attempt's output too.
 
 A file keeps the last `max_bytes` of the output (the end is where a failure is told), and the
-directory keeps the newest `keep` files: writing a new one removes the oldest beyond that, so
-the disk use is bounded by `keep * max_bytes` (a live file may reach twice its cap before it is
-cut back to its end).
+directory keeps the newest `keep` files: ending one removes the oldest beyond that, so the disk
+use is bounded by `keep * max_bytes` and the running attempts' files (a live file may reach
+twice its cap before it is cut back to its end). The rotation reads every kept file's time, tens
+of milliseconds at a thousand: it runs as an attempt's file is closed, never on a session's
+start path.
 
 Why a pipe read by the worker and not the file given to the process: a process writing its own
 file could fill the disk before the attempt ends, and nothing but the writer can cut a file's
@@ -83,10 +85,11 @@ class LiveOutput:
     def __init__(self, directory: Path, work_id: str, attempt: int, *, max_bytes: int,
                  keep: int) -> None:
         self.path = attempt_path(directory, work_id, attempt)
+        self.directory = directory
         self.max_bytes = max_bytes
+        self.keep = keep
         self._file = _create(self.path)
         self._size = 0
-        _rotate(directory, keep)  # the new file counts among those kept
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
@@ -104,7 +107,9 @@ class LiveOutput:
         self._size = len(header) + len(tail)
 
     def close(self) -> None:
+        """Close the file, then rotate the directory (this file among those kept)."""
         self._file.close()
+        _rotate(self.directory, self.keep)
 
 
 def pump(fd: int, sink: LiveOutput) -> threading.Thread:
@@ -135,8 +140,10 @@ def _rotate(directory: Path, keep: int) -> None:
     files = sorted(directory.glob("*/*.log"), key=_mtime, reverse=True)
     for old in files[keep:]:
         old.unlink(missing_ok=True)
-        if not any(old.parent.iterdir()):
-            old.parent.rmdir()
+        # A rotation beside this one, or a new attempt of the item, may fill or empty it.
+        with contextlib.suppress(OSError):
+            if not any(old.parent.iterdir()):
+                old.parent.rmdir()
 
 
 def _mtime(path: Path) -> float:

@@ -121,3 +121,18 @@ def test_a_sandbox_that_never_stops_writing_is_bounded_and_never_blocked(tmp_pat
     kept = live.path.read_bytes()
     assert kept.startswith(TRUNCATED % 4096) and len(kept) < 2 * 4096 + 100
     assert b"a line\n" in kept[-20:], "the end of what it wrote"
+
+
+def test_a_live_attempt_rotates_the_directory_when_it_ends_not_as_it_starts(
+        tmp_path: Path) -> None:
+    """The rotation reads every kept file's time: off the session's start path, at its end."""
+    for number in range(3):
+        write_output(tmp_path, f"w{number}", 1, [b"x"], max_bytes=1024, keep=3)
+        os.utime(attempt_path(tmp_path, f"w{number}", 1), (number, number))
+    live = LiveOutput(tmp_path, "w9", 1, max_bytes=1024, keep=3)
+    assert len(list(tmp_path.glob("*/*.log"))) == 4, "nothing removed as the attempt starts"
+    live.write(b"done\n")
+    live.close()
+    kept = sorted(p.parent.name for p in tmp_path.glob("*/*.log"))
+    assert kept == ["w1", "w2", "w9"], "the oldest went once the attempt ended"
+    assert not (tmp_path / "w0").exists()
