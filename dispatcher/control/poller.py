@@ -11,9 +11,9 @@ acks it, records the lease, claims it (the first heartbeat) and publishes its se
 refuses it (an ended session, an attempt limit reached, an unknown type, an item we still hold).
 Claims run in threads beside the poll loop, several at once (`CLAIMS_IN_FLIGHT`), never more
 than the free slots: the loop polls on while they ack, record and publish. A poll answers one
-item; once one answers an item, the queue may hold more, and the run polls side by side without
-blocking (`POLLS_IN_FLIGHT`, never more than the room) until one comes back empty: a burst is
-polled several items a round trip, then one long poll waits again.
+item; once two in a row did (or a wake-up says work waits), the queue holds more, and the run
+polls side by side without blocking (`POLLS_IN_FLIGHT`, never more than the room) until one
+comes back empty: a burst is polled several items a round trip, then one long poll waits again.
 """
 
 from __future__ import annotations
@@ -248,6 +248,7 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
     failures_key = PollKeys(runtime.settings.key_prefix).failures(environment)
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(environment_id=environment, max_retries=0)
+    answered_before = False
     while time.monotonic() < deadline and not stopping():
         inflight.reap()
         if not _still_ours(lock, environment):
@@ -283,15 +284,35 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
             backoff.reset()
             runtime.redis.delete(failures_key)
         _note_idle(runtime, environment, idle=item is None)
-        emptied = item is None
-        if item is not None and not inflight.holds(item.id):
-            # (An item offered again while its claim is in flight is that claim's: the
-            # server hands an unacked item out again only after it idled, far longer.)
-            inflight.start(runtime, item, path)
-            emptied = _poll_side_by_side(runtime, environment, inflight,
-                                         reclaim_older_than_ms=reclaim_older_than_ms)
+        emptied = _take(runtime, environment, inflight, item, path,
+                        side_by_side=item is not None and queue_busy(answered_before, drain=drain),
+                        reclaim_older_than_ms=reclaim_older_than_ms)
+        answered_before = item is not None
         if emptied and drain:
             break
+
+
+def _take(runtime: Runtime, environment: str, inflight: _InFlight, item: Work | None,
+          path: StartPath, *, side_by_side: bool, reclaim_older_than_ms: int | None) -> bool:
+    """A poll's answer: its item claimed, and polls side by side if the queue is busy. True if
+    the queue showed itself empty."""
+    if item is None:
+        return True
+    if inflight.holds(item.id):
+        # (An item offered again while its claim is in flight is that claim's: the server
+        # hands an unacked item out again only after it idled, far longer.)
+        return False
+    inflight.start(runtime, item, path)
+    return side_by_side and _poll_side_by_side(runtime, environment, inflight,
+                                               reclaim_older_than_ms=reclaim_older_than_ms)
+
+
+def queue_busy(answered_before: bool, *, drain: bool) -> bool:
+    """Whether a poll that answered an item found a queue holding more (and polls side by side
+    pay): the poll before answered one too, or a wake-up says work waits. A lone session's item
+    answers a long poll that then waits again: polling beside it would only add empty polls to
+    every session's start, and load the server as its ack goes."""
+    return answered_before or drain
 
 
 def _poll_side_by_side(runtime: Runtime, environment: str, inflight: _InFlight, *,

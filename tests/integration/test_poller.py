@@ -139,3 +139,18 @@ def test_a_burst_into_as_many_free_slots_is_claimed_side_by_side_each_exactly_on
     side_by_side = max(sum(1 for other in polls if other["time"] <= e["time"] < other["answered"])
                        for e in polls)
     assert side_by_side >= 2, "the burst's polls went side by side, not one item a round trip"
+
+
+def test_a_lone_session_is_claimed_by_its_long_poll_with_no_polls_beside_it(
+        emulator: Any, runtime: Runtime) -> None:
+    """Polls side by side pay only while the queue holds more: a lone item's start carries no
+    extra polls, and no extra load on the server while its ack is in flight."""
+    runtime.capacity.advertise(hostname="w1@test", slots=4, pool="threads",
+                               queues=["dispatcher.sessions"])
+    work_id = emulator.create_session(runtime.environment_id, metadata={})[1]
+    assert run_poller(runtime, run_seconds=30.0,
+                      stopping=lambda: runtime.registry.held_count() >= 1) == 1
+    assert runtime.registry.held_ids() == [work_id]
+    polls = [e for e in emulator.requests_log()
+             if e.get("environment_id") == runtime.environment_id and e["endpoint"] == "poll"]
+    assert polls and all(e["block_ms"] is not None for e in polls), "long polls only"
