@@ -243,8 +243,11 @@ class Sandbox:
         if self._exit_code is not None or self._reaped:
             return self._exit_code
         if self._pidfd is not None:
-            ready, _, _ = select.select([self._pidfd], [], [], timeout)
-            if ready:
+            # poll, not select: a worker of hundreds of sessions holds descriptors past select's
+            # 1,024 (each session's pidfd, output pipe, connections), and select refuses them.
+            waiting = select.poll()
+            waiting.register(self._pidfd, select.POLLIN)
+            if waiting.poll(max(0, int(timeout * 1000))):
                 self._exit_code = self._peek()
             return self._exit_code
         deadline = time.monotonic() + timeout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -84,6 +85,25 @@ def test_stdin_and_exit_code_pass_through(tmp_path: Path) -> None:
     """, tmp_path))
     assert sandbox.wait(10) == 7
     sandbox.kill_group()
+
+
+def test_a_sandbox_is_waited_on_whatever_its_descriptors_number() -> None:
+    """A worker of hundreds of sessions holds descriptors past 1,024, where `select` refuses
+    them: a sandbox spawned then is still waited on, its exit seen."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        sandbox = Sandbox.start(SandboxSpec(argv=["/bin/sh", "-c", "sleep 0.3; exit 3"],
+                                            env={}, stdin=b"", work_id="w", attempt=1))
+        assert sandbox.wait(0.05) is None, "still running"
+        assert sandbox.wait(10) == 3
+        sandbox.kill_group()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_sigterm_to_the_group_reaches_the_command_and_kill_group_leaves_nothing(
