@@ -5,18 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.report import dig
 from dispatcher.lease.machine.running import PULSE_STALE_SECONDS
 
 __all__ = ["findings", "method"]
-
-
-def _g(results: dict[str, Any], *path: str) -> Any:
-    node: Any = results
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
 
 
 def _ms(value: float | None) -> str:
@@ -29,7 +21,7 @@ def _f(value: float | None, fmt: str = ".1f") -> str:
 
 def _step(side: dict[str, Any], batch: str, step: str, key: str) -> float | None:
     """One figure of the breakdown (milliseconds), if it was measured."""
-    rows = _g(side, "breakdown", batch) or []
+    rows = dig(side, "breakdown", batch) or []
     row = next((r for r in rows if r["step"] == step), None)
     return None if row is None else row.get(key)
 
@@ -39,7 +31,7 @@ def _msf(value: float | None) -> str:
 
 
 def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[str]:
-    figures = [(f"{what} {q}", _g(ours, key, q), _g(peer, key, q))
+    figures = [(f"{what} {q}", dig(ours, key, q), dig(peer, key, q))
                for what, key in (("idle", "dispatch_idle"), (f"at {rate:g}/s", "dispatch_steady"))
                for q in ("p50", "p99")]
     slower = [name for name, o, p in figures if o is not None and p is not None and o > p]
@@ -67,7 +59,7 @@ def _dispatch(ours: dict[str, Any], peer: dict[str, Any], rate: float) -> list[s
                 f"{_msf(peer_polled)} for the peer (p99)")
 
     paths = [path(b) for b in ("idle", "steady")
-             if _g(ours, "breakdown", b) and _g(peer, "breakdown", b)]
+             if dig(ours, "breakdown", b) and dig(peer, "breakdown", b)]
     busier = [b for b in ("idle", "steady")
               if (_step(ours, b, "sandbox_started", "p50") or 0)
               > 1.2 * (_step(peer, b, "sandbox_started", "p50") or float("inf"))]
@@ -119,7 +111,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
     out += _dispatch(ours, peer, results["sizes"]["steady_rate"])
 
-    dr, pr = _g(ours, "drain", "per_second"), _g(peer, "drain", "per_second")
+    dr, pr = dig(ours, "drain", "per_second"), dig(peer, "drain", "per_second")
     out += [
         "**Drain throughput.** "
         f"Ours {_f(dr)} sessions/s against the peer's {_f(pr)} with {slots} slots each"
@@ -143,7 +135,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         "",
     ]
 
-    st99, pst99 = _g(ours, "stop", "p99"), _g(peer, "stop", "p99")
+    st99, pst99 = dig(ours, "stop", "p99"), dig(peer, "stop", "p99")
     out += [
         "**Stop latency.** "
         f"Ours p99 {_ms(st99)}"
@@ -160,7 +152,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         "",
     ]
 
-    rc, prc = _g(ours, "recovery", "p50"), _g(peer, "recovery", "p50")
+    rc, prc = dig(ours, "recovery", "p50"), dig(peer, "recovery", "p50")
     out += [
         "**Recovery.** "
         f"Ours {_f(rc)} s"
@@ -182,7 +174,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         "",
     ]
 
-    polls = [(n, _g(ours, f"poll_{n}", "polls_per_min"), _g(peer, f"poll_{n}", "polls_per_min"))
+    polls = [(n, dig(ours, f"poll_{n}", "polls_per_min"), dig(peer, f"poll_{n}", "polls_per_min"))
              for n in results["sizes"]["poll_fleets"]]
     out += [
         "**Poll load.** "
@@ -201,7 +193,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
     out += [_capacity(cap), ""]
 
-    mt, mp, pm = _g(ours, "memory_threads"), _g(ours, "memory_prefork"), _g(peer, "memory")
+    mt, mp, pm = dig(ours, "memory_threads"), dig(ours, "memory_prefork"), dig(peer, "memory")
     if mt and mp:
         out += [
             "**Memory.** "

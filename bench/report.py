@@ -9,7 +9,7 @@ from typing import Any
 
 from bench import proc
 
-__all__ = ["write_report"]
+__all__ = ["dig", "write_report"]
 
 NA = "n/a"
 
@@ -39,7 +39,8 @@ def _ratio(ours: float | None, peer: float | None, *, higher_is_better: bool) ->
     return f"{better:.1f}x better" if better >= 1 else f"{1 / better:.1f}x worse"
 
 
-def _get(results: dict[str, Any], *path: str) -> Any:
+def dig(results: dict[str, Any], *path: str) -> Any:
+    """The value at `path` in the saved figures, or None where a part or figure is missing."""
     node: Any = results
     for key in path:
         if not isinstance(node, dict) or key not in node:
@@ -58,14 +59,14 @@ def _target(ok: bool | None) -> str:
 
 def _unended(part: dict[str, Any]) -> str:
     """A drain's sessions that started and never ended, as a note to its figure."""
-    n = _get(part, "drain", "unended")
+    n = dig(part, "drain", "unended")
     return f" ({n} started, never ended)" if n else ""
 
 
 def _recovered(part: dict[str, Any], value: float | None) -> str:
     """A recovery figure, or `never` where the killed session did not run again."""
-    never = _get(part, "recovery", "never")
-    waited = _get(part, "recovery", "waited") or 0
+    never = dig(part, "recovery", "never")
+    waited = dig(part, "recovery", "waited") or 0
     return f"never (waited {waited:.0f} s)" if never else _s(value)
 
 
@@ -80,7 +81,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
     def latency_rows(key: str, what: str, p50_target: float | None, p99_target: float | None,
                      peer_note: str = "") -> None:
         for q, target in (("p50", p50_target), ("p99", p99_target)):
-            o, p = _get(ours, key, q), _get(peer, key, q)
+            o, p = dig(ours, key, q), dig(peer, key, q)
             ok = None if target is None or o is None else o < target
             goal = "" if target is None else f"< {_ms(target)}: {_target(ok)}"
             rows.append((f"{what} {q}", _ms(o), _ms(p) + peer_note,
@@ -90,7 +91,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
     rate = sizes["steady_rate"]
     latency_rows("dispatch_steady", f"dispatch latency, {rate:g} sessions/s arriving",
                  0.100, 1.0)
-    o, p = _get(ours, "drain", "per_second"), _get(peer, "drain", "per_second")
+    o, p = dig(ours, "drain", "per_second"), dig(peer, "drain", "per_second")
 
     rows.append((f"drain throughput, backlog of {sizes['backlog']}, {slots} slots",
                  "" if o is None else f"{o:.1f} sessions/s{_unended(ours)}",
@@ -98,20 +99,20 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
                  _ratio(o, p, higher_is_better=True), ""))
     latency_rows("stop", "stop latency (stop requested -> sandbox told)", None, 2.0,
                  peer_note=" (†)")
-    o, p = _get(ours, "recovery", "p50"), _get(peer, "recovery", "p50")
+    o, p = dig(ours, "recovery", "p50"), dig(peer, "recovery", "p50")
 
     rows.append(("recovery (worker SIGKILLed -> session running again), p50",
                  _recovered(ours, o), _recovered(peer, p), _ratio(o, p, higher_is_better=False),
                  "" if o is None else f"< 10 s: {_target(o < 10)}"))
     for n in sizes["poll_fleets"]:
-        o, p = _get(ours, f"poll_{n}", "polls_per_min"), _get(peer, f"poll_{n}", "polls_per_min")
+        o, p = dig(ours, f"poll_{n}", "polls_per_min"), dig(peer, f"poll_{n}", "polls_per_min")
         rows.append((f"poll load, idle fleet of {n} slot{'s' if n > 1 else ''} (polls/min)",
                      NA if o is None else f"{o:.0f}", NA if p is None else f"{p:.0f}",
                      _ratio(o, p, higher_is_better=False),
                      "independent of fleet size" if n == sizes["poll_fleets"][-1] else ""))
     for n in sizes["poll_fleets"]:
-        o = _get(ours, f"poll_{n}", "requests_per_min")
-        p = _get(peer, f"poll_{n}", "requests_per_min")
+        o = dig(ours, f"poll_{n}", "requests_per_min")
+        p = dig(peer, f"poll_{n}", "requests_per_min")
         rows.append((f"all Work API requests, idle fleet of {n} (per min)",
                      NA if o is None else f"{o:.0f}", NA if p is None else f"{p:.0f}",
                      _ratio(o, p, higher_is_better=False), ""))
@@ -132,8 +133,8 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
                          "lease's stop flag), p99", _ms(stops["p99"]), "", "",
                          f"< 2000 ms: {_target(met)}"))
     for pool in ("threads", "prefork"):
-        m = _get(ours, f"memory_{pool}")
-        pm = _get(peer, "memory")
+        m = dig(ours, f"memory_{pool}")
+        pm = dig(peer, "memory")
         if m is None:
             continue
         rows.append((f"memory per concurrent session, {pool} pool (worker, marginal)",
@@ -380,7 +381,7 @@ def _breakdown(results: dict[str, Any]) -> list[str]:
 
     out = []
     for part, title in (("ours", "dispatcher"), ("peer", "peer (as far as it shows from outside)")):
-        figures = _get(results, part, "breakdown")
+        figures = dig(results, part, "breakdown")
         if figures:
             out += [f"**{title}**", "", render(figures), ""]
     if not out:
@@ -420,8 +421,8 @@ def _burst(results: dict[str, Any]) -> list[str]:
             rows.append(f"| &nbsp;&nbsp;round {i}: p50 / p99 (created in "
                         f"{_ms(r['create_seconds'])}) | {_ms(r['p50'])} / {_ms(r['p99'])} "
                         "| | | |")
-    o = _get(part, "drain_big", "per_second")
-    p = _get(part, "peer_drain_big", "per_second")
+    o = dig(part, "drain_big", "per_second")
+    p = dig(part, "peer_drain_big", "per_second")
     if o is not None or p is not None:
         rows.append(f"| drain throughput, backlog of {backlog:,}, {slots} slots "
                     f"| {NA if o is None else f'{o:.1f} sessions/s'} "
