@@ -27,6 +27,11 @@ pytestmark = pytest.mark.chaos
 # How long the Sentinel waits on a silent master before it calls it down: short, so the
 # failover lands while the sessions started before the kill still run (6 s each).
 DOWN_AFTER_MS = 1000
+# The leases' TTL: the fleet cannot heartbeat while its registry has no master, so a lease goes
+# the failover's length plus up to an interval (a third of this) without one. The Sentinel's
+# failover takes about a second alone and over four on two busy cores (a CI run saw 6.6 s
+# between beats with 6 s); this leaves it room without making the promise a weaker one.
+TTL_SECONDS = 10
 # Bounds a failover attempt that stalls (a replica that will not take the promotion).
 FAILOVER_TIMEOUT_MS = 5000
 
@@ -45,7 +50,8 @@ def test_redis_master_killed_sentinel_promotes_the_replica(
     try:
         wait_for(lambda: sentinel.knows_replica(replica.port), timeout=30,
                  what="the Sentinel to find the replica")
-        cf = chaos("Redis master killed, Sentinel promotes the replica", ttl=6, redis=master)
+        cf = chaos("Redis master killed, Sentinel promotes the replica", ttl=TTL_SECONDS,
+                   redis=master)
         cf.fleet.overrides.update({"DISPATCHER_REDIS_SENTINELS": sentinel.address,
                                    "DISPATCHER_REDIS_SENTINEL_MASTER": sentinel.master_name})
         cf.busy_with_sessions()
