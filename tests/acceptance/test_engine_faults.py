@@ -10,23 +10,18 @@ current one."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dispatcher.control.capacity import Capacity
 from tests.support.engine_proxy import EngineRelay
 from tests.support.fleet import Fleet
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 
-DISPATCHER = Path(sys.executable).with_name("dispatcher")
 # The issue's bound on both edges of an outage: the probe asks every 0.5 s with a 1 s timeout.
 SLOTS_BOUND_SECONDS = 2.0
 # An engine slow to create: longer than recovery's staleness limit (8 s without a pulse).
@@ -42,16 +37,6 @@ def relay() -> Iterator[EngineRelay]:
         yield proxy
     finally:
         proxy.close()
-
-
-def _slots(fleet: Fleet) -> int:
-    return Capacity(fleet.redis, prefix=fleet.prefix).total_slots()
-
-
-def _check(fleet: Fleet) -> tuple[int, str]:
-    done = subprocess.run([str(DISPATCHER), "status", "--check"], env=fleet.env(),
-                          capture_output=True, text=True, timeout=30)
-    return done.returncode, done.stdout + done.stderr
 
 
 def _behind_the_relay(fleet: Fleet, relay: EngineRelay) -> Fleet:
@@ -78,9 +63,9 @@ def test_an_engine_down_while_items_are_claimed_ends_no_session(
                  what=f"{work_id}'s attempt starting its container")
     relay.down()
     down_at = time.monotonic()
-    wait_for(lambda: _slots(fleet) == 0, timeout=10, interval=0.05, what="slots withdrawn")
+    wait_for(lambda: fleet.slots() == 0, timeout=10, interval=0.05, what="slots withdrawn")
     withdrawn_after = time.monotonic() - down_at
-    code, output = _check(fleet)
+    code, output = fleet.status_check()
     assert code == 5 and "container engine does not answer" in output, output
     # The outage lasts past recovery's staleness limit: the attempts pulse while they wait.
     time.sleep(10)
@@ -93,7 +78,7 @@ def test_an_engine_down_while_items_are_claimed_ends_no_session(
     relay.delay_create = 0.0
     relay.up()
     up_at = time.monotonic()
-    wait_for(lambda: _slots(fleet) == 2, timeout=10, interval=0.05, what="slots given back")
+    wait_for(lambda: fleet.slots() == 2, timeout=10, interval=0.05, what="slots given back")
     given_back_after = time.monotonic() - up_at
     fleet.wait_stopped(work_ids, timeout=90)
     for work_id in work_ids:

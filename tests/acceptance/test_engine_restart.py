@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.control.capacity import Capacity
 from dispatcher.session.engine_health import IMAGE_CHECK_EVERY, PROBE_INTERVAL_SECONDS
 from tests.support.engine_proxy import EngineRelay
 from tests.support.fleet import Fleet
@@ -32,7 +30,6 @@ from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.acceptance
 
-DISPATCHER = Path(sys.executable).with_name("dispatcher")
 # The bound on both edges of an outage: the probe asks every 0.5 s with a 1 s timeout.
 SLOTS_BOUND_SECONDS = 2.0
 # A session stopped by the server after the restart: it would outlast the test.
@@ -51,16 +48,6 @@ def private_engine() -> Iterator[PrivateEngine]:
     finally:
         engine.close()
         assert not engine.mounts(), "the private engine left mounts"
-
-
-def _slots(fleet: Fleet) -> int:
-    return Capacity(fleet.redis, prefix=fleet.prefix).total_slots()
-
-
-def _check(fleet: Fleet) -> tuple[int, str]:
-    done = subprocess.run([str(DISPATCHER), "status", "--check"], env=fleet.env(),
-                          capture_output=True, text=True, timeout=30)
-    return done.returncode, done.stdout + done.stderr
 
 
 def _running_ids(engine: PrivateEngine, fleet: Fleet) -> dict[str, str]:
@@ -115,9 +102,9 @@ def _live_restore(engine: PrivateEngine, relay: EngineRelay, fleet: Fleet) -> No
 
     engine.stop()  # SIGTERM: with live-restore, the containers run on
     down_at = time.monotonic()
-    wait_for(lambda: _slots(fleet) == 0, timeout=10, interval=0.05, what="slots withdrawn")
+    wait_for(lambda: fleet.slots() == 0, timeout=10, interval=0.05, what="slots withdrawn")
     withdrawn_after = time.monotonic() - down_at
-    code, output = _check(fleet)
+    code, output = fleet.status_check()
     assert code == 5 and "container engine does not answer" in output, output
     wait_for(lambda: "sandbox not started" in fleet.log("w1"), timeout=30,
              what="the held start failing for the outage")
@@ -131,7 +118,7 @@ def _live_restore(engine: PrivateEngine, relay: EngineRelay, fleet: Fleet) -> No
     relay.delay_create = 0.0
     engine.start()
     up_at = time.monotonic()
-    wait_for(lambda: _slots(fleet) == 3, timeout=10, interval=0.05, what="slots given back")
+    wait_for(lambda: fleet.slots() == 3, timeout=10, interval=0.05, what="slots given back")
     given_back_after = time.monotonic() - up_at
     running = _running_ids(engine, fleet)
     assert not fleet.events(finishing, "exited"), "the restart came before its end (a slow run)"
@@ -193,9 +180,9 @@ def _image_lost(engine: PrivateEngine, relay: EngineRelay, fleet: Fleet, image: 
     subprocess.run(["docker", "rmi", "-f", image], env=docker_cli, check=True,
                    capture_output=True)
     lost_at = time.monotonic()
-    wait_for(lambda: _slots(fleet) == 0, timeout=15, interval=0.05, what="slots withdrawn")
+    wait_for(lambda: fleet.slots() == 0, timeout=15, interval=0.05, what="slots withdrawn")
     withdrawn_after = time.monotonic() - lost_at
-    code, output = _check(fleet)
+    code, output = fleet.status_check()
     assert code == 5 and "lacks a sandbox image" in output, output
     line = next(ln for ln in fleet.log("w1").splitlines() if "sandbox image missing" in ln)
     assert image in line and "DISPATCHER_SANDBOX_IMAGE" in line, line
@@ -209,7 +196,7 @@ def _image_lost(engine: PrivateEngine, relay: EngineRelay, fleet: Fleet, image: 
     subprocess.run(["docker", "load", "-i", str(saved)], env=docker_cli, check=True,
                    capture_output=True)  # the same id: what the worker resolved at start
     back_at = time.monotonic()
-    wait_for(lambda: _slots(fleet) == 2, timeout=10, interval=0.05, what="slots given back")
+    wait_for(lambda: fleet.slots() == 2, timeout=10, interval=0.05, what="slots given back")
     given_back_after = time.monotonic() - back_at
     fleet.wait_stopped([work_id], timeout=60)
     assert [e["attempt"] for e in fleet.events(work_id, "started")] == ["2"], \
@@ -276,7 +263,7 @@ def test_the_warm_pool_follows_the_engine_through_a_live_restore_restart(
         before = set(_warm_ready(engine, fleet))
 
         engine.stop()
-        wait_for(lambda: _slots(fleet) == 0, timeout=10, interval=0.05, what="slots withdrawn")
+        wait_for(lambda: fleet.slots() == 0, timeout=10, interval=0.05, what="slots withdrawn")
         # The outage lasts: a pool that retried on its own would back off past the bound.
         outage_over = time.monotonic() + WARM_OUTAGE_SECONDS
         wait_for(lambda: time.monotonic() >= outage_over, timeout=WARM_OUTAGE_SECONDS + 1,

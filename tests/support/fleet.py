@@ -141,10 +141,20 @@ class Fleet:
     def hostname(self, name: str) -> str:
         return self.stack.hostname(name)
 
+    def slots(self) -> int:
+        """The session slots the fleet's workers advertise now."""
+        return Capacity(self.redis, prefix=self.prefix).total_slots()
+
     def wait_slots(self, slots: int, timeout: float = 30) -> None:
-        capacity = Capacity(self.redis, prefix=self.prefix)
-        wait_for(lambda: capacity.total_slots() >= slots, timeout=timeout,
+        wait_for(lambda: self.slots() >= slots, timeout=timeout,
                  what=f"{slots} advertised slots")
+
+    def status_check(self) -> tuple[int, str]:
+        """`dispatcher status --check` against the fleet: its exit code and what it printed."""
+        command = Path(sys.executable).with_name("dispatcher")
+        done = subprocess.run([str(command), "status", "--check"], env=self.env(),
+                              capture_output=True, text=True, timeout=30)
+        return done.returncode, done.stdout + done.stderr
 
     def lease(self, work_id: str) -> dict[str, str]:
         return self.redis.hgetall(f"{self.prefix}:lease:{work_id}")  # type: ignore[return-value]
