@@ -249,30 +249,20 @@ class WarmSandbox(ContainerSandbox):
         refused."""
         api = engine(settings)
         sandbox = cls(api, container_id, settings=settings, spec=spec, book=book)
-        if stdin is not None:
-            try:
-                if spec.secret_file is not None:
-                    api.put_archive(container_id, SECRET_DIRECTORY,
-                                    secret_archive(spec.secret_file, settings.sandbox_user))
-            except (APIError, RequestException) as exc:
-                _close(stdin)
-                sandbox._unusable(exc)
-                return None
-            _send(stdin, header + spec.stdin)
-            threading.Thread(target=sandbox._wait_exit, daemon=True).start()
-            return sandbox
         # A container that died in the pool (an engine restarted without live-restore) still
-        # takes an attach, and would end the attempt at once: asked beside the attach, so the
-        # session waits for the slower of the two calls, not for both.
-        running = _Look(lambda: bool(api.inspect_container(container_id)["State"]["Running"]))
-        stdin = None
+        # takes an attach, and would end the attempt at once: when the session must attach, it
+        # asks beside the attach, so it waits for the slower of the two calls, not for both.
+        # A stdin the pool attached was attached to a running container.
+        running = None if stdin is not None else _Look(
+            lambda: bool(api.inspect_container(container_id)["State"]["Running"]))
         try:
             if spec.secret_file is not None:
                 api.put_archive(container_id, SECRET_DIRECTORY,
                                 secret_archive(spec.secret_file, settings.sandbox_user))
-            stdin = api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
-            if not running.result():
-                raise APIError("the container does not run any more")
+            if running is not None:
+                stdin = api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+                if not running.result():
+                    raise APIError("the container does not run any more")
         except (APIError, RequestException) as exc:
             if stdin is not None:
                 _close(stdin)
