@@ -249,12 +249,18 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeaseRegistry]:
         r.close()
 
 
-def _fill(registry: LeaseRegistry) -> None:
-    now = time.time()
+def _advertise(registry: LeaseRegistry) -> None:
+    """Two workers' slot advertisements, as live workers renew them (one goes stale after
+    `WORKER_STALE_SECONDS`: a reader started seconds later on a busy machine renews first)."""
     capacity = Capacity(registry.redis, prefix=registry.keys.prefix)
     capacity.advertise(hostname="w1@host", slots=4, pool="threads", queues=["dispatcher.sessions"])
     capacity.advertise(hostname="w2@host", slots=2, pool="prefork", queues=["dispatcher.sessions"])
-    capacity.set_draining("w2@host")
+
+
+def _fill(registry: LeaseRegistry) -> None:
+    now = time.time()
+    _advertise(registry)
+    Capacity(registry.redis, prefix=registry.keys.prefix).set_draining("w2@host")
     common = {"environment_id": "env_1", "mode": "dispatcher", "queue": "dispatcher.sessions"}
     registry.create(Lease(work_id="work_run", session_id="sesn_run", phase=Phase.RUNNING,
                           attempt=2, worker="w1@host", claimed_at=now - 100, ttl_seconds=30,
@@ -364,6 +370,7 @@ def test_metrics_serves_the_exporter_until_sigterm(cli: Cli, registry: LeaseRegi
         line = process.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", line)
         assert match, line
+        _advertise(registry)
         body = httpx.get(f"http://127.0.0.1:{match.group(1)}/metrics", timeout=10).text
         # Lease and server gauges are per environment (these leases' is not configured here).
         labelled = r'\{environment="[^"]*"\}'
