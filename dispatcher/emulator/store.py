@@ -213,7 +213,7 @@ return {read, last, '[' .. table.concat(records, ',') .. ']'}
         newest = "+inf" if page is None else f"({_decode_cursor(page)}"
         read, last, records = await self._list_page(keys=[self.keys.index(environment_id)],
                                                     args=[newest, limit, self.keys.work("")])
-        data = [WorkRecord(**record).public() for record in json.loads(_text(records) or "[]")]
+        data = [WorkRecord.public_of(record) for record in json.loads(_text(records) or "[]")]
         more = int(read) > limit
         return {"data": data, "next_page": _encode_cursor(int(float(_text(last) or 0)))
                 if more else None}
