@@ -55,7 +55,7 @@ def _start_emulator(stack: LocalStack, max_list: int) -> None:
 
 def _hold(stack: LocalStack, emu: Emulator, n: int) -> list[str]:
     """N items created on the server and recorded as held (running), newest last."""
-    from dispatcher.lease.model import Lease, Phase
+    from dispatcher.lease.model import Lease, LeaseMode, Phase
     from dispatcher.runtime import Runtime
     from dispatcher.settings import load_settings
 
@@ -65,7 +65,7 @@ def _hold(stack: LocalStack, emu: Emulator, n: int) -> list[str]:
     for c in created:
         runtime.registry.create(Lease(
             work_id=c.work_id, session_id=c.session_id, environment_id=stack.environment_id,
-            mode="dispatcher", queue="dispatcher.sessions", phase=Phase.RUNNING,
+            mode=LeaseMode.DISPATCHER, queue="dispatcher.sessions", phase=Phase.RUNNING,
             task_id=f"t-{c.work_id}", worker="w@h", claimed_at=now, dispatched_at=now,
             pulse_at=now, created_at=""), work_json="{}")
     runtime.close()
