@@ -17,6 +17,9 @@ _PUBLIC = ("id", "type", "environment_id", "state", "data", "metadata", "created
            "acknowledged_at", "started_at", "latest_heartbeat_at", "stop_requested_at",
            "stopped_at")
 
+# What `WorkRecord` fills in for a public field a stored record lacks (`metadata`: a new {}).
+_PUBLIC_DEFAULTS: dict[str, Any] = {"type": "work", "state": "queued"}
+
 
 def new_id(kind: str) -> str:
     """`work_...`, `env_...`, `session_...`: the service's prefixes, random base62-ish tails."""
@@ -76,4 +79,14 @@ class WorkRecord:
         """The item as the API shows it; `secret` only on a polled copy."""
         body = {name: getattr(self, name) for name in _PUBLIC}
         body["secret"] = self.secret if with_secret else None
+        return body
+
+    @staticmethod
+    def public_of(stored: dict[str, Any]) -> dict[str, Any]:
+        """`WorkRecord(**stored).public()` of a stored record read as JSON, without building the
+        record: a list page shows up to 1,000, and the record cost over half of its CPU."""
+        body = {name: stored.get(name, _PUBLIC_DEFAULTS.get(name)) for name in _PUBLIC}
+        if "metadata" not in stored:
+            body["metadata"] = {}
+        body["secret"] = None
         return body

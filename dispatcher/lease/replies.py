@@ -5,6 +5,8 @@ the heartbeat tick and the stop bridge each turn what they got into an event her
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from dispatcher.lease import events as ev
 from dispatcher.lease.causes import SeenBy, StopCause
 from dispatcher.lease.model import StopKind
@@ -15,13 +17,12 @@ from dispatcher.workapi import (
     MalformedResponseError,
     NotFoundError,
     TransientError,
-    Work,
     WorkAPIError,
     WorkState,
 )
 
-__all__ = ["ack_event", "claim_event", "heartbeat_event", "listed_event", "no_answer", "reply_of",
-           "stop_event"]
+__all__ = ["Listed", "ack_event", "claim_event", "heartbeat_event", "listed_event", "no_answer",
+           "reply_of", "stop_event"]
 
 
 def reply_of(reply: Heartbeat) -> ev.Reply:
@@ -81,7 +82,17 @@ def claim_event(exc: WorkAPIError, *, ack_uncertain: bool) -> ev.Event:
     return ev.HeartbeatRejected(exc.status, str(exc))
 
 
-def listed_event(work: Work) -> ev.Event | None:
+class Listed(Protocol):
+    """What the stop rule reads of a listed item: a whole `Work` or a `ListedWork`."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def stop_requested_at(self) -> str | None: ...
+
+
+def listed_event(work: Listed) -> ev.Event | None:
     """What the server's list says of an item we hold, if it asks for a stop."""
     if work.state == WorkState.STOPPED:
         return ev.ServerStopped(seen_by=SeenBy.BRIDGE)

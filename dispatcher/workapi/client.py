@@ -27,7 +27,7 @@ from dispatcher.workapi._endpoints import (
 )
 from dispatcher.workapi.errors import WorkAPIError, transport_errors
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
-from dispatcher.workapi.models import Heartbeat, Work, WorkPage, WorkQueueStats
+from dispatcher.workapi.models import Heartbeat, ListedPage, Work, WorkPage, WorkQueueStats
 from dispatcher.workapi.retry import Backoff
 
 if TYPE_CHECKING:
@@ -177,6 +177,10 @@ class WorkClient(_ClientBase[httpx.BaseTransport]):
     def list(self, *, limit: int | None = None, page: str | None = None) -> WorkPage:
         return self._run(self._api.list(limit=limit, page=page))
 
+    def list_states(self, *, limit: int | None = None, page: str | None = None) -> ListedPage:
+        """A list page, each item's id, state and stop request only."""
+        return self._run(self._api.list_states(limit=limit, page=page))
+
     def iter_list(self, *, limit: int | None = None) -> Iterator[Work]:
         """Every work item, page after page (``limit`` is the page size)."""
         page: str | None = None
@@ -275,6 +279,10 @@ class AsyncWorkClient(_ClientBase[httpx.AsyncBaseTransport]):
 
     async def list(self, *, limit: int | None = None, page: str | None = None) -> WorkPage:
         return await self._run(self._api.list(limit=limit, page=page))
+
+    async def list_states(self, *, limit: int | None = None,
+                          page: str | None = None) -> ListedPage:
+        return await self._run(self._api.list_states(limit=limit, page=page))
 
     async def aiter_list(self, *, limit: int | None = None) -> AsyncIterator[Work]:
         page: str | None = None

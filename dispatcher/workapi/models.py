@@ -13,6 +13,7 @@ import binascii
 import json
 import math
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -24,6 +25,8 @@ __all__ = [
     "Heartbeat",
     "InvalidId",
     "LeaseState",
+    "ListedPage",
+    "ListedWork",
     "Work",
     "WorkData",
     "WorkDataType",
@@ -216,6 +219,23 @@ class LeaseState(_Open):
 
 class WorkPage(_Open):
     data: list[Work]
+    next_page: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListedWork:
+    """A `list` item as the stop bridge reads it: its id and what says it is stopping, no more.
+    A sweep reads every held item each second (20,000 a second at 20,000 held), and a full
+    `Work` costs 25-40 µs of CPU an item to validate; these fields are checked by hand."""
+
+    id: str
+    state: str
+    stop_requested_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListedPage:
+    data: list[ListedWork]
     next_page: str | None = None
 
 

@@ -15,6 +15,7 @@ import pytest
 from dispatcher.control import bridge
 from dispatcher.control.bridge import scan_server_stops
 from dispatcher.control.recovery import recover
+from dispatcher.lease import registry as registry_module
 from dispatcher.lease.causes import LossCause
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS, PULSE_STALE_SECONDS
 from dispatcher.lease.model import Phase
@@ -216,4 +217,20 @@ def test_a_sweep_reads_on_until_every_held_item_was_listed(
     ticks = [scan_server_stops(runtime) for _ in range(3)]
     assert ticks == [0, 0, 1], "found in the sweep's third tick"
     assert _lists(emulator, runtime) - before == 3, "15 items, 5 a page, and not a page more"
+    assert _cursor(runtime) is None
+
+
+def test_a_sweep_ends_on_the_page_that_lists_the_last_held_item(
+        emulator: Any, runtime: Runtime, untimed_pages: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older items nobody holds are not read, while the next page is asked for ahead of each
+    one applied; the seen-note, here in chunks of 2 ids, counts every held item once."""
+    monkeypatch.setattr(registry_module, "NOTE_CHUNK", 2)
+    for _ in range(10):
+        emulator.create_session(runtime.environment_id, metadata={})
+    ids = held_items(emulator, runtime, 7)  # the newest: a page of 5, then 2 and 3 not held
+    stop_item(emulator, runtime, ids[0])  # the oldest held: on the second page
+    before = _lists(emulator, runtime)
+    assert scan_server_stops(runtime) == 1
+    assert _lists(emulator, runtime) - before == 2, "the sweep ended with the last held item"
     assert _cursor(runtime) is None

@@ -168,3 +168,17 @@ def test_a_stop_of_a_stopped_item(noop: bool, force: bool) -> None:
     else:
         with pytest.raises(Conflict):
             lifecycle.stop(record, force=force, config=config)
+
+
+@pytest.mark.parametrize("stored", [
+    json.loads(_record("active", metadata={"k": "v"}, stop_requested_at="t2",
+                       tokens={"sk-ant-req-x": None}).dumps()),
+    json.loads(_record().dumps()),
+    {"id": "work_2", "environment_id": "env_1", "data": {"id": "s"}, "created_at": "t", "seq": 2,
+     "secret": "s3cr3t"},  # a record stored before later fields existed: their defaults
+], ids=["full", "queued", "older-record"])
+def test_a_listed_record_shows_what_the_record_itself_shows(stored: dict[str, Any]) -> None:
+    """The list page's projection of a stored record, without building it, is the record's
+    own public view: the same fields, values and defaults, and never the secret."""
+    assert WorkRecord.public_of(stored) == WorkRecord(**stored).public()
+    assert WorkRecord.public_of(stored)["secret"] is None

@@ -30,6 +30,8 @@ from dispatcher.workapi import (
     InvalidRequestError,
     InvalidWorkItem,
     LeasePreconditionFailed,
+    ListedPage,
+    ListedWork,
     MalformedResponseError,
     MissingCredentialError,
     NotFoundError,
@@ -174,7 +176,8 @@ def test_the_package_exports_exactly_its_public_names() -> None:
     assert sorted(dispatcher.workapi.__all__) == sorted([
         "ANTHROPIC_VERSION", "BETA", "NO_HEARTBEAT", "POLL_BLOCK_MS_MAX", "AsyncWorkClient",
         "AuthenticationError", "Backoff", "ConflictError", "Heartbeat", "InvalidRequestError",
-        "InvalidWorkItem", "LeasePreconditionFailed", "LeaseState", "MalformedResponseError",
+        "InvalidWorkItem", "LeasePreconditionFailed", "LeaseState", "ListedPage", "ListedWork",
+        "MalformedResponseError",
         "MissingCredentialError", "NotFoundError", "RateLimitedError", "RequestTimeout",
         "ServerError", "TransientError", "Work", "WorkAPIError", "WorkClient", "WorkData",
         "WorkDataType", "WorkPage", "WorkQueueStats", "WorkState", "classify", "delay_for",
@@ -216,6 +219,10 @@ ENDPOINTS = [
                  reply(200, {"data": [work_json()], "next_page": None}),
                  "GET", "", {"limit": "10", "page": "cur_2"}, "environment", None, WorkPage,
                  id="list"),
+    pytest.param("list_states", (), {"limit": 1000, "page": "cur_2"},
+                 reply(200, {"data": [work_json()], "next_page": "cur_3"}),
+                 "GET", "", {"limit": "1000", "page": "cur_2"}, "environment", None, ListedPage,
+                 id="list-states"),
     pytest.param("stats", (), {}, reply(200, STATS), "GET", "/stats", {}, "environment", None,
                  WorkQueueStats, id="stats"),
 ]
@@ -639,6 +646,40 @@ def test_an_invalid_item_in_a_list_page_is_left_out_and_named(
                == "invalid work item"]
     assert len(skipped) == 2
     assert "work_id=w2" in skipped[0] and "work_id=unreadable" in skipped[1]
+
+
+def test_a_page_read_for_its_stops_keeps_only_what_the_stop_rule_reads(
+    api: MakeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fields the stop rule does not read are not checked (an odd session id costs no stop);
+    an item whose id, state or stop request is unreadable is left out, one line naming it,
+    and every other item of the page is kept."""
+    page = {"data": [work_json(id="w1", stop_requested_at="2026-12-06T20:00:00Z"),
+                     work_json(id="w2", metadata={"k": "\ud800"}, data={"id": "s\x001"}),
+                     work_json(id=".."), {**work_json(id="w4"), "state": 7},
+                     {**work_json(id="w5"), "stop_requested_at": ["t"]}, "w6",
+                     {**work_json(id="w7"), "state": "stopping"}],
+            "next_page": "cur_2"}
+    with caplog.at_level(logging.WARNING, logger="dispatcher.workapi"):
+        result = api(reply(200, raw=json.dumps(page).encode())).call("list_states")
+    assert result == ListedPage([ListedWork("w1", "queued", "2026-12-06T20:00:00Z"),
+                                 ListedWork("w2", "queued"), ListedWork("w7", "stopping")],
+                                "cur_2")
+    skipped = [r.getMessage() for r in caplog.records if r.__dict__.get("action")
+               == "invalid work item"]
+    assert [line.split()[3] for line in skipped] == [
+        "work_id=unreadable", "work_id=w4", "work_id=w5", "work_id=unreadable"]
+    assert "state: Input should be a valid string" in skipped[1]
+
+
+@pytest.mark.parametrize("body", [{"data": None}, [], {"data": [], "next_page": 3}],
+                         ids=["no-list", "not-object", "odd-cursor"])
+def test_a_page_read_for_its_stops_that_is_no_page_is_a_retryable_error(
+    api: MakeApi, body: Any
+) -> None:
+    with pytest.raises(MalformedResponseError, match="is not a page of work items") as caught:
+        api(reply(200, body), max_retries=0).call("list_states")
+    assert caught.value.retryable
 
 
 def test_a_stop_that_echoes_an_invalid_item_still_succeeded(api: MakeApi) -> None:
