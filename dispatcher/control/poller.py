@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -50,6 +51,20 @@ CLAIMS_IN_FLIGHT = 16
 # one item a round trip made a burst of 100 arrive over 100 polls' time (p99 twice the p50);
 # eight cut that ramp eightfold and keep within the claims a run may have in flight.
 POLLS_IN_FLIGHT = 8
+# A lone item's next long poll waits for the item's ack to be answered, at most this long. The
+# session waits on that answer (it starts once its lease is proven), and a poll that reaches the
+# server beside the ack delays it: a single-process server (the emulator) answered our acks
+# 3-4 ms later with a poll arriving beside them, and the claim thread's parsing of the answer
+# shares the interpreter with the poll loop. An item arriving meanwhile waits on the server at
+# most this long; a burst (`queue_busy`) never waits. Bounded so a slow ack (its retries take
+# seconds) does not leave the fleet without a poll outstanding for long.
+LONE_ACK_WAIT_SECONDS = 0.1
+# A poll answered within this long found its item waiting rather than waited for it: above a
+# Work API round trip (a few ms to the emulator, tens to a remote service), below the gap
+# between sessions arriving one at a time at up to 10 a second. Those are answered by polls
+# that waited: not a burst, and 8 polls beside each one's ack delayed the ack's answer on the
+# emulator from a few ms to 30.
+AT_ONCE_SECONDS = 0.1
 # One poller task long-polls this long, then hands over to its successor: Flower shows one poll
 # task a minute, and a worker's memory or a changed setting is picked up by the next run.
 POLL_RUN_SECONDS = 60.0
@@ -184,8 +199,12 @@ class _InFlight:
     def holds(self, work_id: str) -> bool:
         return work_id in self.claims.values()
 
-    def start(self, runtime: Runtime, item: Work, path: StartPath) -> None:
-        self.claims[self.pool.submit(claim, runtime, item, path=path)] = item.id
+    def start(self, runtime: Runtime, item: Work, path: StartPath) -> threading.Event:
+        """The item's claim, in a thread; the event is set once its ack has an answer (or the
+        claim ended without one)."""
+        acked = threading.Event()
+        self.claims[self.pool.submit(claim, runtime, item, path=path, acked=acked)] = item.id
+        return acked
 
     def reap(self, *, wait: float | None = 0.0) -> None:
         """Count the claims that ended, waiting up to `wait` s for one (None: for all). A claim
@@ -259,6 +278,7 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
             if not _wait_for_room(inflight, drain=drain):
                 break
             continue
+        sent = time.monotonic()
         try:
             # Draining asks once, without blocking: the queue is empty or it is not.
             item = client.poll(block_ms=None if drain else POLL_BLOCK_MS,
@@ -285,7 +305,9 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
             runtime.redis.delete(failures_key)
         _note_idle(runtime, environment, idle=item is None)
         emptied = _take(runtime, environment, inflight, item, path,
-                        side_by_side=item is not None and queue_busy(answered_before, drain=drain),
+                        side_by_side=item is not None and queue_busy(
+                            answered_before, at_once=time.monotonic() - sent < AT_ONCE_SECONDS,
+                            drain=drain),
                         reclaim_older_than_ms=reclaim_older_than_ms)
         answered_before = item is not None
         if emptied and drain:
@@ -302,17 +324,22 @@ def _take(runtime: Runtime, environment: str, inflight: _InFlight, item: Work | 
         # (An item offered again while its claim is in flight is that claim's: the server
         # hands an unacked item out again only after it idled, far longer.)
         return False
-    inflight.start(runtime, item, path)
-    return side_by_side and _poll_side_by_side(runtime, environment, inflight,
-                                               reclaim_older_than_ms=reclaim_older_than_ms)
+    acked = inflight.start(runtime, item, path)
+    if not side_by_side:
+        acked.wait(LONE_ACK_WAIT_SECONDS)
+        return False
+    return _poll_side_by_side(runtime, environment, inflight,
+                              reclaim_older_than_ms=reclaim_older_than_ms)
 
 
-def queue_busy(answered_before: bool, *, drain: bool) -> bool:
+def queue_busy(answered_before: bool, *, at_once: bool, drain: bool) -> bool:
     """Whether a poll that answered an item found a queue holding more (and polls side by side
-    pay): the poll before answered one too, or a wake-up says work waits. A lone session's item
-    answers a long poll that then waits again: polling beside it would only add empty polls to
-    every session's start, and load the server as its ack goes."""
-    return answered_before or drain
+    pay): the poll before answered one too and this one answered at once (its item was waiting,
+    not created while it waited), or a wake-up says work waits. A lone session's item answers a
+    long poll that then waits again: polling beside it would only add empty polls to every
+    session's start, and load the server as its ack goes. So would sessions arriving one at a
+    time less than a poll's wait apart, were a long poll that waited for its item counted."""
+    return (answered_before and at_once) or drain
 
 
 def _poll_side_by_side(runtime: Runtime, environment: str, inflight: _InFlight, *,
@@ -403,9 +430,20 @@ def _wait_out_pause(runtime: Runtime, environment: str, deadline: float, *,
     return time.monotonic() < deadline
 
 
-def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> bool:
+def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None,
+          acked: threading.Event | None = None) -> bool:
     """Take one polled item into the fleet. True if a session of it is now on its way.
-    `path` notes the steps of a session's start (its `start path` line)."""
+    `path` notes the steps of a session's start (its `start path` line); `acked` is set once
+    its ack has an answer, or once the claim ends (a refused item is never acked)."""
+    try:
+        return _claim(runtime, item, path=path, acked=acked)
+    finally:
+        if acked is not None:
+            acked.set()
+
+
+def _claim(runtime: Runtime, item: Work, *, path: StartPath | None,
+           acked: threading.Event | None) -> bool:
     proposal = _new_lease(runtime, item)
     held, history = runtime.registry.get_with_history(item.id)
     if path is not None:
@@ -413,7 +451,8 @@ def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> boo
     offered = ev.Offered(
         proposal, known_type=item.data.type in set(Kind),
         failures=history.failures, ended=history.ended)
-    lease = runtime.executor.offer(held, offered, work_json=item.to_json(), path=path)
+    lease = runtime.executor.offer(held, offered, work_json=item.to_json(), path=path,
+                                   acked=acked)
     started = (held is None and lease is not None and lease.kind == Kind.SESSION
                and lease.phase == Phase.DISPATCHED)
     if started and path is not None:
