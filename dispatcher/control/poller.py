@@ -11,9 +11,10 @@ acks it, records the lease, claims it (the first heartbeat) and publishes its se
 refuses it (an ended session, an attempt limit reached, an unknown type, an item we still hold).
 Claims run in threads beside the poll loop, several at once (`CLAIMS_IN_FLIGHT`), never more
 than the free slots: the loop polls on while they ack, record and publish. A poll answers one
-item; once two in a row did (or a wake-up says work waits), the queue holds more, and the run
-polls side by side without blocking (`POLLS_IN_FLIGHT`, never more than the room) until one
-comes back empty: a burst is polled several items a round trip, then one long poll waits again.
+item; once two in a row did, the second at once (or a wake-up says work waits), the queue holds
+more, and the run polls side by side without blocking (`POLLS_IN_FLIGHT`, never more than the
+room) until one comes back empty: a burst is polled several items a round trip, then one long
+poll waits again. After a lone item, that long poll waits for the item's ack to be answered.
 """
 
 from __future__ import annotations
