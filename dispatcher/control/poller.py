@@ -38,7 +38,14 @@ from dispatcher.lease.model import Heartbeater, Kind, Lease, LeaseMode, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.startpath import StartPath
-from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, delay_for
+from dispatcher.workapi import (
+    Backoff,
+    InvalidWorkItem,
+    Work,
+    WorkAPIError,
+    delay_for,
+    epoch_seconds,
+)
 
 __all__ = ["POLL_BLOCK_MS", "claim", "drain", "run_poller"]
 
@@ -60,10 +67,12 @@ POLLS_IN_FLIGHT = 8
 # most this long; a burst (`queue_busy`) never waits. Bounded so a slow ack (its retries take
 # seconds) does not leave the fleet without a poll outstanding for long.
 LONE_ACK_WAIT_SECONDS = 0.1
-# A poll answered within this long found its item waiting rather than waited for it: above a
-# Work API round trip (a few ms to the emulator, tens to a remote service), below the gap
-# between sessions arriving one at a time at up to 10 a second. Those are answered by polls
-# that waited: not a burst, and 8 polls beside each one's ack delayed the ack's answer on the
+# A poll's item was waiting on the server, not created while the poll waited, if the poll was
+# answered within this long, or the item was created within this long of the item before it
+# (both the server's times: a loaded server answers a waiting item's poll later than this).
+# Above a Work API round trip (a few ms to the emulator, tens to a remote service), below the
+# gap between sessions arriving one at a time at up to 10 a second: those are answered by polls
+# that waited, not a burst, and 8 polls beside each one's ack delayed the ack's answer on the
 # emulator from a few ms to 30.
 AT_ONCE_SECONDS = 0.1
 # One poller task long-polls this long, then hands over to its successor: Flower shows one poll
@@ -269,6 +278,7 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(environment_id=environment, max_retries=0)
     answered_before = False
+    created_before: float | None = None  # the last item's creation (the server's clock)
     while time.monotonic() < deadline and not stopping():
         inflight.reap()
         if not _still_ours(lock, environment):
@@ -307,10 +317,13 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
         _note_idle(runtime, environment, idle=item is None)
         emptied = _take(runtime, environment, inflight, item, path,
                         side_by_side=item is not None and queue_busy(
-                            answered_before, at_once=time.monotonic() - sent < AT_ONCE_SECONDS,
+                            answered_before, waiting=_was_waiting(
+                                item, answered_in=time.monotonic() - sent,
+                                created_before=created_before),
                             drain=drain),
                         reclaim_older_than_ms=reclaim_older_than_ms)
         answered_before = item is not None
+        created_before = epoch_seconds(item.created_at) if item is not None else None
         if emptied and drain:
             break
 
@@ -333,14 +346,24 @@ def _take(runtime: Runtime, environment: str, inflight: _InFlight, item: Work | 
                               reclaim_older_than_ms=reclaim_older_than_ms)
 
 
-def queue_busy(answered_before: bool, *, at_once: bool, drain: bool) -> bool:
+def queue_busy(answered_before: bool, *, waiting: bool, drain: bool) -> bool:
     """Whether a poll that answered an item found a queue holding more (and polls side by side
-    pay): the poll before answered one too and this one answered at once (its item was waiting,
-    not created while it waited), or a wake-up says work waits. A lone session's item answers a
-    long poll that then waits again: polling beside it would only add empty polls to every
-    session's start, and load the server as its ack goes. So would sessions arriving one at a
-    time less than a poll's wait apart, were a long poll that waited for its item counted."""
-    return (answered_before and at_once) or drain
+    pay): the poll before answered one too and this one's item was waiting (`_was_waiting`), or
+    a wake-up says work waits. A lone session's item answers a long poll that then waits again:
+    polling beside it would only add empty polls to every session's start, and load the server
+    as its ack goes. So would sessions arriving one at a time less than a poll's wait apart,
+    were a long poll that waited for its item counted."""
+    return (answered_before and waiting) or drain
+
+
+def _was_waiting(item: Work | None, *, answered_in: float, created_before: float | None) -> bool:
+    """Was the polled item on the server before the poll asked: answered at once, or created
+    with the item before it (`AT_ONCE_SECONDS`)?"""
+    if answered_in < AT_ONCE_SECONDS:
+        return True
+    created = epoch_seconds(item.created_at) if item is not None else None
+    return (created is not None and created_before is not None
+            and abs(created - created_before) < AT_ONCE_SECONDS)
 
 
 def _poll_side_by_side(runtime: Runtime, environment: str, inflight: _InFlight, *,
