@@ -11,15 +11,17 @@ acks it, records the lease, claims it (the first heartbeat) and publishes its se
 refuses it (an ended session, an attempt limit reached, an unknown type, an item we still hold).
 Claims run in threads beside the poll loop, several at once (`CLAIMS_IN_FLIGHT`), never more
 than the free slots: the loop polls on while they ack, record and publish. A poll answers one
-item; once two in a row did (or a wake-up says work waits), the queue holds more, and the run
-polls side by side without blocking (`POLLS_IN_FLIGHT`, never more than the room) until one
-comes back empty: a burst is polled several items a round trip, then one long poll waits again.
+item; once two in a row did, the second at once (or a wake-up says work waits), the queue holds
+more, and the run polls side by side without blocking (`POLLS_IN_FLIGHT`, never more than the
+room) until one comes back empty: a burst is polled several items a round trip, then one long
+poll waits again. After a lone item, that long poll waits for the item's ack to be answered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +38,14 @@ from dispatcher.lease.model import Heartbeater, Kind, Lease, LeaseMode, Phase
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.startpath import StartPath
-from dispatcher.workapi import Backoff, InvalidWorkItem, Work, WorkAPIError, delay_for
+from dispatcher.workapi import (
+    Backoff,
+    InvalidWorkItem,
+    Work,
+    WorkAPIError,
+    delay_for,
+    epoch_seconds,
+)
 
 __all__ = ["POLL_BLOCK_MS", "claim", "drain", "run_poller"]
 
@@ -50,6 +59,22 @@ CLAIMS_IN_FLIGHT = 16
 # one item a round trip made a burst of 100 arrive over 100 polls' time (p99 twice the p50);
 # eight cut that ramp eightfold and keep within the claims a run may have in flight.
 POLLS_IN_FLIGHT = 8
+# A lone item's next long poll waits for the item's ack to be answered, at most this long. The
+# session waits on that answer (it starts once its lease is proven), and a poll that reaches the
+# server beside the ack delays it: a single-process server (the emulator) answered our acks
+# 3-4 ms later with a poll arriving beside them, and the claim thread's parsing of the answer
+# shares the interpreter with the poll loop. An item arriving meanwhile waits on the server at
+# most this long; a burst (`queue_busy`) never waits. Bounded so a slow ack (its retries take
+# seconds) does not leave the fleet without a poll outstanding for long.
+LONE_ACK_WAIT_SECONDS = 0.1
+# A poll's item was waiting on the server, not created while the poll waited, if the poll was
+# answered within this long, or the item was created within this long of the item before it
+# (both the server's times: a loaded server answers a waiting item's poll later than this).
+# Above a Work API round trip (a few ms to the emulator, tens to a remote service), below the
+# gap between sessions arriving one at a time at up to 10 a second: those are answered by polls
+# that waited, not a burst, and 8 polls beside each one's ack delayed the ack's answer on the
+# emulator from a few ms to 30.
+AT_ONCE_SECONDS = 0.1
 # One poller task long-polls this long, then hands over to its successor: Flower shows one poll
 # task a minute, and a worker's memory or a changed setting is picked up by the next run.
 POLL_RUN_SECONDS = 60.0
@@ -184,8 +209,12 @@ class _InFlight:
     def holds(self, work_id: str) -> bool:
         return work_id in self.claims.values()
 
-    def start(self, runtime: Runtime, item: Work, path: StartPath) -> None:
-        self.claims[self.pool.submit(claim, runtime, item, path=path)] = item.id
+    def start(self, runtime: Runtime, item: Work, path: StartPath) -> threading.Event:
+        """The item's claim, in a thread; the event is set once its ack has an answer (or the
+        claim ended without one)."""
+        acked = threading.Event()
+        self.claims[self.pool.submit(claim, runtime, item, path=path, acked=acked)] = item.id
+        return acked
 
     def reap(self, *, wait: float | None = 0.0) -> None:
         """Count the claims that ended, waiting up to `wait` s for one (None: for all). A claim
@@ -249,6 +278,7 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
     backoff = Backoff(attempt=int(runtime.redis.get(failures_key) or 0))
     client = runtime.client(environment_id=environment, max_retries=0)
     answered_before = False
+    created_before: float | None = None  # the last item's creation (the server's clock)
     while time.monotonic() < deadline and not stopping():
         inflight.reap()
         if not _still_ours(lock, environment):
@@ -259,6 +289,7 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
             if not _wait_for_room(inflight, drain=drain):
                 break
             continue
+        sent = time.monotonic()
         try:
             # Draining asks once, without blocking: the queue is empty or it is not.
             item = client.poll(block_ms=None if drain else POLL_BLOCK_MS,
@@ -285,9 +316,14 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
             runtime.redis.delete(failures_key)
         _note_idle(runtime, environment, idle=item is None)
         emptied = _take(runtime, environment, inflight, item, path,
-                        side_by_side=item is not None and queue_busy(answered_before, drain=drain),
+                        side_by_side=item is not None and queue_busy(
+                            answered_before, waiting=_was_waiting(
+                                item, answered_in=time.monotonic() - sent,
+                                created_before=created_before),
+                            drain=drain),
                         reclaim_older_than_ms=reclaim_older_than_ms)
         answered_before = item is not None
+        created_before = epoch_seconds(item.created_at) if item is not None else None
         if emptied and drain:
             break
 
@@ -302,17 +338,32 @@ def _take(runtime: Runtime, environment: str, inflight: _InFlight, item: Work | 
         # (An item offered again while its claim is in flight is that claim's: the server
         # hands an unacked item out again only after it idled, far longer.)
         return False
-    inflight.start(runtime, item, path)
-    return side_by_side and _poll_side_by_side(runtime, environment, inflight,
-                                               reclaim_older_than_ms=reclaim_older_than_ms)
+    acked = inflight.start(runtime, item, path)
+    if not side_by_side:
+        acked.wait(LONE_ACK_WAIT_SECONDS)
+        return False
+    return _poll_side_by_side(runtime, environment, inflight,
+                              reclaim_older_than_ms=reclaim_older_than_ms)
 
 
-def queue_busy(answered_before: bool, *, drain: bool) -> bool:
+def queue_busy(answered_before: bool, *, waiting: bool, drain: bool) -> bool:
     """Whether a poll that answered an item found a queue holding more (and polls side by side
-    pay): the poll before answered one too, or a wake-up says work waits. A lone session's item
-    answers a long poll that then waits again: polling beside it would only add empty polls to
-    every session's start, and load the server as its ack goes."""
-    return answered_before or drain
+    pay): the poll before answered one too and this one's item was waiting (`_was_waiting`), or
+    a wake-up says work waits. A lone session's item answers a long poll that then waits again:
+    polling beside it would only add empty polls to every session's start, and load the server
+    as its ack goes. So would sessions arriving one at a time less than a poll's wait apart,
+    were a long poll that waited for its item counted."""
+    return (answered_before and waiting) or drain
+
+
+def _was_waiting(item: Work | None, *, answered_in: float, created_before: float | None) -> bool:
+    """Was the polled item on the server before the poll asked: answered at once, or created
+    with the item before it (`AT_ONCE_SECONDS`)?"""
+    if answered_in < AT_ONCE_SECONDS:
+        return True
+    created = epoch_seconds(item.created_at) if item is not None else None
+    return (created is not None and created_before is not None
+            and abs(created - created_before) < AT_ONCE_SECONDS)
 
 
 def _poll_side_by_side(runtime: Runtime, environment: str, inflight: _InFlight, *,
@@ -403,9 +454,20 @@ def _wait_out_pause(runtime: Runtime, environment: str, deadline: float, *,
     return time.monotonic() < deadline
 
 
-def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> bool:
+def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None,
+          acked: threading.Event | None = None) -> bool:
     """Take one polled item into the fleet. True if a session of it is now on its way.
-    `path` notes the steps of a session's start (its `start path` line)."""
+    `path` notes the steps of a session's start (its `start path` line); `acked` is set once
+    its ack has an answer, or once the claim ends (a refused item is never acked)."""
+    try:
+        return _claim(runtime, item, path=path, acked=acked)
+    finally:
+        if acked is not None:
+            acked.set()
+
+
+def _claim(runtime: Runtime, item: Work, *, path: StartPath | None,
+           acked: threading.Event | None) -> bool:
     proposal = _new_lease(runtime, item)
     held, history = runtime.registry.get_with_history(item.id)
     if path is not None:
@@ -413,7 +475,8 @@ def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None) -> boo
     offered = ev.Offered(
         proposal, known_type=item.data.type in set(Kind),
         failures=history.failures, ended=history.ended)
-    lease = runtime.executor.offer(held, offered, work_json=item.to_json(), path=path)
+    lease = runtime.executor.offer(held, offered, work_json=item.to_json(), path=path,
+                                   acked=acked)
     started = (held is None and lease is not None and lease.kind == Kind.SESSION
                and lease.phase == Phase.DISPATCHED)
     if started and path is not None:

@@ -135,6 +135,9 @@ class _Run:
     # A heartbeat tick's leases whose heartbeat goes through the server's throttle.
     through: list[Lease] | None = None
     path: StartPath | None = None
+    # Set once the run's ack has its answer (or was not sent): the poller holds its next long
+    # poll until then (`control.poller`).
+    acked: threading.Event | None = None
     # Whose key every Work API call of the run is made with: the lease's environment.
     environment_id: str | None = None
     steps: int = 0
@@ -171,10 +174,11 @@ class Executor:
         return self._run(lease, event, _Run())
 
     def offer(self, held: Lease | None, offered: ev.Offered, *, work_json: str,
-              path: StartPath | None = None) -> Lease | None:
+              path: StartPath | None = None,
+              acked: threading.Event | None = None) -> Lease | None:
         """A polled item: `work_json` is what its record keeps; `path` notes when a session's
-        start passed each effect."""
-        return self._run(held, offered, _Run(work_json=work_json, path=path))
+        start passed each effect; `acked` is set once its ack has an answer."""
+        return self._run(held, offered, _Run(work_json=work_json, path=path, acked=acked))
 
     def write_back(self, reset: ev.RegistryReset, *, work_json: str) -> Lease | None:
         """A running attempt's lease, after Redis restarted empty, with its work item."""
@@ -382,6 +386,14 @@ class Executor:
 
     # --- the Work API ----------------------------------------------------------------------
     def _ack(self, work_id: str, state: _Run) -> ev.Event:
+        """The ack, then the run's `acked` set, whatever the answer."""
+        try:
+            return self._send_ack(work_id, state)
+        finally:
+            if state.acked is not None:
+                state.acked.set()
+
+    def _send_ack(self, work_id: str, state: _Run) -> ev.Event:
         """Ack, retrying here rather than in the client: a 409 to a retry says the item is
         acked, and whether that ack was ours depends on what the earlier attempt met."""
         client = self.client(state.environment_id)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dispatcher.control.poll_keys import PollKeys
-from dispatcher.control.poller import CLAIMS_IN_FLIGHT, run_poller
+from dispatcher.control.poller import AT_ONCE_SECONDS, CLAIMS_IN_FLIGHT, run_poller
 from dispatcher.runtime import Runtime
 
 pytestmark = pytest.mark.integration
@@ -154,3 +154,29 @@ def test_a_lone_session_is_claimed_by_its_long_poll_with_no_polls_beside_it(
     polls = [e for e in emulator.requests_log()
              if e.get("environment_id") == runtime.environment_id and e["endpoint"] == "poll"]
     assert polls and all(e["block_ms"] is not None for e in polls), "long polls only"
+
+
+def test_sessions_arriving_one_at_a_time_bring_no_polls_beside_their_ack(
+        emulator: Any, runtime: Runtime) -> None:
+    """Each item answers a long poll that waited for it: two in a row are not a burst, and no
+    non-blocking polls reach the server beside the next one's ack (they delayed its answer)."""
+    runtime.capacity.advertise(hostname="w1@test", slots=4, pool="threads",
+                               queues=["dispatcher.sessions"])
+    made: list[str] = []
+
+    def arrive() -> None:
+        for _ in range(3):
+            time.sleep(AT_ONCE_SECONDS * 3)  # well after the poll before began to wait
+            made.append(emulator.create_session(runtime.environment_id, metadata={})[1])
+
+    arrivals = threading.Thread(target=arrive)
+    arrivals.start()
+    try:
+        claimed = run_poller(runtime, run_seconds=30.0,
+                             stopping=lambda: runtime.registry.held_count() >= 3)
+    finally:
+        arrivals.join()
+    assert claimed == 3 and sorted(runtime.registry.held_ids()) == sorted(made)
+    polls = [e for e in emulator.requests_log()
+             if e.get("environment_id") == runtime.environment_id and e["endpoint"] == "poll"]
+    assert all(e["block_ms"] is not None for e in polls), "long polls only"
