@@ -68,12 +68,12 @@ POLLS_IN_FLIGHT = 8
 # seconds) does not leave the fleet without a poll outstanding for long.
 LONE_ACK_WAIT_SECONDS = 0.1
 # A poll's item was waiting on the server, not created while the poll waited, if the poll was
-# answered within this long, or the item was created within this long of the item before it
-# (both the server's times: a loaded server answers a waiting item's poll later than this).
-# Above a Work API round trip (a few ms to the emulator, tens to a remote service), below the
-# gap between sessions arriving one at a time at up to 10 a second: those are answered by polls
-# that waited, not a burst, and 8 polls beside each one's ack delayed the ack's answer on the
-# emulator from a few ms to 30.
+# answered within this long past the Work API's round trip (`round_trip_of`: a few ms to the
+# emulator, tens to a remote service), or the item was created within this long
+# of the item before it (the server's times: a loaded server answers a waiting item's poll
+# later than this). Below the gap between sessions arriving one at a time at up to 10 a
+# second: those are answered by polls that waited, not a burst, and 8 polls beside each one's
+# ack delayed the ack's answer on the emulator from a few ms to 30.
 AT_ONCE_SECONDS = 0.1
 # One poller task long-polls this long, then hands over to its successor: Flower shows one poll
 # task a minute, and a worker's memory or a changed setting is picked up by the next run.
@@ -279,6 +279,7 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
     client = runtime.client(environment_id=environment, max_retries=0)
     answered_before = False
     created_before: float | None = None  # the last item's creation (the server's clock)
+    round_trip: float | None = None  # the quickest round trip of this run's polls
     while time.monotonic() < deadline and not stopping():
         inflight.reap()
         if not _still_ours(lock, environment):
@@ -314,14 +315,18 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
         if backoff.attempt:
             backoff.reset()
             runtime.redis.delete(failures_key)
+        answered_in = time.monotonic() - sent
         _note_idle(runtime, environment, idle=item is None)
         emptied = _take(runtime, environment, inflight, item, path,
                         side_by_side=item is not None and queue_busy(
-                            answered_before, waiting=_was_waiting(
-                                item, answered_in=time.monotonic() - sent,
+                            answered_before, waiting=was_waiting(
+                                item, answered_in=answered_in, round_trip=round_trip,
                                 created_before=created_before),
                             drain=drain),
                         reclaim_older_than_ms=reclaim_older_than_ms)
+        sample = round_trip_of(answered_in, blocked=not drain, empty=item is None)
+        if sample is not None:
+            round_trip = sample if round_trip is None else min(round_trip, sample)
         answered_before = item is not None
         created_before = epoch_seconds(item.created_at) if item is not None else None
         if emptied and drain:
@@ -348,7 +353,7 @@ def _take(runtime: Runtime, environment: str, inflight: _InFlight, item: Work | 
 
 def queue_busy(answered_before: bool, *, waiting: bool, drain: bool) -> bool:
     """Whether a poll that answered an item found a queue holding more (and polls side by side
-    pay): the poll before answered one too and this one's item was waiting (`_was_waiting`), or
+    pay): the poll before answered one too and this one's item was waiting (`was_waiting`), or
     a wake-up says work waits. A lone session's item answers a long poll that then waits again:
     polling beside it would only add empty polls to every session's start, and load the server
     as its ack goes. So would sessions arriving one at a time less than a poll's wait apart,
@@ -356,10 +361,21 @@ def queue_busy(answered_before: bool, *, waiting: bool, drain: bool) -> bool:
     return (answered_before and waiting) or drain
 
 
-def _was_waiting(item: Work | None, *, answered_in: float, created_before: float | None) -> bool:
-    """Was the polled item on the server before the poll asked: answered at once, or created
-    with the item before it (`AT_ONCE_SECONDS`)?"""
-    if answered_in < AT_ONCE_SECONDS:
+def round_trip_of(answered_in: float, *, blocked: bool, empty: bool) -> float | None:
+    """The Work API's round trip, as a poll answered in `answered_in` seconds shows it: all of a
+    non-blocking poll's time; a long poll's past its block, if it ended empty (the server held
+    it that long); none from a long poll that answered an item (it may have waited for it)."""
+    if not blocked:
+        return answered_in
+    return max(0.0, answered_in - POLL_BLOCK_MS / 1000) if empty else None
+
+
+def was_waiting(item: Work | None, *, answered_in: float, round_trip: float | None,
+                created_before: float | None) -> bool:
+    """Was the polled item on the server before the poll asked: answered within a round trip
+    (`round_trip_of`: none known before the run's first empty long poll), or created with the
+    item before it (`AT_ONCE_SECONDS` either way)?"""
+    if answered_in < AT_ONCE_SECONDS + (round_trip or 0.0):
         return True
     created = epoch_seconds(item.created_at) if item is not None else None
     return (created is not None and created_before is not None
