@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -152,17 +152,17 @@ async def _stats(sender: _Sender, settings: Settings, environment: Environment) 
 
 
 def _heartbeat_due(runtime: Runtime) -> Tally:
-    ids = runtime.registry.claim_due_heartbeats(
+    due = runtime.registry.claim_due_heartbeats(
         now=runtime.registry.clock.now(), limit=BATCH_SIZE,
         inflight_seconds=REQUEST_TIMEOUT_SECONDS * 2)
-    if not ids:
+    if not due:
         return Tally()
-    found = runtime.registry.get_many(ids)
-    runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in found})
+    found = runtime.registry.get_many(due)
+    runtime.executor.unschedule_gone(set(due) - {lease.work_id for lease in found})
     leases = _served(runtime, found)
     leases, through = _paced(runtime, leases)
     tally = _send_heartbeats(
-        runtime, [lease for lease in leases if _heartbeated_by_us(lease)] + through)
+        runtime, [lease for lease in leases if _heartbeated_by_us(lease)] + through, due)
     for lease in leases:
         if lease.phase == Phase.RELEASING:
             tally.released += _retry_release(runtime, lease.work_id)
@@ -207,7 +207,9 @@ def _heartbeated_by_us(lease: Lease) -> bool:
     return lease.heartbeats_by == Heartbeater.DISPATCHER and not lease.lost
 
 
-def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
+def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, float]) -> Tally:
+    """Send the heartbeats of `leases` (`due`: when each was due) and hand each answer to the
+    machine."""
     tally = Tally()
     if not leases:
         return tally
@@ -230,7 +232,8 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
         if isinstance(outcome, WorkAPIError):  # a 429 or 503 throttles the whole environment
             runtime.pacing.note(lease.environment_id, status=outcome.status,
                                 retry_after=outcome.retry_after, source="heartbeat")
-        after = runtime.executor.heartbeat(lease, heartbeat_event(outcome, sent_at), answered=beats)
+        after = runtime.executor.heartbeat(
+            lease, heartbeat_event(outcome, sent_at, due.get(lease.work_id, 0.0)), answered=beats)
         tally.lost += after is None or after.lost
     runtime.executor.record_heartbeats(beats)
     for (environment, result), count in results.items():
