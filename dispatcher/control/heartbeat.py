@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ from dispatcher.workapi import NO_HEARTBEAT, AsyncWorkClient, Heartbeat, WorkAPI
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
 __all__ = ["MAX_CONCURRENT_REQUESTS", "close_sender", "heartbeat_due_leases", "pace",
-           "probe_proves_link", "probe_target"]
+           "probe_proves_link", "probe_target", "send_delays"]
 
 T = TypeVar("T")
 
@@ -55,6 +55,14 @@ BATCH_SIZE = 4000
 # a TTL three intervals long. Ticks of a few leases (small fleets, tests) send at once.
 PACE_ABOVE = 64
 PACE_SECONDS = 0.8
+# A tick also takes the heartbeats due before the next tick (Celery beat starts one a second),
+# and sends each when it is due (or at its paced place, whichever is later). Taken only once
+# due, a heartbeat waited up to a tick for it and then its place in the pacing: that lag, and
+# how much it varies from one round to the next, is what lengthens the gap between two beats
+# of a lease, and with thousands of leases on a loaded host it pushed gaps past the interval's
+# slack. Sent at its due time, a lease beats every interval, and the API sees the leases' own
+# spread rather than a tick's burst.
+LOOKAHEAD_SECONDS = 1.0
 # A control worker cut off from the Work API while its peers are not would hold every lease it
 # claims in flight for a request timeout, tick after tick, and let them lapse. Once a tick's
 # heartbeats all failed, it claims none until one cheap request (`stats`) is answered within
@@ -92,6 +100,14 @@ def pace(leases: int) -> float:
     """Seconds between the starts of a tick's heartbeats: 0 (all at once) for a few, else
     spread evenly over PACE_SECONDS."""
     return PACE_SECONDS / leases if leases > PACE_ABOVE else 0.0
+
+
+def send_delays(dues: list[float], now: float) -> list[float]:
+    """Seconds from `now` until each of a tick's heartbeats leaves (`dues`: when each is due,
+    soonest first): when it is due, but never before its place in the tick's pacing, so
+    heartbeats due together (a burst of claims) still leave spread out."""
+    spacing = pace(len(dues))
+    return [max(due - now, index * spacing, 0.0) for index, due in enumerate(dues)]
 
 
 def heartbeat_due_leases(runtime: Runtime) -> Tally:
@@ -152,17 +168,17 @@ async def _stats(sender: _Sender, settings: Settings, environment: Environment) 
 
 
 def _heartbeat_due(runtime: Runtime) -> Tally:
-    ids = runtime.registry.claim_due_heartbeats(
-        now=runtime.registry.clock.now(), limit=BATCH_SIZE,
+    due = runtime.registry.claim_due_heartbeats(
+        now=runtime.registry.clock.now() + LOOKAHEAD_SECONDS, limit=BATCH_SIZE,
         inflight_seconds=REQUEST_TIMEOUT_SECONDS * 2)
-    if not ids:
+    if not due:
         return Tally()
-    found = runtime.registry.get_many(ids)
-    runtime.executor.unschedule_gone(set(ids) - {lease.work_id for lease in found})
+    found = runtime.registry.get_many(due)
+    runtime.executor.unschedule_gone(set(due) - {lease.work_id for lease in found})
     leases = _served(runtime, found)
     leases, through = _paced(runtime, leases)
     tally = _send_heartbeats(
-        runtime, [lease for lease in leases if _heartbeated_by_us(lease)] + through)
+        runtime, [lease for lease in leases if _heartbeated_by_us(lease)] + through, due)
     for lease in leases:
         if lease.phase == Phase.RELEASING:
             tally.released += _retry_release(runtime, lease.work_id)
@@ -207,18 +223,22 @@ def _heartbeated_by_us(lease: Lease) -> bool:
     return lease.heartbeats_by == Heartbeater.DISPATCHER and not lease.lost
 
 
-def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
+def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, float]) -> Tally:
+    """Send the heartbeats of `leases` (`due`: when each was due) and hand each answer to the
+    machine."""
     tally = Tally()
     if not leases:
         return tally
     sender = _sender()
     # However slow the API, each request ends within its timeout, waiting its turn included.
     bound = (REQUEST_TIMEOUT_SECONDS * (2 * len(leases) / MAX_CONCURRENT_REQUESTS + 2)
-             + PACE_SECONDS)
+             + PACE_SECONDS + LOOKAHEAD_SECONDS)
     keys = {e.id: e for e in runtime.environments}
-    offset = runtime.registry.clock.now() - time.time()
-    outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases, offset=offset),
-                          timeout=bound)
+    now = runtime.registry.clock.now()
+    offset = now - time.time()
+    delays = send_delays([due.get(lease.work_id, now) for lease in leases], now)
+    outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases, delays,
+                                    offset=offset), timeout=bound)
     beats: list[AnsweredHeartbeat] = []
     results: Counter[tuple[str, str]] = Counter()
     for lease, outcome, sent_at in outcomes:
@@ -230,7 +250,8 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease]) -> Tally:
         if isinstance(outcome, WorkAPIError):  # a 429 or 503 throttles the whole environment
             runtime.pacing.note(lease.environment_id, status=outcome.status,
                                 retry_after=outcome.retry_after, source="heartbeat")
-        after = runtime.executor.heartbeat(lease, heartbeat_event(outcome, sent_at), answered=beats)
+        after = runtime.executor.heartbeat(
+            lease, heartbeat_event(outcome, sent_at, due.get(lease.work_id, 0.0)), answered=beats)
         tally.lost += after is None or after.lost
     runtime.executor.record_heartbeats(beats)
     for (environment, result), count in results.items():
@@ -336,20 +357,19 @@ def close_sender() -> None:
 
 async def _send_all(
     sender: _Sender, settings: Settings, environments: dict[str, Environment],
-    leases: list[Lease], *, offset: float
+    leases: list[Lease], delays: list[float], *, offset: float
 ) -> list[tuple[Lease, Heartbeat | WorkAPIError, float]]:
-    """Heartbeat every lease with its own environment's client; all share one limit in flight.
-    Each send time is the fleet's clock: this host's plus `offset` (measured outside the loop,
-    which must not wait on Redis)."""
+    """Heartbeat every lease with its own environment's client, each after its delay; all
+    share one limit in flight. Each send time is the fleet's clock: this host's plus `offset`
+    (measured outside the loop, which must not wait on Redis)."""
     clients = {e: await sender.client(settings, environments[e])
                for e in {lease.environment_id for lease in leases}}
     limit = sender.limit()
-    spacing = pace(len(leases))
 
-    async def one(index: int, lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
+    async def one(delay: float, lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
         client = clients[lease.environment_id]
-        if spacing:
-            await asyncio.sleep(index * spacing)
+        if delay > 0:
+            await asyncio.sleep(delay)
         async with limit:
             sent_at = time.time() + offset
             try:
@@ -363,4 +383,5 @@ async def _send_all(
                 return lease, exc, sent_at
             return lease, reply, sent_at
 
-    return list(await asyncio.gather(*(one(i, lease) for i, lease in enumerate(leases))))
+    return list(await asyncio.gather(*(one(d, lease) for d, lease in zip(delays, leases,
+                                                                          strict=True))))

@@ -182,6 +182,7 @@ class ClaimFailed:
 class HeartbeatAnswered:
     reply: Reply
     sent_at: float
+    due_at: float = 0.0  # when the heartbeat was due (the schedule's time); 0: unknown
 
 
 @dataclass(frozen=True)

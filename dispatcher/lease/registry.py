@@ -516,26 +516,31 @@ return gone
 
     # KEYS[1]=due zset; ARGV: now, limit, in-flight deadline, lease key prefix. Pops due ids by
     # pushing their score to the in-flight deadline, so concurrent heartbeat tasks take disjoint
-    # sets
-    # and a crashed one's leases come due again once the deadline passes. The deadline is also noted
-    # on the lease, so a hand-off can wait for a heartbeat in flight before it reads the token.
+    # sets and a crashed one's leases come due again once the deadline passes. The deadline is
+    # also noted on the lease, so a hand-off can wait for a heartbeat in flight before it reads
+    # the token. Returns id, due, id, due...: the next heartbeat is counted from when this one
+    # was due (`machine.renewal_due`).
     _CLAIM_DUE = _Script("""
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do
+local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+                        'LIMIT', 0, tonumber(ARGV[2]))
+for i = 1, #rows, 2 do
+  local id = rows[i]
   redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
   if redis.call('EXISTS', ARGV[4] .. id) == 1 then
     redis.call('HSET', ARGV[4] .. id, 'inflight_until', ARGV[3])
   end
 end
-return ids
+return rows
 """)
 
-    def claim_due_heartbeats(self, *, now: float, limit: int, inflight_seconds: float) -> list[str]:
-        ids = self._CLAIM_DUE(
+    def claim_due_heartbeats(self, *, now: float, limit: int,
+                             inflight_seconds: float) -> dict[str, float]:
+        """The due heartbeats taken, each with when it was due, soonest first."""
+        rows = self._CLAIM_DUE(
             keys=[self.keys.heartbeat_due],
             args=[now, limit, now + inflight_seconds, self.keys.lease("")],
         )
-        return [str(i) for i in ids]
+        return {str(rows[i]): float(rows[i + 1]) for i in range(0, len(rows), 2)}
 
     def next_due(self, work_id: str) -> float | None:
         score = self.redis.zscore(self.keys.heartbeat_due, work_id)

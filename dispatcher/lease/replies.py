@@ -37,10 +37,12 @@ def _server_lease(exc: LeasePreconditionFailed) -> ev.ServerLease | None:
     return ev.ServerLease(state=state.state, last_heartbeat=state.last_heartbeat)
 
 
-def heartbeat_event(outcome: Heartbeat | WorkAPIError, sent_at: float) -> ev.Event:
-    """A heartbeat's answer (or failure) as the event the machine judges."""
+def heartbeat_event(outcome: Heartbeat | WorkAPIError, sent_at: float,
+                    due_at: float = 0.0) -> ev.Event:
+    """A heartbeat's answer (or failure) as the event the machine judges; `due_at`: when the
+    schedule had it due (0: unknown)."""
     if isinstance(outcome, Heartbeat):
-        return ev.HeartbeatAnswered(reply_of(outcome), sent_at)
+        return ev.HeartbeatAnswered(reply_of(outcome), sent_at, due_at)
     if isinstance(outcome, LeasePreconditionFailed):
         return ev.HeartbeatRefused(_server_lease(outcome))
     if isinstance(outcome, NotFoundError):

@@ -23,6 +23,7 @@ from dispatcher.workapi._endpoints import (
     BETA,
     POLL_BLOCK_MS_MAX,
     Call,
+    HeartbeatRequests,
     WorkAPI,
 )
 from dispatcher.workapi.errors import WorkAPIError, transport_errors
@@ -212,6 +213,7 @@ class AsyncWorkClient(_ClientBase[httpx.AsyncBaseTransport]):
 
     _sleep: Callable[[float], Awaitable[None]] = staticmethod(asyncio.sleep)
     _http: httpx.AsyncClient | None = None
+    _heartbeats: HeartbeatRequests | None = None
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -231,13 +233,19 @@ class AsyncWorkClient(_ClientBase[httpx.AsyncBaseTransport]):
         return await self._client().send(request)
 
     async def _run(self, call: Call[T]) -> T:
+        async def attempt() -> T:
+            with transport_errors(call.endpoint):
+                response = await self._send(call.request)
+            return call.result(response)
+
+        return await self._retrying(attempt)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         backoff = Backoff()
         failures = 0
         while True:
             try:
-                with transport_errors(call.endpoint):
-                    response = await self._send(call.request)
-                return call.result(response)
+                return await attempt()
             except WorkAPIError as exc:
                 failures += 1
                 delay = self._api.retry_delay(exc, failures, backoff)
@@ -262,9 +270,25 @@ class AsyncWorkClient(_ClientBase[httpx.AsyncBaseTransport]):
         desired_ttl_seconds: int | None = None,
         timeout: float | None = None,
     ) -> Heartbeat:
-        return await self._run(self._api.heartbeat(
-            work_id, expected_last_heartbeat=expected_last_heartbeat,
-            desired_ttl_seconds=desired_ttl_seconds, timeout=timeout))
+        transport = self._transport
+        if not isinstance(transport, AsyncHTTP11Transport):
+            return await self._run(self._api.heartbeat(
+                work_id, expected_last_heartbeat=expected_last_heartbeat,
+                desired_ttl_seconds=desired_ttl_seconds, timeout=timeout))
+        # Our lean transport is handed the heartbeat's bytes (`HeartbeatRequests`).
+        requests = self._heartbeats
+        if requests is None:
+            requests = self._heartbeats = self._api.heartbeat_requests()
+        target = requests.target(work_id, expected_last_heartbeat=expected_last_heartbeat,
+                                 desired_ttl_seconds=desired_ttl_seconds)
+
+        async def attempt() -> Heartbeat:
+            with transport_errors(requests.ENDPOINT):
+                answer = await transport.exchange(requests.origin, b"POST", target,
+                                                  requests.headers, b"", requests.timeouts(timeout))
+            return requests.result(answer.status, answer.reason, answer.headers, answer.body)
+
+        return await self._retrying(attempt)
 
     async def stop(self, work_id: str, *, force: bool = False,
                    sessions_token: str | None = None) -> Work | None:

@@ -36,7 +36,7 @@ from typing import Any
 import h11
 import httpx
 
-__all__ = ["AsyncHTTP11Transport"]
+__all__ = ["Answer", "AsyncHTTP11Transport"]
 
 # As httpx's default keepalive_expiry: a connection idle this long is closed, not reused.
 # Servers close idle connections too (uvicorn after 5 s); reusing one they are about to close
@@ -130,7 +130,9 @@ class _Connection(asyncio.Protocol):
                     self._waiter = None
 
 
-class _Response:
+class Answer:
+    """An answer read whole: status, reason, raw headers and body."""
+
     __slots__ = ("body", "headers", "reason", "status")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -149,7 +151,7 @@ def _check_head(conn: _Connection) -> None:
     del conn.head[:end + 4 if end >= 0 else len(conn.head)]
 
 
-async def _read_response(conn: _Connection) -> _Response:
+async def _read_response(conn: _Connection) -> Answer:
     response: h11.Response | None = None
     parts: list[bytes] = []
     size = 0
@@ -169,7 +171,7 @@ async def _read_response(conn: _Connection) -> _Response:
             parts.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
             assert response is not None
-            return _Response(response.status_code, bytes(response.reason),
+            return Answer(response.status_code, bytes(response.reason),
                              [(bytes(k), bytes(v)) for k, v in response.headers.raw_items()],
                              b"".join(parts))
         elif isinstance(event, h11.ConnectionClosed):
@@ -217,14 +219,30 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         return self._ssl_context
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise httpx.ConnectError("the transport is closed", request=request)
         url = request.url
-        scheme = url.scheme
-        if scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme!r}", request=request)
-        origin = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
-        timeout = _timeouts(request)
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        try:
+            response = await self.exchange(
+                origin, request.method.encode(), url.raw_path, request.headers.raw,
+                await request.aread(), _timeouts(request))
+        except httpx.RequestError as exc:
+            exc.request = request
+            raise
+        return httpx.Response(
+            response.status, headers=response.headers, stream=httpx.ByteStream(response.body),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason})
+
+    async def exchange(self, origin: tuple[str, str, int], method: bytes, target: bytes,
+                       headers: list[tuple[bytes, bytes]], body: bytes,
+                       timeout: dict[str, float | None]) -> Answer:
+        """One request on a keep-alive connection of `origin` (scheme, host, port), its answer
+        read whole: what `handle_async_request` does once httpx's request is taken apart, for
+        a caller that sends the same request over and over and builds its bytes itself (the
+        heartbeat). Failures raise httpx's exceptions, with no request attached."""
+        if self._closed:
+            raise httpx.ConnectError("the transport is closed")
+        if origin[0] not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {origin[0]!r}")
         slots = self._slots.get(origin)
         if slots is None:
             slots = self._slots[origin] = asyncio.Semaphore(self._max_connections)
@@ -232,29 +250,27 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
             async with asyncio.timeout(timeout.get("pool")):
                 await slots.acquire()
         except TimeoutError:
-            raise httpx.PoolTimeout("no connection free in time", request=request) from None
+            raise httpx.PoolTimeout("no connection free in time") from None
         try:
-            return await self._send(request, origin, timeout)
+            return await self._send(origin, method, target, headers, body, timeout)
         finally:
             slots.release()
 
-    async def _send(self, request: httpx.Request, origin: tuple[str, str, int],
-                    timeout: dict[str, float | None]) -> httpx.Response:
-        body = await request.aread()
-        conn = self._idle_connection(origin) or await self._connect(request, origin, timeout)
+    async def _send(self, origin: tuple[str, str, int], method: bytes, target: bytes,
+                    headers: list[tuple[bytes, bytes]], body: bytes,
+                    timeout: dict[str, float | None]) -> Answer:
+        conn = self._idle_connection(origin) or await self._connect(origin, timeout)
         assert conn.transport is not None
         try:
             # h11 frames the request and refuses what would corrupt it (CR or LF in a header
             # value, a body that does not match its Content-Length) before a byte is sent.
-            message = conn.h11.send(h11.Request(method=request.method,
-                                                target=request.url.raw_path,
-                                                headers=request.headers.raw))
+            message = conn.h11.send(h11.Request(method=method, target=target, headers=headers))
             if body:
                 message += conn.h11.send(h11.Data(data=body))
             message += conn.h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             conn.close()
-            raise httpx.LocalProtocolError(str(exc), request=request) from None
+            raise httpx.LocalProtocolError(str(exc)) from None
         conn.busy = True
         try:
             conn.transport.write(message)
@@ -262,24 +278,21 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
                 response = await _read_response(conn)
         except TimeoutError:
             conn.close()
-            raise httpx.ReadTimeout("timed out reading the response", request=request) from None
+            raise httpx.ReadTimeout("timed out reading the response") from None
         except h11.RemoteProtocolError as exc:
             conn.close()
-            raise httpx.RemoteProtocolError(str(exc), request=request) from None
-        except httpx.HTTPError as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from None
+        except httpx.HTTPError:
             conn.close()
-            exc.request = request
             raise
         except OSError as exc:
             conn.close()
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         except BaseException:  # cancelled mid-response: the connection is in an unknown state
             conn.close()
             raise
         self._finish(conn, origin)
-        return httpx.Response(
-            response.status, headers=response.headers, stream=httpx.ByteStream(response.body),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason})
+        return response
 
     def _finish(self, conn: _Connection, origin: tuple[str, str, int]) -> None:
         """Back to the pool if both sides may go on (h11 knows `Connection: close`, HTTP/1.0
@@ -304,7 +317,7 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
             conn.close()
         return None
 
-    async def _connect(self, request: httpx.Request, origin: tuple[str, str, int],
+    async def _connect(self, origin: tuple[str, str, int],
                        timeout: dict[str, float | None]) -> _Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
@@ -314,10 +327,9 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
                 _, conn = await loop.create_connection(
                     _Connection, host, port, ssl=tls, server_hostname=host if tls else None)
         except TimeoutError:
-            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out",
-                                       request=request) from None
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
         self.connections_opened += 1
         return conn
 

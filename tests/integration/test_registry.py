@@ -85,7 +85,7 @@ def test_due_heartbeats_are_claimed_by_one_taker_only(registry: LeaseRegistry) -
     now = time.time()
     first = registry.claim_due_heartbeats(now=now, limit=100, inflight_seconds=10)
     second = registry.claim_due_heartbeats(now=now, limit=100, inflight_seconds=10)
-    assert sorted(first) == [f"work_{i}" for i in range(5)] and second == []
+    assert sorted(first) == [f"work_{i}" for i in range(5)] and not second
     # A claim that is never answered comes due again after its in-flight deadline.
     assert len(registry.claim_due_heartbeats(now=now + 11, limit=100, inflight_seconds=10)) == 5
 

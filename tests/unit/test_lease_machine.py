@@ -26,6 +26,7 @@ from dispatcher.lease.machine import (
     stuck,
 )
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS
+from dispatcher.lease.machine.steps import CATCH_UP_SHARE
 from dispatcher.lease.model import Ending, Lease, Phase, StopKind
 from dispatcher.lease.table import NOW, PHASES, SCENARIOS, describe, lease_in, rows
 
@@ -440,6 +441,30 @@ def test_the_claims_heartbeat_schedules_the_spread_renewal_and_later_ones_the_in
                           ev.HeartbeatAnswered(reply, NOW), now=NOW)
         (record,) = [e for e in decision.effects if isinstance(e, fx.RecordHeartbeat)]
         assert record.due == renewal_due(NOW, 30, work_id=lease.work_id, first=first)
+
+
+def test_a_renewal_counts_from_when_the_heartbeat_was_due_not_when_it_left() -> None:
+    """A heartbeat that left 2 s after it was due is followed an interval after it was due: the
+    lag of one round is not added to the next (a lease's period stays the interval, however
+    loaded the tick). A heartbeat far later than its due time is followed at most a quarter
+    of an interval sooner than an interval after it left; one with no known due time, or due
+    after it left, an interval after it left."""
+    interval = heartbeat_interval(30)
+    assert renewal_due(NOW + 2, 30, work_id="w", first=False, due_at=NOW) == NOW + interval
+    late = renewal_due(NOW + 7, 30, work_id="w", first=False, due_at=NOW)
+    assert late == NOW + 7 - CATCH_UP_SHARE * interval + interval
+    for due_at in (0.0, NOW + 1):
+        assert renewal_due(NOW, 30, work_id="w", first=False, due_at=due_at) == NOW + interval
+    # The first renewal keeps its spread share, counted from when the claim's heartbeat left.
+    assert renewal_due(NOW, 30, work_id="w", first=True, due_at=NOW - 2) == \
+        renewal_due(NOW, 30, work_id="w", first=True)
+    lease = lease_in("running")
+    assert lease is not None
+    reply = ev.Reply(token="tok-2", extended=True, state="active", ttl_seconds=30)
+    decision = decide(lease.but(heartbeat_ok_at=NOW - 10), ev.HeartbeatAnswered(
+        reply, NOW, due_at=NOW - 1.5), now=NOW + 0.1)
+    (record,) = [e for e in decision.effects if isinstance(e, fx.RecordHeartbeat)]
+    assert record.sent_at == NOW and record.due == NOW - 1.5 + interval
 
 
 def test_the_table_covers_every_phase() -> None:

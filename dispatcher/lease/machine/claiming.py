@@ -270,19 +270,21 @@ def _refused_unclaimed(p: Plan, c: Ctx) -> None:
 
 def on_heartbeat_answered(lease: Lease, e: ev.HeartbeatAnswered, c: Ctx) -> Decision:
     p = Plan(lease)
-    if heartbeat_answered(p, e.reply, e.sent_at):
+    if heartbeat_answered(p, e.reply, e.sent_at, due_at=e.due_at):
         # A lease claimed but held back (its ack unanswered, its first claim failed) is ours now.
         advance_claimed(p, c)
     return p.decided()
 
 
-def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float) -> bool:
+def heartbeat_answered(p: Plan, reply: ev.Reply, sent_at: float, *,
+                       due_at: float = 0.0) -> bool:
     """What a heartbeat's 200 says: its token recorded, and the lease lost or stopped if the
     server says so. True if the lease simply goes on."""
     lease = p.held
     ttl = reply.ttl_seconds if reply.ttl_seconds > 0 else lease.ttl
     p.assume(token=reply.token, ttl_seconds=ttl, heartbeat_ok_at=sent_at, uncertain=False)
-    due = renewal_due(sent_at, ttl, work_id=lease.work_id, first=not lease.heartbeat_ok_at)
+    due = renewal_due(sent_at, ttl, work_id=lease.work_id, first=not lease.heartbeat_ok_at,
+                      due_at=due_at)
     p.add(fx.RecordHeartbeat(reply.token, ttl, sent_at, due, scheduled_for(lease)))
     if reply.state == ev.ServerState.STOPPED:
         lose(p, cause=LossCause.SERVER_STOPPED, server_stopped=True)

@@ -41,6 +41,15 @@ SELF_FENCE_SECONDS = 3.0
 # interval and each tick carries its share. It costs a lease one early heartbeat, once.
 FIRST_RENEWAL_MIN_SHARE = 0.1
 _SPREAD_BUCKETS = 1024
+# A heartbeat leaves some time after it was due (the wait for the next tick, its place in the
+# tick's pacing, the requests ahead of it). Counted from when it left, the next one would be due
+# that much later each round: a lease's period becomes the interval plus the lag, so the fleet
+# sends fewer heartbeats a second than it holds leases over the interval, and its gaps grow
+# towards the TTL as load adds lag. Counted from when it was due instead, the period stays the
+# interval. Up to this share of the interval only: a heartbeat that left much later (a stalled
+# tick) is followed an interval less this share after it left, not at once, so a stall is
+# caught up over a round rather than in a burst. Never later than counted from when it left.
+CATCH_UP_SHARE = 0.25
 
 
 def heartbeat_interval(ttl_seconds: int) -> float:
@@ -48,12 +57,16 @@ def heartbeat_interval(ttl_seconds: int) -> float:
                                          MAX_INTERVAL_SECONDS))
 
 
-def renewal_due(sent_at: float, ttl_seconds: int, *, work_id: str, first: bool) -> float:
-    """When the heartbeat after one sent at `sent_at` is due: an interval later, or for the
-    first renewal after the claim, the work id's share of it (never later than the interval)."""
+def renewal_due(sent_at: float, ttl_seconds: int, *, work_id: str, first: bool,
+                due_at: float = 0.0) -> float:
+    """When the heartbeat after one sent at `sent_at` (due at `due_at`; 0: unknown) is due: an
+    interval after it was due (at most `CATCH_UP_SHARE` of the interval before it left), or for
+    the first renewal after the claim, the work id's share of the interval after it left."""
     interval = heartbeat_interval(ttl_seconds)
     if not first:
-        return sent_at + interval
+        if not due_at:
+            return sent_at + interval
+        return min(sent_at, max(due_at, sent_at - CATCH_UP_SHARE * interval)) + interval
     bucket = zlib.crc32(work_id.encode()) % _SPREAD_BUCKETS / (_SPREAD_BUCKETS - 1)
     return sent_at + interval * (FIRST_RENEWAL_MIN_SHARE + (1 - FIRST_RENEWAL_MIN_SHARE) * bucket)
 
