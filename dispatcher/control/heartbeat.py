@@ -37,8 +37,12 @@ __all__ = ["MAX_CONCURRENT_REQUESTS", "close_sender", "heartbeat_due_leases", "p
 
 T = TypeVar("T")
 
-# One request may take this long; it is also how long a claimed due lease stays in flight.
+# One request may take this long.
 REQUEST_TIMEOUT_SECONDS = 5.0
+# A claimed due lease stays in flight this long (`claim_due_heartbeats`): no other tick takes
+# it meanwhile. A beat that has not left a request's time before the mark lapses is not sent
+# (`may_still_send`).
+INFLIGHT_SECONDS = REQUEST_TIMEOUT_SECONDS * 2
 # Requests in flight at once, per process. Heartbeats a second = in flight / the API's latency, so
 # this bounds throughput against a distant API: 5,000 leases at a 30 s TTL (500 heartbeats/s) 150 ms
 # away need 75; 256 keeps 500 heartbeats/s up to 0.5 s of latency. A connection costs only a socket
@@ -77,6 +81,7 @@ class Tally:
     lost: int = 0
     released: int = 0
     unanswered: int = 0  # failed with no answer at all: the connection failed or timed out
+    late: int = 0  # not sent: their turn came too near their in-flight mark's end
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,15 @@ def send_delays(dues: list[float], now: float) -> list[float]:
     heartbeats due together (a burst of claims) still leave spread out."""
     spacing = pace(len(dues))
     return [max(due - now, index * spacing, 0.0) for index, due in enumerate(dues)]
+
+
+def may_still_send(claimed: float, now: float) -> bool:
+    """Whether a heartbeat whose turn came at `now` (its lease claimed at `claimed`, both
+    monotonic seconds) may still leave: only while a whole request fits inside its in-flight
+    mark. Past that, another tick may claim the lease and send a beat with the same token, and
+    of two beats racing on one token the server refuses one (412): a lease lost. Left unsent,
+    the lease is due again once its mark lapses."""
+    return now + REQUEST_TIMEOUT_SECONDS <= claimed + INFLIGHT_SECONDS
 
 
 def heartbeat_due_leases(runtime: Runtime) -> Tally:
@@ -168,9 +182,10 @@ async def _stats(sender: _Sender, settings: Settings, environment: Environment) 
 
 
 def _heartbeat_due(runtime: Runtime) -> Tally:
+    claimed = time.monotonic()
     due = runtime.registry.claim_due_heartbeats(
         now=runtime.registry.clock.now() + LOOKAHEAD_SECONDS, limit=BATCH_SIZE,
-        inflight_seconds=REQUEST_TIMEOUT_SECONDS * 2)
+        inflight_seconds=INFLIGHT_SECONDS)
     if not due:
         return Tally()
     found = runtime.registry.get_many(due)
@@ -178,7 +193,8 @@ def _heartbeat_due(runtime: Runtime) -> Tally:
     leases = _served(runtime, found)
     leases, through = _paced(runtime, leases)
     tally = _send_heartbeats(
-        runtime, [lease for lease in leases if _heartbeated_by_us(lease)] + through, due)
+        runtime, [lease for lease in leases if _heartbeated_by_us(lease)] + through, due,
+        claimed=claimed)
     for lease in leases:
         if lease.phase == Phase.RELEASING:
             tally.released += _retry_release(runtime, lease.work_id)
@@ -223,9 +239,10 @@ def _heartbeated_by_us(lease: Lease) -> bool:
     return lease.heartbeats_by == Heartbeater.DISPATCHER and not lease.lost
 
 
-def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, float]) -> Tally:
-    """Send the heartbeats of `leases` (`due`: when each was due) and hand each answer to the
-    machine."""
+def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, float], *,
+                     claimed: float) -> Tally:
+    """Send the heartbeats of `leases` (`due`: when each was due; `claimed`: when the tick took
+    them) and hand each answer to the machine."""
     tally = Tally()
     if not leases:
         return tally
@@ -238,10 +255,13 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, fl
     offset = now - time.time()
     delays = send_delays([due.get(lease.work_id, now) for lease in leases], now)
     outcomes = sender.run(_send_all(sender, runtime.settings, keys, leases, delays,
-                                    offset=offset), timeout=bound)
+                                    offset=offset, claimed=claimed), timeout=bound)
     beats: list[AnsweredHeartbeat] = []
     results: Counter[tuple[str, str]] = Counter()
     for lease, outcome, sent_at in outcomes:
+        if outcome is None:
+            tally.late += 1
+            continue
         answered = isinstance(outcome, Heartbeat)
         tally.sent += answered
         tally.failed += not answered
@@ -256,7 +276,11 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, fl
     runtime.executor.record_heartbeats(beats)
     for (environment, result), count in results.items():
         runtime.metrics.inc("heartbeats", count, result=result, environment=environment)
-    if tally.unanswered == len(leases) and sender.reach.cut_since is None:
+    if tally.late:
+        event("heartbeats not sent in time", level=logging.WARNING, leases=tally.late,
+              action_taken="due again when their in-flight mark lapses")
+    if tally.unanswered and tally.unanswered == len(leases) - tally.late \
+            and sender.reach.cut_since is None:
         event("work api unreachable", level=logging.WARNING, failed=tally.failed,
               action_taken="no lease taken until a probe is answered")
     return tally
@@ -357,20 +381,24 @@ def close_sender() -> None:
 
 async def _send_all(
     sender: _Sender, settings: Settings, environments: dict[str, Environment],
-    leases: list[Lease], delays: list[float], *, offset: float
-) -> list[tuple[Lease, Heartbeat | WorkAPIError, float]]:
+    leases: list[Lease], delays: list[float], *, offset: float, claimed: float
+) -> list[tuple[Lease, Heartbeat | WorkAPIError | None, float]]:
     """Heartbeat every lease with its own environment's client, each after its delay; all
     share one limit in flight. Each send time is the fleet's clock: this host's plus `offset`
-    (measured outside the loop, which must not wait on Redis)."""
+    (measured outside the loop, which must not wait on Redis). A beat whose turn comes too late
+    (`may_still_send`) is not sent: None."""
     clients = {e: await sender.client(settings, environments[e])
                for e in {lease.environment_id for lease in leases}}
     limit = sender.limit()
 
-    async def one(delay: float, lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError, float]:
+    async def one(delay: float,
+                  lease: Lease) -> tuple[Lease, Heartbeat | WorkAPIError | None, float]:
         client = clients[lease.environment_id]
         if delay > 0:
             await asyncio.sleep(delay)
         async with limit:
+            if not may_still_send(claimed, time.monotonic()):
+                return lease, None, 0.0
             sent_at = time.time() + offset
             try:
                 reply = await client.heartbeat(
