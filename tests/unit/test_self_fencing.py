@@ -8,7 +8,7 @@ from dispatcher.lease.machine import outage_is_too_long
 from dispatcher.lease.machine.running import PULSE_STALE_SECONDS
 from dispatcher.lease.machine.steps import SELF_FENCE_SECONDS
 from dispatcher.lease.model import Lease
-from dispatcher.session.attempt import FENCE_CHECK_SECONDS, SUPERVISE_INTERVAL_SECONDS
+from dispatcher.session.supervision import FENCE_CHECK_SECONDS, SUPERVISE_INTERVAL_SECONDS
 
 # What a fenced sandbox may still take to die after the bound: the fence's tick, the kill of
 # its group (or the engine's kill of a container), and a loaded two-core host's scheduling.
