@@ -148,19 +148,20 @@ class SupervisionHub:
         self.pid = os.getpid()
         self._members: dict[int, Supervised] = {}
         self._lock = threading.Lock()
-        self._joined = threading.Event()
-        self._threads: list[threading.Thread] = []
+        # The hub's threads by name, while they serve: they end when the last attempt left
+        # (a process of short sessions, a test's runtime, must not keep threads ticking for
+        # nobody) and the next `join` starts them again.
+        self._threads: dict[str, threading.Thread] = {}
 
     def join(self, member: Supervised) -> None:
         with self._lock:
             self._members[id(member)] = member
-            if not self._threads:
-                self._threads = [
-                    threading.Thread(target=self._pulse_loop, daemon=True, name="supervise-pulse"),
-                    threading.Thread(target=self._fence_loop, daemon=True, name="supervise-fence")]
-                for thread in self._threads:
+            for name, target in (("supervise-pulse", self._pulse_loop),
+                                 ("supervise-fence", self._fence_loop)):
+                if name not in self._threads:
+                    thread = threading.Thread(target=target, daemon=True, name=name)
+                    self._threads[name] = thread
                     thread.start()
-        self._joined.set()
 
     def leave(self, member: Supervised) -> None:
         with self._lock:
@@ -170,17 +171,23 @@ class SupervisionHub:
         with self._lock:
             return list(self._members.values())
 
+    def idle(self) -> bool:
+        """No attempt to supervise, and no thread of the hub's left serving."""
+        with self._lock:
+            return not self._members and not self._threads
+
+    def _serving(self, name: str) -> list[Supervised]:
+        """The members, or none and the thread `name` is struck off (under the lock that
+        `join` takes, so an attempt that joins meanwhile starts a new one)."""
+        with self._lock:
+            if not self._members:
+                self._threads.pop(name, None)
+            return list(self._members.values())
+
     # --- the pulse thread -----------------------------------------------------------------
     def _pulse_loop(self) -> None:
         next_tick = time.monotonic()
-        while True:
-            members = self.members()
-            if not members:
-                self._joined.clear()
-                if not self.members():
-                    self._joined.wait()
-                next_tick = time.monotonic()
-                continue
+        while members := self._serving("supervise-pulse"):
             self.tick(members)
             next_tick += SUPERVISE_INTERVAL_SECONDS
             pause = next_tick - time.monotonic()
@@ -207,10 +214,10 @@ class SupervisionHub:
 
     # --- the fence thread -----------------------------------------------------------------
     def _fence_loop(self) -> None:
-        while True:
-            time.sleep(FENCE_CHECK_SECONDS)
-            for member in self.members():
+        while members := self._serving("supervise-fence"):
+            for member in members:
                 self.fence_check(member)
+            time.sleep(FENCE_CHECK_SECONDS)
 
     def fence_check(self, member: Supervised) -> None:
         """Ask the machine about an attempt whose last answered pulse is old."""

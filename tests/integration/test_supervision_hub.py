@@ -83,3 +83,4 @@ def test_one_hub_pulses_every_attempt_and_a_stop_reaches_only_its_own(
         thread.join(timeout=20)
     assert set(outcomes.values()) == {Outcome.STOPPED} and len(outcomes) == SESSIONS
     assert hub.members() == [], "an ended attempt leaves the hub"
+    wait_for(hub.idle, timeout=5, what="the hub's threads to end with its last attempt")
