@@ -249,11 +249,12 @@ class Sandbox:
         leader is left unreaped (see the class)."""
         if self._exit_code is not None or self._reaped:
             return self._exit_code
-        if self._pidfd is not None:
+        pidfd = self._pidfd  # read once: the hub looks while `kill_group` may close it
+        if pidfd is not None:
             # poll, not select: a worker of hundreds of sessions holds descriptors past select's
             # 1,024 (each session's pidfd, output pipe, connections), and select refuses them.
             waiting = select.poll()
-            waiting.register(self._pidfd, select.POLLIN)
+            waiting.register(pidfd, select.POLLIN)
             if waiting.poll(max(0, int(timeout * 1000))):
                 self._exit_code = self._peek()
             return self._exit_code

@@ -133,7 +133,10 @@ class Supervised:
     # --- the machine's `Sandbox` while the registry is out of reach -----------------------
     def fence(self) -> None:
         """The machine's `Fence`: the pulse is too old for this sandbox to run on. The group is
-        killed here and now; the attempt's thread frees the rest (`kill_group`)."""
+        killed here and now; the attempt's thread frees the rest (`kill_group`). Marked fenced
+        first: an attempt that saw the kill's exit before the mark would report it as the
+        session's own (a failure that ends it)."""
+        self.fenced = self.fenced or Outcome.LOST  # the machine's outcome replaces it
         self.sandbox.signal_group(signal.SIGKILL)
 
     def signal(self, kind: StopKind) -> None:
@@ -223,7 +226,7 @@ class SupervisionHub:
         """Ask the machine about an attempt whose last answered pulse is old."""
         silent = time.monotonic() - member.pulsed_at
         if member.fenced is not None or silent < 2 * SUPERVISE_INTERVAL_SECONDS:
-            return  # pulsing as usual: nothing to ask
+            return  # pulsing as usual, or fenced already: nothing to ask
         step = self.runtime.executor.attempt(member.lease(), ev.RegistryUnreachable(silent),
                                              sandbox=member)
         if step.over is not None:
