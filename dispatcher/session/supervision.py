@@ -80,7 +80,7 @@ class Supervised:
     draining: bool = False  # once the worker drains, it stays draining
     pulsed_at: float = field(default_factory=time.monotonic)
     unreachable: bool = False
-    fenced: Outcome | None = None  # the machine fenced it: the attempt is over, so
+    fenced: Outcome | None = None  # the machine fenced it: the attempt is over, with this
     _news: News | None = None
     _woken: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
