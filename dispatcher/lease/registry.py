@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,12 @@ class _Script:
         if self.name not in scripts:
             scripts[self.name] = registry.redis.register_script(self.source)
         return scripts[self.name]
+
+
+def _pulse_of(raw: list[Any]) -> Pulse:
+    exists, current, stop, cause, seen_at, token, draining = raw
+    return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
+                 str(token), bool(draining))
 
 
 def _history(raw: dict[str, str]) -> History:
@@ -398,12 +404,22 @@ return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
 """)
 
     def pulse(self, work_id: str, attempt: int, *, worker: str = "") -> Pulse:
-        exists, current, stop, cause, seen_at, token, draining = self._PULSE(
-            keys=[self.keys.lease(work_id), self.keys.worker(worker), self.keys.last_seen,
-                  self.keys.work(work_id)],
-            args=[attempt, self.clock.now(), work_id, WORK_TTL_SECONDS])
-        return Pulse(bool(exists), bool(current), str(stop), str(cause), float(seen_at or 0),
-                     str(token), bool(draining))
+        return _pulse_of(self._PULSE(keys=self._pulse_keys(work_id, worker),
+                                     args=[attempt, self.clock.now(), work_id, WORK_TTL_SECONDS]))
+
+    def pulse_many(self, attempts: Sequence[tuple[str, int, str]]) -> list[Pulse]:
+        """Pulse every (work id, attempt, worker) in one round trip: a worker process supervises
+        all of its running attempts with one pipeline a tick, not one call each."""
+        now = self.clock.now()
+        pipe = self.redis.pipeline(transaction=False)
+        for work_id, attempt, worker in attempts:
+            self._PULSE(keys=self._pulse_keys(work_id, worker),
+                        args=[attempt, now, work_id, WORK_TTL_SECONDS], client=pipe)
+        return [_pulse_of(raw) for raw in pipe.execute()]
+
+    def _pulse_keys(self, work_id: str, worker: str) -> list[str]:
+        return [self.keys.lease(work_id), self.keys.worker(worker), self.keys.last_seen,
+                self.keys.work(work_id)]
 
     # KEYS[1]=lease hash; ARGV: expected stop, new stop, first cause ('' keeps the recorded one),
     # now. A guard, no rule: which stop wins and which cause stays is the machine's; this sets

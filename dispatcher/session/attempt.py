@@ -1,10 +1,13 @@
 """Run one attempt of one session: start its sandbox, supervise it, and end its lease.
 
-The supervisor loop wakes a few times a second and does four things, in order: reap the
-sandbox if it exited, pulse the lease (which also tells it whether it is still the current
-attempt and whether a stop was asked for), apply the signal ladder, and notice a drain. Signal
-handlers only set flags the loop reads; nothing is killed from inside a handler (a handler that
-waits on the process deadlocks on Popen's lock, which the interrupted wait may hold).
+Once the sandbox runs, the attempt joins its process's supervision hub (`supervision.py`),
+which pulses every attempt of the process in one round trip a tick and fences them from one
+thread. The attempt's own thread sleeps until the hub wakes it: a pulse that asks something
+of it (it is no longer the current attempt, a stop, an operator's terminate, a drain; or its
+deadline to judge), its sandbox's exit, or the fence. Then it acts as the machine says: the
+signal ladder, the lease written back after Redis lost it, the release. Signal handlers only
+set flags the hub reads; nothing is killed from inside a handler (a handler that waits on the
+process deadlocks on Popen's lock, which the interrupted wait may hold).
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ from dispatcher.session.sandbox import (
     build_environment,
     resolve_command,
 )
+from dispatcher.session.supervision import (
+    SUPERVISE_INTERVAL_SECONDS,
+    News,
+    Supervised,
+    SupervisionHub,
+    hub_for,
+)
 from dispatcher.settings import (
     LeaseMode,
     SandboxRuntimeKind,
@@ -48,11 +58,6 @@ from dispatcher.workapi import Work, epoch_seconds
 
 __all__ = ["Outcome", "SessionAttempt", "run_attempt"]
 
-# How often the supervisor pulses and reads its stop flag: the stop latency floor.
-SUPERVISE_INTERVAL_SECONDS = 0.2
-# How often the fence looks at the age of the last pulse: a share of the margin between the
-# self-fencing bound and recovery's (`lease/machine`), so a fenced sandbox is dead well inside it.
-FENCE_CHECK_SECONDS = 0.2
 # A hand-off waits at most this long for a heartbeat in flight before it reads the token.
 HANDOFF_WAIT_SECONDS = 12.0
 # After the sandbox exited, keep trying this long to reach the registry and release the lease.
@@ -261,36 +266,48 @@ def _supervise(runtime: Runtime, attempt: SessionAttempt, spec: SandboxSpec,
 
 def _loop(runtime: Runtime, attempt: SessionAttempt, sandbox: RunningSandbox, flags: _Flags,
           memory: _Memory, work_json: bytes) -> Outcome:
+    max_seconds = _max_duration(runtime.settings, memory.lease.environment_id)
     sup = _Supervisor(runtime, attempt, sandbox, flags, memory, work_json,
-                      max_seconds=_max_duration(runtime.settings, memory.lease.environment_id))
-    fence = _Fence(runtime, attempt, memory, sandbox)
+                      max_seconds=max_seconds)
+    member = Supervised(attempt.work_id, attempt.attempt, attempt.worker, sandbox,
+                        lease=lambda: memory.lease, operator=sup.operator,
+                        every_tick=bool(max_seconds))
+    hub = hub_for(runtime)
+    hub.join(member)
     try:
-        return _supervise_until_over(sup, fence)
+        return _supervise_until_over(sup, member, hub)
     finally:
-        fence.close()
+        hub.leave(member)
 
 
-def _supervise_until_over(sup: _Supervisor, fence: _Fence) -> Outcome:
+def _supervise_until_over(sup: _Supervisor, member: Supervised, hub: SupervisionHub) -> Outcome:
+    """The attempt's thread sleeps until the hub wakes it: a pulse that asks something of it,
+    its sandbox's exit, the fence."""
     while True:
-        code = sup.sandbox.wait(SUPERVISE_INTERVAL_SECONDS)
-        if fence.fired.is_set():
-            return fence.over  # killed by the fence: its exit is not the session's
-        try:
-            if code is not None:
-                fence.close()  # nothing left to kill; the release may ride out an outage
-                return _finish_when_reachable(sup, code)
-            outcome = sup.step()
-        except RedisError as exc:
-            fence.failed(exc)
+        news = member.wait()
+        if member.fenced is not None:
+            return member.fenced  # killed by the fence: its exit is not the session's
+        code = sup.sandbox.wait(0)
+        if code is not None:
+            hub.leave(member)  # nothing left to fence; the release may ride out an outage
+            sup.draining = member.draining
+            return _finish_when_reachable(sup, code)
+        if news is None:
             continue
-        fence.pulsed()
+        try:
+            outcome = sup.step(news)
+        except RedisError as exc:
+            member.failed(exc)
+            continue
+        member.reachable()
         if outcome is not None:
             return outcome
 
 
 @dataclass
 class _Supervisor:
-    """One tick of supervision: pulse the lease, then act on what it says."""
+    """What an attempt's thread does with the news of a pulse (`supervision.News`): act on
+    it as the machine says."""
 
     runtime: Runtime
     attempt: SessionAttempt
@@ -308,21 +325,18 @@ class _Supervisor:
         self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt,
                                     environment_id=self.memory.lease.environment_id)
 
-    def step(self) -> Outcome | None:
-        runtime, attempt = self.runtime, self.attempt
-        pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt, worker=attempt.worker)
-        if not pulse.exists and _reregistered(runtime, attempt, self.memory, self.work_json):
+    def operator(self, draining: bool) -> bool:
+        """Whether an operator terminated this attempt's task (read by the hub each tick)."""
+        return self.flags.operator_terminated(draining=draining) or self.attempt.revoked()
+
+    def step(self, news: News) -> Outcome | None:
+        runtime, pulse = self.runtime, news.pulse
+        if not pulse.exists and _reregistered(runtime, self.attempt, self.memory, self.work_json):
             return None
-        if pulse.token:
-            self.memory.lease.token = pulse.token
-        self.draining = self.draining or pulse.draining
-        operator = self.flags.operator_terminated(draining=self.draining) or attempt.revoked()
-        pulsed = ev.Pulsed(attempt.attempt, exists=pulse.exists, current=pulse.current,
-                           stop=StopKind(pulse.stop or StopKind.NONE), draining=self.draining,
-                           operator=operator)
+        self.draining = news.pulsed.draining
         controls = _Controls(self.sandbox, self.ladder, cause=pulse.stop_cause or "worker draining",
                              seen_at=pulse.stop_seen_at)
-        over = runtime.executor.attempt(self.memory.lease, pulsed, sandbox=controls).over
+        over = runtime.executor.attempt(self.memory.lease, news.pulsed, sandbox=controls).over
         if over is None and pulse.current and not pulse.stop and self.max_seconds:
             # The machine judges the deadline (`DeadlineChecked`); past it, it flags a graceful
             # stop, which the next pulse signals, and the flag ends these checks.
@@ -346,70 +360,6 @@ class _Controls:
 
     def fence(self) -> None:
         self.sandbox.kill_group()
-
-
-class _Fence:
-    """Self-fencing: kills the sandbox once this attempt has gone too long without a pulse
-    answered (the machine says how long: `RegistryUnreachable`). Recovery may start the session
-    on another worker when the pulse is old enough, and two sandboxes of one session must never
-    run together. A thread of its own, so that a call hanging on a cut network (up to Redis's
-    socket timeout, or an HTTP call's) cannot delay the kill."""
-
-    def __init__(self, runtime: Runtime, attempt: SessionAttempt, memory: _Memory,
-                 sandbox: RunningSandbox) -> None:
-        self.runtime = runtime
-        self.attempt = attempt
-        self.memory = memory
-        self.sandbox = sandbox
-        self.pulsed_at = time.monotonic()
-        self.unreachable = False
-        self.fired = threading.Event()
-        self.over: Outcome = Outcome.LOST  # as the machine says, once it fenced
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True,
-                                        name=f"fence-{attempt.work_id[:40]}")
-        self._thread.start()
-
-    def pulsed(self) -> None:
-        if self.unreachable:
-            event("registry reachable again", work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, environment_id=self._environment(),
-                  after_seconds=round(time.monotonic() - self.pulsed_at, 1))
-            self.unreachable = False
-        self.pulsed_at = time.monotonic()
-
-    def failed(self, exc: RedisError) -> None:
-        if not self.unreachable:
-            self.unreachable = True
-            event("registry unreachable", level=logging.WARNING, work_id=self.attempt.work_id,
-                  attempt=self.attempt.attempt, environment_id=self._environment(),
-                  error=str(exc), action_taken="sandbox kept while the fence allows")
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join(timeout=FENCE_CHECK_SECONDS * 5)
-
-    def _watch(self) -> None:
-        while not self._closed.wait(FENCE_CHECK_SECONDS):
-            silent = time.monotonic() - self.pulsed_at
-            if silent < 2 * SUPERVISE_INTERVAL_SECONDS:
-                continue  # pulsing as usual: nothing to ask
-            step = self.runtime.executor.attempt(
-                self.memory.lease, ev.RegistryUnreachable(silent), sandbox=self)
-            if step.over is not None:
-                self.over = step.over
-                return
-
-    def fence(self) -> None:
-        """The machine's `Fence`: the pulse is too old for this sandbox to run on."""
-        self.sandbox.kill_group()
-        self.fired.set()
-
-    def signal(self, kind: StopKind) -> None:
-        self.fence()  # no stop ladder while the registry is out of reach: a kill
-
-    def _environment(self) -> str:
-        return self.memory.lease.environment_id
 
 
 def _max_duration(settings: Settings, environment_id: str) -> float:

@@ -40,6 +40,7 @@ from dispatcher.session.infra import Blame, spawn_blame
 from dispatcher.session.output import LiveOutput, pump
 
 __all__ = [
+    "EXIT_UNKNOWN",
     "CommandError",
     "EngineError",
     "Sandbox",
@@ -58,6 +59,12 @@ UNCONFINED = Confinement()  # the worker's own user and limits
 # How long `kill_group` waits to reap the leader after SIGKILL; a process in uninterruptible
 # sleep (D state, a hung NFS read) may outlast it, and is reaped at the next call.
 REAP_SECONDS = 5.0
+# The exit code of a command reaped outside Popen, its status lost: a failure (no command of
+# ours is known to exit 255 on purpose; a code of 0 would end the session as completed).
+EXIT_UNKNOWN = 255
+# How long a peek that found the leader reaped by another thread waits for the code Popen
+# keeps: that thread sets it microseconds after its `waitpid`.
+REAPED_CODE_WAIT_SECONDS = 0.5
 # Without pidfds, how often `wait` looks whether the command exited.
 PEEK_INTERVAL_SECONDS = 0.02
 # After the group is killed, how long `kill_group` waits for the output pipe's last bytes. A
@@ -242,11 +249,12 @@ class Sandbox:
         leader is left unreaped (see the class)."""
         if self._exit_code is not None or self._reaped:
             return self._exit_code
-        if self._pidfd is not None:
+        pidfd = self._pidfd  # read once: the hub looks while `kill_group` may close it
+        if pidfd is not None:
             # poll, not select: a worker of hundreds of sessions holds descriptors past select's
             # 1,024 (each session's pidfd, output pipe, connections), and select refuses them.
             waiting = select.poll()
-            waiting.register(self._pidfd, select.POLLIN)
+            waiting.register(pidfd, select.POLLIN)
             if waiting.poll(max(0, int(timeout * 1000))):
                 self._exit_code = self._peek()
             return self._exit_code
@@ -257,12 +265,27 @@ class Sandbox:
         return code
 
     def _peek(self) -> int | None:
-        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self._reaped_elsewhere()
         if info is None or info.si_pid == 0:
             return None
         if info.si_code == os.CLD_EXITED:
             return info.si_status
         return -info.si_status  # killed by a signal, as Popen reports it
+
+    def _reaped_elsewhere(self) -> int:
+        """The leader was reaped by another thread while this one peeked: `kill_group` from
+        the fence, or a `Popen.wait`. Popen keeps the code it reaped; if the reaper is still
+        between its `waitpid` and setting it, the code comes a moment later. A code no one kept
+        (a `waitpid` outside Popen) is `EXIT_UNKNOWN`: a failure, never a success. Not
+        `Popen.poll`: on ECHILD it reports 0, a success."""
+        deadline = time.monotonic() + REAPED_CODE_WAIT_SECONDS
+        while self._process.returncode is None and time.monotonic() < deadline:
+            time.sleep(PEEK_INTERVAL_SECONDS)
+        code = self._process.returncode
+        return EXIT_UNKNOWN if code is None else code
 
     def signal_group(self, signum: int) -> None:
         if self._reaped:

@@ -63,6 +63,24 @@ def test_only_the_current_attempt_may_pulse_or_change_the_lease(registry: LeaseR
     assert registry.update_if_attempt("nope", 1, {"phase": "x"}) == -1
 
 
+def test_a_processs_attempts_are_pulsed_in_one_round_trip_as_one_by_one(
+        registry: LeaseRegistry) -> None:
+    """The supervision hub's pipeline answers each attempt as its own pulse would: current,
+    superseded, gone, stopped; and it marks only the current attempts' pulse."""
+    registry.create(_lease("work_a"), work_json="{}")
+    registry.create(_lease("work_b"), work_json="{}")
+    registry.update_if_attempt("work_b", 1, {"attempt": 2})
+    registry.set_stop("work_a", StopKind.GRACEFUL, expected=StopKind.NONE, cause="server")
+    many = registry.pulse_many([("work_a", 1, "w"), ("work_b", 1, "w"), ("work_gone", 1, "w")])
+    assert [(p.exists, p.current) for p in many] == [(True, True), (True, False), (False, False)]
+    assert (many[0].stop, many[0].stop_cause) == ("graceful", "server")
+    assert [registry.pulse(w, 1, worker="w") for w in ("work_a", "work_b", "work_gone")] == many
+    pulsed = [registry.get(w) for w in ("work_a", "work_b")]
+    assert pulsed[0] is not None and pulsed[0].pulse_at > 0
+    assert pulsed[1] is not None and not pulsed[1].pulse_at, "a superseded pulse marks nothing"
+    assert registry.pulse_many([]) == []
+
+
 def test_a_stop_flag_is_set_only_over_the_flag_it_was_decided_from(
     registry: LeaseRegistry,
 ) -> None:

@@ -22,6 +22,7 @@ from dispatcher.lease.machine import (
     decide,
     heartbeat_interval,
     message_lost,
+    pulse_is_quiet,
     renewal_due,
     stuck,
 )
@@ -618,6 +619,26 @@ def test_a_deadline_counts_from_the_first_attempts_start(started_ago: float, sto
     assert bool(flags) == stopped
     if stopped:
         assert flags[0].cause == "deadline" and flags[0].kind == StopKind.GRACEFUL
+
+
+@pytest.mark.parametrize(("exists", "current", "superseded", "stop", "draining", "operator"),
+                         list(itertools.product((True, False), (True, False), (False, True),
+                                                list(StopKind), (False, True), (False, True))))
+def test_a_quiet_pulse_is_exactly_one_the_machine_decides_nothing_on(
+        exists: bool, current: bool, superseded: bool, stop: StopKind, draining: bool,
+        operator: bool) -> None:
+    """The supervision hub wakes an attempt only for a pulse that is not quiet: a quiet one
+    must be one `on_pulsed` has nothing for, and every other one must ask something."""
+    lease = lease_in("running")
+    assert lease is not None
+    lease = lease.but(attempt=2, stop=stop)
+    pulsed = ev.Pulsed(1 if superseded else 2, exists=exists, current=current, stop=stop,
+                       draining=draining, operator=operator)
+    decision = decide(lease, pulsed, now=NOW)
+    quiet = pulse_is_quiet(lease, pulsed)
+    assert quiet == (exists and current and not superseded and stop == StopKind.NONE
+                     and not draining and not operator)
+    assert quiet == (not decision.effects and decision.lease == lease)
 
 
 def test_an_attempt_starts_the_sessions_clock_once() -> None:

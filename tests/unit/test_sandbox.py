@@ -15,6 +15,7 @@ import pytest
 
 from dispatcher.session.guardian import PARENT_DEATH_GRACE_SECONDS
 from dispatcher.session.sandbox import (
+    EXIT_UNKNOWN,
     CommandError,
     Sandbox,
     SandboxSpec,
@@ -186,6 +187,24 @@ def test_the_leader_is_reaped_only_after_its_group_was_signalled(tmp_path: Path)
     sandbox.kill_group()
     assert _state(sandbox.pid) is None, "reaped by kill_group, after the group's SIGKILL"
     sandbox.signal_group(signal.SIGTERM)  # a no-op now: the group id is no longer ours
+
+
+def test_an_exit_reaped_by_another_thread_keeps_its_code(tmp_path: Path) -> None:
+    """The fence's `kill_group` (or any `Popen.wait`) may reap the leader while the attempt's
+    thread peeks at it: the peek meets ECHILD, and takes the code Popen kept."""
+    sandbox = Sandbox.start(_spec("import sys; sys.exit(5)", tmp_path))
+    assert sandbox._process.wait(10) == 5  # reaped as kill_group reaps it, from elsewhere
+    assert sandbox.wait(10) == 5
+    sandbox.kill_group()
+
+
+def test_an_exit_reaped_outside_popen_is_a_failure_not_a_success(tmp_path: Path) -> None:
+    """A `waitpid` that bypassed Popen leaves no code to be had: the exit is reported as
+    `EXIT_UNKNOWN`, never 0 (which would end the session as completed)."""
+    sandbox = Sandbox.start(_spec("import sys; sys.exit(0)", tmp_path))
+    os.waitpid(sandbox.pid, 0)
+    assert sandbox.wait(10) == EXIT_UNKNOWN
+    sandbox.kill_group()
 
 
 def test_the_secret_file_is_private_and_gone_with_the_sandbox(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from dispatcher.lease.machine.running import (
     claim_of,
     last_seen,
     message_lost,
+    pulse_is_quiet,
     stuck,
 )
 from dispatcher.lease.machine.steps import (
@@ -52,7 +53,7 @@ from dispatcher.lease.model import Lease
 
 __all__ = ["QUIET_SECONDS", "Claim", "Decision", "Delivery", "Policy", "Stuck", "claim_of",
            "decide", "heartbeat_interval", "last_seen", "message_lost", "outage_is_too_long",
-           "renewal_due", "stuck"]
+           "pulse_is_quiet", "renewal_due", "stuck"]
 
 
 _DEFAULT_POLICY = Policy()

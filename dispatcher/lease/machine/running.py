@@ -132,6 +132,8 @@ def on_handing_off(lease: Lease, e: ev.HandingOff, c: Ctx) -> Decision:
 def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
     """A running attempt acts on its pulse: a stale attempt kills its own sandbox (fencing);
     an operator's terminate becomes a stop; a stop flag or a drain signals the sandbox."""
+    if pulse_is_quiet(lease, e):
+        return Decision(lease)
     p = Plan(lease)
     if not e.exists or not e.current or lease.attempt != e.attempt:
         p.add(fx.Fence(), fx.AttemptOver(Outcome.SUPERSEDED), log(
@@ -145,6 +147,15 @@ def on_pulsed(lease: Lease, e: ev.Pulsed, c: Ctx) -> Decision:
     elif e.draining:
         p.add(fx.Signal(StopKind.GRACEFUL))
     return p.decided()
+
+
+def pulse_is_quiet(lease: Lease, e: ev.Pulsed) -> bool:
+    """A pulse that asks nothing of its attempt: the lease is still its own, with no stop, no
+    operator's terminate and no drain. `on_pulsed` decides nothing on it, so the supervision
+    hub (`session/supervision.py`) need not wake the attempt for it: the cost of a session
+    at rest."""
+    return (e.exists and e.current and lease.attempt == e.attempt and not e.operator
+            and e.stop == StopKind.NONE and not e.draining)
 
 
 def stale(lease: Lease, attempt: int) -> bool:
