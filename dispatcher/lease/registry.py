@@ -103,6 +103,17 @@ def _pulse_of(raw: list[Any]) -> Pulse:
                  str(token), bool(draining))
 
 
+def _pulse_or_error(raw: Any) -> Pulse | Exception:
+    """One answer of a pipeline of pulses: the pulse, or the error that stands in its place (a
+    command Redis refused, a record whose fields do not read)."""
+    if isinstance(raw, Exception):
+        return raw
+    try:
+        return _pulse_of(raw)
+    except (ValueError, TypeError) as exc:
+        return exc
+
+
 def _history(raw: dict[str, str]) -> History:
     if not raw:
         return History()
@@ -407,15 +418,17 @@ return {1, current and 1 or 0, redis.call('HGET', KEYS[1], 'stop') or '',
         return _pulse_of(self._PULSE(keys=self._pulse_keys(work_id, worker),
                                      args=[attempt, self.clock.now(), work_id, WORK_TTL_SECONDS]))
 
-    def pulse_many(self, attempts: Sequence[tuple[str, int, str]]) -> list[Pulse]:
+    def pulse_many(self, attempts: Sequence[tuple[str, int, str]]) -> list[Pulse | Exception]:
         """Pulse every (work id, attempt, worker) in one round trip: a worker process supervises
-        all of its running attempts with one pipeline a tick, not one call each."""
+        all of its running attempts with one pipeline a tick, not one call each. An attempt
+        whose answer cannot be had gets the error in its place, and the others their pulses; a
+        connection that fails raises."""
         now = self.clock.now()
         pipe = self.redis.pipeline(transaction=False)
         for work_id, attempt, worker in attempts:
             self._PULSE(keys=self._pulse_keys(work_id, worker),
                         args=[attempt, now, work_id, WORK_TTL_SECONDS], client=pipe)
-        return [_pulse_of(raw) for raw in pipe.execute()]
+        return [_pulse_or_error(raw) for raw in pipe.execute(raise_on_error=False)]
 
     def _pulse_keys(self, work_id: str, worker: str) -> list[str]:
         return [self.keys.lease(work_id), self.keys.worker(worker), self.keys.last_seen,

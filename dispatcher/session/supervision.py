@@ -81,6 +81,7 @@ class Supervised:
     pulsed_at: float = field(default_factory=time.monotonic)
     unreachable: bool = False
     fenced: Outcome | None = None  # the machine fenced it: the attempt is over, with this
+    fault: str | None = None  # the last fault of a hub step on it (`_guarded`), logged once
     _news: News | None = None
     _woken: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -208,18 +209,23 @@ class SupervisionHub:
         except RedisError as exc:
             for member in members:
                 member.failed(exc)
+        except Exception as exc:  # a fault here must not end the hub's thread
+            for member in members:
+                _fault(member, "pulse", exc)
         else:
             for member, pulse in zip(members, pulses, strict=True):
-                member.answered(pulse)
+                if isinstance(pulse, Exception):
+                    _fault(member, "pulse", pulse)
+                else:
+                    _guarded(member, "pulse", member.answered, pulse)
         for member in members:
-            if member.sandbox.wait(0) is not None:
-                member.wake()
+            _guarded(member, "exit check", _wake_if_exited, member)
 
     # --- the fence thread -----------------------------------------------------------------
     def _fence_loop(self) -> None:
         while members := self._serving("supervise-fence"):
             for member in members:
-                self.fence_check(member)
+                _guarded(member, "fence check", self.fence_check, member)
             time.sleep(FENCE_CHECK_SECONDS)
 
     def fence_check(self, member: Supervised) -> None:
@@ -232,6 +238,31 @@ class SupervisionHub:
         if step.over is not None:
             member.fenced = step.over
             member.wake()
+
+
+def _wake_if_exited(member: Supervised) -> None:
+    if member.sandbox.wait(0) is not None:
+        member.wake()
+
+
+def _guarded(member: Supervised, step: str, act: Callable[..., None], *args: object) -> None:
+    """One member's step of a hub thread. A fault in it (a bug, a record Redis returns
+    unreadable) is logged and leaves the other members served: the thread ending would leave
+    every attempt of the process unpulsed, and the fence would kill them all. The faulty
+    member's pulse goes stale, so the fence and recovery deal with it as with any silent one."""
+    try:
+        act(*args)
+    except Exception as exc:  # see above
+        _fault(member, step, exc)
+
+
+def _fault(member: Supervised, step: str, exc: Exception) -> None:
+    error = f"{type(exc).__name__}: {exc}"[:300]
+    if member.fault != error:  # once per fault, not every tick
+        member.fault = error
+        event("supervision step failed", level=logging.ERROR, work_id=member.work_id,
+              attempt=member.attempt, step=step, error=error,
+              action_taken="the other attempts served; this one's pulse goes stale")
 
 
 _HUBS: dict[int, SupervisionHub] = {}

@@ -84,3 +84,31 @@ def test_one_hub_pulses_every_attempt_and_a_stop_reaches_only_its_own(
     assert set(outcomes.values()) == {Outcome.STOPPED} and len(outcomes) == SESSIONS
     assert hub.members() == [], "an ended attempt leaves the hub"
     wait_for(hub.idle, timeout=5, what="the hub's threads to end with its last attempt")
+
+
+def test_an_attempt_whose_pulse_does_not_read_leaves_the_others_served(
+        emulator: Any, runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    """One lease's record made unreadable (a stop time that is no number: the pulse's answer
+    fails to parse; a stop kind no version wrote: the event fails to build) faults that attempt
+    alone, in one log line each; the hub's thread goes on pulsing the others."""
+    ids, outcomes, threads = _running(emulator, runtime)
+    hub = hub_for(runtime)
+    wait_for(lambda: len(hub.members()) == SESSIONS, timeout=30, what="every attempt supervised")
+    broken = {ids[0]: "stop_seen_at", ids[1]: "stop"}
+    with caplog.at_level("ERROR"):
+        for work_id, field_name in broken.items():
+            runtime.redis.hset(runtime.registry.keys.lease(work_id), field_name, "garbage")
+        # Their threads end (the fence takes a silent attempt's sandbox); the others stay.
+        for thread in threads[:2]:
+            thread.join(timeout=30)
+        assert set(outcomes) == set(broken), "the unreadable attempts ended, the others run"
+        wait_for(lambda: _pulsed_lately(runtime, ids[2:]), timeout=10, what="the others pulsed")
+    faults = [r.getMessage() for r in caplog.records
+              if "supervision step failed" in r.getMessage()]
+    for work_id in broken:
+        assert sum(work_id in line for line in faults) == 1, faults
+    for work_id in ids[2:]:
+        _stop(runtime, work_id)
+    for thread in threads:
+        thread.join(timeout=20)
+    assert [outcomes[w] for w in ids[2:]] == [Outcome.STOPPED] * (SESSIONS - 2)
