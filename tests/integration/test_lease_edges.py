@@ -39,8 +39,11 @@ def _finish(runtime: Runtime, lease: Lease) -> Lease | None:
     return runtime.executor.run(lease, exited)
 
 
-def _due_now(runtime: Runtime, work_id: str) -> None:
-    runtime.registry.schedule_heartbeat(work_id, time.time() - 1)
+def _due_now(runtime: Runtime, work_id: str) -> float:
+    """The lease's heartbeat due a second ago; returns when."""
+    due = time.time() - 1
+    runtime.registry.schedule_heartbeat(work_id, due)
+    return due
 
 
 # --- a 412 to the first claim while nobody holds the item ----------------------------------
@@ -147,21 +150,24 @@ def test_a_running_session_handed_out_again_is_fenced_and_left_unacked(
 
 
 # --- a slow API ------------------------------------------------------------------------------
-def test_the_next_beat_is_scheduled_from_when_the_last_was_sent(
+def test_the_next_beat_is_scheduled_from_when_the_last_was_due_not_answered(
         emulator: Any, runtime: Runtime) -> None:
+    """A slow API (1.5 s a heartbeat) does not stretch a lease's period: the next beat is due
+    an interval after the last was due (`steps.renewal_due`), not after its answer."""
     work_id = _claimed(emulator, runtime)
     emulator.set_faults(latency_ms=1500, endpoints=["heartbeat"])
     try:
-        _due_now(runtime, work_id)
-        sent_at = time.time()
+        was_due = _due_now(runtime, work_id)
         heartbeat_due_leases(runtime)
+        answered_at = time.time()
     finally:
         emulator.reset_faults()
     lease = runtime.registry.get(work_id)
     due = runtime.registry.next_due(work_id)
     assert lease is not None and due is not None
     interval = lease.ttl_seconds / 3
-    assert sent_at + interval - 0.5 <= due <= sent_at + interval + 0.5
+    assert was_due + interval - 0.5 <= due <= was_due + interval + 0.5
+    assert due < answered_at + interval - 1.5, "not counted from the answer"
 
 
 # --- a finished session whose release keeps failing, then a lost reply and a 412 -------------
