@@ -356,7 +356,8 @@ def _scale_sections(results: dict[str, Any]) -> list[str]:
                 "of the fleet's keys, at full against idle, over the leases held)."
                 + (f" CPU over the window, all running (1.0 = one core): the session workers "
                    f"{th['session_workers_cpu']:.2f} ({th['cpu_ms_per_session_second']:.2f} ms "
-                   "a second per session: each supervisor pulses its lease every 0.2 s), the "
+                   "a second per session: each worker process pulses all its leases in one round "
+                   "trip every 0.2 s, dispatcher/session/supervision.py), the "
                    f"control worker {th['control_cpu']:.2f}, the emulator "
                    f"{th['emulator_cpu']:.2f}." if "session_workers_cpu" in th else "")
                 + f" Load average at the end: {th['load'][0]:.1f}.", ""]
