@@ -14,8 +14,10 @@ A fleet that serves several environments shares its slots between their pollers
 (`claim_allowance`): each environment is entitled to a fair share of the slots (max-min: equal
 parts, none above its `max_sessions`, what one cannot use shared among the others), and a
 poller may claim beyond its share only what leaves every other environment its unused share, so
-a backlog in one never starves another. An environment whose last poll found nothing reserves no
-slot, so the busy ones may use the whole fleet while it is idle.
+a backlog in one never starves another. An environment whose last poll found nothing reserves
+only a slot of headroom for all such environments together (`IDLE_HEADROOM_SLOTS`, in a fleet of
+ten slots or more), so the busy ones may use the rest of the fleet while it is idle, and a
+session arriving in an idle environment finds a slot at once.
 """
 
 from __future__ import annotations
@@ -30,13 +32,21 @@ from dispatcher.control.poll_keys import PollKeys
 from dispatcher.lease.keys import Keys
 
 __all__ = ["ENGINE_DOWN", "ENGINE_NO_IMAGE", "ENGINE_UP", "WORKER_STALE_SECONDS", "Capacity",
-           "WorkerSlots", "claim_allowance", "desired_slots", "fair_shares", "free_slots"]
+           "WorkerSlots", "claim_allowance", "desired_slots", "fair_shares", "free_slots",
+           "idle_headroom"]
 
 # A worker advertises every ADVERTISE_INTERVAL_SECONDS; three missed advertisements mean gone.
 ADVERTISE_INTERVAL_SECONDS = 2.0
 WORKER_STALE_SECONDS = 3 * ADVERTISE_INTERVAL_SECONDS
 # Worker hashes outlive their staleness a while so `dispatcher status` can show them going.
 WORKER_RECORD_TTL_SECONDS = 60
+# Slots that environments whose last poll found nothing keep free together, out of their unused
+# shares: without it a burst in one environment took every slot, and a session arriving in a
+# trickling one waited for a burst session to end (p99 4.2x its dispatch alone, BENCHMARKS.md,
+# "Fairness"). One is enough: the burst refills a slot every few tenths of a second. Never more
+# than a tenth of the fleet (`IDLE_HEADROOM_SHARE`), so a small fleet keeps every slot usable.
+IDLE_HEADROOM_SLOTS = 1
+IDLE_HEADROOM_SHARE = 0.1
 ENGINE_UP = "up"
 ENGINE_DOWN = "down"
 # The engine answers but lacks a configured image (removed, pruned): no sandbox can start.
@@ -109,16 +119,25 @@ def claim_allowance(environment: str, *, total: int, held: Mapping[str, int],
     environment the fleet serves with its `max_sessions` (None: none), `idle` those whose last
     poll found nothing, `held_elsewhere` leases of no environment in `maxima` (served before a
     configuration change): they take slots all the same. A poller may claim up to its own unused
-    share, and beyond it only what leaves each other busy environment its unused share."""
+    share, and beyond it only what leaves each other busy environment its unused share, and the
+    idle ones their headroom (`idle_headroom`)."""
     shares = fair_shares(total, maxima)
     free = free_slots(total=total, held=sum(held.get(e, 0) for e in maxima) + held_elsewhere)
     mine = held.get(environment, 0)
     cap = maxima.get(environment)
     room = free if cap is None else max(0, cap - mine)
-    reserved = sum(max(0, shares[other] - held.get(other, 0)) for other in maxima
-                   if other != environment and other not in idle)
+    unused = {other: max(0, shares[other] - held.get(other, 0)) for other in maxima
+              if other != environment}
+    reserved = (sum(n for other, n in unused.items() if other not in idle)
+                + idle_headroom(total, sum(n for other, n in unused.items() if other in idle)))
     own = max(0, shares.get(environment, 0) - mine)
     return max(0, min(free, room, max(own, free - reserved)))
+
+
+def idle_headroom(total: int, idle_unused: int) -> int:
+    """The free slots the idle environments keep together, out of their unused shares
+    (`idle_unused`): `IDLE_HEADROOM_SLOTS`, at most a tenth of a fleet of `total` slots."""
+    return min(IDLE_HEADROOM_SLOTS, int(total * IDLE_HEADROOM_SHARE), idle_unused)
 
 
 class Capacity:

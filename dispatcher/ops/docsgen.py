@@ -162,8 +162,9 @@ stop scans and releases with its own key, and its sessions get its id and key, n
 Slots are shared fairly: each environment is entitled to an equal part of the fleet's live
 slots (none above its `max_sessions`; what one cannot use is shared by the others), may claim
 beyond that only what leaves every other busy environment its unused part, and an environment
-whose last poll found nothing (within 5 s) reserves nothing, so a lone busy environment may use
-the whole fleet. Beat, Flower and `dispatcher webhooks` need neither the file nor any key: a
+whose last poll found nothing (within 5 s) reserves only a slot of headroom, shared with the
+other idle ones (in a fleet of ten slots or more), so a lone busy environment may use
+all the rest of the fleet. Beat, Flower and `dispatcher webhooks` need neither the file nor any key: a
 webhook delivery wakes every environment's poller.
 
 ## Celery's own flags

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.celery.bootsteps import session_slots
-from dispatcher.control.capacity import claim_allowance, fair_shares, free_slots
+from dispatcher.control.capacity import (
+    IDLE_HEADROOM_SLOTS,
+    claim_allowance,
+    fair_shares,
+    free_slots,
+    idle_headroom,
+)
 
 
 @pytest.mark.parametrize(("total", "maxima", "shares"), [
@@ -55,6 +61,15 @@ ROWS = [
     ("b", 1, {"a": 0, "b": 0}, TWO, {"a"}, 0, 1),
     # Over-committed (workers died): nothing for anyone.
     ("b", 4, {"a": 5, "b": 0}, TWO, set(), 0, 0),
+    # A fleet of ten slots or more: the idle environments keep one slot free together, so a
+    # session arriving in one finds it at once; the busy one may take all the rest.
+    ("a", 20, {"a": 10, "b": 0}, TWO, {"b"}, 0, 9),
+    ("a", 20, {"a": 19, "b": 0}, TWO, {"b"}, 0, 0),
+    ("b", 20, {"a": 19, "b": 0}, TWO, {"b"}, 0, 1),  # the idle one's session takes it
+    ("a", 20, {"a": 15, "b": 4}, TWO, {"b"}, 0, 0),
+    ("a", 20, {"a": 10, "b": 10}, TWO, {"b"}, 0, 0),  # nothing unused: no headroom, no room
+    # ...but never in a smaller fleet, where a slot is a tenth or more of it.
+    ("a", 9, {"a": 8, "b": 0}, TWO, {"b"}, 0, 1),
 ]
 
 
@@ -83,6 +98,21 @@ def test_both_busy_environments_end_with_their_halves() -> None:
     while claim_allowance("a", total=9, held=alone, maxima=TWO, idle={"b"}) > 0:
         alone["a"] += 1
     assert alone == {"a": 9, "b": 0}
+    big = {"a": 0, "b": 0}
+    while claim_allowance("a", total=20, held=big, maxima=TWO, idle={"b"}) > 0:
+        big["a"] += 1
+    assert big == {"a": 20 - IDLE_HEADROOM_SLOTS, "b": 0}, "the headroom stays free"
+
+
+@pytest.mark.parametrize(("total", "idle_unused", "headroom"), [
+    (20, 10, 1),
+    (20, 0, 0),  # the idle environments use their whole shares: nothing to keep
+    (10, 5, 1),
+    (9, 5, 0),  # a slot would be over a tenth of the fleet
+    (1, 1, 0),
+])
+def test_idle_headroom(total: int, idle_unused: int, headroom: int) -> None:
+    assert idle_headroom(total, idle_unused) == headroom
 
 
 @pytest.mark.parametrize(("environments", "slots"), [(1, 8), (2, 7), (3, 6)])
