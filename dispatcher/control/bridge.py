@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from redis.exceptions import LockError
 
@@ -150,35 +152,63 @@ def _scan(runtime: Runtime, environment: str, *, held: int, until: float) -> int
     cursor = registry.stop_scan_cursor(environment)
     size = _page_size(runtime, environment, held)
     applied, pages = 0, 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stop-sweep") as reader:
-        try:
-            page, size = _list(runtime, environment, size=size, cursor=cursor)
-            while True:
-                pages += 1
-                # The budget at the size that got the page: a refused size makes pages smaller.
-                more = (page.next_page is not None and pages < pages_per_tick(held, size)
-                        and time.monotonic() < until)
-                ahead = (reader.submit(_list, runtime, environment, size=size,
-                                       cursor=page.next_page) if more else None)
-                applied += _apply_page(runtime, page.data)
-                unseen = registry.note_scanned(environment, [w.id for w in page.data],
-                                               ttl_seconds=CURSOR_TTL_SECONDS)
-                if page.next_page is None or unseen == 0:
-                    registry.end_stop_scan(environment)
-                    _succeeded(runtime, environment)
-                    return applied
-                cursor = page.next_page
-                if ahead is None:
-                    break
-                page, size = ahead.result()
-        except WorkAPIError as exc:
-            _failed(runtime, environment, exc)
-            if exc.status == 400:
-                registry.end_stop_scan(environment)  # a cursor the server no longer takes
-            return applied
+    reader = _reader()
+    ahead = None
+    try:
+        page, size = _list(runtime, environment, size=size, cursor=cursor)
+        while True:
+            pages += 1
+            # The budget at the size that got the page: a refused size makes pages smaller.
+            more = (page.next_page is not None and pages < pages_per_tick(held, size)
+                    and time.monotonic() < until)
+            ahead = (reader.submit(_list, runtime, environment, size=size,
+                                   cursor=page.next_page) if more else None)
+            applied += _apply_page(runtime, page.data)
+            unseen = registry.note_scanned(environment, [w.id for w in page.data],
+                                           ttl_seconds=CURSOR_TTL_SECONDS)
+            if page.next_page is None or unseen == 0:
+                registry.end_stop_scan(environment)
+                _succeeded(runtime, environment)
+                return applied
+            cursor = page.next_page
+            if ahead is None:
+                break
+            page, size = ahead.result()
+            ahead = None
+    except WorkAPIError as exc:
+        _failed(runtime, environment, exc)
+        if exc.status == 400:
+            registry.end_stop_scan(environment)  # a cursor the server no longer takes
+        return applied
+    finally:
+        if ahead is not None:
+            # A page read ahead that nobody will apply: the tick ends once it is in (or
+            # failed), so the next tick's first read never waits behind it, and the sweep
+            # lock is not released while it is still being read.
+            wait([ahead])
     _succeeded(runtime, environment)
     registry.set_stop_scan_cursor(environment, cursor, ttl_seconds=CURSOR_TTL_SECONDS)
     return applied
+
+
+_readers: dict[int, ThreadPoolExecutor] = {}
+_readers_lock = threading.Lock()
+
+
+def _reader() -> ThreadPoolExecutor:
+    """This process's one thread that reads a sweep's next page while a tick applies the one
+    before: kept for the process's life, not started and joined each tick of each environment.
+    Ticks run one at a time per environment (the sweep lock), and environments one after
+    another in a tick, so one thread is enough; a forked child makes its own (threads do not
+    survive a fork)."""
+    pid = os.getpid()
+    with _readers_lock:
+        reader = _readers.get(pid)
+        if reader is None:
+            _readers.clear()
+            reader = _readers[pid] = ThreadPoolExecutor(max_workers=1,
+                                                        thread_name_prefix="stop-sweep")
+        return reader
 
 
 def _list(runtime: Runtime, environment: str, *, size: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -16,6 +17,7 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
+import msgspec
 from pydantic import BaseModel, ValidationError
 
 from dispatcher import __version__
@@ -36,6 +38,7 @@ from dispatcher.workapi.models import (
     WorkQueueStats,
     check_id,
     dump_metadata,
+    id_pattern,
 )
 from dispatcher.workapi.retry import WAIT_IN_CALL_SECONDS, Backoff, delay_for
 
@@ -147,9 +150,33 @@ def _page(endpoint: str, response: httpx.Response) -> WorkPage:
     return _validate(endpoint, response.status_code, WorkPage, expected, {**data, "data": kept})
 
 
+class _ListedFields(msgspec.Struct):
+    """What a page read for its stops is decoded into: the other fields of its items are
+    skipped unread, in C."""
+
+    data: list[ListedWork]
+    next_page: str | None = None
+
+
+_LISTED = msgspec.json.Decoder(_ListedFields)
+# A page's ids, one a line, each as `check_id` takes it: one match a page, not one an item.
+_LISTED_IDS = re.compile(rf"(?:{id_pattern()}\n)*{id_pattern()}")
+
+
 def _listed_page(endpoint: str, response: httpx.Response) -> ListedPage:
     """A list page read for its items' stop fields only (`ListedWork`); an item whose id, state
-    or stop request is unreadable is left out and logged by its id, as in `_page`."""
+    or stop request is unreadable is left out and logged by its id, as in `_page`.
+
+    A sweep reads every held item each second, and the standard library's parser spent about
+    6 µs an item on fields nobody reads: a page whose every item reads well is decoded for
+    these fields alone (`_listed_whole`, about a tenth of it); any other page is read item by
+    item below, as before, so one bad item costs only itself."""
+    whole = _listed_whole(response.content)
+    return whole if whole is not None else _listed_items(endpoint, response)
+
+
+def _listed_items(endpoint: str, response: httpx.Response) -> ListedPage:
+    """A list page read item by item: each bad item left out and logged."""
     data = _decode_json(endpoint, response, "a page of work items")
     items = data.get("data") if isinstance(data, dict) else None
     next_page = data.get("next_page") if isinstance(data, dict) else None
@@ -170,6 +197,21 @@ def _listed_page(endpoint: str, response: httpx.Response) -> ListedPage:
                        work_id or "unreadable", endpoint, listed,
                        extra={"action": "invalid work item", "work_id": work_id})
     return ListedPage(kept, next_page or None)
+
+
+def _listed_whole(body: bytes) -> ListedPage | None:
+    """The page if every item's stop fields read well, else None (read it item by item). It
+    takes only what the item-by-item reading would give the same: the body must be UTF-8 (as
+    `json.loads` wants it, which would refuse the page otherwise), and a lone surrogate, NaN or
+    a nesting too deep sends the page to it. One difference: a number of over 4,300 digits in
+    a field nobody reads is skipped here, where `json.loads` refuses the whole page."""
+    try:
+        page = _LISTED.decode(body.decode())
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
+        return None
+    if page.data and not _LISTED_IDS.fullmatch("\n".join([w.id for w in page.data])):
+        return None
+    return ListedPage(page.data, page.next_page or None)
 
 
 def _listed(item: Any) -> ListedWork | str:

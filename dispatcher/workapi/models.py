@@ -36,6 +36,7 @@ __all__ = [
     "check_id",
     "epoch_seconds",
     "find_lone_surrogate",
+    "id_pattern",
     "sessions_token",
 ]
 
@@ -45,6 +46,11 @@ NO_HEARTBEAT = "NO_HEARTBEAT"
 # What an id may be before it goes into a URL path: letters, digits, `_`, `-`, and dots after
 # the first character (so never `.` or `..`, which walk the path). Real ids are `work_...`.
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,255}")
+
+
+def id_pattern() -> str:
+    """The regular expression of an id `check_id` takes, for a caller that checks many at once."""
+    return _ID.pattern
 
 
 class InvalidId(ValueError):

@@ -44,6 +44,7 @@ from dispatcher.workapi import (
     WorkClient,
     WorkPage,
     WorkQueueStats,
+    _endpoints,
 )
 from dispatcher.workapi.client import default_worker_id
 
@@ -670,6 +671,50 @@ def test_a_page_read_for_its_stops_keeps_only_what_the_stop_rule_reads(
     assert [line.split()[3] for line in skipped] == [
         "work_id=unreadable", "work_id=w4", "work_id=w5", "work_id=unreadable"]
     assert "state: Input should be a valid string" in skipped[1]
+
+
+def _page_bytes(*items: bytes, next_page: bytes = b"null") -> bytes:
+    return b'{"data":[' + b",".join(items) + b'],"next_page":' + next_page + b"}"
+
+
+_ITEM = json.dumps(work_json(id="w1")).encode()
+
+
+@pytest.mark.parametrize("body", [
+    _page_bytes(_ITEM, json.dumps(work_json(id="w2", stop_requested_at="t")).encode(),
+                next_page=b'"cur_2"'),
+    _page_bytes(next_page=b'""'),
+    _page_bytes(b'{"id":"w1","state":"queued","id":"w9"}'),  # the last of two keys counts
+    _page_bytes(_ITEM.replace(b'"metadata": {}', b'"metadata": {"k": "\\ud800"}')),
+    _page_bytes(_ITEM.replace(b'"metadata": {}', b'"metadata": {"k": "\xff"}')),
+    _page_bytes(_ITEM.replace(b'"metadata": {}', b'"metadata": {"n": NaN}')),
+    _page_bytes(_ITEM.replace(b'"metadata": {}', b'"metadata": ' + b"[" * 5000 + b"]" * 5000)),
+    _page_bytes(b'{"id":"w1","state":"\\ud800"}', _ITEM),
+    _page_bytes(b'{"id":"w1\\u0000","state":"queued"}', _ITEM),
+    _page_bytes(b'{"id":"..","state":"queued"}', b'{"id":"w3","state":null}', b"7"),
+    _page_bytes(b'{"id":"w1","state":"stopping","stop_requested_at":["t"]}'),
+    b"\xef\xbb\xbf" + _page_bytes(_ITEM),
+    _page_bytes(_ITEM) + b" trailing",
+], ids=["plain", "empty-cursor", "duplicate-key", "lone-surrogate-unread",
+        "not-utf8-unread", "nan-unread", "deep-unread", "lone-surrogate-state", "nul-in-id",
+        "bad-items", "bad-stop", "bom", "trailing"])
+def test_a_page_read_whole_reads_as_item_by_item(body: bytes) -> None:
+    """The page decoded for its stop fields at once gives what reading it item by item gives,
+    or hands the page to that reading: the same items, the same refusals."""
+    response = httpx.Response(200, content=body)
+
+    def outcome(parse: Callable[[str, httpx.Response], Any]) -> Any:
+        try:
+            return parse("list", response)
+        except (MalformedResponseError, RecursionError) as exc:
+            return type(exc)
+
+    assert outcome(_endpoints._listed_page) == outcome(_endpoints._listed_items)
+
+
+def test_a_page_whose_items_all_read_well_is_read_whole() -> None:
+    assert _endpoints._listed_whole(_page_bytes(_ITEM, _ITEM)) == ListedPage(
+        [ListedWork("w1", "queued"), ListedWork("w1", "queued")])
 
 
 @pytest.mark.parametrize("body", [{"data": None}, [], {"data": [], "next_page": 3}],
