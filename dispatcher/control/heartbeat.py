@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -293,6 +293,39 @@ def _retry_release(runtime: Runtime, work_id: str) -> int:
     return int(runtime.executor.run(lease, ev.ReleaseDue()) is None)
 
 
+class _Limit:
+    """At most `size` holders at once, the others served first come first served, each acquire
+    and release in constant time. `asyncio.Semaphore` (Python 3.11) walks its queue of waiters
+    on every acquire and release: with a tick's thousands of beats waiting their turn that was a
+    fifth of the tick's CPU."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a place just as it was cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        """Hand the place to the first waiter still waiting, else free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 class _Sender:
     """One event loop per process, in its own thread, with one HTTP client per configuration:
     connections outlive ticks (no TCP or TLS set-up per tick, no client built per tick), and
@@ -306,7 +339,7 @@ class _Sender:
         self.loop = asyncio.new_event_loop()
         self.clients: dict[tuple[Any, ...], AsyncWorkClient] = {}
         self.reach = Reach()
-        self._limit: asyncio.Semaphore | None = None
+        self._limit: _Limit | None = None
         self._thread = threading.Thread(target=self.loop.run_forever,
                                         name="dispatcher-heartbeat", daemon=True)
         self._thread.start()
@@ -322,9 +355,9 @@ class _Sender:
             future.cancel()
             raise
 
-    def limit(self) -> asyncio.Semaphore:  # made in the loop's thread, on first use
+    def limit(self) -> _Limit:  # made in the loop's thread, on first use
         if self._limit is None:
-            self._limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+            self._limit = _Limit(MAX_CONCURRENT_REQUESTS)
         return self._limit
 
     async def client(self, settings: Settings, environment: Environment) -> AsyncWorkClient:
@@ -396,7 +429,8 @@ async def _send_all(
         client = clients[lease.environment_id]
         if delay > 0:
             await asyncio.sleep(delay)
-        async with limit:
+        await limit.acquire()
+        try:
             if not may_still_send(claimed, time.monotonic()):
                 return lease, None, 0.0
             sent_at = time.time() + offset
@@ -410,6 +444,8 @@ async def _send_all(
             except WorkAPIError as exc:
                 return lease, exc, sent_at
             return lease, reply, sent_at
+        finally:
+            limit.release()
 
     return list(await asyncio.gather(*(one(d, lease) for d, lease in zip(delays, leases,
                                                                           strict=True))))

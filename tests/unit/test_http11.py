@@ -9,11 +9,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import httpx
 import pytest
 
 from dispatcher.control.heartbeat import MAX_CONCURRENT_REQUESTS
-from dispatcher.workapi import AsyncWorkClient, RequestTimeout, TransientError
+from dispatcher.workapi import AsyncWorkClient, RequestTimeout, TransientError, http11
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
 HEARTBEAT = (b'{"type":"work_heartbeat","last_heartbeat":"2026-01-01T00:00:01Z",'
@@ -298,3 +299,97 @@ def test_a_proxy_from_the_environment_keeps_httpx_own_transport(
     assert AsyncHTTP11Transport.for_url("http://127.0.0.1:8765", max_connections=1) is not None
     monkeypatch.setenv("NO_PROXY", "api.anthropic.com")
     assert AsyncHTTP11Transport.for_url("https://api.anthropic.com", max_connections=1) is not None
+
+
+# --- the plain reading against h11's --------------------------------------------------------
+def _read(answer: bytes, reader: Callable[..., Awaitable[Any]], method: bytes = b"GET") -> Any:
+    """`reader`'s outcome for an answer whose every byte has arrived, and then the end of the
+    stream: the answer and whether the connection could be reused, or the error's type."""
+    sent = http11._Sent(method, b"/x", [(b"host", b"h")], b"")
+
+    async def main() -> Any:
+        conn = http11._Connection()
+        conn.busy, conn.closed = True, True
+        conn.buffer += answer
+        try:
+            got = await reader(conn, sent)
+        except (httpx.HTTPError, h11.ProtocolError) as exc:
+            return type(exc).__name__
+        return got.status, got.reason, got.headers, got.body, conn.keep
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("answer", [
+    ok(HEARTBEAT, b"date: Mon, 07 Dec 2026 00:00:00 GMT", b"server: uvicorn"),
+    ok(b"{}", b"x-obs: caf\xc3\xa9 \t au  lait", b"x-empty:", b"X-Mixed-Case:  v  "),
+    ok(b"{}") + b"HTTP/1.1 200 OK\r\n",  # bytes beyond the answer: not reused
+    ok(b"{}")[:-1],  # the body cut short
+    ok(b"{}", b"content-length: 2"),  # the same length twice
+    ok(b"{}", b"content-length: 3"),
+    ok(b"{}").replace(b"content-length: 2", b"content-length: +2"),
+    ok(b"{}").replace(b"content-length: 2", b"content-length: 99999999999999999999"),
+    ok(b"{}").replace(b"content-length: 2", b"content-length : 2"),
+    ok(b"{}").replace(b"200 OK", b"200"),
+    ok(b"{}").replace(b"200 OK", b"099 Odd"),
+    ok(b"{}").replace(b"HTTP/1.1", b"HTTP/1.0"),
+    ok(b"{}").replace(b"\r\n", b"\n"),
+    ok(b"{}", b"connection: close"),
+    ok(b"{}", b"x-a: 1", b" x-smuggled: 2"),
+    ok(b"{}", b"x-nul: a\x00b"),
+    ok(b"{}", b"x-ctl: a\x01b"),
+    ok(b"{}", b"x-\x80: 1"),
+    ok(b"{}", b"transfer-encoding: chunked"),
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"[1]"),
+    b"HTTP/1.1 204 No Content\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\n\r\n{\"end\":true}",
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n",  # no end of head
+    b"",
+], ids=["uvicorn", "odd-values", "trailing", "short-body", "length-twice", "length-conflict",
+        "length-plus", "length-huge", "space-before-colon", "no-reason", "status-099",
+        "http10", "bare-lf", "connection-close", "folded", "nul", "control", "obs-name",
+        "chunked-with-length", "chunked", "informational", "no-content", "close-delimited",
+        "cut-head", "nothing"])
+def test_a_plain_reading_gives_what_h11_gives(answer: bytes) -> None:
+    """Whatever the answer, reading it (plain where it is plain) gives the same status, reason,
+    headers, body and reuse as h11 reading it from its first byte, or the same refusal."""
+    assert _read(answer, http11._read_response) == _read(answer, http11._read_with_h11)
+
+
+def test_a_plain_answer_is_read_without_h11() -> None:
+    head = ok(b"{}", b"date: x")
+    end = head.index(b"\r\n\r\n")
+    sent = http11._Sent(b"POST", b"/x", [(b"host", b"h")], b"")
+    assert http11._plain_head(bytearray(head), end, sent) == (
+        200, b"OK", [(b"content-type", b"application/json"), (b"content-length", b"2"),
+                     (b"date", b"x")], 2)
+    assert http11._plain_head(bytearray(head), end, http11._Sent(b"HEAD", b"/x", [], b"")) is None
+
+
+@pytest.mark.parametrize(("method", "target", "headers", "body", "problem"), [
+    (b"GET", b"/a b", [(b"host", b"h")], b"", "target"),
+    (b"G T", b"/", [(b"host", b"h")], b"", "method"),
+    (b"GET", b"/", [(b"ho st", b"h")], b"", "header name"),
+    (b"GET", b"/", [(b"host", b"h\x00")], b"", "header value"),
+    (b"GET", b"/", [(b"host", b" h")], b"", "header value"),
+    (b"GET", b"/", [], b"", "Host"),
+    (b"POST", b"/", [(b"host", b"h")], b"{}", "Content-Length"),
+    (b"POST", b"/", [(b"host", b"h"), (b"content-length", b"3")], b"{}", "Content-Length"),
+    (b"POST", b"/", [(b"host", b"h"), (b"transfer-encoding", b"chunked")], b"{}", "streamed"),
+], ids=["space-in-target", "space-in-method", "space-in-name", "nul-in-value",
+        "leading-space", "no-host", "no-length", "wrong-length", "transfer-encoding"])
+def test_a_request_h11_would_refuse_is_refused(method: bytes, target: bytes,
+                                              headers: list[tuple[bytes, bytes]], body: bytes,
+                                              problem: str) -> None:
+    """Refused as h11 refuses it; and a body to stream, which h11 would frame in chunks: we
+    send whole bodies only."""
+    with pytest.raises(httpx.LocalProtocolError, match=problem):
+        http11._request_head(http11._Sent(method, target, headers, body))
+    if problem == "streamed":
+        return
+    with pytest.raises(h11.LocalProtocolError):  # h11 refuses it too
+        machine = h11.Connection(h11.CLIENT)
+        machine.send(h11.Request(method=method, target=target, headers=headers))
+        machine.send(h11.Data(data=body))
+        machine.send(h11.EndOfMessage())
