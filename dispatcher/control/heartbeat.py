@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from dispatcher.lease import events as ev
 from dispatcher.lease.executor import AnsweredHeartbeat
+from dispatcher.lease.machine import may_still_send
 from dispatcher.lease.model import Heartbeater, Lease, Phase
 from dispatcher.lease.replies import heartbeat_event
 from dispatcher.logs import event
@@ -41,7 +42,7 @@ T = TypeVar("T")
 REQUEST_TIMEOUT_SECONDS = 5.0
 # A claimed due lease stays in flight this long (`claim_due_heartbeats`): no other tick takes
 # it meanwhile. A beat that has not left a request's time before the mark lapses is not sent
-# (`may_still_send`).
+# (the lease machine's `may_still_send`).
 INFLIGHT_SECONDS = REQUEST_TIMEOUT_SECONDS * 2
 # Requests in flight at once, per process. Heartbeats a second = in flight / the API's latency, so
 # this bounds throughput against a distant API: 5,000 leases at a 30 s TTL (500 heartbeats/s) 150 ms
@@ -113,15 +114,6 @@ def send_delays(dues: list[float], now: float) -> list[float]:
     heartbeats due together (a burst of claims) still leave spread out."""
     spacing = pace(len(dues))
     return [max(due - now, index * spacing, 0.0) for index, due in enumerate(dues)]
-
-
-def may_still_send(claimed: float, now: float) -> bool:
-    """Whether a heartbeat whose turn came at `now` (its lease claimed at `claimed`, both
-    monotonic seconds) may still leave: only while a whole request fits inside its in-flight
-    mark. Past that, another tick may claim the lease and send a beat with the same token, and
-    of two beats racing on one token the server refuses one (412): a lease lost. Left unsent,
-    the lease is due again once its mark lapses."""
-    return now + REQUEST_TIMEOUT_SECONDS <= claimed + INFLIGHT_SECONDS
 
 
 def heartbeat_due_leases(runtime: Runtime) -> Tally:
@@ -419,7 +411,7 @@ async def _send_all(
     """Heartbeat every lease with its own environment's client, each after its delay; all
     share one limit in flight. Each send time is the fleet's clock: this host's plus `offset`
     (measured outside the loop, which must not wait on Redis). A beat whose turn comes too late
-    (`may_still_send`) is not sent: None."""
+    (the machine's `may_still_send`) is not sent: None."""
     clients = {e: await sender.client(settings, environments[e])
                for e in {lease.environment_id for lease in leases}}
     limit = sender.limit()
@@ -431,7 +423,9 @@ async def _send_all(
             await asyncio.sleep(delay)
         await limit.acquire()
         try:
-            if not may_still_send(claimed, time.monotonic()):
+            if not may_still_send(claimed, time.monotonic(),
+                                  request_seconds=REQUEST_TIMEOUT_SECONDS,
+                                  inflight_seconds=INFLIGHT_SECONDS):
                 return lease, None, 0.0
             sent_at = time.time() + offset
             try:

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.control.heartbeat import (
-    INFLIGHT_SECONDS,
-    PACE_ABOVE,
-    PACE_SECONDS,
-    REQUEST_TIMEOUT_SECONDS,
-    may_still_send,
-    pace,
-    send_delays,
-)
+from dispatcher.control.heartbeat import PACE_ABOVE, PACE_SECONDS, pace, send_delays
 
 
 @pytest.mark.parametrize("leases", [0, 1, 10, PACE_ABOVE])
@@ -39,18 +31,3 @@ def test_each_heartbeat_leaves_when_due_but_never_before_its_paced_place() -> No
     # Many spread over the next second: at their due times, where those are later.
     spread = [now + i / 2000 for i in range(2000)]
     assert send_delays(spread, now) == pytest.approx([i / 2000 for i in range(2000)])
-
-
-@pytest.mark.parametrize(
-    ("turn_after", "sent"),
-    [
-        (0.0, True),  # at once
-        (INFLIGHT_SECONDS - REQUEST_TIMEOUT_SECONDS, True),  # a whole request still fits
-        (INFLIGHT_SECONDS - REQUEST_TIMEOUT_SECONDS + 0.01, False),  # it would outlive the mark
-        (INFLIGHT_SECONDS + 1, False),  # another tick may hold the lease already
-    ],
-)
-def test_a_heartbeat_leaves_only_while_a_request_fits_in_its_in_flight_mark(
-        turn_after: float, sent: bool) -> None:
-    claimed = 1000.0
-    assert may_still_send(claimed, claimed + turn_after) is sent

@@ -21,6 +21,7 @@ from dispatcher.lease.machine import (
     Stuck,
     decide,
     heartbeat_interval,
+    may_still_send,
     message_lost,
     pulse_is_quiet,
     renewal_due,
@@ -410,6 +411,25 @@ def test_force_wins_over_graceful_and_the_first_cause_stays() -> None:
     again = decide(forced.lease, ev.StopRequested(StopKind.GRACEFUL, "server", "bridge"),
                    now=NOW)
     assert again.effects == () and again.lease == forced.lease
+
+
+@pytest.mark.parametrize(
+    ("turn_after", "request_seconds", "mark", "sent"),
+    [
+        (0.0, 5.0, 10.0, True),  # at once
+        (5.0, 5.0, 10.0, True),  # a whole request still fits
+        (5.01, 5.0, 10.0, False),  # it would outlive the mark
+        (11.0, 5.0, 10.0, False),  # another tick may hold the lease already
+        (0.0, 5.0, 4.0, False),  # a mark shorter than a request: never
+        (1.0, 0.5, 1.5, True),
+        (1.01, 0.5, 1.5, False),
+    ],
+)
+def test_a_heartbeat_leaves_only_while_a_request_fits_in_its_in_flight_mark(
+        turn_after: float, request_seconds: float, mark: float, sent: bool) -> None:
+    claimed = 1000.0
+    assert may_still_send(claimed, claimed + turn_after, request_seconds=request_seconds,
+                          inflight_seconds=mark) is sent
 
 
 @pytest.mark.parametrize("ttl,interval", [(0, 1.0), (3, 1.0), (30, 10.0), (600, 30.0)])

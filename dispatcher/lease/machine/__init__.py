@@ -46,13 +46,15 @@ from dispatcher.lease.machine.steps import (
     Decision,
     Policy,
     heartbeat_interval,
+    may_still_send,
     outage_is_too_long,
     renewal_due,
 )
 from dispatcher.lease.model import Lease
 
 __all__ = ["QUIET_SECONDS", "Claim", "Decision", "Delivery", "Policy", "Stuck", "claim_of",
-           "decide", "heartbeat_interval", "last_seen", "message_lost", "outage_is_too_long",
+           "decide", "heartbeat_interval", "last_seen", "may_still_send", "message_lost",
+           "outage_is_too_long",
            "pulse_is_quiet", "renewal_due", "stuck"]
 
 

@@ -71,6 +71,17 @@ def renewal_due(sent_at: float, ttl_seconds: int, *, work_id: str, first: bool,
     return sent_at + interval * (FIRST_RENEWAL_MIN_SHARE + (1 - FIRST_RENEWAL_MIN_SHARE) * bucket)
 
 
+def may_still_send(claimed: float, now: float, *, request_seconds: float,
+                   inflight_seconds: float) -> bool:
+    """Whether a heartbeat whose turn came at `now` may still leave, its lease claimed for it
+    at `claimed` (both monotonic seconds) with an in-flight mark `inflight_seconds` long: only
+    while a whole request (`request_seconds`) fits inside the mark. Past that, another tick
+    may claim the lease and send a beat with the same token, and of two beats racing on one
+    token the server refuses one (412): a lease lost. Left unsent, the lease is due again once
+    its mark lapses."""
+    return now + request_seconds <= claimed + inflight_seconds
+
+
 def outage_is_too_long(lease: Lease, seconds: float) -> bool:
     """Whether an attempt that could not pulse for `seconds` must kill its sandbox."""
     return seconds >= min(SELF_FENCE_SECONDS, lease.ttl * REGISTRY_OUTAGE_SHARE_OF_TTL)
