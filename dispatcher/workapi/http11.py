@@ -378,11 +378,14 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         slots = self._slots.get(origin)
         if slots is None:
             slots = self._slots[origin] = asyncio.Semaphore(self._max_connections)
-        try:
-            async with asyncio.timeout(timeout.get("pool")):
-                await slots.acquire()
-        except TimeoutError:
-            raise httpx.PoolTimeout("no connection free in time") from None
+        if slots.locked():  # a wait, bounded; a free slot is taken at once, with no timer
+            try:
+                async with asyncio.timeout(timeout.get("pool")):
+                    await slots.acquire()
+            except TimeoutError:
+                raise httpx.PoolTimeout("no connection free in time") from None
+        else:
+            await slots.acquire()
         try:
             return await self._send(origin, method, target, headers, body, timeout)
         finally:
