@@ -85,6 +85,12 @@ def _decode_json(endpoint: str, response: httpx.Response, expected: str) -> Any:
         raise MalformedResponseError(
             f"{endpoint}: the {status} response is not JSON ({describe_body(response)}): "
             f"{reason}{where}; expected {expected}", status=status, endpoint=endpoint) from None
+    except RecursionError:
+        # The decoder recurses once per nesting level; a hostile body of a few thousand `[` ends
+        # it with RecursionError, which is a malformed answer like any other, not a crash.
+        raise MalformedResponseError(
+            f"{endpoint}: the {status} response is not JSON ({describe_body(response)}): "
+            f"nested too deeply; expected {expected}", status=status, endpoint=endpoint) from None
 
 
 def _validate(endpoint: str, status: int, model: type[M], expected: str, data: Any) -> M:
@@ -297,7 +303,7 @@ class HeartbeatRequests:
         if 200 <= status < 300 and body:
             try:
                 data = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass  # judged below, with the message every endpoint gives
             else:
                 return _validate(self.ENDPOINT, status, Heartbeat, self._EXPECTED, data)

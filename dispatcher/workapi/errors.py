@@ -230,7 +230,7 @@ def _error_fields(response: httpx.Response) -> tuple[str | None, str, Any, str |
         return None, "no error body", None, request_id
     try:
         body = json.loads(response.content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body nested too deeply
         return None, f"the error body is not JSON ({describe_body(response)})", None, request_id
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):

@@ -449,8 +449,10 @@ def test_a_412_without_a_readable_lease_state_still_is_a_412(api: MakeApi, detai
         (reply(500), "stats: 500 Internal Server Error: no error body"),
         (reply(409, {"type": "error", "error": {"type": 7}}, headers={"request-id": "req_h"}),
          "stats: 409 Conflict: no message (request_id=req_h)"),
+        (reply(502, raw=b"[" * 100_000),
+         "stats: 502 Bad Gateway: the error body is not JSON (no content-type, 100000 bytes)"),
     ],
-    ids=["html", "no-error-object", "list", "empty", "odd-fields"],
+    ids=["html", "no-error-object", "list", "empty", "odd-fields", "nested-too-deeply"],
 )
 def test_an_odd_error_body_still_gives_the_right_class_and_a_clear_message(
     api: MakeApi, answer: Reply, message: str
@@ -590,8 +592,15 @@ def test_a_rate_limit_error_carries_retry_after(api: MakeApi) -> None:
         ("list", (), reply(200, raw=b"\x80garbage"),
          "list: the 200 response is not JSON (no content-type, 8 bytes): not UTF-8; "
          "expected a page of work items"),
+        ("heartbeat", ("work_1",), reply(200, raw=b"[" * 100_000),
+         "heartbeat: the 200 response is not JSON (no content-type, 100000 bytes): "
+         "nested too deeply; expected a heartbeat"),
+        ("list", (), reply(200, raw=b"[" * 100_000),
+         "list: the 200 response is not JSON (no content-type, 100000 bytes): nested too deeply; "
+         "expected a page of work items"),
     ],
-    ids=["truncated", "list-not-object", "html", "wrong-type", "not-utf8"],
+    ids=["truncated", "list-not-object", "html", "wrong-type", "not-utf8", "hb-nested-too-deeply",
+         "nested-too-deeply"],
 )
 def test_a_malformed_answer_is_a_clear_retryable_error(
     api: MakeApi, method: str, args: tuple[Any, ...], answer: Reply, message: str
