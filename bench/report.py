@@ -335,6 +335,13 @@ def _scale_sections(results: dict[str, Any]) -> list[str]:
                 f"{_f3(fair.get('jain_min'))}; of the mean shares "
                 f"{_f3(fair.get('jain_of_mean_shares'))} (mean slots held, sorted: "
                 f"{fair.get('mean_slots_held')}).", ""]
+        if fair.get("breakdown"):
+            from bench.breakdown import render
+            out += ["Where the trickling sessions' start went, alone and beside the burst "
+                    "(milliseconds since the step before, p50 / p99, and since creation): an "
+                    "item that waited on the server for its poller to have room shows in "
+                    "`poll_answered`, one that waited for a free pool thread in `received`.",
+                    "", render(fair["breakdown"]), ""]
     th = results.get("thousand")
     if th and "n" in th:
         out += [f"## {th['n']:,} sessions at once", "",

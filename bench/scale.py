@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from bench import proc
+from bench import breakdown, proc
 from bench.emu import Created, Emulator
 from bench.fleets import KEY_PREFIXES, WATCHDOG_MARK
 from bench.records import summary, wait_for_event
@@ -155,6 +155,7 @@ def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20
         loaded_latency = _latencies(fleet.records, loaded, 300)
         burst_latency = _latencies(fleet.records, bursting, 900)
         a, b = summary(alone_latency), summary(loaded_latency)
+        steps = _breakdown(fleet, emu, trickling, {"alone": alone, "beside_burst": loaded})
         log(f"fairness: all ten backlogged ({backlog} each)")
         shares = _backlogged_shares(fleet, emu, backlog, duration)
         return {
@@ -164,10 +165,24 @@ def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20
             "p50_ratio": b["p50"] / a["p50"], "p99_ratio": b["p99"] / a["p99"],
             "burst_latency": summary(burst_latency),
             "burst_drained_s": max(burst_latency) if burst_latency else None,
+            "breakdown": steps,
             **shares,
         }
     finally:
         fleet.stop()
+
+
+def _breakdown(fleet: MultiFleet, emu: Emulator, environments: list[str],
+               batches: dict[str, list[Created]]) -> dict[str, Any]:
+    """Where the trickling sessions' start went, alone and beside the burst: an item that
+    waited on the server for its poller to have room shows in `poll_answered`, one that waited
+    for a pool thread in `received`, a busy CPU in every step a little."""
+    wanted = set(environments)
+    requests = [r for r in emu.requests() if r.get("environment_id") in wanted]
+    paths = breakdown.start_paths(fleet.stack.log(name) for name in fleet.members)
+    return {name: breakdown.table(breakdown.timelines(created, requests, paths, fleet.records),
+                                  breakdown.OURS_STEPS)
+            for name, created in batches.items()}
 
 
 def _backlogged_shares(fleet: MultiFleet, emu: Emulator, backlog: int,
