@@ -134,11 +134,15 @@ def _trickle(emu: Emulator, environments: list[str], rate: float, seconds: float
 
 def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20,
              burst: int = 500, rate: float = 0.2, seconds: float = 30.0,
-             duration: float = 2.0, backlog: int = 40, log: Any = print) -> dict[str, Any]:
+             duration: float = 2.0, backlog: int = 40, idle_headroom: float | None = None,
+             log: Any = print) -> dict[str, Any]:
     """Nine environments trickle `rate` sessions/s each (of `duration` s) for `seconds`, alone
     and then while the tenth bursts `burst` sessions; then every environment gets `backlog`
-    sessions and each one's held slots are sampled while all ten still have queued work."""
-    fleet = MultiFleet(stack, emu, workdir, 10)
+    sessions and each one's held slots are sampled while all ten still have queued work.
+    `idle_headroom`: the fleet's DISPATCHER_IDLE_HEADROOM_SECONDS (None: its default)."""
+    headroom = ({} if idle_headroom is None
+                else {"DISPATCHER_IDLE_HEADROOM_SECONDS": f"{idle_headroom:g}"})
+    fleet = MultiFleet(stack, emu, workdir, 10, **headroom)
     half = slots // 2
     fleet.start([half, slots - half])
     try:
@@ -160,7 +164,7 @@ def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20
         shares = _backlogged_shares(fleet, emu, backlog, duration)
         return {
             "slots": slots, "environments": 10, "burst": burst, "rate_per_env": rate,
-            "seconds": seconds, "duration": duration,
+            "seconds": seconds, "duration": duration, "idle_headroom_seconds": idle_headroom,
             "trickle_alone": a, "trickle_with_burst": b,
             "p50_ratio": b["p50"] / a["p50"], "p99_ratio": b["p99"] / a["p99"],
             "burst_latency": summary(burst_latency),
