@@ -154,9 +154,11 @@ def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20
         alone_latency = _latencies(fleet.records, alone, 120)
         time.sleep(duration + 2)
         log(f"fairness: the same while the tenth bursts {burst}")
-        bursting = emu.create_sessions(burster, burst, _metadata(duration))
-        loaded = _trickle(emu, trickling, rate, seconds, duration)
-        loaded_latency = _latencies(fleet.records, loaded, 300)
+        with _SlotSampler(fleet) as sampler:
+            bursting = emu.create_sessions(burster, burst, _metadata(duration))
+            loaded = _trickle(emu, trickling, rate, seconds, duration)
+            loaded_latency = _latencies(fleet.records, loaded, 300)
+        slots_seen = sampler.at_arrivals(loaded, burster, slots)
         burst_latency = _latencies(fleet.records, bursting, 900)
         a, b = summary(alone_latency), summary(loaded_latency)
         steps = _breakdown(fleet, emu, trickling, {"alone": alone, "beside_burst": loaded})
@@ -169,11 +171,50 @@ def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20
             "p50_ratio": b["p50"] / a["p50"], "p99_ratio": b["p99"] / a["p99"],
             "burst_latency": summary(burst_latency),
             "burst_drained_s": max(burst_latency) if burst_latency else None,
-            "breakdown": steps,
+            "breakdown": steps, **slots_seen,
             **shares,
         }
     finally:
         fleet.stop()
+
+
+class _SlotSampler:
+    """The slots each environment holds, read every `SAMPLE_SECONDS` while the burst runs:
+    whether a trickling session arrived to a full fleet (it then waits for a slot, whatever
+    the CPU), and how many slots the burst held meanwhile (its drain's pace)."""
+
+    SAMPLE_SECONDS = 0.05
+
+    def __init__(self, fleet: MultiFleet) -> None:
+        self.fleet = fleet
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _SlotSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.SAMPLE_SECONDS):
+            self.samples.append((time.time(), self.fleet.held()))
+
+    def at_arrivals(self, created: list[Created], burster: str, slots: int) -> dict[str, Any]:
+        """Of the trickling sessions, how many arrived when the last sample before them found
+        every slot held; and the burst's mean slots held from the first arrival to the last."""
+        full = 0
+        for c in created:
+            before = [held for at, held in self.samples if at <= c.time]
+            if before and sum(before[-1].values()) >= slots:
+                full += 1
+        first, last = created[0].time, created[-1].time
+        burst_held = [held.get(burster, 0) for at, held in self.samples if first <= at <= last]
+        return {"arrived_to_full_fleet": full, "arrivals": len(created),
+                "burst_mean_slots": (sum(burst_held) / len(burst_held)) if burst_held else None}
 
 
 def _breakdown(fleet: MultiFleet, emu: Emulator, environments: list[str],
