@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = _env("DISPATCHER_POLL_INTERVAL_SECONDS", 5.0, gt=0,
         description=("Beat period of the poller's watchdog: each run hands over to the next "
                      "itself; this tick starts one when none runs (after a crash)."))
-    idle_headroom_seconds: float = _env("DISPATCHER_IDLE_HEADROOM_SECONDS", 2.0, ge=0, le=60,
+    idle_headroom_seconds: float = _env("DISPATCHER_IDLE_HEADROOM_SECONDS", 2.0, ge=0, le=3600,
         description=(
             "Fleets of several environments: for this many seconds after a session arrives in "
             "an environment with no backlog, a slot of that environment's unused fair share "
