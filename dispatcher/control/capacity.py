@@ -16,7 +16,7 @@ parts, none above its `max_sessions`, what one cannot use shared among the other
 poller may claim beyond its share only what leaves every other environment its unused share, so
 a backlog in one never starves another. An environment whose last poll found nothing (idle: not
 backlogged) reserves of its unused share only what its recent demand asks: as many slots as
-sessions arrived in it within the last few seconds (`DISPATCHER_IDLE_HEADROOM_SECONDS`), and the
+sessions arrived in it lately (`DISPATCHER_IDLE_HEADROOM_SECONDS`; none by default), and the
 idle environments together at least a slot (`IDLE_HEADROOM_SLOTS`, in a fleet of ten slots or
 more). So the busy ones may use the rest of the fleet, a session arriving in an idle environment
 finds a slot at once, and environments with no arrivals lately leave the fleet to the others.

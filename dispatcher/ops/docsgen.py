@@ -164,7 +164,7 @@ slots (none above its `max_sessions`; what one cannot use is shared by the other
 claim beyond that only what leaves every other busy environment its unused part. An
 environment whose last poll found nothing (within 5 s: it has no backlog) keeps free, out of
 its unused part, only a slot for each session that arrived in it within the last
-`DISPATCHER_IDLE_HEADROOM_SECONDS` (2 s), and the idle ones together at least one slot (in a
+`DISPATCHER_IDLE_HEADROOM_SECONDS` (0, off, by default), and the idle ones together at least one slot (in a
 fleet of ten slots or more): a session arriving in a quiet environment finds a slot at once
 while another environment's burst holds the rest, and environments with no arrivals lately
 leave all but that one slot to a lone busy one. The trade is the burst's: it drains on the
