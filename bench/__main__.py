@@ -79,6 +79,9 @@ class Sizes:
     fair_rate: float = 0.2
     fair_seconds: float = 30.0
     fair_backlog: int = 40
+    # DISPATCHER_IDLE_HEADROOM_SECONDS of the fairness fleet (None: the setting's default), to
+    # measure its trade: the quiet environments' dispatch against the burst's drain.
+    fair_idle_headroom: float | None = None
     # A thousand sessions at once, over ten environments, on threads-pool session workers.
     thousand: int = 1000
     thousand_workers: int = 2
@@ -197,7 +200,8 @@ def run_fairness(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
                  out: dict[str, Any]) -> dict[str, Any]:
     out.update(scale.fairness(stack, emu, records.parent, slots=sizes.fair_slots,
                               burst=sizes.fair_burst, rate=sizes.fair_rate,
-                              seconds=sizes.fair_seconds, backlog=sizes.fair_backlog, log=log))
+                              seconds=sizes.fair_seconds, backlog=sizes.fair_backlog,
+                              idle_headroom=sizes.fair_idle_headroom, log=log))
     return out
 
 
@@ -308,6 +312,24 @@ def _end_on_signals() -> None:
         signal.signal(signum, interrupt)
 
 
+def _sizes(args: argparse.Namespace) -> Sizes:
+    """The run's sizes: the defaults (or the quick ones), as the command line changes them."""
+    sizes = replace(QUICK if args.quick else Sizes())
+    if args.hb_steps or args.hb_ttl:
+        ttl, steps = sizes.hb_series[0]
+        sizes.hb_series = [(args.hb_ttl or ttl, [int(n) for n in args.hb_steps.split(",")]
+                            if args.hb_steps else steps)]
+    if args.hb_window:
+        sizes.hb_window = args.hb_window
+    if args.hb_latency_ms:
+        sizes.hb_latency_ms = args.hb_latency_ms
+    if args.thousand:
+        sizes.thousand = args.thousand
+    if args.idle_headroom is not None:
+        sizes.fair_idle_headroom = args.idle_headroom
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
@@ -328,6 +350,9 @@ def main() -> None:
                         help="heartbeat capacity: how long each step is judged (default 25)")
     parser.add_argument("--hb-latency-ms", type=int, default=None, metavar="MS",
                         help="heartbeat capacity: delay every heartbeat answer this much")
+    parser.add_argument("--idle-headroom", type=float, default=None, metavar="SECONDS",
+                        help="fairness: the fleet's DISPATCHER_IDLE_HEADROOM_SECONDS "
+                             "(default: the setting's)")
     parser.add_argument("--thousand", type=int, default=None, metavar="N",
                         help="the thousand part: this many sessions at once (default 1000)")
     args = parser.parse_args()
@@ -337,17 +362,7 @@ def main() -> None:
         target = Path(args.out or "BENCHMARKS.md")
         target.write_text(carry_over(target, write_report(saved, command=command)))
         return
-    sizes = replace(QUICK if args.quick else Sizes())
-    if args.hb_steps or args.hb_ttl:
-        ttl, steps = sizes.hb_series[0]
-        sizes.hb_series = [(args.hb_ttl or ttl, [int(n) for n in args.hb_steps.split(",")]
-                            if args.hb_steps else steps)]
-    if args.hb_window:
-        sizes.hb_window = args.hb_window
-    if args.hb_latency_ms:
-        sizes.hb_latency_ms = args.hb_latency_ms
-    if args.thousand:
-        sizes.thousand = args.thousand
+    sizes = _sizes(args)
     out = args.out or (None if args.quick else "BENCHMARKS.md")
     parts = args.only or PARTS
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="dispatcher-bench-"))

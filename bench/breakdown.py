@@ -36,7 +36,7 @@ from typing import Any
 from bench.emu import Created, Emulator
 from bench.records import events, percentile
 
-__all__ = ["OURS_STEPS", "PEER_STEPS", "Step", "analyse", "start_paths", "table"]
+__all__ = ["OURS_STEPS", "PEER_STEPS", "Step", "analyse", "start_paths", "table", "timelines"]
 
 Step = tuple[str, str]  # (name, what happened)
 

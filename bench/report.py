@@ -326,7 +326,13 @@ def _scale_sections(results: dict[str, Any]) -> list[str]:
                 f"{_ms(a['p99'])}; the same while the tenth creates {fair['burst']} at once, "
                 f"p50 {_ms(b['p50'])}, p99 {_ms(b['p99'])} ({fair['p50_ratio']:.2f}x and "
                 f"{fair['p99_ratio']:.2f}x). The burst itself drained in "
-                f"{_s(fair.get('burst_drained_s'))}.",
+                f"{_s(fair.get('burst_drained_s'))}"
+                + (f", holding {fair['burst_mean_slots']:.1f} slots on average while the "
+                   f"others trickled; {fair['arrived_to_full_fleet']} of their "
+                   f"{fair['arrivals']} sessions arrived to a fleet with every slot held "
+                   "(sampled every 50 ms)" if fair.get("burst_mean_slots") is not None else "")
+                + (f"; `DISPATCHER_IDLE_HEADROOM_SECONDS` {fair['idle_headroom_seconds']:g}"
+                   if fair.get("idle_headroom_seconds") is not None else "") + ".",
                 "",
                 f"Then each of the ten got {fair['backlog_per_env']} sessions at once, and the "
                 f"slots each held were sampled every 0.5 s while all ten still had queued work "
@@ -335,6 +341,13 @@ def _scale_sections(results: dict[str, Any]) -> list[str]:
                 f"{_f3(fair.get('jain_min'))}; of the mean shares "
                 f"{_f3(fair.get('jain_of_mean_shares'))} (mean slots held, sorted: "
                 f"{fair.get('mean_slots_held')}).", ""]
+        if fair.get("breakdown"):
+            from bench.breakdown import render
+            out += ["Where the trickling sessions' start went, alone and beside the burst "
+                    "(milliseconds since the step before, p50 / p99, and since creation): an "
+                    "item that waited on the server for its poller to have room shows in "
+                    "`poll_answered`, one that waited for a free pool thread in `received`.",
+                    "", render(fair["breakdown"]), ""]
     th = results.get("thousand")
     if th and "n" in th:
         out += [f"## {th['n']:,} sessions at once", "",

@@ -24,12 +24,13 @@ import shlex
 import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from bench import proc
+from bench import breakdown, proc
 from bench.emu import Created, Emulator
 from bench.fleets import KEY_PREFIXES, WATCHDOG_MARK
 from bench.records import summary, wait_for_event
@@ -134,11 +135,15 @@ def _trickle(emu: Emulator, environments: list[str], rate: float, seconds: float
 
 def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20,
              burst: int = 500, rate: float = 0.2, seconds: float = 30.0,
-             duration: float = 2.0, backlog: int = 40, log: Any = print) -> dict[str, Any]:
+             duration: float = 2.0, backlog: int = 40, idle_headroom: float | None = None,
+             log: Any = print) -> dict[str, Any]:
     """Nine environments trickle `rate` sessions/s each (of `duration` s) for `seconds`, alone
     and then while the tenth bursts `burst` sessions; then every environment gets `backlog`
-    sessions and each one's held slots are sampled while all ten still have queued work."""
-    fleet = MultiFleet(stack, emu, workdir, 10)
+    sessions and each one's held slots are sampled while all ten still have queued work.
+    `idle_headroom`: the fleet's DISPATCHER_IDLE_HEADROOM_SECONDS (None: its default)."""
+    headroom = ({} if idle_headroom is None
+                else {"DISPATCHER_IDLE_HEADROOM_SECONDS": f"{idle_headroom:g}"})
+    fleet = MultiFleet(stack, emu, workdir, 10, **headroom)
     half = slots // 2
     fleet.start([half, slots - half])
     try:
@@ -150,30 +155,91 @@ def fairness(stack: LocalStack, emu: Emulator, workdir: Path, *, slots: int = 20
         alone_latency = _latencies(fleet.records, alone, 120)
         time.sleep(duration + 2)
         log(f"fairness: the same while the tenth bursts {burst}")
-        bursting = emu.create_sessions(burster, burst, _metadata(duration))
-        loaded = _trickle(emu, trickling, rate, seconds, duration)
-        loaded_latency = _latencies(fleet.records, loaded, 300)
+        with _SlotSampler(fleet) as sampler:
+            bursting = emu.create_sessions(burster, burst, _metadata(duration))
+            loaded = _trickle(emu, trickling, rate, seconds, duration)
+            loaded_latency = _latencies(fleet.records, loaded, 300)
+        slots_seen = sampler.at_arrivals(loaded, burster, slots)
         burst_latency = _latencies(fleet.records, bursting, 900)
         a, b = summary(alone_latency), summary(loaded_latency)
+        steps = _breakdown(fleet, emu, trickling, {"alone": alone, "beside_burst": loaded})
         log(f"fairness: all ten backlogged ({backlog} each)")
         shares = _backlogged_shares(fleet, emu, backlog, duration)
         return {
             "slots": slots, "environments": 10, "burst": burst, "rate_per_env": rate,
-            "seconds": seconds, "duration": duration,
+            "seconds": seconds, "duration": duration, "idle_headroom_seconds": idle_headroom,
             "trickle_alone": a, "trickle_with_burst": b,
             "p50_ratio": b["p50"] / a["p50"], "p99_ratio": b["p99"] / a["p99"],
             "burst_latency": summary(burst_latency),
             "burst_drained_s": max(burst_latency) if burst_latency else None,
+            "breakdown": steps, **slots_seen,
             **shares,
         }
     finally:
         fleet.stop()
 
 
+class _SlotSampler:
+    """The slots each environment holds, read every `SAMPLE_SECONDS` while the burst runs:
+    whether a trickling session arrived to a full fleet (it then waits for a slot, whatever
+    the CPU), and how many slots the burst held meanwhile (its drain's pace)."""
+
+    SAMPLE_SECONDS = 0.05
+
+    def __init__(self, fleet: MultiFleet) -> None:
+        self.fleet = fleet
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _SlotSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.SAMPLE_SECONDS):
+            self.samples.append((time.time(), self.fleet.held()))
+
+    def at_arrivals(self, created: list[Created], burster: str, slots: int) -> dict[str, Any]:
+        """Of the trickling sessions, how many arrived when the last sample before them found
+        every slot held; and the burst's mean slots held from the first arrival to the last."""
+        full = 0
+        for c in created:
+            before = [held for at, held in self.samples if at <= c.time]
+            if before and sum(before[-1].values()) >= slots:
+                full += 1
+        first, last = created[0].time, created[-1].time
+        burst_held = [held.get(burster, 0) for at, held in self.samples if first <= at <= last]
+        return {"arrived_to_full_fleet": full, "arrivals": len(created),
+                "burst_mean_slots": (sum(burst_held) / len(burst_held)) if burst_held else None}
+
+
+def _breakdown(fleet: MultiFleet, emu: Emulator, environments: list[str],
+               batches: dict[str, list[Created]]) -> dict[str, Any]:
+    """Where the trickling sessions' start went, alone and beside the burst: an item that
+    waited on the server for its poller to have room shows in `poll_answered`, one that waited
+    for a pool thread in `received`, a busy CPU in every step a little."""
+    wanted = set(environments)
+    requests = [r for r in emu.requests() if r.get("environment_id") in wanted]
+    paths = breakdown.start_paths(fleet.stack.log(name) for name in fleet.members)
+    return {name: breakdown.table(breakdown.timelines(created, requests, paths, fleet.records),
+                                  breakdown.OURS_STEPS)
+            for name, created in batches.items()}
+
+
 def _backlogged_shares(fleet: MultiFleet, emu: Emulator, backlog: int,
                        duration: float) -> dict[str, Any]:
-    made = {e: emu.create_sessions(e, backlog, _metadata(duration))
-            for e in fleet.environment_ids}
+    # All ten at once, not one after another: on a loaded machine the first environment's
+    # backlog was claimed (the others idle, it may fill the fleet) and drained before the last
+    # one's was created, and no sample found all ten backlogged.
+    with ThreadPoolExecutor(len(fleet.environment_ids)) as pool:
+        made = dict(zip(fleet.environment_ids, pool.map(
+            lambda e: emu.create_sessions(e, backlog, _metadata(duration), concurrency=4),
+            fleet.environment_ids), strict=True))
     samples: list[dict[str, int]] = []
     time.sleep(2 * duration)  # past the first claims
     while True:

@@ -14,14 +14,17 @@ A fleet that serves several environments shares its slots between their pollers
 (`claim_allowance`): each environment is entitled to a fair share of the slots (max-min: equal
 parts, none above its `max_sessions`, what one cannot use shared among the others), and a
 poller may claim beyond its share only what leaves every other environment its unused share, so
-a backlog in one never starves another. An environment whose last poll found nothing reserves
-only a slot of headroom for all such environments together (`IDLE_HEADROOM_SLOTS`, in a fleet of
-ten slots or more), so the busy ones may use the rest of the fleet while it is idle, and a
-session arriving in an idle environment finds a slot at once.
+a backlog in one never starves another. An environment whose last poll found nothing (idle: not
+backlogged) reserves of its unused share only what its recent demand asks: as many slots as
+sessions arrived in it lately (`DISPATCHER_IDLE_HEADROOM_SECONDS`; none by default), and the
+idle environments together at least a slot (`IDLE_HEADROOM_SLOTS`, in a fleet of ten slots or
+more). So the busy ones may use the rest of the fleet, a session arriving in an idle environment
+finds a slot at once, and environments with no arrivals lately leave the fleet to the others.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
@@ -40,11 +43,11 @@ ADVERTISE_INTERVAL_SECONDS = 2.0
 WORKER_STALE_SECONDS = 3 * ADVERTISE_INTERVAL_SECONDS
 # Worker hashes outlive their staleness a while so `dispatcher status` can show them going.
 WORKER_RECORD_TTL_SECONDS = 60
-# Slots that environments whose last poll found nothing keep free together, out of their unused
-# shares: without it a burst in one environment took every slot, and a session arriving in a
-# trickling one waited for a burst session to end (p99 4.2x its dispatch alone, BENCHMARKS.md,
-# "Fairness"). One is enough: the burst refills a slot every few tenths of a second. Never more
-# than a tenth of the fleet (`IDLE_HEADROOM_SHARE`), so a small fleet keeps every slot usable.
+# Slots that environments whose last poll found nothing keep free together at least, out of their
+# unused shares, whatever their recent demand: without it a burst in one environment took every
+# slot, and a session arriving in a quiet one waited for a burst session to end (p99 4.2x its
+# dispatch alone, BENCHMARKS.md, "Fairness"). Never more than a tenth of the fleet
+# (`IDLE_HEADROOM_SHARE`), so a small fleet keeps every slot usable while they are silent.
 IDLE_HEADROOM_SLOTS = 1
 IDLE_HEADROOM_SHARE = 0.1
 ENGINE_UP = "up"
@@ -112,12 +115,13 @@ def fair_shares(total: int, maxima: Mapping[str, int | None]) -> dict[str, int]:
 
 def claim_allowance(environment: str, *, total: int, held: Mapping[str, int],
                     maxima: Mapping[str, int | None], idle: Set[str] = frozenset(),
-                    held_elsewhere: int = 0) -> int:
+                    arrived: Mapping[str, int] | None = None, held_elsewhere: int = 0) -> int:
     """How many items `environment`'s poller may claim now.
 
     `total` is the fleet's live slots, `held` the leases held per environment, `maxima` every
     environment the fleet serves with its `max_sessions` (None: none), `idle` those whose last
-    poll found nothing, `held_elsewhere` leases of no environment in `maxima` (served before a
+    poll found nothing, `arrived` the sessions each environment's polls answered lately (its
+    recent demand), `held_elsewhere` leases of no environment in `maxima` (served before a
     configuration change): they take slots all the same. A poller may claim up to its own unused
     share, and beyond it only what leaves each other busy environment its unused share, and the
     idle ones their headroom (`idle_headroom`)."""
@@ -128,16 +132,22 @@ def claim_allowance(environment: str, *, total: int, held: Mapping[str, int],
     room = free if cap is None else max(0, cap - mine)
     unused = {other: max(0, shares[other] - held.get(other, 0)) for other in maxima
               if other != environment}
+    quiet = {other: n for other, n in unused.items() if other in idle}
     reserved = (sum(n for other, n in unused.items() if other not in idle)
-                + idle_headroom(total, sum(n for other, n in unused.items() if other in idle)))
+                + idle_headroom(total, quiet, arrived or {}))
     own = max(0, shares.get(environment, 0) - mine)
     return max(0, min(free, room, max(own, free - reserved)))
 
 
-def idle_headroom(total: int, idle_unused: int) -> int:
+def idle_headroom(total: int, unused: Mapping[str, int], arrived: Mapping[str, int]) -> int:
     """The free slots the idle environments keep together, out of their unused shares
-    (`idle_unused`): `IDLE_HEADROOM_SLOTS`, at most a tenth of a fleet of `total` slots."""
-    return min(IDLE_HEADROOM_SLOTS, int(total * IDLE_HEADROOM_SHARE), idle_unused)
+    (`unused`, of the idle ones only): each keeps a slot for every session that arrived in it
+    lately (`arrived`), never more than its unused share, and together they keep at least
+    `IDLE_HEADROOM_SLOTS` (never over a tenth of a fleet of `total` slots), for a session
+    arriving in one that was silent."""
+    demand = sum(min(n, max(0, arrived.get(e, 0))) for e, n in unused.items())
+    floor = min(IDLE_HEADROOM_SLOTS, int(total * IDLE_HEADROOM_SHARE))
+    return min(sum(unused.values()), max(floor, demand))
 
 
 class Capacity:
@@ -223,19 +233,43 @@ class Capacity:
     def free_slots(self) -> int:
         return free_slots(total=self.total_slots(), held=int(self.redis.zcard(self.keys.leases)))
 
-    def allowance(self, environment: str, maxima: Mapping[str, int | None]) -> int:
-        """What `environment`'s poller may claim now (`claim_allowance` over Redis' figures).
-        With one environment and no maximum this is `free_slots`, without further reads."""
+    def allowance(self, environment: str, maxima: Mapping[str, int | None], *,
+                  demand_seconds: float = 0.0) -> int:
+        """What `environment`'s poller may claim now (`claim_allowance` over Redis' figures):
+        an environment's recent demand is the sessions its polls answered within the last
+        `demand_seconds` (`note_polled`). With one environment and no maximum this is
+        `free_slots`, without further reads."""
         if len(maxima) == 1 and maxima.get(environment, 0) is None:
             return self.free_slots()
+        since = self.clock.now() - demand_seconds
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcard(self.keys.leases)
         for other in maxima:
             pipe.zcard(self.keys.environment_leases(other))
             pipe.exists(self.poll_keys.idle(other))
+            pipe.zcount(self.poll_keys.arrived(other), since, "+inf")
         everything, *figures = pipe.execute()
-        held = {e: int(figures[2 * i]) for i, e in enumerate(maxima)}
-        idle = {e for i, e in enumerate(maxima) if figures[2 * i + 1]}
+        held = {e: int(figures[3 * i]) for i, e in enumerate(maxima)}
+        idle = {e for i, e in enumerate(maxima) if figures[3 * i + 1]}
+        arrived = {e: int(figures[3 * i + 2]) for i, e in enumerate(maxima)}
         elsewhere = max(0, int(everything) - sum(held.values()))
         return claim_allowance(environment, total=self.total_slots(), held=held, maxima=maxima,
-                               idle=idle, held_elsewhere=elsewhere)
+                               idle=idle, arrived=arrived, held_elsewhere=elsewhere)
+
+    def note_polled(self, environment: str, work_id: str | None, *, idle_seconds: int,
+                    demand_seconds: float) -> None:
+        """A poll's answer, for the fair share: an empty one marks the environment idle for
+        `idle_seconds` (its unused share is free for the others); an item takes it back, and
+        counts in its recent demand for `demand_seconds`. One round trip."""
+        keys = self.poll_keys
+        pipe = self.redis.pipeline(transaction=False)
+        if work_id is None:
+            pipe.set(keys.idle(environment), 1, ex=idle_seconds)
+        else:
+            pipe.delete(keys.idle(environment))
+        if work_id is not None and demand_seconds > 0:
+            now = self.clock.now()
+            pipe.zadd(keys.arrived(environment), {work_id: now})
+            pipe.zremrangebyscore(keys.arrived(environment), "-inf", now - demand_seconds)
+            pipe.expire(keys.arrived(environment), max(1, math.ceil(demand_seconds)))
+        pipe.execute()

@@ -1,8 +1,8 @@
 """The poller's Redis keys: its lock and the state one environment's poller keeps between runs.
 
-Beside the poller, not in it: `Capacity` reads `idle` for the fair share, and the runtime builds
-the capacity before any poller runs, so keys inside `poller` (which takes the runtime) would
-close an import cycle poller -> runtime -> capacity -> poller.
+Beside the poller, not in it: `Capacity` keeps `idle` and `arrived` for the fair share, and the
+runtime builds the capacity before any poller runs, so keys inside `poller` (which takes the
+runtime) would close an import cycle poller -> runtime -> capacity -> poller.
 
 Every key is per environment: one environment's refused key or empty queue must not pause or
 starve another's poller. They sit under `lock:` beside the poll lock; renaming them would
@@ -39,6 +39,11 @@ class PollKeys:
     def idle(self, environment_id: str) -> str:
         """String flag: the environment's last poll found nothing (its share is free)."""
         return f"{self.prefix}:lock:poll-idle:{environment_id}"
+
+    def arrived(self, environment_id: str) -> str:
+        """Sorted set: work id -> epoch second (the fleet's clock) a poll answered it, for the
+        last few seconds: the environment's recent demand, which its idle headroom keeps."""
+        return f"{self.prefix}:lock:poll-arrived:{environment_id}"
 
     @property
     def wake_pending(self) -> str:

@@ -164,7 +164,8 @@ def _drain_cut_short(runtime: Runtime, environment: str, deadline: float) -> boo
 
 def _allowance(runtime: Runtime, environment: str) -> int:
     """Items this environment's poller may claim now: the fleet's free slots, shared fairly."""
-    return runtime.capacity.allowance(environment, runtime.maxima)
+    return runtime.capacity.allowance(environment, runtime.maxima,
+                                      demand_seconds=runtime.settings.idle_headroom_seconds)
 
 
 def _take_lock(runtime: Runtime, environment: str, handover: str | None) -> Lock | None:
@@ -316,7 +317,7 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
             backoff.reset()
             runtime.redis.delete(failures_key)
         answered_in = time.monotonic() - sent
-        _note_idle(runtime, environment, idle=item is None)
+        _note_polled(runtime, environment, item)
         emptied = _take(runtime, environment, inflight, item, path,
                         side_by_side=item is not None and queue_busy(
                             answered_before, waiting=was_waiting(
@@ -423,16 +424,15 @@ def _still_ours(lock: Lock, environment: str) -> bool:
         return False
 
 
-def _note_idle(runtime: Runtime, environment: str, *, idle: bool) -> None:
+def _note_polled(runtime: Runtime, environment: str, item: Work | None) -> None:
     """An empty poll frees the environment's unused share for the others (POLL_IDLE_SECONDS);
-    an item takes it back. Only a fleet of several environments reads it."""
+    an item takes it back, and keeps a slot of it free for a while once the environment is idle
+    again (`capacity.idle_headroom`). Only a fleet of several environments reads it."""
     if len(runtime.environments) < 2:
         return
-    key = PollKeys(runtime.settings.key_prefix).idle(environment)
-    if idle:
-        runtime.redis.set(key, 1, ex=POLL_IDLE_SECONDS)
-    else:
-        runtime.redis.delete(key)
+    runtime.capacity.note_polled(environment, item.id if item is not None else None,
+                                 idle_seconds=POLL_IDLE_SECONDS,
+                                 demand_seconds=runtime.settings.idle_headroom_seconds)
 
 
 def _pause(runtime: Runtime, environment: str, *, failures: int, seconds: float) -> None:

@@ -160,11 +160,15 @@ queue = "dispatcher.sessions.gpu"      # optional: its sessions' queue (one of D
 Each environment gets its own poller (its own lock, backoff and wake-up), its own heartbeats,
 stop scans and releases with its own key, and its sessions get its id and key, never another's.
 Slots are shared fairly: each environment is entitled to an equal part of the fleet's live
-slots (none above its `max_sessions`; what one cannot use is shared by the others), may claim
-beyond that only what leaves every other busy environment its unused part, and an environment
-whose last poll found nothing (within 5 s) reserves only a slot of headroom, shared with the
-other idle ones (in a fleet of ten slots or more), so a lone busy environment may use
-all the rest of the fleet. Beat, Flower and `dispatcher webhooks` need neither the file nor any key: a
+slots (none above its `max_sessions`; what one cannot use is shared by the others), and may
+claim beyond that only what leaves every other busy environment its unused part. An
+environment whose last poll found nothing (within 5 s: it has no backlog) keeps free, out of
+its unused part, only a slot for each session that arrived in it within the last
+`DISPATCHER_IDLE_HEADROOM_SECONDS` (0, off, by default), and the idle ones together at least one slot (in a
+fleet of ten slots or more): a session arriving in a quiet environment finds a slot at once
+while another environment's burst holds the rest, and environments with no arrivals lately
+leave all but that one slot to a lone busy one. The trade is the burst's: it drains on the
+slots the quiet environments' recent sessions keep free (0: only the shared slot). Beat, Flower and `dispatcher webhooks` need neither the file nor any key: a
 webhook delivery wakes every environment's poller.
 
 ## Celery's own flags

@@ -148,6 +148,25 @@ def test_two_busy_environments_share_the_slots(emulator: Any, two: Runtime) -> N
     assert run_poller(runtime, environment_id=a, run_seconds=1.5) == 1
 
 
+def test_a_session_arriving_in_an_idle_environment_keeps_a_slot_of_its_share_free(
+        emulator: Any, two: Runtime) -> None:
+    """The poll that answered b's session notes it; once b's poll finds nothing more, b is idle,
+    and its recent arrival keeps the rest of its share free from a for the window."""
+    runtime = two
+    runtime.settings = runtime.settings.model_copy(update={"idle_headroom_seconds": 30.0})
+    a, b = (e.id for e in runtime.environments)
+    _slots(runtime, 4)  # below ten slots: no shared slot, only demand keeps one free
+    emulator.create_session(b)
+    assert run_poller(runtime, environment_id=b, run_seconds=1.5) == 1
+    keys = PollKeys(runtime.settings.key_prefix)
+    assert runtime.redis.exists(keys.idle(b)), "its last poll found nothing"
+    assert runtime.redis.zcard(keys.arrived(b)) == 1
+    # a may claim its half (2), not b's second slot: it stays free while b's session is recent.
+    assert runtime.capacity.allowance(a, runtime.maxima, demand_seconds=30.0) == 2
+    # Past the window (here: none), b's unused slot is a's to take.
+    assert runtime.capacity.allowance(a, runtime.maxima, demand_seconds=0.0) == 3
+
+
 def test_a_wake_up_drains_each_environment_with_its_own_key(emulator: Any,
                                                              two: Runtime) -> None:
     """Webhook mode: a delivery names no environment, so each environment's queue is drained,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dispatcher.celery.bootsteps import session_slots
 from dispatcher.control.capacity import (
@@ -72,6 +74,32 @@ ROWS = [
     ("a", 9, {"a": 8, "b": 0}, TWO, {"b"}, 0, 1),
 ]
 
+TEN = {e: None for e in "abcdefghij"}
+QUIET = set("bcdefghij")
+BURST = {"a": 10, **dict.fromkeys("bcd", 1)}  # a: the burst; b, c, d run a session each
+
+# environment, total, held, maxima, idle, arrived lately, allowance
+DEMAND_ROWS = [
+    # No arrivals lately: the idle ones keep only the shared slot, as without demand.
+    ("a", 20, BURST, TEN, QUIET, {}, 6),
+    # Each session that arrived lately in an idle environment keeps a slot of its share free.
+    ("a", 20, BURST, TEN, QUIET, {"b": 1, "c": 1}, 5),
+    ("a", 20, BURST, TEN, QUIET, {"b": 1, "c": 1, "d": 1, "e": 1}, 3),
+    # ...never more than its unused share (b's share is 2, it holds 1).
+    ("a", 20, BURST, TEN, QUIET, {"b": 5}, 6),
+    # The burst's own arrivals keep nothing free for it: it is not idle.
+    ("a", 20, BURST, TEN, QUIET, {"a": 50}, 6),
+    # The slots kept free are the idle ones' together: any of them may take one, within its
+    # own unused share.
+    ("e", 20, {"a": 18, "b": 1}, TEN, QUIET, {"b": 1}, 1),
+    ("b", 20, {"a": 16, "b": 1}, TEN, QUIET, {"b": 1, "c": 1}, 2),
+    # A backlogged environment below its share claims up to it, whatever the demand elsewhere.
+    ("a", 20, {"a": 0}, TEN, QUIET, dict.fromkeys(QUIET, 2), 2),
+    # In a small fleet the demand counts (the floor does not): b's session arrived lately.
+    ("a", 4, {"a": 2, "b": 1}, TWO, {"b"}, {"b": 1}, 0),
+    ("a", 4, {"a": 2, "b": 1}, TWO, {"b"}, {}, 1),
+]
+
 
 @pytest.mark.parametrize(("environment", "total", "held", "maxima", "idle", "elsewhere",
                           "allowance"), ROWS)
@@ -82,6 +110,65 @@ def test_claim_allowance(environment: str, total: int, held: dict[str, int],
                           held_elsewhere=elsewhere)
     assert got == allowance
     assert got <= free_slots(total=total, held=sum(held.values()) + elsewhere)
+
+
+@pytest.mark.parametrize(("environment", "total", "held", "maxima", "idle", "arrived",
+                          "allowance"), DEMAND_ROWS)
+def test_idle_environments_keep_slots_for_their_recent_demand(
+        environment: str, total: int, held: dict[str, int], maxima: dict[str, int | None],
+        idle: set[str], arrived: dict[str, int], allowance: int) -> None:
+    assert claim_allowance(environment, total=total, held=held, maxima=maxima, idle=idle,
+                           arrived=arrived) == allowance
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> tuple[int, dict[str, int | None], dict[str, int], set[str],
+                                     dict[str, int]]:
+    names = draw(st.lists(st.sampled_from("abcdefghij"), min_size=1, max_size=10,
+                          unique=True))
+    maxima = {e: draw(st.none() | st.integers(1, 8)) for e in names}
+    total = draw(st.integers(0, 40))
+    held = {e: draw(st.integers(0, 12)) for e in names}
+    idle = {e for e in names if draw(st.booleans())}
+    arrived = {e: draw(st.integers(0, 6)) for e in names}
+    return total, maxima, held, idle, arrived
+
+
+@given(fleets())
+def test_demand_never_overclaims_nor_takes_a_backlog_below_its_share(
+        fleet: tuple[int, dict[str, int | None], dict[str, int], set[str], dict[str, int]],
+) -> None:
+    total, maxima, held, idle, arrived = fleet
+    free = free_slots(total=total, held=sum(held.values()))
+    shares = fair_shares(total, maxima)
+    for environment in maxima:
+        got = claim_allowance(environment, total=total, held=held, maxima=maxima, idle=idle,
+                              arrived=arrived)
+        without = claim_allowance(environment, total=total, held=held, maxima=maxima,
+                                  idle=idle)
+        assert 0 <= got <= free
+        # Its own unused share is always within reach, while the fleet has the slots.
+        assert got >= min(free, max(0, shares[environment] - held[environment]))
+        # Demand only ever keeps slots free for the others: it never adds to a claim, and it
+        # keeps at most the idle environments' unused shares.
+        assert got <= without
+        idle_unused = sum(max(0, shares[e] - held[e]) for e in idle if e != environment)
+        assert without - got <= idle_unused
+
+
+def test_environments_with_no_arrivals_leave_the_fleet_to_the_burst() -> None:
+    """Work-conserving: once the quiet environments' sessions have not arrived for the window,
+    the burst may fill all but the shared slot; while they arrive, it leaves them theirs."""
+    held = dict.fromkeys(TEN, 0)
+    while claim_allowance("a", total=20, held=held, maxima=TEN, idle=QUIET, arrived={}) > 0:
+        held["a"] += 1
+    assert held["a"] == 20 - IDLE_HEADROOM_SLOTS
+    busy = dict.fromkeys(TEN, 0)
+    arrived = {"b": 1, "c": 1, "d": 1}
+    while claim_allowance("a", total=20, held=busy, maxima=TEN, idle=QUIET,
+                          arrived=arrived) > 0:
+        busy["a"] += 1
+    assert busy["a"] == 20 - 3
 
 
 def test_both_busy_environments_end_with_their_halves() -> None:
@@ -104,15 +191,21 @@ def test_both_busy_environments_end_with_their_halves() -> None:
     assert big == {"a": 20 - IDLE_HEADROOM_SLOTS, "b": 0}, "the headroom stays free"
 
 
-@pytest.mark.parametrize(("total", "idle_unused", "headroom"), [
-    (20, 10, 1),
-    (20, 0, 0),  # the idle environments use their whole shares: nothing to keep
-    (10, 5, 1),
-    (9, 5, 0),  # a slot would be over a tenth of the fleet
-    (1, 1, 0),
+@pytest.mark.parametrize(("total", "unused", "arrived", "headroom"), [
+    (20, {"b": 10}, {}, 1),
+    (20, {"b": 0}, {}, 0),  # the idle environments use their whole shares: nothing to keep
+    (10, {"b": 5}, {}, 1),
+    (9, {"b": 5}, {}, 0),  # a slot would be over a tenth of the fleet
+    (1, {"b": 1}, {}, 0),
+    (20, {"b": 2, "c": 2}, {"b": 1, "c": 1}, 2),  # a slot for each recent arrival
+    (20, {"b": 2, "c": 2}, {"b": 1}, 1),  # ...which the shared slot covers
+    (20, {"b": 1, "c": 2}, {"b": 4, "c": 1}, 2),  # at most each one's unused share
+    (9, {"b": 2}, {"b": 1}, 1),  # demand counts in a small fleet too
+    (20, {"b": 0}, {"b": 3}, 0),
 ])
-def test_idle_headroom(total: int, idle_unused: int, headroom: int) -> None:
-    assert idle_headroom(total, idle_unused) == headroom
+def test_idle_headroom(total: int, unused: dict[str, int], arrived: dict[str, int],
+                       headroom: int) -> None:
+    assert idle_headroom(total, unused, arrived) == headroom
 
 
 @pytest.mark.parametrize(("environments", "slots"), [(1, 8), (2, 7), (3, 6)])
