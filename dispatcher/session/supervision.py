@@ -83,7 +83,9 @@ class Supervised:
     operator: Callable[[bool], bool]
     # Woken every tick, quiet or not: it judges its session's maximum duration.
     every_tick: bool = False
-    draining: bool = False  # once the worker drains, it stays draining
+    # Whether the worker drains, as the pulses say: once it does, it stays so. The one place an
+    # attempt keeps it (its exit is reported with it).
+    draining: bool = False
     pulsed_at: float = field(default_factory=time.monotonic)
     unreachable: bool = False
     fenced: Outcome | None = None  # the machine fenced it: the attempt is over, with this
