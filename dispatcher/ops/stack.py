@@ -7,6 +7,7 @@ exactly as a user would run them: `dispatcher emulator`, `celery -A dispatcher w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -32,6 +33,9 @@ API_HEADERS = {"anthropic-version": ANTHROPIC_VERSION, "anthropic-beta": BETA}
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_SECONDS = 30.0
+# How long a process group's members take to go once SIGKILLed (the kernel's work; generous for
+# a loaded host), before `stop` says which outlived it.
+GROUP_KILL_WAIT_SECONDS = 5.0
 # Standard library only, so it runs by path with -S: a sandbox that starts in ~15 ms, not ~60.
 FAKE_SESSION = f"{sys.executable} -S {Path(__file__).parents[1] / 'emulator' / 'fake_session.py'}"
 
@@ -58,6 +62,9 @@ class LocalStack:
     api_key: str = field(default_factory=lambda: "sk-ant-api03-" + secrets.token_hex(16))
     key_prefix: str = field(default_factory=lambda: "demo" + secrets.token_hex(3))
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Every process started, a name's earlier ones too (a worker started again under its name):
+    # `stop_all` stops them all, not only the latest of each name.
+    spawned: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     base_url: str = ""
     environment_id: str = ""
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -195,6 +202,7 @@ class LocalStack:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    cwd=self.workdir, start_new_session=True)
         self.processes[name] = process
+        self.spawned.append((name, process))
         return process
 
     def _check_alive(self, name: str) -> None:
@@ -210,19 +218,52 @@ class LocalStack:
         self.processes[name].send_signal(sig)
 
     def stop(self, name: str, *, timeout: float = 20.0) -> None:
-        process = self.processes[name]
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(self.processes[name], timeout=timeout)
 
     def stop_all(self) -> None:
         """Stop everything this stack started, workers first, Redis last."""
-        order = sorted(self.processes, key=lambda n: {"emulator": 1, "redis": 2}.get(n, 0))
-        for name in order:
-            self.stop(name)
+        rank = {"emulator": 1, "redis": 2}
+        for _, process in sorted(self.spawned, key=lambda spawned: rank.get(spawned[0], 0)):
+            _stop(process, timeout=20.0)
         for log in self._logs:
             log.close()
+
+
+def _stop(process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """SIGTERM, SIGKILL past `timeout`, then the rest of its process group killed: each process
+    starts a group of its own (`start_new_session`), and what it forked stays in it. A child
+    does not die with its parent: a worker SIGKILLed (here, or by a test) leaves its embedded
+    beat (`-B`) or its prefork pool children running, and beat goes on publishing ticks."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    with contextlib.suppress(ProcessLookupError):  # the group is empty: nothing to do
+        os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + GROUP_KILL_WAIT_SECONDS
+    while (left := _group_members(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        raise RuntimeError(f"processes of group {process.pid} outlived SIGKILL: {left}")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (a zombie is dead: only its reaping is left);
+    none known where there is no /proc."""
+    members: list[int] = []
+    if not os.path.isdir("/proc"):
+        return members
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members

@@ -12,7 +12,6 @@ process deadlocks on Popen's lock, which the interrupted wait may hold).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -164,21 +163,17 @@ def _wait_for_infrastructure(runtime: Runtime, attempt: SessionAttempt) -> None:
         probe = EngineProbe(runtime.settings)
     started = time.monotonic()
     try:
-        while True:
-            waited = time.monotonic() - started
-            if waited >= INFRA_WAIT_SECONDS:
-                return
-            if waited >= INFRA_PAUSE_SECONDS and (probe is None
-                                                  or probe.state() == ENGINE_UP):
-                return
-            try:
-                pulse = runtime.registry.pulse(attempt.work_id, attempt.attempt,
-                                               worker=attempt.worker)
-                if not pulse.current or pulse.stop:
+        with hub_for(runtime).waiting(attempt.work_id, attempt.attempt,
+                                      attempt.worker) as member:
+            while True:
+                waited = time.monotonic() - started
+                if waited >= INFRA_WAIT_SECONDS:
                     return
-            except RedisError:
-                pass  # the machine's event after the wait meets whatever the registry holds
-            time.sleep(SUPERVISE_INTERVAL_SECONDS)
+                if waited >= INFRA_PAUSE_SECONDS and (probe is None
+                                                      or probe.state() == ENGINE_UP):
+                    return
+                if member.wait(SUPERVISE_INTERVAL_SECONDS):
+                    return  # no longer the current attempt, or asked to stop
     finally:
         if probe is not None:
             probe.close()
@@ -290,8 +285,7 @@ def _supervise_until_over(sup: _Supervisor, member: Supervised, hub: Supervision
         code = sup.sandbox.wait(0)
         if code is not None:
             hub.leave(member)  # nothing left to fence; the release may ride out an outage
-            sup.draining = member.draining
-            return _finish_when_reachable(sup, code)
+            return _finish_when_reachable(sup, code, draining=member.draining)
         if news is None:
             continue
         try:
@@ -319,7 +313,6 @@ class _Supervisor:
     # every lease mode (the heartbeat task does not visit a lease its sandbox heartbeats), it
     # already ticks and holds the stop ladder, and it needs no control worker to be up.
     max_seconds: float = 0.0
-    draining: bool = False
 
     def __post_init__(self) -> None:
         self.ladder = _SignalLadder(self.runtime, self.sandbox, attempt=self.attempt,
@@ -333,7 +326,6 @@ class _Supervisor:
         runtime, pulse = self.runtime, news.pulse
         if not pulse.exists and _reregistered(runtime, self.attempt, self.memory, self.work_json):
             return None
-        self.draining = news.pulsed.draining
         controls = _Controls(self.sandbox, self.ladder, cause=pulse.stop_cause or "worker draining",
                              seen_at=pulse.stop_seen_at)
         over = runtime.executor.attempt(self.memory.lease, news.pulsed, sandbox=controls).over
@@ -430,7 +422,7 @@ class _SignalLadder:
         self.sandbox.signal_group(signum)
 
 
-def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
+def _finish_when_reachable(sup: _Supervisor, code: int, *, draining: bool) -> Outcome:
     """Release the ended attempt's lease, riding out a registry outage for a while: giving up
     would leave the server's lease to lapse (and, in some lease modes, the item stranded).
     A registry that came back empty gets the lease written back first, so it is released."""
@@ -442,7 +434,7 @@ def _finish_when_reachable(sup: _Supervisor, code: int) -> Outcome:
             if runtime.registry.get(attempt.work_id) is None:
                 _reregistered(runtime, attempt, sup.memory, sup.work_json)
             if outcome is None:
-                outcome = _finish(runtime, sup, code)
+                outcome = _finish(runtime, sup, code, draining=draining)
             if _released(runtime, sup, outcome):
                 return outcome
         except RedisError as exc:
@@ -471,10 +463,11 @@ def _released(runtime: Runtime, sup: _Supervisor, outcome: Outcome) -> bool:
     return step.over is not None
 
 
-def _finish(runtime: Runtime, sup: _Supervisor, code: int) -> Outcome:
+def _finish(runtime: Runtime, sup: _Supervisor, code: int, *, draining: bool) -> Outcome:
+    """`draining`: whether the worker drains, as the hub's pulses last said (`Supervised`)."""
     attempt = sup.attempt
     lease = runtime.registry.get(attempt.work_id)
-    exited = ev.SandboxExited(attempt.attempt, code, sup.draining, next_task_id=uuid.uuid4().hex)
+    exited = ev.SandboxExited(attempt.attempt, code, draining, next_task_id=uuid.uuid4().hex)
     step = runtime.executor.attempt(lease, exited)
     if step.lease is not None and step.over != Outcome.SUPERSEDED:
         sup.memory.lease = step.lease  # a superseded attempt has nothing new to remember
@@ -484,29 +477,17 @@ def _finish(runtime: Runtime, sup: _Supervisor, code: int) -> Outcome:
 @contextmanager
 def _pulsing_while_a_container_starts(runtime: Runtime,
                                       attempt: SessionAttempt) -> Iterator[None]:
-    """Pulse the lease while the engine creates the container. Creating one copies its image's
-    root on some storage drivers (seconds for an image with the SDK on vfs), and a lease with no
-    pulse for the recovery's staleness limit is taken for one whose worker died: a second
-    attempt starts, and this one is fenced once its container runs. A process starts in
-    milliseconds: no thread for it."""
+    """Pulse the lease (with the process's other attempts, `SupervisionHub.waiting`) while the
+    engine creates the container. Creating one copies its image's root on some storage drivers
+    (seconds for an image with the SDK on vfs), and a lease with no pulse for the recovery's
+    staleness limit is taken for one whose worker died: a second attempt starts, and this one
+    is fenced once its container runs. A process starts in milliseconds: it needs no pulse.
+    A stop the pulses find waits for the container: the supervisor acts on it once it runs."""
     if runtime.settings.sandbox_runtime != SandboxRuntimeKind.DOCKER:
         yield
         return
-    started = threading.Event()
-
-    def pulse() -> None:
-        while not started.wait(SUPERVISE_INTERVAL_SECONDS):
-            # An outage: the supervisor's loop rides it out once the container runs.
-            with contextlib.suppress(RedisError):
-                runtime.registry.pulse(attempt.work_id, attempt.attempt, worker=attempt.worker)
-
-    thread = threading.Thread(target=pulse, name=f"pulse-{attempt.work_id}", daemon=True)
-    thread.start()
-    try:
+    with hub_for(runtime).waiting(attempt.work_id, attempt.attempt, attempt.worker):
         yield
-    finally:
-        started.set()
-        thread.join()
 
 
 @contextmanager

@@ -14,6 +14,11 @@ recovery restarted sessions that were running. The hub does the same work in bul
   last answered pulse is old (`RegistryUnreachable`), and kills the sandbox when it says so. A
   thread apart from the pulses, so that a call hanging on a cut network cannot delay the kill.
 
+An attempt with no sandbox running (`Waiting`: its container being created, or its start failed
+by the infrastructure and it waits for the engine) is pulsed by the same pipeline: a lease with
+no pulse for recovery's staleness limit is taken for one whose worker died, and a second attempt
+would start. It has nothing to fence and no exit to watch.
+
 A stop flag is still acted on at the next tick: the pulse that finds it wakes the attempt. A
 prefork pool child gets a hub of its own (`hub_for` keys on the process id): threads do not
 survive a fork.
@@ -26,7 +31,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
@@ -41,7 +47,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.session.runtimes import RunningSandbox
 
 __all__ = ["FENCE_CHECK_SECONDS", "SUPERVISE_INTERVAL_SECONDS", "News", "Supervised",
-           "SupervisionHub", "hub_for"]
+           "SupervisionHub", "Waiting", "hub_for"]
 
 # How often the hub pulses every attempt and the attempts read their stop flags: the stop
 # latency floor.
@@ -77,7 +83,9 @@ class Supervised:
     operator: Callable[[bool], bool]
     # Woken every tick, quiet or not: it judges its session's maximum duration.
     every_tick: bool = False
-    draining: bool = False  # once the worker drains, it stays draining
+    # Whether the worker drains, as the pulses say: once it does, it stays so. The one place an
+    # attempt keeps it (its exit is reported with it).
+    draining: bool = False
     pulsed_at: float = field(default_factory=time.monotonic)
     unreachable: bool = False
     fenced: Outcome | None = None  # the machine fenced it: the attempt is over, with this
@@ -144,34 +152,78 @@ class Supervised:
         self.fence()  # no stop ladder while the registry is out of reach: a kill
 
 
+@dataclass(eq=False)
+class Waiting:
+    """An attempt the hub pulses while no sandbox of it runs. `wait` says when a pulse found it
+    no longer the lease's current attempt, or asked to stop: its wait is over."""
+
+    work_id: str
+    attempt: int
+    worker: str
+    fault: str | None = None  # as `Supervised.fault`
+    _over: threading.Event = field(default_factory=threading.Event)
+
+    def answered(self, pulse: Pulse) -> None:
+        if not pulse.current or pulse.stop:
+            self._over.set()
+
+    def failed(self, exc: RedisError) -> None:
+        """Nothing to do in an outage: what the attempt does next meets whatever the registry
+        holds once it answers."""
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep `seconds`, or less if a pulse ended the wait; whether one did."""
+        return self._over.wait(seconds)
+
+
+Member = Supervised | Waiting
+
+PULSE_THREAD, FENCE_THREAD = "supervise-pulse", "supervise-fence"
+
+
 class SupervisionHub:
-    """The process's hub: attempts `join` when their sandbox runs and `leave` when it exited."""
+    """The process's hub: attempts `join` when their sandbox runs and `leave` when it exited;
+    an attempt with no sandbox running is pulsed while it is `waiting`."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.pid = os.getpid()
-        self._members: dict[int, Supervised] = {}
+        self._members: dict[int, Member] = {}
         self._lock = threading.Lock()
-        # The hub's threads by name, while they serve: they end when the last attempt left
-        # (a process of short sessions, a test's runtime, must not keep threads ticking for
-        # nobody) and the next `join` starts them again.
+        # The hub's threads by name, while they serve: they end when the last attempt they
+        # serve left (a process of short sessions, a test's runtime, must not keep threads
+        # ticking for nobody) and the next `join` starts them again. The fence serves only
+        # attempts with a sandbox: one that waits has nothing to kill.
         self._threads: dict[str, threading.Thread] = {}
 
-    def join(self, member: Supervised) -> None:
+    def join(self, member: Member) -> None:
         with self._lock:
             self._members[id(member)] = member
-            for name, target in (("supervise-pulse", self._pulse_loop),
-                                 ("supervise-fence", self._fence_loop)):
-                if name not in self._threads:
-                    thread = threading.Thread(target=target, daemon=True, name=name)
-                    self._threads[name] = thread
-                    thread.start()
+            self._serve(PULSE_THREAD, self._pulse_loop)
+            if isinstance(member, Supervised):
+                self._serve(FENCE_THREAD, self._fence_loop)
 
-    def leave(self, member: Supervised) -> None:
+    def _serve(self, name: str, target: Callable[[], None]) -> None:
+        if name not in self._threads:
+            thread = threading.Thread(target=target, daemon=True, name=name)
+            self._threads[name] = thread
+            thread.start()
+
+    def leave(self, member: Member) -> None:
         with self._lock:
             self._members.pop(id(member), None)
 
-    def members(self) -> list[Supervised]:
+    @contextmanager
+    def waiting(self, work_id: str, attempt: int, worker: str) -> Iterator[Waiting]:
+        """Pulse an attempt with no sandbox running, until the block ends."""
+        member = Waiting(work_id, attempt, worker)
+        self.join(member)
+        try:
+            yield member
+        finally:
+            self.leave(member)
+
+    def members(self) -> list[Member]:
         with self._lock:
             return list(self._members.values())
 
@@ -180,18 +232,20 @@ class SupervisionHub:
         with self._lock:
             return not self._members and not self._threads
 
-    def _serving(self, name: str) -> list[Supervised]:
-        """The members, or none and the thread `name` is struck off (under the lock that
-        `join` takes, so an attempt that joins meanwhile starts a new one)."""
+    def _serving(self, name: str) -> list[Member]:
+        """The members the thread `name` serves, or none and it is struck off (under the lock
+        that `join` takes, so an attempt that joins meanwhile starts a new one)."""
         with self._lock:
-            if not self._members:
+            members = [m for m in self._members.values()
+                       if name == PULSE_THREAD or isinstance(m, Supervised)]
+            if not members:
                 self._threads.pop(name, None)
-            return list(self._members.values())
+            return members
 
     # --- the pulse thread -----------------------------------------------------------------
     def _pulse_loop(self) -> None:
         next_tick = time.monotonic()
-        while members := self._serving("supervise-pulse"):
+        while members := self._serving(PULSE_THREAD):
             self.tick(members)
             next_tick += SUPERVISE_INTERVAL_SECONDS
             pause = next_tick - time.monotonic()
@@ -200,7 +254,7 @@ class SupervisionHub:
             else:
                 next_tick = time.monotonic()  # late (a slow Redis): the next tick from now
 
-    def tick(self, members: list[Supervised]) -> None:
+    def tick(self, members: list[Member]) -> None:
         """Pulse `members` in one round trip, hand each its answer, and wake those whose
         sandbox exited."""
         try:
@@ -219,13 +273,15 @@ class SupervisionHub:
                 else:
                     _guarded(member, "pulse", member.answered, pulse)
         for member in members:
-            _guarded(member, "exit check", _wake_if_exited, member)
+            if isinstance(member, Supervised):
+                _guarded(member, "exit check", _wake_if_exited, member)
 
     # --- the fence thread -----------------------------------------------------------------
     def _fence_loop(self) -> None:
-        while members := self._serving("supervise-fence"):
+        while members := self._serving(FENCE_THREAD):
             for member in members:
-                _guarded(member, "fence check", self.fence_check, member)
+                if isinstance(member, Supervised):  # what `_serving` gave it, for the types
+                    _guarded(member, "fence check", self.fence_check, member)
             time.sleep(FENCE_CHECK_SECONDS)
 
     def fence_check(self, member: Supervised) -> None:
@@ -245,7 +301,7 @@ def _wake_if_exited(member: Supervised) -> None:
         member.wake()
 
 
-def _guarded(member: Supervised, step: str, act: Callable[..., None], *args: object) -> None:
+def _guarded(member: Member, step: str, act: Callable[..., None], *args: object) -> None:
     """One member's step of a hub thread. A fault in it (a bug, a record Redis returns
     unreadable) is logged and leaves the other members served: the thread ending would leave
     every attempt of the process unpulsed, and the fence would kill them all. The faulty
@@ -256,7 +312,7 @@ def _guarded(member: Supervised, step: str, act: Callable[..., None], *args: obj
         _fault(member, step, exc)
 
 
-def _fault(member: Supervised, step: str, exc: Exception) -> None:
+def _fault(member: Member, step: str, exc: Exception) -> None:
     error = f"{type(exc).__name__}: {exc}"[:300]
     if member.fault != error:  # once per fault, not every tick
         member.fault = error

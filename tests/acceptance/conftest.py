@@ -47,8 +47,10 @@ def container_fleet(fleet: Fleet, sandbox_image: str, engine: docker.APIClient) 
     """A fleet of the docker runtime; at the end no container of it may be left."""
     fleet.use_containers(sandbox_image)
     yield fleet
-    fleet.stop_all()
-    leftover = fleet.containers(engine)
-    for container in leftover:
-        engine.remove_container(container["Id"], force=True, v=True)
+    try:
+        fleet.stop_all()
+    finally:
+        leftover = fleet.containers(engine)
+        for container in leftover:
+            engine.remove_container(container["Id"], force=True, v=True)
     assert not leftover, "containers of the fleet outlived it"

@@ -12,6 +12,7 @@ docs/reliability.md.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -90,8 +91,9 @@ def chaos(emulator_factory: Callable[..., Any], tmp_path: Path, chaos_redis: Red
     try:
         yield make
     finally:
-        for cf in made:
-            cf.close()
+        with contextlib.ExitStack() as closing:  # every fleet closed, the first failure raised
+            for cf in made:
+                closing.callback(cf.close)
 
 
 Report = Callable[..., None]

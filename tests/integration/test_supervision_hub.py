@@ -16,7 +16,7 @@ from dispatcher.lease.model import StopKind
 from dispatcher.runtime import Runtime
 from dispatcher.session.attempt import SessionAttempt, run_attempt
 from dispatcher.session.supervision import hub_for
-from tests.support.inprocess import in_process_runtime, poll_until
+from tests.support.inprocess import held_items, in_process_runtime, poll_until
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,6 +57,12 @@ def _pulsed_lately(runtime: Runtime, ids: list[str]) -> bool:
     now = runtime.registry.clock.now()
     leases = [runtime.registry.get(w) for w in ids]
     return all(lease is not None and now - lease.pulse_at < 1.0 for lease in leases)
+
+
+def _pulse_at(runtime: Runtime, work_id: str) -> float:
+    lease = runtime.registry.get(work_id)
+    assert lease is not None
+    return lease.pulse_at
 
 
 def _stop(runtime: Runtime, work_id: str) -> None:
@@ -112,3 +118,25 @@ def test_an_attempt_whose_pulse_does_not_read_leaves_the_others_served(
     for thread in threads:
         thread.join(timeout=20)
     assert [outcomes[w] for w in ids[2:]] == [Outcome.STOPPED] * (SESSIONS - 2)
+
+
+@pytest.mark.parametrize("ending", ["stop", "superseded"])
+def test_an_attempt_with_no_sandbox_is_pulsed_until_a_pulse_ends_its_wait(
+        emulator: Any, runtime: Runtime, ending: str) -> None:
+    """An attempt whose container is being created, or whose start the infrastructure failed,
+    runs no sandbox: the hub pulses it all the same (recovery takes a silent lease for a dead
+    worker's), and its wait ends once a pulse finds a stop, or another attempt current."""
+    [work_id] = held_items(emulator, runtime, 1)
+    first = _pulse_at(runtime, work_id)
+    hub = hub_for(runtime)
+    with hub.waiting(work_id, 1, "hub@test") as member:
+        wait_for(lambda: _pulse_at(runtime, work_id) > first + 1.0, timeout=10,
+                 what="the waiting attempt pulsed for over a second")
+        assert not member.wait(0), "nothing ended the wait yet"
+        if ending == "stop":
+            _stop(runtime, work_id)
+        else:
+            runtime.redis.hset(runtime.registry.keys.lease(work_id), "attempt", "2")
+        assert member.wait(5), f"the pulse that found it ({ending}) ended the wait"
+    assert hub.members() == []
+    wait_for(hub.idle, timeout=5, what="the hub's threads to end with its last attempt")

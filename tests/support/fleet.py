@@ -5,10 +5,12 @@ Redis, the emulator over HTTP, and the emulator's fake session program as the on
     flush_fleet_db     empty this worker's fleet database before a fleet test starts
     on_brokers         run a test on the Redis broker, RabbitMQ, or both
     assert_no_overlap  no two attempts of one session ran at the same time
+    processes_marked   the live processes a fleet started (`FLEET_MARK` in their environment)
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -31,6 +33,10 @@ from tests.support.waiting import wait_for
 CELERY = str(Path(sys.executable).with_name("celery"))
 # The brokers a fleet runs on (`DISPATCHER_BROKER_URL`): Redis (the default) or RabbitMQ.
 REDIS, AMQP = "redis", "amqp"
+# Set to a fleet's own id in the environment of every process it starts (and what they fork):
+# its teardown finds any that outlived it, whatever process group it ended up in. Not a
+# dispatcher setting, and no sandbox gets it (`DISPATCHER_SANDBOX_ENV_ALLOW`).
+FLEET_MARK = "DISPATCHER_TESTS_FLEET_MARK"
 
 
 def on_brokers(*cases: str | tuple[str, ...], names: str = "fleet") -> Any:
@@ -76,6 +82,7 @@ class Fleet:
                                 environment_key=emulator.environment_key,
                                 api_key=emulator.api_key)
         self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        self.mark = uuid.uuid4().hex
 
     # --- processes ---------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -86,6 +93,7 @@ class Fleet:
             # Each attempt's output, kept where the test can read it (not the user's home).
             "DISPATCHER_SANDBOX_OUTPUT_DIR": str(self.tmp / "output"),
             "DISPATCHER_DESIRED_TTL_SECONDS": "30",
+            FLEET_MARK: self.mark,
             **self.overrides,
         })
         return {k: v for k, v in env.items() if k not in self.unset}
@@ -163,9 +171,18 @@ class Fleet:
         self.stack.kill(name, sig)
 
     def stop_all(self) -> None:
-        self.stack.stop_all()
-        self.admin.close()
-        self.redis.close()
+        """Stop every process of the fleet; fail, once they are killed, if any outlived it (a
+        child its parent's stop missed would run on after the test, beat publishing ticks)."""
+        try:
+            self.stack.stop_all()
+        finally:
+            self.admin.close()
+            self.redis.close()
+            left = processes_marked(self.mark)
+            for pid, _ in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes of the fleet outlived its stop: {left}"
 
     def log(self, name: str) -> str:
         return self.stack.log(name)
@@ -210,6 +227,26 @@ class Fleet:
                 if pid and _alive(pid):
                     alive.append(pid)
         return alive
+
+
+def processes_marked(mark: str) -> list[tuple[int, str]]:
+    """(pid, command line) of each live process with `FLEET_MARK=mark` in its environment."""
+    found = []
+    needle = f"{FLEET_MARK}={mark}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if _alive(int(entry.name)):
+            found.append((int(entry.name), command[:200]))
+    return found
 
 
 def _alive(pid: int) -> bool:
