@@ -95,6 +95,11 @@ POLL_FAILURES_TTL_SECONDS = 60
 # poller then waits, polling nothing) gets its share back within seconds.
 POLL_IDLE_SECONDS = 5
 
+# A run sleeping through a throttle asks this often (seconds; one Redis read each) whether its
+# worker is stopping: the worker's warm shutdown waits for the run, and a supervisor's grace
+# period (Kubernetes: 30 s by default) is shorter than a long Retry-After.
+PAUSE_CHECK_SECONDS = 0.5
+
 
 def run_poller(runtime: Runtime, *, environment_id: str | None = None,
                run_seconds: float = POLL_RUN_SECONDS,
@@ -285,7 +290,7 @@ def _poll_items(runtime: Runtime, environment: str, inflight: _InFlight, *, lock
         inflight.reap()
         if not _still_ours(lock, environment):
             break
-        if not _wait_out_pause(runtime, environment, deadline, drain=drain):
+        if not _wait_out_pause(runtime, environment, deadline, drain=drain, stopping=stopping):
             break
         if _room(runtime, environment, inflight) <= 0:
             if not _wait_for_room(inflight, drain=drain):
@@ -455,19 +460,25 @@ def _paused_for(runtime: Runtime, environment: str) -> float:
 
 
 def _wait_out_pause(runtime: Runtime, environment: str, deadline: float, *,
-                    drain: bool) -> bool:
+                    drain: bool, stopping: Callable[[], bool]) -> bool:
     """Sleep through a pause, at most to the run's end; False if the run must end first.
 
     A drain never waits (it holds a control slot; its wake-up stands and a later tick drains
     on). A poller run sleeps, up to its deadline: were it to end at once, its successor would
-    find the same pause and hand over again, a task a moment for the length of the pause."""
+    find the same pause and hand over again, a task a moment for the length of the pause. It
+    asks `stopping` between naps: its worker's warm shutdown waits for this task, and would
+    otherwise wait out the pause (up to the run's end) before the worker can exit."""
     wait = _paused_for(runtime, environment)
     if wait <= 0:
         return True
     if drain:
         return False
-    time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
-    return time.monotonic() < deadline
+    until = min(time.monotonic() + wait, deadline)
+    while (left := until - time.monotonic()) > 0:
+        if stopping():
+            return False
+        time.sleep(min(left, PAUSE_CHECK_SECONDS))
+    return time.monotonic() < deadline and not stopping()
 
 
 def claim(runtime: Runtime, item: Work, *, path: StartPath | None = None,

@@ -65,6 +65,28 @@ def test_a_long_retry_after_silences_polls_and_scans_of_the_environment(
     assert _calls(emulator, runtime, "list") == lists + 1
 
 
+def test_a_run_waiting_out_a_throttle_ends_soon_after_its_worker_stops(
+        emulator: Any, runtime: Runtime) -> None:
+    """A worker's warm shutdown waits for its poller run: a run that slept out a long
+    Retry-After to its run's end kept a stopping worker alive for up to a minute."""
+    runtime.capacity.advertise(hostname="w1@test", slots=2, pool="threads",
+                               queues=["dispatcher.sessions"])
+    runtime.pacing.note(runtime.environment_id, status=429, retry_after=LONG_RETRY_AFTER_S,
+                        source="poll")
+    stopping = threading.Event()
+    run = threading.Thread(target=run_poller, args=(runtime,),
+                           kwargs={"run_seconds": 60.0, "stopping": stopping.is_set})
+    run.start()
+    time.sleep(1.0)
+    assert run.is_alive(), "the run waits the throttle out"
+    stopped = time.monotonic()
+    stopping.set()
+    run.join(timeout=30)
+    assert not run.is_alive()
+    assert time.monotonic() - stopped < 10, "ended within a few naps, not at the run's end"
+    assert _calls(emulator, runtime, "poll") == 0, "nothing polled under the throttle"
+
+
 def test_a_wake_up_under_a_throttle_polls_nothing_and_leaves_its_wake_up_standing(
         emulator: Any, runtime: Runtime) -> None:
     """The webhook drain holds a control slot: it never sleeps through a throttle; the wake-up
