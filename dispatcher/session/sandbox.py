@@ -438,10 +438,10 @@ def _spawn(argv: list[str], env: dict[str, str], confinement: Confinement, *,
     guardian need, and on a kernel with scheduler autogroups (most distributions' default) a
     new session is also a new scheduling group, which the spawning child, while the worker
     waits for its exec, joins at the back of the CPU queue: milliseconds on a busy host. The
-    sandboxes share their worker's session and scheduling group. A
-    worker run as a service has no terminal; one started from an interactive shell keeps its
-    sandboxes out of the terminal's foreground group all the same (its Ctrl-C is the worker's
-    alone), but a sandbox that opens `/dev/tty` there is stopped as any background job."""
+    sandboxes share their worker's session and scheduling group. A worker run as a service has
+    no terminal; one started from an interactive shell keeps its sandboxes out of the
+    terminal's foreground group all the same (its Ctrl-C is the worker's alone), but a sandbox
+    that opens `/dev/tty` there is stopped as any background job."""
     try:
         process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
             argv, stdin=subprocess.PIPE, stdout=output, stderr=output, env=env,
