@@ -55,8 +55,8 @@ OURS_STEPS: list[Step] = [
     ("received", "session worker's consumer has the message"),
     ("task_started", "task body starts in a pool thread"),
     ("lease_read", "lease and drain flag read (Redis)"),
-    ("running", "attempt marked running (Redis)"),
-    ("spec_built", "work item read, sandbox spec built"),
+    ("spec_built", "work item parsed, sandbox spec built"),
+    ("running", "attempt marked running (Redis), the lease's proof awaited first if need be"),
     ("spawned", "command spawned (fork and exec returned)"),
     ("sandbox_started", "sandbox's first record: exec, the sandbox's own start"),
 ]

@@ -281,7 +281,9 @@ class Settings(BaseSettings):
     process_rlimits: str = _env("DISPATCHER_PROCESS_RLIMITS", "core=0", description=(
         "process runtime: resource limits of every sandbox, comma-separated `name=soft[:hard]` "
         "with util-linux prlimit's names (`core=0,nofile=1024,as=4294967296`), set by "
-        "`prlimit` before exec. The default: no core dump, which would hold the work secret. "
+        "`prlimit` before exec, or inherited from the worker where it holds the limit itself (a "
+        "session worker takes the core limit itself at its start). The default: no core dump, "
+        "which would hold the work secret. "
         "Empty: the worker's own limits."))
     process_cgroup: str = _env("DISPATCHER_PROCESS_CGROUP", "auto",
         pattern=r"^(auto|off|/.*)$", description=(

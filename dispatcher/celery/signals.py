@@ -31,7 +31,7 @@ from dispatcher.celery.names import CONTROL_TASKS, SESSION_RUN
 from dispatcher.control.bridge import on_task_revoked
 from dispatcher.logs import event
 from dispatcher.runtime import get_runtime
-from dispatcher.session.runtimes import check_sandbox, sandbox_lines
+from dispatcher.session.runtimes import adopt_sandbox_limits, check_sandbox, sandbox_lines
 from dispatcher.session.sandbox import CommandError, EngineError
 from dispatcher.settings import SettingsError
 from dispatcher.startpath import received
@@ -51,6 +51,7 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         runtime.settings.require_environments()
         if consumes_sessions(sender, runtime.settings.session_queues):
             check_sandbox(runtime.settings)  # control-only hosts run no sandbox
+            adopt_sandbox_limits(runtime.settings)
             _START_LINES.extend(sandbox_lines(runtime.settings))
         runtime.redis.ping()
     except (SettingsError, CommandError, EngineError) as exc:

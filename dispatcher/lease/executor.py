@@ -234,7 +234,7 @@ class Executor:
                     if answer.waited:
                         # A wait is bounded by the rule (a TTL), not by the steps of a chain.
                         state.steps -= 1
-                    current = self.registry.get(work_id)
+                    current = answer.lease if answer.read else self.registry.get(work_id)
                     pending.insert(0, event)
                     continue
                 if answer is not None:
@@ -326,8 +326,8 @@ class Executor:
             case fx.MarkProven():
                 return self._prove(work_id, effect, state)
             case fx.AwaitProof():
-                self.registry.await_proof(work_id, effect.seconds)
-                return _Again(waited=True)
+                return _Again(waited=True, read=True,
+                              lease=self.registry.await_proof(work_id, effect.seconds))
             case fx.MarkRunning():
                 done = self.registry.update_if_attempt(work_id, effect.attempt, effect.fields,
                                                        seen=_seen(lease))
@@ -578,6 +578,9 @@ class _Again:
     again on the record as it now is."""
 
     waited: bool = False
+    # The record as the wait ended (`read`): decided on without reading it again.
+    read: bool = False
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True)

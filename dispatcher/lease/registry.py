@@ -368,10 +368,15 @@ return 1
         keys = [self.keys.lease(work_id), self.keys.proven(work_id)]
         return bool(self._PROVE(keys=keys, args=[at, PROOF_MARK_SECONDS]))
 
-    def await_proof(self, work_id: str, seconds: float) -> None:
-        """Wait up to `seconds` for the proof mark of `prove`; the caller reads the record
-        again either way (a lease proven by a heartbeat leaves no mark)."""
-        self.redis.blpop([self.keys.proven(work_id)], timeout=seconds)
+    def await_proof(self, work_id: str, seconds: float) -> Lease | None:
+        """Wait up to `seconds` for the proof mark of `prove`, then read the record either way
+        (a lease proven by a heartbeat leaves no mark). One round trip: Redis reads the record
+        only once the wait is over, so the proof's news and the record come together."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.blpop([self.keys.proven(work_id)], timeout=seconds)
+        pipe.hgetall(self.keys.lease(work_id))
+        _, raw = pipe.execute()
+        return Lease.from_hash(raw) if raw else None
 
     # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, last sign of life (''
     # to leave it), work id, [field, value]*. A guard, no rule: the fields (a new attempt's, or a

@@ -117,17 +117,39 @@ def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
     starting = ev.AttemptStarting(attempt.attempt, attempt.task_id, attempt.worker, os.getpid(),
                                   draining=reads.draining)
     attempt.mark("lease_read")
+    early = _spec_ahead(runtime, before, work_json)
+    if early is not None:
+        attempt.mark("spec_built")
     step = runtime.executor.attempt(before, starting)
     attempt.mark("running")
     lease = step.lease
     if step.over is not None or lease is None:  # the machine says why it may not start
         return step.over or Outcome.GONE
-    try:
-        spec = _spec(runtime, lease, work_json)
-    except (CommandError, ValueError, SettingsError) as exc:
-        return _start_failed(runtime, attempt, exc)
-    attempt.mark("spec_built")
+    spec = early
+    if spec is None or (spec.attempt, spec.environment_id) != (lease.attempt,
+                                                                lease.environment_id):
+        try:
+            spec = _spec(runtime, lease, work_json)
+        except (CommandError, ValueError, SettingsError) as exc:
+            return _start_failed(runtime, attempt, exc)
+        attempt.mark("spec_built")
     return _supervise(runtime, attempt, spec, _Memory(lease, epoch))
+
+
+def _spec_ahead(runtime: Runtime, lease: Lease | None,
+                work_json: str | None) -> SandboxSpec | None:
+    """The sandbox's spec, built from the lease as read before the machine decides the start:
+    an attempt that waits for its lease's proof (an ack still in flight) then has only the
+    running mark and the spawn left once the proof comes. It is used only if the lease the
+    machine starts is of the same attempt and environment. None when it must wait for the
+    decision: a hand-off reads the lease's token once it runs; a spec that cannot be built
+    fails the start once the machine let it start, as any start's failure."""
+    if lease is None or lease.mode == LeaseMode.HANDOFF:
+        return None
+    try:
+        return _spec(runtime, lease, work_json)
+    except (CommandError, ValueError, SettingsError):
+        return None
 
 
 def _start_failed(runtime: Runtime, attempt: SessionAttempt, exc: Exception) -> Outcome:

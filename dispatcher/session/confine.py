@@ -8,6 +8,14 @@ keeps its pid and group, and the limits bind the command and everything it forks
 from the worker after the spawn would leave the command a moment without them, and a
 `preexec_fn` runs Python in the forked child of a threaded process, which can deadlock.
 
+`prlimit` is one more exec and a dynamic program's start on every session's start path (2 ms
+and more, much more on a loaded host), so a limit the worker itself already holds, soft and
+hard, is left to inheritance. A session worker takes its sandboxes' core limit at its start
+(`adopt_core_limit`): its own core dump would hold what theirs would (the work secrets it
+hands them) and more (the Redis password, environment keys). So the default, `core=0`, needs
+no `prlimit` at all. The other limits would bind the worker's own work: they stay the
+sandbox's alone.
+
 A sandbox under another user cannot read the worker's `/proc/<pid>/environ` (the Redis URL and
 its password, environment keys) nor signal or trace the worker: the kernel allows that only to
 the same user or to root. Switching needs a worker that may: root, or CAP_SETUID, CAP_SETGID
@@ -16,10 +24,12 @@ and CAP_CHOWN; a worker that cannot is refused at start, naming the setting.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pwd
 import re
+import resource
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 __all__ = [
     "Confinement",
     "ConfinementError",
+    "adopt_core_limit",
     "can_switch_to",
     "confined_argv",
     "confinement_of",
@@ -100,11 +111,49 @@ def parse_rlimits(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def confined_argv(argv: list[str], confinement: Confinement) -> list[str]:
-    """The command as it is spawned: behind `prlimit` when there are limits to set."""
-    if not confinement.rlimits:
+    """The command as it is spawned: behind `prlimit` when there are limits to set that the
+    worker does not hold itself (the command inherits those)."""
+    to_set = [(name, value) for name, value in confinement.rlimits if not _held(name, value)]
+    if not to_set:
         return argv
-    options = [f"--{name}={value}" for name, value in confinement.rlimits]
+    options = [f"--{name}={value}" for name, value in to_set]
     return [confinement.prlimit, *options, "--", *argv]
+
+
+def adopt_core_limit(confinement: Confinement) -> None:
+    """At a session worker's start: the worker takes its sandboxes' core limit, if it may (a
+    limit below its own hard limit), so they inherit it and need no `prlimit` for it."""
+    for name, value in confinement.rlimits:
+        if name == "core":
+            soft, hard = _limits(value)
+            if _within(hard, resource.getrlimit(resource.RLIMIT_CORE)[1]):
+                # Refused (a soft limit above the hard one): prlimit sets it, or says why not.
+                with contextlib.suppress(ValueError, OSError):
+                    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+def _held(name: str, value: str) -> bool:
+    """Whether this process's own limit `name` is `value` (prlimit's `soft[:hard]`), soft and
+    hard: then a child inherits it exactly as prlimit would set it."""
+    which = getattr(resource, f"RLIMIT_{name.upper()}", None)
+    return which is not None and resource.getrlimit(which) == _limits(value)
+
+
+def _limits(value: str) -> tuple[int, int]:
+    """prlimit's `soft[:hard]` as (soft, hard); one value sets both, as prlimit does."""
+    soft, _, hard = value.partition(":")
+    return _limit(soft), _limit(hard or soft)
+
+
+def _limit(text: str) -> int:
+    return resource.RLIM_INFINITY if text == "unlimited" else int(text)
+
+
+def _within(limit: int, hard: int) -> bool:
+    """An unprivileged process may lower its hard limit, never raise it."""
+    if hard == resource.RLIM_INFINITY:
+        return True
+    return limit != resource.RLIM_INFINITY and limit <= hard
 
 
 def popen_options(confinement: Confinement) -> dict[str, object]:

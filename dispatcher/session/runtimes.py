@@ -22,6 +22,7 @@ from dispatcher.session.cgroups import (
 from dispatcher.session.confine import (
     Confinement,
     ConfinementError,
+    adopt_core_limit,
     can_switch_to,
     confinement_of,
 )
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 
     from dispatcher.metrics import Metrics
 
-__all__ = ["RunningSandbox", "WarmClaim", "check_sandbox", "start_sandbox", "warm_claim"]
+__all__ = ["RunningSandbox", "WarmClaim", "adopt_sandbox_limits", "check_sandbox", "start_sandbox",
+           "warm_claim"]
 
 
 class RunningSandbox(Protocol):
@@ -143,6 +145,14 @@ def _check_cgroup(settings: Settings) -> None:
         raise SettingsError(str(exc)) from None
     if parent is not None:
         remove_left_behind(parent)
+
+
+def adopt_sandbox_limits(settings: Settings) -> None:
+    """At a session worker's start, after `check_sandbox`: the worker takes its process
+    sandboxes' core limit, which they then inherit without a `prlimit` on their start path
+    (`confine.py`)."""
+    if settings.sandbox_runtime == SandboxRuntimeKind.PROCESS:
+        adopt_core_limit(confinement_of(settings.process_user, settings.process_rlimits))
 
 
 def sandbox_lines(settings: Settings) -> list[tuple[str, dict[str, object]]]:

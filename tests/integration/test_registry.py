@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -129,3 +130,28 @@ def test_free_slots_count_live_workers_minus_held_leases(registry: LeaseRegistry
     capacity.set_draining("b@h")
     assert capacity.free_slots() == 3
     assert capacity.is_draining("b@h")
+
+
+def test_a_proof_wakes_its_waiting_attempt_with_the_record_as_proven(
+        registry: LeaseRegistry) -> None:
+    """The wait and the read in one round trip: the record is read only once the wait is over,
+    so it shows the proof that ended it."""
+    registry.create(_lease(), work_json="{}")
+    proved_at = time.time()
+    prover = threading.Timer(0.2, registry.prove, args=("work_1", proved_at))
+    started = time.monotonic()
+    prover.start()
+    try:
+        lease = registry.await_proof("work_1", 5.0)
+    finally:
+        prover.join()
+    waited = time.monotonic() - started
+    assert lease is not None and lease.heartbeat_ok_at == pytest.approx(proved_at)
+    assert 0.15 < waited < 4.0, "woken by the proof, not by the end of the wait"
+
+
+def test_a_wait_that_ends_unproven_reads_the_record_as_it_is(registry: LeaseRegistry) -> None:
+    registry.create(_lease(), work_json="{}")
+    lease = registry.await_proof("work_1", 0.1)
+    assert lease is not None and lease.heartbeat_ok_at == 0, "read after the wait, unproven"
+    assert registry.await_proof("work_gone", 0.1) is None, "a released lease reads as none"

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -59,10 +63,44 @@ def test_a_bad_user_names_the_setting(text: str) -> None:
 
 
 def test_limits_put_prlimit_before_the_command_and_no_limits_put_nothing() -> None:
-    limited = Confinement(rlimits=(("core", "0"), ("nofile", "64")), prlimit="/usr/bin/prlimit")
+    # Limits no test process holds itself (1 byte of core, 64 descriptors, soft and hard).
+    limited = Confinement(rlimits=(("core", "1"), ("nofile", "64")), prlimit="/usr/bin/prlimit")
     assert confined_argv(["/bin/run", "-x"], limited) == [
-        "/usr/bin/prlimit", "--core=0", "--nofile=64", "--", "/bin/run", "-x"]
+        "/usr/bin/prlimit", "--core=1", "--nofile=64", "--", "/bin/run", "-x"]
     assert confined_argv(["/bin/run"], Confinement()) == ["/bin/run"]
+
+
+def _as_prlimit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def test_a_limit_the_worker_holds_itself_is_inherited_not_set_again() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = f"{_as_prlimit(soft)}:{_as_prlimit(hard)}"
+    both = Confinement(rlimits=(("nofile", held), ("core", "1")), prlimit="/usr/bin/prlimit")
+    assert confined_argv(["/bin/run"], both) == [
+        "/usr/bin/prlimit", "--core=1", "--", "/bin/run"], "only the limit not held"
+    only_held = Confinement(rlimits=(("nofile", held),), prlimit="/usr/bin/prlimit")
+    assert confined_argv(["/bin/run"], only_held) == ["/bin/run"], "no prlimit at all"
+
+
+def test_a_worker_takes_its_sandboxes_core_limit_which_they_inherit() -> None:
+    """In a process of its own: a lowered hard limit cannot be raised again."""
+    script = textwrap.dedent("""
+        import resource, subprocess
+        from dispatcher.session.confine import adopt_core_limit, confined_argv, confinement_of
+        confinement = confinement_of(None, "core=0,nofile=123")
+        adopt_core_limit(confinement)
+        assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0), "soft and hard, as prlimit"
+        argv = confined_argv(["sh", "-c", "ulimit -Hc; ulimit -n"], confinement)
+        assert argv[1:] == ["--nofile=123", "--", "sh", "-c", "ulimit -Hc; ulimit -n"], argv
+        print(subprocess.run(argv, capture_output=True, text=True).stdout.split())
+    """)
+    if shutil.which("prlimit") is None:
+        pytest.skip("util-linux prlimit not installed")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['0', '123']", "core inherited, nofile set by prlimit"
 
 
 def test_a_switch_drops_the_workers_supplementary_groups() -> None:
