@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from ..workapi.models import Heartbeat, Work, WorkPage, WorkQueueStats
 from .admin import add_admin_routes
 from .auth import ADMIN, ENDPOINT_CREDENTIALS
+from .batch import CommandBatch
 from .config import (
     DEFAULT_LIST_LIMIT,
     DEFAULT_RECLAIM_MS,
@@ -276,8 +277,9 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
     redis = redis or Redis.from_pool(BlockingConnectionPool.from_url(
         config.redis_url, decode_responses=True, max_connections=REDIS_MAX_CONNECTIONS,
         timeout=REDIS_POOL_WAIT_SECONDS))
-    log = RequestLog(redis, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
-    store = Store(redis, config)
+    batch = CommandBatch(redis)
+    log = RequestLog(redis, batch, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
+    store = Store(redis, config, batch)
     emulator = Emulator(config=config, store=store, sessions=SessionStore(redis, store),
                         faults=Faults(faults or FaultSettings()), log=log, on_startup=on_startup)
     if config.webhook_url and config.webhook_signing_key:

@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
+from .batch import CommandBatch
 from .keys import CONSUMER_GROUP, EmulatorKeys
 from .records import WorkRecord
 
@@ -27,9 +29,10 @@ REMEMBERED_ITEMS = 25_000
 
 
 class Items:
-    def __init__(self, redis: Redis, keys: EmulatorKeys, *,
+    def __init__(self, redis: Redis, batch: CommandBatch, keys: EmulatorKeys, *,
                  remembered: int = REMEMBERED_ITEMS) -> None:
         self.redis = redis
+        self.batch = batch
         self.keys = keys
         self.remembered = remembered
         self._known: dict[str, str] = {}
@@ -47,7 +50,7 @@ class Items:
 
     async def read(self, work_id: str) -> str | None:
         """The item as stored now (None: there is none)."""
-        raw = await self.redis.get(self.keys.work(work_id))
+        raw = await self.batch.execute("GET", self.keys.work(work_id))
         if raw is None:
             return None
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -82,10 +85,14 @@ return 1
         written = record.dumps()
         lapses = "" if record.lease_expires_at is None else repr(record.lease_expires_at)
         environment = record.environment_id
-        reply: Any = await self._swap(
-            keys=[self.keys.work(record.id), self.keys.leases(environment),
-                  self.keys.stream(environment)],
-            args=[expected, written, record.id, lapses, CONSUMER_GROUP, *drop_entries])
+        keys = [self.keys.work(record.id), self.keys.leases(environment),
+                self.keys.stream(environment)]
+        args = [expected, written, record.id, lapses, CONSUMER_GROUP, *drop_entries]
+        try:
+            reply: Any = await self.batch.execute("EVALSHA", self._swap.sha, len(keys), *keys,
+                                                  *args)
+        except NoScriptError:  # a Redis restarted, or its scripts flushed: once, then by sha
+            reply = await self._swap(keys=keys, args=args)
         if reply == 1:
             self.remember(record.id, written)
             return True, written

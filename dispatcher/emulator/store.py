@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 
 from . import clock, lifecycle, metadata
 from .auth import key_digest
+from .batch import CommandBatch
 from .config import MAX_BLOCK_MS, WORKERS_POLLING_WINDOW_S, EmulatorConfig
 from .errors import ApiError, InvalidRequest, NotFound
 from .items import Items
@@ -50,11 +51,11 @@ def _noop(record: WorkRecord) -> Transition:
 
 
 class Store:
-    def __init__(self, redis: Redis, config: EmulatorConfig) -> None:
+    def __init__(self, redis: Redis, config: EmulatorConfig, batch: CommandBatch) -> None:
         self.redis = redis
         self.config = config
         self.keys = EmulatorKeys(config.key_prefix)
-        self.items = Items(redis, self.keys)
+        self.items = Items(redis, batch, self.keys)
         self._list_page = redis.register_script(self._LIST_PAGE)
         # Which environment a key digest opens, and whether an environment has a key of its
         # own: written once at creation, so cached for the life of the process (a request
