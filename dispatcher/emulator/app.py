@@ -28,7 +28,6 @@ from .config import (
     DEFAULT_LIST_LIMIT,
     DEFAULT_RECLAIM_MS,
     MAX_BLOCK_MS,
-    MAX_LIST_LIMIT,
     REQUEST_LOG_CAP,
     EmulatorConfig,
     StopResponse,
@@ -104,10 +103,12 @@ def add_work_routes(app: FastAPI) -> None:  # noqa: C901 (one small closure per 
              dependencies=[_work_auth(Endpoint.LIST)])
     async def list_work(ctx: Ctx, environment_id: str, limit: int | None = None,
                         page: str | None = None) -> Response:
-        """Newest first; `limit` 1-100, default 20; `page` is the previous `next_page`."""
+        """Newest first; `limit` 1-100 (`--max-list-limit`), default 20; `page` is the previous
+        `next_page`."""
         limit = DEFAULT_LIST_LIMIT if limit is None else limit
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            raise InvalidRequest(f"limit must be 1-{MAX_LIST_LIMIT}")
+        most = ctx.config.max_list_limit
+        if not 1 <= limit <= most:
+            raise InvalidRequest(f"limit must be 1-{most}")
         return JSONResponse(await ctx.store.list(environment_id, limit=limit, page=page or None))
 
     @app.get(WORK + "/{work_id}", response_model=Work, tags=["work"],
