@@ -31,26 +31,14 @@ import redis
 from bench.emu import Emulator
 from bench.proc import cpu_seconds
 from bench.records import summary
-from dispatcher.ops.stack import LocalStack, _wait, free_port
+from dispatcher.ops.stack import LocalStack, free_port
 
 # Where the bridge process reads its settings: the fleet's own variables.
 _BRIDGE_ENV = ("ANTHROPIC_BASE_URL", "ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY",
                "DISPATCHER_REDIS_URL", "DISPATCHER_KEY_PREFIX")
-# Runs the emulator with its `list` limit raised (the service names none).
-_EMULATOR = ("import sys, dispatcher.emulator.app as app; app.MAX_LIST_LIMIT = int(sys.argv[1]);"
-             " from dispatcher.ops.cli import main; sys.exit(main(sys.argv[2:]))")
-
-
 def _start_emulator(stack: LocalStack, max_list: int) -> None:
-    port = free_port()
-    stack.base_url = f"http://127.0.0.1:{port}"
-    stack._spawn("emulator", [sys.executable, "-c", _EMULATOR, str(max_list), "emulator",
-                              "--port", str(port), "--redis-url", stack.redis_url,
-                              "--key-prefix", f"{stack.key_prefix}-emulator",
-                              "--environment-key", stack.environment_key,
-                              "--api-key", stack.api_key])
-    _wait(stack._emulator_answers, "the emulator")
-    stack.environment_id = stack.create_environment()
+    """The emulator with its `list` limit raised to `max_list` (the service names none)."""
+    stack.start_emulator("--max-list-limit", str(max_list))
 
 
 def _hold(stack: LocalStack, emu: Emulator, n: int) -> list[str]:

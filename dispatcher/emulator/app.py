@@ -23,11 +23,11 @@ from starlette.exceptions import HTTPException
 from ..workapi.models import Heartbeat, Work, WorkPage, WorkQueueStats
 from .admin import add_admin_routes
 from .auth import ADMIN, ENDPOINT_CREDENTIALS
+from .batch import CommandBatch
 from .config import (
     DEFAULT_LIST_LIMIT,
     DEFAULT_RECLAIM_MS,
     MAX_BLOCK_MS,
-    MAX_LIST_LIMIT,
     REQUEST_LOG_CAP,
     EmulatorConfig,
     StopResponse,
@@ -103,10 +103,12 @@ def add_work_routes(app: FastAPI) -> None:  # noqa: C901 (one small closure per 
              dependencies=[_work_auth(Endpoint.LIST)])
     async def list_work(ctx: Ctx, environment_id: str, limit: int | None = None,
                         page: str | None = None) -> Response:
-        """Newest first; `limit` 1-100, default 20; `page` is the previous `next_page`."""
+        """Newest first; `limit` 1-100 (`--max-list-limit`), default 20; `page` is the previous
+        `next_page`."""
         limit = DEFAULT_LIST_LIMIT if limit is None else limit
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            raise InvalidRequest(f"limit must be 1-{MAX_LIST_LIMIT}")
+        most = ctx.config.max_list_limit
+        if not 1 <= limit <= most:
+            raise InvalidRequest(f"limit must be 1-{most}")
         return JSONResponse(await ctx.store.list(environment_id, limit=limit, page=page or None))
 
     @app.get(WORK + "/{work_id}", response_model=Work, tags=["work"],
@@ -276,8 +278,9 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
     redis = redis or Redis.from_pool(BlockingConnectionPool.from_url(
         config.redis_url, decode_responses=True, max_connections=REDIS_MAX_CONNECTIONS,
         timeout=REDIS_POOL_WAIT_SECONDS))
-    log = RequestLog(redis, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
-    store = Store(redis, config)
+    batch = CommandBatch(redis)
+    log = RequestLog(redis, batch, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
+    store = Store(redis, config, batch)
     emulator = Emulator(config=config, store=store, sessions=SessionStore(redis, store),
                         faults=Faults(faults or FaultSettings()), log=log, on_startup=on_startup)
     if config.webhook_url and config.webhook_signing_key:

@@ -63,6 +63,7 @@ def _lease_options(parser: argparse.ArgumentParser) -> None:
     from .config import (
         DEFAULT_TTL_SECONDS,
         MAX_DELIVERIES,
+        MAX_LIST_LIMIT,
         MAX_TTL_SECONDS,
         MIN_TTL_SECONDS,
         SESSIONS_TOKEN_LIFE_SECONDS,
@@ -117,6 +118,9 @@ def _lease_options(parser: argparse.ArgumentParser) -> None:
                        help="desired_ttl_seconds is clamped to [min, max] (default %(default)s)")
     group.add_argument("--max-ttl", type=int, default=MAX_TTL_SECONDS,
                        help="(default %(default)s)")
+    group.add_argument("--max-list-limit", type=int, default=MAX_LIST_LIMIT,
+                       help="the largest limit a list takes; above it, a 400 (default "
+                            "%(default)s; the service documents none)")
     group.add_argument("--stop-response", choices=[s.value for s in StopResponse],
                        default=StopResponse.NO_CONTENT.value,
                        help="stop answers 204 with no body (as observed) or the work object")
@@ -166,11 +170,14 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or _generated("api key", "sk-ant-api03"),
         redis_url=args.redis_url, key_prefix=args.key_prefix, host=args.host, port=args.port,
         min_ttl_seconds=args.min_ttl, max_ttl_seconds=args.max_ttl,
+        max_list_limit=args.max_list_limit,
         create_environments=tuple(args.create_environment),
         environment_ids=tuple(args.environment_id), webhook_url=args.webhook_url,
         webhook_signing_key=_signing_key(args), **_server_model(args))
     if not 1 <= config.min_ttl_seconds <= config.default_ttl_seconds <= config.max_ttl_seconds:
         raise SystemExit("dispatcher emulator: need 1 <= --min-ttl <= --default-ttl <= --max-ttl")
+    if config.max_list_limit < 1:
+        raise SystemExit("dispatcher emulator: --max-list-limit takes 1 or more")
     if min(config.unclaimed_limit_seconds, config.max_deliveries,
            config.sessions_token_life_seconds) < 0:
         raise SystemExit("dispatcher emulator: --unclaimed-limit, --max-deliveries and "

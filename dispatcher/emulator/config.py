@@ -59,6 +59,8 @@ SESSIONS_TOKEN_LIFE_SECONDS = 3600
 MIN_TTL_SECONDS = 10
 MAX_TTL_SECONDS = 600
 # List paging: unknown for the real service; 20/100 are the Anthropic API's usual numbers.
+# The maximum is `EmulatorConfig.max_list_limit` (`--max-list-limit`): the service documents
+# none, and a fleet sweeping many held leases asks pages of 1,000.
 DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 100
 # Metadata limits: unknown for the real service; these are the Anthropic API's metadata limits
@@ -155,6 +157,8 @@ class EmulatorConfig:
     should_retry_header: bool = True
     min_ttl_seconds: int = MIN_TTL_SECONDS
     max_ttl_seconds: int = MAX_TTL_SECONDS
+    # The largest `limit` a `list` takes; above it, a 400.
+    max_list_limit: int = MAX_LIST_LIMIT
     # Names of environments to create at start-up, printed with their ids (demos).
     create_environments: tuple[str, ...] = field(default_factory=tuple)
     # Environment ids to create at start-up (fixed ids, e.g. for docker compose).

@@ -11,7 +11,7 @@ whose page size is capped below the emulator's own 100).
 
 A dropped connection sends nothing: the middleware returns a non-None value from the ASGI call,
 which uvicorn answers by closing the socket without writing a byte (see `server`, which pins the
-h11 protocol whose behaviour this relies on). A dropped request was never applied; a lost reply
+protocol whose behaviour this relies on). A dropped request was never applied; a lost reply
 was: the request is handled, its answer thrown away, and the connection closed the same way, as
 when a network drops the reply or a client times out just after the server acted.
 """

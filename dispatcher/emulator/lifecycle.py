@@ -8,9 +8,10 @@
           after its ack): stopped, or re-queued, by `LeaseExpiry` (see `lapse`)
 
 A poll delivers a queued item (`deliver`) at most `max_deliveries` times, each delivery with a
-sessions token of its own. The store calls these inside one WATCH/MULTI per item and carries out
-what they return (stream entries to drop, items to put back on the stream). Randomness (tokens)
-and the clock come in as arguments or through `clock`, so tables of cases can pin each rule.
+sessions token of its own. The store calls these inside one compare-and-set per item and
+carries out what they return (stream entries to drop, items to put back on the stream).
+Randomness (tokens) and the clock come in as arguments or through `clock`, so tables of cases can
+pin each rule.
 """
 
 from __future__ import annotations

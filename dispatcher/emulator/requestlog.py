@@ -19,7 +19,6 @@ credential (the kind: environment, organisation, sessions_token), request_id.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Mapping, MutableMapping
@@ -27,9 +26,9 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.requests import Request
 
+from .batch import CommandBatch
 from .endpoints import classify
 from .errors import new_request_id
 from .guard import credential_of
@@ -68,55 +67,23 @@ def request_id_of(scope: Mapping[str, Any]) -> str | None:
 
 
 class RequestLog:
-    """The capped stream of entries. Entries of requests answered at about the same time are
-    written together: one Redis round trip for all that arrive while the previous write is
-    out, not one each (at thousands of heartbeats a second the log's own round trips were a
-    quarter of the emulator's Redis calls). Each request still waits for its own entry to be
-    written before its answer's last byte leaves."""
+    """The capped stream of entries. An entry goes in the emulator's `CommandBatch` with the
+    other commands of requests answered at about the same time: one Redis round trip for all,
+    not one each (at thousands of heartbeats a second the log's own round trips were a quarter
+    of the emulator's Redis calls). Each request still waits for its own entry to be written
+    before its answer's last byte leaves."""
 
-    def __init__(self, redis: Redis, key: str, cap: int) -> None:
+    def __init__(self, redis: Redis, batch: CommandBatch, key: str, cap: int) -> None:
         self.redis = redis
+        self.batch = batch
         self.key = key
         self.cap = cap
-        self._pending: list[tuple[str, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
 
     async def append(self, entry: dict[str, Any]) -> None:
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((json.dumps(entry), written))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_pending())
-        await written
-
-    async def _write_pending(self) -> None:
-        batch: list[tuple[str, asyncio.Future[None]]] = []
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                outcome: BaseException | None = None
-                try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for data, _ in batch:
-                            # Trimmed approximately (whole stream nodes at a time): O(1) a
-                            # write, and the log keeps at least `cap` entries, never unboundedly
-                            # more.
-                            pipe.xadd(self.key, {"e": data}, maxlen=self.cap, approximate=True)
-                        await pipe.execute()
-                except (RedisError, OSError, TimeoutError) as exc:
-                    outcome = exc  # each request fails as its own write would have
-                for _, written in batch:
-                    if written.done():
-                        continue  # its request was cancelled meanwhile
-                    if outcome is None:
-                        written.set_result(None)
-                    else:
-                        written.set_exception(outcome)
-        finally:
-            self._writer = None
-            for _, written in [*batch, *self._pending]:  # cancelled: nobody waits for ever
-                if not written.done():
-                    written.cancel()
-            self._pending = []
+        # Trimmed approximately (whole stream nodes at a time): O(1) a write, and the log keeps
+        # at least `cap` entries, never unboundedly more.
+        await self.batch.execute("XADD", self.key, "MAXLEN", "~", self.cap, "*",
+                                 "e", json.dumps(entry))
 
     async def read(self, limit: int | None = None,
                    after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:

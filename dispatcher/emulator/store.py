@@ -5,9 +5,10 @@ work item, sorted sets for list order, held leases and polling workers.
   a new one (XREADGROUP, BLOCK up to `block_ms`) as consumer `<worker id>`. A polled item stays
   `queued` and its entry pending until ack. An entry whose item is no longer queued (stopped
   while queued, or stale) is XACKed, XDELed and skipped: it is never delivered.
-- ack: XACK + XDEL of the item's entry, state `starting`, in one MULTI with the item.
-- every other change: one WATCH/MULTI on the item's key (`_change`), with lease expiry applied
-  first, so concurrent claimants (two `NO_HEARTBEAT` heartbeats) serialise and one wins.
+- ack: XACK + XDEL of the item's entry, state `starting`, in one write with the item.
+- every change: one compare-and-set of the item (`_change`, `items.Items.swap`), with lease
+  expiry applied first, so concurrent claimants (two `NO_HEARTBEAT` heartbeats) serialise and
+  one wins.
 - expiry is lazy: on each request that touches an item, and a sweep of the lapsed leases (a
   sorted set scored by lapse time) on poll, list and stats. No background task.
 """
@@ -22,12 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import ResponseError
 
 from . import clock, lifecycle, metadata
 from .auth import key_digest
+from .batch import CommandBatch
 from .config import MAX_BLOCK_MS, WORKERS_POLLING_WINDOW_S, EmulatorConfig
 from .errors import ApiError, InvalidRequest, NotFound
+from .items import Items
 from .keys import CONSUMER_GROUP, EmulatorKeys
 from .lifecycle import Transition
 from .records import WorkRecord, new_id, new_token
@@ -48,10 +51,11 @@ def _noop(record: WorkRecord) -> Transition:
 
 
 class Store:
-    def __init__(self, redis: Redis, config: EmulatorConfig) -> None:
+    def __init__(self, redis: Redis, config: EmulatorConfig, batch: CommandBatch) -> None:
         self.redis = redis
         self.config = config
         self.keys = EmulatorKeys(config.key_prefix)
+        self.items = Items(redis, batch, self.keys)
         self._list_page = redis.register_script(self._LIST_PAGE)
         # Which environment a key digest opens, and whether an environment has a key of its
         # own: written once at creation, so cached for the life of the process (a request
@@ -136,9 +140,10 @@ class Store:
                             created_at=clock.rfc3339(), seq=seq, secret="",
                             metadata=meta)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.work(record.id), record.dumps())
+            pipe.set(self.keys.work(record.id), raw := record.dumps())
             pipe.zadd(self.keys.index(environment_id), {record.id: seq})
             await pipe.execute()
+        self.items.remember(record.id, raw)
         await self._push(record)
         return record
 
@@ -256,62 +261,54 @@ return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
 
     async def _change(self, environment_id: str, work_id: str,
                       operation: Operation) -> Transition:
-        """Apply lease expiry then `operation` to one item under WATCH; retry on a race.
+        """Apply lease expiry then `operation` to one item, by compare-and-set (`Items.swap`);
+        decided again on the item as stored if it changed meanwhile.
 
         The expiry is saved even when `operation` refuses (a heartbeat on an item that just
         lapsed and was re-queued still re-queues it), then the refusal is raised.
         """
-        key = self.keys.work(work_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    record = self._own(_text(await pipe.get(key)), environment_id, work_id)
-                    lapse = lifecycle.lapse(record, self.config.lease_expiry, time.time())
-                    expired = lifecycle.apply_lapse(record, lapse)
-                    refusal: ApiError | None = None
-                    try:
-                        transition = operation(record)
-                    except ApiError as error:
-                        refusal, transition = error, Transition()
-                    if refusal is not None and lapse is lifecycle.Lapse.NONE:
-                        raise refusal
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    self._save(pipe, record, expired, transition)
-                    await pipe.execute()
-                    break
-                except WatchError:
-                    continue
+        raw, remembered = self.items.known(work_id), True
+        if raw is None:
+            raw, remembered = await self.items.read(work_id), False
+        while True:
+            record, read = self._own(raw, environment_id, work_id)
+            lapse = lifecycle.lapse(record, self.config.lease_expiry, time.time())
+            expired = lifecycle.apply_lapse(record, lapse)
+            refusal: ApiError | None = None
+            try:
+                transition = operation(record)
+            except ApiError as error:
+                refusal, transition = error, Transition()
+            if refusal is not None and lapse is lifecycle.Lapse.NONE:
+                if not remembered:
+                    raise refusal
+                # Nothing to write, so no swap confirms the remembered state: read it.
+                raw, remembered = await self.items.read(work_id), False
+                continue
+            drops = [t.drop_entry for t in (expired, transition) if t.drop_entry]
+            swapped, raw = await self.items.swap(read, record, drops)
+            if swapped:
+                break
+            remembered = False
         if (expired.enqueue or transition.enqueue) and record.state == "queued":
             await self._push(record)
         if refusal is not None:
             raise refusal
         return transition
 
-    def _own(self, raw: str | None, environment_id: str, work_id: str) -> WorkRecord:
-        record = WorkRecord.loads(raw) if raw is not None else None
-        if record is None or record.environment_id != environment_id:
+    @staticmethod
+    def _own(raw: str | None, environment_id: str, work_id: str) -> tuple[WorkRecord, str]:
+        """The item and the state it was read from, if the environment holds it."""
+        record = None if raw is None else WorkRecord.loads(raw)
+        if raw is None or record is None or record.environment_id != environment_id:
             raise NotFound(f"work {work_id} not found in environment {environment_id}")
-        return record
-
-    def _save(self, pipe: Any, record: WorkRecord, *transitions: Transition) -> None:
-        pipe.set(self.keys.work(record.id), record.dumps())
-        leases = self.keys.leases(record.environment_id)
-        if record.lease_expires_at is None:
-            pipe.zrem(leases, record.id)
-        else:
-            pipe.zadd(leases, {record.id: record.lease_expires_at})
-        stream = self.keys.stream(record.environment_id)
-        for transition in transitions:
-            if transition.drop_entry:
-                pipe.xack(stream, CONSUMER_GROUP, transition.drop_entry)
-                pipe.xdel(stream, transition.drop_entry)
+        return record, raw
 
     async def _raw(self, work_id: str) -> str:
-        raw = await self.redis.get(self.keys.work(work_id))
+        raw = await self.items.read(work_id)
         if raw is None:
             raise NotFound(f"work {work_id} not found")
-        return str(raw)
+        return raw
 
     # --- the stream --------------------------------------------------------------------------
     async def _push(self, record: WorkRecord) -> None:
@@ -380,7 +377,7 @@ return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
     async def _deliverable(self, environment_id: str, entry_id: str,
                            fields: dict[str, str] | None) -> dict[str, Any] | None:
         """The entry's item as delivered (a sessions token minted, the secret shown) if it may
-        be delivered; otherwise the entry is dropped for good (in the item's MULTI if any)."""
+        be delivered; otherwise the entry is dropped for good (in the item's write if any)."""
         work_id = (fields or {}).get("work_id")
 
         def deliver(record: WorkRecord) -> Transition:

@@ -1,4 +1,5 @@
-"""Many concurrent pollers never receive the same item twice (no reclaim in play)."""
+"""Concurrent callers: pollers never receive one item twice (no reclaim in play), and a process
+never decides on its memory of an item another process has changed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httpx
@@ -77,3 +79,33 @@ def test_more_requests_at_once_than_redis_py_pools_by_default_all_get_answers(
             return [r.status_code for r in await asyncio.gather(*polls, *stats)]
 
     assert asyncio.run(main()) == [200] * 200
+
+
+def test_an_item_changed_by_another_process_is_decided_on_as_stored(
+        emulator_factory: Callable[..., EmulatorProcess]) -> None:
+    """Each process remembers the items it changed; a change made meanwhile by another process
+    on the same keys is seen: the remembered state is a guess the write checks, never an
+    answer. (A stale memory would accept the old token, or write the old metadata back.)"""
+    first = emulator_factory()
+    second = emulator_factory("--key-prefix", first.prefix,
+                              "--environment-key", first.environment_key,
+                              "--api-key", first.api_key)
+    env = first.create_environment()
+    _, work_id = first.create_session(env)
+    assert first.poll(env, block_ms=500) is not None
+    first.http.post(first.work_url(env, f"/{work_id}/ack"), headers=first.env_headers)
+
+    def beat(emu: EmulatorProcess, expected: str) -> httpx.Response:
+        return emu.http.post(emu.work_url(env, f"/{work_id}/heartbeat"),
+                             params={"expected_last_heartbeat": expected},
+                             headers=first.env_headers)  # the second's keys are the first's
+
+    token = beat(first, "NO_HEARTBEAT").json()["last_heartbeat"]
+    newer = beat(second, token).json()["last_heartbeat"]
+    refused = beat(first, token)  # the first remembers `token` as the current one
+    assert refused.status_code == 412
+    assert refused.json()["error"]["details"]["current_state"]["last_heartbeat"] == newer
+    second.http.post(second.work_url(env, f"/{work_id}"), headers=first.org_headers,
+                     json={"metadata": {"set_by": "second"}}).raise_for_status()
+    assert beat(first, newer).status_code == 200  # remembered before the metadata changed
+    assert first.get(env, work_id)["metadata"] == {"set_by": "second"}

@@ -6,6 +6,7 @@ import base64
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -335,6 +336,20 @@ def test_list_limits(emulator: EmulatorProcess) -> None:
         response = emulator.http.get(emulator.work_url(env), params=bad,
                                      headers=emulator.env_headers)
         assert response.status_code == 400, bad
+
+
+def test_list_limit_raised(emulator_factory: Callable[..., EmulatorProcess]) -> None:
+    """`--max-list-limit`: a page of more than 100 (a fleet sweeping many held leases asks
+    1,000), and the 400 above the new limit names it."""
+    emu = emulator_factory("--max-list-limit", "150")
+    env = emu.create_environment()
+    for _ in range(120):
+        emu.create_session(env)
+    page = emu.http.get(emu.work_url(env), params={"limit": 150}, headers=emu.env_headers)
+    assert len(page.json()["data"]) == 120
+    over = emu.http.get(emu.work_url(env), params={"limit": 151}, headers=emu.env_headers)
+    assert over.status_code == 400
+    assert over.json()["error"]["message"] == "limit must be 1-150"
 
 
 def test_stats_count_queue_pending_and_workers(emulator: EmulatorProcess) -> None:

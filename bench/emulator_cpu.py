@@ -1,0 +1,182 @@
+"""The emulator's own CPU per request, by endpoint: create, poll, ack, heartbeat, list.
+
+    python -m bench.emulator_cpu [--leases 2000] [--rounds 3] [--concurrency 64]
+
+Starts an emulator process (and, unless `DISPATCHER_REDIS_URL` names one, a Redis of its own),
+then sends each kind of request in turn from a lean keep-alive HTTP/1.1 client in this process:
+`--leases` sessions created, each item polled, acked and claimed (a `NO_HEARTBEAT` heartbeat),
+then `--rounds` heartbeats of every lease with the token of the last, then `list` pages of 100.
+The figure of a phase is the emulator process's user+system CPU (from /proc) over the phase
+divided by its requests: what the emulator spends per request, whatever the client costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench.proc import cpu_seconds
+from dispatcher.ops.stack import API_HEADERS, LocalStack, free_port
+
+# The heartbeat a fleet asks for at the capacity target (20,000 leases, a beat every 10 s).
+TTL_SECONDS = 30
+NO_RECLAIM_MS = 600_000
+# The largest `list` page the emulator answers by default.
+LIST_PAGE = 100
+
+
+class _Connection:
+    """One keep-alive connection; a request at a time, the reply's body as bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+        self.writer.write(head + body)
+        status_line = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(status_line[9:12])
+        length = 0
+        for line in status_line.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length) if length else b""
+
+
+class Client:
+    """A pool of keep-alive connections, each request built by hand: little client CPU, so the
+    machine's cores go to the emulator being measured."""
+
+    def __init__(self, host: str, port: int, connections: int) -> None:
+        self.host, self.port, self.size = host, port, connections
+        self.free: asyncio.Queue[_Connection] = asyncio.Queue()
+
+    async def open(self) -> None:
+        for _ in range(self.size):
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            self.free.put_nowait(_Connection(reader, writer))
+
+    async def send(self, method: str, path: str, headers: dict[str, str],
+                   body: Any = None) -> tuple[int, Any]:
+        raw = json.dumps(body).encode() if body is not None else b""
+        lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}",
+                 *(f"{k}: {v}" for k, v in headers.items()), f"content-length: {len(raw)}"]
+        if raw:
+            lines.append("content-type: application/json")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        connection = await self.free.get()
+        try:
+            status, reply = await connection.request(head, raw)
+        finally:
+            self.free.put_nowait(connection)
+        return status, json.loads(reply) if reply else None
+
+    async def close(self) -> None:
+        while not self.free.empty():
+            self.free.get_nowait().writer.close()
+
+
+async def _phase(name: str, pid: int, jobs: list[Callable[[], Awaitable[Any]]],
+                 concurrency: int, results: dict[str, Any]) -> list[Any]:
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with limit:
+            return await job()
+
+    load = os.getloadavg()[0]
+    cpu, wall = cpu_seconds(pid), time.monotonic()
+    found = list(await asyncio.gather(*(one(job) for job in jobs)))
+    spent, took = cpu_seconds(pid) - cpu, time.monotonic() - wall
+    results[name] = {"requests": len(jobs), "emulator_cpu_ms": round(spent / len(jobs) * 1000, 3),
+                     "per_s": round(len(jobs) / took), "load_1min": round(load, 2)}
+    print(f"{name}: {results[name]}", flush=True)
+    return found
+
+
+async def drive(stack: LocalStack, pid: int, *, leases: int, rounds: int,
+                concurrency: int) -> dict[str, Any]:
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    client = Client(host, int(port), concurrency)
+    await client.open()
+    org = {**API_HEADERS, "x-api-key": stack.api_key}
+    env = {**API_HEADERS, "authorization": f"Bearer {stack.environment_key}"}
+    environment = stack.environment_id
+    work = f"/v1/environments/{environment}/work"
+    results: dict[str, Any] = {}
+    body = {"environment_id": environment, "agent": "bench", "metadata": {}}
+    await _phase("create", pid, [lambda: client.send("POST", "/v1/sessions", org, body)] * leases,
+                 concurrency, results)
+    # No reclaim: on a loaded machine a poll phase may outlast the default 5 s, and an item
+    # delivered twice would be claimed twice.
+    poll = f"{work}/poll?reclaim_older_than_ms={NO_RECLAIM_MS}"
+    polled = await _phase("poll", pid, [lambda: client.send("GET", poll, env)] * leases,
+                          concurrency, results)
+    ids = [item["id"] for status, item in polled if status == 200 and item]
+    await _phase("ack", pid, [lambda w=w: client.send("POST", f"{work}/{w}/ack", env)
+                              for w in ids], concurrency, results)
+    tokens: dict[str, str] = {w: "NO_HEARTBEAT" for w in ids}
+
+    def beat(w: str) -> Callable[[], Awaitable[Any]]:
+        async def send() -> None:
+            path = (f"{work}/{w}/heartbeat?expected_last_heartbeat={tokens[w]}"
+                    f"&desired_ttl_seconds={TTL_SECONDS}")
+            status, reply = await client.send("POST", path, env)
+            if status != 200:
+                raise RuntimeError(f"heartbeat {w}: {status} {reply}")
+            tokens[w] = reply["last_heartbeat"]
+        return send
+
+    await _phase("claim", pid, [beat(w) for w in ids], concurrency, results)
+    for _ in range(rounds):
+        await _phase("heartbeat", pid, [beat(w) for w in ids], concurrency, results)
+    pages = max(1, leases // 10)
+    await _phase("list", pid, [lambda: client.send("GET", f"{work}?limit={LIST_PAGE}", env)]
+                 * pages, min(concurrency, 8), results)
+    await client.close()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--leases", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--emulator-arg", action="append", default=[],
+                        help="passed on to `dispatcher emulator` (repeatable)")
+    args = parser.parse_args()
+    redis_url = os.environ.get("DISPATCHER_REDIS_URL") or f"redis://127.0.0.1:{free_port()}/0"
+    with tempfile.TemporaryDirectory() as workdir:
+        stack = LocalStack(workdir=Path(workdir), redis_url=redis_url,
+                           key_prefix=f"bench-emucpu-{os.getpid()}")
+        try:
+            stack.ensure_redis()
+            stack.start_emulator(*args.emulator_arg)
+            pid = stack.processes["emulator"].pid
+            results = asyncio.run(drive(stack, pid, leases=args.leases, rounds=args.rounds,
+                                        concurrency=args.concurrency))
+        finally:
+            stack.stop_all()
+            _forget(stack)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _forget(stack: LocalStack) -> None:
+    """Delete this run's keys from a Redis that outlives it."""
+    import redis
+
+    client = redis.Redis.from_url(stack.redis_url)
+    for key in client.scan_iter(match=f"{stack.key_prefix}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
