@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 import redis
 
 from dispatcher.celery.keys import CeleryKeys
-from dispatcher.control.capacity import Capacity
+from dispatcher.control.capacity import ADVERTISE_INTERVAL_SECONDS, Capacity
 from dispatcher.lease.model import Lease, Phase
 from dispatcher.lease.registry import LeaseRegistry
 from tests.support.bounds import STATUS_CHECK_SECONDS
@@ -33,15 +34,27 @@ class Fleet:
         self.redis, self.url, self.prefix = r, url, prefix
         self.registry = LeaseRegistry(r, prefix=prefix)
         self.capacity = Capacity(r, prefix=prefix)
+        self.done = threading.Event()
 
     def healthy(self) -> None:
-        """A session worker with free slots, a beat holding its lock, a lease beaten 3 s ago."""
+        """A session worker with free slots, a beat holding its lock, a lease beaten 3 s ago.
+        The workers go on advertising, as live ones do, until the test ends: a check whose
+        interpreter takes seconds to start on a busy machine must not find them gone."""
+        self._advertise()
+        # A live beat renews its lock; this one holds it for the longest a check may take.
+        self.redis.set(CeleryKeys(self.prefix).beat_lock, "token", px=60_000)
+        self.add_lease("work_ok", beaten_ago=3)
+        threading.Thread(target=self._keep_advertising, daemon=True).start()
+
+    def _advertise(self) -> None:
         self.capacity.advertise(hostname="sessions@h", slots=4, pool="threads",
                                 queues=["dispatcher.sessions"])
         self.capacity.advertise(hostname="control@h", slots=0, pool="threads",
                                 queues=["dispatcher.control"])
-        self.redis.set(CeleryKeys(self.prefix).beat_lock, "token", px=10_000)
-        self.add_lease("work_ok", beaten_ago=3)
+
+    def _keep_advertising(self) -> None:
+        while not self.done.wait(ADVERTISE_INTERVAL_SECONDS):
+            self._advertise()
 
     def add_lease(self, work_id: str, *, beaten_ago: float, ttl: int = 30) -> None:
         now = time.time()
@@ -67,8 +80,10 @@ def fleet() -> Iterator[Fleet]:
     prefix = f"check{uuid.uuid4().hex[:8]}"
     r = redis.Redis.from_url(url, decode_responses=True)
     try:
-        yield Fleet(r, url, prefix)
+        fleet = Fleet(r, url, prefix)
+        yield fleet
     finally:
+        fleet.done.set()
         for key in r.scan_iter(f"{prefix}:*"):
             r.delete(key)
         r.close()
