@@ -175,9 +175,9 @@ async def _stats(sender: _Sender, settings: Settings, environment: Environment) 
 
 def _heartbeat_due(runtime: Runtime) -> Tally:
     claimed = time.monotonic()
-    due = runtime.registry.claim_due_heartbeats(
-        now=runtime.registry.clock.now() + LOOKAHEAD_SECONDS, limit=BATCH_SIZE,
-        inflight_seconds=INFLIGHT_SECONDS)
+    horizon = runtime.registry.clock.now() + LOOKAHEAD_SECONDS
+    due = runtime.registry.claim_due_heartbeats(now=horizon, limit=BATCH_SIZE,
+                                                inflight_seconds=INFLIGHT_SECONDS)
     if not due:
         return Tally()
     found = runtime.registry.get_many(due)
@@ -186,7 +186,7 @@ def _heartbeat_due(runtime: Runtime) -> Tally:
     leases, through = _paced(runtime, leases)
     tally = _send_heartbeats(
         runtime, [lease for lease in leases if _heartbeated_by_us(lease)] + through, due,
-        claimed=claimed)
+        claimed=claimed, mark=horizon + INFLIGHT_SECONDS)
     for lease in leases:
         if lease.phase == Phase.RELEASING:
             tally.released += _retry_release(runtime, lease.work_id)
@@ -232,9 +232,11 @@ def _heartbeated_by_us(lease: Lease) -> bool:
 
 
 def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, float], *,
-                     claimed: float) -> Tally:
+                     claimed: float, mark: float) -> Tally:
     """Send the heartbeats of `leases` (`due`: when each was due; `claimed`: when the tick took
-    them) and hand each answer to the machine."""
+    them, `mark`: their in-flight deadline) and hand each answer to the machine. Those not sent
+    in time are due again at once, not when their mark lapses: a tick that falls behind would
+    otherwise add the mark's length to their gap, and a lease a tick drops twice lapses."""
     tally = Tally()
     if not leases:
         return tally
@@ -250,9 +252,11 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, fl
                                     offset=offset, claimed=claimed), timeout=bound)
     beats: list[AnsweredHeartbeat] = []
     results: Counter[tuple[str, str]] = Counter()
+    unsent: dict[str, float] = {}
     for lease, outcome, sent_at in outcomes:
         if outcome is None:
             tally.late += 1
+            unsent[lease.work_id] = due.get(lease.work_id, now)
             continue
         answered = isinstance(outcome, Heartbeat)
         tally.sent += answered
@@ -269,8 +273,9 @@ def _send_heartbeats(runtime: Runtime, leases: list[Lease], due: Mapping[str, fl
     for (environment, result), count in results.items():
         runtime.metrics.inc("heartbeats", count, result=result, environment=environment)
     if tally.late:
+        runtime.registry.release_unsent(unsent, mark=mark)
         event("heartbeats not sent in time", level=logging.WARNING, leases=tally.late,
-              action_taken="due again when their in-flight mark lapses")
+              action_taken="due again at once")
     if tally.unanswered and tally.unanswered == len(leases) - tally.late \
             and sender.reach.cut_since is None:
         event("work api unreachable", level=logging.WARNING, failed=tally.failed,

@@ -572,9 +572,41 @@ return rows
         """The due heartbeats taken, each with when it was due, soonest first."""
         rows = self._CLAIM_DUE(
             keys=[self.keys.heartbeat_due],
-            args=[now, limit, now + inflight_seconds, self.keys.lease("")],
+            args=[now, limit, repr(now + inflight_seconds), self.keys.lease("")],
         )
         return {str(rows[i]): float(rows[i + 1]) for i in range(0, len(rows), 2)}
+
+    # KEYS[1]=due zset; ARGV: the claim's in-flight deadline, lease key prefix, then id, due,
+    # id, due... Gives back heartbeats a tick took and did not send: each is due again when it
+    # was due, and its in-flight mark is cleared, but only while the mark is still the claim's
+    # (no other taker, no reschedule since). Returns how many.
+    _RELEASE_UNSENT = _Script("""
+local mark = tonumber(ARGV[1])
+local released = 0
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  if score and tonumber(score) == mark then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[i + 1], id)
+    local key = ARGV[2] .. id
+    if tonumber(redis.call('HGET', key, 'inflight_until') or '') == mark then
+      redis.call('HSET', key, 'inflight_until', 0)
+    end
+    released = released + 1
+  end
+end
+return released
+""")
+
+    def release_unsent(self, due: Mapping[str, float], *, mark: float) -> int:
+        """Heartbeats claimed with in-flight deadline `mark` and never sent, due again at once
+        (`due`: when each was due): none of them is in flight, so no beat can race them."""
+        if not due:
+            return 0
+        args: list[str | float] = [repr(mark), self.keys.lease("")]
+        for work_id, when in due.items():
+            args += [work_id, repr(when)]
+        return int(self._RELEASE_UNSENT(keys=[self.keys.heartbeat_due], args=args))
 
     def next_due(self, work_id: str) -> float | None:
         score = self.redis.zscore(self.keys.heartbeat_due, work_id)

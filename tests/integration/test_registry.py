@@ -109,6 +109,37 @@ def test_due_heartbeats_are_claimed_by_one_taker_only(registry: LeaseRegistry) -
     assert len(registry.claim_due_heartbeats(now=now + 11, limit=100, inflight_seconds=10)) == 5
 
 
+def test_heartbeats_a_tick_did_not_send_are_due_again_at_once(registry: LeaseRegistry) -> None:
+    for i in range(3):
+        registry.create(_lease(f"work_{i}"), work_json="{}")
+        registry.schedule_heartbeat(f"work_{i}", 1000.0 + i)
+    now = time.time()
+    taken = registry.claim_due_heartbeats(now=now, limit=100, inflight_seconds=10)
+    assert registry.get("work_0").inflight_until == now + 10  # type: ignore[union-attr]
+    released = registry.release_unsent({"work_0": taken["work_0"], "work_1": taken["work_1"]},
+                                       mark=now + 10)
+    assert released == 2
+    assert registry.next_due("work_0") == 1000.0 and registry.next_due("work_1") == 1001.0
+    assert registry.get("work_0").inflight_until == 0  # type: ignore[union-attr]
+    assert registry.next_due("work_2") == now + 10, "the one sent keeps its mark"
+    again = registry.claim_due_heartbeats(now=now, limit=100, inflight_seconds=10)
+    assert sorted(again) == ["work_0", "work_1"]
+
+
+def test_a_release_of_unsent_heartbeats_leaves_a_later_claim_alone(
+        registry: LeaseRegistry) -> None:
+    """Only the claim's own mark is given back: once another taker holds the lease (or it was
+    rescheduled), its heartbeat may be in flight."""
+    registry.create(_lease("work_0"), work_json="{}")
+    registry.schedule_heartbeat("work_0", 1000.0)
+    now = time.time()
+    registry.claim_due_heartbeats(now=now, limit=100, inflight_seconds=10)
+    registry.claim_due_heartbeats(now=now + 11, limit=100, inflight_seconds=10)  # the next taker
+    assert registry.release_unsent({"work_0": 1000.0}, mark=now + 10) == 0
+    assert registry.next_due("work_0") == now + 21
+    assert registry.get("work_0").inflight_until == now + 21  # type: ignore[union-attr]
+
+
 def test_no_heartbeat_is_scheduled_after_a_hand_off(registry: LeaseRegistry) -> None:
     registry.create(_lease(token="tok-1"), work_json="{}")
     dispatchers = Heartbeater.DISPATCHER  # as the machine schedules a lease the fleet heartbeats
