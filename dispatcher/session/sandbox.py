@@ -438,7 +438,8 @@ def _spawn(argv: list[str], env: dict[str, str], confinement: Confinement, *,
     default) a new session is also a scheduling group of its own, so a sandbox's start does not
     share its worker's CPU share with the worker and every other sandbox of it. A group alone
     (`process_group=0`) spawned faster on a busy host but started the sandbox's program later:
-    the fake session's own start took 70 ms instead of 37 in the benchmark's idle dispatch."""
+    the fake session's own start took 70 ms against 53 in back-to-back runs of the benchmark's
+    idle dispatch."""
     try:
         process: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
             argv, stdin=subprocess.PIPE, stdout=output, stderr=output, env=env,
