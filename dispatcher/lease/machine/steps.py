@@ -77,8 +77,8 @@ def may_still_send(claimed: float, now: float, *, request_seconds: float,
     at `claimed` (both monotonic seconds) with an in-flight mark `inflight_seconds` long: only
     while a whole request (`request_seconds`) fits inside the mark. Past that, another tick
     may claim the lease and send a beat with the same token, and of two beats racing on one
-    token the server refuses one (412): a lease lost. Left unsent, the lease is due again once
-    its mark lapses."""
+    token the server refuses one (412): a lease lost. A beat left unsent is in flight nowhere,
+    so the tick gives its lease back due at once (the registry's `release_unsent`)."""
     return now + request_seconds <= claimed + inflight_seconds
 
 
