@@ -73,12 +73,12 @@ _HEADER_VALUE = re.compile(_VALUE)
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: bytes in a buffer, a future to wait for more, and, while an
-    answer that is not plain is read, the h11 state machine that frames and checks it."""
+    """One keep-alive connection: bytes in a buffer and a future to wait for more. An answer
+    that is not plain is framed and checked by an h11 state machine of its own
+    (`_read_with_h11`)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.h11: h11.Connection | None = None
         self.keep = True  # whether the last answer leaves the connection fit for another
         self.buffer = bytearray()
         self.head = bytearray()  # raw bytes of the answer's head, until h11 has parsed it
@@ -121,7 +121,7 @@ class _Connection(asyncio.Protocol):
 
     # --- use ---------------------------------------------------------------------------------
     def reusable(self, now: float) -> bool:
-        """Idle, open, recent, and ready for a new request (h11 agrees)."""
+        """Idle, open, recent, and with nothing unread: ready for a new request."""
         return (not self.closed and not self.buffer and self.transport is not None
                 and not self.transport.is_closing() and not self.busy
                 and now - self.idle_since < KEEPALIVE_EXPIRY_SECONDS)
@@ -271,7 +271,7 @@ async def _read_response(conn: _Connection, sent: _Sent) -> Answer:
 
 async def _read_with_h11(conn: _Connection, sent: _Sent) -> Answer:
     """h11 told of the request as it left, and fed the answer from its first byte."""
-    machine = conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+    machine = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
     machine.send(h11.Request(method=sent.method, target=sent.target, headers=sent.headers))
     if sent.body:
         machine.send(h11.Data(data=sent.body))
@@ -279,7 +279,6 @@ async def _read_with_h11(conn: _Connection, sent: _Sent) -> Answer:
     answer = await _read_events(conn, machine)
     conn.keep = (machine.our_state is h11.DONE and machine.their_state is h11.DONE
                  and not machine.trailing_data[0])
-    conn.h11 = None
     return answer
 
 
@@ -423,8 +422,9 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         return response
 
     def _finish(self, conn: _Connection, origin: tuple[str, str, int]) -> None:
-        """Back to the pool if both sides may go on (h11 knows `Connection: close`, HTTP/1.0
-        and close-delimited bodies) and nothing arrived beyond the answer; else closed."""
+        """Back to the pool if the answer left it fit for another (`keep`: a plain answer with
+        nothing beyond it, or h11's word on `Connection: close`, HTTP/1.0 and close-delimited
+        bodies); else closed."""
         if conn.keep and not self._closed and not conn.closed:
             conn.busy = False
             conn.idle_since = time.monotonic()
