@@ -79,18 +79,17 @@ def _decode_json(endpoint: str, response: httpx.Response, expected: str) -> Any:
     try:
         return json.loads(response.content)
     except ValueError as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        where = f" (char {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
-        # `from None`: a JSONDecodeError keeps the whole body, secret and all, in `.doc`.
-        raise MalformedResponseError(
-            f"{endpoint}: the {status} response is not JSON ({describe_body(response)}): "
-            f"{reason}{where}; expected {expected}", status=status, endpoint=endpoint) from None
+        reason = (f"{exc.msg} (char {exc.pos})" if isinstance(exc, json.JSONDecodeError)
+                  else "not UTF-8")
     except RecursionError:
         # The decoder recurses once per nesting level; a hostile body of a few thousand `[` ends
         # it with RecursionError, which is a malformed answer like any other, not a crash.
-        raise MalformedResponseError(
-            f"{endpoint}: the {status} response is not JSON ({describe_body(response)}): "
-            f"nested too deeply; expected {expected}", status=status, endpoint=endpoint) from None
+        reason = "nested too deeply"
+    # Outside the `except` and `from None`: a JSONDecodeError keeps the whole body, secret and
+    # all, in `.doc`, and must not ride along as the cause or context.
+    raise MalformedResponseError(
+        f"{endpoint}: the {status} response is not JSON ({describe_body(response)}): "
+        f"{reason}; expected {expected}", status=status, endpoint=endpoint) from None
 
 
 def _validate(endpoint: str, status: int, model: type[M], expected: str, data: Any) -> M:
@@ -176,7 +175,7 @@ def _listed_page(endpoint: str, response: httpx.Response) -> ListedPage:
     A sweep reads every held item each second, and the standard library's parser spent about
     6 µs an item on fields nobody reads: a page whose every item reads well is decoded for
     these fields alone (`_listed_whole`, about a tenth of it); any other page is read item by
-    item below, as before, so one bad item costs only itself."""
+    item (`_listed_items`), so one bad item costs only itself."""
     whole = _listed_whole(response.content)
     return whole if whole is not None else _listed_items(endpoint, response)
 
