@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.proc import cpu_seconds
+from dispatcher.emulator.config import MAX_LIST_LIMIT
 from dispatcher.ops.stack import API_HEADERS, LocalStack, free_port
 
 # The heartbeat a fleet asks for at the capacity target (20,000 leases, a beat every 10 s).
 TTL_SECONDS = 30
 NO_RECLAIM_MS = 600_000
-# The largest `list` page the emulator answers by default.
-LIST_PAGE = 100
 
 
 class _Connection:
@@ -137,7 +136,7 @@ async def drive(stack: LocalStack, pid: int, *, leases: int, rounds: int,
     for _ in range(rounds):
         await _phase("heartbeat", pid, [beat(w) for w in ids], concurrency, results)
     pages = max(1, leases // 10)
-    await _phase("list", pid, [lambda: client.send("GET", f"{work}?limit={LIST_PAGE}", env)]
+    await _phase("list", pid, [lambda: client.send("GET", f"{work}?limit={MAX_LIST_LIMIT}", env)]
                  * pages, min(concurrency, 8), results)
     await client.close()
     return results
@@ -145,9 +144,13 @@ async def drive(stack: LocalStack, pid: int, *, leases: int, rounds: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--leases", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--leases", type=int, default=2000,
+                        help="sessions created, polled, acked and claimed (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="heartbeats of every lease after its claim (default %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="requests in flight at once, one connection each (default "
+                             "%(default)s)")
     parser.add_argument("--emulator-arg", action="append", default=[],
                         help="passed on to `dispatcher emulator` (repeatable)")
     args = parser.parse_args()
