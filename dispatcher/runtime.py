@@ -6,8 +6,6 @@ connections (redis-py pools re-create themselves after fork; httpx clients do no
 
 from __future__ import annotations
 
-import os
-import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -23,6 +21,7 @@ from dispatcher.lease.executor import Executor, SessionTask
 from dispatcher.lease.machine import Policy
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.metrics import Metrics
+from dispatcher.perprocess import PerProcess
 from dispatcher.redis_connect import connect
 from dispatcher.settings import Environment, Settings, SettingsError, load_settings
 from dispatcher.workapi import WorkClient
@@ -146,8 +145,7 @@ class Runtime:
             self.redis.close()
 
 
-_lock = threading.Lock()
-_runtimes: dict[int, Runtime] = {}
+_runtime = PerProcess(lambda: Runtime(settings=load_settings(), app=_apps[0]))
 # The fleet's Celery app, named by the app's module as it builds it (`use_app`). Not imported
 # here: the app's bootsteps and signals use this module, so an import would close a cycle.
 _apps: list[Any] = []
@@ -162,15 +160,8 @@ def get_runtime() -> Runtime:
     """This process's runtime, for the fleet's Celery app (see `use_app`)."""
     if not _apps:
         raise RuntimeError("no Celery app yet: import dispatcher.celery.application first")
-    pid = os.getpid()
-    with _lock:
-        runtime = _runtimes.get(pid)
-        if runtime is None:
-            _runtimes.clear()  # entries of a parent process are useless after fork
-            runtime = _runtimes[pid] = Runtime(settings=load_settings(), app=_apps[0])
-        return runtime
+    return _runtime.get()
 
 
 def reset_runtime() -> None:
-    with _lock:
-        _runtimes.clear()
+    _runtime.pop()

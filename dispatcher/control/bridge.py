@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -29,6 +27,7 @@ from redis.exceptions import LockError
 from dispatcher.lease import events as ev
 from dispatcher.lease.replies import listed_event
 from dispatcher.logs import event
+from dispatcher.perprocess import PerProcess
 from dispatcher.runtime import Runtime
 from dispatcher.workapi import Backoff, InvalidRequestError, ListedPage, ListedWork, WorkAPIError
 
@@ -152,7 +151,7 @@ def _scan(runtime: Runtime, environment: str, *, held: int, until: float) -> int
     cursor = registry.stop_scan_cursor(environment)
     size = _page_size(runtime, environment, held)
     applied, pages = 0, 0
-    reader = _reader()
+    reader = _READER.get()
     ahead = None
     try:
         page, size = _list(runtime, environment, size=size, cursor=cursor)
@@ -191,24 +190,11 @@ def _scan(runtime: Runtime, environment: str, *, held: int, until: float) -> int
     return applied
 
 
-_readers: dict[int, ThreadPoolExecutor] = {}
-_readers_lock = threading.Lock()
-
-
-def _reader() -> ThreadPoolExecutor:
-    """This process's one thread that reads a sweep's next page while a tick applies the one
-    before: kept for the process's life, not started and joined each tick of each environment.
-    Ticks run one at a time per environment (the sweep lock), and environments one after
-    another in a tick, so one thread is enough; a forked child makes its own (threads do not
-    survive a fork)."""
-    pid = os.getpid()
-    with _readers_lock:
-        reader = _readers.get(pid)
-        if reader is None:
-            _readers.clear()
-            reader = _readers[pid] = ThreadPoolExecutor(max_workers=1,
-                                                        thread_name_prefix="stop-sweep")
-        return reader
+# This process's one thread that reads a sweep's next page while a tick applies the one before:
+# kept for the process's life, not started and joined each tick of each environment. Ticks run
+# one at a time per environment (the sweep lock), and environments one after another in a tick,
+# so one thread is enough.
+_READER = PerProcess(lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="stop-sweep"))
 
 
 def _list(runtime: Runtime, environment: str, *, size: int,

@@ -8,7 +8,6 @@ retry decisions exist once. The two clients differ only in how they send and how
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 import httpx
 
+from dispatcher.perprocess import PerProcess
 from dispatcher.workapi._endpoints import (
     ANTHROPIC_VERSION,
     BETA,
@@ -41,18 +41,14 @@ T = TypeVar("T")
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 
-_worker_ids: dict[int, str] = {}
+_worker_id = PerProcess(lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}")
 
 
 def default_worker_id() -> str:
     """``<host>-<random>``, as the SDK names a poller: the API documents the id as unique, and
     several processes on one host poll. One per process, and a forked child (a prefork pool)
     gets its own rather than inheriting its parent's."""
-    pid = os.getpid()
-    found = _worker_ids.get(pid)
-    if found is None:
-        found = _worker_ids[pid] = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
-    return found
+    return _worker_id.get()
 
 
 class _ClientBase(Generic[TransportT]):
