@@ -166,12 +166,12 @@ class Settings(BaseSettings):
             "Fleets of several environments: for this many seconds after a session arrives in "
             "an environment with no backlog, a slot of that environment's unused fair share "
             "stays free (one per such session), so its next session starts at once instead of "
-            "waiting for a session of a backlogged environment to end (the idle ones keep a "
-            "slot together in any case). Longer: quiet environments' sessions wait less, a "
-            "backlog elsewhere drains on fewer slots while they are active. 0 (the default): "
-            "only the shared slot. It must span the gap between a quiet environment's sessions "
-            "to help: a CPU-free model of the fairness bench needed 8 s, and the burst then "
-            "drained 24 % slower."))
+            "waiting for a session of a backlogged environment to end (in a fleet of ten slots "
+            "or more the idle ones keep a slot together in any case). Longer: quiet "
+            "environments' sessions wait less, a backlog elsewhere drains on fewer slots while "
+            "they are active. 0 (the default): only that shared slot. It must span the gap "
+            "between a quiet environment's sessions to help: a CPU-free model of the fairness "
+            "bench needed 8 s, and the burst then drained 24 % slower."))
     heartbeat_tick_seconds: float = _env("DISPATCHER_HEARTBEAT_TICK_SECONDS", 1.0, gt=0,
         description=("How often Celery beat starts the heartbeat task (each lease gets its "
                      "heartbeat when due)."))
