@@ -41,8 +41,9 @@ class PollKeys:
         return f"{self.prefix}:lock:poll-idle:{environment_id}"
 
     def arrived(self, environment_id: str) -> str:
-        """Sorted set: work id -> epoch second (the fleet's clock) a poll answered it, for the
-        last few seconds: the environment's recent demand, which its idle headroom keeps."""
+        """Sorted set: work id -> epoch second (the fleet's clock) a poll answered it, kept for
+        `DISPATCHER_IDLE_HEADROOM_SECONDS` (none while it is 0): the environment's recent
+        demand, which its idle headroom keeps."""
         return f"{self.prefix}:lock:poll-arrived:{environment_id}"
 
     @property
