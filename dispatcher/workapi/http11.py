@@ -66,6 +66,9 @@ _PLAIN_HEAD = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) ([\t\x20-\x7e\x80-\xff]*
                          rb"((?:" + _TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n)*)\r\n")
 # Headers that make an answer's framing other than plain: h11 reads those.
 _FRAMING = frozenset({b"transfer-encoding", b"connection"})
+# A plain answer's Content-Length has at most this many digits: any length we take
+# (MAX_BODY_BYTES) has fewer, and a longer one goes to h11, whose reading refuses it.
+_LENGTH_DIGITS = 18
 # What a request we send may hold: a method, a target of visible characters, header lines.
 _REQUEST_LINE = re.compile(_TOKEN + rb" [\x21-\x7e]+")
 _HEADER_NAME = re.compile(_TOKEN)
@@ -230,7 +233,7 @@ def _plain_head(buffer: bytearray, end: int,
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"content-length":
-            if length is not None or not value.isdigit() or len(value) > 18:
+            if length is not None or not value.isdigit() or len(value) > _LENGTH_DIGITS:
                 return None
             length = int(value)
         elif lowered in _FRAMING:
