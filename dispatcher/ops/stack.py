@@ -24,6 +24,7 @@ from typing import IO, Any
 import httpx
 import redis
 
+from dispatcher.emulator.cli import ENV_API_KEY, ENV_ENVIRONMENT_KEY
 from dispatcher.workapi import ANTHROPIC_VERSION, BETA
 
 __all__ = ["API_HEADERS", "LocalStack", "free_port"]
@@ -93,15 +94,15 @@ class LocalStack:
 
     # --- the emulator -----------------------------------------------------------------------
     def start_emulator(self, *extra: str, env: dict[str, str] | None = None) -> str:
-        """`env`: variables added to this process's for the emulator (keys stay out of argv)."""
+        """`extra`: more of `dispatcher emulator`'s options; `env`: variables added to this
+        process's for it. Its keys and Redis URL (which may hold a password) go in its
+        environment, never its argv, which every user of the host can read (`ps`)."""
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         self._spawn("emulator", [str(BIN / "dispatcher"), "emulator", "--port", str(port),
-                                 "--redis-url", self.redis_url,
-                                 "--key-prefix", f"{self.key_prefix}-emulator",
-                                 "--environment-key", self.environment_key,
-                                 "--api-key", self.api_key, *extra],
-                    env={**os.environ, **env} if env else None)
+                                 "--key-prefix", f"{self.key_prefix}-emulator", *extra],
+                    env={**os.environ, **(env or {}), "DISPATCHER_REDIS_URL": self.redis_url,
+                         ENV_ENVIRONMENT_KEY: self.environment_key, ENV_API_KEY: self.api_key})
         _wait(self._emulator_answers, "the emulator")
         self.environment_id = self.create_environment()
         return self.base_url
