@@ -31,14 +31,12 @@ import redis
 from bench.emu import Emulator
 from bench.proc import cpu_seconds
 from bench.records import summary
+from dispatcher.emulator.config import MAX_LIST_LIMIT
 from dispatcher.ops.stack import LocalStack, free_port
 
 # Where the bridge process reads its settings: the fleet's own variables.
 _BRIDGE_ENV = ("ANTHROPIC_BASE_URL", "ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_ENVIRONMENT_KEY",
                "DISPATCHER_REDIS_URL", "DISPATCHER_KEY_PREFIX")
-def _start_emulator(stack: LocalStack, max_list: int) -> None:
-    """The emulator with its `list` limit raised to `max_list` (the service names none)."""
-    stack.start_emulator("--max-list-limit", str(max_list))
 
 
 def _hold(stack: LocalStack, emu: Emulator, n: int) -> list[str]:
@@ -101,7 +99,8 @@ def run(*, held: int, page_size: int, passes: int, stops: int, workdir: Path) ->
     stack = LocalStack(workdir=workdir, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     try:
         stack.ensure_redis()  # private: its CPU is the run's
-        _start_emulator(stack, max(100, page_size))
+        # The emulator's `list` limit raised to the page size (the service names none).
+        stack.start_emulator("--max-list-limit", str(max(MAX_LIST_LIMIT, page_size)))
         emu = Emulator(stack)
         ids = _hold(stack, emu, held)
         env = {**os.environ, **{k: str(v) for k, v in _settings(stack).items()}}
