@@ -79,8 +79,8 @@ def fleet() -> Iterator[Fleet]:
     url = redis_url(integration_db())
     prefix = f"check{uuid.uuid4().hex[:8]}"
     r = redis.Redis.from_url(url, decode_responses=True)
+    fleet = Fleet(r, url, prefix)
     try:
-        fleet = Fleet(r, url, prefix)
         yield fleet
     finally:
         fleet.done.set()
