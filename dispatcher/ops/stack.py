@@ -34,6 +34,9 @@ API_HEADERS = {"anthropic-version": ANTHROPIC_VERSION, "anthropic-beta": BETA}
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_SECONDS = 30.0
+# How long a process has from SIGTERM to exit before it is SIGKILLed: a worker's warm shutdown
+# waits for its running tasks, and a stop should see that shutdown, not a kill.
+STOP_TIMEOUT_SECONDS = 20.0
 # How long a process group's members take to go once SIGKILLed (the kernel's work; generous for
 # a loaded host), before `stop` says which outlived it.
 GROUP_KILL_WAIT_SECONDS = 5.0
@@ -218,16 +221,19 @@ class LocalStack:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.processes[name].send_signal(sig)
 
-    def stop(self, name: str, *, timeout: float = 20.0) -> None:
+    def stop(self, name: str, *, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
         _stop(self.processes[name], timeout=timeout)
 
     def stop_all(self) -> None:
-        """Stop everything this stack started, workers first, Redis last."""
+        """Stop everything this stack started, workers first, Redis last. A process whose group
+        outlived it fails the stop once every other is stopped too: raised at once, it would
+        leave the rest (the emulator, Redis) running after the stack."""
         rank = {"emulator": 1, "redis": 2}
-        for _, process in sorted(self.spawned, key=lambda spawned: rank.get(spawned[0], 0)):
-            _stop(process, timeout=20.0)
-        for log in self._logs:
-            log.close()
+        with contextlib.ExitStack() as stopping:  # its callbacks run last in, first out
+            for log in self._logs:
+                stopping.callback(log.close)
+            for _, process in sorted(self.spawned, key=lambda spawned: -rank.get(spawned[0], 0)):
+                stopping.callback(_stop, process, timeout=STOP_TIMEOUT_SECONDS)
 
 
 def _stop(process: subprocess.Popen[bytes], *, timeout: float) -> None:
