@@ -70,7 +70,7 @@ ROWS = [
     ("b", 20, {"a": 19, "b": 0}, TWO, {"b"}, 0, 1),  # the idle one's session takes it
     ("a", 20, {"a": 15, "b": 4}, TWO, {"b"}, 0, 0),
     ("a", 20, {"a": 10, "b": 10}, TWO, {"b"}, 0, 0),  # nothing unused: no headroom, no room
-    # ...but never in a smaller fleet, where a slot is a tenth or more of it.
+    # ...but never in a smaller fleet, where a slot is more than a tenth of it.
     ("a", 9, {"a": 8, "b": 0}, TWO, {"b"}, 0, 1),
 ]
 
