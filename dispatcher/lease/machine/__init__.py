@@ -54,8 +54,7 @@ from dispatcher.lease.model import Lease
 
 __all__ = ["QUIET_SECONDS", "Claim", "Decision", "Delivery", "Policy", "Stuck", "claim_of",
            "decide", "heartbeat_interval", "last_seen", "may_still_send", "message_lost",
-           "outage_is_too_long",
-           "pulse_is_quiet", "renewal_due", "stuck"]
+           "outage_is_too_long", "pulse_is_quiet", "renewal_due", "stuck"]
 
 
 _DEFAULT_POLICY = Policy()
