@@ -335,9 +335,10 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
         cpu = {name: (_own_cpu(stack, name) - before) / (w1 - c0)
                for name, before in cpu0.items()}
         counted = [emu.beats(environment) for environment in fleet.environment_ids]
-        beats = {w: at for c in counted for w, at in c["last_beat"].items() if w in ids}
+        # Since each lease's last beat, at the time its environment's counts were read.
+        last_gap = {w: float(c["until"]) - at for c in counted
+                    for w, at in c["last_beat"].items() if w in ids}
         gaps = [float(c["max_gap_s"]) for c in counted if c["beats"]]
-        last_gap = [w1 - at for at in beats.values()]
         starts = Counter(line.split()[0] for line in started_log.read_text().splitlines())
         log("thousand: stopping them")
         return {
@@ -348,9 +349,9 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
             "started_twice_or_more": sum(1 for w in ids if starts[w] > 1),
             "never_started": sum(1 for w in ids if starts[w] == 0),
             "held_at_full": held,
-            "leases_beaten": len(beats),
+            "leases_beaten": len(last_gap),
             "max_gap_between_beats_s": max(gaps, default=None),
-            "max_since_last_beat_s": max(last_gap, default=None),
+            "max_since_last_beat_s": max(last_gap.values(), default=None),
             "heartbeat_interval_s": ttl / 3,
             "window_s": w1 - w0,
             "worker_rss_per_session_kb": (busy["rss"] - idle["rss"]) / running,
