@@ -82,6 +82,26 @@ class Emulator:
         return RequestTail(self)
 
 
+    def count_beats(self, environment_id: str, *, log_heartbeats: bool = True) -> float:
+        """The emulator counts the environment's beats from now (a new window each call;
+        `requestlog.BeatStats`): when the window started, on the emulator's clock."""
+        reply = self.http.post(f"/_emulator/environments/{environment_id}/heartbeats",
+                               headers=self.org, json={"log_heartbeats": log_heartbeats})
+        reply.raise_for_status()
+        return float(reply.json()["since"])
+
+    def beats(self, environment_id: str) -> dict[str, Any]:
+        """The environment's beat counts over the window (`count_beats`)."""
+        reply = self.http.get(f"/_emulator/environments/{environment_id}/heartbeats",
+                              headers=self.org)
+        reply.raise_for_status()
+        counted: dict[str, Any] = reply.json()
+        return counted
+
+    def stop_counting_beats(self, environment_id: str) -> None:
+        self.http.delete(f"/_emulator/environments/{environment_id}/heartbeats",
+                         headers=self.org).raise_for_status()
+
     def set_faults(self, **changes: Any) -> None:
         self.http.post("/_emulator/faults", headers=self.org, json=changes).raise_for_status()
 

@@ -11,19 +11,18 @@ emulator as the other parts.
   are backlogged: Jain's fairness index of those shares.
 * `thousand`: 1,000 sessions running at once on threads-pool session workers, ten
   environments, each sandbox a shell that notes its start and sleeps: every session started
-  exactly once, the largest gap between two heartbeats of one lease (the emulator's request
-  log), memory per session (the session workers and their guardians), Redis memory per lease.
+  exactly once, the largest gap between two heartbeats of one lease (as the emulator counts
+  them), memory per session (the session workers and their guardians), Redis memory per lease.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import secrets
 import shlex
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -297,7 +296,10 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
         sessions_workers = [m for m in fleet.members if not m.endswith("-control")]
         idle = _workers_memory(stack, sessions_workers)
         redis_before = _prefix_memory(fleet.redis, fleet.key_prefix)
-        tail = emu.tail()
+        # Each environment's beats counted by the emulator from here on (not read back from
+        # its request log, which then leaves them out).
+        for environment in fleet.environment_ids:
+            emu.count_beats(environment, log_heartbeats=False)
         log(f"thousand: {n} sessions over {environments} environments")
         t0 = time.time()
         created: list[Created] = []
@@ -318,7 +320,6 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
             time.sleep(1.0)
         all_running = time.time()
         log(f"thousand: {len(lines)} started after {all_running - t0:.0f} s; holding {hold} s")
-        beats: dict[str, list[float]] = defaultdict(list)
         w0 = time.time()
         time.sleep(5.0)
         busy = _workers_memory(stack, sessions_workers)
@@ -329,18 +330,15 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
         # them costs (the sandboxes sleep; their own CPU is not counted).
         cpu0 = {name: _own_cpu(stack, name) for name in [*fleet.members, "emulator"]}
         c0 = time.time()
-        remaining = hold - (time.time() - w0)
-        while remaining > 0:
-            time.sleep(min(5.0, remaining))
-            _fold_beats(tail.read(), ids, beats)
-            remaining = hold - (time.time() - w0)
+        time.sleep(max(0.0, hold - (time.time() - w0)))
         w1 = time.time()
         cpu = {name: (_own_cpu(stack, name) - before) / (w1 - c0)
                for name, before in cpu0.items()}
-        _fold_beats(tail.read(), ids, beats)
-        gaps = [b - a for times in beats.values() for a, b in itertools.pairwise(times)
-                if a >= t0]
-        last_gap = [w1 - max(times) for times in beats.values()]
+        counted = [emu.beats(environment) for environment in fleet.environment_ids]
+        # Since each lease's last beat, at the time its environment's counts were read.
+        last_gap = {w: float(c["until"]) - at for c in counted
+                    for w, at in c["last_beat"].items() if w in ids}
+        gaps = [float(c["max_gap_s"]) for c in counted if c["beats"]]
         starts = Counter(line.split()[0] for line in started_log.read_text().splitlines())
         log("thousand: stopping them")
         return {
@@ -351,9 +349,9 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
             "started_twice_or_more": sum(1 for w in ids if starts[w] > 1),
             "never_started": sum(1 for w in ids if starts[w] == 0),
             "held_at_full": held,
-            "leases_beaten": len(beats),
+            "leases_beaten": len(last_gap),
             "max_gap_between_beats_s": max(gaps, default=None),
-            "max_since_last_beat_s": max(last_gap, default=None),
+            "max_since_last_beat_s": max(last_gap.values(), default=None),
             "heartbeat_interval_s": ttl / 3,
             "window_s": w1 - w0,
             "worker_rss_per_session_kb": (busy["rss"] - idle["rss"]) / running,
@@ -374,6 +372,8 @@ def thousand(stack: LocalStack, emu: Emulator, workdir: Path, *, n: int = 1000,
             "load": os.getloadavg(),
         }
     finally:
+        for environment in fleet.environment_ids:
+            emu.stop_counting_beats(environment)
         _stop_all(emu, fleet)
         fleet.stop()
 
@@ -398,13 +398,6 @@ def _stop_all(emu: Emulator, fleet: MultiFleet) -> None:
     deadline = time.monotonic() + 120
     while registry.held_count() and time.monotonic() < deadline:
         time.sleep(1.0)
-
-
-def _fold_beats(entries: list[dict[str, Any]], ids: set[str],
-                beats: dict[str, list[float]]) -> None:
-    for e in entries:
-        if e["endpoint"] == "heartbeat" and e["status"] == 200 and e.get("work_id") in ids:
-            beats[e["work_id"]].append(e["time"])
 
 
 def _workers_memory(stack: LocalStack, names: list[str]) -> dict[str, int]:

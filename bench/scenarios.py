@@ -261,10 +261,10 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     registry = LeaseRegistry(client, prefix=fleet.key_prefix)
     held: list[str] = []
-    beats = _BeatLog(emu, fleet.environment_id)
+    beats = _Beats(emu, fleet.environment_id)
     stop = threading.Event()
 
-    threads = _background(client, registry, held, beats, stop)
+    threads = _background(client, registry, stop)
     results: list[dict[str, Any]] = []
     stopped: dict[str, Any] = {}
     try:
@@ -273,27 +273,29 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
             if latency_ms:
                 emu.set_faults(latency_ms=latency_ms, endpoints=["heartbeat"])
             time.sleep(heartbeat_interval(ttl))  # one beat interval to settle
-            beats.judge(since=None)
-            w0, cpu0, emu0 = time.time(), _tree_cpu(stack.processes[control].pid), \
-                _tree_cpu(stack.processes["emulator"].pid)
+            cpu0 = _cpu(stack, control, client)
+            beats.new_window()
             load0 = os.getloadavg()[0]
             time.sleep(max(window, 1.5 * heartbeat_interval(ttl)))  # every lease beats in it
-            w1, cpu1, emu1 = time.time(), _tree_cpu(stack.processes[control].pid), \
-                _tree_cpu(stack.processes["emulator"].pid)
-            time.sleep(TAIL_SECONDS)  # the entries of the window's last requests
-            judged = beats.judge(since=w0, until=w1)
+            judged = beats.judge()
+            cpu1 = _cpu(stack, control, client)
+            w1 = judged.pop("until")
             overdue = cast("list[tuple[str, float]]", client.zrangebyscore(
                 registry.keys.heartbeat_due, "-inf", w1 - 1, withscores=True))
             if latency_ms:
                 emu.reset_faults()
-            step = {"n": n, "window": w1 - w0, "ttl": ttl, "latency_ms": latency_ms,
-                    "control_cpu_pct": 100 * (cpu1 - cpu0) / (w1 - w0),
-                    "emulator_cpu_pct": 100 * (emu1 - emu0) / (w1 - w0),
+            seconds = cpu1["wall"] - cpu0["wall"]
+            used = {k: cpu1[k] - cpu0[k] for k in ("control", "emulator", "bench", "redis")}
+            step = {"n": n, "ttl": ttl, "latency_ms": latency_ms,
+                    "control_cpu_pct": 100 * used["control"] / seconds,
+                    "emulator_cpu_pct": 100 * used["emulator"] / seconds,
+                    "bench_cpu_pct": 100 * used["bench"] / seconds,
+                    "redis_cpu_pct": 100 * used["redis"] / seconds,
                     "load_1min": [load0, os.getloadavg()[0]],
                     "overdue_now": len(overdue),
                     "max_overdue_s": max((w1 - s for _, s in overdue), default=0.0),
                     **judged}
-            _judge_step(step, ttl, cpu=(cpu1 - cpu0, emu1 - emu0))
+            _judge_step(step, ttl, cpu=used)
             log(f"  heartbeat capacity n={n}: {step}")
             results.append(step)
             if step["lapsed"] or step["behind"]:
@@ -306,30 +308,41 @@ def heartbeat_capacity(fleet: Ours, steps: list[int], ttl: int, window: float,
             thread.join()
         if latency_ms:
             emu.reset_faults()
+        emu.stop_counting_beats(fleet.environment_id)
         fleet.stop_members([control])
     ok = [s["n"] for s in results if not s["lapsed"] and not s["behind"]]
     return {"steps": results, "largest_without_lapse": max(ok, default=0), "ttl": ttl,
             **({"stops": stopped} if stopped else {})}
 
 
-# The capacity run's pulses: `pulse_at` on each lease and its score in the index of last signs
-# of progress, for a chunk of leases in one call (KEYS[1] the index, KEYS[2..] the leases,
-# ARGV[1] the time, ARGV[2..] the work ids).
+def _cpu(stack: Any, control: str, client: redis.Redis) -> dict[str, float]:
+    """CPU seconds used so far by the control worker's and the emulator's process trees, this
+    benchmark process (its pulses, its reads) and Redis (all its clients), and the time."""
+    info = cast("dict[str, Any]", client.info("cpu"))
+    return {"wall": time.time(), "control": _tree_cpu(stack.processes[control].pid),
+            "emulator": _tree_cpu(stack.processes["emulator"].pid),
+            "bench": time.process_time(),
+            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
+
+
+# The capacity run's pulses: `pulse_at` on each held lease and its score in the index of last
+# signs of progress, for a range of the held leases (by rank) in one call. The script reads the
+# ids itself, so the benchmark sends a few short calls a second, not 20,000 ids (KEYS[1] the
+# index, KEYS[2] the held leases; ARGV: the time, the lease key prefix, first and last rank).
 _PULSE_LUA = """
-local now = ARGV[1]
-for i = 2, #KEYS do
-  redis.call('HSET', KEYS[i], 'pulse_at', now)
-  redis.call('ZADD', KEYS[1], now, ARGV[i])
+local ids = redis.call('ZRANGE', KEYS[2], ARGV[3], ARGV[4])
+for _, id in ipairs(ids) do
+  redis.call('HSET', ARGV[2] .. id, 'pulse_at', ARGV[1])
+  redis.call('ZADD', KEYS[1], ARGV[1], id)
 end
-return #KEYS - 1
+return #ids
 """
 PULSE_CHUNK = 2000  # leases a call: a few ms of Redis each, so no call holds it up for long
 
 
-def _background(client: redis.Redis, registry: Any, held: list[str], beats: _BeatLog,
+def _background(client: redis.Redis, registry: Any,
                 stop: threading.Event) -> list[threading.Thread]:
-    """The capacity run's helpers: the pulser (what the sessions' supervisors would write) and
-    the request log's reader."""
+    """The capacity run's pulser: what the sessions' supervisors would write."""
 
     stamp = client.register_script(_PULSE_LUA)
 
@@ -338,35 +351,30 @@ def _background(client: redis.Redis, registry: Any, held: list[str], beats: _Bea
         # pulse time, on its lease and in the registry's index of last signs of progress
         # (`LeaseRegistry.pulse` does both in its Lua script, with more that only a session
         # needs), so recovery sees them alive. Those supervisors run on other hosts; here a
-        # script a chunk keeps their writes from costing this machine's cores what 20,000
-        # commands a second sent one by one through redis-py would (a third of a core).
+        # script a chunk, reading the held ids itself, keeps their writes from costing this
+        # machine's cores more than Redis's own share (sent one by one through redis-py,
+        # 20,000 commands a second cost a third of a core; their ids sent in each call, a
+        # tenth).
+        keys = [registry.keys.last_seen, registry.keys.leases]
         while not stop.wait(1.0):
-            now = time.time()
-            ids = list(held)
-            for start in range(0, len(ids), PULSE_CHUNK):
-                chunk = ids[start:start + PULSE_CHUNK]
-                stamp(keys=[registry.keys.last_seen, *map(registry.keys.lease, chunk)],
-                      args=[now, *chunk])
+            now, first = time.time(), 0
+            while stamp(keys=keys, args=[now, registry.keys.lease(""), first,
+                                         first + PULSE_CHUNK - 1]) == PULSE_CHUNK:
+                first += PULSE_CHUNK
 
-    def tail() -> None:
-        # The request log read as it grows (a few seconds' entries a read), so no read is large.
-        while not stop.wait(TAIL_SECONDS):
-            beats.read()
-
-    threads = [threading.Thread(target=pulse, daemon=True),
-               threading.Thread(target=tail, daemon=True)]
-    for thread in threads:
-        thread.start()
-    return threads
+    thread = threading.Thread(target=pulse, daemon=True)
+    thread.start()
+    return [thread]
 
 
-def _judge_step(step: dict[str, Any], ttl: int, *, cpu: tuple[float, float]) -> None:
-    """CPU per beat of the worker and the emulator; whether the step lapsed or fell behind."""
+def _judge_step(step: dict[str, Any], ttl: int, *, cpu: dict[str, float]) -> None:
+    """CPU per beat of the worker, the emulator, the benchmark and Redis; whether the step
+    lapsed or fell behind."""
     from dispatcher.lease.machine import heartbeat_interval
 
     beats = max(1, step["beats"])
-    step["control_cpu_ms_per_beat"] = 1000 * cpu[0] / beats
-    step["emulator_cpu_ms_per_beat"] = 1000 * cpu[1] / beats
+    for name in ("control", "emulator", "bench", "redis"):
+        step[f"{name}_cpu_ms_per_beat"] = 1000 * cpu[name] / beats
     step["lapsed"] = bool(step["max_gap_s"] > ttl or step["refused"])
     # Beaten later than the schedule allows (an interval, plus a tick and a request): beats
     # queue, and the gaps grow until leases lapse, however long that takes.
@@ -375,7 +383,7 @@ def _judge_step(step: dict[str, Any], ttl: int, *, cpu: tuple[float, float]) -> 
                                                         BEHIND_SHARE * interval)
 
 
-def _claim(fleet: Ours, registry: Any, beats: _BeatLog, held: list[str], add: int,
+def _claim(fleet: Ours, registry: Any, beats: _Beats, held: list[str], add: int,
            ttl: int) -> None:
     """Create `add` items and claim them as the dispatcher would, a chunk at a time: each
     chunk is recorded and scheduled due at once (a lease claimed long before it is scheduled
@@ -403,78 +411,43 @@ def _claim(fleet: Ours, registry: Any, beats: _BeatLog, held: list[str], add: in
             held.append(c.work_id)
 
 
-# The request log is read this often while a capacity step runs: at 20,000 leases and a 10 s
-# beat interval (2,000 heartbeats a second) a read holds about 4,000 entries.
-TAIL_SECONDS = 2.0
-
-
-class _BeatLog:
-    """Each held lease's heartbeats as the emulator's request log shows them, read as the log
-    grows (`RequestTail`), folded into each lease's last beat, and the gaps judged per window."""
+class _Beats:
+    """Each held lease's heartbeats as the emulator counts them (`Emulator.count_beats`; its
+    heartbeats are left out of the request log): the gaps, refused and failed beats judged per
+    window, without reading back 2,000 log entries a second."""
 
     def __init__(self, emu: Any, environment_id: str) -> None:
-        self.tail = emu.tail()
+        self.emu = emu
         self.environment_id = environment_id
-        self.lock = threading.Lock()
-        self.pending: list[dict[str, Any]] = []
-        self.last_beat: dict[str, float] = {}
+        self.emu.count_beats(environment_id, log_heartbeats=False)
+        self.since = 0.0
+        self.claimed: dict[str, float] = {}
 
     def hold(self, work_id: str, beat_at: float) -> None:
-        with self.lock:
-            self.last_beat[work_id] = beat_at
+        """A lease the benchmark claimed, with when its first beat was answered."""
+        self.claimed[work_id] = beat_at
 
-    def read(self) -> None:
-        entries = [{k: e.get(k) for k in ("time", "endpoint", "work_id", "status")}
-                   for e in self.tail.read()
-                   if e.get("environment_id") == self.environment_id
-                   and e["endpoint"] in ("heartbeat", "list")]
-        with self.lock:
-            self.pending += entries
+    def new_window(self) -> None:
+        self.since = self.emu.count_beats(self.environment_id, log_heartbeats=False)
 
-    def judge(self, *, since: float | None, until: float | None = None) -> dict[str, Any]:
-        """Fold the entries read so far into each lease's last beat; judge the gaps that end
-        inside [since, until]: the largest, refused and failed beats, and how evenly the beats
-        spread over the window (its busiest 100 ms against the mean)."""
-        self.read()
-        with self.lock:
-            entries, self.pending = sorted(self.pending, key=lambda e: e["time"]), []
-            last_beat = self.last_beat
-            max_gap, count, refused, failed, lists = 0.0, 0, 0, 0, 0
-            per_tenth: Counter[int] = Counter()  # beats per 100 ms
-
-            def inside(t: float) -> bool:
-                return since is not None and t >= since and (until is None or t < until)
-
-            for e in entries:
-                if e["endpoint"] == "list":
-                    lists += inside(e["time"])
-                    continue
-                work_id = e.get("work_id")
-                if work_id not in last_beat:
-                    continue
-                if e["status"] != 200:
-                    if since is not None and e["time"] >= since:
-                        # 4xx: the lease is gone (412 after a lapse); 5xx or 0 (dropped):
-                        # transient, retried by the dispatcher within a second, a lapse only
-                        # if the gap says so.
-                        if 400 <= e["status"] < 500:
-                            refused += 1
-                        else:
-                            failed += 1
-                    continue
-                if inside(e["time"]):
-                    max_gap = max(max_gap, e["time"] - last_beat[work_id])
-                    count += 1
-                    per_tenth[int(e["time"] * 10)] += 1
-                last_beat[work_id] = max(last_beat[work_id], e["time"])
-            if since is None:
-                return {}
-            end = until or time.time()
-            max_gap = max([max_gap, *(end - t for t in last_beat.values())])
+    def judge(self) -> dict[str, Any]:
+        """The window so far: the largest gap between two beats of a lease ending in it (or
+        since a held lease's last beat, at its end), refused and failed beats, and how evenly
+        the beats spread over it (its busiest 100 ms against the mean)."""
+        counted = self.emu.beats(self.environment_id)
+        since, end = float(counted["since"]), float(counted["until"])
+        last = counted["last_beat"]
+        unbeaten = max((end - max(at, last.get(w, 0.0)) for w, at in self.claimed.items()),
+                       default=0.0)
+        per_tenth = {int(t): n for t, n in counted["per_100ms"].items()}
         tenths = [per_tenth.get(t, 0) for t in range(int(since * 10) + 1, int(end * 10))]
         mean = sum(tenths) / len(tenths) if tenths else 0.0
-        return {"beats": count, "beats_per_s": count / (end - since), "max_gap_s": max_gap,
-                "refused": refused, "failed": failed, "list_per_s": lists / (end - since),
+        seconds = end - since
+        return {"window": seconds, "until": end, "beats": counted["beats"],
+                "beats_per_s": counted["beats"] / seconds,
+                "max_gap_s": max(float(counted["max_gap_s"]), unbeaten),
+                "refused": counted["refused"], "failed": counted["failed"],
+                "list_per_s": counted["endpoints"].get("list", 0) / seconds,
                 "busiest_100ms_beats": max(tenths, default=0),
                 "busiest_100ms_vs_mean": max(tenths, default=0) / mean if mean else 0.0}
 

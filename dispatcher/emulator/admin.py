@@ -6,11 +6,15 @@
 - `GET|POST|DELETE /_emulator/faults`: read, change (partial JSON), reset the fault switches
 - `GET|DELETE /_emulator/requests`: read (oldest first, `?limit=`, `?after=` the `next` cursor
   of the last read) or clear the request log
+- `POST|GET|DELETE /_emulator/environments/{env}/heartbeats`: count an environment's beats
+  (a new window each POST; `{"log_heartbeats": false}` leaves its heartbeats out of the request
+  log), read the counts, stop counting (`requestlog.BeatStats`)
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -20,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import metadata
 from .auth import ADMIN
 from .context import Ctx, requires
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NotFound
 from .faults import FaultSettings
 from .records import new_id
 
@@ -34,6 +38,10 @@ class WorkData(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
     id: str | None = Field(default=None, description="Generated when omitted.")
+
+
+class BeatsBody(BaseModel):
+    log_heartbeats: bool = True
 
 
 class EnqueueBody(BaseModel):
@@ -94,4 +102,34 @@ def add_admin_routes(app: FastAPI) -> None:
     @app.delete("/_emulator/requests", status_code=204, tags=["emulator"], dependencies=admin)
     async def clear_requests(ctx: Ctx) -> Response:
         await ctx.log.clear()
+        return Response(status_code=204)
+
+    _add_beat_routes(app, admin)
+
+
+def _add_beat_routes(app: FastAPI, admin: list[Any]) -> None:
+    """An environment's beats counted as they are answered (`requestlog.BeatStats`)."""
+
+    @app.post("/_emulator/environments/{environment_id}/heartbeats", tags=["emulator"],
+              dependencies=admin)
+    async def count_beats(ctx: Ctx, environment_id: str,
+                          body: BeatsBody | None = None) -> Response:
+        """Count the environment's beats from now on: a new window if it already was."""
+        now = time.time()
+        log_heartbeats = body.log_heartbeats if body else True
+        ctx.log.beats.start(environment_id, log_heartbeats=log_heartbeats, now=now)
+        return JSONResponse({"since": now, "log_heartbeats": log_heartbeats})
+
+    @app.get("/_emulator/environments/{environment_id}/heartbeats", tags=["emulator"],
+             dependencies=admin)
+    async def read_beats(ctx: Ctx, environment_id: str) -> Response:
+        counted = ctx.log.beats.of(environment_id)
+        if counted is None:
+            raise NotFound(f"the beats of {environment_id[:100]} are not counted")
+        return JSONResponse(counted.report(time.time()))
+
+    @app.delete("/_emulator/environments/{environment_id}/heartbeats", status_code=204,
+                tags=["emulator"], dependencies=admin)
+    async def stop_counting_beats(ctx: Ctx, environment_id: str) -> Response:
+        ctx.log.beats.stop(environment_id)
         return Response(status_code=204)

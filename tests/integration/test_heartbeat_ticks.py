@@ -4,6 +4,7 @@ Real Redis and the emulator over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -136,3 +137,47 @@ def test_a_throttled_answer_to_the_probe_ends_the_doubt_and_is_honoured(
     finally:
         emulator.reset_faults()
         close_sender()
+
+
+def test_a_beat_a_tick_could_not_send_in_time_is_due_again_at_once(
+        emulator: Any, runtime: Runtime) -> None:
+    """Every place in flight held past the time a request still fits in the lease's in-flight
+    mark (a server that answers nothing for seconds): the tick's beat is not sent, and is due
+    again when it was due, not when its mark lapses; the next tick sends it."""
+    (work_id,) = _claimed(emulator, runtime, 1)
+    before = runtime.registry.get(work_id)
+    assert before is not None
+    _all_due(runtime, [work_id])
+    due = runtime.registry.next_due(work_id)
+    assert due is not None
+    sender = heartbeat._sender()
+    held = threading.Event()
+    # Past a request's time inside the mark, the beat's turn comes too late to be sent.
+    hold_seconds = heartbeat.INFLIGHT_SECONDS - heartbeat.REQUEST_TIMEOUT_SECONDS + 0.5
+
+    async def hold_every_place() -> None:
+        limit = sender.limit()
+        for _ in range(heartbeat.MAX_CONCURRENT_REQUESTS):
+            await limit.acquire()
+        held.set()
+        await asyncio.sleep(hold_seconds)
+        for _ in range(heartbeat.MAX_CONCURRENT_REQUESTS):
+            limit.release()
+
+    sent_before = len(_beats(emulator, [work_id]))
+    holder = asyncio.run_coroutine_threadsafe(hold_every_place(), sender.loop)
+    assert held.wait(5)
+    tally = heartbeat_due_leases(runtime)
+    holder.result(5)
+    assert (tally.sent, tally.late) == (0, 1)
+    assert len(_beats(emulator, [work_id])) == sent_before, "nothing sent by the late tick"
+    after = runtime.registry.get(work_id)
+    assert after is not None and after.inflight_until == 0 and after.token == before.token
+    assert runtime.registry.next_due(work_id) == pytest.approx(due), "due again when it was due"
+    tally = heartbeat_due_leases(runtime)
+    assert (tally.sent, tally.late) == (1, 0)
+    beaten = runtime.registry.get(work_id)
+    assert beaten is not None and beaten.token != before.token
+    later = runtime.registry.next_due(work_id)
+    assert beaten.inflight_until == 0 and later is not None and later > time.time(), (
+        "the answer scheduled the next beat")
