@@ -31,6 +31,7 @@ from .config import DEFAULT_RECLAIM_MS, MAX_BLOCK_MS
 from .context import Emulator, admitted, error_response
 from .endpoints import Endpoint
 from .errors import ApiError, InvalidRequest
+from .guard import replay_body
 from .requestlog import note_scope
 
 __all__ = ["FastPath"]
@@ -147,7 +148,7 @@ class FastPath:
         raw = await _body(receive)
         fields = _session_fields(scope, raw)
         if fields is None or _plain_query(scope, _NO_QUERY) is None:
-            return await self.app(scope, _replay(raw, receive), send)
+            return await self.app(scope, replay_body(raw, receive), send)
         environment_id, agent_config, session_metadata = fields
 
         async def create() -> Answer:
@@ -224,20 +225,6 @@ async def _body(receive: Any) -> bytes:
         if not message.get("more_body"):
             break
     return b"".join(parts)
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    """The body already read, then the real channel (which reports a disconnect)."""
-    sent = False
-
-    async def replay() -> Any:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 async def _send_json(send: Any, status: int, content: Any) -> None:
