@@ -207,8 +207,9 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
     batch = CommandBatch(redis)
     log = RequestLog(redis, batch, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
     store = Store(redis, config, batch)
+    switches = Faults(faults or FaultSettings(), max_list_limit=config.max_list_limit)
     emulator = Emulator(config=config, store=store, sessions=SessionStore(redis, store),
-                        faults=Faults(faults or FaultSettings()), log=log, on_startup=on_startup)
+                        faults=switches, log=log, on_startup=on_startup)
     if config.webhook_url and config.webhook_signing_key:
         emulator.webhooks = WebhookSender(url=config.webhook_url,
                                           signing_key=config.webhook_signing_key, log=log,
