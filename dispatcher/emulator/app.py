@@ -52,6 +52,14 @@ WORK = "/v1/environments/{environment_id}/work"
 # the pool and as many client sockets under a default limit of 1,024 open files.
 REDIS_MAX_CONNECTIONS = 400
 REDIS_POOL_WAIT_SECONDS = 30.0
+# How long a request waits for a reply from Redis: as long as it takes. redis-py gives up after
+# 5 s by default, and on a loaded machine (load 20 on two cores) a long poll's second of block
+# plus its turn on the event loop took that long: the request was answered 500. A late answer
+# is what a busy server gives; a Redis that is gone closes its connections, which still fails a
+# request at once. Connecting is bounded: nobody is at the other end of a connection that
+# takes longer.
+REDIS_REPLY_TIMEOUT_SECONDS: float | None = None
+REDIS_CONNECT_TIMEOUT_SECONDS = 30.0
 
 
 def _work_auth(endpoint: Endpoint) -> Any:
@@ -203,7 +211,8 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
     """The emulator as an ASGI app (request log and faults around the FastAPI routes)."""
     redis = redis or Redis.from_pool(BlockingConnectionPool.from_url(
         config.redis_url, decode_responses=True, max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=REDIS_POOL_WAIT_SECONDS))
+        timeout=REDIS_POOL_WAIT_SECONDS, socket_timeout=REDIS_REPLY_TIMEOUT_SECONDS,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS))
     batch = CommandBatch(redis)
     log = RequestLog(redis, batch, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
     store = Store(redis, config, batch)
