@@ -223,10 +223,13 @@ return {seq, entry}
     async def poll(self, environment_id: str, *, worker_id: str | None, block_ms: int | None,
                    reclaim_ms: int) -> dict[str, Any] | None:
         await self.require_environment(environment_id)
-        if worker_id:  # answered with the sweep's read, in the same round trip
-            self.items.batch.submit("ZADD", self.keys.workers(environment_id), time.time(),
-                                    worker_id)
+        seen = None
+        if worker_id:  # sent with the sweep's read, in the same round trip
+            seen = self.items.batch.submit("ZADD", self.keys.workers(environment_id),
+                                           time.time(), worker_id)
         await self.sweep(environment_id)
+        if seen is not None:
+            await seen
         consumer = worker_id or ANONYMOUS_CONSUMER
         work = await self._reclaim(environment_id, consumer, reclaim_ms)
         if work is None:
