@@ -1,6 +1,7 @@
 """The emulator's own CPU per request, by endpoint: create, poll, ack, heartbeat, list.
 
     python -m bench.emulator_cpu [--leases 2000] [--rounds 3] [--concurrency 64]
+                                 [--profile DIR]
 
 Starts an emulator process (and, unless `DISPATCHER_REDIS_URL` names one, a Redis of its own),
 then sends each kind of request in turn from a lean keep-alive HTTP/1.1 client in this process:
@@ -8,6 +9,8 @@ then sends each kind of request in turn from a lean keep-alive HTTP/1.1 client i
 then `--rounds` heartbeats of every lease with the token of the last, then `list` pages of 100.
 The figure of a phase is the emulator process's user+system CPU (from /proc) over the phase
 divided by its requests: what the emulator spends per request, whatever the client costs.
+With `--profile DIR`, each phase is also sampled by py-spy (`pip install py-spy`), one file of
+collapsed stacks per phase (`DIR/<phase>.txt`): where that CPU goes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +35,11 @@ from dispatcher.ops.stack import API_HEADERS, LocalStack, free_port
 # The heartbeat a fleet asks for at the capacity target (20,000 leases, a beat every 10 s).
 TTL_SECONDS = 30
 NO_RECLAIM_MS = 600_000
+# py-spy's samples a second with `--profile`: enough for a phase of a few seconds, at a cost to
+# the emulator (py-spy reads its memory from outside) that the CPU figures do not count.
+PROFILE_RATE_HZ = 500
+# py-spy attaches in about half a second; a phase started before it would be missed in part.
+PROFILE_ATTACH_S = 1.0
 
 
 class _Connection:
@@ -81,8 +92,44 @@ class Client:
             self.free.get_nowait().writer.close()
 
 
+class _Profiler:
+    """py-spy sampling the emulator through one phase, to `DIR/<phase>.txt` (collapsed stacks)."""
+
+    def __init__(self, directory: Path | None, pid: int) -> None:
+        self.directory, self.pid = directory, pid
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self, phase: str) -> None:
+        if self.directory is None:
+            return
+        self.process = subprocess.Popen(
+            [shutil.which("py-spy") or "py-spy", "record", "--pid", str(self.pid),
+             "--format", "raw", "--rate", str(PROFILE_RATE_HZ), "--nonblocking",
+             "-o", str(self.directory / f"{phase}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await asyncio.sleep(PROFILE_ATTACH_S)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)  # py-spy writes its file, then exits
+            self.process.wait()
+            self.process = None
+
+
 async def _phase(name: str, pid: int, jobs: list[Callable[[], Awaitable[Any]]],
-                 concurrency: int, results: dict[str, Any]) -> list[Any]:
+                 concurrency: int, results: dict[str, Any],
+                 profiler: _Profiler | None = None) -> list[Any]:
+    if profiler is not None:
+        await profiler.start(name)
+    try:
+        return await _measured(name, pid, jobs, concurrency, results)
+    finally:
+        if profiler is not None:
+            profiler.stop()
+
+
+async def _measured(name: str, pid: int, jobs: list[Callable[[], Awaitable[Any]]],
+                    concurrency: int, results: dict[str, Any]) -> list[Any]:
     limit = asyncio.Semaphore(concurrency)
 
     async def one(job: Callable[[], Awaitable[Any]]) -> Any:
@@ -100,7 +147,7 @@ async def _phase(name: str, pid: int, jobs: list[Callable[[], Awaitable[Any]]],
 
 
 async def drive(stack: LocalStack, pid: int, *, leases: int, rounds: int,
-                concurrency: int) -> dict[str, Any]:
+                concurrency: int, profile: Path | None = None) -> dict[str, Any]:
     host, port = stack.base_url.removeprefix("http://").split(":")
     client = Client(host, int(port), concurrency)
     await client.open()
@@ -109,17 +156,18 @@ async def drive(stack: LocalStack, pid: int, *, leases: int, rounds: int,
     environment = stack.environment_id
     work = f"/v1/environments/{environment}/work"
     results: dict[str, Any] = {}
+    profiler = _Profiler(profile, pid)
     body = {"environment_id": environment, "agent": "bench", "metadata": {}}
     await _phase("create", pid, [lambda: client.send("POST", "/v1/sessions", org, body)] * leases,
-                 concurrency, results)
+                 concurrency, results, profiler)
     # No reclaim: on a loaded machine a poll phase may outlast the default 5 s, and an item
     # delivered twice would be claimed twice.
     poll = f"{work}/poll?reclaim_older_than_ms={NO_RECLAIM_MS}"
     polled = await _phase("poll", pid, [lambda: client.send("GET", poll, env)] * leases,
-                          concurrency, results)
+                          concurrency, results, profiler)
     ids = [item["id"] for status, item in polled if status == 200 and item]
     await _phase("ack", pid, [lambda w=w: client.send("POST", f"{work}/{w}/ack", env)
-                              for w in ids], concurrency, results)
+                              for w in ids], concurrency, results, profiler)
     tokens: dict[str, str] = {w: "NO_HEARTBEAT" for w in ids}
 
     def beat(w: str) -> Callable[[], Awaitable[Any]]:
@@ -132,12 +180,12 @@ async def drive(stack: LocalStack, pid: int, *, leases: int, rounds: int,
             tokens[w] = reply["last_heartbeat"]
         return send
 
-    await _phase("claim", pid, [beat(w) for w in ids], concurrency, results)
+    await _phase("claim", pid, [beat(w) for w in ids], concurrency, results, profiler)
     for _ in range(rounds):
-        await _phase("heartbeat", pid, [beat(w) for w in ids], concurrency, results)
+        await _phase("heartbeat", pid, [beat(w) for w in ids], concurrency, results, profiler)
     pages = max(1, leases // 10)
     await _phase("list", pid, [lambda: client.send("GET", f"{work}?limit={MAX_LIST_LIMIT}", env)]
-                 * pages, min(concurrency, 8), results)
+                 * pages, min(concurrency, 8), results, profiler)
     await client.close()
     return results
 
@@ -151,9 +199,15 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64,
                         help="requests in flight at once, one connection each (default "
                              "%(default)s)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample each phase with py-spy into DIR/<phase>.txt")
     parser.add_argument("--emulator-arg", action="append", default=[],
                         help="passed on to `dispatcher emulator` (repeatable)")
     args = parser.parse_args()
+    if args.profile is not None:
+        if shutil.which("py-spy") is None:
+            parser.error("--profile needs py-spy on PATH (pip install py-spy)")
+        args.profile.mkdir(parents=True, exist_ok=True)
     redis_url = os.environ.get("DISPATCHER_REDIS_URL") or f"redis://127.0.0.1:{free_port()}/0"
     with tempfile.TemporaryDirectory() as workdir:
         stack = LocalStack(workdir=Path(workdir), redis_url=redis_url,
@@ -163,7 +217,8 @@ def main() -> int:
             stack.start_emulator(*args.emulator_arg)
             pid = stack.processes["emulator"].pid
             results = asyncio.run(drive(stack, pid, leases=args.leases, rounds=args.rounds,
-                                        concurrency=args.concurrency))
+                                        concurrency=args.concurrency,
+                                        profile=args.profile))
         finally:
             stack.stop_all()
             _forget(stack)

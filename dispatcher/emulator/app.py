@@ -1,21 +1,19 @@
 """The emulator's ASGI app: the Work API routes, making work (environments, sessions), errors.
 
 `create_app` wires the layers, outermost first: guard (credential, API headers, body size) ->
-request log -> faults -> the heartbeat's own path (`FastHeartbeat`) -> FastAPI routes. Routes
-are thin: check the credential, validate parameters, call the store, shape the answer.
+request log -> faults -> the busiest requests' own path (`fastpath`) -> FastAPI routes. Routes are
+thin: check the credential, validate parameters, call the store, shape the answer.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.exceptions import HTTPException
@@ -32,12 +30,13 @@ from .config import (
     EmulatorConfig,
     StopResponse,
 )
-from .context import Ctx, Emulator, admitted, emulator_of, requires
+from .context import Ctx, Emulator, emulator_of, error_response, requires
 from .endpoints import Endpoint
-from .errors import ApiError, InvalidRequest, error_body, new_request_id, retry_hint
+from .errors import ApiError, InvalidRequest
+from .fastpath import FastPath
 from .faults import FaultMiddleware, Faults, FaultSettings
 from .guard import GuardMiddleware
-from .requestlog import RequestLog, RequestLogMiddleware, note, note_scope, request_id_of
+from .requestlog import RequestLog, RequestLogMiddleware, note
 from .session_routes import add_session_routes
 from .sessions import SessionStore
 from .store import Store
@@ -53,6 +52,14 @@ WORK = "/v1/environments/{environment_id}/work"
 # the pool and as many client sockets under a default limit of 1,024 open files.
 REDIS_MAX_CONNECTIONS = 400
 REDIS_POOL_WAIT_SECONDS = 30.0
+# How long a request waits for a reply from Redis: as long as it takes. redis-py gives up after
+# 5 s by default, and on a loaded machine (load 20 on two cores) a long poll's second of block
+# plus its turn on the event loop took that long: the request was answered 500. A late answer
+# is what a busy server gives; a Redis that is gone closes its connections, which still fails a
+# request at once. Connecting is bounded: nobody is at the other end of a connection that
+# takes longer.
+REDIS_REPLY_TIMEOUT_SECONDS: float | None = None
+REDIS_CONNECT_TIMEOUT_SECONDS = 30.0
 
 
 def _work_auth(endpoint: Endpoint) -> Any:
@@ -174,21 +181,12 @@ def add_resource_routes(app: FastAPI) -> None:
 
 
 # --- errors in the Anthropic shape -----------------------------------------------------------
-def _answer(scope: Mapping[str, Any], emulator: Emulator, status: int, message: str, *,
-            details: dict[str, Any] | None = None,
-            headers: Mapping[str, str] | None = None) -> JSONResponse:
-    request_id = request_id_of(scope) or new_request_id()
-    body = error_body(status, message, request_id=request_id, details=details)
-    hint = retry_hint(status, enabled=emulator.config.should_retry_header)
-    return JSONResponse(body, status_code=status, headers={**hint, **(headers or {})})
-
-
 def add_error_handlers(app: FastAPI) -> None:
     def answer(request: Request, status: int, message: str, *,
                details: dict[str, Any] | None = None,
                headers: Mapping[str, str] | None = None) -> JSONResponse:
-        return _answer(request.scope, emulator_of(request), status, message, details=details,
-                       headers=headers)
+        return error_response(request.scope, emulator_of(request), status, message,
+                              details=details, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -207,82 +205,20 @@ def add_error_handlers(app: FastAPI) -> None:
         return answer(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
 
-# --- the heartbeat's own path ----------------------------------------------------------------
-_HEARTBEAT_PATH = re.compile(r"^/v1/environments/(?P<env>[^/]+)/work/(?P<work>[^/]+)/heartbeat$")
-_HEARTBEAT_CREDENTIALS = ENDPOINT_CREDENTIALS[Endpoint.HEARTBEAT]
-
-
-def _plain_heartbeat_query(scope: Mapping[str, Any]) -> tuple[str | None, int | None] | None:
-    """(expected_last_heartbeat, desired_ttl_seconds) as the FastAPI route would read them,
-    or None for a query it alone should judge (a repeated or non-numeric value: its 400)."""
-    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-    query = dict(pairs)
-    if len(query) != len(pairs):
-        return None
-    ttl = query.get("desired_ttl_seconds")
-    if ttl is not None and not (ttl.isascii() and ttl.isdigit()):
-        return None
-    return query.get("expected_last_heartbeat"), None if ttl is None else int(ttl)
-
-
-class FastHeartbeat:
-    """`POST .../work/{work_id}/heartbeat` answered without FastAPI's routing, dependency
-    solving and response layers: the same credential check, fault, store call, notes and
-    answer (errors too, through the same handler's shape), at about half the CPU a heartbeat
-    cost through FastAPI (the heartbeat capacity benchmark sends thousands a second). Any
-    other request, or a heartbeat query only FastAPI's validation should judge, goes on to
-    FastAPI; the route there stays, for the OpenAPI document and those requests."""
-
-    def __init__(self, app: Any, emulator: Emulator) -> None:
-        self.app = app
-        self.emulator = emulator
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            found = _HEARTBEAT_PATH.match(scope["path"])
-            query = _plain_heartbeat_query(scope) if found else None
-            if found and query is not None:
-                return await self._heartbeat(scope, receive, send, found["env"],
-                                             found["work"], *query)
-        return await self.app(scope, receive, send)
-
-    async def _heartbeat(self, scope: dict[str, Any], receive: Any, send: Any,
-                         environment_id: str, work_id: str, expected: str | None,
-                         ttl: int | None) -> None:
-        emulator = self.emulator
-        try:
-            admitted(scope, _HEARTBEAT_CREDENTIALS, f"work {Endpoint.HEARTBEAT.value}")
-            if emulator.faults.refuse_heartbeat():
-                note_scope(scope, fault="heartbeat_412")
-                await emulator.store.refuse_heartbeat(environment_id, work_id, expected)
-            beat = await emulator.store.heartbeat(environment_id, work_id, expected=expected,
-                                                  desired_ttl=ttl)
-        except ApiError as exc:
-            response: Response = _answer(scope, emulator, exc.status, exc.message,
-                                         details=exc.details, headers=exc.headers)
-        except Exception:
-            # As Starlette's outermost layer does: a 500 answered, then the error raised on.
-            await PlainTextResponse("Internal Server Error", status_code=500)(
-                scope, receive, send)
-            raise
-        else:
-            note_scope(scope, last_heartbeat=beat["last_heartbeat"], state=beat["state"])
-            response = JSONResponse(beat)
-        await response(scope, receive, send)
-
-
 def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
                redis: Redis | None = None,
                on_startup: Callable[[Emulator], Awaitable[None]] | None = None) -> Any:
     """The emulator as an ASGI app (request log and faults around the FastAPI routes)."""
     redis = redis or Redis.from_pool(BlockingConnectionPool.from_url(
         config.redis_url, decode_responses=True, max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=REDIS_POOL_WAIT_SECONDS))
+        timeout=REDIS_POOL_WAIT_SECONDS, socket_timeout=REDIS_REPLY_TIMEOUT_SECONDS,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS))
     batch = CommandBatch(redis)
     log = RequestLog(redis, batch, f"{config.key_prefix}:requests", REQUEST_LOG_CAP)
     store = Store(redis, config, batch)
+    switches = Faults(faults or FaultSettings(), max_list_limit=config.max_list_limit)
     emulator = Emulator(config=config, store=store, sessions=SessionStore(redis, store),
-                        faults=Faults(faults or FaultSettings()), log=log, on_startup=on_startup)
+                        faults=switches, log=log, on_startup=on_startup)
     if config.webhook_url and config.webhook_signing_key:
         emulator.webhooks = WebhookSender(url=config.webhook_url,
                                           signing_key=config.webhook_signing_key, log=log,
@@ -307,7 +243,7 @@ def create_app(config: EmulatorConfig, *, faults: FaultSettings | None = None,
     add_session_routes(api)
     add_error_handlers(api)
     add_admin_routes(api)
-    return GuardMiddleware(RequestLogMiddleware(FaultMiddleware(FastHeartbeat(api, emulator),
+    return GuardMiddleware(RequestLogMiddleware(FaultMiddleware(FastPath(api, emulator),
                                                                 emulator.faults),
                                                 emulator.log), emulator.store,
                            emulator.sessions)

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from .auth import Credential
 from .config import EmulatorConfig
-from .errors import Forbidden, Unauthenticated
+from .errors import Forbidden, Unauthenticated, error_body, new_request_id, retry_hint
 from .faults import Faults
 from .guard import credential_of
-from .requestlog import RequestLog
+from .requestlog import RequestLog, request_id_of
 from .sessions import SessionStore
 from .store import Store
 from .webhooks import WebhookSender
 
-__all__ = ["Ctx", "Emulator", "admitted", "emulator_of", "requires"]
+__all__ = ["Ctx", "Emulator", "admitted", "emulator_of", "error_response", "requires"]
 
 # Shown in the OpenAPI document as the two ways to send a key; `auth` does the checking.
 _bearer = HTTPBearer(auto_error=False, description="The environment or organisation key.")
@@ -75,3 +76,14 @@ def admitted(scope: MutableMapping[str, Any], allowed: frozenset[Credential],
     if credential not in allowed:
         raise Forbidden(f"{what} does not take the {credential.value} key")
     return credential
+
+
+def error_response(scope: Mapping[str, Any], emulator: Emulator, status: int, message: str, *,
+                   details: dict[str, Any] | None = None,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An error in the Anthropic shape, under the request's id: the routes' exception handlers
+    and the fast path (`fastpath`) answer with it alike."""
+    request_id = request_id_of(scope) or new_request_id()
+    body = error_body(status, message, request_id=request_id, details=details)
+    hint = retry_hint(status, enabled=emulator.config.should_retry_header)
+    return JSONResponse(body, status_code=status, headers={**hint, **(headers or {})})

@@ -7,7 +7,7 @@ probability in [0, 1], drawn per request; `endpoints` limits every fault to thos
 Order of the draws: latency, dropped connection, 429, 5xx, malformed body, lost reply.
 `list_limit_max` is no draw: while set, every `list` asking for more items than it is refused
 with the 400 the emulator answers a `limit` out of range, naming the smaller range (a server
-whose page size is capped below the emulator's own 100).
+whose page size is capped below the emulator's own `--max-list-limit`, 100 by default).
 
 A dropped connection sends nothing: the middleware returns a non-None value from the ASGI call,
 which uvicorn answers by closing the socket without writing a byte (see `server`, which pins the
@@ -24,9 +24,9 @@ import random
 from typing import Any
 from urllib.parse import parse_qs
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from .config import StopResponse
+from .config import MAX_LIST_LIMIT, StopResponse
 from .endpoints import Endpoint, classify
 from .errors import error_body, new_request_id
 from .requestlog import note_scope, request_id_of
@@ -40,6 +40,8 @@ DROPPED = "dropped"
 MALFORMED_BODY = b'{"type": "work", "id": "work_'
 
 _Share = Field(default=0.0, ge=0.0, le=1.0)
+# The validation context's name for the emulator's `--max-list-limit`.
+_MAX_LIST_LIMIT = "max_list_limit"
 
 
 class FaultSettings(BaseModel):
@@ -57,8 +59,9 @@ class FaultSettings(BaseModel):
         description="Sent as `retry-after` with each 429; up to an hour, past the 60 s the SDK "
                     "honours, as a server pacing a fleet may ask.")
     list_limit_max: int | None = Field(
-        default=None, ge=1, le=100,
-        description="`list` refuses a `limit` above this with a 400; null: the usual 1-100.")
+        default=None, ge=1,
+        description="`list` refuses a `limit` above this with a 400; null: the usual range, "
+                    "1 to `--max-list-limit` (100 by default), above which it may not be set.")
     drop_rate: float = _Share
     heartbeat_412_rate: float = Field(
         default=0.0, ge=0.0, le=1.0,
@@ -75,6 +78,16 @@ class FaultSettings(BaseModel):
         default=StopResponse.NO_CONTENT,
         description="Stop answers 204 with no body, or 200 with the work object.")
 
+    @field_validator("list_limit_max")
+    @classmethod
+    def _within_the_list_range(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """Set at run time (`Faults.update`), it narrows the emulator's own range, never
+        widens it: the context names that range's top."""
+        most = (info.context or {}).get(_MAX_LIST_LIMIT)
+        if value is not None and most is not None and value > most:
+            raise ValueError(f"must be at most the emulator's --max-list-limit, {most}")
+        return value
+
     def applies_to(self, endpoint: Endpoint) -> bool:
         return self.endpoints is None or endpoint in self.endpoints
 
@@ -82,13 +95,16 @@ class FaultSettings(BaseModel):
 class Faults:
     """The switches in force: set at start-up, changed at run time by `/_emulator/faults`."""
 
-    def __init__(self, initial: FaultSettings) -> None:
+    def __init__(self, initial: FaultSettings, *, max_list_limit: int = MAX_LIST_LIMIT) -> None:
         self.initial = initial
         self.settings = initial
+        self.max_list_limit = max_list_limit
         self._random = random.Random()
 
     def update(self, changes: dict[str, Any]) -> FaultSettings:
-        self.settings = FaultSettings.model_validate({**self.settings.model_dump(), **changes})
+        self.settings = FaultSettings.model_validate(
+            {**self.settings.model_dump(), **changes},
+            context={_MAX_LIST_LIMIT: self.max_list_limit})
         return self.settings
 
     def reset(self) -> FaultSettings:

@@ -28,7 +28,7 @@ from .errors import ApiError, error_body, new_request_id, retry_hint
 from .sessions import SessionStore
 from .store import Store
 
-__all__ = ["MAX_BODY_BYTES", "GuardMiddleware", "credential_of"]
+__all__ = ["MAX_BODY_BYTES", "GuardMiddleware", "credential_of", "replay_body"]
 
 # Work API bodies are a stop's `{"force": true}` or at most 16 metadata keys of 64 + 512
 # characters (about 10 KB): anything far larger is not a request, and is refused unread.
@@ -70,7 +70,7 @@ class GuardMiddleware:
         except ApiError as exc:
             return await _refuse(send, exc, hint=self.store.config.should_retry_header)
         scope.setdefault("state", {})[_CREDENTIAL] = credential
-        return await self.app(scope, _replay(body, receive), send)
+        return await self.app(scope, replay_body(body, receive), send)
 
     async def _authorize(self, need: Requirement, headers: dict[bytes, bytes]) -> Credential:
         keys = presented(headers)
@@ -131,7 +131,7 @@ async def _read_body(receive: Any, headers: dict[bytes, bytes]) -> bytes:
     return b"".join(parts)
 
 
-def _replay(body: bytes, receive: Any) -> Any:
+def replay_body(body: bytes, receive: Any) -> Any:
     """The body already read, then the real channel (which reports a disconnect)."""
     sent = False
 

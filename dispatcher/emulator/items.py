@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from .batch import CommandBatch
 from .keys import CONSUMER_GROUP, EmulatorKeys
@@ -88,11 +87,7 @@ return 1
         keys = [self.keys.work(record.id), self.keys.leases(environment),
                 self.keys.stream(environment)]
         args = [expected, written, record.id, lapses, CONSUMER_GROUP, *drop_entries]
-        try:
-            reply: Any = await self.batch.execute("EVALSHA", self._swap.sha, len(keys), *keys,
-                                                  *args)
-        except NoScriptError:  # a Redis restarted, or its scripts flushed: once, then by sha
-            reply = await self._swap(keys=keys, args=args)
+        reply: Any = await self.batch.run_script(self._swap, keys, args)
         if reply == 1:
             self.remember(record.id, written)
             return True, written

@@ -77,7 +77,11 @@ class WorkRecord:
         # The fields as they are, in their order (`asdict` deep-copies them first: a tenth of
         # a heartbeat's CPU in the emulator). The same record always gives the same string:
         # `Items.swap` compares them.
-        return json.dumps(vars(self), separators=(",", ":"))
+        return self.dumps_fields(vars(self))
+
+    @staticmethod
+    def dumps_fields(fields: dict[str, Any]) -> str:
+        return json.dumps(fields, separators=(",", ":"))
 
     def public(self, *, with_secret: bool = False) -> dict[str, Any]:
         """The item as the API shows it; `secret` only on a polled copy."""

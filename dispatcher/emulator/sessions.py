@@ -94,25 +94,19 @@ class SessionStore:
                      script: list[dict[str, Any]] | None) -> dict[str, Any]:
         meta = metadata.merge({}, session_metadata or {})
         agent.check_script(script or [])
-        await self.store.environment(environment_id)
-        session_id = new_id("session")
+        await self.store.require_environment(environment_id)
+        session_id, work_id = new_id("session"), new_id("work")
         state = agent.AgentState(script=script or [])
         moment = clock.rfc3339()
         events = agent.start(state, _event_ids(), moment)
         record = {"id": session_id, "environment_id": environment_id,
                   "agent": resolved_agent(agent_config),
                   "metadata": meta, "created_at": moment, "updated_at": moment,
-                  "agent_state": state.dump(), "work_id": None}
-        # The session and its first events exist before its work item can be polled.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.session(session_id), json.dumps(record))
-            for event in events:
-                pipe.xadd(self.keys.events(session_id), {"event": json.dumps(event)})
-            await pipe.execute()
-        work = await self.store.enqueue(environment_id, {"id": session_id, "type": "session"},
-                                        meta)
-        record["work_id"] = work.id
-        await self.redis.set(self.keys.session(session_id), json.dumps(record))
+                  "agent_state": state.dump(), "work_id": work_id}
+        # The session and its first events are written with its work item, at once.
+        await self.store.enqueue(environment_id, {"id": session_id, "type": "session"}, meta,
+                                 work_id=work_id, session=(session_id, json.dumps(record),
+                                                           [json.dumps(e) for e in events]))
         return public_session(record)
 
     async def binding(self, session_id: str) -> tuple[str, str] | None:

@@ -62,6 +62,10 @@ class Store:
         # costs no lookup after the first). `None`: opened by `--environment-key`.
         self._key_owner: dict[str, str] = {}
         self._own_key: dict[str, str | None] = {}
+        # Environments known to exist: never deleted, so a poll or a creation in one costs no
+        # lookup after the first.
+        self._environments: set[str] = set()
+        self._enqueue = redis.register_script(self._ENQUEUE)
 
     # --- environments and sessions ---------------------------------------------------------
     async def create_environment(self, name: str, config: dict[str, Any], *,
@@ -90,6 +94,7 @@ class Store:
             self._key_owner[digest] = environment["id"]
             self._own_key[environment["id"]] = environment["id"]
         await self.redis.set(self.keys.environment(environment["id"]), json.dumps(environment))
+        self._environments.add(environment["id"])
         public = {k: v for k, v in environment.items() if k != "emulator_own_key"}
         return public
 
@@ -127,24 +132,57 @@ class Store:
         raw = await self.redis.get(self.keys.environment(environment_id))
         if raw is None:
             raise NotFound(f"environment {environment_id} not found")
+        self._environments.add(environment_id)
         found: dict[str, Any] = json.loads(raw)
         found.pop("emulator_own_key", None)
         return found
 
-    async def enqueue(self, environment_id: str, data: dict[str, Any],
-                      meta: dict[str, str]) -> WorkRecord:
-        """Create a queued work item and put it on the environment's stream."""
-        await self.environment(environment_id)
-        seq = int(await self.redis.incr(self.keys.seq))
-        record = WorkRecord(id=new_id("work"), environment_id=environment_id, data=data,
-                            created_at=clock.rfc3339(), seq=seq, secret="",
+    async def require_environment(self, environment_id: str) -> None:
+        """404 unless the environment exists."""
+        if environment_id not in self._environments:
+            await self.environment(environment_id)
+
+    # KEYS[1]: the environment; KEYS[2]: the list position counter; KEYS[3]: the item; KEYS[4]:
+    # the environment's index; KEYS[5]: its stream; KEYS[6], KEYS[7]: a session made with the
+    # item, and its event stream. ARGV[1..3]: the item's JSON around its list position and its
+    # stream entry id, which only Redis knows; ARGV[4]: its id; ARGV[5]: the session's JSON
+    # ('': none); ARGV[6..]: the session's first events. Returns {position, entry id}, or false
+    # if the environment does not exist (nothing written). One round trip, not eight: the
+    # session and its events, the item, its list position and its stream entry, written at
+    # once, so nobody sees the entry before the item is queued, nor the item before its
+    # session.
+    _ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[5])
+  for i = 6, #ARGV do redis.call('XADD', KEYS[7], '*', 'event', ARGV[i]) end
+end
+local seq = redis.call('INCR', KEYS[2])
+local entry = redis.call('XADD', KEYS[5], '*', 'work_id', ARGV[4])
+redis.call('SET', KEYS[3], ARGV[1] .. seq .. ARGV[2] .. entry .. ARGV[3])
+redis.call('ZADD', KEYS[4], seq, ARGV[4])
+return {seq, entry}
+"""
+
+    async def enqueue(self, environment_id: str, data: dict[str, Any], meta: dict[str, str], *,
+                      work_id: str | None = None,
+                      session: tuple[str, str, list[str]] | None = None) -> WorkRecord:
+        """Create a queued work item and put it on the environment's stream; with `session`
+        (its id, its JSON, its first events' JSON), write the session with it."""
+        record = WorkRecord(id=work_id or new_id("work"), environment_id=environment_id,
+                            data=data, created_at=clock.rfc3339(), seq=0, secret="",
                             metadata=meta)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.work(record.id), raw := record.dumps())
-            pipe.zadd(self.keys.index(environment_id), {record.id: seq})
-            await pipe.execute()
-        self.items.remember(record.id, raw)
-        await self._push(record)
+        head, middle, tail = _around_seq_and_entry(record)
+        session_id, session_json, events = session or ("", "", [])
+        keys = [self.keys.environment(environment_id), self.keys.seq, self.keys.work(record.id),
+                self.keys.index(environment_id), self.keys.stream(environment_id),
+                self.keys.session(session_id), self.keys.events(session_id)]
+        reply: Any = await self.items.batch.run_script(
+            self._enqueue, keys, [head, middle, tail, record.id, session_json, *events])
+        if reply is None:
+            raise NotFound(f"environment {environment_id} not found")
+        record.seq, record.entry_id = int(reply[0]), str(reply[1])
+        self.items.remember(record.id, record.dumps())  # as written: the same fields, in order
         return record
 
     # --- the Work API ------------------------------------------------------------------------
@@ -184,9 +222,14 @@ class Store:
 
     async def poll(self, environment_id: str, *, worker_id: str | None, block_ms: int | None,
                    reclaim_ms: int) -> dict[str, Any] | None:
-        await self.environment(environment_id)
-        await self._seen(environment_id, worker_id)
+        await self.require_environment(environment_id)
+        seen = None
+        if worker_id:  # sent with the sweep's read, in the same round trip
+            seen = self.items.batch.submit("ZADD", self.keys.workers(environment_id),
+                                           time.time(), worker_id)
         await self.sweep(environment_id)
+        if seen is not None:
+            await seen
         consumer = worker_id or ANONYMOUS_CONSUMER
         work = await self._reclaim(environment_id, consumer, reclaim_ms)
         if work is None:
@@ -216,7 +259,7 @@ return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
 
     async def list(self, environment_id: str, *, limit: int,
                    page: str | None) -> dict[str, Any]:
-        await self.environment(environment_id)
+        await self.require_environment(environment_id)
         await self.sweep(environment_id)
         newest = "+inf" if page is None else f"({_decode_cursor(page)}"
         read, last, records = await self._list_page(keys=[self.keys.index(environment_id)],
@@ -227,7 +270,7 @@ return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
                 if more else None}
 
     async def stats(self, environment_id: str) -> dict[str, Any]:
-        await self.environment(environment_id)
+        await self.require_environment(environment_id)
         await self.sweep(environment_id)
         stream = self.keys.stream(environment_id)
         group = await self._group(stream)
@@ -245,8 +288,8 @@ return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
 
     async def sweep(self, environment_id: str) -> None:
         """Apply expiry to every lease that has lapsed (cheap: lapsed ones only)."""
-        lapsed = await self.redis.zrangebyscore(self.keys.leases(environment_id), "-inf",
-                                                time.time())
+        lapsed = await self.items.batch.execute("ZRANGEBYSCORE", self.keys.leases(environment_id),
+                                                "-inf", time.time())
         for work_id in map(str, lapsed):
             try:
                 await self._change(environment_id, work_id, _noop)
@@ -342,13 +385,14 @@ return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
         """
         stream = self.keys.stream(environment_id)
         for _ in range(MAX_RECLAIM_ATTEMPTS):
-            idle: Any = await self.redis.xpending_range(stream, CONSUMER_GROUP, min="-", max="+",
-                                                        count=1, idle=reclaim_ms)
+            idle: Any = await self.items.batch.execute(
+                "XPENDING", stream, CONSUMER_GROUP, "IDLE", reclaim_ms, "-", "+", 1,
+                parse_detail=True)
             if not idle:
                 return None
-            reply: Any = await self.redis.xautoclaim(
-                stream, CONSUMER_GROUP, consumer, min_idle_time=reclaim_ms,
-                start_id=idle[0]["message_id"], count=1)
+            reply: Any = await self.items.batch.execute(
+                "XAUTOCLAIM", stream, CONSUMER_GROUP, consumer, reclaim_ms,
+                idle[0]["message_id"], "COUNT", 1)
             for entry_id, fields in reply[1]:
                 work = await self._deliverable(environment_id, entry_id, fields)
                 if work is not None:
@@ -365,8 +409,14 @@ return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
                 remaining = int((deadline - time.monotonic()) * 1000)
                 # BLOCK 0 would wait for ever; out of time means one last non-blocking read.
                 block = min(remaining, MAX_BLOCK_MS) if remaining > 0 else None
-            reply: Any = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"},
-                                                     count=1, block=block)
+            reply: Any
+            if block is None:  # answered at once: one of the batch's commands
+                reply = await self.items.batch.execute(
+                    "XREADGROUP", "GROUP", CONSUMER_GROUP, consumer, "COUNT", 1, "STREAMS",
+                    stream, ">")
+            else:
+                reply = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, {stream: ">"},
+                                                    count=1, block=block)
             if not reply:
                 return None
             entry_id, fields = reply[0][1][0]
@@ -416,9 +466,6 @@ return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
         lag = group.get("lag")
         return undelivered if lag is None else min(int(lag), undelivered)
 
-    async def _seen(self, environment_id: str, worker_id: str | None) -> None:
-        if worker_id:
-            await self.redis.zadd(self.keys.workers(environment_id), {worker_id: time.time()})
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -447,3 +494,14 @@ def _decode_cursor(page: str) -> int:
     if not isinstance(before, int):
         raise InvalidRequest("page: not a cursor this server returned")
     return before
+
+
+def _around_seq_and_entry(record: WorkRecord) -> tuple[str, str, str]:
+    """The record's JSON cut around its `seq` and `entry_id` values (the entry id's quotes
+    kept outside the cut), for Redis to fill in: the pieces joined with the values are
+    exactly `record.dumps()` once the record holds them."""
+    seq_mark, entry_mark = f"seq-{new_token()}", f"entry-{new_token()}"
+    text = WorkRecord.dumps_fields({**vars(record), "seq": seq_mark, "entry_id": entry_mark})
+    head, _, rest = text.partition(json.dumps(seq_mark))
+    middle, _, tail = rest.partition(entry_mark)
+    return head, middle, tail

@@ -140,6 +140,33 @@ def test_fault_flags_at_start(emulator_factory: Callable[..., EmulatorProcess]) 
         "stats"]
 
 
+def _set_list_limit(emu: EmulatorProcess, most: int) -> httpx.Response:
+    return emu.http.post("/_emulator/faults", headers=emu.org_headers,
+                         json={"list_limit_max": most})
+
+
+def test_the_list_limit_switch_narrows_a_wider_list_range(
+        emulator_factory: Callable[..., EmulatorProcess]) -> None:
+    """`list_limit_max` may be set up to `--max-list-limit`, whatever that is, never above."""
+    emu = emulator_factory("--max-list-limit", "500")
+    env = emu.create_environment()
+    url, headers = emu.work_url(env, ""), emu.env_headers
+    assert _set_list_limit(emu, 500).status_code == 200
+    assert emu.http.get(url, params={"limit": 500}, headers=headers).status_code == 200
+    assert _set_list_limit(emu, 300).status_code == 200
+    refused = emu.http.get(url, params={"limit": 301}, headers=headers)
+    assert refused.status_code == 400 and "limit must be 1-300" in refused.text
+    assert emu.http.get(url, params={"limit": 300}, headers=headers).status_code == 200
+    over = _set_list_limit(emu, 501)
+    assert over.status_code == 400 and "max-list-limit, 500" in over.text
+
+
+def test_the_list_limit_switch_stays_within_the_default_range(emulator: EmulatorProcess) -> None:
+    assert _set_list_limit(emulator, 100).status_code == 200
+    over = _set_list_limit(emulator, 101)
+    assert over.status_code == 400 and "max-list-limit, 100" in over.text
+
+
 def test_a_list_limit_below_the_usual_and_a_retry_after_past_a_minute(
         emulator: EmulatorProcess) -> None:
     env = emulator.create_environment()
