@@ -355,7 +355,8 @@ def _capacity(cap: dict[str, Any]) -> str:
 # capacity part at 3,000 leases and a heartbeat micro-benchmark): history, not this run's.
 _CPU_CUTS = (
     "(8) Per beat: the emulator answers a heartbeat on a path of its own "
-    "(dispatcher/emulator/fastpath.py `FastPath`, as are a session's creation, poll and ack: the same credential check, fault, store call, "
+    "(dispatcher/emulator/fastpath.py `FastPath`, as are a session's creation, poll and ack: "
+    "the same credential check, fault, store call, "
     "request-log entry and answer, without FastAPI's routing, dependency solving and response "
     "layers, which were over half of its CPU per heartbeat); the async Work API client hands "
     "its requests straight to the lean transport (`AsyncWorkClient._send`: httpx's client "
