@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.commands.core import Script
 
 from dispatcher.clock import Clock, RedisClock
@@ -140,18 +141,23 @@ class LeaseRegistry:
         pipe.get(self.keys.epoch)
         return str(pipe.execute()[1] or fresh)
 
-    def start_reads(self, work_id: str, *, worker: str) -> StartReads:
+    def start_reads(self, work_id: str, *, worker: str,
+                    before: Callable[[Pipeline], None] | None = None) -> StartReads:
         """What a session's start reads, in one round trip (the sandbox waits on it): the
         lease, its work item JSON, the registry's epoch (created on first use) and whether
-        `worker` is draining."""
+        `worker` is draining. `before` queues other commands ahead of the reads, in the same
+        round trip (the message's receipt, `Deliveries.received`)."""
         fresh = uuid.uuid4().hex
         pipe = self.redis.pipeline(transaction=False)
+        if before is not None:
+            before(pipe)
+        ahead = len(pipe)
         pipe.hgetall(self.keys.lease(work_id))
         pipe.get(self.keys.work(work_id))
         pipe.set(self.keys.epoch, fresh, nx=True)
         pipe.get(self.keys.epoch)
         pipe.hget(self.keys.worker(worker), "draining")
-        raw, work_json, _, epoch, draining = pipe.execute()
+        raw, work_json, _, epoch, draining = pipe.execute()[ahead:]
         return StartReads((Lease.from_hash(raw) if raw else None),
                           None if work_json is None else str(work_json), str(epoch or fresh),
                           draining == "1")
