@@ -15,18 +15,11 @@ them up with the Work API server's request log and the sandbox's own records.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 
 from dispatcher.logs import event
 
-__all__ = ["StartPath", "received", "take_received"]
-
-# Message receipts kept for tasks that have not started yet. A receipt is taken when its task
-# starts; one whose task never starts in this process (prefork runs it in a child, which cannot
-# see the parent's memory) is dropped oldest first past this many.
-MAX_RECEIPTS = 1024
+__all__ = ["StartPath"]
 
 
 class StartPath:
@@ -40,28 +33,11 @@ class StartPath:
         self.wall = time.time() - (now - self.mono)
         self.steps: list[tuple[str, float]] = [(first, self.mono)]
 
-    def mark(self, step: str) -> None:
-        self.steps.append((step, time.monotonic()))
+    def mark(self, step: str, at: float | None = None) -> None:
+        """The step passed now, or at `at` (monotonic: another thread noted it)."""
+        self.steps.append((step, time.monotonic() if at is None else at))
 
     def log(self, work_id: str) -> None:
         steps = ",".join(f"{name}:{(at - self.mono) * 1000:.2f}" for name, at in self.steps)
         event("start path", work_id=work_id, side=self.side, wall=f"{self.wall:.6f}",
               mono=f"{self.mono:.6f}", steps=steps)
-
-
-_receipts: OrderedDict[str, float] = OrderedDict()
-_receipts_lock = threading.Lock()
-
-
-def received(task_id: str) -> None:
-    """A session worker's consumer took the task's message (Celery's `task_received`)."""
-    with _receipts_lock:
-        _receipts[task_id] = time.monotonic()
-        while len(_receipts) > MAX_RECEIPTS:
-            _receipts.popitem(last=False)
-
-
-def take_received(task_id: str) -> float | None:
-    """When the task's message was received in this process, if it was."""
-    with _receipts_lock:
-        return _receipts.pop(task_id, None)

@@ -6,7 +6,8 @@
   slots and its running sessions hand over to new attempts elsewhere within the grace period.
 - When a session task's message arrives (`task_received`): the time, for its `start path` line;
   and, in Redis, which worker took it, so recovery tells a message waiting in its queue from a
-  lost one on either broker (`lease/deliveries.py`).
+  lost one on either broker (`lease/deliveries.py`), with the start's reads in the same round
+  trip on the threads pool (`session/receipts.py`).
 - On an operator's revoke of a session task (`task_revoked`): the lease machine stops the work
   item on the server too (`bridge`).
 - Always: Celery's per-task log lines for the control ticks are dropped.
@@ -15,8 +16,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from celery.concurrency.thread import TaskPool as ThreadTaskPool
 from celery.signals import (
     task_received,
     task_revoked,
@@ -31,10 +34,10 @@ from dispatcher.celery.names import CONTROL_TASKS, SESSION_RUN
 from dispatcher.control.bridge import on_task_revoked
 from dispatcher.logs import event
 from dispatcher.runtime import get_runtime
+from dispatcher.session.receipts import received, write_receipt
 from dispatcher.session.runtimes import adopt_sandbox_limits, check_sandbox, sandbox_lines
 from dispatcher.session.sandbox import CommandError, EngineError
 from dispatcher.settings import SettingsError
-from dispatcher.startpath import received
 
 __all__ = ["quiet_control_ticks"]
 
@@ -82,16 +85,36 @@ def _drain(sender: Any = None, sig: str = "", how: str = "", exitcode: int = 0, 
 
 
 @task_received.connect
-def _received(request: Any = None, **_: Any) -> None:
-    # The consumer's thread, before the message is acknowledged: one small Redis write.
+def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    # The consumer's thread, before the message is acknowledged: one round trip, the receipt
+    # and, where the task runs in this process, its start's reads (`session/receipts.py`).
     if request is None or getattr(request, "name", None) != SESSION_RUN:
         return
-    received(request.id)
+    at = time.monotonic()
+    runtime = get_runtime()
+    worker = request.hostname or ""
+    work_id = _work_id(request) if _runs_here(sender) else None
+    reads, written_at = None, None
     try:
-        get_runtime().deliveries.received(request.id, worker=request.hostname or "")
+        reads = write_receipt(runtime.registry, runtime.deliveries, request.id, worker=worker,
+                              work_id=work_id)
+        written_at = time.monotonic()
     except RedisError as exc:
         # Recovery then takes the message for queued until it starts: nothing runs twice.
         event("receipt not recorded", level=logging.ERROR, task_id=request.id, error=str(exc))
+    received(request.id, at=at, written_at=written_at, reads=reads)
+
+
+def _runs_here(consumer: Any) -> bool:
+    """Whether the consumer's pool runs tasks in its own process (threads), where the task can
+    take what the receipt read; a prefork child cannot, and the reads (the work item's secret
+    among them) are not kept in the parent."""
+    return isinstance(getattr(consumer, "pool", None), ThreadTaskPool)
+
+
+def _work_id(request: Any) -> str | None:
+    work_id = (getattr(request, "kwargs", None) or {}).get("work_id")
+    return work_id if isinstance(work_id, str) and work_id else None
 
 
 @task_revoked.connect

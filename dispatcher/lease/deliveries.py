@@ -11,6 +11,7 @@ message is acknowledged). The rule that reads these facts is the machine's (`mes
 from __future__ import annotations
 
 from redis import Redis
+from redis.client import Pipeline
 
 from dispatcher.clock import Clock, RedisClock
 from dispatcher.lease.keys import Keys
@@ -31,15 +32,19 @@ class Deliveries:
     def published(self, task_id: str) -> None:
         self._mark(task_id, {"published_at": self.clock.now()})
 
-    def received(self, task_id: str, *, worker: str) -> None:
-        self._mark(task_id, {"received_at": self.clock.now(), "received_by": worker})
+    def received(self, task_id: str, *, worker: str, pipe: Pipeline | None = None) -> None:
+        """`pipe`: queued there, for its owner to send with other commands."""
+        self._mark(task_id, {"received_at": self.clock.now(), "received_by": worker}, pipe)
 
-    def _mark(self, task_id: str, fields: dict[str, str | float]) -> None:
+    def _mark(self, task_id: str, fields: dict[str, str | float],
+              pipe: Pipeline | None = None) -> None:
         key = self.keys.delivery(task_id)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for name, value in fields.items():
-                pipe.hset(key, name, value)
-            pipe.expire(key, DELIVERY_TTL_SECONDS)
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if pipe is None else pipe
+        for name, value in fields.items():
+            pipe.hset(key, name, value)
+        pipe.expire(key, DELIVERY_TTL_SECONDS)
+        if own:
             pipe.execute()
 
     def of(self, task_id: str) -> Delivery:

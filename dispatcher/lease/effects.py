@@ -100,20 +100,30 @@ class MarkProven:
 
 
 @dataclass(frozen=True)
-class AwaitProof:
-    """The asking attempt waits up to `seconds` for its lease to be proven ours (`MarkProven`,
-    or any answered heartbeat), then decides its start again on the record as it then is."""
-
-    seconds: float
-
-
-@dataclass(frozen=True)
 class MarkRunning:
     """The attempt takes the lease: only while it is still the current attempt. If it is not
     (a newer attempt took the lease meanwhile), the asking attempt is over, superseded."""
 
     attempt: int
     fields: dict[str, object]
+    guard = True
+
+
+@dataclass(frozen=True)
+class AwaitProof:
+    """The asking attempt waits up to `seconds` for its lease to be proven ours (`MarkProven`,
+    or any answered heartbeat), then decides its start again on the record as it then is.
+
+    With `run`, the wait's own round trip takes the lease as `run` says if the record then
+    still holds the values `expected` of what the decision read and no longer holds those it
+    `awaited` (its unproven mark): a proof that comes leaves only the spawn, and the attempt
+    goes on with the record as marked. Otherwise nothing is written and the start is decided
+    again on the record, as without `run`."""
+
+    seconds: float
+    run: MarkRunning | None = None
+    expected: dict[str, object] = field(default_factory=dict)
+    awaited: dict[str, object] = field(default_factory=dict)
     guard = True
 
 

@@ -229,6 +229,8 @@ class Executor:
                 answer = self._perform(work_id, decision, state)
                 if isinstance(answer, _End):
                     return self.registry.get(work_id)
+                if isinstance(answer, _Taken):
+                    return answer.lease
                 if isinstance(answer, _Again):
                     del state.counts[counted:]  # counted once, when decided again
                     if answer.waited:
@@ -244,7 +246,7 @@ class Executor:
             self.counters.inc_all(state.counts, environment=state.environment_id or "")
 
     def _perform(self, work_id: str, decision: Decision,
-                 state: _Run) -> ev.Event | _End | _Again | None:
+                 state: _Run) -> ev.Event | _End | _Again | _Taken | None:
         """Perform a decision's effects in order; returns the answer to feed back, if any,
         `_End` when an effect found the run cannot go on, or `_Again` when the event is to be
         decided again on the record as it now is.
@@ -257,7 +259,7 @@ class Executor:
             if isinstance(effect, fx.Ack) and i + 1 < len(effects):
                 return self._ack_beside(work_id, effects[i + 1:], decision.lease, state, answer)
             result = self._perform_one(work_id, effect, decision.lease, state)
-            if isinstance(result, _End | _Again):
+            if isinstance(result, _End | _Again | _Taken):
                 return result
             if isinstance(result, _Abort):
                 return result.event
@@ -266,7 +268,8 @@ class Executor:
         return answer
 
     def _ack_beside(self, work_id: str, rest: tuple[fx.Effect, ...], lease: Lease | None,
-                    state: _Run, answer: ev.Event | None) -> ev.Event | _End | _Again | None:
+                    state: _Run,
+                    answer: ev.Event | None) -> ev.Event | _End | _Again | _Taken | None:
         """The ack sent from this thread at once, the effects after it performed meanwhile in
         another: nothing stands between the decision and the ack's request (a hand-off to a
         thread would). Both are awaited before the run goes on, so nothing is decided while an
@@ -283,13 +286,13 @@ class Executor:
         return acked if acked is not None else result or answer
 
     def _perform_rest(self, work_id: str, effects: tuple[fx.Effect, ...], lease: Lease | None,
-                      state: _Run) -> tuple[bool, ev.Event | _End | _Again | None]:
+                      state: _Run) -> tuple[bool, ev.Event | _End | _Again | _Taken | None]:
         """Effects in order: (True, the last answer) when all were performed, or (False, how
         the run ends) when one cut them short."""
         answer: ev.Event | None = None
         for effect in effects:
             result = self._perform_one(work_id, effect, lease, state)
-            if isinstance(result, _End | _Again):
+            if isinstance(result, _End | _Again | _Taken):
                 return False, result
             if isinstance(result, _Abort):
                 return False, result.event
@@ -306,7 +309,7 @@ class Executor:
 
     def _perform_one(self, work_id: str, effect: fx.Effect,  # noqa: C901 (one case per effect)
                      lease: Lease | None,
-                     state: _Run) -> ev.Event | _End | _Again | _Abort | None:
+                     state: _Run) -> ev.Event | _End | _Again | _Taken | _Abort | None:
         """One effect: those that ask return the answer (or how the run ends); the rest are
         simply done."""
         match effect:
@@ -326,8 +329,13 @@ class Executor:
             case fx.MarkProven():
                 return self._prove(work_id, effect, state)
             case fx.AwaitProof():
-                return _Again(waited=True, read=True,
-                              lease=self.registry.await_proof(work_id, effect.seconds))
+                if effect.run is None or lease is None:
+                    return _Again(waited=True, read=True,
+                                  lease=self.registry.await_proof(work_id, effect.seconds))
+                now, taken = self.registry.await_proof_then_set(
+                    work_id, effect.seconds, expected=effect.expected, awaited=effect.awaited,
+                    fields=effect.run.fields, seen=_seen(lease.but(**effect.run.fields)))
+                return _Taken(now) if taken else _Again(waited=True, read=True, lease=now)
             case fx.MarkRunning():
                 done = self.registry.update_if_attempt(work_id, effect.attempt, effect.fields,
                                                        seen=_seen(lease))
@@ -581,6 +589,14 @@ class _Again:
     # The record as the wait ended (`read`): decided on without reading it again.
     read: bool = False
     lease: Lease | None = None
+
+
+@dataclass(frozen=True)
+class _Taken:
+    """The attempt took the lease in its proof's wait (`AwaitProof.run`): the run ends with the
+    record as then marked."""
+
+    lease: Lease | None
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.commands.core import Script
 
 from dispatcher.clock import Clock, RedisClock
@@ -140,18 +141,23 @@ class LeaseRegistry:
         pipe.get(self.keys.epoch)
         return str(pipe.execute()[1] or fresh)
 
-    def start_reads(self, work_id: str, *, worker: str) -> StartReads:
+    def start_reads(self, work_id: str, *, worker: str,
+                    before: Callable[[Pipeline], None] | None = None) -> StartReads:
         """What a session's start reads, in one round trip (the sandbox waits on it): the
         lease, its work item JSON, the registry's epoch (created on first use) and whether
-        `worker` is draining."""
+        `worker` is draining. `before` queues other commands ahead of the reads, in the same
+        round trip (the message's receipt, `Deliveries.received`)."""
         fresh = uuid.uuid4().hex
         pipe = self.redis.pipeline(transaction=False)
+        if before is not None:
+            before(pipe)
+        ahead = len(pipe)
         pipe.hgetall(self.keys.lease(work_id))
         pipe.get(self.keys.work(work_id))
         pipe.set(self.keys.epoch, fresh, nx=True)
         pipe.get(self.keys.epoch)
         pipe.hget(self.keys.worker(worker), "draining")
-        raw, work_json, _, epoch, draining = pipe.execute()
+        raw, work_json, _, epoch, draining = pipe.execute()[ahead:]
         return StartReads((Lease.from_hash(raw) if raw else None),
                           None if work_json is None else str(work_json), str(epoch or fresh),
                           draining == "1")
@@ -377,6 +383,46 @@ return 1
         pipe.hgetall(self.keys.lease(work_id))
         _, raw = pipe.execute()
         return Lease.from_hash(raw) if raw else None
+
+    # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: last sign of life ('' to leave it), work
+    # id, how many fields are expected, how many awaited, then [field, value]* of each, then
+    # [field, value]* to set. A guard, no rule: the fields are set only while the record holds
+    # every expected value and none of the awaited ones (the machine chose them all).
+    _SET_IF_STILL = _Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local i = 5
+for _ = 1, tonumber(ARGV[3]) do
+  if (redis.call('HGET', KEYS[1], ARGV[i]) or '') ~= ARGV[i + 1] then return 0 end
+  i = i + 2
+end
+for _ = 1, tonumber(ARGV[4]) do
+  if (redis.call('HGET', KEYS[1], ARGV[i]) or '') == ARGV[i + 1] then return 0 end
+  i = i + 2
+end
+for j = i, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
+if ARGV[1] ~= '' then redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2]) end
+return 1
+""")
+
+    def await_proof_then_set(self, work_id: str, seconds: float, *,
+                             expected: Mapping[str, object], awaited: Mapping[str, object],
+                             fields: Mapping[str, object],
+                             seen: float | None = None) -> tuple[Lease | None, bool]:
+        """`await_proof`, and in the same round trip, once the wait is over, `fields` set (and
+        the last sign of life, if given) only while the record holds every `expected` value and
+        none of the `awaited` ones. Returns the record as it then is and whether it was set."""
+        argv: list[str | int | float] = ["" if seen is None else seen, work_id, len(expected),
+                                         len(awaited)]
+        for values in (expected, awaited, fields):
+            for name, value in values.items():
+                argv += [name, encode(value)]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.blpop([self.keys.proven(work_id)], timeout=seconds)
+        self._SET_IF_STILL(keys=[self.keys.lease(work_id), self.keys.last_seen], args=argv,
+                           client=pipe)
+        pipe.hgetall(self.keys.lease(work_id))
+        _, done, raw = pipe.execute()
+        return (Lease.from_hash(raw) if raw else None), bool(done)
 
     # KEYS[1]=lease hash, KEYS[2]=last-seen zset; ARGV: expected attempt, last sign of life (''
     # to leave it), work id, [field, value]*. A guard, no rule: the fields (a new attempt's, or a

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from dispatcher.lease import events as ev
 from dispatcher.lease.causes import Outcome
 from dispatcher.lease.model import Lease, StopKind
+from dispatcher.lease.registry import StartReads
 from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 from dispatcher.session.runtimes import RunningSandbox, start_sandbox, warm_claim
@@ -111,12 +112,16 @@ class _Flags:
         return time.monotonic() - self.terminate_seen_at >= TERMINATE_SETTLE_SECONDS
 
 
-def run_attempt(runtime: Runtime, attempt: SessionAttempt) -> Outcome:
-    reads = runtime.registry.start_reads(attempt.work_id, worker=attempt.worker)
+def run_attempt(runtime: Runtime, attempt: SessionAttempt, *,
+                reads: StartReads | None = None) -> Outcome:
+    """`reads`: the start's reads, taken as the message arrived (`session/receipts.py`);
+    None: read them now."""
+    if reads is None:
+        reads = runtime.registry.start_reads(attempt.work_id, worker=attempt.worker)
+        attempt.mark("lease_read")
     before, work_json, epoch = reads.lease, reads.work_json, reads.epoch
     starting = ev.AttemptStarting(attempt.attempt, attempt.task_id, attempt.worker, os.getpid(),
                                   draining=reads.draining)
-    attempt.mark("lease_read")
     early = _spec_ahead(runtime, before, work_json)
     if early is not None:
         attempt.mark("spec_built")

@@ -186,3 +186,42 @@ def test_a_wait_that_ends_unproven_reads_the_record_as_it_is(registry: LeaseRegi
     lease = registry.await_proof("work_1", 0.1)
     assert lease is not None and lease.heartbeat_ok_at == 0, "read after the wait, unproven"
     assert registry.await_proof("work_gone", 0.1) is None, "a released lease reads as none"
+
+
+def _take(registry: LeaseRegistry, seconds: float, **expected: object) -> tuple[Lease | None,
+                                                                                bool]:
+    return registry.await_proof_then_set(
+        "work_1", seconds, expected={"attempt": 1, "task_id": "t1", "stop": StopKind.NONE,
+                                     **expected},
+        awaited={"heartbeat_ok_at": 0.0}, fields={"phase": Phase.RUNNING, "worker": "w1"},
+        seen=time.time())
+
+
+def test_a_proof_in_the_wait_lets_the_attempt_take_the_lease_in_the_same_round_trip(
+        registry: LeaseRegistry) -> None:
+    registry.create(_lease(phase=Phase.DISPATCHED), work_json="{}")
+    prover = threading.Timer(0.2, registry.prove, args=("work_1", time.time()))
+    prover.start()
+    try:
+        lease, taken = _take(registry, 5.0)
+    finally:
+        prover.join()
+    assert taken and lease is not None
+    assert (lease.phase, lease.worker) == (Phase.RUNNING, "w1") and lease.heartbeat_ok_at > 0
+
+
+def test_a_wait_that_ends_unproven_or_changed_takes_nothing(registry: LeaseRegistry) -> None:
+    registry.create(_lease(phase=Phase.DISPATCHED), work_json="{}")
+    lease, taken = _take(registry, 0.1)
+    assert not taken and lease is not None and lease.phase == Phase.DISPATCHED, "unproven"
+    registry.prove("work_1", time.time())
+    registry.set_stop("work_1", StopKind.GRACEFUL, expected=StopKind.NONE, cause="server")
+    lease, taken = _take(registry, 0.1)
+    assert not taken and lease is not None and lease.phase == Phase.DISPATCHED, "stopped"
+    lease, taken = _take(registry, 0.1, stop=StopKind.GRACEFUL, attempt=2)
+    assert not taken and lease is not None and lease.phase == Phase.DISPATCHED, "superseded"
+    lease, taken = _take(registry, 0.1, stop=StopKind.GRACEFUL)
+    assert taken and lease is not None and lease.phase == Phase.RUNNING, "proven, as read"
+    registry.delete("work_1")
+    assert _take(registry, 0.1) == (None, False), "a released lease stays gone"
+    assert registry.get("work_1") is None

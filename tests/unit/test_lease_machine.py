@@ -733,6 +733,11 @@ def test_a_session_published_with_its_ack_starts_only_once_proven() -> None:
     starting = ev.AttemptStarting(1, "task-1", "w1", 42, draining=False)
     early = decide(offered.lease, starting, now=NOW + 0.001)
     assert not any(isinstance(e, fx.MarkRunning) for e in early.effects)
+    (wait,) = early.effects
+    assert isinstance(wait, fx.AwaitProof) and wait.run is not None
+    assert wait.awaited == {"heartbeat_ok_at": 0.0}, "taken in the wait only once proven"
+    assert wait.expected["task_id"] == "task-1" and wait.expected["stop"] == StopKind.NONE
+    assert wait.run.fields["phase"] == Phase.RUNNING
     acked = decide(offered.lease, ev.AckAnswered(), now=NOW + 0.002)
     assert acked.lease is not None
     assert fx.MarkProven(acked.lease) in acked.effects

@@ -8,7 +8,9 @@ import time
 import pytest
 
 from bench.breakdown import OURS_STEPS, start_paths, table
-from dispatcher.startpath import StartPath, received, take_received
+from dispatcher.lease.registry import StartReads
+from dispatcher.session.receipts import READS_FRESH_SECONDS, received, take_received
+from dispatcher.startpath import StartPath
 
 
 def test_a_start_path_line_reads_back_as_wall_clock_times(
@@ -26,11 +28,22 @@ def test_a_start_path_line_reads_back_as_wall_clock_times(
 
 
 def test_a_receipt_is_taken_once_and_starts_the_session_side() -> None:
-    received("task_1")
-    arrived = take_received("task_1")
-    assert arrived is not None and take_received("task_1") is None
-    path = StartPath("session", first="received", mono=arrived)
-    assert path.steps[0] == ("received", arrived)
+    now = time.monotonic()
+    received("task_1", at=now, written_at=now + 0.001)
+    receipt = take_received("task_1")
+    assert receipt is not None and take_received("task_1") is None
+    path = StartPath("session", first="received", mono=receipt.at)
+    path.mark("receipt", receipt.written_at)
+    assert path.steps == [("received", now), ("receipt", now + 0.001)]
+
+
+def test_reads_taken_with_the_receipt_serve_only_a_task_that_starts_soon_after() -> None:
+    reads = StartReads(None, None, "epoch", draining=False)
+    received("task_2", at=100.0, reads=reads)
+    receipt = take_received("task_2")
+    assert receipt is not None
+    assert receipt.fresh_reads(100.0 + READS_FRESH_SECONDS) is reads
+    assert receipt.fresh_reads(100.0 + READS_FRESH_SECONDS + 0.01) is None, "read again"
 
 
 def test_each_step_counts_from_the_one_before_it_that_the_session_passed() -> None:

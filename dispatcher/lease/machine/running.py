@@ -97,23 +97,38 @@ def on_attempt_starting(lease: Lease | None, e: ev.AttemptStarting, c: Ctx) -> D
               log("attempt passed on", lease, reason="worker draining"),
               fx.Publish(lease.attempt, lease.task_id, lease.queue))
     elif lease.heartbeats_by == Heartbeater.DISPATCHER and not proven_ours(lease):
-        _await_proof(p, c)
+        _await_proof(p, c, fx.MarkRunning(e.attempt, _running(lease, e, c)))
     else:
-        changes: dict[str, object] = {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid,
-                                      "pulse_at": c.now, "task_id": e.task_id,
-                                      "started_at": lease.started_at or c.now}
+        changes = _running(lease, e, c)
         p.assume(**changes)
         p.add(fx.MarkRunning(e.attempt, changes))
     return p.decided()
 
 
-def _await_proof(p: Plan, c: Ctx) -> None:
+def _running(lease: Lease, e: ev.AttemptStarting, c: Ctx) -> dict[str, object]:
+    """The fields an attempt that takes the lease sets."""
+    return {"phase": Phase.RUNNING, "worker": e.worker, "pid": e.pid, "pulse_at": c.now,
+            "task_id": e.task_id, "started_at": lease.started_at or c.now}
+
+
+# What an attempt's start reads of its lease (`on_attempt_starting`), besides the proof: an
+# attempt that waits for the proof takes the lease in the wait's round trip only while these
+# are as it read them.
+START_READS = ("attempt", "task_id", "phase", "stop", "lost", "ended", "heartbeats_by")
+
+
+def _await_proof(p: Plan, c: Ctx, run: fx.MarkRunning) -> None:
     """A session published while its ack was in flight: it starts once the server answered the
-    ack or a claim, never before (a rival may hold the item). Unproven for a whole TTL, the
-    lease may have lapsed to another holder: it is lost, and the attempt never starts."""
+    ack or a claim, never before (a rival may hold the item). The wait's round trip takes the
+    lease (`run`) once the record is proven (`heartbeat_ok_at` no longer the unproven one read)
+    and otherwise as read; anything else is decided again on the record. Unproven for a whole
+    TTL, the lease may have lapsed to another holder: it is lost, and the attempt never
+    starts."""
     lease = p.held
     if c.now - lease.claimed_at <= lease.ttl:
-        p.add(fx.AwaitProof(PROOF_WAIT_SECONDS))
+        p.add(fx.AwaitProof(PROOF_WAIT_SECONDS, run=run,
+                            expected={name: getattr(lease, name) for name in START_READS},
+                            awaited={"heartbeat_ok_at": lease.heartbeat_ok_at}))
         return
     p.add(fx.AttemptOver(Outcome.LOST))
     lose(p, cause=LossCause.ASSUMED_LOST, action="never proven ours",
