@@ -127,7 +127,7 @@ def test_a_stale_attempts_failure_or_exit_never_ends_the_current_attempt(
     relay.delay_create = 120.0
     work_id = fleet.create(fake_duration=8)
     wait_for(lambda: _running(fleet, work_id), timeout=30, what="attempt 1 creating")
-    time.sleep(1.0)  # its create is held by the relay
+    wait_for(lambda: relay.holding >= 1, timeout=30, what="attempt 1's create held")
     w1.send_signal(signal.SIGSTOP)
     try:
         del fleet.overrides["DOCKER_HOST"]

@@ -65,7 +65,9 @@ def test_a_wake_up_meeting_a_running_poller_leaves_it_the_flag_without_waiting(
     runtime.redis.set(lock, "another poller", px=30_000)
     began = time.monotonic()
     assert drain(runtime, reclaim_older_than_ms=RECLAIM_MS, wake=True) == 0
-    assert time.monotonic() - began < 1.0, "it does not wait for the lock"
+    # Waiting for the lock would take its 30 s; a few Redis calls take well under this even on
+    # two busy cores.
+    assert time.monotonic() - began < 5.0, "it does not wait for the lock"
     assert wanted(runtime) and polls(emulator, runtime) == []
 
     runtime.redis.delete(lock)  # the holder lets go, finds the flag, drains again

@@ -16,6 +16,11 @@ pytestmark = pytest.mark.integration
 
 SHORT = ("--min-ttl", "1", "--default-ttl", "1")
 LAPSE_S = 1.3  # a 1 s lease, and a margin
+# Where a test needs a lease NOT to lapse, the emulator's clock must not pass a bound between
+# two of the test's requests; on two cores at load 15-20 a process can wait a second or more
+# for a CPU, so those bounds leave seconds, not tenths.
+UNCLAIMED_LIMIT_S = 5  # checked "not yet" at LAPSE_S: 3.7 s to spare
+HEARTBEATED_TTL_S = 2  # beaten every 0.3 s: 1.7 s to spare
 
 
 def _acked(emu: EmulatorProcess, env: str) -> str:
@@ -25,9 +30,9 @@ def _acked(emu: EmulatorProcess, env: str) -> str:
     return work_id
 
 
-def _beat(emu: EmulatorProcess, env: str, work_id: str, expected: str) -> Any:
+def _beat(emu: EmulatorProcess, env: str, work_id: str, expected: str, *, ttl: int = 1) -> Any:
     return emu.http.post(emu.work_url(env, f"/{work_id}/heartbeat"),
-                         params={"expected_last_heartbeat": expected, "desired_ttl_seconds": 1},
+                         params={"expected_last_heartbeat": expected, "desired_ttl_seconds": ttl},
                          headers=emu.env_headers)
 
 
@@ -60,12 +65,12 @@ def test_by_default_lapsed_leases_stop(emulator_factory: Callable[..., EmulatorP
 def test_the_unclaimed_limit_is_counted_from_the_ack(
         emulator_factory: Callable[..., EmulatorProcess]) -> None:
     """Not the lease TTL: an acked item waits the unclaimed limit for its first heartbeat."""
-    emu = emulator_factory(*SHORT, "--unclaimed-limit", "3")
+    emu = emulator_factory(*SHORT, "--unclaimed-limit", str(UNCLAIMED_LIMIT_S))
     env = emu.create_environment()
     never = _acked(emu, env)
     time.sleep(LAPSE_S)
-    assert _state(emu, env, never) == "starting", "1 s TTL, 3 s limit: not yet"
-    time.sleep(3 - LAPSE_S + 0.3)
+    assert _state(emu, env, never) == "starting", "1 s TTL, 5 s limit: not yet"
+    time.sleep(UNCLAIMED_LIMIT_S - LAPSE_S + 0.3)
     assert _state(emu, env, never) == "stopped"
 
 
@@ -112,9 +117,9 @@ def test_a_heartbeated_lease_does_not_lapse(emulator_factory: Callable[..., Emul
     env = emu.create_environment()
     work_id = _acked(emu, env)
     token = "NO_HEARTBEAT"
-    for _ in range(5):
-        beat = _beat(emu, env, work_id, token)
+    for _ in range(8):  # 2.4 s: longer than the lease's TTL
+        beat = _beat(emu, env, work_id, token, ttl=HEARTBEATED_TTL_S)
         assert beat.status_code == 200 and beat.json()["state"] == "active"
         token = beat.json()["last_heartbeat"]
-        time.sleep(0.4)
+        time.sleep(0.3)
     assert _state(emu, env, work_id) == "active"

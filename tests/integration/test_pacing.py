@@ -98,7 +98,8 @@ def test_a_wake_up_under_a_throttle_polls_nothing_and_leaves_its_wake_up_standin
     polls = _calls(emulator, runtime, "poll")
     started = time.monotonic()
     assert drain(runtime, reclaim_older_than_ms=2000, wake=True) == 0
-    assert time.monotonic() - started < 2, "no wait in a control slot"
+    # Waiting the throttle out would take its 120 s; the bound is for two busy cores.
+    assert time.monotonic() - started < 10, "no wait in a control slot"
     assert _calls(emulator, runtime, "poll") == polls
     wanted = PollKeys(runtime.settings.key_prefix).wanted(runtime.environment_id)
     assert runtime.redis.exists(wanted), "the wake-up stands"

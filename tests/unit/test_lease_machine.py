@@ -19,12 +19,14 @@ from dispatcher.lease.machine import (
     Delivery,
     Policy,
     Stuck,
+    claiming,
     decide,
     heartbeat_interval,
     may_still_send,
     message_lost,
     pulse_is_quiet,
     renewal_due,
+    running,
     stuck,
 )
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS
@@ -744,3 +746,53 @@ def test_a_session_published_with_its_ack_starts_only_once_proven() -> None:
     assert acked.lease.heartbeat_ok_at == NOW + 0.002
     started = decide(acked.lease, starting, now=NOW + 0.003)
     assert any(isinstance(e, fx.MarkRunning) for e in started.effects)
+
+
+def _record_as_the_revoke_goes_out(lease: Lease | None, effects: tuple[fx.Effect, ...],
+                                   ) -> Lease | None:
+    """The record as the executor has left it when it performs the decision's Revoke: the
+    effects before it applied in order (a worker's `task_revoked` may read it at once)."""
+    record = lease
+    for effect in effects:
+        if isinstance(effect, fx.Revoke):
+            return record
+        if isinstance(effect, fx.CreateRecord):
+            record = effect.lease
+        elif isinstance(effect, fx.DeleteRecord):
+            record = None
+        elif isinstance(effect, fx.Update) and record is not None:
+            record = record.but(**effect.fields)
+        elif isinstance(effect, fx.FlagStop) and record is not None:
+            record = record.but(stop=effect.kind)
+    raise AssertionError("no Revoke")
+
+
+def _revoking_decisions() -> list[tuple[str, str, Lease | None, tuple[fx.Effect, ...]]]:
+    found = []
+    for scenario in (*claiming.SCENARIOS, *running.SCENARIOS):
+        for phase in scenario.phases or PHASES:
+            lease = lease_in(phase, uncertain=scenario.uncertain, unproven=scenario.unproven,
+                             lost=scenario.lost, sandbox_held=scenario.sandbox_held,
+                             quiet_seconds=scenario.quiet_seconds)
+            decision = decide(lease, scenario.event, now=NOW, policy=Policy(max_attempts=3))
+            if any(isinstance(e, fx.Revoke) for e in decision.effects):
+                found.append((scenario.name, phase, lease, decision.effects))
+    return found
+
+
+@pytest.mark.parametrize(("name", "phase", "lease", "effects"), _revoking_decisions(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_the_fleets_own_revoke_is_never_taken_for_an_operators(
+        name: str, phase: str, lease: Lease | None, effects: tuple[fx.Effect, ...]) -> None:
+    """The machine revokes a published task it lets go (an ack refused, a lease lost before its
+    session started, a session ended): the revoke fires `task_revoked` in the worker holding
+    the message, which reads the record at once. If that record still looks like a live,
+    queued session, the revoke is taken for an operator's and the session recorded as ended
+    (`stopped`), so the server's next delivery of the item is refused and the session never
+    runs (chaos, 429s: an ack throttled, its item re-delivered 5 s later, stopped not run)."""
+    record = _record_as_the_revoke_goes_out(lease, effects)
+    task_id = next(e.task_id for e in effects if isinstance(e, fx.Revoke))
+    answer = decide(record, ev.OperatorRevoked(task_id, terminated=False, force=False), now=NOW)
+    ended = [e for e in answer.effects if isinstance(e, fx.RecordHistory)
+             and e.ended != Ending.NONE]
+    assert not ended, f"{name} in {phase}: its own revoke ended the session as an operator's"

@@ -26,6 +26,7 @@ from dispatcher.lease.machine.steps import (
     publish,
     renewal_due,
     request_stop,
+    revoke_forgotten,
     schedule,
     scheduled_for,
     since_ok,
@@ -175,9 +176,12 @@ def on_ack_refused(lease: Lease | None, e: ev.AckRefused) -> Decision:
                    outcome="left for the server to re-deliver"))
     if lease is None or lease.phase != Phase.DISPATCHED:
         return Decision(None, refused)
-    # Recorded and published at the offer: its message is revoked and its record dropped, so
+    # Recorded and published at the offer: its record is dropped and its message revoked, so
     # the waiting attempt finds nothing to start. The item was never ours.
-    return Decision(None, (*refused, fx.Revoke(lease.task_id), fx.DeleteRecord()))
+    p = Plan(None)
+    p.add(*refused, fx.DeleteRecord())
+    revoke_forgotten(p, lease.task_id)
+    return p.decided()
 
 
 def on_record_failed(e: ev.RecordFailed) -> Decision:

@@ -240,9 +240,17 @@ def lose(p: Plan, *, cause: LossCause, server_stopped: bool = False,
         return
     if lease.phase == Phase.RUNNING:
         return  # its supervisor kills the sandbox, then releases
-    if lease.phase == Phase.DISPATCHED:
-        p.add(fx.Revoke(lease.task_id))
     forget(p, outcome=Release.LOST)
+    if lease.phase == Phase.DISPATCHED:
+        revoke_forgotten(p, lease.task_id)
+
+
+def revoke_forgotten(p: Plan, task_id: str) -> None:
+    """Revoke the task of a session let go, after its record is deleted. The worker holding the
+    message reads the record as the revoke reaches it (`task_revoked`); a record still there,
+    queued and live, reads as an operator's revoke, which ends the session (`stopped` in its
+    history): the item the server delivers again would be refused and never run."""
+    p.add(fx.Revoke(task_id))
 
 
 def flag_stop(p: Plan, kind: StopKind, cause: Cause) -> bool:
