@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -28,6 +27,7 @@ from dispatcher.lease.machine import may_still_send
 from dispatcher.lease.model import Heartbeater, Lease, Phase
 from dispatcher.lease.replies import heartbeat_event
 from dispatcher.logs import event
+from dispatcher.perprocess import PerProcess
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Environment, Settings
 from dispatcher.workapi import NO_HEARTBEAT, AsyncWorkClient, Heartbeat, WorkAPIError
@@ -42,7 +42,7 @@ T = TypeVar("T")
 REQUEST_TIMEOUT_SECONDS = 5.0
 # A claimed due lease stays in flight this long (`claim_due_heartbeats`): no other tick takes
 # it meanwhile. A beat that has not left a request's time before the mark lapses is not sent
-# (the lease machine's `may_still_send`).
+# (the lease machine's `may_still_send`): it is given back, due at once (`release_unsent`).
 INFLIGHT_SECONDS = REQUEST_TIMEOUT_SECONDS * 2
 # Requests in flight at once, per process. Heartbeats a second = in flight / the API's latency, so
 # this bounds throughput against a distant API: 5,000 leases at a 30 s TTL (500 heartbeats/s) 150 ms
@@ -386,25 +386,17 @@ class _Sender:
                 self.loop.close()
 
 
-_senders: dict[int, _Sender] = {}
-_senders_lock = threading.Lock()
+# This process's sender; a forked child makes its own (threads do not survive a fork).
+_senders: PerProcess[_Sender] = PerProcess(lambda: _Sender())
 
 
 def _sender() -> _Sender:
-    """This process's sender; a forked child makes its own (threads do not survive a fork)."""
-    pid = os.getpid()
-    with _senders_lock:
-        sender = _senders.get(pid)
-        if sender is None:
-            _senders.clear()  # a parent's sender: its thread is not in this process
-            sender = _senders[pid] = _Sender()
-        return sender
+    return _senders.get()
 
 
 def close_sender() -> None:
     """Close this process's HTTP connections and stop its loop (worker shutdown)."""
-    with _senders_lock:
-        sender = _senders.pop(os.getpid(), None)
+    sender = _senders.pop()
     if sender is not None:
         sender.close()
 
