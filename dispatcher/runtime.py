@@ -12,7 +12,10 @@ from typing import Any
 
 from redis import Redis
 
+from dispatcher.celery.broker import is_redis
+from dispatcher.celery.keys import CeleryKeys
 from dispatcher.celery.names import SESSION_RUN
+from dispatcher.celery.waiting import RedisQueues, Unseen, Waiting
 from dispatcher.clock import RedisClock
 from dispatcher.control.capacity import Capacity
 from dispatcher.control.pacing import Pacing
@@ -59,6 +62,17 @@ class Runtime:
     @cached_property
     def deliveries(self) -> Deliveries:
         return Deliveries(self.redis, prefix=self.settings.key_prefix, clock=self.clock)
+
+    @cached_property
+    def waiting(self) -> Waiting:
+        """Which session messages wait in the broker's queue: read on Redis (the fleet's own, or
+        another named by `DISPATCHER_BROKER_URL`); RabbitMQ cannot tell."""
+        url = self.settings.broker_url
+        if url is not None and not is_redis(url):
+            return Unseen()
+        redis = self.redis if url is None else connect(self.settings, url=url,
+                                                       timeout=REDIS_SOCKET_TIMEOUT_SECONDS)
+        return RedisQueues(redis, prefix=CeleryKeys(self.settings.key_prefix).broker)
 
     @cached_property
     def capacity(self) -> Capacity:
@@ -143,6 +157,9 @@ class Runtime:
             client.close()
         if "redis" in self.__dict__:
             self.redis.close()
+        waiting = self.__dict__.get("waiting")
+        if isinstance(waiting, RedisQueues) and waiting.redis is not self.__dict__.get("redis"):
+            waiting.redis.close()
 
 
 _runtime = PerProcess(lambda: Runtime(settings=load_settings(), app=_apps[0]))

@@ -8,17 +8,20 @@ sandbox (fencing). A dead worker's sandbox is already gone: the launcher kills i
 its parent dies.
 
 A lease whose task was published but never started is re-dispatched when the machine's
-`message_lost` says its message is lost: never taken by the broker, or taken by a worker that
-did not start it within `DISPATCH_STALE_SECONDS` (it died, or holds it behind a full pool). The
-facts come from the delivery records in Redis (`lease/deliveries.py`), the same on both brokers.
+`message_lost` says its message is lost: never taken by the broker, taken by a worker that did
+not start it within `DISPATCH_STALE_SECONDS` (it died, or holds it behind a full pool), or gone
+from its Redis queue unreceived for `MISSING_CONFIRM_SECONDS` (its worker died between taking it
+and noting it). The facts come from the delivery records in Redis (`lease/deliveries.py`), the
+same on both brokers, and on Redis from the queue itself (`celery/waiting.py`).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 
 from dispatcher.lease import events as ev
-from dispatcher.lease.machine import QUIET_SECONDS, Stuck, message_lost, stuck
+from dispatcher.lease.machine import QUIET_SECONDS, Delivery, Stuck, message_lost, stuck
 from dispatcher.lease.model import Lease
 from dispatcher.runtime import Runtime
 
@@ -32,21 +35,39 @@ def recover(runtime: Runtime) -> int:
     # Only the leases silent for longer than the shortest of the bounds can be stuck: the
     # registry indexes each lease's last sign of progress, so a tick reads those alone, not
     # every lease (thousands, each second).
-    for lease in runtime.registry.silent_since(now - QUIET_SECONDS):
-        event = _event(runtime, lease, stuck(lease, now))
+    judged = [(lease, stuck(lease, now))
+              for lease in runtime.registry.silent_since(now - QUIET_SECONDS)]
+    deliveries = _deliveries(runtime, [lease for lease, how in judged
+                                       if how == Stuck.QUEUED_TOO_LONG])
+    for lease, how in judged:
+        event = _event(lease, how, deliveries.get(lease.task_id), runtime.deliveries.clock.now())
         if event is not None:
             runtime.executor.run(lease, event)
             acted += 1
     return acted
 
 
-def _event(runtime: Runtime, lease: Lease, how: Stuck | None) -> ev.Event | None:
+def _deliveries(runtime: Runtime, queued: list[Lease]) -> dict[str, Delivery]:
+    """Where each long-queued lease's message went: each queue read once for all of its
+    messages, then their records (after the queue, so a receipt written meanwhile counts)."""
+    if not queued:
+        return {}
+    seen: dict[str, bool | None] = {}
+    by_queue: dict[str, list[str]] = defaultdict(list)
+    for lease in queued:
+        by_queue[lease.queue].append(lease.task_id)
+    for queue, task_ids in by_queue.items():
+        waiting = runtime.waiting.among(queue, task_ids)
+        seen.update({t: None if waiting is None else t in waiting for t in task_ids})
+    return runtime.deliveries.looked_up(seen)
+
+
+def _event(lease: Lease, how: Stuck | None, delivery: Delivery | None,
+           now: float) -> ev.Event | None:
     if how == Stuck.SILENT_ATTEMPT:
         return ev.AttemptSilent(next_task_id=uuid.uuid4().hex)
     if how == Stuck.STRANDED_CLAIM:
         return ev.ClaimStranded()
-    if how == Stuck.QUEUED_TOO_LONG and message_lost(runtime.deliveries.of(lease.task_id),
-                                                     runtime.deliveries.clock.now()):
+    if how == Stuck.QUEUED_TOO_LONG and delivery is not None and message_lost(delivery, now):
         return ev.MessageLost(next_task_id=uuid.uuid4().hex)
     return None
-

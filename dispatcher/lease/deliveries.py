@@ -5,10 +5,16 @@ one that is lost (restart the attempt). On Redis the queue is a list one could r
 shows no queued message without taking it. So both brokers get the same record, in Redis:
 the executor marks a task id published once the broker took the message, and the worker that
 receives it marks it received (`task_received`, in the worker's main process, before the
-message is acknowledged). The rule that reads these facts is the machine's (`message_lost`).
+message is acknowledged). On Redis, recovery also looks for a message long unreceived in its
+queue (`celery/waiting.py`) and notes since when it has been missing: a worker that died between
+taking it and noting it took it along. The rule that reads these facts is the machine's
+(`message_lost`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import cast
 
 from redis import Redis
 from redis.client import Pipeline
@@ -48,8 +54,39 @@ class Deliveries:
             pipe.execute()
 
     def of(self, task_id: str) -> Delivery:
-        record = self.redis.hgetall(self.keys.delivery(task_id))
-        received_at = record.get("received_at")
-        return Delivery(published="published_at" in record,
-                        received_at=float(received_at) if received_at else None,
-                        received_by=str(record.get("received_by", "")))
+        # Decoded replies (`redis_connect.connect`): str, as redis-py's types cannot say.
+        return _delivery(cast("dict[str, str]", self.redis.hgetall(self.keys.delivery(task_id))))
+
+    def looked_up(self, queued: Mapping[str, bool | None]) -> dict[str, Delivery]:
+        """The records of `queued`'s task ids, each told whether its message was just seen in
+        its queue (None: the broker cannot be looked into). A published message seen neither
+        queued nor received is marked missing from now, unless it already was; one seen queued
+        is not missing. Read after the queue was, so a receipt written meanwhile counts."""
+        ids = list(queued)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self.keys.delivery(task_id))
+        records: list[dict[str, str]] = pipe.execute()
+        now = self.clock.now()
+        for task_id, record in zip(ids, records, strict=True):
+            key = self.keys.delivery(task_id)
+            seen = queued[task_id]
+            if seen is None or "received_at" in record or "published_at" not in record:
+                continue
+            if seen and "missing_at" in record:
+                pipe.hdel(key, "missing_at")
+                del record["missing_at"]
+            elif not seen and "missing_at" not in record:
+                pipe.hset(key, "missing_at", now)
+                record["missing_at"] = str(now)
+        pipe.execute()
+        return {task_id: _delivery(record) for task_id, record in zip(ids, records, strict=True)}
+
+
+def _delivery(record: Mapping[str, str]) -> Delivery:
+    received_at = record.get("received_at")
+    missing_at = record.get("missing_at")
+    return Delivery(published="published_at" in record,
+                    received_at=float(received_at) if received_at else None,
+                    received_by=str(record.get("received_by", "")),
+                    missing_since=float(missing_at) if missing_at else None)

@@ -81,8 +81,9 @@ def test_a_held_lease_missing_from_the_index_is_indexed_and_still_recovered(
 
 def test_recovery_moves_a_lost_message_on_and_leaves_a_queued_one(
         emulator: Any, runtime: Runtime) -> None:
-    """Dispatched 31 s ago and never started: queued (published, never received) waits; never
-    published, or received and not started since, is lost: a new attempt, on either broker."""
+    """Dispatched 31 s ago and never started: published and never received waits (at one look;
+    `test_lost_messages` reads a real queue); never published, or received and not started
+    since, is lost: a new attempt, on either broker."""
     past = time.time() - DISPATCH_STALE_SECONDS - 1
     queued, unsent, taken, just_taken = held_items(emulator, runtime, 4, phase=Phase.DISPATCHED,
                                               dispatched_at=past)

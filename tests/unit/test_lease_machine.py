@@ -29,7 +29,7 @@ from dispatcher.lease.machine import (
     running,
     stuck,
 )
-from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS
+from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS, MISSING_CONFIRM_SECONDS
 from dispatcher.lease.machine.steps import CATCH_UP_SHARE
 from dispatcher.lease.model import Ending, Lease, Phase, StopKind
 from dispatcher.lease.table import NOW, PHASES, SCENARIOS, describe, lease_in, rows
@@ -596,6 +596,14 @@ def test_a_lease_written_back_after_a_reset_adopts_a_token_it_did_not_see() -> N
 DELIVERIES: list[tuple[str, Delivery, bool]] = [
     ("never published (the send failed)", Delivery(published=False), True),
     ("published, never received: waits in its queue", Delivery(published=True), False),
+    ("seen in its queue (or on RabbitMQ, never looked for): waits",
+     Delivery(True, missing_since=None), False),
+    ("gone from its queue a second ago: a worker may be noting it now",
+     Delivery(True, missing_since=NOW - 1), False),
+    ("gone from its queue and unreceived for 6 s: its worker died between taking and noting it",
+     Delivery(True, missing_since=NOW - MISSING_CONFIRM_SECONDS - 1), True),
+    ("gone from its queue long ago, received since: judged by the receipt",
+     Delivery(True, NOW - 1, missing_since=NOW - 60), False),
     ("received a moment ago: starting", Delivery(True, NOW - 1), False),
     ("received, not started for 31 s: its worker died or holds it",
      Delivery(True, NOW - DISPATCH_STALE_SECONDS - 1), True),

@@ -1,4 +1,4 @@
-"""Routing, slots, event lines, the broker's settings."""
+"""Routing, slots, event lines, the broker's settings and queues."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 from dispatcher.celery.bootsteps import running_revoked, session_slots
 from dispatcher.celery.broker import broker_conf, pool_full
 from dispatcher.celery.names import HEARTBEAT, SESSION_RUN
+from dispatcher.celery.waiting import RedisQueues
 from dispatcher.control.routing import choose_queue
 from dispatcher.logs import event
+from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
 QUEUES = ["dispatcher.sessions", "dispatcher.gpu"]
@@ -71,6 +73,21 @@ def test_redis_is_the_broker_unless_rabbitmq_is_named() -> None:
     assert "worker_disable_prefetch" not in amqp
     assert amqp["broker_transport_options"] == {"confirm_publish": True}
     assert amqp["worker_enable_prefetch_count_reduction"] is False
+
+
+def test_recovery_looks_into_the_queues_of_a_redis_broker_only() -> None:
+    """The key prefix is kombu's (`global_keyprefix`, as `broker_conf` sets it); no connection
+    is made until a queue is read."""
+    fleet = Runtime(settings=Settings(DISPATCHER_REDIS_URL="redis://r:6379/2",
+                                      DISPATCHER_KEY_PREFIX="f1"), app=None)
+    assert isinstance(fleet.waiting, RedisQueues) and fleet.waiting.prefix == "f1:celery:"
+    assert fleet.waiting.redis is fleet.redis
+    other = Runtime(settings=Settings(DISPATCHER_REDIS_URL="redis://r:6379/2",
+                                      DISPATCHER_BROKER_URL="redis://b:6379/0"), app=None)
+    assert isinstance(other.waiting, RedisQueues) and other.waiting.redis is not other.redis
+    amqp = Runtime(settings=Settings(DISPATCHER_REDIS_URL="redis://r:6379/2",
+                                     DISPATCHER_BROKER_URL="amqp://u:p@mq:5672/f1"), app=None)
+    assert amqp.waiting.among("dispatcher.sessions", {"t1"}) is None
 
 
 @pytest.mark.parametrize(("reserved", "pool_size", "full"), [

@@ -337,6 +337,10 @@ def on_registry_reset(lease: Lease | None, e: ev.RegistryReset, c: Ctx) -> Decis
 PULSE_STALE_SECONDS = 8.0
 # A published session task waits in its queue only while the fleet is full or draining.
 DISPATCH_STALE_SECONDS = 30.0
+# A session message gone from its Redis queue and never received: a worker takes it (BRPOP)
+# and notes it (`task_received`) a few ms apart. Seen gone this long and still not received, the
+# worker died in between. A starved worker is slow here, never by seconds.
+MISSING_CONFIRM_SECONDS = 5.0
 # A lease the poller recorded but never published (the poller died in between).
 CLAIM_STALE_SECONDS = 30.0
 # No lease silent for less than this can be stuck.
@@ -353,26 +357,36 @@ class Stuck(StrEnum):
 @dataclass(frozen=True)
 class Delivery:
     """Where a session task's message went, as recorded in Redis on either broker
-    (`lease/deliveries.py`): published once the broker took it, received by a worker."""
+    (`lease/deliveries.py`): published once the broker took it, received by a worker; and on a
+    Redis broker, since when recovery has seen it neither in its queue nor received (None:
+    seen queued, or the broker cannot be looked into)."""
 
     published: bool
     received_at: float | None = None
     received_by: str = ""
+    missing_since: float | None = None
 
 
 def message_lost(delivery: Delivery, now: float) -> bool:
     """Whether a session message dispatched long ago (`Stuck.QUEUED_TOO_LONG`) is lost.
 
-    Never received: it waits in its queue while the fleet is full; lost only if the broker
-    never took it (the publish failed). Received but still not started `DISPATCH_STALE_SECONDS`
-    later: its worker died after taking it (an early-acked message is gone with it), or holds
-    it behind a full pool (RabbitMQ delivers ahead, `celery/amqp.py`); either way a new attempt
-    goes to whichever worker is free, and the old message, if it ever starts, finds its attempt
-    superseded and never starts the sandbox.
+    Never received: it waits in its queue while the fleet is full; lost if the broker never
+    took it (the publish failed), or if it has been missing from its Redis queue for
+    `MISSING_CONFIRM_SECONDS`: a worker took it and died before noting it (kombu's Redis
+    transport pops a message, then records it unacknowledged, then Celery announces it; an
+    unacknowledged one comes back only after kombu's visibility timeout, an hour). RabbitMQ
+    gives a dead consumer's message back to its queue by itself. Received but still not started
+    `DISPATCH_STALE_SECONDS` later: its worker died after taking it (an early-acked message is
+    gone with it), or holds it behind a full pool (RabbitMQ delivers ahead, `celery/amqp.py`).
+    Either way a new attempt goes to whichever worker is free, and the old message, if it ever
+    starts, finds its attempt superseded and never starts the sandbox.
     """
     if delivery.received_at is not None:
         return now - delivery.received_at > DISPATCH_STALE_SECONDS
-    return not delivery.published
+    if not delivery.published:
+        return True
+    return (delivery.missing_since is not None
+            and now - delivery.missing_since > MISSING_CONFIRM_SECONDS)
 
 
 def last_seen(lease: Lease) -> float:
