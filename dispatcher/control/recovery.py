@@ -17,12 +17,16 @@ same on both brokers, and on Redis from the queue itself (`celery/waiting.py`).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import defaultdict
+
+from redis.exceptions import RedisError
 
 from dispatcher.lease import events as ev
 from dispatcher.lease.machine import QUIET_SECONDS, Delivery, Stuck, message_lost, stuck
 from dispatcher.lease.model import Lease
+from dispatcher.logs import event
 from dispatcher.runtime import Runtime
 
 __all__ = ["recover"]
@@ -57,9 +61,20 @@ def _deliveries(runtime: Runtime, queued: list[Lease]) -> dict[str, Delivery]:
     for lease in queued:
         by_queue[lease.queue].append(lease.task_id)
     for queue, task_ids in by_queue.items():
-        waiting = runtime.waiting.among(queue, task_ids)
+        waiting = _among(runtime, queue, task_ids)
         seen.update({t: None if waiting is None else t in waiting for t in task_ids})
     return runtime.deliveries.looked_up(seen)
+
+
+def _among(runtime: Runtime, queue: str, task_ids: list[str]) -> set[str] | None:
+    """A broker that cannot be read now (its own Redis, down) is one that cannot tell: its
+    messages are taken for waiting, and the rest of the tick (silent attempts) goes on."""
+    try:
+        return runtime.waiting.among(queue, task_ids)
+    except RedisError as e:
+        event("queue not read", logging.WARNING, queue=queue, messages=len(task_ids),
+              error=type(e).__name__)
+        return None
 
 
 def _event(lease: Lease, how: Stuck | None, delivery: Delivery | None,

@@ -11,6 +11,7 @@ kombu consumer in a process SIGKILLed as it holds the message, the emulator over
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -194,3 +195,21 @@ def test_a_long_queue_is_read_in_overlapping_pages_from_its_tail(
     asked = {"task-0", "task-6", "task-7", "task-25", "task-39", "task-none"}
     assert runtime.waiting.among(QUEUE, asked) == asked - {"task-none"}
     assert runtime.waiting.among("dispatcher.other", {"task-0"}) == set()
+
+
+def test_a_broker_that_cannot_be_read_holds_up_no_other_recovery(
+        emulator: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker's own Redis is down: its long-queued messages are taken for waiting, said
+    once a tick, and a silent attempt is still restarted in the same tick."""
+    with in_process_runtime(emulator, DISPATCHER_BROKER_URL="redis://127.0.0.1:9/0") as rt:
+        past = time.time() - DISPATCH_STALE_SECONDS - 1
+        (queued,) = held_items(emulator, rt, 1, phase=Phase.DISPATCHED, dispatched_at=past)
+        rt.deliveries.published(f"t-{queued}")
+        (silent,) = held_items(emulator, rt, 1, pulse_at=past)
+        with caplog.at_level(logging.WARNING, logger="dispatcher"):
+            assert recover(rt) == 1
+        assert (_attempt(rt, queued), _attempt(rt, silent)) == (1, 2)
+        assert [r.getMessage() for r in caplog.records
+                if getattr(r, "action", "") == "queue not read"] == [
+            f"queue not read queue={QUEUE} messages=1 error=ConnectionError"]
+        assert rt.redis.hget(rt.registry.keys.delivery(f"t-{queued}"), "missing_at") is None
