@@ -1,5 +1,6 @@
-"""Fleet processes die or leave mid-run: session workers SIGKILLed, a worker drained, the
-control worker and beat killed, two beats and two pollers at once."""
+"""Fleet processes die or leave mid-run: session workers SIGKILLed (one holding a message it had
+not announced), a worker drained, the control worker and beat killed, two beats and two pollers
+at once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.support.chaos import ChaosFleet, Figures
+from tests.support.dying_consumer import take_and_die
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.chaos
@@ -104,4 +106,34 @@ def test_two_beats_and_two_pollers(
     acks = [e for e in log if e.get("endpoint") == "ack" and e.get("work_id") in work_ids]
     assert len(acks) == len(work_ids), "every item acked exactly once"
     assert not [e for e in log if e.get("endpoint") == "heartbeat" and e.get("status") == 412]
+    report(figures)
+
+
+def test_a_session_message_taken_by_a_worker_killed_before_noting_it_still_runs(
+        chaos: Callable[..., ChaosFleet], report: Callable[[Figures], None]) -> None:
+    """A worker is SIGKILLed just after taking a session message off its Redis queue, before
+    announcing it: no receipt, the message in kombu's unacknowledged hash for an hour. Recovery
+    finds it neither queued nor received and starts a new attempt, which a live worker runs.
+    The session is routed to a queue no worker consumes yet, so the dying consumer is the only
+    one to take its first message."""
+    cf = chaos("session message taken by a killed worker", ttl=30)
+    cf.fleet.overrides["DISPATCHER_SESSION_QUEUES"] = "dispatcher.sessions,dispatcher.routed"
+    cf.control()
+    cf.sessions_worker("s1")  # the fleet's slots; it consumes dispatcher.sessions only
+    cf.fleet.wait_slots(4)
+    (work_id,) = cf.create(1, fake_duration=1, queue="dispatcher.routed")
+    wait_for(lambda: cf.fleet.lease(work_id).get("phase") == "dispatched", timeout=30,
+             what="the session dispatched to its queue")
+    task_id = take_and_die(cf.fleet.redis_url, key_prefix=cf.fleet.prefix,
+                           queue="dispatcher.routed")
+    assert task_id == cf.fleet.lease(work_id)["task_id"]
+    cf.fleet.worker("routed", concurrency=2, queues="dispatcher.routed")
+    cf.specs["routed"] = {"kind": "worker", "concurrency": 2, "queues": "dispatcher.routed",
+                          "beat": False}
+    cf.fleet.wait_event(work_id, "started", timeout=90)
+    restarted = cf.log_lines("attempt restarted")
+    assert any(work_id in line and "reason=task_never_started" in line for line in restarted), \
+        restarted
+    figures = cf.finish(timeout=60)
+    assert figures.sessions == 1
     report(figures)

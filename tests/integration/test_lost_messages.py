@@ -12,11 +12,6 @@ kombu consumer in a process SIGKILLed as it holds the message, the emulator over
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +27,7 @@ from dispatcher.lease.executor import SessionTask
 from dispatcher.lease.machine.running import DISPATCH_STALE_SECONDS, MISSING_CONFIRM_SECONDS
 from dispatcher.lease.model import Phase
 from dispatcher.runtime import Runtime
+from tests.support.dying_consumer import take_and_die
 from tests.support.inprocess import held_items, in_process_runtime
 
 pytestmark = pytest.mark.integration
@@ -82,41 +78,6 @@ def _attempt(runtime: Runtime, work_id: str) -> int:
     return lease.attempt
 
 
-# A consumer on kombu's Redis transport, as a worker's: takes one message, keeps it
-# unacknowledged, says so, and waits to be killed.
-CONSUMER = textwrap.dedent("""
-    import sys
-    from kombu import Connection, Queue
-    url, prefix, queue = sys.argv[1:4]
-    with Connection(url, transport_options={"global_keyprefix": prefix}) as conn:
-        def took(body, message):
-            print(message.headers["id"], flush=True)
-            sys.stdin.read()
-        with conn.Consumer(Queue(queue, no_declare=True), callbacks=[took], no_ack=False):
-            conn.drain_events(timeout=30)
-""")
-
-
-def _take_and_die(runtime: Runtime) -> str:
-    """A worker process takes the oldest session message and is SIGKILLed holding it: kombu
-    recorded it unacknowledged, no receipt was written. Returns its task id."""
-    url = runtime.settings.redis_url
-    with subprocess.Popen(
-            [sys.executable, "-c", CONSUMER, url, CeleryKeys(runtime.settings.key_prefix).broker,
-             QUEUE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as consumer:
-        try:
-            assert consumer.stdout is not None
-            task_id = consumer.stdout.readline().strip()
-            assert task_id, "the consumer took a message"
-            unacked = runtime.redis.hlen(CeleryKeys(runtime.settings.key_prefix).broker
-                                         + "unacked")
-            assert unacked == 1, "kombu recorded it unacknowledged"
-        finally:
-            os.kill(consumer.pid, signal.SIGKILL)
-            consumer.wait(timeout=10)
-    return task_id
-
-
 def test_a_message_waiting_in_its_queue_is_never_moved_on(
         emulator: Any, runtime: Runtime) -> None:
     (work_id,) = _dispatched(emulator, runtime, 1)
@@ -150,7 +111,8 @@ def test_a_message_held_unacknowledged_by_a_killed_worker_is_moved_on(
     """Killed after kombu recorded the message unacknowledged, before Celery announced it: it
     would come back only after kombu's visibility timeout, an hour later."""
     ids = _dispatched(emulator, runtime, 2)
-    task_id = _take_and_die(runtime)
+    task_id = take_and_die(runtime.settings.redis_url, key_prefix=runtime.settings.key_prefix,
+                           queue=QUEUE)
     (taken,) = [w for w in ids if f"t-{w}" == task_id]
     assert recover(runtime) == 0
     _backdate_missing(runtime, task_id)

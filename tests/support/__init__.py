@@ -17,6 +17,8 @@
                 (built from `sandbox_image/`)
     chaos       `ChaosFleet`, `Figures`, `RedisServer`, `Watcher`: a fleet under fault injection
     invariants  the promises every chaos scenario is checked against
+    dying_consumer  `take_and_die`: a worker killed holding a session message it took off its
+                Redis queue, before it announced it
     sentinel    `SentinelServer`: a `redis-sentinel` of the test's own
     hosts       `Network`, `Host`, `Link`: fleet members as hosts in network namespaces, links
                 cut, lossy or slow (the partition scenarios)
