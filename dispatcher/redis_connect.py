@@ -23,7 +23,7 @@ These are decisions over settings only; the one effect is `connect`, which build
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from redis import Redis
 from redis.connection import parse_url
@@ -31,7 +31,7 @@ from redis.sentinel import Sentinel
 
 from dispatcher.settings import Settings, sentinel_address, split_redis_credentials
 
-__all__ = ["SENTINEL_TIMEOUT_SECONDS", "beat_conf", "broker_redis_url", "connect",
+__all__ = ["SENTINEL_TIMEOUT_SECONDS", "beat_conf", "broker_redis_url", "connect", "is_redis",
            "result_backend_conf", "sentinel_options"]
 
 # A Sentinel answers a master look-up from memory; one that does not answer within this is
@@ -68,6 +68,11 @@ def sentinel_options(settings: Settings) -> dict[str, Any]:
     if settings.redis_sentinel_password is not None:
         options["password"] = settings.redis_sentinel_password.get_secret_value()
     return options
+
+
+def is_redis(url: str) -> bool:
+    """Whether a broker URL names Redis (kombu's schemes for it), not RabbitMQ."""
+    return urlsplit(url).scheme in ("redis", "rediss", "redis+socket")
 
 
 def broker_redis_url(settings: Settings) -> str:

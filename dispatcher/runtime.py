@@ -12,7 +12,6 @@ from typing import Any
 
 from redis import Redis
 
-from dispatcher.celery.broker import is_redis
 from dispatcher.celery.keys import CeleryKeys
 from dispatcher.celery.names import SESSION_RUN
 from dispatcher.celery.waiting import RedisQueues, Unseen, Waiting
@@ -25,7 +24,7 @@ from dispatcher.lease.machine import Policy
 from dispatcher.lease.registry import LeaseRegistry
 from dispatcher.metrics import Metrics
 from dispatcher.perprocess import PerProcess
-from dispatcher.redis_connect import connect
+from dispatcher.redis_connect import connect, is_redis
 from dispatcher.settings import Environment, Settings, SettingsError, load_settings
 from dispatcher.workapi import WorkClient
 

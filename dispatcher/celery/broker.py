@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery import bootsteps
 from celery.worker import state
@@ -30,7 +29,7 @@ from dispatcher import redis_connect
 from dispatcher.celery.keys import CeleryKeys
 from dispatcher.settings import Settings
 
-__all__ = ["GATE_CHECK_SECONDS", "SessionGate", "broker_conf", "is_redis", "pool_full"]
+__all__ = ["GATE_CHECK_SECONDS", "SessionGate", "broker_conf", "pool_full"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +48,13 @@ AMQP_PREFETCH_COUNT = 1
 AMQP_HEARTBEAT_SECONDS = 10
 
 
-def is_redis(url: str) -> bool:
-    return urlsplit(url).scheme in ("redis", "rediss", "redis+socket")
-
-
 def broker_conf(settings: Settings) -> dict[str, Any]:
     """Celery settings of the broker `settings` names (`DISPATCHER_BROKER_URL`, else Redis)."""
     if settings.broker_url is None:
         # The fleet's own Redis, through its Sentinels when they are set.
         return _redis_conf(redis_connect.broker_redis_url(settings), settings,
                            redis_connect.broker_transport_options(settings))
-    if is_redis(settings.broker_url):
+    if redis_connect.is_redis(settings.broker_url):
         return _redis_conf(settings.broker_url, settings, {})
     return {
         "broker_url": settings.broker_url,
