@@ -55,16 +55,10 @@ POLL_BLOCK_MS = 999  # the API caps block_ms at 999
 # more than the free slots either (`_room`); 16 covers a poll's round trip over a claim's
 # several at the Work API's latency, and bounds the threads and connections one run holds.
 CLAIMS_IN_FLIGHT = 16
-# Non-blocking polls a run keeps outstanding side by side after a poll answered an item (a
-# burst's first), each sent again as soon as its answer is taken: one item a round trip made a
-# burst of 100 arrive over 100 polls' time (p99 twice the p50). Rounds of eight, each waiting
-# for its slowest poll and then for the loop's lock renewal and slot reads, still spread a burst
-# of 100 created in 0.35 s over 0.85 s of polls; kept going, eight polls answer at the rate the
-# server does. Within the claims a run may have in flight.
+# Non-blocking polls a run sends side by side after a poll answered an item (a burst's first):
+# one item a round trip made a burst of 100 arrive over 100 polls' time (p99 twice the p50);
+# eight cut that ramp eightfold and keep within the claims a run may have in flight.
 POLLS_IN_FLIGHT = 8
-# A side-by-side round polls on for at most this long: then the run's loop renews its lock
-# (POLL_LOCK_SECONDS), heeds a stop or a pause, and reads the free slots afresh.
-SIDE_BY_SIDE_SECONDS = 1.0
 # A lone item's next long poll waits for the item's ack to be answered, at most this long. The
 # session waits on that answer (it starts once its lease is proven), and a poll that reaches the
 # server beside the ack delays it: a single-process server (the emulator) answered our acks
@@ -207,15 +201,13 @@ def _release(lock: Lock) -> None:
 class _InFlight:
     """The claims one poller run has handed to its threads and not yet seen end: the poll loop
     goes on polling while they ack, record and publish, so a burst is claimed at the rate the
-    server answers polls, not one item per round trip of the whole claim. Side-by-side polls
-    (`_poll_side_by_side`) start and reap claims from their own threads, under `lock`."""
+    server answers polls, not one item per round trip of the whole claim."""
 
     def __init__(self, pool: ThreadPoolExecutor, polls: ThreadPoolExecutor) -> None:
         self.pool = pool
         self.polls = polls  # the side-by-side polls of a burst (`_poll_side_by_side`)
         self.claims: dict[Future[bool], str] = {}  # each claim's work id
         self.claimed = 0
-        self.lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.claims)
@@ -398,87 +390,32 @@ def was_waiting(item: Work | None, *, answered_in: float, round_trip: float | No
 
 def _poll_side_by_side(runtime: Runtime, environment: str, inflight: _InFlight, *,
                        reclaim_older_than_ms: int | None) -> bool:
-    """A poll answered an item, so more may wait: poll without blocking, up to `POLLS_IN_FLIGHT`
-    side by side, each poll sent again as soon as its answer is taken, while the queue answers
-    items and there is room (`_Round`): each item answered becomes a claim. For at most
-    `SIDE_BY_SIDE_SECONDS`: the loop then renews its lock, heeds a pause or a stop, and polls
-    again. A failure ends every poll here and is left to the loop's next poll, which meets it
-    with its backoff. True if an answer was empty: the queue held no more (a drain ends there)."""
-    with inflight.lock:
-        inflight.reap()
-        budget = _allowance(runtime, environment) - len(inflight)
-    side = _Round(runtime, environment, inflight, budget=budget,
-                  reclaim_older_than_ms=reclaim_older_than_ms)
-    for _ in inflight.polls.map(side.poll_on, range(POLLS_IN_FLIGHT)):
-        pass
-    return side.emptied.is_set()
+    """A poll answered an item, so more may wait: poll without blocking, as many side by side as
+    the room allows; each item answered becomes a claim. One round: the loop then renews its
+    lock, heeds a pause or a stop, and polls again, which answers at once while the queue holds
+    work (and this round follows), or waits as a long poll once it is empty. A failure is left
+    to the loop's next poll, which meets it with its backoff. True if an answer was empty: the
+    queue held no more (a drain ends there)."""
+    client = runtime.client(environment_id=environment, max_retries=0)
 
-
-class _Round:
-    """One side-by-side round. Its room: the free slots it started with (`budget`, less the
-    claims then in flight), less each claim it started, and at most `CLAIMS_IN_FLIGHT` claims
-    in flight, each poll outstanding counted as a claim: never more than the free slots."""
-
-    def __init__(self, runtime: Runtime, environment: str, inflight: _InFlight, *,
-                 budget: int, reclaim_older_than_ms: int | None) -> None:
-        self.runtime = runtime
-        self.environment = environment
-        self.inflight = inflight
-        self.client = runtime.client(environment_id=environment, max_retries=0)
-        self.reclaim_older_than_ms = reclaim_older_than_ms
-        self.budget = budget
-        self.started = 0  # claims this round started
-        self.polling = 0  # its polls outstanding
-        self.until = time.monotonic() + SIDE_BY_SIDE_SECONDS
-        self.emptied = threading.Event()
-        self.halted = threading.Event()  # a failure: every poll of the round ends
-
-    def poll_on(self, _: int) -> None:
-        """One of the round's side-by-side polls, sent again after each answer."""
+    def one(_: int) -> Work | Exception | None:
         try:
-            while not self._over() and self._reserve():
-                try:
-                    answer = self.client.poll(block_ms=None,
-                                              reclaim_older_than_ms=self.reclaim_older_than_ms)
-                except (InvalidWorkItem, WorkAPIError) as exc:
-                    self._take(None)
-                    self._failed(exc)
-                    continue
-                self._take(answer)
-                if answer is None:
-                    self.emptied.set()
-        except BaseException:
-            self.halted.set()
-            raise
+            return client.poll(block_ms=None, reclaim_older_than_ms=reclaim_older_than_ms)
+        except (InvalidWorkItem, WorkAPIError) as exc:
+            return exc
 
-    def _over(self) -> bool:
-        return (self.emptied.is_set() or self.halted.is_set()
-                or time.monotonic() >= self.until)
-
-    def _reserve(self) -> bool:
-        with self.inflight.lock:
-            self.inflight.reap()
-            room = min(CLAIMS_IN_FLIGHT - len(self.inflight), self.budget - self.started)
-            if room - self.polling <= 0:
-                return False
-            self.polling += 1
-            return True
-
-    def _take(self, answer: Work | None) -> None:
-        with self.inflight.lock:
-            self.polling -= 1
-            if answer is not None and not self.inflight.holds(answer.id):
-                self.inflight.start(self.runtime, answer, StartPath("claim", first="polled"))
-                self.started += 1
-
-    def _failed(self, exc: InvalidWorkItem | WorkAPIError) -> None:
-        if isinstance(exc, InvalidWorkItem):
-            self.runtime.executor.run(None, ev.Unreadable(exc.work_id, str(exc),
-                                                          self.environment))
-            return
-        self.runtime.pacing.note(self.environment, status=exc.status,
-                                 retry_after=exc.retry_after, source="poll")
-        self.halted.set()
+    emptied = False
+    for answer in inflight.polls.map(one, range(min(POLLS_IN_FLIGHT,
+                                                    _room(runtime, environment, inflight)))):
+        emptied = emptied or answer is None
+        if isinstance(answer, Work) and not inflight.holds(answer.id):
+            inflight.start(runtime, answer, StartPath("claim", first="polled"))
+        elif isinstance(answer, InvalidWorkItem):
+            runtime.executor.run(None, ev.Unreadable(answer.work_id, str(answer), environment))
+        elif isinstance(answer, WorkAPIError):
+            runtime.pacing.note(environment, status=answer.status,
+                                retry_after=answer.retry_after, source="poll")
+    return emptied
 
 
 def _still_ours(lock: Lock, environment: str) -> bool:
