@@ -44,9 +44,9 @@ def recover(runtime: Runtime) -> int:
     deliveries = _deliveries(runtime, [lease for lease, how in judged
                                        if how == Stuck.QUEUED_TOO_LONG])
     for lease, how in judged:
-        event = _event(lease, how, deliveries.get(lease.task_id), runtime.deliveries.clock.now())
-        if event is not None:
-            runtime.executor.run(lease, event)
+        move = _event(lease, how, deliveries.get(lease.task_id), runtime.deliveries.clock.now())
+        if move is not None:
+            runtime.executor.run(lease, move)
             acted += 1
     return acted
 
