@@ -96,8 +96,9 @@ def test_a_worker_takes_its_sandboxes_core_limit_which_they_inherit() -> None:
         assert argv[1:] == ["--nofile=123", "--", "sh", "-c", "ulimit -Hc; ulimit -n"], argv
         print(subprocess.run(argv, capture_output=True, text=True).stdout.split())
     """)
-    if shutil.which("prlimit") is None:
-        pytest.skip("util-linux prlimit not installed")
+    # The process runtime needs prlimit (util-linux, on every Debian) to confine a session: a
+    # machine without it fails here, as its workers would at start.
+    assert shutil.which("prlimit") is not None, "util-linux prlimit is not installed"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['0', '123']", "core inherited, nofile set by prlimit"
