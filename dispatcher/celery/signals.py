@@ -100,7 +100,8 @@ def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
                               work_id=work_id)
         written_at = time.monotonic()
     except RedisError as exc:
-        # Recovery then takes the message for queued until it starts: nothing runs twice.
+        # Nothing runs twice: the task starts as usual; if it does not, recovery finds the
+        # message neither queued nor received and moves the session to a new attempt.
         event("receipt not recorded", level=logging.ERROR, task_id=request.id, error=str(exc))
     received(request.id, at=at, written_at=written_at, reads=reads)
 

@@ -43,8 +43,9 @@ def recover(runtime: Runtime) -> int:
               for lease in runtime.registry.silent_since(now - QUIET_SECONDS)]
     deliveries = _deliveries(runtime, [lease for lease, how in judged
                                        if how == Stuck.QUEUED_TOO_LONG])
+    read_at = runtime.deliveries.clock.now()  # the clock the delivery records were written with
     for lease, how in judged:
-        move = _event(lease, how, deliveries.get(lease.task_id), runtime.deliveries.clock.now())
+        move = _event(lease, how, deliveries.get(lease.task_id), read_at)
         if move is not None:
             runtime.executor.run(lease, move)
             acted += 1

@@ -59,9 +59,10 @@ class Deliveries:
 
     def looked_up(self, queued: Mapping[str, bool | None]) -> dict[str, Delivery]:
         """The records of `queued`'s task ids, each told whether its message was just seen in
-        its queue (None: the broker cannot be looked into). A published message seen neither
-        queued nor received is marked missing from now, unless it already was; one seen queued
-        is not missing. Read after the queue was, so a receipt written meanwhile counts."""
+        its queue (None: the broker cannot be looked into), noting since when one has been
+        absent from it (`missing_at`: set at the first look that misses it, gone at one that
+        finds it). What that means is the machine's (`message_lost`). Read after the queue
+        was, so a receipt written meanwhile counts."""
         ids = list(queued)
         pipe = self.redis.pipeline(transaction=False)
         for task_id in ids:
@@ -69,15 +70,13 @@ class Deliveries:
         records: list[dict[str, str]] = pipe.execute()
         now = self.clock.now()
         for task_id, record in zip(ids, records, strict=True):
-            key = self.keys.delivery(task_id)
-            seen = queued[task_id]
-            if seen is None or "received_at" in record or "published_at" not in record:
-                continue
+            key, seen = self.keys.delivery(task_id), queued[task_id]
             if seen and "missing_at" in record:
                 pipe.hdel(key, "missing_at")
                 del record["missing_at"]
-            elif not seen and "missing_at" not in record:
+            elif seen is False and "missing_at" not in record:
                 pipe.hset(key, "missing_at", now)
+                pipe.expire(key, DELIVERY_TTL_SECONDS)
                 record["missing_at"] = str(now)
         pipe.execute()
         return {task_id: _delivery(record) for task_id, record in zip(ids, records, strict=True)}
