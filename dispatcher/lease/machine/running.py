@@ -358,8 +358,8 @@ class Stuck(StrEnum):
 class Delivery:
     """Where a session task's message went, as recorded in Redis on either broker
     (`lease/deliveries.py`): published once the broker took it, received by a worker; and on a
-    Redis broker, since when recovery has seen it neither in its queue nor received (None:
-    seen queued, or the broker cannot be looked into)."""
+    Redis broker, since when recovery has not found it in its queue (None: found there, or the
+    broker cannot be looked into)."""
 
     published: bool
     received_at: float | None = None
