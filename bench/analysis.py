@@ -198,15 +198,19 @@ def findings(results: dict[str, Any]) -> list[str]:
             "**Memory.** "
             f"On the threads pool a running session adds "
             f"{mt['per_session_kb'] / 1024:.2f} MB to the worker (a thread and its supervisor "
-            f"state), plus its share of our guardian (one `python -S` per worker process that "
-            "ends a dead worker's sandboxes, dispatcher/session/guardian.py): "
+            f"state), plus its share of our guardian (one `python -S` per session worker, "
+            "shared by its pool's processes, that ends a dead worker process's sandboxes, "
+            "dispatcher/session/guardian.py): "
             f"{mt['launcher_per_session_kb'] / 1024:.2f} MB RSS, "
             f"{mt['launcher_pss_per_session_kb'] / 1024:.2f} MB PSS. Counting it, a session costs "
             f"{(mt['per_session_kb'] + mt['launcher_per_session_kb']) / 1024:.1f} MB RSS"
             + (", **over the 10 MB target**" if mt['per_session_kb'] +
                mt['launcher_per_session_kb'] >= 10240 else ", under the 10 MB target")
             + ". "
-            f"On the prefork pool each slot is a whole forked interpreter: "
+            "On the prefork pool the pool's children share the main process's guardian: "
+            f"{mp['launcher_per_session_kb'] / 1024:.2f} MB RSS "
+            f"({mp['launcher_pss_per_session_kb'] / 1024:.2f} MB PSS) per session; but each slot "
+            "is a whole forked interpreter: "
             f"{mp['per_slot_kb'] / 1024:.0f} MB RSS ({mp['per_slot_pss_kb'] / 1024:.0f} MB "
             "PSS) per slot, paid whether the slot runs a session or not, so the marginal figure "
             "is small and the per-slot figure is what to plan for. The peer is one interpreter "
@@ -242,7 +246,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         "stop bridge and recovery read every lease every second: see Heartbeat capacity.",
         "4. **A launcher per session doubled the process count (fixed since)** and was most "
         "of a session's memory on the threads pool; one guardian per worker process replaced "
-        "it: see Memory.",
+        "it, and then one per worker, shared by a prefork pool's children: see Memory.",
         "5. Not the dispatcher, but the emulator (fixed since): redis-py 8's asyncio pool "
         "allows 100 connections, so about 100 concurrent requests (long polls hold one each) "
         "exhausted it and the emulator closed connections without an answer "

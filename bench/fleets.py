@@ -28,7 +28,7 @@ from dispatcher.ops.stack import BIN, FAKE_SESSION, LocalStack
 __all__ = ["KEY_PREFIXES", "Fleet", "Ours", "Peer"]
 
 SANDBOX_MARK = "fake_session.py"
-# One per session-worker process (dispatcher/session/guardian.py): what watches the sandboxes.
+# One per session worker (dispatcher/session/guardian.py): what watches the sandboxes.
 WATCHDOG_MARK = "guardian.py"
 PEER_MARK = "bench.peer"
 REPO = Path(__file__).resolve().parent.parent

@@ -53,6 +53,10 @@ def _mb(kb: float | None) -> str:
     return NA if kb is None else f"{kb / 1024:.1f} MB"
 
 
+# What a session's watchdog may cost it: a thousand sessions' watchdogs within 2 GB.
+WATCHDOG_TARGET_KB = 2048
+
+
 def _target(ok: bool | None) -> str:
     return "" if ok is None else ("met" if ok else "**missed**")
 
@@ -143,7 +147,9 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
                      if pool == "threads" else ""))
         rows.append((f"  + our guardian's share per session, {pool} (RSS / PSS)",
                      f"{_mb(m['launcher_per_session_kb'])} / "
-                     f"{_mb(m['launcher_pss_per_session_kb'])}", "none", "", ""))
+                     f"{_mb(m['launcher_pss_per_session_kb'])}", "none", "",
+                     f"< {_mb(WATCHDOG_TARGET_KB)} RSS: "
+                     + _target(m["launcher_per_session_kb"] < WATCHDOG_TARGET_KB)))
         rows.append((f"memory per slot, {pool} (worker RSS / PSS at {m['k']} sessions / slots)",
                      f"{_mb(m['per_slot_kb'])} / {_mb(m['per_slot_pss_kb'])}",
                      NA if pm is None else

@@ -1,7 +1,8 @@
 """The worker's signal handlers: what a Celery worker of the fleet does at its turning points.
 
 - At start (`worker_init`): refuse to run without what a worker needs (one clear line, exit);
-  once logging is up (`worker_ready`), a session worker says how its sandboxes are confined.
+  a session worker starts its sandboxes' guardian before its pool forks, and once logging is
+  up (`worker_ready`) says how its sandboxes are confined.
 - On SIGTERM (`worker_shutting_down`): mark itself draining, so the poller stops counting its
   slots and its running sessions hand over to new attempts elsewhere within the grace period.
 - When a session task's message arrives (`task_received`): the time, for its `start path` line;
@@ -35,7 +36,12 @@ from dispatcher.control.bridge import on_task_revoked
 from dispatcher.logs import event
 from dispatcher.runtime import get_runtime
 from dispatcher.session.receipts import received, write_receipt
-from dispatcher.session.runtimes import adopt_sandbox_limits, check_sandbox, sandbox_lines
+from dispatcher.session.runtimes import (
+    adopt_sandbox_limits,
+    check_sandbox,
+    sandbox_lines,
+    start_guardian,
+)
 from dispatcher.session.sandbox import CommandError, EngineError
 from dispatcher.settings import SettingsError
 
@@ -55,6 +61,7 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         if consumes_sessions(sender, runtime.settings.session_queues):
             check_sandbox(runtime.settings)  # control-only hosts run no sandbox
             adopt_sandbox_limits(runtime.settings)
+            start_guardian(runtime.settings)
             _START_LINES.extend(sandbox_lines(runtime.settings))
         runtime.redis.ping()
     except (SettingsError, CommandError, EngineError) as exc:
@@ -63,6 +70,8 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         raise SystemExit(
             f"dispatcher: Redis at DISPATCHER_REDIS_URL does not answer: {exc}"
         ) from None
+    except OSError as exc:  # after RedisError: no redis-py error is an OSError
+        raise SystemExit(f"dispatcher: the sandboxes' guardian could not start: {exc}") from None
 
 
 @worker_ready.connect

@@ -1,53 +1,95 @@
-"""The process runtime's watchdog: `python -S guardian.py`, one per session-worker process.
+"""The process runtime's watchdog: `python -S guardian.py LISTENER_FD`, one per session worker.
 
 It exists for one case Celery cannot cover: a worker killed with SIGKILL. Celery's pool children
-die with their parent, but a subprocess of a task is orphaned and runs on (celery#1106). The
-worker starts its sandboxes itself, each leading a new process group, and tells its guardian
-on a pipe which groups are alive: `+PGID` when one starts, `-PGID` before the worker reaps its
-leader. The worker holds the pipe's only write end, so the guardian reads end-of-file exactly
-when the worker is gone, however it died; it then ends every group still listed: SIGTERM first,
-so a spawn script's trap can clean up (stop its container, say), then SIGKILL after a short
-grace, grandchildren included.
+die with their parent, but a subprocess of a task is orphaned and runs on (celery#1106). A
+worker process starts its sandboxes itself, each leading a new process group, and tells the
+guardian on a connection of its own which groups are alive: `+PGID` when one starts, `-PGID`
+before it reaps the leader. Only that process holds its connection, so the guardian reads
+end-of-file on it exactly when the process is gone, however it died; it then ends every group
+that connection still lists: SIGTERM first, so a spawn script's trap can clean up (stop its
+container, say), then SIGKILL after a short grace, grandchildren included.
 
-Why one guardian per worker process and not one watchdog per session. A session's watchdog was
-a `python -S` launcher leading its group and waiting on the command: 9 MB RSS (3.3 MB PSS) per
-session, 9 GB for a thousand. The other ways to keep a per-session process cost a compiler on
-every host (a small C program) or still leave the group unguarded (a parent-death signal set
-before exec, through `setpriv --pdeathsig` or a `preexec_fn`, reaches the leader only, not its
-children, and fires when the *thread* that forked it ends). End-of-file on a pipe needs neither
-pidfds nor prctl, works under every pool (a prefork child starts its own guardian), and costs
-one interpreter per worker process, shared by all its sessions.
+One guardian serves every process of a worker. The first connection is the starter's (stdin, a
+socketpair end); the others reach the listening socket (`LISTENER_FD`, bound to an abstract
+address the worker's processes inherit): a prefork pool's children, forked after the main
+process started the guardian, each connect once. A process that dies has its own groups ended
+while the others' run on, on a deadline of their own, so ten children dying at once are all
+ended within one grace. A connection from another user is closed unheard: only the worker's own
+user may name groups to end. Each accepted connection is answered one byte, `!`, so a process
+that connected while the guardian was exiting knows it was not heard (and starts its own). The
+guardian exits once no connection is left and every group it was ending is gone.
+
+Why one guardian per worker and not one watchdog per session. A session's watchdog was a
+`python -S` launcher leading its group and waiting on the command: 9 MB RSS (3.3 MB PSS) per
+session, 9 GB for a thousand; and one guardian per prefork child still cost a whole interpreter
+per slot. The other ways to keep a per-session process cost a compiler on every host (a small C
+program) or still leave the group unguarded (a parent-death signal set before exec, through
+`setpriv --pdeathsig` or a `preexec_fn`, reaches the leader only, not its children, and fires
+when the *thread* that forked it ends). End-of-file on a connection needs neither pidfds nor
+prctl, and works under every pool.
 
 What it does not cover: the moment between a sandbox's spawn returning and its `+PGID` line (a
 few lines of the worker's code). A worker SIGKILLed exactly there leaves that one sandbox
 running unguarded until it exits by itself; recovery still starts the session's next attempt.
-Standard library only, run with -S: no site packages to import, so its start costs a few
-milliseconds once per worker process.
+Standard library only, C modules where the Python wrapper would import more (`socket` and
+`signal` import enum, a quarter of the interpreter's start-up), run with -S: its start costs a
+few milliseconds once per worker.
 """
 
-# The C module, not `signal`: that one imports enum, a quarter of the interpreter's start-up.
+# The C modules, not `socket` and `signal`: those import enum.
 import _signal as signal  # type: ignore[import-not-found]  # no stub; same API as `signal`
+import _socket  # the C half of `socket`
 import contextlib
 import os
+import select
+import sys
 import time
 
-# Between SIGTERM and SIGKILL when the worker died. Recovery starts the session's next attempt
-# after 5 s without pulses; the old sandbox must be gone well before that, so two runners of one
-# session never overlap. A trap that needs longer is cut short.
+# Between SIGTERM and SIGKILL when a worker process died. Recovery starts the session's next
+# attempt after 8 s without pulses; the old sandbox must be gone well before that, so two
+# runners of one session never overlap. A trap that needs longer is cut short.
 PARENT_DEATH_GRACE_SECONDS = 2.0
 GRACE_POLL_SECONDS = 0.05
 READ_BYTES = 4096  # a line is at most 12 bytes; one read takes many
+HEARD = b"!"  # the answer to a connection the guardian accepted and will watch
+UCRED_BYTES = 12  # struct ucred: pid, uid, gid, 32 bits each
 
 
-def watched_groups() -> set[int]:
-    """Follow the worker's `+PGID` / `-PGID` lines until end-of-file; the groups still alive."""
-    groups: set[int] = set()
-    pending = b""
-    while chunk := os.read(0, READ_BYTES):
-        *lines, pending = (pending + chunk).split(b"\n")
+class Link:
+    """One worker process's connection: the groups it says are alive."""
+
+    __slots__ = ("conn", "groups", "pending")
+
+    def __init__(self, conn: _socket.socket) -> None:
+        self.conn = conn
+        self.groups: set[int] = set()
+        self.pending = b""
+
+    def take(self, chunk: bytes) -> None:
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
         for line in lines:
-            apply_line(groups, line)
-    return groups
+            apply_line(self.groups, line)
+
+
+class Ending:
+    """A dead process's groups: told SIGTERM, SIGKILLed once their leaders exit or at the
+    deadline, whichever first."""
+
+    __slots__ = ("deadline", "groups")
+
+    def __init__(self, groups: set[int], now: float) -> None:
+        self.groups = groups
+        self.deadline = now + PARENT_DEATH_GRACE_SECONDS
+        for group in groups:
+            _signal_group(group, signal.SIGTERM)
+
+    def finish_if_due(self, now: float) -> bool:
+        """True once the groups were SIGKILLed (grandchildren that outlived a leader too)."""
+        if now < self.deadline and any(map(_leader_running, self.groups)):
+            return False
+        for group in self.groups:
+            _signal_group(group, signal.SIGKILL)
+        return True
 
 
 def apply_line(groups: set[int], line: bytes) -> None:
@@ -57,15 +99,64 @@ def apply_line(groups: set[int], line: bytes) -> None:
         groups.discard(int(line[1:]))
 
 
-def end_groups(groups: set[int]) -> None:
-    """The worker died: SIGTERM each group, a grace while any leader still runs, SIGKILL."""
-    for group in groups:
-        _signal_group(group, signal.SIGTERM)
-    deadline = time.monotonic() + PARENT_DEATH_GRACE_SECONDS
-    while any(map(_leader_running, groups)) and time.monotonic() < deadline:
-        time.sleep(GRACE_POLL_SECONDS)
-    for group in groups:
-        _signal_group(group, signal.SIGKILL)
+def serve(first: _socket.socket, listener: _socket.socket) -> None:
+    """Watch the starter's connection and every one accepted, until none is left."""
+    poller = select.poll()
+    links: dict[int, Link] = {}
+    endings: list[Ending] = []
+
+    def admit(conn: _socket.socket) -> None:
+        try:
+            conn.sendall(HEARD)
+        except OSError:  # gone already: nothing to watch
+            conn.close()
+            return
+        links[conn.fileno()] = Link(conn)
+        poller.register(conn.fileno(), select.POLLIN)
+
+    admit(first)
+    poller.register(listener.fileno(), select.POLLIN)
+    while links or endings:
+        timeout_ms = int(GRACE_POLL_SECONDS * 1000) if endings else None
+        for fd, _ in poller.poll(timeout_ms):
+            if fd == listener.fileno():
+                conn = _accept(listener)
+                if conn is not None:
+                    admit(conn)
+                continue
+            link = links[fd]
+            try:
+                chunk = link.conn.recv(READ_BYTES)
+            except OSError:
+                chunk = b""  # reset: as dead as end-of-file
+            if chunk:
+                link.take(chunk)
+                continue
+            poller.unregister(fd)
+            del links[fd]
+            link.conn.close()
+            if link.groups:
+                endings.append(Ending(link.groups, time.monotonic()))
+        now = time.monotonic()
+        endings = [e for e in endings if not e.finish_if_due(now)]
+    listener.close()  # a connection still in its backlog is reset: that process starts its own
+
+
+def _accept(listener: _socket.socket) -> "_socket.socket | None":
+    """A connection from this guardian's own user; None for anyone else's (closed unheard)."""
+    try:
+        fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C accept: (fd, address)
+    except OSError:
+        return None
+    conn = _socket.socket(fileno=fd)
+    try:
+        cred = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, UCRED_BYTES)
+    except OSError:
+        cred = b""
+    if len(cred) != UCRED_BYTES or int.from_bytes(cred[4:8], sys.byteorder) != os.getuid():
+        conn.close()
+        return None
+    return conn
 
 
 def _signal_group(group: int, signum: int) -> None:
@@ -85,7 +176,7 @@ def _leader_running(group: int) -> bool:
 
 
 def main() -> None:
-    end_groups(watched_groups())
+    serve(_socket.socket(fileno=0), _socket.socket(fileno=int(sys.argv[1])))
 
 
 if __name__ == "__main__":

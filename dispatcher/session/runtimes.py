@@ -26,6 +26,7 @@ from dispatcher.session.confine import (
     can_switch_to,
     confinement_of,
 )
+from dispatcher.session.guardian_link import GUARDIAN
 from dispatcher.session.output import LiveOutput
 from dispatcher.session.runner_detect import lease_mode_problem, program_texts
 from dispatcher.session.sandbox import Sandbox, SandboxSpec, SandboxStartError, resolve_command
@@ -153,6 +154,14 @@ def adopt_sandbox_limits(settings: Settings) -> None:
     (`confine.py`)."""
     if settings.sandbox_runtime == SandboxRuntimeKind.PROCESS:
         adopt_core_limit(confinement_of(settings.process_user, settings.process_rlimits))
+
+
+def start_guardian(settings: Settings) -> None:
+    """At a session worker's start, before its pool forks: one guardian for the worker's main
+    process and every pool child forked later (`guardian_link.py`), not one per child.
+    OSError when it cannot start."""
+    if settings.sandbox_runtime == SandboxRuntimeKind.PROCESS:
+        GUARDIAN.start()
 
 
 def sandbox_lines(settings: Settings) -> list[tuple[str, dict[str, object]]]:

@@ -12,13 +12,13 @@ user: the sandbox can read `/proc/<worker pid>/environ`. Run sandboxes as anothe
 (`DISPATCHER_PROCESS_USER`, `confine.py`) or in containers (`DISPATCHER_SANDBOX_RUNTIME=docker`).
 
 The worker spawns the command itself, no process in between: per session, nothing but the
-sandbox's own processes. One guardian per worker process (`guardian.py`) ends the groups of a
-worker that died; see there why it is one per worker and not one per session.
+sandbox's own processes. One guardian per worker (`guardian.py`, reached through
+`guardian_link.py`) ends the groups of a worker process that died; see there why it is one per
+worker and not one per session.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import select
@@ -26,23 +26,24 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from dispatcher.session.cgroups import CgroupError, SessionCgroup, admit, gate_argv
 from dispatcher.session.confine import Confinement, confined_argv, popen_options
+from dispatcher.session.guardian_link import GUARDIAN, Guardian
 from dispatcher.session.infra import Blame, spawn_blame
 from dispatcher.session.output import LiveOutput, pump
 
 __all__ = [
     "EXIT_UNKNOWN",
+    "GUARDIAN",
     "CommandError",
     "EngineError",
+    "Guardian",
     "Sandbox",
     "SandboxInfraError",
     "SandboxSpec",
@@ -51,7 +52,6 @@ __all__ = [
     "resolve_command",
 ]
 
-GUARDIAN_SCRIPT = Path(__file__).with_name("guardian.py")
 # Never handed to a sandbox, even when an operator allow-lists it by mistake: the organisation
 # key, and the Redis URL, whose holder reads every work item's secret from the registry.
 NEVER_PASSED = frozenset({"ANTHROPIC_API_KEY", "DISPATCHER_REDIS_URL"})
@@ -329,81 +329,6 @@ class Sandbox:
         return True
 
 
-class Guardian:
-    """This process's guardian (`guardian.py`) and the pipe that tells it the live groups.
-
-    Started at the first sandbox of a process, so a prefork child gets its own: a child forked
-    after its parent started one closes the inherited write end (`_forget_after_fork`), or the
-    parent's guardian would never see end-of-file while the child lives. A guardian that died
-    (killed from outside) is started again and told every group still alive.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._groups: set[int] = set()
-
-    def watch(self, pgid: int) -> None:
-        """OSError when no guardian can be started (fork failing for lack of resources)."""
-        with self._lock:
-            self._groups.add(pgid)
-            try:
-                self._send(b"+%d\n" % pgid)
-            except OSError:
-                self._groups.discard(pgid)
-                raise
-
-    def forget(self, pgid: int) -> None:
-        """Before the leader is reaped: afterwards its pid (the group id) may be reused."""
-        with self._lock:
-            self._groups.discard(pgid)
-            self._send(b"-%d\n" % pgid)
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    def _send(self, line: bytes) -> None:
-        if self._process is not None and self._process.poll() is None:
-            try:
-                os.write(self._pipe(), line)  # at most PIPE_BUF bytes: one atomic write
-                return
-            except BrokenPipeError:
-                pass  # it died between the poll and the write
-        self._restart()
-
-    def _pipe(self) -> int:
-        assert self._process is not None and self._process.stdin is not None
-        return self._process.stdin.fileno()
-
-    def _restart(self) -> None:
-        """A new guardian, told every group alive (the line that failed is in `_groups`)."""
-        if self._process is not None:
-            _close_quietly(self._process)
-        self._process = subprocess.Popen(
-            [sys.executable, "-S", str(GUARDIAN_SCRIPT)], stdin=subprocess.PIPE, env={},
-            start_new_session=True, close_fds=True)
-        os.write(self._pipe(), b"".join(b"+%d\n" % pgid for pgid in self._groups))
-
-    def _forget_after_fork(self) -> None:
-        """In a forked child: the parent's guardian and groups are the parent's. The write end
-        is closed through its file object, so no later collection closes its number again
-        (by then another file's)."""
-        process, self._process = self._process, None
-        self._groups = set()
-        self._lock = threading.Lock()
-        if process is not None and process.stdin is not None:
-            with contextlib.suppress(OSError):
-                process.stdin.close()
-
-    def close(self) -> None:
-        """At this process's exit: end-of-file tells the guardian to end what is left, if any."""
-        with self._lock:
-            if self._process is not None:
-                _close_quietly(self._process)
-                self._process = None
-
-
 def _abandon(process: subprocess.Popen[bytes]) -> None:
     """A sandbox that must not run: its group killed, its leader reaped."""
     with contextlib.suppress(ProcessLookupError):
@@ -421,12 +346,6 @@ def _enter(process: subprocess.Popen[bytes], cgroup: SessionCgroup) -> None:
         _abandon(process)
         raise SandboxStartError(f"the sandbox could not enter its cgroup {cgroup.path}: "
                                 f"{exc}") from None
-
-
-def _close_quietly(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(OSError):
-        process.stdin.close()  # type: ignore[union-attr]  # always a pipe
-    process.poll()  # reaps it if it already exited
 
 
 def _spawn(argv: list[str], env: dict[str, str], confinement: Confinement, *,
@@ -482,6 +401,3 @@ def _remove_secret(directory: str | None) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-GUARDIAN = Guardian()
-atexit.register(GUARDIAN.close)
-os.register_at_fork(after_in_child=GUARDIAN._forget_after_fork)

@@ -8,7 +8,9 @@ runs: Celery's banner, our `worker ready` line and advertisement, and the proces
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -79,12 +81,17 @@ def test_the_worker_runs_the_pool_the_command_line_names(
                                    Capacity(fleet.redis, prefix=fleet.prefix).workers()},
                           timeout=10, what="the advertisement")
     assert advertised == {fleet.hostname("w1"): expected}
-    # A prefork pool is child processes of the worker; a threads pool has none.
+    # A prefork pool is child processes of the worker; a threads pool has none. Either has one
+    # more child: the sandboxes' guardian.
+    def pool_children() -> list[int]:
+        return [pid for pid in _children(process.pid) if not _is_guardian(pid)]
+
+    assert len(_children(process.pid)) - len(pool_children()) == 1, "one guardian"
     if expected == "prefork":
-        wait_for(lambda: len(_children(process.pid)) == CONCURRENCY, timeout=10,
+        wait_for(lambda: len(pool_children()) == CONCURRENCY, timeout=10,
                  what="the pool's child processes")
     else:
-        assert _children(process.pid) == []
+        assert pool_children() == []
 
 
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
@@ -105,3 +112,39 @@ def test_a_session_runs_where_its_pool_runs_tasks(fleet: Fleet, pool: str) -> No
     else:
         assert runner == worker.pid
     fleet.wait_stopped([work_id], timeout=30)
+
+
+def test_a_prefork_worker_has_one_guardian_for_all_its_children(fleet: Fleet) -> None:
+    """One guardian per worker, not one per slot: the main process starts it before its pool
+    forks, and each child's sandboxes go to it. SIGKILL of the whole worker, children and all,
+    still ends every sandbox."""
+    fleet.worker("control", concurrency=4, queues="dispatcher.control", beat=True)
+    worker = fleet.worker("s1", pool="prefork", concurrency=CONCURRENCY,
+                          queues="dispatcher.sessions")
+    fleet.wait_slots(CONCURRENCY)
+    work_ids = [fleet.create(fake_duration=120) for _ in range(CONCURRENCY)]
+    for work_id in work_ids:
+        fleet.wait_event(work_id, "started")
+    runners = {fleet.events(work_id, "started")[0]["ppid"] for work_id in work_ids}
+    assert len(runners) == CONCURRENCY, "each session ran in a pool child of its own"
+
+    children = _children(worker.pid)
+    guardians = [pid for pid in children if _is_guardian(pid)]
+    assert len(guardians) == 1, "one guardian, the main process's"
+    assert not any(_is_guardian(grandchild) for child in children
+                   for grandchild in _children(child)), "no child started one of its own"
+    assert len(fleet.sandbox_pids_alive()) == CONCURRENCY
+
+    for pid in [worker.pid, *(c for c in children if c not in guardians)]:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: fleet.sandbox_pids_alive() == [], timeout=10,
+             what="every sandbox ended by the guardian")
+    wait_for(lambda: not _is_guardian(guardians[0]), timeout=10, what="the guardian's exit")
+
+
+def _is_guardian(pid: int) -> bool:
+    try:
+        alive = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return alive and b"guardian.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -303,40 +304,149 @@ def test_a_killed_guardian_is_replaced_and_told_every_live_group(tmp_path: Path)
     assert [_pids_in_group(p) for p in pgids] == [[], []]
 
 
-def test_a_forked_child_starts_its_own_guardian_and_the_parents_still_sees_its_death(
+def _wait_for_text(path: Path, deadline: float) -> str:
+    while not path.exists() or not path.read_text().endswith("\n"):
+        assert time.time() < deadline, f"{path.name} never written"
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def test_a_forked_child_shares_its_parents_guardian_which_sees_each_death_apart(
         tmp_path: Path) -> None:
-    """A prefork pool: the parent started a guardian before forking. The child's sandboxes go
-    to a guardian of its own, and the parent's guardian still reads end-of-file when the parent
-    dies while the child lives on (the child closed the inherited write end)."""
+    """A prefork pool: the main process starts the guardian before forking; a child's sandboxes
+    go to the same guardian on a connection of the child's own. The parent dying ends the
+    parent's sandbox while the child's runs on; the child dying then ends its own, and the
+    guardian, with nobody left to watch, exits."""
     out = tmp_path / "pids"
     worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, time
         from dispatcher.session.sandbox import GUARDIAN, Sandbox, SandboxSpec
         spec = SandboxSpec(argv=["sleep", "60"], env={{"PATH": os.environ["PATH"]}}, stdin=b"")
+        GUARDIAN.start()
         parents = Sandbox.start(spec)
         if os.fork() == 0:
             childs = Sandbox.start(spec)
-            open({str(out)!r}, "w").write(f"{{parents.pgid}} {{childs.pgid}} {{os.getpid()}}")
+            open({str(out)!r}, "w").write(
+                f"{{parents.pgid}} {{childs.pgid}} {{os.getpid()}} {{GUARDIAN.pid}}\\n")
             time.sleep(60)
             os._exit(0)
         time.sleep(60)
     """)])
     deadline = time.time() + 10
-    while not out.exists() or not out.read_text():
-        assert time.time() < deadline
-        time.sleep(0.05)
-    parents, childs, child = (int(p) for p in out.read_text().split())
-    assert len(_guardians_of(worker.pid)) == 1 and len(_guardians_of(child)) == 1
+    parents, childs, child, childs_guardian = _wait_for_text(out, deadline).split()
+    guardians = _guardians_of(worker.pid)
+    assert len(guardians) == 1 and childs_guardian == "None", "the child started none"
+    assert _guardians_of(int(child)) == []
     worker.kill()
     worker.wait()
-    while _pids_in_group(parents) and time.time() < deadline:
+    while _pids_in_group(int(parents)) and time.time() < deadline:
         time.sleep(0.05)
-    assert _pids_in_group(parents) == [], "the parent's guardian ended the parent's sandbox"
-    assert _pids_in_group(childs) != [], "the child lives, and so does its sandbox"
-    os.kill(child, signal.SIGKILL)
-    while _pids_in_group(childs) and time.time() < deadline:
+    assert _pids_in_group(int(parents)) == [], "the guardian ended the parent's sandbox"
+    assert _pids_in_group(int(childs)) != [], "the child lives, and so does its sandbox"
+    assert _state(guardians[0]) not in (None, "Z"), "the guardian watches the child still"
+    os.kill(int(child), signal.SIGKILL)
+    while _pids_in_group(int(childs)) and time.time() < deadline:
         time.sleep(0.05)
-    assert _pids_in_group(childs) == []
+    assert _pids_in_group(int(childs)) == []
+    while _state(guardians[0]) not in (None, "Z") and time.time() < deadline:
+        time.sleep(0.05)
+    assert _state(guardians[0]) in (None, "Z"), "nobody left to watch: the guardian exited"
+
+
+def test_children_dying_together_are_all_ended_within_one_grace(tmp_path: Path) -> None:
+    """Four pool children, each running a sandbox that ignores SIGTERM, are SIGKILLed at once:
+    one guardian ends the four groups side by side, each after one grace, not one after the
+    other (four graces would outlast recovery's 8 s and let two runners of a session meet)."""
+    script = tmp_path / "stubborn.sh"
+    script.write_text("#!/bin/sh\ntrap '' TERM\nsleep 60 &\nwait $!\nwait $!\n")
+    script.chmod(0o755)
+    out = tmp_path / "groups"
+    children = 4
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, time
+        from dispatcher.session.sandbox import GUARDIAN, Sandbox, SandboxSpec
+        spec = SandboxSpec(argv=[{str(script)!r}], env={{"PATH": os.environ["PATH"]}},
+                           stdin=b"")
+        GUARDIAN.start()
+        for _ in range({children}):
+            if os.fork() == 0:
+                s = Sandbox.start(spec)
+                with open({str(out)!r}, "a") as f:
+                    f.write(f"{{s.pgid}} {{os.getpid()}}\\n")
+                time.sleep(60)
+                os._exit(0)
+        time.sleep(60)
+    """)], start_new_session=True)
+    deadline = time.time() + 15
+    while len(_wait_for_text(out, deadline).splitlines()) < children:
+        time.sleep(0.05)
+    lines = [line.split() for line in out.read_text().splitlines()]
+    groups = [int(pgid) for pgid, _ in lines]
+    while any(len(_pids_in_group(g)) < 2 for g in groups) and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(_guardians_of(worker.pid)) == 1
+    killed_at = time.monotonic()
+    for _, pid in lines:
+        os.kill(int(pid), signal.SIGKILL)
+    while any(map(_pids_in_group, groups)) and time.monotonic() - killed_at < 20:
+        time.sleep(0.05)
+    took = time.monotonic() - killed_at
+    worker.kill()
+    worker.wait()
+    assert [_pids_in_group(g) for g in groups] == [[]] * children
+    assert PARENT_DEATH_GRACE_SECONDS - 0.5 < took < 2 * PARENT_DEATH_GRACE_SECONDS, (
+        f"ended after {took:.1f} s: SIGTERM ignored, so one grace, side by side")
+
+
+def _connect_as(uid: int, address: bytes, line: bytes) -> str:
+    """From a forked child running as `uid`: connect, send `line`, and what came back."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setuid(uid)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(5)
+            conn.connect(address)
+            try:
+                conn.sendall(line)
+                answer = repr(conn.recv(1))
+            except OSError as exc:
+                answer = type(exc).__name__
+            os.write(write_end, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as f:
+        return f.read().decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another user needs root")
+def test_another_users_connection_is_not_heard(tmp_path: Path) -> None:
+    """Anyone on the host can reach the guardian's abstract address, but only the worker's own
+    user may name groups to end: another user's connection gets no answer, and its end ends
+    nothing."""
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    out = tmp_path / "address"
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from dispatcher.session.sandbox import GUARDIAN
+        GUARDIAN.start()
+        open({str(out)!r}, "w").write(GUARDIAN._address.hex() + "\\n")
+        time.sleep(60)
+    """)])
+    try:
+        address = _wait_for_text(out, time.time() + 10).strip()
+        heard = _connect_as(65534, bytes.fromhex(address), b"+%d\n" % bystander.pid)
+        assert heard in ("b''", "ConnectionResetError", "BrokenPipeError"), heard
+        time.sleep(PARENT_DEATH_GRACE_SECONDS + 0.5)
+        assert bystander.poll() is None, "the intruder's end ended nothing"
+    finally:
+        worker.kill()
+        worker.wait()
+        bystander.kill()
+        bystander.wait()
 
 
 def test_a_worker_that_exits_normally_leaves_no_guardian(tmp_path: Path) -> None:
@@ -369,7 +479,7 @@ def test_a_sandbox_that_cannot_be_guarded_never_runs(
     marker = tmp_path / "ran"
     script = _spec(f"import time; time.sleep(0.5); open({str(marker)!r}, 'w')", tmp_path)
     monkeypatch.setattr(module, "GUARDIAN", module.Guardian())
-    monkeypatch.setattr(module.sys, "executable", "/nonexistent/python")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     with pytest.raises(SandboxStartError, match="no guardian for the sandbox"):
         Sandbox.start(script)
     time.sleep(1.0)
