@@ -61,7 +61,11 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         if consumes_sessions(sender, runtime.settings.session_queues):
             check_sandbox(runtime.settings)  # control-only hosts run no sandbox
             adopt_sandbox_limits(runtime.settings)
-            start_guardian(runtime.settings)
+            try:
+                start_guardian(runtime.settings)
+            except OSError as exc:
+                raise SystemExit(
+                    f"dispatcher: the sandboxes' guardian could not start: {exc}") from None
             _START_LINES.extend(sandbox_lines(runtime.settings))
         runtime.redis.ping()
     except (SettingsError, CommandError, EngineError) as exc:
@@ -70,8 +74,6 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         raise SystemExit(
             f"dispatcher: Redis at DISPATCHER_REDIS_URL does not answer: {exc}"
         ) from None
-    except OSError as exc:  # after RedisError: no redis-py error is an OSError
-        raise SystemExit(f"dispatcher: the sandboxes' guardian could not start: {exc}") from None
 
 
 @worker_ready.connect

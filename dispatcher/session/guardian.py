@@ -16,8 +16,9 @@ process started the guardian, each connect once. A process that dies has its own
 while the others' run on, on a deadline of their own, so ten children dying at once are all
 ended within one grace. A connection from another user is closed unheard: only the worker's own
 user may name groups to end. Each accepted connection is answered one byte, `!`, so a process
-that connected while the guardian was exiting knows it was not heard (and starts its own). The
-guardian exits once no connection is left and every group it was ending is gone.
+that connected while the guardian was exiting knows it was not heard (and starts its own); the
+process checks the answer came from its own user too. The guardian exits once no connection is
+left and every group it was ending is gone.
 
 Why one guardian per worker and not one watchdog per session. A session's watchdog was a
 `python -S` launcher leading its group and waiting on the command: 9 MB RSS (3.3 MB PSS) per
@@ -93,10 +94,16 @@ class Ending:
 
 
 def apply_line(groups: set[int], line: bytes) -> None:
-    if line[:1] == b"+":
-        groups.add(int(line[1:]))
+    """`+PGID` or `-PGID`; anything else is no group of ours (and must not end the guardian,
+    which watches every process of the worker)."""
+    try:
+        group = int(line[1:])
+    except ValueError:
+        return
+    if line[:1] == b"+" and group > 1:
+        groups.add(group)
     elif line[:1] == b"-":
-        groups.discard(int(line[1:]))
+        groups.discard(group)
 
 
 def serve(first: _socket.socket, listener: _socket.socket) -> None:
@@ -105,16 +112,13 @@ def serve(first: _socket.socket, listener: _socket.socket) -> None:
     links: dict[int, Link] = {}
     endings: list[Ending] = []
 
-    def admit(conn: _socket.socket) -> None:
-        try:
-            conn.sendall(HEARD)
-        except OSError:  # gone already: nothing to watch
-            conn.close()
-            return
+    def watch(conn: _socket.socket) -> None:
         links[conn.fileno()] = Link(conn)
         poller.register(conn.fileno(), select.POLLIN)
 
-    admit(first)
+    # The starter's lines may be waiting already, and it may have died since: read them to
+    # the end like any other's. It is not answered: it knows it started this guardian.
+    watch(first)
     poller.register(listener.fileno(), select.POLLIN)
     while links or endings:
         timeout_ms = int(GRACE_POLL_SECONDS * 1000) if endings else None
@@ -122,13 +126,15 @@ def serve(first: _socket.socket, listener: _socket.socket) -> None:
             if fd == listener.fileno():
                 conn = _accept(listener)
                 if conn is not None:
-                    admit(conn)
+                    watch(conn)
                 continue
             link = links[fd]
             try:
                 chunk = link.conn.recv(READ_BYTES)
-            except OSError:
+            except ConnectionError:
                 chunk = b""  # reset: as dead as end-of-file
+            except OSError:
+                continue  # not the process's end (out of memory, say): read again later
             if chunk:
                 link.take(chunk)
                 continue
@@ -143,24 +149,36 @@ def serve(first: _socket.socket, listener: _socket.socket) -> None:
 
 
 def _accept(listener: _socket.socket) -> "_socket.socket | None":
-    """A connection from this guardian's own user; None for anyone else's (closed unheard)."""
+    """A connection from this guardian's own user, answered `HEARD`; None for anyone else's
+    (closed unheard) or one gone already."""
     try:
         fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C accept: (fd, address)
     except OSError:
+        # Out of descriptors, say: the connection stays queued and the listener readable, so
+        # wait a moment rather than spin on it.
+        time.sleep(GRACE_POLL_SECONDS)
         return None
     conn = _socket.socket(fileno=fd)
     try:
-        cred = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, UCRED_BYTES)
+        if peer_uid(conn) == os.geteuid():
+            conn.sendall(HEARD)
+            return conn
     except OSError:
-        cred = b""
-    if len(cred) != UCRED_BYTES or int.from_bytes(cred[4:8], sys.byteorder) != os.getuid():
-        conn.close()
-        return None
-    return conn
+        pass  # gone already: nothing to watch
+    conn.close()
+    return None
+
+
+def peer_uid(conn: _socket.socket) -> int | None:
+    """The connected process's effective uid (SO_PEERCRED: struct ucred, pid uid gid)."""
+    cred = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, UCRED_BYTES)
+    return int.from_bytes(cred[4:8], sys.byteorder) if len(cred) == UCRED_BYTES else None
 
 
 def _signal_group(group: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the whole group is gone already
+    # ProcessLookupError: the whole group is gone already. PermissionError: its id was reused
+    # by another user's group; either way nothing of ours is left in it to end.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, signum)
 
 

@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -106,8 +107,9 @@ class Guardian:
         finally:
             listener.close()
             theirs.close()
-        # Not waiting for its answer: the first sandbox's lines wait in the socket meanwhile,
-        # and a guardian that failed to start fails the next write, which starts another.
+        # Not waiting for it to start: the first sandbox's lines wait in the socket meanwhile
+        # (read even if this process dies first), and a guardian that failed to start fails
+        # the next write, which starts another.
         self._address = address
         return ours
 
@@ -116,6 +118,12 @@ class Guardian:
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.close()
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
 
     def _forget_after_fork(self) -> None:
         """In a forked child: the connection, the groups and the guardian process are the
@@ -135,12 +143,14 @@ class Guardian:
 
 
 def _connect(address: bytes) -> socket.socket | None:
-    """A connection the guardian at `address` answered; None when it is gone or exiting."""
+    """A connection the guardian at `address` answered; None when it is gone or exiting, or
+    when another user's process holds the address (an abstract name is free for anyone to
+    bind once the guardian is gone)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(HEARD_TIMEOUT_SECONDS)
         conn.connect(address)
-        if conn.recv(len(HEARD)) == HEARD:
+        if _peer_uid(conn) == os.geteuid() and conn.recv(len(HEARD)) == HEARD:
             conn.settimeout(None)
             return conn
     except OSError:
@@ -149,6 +159,16 @@ def _connect(address: bytes) -> socket.socket | None:
     return None
 
 
+def _peer_uid(conn: socket.socket) -> int:
+    """SO_PEERCRED's struct ucred (pid, uid, gid): the uid."""
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    struct.calcsize("3i")))
+    return int(uid)
+
+
 GUARDIAN = Guardian()
 atexit.register(GUARDIAN.close)
-os.register_at_fork(after_in_child=GUARDIAN._forget_after_fork)
+# A fork waits for a connection or a start in progress (the lock), so no child inherits a
+# half-made one it does not know to close, which would hide the parent's death.
+os.register_at_fork(before=GUARDIAN._before_fork, after_in_parent=GUARDIAN._after_fork_in_parent,
+                    after_in_child=GUARDIAN._forget_after_fork)

@@ -228,6 +228,28 @@ def test_the_secret_file_is_private_and_gone_with_the_sandbox(tmp_path: Path) ->
     assert not Path(path).exists() and not Path(path).parent.exists()
 
 
+def test_a_worker_dying_before_its_new_guardian_is_up_still_takes_its_sandbox(
+        tmp_path: Path) -> None:
+    """The first sandbox starts the guardian and tells it the group without waiting for it to
+    be up; the worker dies at once. The guardian, once up, reads what was sent before the end
+    and ends the group."""
+    pgid_file = tmp_path / "pgid"
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal
+        from dispatcher.session.sandbox import Sandbox, SandboxSpec
+        s = Sandbox.start(SandboxSpec(argv=["sleep", "60"], env={{"PATH": os.environ["PATH"]}},
+                                      stdin=b""))
+        open({str(pgid_file)!r}, "w").write(f"{{s.pgid}}\\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)])
+    worker.wait()
+    (pgid,) = _wait_for_lines(pgid_file, 1, time.time() + 10)
+    deadline = time.monotonic() + PARENT_DEATH_GRACE_SECONDS + 5
+    while _pids_in_group(int(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _pids_in_group(int(pgid)) == []
+
+
 def test_a_dying_worker_gives_the_sandbox_sigterm_and_a_short_grace(tmp_path: Path) -> None:
     """The guardian's parent-death path: SIGTERM first, so a spawn script's trap can clean up
     (stop its container), then SIGKILL after a bounded grace."""
@@ -304,11 +326,15 @@ def test_a_killed_guardian_is_replaced_and_told_every_live_group(tmp_path: Path)
     assert [_pids_in_group(p) for p in pgids] == [[], []]
 
 
-def _wait_for_text(path: Path, deadline: float) -> str:
-    while not path.exists() or not path.read_text().endswith("\n"):
-        assert time.time() < deadline, f"{path.name} never written"
+def _wait_for_lines(path: Path, count: int, deadline: float) -> list[str]:
+    """The first `count` whole lines of `path`, once written; fails at `deadline`."""
+    while True:
+        text = path.read_text() if path.exists() else ""
+        lines = text.splitlines()[:text.count("\n")]
+        if len(lines) >= count:
+            return lines[:count]
+        assert time.time() < deadline, f"{path.name}: {len(lines)} of {count} lines"
         time.sleep(0.05)
-    return path.read_text()
 
 
 def test_a_forked_child_shares_its_parents_guardian_which_sees_each_death_apart(
@@ -325,15 +351,23 @@ def test_a_forked_child_shares_its_parents_guardian_which_sees_each_death_apart(
         GUARDIAN.start()
         parents = Sandbox.start(spec)
         if os.fork() == 0:
-            childs = Sandbox.start(spec)
-            open({str(out)!r}, "w").write(
-                f"{{parents.pgid}} {{childs.pgid}} {{os.getpid()}} {{GUARDIAN.pid}}\\n")
-            time.sleep(60)
-            os._exit(0)
+            try:
+                childs = Sandbox.start(spec)
+                open({str(out)!r}, "w").write(
+                    f"{{parents.pgid}} {{childs.pgid}} {{os.getpid()}} {{GUARDIAN.pid}}\\n")
+                time.sleep(60)
+            finally:
+                os._exit(0)
         time.sleep(60)
     """)])
     deadline = time.time() + 10
-    parents, childs, child, childs_guardian = _wait_for_text(out, deadline).split()
+    try:
+        (line,) = _wait_for_lines(out, 1, deadline)
+    except AssertionError:
+        worker.kill()
+        worker.wait()
+        raise
+    parents, childs, child, childs_guardian = line.split()
     guardians = _guardians_of(worker.pid)
     assert len(guardians) == 1 and childs_guardian == "None", "the child started none"
     assert _guardians_of(int(child)) == []
@@ -370,21 +404,27 @@ def test_children_dying_together_are_all_ended_within_one_grace(tmp_path: Path) 
         GUARDIAN.start()
         for _ in range({children}):
             if os.fork() == 0:
-                s = Sandbox.start(spec)
-                with open({str(out)!r}, "a") as f:
-                    f.write(f"{{s.pgid}} {{os.getpid()}}\\n")
-                time.sleep(60)
-                os._exit(0)
+                try:
+                    s = Sandbox.start(spec)
+                    with open({str(out)!r}, "a") as f:
+                        f.write(f"{{s.pgid}} {{os.getpid()}}\\n")
+                    time.sleep(60)
+                finally:
+                    os._exit(0)
         time.sleep(60)
     """)], start_new_session=True)
     deadline = time.time() + 15
-    while len(_wait_for_text(out, deadline).splitlines()) < children:
-        time.sleep(0.05)
-    lines = [line.split() for line in out.read_text().splitlines()]
+    try:
+        lines = [line.split() for line in _wait_for_lines(out, children, deadline)]
+    except AssertionError:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        raise
     groups = [int(pgid) for pgid, _ in lines]
     while any(len(_pids_in_group(g)) < 2 for g in groups) and time.time() < deadline:
         time.sleep(0.05)
     assert len(_guardians_of(worker.pid)) == 1
+    assert all(_guardians_of(int(pid)) == [] for _, pid in lines), "no child started its own"
     killed_at = time.monotonic()
     for _, pid in lines:
         os.kill(int(pid), signal.SIGKILL)
@@ -437,7 +477,7 @@ def test_another_users_connection_is_not_heard(tmp_path: Path) -> None:
         time.sleep(60)
     """)])
     try:
-        address = _wait_for_text(out, time.time() + 10).strip()
+        (address,) = _wait_for_lines(out, 1, time.time() + 10)
         heard = _connect_as(65534, bytes.fromhex(address), b"+%d\n" % bystander.pid)
         assert heard in ("b''", "ConnectionResetError", "BrokenPipeError"), heard
         time.sleep(PARENT_DEATH_GRACE_SECONDS + 0.5)
