@@ -72,6 +72,9 @@ class Sizes:
     # Stops asked for after the first series' last step, with its leases held: the stop
     # bridge's sweep at that scale (stop -> the lease's stop flag).
     hb_stops: int = 20
+    # The emulator's largest `list` page; None: its own default (100). The service documents
+    # none; the bridge asks 1,000 past 1,000 leases held, and takes what a refusal names.
+    list_limit: int | None = None
     # Fairness (bench/scale.py): ten environments on `fair_slots` slots; nine trickle
     # `fair_rate` sessions/s each for `fair_seconds`, alone and beside the tenth's burst.
     fair_slots: int = 20
@@ -327,6 +330,8 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         sizes.thousand = args.thousand
     if args.idle_headroom is not None:
         sizes.fair_idle_headroom = args.idle_headroom
+    if args.list_limit:
+        sizes.list_limit = args.list_limit
     return sizes
 
 
@@ -353,6 +358,9 @@ def main() -> None:
     parser.add_argument("--idle-headroom", type=float, default=None, metavar="SECONDS",
                         help="fairness: the fleet's DISPATCHER_IDLE_HEADROOM_SECONDS "
                              "(default: the setting's)")
+    parser.add_argument("--list-limit", type=int, default=None, metavar="N",
+                        help="the emulator's largest `list` page (default: its own, 100); "
+                             "the stop bridge asks 1,000 past 1,000 leases held")
     parser.add_argument("--thousand", type=int, default=None, metavar="N",
                         help="the thousand part: this many sessions at once (default 1000)")
     args = parser.parse_args()
@@ -378,7 +386,9 @@ def main() -> None:
                                "load_before": os.getloadavg()}
     try:
         stack.ensure_redis()
-        stack.start_emulator("--min-ttl", "1", "--default-ttl", str(sizes.default_ttl))
+        stack.start_emulator("--min-ttl", "1", "--default-ttl", str(sizes.default_ttl),
+                             *(("--max-list-limit", str(sizes.list_limit))
+                               if sizes.list_limit else ()))
         emu = Emulator(stack)
         runners = {"ours": run_ours, "peer": run_peer, "capacity": run_capacity,
                    "burst": run_burst, "fairness": run_fairness, "thousand": run_thousand}
