@@ -15,11 +15,12 @@ import contextlib
 import os
 import secrets
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+from dispatcher.session.guardian import HEARD, peer_uid
 
 __all__ = ["GUARDIAN", "Guardian"]
 
@@ -27,7 +28,6 @@ GUARDIAN_SCRIPT = Path(__file__).with_name("guardian.py")
 # Abstract (no file to clean up), unique per start. Another user's connection is refused by the
 # guardian itself, so knowing the address gives no power over the worker's sandboxes.
 ADDRESS_PREFIX = b"\0dispatcher-guardian-"
-HEARD = b"!"  # the guardian's answer to a connection it will watch
 # How long a new connection waits for that answer: the guardian gives it at once unless it is
 # exiting, when it never does. A loaded host's scheduling delay is far below this.
 HEARD_TIMEOUT_SECONDS = 2.0
@@ -150,7 +150,7 @@ def _connect(address: bytes) -> socket.socket | None:
     try:
         conn.settimeout(HEARD_TIMEOUT_SECONDS)
         conn.connect(address)
-        if _peer_uid(conn) == os.geteuid() and conn.recv(len(HEARD)) == HEARD:
+        if peer_uid(conn) == os.geteuid() and conn.recv(len(HEARD)) == HEARD:
             conn.settimeout(None)
             return conn
     except OSError:
@@ -158,12 +158,6 @@ def _connect(address: bytes) -> socket.socket | None:
     conn.close()
     return None
 
-
-def _peer_uid(conn: socket.socket) -> int:
-    """SO_PEERCRED's struct ucred (pid, uid, gid): the uid."""
-    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    struct.calcsize("3i")))
-    return int(uid)
 
 
 GUARDIAN = Guardian()

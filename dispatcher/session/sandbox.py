@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from dispatcher.session.cgroups import CgroupError, SessionCgroup, admit, gate_argv
 from dispatcher.session.confine import Confinement, confined_argv, popen_options
-from dispatcher.session.guardian_link import GUARDIAN, Guardian
+from dispatcher.session.guardian_link import GUARDIAN
 from dispatcher.session.infra import Blame, spawn_blame
 from dispatcher.session.output import LiveOutput, pump
 
@@ -43,7 +43,6 @@ __all__ = [
     "GUARDIAN",
     "CommandError",
     "EngineError",
-    "Guardian",
     "Sandbox",
     "SandboxInfraError",
     "SandboxSpec",

@@ -337,6 +337,18 @@ def _wait_for_lines(path: Path, count: int, deadline: float) -> list[str]:
         time.sleep(0.05)
 
 
+def _lines_from(worker: subprocess.Popen[bytes], path: Path, count: int,
+                deadline: float) -> list[str]:
+    """`_wait_for_lines` of a stand-in worker (started in a session of its own), which is
+    SIGKILLed with its children if they never come."""
+    try:
+        return _wait_for_lines(path, count, deadline)
+    except AssertionError:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        raise
+
+
 def test_a_forked_child_shares_its_parents_guardian_which_sees_each_death_apart(
         tmp_path: Path) -> None:
     """A prefork pool: the main process starts the guardian before forking; a child's sandboxes
@@ -359,14 +371,9 @@ def test_a_forked_child_shares_its_parents_guardian_which_sees_each_death_apart(
             finally:
                 os._exit(0)
         time.sleep(60)
-    """)])
-    deadline = time.time() + 10
-    try:
-        (line,) = _wait_for_lines(out, 1, deadline)
-    except AssertionError:
-        worker.kill()
-        worker.wait()
-        raise
+    """)], start_new_session=True)
+    deadline = time.time() + 30  # every step below, on a loaded host
+    (line,) = _lines_from(worker, out, 1, deadline)
     parents, childs, child, childs_guardian = line.split()
     guardians = _guardians_of(worker.pid)
     assert len(guardians) == 1 and childs_guardian == "None", "the child started none"
@@ -414,12 +421,7 @@ def test_children_dying_together_are_all_ended_within_one_grace(tmp_path: Path) 
         time.sleep(60)
     """)], start_new_session=True)
     deadline = time.time() + 15
-    try:
-        lines = [line.split() for line in _wait_for_lines(out, children, deadline)]
-    except AssertionError:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
-        raise
+    lines = [line.split() for line in _lines_from(worker, out, children, deadline)]
     groups = [int(pgid) for pgid, _ in lines]
     while any(len(_pids_in_group(g)) < 2 for g in groups) and time.time() < deadline:
         time.sleep(0.05)
@@ -515,10 +517,11 @@ def test_a_sandbox_that_cannot_be_guarded_never_runs(
     """No guardian can start (here: no interpreter to start it with; in life, fork failing):
     the sandbox, already spawned, is killed and reaped, and the attempt fails to start."""
     from dispatcher.session import sandbox as module
+    from dispatcher.session.guardian_link import Guardian
 
     marker = tmp_path / "ran"
     script = _spec(f"import time; time.sleep(0.5); open({str(marker)!r}, 'w')", tmp_path)
-    monkeypatch.setattr(module, "GUARDIAN", module.Guardian())
+    monkeypatch.setattr(module, "GUARDIAN", Guardian())
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     with pytest.raises(SandboxStartError, match="no guardian for the sandbox"):
         Sandbox.start(script)
