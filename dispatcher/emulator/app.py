@@ -23,7 +23,6 @@ from .admin import add_admin_routes
 from .auth import ADMIN, ENDPOINT_CREDENTIALS
 from .batch import CommandBatch
 from .config import (
-    DEFAULT_LIST_LIMIT,
     DEFAULT_RECLAIM_MS,
     MAX_BLOCK_MS,
     REQUEST_LOG_CAP,
@@ -112,11 +111,8 @@ def add_work_routes(app: FastAPI) -> None:  # noqa: C901 (one small closure per 
                         page: str | None = None) -> Response:
         """Newest first; `limit` 1-100 (`--max-list-limit`), default 20; `page` is the previous
         `next_page`."""
-        limit = DEFAULT_LIST_LIMIT if limit is None else limit
-        most = ctx.config.max_list_limit
-        if not 1 <= limit <= most:
-            raise InvalidRequest(f"limit must be 1-{most}")
-        return JSONResponse(await ctx.store.list(environment_id, limit=limit, page=page or None))
+        page_json = await ctx.store.list(environment_id, limit=limit, page=page or None)
+        return Response(page_json, media_type="application/json")
 
     @app.get(WORK + "/{work_id}", response_model=Work, tags=["work"],
              dependencies=[_work_auth(Endpoint.GET)])

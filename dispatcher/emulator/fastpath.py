@@ -1,10 +1,10 @@
-"""The busiest requests answered without FastAPI: session creation, poll, ack and heartbeat.
+"""The busiest requests answered without FastAPI: session creation, poll, ack, heartbeat, list.
 
 A benchmark's burst creates, polls and acks hundreds of items a second, and a fleet at its
-capacity target sends thousands of heartbeats a second, all through one emulator process. For
-these four, FastAPI's routing, dependency solving, query parsing and response layers cost more
-of the emulator's CPU than the store's work (over half of a poll's, an ack's and a heartbeat's,
-a third of a creation's).
+capacity target sends thousands of heartbeats a second and lists every lease it holds each
+second (the stop bridge), all through one emulator process. For these, FastAPI's routing,
+dependency solving, query parsing and response layers cost more of the emulator's CPU than the
+store's work (over half of a poll's, an ack's and a heartbeat's, a third of a creation's).
 `FastPath` sits where FastAPI would be (inside the guard, the request log and the faults, which
 apply as to any request) and answers them itself: the same credential check, store call,
 request-log notes and answers, errors in the same handler's shape.
@@ -42,17 +42,23 @@ Query = dict[str, str]
 Answer = tuple[int, Any]
 
 
+class _Encoded(bytes):
+    """An answer's body already encoded as JSON (a list page: `records.listed_page`)."""
+
+
 class _HandOn(Exception):
     """The request is one only FastAPI answers as the route would: hand it on."""
 
 
 _WORK = r"^/v1/environments/(?P<env>[^/]+)/work"
 _POLL = re.compile(_WORK + r"/poll$")
+_LIST = re.compile(_WORK + r"$")
 _ITEM = re.compile(_WORK + r"/(?P<work>[^/]+)/(?P<action>ack|heartbeat)$")
 _SESSIONS = "/v1/sessions"
 # The query parameters each route names; any other is FastAPI's to judge (it ignores it).
 _POLL_QUERY = frozenset({"block_ms", "reclaim_older_than_ms"})
 _HEARTBEAT_QUERY = frozenset({"expected_last_heartbeat", "desired_ttl_seconds"})
+_LIST_QUERY = frozenset({"limit", "page"})
 _NO_QUERY: frozenset[str] = frozenset()
 # The fields of `SessionBody` read here; with `emulator_script` set, FastAPI validates the script.
 _SCRIPT = "emulator_script"
@@ -71,6 +77,10 @@ class FastPath:
             env = polled["env"]
             return await self._answer(scope, receive, send, _POLL_QUERY,
                                       lambda query: self._poll(scope, env, query))
+        if method == "GET" and (listed := _LIST.match(path)):
+            env = listed["env"]
+            return await self._answer(scope, receive, send, _LIST_QUERY,
+                                      lambda query: self._list(scope, env, query))
         if method == "POST" and (item := _ITEM.match(path)):
             env, work = item["env"], item["work"]
             if item["action"] == "heartbeat":
@@ -121,6 +131,12 @@ class FastPath:
             reclaim_ms=reclaim_ms or DEFAULT_RECLAIM_MS)
         note_scope(scope, work_id=work["id"] if work else None)
         return 200, work
+
+    async def _list(self, scope: dict[str, Any], environment_id: str, query: Query) -> Answer:
+        limit = _number(query, "limit")
+        admitted(scope, ENDPOINT_CREDENTIALS[Endpoint.LIST], f"work {Endpoint.LIST.value}")
+        return 200, _Encoded(await self.emulator.store.list(
+            environment_id, limit=limit, page=query.get("page") or None))
 
     async def _ack(self, scope: dict[str, Any], environment_id: str, work_id: str) -> Answer:
         admitted(scope, ENDPOINT_CREDENTIALS[Endpoint.ACK], f"work {Endpoint.ACK.value}")
@@ -230,8 +246,9 @@ async def _body(receive: Any) -> bytes:
 
 async def _send_json(send: Any, status: int, content: Any) -> None:
     """What Starlette's `JSONResponse(content)` sends, without building one."""
-    body = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None,
-                      separators=(",", ":")).encode("utf-8")
+    body = content if isinstance(content, _Encoded) else json.dumps(
+        content, ensure_ascii=False, allow_nan=False, indent=None,
+        separators=(",", ":")).encode("utf-8")
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-length", str(len(body)).encode("latin-1")),
                             (b"content-type", b"application/json")]})

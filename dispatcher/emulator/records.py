@@ -12,7 +12,9 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["WorkRecord", "new_id", "new_token", "secret_for"]
+import msgspec
+
+__all__ = ["WorkRecord", "listed_page", "new_id", "new_token", "secret_for"]
 
 _PUBLIC = ("id", "type", "environment_id", "state", "data", "metadata", "created_at",
            "acknowledged_at", "started_at", "latest_heartbeat_at", "stop_requested_at",
@@ -89,12 +91,44 @@ class WorkRecord:
         body["secret"] = self.secret if with_secret else None
         return body
 
-    @staticmethod
-    def public_of(stored: dict[str, Any]) -> dict[str, Any]:
-        """`WorkRecord(**stored).public()` of a stored record read as JSON, without building the
-        record: a list page shows up to 1,000, and the record cost over half of its CPU."""
-        body = {name: stored.get(name, _PUBLIC_DEFAULTS.get(name)) for name in _PUBLIC}
-        if "metadata" not in stored:
-            body["metadata"] = {}
-        body["secret"] = None
-        return body
+
+
+class _Listed(msgspec.Struct):
+    """A stored record's public fields, in `_PUBLIC`'s order, as a list page shows them.
+
+    Decoding a stored record into this skips its private fields; `data` and `metadata` pass
+    through as stored (`Raw`: never decoded). A page of 1,000 through `json` and a dict per item
+    cost the emulator 13 µs an item, most of a page's CPU: the stop bridge lists every held
+    lease each second."""
+
+    id: Any = None
+    type: Any = _PUBLIC_DEFAULTS["type"]
+    environment_id: Any = None
+    state: Any = _PUBLIC_DEFAULTS["state"]
+    data: msgspec.Raw = msgspec.Raw(b"null")
+    metadata: msgspec.Raw = msgspec.Raw(b"{}")
+    created_at: Any = None
+    acknowledged_at: Any = None
+    started_at: Any = None
+    latest_heartbeat_at: Any = None
+    stop_requested_at: Any = None
+    stopped_at: Any = None
+    secret: Any = None  # as stored when decoded; set to None before a page is encoded
+
+
+class _Page(msgspec.Struct):
+    data: list[_Listed]
+    next_page: str | None
+
+
+_LISTED = msgspec.json.Decoder(list[_Listed])
+_PAGE = msgspec.json.Encoder()
+
+
+def listed_page(records: str | bytes, next_page: str | None) -> bytes:
+    """The JSON of a list page (`{"data": [...], "next_page": ...}`) from its stored records as
+    one JSON array, each shown as `WorkRecord(**stored).public()` would."""
+    items = _LISTED.decode(records)
+    for item in items:
+        item.secret = None
+    return _PAGE.encode(_Page(items, next_page))

@@ -28,12 +28,12 @@ from redis.exceptions import ResponseError
 from . import clock, lifecycle, metadata
 from .auth import key_digest
 from .batch import CommandBatch
-from .config import MAX_BLOCK_MS, WORKERS_POLLING_WINDOW_S, EmulatorConfig
+from .config import DEFAULT_LIST_LIMIT, MAX_BLOCK_MS, WORKERS_POLLING_WINDOW_S, EmulatorConfig
 from .errors import ApiError, InvalidRequest, NotFound
 from .items import Items
 from .keys import CONSUMER_GROUP, EmulatorKeys
 from .lifecycle import Transition
-from .records import WorkRecord, new_id, new_token
+from .records import WorkRecord, listed_page, new_id, new_token
 
 __all__ = ["Store"]
 
@@ -257,17 +257,22 @@ end
 return {read, rows[2 * shown], '[' .. table.concat(records, ',') .. ']'}
 """
 
-    async def list(self, environment_id: str, *, limit: int,
-                   page: str | None) -> dict[str, Any]:
+    async def list(self, environment_id: str, *, limit: int | None, page: str | None) -> bytes:
+        """Newest first; `limit` 1-`max_list_limit`, default 20; `page` is the previous
+        `next_page`. The page's JSON, encoded here: the stop bridge lists every held lease each
+        second."""
+        limit = DEFAULT_LIST_LIMIT if limit is None else limit
+        most = self.config.max_list_limit
+        if not 1 <= limit <= most:
+            raise InvalidRequest(f"limit must be 1-{most}")
         await self.require_environment(environment_id)
         await self.sweep(environment_id)
         newest = "+inf" if page is None else f"({_decode_cursor(page)}"
         read, last, records = await self._list_page(keys=[self.keys.index(environment_id)],
                                                     args=[newest, limit, self.keys.work("")])
-        data = [WorkRecord.public_of(record) for record in json.loads(_text(records) or "[]")]
         more = int(read) > limit
-        return {"data": data, "next_page": _encode_cursor(int(float(_text(last) or 0)))
-                if more else None}
+        return listed_page(_text(records) or "[]", _encode_cursor(int(float(_text(last) or 0)))
+                           if more else None)
 
     async def stats(self, environment_id: str) -> dict[str, Any]:
         await self.require_environment(environment_id)

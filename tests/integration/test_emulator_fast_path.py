@@ -223,3 +223,47 @@ def test_faults_apply_on_the_fast_path(emulator: EmulatorProcess) -> None:
                    headers=emulator.env_headers)]
     assert [a.status_code for a, _ in cases] == [503, 503]
     _same(cases)
+
+
+def test_list_answers_and_logs_as_the_route(emulator: EmulatorProcess) -> None:
+    """The same pages, byte for byte, over items in every state a listing meets: queued, leased,
+    stop requested, stopped, with metadata; and the same refusals."""
+    env = emulator.create_environment()
+    queued = emulator.enqueue(env, "session", metadata={"k": "vé"})["id"]
+    leased, stopping, stopped = (_acked(emulator, env) for _ in range(3))
+    emulator.http.post(emulator.work_url(env, f"/{stopping}/stop"), json={},
+                       headers=emulator.env_headers)
+    emulator.http.post(emulator.work_url(env, f"/{stopped}/stop"), json={"force": True},
+                       headers=emulator.env_headers)
+    emulator.clear_requests()
+    url = emulator.work_url(env)
+    urls, headers = (url, url), emulator.env_headers
+    first = _both(emulator, "GET", urls, params=[("limit", "2")], headers=headers)
+    cursor = first[0].json()["next_page"]
+    assert cursor is not None and cursor == first[1].json()["next_page"]
+    cases = [
+        first,
+        _both(emulator, "GET", urls, params=[("limit", "2"), ("page", cursor)], headers=headers),
+        _both(emulator, "GET", urls, headers=headers),
+        _both(emulator, "GET", urls, params=[("page", "")], headers=headers),
+        _both(emulator, "GET", urls, params=[("limit", "0")], headers=headers),
+        _both(emulator, "GET", urls, params=[("limit", "101")], headers=headers),
+        _both(emulator, "GET", urls, params=[("limit", "two")], headers=headers),
+        _both(emulator, "GET", urls, params=[("page", "not a cursor")], headers=headers),
+        _both(emulator, "GET", (emulator.work_url("env_unknown"),) * 2, headers=headers),
+        _both(emulator, "GET", urls, headers=emulator.org_headers),
+    ]
+    statuses = [a.status_code for a, _ in cases]
+    assert statuses == [200, 200, 200, 200, 400, 400, 400, 400, 404, 403], statuses
+    _same(cases)
+    for fast, routed in cases[:4]:  # the pages themselves, ids and times included
+        assert fast.content == routed.content, (fast.text, routed.text)
+    shown = {item["id"]: item for item in cases[2][0].json()["data"]}
+    assert list(shown) == [stopped, stopping, leased, queued]  # newest first
+    assert shown[queued]["metadata"] == {"k": "vé"}
+    assert shown[stopping]["state"] == "stopping" and shown[stopping]["stop_requested_at"]
+    assert shown[stopped]["state"] == "stopped"
+    assert all(item["secret"] is None for item in shown.values())
+    entries = [e for e in _entries(emulator) if e["endpoint"] == "list"]
+    assert len(entries) == 2 * (len(cases) - 1)  # the organisation key: refused by the guard
+    assert entries[0::2] == entries[1::2]

@@ -22,7 +22,7 @@ from dispatcher.emulator.config import (
     StoppingHeartbeat,
 )
 from dispatcher.emulator.errors import Conflict, PreconditionFailed
-from dispatcher.emulator.records import WorkRecord
+from dispatcher.emulator.records import WorkRecord, listed_page
 
 CONFIG = EmulatorConfig(environment_key="env-key", api_key="api-key")
 NOW = 1_800_000_000.0
@@ -179,6 +179,9 @@ def test_a_stop_of_a_stopped_item(noop: bool, force: bool) -> None:
 ], ids=["full", "queued", "older-record"])
 def test_a_listed_record_shows_what_the_record_itself_shows(stored: dict[str, Any]) -> None:
     """The list page's projection of a stored record, without building it, is the record's
-    own public view: the same fields, values and defaults, and never the secret."""
-    assert WorkRecord.public_of(stored) == WorkRecord(**stored).public()
-    assert WorkRecord.public_of(stored)["secret"] is None
+    own public view: the same fields, values, defaults and order, and never the secret."""
+    page = json.loads(listed_page(json.dumps([stored, stored]), "cursor"))
+    assert page == {"data": [WorkRecord(**stored).public()] * 2, "next_page": "cursor"}
+    assert list(page["data"][0]) == list(WorkRecord(**stored).public())
+    assert page["data"][0]["secret"] is None
+    assert json.loads(listed_page("[]", None)) == {"data": [], "next_page": None}
