@@ -386,8 +386,12 @@ def _judge_step(step: dict[str, Any], ttl: int, *, cpu: dict[str, float]) -> Non
 def _claim(fleet: Ours, registry: Any, beats: _Beats, held: list[str], add: int,
            ttl: int) -> None:
     """Create `add` items and claim them as the dispatcher would, a chunk at a time: each
-    chunk is recorded and scheduled due at once (a lease claimed long before it is scheduled
-    would count its wait as a gap)."""
+    chunk is recorded and its next heartbeat scheduled as the claim's first beat schedules it
+    in the fleet (`renewal_due`: its work id's share of the interval after that beat, so the
+    leases of a burst of claims beat spread over the interval; scheduled all due at once, they
+    would beat in the same seconds every interval), as soon as the chunk is claimed (a lease
+    claimed long before it is scheduled would count its wait as a gap)."""
+    from dispatcher.lease.machine import renewal_due
     from dispatcher.lease.model import Lease, LeaseMode, Phase
 
     made = fleet.emu.create_sessions(fleet.environment_id, add, {"fake.duration": "0"})
@@ -406,7 +410,8 @@ def _claim(fleet: Ours, registry: Any, beats: _Beats, held: list[str], add: int,
                           created_at=created_at, token=token, ttl_seconds=ttl,
                           heartbeat_ok_at=beat_at)
             registry.create(lease, work_json="{}")
-            registry.schedule_heartbeat(c.work_id, now)  # due now
+            registry.schedule_heartbeat(c.work_id, renewal_due(beat_at, ttl, work_id=c.work_id,
+                                                               first=True))
             beats.hold(c.work_id, beat_at)
             held.append(c.work_id)
 

@@ -2,7 +2,9 @@
 
 - At start (`worker_init`): refuse to run without what a worker needs (one clear line, exit);
   a session worker starts its sandboxes' guardian before its pool forks, and once logging is
-  up (`worker_ready`) says how its sandboxes are confined.
+  up (`worker_ready`) says how its sandboxes are confined. Once started (`worker_ready`, and
+  in each prefork child `worker_process_init`), the process's start-up objects are set aside
+  from the garbage collector's full passes (`heap`).
 - On SIGTERM (`worker_shutting_down`): mark itself draining, so the poller stops counting its
   slots and its running sessions hand over to new attempts elsewhere within the grace period.
 - When a session task's message arrives (`task_received`): the time, for its `start path` line;
@@ -25,6 +27,7 @@ from celery.signals import (
     task_received,
     task_revoked,
     worker_init,
+    worker_process_init,
     worker_ready,
     worker_shutting_down,
 )
@@ -33,6 +36,7 @@ from redis.exceptions import RedisError
 from dispatcher.celery.bootsteps import consumes_sessions
 from dispatcher.celery.names import CONTROL_TASKS, SESSION_RUN
 from dispatcher.control.bridge import on_task_revoked
+from dispatcher.heap import freeze_startup_heap
 from dispatcher.logs import event
 from dispatcher.runtime import get_runtime
 from dispatcher.session.receipts import received, write_receipt
@@ -81,6 +85,12 @@ def _say_how_sandboxes_run(**_: Any) -> None:
     for action, fields in _START_LINES:
         event(action, logging.INFO, **fields)
     _START_LINES.clear()
+    freeze_startup_heap()
+
+
+@worker_process_init.connect
+def _child_started(**_: Any) -> None:
+    freeze_startup_heap()
 
 
 @worker_shutting_down.connect

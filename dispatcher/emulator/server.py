@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from ..heap import freeze_startup_heap
 from .app import create_app
 from .config import EmulatorConfig
 from .context import Emulator
@@ -70,8 +71,13 @@ async def _announce(emulator: Emulator) -> None:
         print(f"environment {environment_id}: {environment_id}", flush=True)
 
 
+async def _started(emulator: Emulator) -> None:
+    await _announce(emulator)
+    freeze_startup_heap()
+
+
 def serve(config: EmulatorConfig, faults: FaultSettings, *, log_level: str = "warning") -> int:
-    app: Any = create_app(config, faults=faults, on_startup=_announce)
+    app: Any = create_app(config, faults=faults, on_startup=_started)
     logging.getLogger("uvicorn.error").addFilter(_DroppedConnectionFilter())
     # No proxy headers: the emulator listens on loopback for its own clients, never behind a
     # proxy, and uvicorn's middleware for them cost a heartbeat about 4% of its CPU.
