@@ -92,7 +92,6 @@ class WorkRecord:
         return body
 
 
-
 class _Listed(msgspec.Struct):
     """A stored record's public fields, in `_PUBLIC`'s order, as a list page shows them.
 
