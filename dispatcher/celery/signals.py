@@ -85,11 +85,12 @@ def _say_how_sandboxes_run(**_: Any) -> None:
     for action, fields in _START_LINES:
         event(action, logging.INFO, **fields)
     _START_LINES.clear()
-    freeze_startup_heap()
 
 
+@worker_ready.connect
 @worker_process_init.connect
-def _child_started(**_: Any) -> None:
+def _started(**_: Any) -> None:
+    """The worker, or a prefork pool's child, is up: what it made so far lives as long as it."""
     freeze_startup_heap()
 
 

@@ -16,12 +16,33 @@ import msgspec
 
 __all__ = ["WorkRecord", "listed_page", "new_id", "new_token", "secret_for"]
 
-_PUBLIC = ("id", "type", "environment_id", "state", "data", "metadata", "created_at",
-           "acknowledged_at", "started_at", "latest_heartbeat_at", "stop_requested_at",
-           "stopped_at")
 
-# What `WorkRecord` fills in for a public field a stored record lacks (`metadata`: a new {}).
-_PUBLIC_DEFAULTS: dict[str, Any] = {"type": "work", "state": "queued"}
+class _Listed(msgspec.Struct):
+    """A stored record's public fields (the `BetaSelfHostedWork` shape), in the API's order, as
+    a list page shows them; the defaults are `WorkRecord`'s, for a record stored before a field
+    existed.
+
+    Decoding a stored record into this skips its private fields; `data` and `metadata` pass
+    through as stored (`Raw`: never decoded). A page of 1,000 through `json` and a dict per item
+    cost the emulator 13 µs an item, most of a page's CPU: the stop bridge lists every held
+    lease each second."""
+
+    id: Any = None
+    type: Any = "work"
+    environment_id: Any = None
+    state: Any = "queued"
+    data: msgspec.Raw = msgspec.Raw(b"null")
+    metadata: msgspec.Raw = msgspec.Raw(b"{}")
+    created_at: Any = None
+    acknowledged_at: Any = None
+    started_at: Any = None
+    latest_heartbeat_at: Any = None
+    stop_requested_at: Any = None
+    stopped_at: Any = None
+    secret: Any = None  # as stored when decoded; set to None before a page is encoded
+
+
+_PUBLIC = tuple(name for name in _Listed.__struct_fields__ if name != "secret")
 
 
 def new_id(kind: str) -> str:
@@ -90,29 +111,6 @@ class WorkRecord:
         body = {name: getattr(self, name) for name in _PUBLIC}
         body["secret"] = self.secret if with_secret else None
         return body
-
-
-class _Listed(msgspec.Struct):
-    """A stored record's public fields, in `_PUBLIC`'s order, as a list page shows them.
-
-    Decoding a stored record into this skips its private fields; `data` and `metadata` pass
-    through as stored (`Raw`: never decoded). A page of 1,000 through `json` and a dict per item
-    cost the emulator 13 µs an item, most of a page's CPU: the stop bridge lists every held
-    lease each second."""
-
-    id: Any = None
-    type: Any = _PUBLIC_DEFAULTS["type"]
-    environment_id: Any = None
-    state: Any = _PUBLIC_DEFAULTS["state"]
-    data: msgspec.Raw = msgspec.Raw(b"null")
-    metadata: msgspec.Raw = msgspec.Raw(b"{}")
-    created_at: Any = None
-    acknowledged_at: Any = None
-    started_at: Any = None
-    latest_heartbeat_at: Any = None
-    stop_requested_at: Any = None
-    stopped_at: Any = None
-    secret: Any = None  # as stored when decoded; set to None before a page is encoded
 
 
 class _Page(msgspec.Struct):

@@ -159,7 +159,6 @@ def _connect(address: bytes) -> socket.socket | None:
     return None
 
 
-
 GUARDIAN = Guardian()
 atexit.register(GUARDIAN.close)
 # A fork waits for a connection or a start in progress (the lock), so no child inherits a
