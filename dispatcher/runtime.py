@@ -27,6 +27,7 @@ from dispatcher.perprocess import PerProcess
 from dispatcher.redis_connect import connect, is_redis
 from dispatcher.settings import Environment, Settings, SettingsError, load_settings
 from dispatcher.workapi import WorkClient
+from dispatcher.workapi.http11 import HTTP11Transport
 
 __all__ = ["Runtime", "get_runtime", "reset_runtime", "use_app"]
 
@@ -35,6 +36,11 @@ __all__ = ["Runtime", "get_runtime", "reset_runtime", "use_app"]
 REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
 # Most calls retry inside the client; loops with their own cadence (poll, heartbeat) do not.
 CLIENT_RETRIES = 2
+# Requests one process's client has in flight at once, as httpx's own pool allows: more than a
+# poller run's claims and polls side by side (24), or a threads pool's sessions stopping at once
+# in all but the largest pools, where a request beyond waits for a connection (the client's
+# timeout bounds the wait).
+CLIENT_CONNECTIONS = 100
 
 
 @dataclass
@@ -141,13 +147,16 @@ class Runtime:
     def client(self, *, environment_id: str | None = None,
                max_retries: int = CLIENT_RETRIES) -> WorkClient:
         """A client for an environment (None: the only one), with its key; one per environment
-        and retry policy, kept for connection reuse."""
+        and retry policy, kept for connection reuse, over the lean HTTP/1.1 transport (unless a
+        proxy applies: `HTTP11Transport.for_url`)."""
         environment = self.environment(environment_id)
         cache: dict[tuple[str, int], WorkClient] = self.__dict__.setdefault("_clients", {})
         if (environment.id, max_retries) not in cache:
             cache[environment.id, max_retries] = WorkClient.from_settings(
                 self.settings, environment_id=environment.id,
-                environment_key=environment.key.get_secret_value(), max_retries=max_retries)
+                environment_key=environment.key.get_secret_value(), max_retries=max_retries,
+                transport=HTTP11Transport.for_url(self.settings.base_url,
+                                                  max_connections=CLIENT_CONNECTIONS))
         return cache[environment.id, max_retries]
 
     def close(self) -> None:

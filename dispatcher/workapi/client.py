@@ -27,7 +27,7 @@ from dispatcher.workapi._endpoints import (
     WorkAPI,
 )
 from dispatcher.workapi.errors import WorkAPIError, transport_errors
-from dispatcher.workapi.http11 import AsyncHTTP11Transport
+from dispatcher.workapi.http11 import AsyncHTTP11Transport, HTTP11Transport
 from dispatcher.workapi.models import Heartbeat, ListedPage, Work, WorkPage, WorkQueueStats
 from dispatcher.workapi.retry import Backoff
 
@@ -121,13 +121,22 @@ class WorkClient(_ClientBase[httpx.BaseTransport]):
                 self._http = httpx.Client(transport=self._transport)
             return self._http
 
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        """Our lean transport is handed the request itself, as `AsyncWorkClient._send` does."""
+        if isinstance(self._transport, HTTP11Transport):
+            response = self._transport.handle_request(request)
+            response.request = request
+            response.read()  # the body is already in memory: no I/O
+            return response
+        return self._client().send(request)
+
     def _run(self, call: Call[T]) -> T:
         backoff = Backoff()
         failures = 0
         while True:
             try:
                 with transport_errors(call.endpoint):
-                    response = self._client().send(call.request)
+                    response = self._send(call.request)
                 return call.result(response)
             except WorkAPIError as exc:
                 failures += 1
@@ -196,6 +205,8 @@ class WorkClient(_ClientBase[httpx.BaseTransport]):
             if self._http is not None:
                 self._http.close()
                 self._http = None
+            elif isinstance(self._transport, HTTP11Transport):
+                self._transport.close()  # sent to directly: no httpx client closes it
 
     def __enter__(self) -> Self:
         return self

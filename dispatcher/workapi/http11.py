@@ -35,16 +35,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
+import socket
 import ssl
+import threading
 import time
 import urllib.request
 from collections import deque
-from typing import Any, cast
+from collections.abc import Generator
+from typing import Any, Self, cast
 
 import h11
 import httpx
 
-__all__ = ["Answer", "AsyncHTTP11Transport"]
+__all__ = ["Answer", "AsyncHTTP11Transport", "HTTP11Transport"]
 
 # As httpx's default keepalive_expiry: a connection idle this long is closed, not reused.
 # Servers close idle connections too (uvicorn after 5 s); reusing one they are about to close
@@ -56,6 +60,9 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # Bytes received but not yet parsed, at most: one whole answer.
 MAX_BUFFERED_BYTES = MAX_HEAD_BYTES + MAX_BODY_BYTES
+# A blocking socket's read: most answers whole in one (a heartbeat's is under 1 KB), a list
+# page of 1,000 items (0.7 MB) in a few dozen.
+RECEIVE_BYTES = 64 * 1024
 
 # h11's grammar (h11/_abnf.py), narrowed: a header value of visible characters and spaces.
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
@@ -75,20 +82,27 @@ _HEADER_NAME = re.compile(_TOKEN)
 _HEADER_VALUE = re.compile(_VALUE)
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection: bytes in a buffer and a future to wait for more. An answer
-    that is not plain is framed and checked by an h11 state machine of its own
-    (`_read_with_h11`)."""
+class _Buffered:
+    """What the readers (`_read_response`) see of a connection, whichever transport holds it:
+    the bytes received and not yet parsed, and whether the stream has ended."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
         self.keep = True  # whether the last answer leaves the connection fit for another
         self.buffer = bytearray()
         self.head = bytearray()  # raw bytes of the answer's head, until h11 has parsed it
         self.busy = False  # a request is out and its answer is being read
         self.closed = False
-        self.error: BaseException | None = None
         self.idle_since = 0.0
+
+
+class _Connection(_Buffered, asyncio.Protocol):
+    """One keep-alive connection on an event loop: bytes in a buffer and a future to wait for
+    more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport: asyncio.Transport | None = None
+        self.error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
@@ -142,22 +156,29 @@ class _Connection(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    async def next_event(self, machine: h11.Connection) -> Any:
-        """The next h11 event of the answer, feeding it bytes as they arrive."""
-        while True:
-            event = machine.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if self.buffer:
-                data = bytes(self.buffer)
-                self.buffer.clear()
-                if machine.their_state is h11.SEND_RESPONSE and len(self.head) < MAX_HEAD_BYTES:
-                    self.head += data
-                machine.receive_data(data)
-            elif self.closed:
-                machine.receive_data(b"")  # end of stream: h11 says if the answer is whole
-            else:
-                await self.more()
+
+# A reader of an answer, free of I/O: it yields when it needs more bytes in the connection's
+# buffer (or word of the stream's end), and returns what it read. Each transport drives it with
+# its own waiting (`_read_async`, `_SocketConnection.read`), so both read every answer alike.
+Reading = Generator[None, None, "Answer"]
+
+
+def _next_event(conn: _Buffered, machine: h11.Connection) -> Generator[None, None, Any]:
+    """The next h11 event of the answer, feeding it bytes as they arrive."""
+    while True:
+        event = machine.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        if conn.buffer:
+            data = bytes(conn.buffer)
+            conn.buffer.clear()
+            if machine.their_state is h11.SEND_RESPONSE and len(conn.head) < MAX_HEAD_BYTES:
+                conn.head += data
+            machine.receive_data(data)
+        elif conn.closed:
+            machine.receive_data(b"")  # end of stream: h11 says if the answer is whole
+        else:
+            yield
 
 
 class Answer:
@@ -169,8 +190,14 @@ class Answer:
                  body: bytes) -> None:
         self.status, self.reason, self.headers, self.body = status, reason, headers, body
 
+    def response(self) -> httpx.Response:
+        """As httpx's transports hand an answer to the client."""
+        return httpx.Response(
+            self.status, headers=self.headers, stream=httpx.ByteStream(self.body),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": self.reason})
 
-def _check_head(conn: _Connection) -> None:
+
+def _check_head(conn: _Buffered) -> None:
     """Consume one parsed head from `conn.head`. h11 unfolds an obsolete folded header line
     (RFC 9112 lets a client); we refuse it: no Work API answer has one, and a proxy on the
     way may have read it as two headers."""
@@ -243,7 +270,7 @@ def _plain_head(buffer: bytearray, end: int,
     return status, match.group(2), headers, length
 
 
-async def _read_response(conn: _Connection, sent: _Sent) -> Answer:
+def _read_response(conn: _Buffered, sent: _Sent) -> Reading:
     """The answer, read plain when it is, else by h11 from its first byte."""
     buffer = conn.buffer
     while True:
@@ -252,11 +279,11 @@ async def _read_response(conn: _Connection, sent: _Sent) -> Answer:
             break
         if (conn.closed or len(buffer) > MAX_HEAD_BYTES or b"\n\n" in buffer
                 or b"\n\r\n" in buffer):
-            return await _read_with_h11(conn, sent)
-        await conn.more()
+            return (yield from _read_with_h11(conn, sent))
+        yield
     plain = _plain_head(buffer, end, sent)
     if plain is None:
-        return await _read_with_h11(conn, sent)
+        return (yield from _read_with_h11(conn, sent))
     status, reason, headers, length = plain
     if length > MAX_BODY_BYTES:
         raise httpx.RemoteProtocolError("response body too large")
@@ -265,32 +292,32 @@ async def _read_response(conn: _Connection, sent: _Sent) -> Answer:
         if conn.closed:
             raise httpx.RemoteProtocolError(
                 "Server disconnected without sending a complete response.")
-        await conn.more()
+        yield
     body = bytes(buffer[end + 4:whole])
     conn.keep = len(buffer) == whole  # bytes beyond the answer: nothing to reuse
     del buffer[:whole]
     return Answer(status, reason, headers, body)
 
 
-async def _read_with_h11(conn: _Connection, sent: _Sent) -> Answer:
+def _read_with_h11(conn: _Buffered, sent: _Sent) -> Reading:
     """h11 told of the request as it left, and fed the answer from its first byte."""
     machine = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
     machine.send(h11.Request(method=sent.method, target=sent.target, headers=sent.headers))
     if sent.body:
         machine.send(h11.Data(data=sent.body))
     machine.send(h11.EndOfMessage())
-    answer = await _read_events(conn, machine)
+    answer = yield from _read_events(conn, machine)
     conn.keep = (machine.our_state is h11.DONE and machine.their_state is h11.DONE
                  and not machine.trailing_data[0])
     return answer
 
 
-async def _read_events(conn: _Connection, machine: h11.Connection) -> Answer:
+def _read_events(conn: _Buffered, machine: h11.Connection) -> Reading:
     response: h11.Response | None = None
     parts: list[bytes] = []
     size = 0
     while True:
-        event = await conn.next_event(machine)
+        event = yield from _next_event(conn, machine)
         if isinstance(event, h11.InformationalResponse):
             _check_head(conn)
             continue  # the real answer follows
@@ -313,13 +340,25 @@ async def _read_events(conn: _Connection, machine: h11.Connection) -> Answer:
                 "Server disconnected without sending a complete response.")
 
 
+async def _read_async(conn: _Connection, reading: Reading) -> Answer:
+    """Drive a reader on an event loop: each time it needs bytes, wait for them."""
+    try:
+        while True:
+            next(reading)
+            await conn.more()
+    except StopIteration as done:
+        answer: Answer = done.value
+        return answer
+
+
 def _timeouts(request: httpx.Request) -> dict[str, float | None]:
     timeout: dict[str, float | None] = request.extensions.get("timeout", {})
     return timeout
 
 
-class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
-    """Keep-alive HTTP/1.1 connections per origin, reused newest first; one event loop only."""
+class _Lean:
+    """What both transports share: keep-alive connections per origin (scheme, host, port),
+    reused newest first, up to a number in flight; TLS; the proxy rule."""
 
     def __init__(self, *, max_connections: int,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -327,8 +366,6 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         # would queue requests the caller believes are on the wire.
         self._max_connections = max_connections
         self._ssl_context = ssl_context
-        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
-        self._slots: dict[tuple[str, str, int], asyncio.Semaphore] = {}
         self._closed = False
         self.connections_opened = 0  # in all, for diagnostics and tests
 
@@ -337,7 +374,7 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         return self._max_connections
 
     @classmethod
-    def for_url(cls, url: str, **options: Any) -> AsyncHTTP11Transport | None:
+    def for_url(cls, url: str, **options: Any) -> Self | None:
         """This transport for a base URL, or None when a proxy from the environment applies
         to it (an httpx client given a transport ignores the environment's proxies)."""
         parsed = httpx.URL(url)
@@ -352,19 +389,36 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
             self._ssl_context = httpx.create_ssl_context()
         return self._ssl_context
 
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+
+
+def _checked(origin: tuple[str, str, int], closed: bool) -> None:
+    if closed:
+        raise httpx.ConnectError("the transport is closed")
+    if origin[0] not in ("http", "https"):
+        raise httpx.UnsupportedProtocol(f"unsupported scheme {origin[0]!r}")
+
+
+class AsyncHTTP11Transport(_Lean, httpx.AsyncBaseTransport):
+    """Keep-alive HTTP/1.1 connections per origin, reused newest first; one event loop only."""
+
+    def __init__(self, *, max_connections: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(max_connections=max_connections, ssl_context=ssl_context)
+        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._slots: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         try:
-            response = await self.exchange(
-                origin, request.method.encode(), url.raw_path, request.headers.raw,
-                await request.aread(), _timeouts(request))
+            answer = await self.exchange(
+                _origin(request.url), request.method.encode(), request.url.raw_path,
+                request.headers.raw, await request.aread(), _timeouts(request))
         except httpx.RequestError as exc:
             exc.request = request
             raise
-        return httpx.Response(
-            response.status, headers=response.headers, stream=httpx.ByteStream(response.body),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason})
+        return answer.response()
 
     async def exchange(self, origin: tuple[str, str, int], method: bytes, target: bytes,
                        headers: list[tuple[bytes, bytes]], body: bytes,
@@ -373,10 +427,7 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         read whole: what `handle_async_request` does once httpx's request is taken apart, for
         a caller that sends the same request over and over and builds its bytes itself (the
         heartbeat). Failures raise httpx's exceptions, with no request attached."""
-        if self._closed:
-            raise httpx.ConnectError("the transport is closed")
-        if origin[0] not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported scheme {origin[0]!r}")
+        _checked(origin, self._closed)
         slots = self._slots.get(origin)
         if slots is None:
             slots = self._slots[origin] = asyncio.Semaphore(self._max_connections)
@@ -405,7 +456,7 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
         try:
             conn.transport.write(message)
             async with asyncio.timeout(timeout.get("read")):
-                response = await _read_response(conn, sent)
+                response = await _read_async(conn, _read_response(conn, sent))
         except TimeoutError:
             conn.close()
             raise httpx.ReadTimeout("timed out reading the response") from None
@@ -467,3 +518,188 @@ class AsyncHTTP11Transport(httpx.AsyncBaseTransport):
             while idle:
                 idle.pop().close()
         self._idle.clear()
+
+
+class _SocketConnection(_Buffered):
+    """One keep-alive connection on a blocking socket, used by one thread at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def reusable(self, now: float) -> bool:
+        """Idle, open, recent, and silent: a socket readable while idle holds the server's
+        hang-up or bytes nobody asked for, and is not reused."""
+        if self.closed or self.buffer or now - self.idle_since >= KEEPALIVE_EXPIRY_SECONDS:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):  # closed under us
+            return False
+        return not readable
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+    def read(self, reading: Reading, deadline: float | None) -> Answer:
+        """Drive a reader: each time it needs bytes, receive them, until `deadline`
+        (monotonic; None: no limit)."""
+        try:
+            while True:
+                next(reading)
+                self._receive(deadline)
+        except StopIteration as done:
+            answer: Answer = done.value
+            return answer
+
+    def _receive(self, deadline: float | None) -> None:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError
+        self.sock.settimeout(left)
+        data = self.sock.recv(RECEIVE_BYTES)
+        if not data:
+            self.closed = True
+        elif len(self.buffer) + len(data) > MAX_BUFFERED_BYTES:
+            # As the event loop's connection: no answer is larger than the bound.
+            self.close()
+            self.buffer.clear()
+        else:
+            self.buffer += data
+
+
+class HTTP11Transport(_Lean, httpx.BaseTransport):
+    """The same HTTP/1.1 for `httpx.Client`, on blocking sockets: keep-alive connections per
+    origin, reused newest first, shared by threads (each request holds its connection alone).
+
+    Why: a poller run claims a burst from up to two dozen threads in one interpreter, and each
+    claim's poll, ack and first heartbeat went through httpx's client and httpcore's pool: over
+    a third of a claim's interpreter time (`python -m bench.claims` measures the claims of a
+    burst both ways)."""
+
+    def __init__(self, *, max_connections: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(max_connections=max_connections, ssl_context=ssl_context)
+        self._idle: dict[tuple[str, str, int], deque[_SocketConnection]] = {}
+        self._slots: dict[tuple[str, str, int], threading.BoundedSemaphore] = {}
+        self._lock = threading.Lock()  # guards `_idle`, `_slots` and the counts
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            answer = self.exchange(
+                _origin(request.url), request.method.encode(), request.url.raw_path,
+                request.headers.raw, request.read(), _timeouts(request))
+        except httpx.RequestError as exc:
+            exc.request = request
+            raise
+        return answer.response()
+
+    def exchange(self, origin: tuple[str, str, int], method: bytes, target: bytes,
+                 headers: list[tuple[bytes, bytes]], body: bytes,
+                 timeout: dict[str, float | None]) -> Answer:
+        """One request on a keep-alive connection of `origin`, its answer read whole. Failures
+        raise httpx's exceptions, with no request attached."""
+        _checked(origin, self._closed)
+        with self._lock:
+            slots = self._slots.get(origin)
+            if slots is None:
+                slots = self._slots[origin] = threading.BoundedSemaphore(self._max_connections)
+        if not slots.acquire(timeout=timeout.get("pool")):
+            raise httpx.PoolTimeout("no connection free in time")
+        try:
+            return self._send(origin, method, target, headers, body, timeout)
+        finally:
+            slots.release()
+
+    def _send(self, origin: tuple[str, str, int], method: bytes, target: bytes,
+              headers: list[tuple[bytes, bytes]], body: bytes,
+              timeout: dict[str, float | None]) -> Answer:
+        sent = _Sent(method, target, headers, body)
+        # Refused before a connection is taken or a byte sent.
+        message = _request_head(sent) + body
+        conn = self._idle_connection(origin) or self._connect(origin, timeout)
+        conn.busy = True
+        try:
+            try:
+                conn.sock.settimeout(timeout.get("write"))
+                conn.sock.sendall(message)
+            except TimeoutError:
+                raise httpx.WriteTimeout("timed out sending the request") from None
+            except OSError as exc:
+                raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
+            read = timeout.get("read")
+            deadline = None if read is None else time.monotonic() + read
+            try:
+                response = conn.read(_read_response(conn, sent), deadline)
+            except TimeoutError:
+                raise httpx.ReadTimeout("timed out reading the response") from None
+        except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+            conn.close()
+            raise httpx.RemoteProtocolError(str(exc)) from None
+        except httpx.HTTPError:
+            conn.close()
+            raise
+        except OSError as exc:
+            conn.close()
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        except BaseException:  # interrupted mid-response: the connection is in an unknown state
+            conn.close()
+            raise
+        self._finish(conn, origin)
+        return response
+
+    def _finish(self, conn: _SocketConnection, origin: tuple[str, str, int]) -> None:
+        """Back to the pool if the answer left it fit for another; else closed."""
+        if conn.keep and not self._closed and not conn.closed:
+            conn.busy = False
+            conn.idle_since = time.monotonic()
+            with self._lock:
+                self._idle.setdefault(origin, deque()).append(conn)
+        else:
+            conn.close()
+
+    def _idle_connection(self, origin: tuple[str, str, int]) -> _SocketConnection | None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(origin)
+                if not idle:
+                    return None
+                conn = idle.pop()  # newest first: the older ones expire unused
+            if conn.reusable(now):
+                return conn
+            conn.close()
+
+    def _connect(self, origin: tuple[str, str, int],
+                 timeout: dict[str, float | None]) -> _SocketConnection:
+        scheme, host, port = origin
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout.get("connect"))
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        try:
+            # Each request leaves in one write, its answer read as it comes: no reason to wait
+            # on Nagle's algorithm (asyncio sets the same on its connections).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                sock = self._tls().wrap_socket(sock, server_hostname=host)
+        except TimeoutError:
+            sock.close()
+            raise httpx.ConnectTimeout(f"TLS with {host}:{port} timed out") from None
+        except OSError as exc:
+            sock.close()
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        with self._lock:
+            self.connections_opened += 1
+        return _SocketConnection(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle = [conn for pool in self._idle.values() for conn in pool]
+            self._idle.clear()
+        for conn in idle:
+            conn.close()

@@ -1,20 +1,31 @@
-"""The lean HTTP/1.1 transport against a real TCP server on 127.0.0.1 that answers with scripted
-bytes: framing (Content-Length, chunked, close-delimited, 1xx, 204), keep-alive reuse, stale
-connections, timeouts and failures mapped to httpx's (and so to the client's) errors."""
+"""The lean HTTP/1.1 transports (blocking and event loop) against a real TCP server on 127.0.0.1
+that answers with scripted bytes: framing (Content-Length, chunked, close-delimited, 1xx, 204),
+keep-alive reuse, stale connections, timeouts and failures mapped to httpx's (and so to the
+client's) errors; threads sharing the blocking one."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import h11
 import httpx
 import pytest
 
 from dispatcher.control.heartbeat import MAX_CONCURRENT_REQUESTS
-from dispatcher.workapi import AsyncWorkClient, RequestTimeout, TransientError, http11
+from dispatcher.workapi import (
+    AsyncWorkClient,
+    RequestTimeout,
+    TransientError,
+    WorkClient,
+    http11,
+)
 from dispatcher.workapi.http11 import AsyncHTTP11Transport
 
 HEARTBEAT = (b'{"type":"work_heartbeat","last_heartbeat":"2026-01-01T00:00:01Z",'
@@ -73,24 +84,82 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
-def run(script: list[Any], body: Callable[[Server, httpx.AsyncClient], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        async with Server(script) as server:
-            transport = AsyncHTTP11Transport(max_connections=MAX_CONCURRENT_REQUESTS)
-            async with httpx.AsyncClient(transport=transport, timeout=2) as client:
-                return server, await body(server, client)
+class Flavour:
+    """One transport under test, driven from the test's thread: the blocking one directly, the
+    event loop's on the server's loop (its connections belong to one loop), each behind an
+    httpx client of its kind."""
 
-    return asyncio.run(main())
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, max_connections: int) -> None:
+        self.name, self.loop = name, loop
+        self.transport: http11.HTTP11Transport | AsyncHTTP11Transport
+        if name == "blocking":
+            self.transport = http11.HTTP11Transport(max_connections=max_connections)
+            self.client: Any = httpx.Client(transport=self.transport, timeout=2)
+        else:
+            self.transport = AsyncHTTP11Transport(max_connections=max_connections)
+            self.client = httpx.AsyncClient(transport=self.transport, timeout=2)
+
+    def on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+    def request(self, method: str, url: str, **options: Any) -> httpx.Response:
+        if self.name == "blocking":
+            return cast(httpx.Response, self.client.request(method, url, **options))
+        return cast(httpx.Response, self.on_loop(self.client.request(method, url, **options)))
+
+    def get(self, url: str, **options: Any) -> httpx.Response:
+        return self.request("GET", url, **options)
+
+    def idle(self) -> list[Any]:
+        return [conn for pool in self.transport._idle.values() for conn in pool]
+
+    def close(self) -> None:
+        if self.name == "blocking":
+            self.client.close()
+        else:
+            self.on_loop(self.client.aclose())
 
 
-def test_a_request_is_sent_as_built_and_its_connection_reused() -> None:
-    async def body(server: Server, client: httpx.AsyncClient) -> list[httpx.Response]:
-        first = await client.post(f"{server.url}/v1/x?beta=true&a=b%20c", json={"force": True},
-                                  headers={"authorization": "Bearer k"})
-        second = await client.get(f"{server.url}/v1/y")
-        return [first, second]
+FLAVOURS = ["blocking", "event-loop"]
 
-    server, (first, second) = run([ok(b'{"n":1}'), ok(b'{"n":2}')], body)
+
+@contextmanager
+def serving(script: list[Any], flavour: str,
+            max_connections: int = MAX_CONCURRENT_REQUESTS) -> Iterator[tuple[Server, Flavour]]:
+    """The scripted server on an event loop of its own thread, and a client of `flavour`."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = Server(script)
+    try:
+        asyncio.run_coroutine_threadsafe(server.__aenter__(), loop).result(timeout=10)
+        client = Flavour(flavour, loop, max_connections)
+        try:
+            yield server, client
+        finally:
+            client.close()
+            asyncio.run_coroutine_threadsafe(server.__aexit__(), loop).result(timeout=10)
+    finally:
+        # As `asyncio.run` ends: handlers still waiting are cancelled, and close their sockets.
+        asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_request_is_sent_as_built_and_its_connection_reused(flavour: str) -> None:
+    with serving([ok(b'{"n":1}'), ok(b'{"n":2}')], flavour) as (server, client):
+        first = client.request("POST", f"{server.url}/v1/x?beta=true&a=b%20c",
+                               json={"force": True}, headers={"authorization": "Bearer k"})
+        second = client.get(f"{server.url}/v1/y")
     assert first.json() == {"n": 1} and second.json() == {"n": 2}
     assert server.connections == 1
     sent = server.requests[0]
@@ -100,7 +169,8 @@ def test_a_request_is_sent_as_built_and_its_connection_reused() -> None:
     assert server.requests[1].startswith(b"GET /v1/y HTTP/1.1\r\n")
 
 
-def test_chunked_close_delimited_informational_and_empty_answers() -> None:
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_chunked_close_delimited_informational_and_empty_answers(flavour: str) -> None:
     chunked = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
                b"4;ext=1\r\n{\"a\"\r\n4\r\n:12}\r\n0\r\ntrailer: x\r\n\r\n")
     informational = b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"[1]")
@@ -112,10 +182,9 @@ def test_chunked_close_delimited_informational_and_empty_answers() -> None:
         await writer.drain()
         writer.close()
 
-    async def body(server: Server, client: httpx.AsyncClient) -> list[Any]:
-        return [(await client.get(f"{server.url}/{i}")) for i in range(5)]
-
-    server, answers = run([chunked, informational, no_content, close_after, ok(b"[2]")], body)
+    script = [chunked, informational, no_content, close_after, ok(b"[2]")]
+    with serving(script, flavour) as (server, client):
+        answers = [client.get(f"{server.url}/{i}") for i in range(5)]
     assert answers[0].json() == {"a": 12}
     assert answers[1].status_code == 200 and answers[1].json() == [1]
     assert answers[2].status_code == 204 and answers[2].content == b""
@@ -124,7 +193,9 @@ def test_chunked_close_delimited_informational_and_empty_answers() -> None:
     assert server.connections == 2  # the close-delimited answer ended its connection
 
 
-def test_a_connection_the_server_closed_or_wrote_to_while_idle_is_not_reused() -> None:
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_connection_the_server_closed_or_wrote_to_while_idle_is_not_reused(
+        flavour: str) -> None:
     async def then_close(writer: asyncio.StreamWriter) -> None:
         writer.write(ok(b"1"))
         await writer.drain()
@@ -135,18 +206,16 @@ def test_a_connection_the_server_closed_or_wrote_to_while_idle_is_not_reused() -
         writer.write(ok(b"2") + b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
         await writer.drain()
 
-    async def body(server: Server, client: httpx.AsyncClient) -> list[bytes]:
+    with serving([then_close, then_408, ok(b"3")], flavour) as (server, client):
         answers = []
         for i in range(3):
-            answers.append((await client.get(f"{server.url}/{i}")).content)
-            await asyncio.sleep(0.2)
-        return answers
-
-    server, answers = run([then_close, then_408, ok(b"3")], body)
+            answers.append(client.get(f"{server.url}/{i}").content)
+            time.sleep(0.2)
     assert answers == [b"1", b"2", b"3"]
     assert server.connections == 3
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize(
     ("answer", "problem"),
     [
@@ -165,39 +234,33 @@ def test_a_connection_the_server_closed_or_wrote_to_while_idle_is_not_reused() -
          "folded-tab", "no-colon", "not-http11"],
 )
 def test_a_malformed_answer_is_a_protocol_error_and_its_connection_is_dropped(
-        answer: bytes, problem: str) -> None:
-    async def body(server: Server, client: httpx.AsyncClient) -> list[Any]:
-        out: list[Any] = []
-        try:
-            await client.get(f"{server.url}/bad")
-        except httpx.RemoteProtocolError as exc:
-            out.append(str(exc))
-        out.append((await client.get(f"{server.url}/next")).json())
-        return out
-
-    server, (error, after) = run([answer, ok(b'{"fine":1}')], body)
-    assert problem in error
+        answer: bytes, problem: str, flavour: str) -> None:
+    with serving([answer, ok(b'{"fine":1}')], flavour) as (server, client):
+        with pytest.raises(httpx.RemoteProtocolError) as raised:
+            client.get(f"{server.url}/bad")
+        after = client.get(f"{server.url}/next").json()
+    assert problem in str(raised.value)
     assert after == {"fine": 1} and server.connections == 2
 
 
-def test_cr_or_lf_in_a_header_value_is_refused_before_a_byte_is_sent() -> None:
-    async def body(server: Server, client: httpx.AsyncClient) -> list[str]:
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_cr_or_lf_in_a_header_value_is_refused_before_a_byte_is_sent(flavour: str) -> None:
+    with serving([ok()], flavour) as (server, client):
         refused = []
         for value in ("a\r\nx-injected: 1", "a\nb", "a\rb"):
             try:
-                await client.get(f"{server.url}/", headers={"anthropic-worker-id": value})
+                client.get(f"{server.url}/", headers={"anthropic-worker-id": value})
             except httpx.LocalProtocolError as exc:
                 refused.append(str(exc))
-        return refused
-
-    server, refused = run([ok()], body)
     assert len(refused) == 3 and all("header value" in text for text in refused)
     assert server.requests == []
 
 
-def test_bytes_arriving_on_an_idle_connection_close_it_and_are_not_kept() -> None:
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_bytes_arriving_on_an_idle_connection_close_it_and_are_not_kept(flavour: str) -> None:
     """A server (or something on the path) that streams into an idle connection must not
-    fill the worker's memory: the connection is closed on the first unasked-for byte."""
+    fill the worker's memory: the connection is closed on the first unasked-for byte (the event
+    loop's at once, the blocking one's before it would be reused), never read into a buffer."""
     flood = b"x" * (4 * 1024 * 1024)
 
     async def then_flood(writer: asyncio.StreamWriter) -> None:
@@ -211,113 +274,132 @@ def test_bytes_arriving_on_an_idle_connection_close_it_and_are_not_kept() -> Non
         except ConnectionError:
             pass
 
-    async def main() -> tuple[Server, list[Any]]:
-        async with Server([then_flood, ok(b"2")]) as server:
-            transport = AsyncHTTP11Transport(max_connections=4)
-            async with httpx.AsyncClient(transport=transport, timeout=2) as client:
-                first = (await client.get(f"{server.url}/1")).content
-                await asyncio.sleep(0.3)
-                idle = [conn for pool in transport._idle.values() for conn in pool]
-                held = [len(conn.buffer) for conn in idle]
-                closed = [conn.closed for conn in idle]
-                second = (await client.get(f"{server.url}/2")).content
-                return server, [first, held, closed, second]
-
-    server, (first, held, closed, second) = asyncio.run(main())
+    with serving([then_flood, ok(b"2")], flavour, max_connections=4) as (server, client):
+        first = client.get(f"{server.url}/1").content
+        time.sleep(0.3)
+        idle = client.idle()
+        held = [len(conn.buffer) for conn in idle]
+        closed_at_once = [conn.closed for conn in idle]
+        second = client.get(f"{server.url}/2").content
+        closed = [conn.closed for conn in idle]
     assert first == b"1" and second == b"2"
     assert held == [0] and closed == [True]
+    if flavour == "event-loop":
+        assert closed_at_once == [True]
     assert server.connections == 2
 
 
-def test_failures_are_httpx_errors_the_client_maps_to_transient_ones() -> None:
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_failures_are_httpx_errors_the_client_maps_to_transient_ones(flavour: str) -> None:
     async def silent(writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(5)
 
     async def hang_up(writer: asyncio.StreamWriter) -> None:
         writer.close()
 
-    async def body(server: Server, client: httpx.AsyncClient) -> list[type[Exception]]:
+    with serving([silent, hang_up], flavour) as (server, client):
         raised = []
         for timeout in (0.2, 2.0):
             try:
-                await client.get(f"{server.url}/", timeout=timeout)
+                client.get(f"{server.url}/", timeout=timeout)
             except httpx.HTTPError as exc:
                 raised.append(type(exc))
-        return raised
-
-    _, raised = run([silent, hang_up], body)
+        with pytest.raises(httpx.ConnectError):
+            client.get("http://127.0.0.1:9/")  # discard: nothing listens
     assert raised == [httpx.ReadTimeout, httpx.RemoteProtocolError]
 
-    async def refused() -> type[Exception]:
-        transport = AsyncHTTP11Transport(max_connections=MAX_CONCURRENT_REQUESTS)
-        async with httpx.AsyncClient(transport=transport) as client:
-            try:
-                await client.get("http://127.0.0.1:9/")  # discard: nothing listens
-            except httpx.HTTPError as exc:
-                return type(exc)
-        raise AssertionError("no error")
 
-    assert asyncio.run(refused()) is httpx.ConnectError
-
-
-def test_the_work_client_over_it_parses_replies_and_maps_errors() -> None:
+def test_the_work_clients_over_them_parse_replies_and_map_errors() -> None:
     async def silent(writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(5)
 
     async def hang_up(writer: asyncio.StreamWriter) -> None:
         writer.close()
 
-    async def main() -> list[Any]:
-        async with Server([ok(HEARTBEAT), silent, hang_up]) as server:
-            client = AsyncWorkClient(base_url=server.url, environment_id="env_1",
-                                     environment_key="sk-ant-oat01-k", max_retries=0,
-                                     transport=AsyncHTTP11Transport(
-                                         max_connections=MAX_CONCURRENT_REQUESTS))
-            async with client:
-                out: list[Any] = [await client.heartbeat("work_1", expected_last_heartbeat="t")]
-                for _ in range(2):
-                    try:
-                        await client.heartbeat("work_1", expected_last_heartbeat="t", timeout=0.3)
-                    except TransientError as exc:
-                        out.append(type(exc))
-                return out
+    options: dict[str, Any] = {"environment_id": "env_1", "environment_key": "sk-ant-oat01-k",
+                               "max_retries": 0}
 
-    beat, timeout, dropped = asyncio.run(main())
-    assert beat.last_heartbeat == "2026-01-01T00:00:01Z" and beat.ttl_seconds == 30
-    assert timeout is RequestTimeout
-    assert dropped is TransientError
+    def beat_thrice(beat: Callable[[float | None], Any]) -> list[Any]:
+        out: list[Any] = [beat(None)]
+        for _ in range(2):
+            try:
+                beat(0.3)
+            except TransientError as exc:
+                out.append(type(exc))
+        return out
+
+    script: list[Any] = [ok(HEARTBEAT), silent, hang_up]
+    with serving(script, "event-loop") as (server, flavour):
+        on_loop = AsyncWorkClient(base_url=server.url, **options, transport=AsyncHTTP11Transport(
+            max_connections=MAX_CONCURRENT_REQUESTS))
+        outcomes = [beat_thrice(lambda timeout: flavour.on_loop(on_loop.heartbeat(
+            "work_1", expected_last_heartbeat="t", timeout=timeout)))]
+        flavour.on_loop(on_loop.close())
+    with serving(script, "blocking") as (server, _), WorkClient(
+            base_url=server.url, **options,
+            transport=http11.HTTP11Transport(max_connections=4)) as blocking:
+        outcomes.append(beat_thrice(lambda timeout: blocking.heartbeat(
+            "work_1", expected_last_heartbeat="t", timeout=timeout)))
+    for beat, timeout, dropped in outcomes:
+        assert beat.last_heartbeat == "2026-01-01T00:00:01Z" and beat.ttl_seconds == 30
+        assert timeout is RequestTimeout
+        assert dropped is TransientError
 
 
+def test_threads_share_the_blocking_transport_each_request_on_a_connection_of_its_own() -> None:
+    """A poller run's claim threads send side by side through one client: each answer reaches
+    the thread that asked, no more connections open than requests were in flight at once, and
+    beyond `max_connections` a request waits for a free one."""
+    async def echo_slowly(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.05)
+        writer.write(ok(b"{}"))
+        await writer.drain()
+
+    with serving([echo_slowly], "blocking", max_connections=4) as (server, client):
+        def one(i: int) -> str:
+            answer = client.get(f"{server.url}/{i}")
+            return str(answer.request.url.path)
+
+        with ThreadPoolExecutor(8) as pool:
+            paths = list(pool.map(one, range(32)))
+        opened = client.transport.connections_opened
+    assert paths == [f"/{i}" for i in range(32)]
+    assert opened == 4, "four in flight at most, their connections reused"
+    assert len(server.requests) == 32
+
+
+@pytest.mark.parametrize("transport", [http11.HTTP11Transport, AsyncHTTP11Transport])
 def test_a_proxy_from_the_environment_keeps_httpx_own_transport(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, transport: type[Any]) -> None:
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY",
                  "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com", max_connections=1) is not None
+    assert transport.for_url("https://api.anthropic.com", max_connections=1) is not None
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com", max_connections=1) is None
-    assert AsyncHTTP11Transport.for_url("http://127.0.0.1:8765", max_connections=1) is not None
+    assert transport.for_url("https://api.anthropic.com", max_connections=1) is None
+    assert transport.for_url("http://127.0.0.1:8765", max_connections=1) is not None
     monkeypatch.setenv("NO_PROXY", "api.anthropic.com")
-    assert AsyncHTTP11Transport.for_url("https://api.anthropic.com", max_connections=1) is not None
+    assert transport.for_url("https://api.anthropic.com", max_connections=1) is not None
 
 
 # --- the plain reading against h11's --------------------------------------------------------
-def _read(answer: bytes, reader: Callable[..., Awaitable[Any]], method: bytes = b"GET") -> Any:
+def _read(answer: bytes, reader: Callable[..., http11.Reading], method: bytes = b"GET") -> Any:
     """`reader`'s outcome for an answer whose every byte has arrived, and then the end of the
     stream: the answer and whether the connection could be reused, or the error's type."""
     sent = http11._Sent(method, b"/x", [(b"host", b"h")], b"")
-
-    async def main() -> Any:
-        conn = http11._Connection()
-        conn.busy, conn.closed = True, True
-        conn.buffer += answer
-        try:
-            got = await reader(conn, sent)
-        except (httpx.HTTPError, h11.ProtocolError) as exc:
-            return type(exc).__name__
-        return got.status, got.reason, got.headers, got.body, conn.keep
-
-    return asyncio.run(main())
+    conn = http11._Buffered()
+    conn.busy, conn.closed = True, True
+    conn.buffer += answer
+    reading = reader(conn, sent)
+    try:
+        next(reading)
+    except StopIteration as done:
+        got = done.value
+    except (httpx.HTTPError, h11.ProtocolError) as exc:
+        return type(exc).__name__
+    else:
+        raise AssertionError("the reader waited for bytes after the stream's end")
+    return got.status, got.reason, got.headers, got.body, conn.keep
 
 
 @pytest.mark.parametrize("answer", [
