@@ -532,11 +532,10 @@ class _SocketConnection(_Buffered):
         hang-up or bytes nobody asked for, and is not reused."""
         if self.closed or self.buffer or now - self.idle_since >= KEEPALIVE_EXPIRY_SECONDS:
             return False
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):  # closed under us
-            return False
-        return not readable
+        # poll(2), not select(2): a worker with many sandboxes has descriptors past 1024.
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)
 
     def close(self) -> None:
         self.closed = True
