@@ -1,4 +1,7 @@
-"""A lean HTTP/1.1 transport for `httpx.AsyncClient`, on asyncio protocols.
+"""Lean HTTP/1.1 transports: for `httpx.AsyncClient` on asyncio protocols
+(`AsyncHTTP11Transport`), and for `httpx.Client` on blocking sockets shared by threads
+(`HTTP11Transport`). Both read answers with the same I/O-free readers (`_read_response`, a
+generator that yields when it needs bytes), each waiting for bytes its own way.
 
 Why: the heartbeat task sends hundreds of small requests a second from one process. Through
 httpx's own async transport (httpcore over anyio) a request costs about 0.7 ms of CPU on one
@@ -10,7 +13,9 @@ answers are small), and httpx's own exceptions raised, so the client's error map
 (`errors.transport_errors`) and everything above it are unchanged. `AsyncWorkClient` hands
 its requests straight to this transport, not through `httpx.AsyncClient.send` (whose auth,
 redirect and cookie flows the Work API never uses): about 0.1 ms less a request.
-`bench/http11_cpu.py` measures both.
+`bench/http11_cpu.py` measures both. The blocking one carries every other request of a worker
+(`Runtime.client`): a poller run's polls, acks and first heartbeats, from its claim threads,
+cost the claimer half the CPU they did through httpx's client (`bench/claims.py`).
 
 An answer in the plain form a Work API server gives (HTTP/1.1, a final status, CRLF lines,
 token names, values of visible characters, one Content-Length of digits, no Transfer-Encoding
@@ -22,7 +27,8 @@ negative or malformed chunk size and conflicting Content-Length headers; we add 
 folded header lines. The plain form is a subset of what h11 takes, framed as h11 frames it.
 What we send is checked before a byte leaves, as h11 would check it (`_request_head`): no CR
 or LF in a header value, a body that matches its Content-Length. Bytes that arrive on an idle
-connection close it at once instead of being kept.
+connection close it (the event loop's at once, the blocking one's when it would be reused)
+instead of being kept.
 
 It speaks only what the Work API needs: HTTP/1.1 over TCP or TLS; bodies framed by
 Content-Length, chunked encoding, or the end of the connection. No proxies (`for_url` returns
