@@ -259,6 +259,20 @@ def findings(results: dict[str, Any]) -> list[str]:
         "SDK's `_heartbeat_loop` does (dispatcher/emulator/fake_session.py, "
         "`Runner._beat_loop`). The stop benchmark still waits for each peer sandbox's second "
         "beat.",
+        "7. **Garbage collection paused the control worker up to 220 ms (fixed since)**, and "
+        "the emulator 50-100 ms every few seconds, at 20,000 leases held: each full collection "
+        "walked the objects made at start-up, and the stop bridge's sweep waited behind both. "
+        "Workers and the emulator now freeze those once started (dispatcher/heap.py): see "
+        "Stops with many leases held.",
+        "8. Not the dispatcher, but the emulator (fixed since): its `list` went through "
+        "FastAPI, with json and a dict an item, and at pages of 1,000 the stop bridge's sweep "
+        "took enough of the one process that the heartbeats fell behind. It is on the fast "
+        "path now, encoded by msgspec.",
+        "9. **A claim's requests cost the claimer as much as the rest of the claim (fixed "
+        "since):** its poll, ack and first heartbeat went through httpx's sync client and "
+        "httpcore's pool, twice the CPU of the lean transport the heartbeat tick already used. "
+        "A worker's blocking client now has a lean transport of its own: see A burst, and a "
+        "big backlog.",
         "",
     ]
     return out

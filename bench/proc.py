@@ -7,7 +7,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcInfo", "cpu_seconds", "machine", "processes", "tree"]
+__all__ = ["ProcInfo", "busy_seconds", "cpu_seconds", "machine", "processes", "tree"]
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -90,6 +90,13 @@ def cpu_seconds(pid: int, *, with_children: bool = True) -> float:
     if with_children:
         ticks += int(stat[13]) + int(stat[14])
     return ticks / TICKS
+
+
+def busy_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot, all cores (not idle, not waiting
+    for I/O)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / TICKS
 
 
 def machine() -> dict[str, str]:

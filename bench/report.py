@@ -428,6 +428,30 @@ def _breakdown(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _burst_cpu(rounds: list[dict[str, Any]], sessions: int) -> str | None:
+    """Where a burst's CPU went, per session: the whole machine's (and how busy its cores
+    were), then the fleet's workers, the emulator, the benchmark and the rest."""
+    spent = [r["cpu"] for r in rounds if r.get("cpu")]
+    if not spent:
+        return None
+
+    def mean_ms(pick: Any) -> float:
+        return sum(pick(c) for c in spent) / len(spent) / sessions * 1000
+
+    def role(c: dict[str, float], control: bool) -> float:
+        return sum(v for k, v in c.items() if k.startswith("dispatcher-")
+                   and k.endswith("-control") == control)
+
+    cores = int(spent[0]["cores"])
+    busy = sum(c["machine_busy_s"] for c in spent) / sum(c["wall_s"] * cores for c in spent)
+    return (f"machine {mean_ms(lambda c: c['machine_busy_s']):.1f} ms ({busy:.0%} of its "
+            f"{cores} cores busy): control worker {mean_ms(lambda c: role(c, True)):.1f}, "
+            f"session workers {mean_ms(lambda c: role(c, False)):.1f}, emulator "
+            f"{mean_ms(lambda c: c['emulator']):.1f}, the benchmark "
+            f"{mean_ms(lambda c: c['benchmark']):.1f}, the rest (Redis, the broker, the "
+            f"sandboxes, the kernel) {mean_ms(lambda c: c['rest']):.1f}")
+
+
 def _burst(results: dict[str, Any]) -> list[str]:
     """The burst part (`--only burst`): a burst into as many free slots, and a big backlog."""
     part = results.get("burst")
@@ -450,6 +474,10 @@ def _burst(results: dict[str, Any]) -> list[str]:
             rows.append(f"| &nbsp;&nbsp;round {i}: p50 / p99 (created in "
                         f"{_ms(r['create_seconds'])}) | {_ms(r['p50'])} / {_ms(r['p99'])} "
                         "| | | |")
+        cpu = _burst_cpu(b.get("rounds", []), slots)
+        if cpu:
+            rows.append(f"| &nbsp;&nbsp;CPU per session, first creation -> every sandbox "
+                        f"started (mean of the rounds) | {cpu} | | | |")
     o = dig(part, "drain_big", "per_second")
     p = dig(part, "peer_drain_big", "per_second")
     if o is not None or p is not None:

@@ -517,6 +517,27 @@ SHELL_SESSION = (
     "\\\"pid\\\": $$}}\" >> \"$r\"'")
 
 
+class _CpuWatch:
+    """CPU spent from now on: by the whole machine (both cores: everything on it), by each of
+    the fleet's workers and the emulator (their own threads, not their children: a session
+    worker's sandboxes are in the rest), and by this benchmark (its sessions' creation and
+    its reading of their records)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.pids = {**fleet.pids(), "emulator": fleet.stack.processes["emulator"].pid,
+                     "benchmark": os.getpid()}
+        self.wall, self.busy = time.monotonic(), proc.busy_seconds()
+        self.each = {name: proc.cpu_seconds(pid, with_children=False)
+                     for name, pid in self.pids.items()}
+
+    def spent(self) -> dict[str, float]:
+        each = {name: proc.cpu_seconds(pid, with_children=False) - self.each[name]
+                for name, pid in self.pids.items()}
+        busy = proc.busy_seconds() - self.busy
+        return {"wall_s": time.monotonic() - self.wall, "machine_busy_s": busy,
+                "cores": os.cpu_count() or 1, **each, "rest": busy - sum(each.values())}
+
+
 def burst(fleet: Fleet, n: int, duration: float, rounds: int) -> dict[str, Any]:
     """n sessions created at once into n free slots, `rounds` times: created -> sandbox started
     of every session (pooled), and each round's own figures. A flat burst has its p99 close to
@@ -524,13 +545,15 @@ def burst(fleet: Fleet, n: int, duration: float, rounds: int) -> dict[str, Any]:
     pooled: list[float] = []
     each = []
     for _ in range(rounds):
+        cpu = _CpuWatch(fleet)
         created = fleet.create_many(n, duration)
         ids = [c.work_id for c in created]
         started = wait_all(fleet.records, ids, "started", timeout=300)
+        spent = cpu.spent()
         latencies = _latencies(created, started)
         pooled += latencies
         made = max(c.time for c in created) - min(c.time for c in created)
-        each.append({**summary(latencies), "create_seconds": made})
+        each.append({**summary(latencies), "create_seconds": made, "cpu": spent})
         wait_all(fleet.records, ids, "exited", timeout=300)
         time.sleep(2.0)  # every slot free again (the leases released, the slots advertised)
     figures = summary(pooled)
