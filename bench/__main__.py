@@ -16,7 +16,7 @@ system under the same load: dispatch latency (idle and steady arrivals), drain t
 stop latency, recovery time, poll load (1, 10, 50 slots), memory per session, and the
 dispatcher's heartbeat capacity, fairness across ten environments under a burst, and a thousand
 sessions at once. Writes BENCHMARKS.md with both figures and their ratio.
-`--quick` is a smoke run with tiny sizes (well under 2 minutes); its figures mean little.
+`--quick` is a smoke run with tiny sizes (about 4 minutes); its figures mean little.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class Sizes:
     backlog: int = 300
     stops: int = 10
     recoveries: int = 3
+    # How long a killed session may take to run again before it is called never: several
+    # lapses of `default_ttl` (the peer's only way back, under the earlier server model).
+    recovery_wait: float = 180.0
     poll_window: float = 15.0
     poll_fleets: list[int] = field(default_factory=lambda: [1, 10, 50])
     memory_sessions: int = 10
@@ -99,7 +102,8 @@ class Sizes:
 
 
 QUICK = Sizes(default_ttl=6, slots=4, idle=4, steady_rate=2.0, steady_seconds=3.0, backlog=16,
-              stops=2, recoveries=1, poll_window=3.0, poll_fleets=[4], memory_sessions=2,
+              stops=2, recoveries=1, recovery_wait=30.0, poll_window=3.0, poll_fleets=[4],
+              memory_sessions=2,
               hb_series=[(6, [50])], hb_window=5.0, hb_stops=3,
               fair_slots=6, fair_burst=30, fair_rate=0.3, fair_seconds=6.0, fair_backlog=6,
               thousand=40, thousand_workers=2, thousand_hold=12.0, burst=6, burst_rounds=1,
@@ -141,7 +145,8 @@ def run_ours(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
     try:
         run_common(fleet, sizes, out)
         log("dispatcher: recovery (SIGKILL a session worker)")
-        out["recovery"] = scenarios.recovery(fleet, sizes.recoveries)
+        out["recovery"] = scenarios.recovery(fleet, sizes.recoveries,
+                                             wait=sizes.recovery_wait)
         for slots in [s for s in sizes.poll_fleets if s != sizes.slots]:
             fleet.stop_members(fleet.session_workers())
             fleet.sessions(slots)
@@ -170,7 +175,8 @@ def run_peer(stack: LocalStack, emu: Emulator, records: Path, sizes: Sizes,
         out["memory"] = scenarios.memory(fleet, min(sizes.memory_sessions, sizes.slots),
                                          sizes.slots)
         log("peer: recovery (SIGKILL a peer and its sandbox)")
-        out["recovery"] = scenarios.recovery(fleet, sizes.recoveries)
+        out["recovery"] = scenarios.recovery(fleet, sizes.recoveries,
+                                             wait=sizes.recovery_wait)
         for slots in [s for s in sizes.poll_fleets if s != sizes.slots]:
             if slots < len(fleet.members):
                 fleet.stop_members(fleet.members[slots:])

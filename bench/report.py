@@ -204,7 +204,7 @@ def write_report(results: dict[str, Any], *, command: str) -> str:
         f"* dispatcher {_version('dispatcher')}, celery {_version('celery')}, "
         f"anthropic {_version('anthropic')} (the peer, unpatched), redis-py {_version('redis')}",
         "* reproduce: `.venv/bin/python -m bench` (this file), `.venv/bin/python -m bench "
-        "--quick` (smoke run, under 2 minutes), `--json FILE` for the raw figures",
+        "--quick` (smoke run, about 4 minutes), `--json FILE` for the raw figures",
         "",
         "## Results",
         "",

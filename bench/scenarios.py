@@ -162,14 +162,11 @@ def end_sessions(fleet: Fleet, ids: list[str], *, after: float = 0.0) -> None:
     wait_all(fleet.records, ids, "exited", timeout=60, after=dict.fromkeys(ids, after))
 
 
-# How long a killed session may take to run again before the bench calls it never: several
-# lapses of the bench's 20 s TTL.
-RECOVERY_WAIT_SECONDS = 180.0
 
-
-def recovery(fleet: Fleet, k: int) -> dict[str, Any]:
+def recovery(fleet: Fleet, k: int, *, wait: float) -> dict[str, Any]:
     """Kill the worker running a session (SIGKILL; for the peer its sandbox too, as a lost host
-    would): how long until the session runs again (a new `started` record)?"""
+    would): how long until the session runs again (a new `started` record), waiting at most
+    `wait` seconds?"""
     created = [fleet.create(300) for _ in range(k)]
     ids = [c.work_id for c in created]
     wait_all(fleet.records, ids, "started", timeout=120)
@@ -181,11 +178,11 @@ def recovery(fleet: Fleet, k: int) -> dict[str, Any]:
     lost = [w for w in ids if runners[w] == victim]
     killed = fleet.kill(victim)
     try:
-        again = wait_all(fleet.records, lost, "started", timeout=RECOVERY_WAIT_SECONDS,
+        again = wait_all(fleet.records, lost, "started", timeout=wait,
                          after=dict.fromkeys(lost, killed))
     except TimeoutError:
         # Under SDK 2.17's server model a lapsed lease ends its item: nobody runs it again.
-        return {"never": len(lost), "waited": RECOVERY_WAIT_SECONDS, "killed": victim}
+        return {"never": len(lost), "waited": wait, "killed": victim}
     end_sessions(fleet, ids, after=killed)
     return {**summary([again[w]["time"] - killed for w in lost]), "killed": victim}
 
