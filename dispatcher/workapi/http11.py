@@ -48,7 +48,8 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from typing import Any, Self, cast
 
 import h11
@@ -100,6 +101,9 @@ class _Buffered:
         self.closed = False
         self.idle_since = 0.0
 
+    def close(self) -> None:
+        self.closed = True
+
 
 class _Connection(_Buffered, asyncio.Protocol):
     """One keep-alive connection on an event loop: bytes in a buffer and a future to wait for
@@ -150,7 +154,7 @@ class _Connection(_Buffered, asyncio.Protocol):
                 and now - self.idle_since < KEEPALIVE_EXPIRY_SECONDS)
 
     def close(self) -> None:
-        self.closed = True
+        super().close()
         if self.transport is not None:
             self.transport.close()
 
@@ -346,6 +350,27 @@ def _read_events(conn: _Buffered, machine: h11.Connection) -> Reading:
                 "Server disconnected without sending a complete response.")
 
 
+@contextmanager
+def _dropped_on_failure(conn: _Buffered) -> Iterator[None]:
+    """A request's failure raised as httpx's exception, and its connection closed: whatever
+    happened mid-request (a protocol error, a broken socket, a timeout, a cancellation) leaves
+    it in an unknown state."""
+    try:
+        yield
+    except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+        conn.close()
+        raise httpx.RemoteProtocolError(str(exc)) from None
+    except httpx.HTTPError:
+        conn.close()
+        raise
+    except OSError as exc:
+        conn.close()
+        raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+    except BaseException:
+        conn.close()
+        raise
+
+
 async def _read_async(conn: _Connection, reading: Reading) -> Answer:
     """Drive a reader on an event loop: each time it needs bytes, wait for them."""
     try:
@@ -459,25 +484,13 @@ class AsyncHTTP11Transport(_Lean, httpx.AsyncBaseTransport):
         conn = self._idle_connection(origin) or await self._connect(origin, timeout)
         assert conn.transport is not None
         conn.busy = True
-        try:
-            conn.transport.write(message)
-            async with asyncio.timeout(timeout.get("read")):
-                response = await _read_async(conn, _read_response(conn, sent))
-        except TimeoutError:
-            conn.close()
-            raise httpx.ReadTimeout("timed out reading the response") from None
-        except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
-            conn.close()
-            raise httpx.RemoteProtocolError(str(exc)) from None
-        except httpx.HTTPError:
-            conn.close()
-            raise
-        except OSError as exc:
-            conn.close()
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
-        except BaseException:  # cancelled mid-response: the connection is in an unknown state
-            conn.close()
-            raise
+        with _dropped_on_failure(conn):
+            try:
+                conn.transport.write(message)
+                async with asyncio.timeout(timeout.get("read")):
+                    response = await _read_async(conn, _read_response(conn, sent))
+            except TimeoutError:
+                raise httpx.ReadTimeout("timed out reading the response") from None
         self._finish(conn, origin)
         return response
 
@@ -544,7 +557,7 @@ class _SocketConnection(_Buffered):
         return not poller.poll(0)
 
     def close(self) -> None:
-        self.closed = True
+        super().close()
         self.sock.close()
 
     def read(self, reading: Reading, deadline: float | None) -> Answer:
@@ -625,7 +638,7 @@ class HTTP11Transport(_Lean, httpx.BaseTransport):
         message = _request_head(sent) + body
         conn = self._idle_connection(origin) or self._connect(origin, timeout)
         conn.busy = True
-        try:
+        with _dropped_on_failure(conn):
             try:
                 conn.sock.settimeout(timeout.get("write"))
                 conn.sock.sendall(message)
@@ -639,18 +652,6 @@ class HTTP11Transport(_Lean, httpx.BaseTransport):
                 response = conn.read(_read_response(conn, sent), deadline)
             except TimeoutError:
                 raise httpx.ReadTimeout("timed out reading the response") from None
-        except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
-            conn.close()
-            raise httpx.RemoteProtocolError(str(exc)) from None
-        except httpx.HTTPError:
-            conn.close()
-            raise
-        except OSError as exc:
-            conn.close()
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
-        except BaseException:  # interrupted mid-response: the connection is in an unknown state
-            conn.close()
-            raise
         self._finish(conn, origin)
         return response
 
