@@ -302,7 +302,8 @@ class Settings(BaseSettings):
         ge=1024, description=(
             "The most of one attempt's output kept, its end (1 MiB)."))
     sandbox_output_keep: int = _env("DISPATCHER_SANDBOX_OUTPUT_KEEP", 1000, ge=1, description=(
-        "Attempt output files kept; an attempt's end removes the oldest beyond this."))
+        "Work items whose attempts' output files are kept; an attempt's end that finds more "
+        "removes the oldest files, down to nine tenths of this."))
     metrics_port: int | None = _env("DISPATCHER_METRICS_PORT", ge=0, le=65535, description=(
         "Port of the Prometheus endpoint a worker serves; unset: no endpoint."))
     metrics_host: str = _env("DISPATCHER_METRICS_HOST", "127.0.0.1", min_length=1, description=(

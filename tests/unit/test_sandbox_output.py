@@ -47,6 +47,41 @@ def test_the_oldest_files_go_beyond_the_count_kept(tmp_path: Path) -> None:
     assert not (tmp_path / "w0").exists(), "an emptied work item's folder goes too"
 
 
+def test_a_rotation_leaves_room_so_the_ends_after_it_read_no_file_times(tmp_path: Path) -> None:
+    """Past `keep` folders, the oldest files go down to nine tenths of it; the ends that follow
+    only count folders until there are more than `keep` again."""
+    def end(number: int) -> None:
+        path = write_output(tmp_path, f"w{number:02}", 1, [b"x"], max_bytes=1024, keep=20)
+        os.utime(path, (1000 + number, 1000 + number))
+
+    def kept() -> list[int]:
+        return sorted(int(p.parent.name[1:]) for p in tmp_path.glob("*/*.log"))
+
+    for number in range(20):
+        end(number)
+    assert kept() == list(range(20)), "nothing goes while the folders number `keep`"
+    end(20)
+    assert kept() == list(range(3, 21)), "the oldest go, down to 18"
+    end(21)
+    end(22)
+    assert kept() == list(range(3, 23)), "the next two ends remove nothing"
+    end(23)
+    assert kept() == list(range(6, 24))
+
+
+def test_a_rotation_counts_an_items_attempts_as_files(tmp_path: Path) -> None:
+    for attempt in range(1, 4):
+        path = write_output(tmp_path, "w0", attempt, [b"x"], max_bytes=1024, keep=2)
+        os.utime(path, (1000 + attempt, 1000 + attempt))
+    assert len(list(tmp_path.glob("*/*.log"))) == 3, "one item's folder: within `keep`"
+    for number in (1, 2):
+        path = write_output(tmp_path, f"w{number}", 1, [b"x"], max_bytes=1024, keep=2)
+        os.utime(path, (2000 + number, 2000 + number))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/*.log")) == [
+        "w1/1.log", "w2/1.log"], "past `keep` folders, the oldest files go, the item's too"
+    assert not (tmp_path / "w0").exists()
+
+
 def test_a_work_id_cannot_walk_out_of_the_directory(tmp_path: Path) -> None:
     assert attempt_path(tmp_path, "../../etc", 1).parent.parent == tmp_path
 
