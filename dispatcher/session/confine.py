@@ -13,8 +13,8 @@ and more, much more on a loaded host), so a limit the worker itself already hold
 hard, is left to inheritance. A session worker takes its sandboxes' core limit at its start
 (`adopt_core_limit`): its own core dump would hold what theirs would (the work secrets it
 hands them) and more (the Redis password, environment keys). So the default, `core=0`, needs
-no `prlimit` at all. The other limits would bind the worker's own work: they stay the
-sandbox's alone.
+no `prlimit` at all, nor does a host without it refuse the default. The other limits would
+bind the worker's own work: they stay the sandbox's alone.
 
 A sandbox under another user cannot read the worker's `/proc/<pid>/environ` (the Redis URL and
 its password, environment keys) nor signal or trace the worker: the kernel allows that only to
@@ -132,6 +132,13 @@ def adopt_core_limit(confinement: Confinement) -> None:
                     resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
 
 
+def _adoptable(name: str, value: str) -> bool:
+    """Whether a session worker takes this limit itself (`adopt_core_limit`), so its sandboxes
+    inherit it and no `prlimit` sets it: a core limit within the worker's hard limit."""
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    return name == "core" and _within(_limits(value)[1], hard)
+
+
 def _held(name: str, value: str) -> bool:
     """Whether this process's own limit `name` is `value` (prlimit's `soft[:hard]`), soft and
     hard: then a child inherits it exactly as prlimit would set it."""
@@ -184,7 +191,7 @@ def confinement_of(user: str | None, rlimits: str) -> Confinement:
     """The settings' text as a Confinement; ConfinementError naming the setting."""
     limits = parse_rlimits(rlimits)
     prlimit = "prlimit"
-    if limits:
+    if any(not _adoptable(name, value) for name, value in limits):
         found = shutil.which("prlimit")
         if found is None:
             raise ConfinementError("DISPATCHER_PROCESS_RLIMITS needs util-linux's `prlimit` on "

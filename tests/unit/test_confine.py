@@ -96,12 +96,31 @@ def test_a_worker_takes_its_sandboxes_core_limit_which_they_inherit() -> None:
         assert argv[1:] == ["--nofile=123", "--", "sh", "-c", "ulimit -Hc; ulimit -n"], argv
         print(subprocess.run(argv, capture_output=True, text=True).stdout.split())
     """)
-    # The process runtime needs prlimit (util-linux, on every Debian) to confine a session: a
-    # machine without it fails here, as its workers would at start.
+    # Limits other than the core's need prlimit (util-linux, on every Debian): a machine
+    # without it fails here, as its workers would at start with such limits set.
     assert shutil.which("prlimit") is not None, "util-linux prlimit is not installed"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['0', '123']", "core inherited, nofile set by prlimit"
+
+
+def test_the_default_core_limit_confines_sandboxes_on_a_host_without_prlimit() -> None:
+    """In a process of its own, with no prlimit on its PATH: the default (`core=0`) is taken
+    by the worker and inherited by its sandbox."""
+    script = textwrap.dedent("""
+        import resource, subprocess
+        from dispatcher.session.confine import adopt_core_limit, confined_argv, confinement_of
+        confinement = confinement_of(None, "core=0")
+        adopt_core_limit(confinement)
+        argv = confined_argv(["/bin/sh", "-c", "ulimit -Hc"], confinement)
+        assert argv[0] == "/bin/sh", argv
+        print(subprocess.run(argv, capture_output=True, text=True).stdout.strip())
+    """)
+    env = {**os.environ, "PATH": "/nonexistent"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
 
 
 def test_a_switch_drops_the_workers_supplementary_groups() -> None:
@@ -136,8 +155,11 @@ def test_limits_without_prlimit_are_refused_naming_the_setting(
     confinement_of.cache_clear()
     try:
         with pytest.raises(ConfinementError, match="DISPATCHER_PROCESS_RLIMITS needs"):
-            confinement_of(None, "core=0")
+            confinement_of(None, "core=0,nofile=123")
         assert confinement_of(None, "") == Confinement(), "no limits: prlimit not needed"
+        # The default needs none: a session worker takes it itself (`adopt_core_limit`), and
+        # its sandboxes inherit it (in a worker's own process: the test below).
+        assert confinement_of(None, "core=0").rlimits == (("core", "0"),)
     finally:
         confinement_of.cache_clear()
 
