@@ -14,10 +14,10 @@ attempts' files (a live file may reach twice its cap before it is cut back to it
 
 Why nine tenths, and why folders: reading every kept file's time costs 15-25 ms of a worker's
 CPU at a thousand files, and a worker ends as many attempts as it starts. Read at every end, it
-was the largest part of a session worker's CPU in a burst (100 sessions ending at once read a
-thousand files' times a hundred times), and the next burst's sessions started behind it. An end
-now reads only the directory's names (under a millisecond at a thousand), and the files' times
-once every tenth of `keep` ends.
+would be most of a session worker's CPU in a burst (100 sessions ending at once read a thousand
+files' times a hundred times, on the GIL the next sessions' starts need). So an end reads only
+the directory's names (under a millisecond at a thousand), and the files' times once every
+tenth of `keep` ends.
 
 Why a pipe read by the worker and not the file given to the process: a process writing its own
 file could fill the disk before the attempt ends, and nothing but the writer can cut a file's
