@@ -20,20 +20,16 @@ it has no pool slot for (a held message waits there while another worker idles).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from celery import bootsteps
 from celery.worker import state
-from kombu.transport import redis as kombu_redis
 
 from dispatcher import redis_connect
 from dispatcher.celery.keys import CeleryKeys
 from dispatcher.settings import Settings
 
-__all__ = ["GATE_CHECK_SECONDS", "RedisTransport", "SentinelTransport", "SessionGate",
-           "broker_conf", "pool_full"]
+__all__ = ["GATE_CHECK_SECONDS", "SessionGate", "broker_conf", "pool_full"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +70,10 @@ def broker_conf(settings: Settings) -> dict[str, Any]:
 def _redis_conf(url: str, settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
     return {
         "broker_url": url,
-        **_transport(url),
         "broker_transport_options": {"global_keyprefix": CeleryKeys(settings.key_prefix).broker,
                                      **options},
         "worker_disable_prefetch": True,
     }
-
-
-def _transport(url: str) -> dict[str, str]:
-    """Our transport (`_OneClient`) for the schemes it serves as kombu's would; kombu's own for
-    the others (`rediss://`, whose TLS kombu sets up from the scheme's name, or a socket's)."""
-    scheme = url.partition("://")[0]
-    ours = {"redis": "RedisTransport", "sentinel": "SentinelTransport"}.get(scheme)
-    return {"broker_transport": f"{__name__}:{ours}"} if ours else {}
 
 
 def pool_full(*, reserved: int, pool_size: int) -> bool:
@@ -142,44 +129,3 @@ class SessionGate(bootsteps.StartStopStep):
                 consumer.add_queue(queue)
                 consumer.consume()
                 logger.debug("pool slot free: consuming %s again", name)
-
-
-class _OneClient:
-    """kombu's Redis channel makes a new client object for each command it sends outside its
-    event loop (every publish, every received message's unacked record, every ack): 0.17 ms of
-    CPU each, more than the command's round trip, as redis-py builds each client's tables anew.
-    A client over a connection pool holds no connection of its own (each command takes one from
-    the pool), so one per channel and pool serves every thread; a new pool (after a fork or a
-    reconnection) gets a new client."""
-
-    _one_client: Any = None
-
-    @contextmanager
-    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
-        if client:
-            yield client
-            return
-        one = self._one_client
-        if one is None or one.connection_pool is not self.pool:  # type: ignore[attr-defined]
-            one = self._one_client = self._create_client()  # type: ignore[attr-defined]
-        yield one
-
-
-class _RedisChannel(_OneClient, kombu_redis.Channel):
-    pass
-
-
-class _SentinelChannel(_OneClient, kombu_redis.SentinelChannel):
-    pass
-
-
-class RedisTransport(kombu_redis.Transport):
-    """kombu's Redis transport, with one client per channel (`_OneClient`)."""
-
-    Channel = _RedisChannel
-
-
-class SentinelTransport(kombu_redis.SentinelTransport):
-    """kombu's Sentinel transport, with one client per channel (`_OneClient`)."""
-
-    Channel = _SentinelChannel

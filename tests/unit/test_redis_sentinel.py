@@ -11,7 +11,7 @@ from kombu import Connection
 from kombu.utils.url import url_to_parts as url_parts
 from redis.sentinel import SentinelConnectionPool
 
-from dispatcher.celery.broker import SentinelTransport, broker_conf
+from dispatcher.celery.broker import broker_conf
 from dispatcher.redis_connect import (
     SENTINEL_TIMEOUT_SECONDS,
     beat_conf,
@@ -49,9 +49,8 @@ def test_broker_is_kombus_sentinel_transport_with_credentials_on_the_first_addre
     assert options["sentinel_kwargs"] == {"socket_timeout": SENTINEL_TIMEOUT_SECONDS,
                                           "socket_connect_timeout": SENTINEL_TIMEOUT_SECONDS,
                                           "password": SENTINEL_PASSWORD}
-    connection = Connection(conf["broker_url"], transport=conf["broker_transport"],
-                            transport_options=options)
-    assert isinstance(connection.transport, SentinelTransport), "kombu's, one client a channel"
+    connection = Connection(conf["broker_url"], transport_options=options)
+    assert connection.transport_cls == "sentinel"
     assert connection.password == PASSWORD and connection.virtual_host == "9"
     # What kombu's SentinelChannel reads the Sentinels' addresses from.
     assert [(url_parts(a).hostname, url_parts(a).port) for a in connection.alt] == [
