@@ -124,12 +124,10 @@ def adopt_core_limit(confinement: Confinement) -> None:
     """At a session worker's start: the worker takes its sandboxes' core limit, if it may (a
     limit below its own hard limit), so they inherit it and need no `prlimit` for it."""
     for name, value in confinement.rlimits:
-        if name == "core":
-            soft, hard = _limits(value)
-            if _within(hard, resource.getrlimit(resource.RLIMIT_CORE)[1]):
-                # Refused (a soft limit above the hard one): prlimit sets it, or says why not.
-                with contextlib.suppress(ValueError, OSError):
-                    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+        if _adoptable(name, value):
+            # Refused (a soft limit above the hard one): prlimit sets it, or says why not.
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_CORE, _limits(value))
 
 
 def _adoptable(name: str, value: str) -> bool:
